@@ -1,0 +1,19 @@
+//! almond's shared model: the contract between the planes.
+//!
+//! The proxy config (and the per-service shape the control plane will send in
+//! snapshots), how it is parsed from YAML or JSON, and how it is checked.
+//! Every problem is reported with its key path and line ([`Problem`]); the
+//! same [`load_proxy`] serves `almond check-config`, start-up and reload.
+
+mod duration;
+mod lines;
+mod load;
+mod problem;
+mod proxy;
+
+pub use load::{load_proxy, load_proxy_file, validate_proxy};
+pub use problem::{Problem, Problems};
+pub use proxy::{
+    CircuitBreaker, Direction, Endpoint, Lb, Limits, Listener, Protocol, ProxyConfig, Retries,
+    RetryOn, Service, Timeouts, DEFAULT_SUBSET,
+};

@@ -1,0 +1,377 @@
+//! Parse and check a proxy config: text in, a checked [`ProxyConfig`] or
+//! every [`Problem`] out. Used by `check-config`, start-up and reload alike.
+
+use crate::lines::LineIndex;
+use crate::problem::{Problem, Problems};
+use crate::proxy::{ProxyConfig, Service};
+use std::collections::HashSet;
+use std::path::Path;
+
+/// Reads and checks a proxy config file (YAML; JSON is YAML too).
+pub fn load_proxy_file(path: &Path) -> Result<ProxyConfig, Problems> {
+    let source_name = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_proxy(&text, &source_name),
+        Err(e) => Err(Problems {
+            source_name,
+            problems: vec![Problem {
+                path: "(file)".into(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
+        }),
+    }
+}
+
+/// Parses and checks proxy config text; `source_name` names it in errors.
+pub fn load_proxy(text: &str, source_name: &str) -> Result<ProxyConfig, Problems> {
+    let fail = |problems| Problems {
+        source_name: source_name.to_owned(),
+        problems,
+    };
+    let index = LineIndex::build(text);
+    let config = parse(text, &index).map_err(|p| fail(vec![p]))?;
+    let mut problems = validate_proxy(&config);
+    if problems.is_empty() {
+        return Ok(config);
+    }
+    for p in &mut problems {
+        p.line = index.line_of(&p.path);
+    }
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    Err(fail(problems))
+}
+
+/// Deserializes, reporting the key path and line of the first error.
+fn parse(text: &str, index: &LineIndex) -> Result<ProxyConfig, Problem> {
+    let mut path = None;
+    let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize::<_, ProxyConfig>(de).map_err(|e| {
+            path = Some(e.path().to_string());
+            let message = e.into_inner().to_string();
+            <serde_saphyr::Error as serde::de::Error>::custom(message)
+        })
+    });
+    result.map_err(|e| {
+        let full = e.without_snippet().to_string();
+        let path = path
+            .filter(|p| p != ".")
+            .unwrap_or_else(|| "(document)".into());
+        let line = e
+            .location()
+            .map(|l| l.line() as usize)
+            .or_else(|| line_in_message(&full))
+            .or_else(|| index.line_of(&path));
+        Problem {
+            path,
+            line,
+            message: first_line(&full),
+        }
+    })
+}
+
+/// serde-saphyr puts `line L` in its messages when it knows it.
+fn line_in_message(text: &str) -> Option<usize> {
+    let at = text.find("line ")? + 5;
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// The error's message without serde-saphyr's `error: line L column C:`
+/// prefix and ` at line L, column C` suffix (the line is reported apart).
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or(text);
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    let line = match line.split_once(": ") {
+        Some((head, rest)) if head.starts_with("line ") => rest,
+        _ => line,
+    };
+    match line.rfind(" at line ") {
+        Some(cut) => line[..cut].to_owned(),
+        None => line.to_owned(),
+    }
+}
+
+/// The checks serde cannot do: references, sums, duplicates, ranges.
+/// Returns problems without lines (the caller adds them).
+pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut add = |path: String, message: String| {
+        out.push(Problem {
+            path,
+            line: None,
+            message,
+        })
+    };
+    let static_mode = config.control.is_none();
+
+    if config.listeners.is_empty() {
+        add("listeners".into(), "at least one listener is needed".into());
+    }
+    let mut binds = HashSet::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if !binds.insert(l.bind) {
+            add(
+                format!("listeners[{i}].bind"),
+                format!("{} is bound by another listener", l.bind),
+            );
+        }
+        if l.bind == config.admin {
+            add(
+                format!("listeners[{i}].bind"),
+                format!("{} is the admin address", l.bind),
+            );
+        }
+        if let Some(svc) = &l.service {
+            if static_mode && !config.services.contains_key(svc) {
+                add(
+                    format!("listeners[{i}].service"),
+                    format!("no service named {svc:?} in services"),
+                );
+            }
+        }
+    }
+    if config.workers == Some(0) {
+        add("workers".into(), "must be 1 or more".into());
+    }
+    if config.limits.max_header_bytes < 8192 {
+        add(
+            "limits.max_header_bytes".into(),
+            "must be at least 8192".into(),
+        );
+    }
+    if let Some(url) = &config.control {
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            add(
+                "control".into(),
+                format!("{url:?} is not an http:// or https:// URL"),
+            );
+        }
+    }
+    for (name, svc) in &config.services {
+        for (path, message) in check_service(svc) {
+            add(format!("services.{name}{path}"), message);
+        }
+    }
+    out
+}
+
+/// Checks one service; paths are relative (`.endpoints[0].weight`).
+/// The control plane runs the same checks on what it serves.
+fn check_service(svc: &Service) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if svc.endpoints.is_empty() {
+        out.push((
+            ".endpoints".into(),
+            "a service needs at least one endpoint".into(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, ep) in svc.endpoints.iter().enumerate() {
+        if ep.weight == 0 {
+            out.push((
+                format!(".endpoints[{i}].weight"),
+                "must be 1 or more".into(),
+            ));
+        }
+        if ep.weight > 10_000 {
+            out.push((
+                format!(".endpoints[{i}].weight"),
+                "must be 10000 or less".into(),
+            ));
+        }
+        if ep.subset.is_empty() {
+            out.push((
+                format!(".endpoints[{i}].subset"),
+                "must not be empty".into(),
+            ));
+        }
+        if !seen.insert(ep.addr) {
+            out.push((
+                format!(".endpoints[{i}].addr"),
+                format!("{} is listed twice", ep.addr),
+            ));
+        }
+    }
+    if let Some(split) = &svc.split {
+        let sum: u64 = split.values().map(|w| u64::from(*w)).sum();
+        if sum != 100 {
+            out.push((
+                ".split".into(),
+                format!("weights must sum to 100, not {sum}"),
+            ));
+        }
+        for (subset, weight) in split {
+            if *weight > 100 {
+                out.push((
+                    format!(".split.{subset}"),
+                    "must be between 0 and 100".into(),
+                ));
+            }
+            if !svc.endpoints.iter().any(|e| &e.subset == subset) {
+                out.push((
+                    format!(".split.{subset}"),
+                    format!("no endpoint has subset {subset:?}"),
+                ));
+            }
+        }
+    }
+    if svc.timeouts.connect.is_zero() {
+        out.push((".timeouts.connect".into(), "must be more than 0".into()));
+    }
+    if svc.timeouts.request.is_zero() {
+        out.push((".timeouts.request".into(), "must be more than 0".into()));
+    }
+    let cb = &svc.circuit_breaker;
+    if cb.max_ejection_percent > 100 {
+        out.push((
+            ".circuit_breaker.max_ejection_percent".into(),
+            "must be between 0 and 100".into(),
+        ));
+    }
+    if cb.max_requests == 0 {
+        out.push((
+            ".circuit_breaker.max_requests".into(),
+            "must be 1 or more".into(),
+        ));
+    }
+    if cb.consecutive_failures == 0 {
+        out.push((
+            ".circuit_breaker.consecutive_failures".into(),
+            "must be 1 or more".into(),
+        ));
+    }
+    if svc.retries.budget_percent > 100 {
+        out.push((
+            ".retries.budget_percent".into(),
+            "must be between 0 and 100".into(),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match load_proxy(text, "t.yaml") {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    const GOOD: &str = "\
+admin: 127.0.0.1:4191
+listeners:
+  - bind: 127.0.0.1:4140
+  - bind: 127.0.0.1:9001
+    service: orders
+services:
+  orders:
+    protocol: http2
+    lb: p2c_ewma
+    endpoints:
+      - { addr: 127.0.0.1:8081, subset: v1, weight: 1 }
+      - { addr: 127.0.0.1:8082, subset: v2 }
+    split: { v1: 90, v2: 10 }
+    timeouts: { connect: 1s, request: 10s }
+    circuit_breaker: { consecutive_failures: 5, base_ejection: 10s, max_ejection_percent: 50,
+                       max_requests: 1024, max_pending: 256 }
+    retries: { attempts: 2, budget_percent: 20, on: [connect, reset, \"503\"] }
+";
+
+    #[test]
+    fn the_contract_example_loads() {
+        let cfg = load_proxy(GOOD, "t.yaml").expect("contract example is valid");
+        let orders = &cfg.services["orders"];
+        assert_eq!(orders.endpoints[1].subset, "v2");
+        assert_eq!(orders.endpoints[1].weight, 1);
+        assert_eq!(orders.timeouts.request.as_secs(), 10);
+        assert_eq!(cfg.listeners[1].service.as_deref(), Some("orders"));
+    }
+
+    #[test]
+    fn json_round_trips_through_serialize() {
+        let cfg = load_proxy(GOOD, "t.yaml").expect("valid");
+        let json = serde_json::to_string(&cfg).expect("serializable");
+        let again = load_proxy(&json, "t.json").expect("JSON is accepted");
+        assert_eq!(cfg, again);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = GOOD.replace("lb: p2c_ewma", "lbb: p2c_ewma");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].path, "services.orders.lbb");
+        assert_eq!(p[0].line, Some(9));
+        assert!(
+            p[0].message.contains("unknown field `lbb`"),
+            "{}",
+            p[0].message
+        );
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let p = problems(&GOOD.replace("connect: 1s", "connect: fast"));
+        assert_eq!(p[0].path, "services.orders.timeouts.connect");
+        assert_eq!(p[0].line, Some(14));
+        assert!(
+            p[0].message.contains("invalid duration"),
+            "{}",
+            p[0].message
+        );
+    }
+
+    #[test]
+    fn semantic_problems_are_all_reported_with_lines() {
+        let text = GOOD
+            .replace("bind: 127.0.0.1:9001", "bind: 127.0.0.1:4140")
+            .replace("{ v1: 90, v2: 10 }", "{ v1: 90, v3: 20 }");
+        let p = problems(&text);
+        let got: Vec<(&str, Option<usize>)> = p.iter().map(|p| (p.path.as_str(), p.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("listeners[1].bind", Some(4)),
+                ("services.orders.split", Some(13)),
+                ("services.orders.split.v3", Some(13)),
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_endpoints_are_refused() {
+        let text = "services:\n  a:\n    endpoints: []\n";
+        let p = problems(text);
+        assert_eq!(p[0].path, "services.a.endpoints");
+        assert_eq!(p[0].line, Some(3));
+    }
+
+    #[test]
+    fn listener_for_a_missing_service_is_refused() {
+        let text = "listeners:\n  - bind: 127.0.0.1:1\n    service: nope\n";
+        let p = problems(text);
+        assert_eq!(p[0].path, "listeners[0].service");
+        assert_eq!(p[0].line, Some(3));
+    }
+
+    #[test]
+    fn syntax_errors_have_a_line() {
+        let p = problems("services: [\n  a: b\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].line.is_some(), "{:?}", p[0]);
+    }
+
+    #[test]
+    fn defaults_are_filled() {
+        let cfg = load_proxy("{}", "t").expect("empty config is valid");
+        assert_eq!(cfg.admin.port(), 4191);
+        assert_eq!(cfg.listeners[0].bind.port(), 4140);
+    }
+}

@@ -1,0 +1,345 @@
+//! The proxy config model (`almond proxy --config FILE`), as in CONTRACT.md.
+//!
+//! The per-service shape ([`Service`]) is also what the control plane sends
+//! in snapshots, so static and dynamic mode share one model.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The subset of an endpoint that names none.
+pub const DEFAULT_SUBSET: &str = "default";
+
+/// The whole proxy config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Admin listener: `/metrics`, `/ready`, `/live`, `/config`, `/endpoints`.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Control plane URL; omitted = run on the static `services`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<String>,
+    /// This proxy's name towards the control plane (default: hostname).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_id: Option<String>,
+    /// Where the last snapshot is cached for starts while control is away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
+    /// Runtime worker threads (default: the CPUs this process may use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[serde(default = "default_drain", with = "crate::duration")]
+    pub drain_timeout: Duration,
+    /// Where the local app (or other proxies) reach this proxy.
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<Listener>,
+    /// Downstream HTTP limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Static services (the control plane sends the same shape).
+    #[serde(default)]
+    pub services: BTreeMap<String, Service>,
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4191))
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_listeners() -> Vec<Listener> {
+    vec![Listener {
+        bind: SocketAddr::from(([127, 0, 0, 1], 4140)),
+        service: None,
+        direction: Direction::Outbound,
+    }]
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Send everything on this port to one service (the Nginx upstream
+    /// replacement); omitted = route by `Host` / `:authority`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Metric label for traffic on this listener.
+    #[serde(default)]
+    pub direction: Direction,
+}
+
+/// Which way traffic flows through a listener, as a metric label.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// The local app calling other services.
+    #[default]
+    Outbound,
+    /// Other hosts calling this host's service.
+    Inbound,
+}
+
+impl Direction {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Downstream HTTP limits, per connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request head (request line and headers); larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head.
+    #[serde(default = "default_header_timeout", with = "crate::duration")]
+    pub header_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: default_max_header_bytes(),
+            header_timeout: default_header_timeout(),
+        }
+    }
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A service: its endpoints and how traffic reaches them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Upstream protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Load-balancing algorithm within a subset.
+    #[serde(default)]
+    pub lb: Lb,
+    /// The instances of the service.
+    pub endpoints: Vec<Endpoint>,
+    /// Percent of traffic per subset (summing to 100); omitted = all
+    /// subsets together, by endpoint weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<BTreeMap<String, u32>>,
+    /// Connect and request timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Admission limits and outlier ejection.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    /// Retry policy.
+    #[serde(default)]
+    pub retries: Retries,
+}
+
+/// Upstream protocol of a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1 with a keep-alive pool.
+    #[default]
+    Http1,
+    /// HTTP/2 (h2c, prior knowledge), multiplexed.
+    Http2,
+}
+
+/// Load-balancing algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lb {
+    /// Power of two choices over peak-EWMA latency x in-flight requests.
+    #[default]
+    P2cEwma,
+    /// Weighted round robin.
+    RoundRobin,
+    /// Power of two choices over in-flight requests.
+    LeastRequest,
+}
+
+/// One instance of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// `IP:port` of the instance.
+    pub addr: SocketAddr,
+    /// Version label (e.g. `v1`), used by splits.
+    #[serde(default = "default_subset")]
+    pub subset: String,
+    /// Relative share of traffic within its subset (1 or more).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_subset() -> String {
+    DEFAULT_SUBSET.to_owned()
+}
+fn default_weight() -> u32 {
+    1
+}
+
+/// Per-service timeouts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP connect to an endpoint.
+    #[serde(default = "default_connect", with = "crate::duration")]
+    pub connect: Duration,
+    /// From the request's arrival to the upstream response's headers.
+    #[serde(default = "default_request", with = "crate::duration")]
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: default_connect(),
+            request: default_request(),
+        }
+    }
+}
+fn default_connect() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_request() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Admission limits and outlier ejection (defaults close to Envoy's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Failures in a row that eject an endpoint.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// First ejection time; each further ejection multiplies it.
+    #[serde(default = "default_base_ejection", with = "crate::duration")]
+    pub base_ejection: Duration,
+    /// Most of a subset that may be ejected at once.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+    /// Requests in flight per service; more get an immediate 503.
+    #[serde(default = "default_max_requests")]
+    pub max_requests: u32,
+    /// Requests waiting for an upstream connection per service.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: u32,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection: default_base_ejection(),
+            max_ejection_percent: default_max_ejection_percent(),
+            max_requests: default_max_requests(),
+            max_pending: default_max_pending(),
+        }
+    }
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_ejection_percent() -> u32 {
+    50
+}
+fn default_max_requests() -> u32 {
+    1024
+}
+fn default_max_pending() -> u32 {
+    256
+}
+
+/// Retry policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Most retries per request (0 = none).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Retries at most this percent of requests.
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: u32,
+    /// Which outcomes are retried.
+    #[serde(default = "default_retry_on")]
+    pub on: Vec<RetryOn>,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries {
+            attempts: default_attempts(),
+            budget_percent: default_budget_percent(),
+            on: default_retry_on(),
+        }
+    }
+}
+fn default_attempts() -> u32 {
+    2
+}
+fn default_budget_percent() -> u32 {
+    20
+}
+fn default_retry_on() -> Vec<RetryOn> {
+    vec![RetryOn::Connect, RetryOn::Reset, RetryOn::Status(503)]
+}
+
+/// A retryable outcome: `connect`, `reset`, `timeout`, or a status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOn {
+    /// The connection could not be made (the request was never sent).
+    Connect,
+    /// The connection was reset before a response.
+    Reset,
+    /// The try timed out.
+    Timeout,
+    /// The upstream answered with this status.
+    Status(u16),
+}
+
+impl Serialize for RetryOn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RetryOn::Connect => s.serialize_str("connect"),
+            RetryOn::Reset => s.serialize_str("reset"),
+            RetryOn::Timeout => s.serialize_str("timeout"),
+            RetryOn::Status(code) => s.serialize_str(&code.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RetryOn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "connect" => Ok(RetryOn::Connect),
+            "reset" => Ok(RetryOn::Reset),
+            "timeout" => Ok(RetryOn::Timeout),
+            other => match other.parse::<u16>() {
+                Ok(code) if (500..=599).contains(&code) => Ok(RetryOn::Status(code)),
+                _ => Err(serde::de::Error::custom(format!(
+                    "invalid retry condition {other:?}; expected connect, reset, timeout or a 5xx status"
+                ))),
+            },
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Balance: pick one endpoint of a pool for each request, lock-free.
+//!
+//! `p2c_ewma` (power of two choices over peak-EWMA latency x in-flight, as
+//! in Finagle, tower and Linkerd), `least_request` (P2C over in-flight) and
+//! `round_robin` (a weighted schedule); all honour endpoint weights.
+
+use crate::upstream::EndpointState;
+use almond_config::Lb;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// Most slots a weighted round-robin schedule may have.
+const MAX_SCHEDULE: usize = 4096;
+
+/// One endpoint as a pool sees it.
+pub struct Member {
+    /// Shared per-address state (EWMA, in-flight, connections).
+    pub state: Arc<EndpointState>,
+    /// Relative weight (1 or more).
+    pub weight: u32,
+    /// Index of the endpoint's subset in its service.
+    pub subset: usize,
+}
+
+/// The endpoints a request may go to, and the balancer over them.
+pub struct Pool {
+    members: Vec<Member>,
+    /// The subset an empty pool reports its failures under.
+    home: usize,
+    lb: Lb,
+    /// Running total of weights, for weighted random draws; `None` when
+    /// every weight is equal (a uniform draw is then enough).
+    cumulative: Option<Vec<u64>>,
+    /// Round robin: member indices interleaved by weight.
+    schedule: Vec<u32>,
+    cursor: AtomicUsize,
+}
+
+impl Pool {
+    /// Builds a pool; `members` may be empty (every pick is then `None`).
+    pub fn new(members: Vec<Member>, lb: Lb, home: usize) -> Pool {
+        let equal = members.windows(2).all(|w| w[0].weight == w[1].weight);
+        let cumulative = (!equal).then(|| {
+            members
+                .iter()
+                .scan(0u64, |sum, m| {
+                    *sum += u64::from(m.weight);
+                    Some(*sum)
+                })
+                .collect()
+        });
+        let schedule = if lb == Lb::RoundRobin {
+            schedule(&members)
+        } else {
+            Vec::new()
+        };
+        Pool {
+            // Start round robin at a random place so that many proxies
+            // do not all hit the first endpoint together.
+            cursor: AtomicUsize::new(fastrand::usize(..schedule.len().max(1))),
+            members,
+            home,
+            lb,
+            cumulative,
+            schedule,
+        }
+    }
+
+    /// The subset index failures of this pool count under when it has
+    /// no member to pick.
+    pub fn home(&self) -> usize {
+        self.home
+    }
+
+    /// The pool's algorithm.
+    pub fn lb(&self) -> Lb {
+        self.lb
+    }
+
+    /// The pool's members.
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// Picks an endpoint for one request.
+    pub fn pick(&self, now: Instant) -> Option<&Member> {
+        match self.members.len() {
+            0 => None,
+            1 => self.members.first(),
+            n => match self.lb {
+                Lb::RoundRobin => {
+                    let slot = self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
+                    self.members.get(self.schedule[slot] as usize)
+                }
+                Lb::LeastRequest => Some(self.p2c(n, |m| m.state.in_flight_cost())),
+                Lb::P2cEwma => Some(self.p2c(n, |m| m.state.ewma_cost(now))),
+            },
+        }
+    }
+
+    /// Power of two choices: two distinct members drawn by weight, the one
+    /// with the lower cost per unit of weight wins.
+    fn p2c(&self, n: usize, cost: impl Fn(&Member) -> f64) -> &Member {
+        let (a, b) = self.two_distinct(n);
+        let (ma, mb) = (&self.members[a], &self.members[b]);
+        // Compare cost_a / w_a with cost_b / w_b without dividing.
+        if cost(ma) * f64::from(mb.weight) <= cost(mb) * f64::from(ma.weight) {
+            ma
+        } else {
+            mb
+        }
+    }
+
+    fn two_distinct(&self, n: usize) -> (usize, usize) {
+        match &self.cumulative {
+            None => {
+                let a = fastrand::usize(..n);
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                (a, b)
+            }
+            Some(cum) => {
+                let a = weighted(cum);
+                // A few weighted redraws, then any other member uniformly, so
+                // one very heavy endpoint cannot make this loop long.
+                for _ in 0..4 {
+                    let b = weighted(cum);
+                    if b != a {
+                        return (a, b);
+                    }
+                }
+                (a, (a + 1 + fastrand::usize(..n - 1)) % n)
+            }
+        }
+    }
+}
+
+/// A weighted random index from running totals.
+fn weighted(cumulative: &[u64]) -> usize {
+    let total = cumulative.last().copied().unwrap_or(1);
+    let x = fastrand::u64(..total);
+    cumulative.partition_point(|&c| c <= x)
+}
+
+/// A smooth weighted round-robin order (Nginx's algorithm), computed once:
+/// weights 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
+fn schedule(members: &[Member]) -> Vec<u32> {
+    let total: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
+    // Scale weights down if the schedule would be too long.
+    let scale = (total as f64 / MAX_SCHEDULE as f64).max(1.0);
+    let weights: Vec<i64> = members
+        .iter()
+        .map(|m| ((f64::from(m.weight) / scale).round() as i64).max(1))
+        .collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; members.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..members.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best as u32);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn pool(weights: &[u32], lb: Lb) -> Pool {
+        let members = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Member {
+                state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
+                    [127, 0, 0, 1],
+                    1000 + i as u16,
+                )))),
+                weight: *w,
+                subset: 0,
+            })
+            .collect();
+        Pool::new(members, lb, 0)
+    }
+
+    fn counts(pool: &Pool, n: usize) -> HashMap<u16, usize> {
+        let now = Instant::now();
+        let mut out = HashMap::new();
+        for _ in 0..n {
+            let m = pool.pick(now).expect("non-empty pool");
+            *out.entry(m.state.addr.port()).or_default() += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn round_robin_is_smooth_and_weighted() {
+        let p = pool(&[5, 1, 1], Lb::RoundRobin);
+        assert_eq!(p.schedule, vec![0, 0, 1, 0, 2, 0, 0]);
+        let c = counts(&p, 700);
+        assert_eq!((c[&1000], c[&1001], c[&1002]), (500, 100, 100));
+    }
+
+    #[test]
+    fn p2c_never_picks_the_same_endpoint_twice() {
+        for _ in 0..1000 {
+            let p = pool(&[1, 1], Lb::P2cEwma);
+            let (a, b) = p.two_distinct(2);
+            assert_ne!(a, b);
+            let p = pool(&[100, 1], Lb::P2cEwma);
+            let (a, b) = p.two_distinct(2);
+            assert_ne!(a, b);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_honours_weights_when_loads_are_equal() {
+        // Idle endpoints with equal cost: the heavier endpoint is drawn
+        // more often and wins every tie per unit of weight.
+        let p = pool(&[3, 1, 1, 1], Lb::LeastRequest);
+        let c = counts(&p, 6000);
+        assert!(c[&1000] > 3000, "{c:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ewma_steers_away_from_a_slow_endpoint() {
+        let p = pool(&[1, 1, 1], Lb::P2cEwma);
+        let now = Instant::now();
+        // Endpoint 0 answers in 200 ms, the others in 1 ms.
+        p.members[0]
+            .state
+            .observe_rtt(now, std::time::Duration::from_millis(200));
+        for m in &p.members[1..] {
+            m.state
+                .observe_rtt(now, std::time::Duration::from_millis(1));
+        }
+        let c = counts(&p, 3000);
+        assert!(c.get(&1000).copied().unwrap_or(0) < 100, "{c:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn least_request_prefers_idle_endpoints() {
+        let p = pool(&[1, 1], Lb::LeastRequest);
+        let _busy = p.members[0].state.start();
+        let c = counts(&p, 100);
+        assert_eq!(c.get(&1001), Some(&100));
+    }
+}

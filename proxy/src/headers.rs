@@ -1,0 +1,201 @@
+//! Headers across the hop: what RFC 9110 says a proxy must drop, and the
+//! request target each upstream protocol expects.
+
+use almond_config::Protocol;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response, Version};
+
+use crate::route::SUBSET_HEADER;
+
+/// Hop-by-hop headers (RFC 9110 7.6.1 and the legacy ones still seen).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)?
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Drops hop-by-hop headers, including those that `Connection` names.
+/// Returns the `Upgrade` value when `keep_upgrade` and one was present.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<HeaderValue> {
+    let upgrade = if keep_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    upgrade
+}
+
+/// Readies a request for the upstream: hop-by-hop and routing headers
+/// gone, the target in the form the protocol wants (origin-form and `Host`
+/// for HTTP/1.1; absolute with `:authority` for HTTP/2).
+pub fn to_upstream<B>(req: &mut Request<B>, protocol: Protocol, upgrade: bool) {
+    let trailers = req
+        .headers()
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let headers = req.headers_mut();
+    let upgrade_value = strip_hop_by_hop(headers, upgrade);
+    headers.remove(SUBSET_HEADER);
+    if let Some(value) = upgrade_value {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, value);
+    }
+    match protocol {
+        Protocol::Http1 => {
+            if req.uri().authority().is_some() {
+                let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+                if let Some(a) = authority {
+                    if !req.headers().contains_key(header::HOST) {
+                        if let Ok(v) = HeaderValue::from_str(&a) {
+                            req.headers_mut().insert(header::HOST, v);
+                        }
+                    }
+                }
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                *req.uri_mut() = Uri::from(path);
+            }
+            *req.version_mut() = Version::HTTP_11;
+        }
+        Protocol::Http2 => {
+            // gRPC needs `te: trailers`; HTTP/2 allows exactly that value.
+            if trailers {
+                req.headers_mut()
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+            if req.uri().authority().is_none() {
+                let host = req.headers_mut().remove(header::HOST);
+                let authority = host
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                    .unwrap_or_else(|| Authority::from_static("localhost"));
+                let mut parts = std::mem::take(req.uri_mut()).into_parts();
+                parts.scheme = Some(Scheme::HTTP);
+                parts.authority = Some(authority);
+                if parts.path_and_query.is_none() {
+                    parts.path_and_query = Some(PathAndQuery::from_static("/"));
+                }
+                *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+            } else {
+                req.headers_mut().remove(header::HOST);
+            }
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
+}
+
+/// Readies an upstream response for the client: hop-by-hop headers gone,
+/// except the `Upgrade` handshake of a 101.
+pub fn from_upstream<B>(resp: &mut Response<B>) {
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let upgrade = strip_hop_by_hop(resp.headers_mut(), switching);
+    if let Some(value) = upgrade {
+        let h = resp.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_named_headers_are_dropped() {
+        let mut req = Request::builder()
+            .uri("/a?b=1")
+            .header("host", "orders")
+            .header("connection", "keep-alive, x-secret")
+            .header("x-secret", "1")
+            .header("keep-alive", "timeout=5")
+            .header("x-almond-subset", "v2")
+            .header("x-kept", "yes")
+            .body(())
+            .unwrap_or_default();
+        to_upstream(&mut req, Protocol::Http1, false);
+        let h = req.headers();
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none() && h.get("x-almond-subset").is_none());
+        assert_eq!(h.get("x-kept").map(|v| v.as_bytes()), Some(&b"yes"[..]));
+        assert_eq!(req.uri(), "/a?b=1");
+    }
+
+    #[test]
+    fn h1_to_h2_moves_host_to_authority_and_keeps_te_trailers() {
+        let mut req = Request::builder()
+            .uri("/pkg.Svc/Call")
+            .header("host", "orders:4140")
+            .header("te", "trailers")
+            .body(())
+            .unwrap_or_default();
+        to_upstream(&mut req, Protocol::Http2, false);
+        assert_eq!(req.uri(), "http://orders:4140/pkg.Svc/Call");
+        assert!(req.headers().get("host").is_none());
+        assert_eq!(req.headers()["te"], "trailers");
+        assert_eq!(req.version(), Version::HTTP_2);
+    }
+
+    #[test]
+    fn h2_to_h1_moves_authority_to_host() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://orders/x")
+            .body(())
+            .unwrap_or_default();
+        to_upstream(&mut req, Protocol::Http1, false);
+        assert_eq!(req.uri(), "/x");
+        assert_eq!(req.headers()["host"], "orders");
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn upgrade_headers_survive_an_upgrade() {
+        let mut req = Request::builder()
+            .uri("/ws")
+            .header("host", "chat")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap_or_default();
+        assert!(is_upgrade(&req));
+        to_upstream(&mut req, Protocol::Http1, true);
+        assert_eq!(req.headers()["connection"], "upgrade");
+        assert_eq!(req.headers()["upgrade"], "websocket");
+    }
+}

@@ -1,0 +1,173 @@
+//! almond's data plane: the sidecar proxy.
+//!
+//! A request is accepted in [`listen`], served and walked through its
+//! stages in [`serve`]: [`route`] (service), [`split`] (subset), [`admit`]
+//! (concurrency), [`balance`] (endpoint), [`send`] over [`upstream`]
+//! connections, classified in [`outcome`] and counted in [`metrics`].
+//! [`admin`] serves the proxy's own endpoints.
+
+pub mod admin;
+pub mod admit;
+pub mod balance;
+pub mod body;
+pub mod headers;
+pub mod listen;
+pub mod metrics;
+pub mod outcome;
+pub mod route;
+pub mod send;
+pub mod serve;
+pub mod split;
+pub mod upstream;
+
+use almond_config::ProxyConfig;
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics::Metrics;
+use route::Table;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// State every connection and request shares.
+pub struct Shared {
+    /// The routing table; swapped whole on config updates.
+    pub table: ArcSwap<Table>,
+    /// Golden metrics.
+    pub metrics: Metrics,
+    /// Whether `/ready` says yes.
+    pub ready: AtomicBool,
+    /// Downstream HTTP server settings.
+    pub http: auto::Builder<TokioExecutor>,
+}
+
+/// Sockets bound for a config, before serving starts: tests bind port 0
+/// and read the real addresses here.
+pub struct Bound {
+    /// One per configured listener, in config order.
+    pub listeners: Vec<TcpListener>,
+    /// The admin listener.
+    pub admin: TcpListener,
+}
+
+impl Bound {
+    /// Binds every listener of `config` and its admin address.
+    pub fn bind(config: &ProxyConfig) -> io::Result<Bound> {
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                listen::bind(l.bind).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot bind listener {}: {e}", l.bind))
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let admin = listen::bind(config.admin).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot bind admin {}: {e}", config.admin))
+        })?;
+        Ok(Bound { listeners, admin })
+    }
+
+    /// The bound addresses of the listeners, in config order.
+    pub fn listener_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+}
+
+/// Errors that stop the proxy from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The metrics registry refused a family (a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A running proxy's handle: swap its config while it serves.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Builds the proxy's state for a checked config.
+    pub fn new(config: ProxyConfig) -> Result<Proxy, Error> {
+        let metrics = Metrics::new()?;
+        let http = listen::http_builder(&config.limits);
+        let table = Table::build(Arc::new(config), &metrics, None);
+        Ok(Proxy {
+            shared: Arc::new(Shared {
+                table: ArcSwap::from_pointee(table),
+                metrics,
+                ready: AtomicBool::new(false),
+                http,
+            }),
+        })
+    }
+
+    /// Applies a new checked config's services: a new table is built
+    /// (state carried over) and swapped in; listeners stay as bound.
+    pub fn update(&self, config: ProxyConfig) {
+        let old = self.shared.table.load_full();
+        let table = Table::build(Arc::new(config), &self.shared.metrics, Some(&old));
+        self.shared.table.store(Arc::new(table));
+    }
+
+    /// The shared state (metrics, table).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves on `bound` until `shutdown` resolves, then stops accepting
+    /// and lets in-flight requests finish for up to the config's
+    /// `drain_timeout`.
+    pub async fn run(self, bound: Bound, shutdown: impl Future<Output = ()>) {
+        let drain = self.shared.table.load().config.drain_timeout;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut tasks = Vec::new();
+        for (index, listener) in bound.listeners.into_iter().enumerate() {
+            tasks.push(tokio::spawn(listen::accept_loop(
+                self.shared.clone(),
+                index,
+                listener,
+                stop_rx.clone(),
+                graceful.clone(),
+            )));
+        }
+        let admin = tokio::spawn(admin::serve(self.shared.clone(), bound.admin, stop_rx));
+        self.shared
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!("proxy ready");
+
+        shutdown.await;
+        tracing::info!(drain_timeout = ?drain, "shutting down: draining in-flight requests");
+        self.shared
+            .ready
+            .store(false, std::sync::atomic::Ordering::Release);
+        let _ = stop_tx.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+        match tokio::time::timeout(drain, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("drained"),
+            Err(_) => tracing::warn!("drain timeout: closing remaining connections"),
+        }
+        let _ = admin.await;
+    }
+}

@@ -1,0 +1,85 @@
+//! Listen: bind sockets (socket2: SO_REUSEPORT, TCP_NODELAY, backlog) and
+//! accept connections until shutdown, handing each to hyper.
+
+use crate::serve;
+use crate::Shared;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Socket, Type};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Pending connections the kernel may queue per listener.
+const BACKLOG: i32 = 1024;
+
+/// Binds a listening socket the way a proxy should.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    // Lets a new proxy start beside the old one during an upgrade.
+    socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it on Linux; set again on accept anyway.
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The HTTP server settings every downstream connection uses.
+pub fn http_builder(limits: &almond_config::Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_concurrent_streams(1024);
+    builder
+}
+
+/// Accepts on `listener` until `stop` changes, then lets open connections
+/// finish through `graceful`.
+pub async fn accept_loop(
+    shared: Arc<Shared>,
+    index: usize,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let builder = shared.http.clone();
+        let svc = service_fn(move |req| serve::handle(shared.clone(), index, req));
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "downstream connection ended");
+            }
+        });
+    }
+}

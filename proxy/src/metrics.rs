@@ -1,0 +1,197 @@
+//! Golden metrics: every name and label set of CONTRACT.md lives here.
+//!
+//! Families are registered once; the route table resolves per-(direction,
+//! service, subset) handles when it is built, so the request path only
+//! increments atomics (see [`SubsetMetrics`]).
+
+use crate::outcome::{CodeClass, ErrorKind};
+use almond_config::Direction;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds: fine below 100 ms where services live,
+/// coarse above (13 buckets; the watcher needs p50 and p99).
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The metric families of one proxy, in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    in_flight: IntGaugeVec,
+    upstream_errors: IntCounterVec,
+    endpoints: IntGaugeVec,
+    split_weight: IntGaugeVec,
+    /// Requests that named no known service (no `service` label: its value
+    /// would come from the request).
+    pub unroutable: IntCounter,
+    /// Index of the active config (0 in static mode).
+    pub config_index: IntGauge,
+    /// 1 while the control plane answers (static mode: 0).
+    pub control_connected: IntGauge,
+}
+
+/// Handles for one (direction, service, subset), resolved at table build.
+#[derive(Clone)]
+pub struct SubsetMetrics {
+    requests: [IntCounter; CodeClass::COUNT],
+    /// Time from the request's arrival to the response's headers.
+    pub duration: Histogram,
+    errors: [IntCounter; ErrorKind::UPSTREAM_KINDS.len()],
+}
+
+impl SubsetMetrics {
+    /// Counts a finished request by its class (the class fixes the outcome).
+    #[inline]
+    pub fn record(&self, class: CodeClass, seconds: f64) {
+        self.requests[class as usize].inc();
+        self.duration.observe(seconds);
+    }
+
+    /// Counts an upstream error by kind (only the kinds of CONTRACT.md).
+    #[inline]
+    pub fn upstream_error(&self, kind: ErrorKind) {
+        if let Some(i) = kind.upstream_index() {
+            self.errors[i].inc();
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers every family in a fresh registry, with process metrics.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("almond_requests_total", "Requests handled, by outcome."),
+            &["direction", "service", "subset", "code_class", "outcome"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "almond_request_duration_seconds",
+                "Time from a request's arrival to its response headers.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["direction", "service", "subset"],
+        )?;
+        let in_flight = IntGaugeVec::new(
+            Opts::new("almond_requests_in_flight", "Requests not yet finished."),
+            &["direction", "service"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "almond_upstream_errors_total",
+                "Requests that got no upstream response, by kind.",
+            ),
+            &["service", "subset", "kind"],
+        )?;
+        let endpoints = IntGaugeVec::new(
+            Opts::new("almond_endpoints", "Endpoints known, by state."),
+            &["service", "subset", "state"],
+        )?;
+        let split_weight = IntGaugeVec::new(
+            Opts::new(
+                "almond_split_weight",
+                "Percent of a service's traffic sent to a subset.",
+            ),
+            &["service", "subset"],
+        )?;
+        let unroutable = IntCounter::new(
+            "almond_unroutable_requests_total",
+            "Requests for a service this proxy does not know (404).",
+        )?;
+        let config_index = IntGauge::new("almond_config_index", "Index of the active config.")?;
+        let control_connected = IntGauge::new(
+            "almond_control_connected",
+            "1 while the control plane answers.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(endpoints.clone()))?;
+        registry.register(Box::new(split_weight.clone()))?;
+        registry.register(Box::new(unroutable.clone()))?;
+        registry.register(Box::new(config_index.clone()))?;
+        registry.register(Box::new(control_connected.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            duration,
+            in_flight,
+            upstream_errors,
+            endpoints,
+            split_weight,
+            unroutable,
+            config_index,
+            control_connected,
+        })
+    }
+
+    /// Resolves the handles of one (direction, service, subset).
+    pub fn subset(&self, direction: Direction, service: &str, subset: &str) -> SubsetMetrics {
+        let d = direction.as_str();
+        let requests = CodeClass::ALL.map(|class| {
+            self.requests.with_label_values(&[
+                d,
+                service,
+                subset,
+                class.label(),
+                class.outcome_label(),
+            ])
+        });
+        let errors = ErrorKind::UPSTREAM_KINDS.map(|kind| {
+            self.upstream_errors.with_label_values(&[
+                service,
+                subset,
+                kind.metric_kind().unwrap_or("other"),
+            ])
+        });
+        SubsetMetrics {
+            requests,
+            duration: self.duration.with_label_values(&[d, service, subset]),
+            errors,
+        }
+    }
+
+    /// The in-flight gauge of one (direction, service).
+    pub fn in_flight(&self, direction: Direction, service: &str) -> IntGauge {
+        self.in_flight
+            .with_label_values(&[direction.as_str(), service])
+    }
+
+    /// Sets the endpoint-count gauges of a subset.
+    pub fn set_endpoints(&self, service: &str, subset: &str, healthy: usize, ejected: usize) {
+        let set = |state: &str, n: usize| {
+            self.endpoints
+                .with_label_values(&[service, subset, state])
+                .set(n as i64)
+        };
+        set("healthy", healthy);
+        set("ejected", ejected);
+    }
+
+    /// Sets a subset's split weight gauge.
+    pub fn set_split_weight(&self, service: &str, subset: &str, percent: u32) {
+        self.split_weight
+            .with_label_values(&[service, subset])
+            .set(i64::from(percent));
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed families.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,222 @@
+//! Classify each request's outcome once, into closed enums.
+//!
+//! The same [`ErrorKind`] picks the response status, the `x-almond-error`
+//! header, the metric label and (later) the retry decision; [`CodeClass`]
+//! is the `code_class` label. [`ErrorKind::response`] is the one place that
+//! builds error responses.
+
+use crate::body::ResponseBody;
+use http::{HeaderValue, Response, StatusCode};
+
+/// The `code_class` label: the upstream's status class, or `error` when no
+/// upstream response arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CodeClass {
+    /// 1xx
+    Informational = 0,
+    /// 2xx
+    Success = 1,
+    /// 3xx
+    Redirection = 2,
+    /// 4xx
+    ClientError = 3,
+    /// 5xx
+    ServerError = 4,
+    /// No response from the upstream (the proxy answered).
+    Error = 5,
+}
+
+impl CodeClass {
+    /// How many classes there are.
+    pub const COUNT: usize = 6;
+    /// Every class, in label order.
+    pub const ALL: [CodeClass; CodeClass::COUNT] = [
+        CodeClass::Informational,
+        CodeClass::Success,
+        CodeClass::Redirection,
+        CodeClass::ClientError,
+        CodeClass::ServerError,
+        CodeClass::Error,
+    ];
+
+    /// The class of an upstream status.
+    #[inline]
+    pub fn of(status: StatusCode) -> CodeClass {
+        match status.as_u16() {
+            100..=199 => CodeClass::Informational,
+            200..=299 => CodeClass::Success,
+            300..=399 => CodeClass::Redirection,
+            400..=499 => CodeClass::ClientError,
+            _ => CodeClass::ServerError,
+        }
+    }
+
+    /// The `code_class` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            CodeClass::Informational => "1xx",
+            CodeClass::Success => "2xx",
+            CodeClass::Redirection => "3xx",
+            CodeClass::ClientError => "4xx",
+            CodeClass::ServerError => "5xx",
+            CodeClass::Error => "error",
+        }
+    }
+
+    /// The `outcome` label: 5xx and errors are failures (4xx is the
+    /// client's doing, as in Linkerd's classification).
+    pub fn outcome_label(self) -> &'static str {
+        match self {
+            CodeClass::ServerError | CodeClass::Error => "failure",
+            _ => "success",
+        }
+    }
+}
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The endpoint refused or failed the TCP connection.
+    Connect,
+    /// The TCP connection did not complete within `timeouts.connect`.
+    ConnectTimeout,
+    /// No response headers within `timeouts.request`.
+    Timeout,
+    /// The connection or stream broke before a response.
+    Reset,
+    /// The service is at its concurrency limit.
+    Overloaded,
+    /// The chosen subset has no endpoint to send to.
+    NoEndpoints,
+    /// `Host` / `:authority` names no known service.
+    UnknownService,
+    /// `x-almond-subset` names no subset of the service.
+    UnknownSubset,
+    /// The request cannot be proxied (no host, bad upgrade).
+    BadRequest,
+}
+
+impl ErrorKind {
+    /// The kinds counted in `almond_upstream_errors_total`, in index order.
+    pub const UPSTREAM_KINDS: [ErrorKind; 5] = [
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::Reset,
+        ErrorKind::Overloaded,
+        ErrorKind::NoEndpoints,
+    ];
+
+    /// The `kind` label of `almond_upstream_errors_total`, if counted there.
+    pub fn metric_kind(self) -> Option<&'static str> {
+        match self {
+            ErrorKind::Connect => Some("connect"),
+            ErrorKind::ConnectTimeout | ErrorKind::Timeout => Some("timeout"),
+            ErrorKind::Reset => Some("reset"),
+            ErrorKind::Overloaded => Some("overloaded"),
+            ErrorKind::NoEndpoints => Some("no_endpoints"),
+            _ => None,
+        }
+    }
+
+    /// Index into [`Self::UPSTREAM_KINDS`].
+    pub fn upstream_index(self) -> Option<usize> {
+        match self {
+            ErrorKind::Connect => Some(0),
+            ErrorKind::ConnectTimeout | ErrorKind::Timeout => Some(1),
+            ErrorKind::Reset => Some(2),
+            ErrorKind::Overloaded => Some(3),
+            ErrorKind::NoEndpoints => Some(4),
+            _ => None,
+        }
+    }
+
+    /// The status the client gets.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::Connect | ErrorKind::Reset => StatusCode::BAD_GATEWAY,
+            ErrorKind::ConnectTimeout | ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Overloaded | ErrorKind::NoEndpoints | ErrorKind::UnknownSubset => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ErrorKind::UnknownService => StatusCode::NOT_FOUND,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `x-almond-error` header value.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::ConnectTimeout => "connect-timeout",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Reset => "reset",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::NoEndpoints => "no-endpoints",
+            ErrorKind::UnknownService => "unknown-service",
+            ErrorKind::UnknownSubset => "unknown-subset",
+            ErrorKind::BadRequest => "bad-request",
+        }
+    }
+
+    /// The rescue layer: the one place an error becomes a response.
+    /// `detail` names the service or subset concerned.
+    pub fn response(self, detail: &str) -> Response<ResponseBody> {
+        let text = match self {
+            ErrorKind::Connect => format!("almond: cannot connect to {detail}\n"),
+            ErrorKind::ConnectTimeout => format!("almond: connect to {detail} timed out\n"),
+            ErrorKind::Timeout => format!("almond: {detail} did not answer in time\n"),
+            ErrorKind::Reset => format!("almond: connection to {detail} was reset\n"),
+            ErrorKind::Overloaded => format!("almond: {detail} is at its concurrency limit\n"),
+            ErrorKind::NoEndpoints => format!("almond: no endpoints available for {detail}\n"),
+            ErrorKind::UnknownService => format!("almond: unknown service {detail:?}\n"),
+            ErrorKind::UnknownSubset => format!("almond: unknown subset {detail:?}\n"),
+            ErrorKind::BadRequest => format!("almond: bad request: {detail}\n"),
+        };
+        let mut resp = Response::new(ResponseBody::full(text));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert("x-almond-error", HeaderValue::from_static(self.reason()));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if self == ErrorKind::Overloaded {
+            headers.insert("x-almond-overloaded", HeaderValue::from_static("true"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_contract() {
+        assert_eq!(ErrorKind::Connect.status(), 502);
+        assert_eq!(ErrorKind::Timeout.status(), 504);
+        assert_eq!(ErrorKind::NoEndpoints.status(), 503);
+        assert_eq!(ErrorKind::UnknownService.status(), 404);
+        for kind in ErrorKind::UPSTREAM_KINDS {
+            assert_eq!(
+                ErrorKind::UPSTREAM_KINDS[kind.upstream_index().unwrap_or(99)],
+                kind
+            );
+        }
+    }
+
+    #[test]
+    fn classes_and_outcomes() {
+        assert_eq!(CodeClass::of(StatusCode::OK).label(), "2xx");
+        assert_eq!(
+            CodeClass::of(StatusCode::NOT_FOUND).outcome_label(),
+            "success"
+        );
+        assert_eq!(
+            CodeClass::of(StatusCode::BAD_GATEWAY).outcome_label(),
+            "failure"
+        );
+        assert_eq!(CodeClass::Error.outcome_label(), "failure");
+    }
+}

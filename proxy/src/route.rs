@@ -1,0 +1,292 @@
+//! Route: the immutable table that maps a request to a service and a pool.
+//!
+//! Built off the hot path from a config (or, later, a snapshot), published
+//! through one `ArcSwap`; a request loads it once and takes no lock.
+//! Per-endpoint state and per-service admission counters are carried over
+//! from the previous table by address and by name.
+
+use crate::admit::Admission;
+use crate::balance::{Member, Pool};
+use crate::metrics::{Metrics, SubsetMetrics};
+use crate::outcome::ErrorKind;
+use crate::split::Split;
+use crate::upstream::EndpointState;
+use almond_config::{Direction, Lb, Protocol, ProxyConfig, Service};
+use http::Request;
+use prometheus::IntGauge;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Header that pins a request to a subset (stripped before upstream).
+pub const SUBSET_HEADER: &str = "x-almond-subset";
+
+/// Everything routing needs, for one config.
+pub struct Table {
+    services: HashMap<Box<str>, Arc<ServiceRoute>>,
+    /// Per listener (config order): its bound service, if any.
+    listeners: Vec<ListenerRoute>,
+    /// The config this table was built from (for `/config`).
+    pub config: Arc<ProxyConfig>,
+}
+
+/// What a listener does with a request.
+pub struct ListenerRoute {
+    /// The metric direction of its traffic.
+    pub direction: Direction,
+    /// `Some`: everything goes to this service; `None`: route by host.
+    pub service: Option<Box<str>>,
+}
+
+/// One service, ready to serve requests.
+pub struct ServiceRoute {
+    /// The service's name.
+    pub name: Arc<str>,
+    /// Upstream protocol.
+    pub protocol: Protocol,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time allowed until response headers.
+    pub request_timeout: Duration,
+    /// The service's subsets, in name order.
+    pub subsets: Vec<SubsetRoute>,
+    /// All endpoints together (used when there is no split).
+    pub all: Pool,
+    /// The weighted split over subsets, if configured.
+    pub split: Option<Split>,
+    /// Concurrency limit (`circuit_breaker.max_requests`).
+    pub admission: Arc<Admission>,
+    /// In-flight gauges, by direction (outbound, inbound).
+    pub in_flight: [IntGauge; 2],
+}
+
+/// One subset of a service.
+pub struct SubsetRoute {
+    /// Its name (e.g. `v2`).
+    pub name: Arc<str>,
+    /// Its endpoints.
+    pub pool: Pool,
+    /// Metric handles by direction (outbound, inbound).
+    pub metrics: [SubsetMetrics; 2],
+}
+
+impl Table {
+    /// Builds a table from a checked config, carrying state over from
+    /// `previous` for endpoints and services that stay.
+    pub fn build(config: Arc<ProxyConfig>, metrics: &Metrics, previous: Option<&Table>) -> Table {
+        let mut states: HashMap<SocketAddr, Arc<EndpointState>> = HashMap::new();
+        let mut admissions: HashMap<&str, Arc<Admission>> = HashMap::new();
+        if let Some(prev) = previous {
+            for svc in prev.services.values() {
+                admissions.insert(&svc.name, svc.admission.clone());
+                for m in svc.all.members() {
+                    states.insert(m.state.addr, m.state.clone());
+                }
+            }
+        }
+        let services = config
+            .services
+            .iter()
+            .map(|(name, svc)| {
+                let admission = admissions.get(name.as_str()).cloned();
+                let route = ServiceRoute::build(name, svc, metrics, &mut states, admission);
+                (Box::from(name.as_str()), Arc::new(route))
+            })
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| ListenerRoute {
+                direction: l.direction,
+                service: l.service.as_deref().map(Box::from),
+            })
+            .collect();
+        Table {
+            services,
+            listeners,
+            config,
+        }
+    }
+
+    /// The listener at `index` (as bound, in config order).
+    pub fn listener(&self, index: usize) -> Option<&ListenerRoute> {
+        self.listeners.get(index)
+    }
+
+    /// Finds the service of a request on a listener: the listener's bound
+    /// service, else the `Host` / `:authority` without its port.
+    pub fn service<B>(
+        &self,
+        listener: &ListenerRoute,
+        req: &Request<B>,
+    ) -> Result<&Arc<ServiceRoute>, (ErrorKind, String)> {
+        let name: &str = match &listener.service {
+            Some(name) => name,
+            None => match host(req) {
+                Some(h) => h,
+                None => return Err((ErrorKind::BadRequest, "no Host header or :authority".into())),
+            },
+        };
+        if let Some(svc) = self.services.get(name) {
+            return Ok(svc);
+        }
+        let lower = name.to_ascii_lowercase();
+        self.services
+            .get(lower.as_str())
+            .ok_or((ErrorKind::UnknownService, lower))
+    }
+
+    /// Every service, by name.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceRoute>> {
+        self.services.values()
+    }
+}
+
+/// The request's host without a port: the URI's authority (HTTP/2, or an
+/// absolute-form HTTP/1.1 target), else the `Host` header.
+fn host<B>(req: &Request<B>) -> Option<&str> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.host(),
+        None => req.headers().get(http::header::HOST)?.to_str().ok()?,
+    };
+    // Strip a port; keep IPv6 brackets intact.
+    let h = match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') => &raw[..i],
+        _ => raw,
+    };
+    (!h.is_empty()).then_some(h)
+}
+
+impl ServiceRoute {
+    fn build(
+        name: &str,
+        svc: &Service,
+        metrics: &Metrics,
+        states: &mut HashMap<SocketAddr, Arc<EndpointState>>,
+        admission: Option<Arc<Admission>>,
+    ) -> ServiceRoute {
+        let mut subset_names: Vec<&str> = svc.endpoints.iter().map(|e| e.subset.as_str()).collect();
+        subset_names.sort_unstable();
+        subset_names.dedup();
+        let state_of = |addr: SocketAddr, states: &mut HashMap<_, Arc<EndpointState>>| {
+            states
+                .entry(addr)
+                .or_insert_with(|| Arc::new(EndpointState::new(addr)))
+                .clone()
+        };
+        let members_of = |filter: Option<&str>, states: &mut HashMap<_, _>| -> Vec<Member> {
+            svc.endpoints
+                .iter()
+                .filter(|e| filter.is_none_or(|f| e.subset == f))
+                .map(|e| Member {
+                    state: state_of(e.addr, states),
+                    weight: e.weight,
+                    subset: subset_names
+                        .iter()
+                        .position(|s| *s == e.subset)
+                        .unwrap_or(0),
+                })
+                .collect()
+        };
+        let subsets: Vec<SubsetRoute> = subset_names
+            .iter()
+            .enumerate()
+            .map(|(index, &subset)| {
+                let members = members_of(Some(subset), states);
+                metrics.set_endpoints(name, subset, members.len(), 0);
+                let weight = match &svc.split {
+                    Some(split) => split.get(subset).copied().unwrap_or(0),
+                    None => 0,
+                };
+                if svc.split.is_some() {
+                    metrics.set_split_weight(name, subset, weight);
+                }
+                SubsetRoute {
+                    name: Arc::from(subset),
+                    pool: Pool::new(members, svc.lb, index),
+                    metrics: [
+                        metrics.subset(Direction::Outbound, name, subset),
+                        metrics.subset(Direction::Inbound, name, subset),
+                    ],
+                }
+            })
+            .collect();
+        let split = svc
+            .split
+            .as_ref()
+            .map(|weights| Split::new(weights, &subset_names));
+        let all = Pool::new(members_of(None, states), svc.lb, 0);
+        let limit = svc.circuit_breaker.max_requests;
+        let admission = match admission {
+            Some(a) => {
+                a.set_limit(limit);
+                a
+            }
+            None => Arc::new(Admission::new(limit)),
+        };
+        ServiceRoute {
+            name: Arc::from(name),
+            protocol: svc.protocol,
+            connect_timeout: svc.timeouts.connect,
+            request_timeout: svc.timeouts.request,
+            subsets,
+            all,
+            split,
+            admission,
+            in_flight: [
+                metrics.in_flight(Direction::Outbound, name),
+                metrics.in_flight(Direction::Inbound, name),
+            ],
+        }
+    }
+
+    /// The pool a request goes to: the pinned subset, the split's pick, or
+    /// every endpoint. `Err` names an unknown pinned subset.
+    pub fn pool<B>(&self, req: &Request<B>) -> Result<&Pool, (ErrorKind, String)> {
+        if let Some(pin) = req.headers().get(SUBSET_HEADER) {
+            let pin = pin.to_str().unwrap_or("");
+            return self
+                .subsets
+                .iter()
+                .find(|s| &*s.name == pin)
+                .map(|s| &s.pool)
+                .ok_or_else(|| (ErrorKind::UnknownSubset, pin.to_owned()));
+        }
+        match &self.split {
+            Some(split) => Ok(&self.subsets[split.pick()].pool),
+            None => Ok(&self.all),
+        }
+    }
+
+    /// The load-balancing algorithm (for `/endpoints`).
+    pub fn lb(&self) -> Lb {
+        self.all.lb()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(host: &str) -> Request<()> {
+        Request::builder()
+            .uri("/x")
+            .header("host", host)
+            .body(())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn host_strips_ports_and_keeps_ipv6() {
+        assert_eq!(host(&req("orders:4140")), Some("orders"));
+        assert_eq!(host(&req("orders")), Some("orders"));
+        assert_eq!(host(&req("[::1]:80")), Some("[::1]"));
+        assert_eq!(host(&req("[::1]")), Some("[::1]"));
+        let h2 = Request::builder()
+            .uri("http://users:80/x")
+            .body(())
+            .unwrap_or_default();
+        assert_eq!(host(&h2), Some("users"));
+    }
+}

@@ -1,0 +1,113 @@
+//! Send: one request to one chosen endpoint, and the guard that follows
+//! its response to the end.
+
+use crate::admit::Permit;
+use crate::body::RequestBody;
+use crate::outcome::ErrorKind;
+use crate::route::ServiceRoute;
+use crate::upstream::{EndpointState, H1Sender, InFlight};
+use almond_config::Protocol;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+
+/// Sends `req` (already readied by `headers::to_upstream`) to `endpoint`.
+/// An upgrade request gets a connection of its own, then a tunnel.
+pub async fn forward(
+    svc: &ServiceRoute,
+    endpoint: &Arc<EndpointState>,
+    req: Request<RequestBody>,
+    downstream_upgrade: Option<OnUpgrade>,
+) -> Result<(Response<Incoming>, Option<H1Sender>), ErrorKind> {
+    if let Some(downstream) = downstream_upgrade {
+        let mut sender = endpoint.connect_h1(svc.connect_timeout).await?;
+        let mut resp = sender
+            .send_request(req)
+            .await
+            .map_err(|_| ErrorKind::Reset)?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            tunnel(downstream, hyper::upgrade::on(&mut resp));
+        }
+        return Ok((resp, None));
+    }
+    match svc.protocol {
+        Protocol::Http1 => {
+            let (resp, sender) = endpoint.send_h1(req, svc.connect_timeout).await?;
+            Ok((resp, Some(sender)))
+        }
+        Protocol::Http2 => Ok((endpoint.send_h2(req, svc.connect_timeout).await?, None)),
+    }
+}
+
+/// Joins both upgraded halves and copies bytes both ways until either
+/// side closes.
+fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
+    tokio::spawn(async move {
+        let (down, up) = tokio::join!(downstream, upstream);
+        match (down, up) {
+            (Ok(down), Ok(up)) => {
+                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                    tracing::debug!(error = %e, "upgraded tunnel ended");
+                }
+            }
+            (down, up) => {
+                tracing::debug!(
+                    downstream = down.is_ok(),
+                    upstream = up.is_ok(),
+                    "upgrade failed"
+                );
+            }
+        }
+    });
+}
+
+/// Follows a response to its end: then the service's and the endpoint's
+/// in-flight counts drop and an HTTP/1.1 connection returns to its pool.
+pub struct Finish {
+    svc: Arc<ServiceRoute>,
+    direction: usize,
+    endpoint: InFlight,
+    h1: Option<H1Sender>,
+    _permit: Permit,
+}
+
+impl Finish {
+    /// Starts following a request (counts it in flight for the service).
+    pub fn new(
+        svc: Arc<ServiceRoute>,
+        direction: usize,
+        endpoint: InFlight,
+        permit: Permit,
+    ) -> Finish {
+        svc.in_flight[direction].inc();
+        Finish {
+            svc,
+            direction,
+            endpoint,
+            h1: None,
+            _permit: permit,
+        }
+    }
+
+    /// The HTTP/1.1 connection to pool when the response completes.
+    pub fn with_h1(mut self, h1: Option<H1Sender>) -> Finish {
+        self.h1 = h1;
+        self
+    }
+
+    /// The response ended; `complete` when it ended cleanly.
+    pub fn done(mut self, complete: bool) {
+        if let (true, Some(sender)) = (complete, self.h1.take()) {
+            self.endpoint.state().release_h1(sender);
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.svc.in_flight[self.direction].dec();
+    }
+}

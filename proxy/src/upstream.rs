@@ -1,0 +1,292 @@
+//! Upstream: per-endpoint state and connections (HTTP/1.1 keep-alive pool,
+//! one multiplexed HTTP/2 connection), and the act of sending one request.
+//!
+//! [`EndpointState`] is keyed by address and carried from one route table
+//! to the next, so a config update keeps what the proxy has learnt.
+
+use crate::body::RequestBody;
+use crate::outcome::ErrorKind;
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::ArrayQueue;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Idle HTTP/1.1 connections kept per endpoint; more are closed.
+const MAX_IDLE_H1: usize = 512;
+/// RTT assumed for an endpoint never measured (Linkerd's default).
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Peak-EWMA decay time constant (Linkerd's and Finagle's default).
+const DECAY: Duration = Duration::from_secs(10);
+
+/// An idle HTTP/1.1 connection's sending half.
+pub type H1Sender = http1::SendRequest<RequestBody>;
+
+/// What the proxy knows about one endpoint address.
+pub struct EndpointState {
+    /// The endpoint's address.
+    pub addr: SocketAddr,
+    in_flight: AtomicU32,
+    /// Peak-EWMA RTT estimate, in nanoseconds (f64 bits).
+    rtt_ns: AtomicU64,
+    /// When `rtt_ns` was last updated, in ns since [`epoch`].
+    stamp_ns: AtomicU64,
+    /// Open upstream connections (for `/endpoints`).
+    connections: Arc<AtomicU32>,
+    h1_idle: ArrayQueue<H1Sender>,
+    h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+/// The instant all stamps count from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(now: Instant) -> u64 {
+    now.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
+/// Decrements an endpoint's in-flight count when dropped.
+pub struct InFlight(Arc<EndpointState>);
+
+impl InFlight {
+    /// The endpoint counted.
+    pub fn state(&self) -> &Arc<EndpointState> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl EndpointState {
+    /// Fresh state for an address never seen before.
+    pub fn new(addr: SocketAddr) -> EndpointState {
+        EndpointState {
+            addr,
+            in_flight: AtomicU32::new(0),
+            rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
+            connections: Arc::new(AtomicU32::new(0)),
+            h1_idle: ArrayQueue::new(MAX_IDLE_H1),
+            h2: ArcSwapOption::empty(),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Counts a request in flight until the returned guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Open upstream connections now.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Load for `least_request`.
+    pub fn in_flight_cost(&self) -> f64 {
+        f64::from(self.in_flight() + 1)
+    }
+
+    /// The RTT estimate, decayed to `now`, in nanoseconds.
+    pub fn rtt_estimate(&self, now: Instant) -> f64 {
+        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let stamp = self.stamp_ns.load(Ordering::Relaxed);
+        let elapsed = nanos_since_epoch(now).saturating_sub(stamp) as f64;
+        rtt * (-elapsed / DECAY.as_nanos() as f64).exp()
+    }
+
+    /// Load for `p2c_ewma`: RTT estimate x (in-flight + 1).
+    pub fn ewma_cost(&self, now: Instant) -> f64 {
+        self.rtt_estimate(now) * self.in_flight_cost()
+    }
+
+    /// Feeds one measured RTT: a peak is taken at once, a lower value
+    /// blends in with weight growing with the time since the last update.
+    /// Racing updates may lose one sample; the estimate stays sound.
+    pub fn observe_rtt(&self, now: Instant, rtt: Duration) {
+        let sample = rtt.as_nanos() as f64;
+        let now_ns = nanos_since_epoch(now);
+        let old = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let stamp = self.stamp_ns.swap(now_ns, Ordering::Relaxed);
+        let next = if sample > old {
+            sample
+        } else {
+            let elapsed = now_ns.saturating_sub(stamp) as f64;
+            let decay = (-elapsed / DECAY.as_nanos() as f64).exp();
+            old * decay + sample * (1.0 - decay)
+        };
+        self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Sends over HTTP/1.1: an idle pooled connection if one is ready, else
+    /// a new one. Returns the sender to pool once the response body ends.
+    pub async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+        connect_timeout: Duration,
+    ) -> Result<(Response<Incoming>, H1Sender), ErrorKind> {
+        loop {
+            let mut sender = match self.h1_idle.pop() {
+                Some(s) if !s.is_closed() => s,
+                Some(_) => continue,
+                None => self.connect_h1(connect_timeout).await?,
+            };
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    // Never written: the pooled connection had closed
+                    // under us, so try again on another.
+                    Some(r) => req = r,
+                    None => return Err(classify(e.error())),
+                },
+            }
+        }
+    }
+
+    /// Puts an HTTP/1.1 connection back once its response is complete.
+    pub fn release_h1(&self, sender: H1Sender) {
+        if !sender.is_closed() {
+            // A full pool drops the connection, which closes it.
+            let _ = self.h1_idle.push(sender);
+        }
+    }
+
+    /// Sends over the endpoint's shared HTTP/2 connection, opening it first
+    /// if there is none (one opener at a time; the others wait for it).
+    pub async fn send_h2(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, ErrorKind> {
+        let mut sender = match self.live_h2() {
+            Some(s) => s,
+            None => {
+                let _guard = self.h2_connecting.lock().await;
+                match self.live_h2() {
+                    Some(s) => s,
+                    None => {
+                        let s = self.connect_h2(connect_timeout).await?;
+                        self.h2.store(Some(Arc::new(s.clone())));
+                        s
+                    }
+                }
+            }
+        };
+        if sender.ready().await.is_err() {
+            self.h2.store(None);
+            return Err(ErrorKind::Reset);
+        }
+        sender.send_request(req).await.map_err(|e| classify(&e))
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let guard = self.h2.load();
+        match guard.as_deref() {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    async fn connect(&self, connect_timeout: Duration) -> Result<TokioIo<TcpStream>, ErrorKind> {
+        let stream =
+            match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(endpoint = %self.addr, error = %e, "connect failed");
+                    return Err(ErrorKind::Connect);
+                }
+                Err(_) => return Err(ErrorKind::ConnectTimeout),
+            };
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    /// Opens an HTTP/1.1 connection (upgrades allowed: WebSocket).
+    pub async fn connect_h1(&self, connect_timeout: Duration) -> Result<H1Sender, ErrorKind> {
+        let io = self.connect(connect_timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| classify(&e))?;
+        let addr = self.addr;
+        let open = ConnCount::new(&self.connections);
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
+            }
+            drop(open);
+        });
+        Ok(sender)
+    }
+
+    async fn connect_h2(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<RequestBody>, ErrorKind> {
+        let io = self.connect(connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(io)
+            .await
+            .map_err(|e| classify(&e))?;
+        let addr = self.addr;
+        let open = ConnCount::new(&self.connections);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %addr, error = %e, "upstream h2 connection ended");
+            }
+            drop(open);
+        });
+        Ok(sender)
+    }
+}
+
+/// Counts an open connection for as long as it lives.
+struct ConnCount(Arc<AtomicU32>);
+
+impl ConnCount {
+    fn new(count: &Arc<AtomicU32>) -> ConnCount {
+        count.fetch_add(1, Ordering::Relaxed);
+        ConnCount(count.clone())
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A hyper error on an established connection: it broke before a response.
+fn classify(e: &hyper::Error) -> ErrorKind {
+    if e.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Reset
+    }
+}

@@ -1,0 +1,186 @@
+//! `almond demo`: demo services in two versions, a proxy in front of them,
+//! a steady trickle of traffic, and a live one-line-per-second summary.
+
+use almond_config::ProxyConfig;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+/// Per-subset tallies for the current second (the demo's own client side).
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    failed: u64,
+    latencies_us: Vec<u64>,
+}
+
+/// Runs the demo for `duration`, or until Ctrl-C.
+pub async fn run(duration: Option<Duration>, rate: u32) -> anyhow::Result<()> {
+    // Two versions of a service: v1 on two instances, v2 (the canary) on one.
+    let mut endpoints = Vec::new();
+    for (subset, delay_ms) in [("v1", 2), ("v1", 3), ("v2", 4)] {
+        let addr = backend(subset, delay_ms).await?;
+        endpoints.push(format!("      - {{ addr: {addr}, subset: {subset} }}"));
+    }
+    let listen = free_or_any("127.0.0.1:4140").await;
+    let admin = free_or_any("127.0.0.1:4191").await;
+    let yaml = format!(
+        "admin: {admin}\nlisteners:\n  - bind: {listen}\nservices:\n  demo:\n    lb: p2c_ewma\n    endpoints:\n{}\n    split: {{ v1: 90, v2: 10 }}\n",
+        endpoints.join("\n")
+    );
+    let config: ProxyConfig = almond_config::load_proxy(&yaml, "demo config")?;
+    let bound = almond_proxy::Bound::bind(&config)?;
+    let proxy_addr = bound.listener_addrs().first().copied().unwrap_or(listen);
+    let admin_addr = bound.admin_addr().unwrap_or(admin);
+    let proxy = almond_proxy::Proxy::new(config)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let proxy_task = tokio::spawn(proxy.run(bound, async {
+        let _ = stop_rx.await;
+    }));
+
+    println!("almond demo: service `demo`, v1 on 2 endpoints, v2 (canary) on 1, split v1=90 v2=10");
+    println!("  proxy:   curl -H 'Host: demo' http://{proxy_addr}/");
+    println!("  metrics: curl http://{admin_addr}/metrics");
+    println!("  Ctrl-C to stop\n");
+
+    let tallies: Arc<Mutex<BTreeMap<String, Tally>>> = Arc::default();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let traffic = {
+        let tallies = tallies.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+            loop {
+                tick.tick().await;
+                let client = client.clone();
+                let tallies = tallies.clone();
+                tokio::spawn(async move { one_request(&client, proxy_addr, &tallies).await });
+            }
+        })
+    };
+
+    let started = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = every.tick() => print_summary(started.elapsed(), &tallies),
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        if duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+    }
+    traffic.abort();
+    let _ = stop_tx.send(());
+    let _ = proxy_task.await;
+    println!("demo stopped");
+    Ok(())
+}
+
+async fn one_request(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    proxy: SocketAddr,
+    tallies: &Mutex<BTreeMap<String, Tally>>,
+) {
+    let req = Request::get(format!("http://{proxy}/"))
+        .header("host", "demo")
+        .body(Full::new(Bytes::new()));
+    let Ok(req) = req else { return };
+    let start = Instant::now();
+    let result = client.request(req).await;
+    let (subset, ok) = match result {
+        Ok(resp) => {
+            let subset = resp
+                .headers()
+                .get("x-demo-subset")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_owned();
+            let ok = resp.status().is_success();
+            let _ = resp.into_body().collect().await;
+            (subset, ok)
+        }
+        Err(_) => ("?".to_owned(), false),
+    };
+    let us = start.elapsed().as_micros() as u64;
+    if let Ok(mut t) = tallies.lock() {
+        let t = t.entry(subset).or_default();
+        if ok {
+            t.ok += 1;
+        } else {
+            t.failed += 1;
+        }
+        t.latencies_us.push(us);
+    }
+}
+
+fn print_summary(elapsed: Duration, tallies: &Mutex<BTreeMap<String, Tally>>) {
+    let taken = match tallies.lock() {
+        Ok(mut t) => std::mem::take(&mut *t),
+        Err(_) => return,
+    };
+    let mut line = format!("t={:>3}s", elapsed.as_secs());
+    for (subset, mut t) in taken {
+        let total = t.ok + t.failed;
+        t.latencies_us.sort_unstable();
+        let p99 = t
+            .latencies_us
+            .get((t.latencies_us.len() * 99 / 100).min(t.latencies_us.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0);
+        let success = if total > 0 {
+            100.0 * t.ok as f64 / total as f64
+        } else {
+            0.0
+        };
+        line.push_str(&format!(
+            "  | {subset}: {total:>4} rps  {success:>5.1}% ok  p99 {:>6.2} ms",
+            p99 as f64 / 1000.0
+        ));
+    }
+    println!("{line}");
+}
+
+/// A demo service instance that says which version it is.
+async fn backend(subset: &'static str, delay_ms: u64) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<hyper::body::Incoming>| async move {
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    let body = format!("hello from demo {subset} at {addr}\n");
+                    Response::builder()
+                        .header("x-demo-subset", subset)
+                        .body(Full::new(Bytes::from(body)))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// `preferred` if it is free, else any free port on 127.0.0.1.
+async fn free_or_any(preferred: &str) -> SocketAddr {
+    let fallback = SocketAddr::from(([127, 0, 0, 1], 0));
+    match TcpListener::bind(preferred).await {
+        Ok(l) => l.local_addr().unwrap_or(fallback),
+        Err(_) => fallback,
+    }
+}

@@ -1,0 +1,164 @@
+//! The `almond` command: parse the command line, then call into the crates.
+
+mod demo;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "almond",
+    version,
+    about = "A sidecar proxy and small service-mesh control plane"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "ALMOND_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar data plane.
+    Proxy {
+        /// Proxy config file (YAML or JSON).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0, or 1 naming every problem.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Everything on one machine: demo services in two versions, a proxy,
+    /// traffic, and a live summary.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Requests per second the demo client sends.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Proxy { config } => run_proxy(&config),
+        Command::CheckConfig { file } => return check_config(&file),
+        Command::Demo { duration, rate } => runtime(None).and_then(|rt| {
+            rt.block_on(demo::run(
+                duration.map(std::time::Duration::from_secs),
+                rate,
+            ))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("almond: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr; the level comes from `ALMOND_LOG` (or `RUST_LOG`),
+/// e.g. `ALMOND_LOG=debug` or `ALMOND_LOG=almond_proxy=debug`.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ALMOND_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// A runtime with `workers` threads (default: the CPUs this process may
+/// use); one worker gets the leaner current-thread scheduler.
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+fn run_proxy(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = almond_config::load_proxy_file(path)?;
+    let rt = runtime(config.workers)?;
+    rt.block_on(async move {
+        let bound = almond_proxy::Bound::bind(&config)?;
+        for (l, addr) in config.listeners.iter().zip(bound.listener_addrs()) {
+            tracing::info!(%addr, service = l.service.as_deref().unwrap_or("(by host)"), "listening");
+        }
+        if let Some(admin) = bound.admin_addr() {
+            tracing::info!(%admin, "admin listening");
+        }
+        let proxy = almond_proxy::Proxy::new(config)?;
+        proxy.run(bound, shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match almond_config::load_proxy_file(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            eprintln!("{problems}");
+            ExitCode::FAILURE
+        }
+    }
+}
