@@ -14,6 +14,6 @@ mod proxy;
 pub use load::{load_proxy, load_proxy_file, validate_proxy};
 pub use problem::{Problem, Problems};
 pub use proxy::{
-    CircuitBreaker, Direction, Endpoint, Lb, Limits, Listener, Protocol, ProxyConfig, Retries,
-    RetryOn, Service, Timeouts, DEFAULT_SUBSET,
+    CircuitBreaker, Condition, Direction, Endpoint, Lb, Limits, Listener, Protocol, ProxyConfig,
+    Retries, Service, Timeouts, DEFAULT_SUBSET,
 };

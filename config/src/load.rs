@@ -113,13 +113,15 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
     }
     let mut binds = HashSet::new();
     for (i, l) in config.listeners.iter().enumerate() {
-        if !binds.insert(l.bind) {
+        // Port 0 asks the OS for a free port each time: never a clash.
+        let any_port = l.bind.port() == 0;
+        if !any_port && !binds.insert(l.bind) {
             add(
                 format!("listeners[{i}].bind"),
                 format!("{} is bound by another listener", l.bind),
             );
         }
-        if l.bind == config.admin {
+        if !any_port && l.bind == config.admin {
             add(
                 format!("listeners[{i}].bind"),
                 format!("{} is the admin address", l.bind),
@@ -243,6 +245,39 @@ fn check_service(svc: &Service) -> Vec<(String, String)> {
             ".circuit_breaker.consecutive_failures".into(),
             "must be 1 or more".into(),
         ));
+    }
+    if cb.panic_threshold > 100 {
+        out.push((
+            ".circuit_breaker.panic_threshold".into(),
+            "must be between 0 and 100".into(),
+        ));
+    }
+    if cb.max_pending == 0 {
+        out.push((
+            ".circuit_breaker.max_pending".into(),
+            "must be 1 or more".into(),
+        ));
+    }
+    if cb.base_ejection.is_zero() {
+        out.push((
+            ".circuit_breaker.base_ejection".into(),
+            "must be more than 0".into(),
+        ));
+    }
+    if cb.max_ejection < cb.base_ejection {
+        out.push((
+            ".circuit_breaker.max_ejection".into(),
+            "must be at least base_ejection".into(),
+        ));
+    }
+    if svc.retries.per_try_timeout.is_some_and(|t| t.is_zero()) {
+        out.push((
+            ".retries.per_try_timeout".into(),
+            "must be more than 0".into(),
+        ));
+    }
+    if svc.retries.attempts > 10 {
+        out.push((".retries.attempts".into(), "must be 10 or less".into()));
     }
     if svc.retries.budget_percent > 100 {
         out.push((

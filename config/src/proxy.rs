@@ -234,10 +234,21 @@ pub struct CircuitBreaker {
     /// Most of a subset that may be ejected at once.
     #[serde(default = "default_max_ejection_percent")]
     pub max_ejection_percent: u32,
+    /// Longest an ejection may last, however often an endpoint fails.
+    #[serde(default = "default_max_ejection", with = "crate::duration")]
+    pub max_ejection: Duration,
+    /// Outcomes that count as failures toward ejection.
+    #[serde(default = "default_failure_on")]
+    pub failure_on: Vec<Condition>,
+    /// Below this percent of a pool's endpoints available, balance over
+    /// all of them, ejected or not (Envoy's panic threshold).
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: u32,
     /// Requests in flight per service; more get an immediate 503.
     #[serde(default = "default_max_requests")]
     pub max_requests: u32,
-    /// Requests waiting for an upstream connection per service.
+    /// Requests waiting for a new upstream connection per service; more get
+    /// an immediate 503.
     #[serde(default = "default_max_pending")]
     pub max_pending: u32,
 }
@@ -248,6 +259,9 @@ impl Default for CircuitBreaker {
             consecutive_failures: default_consecutive_failures(),
             base_ejection: default_base_ejection(),
             max_ejection_percent: default_max_ejection_percent(),
+            max_ejection: default_max_ejection(),
+            failure_on: default_failure_on(),
+            panic_threshold: default_panic_threshold(),
             max_requests: default_max_requests(),
             max_pending: default_max_pending(),
         }
@@ -260,6 +274,20 @@ fn default_base_ejection() -> Duration {
     Duration::from_secs(10)
 }
 fn default_max_ejection_percent() -> u32 {
+    50
+}
+fn default_max_ejection() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_failure_on() -> Vec<Condition> {
+    vec![
+        Condition::Connect,
+        Condition::Timeout,
+        Condition::Reset,
+        Condition::ServerError,
+    ]
+}
+fn default_panic_threshold() -> u32 {
     50
 }
 fn default_max_requests() -> u32 {
@@ -279,9 +307,24 @@ pub struct Retries {
     /// Retries at most this percent of requests.
     #[serde(default = "default_budget_percent")]
     pub budget_percent: u32,
-    /// Which outcomes are retried.
+    /// Which outcomes are retried. `connect` is retried for any method
+    /// (nothing was sent); the others only for idempotent methods.
     #[serde(default = "default_retry_on")]
-    pub on: Vec<RetryOn>,
+    pub on: Vec<Condition>,
+    /// Time allowed to each try (default: what is left of the request's).
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    /// Request bodies up to this size are kept for replay; larger ones are
+    /// streamed and never retried.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Retries always allowed per second, on top of `budget_percent`.
+    #[serde(default = "default_min_per_second")]
+    pub min_per_second: u32,
 }
 
 impl Default for Retries {
@@ -290,6 +333,9 @@ impl Default for Retries {
             attempts: default_attempts(),
             budget_percent: default_budget_percent(),
             on: default_retry_on(),
+            per_try_timeout: None,
+            max_body_bytes: default_max_body_bytes(),
+            min_per_second: default_min_per_second(),
         }
     }
 }
@@ -299,45 +345,67 @@ fn default_attempts() -> u32 {
 fn default_budget_percent() -> u32 {
     20
 }
-fn default_retry_on() -> Vec<RetryOn> {
-    vec![RetryOn::Connect, RetryOn::Reset, RetryOn::Status(503)]
+fn default_retry_on() -> Vec<Condition> {
+    vec![Condition::Connect, Condition::Reset, Condition::Status(503)]
+}
+fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+fn default_min_per_second() -> u32 {
+    10
 }
 
-/// A retryable outcome: `connect`, `reset`, `timeout`, or a status code.
+/// An outcome named in `retries.on` or `circuit_breaker.failure_on`:
+/// `connect`, `reset`, `timeout`, `5xx`, or one 5xx status like `"503"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetryOn {
+pub enum Condition {
     /// The connection could not be made (the request was never sent).
     Connect,
     /// The connection was reset before a response.
     Reset,
     /// The try timed out.
     Timeout,
-    /// The upstream answered with this status.
+    /// Any 5xx status.
+    ServerError,
+    /// This one status.
     Status(u16),
 }
 
-impl Serialize for RetryOn {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl Condition {
+    /// Does a response status match?
+    pub fn matches_status(self, status: u16) -> bool {
         match self {
-            RetryOn::Connect => s.serialize_str("connect"),
-            RetryOn::Reset => s.serialize_str("reset"),
-            RetryOn::Timeout => s.serialize_str("timeout"),
-            RetryOn::Status(code) => s.serialize_str(&code.to_string()),
+            Condition::ServerError => (500..=599).contains(&status),
+            Condition::Status(code) => code == status,
+            _ => false,
         }
     }
 }
 
-impl<'de> Deserialize<'de> for RetryOn {
+impl Serialize for Condition {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Condition::Connect => s.serialize_str("connect"),
+            Condition::Reset => s.serialize_str("reset"),
+            Condition::Timeout => s.serialize_str("timeout"),
+            Condition::ServerError => s.serialize_str("5xx"),
+            Condition::Status(code) => s.serialize_str(&code.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Condition {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         match text.as_str() {
-            "connect" => Ok(RetryOn::Connect),
-            "reset" => Ok(RetryOn::Reset),
-            "timeout" => Ok(RetryOn::Timeout),
+            "connect" => Ok(Condition::Connect),
+            "reset" => Ok(Condition::Reset),
+            "timeout" => Ok(Condition::Timeout),
+            "5xx" => Ok(Condition::ServerError),
             other => match other.parse::<u16>() {
-                Ok(code) if (500..=599).contains(&code) => Ok(RetryOn::Status(code)),
+                Ok(code) if (500..=599).contains(&code) => Ok(Condition::Status(code)),
                 _ => Err(serde::de::Error::custom(format!(
-                    "invalid retry condition {other:?}; expected connect, reset, timeout or a 5xx status"
+                    "invalid condition {other:?}; expected connect, reset, timeout, 5xx or a 5xx status like \"503\""
                 ))),
             },
         }

@@ -93,7 +93,7 @@ fn endpoints(shared: &Shared) -> serde_json::Value {
                         json!({
                             "addr": m.state.addr.to_string(),
                             "weight": m.weight,
-                            "state": "healthy",
+                            "state": if m.state.health.is_out() { "ejected" } else { "healthy" },
                             "in_flight": m.state.in_flight(),
                             "connections": m.state.connections(),
                             "rtt_ewma_ms": m.state.rtt_estimate(now) / 1e6,

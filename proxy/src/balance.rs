@@ -2,8 +2,10 @@
 //!
 //! `p2c_ewma` (power of two choices over peak-EWMA latency x in-flight, as
 //! in Finagle, tower and Linkerd), `least_request` (P2C over in-flight) and
-//! `round_robin` (a weighted schedule); all honour endpoint weights.
+//! `round_robin` (a weighted schedule); all honour endpoint weights and
+//! skip ejected endpoints (see `eject`), down to the panic threshold.
 
+use crate::eject::Availability;
 use crate::upstream::EndpointState;
 use almond_config::Lb;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +37,10 @@ pub struct Pool {
     /// Round robin: member indices interleaved by weight.
     schedule: Vec<u32>,
     cursor: AtomicUsize,
+    /// Percent of members that must be available, else ignore health.
+    panic_threshold: u32,
+    /// Time a probe of an ejected endpoint has before another is sent.
+    probe_grace: std::time::Duration,
 }
 
 impl Pool {
@@ -64,7 +70,16 @@ impl Pool {
             lb,
             cumulative,
             schedule,
+            panic_threshold: 50,
+            probe_grace: std::time::Duration::from_secs(10),
         }
+    }
+
+    /// Sets the panic threshold (percent) and the probe grace time.
+    pub fn with_health(mut self, panic_threshold: u32, probe_grace: std::time::Duration) -> Pool {
+        self.panic_threshold = panic_threshold;
+        self.probe_grace = probe_grace;
+        self
     }
 
     /// The subset index failures of this pool count under when it has
@@ -83,32 +98,134 @@ impl Pool {
         &self.members
     }
 
-    /// Picks an endpoint for one request.
-    pub fn pick(&self, now: Instant) -> Option<&Member> {
-        match self.members.len() {
-            0 => None,
-            1 => self.members.first(),
-            n => match self.lb {
-                Lb::RoundRobin => {
-                    let slot = self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
-                    self.members.get(self.schedule[slot] as usize)
-                }
-                Lb::LeastRequest => Some(self.p2c(n, |m| m.state.in_flight_cost())),
-                Lb::P2cEwma => Some(self.p2c(n, |m| m.state.ewma_cost(now))),
-            },
+    /// Picks an endpoint for one request, skipping ejected endpoints and
+    /// `exclude` (the endpoint a retry failed on) when there is another.
+    /// Below the panic threshold of available endpoints, it balances over
+    /// all of them, ejected or not.
+    pub fn pick(&self, now: Instant, exclude: Option<&EndpointState>) -> Option<&Member> {
+        let now_ns = crate::upstream::nanos_since_epoch(now);
+        let n = self.members.len();
+        let first = match n {
+            0 => return None,
+            1 => return self.members.first(),
+            _ => self.pick_among_all(n, now),
+        };
+        if self.usable(first, now_ns, exclude) {
+            return Some(first);
+        }
+        self.pick_slow(first, now, now_ns, exclude)
+    }
+
+    /// The algorithm over every member, health not considered.
+    fn pick_among_all(&self, n: usize, now: Instant) -> &Member {
+        match self.lb {
+            Lb::RoundRobin => {
+                let slot = self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
+                &self.members[self.schedule[slot] as usize]
+            }
+            Lb::LeastRequest | Lb::P2cEwma => {
+                let (a, b) = self.two_distinct(n);
+                self.cheaper(a, b, now)
+            }
         }
     }
 
-    /// Power of two choices: two distinct members drawn by weight, the one
-    /// with the lower cost per unit of weight wins.
-    fn p2c(&self, n: usize, cost: impl Fn(&Member) -> f64) -> &Member {
-        let (a, b) = self.two_distinct(n);
+    /// Power of two choices: of two members, the one with the lower cost
+    /// per unit of weight.
+    fn cheaper(&self, a: usize, b: usize, now: Instant) -> &Member {
         let (ma, mb) = (&self.members[a], &self.members[b]);
+        let cost = |m: &Member| match self.lb {
+            Lb::P2cEwma => m.state.ewma_cost(now),
+            _ => m.state.in_flight_cost(),
+        };
         // Compare cost_a / w_a with cost_b / w_b without dividing.
         if cost(ma) * f64::from(mb.weight) <= cost(mb) * f64::from(ma.weight) {
             ma
         } else {
             mb
+        }
+    }
+
+    /// Is `m` fine to send to now? Claims the probe of an endpoint whose
+    /// ejection is up.
+    fn usable(&self, m: &Member, now_ns: u64, exclude: Option<&EndpointState>) -> bool {
+        if exclude.is_some_and(|e| std::ptr::eq(e, &*m.state)) {
+            return false;
+        }
+        match m.state.health.availability(now_ns) {
+            Availability::Available => true,
+            Availability::Ejected => false,
+            Availability::ProbeDue => m.state.health.claim_probe(now_ns, self.probe_grace),
+        }
+    }
+
+    /// Some member is ejected or excluded: choose among the others.
+    fn pick_slow<'a>(
+        &'a self,
+        first: &'a Member,
+        now: Instant,
+        now_ns: u64,
+        exclude: Option<&EndpointState>,
+    ) -> Option<&'a Member> {
+        let mut usable = Vec::with_capacity(self.members.len());
+        let mut ejected = 0;
+        for (i, m) in self.members.iter().enumerate() {
+            if self.usable(m, now_ns, exclude) {
+                // A usable member still marked out is a probe claimed for
+                // this very request: send it there.
+                if m.state.health.is_out() {
+                    return Some(m);
+                }
+                usable.push(i);
+            } else if m.state.health.is_out() {
+                ejected += 1;
+            }
+        }
+        let n = self.members.len();
+        if (n - ejected) * 100 < self.panic_threshold as usize * n {
+            // Panic: too few left to carry the load; ignore health. The
+            // algorithm's first choice stands unless a retry excludes it.
+            if !exclude.is_some_and(|e| std::ptr::eq(e, &*first.state)) {
+                return Some(first);
+            }
+            let others: Vec<usize> = (0..n)
+                .filter(|&i| !exclude.is_some_and(|e| std::ptr::eq(e, &*self.members[i].state)))
+                .collect();
+            return self
+                .pick_from(&others, now)
+                .or_else(|| self.members.first());
+        }
+        if usable.is_empty() {
+            // Only the excluded endpoint is left: retry it rather than fail.
+            return self
+                .members
+                .iter()
+                .find(|m| exclude.is_some_and(|e| std::ptr::eq(e, &*m.state)));
+        }
+        self.pick_from(&usable, now)
+    }
+
+    /// The algorithm restricted to the members at `indices`.
+    fn pick_from(&self, indices: &[usize], now: Instant) -> Option<&Member> {
+        match indices.len() {
+            0 => None,
+            1 => self.members.get(indices[0]),
+            k => match self.lb {
+                Lb::RoundRobin => {
+                    // Walk the schedule from the cursor to the next allowed.
+                    let len = self.schedule.len();
+                    let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                    (0..len)
+                        .map(|i| self.schedule[(start + i) % len] as usize)
+                        .find(|i| indices.contains(i))
+                        .and_then(|i| self.members.get(i))
+                }
+                _ => {
+                    let a = fastrand::usize(..k);
+                    let b = (a + 1 + fastrand::usize(..k - 1)) % k;
+                    Some(self.cheaper(indices[a], indices[b], now))
+                }
+            },
         }
     }
 
@@ -194,7 +311,7 @@ mod tests {
         let now = Instant::now();
         let mut out = HashMap::new();
         for _ in 0..n {
-            let m = pool.pick(now).expect("non-empty pool");
+            let m = pool.pick(now, None).expect("non-empty pool");
             *out.entry(m.state.addr.port()).or_default() += 1;
         }
         out
@@ -251,5 +368,82 @@ mod tests {
         let _busy = p.members[0].state.start();
         let c = counts(&p, 100);
         assert_eq!(c.get(&1001), Some(&100));
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+    use crate::eject::Outlier;
+    use almond_config::CircuitBreaker;
+    use std::time::Duration;
+
+    fn pool(n: u16, lb: Lb) -> Pool {
+        let members = (0..n)
+            .map(|i| Member {
+                state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
+                    [127, 0, 0, 1],
+                    3000 + i,
+                )))),
+                weight: 1,
+                subset: 0,
+            })
+            .collect();
+        Pool::new(members, lb, 0)
+    }
+
+    fn eject(p: &Pool, i: usize, now: Instant) {
+        let cb = CircuitBreaker {
+            consecutive_failures: 1,
+            max_ejection_percent: 100,
+            ..CircuitBreaker::default()
+        };
+        let outlier = Outlier::new(&cb, Duration::from_secs(1));
+        let metrics = crate::eject::EjectionMetrics {
+            ejections: prometheus::IntCounter::new("e", "e").unwrap(),
+            healthy: prometheus::IntGauge::new("h", "h").unwrap(),
+            ejected: prometheus::IntGauge::new("x", "x").unwrap(),
+        };
+        outlier.record(&p.members[i].state, true, now, p, &metrics, "s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_balancer_skips_ejected_endpoints() {
+        for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
+            let p = pool(4, lb);
+            let now = Instant::now();
+            eject(&p, 2, now);
+            for _ in 0..500 {
+                let m = p.pick(now, None).unwrap();
+                assert_ne!(m.state.addr.port(), 3002, "{lb:?}");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn panic_threshold_balances_over_all() {
+        // 3 of 4 ejected: 25 % available < 50 %: use all four.
+        let p = pool(4, Lb::RoundRobin);
+        let now = Instant::now();
+        for i in 0..3 {
+            eject(&p, i, now);
+        }
+        let hit: std::collections::HashSet<u16> = (0..100)
+            .map(|_| p.pick(now, None).unwrap().state.addr.port())
+            .collect();
+        assert_eq!(hit.len(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_avoid_the_failed_endpoint() {
+        for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
+            let p = pool(3, lb);
+            let now = Instant::now();
+            let failed = p.members[1].state.clone();
+            for _ in 0..300 {
+                let m = p.pick(now, Some(&failed)).unwrap();
+                assert_ne!(m.state.addr.port(), 3001, "{lb:?}");
+            }
+        }
     }
 }

@@ -10,8 +10,44 @@ use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-/// What the proxy sends upstream: the client's body as it arrives.
-pub type RequestBody = Incoming;
+/// What the proxy sends upstream: the client's body as it arrives, or a
+/// copy kept for replay (retries).
+pub enum RequestBody {
+    /// Streamed from the client; cannot be sent twice.
+    Stream(Incoming),
+    /// Held whole (small bodies, when retries are on); `None` once sent.
+    Replay(Option<Bytes>),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Stream(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Replay(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Stream(body) => body.is_end_stream(),
+            RequestBody::Replay(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Stream(body) => body.size_hint(),
+            RequestBody::Replay(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            RequestBody::Replay(None) => SizeHint::with_exact(0),
+        }
+    }
+}
 
 /// What the proxy sends downstream.
 pub struct ResponseBody {

@@ -3,17 +3,21 @@
 //! A request is accepted in [`listen`], served and walked through its
 //! stages in [`serve`]: [`route`] (service), [`split`] (subset), [`admit`]
 //! (concurrency), [`balance`] (endpoint), [`send`] over [`upstream`]
-//! connections, classified in [`outcome`] and counted in [`metrics`].
+//! connections, classified in [`outcome`], fed to [`eject`] (failure
+//! accrual) and [`retry`] (safe retries in a budget), and counted in
+//! [`metrics`].
 //! [`admin`] serves the proxy's own endpoints.
 
 pub mod admin;
 pub mod admit;
 pub mod balance;
 pub mod body;
+pub mod eject;
 pub mod headers;
 pub mod listen;
 pub mod metrics;
 pub mod outcome;
+pub mod retry;
 pub mod route;
 pub mod send;
 pub mod serve;

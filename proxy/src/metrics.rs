@@ -4,6 +4,7 @@
 //! service, subset) handles when it is built, so the request path only
 //! increments atomics (see [`SubsetMetrics`]).
 
+use crate::eject::EjectionMetrics;
 use crate::outcome::{CodeClass, ErrorKind};
 use almond_config::Direction;
 use prometheus::{
@@ -25,6 +26,8 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     upstream_errors: IntCounterVec,
     endpoints: IntGaugeVec,
+    ejections: IntCounterVec,
+    retries: IntCounterVec,
     split_weight: IntGaugeVec,
     /// Requests that named no known service (no `service` label: its value
     /// would come from the request).
@@ -92,6 +95,17 @@ impl Metrics {
             Opts::new("almond_endpoints", "Endpoints known, by state."),
             &["service", "subset", "state"],
         )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "almond_endpoint_ejections_total",
+                "Endpoints taken out of balancing by failure accrual.",
+            ),
+            &["service", "subset"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new("almond_retries_total", "Retries sent (not first tries)."),
+            &["service"],
+        )?;
         let split_weight = IntGaugeVec::new(
             Opts::new(
                 "almond_split_weight",
@@ -113,6 +127,8 @@ impl Metrics {
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(endpoints.clone()))?;
+        registry.register(Box::new(ejections.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(split_weight.clone()))?;
         registry.register(Box::new(unroutable.clone()))?;
         registry.register(Box::new(config_index.clone()))?;
@@ -128,6 +144,8 @@ impl Metrics {
             in_flight,
             upstream_errors,
             endpoints,
+            ejections,
+            retries,
             split_weight,
             unroutable,
             config_index,
@@ -167,15 +185,22 @@ impl Metrics {
             .with_label_values(&[direction.as_str(), service])
     }
 
-    /// Sets the endpoint-count gauges of a subset.
-    pub fn set_endpoints(&self, service: &str, subset: &str, healthy: usize, ejected: usize) {
-        let set = |state: &str, n: usize| {
-            self.endpoints
-                .with_label_values(&[service, subset, state])
-                .set(n as i64)
-        };
-        set("healthy", healthy);
-        set("ejected", ejected);
+    /// The ejection counter and endpoint-state gauges of a subset.
+    pub fn ejection(&self, service: &str, subset: &str) -> EjectionMetrics {
+        EjectionMetrics {
+            ejections: self.ejections.with_label_values(&[service, subset]),
+            healthy: self
+                .endpoints
+                .with_label_values(&[service, subset, "healthy"]),
+            ejected: self
+                .endpoints
+                .with_label_values(&[service, subset, "ejected"]),
+        }
+    }
+
+    /// The retry counter of a service.
+    pub fn retries(&self, service: &str) -> IntCounter {
+        self.retries.with_label_values(&[service])
     }
 
     /// Sets a subset's split weight gauge.

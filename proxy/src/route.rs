@@ -7,13 +7,15 @@
 
 use crate::admit::Admission;
 use crate::balance::{Member, Pool};
+use crate::eject::{EjectionMetrics, Outlier};
 use crate::metrics::{Metrics, SubsetMetrics};
 use crate::outcome::ErrorKind;
+use crate::retry::RetryPolicy;
 use crate::split::Split;
 use crate::upstream::EndpointState;
 use almond_config::{Direction, Lb, Protocol, ProxyConfig, Service};
 use http::Request;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,6 +59,14 @@ pub struct ServiceRoute {
     pub split: Option<Split>,
     /// Concurrency limit (`circuit_breaker.max_requests`).
     pub admission: Arc<Admission>,
+    /// Requests waiting for a new connection (`circuit_breaker.max_pending`).
+    pub pending: Arc<Admission>,
+    /// Failure accrual and ejection.
+    pub outlier: Outlier,
+    /// Retry policy and budget.
+    pub retry: RetryPolicy,
+    /// `almond_retries_total{service}`.
+    pub retries: IntCounter,
     /// In-flight gauges, by direction (outbound, inbound).
     pub in_flight: [IntGauge; 2],
 }
@@ -69,6 +79,8 @@ pub struct SubsetRoute {
     pub pool: Pool,
     /// Metric handles by direction (outbound, inbound).
     pub metrics: [SubsetMetrics; 2],
+    /// Ejection counter and endpoint-state gauges.
+    pub ejection: EjectionMetrics,
 }
 
 impl Table {
@@ -76,10 +88,10 @@ impl Table {
     /// `previous` for endpoints and services that stay.
     pub fn build(config: Arc<ProxyConfig>, metrics: &Metrics, previous: Option<&Table>) -> Table {
         let mut states: HashMap<SocketAddr, Arc<EndpointState>> = HashMap::new();
-        let mut admissions: HashMap<&str, Arc<Admission>> = HashMap::new();
+        let mut admissions: HashMap<&str, (Arc<Admission>, Arc<Admission>)> = HashMap::new();
         if let Some(prev) = previous {
             for svc in prev.services.values() {
-                admissions.insert(&svc.name, svc.admission.clone());
+                admissions.insert(&svc.name, (svc.admission.clone(), svc.pending.clone()));
                 for m in svc.all.members() {
                     states.insert(m.state.addr, m.state.clone());
                 }
@@ -164,8 +176,10 @@ impl ServiceRoute {
         svc: &Service,
         metrics: &Metrics,
         states: &mut HashMap<SocketAddr, Arc<EndpointState>>,
-        admission: Option<Arc<Admission>>,
+        admission: Option<(Arc<Admission>, Arc<Admission>)>,
     ) -> ServiceRoute {
+        let cb = &svc.circuit_breaker;
+        let health = |pool: Pool| pool.with_health(cb.panic_threshold, svc.timeouts.request);
         let mut subset_names: Vec<&str> = svc.endpoints.iter().map(|e| e.subset.as_str()).collect();
         subset_names.sort_unstable();
         subset_names.dedup();
@@ -194,7 +208,6 @@ impl ServiceRoute {
             .enumerate()
             .map(|(index, &subset)| {
                 let members = members_of(Some(subset), states);
-                metrics.set_endpoints(name, subset, members.len(), 0);
                 let weight = match &svc.split {
                     Some(split) => split.get(subset).copied().unwrap_or(0),
                     None => 0,
@@ -202,13 +215,17 @@ impl ServiceRoute {
                 if svc.split.is_some() {
                     metrics.set_split_weight(name, subset, weight);
                 }
+                let pool = health(Pool::new(members, svc.lb, index));
+                let ejection = metrics.ejection(name, subset);
+                ejection.update(&pool);
                 SubsetRoute {
                     name: Arc::from(subset),
-                    pool: Pool::new(members, svc.lb, index),
+                    pool,
                     metrics: [
                         metrics.subset(Direction::Outbound, name, subset),
                         metrics.subset(Direction::Inbound, name, subset),
                     ],
+                    ejection,
                 }
             })
             .collect();
@@ -216,14 +233,17 @@ impl ServiceRoute {
             .split
             .as_ref()
             .map(|weights| Split::new(weights, &subset_names));
-        let all = Pool::new(members_of(None, states), svc.lb, 0);
-        let limit = svc.circuit_breaker.max_requests;
-        let admission = match admission {
-            Some(a) => {
-                a.set_limit(limit);
-                a
+        let all = health(Pool::new(members_of(None, states), svc.lb, 0));
+        let (admission, pending) = match admission {
+            Some((a, p)) => {
+                a.set_limit(cb.max_requests);
+                p.set_limit(cb.max_pending);
+                (a, p)
             }
-            None => Arc::new(Admission::new(limit)),
+            None => (
+                Arc::new(Admission::new(cb.max_requests)),
+                Arc::new(Admission::new(cb.max_pending)),
+            ),
         };
         ServiceRoute {
             name: Arc::from(name),
@@ -234,6 +254,10 @@ impl ServiceRoute {
             all,
             split,
             admission,
+            pending,
+            outlier: Outlier::new(cb, svc.timeouts.request),
+            retry: RetryPolicy::new(&svc.retries),
+            retries: metrics.retries(name),
             in_flight: [
                 metrics.in_flight(Direction::Outbound, name),
                 metrics.in_flight(Direction::Inbound, name),

@@ -5,7 +5,7 @@ use crate::admit::Permit;
 use crate::body::RequestBody;
 use crate::outcome::ErrorKind;
 use crate::route::ServiceRoute;
-use crate::upstream::{EndpointState, H1Sender, InFlight};
+use crate::upstream::{EndpointState, H1Sender, InFlight, SendError};
 use almond_config::Protocol;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -20,13 +20,16 @@ pub async fn forward(
     endpoint: &Arc<EndpointState>,
     req: Request<RequestBody>,
     downstream_upgrade: Option<OnUpgrade>,
-) -> Result<(Response<Incoming>, Option<H1Sender>), ErrorKind> {
+) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
     if let Some(downstream) = downstream_upgrade {
-        let mut sender = endpoint.connect_h1(svc.connect_timeout).await?;
+        let mut sender = match endpoint.connect_h1(svc.connect_timeout).await {
+            Ok(sender) => sender,
+            Err(kind) => return Err(SendError::unsent(kind, req)),
+        };
         let mut resp = sender
             .send_request(req)
             .await
-            .map_err(|_| ErrorKind::Reset)?;
+            .map_err(|_| SendError::sent(ErrorKind::Reset))?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             tunnel(downstream, hyper::upgrade::on(&mut resp));
         }
@@ -34,10 +37,17 @@ pub async fn forward(
     }
     match svc.protocol {
         Protocol::Http1 => {
-            let (resp, sender) = endpoint.send_h1(req, svc.connect_timeout).await?;
+            let (resp, sender) = endpoint
+                .send_h1(req, svc.connect_timeout, &svc.pending)
+                .await?;
             Ok((resp, Some(sender)))
         }
-        Protocol::Http2 => Ok((endpoint.send_h2(req, svc.connect_timeout).await?, None)),
+        Protocol::Http2 => Ok((
+            endpoint
+                .send_h2(req, svc.connect_timeout, &svc.pending)
+                .await?,
+            None,
+        )),
     }
 }
 

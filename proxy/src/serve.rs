@@ -1,15 +1,21 @@
-//! Serve: one downstream connection (HTTP/1.1 or h2c prior knowledge on the
-//! same port), and the request path that every request walks.
+//! Serve: the request path that every downstream request walks.
 //!
 //! [`handle`] is the whole flow in one place:
-//! route -> split -> admit -> balance -> send -> classify and measure.
+//! route -> split -> admit -> balance -> send -> classify (eject, retry)
+//! -> measure. Connections are accepted in `listen`.
 
-use crate::body::ResponseBody;
+use crate::body::{RequestBody, ResponseBody};
 use crate::headers;
 use crate::outcome::{CodeClass, ErrorKind};
+use crate::retry::{idempotent, RetryPolicy};
 use crate::send::{self, Finish};
+use crate::upstream::EndpointState;
 use crate::Shared;
 use almond_config::Direction;
+use bytes::Bytes;
+use http::request::Parts;
+use http_body::Body;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use std::convert::Infallible;
@@ -57,46 +63,157 @@ pub async fn handle(
         metrics.record(CodeClass::Error, start.elapsed().as_secs_f64());
         return Ok(ErrorKind::Overloaded.response(&svc.name));
     };
+    svc.retry.deposit(start);
 
-    // Balance: one endpoint of the pool.
-    let Some(member) = pool.pick(start) else {
-        let metrics = &svc.subsets[pool.home()].metrics[direction];
-        metrics.upstream_error(ErrorKind::NoEndpoints);
-        metrics.record(CodeClass::Error, start.elapsed().as_secs_f64());
-        return Ok(ErrorKind::NoEndpoints.response(&svc.name));
-    };
-    let metrics = &svc.subsets[member.subset].metrics[direction];
-    let endpoint = member.state.clone();
-    let finish = Finish::new(svc.clone(), direction, endpoint.start(), permit);
-
-    // Send, within the request timeout.
+    // Ready the request for the upstream; keep a small body for replay.
     let upgrade = headers::is_upgrade(&req);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     headers::to_upstream(&mut req, svc.protocol, upgrade);
-    let sent = tokio::time::timeout(
-        svc.request_timeout,
-        send::forward(&svc, &endpoint, req, on_upgrade),
-    )
-    .await;
-
-    // Classify and measure.
-    let now = Instant::now();
-    let elapsed = now.saturating_duration_since(start);
-    let kind = match sent {
-        Ok(Ok((mut resp, h1))) => {
-            endpoint.observe_rtt(now, elapsed);
-            metrics.record(CodeClass::of(resp.status()), elapsed.as_secs_f64());
-            headers::from_upstream(&mut resp);
-            let finish = finish.with_h1(h1);
-            return Ok(resp.map(|body| ResponseBody::upstream(body, finish)));
-        }
-        Ok(Err(kind)) => kind,
-        Err(_elapsed) => ErrorKind::Timeout,
+    let deadline = start + svc.request_timeout;
+    let (mut next, replay) = match replayable(req, &svc.retry, upgrade, deadline).await {
+        Ok(prepared) => prepared,
+        Err(kind) => return Ok(kind.response(&svc.name)),
     };
-    // A failure counts as a slow answer, so P2C steers away from it.
-    endpoint.observe_rtt(now, elapsed.max(svc.connect_timeout));
-    metrics.upstream_error(kind);
-    metrics.record(CodeClass::Error, elapsed.as_secs_f64());
-    tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, reason = kind.reason(), "request failed");
-    Ok(kind.response(&svc.name))
+    let mut on_upgrade = on_upgrade;
+
+    let mut retries = 0;
+    let mut failed_on: Option<Arc<EndpointState>> = None;
+    loop {
+        // Balance: one endpoint of the pool (another one on a retry).
+        let Some(member) = pool.pick(Instant::now(), failed_on.as_deref()) else {
+            let metrics = &svc.subsets[pool.home()].metrics[direction];
+            metrics.upstream_error(ErrorKind::NoEndpoints);
+            metrics.record(CodeClass::Error, start.elapsed().as_secs_f64());
+            return Ok(ErrorKind::NoEndpoints.response(&svc.name));
+        };
+        let subset = &svc.subsets[member.subset];
+        let endpoint = member.state.clone();
+        let in_flight = endpoint.start();
+        let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+            // Unreachable: a retry is only allowed with a request in hand.
+            return Ok(ErrorKind::Reset.response(&svc.name));
+        };
+        let method = req.method().clone();
+
+        // Send, within the per-try and the request timeouts.
+        let try_start = Instant::now();
+        let budget = deadline.saturating_duration_since(try_start);
+        let limit = svc.retry.per_try_timeout.map_or(budget, |t| t.min(budget));
+        let sent = tokio::time::timeout(
+            limit,
+            send::forward(&svc, &endpoint, req, on_upgrade.take()),
+        )
+        .await;
+        let now = Instant::now();
+
+        // Classify: feed failure accrual, then respond or retry.
+        let (result, unsent, response) = match sent {
+            Ok(Ok((resp, h1))) => (Ok(resp.status().as_u16()), None, Some((resp, h1))),
+            Ok(Err(e)) => (Err(e.kind), e.unsent, None),
+            Err(_elapsed) => (Err(ErrorKind::Timeout), None, None),
+        };
+        let failed = svc.outlier.is_failure(result);
+        if failed {
+            // A failure counts as a slow answer, so P2C steers away from it.
+            endpoint.observe_rtt(
+                now,
+                now.saturating_duration_since(try_start)
+                    .max(svc.connect_timeout),
+            );
+        } else {
+            endpoint.observe_rtt(now, now.saturating_duration_since(try_start));
+        }
+        if result != Err(ErrorKind::Overloaded) {
+            svc.outlier.record(
+                &endpoint,
+                failed,
+                now,
+                &subset.pool,
+                &subset.ejection,
+                &svc.name,
+            );
+        }
+        let may_replay = unsent.is_some() || replay.is_some();
+        if now < deadline && svc.retry.allows(retries, &method, result, may_replay, now) {
+            retries += 1;
+            svc.retries.inc();
+            tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries, "retrying");
+            next = unsent;
+            failed_on = Some(endpoint);
+            drop(response);
+            let pause = RetryPolicy::backoff(retries).min(deadline.saturating_duration_since(now));
+            tokio::time::sleep(pause).await;
+            continue;
+        }
+
+        // Measure, and answer.
+        let metrics = &subset.metrics[direction];
+        let elapsed = now.saturating_duration_since(start).as_secs_f64();
+        return Ok(match (response, result) {
+            (Some((mut resp, h1)), _) => {
+                metrics.record(CodeClass::of(resp.status()), elapsed);
+                headers::from_upstream(&mut resp);
+                let finish = Finish::new(svc.clone(), direction, in_flight, permit).with_h1(h1);
+                resp.map(|body| ResponseBody::upstream(body, finish))
+            }
+            (None, Err(kind)) => {
+                metrics.upstream_error(kind);
+                metrics.record(CodeClass::Error, elapsed);
+                tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, reason = kind.reason(), "request failed");
+                kind.response(&svc.name)
+            }
+            (None, Ok(_)) => ErrorKind::Reset.response(&svc.name),
+        });
+    }
+}
+
+/// A request kept whole so it can be sent again.
+struct Replay {
+    parts: Parts,
+    body: Bytes,
+}
+
+impl Replay {
+    fn request(&self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::Replay(
+            (!self.body.is_empty()).then(|| self.body.clone()),
+        ));
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = self.parts.uri.clone();
+        *req.version_mut() = self.parts.version;
+        *req.headers_mut() = self.parts.headers.clone();
+        req
+    }
+}
+
+/// Decides whether a request can be replayed: retries on, an idempotent
+/// method, no upgrade, and a body known to fit `max_body_bytes` (read whole
+/// before the first try). Others stream, and are retried only if nothing
+/// of them was sent.
+async fn replayable(
+    req: Request<Incoming>,
+    policy: &RetryPolicy,
+    upgrade: bool,
+    deadline: Instant,
+) -> Result<(Option<Request<RequestBody>>, Option<Replay>), ErrorKind> {
+    let fits = req
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= policy.max_body_bytes as u64);
+    if !policy.enabled() || upgrade || !idempotent(req.method()) || !fits {
+        return Ok((Some(req.map(RequestBody::Stream)), None));
+    }
+    let (parts, body) = req.into_parts();
+    let body = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        match tokio::time::timeout_at(deadline, body.collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(_)) => return Err(ErrorKind::BadRequest),
+            Err(_) => return Err(ErrorKind::Timeout),
+        }
+    };
+    let replay = Replay { parts, body };
+    Ok((Some(replay.request()), Some(replay)))
 }

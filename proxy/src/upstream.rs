@@ -4,7 +4,9 @@
 //! [`EndpointState`] is keyed by address and carried from one route table
 //! to the next, so a config update keeps what the proxy has learnt.
 
+use crate::admit::Admission;
 use crate::body::RequestBody;
+use crate::eject::Health;
 use crate::outcome::ErrorKind;
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
@@ -40,6 +42,8 @@ pub struct EndpointState {
     stamp_ns: AtomicU64,
     /// Open upstream connections (for `/endpoints`).
     connections: Arc<AtomicU32>,
+    /// Failure accrual and ejection.
+    pub health: Health,
     h1_idle: ArrayQueue<H1Sender>,
     h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     h2_connecting: tokio::sync::Mutex<()>,
@@ -51,7 +55,8 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-fn nanos_since_epoch(now: Instant) -> u64 {
+/// `now` in nanoseconds since the process epoch (for atomics).
+pub fn nanos_since_epoch(now: Instant) -> u64 {
     now.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
@@ -80,6 +85,7 @@ impl EndpointState {
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
             connections: Arc::new(AtomicU32::new(0)),
+            health: Health::default(),
             h1_idle: ArrayQueue::new(MAX_IDLE_H1),
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
@@ -144,12 +150,16 @@ impl EndpointState {
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
         connect_timeout: Duration,
-    ) -> Result<(Response<Incoming>, H1Sender), ErrorKind> {
+        pending: &Arc<Admission>,
+    ) -> Result<(Response<Incoming>, H1Sender), SendError> {
         loop {
             let mut sender = match self.h1_idle.pop() {
                 Some(s) if !s.is_closed() => s,
                 Some(_) => continue,
-                None => self.connect_h1(connect_timeout).await?,
+                None => match self.connect_pending(pending, connect_timeout).await {
+                    Ok(s) => s,
+                    Err(kind) => return Err(SendError::unsent(kind, req)),
+                },
             };
             if sender.ready().await.is_err() {
                 continue;
@@ -160,10 +170,22 @@ impl EndpointState {
                     // Never written: the pooled connection had closed
                     // under us, so try again on another.
                     Some(r) => req = r,
-                    None => return Err(classify(e.error())),
+                    None => return Err(SendError::sent(classify(e.error()))),
                 },
             }
         }
+    }
+
+    /// Opens an HTTP/1.1 connection while holding a `max_pending` place.
+    async fn connect_pending(
+        &self,
+        pending: &Arc<Admission>,
+        connect_timeout: Duration,
+    ) -> Result<H1Sender, ErrorKind> {
+        let Some(_place) = pending.try_acquire() else {
+            return Err(ErrorKind::Overloaded);
+        };
+        self.connect_h1(connect_timeout).await
     }
 
     /// Puts an HTTP/1.1 connection back once its response is complete.
@@ -180,26 +202,35 @@ impl EndpointState {
         self: &Arc<Self>,
         req: Request<RequestBody>,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, ErrorKind> {
+        pending: &Arc<Admission>,
+    ) -> Result<Response<Incoming>, SendError> {
         let mut sender = match self.live_h2() {
             Some(s) => s,
             None => {
+                let Some(_place) = pending.try_acquire() else {
+                    return Err(SendError::unsent(ErrorKind::Overloaded, req));
+                };
                 let _guard = self.h2_connecting.lock().await;
                 match self.live_h2() {
                     Some(s) => s,
-                    None => {
-                        let s = self.connect_h2(connect_timeout).await?;
-                        self.h2.store(Some(Arc::new(s.clone())));
-                        s
-                    }
+                    None => match self.connect_h2(connect_timeout).await {
+                        Ok(s) => {
+                            self.h2.store(Some(Arc::new(s.clone())));
+                            s
+                        }
+                        Err(kind) => return Err(SendError::unsent(kind, req)),
+                    },
                 }
             }
         };
         if sender.ready().await.is_err() {
             self.h2.store(None);
-            return Err(ErrorKind::Reset);
+            return Err(SendError::unsent(ErrorKind::Reset, req));
         }
-        sender.send_request(req).await.map_err(|e| classify(&e))
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::sent(classify(&e)))
     }
 
     fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
@@ -263,6 +294,29 @@ impl EndpointState {
             drop(open);
         });
         Ok(sender)
+    }
+}
+
+/// A try that got no response.
+pub struct SendError {
+    /// Why.
+    pub kind: ErrorKind,
+    /// The request, when none of it was sent (safe to send elsewhere).
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+impl SendError {
+    /// Nothing was sent; the request comes back.
+    pub fn unsent(kind: ErrorKind, req: Request<RequestBody>) -> SendError {
+        SendError {
+            kind,
+            unsent: Some(req),
+        }
+    }
+
+    /// The request was (perhaps partly) sent.
+    pub fn sent(kind: ErrorKind) -> SendError {
+        SendError { kind, unsent: None }
     }
 }
 

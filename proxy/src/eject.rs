@@ -1,0 +1,319 @@
+//! Eject: failure accrual per endpoint (outlier detection).
+//!
+//! `consecutive_failures` failures in a row take an endpoint out of
+//! balancing for `base_ejection` x the number of ejections in a row
+//! (capped by `max_ejection`, jittered); at most `max_ejection_percent` of
+//! a subset is out at once. When the time is up, one real request probes
+//! the endpoint: success brings it back, failure ejects it again, longer.
+
+use crate::balance::Pool;
+use crate::outcome::ErrorKind;
+use crate::upstream::EndpointState;
+use almond_config::{CircuitBreaker, Condition};
+use prometheus::{IntCounter, IntGauge};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// An endpoint's health as failure accrual sees it.
+pub struct Health {
+    consecutive: AtomicU32,
+    /// 0: in service; else ns (since the process epoch) until it may be
+    /// probed.
+    ejected_until: AtomicU64,
+    /// Ejections in a row, the multiplier of the next ejection's length.
+    ejections: AtomicU32,
+    /// A probe request is out.
+    probing: AtomicBool,
+}
+
+/// What a picker may do with an endpoint now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// In service.
+    Available,
+    /// Ejected (or a probe is out).
+    Ejected,
+    /// Ejection time is up: whoever claims it sends the probe.
+    ProbeDue,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            consecutive: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Health {
+    /// Is the endpoint usable at `now_ns`? (one atomic load when healthy)
+    #[inline]
+    pub fn availability(&self, now_ns: u64) -> Availability {
+        match self.ejected_until.load(Ordering::Relaxed) {
+            0 => Availability::Available,
+            until if now_ns < until => Availability::Ejected,
+            _ => Availability::ProbeDue,
+        }
+    }
+
+    /// Claims the probe of an endpoint whose ejection is up; `grace` keeps
+    /// others away while the probe is out (a lost probe is retried then).
+    pub fn claim_probe(&self, now_ns: u64, grace: Duration) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 || now_ns < until {
+            return false;
+        }
+        let next = now_ns + grace.as_nanos() as u64;
+        let won = self
+            .ejected_until
+            .compare_exchange(until, next, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if won {
+            self.probing.store(true, Ordering::Release);
+        }
+        won
+    }
+
+    /// Is the endpoint out of service (ejected or probing)?
+    pub fn is_out(&self) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) != 0
+    }
+}
+
+/// Ejection metrics of one subset.
+#[derive(Clone)]
+pub struct EjectionMetrics {
+    /// `almond_endpoint_ejections_total{service, subset}`.
+    pub ejections: IntCounter,
+    /// `almond_endpoints{service, subset, state="healthy"}`.
+    pub healthy: IntGauge,
+    /// `almond_endpoints{service, subset, state="ejected"}`.
+    pub ejected: IntGauge,
+}
+
+impl EjectionMetrics {
+    /// Recounts a subset's endpoints by state.
+    pub fn update(&self, subset: &Pool) {
+        let out = subset
+            .members()
+            .iter()
+            .filter(|m| m.state.health.is_out())
+            .count();
+        self.ejected.set(out as i64);
+        self.healthy.set((subset.members().len() - out) as i64);
+    }
+}
+
+/// A service's ejection policy.
+pub struct Outlier {
+    threshold: u32,
+    base: Duration,
+    max: Duration,
+    max_percent: u32,
+    failure_on: Vec<Condition>,
+    /// Time a probe has before another may be sent.
+    pub probe_grace: Duration,
+}
+
+impl Outlier {
+    /// The policy of `circuit_breaker`; `request_timeout` bounds a probe.
+    pub fn new(cb: &CircuitBreaker, request_timeout: Duration) -> Outlier {
+        Outlier {
+            threshold: cb.consecutive_failures,
+            base: cb.base_ejection,
+            max: cb.max_ejection,
+            max_percent: cb.max_ejection_percent,
+            failure_on: cb.failure_on.clone(),
+            probe_grace: request_timeout,
+        }
+    }
+
+    /// Does this try's result count as a failure?
+    pub fn is_failure(&self, result: Result<u16, ErrorKind>) -> bool {
+        match result {
+            Ok(status) => self.failure_on.iter().any(|c| c.matches_status(status)),
+            Err(kind) => {
+                let wanted = match kind {
+                    ErrorKind::Connect => Condition::Connect,
+                    ErrorKind::ConnectTimeout | ErrorKind::Timeout => Condition::Timeout,
+                    ErrorKind::Reset => Condition::Reset,
+                    // Shed or unroutable: not the endpoint's fault.
+                    _ => return false,
+                };
+                self.failure_on.contains(&wanted)
+            }
+        }
+    }
+
+    /// Records one try's outcome for `endpoint`, a member of `subset`;
+    /// ejects or returns it as the rules say.
+    pub fn record(
+        &self,
+        endpoint: &EndpointState,
+        failed: bool,
+        now: Instant,
+        subset: &Pool,
+        metrics: &EjectionMetrics,
+        service: &str,
+    ) {
+        let health = &endpoint.health;
+        if !failed {
+            health.consecutive.store(0, Ordering::Relaxed);
+            if health.is_out() {
+                health.ejected_until.store(0, Ordering::Release);
+                health.ejections.store(0, Ordering::Relaxed);
+                health.probing.store(false, Ordering::Release);
+                metrics.update(subset);
+                tracing::info!(service, endpoint = %endpoint.addr, "endpoint returned to service");
+            }
+            return;
+        }
+        let was_probe = health.probing.swap(false, Ordering::AcqRel);
+        let failures = health.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        // A straggler failing while already ejected changes nothing.
+        if health.is_out() && !was_probe {
+            return;
+        }
+        if !was_probe && failures < self.threshold {
+            return;
+        }
+        if !was_probe && !self.room_to_eject(subset) {
+            tracing::debug!(service, endpoint = %endpoint.addr, "not ejected: max_ejection_percent reached");
+            return;
+        }
+        let n = health.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let length = self.ejection_length(n);
+        let until = crate::upstream::nanos_since_epoch(now) + length.as_nanos() as u64;
+        health.ejected_until.store(until.max(1), Ordering::Release);
+        health.consecutive.store(0, Ordering::Relaxed);
+        metrics.ejections.inc();
+        metrics.update(subset);
+        tracing::warn!(
+            service,
+            endpoint = %endpoint.addr,
+            failures,
+            ejections = n,
+            ejected_for = ?length,
+            "endpoint ejected"
+        );
+    }
+
+    /// May one more endpoint of `subset` be ejected? At least one may,
+    /// whatever the percent (as in Envoy); the panic threshold then keeps
+    /// traffic flowing.
+    fn room_to_eject(&self, subset: &Pool) -> bool {
+        let n = subset.members().len();
+        let out = subset
+            .members()
+            .iter()
+            .filter(|m| m.state.health.is_out())
+            .count();
+        let allowed = (n * self.max_percent as usize / 100).max(1);
+        out < allowed
+    }
+
+    /// `base` x `n`, capped at `max`, with +-10 % jitter so endpoints that
+    /// failed together do not return together.
+    fn ejection_length(&self, n: u32) -> Duration {
+        let raw = self.base.saturating_mul(n).min(self.max);
+        let jitter = 0.9 + fastrand::f64() * 0.2;
+        raw.mul_f64(jitter).min(self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Member;
+    use almond_config::Lb;
+    use std::sync::Arc;
+
+    fn subset(n: u16) -> Pool {
+        let members = (0..n)
+            .map(|i| Member {
+                state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
+                    [127, 0, 0, 1],
+                    2000 + i,
+                )))),
+                weight: 1,
+                subset: 0,
+            })
+            .collect();
+        Pool::new(members, Lb::RoundRobin, 0)
+    }
+
+    fn metrics() -> EjectionMetrics {
+        EjectionMetrics {
+            ejections: IntCounter::new("e", "e").unwrap(),
+            healthy: IntGauge::new("h", "h").unwrap(),
+            ejected: IntGauge::new("x", "x").unwrap(),
+        }
+    }
+
+    fn policy() -> Outlier {
+        let cb = CircuitBreaker {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            ..CircuitBreaker::default()
+        };
+        Outlier::new(&cb, Duration::from_secs(1))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejects_after_consecutive_failures_then_probes_back() {
+        let (pool, m, p) = (subset(3), metrics(), policy());
+        let ep = &pool.members()[0].state;
+        let now = Instant::now();
+        p.record(ep, true, now, &pool, &m, "s");
+        p.record(ep, true, now, &pool, &m, "s");
+        assert!(!ep.health.is_out());
+        p.record(ep, true, now, &pool, &m, "s");
+        assert!(ep.health.is_out());
+        assert_eq!(m.ejections.get(), 1);
+        assert_eq!((m.healthy.get(), m.ejected.get()), (2, 1));
+
+        let ns = |t: Instant| crate::upstream::nanos_since_epoch(t);
+        assert_eq!(ep.health.availability(ns(now)), Availability::Ejected);
+        let later = now + Duration::from_secs(12);
+        assert_eq!(ep.health.availability(ns(later)), Availability::ProbeDue);
+        assert!(ep.health.claim_probe(ns(later), p.probe_grace));
+        // Only one probe at a time.
+        assert!(!ep.health.claim_probe(ns(later), p.probe_grace));
+        // A failed probe ejects again, for twice as long (+-10 %).
+        p.record(ep, true, later, &pool, &m, "s");
+        assert_eq!(m.ejections.get(), 2);
+        let t = later + Duration::from_secs(17);
+        assert_eq!(ep.health.availability(ns(t)), Availability::Ejected);
+        let t = later + Duration::from_secs(23);
+        assert!(ep.health.claim_probe(ns(t), p.probe_grace));
+        p.record(ep, false, t, &pool, &m, "s");
+        assert!(!ep.health.is_out());
+        assert_eq!((m.healthy.get(), m.ejected.get()), (3, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_ejection_percent_caps_ejections() {
+        // 50 % of 3 endpoints = 1 may be out at once.
+        let (pool, m, p) = (subset(3), metrics(), policy());
+        let now = Instant::now();
+        for ep in pool.members() {
+            for _ in 0..3 {
+                p.record(&ep.state, true, now, &pool, &m, "s");
+            }
+        }
+        assert_eq!(m.ejected.get(), 1);
+    }
+
+    #[test]
+    fn only_configured_outcomes_are_failures() {
+        let p = policy();
+        assert!(p.is_failure(Ok(503)));
+        assert!(!p.is_failure(Ok(404)));
+        assert!(p.is_failure(Err(ErrorKind::Connect)));
+        assert!(!p.is_failure(Err(ErrorKind::Overloaded)));
+    }
+}
