@@ -35,7 +35,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config file: exit 0, or 1 naming every problem.
+    /// Run the control plane: Consul (or a registry directory) in,
+    /// snapshots out to every proxy.
+    Control {
+        /// Control config file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a proxy or control config file: exit 0, or 1 naming every
+    /// problem.
     CheckConfig {
         /// The config file.
         file: PathBuf,
@@ -57,6 +65,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Proxy { config } => run_proxy(&config),
+        Command::Control { config } => run_control(&config),
         Command::CheckConfig { file } => return check_config(&file),
         Command::Demo { duration, rate } => runtime(None).and_then(|rt| {
             rt.block_on(demo::run(
@@ -128,6 +137,20 @@ fn run_proxy(path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
+fn run_control(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = almond_config::load_control_file(path)?;
+    let rt = runtime(None)?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot bind {}", config.listen))?;
+        tracing::info!(addr = %config.listen, "control API listening");
+        let control = almond_control::Control::new(config)?;
+        control.run(listener, shutdown_signal()).await;
+        Ok(())
+    })
+}
+
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -151,9 +174,22 @@ async fn shutdown_signal() {
 }
 
 fn check_config(path: &std::path::Path) -> ExitCode {
-    match almond_config::load_proxy_file(path) {
-        Ok(_) => {
-            println!("{}: ok", path.display());
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let name = path.display().to_string();
+    let (kind, result) = if almond_config::is_control_config(&text) {
+        ("control", almond_config::load_control(&text, &name).map(drop))
+    } else {
+        ("proxy", almond_config::load_proxy(&text, &name).map(drop))
+    };
+    match result {
+        Ok(()) => {
+            println!("{name}: ok ({kind} config)");
             ExitCode::SUCCESS
         }
         Err(problems) => {

@@ -5,13 +5,20 @@
 //! Every problem is reported with its key path and line ([`Problem`]); the
 //! same [`load_proxy`] serves `almond check-config`, start-up and reload.
 
+mod control;
 mod duration;
 mod lines;
 mod load;
 mod problem;
 mod proxy;
+mod snapshot;
 
-pub use load::{load_proxy, load_proxy_file, validate_proxy};
+pub use control::{ConsulSource, ControlConfig, Source, Store};
+pub use load::{
+    check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
+    load_services, validate_proxy, Strictness,
+};
+pub use snapshot::Snapshot;
 pub use problem::{Problem, Problems};
 pub use proxy::{
     CircuitBreaker, Condition, Direction, Endpoint, Lb, Limits, Listener, Protocol, ProxyConfig,

@@ -1,17 +1,98 @@
 //! Parse and check a proxy config: text in, a checked [`ProxyConfig`] or
 //! every [`Problem`] out. Used by `check-config`, start-up and reload alike.
 
+use crate::control::{ControlConfig, Source};
 use crate::lines::LineIndex;
 use crate::problem::{Problem, Problems};
 use crate::proxy::{ProxyConfig, Service};
-use std::collections::HashSet;
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 /// Reads and checks a proxy config file (YAML; JSON is YAML too).
 pub fn load_proxy_file(path: &Path) -> Result<ProxyConfig, Problems> {
+    read(path).and_then(|text| load_proxy(&text, &path.display().to_string()))
+}
+
+/// Is this config text a control config (it has a top-level `source`)?
+/// Text that does not parse is taken as a proxy config, whose loader then
+/// reports the syntax error.
+pub fn is_control_config(text: &str) -> bool {
+    serde_saphyr::from_str::<BTreeMap<String, serde::de::IgnoredAny>>(text)
+        .map(|keys| keys.contains_key("source"))
+        .unwrap_or(false)
+}
+
+/// Reads and checks a control config file.
+pub fn load_control_file(path: &Path) -> Result<ControlConfig, Problems> {
+    read(path).and_then(|text| load_control(&text, &path.display().to_string()))
+}
+
+/// Parses and checks control config text.
+pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Problems> {
+    let index = LineIndex::build(text);
+    let fail = |problems| Problems {
+        source_name: source_name.to_owned(),
+        problems,
+    };
+    let config: ControlConfig = parse(text, &index).map_err(|p| fail(vec![p]))?;
+    let mut problems = Vec::new();
+    if let Source::Consul(c) = &config.source {
+        if !c.addr.starts_with("http://") {
+            problems.push(Problem {
+                path: "source.consul.addr".into(),
+                line: index.line_of("source.consul.addr"),
+                message: format!("{:?} is not an http:// URL", c.addr),
+            });
+        }
+        if c.wait.is_zero() {
+            problems.push(Problem {
+                path: "source.consul.wait".into(),
+                line: index.line_of("source.consul.wait"),
+                message: "must be more than 0".into(),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(fail(problems))
+    }
+}
+
+/// Parses a registry file: a map of service name to service, checked as
+/// strictly as static proxy services.
+pub fn load_services(text: &str, source_name: &str) -> Result<BTreeMap<String, Service>, Problems> {
+    let index = LineIndex::build(text);
+    let fail = |problems| Problems {
+        source_name: source_name.to_owned(),
+        problems,
+    };
+    let services: BTreeMap<String, Service> = parse(text, &index).map_err(|p| fail(vec![p]))?;
+    let mut problems: Vec<Problem> = services
+        .iter()
+        .flat_map(|(name, svc)| {
+            check_service(svc, Strictness::Static)
+                .into_iter()
+                .map(move |(path, message)| (format!("{name}{path}"), message))
+        })
+        .map(|(path, message)| Problem {
+            line: index.line_of(&path),
+            path,
+            message,
+        })
+        .collect();
+    if problems.is_empty() {
+        return Ok(services);
+    }
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    Err(fail(problems))
+}
+
+fn read(path: &Path) -> Result<String, Problems> {
     let source_name = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => load_proxy(&text, &source_name),
+        Ok(text) => Ok(text),
         Err(e) => Err(Problems {
             source_name,
             problems: vec![Problem {
@@ -43,10 +124,10 @@ pub fn load_proxy(text: &str, source_name: &str) -> Result<ProxyConfig, Problems
 }
 
 /// Deserializes, reporting the key path and line of the first error.
-fn parse(text: &str, index: &LineIndex) -> Result<ProxyConfig, Problem> {
+fn parse<T: DeserializeOwned>(text: &str, index: &LineIndex) -> Result<T, Problem> {
     let mut path = None;
     let result = serde_saphyr::with_deserializer_from_str(text, |de| {
-        serde_path_to_error::deserialize::<_, ProxyConfig>(de).map_err(|e| {
+        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
             path = Some(e.path().to_string());
             let message = e.into_inner().to_string();
             <serde_saphyr::Error as serde::de::Error>::custom(message)
@@ -153,19 +234,36 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
             );
         }
     }
+    let strictness = if static_mode {
+        Strictness::Static
+    } else {
+        Strictness::Snapshot
+    };
     for (name, svc) in &config.services {
-        for (path, message) in check_service(svc) {
+        for (path, message) in check_service(svc, strictness) {
             add(format!("services.{name}{path}"), message);
         }
     }
     out
 }
 
+/// How strictly a service is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strictness {
+    /// Written by a person: every subset named must have endpoints.
+    Static,
+    /// From the control plane: endpoints come and go with health, so a
+    /// service may have none for a while, and a split may name a subset
+    /// that has none (traffic then falls back to the others).
+    Snapshot,
+}
+
 /// Checks one service; paths are relative (`.endpoints[0].weight`).
-/// The control plane runs the same checks on what it serves.
-fn check_service(svc: &Service) -> Vec<(String, String)> {
+/// The control plane and the proxy run the same checks on snapshots.
+pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, String)> {
+    let strict = strictness == Strictness::Static;
     let mut out = Vec::new();
-    if svc.endpoints.is_empty() {
+    if strict && svc.endpoints.is_empty() {
         out.push((
             ".endpoints".into(),
             "a service needs at least one endpoint".into(),
@@ -213,7 +311,7 @@ fn check_service(svc: &Service) -> Vec<(String, String)> {
                     "must be between 0 and 100".into(),
                 ));
             }
-            if !svc.endpoints.iter().any(|e| &e.subset == subset) {
+            if strict && !svc.endpoints.iter().any(|e| &e.subset == subset) {
                 out.push((
                     format!(".split.{subset}"),
                     format!("no endpoint has subset {subset:?}"),

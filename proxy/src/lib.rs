@@ -12,6 +12,7 @@ pub mod admin;
 pub mod admit;
 pub mod balance;
 pub mod body;
+pub mod control;
 pub mod eject;
 pub mod headers;
 pub mod listen;
@@ -104,11 +105,18 @@ pub enum Error {
 #[derive(Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
+    /// Index of the snapshot cache loaded at start (0: none).
+    cached_index: u64,
 }
 
 impl Proxy {
-    /// Builds the proxy's state for a checked config.
-    pub fn new(config: ProxyConfig) -> Result<Proxy, Error> {
+    /// Builds the proxy's state for a checked config. With `control` set,
+    /// the services of the snapshot cache (if any) are loaded first.
+    pub fn new(mut config: ProxyConfig) -> Result<Proxy, Error> {
+        let cached_index = match config.control {
+            Some(_) => control::load_cache(&mut config).unwrap_or(0),
+            None => 0,
+        };
         let metrics = Metrics::new()?;
         let http = listen::http_builder(&config.limits);
         let table = Table::build(Arc::new(config), &metrics, None);
@@ -119,6 +127,7 @@ impl Proxy {
                 ready: AtomicBool::new(false),
                 http,
             }),
+            cached_index,
         })
     }
 
@@ -152,11 +161,38 @@ impl Proxy {
                 graceful.clone(),
             )));
         }
+        let admin_addr = bound.admin.local_addr().ok();
         let admin = tokio::spawn(admin::serve(self.shared.clone(), bound.admin, stop_rx));
-        self.shared
-            .ready
-            .store(true, std::sync::atomic::Ordering::Release);
-        tracing::info!("proxy ready");
+        let config = self.shared.table.load().config.clone();
+        let follower = match &config.control {
+            // Static mode: ready now.
+            None => {
+                self.shared
+                    .ready
+                    .store(true, std::sync::atomic::Ordering::Release);
+                None
+            }
+            // Dynamic: ready once a snapshot (or the cache) is in force.
+            Some(url) => {
+                let cached = self.cached_index;
+                if cached > 0 {
+                    self.shared.metrics.config_index.set(cached as i64);
+                    self.shared
+                        .ready
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
+                let id = config.proxy_id.clone().unwrap_or_else(hostname);
+                let admin = admin_addr.map(|a| a.to_string()).unwrap_or_default();
+                Some(tokio::spawn(control::follow(
+                    self.clone(),
+                    url.clone(),
+                    id,
+                    admin,
+                    cached,
+                )))
+            }
+        };
+        tracing::info!("proxy serving");
 
         shutdown.await;
         tracing::info!(drain_timeout = ?drain, "shutting down: draining in-flight requests");
@@ -164,6 +200,9 @@ impl Proxy {
             .ready
             .store(false, std::sync::atomic::Ordering::Release);
         let _ = stop_tx.send(true);
+        if let Some(follower) = follower {
+            follower.abort();
+        }
         for task in tasks {
             let _ = task.await;
         }
@@ -174,4 +213,14 @@ impl Proxy {
         }
         let _ = admin.await;
     }
+}
+
+/// This host's name (the default proxy ID).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "almond-proxy".to_owned())
 }

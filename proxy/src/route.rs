@@ -183,6 +183,11 @@ impl ServiceRoute {
         let mut subset_names: Vec<&str> = svc.endpoints.iter().map(|e| e.subset.as_str()).collect();
         subset_names.sort_unstable();
         subset_names.dedup();
+        if subset_names.is_empty() {
+            // No endpoints (all unhealthy, say): one empty subset, so that
+            // requests get 503 `no-endpoints` and are counted somewhere.
+            subset_names.push(almond_config::DEFAULT_SUBSET);
+        }
         let state_of = |addr: SocketAddr, states: &mut HashMap<_, Arc<EndpointState>>| {
             states
                 .entry(addr)
@@ -278,7 +283,7 @@ impl ServiceRoute {
                 .ok_or_else(|| (ErrorKind::UnknownSubset, pin.to_owned()));
         }
         match &self.split {
-            Some(split) => Ok(&self.subsets[split.pick()].pool),
+            Some(split) => Ok(self.subsets.get(split.pick()).map_or(&self.all, |s| &s.pool)),
             None => Ok(&self.all),
         }
     }

@@ -1,0 +1,98 @@
+//! The control-plane config model (`almond control --config FILE`).
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole control config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// API for proxies and operators, plus `/metrics`, `/ready`, `/live`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where endpoints come from.
+    pub source: Source,
+    /// `Service.Meta` key that names an endpoint's subset.
+    #[serde(default = "default_subset_key")]
+    pub subset_key: String,
+    /// Where splits and rollouts live.
+    #[serde(default)]
+    pub store: Store,
+    /// How the watcher reads golden metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watcher: Option<serde_json::Value>,
+    /// Environment variable holding the operator bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// Longest a snapshot long-poll is held.
+    #[serde(default = "default_max_wait", with = "crate::duration")]
+    pub max_wait: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4180))
+}
+fn default_subset_key() -> String {
+    "version".to_owned()
+}
+fn default_max_wait() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Where endpoint sets come from: Consul, or a watched directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Source {
+    /// Consul's catalog and health (blocking queries).
+    Consul(ConsulSource),
+    /// A directory of YAML service definitions (the proxy's `services`
+    /// shape, one or more services per file), watched for changes.
+    File(PathBuf),
+}
+
+/// Consul connection settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulSource {
+    /// Consul HTTP address, e.g. `http://127.0.0.1:8500`.
+    #[serde(default = "default_consul_addr")]
+    pub addr: String,
+    /// Environment variable holding the ACL token.
+    #[serde(default = "default_consul_token_env")]
+    pub token_env: String,
+    /// Services to watch; empty = every service but `consul`.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Blocking-query wait.
+    #[serde(default = "default_consul_wait", with = "crate::duration")]
+    pub wait: Duration,
+    /// Datacenter (default: the agent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacenter: Option<String>,
+    /// Read from any server (`?stale`), for scale and leader loss.
+    #[serde(default)]
+    pub stale: bool,
+}
+
+fn default_consul_addr() -> String {
+    "http://127.0.0.1:8500".to_owned()
+}
+fn default_consul_token_env() -> String {
+    "CONSUL_HTTP_TOKEN".to_owned()
+}
+fn default_consul_wait() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Where splits and rollouts are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Store {
+    /// Consul KV with check-and-set.
+    Consul,
+    /// A local file (file mode).
+    #[default]
+    File,
+}

@@ -1,0 +1,41 @@
+//! The snapshot a proxy receives from the control plane.
+//!
+//! Versioned by `index`: a proxy applies a snapshot only if its index is
+//! higher than the one it has. A reply is `full` (every service) or a delta
+//! (only services changed since the proxy's index, plus the names of every
+//! service, so removals are seen).
+
+use crate::proxy::Service;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One long-poll answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Version of the control plane's state this reflects.
+    pub index: u64,
+    /// `true`: `services` is everything; `false`: only what changed.
+    pub full: bool,
+    /// Services (all, or those changed since the proxy's index).
+    pub services: BTreeMap<String, Service>,
+    /// Names of every service that exists at `index` (for deltas).
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+impl Snapshot {
+    /// Applies this snapshot onto `current` (the services a proxy has).
+    pub fn apply_to(self, current: &BTreeMap<String, Service>) -> BTreeMap<String, Service> {
+        if self.full {
+            return self.services;
+        }
+        let mut next: BTreeMap<String, Service> = current
+            .iter()
+            .filter(|(name, _)| self.names.binary_search(name).is_ok())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        next.extend(self.services);
+        next
+    }
+}

@@ -1,0 +1,493 @@
+//! Consul source: blocking queries on `/v1/catalog/services` (which
+//! services exist) and `/v1/health/service/{name}` (their instances), as
+//! `shared/consul/API.md` section 2.4 prescribes: per-resource index, reset
+//! when it goes backwards, never wait on 0, rate-limited loops, jittered
+//! backoff on errors, a read timeout above wait x 17/16.
+
+use crate::state::State;
+use almond_config::{ConsulSource, Endpoint, Protocol, Service, DEFAULT_SUBSET};
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Longest pause after repeated errors.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// An HTTP client for one Consul agent.
+#[derive(Clone)]
+pub struct ConsulClient {
+    base: String,
+    token: Option<String>,
+    datacenter: Option<String>,
+    stale: bool,
+    http: Client<HttpConnector, Empty<Bytes>>,
+}
+
+/// Why a Consul call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    /// Could not reach Consul, or it did not answer in time.
+    #[error("consul unreachable: {0}")]
+    Transport(String),
+    /// ACL refusal: not transient; fix the token.
+    #[error("consul refused the token (403): {0}")]
+    Forbidden(String),
+    /// Any other non-2xx answer.
+    #[error("consul answered {0}: {1}")]
+    Status(StatusCode, String),
+    /// A body that is not what the API documents.
+    #[error("consul sent an unexpected body: {0}")]
+    Decode(String),
+}
+
+/// A successful answer: body and `X-Consul-Index` (absent on some paths).
+pub struct Answer {
+    /// The body.
+    pub body: Bytes,
+    /// `X-Consul-Index`, if sent.
+    pub index: Option<u64>,
+}
+
+impl ConsulClient {
+    /// A client for `cfg`; the ACL token is read from `cfg.token_env`.
+    pub fn new(cfg: &ConsulSource) -> ConsulClient {
+        let token = std::env::var(&cfg.token_env).ok().filter(|t| !t.is_empty());
+        ConsulClient {
+            base: cfg.addr.trim_end_matches('/').to_owned(),
+            token,
+            datacenter: cfg.datacenter.clone(),
+            stale: cfg.stale,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// GET `path` as a blocking query at `index` (0: answer at once).
+    pub async fn get(&self, path: &str, index: u64, wait: Duration) -> Result<Answer, ConsulError> {
+        let mut uri = format!("{}{path}?", self.base);
+        if index > 0 {
+            // Whole milliseconds, as the official client sends them.
+            uri.push_str(&format!("index={index}&wait={}ms&", wait.as_millis().max(1)));
+        }
+        if let Some(dc) = &self.datacenter {
+            uri.push_str(&format!("dc={dc}&"));
+        }
+        if self.stale {
+            uri.push_str("stale&");
+        }
+        uri.pop();
+        let mut req = hyper::Request::get(uri);
+        if let Some(token) = &self.token {
+            req = req.header("X-Consul-Token", token);
+        }
+        let req = req
+            .body(Empty::new())
+            .map_err(|e| ConsulError::Transport(e.to_string()))?;
+        // Consul may hold up to wait + wait/16; allow that plus slack.
+        let limit = if index > 0 {
+            wait + wait / 16 + Duration::from_secs(5)
+        } else {
+            Duration::from_secs(15)
+        };
+        let work = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| ConsulError::Transport(e.to_string()))?;
+            let status = resp.status();
+            let index = resp
+                .headers()
+                .get("x-consul-index")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ConsulError::Transport(e.to_string()))?
+                .to_bytes();
+            let text = || String::from_utf8_lossy(&body).trim().to_owned();
+            match status {
+                s if s.is_success() => Ok(Answer { body: body.clone(), index }),
+                StatusCode::FORBIDDEN => Err(ConsulError::Forbidden(text())),
+                s => Err(ConsulError::Status(s, text())),
+            }
+        };
+        tokio::time::timeout(limit, work)
+            .await
+            .map_err(|_| ConsulError::Transport("read timed out".into()))?
+    }
+}
+
+/// One blocking-query loop's bookkeeping (API.md 2.4).
+struct Blocking {
+    index: u64,
+    failures: u32,
+    /// Token bucket: a couple of quick deliveries, then at most one a second.
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Blocking {
+    fn new() -> Blocking {
+        Blocking {
+            index: 0,
+            failures: 0,
+            tokens: 2.0,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Waits for a token before the next request.
+    async fn pace(&mut self) {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64()).min(2.0);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            let wait = Duration::from_secs_f64(1.0 - self.tokens);
+            tokio::time::sleep(wait).await;
+            self.tokens = 1.0;
+            self.refilled = Instant::now();
+        }
+        self.tokens -= 1.0;
+    }
+
+    /// Takes the index of a successful answer; `true` when it moved
+    /// forward (content may have changed).
+    fn advance(&mut self, returned: Option<u64>) -> bool {
+        self.failures = 0;
+        let returned = returned.unwrap_or(0);
+        let moved = returned != self.index;
+        self.index = if returned < self.index {
+            // Went backwards (restore, other cluster): start over with a
+            // non-blocking read next time.
+            0
+        } else {
+            // Never block on 0 (a busy loop): 1 is always safe.
+            returned.max(1)
+        };
+        moved
+    }
+
+    /// After an error: forget the index and wait, longer each time.
+    async fn back_off(&mut self, what: &str, error: &ConsulError, state: &State) {
+        self.failures += 1;
+        self.index = 0;
+        state.metrics.consul_errors.inc();
+        state.metrics.consul_up.set(0);
+        let base = Duration::from_secs(1).saturating_mul(self.failures * self.failures);
+        let pause = base.min(MAX_BACKOFF).mul_f64(0.5 + fastrand::f64() * 0.5);
+        tracing::warn!(watch = what, %error, failures = self.failures, retry_in = ?pause, "consul query failed; keeping the last state");
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Watches the catalog and every wanted service until the task is dropped.
+pub async fn run(cfg: ConsulSource, subset_key: String, state: Arc<State>) {
+    let client = ConsulClient::new(&cfg);
+    let mut watches: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut blocking = Blocking::new();
+    loop {
+        blocking.pace().await;
+        let answer = match client.get("/v1/catalog/services", blocking.index, cfg.wait).await {
+            Ok(a) => a,
+            Err(e) => {
+                blocking.back_off("catalog", &e, &state).await;
+                continue;
+            }
+        };
+        let index = answer.index.unwrap_or(0);
+        if !blocking.advance(answer.index) && !watches.is_empty() {
+            continue;
+        }
+        let names: BTreeMap<String, serde_json::Value> = match serde_json::from_slice(&answer.body) {
+            Ok(n) => n,
+            Err(e) => {
+                blocking
+                    .back_off("catalog", &ConsulError::Decode(e.to_string()), &state)
+                    .await;
+                continue;
+            }
+        };
+        state.metrics.consul_up.set(1);
+        let wanted: Vec<String> = names
+            .into_keys()
+            .filter(|n| n != "consul")
+            .filter(|n| cfg.services.is_empty() || cfg.services.contains(n))
+            .collect();
+        // Stop watching services that are gone, and drop them.
+        watches.retain(|name, task| {
+            let keep = wanted.contains(name);
+            if !keep {
+                task.abort();
+                state.remove_service(name, index);
+            }
+            keep
+        });
+        // Start watching new ones.
+        for name in wanted {
+            if !watches.contains_key(&name) {
+                state.expect_service(&name);
+                let task = tokio::spawn(watch_service(
+                    client.clone(),
+                    name.clone(),
+                    subset_key.clone(),
+                    cfg.wait,
+                    state.clone(),
+                ));
+                watches.insert(name, task);
+            }
+        }
+        state.catalog_synced();
+    }
+}
+
+/// One service's health watch.
+async fn watch_service(
+    client: ConsulClient,
+    name: String,
+    subset_key: String,
+    wait: Duration,
+    state: Arc<State>,
+) {
+    let path = format!("/v1/health/service/{}", encode_segment(&name));
+    let mut blocking = Blocking::new();
+    loop {
+        blocking.pace().await;
+        let answer = match client.get(&path, blocking.index, wait).await {
+            Ok(a) => a,
+            Err(e) => {
+                blocking.back_off(&name, &e, &state).await;
+                continue;
+            }
+        };
+        let index = answer.index.unwrap_or(0);
+        if !blocking.advance(answer.index) && state.has_service(&name) {
+            continue;
+        }
+        match serde_json::from_slice::<Vec<Instance>>(&answer.body) {
+            Ok(instances) => {
+                let service = to_service(&name, &instances, &subset_key);
+                state.set_service(&name, service, index);
+            }
+            Err(e) => {
+                blocking
+                    .back_off(&name, &ConsulError::Decode(e.to_string()), &state)
+                    .await;
+            }
+        }
+    }
+}
+
+/// One element of `/v1/health/service/{name}` (the fields we use).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Instance {
+    /// The node the instance runs on.
+    pub node: Node,
+    /// The instance.
+    pub service: InstanceService,
+    /// Node-level and instance checks.
+    #[serde(default)]
+    pub checks: Vec<Check>,
+}
+
+/// The node of an instance.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Node {
+    /// The node's address (used when the service has none).
+    #[serde(default)]
+    pub address: String,
+}
+
+/// An instance's service record.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct InstanceService {
+    /// Instance ID.
+    #[serde(default, rename = "ID")]
+    pub id: String,
+    /// Address; empty means the node's.
+    #[serde(default)]
+    pub address: String,
+    /// Port.
+    #[serde(default)]
+    pub port: u16,
+    /// Metadata (`version`, `protocol`, ...).
+    #[serde(default)]
+    pub meta: Option<BTreeMap<String, String>>,
+    /// DNS-style weights.
+    #[serde(default)]
+    pub weights: Option<Weights>,
+}
+
+/// `Weights` of an instance.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Weights {
+    /// Weight while every check passes.
+    #[serde(default = "one")]
+    pub passing: u32,
+    /// Weight while a check warns (0 drains).
+    #[serde(default = "one")]
+    pub warning: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A health check.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Check {
+    /// Check ID (maintenance checks have reserved IDs).
+    #[serde(default, rename = "CheckID")]
+    pub check_id: String,
+    /// `passing`, `warning` or `critical`.
+    #[serde(default)]
+    pub status: String,
+}
+
+/// Consul's rules (API.md section 12): maintenance or any critical check
+/// -> out; any warning -> `Weights.Warning` (0 -> out); else
+/// `Weights.Passing`. Returns the weight, or `None` for no traffic.
+pub fn instance_weight(instance: &Instance) -> Option<u32> {
+    let checks = &instance.checks;
+    let maintenance = checks.iter().any(|c| {
+        c.check_id == "_node_maintenance" || c.check_id.starts_with("_service_maintenance:")
+    });
+    if maintenance || checks.iter().any(|c| c.status == "critical") {
+        return None;
+    }
+    let (passing, warning) = instance
+        .service
+        .weights
+        .as_ref()
+        .map_or((1, 1), |w| (w.passing, w.warning));
+    let weight = if checks.iter().any(|c| c.status == "warning") {
+        warning
+    } else {
+        passing
+    };
+    (weight >= 1).then_some(weight.min(10_000))
+}
+
+/// Turns a health answer into the service a proxy gets: healthy instances
+/// with their weights, subset from `Meta[subset_key]`, protocol from
+/// `Meta.protocol`.
+pub fn to_service(name: &str, instances: &[Instance], subset_key: &str) -> Service {
+    let mut endpoints = Vec::new();
+    let mut protocol = Protocol::Http1;
+    for inst in instances {
+        let meta = inst.service.meta.as_ref();
+        if let Some(p) = meta.and_then(|m| m.get("protocol")) {
+            match p.as_str() {
+                "http2" | "grpc" | "h2" | "h2c" => protocol = Protocol::Http2,
+                "http" | "http1" => protocol = Protocol::Http1,
+                other => tracing::debug!(service = name, protocol = other, "unknown protocol meta; using http1"),
+            }
+        }
+        let Some(weight) = instance_weight(inst) else { continue };
+        let host = if inst.service.address.is_empty() {
+            &inst.node.address
+        } else {
+            &inst.service.address
+        };
+        let Ok(ip) = host.parse::<IpAddr>() else {
+            tracing::warn!(service = name, instance = %inst.service.id, address = %host, "instance address is not an IP; skipped");
+            continue;
+        };
+        let subset = meta
+            .and_then(|m| m.get(subset_key))
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_SUBSET.to_owned());
+        endpoints.push(Endpoint {
+            addr: SocketAddr::new(ip, inst.service.port),
+            subset,
+            weight,
+        });
+    }
+    // Stable order, so an unchanged set compares equal.
+    endpoints.sort_by(|a, b| (&a.subset, a.addr).cmp(&(&b.subset, b.addr)));
+    endpoints.dedup_by(|a, b| a.addr == b.addr);
+    Service {
+        protocol,
+        lb: Default::default(),
+        endpoints,
+        split: None,
+        timeouts: Default::default(),
+        circuit_breaker: Default::default(),
+        retries: Default::default(),
+    }
+}
+
+/// Percent-encodes a path segment.
+fn encode_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(json: serde_json::Value) -> Instance {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn health_rules_follow_consul() {
+        let base = |checks: serde_json::Value, weights: serde_json::Value| {
+            instance(serde_json::json!({
+                "Node": {"Address": "10.0.0.1"},
+                "Service": {"ID": "w1", "Address": "", "Port": 80, "Weights": weights},
+                "Checks": checks,
+            }))
+        };
+        let w = serde_json::json!({"Passing": 3, "Warning": 1});
+        assert_eq!(instance_weight(&base(serde_json::json!([]), w.clone())), Some(3));
+        let warn = serde_json::json!([{"CheckID": "a", "Status": "warning"}]);
+        assert_eq!(instance_weight(&base(warn, w.clone())), Some(1));
+        let crit = serde_json::json!([{"CheckID": "a", "Status": "critical"}]);
+        assert_eq!(instance_weight(&base(crit, w.clone())), None);
+        let maint = serde_json::json!([{"CheckID": "_service_maintenance:w1", "Status": "critical"}]);
+        assert_eq!(instance_weight(&base(maint, w)), None);
+        let drain = serde_json::json!([{"CheckID": "a", "Status": "warning"}]);
+        let w0 = serde_json::json!({"Passing": 1, "Warning": 0});
+        assert_eq!(instance_weight(&base(drain, w0)), None);
+    }
+
+    #[test]
+    fn blocking_index_rules() {
+        let mut b = Blocking::new();
+        assert!(b.advance(Some(10)));
+        assert!(!b.advance(Some(10)), "same index: nothing changed");
+        assert!(b.advance(Some(4)));
+        assert_eq!(b.index, 0, "backwards: reset to a non-blocking read");
+        b.advance(Some(0));
+        assert_eq!(b.index, 1, "a 0 index is never waited on");
+        let mut b = Blocking::new();
+        b.index = 5;
+        b.advance(None);
+        assert_eq!(b.index, 0);
+    }
+}

@@ -1,0 +1,115 @@
+//! File source: a directory of YAML service definitions (the proxy's
+//! `services` shape), watched by polling. An invalid file is reported with
+//! its path and line, and that file's last good content stays in force.
+
+use crate::state::State;
+use almond_config::{load_services, Service};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// How often the directory is looked at.
+const POLL: Duration = Duration::from_millis(250);
+
+/// What a file looked like when last read.
+type Stamp = (SystemTime, u64);
+
+/// Watches `dir` until the task is dropped.
+pub async fn run(dir: PathBuf, state: Arc<State>) {
+    let mut stamps: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
+    let mut good: BTreeMap<PathBuf, BTreeMap<String, Service>> = BTreeMap::new();
+    let mut first = true;
+    loop {
+        let listing = list(&dir);
+        if listing != stamps || first {
+            reload(&dir, &listing, &stamps, &mut good, &state);
+            stamps = listing;
+            if first {
+                state.catalog_synced();
+                first = false;
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Every `*.yaml` / `*.yml` / `*.json` file with its modification stamp.
+fn list(dir: &Path) -> BTreeMap<PathBuf, Stamp> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
+        .filter_map(|p| {
+            let meta = std::fs::metadata(&p).ok()?;
+            Some((p, (meta.modified().ok()?, meta.len())))
+        })
+        .collect()
+}
+
+fn reload(
+    dir: &Path,
+    listing: &BTreeMap<PathBuf, Stamp>,
+    old: &BTreeMap<PathBuf, Stamp>,
+    good: &mut BTreeMap<PathBuf, BTreeMap<String, Service>>,
+    state: &State,
+) {
+    good.retain(|path, _| listing.contains_key(path));
+    for (path, stamp) in listing {
+        if old.get(path) == Some(stamp) && good.contains_key(path) {
+            continue;
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read registry file");
+                continue;
+            }
+        };
+        match load_services(&text, &path.display().to_string()) {
+            Ok(services) => {
+                good.insert(path.clone(), services);
+            }
+            Err(problems) => {
+                tracing::error!(file = %path.display(), problems = %problems, "registry file refused; its previous content stays");
+            }
+        }
+    }
+    // Merge: a name defined twice keeps the first file's definition.
+    let mut merged: BTreeMap<String, Service> = BTreeMap::new();
+    for (path, services) in good.iter() {
+        for (name, svc) in services {
+            if merged.contains_key(name) {
+                tracing::error!(file = %path.display(), service = %name, "service defined in two files; the first stays");
+                continue;
+            }
+            merged.insert(name.clone(), svc.clone());
+        }
+    }
+    let now = now_ms();
+    for name in state.services().keys() {
+        if !merged.contains_key(name) {
+            state.remove_service(name, now);
+        }
+    }
+    for (name, svc) in merged {
+        state.set_service(&name, svc, now);
+    }
+    tracing::debug!(dir = %dir.display(), "registry read");
+}
+
+/// Wall-clock milliseconds: file-mode indexes outlive a restart this way.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

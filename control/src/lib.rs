@@ -1,0 +1,72 @@
+//! almond's control plane: endpoint sets in (Consul or a watched
+//! directory), versioned snapshots out to every proxy.
+//!
+//! Sources feed the [`catalog`] through [`state`]; [`api`] serves
+//! long-polled snapshots (full or delta) and operator views.
+
+pub mod api;
+pub mod catalog;
+pub mod consul;
+pub mod file;
+pub mod state;
+
+use almond_config::{ControlConfig, Source};
+use state::State;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Errors that stop the control plane from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The metrics registry refused a family (a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A control plane, ready to run.
+pub struct Control {
+    config: ControlConfig,
+    state: Arc<State>,
+}
+
+impl Control {
+    /// Builds the control plane for a checked config.
+    pub fn new(config: ControlConfig) -> Result<Control, Error> {
+        Ok(Control {
+            config,
+            state: Arc::new(State::new()?),
+        })
+    }
+
+    /// The shared state (for tests and the demo).
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Runs the source and the API on `listener` until `shutdown`.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let source = match self.config.source.clone() {
+            Source::Consul(consul) => tokio::spawn(consul::run(
+                consul,
+                self.config.subset_key.clone(),
+                self.state.clone(),
+            )),
+            Source::File(dir) => tokio::spawn(file::run(dir, self.state.clone())),
+        };
+        let api = tokio::spawn(api::serve(
+            self.state.clone(),
+            listener,
+            self.config.max_wait,
+            stop_rx,
+        ));
+        tracing::info!("control plane serving");
+        shutdown.await;
+        tracing::info!("control plane stopping");
+        let _ = stop_tx.send(true);
+        source.abort();
+        let _ = api.await;
+    }
+}

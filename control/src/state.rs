@@ -1,0 +1,220 @@
+//! State: the catalog behind a lock (the control plane is not a hot
+//! path), readiness, the proxies seen, and the control plane's metrics.
+
+use crate::catalog::Catalog;
+use almond_config::{Service, Snapshot};
+use prometheus::{IntCounter, IntGauge, Registry};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Everything the control plane's tasks share.
+pub struct State {
+    catalog: Mutex<Catalog>,
+    sync: Mutex<Sync>,
+    proxies: Mutex<BTreeMap<String, ProxySeen>>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Sync {
+    catalog: bool,
+    pending: HashSet<String>,
+    ready: bool,
+}
+
+/// A proxy, as its long-polls show it.
+#[derive(Debug, Clone)]
+pub struct ProxySeen {
+    /// Its admin address (for the watcher's scrapes).
+    pub admin: String,
+    /// The index it last asked from.
+    pub index: u64,
+    /// When it last asked.
+    pub seen: Instant,
+}
+
+/// The control plane's own metrics.
+pub struct Metrics {
+    /// The registry `/metrics` serves.
+    pub registry: Registry,
+    /// `almond_control_snapshot_index`.
+    pub index: IntGauge,
+    /// `almond_control_services`.
+    pub services: IntGauge,
+    /// `almond_control_consul_up`.
+    pub consul_up: IntGauge,
+    /// `almond_control_consul_errors_total`.
+    pub consul_errors: IntCounter,
+    /// `almond_control_long_polls` (waiting now).
+    pub long_polls: IntGauge,
+    /// `almond_control_snapshots_sent_total`.
+    pub snapshots_sent: IntCounter,
+}
+
+impl Metrics {
+    fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let m = Metrics {
+            index: gauge("almond_control_snapshot_index", "Index of the served state.")?,
+            services: gauge("almond_control_services", "Services served.")?,
+            consul_up: gauge("almond_control_consul_up", "1 while Consul answers.")?,
+            consul_errors: counter(
+                "almond_control_consul_errors_total",
+                "Failed Consul queries.",
+            )?,
+            long_polls: gauge("almond_control_long_polls", "Snapshot long-polls waiting.")?,
+            snapshots_sent: counter(
+                "almond_control_snapshots_sent_total",
+                "Snapshots (full or delta) sent to proxies.",
+            )?,
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(m)
+    }
+}
+
+impl State {
+    /// Fresh state.
+    pub fn new() -> Result<State, prometheus::Error> {
+        Ok(State {
+            catalog: Mutex::new(Catalog::new()),
+            sync: Mutex::new(Sync::default()),
+            proxies: Mutex::new(BTreeMap::new()),
+            metrics: Metrics::new()?,
+        })
+    }
+
+    fn catalog(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        // A panic while holding the lock leaves a consistent catalog (every
+        // method finishes its writes before it can panic), so go on.
+        self.catalog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sync(&self) -> std::sync::MutexGuard<'_, Sync> {
+        self.sync.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets a service from a source.
+    pub fn set_service(&self, name: &str, service: Service, source_index: u64) {
+        let mut catalog = self.catalog();
+        if catalog.set(name, service, source_index) {
+            tracing::info!(service = name, index = catalog.index(), "service updated");
+        }
+        self.publish(&catalog);
+        drop(catalog);
+        let mut sync = self.sync();
+        sync.pending.remove(name);
+        Self::check_ready(&mut sync);
+    }
+
+    /// Removes a service.
+    pub fn remove_service(&self, name: &str, source_index: u64) {
+        let mut catalog = self.catalog();
+        if catalog.remove(name, source_index) {
+            tracing::info!(service = name, index = catalog.index(), "service removed");
+        }
+        self.publish(&catalog);
+        drop(catalog);
+        self.sync().pending.remove(name);
+    }
+
+    fn publish(&self, catalog: &Catalog) {
+        self.metrics.index.set(catalog.index() as i64);
+        self.metrics.services.set(catalog.services().count() as i64);
+    }
+
+    /// Is the service known?
+    pub fn has_service(&self, name: &str) -> bool {
+        self.catalog().service(name).is_some()
+    }
+
+    /// A source will deliver this service before the first sync is done.
+    pub fn expect_service(&self, name: &str) {
+        self.sync().pending.insert(name.to_owned());
+    }
+
+    /// The source's list of services has been read.
+    pub fn catalog_synced(&self) {
+        let mut sync = self.sync();
+        sync.catalog = true;
+        Self::check_ready(&mut sync);
+    }
+
+    fn check_ready(sync: &mut Sync) {
+        if sync.catalog && sync.pending.is_empty() && !sync.ready {
+            sync.ready = true;
+            tracing::info!("first full sync done: ready");
+        }
+    }
+
+    /// Ready after the first full sync.
+    pub fn is_ready(&self) -> bool {
+        self.sync().ready
+    }
+
+    /// The snapshot a proxy at `since` needs.
+    pub fn snapshot_since(&self, since: u64) -> Snapshot {
+        self.catalog().snapshot_since(since)
+    }
+
+    /// The current index.
+    pub fn index(&self) -> u64 {
+        self.catalog().index()
+    }
+
+    /// Index changes, for long-polls.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.catalog().subscribe()
+    }
+
+    /// One service.
+    pub fn service(&self, name: &str) -> Option<Service> {
+        self.catalog().service(name).cloned()
+    }
+
+    /// Every service.
+    pub fn services(&self) -> BTreeMap<String, Service> {
+        self.catalog()
+            .services()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Notes a proxy's long-poll.
+    pub fn saw_proxy(&self, id: &str, admin: &str, index: u64) {
+        let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        proxies.insert(
+            id.to_owned(),
+            ProxySeen {
+                admin: admin.to_owned(),
+                index,
+                seen: Instant::now(),
+            },
+        );
+    }
+
+    /// The proxies seen, by ID.
+    pub fn proxies(&self) -> BTreeMap<String, ProxySeen> {
+        self.proxies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}

@@ -1,0 +1,181 @@
+//! Control: follow the control plane's snapshots (long-poll), apply them
+//! through the one table swap, and keep a cache file for starts while the
+//! control plane is away.
+
+use crate::Proxy;
+use almond_config::{validate_proxy, ProxyConfig, Snapshot};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// How long the control plane may hold a long-poll.
+const WAIT: Duration = Duration::from_secs(30);
+/// Slack on top of `WAIT` before the poll counts as failed.
+const SLACK: Duration = Duration::from_secs(10);
+/// Longest pause between failed polls.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Loads the cache file into `config`'s services; returns the cached index.
+/// A missing or bad cache is reported and ignored.
+pub fn load_cache(config: &mut ProxyConfig) -> Option<u64> {
+    let path = config.cache.clone()?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::info!(cache = %path.display(), error = %e, "no snapshot cache");
+            return None;
+        }
+    };
+    let snapshot: Snapshot = match serde_json::from_str(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(cache = %path.display(), error = %e, "snapshot cache unreadable; ignored");
+            return None;
+        }
+    };
+    let mut candidate = config.clone();
+    let index = snapshot.index;
+    candidate.services = snapshot.apply_to(&config.services);
+    let problems = validate_proxy(&candidate);
+    if !problems.is_empty() {
+        tracing::warn!(cache = %path.display(), problem = %problems[0], "snapshot cache invalid; ignored");
+        return None;
+    }
+    *config = candidate;
+    tracing::info!(cache = %path.display(), index, "serving from the snapshot cache");
+    Some(index)
+}
+
+/// Follows the control plane at `url` until the task is dropped.
+/// `index`: the index already applied (from the cache), 0 if none.
+pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, mut index: u64) {
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build_http();
+    let shared = proxy.shared().clone();
+    let mut failures = 0u32;
+    loop {
+        let uri = format!(
+            "{}/v1/snapshot?proxy={}&index={index}&wait={}s&admin={}",
+            url.trim_end_matches('/'),
+            encode(&proxy_id),
+            WAIT.as_secs(),
+            encode(&admin),
+        );
+        match poll(&client, &uri).await {
+            Ok(snapshot) => {
+                failures = 0;
+                shared.metrics.control_connected.set(1);
+                if snapshot.index <= index {
+                    // Wait timed out, or an older replica answered: keep ours.
+                    continue;
+                }
+                match apply(&proxy, snapshot) {
+                    Ok(applied) => {
+                        index = applied;
+                        shared.metrics.config_index.set(index as i64);
+                        shared.ready.store(true, Ordering::Release);
+                    }
+                    Err(problem) => {
+                        tracing::error!(%problem, "snapshot refused; the previous config stays");
+                        tokio::time::sleep(MAX_BACKOFF).await;
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                shared.metrics.control_connected.set(0);
+                let pause = backoff(failures);
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!(control = %url, error = %e, failures, retry_in = ?pause, "control plane unreachable; serving the last config");
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// One long-poll.
+async fn poll(client: &Client<HttpConnector, Empty<Bytes>>, uri: &str) -> Result<Snapshot, String> {
+    let req = hyper::Request::get(uri)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(WAIT + SLACK, client.request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = tokio::time::timeout(SLACK, resp.into_body().collect())
+        .await
+        .map_err(|_| "body timed out".to_owned())?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("status {status}: {}", String::from_utf8_lossy(&body).trim()));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("bad snapshot: {e}"))
+}
+
+/// Validates a snapshot merged into the running config and swaps it in;
+/// writes the cache. Returns the applied index.
+fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
+    let current = proxy.shared().table.load().config.clone();
+    let index = snapshot.index;
+    let mut next = (*current).clone();
+    next.services = snapshot.apply_to(&current.services);
+    if let Some(problem) = validate_proxy(&next).into_iter().next() {
+        return Err(problem.to_string());
+    }
+    let cache = next.cache.clone();
+    let services = next.services.clone();
+    proxy.update(next);
+    tracing::info!(index, services = services.len(), "snapshot applied");
+    if let Some(path) = cache {
+        let full = Snapshot {
+            index,
+            full: true,
+            names: services.keys().cloned().collect(),
+            services,
+        };
+        if let Err(e) = write_cache(&path, &full) {
+            tracing::warn!(cache = %path.display(), error = %e, "cannot write the snapshot cache");
+        }
+    }
+    Ok(index)
+}
+
+/// Writes the cache atomically: a temporary file, then a rename.
+fn write_cache(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// 250 ms doubling to 10 s, with jitter.
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_millis(250).saturating_mul(1 << failures.min(6));
+    base.min(MAX_BACKOFF).mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+/// Percent-encodes a query value (names and addresses are plain, but be
+/// safe).
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
