@@ -1,6 +1,7 @@
 //! The `almond` command: parse the command line, then call into the crates.
 
 mod demo;
+mod ops;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -42,6 +43,42 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Set a traffic split, e.g. `almond shift orders v1=90 v2=10`.
+    Shift {
+        /// The service.
+        service: String,
+        /// SUBSET=WEIGHT pairs (percent, summing to 100).
+        #[arg(required = true)]
+        weights: Vec<String>,
+        /// Subsets that may have no endpoints yet.
+        #[arg(long)]
+        allow_empty: Vec<String>,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Send 100% of a service's traffic to one subset.
+    Promote {
+        /// The service.
+        service: String,
+        /// The subset that gets everything.
+        subset: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Go back to the split in force before the current one.
+    Rollback {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Subsets, weights and endpoints of one service or all.
+    Status {
+        /// The service (default: all).
+        service: Option<String>,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
     /// Validate a proxy or control config file: exit 0, or 1 naming every
     /// problem.
     CheckConfig {
@@ -60,12 +97,60 @@ enum Command {
     },
 }
 
+/// Options of the operator commands.
+#[derive(clap::Args)]
+struct OpsArgs {
+    /// Control plane URL.
+    #[arg(long, env = "ALMOND_CONTROL", default_value = "http://127.0.0.1:4180")]
+    control: String,
+    /// Bearer token for changes.
+    #[arg(long, env = "ALMOND_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", default_value = "text")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+impl OpsArgs {
+    fn target(self) -> ops::Target {
+        ops::Target {
+            control: self.control,
+            token: self.token,
+            json: self.output == Output::Json,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Proxy { config } => run_proxy(&config),
         Command::Control { config } => run_control(&config),
+        Command::Shift {
+            service,
+            weights,
+            allow_empty,
+            ops,
+        } => ops::parse_weights(&weights).and_then(|w| {
+            let t = ops.target();
+            block_on(ops::shift(&t, &service, w, allow_empty, "shift"))
+        }),
+        Command::Promote {
+            service,
+            subset,
+            ops,
+        } => block_on(ops::promote(&ops.target(), &service, &subset)),
+        Command::Rollback { service, ops } => block_on(ops::rollback(&ops.target(), &service)),
+        Command::Status { service, ops } => {
+            block_on(ops::status(&ops.target(), service.as_deref()))
+        }
         Command::CheckConfig { file } => return check_config(&file),
         Command::Demo { duration, rate } => runtime(None).and_then(|rt| {
             rt.block_on(demo::run(
@@ -137,6 +222,11 @@ fn run_proxy(path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
+/// Runs one operator command on a small runtime.
+fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    runtime(Some(1))?.block_on(work)
+}
+
 fn run_control(path: &std::path::Path) -> anyhow::Result<()> {
     let config = almond_config::load_control_file(path)?;
     let rt = runtime(None)?;
@@ -183,7 +273,10 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     };
     let name = path.display().to_string();
     let (kind, result) = if almond_config::is_control_config(&text) {
-        ("control", almond_config::load_control(&text, &name).map(drop))
+        (
+            "control",
+            almond_config::load_control(&text, &name).map(drop),
+        )
     } else {
         ("proxy", almond_config::load_proxy(&text, &name).map(drop))
     };

@@ -20,6 +20,9 @@ pub struct ControlConfig {
     /// Where splits and rollouts live.
     #[serde(default)]
     pub store: Store,
+    /// The policy file of `store: file`.
+    #[serde(default = "default_policy_file")]
+    pub policy_file: PathBuf,
     /// How the watcher reads golden metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watcher: Option<serde_json::Value>,
@@ -33,6 +36,9 @@ pub struct ControlConfig {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 4180))
+}
+fn default_policy_file() -> PathBuf {
+    PathBuf::from("almond-policy.json")
 }
 fn default_subset_key() -> String {
     "version".to_owned()

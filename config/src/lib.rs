@@ -18,9 +18,9 @@ pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
     load_services, validate_proxy, Strictness,
 };
-pub use snapshot::Snapshot;
 pub use problem::{Problem, Problems};
 pub use proxy::{
     CircuitBreaker, Condition, Direction, Endpoint, Lb, Limits, Listener, Protocol, ProxyConfig,
     Retries, Service, Timeouts, DEFAULT_SUBSET,
 };
+pub use snapshot::Snapshot;

@@ -1,11 +1,13 @@
 //! API: the long-poll snapshots proxies follow, the service views
 //! operators read, `/metrics`, `/ready`, `/live`.
 
+use crate::policy::{check_split, Refusal, Weights};
 use crate::state::State;
+use crate::store::{now_ms, Store};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -18,13 +20,23 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the API handlers share.
+pub struct Api {
+    /// The served state.
+    pub state: Arc<State>,
+    /// Where policies are written.
+    pub store: Arc<Store>,
+    /// Bearer token operator mutations need, when set.
+    pub token: Option<String>,
+    /// Longest long-poll.
+    pub max_wait: Duration,
+}
+
 /// Serves the API until `stop` changes.
-pub async fn serve(
-    state: Arc<State>,
-    listener: TcpListener,
-    max_wait: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn serve(api: Arc<Api>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -38,10 +50,10 @@ pub async fn serve(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
+        let api = api.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| respond(state.clone(), req, max_wait, stop.clone()));
+            let svc = service_fn(move |req| respond(api.clone(), req, stop.clone()));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -50,23 +62,42 @@ pub async fn serve(
 }
 
 async fn respond(
-    state: Arc<State>,
+    api: Arc<Api>,
     req: Request<Incoming>,
-    max_wait: Duration,
     stop: watch::Receiver<bool>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let state = &api.state;
     let query = parse_query(req.uri().query().unwrap_or(""));
     let path = req.uri().path().to_owned();
-    if req.method() != Method::GET {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
-    }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if req.method() != Method::GET {
+        return Ok(match (req.method().clone(), segments.as_slice()) {
+            (Method::PUT, ["v1", "services", name, "split"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, &name, Mutation::Split).await
+            }
+            (Method::POST, ["v1", "services", name, "rollback"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, &name, Mutation::Rollback).await
+            }
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here\n"),
+        });
+    }
+    let max_wait = api.max_wait;
     Ok(match segments.as_slice() {
-        ["v1", "snapshot"] => snapshot(&state, &query, max_wait, stop).await,
-        ["v1", "services"] => json_ok(&services_view(&state)),
+        ["v1", "snapshot"] => snapshot(state, &query, max_wait, stop).await,
+        ["v1", "services"] => json_ok(&services_view(state)),
         ["v1", "services", name] => match state.service(name) {
-            Some(svc) => json_ok(&json!({ "name": name, "index": state.index(), "service": svc })),
-            None => text(StatusCode::NOT_FOUND, &format!("unknown service {name:?}\n")),
+            Some(svc) => json_ok(&json!({
+                "name": name,
+                "index": state.index(),
+                "service": svc,
+                "policy": state.policy(name).unwrap_or_default(),
+            })),
+            None => text(
+                StatusCode::NOT_FOUND,
+                &format!("unknown service {name:?}\n"),
+            ),
         },
         ["v1", "proxies"] => {
             let proxies: serde_json::Map<String, serde_json::Value> = state
@@ -85,11 +116,9 @@ async fn respond(
         ["metrics"] => {
             let mut out = Vec::new();
             let encoder = prometheus::TextEncoder::new();
-            if let Err(e) = prometheus::Encoder::encode(
-                &encoder,
-                &state.metrics.registry.gather(),
-                &mut out,
-            ) {
+            if let Err(e) =
+                prometheus::Encoder::encode(&encoder, &state.metrics.registry.gather(), &mut out)
+            {
                 tracing::warn!(error = %e, "metrics encoding failed");
             }
             let mut resp = Response::new(Full::new(Bytes::from(out)));
@@ -100,10 +129,137 @@ async fn respond(
             resp
         }
         ["ready"] if state.is_ready() => text(StatusCode::OK, "ready\n"),
-        ["ready"] => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: first sync not done\n"),
+        ["ready"] => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: first sync not done\n",
+        ),
         ["live"] => text(StatusCode::OK, "live\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     })
+}
+
+/// An operator change to a service's policy.
+#[derive(Clone, Copy)]
+enum Mutation {
+    Split,
+    Rollback,
+}
+
+/// Body of `PUT /v1/services/{svc}/split`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplitRequest {
+    weights: Weights,
+    /// The policy version the caller based this on; stale -> 409.
+    #[serde(default)]
+    version: Option<u64>,
+    /// Subsets that may have no endpoints yet.
+    #[serde(default)]
+    allow_empty: Vec<String>,
+    /// `shift` (default), `promote`, ...
+    #[serde(default)]
+    action: Option<String>,
+}
+
+/// Checks the token, validates, writes the store with check-and-set, and
+/// serves the result at once. Nothing changes unless everything passes.
+async fn mutate(
+    api: &Api,
+    req: Request<Incoming>,
+    name: &str,
+    what: Mutation,
+) -> Response<Full<Bytes>> {
+    if let Some(expected) = &api.token {
+        let given = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            None => {
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "a bearer token is required (--token or ALMOND_TOKEN)\n",
+                )
+            }
+            Some(t) if t != expected => return text(StatusCode::FORBIDDEN, "token refused\n"),
+            Some(_) => {}
+        }
+    }
+    let by = req
+        .headers()
+        .get("x-almond-user")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("anonymous")
+        .to_owned();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}\n")),
+    };
+    let Some(service) = api.state.source_service(name) else {
+        return refusal(Refusal::UnknownService(name.to_owned()));
+    };
+    let (current, token) = match api.store.get(name).await {
+        Ok(p) => p,
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("store unavailable: {e}\n"),
+            )
+        }
+    };
+    let now = now_ms() / 1000;
+    let next = match what {
+        Mutation::Split => {
+            let request: SplitRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                }
+            };
+            if let Err(r) = check_split(&request.weights, &service, &request.allow_empty) {
+                return refusal(r);
+            }
+            if let Some(v) = request.version.filter(|v| *v != current.version) {
+                return refusal(Refusal::Conflict(format!(
+                    "the split changed since version {v} (now {}); read it again",
+                    current.version
+                )));
+            }
+            let action = request.action.as_deref().unwrap_or("shift");
+            current.with_split(request.weights, &by, action, now)
+        }
+        Mutation::Rollback => match current.rolled_back(&by, now) {
+            Ok(p) => p,
+            Err(r) => return refusal(r),
+        },
+    };
+    match api.store.put(name, &next, token).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return refusal(Refusal::Conflict(
+                "another change was written first; read the split again".into(),
+            ))
+        }
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("store unavailable: {e}\n"),
+            )
+        }
+    }
+    tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, version = next.version, "split changed");
+    api.state.set_policy(name, next.clone(), 0);
+    json_ok(&json!({ "service": name, "policy": next, "index": api.state.index() }))
+}
+
+fn refusal(r: Refusal) -> Response<Full<Bytes>> {
+    let status = match r {
+        Refusal::Invalid(_) => StatusCode::BAD_REQUEST,
+        Refusal::UnknownService(_) => StatusCode::NOT_FOUND,
+        Refusal::Conflict(_) => StatusCode::CONFLICT,
+    };
+    text(status, &format!("{r}\n"))
 }
 
 /// `GET /v1/snapshot?proxy=ID&index=N&wait=30s`: answers as soon as the
@@ -174,7 +330,10 @@ fn services_view(state: &State) -> serde_json::Value {
 
 /// `30s`, `500ms`, `1m`; a bare number is seconds.
 fn parse_wait(text: &str) -> Option<Duration> {
-    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let (num, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
     let n: u64 = num.parse().ok()?;
     match unit {
         "" | "s" => Some(Duration::from_secs(n)),

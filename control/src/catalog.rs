@@ -48,7 +48,11 @@ impl Catalog {
 
     /// Sets a service; returns whether anything changed.
     pub fn set(&mut self, name: &str, service: Service, source_index: u64) -> bool {
-        if self.services.get(name).is_some_and(|e| e.service == service) {
+        if self
+            .services
+            .get(name)
+            .is_some_and(|e| e.service == service)
+        {
             return false;
         }
         let modified = source_index.max(self.index + 1);

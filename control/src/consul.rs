@@ -8,7 +8,7 @@ use crate::state::State;
 use almond_config::{ConsulSource, Endpoint, Protocol, Service, DEFAULT_SUBSET};
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -30,7 +30,7 @@ pub struct ConsulClient {
     token: Option<String>,
     datacenter: Option<String>,
     stale: bool,
-    http: Client<HttpConnector, Empty<Bytes>>,
+    http: Client<HttpConnector, Full<Bytes>>,
 }
 
 /// Why a Consul call failed.
@@ -50,8 +50,10 @@ pub enum ConsulError {
     Decode(String),
 }
 
-/// A successful answer: body and `X-Consul-Index` (absent on some paths).
+/// An answer: status, body and `X-Consul-Index` (absent on some paths).
 pub struct Answer {
+    /// The status (always 2xx from [`ConsulClient::get`]).
+    pub status: StatusCode,
     /// The body.
     pub body: Bytes,
     /// `X-Consul-Index`, if sent.
@@ -71,26 +73,51 @@ impl ConsulClient {
         }
     }
 
-    /// GET `path` as a blocking query at `index` (0: answer at once).
+    /// GET `path` as a blocking query at `index` (0: answer at once);
+    /// any non-2xx is an error.
     pub async fn get(&self, path: &str, index: u64, wait: Duration) -> Result<Answer, ConsulError> {
-        let mut uri = format!("{}{path}?", self.base);
+        let answer = self
+            .call(http::Method::GET, path, "", index, wait, Bytes::new())
+            .await?;
+        check(answer)
+    }
+
+    /// One call. `query`: extra parameters (`recurse`, `cas=3`, ...).
+    /// Returns every status; transport failures and time-outs are errors.
+    pub async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        query: &str,
+        index: u64,
+        wait: Duration,
+        body: Bytes,
+    ) -> Result<Answer, ConsulError> {
+        let mut params: Vec<String> = Vec::new();
+        if !query.is_empty() {
+            params.push(query.to_owned());
+        }
         if index > 0 {
             // Whole milliseconds, as the official client sends them.
-            uri.push_str(&format!("index={index}&wait={}ms&", wait.as_millis().max(1)));
+            params.push(format!("index={index}&wait={}ms", wait.as_millis().max(1)));
         }
         if let Some(dc) = &self.datacenter {
-            uri.push_str(&format!("dc={dc}&"));
+            params.push(format!("dc={dc}"));
         }
-        if self.stale {
-            uri.push_str("stale&");
+        if self.stale && method == http::Method::GET {
+            params.push("stale".into());
         }
-        uri.pop();
-        let mut req = hyper::Request::get(uri);
+        let mut uri = format!("{}{path}", self.base);
+        if !params.is_empty() {
+            uri.push('?');
+            uri.push_str(&params.join("&"));
+        }
+        let mut req = hyper::Request::builder().method(method).uri(uri);
         if let Some(token) = &self.token {
             req = req.header("X-Consul-Token", token);
         }
         let req = req
-            .body(Empty::new())
+            .body(Full::new(body))
             .map_err(|e| ConsulError::Transport(e.to_string()))?;
         // Consul may hold up to wait + wait/16; allow that plus slack.
         let limit = if index > 0 {
@@ -116,16 +143,25 @@ impl ConsulClient {
                 .await
                 .map_err(|e| ConsulError::Transport(e.to_string()))?
                 .to_bytes();
-            let text = || String::from_utf8_lossy(&body).trim().to_owned();
-            match status {
-                s if s.is_success() => Ok(Answer { body: body.clone(), index }),
-                StatusCode::FORBIDDEN => Err(ConsulError::Forbidden(text())),
-                s => Err(ConsulError::Status(s, text())),
-            }
+            Ok(Answer {
+                status,
+                body,
+                index,
+            })
         };
         tokio::time::timeout(limit, work)
             .await
             .map_err(|_| ConsulError::Transport("read timed out".into()))?
+    }
+}
+
+/// Turns a non-2xx answer into the matching error.
+pub fn check(answer: Answer) -> Result<Answer, ConsulError> {
+    let text = || String::from_utf8_lossy(&answer.body).trim().to_owned();
+    match answer.status {
+        s if s.is_success() => Ok(answer),
+        StatusCode::FORBIDDEN => Err(ConsulError::Forbidden(text())),
+        s => Err(ConsulError::Status(s, text())),
     }
 }
 
@@ -199,7 +235,10 @@ pub async fn run(cfg: ConsulSource, subset_key: String, state: Arc<State>) {
     let mut blocking = Blocking::new();
     loop {
         blocking.pace().await;
-        let answer = match client.get("/v1/catalog/services", blocking.index, cfg.wait).await {
+        let answer = match client
+            .get("/v1/catalog/services", blocking.index, cfg.wait)
+            .await
+        {
             Ok(a) => a,
             Err(e) => {
                 blocking.back_off("catalog", &e, &state).await;
@@ -210,7 +249,8 @@ pub async fn run(cfg: ConsulSource, subset_key: String, state: Arc<State>) {
         if !blocking.advance(answer.index) && !watches.is_empty() {
             continue;
         }
-        let names: BTreeMap<String, serde_json::Value> = match serde_json::from_slice(&answer.body) {
+        let names: BTreeMap<String, serde_json::Value> = match serde_json::from_slice(&answer.body)
+        {
             Ok(n) => n,
             Err(e) => {
                 blocking
@@ -236,16 +276,16 @@ pub async fn run(cfg: ConsulSource, subset_key: String, state: Arc<State>) {
         });
         // Start watching new ones.
         for name in wanted {
-            if !watches.contains_key(&name) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = watches.entry(name) {
+                let name = slot.key().clone();
                 state.expect_service(&name);
-                let task = tokio::spawn(watch_service(
+                slot.insert(tokio::spawn(watch_service(
                     client.clone(),
-                    name.clone(),
+                    name,
                     subset_key.clone(),
                     cfg.wait,
                     state.clone(),
-                ));
-                watches.insert(name, task);
+                )));
             }
         }
         state.catalog_synced();
@@ -396,10 +436,16 @@ pub fn to_service(name: &str, instances: &[Instance], subset_key: &str) -> Servi
             match p.as_str() {
                 "http2" | "grpc" | "h2" | "h2c" => protocol = Protocol::Http2,
                 "http" | "http1" => protocol = Protocol::Http1,
-                other => tracing::debug!(service = name, protocol = other, "unknown protocol meta; using http1"),
+                other => tracing::debug!(
+                    service = name,
+                    protocol = other,
+                    "unknown protocol meta; using http1"
+                ),
             }
         }
-        let Some(weight) = instance_weight(inst) else { continue };
+        let Some(weight) = instance_weight(inst) else {
+            continue;
+        };
         let host = if inst.service.address.is_empty() {
             &inst.node.address
         } else {
@@ -464,12 +510,16 @@ mod tests {
             }))
         };
         let w = serde_json::json!({"Passing": 3, "Warning": 1});
-        assert_eq!(instance_weight(&base(serde_json::json!([]), w.clone())), Some(3));
+        assert_eq!(
+            instance_weight(&base(serde_json::json!([]), w.clone())),
+            Some(3)
+        );
         let warn = serde_json::json!([{"CheckID": "a", "Status": "warning"}]);
         assert_eq!(instance_weight(&base(warn, w.clone())), Some(1));
         let crit = serde_json::json!([{"CheckID": "a", "Status": "critical"}]);
         assert_eq!(instance_weight(&base(crit, w.clone())), None);
-        let maint = serde_json::json!([{"CheckID": "_service_maintenance:w1", "Status": "critical"}]);
+        let maint =
+            serde_json::json!([{"CheckID": "_service_maintenance:w1", "Status": "critical"}]);
         assert_eq!(instance_weight(&base(maint, w)), None);
         let drain = serde_json::json!([{"CheckID": "a", "Status": "warning"}]);
         let w0 = serde_json::json!({"Passing": 1, "Warning": 0});

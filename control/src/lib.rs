@@ -8,12 +8,16 @@ pub mod api;
 pub mod catalog;
 pub mod consul;
 pub mod file;
+pub mod policy;
 pub mod state;
+pub mod store;
 
-use almond_config::{ControlConfig, Source};
+use almond_config::{ControlConfig, Source, Store as StoreKind};
+use consul::ConsulClient;
 use state::State;
 use std::future::Future;
 use std::sync::Arc;
+use store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -40,6 +44,13 @@ impl Control {
         })
     }
 
+    fn file_store(&self) -> Store {
+        Store::File {
+            path: self.config.policy_file.clone(),
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
     /// The shared state (for tests and the demo).
     pub fn state(&self) -> &Arc<State> {
         &self.state
@@ -48,6 +59,21 @@ impl Control {
     /// Runs the source and the API on `listener` until `shutdown`.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let store = Arc::new(match (&self.config.store, &self.config.source) {
+            (StoreKind::Consul, Source::Consul(c)) => Store::Consul(Box::new(ConsulClient::new(c))),
+            (StoreKind::Consul, Source::File(_)) => {
+                tracing::warn!("store: consul needs a consul source; using the policy file");
+                self.file_store()
+            }
+            (StoreKind::File, _) => self.file_store(),
+        });
+        let follower = tokio::spawn(store.clone().follow(self.state.clone()));
+        let token = self
+            .config
+            .token_env
+            .as_ref()
+            .and_then(|env| std::env::var(env).ok())
+            .filter(|t| !t.is_empty());
         let source = match self.config.source.clone() {
             Source::Consul(consul) => tokio::spawn(consul::run(
                 consul,
@@ -56,17 +82,19 @@ impl Control {
             )),
             Source::File(dir) => tokio::spawn(file::run(dir, self.state.clone())),
         };
-        let api = tokio::spawn(api::serve(
-            self.state.clone(),
-            listener,
-            self.config.max_wait,
-            stop_rx,
-        ));
+        let api = Arc::new(api::Api {
+            state: self.state.clone(),
+            store,
+            token,
+            max_wait: self.config.max_wait,
+        });
+        let api = tokio::spawn(api::serve(api, listener, stop_rx));
         tracing::info!("control plane serving");
         shutdown.await;
         tracing::info!("control plane stopping");
         let _ = stop_tx.send(true);
         source.abort();
+        follower.abort();
         let _ = api.await;
     }
 }

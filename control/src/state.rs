@@ -2,6 +2,7 @@
 //! path), readiness, the proxies seen, and the control plane's metrics.
 
 use crate::catalog::Catalog;
+use crate::policy::Policy;
 use almond_config::{Service, Snapshot};
 use prometheus::{IntCounter, IntGauge, Registry};
 use std::collections::{BTreeMap, HashSet};
@@ -11,11 +12,19 @@ use tokio::time::Instant;
 
 /// Everything the control plane's tasks share.
 pub struct State {
+    /// What the sources and the store say; the catalog serves their merge.
+    inputs: Mutex<Inputs>,
     catalog: Mutex<Catalog>,
     sync: Mutex<Sync>,
     proxies: Mutex<BTreeMap<String, ProxySeen>>,
     /// Metrics.
     pub metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Inputs {
+    sources: BTreeMap<String, Service>,
+    policies: BTreeMap<String, Policy>,
 }
 
 #[derive(Default)]
@@ -68,7 +77,10 @@ impl Metrics {
             Ok(c)
         };
         let m = Metrics {
-            index: gauge("almond_control_snapshot_index", "Index of the served state.")?,
+            index: gauge(
+                "almond_control_snapshot_index",
+                "Index of the served state.",
+            )?,
             services: gauge("almond_control_services", "Services served.")?,
             consul_up: gauge("almond_control_consul_up", "1 while Consul answers.")?,
             consul_errors: counter(
@@ -94,6 +106,7 @@ impl State {
     /// Fresh state.
     pub fn new() -> Result<State, prometheus::Error> {
         Ok(State {
+            inputs: Mutex::new(Inputs::default()),
             catalog: Mutex::new(Catalog::new()),
             sync: Mutex::new(Sync::default()),
             proxies: Mutex::new(BTreeMap::new()),
@@ -111,10 +124,21 @@ impl State {
         self.sync.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn inputs(&self) -> std::sync::MutexGuard<'_, Inputs> {
+        self.inputs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Sets a service from a source.
     pub fn set_service(&self, name: &str, service: Service, source_index: u64) {
+        let mut inputs = self.inputs();
+        inputs.sources.insert(name.to_owned(), service.clone());
+        let served = match inputs.policies.get(name) {
+            Some(policy) => policy.apply(service),
+            None => service,
+        };
         let mut catalog = self.catalog();
-        if catalog.set(name, service, source_index) {
+        drop(inputs);
+        if catalog.set(name, served, source_index) {
             tracing::info!(service = name, index = catalog.index(), "service updated");
         }
         self.publish(&catalog);
@@ -126,13 +150,51 @@ impl State {
 
     /// Removes a service.
     pub fn remove_service(&self, name: &str, source_index: u64) {
+        let mut inputs = self.inputs();
+        inputs.sources.remove(name);
         let mut catalog = self.catalog();
+        drop(inputs);
         if catalog.remove(name, source_index) {
             tracing::info!(service = name, index = catalog.index(), "service removed");
         }
         self.publish(&catalog);
         drop(catalog);
         self.sync().pending.remove(name);
+    }
+
+    /// Replaces every policy (from the store) and re-serves the services
+    /// whose policy changed.
+    pub fn set_policies(&self, policies: BTreeMap<String, Policy>, source_index: u64) {
+        let mut inputs = self.inputs();
+        inputs.policies = policies;
+        let mut catalog = self.catalog();
+        for (name, service) in &inputs.sources {
+            let served = match inputs.policies.get(name) {
+                Some(policy) => policy.apply(service.clone()),
+                None => service.clone(),
+            };
+            if catalog.set(name, served, source_index) {
+                tracing::info!(service = %name, index = catalog.index(), "policy applied");
+            }
+        }
+        self.publish(&catalog);
+    }
+
+    /// Sets one service's policy (after a successful store write).
+    pub fn set_policy(&self, name: &str, policy: Policy, source_index: u64) {
+        let mut all = self.inputs().policies.clone();
+        all.insert(name.to_owned(), policy);
+        self.set_policies(all, source_index);
+    }
+
+    /// One service's policy as last seen.
+    pub fn policy(&self, name: &str) -> Option<Policy> {
+        self.inputs().policies.get(name).cloned()
+    }
+
+    /// One service as its source describes it (before policy).
+    pub fn source_service(&self, name: &str) -> Option<Service> {
+        self.inputs().sources.get(name).cloned()
     }
 
     fn publish(&self, catalog: &Catalog) {

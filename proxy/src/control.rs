@@ -116,7 +116,10 @@ async fn poll(client: &Client<HttpConnector, Empty<Bytes>>, uri: &str) -> Result
         .map_err(|e| e.to_string())?
         .to_bytes();
     if !status.is_success() {
-        return Err(format!("status {status}: {}", String::from_utf8_lossy(&body).trim()));
+        return Err(format!(
+            "status {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
     }
     serde_json::from_slice(&body).map_err(|e| format!("bad snapshot: {e}"))
 }

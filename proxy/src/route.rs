@@ -283,7 +283,10 @@ impl ServiceRoute {
                 .ok_or_else(|| (ErrorKind::UnknownSubset, pin.to_owned()));
         }
         match &self.split {
-            Some(split) => Ok(self.subsets.get(split.pick()).map_or(&self.all, |s| &s.pool)),
+            Some(split) => Ok(self
+                .subsets
+                .get(split.pick())
+                .map_or(&self.all, |s| &s.pool)),
             None => Ok(&self.all),
         }
     }

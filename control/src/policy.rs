@@ -1,0 +1,197 @@
+//! Policy: a service's traffic split, the split before it (for rollback),
+//! and an audit trail of who changed what, when. Checked here; kept by
+//! `store`; merged into the services proxies receive.
+
+use almond_config::Service;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Percent by subset.
+pub type Weights = BTreeMap<String, u32>;
+
+/// Changes kept in a policy's audit trail.
+const HISTORY: usize = 50;
+
+/// A service's traffic policy, as stored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Bumped by every change; a shift may name the version it saw.
+    #[serde(default)]
+    pub version: u64,
+    /// The split in force (`None`: all subsets by endpoint weight).
+    #[serde(default)]
+    pub split: Option<Weights>,
+    /// The split before the current one, for `rollback`.
+    #[serde(default)]
+    pub previous: Option<Weights>,
+    /// Newest last.
+    #[serde(default)]
+    pub history: Vec<Change>,
+}
+
+/// One change, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Unix seconds.
+    pub at: u64,
+    /// Who (the token's owner, or `anonymous`).
+    pub by: String,
+    /// What was in force before.
+    pub from: Option<Weights>,
+    /// What is in force after.
+    pub to: Option<Weights>,
+    /// `shift`, `promote`, `rollback`, or a rollout step.
+    pub action: String,
+}
+
+/// A refused change, with the HTTP status it maps to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The request is wrong (bad weights, unknown subset).
+    #[error("{0}")]
+    Invalid(String),
+    /// The service does not exist.
+    #[error("unknown service {0:?}")]
+    UnknownService(String),
+    /// Someone else changed the policy first.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Checks a split against the service's subsets. `allow_empty` names
+/// subsets that may have no endpoints yet (a canary about to deploy).
+pub fn check_split(
+    weights: &Weights,
+    service: &Service,
+    allow_empty: &[String],
+) -> Result<(), Refusal> {
+    if weights.is_empty() {
+        return Err(Refusal::Invalid("a split needs at least one subset".into()));
+    }
+    for (subset, w) in weights {
+        if *w > 100 {
+            return Err(Refusal::Invalid(format!(
+                "weight of {subset} is {w}; weights are percent, 0 to 100"
+            )));
+        }
+        let exists = service.endpoints.iter().any(|e| &e.subset == subset);
+        if !exists && !allow_empty.contains(subset) {
+            let known: Vec<&str> = {
+                let mut k: Vec<&str> = service
+                    .endpoints
+                    .iter()
+                    .map(|e| e.subset.as_str())
+                    .collect();
+                k.sort_unstable();
+                k.dedup();
+                k
+            };
+            return Err(Refusal::Invalid(format!(
+                "subset {subset:?} has no endpoints (known: {}); pass allow_empty to split to it anyway",
+                known.join(", ")
+            )));
+        }
+    }
+    let sum: u32 = weights.values().sum();
+    if sum != 100 {
+        return Err(Refusal::Invalid(format!("weights sum to {sum}, not 100")));
+    }
+    Ok(())
+}
+
+impl Policy {
+    /// The policy after setting `split`; the current one becomes
+    /// `previous`.
+    pub fn with_split(&self, split: Weights, by: &str, action: &str, now: u64) -> Policy {
+        let mut next = self.clone();
+        next.version += 1;
+        next.previous = self.split.clone();
+        next.split = Some(split);
+        next.record(by, action, now);
+        next
+    }
+
+    /// The policy after going back to the previous split.
+    pub fn rolled_back(&self, by: &str, now: u64) -> Result<Policy, Refusal> {
+        let Some(previous) = self.previous.clone() else {
+            return Err(Refusal::Conflict(
+                "no previous split to roll back to".into(),
+            ));
+        };
+        let mut next = self.clone();
+        next.version += 1;
+        next.previous = self.split.clone();
+        next.split = Some(previous);
+        next.record(by, "rollback", now);
+        Ok(next)
+    }
+
+    fn record(&mut self, by: &str, action: &str, now: u64) {
+        let from = self.previous.clone();
+        self.history.push(Change {
+            at: now,
+            by: by.to_owned(),
+            from,
+            to: self.split.clone(),
+            action: action.to_owned(),
+        });
+        if self.history.len() > HISTORY {
+            let cut = self.history.len() - HISTORY;
+            self.history.drain(..cut);
+        }
+    }
+
+    /// The service proxies get: the source's, with this policy's split.
+    pub fn apply(&self, mut service: Service) -> Service {
+        if self.split.is_some() {
+            service.split = self.split.clone();
+        }
+        service
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> Service {
+        serde_json::from_value(serde_json::json!({
+            "endpoints": [
+                { "addr": "127.0.0.1:1", "subset": "v1" },
+                { "addr": "127.0.0.1:2", "subset": "v2" }
+            ]
+        }))
+        .unwrap()
+    }
+
+    fn w(pairs: &[(&str, u32)]) -> Weights {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
+
+    #[test]
+    fn splits_are_checked() {
+        let s = service();
+        assert!(check_split(&w(&[("v1", 90), ("v2", 10)]), &s, &[]).is_ok());
+        let bad_sum = check_split(&w(&[("v1", 90), ("v2", 20)]), &s, &[]);
+        assert_eq!(
+            bad_sum,
+            Err(Refusal::Invalid("weights sum to 110, not 100".into()))
+        );
+        assert!(check_split(&w(&[("v1", 90), ("v3", 10)]), &s, &[]).is_err());
+        assert!(check_split(&w(&[("v1", 90), ("v3", 10)]), &s, &["v3".into()]).is_ok());
+        assert!(check_split(&w(&[("v1", 101)]), &s, &[]).is_err());
+    }
+
+    #[test]
+    fn rollback_restores_the_previous_split() {
+        let p = Policy::default()
+            .with_split(w(&[("v1", 100)]), "ops", "shift", 1)
+            .with_split(w(&[("v1", 90), ("v2", 10)]), "ops", "shift", 2);
+        let back = p.rolled_back("ops", 3).unwrap();
+        assert_eq!(back.split, Some(w(&[("v1", 100)])));
+        assert_eq!(back.version, 3);
+        assert_eq!(back.history.len(), 3);
+        assert_eq!(back.history[2].action, "rollback");
+        assert!(Policy::default().rolled_back("ops", 1).is_err());
+    }
+}

@@ -1,0 +1,241 @@
+//! Store: where policies (splits, rollouts) live, so every control-plane
+//! replica and every restart sees the same. Consul KV with check-and-set
+//! (`almond/policy/<service>`, one JSON document per service), or a local
+//! JSON file in file mode.
+
+use crate::consul::{check, ConsulClient, ConsulError};
+use crate::policy::Policy;
+use crate::state::State;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Consul KV prefix of policies.
+pub const KV_PREFIX: &str = "almond/policy/";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Consul failed.
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+    /// The file could not be read or written.
+    #[error("policy file: {0}")]
+    Io(#[from] std::io::Error),
+    /// Stored data that does not parse.
+    #[error("stored policy unreadable: {0}")]
+    Decode(String),
+}
+
+/// A policy store.
+pub enum Store {
+    /// Consul KV, check-and-set on `ModifyIndex`.
+    Consul(Box<ConsulClient>),
+    /// One JSON file; writes are serialized by `lock`.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Serializes read-check-write.
+        lock: tokio::sync::Mutex<()>,
+    },
+}
+
+impl Store {
+    /// Reads one service's policy and the token a write must present
+    /// (Consul `ModifyIndex`, 0 when absent).
+    pub async fn get(&self, service: &str) -> Result<(Policy, u64), StoreError> {
+        match self {
+            Store::Consul(client) => {
+                let key = format!("/v1/kv/{KV_PREFIX}{service}");
+                let answer = client
+                    .call(Method::GET, &key, "raw", 0, Duration::ZERO, Bytes::new())
+                    .await?;
+                if answer.status == StatusCode::NOT_FOUND {
+                    return Ok((Policy::default(), 0));
+                }
+                let answer = check(answer)?;
+                let policy = serde_json::from_slice(&answer.body)
+                    .map_err(|e| StoreError::Decode(e.to_string()))?;
+                Ok((policy, answer.index.unwrap_or(0)))
+            }
+            Store::File { path, .. } => {
+                let all = read_file(path)?;
+                let policy = all.get(service).cloned().unwrap_or_default();
+                let version = policy.version;
+                Ok((policy, version))
+            }
+        }
+    }
+
+    /// Writes a policy if the stored one is still the one read (`token`
+    /// from [`Self::get`]); `Ok(false)` when someone else wrote first.
+    pub async fn put(
+        &self,
+        service: &str,
+        policy: &Policy,
+        token: u64,
+    ) -> Result<bool, StoreError> {
+        let body = serde_json::to_vec(policy).map_err(|e| StoreError::Decode(e.to_string()))?;
+        match self {
+            Store::Consul(client) => {
+                let key = format!("/v1/kv/{KV_PREFIX}{service}");
+                let answer = client
+                    .call(
+                        Method::PUT,
+                        &key,
+                        &format!("cas={token}"),
+                        0,
+                        Duration::ZERO,
+                        Bytes::from(body),
+                    )
+                    .await?;
+                let answer = check(answer)?;
+                Ok(answer.body.as_ref().trim_ascii() == b"true")
+            }
+            Store::File { path, lock } => {
+                let _guard = lock.lock().await;
+                let mut all = read_file(path)?;
+                let current = all.get(service).map_or(0, |p| p.version);
+                if current != token {
+                    return Ok(false);
+                }
+                all.insert(service.to_owned(), policy.clone());
+                write_file(path, &all)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Follows the store and feeds every policy to `state`, so changes made
+    /// through another replica (or by hand in the file) take effect.
+    pub async fn follow(self: Arc<Self>, state: Arc<State>) {
+        match &*self {
+            Store::Consul(client) => follow_consul(client, &state).await,
+            Store::File { path, .. } => follow_file(path, &state).await,
+        }
+    }
+}
+
+async fn follow_consul(client: &ConsulClient, state: &State) {
+    let path = format!("/v1/kv/{KV_PREFIX}");
+    let wait = Duration::from_secs(60);
+    let mut index = 0u64;
+    let mut failures = 0u32;
+    loop {
+        let answer = match client
+            .call(Method::GET, &path, "recurse", index, wait, Bytes::new())
+            .await
+        {
+            Ok(a) if a.status == StatusCode::NOT_FOUND || a.status.is_success() => a,
+            Ok(a) => {
+                failures += 1;
+                let e = check(a).err();
+                tracing::warn!(error = ?e, "policy watch failed");
+                index = 0;
+                tokio::time::sleep(Duration::from_secs(u64::from(failures.min(30)))).await;
+                continue;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "policy watch failed");
+                index = 0;
+                tokio::time::sleep(Duration::from_secs(u64::from(failures.min(30)))).await;
+                continue;
+            }
+        };
+        failures = 0;
+        let returned = answer.index.unwrap_or(0);
+        let changed = returned != index;
+        index = if returned < index { 0 } else { returned.max(1) };
+        if !changed {
+            continue;
+        }
+        let mut policies = BTreeMap::new();
+        if answer.status.is_success() {
+            match serde_json::from_slice::<Vec<KvEntry>>(&answer.body) {
+                Ok(entries) => {
+                    for e in entries {
+                        let Some(name) = e.key.strip_prefix(KV_PREFIX) else {
+                            continue;
+                        };
+                        match e.decode() {
+                            Some(p) => {
+                                policies.insert(name.to_owned(), p);
+                            }
+                            None => {
+                                tracing::warn!(key = %e.key, "stored policy unreadable; ignored")
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "policy list unreadable"),
+            }
+        }
+        state.set_policies(policies, returned);
+    }
+}
+
+async fn follow_file(path: &PathBuf, state: &State) {
+    let mut seen: Option<(SystemTime, u64)> = None;
+    loop {
+        let stamp = std::fs::metadata(path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        if stamp != seen || seen.is_none() {
+            match read_file(path) {
+                Ok(all) => state.set_policies(all, now_ms()),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "policy file unreadable; previous policies stay")
+                }
+            }
+            seen = stamp;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One entry of a recursive KV read.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct KvEntry {
+    key: String,
+    value: Option<String>,
+}
+
+impl KvEntry {
+    fn decode(&self) -> Option<Policy> {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(self.value.as_deref()?)
+            .ok()?;
+        serde_json::from_slice(&raw).ok()
+    }
+}
+
+fn read_file(path: &PathBuf) -> Result<BTreeMap<String, Policy>, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Decode(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Atomic: a temporary file, then a rename.
+fn write_file(path: &PathBuf, all: &BTreeMap<String, Policy>) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec_pretty(all).map_err(|e| StoreError::Decode(e.to_string()))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Wall-clock milliseconds (file-mode indexes).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,203 @@
+//! Operator commands: `shift`, `promote`, `rollback`, `status`; thin
+//! clients of the control plane's API. Exit 0 done, 1 refused or failed
+//! (one line on stderr), 2 usage (clap).
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Where and how to reach the control plane.
+pub struct Target {
+    /// Base URL, e.g. `http://127.0.0.1:4180`.
+    pub control: String,
+    /// Bearer token for mutations.
+    pub token: Option<String>,
+    /// Print JSON instead of text.
+    pub json: bool,
+}
+
+impl Target {
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let url = format!("{}{path}", self.control.trim_end_matches('/'));
+        let mut req = hyper::Request::builder().method(method).uri(&url);
+        if let Some(token) = &self.token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        if let Ok(user) = std::env::var("USER") {
+            req = req.header("x-almond-user", user);
+        }
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = req
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(bytes)))?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+            .await
+            .map_err(|_| anyhow!("control plane at {} did not answer in 10 s", self.control))?
+            .with_context(|| format!("cannot reach the control plane at {}", self.control))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("{} ({status})", String::from_utf8_lossy(&body).trim());
+        }
+        serde_json::from_slice(&body).context("the control plane sent something that is not JSON")
+    }
+
+    fn print(&self, value: &Value, text: impl FnOnce() -> String) {
+        if self.json {
+            println!("{value}");
+        } else {
+            println!("{}", text());
+        }
+    }
+}
+
+/// Parses `v1=90 v2=10`.
+pub fn parse_weights(pairs: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
+    pairs
+        .iter()
+        .map(|p| {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| anyhow!("{p:?} is not SUBSET=WEIGHT"))?;
+            let v: u32 = v
+                .trim_end_matches('%')
+                .parse()
+                .map_err(|_| anyhow!("weight {v:?} of {k} is not a whole number"))?;
+            Ok((k.to_owned(), v))
+        })
+        .collect()
+}
+
+/// `almond shift SERVICE SUBSET=WEIGHT...`
+pub async fn shift(
+    t: &Target,
+    service: &str,
+    weights: BTreeMap<String, u32>,
+    allow_empty: Vec<String>,
+    action: &str,
+) -> anyhow::Result<()> {
+    let body = json!({ "weights": weights, "allow_empty": allow_empty, "action": action });
+    let path = format!("/v1/services/{service}/split");
+    let out = t.call(http::Method::PUT, &path, Some(body)).await?;
+    t.print(&out, || {
+        format!(
+            "{service}: split is now {} (version {})",
+            show(&out["policy"]["split"]),
+            out["policy"]["version"]
+        )
+    });
+    Ok(())
+}
+
+/// `almond promote SERVICE SUBSET`: 100 % to SUBSET.
+pub async fn promote(t: &Target, service: &str, subset: &str) -> anyhow::Result<()> {
+    let current = t
+        .call(http::Method::GET, &format!("/v1/services/{service}"), None)
+        .await?;
+    let mut weights: BTreeMap<String, u32> = BTreeMap::new();
+    for e in current["service"]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if let Some(s) = e["subset"].as_str() {
+            weights.insert(s.to_owned(), 0);
+        }
+    }
+    if let Some(split) = current["policy"]["split"].as_object() {
+        for k in split.keys() {
+            weights.insert(k.clone(), 0);
+        }
+    }
+    weights.insert(subset.to_owned(), 100);
+    shift(t, service, weights, Vec::new(), "promote").await
+}
+
+/// `almond rollback SERVICE`
+pub async fn rollback(t: &Target, service: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/services/{service}/rollback");
+    let out = t.call(http::Method::POST, &path, Some(json!({}))).await?;
+    t.print(&out, || {
+        format!(
+            "{service}: rolled back; split is now {}",
+            show(&out["policy"]["split"])
+        )
+    });
+    Ok(())
+}
+
+/// `almond status [SERVICE]`
+pub async fn status(t: &Target, service: Option<&str>) -> anyhow::Result<()> {
+    let names: Vec<String> = match service {
+        Some(s) => vec![s.to_owned()],
+        None => {
+            let all = t.call(http::Method::GET, "/v1/services", None).await?;
+            all["services"]
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default()
+        }
+    };
+    let mut views = Vec::new();
+    for name in &names {
+        views.push(
+            t.call(http::Method::GET, &format!("/v1/services/{name}"), None)
+                .await?,
+        );
+    }
+    let out = Value::Array(views.clone());
+    t.print(&out, || {
+        let mut s = String::new();
+        for v in &views {
+            let name = v["name"].as_str().unwrap_or("?");
+            s.push_str(&format!(
+                "{name} (index {}, split version {})\n",
+                v["index"], v["policy"]["version"]
+            ));
+            s.push_str("  SUBSET       WEIGHT  ENDPOINTS\n");
+            let mut subsets: BTreeMap<String, usize> = BTreeMap::new();
+            for e in v["service"]["endpoints"].as_array().into_iter().flatten() {
+                *subsets
+                    .entry(e["subset"].as_str().unwrap_or("?").to_owned())
+                    .or_default() += 1;
+            }
+            if let Some(split) = v["service"]["split"].as_object() {
+                for k in split.keys() {
+                    subsets.entry(k.clone()).or_default();
+                }
+            }
+            for (subset, n) in subsets {
+                let weight = match v["service"]["split"].get(&subset) {
+                    Some(w) => format!("{w}%"),
+                    None if v["service"]["split"].is_null() => "by weight".into(),
+                    None => "0%".into(),
+                };
+                s.push_str(&format!("  {subset:<12} {weight:>7}  {n} healthy\n"));
+            }
+        }
+        s.trim_end().to_owned()
+    });
+    Ok(())
+}
+
+fn show(split: &Value) -> String {
+    match split.as_object() {
+        Some(m) => m
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => "all subsets by endpoint weight".into(),
+    }
+}
