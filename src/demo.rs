@@ -1,5 +1,7 @@
-//! `almond demo`: demo services in two versions, a proxy in front of them,
-//! a steady trickle of traffic, and a live one-line-per-second summary.
+//! `almond demo`: demo services in two versions, the control plane on its
+//! file registry, a proxy following it, a steady trickle of traffic, a
+//! canary (v2 at 10 %) that is then promoted, and a live one-line-per-second
+//! summary.
 
 use almond_config::ProxyConfig;
 use bytes::Bytes;
@@ -29,28 +31,72 @@ pub async fn run(duration: Option<Duration>, rate: u32) -> anyhow::Result<()> {
     let mut endpoints = Vec::new();
     for (subset, delay_ms) in [("v1", 2), ("v1", 3), ("v2", 4)] {
         let addr = backend(subset, delay_ms).await?;
-        endpoints.push(format!("      - {{ addr: {addr}, subset: {subset} }}"));
+        endpoints.push(format!("    - {{ addr: \"{addr}\", subset: {subset} }}"));
     }
+
+    // The control plane on its file registry (no Consul).
+    let dir = std::env::temp_dir().join(format!("almond-demo-{}", std::process::id()));
+    let registry = dir.join("registry");
+    std::fs::create_dir_all(&registry)?;
+    std::fs::write(
+        registry.join("demo.yaml"),
+        format!("demo:\n  endpoints:\n{}\n", endpoints.join("\n")),
+    )?;
+    let control_addr = free_or_any("127.0.0.1:4180").await;
+    let control_yaml = format!(
+        "listen: \"{control_addr}\"\nsource:\n  file: \"{}\"\npolicy_file: \"{}\"\n",
+        registry.display(),
+        dir.join("policy.json").display()
+    );
+    let control_cfg = almond_config::load_control(&control_yaml, "demo control config")?;
+    let control_listener = TcpListener::bind(control_cfg.listen).await?;
+    let control_url = format!("http://{}", control_listener.local_addr()?);
+    let control = almond_control::Control::new(control_cfg)?;
+    let (control_stop, control_stopped) = tokio::sync::oneshot::channel::<()>();
+    let control_task = tokio::spawn(control.run(control_listener, async {
+        let _ = control_stopped.await;
+    }));
+
+    // The proxy, following the control plane.
     let listen = free_or_any("127.0.0.1:4140").await;
     let admin = free_or_any("127.0.0.1:4191").await;
     let yaml = format!(
-        "admin: {admin}\nlisteners:\n  - bind: {listen}\nservices:\n  demo:\n    lb: p2c_ewma\n    endpoints:\n{}\n    split: {{ v1: 90, v2: 10 }}\n",
-        endpoints.join("\n")
+        "admin: \"{admin}\"\ncontrol: {control_url}\nproxy_id: demo\ncache: \"{}\"\nlisteners:\n  - bind: \"{listen}\"\n",
+        dir.join("snapshot.json").display()
     );
-    let config: ProxyConfig = almond_config::load_proxy(&yaml, "demo config")?;
+    let config: ProxyConfig = almond_config::load_proxy(&yaml, "demo proxy config")?;
     let bound = almond_proxy::Bound::bind(&config)?;
     let proxy_addr = bound.listener_addrs().first().copied().unwrap_or(listen);
     let admin_addr = bound.admin_addr().unwrap_or(admin);
     let proxy = almond_proxy::Proxy::new(config)?;
+    let shared = proxy.shared().clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let proxy_task = tokio::spawn(proxy.run(bound, async {
         let _ = stop_rx.await;
     }));
+    let ready_by = Instant::now() + Duration::from_secs(10);
+    while !shared.ready.load(std::sync::atomic::Ordering::Acquire) {
+        if Instant::now() > ready_by {
+            anyhow::bail!("the demo proxy did not get its first snapshot in 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
-    println!("almond demo: service `demo`, v1 on 2 endpoints, v2 (canary) on 1, split v1=90 v2=10");
+    println!("almond demo: service `demo`, v1 on 2 endpoints, v2 (the canary) on 1");
     println!("  proxy:   curl -H 'Host: demo' http://{proxy_addr}/");
     println!("  metrics: curl http://{admin_addr}/metrics");
+    println!("  control: almond status --control {control_url}");
     println!("  Ctrl-C to stop\n");
+    let ops = crate::ops::Target {
+        control: control_url.clone(),
+        token: None,
+        json: false,
+    };
+    let canary = [("v1".to_owned(), 90), ("v2".to_owned(), 10)].into();
+    crate::ops::shift(&ops, "demo", canary, Vec::new(), "shift").await?;
+    // Promote halfway through a bounded run, else after 10 s.
+    let promote_at = duration.map_or(Duration::from_secs(10), |d| d / 2);
+    let mut promoted = false;
 
     let tallies: Arc<Mutex<BTreeMap<String, Tally>>> = Arc::default();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -75,6 +121,10 @@ pub async fn run(duration: Option<Duration>, rate: u32) -> anyhow::Result<()> {
             _ = every.tick() => print_summary(started.elapsed(), &tallies),
             _ = tokio::signal::ctrl_c() => break,
         }
+        if !promoted && started.elapsed() >= promote_at {
+            promoted = true;
+            crate::ops::promote(&ops, "demo", "v2").await?;
+        }
         if duration.is_some_and(|d| started.elapsed() >= d) {
             break;
         }
@@ -82,6 +132,9 @@ pub async fn run(duration: Option<Duration>, rate: u32) -> anyhow::Result<()> {
     traffic.abort();
     let _ = stop_tx.send(());
     let _ = proxy_task.await;
+    let _ = control_stop.send(());
+    let _ = control_task.await;
+    let _ = std::fs::remove_dir_all(&dir);
     println!("demo stopped");
     Ok(())
 }
