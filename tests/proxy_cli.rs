@@ -1,0 +1,139 @@
+//! End to end through the `almond` binary: `check-config` verdicts and
+//! messages, `proxy` draining on SIGTERM, and `demo`.
+
+mod support;
+
+use http::StatusCode;
+use std::time::Duration;
+use support::*;
+
+/// A valid config in the shape of CONTRACT.md (line numbers matter below).
+const GOOD: &str = "\
+admin: 127.0.0.1:4191
+listeners:
+  - bind: 127.0.0.1:4140
+  - bind: 127.0.0.1:9001
+    service: orders
+services:
+  orders:
+    protocol: http2
+    lb: p2c_ewma
+    endpoints:
+      - { addr: 127.0.0.1:8081, subset: v1, weight: 1 }
+      - { addr: 127.0.0.1:8082, subset: v2 }
+    split: { v1: 90, v2: 10 }
+    timeouts: { connect: 1s, request: 10s }
+";
+
+/// Runs `almond check-config` on `text`.
+async fn check(text: &str) -> (Option<i32>, String, String) {
+    let file = write_temp(".yaml", text);
+    let path = file.path().display().to_string();
+    let (status, out, err) = run_almond(&["check-config", &path]).await;
+    (status.code(), out, err)
+}
+
+#[tokio::test]
+async fn check_config_accepts_a_good_file() {
+    let (code, out, err) = check(GOOD).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("ok"), "{out}");
+}
+
+#[tokio::test]
+async fn check_config_names_an_unknown_key_and_its_line() {
+    let (code, _, err) = check(&GOOD.replace("lb: p2c_ewma", "lbb: p2c_ewma")).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("line 9: services.orders.lbb"), "{err}");
+    assert!(err.contains("unknown field"), "{err}");
+}
+
+#[tokio::test]
+async fn check_config_names_a_bad_duration_and_its_line() {
+    let (code, _, err) = check(&GOOD.replace("connect: 1s", "connect: soon")).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("line 14: services.orders.timeouts.connect"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn check_config_refuses_empty_endpoints() {
+    let text = "services:\n  orders:\n    endpoints: []\n";
+    let (code, _, err) = check(text).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("line 3: services.orders.endpoints"), "{err}");
+}
+
+#[tokio::test]
+async fn check_config_refuses_a_duplicate_listener() {
+    let text = GOOD.replace("bind: 127.0.0.1:9001", "bind: 127.0.0.1:4140");
+    let (code, _, err) = check(&text).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("line 4: listeners[1].bind"), "{err}");
+    assert!(err.contains("127.0.0.1:4140"), "{err}");
+}
+
+#[tokio::test]
+async fn proxy_refuses_to_start_on_a_bad_config() {
+    let file = write_temp(".yaml", "services:\n  orders:\n    endpoints: []\n");
+    let path = file.path().display().to_string();
+    let (status, _, err) = run_almond(&["proxy", "--config", &path]).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("services.orders.endpoints"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let slow = Backend::builder("slow")
+        .delay(Duration::from_millis(1500))
+        .start()
+        .await;
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("slow").at(slow.addr))
+        .build();
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let addr = proxy.addr();
+
+    // A slow request is in flight (it has reached the backend) ...
+    let in_flight = tokio::spawn(async move { get_h1(addr, "slow", "/slow").await });
+    eventually("the slow request reaches the backend", || async {
+        slow.count() == 1
+    })
+    .await;
+
+    // ... when SIGTERM arrives.
+    proxy.terminate().await;
+
+    // New connections are refused once the proxy stops accepting.
+    eventually("new connections are refused after SIGTERM", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+
+    // The in-flight request still completes.
+    let reply = within("the in-flight request", in_flight).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.backend(), "slow");
+    assert_eq!(reply.json()["path"], "/slow");
+
+    let status = proxy.wait().await;
+    assert_eq!(status.code(), Some(0), "logs:\n{}", proxy.logs());
+    assert!(proxy.logs().contains("shutting down"), "{}", proxy.logs());
+}
+
+#[tokio::test]
+async fn demo_runs_and_reports_both_versions() {
+    let (status, out, err) = run_almond(&["demo", "--duration", "3"]).await;
+    assert_eq!(status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.lines().any(|l| l.contains("v1")), "{out}");
+    assert!(out.lines().any(|l| l.contains("v2")), "{out}");
+    // The per-second summaries show traffic reaching v1.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("t=") && l.contains("v1:")),
+        "{out}"
+    );
+}

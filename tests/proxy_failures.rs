@@ -1,0 +1,260 @@
+//! End to end: what a client sees when upstreams fail (refused, slow,
+//! reset, overloaded) and when the request itself is malformed.
+
+mod support;
+
+use http::StatusCode;
+use std::time::Duration;
+use support::*;
+
+/// No retries, so every count below is one try per request.
+const NO_RETRIES: &str = "{ attempts: 0 }";
+
+#[tokio::test]
+async fn refused_endpoint_is_502_connect() {
+    let dead = closed_port().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("dead").at(dead).set("retries", NO_RETRIES))
+        .service(
+            ServiceYaml::new("dead2")
+                .http2()
+                .at(dead)
+                .set("retries", NO_RETRIES),
+        )
+        .start()
+        .await;
+    let reply = within("refused", get_h1(proxy.addr(), "dead", "/")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.header("x-almond-error"), Some("connect"));
+    assert!(reply.text().contains("dead"), "{}", reply.text());
+
+    let reply = H2::connect(proxy.addr()).await.get("dead2", "/").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.header("x-almond-error"), Some("connect"));
+}
+
+#[tokio::test]
+async fn slow_backend_past_the_request_timeout_is_504() {
+    let slow = Backend::builder("slow")
+        .delay(Duration::from_secs(20))
+        .start()
+        .await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("slow")
+                .at(slow.addr)
+                .timeouts("1s", "200ms")
+                .set("retries", NO_RETRIES),
+        )
+        .service(
+            ServiceYaml::new("slow2")
+                .http2()
+                .at(slow.addr)
+                .timeouts("1s", "200ms")
+                .set("retries", NO_RETRIES),
+        )
+        .start()
+        .await;
+    // The backend would take 20 s; the proxy must answer long before.
+    let bound = Duration::from_secs(10);
+    let reply = tokio::time::timeout(bound, get_h1(proxy.addr(), "slow", "/"))
+        .await
+        .expect("the proxy answered within its request timeout, not the backend's delay");
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.header("x-almond-error"), Some("timeout"));
+
+    let mut h2 = H2::connect(proxy.addr()).await;
+    let reply = tokio::time::timeout(bound, h2.get("slow2", "/"))
+        .await
+        .expect("h2: answered within the request timeout");
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    // The client's connection outlives a timed-out stream.
+    let reply = tokio::time::timeout(bound, h2.get("nosuch", "/"))
+        .await
+        .expect("h2 connection still serves");
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(slow.count(), 2);
+}
+
+#[tokio::test]
+async fn backend_reset_mid_request_is_502_reset() {
+    let resetter = Backend::builder("rst").reset().start().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("rst")
+                .at(resetter.addr)
+                .set("retries", NO_RETRIES),
+        )
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..3 {
+        let reply = client.get("rst", "/").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(reply.header("x-almond-error"), Some("reset"));
+    }
+    // Each request reached the backend before the reset.
+    assert_eq!(resetter.count(), 3);
+}
+
+#[tokio::test]
+async fn concurrency_limit_sheds_at_once_with_503_overloaded() {
+    let slow = Backend::builder("slow")
+        .delay(Duration::from_secs(2))
+        .start()
+        .await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("cb").at(slow.addr).max_requests(2))
+        .start()
+        .await;
+    // Ten concurrent requests, each on its own connection; collect answers
+    // in the order they complete.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..10 {
+        let tx = tx.clone();
+        let addr = proxy.addr();
+        tokio::spawn(async move {
+            let reply = get_h1(addr, "cb", "/").await;
+            let _ = tx.send(reply);
+        });
+    }
+    drop(tx);
+    let mut order = Vec::new();
+    while let Some(reply) = within("ten answers", rx.recv()).await {
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(reply.header("x-almond-overloaded"), Some("true"));
+            assert_eq!(reply.header("x-almond-error"), Some("overloaded"));
+        } else {
+            assert_eq!(reply.status, StatusCode::OK);
+        }
+        order.push(reply.status);
+    }
+    assert_eq!(order.len(), 10);
+    let shed = order
+        .iter()
+        .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    let served = order.iter().filter(|s| **s == StatusCode::OK).count();
+    assert!(shed >= 1 && served >= 1, "{order:?}");
+    // Never more than two at the backend at once, and the shed requests
+    // never reached it.
+    assert_eq!(slow.count(), served);
+    // Shedding is immediate: the first answer is a 503, not a 2 s 200.
+    assert_eq!(order[0], StatusCode::SERVICE_UNAVAILABLE, "{order:?}");
+
+    // Once the slow ones finish, the service admits again.
+    let reply = get_h1(proxy.addr(), "cb", "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+/// A proxy with a 16 KiB header limit in front of one echo backend.
+async fn strict() -> (Backend, TestProxy) {
+    let backend = Backend::start("m").await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { max_header_bytes: 16384 }")
+        .by_host()
+        .service(ServiceYaml::new("m").at(backend.addr))
+        .start()
+        .await;
+    (backend, proxy)
+}
+
+/// The proxy still answers a well-formed request.
+async fn still_serves(proxy: &TestProxy) {
+    let answer = raw(
+        proxy.addr(),
+        b"GET /after HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.contains("x-backend: m"), "{answer}");
+}
+
+#[tokio::test]
+async fn bad_header_line_is_400() {
+    let (backend, proxy) = strict().await;
+    let answer = raw(
+        proxy.addr(),
+        b"GET / HTTP/1.1\r\nHost: m\r\nthis line is not a header\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    let answer = raw(proxy.addr(), b"GET / HTTP/1.1\r\nHo st: m\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert_eq!(backend.count(), 0);
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn headers_over_the_limit_are_431() {
+    let (backend, proxy) = strict().await;
+    let mut req = b"GET / HTTP/1.1\r\nHost: m\r\nX-Big: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 20 * 1024));
+    req.extend_from_slice(b"\r\n\r\n");
+    let answer = raw(proxy.addr(), &req).await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+    assert_eq!(backend.count(), 0);
+    // Just under the limit is fine.
+    let mut req = b"GET / HTTP/1.1\r\nHost: m\r\nConnection: close\r\nX-Big: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 12 * 1024));
+    req.extend_from_slice(b"\r\n\r\n");
+    let answer = raw(proxy.addr(), &req).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn conflicting_lengths_are_400() {
+    let (backend, proxy) = strict().await;
+    // Two different Content-Lengths: which body is it?
+    let answer = raw(
+        proxy.addr(),
+        b"POST / HTTP/1.1\r\nHost: m\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    // A Transfer-Encoding that does not end in chunked has no length.
+    let answer = raw(
+        proxy.addr(),
+        b"POST / HTTP/1.1\r\nHost: m\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert_eq!(backend.count(), 0);
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_cannot_smuggle() {
+    let (backend, proxy) = strict().await;
+    // The classic CL.TE smuggle: a front end that trusted Content-Length
+    // would forward the whole thing as one body; one that trusted
+    // Transfer-Encoding would see a second request, `GET /smuggled`.
+    let attack = b"POST /front HTTP/1.1\r\nHost: m\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: m\r\n\r\n";
+    let answer = raw(proxy.addr(), attack).await;
+    // hyper (1.12, proto/h1/role.rs) follows RFC 9112 6.3 here rather
+    // than refusing: Transfer-Encoding wins, the Content-Length header is
+    // removed, and the connection is closed after this one response. So
+    // the proxy answers 200, not 400 -- and nothing is smuggled.
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert_eq!(
+        answer.matches("HTTP/1.1 ").count(),
+        1,
+        "one answer: {answer:?}"
+    );
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path, "/front");
+    assert_eq!(seen[0].body_len, 0, "the chunked body was empty");
+    assert!(seen[0]
+        .headers
+        .get("content-length")
+        .is_none_or(|v| v == "0"));
+    assert!(seen.iter().all(|s| s.path != "/smuggled"));
+    still_serves(&proxy).await;
+    assert!(backend.seen().iter().all(|s| s.path != "/smuggled"));
+}

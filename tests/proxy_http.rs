@@ -1,0 +1,494 @@
+//! End to end over real sockets: protocols both ways, per-request
+//! balancing over one client connection, routing, splits and pinning,
+//! hop-by-hop headers, gRPC-style trailers and WebSocket upgrades.
+
+mod support;
+
+use http::{Request, StatusCode, Version};
+use std::collections::HashMap;
+use support::*;
+
+/// A by-host proxy in front of one backend, as an HTTP/1.1 service `web1`
+/// and an HTTP/2 service `web2`.
+async fn both_protocols() -> (Backend, TestProxy) {
+    let backend = Backend::start("web").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("web1").at(backend.addr))
+        .service(ServiceYaml::new("web2").http2().at(backend.addr))
+        .start()
+        .await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn h1_to_h1_and_h2_to_h2_keep_target_and_host() {
+    let (backend, proxy) = both_protocols().await;
+
+    let path = "/a/b%20c?x=1&y=two&x=3";
+    let reply = H1::connect(proxy.addr()).await.get("web1", path).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.backend(), "web");
+    let seen = backend.last();
+    assert_eq!(seen.version, Version::HTTP_11);
+    assert_eq!(
+        seen.uri, path,
+        "HTTP/1.1 target arrives in origin-form, unchanged"
+    );
+    assert_eq!(seen.authority.as_deref(), Some("web1"));
+
+    let reply = H2::connect(proxy.addr()).await.get("web2", path).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.version, Version::HTTP_2);
+    let seen = backend.last();
+    assert_eq!(seen.version, Version::HTTP_2);
+    assert_eq!(seen.path, path);
+    assert_eq!(seen.authority.as_deref(), Some("web2"));
+    assert!(
+        seen.headers.get("host").is_none(),
+        "no Host header beside :authority"
+    );
+}
+
+#[tokio::test]
+async fn h1_to_h2_and_h2_to_h1_translate_host_and_authority() {
+    let (backend, proxy) = both_protocols().await;
+    let path = "/orders/42?expand=items";
+
+    // HTTP/1.1 client, HTTP/2 upstream: Host becomes :authority.
+    let reply = H1::connect(proxy.addr()).await.get("web2:4140", path).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let seen = backend.last();
+    assert_eq!(seen.version, Version::HTTP_2);
+    assert_eq!(seen.path, path);
+    assert_eq!(seen.authority.as_deref(), Some("web2:4140"));
+    assert!(seen.headers.get("host").is_none());
+
+    // h2c client, HTTP/1.1 upstream: :authority becomes Host, the target
+    // becomes origin-form.
+    let reply = H2::connect(proxy.addr()).await.get("web1", path).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.version, Version::HTTP_2);
+    let seen = backend.last();
+    assert_eq!(seen.version, Version::HTTP_11);
+    assert_eq!(seen.uri, path);
+    assert_eq!(seen.headers["host"], "web1");
+
+    // The echo body agrees with what the backend recorded.
+    let echo = reply.json();
+    assert_eq!(echo["version"], "HTTP/1.1");
+    assert_eq!(echo["path"], path);
+}
+
+/// Three backends behind one service with the given balancer.
+async fn three_behind(lb: &str, protocol_h2: bool) -> (Vec<Backend>, TestProxy) {
+    let mut backends = Vec::new();
+    for name in ["a", "b", "c"] {
+        backends.push(Backend::start(name).await);
+    }
+    let mut svc = ServiceYaml::new("pool").lb(lb);
+    if protocol_h2 {
+        svc = svc.http2();
+    }
+    for b in &backends {
+        svc = svc.at(b.addr);
+    }
+    let proxy = ProxyYaml::new().by_host().service(svc).start().await;
+    (backends, proxy)
+}
+
+#[tokio::test]
+async fn round_robin_balances_each_request_of_one_h1_connection() {
+    let (backends, proxy) = three_behind("round_robin", false).await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..30 {
+        assert_eq!(client.get("pool", "/").await.status, StatusCode::OK);
+    }
+    let counts: Vec<usize> = backends.iter().map(Backend::count).collect();
+    // One keep-alive connection, yet every request is balanced on its own.
+    assert_eq!(counts, vec![10, 10, 10]);
+}
+
+#[tokio::test]
+async fn p2c_ewma_spreads_the_requests_of_one_h2_connection() {
+    let (backends, proxy) = three_behind("p2c_ewma", true).await;
+    let client = H2::connect(proxy.addr()).await;
+    // Batches of concurrent streams on the one connection.
+    for _ in 0..10 {
+        let mut batch = Vec::new();
+        for _ in 0..6 {
+            let mut c = client.clone();
+            batch.push(tokio::spawn(async move { c.get("pool", "/").await.status }));
+        }
+        for t in batch {
+            assert_eq!(t.await.unwrap(), StatusCode::OK);
+        }
+    }
+    let counts: Vec<usize> = backends.iter().map(Backend::count).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 60);
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "every endpoint gets traffic: {counts:?}"
+    );
+}
+
+#[tokio::test]
+async fn weighted_round_robin_gives_three_to_one() {
+    let heavy = Backend::start("heavy").await;
+    let light = Backend::start("light").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("w")
+                .lb("round_robin")
+                .endpoint(heavy.addr, "v1", 3)
+                .endpoint(light.addr, "v1", 1),
+        )
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..40 {
+        client.get("w", "/").await;
+    }
+    // The schedule has 4 slots (3 + 1), and 40 is ten whole rounds.
+    assert_eq!((heavy.count(), light.count()), (30, 10));
+}
+
+#[tokio::test]
+async fn bound_listener_ignores_host_and_host_listener_routes_by_name() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .bound_to("b")
+        .service(ServiceYaml::new("a").at(a.addr))
+        .service(ServiceYaml::new("b").at(b.addr))
+        .start()
+        .await;
+    let (by_host, bound) = (proxy.listeners[0], proxy.listeners[1]);
+
+    assert_eq!(get_h1(by_host, "a", "/").await.backend(), "a");
+    assert_eq!(get_h1(by_host, "b", "/").await.backend(), "b");
+    // A port in Host is not part of the service name.
+    assert_eq!(get_h1(by_host, "a:8080", "/").await.backend(), "a");
+    // The bound listener sends everything to `b`, whatever the Host says.
+    assert_eq!(get_h1(bound, "a", "/").await.backend(), "b");
+    assert_eq!(get_h1(bound, "nosuch", "/").await.backend(), "b");
+    assert_eq!(H2::connect(bound).await.get("a", "/").await.backend(), "b");
+}
+
+#[tokio::test]
+async fn unknown_service_is_404_naming_it() {
+    let a = Backend::start("a").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("a").at(a.addr))
+        .start()
+        .await;
+
+    let reply = get_h1(proxy.addr(), "nosuch:4140", "/").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.header("x-almond-error"), Some("unknown-service"));
+    assert!(reply.text().contains("nosuch"), "{}", reply.text());
+
+    let reply = H2::connect(proxy.addr()).await.get("ghost", "/").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert!(reply.text().contains("ghost"), "{}", reply.text());
+    assert_eq!(a.count(), 0);
+}
+
+/// Service `s` split 90/10 over subsets v1 (two endpoints) and v2.
+async fn canary() -> (Backend, Backend, Backend, TestProxy) {
+    let v1a = Backend::start("v1a").await;
+    let v1b = Backend::start("v1b").await;
+    let v2 = Backend::start("v2").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("s")
+                .endpoint(v1a.addr, "v1", 1)
+                .endpoint(v1b.addr, "v1", 1)
+                .endpoint(v2.addr, "v2", 1)
+                .split(&[("v1", 90), ("v2", 10)]),
+        )
+        .start()
+        .await;
+    (v1a, v1b, v2, proxy)
+}
+
+#[tokio::test]
+async fn split_90_10_lands_within_a_binomial_bound() {
+    let (v1a, v1b, v2, proxy) = canary().await;
+    const N: usize = 2000;
+    // Four keep-alive connections, N/4 requests each.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let addr = proxy.addr();
+        tasks.push(tokio::spawn(async move {
+            let mut c = H1::connect(addr).await;
+            for _ in 0..N / 4 {
+                assert_eq!(c.get("s", "/").await.status, StatusCode::OK);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let canary = v2.count() as f64;
+    assert_eq!(v1a.count() + v1b.count() + v2.count(), N);
+    // Each request picks v2 with p = 0.1 independently, so the v2 count is
+    // Binomial(2000, 0.1): mean 200, sigma = sqrt(2000 * 0.1 * 0.9) ~ 13.4.
+    // A 5-sigma band (+-67) fails by chance about once in 1.7 million runs,
+    // yet still catches a split that is off by a third.
+    assert!(
+        (canary - 200.0).abs() <= 5.0 * 13.42,
+        "v2 got {canary} of {N}"
+    );
+    // v1's share is balanced over both of its endpoints.
+    assert!(v1a.count() > 0 && v1b.count() > 0);
+}
+
+#[tokio::test]
+async fn pinned_subset_gets_everything_and_the_pin_is_stripped() {
+    let (v1a, v1b, v2, proxy) = canary().await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..50 {
+        let req = Request::get("/pinned")
+            .header("host", "s")
+            .header("x-almond-subset", "v2")
+            .body(empty())
+            .unwrap();
+        let reply = client.request(req).await;
+        assert_eq!(reply.backend(), "v2");
+    }
+    assert_eq!((v1a.count(), v1b.count(), v2.count()), (0, 0, 50));
+    assert!(v2
+        .seen()
+        .iter()
+        .all(|s| s.headers.get("x-almond-subset").is_none()));
+
+    // h2 pins the same way.
+    let mut h2 = H2::connect(proxy.addr()).await;
+    let req = Request::get("http://s/pinned")
+        .header("x-almond-subset", "v1")
+        .body(empty())
+        .unwrap();
+    assert!(h2.request(req).await.backend().starts_with("v1"));
+}
+
+#[tokio::test]
+async fn unknown_pinned_subset_is_503() {
+    let (v1a, v1b, v2, proxy) = canary().await;
+    let req = Request::get("/")
+        .header("host", "s")
+        .header("x-almond-subset", "v9")
+        .body(empty())
+        .unwrap();
+    let reply = H1::connect(proxy.addr()).await.request(req).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.header("x-almond-error"), Some("unknown-subset"));
+    assert!(reply.text().contains("v9"), "{}", reply.text());
+    assert_eq!(v1a.count() + v1b.count() + v2.count(), 0);
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stop_at_the_proxy() {
+    let backend = Backend::start("h").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("h").at(backend.addr))
+        .service(ServiceYaml::new("h2").http2().at(backend.addr))
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for host in ["h", "h2"] {
+        let req = Request::get("/")
+            .header("host", host)
+            .header("connection", "keep-alive, x-secret")
+            .header("keep-alive", "timeout=5")
+            .header("x-secret", "named in Connection")
+            .header("proxy-connection", "keep-alive")
+            .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+            .header("x-end-to-end", "yes")
+            .header("authorization", "Bearer t")
+            .header("cookie", "a=1")
+            .body(empty())
+            .unwrap();
+        assert_eq!(client.request(req).await.status, StatusCode::OK);
+        let seen = backend.last();
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "proxy-connection",
+            "proxy-authorization",
+            "transfer-encoding",
+        ] {
+            assert!(
+                seen.headers.get(gone).is_none(),
+                "{gone} reached the {host} backend: {:?}",
+                seen.headers
+            );
+        }
+        assert_eq!(seen.headers["x-end-to-end"], "yes");
+        assert_eq!(seen.headers["authorization"], "Bearer t");
+        assert_eq!(seen.headers["cookie"], "a=1");
+    }
+}
+
+#[tokio::test]
+async fn grpc_trailers_reach_the_h2_client_and_te_reaches_the_backend() {
+    let backend = Backend::builder("grpc")
+        .trailer("grpc-status", "0")
+        .trailer("grpc-message", "ok")
+        .start()
+        .await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("greeter").http2().at(backend.addr))
+        .start()
+        .await;
+    let mut client = H2::connect(proxy.addr()).await;
+    // A unary gRPC call: 5-byte frame header plus an empty message.
+    let req = Request::post("http://greeter/helloworld.Greeter/SayHello")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(vec![0u8, 0, 0, 0, 0]))
+        .unwrap();
+    let reply = client.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let trailers = reply.trailers.as_ref().expect("trailers arrived");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+
+    let seen = backend.last();
+    assert_eq!(seen.version, Version::HTTP_2);
+    assert_eq!(seen.headers["te"], "trailers");
+    assert_eq!(seen.headers["content-type"], "application/grpc");
+    assert_eq!(seen.body_len, 5);
+    assert_eq!(seen.path, "/helloworld.Greeter/SayHello");
+}
+
+#[tokio::test]
+async fn trailers_also_reach_an_h1_client_that_asks_for_them() {
+    // HTTP/1.1 carries trailers in a chunked body when the client sends
+    // `TE: trailers`.
+    let backend = Backend::builder("t")
+        .trailer("grpc-status", "0")
+        .start()
+        .await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("t").http2().at(backend.addr))
+        .start()
+        .await;
+    let req = Request::post("/x")
+        .header("host", "t")
+        .header("te", "trailers")
+        .body(full("hi"))
+        .unwrap();
+    let reply = H1::connect(proxy.addr()).await.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let trailers = reply.trailers.as_ref().expect("trailers arrived");
+    assert_eq!(trailers["grpc-status"], "0");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_tunnels_through() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    // A WebSocket backend that echoes each message with its name.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    let reply = match msg {
+                        Message::Text(t) => Message::text(format!("chat says: {t}")),
+                        Message::Binary(b) => Message::binary(b),
+                        Message::Close(_) => break,
+                        _ => continue,
+                    };
+                    if ws.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("chat").at(ws_addr))
+        .start()
+        .await;
+
+    let stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut ws, resp) = within(
+        "websocket handshake",
+        tokio_tungstenite::client_async("ws://chat/socket", stream),
+    )
+    .await
+    .expect("handshake through the proxy");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let got = within("websocket echo", ws.next()).await.unwrap().unwrap();
+        assert_eq!(got, Message::text(format!("chat says: hello {i}")));
+    }
+    let blob: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    let got = within("websocket binary echo", ws.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.into_data().as_ref(), &blob[..]);
+    ws.close(None).await.unwrap();
+
+    // The proxy keeps serving ordinary requests beside the tunnel.
+    let reply = get_h1(proxy.addr(), "nosuch", "/").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn request_bodies_and_methods_pass_through() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("b").at(backend.addr))
+        .service(ServiceYaml::new("b2").http2().at(backend.addr))
+        .start()
+        .await;
+    let mut h1 = H1::connect(proxy.addr()).await;
+    let mut h2 = H2::connect(proxy.addr()).await;
+    let mut by_backend: HashMap<&str, u64> = HashMap::new();
+    for (host, method) in [("b", "PUT"), ("b2", "POST"), ("b", "DELETE")] {
+        let body = vec![b'z'; 12_345];
+        let req = Request::builder()
+            .method(method)
+            .uri("/upload?id=7")
+            .header("host", host)
+            .body(full(body.clone()))
+            .unwrap();
+        let reply = h1.request(req).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["method"], method);
+        assert_eq!(reply.json()["body_len"], 12_345);
+        *by_backend.entry(host).or_default() += 1;
+
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{host}/upload?id=7"))
+            .body(full(body))
+            .unwrap();
+        let reply = h2.request(req).await;
+        assert_eq!(reply.json()["method"], method);
+        assert_eq!(reply.json()["body_len"], 12_345);
+    }
+    assert_eq!(backend.count(), 6);
+}
