@@ -1,7 +1,7 @@
-//! `almond demo`: demo services in two versions, the control plane on its
-//! file registry, a proxy following it, a steady trickle of traffic, a
-//! canary (v2 at 10 %) that is then promoted, and a live one-line-per-second
-//! summary.
+//! `almond demo`: demo services in versions, the control plane on its file
+//! registry, a proxy following it, a steady trickle of traffic and a live
+//! one-line-per-second summary; a good release (v2) rolled out in steps the
+//! watcher judges, then a bad one (v3) that the watcher rolls back.
 
 use almond_config::ProxyConfig;
 use bytes::Bytes;
@@ -26,11 +26,11 @@ struct Tally {
 }
 
 /// Runs the demo for `duration`, or until Ctrl-C.
-pub async fn run(duration: Option<Duration>, rate: u32) -> anyhow::Result<()> {
+pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyhow::Result<()> {
     // Two versions of a service: v1 on two instances, v2 (the canary) on one.
     let mut endpoints = Vec::new();
     for (subset, delay_ms) in [("v1", 2), ("v1", 3), ("v2", 4)] {
-        let addr = backend(subset, delay_ms).await?;
+        let addr = backend(subset, delay_ms, 0).await?;
         endpoints.push(format!("    - {{ addr: \"{addr}\", subset: {subset} }}"));
     }
 
@@ -92,11 +92,13 @@ pub async fn run(duration: Option<Duration>, rate: u32) -> anyhow::Result<()> {
         token: None,
         json: false,
     };
-    let canary = [("v1".to_owned(), 90), ("v2".to_owned(), 10)].into();
-    crate::ops::shift(&ops, "demo", canary, Vec::new(), "shift").await?;
-    // Promote halfway through a bounded run, else after 10 s.
-    let promote_at = duration.map_or(Duration::from_secs(10), |d| d / 2);
-    let mut promoted = false;
+    // Act 1: a good release, v2, rolled out in steps the watcher judges.
+    println!(
+        "demo: rolling out v2 (10% -> 50% -> 100%, {step_secs}s a step, judged by the watcher)"
+    );
+    crate::ops::rollout(&ops, "demo", rollout_spec("v2", "v1", step_secs)).await?;
+    let mut act = 1;
+    let mut last_seen = String::new();
 
     let tallies: Arc<Mutex<BTreeMap<String, Tally>>> = Arc::default();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -121,9 +123,29 @@ pub async fn run(duration: Option<Duration>, rate: u32) -> anyhow::Result<()> {
             _ = every.tick() => print_summary(started.elapsed(), &tallies),
             _ = tokio::signal::ctrl_c() => break,
         }
-        if !promoted && started.elapsed() >= promote_at {
-            promoted = true;
-            crate::ops::promote(&ops, "demo", "v2").await?;
+        // Follow the rollout; print each verdict as it lands.
+        let (phase, seen) = rollout_progress(&ops).await;
+        if seen != last_seen && !seen.is_empty() {
+            println!("demo: {seen}");
+            last_seen = seen;
+        }
+        if act == 1 && phase == "succeeded" {
+            // Act 2: a bad release, v3 (30% of its answers are 500s).
+            act = 2;
+            let addr = backend("v3", 3, 30).await?;
+            endpoints.push(format!("    - {{ addr: \"{addr}\", subset: v3 }}"));
+            std::fs::write(
+                registry.join("demo.yaml"),
+                format!("demo:\n  endpoints:\n{}\n", endpoints.join("\n")),
+            )?;
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            println!(
+                "demo: rolling out v3, a bad build; the watcher should roll it back by itself"
+            );
+            crate::ops::rollout(&ops, "demo", rollout_spec("v3", "v2", step_secs)).await?;
+        } else if act == 2 && phase == "rolled_back" {
+            act = 3;
+            println!("demo: v3 was rolled back by the watcher; all traffic is on v2 again");
         }
         if duration.is_some_and(|d| started.elapsed() >= d) {
             break;
@@ -203,8 +225,53 @@ fn print_summary(elapsed: Duration, tallies: &Mutex<BTreeMap<String, Tally>>) {
     println!("{line}");
 }
 
-/// A demo service instance that says which version it is.
-async fn backend(subset: &'static str, delay_ms: u64) -> anyhow::Result<SocketAddr> {
+/// The demo's rollout: three steps, lenient enough for its small traffic.
+fn rollout_spec(canary: &str, stable: &str, step_secs: u64) -> crate::ops::RolloutAction {
+    crate::ops::RolloutAction::Start(serde_json::json!({
+        "canary": canary,
+        "stable": stable,
+        "steps": [10, 50, 100],
+        "interval_seconds": step_secs,
+        "thresholds": { "min_requests": 20, "max_error_rate": 0.05, "max_p99_ratio": 3.0 },
+    }))
+}
+
+/// The rollout's phase, and a line about its latest verdict.
+async fn rollout_progress(ops: &crate::ops::Target) -> (String, String) {
+    let quiet = crate::ops::Target {
+        control: ops.control.clone(),
+        token: None,
+        json: true,
+    };
+    let Ok(r) = quiet.get("/v1/services/demo/rollouts").await else {
+        return (String::new(), String::new());
+    };
+    let phase = r["phase"].as_str().unwrap_or("").to_owned();
+    let line = match r["history"].as_array().and_then(|h| h.last()) {
+        Some(j) => format!(
+            "{} at {}%: {}{} (canary {} requests) -> {}",
+            r["spec"]["canary"].as_str().unwrap_or("?"),
+            j["percent"],
+            j["verdict"]["verdict"].as_str().unwrap_or("?"),
+            j["verdict"]["reason"]
+                .as_str()
+                .map(|r| format!(", {r}"))
+                .unwrap_or_default(),
+            j["canary_requests"],
+            phase,
+        ),
+        None => String::new(),
+    };
+    (phase, line)
+}
+
+/// A demo service instance that says which version it is; `error_percent`
+/// of its answers are 500s.
+async fn backend(
+    subset: &'static str,
+    delay_ms: u64,
+    error_percent: u32,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -216,7 +283,13 @@ async fn backend(subset: &'static str, delay_ms: u64) -> anyhow::Result<SocketAd
                 let svc = service_fn(move |_req: Request<hyper::body::Incoming>| async move {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                     let body = format!("hello from demo {subset} at {addr}\n");
+                    let status = if fastrand::u32(..100) < error_percent {
+                        500
+                    } else {
+                        200
+                    };
                     Response::builder()
+                        .status(status)
                         .header("x-demo-subset", subset)
                         .body(Full::new(Bytes::from(body)))
                 });

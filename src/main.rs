@@ -79,6 +79,47 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
+    /// A staged rollout judged by the watcher; or `--approve`, `--abort`,
+    /// or (with neither nor `--canary`) show the current one.
+    Rollout {
+        /// The service.
+        service: String,
+        /// The new version's subset.
+        #[arg(long)]
+        canary: Option<String>,
+        /// The current version's subset (default: the other busiest one).
+        #[arg(long)]
+        stable: Option<String>,
+        /// Canary percent per step.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
+        steps: Vec<u32>,
+        /// Time per step before it is judged.
+        #[arg(long, default_value = "30s")]
+        interval: String,
+        /// Highest canary error rate, e.g. 1%.
+        #[arg(long, default_value = "1%")]
+        max_error_rate: String,
+        /// Highest canary p99, e.g. 300ms.
+        #[arg(long)]
+        max_p99: Option<String>,
+        /// Highest canary p99 as a multiple of stable's.
+        #[arg(long)]
+        max_p99_ratio: Option<f64>,
+        /// Fewest canary requests per verdict.
+        #[arg(long, default_value_t = 50)]
+        min_requests: u64,
+        /// Steps after which to wait for `--approve`.
+        #[arg(long, value_delimiter = ',')]
+        pause_at: Vec<u32>,
+        /// Pass the manual gate.
+        #[arg(long, conflicts_with_all = ["canary", "abort"])]
+        approve: bool,
+        /// Stop and roll back.
+        #[arg(long, conflicts_with = "canary")]
+        abort: bool,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
     /// Validate a proxy or control config file: exit 0, or 1 naming every
     /// problem.
     CheckConfig {
@@ -92,8 +133,11 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
         /// Requests per second the demo client sends.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 100)]
         rate: u32,
+        /// Seconds each rollout step runs before the watcher judges it.
+        #[arg(long, default_value_t = 3)]
+        step: u64,
     },
 }
 
@@ -148,14 +192,60 @@ fn main() -> ExitCode {
             ops,
         } => block_on(ops::promote(&ops.target(), &service, &subset)),
         Command::Rollback { service, ops } => block_on(ops::rollback(&ops.target(), &service)),
+        Command::Rollout {
+            service,
+            canary,
+            stable,
+            steps,
+            interval,
+            max_error_rate,
+            max_p99,
+            max_p99_ratio,
+            min_requests,
+            pause_at,
+            approve,
+            abort,
+            ops,
+        } => {
+            let action = if approve {
+                Ok(ops::RolloutAction::Approve)
+            } else if abort {
+                Ok(ops::RolloutAction::Abort)
+            } else if let Some(canary) = canary {
+                (|| {
+                    let max_p99 = max_p99.as_deref().map(ops::parse_seconds).transpose()?;
+                    Ok(ops::RolloutAction::Start(serde_json::json!({
+                        "canary": canary,
+                        "stable": stable,
+                        "steps": steps,
+                        "interval_seconds": ops::parse_seconds(&interval)?,
+                        "pause_at": pause_at,
+                        "thresholds": {
+                            "min_requests": min_requests,
+                            "max_error_rate": ops::parse_rate(&max_error_rate)?,
+                            "max_p99": max_p99,
+                            "max_p99_ratio": max_p99_ratio,
+                        },
+                    })))
+                })()
+            } else {
+                Ok(ops::RolloutAction::Show)
+            };
+            action.and_then(|a| block_on(ops::rollout(&ops.target(), &service, a)))
+        }
         Command::Status { service, ops } => {
             block_on(ops::status(&ops.target(), service.as_deref()))
         }
         Command::CheckConfig { file } => return check_config(&file),
-        Command::Demo { duration, rate } => runtime(None).and_then(|rt| {
+        Command::Demo {
+            duration,
+            rate,
+            step,
+        } => runtime(None).and_then(|rt| {
             rt.block_on(demo::run(
                 duration.map(std::time::Duration::from_secs),
                 rate,
+                step.max(1),
             ))
         }),
     };

@@ -53,6 +53,11 @@ impl Target {
         serde_json::from_slice(&body).context("the control plane sent something that is not JSON")
     }
 
+    /// GET a path and return its JSON.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(http::Method::GET, path, None).await
+    }
+
     fn print(&self, value: &Value, text: impl FnOnce() -> String) {
         if self.json {
             println!("{value}");
@@ -200,4 +205,103 @@ fn show(split: &Value) -> String {
             .join(" "),
         None => "all subsets by endpoint weight".into(),
     }
+}
+
+/// What `almond rollout` was asked to do.
+pub enum RolloutAction {
+    /// Start one.
+    Start(Value),
+    /// Pass the manual gate.
+    Approve,
+    /// Stop and roll back.
+    Abort,
+    /// Show it.
+    Show,
+}
+
+/// `almond rollout SERVICE ...`
+pub async fn rollout(t: &Target, service: &str, action: RolloutAction) -> anyhow::Result<()> {
+    let path = format!("/v1/services/{service}/rollouts");
+    let out = match action {
+        RolloutAction::Start(spec) => {
+            t.call(http::Method::POST, &path, Some(spec)).await?["policy"]["rollout"].clone()
+        }
+        RolloutAction::Approve => t
+            .call(
+                http::Method::POST,
+                &format!("{path}/approve"),
+                Some(json!({})),
+            )
+            .await?["policy"]["rollout"]
+            .clone(),
+        RolloutAction::Abort => {
+            t.call(http::Method::DELETE, &path, Some(json!({}))).await?["policy"]["rollout"].clone()
+        }
+        RolloutAction::Show => t.call(http::Method::GET, &path, None).await?,
+    };
+    t.print(&out, || describe_rollout(service, &out));
+    Ok(())
+}
+
+fn describe_rollout(service: &str, r: &Value) -> String {
+    let steps: Vec<String> = r["spec"]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| format!("{s}%"))
+        .collect();
+    let step = r["step"].as_u64().unwrap_or(0) as usize;
+    let mut s = format!(
+        "{service}: rollout of {} over {} is {} at step {}/{} ({})",
+        r["spec"]["canary"].as_str().unwrap_or("?"),
+        r["stable"].as_str().unwrap_or("?"),
+        r["phase"].as_str().unwrap_or("?"),
+        step + 1,
+        steps.len(),
+        steps.get(step).cloned().unwrap_or_default(),
+    );
+    if let Some(reason) = r["reason"].as_str() {
+        s.push_str(&format!(": {reason}"));
+    }
+    for j in r["history"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "\n  {:>3}%  {:<12} canary {} req, stable {} req  {}",
+            j["percent"],
+            j["verdict"]["verdict"].as_str().unwrap_or("?"),
+            j["canary_requests"],
+            j["stable_requests"],
+            j["verdict"]["reason"].as_str().unwrap_or(""),
+        ));
+    }
+    s
+}
+
+/// Parses `1%`, `0.5%` or `0.01` into a fraction.
+pub fn parse_rate(text: &str) -> anyhow::Result<f64> {
+    let v = match text.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
+        None => text.trim().parse::<f64>(),
+    }
+    .map_err(|_| anyhow!("{text:?} is not a rate like 1% or 0.01"))?;
+    if !(0.0..=1.0).contains(&v) {
+        bail!("{text:?} is not between 0% and 100%");
+    }
+    Ok(v)
+}
+
+/// Parses `30s`, `500ms`, `2m` into seconds.
+pub fn parse_seconds(text: &str) -> anyhow::Result<f64> {
+    let (num, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(text.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("{text:?} is not a duration like 30s"))?;
+    Ok(match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        _ => bail!("{text:?} is not a duration like 30s, 500ms or 2m"),
+    })
 }

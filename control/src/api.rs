@@ -1,9 +1,12 @@
 //! API: the long-poll snapshots proxies follow, the service views
 //! operators read, `/metrics`, `/ready`, `/live`.
 
-use crate::policy::{check_split, Refusal, Weights};
+use crate::policy::{check_split, Policy, Refusal, Weights};
 use crate::state::State;
 use crate::store::{now_ms, Store};
+use crate::watcher::apply_next;
+use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
+use almond_config::Service;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, StatusCode};
@@ -80,6 +83,18 @@ async fn respond(
                 let name = (*name).to_owned();
                 mutate(&api, req, &name, Mutation::Rollback).await
             }
+            (Method::POST, ["v1", "services", name, "rollouts"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, &name, Mutation::StartRollout).await
+            }
+            (Method::POST, ["v1", "services", name, "rollouts", "approve"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, &name, Mutation::Approve).await
+            }
+            (Method::DELETE, ["v1", "services", name, "rollouts"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, &name, Mutation::Abort).await
+            }
             _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here\n"),
         });
     }
@@ -98,6 +113,10 @@ async fn respond(
                 StatusCode::NOT_FOUND,
                 &format!("unknown service {name:?}\n"),
             ),
+        },
+        ["v1", "services", name, "rollouts"] => match state.policy(name).and_then(|p| p.rollout) {
+            Some(r) => json_ok(&r),
+            None => text(StatusCode::NOT_FOUND, &format!("no rollout for {name:?}\n")),
         },
         ["v1", "proxies"] => {
             let proxies: serde_json::Map<String, serde_json::Value> = state
@@ -143,6 +162,9 @@ async fn respond(
 enum Mutation {
     Split,
     Rollback,
+    StartRollout,
+    Approve,
+    Abort,
 }
 
 /// Body of `PUT /v1/services/{svc}/split`.
@@ -233,6 +255,36 @@ async fn mutate(
             Ok(p) => p,
             Err(r) => return refusal(r),
         },
+        Mutation::StartRollout => {
+            let spec: RolloutSpec = match serde_json::from_slice(&body) {
+                Ok(s) => s,
+                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("bad rollout: {e}\n")),
+            };
+            match start_rollout(&current, &service, spec, &by) {
+                Ok(p) => p,
+                Err(r) => return refusal(r),
+            }
+        }
+        Mutation::Approve | Mutation::Abort => {
+            let Some(mut rollout) = current.rollout.clone() else {
+                return refusal(Refusal::Conflict(format!("{name} has no rollout")));
+            };
+            let step = match what {
+                Mutation::Approve => rollout.approve(now_ms()),
+                _ => rollout.abort(&by),
+            };
+            match step {
+                Ok(next) => {
+                    let action = if matches!(what, Mutation::Approve) {
+                        "rollout approve"
+                    } else {
+                        "rollout abort"
+                    };
+                    apply_next(&current, rollout, next, &by, action, now_ms())
+                }
+                Err(e) => return refusal(Refusal::Conflict(e)),
+            }
+        }
     };
     match api.store.put(name, &next, token).await {
         Ok(true) => {}
@@ -251,6 +303,72 @@ async fn mutate(
     tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, version = next.version, "split changed");
     api.state.set_policy(name, next.clone(), 0);
     json_ok(&json!({ "service": name, "policy": next, "index": api.state.index() }))
+}
+
+/// A new rollout at its first step; refused while another is active.
+fn start_rollout(
+    current: &Policy,
+    service: &Service,
+    spec: RolloutSpec,
+    by: &str,
+) -> Result<Policy, Refusal> {
+    spec.check().map_err(Refusal::Invalid)?;
+    if current.rollout.as_ref().is_some_and(Rollout::active) {
+        return Err(Refusal::Conflict(
+            "a rollout is already running; approve, abort or wait for it".into(),
+        ));
+    }
+    let has = |s: &str| service.endpoints.iter().any(|e| e.subset == s);
+    if !has(&spec.canary) {
+        return Err(Refusal::Invalid(format!(
+            "canary subset {:?} has no endpoints",
+            spec.canary
+        )));
+    }
+    let stable = match &spec.stable {
+        Some(s) if has(s) => s.clone(),
+        Some(s) => {
+            return Err(Refusal::Invalid(format!(
+                "stable subset {s:?} has no endpoints"
+            )))
+        }
+        None => pick_stable(current, service, &spec.canary)
+            .ok_or_else(|| Refusal::Invalid("no stable subset besides the canary".into()))?,
+    };
+    let now = now_ms();
+    let rollout = Rollout::start(spec, stable, current.split.clone(), now);
+    let first = rollout.split();
+    Ok(apply_next(
+        current,
+        rollout,
+        Next::Shift(first),
+        by,
+        "rollout start",
+        now,
+    ))
+}
+
+/// The other subset with the most traffic now (split weight, else
+/// endpoint count).
+fn pick_stable(current: &Policy, service: &Service, canary: &str) -> Option<String> {
+    let mut subsets: Vec<(u32, usize, String)> = Vec::new();
+    for e in &service.endpoints {
+        if e.subset == canary {
+            continue;
+        }
+        match subsets.iter_mut().find(|s| s.2 == e.subset) {
+            Some(s) => s.1 += 1,
+            None => {
+                let weight = current
+                    .split
+                    .as_ref()
+                    .and_then(|w| w.get(&e.subset).copied())
+                    .unwrap_or(0);
+                subsets.push((weight, 1, e.subset.clone()));
+            }
+        }
+    }
+    subsets.into_iter().max().map(|s| s.2)
 }
 
 fn refusal(r: Refusal) -> Response<Full<Bytes>> {

@@ -11,6 +11,7 @@ pub mod file;
 pub mod policy;
 pub mod state;
 pub mod store;
+pub mod watcher;
 
 use almond_config::{ControlConfig, Source, Store as StoreKind};
 use consul::ConsulClient;
@@ -68,6 +69,7 @@ impl Control {
             (StoreKind::File, _) => self.file_store(),
         });
         let follower = tokio::spawn(store.clone().follow(self.state.clone()));
+        let watcher = tokio::spawn(watcher::Watcher::new(self.state.clone(), store.clone()).run());
         let token = self
             .config
             .token_env
@@ -95,6 +97,7 @@ impl Control {
         let _ = stop_tx.send(true);
         source.abort();
         follower.abort();
+        watcher.abort();
         let _ = api.await;
     }
 }

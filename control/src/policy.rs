@@ -2,6 +2,7 @@
 //! and an audit trail of who changed what, when. Checked here; kept by
 //! `store`; merged into the services proxies receive.
 
+use crate::watcher::rollout::Rollout;
 use almond_config::Service;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -27,6 +28,9 @@ pub struct Policy {
     /// Newest last.
     #[serde(default)]
     pub history: Vec<Change>,
+    /// The staged rollout, running or finished (the last one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
 
 /// One change, for the audit trail.

@@ -4,7 +4,7 @@
 use crate::catalog::Catalog;
 use crate::policy::Policy;
 use almond_config::{Service, Snapshot};
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use tokio::sync::watch;
@@ -61,6 +61,12 @@ pub struct Metrics {
     pub long_polls: IntGauge,
     /// `almond_control_snapshots_sent_total`.
     pub snapshots_sent: IntCounter,
+    /// `almond_rollout_step{service}`: canary percent of the current step.
+    pub rollout_step: IntGaugeVec,
+    /// `almond_rollout_verdicts_total{service, verdict}`.
+    pub verdicts: IntCounterVec,
+    /// `almond_rollbacks_total{service}`.
+    pub rollbacks: IntCounterVec,
 }
 
 impl Metrics {
@@ -76,7 +82,31 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
+        let rollout_step = IntGaugeVec::new(
+            Opts::new(
+                "almond_rollout_step",
+                "Canary percent of the rollout's current step.",
+            ),
+            &["service"],
+        )?;
+        let verdicts = IntCounterVec::new(
+            Opts::new("almond_rollout_verdicts_total", "Rollout step verdicts."),
+            &["service", "verdict"],
+        )?;
+        let rollbacks = IntCounterVec::new(
+            Opts::new(
+                "almond_rollbacks_total",
+                "Rollouts rolled back by the watcher.",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(rollout_step.clone()))?;
+        registry.register(Box::new(verdicts.clone()))?;
+        registry.register(Box::new(rollbacks.clone()))?;
         let m = Metrics {
+            rollout_step,
+            verdicts,
+            rollbacks,
             index: gauge(
                 "almond_control_snapshot_index",
                 "Index of the served state.",
@@ -99,6 +129,25 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(m)
+    }
+}
+
+impl Metrics {
+    /// Sets a service's current rollout step.
+    pub fn rollout_step(&self, service: &str, percent: u32) {
+        self.rollout_step
+            .with_label_values(&[service])
+            .set(i64::from(percent));
+    }
+
+    /// Counts a verdict.
+    pub fn verdict(&self, service: &str, verdict: &str) {
+        self.verdicts.with_label_values(&[service, verdict]).inc();
+    }
+
+    /// Counts a rollback.
+    pub fn rollback(&self, service: &str) {
+        self.rollbacks.with_label_values(&[service]).inc();
     }
 }
 
@@ -185,6 +234,11 @@ impl State {
         let mut all = self.inputs().policies.clone();
         all.insert(name.to_owned(), policy);
         self.set_policies(all, source_index);
+    }
+
+    /// Every policy as last seen.
+    pub fn policies(&self) -> BTreeMap<String, Policy> {
+        self.inputs().policies.clone()
     }
 
     /// One service's policy as last seen.

@@ -1,0 +1,198 @@
+//! Collect: golden metrics per subset, scraped from every proxy's admin
+//! `/metrics` (the `direct` source), summed across proxies.
+
+use super::judge::Window;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Counters of one subset, summed over proxies, as read at one moment.
+pub type Totals = BTreeMap<String, Window>;
+
+/// Scrapes `admins` (proxy admin addresses) and sums the outbound golden
+/// metrics of `service` by subset. Unreachable proxies are skipped.
+pub async fn scrape(admins: &[String], service: &str) -> BTreeMap<String, Totals> {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut per_proxy = BTreeMap::new();
+    for admin in admins {
+        let Ok(req) = hyper::Request::get(format!("http://{admin}/metrics")).body(Empty::new())
+        else {
+            continue;
+        };
+        let fetched = tokio::time::timeout(Duration::from_secs(2), async {
+            let resp = client.request(req).await.ok()?;
+            resp.into_body().collect().await.ok().map(|b| b.to_bytes())
+        })
+        .await;
+        match fetched {
+            Ok(Some(body)) => {
+                per_proxy.insert(
+                    admin.clone(),
+                    parse(&String::from_utf8_lossy(&body), service),
+                );
+            }
+            _ => tracing::debug!(proxy = %admin, "metrics scrape failed"),
+        }
+    }
+    per_proxy
+}
+
+/// Sums per-proxy totals into per-subset totals.
+pub fn sum(per_proxy: &BTreeMap<String, Totals>) -> Totals {
+    let mut out: Totals = BTreeMap::new();
+    for totals in per_proxy.values() {
+        for (subset, w) in totals {
+            add(out.entry(subset.clone()).or_default(), w);
+        }
+    }
+    out
+}
+
+fn add(into: &mut Window, w: &Window) {
+    into.requests += w.requests;
+    into.failures += w.failures;
+    if into.buckets.is_empty() {
+        into.buckets = w.buckets.clone();
+    } else {
+        for (a, b) in into.buckets.iter_mut().zip(&w.buckets) {
+            a.1 += b.1;
+        }
+    }
+}
+
+/// `now - then` per proxy and subset; a counter that went down (the proxy
+/// restarted) counts from zero.
+pub fn delta(now: &BTreeMap<String, Totals>, then: &BTreeMap<String, Totals>) -> Totals {
+    let mut per_proxy = BTreeMap::new();
+    for (proxy, totals) in now {
+        let mut d = Totals::new();
+        for (subset, w) in totals {
+            let before = then.get(proxy).and_then(|t| t.get(subset));
+            let reset = before.is_some_and(|b| b.requests > w.requests);
+            let w = match before {
+                Some(b) if !reset => Window {
+                    requests: w.requests - b.requests,
+                    failures: w.failures.saturating_sub(b.failures),
+                    buckets: w
+                        .buckets
+                        .iter()
+                        .zip(&b.buckets)
+                        .map(|(x, y)| (x.0, x.1.saturating_sub(y.1)))
+                        .collect(),
+                },
+                _ => w.clone(),
+            };
+            d.insert(subset.clone(), w);
+        }
+        per_proxy.insert(proxy.clone(), d);
+    }
+    sum(&per_proxy)
+}
+
+/// Reads `almond_requests_total` and `almond_request_duration_seconds_bucket`
+/// of `service` (outbound) from a Prometheus text exposition.
+pub fn parse(text: &str, service: &str) -> Totals {
+    let mut out: Totals = BTreeMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once('}') else {
+            continue;
+        };
+        let labels = parse_labels(labels);
+        if labels.get("service").map(String::as_str) != Some(service)
+            || labels.get("direction").map(String::as_str) != Some("outbound")
+        {
+            continue;
+        }
+        let Some(subset) = labels.get("subset") else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let w = out.entry(subset.clone()).or_default();
+        match name {
+            "almond_requests_total" => {
+                w.requests += value as u64;
+                if labels.get("outcome").map(String::as_str) == Some("failure") {
+                    w.failures += value as u64;
+                }
+            }
+            "almond_request_duration_seconds_bucket" => {
+                let le = match labels.get("le").map(String::as_str) {
+                    Some("+Inf") => f64::INFINITY,
+                    Some(v) => match v.parse() {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    },
+                    None => continue,
+                };
+                w.buckets.push((le, value as u64));
+            }
+            _ => {}
+        }
+    }
+    for w in out.values_mut() {
+        w.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    out
+}
+
+fn parse_labels(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let Some(end) = after.find('"') else { break };
+        out.insert(
+            key.trim_start_matches(',').trim().to_owned(),
+            after[..end].to_owned(),
+        );
+        rest = &after[end + 1..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"# HELP almond_requests_total Requests handled, by outcome.
+almond_requests_total{code_class="2xx",direction="outbound",outcome="success",service="web",subset="v1"} 90
+almond_requests_total{code_class="5xx",direction="outbound",outcome="failure",service="web",subset="v2"} 3
+almond_requests_total{code_class="2xx",direction="outbound",outcome="success",service="web",subset="v2"} 7
+almond_requests_total{code_class="2xx",direction="inbound",outcome="success",service="web",subset="v2"} 1000
+almond_requests_total{code_class="2xx",direction="outbound",outcome="success",service="other",subset="v2"} 1000
+almond_request_duration_seconds_bucket{direction="outbound",service="web",subset="v2",le="0.01"} 4
+almond_request_duration_seconds_bucket{direction="outbound",service="web",subset="v2",le="+Inf"} 10
+"#;
+
+    #[test]
+    fn parses_one_service_by_subset() {
+        let t = parse(TEXT, "web");
+        assert_eq!(t["v1"].requests, 90);
+        assert_eq!((t["v2"].requests, t["v2"].failures), (10, 3));
+        assert_eq!(t["v2"].buckets, vec![(0.01, 4), (f64::INFINITY, 10)]);
+    }
+
+    #[test]
+    fn deltas_survive_a_proxy_restart() {
+        let then = BTreeMap::from([("p".to_owned(), parse(TEXT, "web"))]);
+        let mut later = parse(TEXT, "web");
+        later.get_mut("v1").unwrap().requests = 100;
+        later.get_mut("v2").unwrap().requests = 4; // restarted: went down
+        let now = BTreeMap::from([("p".to_owned(), later)]);
+        let d = delta(&now, &then);
+        assert_eq!(d["v1"].requests, 10);
+        assert_eq!(d["v2"].requests, 4);
+    }
+}

@@ -1,0 +1,212 @@
+//! Watcher: drives staged rollouts. Every tick it reads each service's
+//! policy from the store; for an active rollout whose lease it holds, it
+//! collects the golden metrics of canary and stable over the step's
+//! window ([`collect`]), judges them ([`judge`]) and moves the rollout on
+//! ([`rollout`]), writing the result back with check-and-set.
+
+pub mod collect;
+pub mod judge;
+pub mod rollout;
+
+use crate::policy::Policy;
+use crate::state::State;
+use crate::store::{now_ms, Store};
+use collect::Totals;
+use rollout::{Next, Rollout};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often rollouts are looked at.
+const TICK: Duration = Duration::from_millis(250);
+/// How long a lease lasts; renewed well before.
+const LEASE_MS: u64 = 15_000;
+/// Proxies not seen for this long are not scraped.
+const PROXY_STALE: Duration = Duration::from_secs(90);
+
+/// Where a step's window starts: the step it belongs to (its start, unix
+/// ms), when the baseline was taken, and every proxy's totals then.
+struct Baseline {
+    step_started: u64,
+    taken: u64,
+    totals: BTreeMap<String, Totals>,
+}
+
+/// The rollout driver of one control-plane replica.
+pub struct Watcher {
+    state: Arc<State>,
+    store: Arc<Store>,
+    /// This replica's name, for leases.
+    replica: String,
+    /// Per service: the current step's baseline.
+    baselines: tokio::sync::Mutex<HashMap<String, Baseline>>,
+}
+
+impl Watcher {
+    /// A driver for this replica.
+    pub fn new(state: Arc<State>, store: Arc<Store>) -> Watcher {
+        let replica = format!("{}-{}", hostname(), std::process::id());
+        Watcher {
+            state,
+            store,
+            replica,
+            baselines: Default::default(),
+        }
+    }
+
+    /// Ticks until the task is dropped.
+    pub async fn run(self) {
+        loop {
+            let names: Vec<String> = self
+                .state
+                .policies()
+                .into_iter()
+                .filter(|(_, p)| p.rollout.as_ref().is_some_and(Rollout::active))
+                .map(|(n, _)| n)
+                .collect();
+            for name in names {
+                if let Err(e) = self.drive(&name).await {
+                    tracing::warn!(service = %name, error = %e, "rollout tick failed");
+                }
+            }
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
+    async fn drive(&self, name: &str) -> Result<(), crate::store::StoreError> {
+        let (policy, token) = self.store.get(name).await?;
+        let Some(mut r) = policy.rollout.clone() else {
+            return Ok(());
+        };
+        if !r.active() {
+            return Ok(());
+        }
+        let now = now_ms();
+        // Only the lease holder drives; take an expired or missing lease.
+        let holder = r.lease.clone();
+        match &holder {
+            Some((owner, until)) if owner != &self.replica && *until > now => return Ok(()),
+            Some((owner, until)) if owner == &self.replica && *until > now + LEASE_MS / 2 => {}
+            _ => {
+                r.lease = Some((self.replica.clone(), now + LEASE_MS));
+                let mut next = policy.clone();
+                next.rollout = Some(r.clone());
+                if !self.store.put(name, &next, token).await? {
+                    return Ok(()); // another replica won the lease
+                }
+                self.state.set_policy(name, next, 0);
+                return Ok(());
+            }
+        }
+        self.state.metrics.rollout_step(name, r.percent());
+        if r.phase != rollout::Phase::Running {
+            return Ok(());
+        }
+        let admins = self.proxy_admins();
+        let mut baselines = self.baselines.lock().await;
+        let Some(base) = baselines
+            .get(name)
+            .filter(|b| b.step_started == r.step_started)
+        else {
+            // A new step (or a restarted control plane): the window starts now.
+            let totals = collect::scrape(&admins, name).await;
+            baselines.insert(
+                name.to_owned(),
+                Baseline {
+                    step_started: r.step_started,
+                    taken: now,
+                    totals,
+                },
+            );
+            return Ok(());
+        };
+        let interval = r.spec.interval().as_millis() as u64;
+        if !r.due(now) || now.saturating_sub(base.taken) < interval {
+            return Ok(());
+        }
+        let current = collect::scrape(&admins, name).await;
+        let window = collect::delta(&current, &base.totals);
+        let canary = window.get(&r.spec.canary).cloned().unwrap_or_default();
+        let stable = window.get(&r.stable).cloned().unwrap_or_default();
+        let verdict = judge::judge(&canary, &stable, &r.spec.thresholds);
+        let percent = r.percent();
+        let next = r.on_verdict(verdict.clone(), canary.requests, stable.requests, now);
+        tracing::info!(
+            service = name,
+            step = percent,
+            verdict = verdict.label(),
+            detail = ?verdict,
+            canary_requests = canary.requests,
+            stable_requests = stable.requests,
+            "rollout step judged"
+        );
+        self.state.metrics.verdict(name, verdict.label());
+        let mut next_policy = match &next {
+            Next::Shift(split) => {
+                policy.with_split(split.clone(), "watcher", "rollout step", now / 1000)
+            }
+            Next::RollBack(split) => {
+                self.state.metrics.rollback(name);
+                tracing::warn!(service = name, reason = ?r.reason, "rollout rolled back");
+                policy.with_split(split.clone(), "watcher", "rollout rollback", now / 1000)
+            }
+            Next::Hold => policy.clone(),
+        };
+        let step_started = r.step_started;
+        next_policy.rollout = Some(r);
+        if self.store.put(name, &next_policy, token).await? {
+            if let Some(r) = &next_policy.rollout {
+                self.state.metrics.rollout_step(name, r.percent());
+            }
+            self.state.set_policy(name, next_policy, 0);
+            // The next window starts where this one ended.
+            baselines.insert(
+                name.to_owned(),
+                Baseline {
+                    step_started,
+                    taken: now,
+                    totals: current,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn proxy_admins(&self) -> Vec<String> {
+        self.state
+            .proxies()
+            .into_values()
+            .filter(|p| !p.admin.is_empty() && p.seen.elapsed() < PROXY_STALE)
+            .map(|p| p.admin)
+            .collect()
+    }
+}
+
+/// Applies an operator's rollout change to a policy (start, approve,
+/// abort): the split follows the rollout.
+pub fn apply_next(
+    policy: &Policy,
+    rollout: Rollout,
+    next: Next,
+    by: &str,
+    action: &str,
+    now: u64,
+) -> Policy {
+    let mut out = match next {
+        Next::Shift(split) | Next::RollBack(split) => {
+            policy.with_split(split, by, action, now / 1000)
+        }
+        Next::Hold => policy.clone(),
+    };
+    if out.version == policy.version {
+        out.version += 1;
+    }
+    out.rollout = Some(rollout);
+    out
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "control".to_owned())
+}

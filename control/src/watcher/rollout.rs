@@ -1,0 +1,347 @@
+//! Rollout: a staged canary release. For each step: shift, wait, judge;
+//! pass -> next step (or pause at a manual gate), fail -> back to 0 %
+//! canary at once, inconclusive -> hold and judge again, up to a limit.
+//! The state lives in the service's policy, so a restarted control plane
+//! resumes it.
+
+use super::judge::{Thresholds, Verdict};
+use crate::policy::Weights;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Inconclusive verdicts in a row before the rollout gives up and rolls back.
+pub const DEFAULT_MAX_INCONCLUSIVE: u32 = 10;
+
+/// What an operator asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// The new version's subset.
+    pub canary: String,
+    /// The current version's subset (default: the other subset with the
+    /// most weight now).
+    #[serde(default)]
+    pub stable: Option<String>,
+    /// Canary percent per step, ascending, e.g. `[1, 10, 50, 100]`.
+    pub steps: Vec<u32>,
+    /// Time each step runs before it is judged, in seconds.
+    pub interval_seconds: f64,
+    /// What the canary must meet.
+    #[serde(default)]
+    pub thresholds: Thresholds,
+    /// Steps (percent) after which to wait for `approve`.
+    #[serde(default)]
+    pub pause_at: Vec<u32>,
+    /// Inconclusive verdicts in a row tolerated on one step.
+    #[serde(default = "default_max_inconclusive")]
+    pub max_inconclusive: u32,
+}
+
+fn default_max_inconclusive() -> u32 {
+    DEFAULT_MAX_INCONCLUSIVE
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Running a step.
+    Running,
+    /// Passed a gate step; waiting for `approve`.
+    Paused,
+    /// Reached its last step.
+    Succeeded,
+    /// Judged bad and sent back to 0 %.
+    RolledBack,
+    /// Stopped by an operator and sent back.
+    Aborted,
+}
+
+/// One judgement, for the record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Judged {
+    /// Canary percent of the step.
+    pub percent: u32,
+    /// The verdict and why.
+    pub verdict: Verdict,
+    /// Unix ms.
+    pub at: u64,
+    /// Canary and stable requests in the window.
+    pub canary_requests: u64,
+    /// Stable requests in the window.
+    pub stable_requests: u64,
+}
+
+/// A rollout in progress (or finished), as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// What was asked.
+    pub spec: RolloutSpec,
+    /// The stable subset actually used.
+    pub stable: String,
+    /// The split before the rollout (restored on rollback).
+    pub original: Option<Weights>,
+    /// Index into `spec.steps`.
+    pub step: usize,
+    /// Where it is.
+    pub phase: Phase,
+    /// Unix ms when the current step's window began.
+    pub step_started: u64,
+    /// Inconclusive verdicts in a row on this step.
+    pub inconclusive: u32,
+    /// Every verdict, oldest first.
+    pub history: Vec<Judged>,
+    /// Why it ended, if it did.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The control-plane replica driving it, and until when (unix ms).
+    #[serde(default)]
+    pub lease: Option<(String, u64)>,
+}
+
+/// What the driver must do after a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Apply this split (a new step) and start a new window.
+    Shift(Weights),
+    /// Keep the split; start a new window (inconclusive, or paused).
+    Hold,
+    /// Restore the original split: the rollout failed.
+    RollBack(Weights),
+}
+
+impl RolloutSpec {
+    /// Checks the spec; the message names what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if self.steps.is_empty() {
+            return Err("steps: at least one step is needed".into());
+        }
+        if self.steps.iter().any(|s| *s == 0 || *s > 100) {
+            return Err("steps: each step is a canary percent from 1 to 100".into());
+        }
+        if self.steps.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("steps: must go up, e.g. 1,10,50,100".into());
+        }
+        if self.interval_seconds.is_nan() || self.interval_seconds < 0.1 {
+            return Err("interval: at least 100ms".into());
+        }
+        if !(0.0..=1.0).contains(&self.thresholds.max_error_rate) {
+            return Err("max_error_rate: between 0% and 100%".into());
+        }
+        if let Some(p) = self.pause_at.iter().find(|p| !self.steps.contains(p)) {
+            return Err(format!("pause_at: {p} is not one of the steps"));
+        }
+        Ok(())
+    }
+
+    /// The interval as a duration.
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(self.interval_seconds)
+    }
+}
+
+impl Rollout {
+    /// A new rollout at its first step.
+    pub fn start(
+        spec: RolloutSpec,
+        stable: String,
+        original: Option<Weights>,
+        now: u64,
+    ) -> Rollout {
+        Rollout {
+            spec,
+            stable,
+            original,
+            step: 0,
+            phase: Phase::Running,
+            step_started: now,
+            inconclusive: 0,
+            history: Vec::new(),
+            reason: None,
+            lease: None,
+        }
+    }
+
+    /// Is it still going (running or paused)?
+    pub fn active(&self) -> bool {
+        matches!(self.phase, Phase::Running | Phase::Paused)
+    }
+
+    /// Canary percent of the current step.
+    pub fn percent(&self) -> u32 {
+        self.spec.steps.get(self.step).copied().unwrap_or(0)
+    }
+
+    /// The split of the current step.
+    pub fn split(&self) -> Weights {
+        self.split_at(self.percent())
+    }
+
+    fn split_at(&self, percent: u32) -> Weights {
+        let mut w = Weights::new();
+        w.insert(self.stable.clone(), 100 - percent);
+        w.insert(self.spec.canary.clone(), percent);
+        w
+    }
+
+    /// The split a rollback restores: the original, or all on stable.
+    pub fn rollback_split(&self) -> Weights {
+        match &self.original {
+            Some(o) if o.get(&self.spec.canary).copied().unwrap_or(0) == 0 => o.clone(),
+            _ => self.split_at(0),
+        }
+    }
+
+    /// Is the current step's window over?
+    pub fn due(&self, now: u64) -> bool {
+        self.phase == Phase::Running
+            && now.saturating_sub(self.step_started) >= self.spec.interval().as_millis() as u64
+    }
+
+    /// Takes a verdict on the current step.
+    pub fn on_verdict(&mut self, verdict: Verdict, canary: u64, stable: u64, now: u64) -> Next {
+        self.history.push(Judged {
+            percent: self.percent(),
+            verdict: verdict.clone(),
+            at: now,
+            canary_requests: canary,
+            stable_requests: stable,
+        });
+        self.step_started = now;
+        match verdict {
+            Verdict::Pass => {
+                self.inconclusive = 0;
+                if self.spec.pause_at.contains(&self.percent()) {
+                    self.phase = Phase::Paused;
+                    return Next::Hold;
+                }
+                self.advance()
+            }
+            Verdict::Fail(reason) => self.roll_back(Phase::RolledBack, reason),
+            Verdict::Inconclusive(reason) => {
+                self.inconclusive += 1;
+                if self.inconclusive > self.spec.max_inconclusive {
+                    return self.roll_back(
+                        Phase::RolledBack,
+                        format!(
+                            "inconclusive {} times in a row: {reason}",
+                            self.inconclusive
+                        ),
+                    );
+                }
+                Next::Hold
+            }
+        }
+    }
+
+    /// An operator passed the gate.
+    pub fn approve(&mut self, now: u64) -> Result<Next, String> {
+        if self.phase != Phase::Paused {
+            return Err(format!(
+                "the rollout is {:?}, not paused at a gate",
+                self.phase
+            ));
+        }
+        self.phase = Phase::Running;
+        self.step_started = now;
+        Ok(self.advance())
+    }
+
+    /// An operator stopped it.
+    pub fn abort(&mut self, by: &str) -> Result<Next, String> {
+        if !self.active() {
+            return Err(format!("the rollout is already {:?}", self.phase));
+        }
+        Ok(self.roll_back(Phase::Aborted, format!("aborted by {by}")))
+    }
+
+    fn advance(&mut self) -> Next {
+        if self.step + 1 >= self.spec.steps.len() {
+            self.phase = Phase::Succeeded;
+            self.reason = Some("every step passed".into());
+            return Next::Hold;
+        }
+        self.step += 1;
+        Next::Shift(self.split())
+    }
+
+    fn roll_back(&mut self, phase: Phase, reason: String) -> Next {
+        self.phase = phase;
+        self.reason = Some(reason);
+        Next::RollBack(self.rollback_split())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RolloutSpec {
+        RolloutSpec {
+            canary: "v2".into(),
+            stable: None,
+            steps: vec![10, 50, 100],
+            interval_seconds: 1.0,
+            thresholds: Thresholds::default(),
+            pause_at: vec![50],
+            max_inconclusive: 2,
+        }
+    }
+
+    fn w(pairs: &[(&str, u32)]) -> Weights {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
+
+    #[test]
+    fn passes_pause_at_gates_and_succeed() {
+        let mut r = Rollout::start(spec(), "v1".into(), None, 0);
+        assert_eq!(r.split(), w(&[("v1", 90), ("v2", 10)]));
+        assert!(!r.due(999) && r.due(1000));
+        assert_eq!(
+            r.on_verdict(Verdict::Pass, 100, 900, 1000),
+            Next::Shift(w(&[("v1", 50), ("v2", 50)]))
+        );
+        assert_eq!(r.on_verdict(Verdict::Pass, 100, 100, 2000), Next::Hold);
+        assert_eq!(r.phase, Phase::Paused);
+        assert!(!r.due(10_000), "a paused rollout waits for approval");
+        assert_eq!(
+            r.approve(3000),
+            Ok(Next::Shift(w(&[("v1", 0), ("v2", 100)])))
+        );
+        assert_eq!(r.on_verdict(Verdict::Pass, 100, 0, 4000), Next::Hold);
+        assert_eq!(r.phase, Phase::Succeeded);
+    }
+
+    #[test]
+    fn a_failure_rolls_back_to_the_original_split() {
+        let original = w(&[("v1", 100)]);
+        let mut r = Rollout::start(spec(), "v1".into(), Some(original.clone()), 0);
+        let next = r.on_verdict(Verdict::Fail("error rate 9%".into()), 100, 900, 1000);
+        assert_eq!(next, Next::RollBack(original));
+        assert_eq!(r.phase, Phase::RolledBack);
+        assert_eq!(r.reason.as_deref(), Some("error rate 9%"));
+    }
+
+    #[test]
+    fn too_many_inconclusive_verdicts_roll_back() {
+        let mut r = Rollout::start(spec(), "v1".into(), None, 0);
+        let inc = || Verdict::Inconclusive("no data".into());
+        assert_eq!(r.on_verdict(inc(), 0, 0, 1), Next::Hold);
+        assert_eq!(r.on_verdict(inc(), 0, 0, 2), Next::Hold);
+        assert_eq!(
+            r.on_verdict(inc(), 0, 0, 3),
+            Next::RollBack(w(&[("v1", 100), ("v2", 0)]))
+        );
+    }
+
+    #[test]
+    fn specs_are_checked() {
+        let mut s = spec();
+        s.steps = vec![50, 10];
+        assert!(s.check().is_err());
+        let mut s = spec();
+        s.pause_at = vec![20];
+        assert!(s.check().is_err());
+        assert!(spec().check().is_ok());
+    }
+}
