@@ -55,11 +55,23 @@ pub async fn serve(api: Arc<Api>, listener: TcpListener, mut stop: watch::Receiv
         let _ = stream.set_nodelay(true);
         let api = api.clone();
         let stop = stop.clone();
+        let mut closing = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| respond(api.clone(), req, stop.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            // On stop, answer the request in hand (a long-poll returns at
+            // once) and close: a stopped control plane must not go on
+            // serving kept-alive connections (its long-polls would return
+            // at once, forever, and proxies would spin on them).
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
     }
 }

@@ -1,6 +1,6 @@
 //! Bodies on both sides of the proxy; they stream, never buffer whole.
 //!
-//! [`ResponseBody`] carries the request's [`Finish`] guard to the end of the
+//! [`ResponseBody`] carries the request's [`Finish`](crate::send::Finish) guard to the end of the
 //! response stream: dropping it ends the in-flight accounting and, for
 //! HTTP/1.1, puts the upstream connection back in its pool.
 

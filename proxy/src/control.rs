@@ -67,12 +67,18 @@ pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, 
             WAIT.as_secs(),
             encode(&admin),
         );
+        let asked = tokio::time::Instant::now();
         match poll(&client, &uri).await {
             Ok(snapshot) => {
                 failures = 0;
                 shared.metrics.control_connected.set(1);
                 if snapshot.index <= index {
                     // Wait timed out, or an older replica answered: keep ours.
+                    // A replica that answers at once with nothing new (one
+                    // still starting, say) must not make this loop spin.
+                    if asked.elapsed() < Duration::from_millis(100) {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                     continue;
                 }
                 match apply(&proxy, snapshot) {

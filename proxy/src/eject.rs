@@ -163,7 +163,15 @@ impl Outlier {
         let health = &endpoint.health;
         if !failed {
             health.consecutive.store(0, Ordering::Relaxed);
-            if health.is_out() {
+            // Only the probe returns an endpoint (or any success once the
+            // ejection is up: a pool of one never claims a probe). A request
+            // sent before the ejection and answered after it says nothing
+            // about the endpoint now, and must not cut the ejection short.
+            let now_ns = crate::upstream::nanos_since_epoch(now);
+            if health.is_out()
+                && (health.probing.swap(false, Ordering::AcqRel)
+                    || health.availability(now_ns) == Availability::ProbeDue)
+            {
                 health.ejected_until.store(0, Ordering::Release);
                 health.ejections.store(0, Ordering::Relaxed);
                 health.probing.store(false, Ordering::Release);

@@ -34,26 +34,51 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
+/// Is this a hop-by-hop header name (or the routing header)? Standard names
+/// compare as enums, so this costs next to nothing per header.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name.as_str() == SUBSET_HEADER
+}
+
 /// Drops hop-by-hop headers, including those that `Connection` names.
 /// Returns the `Upgrade` value when `keep_upgrade` and one was present.
+/// Most messages carry none, or only `connection: keep-alive`: one pass
+/// over the names finds that out before any hashing removal.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<HeaderValue> {
+    // Which of them are here (at most a handful; no allocation).
+    let mut found: [Option<HeaderName>; 8] = Default::default();
+    let mut n = 0;
+    for name in headers.keys() {
+        if n < found.len()
+            && is_hop_by_hop(name)
+            && !found[..n].iter().any(|f| f.as_ref() == Some(name))
+        {
+            found[n] = Some(name.clone());
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return None;
+    }
     let upgrade = if keep_upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    // Headers that `Connection` names are hop-by-hop too (`keep-alive` and
+    // `close` are options, not names, in the common case).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
+    for name in found.into_iter().flatten() {
         headers.remove(name);
     }
     upgrade
@@ -69,7 +94,6 @@ pub fn to_upstream<B>(req: &mut Request<B>, protocol: Protocol, upgrade: bool) {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let headers = req.headers_mut();
     let upgrade_value = strip_hop_by_hop(headers, upgrade);
-    headers.remove(SUBSET_HEADER);
     if let Some(value) = upgrade_value {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, value);

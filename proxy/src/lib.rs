@@ -162,7 +162,14 @@ impl Proxy {
             )));
         }
         let admin_addr = bound.admin.local_addr().ok();
-        let admin = tokio::spawn(admin::serve(self.shared.clone(), bound.admin, stop_rx));
+        // The admin listener outlives the drain, so `/ready` answers 503
+        // (not connection refused) while in-flight requests finish.
+        let (admin_stop, admin_stop_rx) = watch::channel(false);
+        let admin = tokio::spawn(admin::serve(
+            self.shared.clone(),
+            bound.admin,
+            admin_stop_rx,
+        ));
         let config = self.shared.table.load().config.clone();
         let follower = match &config.control {
             // Static mode: ready now.
@@ -211,6 +218,7 @@ impl Proxy {
             Ok(()) => tracing::info!("drained"),
             Err(_) => tracing::warn!("drain timeout: closing remaining connections"),
         }
+        let _ = admin_stop.send(true);
         let _ = admin.await;
     }
 }

@@ -29,8 +29,9 @@ pub struct Metrics {
     ejections: IntCounterVec,
     retries: IntCounterVec,
     split_weight: IntGaugeVec,
-    /// Requests that named no known service (no `service` label: its value
-    /// would come from the request).
+    /// Requests the proxy could not route: no host, an unknown service or
+    /// an unknown pinned subset (no labels: their values would come from the
+    /// request).
     pub unroutable: IntCounter,
     /// Index of the active config (0 in static mode).
     pub config_index: IntGauge,
@@ -115,7 +116,7 @@ impl Metrics {
         )?;
         let unroutable = IntCounter::new(
             "almond_unroutable_requests_total",
-            "Requests for a service this proxy does not know (404).",
+            "Requests that named no known service or subset, or no host.",
         )?;
         let config_index = IntGauge::new("almond_config_index", "Index of the active config.")?;
         let control_connected = IntGauge::new(
@@ -196,6 +197,22 @@ impl Metrics {
                 .endpoints
                 .with_label_values(&[service, subset, "ejected"]),
         }
+    }
+
+    /// Drops the gauges of a subset that is gone, so dashboards do not show
+    /// its last values forever.
+    pub fn forget_subset(&self, service: &str, subset: &str) {
+        for state in ["healthy", "ejected"] {
+            let _ = self
+                .endpoints
+                .remove_label_values(&[service, subset, state]);
+        }
+        self.forget_split(service, subset);
+    }
+
+    /// Drops a subset's split weight gauge (the split is gone).
+    pub fn forget_split(&self, service: &str, subset: &str) {
+        let _ = self.split_weight.remove_label_values(&[service, subset]);
     }
 
     /// The retry counter of a service.

@@ -106,6 +106,9 @@ impl Table {
                 (Box::from(name.as_str()), Arc::new(route))
             })
             .collect();
+        if let Some(prev) = previous {
+            forget_stale(prev, &services, metrics);
+        }
         let listeners = config
             .listeners
             .iter()
@@ -152,6 +155,23 @@ impl Table {
     /// Every service, by name.
     pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceRoute>> {
         self.services.values()
+    }
+}
+
+/// Drops the gauges of subsets (and splits) the new table no longer has.
+fn forget_stale(prev: &Table, next: &HashMap<Box<str>, Arc<ServiceRoute>>, metrics: &Metrics) {
+    for (name, old) in &prev.services {
+        let new = next.get(name);
+        for subset in &old.subsets {
+            let kept = new.and_then(|n| n.subsets.iter().find(|s| s.name == subset.name));
+            match (kept, new) {
+                (None, _) => metrics.forget_subset(name, &subset.name),
+                (Some(_), Some(n)) if n.split.is_none() && old.split.is_some() => {
+                    metrics.forget_split(name, &subset.name)
+                }
+                _ => {}
+            }
+        }
     }
 }
 

@@ -22,7 +22,8 @@ pub async fn forward(
     downstream_upgrade: Option<OnUpgrade>,
 ) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
     if let Some(downstream) = downstream_upgrade {
-        let mut sender = match endpoint.connect_h1(svc.connect_timeout).await {
+        // Boxed: upgrades are rare, and keep the common future small.
+        let mut sender = match Box::pin(endpoint.connect_h1(svc.connect_timeout)).await {
             Ok(sender) => sender,
             Err(kind) => return Err(SendError::unsent(kind, req)),
         };
@@ -74,31 +75,47 @@ fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
     });
 }
 
-/// Follows a response to its end: then the service's and the endpoint's
-/// in-flight counts drop and an HTTP/1.1 connection returns to its pool.
-pub struct Finish {
+/// A request admitted to a service: counted in flight (the gauge and the
+/// concurrency limit) from admission until it is dropped.
+pub struct Admitted {
     svc: Arc<ServiceRoute>,
     direction: usize,
-    endpoint: InFlight,
-    h1: Option<H1Sender>,
     _permit: Permit,
 }
 
-impl Finish {
-    /// Starts following a request (counts it in flight for the service).
-    pub fn new(
-        svc: Arc<ServiceRoute>,
-        direction: usize,
-        endpoint: InFlight,
-        permit: Permit,
-    ) -> Finish {
+impl Admitted {
+    /// Counts a request that got a place under the service's limit.
+    pub fn new(svc: Arc<ServiceRoute>, direction: usize, permit: Permit) -> Admitted {
         svc.in_flight[direction].inc();
-        Finish {
+        Admitted {
             svc,
             direction,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.svc.in_flight[self.direction].dec();
+    }
+}
+
+/// Follows a response to its end: then the service's and the endpoint's
+/// in-flight counts drop and an HTTP/1.1 connection returns to its pool.
+pub struct Finish {
+    _admitted: Admitted,
+    endpoint: InFlight,
+    h1: Option<H1Sender>,
+}
+
+impl Finish {
+    /// Follows a response from `endpoint` for an admitted request.
+    pub fn new(admitted: Admitted, endpoint: InFlight) -> Finish {
+        Finish {
+            _admitted: admitted,
             endpoint,
             h1: None,
-            _permit: permit,
         }
     }
 
@@ -113,11 +130,5 @@ impl Finish {
         if let (true, Some(sender)) = (complete, self.h1.take()) {
             self.endpoint.state().release_h1(sender);
         }
-    }
-}
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        self.svc.in_flight[self.direction].dec();
     }
 }

@@ -8,7 +8,7 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::headers;
 use crate::outcome::{CodeClass, ErrorKind};
 use crate::retry::{idempotent, RetryPolicy};
-use crate::send::{self, Finish};
+use crate::send::{self, Admitted, Finish};
 use crate::upstream::EndpointState;
 use crate::Shared;
 use almond_config::Direction;
@@ -42,9 +42,7 @@ pub async fn handle(
     let svc = match table.service(on, &req) {
         Ok(svc) => svc.clone(),
         Err((kind, detail)) => {
-            if kind == ErrorKind::UnknownService {
-                shared.metrics.unroutable.inc();
-            }
+            shared.metrics.unroutable.inc();
             return Ok(kind.response(&detail));
         }
     };
@@ -53,7 +51,10 @@ pub async fn handle(
     // Split: a pinned subset, the weighted split, or every endpoint.
     let pool = match svc.pool(&req) {
         Ok(pool) => pool,
-        Err((kind, detail)) => return Ok(kind.response(&detail)),
+        Err((kind, detail)) => {
+            shared.metrics.unroutable.inc();
+            return Ok(kind.response(&detail));
+        }
     };
 
     // Admit: shed at once when the service is at its concurrency limit.
@@ -63,6 +64,7 @@ pub async fn handle(
         metrics.record(CodeClass::Error, start.elapsed().as_secs_f64());
         return Ok(ErrorKind::Overloaded.response(&svc.name));
     };
+    let admitted = Admitted::new(svc.clone(), direction, permit);
     svc.retry.deposit(start);
 
     // Ready the request for the upstream; keep a small body for replay.
@@ -153,7 +155,7 @@ pub async fn handle(
             (Some((mut resp, h1)), _) => {
                 metrics.record(CodeClass::of(resp.status()), elapsed);
                 headers::from_upstream(&mut resp);
-                let finish = Finish::new(svc.clone(), direction, in_flight, permit).with_h1(h1);
+                let finish = Finish::new(admitted, in_flight).with_h1(h1);
                 resp.map(|body| ResponseBody::upstream(body, finish))
             }
             (None, Err(kind)) => {

@@ -156,7 +156,8 @@ impl EndpointState {
             let mut sender = match self.h1_idle.pop() {
                 Some(s) if !s.is_closed() => s,
                 Some(_) => continue,
-                None => match self.connect_pending(pending, connect_timeout).await {
+                // Boxed: connecting is rare, and keeps this future small.
+                None => match Box::pin(self.connect_pending(pending, connect_timeout)).await {
                     Ok(s) => s,
                     Err(kind) => return Err(SendError::unsent(kind, req)),
                 },
@@ -213,7 +214,7 @@ impl EndpointState {
                 let _guard = self.h2_connecting.lock().await;
                 match self.live_h2() {
                     Some(s) => s,
-                    None => match self.connect_h2(connect_timeout).await {
+                    None => match Box::pin(self.connect_h2(connect_timeout)).await {
                         Ok(s) => {
                             self.h2.store(Some(Arc::new(s.clone())));
                             s

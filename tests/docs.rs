@@ -1,0 +1,397 @@
+//! The reference pages cannot drift from the code:
+//!
+//! - `docs/configuration.md` names every key path of the proxy config model
+//!   and nothing else (checked against a fully-populated config, built from
+//!   `examples/proxy.yaml` and serialized with serde_json);
+//! - `docs/metrics.md` names every metric family the proxy exposes, with its
+//!   type and labels, and nothing else.
+
+// Helpers may panic too: in a test, a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use almond_config::{
+    CircuitBreaker, Endpoint, Limits, Listener, ProxyConfig, Retries, Service, Timeouts,
+};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(relative: &str) -> String {
+    std::fs::read_to_string(root().join(relative))
+        .unwrap_or_else(|e| panic!("cannot read {relative}: {e}"))
+}
+
+/// The rows of every Markdown table in `text` whose header starts with
+/// `first_header`: (first cell without backticks, the other cells).
+fn table_rows(text: &str, first_header: &str) -> Vec<(String, Vec<String>)> {
+    let mut rows = Vec::new();
+    let mut in_table = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if !line.starts_with('|') {
+            in_table = false;
+            continue;
+        }
+        let cells: Vec<String> = line
+            .trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_owned())
+            .collect();
+        if cells[0] == first_header {
+            in_table = true;
+            continue;
+        }
+        if !in_table || cells[0].starts_with("---") {
+            continue;
+        }
+        let first = &cells[0];
+        assert!(
+            first.starts_with('`') && first.ends_with('`') && first.len() > 2,
+            "the first cell of a `{first_header}` row must be in backticks: {line}"
+        );
+        rows.push((first.trim_matches('`').to_owned(), cells[1..].to_vec()));
+    }
+    rows
+}
+
+/// The differences between what the page documents and what the code has.
+fn compare(page: &str, documented: &BTreeSet<String>, actual: &BTreeSet<String>) {
+    let undocumented: Vec<_> = actual.difference(documented).collect();
+    let stale: Vec<_> = documented.difference(actual).collect();
+    assert!(
+        undocumented.is_empty() && stale.is_empty(),
+        "{page} is out of date.\n  in the code, not on the page: {undocumented:?}\n  \
+         on the page, not in the code: {stale:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// docs/configuration.md
+
+/// `examples/proxy.yaml` with every optional key given a value, so that the
+/// serialized config has every key the model knows.
+///
+/// The patterns below name every field of every config struct on purpose: a
+/// new field stops this test from compiling until it is documented in
+/// docs/configuration.md (and, if it is an `Option`, filled in here).
+fn fully_populated() -> ProxyConfig {
+    let mut config = almond_config::load_proxy_file(&root().join("examples/proxy.yaml"))
+        .expect("examples/proxy.yaml is valid");
+    let ProxyConfig {
+        admin: _,
+        control,
+        proxy_id,
+        cache,
+        workers,
+        drain_timeout: _,
+        listeners,
+        limits,
+        services,
+    } = &mut config;
+    control.get_or_insert_with(|| "http://127.0.0.1:4180".to_owned());
+    proxy_id.get_or_insert_with(|| "web-1".to_owned());
+    cache.get_or_insert_with(|| "/var/lib/almond/snapshot.json".into());
+    workers.get_or_insert(2);
+    for Listener {
+        bind: _,
+        service,
+        direction: _,
+    } in listeners.iter_mut()
+    {
+        service.get_or_insert_with(|| "orders".to_owned());
+    }
+    let Limits {
+        max_header_bytes: _,
+        header_timeout: _,
+    } = limits;
+    assert!(!services.is_empty(), "examples/proxy.yaml has a service");
+    for Service {
+        protocol: _,
+        lb: _,
+        endpoints,
+        split,
+        timeouts,
+        circuit_breaker,
+        retries,
+    } in services.values_mut()
+    {
+        for Endpoint {
+            addr: _,
+            subset: _,
+            weight: _,
+        } in endpoints.iter()
+        {}
+        if split.is_none() {
+            let subset = endpoints[0].subset.clone();
+            *split = Some(BTreeMap::from([(subset, 100)]));
+        }
+        let Timeouts {
+            connect: _,
+            request: _,
+        } = timeouts;
+        let CircuitBreaker {
+            consecutive_failures: _,
+            base_ejection: _,
+            max_ejection_percent: _,
+            max_ejection: _,
+            failure_on: _,
+            panic_threshold: _,
+            max_requests: _,
+            max_pending: _,
+        } = circuit_breaker;
+        let Retries {
+            attempts: _,
+            budget_percent: _,
+            on: _,
+            per_try_timeout,
+            max_body_bytes: _,
+            min_per_second: _,
+        } = retries;
+        per_try_timeout.get_or_insert(Duration::from_secs(2));
+    }
+    let problems = almond_config::validate_proxy(&config);
+    assert!(
+        problems.is_empty(),
+        "filled config is invalid: {problems:?}"
+    );
+    config
+}
+
+/// Every key path of a serialized config, with user-chosen names replaced
+/// by `<name>` (services) and `<subset>` (split) and list items by `[]`.
+fn key_paths(value: &Value, path: &str, out: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                let key = if path == "services" {
+                    "<name>"
+                } else if path.ends_with(".split") {
+                    "<subset>"
+                } else {
+                    key.as_str()
+                };
+                let child_path = if path.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{path}.{key}")
+                };
+                key_paths(child, &child_path, out);
+                out.insert(child_path);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                key_paths(item, &format!("{path}[]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn configuration_reference_names_every_key_and_nothing_else() {
+    let json = serde_json::to_value(fully_populated()).expect("serializable");
+    let mut actual = BTreeSet::new();
+    key_paths(&json, "", &mut actual);
+
+    let page = read("docs/configuration.md");
+    let rows = table_rows(&page, "key");
+    let mut documented = BTreeSet::new();
+    for (key, cells) in &rows {
+        assert_eq!(
+            cells.len(),
+            3,
+            "`{key}`: want key | type | default | meaning"
+        );
+        assert!(
+            cells.iter().all(|c| !c.is_empty()),
+            "`{key}`: a cell is empty"
+        );
+        assert!(
+            documented.insert(key.clone()),
+            "`{key}` is documented twice"
+        );
+    }
+    compare("docs/configuration.md", &documented, &actual);
+}
+
+// ---------------------------------------------------------------------------
+// docs/metrics.md
+
+/// A family as the exposition shows it: its type and its label names.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Family {
+    kind: String,
+    labels: BTreeSet<String>,
+}
+
+/// The families of a Prometheus text exposition.
+fn families(text: &str) -> BTreeMap<String, Family> {
+    let mut out: BTreeMap<String, Family> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                panic!("bad TYPE line: {line}");
+            };
+            out.entry(name.to_owned()).or_default().kind = kind.to_owned();
+        }
+    }
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let sample = &line[..name_end];
+        let family = if out.contains_key(sample) {
+            sample
+        } else {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| sample.strip_suffix(s))
+                .filter(|f| out.contains_key(*f))
+                .unwrap_or_else(|| panic!("sample of no family: {line}"))
+        };
+        let labels = label_names(&line[name_end..]);
+        let entry = out.get_mut(family).expect("family exists");
+        entry
+            .labels
+            .extend(labels.into_iter().filter(|l| l != "le"));
+    }
+    out
+}
+
+/// The label names of `{a="x",b="y"} 1`.
+fn label_names(rest: &str) -> Vec<String> {
+    let Some(body) = rest.strip_prefix('{') else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    let mut chars = body.chars().peekable();
+    loop {
+        let name: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if name.trim().is_empty() {
+            break;
+        }
+        names.push(name.trim().trim_start_matches(',').to_owned());
+        // Skip the quoted value, honouring backslash escapes.
+        assert_eq!(
+            chars.next(),
+            Some('"'),
+            "label value must be quoted: {rest}"
+        );
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => break,
+                _ => {}
+            }
+        }
+        match chars.peek() {
+            Some(',') => {
+                chars.next();
+            }
+            _ => break,
+        }
+    }
+    names
+}
+
+// The process_* families exist on Linux only.
+#[cfg(target_os = "linux")]
+#[test]
+fn metrics_reference_names_every_family_and_nothing_else() {
+    let config = almond_config::load_proxy_file(&root().join("examples/proxy.yaml"))
+        .expect("examples/proxy.yaml is valid");
+    let proxy = almond_proxy::Proxy::new(config).expect("proxy");
+    let exposition = String::from_utf8(proxy.shared().metrics.encode()).expect("UTF-8");
+    let exposed = families(&exposition);
+
+    let page = read("docs/metrics.md");
+    let mut documented = BTreeMap::new();
+    for (name, cells) in table_rows(&page, "name") {
+        assert_eq!(
+            cells.len(),
+            3,
+            "`{name}`: want name | type | labels | meaning"
+        );
+        let labels = cells[1]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        let family = Family {
+            kind: cells[0].clone(),
+            labels,
+        };
+        assert!(
+            documented.insert(name.clone(), family).is_none(),
+            "`{name}` is documented twice"
+        );
+    }
+
+    let names = |m: &BTreeMap<String, Family>| m.keys().cloned().collect::<BTreeSet<_>>();
+    compare("docs/metrics.md", &names(&documented), &names(&exposed));
+    for (name, family) in &exposed {
+        assert_eq!(
+            &documented[name], family,
+            "docs/metrics.md: `{name}` has another type or other labels in the code"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// docs/architecture.md
+
+/// The `.rs` files under `dir`, recursively (relative to the workspace root).
+fn sources(dir: &str) -> Vec<String> {
+    let mut files = Vec::new();
+    let entries =
+        std::fs::read_dir(root().join(dir)).unwrap_or_else(|e| panic!("cannot list {dir}: {e}"));
+    for entry in entries {
+        let entry = entry.expect("readable entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = format!("{dir}/{name}");
+        if entry.file_type().expect("file type").is_dir() {
+            files.extend(sources(&path));
+        } else if name.ends_with(".rs") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn architecture_map_names_every_source_file_and_nothing_else() {
+    let page = read("docs/architecture.md");
+    let documented: BTreeSet<String> = table_rows(&page, "file")
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect();
+    let missing: Vec<&String> = documented
+        .iter()
+        .filter(|p| !root().join(p).exists())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/architecture.md names files that do not exist: {missing:?}"
+    );
+    let actual: BTreeSet<String> = ["src", "config/src", "proxy/src", "control/src"]
+        .iter()
+        .flat_map(|dir| sources(dir))
+        .collect();
+    let undocumented: Vec<&String> = actual.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "docs/architecture.md does not say what these files own: {undocumented:?}"
+    );
+}
