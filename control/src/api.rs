@@ -243,7 +243,7 @@ async fn mutate(
         }
     };
     let now = now_ms() / 1000;
-    let next = match what {
+    let mut next = match what {
         Mutation::Split => {
             let request: SplitRequest = match serde_json::from_slice(&body) {
                 Ok(r) => r,
@@ -298,7 +298,7 @@ async fn mutate(
             }
         }
     };
-    match api.store.put(name, &next, token).await {
+    match api.store.put(name, &mut next, token).await {
         Ok(true) => {}
         Ok(false) => {
             return refusal(Refusal::Conflict(
@@ -313,6 +313,9 @@ async fn mutate(
         }
     }
     tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, version = next.version, "split changed");
+    if let Some(r) = &next.rollout {
+        api.state.metrics.rollout_step(name, r.canary_weight());
+    }
     api.state.set_policy(name, next.clone(), 0);
     json_ok(&json!({ "service": name, "policy": next, "index": api.state.index() }))
 }

@@ -19,6 +19,10 @@ pub struct Policy {
     /// Bumped by every change; a shift may name the version it saw.
     #[serde(default)]
     pub version: u64,
+    /// Bumped by every write to the file store (its check-and-set token:
+    /// watcher writes that leave `version` alone still conflict).
+    #[serde(default)]
+    pub revision: u64,
     /// The split in force (`None`: all subsets by endpoint weight).
     #[serde(default)]
     pub split: Option<Weights>,

@@ -30,6 +30,8 @@ struct Inputs {
 #[derive(Default)]
 struct Sync {
     catalog: bool,
+    /// The policy store has been read once (splits are known).
+    policies: bool,
     pending: HashSet<String>,
     ready: bool,
 }
@@ -85,7 +87,7 @@ impl Metrics {
         let rollout_step = IntGaugeVec::new(
             Opts::new(
                 "almond_rollout_step",
-                "Canary percent of the rollout's current step.",
+                "Canary percent of the rollout in force (0 after a rollback).",
             ),
             &["service"],
         )?;
@@ -214,6 +216,11 @@ impl State {
     /// Replaces every policy (from the store) and re-serves the services
     /// whose policy changed.
     pub fn set_policies(&self, policies: BTreeMap<String, Policy>, source_index: u64) {
+        {
+            let mut sync = self.sync();
+            sync.policies = true;
+            Self::check_ready(&mut sync);
+        }
         let mut inputs = self.inputs();
         inputs.policies = policies;
         let mut catalog = self.catalog();
@@ -274,7 +281,7 @@ impl State {
     }
 
     fn check_ready(sync: &mut Sync) {
-        if sync.catalog && sync.pending.is_empty() && !sync.ready {
+        if sync.catalog && sync.policies && sync.pending.is_empty() && !sync.ready {
             sync.ready = true;
             tracing::info!("first full sync done: ready");
         }

@@ -64,20 +64,24 @@ impl Store {
             Store::File { path, .. } => {
                 let all = read_file(path)?;
                 let policy = all.get(service).cloned().unwrap_or_default();
-                let version = policy.version;
-                Ok((policy, version))
+                let revision = policy.revision;
+                Ok((policy, revision))
             }
         }
     }
 
     /// Writes a policy if the stored one is still the one read (`token`
     /// from [`Self::get`]); `Ok(false)` when someone else wrote first.
+    /// In the file store, `policy.revision` becomes the written revision.
     pub async fn put(
         &self,
         service: &str,
-        policy: &Policy,
+        policy: &mut Policy,
         token: u64,
     ) -> Result<bool, StoreError> {
+        if matches!(self, Store::File { .. }) {
+            policy.revision = token + 1;
+        }
         let body = serde_json::to_vec(policy).map_err(|e| StoreError::Decode(e.to_string()))?;
         match self {
             Store::Consul(client) => {
@@ -98,7 +102,7 @@ impl Store {
             Store::File { path, lock } => {
                 let _guard = lock.lock().await;
                 let mut all = read_file(path)?;
-                let current = all.get(service).map_or(0, |p| p.version);
+                let current = all.get(service).map_or(0, |p| p.revision);
                 if current != token {
                     return Ok(false);
                 }

@@ -108,6 +108,12 @@ impl Pool {
         let first = match n {
             0 => return None,
             1 => return self.members.first(),
+            // A retry must not move round robin's rotation on, or the
+            // endpoint after a failing one would get every first try.
+            _ if exclude.is_some() && self.lb == Lb::RoundRobin => {
+                let start = fastrand::usize(..self.schedule.len());
+                &self.members[self.schedule[start] as usize]
+            }
             _ => self.pick_among_all(n, now),
         };
         if self.usable(first, now_ns, exclude) {
@@ -192,7 +198,7 @@ impl Pool {
                 .filter(|&i| !exclude.is_some_and(|e| std::ptr::eq(e, &*self.members[i].state)))
                 .collect();
             return self
-                .pick_from(&others, now)
+                .pick_from(&others, now, true)
                 .or_else(|| self.members.first());
         }
         if usable.is_empty() {
@@ -202,19 +208,25 @@ impl Pool {
                 .iter()
                 .find(|m| exclude.is_some_and(|e| std::ptr::eq(e, &*m.state)));
         }
-        self.pick_from(&usable, now)
+        self.pick_from(&usable, now, exclude.is_some())
     }
 
     /// The algorithm restricted to the members at `indices`.
-    fn pick_from(&self, indices: &[usize], now: Instant) -> Option<&Member> {
+    fn pick_from(&self, indices: &[usize], now: Instant, exclude_retry: bool) -> Option<&Member> {
         match indices.len() {
             0 => None,
             1 => self.members.get(indices[0]),
             k => match self.lb {
                 Lb::RoundRobin => {
-                    // Walk the schedule from the cursor to the next allowed.
+                    // Walk the schedule to the next allowed member: from the
+                    // cursor for first tries, from a random slot for retries
+                    // (which must not move the rotation on).
                     let len = self.schedule.len();
-                    let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                    let start = if exclude_retry {
+                        fastrand::usize(..len)
+                    } else {
+                        self.cursor.fetch_add(1, Ordering::Relaxed)
+                    };
                     (0..len)
                         .map(|i| self.schedule[(start + i) % len] as usize)
                         .find(|i| indices.contains(i))

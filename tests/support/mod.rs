@@ -20,7 +20,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -126,6 +126,13 @@ struct BackendState {
     requests: AtomicUsize,
     /// Requests seen in full (body read), in order.
     seen: Mutex<Vec<Seen>>,
+    /// A status every answer carries; 0: answer as usual.
+    forced_status: AtomicU16,
+    /// Requests being answered now, and the most there ever were.
+    in_flight: AtomicUsize,
+    peak_in_flight: AtomicUsize,
+    /// Request bodies, in order (only with `keep_bodies`).
+    bodies: Mutex<Vec<Bytes>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -134,6 +141,8 @@ enum Mode {
     Http,
     /// Reads one request head, then resets the connection (RST).
     Reset,
+    /// Reads requests (counting their heads) and never answers.
+    Hang,
 }
 
 /// Configures a [`Backend`].
@@ -142,6 +151,8 @@ pub struct BackendBuilder {
     delay: Duration,
     trailers: Vec<(String, String)>,
     mode: Mode,
+    status: Option<StatusCode>,
+    keep_bodies: bool,
 }
 
 impl BackendBuilder {
@@ -163,42 +174,81 @@ impl BackendBuilder {
         self
     }
 
+    /// Accepts connections and reads requests, but never answers.
+    pub fn hang(mut self) -> Self {
+        self.mode = Mode::Hang;
+        self
+    }
+
+    /// Answers every request with `status` (see [`Backend::set_status`]).
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = Some(StatusCode::from_u16(status).unwrap());
+        self
+    }
+
+    /// Keeps every request body whole (see [`Backend::bodies`]).
+    pub fn keep_bodies(mut self) -> Self {
+        self.keep_bodies = true;
+        self
+    }
+
     /// Binds `127.0.0.1:0` and serves until the [`Backend`] is dropped.
     pub async fn start(self) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(BackendState::default());
+        if let Some(status) = self.status {
+            state.forced_status.store(status.as_u16(), Ordering::SeqCst);
+        }
         let behaviour = Arc::new(Behaviour {
             name: self.name.clone(),
             delay: self.delay,
             trailers: self.trailers,
+            keep_bodies: self.keep_bodies,
         });
-        let mode = self.mode;
-        let task = {
-            let state = state.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let state = state.clone();
-                    let behaviour = behaviour.clone();
-                    tokio::spawn(async move {
-                        match mode {
-                            Mode::Http => serve_http(stream, state, behaviour).await,
-                            Mode::Reset => reset_after_head(stream, &state).await,
-                        }
-                    });
-                }
-            })
-        };
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let task = accept_loop(listener, &state, &behaviour, self.mode, &conns);
         Backend {
             name: self.name,
             addr,
             state,
             task,
+            behaviour,
+            mode: self.mode,
+            conns,
         }
     }
+}
+
+/// Accepts connections and serves each in its own task (kept in `conns`
+/// so that [`Backend::stop`] can end them).
+fn accept_loop(
+    listener: TcpListener,
+    state: &Arc<BackendState>,
+    behaviour: &Arc<Behaviour>,
+    mode: Mode,
+    conns: &Arc<Mutex<Vec<JoinHandle<()>>>>,
+) -> JoinHandle<()> {
+    let (state, behaviour, conns) = (state.clone(), behaviour.clone(), conns.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            let behaviour = behaviour.clone();
+            let conn = tokio::spawn(async move {
+                match mode {
+                    Mode::Http => serve_http(stream, state, behaviour).await,
+                    Mode::Reset => reset_after_head(stream, &state).await,
+                    Mode::Hang => hang(stream, &state).await,
+                }
+            });
+            let mut conns = conns.lock().unwrap();
+            conns.retain(|c| !c.is_finished());
+            conns.push(conn);
+        }
+    })
 }
 
 /// How a backend answers.
@@ -206,6 +256,7 @@ struct Behaviour {
     name: String,
     delay: Duration,
     trailers: Vec<(String, String)>,
+    keep_bodies: bool,
 }
 
 /// A test backend on `127.0.0.1:0` that says who it is: every response
@@ -219,6 +270,10 @@ pub struct Backend {
     pub addr: SocketAddr,
     state: Arc<BackendState>,
     task: JoinHandle<()>,
+    behaviour: Arc<Behaviour>,
+    mode: Mode,
+    /// Connection tasks (dropping a handle leaves its task running).
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl Backend {
@@ -229,6 +284,8 @@ impl Backend {
             delay: Duration::ZERO,
             trailers: Vec::new(),
             mode: Mode::Http,
+            status: None,
+            keep_bodies: false,
         }
     }
 
@@ -253,6 +310,55 @@ impl Backend {
             .pop()
             .unwrap_or_else(|| panic!("backend {} saw no request", self.name))
     }
+
+    /// From now on answers every request with `status` (200 included: a
+    /// failing backend recovers).
+    pub fn set_status(&self, status: u16) {
+        self.state.forced_status.store(status, Ordering::SeqCst);
+    }
+
+    /// The most requests it was ever answering at once.
+    pub fn peak_in_flight(&self) -> usize {
+        self.state.peak_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Every request body it read, in order (built with `keep_bodies`).
+    pub fn bodies(&self) -> Vec<Bytes> {
+        self.state.bodies.lock().unwrap().clone()
+    }
+
+    /// Kills it: the listener closes (connects are refused) and every open
+    /// connection is dropped. Counts stay; [`Backend::restart`] brings it
+    /// back on the same port.
+    pub async fn stop(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        let conns = std::mem::take(&mut *self.conns.lock().unwrap());
+        for conn in conns {
+            conn.abort();
+            let _ = conn.await;
+        }
+    }
+
+    /// Listens again on the same address, answering as before.
+    pub async fn restart(&mut self) {
+        let listener = within("rebind", async {
+            loop {
+                match TcpListener::bind(self.addr).await {
+                    Ok(l) => break l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await;
+        self.task = accept_loop(
+            listener,
+            &self.state,
+            &self.behaviour,
+            self.mode,
+            &self.conns,
+        );
+    }
 }
 
 impl Drop for Backend {
@@ -274,18 +380,27 @@ async fn answer(
     behaviour: Arc<Behaviour>,
 ) -> Result<Response<Body>, Infallible> {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.peak_in_flight.fetch_max(now, Ordering::SeqCst);
     let (parts, mut body) = req.into_parts();
-    // Count the body as it streams; never hold it.
+    // Count the body as it streams; hold it only when asked to.
     let mut body_len = 0u64;
+    let mut kept = Vec::new();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
                     body_len += data.len() as u64;
+                    if behaviour.keep_bodies {
+                        kept.extend_from_slice(data);
+                    }
                 }
             }
             Err(_) => break,
         }
+    }
+    if behaviour.keep_bodies {
+        state.bodies.lock().unwrap().push(Bytes::from(kept));
     }
     let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
         parts
@@ -329,6 +444,10 @@ async fn answer(
         }
         full(echo_json(&behaviour.name, &seen).to_string())
     };
+    let forced = state.forced_status.load(Ordering::SeqCst);
+    if forced != 0 {
+        status = StatusCode::from_u16(forced).unwrap();
+    }
     let data = if behaviour.trailers.is_empty() {
         data
     } else {
@@ -359,6 +478,7 @@ async fn answer(
         let names: Vec<&str> = behaviour.trailers.iter().map(|(k, _)| k.as_str()).collect();
         resp = resp.header(http::header::TRAILER, names.join(", "));
     }
+    state.in_flight.fetch_sub(1, Ordering::SeqCst);
     Ok(resp.body(data).unwrap())
 }
 
@@ -401,6 +521,22 @@ async fn reset_after_head(mut stream: TcpStream, state: &BackendState) {
     state.requests.fetch_add(1, Ordering::SeqCst);
     let _ = stream.set_zero_linger();
     drop(stream);
+}
+
+/// Reads until the peer closes, counting request heads; never writes.
+async fn hang(mut stream: TcpStream, state: &BackendState) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            state.requests.fetch_add(1, Ordering::SeqCst);
+            buf.drain(..end + 4);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1006,4 +1142,343 @@ impl Drop for ProxyProcess {
         // Only this child, by its own handle.
         let _ = self.child.start_kill();
     }
+}
+
+// ---------------------------------------------------------------------------
+// The control plane, in-process, on a file registry
+// ---------------------------------------------------------------------------
+
+/// A registry directory for the control plane's file source, and a policy
+/// file path next to it (both removed when this drops).
+pub struct Registry {
+    dir: tempfile::TempDir,
+    /// The directory of service files.
+    pub services: std::path::PathBuf,
+    /// The policy file (`store: file`); not created until a split is set.
+    pub policy_file: std::path::PathBuf,
+}
+
+impl Registry {
+    /// An empty registry in cargo's per-target temp directory.
+    pub fn new() -> Registry {
+        let dir = tempfile::Builder::new()
+            .prefix("almond-registry-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        let services = dir.path().join("services");
+        std::fs::create_dir(&services).unwrap();
+        let policy_file = dir.path().join("policy.json");
+        Registry {
+            dir,
+            services,
+            policy_file,
+        }
+    }
+
+    /// A scratch path inside the registry's temp directory (not watched).
+    pub fn scratch(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `services/FILE` atomically (a temporary file outside the
+    /// watched extensions, then a rename), so the watcher never reads half
+    /// a file.
+    pub fn write(&self, file: &str, text: &str) {
+        let tmp = self.services.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.services.join(file)).unwrap();
+    }
+
+    /// Writes `services/NAME.yaml` with service `name` on `endpoints`
+    /// (address, subset).
+    pub fn service(&self, name: &str, endpoints: &[(SocketAddr, &str)]) {
+        self.write(&format!("{name}.yaml"), &service_file(name, endpoints));
+    }
+
+    /// As [`Registry::service`], with balancer `lb` (`round_robin` makes
+    /// an added endpoint get traffic at once; `p2c_ewma` starts it on a
+    /// pessimistic latency prior, so a light sequential load may not reach
+    /// it for many seconds).
+    pub fn service_lb(&self, name: &str, lb: &str, endpoints: &[(SocketAddr, &str)]) {
+        let text = service_file(name, endpoints).replacen(
+            "\n  endpoints:",
+            &format!("\n  lb: {lb}\n  endpoints:"),
+            1,
+        );
+        self.write(&format!("{name}.yaml"), &text);
+    }
+
+    /// Removes `services/FILE`.
+    pub fn remove(&self, file: &str) {
+        std::fs::remove_file(self.services.join(file)).unwrap();
+    }
+
+    /// A control config on this registry, `store: file`, binding port 0
+    /// (the listener is bound by the test), with `token_env` if given.
+    pub fn control_yaml(&self, token_env: Option<&str>) -> String {
+        let mut yaml = format!(
+            "listen: 127.0.0.1:0\nsource: {{ file: \"{}\" }}\nstore: file\npolicy_file: \"{}\"\n",
+            self.services.display(),
+            self.policy_file.display()
+        );
+        if let Some(env) = token_env {
+            yaml.push_str(&format!("token_env: {env}\n"));
+        }
+        yaml
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+/// A registry file: service `name` on `endpoints` (address, subset).
+pub fn service_file(name: &str, endpoints: &[(SocketAddr, &str)]) -> String {
+    let mut out = format!("{name}:\n  endpoints:\n");
+    for (addr, subset) in endpoints {
+        out.push_str(&format!("    - {{ addr: \"{addr}\", subset: {subset} }}\n"));
+    }
+    out
+}
+
+/// The control plane running in this test's runtime on `127.0.0.1:0`.
+pub struct TestControl {
+    /// Where its API listens.
+    pub addr: SocketAddr,
+    /// Its shared state.
+    pub state: Arc<almond_control::state::State>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestControl {
+    /// Loads `yaml` (a control config) and serves it on a fresh port;
+    /// returns once its `/ready` answers 200 (the registry has been read).
+    pub async fn start(yaml: &str) -> TestControl {
+        let config = almond_config::load_control(yaml, "test")
+            .unwrap_or_else(|e| panic!("test control config refused:\n{e}\n---\n{yaml}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let control = almond_control::Control::new(config).unwrap();
+        let state = control.state().clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(control.run(listener, async {
+            let _ = rx.await;
+        }));
+        let control = TestControl {
+            addr,
+            state,
+            stop: Some(tx),
+            task: Some(task),
+        };
+        eventually("the control plane's /ready answers 200", || async {
+            control.get("/ready").await.status == StatusCode::OK
+        })
+        .await;
+        control
+    }
+
+    /// `http://ADDR`, for proxies and the CLI.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `GET path` on the API (fresh connection).
+    pub async fn get(&self, path: &str) -> Reply {
+        get_h1(self.addr, "control", path).await
+    }
+
+    /// `GET /v1/services/{svc}` as JSON (it must answer 200).
+    pub async fn service(&self, svc: &str) -> serde_json::Value {
+        let reply = self.get(&format!("/v1/services/{svc}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        reply.json()
+    }
+
+    /// `METHOD path` with a JSON body and an optional bearer token.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: &serde_json::Value,
+        token: Option<&str>,
+    ) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "control")
+            .header("content-type", "application/json");
+        if let Some(token) = token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req.body(full(body.to_string())).unwrap();
+        H1::connect(self.addr).await.request(req).await
+    }
+
+    /// `PUT /v1/services/{svc}/split` with `body`.
+    pub async fn put_split(
+        &self,
+        svc: &str,
+        body: &serde_json::Value,
+        token: Option<&str>,
+    ) -> Reply {
+        self.send(
+            Method::PUT,
+            &format!("/v1/services/{svc}/split"),
+            body,
+            token,
+        )
+        .await
+    }
+
+    /// Signals shutdown and waits for the control plane to stop.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            within("control plane shutdown", task).await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestControl {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A proxy config that follows the control plane at `control` (one
+/// by-host listener), with a snapshot cache at `cache` if given.
+pub fn control_proxy_yaml(control: &str, cache: Option<&std::path::Path>) -> String {
+    let mut out = format!("admin: 127.0.0.1:0\ncontrol: {control}\nproxy_id: test-proxy\n");
+    if let Some(cache) = cache {
+        out.push_str(&format!("cache: \"{}\"\n", cache.display()));
+    }
+    out.push_str("listeners:\n  - bind: 127.0.0.1:0\n");
+    out
+}
+
+/// Starts an in-process proxy following `control` and waits until its
+/// `/ready` answers 200 (a snapshot, or the cache, is in force).
+pub async fn start_following(control: &str, cache: Option<&std::path::Path>) -> TestProxy {
+    let proxy = TestProxy::start(&control_proxy_yaml(control, cache)).await;
+    eventually("the proxy's /ready answers 200", || async {
+        proxy.admin_get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    proxy
+}
+
+/// A metric of the proxy's `/metrics`, as in [`metric`].
+pub async fn proxy_metric(proxy: &TestProxy, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = proxy.admin_get("/metrics").await.text();
+    metric(&text, name, labels)
+}
+
+/// Runs `almond ARGS` for an operator command with `ALMOND_TOKEN` and
+/// `ALMOND_CONTROL` cleared from its environment (the test passes what it
+/// means); returns (exit code, stdout, stderr).
+pub async fn run_ops(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = within(
+        "almond to exit",
+        almond()
+            .args(args)
+            .env_remove("ALMOND_TOKEN")
+            .env_remove("ALMOND_CONTROL")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl TestControl {
+    /// Like [`TestControl::start`], but on `addr`: a control plane
+    /// restarted on the port its proxies already follow. Retries the bind
+    /// while the previous listener's socket is being released.
+    pub async fn start_on(yaml: &str, addr: SocketAddr) -> TestControl {
+        let config = almond_config::load_control(yaml, "test")
+            .unwrap_or_else(|e| panic!("test control config refused:\n{e}\n---\n{yaml}"));
+        let listener = within("rebind the control port", async {
+            loop {
+                match TcpListener::bind(addr).await {
+                    Ok(l) => break l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await;
+        let control = almond_control::Control::new(config).unwrap();
+        let state = control.state().clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(control.run(listener, async {
+            let _ = rx.await;
+        }));
+        let control = TestControl {
+            addr,
+            state,
+            stop: Some(tx),
+            task: Some(task),
+        };
+        eventually(
+            "the restarted control plane's /ready answers 200",
+            || async { control.get("/ready").await.status == StatusCode::OK },
+        )
+        .await;
+        control
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The control plane on a Consul (double)
+// ---------------------------------------------------------------------------
+
+impl TestControl {
+    /// Like [`TestControl::start`], but returns at once, without waiting
+    /// for `/ready` (for tests of readiness itself).
+    pub async fn launch_unready(yaml: &str) -> TestControl {
+        let config = almond_config::load_control(yaml, "test")
+            .unwrap_or_else(|e| panic!("test control config refused:\n{e}\n---\n{yaml}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let control = almond_control::Control::new(config).unwrap();
+        let state = control.state().clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(control.run(listener, async {
+            let _ = rx.await;
+        }));
+        TestControl {
+            addr,
+            state,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+}
+
+/// A metric of the control plane's `/metrics`, as in [`metric`].
+pub async fn control_metric(control: &TestControl, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = control.get("/metrics").await.text();
+    metric(&text, name, labels)
+}
+
+/// A control config on the Consul at `consul` (`store: consul`,
+/// `subset_key: version`), blocking queries of `wait` (e.g. `1s`), the
+/// Consul ACL token read from the environment variable `token_env`; binds
+/// port 0 (the listener is bound by the test).
+pub fn consul_control_yaml(consul: &str, wait: &str, token_env: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nsource:\n  consul: {{ addr: \"{consul}\", wait: {wait}, token_env: {token_env} }}\nstore: consul\nsubset_key: version\n"
+    )
 }

@@ -184,7 +184,14 @@ mod opt_secs {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<f64>::deserialize(d)?.map(Duration::from_secs_f64))
+        // A negative or huge number is a client error, not a panic.
+        Option::<f64>::deserialize(d)?
+            .map(|v| {
+                Duration::try_from_secs_f64(v).map_err(|_| {
+                    serde::de::Error::custom(format!("{v} seconds is not a valid duration"))
+                })
+            })
+            .transpose()
     }
 }
 

@@ -91,14 +91,14 @@ impl Watcher {
                 r.lease = Some((self.replica.clone(), now + LEASE_MS));
                 let mut next = policy.clone();
                 next.rollout = Some(r.clone());
-                if !self.store.put(name, &next, token).await? {
+                if !self.store.put(name, &mut next, token).await? {
                     return Ok(()); // another replica won the lease
                 }
                 self.state.set_policy(name, next, 0);
                 return Ok(());
             }
         }
-        self.state.metrics.rollout_step(name, r.percent());
+        self.state.metrics.rollout_step(name, r.canary_weight());
         if r.phase != rollout::Phase::Running {
             return Ok(());
         }
@@ -154,9 +154,9 @@ impl Watcher {
         };
         let step_started = r.step_started;
         next_policy.rollout = Some(r);
-        if self.store.put(name, &next_policy, token).await? {
+        if self.store.put(name, &mut next_policy, token).await? {
             if let Some(r) = &next_policy.rollout {
-                self.state.metrics.rollout_step(name, r.percent());
+                self.state.metrics.rollout_step(name, r.canary_weight());
             }
             self.state.set_policy(name, next_policy, 0);
             // The next window starts where this one ended.

@@ -12,6 +12,9 @@ use std::time::Duration;
 /// Inconclusive verdicts in a row before the rollout gives up and rolls back.
 pub const DEFAULT_MAX_INCONCLUSIVE: u32 = 10;
 
+/// The longest step interval a spec may ask for.
+const MAX_INTERVAL_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
+
 /// What an operator asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +119,9 @@ impl RolloutSpec {
         if self.steps.is_empty() {
             return Err("steps: at least one step is needed".into());
         }
+        if self.stable.as_deref() == Some(self.canary.as_str()) {
+            return Err("stable: must be another subset than the canary".into());
+        }
         if self.steps.iter().any(|s| *s == 0 || *s > 100) {
             return Err("steps: each step is a canary percent from 1 to 100".into());
         }
@@ -124,6 +130,11 @@ impl RolloutSpec {
         }
         if self.interval_seconds.is_nan() || self.interval_seconds < 0.1 {
             return Err("interval: at least 100ms".into());
+        }
+        // Bounded: a larger value does not fit a `Duration` (the watcher
+        // would panic on it).
+        if self.interval_seconds > MAX_INTERVAL_SECONDS {
+            return Err("interval: at most 30 days".into());
         }
         if !(0.0..=1.0).contains(&self.thresholds.max_error_rate) {
             return Err("max_error_rate: between 0% and 100%".into());
@@ -170,6 +181,15 @@ impl Rollout {
     /// Canary percent of the current step.
     pub fn percent(&self) -> u32 {
         self.spec.steps.get(self.step).copied().unwrap_or(0)
+    }
+
+    /// Canary percent in force: the step's while it runs or after it
+    /// succeeded, 0 once rolled back or aborted.
+    pub fn canary_weight(&self) -> u32 {
+        match self.phase {
+            Phase::RolledBack | Phase::Aborted => 0,
+            _ => self.percent(),
+        }
     }
 
     /// The split of the current step.

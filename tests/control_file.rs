@@ -1,0 +1,375 @@
+//! End to end, file mode: the control plane on a watched registry
+//! directory, a proxy following it, backends that say who they are -- all
+//! in-process on real sockets. Registry edits reach traffic; a bad file
+//! changes nothing; the proxy rides out a control plane that is down (and
+//! starts from its cache); edits under load drop no request; long-polls and
+//! deltas behave as the API promises.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::StatusCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::*;
+use tokio::time::Instant;
+
+/// The proxy's `almond_config_index`.
+async fn proxy_index(proxy: &TestProxy) -> u64 {
+    proxy_metric(proxy, "almond_config_index", &[]).await as u64
+}
+
+/// Waits until the control plane serves `svc` on exactly `addrs`, then
+/// until the proxy has applied the control plane's current index.
+async fn synced(control: &TestControl, proxy: &TestProxy, svc: &str, addrs: &[&Backend]) {
+    let mut want: Vec<String> = addrs.iter().map(|b| b.addr.to_string()).collect();
+    want.sort();
+    eventually(&format!("control serves {svc} on {want:?}"), || async {
+        let mut have: Vec<String> = control
+            .state
+            .service(svc)
+            .map(|s| s.endpoints.iter().map(|e| e.addr.to_string()).collect())
+            .unwrap_or_default();
+        have.sort();
+        have == want
+    })
+    .await;
+    proxy_caught_up(control, proxy).await;
+}
+
+/// Waits until the proxy has applied the control plane's current index.
+async fn proxy_caught_up(control: &TestControl, proxy: &TestProxy) {
+    eventually("the proxy applies the control plane's index", || async {
+        proxy_index(proxy).await == control.state.index()
+    })
+    .await;
+}
+
+/// Sends `n` GETs for `svc` over one connection; returns the backends that
+/// answered, asserting every answer is 200.
+async fn backends_seen(proxy: &TestProxy, svc: &str, n: usize) -> Vec<String> {
+    let mut client = H1::connect(proxy.addr()).await;
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let reply = client.get(svc, "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        seen.push(reply.backend().to_owned());
+    }
+    seen
+}
+
+#[tokio::test]
+async fn registry_edits_reach_traffic() {
+    let a1 = Backend::start("a1").await;
+    let a2 = Backend::start("a2").await;
+    let registry = Registry::new();
+    registry.service_lb("web", "round_robin", &[(a1.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), None).await;
+
+    // The registry's endpoint gets the traffic.
+    let seen = backends_seen(&proxy, "web", 10).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+
+    // Add an endpoint: traffic reaches it. (Round robin: under the default
+    // p2c_ewma a fresh endpoint starts on a 30 ms latency prior that
+    // decays over ~10 s, so sequential requests may not reach it for a
+    // while -- a balancer matter, not the registry's.)
+    registry.service_lb("web", "round_robin", &[(a1.addr, "v1"), (a2.addr, "v1")]);
+    eventually("a request reaches the added endpoint a2", || async {
+        get_h1(proxy.addr(), "web", "/").await.backend() == "a2"
+    })
+    .await;
+
+    // Remove one: once applied, it gets nothing more.
+    registry.service_lb("web", "round_robin", &[(a2.addr, "v1")]);
+    synced(&control, &proxy, "web", &[&a2]).await;
+    let before = a1.count();
+    let seen = backends_seen(&proxy, "web", 30).await;
+    assert!(seen.iter().all(|b| b == "a2"), "{seen:?}");
+    assert_eq!(a1.count(), before, "the removed endpoint got traffic");
+
+    // Delete the service's file: the proxy no longer knows the service.
+    registry.remove("web.yaml");
+    eventually("the deleted service answers 404", || async {
+        get_h1(proxy.addr(), "web", "/").await.status == StatusCode::NOT_FOUND
+    })
+    .await;
+    let reply = get_h1(proxy.addr(), "web", "/").await;
+    assert!(reply.text().contains("web"), "{}", reply.text());
+    let view = control.get("/v1/services/web").await;
+    assert_eq!(view.status, StatusCode::NOT_FOUND, "{}", view.text());
+}
+
+#[tokio::test]
+async fn an_invalid_registry_file_leaves_the_last_good_state() {
+    let a1 = Backend::start("a1").await;
+    let a2 = Backend::start("a2").await;
+    let marker = Backend::start("marker").await;
+    let registry = Registry::new();
+    registry.service("web", &[(a1.addr, "v1")]);
+    registry.service("marker", &[(marker.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), None).await;
+    synced(&control, &proxy, "web", &[&a1]).await;
+
+    // An unknown key: the whole file is refused. It would have moved web
+    // to a2.
+    let bad = format!(
+        "{}  colour: blue\n",
+        service_file("web", &[(a2.addr, "v1")])
+    );
+    registry.write("web.yaml", &bad);
+    // The watcher has read the bad file once it has read a later edit of
+    // another file (one directory listing covers both).
+    registry.service("marker", &[(marker.addr, "v2")]);
+    eventually("the control plane reads the marker edit", || async {
+        control
+            .state
+            .service("marker")
+            .is_some_and(|s| s.endpoints[0].subset == "v2")
+    })
+    .await;
+    proxy_caught_up(&control, &proxy).await;
+
+    // The previous good state stays in force, at the control plane and in
+    // traffic.
+    let served = control.service("web").await;
+    let endpoints = served["service"]["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 1, "{served}");
+    assert_eq!(endpoints[0]["addr"], a1.addr.to_string());
+    let seen = backends_seen(&proxy, "web", 20).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+    assert_eq!(a2.count(), 0);
+
+    // A valid edit afterwards applies.
+    registry.service("web", &[(a2.addr, "v1")]);
+    synced(&control, &proxy, "web", &[&a2]).await;
+    let seen = backends_seen(&proxy, "web", 20).await;
+    assert!(seen.iter().all(|b| b == "a2"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn the_proxy_rides_out_a_control_plane_that_is_down() {
+    let a1 = Backend::start("a1").await;
+    let registry = Registry::new();
+    registry.service("web", &[(a1.addr, "v1")]);
+    let cache = registry.scratch("snapshot-cache.json");
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), Some(&cache)).await;
+    synced(&control, &proxy, "web", &[&a1]).await;
+    let index = control.state.index();
+    assert_eq!(
+        proxy_metric(&proxy, "almond_control_connected", &[]).await,
+        1.0
+    );
+    eventually("the proxy writes its snapshot cache", || async {
+        std::fs::read(&cache)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["index"].as_u64() == Some(index))
+    })
+    .await;
+
+    // Control plane down: the proxy keeps serving what it has.
+    control.shutdown().await;
+    let seen = backends_seen(&proxy, "web", 10).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+    eventually("the proxy notices the control plane is gone", || async {
+        proxy_metric(&proxy, "almond_control_connected", &[]).await == 0.0
+    })
+    .await;
+    let seen = backends_seen(&proxy, "web", 10).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+    assert_eq!(proxy_index(&proxy).await, index);
+    proxy.shutdown().await;
+
+    // A proxy started while the control plane is still down (its URL
+    // refuses connections) serves from the cache.
+    let nowhere = format!("http://{}", closed_port().await);
+    let restarted = start_following(&nowhere, Some(&cache)).await;
+    let ready = restarted.admin_get("/ready").await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    let seen = backends_seen(&restarted, "web", 10).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+    assert_eq!(proxy_index(&restarted).await, index);
+    eventually(
+        "the restarted proxy reports control disconnected",
+        || async { proxy_metric(&restarted, "almond_control_connected", &[]).await == 0.0 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn no_request_fails_while_endpoints_come_and_go() {
+    let a1 = Backend::start("a1").await;
+    let a2 = Backend::start("a2").await;
+    let a3 = Backend::start("a3").await;
+    let a4 = Backend::start("a4").await;
+    let registry = Registry::new();
+    registry.service_lb("web", "round_robin", &[(a1.addr, "v1"), (a2.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), None).await;
+    synced(&control, &proxy, "web", &[&a1, &a2]).await;
+
+    // Round robin, so every edit really moves traffic onto added
+    // endpoints and off removed ones while requests are in flight.
+    // Steady load: one client on a keep-alive connection, one opening a
+    // fresh connection per request; each sends sequential GETs until told
+    // to stop and counts what it got.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for keep_alive in [true, false] {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let addr = proxy.addr();
+        clients.push(tokio::spawn(async move {
+            let mut conn = H1::connect(addr).await;
+            while !stop.load(Ordering::SeqCst) {
+                let reply = if keep_alive {
+                    conn.get("web", "/").await
+                } else {
+                    get_h1(addr, "web", "/").await
+                };
+                if reply.status == StatusCode::OK {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("{}: {}", reply.status, reply.text()));
+                }
+            }
+        }));
+    }
+    /// Lets at least 20 more requests through.
+    async fn some_traffic(ok: &AtomicUsize) {
+        let from = ok.load(Ordering::SeqCst);
+        eventually("requests flow", || async {
+            ok.load(Ordering::SeqCst) >= from + 20
+        })
+        .await;
+    }
+
+    some_traffic(&ok).await;
+    let steps: [&[&Backend]; 5] = [
+        &[&a1, &a2, &a3],
+        &[&a2, &a3],
+        &[&a2, &a3, &a4],
+        &[&a4],
+        &[&a1, &a4],
+    ];
+    for step in steps {
+        let endpoints: Vec<_> = step.iter().map(|b| (b.addr, "v1")).collect();
+        registry.service_lb("web", "round_robin", &endpoints);
+        synced(&control, &proxy, "web", step).await;
+        some_traffic(&ok).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        within("load clients to stop", c).await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {failed:?}",
+        failed.len()
+    );
+    assert!(ok.load(Ordering::SeqCst) >= 120);
+    // Every endpoint that was in the registry at some point got traffic.
+    for b in [&a1, &a2, &a3, &a4] {
+        assert!(b.count() > 0, "{} got nothing", b.name);
+    }
+}
+
+/// `GET /v1/snapshot?...` as (reply, seconds it took, JSON).
+async fn snapshot(control: &TestControl, query: &str) -> (Reply, Duration, serde_json::Value) {
+    let started = Instant::now();
+    let reply = control.get(&format!("/v1/snapshot?{query}")).await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let json = reply.json();
+    let header: u64 = reply.header("x-almond-index").unwrap().parse().unwrap();
+    assert_eq!(json["index"].as_u64(), Some(header));
+    (reply, took, json)
+}
+
+fn keys(v: &serde_json::Value) -> Vec<String> {
+    v.as_object().unwrap().keys().cloned().collect()
+}
+
+#[tokio::test]
+async fn snapshot_long_polls_and_deltas() {
+    let a1 = Backend::start("a1").await;
+    let b1 = Backend::start("b1").await;
+    let a2 = Backend::start("a2").await;
+    let registry = Registry::new();
+    registry.service("a", &[(a1.addr, "v1")]);
+    registry.service("b", &[(b1.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    eventually("both services are served", || async {
+        control.state.services().len() == 2
+    })
+    .await;
+
+    // Index 0: everything, at once.
+    let (_, _, full) = snapshot(&control, "proxy=t&index=0&wait=30s").await;
+    let current = full["index"].as_u64().unwrap();
+    assert_eq!(full["full"], true);
+    assert_eq!(keys(&full["services"]), ["a", "b"]);
+
+    // Behind the current index: at once, even with a long wait allowed (a
+    // 30 s wait makes "did not wait" unambiguous on a loaded machine).
+    let (_, took, behind) = snapshot(&control, &format!("index={}&wait=30s", current - 1)).await;
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(behind["index"].as_u64(), Some(current));
+
+    // At the current index: held for the wait, then the same index.
+    let (_, took, same) = snapshot(&control, &format!("index={current}&wait=1s")).await;
+    assert!(
+        took >= Duration::from_millis(950),
+        "returned after {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(same["index"].as_u64(), Some(current));
+
+    // A long-poll waiting at the current index returns when a change
+    // lands, with the new index.
+    let waiting = {
+        let addr = control.addr;
+        tokio::spawn(async move {
+            get_h1(
+                addr,
+                "control",
+                &format!("/v1/snapshot?index={current}&wait=25s"),
+            )
+            .await
+        })
+    };
+    registry.service("a", &[(a2.addr, "v1")]);
+    let woken = within("the long-poll to return on a change", waiting)
+        .await
+        .unwrap()
+        .json();
+    let changed = woken["index"].as_u64().unwrap();
+    assert!(changed > current, "{woken}");
+    assert_eq!(control.state.index(), changed);
+
+    // One change later, a delta from just below it carries only the
+    // changed service, and every name.
+    let (_, _, delta) = snapshot(&control, &format!("index={}&wait=1s", changed - 1)).await;
+    assert_eq!(delta["index"].as_u64(), Some(changed));
+    assert_eq!(delta["full"], false, "{delta}");
+    assert_eq!(keys(&delta["services"]), ["a"], "{delta}");
+    assert_eq!(delta["names"], serde_json::json!(["a", "b"]));
+    assert_eq!(
+        delta["services"]["a"]["endpoints"][0]["addr"],
+        a2.addr.to_string()
+    );
+    // From the earlier index too: still only `a`.
+    let (_, _, delta) = snapshot(&control, &format!("index={current}&wait=1s")).await;
+    assert_eq!(keys(&delta["services"]), ["a"], "{delta}");
+}

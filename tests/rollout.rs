@@ -1,0 +1,1044 @@
+//! End to end, staged rollouts: the control plane (file registry, policy
+//! file) with its watcher, a proxy following it in-process, stable
+//! backends, a canary backend that can be told to fail a share of its
+//! requests or to answer slowly, and steady background traffic through the
+//! proxy. The watcher scrapes the proxy's `/metrics`, judges each step and
+//! moves the split; these tests watch the split at the proxy, the traffic
+//! at the backends, the rollout's record and the control plane's metrics.
+//!
+//! Nothing here asserts a duration: every wait is "until it happens", with
+//! a generous deadline for a loaded two-core machine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use support::*;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How long a whole rollout may take before a test fails: each step needs
+/// an interval, a tick of the watcher and a long-poll, and may be judged
+/// inconclusive a few times when a loaded machine sends little traffic.
+const ROLLOUT_DEADLINE: Duration = Duration::from_secs(150);
+
+// ---------------------------------------------------------------------------
+// The canary backend: fails a share of its requests, or answers slowly
+// ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct CanaryState {
+    requests: AtomicU64,
+    failures: AtomicU64,
+    /// Percent of requests answered 500, spread evenly (never a run of
+    /// failures long enough to trip the proxy's circuit breaker).
+    fail_percent: AtomicU32,
+    /// Added before every answer.
+    delay_ms: AtomicU64,
+    /// When it sent its first 500.
+    first_failure: Mutex<Option<(Instant, SystemTime)>>,
+}
+
+/// The new version's backend (`x-backend: v2`).
+struct CanaryBackend {
+    addr: SocketAddr,
+    state: Arc<CanaryState>,
+    task: JoinHandle<()>,
+}
+
+impl CanaryBackend {
+    async fn start(name: &'static str) -> CanaryBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(CanaryState::default());
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let state = state.clone();
+                        async move { canary_answer(name, &state).await }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        CanaryBackend { addr, state, task }
+    }
+
+    /// From now on `percent` of its answers are 500s.
+    fn fail_percent(&self, percent: u32) {
+        self.state.fail_percent.store(percent, Ordering::SeqCst);
+    }
+
+    /// From now on every answer waits `delay` first.
+    fn delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Requests that reached it.
+    fn count(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// When it sent its first 500 (monotonic and wall clock).
+    fn first_failure(&self) -> Option<(Instant, SystemTime)> {
+        *self.state.first_failure.lock().unwrap()
+    }
+}
+
+impl Drop for CanaryBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn canary_answer(
+    name: &'static str,
+    state: &CanaryState,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let n = state.requests.fetch_add(1, Ordering::SeqCst);
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let p = u64::from(state.fail_percent.load(Ordering::SeqCst));
+    // Request n fails when the running count of failures owed goes up:
+    // exactly p % over any long run, evenly spread.
+    let fail = (n + 1) * p / 100 > n * p / 100;
+    let status = if fail {
+        state.failures.fetch_add(1, Ordering::SeqCst);
+        let mut first = state.first_failure.lock().unwrap();
+        first.get_or_insert_with(|| (Instant::now(), SystemTime::now()));
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
+    Ok(Response::builder()
+        .status(status)
+        .header("x-backend", name)
+        .body(Full::new(Bytes::from(format!("{name} says {status}\n"))))
+        .unwrap())
+}
+
+// ---------------------------------------------------------------------------
+// Background traffic through the proxy
+// ---------------------------------------------------------------------------
+
+/// Concurrent clients, each with a pause between requests.
+const TRAFFIC_WORKERS: usize = 3;
+const TRAFFIC_PAUSE: Duration = Duration::from_millis(10);
+/// Bounds: no test sends traffic longer or more than this.
+const TRAFFIC_MAX_TIME: Duration = Duration::from_secs(240);
+const TRAFFIC_MAX_REQUESTS: u64 = 200_000;
+
+/// Steady traffic to service `s` through a proxy, tallied by the backend
+/// that answered (`x-backend`); stops when dropped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    by_backend: Arc<Mutex<BTreeMap<String, u64>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(proxy: SocketAddr) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let by_backend: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+        let started = Instant::now();
+        let tasks = (0..TRAFFIC_WORKERS)
+            .map(|_| {
+                let (stop, answered, failed, by_backend) = (
+                    stop.clone(),
+                    answered.clone(),
+                    failed.clone(),
+                    by_backend.clone(),
+                );
+                tokio::spawn(async move {
+                    let client: Client<HttpConnector, Empty<Bytes>> =
+                        Client::builder(TokioExecutor::new()).build_http();
+                    while !stop.load(Ordering::SeqCst)
+                        && started.elapsed() < TRAFFIC_MAX_TIME
+                        && answered.load(Ordering::SeqCst) < TRAFFIC_MAX_REQUESTS
+                    {
+                        let req = Request::get(format!("http://{proxy}/"))
+                            .header("host", "s")
+                            .body(Empty::new())
+                            .unwrap();
+                        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                            let resp = client.request(req).await.ok()?;
+                            let backend = resp
+                                .headers()
+                                .get("x-backend")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("(none)")
+                                .to_owned();
+                            let ok = resp.status().is_success();
+                            resp.into_body().collect().await.ok()?;
+                            Some((backend, ok))
+                        })
+                        .await;
+                        let (backend, ok) = match outcome {
+                            Ok(Some(answer)) => answer,
+                            _ => ("(error)".to_owned(), false),
+                        };
+                        if !ok {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        *by_backend.lock().unwrap().entry(backend).or_default() += 1;
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(TRAFFIC_PAUSE).await;
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            answered,
+            failed,
+            by_backend,
+            tasks,
+        }
+    }
+
+    /// Requests answered so far (any status).
+    fn answered(&self) -> u64 {
+        self.answered.load(Ordering::SeqCst)
+    }
+
+    /// Answers by backend so far.
+    fn by_backend(&self) -> BTreeMap<String, u64> {
+        self.by_backend.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` more requests have been answered.
+    async fn after(&self, n: u64) {
+        let target = self.answered() + n;
+        wait_until(
+            &format!("{n} more requests through the proxy"),
+            ROLLOUT_DEADLINE,
+            || async { (self.answered() >= target).then_some(()) },
+        )
+        .await;
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Answers by backend between two tallies: (v1 share..., canary share).
+fn canary_share(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> (u64, f64) {
+    let diff = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    let canary = diff("v2");
+    let stable = diff("v1a") + diff("v1b");
+    let total = canary + stable;
+    let share = if total == 0 {
+        0.0
+    } else {
+        canary as f64 / total as f64
+    };
+    (total, share)
+}
+
+// ---------------------------------------------------------------------------
+// The rig: backends, registry, control plane, proxy
+// ---------------------------------------------------------------------------
+
+/// Service `s`: stable subset v1 on two backends with all the traffic, and
+/// canary subset v2 on one (0 % until a rollout moves it); the control
+/// plane on a file registry and policy file; a proxy following it that the
+/// control plane knows (so its watcher scrapes it).
+struct Rig {
+    v1a: Backend,
+    v1b: Backend,
+    v2: CanaryBackend,
+    registry: Registry,
+    control: TestControl,
+    proxy: TestProxy,
+}
+
+impl Rig {
+    async fn start() -> Rig {
+        let v1a = Backend::start("v1a").await;
+        let v1b = Backend::start("v1b").await;
+        let v2 = CanaryBackend::start("v2").await;
+        let registry = Registry::new();
+        registry.service("s", &[(v1a.addr, "v1"), (v1b.addr, "v1"), (v2.addr, "v2")]);
+        let control = TestControl::start(&registry.control_yaml(None)).await;
+        // Before the release all traffic is on stable.
+        let reply = control
+            .put_split("s", &json!({ "weights": { "v1": 100, "v2": 0 } }), None)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let proxy = start_following(&control.url(), None).await;
+        eventually("the proxy has the 100/0 split", || async {
+            weight(&proxy, "v1").await == 100.0 && weight(&proxy, "v2").await == 0.0
+        })
+        .await;
+        let admin = proxy.admin.to_string();
+        eventually(
+            "the control plane knows the proxy's admin address",
+            || async {
+                control.get("/v1/proxies").await.json()["test-proxy"]["admin"] == admin.as_str()
+            },
+        )
+        .await;
+        let reply = get_h1(proxy.addr(), "s", "/").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(reply.backend().starts_with("v1"), "{}", reply.backend());
+        assert_eq!(v2.count(), 0, "no traffic on the canary before the rollout");
+        Rig {
+            v1a,
+            v1b,
+            v2,
+            registry,
+            control,
+            proxy,
+        }
+    }
+
+    fn traffic(&self) -> Traffic {
+        Traffic::start(self.proxy.addr())
+    }
+
+    async fn post_rollout(&self, spec: &Value) -> Reply {
+        self.control
+            .send(Method::POST, "/v1/services/s/rollouts", spec, None)
+            .await
+    }
+
+    /// Starts a rollout; it must be accepted.
+    async fn start_rollout(&self, spec: &Value) -> Value {
+        let reply = self.post_rollout(spec).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        reply.json()
+    }
+}
+
+/// The rollout spec of these tests: v2 over v1, lenient thresholds for
+/// test-sized traffic.
+fn spec(steps: &[u32], interval_seconds: f64) -> Value {
+    json!({
+        "canary": "v2",
+        "stable": "v1",
+        "steps": steps,
+        "interval_seconds": interval_seconds,
+        "thresholds": { "min_requests": 10, "max_error_rate": 0.05 },
+    })
+}
+
+/// Polls `f` every 10 ms until it gives a value; fails after `deadline`.
+async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < until, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `GET /v1/services/s/rollouts` (it must exist).
+async fn rollout(control: &TestControl) -> Value {
+    let reply = control.get("/v1/services/s/rollouts").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()
+}
+
+/// Waits until the rollout satisfies `cond`; the failure shows the last
+/// rollout seen.
+async fn wait_rollout(control: &TestControl, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let until = Instant::now() + ROLLOUT_DEADLINE;
+    loop {
+        let reply = control.get("/v1/services/s/rollouts").await;
+        if reply.status == StatusCode::OK {
+            let r = reply.json();
+            if cond(&r) {
+                return r;
+            }
+            assert!(
+                Instant::now() < until,
+                "never happened: {what}; the rollout is now:\n{r:#}"
+            );
+        } else {
+            assert!(Instant::now() < until, "never happened: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_phase(control: &TestControl, phase: &str) -> Value {
+    wait_rollout(control, &format!("the rollout is {phase}"), |r| {
+        r["phase"] == phase
+    })
+    .await
+}
+
+/// The proxy's `almond_split_weight` of subset `subset` of `s`.
+async fn weight(proxy: &TestProxy, subset: &str) -> f64 {
+    proxy_metric(
+        proxy,
+        "almond_split_weight",
+        &[("service", "s"), ("subset", subset)],
+    )
+    .await
+}
+
+/// Waits until the proxy routes `percent` % to the canary (and the rest to
+/// stable); returns when that was first seen.
+async fn wait_canary_percent(proxy: &TestProxy, percent: u32) -> Instant {
+    wait_until(
+        &format!("the proxy's split is {percent}% canary"),
+        ROLLOUT_DEADLINE,
+        || async {
+            let text = proxy.admin_get("/metrics").await.text();
+            let seen = Instant::now();
+            let w = |subset| {
+                metric(
+                    &text,
+                    "almond_split_weight",
+                    &[("service", "s"), ("subset", subset)],
+                )
+            };
+            (w("v2") == f64::from(percent) && w("v1") == f64::from(100 - percent)).then_some(seen)
+        },
+    )
+    .await
+}
+
+/// A sample of the control plane's `/metrics` for service `s`.
+async fn control_metric(control: &TestControl, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = control.get("/metrics").await.text();
+    let mut all = vec![("service", "s")];
+    all.extend_from_slice(labels);
+    metric(&text, name, &all)
+}
+
+/// The verdicts of a rollout's history: (percent, verdict, reason).
+fn verdicts(r: &Value) -> Vec<(u64, String, String)> {
+    r["history"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no history: {r:#}"))
+        .iter()
+        .map(|j| {
+            (
+                j["percent"].as_u64().unwrap(),
+                j["verdict"]["verdict"].as_str().unwrap().to_owned(),
+                j["verdict"]["reason"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Percents of the steps that passed, in order.
+fn passes(r: &Value) -> Vec<u64> {
+    verdicts(r)
+        .into_iter()
+        .filter(|v| v.1 == "pass")
+        .map(|v| v.0)
+        .collect()
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+// ---------------------------------------------------------------------------
+// 1. A good canary
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_canary_goes_10_50_100_and_succeeds() {
+    let rig = Rig::start().await;
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let started = rig.start_rollout(&spec(&[10, 50, 100], 2.0)).await;
+    assert_eq!(
+        started["policy"]["rollout"]["phase"], "running",
+        "{started}"
+    );
+    assert_eq!(started["policy"]["split"], json!({ "v1": 90, "v2": 10 }));
+
+    // The proxy's split follows each step; the backends see the share.
+    for (i, step) in [10u32, 50, 100].into_iter().enumerate() {
+        wait_canary_percent(&rig.proxy, step).await;
+        let before = traffic.by_backend();
+        let last = i == 2;
+        // The step lasts until the split moves on (or the rollout ends).
+        wait_until(
+            &format!("the {step}% step ends"),
+            ROLLOUT_DEADLINE,
+            || async {
+                let moved = weight(&rig.proxy, "v2").await != f64::from(step);
+                let done = last && rollout(&rig.control).await["phase"] == "succeeded";
+                (moved || done).then_some(())
+            },
+        )
+        .await;
+        let (total, share) = canary_share(&before, &traffic.by_backend());
+        eprintln!(
+            "step {step}%: {total} requests, {:.1}% at the canary",
+            share * 100.0
+        );
+        // Loose bounds: step edges mix a little of the neighbouring splits.
+        if total >= 100 {
+            let expected = f64::from(step) / 100.0;
+            assert!(
+                (share - expected).abs() < 0.2,
+                "step {step}%: canary share {share:.3} of {total}"
+            );
+        }
+    }
+
+    let r = wait_phase(&rig.control, "succeeded").await;
+    assert_eq!(r["reason"], "every step passed");
+    assert_eq!(passes(&r), vec![10, 50, 100], "one pass per step: {r:#}");
+    let v = verdicts(&r);
+    assert!(v.iter().all(|v| v.1 != "fail"), "{r:#}");
+    let inconclusive = v.iter().filter(|v| v.1 == "inconclusive").count() as f64;
+    assert_eq!(
+        control_metric(
+            &rig.control,
+            "almond_rollout_verdicts_total",
+            &[("verdict", "pass")]
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(
+        control_metric(
+            &rig.control,
+            "almond_rollout_verdicts_total",
+            &[("verdict", "inconclusive")]
+        )
+        .await,
+        inconclusive
+    );
+    assert_eq!(
+        control_metric(&rig.control, "almond_rollbacks_total", &[]).await,
+        0.0
+    );
+    assert_eq!(
+        control_metric(&rig.control, "almond_rollout_step", &[]).await,
+        100.0
+    );
+    // All traffic on the canary, and the audit trail shows every step.
+    assert_eq!(weight(&rig.proxy, "v2").await, 100.0);
+    assert_eq!(weight(&rig.proxy, "v1").await, 0.0);
+    let policy = rig.control.service("s").await["policy"].clone();
+    let actions: Vec<&str> = policy["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.ends_with(&["rollout start", "rollout step", "rollout step"]),
+        "{actions:?}"
+    );
+    assert!(rig.v2.count() > 0);
+    assert!(rig.v1a.count() + rig.v1b.count() > 0);
+    eprintln!(
+        "traffic: {:?}, {} failed",
+        traffic.by_backend(),
+        traffic.failed.load(Ordering::SeqCst)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. A bad canary
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_canary_is_rolled_back_at_the_first_step() {
+    let rig = Rig::start().await;
+    rig.v2.fail_percent(30);
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let posted = Instant::now();
+    rig.start_rollout(&spec(&[10, 50, 100], 1.0)).await;
+    wait_canary_percent(&rig.proxy, 10).await;
+
+    let back_in_proxy = wait_canary_percent(&rig.proxy, 0).await;
+    let (first_failure, first_failure_wall) = rig
+        .v2
+        .first_failure()
+        .expect("the canary failed some requests");
+    let r = wait_phase(&rig.control, "rolled_back").await;
+    let reason = r["reason"].as_str().unwrap();
+    assert!(reason.contains("error rate"), "{reason}");
+    assert_eq!(r["step"], 0, "rolled back at the first step: {r:#}");
+    let v = verdicts(&r);
+    assert_eq!(v.last().unwrap().1, "fail", "{r:#}");
+    assert!(v.iter().all(|v| v.0 == 10 && v.1 != "pass"), "{r:#}");
+    assert_eq!(
+        control_metric(&rig.control, "almond_rollbacks_total", &[]).await,
+        1.0
+    );
+    assert_eq!(
+        control_metric(
+            &rig.control,
+            "almond_rollout_verdicts_total",
+            &[("verdict", "fail")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(weight(&rig.proxy, "v1").await, 100.0);
+    assert_eq!(
+        rig.control.service("s").await["policy"]["split"],
+        json!({ "v1": 100, "v2": 0 })
+    );
+
+    let judged_at = r["history"].as_array().unwrap().last().unwrap()["at"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "bad canary: first failing request -> rollback applied in the proxy: {:?} \
+         (judged {} ms after the first failure; {:?} after the rollout was posted; \
+         reason: {reason})",
+        back_in_proxy.duration_since(first_failure),
+        judged_at.saturating_sub(unix_ms(first_failure_wall)),
+        back_in_proxy.duration_since(posted),
+    );
+
+    eprintln!(
+        "bad canary: almond_rollout_step after the rollback = {}",
+        control_metric(&rig.control, "almond_rollout_step", &[]).await
+    );
+
+    // Traffic at the canary stops (once requests already on their way
+    // there have landed) while traffic goes on.
+    traffic.after(100).await;
+    let settled = rig.v2.count();
+    traffic.after(200).await;
+    assert_eq!(rig.v2.count(), settled, "the canary still gets traffic");
+    let before = traffic.by_backend();
+    traffic.after(100).await;
+    let (total, share) = canary_share(&before, &traffic.by_backend());
+    assert!(total > 0);
+    assert_eq!(share, 0.0);
+}
+
+// ---------------------------------------------------------------------------
+// 3. A slow canary
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_canary_fails_on_latency() {
+    let rig = Rig::start().await;
+    rig.v2.delay(Duration::from_millis(100));
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let mut s = spec(&[10, 50, 100], 1.0);
+    s["thresholds"]["max_p99_ratio"] = json!(1.5);
+    rig.start_rollout(&s).await;
+
+    let r = wait_phase(&rig.control, "rolled_back").await;
+    let reason = r["reason"].as_str().unwrap();
+    eprintln!("slow canary: {reason}");
+    assert!(
+        reason.contains("p99") && reason.contains("x stable"),
+        "{reason}"
+    );
+    assert_eq!(r["step"], 0, "{r:#}");
+    wait_canary_percent(&rig.proxy, 0).await;
+    assert_eq!(
+        control_metric(&rig.control, "almond_rollbacks_total", &[]).await,
+        1.0
+    );
+    // Slow, not failing: every answer was a success.
+    assert_eq!(rig.v2.state.failures.load(Ordering::SeqCst), 0);
+}
+
+// ---------------------------------------------------------------------------
+// 4. No traffic
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_traffic_is_inconclusive_held_then_rolled_back() {
+    let rig = Rig::start().await;
+    let mut s = spec(&[10, 50, 100], 1.0);
+    s["max_inconclusive"] = json!(3);
+    rig.start_rollout(&s).await;
+    wait_canary_percent(&rig.proxy, 10).await;
+
+    // Held: inconclusive verdicts, still running at the first step.
+    let held = wait_rollout(&rig.control, "an inconclusive verdict", |r| {
+        !verdicts(r).is_empty()
+    })
+    .await;
+    assert_eq!(held["phase"], "running", "{held:#}");
+    assert_eq!(held["step"], 0, "{held:#}");
+    assert!(verdicts(&held).iter().all(|v| v.1 == "inconclusive"));
+
+    // ... and given up on after max_inconclusive: no data is not healthy.
+    let r = wait_phase(&rig.control, "rolled_back").await;
+    let v = verdicts(&r);
+    assert_eq!(v.len(), 4, "{r:#}");
+    assert!(
+        v.iter()
+            .all(|v| v.0 == 10 && v.1 == "inconclusive" && v.2.contains("no data")),
+        "{r:#}"
+    );
+    assert!(r["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|j| j["canary_requests"] == 0));
+    let reason = r["reason"].as_str().unwrap();
+    assert!(reason.contains("inconclusive 4 times in a row"), "{reason}");
+    wait_canary_percent(&rig.proxy, 0).await;
+    let policy = rig.control.service("s").await["policy"].clone();
+    let actions: Vec<&str> = policy["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.ends_with(&["rollout start", "rollout rollback"]),
+        "never moved past the first step: {actions:?}"
+    );
+    assert_eq!(
+        control_metric(
+            &rig.control,
+            "almond_rollout_verdicts_total",
+            &[("verdict", "inconclusive")]
+        )
+        .await,
+        4.0
+    );
+    assert_eq!(
+        control_metric(
+            &rig.control,
+            "almond_rollout_verdicts_total",
+            &[("verdict", "pass")]
+        )
+        .await,
+        0.0
+    );
+    assert_eq!(
+        control_metric(&rig.control, "almond_rollbacks_total", &[]).await,
+        1.0
+    );
+    assert_eq!(rig.v2.count(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Manual gates: approve and abort through the CLI
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_pauses_at_50_and_the_cli_approves_it() {
+    let rig = Rig::start().await;
+    let url = rig.control.url();
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let mut s = spec(&[10, 50, 100], 1.0);
+    s["pause_at"] = json!([50]);
+    rig.start_rollout(&s).await;
+
+    let paused = wait_phase(&rig.control, "paused").await;
+    assert_eq!(paused["step"], 1, "{paused:#}");
+    assert_eq!(passes(&paused), vec![10, 50]);
+    wait_canary_percent(&rig.proxy, 50).await;
+    // A paused rollout waits: more than two intervals later, nothing moved.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let still = rollout(&rig.control).await;
+    assert_eq!(still["phase"], "paused");
+    assert_eq!(still["history"], paused["history"]);
+    assert_eq!(weight(&rig.proxy, "v2").await, 50.0);
+
+    let (code, out, err) = run_ops(&["rollout", "s", "--approve", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("rollout of v2 over v1"), "{out}");
+    wait_canary_percent(&rig.proxy, 100).await;
+    let r = wait_phase(&rig.control, "succeeded").await;
+    assert_eq!(passes(&r), vec![10, 50, 100], "{r:#}");
+
+    // Nothing left to approve: refused, exit 1 with the reason.
+    let (code, _, err) = run_ops(&["rollout", "s", "--approve", "--control", &url]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not paused"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_aborts_a_rollout_back_to_stable() {
+    let rig = Rig::start().await;
+    let url = rig.control.url();
+    // Long steps: it is still at its first when the operator aborts.
+    rig.start_rollout(&spec(&[10, 50, 100], 60.0)).await;
+    wait_canary_percent(&rig.proxy, 10).await;
+
+    let (code, out, err) = run_ops(&["rollout", "s", "--abort", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("aborted"), "{out}");
+    let r = rollout(&rig.control).await;
+    assert_eq!(r["phase"], "aborted", "{r:#}");
+    assert!(
+        r["reason"].as_str().unwrap().starts_with("aborted by"),
+        "{r:#}"
+    );
+    wait_canary_percent(&rig.proxy, 0).await;
+    assert_eq!(
+        rig.control.service("s").await["policy"]["split"],
+        json!({ "v1": 100, "v2": 0 })
+    );
+    // Stays aborted: the watcher leaves a finished rollout alone.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(rollout(&rig.control).await["phase"], "aborted");
+    assert_eq!(weight(&rig.proxy, "v2").await, 0.0);
+
+    let (code, _, err) = run_ops(&["rollout", "s", "--abort", "--control", &url]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("already"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// 6. Conflicts and invalid specs
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_refused_and_one_rollout_runs_at_a_time() {
+    let rig = Rig::start().await;
+    let version = rig.control.service("s").await["policy"]["version"].clone();
+
+    let descending = spec(&[50, 10], 1.0);
+    let mut no_endpoints = spec(&[10, 100], 1.0);
+    no_endpoints["canary"] = json!("v9");
+    let mut same = spec(&[10, 100], 1.0);
+    same["stable"] = json!("v2");
+    let mut endless = spec(&[10, 100], 1.0);
+    endless["interval_seconds"] = json!(1e300);
+    let mut negative_p99 = spec(&[10, 100], 1.0);
+    negative_p99["thresholds"]["max_p99"] = json!(-1.0);
+    let mut unknown = spec(&[10, 100], 1.0);
+    unknown["stpes"] = json!([1]);
+    let cases = [
+        (descending, "steps: must go up"),
+        (no_endpoints, "canary subset \"v9\" has no endpoints"),
+        (same, "stable: must be another subset than the canary"),
+        (endless, "interval: at most 30 days"),
+        (negative_p99, "-1 seconds is not a valid duration"),
+        (unknown, "stpes"),
+    ];
+    for (body, why) in &cases {
+        let reply = rig.post_rollout(body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.text()
+        );
+        assert!(reply.text().contains(why), "{body}: {}", reply.text());
+        // Nothing changed.
+        let reply = rig.control.get("/v1/services/s/rollouts").await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+        assert_eq!(rig.control.service("s").await["policy"]["version"], version);
+    }
+
+    // One at a time.
+    let first = rig.start_rollout(&spec(&[10, 100], 60.0)).await;
+    let running = first["policy"]["rollout"].clone();
+    let mut other = spec(&[20, 100], 1.0);
+    other["stable"] = Value::Null;
+    let reply = rig.post_rollout(&other).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    assert!(reply.text().contains("already running"), "{}", reply.text());
+    let now = rollout(&rig.control).await;
+    assert_eq!(now["spec"], running["spec"]);
+    assert_eq!(now["phase"], "running");
+    // Approving a rollout that is not at a gate is a conflict too.
+    let reply = rig
+        .control
+        .send(
+            Method::POST,
+            "/v1/services/s/rollouts/approve",
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    // Once it has ended, the next one may start.
+    let reply = rig
+        .control
+        .send(Method::DELETE, "/v1/services/s/rollouts", &json!({}), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let second = rig.start_rollout(&other).await;
+    assert_eq!(second["policy"]["rollout"]["stable"], "v1");
+    assert_eq!(second["policy"]["split"], json!({ "v1": 80, "v2": 20 }));
+
+    // The watcher is alive and well after all that: a valid rollout with
+    // no traffic gets judged (inconclusive).
+    wait_rollout(&rig.control, "the watcher judges the rollout", |r| {
+        !verdicts(r).is_empty()
+    })
+    .await;
+    assert_eq!(rig.v1a.count() + rig.v1b.count(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// 7. A control-plane restart in the middle of a rollout
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_resumes_after_a_control_restart() {
+    let rig = Rig::start().await;
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    rig.start_rollout(&spec(&[10, 50, 100], 2.0)).await;
+    wait_canary_percent(&rig.proxy, 50).await;
+
+    let Rig {
+        control,
+        registry,
+        proxy,
+        v2,
+        ..
+    } = rig;
+    let addr = control.addr;
+    control.shutdown().await;
+
+    // The rollout is in the policy file, mid-way.
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(&registry.policy_file).unwrap()).unwrap();
+    let stored = &file["s"]["rollout"];
+    eprintln!(
+        "restart: stopped at step {} ({}), history {:?}",
+        stored["step"],
+        stored["phase"],
+        verdicts(stored)
+    );
+    assert!(
+        stored["phase"] == "running" && stored["step"].as_u64() >= Some(1),
+        "{stored:#}"
+    );
+    // The proxy serves on without its control plane.
+    traffic.after(50).await;
+    assert_eq!(weight(&proxy, "v2").await, 50.0);
+
+    let control = TestControl::start_on(&registry.control_yaml(None), addr).await;
+    let r = wait_phase(&control, "succeeded").await;
+    assert_eq!(passes(&r), vec![10, 50, 100], "{r:#}");
+    wait_canary_percent(&proxy, 100).await;
+    let (total, share) = {
+        let before = traffic.by_backend();
+        traffic.after(100).await;
+        canary_share(&before, &traffic.by_backend())
+    };
+    assert!(total > 0);
+    assert_eq!(share, 1.0);
+    assert!(v2.count() > 0);
+}
+
+// ---------------------------------------------------------------------------
+// 8. The CLI starts and shows a rollout
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_starts_and_shows_a_rollout() {
+    let rig = Rig::start().await;
+    let url = rig.control.url();
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+
+    let (code, out, err) = run_ops(&[
+        "rollout",
+        "s",
+        "--canary",
+        "v2",
+        "--steps",
+        "10,100",
+        "--interval",
+        "1s",
+        "--max-error-rate",
+        "5%",
+        "--min-requests",
+        "5",
+        "--control",
+        &url,
+        "-o",
+        "json",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let started: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    assert_eq!(started["spec"]["canary"], "v2");
+    assert_eq!(started["spec"]["steps"], json!([10, 100]));
+    assert_eq!(started["spec"]["interval_seconds"], 1.0);
+    assert_eq!(started["spec"]["thresholds"]["max_error_rate"], 0.05);
+    assert_eq!(started["spec"]["thresholds"]["min_requests"], 5);
+    assert_eq!(started["stable"], "v1");
+    assert_eq!(started["phase"], "running");
+
+    let (code, out, err) = run_ops(&["rollout", "s", "--control", &url]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("s: rollout of v2 over v1 is "), "{out}");
+    assert!(out.contains("/2"), "{out}");
+
+    wait_phase(&rig.control, "succeeded").await;
+    wait_canary_percent(&rig.proxy, 100).await;
+    let (code, out, err) = run_ops(&["rollout", "s", "--control", &url, "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let shown: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(shown["phase"], "succeeded");
+    assert_eq!(passes(&shown), vec![10, 100]);
+    let (code, out, _) = run_ops(&["rollout", "s", "--control", &url]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("succeeded") && out.contains("pass"),
+        "the text shows the phase and each verdict: {out}"
+    );
+
+    // Usage errors exit 2.
+    let (code, _, err) = run_ops(&[
+        "rollout",
+        "s",
+        "--canary",
+        "v2",
+        "--approve",
+        "--control",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+}
