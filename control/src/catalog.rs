@@ -72,6 +72,12 @@ impl Catalog {
         true
     }
 
+    /// Wakes every subscriber without changing the index (readiness
+    /// changed: long-polls re-check whether they can answer).
+    pub fn wake(&self) {
+        self.notify.send_replace(self.index);
+    }
+
     fn bump(&mut self, modified: u64) {
         self.index = self.index.max(modified);
         self.notify.send_replace(self.index);

@@ -245,6 +245,9 @@ pub async fn run(cfg: ConsulSource, subset_key: String, state: Arc<State>) {
                 continue;
             }
         };
+        // Consul answers (an unchanged index included): whichever watch
+        // failed last, it is up again.
+        state.metrics.consul_up.set(1);
         let index = answer.index.unwrap_or(0);
         if !blocking.advance(answer.index) && !watches.is_empty() {
             continue;
@@ -259,7 +262,6 @@ pub async fn run(cfg: ConsulSource, subset_key: String, state: Arc<State>) {
                 continue;
             }
         };
-        state.metrics.consul_up.set(1);
         let wanted: Vec<String> = names
             .into_keys()
             .filter(|n| n != "consul")
@@ -311,6 +313,7 @@ async fn watch_service(
                 continue;
             }
         };
+        state.metrics.consul_up.set(1);
         let index = answer.index.unwrap_or(0);
         if !blocking.advance(answer.index) && state.has_service(&name) {
             continue;

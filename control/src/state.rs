@@ -196,7 +196,10 @@ impl State {
         drop(catalog);
         let mut sync = self.sync();
         sync.pending.remove(name);
-        Self::check_ready(&mut sync);
+        if Self::check_ready(&mut sync) {
+            drop(sync);
+            self.catalog().wake();
+        }
     }
 
     /// Removes a service.
@@ -216,11 +219,6 @@ impl State {
     /// Replaces every policy (from the store) and re-serves the services
     /// whose policy changed.
     pub fn set_policies(&self, policies: BTreeMap<String, Policy>, source_index: u64) {
-        {
-            let mut sync = self.sync();
-            sync.policies = true;
-            Self::check_ready(&mut sync);
-        }
         let mut inputs = self.inputs();
         inputs.policies = policies;
         let mut catalog = self.catalog();
@@ -234,6 +232,15 @@ impl State {
             }
         }
         self.publish(&catalog);
+        drop(catalog);
+        drop(inputs);
+        // Ready only once the policies are in the catalog.
+        let mut sync = self.sync();
+        sync.policies = true;
+        if Self::check_ready(&mut sync) {
+            drop(sync);
+            self.catalog().wake();
+        }
     }
 
     /// Sets one service's policy (after a successful store write).
@@ -277,14 +284,22 @@ impl State {
     pub fn catalog_synced(&self) {
         let mut sync = self.sync();
         sync.catalog = true;
-        Self::check_ready(&mut sync);
+        if Self::check_ready(&mut sync) {
+            drop(sync);
+            self.catalog().wake();
+        }
     }
 
-    fn check_ready(sync: &mut Sync) {
+    /// Marks the first full sync done once it is; `true` when it just
+    /// happened: the caller wakes the long-polls that wait for it (nothing
+    /// else may change in the catalog to wake them).
+    fn check_ready(sync: &mut Sync) -> bool {
         if sync.catalog && sync.policies && sync.pending.is_empty() && !sync.ready {
             sync.ready = true;
             tracing::info!("first full sync done: ready");
+            return true;
         }
+        false
     }
 
     /// Ready after the first full sync.

@@ -1,0 +1,960 @@
+//! End to end on Consul: the control plane in-process on the Consul double
+//! (`tests/consul-double`), a proxy following it, backends that say who
+//! they are -- all on real sockets. What Consul says about health reaches
+//! traffic; Consul going away keeps the last state; indexes going backwards
+//! lose nothing; our client follows `shared/consul/API.md` 2.4 (index and
+//! wait, token, no hot loop on 403, rate-limited churn); splits live in
+//! Consul KV with check-and-set; readiness waits for the first full sync.
+//! Last, contract tests feed the API fixtures through our parser.
+
+mod support;
+
+use almond_config::{Endpoint, Protocol, DEFAULT_SUBSET};
+use almond_consul_double::{
+    AclPolicy, CheckDef, ConsulDouble, RecordedRequest, ServiceDef, Status,
+};
+use almond_control::consul::{instance_weight, to_service, Instance};
+use http::StatusCode;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use support::*;
+
+/// The KV key of web's policy.
+const WEB_POLICY: &str = "almond/policy/web";
+
+/// A TTL check that starts passing (its TTL outlives any test).
+fn passing() -> CheckDef {
+    CheckDef::ttl(Duration::from_secs(3600)).status(Status::Passing)
+}
+
+/// Instance `id` of `web` on `backend`'s port, subset `version`, with one
+/// passing TTL check (`service:<id>`).
+fn web(id: &str, backend: &Backend, version: &str) -> ServiceDef {
+    ServiceDef::new("web")
+        .id(id)
+        .address("127.0.0.1")
+        .port(backend.addr.port())
+        .meta("version", version)
+        .check(passing())
+}
+
+/// The control config on `consul` with 1 s blocking waits; `token_env`
+/// names an environment variable unique to the test.
+fn yaml(consul: &ConsulDouble, token_env: &str) -> String {
+    consul_control_yaml(&consul.url(), "1s", token_env)
+}
+
+/// Sends `n` requests for `svc` over one connection; counts the answers by
+/// backend. Every answer must be a 200.
+async fn spread(proxy: &TestProxy, svc: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut client = H1::connect(proxy.addr()).await;
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let reply = client.get(svc, "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "{svc}: {}", reply.text());
+        *seen.entry(reply.backend().to_owned()).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// One request for `web` pinned to `subset` (`x-almond-subset`); the
+/// backend that answered, or `None` when the proxy could not route it.
+async fn pinned(proxy: &TestProxy, subset: &str) -> Option<String> {
+    let req = http::Request::get("/")
+        .header("host", "web")
+        .header("x-almond-subset", subset)
+        .body(empty())
+        .unwrap_or_else(|e| panic!("request: {e}"));
+    let reply = H1::connect(proxy.addr()).await.request(req).await;
+    (reply.status == StatusCode::OK).then(|| reply.backend().to_owned())
+}
+
+/// Waits until `name`, the one instance of `subset`, is in the proxy's
+/// table: a request pinned to its subset reaches it. (Pinned, so that the
+/// balancer's preference for the endpoint it already knows to be fast
+/// does not decide the outcome.)
+async fn reaches(proxy: &TestProxy, name: &str, subset: &str) {
+    eventually(
+        &format!("traffic for web/{subset} reaches {name}"),
+        || async { pinned(proxy, subset).await.as_deref() == Some(name) },
+    )
+    .await;
+}
+
+/// Waits until `subset` has left the proxy's table (a request pinned to it
+/// is refused), then checks that it stays out.
+async fn out(proxy: &TestProxy, subset: &str) {
+    eventually(&format!("web/{subset} leaves the proxy"), || async {
+        pinned(proxy, subset).await.is_none()
+    })
+    .await;
+    for _ in 0..5 {
+        let answer = pinned(proxy, subset).await;
+        assert_eq!(answer, None, "web/{subset} came back");
+    }
+}
+
+/// Waits until only `names` answer for `web` (20 requests in a row), then
+/// checks that it holds for 30 more.
+async fn only(proxy: &TestProxy, names: &[&str]) {
+    let within_names =
+        |seen: &BTreeMap<String, usize>| seen.keys().all(|b| names.contains(&b.as_str()));
+    eventually(
+        &format!("traffic for web reaches only {names:?}"),
+        || async { within_names(&spread(proxy, "web", 20).await) },
+    )
+    .await;
+    let seen = spread(proxy, "web", 30).await;
+    assert!(within_names(&seen), "expected only {names:?}, got {seen:?}");
+}
+
+async fn consul_up(control: &TestControl) -> f64 {
+    control_metric(control, "almond_control_consul_up", &[]).await
+}
+
+async fn consul_errors(control: &TestControl) -> f64 {
+    control_metric(control, "almond_control_consul_errors_total", &[]).await
+}
+
+/// Requests the double received on `path` (exact), in order.
+fn requests_to(consul: &ConsulDouble, path: &str) -> Vec<RecordedRequest> {
+    consul
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == path)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Consul's health reaches traffic
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn consul_health_reaches_traffic() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    // web-2 drains while warning.
+    let web2 = || web("web-2", &b2, "v2").weights(1, 0);
+    consul.register(web2()).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_HEALTH")).await;
+    let proxy = start_following(&control.url(), None).await;
+
+    reaches(&proxy, "b1", "v1").await;
+    reaches(&proxy, "b2", "v2").await;
+    // Unpinned, both subsets serve (by endpoint weight).
+    eventually("unpinned traffic reaches both instances", || async {
+        spread(&proxy, "web", 20).await.len() == 2
+    })
+    .await;
+
+    // Deregistered: no more traffic. Registered again: back.
+    assert!(consul.deregister("web-2"));
+    out(&proxy, "v2").await;
+    only(&proxy, &["b1"]).await;
+    consul.register(web2()).unwrap();
+    reaches(&proxy, "b2", "v2").await;
+
+    // A critical check takes it out; passing brings it back.
+    assert!(consul.set_check("service:web-2", Status::Critical));
+    out(&proxy, "v2").await;
+    assert!(consul.set_check("service:web-2", Status::Passing));
+    reaches(&proxy, "b2", "v2").await;
+
+    // Warning with `Weights: {Passing: 1, Warning: 0}` drains it ...
+    assert!(consul.set_check("service:web-2", Status::Warning));
+    out(&proxy, "v2").await;
+    // ... while a warning instance with the default `Warning: 1` keeps
+    // its traffic.
+    assert!(consul.set_check("service:web-1", Status::Warning));
+    assert!(consul.set_check("service:web-2", Status::Passing));
+    reaches(&proxy, "b2", "v2").await;
+    reaches(&proxy, "b1", "v1").await;
+    assert!(consul.set_check("service:web-1", Status::Passing));
+
+    // Maintenance mode takes it out, whatever its checks say; leaving
+    // maintenance brings it back.
+    assert!(consul.maintenance("web-2", true));
+    out(&proxy, "v2").await;
+    reaches(&proxy, "b1", "v1").await;
+    assert!(consul.maintenance("web-2", false));
+    reaches(&proxy, "b2", "v2").await;
+
+    // A critical node-level check (serfHealth) takes out every instance on
+    // the node: with nothing healthy, the proxy has no endpoint for web.
+    let node = consul.agent_node();
+    assert!(consul.set_node_check(&node, "serfHealth", Status::Critical));
+    eventually("web has no healthy endpoint left", || async {
+        get_h1(proxy.addr(), "web", "/").await.status != StatusCode::OK
+    })
+    .await;
+    assert!(consul.set_node_check(&node, "serfHealth", Status::Passing));
+    reaches(&proxy, "b1", "v1").await;
+    reaches(&proxy, "b2", "v2").await;
+}
+
+// ---------------------------------------------------------------------------
+// 2. Consul down: the last state stays; changes apply when it is back
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn consul_down_keeps_the_last_state_and_changes_apply_when_back() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    let b3 = Backend::start("b3").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_DOWN")).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    reaches(&proxy, "b2", "v2").await;
+    assert_eq!(consul_up(&control).await, 1.0);
+    let errors_before = consul_errors(&control).await;
+
+    // No leader: every (default-consistency) read answers 500.
+    consul.set_leader(false);
+    let from = consul.requests().len();
+    eventually("the web health watch has failed", || async {
+        consul.requests()[from..]
+            .iter()
+            .any(|r| r.path == "/v1/health/service/web")
+    })
+    .await;
+    eventually("the control plane reports consul down", || async {
+        consul_up(&control).await == 0.0 && consul_errors(&control).await > errors_before
+    })
+    .await;
+
+    // A change made meanwhile cannot be seen; the control plane keeps the
+    // last state it had, and so does the proxy: both backends keep
+    // getting traffic.
+    assert!(consul.deregister("web-2"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    reaches(&proxy, "b2", "v2").await;
+    reaches(&proxy, "b1", "v1").await;
+    assert_eq!(consul_up(&control).await, 0.0, "consul is still down");
+    assert_eq!(
+        control.get("/ready").await.status,
+        StatusCode::OK,
+        "a control plane that has synced once stays ready while consul is down"
+    );
+
+    // Consul is back: the change made while it was down applies, and so
+    // do new ones.
+    consul.set_leader(true);
+    out(&proxy, "v2").await;
+    only(&proxy, &["b1"]).await;
+    eventually("the control plane reports consul up", || async {
+        consul_up(&control).await == 1.0
+    })
+    .await;
+    consul.register(web("web-3", &b3, "v3")).unwrap();
+    reaches(&proxy, "b3", "v3").await;
+}
+
+#[tokio::test]
+async fn one_failed_health_query_does_not_leave_consul_marked_down() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_BLIP")).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    // The catalog watch, web's health watch and the policy watch block.
+    assert!(consul.wait_blocked(3).await, "three blocking queries");
+    let errors_before = consul_errors(&control).await;
+
+    // One failure, taken by web's health watch (woken by an idempotent
+    // write while the catalog watch stays blocked).
+    consul.fail_next(1, 500, "No cluster leader");
+    consul.bump_without_change("web");
+    eventually("the failure is counted", || async {
+        consul_errors(&control).await > errors_before
+    })
+    .await;
+    // Consul answers again: the control plane says so, although the
+    // service catalog itself did not change.
+    eventually("almond_control_consul_up returns to 1", || async {
+        consul_up(&control).await == 1.0
+    })
+    .await;
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    reaches(&proxy, "b2", "v2").await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. Indexes going backwards lose nothing
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_index_going_backwards_loses_no_update() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    let b3 = Backend::start("b3").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    // Push the indexes up, so that the reset goes well below them.
+    for _ in 0..20 {
+        consul.bump_without_change("web");
+    }
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_RESET")).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    let high = consul.service_index("web");
+
+    // Snapshot restore: every index drops; then a registration, at an
+    // index far below what the control plane has seen.
+    consul.reset_index(2);
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    assert!(consul.service_index("web") < high);
+    reaches(&proxy, "b2", "v2").await;
+
+    // Later changes still arrive: a deregistration ...
+    assert!(consul.deregister("web-1"));
+    out(&proxy, "v1").await;
+    only(&proxy, &["b2"]).await;
+    // ... and a service that did not exist before (the catalog watch).
+    consul
+        .register(
+            ServiceDef::new("api")
+                .id("api-1")
+                .address("127.0.0.1")
+                .port(b3.addr.port())
+                .check(passing()),
+        )
+        .unwrap();
+    eventually("traffic for api reaches b3", || async {
+        let reply = get_h1(proxy.addr(), "api", "/").await;
+        reply.status == StatusCode::OK && reply.backend() == "b3"
+    })
+    .await;
+
+    // A second reset, below the first: the next change still arrives.
+    consul.reset_index(1);
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    reaches(&proxy, "b1", "v1").await;
+}
+
+// ---------------------------------------------------------------------------
+// 4. Our client follows API.md 2.4
+// ---------------------------------------------------------------------------
+
+/// Paths of the Consul reads the control plane makes.
+fn is_watch(r: &RecordedRequest) -> bool {
+    r.path == "/v1/catalog/services"
+        || r.path.starts_with("/v1/health/service/")
+        || r.path.starts_with("/v1/kv/")
+}
+
+#[tokio::test]
+async fn blocking_queries_send_index_wait_and_the_token() {
+    const ENV: &str = "ALMOND_TEST_CC_TOKEN_PROTOCOL";
+    const TOKEN: &str = "3f1c6a8e-protocol-test-token";
+    std::env::set_var(ENV, TOKEN);
+    let consul = ConsulDouble::builder().acl_token(Some(TOKEN)).start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let control = TestControl::start(&yaml(&consul, ENV)).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    // Let a few blocking rounds go by (1 s each).
+    eventually("web's health watch has blocked three times", || async {
+        requests_to(&consul, "/v1/health/service/web")
+            .iter()
+            .filter(|r| r.query_param("index").is_some())
+            .count()
+            >= 3
+    })
+    .await;
+
+    let requests = consul.requests();
+    let watches: Vec<&RecordedRequest> = requests.iter().filter(|r| is_watch(r)).collect();
+    assert!(!watches.is_empty());
+    for r in &watches {
+        let what = format!("{} {}?{}", r.method, r.path, r.query);
+        assert_eq!(
+            r.header("x-consul-token").as_deref(),
+            Some(TOKEN),
+            "{what}: X-Consul-Token from the environment variable"
+        );
+        let index = r.query_param("index");
+        let wait = r.query_param("wait");
+        if let Some(wait) = &wait {
+            let index: u64 = index
+                .as_deref()
+                .and_then(|i| i.parse().ok())
+                .unwrap_or_else(|| panic!("{what}: a wait without an index"));
+            assert!(index > 0, "{what}: never index=0 with a wait");
+            assert!(
+                wait.ends_with("ms") || wait.ends_with('s') || wait.ends_with('m'),
+                "{what}: wait is a Go duration with a unit"
+            );
+        }
+        if index.is_some() {
+            assert!(wait.is_some(), "{what}: a blocking call states its wait");
+        }
+    }
+
+    for path in ["/v1/catalog/services", "/v1/health/service/web"] {
+        let calls = requests_to(&consul, path);
+        // First a non-blocking read ...
+        let first = &calls[0];
+        assert!(
+            first.query_param("index").is_none_or(|i| i == "0")
+                && first.query_param("wait").is_none(),
+            "{path}: the first read does not block: {}",
+            first.query
+        );
+        // ... then blocking ones, on the configured wait, at an index
+        // Consul gave.
+        let blocking: Vec<&RecordedRequest> = calls
+            .iter()
+            .filter(|r| r.query_param("index").is_some())
+            .collect();
+        assert!(!blocking.is_empty(), "{path}: no blocking query");
+        for r in &blocking {
+            assert_eq!(r.query_param("wait").as_deref(), Some("1000ms"), "{path}");
+        }
+    }
+    let web_index: u64 = requests_to(&consul, "/v1/health/service/web")
+        .last()
+        .and_then(|r| r.query_param("index"))
+        .and_then(|i| i.parse().ok())
+        .unwrap();
+    assert_eq!(
+        web_index,
+        consul.service_index("web"),
+        "the index sent is the one Consul last gave"
+    );
+}
+
+#[tokio::test]
+async fn churn_is_rate_limited_and_identical_content_is_not_republished() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_CHURN")).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    let control_index = control_metric(&control, "almond_control_snapshot_index", &[]).await;
+    let proxy_index = proxy_metric(&proxy, "almond_config_index", &[]).await;
+    assert!(control_index > 0.0);
+
+    // Idempotent writes every 10 ms for 2 s: each wakes the watch with a
+    // new index and the same content.
+    let before = requests_to(&consul, "/v1/health/service/web").len();
+    let start = tokio::time::Instant::now();
+    let mut bumps = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        consul.bump_without_change("web");
+        bumps += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let calls = requests_to(&consul, "/v1/health/service/web").len() - before;
+    // A burst of 2, then about one a second.
+    assert!(
+        calls <= 6,
+        "{calls} health queries for {bumps} index moves in 2 s: the loop is not rate-limited"
+    );
+    assert!(calls >= 1, "the watch kept following");
+    assert_eq!(
+        control_metric(&control, "almond_control_snapshot_index", &[]).await,
+        control_index,
+        "identical content is not re-published"
+    );
+    assert_eq!(
+        proxy_metric(&proxy, "almond_config_index", &[]).await,
+        proxy_index
+    );
+    reaches(&proxy, "b1", "v1").await;
+}
+
+#[tokio::test]
+async fn an_acl_refusal_is_reported_without_a_hot_loop() {
+    const ENV: &str = "ALMOND_TEST_CC_TOKEN_ACL";
+    const TOKEN: &str = "d2b0e7c4-unknown-token";
+    std::env::set_var(ENV, TOKEN);
+    let consul = ConsulDouble::builder()
+        .acl_token(Some("management-token-not-ours"))
+        .start()
+        .await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let control = TestControl::launch_unready(&yaml(&consul, ENV)).await;
+
+    eventually("the 403 is counted as a consul error", || async {
+        consul_errors(&control).await >= 1.0
+    })
+    .await;
+    assert_eq!(consul_up(&control).await, 0.0);
+    assert_eq!(
+        control.get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let refused = requests_to(&consul, "/v1/catalog/services");
+    assert!(refused
+        .iter()
+        .all(|r| r.header("x-consul-token").as_deref() == Some(TOKEN)));
+
+    // Over a second, only a handful of requests: backing off, not
+    // hammering a server that will keep saying no.
+    let from = consul.requests().len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = consul.requests().len() - from;
+    assert!(during <= 5, "{during} requests in 1 s after a 403");
+
+    // The operator grants the token: the control plane syncs (after its
+    // back-off) without a restart.
+    consul.add_acl_token(TOKEN, AclPolicy::read_all());
+    eventually("the control plane becomes ready", || async {
+        control.get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. Splits in Consul KV
+// ---------------------------------------------------------------------------
+
+/// The policy stored in the double's KV.
+fn stored_policy(consul: &ConsulDouble) -> Value {
+    let entry = consul
+        .kv_get(WEB_POLICY)
+        .unwrap_or_else(|| panic!("no {WEB_POLICY} in Consul KV"));
+    serde_json::from_slice(&entry.value).unwrap_or_else(|e| {
+        panic!(
+            "{WEB_POLICY} is not JSON ({e}): {}",
+            String::from_utf8_lossy(&entry.value)
+        )
+    })
+}
+
+#[tokio::test]
+async fn splits_live_in_consul_kv() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    let b3 = Backend::start("b3").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    let config = yaml(&consul, "ALMOND_TEST_CC_TOKEN_KV");
+    let control = TestControl::start(&config).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    reaches(&proxy, "b2", "v2").await;
+    assert!(consul.kv_get(WEB_POLICY).is_none());
+
+    // A split is written to almond/policy/web and reaches traffic.
+    let all_v2 = json!({ "weights": { "v1": 0, "v2": 100 } });
+    let reply = control.put_split("web", &all_v2, None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let stored = stored_policy(&consul);
+    assert_eq!(stored["split"], json!({ "v1": 0, "v2": 100 }));
+    assert_eq!(stored["version"], json!(1));
+    only(&proxy, &["b2"]).await;
+
+    // Two shifts naming the same version at once: one wins, one is told
+    // to read again; the winner is what is stored and served.
+    let version = stored["version"].as_u64().unwrap();
+    let a = json!({ "weights": { "v1": 100, "v2": 0 }, "version": version });
+    let b = json!({ "weights": { "v1": 90, "v2": 10 }, "version": version });
+    let (ra, rb) = tokio::join!(
+        control.put_split("web", &a, None),
+        control.put_split("web", &b, None)
+    );
+    let mut statuses = [ra.status.as_u16(), rb.status.as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [200, 409],
+        "a: {} {}; b: {} {}",
+        ra.status,
+        ra.text(),
+        rb.status,
+        rb.text()
+    );
+    let winner = if ra.status == StatusCode::OK { &a } else { &b };
+    let stored = stored_policy(&consul);
+    assert_eq!(stored["split"], winner["weights"]);
+    assert_eq!(stored["version"], json!(version + 1), "one write, not two");
+    let v1_weight = winner["weights"]["v1"].as_f64().unwrap();
+    eventually("the proxy serves the winning split", || async {
+        proxy_metric(
+            &proxy,
+            "almond_split_weight",
+            &[("service", "web"), ("subset", "v1")],
+        )
+        .await
+            == v1_weight
+    })
+    .await;
+
+    // Back to all-v2, then restart the control plane on the same port:
+    // the new one reads the split from Consul.
+    let reply = control.put_split("web", &all_v2, None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    only(&proxy, &["b2"]).await;
+    let addr = control.addr;
+    control.shutdown().await;
+    // The proxy rides out the restart on its last state.
+    only(&proxy, &["b2"]).await;
+    let control = TestControl::start_on(&config, addr).await;
+    assert_eq!(
+        control.service("web").await["service"]["split"],
+        json!({ "v1": 0, "v2": 100 }),
+        "a restarted control plane serves the stored split once ready"
+    );
+    // A new instance (subset v3, outside the split) reaches the proxy
+    // through the new control plane, and the split still holds.
+    consul.register(web("web-3", &b3, "v3")).unwrap();
+    reaches(&proxy, "b3", "v3").await;
+    only(&proxy, &["b2"]).await;
+    // A proxy that starts now gets the split with its first snapshot.
+    let fresh = start_following(&control.url(), None).await;
+    let first = spread(&fresh, "web", 30).await;
+    assert_eq!(first.keys().collect::<Vec<_>>(), ["b2"], "{first:?}");
+
+    // Another replica (here: a KV write behind the control plane's back)
+    // changes the split: it is picked up.
+    let mut next = stored_policy(&consul);
+    next["version"] = json!(next["version"].as_u64().unwrap() + 1);
+    next["previous"] = next["split"].clone();
+    next["split"] = json!({ "v1": 100, "v2": 0 });
+    consul.kv_put(WEB_POLICY, serde_json::to_vec(&next).unwrap());
+    only(&proxy, &["b1"]).await;
+    only(&fresh, &["b1"]).await;
+    assert_eq!(
+        control.service("web").await["policy"]["version"],
+        next["version"]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6. Ready only after the first full sync
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn ready_only_after_the_first_full_sync() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    // Consul answers slowly: the first answers are 2 s away.
+    consul.set_delay(Duration::from_secs(2));
+    let control = TestControl::launch_unready(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_READY")).await;
+    let proxy = TestProxy::start(&control_proxy_yaml(&control.url(), None)).await;
+    assert_eq!(
+        control.get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ready before Consul answered"
+    );
+    assert_eq!(
+        proxy.admin_get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the proxy has no snapshot yet"
+    );
+    consul.set_delay(Duration::ZERO);
+
+    eventually("the control plane becomes ready", || async {
+        control.get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    // Ready means synced: web is there with both instances.
+    let endpoints = control.service("web").await["service"]["endpoints"].clone();
+    assert_eq!(endpoints.as_array().map(Vec::len), Some(2), "{endpoints}");
+    eventually("the proxy becomes ready", || async {
+        proxy.admin_get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    reaches(&proxy, "b1", "v1").await;
+    reaches(&proxy, "b2", "v2").await;
+}
+
+#[tokio::test]
+async fn not_ready_while_consul_fails_before_the_first_sync() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.set_leader(false);
+    let control =
+        TestControl::launch_unready(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_NOLEADER")).await;
+    let proxy = TestProxy::start(&control_proxy_yaml(&control.url(), None)).await;
+    eventually("the failure is counted", || async {
+        consul_errors(&control).await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        control.get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        proxy.admin_get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    consul.set_leader(true);
+    eventually("the proxy becomes ready", || async {
+        proxy.admin_get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(control.get("/ready").await.status, StatusCode::OK);
+    reaches(&proxy, "b1", "v1").await;
+}
+
+#[tokio::test]
+async fn a_proxy_waiting_on_a_starting_control_plane_is_served_once_it_is_ready() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    // The first request fails: the policy watch's, which starts first, so
+    // the policies arrive (about 1 s later) after the services.
+    consul.fail_next(1, 500, "No cluster leader");
+    let control =
+        TestControl::launch_unready(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_LATEPOLICY")).await;
+    let proxy = TestProxy::start(&control_proxy_yaml(&control.url(), None)).await;
+    eventually("the control plane becomes ready", || async {
+        control.get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    // The proxy's long-poll (30 s) began before: it must answer now.
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        while proxy.admin_get("/ready").await.status != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let first = consul.requests()[0].path.clone();
+    assert!(
+        served.is_ok(),
+        "the proxy got no snapshot within 10 s of the control plane being ready \
+         (the first, failed, request was {first})"
+    );
+    reaches(&proxy, "b1", "v1").await;
+}
+
+// ---------------------------------------------------------------------------
+// 7. Contract: the API's own payloads through our parser
+// ---------------------------------------------------------------------------
+
+/// `shared/consul/fixtures`, found by walking up from the workspace.
+fn fixtures() -> PathBuf {
+    let start = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    start
+        .ancestors()
+        .map(|dir| dir.join("shared/consul/fixtures"))
+        .find(|dir| dir.is_dir())
+        .unwrap_or_else(|| {
+            panic!(
+                "no shared/consul/fixtures in {} or above: the Consul API fixtures are missing",
+                start.display()
+            )
+        })
+}
+
+fn fixture(name: &str) -> Value {
+    let path = fixtures().join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
+fn instances(body: &Value) -> Vec<Instance> {
+    serde_json::from_value(body.clone())
+        .unwrap_or_else(|e| panic!("a health answer our parser refuses: {e}\n{body:#}"))
+}
+
+/// The fixture `health-service.json` with `edit` applied to its one
+/// instance.
+fn redis(edit: impl FnOnce(&mut Value)) -> Vec<Instance> {
+    let mut body = fixture("health-service.json");
+    edit(&mut body[0]);
+    instances(&body)
+}
+
+fn endpoint(addr: &str, subset: &str, weight: u32) -> Endpoint {
+    Endpoint {
+        addr: addr
+            .parse()
+            .unwrap_or_else(|e| panic!("address {addr}: {e}")),
+        subset: subset.to_owned(),
+        weight,
+    }
+}
+
+/// Sets the status of the check `id` of an instance.
+fn set_status(instance: &mut Value, id: &str, status: &str) {
+    let Some(checks) = instance["Checks"].as_array_mut() else {
+        panic!("no Checks array")
+    };
+    let check = checks
+        .iter_mut()
+        .find(|c| c["CheckID"] == id)
+        .unwrap_or_else(|| panic!("no check {id}"));
+    check["Status"] = json!(status);
+}
+
+#[test]
+fn the_health_fixture_becomes_a_weighted_endpoint() {
+    let body = fixture("health-service.json");
+    let parsed = instances(&body);
+    assert_eq!(parsed.len(), 1);
+    // Both checks pass: Weights.Passing.
+    assert_eq!(instance_weight(&parsed[0]), Some(10));
+    let svc = to_service("redis", &parsed, "version");
+    assert_eq!(
+        svc.endpoints,
+        vec![endpoint("10.1.10.12:8000", DEFAULT_SUBSET, 10)]
+    );
+    assert_eq!(svc.protocol, Protocol::Http1);
+    assert_eq!(svc.split, None);
+    // The subset comes from the configured Meta key.
+    let svc = to_service("redis", &parsed, "redis_version");
+    assert_eq!(svc.endpoints, vec![endpoint("10.1.10.12:8000", "4.0", 10)]);
+}
+
+#[test]
+fn the_health_fixture_follows_consuls_health_rules() {
+    let weight = |edit: fn(&mut Value)| instance_weight(&redis(edit)[0]);
+    // Warning: Weights.Warning (1 in the fixture).
+    assert_eq!(
+        weight(|i| set_status(i, "service:redis", "warning")),
+        Some(1)
+    );
+    // Warning with Warning: 0 drains.
+    assert_eq!(
+        weight(|i| {
+            set_status(i, "service:redis", "warning");
+            i["Service"]["Weights"]["Warning"] = json!(0);
+        }),
+        None
+    );
+    // Critical: out; a node-level check counts too.
+    assert_eq!(weight(|i| set_status(i, "service:redis", "critical")), None);
+    assert_eq!(weight(|i| set_status(i, "serfHealth", "critical")), None);
+    assert_eq!(weight(|i| set_status(i, "serfHealth", "warning")), Some(1));
+    // Maintenance, service or node: out, whatever the status says.
+    for id in ["_service_maintenance:redis", "_node_maintenance"] {
+        let mut body = fixture("health-service.json");
+        body[0]["Checks"].as_array_mut().unwrap().push(json!({
+            "Node": "foobar", "CheckID": id, "Name": "Maintenance Mode",
+            "Status": "critical", "Notes": "", "Output": "",
+            "ServiceID": if id == "_node_maintenance" { "" } else { "redis" },
+            "ServiceName": "", "ServiceTags": []
+        }));
+        assert_eq!(instance_weight(&instances(&body)[0]), None, "{id}");
+        assert!(to_service("redis", &instances(&body), "version")
+            .endpoints
+            .is_empty());
+    }
+    // No Weights: Consul's default {1, 1}.
+    assert_eq!(
+        weight(|i| {
+            i["Service"].as_object_mut().unwrap().remove("Weights");
+        }),
+        Some(1)
+    );
+    // No checks at all: passing.
+    assert_eq!(weight(|i| i["Checks"] = json!([])), Some(10));
+}
+
+#[test]
+fn the_health_fixture_gives_addresses_subsets_and_protocols() {
+    // An empty Service.Address means the node's.
+    let parsed = redis(|i| {
+        i["Service"]["Address"] = json!("");
+        i["Node"]["Address"] = json!("10.1.10.99");
+    });
+    assert_eq!(
+        to_service("redis", &parsed, "version").endpoints,
+        vec![endpoint("10.1.10.99:8000", DEFAULT_SUBSET, 10)]
+    );
+    // Meta.version names the subset; Meta.protocol the upstream protocol.
+    let parsed = redis(|i| {
+        i["Service"]["Meta"]["version"] = json!("v2");
+        i["Service"]["Meta"]["protocol"] = json!("grpc");
+    });
+    let svc = to_service("redis", &parsed, "version");
+    assert_eq!(svc.endpoints, vec![endpoint("10.1.10.12:8000", "v2", 10)]);
+    assert_eq!(svc.protocol, Protocol::Http2);
+    // A hostname is not an address we can dial: skipped, not fatal.
+    let parsed = redis(|i| i["Service"]["Address"] = json!("redis.service.consul"));
+    assert!(to_service("redis", &parsed, "version").endpoints.is_empty());
+    // Null Meta (older agents) is accepted.
+    let parsed = redis(|i| i["Service"]["Meta"] = Value::Null);
+    assert_eq!(
+        to_service("redis", &parsed, "version").endpoints,
+        vec![endpoint("10.1.10.12:8000", DEFAULT_SUBSET, 10)]
+    );
+    // The catalog list parses as name -> tags.
+    let names: BTreeMap<String, Vec<String>> =
+        serde_json::from_value(fixture("catalog-services.json")).unwrap();
+    assert!(names.contains_key("redis") && names.contains_key("consul"));
+}
+
+#[tokio::test]
+async fn the_double_and_our_parser_agree() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul
+        .register(web("web-1", &b1, "v1").weights(3, 1))
+        .unwrap();
+    consul
+        .register(web("web-2", &b2, "v2").weights(5, 2))
+        .unwrap();
+    consul.set_check("service:web-2", Status::Warning);
+    let reply = get_h1(consul.addr(), "consul", "/v1/health/service/web").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let body = reply.json();
+    // The double's answer has the fixture's shape.
+    let sample = fixture("health-service.json");
+    for key in ["Node", "Service", "Checks"] {
+        assert!(
+            sample[0].get(key).is_some() && body[0].get(key).is_some(),
+            "{key}"
+        );
+    }
+    let svc = to_service("web", &instances(&body), "version");
+    let addr = |b: &Backend| SocketAddr::from(([127, 0, 0, 1], b.addr.port())).to_string();
+    assert_eq!(
+        svc.endpoints,
+        vec![endpoint(&addr(&b1), "v1", 3), endpoint(&addr(&b2), "v2", 2)]
+    );
+}
+
+/// Known gap (reported, not fixed): after a Consul restore (indexes going
+/// backwards) the control plane keeps its own index monotonic, above
+/// Consul's; a control plane restarted then starts from Consul's low
+/// indexes, and a proxy that followed the old one ignores every snapshot
+/// whose index is not above its own ("an older replica answered"), so
+/// changes are lost until Consul's index climbs past the proxy's.
+#[tokio::test]
+#[ignore = "known gap: a proxy ignores a restarted control plane whose index is below its own"]
+async fn a_restart_after_a_consul_restore_still_reaches_proxies() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    for _ in 0..50 {
+        consul.bump_without_change("web");
+    }
+    let config = yaml(&consul, "ALMOND_TEST_CC_TOKEN_RESTORE_RESTART");
+    let control = TestControl::start(&config).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    consul.reset_index(2);
+    let addr = control.addr;
+    control.shutdown().await;
+    let _control = TestControl::start_on(&config, addr).await;
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    reaches(&proxy, "b2", "v2").await;
+}
