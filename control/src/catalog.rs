@@ -72,9 +72,12 @@ impl Catalog {
         true
     }
 
-    /// Wakes every subscriber without changing the index (readiness
-    /// changed: long-polls re-check whether they can answer).
-    pub fn wake(&self) {
+    /// Wakes every subscriber (readiness changed: long-polls re-check
+    /// whether they can answer). The index stays, except that an empty catalog moves to index 1 here, so that proxies (which
+    /// apply only snapshots above the index they have, 0 at first) take
+    /// even an empty first state.
+    pub fn wake(&mut self) {
+        self.index = self.index.max(1);
         self.notify.send_replace(self.index);
     }
 

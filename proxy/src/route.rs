@@ -158,6 +158,23 @@ impl Table {
     }
 }
 
+/// Gives endpoints new to a service the mean RTT estimate of those it
+/// already had, so P2C neither shuns nor floods them.
+fn seed_new_endpoints(all: &Pool, carried: &[SocketAddr]) {
+    let now = tokio::time::Instant::now();
+    let (old, new): (Vec<_>, Vec<_>) = all
+        .members()
+        .iter()
+        .partition(|m| carried.contains(&m.state.addr));
+    if old.is_empty() || new.is_empty() {
+        return;
+    }
+    let mean = old.iter().map(|m| m.state.rtt_estimate(now)).sum::<f64>() / old.len() as f64;
+    for m in new {
+        m.state.seed_rtt(now, mean);
+    }
+}
+
 /// Drops the gauges of subsets (and splits) the new table no longer has.
 fn forget_stale(prev: &Table, next: &HashMap<Box<str>, Arc<ServiceRoute>>, metrics: &Metrics) {
     for (name, old) in &prev.services {
@@ -208,6 +225,13 @@ impl ServiceRoute {
             // requests get 503 `no-endpoints` and are counted somewhere.
             subset_names.push(almond_config::DEFAULT_SUBSET);
         }
+        // Endpoints the previous table had (their state carries over).
+        let carried: Vec<SocketAddr> = svc
+            .endpoints
+            .iter()
+            .map(|e| e.addr)
+            .filter(|a| states.contains_key(a))
+            .collect();
         let state_of = |addr: SocketAddr, states: &mut HashMap<_, Arc<EndpointState>>| {
             states
                 .entry(addr)
@@ -259,6 +283,7 @@ impl ServiceRoute {
             .as_ref()
             .map(|weights| Split::new(weights, &subset_names));
         let all = health(Pool::new(members_of(None, states), svc.lb, 0));
+        seed_new_endpoints(&all, &carried);
         let (admission, pending) = match admission {
             Some((a, p)) => {
                 a.set_limit(cb.max_requests);
@@ -327,6 +352,34 @@ mod tests {
             .header("host", host)
             .body(())
             .unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_endpoints_start_from_their_peers_rtt() {
+        let yaml = |eps: &str| {
+            format!("listeners:\n  - bind: 127.0.0.1:0\nservices:\n  s:\n    endpoints: [{eps}]\n")
+        };
+        let metrics = Metrics::new().unwrap();
+        let load = |text: String| Arc::new(almond_config::load_proxy(&text, "t").unwrap());
+        let one = Table::build(load(yaml("{ addr: 127.0.0.1:1 }")), &metrics, None);
+        let now = tokio::time::Instant::now();
+        let a = &one.services["s"].all.members()[0].state;
+        a.seed_rtt(now, 1e6);
+        let two = Table::build(
+            load(yaml("{ addr: 127.0.0.1:1 }, { addr: 127.0.0.1:2 }")),
+            &metrics,
+            Some(&one),
+        );
+        let est: Vec<f64> = two.services["s"]
+            .all
+            .members()
+            .iter()
+            .map(|m| m.state.rtt_estimate(now))
+            .collect();
+        assert!(
+            (est[0] - 1e6).abs() < 1.0 && (est[1] - 1e6).abs() < 1.0,
+            "{est:?}"
+        );
     }
 
     #[test]

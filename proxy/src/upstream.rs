@@ -126,6 +126,15 @@ impl EndpointState {
         self.rtt_estimate(now) * self.in_flight_cost()
     }
 
+    /// Starts a new endpoint from what its peers measure, rather than the
+    /// 30 ms default: an endpoint added beside ones answering in 1 ms would
+    /// otherwise look slow to P2C for seconds and get no traffic.
+    pub fn seed_rtt(&self, now: Instant, rtt_ns: f64) {
+        self.rtt_ns.store(rtt_ns.to_bits(), Ordering::Relaxed);
+        self.stamp_ns
+            .store(nanos_since_epoch(now), Ordering::Relaxed);
+    }
+
     /// Feeds one measured RTT: a peak is taken at once, a lower value
     /// blends in with weight growing with the time since the last update.
     /// Racing updates may lose one sample; the estimate stays sound.
