@@ -290,12 +290,18 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Rig {
+        Rig::start_with("").await
+    }
+
+    /// `extra`: more control-plane config (e.g. the watcher's source).
+    async fn start_with(extra: &str) -> Rig {
         let v1a = Backend::start("v1a").await;
         let v1b = Backend::start("v1b").await;
         let v2 = CanaryBackend::start("v2").await;
         let registry = Registry::new();
         registry.service("s", &[(v1a.addr, "v1"), (v1b.addr, "v1"), (v2.addr, "v2")]);
-        let control = TestControl::start(&registry.control_yaml(None)).await;
+        let yaml = format!("{}{extra}", registry.control_yaml(None));
+        let control = TestControl::start(&yaml).await;
         // Before the release all traffic is on stable.
         let reply = control
             .put_split("s", &json!({ "weights": { "v1": 100, "v2": 0 } }), None)
@@ -1041,4 +1047,132 @@ async fn the_cli_starts_and_shows_a_rollout() {
     ])
     .await;
     assert_eq!(code, Some(2), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// 9. The PromQL path: a real Prometheus scraping the proxy
+// ---------------------------------------------------------------------------
+
+/// A Prometheus server started by a test; killed when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the Debian `prometheus` on `addr`, scraping `target` every
+/// 500 ms; `None` (the test is skipped) when it is not installed, unless CI
+/// requires it.
+fn start_prometheus(addr: SocketAddr, target: &str) -> Option<Prometheus> {
+    let found = std::process::Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !found {
+        let required = std::env::var_os("CI").is_some()
+            || std::env::var_os("ALMOND_REQUIRE_PROMETHEUS").is_some();
+        assert!(
+            !required,
+            "prometheus must be on PATH (apt-get install prometheus)"
+        );
+        eprintln!("skipped: install prometheus to run the PromQL watcher test");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 500ms\n  scrape_timeout: 500ms\nscrape_configs:\n  - job_name: almond\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let child = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Some(Prometheus { child, _dir: dir })
+}
+
+/// The same rollouts as the direct tests, judged from PromQL answers of a
+/// real Prometheus: a good canary passes every step, a bad one fails at
+/// its first step, as with the direct source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prometheus_watcher_gives_the_same_verdicts() {
+    // Reserve Prometheus' address first: the control plane needs its URL.
+    let prom_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let rig = Rig::start_with(&format!(
+        "watcher: {{ prometheus: \"http://{prom_addr}\" }}\n"
+    ))
+    .await;
+    let Some(_prometheus) = start_prometheus(prom_addr, &rig.proxy.admin.to_string()) else {
+        return;
+    };
+    let traffic = rig.traffic();
+    // Prometheus has the proxy's series before the rollout starts.
+    let query = format!("http://{prom_addr}/api/v1/query?query=almond_requests_total");
+    wait_until("prometheus has scraped the proxy", ROLLOUT_DEADLINE, || {
+        let query = query.clone();
+        async move {
+            let client: Client<HttpConnector, Empty<Bytes>> =
+                Client::builder(TokioExecutor::new()).build_http();
+            let req = Request::get(query).body(Empty::new()).ok()?;
+            let body = client
+                .request(req)
+                .await
+                .ok()?
+                .into_body()
+                .collect()
+                .await
+                .ok()?;
+            let v: Value = serde_json::from_slice(&body.to_bytes()).ok()?;
+            (!v["data"]["result"].as_array()?.is_empty()).then_some(())
+        }
+    })
+    .await;
+
+    // A good canary: every step passes.
+    traffic.after(30).await;
+    rig.start_rollout(&spec(&[10, 100], 2.0)).await;
+    let r = wait_phase(&rig.control, "succeeded").await;
+    let good: Vec<String> = verdicts(&r).into_iter().map(|v| v.1).collect();
+    assert_eq!(good, ["pass", "pass"], "{r:#}");
+
+    // A bad canary (30% 500s): fails at its first step, rolled back.
+    let reply = rig
+        .control
+        .put_split("s", &json!({ "weights": { "v1": 100, "v2": 0 } }), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    wait_canary_percent(&rig.proxy, 0).await;
+    rig.v2.fail_percent(30);
+    rig.start_rollout(&spec(&[10, 100], 2.0)).await;
+    let r = wait_phase(&rig.control, "rolled_back").await;
+    let bad: Vec<String> = verdicts(&r).into_iter().map(|v| v.1).collect();
+    assert_eq!(bad.last().map(String::as_str), Some("fail"), "{r:#}");
+    assert!(bad.iter().all(|v| v != "pass"), "{r:#}");
+    assert!(
+        r["reason"].as_str().unwrap().contains("error rate"),
+        "{r:#}"
+    );
+    wait_canary_percent(&rig.proxy, 0).await;
+    drop(traffic);
 }

@@ -23,7 +23,8 @@ pub struct ControlConfig {
     /// The policy file of `store: file`.
     #[serde(default = "default_policy_file")]
     pub policy_file: PathBuf,
-    /// How the watcher reads golden metrics.
+    /// How the watcher reads golden metrics: `{ source: direct }` (scrape
+    /// the proxies, the default) or `{ prometheus: http://HOST:9090 }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watcher: Option<serde_json::Value>,
     /// Environment variable holding the operator bearer token.
@@ -101,4 +102,34 @@ pub enum Store {
     /// A local file (file mode).
     #[default]
     File,
+}
+
+/// Where the watcher reads golden metrics from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatcherSource {
+    /// Scrape every proxy's admin `/metrics`.
+    Direct,
+    /// Ask a Prometheus server (base URL) with PromQL.
+    Prometheus(String),
+}
+
+impl ControlConfig {
+    /// The watcher's source, or why the `watcher` key is wrong.
+    pub fn watcher_source(&self) -> Result<WatcherSource, String> {
+        let Some(w) = &self.watcher else {
+            return Ok(WatcherSource::Direct);
+        };
+        if let Some(url) = w.get("prometheus") {
+            return match url.as_str() {
+                Some(u) if u.starts_with("http://") => {
+                    Ok(WatcherSource::Prometheus(u.trim_end_matches('/').to_owned()))
+                }
+                _ => Err("prometheus: an http:// URL, e.g. http://127.0.0.1:9090".into()),
+            };
+        }
+        match w.get("source").and_then(|s| s.as_str()) {
+            Some("direct") => Ok(WatcherSource::Direct),
+            _ => Err("expected { source: direct } or { prometheus: URL }".into()),
+        }
+    }
 }

@@ -13,7 +13,7 @@ mod problem;
 mod proxy;
 mod snapshot;
 
-pub use control::{ConsulSource, ControlConfig, Source, Store};
+pub use control::{ConsulSource, ControlConfig, Source, Store, WatcherSource};
 pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
     load_services, validate_proxy, Strictness,

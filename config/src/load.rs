@@ -37,6 +37,13 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
     };
     let config: ControlConfig = parse(text, &index).map_err(|p| fail(vec![p]))?;
     let mut problems = Vec::new();
+    if let Err(message) = config.watcher_source() {
+        problems.push(Problem {
+            path: "watcher".into(),
+            line: index.line_of("watcher"),
+            message,
+        });
+    }
     if let Source::Consul(c) = &config.source {
         if !c.addr.starts_with("http://") {
             problems.push(Problem {

@@ -69,7 +69,14 @@ impl Control {
             (StoreKind::File, _) => self.file_store(),
         });
         let follower = tokio::spawn(store.clone().follow(self.state.clone()));
-        let watcher = tokio::spawn(watcher::Watcher::new(self.state.clone(), store.clone()).run());
+        // Checked when the config was loaded; a bad value means direct.
+        let source = self
+            .config
+            .watcher_source()
+            .unwrap_or(almond_config::WatcherSource::Direct);
+        tracing::info!(watcher = ?source, "watcher source");
+        let watcher =
+            tokio::spawn(watcher::Watcher::new(self.state.clone(), store.clone(), source).run());
         let token = self
             .config
             .token_env

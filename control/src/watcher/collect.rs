@@ -196,3 +196,91 @@ almond_request_duration_seconds_bucket{direction="outbound",service="web",subset
         assert_eq!(d["v2"].requests, 4);
     }
 }
+
+/// The same totals from a Prometheus server (the `prometheus` source):
+/// instant queries summing every proxy's series by subset. Returned under
+/// one key so [`delta`] treats it like one big proxy.
+pub async fn query_prometheus(base: &str, service: &str) -> BTreeMap<String, Totals> {
+    let sel = format!("service=\"{service}\",direction=\"outbound\"");
+    let requests = format!("sum by (subset) (almond_requests_total{{{sel}}})");
+    let failures = format!("sum by (subset) (almond_requests_total{{{sel},outcome=\"failure\"}})");
+    let buckets = format!("sum by (subset, le) (almond_request_duration_seconds_bucket{{{sel}}})");
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut totals: Totals = BTreeMap::new();
+    for (i, q) in [requests, failures, buckets].iter().enumerate() {
+        let Some(result) = prometheus_vector(&client, base, q).await else {
+            tracing::debug!(prometheus = base, query = %q, "prometheus query failed");
+            return BTreeMap::new();
+        };
+        for (labels, value) in result {
+            let Some(subset) = labels.get("subset") else { continue };
+            let w = totals.entry(subset.clone()).or_default();
+            match i {
+                0 => w.requests = value as u64,
+                1 => w.failures = value as u64,
+                _ => {
+                    let le = match labels.get("le").map(String::as_str) {
+                        Some("+Inf") => f64::INFINITY,
+                        Some(v) => match v.parse() {
+                            Ok(v) => v,
+                            Err(_) => continue,
+                        },
+                        None => continue,
+                    };
+                    w.buckets.push((le, value as u64));
+                }
+            }
+        }
+    }
+    for w in totals.values_mut() {
+        w.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    BTreeMap::from([("prometheus".to_owned(), totals)])
+}
+
+/// One instant query: (labels, value) per series, or `None` on any error.
+async fn prometheus_vector(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    base: &str,
+    query: &str,
+) -> Option<Vec<(BTreeMap<String, String>, f64)>> {
+    let uri = format!("{base}/api/v1/query?query={}", encode(query));
+    let req = hyper::Request::get(uri).body(Empty::new()).ok()?;
+    let body = tokio::time::timeout(Duration::from_secs(5), async {
+        let resp = client.request(req).await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.into_body().collect().await.ok().map(|b| b.to_bytes())
+    })
+    .await
+    .ok()??;
+    let json: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let result = json["data"]["result"].as_array()?;
+    Some(
+        result
+            .iter()
+            .filter_map(|r| {
+                let labels = r["metric"]
+                    .as_object()?
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect();
+                let value = r["value"][1].as_str()?.parse().ok()?;
+                Some((labels, value))
+            })
+            .collect(),
+    )
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

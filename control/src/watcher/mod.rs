@@ -9,6 +9,7 @@ pub mod judge;
 pub mod rollout;
 
 use crate::policy::Policy;
+use almond_config::WatcherSource;
 use crate::state::State;
 use crate::store::{now_ms, Store};
 use collect::Totals;
@@ -35,6 +36,8 @@ struct Baseline {
 /// The rollout driver of one control-plane replica.
 pub struct Watcher {
     state: Arc<State>,
+    /// Where golden metrics come from.
+    source: WatcherSource,
     store: Arc<Store>,
     /// This replica's name, for leases.
     replica: String,
@@ -44,10 +47,11 @@ pub struct Watcher {
 
 impl Watcher {
     /// A driver for this replica.
-    pub fn new(state: Arc<State>, store: Arc<Store>) -> Watcher {
+    pub fn new(state: Arc<State>, store: Arc<Store>, source: WatcherSource) -> Watcher {
         let replica = format!("{}-{}", hostname(), std::process::id());
         Watcher {
             state,
+            source,
             store,
             replica,
             baselines: Default::default(),
@@ -109,7 +113,7 @@ impl Watcher {
             .filter(|b| b.step_started == r.step_started)
         else {
             // A new step (or a restarted control plane): the window starts now.
-            let totals = collect::scrape(&admins, name).await;
+            let totals = self.collect(&admins, name).await;
             baselines.insert(
                 name.to_owned(),
                 Baseline {
@@ -124,7 +128,7 @@ impl Watcher {
         if !r.due(now) || now.saturating_sub(base.taken) < interval {
             return Ok(());
         }
-        let current = collect::scrape(&admins, name).await;
+        let current = self.collect(&admins, name).await;
         let window = collect::delta(&current, &base.totals);
         let canary = window.get(&r.spec.canary).cloned().unwrap_or_default();
         let stable = window.get(&r.stable).cloned().unwrap_or_default();
@@ -170,6 +174,14 @@ impl Watcher {
             );
         }
         Ok(())
+    }
+
+    /// Per-source totals now: per proxy (direct) or one sum (Prometheus).
+    async fn collect(&self, admins: &[String], service: &str) -> BTreeMap<String, Totals> {
+        match &self.source {
+            WatcherSource::Direct => collect::scrape(admins, service).await,
+            WatcherSource::Prometheus(url) => collect::query_prometheus(url, service).await,
+        }
     }
 
     fn proxy_admins(&self) -> Vec<String> {
