@@ -121,9 +121,9 @@ impl ControlConfig {
         };
         if let Some(url) = w.get("prometheus") {
             return match url.as_str() {
-                Some(u) if u.starts_with("http://") => {
-                    Ok(WatcherSource::Prometheus(u.trim_end_matches('/').to_owned()))
-                }
+                Some(u) if u.starts_with("http://") => Ok(WatcherSource::Prometheus(
+                    u.trim_end_matches('/').to_owned(),
+                )),
                 _ => Err("prometheus: an http:// URL, e.g. http://127.0.0.1:9090".into()),
             };
         }

@@ -162,41 +162,6 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const TEXT: &str = r#"# HELP almond_requests_total Requests handled, by outcome.
-almond_requests_total{code_class="2xx",direction="outbound",outcome="success",service="web",subset="v1"} 90
-almond_requests_total{code_class="5xx",direction="outbound",outcome="failure",service="web",subset="v2"} 3
-almond_requests_total{code_class="2xx",direction="outbound",outcome="success",service="web",subset="v2"} 7
-almond_requests_total{code_class="2xx",direction="inbound",outcome="success",service="web",subset="v2"} 1000
-almond_requests_total{code_class="2xx",direction="outbound",outcome="success",service="other",subset="v2"} 1000
-almond_request_duration_seconds_bucket{direction="outbound",service="web",subset="v2",le="0.01"} 4
-almond_request_duration_seconds_bucket{direction="outbound",service="web",subset="v2",le="+Inf"} 10
-"#;
-
-    #[test]
-    fn parses_one_service_by_subset() {
-        let t = parse(TEXT, "web");
-        assert_eq!(t["v1"].requests, 90);
-        assert_eq!((t["v2"].requests, t["v2"].failures), (10, 3));
-        assert_eq!(t["v2"].buckets, vec![(0.01, 4), (f64::INFINITY, 10)]);
-    }
-
-    #[test]
-    fn deltas_survive_a_proxy_restart() {
-        let then = BTreeMap::from([("p".to_owned(), parse(TEXT, "web"))]);
-        let mut later = parse(TEXT, "web");
-        later.get_mut("v1").unwrap().requests = 100;
-        later.get_mut("v2").unwrap().requests = 4; // restarted: went down
-        let now = BTreeMap::from([("p".to_owned(), later)]);
-        let d = delta(&now, &then);
-        assert_eq!(d["v1"].requests, 10);
-        assert_eq!(d["v2"].requests, 4);
-    }
-}
-
 /// The same totals from a Prometheus server (the `prometheus` source):
 /// instant queries summing every proxy's series by subset. Returned under
 /// one key so [`delta`] treats it like one big proxy.
@@ -214,7 +179,9 @@ pub async fn query_prometheus(base: &str, service: &str) -> BTreeMap<String, Tot
             return BTreeMap::new();
         };
         for (labels, value) in result {
-            let Some(subset) = labels.get("subset") else { continue };
+            let Some(subset) = labels.get("subset") else {
+                continue;
+            };
             let w = totals.entry(subset.clone()).or_default();
             match i {
                 0 => w.requests = value as u64,
@@ -283,4 +250,39 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"# HELP almond_requests_total Requests handled, by outcome.
+almond_requests_total{code_class="2xx",direction="outbound",outcome="success",service="web",subset="v1"} 90
+almond_requests_total{code_class="5xx",direction="outbound",outcome="failure",service="web",subset="v2"} 3
+almond_requests_total{code_class="2xx",direction="outbound",outcome="success",service="web",subset="v2"} 7
+almond_requests_total{code_class="2xx",direction="inbound",outcome="success",service="web",subset="v2"} 1000
+almond_requests_total{code_class="2xx",direction="outbound",outcome="success",service="other",subset="v2"} 1000
+almond_request_duration_seconds_bucket{direction="outbound",service="web",subset="v2",le="0.01"} 4
+almond_request_duration_seconds_bucket{direction="outbound",service="web",subset="v2",le="+Inf"} 10
+"#;
+
+    #[test]
+    fn parses_one_service_by_subset() {
+        let t = parse(TEXT, "web");
+        assert_eq!(t["v1"].requests, 90);
+        assert_eq!((t["v2"].requests, t["v2"].failures), (10, 3));
+        assert_eq!(t["v2"].buckets, vec![(0.01, 4), (f64::INFINITY, 10)]);
+    }
+
+    #[test]
+    fn deltas_survive_a_proxy_restart() {
+        let then = BTreeMap::from([("p".to_owned(), parse(TEXT, "web"))]);
+        let mut later = parse(TEXT, "web");
+        later.get_mut("v1").unwrap().requests = 100;
+        later.get_mut("v2").unwrap().requests = 4; // restarted: went down
+        let now = BTreeMap::from([("p".to_owned(), later)]);
+        let d = delta(&now, &then);
+        assert_eq!(d["v1"].requests, 10);
+        assert_eq!(d["v2"].requests, 4);
+    }
 }
