@@ -173,9 +173,9 @@ impl OpsArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_level = init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Proxy { config } => run_proxy(&config),
+        Command::Proxy { config } => run_proxy(&config, log_level),
         Command::Control { config } => run_control(&config),
         Command::Shift {
             service,
@@ -259,8 +259,10 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr; the level comes from `ALMOND_LOG` (or `RUST_LOG`),
-/// e.g. `ALMOND_LOG=debug` or `ALMOND_LOG=almond_proxy=debug`.
-fn init_logging(format: LogFormat) {
+/// e.g. `ALMOND_LOG=debug` or `ALMOND_LOG=almond_proxy=debug`. The filter
+/// stays reloadable: the returned handle is what the proxy's admin
+/// `PUT /log-level` calls.
+fn init_logging(format: LogFormat) -> almond_proxy::observe::LogLevel {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("ALMOND_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
@@ -269,8 +271,32 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            log_level(handle)
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            log_level(handle)
+        }
+    }
+}
+
+/// Wraps a filter reload handle for the proxy's admin listener.
+fn log_level<S: 'static>(
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> almond_proxy::observe::LogLevel {
+    let current = handle.clone();
+    almond_proxy::observe::LogLevel {
+        get: Box::new(move || current.with_current(|f| f.to_string()).unwrap_or_default()),
+        set: Box::new(move |text| {
+            let filter = tracing_subscriber::EnvFilter::try_new(text).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }),
     }
 }
 
@@ -295,7 +321,10 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the runtime")
 }
 
-fn run_proxy(path: &std::path::Path) -> anyhow::Result<()> {
+fn run_proxy(
+    path: &std::path::Path,
+    log_level: almond_proxy::observe::LogLevel,
+) -> anyhow::Result<()> {
     let config = almond_config::load_proxy_file(path)?;
     let rt = runtime(config.workers)?;
     rt.block_on(async move {
@@ -307,6 +336,7 @@ fn run_proxy(path: &std::path::Path) -> anyhow::Result<()> {
             tracing::info!(%admin, "admin listening");
         }
         let proxy = almond_proxy::Proxy::new(config)?;
+        let _ = proxy.shared().observe.log_level.set(log_level);
         proxy.run(bound, shutdown_signal()).await;
         Ok(())
     })

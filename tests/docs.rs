@@ -92,7 +92,26 @@ fn fully_populated() -> ProxyConfig {
         listeners,
         limits,
         services,
+        tracing: _,
+        access_log,
+        tls,
     } = &mut config;
+    let almond_config::Tls {
+        cert: _,
+        key: _,
+        ca: _,
+    } = tls.get_or_insert_with(|| almond_config::Tls {
+        cert: "/etc/almond/tls/cert.pem".into(),
+        key: "/etc/almond/tls/key.pem".into(),
+        ca: "/etc/almond/tls/ca.pem".into(),
+    });
+    access_log.get_or_insert_with(|| almond_config::AccessLog {
+        format: almond_config::AccessLogFormat::Json,
+        path: Some("/var/log/almond/access.log".into()),
+        sample_rate: 1.0,
+        max_per_second: 1000,
+        queue: 4096,
+    });
     control.get_or_insert_with(|| "http://127.0.0.1:4180".to_owned());
     proxy_id.get_or_insert_with(|| "web-1".to_owned());
     cache.get_or_insert_with(|| "/var/lib/almond/snapshot.json".into());
@@ -101,9 +120,15 @@ fn fully_populated() -> ProxyConfig {
         bind: _,
         service,
         direction: _,
+        tls,
+        allow,
     } in listeners.iter_mut()
     {
         service.get_or_insert_with(|| "orders".to_owned());
+        *tls = true;
+        if allow.is_empty() {
+            allow.push("spiffe://example.org/service/web".to_owned());
+        }
     }
     let Limits {
         max_header_bytes: _,
@@ -118,8 +143,11 @@ fn fully_populated() -> ProxyConfig {
         timeouts,
         circuit_breaker,
         retries,
+        tls,
     } in services.values_mut()
     {
+        let almond_config::UpstreamTls { server_name } = tls.get_or_insert_with(Default::default);
+        server_name.get_or_insert_with(|| "orders".to_owned());
         for Endpoint {
             addr: _,
             subset: _,

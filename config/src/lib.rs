@@ -9,18 +9,21 @@ mod control;
 mod duration;
 mod lines;
 mod load;
+mod observe;
 mod problem;
 mod proxy;
 mod snapshot;
+mod tls;
 
 pub use control::{ConsulSource, ControlConfig, Source, Store, WatcherSource};
 pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
     load_services, validate_proxy, Strictness,
 };
+pub use observe::{AccessLog, AccessLogFormat, Tracing};
 pub use problem::{Problem, Problems};
 pub use proxy::{
     CircuitBreaker, Condition, Direction, Endpoint, Lb, Limits, Listener, Protocol, ProxyConfig,
-    Retries, Service, Timeouts, DEFAULT_SUBSET,
+    Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
 };
 pub use snapshot::Snapshot;

@@ -120,6 +120,7 @@ pub fn load_proxy(text: &str, source_name: &str) -> Result<ProxyConfig, Problems
     let index = LineIndex::build(text);
     let config = parse(text, &index).map_err(|p| fail(vec![p]))?;
     let mut problems = validate_proxy(&config);
+    problems.extend(crate::tls::check_files(&config));
     if problems.is_empty() {
         return Ok(config);
     }
@@ -223,6 +224,12 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
                 );
             }
         }
+    }
+    for (path, message) in crate::observe::check(&config.tracing, config.access_log.as_ref()) {
+        add(path, message);
+    }
+    for (path, message) in crate::tls::check(config) {
+        add(path, message);
     }
     if config.workers == Some(0) {
         add("workers".into(), "must be 1 or more".into());

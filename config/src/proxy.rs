@@ -43,6 +43,61 @@ pub struct ProxyConfig {
     /// Static services (the control plane sends the same shape).
     #[serde(default)]
     pub services: BTreeMap<String, Service>,
+    /// Request IDs and W3C trace context.
+    #[serde(default)]
+    pub tracing: crate::Tracing,
+    /// One line per request; omitted = no access log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<crate::AccessLog>,
+    /// This proxy's identity and trust bundle for mTLS (PEM files, re-read
+    /// when they change); needed by `tls` listeners and services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// The proxy's certificate, key and trust bundle (all PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificate chain presented to peers (leaf first).
+    pub cert: PathBuf,
+    /// Private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates that peers' certificates must chain to.
+    pub ca: PathBuf,
+}
+
+/// Upstream TLS of a service: `tls: true` or `tls: { server_name: NAME }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Name the upstream's certificate must carry (SNI too); default: the
+    /// service's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// `tls: true`, `tls: false` or `tls: { server_name: NAME }`.
+fn flag_or_upstream_tls<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<UpstreamTls>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Flag(bool),
+        Options(UpstreamTls),
+    }
+    match Raw::deserialize(d) {
+        Ok(Raw::Flag(on)) => Ok(on.then(UpstreamTls::default)),
+        Ok(Raw::Options(options)) => Ok(Some(options)),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected true, false or { server_name: NAME }",
+        )),
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_admin() -> SocketAddr {
@@ -56,6 +111,8 @@ fn default_listeners() -> Vec<Listener> {
         bind: SocketAddr::from(([127, 0, 0, 1], 4140)),
         service: None,
         direction: Direction::Outbound,
+        tls: false,
+        allow: Vec::new(),
     }]
 }
 
@@ -72,6 +129,14 @@ pub struct Listener {
     /// Metric label for traffic on this listener.
     #[serde(default)]
     pub direction: Direction,
+    /// Serve mTLS with the proxy-level `tls`: a client certificate signed
+    /// by its `ca` is required.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tls: bool,
+    /// Client identities (certificate URI SAN, DNS SAN or CN) allowed on a
+    /// `tls` listener; others get 403. Empty = every verified client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
 }
 
 /// Which way traffic flows through a listener, as a metric label.
@@ -147,6 +212,13 @@ pub struct Service {
     /// Retry policy.
     #[serde(default)]
     pub retries: Retries,
+    /// Connect to the endpoints over mTLS with the proxy-level `tls`.
+    #[serde(
+        default,
+        deserialize_with = "flag_or_upstream_tls",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Upstream protocol of a service.

@@ -480,6 +480,7 @@ pub fn to_service(name: &str, instances: &[Instance], subset_key: &str) -> Servi
         timeouts: Default::default(),
         circuit_breaker: Default::default(),
         retries: Default::default(),
+        tls: None,
     }
 }
 

@@ -42,6 +42,9 @@ async fn respond(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    if req.uri().path() == "/log-level" {
+        return Ok(crate::observe::log_level(&shared, req).await);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
     }
@@ -64,7 +67,7 @@ async fn respond(
         }
         "/config" => {
             let table = shared.table.load();
-            json_response(&*table.config)
+            json_response(&redacted(&table.config))
         }
         "/endpoints" => json_response(&endpoints(&shared)),
         _ => text(
@@ -130,4 +133,18 @@ fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(body.to_owned()));
     *resp.status_mut() = status;
     resp
+}
+
+/// What `/config` shows instead of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// The config as JSON with its secrets replaced by [`REDACTED`]: the TLS
+/// key's path (where the private key lives is for the host's operator,
+/// not for whoever can reach the admin port).
+fn redacted(config: &almond_config::ProxyConfig) -> serde_json::Value {
+    let mut value = serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
+    if let Some(key) = value.pointer_mut("/tls/key") {
+        *key = serde_json::Value::String(REDACTED.to_owned());
+    }
+    value
 }

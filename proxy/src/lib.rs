@@ -7,7 +7,10 @@
 //! accrual) and [`retry`] (safe retries in a budget), and counted in
 //! [`metrics`].
 //! [`admin`] serves the proxy's own endpoints.
+//! [`tls`] holds the mTLS identity: `tls` listeners handshake with it in
+//! [`listen`], `tls` services' [`upstream`] connections present it.
 
+pub mod access_log;
 pub mod admin;
 pub mod admit;
 pub mod balance;
@@ -17,12 +20,15 @@ pub mod eject;
 pub mod headers;
 pub mod listen;
 pub mod metrics;
+pub mod observe;
 pub mod outcome;
 pub mod retry;
 pub mod route;
 pub mod send;
 pub mod serve;
 pub mod split;
+pub mod tls;
+pub mod trace;
 pub mod upstream;
 
 use almond_config::ProxyConfig;
@@ -50,6 +56,10 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Downstream HTTP server settings.
     pub http: auto::Builder<TokioExecutor>,
+    /// The mTLS identity (the config's `tls`), reloaded when its files change.
+    pub tls: Option<Arc<tls::Tls>>,
+    /// Trace sampling, the access log and the log level.
+    pub observe: observe::Observe,
 }
 
 /// Sockets bound for a config, before serving starts: tests bind port 0
@@ -99,6 +109,9 @@ pub enum Error {
     /// The metrics registry refused a family (a bug).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The `tls` files cannot be used.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A running proxy's handle: swap its config while it serves.
@@ -119,13 +132,20 @@ impl Proxy {
         };
         let metrics = Metrics::new()?;
         let http = listen::http_builder(&config.limits);
-        let table = Table::build(Arc::new(config), &metrics, None);
+        let observe = observe::Observe::new(&config, &metrics);
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(tls::Tls::load(files)?)),
+            None => None,
+        };
+        let table = Table::build_tls(Arc::new(config), &metrics, None, tls.as_ref());
         Ok(Proxy {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(table),
                 metrics,
                 ready: AtomicBool::new(false),
                 http,
+                tls,
+                observe,
             }),
             cached_index,
         })
@@ -135,8 +155,29 @@ impl Proxy {
     /// (state carried over) and swapped in; listeners stay as bound.
     pub fn update(&self, config: ProxyConfig) {
         let old = self.shared.table.load_full();
-        let table = Table::build(Arc::new(config), &self.shared.metrics, Some(&old));
+        let table = Table::build_tls(
+            Arc::new(config),
+            &self.shared.metrics,
+            Some(&old),
+            self.shared.tls.as_ref(),
+        );
         self.shared.table.store(Arc::new(table));
+    }
+
+    /// Per listener (config order): its mTLS settings, if it is `tls`.
+    fn inbound_tls(&self) -> Vec<Option<Arc<tls::Inbound>>> {
+        let config = self.shared.table.load().config.clone();
+        config
+            .listeners
+            .iter()
+            .map(|l| match (&self.shared.tls, l.tls) {
+                (Some(tls), true) => Some(Arc::new(tls::Inbound {
+                    tls: tls.clone(),
+                    allow: l.allow.clone(),
+                })),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The shared state (metrics, table).
@@ -152,14 +193,20 @@ impl Proxy {
         let (stop_tx, stop_rx) = watch::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
         let mut tasks = Vec::new();
+        let inbound = self.inbound_tls();
         for (index, listener) in bound.listeners.into_iter().enumerate() {
             tasks.push(tokio::spawn(listen::accept_loop(
                 self.shared.clone(),
                 index,
                 listener,
+                inbound.get(index).cloned().flatten(),
                 stop_rx.clone(),
                 graceful.clone(),
             )));
+        }
+        // Certificate rotation: new handshakes pick up changed files.
+        if let Some(tls) = &self.shared.tls {
+            tokio::spawn(tls.clone().watch(stop_rx.clone()));
         }
         let admin_addr = bound.admin.local_addr().ok();
         // The admin listener outlives the drain, so `/ready` answers 503

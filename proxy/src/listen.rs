@@ -1,12 +1,14 @@
 //! Listen: bind sockets (socket2: SO_REUSEPORT, TCP_NODELAY, backlog) and
 //! accept connections until shutdown, handing each to hyper.
 
+use crate::outcome::ErrorKind;
 use crate::serve;
+use crate::tls;
 use crate::Shared;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use socket2::{Domain, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
@@ -54,6 +56,7 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
     index: usize,
     listener: TcpListener,
+    tls: Option<Arc<tls::Inbound>>,
     mut stop: watch::Receiver<bool>,
     graceful: Arc<GracefulShutdown>,
 ) {
@@ -72,6 +75,19 @@ pub async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        if let Some(inbound) = &tls {
+            // The handshake runs in the connection's own task.
+            let watcher = graceful.watcher();
+            tokio::spawn(serve_tls(
+                shared,
+                index,
+                inbound.clone(),
+                stream,
+                peer,
+                watcher,
+            ));
+            continue;
+        }
         let builder = shared.http.clone();
         let svc = service_fn(move |req| serve::handle(shared.clone(), index, req));
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -81,5 +97,62 @@ pub async fn accept_loop(
                 tracing::debug!(%peer, error = %e, "downstream connection ended");
             }
         });
+    }
+}
+
+/// Serves one connection on a `tls` listener: the mTLS handshake (bounded
+/// by `limits.header_timeout`, against clients that stall in it), then
+/// HTTP/1.1 or HTTP/2 (ALPN); a client whose certificate names no identity
+/// of the listener's `allow` list gets 403 on every request.
+async fn serve_tls(
+    shared: Arc<Shared>,
+    index: usize,
+    inbound: Arc<tls::Inbound>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    watcher: Watcher,
+) {
+    let timeout = shared.table.load().config.limits.header_timeout;
+    let acceptor = tokio_rustls::TlsAcceptor::from(inbound.tls.server());
+    let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            shared.metrics.tls_handshake_failures.inc();
+            tracing::debug!(%peer, error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.tls_handshake_failures.inc();
+            tracing::debug!(%peer, "tls handshake timed out");
+            return;
+        }
+    };
+    let names = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| tls::identities(leaf))
+        .unwrap_or_default();
+    let allowed = inbound.allows(&names);
+    if !allowed {
+        tracing::info!(%peer, identities = ?names, "client identity not allowed");
+    }
+    let identity: Arc<str> = Arc::from(names.first().map_or("client", String::as_str));
+    let builder = shared.http.clone();
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        let identity = identity.clone();
+        async move {
+            if !allowed {
+                shared.metrics.tls_denied.inc();
+                return Ok(ErrorKind::Forbidden.response(&identity));
+            }
+            serve::handle(shared, index, req).await
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "downstream tls connection ended");
     }
 }

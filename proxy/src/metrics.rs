@@ -29,10 +29,17 @@ pub struct Metrics {
     ejections: IntCounterVec,
     retries: IntCounterVec,
     split_weight: IntGaugeVec,
+    access_log_dropped: IntCounterVec,
     /// Requests the proxy could not route: no host, an unknown service or
     /// an unknown pinned subset (no labels: their values would come from the
     /// request).
     pub unroutable: IntCounter,
+    /// Requests on `tls` listeners answered 403: the client's identity is
+    /// not in `allow` (no labels: identities are not bounded).
+    pub tls_denied: IntCounter,
+    /// Inbound TLS handshakes that failed or timed out (no certificate, an
+    /// untrusted or expired one, plain HTTP on a TLS port).
+    pub tls_handshake_failures: IntCounter,
     /// Index of the active config (0 in static mode).
     pub config_index: IntGauge,
     /// 1 while the control plane answers (static mode: 0).
@@ -114,6 +121,16 @@ impl Metrics {
             ),
             &["service", "subset"],
         )?;
+        let access_log_dropped = IntCounterVec::new(
+            Opts::new(
+                "almond_access_log_dropped_total",
+                "Access log lines not written: writer queue full, or over max_per_second.",
+            ),
+            &["reason"],
+        )?;
+        for reason in ["queue_full", "rate_limit"] {
+            access_log_dropped.with_label_values(&[reason]);
+        }
         let unroutable = IntCounter::new(
             "almond_unroutable_requests_total",
             "Requests that named no known service or subset, or no host.",
@@ -132,6 +149,17 @@ impl Metrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(split_weight.clone()))?;
         registry.register(Box::new(unroutable.clone()))?;
+        let tls_denied = IntCounter::new(
+            "almond_tls_denied_requests_total",
+            "Requests on tls listeners refused with 403: client identity not allowed.",
+        )?;
+        let tls_handshake_failures = IntCounter::new(
+            "almond_tls_handshake_failures_total",
+            "Inbound TLS handshakes that failed or timed out.",
+        )?;
+        registry.register(Box::new(tls_denied.clone()))?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
         registry.register(Box::new(config_index.clone()))?;
         registry.register(Box::new(control_connected.clone()))?;
         #[cfg(target_os = "linux")]
@@ -148,7 +176,10 @@ impl Metrics {
             ejections,
             retries,
             split_weight,
+            access_log_dropped,
             unroutable,
+            tls_denied,
+            tls_handshake_failures,
             config_index,
             control_connected,
         })
@@ -213,6 +244,11 @@ impl Metrics {
     /// Drops a subset's split weight gauge (the split is gone).
     pub fn forget_split(&self, service: &str, subset: &str) {
         let _ = self.split_weight.remove_label_values(&[service, subset]);
+    }
+
+    /// The access log's drop counter for `reason` (`queue_full`, `rate_limit`).
+    pub fn access_log_dropped(&self, reason: &str) -> IntCounter {
+        self.access_log_dropped.with_label_values(&[reason])
     }
 
     /// The retry counter of a service.

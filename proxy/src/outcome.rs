@@ -95,6 +95,8 @@ pub enum ErrorKind {
     UnknownSubset,
     /// The request cannot be proxied (no host, bad upgrade).
     BadRequest,
+    /// The client's certificate identity is not in the listener's `allow`.
+    Forbidden,
 }
 
 impl ErrorKind {
@@ -141,6 +143,7 @@ impl ErrorKind {
             }
             ErrorKind::UnknownService => StatusCode::NOT_FOUND,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -156,6 +159,7 @@ impl ErrorKind {
             ErrorKind::UnknownService => "unknown-service",
             ErrorKind::UnknownSubset => "unknown-subset",
             ErrorKind::BadRequest => "bad-request",
+            ErrorKind::Forbidden => "forbidden",
         }
     }
 
@@ -172,6 +176,7 @@ impl ErrorKind {
             ErrorKind::UnknownService => format!("almond: unknown service {detail:?}\n"),
             ErrorKind::UnknownSubset => format!("almond: unknown subset {detail:?}\n"),
             ErrorKind::BadRequest => format!("almond: bad request: {detail}\n"),
+            ErrorKind::Forbidden => format!("almond: {detail} is not allowed here\n"),
         };
         let mut resp = Response::new(ResponseBody::full(text));
         *resp.status_mut() = self.status();

@@ -12,6 +12,7 @@ use crate::metrics::{Metrics, SubsetMetrics};
 use crate::outcome::ErrorKind;
 use crate::retry::RetryPolicy;
 use crate::split::Split;
+use crate::tls::{Tls, Upstream};
 use crate::upstream::EndpointState;
 use almond_config::{Direction, Lb, Protocol, ProxyConfig, Service};
 use http::Request;
@@ -69,6 +70,8 @@ pub struct ServiceRoute {
     pub retries: IntCounter,
     /// In-flight gauges, by direction (outbound, inbound).
     pub in_flight: [IntGauge; 2],
+    /// Upstream mTLS (`tls` of the service), if on.
+    pub tls: Option<Arc<Upstream>>,
 }
 
 /// One subset of a service.
@@ -87,6 +90,17 @@ impl Table {
     /// Builds a table from a checked config, carrying state over from
     /// `previous` for endpoints and services that stay.
     pub fn build(config: Arc<ProxyConfig>, metrics: &Metrics, previous: Option<&Table>) -> Table {
+        Table::build_tls(config, metrics, previous, None)
+    }
+
+    /// [`Table::build`] for a proxy with an mTLS identity, which services
+    /// with `tls` connect with.
+    pub fn build_tls(
+        config: Arc<ProxyConfig>,
+        metrics: &Metrics,
+        previous: Option<&Table>,
+        tls: Option<&Arc<Tls>>,
+    ) -> Table {
         let mut states: HashMap<SocketAddr, Arc<EndpointState>> = HashMap::new();
         let mut admissions: HashMap<&str, (Arc<Admission>, Arc<Admission>)> = HashMap::new();
         if let Some(prev) = previous {
@@ -102,7 +116,8 @@ impl Table {
             .iter()
             .map(|(name, svc)| {
                 let admission = admissions.get(name.as_str()).cloned();
-                let route = ServiceRoute::build(name, svc, metrics, &mut states, admission);
+                let mut route = ServiceRoute::build(name, svc, metrics, &mut states, admission);
+                route.tls = svc.tls.as_ref().map(|t| upstream_tls(name, t, tls));
                 (Box::from(name.as_str()), Arc::new(route))
             })
             .collect();
@@ -156,6 +171,30 @@ impl Table {
     pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceRoute>> {
         self.services.values()
     }
+}
+
+/// A service's upstream TLS: its `server_name` (default: the service's
+/// name) and the proxy's identity.
+fn upstream_tls(
+    service: &str,
+    options: &almond_config::UpstreamTls,
+    tls: Option<&Arc<Tls>>,
+) -> Arc<Upstream> {
+    let name = options.server_name.as_deref().unwrap_or(service).to_owned();
+    let server_name = rustls::pki_types::ServerName::try_from(name).unwrap_or_else(|e| {
+        tracing::warn!(service, error = %e, "tls.server_name is not a DNS name or IP address");
+        rustls::pki_types::ServerName::from(std::net::IpAddr::from([0, 0, 0, 0]))
+    });
+    if tls.is_none() {
+        tracing::warn!(
+            service,
+            "service asks for tls, but the proxy has no `tls` identity"
+        );
+    }
+    Arc::new(Upstream {
+        tls: tls.cloned(),
+        server_name,
+    })
 }
 
 /// Gives endpoints new to a service the mean RTT estimate of those it
@@ -312,6 +351,7 @@ impl ServiceRoute {
                 metrics.in_flight(Direction::Outbound, name),
                 metrics.in_flight(Direction::Inbound, name),
             ],
+            tls: None,
         }
     }
 

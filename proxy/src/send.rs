@@ -23,10 +23,11 @@ pub async fn forward(
 ) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
     if let Some(downstream) = downstream_upgrade {
         // Boxed: upgrades are rare, and keep the common future small.
-        let mut sender = match Box::pin(endpoint.connect_h1(svc.connect_timeout)).await {
-            Ok(sender) => sender,
-            Err(kind) => return Err(SendError::unsent(kind, req)),
-        };
+        let mut sender =
+            match Box::pin(endpoint.connect_h1(svc.connect_timeout, svc.tls.as_deref())).await {
+                Ok(sender) => sender,
+                Err(kind) => return Err(SendError::unsent(kind, req)),
+            };
         let mut resp = sender
             .send_request(req)
             .await
@@ -39,13 +40,13 @@ pub async fn forward(
     match svc.protocol {
         Protocol::Http1 => {
             let (resp, sender) = endpoint
-                .send_h1(req, svc.connect_timeout, &svc.pending)
+                .send_h1(req, svc.connect_timeout, &svc.pending, svc.tls.as_deref())
                 .await?;
             Ok((resp, Some(sender)))
         }
         Protocol::Http2 => Ok((
             endpoint
-                .send_h2(req, svc.connect_timeout, &svc.pending)
+                .send_h2(req, svc.connect_timeout, &svc.pending, svc.tls.as_deref())
                 .await?,
             None,
         )),

@@ -4,11 +4,13 @@
 //! route -> split -> admit -> balance -> send -> classify (eject, retry)
 //! -> measure. Connections are accepted in `listen`.
 
+use crate::access_log::{self, Entry, Observed};
 use crate::body::{RequestBody, ResponseBody};
 use crate::headers;
 use crate::outcome::{CodeClass, ErrorKind};
 use crate::retry::{idempotent, RetryPolicy};
 use crate::send::{self, Admitted, Finish};
+use crate::trace;
 use crate::upstream::EndpointState;
 use crate::Shared;
 use almond_config::Direction;
@@ -21,12 +23,53 @@ use hyper::{Request, Response};
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
-/// Handles one request that arrived on listener `listener`.
+/// Handles one request that arrived on listener `listener`: stamps its
+/// request ID and trace context, serves it, returns the ID, logs it.
 pub async fn handle(
     shared: Arc<Shared>,
     listener: usize,
     mut req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let start = Instant::now();
+    // Trace: request ID and trace context, before anything can answer.
+    let trace = trace::Context::stamp(req.headers_mut(), shared.observe.sample_rate);
+    // Access log: decided up front, so an unlogged request copies nothing.
+    let log = (shared.observe.access_log.as_ref()).filter(|log| log.admits(start));
+    let head = log.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
+    let mut seen = Observed::default();
+    // Logs: the request's debug lines carry its ID (a disabled span is free).
+    let span = tracing::debug_span!("request", request_id = trace.request_id.to_str().ok());
+    let Ok(mut resp) = serve(&shared, listener, req, &mut seen)
+        .instrument(span)
+        .await;
+    trace.on_response(resp.headers_mut());
+    if let (Some(log), Some((method, path))) = (log, head) {
+        let bytes = resp.headers().get(http::header::CONTENT_LENGTH);
+        log.record(Entry {
+            time_ms: access_log::now_ms(),
+            request_id: String::from_utf8_lossy(trace.request_id.as_bytes()).into(),
+            trace_id: trace.trace_id,
+            sampled: trace.sampled,
+            method,
+            path,
+            status: resp.status().as_u16(),
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            bytes: bytes.and_then(|v| v.to_str().ok()?.parse().ok()),
+            observed: seen,
+        });
+    }
+    Ok(resp)
+}
+
+/// Serves one request: every stage, in order; `seen` is filled for the
+/// access log as the stages learn the route.
+async fn serve(
+    shared: &Shared,
+    listener: usize,
+    mut req: Request<Incoming>,
+    seen: &mut Observed,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
 
@@ -39,6 +82,7 @@ pub async fn handle(
         Direction::Outbound => 0,
         Direction::Inbound => 1,
     };
+    seen.direction = on.direction;
     let svc = match table.service(on, &req) {
         Ok(svc) => svc.clone(),
         Err((kind, detail)) => {
@@ -47,6 +91,7 @@ pub async fn handle(
         }
     };
     drop(table);
+    seen.service = Some(svc.name.clone());
 
     // Split: a pinned subset, the weighted split, or every endpoint.
     let pool = match svc.pool(&req) {
@@ -90,6 +135,8 @@ pub async fn handle(
         };
         let subset = &svc.subsets[member.subset];
         let endpoint = member.state.clone();
+        seen.subset = Some(subset.name.clone());
+        seen.endpoint = Some(endpoint.addr);
         let in_flight = endpoint.start();
         let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
             // Unreachable: a retry is only allowed with a request in hand.
@@ -149,10 +196,12 @@ pub async fn handle(
         }
 
         // Measure, and answer.
+        seen.retries = retries;
         let metrics = &subset.metrics[direction];
         let elapsed = now.saturating_duration_since(start).as_secs_f64();
         return Ok(match (response, result) {
             (Some((mut resp, h1)), _) => {
+                seen.upstream_answered = true;
                 metrics.record(CodeClass::of(resp.status()), elapsed);
                 headers::from_upstream(&mut resp);
                 let finish = Finish::new(admitted, in_flight).with_h1(h1);

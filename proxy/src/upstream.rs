@@ -8,6 +8,7 @@ use crate::admit::Admission;
 use crate::body::RequestBody;
 use crate::eject::Health;
 use crate::outcome::ErrorKind;
+use crate::tls::{Conn, Upstream};
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
 use hyper::body::Incoming;
@@ -160,13 +161,14 @@ impl EndpointState {
         mut req: Request<RequestBody>,
         connect_timeout: Duration,
         pending: &Arc<Admission>,
+        tls: Option<&Upstream>,
     ) -> Result<(Response<Incoming>, H1Sender), SendError> {
         loop {
             let mut sender = match self.h1_idle.pop() {
                 Some(s) if !s.is_closed() => s,
                 Some(_) => continue,
                 // Boxed: connecting is rare, and keeps this future small.
-                None => match Box::pin(self.connect_pending(pending, connect_timeout)).await {
+                None => match Box::pin(self.connect_pending(pending, connect_timeout, tls)).await {
                     Ok(s) => s,
                     Err(kind) => return Err(SendError::unsent(kind, req)),
                 },
@@ -191,11 +193,12 @@ impl EndpointState {
         &self,
         pending: &Arc<Admission>,
         connect_timeout: Duration,
+        tls: Option<&Upstream>,
     ) -> Result<H1Sender, ErrorKind> {
         let Some(_place) = pending.try_acquire() else {
             return Err(ErrorKind::Overloaded);
         };
-        self.connect_h1(connect_timeout).await
+        self.connect_h1(connect_timeout, tls).await
     }
 
     /// Puts an HTTP/1.1 connection back once its response is complete.
@@ -213,6 +216,7 @@ impl EndpointState {
         req: Request<RequestBody>,
         connect_timeout: Duration,
         pending: &Arc<Admission>,
+        tls: Option<&Upstream>,
     ) -> Result<Response<Incoming>, SendError> {
         let mut sender = match self.live_h2() {
             Some(s) => s,
@@ -223,7 +227,7 @@ impl EndpointState {
                 let _guard = self.h2_connecting.lock().await;
                 match self.live_h2() {
                     Some(s) => s,
-                    None => match Box::pin(self.connect_h2(connect_timeout)).await {
+                    None => match Box::pin(self.connect_h2(connect_timeout, tls)).await {
                         Ok(s) => {
                             self.h2.store(Some(Arc::new(s.clone())));
                             s
@@ -251,7 +255,15 @@ impl EndpointState {
         }
     }
 
-    async fn connect(&self, connect_timeout: Duration) -> Result<TokioIo<TcpStream>, ErrorKind> {
+    /// Opens TCP, then TLS for a `tls` service (offering `h2` or
+    /// `http/1.1` by ALPN), within `connect_timeout` in all.
+    async fn connect(
+        &self,
+        connect_timeout: Duration,
+        tls: Option<&Upstream>,
+        h2: bool,
+    ) -> Result<TokioIo<Conn>, ErrorKind> {
+        let start = Instant::now();
         let stream =
             match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
                 Ok(Ok(s)) => s,
@@ -262,12 +274,31 @@ impl EndpointState {
                 Err(_) => return Err(ErrorKind::ConnectTimeout),
             };
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        let Some(upstream) = tls else {
+            return Ok(TokioIo::new(Conn::Plain(stream)));
+        };
+        let Some(identity) = &upstream.tls else {
+            return Err(ErrorKind::Connect);
+        };
+        let left = connect_timeout.saturating_sub(start.elapsed());
+        let handshake = identity.connect(upstream.server_name.clone(), h2, stream);
+        match tokio::time::timeout(left, handshake).await {
+            Ok(Ok(s)) => Ok(TokioIo::new(Conn::Tls(Box::new(s)))),
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %self.addr, error = %e, "tls handshake failed");
+                Err(ErrorKind::Connect)
+            }
+            Err(_) => Err(ErrorKind::ConnectTimeout),
+        }
     }
 
     /// Opens an HTTP/1.1 connection (upgrades allowed: WebSocket).
-    pub async fn connect_h1(&self, connect_timeout: Duration) -> Result<H1Sender, ErrorKind> {
-        let io = self.connect(connect_timeout).await?;
+    pub async fn connect_h1(
+        &self,
+        connect_timeout: Duration,
+        tls: Option<&Upstream>,
+    ) -> Result<H1Sender, ErrorKind> {
+        let io = self.connect(connect_timeout, tls, false).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -286,8 +317,9 @@ impl EndpointState {
     async fn connect_h2(
         &self,
         connect_timeout: Duration,
+        tls: Option<&Upstream>,
     ) -> Result<http2::SendRequest<RequestBody>, ErrorKind> {
-        let io = self.connect(connect_timeout).await?;
+        let io = self.connect(connect_timeout, tls, true).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))

@@ -9,9 +9,9 @@ pub mod judge;
 pub mod rollout;
 
 use crate::policy::Policy;
-use almond_config::WatcherSource;
 use crate::state::State;
 use crate::store::{now_ms, Store};
+use almond_config::WatcherSource;
 use collect::Totals;
 use rollout::{Next, Rollout};
 use std::collections::{BTreeMap, HashMap};

@@ -1,0 +1,129 @@
+//! mTLS checks of a proxy config: what `tls` listeners and services need
+//! ([`check`], pure, part of `validate_proxy`) and whether the PEM files
+//! can be read ([`check_files`], run by `load_proxy`, so `check-config`
+//! and start-up refuse a missing key before any socket is bound).
+
+use crate::problem::Problem;
+use crate::proxy::ProxyConfig;
+use std::path::Path;
+
+/// Problems of the `tls` keys that need no file system: `(path, message)`.
+pub fn check(config: &ProxyConfig) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let has_identity = config.tls.is_some();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if l.tls && !has_identity {
+            out.push((
+                format!("listeners[{i}].tls"),
+                "needs the proxy-level `tls` (cert, key, ca)".into(),
+            ));
+        }
+        if !l.allow.is_empty() && !l.tls {
+            out.push((
+                format!("listeners[{i}].allow"),
+                "needs `tls: true`: identities come from client certificates".into(),
+            ));
+        }
+        for (j, id) in l.allow.iter().enumerate() {
+            if id.trim().is_empty() {
+                out.push((
+                    format!("listeners[{i}].allow[{j}]"),
+                    "must not be empty".into(),
+                ));
+            }
+        }
+    }
+    for (name, svc) in &config.services {
+        let Some(tls) = &svc.tls else { continue };
+        if !has_identity {
+            out.push((
+                format!("services.{name}.tls"),
+                "needs the proxy-level `tls` (cert, key, ca)".into(),
+            ));
+        }
+        if tls.server_name.as_deref().is_some_and(str::is_empty) {
+            out.push((
+                format!("services.{name}.tls.server_name"),
+                "must not be empty".into(),
+            ));
+        }
+    }
+    out
+}
+
+/// Each of `tls.cert`, `tls.key` and `tls.ca` must be a readable PEM file.
+/// (The proxy parses them at start; this catches the common mistakes with
+/// the key path named.)
+pub fn check_files(config: &ProxyConfig) -> Vec<Problem> {
+    let Some(tls) = &config.tls else {
+        return Vec::new();
+    };
+    [
+        ("tls.cert", &tls.cert),
+        ("tls.key", &tls.key),
+        ("tls.ca", &tls.ca),
+    ]
+    .into_iter()
+    .filter_map(|(path, file)| {
+        problem_of(file).map(|message| Problem {
+            path: path.into(),
+            line: None,
+            message,
+        })
+    })
+    .collect()
+}
+
+/// Why `file` is not a usable PEM file, if it is not.
+fn problem_of(file: &Path) -> Option<String> {
+    match std::fs::read(file) {
+        Err(e) => Some(format!("cannot read {}: {e}", file.display())),
+        Ok(bytes) if !bytes.windows(11).any(|w| w == b"-----BEGIN ") => {
+            Some(format!("{} is not a PEM file", file.display()))
+        }
+        Ok(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::load_proxy;
+
+    fn paths(text: &str) -> Vec<String> {
+        match load_proxy(text, "t.yaml") {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.into_iter().map(|p| p.path).collect(),
+        }
+    }
+
+    #[test]
+    fn tls_listener_needs_the_proxy_identity() {
+        let text = "listeners:\n  - bind: 127.0.0.1:1\n    tls: true\n    allow: [a]\n";
+        assert_eq!(paths(text), vec!["listeners[0].tls"]);
+    }
+
+    #[test]
+    fn allow_needs_a_tls_listener() {
+        let text = "listeners:\n  - bind: 127.0.0.1:1\n    allow: [a]\n";
+        assert_eq!(paths(text), vec!["listeners[0].allow"]);
+    }
+
+    #[test]
+    fn service_tls_takes_a_flag_or_a_name() {
+        let base = "services:\n  a:\n    endpoints: [{ addr: 127.0.0.1:1 }]\n    tls: ";
+        assert_eq!(paths(&format!("{base}true\n")), vec!["services.a.tls"]);
+        assert_eq!(paths(&format!("{base}false\n")), Vec::<String>::new());
+        assert_eq!(
+            paths(&format!("{base}{{ server_name: b }}\n")),
+            vec!["services.a.tls"]
+        );
+        assert_eq!(paths(&format!("{base}7\n")), vec!["services.a.tls"]);
+    }
+
+    #[test]
+    fn unreadable_files_are_named_by_key() {
+        let text =
+            "tls: { cert: /nonexistent/c.pem, key: /nonexistent/k.pem, ca: /nonexistent/ca.pem }\n";
+        assert_eq!(paths(text), vec!["tls.cert", "tls.key", "tls.ca"]);
+    }
+}

@@ -1,0 +1,287 @@
+//! Access log: one structured line per request, written off the request
+//! path. `serve` fills an [`Observed`] as the request walks its stages and
+//! hands a finished [`Entry`] to [`AccessLog::record`], which samples,
+//! rate-limits (one atomic word per second) and `try_send`s it to a bounded
+//! channel; a writer task formats and writes lines in batches. When the
+//! channel is full the line is dropped and counted, never waited for.
+
+use crate::metrics::Metrics;
+use almond_config::{AccessLogFormat, Direction};
+use http::Method;
+use prometheus::IntCounter;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Lines the writer formats and writes per system call, at most.
+const BATCH: usize = 256;
+
+/// What the request path learned of one request, stage by stage.
+#[derive(Default)]
+pub struct Observed {
+    /// The service, once routed.
+    pub service: Option<Arc<str>>,
+    /// The subset of the endpoint tried last.
+    pub subset: Option<Arc<str>>,
+    /// The endpoint tried last.
+    pub endpoint: Option<SocketAddr>,
+    /// Retries sent.
+    pub retries: u32,
+    /// The listener's direction.
+    pub direction: Direction,
+    /// Whether the response came from an endpoint (not from the proxy).
+    pub upstream_answered: bool,
+}
+
+/// One access log line, before formatting.
+pub struct Entry {
+    /// Wall-clock arrival, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// `x-request-id`. Entries own copies, not views into the request's
+    /// read buffer, so a full queue cannot pin connection buffers.
+    pub request_id: Box<str>,
+    /// W3C trace ID.
+    pub trace_id: u128,
+    /// Whether the trace is sampled.
+    pub sampled: bool,
+    /// Request method.
+    pub method: Method,
+    /// Request path (no query: it may carry secrets).
+    pub path: Box<str>,
+    /// Route and endpoint.
+    pub observed: Observed,
+    /// Response status (proxy-made answers included).
+    pub status: u16,
+    /// Time to the response's headers, in milliseconds.
+    pub duration_ms: f64,
+    /// Response body size when the response declares it.
+    pub bytes: Option<u64>,
+}
+
+/// The request path's handle on the access log.
+pub struct AccessLog {
+    tx: mpsc::Sender<Entry>,
+    sample_rate: f64,
+    max_per_second: u32,
+    /// Second (since `base`) in the high 32 bits, lines in it in the low.
+    window: AtomicU64,
+    base: Instant,
+    queue_full: IntCounter,
+    rate_limited: IntCounter,
+}
+
+impl AccessLog {
+    /// Starts the writer task (on the current runtime) and returns the
+    /// handle; `None` without a runtime or when the file cannot be opened.
+    pub fn start(config: &almond_config::AccessLog, metrics: &Metrics) -> Option<AccessLog> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let out: Box<dyn AsyncWrite + Unpin + Send> = match &config.path {
+            None => Box::new(tokio::io::stdout()),
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path);
+                match file {
+                    Ok(file) => Box::new(tokio::fs::File::from_std(file)),
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "access log disabled: cannot open its file");
+                        return None;
+                    }
+                }
+            }
+        };
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        runtime.spawn(write_lines(rx, out, config.format));
+        Some(AccessLog {
+            tx,
+            sample_rate: config.sample_rate,
+            max_per_second: config.max_per_second,
+            window: AtomicU64::new(0),
+            base: Instant::now(),
+            queue_full: metrics.access_log_dropped("queue_full"),
+            rate_limited: metrics.access_log_dropped("rate_limit"),
+        })
+    }
+
+    /// Should the request arriving at `now` be logged? Sampling, then
+    /// the per-second limit (counted when it refuses).
+    pub fn admits(&self, now: Instant) -> bool {
+        if self.sample_rate < 1.0 && fastrand::f64() >= self.sample_rate {
+            return false;
+        }
+        let second = now.saturating_duration_since(self.base).as_secs() & 0xffff_ffff;
+        let mut current = self.window.load(Ordering::Relaxed);
+        loop {
+            let next = if current >> 32 == second {
+                if current & 0xffff_ffff >= u64::from(self.max_per_second) {
+                    self.rate_limited.inc();
+                    return false;
+                }
+                current + 1
+            } else {
+                second << 32 | 1
+            };
+            match self.window.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Queues a line for the writer, or drops and counts it.
+    pub fn record(&self, entry: Entry) {
+        if self.tx.try_send(entry).is_err() {
+            self.queue_full.inc();
+        }
+    }
+}
+
+/// Wall-clock now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The writer task: lines in batches, one write and flush per batch.
+async fn write_lines(
+    mut rx: mpsc::Receiver<Entry>,
+    mut out: Box<dyn AsyncWrite + Unpin + Send>,
+    format: AccessLogFormat,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut text = String::with_capacity(64 * 1024);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        text.clear();
+        for entry in batch.drain(..) {
+            match format {
+                AccessLogFormat::Json => json_line(&entry, &mut text),
+                AccessLogFormat::Text => text_line(&entry, &mut text),
+            }
+        }
+        if let Err(e) = out.write_all(text.as_bytes()).await {
+            tracing::warn!(error = %e, "access log write failed");
+        }
+        let _ = out.flush().await;
+    }
+}
+
+/// The fields of a line, in order, as (name, value) text; `None` = absent.
+fn fields(e: &Entry) -> [(&'static str, Option<String>); 15] {
+    let o = &e.observed;
+    let class = match e.status {
+        _ if !o.upstream_answered => "error",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    [
+        ("time", Some(rfc3339(e.time_ms))),
+        ("request_id", Some(e.request_id.to_string())),
+        (
+            "trace_id",
+            Some(String::from_utf8_lossy(&crate::trace::hex128(e.trace_id)).into_owned()),
+        ),
+        ("sampled", Some(e.sampled.to_string())),
+        ("direction", Some(o.direction.as_str().to_owned())),
+        ("method", Some(e.method.as_str().to_owned())),
+        ("service", o.service.as_deref().map(str::to_owned)),
+        ("path", Some(e.path.to_string())),
+        ("subset", o.subset.as_deref().map(str::to_owned)),
+        ("endpoint", o.endpoint.map(|a| a.to_string())),
+        ("status", Some(e.status.to_string())),
+        ("code_class", Some(class.to_owned())),
+        ("duration_ms", Some(format!("{:.3}", e.duration_ms))),
+        ("retries", Some(o.retries.to_string())),
+        ("bytes", e.bytes.map(|b| b.to_string())),
+    ]
+}
+
+/// Fields written as JSON numbers or booleans rather than strings.
+fn is_number(name: &str) -> bool {
+    matches!(
+        name,
+        "sampled" | "status" | "duration_ms" | "retries" | "bytes"
+    )
+}
+
+fn json_line(e: &Entry, out: &mut String) {
+    let mut map = serde_json::Map::new();
+    for (name, value) in fields(e) {
+        let Some(value) = value else { continue };
+        let v = if is_number(name) {
+            serde_json::from_str(&value).unwrap_or(serde_json::Value::String(value))
+        } else {
+            serde_json::Value::String(value)
+        };
+        map.insert(name.to_owned(), v);
+    }
+    out.push_str(&serde_json::Value::Object(map).to_string());
+    out.push('\n');
+}
+
+fn text_line(e: &Entry, out: &mut String) {
+    let mut first = true;
+    for (name, value) in fields(e) {
+        let value = value.unwrap_or_else(|| "-".to_owned());
+        if !first {
+            out.push(' ');
+        }
+        first = false;
+        // Values with spaces or quotes are quoted, as JSON strings.
+        if value.is_empty() || value.contains([' ', '"', '=']) {
+            let _ = write!(out, "{name}={}", serde_json::Value::String(value));
+        } else {
+            let _ = write!(out, "{name}={value}");
+        }
+    }
+    out.push('\n');
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for milliseconds since the epoch (UTC).
+fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_600_000_123), "2026-11-25T09:46:40.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

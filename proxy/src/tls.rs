@@ -1,0 +1,373 @@
+//! TLS: the proxy's mTLS identity, on both sides of a connection.
+//!
+//! [`Tls`] holds the rustls server config (inbound `tls` listeners, used
+//! by `listen`) and client configs (upstream connections of `tls`
+//! services, used by `upstream`), built from the PEM files of the
+//! proxy-level `tls` key and swapped whole through `ArcSwap` when the files
+//! change ([`Tls::watch`]): new handshakes use the new certificate, open
+//! connections keep the one they started with. A failed reload keeps the
+//! old configs. [`identities`] reads a verified peer certificate's names
+//! for the listener's `allow` list.
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// How often the certificate files are checked for changes.
+const POLL: Duration = Duration::from_secs(1);
+
+/// ALPN protocol ids.
+const H2: &[u8] = b"h2";
+const HTTP11: &[u8] = b"http/1.1";
+
+/// Why the TLS files could not be turned into configs.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or holds no usable PEM item.
+    #[error("tls.{key}: {path}: {reason}")]
+    File {
+        /// The config key (`cert`, `key`, `ca`).
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the material (key does not match, bad CA...).
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built from the CA bundle.
+    #[error("tls.ca: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The configs built from one reading of the files.
+struct Configs {
+    server: Arc<ServerConfig>,
+    /// Offering `http/1.1` by ALPN.
+    client_h1: Arc<ClientConfig>,
+    /// Offering `h2` by ALPN.
+    client_h2: Arc<ClientConfig>,
+}
+
+/// The proxy's identity and trust bundle, reloadable.
+pub struct Tls {
+    files: almond_config::Tls,
+    configs: ArcSwap<Configs>,
+    /// Modification times of (cert, key, ca) at the last load.
+    stamps: Mutex<[Option<SystemTime>; 3]>,
+}
+
+impl Tls {
+    /// Reads the files and builds the configs.
+    pub fn load(files: &almond_config::Tls) -> Result<Tls, TlsError> {
+        let stamps = stamps(files);
+        let configs = build(files)?;
+        Ok(Tls {
+            files: files.clone(),
+            configs: ArcSwap::from_pointee(configs),
+            stamps: Mutex::new(stamps),
+        })
+    }
+
+    /// The server config new inbound handshakes use.
+    pub fn server(&self) -> Arc<ServerConfig> {
+        self.configs.load().server.clone()
+    }
+
+    /// Opens TLS over `tcp` to `name`, offering `h2` or `http/1.1`.
+    pub async fn connect(
+        &self,
+        name: ServerName<'static>,
+        h2: bool,
+        tcp: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let configs = self.configs.load();
+        let config = if h2 {
+            configs.client_h2.clone()
+        } else {
+            configs.client_h1.clone()
+        };
+        drop(configs);
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+    }
+
+    /// Rebuilds the configs if a file's modification time changed.
+    /// Returns whether new configs are in force.
+    pub fn reload_if_changed(&self) -> bool {
+        let now = stamps(&self.files);
+        let mut seen = match self.stamps.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if *seen == now {
+            return false;
+        }
+        match build(&self.files) {
+            Ok(configs) => {
+                *seen = now;
+                self.configs.store(Arc::new(configs));
+                tracing::info!("tls: certificates reloaded");
+                true
+            }
+            Err(e) => {
+                // Files are often written one at a time: the next poll
+                // retries, since the stamps were not taken.
+                tracing::warn!(error = %e, "tls: reload failed; keeping the previous certificates");
+                false
+            }
+        }
+    }
+
+    /// Polls the files every second until `stop` changes.
+    pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let me = self.clone();
+            // File reads and signature checks: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
+        }
+    }
+}
+
+fn stamps(files: &almond_config::Tls) -> [Option<SystemTime>; 3] {
+    [&files.cert, &files.key, &files.ca]
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the server and client configs (TLS 1.3 only) from the files.
+fn build(files: &almond_config::Tls) -> Result<Configs, TlsError> {
+    let chain = certs("cert", &files.cert)?;
+    let roots = {
+        let mut roots = RootCertStore::empty();
+        for ca in certs("ca", &files.ca)? {
+            roots.add(ca).map_err(|e| file_error("ca", &files.ca, e))?;
+        }
+        Arc::new(roots)
+    };
+    let versions = &[&rustls::version::TLS13];
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build()?;
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key(&files.key)?)?;
+    server.alpn_protocols = vec![H2.to_vec(), HTTP11.to_vec()];
+    let client = |alpn: &[u8]| -> Result<Arc<ClientConfig>, TlsError> {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain.clone(), key(&files.key)?)?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(Arc::new(config))
+    };
+    Ok(Configs {
+        server: Arc::new(server),
+        client_h1: client(HTTP11)?,
+        client_h2: client(H2)?,
+    })
+}
+
+fn file_error(key: &'static str, path: &Path, reason: impl ToString) -> TlsError {
+    TlsError::File {
+        key,
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(key, path, e))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(key, path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(key, path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error("key", path, e))?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| file_error("key", path, e))
+}
+
+/// A service's upstream TLS: the proxy's identity and the name the
+/// endpoints' certificates must carry.
+pub struct Upstream {
+    /// The proxy's identity; `None` when the config has no `tls` (then
+    /// connecting fails: a snapshot asked for TLS the proxy cannot do).
+    pub tls: Option<Arc<Tls>>,
+    /// Server name sent as SNI and verified.
+    pub server_name: ServerName<'static>,
+}
+
+/// An upstream byte stream: plain TCP or TLS over it.
+pub enum Conn {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (boxed: the session state is large).
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An inbound `tls` listener: the identity and who may call.
+pub struct Inbound {
+    /// The proxy's identity.
+    pub tls: Arc<Tls>,
+    /// Allowed client identities; empty = every verified client.
+    pub allow: Vec<String>,
+}
+
+impl Inbound {
+    /// Whether a client with these certificate names may call.
+    pub fn allows(&self, names: &[String]) -> bool {
+        self.allow.is_empty() || names.iter().any(|n| self.allow.contains(n))
+    }
+}
+
+/// The names of a (verified) certificate, for `allow`: its URI and DNS
+/// subject alternative names, then its subject CN.
+pub fn identities(cert: &[u8]) -> Vec<String> {
+    der::names(cert).unwrap_or_default()
+}
+
+/// Just enough DER to read a certificate's names. The certificate was
+/// verified by webpki first, so it is well-formed; anything unexpected
+/// yields no names (and so no access under an `allow` list).
+mod der {
+    /// One TLV: (tag, contents, rest).
+    fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+            (len, &rest[n..])
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+
+    /// Every TLV in `input`, in order.
+    fn items(mut input: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut out = Vec::new();
+        while let Some((tag, body, rest)) = tlv(input) {
+            out.push((tag, body));
+            input = rest;
+        }
+        out
+    }
+
+    const SAN: &[u8] = &[0x55, 0x1d, 0x11]; // 2.5.29.17
+    const CN: &[u8] = &[0x55, 0x04, 0x03]; // 2.5.4.3
+
+    pub(super) fn names(cert: &[u8]) -> Option<Vec<String>> {
+        let (_, certificate, _) = tlv(cert)?;
+        let (_, tbs, _) = tlv(certificate)?;
+        let fields = items(tbs);
+        let mut out = Vec::new();
+        // Extensions: [3] EXPLICIT SEQUENCE OF Extension.
+        if let Some((_, ext)) = fields.iter().find(|(tag, _)| *tag == 0xa3) {
+            let (_, list, _) = tlv(ext)?;
+            for (_, extension) in items(list) {
+                let parts = items(extension);
+                if parts.first().map(|p| p.1) != Some(SAN) {
+                    continue;
+                }
+                let (_, value) = parts.iter().rev().find(|(tag, _)| *tag == 0x04)?;
+                let (_, general_names, _) = tlv(value)?;
+                for (tag, name) in items(general_names) {
+                    // [6] uniformResourceIdentifier, [2] dNSName (IA5).
+                    if tag == 0x86 || tag == 0x82 {
+                        out.push(String::from_utf8_lossy(name).into_owned());
+                    }
+                }
+            }
+        }
+        // Subject: the SEQUENCE after issuer and validity (index 5 with a
+        // version, 4 without).
+        let offset = usize::from(fields.first().map(|f| f.0) == Some(0xa0));
+        if let Some((0x30, subject)) = fields.get(4 + offset) {
+            for (_, rdn) in items(subject) {
+                for (_, attr) in items(rdn) {
+                    let parts = items(attr);
+                    if let [(0x06, oid), (_, value), ..] = parts.as_slice() {
+                        if *oid == CN {
+                            out.push(String::from_utf8_lossy(value).into_owned());
+                        }
+                    }
+                }
+            }
+        }
+        Some(out)
+    }
+}
