@@ -45,7 +45,9 @@ pub struct EndpointState {
     connections: Arc<AtomicU32>,
     /// Failure accrual and ejection.
     pub health: Health,
-    h1_idle: ArrayQueue<H1Sender>,
+    /// Idle HTTP/1.1 connections; allocated on the first release, so an
+    /// endpoint never sent to costs no queue (`MAX_IDLE_H1` slots, ~16 KiB).
+    h1_idle: OnceLock<ArrayQueue<H1Sender>>,
     h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -87,7 +89,7 @@ impl EndpointState {
             stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
             connections: Arc::new(AtomicU32::new(0)),
             health: Health::default(),
-            h1_idle: ArrayQueue::new(MAX_IDLE_H1),
+            h1_idle: OnceLock::new(),
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
         }
@@ -164,7 +166,7 @@ impl EndpointState {
         tls: Option<&Upstream>,
     ) -> Result<(Response<Incoming>, H1Sender), SendError> {
         loop {
-            let mut sender = match self.h1_idle.pop() {
+            let mut sender = match self.h1_idle.get().and_then(ArrayQueue::pop) {
                 Some(s) if !s.is_closed() => s,
                 Some(_) => continue,
                 // Boxed: connecting is rare, and keeps this future small.
@@ -205,7 +207,8 @@ impl EndpointState {
     pub fn release_h1(&self, sender: H1Sender) {
         if !sender.is_closed() {
             // A full pool drops the connection, which closes it.
-            let _ = self.h1_idle.push(sender);
+            let idle = self.h1_idle.get_or_init(|| ArrayQueue::new(MAX_IDLE_H1));
+            let _ = idle.push(sender);
         }
     }
 
