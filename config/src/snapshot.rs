@@ -1,9 +1,12 @@
 //! The snapshot a proxy receives from the control plane.
 //!
-//! Versioned by `index`: a proxy applies a snapshot only if its index is
-//! higher than the one it has. A reply is `full` (every service) or a delta
-//! (only services changed since the proxy's index, plus the names of every
-//! service, so removals are seen).
+//! Versioned by `(epoch, index)`: `epoch` names the control plane process
+//! that numbered the state (random at its start), `index` orders states
+//! within it. A proxy applies a snapshot whose index is higher than the one
+//! it has, or any snapshot of another epoch (which is always full: indexes
+//! of two epochs are not comparable). A reply is `full` (every service) or
+//! a delta (only services changed since the proxy's index, plus the names
+//! of every service, so removals are seen).
 
 use crate::proxy::Service;
 use serde::{Deserialize, Serialize};
@@ -13,6 +16,10 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Snapshot {
+    /// The numbering this snapshot's index belongs to; 0 = unknown (a
+    /// cache written before epochs existed).
+    #[serde(default)]
+    pub epoch: u64,
     /// Version of the control plane's state this reflects.
     pub index: u64,
     /// `true`: `services` is everything; `false`: only what changed.

@@ -395,18 +395,25 @@ fn refusal(r: Refusal) -> Response<Full<Bytes>> {
     text(status, &format!("{r}\n"))
 }
 
-/// `GET /v1/snapshot?proxy=ID&index=N&wait=30s`: answers as soon as the
-/// index is above N, or after `wait` with the same index.
+/// `GET /v1/snapshot?proxy=ID&epoch=E&index=N&wait=30s`: answers as soon
+/// as the index is above N, or after `wait` with the same index; at once
+/// (when ready) with a full snapshot when E is not this control plane's
+/// epoch. Without `epoch`, N is taken to be of this epoch.
 async fn snapshot(
     state: &State,
     query: &HashMap<String, String>,
     max_wait: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> Response<Full<Bytes>> {
-    let since: u64 = match query.get("index").map(|v| v.parse()) {
+    let mut since: u64 = match query.get("index").map(|v| v.parse()) {
         None => 0,
         Some(Ok(n)) => n,
         Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "invalid index\n"),
+    };
+    let epoch = match query.get("epoch").map(|v| v.parse::<u64>()) {
+        None => state.epoch(),
+        Some(Ok(e)) => e,
+        Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "invalid epoch\n"),
     };
     let wait = match query.get("wait").map(|w| parse_wait(w)) {
         None => Duration::from_secs(30),
@@ -420,6 +427,10 @@ async fn snapshot(
     };
     let proxy = query.get("proxy").map(String::as_str).unwrap_or("unknown");
     state.saw_proxy(proxy, query.get("admin").map_or("", |s| s.as_str()), since);
+    if epoch != state.epoch() {
+        // Another numbering: nothing it holds can be compared with ours.
+        since = 0;
+    }
     let mut changes = state.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     state.metrics.long_polls.inc();
@@ -435,10 +446,20 @@ async fn snapshot(
         }
     }
     state.metrics.long_polls.dec();
-    let snap = state.snapshot_since(since);
-    let index = snap.index;
+    let (index, json) = match state.snapshot_json(epoch, since).await {
+        Ok(snap) => snap,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialize a snapshot");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot serialize the snapshot\n",
+            );
+        }
+    };
     state.metrics.snapshots_sent.inc();
-    let mut resp = json_ok(&snap);
+    let mut resp = Response::new(Full::new(json));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Ok(v) = HeaderValue::from_str(&index.to_string()) {
         resp.headers_mut().insert("x-almond-index", v);
     }

@@ -1,12 +1,12 @@
 //! Catalog: the services the control plane serves, each with the index at
 //! which it last changed, and the snapshots (full or delta) cut from it.
 //!
-//! Index rule: a change gets `max(source index, catalog index + 1)`. With
-//! Consul, a real write's Raft index is above every index seen before, so
-//! replicas watching the same Consul agree on indexes; the `+ 1` only
-//! matters after a Consul restore (indexes going backwards) or for a
-//! service seen for the first time, and keeps every index monotonic so a
-//! proxy never applies an older state than one it has.
+//! Index rule: a change gets `max(source index, catalog index + 1)`, so
+//! indexes never go backwards, not even after a Consul restore. Indexes are
+//! this process's own (the `+ 1` makes them depend on the order answers
+//! arrived in), so every snapshot carries the catalog's random `epoch`: a
+//! proxy of another epoch (a previous run, another replica) gets a full
+//! snapshot, never a delta cut by another numbering.
 
 use almond_config::{Service, Snapshot};
 use std::collections::BTreeMap;
@@ -22,6 +22,9 @@ struct Entry {
 /// The served state, and a channel that announces its index.
 pub struct Catalog {
     services: BTreeMap<String, Entry>,
+    /// This process's numbering: indexes of another epoch (a previous run,
+    /// another replica) say nothing about this catalog's changes.
+    epoch: u64,
     index: u64,
     notify: watch::Sender<u64>,
 }
@@ -31,6 +34,7 @@ impl Catalog {
     pub fn new() -> Catalog {
         Catalog {
             services: BTreeMap::new(),
+            epoch: fastrand::u64(1..),
             index: 0,
             notify: watch::channel(0).0,
         }
@@ -44,6 +48,11 @@ impl Catalog {
     /// The current index.
     pub fn index(&self) -> u64 {
         self.index
+    }
+
+    /// This catalog's epoch (never 0).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Sets a service; returns whether anything changed.
@@ -86,6 +95,11 @@ impl Catalog {
         self.notify.send_replace(self.index);
     }
 
+    /// Whether a proxy at `since` of `epoch` can only be given everything.
+    pub fn needs_full(&self, epoch: u64, since: u64) -> bool {
+        since == 0 || since > self.index || epoch != self.epoch
+    }
+
     /// One service, if known.
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.get(name).map(|e| &e.service)
@@ -96,11 +110,11 @@ impl Catalog {
         self.services.iter().map(|(k, e)| (k, &e.service))
     }
 
-    /// What a proxy at index `since` needs: everything when `since` is 0
-    /// (or ahead of us: another lineage), else the services changed after
-    /// it and the names of all services.
-    pub fn snapshot_since(&self, since: u64) -> Snapshot {
-        let full = since == 0 || since > self.index;
+    /// What a proxy at `since` of epoch `epoch` needs: everything when
+    /// `since` is 0, ahead of us or of another epoch, else the services
+    /// changed after it and the names of all services.
+    pub fn snapshot_since(&self, epoch: u64, since: u64) -> Snapshot {
+        let full = self.needs_full(epoch, since);
         let services = self
             .services
             .iter()
@@ -108,6 +122,7 @@ impl Catalog {
             .map(|(k, e)| (k.clone(), e.service.clone()))
             .collect();
         Snapshot {
+            epoch: self.epoch,
             index: self.index,
             full,
             services,
@@ -141,16 +156,16 @@ mod tests {
         assert!(!c.set("b", svc(2), 12), "identical content is no change");
         assert_eq!(c.index(), 11);
         c.set("a", svc(3), 15);
-        let delta = c.snapshot_since(11);
+        let delta = c.snapshot_since(c.epoch(), 11);
         assert!(!delta.full);
         assert_eq!(delta.index, 15);
         assert_eq!(delta.services.keys().collect::<Vec<_>>(), vec!["a"]);
         assert_eq!(delta.names, vec!["a", "b"]);
         // A proxy applying the delta ends with the full state.
-        let mut proxy = c.snapshot_since(0).services;
+        let mut proxy = c.snapshot_since(c.epoch(), 0).services;
         proxy.insert("a".into(), svc(1));
         let applied = delta.apply_to(&proxy);
-        assert_eq!(applied, c.snapshot_since(0).services);
+        assert_eq!(applied, c.snapshot_since(c.epoch(), 0).services);
     }
 
     #[test]
@@ -162,7 +177,22 @@ mod tests {
         assert_eq!(c.index(), 101);
         c.remove("a", 41);
         assert_eq!(c.index(), 102);
-        let delta = c.snapshot_since(101);
+        let delta = c.snapshot_since(c.epoch(), 101);
         assert!(delta.services.is_empty() && delta.names.is_empty());
+    }
+
+    #[test]
+    fn another_epoch_gets_everything() {
+        let mut c = Catalog::new();
+        c.set("a", svc(1), 10);
+        c.set("b", svc(2), 20);
+        let other = c.epoch().wrapping_add(1);
+        let snap = c.snapshot_since(other, 15);
+        assert!(snap.full);
+        assert_eq!(snap.epoch, c.epoch());
+        assert_eq!(snap.services.len(), 2);
+        // Index 0 (a proxy that has nothing) is full whatever its epoch.
+        assert!(c.snapshot_since(c.epoch(), 0).full);
+        assert!(!c.snapshot_since(c.epoch(), 15).full);
     }
 }

@@ -4,10 +4,11 @@
 use crate::catalog::Catalog;
 use crate::policy::Policy;
 use almond_config::{Service, Snapshot};
+use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Mutex;
-use tokio::sync::watch;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{watch, OnceCell};
 use tokio::time::Instant;
 
 /// Everything the control plane's tasks share.
@@ -17,6 +18,7 @@ pub struct State {
     catalog: Mutex<Catalog>,
     sync: Mutex<Sync>,
     proxies: Mutex<BTreeMap<String, ProxySeen>>,
+    snapshots: Mutex<SnapshotCache>,
     /// Metrics.
     pub metrics: Metrics,
 }
@@ -34,6 +36,14 @@ struct Sync {
     policies: bool,
     pending: HashSet<String>,
     ready: bool,
+}
+
+/// Serialized snapshots of the current index, by the `since` they answer
+/// (0 for the full one).
+#[derive(Default)]
+struct SnapshotCache {
+    index: u64,
+    by_since: HashMap<u64, Arc<OnceCell<(u64, Bytes)>>>,
 }
 
 /// A proxy, as its long-polls show it.
@@ -161,6 +171,7 @@ impl State {
             catalog: Mutex::new(Catalog::new()),
             sync: Mutex::new(Sync::default()),
             proxies: Mutex::new(BTreeMap::new()),
+            snapshots: Mutex::new(SnapshotCache::default()),
             metrics: Metrics::new()?,
         })
     }
@@ -307,9 +318,43 @@ impl State {
         self.sync().ready
     }
 
-    /// The snapshot a proxy at `since` needs.
-    pub fn snapshot_since(&self, since: u64) -> Snapshot {
-        self.catalog().snapshot_since(since)
+    /// The snapshot a proxy at `since` of `epoch` needs.
+    pub fn snapshot_since(&self, epoch: u64, since: u64) -> Snapshot {
+        self.catalog().snapshot_since(epoch, since)
+    }
+
+    /// The snapshot a proxy at `since` of `epoch` needs, serialized: its
+    /// index and JSON. Long-polls woken by one change ask for the same
+    /// few snapshots, so each is cut and serialized once per index and
+    /// shared (a thousand proxies reconnecting at once hold one copy).
+    pub async fn snapshot_json(&self, epoch: u64, since: u64) -> serde_json::Result<(u64, Bytes)> {
+        let cell = {
+            let catalog = self.catalog();
+            let key = if catalog.needs_full(epoch, since) {
+                0
+            } else {
+                since
+            };
+            let mut cache = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.index != catalog.index() {
+                cache.index = catalog.index();
+                cache.by_since.clear();
+            }
+            cache.by_since.entry(key).or_default().clone()
+        };
+        // A change between the lookup and the cut makes the snapshot newer
+        // than its key's index; it is still exactly right from `since`.
+        cell.get_or_try_init(|| async {
+            let snap = self.snapshot_since(epoch, since);
+            Ok((snap.index, Bytes::from(serde_json::to_vec(&snap)?)))
+        })
+        .await
+        .cloned()
+    }
+
+    /// This control plane's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.catalog().epoch()
     }
 
     /// The current index.
@@ -354,5 +399,40 @@ impl State {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(port: u16) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "endpoints": [{ "addr": format!("127.0.0.1:{port}") }]
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn snapshots_are_serialized_once_per_index_and_since() {
+        let state = State::new().unwrap();
+        state.set_service("a", svc(1), 10);
+        state.set_service("b", svc(2), 20);
+        let epoch = state.epoch();
+        let (i1, full1) = state.snapshot_json(epoch, 0).await.unwrap();
+        let (i2, full2) = state.snapshot_json(epoch + 1, 15).await.unwrap();
+        assert_eq!((i1, i2), (20, 20));
+        assert_eq!(full1.as_ptr(), full2.as_ptr(), "one shared full snapshot");
+        let (_, delta) = state.snapshot_json(epoch, 15).await.unwrap();
+        let delta: Snapshot = serde_json::from_slice(&delta).unwrap();
+        assert!(!delta.full);
+        assert_eq!(delta.services.keys().collect::<Vec<_>>(), vec!["b"]);
+        // A change makes new snapshots.
+        state.set_service("a", svc(3), 30);
+        let (i3, full3) = state.snapshot_json(epoch, 0).await.unwrap();
+        assert_eq!(i3, 30);
+        let full3: Snapshot = serde_json::from_slice(&full3).unwrap();
+        assert_eq!(full3.services["a"], svc(3));
+        assert_eq!(full3.epoch, epoch);
     }
 }

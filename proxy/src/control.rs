@@ -20,9 +20,30 @@ const SLACK: Duration = Duration::from_secs(10);
 /// Longest pause between failed polls.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Loads the cache file into `config`'s services; returns the cached index.
-/// A missing or bad cache is reported and ignored.
-pub fn load_cache(config: &mut ProxyConfig) -> Option<u64> {
+/// Where a proxy is in the control plane's history: the epoch (numbering)
+/// and the index within it of the state it applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The control plane's epoch; 0 = unknown.
+    pub epoch: u64,
+    /// The index applied; 0 = nothing yet.
+    pub index: u64,
+}
+
+impl Position {
+    /// Whether `snapshot` is news: a higher index of the same epoch, or
+    /// anything of another epoch (always a full snapshot).
+    pub fn takes(&self, snapshot: &Snapshot) -> bool {
+        if snapshot.epoch != self.epoch && snapshot.epoch != 0 {
+            return true;
+        }
+        snapshot.index > self.index
+    }
+}
+
+/// Loads the cache file into `config`'s services; returns the cached
+/// position. A missing or bad cache is reported and ignored.
+pub fn load_cache(config: &mut ProxyConfig) -> Option<Position> {
     let path = config.cache.clone()?;
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
@@ -40,6 +61,10 @@ pub fn load_cache(config: &mut ProxyConfig) -> Option<u64> {
     };
     let mut candidate = config.clone();
     let index = snapshot.index;
+    let position = Position {
+        epoch: snapshot.epoch,
+        index,
+    };
     candidate.services = snapshot.apply_to(&config.services);
     let problems = validate_proxy(&candidate);
     if !problems.is_empty() {
@@ -48,12 +73,12 @@ pub fn load_cache(config: &mut ProxyConfig) -> Option<u64> {
     }
     *config = candidate;
     tracing::info!(cache = %path.display(), index, "serving from the snapshot cache");
-    Some(index)
+    Some(position)
 }
 
 /// Follows the control plane at `url` until the task is dropped.
-/// `index`: the index already applied (from the cache), 0 if none.
-pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, mut index: u64) {
+/// `at`: the position already applied (from the cache), default if none.
+pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, mut at: Position) {
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build_http();
@@ -61,9 +86,11 @@ pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, 
     let mut failures = 0u32;
     loop {
         let uri = format!(
-            "{}/v1/snapshot?proxy={}&index={index}&wait={}s&admin={}",
+            "{}/v1/snapshot?proxy={}&epoch={}&index={}&wait={}s&admin={}",
             url.trim_end_matches('/'),
             encode(&proxy_id),
+            at.epoch,
+            at.index,
             WAIT.as_secs(),
             encode(&admin),
         );
@@ -72,7 +99,7 @@ pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, 
             Ok(snapshot) => {
                 failures = 0;
                 shared.metrics.control_connected.set(1);
-                if snapshot.index <= index {
+                if !at.takes(&snapshot) {
                     // Wait timed out, or an older replica answered: keep ours.
                     // A replica that answers at once with nothing new (one
                     // still starting, say) must not make this loop spin.
@@ -81,11 +108,30 @@ pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, 
                     }
                     continue;
                 }
+                let epoch = snapshot.epoch;
+                let new_epoch = epoch != at.epoch && at.index != 0;
                 match apply(&proxy, snapshot) {
                     Ok(applied) => {
-                        index = applied;
-                        shared.metrics.config_index.set(index as i64);
+                        if new_epoch {
+                            tracing::info!(
+                                from = at.epoch,
+                                to = epoch,
+                                index = applied,
+                                "control plane restarted or replaced: took its full state"
+                            );
+                        }
+                        at = Position {
+                            epoch,
+                            index: applied,
+                        };
+                        shared.metrics.config_index.set(applied as i64);
                         shared.ready.store(true, Ordering::Release);
+                        // Two replicas of different epochs answering in
+                        // turn would hand over full snapshots back to back:
+                        // pace epoch changes to one a second.
+                        if new_epoch && asked.elapsed() < Duration::from_millis(100) {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                     }
                     Err(problem) => {
                         tracing::error!(%problem, "snapshot refused; the previous config stays");
@@ -135,6 +181,7 @@ async fn poll(client: &Client<HttpConnector, Empty<Bytes>>, uri: &str) -> Result
 fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
     let current = proxy.shared().table.load().config.clone();
     let index = snapshot.index;
+    let snapshot_epoch = snapshot.epoch;
     let mut next = (*current).clone();
     next.services = snapshot.apply_to(&current.services);
     if let Some(problem) = validate_proxy(&next).into_iter().next() {
@@ -142,10 +189,12 @@ fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
     }
     let cache = next.cache.clone();
     let services = next.services.clone();
+    let epoch = snapshot_epoch;
     proxy.update(next);
     tracing::info!(index, services = services.len(), "snapshot applied");
     if let Some(path) = cache {
         let full = Snapshot {
+            epoch,
             index,
             full: true,
             names: services.keys().cloned().collect(),
@@ -187,4 +236,37 @@ fn encode(value: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(epoch: u64, index: u64) -> Snapshot {
+        Snapshot {
+            epoch,
+            index,
+            full: true,
+            services: Default::default(),
+            names: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn takes_newer_indexes_and_any_other_epoch() {
+        let at = Position {
+            epoch: 7,
+            index: 100,
+        };
+        assert!(at.takes(&snap(7, 101)));
+        assert!(!at.takes(&snap(7, 100)), "nothing new");
+        assert!(!at.takes(&snap(7, 40)), "an older state of the same epoch");
+        assert!(
+            at.takes(&snap(8, 40)),
+            "another epoch, even with a lower index"
+        );
+        // A control plane from before epochs: indexes alone decide.
+        assert!(!at.takes(&snap(0, 40)));
+        assert!(at.takes(&snap(0, 101)));
+    }
 }

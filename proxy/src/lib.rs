@@ -118,17 +118,17 @@ pub enum Error {
 #[derive(Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
-    /// Index of the snapshot cache loaded at start (0: none).
-    cached_index: u64,
+    /// Position of the snapshot cache loaded at start (default: none).
+    cached: control::Position,
 }
 
 impl Proxy {
     /// Builds the proxy's state for a checked config. With `control` set,
     /// the services of the snapshot cache (if any) are loaded first.
     pub fn new(mut config: ProxyConfig) -> Result<Proxy, Error> {
-        let cached_index = match config.control {
-            Some(_) => control::load_cache(&mut config).unwrap_or(0),
-            None => 0,
+        let cached = match config.control {
+            Some(_) => control::load_cache(&mut config).unwrap_or_default(),
+            None => control::Position::default(),
         };
         let metrics = Metrics::new()?;
         let http = listen::http_builder(&config.limits);
@@ -147,7 +147,7 @@ impl Proxy {
                 tls,
                 observe,
             }),
-            cached_index,
+            cached,
         })
     }
 
@@ -228,9 +228,9 @@ impl Proxy {
             }
             // Dynamic: ready once a snapshot (or the cache) is in force.
             Some(url) => {
-                let cached = self.cached_index;
-                if cached > 0 {
-                    self.shared.metrics.config_index.set(cached as i64);
+                let cached = self.cached;
+                if cached.index > 0 {
+                    self.shared.metrics.config_index.set(cached.index as i64);
                     self.shared
                         .ready
                         .store(true, std::sync::atomic::Ordering::Release);
