@@ -342,9 +342,35 @@ fn metrics_reference_names_every_family_and_nothing_else() {
     let exposition = String::from_utf8(proxy.shared().metrics.encode()).expect("UTF-8");
     let exposed = families(&exposition);
 
+    check_families(&exposed, "name");
+}
+
+/// The control plane's families against the `control metric` table.
+#[cfg(target_os = "linux")]
+#[test]
+fn metrics_reference_names_every_control_plane_family() {
+    let state = almond_control::state::State::new().expect("control state");
+    // Families with labels appear once they have a series.
+    state.metrics.rollout_step("web", 10);
+    state.metrics.verdict("web", "pass");
+    state.metrics.rollback("web");
+    let mut out = Vec::new();
+    prometheus::Encoder::encode(
+        &prometheus::TextEncoder::new(),
+        &state.metrics.registry.gather(),
+        &mut out,
+    )
+    .expect("encode");
+    let exposed = families(&String::from_utf8(out).expect("UTF-8"));
+    check_families(&exposed, "control metric");
+}
+
+/// Compares the exposed families with the docs/metrics.md table whose first
+/// header is `header`: same names, types and labels.
+fn check_families(exposed: &BTreeMap<String, Family>, header: &str) {
     let page = read("docs/metrics.md");
     let mut documented = BTreeMap::new();
-    for (name, cells) in table_rows(&page, "name") {
+    for (name, cells) in table_rows(&page, header) {
         assert_eq!(
             cells.len(),
             3,
@@ -367,8 +393,8 @@ fn metrics_reference_names_every_family_and_nothing_else() {
     }
 
     let names = |m: &BTreeMap<String, Family>| m.keys().cloned().collect::<BTreeSet<_>>();
-    compare("docs/metrics.md", &names(&documented), &names(&exposed));
-    for (name, family) in &exposed {
+    compare("docs/metrics.md", &names(&documented), &names(exposed));
+    for (name, family) in exposed {
         assert_eq!(
             &documented[name], family,
             "docs/metrics.md: `{name}` has another type or other labels in the code"

@@ -138,6 +138,7 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                 failures += 1;
                 let e = check(a).err();
                 tracing::warn!(error = ?e, "policy watch failed");
+                state.metrics.consul_errors.inc();
                 index = 0;
                 tokio::time::sleep(Duration::from_secs(u64::from(failures.min(30)))).await;
                 continue;
@@ -145,6 +146,7 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
             Err(e) => {
                 failures += 1;
                 tracing::warn!(error = %e, "policy watch failed");
+                state.metrics.consul_errors.inc();
                 index = 0;
                 tokio::time::sleep(Duration::from_secs(u64::from(failures.min(30)))).await;
                 continue;
