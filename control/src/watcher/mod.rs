@@ -144,21 +144,26 @@ impl Watcher {
             stable_requests = stable.requests,
             "rollout step judged"
         );
-        self.state.metrics.verdict(name, verdict.label());
         let mut next_policy = match &next {
             Next::Shift(split) => {
                 policy.with_split(split.clone(), "watcher", "rollout step", now / 1000)
             }
             Next::RollBack(split) => {
-                self.state.metrics.rollback(name);
-                tracing::warn!(service = name, reason = ?r.reason, "rollout rolled back");
                 policy.with_split(split.clone(), "watcher", "rollout rollback", now / 1000)
             }
             Next::Hold => policy.clone(),
         };
         let step_started = r.step_started;
+        let reason = r.reason.clone();
         next_policy.rollout = Some(r);
         if self.store.put(name, &mut next_policy, token).await? {
+            // Counted once the verdict is written: a lost check-and-set
+            // (another replica's write) is judged again, not counted twice.
+            self.state.metrics.verdict(name, verdict.label());
+            if matches!(next, Next::RollBack(_)) {
+                tracing::warn!(service = name, ?reason, "rollout rolled back");
+                self.state.metrics.rollback(name);
+            }
             if let Some(r) = &next_policy.rollout {
                 self.state.metrics.rollout_step(name, r.canary_weight());
             }
