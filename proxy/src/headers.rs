@@ -8,8 +8,9 @@ use http::{Request, Response, Version};
 
 use crate::route::SUBSET_HEADER;
 
-/// Hop-by-hop headers (RFC 9110 7.6.1 and the legacy ones still seen).
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Hop-by-hop headers (RFC 9110 7.6.1 and the legacy ones still seen), and
+/// the routing header, which must not travel upstream either.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -17,6 +18,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TE,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static(SUBSET_HEADER),
 ];
 
 /// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)?
@@ -34,52 +36,64 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
-/// Is this a hop-by-hop header name (or the routing header)? Standard names
-/// compare as enums, so this costs next to nothing per header.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name.as_str() == SUBSET_HEADER
+/// The position in `HOP_BY_HOP` of a hop-by-hop (or routing) header name.
+/// Names are lowercase; the length rules out almost every other header
+/// before any byte is compared.
+fn hop_by_hop(name: &HeaderName) -> Option<usize> {
+    let s = name.as_str();
+    let at = match s.len() {
+        10 if s == "connection" => 0,
+        10 if s == "keep-alive" => 1,
+        16 if s == "proxy-connection" => 2,
+        19 if s == "proxy-authorization" => 3,
+        2 if s == "te" => 4,
+        17 if s == "transfer-encoding" => 5,
+        7 if s == "upgrade" => 6,
+        15 if s == SUBSET_HEADER => 7,
+        _ => return None,
+    };
+    Some(at)
 }
 
 /// Drops hop-by-hop headers, including those that `Connection` names.
 /// Returns the `Upgrade` value when `keep_upgrade` and one was present.
 /// Most messages carry none, or only `connection: keep-alive`: one pass
-/// over the names finds that out before any hashing removal.
+/// over the names (no hashing, no allocation) finds out which to remove.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<HeaderValue> {
-    // Which of them are here (at most a handful; no allocation).
-    let mut found: [Option<HeaderName>; 8] = Default::default();
-    let mut n = 0;
+    let mut found = 0u8;
     for name in headers.keys() {
-        if n < found.len()
-            && is_hop_by_hop(name)
-            && !found[..n].iter().any(|f| f.as_ref() == Some(name))
-        {
-            found[n] = Some(name.clone());
-            n += 1;
+        if let Some(at) = hop_by_hop(name) {
+            found |= 1 << at;
         }
     }
-    if n == 0 {
+    if found == 0 {
         return None;
     }
-    let upgrade = if keep_upgrade {
+    let upgrade = if keep_upgrade && found & (1 << 6) != 0 {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    // Headers that `Connection` names are hop-by-hop too (`keep-alive` and
-    // `close` are options, not names, in the common case).
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .map(str::trim)
-        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if found & 1 != 0 {
+        // Headers that `Connection` names are hop-by-hop too (`keep-alive`
+        // and `close` are options, not names, in the common case: then
+        // nothing is collected and nothing allocated).
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in found.into_iter().flatten() {
-        headers.remove(name);
+    for (at, name) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << at) != 0 {
+            headers.remove(name);
+        }
     }
     upgrade
 }
@@ -178,6 +192,47 @@ mod tests {
         assert!(h.get("connection").is_none() && h.get("x-almond-subset").is_none());
         assert_eq!(h.get("x-kept").map(|v| v.as_bytes()), Some(&b"yes"[..]));
         assert_eq!(req.uri(), "/a?b=1");
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_is_dropped_and_look_alikes_are_kept() {
+        let mut h = HeaderMap::new();
+        for name in HOP_BY_HOP.iter() {
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+        }
+        // Same lengths as hop-by-hop names, other bytes.
+        for kept in [
+            "tx",
+            "upgrades",
+            "connectio1",
+            "x-almond-subsex",
+            "content-encoding",
+        ] {
+            h.insert(
+                HeaderName::from_static(kept),
+                HeaderValue::from_static("kept"),
+            );
+        }
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, tx"));
+        assert_eq!(
+            strip_hop_by_hop(&mut h, true),
+            Some(HeaderValue::from_static("x"))
+        );
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left.len(), 4, "{left:?}");
+        assert!(h.get("tx").is_none(), "named by Connection");
+        for kept in [
+            "upgrades",
+            "connectio1",
+            "x-almond-subsex",
+            "content-encoding",
+        ] {
+            assert_eq!(h[kept], "kept");
+        }
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("a"));
+        assert_eq!(strip_hop_by_hop(&mut plain, true), None);
+        assert_eq!(plain.len(), 1);
     }
 
     #[test]
