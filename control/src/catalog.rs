@@ -138,10 +138,11 @@ impl Default for Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn svc(port: u16) -> Service {
+    /// A service with one endpoint on `port`.
+    pub(crate) fn svc(port: u16) -> Service {
         serde_json::from_value(serde_json::json!({
             "endpoints": [{ "addr": format!("127.0.0.1:{port}") }]
         }))

@@ -405,13 +405,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn svc(port: u16) -> Service {
-        serde_json::from_value(serde_json::json!({
-            "endpoints": [{ "addr": format!("127.0.0.1:{port}") }]
-        }))
-        .unwrap()
-    }
+    use crate::catalog::tests::svc;
 
     #[tokio::test]
     async fn snapshots_are_serialized_once_per_index_and_since() {
