@@ -4,8 +4,12 @@
 //! traffic; Consul going away keeps the last state; indexes going backwards
 //! lose nothing; our client follows `shared/consul/API.md` 2.4 (index and
 //! wait, token, no hot loop on 403, rate-limited churn); splits live in
-//! Consul KV with check-and-set; readiness waits for the first full sync.
+//! Consul KV with check-and-set; readiness waits for the first full sync;
+//! HTTPS to Consul, with a client certificate, through a real TLS front.
 //! Last, contract tests feed the API fixtures through our parser.
+
+// Helpers may panic too: in a test, a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
@@ -19,8 +23,11 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+use support::pki::{Ca, Leaf};
 use support::*;
+use tokio::net::TcpListener;
 
 /// The KV key of web's policy.
 const WEB_POLICY: &str = "almond/policy/web";
@@ -988,4 +995,162 @@ async fn a_change_made_while_control_was_down_reaches_proxies() {
     assert!(consul.deregister("web-2"));
     let _control = TestControl::start_on(&config, addr).await;
     only(&proxy, &["b1"]).await;
+}
+
+/// A TLS front for the Consul double, as a Consul agent with `https` and
+/// `verify_incoming` would be: a certificate from `ca` for 127.0.0.1, and
+/// (with `clients`) client certificates signed by that CA required.
+async fn tls_front(consul: SocketAddr, server: &Leaf, clients: Option<&Ca>) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = vec![CertificateDer::from_pem_slice(server.cert.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(server.key.as_bytes()).unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let config = match clients {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+                .unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    }
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return; // refused handshake: the client sees the alert
+                };
+                if let Ok(mut plain) = tokio::net::TcpStream::connect(consul).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// PEM files in a temp dir.
+fn pem_files(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+/// The control config for an `https://` Consul at `front` with the TLS
+/// keys `tls` (`ca_file: ..., cert_file: ...`).
+fn https_yaml(front: SocketAddr, tls: &str, token_env: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nsource:\n  consul: {{ addr: \"https://{front}\", wait: 1s, token_env: {token_env}, {tls} }}\nstore: consul\nsubset_key: version\n"
+    )
+}
+
+/// Consul behind HTTPS that requires client certificates: with the CA and
+/// a client certificate, endpoints and the policy store (KV) work as over
+/// plain HTTP.
+#[tokio::test]
+async fn consul_over_https_with_a_client_certificate() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let ca = Ca::new("consul-ca");
+    let front = tls_front(consul.addr(), &ca.leaf("127.0.0.1"), Some(&ca)).await;
+    let client = ca.leaf("almond-control");
+    let dir = pem_files(&[
+        ("ca.pem", &ca.pem),
+        ("cert.pem", &client.cert),
+        ("key.pem", &client.key),
+    ]);
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let tls = format!(
+        "ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\"",
+        p("ca.pem"),
+        p("cert.pem"),
+        p("key.pem")
+    );
+    let control = TestControl::start(&https_yaml(front, &tls, "ALMOND_TEST_CC_TOKEN_HTTPS")).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    assert_eq!(consul_up(&control).await, 1.0);
+    // The policy store writes through the same client.
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    reaches(&proxy, "b2", "v2").await;
+    let all_v2 = json!({ "weights": { "v1": 0, "v2": 100 } });
+    let shift = control.put_split("web", &all_v2, None).await;
+    assert_eq!(shift.status, StatusCode::OK, "{}", shift.text());
+    assert_eq!(
+        stored_policy(&consul)["split"],
+        json!({ "v1": 0, "v2": 100 })
+    );
+    only(&proxy, &["b2"]).await;
+}
+
+/// A Consul certificate from a CA the control plane does not trust is
+/// refused: Consul counts as down, errors are counted, nothing is served.
+#[tokio::test]
+async fn a_consul_certificate_from_another_ca_is_refused() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let real = Ca::new("consul-ca");
+    let other = Ca::new("someone-else");
+    let front = tls_front(consul.addr(), &real.leaf("127.0.0.1"), None).await;
+    let dir = pem_files(&[("ca.pem", &other.pem)]);
+    let tls = format!("ca_file: \"{}\"", dir.path().join("ca.pem").display());
+    let control =
+        TestControl::launch_unready(&https_yaml(front, &tls, "ALMOND_TEST_CC_TOKEN_HTTPS_BADCA"))
+            .await;
+    eventually("the refusals are counted", || async {
+        consul_errors(&control).await >= 1.0
+    })
+    .await;
+    assert_eq!(consul_up(&control).await, 0.0);
+    assert_eq!(
+        control.get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(consul.requests().is_empty(), "nothing reached Consul");
+}
+
+/// TLS files that cannot be used stop the control plane at start with the
+/// key and the file named; TLS keys without https are config errors.
+#[test]
+fn consul_tls_settings_are_checked() {
+    let missing = "listen: 127.0.0.1:0\nsource:\n  consul: { addr: \"https://127.0.0.1:8501\", ca_file: /nonexistent/ca.pem }\n";
+    let config = almond_config::load_control(missing, "test").unwrap();
+    let err = almond_control::Control::new(config)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("source.consul.ca_file") && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+    let plain = "listen: 127.0.0.1:0\nsource:\n  consul:\n    addr: \"http://127.0.0.1:8500\"\n    cert_file: /etc/c.pem\n";
+    let err = almond_config::load_control(plain, "test")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("source.consul.cert_file") && err.contains("line 5") && err.contains("https"),
+        "{err}"
+    );
 }

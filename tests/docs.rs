@@ -249,6 +249,81 @@ fn configuration_reference_names_every_key_and_nothing_else() {
 }
 
 // ---------------------------------------------------------------------------
+// docs/control-configuration.md
+
+/// deploy/control.yaml with every optional key given a value; the patterns
+/// name every field, so a new one stops this test from compiling until it
+/// is documented.
+fn control_configs() -> Vec<almond_config::ControlConfig> {
+    let config = almond_config::load_control_file(&root().join("deploy/control.yaml"))
+        .expect("deploy/control.yaml is valid");
+    let almond_config::ControlConfig {
+        listen: _,
+        source,
+        subset_key: _,
+        store: _,
+        policy_file: _,
+        watcher: _,
+        token_env: _,
+        max_wait: _,
+    } = &config;
+    let almond_config::Source::Consul(consul) = source else {
+        panic!("deploy/control.yaml has a consul source");
+    };
+    let almond_config::ConsulSource {
+        addr: _,
+        token_env: _,
+        services: _,
+        wait: _,
+        datacenter: _,
+        stale: _,
+        ca_file: _,
+        cert_file: _,
+        key_file: _,
+    } = consul;
+    let mut full = config.clone();
+    full.token_env
+        .get_or_insert_with(|| "ALMOND_TOKEN".to_owned());
+    if let almond_config::Source::Consul(c) = &mut full.source {
+        c.addr = "https://consul.internal:8501".to_owned();
+        c.datacenter = Some("dc1".to_owned());
+        c.ca_file = Some("/etc/consul/ca.pem".into());
+        c.cert_file = Some("/etc/consul/client.pem".into());
+        c.key_file = Some("/etc/consul/client-key.pem".into());
+    }
+    let mut file = config;
+    file.source = almond_config::Source::File("/etc/almond/services".into());
+    vec![full, file]
+}
+
+#[test]
+fn control_configuration_reference_names_every_key_and_nothing_else() {
+    let mut actual = BTreeSet::new();
+    for config in control_configs() {
+        let mut json = serde_json::to_value(config).expect("serializable");
+        // `watcher` is one of two small shapes, documented as a whole.
+        if let Some(w) = json.get_mut("watcher") {
+            *w = Value::Null;
+        }
+        key_paths(&json, "", &mut actual);
+    }
+    let page = read("docs/control-configuration.md");
+    let mut documented = BTreeSet::new();
+    for (key, cells) in table_rows(&page, "control key") {
+        assert_eq!(
+            cells.len(),
+            3,
+            "`{key}`: want key | type | default | meaning"
+        );
+        assert!(
+            documented.insert(key.clone()),
+            "`{key}` is documented twice"
+        );
+    }
+    compare("docs/control-configuration.md", &documented, &actual);
+}
+
+// ---------------------------------------------------------------------------
 // docs/metrics.md
 
 /// A family as the exposition shows it: its type and its label names.

@@ -63,9 +63,21 @@ pub enum Source {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsulSource {
-    /// Consul HTTP address, e.g. `http://127.0.0.1:8500`.
+    /// Consul HTTP address, e.g. `http://127.0.0.1:8500`, or
+    /// `https://consul.internal:8501` for TLS.
     #[serde(default = "default_consul_addr")]
     pub addr: String,
+    /// With `https://`: PEM file of the CAs to trust for Consul's
+    /// certificate; omitted = the system's trusted roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// With `https://`: PEM client certificate (chain), for a Consul that
+    /// verifies clients (`verify_incoming`); needs `key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// With `https://`: PEM private key of `cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
     /// Environment variable holding the ACL token.
     #[serde(default = "default_consul_token_env")]
     pub token_env: String,

@@ -45,11 +45,40 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
         });
     }
     if let Source::Consul(c) = &config.source {
-        if !c.addr.starts_with("http://") {
+        let https = c.addr.starts_with("https://");
+        if !c.addr.starts_with("http://") && !https {
             problems.push(Problem {
                 path: "source.consul.addr".into(),
                 line: index.line_of("source.consul.addr"),
-                message: format!("{:?} is not an http:// URL", c.addr),
+                message: format!("{:?} is not an http:// or https:// URL", c.addr),
+            });
+        }
+        let tls_keys = [
+            ("ca_file", c.ca_file.is_some()),
+            ("cert_file", c.cert_file.is_some()),
+            ("key_file", c.key_file.is_some()),
+        ];
+        for (key, set) in tls_keys {
+            if set && !https {
+                let path = format!("source.consul.{key}");
+                problems.push(Problem {
+                    line: index.line_of(&path),
+                    path,
+                    message: "only used with an https:// addr".into(),
+                });
+            }
+        }
+        if c.cert_file.is_some() != c.key_file.is_some() {
+            let key = if c.cert_file.is_some() {
+                "cert_file"
+            } else {
+                "key_file"
+            };
+            let path = format!("source.consul.{key}");
+            problems.push(Problem {
+                line: index.line_of(&path),
+                path,
+                message: "cert_file and key_file go together".into(),
             });
         }
         if c.wait.is_zero() {

@@ -2,19 +2,25 @@
 //! services exist) and `/v1/health/service/{name}` (their instances), as
 //! `shared/consul/API.md` section 2.4 prescribes: per-resource index, reset
 //! when it goes backwards, never wait on 0, rate-limited loops, jittered
-//! backoff on errors, a read timeout above wait x 17/16.
+//! backoff on errors, a read timeout above wait x 17/16. Plain HTTP or
+//! HTTPS (rustls; the system's roots or `ca_file`, and a client
+//! certificate for a Consul that verifies clients).
 
 use crate::state::State;
 use almond_config::{ConsulSource, Endpoint, Protocol, Service, DEFAULT_SUBSET};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -30,7 +36,16 @@ pub struct ConsulClient {
     token: Option<String>,
     datacenter: Option<String>,
     stale: bool,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// Why the Consul client could not be built: a TLS file, named by its key.
+#[derive(Debug, thiserror::Error)]
+#[error("source.consul.{key}: {path}: {reason}")]
+pub struct TlsSetupError {
+    key: &'static str,
+    path: String,
+    reason: String,
 }
 
 /// Why a Consul call failed.
@@ -62,15 +77,21 @@ pub struct Answer {
 
 impl ConsulClient {
     /// A client for `cfg`; the ACL token is read from `cfg.token_env`.
-    pub fn new(cfg: &ConsulSource) -> ConsulClient {
+    /// Fails when a TLS file cannot be read or used.
+    pub fn new(cfg: &ConsulSource) -> Result<ConsulClient, TlsSetupError> {
         let token = std::env::var(&cfg.token_env).ok().filter(|t| !t.is_empty());
-        ConsulClient {
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(cfg)?)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(ConsulClient {
             base: cfg.addr.trim_end_matches('/').to_owned(),
             token,
             datacenter: cfg.datacenter.clone(),
             stale: cfg.stale,
-            http: Client::builder(TokioExecutor::new()).build_http(),
-        }
+            http: Client::builder(TokioExecutor::new()).build(connector),
+        })
     }
 
     /// GET `path` as a blocking query at `index` (0: answer at once);
@@ -130,7 +151,7 @@ impl ConsulClient {
                 .http
                 .request(req)
                 .await
-                .map_err(|e| ConsulError::Transport(e.to_string()))?;
+                .map_err(|e| ConsulError::Transport(causes(&e)))?;
             let status = resp.status();
             let index = resp
                 .headers()
@@ -152,6 +173,74 @@ impl ConsulClient {
         tokio::time::timeout(limit, work)
             .await
             .map_err(|_| ConsulError::Transport("read timed out".into()))?
+    }
+}
+
+/// An error and its sources, `: `-joined (hyper's own message alone says
+/// only "client error (Connect)", not which certificate was refused).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The TLS settings for an `https://` Consul (unused for `http://`): the
+/// CAs of `ca_file` or the system's roots, and the client certificate.
+fn tls_config(cfg: &ConsulSource) -> Result<rustls::ClientConfig, TlsSetupError> {
+    let fail = |key: &'static str, path: &Path, reason: String| TlsSetupError {
+        key,
+        path: path.display().to_string(),
+        reason,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| fail("ca_file", path, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(fail("ca_file", path, "no certificate in the file".into()));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| fail("ca_file", path, e.to_string()))?;
+            }
+        }
+        None if cfg.addr.starts_with("https://") => {
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::warn!(error = %e, "reading the system's trusted roots");
+            }
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                tracing::warn!("no trusted roots found on this system: set source.consul.ca_file");
+            }
+        }
+        None => {}
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail("addr", Path::new(&cfg.addr), e.to_string()))?
+        .with_root_certificates(roots);
+    match (&cfg.cert_file, &cfg.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| fail("cert_file", cert, e.to_string()))?;
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| fail("key_file", key, e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| fail("key_file", key, e.to_string()))
+        }
+        _ => Ok(builder.with_no_client_auth()),
     }
 }
 
@@ -229,8 +318,7 @@ impl Blocking {
 }
 
 /// Watches the catalog and every wanted service until the task is dropped.
-pub async fn run(cfg: ConsulSource, subset_key: String, state: Arc<State>) {
-    let client = ConsulClient::new(&cfg);
+pub async fn run(cfg: ConsulSource, client: ConsulClient, subset_key: String, state: Arc<State>) {
     let mut watches: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut blocking = Blocking::new();
     loop {

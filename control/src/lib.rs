@@ -28,20 +28,36 @@ pub enum Error {
     /// The metrics registry refused a family (a bug).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A Consul TLS file cannot be read or used.
+    #[error(transparent)]
+    ConsulTls(#[from] consul::TlsSetupError),
 }
 
 /// A control plane, ready to run.
 pub struct Control {
     config: ControlConfig,
     state: Arc<State>,
+    /// Where endpoints come from, ready to follow (a Consul client is
+    /// built, and its TLS files read, before anything runs).
+    source: Endpoints,
+}
+
+enum Endpoints {
+    Consul(Box<(almond_config::ConsulSource, ConsulClient)>),
+    File(std::path::PathBuf),
 }
 
 impl Control {
     /// Builds the control plane for a checked config.
     pub fn new(config: ControlConfig) -> Result<Control, Error> {
+        let source = match &config.source {
+            Source::Consul(c) => Endpoints::Consul(Box::new((c.clone(), ConsulClient::new(c)?))),
+            Source::File(dir) => Endpoints::File(dir.clone()),
+        };
         Ok(Control {
             config,
             state: Arc::new(State::new()?),
+            source,
         })
     }
 
@@ -60,9 +76,11 @@ impl Control {
     /// Runs the source and the API on `listener` until `shutdown`.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let store = Arc::new(match (&self.config.store, &self.config.source) {
-            (StoreKind::Consul, Source::Consul(c)) => Store::Consul(Box::new(ConsulClient::new(c))),
-            (StoreKind::Consul, Source::File(_)) => {
+        let store = Arc::new(match (&self.config.store, &self.source) {
+            (StoreKind::Consul, Endpoints::Consul(consul)) => {
+                Store::Consul(Box::new(consul.1.clone()))
+            }
+            (StoreKind::Consul, Endpoints::File(_)) => {
                 tracing::warn!("store: consul needs a consul source; using the policy file");
                 self.file_store()
             }
@@ -83,13 +101,14 @@ impl Control {
             .as_ref()
             .and_then(|env| std::env::var(env).ok())
             .filter(|t| !t.is_empty());
-        let source = match self.config.source.clone() {
-            Source::Consul(consul) => tokio::spawn(consul::run(
-                consul,
+        let source = match &self.source {
+            Endpoints::Consul(consul) => tokio::spawn(consul::run(
+                consul.0.clone(),
+                consul.1.clone(),
                 self.config.subset_key.clone(),
                 self.state.clone(),
             )),
-            Source::File(dir) => tokio::spawn(file::run(dir, self.state.clone())),
+            Endpoints::File(dir) => tokio::spawn(file::run(dir.clone(), self.state.clone())),
         };
         let api = Arc::new(api::Api {
             state: self.state.clone(),

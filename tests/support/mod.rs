@@ -28,6 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod pki;
+
 /// How long any single step may take before the test fails: generous, for a
 /// loaded two-core machine running debug builds.
 pub const DEADLINE: Duration = Duration::from_secs(30);
