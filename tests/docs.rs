@@ -92,7 +92,7 @@ fn fully_populated() -> ProxyConfig {
         listeners,
         limits,
         services,
-        tracing: _,
+        tracing,
         access_log,
         tls,
     } = &mut config;
@@ -105,6 +105,22 @@ fn fully_populated() -> ProxyConfig {
         key: "/etc/almond/tls/key.pem".into(),
         ca: "/etc/almond/tls/ca.pem".into(),
     });
+    let almond_config::Otlp {
+        endpoint: _,
+        queue: _,
+        batch: _,
+        flush_interval: _,
+        timeout: _,
+        service_name,
+    } = tracing.otlp.get_or_insert_with(|| almond_config::Otlp {
+        endpoint: "http://127.0.0.1:4318/v1/traces".to_owned(),
+        queue: 2048,
+        batch: 512,
+        flush_interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(5),
+        service_name: None,
+    });
+    service_name.get_or_insert_with(|| "web".to_owned());
     access_log.get_or_insert_with(|| almond_config::AccessLog {
         format: almond_config::AccessLogFormat::Json,
         path: Some("/var/log/almond/access.log".into()),

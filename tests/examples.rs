@@ -1,5 +1,5 @@
 //! The configs the project ships must load, so they can never rot: every
-//! `examples/*.yaml` (and `*.json`), and the benchmark template in
+//! `examples/*.yaml` (and `*.json`), and the benchmark templates in
 //! `benches/` rendered with sample values.
 
 // Helpers may panic too: in a test, a panic is a failed test.
@@ -82,8 +82,13 @@ fn check_config_accepts_every_example() {
 /// `benches/almond.yaml.tmpl` with its placeholders filled as the bench
 /// harness fills them.
 fn render_bench_template(proto: &str) -> String {
-    let template = std::fs::read_to_string(root().join("benches/almond.yaml.tmpl"))
-        .expect("benches/almond.yaml.tmpl exists");
+    render_template("benches/almond.yaml.tmpl", proto)
+}
+
+/// A bench template (path from the root) rendered as the harness does.
+fn render_template(path: &str, proto: &str) -> String {
+    let template =
+        std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
     let rendered = template
         .replace("{admin_port}", "18149")
         .replace("{port}", "18140")
@@ -112,5 +117,16 @@ fn the_bench_template_loads_for_both_protocols() {
         let bench = &config.services["bench"];
         assert_eq!(bench.protocol, expected);
         assert_eq!(bench.endpoints.len(), 2);
+    }
+}
+
+#[test]
+fn the_tracing_bench_templates_load() {
+    for (name, otlp) in [("off", false), ("1pct", true), ("100pct", true)] {
+        let path = format!("benches/tracing/almond-{name}.yaml.tmpl");
+        let text = render_template(&path, "http1");
+        let config = load_proxy(&text, &path).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(config.tracing.otlp.is_some(), otlp, "{path}");
+        assert_eq!(config.services["bench"].endpoints.len(), 2);
     }
 }

@@ -20,7 +20,7 @@ pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
     load_services, validate_proxy, Strictness,
 };
-pub use observe::{AccessLog, AccessLogFormat, Tracing};
+pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing};
 pub use problem::{Problem, Problems};
 pub use proxy::{
     CircuitBreaker, Condition, Direction, Endpoint, Lb, Limits, Listener, Protocol, ProxyConfig,

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -21,8 +21,9 @@ use tokio::time::Instant;
 /// Lines the writer formats and writes per system call, at most.
 const BATCH: usize = 256;
 
-/// What the request path learned of one request, stage by stage.
-#[derive(Default)]
+/// What the request path learned of one request, stage by stage (read by
+/// the access log and by span export).
+#[derive(Default, Clone)]
 pub struct Observed {
     /// The service, once routed.
     pub service: Option<Arc<str>>,
@@ -36,6 +37,16 @@ pub struct Observed {
     pub direction: Direction,
     /// Whether the response came from an endpoint (not from the proxy).
     pub upstream_answered: bool,
+    /// Arrival to the first try's send: routing, admission, reading a
+    /// replayable body, balancing.
+    pub queue: Duration,
+    /// Opening the upstream connection on the last try; `None`: pooled.
+    pub connect: Option<Duration>,
+    /// The last try, from its send to the response's headers (its
+    /// connect included).
+    pub upstream: Duration,
+    /// Request body size of the last try, when declared.
+    pub request_bytes: Option<u64>,
 }
 
 /// One access log line, before formatting.

@@ -7,6 +7,8 @@
 //! accrual) and [`retry`] (safe retries in a budget), and counted in
 //! [`metrics`].
 //! [`admin`] serves the proxy's own endpoints.
+//! [`trace`] stamps request IDs and trace context; [`otlp`] exports a span
+//! per sampled request, [`access_log`] a line per request.
 //! [`tls`] holds the mTLS identity: `tls` listeners handshake with it in
 //! [`listen`], `tls` services' [`upstream`] connections present it.
 
@@ -21,6 +23,7 @@ pub mod headers;
 pub mod listen;
 pub mod metrics;
 pub mod observe;
+pub mod otlp;
 pub mod outcome;
 pub mod retry;
 pub mod route;
@@ -265,13 +268,17 @@ impl Proxy {
             Ok(()) => tracing::info!("drained"),
             Err(_) => tracing::warn!("drain timeout: closing remaining connections"),
         }
+        // Spans of the drained requests: flushed, within the export timeout.
+        if let Some(spans) = &self.shared.observe.spans {
+            spans.shutdown().await;
+        }
         let _ = admin_stop.send(true);
         let _ = admin.await;
     }
 }
 
 /// This host's name (the default proxy ID).
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_owned())

@@ -30,6 +30,11 @@ pub struct Metrics {
     retries: IntCounterVec,
     split_weight: IntGaugeVec,
     access_log_dropped: IntCounterVec,
+    trace_spans_dropped: IntCounterVec,
+    /// Spans the collector accepted (`tracing.otlp`).
+    pub trace_spans_exported: IntCounter,
+    /// Export requests that failed or timed out (`tracing.otlp`).
+    pub trace_export_errors: IntCounter,
     /// Requests the proxy could not route: no host, an unknown service or
     /// an unknown pinned subset (no labels: their values would come from the
     /// request).
@@ -131,6 +136,24 @@ impl Metrics {
         for reason in ["queue_full", "rate_limit"] {
             access_log_dropped.with_label_values(&[reason]);
         }
+        let trace_spans_dropped = IntCounterVec::new(
+            Opts::new(
+                "almond_trace_spans_dropped_total",
+                "Spans not exported: export queue full, or the export failed.",
+            ),
+            &["reason"],
+        )?;
+        for reason in ["queue_full", "export_failed"] {
+            trace_spans_dropped.with_label_values(&[reason]);
+        }
+        let trace_spans_exported = IntCounter::new(
+            "almond_trace_spans_exported_total",
+            "Spans sent to the OTLP collector and accepted.",
+        )?;
+        let trace_export_errors = IntCounter::new(
+            "almond_trace_export_errors_total",
+            "OTLP export requests that failed or timed out.",
+        )?;
         let unroutable = IntCounter::new(
             "almond_unroutable_requests_total",
             "Requests that named no known service or subset, or no host.",
@@ -160,6 +183,9 @@ impl Metrics {
         registry.register(Box::new(tls_denied.clone()))?;
         registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
+        registry.register(Box::new(trace_spans_dropped.clone()))?;
+        registry.register(Box::new(trace_spans_exported.clone()))?;
+        registry.register(Box::new(trace_export_errors.clone()))?;
         registry.register(Box::new(config_index.clone()))?;
         registry.register(Box::new(control_connected.clone()))?;
         #[cfg(target_os = "linux")]
@@ -177,6 +203,9 @@ impl Metrics {
             retries,
             split_weight,
             access_log_dropped,
+            trace_spans_dropped,
+            trace_spans_exported,
+            trace_export_errors,
             unroutable,
             tls_denied,
             tls_handshake_failures,
@@ -249,6 +278,11 @@ impl Metrics {
     /// The access log's drop counter for `reason` (`queue_full`, `rate_limit`).
     pub fn access_log_dropped(&self, reason: &str) -> IntCounter {
         self.access_log_dropped.with_label_values(&[reason])
+    }
+
+    /// The span drop counter for `reason` (`queue_full`, `export_failed`).
+    pub fn trace_spans_dropped(&self, reason: &str) -> IntCounter {
+        self.trace_spans_dropped.with_label_values(&[reason])
     }
 
     /// The retry counter of a service.

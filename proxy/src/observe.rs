@@ -1,9 +1,11 @@
 //! Observe: the proxy's observability settings, shared by every request
-//! (`serve` reads them) and by the admin listener (`PUT /log-level`).
+//! (`serve` reads them: sampling, access log, span export) and by the
+//! admin listener (`PUT /log-level`).
 
 use crate::access_log::AccessLog;
 use crate::body::ResponseBody;
 use crate::metrics::Metrics;
+use crate::otlp::Spans;
 use crate::Shared;
 use almond_config::ProxyConfig;
 use http_body_util::{BodyExt, Limited};
@@ -20,6 +22,8 @@ pub struct Observe {
     pub sample_rate: f64,
     /// The access log, when configured.
     pub access_log: Option<AccessLog>,
+    /// Span export (`tracing.otlp`), when configured.
+    pub spans: Option<Spans>,
     /// The process's log filter, when the binary made it reloadable.
     pub log_level: OnceLock<LogLevel>,
 }
@@ -38,7 +42,8 @@ pub struct LogLevel {
 }
 
 impl Observe {
-    /// Reads `config`; starts the access log writer when one is configured.
+    /// Reads `config`; starts the access log writer and the span exporter
+    /// when they are configured.
     pub fn new(config: &ProxyConfig, metrics: &Metrics) -> Observe {
         Observe {
             sample_rate: config.tracing.sample_rate,
@@ -46,6 +51,12 @@ impl Observe {
                 .access_log
                 .as_ref()
                 .and_then(|c| AccessLog::start(c, metrics)),
+            spans: config.tracing.otlp.as_ref().and_then(|otlp| {
+                let name = (otlp.service_name.clone())
+                    .or_else(|| config.proxy_id.clone())
+                    .unwrap_or_else(crate::hostname);
+                Spans::start(otlp, name, metrics)
+            }),
             log_level: OnceLock::new(),
         }
     }

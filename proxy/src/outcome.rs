@@ -6,7 +6,10 @@
 //! builds error responses.
 
 use crate::body::ResponseBody;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
+
+/// The header naming why the proxy answered a request itself.
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-almond-error");
 
 /// The `code_class` label: the upstream's status class, or `error` when no
 /// upstream response arrived.
@@ -181,7 +184,7 @@ impl ErrorKind {
         let mut resp = Response::new(ResponseBody::full(text));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
-        headers.insert("x-almond-error", HeaderValue::from_static(self.reason()));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),

@@ -12,22 +12,28 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Sends `req` (already readied by `headers::to_upstream`) to `endpoint`.
 /// An upgrade request gets a connection of its own, then a tunnel.
+/// `connected` gets the time spent opening a connection, if one was opened.
 pub async fn forward(
     svc: &ServiceRoute,
     endpoint: &Arc<EndpointState>,
     req: Request<RequestBody>,
     downstream_upgrade: Option<OnUpgrade>,
+    connected: &mut Option<Duration>,
 ) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
     if let Some(downstream) = downstream_upgrade {
         // Boxed: upgrades are rare, and keep the common future small.
-        let mut sender =
-            match Box::pin(endpoint.connect_h1(svc.connect_timeout, svc.tls.as_deref())).await {
-                Ok(sender) => sender,
-                Err(kind) => return Err(SendError::unsent(kind, req)),
-            };
+        let start = Instant::now();
+        let opened = Box::pin(endpoint.connect_h1(svc.connect_timeout, svc.tls.as_deref())).await;
+        *connected = Some(start.elapsed());
+        let mut sender = match opened {
+            Ok(sender) => sender,
+            Err(kind) => return Err(SendError::unsent(kind, req)),
+        };
         let mut resp = sender
             .send_request(req)
             .await
@@ -40,13 +46,25 @@ pub async fn forward(
     match svc.protocol {
         Protocol::Http1 => {
             let (resp, sender) = endpoint
-                .send_h1(req, svc.connect_timeout, &svc.pending, svc.tls.as_deref())
+                .send_h1(
+                    req,
+                    svc.connect_timeout,
+                    &svc.pending,
+                    svc.tls.as_deref(),
+                    connected,
+                )
                 .await?;
             Ok((resp, Some(sender)))
         }
         Protocol::Http2 => Ok((
             endpoint
-                .send_h2(req, svc.connect_timeout, &svc.pending, svc.tls.as_deref())
+                .send_h2(
+                    req,
+                    svc.connect_timeout,
+                    &svc.pending,
+                    svc.tls.as_deref(),
+                    connected,
+                )
                 .await?,
             None,
         )),

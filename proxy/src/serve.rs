@@ -7,7 +7,8 @@
 use crate::access_log::{self, Entry, Observed};
 use crate::body::{RequestBody, ResponseBody};
 use crate::headers;
-use crate::outcome::{CodeClass, ErrorKind};
+use crate::otlp::Finished;
+use crate::outcome::{self, CodeClass, ErrorKind};
 use crate::retry::{idempotent, RetryPolicy};
 use crate::send::{self, Admitted, Finish};
 use crate::trace;
@@ -22,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::SystemTime;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -38,6 +40,9 @@ pub async fn handle(
     // Access log: decided up front, so an unlogged request copies nothing.
     let log = (shared.observe.access_log.as_ref()).filter(|log| log.admits(start));
     let head = log.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
+    // Spans: only sampled requests, and only when export is configured.
+    let spans = (shared.observe.spans.as_ref()).filter(|_| trace.sampled);
+    let span_head = spans.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
     let mut seen = Observed::default();
     // Logs: the request's debug lines carry its ID (a disabled span is free).
     let span = tracing::debug_span!("request", request_id = trace.request_id.to_str().ok());
@@ -45,6 +50,23 @@ pub async fn handle(
         .instrument(span)
         .await;
     trace.on_response(resp.headers_mut());
+    if let (Some(spans), Some((method, path))) = (spans, span_head) {
+        let end = SystemTime::now();
+        spans.record(Finished {
+            trace_id: trace.trace_id,
+            span_id: trace.span_id,
+            parent_id: trace.parent_id,
+            request_id: trace.request_id.clone(),
+            start: end.checked_sub(start.elapsed()).unwrap_or(end),
+            end,
+            method,
+            path,
+            status: resp.status().as_u16(),
+            error: resp.headers().get(outcome::ERROR_HEADER).cloned(),
+            observed: seen.clone(),
+            response_bytes: resp.body().size_hint().exact(),
+        });
+    }
     if let (Some(log), Some((method, path))) = (log, head) {
         let bytes = resp.headers().get(http::header::CONTENT_LENGTH);
         log.record(Entry {
@@ -143,17 +165,23 @@ async fn serve(
             return Ok(ErrorKind::Reset.response(&svc.name));
         };
         let method = req.method().clone();
+        seen.request_bytes = req.body().size_hint().exact();
 
         // Send, within the per-try and the request timeouts.
         let try_start = Instant::now();
+        if retries == 0 {
+            seen.queue = try_start.saturating_duration_since(start);
+        }
+        seen.connect = None;
         let budget = deadline.saturating_duration_since(try_start);
         let limit = svc.retry.per_try_timeout.map_or(budget, |t| t.min(budget));
         let sent = tokio::time::timeout(
             limit,
-            send::forward(&svc, &endpoint, req, on_upgrade.take()),
+            send::forward(&svc, &endpoint, req, on_upgrade.take(), &mut seen.connect),
         )
         .await;
         let now = Instant::now();
+        seen.upstream = now.saturating_duration_since(try_start);
 
         // Classify: feed failure accrual, then respond or retry.
         let (result, unsent, response) = match sent {

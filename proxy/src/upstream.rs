@@ -158,22 +158,30 @@ impl EndpointState {
 
     /// Sends over HTTP/1.1: an idle pooled connection if one is ready, else
     /// a new one. Returns the sender to pool once the response body ends.
+    /// `connected` gets the time spent opening a connection, if one was.
     pub async fn send_h1(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
         connect_timeout: Duration,
         pending: &Arc<Admission>,
         tls: Option<&Upstream>,
+        connected: &mut Option<Duration>,
     ) -> Result<(Response<Incoming>, H1Sender), SendError> {
         loop {
             let mut sender = match self.h1_idle.get().and_then(ArrayQueue::pop) {
                 Some(s) if !s.is_closed() => s,
                 Some(_) => continue,
                 // Boxed: connecting is rare, and keeps this future small.
-                None => match Box::pin(self.connect_pending(pending, connect_timeout, tls)).await {
-                    Ok(s) => s,
-                    Err(kind) => return Err(SendError::unsent(kind, req)),
-                },
+                None => {
+                    let start = Instant::now();
+                    let opened =
+                        Box::pin(self.connect_pending(pending, connect_timeout, tls)).await;
+                    *connected = Some(start.elapsed());
+                    match opened {
+                        Ok(s) => s,
+                        Err(kind) => return Err(SendError::unsent(kind, req)),
+                    }
+                }
             };
             if sender.ready().await.is_err() {
                 continue;
@@ -214,12 +222,14 @@ impl EndpointState {
 
     /// Sends over the endpoint's shared HTTP/2 connection, opening it first
     /// if there is none (one opener at a time; the others wait for it).
+    /// `connected` gets the time spent opening the connection, if it was.
     pub async fn send_h2(
         self: &Arc<Self>,
         req: Request<RequestBody>,
         connect_timeout: Duration,
         pending: &Arc<Admission>,
         tls: Option<&Upstream>,
+        connected: &mut Option<Duration>,
     ) -> Result<Response<Incoming>, SendError> {
         let mut sender = match self.live_h2() {
             Some(s) => s,
@@ -230,13 +240,18 @@ impl EndpointState {
                 let _guard = self.h2_connecting.lock().await;
                 match self.live_h2() {
                     Some(s) => s,
-                    None => match Box::pin(self.connect_h2(connect_timeout, tls)).await {
-                        Ok(s) => {
-                            self.h2.store(Some(Arc::new(s.clone())));
-                            s
+                    None => {
+                        let start = Instant::now();
+                        let opened = Box::pin(self.connect_h2(connect_timeout, tls)).await;
+                        *connected = Some(start.elapsed());
+                        match opened {
+                            Ok(s) => {
+                                self.h2.store(Some(Arc::new(s.clone())));
+                                s
+                            }
+                            Err(kind) => return Err(SendError::unsent(kind, req)),
                         }
-                        Err(kind) => return Err(SendError::unsent(kind, req)),
-                    },
+                    }
                 }
             }
         };
