@@ -67,37 +67,54 @@ impl Target {
     }
 }
 
-/// Parses `v1=90 v2=10`.
-pub fn parse_weights(pairs: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
-    pairs
-        .iter()
-        .map(|p| {
-            let (k, v) = p
-                .split_once('=')
-                .ok_or_else(|| anyhow!("{p:?} is not SUBSET=WEIGHT"))?;
-            let v: u32 = v
-                .trim_end_matches('%')
-                .parse()
-                .map_err(|_| anyhow!("weight {v:?} of {k} is not a whole number"))?;
-            Ok((k.to_owned(), v))
-        })
-        .collect()
+/// Parses one `v1=90` (a clap value parser: a bad pair is a usage error).
+pub fn parse_pair(p: &str) -> Result<(String, u32), String> {
+    let (k, v) = p
+        .split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{p:?} is not SUBSET=WEIGHT"))?;
+    let v: u32 = v
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("weight {v:?} of {k} is not a whole number"))?;
+    Ok((k.to_owned(), v))
+}
+
+/// Collects pairs into weights; a subset named twice is a usage error.
+pub fn weights(pairs: Vec<(String, u32)>) -> Result<BTreeMap<String, u32>, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in pairs {
+        if out.insert(k.clone(), v).is_some() {
+            return Err(format!("subset {k} is given twice"));
+        }
+    }
+    Ok(out)
 }
 
 /// `almond shift SERVICE SUBSET=WEIGHT...`
+/// `sticky`: `Some(name)` sets the sticky header, `Some("")` turns it
+/// off, `None` keeps the one in force.
 pub async fn shift(
     t: &Target,
     service: &str,
     weights: BTreeMap<String, u32>,
     allow_empty: Vec<String>,
+    sticky: Option<String>,
     action: &str,
 ) -> anyhow::Result<()> {
-    let body = json!({ "weights": weights, "allow_empty": allow_empty, "action": action });
+    let mut body = json!({ "weights": weights, "allow_empty": allow_empty, "action": action });
+    if let Some(header) = sticky {
+        body["sticky_header"] = json!(header);
+    }
     let path = format!("/v1/services/{service}/split");
     let out = t.call(http::Method::PUT, &path, Some(body)).await?;
     t.print(&out, || {
+        let sticky = match out["policy"]["sticky_header"].as_str() {
+            Some(h) => format!(", sticky on {h}"),
+            None => String::new(),
+        };
         format!(
-            "{service}: split is now {} (version {})",
+            "{service}: split is now {}{sticky} (version {})",
             show(&out["policy"]["split"]),
             out["policy"]["version"]
         )
@@ -126,7 +143,7 @@ pub async fn promote(t: &Target, service: &str, subset: &str) -> anyhow::Result<
         }
     }
     weights.insert(subset.to_owned(), 100);
-    shift(t, service, weights, Vec::new(), "promote").await
+    shift(t, service, weights, Vec::new(), None, "promote").await
 }
 
 /// `almond rollback SERVICE`
@@ -276,32 +293,32 @@ fn describe_rollout(service: &str, r: &Value) -> String {
     s
 }
 
-/// Parses `1%`, `0.5%` or `0.01` into a fraction.
-pub fn parse_rate(text: &str) -> anyhow::Result<f64> {
+/// Parses `1%`, `0.5%` or `0.01` into a fraction (a clap value parser).
+pub fn parse_rate(text: &str) -> Result<f64, String> {
     let v = match text.strip_suffix('%') {
         Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
         None => text.trim().parse::<f64>(),
     }
-    .map_err(|_| anyhow!("{text:?} is not a rate like 1% or 0.01"))?;
+    .map_err(|_| format!("{text:?} is not a rate like 1% or 0.01"))?;
     if !(0.0..=1.0).contains(&v) {
-        bail!("{text:?} is not between 0% and 100%");
+        return Err(format!("{text:?} is not between 0% and 100%"));
     }
     Ok(v)
 }
 
-/// Parses `30s`, `500ms`, `2m` into seconds.
-pub fn parse_seconds(text: &str) -> anyhow::Result<f64> {
+/// Parses `30s`, `500ms`, `2m` into seconds (a clap value parser).
+pub fn parse_seconds(text: &str) -> Result<f64, String> {
     let (num, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(text.len()),
     );
     let n: f64 = num
         .parse()
-        .map_err(|_| anyhow!("{text:?} is not a duration like 30s"))?;
+        .map_err(|_| format!("{text:?} is not a duration like 30s"))?;
     Ok(match unit {
         "" | "s" => n,
         "ms" => n / 1000.0,
         "m" => n * 60.0,
-        _ => bail!("{text:?} is not a duration like 30s, 500ms or 2m"),
+        _ => return Err(format!("{text:?} is not a duration like 30s, 500ms or 2m")),
     })
 }

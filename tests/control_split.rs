@@ -453,12 +453,35 @@ async fn cli_rollback_promote_exit_codes_and_json() {
         let (code, out, err) = run_ops(&args).await;
         assert_eq!(code, Some(2), "{args:?}: stdout: {out}\nstderr: {err}");
     }
-    // A weight that is not SUBSET=WEIGHT is refused before any request
-    // (today with 1, from the weight parser, rather than clap's 2: either
-    // is a refusal, and nothing reaches the control plane).
-    let (code, _, err) = run_ops(&c.ops(&url, &["shift", "s", "v1:90"])).await;
-    assert!(matches!(code, Some(1 | 2)), "{err}");
+    // Argument-shaped mistakes are usage errors too (exit 2), refused
+    // before any request: nothing reaches the control plane.
+    for args in [
+        vec!["shift", "s", "v1:90"],
+        vec!["shift", "s", "v1=ninety"],
+        vec!["shift", "s", "v1=50", "v1=50"],
+        vec![
+            "shift",
+            "s",
+            "v1=100",
+            "--sticky-header",
+            "x",
+            "--no-sticky",
+        ],
+        vec!["rollout", "s", "--canary", "v2", "--interval", "soon"],
+        vec!["rollout", "s", "--canary", "v2", "--max-error-rate", "150%"],
+        vec!["status", "s", "-o", "yaml"],
+    ] {
+        let args = c.ops(&url, &args);
+        let (code, out, err) = run_ops(&args).await;
+        assert_eq!(code, Some(2), "{args:?}: stdout: {out}\nstderr: {err}");
+        assert!(err.contains("error:"), "{err}");
+    }
     assert_eq!(c.policy().await["split"], split(0, 100));
+    assert!(c.policy().await["rollout"].is_null());
+    // An unknown service is a refusal (404): exit 1, one line.
+    let (code, _, err) = run_ops(&c.ops(&url, &["status", "nope"])).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // `status -o json` parses.
     let (code, out, err) = run_ops(&c.ops(&url, &["status", "s", "-o", "json"])).await;

@@ -1,7 +1,7 @@
 //! API: the long-poll snapshots proxies follow, the service views
 //! operators read, `/metrics`, `/ready`, `/live`.
 
-use crate::policy::{check_split, Policy, Refusal, Weights};
+use crate::policy::{check_split, check_sticky, Policy, Refusal, Weights};
 use crate::state::State;
 use crate::store::{now_ms, Store};
 use crate::watcher::apply_next;
@@ -193,6 +193,10 @@ struct SplitRequest {
     /// `shift` (default), `promote`, ...
     #[serde(default)]
     action: Option<String>,
+    /// Header that keeps a user on one side: a name sets it, `""` turns
+    /// stickiness off, absent (or null) keeps what is in force.
+    #[serde(default)]
+    sticky_header: Option<String>,
 }
 
 /// Checks the token, validates, writes the store with check-and-set, and
@@ -251,7 +255,9 @@ async fn mutate(
                     return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
                 }
             };
-            if let Err(r) = check_split(&request.weights, &service, &request.allow_empty) {
+            if let Err(r) = check_split(&request.weights, &service, &request.allow_empty)
+                .and_then(|()| check_sticky(request.sticky_header.as_deref()))
+            {
                 return refusal(r);
             }
             if let Some(v) = request.version.filter(|v| *v != current.version) {
@@ -261,7 +267,9 @@ async fn mutate(
                 )));
             }
             let action = request.action.as_deref().unwrap_or("shift");
-            current.with_split(request.weights, &by, action, now)
+            current
+                .with_split(request.weights, &by, action, now)
+                .with_sticky_header(request.sticky_header)
         }
         Mutation::Rollback => match current.rolled_back(&by, now) {
             Ok(p) => p,
