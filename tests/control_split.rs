@@ -543,3 +543,174 @@ async fn the_audit_trail_lists_every_change_in_order() {
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     assert!(history.iter().all(|h| h["by"].is_string()));
 }
+
+// ---------------------------------------------------------------------------
+// Sticky splits
+// ---------------------------------------------------------------------------
+
+/// Users in these tests: `user-0` .. `user-199`.
+const USERS: usize = 200;
+
+/// Sends `rounds` requests per user (header `x-user-id: user-N`, on four
+/// connections) and returns the subset each user landed on, asserting
+/// that every request of a user landed on the same one.
+async fn sticky_round(proxy: std::net::SocketAddr, host: &str, rounds: usize) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for part in 0..4 {
+        let host = host.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut c = H1::connect(proxy).await;
+            let mut out = Vec::new();
+            for user in (part..USERS).step_by(4) {
+                let mut seen = Vec::new();
+                for _ in 0..rounds {
+                    let mut req = h1_get(&host, "/");
+                    req.headers_mut()
+                        .insert("x-user-id", format!("user-{user}").parse().unwrap());
+                    let reply = c.request(req).await;
+                    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+                    // v1a and v1b are both subset v1.
+                    seen.push(reply.backend().trim_end_matches(['a', 'b']).to_owned());
+                }
+                seen.dedup();
+                assert_eq!(seen.len(), 1, "user-{user} moved within a split: {seen:?}");
+                out.push((user, seen.remove(0)));
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    all.into_iter().map(|(_, subset)| subset).collect()
+}
+
+/// Users on v2 must be a binomial share of `USERS` at `percent`: within
+/// five standard deviations (a user's side is a fixed hash of its ID, so
+/// the count is deterministic; the bound says the hash spreads them).
+fn assert_binomial(on_v2: usize, percent: f64) {
+    let p = percent / 100.0;
+    let mean = USERS as f64 * p;
+    let sigma = (USERS as f64 * p * (1.0 - p)).sqrt();
+    assert!(
+        (on_v2 as f64 - mean).abs() <= 5.0 * sigma,
+        "{on_v2} of {USERS} users on v2 at {percent}% (mean {mean}, sigma {sigma:.1})"
+    );
+}
+
+#[tokio::test]
+async fn stickiness_keeps_users_on_one_side_through_the_control_plane() {
+    let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_STICKY").await;
+    let url = c.control.url();
+
+    // 90/10, sticky on x-user-id, through the API.
+    let reply = c
+        .control
+        .put_split(
+            "s",
+            &json!({ "weights": split(90, 10), "sticky_header": "x-user-id" }),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["policy"]["sticky_header"], "x-user-id");
+    c.proxy_split(&[("v1", 90.0), ("v2", 10.0)]).await;
+    eventually("the proxy's config is sticky", || async {
+        c.proxy
+            .admin_get("/config")
+            .await
+            .text()
+            .contains("x-user-id")
+    })
+    .await;
+
+    let at_10 = sticky_round(c.proxy.addr(), "s", 5).await;
+    let on_v2: Vec<usize> = (0..USERS).filter(|u| at_10[*u] == "v2").collect();
+    assert!(!on_v2.is_empty(), "some users are on the canary");
+    assert_binomial(on_v2.len(), 10.0);
+    // The header is the application's: it reached the backend unchanged.
+    let last = c.v2.last();
+    let id = last.headers.get("x-user-id").and_then(|v| v.to_str().ok());
+    assert!(id.is_some_and(|id| id.starts_with("user-")), "{last:?}");
+    // Every proxy agrees: the side is a fixed hash of the value, which
+    // this process computes the same way.
+    for (user, subset) in at_10.iter().enumerate() {
+        let h = almond_proxy::split::hash(format!("user-{user}").as_bytes());
+        let point = ((u128::from(h) * 100) >> 64) as u32;
+        assert_eq!(subset, if point < 90 { "v1" } else { "v2" }, "user-{user}");
+    }
+    // A pin still wins over the sticky header.
+    let mut req = h1_get("s", "/");
+    req.headers_mut()
+        .insert("x-user-id", format!("user-{}", on_v2[0]).parse().unwrap());
+    req.headers_mut()
+        .insert("x-almond-subset", "v1".parse().unwrap());
+    assert!(H1::connect(c.proxy.addr())
+        .await
+        .request(req)
+        .await
+        .backend()
+        .starts_with("v1"));
+
+    // 50/50 by the CLI, without --sticky-header: stickiness is kept, and
+    // every user who was on v2 is still there (users only move to v2).
+    let (code, out, err) = run_ops(&c.ops(&url, &["shift", "s", "v1=50", "v2=50"])).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("sticky on x-user-id"), "{out}");
+    c.proxy_split(&[("v1", 50.0), ("v2", 50.0)]).await;
+    let at_50 = sticky_round(c.proxy.addr(), "s", 5).await;
+    for u in &on_v2 {
+        assert_eq!(at_50[*u], "v2", "user-{u} went back to v1 as v2 grew");
+    }
+    let now_v2 = at_50.iter().filter(|s| *s == "v2").count();
+    assert!(now_v2 > on_v2.len(), "more users on v2 at 50%");
+    assert_binomial(now_v2, 50.0);
+
+    // --no-sticky turns it off; the policy shows it.
+    let (code, out, err) =
+        run_ops(&c.ops(&url, &["shift", "s", "v1=50", "v2=50", "--no-sticky"])).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(c.policy().await["sticky_header"].is_null());
+    // A bad header name is refused by the API: exit 1, nothing changed.
+    let (code, _, err) = run_ops(&c.ops(
+        &url,
+        &[
+            "shift",
+            "s",
+            "v1=90",
+            "v2=10",
+            "--sticky-header",
+            "x-almond-subset",
+        ],
+    ))
+    .await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("routing header"), "{err}");
+    assert_eq!(c.policy().await["split"], split(50, 50));
+}
+
+#[tokio::test]
+async fn stickiness_from_a_static_config() {
+    let v1 = Backend::start("v1").await;
+    let v2 = Backend::start("v2").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("s")
+                .endpoint(v1.addr, "v1", 1)
+                .endpoint(v2.addr, "v2", 1)
+                .set("split", "{ v1: 90, v2: 10, sticky_header: x-user-id }"),
+        )
+        .start()
+        .await;
+    let sides = sticky_round(proxy.addr(), "s", 5).await;
+    let on_v2 = sides.iter().filter(|s| *s == "v2").count();
+    assert!(on_v2 > 0);
+    assert_binomial(on_v2, 10.0);
+    assert!(v2.last().headers.contains_key("x-user-id"));
+    // A second round (new connections) lands everyone on the same side.
+    let again = sticky_round(proxy.addr(), "s", 1).await;
+    assert_eq!(sides, again);
+}
