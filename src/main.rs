@@ -79,10 +79,14 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
-    /// Subsets, weights and endpoints of one service or all.
+    /// Subsets, weights, endpoints healthy/total and live rps, success
+    /// rate and p99 (from the proxies' metrics) of one service or all.
     Status {
         /// The service (default: all).
         service: Option<String>,
+        /// How long the live figures are measured over (up to 10s).
+        #[arg(long, default_value = "1s", value_parser = ops::parse_window)]
+        window: std::time::Duration,
         #[command(flatten)]
         ops: OpsArgs,
     },
@@ -245,9 +249,11 @@ fn main() -> ExitCode {
             };
             block_on(ops::rollout(&ops.target(), &service, action))
         }
-        Command::Status { service, ops } => {
-            block_on(ops::status(&ops.target(), service.as_deref()))
-        }
+        Command::Status {
+            service,
+            window,
+            ops,
+        } => block_on(ops::status(&ops.target(), service.as_deref(), window)),
         Command::CheckConfig { file } => return check_config(&file),
         Command::Demo {
             duration,

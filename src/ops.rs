@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Where and how to reach the control plane.
+#[derive(Clone)]
 pub struct Target {
     /// Base URL, e.g. `http://127.0.0.1:4180`.
     pub control: String,
@@ -159,8 +160,10 @@ pub async fn rollback(t: &Target, service: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `almond status [SERVICE]`
-pub async fn status(t: &Target, service: Option<&str>) -> anyhow::Result<()> {
+/// `almond status [SERVICE]`: per service and subset, the weight,
+/// endpoints healthy/total, and live rps / success rate / p99 measured by
+/// the control plane over `window` (all services at once).
+pub async fn status(t: &Target, service: Option<&str>, window: Duration) -> anyhow::Result<()> {
     let names: Vec<String> = match service {
         Some(s) => vec![s.to_owned()],
         None => {
@@ -171,46 +174,109 @@ pub async fn status(t: &Target, service: Option<&str>) -> anyhow::Result<()> {
                 .unwrap_or_default()
         }
     };
-    let mut views = Vec::new();
-    for name in &names {
-        views.push(
-            t.call(http::Method::GET, &format!("/v1/services/{name}"), None)
-                .await?,
-        );
-    }
+    let views = views(t, &names, window).await?;
     let out = Value::Array(views.clone());
     t.print(&out, || {
-        let mut s = String::new();
-        for v in &views {
-            let name = v["name"].as_str().unwrap_or("?");
-            s.push_str(&format!(
-                "{name} (index {}, split version {})\n",
-                v["index"], v["policy"]["version"]
-            ));
-            s.push_str("  SUBSET       WEIGHT  ENDPOINTS\n");
-            let mut subsets: BTreeMap<String, usize> = BTreeMap::new();
-            for e in v["service"]["endpoints"].as_array().into_iter().flatten() {
-                *subsets
-                    .entry(e["subset"].as_str().unwrap_or("?").to_owned())
-                    .or_default() += 1;
-            }
-            if let Some(split) = v["service"]["split"].as_object() {
-                for k in split.keys() {
-                    subsets.entry(k.clone()).or_default();
-                }
-            }
-            for (subset, n) in subsets {
-                let weight = match v["service"]["split"].get(&subset) {
-                    Some(w) => format!("{w}%"),
-                    None if v["service"]["split"].is_null() => "by weight".into(),
-                    None => "0%".into(),
-                };
-                s.push_str(&format!("  {subset:<12} {weight:>7}  {n} healthy\n"));
-            }
-        }
-        s.trim_end().to_owned()
+        views
+            .iter()
+            .map(table)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim_end()
+            .to_owned()
     });
     Ok(())
+}
+
+/// `GET /v1/services/{name}` for each name, each with a `live` field: its
+/// `GET .../live` answer (null when that failed: the figures show `-`).
+/// The live windows of all services run at once.
+pub async fn views(t: &Target, names: &[String], window: Duration) -> anyhow::Result<Vec<Value>> {
+    let mut live = tokio::task::JoinSet::new();
+    for (i, name) in names.iter().enumerate() {
+        let t = t.clone();
+        let path = format!("/v1/services/{name}/live?window={}ms", window.as_millis());
+        live.spawn(async move { (i, t.get(&path).await) });
+    }
+    let mut views = Vec::new();
+    for name in names {
+        views.push(t.get(&format!("/v1/services/{name}")).await?);
+    }
+    while let Some(joined) = live.join_next().await {
+        let Ok((i, answer)) = joined else { continue };
+        if let (Some(v), Ok(l)) = (views.get_mut(i), answer) {
+            v["live"] = l;
+        }
+    }
+    for v in &mut views {
+        if v.get("live").is_none() {
+            v["live"] = Value::Null;
+        }
+    }
+    Ok(views)
+}
+
+/// One service's status table.
+pub fn table(v: &Value) -> String {
+    let name = v["name"].as_str().unwrap_or("?");
+    let split = &v["service"]["split"];
+    let mut s = format!(
+        "{name} (index {}, split version {}",
+        v["index"], v["policy"]["version"]
+    );
+    if let Some(h) = split["sticky_header"].as_str() {
+        s.push_str(&format!(", sticky on {h}"));
+    }
+    s.push_str(")\n");
+    let live = &v["live"]["subsets"];
+    let mut subsets: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for map in [&v["subsets"], split, live] {
+        subsets.extend(
+            map.as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k.clone()),
+        );
+    }
+    subsets.remove("sticky_header");
+    s.push_str(&format!(
+        "  {:<12} {:>7} {:>10} {:>9} {:>8} {:>9}\n",
+        "SUBSET", "WEIGHT", "ENDPOINTS", "RPS", "SUCCESS", "P99"
+    ));
+    for subset in subsets {
+        let weight = match split.get(&subset) {
+            Some(w) => format!("{w}%"),
+            None if split.is_null() => "by weight".into(),
+            None => "0%".into(),
+        };
+        let counts = &v["subsets"][&subset];
+        let endpoints = format!(
+            "{}/{}",
+            counts["healthy"].as_u64().unwrap_or(0),
+            counts["total"].as_u64().unwrap_or(0)
+        );
+        let l = &live[&subset];
+        let dash = || "-".to_owned();
+        let rps = l["rps"]
+            .as_f64()
+            .filter(|_| l["requests"].as_u64() > Some(0))
+            .map_or_else(dash, |r| format!("{r:.1}"));
+        let success = l["success_rate"]
+            .as_f64()
+            .map_or_else(dash, |r| format!("{:.2}%", r * 100.0));
+        let p99 = l["p99_ms"]
+            .as_f64()
+            .map_or_else(dash, |p| format!("{p:.1}ms"));
+        s.push_str(&format!(
+            "  {subset:<12} {weight:>7} {endpoints:>10} {rps:>9} {success:>8} {p99:>9}\n"
+        ));
+    }
+    if v["live"].is_null() {
+        s.push_str("  (live figures unavailable)\n");
+    } else if v["live"]["proxies"].as_u64() == Some(0) {
+        s.push_str("  (no proxy has polled the control plane lately: no live figures)\n");
+    }
+    s
 }
 
 fn show(split: &Value) -> String {
@@ -321,4 +387,13 @@ pub fn parse_seconds(text: &str) -> Result<f64, String> {
         "m" => n * 60.0,
         _ => return Err(format!("{text:?} is not a duration like 30s, 500ms or 2m")),
     })
+}
+
+/// Parses a live window, 1ms to 10s (a clap value parser).
+pub fn parse_window(text: &str) -> Result<Duration, String> {
+    let seconds = parse_seconds(text)?;
+    if !(0.001..=10.0).contains(&seconds) {
+        return Err(format!("{text:?} is not between 1ms and 10s"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }

@@ -25,6 +25,8 @@ use tokio::sync::watch;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
+/// Longest window `GET /v1/services/{svc}/live` measures over.
+const MAX_LIVE_WINDOW: Duration = Duration::from_secs(10);
 
 /// What the API handlers share.
 pub struct Api {
@@ -120,12 +122,37 @@ async fn respond(
                 "index": state.index(),
                 "service": svc,
                 "policy": state.policy(name).unwrap_or_default(),
+                "subsets": subset_counts(state, name),
             })),
             None => text(
                 StatusCode::NOT_FOUND,
                 &format!("unknown service {name:?}\n"),
             ),
         },
+        ["v1", "services", name, "live"] if state.has_service(name) => {
+            let window = match query.get("window").map(|w| parse_wait(w)) {
+                None => Duration::from_secs(1),
+                Some(Some(w)) if !w.is_zero() && w <= MAX_LIVE_WINDOW => w,
+                Some(_) => {
+                    return Ok(text(
+                        StatusCode::BAD_REQUEST,
+                        "invalid window; use a duration from 1ms to 10s, like 2s\n",
+                    ))
+                }
+            };
+            let admins = state.proxy_admins(crate::watcher::PROXY_STALE);
+            let subsets = crate::live::measure(&admins, name, window).await;
+            json_ok(&json!({
+                "service": name,
+                "window_seconds": window.as_secs_f64(),
+                "proxies": admins.len(),
+                "subsets": subsets,
+            }))
+        }
+        ["v1", "services", name, "live"] => text(
+            StatusCode::NOT_FOUND,
+            &format!("unknown service {name:?}\n"),
+        ),
         ["v1", "services", name, "rollouts"] => match state.policy(name).and_then(|p| p.rollout) {
             Some(r) => json_ok(&r),
             None => text(StatusCode::NOT_FOUND, &format!("no rollout for {name:?}\n")),
@@ -451,6 +478,16 @@ async fn snapshot(
         resp.headers_mut().insert("x-almond-index", v);
     }
     resp
+}
+
+/// Per subset: `{"healthy": N, "total": M}` endpoints.
+fn subset_counts(state: &State, name: &str) -> serde_json::Value {
+    state
+        .endpoint_counts(name)
+        .into_iter()
+        .map(|(subset, (healthy, total))| (subset, json!({ "healthy": healthy, "total": total })))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Per service: subsets with healthy endpoint counts, and the split.
