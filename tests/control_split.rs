@@ -673,6 +673,22 @@ async fn stickiness_keeps_users_on_one_side_through_the_control_plane() {
         run_ops(&c.ops(&url, &["shift", "s", "v1=50", "v2=50", "--no-sticky"])).await;
     assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
     assert!(c.policy().await["sticky_header"].is_null());
+    // --sticky-header sets it (here with new weights in the same change).
+    let (code, out, err) = run_ops(&c.ops(
+        &url,
+        &[
+            "shift",
+            "s",
+            "v1=70",
+            "v2=30",
+            "--sticky-header",
+            "x-session",
+        ],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("sticky on x-session"), "{out}");
+    assert_eq!(c.policy().await["sticky_header"], "x-session");
     // A bad header name is refused by the API: exit 1, nothing changed.
     let (code, _, err) = run_ops(&c.ops(
         &url,
@@ -688,7 +704,8 @@ async fn stickiness_keeps_users_on_one_side_through_the_control_plane() {
     .await;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("routing header"), "{err}");
-    assert_eq!(c.policy().await["split"], split(50, 50));
+    assert_eq!(c.policy().await["split"], split(70, 30));
+    assert_eq!(c.policy().await["sticky_header"], "x-session");
 }
 
 #[tokio::test]

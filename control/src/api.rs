@@ -295,8 +295,9 @@ async fn mutate(
             }
             let action = request.action.as_deref().unwrap_or("shift");
             current
-                .with_split(request.weights, &by, action, now)
+                .clone()
                 .with_sticky_header(request.sticky_header)
+                .with_split(request.weights, &by, action, now)
         }
         Mutation::Rollback => match current.rolled_back(&by, now) {
             Ok(p) => p,
@@ -347,7 +348,7 @@ async fn mutate(
             )
         }
     }
-    tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, version = next.version, "split changed");
+    tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, sticky = ?next.sticky_header, version = next.version, "split changed");
     if let Some(r) = &next.rollout {
         api.state.metrics.rollout_step(name, r.canary_weight());
     }

@@ -56,6 +56,9 @@ pub struct Change {
     pub to: Option<Weights>,
     /// `shift`, `promote`, `rollback`, or a rollout step.
     pub action: String,
+    /// The sticky header in force after the change, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_header: Option<String>,
 }
 
 /// A refused change, with the HTTP status it maps to.
@@ -158,6 +161,7 @@ impl Policy {
             from,
             to: self.split.clone(),
             action: action.to_owned(),
+            sticky_header: self.sticky_header.clone(),
         });
         if self.history.len() > HISTORY {
             let cut = self.history.len() - HISTORY;
@@ -166,7 +170,8 @@ impl Policy {
     }
 
     /// The policy after setting (`Some(name)`) or clearing (`Some("")`)
-    /// the sticky header; `None` keeps it.
+    /// the sticky header; `None` keeps it. Call before [`Policy::with_split`]
+    /// so that the audit trail records it.
     pub fn with_sticky_header(mut self, header: Option<String>) -> Policy {
         if let Some(h) = header {
             self.sticky_header = (!h.is_empty()).then_some(h);
@@ -236,10 +241,11 @@ mod tests {
     #[test]
     fn the_sticky_header_outlives_weight_changes() {
         let p = Policy::default()
-            .with_split(w(&[("v1", 90), ("v2", 10)]), "ops", "shift", 1)
             .with_sticky_header(Some("x-user-id".into()))
-            .with_split(w(&[("v1", 50), ("v2", 50)]), "ops", "shift", 2)
-            .with_sticky_header(None);
+            .with_split(w(&[("v1", 90), ("v2", 10)]), "ops", "shift", 1)
+            .with_sticky_header(None)
+            .with_split(w(&[("v1", 50), ("v2", 50)]), "ops", "shift", 2);
+        assert_eq!(p.history[1].sticky_header.as_deref(), Some("x-user-id"));
         let served = p.apply(service()).split.unwrap_or_default();
         assert_eq!(served.sticky_header.as_deref(), Some("x-user-id"));
         assert_eq!(served.weights, w(&[("v1", 50), ("v2", 50)]));
