@@ -55,7 +55,7 @@ enum Command {
         allow_empty: Vec<String>,
         /// Keep each user on one side: hash this request header's value
         /// (e.g. x-user-id). Kept by later shifts until changed.
-        #[arg(long, value_name = "HEADER")]
+        #[arg(long, value_name = "HEADER", value_parser = ops::parse_sticky_header)]
         sticky_header: Option<String>,
         /// Turn stickiness off (random split per request).
         #[arg(long, conflicts_with = "sticky_header")]

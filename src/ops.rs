@@ -81,6 +81,12 @@ pub fn parse_pair(p: &str) -> Result<(String, u32), String> {
     Ok((k.to_owned(), v))
 }
 
+/// Checks a `--sticky-header` name (a clap value parser).
+pub fn parse_sticky_header(name: &str) -> Result<String, String> {
+    almond_config::check_sticky_header(name)?;
+    Ok(name.to_owned())
+}
+
 /// Collects pairs into weights; a subset named twice is a usage error.
 pub fn weights(pairs: Vec<(String, u32)>) -> Result<BTreeMap<String, u32>, String> {
     let mut out = BTreeMap::new();

@@ -689,21 +689,25 @@ async fn stickiness_keeps_users_on_one_side_through_the_control_plane() {
     assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
     assert!(out.contains("sticky on x-session"), "{out}");
     assert_eq!(c.policy().await["sticky_header"], "x-session");
-    // A bad header name is refused by the API: exit 1, nothing changed.
+    // A bad header name: refused by the API (400, nothing changed), and by
+    // the CLI before any request (a usage error, exit 2).
+    let reply = c
+        .control
+        .put_split(
+            "s",
+            &json!({ "weights": split(90, 10), "sticky_header": "x-almond-subset" }),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert!(reply.text().contains("routing header"), "{}", reply.text());
     let (code, _, err) = run_ops(&c.ops(
         &url,
-        &[
-            "shift",
-            "s",
-            "v1=90",
-            "v2=10",
-            "--sticky-header",
-            "x-almond-subset",
-        ],
+        &["shift", "s", "v1=90", "v2=10", "--sticky-header", "x user"],
     ))
     .await;
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("routing header"), "{err}");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not an HTTP header name"), "{err}");
     assert_eq!(c.policy().await["split"], split(70, 30));
     assert_eq!(c.policy().await["sticky_header"], "x-session");
 }
