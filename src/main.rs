@@ -156,7 +156,12 @@ enum Command {
 #[derive(clap::Args)]
 struct OpsArgs {
     /// Control plane URL.
-    #[arg(long, env = "ALMOND_CONTROL", default_value = "http://127.0.0.1:4180")]
+    #[arg(
+        long,
+        env = "ALMOND_CONTROL",
+        default_value = "http://127.0.0.1:4180",
+        value_parser = ops::parse_control_url
+    )]
     control: String,
     /// Bearer token for changes.
     #[arg(long, env = "ALMOND_TOKEN", hide_env_values = true)]

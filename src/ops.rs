@@ -81,6 +81,14 @@ pub fn parse_pair(p: &str) -> Result<(String, u32), String> {
     Ok((k.to_owned(), v))
 }
 
+/// Checks a `--control` URL: `http://HOST:PORT` (a clap value parser).
+pub fn parse_control_url(url: &str) -> Result<String, String> {
+    match url.parse::<http::Uri>() {
+        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Ok(url.to_owned()),
+        _ => Err(format!("{url:?} is not a URL like http://127.0.0.1:4180")),
+    }
+}
+
 /// Checks a `--sticky-header` name (a clap value parser).
 pub fn parse_sticky_header(name: &str) -> Result<String, String> {
     almond_config::check_sticky_header(name)?;

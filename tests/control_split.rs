@@ -470,6 +470,7 @@ async fn cli_rollback_promote_exit_codes_and_json() {
         vec!["rollout", "s", "--canary", "v2", "--interval", "soon"],
         vec!["rollout", "s", "--canary", "v2", "--max-error-rate", "150%"],
         vec!["status", "s", "-o", "yaml"],
+        vec!["status", "s", "--window", "1h"],
     ] {
         let args = c.ops(&url, &args);
         let (code, out, err) = run_ops(&args).await;
@@ -478,6 +479,10 @@ async fn cli_rollback_promote_exit_codes_and_json() {
     }
     assert_eq!(c.policy().await["split"], split(0, 100));
     assert!(c.policy().await["rollout"].is_null());
+    // So is a control URL that is not one.
+    let (code, _, err) = run_ops(&["status", "s", "--control", "127.0.0.1:4180"]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a URL"), "{err}");
     // An unknown service is a refusal (404): exit 1, one line.
     let (code, _, err) = run_ops(&c.ops(&url, &["status", "nope"])).await;
     assert_eq!(code, Some(1), "{err}");
