@@ -29,6 +29,18 @@ impl Target {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
+        self.call_within(method, path, body, Duration::from_secs(10))
+            .await
+    }
+
+    /// [`Target::call`], waiting at most `limit` for the answer.
+    async fn call_within(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+        limit: Duration,
+    ) -> anyhow::Result<Value> {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let url = format!("{}{path}", self.control.trim_end_matches('/'));
         let mut req = hyper::Request::builder().method(method).uri(&url);
@@ -42,9 +54,15 @@ impl Target {
         let req = req
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))?;
-        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        let resp = tokio::time::timeout(limit, client.request(req))
             .await
-            .map_err(|_| anyhow!("control plane at {} did not answer in 10 s", self.control))?
+            .map_err(|_| {
+                anyhow!(
+                    "control plane at {} did not answer in {} s",
+                    self.control,
+                    limit.as_secs()
+                )
+            })?
             .with_context(|| format!("cannot reach the control plane at {}", self.control))?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
@@ -210,7 +228,12 @@ pub async fn views(t: &Target, names: &[String], window: Duration) -> anyhow::Re
     for (i, name) in names.iter().enumerate() {
         let t = t.clone();
         let path = format!("/v1/services/{name}/live?window={}ms", window.as_millis());
-        live.spawn(async move { (i, t.get(&path).await) });
+        // The control plane answers after the window (and its scrapes).
+        let limit = window + Duration::from_secs(10);
+        live.spawn(async move {
+            let answer = t.call_within(http::Method::GET, &path, None, limit).await;
+            (i, answer)
+        });
     }
     let mut views = Vec::new();
     for name in names {
