@@ -1129,6 +1129,7 @@ fn split_of(p: &almond_proxy::Proxy, svc: &str) -> Option<BTreeMap<String, u32>>
         .services
         .get(svc)
         .and_then(|s| s.split.clone())
+        .map(|s| s.weights)
 }
 
 fn services_of(p: &almond_proxy::Proxy) -> usize {

@@ -1,7 +1,9 @@
 //! `almond demo`: demo services in versions, the control plane on its file
 //! registry, a proxy following it, a steady trickle of traffic and a live
 //! one-line-per-second summary; a good release (v2) rolled out in steps the
-//! watcher judges, then a bad one (v3) that the watcher rolls back.
+//! watcher judges, with the `almond status` table (live, from the proxy's
+//! metrics) printed at 10 % and after promotion, so the traffic move shows;
+//! then a bad release (v3) that the watcher rolls back.
 
 use almond_config::ProxyConfig;
 use bytes::Bytes;
@@ -117,10 +119,16 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
 
     let started = Instant::now();
     let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
+    let mut shown_canary = false;
+    let mut last_summary = Instant::now();
     loop {
         tokio::select! {
-            _ = every.tick() => print_summary(started.elapsed(), &tallies),
+            _ = every.tick() => {
+                print_summary(started.elapsed(), last_summary.elapsed(), &tallies);
+                last_summary = Instant::now();
+            }
             _ = tokio::signal::ctrl_c() => break,
         }
         // Follow the rollout; print each verdict as it lands.
@@ -129,7 +137,14 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
             println!("demo: {seen}");
             last_seen = seen;
         }
+        // The control plane's live view (what `almond status` prints):
+        // once with v2 at 10 %, once after it is promoted.
+        if act == 1 && !shown_canary && phase == "running" {
+            shown_canary = true;
+            print_status(&ops, "v2 at 10%").await;
+        }
         if act == 1 && phase == "succeeded" {
+            print_status(&ops, "v2 promoted to 100%").await;
             // Act 2: a bad release, v3 (30% of its answers are 500s).
             act = 2;
             let addr = backend("v3", 3, 30).await?;
@@ -198,7 +213,25 @@ async fn one_request(
     }
 }
 
-fn print_summary(elapsed: Duration, tallies: &Mutex<BTreeMap<String, Tally>>) {
+/// Prints `almond status demo` as measured over the next second.
+async fn print_status(ops: &crate::ops::Target, when: &str) {
+    let names = ["demo".to_owned()];
+    match crate::ops::views(ops, &names, Duration::from_secs(1)).await {
+        Ok(views) => {
+            let tables: Vec<String> = views.iter().map(crate::ops::table).collect();
+            println!(
+                "demo: {when}; almond status demo (live, from the proxy's metrics):\n{}",
+                tables.join("\n").trim_end()
+            );
+        }
+        Err(e) => println!("demo: {when}; almond status failed: {e:#}"),
+    }
+}
+
+/// One line: per subset, requests per second since the last line
+/// (`since`), success rate and p99 as the demo's client saw them.
+fn print_summary(elapsed: Duration, since: Duration, tallies: &Mutex<BTreeMap<String, Tally>>) {
+    let seconds = since.as_secs_f64().max(0.001);
     let taken = match tallies.lock() {
         Ok(mut t) => std::mem::take(&mut *t),
         Err(_) => return,
@@ -218,7 +251,8 @@ fn print_summary(elapsed: Duration, tallies: &Mutex<BTreeMap<String, Tally>>) {
             0.0
         };
         line.push_str(&format!(
-            "  | {subset}: {total:>4} rps  {success:>5.1}% ok  p99 {:>6.2} ms",
+            "  | {subset}: {:>4.0} rps  {success:>5.1}% ok  p99 {:>6.2} ms",
+            total as f64 / seconds,
             p99 as f64 / 1000.0
         ));
     }

@@ -48,11 +48,18 @@ enum Command {
         /// The service.
         service: String,
         /// SUBSET=WEIGHT pairs (percent, summing to 100).
-        #[arg(required = true)]
-        weights: Vec<String>,
+        #[arg(required = true, value_parser = ops::parse_pair)]
+        weights: Vec<(String, u32)>,
         /// Subsets that may have no endpoints yet.
         #[arg(long)]
         allow_empty: Vec<String>,
+        /// Keep each user on one side: hash this request header's value
+        /// (e.g. x-user-id). Kept by later shifts until changed.
+        #[arg(long, value_name = "HEADER", value_parser = ops::parse_sticky_header)]
+        sticky_header: Option<String>,
+        /// Turn stickiness off (random split per request).
+        #[arg(long, conflicts_with = "sticky_header")]
+        no_sticky: bool,
         #[command(flatten)]
         ops: OpsArgs,
     },
@@ -72,10 +79,14 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
-    /// Subsets, weights and endpoints of one service or all.
+    /// Subsets, weights, endpoints healthy/total and live rps, success
+    /// rate and p99 (from the proxies' metrics) of one service or all.
     Status {
         /// The service (default: all).
         service: Option<String>,
+        /// How long the live figures are measured over (up to 10s).
+        #[arg(long, default_value = "1s", value_parser = ops::parse_window)]
+        window: std::time::Duration,
         #[command(flatten)]
         ops: OpsArgs,
     },
@@ -94,14 +105,14 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
         steps: Vec<u32>,
         /// Time per step before it is judged.
-        #[arg(long, default_value = "30s")]
-        interval: String,
+        #[arg(long, default_value = "30s", value_parser = ops::parse_seconds)]
+        interval: f64,
         /// Highest canary error rate, e.g. 1%.
-        #[arg(long, default_value = "1%")]
-        max_error_rate: String,
+        #[arg(long, default_value = "1%", value_parser = ops::parse_rate)]
+        max_error_rate: f64,
         /// Highest canary p99, e.g. 300ms.
-        #[arg(long)]
-        max_p99: Option<String>,
+        #[arg(long, value_parser = ops::parse_seconds)]
+        max_p99: Option<f64>,
         /// Highest canary p99 as a multiple of stable's.
         #[arg(long)]
         max_p99_ratio: Option<f64>,
@@ -145,7 +156,12 @@ enum Command {
 #[derive(clap::Args)]
 struct OpsArgs {
     /// Control plane URL.
-    #[arg(long, env = "ALMOND_CONTROL", default_value = "http://127.0.0.1:4180")]
+    #[arg(
+        long,
+        env = "ALMOND_CONTROL",
+        default_value = "http://127.0.0.1:4180",
+        value_parser = ops::parse_control_url
+    )]
     control: String,
     /// Bearer token for changes.
     #[arg(long, env = "ALMOND_TOKEN", hide_env_values = true)]
@@ -181,11 +197,19 @@ fn main() -> ExitCode {
             service,
             weights,
             allow_empty,
+            sticky_header,
+            no_sticky,
             ops,
-        } => ops::parse_weights(&weights).and_then(|w| {
+        } => {
+            let w = ops::weights(weights).unwrap_or_else(|e| usage(e));
+            let sticky = if no_sticky {
+                Some(String::new())
+            } else {
+                sticky_header
+            };
             let t = ops.target();
-            block_on(ops::shift(&t, &service, w, allow_empty, "shift"))
-        }),
+            block_on(ops::shift(&t, &service, w, allow_empty, sticky, "shift"))
+        }
         Command::Promote {
             service,
             subset,
@@ -208,34 +232,33 @@ fn main() -> ExitCode {
             ops,
         } => {
             let action = if approve {
-                Ok(ops::RolloutAction::Approve)
+                ops::RolloutAction::Approve
             } else if abort {
-                Ok(ops::RolloutAction::Abort)
+                ops::RolloutAction::Abort
             } else if let Some(canary) = canary {
-                (|| {
-                    let max_p99 = max_p99.as_deref().map(ops::parse_seconds).transpose()?;
-                    Ok(ops::RolloutAction::Start(serde_json::json!({
-                        "canary": canary,
-                        "stable": stable,
-                        "steps": steps,
-                        "interval_seconds": ops::parse_seconds(&interval)?,
-                        "pause_at": pause_at,
-                        "thresholds": {
-                            "min_requests": min_requests,
-                            "max_error_rate": ops::parse_rate(&max_error_rate)?,
-                            "max_p99": max_p99,
-                            "max_p99_ratio": max_p99_ratio,
-                        },
-                    })))
-                })()
+                ops::RolloutAction::Start(serde_json::json!({
+                    "canary": canary,
+                    "stable": stable,
+                    "steps": steps,
+                    "interval_seconds": interval,
+                    "pause_at": pause_at,
+                    "thresholds": {
+                        "min_requests": min_requests,
+                        "max_error_rate": max_error_rate,
+                        "max_p99": max_p99,
+                        "max_p99_ratio": max_p99_ratio,
+                    },
+                }))
             } else {
-                Ok(ops::RolloutAction::Show)
+                ops::RolloutAction::Show
             };
-            action.and_then(|a| block_on(ops::rollout(&ops.target(), &service, a)))
+            block_on(ops::rollout(&ops.target(), &service, action))
         }
-        Command::Status { service, ops } => {
-            block_on(ops::status(&ops.target(), service.as_deref()))
-        }
+        Command::Status {
+            service,
+            window,
+            ops,
+        } => block_on(ops::status(&ops.target(), service.as_deref(), window)),
         Command::CheckConfig { file } => return check_config(&file),
         Command::Demo {
             duration,
@@ -256,6 +279,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A usage error found after parsing: clap's message, exit status 2.
+fn usage(message: String) -> ! {
+    use clap::CommandFactory;
+    Cli::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
 }
 
 /// Logs go to stderr; the level comes from `ALMOND_LOG` (or `RUST_LOG`),

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Where and how to reach the control plane.
+#[derive(Clone)]
 pub struct Target {
     /// Base URL, e.g. `http://127.0.0.1:4180`.
     pub control: String,
@@ -28,6 +29,18 @@ impl Target {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
+        self.call_within(method, path, body, Duration::from_secs(10))
+            .await
+    }
+
+    /// [`Target::call`], waiting at most `limit` for the answer.
+    async fn call_within(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+        limit: Duration,
+    ) -> anyhow::Result<Value> {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let url = format!("{}{path}", self.control.trim_end_matches('/'));
         let mut req = hyper::Request::builder().method(method).uri(&url);
@@ -41,9 +54,15 @@ impl Target {
         let req = req
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))?;
-        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        let resp = tokio::time::timeout(limit, client.request(req))
             .await
-            .map_err(|_| anyhow!("control plane at {} did not answer in 10 s", self.control))?
+            .map_err(|_| {
+                anyhow!(
+                    "control plane at {} did not answer in {} s",
+                    self.control,
+                    limit.as_secs()
+                )
+            })?
             .with_context(|| format!("cannot reach the control plane at {}", self.control))?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
@@ -67,37 +86,68 @@ impl Target {
     }
 }
 
-/// Parses `v1=90 v2=10`.
-pub fn parse_weights(pairs: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
-    pairs
-        .iter()
-        .map(|p| {
-            let (k, v) = p
-                .split_once('=')
-                .ok_or_else(|| anyhow!("{p:?} is not SUBSET=WEIGHT"))?;
-            let v: u32 = v
-                .trim_end_matches('%')
-                .parse()
-                .map_err(|_| anyhow!("weight {v:?} of {k} is not a whole number"))?;
-            Ok((k.to_owned(), v))
-        })
-        .collect()
+/// Parses one `v1=90` (a clap value parser: a bad pair is a usage error).
+pub fn parse_pair(p: &str) -> Result<(String, u32), String> {
+    let (k, v) = p
+        .split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{p:?} is not SUBSET=WEIGHT"))?;
+    let v: u32 = v
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("weight {v:?} of {k} is not a whole number"))?;
+    Ok((k.to_owned(), v))
+}
+
+/// Checks a `--control` URL: `http://HOST:PORT` (a clap value parser).
+pub fn parse_control_url(url: &str) -> Result<String, String> {
+    match url.parse::<http::Uri>() {
+        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Ok(url.to_owned()),
+        _ => Err(format!("{url:?} is not a URL like http://127.0.0.1:4180")),
+    }
+}
+
+/// Checks a `--sticky-header` name (a clap value parser).
+pub fn parse_sticky_header(name: &str) -> Result<String, String> {
+    almond_config::check_sticky_header(name)?;
+    Ok(name.to_owned())
+}
+
+/// Collects pairs into weights; a subset named twice is a usage error.
+pub fn weights(pairs: Vec<(String, u32)>) -> Result<BTreeMap<String, u32>, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in pairs {
+        if out.insert(k.clone(), v).is_some() {
+            return Err(format!("subset {k} is given twice"));
+        }
+    }
+    Ok(out)
 }
 
 /// `almond shift SERVICE SUBSET=WEIGHT...`
+/// `sticky`: `Some(name)` sets the sticky header, `Some("")` turns it
+/// off, `None` keeps the one in force.
 pub async fn shift(
     t: &Target,
     service: &str,
     weights: BTreeMap<String, u32>,
     allow_empty: Vec<String>,
+    sticky: Option<String>,
     action: &str,
 ) -> anyhow::Result<()> {
-    let body = json!({ "weights": weights, "allow_empty": allow_empty, "action": action });
+    let mut body = json!({ "weights": weights, "allow_empty": allow_empty, "action": action });
+    if let Some(header) = sticky {
+        body["sticky_header"] = json!(header);
+    }
     let path = format!("/v1/services/{service}/split");
     let out = t.call(http::Method::PUT, &path, Some(body)).await?;
     t.print(&out, || {
+        let sticky = match out["policy"]["sticky_header"].as_str() {
+            Some(h) => format!(", sticky on {h}"),
+            None => String::new(),
+        };
         format!(
-            "{service}: split is now {} (version {})",
+            "{service}: split is now {}{sticky} (version {})",
             show(&out["policy"]["split"]),
             out["policy"]["version"]
         )
@@ -126,7 +176,7 @@ pub async fn promote(t: &Target, service: &str, subset: &str) -> anyhow::Result<
         }
     }
     weights.insert(subset.to_owned(), 100);
-    shift(t, service, weights, Vec::new(), "promote").await
+    shift(t, service, weights, Vec::new(), None, "promote").await
 }
 
 /// `almond rollback SERVICE`
@@ -142,8 +192,10 @@ pub async fn rollback(t: &Target, service: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `almond status [SERVICE]`
-pub async fn status(t: &Target, service: Option<&str>) -> anyhow::Result<()> {
+/// `almond status [SERVICE]`: per service and subset, the weight,
+/// endpoints healthy/total, and live rps / success rate / p99 measured by
+/// the control plane over `window` (all services at once).
+pub async fn status(t: &Target, service: Option<&str>, window: Duration) -> anyhow::Result<()> {
     let names: Vec<String> = match service {
         Some(s) => vec![s.to_owned()],
         None => {
@@ -154,46 +206,114 @@ pub async fn status(t: &Target, service: Option<&str>) -> anyhow::Result<()> {
                 .unwrap_or_default()
         }
     };
-    let mut views = Vec::new();
-    for name in &names {
-        views.push(
-            t.call(http::Method::GET, &format!("/v1/services/{name}"), None)
-                .await?,
-        );
-    }
+    let views = views(t, &names, window).await?;
     let out = Value::Array(views.clone());
     t.print(&out, || {
-        let mut s = String::new();
-        for v in &views {
-            let name = v["name"].as_str().unwrap_or("?");
-            s.push_str(&format!(
-                "{name} (index {}, split version {})\n",
-                v["index"], v["policy"]["version"]
-            ));
-            s.push_str("  SUBSET       WEIGHT  ENDPOINTS\n");
-            let mut subsets: BTreeMap<String, usize> = BTreeMap::new();
-            for e in v["service"]["endpoints"].as_array().into_iter().flatten() {
-                *subsets
-                    .entry(e["subset"].as_str().unwrap_or("?").to_owned())
-                    .or_default() += 1;
-            }
-            if let Some(split) = v["service"]["split"].as_object() {
-                for k in split.keys() {
-                    subsets.entry(k.clone()).or_default();
-                }
-            }
-            for (subset, n) in subsets {
-                let weight = match v["service"]["split"].get(&subset) {
-                    Some(w) => format!("{w}%"),
-                    None if v["service"]["split"].is_null() => "by weight".into(),
-                    None => "0%".into(),
-                };
-                s.push_str(&format!("  {subset:<12} {weight:>7}  {n} healthy\n"));
-            }
-        }
-        s.trim_end().to_owned()
+        views
+            .iter()
+            .map(table)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim_end()
+            .to_owned()
     });
     Ok(())
+}
+
+/// `GET /v1/services/{name}` for each name, each with a `live` field: its
+/// `GET .../live` answer (null when that failed: the figures show `-`).
+/// The live windows of all services run at once.
+pub async fn views(t: &Target, names: &[String], window: Duration) -> anyhow::Result<Vec<Value>> {
+    let mut live = tokio::task::JoinSet::new();
+    for (i, name) in names.iter().enumerate() {
+        let t = t.clone();
+        let path = format!("/v1/services/{name}/live?window={}ms", window.as_millis());
+        // The control plane answers after the window (and its scrapes).
+        let limit = window + Duration::from_secs(10);
+        live.spawn(async move {
+            let answer = t.call_within(http::Method::GET, &path, None, limit).await;
+            (i, answer)
+        });
+    }
+    let mut views = Vec::new();
+    for name in names {
+        views.push(t.get(&format!("/v1/services/{name}")).await?);
+    }
+    while let Some(joined) = live.join_next().await {
+        let Ok((i, answer)) = joined else { continue };
+        if let (Some(v), Ok(l)) = (views.get_mut(i), answer) {
+            v["live"] = l;
+        }
+    }
+    for v in &mut views {
+        if v.get("live").is_none() {
+            v["live"] = Value::Null;
+        }
+    }
+    Ok(views)
+}
+
+/// One service's status table.
+pub fn table(v: &Value) -> String {
+    let name = v["name"].as_str().unwrap_or("?");
+    let split = &v["service"]["split"];
+    let mut s = format!(
+        "{name} (index {}, split version {}",
+        v["index"], v["policy"]["version"]
+    );
+    if let Some(h) = split["sticky_header"].as_str() {
+        s.push_str(&format!(", sticky on {h}"));
+    }
+    s.push_str(")\n");
+    let live = &v["live"]["subsets"];
+    let mut subsets: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for map in [&v["subsets"], split, live] {
+        subsets.extend(
+            map.as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k.clone()),
+        );
+    }
+    subsets.remove("sticky_header");
+    s.push_str(&format!(
+        "  {:<12} {:>7} {:>10} {:>9} {:>8} {:>9}\n",
+        "SUBSET", "WEIGHT", "ENDPOINTS", "RPS", "SUCCESS", "P99"
+    ));
+    for subset in subsets {
+        let weight = match split.get(&subset) {
+            Some(w) => format!("{w}%"),
+            None if split.is_null() => "by weight".into(),
+            None => "0%".into(),
+        };
+        let counts = &v["subsets"][&subset];
+        let endpoints = format!(
+            "{}/{}",
+            counts["healthy"].as_u64().unwrap_or(0),
+            counts["total"].as_u64().unwrap_or(0)
+        );
+        let l = &live[&subset];
+        let dash = || "-".to_owned();
+        let rps = l["rps"]
+            .as_f64()
+            .filter(|_| l["requests"].as_u64() > Some(0))
+            .map_or_else(dash, |r| format!("{r:.1}"));
+        let success = l["success_rate"]
+            .as_f64()
+            .map_or_else(dash, |r| format!("{:.2}%", r * 100.0));
+        let p99 = l["p99_ms"]
+            .as_f64()
+            .map_or_else(dash, |p| format!("{p:.1}ms"));
+        s.push_str(&format!(
+            "  {subset:<12} {weight:>7} {endpoints:>10} {rps:>9} {success:>8} {p99:>9}\n"
+        ));
+    }
+    if v["live"].is_null() {
+        s.push_str("  (live figures unavailable)\n");
+    } else if v["live"]["proxies"].as_u64() == Some(0) {
+        s.push_str("  (no proxy has polled the control plane lately: no live figures)\n");
+    }
+    s
 }
 
 fn show(split: &Value) -> String {
@@ -276,32 +396,41 @@ fn describe_rollout(service: &str, r: &Value) -> String {
     s
 }
 
-/// Parses `1%`, `0.5%` or `0.01` into a fraction.
-pub fn parse_rate(text: &str) -> anyhow::Result<f64> {
+/// Parses `1%`, `0.5%` or `0.01` into a fraction (a clap value parser).
+pub fn parse_rate(text: &str) -> Result<f64, String> {
     let v = match text.strip_suffix('%') {
         Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
         None => text.trim().parse::<f64>(),
     }
-    .map_err(|_| anyhow!("{text:?} is not a rate like 1% or 0.01"))?;
+    .map_err(|_| format!("{text:?} is not a rate like 1% or 0.01"))?;
     if !(0.0..=1.0).contains(&v) {
-        bail!("{text:?} is not between 0% and 100%");
+        return Err(format!("{text:?} is not between 0% and 100%"));
     }
     Ok(v)
 }
 
-/// Parses `30s`, `500ms`, `2m` into seconds.
-pub fn parse_seconds(text: &str) -> anyhow::Result<f64> {
+/// Parses `30s`, `500ms`, `2m` into seconds (a clap value parser).
+pub fn parse_seconds(text: &str) -> Result<f64, String> {
     let (num, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(text.len()),
     );
     let n: f64 = num
         .parse()
-        .map_err(|_| anyhow!("{text:?} is not a duration like 30s"))?;
+        .map_err(|_| format!("{text:?} is not a duration like 30s"))?;
     Ok(match unit {
         "" | "s" => n,
         "ms" => n / 1000.0,
         "m" => n * 60.0,
-        _ => bail!("{text:?} is not a duration like 30s, 500ms or 2m"),
+        _ => return Err(format!("{text:?} is not a duration like 30s, 500ms or 2m")),
     })
+}
+
+/// Parses a live window, 1ms to 10s (a clap value parser).
+pub fn parse_window(text: &str) -> Result<Duration, String> {
+    let seconds = parse_seconds(text)?;
+    if !(0.001..=10.0).contains(&seconds) {
+        return Err(format!("{text:?} is not between 1ms and 10s"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }

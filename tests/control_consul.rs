@@ -205,6 +205,157 @@ async fn consul_health_reaches_traffic() {
 }
 
 // ---------------------------------------------------------------------------
+// 1b. `almond status`: endpoints healthy/total and live golden metrics
+// ---------------------------------------------------------------------------
+
+/// Sends `GET web` through `proxy` at most `rate` per second (no bursts)
+/// until `stop` is set, or `limit` requests; returns how many it sent.
+fn traffic(
+    proxy: SocketAddr,
+    rate: u64,
+    limit: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut client = H1::connect(proxy).await;
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent = 0;
+        while sent < limit && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tick.tick().await;
+            client.get("web", "/").await;
+            sent += 1;
+        }
+        sent
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_endpoints_and_live_golden_metrics() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    // The canary fails every request.
+    let b3 = Backend::builder("b3").status(500).start().await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v1")).unwrap();
+    consul.register(web("web-3", &b3, "v2")).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_STATUS")).await;
+    let proxy = start_following(&control.url(), None).await;
+    let reply = control
+        .put_split("web", &json!({ "weights": { "v1": 80, "v2": 20 } }), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    eventually(
+        "the proxy has the 80/20 split and all three endpoints",
+        || async {
+            let text = proxy.admin_get("/metrics").await.text();
+            let healthy = |subset| {
+                metric(
+                    &text,
+                    "almond_endpoints",
+                    &[("service", "web"), ("subset", subset), ("state", "healthy")],
+                )
+            };
+            metric(
+                &text,
+                "almond_split_weight",
+                &[("service", "web"), ("subset", "v2")],
+            ) == 20.0
+                && healthy("v1") == 2.0
+                && healthy("v2") == 1.0
+        },
+    )
+    .await;
+
+    // About 100 requests a second while status measures over 2 s.
+    let url = control.url();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = traffic(proxy.addr(), 100, 2000, stop.clone());
+    let (code, out, err) = run_ops(&[
+        "status",
+        "web",
+        "--window",
+        "2s",
+        "-o",
+        "json",
+        "--control",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let status: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let view = &status[0];
+    assert_eq!(
+        view["subsets"]["v1"],
+        json!({ "healthy": 2, "total": 2 }),
+        "{view:#}"
+    );
+    assert_eq!(
+        view["subsets"]["v2"],
+        json!({ "healthy": 1, "total": 1 }),
+        "{view:#}"
+    );
+    let live = &view["live"]["subsets"];
+    let (v1, v2) = (&live["v1"], &live["v2"]);
+    assert_eq!(view["live"]["proxies"], 1, "{view:#}");
+    assert!(v2["requests"].as_u64() > Some(0), "{live:#}");
+    assert_eq!(v1["success_rate"].as_f64(), Some(1.0), "{live:#}");
+    assert!(
+        v2["success_rate"].as_f64() < Some(0.5),
+        "v2 fails: {live:#}"
+    );
+    assert!(v1["p99_ms"].as_f64().is_some_and(|p| p > 0.0), "{live:#}");
+    // Rates: v1 has 80 % of the traffic; together no more than was sent
+    // (a client that never bursts above 100/s; loose, not a timing).
+    let (r1, r2) = (
+        v1["rps"].as_f64().unwrap_or(0.0),
+        v2["rps"].as_f64().unwrap_or(0.0),
+    );
+    assert!(r1 > r2 && r2 > 0.0, "{live:#}");
+    assert!(r1 + r2 <= 150.0, "{live:#}");
+
+    // The table shows the same, one line per subset.
+    let (code, out, err) = run_ops(&["status", "web", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(
+        line_of(&out, "v1").contains("80%")
+            && line_of(&out, "v1").contains("2/2")
+            && line_of(&out, "v1").contains("100.00%"),
+        "{out}"
+    );
+    assert!(
+        line_of(&out, "v2").contains("20%")
+            && line_of(&out, "v2").contains("1/1")
+            && line_of(&out, "v2").contains("0.00%"),
+        "{out}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.await.unwrap();
+
+    // One v1 instance goes critical: 1 of 2 healthy.
+    assert!(consul.set_check("service:web-2", Status::Critical));
+    eventually("status counts web-2 as unhealthy", || async {
+        control.service("web").await["subsets"]["v1"] == json!({ "healthy": 1, "total": 2 })
+    })
+    .await;
+    // No traffic now: "-", not 0 % or NaN.
+    let (code, out, err) = run_ops(&["status", "web", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(line_of(&out, "v1").contains("1/2"), "{out}");
+    assert!(line_of(&out, "v1").ends_with(" -"), "{out}");
+    assert!(!out.contains("NaN"), "{out}");
+}
+
+/// The line of `text` that starts with `subset`.
+fn line_of(text: &str, subset: &str) -> String {
+    text.lines()
+        .find(|l| l.trim_start().starts_with(subset))
+        .unwrap_or_else(|| panic!("no {subset} line: {text}"))
+        .to_owned()
+}
+
+// ---------------------------------------------------------------------------
 // 2. Consul down: the last state stays; changes apply when it is back
 // ---------------------------------------------------------------------------
 

@@ -453,12 +453,40 @@ async fn cli_rollback_promote_exit_codes_and_json() {
         let (code, out, err) = run_ops(&args).await;
         assert_eq!(code, Some(2), "{args:?}: stdout: {out}\nstderr: {err}");
     }
-    // A weight that is not SUBSET=WEIGHT is refused before any request
-    // (today with 1, from the weight parser, rather than clap's 2: either
-    // is a refusal, and nothing reaches the control plane).
-    let (code, _, err) = run_ops(&c.ops(&url, &["shift", "s", "v1:90"])).await;
-    assert!(matches!(code, Some(1 | 2)), "{err}");
+    // Argument-shaped mistakes are usage errors too (exit 2), refused
+    // before any request: nothing reaches the control plane.
+    for args in [
+        vec!["shift", "s", "v1:90"],
+        vec!["shift", "s", "v1=ninety"],
+        vec!["shift", "s", "v1=50", "v1=50"],
+        vec![
+            "shift",
+            "s",
+            "v1=100",
+            "--sticky-header",
+            "x",
+            "--no-sticky",
+        ],
+        vec!["rollout", "s", "--canary", "v2", "--interval", "soon"],
+        vec!["rollout", "s", "--canary", "v2", "--max-error-rate", "150%"],
+        vec!["status", "s", "-o", "yaml"],
+        vec!["status", "s", "--window", "1h"],
+    ] {
+        let args = c.ops(&url, &args);
+        let (code, out, err) = run_ops(&args).await;
+        assert_eq!(code, Some(2), "{args:?}: stdout: {out}\nstderr: {err}");
+        assert!(err.contains("error:"), "{err}");
+    }
     assert_eq!(c.policy().await["split"], split(0, 100));
+    assert!(c.policy().await["rollout"].is_null());
+    // So is a control URL that is not one.
+    let (code, _, err) = run_ops(&["status", "s", "--control", "127.0.0.1:4180"]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a URL"), "{err}");
+    // An unknown service is a refusal (404): exit 1, one line.
+    let (code, _, err) = run_ops(&c.ops(&url, &["status", "nope"])).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // `status -o json` parses.
     let (code, out, err) = run_ops(&c.ops(&url, &["status", "s", "-o", "json"])).await;
@@ -519,4 +547,196 @@ async fn the_audit_trail_lists_every_change_in_order() {
     let times: Vec<u64> = history.iter().map(|h| h["at"].as_u64().unwrap()).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     assert!(history.iter().all(|h| h["by"].is_string()));
+}
+
+// ---------------------------------------------------------------------------
+// Sticky splits
+// ---------------------------------------------------------------------------
+
+/// Users in these tests: `user-0` .. `user-199`.
+const USERS: usize = 200;
+
+/// Sends `rounds` requests per user (header `x-user-id: user-N`, on four
+/// connections) and returns the subset each user landed on, asserting
+/// that every request of a user landed on the same one.
+async fn sticky_round(proxy: std::net::SocketAddr, host: &str, rounds: usize) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for part in 0..4 {
+        let host = host.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut c = H1::connect(proxy).await;
+            let mut out = Vec::new();
+            for user in (part..USERS).step_by(4) {
+                let mut seen = Vec::new();
+                for _ in 0..rounds {
+                    let mut req = h1_get(&host, "/");
+                    req.headers_mut()
+                        .insert("x-user-id", format!("user-{user}").parse().unwrap());
+                    let reply = c.request(req).await;
+                    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+                    // v1a and v1b are both subset v1.
+                    seen.push(reply.backend().trim_end_matches(['a', 'b']).to_owned());
+                }
+                seen.dedup();
+                assert_eq!(seen.len(), 1, "user-{user} moved within a split: {seen:?}");
+                out.push((user, seen.remove(0)));
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    all.into_iter().map(|(_, subset)| subset).collect()
+}
+
+/// Users on v2 must be a binomial share of `USERS` at `percent`: within
+/// five standard deviations (a user's side is a fixed hash of its ID, so
+/// the count is deterministic; the bound says the hash spreads them).
+fn assert_binomial(on_v2: usize, percent: f64) {
+    let p = percent / 100.0;
+    let mean = USERS as f64 * p;
+    let sigma = (USERS as f64 * p * (1.0 - p)).sqrt();
+    assert!(
+        (on_v2 as f64 - mean).abs() <= 5.0 * sigma,
+        "{on_v2} of {USERS} users on v2 at {percent}% (mean {mean}, sigma {sigma:.1})"
+    );
+}
+
+#[tokio::test]
+async fn stickiness_keeps_users_on_one_side_through_the_control_plane() {
+    let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_STICKY").await;
+    let url = c.control.url();
+
+    // 90/10, sticky on x-user-id, through the API.
+    let reply = c
+        .control
+        .put_split(
+            "s",
+            &json!({ "weights": split(90, 10), "sticky_header": "x-user-id" }),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["policy"]["sticky_header"], "x-user-id");
+    c.proxy_split(&[("v1", 90.0), ("v2", 10.0)]).await;
+    eventually("the proxy's config is sticky", || async {
+        c.proxy
+            .admin_get("/config")
+            .await
+            .text()
+            .contains("x-user-id")
+    })
+    .await;
+
+    let at_10 = sticky_round(c.proxy.addr(), "s", 5).await;
+    let on_v2: Vec<usize> = (0..USERS).filter(|u| at_10[*u] == "v2").collect();
+    assert!(!on_v2.is_empty(), "some users are on the canary");
+    assert_binomial(on_v2.len(), 10.0);
+    // The header is the application's: it reached the backend unchanged.
+    let last = c.v2.last();
+    let id = last.headers.get("x-user-id").and_then(|v| v.to_str().ok());
+    assert!(id.is_some_and(|id| id.starts_with("user-")), "{last:?}");
+    // Every proxy agrees: the side is a fixed hash of the value, which
+    // this process computes the same way.
+    for (user, subset) in at_10.iter().enumerate() {
+        let h = almond_proxy::split::hash(format!("user-{user}").as_bytes());
+        let point = ((u128::from(h) * 100) >> 64) as u32;
+        assert_eq!(subset, if point < 90 { "v1" } else { "v2" }, "user-{user}");
+    }
+    // A pin still wins over the sticky header.
+    let mut req = h1_get("s", "/");
+    req.headers_mut()
+        .insert("x-user-id", format!("user-{}", on_v2[0]).parse().unwrap());
+    req.headers_mut()
+        .insert("x-almond-subset", "v1".parse().unwrap());
+    assert!(H1::connect(c.proxy.addr())
+        .await
+        .request(req)
+        .await
+        .backend()
+        .starts_with("v1"));
+
+    // 50/50 by the CLI, without --sticky-header: stickiness is kept, and
+    // every user who was on v2 is still there (users only move to v2).
+    let (code, out, err) = run_ops(&c.ops(&url, &["shift", "s", "v1=50", "v2=50"])).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("sticky on x-user-id"), "{out}");
+    c.proxy_split(&[("v1", 50.0), ("v2", 50.0)]).await;
+    let at_50 = sticky_round(c.proxy.addr(), "s", 5).await;
+    for u in &on_v2 {
+        assert_eq!(at_50[*u], "v2", "user-{u} went back to v1 as v2 grew");
+    }
+    let now_v2 = at_50.iter().filter(|s| *s == "v2").count();
+    assert!(now_v2 > on_v2.len(), "more users on v2 at 50%");
+    assert_binomial(now_v2, 50.0);
+
+    // --no-sticky turns it off; the policy shows it.
+    let (code, out, err) =
+        run_ops(&c.ops(&url, &["shift", "s", "v1=50", "v2=50", "--no-sticky"])).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(c.policy().await["sticky_header"].is_null());
+    // --sticky-header sets it (here with new weights in the same change).
+    let (code, out, err) = run_ops(&c.ops(
+        &url,
+        &[
+            "shift",
+            "s",
+            "v1=70",
+            "v2=30",
+            "--sticky-header",
+            "x-session",
+        ],
+    ))
+    .await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("sticky on x-session"), "{out}");
+    assert_eq!(c.policy().await["sticky_header"], "x-session");
+    // A bad header name: refused by the API (400, nothing changed), and by
+    // the CLI before any request (a usage error, exit 2).
+    let reply = c
+        .control
+        .put_split(
+            "s",
+            &json!({ "weights": split(90, 10), "sticky_header": "x-almond-subset" }),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert!(reply.text().contains("routing header"), "{}", reply.text());
+    let (code, _, err) = run_ops(&c.ops(
+        &url,
+        &["shift", "s", "v1=90", "v2=10", "--sticky-header", "x user"],
+    ))
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not an HTTP header name"), "{err}");
+    assert_eq!(c.policy().await["split"], split(70, 30));
+    assert_eq!(c.policy().await["sticky_header"], "x-session");
+}
+
+#[tokio::test]
+async fn stickiness_from_a_static_config() {
+    let v1 = Backend::start("v1").await;
+    let v2 = Backend::start("v2").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("s")
+                .endpoint(v1.addr, "v1", 1)
+                .endpoint(v2.addr, "v2", 1)
+                .set("split", "{ v1: 90, v2: 10, sticky_header: x-user-id }"),
+        )
+        .start()
+        .await;
+    let sides = sticky_round(proxy.addr(), "s", 5).await;
+    let on_v2 = sides.iter().filter(|s| *s == "v2").count();
+    assert!(on_v2 > 0);
+    assert_binomial(on_v2, 10.0);
+    assert!(v2.last().headers.contains_key("x-user-id"));
+    // A second round (new connections) lands everyone on the same side.
+    let again = sticky_round(proxy.addr(), "s", 1).await;
+    assert_eq!(sides, again);
 }

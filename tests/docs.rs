@@ -170,10 +170,14 @@ fn fully_populated() -> ProxyConfig {
             weight: _,
         } in endpoints.iter()
         {}
-        if split.is_none() {
-            let subset = endpoints[0].subset.clone();
-            *split = Some(BTreeMap::from([(subset, 100)]));
+        let almond_config::Split {
+            weights,
+            sticky_header,
+        } = split.get_or_insert_with(Default::default);
+        if weights.is_empty() {
+            weights.insert(endpoints[0].subset.clone(), 100);
         }
+        sticky_header.get_or_insert_with(|| "x-user-id".to_owned());
         let Timeouts {
             connect: _,
             request: _,
@@ -214,7 +218,7 @@ fn key_paths(value: &Value, path: &str, out: &mut BTreeSet<String>) {
             for (key, child) in map {
                 let key = if path == "services" {
                     "<name>"
-                } else if path.ends_with(".split") {
+                } else if path.ends_with(".split") && key != "sticky_header" {
                     "<subset>"
                 } else {
                     key.as_str()

@@ -55,7 +55,10 @@ fn the_full_example_is_the_contract_example_in_static_mode() {
     assert_eq!(orders.protocol, Protocol::Http2);
     assert_eq!(orders.endpoints.len(), 2);
     assert_eq!(
-        orders.split.as_ref().map(|s| (s["v1"], s["v2"])),
+        orders
+            .split
+            .as_ref()
+            .map(|s| (s.weights["v1"], s.weights["v2"])),
         Some((90, 10))
     );
     assert_eq!(config.listeners[1].service.as_deref(), Some("orders"));

@@ -136,4 +136,16 @@ async fn demo_runs_and_reports_both_versions() {
             .any(|l| l.starts_with("t=") && l.contains("v1:")),
         "{out}"
     );
+    // With v2 at 10 %, the control plane's live view (the `almond status`
+    // table): weights, endpoints healthy/total, live figures per subset.
+    assert!(out.contains("almond status demo"), "{out}");
+    let row = |subset: &str| out.lines().find(|l| l.trim_start().starts_with(subset));
+    assert!(
+        row("SUBSET").is_some_and(|l| l.contains("RPS") && l.contains("P99")),
+        "{out}"
+    );
+    assert!(
+        row("v2").is_some_and(|l| l.contains("10%") && l.contains("1/1")),
+        "{out}"
+    );
 }

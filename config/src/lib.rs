@@ -13,6 +13,7 @@ mod observe;
 mod problem;
 mod proxy;
 mod snapshot;
+mod split;
 mod tls;
 
 pub use control::{ConsulSource, ControlConfig, Source, Store, WatcherSource};
@@ -27,3 +28,4 @@ pub use proxy::{
     Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
 };
 pub use snapshot::Snapshot;
+pub use split::{check_sticky_header, Split};

@@ -340,6 +340,12 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
         }
     }
     if let Some(split) = &svc.split {
+        if let Some(header) = &split.sticky_header {
+            if let Err(message) = crate::split::check_sticky_header(header) {
+                out.push((".split.sticky_header".into(), message));
+            }
+        }
+        let split = &split.weights;
         let sum: u64 = split.values().map(|w| u64::from(*w)).sum();
         if sum != 100 {
             out.push((
@@ -519,6 +525,30 @@ services:
                 ("services.orders.split.v3", Some(13)),
             ]
         );
+    }
+
+    #[test]
+    fn sticky_header_loads_inside_split() {
+        let text = GOOD.replace(
+            "{ v1: 90, v2: 10 }",
+            "{ v1: 90, v2: 10, sticky_header: x-user-id }",
+        );
+        let cfg = load_proxy(&text, "t.yaml").expect("sticky split is valid");
+        let split = cfg.services["orders"].split.clone().unwrap_or_default();
+        assert_eq!(split.weights.get("v2"), Some(&10));
+        assert_eq!(split.sticky_header.as_deref(), Some("x-user-id"));
+    }
+
+    #[test]
+    fn split_errors_name_key_and_line() {
+        let bad_weight = problems(&GOOD.replace("v2: 10 }", "v2: ten }"));
+        assert_eq!(bad_weight.len(), 1);
+        assert_eq!(bad_weight[0].path, "services.orders.split.v2");
+        assert_eq!(bad_weight[0].line, Some(13));
+        let bad_header = problems(&GOOD.replace("v2: 10 }", "v2: 10, sticky_header: \"x user\" }"));
+        assert_eq!(bad_header[0].path, "services.orders.split.sticky_header");
+        assert_eq!(bad_header[0].line, Some(13));
+        assert!(bad_header[0].message.contains("not an HTTP header name"));
     }
 
     #[test]

@@ -199,10 +199,10 @@ pub struct Service {
     pub lb: Lb,
     /// The instances of the service.
     pub endpoints: Vec<Endpoint>,
-    /// Percent of traffic per subset (summing to 100); omitted = all
-    /// subsets together, by endpoint weight.
+    /// Percent of traffic per subset (summing to 100), and optionally
+    /// `sticky_header`; omitted = all subsets together, by endpoint weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub split: Option<BTreeMap<String, u32>>,
+    pub split: Option<crate::Split>,
     /// Connect and request timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,

@@ -1,7 +1,7 @@
 //! API: the long-poll snapshots proxies follow, the service views
 //! operators read, `/metrics`, `/ready`, `/live`.
 
-use crate::policy::{check_split, Policy, Refusal, Weights};
+use crate::policy::{check_split, check_sticky, Policy, Refusal, Weights};
 use crate::state::State;
 use crate::store::{now_ms, Store};
 use crate::watcher::apply_next;
@@ -25,6 +25,8 @@ use tokio::sync::watch;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
+/// Longest window `GET /v1/services/{svc}/live` measures over.
+const MAX_LIVE_WINDOW: Duration = Duration::from_secs(10);
 
 /// What the API handlers share.
 pub struct Api {
@@ -120,12 +122,37 @@ async fn respond(
                 "index": state.index(),
                 "service": svc,
                 "policy": state.policy(name).unwrap_or_default(),
+                "subsets": subset_counts(state, name),
             })),
             None => text(
                 StatusCode::NOT_FOUND,
                 &format!("unknown service {name:?}\n"),
             ),
         },
+        ["v1", "services", name, "live"] if state.has_service(name) => {
+            let window = match query.get("window").map(|w| parse_wait(w)) {
+                None => Duration::from_secs(1),
+                Some(Some(w)) if !w.is_zero() && w <= MAX_LIVE_WINDOW => w,
+                Some(_) => {
+                    return Ok(text(
+                        StatusCode::BAD_REQUEST,
+                        "invalid window; use a duration from 1ms to 10s, like 2s\n",
+                    ))
+                }
+            };
+            let admins = state.proxy_admins(crate::watcher::PROXY_STALE);
+            let subsets = crate::live::measure(&admins, name, window).await;
+            json_ok(&json!({
+                "service": name,
+                "window_seconds": window.as_secs_f64(),
+                "proxies": admins.len(),
+                "subsets": subsets,
+            }))
+        }
+        ["v1", "services", name, "live"] => text(
+            StatusCode::NOT_FOUND,
+            &format!("unknown service {name:?}\n"),
+        ),
         ["v1", "services", name, "rollouts"] => match state.policy(name).and_then(|p| p.rollout) {
             Some(r) => json_ok(&r),
             None => text(StatusCode::NOT_FOUND, &format!("no rollout for {name:?}\n")),
@@ -193,6 +220,10 @@ struct SplitRequest {
     /// `shift` (default), `promote`, ...
     #[serde(default)]
     action: Option<String>,
+    /// Header that keeps a user on one side: a name sets it, `""` turns
+    /// stickiness off, absent (or null) keeps what is in force.
+    #[serde(default)]
+    sticky_header: Option<String>,
 }
 
 /// Checks the token, validates, writes the store with check-and-set, and
@@ -251,7 +282,9 @@ async fn mutate(
                     return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
                 }
             };
-            if let Err(r) = check_split(&request.weights, &service, &request.allow_empty) {
+            if let Err(r) = check_split(&request.weights, &service, &request.allow_empty)
+                .and_then(|()| check_sticky(request.sticky_header.as_deref()))
+            {
                 return refusal(r);
             }
             if let Some(v) = request.version.filter(|v| *v != current.version) {
@@ -261,7 +294,10 @@ async fn mutate(
                 )));
             }
             let action = request.action.as_deref().unwrap_or("shift");
-            current.with_split(request.weights, &by, action, now)
+            current
+                .clone()
+                .with_sticky_header(request.sticky_header)
+                .with_split(request.weights, &by, action, now)
         }
         Mutation::Rollback => match current.rolled_back(&by, now) {
             Ok(p) => p,
@@ -312,7 +348,7 @@ async fn mutate(
             )
         }
     }
-    tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, version = next.version, "split changed");
+    tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, sticky = ?next.sticky_header, version = next.version, "split changed");
     if let Some(r) = &next.rollout {
         api.state.metrics.rollout_step(name, r.canary_weight());
     }
@@ -464,6 +500,16 @@ async fn snapshot(
         resp.headers_mut().insert("x-almond-index", v);
     }
     resp
+}
+
+/// Per subset: `{"healthy": N, "total": M}` endpoints.
+fn subset_counts(state: &State, name: &str) -> serde_json::Value {
+    state
+        .endpoint_counts(name)
+        .into_iter()
+        .map(|(subset, (healthy, total))| (subset, json!({ "healthy": healthy, "total": total })))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Per service: subsets with healthy endpoint counts, and the split.

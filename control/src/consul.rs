@@ -409,6 +409,7 @@ async fn watch_service(
         match serde_json::from_slice::<Vec<Instance>>(&answer.body) {
             Ok(instances) => {
                 let service = to_service(&name, &instances, &subset_key);
+                state.set_registered(&name, registered(&instances, &subset_key));
                 state.set_service(&name, service, index);
             }
             Err(e) => {
@@ -570,6 +571,22 @@ pub fn to_service(name: &str, instances: &[Instance], subset_key: &str) -> Servi
         retries: Default::default(),
         tls: None,
     }
+}
+
+/// Instances per subset, healthy or not (for `almond status`'s total).
+pub fn registered(instances: &[Instance], subset_key: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for inst in instances {
+        let subset = inst
+            .service
+            .meta
+            .as_ref()
+            .and_then(|m| m.get(subset_key))
+            .filter(|s| !s.is_empty())
+            .map_or(DEFAULT_SUBSET, String::as_str);
+        *out.entry(subset.to_owned()).or_insert(0) += 1;
+    }
+    out
 }
 
 /// Percent-encodes a path segment.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod catalog;
 pub mod consul;
 pub mod file;
+pub mod live;
 pub mod policy;
 pub mod state;
 pub mod store;

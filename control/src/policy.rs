@@ -3,7 +3,7 @@
 //! `store`; merged into the services proxies receive.
 
 use crate::watcher::rollout::Rollout;
-use almond_config::Service;
+use almond_config::{check_sticky_header, Service, Split};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -26,6 +26,12 @@ pub struct Policy {
     /// The split in force (`None`: all subsets by endpoint weight).
     #[serde(default)]
     pub split: Option<Weights>,
+    /// Header that keeps a user on one side of the split (see
+    /// `split.sticky_header`). Kept apart from the weights: shifts,
+    /// promotions, rollbacks and rollout steps change weights and leave it
+    /// alone, as Envoy's hash policy is independent of cluster weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_header: Option<String>,
     /// The split before the current one, for `rollback`.
     #[serde(default)]
     pub previous: Option<Weights>,
@@ -50,6 +56,9 @@ pub struct Change {
     pub to: Option<Weights>,
     /// `shift`, `promote`, `rollback`, or a rollout step.
     pub action: String,
+    /// The sticky header in force after the change, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_header: Option<String>,
 }
 
 /// A refused change, with the HTTP status it maps to.
@@ -107,6 +116,16 @@ pub fn check_split(
     Ok(())
 }
 
+/// Checks a sticky header sent to the API (`""` clears it).
+pub fn check_sticky(header: Option<&str>) -> Result<(), Refusal> {
+    match header {
+        None | Some("") => Ok(()),
+        Some(h) => {
+            check_sticky_header(h).map_err(|e| Refusal::Invalid(format!("sticky_header: {e}")))
+        }
+    }
+}
+
 impl Policy {
     /// The policy after setting `split`; the current one becomes
     /// `previous`.
@@ -142,6 +161,7 @@ impl Policy {
             from,
             to: self.split.clone(),
             action: action.to_owned(),
+            sticky_header: self.sticky_header.clone(),
         });
         if self.history.len() > HISTORY {
             let cut = self.history.len() - HISTORY;
@@ -149,10 +169,25 @@ impl Policy {
         }
     }
 
-    /// The service proxies get: the source's, with this policy's split.
+    /// The policy after setting (`Some(name)`) or clearing (`Some("")`)
+    /// the sticky header; `None` keeps it. Call before [`Policy::with_split`]
+    /// so that the audit trail records it.
+    pub fn with_sticky_header(mut self, header: Option<String>) -> Policy {
+        if let Some(h) = header {
+            self.sticky_header = (!h.is_empty()).then_some(h);
+        }
+        self
+    }
+
+    /// The service proxies get: the source's, with this policy's split
+    /// (and sticky header; else the source's own).
     pub fn apply(&self, mut service: Service) -> Service {
-        if self.split.is_some() {
-            service.split = self.split.clone();
+        if let Some(weights) = &self.split {
+            let source_sticky = service.split.take().and_then(|s| s.sticky_header);
+            service.split = Some(Split {
+                weights: weights.clone(),
+                sticky_header: self.sticky_header.clone().or(source_sticky),
+            });
         }
         service
     }
@@ -201,5 +236,34 @@ mod tests {
         assert_eq!(back.history.len(), 3);
         assert_eq!(back.history[2].action, "rollback");
         assert!(Policy::default().rolled_back("ops", 1).is_err());
+    }
+
+    #[test]
+    fn the_sticky_header_outlives_weight_changes() {
+        let p = Policy::default()
+            .with_sticky_header(Some("x-user-id".into()))
+            .with_split(w(&[("v1", 90), ("v2", 10)]), "ops", "shift", 1)
+            .with_sticky_header(None)
+            .with_split(w(&[("v1", 50), ("v2", 50)]), "ops", "shift", 2);
+        assert_eq!(p.history[1].sticky_header.as_deref(), Some("x-user-id"));
+        let served = p.apply(service()).split.unwrap_or_default();
+        assert_eq!(served.sticky_header.as_deref(), Some("x-user-id"));
+        assert_eq!(served.weights, w(&[("v1", 50), ("v2", 50)]));
+        let back = p.rolled_back("ops", 3).unwrap();
+        assert_eq!(
+            back.apply(service())
+                .split
+                .unwrap_or_default()
+                .sticky_header
+                .as_deref(),
+            Some("x-user-id")
+        );
+        let off = back.with_sticky_header(Some(String::new()));
+        assert_eq!(
+            off.apply(service()).split.unwrap_or_default().sticky_header,
+            None
+        );
+        assert!(check_sticky(Some("x-almond-subset")).is_err());
+        assert!(check_sticky(Some("")).is_ok());
     }
 }

@@ -26,6 +26,9 @@ pub struct State {
 #[derive(Default)]
 struct Inputs {
     sources: BTreeMap<String, Service>,
+    /// Per service and subset: instances the source knows, healthy or
+    /// not (only sources that drop unhealthy ones report it).
+    registered: BTreeMap<String, BTreeMap<String, usize>>,
     policies: BTreeMap<String, Policy>,
 }
 
@@ -213,10 +216,50 @@ impl State {
         }
     }
 
+    /// Notes how many instances per subset the source knows for a
+    /// service, healthy or not (the `total` of `almond status`).
+    pub fn set_registered(&self, name: &str, per_subset: BTreeMap<String, usize>) {
+        self.inputs().registered.insert(name.to_owned(), per_subset);
+    }
+
+    /// Per subset of a served service: (healthy endpoints, instances the
+    /// source knows). Without a count from the source, every endpoint
+    /// served is all there is.
+    pub fn endpoint_counts(&self, name: &str) -> BTreeMap<String, (usize, usize)> {
+        let mut out: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        if let Some(svc) = self.catalog().service(name) {
+            for e in &svc.endpoints {
+                out.entry(e.subset.clone()).or_default().0 += 1;
+            }
+        }
+        let registered = self.inputs().registered.get(name).cloned();
+        for (subset, counts) in out.iter_mut() {
+            counts.1 = counts.0;
+            if let Some(n) = registered.as_ref().and_then(|r| r.get(subset)) {
+                counts.1 = counts.1.max(*n);
+            }
+        }
+        for (subset, n) in registered.into_iter().flatten() {
+            out.entry(subset).or_insert((0, n));
+        }
+        out
+    }
+
+    /// Admin addresses of the proxies seen within `fresh` (the ones worth
+    /// scraping).
+    pub fn proxy_admins(&self, fresh: std::time::Duration) -> Vec<String> {
+        self.proxies()
+            .into_values()
+            .filter(|p| !p.admin.is_empty() && p.seen.elapsed() < fresh)
+            .map(|p| p.admin)
+            .collect()
+    }
+
     /// Removes a service.
     pub fn remove_service(&self, name: &str, source_index: u64) {
         let mut inputs = self.inputs();
         inputs.sources.remove(name);
+        inputs.registered.remove(name);
         let mut catalog = self.catalog();
         drop(inputs);
         if catalog.remove(name, source_index) {

@@ -297,7 +297,7 @@ impl ServiceRoute {
             .map(|(index, &subset)| {
                 let members = members_of(Some(subset), states);
                 let weight = match &svc.split {
-                    Some(split) => split.get(subset).copied().unwrap_or(0),
+                    Some(split) => split.weights.get(subset).copied().unwrap_or(0),
                     None => 0,
                 };
                 if svc.split.is_some() {
@@ -320,7 +320,7 @@ impl ServiceRoute {
         let split = svc
             .split
             .as_ref()
-            .map(|weights| Split::new(weights, &subset_names));
+            .map(|s| Split::new(&s.weights, &subset_names).sticky_on(s.sticky_header.as_deref()));
         let all = health(Pool::new(members_of(None, states), svc.lb, 0));
         seed_new_endpoints(&all, &carried);
         let (admission, pending) = match admission {
@@ -368,10 +368,18 @@ impl ServiceRoute {
                 .ok_or_else(|| (ErrorKind::UnknownSubset, pin.to_owned()));
         }
         match &self.split {
-            Some(split) => Ok(self
-                .subsets
-                .get(split.pick())
-                .map_or(&self.all, |s| &s.pool)),
+            Some(split) => {
+                // The sticky header's value, if the split has one and the
+                // request carries it (borrowed: no allocation).
+                let sticky = split
+                    .sticky_header()
+                    .and_then(|h| req.headers().get(h))
+                    .map(http::HeaderValue::as_bytes);
+                Ok(self
+                    .subsets
+                    .get(split.pick(sticky))
+                    .map_or(&self.all, |s| &s.pool))
+            }
             None => Ok(&self.all),
         }
     }

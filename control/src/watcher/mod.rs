@@ -23,7 +23,7 @@ const TICK: Duration = Duration::from_millis(250);
 /// How long a lease lasts; renewed well before.
 const LEASE_MS: u64 = 15_000;
 /// Proxies not seen for this long are not scraped.
-const PROXY_STALE: Duration = Duration::from_secs(90);
+pub const PROXY_STALE: Duration = Duration::from_secs(90);
 
 /// Where a step's window starts: the step it belongs to (its start, unix
 /// ms), when the baseline was taken, and every proxy's totals then.
@@ -190,12 +190,7 @@ impl Watcher {
     }
 
     fn proxy_admins(&self) -> Vec<String> {
-        self.state
-            .proxies()
-            .into_values()
-            .filter(|p| !p.admin.is_empty() && p.seen.elapsed() < PROXY_STALE)
-            .map(|p| p.admin)
-            .collect()
+        self.state.proxy_admins(PROXY_STALE)
     }
 }
 
