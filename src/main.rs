@@ -84,7 +84,8 @@ enum Command {
     Status {
         /// The service (default: all).
         service: Option<String>,
-        /// How long the live figures are measured over (up to 10s).
+        /// How long the live figures are measured over: up to 10s when
+        /// the control plane scrapes the proxies, 1h with Prometheus.
         #[arg(long, default_value = "1s", value_parser = ops::parse_window)]
         window: std::time::Duration,
         #[command(flatten)]

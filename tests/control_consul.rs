@@ -343,6 +343,12 @@ async fn status_shows_endpoints_and_live_golden_metrics() {
     let (code, out, err) = run_ops(&["status", "web", "--control", &url]).await;
     assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
     assert!(line_of(&out, "v1").contains("1/2"), "{out}");
+    // Scraping the proxies, the control plane waits 10 s at most: a longer
+    // window is refused (exit 1, the reason on one line).
+    let (code, _, err) = run_ops(&["status", "web", "--window", "30s", "--control", &url]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("invalid window"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(line_of(&out, "v1").ends_with(" -"), "{out}");
     assert!(!out.contains("NaN"), "{out}");
 }

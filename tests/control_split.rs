@@ -470,7 +470,7 @@ async fn cli_rollback_promote_exit_codes_and_json() {
         vec!["rollout", "s", "--canary", "v2", "--interval", "soon"],
         vec!["rollout", "s", "--canary", "v2", "--max-error-rate", "150%"],
         vec!["status", "s", "-o", "yaml"],
-        vec!["status", "s", "--window", "1h"],
+        vec!["status", "s", "--window", "2h"],
     ] {
         let args = c.ops(&url, &args);
         let (code, out, err) = run_ops(&args).await;

@@ -1174,5 +1174,17 @@ async fn a_prometheus_watcher_gives_the_same_verdicts() {
         "{r:#}"
     );
     wait_canary_percent(&rig.proxy, 0).await;
+
+    // `almond status`'s live figures come from Prometheus too: stable
+    // served traffic in the last 5 s, all of it successfully.
+    let live = rig.control.get("/v1/services/s/live?window=5s").await;
+    assert_eq!(live.status, StatusCode::OK, "{}", live.text());
+    let live = live.json();
+    assert_eq!(live["source"], "prometheus", "{live:#}");
+    let v1 = &live["subsets"]["v1"];
+    assert!(v1["requests"].as_u64() > Some(0), "{live:#}");
+    assert!(v1["rps"].as_f64() > Some(0.0), "{live:#}");
+    assert_eq!(v1["success_rate"].as_f64(), Some(1.0), "{live:#}");
+    assert!(v1["p99_ms"].as_f64().is_some(), "{live:#}");
     drop(traffic);
 }

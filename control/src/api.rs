@@ -6,7 +6,7 @@ use crate::state::State;
 use crate::store::{now_ms, Store};
 use crate::watcher::apply_next;
 use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
-use almond_config::Service;
+use almond_config::{Service, WatcherSource};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, StatusCode};
@@ -25,8 +25,10 @@ use tokio::sync::watch;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
-/// Longest window `GET /v1/services/{svc}/live` measures over.
+/// Longest window `GET /v1/services/{svc}/live` waits for (direct source).
 const MAX_LIVE_WINDOW: Duration = Duration::from_secs(10);
+/// Longest window it asks Prometheus about (answered at once).
+const MAX_PROMETHEUS_WINDOW: Duration = Duration::from_secs(3600);
 
 /// What the API handlers share.
 pub struct Api {
@@ -38,6 +40,8 @@ pub struct Api {
     pub token: Option<String>,
     /// Longest long-poll.
     pub max_wait: Duration,
+    /// Where live golden metrics come from (the watcher's source).
+    pub metrics_source: WatcherSource,
 }
 
 /// Serves the API until `stop` changes.
@@ -130,24 +134,7 @@ async fn respond(
             ),
         },
         ["v1", "services", name, "live"] if state.has_service(name) => {
-            let window = match query.get("window").map(|w| parse_wait(w)) {
-                None => Duration::from_secs(1),
-                Some(Some(w)) if !w.is_zero() && w <= MAX_LIVE_WINDOW => w,
-                Some(_) => {
-                    return Ok(text(
-                        StatusCode::BAD_REQUEST,
-                        "invalid window; use a duration from 1ms to 10s, like 2s\n",
-                    ))
-                }
-            };
-            let admins = state.proxy_admins(crate::watcher::PROXY_STALE);
-            let subsets = crate::live::measure(&admins, name, window).await;
-            json_ok(&json!({
-                "service": name,
-                "window_seconds": window.as_secs_f64(),
-                "proxies": admins.len(),
-                "subsets": subsets,
-            }))
+            live(state, &api.metrics_source, name, &query).await
         }
         ["v1", "services", name, "live"] => text(
             StatusCode::NOT_FOUND,
@@ -500,6 +487,51 @@ async fn snapshot(
         resp.headers_mut().insert("x-almond-index", v);
     }
     resp
+}
+
+/// `GET /v1/services/{svc}/live?window=1s`: per subset, requests, rps,
+/// success rate and p99 over the window, from the watcher's source.
+async fn live(
+    state: &State,
+    source: &WatcherSource,
+    name: &str,
+    query: &HashMap<String, String>,
+) -> Response<Full<Bytes>> {
+    let max = match source {
+        WatcherSource::Direct => MAX_LIVE_WINDOW,
+        WatcherSource::Prometheus(_) => MAX_PROMETHEUS_WINDOW,
+    };
+    let window = match query.get("window").map(|w| parse_wait(w)) {
+        None => Duration::from_secs(1),
+        Some(Some(w)) if !w.is_zero() && w <= max => w,
+        Some(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "invalid window; use a duration from 1ms to {}s, like 2s\n",
+                    max.as_secs()
+                ),
+            )
+        }
+    };
+    let (source, proxies, subsets) = match source {
+        WatcherSource::Direct => {
+            let admins = state.proxy_admins(crate::watcher::PROXY_STALE);
+            let subsets = crate::live::measure(&admins, name, window).await;
+            ("direct", Some(admins.len()), subsets)
+        }
+        WatcherSource::Prometheus(url) => {
+            let subsets = crate::live::from_prometheus(url, name, window).await;
+            ("prometheus", None, subsets)
+        }
+    };
+    json_ok(&json!({
+        "service": name,
+        "source": source,
+        "window_seconds": window.as_secs_f64(),
+        "proxies": proxies,
+        "subsets": subsets,
+    }))
 }
 
 /// Per subset: `{"healthy": N, "total": M}` endpoints.

@@ -94,6 +94,7 @@ impl Control {
             .watcher_source()
             .unwrap_or(almond_config::WatcherSource::Direct);
         tracing::info!(watcher = ?source, "watcher source");
+        let metrics_source = source.clone();
         let watcher =
             tokio::spawn(watcher::Watcher::new(self.state.clone(), store.clone(), source).run());
         let token = self
@@ -116,6 +117,7 @@ impl Control {
             store,
             token,
             max_wait: self.config.max_wait,
+            metrics_source,
         });
         let api = tokio::spawn(api::serve(api, listener, stop_rx));
         tracing::info!("control plane serving");

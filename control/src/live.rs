@@ -1,7 +1,9 @@
 //! Live: the golden metrics of a service's subsets over a short window,
-//! for `almond status` (`GET /v1/services/{svc}/live`). Scrapes every
-//! proxy's admin `/metrics` twice, `window` apart, and diffs the counters
-//! and histogram buckets with the watcher's [`collect`] functions.
+//! for `almond status` (`GET /v1/services/{svc}/live`), from the watcher's
+//! source: with `direct`, every proxy's admin `/metrics` scraped twice,
+//! `window` apart, counters and histogram buckets diffed; with
+//! `prometheus`, `increase` over the last `window`. Both through the
+//! watcher's [`collect`] functions.
 
 use crate::watcher::collect;
 use serde::Serialize;
@@ -20,6 +22,19 @@ pub struct SubsetLive {
     /// 99th percentile latency in ms (interpolated within the histogram's
     /// bucket, as Prometheus does); `None` with no requests.
     pub p99_ms: Option<f64>,
+}
+
+/// Measures `service` over the last `window` from Prometheus (the
+/// watcher's `prometheus` source): one `increase` query each for requests,
+/// failures and latency buckets, answered at once. The window should span
+/// at least two of Prometheus' scrapes, or subsets show no traffic.
+pub async fn from_prometheus(
+    base: &str,
+    service: &str,
+    window: Duration,
+) -> BTreeMap<String, SubsetLive> {
+    let totals = collect::query_prometheus_over(base, service, Some(window)).await;
+    summarize(&collect::sum(&totals), window.as_secs_f64())
 }
 
 /// Measures `service` on the proxies at `admins` over `window`. Subsets

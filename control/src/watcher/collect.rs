@@ -166,10 +166,35 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
 /// instant queries summing every proxy's series by subset. Returned under
 /// one key so [`delta`] treats it like one big proxy.
 pub async fn query_prometheus(base: &str, service: &str) -> BTreeMap<String, Totals> {
+    query_prometheus_over(base, service, None).await
+}
+
+/// As [`query_prometheus`]; with `range`, each series is its `increase`
+/// over the last `range` (what `almond status` shows), not its total.
+pub async fn query_prometheus_over(
+    base: &str,
+    service: &str,
+    range: Option<Duration>,
+) -> BTreeMap<String, Totals> {
     let sel = format!("service=\"{service}\",direction=\"outbound\"");
-    let requests = format!("sum by (subset) (almond_requests_total{{{sel}}})");
-    let failures = format!("sum by (subset) (almond_requests_total{{{sel},outcome=\"failure\"}})");
-    let buckets = format!("sum by (subset, le) (almond_request_duration_seconds_bucket{{{sel}}})");
+    let over = |series: String| match range {
+        Some(r) => format!("increase({series}[{}ms])", r.as_millis()),
+        None => series,
+    };
+    let requests = format!(
+        "sum by (subset) ({})",
+        over(format!("almond_requests_total{{{sel}}}"))
+    );
+    let failures = format!(
+        "sum by (subset) ({})",
+        over(format!(
+            "almond_requests_total{{{sel},outcome=\"failure\"}}"
+        ))
+    );
+    let buckets = format!(
+        "sum by (subset, le) ({})",
+        over(format!("almond_request_duration_seconds_bucket{{{sel}}}"))
+    );
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let mut totals: Totals = BTreeMap::new();
@@ -183,6 +208,8 @@ pub async fn query_prometheus(base: &str, service: &str) -> BTreeMap<String, Tot
                 continue;
             };
             let w = totals.entry(subset.clone()).or_default();
+            // `increase` extrapolates: round to whole requests.
+            let value = value.round();
             match i {
                 0 => w.requests = value as u64,
                 1 => w.failures = value as u64,
