@@ -42,7 +42,13 @@ pub struct Api {
     pub max_wait: Duration,
     /// Where live golden metrics come from (the watcher's source).
     pub metrics_source: WatcherSource,
+    /// Live measurements that may run at once: each scrapes every proxy
+    /// twice, and the endpoint needs no token.
+    pub live_slots: tokio::sync::Semaphore,
 }
+
+/// Live measurements at once (`Api::live_slots`).
+pub const LIVE_AT_ONCE: usize = 4;
 
 /// Serves the API until `stop` changes.
 pub async fn serve(api: Arc<Api>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -134,7 +140,13 @@ async fn respond(
             ),
         },
         ["v1", "services", name, "live"] if state.has_service(name) => {
-            live(state, &api.metrics_source, name, &query).await
+            match api.live_slots.try_acquire() {
+                Ok(_slot) => live(state, &api.metrics_source, name, &query).await,
+                Err(_) => text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many live measurements at once; try again in a moment\n",
+                ),
+            }
         }
         ["v1", "services", name, "live"] => text(
             StatusCode::NOT_FOUND,

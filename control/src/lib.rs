@@ -118,6 +118,7 @@ impl Control {
             token,
             max_wait: self.config.max_wait,
             metrics_source,
+            live_slots: tokio::sync::Semaphore::new(api::LIVE_AT_ONCE),
         });
         let api = tokio::spawn(api::serve(api, listener, stop_rx));
         tracing::info!("control plane serving");

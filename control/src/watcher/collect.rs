@@ -3,6 +3,7 @@
 
 use super::judge::Window;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -18,29 +19,44 @@ pub type Totals = BTreeMap<String, Window>;
 pub async fn scrape(admins: &[String], service: &str) -> BTreeMap<String, Totals> {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let mut per_proxy = BTreeMap::new();
-    for admin in admins {
-        let Ok(req) = hyper::Request::get(format!("http://{admin}/metrics")).body(Empty::new())
-        else {
-            continue;
-        };
-        let fetched = tokio::time::timeout(Duration::from_secs(2), async {
-            let resp = client.request(req).await.ok()?;
-            resp.into_body().collect().await.ok().map(|b| b.to_bytes())
-        })
-        .await;
-        match fetched {
-            Ok(Some(body)) => {
-                per_proxy.insert(
-                    admin.clone(),
-                    parse(&String::from_utf8_lossy(&body), service),
-                );
+    // Many proxies at once (a slow or gone one costs its timeout once, not
+    // once per proxy behind it), but a bounded number of sockets.
+    let service: std::sync::Arc<str> = service.into();
+    futures_util::stream::iter(admins.to_vec())
+        .map(|admin| {
+            let client = client.clone();
+            let service = service.clone();
+            async move {
+                let req = hyper::Request::get(format!("http://{admin}/metrics"))
+                    .body(Empty::new())
+                    .ok()?;
+                let fetched = tokio::time::timeout(SCRAPE_TIMEOUT, async {
+                    let resp = client.request(req).await.ok()?;
+                    resp.into_body().collect().await.ok().map(|b| b.to_bytes())
+                })
+                .await;
+                match fetched {
+                    Ok(Some(body)) => {
+                        let totals = parse(&String::from_utf8_lossy(&body), &service);
+                        Some((admin, totals))
+                    }
+                    _ => {
+                        tracing::debug!(proxy = %admin, "metrics scrape failed");
+                        None
+                    }
+                }
             }
-            _ => tracing::debug!(proxy = %admin, "metrics scrape failed"),
-        }
-    }
-    per_proxy
+        })
+        .buffer_unordered(SCRAPES_AT_ONCE)
+        .filter_map(std::future::ready)
+        .collect()
+        .await
 }
+
+/// Longest one proxy's scrape may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Scrapes in flight at once.
+const SCRAPES_AT_ONCE: usize = 64;
 
 /// Sums per-proxy totals into per-subset totals.
 pub fn sum(per_proxy: &BTreeMap<String, Totals>) -> Totals {
