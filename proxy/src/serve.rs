@@ -63,7 +63,11 @@ pub async fn handle(
             path,
             status: resp.status().as_u16(),
             error: resp.headers().get(outcome::ERROR_HEADER).cloned(),
-            observed: seen.clone(),
+            // Shared with the access log only when it logs this request.
+            observed: match log {
+                Some(_) => seen.clone(),
+                None => std::mem::take(&mut seen),
+            },
             response_bytes: resp.body().size_hint().exact(),
         });
     }
