@@ -14,11 +14,17 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 fn table(lb: &str, split: bool) -> (Table, Metrics) {
-    let split = if split {
-        "    split: { v1: 90, v2: 10 }\n"
-    } else {
-        ""
-    };
+    table_with(
+        lb,
+        if split {
+            "    split: { v1: 90, v2: 10 }\n"
+        } else {
+            ""
+        },
+    )
+}
+
+fn table_with(lb: &str, split: &str) -> (Table, Metrics) {
     let yaml = format!(
         "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  orders:\n    lb: {lb}\n    endpoints:\n      - {{ addr: 127.0.0.1:8001, subset: v1 }}\n      - {{ addr: 127.0.0.1:8002, subset: v1 }}\n      - {{ addr: 127.0.0.1:8003, subset: v1 }}\n      - {{ addr: 127.0.0.1:8004, subset: v2 }}\n{split}"
     );
@@ -87,6 +93,26 @@ fn bench(c: &mut Criterion) {
             return;
         };
         b.iter(|| black_box(svc.pool(black_box(&req)).is_ok()))
+    });
+
+    // Sticky: the subset from a hash of the user's header value.
+    let (table, _metrics) = table_with(
+        "p2c_ewma",
+        "    split: { v1: 90, v2: 10, sticky_header: x-user-id }\n",
+    );
+    let user = Request::get("/orders/42")
+        .header("host", "orders:4140")
+        .header("x-user-id", "user-7f3a9c21")
+        .body(())
+        .unwrap_or_default();
+    c.bench_function("split decision (90/10, sticky x-user-id)", |b| {
+        let Some(listener) = table.listener(0) else {
+            return;
+        };
+        let Ok(svc) = table.service(listener, &user) else {
+            return;
+        };
+        b.iter(|| black_box(svc.pool(black_box(&user)).is_ok()))
     });
 }
 
