@@ -74,7 +74,7 @@ impl Split {
 }
 
 /// FNV-1a 64 of `bytes`, then `fmix64` so that similar values (`user-1`,
-/// `user-2`) spread over the high bits [`point`] uses. No allocation.
+/// `user-2`) spread over the high bits that `point` uses. No allocation.
 #[inline]
 pub fn hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
