@@ -1151,7 +1151,29 @@ async fn a_change_made_while_control_was_down_reaches_proxies() {
     control.shutdown().await;
     assert!(consul.deregister("web-2"));
     let _control = TestControl::start_on(&config, addr).await;
+    // Waits on the proxy's table, not on traffic: P2C may well send 20
+    // requests in a row to b1 while b2 is still listed.
+    eventually("web-2 leaves the proxy's table", || async {
+        !lists(&proxy, "web", b2.addr.port()).await
+    })
+    .await;
+    assert!(lists(&proxy, "web", b1.addr.port()).await);
     only(&proxy, &["b1"]).await;
+}
+
+/// Whether the proxy's admin `/endpoints` lists an endpoint of `svc` on
+/// `port`.
+async fn lists(proxy: &TestProxy, svc: &str, port: u16) -> bool {
+    let page = proxy.admin_get("/endpoints").await.json();
+    let subsets = page[svc]["subsets"].as_array().cloned().unwrap_or_default();
+    subsets
+        .iter()
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .any(|e| {
+            e["addr"]
+                .as_str()
+                .is_some_and(|a| a.ends_with(&format!(":{port}")))
+        })
 }
 
 /// A TLS front for the Consul double, as a Consul agent with `https` and
