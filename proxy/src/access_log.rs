@@ -37,8 +37,8 @@ pub struct Observed {
     pub direction: Direction,
     /// Whether the response came from an endpoint (not from the proxy).
     pub upstream_answered: bool,
-    /// Arrival to the first try's send: routing, admission, reading a
-    /// replayable body, balancing.
+    /// Arrival to the first try: routing, admission, reading a replayable
+    /// body.
     pub queue: Duration,
     /// Opening the upstream connection on the last try; `None`: pooled.
     pub connect: Option<Duration>,

@@ -75,17 +75,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<Heade
         None
     };
     if found & 1 != 0 {
-        // Headers that `Connection` names are hop-by-hop too (`keep-alive`
-        // and `close` are options, not names, in the common case: then
-        // nothing is collected and nothing allocated).
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("").split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
+        found &= !1;
+        // `Connection` goes, and the headers it names are hop-by-hop too
+        // (`keep-alive` and `close` are options, not names: in the common
+        // case nothing is collected and nothing allocated). One lookup.
+        let mut named: Vec<HeaderName> = Vec::new();
+        if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+            for value in entry.remove_entry_mult().1 {
+                let tokens = value.to_str().unwrap_or("").split(',').map(str::trim);
+                for t in tokens {
+                    if t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close") {
+                        continue;
+                    }
+                    if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+                        named.push(name);
+                    }
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }

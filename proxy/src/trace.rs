@@ -142,22 +142,33 @@ fn parse_hex(digits: &[u8]) -> Option<u128> {
     })
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Two lowercase hex digits for every byte value.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+        i += 1;
+    }
+    pairs
+};
 
-pub(crate) fn hex128(n: u128) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+/// `N` big-endian bytes as `2 * N` lowercase hex digits (`M` = `2 * N`).
+fn hex_bytes<const N: usize, const M: usize>(bytes: [u8; N]) -> [u8; M] {
+    let mut out = [0u8; M];
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
     }
     out
 }
 
+pub(crate) fn hex128(n: u128) -> [u8; 32] {
+    hex_bytes(n.to_be_bytes())
+}
+
 fn hex64(n: u64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    out
+    hex_bytes(n.to_be_bytes())
 }
 
 fn nonzero_u64() -> u64 {
@@ -221,5 +232,10 @@ mod tests {
         let n = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210u128;
         assert_eq!(parse_hex(&hex128(n)), Some(n));
         assert_eq!(parse_hex(&hex64(42)), Some(42));
+        assert_eq!(&hex64(0x00f0_67aa_0ba9_02b7), b"00f067aa0ba902b7");
+        assert_eq!(
+            &hex128(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
+            b"4bf92f3577b34da6a3ce929d0e0e4736"
+        );
     }
 }
