@@ -723,6 +723,11 @@ async fn splits_live_in_consul_kv() {
     let stored = stored_policy(&consul);
     assert_eq!(stored["split"], json!({ "v1": 0, "v2": 100 }));
     assert_eq!(stored["version"], json!(1));
+    eventually("the proxy has the 0/100 split", || async {
+        let labels = [("service", "web"), ("subset", "v2")];
+        proxy_metric(&proxy, "almond_split_weight", &labels).await == 100.0
+    })
+    .await;
     only(&proxy, &["b2"]).await;
 
     // Two shifts naming the same version at once: one wins, one is told
@@ -1280,6 +1285,11 @@ async fn consul_over_https_with_a_client_certificate() {
         stored_policy(&consul)["split"],
         json!({ "v1": 0, "v2": 100 })
     );
+    eventually("the proxy has the 0/100 split", || async {
+        let labels = [("service", "web"), ("subset", "v2")];
+        proxy_metric(&proxy, "almond_split_weight", &labels).await == 100.0
+    })
+    .await;
     only(&proxy, &["b2"]).await;
 }
 
