@@ -1343,3 +1343,33 @@ fn consul_tls_settings_are_checked() {
         "{err}"
     );
 }
+
+/// Consul allows a host name as `Service.Address`: the control plane looks
+/// it up and serves the address (here `localhost`, whose IPv4 address the
+/// backend listens on); a name that does not resolve leaves that instance
+/// out and keeps the others.
+#[tokio::test]
+async fn instance_host_names_are_resolved() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul
+        .register(web("web-1", &b1, "v1").address("localhost"))
+        .unwrap();
+    consul
+        .register(web("web-2", &b2, "v2").address("no-such-host.invalid"))
+        .unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_HOSTNAME")).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    assert!(lists(&proxy, "web", b1.addr.port()).await);
+    assert!(!lists(&proxy, "web", b2.addr.port()).await);
+    let served = control.service("web").await;
+    let addrs: Vec<&str> = served["service"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["addr"].as_str())
+        .collect();
+    assert_eq!(addrs, vec![format!("127.0.0.1:{}", b1.addr.port())]);
+}

@@ -408,7 +408,8 @@ async fn watch_service(
         }
         match serde_json::from_slice::<Vec<Instance>>(&answer.body) {
             Ok(instances) => {
-                let service = to_service(&name, &instances, &subset_key);
+                let resolved = resolve_hosts(&name, &instances).await;
+                let service = to_service_resolved(&name, &instances, &subset_key, &resolved);
                 state.set_registered(&name, registered(&instances, &subset_key));
                 state.set_service(&name, service, index);
             }
@@ -518,8 +519,65 @@ pub fn instance_weight(instance: &Instance) -> Option<u32> {
 
 /// Turns a health answer into the service a proxy gets: healthy instances
 /// with their weights, subset from `Meta[subset_key]`, protocol from
-/// `Meta.protocol`.
+/// `Meta.protocol`. Instances whose address is a host name are skipped:
+/// see [`to_service_resolved`].
 pub fn to_service(name: &str, instances: &[Instance], subset_key: &str) -> Service {
+    to_service_resolved(name, instances, subset_key, &HashMap::new())
+}
+
+/// The address an instance is reached at: the service's, else its node's.
+fn address_of(inst: &Instance) -> &str {
+    if inst.service.address.is_empty() {
+        &inst.node.address
+    } else {
+        &inst.service.address
+    }
+}
+
+/// Longest one host name's lookup may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Resolves the instance addresses that are host names (Consul allows them
+/// in `Service.Address`): each to its first IPv4 address, else its first
+/// address. A name that does not resolve in time is left out (and its
+/// instances with it), with a warning.
+pub async fn resolve_hosts(name: &str, instances: &[Instance]) -> HashMap<String, IpAddr> {
+    let mut out = HashMap::new();
+    for inst in instances {
+        let host = address_of(inst);
+        if host.is_empty() || host.parse::<IpAddr>().is_ok() || out.contains_key(host) {
+            continue;
+        }
+        let lookup = tokio::net::lookup_host((host, inst.service.port));
+        match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+            Ok(Ok(addrs)) => {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                let pick = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first());
+                if let Some(addr) = pick {
+                    out.insert(host.to_owned(), addr.ip());
+                    continue;
+                }
+                tracing::warn!(service = name, address = %host, "instance host name has no address; skipped");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(service = name, address = %host, error = %e, "instance host name does not resolve; skipped")
+            }
+            Err(_) => {
+                tracing::warn!(service = name, address = %host, "instance host name lookup timed out; skipped")
+            }
+        }
+    }
+    out
+}
+
+/// [`to_service`], with host names looked up in `resolved` (from
+/// [`resolve_hosts`]).
+pub fn to_service_resolved(
+    name: &str,
+    instances: &[Instance],
+    subset_key: &str,
+    resolved: &HashMap<String, IpAddr>,
+) -> Service {
     let mut endpoints = Vec::new();
     let mut protocol = Protocol::Http1;
     for inst in instances {
@@ -538,14 +596,16 @@ pub fn to_service(name: &str, instances: &[Instance], subset_key: &str) -> Servi
         let Some(weight) = instance_weight(inst) else {
             continue;
         };
-        let host = if inst.service.address.is_empty() {
-            &inst.node.address
-        } else {
-            &inst.service.address
-        };
-        let Ok(ip) = host.parse::<IpAddr>() else {
-            tracing::warn!(service = name, instance = %inst.service.id, address = %host, "instance address is not an IP; skipped");
-            continue;
+        let host = address_of(inst);
+        let ip = match host.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => match resolved.get(host) {
+                Some(ip) => *ip,
+                None => {
+                    tracing::warn!(service = name, instance = %inst.service.id, address = %host, "instance address is not an IP and was not resolved; skipped");
+                    continue;
+                }
+            },
         };
         let subset = meta
             .and_then(|m| m.get(subset_key))
