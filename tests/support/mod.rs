@@ -1259,22 +1259,7 @@ impl TestControl {
     /// Loads `yaml` (a control config) and serves it on a fresh port;
     /// returns once its `/ready` answers 200 (the registry has been read).
     pub async fn start(yaml: &str) -> TestControl {
-        let config = almond_config::load_control(yaml, "test")
-            .unwrap_or_else(|e| panic!("test control config refused:\n{e}\n---\n{yaml}"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let control = almond_control::Control::new(config).unwrap();
-        let state = control.state().clone();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(control.run(listener, async {
-            let _ = rx.await;
-        }));
-        let control = TestControl {
-            addr,
-            state,
-            stop: Some(tx),
-            task: Some(task),
-        };
+        let control = TestControl::launch_unready(yaml).await;
         eventually("the control plane's /ready answers 200", || async {
             control.get("/ready").await.status == StatusCode::OK
         })
@@ -1410,8 +1395,6 @@ impl TestControl {
     /// restarted on the port its proxies already follow. Retries the bind
     /// while the previous listener's socket is being released.
     pub async fn start_on(yaml: &str, addr: SocketAddr) -> TestControl {
-        let config = almond_config::load_control(yaml, "test")
-            .unwrap_or_else(|e| panic!("test control config refused:\n{e}\n---\n{yaml}"));
         let listener = within("rebind the control port", async {
             loop {
                 match TcpListener::bind(addr).await {
@@ -1421,18 +1404,7 @@ impl TestControl {
             }
         })
         .await;
-        let control = almond_control::Control::new(config).unwrap();
-        let state = control.state().clone();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(control.run(listener, async {
-            let _ = rx.await;
-        }));
-        let control = TestControl {
-            addr,
-            state,
-            stop: Some(tx),
-            task: Some(task),
-        };
+        let control = TestControl::serve_on(yaml, listener);
         eventually(
             "the restarted control plane's /ready answers 200",
             || async { control.get("/ready").await.status == StatusCode::OK },
@@ -1450,9 +1422,14 @@ impl TestControl {
     /// Like [`TestControl::start`], but returns at once, without waiting
     /// for `/ready` (for tests of readiness itself).
     pub async fn launch_unready(yaml: &str) -> TestControl {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestControl::serve_on(yaml, listener)
+    }
+
+    /// Loads `yaml` and serves it on `listener`; returns at once.
+    fn serve_on(yaml: &str, listener: TcpListener) -> TestControl {
         let config = almond_config::load_control(yaml, "test")
             .unwrap_or_else(|e| panic!("test control config refused:\n{e}\n---\n{yaml}"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let control = almond_control::Control::new(config).unwrap();
         let state = control.state().clone();
