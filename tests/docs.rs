@@ -159,9 +159,18 @@ fn fully_populated() -> ProxyConfig {
         timeouts,
         circuit_breaker,
         retries,
+        health_check,
         tls,
     } in services.values_mut()
     {
+        let almond_config::HealthCheck {
+            interval: _,
+            timeout: _,
+            path,
+            healthy: _,
+            unhealthy: _,
+        } = health_check.get_or_insert_with(Default::default);
+        path.get_or_insert_with(|| "/healthz".to_owned());
         let almond_config::UpstreamTls { server_name } = tls.get_or_insert_with(Default::default);
         server_name.get_or_insert_with(|| "orders".to_owned());
         for Endpoint {
@@ -181,7 +190,10 @@ fn fully_populated() -> ProxyConfig {
         let Timeouts {
             connect: _,
             request: _,
+            idle,
         } = timeouts;
+        // Serialized only when not the default.
+        *idle = Duration::from_secs(30);
         let CircuitBreaker {
             consecutive_failures: _,
             base_ejection: _,

@@ -24,8 +24,8 @@ pub use load::{
 pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing};
 pub use problem::{Problem, Problems};
 pub use proxy::{
-    CircuitBreaker, Condition, Direction, Endpoint, Lb, Limits, Listener, Protocol, ProxyConfig,
-    Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
+    CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits, Listener, Protocol,
+    ProxyConfig, Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
 };
 pub use snapshot::Snapshot;
 pub use split::{check_sticky_header, Split};

@@ -423,6 +423,33 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
             "must be more than 0".into(),
         ));
     }
+    if svc.timeouts.idle.is_zero() {
+        out.push((".timeouts.idle".into(), "must be more than 0".into()));
+    }
+    if let Some(hc) = &svc.health_check {
+        if hc.interval < std::time::Duration::from_millis(10) {
+            out.push((
+                ".health_check.interval".into(),
+                "must be at least 10ms".into(),
+            ));
+        }
+        if hc.timeout.is_zero() {
+            out.push((".health_check.timeout".into(), "must be more than 0".into()));
+        }
+        if let Some(path) = &hc.path {
+            if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
+                out.push((
+                    ".health_check.path".into(),
+                    format!("{path:?} is not an absolute path like /healthz"),
+                ));
+            }
+        }
+        for (key, n) in [("healthy", hc.healthy), ("unhealthy", hc.unhealthy)] {
+            if n == 0 {
+                out.push((format!(".health_check.{key}"), "must be 1 or more".into()));
+            }
+        }
+    }
     if svc.retries.attempts > 10 {
         out.push((".retries.attempts".into(), "must be 10 or less".into()));
     }

@@ -212,6 +212,9 @@ pub struct Service {
     /// Retry policy.
     #[serde(default)]
     pub retries: Retries,
+    /// Active health checks of every endpoint (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
     /// Connect to the endpoints over mTLS with the proxy-level `tls`.
     #[serde(
         default,
@@ -276,6 +279,16 @@ pub struct Timeouts {
     /// From the request's arrival to the upstream response's headers.
     #[serde(default = "default_request", with = "crate::duration")]
     pub request: Duration,
+    /// An idle pooled HTTP/1.1 connection is closed after this long; keep
+    /// it shorter than the upstream's own keep-alive timeout.
+    /// (Left out of serialized snapshots when default, so proxies of the
+    /// release before it still read them.)
+    #[serde(
+        default = "default_idle",
+        with = "crate::duration",
+        skip_serializing_if = "is_default_idle"
+    )]
+    pub idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -283,8 +296,63 @@ impl Default for Timeouts {
         Timeouts {
             connect: default_connect(),
             request: default_request(),
+            idle: default_idle(),
         }
     }
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn is_default_idle(idle: &Duration) -> bool {
+    *idle == default_idle()
+}
+
+/// Active health checks: every `interval`, each endpoint is sent a
+/// `GET path` (2xx or 3xx is healthy), or only connected to without one.
+/// `unhealthy` failures in a row eject it; `healthy` successes in a row
+/// bring an ejected endpoint back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Time between two checks of one endpoint.
+    #[serde(default = "default_hc_interval", with = "crate::duration")]
+    pub interval: Duration,
+    /// Time a check has to succeed.
+    #[serde(default = "default_hc_timeout", with = "crate::duration")]
+    pub timeout: Duration,
+    /// HTTP path to `GET`; a TCP connect only when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Successes in a row that bring an ejected endpoint back.
+    #[serde(default = "default_hc_healthy")]
+    pub healthy: u32,
+    /// Failures in a row that eject an endpoint.
+    #[serde(default = "default_hc_unhealthy")]
+    pub unhealthy: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: default_hc_interval(),
+            timeout: default_hc_timeout(),
+            path: None,
+            healthy: default_hc_healthy(),
+            unhealthy: default_hc_unhealthy(),
+        }
+    }
+}
+fn default_hc_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_hc_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_hc_healthy() -> u32 {
+    2
+}
+fn default_hc_unhealthy() -> u32 {
+    3
 }
 fn default_connect() -> Duration {
     Duration::from_secs(1)

@@ -629,6 +629,7 @@ pub fn to_service_resolved(
         timeouts: Default::default(),
         circuit_breaker: Default::default(),
         retries: Default::default(),
+        health_check: None,
         tls: None,
     }
 }

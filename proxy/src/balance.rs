@@ -8,7 +8,7 @@
 use crate::eject::Availability;
 use crate::upstream::EndpointState;
 use almond_config::Lb;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -41,6 +41,10 @@ pub struct Pool {
     panic_threshold: u32,
     /// Time a probe of an ejected endpoint has before another is sent.
     probe_grace: std::time::Duration,
+    /// The earliest time (ns since the process epoch) a member's ejection
+    /// ends, `u64::MAX` when none is out: the one load a pick pays to know
+    /// that no probe is due, whatever its algorithm would have chosen.
+    probe_at: AtomicU64,
 }
 
 impl Pool {
@@ -61,7 +65,15 @@ impl Pool {
         } else {
             Vec::new()
         };
+        // Endpoints carried over from the last table may be out already.
+        let probe_at = members
+            .iter()
+            .map(|m| m.state.health.ejected_until())
+            .filter(|&until| until != 0)
+            .min()
+            .unwrap_or(u64::MAX);
         Pool {
+            probe_at: AtomicU64::new(probe_at),
             // Start round robin at a random place so that many proxies
             // do not all hit the first endpoint together.
             cursor: AtomicUsize::new(fastrand::usize(..schedule.len().max(1))),
@@ -100,10 +112,16 @@ impl Pool {
 
     /// Picks an endpoint for one request, skipping ejected endpoints and
     /// `exclude` (the endpoint a retry failed on) when there is another.
+    /// An endpoint whose ejection is up gets the request as its probe.
     /// Below the panic threshold of available endpoints, it balances over
     /// all of them, ejected or not.
     pub fn pick(&self, now: Instant, exclude: Option<&EndpointState>) -> Option<&Member> {
         let now_ns = crate::upstream::nanos_since_epoch(now);
+        if now_ns >= self.probe_at.load(Ordering::Relaxed) {
+            if let Some(probe) = self.claim_due_probe(now_ns, exclude) {
+                return Some(probe);
+            }
+        }
         let n = self.members.len();
         let first = match n {
             0 => return None,
@@ -122,6 +140,60 @@ impl Pool {
         self.pick_slow(first, now, now_ns, exclude)
     }
 
+    /// A member of this pool was ejected until `until` (ns since the
+    /// process epoch): probe it then.
+    pub fn note_ejection(&self, until: u64) {
+        self.probe_at.fetch_min(until, Ordering::AcqRel);
+    }
+
+    /// Some member's ejection is up: claims its probe for this request,
+    /// and sets when the next one is due. One picker scans at a time.
+    fn claim_due_probe(&self, now_ns: u64, exclude: Option<&EndpointState>) -> Option<&Member> {
+        let seen = self.probe_at.swap(u64::MAX, Ordering::AcqRel);
+        if seen > now_ns {
+            // Another picker is scanning, or an ejection moved it: keep it.
+            self.probe_at.fetch_min(seen, Ordering::AcqRel);
+            return None;
+        }
+        let mut next = u64::MAX;
+        let mut claimed = None;
+        for m in &self.members {
+            let until = m.state.health.ejected_until();
+            if until == 0 {
+                continue;
+            }
+            let excluded = exclude.is_some_and(|e| std::ptr::eq(e, &*m.state));
+            if claimed.is_none()
+                && !excluded
+                && until <= now_ns
+                && m.state.health.claim_probe(now_ns, self.probe_grace)
+            {
+                claimed = Some(m);
+            }
+            // A claimed probe's grace, a later ejection's end, or (for an
+            // excluded member) now again on the next pick.
+            next = next.min(m.state.health.ejected_until().max(1));
+        }
+        self.probe_at.fetch_min(next, Ordering::AcqRel);
+        claimed
+    }
+
+    /// The mean latency estimate of the members in service: where an
+    /// endpoint back from ejection starts (`EndpointState::reset_rtt`).
+    pub fn typical_rtt(&self, now: Instant) -> std::time::Duration {
+        let (sum, n) = self
+            .members
+            .iter()
+            .filter(|m| !m.state.health.is_out())
+            .fold((0.0, 0u32), |(sum, n), m| {
+                (sum + m.state.rtt_estimate(now), n + 1)
+            });
+        match n {
+            0 => crate::upstream::DEFAULT_RTT,
+            n => std::time::Duration::from_nanos((sum / f64::from(n)) as u64),
+        }
+    }
+
     /// The algorithm over every member, health not considered.
     fn pick_among_all(&self, n: usize, now: Instant) -> &Member {
         match self.lb {
@@ -136,19 +208,39 @@ impl Pool {
         }
     }
 
-    /// Power of two choices: of two members, the one with the lower cost
-    /// per unit of weight.
+    /// Power of two choices between `a` and `b`.
+    ///
+    /// `least_request` takes the one with fewer requests in flight per unit
+    /// of weight (`a`, drawn at random, wins ties: Envoy's random
+    /// tie-break). `p2c_ewma` draws between the two with odds inverse to
+    /// their cost per unit of weight: two endpoints that behave the same
+    /// split the traffic evenly whatever the noise in their latency
+    /// estimates, while one 10x costlier gets about a tenth of the picks
+    /// its peer gets (a strict "cheaper wins" would give the slowest of
+    /// three identical endpoints nothing for as long as the order holds).
     fn cheaper(&self, a: usize, b: usize, now: Instant) -> &Member {
         let (ma, mb) = (&self.members[a], &self.members[b]);
-        let cost = |m: &Member| match self.lb {
-            Lb::P2cEwma => m.state.ewma_cost(now),
-            _ => m.state.in_flight_cost(),
-        };
-        // Compare cost_a / w_a with cost_b / w_b without dividing.
-        if cost(ma) * f64::from(mb.weight) <= cost(mb) * f64::from(ma.weight) {
-            ma
-        } else {
-            mb
+        let (wa, wb) = (f64::from(ma.weight), f64::from(mb.weight));
+        match self.lb {
+            Lb::P2cEwma => {
+                // P(a) = (wa / ca) / (wa / ca + wb / cb) = wa cb / (wa cb + wb ca)
+                let (ca, cb) = (ma.state.ewma_cost(now), mb.state.ewma_cost(now));
+                let (sa, sb) = (wa * cb, wb * ca);
+                if fastrand::f64() * (sa + sb) < sa {
+                    ma
+                } else {
+                    mb
+                }
+            }
+            _ => {
+                // Compare cost_a / w_a with cost_b / w_b without dividing.
+                let (ca, cb) = (ma.state.in_flight_cost(), mb.state.in_flight_cost());
+                if ca * wb <= cb * wa {
+                    ma
+                } else {
+                    mb
+                }
+            }
         }
     }
 
@@ -366,12 +458,18 @@ mod tests {
         p.members[0]
             .state
             .observe_rtt(now, std::time::Duration::from_millis(200));
+        // A few answers each bring the others down from the 30 ms default.
         for m in &p.members[1..] {
-            m.state
-                .observe_rtt(now, std::time::Duration::from_millis(1));
+            for _ in 0..30 {
+                m.state
+                    .observe_rtt(now, std::time::Duration::from_millis(1));
+            }
         }
+        // Odds inverse to cost: the slow one wins 1 pairing in ~200.
         let c = counts(&p, 3000);
-        assert!(c.get(&1000).copied().unwrap_or(0) < 100, "{c:?}");
+        assert!(c.get(&1000).copied().unwrap_or(0) < 60, "{c:?}");
+        let (b, c2) = (c[&1001], c[&1002]);
+        assert!(b.abs_diff(c2) < 300, "equal endpoints share evenly: {c:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -416,7 +514,7 @@ mod health_tests {
             healthy: prometheus::IntGauge::new("h", "h").unwrap(),
             ejected: prometheus::IntGauge::new("x", "x").unwrap(),
         };
-        outlier.record(&p.members[i].state, true, now, p, &metrics, "s");
+        outlier.record(&p.members[i].state, true, false, now, p, &metrics, "s");
     }
 
     #[tokio::test(start_paused = true)]

@@ -82,6 +82,12 @@ impl Health {
     pub fn is_out(&self) -> bool {
         self.ejected_until.load(Ordering::Relaxed) != 0
     }
+
+    /// When the ejection (or the probe's grace) ends, in ns since the
+    /// process epoch; 0 when in service.
+    pub fn ejected_until(&self) -> u64 {
+        self.ejected_until.load(Ordering::Acquire)
+    }
 }
 
 /// Ejection metrics of one subset.
@@ -149,17 +155,31 @@ impl Outlier {
         }
     }
 
+    /// Does a failure of this kind eject at once? A refused or unreachable
+    /// connection says the endpoint is gone (Envoy's
+    /// `consecutive_local_origin_failure` of 1): waiting for
+    /// `consecutive_failures` of them would leave it to the balancer to
+    /// notice, and a latency-aware one stops sending before the count is
+    /// reached, so the endpoint would never be ejected nor probed back.
+    pub fn ejects_at_once(&self, result: Result<u16, ErrorKind>) -> bool {
+        result == Err(ErrorKind::Connect) && self.failure_on.contains(&Condition::Connect)
+    }
+
     /// Records one try's outcome for `endpoint`, a member of `subset`;
-    /// ejects or returns it as the rules say.
+    /// ejects or returns it as the rules say. `at_once`: this failure alone
+    /// ejects (see [`Outlier::ejects_at_once`]). Returns when a new
+    /// ejection ends (ns since the process epoch), for the pools to probe.
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         endpoint: &EndpointState,
         failed: bool,
+        at_once: bool,
         now: Instant,
         subset: &Pool,
         metrics: &EjectionMetrics,
         service: &str,
-    ) {
+    ) -> Option<u64> {
         let health = &endpoint.health;
         if !failed {
             health.consecutive.store(0, Ordering::Relaxed);
@@ -172,31 +192,42 @@ impl Outlier {
                 && (health.probing.swap(false, Ordering::AcqRel)
                     || health.availability(now_ns) == Availability::ProbeDue)
             {
-                health.ejected_until.store(0, Ordering::Release);
-                health.ejections.store(0, Ordering::Relaxed);
-                health.probing.store(false, Ordering::Release);
-                metrics.update(subset);
-                tracing::info!(service, endpoint = %endpoint.addr, "endpoint returned to service");
+                self.restore(endpoint, now, subset, metrics, service, "probe succeeded");
             }
-            return;
+            return None;
         }
         let was_probe = health.probing.swap(false, Ordering::AcqRel);
         let failures = health.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
         // A straggler failing while already ejected changes nothing.
         if health.is_out() && !was_probe {
-            return;
+            return None;
         }
-        if !was_probe && failures < self.threshold {
-            return;
+        if !was_probe && !at_once && failures < self.threshold {
+            return None;
         }
         if !was_probe && !self.room_to_eject(subset) {
             tracing::debug!(service, endpoint = %endpoint.addr, "not ejected: max_ejection_percent reached");
-            return;
+            return None;
         }
+        Some(self.eject(endpoint, now, subset, metrics, service, failures))
+    }
+
+    /// Takes `endpoint` out for the next ejection length; returns when
+    /// that ends (ns since the process epoch).
+    pub fn eject(
+        &self,
+        endpoint: &EndpointState,
+        now: Instant,
+        subset: &Pool,
+        metrics: &EjectionMetrics,
+        service: &str,
+        failures: u32,
+    ) -> u64 {
+        let health = &endpoint.health;
         let n = health.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let length = self.ejection_length(n);
-        let until = crate::upstream::nanos_since_epoch(now) + length.as_nanos() as u64;
-        health.ejected_until.store(until.max(1), Ordering::Release);
+        let until = (crate::upstream::nanos_since_epoch(now) + length.as_nanos() as u64).max(1);
+        health.ejected_until.store(until, Ordering::Release);
         health.consecutive.store(0, Ordering::Relaxed);
         metrics.ejections.inc();
         metrics.update(subset);
@@ -208,6 +239,34 @@ impl Outlier {
             ejected_for = ?length,
             "endpoint ejected"
         );
+        until
+    }
+
+    /// Puts an ejected `endpoint` back in service, its latency estimate
+    /// started afresh (its failures must not keep it shunned).
+    pub fn restore(
+        &self,
+        endpoint: &EndpointState,
+        now: Instant,
+        subset: &Pool,
+        metrics: &EjectionMetrics,
+        service: &str,
+        why: &str,
+    ) {
+        let health = &endpoint.health;
+        health.ejected_until.store(0, Ordering::Release);
+        health.ejections.store(0, Ordering::Relaxed);
+        health.consecutive.store(0, Ordering::Relaxed);
+        health.probing.store(false, Ordering::Release);
+        endpoint.reset_rtt(now, subset.typical_rtt(now));
+        metrics.update(subset);
+        tracing::info!(service, endpoint = %endpoint.addr, why, "endpoint returned to service");
+    }
+
+    /// May `endpoint` be ejected now (it is in, and `max_ejection_percent`
+    /// leaves room)?
+    pub fn may_eject(&self, endpoint: &EndpointState, subset: &Pool) -> bool {
+        !endpoint.health.is_out() && self.room_to_eject(subset)
     }
 
     /// May one more endpoint of `subset` be ejected? At least one may,
@@ -276,10 +335,10 @@ mod tests {
         let (pool, m, p) = (subset(3), metrics(), policy());
         let ep = &pool.members()[0].state;
         let now = Instant::now();
-        p.record(ep, true, now, &pool, &m, "s");
-        p.record(ep, true, now, &pool, &m, "s");
+        p.record(ep, true, false, now, &pool, &m, "s");
+        p.record(ep, true, false, now, &pool, &m, "s");
         assert!(!ep.health.is_out());
-        p.record(ep, true, now, &pool, &m, "s");
+        p.record(ep, true, false, now, &pool, &m, "s");
         assert!(ep.health.is_out());
         assert_eq!(m.ejections.get(), 1);
         assert_eq!((m.healthy.get(), m.ejected.get()), (2, 1));
@@ -292,13 +351,13 @@ mod tests {
         // Only one probe at a time.
         assert!(!ep.health.claim_probe(ns(later), p.probe_grace));
         // A failed probe ejects again, for twice as long (+-10 %).
-        p.record(ep, true, later, &pool, &m, "s");
+        p.record(ep, true, false, later, &pool, &m, "s");
         assert_eq!(m.ejections.get(), 2);
         let t = later + Duration::from_secs(17);
         assert_eq!(ep.health.availability(ns(t)), Availability::Ejected);
         let t = later + Duration::from_secs(23);
         assert!(ep.health.claim_probe(ns(t), p.probe_grace));
-        p.record(ep, false, t, &pool, &m, "s");
+        p.record(ep, false, false, t, &pool, &m, "s");
         assert!(!ep.health.is_out());
         assert_eq!((m.healthy.get(), m.ejected.get()), (3, 0));
     }
@@ -310,7 +369,7 @@ mod tests {
         let now = Instant::now();
         for ep in pool.members() {
             for _ in 0..3 {
-                p.record(&ep.state, true, now, &pool, &m, "s");
+                p.record(&ep.state, true, false, now, &pool, &m, "s");
             }
         }
         assert_eq!(m.ejected.get(), 1);

@@ -25,6 +25,10 @@ use std::time::Duration;
 /// Header that pins a request to a subset (stripped before upstream).
 pub const SUBSET_HEADER: &str = "x-almond-subset";
 
+/// Endpoint state by address and connection key (see
+/// [`ServiceRoute::conn_key`]).
+type States = HashMap<(SocketAddr, Option<Arc<str>>), Arc<EndpointState>>;
+
 /// Everything routing needs, for one config.
 pub struct Table {
     services: HashMap<Box<str>, Arc<ServiceRoute>>,
@@ -52,6 +56,12 @@ pub struct ServiceRoute {
     pub connect_timeout: Duration,
     /// Time allowed until response headers.
     pub request_timeout: Duration,
+    /// Idle pooled HTTP/1.1 connections are closed after this long.
+    pub idle_timeout: Duration,
+    /// What, besides the address, makes a connection to an endpoint of this
+    /// service: the TLS server name, `None` for plaintext. Endpoint state
+    /// (and so its pooled connections) is shared only under the same key.
+    pub conn_key: Option<Arc<str>>,
     /// The service's subsets, in name order.
     pub subsets: Vec<SubsetRoute>,
     /// All endpoints together (used when there is no split).
@@ -101,13 +111,13 @@ impl Table {
         previous: Option<&Table>,
         tls: Option<&Arc<Tls>>,
     ) -> Table {
-        let mut states: HashMap<SocketAddr, Arc<EndpointState>> = HashMap::new();
+        let mut states: States = HashMap::new();
         let mut admissions: HashMap<&str, (Arc<Admission>, Arc<Admission>)> = HashMap::new();
         if let Some(prev) = previous {
             for svc in prev.services.values() {
                 admissions.insert(&svc.name, (svc.admission.clone(), svc.pending.clone()));
                 for m in svc.all.members() {
-                    states.insert(m.state.addr, m.state.clone());
+                    states.insert((m.state.addr, svc.conn_key.clone()), m.state.clone());
                 }
             }
         }
@@ -251,7 +261,7 @@ impl ServiceRoute {
         name: &str,
         svc: &Service,
         metrics: &Metrics,
-        states: &mut HashMap<SocketAddr, Arc<EndpointState>>,
+        states: &mut States,
         admission: Option<(Arc<Admission>, Arc<Admission>)>,
     ) -> ServiceRoute {
         let cb = &svc.circuit_breaker;
@@ -265,19 +275,24 @@ impl ServiceRoute {
             subset_names.push(almond_config::DEFAULT_SUBSET);
         }
         // Endpoints the previous table had (their state carries over).
+        // TLS on or off, or another server name: other connections.
+        let conn_key: Option<Arc<str>> = svc
+            .tls
+            .as_ref()
+            .map(|t| Arc::from(t.server_name.as_deref().unwrap_or(name)));
         let carried: Vec<SocketAddr> = svc
             .endpoints
             .iter()
             .map(|e| e.addr)
-            .filter(|a| states.contains_key(a))
+            .filter(|a| states.contains_key(&(*a, conn_key.clone())))
             .collect();
-        let state_of = |addr: SocketAddr, states: &mut HashMap<_, Arc<EndpointState>>| {
+        let state_of = |addr: SocketAddr, states: &mut States| {
             states
-                .entry(addr)
+                .entry((addr, conn_key.clone()))
                 .or_insert_with(|| Arc::new(EndpointState::new(addr)))
                 .clone()
         };
-        let members_of = |filter: Option<&str>, states: &mut HashMap<_, _>| -> Vec<Member> {
+        let members_of = |filter: Option<&str>, states: &mut States| -> Vec<Member> {
             svc.endpoints
                 .iter()
                 .filter(|e| filter.is_none_or(|f| e.subset == f))
@@ -339,6 +354,8 @@ impl ServiceRoute {
             protocol: svc.protocol,
             connect_timeout: svc.timeouts.connect,
             request_timeout: svc.timeouts.request,
+            idle_timeout: svc.timeouts.idle,
+            conn_key,
             subsets,
             all,
             split,
@@ -382,6 +399,44 @@ impl ServiceRoute {
             }
             None => Ok(&self.all),
         }
+    }
+
+    /// Feeds one try's outcome at `endpoint` (of subset `subset`) to
+    /// failure accrual; a new ejection is noted in both pools it is in, so
+    /// its probe goes out when the ejection ends whatever the balancer.
+    pub fn record_outcome(
+        &self,
+        subset: usize,
+        endpoint: &EndpointState,
+        result: Result<u16, ErrorKind>,
+        now: tokio::time::Instant,
+    ) -> bool {
+        let failed = self.outlier.is_failure(result);
+        let Some(s) = self.subsets.get(subset) else {
+            return failed;
+        };
+        let at_once = self.outlier.ejects_at_once(result);
+        let ejected = self.outlier.record(
+            endpoint,
+            failed,
+            at_once,
+            now,
+            &s.pool,
+            &s.ejection,
+            &self.name,
+        );
+        if let Some(until) = ejected {
+            self.note_ejection(subset, until);
+        }
+        failed
+    }
+
+    /// `subset`'s endpoint is out until `until`: both pools probe it then.
+    pub fn note_ejection(&self, subset: usize, until: u64) {
+        if let Some(s) = self.subsets.get(subset) {
+            s.pool.note_ejection(until);
+        }
+        self.all.note_ejection(until);
     }
 
     /// The load-balancing algorithm (for `/endpoints`).

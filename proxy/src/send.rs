@@ -16,16 +16,20 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Sends `req` (already readied by `headers::to_upstream`) to `endpoint`.
-/// An upgrade request gets a connection of its own, then a tunnel.
-/// `connected` gets the time spent opening a connection, if one was opened.
+/// An upgrade request gets a connection of its own, then a tunnel; the
+/// downstream half stays in `upgrade` until that connection is open, so a
+/// retry after a connect failure is still an upgrade. `fresh`: open a new
+/// HTTP/1.1 connection rather than reuse one. `connected` gets the time
+/// spent opening a connection, if one was opened.
 pub async fn forward(
     svc: &ServiceRoute,
     endpoint: &Arc<EndpointState>,
     req: Request<RequestBody>,
-    downstream_upgrade: Option<OnUpgrade>,
+    upgrade: &mut Option<OnUpgrade>,
+    fresh: bool,
     connected: &mut Option<Duration>,
 ) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
-    if let Some(downstream) = downstream_upgrade {
+    if upgrade.is_some() {
         // Boxed: upgrades are rare, and keep the common future small.
         let start = Instant::now();
         let opened = Box::pin(endpoint.connect_h1(svc.connect_timeout, svc.tls.as_deref())).await;
@@ -34,11 +38,12 @@ pub async fn forward(
             Ok(sender) => sender,
             Err(kind) => return Err(SendError::unsent(kind, req)),
         };
+        let downstream = upgrade.take();
         let mut resp = sender
             .send_request(req)
             .await
             .map_err(|_| SendError::sent(ErrorKind::Reset))?;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream) {
             tunnel(downstream, hyper::upgrade::on(&mut resp));
         }
         return Ok((resp, None));
@@ -49,6 +54,8 @@ pub async fn forward(
                 .send_h1(
                     req,
                     svc.connect_timeout,
+                    svc.idle_timeout,
+                    fresh,
                     &svc.pending,
                     svc.tls.as_deref(),
                     connected,

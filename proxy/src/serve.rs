@@ -9,7 +9,7 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::headers;
 use crate::otlp::Finished;
 use crate::outcome::{self, CodeClass, ErrorKind};
-use crate::retry::{idempotent, RetryPolicy};
+use crate::retry::RetryPolicy;
 use crate::send::{self, Admitted, Finish};
 use crate::trace;
 use crate::upstream::EndpointState;
@@ -149,6 +149,8 @@ async fn serve(
     let mut on_upgrade = on_upgrade;
 
     let mut retries = 0;
+    // Re-sends after a stale pooled connection (see `SendError::stale`).
+    let mut fresh = false;
     let mut failed_on: Option<Arc<EndpointState>> = None;
     loop {
         // Balance: one endpoint of the pool (another one on a retry). The
@@ -181,11 +183,33 @@ async fn serve(
         let limit = svc.retry.per_try_timeout.map_or(budget, |t| t.min(budget));
         let sent = tokio::time::timeout(
             limit,
-            send::forward(&svc, &endpoint, req, on_upgrade.take(), &mut seen.connect),
+            send::forward(
+                &svc,
+                &endpoint,
+                req,
+                &mut on_upgrade,
+                fresh,
+                &mut seen.connect,
+            ),
         )
         .await;
         let now = Instant::now();
         seen.upstream = now.saturating_duration_since(try_start);
+
+        // A pooled connection the upstream had closed idle: nothing was
+        // processed, so any method goes again once, on a new connection,
+        // with no retry counted and nothing held against the endpoint.
+        if let Ok(Err(e)) = &sent {
+            if e.stale && !fresh && (e.unsent.is_some() || replay.is_some()) && now < deadline {
+                fresh = true;
+                if let Ok(Err(e)) = sent {
+                    next = e.unsent;
+                }
+                tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, "stale pooled connection: sending again");
+                continue;
+            }
+        }
+        fresh = false;
 
         // Classify: feed failure accrual, then respond or retry.
         let (result, unsent, response) = match sent {
@@ -193,27 +217,20 @@ async fn serve(
             Ok(Err(e)) => (Err(e.kind), e.unsent, None),
             Err(_elapsed) => (Err(ErrorKind::Timeout), None, None),
         };
-        let failed = svc.outlier.is_failure(result);
-        if failed {
-            // A failure counts as a slow answer, so P2C steers away from it.
-            endpoint.observe_rtt(
-                now,
-                now.saturating_duration_since(try_start)
-                    .max(svc.connect_timeout),
-            );
-        } else {
-            endpoint.observe_rtt(now, now.saturating_duration_since(try_start));
-        }
-        if result != Err(ErrorKind::Overloaded) {
-            svc.outlier.record(
-                &endpoint,
-                failed,
-                now,
-                &subset.pool,
-                &subset.ejection,
-                &svc.name,
-            );
-        }
+        // Overloaded: shed here, before the endpoint saw anything.
+        let failed = result != Err(ErrorKind::Overloaded)
+            && svc.record_outcome(member.subset, &endpoint, result, now);
+        // A failure counts as a slow answer, so P2C steers away from it
+        // until it is ejected (its estimate is reset when it returns).
+        let rtt = now.saturating_duration_since(try_start);
+        endpoint.observe_rtt(
+            now,
+            if failed {
+                rtt.max(svc.connect_timeout)
+            } else {
+                rtt
+            },
+        );
         let may_replay = unsent.is_some() || replay.is_some();
         if now < deadline && svc.retry.allows(retries, &method, result, may_replay, now) {
             retries += 1;
@@ -269,10 +286,11 @@ impl Replay {
     }
 }
 
-/// Decides whether a request can be replayed: retries on, an idempotent
-/// method, no upgrade, and a body known to fit `max_body_bytes` (read whole
-/// before the first try). Others stream, and are retried only if nothing
-/// of them was sent.
+/// Decides whether a request can be replayed: retries on, no upgrade, and
+/// a body known to fit `max_body_bytes` (read whole before the first try).
+/// Others stream, and are retried only if nothing of them was sent. Any
+/// method is kept: a non-idempotent one is sent again only when nothing was
+/// processed (a stale pooled connection), `RetryPolicy::allows` says when.
 async fn replayable(
     req: Request<Incoming>,
     policy: &RetryPolicy,
@@ -284,7 +302,7 @@ async fn replayable(
         .size_hint()
         .upper()
         .is_some_and(|n| n <= policy.max_body_bytes as u64);
-    if !policy.enabled() || upgrade || !idempotent(req.method()) || !fits {
+    if !policy.enabled() || upgrade || !fits {
         return Ok((Some(req.map(RequestBody::Stream)), None));
     }
     let (parts, body) = req.into_parts();

@@ -10,27 +10,39 @@ use crate::eject::Health;
 use crate::outcome::ErrorKind;
 use crate::tls::{Conn, Upstream};
 use arc_swap::ArcSwapOption;
-use crossbeam_queue::ArrayQueue;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed.
 const MAX_IDLE_H1: usize = 512;
+/// New connections one try may open before it gives up: an endpoint that
+/// accepts and closes at once must not keep a request connecting until
+/// its timeout.
+const MAX_FRESH_H1: u32 = 2;
 /// RTT assumed for an endpoint never measured (Linkerd's default).
-const DEFAULT_RTT: Duration = Duration::from_millis(30);
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Peak-EWMA decay time constant (Linkerd's and Finagle's default).
 const DECAY: Duration = Duration::from_secs(10);
+/// The least weight a sample below the estimate gets: a one-off peak is
+/// washed out by a few normal answers, not by ten seconds of them.
+const MIN_BLEND: f64 = 0.2;
 
 /// An idle HTTP/1.1 connection's sending half.
 pub type H1Sender = http1::SendRequest<RequestBody>;
+
+/// A pooled HTTP/1.1 connection and when it went idle.
+struct Idle {
+    sender: H1Sender,
+    since: Instant,
+}
 
 /// What the proxy knows about one endpoint address.
 pub struct EndpointState {
@@ -45,9 +57,10 @@ pub struct EndpointState {
     connections: Arc<AtomicU32>,
     /// Failure accrual and ejection.
     pub health: Health,
-    /// Idle HTTP/1.1 connections; allocated on the first release, so an
-    /// endpoint never sent to costs no queue (`MAX_IDLE_H1` slots, ~16 KiB).
-    h1_idle: OnceLock<ArrayQueue<H1Sender>>,
+    /// Idle HTTP/1.1 connections, most recently used last (a stack: the
+    /// next request takes the warmest one, the coldest age out). The lock
+    /// is per endpoint and held for one push or pop.
+    h1_idle: Mutex<Vec<Idle>>,
     h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -89,7 +102,7 @@ impl EndpointState {
             stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
             connections: Arc::new(AtomicU32::new(0)),
             health: Health::default(),
-            h1_idle: OnceLock::new(),
+            h1_idle: Mutex::new(Vec::new()),
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
         }
@@ -129,6 +142,12 @@ impl EndpointState {
         self.rtt_estimate(now) * self.in_flight_cost()
     }
 
+    /// Forgets the estimate and starts again from `rtt` (an endpoint back
+    /// from ejection: what it measured while failing says nothing now).
+    pub fn reset_rtt(&self, now: Instant, rtt: Duration) {
+        self.seed_rtt(now, rtt.as_nanos() as f64);
+    }
+
     /// Starts a new endpoint from what its peers measure, rather than the
     /// 30 ms default: an endpoint added beside ones answering in 1 ms would
     /// otherwise look slow to P2C for seconds and get no traffic.
@@ -139,7 +158,8 @@ impl EndpointState {
     }
 
     /// Feeds one measured RTT: a peak is taken at once, a lower value
-    /// blends in with weight growing with the time since the last update.
+    /// blends in with weight growing with the time since the last update
+    /// (at least [`MIN_BLEND`]).
     /// Racing updates may lose one sample; the estimate stays sound.
     pub fn observe_rtt(&self, now: Instant, rtt: Duration) {
         let sample = rtt.as_nanos() as f64;
@@ -150,29 +170,45 @@ impl EndpointState {
             sample
         } else {
             let elapsed = now_ns.saturating_sub(stamp) as f64;
-            let decay = (-elapsed / DECAY.as_nanos() as f64).exp();
+            let decay = (-elapsed / DECAY.as_nanos() as f64)
+                .exp()
+                .min(1.0 - MIN_BLEND);
             old * decay + sample * (1.0 - decay)
         };
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
     }
 
-    /// Sends over HTTP/1.1: an idle pooled connection if one is ready, else
-    /// a new one. Returns the sender to pool once the response body ends.
-    /// `connected` gets the time spent opening a connection, if one was.
+    /// Sends over HTTP/1.1: the most recently used idle connection if one
+    /// is ready (unless `fresh`), else a new one. Returns the sender to pool
+    /// once the response body ends. `connected` gets the time spent opening
+    /// a connection, if one was.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send_h1(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
         connect_timeout: Duration,
+        idle_timeout: Duration,
+        fresh: bool,
         pending: &Arc<Admission>,
         tls: Option<&Upstream>,
         connected: &mut Option<Duration>,
     ) -> Result<(Response<Incoming>, H1Sender), SendError> {
+        let mut opened = 0;
         loop {
-            let mut sender = match self.h1_idle.get().and_then(ArrayQueue::pop) {
-                Some(s) if !s.is_closed() => s,
-                Some(_) => continue,
+            let pooled = if fresh {
+                None
+            } else {
+                self.pop_idle(Instant::now(), idle_timeout)
+            };
+            let reused = pooled.is_some();
+            let mut sender = match pooled {
+                Some(s) => s,
+                None if opened == MAX_FRESH_H1 => {
+                    return Err(SendError::unsent(ErrorKind::Reset, req));
+                }
                 // Boxed: connecting is rare, and keeps this future small.
                 None => {
+                    opened += 1;
                     let start = Instant::now();
                     let opened =
                         Box::pin(self.connect_pending(pending, connect_timeout, tls)).await;
@@ -192,10 +228,37 @@ impl EndpointState {
                     // Never written: the pooled connection had closed
                     // under us, so try again on another.
                     Some(r) => req = r,
-                    None => return Err(SendError::sent(classify(e.error()))),
+                    None => {
+                        let mut err = SendError::sent(classify(e.error()));
+                        err.stale = reused && closed_before_answer(e.error());
+                        return Err(err);
+                    }
                 },
             }
         }
+    }
+
+    /// The most recently used idle connection still open and idle for
+    /// less than `idle_timeout`; older and closed ones are dropped.
+    fn pop_idle(&self, now: Instant, idle_timeout: Duration) -> Option<H1Sender> {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(c) = idle.pop() {
+            if !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    /// Closes the idle connections that have been idle `idle_timeout` or
+    /// more (the oldest are at the bottom of the stack); returns how many
+    /// are left.
+    pub fn close_idle(&self, now: Instant, idle_timeout: Duration) -> usize {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|c| {
+            !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout
+        });
+        idle.len()
     }
 
     /// Opens an HTTP/1.1 connection while holding a `max_pending` place.
@@ -213,10 +276,16 @@ impl EndpointState {
 
     /// Puts an HTTP/1.1 connection back once its response is complete.
     pub fn release_h1(&self, sender: H1Sender) {
-        if !sender.is_closed() {
-            // A full pool drops the connection, which closes it.
-            let idle = self.h1_idle.get_or_init(|| ArrayQueue::new(MAX_IDLE_H1));
-            let _ = idle.push(sender);
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+        // A full pool drops the connection, which closes it.
+        if idle.len() < MAX_IDLE_H1 {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
         }
     }
 
@@ -363,6 +432,10 @@ pub struct SendError {
     pub kind: ErrorKind,
     /// The request, when none of it was sent (safe to send elsewhere).
     pub unsent: Option<Request<RequestBody>>,
+    /// A reused connection closed before any answer: the upstream closed
+    /// it idle as the request went out (its keep-alive timeout), so
+    /// nothing was processed and any method may be sent again.
+    pub stale: bool,
 }
 
 impl SendError {
@@ -371,12 +444,17 @@ impl SendError {
         SendError {
             kind,
             unsent: Some(req),
+            stale: false,
         }
     }
 
     /// The request was (perhaps partly) sent.
     pub fn sent(kind: ErrorKind) -> SendError {
-        SendError { kind, unsent: None }
+        SendError {
+            kind,
+            unsent: None,
+            stale: false,
+        }
     }
 }
 
@@ -394,6 +472,20 @@ impl Drop for ConnCount {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Did the connection close (EOF, reset, broken pipe) before a response?
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let io = std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    io.is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    })
 }
 
 /// A hyper error on an established connection: it broke before a response.
