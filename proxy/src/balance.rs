@@ -178,22 +178,6 @@ impl Pool {
         claimed
     }
 
-    /// The mean latency estimate of the members in service: where an
-    /// endpoint back from ejection starts (`EndpointState::reset_rtt`).
-    pub fn typical_rtt(&self, now: Instant) -> std::time::Duration {
-        let (sum, n) = self
-            .members
-            .iter()
-            .filter(|m| !m.state.health.is_out())
-            .fold((0.0, 0u32), |(sum, n), m| {
-                (sum + m.state.rtt_estimate(now), n + 1)
-            });
-        match n {
-            0 => crate::upstream::DEFAULT_RTT,
-            n => std::time::Duration::from_nanos((sum / f64::from(n)) as u64),
-        }
-    }
-
     /// The algorithm over every member, health not considered.
     fn pick_among_all(&self, n: usize, now: Instant) -> &Member {
         match self.lb {
@@ -210,37 +194,47 @@ impl Pool {
 
     /// Power of two choices between `a` and `b`.
     ///
-    /// `least_request` takes the one with fewer requests in flight per unit
-    /// of weight (`a`, drawn at random, wins ties: Envoy's random
-    /// tie-break). `p2c_ewma` draws between the two with odds inverse to
-    /// their cost per unit of weight: two endpoints that behave the same
-    /// split the traffic evenly whatever the noise in their latency
-    /// estimates, while one 10x costlier gets about a tenth of the picks
-    /// its peer gets (a strict "cheaper wins" would give the slowest of
-    /// three identical endpoints nothing for as long as the order holds).
+    /// `least_request` (Envoy's): of two endpoints of equal weight, the one
+    /// with fewer requests in flight (`a`, drawn at random, wins ties);
+    /// of unequal weights, odds `weight / (in flight + 1)` each, so weights
+    /// hold when both are idle. `p2c_ewma` draws between the two with odds
+    /// `weight / cost`: two endpoints that behave the same split the
+    /// traffic evenly whatever the noise in their latency estimates, while
+    /// one 10x costlier gets about a tenth of what its peer gets (a strict
+    /// "cheaper wins" would give the slowest of three identical endpoints
+    /// nothing for as long as the order holds).
     fn cheaper(&self, a: usize, b: usize, now: Instant) -> &Member {
         let (ma, mb) = (&self.members[a], &self.members[b]);
         let (wa, wb) = (f64::from(ma.weight), f64::from(mb.weight));
-        match self.lb {
+        let (ca, cb) = match self.lb {
             Lb::P2cEwma => {
-                // P(a) = (wa / ca) / (wa / ca + wb / cb) = wa cb / (wa cb + wb ca)
-                let (ca, cb) = (ma.state.ewma_cost(now), mb.state.ewma_cost(now));
-                let (sa, sb) = (wa * cb, wb * ca);
-                if fastrand::f64() * (sa + sb) < sa {
-                    ma
-                } else {
-                    mb
-                }
+                // An endpoint not measured yet is taken to be as fast as
+                // the one it is compared with.
+                let (ra, rb) = match (ma.state.rtt_estimate(now), mb.state.rtt_estimate(now)) {
+                    (0.0, 0.0) => (1.0, 1.0),
+                    (0.0, rb) => (rb, rb),
+                    (ra, 0.0) => (ra, ra),
+                    known => known,
+                };
+                (
+                    ra * ma.state.in_flight_cost(),
+                    rb * mb.state.in_flight_cost(),
+                )
             }
             _ => {
-                // Compare cost_a / w_a with cost_b / w_b without dividing.
                 let (ca, cb) = (ma.state.in_flight_cost(), mb.state.in_flight_cost());
-                if ca * wb <= cb * wa {
-                    ma
-                } else {
-                    mb
+                if ma.weight == mb.weight {
+                    return if ca <= cb { ma } else { mb };
                 }
+                (ca, cb)
             }
+        };
+        // P(a) = (wa / ca) / (wa / ca + wb / cb) = wa cb / (wa cb + wb ca)
+        let (sa, sb) = (wa * cb, wb * ca);
+        if fastrand::f64() * (sa + sb) < sa {
+            ma
+        } else {
+            mb
         }
     }
 

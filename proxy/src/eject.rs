@@ -25,6 +25,11 @@ pub struct Health {
     ejections: AtomicU32,
     /// A probe request is out.
     probing: AtomicBool,
+    /// Active checks: when the next is due (ns since the process epoch),
+    /// and the successes and failures in a row.
+    check_due: AtomicU64,
+    checks_passed: AtomicU32,
+    checks_failed: AtomicU32,
 }
 
 /// What a picker may do with an endpoint now.
@@ -45,6 +50,9 @@ impl Default for Health {
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             probing: AtomicBool::new(false),
+            check_due: AtomicU64::new(0),
+            checks_passed: AtomicU32::new(0),
+            checks_failed: AtomicU32::new(0),
         }
     }
 }
@@ -81,6 +89,35 @@ impl Health {
     /// Is the endpoint out of service (ejected or probing)?
     pub fn is_out(&self) -> bool {
         self.ejected_until.load(Ordering::Relaxed) != 0
+    }
+
+    /// Claims the active check due at `now_ns`, and sets the next one
+    /// `interval` later: one checker per endpoint and interval, however
+    /// many services list it.
+    pub fn claim_check(&self, now_ns: u64, interval: Duration) -> bool {
+        let due = self.check_due.load(Ordering::Relaxed);
+        now_ns >= due
+            && self
+                .check_due
+                .compare_exchange(
+                    due,
+                    now_ns + interval.as_nanos() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Counts an active check's result; returns the results of its kind
+    /// in a row, this one included.
+    pub fn count_check(&self, passed: bool) -> u32 {
+        let (this, other) = if passed {
+            (&self.checks_passed, &self.checks_failed)
+        } else {
+            (&self.checks_failed, &self.checks_passed)
+        };
+        other.store(0, Ordering::Relaxed);
+        this.fetch_add(1, Ordering::Relaxed).saturating_add(1)
     }
 
     /// When the ejection (or the probe's grace) ends, in ns since the
@@ -192,7 +229,7 @@ impl Outlier {
                 && (health.probing.swap(false, Ordering::AcqRel)
                     || health.availability(now_ns) == Availability::ProbeDue)
             {
-                self.restore(endpoint, now, subset, metrics, service, "probe succeeded");
+                self.restore(endpoint, subset, metrics, service, "probe succeeded");
             }
             return None;
         }
@@ -229,6 +266,8 @@ impl Outlier {
         let until = (crate::upstream::nanos_since_epoch(now) + length.as_nanos() as u64).max(1);
         health.ejected_until.store(until, Ordering::Release);
         health.consecutive.store(0, Ordering::Relaxed);
+        // Only checks passed from now on may bring it back early.
+        health.checks_passed.store(0, Ordering::Relaxed);
         metrics.ejections.inc();
         metrics.update(subset);
         tracing::warn!(
@@ -243,11 +282,10 @@ impl Outlier {
     }
 
     /// Puts an ejected `endpoint` back in service, its latency estimate
-    /// started afresh (its failures must not keep it shunned).
+    /// forgotten (its failures must not keep it shunned).
     pub fn restore(
         &self,
         endpoint: &EndpointState,
-        now: Instant,
         subset: &Pool,
         metrics: &EjectionMetrics,
         service: &str,
@@ -258,7 +296,7 @@ impl Outlier {
         health.ejections.store(0, Ordering::Relaxed);
         health.consecutive.store(0, Ordering::Relaxed);
         health.probing.store(false, Ordering::Release);
-        endpoint.reset_rtt(now, subset.typical_rtt(now));
+        endpoint.forget_rtt();
         metrics.update(subset);
         tracing::info!(service, endpoint = %endpoint.addr, why, "endpoint returned to service");
     }

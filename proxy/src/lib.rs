@@ -6,6 +6,7 @@
 //! connections, classified in [`outcome`], fed to [`eject`] (failure
 //! accrual) and [`retry`] (safe retries in a budget), and counted in
 //! [`metrics`].
+//! [`health`] runs active health checks and closes idle connections.
 //! [`admin`] serves the proxy's own endpoints.
 //! [`trace`] stamps request IDs and trace context; [`otlp`] exports a span
 //! per sampled request, [`access_log`] a line per request.
@@ -20,6 +21,7 @@ pub mod body;
 pub mod control;
 pub mod eject;
 pub mod headers;
+pub mod health;
 pub mod listen;
 pub mod metrics;
 pub mod observe;
@@ -207,6 +209,8 @@ impl Proxy {
                 graceful.clone(),
             )));
         }
+        // Active health checks and idle-connection sweeps.
+        tokio::spawn(health::maintain(self.shared.clone(), stop_rx.clone()));
         // Certificate rotation: new handshakes pick up changed files.
         if let Some(tls) = &self.shared.tls {
             tokio::spawn(tls.clone().watch(stop_rx.clone()));

@@ -259,15 +259,41 @@ impl Metrics {
         }
     }
 
-    /// Drops the gauges of a subset that is gone, so dashboards do not show
-    /// its last values forever.
+    /// Drops every series of a subset that is gone (its endpoints left
+    /// the table), so dashboards and the watcher do not see its last values
+    /// forever. A subset that comes back starts from zero, which
+    /// Prometheus reads as a counter reset.
     pub fn forget_subset(&self, service: &str, subset: &str) {
         for state in ["healthy", "ejected"] {
             let _ = self
                 .endpoints
                 .remove_label_values(&[service, subset, state]);
         }
+        for direction in [Direction::Outbound, Direction::Inbound] {
+            let d = direction.as_str();
+            for class in CodeClass::ALL {
+                let labels = [d, service, subset, class.label(), class.outcome_label()];
+                let _ = self.requests.remove_label_values(&labels);
+            }
+            let _ = self.duration.remove_label_values(&[d, service, subset]);
+        }
+        for kind in ErrorKind::UPSTREAM_KINDS {
+            let labels = [service, subset, kind.metric_kind().unwrap_or("other")];
+            let _ = self.upstream_errors.remove_label_values(&labels);
+        }
+        let _ = self.ejections.remove_label_values(&[service, subset]);
         self.forget_split(service, subset);
+    }
+
+    /// Drops the per-service series of a service that is gone (its
+    /// subsets are forgotten one by one).
+    pub fn forget_service(&self, service: &str) {
+        for direction in [Direction::Outbound, Direction::Inbound] {
+            let _ = self
+                .in_flight
+                .remove_label_values(&[direction.as_str(), service]);
+        }
+        let _ = self.retries.remove_label_values(&[service]);
     }
 
     /// Drops a subset's split weight gauge (the split is gone).

@@ -74,6 +74,8 @@ pub struct ServiceRoute {
     pub pending: Arc<Admission>,
     /// Failure accrual and ejection.
     pub outlier: Outlier,
+    /// Active health checks, if configured.
+    pub health_check: Option<almond_config::HealthCheck>,
     /// Retry policy and budget.
     pub retry: RetryPolicy,
     /// `almond_retries_total{service}`.
@@ -207,27 +209,14 @@ fn upstream_tls(
     })
 }
 
-/// Gives endpoints new to a service the mean RTT estimate of those it
-/// already had, so P2C neither shuns nor floods them.
-fn seed_new_endpoints(all: &Pool, carried: &[SocketAddr]) {
-    let now = tokio::time::Instant::now();
-    let (old, new): (Vec<_>, Vec<_>) = all
-        .members()
-        .iter()
-        .partition(|m| carried.contains(&m.state.addr));
-    if old.is_empty() || new.is_empty() {
-        return;
-    }
-    let mean = old.iter().map(|m| m.state.rtt_estimate(now)).sum::<f64>() / old.len() as f64;
-    for m in new {
-        m.state.seed_rtt(now, mean);
-    }
-}
-
-/// Drops the gauges of subsets (and splits) the new table no longer has.
+/// Drops the series of services, subsets and splits the new table no
+/// longer has.
 fn forget_stale(prev: &Table, next: &HashMap<Box<str>, Arc<ServiceRoute>>, metrics: &Metrics) {
     for (name, old) in &prev.services {
         let new = next.get(name);
+        if new.is_none() {
+            metrics.forget_service(name);
+        }
         for subset in &old.subsets {
             let kept = new.and_then(|n| n.subsets.iter().find(|s| s.name == subset.name));
             match (kept, new) {
@@ -274,18 +263,13 @@ impl ServiceRoute {
             // requests get 503 `no-endpoints` and are counted somewhere.
             subset_names.push(almond_config::DEFAULT_SUBSET);
         }
-        // Endpoints the previous table had (their state carries over).
-        // TLS on or off, or another server name: other connections.
+        // Endpoint state carries over from the previous table by address
+        // and connection key: TLS on or off, or another server name, means
+        // other connections.
         let conn_key: Option<Arc<str>> = svc
             .tls
             .as_ref()
             .map(|t| Arc::from(t.server_name.as_deref().unwrap_or(name)));
-        let carried: Vec<SocketAddr> = svc
-            .endpoints
-            .iter()
-            .map(|e| e.addr)
-            .filter(|a| states.contains_key(&(*a, conn_key.clone())))
-            .collect();
         let state_of = |addr: SocketAddr, states: &mut States| {
             states
                 .entry((addr, conn_key.clone()))
@@ -337,7 +321,6 @@ impl ServiceRoute {
             .as_ref()
             .map(|s| Split::new(&s.weights, &subset_names).sticky_on(s.sticky_header.as_deref()));
         let all = health(Pool::new(members_of(None, states), svc.lb, 0));
-        seed_new_endpoints(&all, &carried);
         let (admission, pending) = match admission {
             Some((a, p)) => {
                 a.set_limit(cb.max_requests);
@@ -362,6 +345,7 @@ impl ServiceRoute {
             admission,
             pending,
             outlier: Outlier::new(cb, svc.timeouts.request),
+            health_check: svc.health_check.clone(),
             retry: RetryPolicy::new(&svc.retries),
             retries: metrics.retries(name),
             in_flight: [
@@ -455,34 +439,6 @@ mod tests {
             .header("host", host)
             .body(())
             .unwrap_or_default()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn new_endpoints_start_from_their_peers_rtt() {
-        let yaml = |eps: &str| {
-            format!("listeners:\n  - bind: 127.0.0.1:0\nservices:\n  s:\n    endpoints: [{eps}]\n")
-        };
-        let metrics = Metrics::new().unwrap();
-        let load = |text: String| Arc::new(almond_config::load_proxy(&text, "t").unwrap());
-        let one = Table::build(load(yaml("{ addr: 127.0.0.1:1 }")), &metrics, None);
-        let now = tokio::time::Instant::now();
-        let a = &one.services["s"].all.members()[0].state;
-        a.seed_rtt(now, 1e6);
-        let two = Table::build(
-            load(yaml("{ addr: 127.0.0.1:1 }, { addr: 127.0.0.1:2 }")),
-            &metrics,
-            Some(&one),
-        );
-        let est: Vec<f64> = two.services["s"]
-            .all
-            .members()
-            .iter()
-            .map(|m| m.state.rtt_estimate(now))
-            .collect();
-        assert!(
-            (est[0] - 1e6).abs() < 1.0 && (est[1] - 1e6).abs() < 1.0,
-            "{est:?}"
-        );
     }
 
     #[test]

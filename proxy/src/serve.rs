@@ -222,7 +222,10 @@ async fn serve(
             && svc.record_outcome(member.subset, &endpoint, result, now);
         // A failure counts as a slow answer, so P2C steers away from it
         // until it is ejected (its estimate is reset when it returns).
-        let rtt = now.saturating_duration_since(try_start);
+        // Opening a connection is a one-off cost, not the endpoint's latency.
+        let rtt = now
+            .saturating_duration_since(try_start)
+            .saturating_sub(seen.connect.unwrap_or_default());
         endpoint.observe_rtt(
             now,
             if failed {

@@ -27,10 +27,13 @@ const MAX_IDLE_H1: usize = 512;
 /// accepts and closes at once must not keep a request connecting until
 /// its timeout.
 const MAX_FRESH_H1: u32 = 2;
-/// RTT assumed for an endpoint never measured (Linkerd's default).
-pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Peak-EWMA decay time constant (Linkerd's and Finagle's default).
 const DECAY: Duration = Duration::from_secs(10);
+/// The stored RTT of an endpoint not measured yet: the balancer gives it
+/// the estimate of the endpoint it is compared with, so a new endpoint (or
+/// one back from ejection) gets its share at once, neither shunned as
+/// Linkerd's pessimistic 30 ms default would nor flooded as 0 would.
+const UNMEASURED: f64 = 0.0;
 /// The least weight a sample below the estimate gets: a one-off peak is
 /// washed out by a few normal answers, not by ten seconds of them.
 const MIN_BLEND: f64 = 0.2;
@@ -98,7 +101,7 @@ impl EndpointState {
         EndpointState {
             addr,
             in_flight: AtomicU32::new(0),
-            rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            rtt_ns: AtomicU64::new(UNMEASURED.to_bits()),
             stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
             connections: Arc::new(AtomicU32::new(0)),
             health: Health::default(),
@@ -129,7 +132,8 @@ impl EndpointState {
         f64::from(self.in_flight() + 1)
     }
 
-    /// The RTT estimate, decayed to `now`, in nanoseconds.
+    /// The RTT estimate, decayed to `now`, in nanoseconds; 0 when the
+    /// endpoint has not been measured yet.
     pub fn rtt_estimate(&self, now: Instant) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let stamp = self.stamp_ns.load(Ordering::Relaxed);
@@ -137,24 +141,10 @@ impl EndpointState {
         rtt * (-elapsed / DECAY.as_nanos() as f64).exp()
     }
 
-    /// Load for `p2c_ewma`: RTT estimate x (in-flight + 1).
-    pub fn ewma_cost(&self, now: Instant) -> f64 {
-        self.rtt_estimate(now) * self.in_flight_cost()
-    }
-
-    /// Forgets the estimate and starts again from `rtt` (an endpoint back
-    /// from ejection: what it measured while failing says nothing now).
-    pub fn reset_rtt(&self, now: Instant, rtt: Duration) {
-        self.seed_rtt(now, rtt.as_nanos() as f64);
-    }
-
-    /// Starts a new endpoint from what its peers measure, rather than the
-    /// 30 ms default: an endpoint added beside ones answering in 1 ms would
-    /// otherwise look slow to P2C for seconds and get no traffic.
-    pub fn seed_rtt(&self, now: Instant, rtt_ns: f64) {
-        self.rtt_ns.store(rtt_ns.to_bits(), Ordering::Relaxed);
-        self.stamp_ns
-            .store(nanos_since_epoch(now), Ordering::Relaxed);
+    /// Forgets the estimate: the endpoint counts as not measured yet (one
+    /// back from ejection: what it measured while failing says nothing now).
+    pub fn forget_rtt(&self) {
+        self.rtt_ns.store(UNMEASURED.to_bits(), Ordering::Relaxed);
     }
 
     /// Feeds one measured RTT: a peak is taken at once, a lower value
@@ -401,7 +391,9 @@ impl EndpointState {
         Ok(sender)
     }
 
-    async fn connect_h2(
+    /// Opens an HTTP/2 connection of its own (the shared one is opened
+    /// through [`EndpointState::send_h2`]).
+    pub async fn connect_h2(
         &self,
         connect_timeout: Duration,
         tls: Option<&Upstream>,

@@ -1,0 +1,150 @@
+//! Health: what runs beside the request path to keep pools honest --
+//! active health checks (`health_check`) feeding the ejection state, and
+//! the closing of HTTP/1.1 connections idle longer than `timeouts.idle`.
+
+use crate::body::RequestBody;
+use crate::route::ServiceRoute;
+use crate::Shared;
+use almond_config::{HealthCheck, Protocol};
+use http::{header, Request};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How often due checks are looked for: the granularity of `interval`.
+const TICK: Duration = Duration::from_millis(50);
+/// How often idle connections are swept.
+const SWEEP: Duration = Duration::from_secs(1);
+/// The `User-Agent` of health check requests.
+const USER_AGENT: &str = "almond-health-check";
+
+/// Runs checks and sweeps until `stop` turns true.
+pub async fn maintain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_sweep = Instant::now() + SWEEP;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let table = shared.table.load_full();
+        let now = Instant::now();
+        let now_ns = crate::upstream::nanos_since_epoch(now);
+        for svc in table.services() {
+            let Some(hc) = &svc.health_check else {
+                continue;
+            };
+            for (index, m) in svc.all.members().iter().enumerate() {
+                if m.state.health.claim_check(now_ns, hc.interval) {
+                    tokio::spawn(check(svc.clone(), index));
+                }
+            }
+        }
+        if now >= next_sweep {
+            next_sweep = now + SWEEP;
+            for svc in table.services() {
+                for m in svc.all.members() {
+                    m.state.close_idle(now, svc.idle_timeout);
+                }
+            }
+        }
+    }
+}
+
+/// Checks member `index` of `svc` once and feeds the result to its
+/// ejection state: `unhealthy` failures in a row eject it (as far as
+/// `max_ejection_percent` allows), `healthy` passes in a row return it.
+async fn check(svc: Arc<ServiceRoute>, index: usize) {
+    let (Some(hc), Some(m)) = (&svc.health_check, svc.all.members().get(index)) else {
+        return;
+    };
+    let passed = probe(&svc, hc, m).await;
+    let state = &m.state;
+    let in_row = state.health.count_check(passed);
+    let Some(subset) = svc.subsets.get(m.subset) else {
+        return;
+    };
+    let now = Instant::now();
+    if passed {
+        if state.health.is_out() && in_row >= hc.healthy {
+            svc.outlier.restore(
+                state,
+                &subset.pool,
+                &subset.ejection,
+                &svc.name,
+                "health check passed",
+            );
+        }
+    } else {
+        tracing::debug!(service = %svc.name, endpoint = %state.addr, in_row, "health check failed");
+        if in_row >= hc.unhealthy && svc.outlier.may_eject(state, &subset.pool) {
+            let until = svc.outlier.eject(
+                state,
+                now,
+                &subset.pool,
+                &subset.ejection,
+                &svc.name,
+                in_row,
+            );
+            svc.note_ejection(m.subset, until);
+        }
+    }
+}
+
+/// One check within `timeout`: a TCP connect, or `GET path` on a
+/// connection of its own (TLS and protocol as the service's requests)
+/// answered 2xx or 3xx.
+async fn probe(svc: &ServiceRoute, hc: &HealthCheck, m: &crate::balance::Member) -> bool {
+    let attempt = async {
+        let Some(path) = &hc.path else {
+            return TcpStream::connect(m.state.addr).await.is_ok();
+        };
+        let mut req = Request::new(RequestBody::Replay(None));
+        // HTTP/1.1: origin form and `Host`; HTTP/2: the `:authority`.
+        let target = match svc.protocol {
+            Protocol::Http1 => path.parse(),
+            Protocol::Http2 => format!("http://{}{path}", svc.name).parse(),
+        };
+        let Ok(target) = target else {
+            return false;
+        };
+        *req.uri_mut() = target;
+        let headers = req.headers_mut();
+        if svc.protocol == Protocol::Http1 {
+            if let Ok(host) = http::HeaderValue::from_str(&svc.name) {
+                headers.insert(header::HOST, host);
+            }
+        }
+        headers.insert(
+            header::USER_AGENT,
+            http::HeaderValue::from_static(USER_AGENT),
+        );
+        let status = match svc.protocol {
+            Protocol::Http1 => {
+                let Ok(mut sender) = m.state.connect_h1(hc.timeout, svc.tls.as_deref()).await
+                else {
+                    return false;
+                };
+                sender.send_request(req).await.map(|r| r.status())
+            }
+            Protocol::Http2 => {
+                let Ok(mut sender) = m.state.connect_h2(hc.timeout, svc.tls.as_deref()).await
+                else {
+                    return false;
+                };
+                *req.version_mut() = http::Version::HTTP_2;
+                sender.send_request(req).await.map(|r| r.status())
+            }
+        };
+        status.is_ok_and(|s| s.is_success() || s.is_redirection())
+    };
+    tokio::time::timeout(hc.timeout, attempt)
+        .await
+        .unwrap_or(false)
+}

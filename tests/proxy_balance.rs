@@ -1,0 +1,680 @@
+//! End to end: how requests spread over endpoints, and how endpoints leave
+//! and rejoin the pools. Real backends on real sockets behind a real
+//! proxy; distributions are counted at the backends, states read from the
+//! admin `/metrics` and `/endpoints`.
+//!
+//! Shares are asserted within wide bands (23-43 % of three for "even",
+//! at most 10 % for a slow endpoint): each band is many standard
+//! deviations wide at these counts, so a pass is not luck and a broken
+//! balancer (2/3, 1/3, 0) fails. Waits are polled with `eventually`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+const LBS: [&str; 3] = ["p2c_ewma", "least_request", "round_robin"];
+
+async fn scrape(proxy: &TestProxy) -> String {
+    proxy.admin_get("/metrics").await.text()
+}
+
+async fn endpoints_in(proxy: &TestProxy, svc: &str, state: &str) -> f64 {
+    let labels = [("service", svc), ("state", state)];
+    metric(&scrape(proxy).await, "almond_endpoints", &labels)
+}
+
+async fn ejections(proxy: &TestProxy, svc: &str) -> f64 {
+    let labels = [("service", svc)];
+    metric(
+        &scrape(proxy).await,
+        "almond_endpoint_ejections_total",
+        &labels,
+    )
+}
+
+/// An endpoint's `state` on the admin `/endpoints` page.
+async fn endpoint_state(proxy: &TestProxy, svc: &str, addr: SocketAddr) -> String {
+    let page = proxy.admin_get("/endpoints").await.json();
+    let subsets = page[svc]["subsets"].as_array().cloned().unwrap_or_default();
+    subsets
+        .iter()
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["addr"] == addr.to_string())
+        .map(|e| e["state"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_else(|| panic!("{addr} not in /endpoints of {svc}: {page}"))
+}
+
+/// `n` requests one after another on one connection (HTTP/1.1 or h2).
+async fn sequential(proxy: &TestProxy, h2: bool, n: usize) -> Vec<StatusCode> {
+    let mut out = Vec::with_capacity(n);
+    if h2 {
+        let mut c = H2::connect(proxy.addr()).await;
+        for _ in 0..n {
+            out.push(c.get("svc", "/").await.status);
+        }
+    } else {
+        let mut c = H1::connect(proxy.addr()).await;
+        for _ in 0..n {
+            out.push(c.get("svc", "/").await.status);
+        }
+    }
+    out
+}
+
+/// `clients` connections sending `each` requests each, all at once.
+async fn concurrent(proxy: &TestProxy, clients: usize, each: usize) -> Vec<StatusCode> {
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let addr = proxy.addr();
+            tokio::spawn(async move {
+                let mut c = H1::connect(addr).await;
+                let mut out = Vec::with_capacity(each);
+                for _ in 0..each {
+                    out.push(c.get("svc", "/").await.status);
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(within("load client", t).await.unwrap());
+    }
+    all
+}
+
+fn all_ok(got: &[StatusCode], what: &str) {
+    let bad: Vec<_> = got.iter().filter(|s| **s != StatusCode::OK).collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} failed: {bad:?}",
+        bad.len(),
+        got.len()
+    );
+}
+
+/// Each backend's share (percent) of the requests it got since `before`.
+fn shares(backends: &[&Backend], before: &[usize]) -> Vec<f64> {
+    let got: Vec<usize> = backends
+        .iter()
+        .zip(before)
+        .map(|(b, n)| b.count() - n)
+        .collect();
+    let total: usize = got.iter().sum();
+    got.iter()
+        .map(|&n| n as f64 * 100.0 / total.max(1) as f64)
+        .collect()
+}
+
+fn counts(backends: &[&Backend]) -> Vec<usize> {
+    backends.iter().map(|b| b.count()).collect()
+}
+
+fn assert_even(share: &[f64], what: &str) {
+    assert!(
+        share.iter().all(|s| (23.0..=43.0).contains(s)),
+        "{what}: shares {share:.1?} %, each should be 23-43 %"
+    );
+}
+
+async fn three_equal(lb: &str, h2: bool) -> (TestProxy, [Backend; 3]) {
+    let backends = [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    ];
+    let mut svc = ServiceYaml::new("svc").lb(lb);
+    if h2 {
+        svc = svc.http2();
+    }
+    for b in &backends {
+        svc = svc.at(b.addr);
+    }
+    (
+        ProxyYaml::new().by_host().service(svc).start().await,
+        backends,
+    )
+}
+
+// ---------------------------------------------------------------------------
+// 1. Spread
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn every_balancer_spreads_evenly_over_equal_endpoints() {
+    for lb in LBS {
+        for h2 in [false, true] {
+            let what = format!("{lb} {}", if h2 { "http2" } else { "http1" });
+            let (proxy, [a, b, c]) = three_equal(lb, h2).await;
+            let all = [&a, &b, &c];
+            let before = counts(&all);
+            all_ok(&sequential(&proxy, h2, 300).await, &what);
+            assert_even(&shares(&all, &before), &format!("{what}, 300 sequential"));
+
+            let before = counts(&all);
+            all_ok(&concurrent(&proxy, 16, 30).await, &what);
+            // And after the load, one at a time again.
+            all_ok(&sequential(&proxy, h2, 300).await, &what);
+            assert_even(
+                &shares(&all, &before),
+                &format!("{what}, 16 clients then 300 sequential"),
+            );
+            proxy.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn weights_are_honoured_by_every_balancer() {
+    for lb in LBS {
+        let heavy = Backend::start("heavy").await;
+        let light = Backend::start("light").await;
+        let proxy = ProxyYaml::new()
+            .by_host()
+            .service(
+                ServiceYaml::new("svc")
+                    .lb(lb)
+                    .endpoint(heavy.addr, "v1", 3)
+                    .endpoint(light.addr, "v1", 1),
+            )
+            .start()
+            .await;
+        all_ok(&sequential(&proxy, false, 400).await, lb);
+        let share = shares(&[&heavy, &light], &[0, 0]);
+        // Fair: 75 %; 400 draws put 5 sigma at +-11 %.
+        assert!(
+            (64.0..=86.0).contains(&share[0]),
+            "{lb}: weight 3 of 4 got {share:.1?} %"
+        );
+        proxy.shutdown().await;
+    }
+}
+
+/// Two fast endpoints and one 20 ms slower, under 16 concurrent clients:
+/// the latency-aware balancers send it little.
+#[tokio::test]
+async fn a_slower_endpoint_gets_little_under_load() {
+    for lb in ["p2c_ewma", "least_request"] {
+        let a = Backend::start("a").await;
+        let b = Backend::start("b").await;
+        let slow = Backend::builder("slow")
+            .delay(Duration::from_millis(20))
+            .start()
+            .await;
+        let proxy = ProxyYaml::new()
+            .by_host()
+            .service(
+                ServiceYaml::new("svc")
+                    .lb(lb)
+                    .at(a.addr)
+                    .at(b.addr)
+                    .at(slow.addr),
+            )
+            .start()
+            .await;
+        all_ok(&concurrent(&proxy, 16, 10).await, lb);
+        let all = [&a, &b, &slow];
+        let before = counts(&all);
+        all_ok(&concurrent(&proxy, 16, 60).await, lb);
+        let share = shares(&all, &before);
+        assert!(
+            share[2] <= 10.0,
+            "{lb}: the slow endpoint got {:.1} % (a {:.1} %, b {:.1} %)",
+            share[2],
+            share[0],
+            share[1]
+        );
+        proxy.shutdown().await;
+    }
+}
+
+/// The table of docs/load-balancing.md: what each balancer does with
+/// three equal endpoints (sequential, then 16 clients) and with one of
+/// three 20 ms slower (16 clients). Prints the rows; asserts only that
+/// every request succeeded (the bands are asserted above).
+#[tokio::test]
+async fn figures_balancer_table() {
+    let mut rows = Vec::new();
+    for lb in LBS {
+        let (proxy, [a, b, c]) = three_equal(lb, false).await;
+        let all = [&a, &b, &c];
+        all_ok(&sequential(&proxy, false, 300).await, lb);
+        let seq = shares(&all, &[0, 0, 0]);
+        let before = counts(&all);
+        all_ok(&concurrent(&proxy, 16, 40).await, lb);
+        let conc = shares(&all, &before);
+        proxy.shutdown().await;
+
+        let fast1 = Backend::start("a").await;
+        let fast2 = Backend::start("b").await;
+        let slow = Backend::builder("slow")
+            .delay(Duration::from_millis(20))
+            .start()
+            .await;
+        let proxy = ProxyYaml::new()
+            .by_host()
+            .service(
+                ServiceYaml::new("svc")
+                    .lb(lb)
+                    .at(fast1.addr)
+                    .at(fast2.addr)
+                    .at(slow.addr),
+            )
+            .start()
+            .await;
+        let start = Instant::now();
+        all_ok(&concurrent(&proxy, 16, 40).await, lb);
+        let took = start.elapsed();
+        let slow_share = shares(&[&fast1, &fast2, &slow], &[0, 0, 0]);
+        proxy.shutdown().await;
+        rows.push(format!(
+            "| `{lb}` | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.1} | {:.2} s |",
+            seq[0], seq[1], seq[2], conc[0], conc[1], conc[2],
+            slow_share[0], slow_share[1], slow_share[2], took.as_secs_f64()
+        ));
+    }
+    println!("| lb | 3 equal, 300 sequential (%) | 3 equal, 16 clients x 40 (%) | 2 fast + 1 slow (+20 ms), 16 clients x 40 (%) | time for those 640 |");
+    println!("| --- | --- | --- | --- | --- |");
+    for row in rows {
+        println!("{row}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. Ejection, whatever the balancer
+// ---------------------------------------------------------------------------
+
+/// A killed endpoint is ejected by its first refused connection under
+/// light traffic, with every balancer; restarted, it is probed back when
+/// the ejection ends and gets its share again (its latency estimate is
+/// not the failures').
+#[tokio::test]
+async fn a_dead_endpoint_is_ejected_by_every_balancer_and_comes_back() {
+    for lb in LBS {
+        let a = Backend::start("a").await;
+        let b = Backend::start("b").await;
+        let mut c = Backend::start("c").await;
+        let proxy = ProxyYaml::new()
+            .by_host()
+            .service(
+                ServiceYaml::new("svc")
+                    .lb(lb)
+                    .at(a.addr)
+                    .at(b.addr)
+                    .at(c.addr)
+                    .set(
+                        "circuit_breaker",
+                        "{ base_ejection: 500ms, max_ejection: 500ms }",
+                    ),
+            )
+            .start()
+            .await;
+        all_ok(&sequential(&proxy, false, 30).await, lb);
+        c.stop().await;
+        // Light traffic: one request at a time, every 20 ms.
+        eventually(&format!("{lb}: c ejected"), || async {
+            all_ok(&sequential(&proxy, false, 1).await, lb);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            ejections(&proxy, "svc").await >= 1.0
+        })
+        .await;
+        assert_eq!(
+            endpoint_state(&proxy, "svc", c.addr).await,
+            "ejected",
+            "{lb}"
+        );
+        assert_eq!(endpoints_in(&proxy, "svc", "ejected").await, 1.0, "{lb}");
+        assert_eq!(endpoints_in(&proxy, "svc", "healthy").await, 2.0, "{lb}");
+
+        c.restart().await;
+        eventually(&format!("{lb}: c back"), || async {
+            all_ok(&sequential(&proxy, false, 1).await, lb);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            endpoints_in(&proxy, "svc", "healthy").await == 3.0
+        })
+        .await;
+        assert_eq!(endpoint_state(&proxy, "svc", c.addr).await, "healthy");
+        let all = [&a, &b, &c];
+        let before = counts(&all);
+        all_ok(&sequential(&proxy, false, 600).await, lb);
+        assert_even(&shares(&all, &before), &format!("{lb}: after c came back"));
+        proxy.shutdown().await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 3. Active health checks
+// ---------------------------------------------------------------------------
+
+/// No traffic at all: an HTTP check sees a backend turn 500 and eject it,
+/// and sees it recover and bring it back.
+#[tokio::test]
+async fn http_health_checks_eject_and_return_an_endpoint_without_traffic() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("svc")
+                .at(a.addr)
+                .at(b.addr)
+                .set(
+                    "health_check",
+                    "{ interval: 100ms, timeout: 500ms, path: /healthz, healthy: 2, unhealthy: 2 }",
+                )
+                .set(
+                    "circuit_breaker",
+                    "{ base_ejection: 60s, max_ejection: 60s }",
+                ),
+        )
+        .start()
+        .await;
+    eventually("checks reach both backends", || async {
+        a.count() >= 2 && b.count() >= 2
+    })
+    .await;
+    let seen = a.last();
+    assert_eq!(seen.path, "/healthz");
+    assert_eq!(endpoints_in(&proxy, "svc", "healthy").await, 2.0);
+
+    b.set_status(500);
+    eventually("b ejected by its checks", || async {
+        endpoint_state(&proxy, "svc", b.addr).await == "ejected"
+    })
+    .await;
+    assert_eq!(ejections(&proxy, "svc").await, 1.0);
+    // Traffic now goes to a only.
+    let before = b.seen().len();
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..20 {
+        let reply = client.get("svc", "/work").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.backend(), "a");
+    }
+    assert!(b.seen()[before..].iter().all(|s| s.path == "/healthz"));
+
+    // Long before the 60 s ejection ends, two passed checks return it.
+    b.set_status(0);
+    eventually("b back by its checks", || async {
+        endpoint_state(&proxy, "svc", b.addr).await == "healthy"
+    })
+    .await;
+    assert_eq!(endpoints_in(&proxy, "svc", "healthy").await, 2.0);
+}
+
+/// Without a path the check is a TCP connect: a stopped backend is
+/// ejected, and a restarted one returns.
+#[tokio::test]
+async fn tcp_health_checks_follow_a_backend_that_stops_and_starts() {
+    let a = Backend::start("a").await;
+    let mut b = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("svc")
+                .http2()
+                .at(a.addr)
+                .at(b.addr)
+                .set(
+                    "health_check",
+                    "{ interval: 100ms, healthy: 1, unhealthy: 2 }",
+                )
+                .set(
+                    "circuit_breaker",
+                    "{ base_ejection: 60s, max_ejection: 60s }",
+                ),
+        )
+        .start()
+        .await;
+    b.stop().await;
+    eventually("b ejected", || async {
+        endpoint_state(&proxy, "svc", b.addr).await == "ejected"
+    })
+    .await;
+    assert_eq!(b.count(), 0, "a TCP check sends no request");
+    b.restart().await;
+    eventually("b back", || async {
+        endpoint_state(&proxy, "svc", b.addr).await == "healthy"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn health_check_mistakes_name_the_key() {
+    for (value, key) in [
+        ("{ path: healthz }", "health_check.path"),
+        ("{ interval: 1ms }", "health_check.interval"),
+        ("{ unhealthy: 0 }", "health_check.unhealthy"),
+        ("{ every: 1s }", "every"),
+    ] {
+        let yaml = ProxyYaml::new()
+            .by_host()
+            .service(
+                ServiceYaml::new("svc")
+                    .at(closed_port().await)
+                    .set("health_check", value),
+            )
+            .build();
+        let err = almond_config::load_proxy(&yaml, "test")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{value}: {err}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. The HTTP/1.1 pool against an upstream that closes idle connections
+// ---------------------------------------------------------------------------
+
+/// A minimal HTTP/1.1 keep-alive server that closes a connection idle for
+/// `keep_alive` (as Node.js, Gunicorn or Nginx do), answering `200 ok`.
+/// On a real network its close and a request can cross on the wire: a
+/// request that arrives in the last `crossing` before the deadline is
+/// treated as having arrived after the close (the connection is closed,
+/// the request unanswered and not processed). Counts requests answered,
+/// idle closes and crossings.
+struct ShortKeepAlive {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    idle_closes: Arc<AtomicUsize>,
+    crossings: Arc<AtomicUsize>,
+}
+
+impl ShortKeepAlive {
+    async fn start(keep_alive: Duration, crossing: Duration) -> ShortKeepAlive {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = ShortKeepAlive {
+            addr,
+            requests: Arc::new(AtomicUsize::new(0)),
+            idle_closes: Arc::new(AtomicUsize::new(0)),
+            crossings: Arc::new(AtomicUsize::new(0)),
+        };
+        let counts = [
+            server.requests.clone(),
+            server.idle_closes.clone(),
+            server.crossings.clone(),
+        ];
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_keep_alive(
+                    stream,
+                    keep_alive,
+                    crossing,
+                    counts.clone(),
+                ));
+            }
+        });
+        server
+    }
+}
+
+async fn serve_keep_alive(
+    mut stream: TcpStream,
+    keep_alive: Duration,
+    crossing: Duration,
+    [requests, idle_closes, crossings]: [Arc<AtomicUsize>; 3],
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut idle_since = Instant::now();
+    loop {
+        // Wait for a request head; an idle connection is closed.
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let read = if buf.is_empty() {
+                let deadline = idle_since + keep_alive;
+                match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 && Instant::now() + crossing >= deadline => {
+                        crossings.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(r) => r,
+                    Err(_) => {
+                        idle_closes.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            } else {
+                stream.read(&mut chunk).await
+            };
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_end + length);
+        requests.fetch_add(1, Ordering::Relaxed);
+        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        if stream.write_all(reply).await.is_err() {
+            return;
+        }
+        idle_since = Instant::now();
+    }
+}
+
+/// Upstreams close connections idle for 1 s; requests (GET and POST) come
+/// at random gaps of 0.8-1.2 s, so about a quarter of them meet a pooled
+/// connection as its upstream closes it. 100 services, one upstream and
+/// one client each (so each pool has one connection, idle between
+/// requests), 20 requests each: 2,000 requests. None may fail, and each
+/// reaches its upstream once.
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_fails_no_request() {
+    let mut upstreams = Vec::new();
+    let mut yaml = ProxyYaml::new().by_host();
+    for i in 0..100 {
+        // Requests in the last 100 ms before the close cross it.
+        let up = ShortKeepAlive::start(Duration::from_secs(1), Duration::from_millis(100)).await;
+        yaml = yaml.service(ServiceYaml::new(&format!("svc{i}")).at(up.addr));
+        upstreams.push(up);
+    }
+    let proxy = yaml.start().await;
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let addr = proxy.addr();
+            tokio::spawn(async move {
+                let host = format!("svc{i}");
+                let mut client = H1::connect(addr).await;
+                let mut failed = Vec::new();
+                for n in 0..20 {
+                    let gap = 800 + fastrand::u64(..=400);
+                    tokio::time::sleep(Duration::from_millis(gap)).await;
+                    let req = if (i + n) % 2 == 0 {
+                        h1_get(&host, "/")
+                    } else {
+                        Request::builder()
+                            .method(Method::POST)
+                            .uri("/orders")
+                            .header("host", &host)
+                            .body(full(Bytes::from_static(b"{\"item\":1}")))
+                            .unwrap()
+                    };
+                    let reply = client.request(req).await;
+                    if reply.status != 200 {
+                        failed.push(format!(
+                            "{} {:?}",
+                            reply.status,
+                            reply.header("x-almond-error")
+                        ));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for t in tasks {
+        failed.extend(within("clients", t).await.unwrap());
+    }
+    let total = |f: fn(&ShortKeepAlive) -> &Arc<AtomicUsize>| -> usize {
+        upstreams.iter().map(|u| f(u).load(Ordering::Relaxed)).sum()
+    };
+    let crossings = total(|u| &u.crossings);
+    println!(
+        "2000 requests: {} failed; {crossings} crossed a close, {} idle closes",
+        failed.len(),
+        total(|u| &u.idle_closes)
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of 2000 failed: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(total(|u| &u.requests), 2000, "each processed once");
+    assert!(crossings > 100, "requests crossed the upstreams' closes");
+}
+
+/// `timeouts.idle` shorter than the upstream's keep-alive: almond closes
+/// its idle connections first (the upstream never has to).
+#[tokio::test]
+async fn idle_pooled_connections_are_closed_after_timeouts_idle() {
+    let upstream = ShortKeepAlive::start(Duration::from_secs(30), Duration::ZERO).await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("svc")
+                .at(upstream.addr)
+                .set("timeouts", "{ idle: 300ms }"),
+        )
+        .start()
+        .await;
+    all_ok(&concurrent(&proxy, 4, 3).await, "warm");
+    let connections = || async {
+        let page = proxy.admin_get("/endpoints").await.json();
+        page["svc"]["subsets"][0]["endpoints"][0]["connections"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(connections().await >= 1);
+    eventually("idle connections closed", || async {
+        connections().await == 0
+    })
+    .await;
+    assert_eq!(upstream.idle_closes.load(Ordering::Relaxed), 0);
+}
