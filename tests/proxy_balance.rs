@@ -678,3 +678,33 @@ async fn idle_pooled_connections_are_closed_after_timeouts_idle() {
     .await;
     assert_eq!(upstream.idle_closes.load(Ordering::Relaxed), 0);
 }
+
+/// An endpoint that accepts connections and closes them at once: a try
+/// opens a bounded number of connections, so the request fails fast
+/// (502) instead of reconnecting until its timeout.
+#[tokio::test]
+async fn an_endpoint_that_closes_every_connection_fails_fast() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("svc").at(addr).timeouts("1s", "10s"))
+        .start()
+        .await;
+    let start = Instant::now();
+    let reply = get_h1(proxy.addr(), "svc", "/").await;
+    let took = start.elapsed();
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert!(took < Duration::from_secs(3), "did not hang: {took:?}");
+    // First try and two retries, each with at most two fresh connections.
+    let opened = accepted.load(Ordering::Relaxed);
+    assert!((1..=6).contains(&opened), "{opened} connections opened");
+}

@@ -393,12 +393,11 @@ async fn trailers_also_reach_an_h1_client_that_asks_for_them() {
     assert_eq!(trailers["grpc-status"], "0");
 }
 
-#[tokio::test]
-async fn websocket_upgrade_tunnels_through() {
+/// A WebSocket backend that echoes each message (text with its name).
+async fn websocket_echo() -> std::net::SocketAddr {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
-    // A WebSocket backend that echoes each message with its name.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ws_addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -421,6 +420,58 @@ async fn websocket_upgrade_tunnels_through() {
             });
         }
     });
+    ws_addr
+}
+
+/// An upgrade whose first try meets a refused connection is retried on
+/// the other endpoint and still becomes a tunnel (not a 101 that closes).
+#[tokio::test]
+async fn websocket_upgrade_retried_after_a_connect_failure_still_tunnels() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let ws_addr = websocket_echo().await;
+    // Round robin over a dead and a live endpoint; connect failures do not
+    // eject here, so every other handshake is tried on the dead one first.
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("chat")
+                .lb("round_robin")
+                .at(closed_port().await)
+                .at(ws_addr)
+                .set("circuit_breaker", "{ failure_on: [\"5xx\"] }")
+                .set("retries", "{ attempts: 2, min_per_second: 100 }"),
+        )
+        .start()
+        .await;
+    for i in 0..6 {
+        let stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        let (mut ws, resp) = within(
+            "websocket handshake",
+            tokio_tungstenite::client_async("ws://chat/socket", stream),
+        )
+        .await
+        .expect("handshake through the proxy");
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let got = within("websocket echo", ws.next()).await;
+        assert_eq!(
+            got.and_then(Result::ok),
+            Some(Message::text(format!("chat says: hello {i}"))),
+            "handshake {i}: the tunnel carries messages"
+        );
+    }
+    let metrics = proxy.admin_get("/metrics").await.text();
+    assert!(metric(&metrics, "almond_retries_total", &[("service", "chat")]) >= 1.0);
+}
+
+#[tokio::test]
+async fn websocket_upgrade_tunnels_through() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let ws_addr = websocket_echo().await;
     let proxy = ProxyYaml::new()
         .by_host()
         .service(ServiceYaml::new("chat").at(ws_addr))

@@ -188,6 +188,45 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     assert_eq!(backend.count(), 0);
 }
 
+/// Two services at one address with other TLS server names never share a
+/// connection: `users` must not ride on the connection `orders` opened to
+/// a server whose certificate names only `orders`.
+#[tokio::test]
+async fn services_at_one_address_with_other_server_names_do_not_share_connections() {
+    for protocol in ["http2", "http1"] {
+        let backend = Backend::start("b").await;
+        let ca = Ca::new("mesh CA");
+        let b = inbound_proxy(&Files::new(&ca, &ca.leaf("orders")), backend.addr, "").await;
+        let files = Files::new(&ca, &ca.leaf("web"));
+        let remote = b.listeners[0];
+        let service = |name: &str| {
+            format!(
+                "  {name}:\n    protocol: {protocol}\n    retries: {{ attempts: 0 }}\n    \
+                 tls: {{ server_name: {name} }}\n    endpoints: [{{ addr: \"{remote}\" }}]\n"
+            )
+        };
+        let yaml = format!(
+            "admin: 127.0.0.1:0\n{tls}listeners:\n  - {{ bind: 127.0.0.1:0 }}\nservices:\n{}{}",
+            service("orders"),
+            service("users"),
+            tls = files.yaml()
+        );
+        let a = TestProxy::start(&yaml).await;
+        let mut client = H1::connect(a.addr()).await;
+        let reply = client.get("orders", "/hello").await;
+        assert_eq!(reply.status, 200, "{protocol}: {}", reply.text());
+        let reply = client.get("users", "/hello").await;
+        assert_eq!(
+            reply.status,
+            502,
+            "{protocol}: users got through: {}",
+            reply.text()
+        );
+        assert_eq!(reply.header("x-almond-error"), Some("connect"));
+        assert_eq!(backend.count(), 1, "{protocol}: only orders reached it");
+    }
+}
+
 #[tokio::test]
 async fn a_server_certificate_for_another_name_is_refused() {
     let backend = Backend::start("b").await;

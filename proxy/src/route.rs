@@ -442,6 +442,74 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_state_carries_over_only_under_the_same_tls_settings() {
+        let text = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  s:\n    protocol: http2\n    \
+                    endpoints: [{ addr: 127.0.0.1:1 }]\n";
+        let plain = almond_config::load_proxy(text, "t").unwrap();
+        // (A proxy-level identity is not needed to build the table.)
+        let with_tls = |server_name: Option<&str>| {
+            let mut c = plain.clone();
+            if let Some(svc) = c.services.get_mut("s") {
+                svc.tls = Some(almond_config::UpstreamTls {
+                    server_name: server_name.map(str::to_owned),
+                });
+            }
+            Arc::new(c)
+        };
+        let metrics = Metrics::new().unwrap();
+        let state = |t: &Table| t.services["s"].all.members()[0].state.clone();
+        let first = Table::build(Arc::new(plain.clone()), &metrics, None);
+        let again = Table::build(Arc::new(plain.clone()), &metrics, Some(&first));
+        assert!(
+            Arc::ptr_eq(&state(&first), &state(&again)),
+            "same settings: kept"
+        );
+        // Switched to TLS: not the plaintext connection of before.
+        let tls = Table::build(with_tls(None), &metrics, Some(&again));
+        assert!(!Arc::ptr_eq(&state(&again), &state(&tls)));
+        let named = Table::build(with_tls(Some("other")), &metrics, Some(&tls));
+        assert!(
+            !Arc::ptr_eq(&state(&tls), &state(&named)),
+            "another server name"
+        );
+        let same = Table::build(with_tls(Some("other")), &metrics, Some(&named));
+        assert!(Arc::ptr_eq(&state(&named), &state(&same)));
+    }
+
+    #[test]
+    fn series_of_a_removed_subset_and_service_are_deleted() {
+        let yaml = |eps: &str| {
+            format!(
+                "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  s:\n    endpoints: [{eps}]\n  \
+                 gone:\n    endpoints: [{{ addr: 127.0.0.1:9 }}]\n"
+            )
+        };
+        let metrics = Metrics::new().unwrap();
+        let load = |text: String| Arc::new(almond_config::load_proxy(&text, "t").unwrap());
+        let both = "{ addr: 127.0.0.1:1, subset: v1 }, { addr: 127.0.0.1:2, subset: v2 }";
+        let one = Table::build(load(yaml(both)), &metrics, None);
+        for svc in one.services() {
+            for s in &svc.subsets {
+                s.metrics[0].record(crate::outcome::CodeClass::Success, 0.01);
+                s.metrics[0].upstream_error(ErrorKind::Connect);
+                s.ejection.ejections.inc();
+            }
+            svc.retries.inc();
+        }
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(text.contains("subset=\"v2\"") && text.contains("service=\"gone\""));
+
+        let mut only_v1 = (*load(yaml("{ addr: 127.0.0.1:1, subset: v1 }"))).clone();
+        only_v1.services.remove("gone");
+        let two = Table::build(Arc::new(only_v1), &metrics, Some(&one));
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(!text.contains("subset=\"v2\""), "{text}");
+        assert!(!text.contains("service=\"gone\""), "{text}");
+        assert!(text.contains("subset=\"v1\""));
+        drop(two);
+    }
+
+    #[test]
     fn host_strips_ports_and_keeps_ipv6() {
         assert_eq!(host(&req("orders:4140")), Some("orders"));
         assert_eq!(host(&req("orders")), Some("orders"));
