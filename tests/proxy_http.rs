@@ -394,6 +394,7 @@ async fn trailers_also_reach_an_h1_client_that_asks_for_them() {
 }
 
 /// A WebSocket backend that echoes each message (text with its name).
+#[allow(clippy::unwrap_used)]
 async fn websocket_echo() -> std::net::SocketAddr {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
