@@ -12,6 +12,10 @@
 //!    failed requests, and the time from the crash to the proxy's ejection
 //!    of the endpoint (`almond_endpoint_ejections_total`,
 //!    `almond_endpoints{state="ejected"}` polled at the admin `/metrics`).
+//!    The killed backend is restarted `--restart-after` s later (before its
+//!    `base_ejection` of 2 s ends); the time from the kill until it is back
+//!    in service (`almond_endpoints{state="ejected"}` 0 again) and its share
+//!    of the successes from then on.
 //!
 //! Figures are printed as Markdown on stdout (progress on stderr), never
 //! asserted. Run in release mode:
@@ -44,6 +48,8 @@ use tokio::time::{sleep, sleep_until, Instant};
 const LBS: [&str; 3] = ["p2c_ewma", "round_robin", "least_request"];
 /// The slow backend's extra latency.
 const SLOW: Duration = Duration::from_millis(50);
+/// The crash runs' `circuit_breaker.base_ejection` (and `max_ejection`).
+const BASE_EJECTION: &str = "2s";
 /// How often the ejection metrics are scraped during a crash run.
 const SCRAPE_EVERY: Duration = Duration::from_millis(5);
 
@@ -57,6 +63,7 @@ struct Opts {
     warmup: f64,
     max_in_flight: usize,
     crash_at: f64,
+    restart_after: f64,
     slow: bool,
     crash: bool,
     args: Vec<String>,
@@ -74,6 +81,7 @@ impl Opts {
             warmup: 1.0,
             max_in_flight: 256,
             crash_at: 4.0,
+            restart_after: 1.0,
             slow: true,
             crash: true,
             args: args.clone(),
@@ -87,6 +95,9 @@ impl Opts {
                 "--warmup" => o.warmup = value().parse().expect("--warmup S"),
                 "--max-in-flight" => o.max_in_flight = value().parse().expect("--max-in-flight N"),
                 "--crash-at" => o.crash_at = value().parse().expect("--crash-at S"),
+                "--restart-after" => {
+                    o.restart_after = value().parse().expect("--restart-after S")
+                }
                 "--part" => match value().as_str() {
                     "slow" => o.crash = false,
                     "crash" => o.slow = false,
@@ -344,11 +355,14 @@ struct Result {
     last_failure: Option<Duration>,
     ejected_counter: Option<Duration>,
     ejected_gauge: Option<Duration>,
+    /// From the kill until `state="ejected"` went back to 0.
+    returned: Option<Duration>,
+    /// Share of successes from the killed backend once it was back.
+    killed_share_returned: f64,
     ejections: f64,
     retries: f64,
-    /// Share of successes from the killed backend before and after the crash.
+    /// Share of successes from the killed backend before the crash.
     killed_share_before: f64,
-    killed_share_after: f64,
     cpu: (f64, f64, f64, f64),
 }
 
@@ -391,6 +405,12 @@ async fn run(opts: &Opts, lb: &'static str, kind: Kind) -> Result {
     if let Kind::Crash { retries: false } = kind {
         svc = svc.set("retries", "{ attempts: 0 }");
     }
+    if let Kind::Crash { .. } = kind {
+        svc = svc.set(
+            "circuit_breaker",
+            &format!("{{ base_ejection: {BASE_EJECTION}, max_ejection: {BASE_EJECTION} }}"),
+        );
+    }
     let proxy: TestProxy = ProxyYaml::new().bound_to("svc").service(svc).start().await;
     let client: LoadClient = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
@@ -413,6 +433,7 @@ async fn run(opts: &Opts, lb: &'static str, kind: Kind) -> Result {
     let start = Instant::now() + Duration::from_millis(20);
     let crash = matches!(kind, Kind::Crash { .. });
     let crash_at = start + Duration::from_secs_f64(opts.crash_at);
+    let restart_at = crash_at + Duration::from_secs_f64(opts.restart_after);
     // Kill b1 at `crash_at`; scrape the ejection metrics until the end.
     let crashed_at = Arc::new(Mutex::new(None::<Instant>));
     let done = Arc::new(AtomicBool::new(false));
@@ -425,6 +446,8 @@ async fn run(opts: &Opts, lb: &'static str, kind: Kind) -> Result {
                 sleep_until(crash_at).await;
                 *crashed_at.lock().unwrap() = Some(Instant::now());
                 victim.stop().await;
+                sleep_until(restart_at).await;
+                victim.restart().await;
             }
             victim
         })
@@ -432,10 +455,10 @@ async fn run(opts: &Opts, lb: &'static str, kind: Kind) -> Result {
     let watcher = {
         let (admin, done, scrapes) = (proxy.admin, done.clone(), scrapes.clone());
         tokio::spawn(async move {
-            let (mut counter, mut gauge) = (None, None);
+            let (mut counter, mut gauge, mut returned) = (None, None, None);
             let (mut ejections, mut retries) = (0.0, 0.0);
             if !crash {
-                return (counter, gauge, ejections, retries);
+                return (counter, gauge, returned, ejections, retries);
             }
             let mut admin_conn = H1::connect(admin).await;
             while !done.load(Ordering::Relaxed) {
@@ -459,9 +482,12 @@ async fn run(opts: &Opts, lb: &'static str, kind: Kind) -> Result {
                 if gauge.is_none() && ejected > 0.0 {
                     gauge = Some(now);
                 }
+                if gauge.is_some() && returned.is_none() && ejected == 0.0 {
+                    returned = Some(now);
+                }
                 sleep(SCRAPE_EVERY).await;
             }
-            (counter, gauge, ejections, retries)
+            (counter, gauge, returned, ejections, retries)
         })
     };
     let (mut recs, waited) = open_loop(
@@ -475,7 +501,7 @@ async fn run(opts: &Opts, lb: &'static str, kind: Kind) -> Result {
     .await;
     done.store(true, Ordering::Relaxed);
     let cpu = window.close();
-    let (counter, gauge, ejections, retries) = watcher.await.unwrap();
+    let (counter, gauge, returned, ejections, retries) = watcher.await.unwrap();
     let victim = killer.await.unwrap();
     backends.insert(1, victim);
     let crashed = *crashed_at.lock().unwrap();
@@ -487,18 +513,19 @@ async fn run(opts: &Opts, lb: &'static str, kind: Kind) -> Result {
     let mut by_backend = [0usize; 3];
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     let (mut after_crash, mut first_failure, mut last_failure) = (0, None, None);
-    let (mut ok_after, mut killed_after) = (0usize, 0usize);
     let (mut ok_before, mut killed_before) = (0usize, 0usize);
+    let (mut ok_returned, mut killed_returned) = (0usize, 0usize);
     for r in &recs {
         let finished = start + r.at + r.latency;
         let after = crashed.is_some_and(|c| finished >= c);
         match &r.outcome {
             Outcome::Ok(b) => {
                 by_backend[*b] += 1;
-                if after {
-                    ok_after += 1;
-                    killed_after += usize::from(*b == 1);
-                } else {
+                if returned.is_some_and(|t| start + r.at >= t) {
+                    ok_returned += 1;
+                    killed_returned += usize::from(*b == 1);
+                }
+                if !after {
                     ok_before += 1;
                     killed_before += usize::from(*b == 1);
                 }
@@ -546,10 +573,11 @@ async fn run(opts: &Opts, lb: &'static str, kind: Kind) -> Result {
         last_failure,
         ejected_counter: since(counter),
         ejected_gauge: since(gauge),
+        returned: since(returned),
+        killed_share_returned: killed_returned as f64 / ok_returned.max(1) as f64,
         ejections,
         retries,
         killed_share_before: killed_before as f64 / ok_before.max(1) as f64,
-        killed_share_after: killed_after as f64 / ok_after.max(1) as f64,
         cpu,
     }
 }
@@ -677,13 +705,16 @@ fn main() {
             out,
             "## 2. One endpoint of three killed {:.0} s into the run\n\n\
              b1's listener is closed and its open connections dropped at once (connects are \
-             refused from then on). Ejection defaults: 5 consecutive failures, 10 s first \
-             ejection; metrics scraped every {} ms. Times are from the kill.\n\n\
+             refused from then on); it listens again {:.1} s later. `base_ejection` and \
+             `max_ejection` {BASE_EJECTION}, other ejection settings default (a refused \
+             connect ejects at once); metrics scraped every {} ms. Times are from the kill.\n\n\
              | lb | retries | sent | failed | success | failures after the kill: first / last ms | \
-             ejection counter after ms | `state=\"ejected\"` after ms | ejections | retries sent | \
-             b1 share of successes before / after the kill | p99 ms | failures | other work core-s (busy %) |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             ejection counter after ms | `state=\"ejected\"` after ms | back in service after ms | \
+             ejections | retries sent | \
+             b1 share of successes before the kill / once back | p99 ms | failures | other work core-s (busy %) |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             opts.crash_at,
+            opts.restart_after,
             SCRAPE_EVERY.as_millis()
         );
         for r in results
@@ -693,7 +724,7 @@ fn main() {
             let failed = r.sent - r.ok;
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | **{failed}** | {:.3} % | {} / {} | **{}** | {} | {} | {} | {:.1} / {:.2} % | {} | {} | {:.1} ({:.0} %) |",
+                "| {} | {} | {} | **{failed}** | {:.3} % | {} / {} | **{}** | {} | **{}** | {} | {} | {:.1} / {:.1} % | {} | {} | {:.1} ({:.0} %) |",
                 r.lb,
                 if matches!(r.kind, Kind::Crash { retries: true }) {
                     "on (default: 2 attempts)"
@@ -706,10 +737,11 @@ fn main() {
                 ms_opt(r.last_failure),
                 ms_opt(r.ejected_counter),
                 ms_opt(r.ejected_gauge),
+                ms_opt(r.returned),
                 r.ejections,
                 r.retries,
                 100.0 * r.killed_share_before,
-                100.0 * r.killed_share_after,
+                100.0 * r.killed_share_returned,
                 ms(pct(&r.all, 0.99)),
                 failures_text(&r.failures),
                 r.cpu.2,
