@@ -95,9 +95,7 @@ impl Opts {
                 "--warmup" => o.warmup = value().parse().expect("--warmup S"),
                 "--max-in-flight" => o.max_in_flight = value().parse().expect("--max-in-flight N"),
                 "--crash-at" => o.crash_at = value().parse().expect("--crash-at S"),
-                "--restart-after" => {
-                    o.restart_after = value().parse().expect("--restart-after S")
-                }
+                "--restart-after" => o.restart_after = value().parse().expect("--restart-after S"),
                 "--part" => match value().as_str() {
                     "slow" => o.crash = false,
                     "crash" => o.slow = false,

@@ -3,7 +3,7 @@
 
 mod support;
 
-use http::StatusCode;
+use http::{Request, StatusCode};
 use std::time::Duration;
 use support::*;
 
@@ -257,4 +257,51 @@ async fn content_length_with_transfer_encoding_cannot_smuggle() {
     assert!(seen.iter().all(|s| s.path != "/smuggled"));
     still_serves(&proxy).await;
     assert!(backend.seen().iter().all(|s| s.path != "/smuggled"));
+}
+
+#[tokio::test]
+async fn two_hosts_or_a_host_against_the_target_are_400() {
+    let (backend, proxy) = strict().await;
+    for attack in [
+        // Two Host headers (RFC 9112 3.2: MUST answer 400).
+        &b"GET / HTTP/1.1\r\nHost: m\r\nHost: other\r\n\r\n"[..],
+        &b"GET / HTTP/1.1\r\nHost: m\r\nHost: m\r\n\r\n"[..],
+        // Absolute form routed to `m`, Host naming another service.
+        &b"GET http://m/ HTTP/1.1\r\nHost: other\r\n\r\n"[..],
+    ] {
+        let answer = raw(proxy.addr(), attack).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+        assert!(answer.contains("x-almond-error: bad-request"), "{answer:?}");
+    }
+    assert_eq!(backend.count(), 0);
+    // Absolute form with a matching Host, and without one: the upstream
+    // gets exactly one Host, the one routing used.
+    for ok in [
+        &b"GET http://m/abs HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"[..],
+        &b"GET http://m/abs HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+    ] {
+        let answer = raw(proxy.addr(), ok).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+        let seen = backend.last();
+        assert_eq!(seen.path, "/abs");
+        let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
+        assert_eq!(hosts, ["m"], "{seen:?}");
+    }
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn h2_host_against_authority_is_400() {
+    let (backend, proxy) = strict().await;
+    let mut client = H2::connect(proxy.addr()).await;
+    let req = Request::builder()
+        .uri("http://m/x")
+        .header("host", "other")
+        .body(empty())
+        .unwrap();
+    let reply = client.request(req).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(backend.count(), 0);
+    let reply = client.get("m", "/x").await;
+    assert_eq!(reply.status, StatusCode::OK);
 }

@@ -21,6 +21,28 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static(SUBSET_HEADER),
 ];
 
+/// Checks that a request names one target host (RFC 9112 3.2, RFC 9113
+/// 8.3.1): at most one `Host`, and one that agrees with the authority of an
+/// absolute-form target or `:authority`. `Err` says what is wrong.
+pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    match (req.uri().authority(), host) {
+        (Some(authority), Some(host))
+            if !authority
+                .as_str()
+                .as_bytes()
+                .eq_ignore_ascii_case(host.as_bytes()) =>
+        {
+            Err("Host disagrees with the request target's authority")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)?
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -122,12 +144,12 @@ pub fn to_upstream<B>(req: &mut Request<B>, protocol: Protocol, upgrade: bool) {
     match protocol {
         Protocol::Http1 => {
             if req.uri().authority().is_some() {
+                // The target's authority is what routing used: the upstream
+                // gets it as its one `Host`.
                 let authority = req.uri().authority().map(|a| a.as_str().to_owned());
                 if let Some(a) = authority {
-                    if !req.headers().contains_key(header::HOST) {
-                        if let Ok(v) = HeaderValue::from_str(&a) {
-                            req.headers_mut().insert(header::HOST, v);
-                        }
+                    if let Ok(v) = HeaderValue::from_str(&a) {
+                        req.headers_mut().insert(header::HOST, v);
                     }
                 }
                 let path = req
@@ -268,6 +290,24 @@ mod tests {
         assert_eq!(req.uri(), "/x");
         assert_eq!(req.headers()["host"], "orders");
         assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn one_host_that_agrees_with_the_target() {
+        let req = |uri: &str, hosts: &[&str]| {
+            let mut b = Request::builder().uri(uri);
+            for h in hosts {
+                b = b.header("host", *h);
+            }
+            b.body(()).unwrap_or_default()
+        };
+        assert!(check_host(&req("/", &["a"])).is_ok());
+        assert!(check_host(&req("/", &[])).is_ok());
+        assert!(check_host(&req("http://a:80/", &["A:80"])).is_ok());
+        assert!(check_host(&req("http://a/", &[])).is_ok());
+        assert!(check_host(&req("/", &["a", "a"])).is_err());
+        assert!(check_host(&req("http://a/", &["b"])).is_err());
+        assert!(check_host(&req("http://a:81/", &["a"])).is_err());
     }
 
     #[test]

@@ -98,6 +98,13 @@ async fn serve(
     start: Instant,
     seen: &mut Observed,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    // One target host, or 400 (a request-smuggling and cache-poisoning
+    // vector otherwise: routing and the upstream could read two hosts).
+    if let Err(why) = headers::check_host(&req) {
+        shared.metrics.unroutable.inc();
+        return Ok(ErrorKind::BadRequest.response(why));
+    }
+
     // Route: the listener's bound service, or Host / :authority.
     let table = shared.table.load();
     let Some(on) = table.listener(listener) else {
