@@ -138,8 +138,10 @@ fn fully_populated() -> ProxyConfig {
         direction: _,
         tls,
         allow,
+        trust_routing_headers,
     } in listeners.iter_mut()
     {
+        trust_routing_headers.get_or_insert(false);
         service.get_or_insert_with(|| "orders".to_owned());
         *tls = true;
         if allow.is_empty() {
@@ -149,6 +151,9 @@ fn fully_populated() -> ProxyConfig {
     let Limits {
         max_header_bytes: _,
         header_timeout: _,
+        max_connections: _,
+        keep_alive_interval: _,
+        keep_alive_timeout: _,
     } = limits;
     assert!(!services.is_empty(), "examples/proxy.yaml has a service");
     for Service {

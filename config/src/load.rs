@@ -263,6 +263,18 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
     if config.workers == Some(0) {
         add("workers".into(), "must be 1 or more".into());
     }
+    if config.limits.max_connections == 0 {
+        add("limits.max_connections".into(), "must be 1 or more".into());
+    }
+    for (key, d) in [
+        ("keep_alive_interval", config.limits.keep_alive_interval),
+        ("keep_alive_timeout", config.limits.keep_alive_timeout),
+        ("header_timeout", config.limits.header_timeout),
+    ] {
+        if d.is_zero() {
+            add(format!("limits.{key}"), "must be more than 0".into());
+        }
+    }
     if config.limits.max_header_bytes < 8192 {
         add(
             "limits.max_header_bytes".into(),

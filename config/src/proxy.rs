@@ -113,6 +113,7 @@ fn default_listeners() -> Vec<Listener> {
         direction: Direction::Outbound,
         tls: false,
         allow: Vec::new(),
+        trust_routing_headers: None,
     }]
 }
 
@@ -137,6 +138,19 @@ pub struct Listener {
     /// `tls` listener; others get 403. Empty = every verified client.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// Act on client-sent `x-almond-*` headers (the `x-almond-subset` pin).
+    /// Omitted: trusted on outbound listeners bound to loopback (the local
+    /// app), not elsewhere; untrusted ones are removed before routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_routing_headers: Option<bool>,
+}
+
+impl Listener {
+    /// Whether client-sent `x-almond-*` headers are acted on here.
+    pub fn trusts_routing_headers(&self) -> bool {
+        self.trust_routing_headers
+            .unwrap_or(self.direction == Direction::Outbound && self.bind.ip().is_loopback())
+    }
 }
 
 /// Which way traffic flows through a listener, as a metric label.
@@ -167,9 +181,21 @@ pub struct Limits {
     /// Largest request head (request line and headers); larger gets 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
-    /// Time a client has to send a complete request head.
+    /// Time a client has to send a complete request head; also how long
+    /// an idle HTTP/1.1 keep-alive connection is kept.
     #[serde(default = "default_header_timeout", with = "crate::duration")]
     pub header_timeout: Duration,
+    /// Open client connections per listener; more are accepted and closed
+    /// at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// HTTP/2 client connections: a PING after this long without frames;
+    /// no answer within `keep_alive_timeout` closes the connection.
+    #[serde(default = "default_keep_alive_interval", with = "crate::duration")]
+    pub keep_alive_interval: Duration,
+    /// Time an HTTP/2 PING has to be answered.
+    #[serde(default = "default_keep_alive_timeout", with = "crate::duration")]
+    pub keep_alive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -177,8 +203,20 @@ impl Default for Limits {
         Limits {
             max_header_bytes: default_max_header_bytes(),
             header_timeout: default_header_timeout(),
+            max_connections: default_max_connections(),
+            keep_alive_interval: default_keep_alive_interval(),
+            keep_alive_timeout: default_keep_alive_timeout(),
         }
     }
+}
+fn default_max_connections() -> u32 {
+    10_000
+}
+fn default_keep_alive_interval() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_keep_alive_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_max_header_bytes() -> usize {
     64 * 1024

@@ -47,6 +47,9 @@ pub struct Api {
     pub live_slots: tokio::sync::Semaphore,
 }
 
+/// Time a client has to send a request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Live measurements at once (`Api::live_slots`).
 pub const LIVE_AT_ONCE: usize = 4;
 
@@ -70,7 +73,12 @@ pub async fn serve(api: Arc<Api>, listener: TcpListener, mut stop: watch::Receiv
         let mut closing = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| respond(api.clone(), req, stop.clone()));
+            // A client has HEADER_TIMEOUT to send a request head (and an
+            // idle keep-alive connection is kept that long); a long-poll in
+            // progress is not bounded by it.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             // On stop, answer the request in hand (a long-poll returns at

@@ -15,6 +15,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// Time an admin client has to send a request head (and an idle
+/// keep-alive connection is kept).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves admin requests until `stop` changes.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     loop {
@@ -22,7 +26,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
+                    // Out of file descriptors and the like: back off, or
+                    // this loop would spin on the error.
                     tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -32,6 +39,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
         tokio::spawn(async move {
             let svc = service_fn(move |req| respond(shared.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

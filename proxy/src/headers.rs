@@ -43,6 +43,38 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
     }
 }
 
+/// Removes every client-sent `x-almond-*` header (a listener that does not
+/// trust them: a pin or a forged error header from the network).
+pub fn strip_almond_headers(headers: &mut HeaderMap) {
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-almond-"))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
+}
+
+/// Appends the peer's address to `X-Forwarded-For` and sets
+/// `X-Forwarded-Proto` (inbound listeners: the service learns who called).
+pub fn add_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, proto: &'static str) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let peer = peer.to_string();
+    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        // One header line, whatever the client sent.
+        headers.insert(xff, v);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
+}
+
 /// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)?
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11

@@ -46,7 +46,9 @@ pub fn http_builder(limits: &almond_config::Limits) -> auto::Builder<TokioExecut
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(limits.keep_alive_interval)
+        .keep_alive_timeout(limits.keep_alive_timeout);
     builder
 }
 
@@ -60,6 +62,8 @@ pub async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     graceful: Arc<GracefulShutdown>,
 ) {
+    let max = shared.table.load().config.limits.max_connections;
+    let open = Arc::new(std::sync::atomic::AtomicU32::new(0));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -73,30 +77,60 @@ pub async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
+        // Over `max_connections`: closed at once (the client sees a reset or
+        // EOF, not a hang), counted.
+        let Some(slot) = ConnSlot::take(&open, max) else {
+            shared.metrics.connections_refused.inc();
+            tracing::debug!(%peer, max, "max_connections reached: connection closed");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        if let Some(inbound) = &tls {
+        if let Some(inbound) = tls.clone() {
             // The handshake runs in the connection's own task.
             let watcher = graceful.watcher();
-            tokio::spawn(serve_tls(
-                shared,
-                index,
-                inbound.clone(),
-                stream,
-                peer,
-                watcher,
-            ));
+            tokio::spawn(async move {
+                serve_tls(shared, index, inbound, stream, peer, watcher).await;
+                drop(slot);
+            });
             continue;
         }
         let builder = shared.http.clone();
-        let svc = service_fn(move |req| serve::handle(shared.clone(), index, req));
+        let svc = service_fn(move |req| serve::handle(shared.clone(), index, peer, req));
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "downstream connection ended");
             }
+            drop(slot);
         });
+    }
+}
+
+/// One of a listener's `max_connections` places, given back when dropped.
+struct ConnSlot(Arc<std::sync::atomic::AtomicU32>);
+
+impl ConnSlot {
+    fn take(open: &Arc<std::sync::atomic::AtomicU32>, max: u32) -> Option<ConnSlot> {
+        use std::sync::atomic::Ordering;
+        let mut now = open.load(Ordering::Relaxed);
+        loop {
+            if now >= max {
+                return None;
+            }
+            match open.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(ConnSlot(open.clone())),
+                Err(seen) => now = seen,
+            }
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -148,7 +182,7 @@ async fn serve_tls(
                 shared.metrics.tls_denied.inc();
                 return Ok(ErrorKind::Forbidden.response(&identity));
             }
-            serve::handle(shared, index, req).await
+            serve::handle(shared, index, peer, req).await
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);

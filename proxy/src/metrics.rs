@@ -42,6 +42,9 @@ pub struct Metrics {
     /// Requests on `tls` listeners answered 403: the client's identity is
     /// not in `allow` (no labels: identities are not bounded).
     pub tls_denied: IntCounter,
+    /// Client connections closed at accept: the listener had
+    /// `limits.max_connections` open.
+    pub connections_refused: IntCounter,
     /// Inbound TLS handshakes that failed or timed out (no certificate, an
     /// untrusted or expired one, plain HTTP on a TLS port).
     pub tls_handshake_failures: IntCounter,
@@ -182,6 +185,11 @@ impl Metrics {
         )?;
         registry.register(Box::new(tls_denied.clone()))?;
         registry.register(Box::new(tls_handshake_failures.clone()))?;
+        let connections_refused = IntCounter::new(
+            "almond_connections_refused_total",
+            "Client connections closed at accept: the listener was at limits.max_connections.",
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
         registry.register(Box::new(trace_spans_dropped.clone()))?;
         registry.register(Box::new(trace_spans_exported.clone()))?;
@@ -209,6 +217,7 @@ impl Metrics {
             unroutable,
             tls_denied,
             tls_handshake_failures,
+            connections_refused,
             config_index,
             control_connected,
         })

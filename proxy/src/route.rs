@@ -44,6 +44,11 @@ pub struct ListenerRoute {
     pub direction: Direction,
     /// `Some`: everything goes to this service; `None`: route by host.
     pub service: Option<Box<str>>,
+    /// Client-sent `x-almond-*` headers are acted on (else removed).
+    pub trust_routing_headers: bool,
+    /// Inbound listeners: the `X-Forwarded-Proto` they set (`http`,
+    /// `https`), with the peer appended to `X-Forwarded-For`.
+    pub forwarded_proto: Option<&'static str>,
 }
 
 /// One service, ready to serve requests.
@@ -142,6 +147,12 @@ impl Table {
             .map(|l| ListenerRoute {
                 direction: l.direction,
                 service: l.service.as_deref().map(Box::from),
+                trust_routing_headers: l.trusts_routing_headers(),
+                forwarded_proto: (l.direction == Direction::Inbound).then_some(if l.tls {
+                    "https"
+                } else {
+                    "http"
+                }),
             })
             .collect();
         Table {

@@ -22,6 +22,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::Instant;
@@ -32,6 +33,7 @@ use tracing::Instrument;
 pub async fn handle(
     shared: Arc<Shared>,
     listener: usize,
+    peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
@@ -46,7 +48,7 @@ pub async fn handle(
     let mut seen = Observed::default();
     // Logs: the request's debug lines carry its ID (a disabled span is free).
     let span = tracing::debug_span!("request", request_id = trace.request_id.to_str().ok());
-    let Ok(mut resp) = serve(&shared, listener, req, start, &mut seen)
+    let Ok(mut resp) = serve(&shared, listener, peer, req, start, &mut seen)
         .instrument(span)
         .await;
     trace.on_response(resp.headers_mut());
@@ -94,6 +96,7 @@ pub async fn handle(
 async fn serve(
     shared: &Shared,
     listener: usize,
+    peer: SocketAddr,
     mut req: Request<Incoming>,
     start: Instant,
     seen: &mut Observed,
@@ -115,6 +118,12 @@ async fn serve(
         Direction::Inbound => 1,
     };
     seen.direction = on.direction;
+    if !on.trust_routing_headers {
+        headers::strip_almond_headers(req.headers_mut());
+    }
+    if let Some(proto) = on.forwarded_proto {
+        headers::add_forwarded(req.headers_mut(), peer.ip(), proto);
+    }
     let svc = match table.service(on, &req) {
         Ok(svc) => svc.clone(),
         Err((kind, detail)) => {

@@ -615,6 +615,8 @@ impl ServiceYaml {
 #[derive(Default)]
 pub struct ProxyYaml {
     listeners: Vec<Option<String>>,
+    /// Listeners given whole, as YAML flow mappings (after `listeners`).
+    raw_listeners: Vec<String>,
     services: Vec<ServiceYaml>,
     top: Vec<String>,
 }
@@ -634,6 +636,13 @@ impl ProxyYaml {
     /// A listener bound to one service.
     pub fn bound_to(mut self, service: &str) -> Self {
         self.listeners.push(Some(service.to_owned()));
+        self
+    }
+
+    /// A listener given whole, as a YAML flow mapping (`{ bind: ..., ... }`);
+    /// it comes after those of `by_host` and `bound_to`.
+    pub fn listener(mut self, flow: &str) -> Self {
+        self.raw_listeners.push(flow.to_owned());
         self
     }
 
@@ -662,6 +671,9 @@ impl ProxyYaml {
             if let Some(svc) = l {
                 out.push_str(&format!("    service: {svc}\n"));
             }
+        }
+        for l in &self.raw_listeners {
+            out.push_str(&format!("  - {l}\n"));
         }
         out.push_str("services:\n");
         for s in &self.services {

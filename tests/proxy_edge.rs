@@ -1,0 +1,205 @@
+//! End to end: the client edge. Who the service is told called it
+//! (`X-Forwarded-*` on inbound listeners), which client headers steer
+//! routing (`x-almond-*` only where trusted), and the bounds on client
+//! connections (`limits.max_connections`, idle keep-alive, the admin
+//! listener's header timeout). Real sockets, real proxy, real backend.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Request, StatusCode};
+use std::time::Duration;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the peer closes (EOF or reset); `None` if it is still open
+/// after `wait`.
+async fn closed_within(stream: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.ok().map(|()| got)
+}
+
+#[tokio::test]
+async fn inbound_listeners_forward_the_peer_and_ignore_routing_headers() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .listener("{ bind: 127.0.0.1:0, service: svc, direction: inbound }")
+        .listener("{ bind: 127.0.0.1:0 }")
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let (inbound, outbound) = (proxy.listeners[0], proxy.listeners[1]);
+
+    // Inbound: the peer is appended, the proto set; a forged pin and a
+    // forged error header do not reach routing or the service.
+    let mut client = H1::connect(inbound).await;
+    let req = Request::builder()
+        .uri("/who")
+        .header("host", "svc")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .header("x-almond-subset", "nosuch")
+        .header("x-almond-error", "forged")
+        .body(empty())
+        .unwrap();
+    let reply = client.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let seen = backend.last();
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert!(
+        seen.headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-almond-")),
+        "{seen:?}"
+    );
+
+    // Outbound on loopback (the local app): the pin is acted on, and
+    // nothing is added.
+    let mut client = H1::connect(outbound).await;
+    let req = Request::builder()
+        .uri("/pinned")
+        .header("host", "svc")
+        .header("x-almond-subset", "nosuch")
+        .body(empty())
+        .unwrap();
+    let reply = client.request(req).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.header("x-almond-error"), Some("unknown-subset"));
+    let reply = client.get("svc", "/plain").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(backend.last().headers.get("x-forwarded-for").is_none());
+}
+
+#[tokio::test]
+async fn trust_routing_headers_can_be_set_per_listener() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .listener("{ bind: 127.0.0.1:0, trust_routing_headers: false }")
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    let req = Request::builder()
+        .uri("/")
+        .header("host", "svc")
+        .header("x-almond-subset", "nosuch")
+        .body(empty())
+        .unwrap();
+    assert_eq!(client.request(req).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_are_closed_and_counted() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { max_connections: 3 }")
+        .by_host()
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = H1::connect(proxy.addr()).await;
+        assert_eq!(c.get("svc", "/").await.status, StatusCode::OK);
+        held.push(c);
+    }
+    // The fourth is accepted and closed at once, answered nothing.
+    let mut fourth = TcpStream::connect(proxy.addr()).await.unwrap();
+    let _ = fourth
+        .write_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+        .await;
+    let got = closed_within(&mut fourth, Duration::from_secs(5)).await;
+    assert_eq!(got.as_deref(), Some(&b""[..]), "closed without an answer");
+    let metrics = proxy.admin_get("/metrics").await.text();
+    assert_eq!(
+        metric(&metrics, "almond_connections_refused_total", &[]),
+        1.0
+    );
+
+    // One closes: a new connection gets its place.
+    drop(held.pop());
+    eventually("a place is free again", || async {
+        let answer = raw(
+            proxy.addr(),
+            b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        answer.starts_with("HTTP/1.1 200 ")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_header_timeout() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { header_timeout: 300ms }")
+        .by_host()
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+        .await
+        .unwrap();
+    let got = closed_within(&mut stream, Duration::from_secs(5)).await;
+    let got = String::from_utf8_lossy(got.as_deref().expect("closed while idle"));
+    assert!(
+        got.starts_with("HTTP/1.1 200 "),
+        "answered, then closed: {got}"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_listener_closes_a_slow_request_head() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(proxy.admin).await.unwrap();
+    // Half a head, never finished (slowloris): closed after 10 s.
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let got = closed_within(&mut stream, Duration::from_secs(20)).await;
+    assert!(
+        got.is_some(),
+        "the admin connection is still open after 20 s"
+    );
+    // And the admin listener still answers.
+    assert_eq!(proxy.admin_get("/live").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn limit_mistakes_name_the_key() {
+    for (limits, key) in [
+        ("{ max_connections: 0 }", "limits.max_connections"),
+        ("{ keep_alive_interval: 0s }", "limits.keep_alive_interval"),
+    ] {
+        let yaml = ProxyYaml::new()
+            .top(&format!("limits: {limits}"))
+            .by_host()
+            .service(ServiceYaml::new("svc").at(closed_port().await))
+            .build();
+        let err = almond_config::load_proxy(&yaml, "test")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{limits}: {err}");
+    }
+}
