@@ -154,6 +154,7 @@ fn fully_populated() -> ProxyConfig {
         max_connections: _,
         keep_alive_interval: _,
         keep_alive_timeout: _,
+        body_idle: _,
     } = limits;
     assert!(!services.is_empty(), "examples/proxy.yaml has a service");
     for Service {
@@ -196,9 +197,11 @@ fn fully_populated() -> ProxyConfig {
             connect: _,
             request: _,
             idle,
+            body_idle,
         } = timeouts;
         // Serialized only when not the default.
         *idle = Duration::from_secs(30);
+        *body_idle = Duration::from_secs(30);
         let CircuitBreaker {
             consecutive_failures: _,
             base_ejection: _,

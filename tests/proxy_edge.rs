@@ -203,3 +203,81 @@ async fn limit_mistakes_name_the_key() {
         assert!(err.contains(key), "{limits}: {err}");
     }
 }
+
+/// A client that stops sending its request body: 408 after
+/// `limits.body_idle`, whether the body was being kept for retries (small,
+/// with a length) or streamed (chunked).
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { body_idle: 300ms }")
+        .by_host()
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    for head in [
+        &b"POST /kept HTTP/1.1\r\nHost: svc\r\nContent-Length: 100\r\n\r\n0123456789"[..],
+        &b"POST /streamed HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n"[..],
+    ] {
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        stream.write_all(head).await.unwrap();
+        let mut got = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut got))
+            .await
+            .expect("answered before 5 s")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&got[..n]);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(answer.contains("x-almond-error: client-timeout"), "{answer}");
+    }
+}
+
+/// An upstream that sends headers and part of a body, then nothing: the
+/// response is ended after `timeouts.body_idle` and counted as a timeout.
+#[tokio::test]
+async fn a_stalled_response_body_is_ended_and_counted() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("svc")
+                .at(addr)
+                .set("timeouts", "{ body_idle: 300ms }"),
+        )
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+        .await
+        .unwrap();
+    let got = closed_within(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("the stalled response was ended");
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert!(
+        got.ends_with("0123456789"),
+        "only what the upstream sent: {got}"
+    );
+    let metrics = proxy.admin_get("/metrics").await.text();
+    let labels = [("service", "svc"), ("kind", "timeout")];
+    assert_eq!(
+        metric(&metrics, "almond_upstream_errors_total", &labels),
+        1.0
+    );
+}

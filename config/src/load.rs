@@ -270,6 +270,7 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
         ("keep_alive_interval", config.limits.keep_alive_interval),
         ("keep_alive_timeout", config.limits.keep_alive_timeout),
         ("header_timeout", config.limits.header_timeout),
+        ("body_idle", config.limits.body_idle),
     ] {
         if d.is_zero() {
             add(format!("limits.{key}"), "must be more than 0".into());
@@ -437,6 +438,9 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
     }
     if svc.timeouts.idle.is_zero() {
         out.push((".timeouts.idle".into(), "must be more than 0".into()));
+    }
+    if svc.timeouts.body_idle.is_zero() {
+        out.push((".timeouts.body_idle".into(), "must be more than 0".into()));
     }
     if let Some(hc) = &svc.health_check {
         if hc.interval < std::time::Duration::from_millis(10) {

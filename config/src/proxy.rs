@@ -196,6 +196,10 @@ pub struct Limits {
     /// Time an HTTP/2 PING has to be answered.
     #[serde(default = "default_keep_alive_timeout", with = "crate::duration")]
     pub keep_alive_timeout: Duration,
+    /// A client that sends no byte of its request body for this long has
+    /// the request ended (408 when no response has started).
+    #[serde(default = "default_body_idle", with = "crate::duration")]
+    pub body_idle: Duration,
 }
 
 impl Default for Limits {
@@ -206,8 +210,12 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             keep_alive_interval: default_keep_alive_interval(),
             keep_alive_timeout: default_keep_alive_timeout(),
+            body_idle: default_body_idle(),
         }
     }
+}
+fn default_body_idle() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_max_connections() -> u32 {
     10_000
@@ -327,6 +335,14 @@ pub struct Timeouts {
         skip_serializing_if = "is_default_idle"
     )]
     pub idle: Duration,
+    /// An upstream that sends no byte of its response body for this long
+    /// has the response ended (a reset downstream, counted as a timeout).
+    #[serde(
+        default = "default_body_idle",
+        with = "crate::duration",
+        skip_serializing_if = "is_default_body_idle"
+    )]
+    pub body_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -335,11 +351,15 @@ impl Default for Timeouts {
             connect: default_connect(),
             request: default_request(),
             idle: default_idle(),
+            body_idle: default_body_idle(),
         }
     }
 }
 fn default_idle() -> Duration {
     Duration::from_secs(60)
+}
+fn is_default_body_idle(idle: &Duration) -> bool {
+    *idle == default_body_idle()
 }
 fn is_default_idle(idle: &Duration) -> bool {
     *idle == default_idle()

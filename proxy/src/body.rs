@@ -1,4 +1,5 @@
-//! Bodies on both sides of the proxy; they stream, never buffer whole.
+//! Bodies on both sides of the proxy; they stream, never buffer whole,
+//! and a side that stops sending for the idle timeout ends its stream.
 //!
 //! [`ResponseBody`] carries the request's [`Finish`](crate::send::Finish) guard to the end of the
 //! response stream: dropping it ends the in-flight accounting and, for
@@ -7,42 +8,136 @@
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use prometheus::IntCounter;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// Why a streamed body ended early.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The peer's connection or stream failed.
+    Hyper(hyper::Error),
+    /// No byte arrived for this long.
+    Idle(Duration),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Hyper(e) => e.fmt(f),
+            BodyError::Idle(d) => write!(f, "no body bytes for {d:?}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::Hyper(e) => Some(e),
+            BodyError::Idle(_) => None,
+        }
+    }
+}
+
+/// A streamed body's idle timer: armed the first time the stream has
+/// nothing to give, and pushed on by every frame after that (one clock
+/// read per frame, only once armed).
+pub struct IdleTimer {
+    limit: Duration,
+    /// The timer, and when the last frame came (set when armed).
+    sleep: Option<(Pin<Box<Sleep>>, Instant)>,
+}
+
+impl IdleTimer {
+    /// A timer that fires after `limit` without a frame.
+    pub fn new(limit: Duration) -> IdleTimer {
+        IdleTimer { limit, sleep: None }
+    }
+
+    /// A frame arrived.
+    #[inline]
+    fn progress(&mut self) {
+        if let Some((_, last)) = &mut self.sleep {
+            *last = Instant::now();
+        }
+    }
+
+    /// The stream is pending: has it been idle for `limit`? (Registers
+    /// the waker to be told when it will have been.)
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let (sleep, last) = self
+            .sleep
+            .get_or_insert_with(|| (Box::pin(tokio::time::sleep(limit)), Instant::now()));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let due = *last + limit;
+            if Instant::now() >= due {
+                return true;
+            }
+            sleep.as_mut().reset(due);
+        }
+    }
+}
+
+/// Polls `body` under `timer`: a frame pushes the timer on, and a pending
+/// stream past its idle limit ends with [`BodyError::Idle`].
+fn poll_timed(
+    body: &mut Incoming,
+    timer: &mut IdleTimer,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    match Pin::new(body).poll_frame(cx) {
+        Poll::Ready(Some(Ok(frame))) => {
+            timer.progress();
+            Poll::Ready(Some(Ok(frame)))
+        }
+        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Hyper(e)))),
+        Poll::Ready(None) => Poll::Ready(None),
+        Poll::Pending if timer.expired(cx) => Poll::Ready(Some(Err(BodyError::Idle(timer.limit)))),
+        Poll::Pending => Poll::Pending,
+    }
+}
 
 /// What the proxy sends upstream: the client's body as it arrives, or a
 /// copy kept for replay (retries).
 pub enum RequestBody {
-    /// Streamed from the client; cannot be sent twice.
-    Stream(Incoming),
+    /// Streamed from the client (ended if idle for `limits.body_idle`);
+    /// cannot be sent twice.
+    Stream(Incoming, IdleTimer),
     /// Held whole (small bodies, when retries are on); `None` once sent.
     Replay(Option<Bytes>),
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            RequestBody::Stream(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Stream(body, timer) => poll_timed(body, timer, cx),
             RequestBody::Replay(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream(body) => body.is_end_stream(),
+            RequestBody::Stream(body, _) => body.is_end_stream(),
             RequestBody::Replay(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Stream(body) => body.size_hint(),
+            RequestBody::Stream(body, _) => body.size_hint(),
             RequestBody::Replay(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             RequestBody::Replay(None) => SizeHint::with_exact(0),
         }
@@ -59,8 +154,10 @@ pub struct ResponseBody {
 enum Kind {
     /// A body made by the proxy (errors, admin pages).
     Full(Option<Bytes>),
-    /// The upstream's body, streamed through.
-    Upstream(Incoming),
+    /// The upstream's body, streamed through; an upstream idle for
+    /// `timeouts.body_idle` ends it, counted in `timeouts`
+    /// (`almond_upstream_errors_total{kind="timeout"}`).
+    Upstream(Incoming, IdleTimer, IntCounter),
 }
 
 impl ResponseBody {
@@ -81,10 +178,17 @@ impl ResponseBody {
         }
     }
 
-    /// The upstream's body; `finish` runs when it ends or is dropped.
-    pub fn upstream(body: Incoming, finish: crate::send::Finish) -> ResponseBody {
+    /// The upstream's body; `finish` runs when it ends or is dropped. It
+    /// ends with an error after `idle` without a byte, counted in
+    /// `timeouts`.
+    pub fn upstream(
+        body: Incoming,
+        finish: crate::send::Finish,
+        idle: Duration,
+        timeouts: IntCounter,
+    ) -> ResponseBody {
         let mut body = ResponseBody {
-            kind: Kind::Upstream(body),
+            kind: Kind::Upstream(body, IdleTimer::new(idle), timeouts),
             finish: Some(finish),
         };
         body.finish_if_done();
@@ -102,16 +206,23 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Upstream(body, timer, timeouts) => {
+                let polled = poll_timed(body, timer, cx);
+                if let Poll::Ready(Some(Err(BodyError::Idle(_)))) = &polled {
+                    timeouts.inc();
+                    tracing::debug!("upstream response body idle: stream ended");
+                }
+                polled
+            }
         };
         match &polled {
             Poll::Ready(None) => {
@@ -133,7 +244,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
-            Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Upstream(body, ..) => body.is_end_stream(),
         }
     }
 
@@ -141,7 +252,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(body) => body.size_hint(),
+            Kind::Upstream(body, ..) => body.size_hint(),
         }
     }
 }

@@ -71,6 +71,12 @@ impl SubsetMetrics {
         self.duration.observe(seconds);
     }
 
+    /// The counter of `kind="timeout"` upstream errors (for a response
+    /// body that stalls after its headers were counted).
+    pub fn timeouts(&self) -> IntCounter {
+        self.errors[1].clone()
+    }
+
     /// Counts an upstream error by kind (only the kinds of CONTRACT.md).
     #[inline]
     pub fn upstream_error(&self, kind: ErrorKind) {

@@ -88,6 +88,8 @@ pub enum ErrorKind {
     Timeout,
     /// The connection or stream broke before a response.
     Reset,
+    /// The client sent no byte of its request body for `limits.body_idle`.
+    ClientTimeout,
     /// The service is at its concurrency limit.
     Overloaded,
     /// The chosen subset has no endpoint to send to.
@@ -146,6 +148,7 @@ impl ErrorKind {
             }
             ErrorKind::UnknownService => StatusCode::NOT_FOUND,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         }
     }
@@ -157,6 +160,7 @@ impl ErrorKind {
             ErrorKind::ConnectTimeout => "connect-timeout",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Reset => "reset",
+            ErrorKind::ClientTimeout => "client-timeout",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::NoEndpoints => "no-endpoints",
             ErrorKind::UnknownService => "unknown-service",
@@ -174,6 +178,9 @@ impl ErrorKind {
             ErrorKind::ConnectTimeout => format!("almond: connect to {detail} timed out\n"),
             ErrorKind::Timeout => format!("almond: {detail} did not answer in time\n"),
             ErrorKind::Reset => format!("almond: connection to {detail} was reset\n"),
+            ErrorKind::ClientTimeout => {
+                format!("almond: the request body for {detail} stopped arriving\n")
+            }
             ErrorKind::Overloaded => format!("almond: {detail} is at its concurrency limit\n"),
             ErrorKind::NoEndpoints => format!("almond: no endpoints available for {detail}\n"),
             ErrorKind::UnknownService => format!("almond: unknown service {detail:?}\n"),

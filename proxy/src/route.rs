@@ -63,6 +63,8 @@ pub struct ServiceRoute {
     pub request_timeout: Duration,
     /// Idle pooled HTTP/1.1 connections are closed after this long.
     pub idle_timeout: Duration,
+    /// A response body with no byte for this long is ended.
+    pub body_idle: Duration,
     /// What, besides the address, makes a connection to an endpoint of this
     /// service: the TLS server name, `None` for plaintext. Endpoint state
     /// (and so its pooled connections) is shared only under the same key.
@@ -349,6 +351,7 @@ impl ServiceRoute {
             connect_timeout: svc.timeouts.connect,
             request_timeout: svc.timeouts.request,
             idle_timeout: svc.timeouts.idle,
+            body_idle: svc.timeouts.body_idle,
             conn_key,
             subsets,
             all,

@@ -5,7 +5,7 @@
 //! -> measure. Connections are accepted in `listen`.
 
 use crate::access_log::{self, Entry, Observed};
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{IdleTimer, RequestBody, ResponseBody};
 use crate::headers;
 use crate::otlp::Finished;
 use crate::outcome::{self, CodeClass, ErrorKind};
@@ -131,6 +131,7 @@ async fn serve(
             return Ok(kind.response(&detail));
         }
     };
+    let body_idle = table.config.limits.body_idle;
     drop(table);
     seen.service = Some(svc.name.clone());
 
@@ -158,7 +159,7 @@ async fn serve(
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     headers::to_upstream(&mut req, svc.protocol, upgrade);
     let deadline = start + svc.request_timeout;
-    let (mut next, replay) = match replayable(req, &svc.retry, upgrade, deadline).await {
+    let (mut next, replay) = match replayable(req, &svc.retry, upgrade, deadline, body_idle).await {
         Ok(prepared) => prepared,
         Err(kind) => return Ok(kind.response(&svc.name)),
     };
@@ -273,7 +274,8 @@ async fn serve(
                 metrics.record(CodeClass::of(resp.status()), elapsed);
                 headers::from_upstream(&mut resp);
                 let finish = Finish::new(admitted, in_flight).with_h1(h1);
-                resp.map(|body| ResponseBody::upstream(body, finish))
+                let timeouts = metrics.timeouts();
+                resp.map(|body| ResponseBody::upstream(body, finish, svc.body_idle, timeouts))
             }
             (None, Err(kind)) => {
                 metrics.upstream_error(kind);
@@ -315,6 +317,7 @@ async fn replayable(
     policy: &RetryPolicy,
     upgrade: bool,
     deadline: Instant,
+    body_idle: std::time::Duration,
 ) -> Result<(Option<Request<RequestBody>>, Option<Replay>), ErrorKind> {
     let fits = req
         .body()
@@ -322,14 +325,17 @@ async fn replayable(
         .upper()
         .is_some_and(|n| n <= policy.max_body_bytes as u64);
     if !policy.enabled() || upgrade || !fits {
-        return Ok((Some(req.map(RequestBody::Stream)), None));
+        let stream = |body| RequestBody::Stream(body, IdleTimer::new(body_idle));
+        return Ok((Some(req.map(stream)), None));
     }
     let (parts, body) = req.into_parts();
     let body = if body.is_end_stream() {
         Bytes::new()
     } else {
+        let body = RequestBody::Stream(body, IdleTimer::new(body_idle));
         match tokio::time::timeout_at(deadline, body.collect()).await {
             Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(crate::body::BodyError::Idle(_))) => return Err(ErrorKind::ClientTimeout),
             Ok(Err(_)) => return Err(ErrorKind::BadRequest),
             Err(_) => return Err(ErrorKind::Timeout),
         }

@@ -480,8 +480,16 @@ fn closed_before_answer(e: &hyper::Error) -> bool {
     })
 }
 
-/// A hyper error on an established connection: it broke before a response.
+/// A hyper error on an established connection: it broke before a response,
+/// or the client's request body stalled (`limits.body_idle`).
 fn classify(e: &hyper::Error) -> ErrorKind {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(crate::body::BodyError::Idle(_)) = c.downcast_ref() {
+            return ErrorKind::ClientTimeout;
+        }
+        cause = c.source();
+    }
     if e.is_timeout() {
         ErrorKind::Timeout
     } else {
