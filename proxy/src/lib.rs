@@ -36,6 +36,9 @@ pub mod tls;
 pub mod trace;
 pub mod upstream;
 
+#[cfg(test)]
+mod props;
+
 use almond_config::ProxyConfig;
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioExecutor;
