@@ -155,6 +155,7 @@ fn fully_populated() -> ProxyConfig {
         keep_alive_interval: _,
         keep_alive_timeout: _,
         body_idle: _,
+        idle_timeout: _,
     } = limits;
     assert!(!services.is_empty(), "examples/proxy.yaml has a service");
     for Service {

@@ -281,3 +281,76 @@ async fn a_stalled_response_body_is_ended_and_counted() {
         1.0
     );
 }
+
+/// An upstream that answers every request with headers at once, then ten
+/// body chunks 150 ms apart (1.5 s in all).
+async fn slow_streamer() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
+                    .await;
+                for digit in b"0123456789" {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    let _ = s.write_all(&[*digit]).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// HTTP/2 client connections: one with no stream for `idle_timeout` is
+/// closed (GOAWAY) even though keep-alive PINGs flow on it; one with a
+/// response still streaming is not, however long that takes.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_busy_ones_are_not() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let upstream = slow_streamer().await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { idle_timeout: 500ms, keep_alive_interval: 100ms }")
+        .by_host()
+        .service(ServiceYaml::new("svc").at(upstream))
+        .start()
+        .await;
+    let stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = conn.await;
+        let _ = closed_tx.send(tokio::time::Instant::now());
+    });
+
+    // Busy: the body takes 1.5 s, three times the idle timeout; it all
+    // arrives.
+    let req = Request::builder()
+        .uri("http://svc/slow")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"0123456789");
+    let done = tokio::time::Instant::now();
+
+    // Idle: closed by the proxy about `idle_timeout` after the last stream
+    // ended, PINGs notwithstanding.
+    let closed = tokio::time::timeout(Duration::from_secs(5), closed_rx)
+        .await
+        .expect("the idle connection was closed")
+        .unwrap();
+    let after = closed.duration_since(done);
+    assert!(
+        after >= Duration::from_millis(300),
+        "closed {after:?} after the last stream: too early"
+    );
+}

@@ -271,6 +271,7 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
         ("keep_alive_timeout", config.limits.keep_alive_timeout),
         ("header_timeout", config.limits.header_timeout),
         ("body_idle", config.limits.body_idle),
+        ("idle_timeout", config.limits.idle_timeout),
     ] {
         if d.is_zero() {
             add(format!("limits.{key}"), "must be more than 0".into());

@@ -200,6 +200,10 @@ pub struct Limits {
     /// the request ended (408 when no response has started).
     #[serde(default = "default_body_idle", with = "crate::duration")]
     pub body_idle: Duration,
+    /// A client connection with no request in progress for this long is
+    /// closed gracefully (HTTP/2: GOAWAY), whatever PINGs keep it alive.
+    #[serde(default = "default_idle_timeout", with = "crate::duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -211,8 +215,12 @@ impl Default for Limits {
             keep_alive_interval: default_keep_alive_interval(),
             keep_alive_timeout: default_keep_alive_timeout(),
             body_idle: default_body_idle(),
+            idle_timeout: default_idle_timeout(),
         }
     }
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_body_idle() -> Duration {
     Duration::from_secs(60)

@@ -55,22 +55,11 @@ pub const LIVE_AT_ONCE: usize = 4;
 
 /// Serves the API until `stop` changes.
 pub async fn serve(api: Arc<Api>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let closing = stop.clone();
+    almond_net::accept_until("control", &listener, &mut stop, |stream, _| {
         let api = api.clone();
-        let stop = stop.clone();
-        let mut closing = stop.clone();
+        let stop = closing.clone();
+        let mut closing = closing.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| respond(api.clone(), req, stop.clone()));
             // A client has HEADER_TIMEOUT to send a request head (and an
@@ -93,7 +82,8 @@ pub async fn serve(api: Arc<Api>, listener: TcpListener, mut stop: watch::Receiv
                 }
             }
         });
-    }
+    })
+    .await;
 }
 
 async fn respond(

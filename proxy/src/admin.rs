@@ -21,20 +21,7 @@ const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves admin requests until `stop` changes.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, or
-                    // this loop would spin on the error.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
+    almond_net::accept_until("admin", &listener, &mut stop, |stream, _| {
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| respond(shared.clone(), req));
@@ -44,7 +31,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
-    }
+    })
+    .await;
 }
 
 async fn respond(

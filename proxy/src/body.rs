@@ -149,6 +149,9 @@ pub struct ResponseBody {
     kind: Kind,
     /// Runs when the body is done or dropped.
     finish: Option<crate::send::Finish>,
+    /// Counts the request in progress on its downstream connection until
+    /// the body is dropped (`limits.idle_timeout`).
+    held: Option<crate::listen::InFlight>,
 }
 
 enum Kind {
@@ -167,6 +170,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             finish: None,
+            held: None,
         }
     }
 
@@ -175,6 +179,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full(None),
             finish: None,
+            held: None,
         }
     }
 
@@ -190,9 +195,17 @@ impl ResponseBody {
         let mut body = ResponseBody {
             kind: Kind::Upstream(body, IdleTimer::new(idle), timeouts),
             finish: Some(finish),
+            held: None,
         };
         body.finish_if_done();
         body
+    }
+
+    /// This body, keeping its request counted on the downstream connection
+    /// until it is dropped.
+    pub fn holding(mut self, held: crate::listen::InFlight) -> ResponseBody {
+        self.held = Some(held);
+        self
     }
 
     fn finish_if_done(&mut self) {

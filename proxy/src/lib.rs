@@ -43,7 +43,6 @@ use almond_config::ProxyConfig;
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use metrics::Metrics;
 use route::Table;
 use std::future::Future;
@@ -199,7 +198,7 @@ impl Proxy {
     pub async fn run(self, bound: Bound, shutdown: impl Future<Output = ()>) {
         let drain = self.shared.table.load().config.drain_timeout;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
+        let connections = tokio_util::task::TaskTracker::new();
         let mut tasks = Vec::new();
         let inbound = self.inbound_tls();
         for (index, listener) in bound.listeners.into_iter().enumerate() {
@@ -209,7 +208,7 @@ impl Proxy {
                 listener,
                 inbound.get(index).cloned().flatten(),
                 stop_rx.clone(),
-                graceful.clone(),
+                connections.clone(),
             )));
         }
         // Active health checks and idle-connection sweeps.
@@ -270,8 +269,9 @@ impl Proxy {
         for task in tasks {
             let _ = task.await;
         }
-        let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
-        match tokio::time::timeout(drain, graceful.shutdown()).await {
+        // Every connection was told to close after its request in progress.
+        connections.close();
+        match tokio::time::timeout(drain, connections.wait()).await {
             Ok(()) => tracing::info!("drained"),
             Err(_) => tracing::warn!("drain timeout: closing remaining connections"),
         }

@@ -1,37 +1,29 @@
-//! Listen: bind sockets (socket2: SO_REUSEPORT, TCP_NODELAY, backlog) and
-//! accept connections until shutdown, handing each to hyper.
+//! Listen: the proxy listeners' accept loop (`almond_net`), the cap on open
+//! connections, and each connection's life: hyper, closed when idle or told to.
 
+use crate::body::ResponseBody;
 use crate::outcome::ErrorKind;
 use crate::serve;
 use crate::tls;
 use crate::Shared;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use socket2::{Domain, Socket, Type};
-use std::io;
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
-/// Pending connections the kernel may queue per listener.
-const BACKLOG: i32 = 1024;
-
-/// Binds a listening socket the way a proxy should.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    // Lets a new proxy start beside the old one during an upgrade.
-    socket.set_reuse_port(true)?;
-    // Accepted sockets inherit it on Linux; set again on accept anyway.
-    socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
-}
+pub use almond_net::bind;
 
 /// The HTTP server settings every downstream connection uses.
 pub fn http_builder(limits: &almond_config::Limits) -> auto::Builder<TokioExecutor> {
@@ -52,69 +44,58 @@ pub fn http_builder(limits: &almond_config::Limits) -> auto::Builder<TokioExecut
     builder
 }
 
-/// Accepts on `listener` until `stop` changes, then lets open connections
-/// finish through `graceful`.
+/// Accepts on `listener` until `stop` changes; each connection's task is
+/// spawned on `connections`, which the drain waits for.
 pub async fn accept_loop(
     shared: Arc<Shared>,
     index: usize,
     listener: TcpListener,
     tls: Option<Arc<tls::Inbound>>,
     mut stop: watch::Receiver<bool>,
-    graceful: Arc<GracefulShutdown>,
+    connections: TaskTracker,
 ) {
-    let max = shared.table.load().config.limits.max_connections;
-    let open = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
+    let limits = shared.table.load().config.limits.clone();
+    let open = Arc::new(AtomicU32::new(0));
+    let closing = stop.clone();
+    almond_net::accept_until("proxy", &listener, &mut stop, |stream, peer| {
         // Over `max_connections`: closed at once (the client sees a reset or
         // EOF, not a hang), counted.
-        let Some(slot) = ConnSlot::take(&open, max) else {
+        let Some(slot) = ConnSlot::take(&open, limits.max_connections) else {
             shared.metrics.connections_refused.inc();
-            tracing::debug!(%peer, max, "max_connections reached: connection closed");
-            drop(stream);
-            continue;
+            tracing::debug!(%peer, max = limits.max_connections, "max_connections reached: connection closed");
+            return;
         };
-        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        if let Some(inbound) = tls.clone() {
+        let closing = closing.clone();
+        let idle = limits.idle_timeout;
+        match tls.clone() {
             // The handshake runs in the connection's own task.
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                serve_tls(shared, index, inbound, stream, peer, watcher).await;
+            Some(inbound) => connections.spawn(async move {
+                serve_tls(shared, index, inbound, stream, peer, closing, idle).await;
                 drop(slot);
-            });
-            continue;
-        }
-        let builder = shared.http.clone();
-        let svc = service_fn(move |req| serve::handle(shared.clone(), index, peer, req));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "downstream connection ended");
-            }
-            drop(slot);
-        });
-    }
+            }),
+            None => connections.spawn(async move {
+                let activity = Arc::new(Activity::new());
+                let builder = shared.http.clone();
+                let svc = counted(activity.clone(), move |req| {
+                    serve::handle(shared.clone(), index, peer, req)
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                if let Err(e) = drive(conn, closing, &activity, idle).await {
+                    tracing::debug!(%peer, error = %e, "downstream connection ended");
+                }
+                drop(slot);
+            }),
+        };
+    })
+    .await;
 }
 
 /// One of a listener's `max_connections` places, given back when dropped.
-struct ConnSlot(Arc<std::sync::atomic::AtomicU32>);
+struct ConnSlot(Arc<AtomicU32>);
 
 impl ConnSlot {
-    fn take(open: &Arc<std::sync::atomic::AtomicU32>, max: u32) -> Option<ConnSlot> {
-        use std::sync::atomic::Ordering;
+    fn take(open: &Arc<AtomicU32>, max: u32) -> Option<ConnSlot> {
         let mut now = open.load(Ordering::Relaxed);
         loop {
             if now >= max {
@@ -130,8 +111,133 @@ impl ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// A downstream connection's requests in progress and when the last one
+/// ended: what `limits.idle_timeout` is measured from.
+pub struct Activity {
+    born: Instant,
+    /// Requests whose response body is not done.
+    open: AtomicU32,
+    /// Milliseconds after `born` when a request last began or ended.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            born: Instant::now(),
+            open: AtomicU32::new(0),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection will have been idle for `idle`, if nothing
+    /// happens first; `None` when it is already.
+    fn idle_at(&self, idle: Duration) -> Option<Instant> {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Some(Instant::now() + idle);
+        }
+        let at = self.born + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle;
+        (at > Instant::now()).then_some(at)
+    }
+}
+
+/// Held by a response body: the request is in progress until it drops.
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.open.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// `handle` behind a service that counts each request in `activity` until
+/// its response body is done.
+fn counted<F, Fut>(
+    activity: Arc<Activity>,
+    handle: F,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ResponseBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+> + Clone
+       + Send
+       + 'static
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+{
+    service_fn(move |req| {
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        activity.touch();
+        let held = InFlight(activity.clone());
+        let answer = handle(req);
+        async move {
+            let resp = answer.await?;
+            Ok(resp.map(|body| body.holding(held)))
+        }
+    })
+}
+
+/// A hyper connection that can be asked to finish what it has and close
+/// (HTTP/2: GOAWAY; HTTP/1.1: after the response in progress).
+trait Closable: Future {
+    fn close(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Closable for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn close(self: Pin<&mut Self>) {
+        auto::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+/// Runs `conn` to its end; it is closed gracefully when the proxy stops
+/// (`stop` changes) or when it has had no request in progress for `idle`
+/// (`limits.idle_timeout`: an HTTP/2 connection kept alive by PINGs alone,
+/// an HTTP/1.1 one between requests, though `header_timeout` usually ends
+/// those first).
+async fn drive<C: Closable>(
+    conn: C,
+    mut stop: watch::Receiver<bool>,
+    activity: &Activity,
+    idle: Duration,
+) -> C::Output {
+    tokio::pin!(conn);
+    let mut at = Instant::now() + idle;
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => return done,
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep_until(at) => match activity.idle_at(idle) {
+                Some(later) => at = later,
+                None => {
+                    tracing::debug!(?idle, "downstream connection idle: closing");
+                    break;
+                }
+            },
+        }
+    }
+    conn.as_mut().close();
+    conn.await
 }
 
 /// Serves one connection on a `tls` listener: the mTLS handshake (bounded
@@ -144,7 +250,8 @@ async fn serve_tls(
     inbound: Arc<tls::Inbound>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    watcher: Watcher,
+    stop: watch::Receiver<bool>,
+    idle: Duration,
 ) {
     let timeout = shared.table.load().config.limits.header_timeout;
     let acceptor = tokio_rustls::TlsAcceptor::from(inbound.tls.server());
@@ -174,7 +281,8 @@ async fn serve_tls(
     }
     let identity: Arc<str> = Arc::from(names.first().map_or("client", String::as_str));
     let builder = shared.http.clone();
-    let svc = service_fn(move |req| {
+    let activity = Arc::new(Activity::new());
+    let svc = counted(activity.clone(), move |req| {
         let shared = shared.clone();
         let identity = identity.clone();
         async move {
@@ -186,7 +294,7 @@ async fn serve_tls(
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
+    if let Err(e) = drive(conn, stop, &activity, idle).await {
         tracing::debug!(%peer, error = %e, "downstream tls connection ended");
     }
 }
