@@ -91,6 +91,7 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
     println!("  Ctrl-C to stop\n");
     let ops = crate::ops::Target {
         control: control_url.clone(),
+        control_ca: None,
         token: None,
         json: false,
     };
@@ -274,6 +275,7 @@ fn rollout_spec(canary: &str, stable: &str, step_secs: u64) -> crate::ops::Rollo
 async fn rollout_progress(ops: &crate::ops::Target) -> (String, String) {
     let quiet = crate::ops::Target {
         control: ops.control.clone(),
+        control_ca: None,
         token: None,
         json: true,
     };

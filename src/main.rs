@@ -169,6 +169,10 @@ struct OpsArgs {
         value_parser = ops::parse_control_url
     )]
     control: String,
+    /// With an https:// control URL: PEM file of the CAs its certificate
+    /// must chain to (default: the system's roots).
+    #[arg(long, env = "ALMOND_CONTROL_CA")]
+    control_ca: Option<std::path::PathBuf>,
     /// Bearer token for changes.
     #[arg(long, env = "ALMOND_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -187,6 +191,7 @@ impl OpsArgs {
     fn target(self) -> ops::Target {
         ops::Target {
             control: self.control,
+            control_ca: self.control_ca,
             token: self.token,
             json: self.output == Output::Json,
         }

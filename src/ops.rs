@@ -14,8 +14,10 @@ use std::time::Duration;
 /// Where and how to reach the control plane.
 #[derive(Clone)]
 pub struct Target {
-    /// Base URL, e.g. `http://127.0.0.1:4180`.
+    /// Base URL, e.g. `http://127.0.0.1:4180` or `https://...`.
     pub control: String,
+    /// CAs for an `https://` control plane (default: the system's roots).
+    pub control_ca: Option<std::path::PathBuf>,
     /// Bearer token for mutations.
     pub token: Option<String>,
     /// Print JSON instead of text.
@@ -41,7 +43,8 @@ impl Target {
         body: Option<Value>,
         limit: Duration,
     ) -> anyhow::Result<Value> {
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let client: Client<_, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(self.connector()?);
         let url = format!("{}{path}", self.control.trim_end_matches('/'));
         let mut req = hyper::Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {
@@ -72,6 +75,41 @@ impl Target {
         serde_json::from_slice(&body).context("the control plane sent something that is not JSON")
     }
 
+    /// HTTP, or HTTPS trusting `control_ca` (else the system's roots).
+    fn connector(
+        &self,
+    ) -> anyhow::Result<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    > {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.control_ca {
+            Some(path) => {
+                let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                    .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+                    .with_context(|| format!("--control-ca {}", path.display()))?;
+                for cert in certs {
+                    roots
+                        .add(cert)
+                        .with_context(|| format!("--control-ca {}", path.display()))?;
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build())
+    }
+
     /// GET a path and return its JSON.
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(http::Method::GET, path, None).await
@@ -99,10 +137,13 @@ pub fn parse_pair(p: &str) -> Result<(String, u32), String> {
     Ok((k.to_owned(), v))
 }
 
-/// Checks a `--control` URL: `http://HOST:PORT` (a clap value parser).
+/// Checks a `--control` URL: `http://HOST:PORT` or `https://HOST:PORT`
+/// (a clap value parser).
 pub fn parse_control_url(url: &str) -> Result<String, String> {
     match url.parse::<http::Uri>() {
-        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Ok(url.to_owned()),
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
+            Ok(url.to_owned())
+        }
         _ => Err(format!("{url:?} is not a URL like http://127.0.0.1:4180")),
     }
 }

@@ -45,7 +45,7 @@ impl Canary {
         );
         std::env::set_var(token_env, TOKEN);
         let control = TestControl::start(&registry.control_yaml(Some(token_env))).await;
-        let proxy = start_following(&control.url(), None).await;
+        let proxy = start_following_token(&control.url(), token_env).await;
         eventually("the proxy routes s", || async {
             get_h1(proxy.addr(), "s", "/").await.status == StatusCode::OK
         })
@@ -344,13 +344,16 @@ async fn the_split_survives_a_control_restart() {
     let restarted = TestControl::start(&yaml).await;
 
     // The first snapshot it serves already carries the split.
-    let first = restarted.get("/v1/snapshot?index=0").await.json();
+    let first = restarted
+        .send(Method::GET, "/v1/snapshot?index=0", &json!({}), Some(TOKEN))
+        .await
+        .json();
     assert_eq!(first["services"]["s"]["split"], split(90, 10), "{first}");
     let after = restarted.service("s").await["policy"].clone();
     assert_eq!(after, before);
 
     // A proxy following it routes 90/10.
-    let proxy = start_following(&restarted.url(), None).await;
+    let proxy = start_following_token(&restarted.url(), &token_env).await;
     eventually("the new proxy's split gauge shows 90/10", || async {
         let text = proxy.admin_get("/metrics").await.text();
         metric(

@@ -85,6 +85,10 @@ fn fully_populated() -> ProxyConfig {
     let ProxyConfig {
         admin: _,
         control,
+        token_env,
+        control_ca,
+        control_max_bytes: _,
+        admin_token_env,
         proxy_id,
         cache,
         workers,
@@ -129,6 +133,9 @@ fn fully_populated() -> ProxyConfig {
         queue: 4096,
     });
     control.get_or_insert_with(|| "http://127.0.0.1:4180".to_owned());
+    token_env.get_or_insert_with(|| "ALMOND_PROXY_TOKEN".to_owned());
+    control_ca.get_or_insert_with(|| "/etc/almond/tls/control-ca.pem".into());
+    admin_token_env.get_or_insert_with(|| "ALMOND_ADMIN_TOKEN".to_owned());
     proxy_id.get_or_insert_with(|| "web-1".to_owned());
     cache.get_or_insert_with(|| "/var/lib/almond/snapshot.json".into());
     workers.get_or_insert(2);
@@ -306,6 +313,9 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         policy_file: _,
         watcher: _,
         token_env: _,
+        proxy_token_env: _,
+        tls: _,
+        max_body_bytes: _,
         max_wait: _,
     } = &config;
     let almond_config::Source::Consul(consul) = source else {
@@ -325,6 +335,13 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
     let mut full = config.clone();
     full.token_env
         .get_or_insert_with(|| "ALMOND_TOKEN".to_owned());
+    full.proxy_token_env
+        .get_or_insert_with(|| "ALMOND_PROXY_TOKEN".to_owned());
+    full.tls.get_or_insert_with(|| almond_config::Tls {
+        cert: "/etc/almond/tls/control.pem".into(),
+        key: "/etc/almond/tls/control-key.pem".into(),
+        ca: "/etc/almond/tls/ca.pem".into(),
+    });
     if let almond_config::Source::Consul(c) = &mut full.source {
         c.addr = "https://consul.internal:8501".to_owned();
         c.datacenter = Some("dc1".to_owned());

@@ -27,14 +27,31 @@ pub struct ControlConfig {
     /// the proxies, the default) or `{ prometheus: http://HOST:9090 }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watcher: Option<serde_json::Value>,
-    /// Environment variable holding the operator bearer token.
+    /// Environment variable holding the operator bearer token (changes
+    /// need it); set but unset or empty in the environment = the control
+    /// plane refuses to start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_env: Option<String>,
+    /// Environment variable holding the token proxies present to read
+    /// snapshots (the operator token works too); same rule when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_token_env: Option<String>,
+    /// Serve the API over TLS: `{ cert, key, ca }` (PEM files); a proxy
+    /// whose client certificate chains to `ca` is authenticated by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::Tls>,
+    /// Largest body read from Consul, from a proxy's `/metrics` or from
+    /// Prometheus.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
     /// Longest a snapshot long-poll is held.
     #[serde(default = "default_max_wait", with = "crate::duration")]
     pub max_wait: Duration,
 }
 
+fn default_max_body_bytes() -> usize {
+    64 * 1024 * 1024
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 4180))
 }

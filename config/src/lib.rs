@@ -12,9 +12,11 @@ mod load;
 mod observe;
 mod problem;
 mod proxy;
+mod secret;
 mod snapshot;
 mod split;
 mod tls;
+mod write;
 
 pub use control::{ConsulSource, ControlConfig, Source, Store, WatcherSource};
 pub use load::{
@@ -27,5 +29,7 @@ pub use proxy::{
     CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits, Listener, Protocol,
     ProxyConfig, Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
 };
+pub use secret::Secret;
 pub use snapshot::Snapshot;
 pub use split::{check_sticky_header, Split};
+pub use write::write_atomic;

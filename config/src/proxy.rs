@@ -22,6 +22,24 @@ pub struct ProxyConfig {
     /// Control plane URL; omitted = run on the static `services`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<String>,
+    /// Environment variable holding the bearer token this proxy presents
+    /// to the control plane (its `proxy_token_env`); set but unset or
+    /// empty in the environment = the proxy refuses to start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// With an `https://` control URL: PEM file of the CAs the control
+    /// plane's certificate must chain to (default: `tls.ca`, else the
+    /// system's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_ca: Option<PathBuf>,
+    /// Largest snapshot read from the control plane.
+    #[serde(default = "default_control_max_bytes")]
+    pub control_max_bytes: usize,
+    /// Environment variable holding the bearer token that `/config`,
+    /// `/endpoints` and `/log-level` need when `admin` is not a loopback
+    /// address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_env: Option<String>,
     /// This proxy's name towards the control plane (default: hostname).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_id: Option<String>,
@@ -100,6 +118,9 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+fn default_control_max_bytes() -> usize {
+    64 * 1024 * 1024
+}
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 4191))
 }

@@ -6,7 +6,7 @@ use crate::state::State;
 use crate::store::{now_ms, Store};
 use crate::watcher::apply_next;
 use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
-use almond_config::{Service, WatcherSource};
+use almond_config::{Secret, Service, WatcherSource};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, StatusCode};
@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -36,8 +37,8 @@ pub struct Api {
     pub state: Arc<State>,
     /// Where policies are written.
     pub store: Arc<Store>,
-    /// Bearer token operator mutations need, when set.
-    pub token: Option<String>,
+    /// Who may do what: the operator and proxy tokens, TLS clients.
+    pub auth: Auth,
     /// Longest long-poll.
     pub max_wait: Duration,
     /// Where live golden metrics come from (the watcher's source).
@@ -47,38 +48,115 @@ pub struct Api {
     pub live_slots: tokio::sync::Semaphore,
 }
 
+/// The credentials the API checks, read when the control plane starts.
+#[derive(Debug, Default)]
+pub struct Auth {
+    /// The operator token (`token_env`): changes need it.
+    pub operator: Option<Secret>,
+    /// The proxies' token (`proxy_token_env`): snapshot reads take it (or
+    /// the operator's, or a verified TLS client certificate).
+    pub proxy: Option<Secret>,
+    /// The listener verifies client certificates (`tls.ca`).
+    pub tls_clients: bool,
+}
+
+impl Auth {
+    /// Whether snapshot reads need a credential: as soon as any is
+    /// configured (fail closed).
+    fn snapshots_need_credential(&self) -> bool {
+        self.operator.is_some() || self.proxy.is_some() || self.tls_clients
+    }
+}
+
+/// One API connection: who is at the other end.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The address the connection came from.
+    pub addr: SocketAddr,
+    /// Its TLS client certificate chained to `tls.ca`.
+    pub verified: bool,
+}
+
 /// Time a client has to send a request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Live measurements at once (`Api::live_slots`).
 pub const LIVE_AT_ONCE: usize = 4;
 
-/// Serves the API until `stop` changes.
-pub async fn serve(api: Arc<Api>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+/// The TLS side of the API listener (`tls` in the control config): its
+/// certificate, and client certificates verified against `tls.ca` when
+/// presented (operators may connect without one and use the token).
+pub fn tls_acceptor(tls: &almond_config::Tls) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let fail = |key: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        format!("{key}: {}: {e}", path.display())
+    };
+    let chain = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| fail("tls.cert", &tls.cert, &e))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| fail("tls.key", &tls.key, &e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let cas = CertificateDer::pem_file_iter(&tls.ca)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| fail("tls.ca", &tls.ca, &e))?;
+    for ca in cas {
+        roots.add(ca).map_err(|e| fail("tls.ca", &tls.ca, &e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| fail("tls.ca", &tls.ca, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail("tls", &tls.cert, &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| fail("tls.key", &tls.key, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves the API until `stop` changes; over TLS when `tls` is given.
+pub async fn serve(
+    api: Arc<Api>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+) {
     let closing = stop.clone();
-    almond_net::accept_until("control", &listener, &mut stop, |stream, _| {
+    almond_net::accept_until("control", &listener, &mut stop, |stream, addr| {
         let api = api.clone();
         let stop = closing.clone();
-        let mut closing = closing.clone();
+        let closing = closing.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| respond(api.clone(), req, stop.clone()));
-            // A client has HEADER_TIMEOUT to send a request head (and an
-            // idle keep-alive connection is kept that long); a long-poll in
-            // progress is not bounded by it.
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            // On stop, answer the request in hand (a long-poll returns at
-            // once) and close: a stopped control plane must not go on
-            // serving kept-alive connections (its long-polls would return
-            // at once, forever, and proxies would spin on them).
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = closing.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match tls {
+                None => {
+                    let peer = Peer {
+                        addr,
+                        verified: false,
+                    };
+                    serve_conn(api, TokioIo::new(stream), peer, stop, closing).await;
+                }
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    let stream = match tokio::time::timeout(HEADER_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::info!(peer = %addr, error = %e, "control API: TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    // A certificate was presented, so it chained to `tls.ca`.
+                    let verified = stream.get_ref().1.peer_certificates().is_some();
+                    let peer = Peer { addr, verified };
+                    serve_conn(api, TokioIo::new(stream), peer, stop, closing).await;
                 }
             }
         });
@@ -86,10 +164,43 @@ pub async fn serve(api: Arc<Api>, listener: TcpListener, mut stop: watch::Receiv
     .await;
 }
 
+/// One API connection, plain or TLS.
+async fn serve_conn<I>(
+    api: Arc<Api>,
+    io: I,
+    peer: Peer,
+    stop: watch::Receiver<bool>,
+    mut closing: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| respond(api.clone(), req, stop.clone(), peer));
+    // A client has HEADER_TIMEOUT to send a request head (and an idle
+    // keep-alive connection is kept that long); a long-poll in progress is
+    // not bounded by it.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    // On stop, answer the request in hand (a long-poll returns at once)
+    // and close: a stopped control plane must not go on serving kept-alive
+    // connections (its long-polls would return at once, forever, and
+    // proxies would spin on them).
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = closing.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
 async fn respond(
     api: Arc<Api>,
     req: Request<Incoming>,
     stop: watch::Receiver<bool>,
+    peer: Peer,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let state = &api.state;
     let query = parse_query(req.uri().query().unwrap_or(""));
@@ -99,30 +210,37 @@ async fn respond(
         return Ok(match (req.method().clone(), segments.as_slice()) {
             (Method::PUT, ["v1", "services", name, "split"]) => {
                 let name = (*name).to_owned();
-                mutate(&api, req, &name, Mutation::Split).await
+                mutate(&api, req, peer, &name, Mutation::Split).await
             }
             (Method::POST, ["v1", "services", name, "rollback"]) => {
                 let name = (*name).to_owned();
-                mutate(&api, req, &name, Mutation::Rollback).await
+                mutate(&api, req, peer, &name, Mutation::Rollback).await
             }
             (Method::POST, ["v1", "services", name, "rollouts"]) => {
                 let name = (*name).to_owned();
-                mutate(&api, req, &name, Mutation::StartRollout).await
+                mutate(&api, req, peer, &name, Mutation::StartRollout).await
             }
             (Method::POST, ["v1", "services", name, "rollouts", "approve"]) => {
                 let name = (*name).to_owned();
-                mutate(&api, req, &name, Mutation::Approve).await
+                mutate(&api, req, peer, &name, Mutation::Approve).await
             }
             (Method::DELETE, ["v1", "services", name, "rollouts"]) => {
                 let name = (*name).to_owned();
-                mutate(&api, req, &name, Mutation::Abort).await
+                mutate(&api, req, peer, &name, Mutation::Abort).await
             }
             _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here\n"),
         });
     }
     let max_wait = api.max_wait;
     Ok(match segments.as_slice() {
-        ["v1", "snapshot"] => snapshot(state, &query, max_wait, stop).await,
+        ["v1", "snapshot"] if !proxy_authenticated(&api.auth, &req, peer) => refuse(
+            &api,
+            peer,
+            "snapshot",
+            StatusCode::UNAUTHORIZED,
+            "a proxy token (token_env in the proxy config) or a client certificate is required\n",
+        ),
+        ["v1", "snapshot"] => snapshot(state, &query, max_wait, stop, peer).await,
         ["v1", "services"] => json_ok(&services_view(state)),
         ["v1", "services", name] => match state.service(name) {
             Some(svc) => json_ok(&json!({
@@ -228,24 +346,21 @@ struct SplitRequest {
 async fn mutate(
     api: &Api,
     req: Request<Incoming>,
+    peer: Peer,
     name: &str,
     what: Mutation,
 ) -> Response<Full<Bytes>> {
-    if let Some(expected) = &api.token {
-        let given = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            None => {
-                return text(
+    if let Some(expected) = &api.auth.operator {
+        let given = req.headers().get(http::header::AUTHORIZATION);
+        if !expected.matches_bearer(given.map(|v| v.as_bytes())) {
+            let (status, why) = match given {
+                None => (
                     StatusCode::UNAUTHORIZED,
                     "a bearer token is required (--token or ALMOND_TOKEN)\n",
-                )
-            }
-            Some(t) if t != expected => return text(StatusCode::FORBIDDEN, "token refused\n"),
-            Some(_) => {}
+                ),
+                Some(_) => (StatusCode::FORBIDDEN, "token refused\n"),
+            };
+            return refuse(api, peer, "change", status, why);
         }
     }
     let by = req
@@ -437,6 +552,7 @@ async fn snapshot(
     query: &HashMap<String, String>,
     max_wait: Duration,
     mut stop: watch::Receiver<bool>,
+    peer: Peer,
 ) -> Response<Full<Bytes>> {
     let mut since: u64 = match query.get("index").map(|v| v.parse()) {
         None => 0,
@@ -459,7 +575,8 @@ async fn snapshot(
         }
     };
     let proxy = query.get("proxy").map(String::as_str).unwrap_or("unknown");
-    state.saw_proxy(proxy, query.get("admin").map_or("", |s| s.as_str()), since);
+    let admin = scrape_addr(peer, query.get("admin").map(String::as_str));
+    state.saw_proxy(proxy, &admin, since);
     if epoch != state.epoch() {
         // Another numbering: nothing it holds can be compared with ours.
         since = 0;
@@ -527,11 +644,11 @@ async fn live(
     let (source, proxies, subsets) = match source {
         WatcherSource::Direct => {
             let admins = state.proxy_admins(crate::watcher::PROXY_STALE);
-            let subsets = crate::live::measure(&admins, name, window).await;
+            let subsets = crate::live::measure(&admins, name, window, state.max_body).await;
             ("direct", Some(admins.len()), subsets)
         }
         WatcherSource::Prometheus(url) => {
-            let subsets = crate::live::from_prometheus(url, name, window).await;
+            let subsets = crate::live::from_prometheus(url, name, window, state.max_body).await;
             ("prometheus", None, subsets)
         }
     };
@@ -630,6 +747,56 @@ fn json_ok<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
             resp
         }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+    }
+}
+
+/// Whether a snapshot reader may read (and be scraped by the watcher):
+/// anyone when no credential is configured; else a verified client
+/// certificate, the proxy token or the operator token.
+fn proxy_authenticated(auth: &Auth, req: &Request<Incoming>, peer: Peer) -> bool {
+    if !auth.snapshots_need_credential() || peer.verified {
+        return true;
+    }
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    [&auth.proxy, &auth.operator]
+        .into_iter()
+        .flatten()
+        .any(|token| token.matches_bearer(given))
+}
+
+/// A request refused for its credentials: logged with who sent it,
+/// counted in `almond_control_refused_total{request}`.
+fn refuse(
+    api: &Api,
+    peer: Peer,
+    request: &'static str,
+    status: StatusCode,
+    why: &str,
+) -> Response<Full<Bytes>> {
+    api.state
+        .metrics
+        .refused
+        .with_label_values(&[request])
+        .inc();
+    tracing::warn!(peer = %peer.addr, request, %status, "refused: {}", why.trim());
+    text(status, why)
+}
+
+/// Where the watcher scrapes a proxy: the host the connection came from,
+/// never one the proxy names (that would let anyone aim the watcher at any
+/// address), and the port of `admin` (`PORT` or `HOST:PORT`, whose host is
+/// ignored); nothing when `admin` names no port.
+fn scrape_addr(peer: Peer, admin: Option<&str>) -> String {
+    let port = admin.and_then(|a| match a.parse::<u16>() {
+        Ok(port) => Some(port),
+        Err(_) => a.parse::<SocketAddr>().ok().map(|s| s.port()),
+    });
+    match port {
+        Some(port) if port > 0 => SocketAddr::new(peer.addr.ip(), port).to_string(),
+        _ => String::new(),
     }
 }
 

@@ -10,7 +10,7 @@ use crate::state::State;
 use almond_config::{ConsulSource, Endpoint, Protocol, Service, DEFAULT_SUBSET};
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -37,6 +37,8 @@ pub struct ConsulClient {
     datacenter: Option<String>,
     stale: bool,
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Longest answer read.
+    max_body: usize,
 }
 
 /// Why the Consul client could not be built: a TLS file, named by its key.
@@ -91,7 +93,15 @@ impl ConsulClient {
             datacenter: cfg.datacenter.clone(),
             stale: cfg.stale,
             http: Client::builder(TokioExecutor::new()).build(connector),
+            max_body: 64 * 1024 * 1024,
         })
+    }
+
+    /// This client, reading answers of at most `bytes` (`max_body_bytes`);
+    /// a longer one is an error.
+    pub fn with_max_body(mut self, bytes: usize) -> ConsulClient {
+        self.max_body = bytes;
+        self
     }
 
     /// GET `path` as a blocking query at `index` (0: answer at once);
@@ -158,11 +168,15 @@ impl ConsulClient {
                 .get("x-consul-index")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            let body = resp
-                .into_body()
+            let body = Limited::new(resp.into_body(), self.max_body)
                 .collect()
                 .await
-                .map_err(|e| ConsulError::Transport(e.to_string()))?
+                .map_err(|e| {
+                    ConsulError::Transport(format!(
+                        "reading the answer: {e} (max_body_bytes: {})",
+                        self.max_body
+                    ))
+                })?
                 .to_bytes();
             Ok(Answer {
                 status,

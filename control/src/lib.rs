@@ -14,7 +14,7 @@ pub mod state;
 pub mod store;
 pub mod watcher;
 
-use almond_config::{ControlConfig, Source, Store as StoreKind};
+use almond_config::{ControlConfig, Secret, Source, Store as StoreKind};
 use consul::ConsulClient;
 use state::State;
 use std::future::Future;
@@ -32,6 +32,12 @@ pub enum Error {
     /// A Consul TLS file cannot be read or used.
     #[error(transparent)]
     ConsulTls(#[from] consul::TlsSetupError),
+    /// A configured token is missing from the environment.
+    #[error("{0}")]
+    Token(String),
+    /// The API listener's `tls` files cannot be used.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A control plane, ready to run.
@@ -41,6 +47,10 @@ pub struct Control {
     /// Where endpoints come from, ready to follow (a Consul client is
     /// built, and its TLS files read, before anything runs).
     source: Endpoints,
+    /// The credentials the API checks.
+    auth: api::Auth,
+    /// The API listener's TLS (`tls`), files read at start.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 enum Endpoints {
@@ -52,13 +62,39 @@ impl Control {
     /// Builds the control plane for a checked config.
     pub fn new(config: ControlConfig) -> Result<Control, Error> {
         let source = match &config.source {
-            Source::Consul(c) => Endpoints::Consul(Box::new((c.clone(), ConsulClient::new(c)?))),
+            Source::Consul(c) => {
+                let client = ConsulClient::new(c)?.with_max_body(config.max_body_bytes);
+                Endpoints::Consul(Box::new((c.clone(), client)))
+            }
             Source::File(dir) => Endpoints::File(dir.clone()),
         };
+        // A configured token that is missing fails here, at start: it must
+        // not mean "no token".
+        let auth = api::Auth {
+            operator: Secret::from_config("token_env", config.token_env.as_deref())
+                .map_err(Error::Token)?,
+            proxy: Secret::from_config("proxy_token_env", config.proxy_token_env.as_deref())
+                .map_err(Error::Token)?,
+            tls_clients: config.tls.is_some(),
+        };
+        if auth.operator.is_none() {
+            tracing::warn!(
+                "no token_env: anyone who reaches the API can change splits and rollouts"
+            );
+        }
+        let tls = match &config.tls {
+            Some(files) => Some(api::tls_acceptor(files).map_err(Error::Tls)?),
+            None => None,
+        };
+        let mut state = State::new()?;
+        state.max_body = config.max_body_bytes;
+        let state = Arc::new(state);
         Ok(Control {
             config,
-            state: Arc::new(State::new()?),
+            state,
             source,
+            auth,
+            tls,
         })
     }
 
@@ -97,12 +133,6 @@ impl Control {
         let metrics_source = source.clone();
         let watcher =
             tokio::spawn(watcher::Watcher::new(self.state.clone(), store.clone(), source).run());
-        let token = self
-            .config
-            .token_env
-            .as_ref()
-            .and_then(|env| std::env::var(env).ok())
-            .filter(|t| !t.is_empty());
         let source = match &self.source {
             Endpoints::Consul(consul) => tokio::spawn(consul::run(
                 consul.0.clone(),
@@ -115,12 +145,12 @@ impl Control {
         let api = Arc::new(api::Api {
             state: self.state.clone(),
             store,
-            token,
+            auth: self.auth,
             max_wait: self.config.max_wait,
             metrics_source,
             live_slots: tokio::sync::Semaphore::new(api::LIVE_AT_ONCE),
         });
-        let api = tokio::spawn(api::serve(api, listener, stop_rx));
+        let api = tokio::spawn(api::serve(api, listener, self.tls, stop_rx));
         tracing::info!("control plane serving");
         shutdown.await;
         tracing::info!("control plane stopping");

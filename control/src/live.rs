@@ -32,8 +32,9 @@ pub async fn from_prometheus(
     base: &str,
     service: &str,
     window: Duration,
+    max_body: usize,
 ) -> BTreeMap<String, SubsetLive> {
-    let totals = collect::query_prometheus_over(base, service, Some(window)).await;
+    let totals = collect::query_prometheus_over(base, service, Some(window), max_body).await;
     summarize(&collect::sum(&totals), window.as_secs_f64())
 }
 
@@ -43,11 +44,12 @@ pub async fn measure(
     admins: &[String],
     service: &str,
     window: Duration,
+    max_body: usize,
 ) -> BTreeMap<String, SubsetLive> {
-    let then = collect::scrape(admins, service).await;
+    let then = collect::scrape(admins, service, max_body).await;
     let started = tokio::time::Instant::now();
     tokio::time::sleep(window).await;
-    let now = collect::scrape(admins, service).await;
+    let now = collect::scrape(admins, service, max_body).await;
     // The second scrape's own time is in the window too.
     let seconds = started.elapsed().as_secs_f64().max(window.as_secs_f64());
     summarize(&collect::delta(&now, &then), seconds)

@@ -21,6 +21,9 @@ pub struct State {
     snapshots: Mutex<SnapshotCache>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Largest body read from Consul, a proxy's `/metrics` or Prometheus
+    /// (`max_body_bytes`).
+    pub max_body: usize,
 }
 
 #[derive(Default)]
@@ -60,6 +63,9 @@ pub struct ProxySeen {
     pub seen: Instant,
 }
 
+/// Most proxies recorded at once (each seen within `PROXY_STALE`).
+const MAX_PROXIES: usize = 10_000;
+
 /// The control plane's own metrics.
 pub struct Metrics {
     /// The registry `/metrics` serves.
@@ -82,6 +88,9 @@ pub struct Metrics {
     pub verdicts: IntCounterVec,
     /// `almond_rollbacks_total{service}`.
     pub rollbacks: IntCounterVec,
+    /// `almond_control_refused_total{request}`: requests refused for their
+    /// credentials (`change`, `snapshot`).
+    pub refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -118,7 +127,20 @@ impl Metrics {
         registry.register(Box::new(rollout_step.clone()))?;
         registry.register(Box::new(verdicts.clone()))?;
         registry.register(Box::new(rollbacks.clone()))?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "almond_control_refused_total",
+                "API requests refused for a missing or wrong credential.",
+            ),
+            &["request"],
+        )?;
+        registry.register(Box::new(refused.clone()))?;
+        // Both series from the start, so a first refusal is an increase.
+        for request in ["change", "snapshot"] {
+            refused.with_label_values(&[request]);
+        }
         let m = Metrics {
+            refused,
             rollout_step,
             verdicts,
             rollbacks,
@@ -176,6 +198,7 @@ impl State {
             proxies: Mutex::new(BTreeMap::new()),
             snapshots: Mutex::new(SnapshotCache::default()),
             metrics: Metrics::new()?,
+            max_body: 64 * 1024 * 1024,
         })
     }
 
@@ -426,6 +449,15 @@ impl State {
     /// Notes a proxy's long-poll.
     pub fn saw_proxy(&self, id: &str, admin: &str, index: u64) {
         let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        // Proxies gone quiet are forgotten, so the map holds only live ones.
+        proxies.retain(|_, p| p.seen.elapsed() < crate::watcher::PROXY_STALE);
+        if proxies.len() >= MAX_PROXIES && !proxies.contains_key(id) {
+            tracing::warn!(
+                proxy = id,
+                "{MAX_PROXIES} proxies seen: not recording another"
+            );
+            return;
+        }
         proxies.insert(
             id.to_owned(),
             ProxySeen {

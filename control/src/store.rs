@@ -229,12 +229,11 @@ fn read_file(path: &PathBuf) -> Result<BTreeMap<String, Policy>, StoreError> {
     }
 }
 
-/// Atomic: a temporary file, then a rename.
-fn write_file(path: &PathBuf, all: &BTreeMap<String, Policy>) -> Result<(), StoreError> {
+/// Atomic and durable (`write_atomic`: unique temporary name, fsync of
+/// the file and its directory).
+fn write_file(path: &std::path::Path, all: &BTreeMap<String, Policy>) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec_pretty(all).map_err(|e| StoreError::Decode(e.to_string()))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)?;
+    almond_config::write_atomic(path, &bytes)?;
     Ok(())
 }
 

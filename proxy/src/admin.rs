@@ -39,6 +39,10 @@ async fn respond(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let authorization = req.headers().get(http::header::AUTHORIZATION);
+    if let Some(refused) = guard(&shared, req.uri().path(), authorization) {
+        return Ok(refused);
+    }
     if req.uri().path() == "/log-level" {
         return Ok(crate::observe::log_level(&shared, req).await);
     }
@@ -73,6 +77,36 @@ async fn respond(
         ),
     };
     Ok(resp)
+}
+
+/// The admin listener's two halves: `/metrics`, `/ready` and `/live` are
+/// open (the watcher and Prometheus scrape them); `/config`, `/endpoints`
+/// and `/log-level` (the one change) show or alter more, so off loopback
+/// they need `Authorization: Bearer` with the `admin_token_env` token, and
+/// without one configured they are not served off loopback at all.
+fn guard(
+    shared: &Shared,
+    path: &str,
+    given: Option<&http::HeaderValue>,
+) -> Option<Response<ResponseBody>> {
+    if matches!(path, "/metrics" | "/ready" | "/live") {
+        return None;
+    }
+    if shared.table.load().config.admin.ip().is_loopback() {
+        return None;
+    }
+    match &shared.admin_token {
+        Some(token) if token.matches_bearer(given.map(|v| v.as_bytes())) => None,
+        Some(_) if given.is_none() => Some(text(
+            StatusCode::UNAUTHORIZED,
+            "this admin endpoint needs Authorization: Bearer <admin token>\n",
+        )),
+        Some(_) => Some(text(StatusCode::FORBIDDEN, "admin token refused\n")),
+        None => Some(text(
+            StatusCode::FORBIDDEN,
+            "not served off loopback without admin_token_env; use /metrics, /ready, /live\n",
+        )),
+    }
 }
 
 /// Every service's subsets and endpoints with what the balancer sees.
@@ -144,4 +178,61 @@ fn redacted(config: &almond_config::ProxyConfig) -> serde_json::Value {
         *key = serde_json::Value::String(REDACTED.to_owned());
     }
     value
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The shared state of a proxy whose admin listener is on `admin`
+    /// (not bound: tests listen on loopback only), with admin token `token`.
+    fn shared(admin: &str, token: Option<&str>) -> Arc<Shared> {
+        let mut yaml = format!("admin: {admin}\nlisteners:\n  - bind: 127.0.0.1:0\n");
+        if let Some(token) = token {
+            let var = format!("ALMOND_T_ADMIN_{}", admin.replace(['.', ':'], "_"));
+            std::env::set_var(&var, token);
+            yaml.push_str(&format!("admin_token_env: {var}\n"));
+        }
+        let config = almond_config::load_proxy(&yaml, "test").unwrap();
+        crate::Proxy::new(config).unwrap().shared().clone()
+    }
+
+    fn status(shared: &Shared, path: &str, auth: Option<&str>) -> Option<StatusCode> {
+        let value = auth.map(|a| http::HeaderValue::from_str(a).unwrap());
+        guard(shared, path, value.as_ref()).map(|r| r.status())
+    }
+
+    #[test]
+    fn off_loopback_only_the_read_only_half_is_open() {
+        let open = shared("10.0.0.1:4191", None);
+        for path in ["/metrics", "/ready", "/live"] {
+            assert_eq!(status(&open, path, None), None, "{path}");
+        }
+        for path in ["/config", "/endpoints", "/log-level"] {
+            assert_eq!(
+                status(&open, path, None),
+                Some(StatusCode::FORBIDDEN),
+                "{path}"
+            );
+        }
+        let guarded = shared("10.0.0.2:4191", Some("adm1n"));
+        for path in ["/config", "/endpoints", "/log-level"] {
+            assert_eq!(status(&guarded, path, None), Some(StatusCode::UNAUTHORIZED));
+            assert_eq!(
+                status(&guarded, path, Some("Bearer wrong")),
+                Some(StatusCode::FORBIDDEN)
+            );
+            assert_eq!(status(&guarded, path, Some("Bearer adm1n")), None);
+        }
+        assert_eq!(status(&guarded, "/metrics", None), None);
+    }
+
+    #[test]
+    fn on_loopback_everything_is_served() {
+        let local = shared("127.0.0.1:4191", None);
+        for path in ["/metrics", "/config", "/endpoints", "/log-level"] {
+            assert_eq!(status(&local, path, None), None, "{path}");
+        }
+    }
 }

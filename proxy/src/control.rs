@@ -3,14 +3,18 @@
 //! control plane is away.
 
 use crate::Proxy;
-use almond_config::{validate_proxy, ProxyConfig, Snapshot};
+use almond_config::{validate_proxy, ProxyConfig, Secret, Snapshot};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long the control plane may hold a long-poll.
@@ -76,12 +80,127 @@ pub fn load_cache(config: &mut ProxyConfig) -> Option<Position> {
     Some(position)
 }
 
+/// How this proxy reaches the control plane: the client (`http://` or
+/// `https://`, trusting `control_ca`, else `tls.ca`, else the system's
+/// roots, and presenting the proxy's own certificate when it has one), the
+/// bearer token of `token_env`, and the largest snapshot it reads.
+pub struct Link {
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    token: Option<Secret>,
+    max_bytes: usize,
+}
+
+/// Why the proxy cannot reach the control plane as configured.
+#[derive(Debug, thiserror::Error)]
+#[error("{key} ({path}): {reason}")]
+pub struct LinkError {
+    key: &'static str,
+    path: String,
+    reason: String,
+}
+
+impl Link {
+    /// Builds the link for `config` (which has `control` set). A
+    /// configured token missing from the environment is an error, as is a
+    /// CA or certificate file that cannot be used.
+    pub fn new(config: &ProxyConfig) -> Result<Link, LinkError> {
+        let token =
+            Secret::from_config("token_env", config.token_env.as_deref()).map_err(|reason| {
+                LinkError {
+                    key: "token_env",
+                    path: config.token_env.clone().unwrap_or_default(),
+                    reason,
+                }
+            })?;
+        let tls = client_tls(config)?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Link {
+            client,
+            token,
+            max_bytes: config.control_max_bytes,
+        })
+    }
+}
+
+/// The TLS client settings towards an `https://` control plane.
+fn client_tls(config: &ProxyConfig) -> Result<rustls::ClientConfig, LinkError> {
+    let fail = |key: &'static str, path: &Path, reason: String| LinkError {
+        key,
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = match (&config.control_ca, &config.tls) {
+        (Some(ca), _) => Some(("control_ca", ca)),
+        (None, Some(tls)) => Some(("tls.ca", &tls.ca)),
+        (None, None) => None,
+    };
+    match ca {
+        Some((key, path)) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| fail(key, path, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(fail(key, path, "no certificate in the file".into()));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| fail(key, path, e.to_string()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0
+                && config
+                    .control
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("https://"))
+            {
+                tracing::warn!("no trusted roots found on this system: set control_ca");
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail("control", Path::new(""), e.to_string()))?
+        .with_root_certificates(roots);
+    match &config.tls {
+        // The proxy's identity doubles as its credential towards a control
+        // plane that verifies client certificates.
+        Some(tls) => {
+            let chain = CertificateDer::pem_file_iter(&tls.cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| fail("tls.cert", &tls.cert, e.to_string()))?;
+            let key = PrivateKeyDer::from_pem_file(&tls.key)
+                .map_err(|e| fail("tls.key", &tls.key, e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| fail("tls.key", &tls.key, e.to_string()))
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
 /// Follows the control plane at `url` until the task is dropped.
 /// `at`: the position already applied (from the cache), default if none.
-pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, mut at: Position) {
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build_http();
+pub async fn follow(
+    proxy: Proxy,
+    link: Arc<Link>,
+    url: String,
+    proxy_id: String,
+    admin: String,
+    mut at: Position,
+) {
     let shared = proxy.shared().clone();
     let mut failures = 0u32;
     loop {
@@ -95,7 +214,7 @@ pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, 
             encode(&admin),
         );
         let asked = tokio::time::Instant::now();
-        match poll(&client, &uri).await {
+        match poll(&link, &uri).await {
             Ok(snapshot) => {
                 failures = 0;
                 shared.metrics.control_connected.set(1);
@@ -152,20 +271,32 @@ pub async fn follow(proxy: Proxy, url: String, proxy_id: String, admin: String, 
     }
 }
 
-/// One long-poll.
-async fn poll(client: &Client<HttpConnector, Empty<Bytes>>, uri: &str) -> Result<Snapshot, String> {
-    let req = hyper::Request::get(uri)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(WAIT + SLACK, client.request(req))
+/// One long-poll; a body over `control_max_bytes` fails it.
+async fn poll(link: &Link, uri: &str) -> Result<Snapshot, String> {
+    let mut req = hyper::Request::get(uri);
+    if let Some(token) = &link.token {
+        let mut value = b"Bearer ".to_vec();
+        value.extend_from_slice(token.expose());
+        let mut value = http::HeaderValue::from_bytes(&value).map_err(|e| e.to_string())?;
+        value.set_sensitive(true);
+        req = req.header(http::header::AUTHORIZATION, value);
+    }
+    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(WAIT + SLACK, link.client.request(req))
         .await
         .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| causes(&e))?;
     let status = resp.status();
-    let body = tokio::time::timeout(SLACK, resp.into_body().collect())
+    let body = Limited::new(resp.into_body(), link.max_bytes);
+    let body = tokio::time::timeout(SLACK, body.collect())
         .await
         .map_err(|_| "body timed out".to_owned())?
-        .map_err(|e| e.to_string())?
+        .map_err(|e| {
+            format!(
+                "reading the snapshot: {e} (control_max_bytes: {})",
+                link.max_bytes
+            )
+        })?
         .to_bytes();
     if !status.is_success() {
         return Err(format!(
@@ -174,6 +305,19 @@ async fn poll(client: &Client<HttpConnector, Empty<Bytes>>, uri: &str) -> Result
         ));
     }
     serde_json::from_slice(&body).map_err(|e| format!("bad snapshot: {e}"))
+}
+
+/// An error and its sources, `: `-joined (the client's own message says
+/// only "client error (Connect)", not which certificate was refused).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Validates a snapshot merged into the running config and swaps it in;
@@ -207,15 +351,10 @@ fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
     Ok(index)
 }
 
-/// Writes the cache atomically: a temporary file, then a rename.
+/// Writes the cache atomically and durably (`write_atomic`).
 fn write_cache(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    almond_config::write_atomic(path, &bytes)
 }
 
 /// 250 ms doubling to 10 s, with jitter.

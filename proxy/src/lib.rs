@@ -39,7 +39,7 @@ pub mod upstream;
 #[cfg(test)]
 mod props;
 
-use almond_config::ProxyConfig;
+use almond_config::{ProxyConfig, Secret};
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
@@ -67,6 +67,9 @@ pub struct Shared {
     pub tls: Option<Arc<tls::Tls>>,
     /// Trace sampling, the access log and the log level.
     pub observe: observe::Observe,
+    /// The token of `admin_token_env`: what `/config`, `/endpoints` and
+    /// `/log-level` need when the admin listener is not on loopback.
+    pub admin_token: Option<Secret>,
 }
 
 /// Sockets bound for a config, before serving starts: tests bind port 0
@@ -119,6 +122,12 @@ pub enum Error {
     /// The `tls` files cannot be used.
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
+    /// The control plane cannot be reached as configured (token, CA).
+    #[error("{0}")]
+    Control(#[from] control::LinkError),
+    /// `admin_token_env` names a variable that is unset or empty.
+    #[error("{0}")]
+    AdminToken(String),
 }
 
 /// A running proxy's handle: swap its config while it serves.
@@ -127,6 +136,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     /// Position of the snapshot cache loaded at start (default: none).
     cached: control::Position,
+    /// How to reach the control plane, when `control` is set.
+    link: Option<Arc<control::Link>>,
 }
 
 impl Proxy {
@@ -137,6 +148,12 @@ impl Proxy {
             Some(_) => control::load_cache(&mut config).unwrap_or_default(),
             None => control::Position::default(),
         };
+        let link = match config.control {
+            Some(_) => Some(Arc::new(control::Link::new(&config)?)),
+            None => None,
+        };
+        let admin_token = Secret::from_config("admin_token_env", config.admin_token_env.as_deref())
+            .map_err(Error::AdminToken)?;
         let metrics = Metrics::new()?;
         let http = listen::http_builder(&config.limits);
         let observe = observe::Observe::new(&config, &metrics);
@@ -153,8 +170,10 @@ impl Proxy {
                 http,
                 tls,
                 observe,
+                admin_token,
             }),
             cached,
+            link,
         })
     }
 
@@ -227,16 +246,16 @@ impl Proxy {
             admin_stop_rx,
         ));
         let config = self.shared.table.load().config.clone();
-        let follower = match &config.control {
+        let follower = match (&config.control, self.link.clone()) {
             // Static mode: ready now.
-            None => {
+            (None, _) | (_, None) => {
                 self.shared
                     .ready
                     .store(true, std::sync::atomic::Ordering::Release);
                 None
             }
             // Dynamic: ready once a snapshot (or the cache) is in force.
-            Some(url) => {
+            (Some(url), Some(link)) => {
                 let cached = self.cached;
                 if cached.index > 0 {
                     self.shared.metrics.config_index.set(cached.index as i64);
@@ -248,6 +267,7 @@ impl Proxy {
                 let admin = admin_addr.map(|a| a.to_string()).unwrap_or_default();
                 Some(tokio::spawn(control::follow(
                     self.clone(),
+                    link,
                     url.clone(),
                     id,
                     admin,

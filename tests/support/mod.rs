@@ -1365,7 +1365,22 @@ pub fn control_proxy_yaml(control: &str, cache: Option<&std::path::Path>) -> Str
 /// Starts an in-process proxy following `control` and waits until its
 /// `/ready` answers 200 (a snapshot, or the cache, is in force).
 pub async fn start_following(control: &str, cache: Option<&std::path::Path>) -> TestProxy {
-    let proxy = TestProxy::start(&control_proxy_yaml(control, cache)).await;
+    start_following_with(&control_proxy_yaml(control, cache)).await
+}
+
+/// As [`start_following`], presenting the token in env var `token_env`.
+pub async fn start_following_token(control: &str, token_env: &str) -> TestProxy {
+    let yaml = format!(
+        "{}token_env: {token_env}\n",
+        control_proxy_yaml(control, None)
+    );
+    start_following_with(&yaml).await
+}
+
+/// Starts an in-process proxy on `yaml` (a following config) and waits
+/// until its `/ready` answers 200.
+pub async fn start_following_with(yaml: &str) -> TestProxy {
+    let proxy = TestProxy::start(yaml).await;
     eventually("the proxy's /ready answers 200", || async {
         proxy.admin_get("/ready").await.status == StatusCode::OK
     })

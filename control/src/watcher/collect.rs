@@ -4,7 +4,7 @@
 use super::judge::Window;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -15,8 +15,9 @@ use std::time::Duration;
 pub type Totals = BTreeMap<String, Window>;
 
 /// Scrapes `admins` (proxy admin addresses) and sums the outbound golden
-/// metrics of `service` by subset. Unreachable proxies are skipped.
-pub async fn scrape(admins: &[String], service: &str) -> BTreeMap<String, Totals> {
+/// metrics of `service` by subset. Unreachable proxies, and proxies whose
+/// answer is not 200 or is over `max_body` bytes, are skipped.
+pub async fn scrape(admins: &[String], service: &str, max_body: usize) -> BTreeMap<String, Totals> {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     // Many proxies at once (a slow or gone one costs its timeout once, not
@@ -32,7 +33,11 @@ pub async fn scrape(admins: &[String], service: &str) -> BTreeMap<String, Totals
                     .ok()?;
                 let fetched = tokio::time::timeout(SCRAPE_TIMEOUT, async {
                     let resp = client.request(req).await.ok()?;
-                    resp.into_body().collect().await.ok().map(|b| b.to_bytes())
+                    if !resp.status().is_success() {
+                        return None;
+                    }
+                    let body = Limited::new(resp.into_body(), max_body);
+                    body.collect().await.ok().map(|b| b.to_bytes())
                 })
                 .await;
                 match fetched {
@@ -181,8 +186,12 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
 /// The same totals from a Prometheus server (the `prometheus` source):
 /// instant queries summing every proxy's series by subset. Returned under
 /// one key so [`delta`] treats it like one big proxy.
-pub async fn query_prometheus(base: &str, service: &str) -> BTreeMap<String, Totals> {
-    query_prometheus_over(base, service, None).await
+pub async fn query_prometheus(
+    base: &str,
+    service: &str,
+    max_body: usize,
+) -> BTreeMap<String, Totals> {
+    query_prometheus_over(base, service, None, max_body).await
 }
 
 /// As [`query_prometheus`]; with `range`, each series is its `increase`
@@ -191,6 +200,7 @@ pub async fn query_prometheus_over(
     base: &str,
     service: &str,
     range: Option<Duration>,
+    max_body: usize,
 ) -> BTreeMap<String, Totals> {
     let sel = format!("service=\"{service}\",direction=\"outbound\"");
     let over = |series: String| match range {
@@ -215,7 +225,7 @@ pub async fn query_prometheus_over(
         Client::builder(TokioExecutor::new()).build_http();
     let mut totals: Totals = BTreeMap::new();
     for (i, q) in [requests, failures, buckets].iter().enumerate() {
-        let Some(result) = prometheus_vector(&client, base, q).await else {
+        let Some(result) = prometheus_vector(&client, base, q, max_body).await else {
             tracing::debug!(prometheus = base, query = %q, "prometheus query failed");
             return BTreeMap::new();
         };
@@ -254,6 +264,7 @@ async fn prometheus_vector(
     client: &Client<HttpConnector, Empty<Bytes>>,
     base: &str,
     query: &str,
+    max_body: usize,
 ) -> Option<Vec<(BTreeMap<String, String>, f64)>> {
     let uri = format!("{base}/api/v1/query?query={}", encode(query));
     let req = hyper::Request::get(uri).body(Empty::new()).ok()?;
@@ -262,7 +273,8 @@ async fn prometheus_vector(
         if !resp.status().is_success() {
             return None;
         }
-        resp.into_body().collect().await.ok().map(|b| b.to_bytes())
+        let body = Limited::new(resp.into_body(), max_body);
+        body.collect().await.ok().map(|b| b.to_bytes())
     })
     .await
     .ok()??;

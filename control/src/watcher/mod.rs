@@ -184,8 +184,10 @@ impl Watcher {
     /// Per-source totals now: per proxy (direct) or one sum (Prometheus).
     async fn collect(&self, admins: &[String], service: &str) -> BTreeMap<String, Totals> {
         match &self.source {
-            WatcherSource::Direct => collect::scrape(admins, service).await,
-            WatcherSource::Prometheus(url) => collect::query_prometheus(url, service).await,
+            WatcherSource::Direct => collect::scrape(admins, service, self.state.max_body).await,
+            WatcherSource::Prometheus(url) => {
+                collect::query_prometheus(url, service, self.state.max_body).await
+            }
         }
     }
 

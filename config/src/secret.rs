@@ -1,0 +1,89 @@
+//! Tokens named by a config (`token_env`, `proxy_token_env`,
+//! `admin_token_env`): read from the environment at start, failing closed,
+//! and compared in constant time.
+
+use subtle::ConstantTimeEq;
+
+/// A bearer token from the environment. Its `Debug` shows no byte of it.
+#[derive(Clone)]
+pub struct Secret(Box<[u8]>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    /// The token in environment variable `var`, named by config key `key`;
+    /// unset, empty or not UTF-8 is an error naming both (a configured
+    /// token that is missing must not mean "no token").
+    pub fn from_env(key: &str, var: &str) -> Result<Secret, String> {
+        match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Secret(v.into_bytes().into_boxed_slice())),
+            Ok(_) => Err(format!(
+                "{key}: environment variable {var} is empty; set it to the token, or remove {key}"
+            )),
+            Err(_) => Err(format!(
+                "{key}: environment variable {var} is not set; set it to the token, or remove {key}"
+            )),
+        }
+    }
+
+    /// For a config's optional `*_token_env` key.
+    pub fn from_config(key: &str, var: Option<&str>) -> Result<Option<Secret>, String> {
+        var.map(|var| Secret::from_env(key, var)).transpose()
+    }
+
+    /// A token given directly (tests, the CLI's `--token`).
+    pub fn new(token: &str) -> Secret {
+        Secret(token.as_bytes().into())
+    }
+
+    /// Whether `given` is this token, in time that does not depend on
+    /// where they differ.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        self.0.ct_eq(given).into()
+    }
+
+    /// Whether an `Authorization` header value is `Bearer <this token>`.
+    pub fn matches_bearer(&self, authorization: Option<&[u8]>) -> bool {
+        authorization
+            .and_then(|v| v.strip_prefix(b"Bearer "))
+            .is_some_and(|t| self.matches(t))
+    }
+
+    /// The token, for sending it.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_empty_variable_is_an_error_naming_it() {
+        let err = Secret::from_env("token_env", "ALMOND_TEST_SURELY_UNSET_VAR").unwrap_err();
+        assert!(
+            err.contains("ALMOND_TEST_SURELY_UNSET_VAR") && err.contains("not set"),
+            "{err}"
+        );
+        std::env::set_var("ALMOND_TEST_EMPTY_TOKEN_VAR", "  ");
+        let err = Secret::from_env("token_env", "ALMOND_TEST_EMPTY_TOKEN_VAR").unwrap_err();
+        assert!(err.contains("is empty"), "{err}");
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_matches() {
+        let s = Secret::new("s3cret");
+        assert!(s.matches_bearer(Some(b"Bearer s3cret")));
+        assert!(!s.matches_bearer(Some(b"Bearer s3cre")));
+        assert!(!s.matches_bearer(Some(b"Bearer s3cret2")));
+        assert!(!s.matches_bearer(Some(b"bearer s3cret")));
+        assert!(!s.matches_bearer(Some(b"s3cret")));
+        assert!(!s.matches_bearer(None));
+        assert_eq!(format!("{s:?}"), "Secret(..)");
+    }
+}

@@ -1,0 +1,536 @@
+//! End to end: who may talk to the control plane, and what it reads. A
+//! configured token that is missing fails the start; changes need the
+//! operator token and snapshot reads a credential once one is configured
+//! (refusals counted); the watcher scrapes only proxies that authenticated,
+//! at the address their connection came from; bodies read from Consul and
+//! from the control plane are bounded. Real sockets, real binaries.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use almond_consul_double::{ConsulDouble, ServiceDef};
+use http::{Method, Request, StatusCode};
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+
+const OPERATOR: &str = "operator-s3cret";
+const PROXIES: &str = "proxy-s3cret";
+
+/// A control config on `registry` with both tokens, from variables named
+/// after `tag` (set here, so tests in this binary do not share them).
+fn secured_yaml(registry: &Registry, tag: &str) -> String {
+    let (op, px) = (format!("ALMOND_T_OP_{tag}"), format!("ALMOND_T_PX_{tag}"));
+    std::env::set_var(&op, OPERATOR);
+    std::env::set_var(&px, PROXIES);
+    format!(
+        "{}proxy_token_env: {px}\n",
+        registry.control_yaml(Some(&op))
+    )
+}
+
+/// `GET path` on `addr` with an optional bearer token.
+async fn get_with(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Reply {
+    let mut req = Request::builder().uri(path).header("host", "control");
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    H1::connect(addr)
+        .await
+        .request(req.body(empty()).unwrap())
+        .await
+}
+
+#[tokio::test]
+async fn a_configured_token_that_is_missing_or_empty_stops_the_start() {
+    let registry = Registry::new();
+    for (var, value) in [
+        ("ALMOND_T_UNSET_TOKEN", None),
+        ("ALMOND_T_EMPTY_TOKEN", Some("")),
+    ] {
+        let yaml = registry.control_yaml(Some(var));
+        let config = write_temp(".yaml", &yaml);
+        let mut cmd = almond();
+        cmd.arg("control").arg("--config").arg(config.path());
+        match value {
+            Some(v) => cmd.env(var, v),
+            None => cmd.env_remove(var),
+        };
+        let out = within("almond control to exit", cmd.kill_on_drop(true).output())
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(var) && err.contains("token_env"), "{err}");
+    }
+    // The proxy side: `token_env` and `admin_token_env` the same way.
+    for key in ["token_env", "admin_token_env"] {
+        let yaml = format!(
+            "admin: 127.0.0.1:0\ncontrol: http://127.0.0.1:9\n{key}: ALMOND_T_UNSET_PROXY_TOKEN\nlisteners:\n  - bind: 127.0.0.1:0\n"
+        );
+        let config = write_temp(".yaml", &yaml);
+        let out = within(
+            "almond proxy to exit",
+            almond()
+                .arg("proxy")
+                .arg("--config")
+                .arg(config.path())
+                .env_remove("ALMOND_T_UNSET_PROXY_TOKEN")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{key}: {err}");
+        assert!(err.contains("ALMOND_T_UNSET_PROXY_TOKEN"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn changes_and_snapshots_need_their_credentials_and_refusals_are_counted() {
+    let registry = Registry::new();
+    let backend = Backend::start("v1").await;
+    registry.service("s", &[(backend.addr, "v1")]);
+    let control = TestControl::start(&secured_yaml(&registry, "A")).await;
+    let split = json!({ "weights": { "v1": 100 } });
+
+    // Changes: none, the proxies' token, a near miss: refused; nothing changed.
+    assert_eq!(
+        control.put_split("s", &split, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    for wrong in [PROXIES, "operator-s3cre", "operator-s3cretX"] {
+        let reply = control.put_split("s", &split, Some(wrong)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{wrong}: {}",
+            reply.text()
+        );
+    }
+    assert!(
+        !registry.policy_file.exists(),
+        "no refused change was written"
+    );
+    let reply = control.put_split("s", &split, Some(OPERATOR)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    // Snapshots: no token or a wrong one is refused; the proxies' token
+    // and the operator's both read.
+    let path = "/v1/snapshot?proxy=p1&admin=4191&wait=0s";
+    assert_eq!(
+        get_with(control.addr, path, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get_with(control.addr, path, Some("nope")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    for token in [PROXIES, OPERATOR] {
+        let reply = get_with(control.addr, path, Some(token)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert!(reply.json()["services"]["s"].is_object());
+    }
+
+    let metrics = control.get("/metrics").await.text();
+    let refused = |request| {
+        metric(
+            &metrics,
+            "almond_control_refused_total",
+            &[("request", request)],
+        )
+    };
+    assert_eq!(refused("change"), 4.0);
+    assert_eq!(refused("snapshot"), 2.0);
+}
+
+/// The SSRF of the issue: with a token configured and a rollout running,
+/// an unauthenticated reader that names an admin address is refused and
+/// never scraped; an authenticated proxy that names another host is
+/// scraped at the address its connection came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_scrapes_only_authenticated_proxies_at_their_own_address() {
+    let registry = Registry::new();
+    let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+    registry.service("s", &[(v1.addr, "v1"), (v2.addr, "v2")]);
+    let control = TestControl::start(&secured_yaml(&registry, "B")).await;
+
+    // The target the attacker names: counts every connection.
+    let bait = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bait_addr = bait.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = bait.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+
+    let split = json!({ "weights": { "v1": 100, "v2": 0 } });
+    assert_eq!(
+        control.put_split("s", &split, Some(OPERATOR)).await.status,
+        StatusCode::OK
+    );
+    let spec = json!({
+        "canary": "v2", "stable": "v1", "steps": [10, 100], "interval_seconds": 0.3,
+        "thresholds": { "min_requests": 1000000, "max_error_rate": 0.05 },
+    });
+    let reply = control
+        .send(
+            Method::POST,
+            "/v1/services/s/rollouts",
+            &spec,
+            Some(OPERATOR),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    let evil = format!("/v1/snapshot?proxy=evil&admin={bait_addr}&wait=0s");
+    assert_eq!(
+        get_with(control.addr, &evil, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // An authenticated proxy naming a far host: recorded at its own (the
+    // connection's) host, with the port it named.
+    let named = format!(
+        "/v1/snapshot?proxy=good&admin=203.0.113.9:{}&wait=0s",
+        bait_addr.port()
+    );
+    assert_eq!(
+        get_with(control.addr, &named, Some(PROXIES)).await.status,
+        StatusCode::OK
+    );
+    let proxies = control.get("/v1/proxies").await.json();
+    assert!(proxies.get("evil").is_none(), "{proxies:#}");
+    assert_eq!(
+        proxies["good"]["admin"],
+        json!(bait_addr.to_string()),
+        "{proxies:#}"
+    );
+
+    // The watcher ticks (0.3 s interval) for a while: it scrapes "good"
+    // at 127.0.0.1 (the bait, here), and nothing for "evil". Seen at most
+    // as many connections as from "good" alone: compare with a second run
+    // where only the refused reader asked.
+    eventually("the watcher scrapes the authenticated proxy", || async {
+        hits.load(Ordering::SeqCst) > 0
+    })
+    .await;
+
+    // Second control plane: only the unauthenticated reader; nothing at all.
+    let registry2 = Registry::new();
+    registry2.service("s", &[(v1.addr, "v1"), (v2.addr, "v2")]);
+    let control2 = TestControl::start(&secured_yaml(&registry2, "C")).await;
+    assert_eq!(
+        control2.put_split("s", &split, Some(OPERATOR)).await.status,
+        StatusCode::OK
+    );
+    let reply = control2
+        .send(
+            Method::POST,
+            "/v1/services/s/rollouts",
+            &spec,
+            Some(OPERATOR),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let bait2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bait2_addr = bait2.local_addr().unwrap();
+    let evil = format!("/v1/snapshot?proxy=evil&admin={bait2_addr}&wait=0s");
+    for _ in 0..3 {
+        assert_eq!(
+            get_with(control2.addr, &evil, None).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let accepted = tokio::time::timeout(Duration::from_secs(2), bait2.accept()).await;
+    assert!(
+        accepted.is_err(),
+        "the watcher connected to the address an unauthenticated reader named"
+    );
+    assert!(control2
+        .get("/v1/proxies")
+        .await
+        .json()
+        .get("evil")
+        .is_none());
+}
+
+#[tokio::test]
+async fn a_proxy_with_its_token_follows_a_secured_control_plane_and_one_without_does_not() {
+    let registry = Registry::new();
+    let backend = Backend::start("v1").await;
+    registry.service("s", &[(backend.addr, "v1")]);
+    let control = TestControl::start(&secured_yaml(&registry, "D")).await;
+
+    std::env::set_var("ALMOND_T_PROXY_TOKEN_D", PROXIES);
+    let yaml = format!(
+        "{}token_env: ALMOND_T_PROXY_TOKEN_D\n",
+        control_proxy_yaml(&control.url(), None)
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    eventually("the proxy with the token is ready", || async {
+        proxy.admin_get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    assert_eq!(client.get("s", "/").await.status, StatusCode::OK);
+
+    let without = TestProxy::start(&control_proxy_yaml(&control.url(), None)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        without.admin_get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a proxy without the token got no snapshot"
+    );
+    assert_eq!(
+        proxy_metric(&without, "almond_control_connected", &[]).await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn oversized_answers_are_refused_not_read_whole() {
+    // A snapshot bigger than the proxy's `control_max_bytes`: not applied.
+    let registry = Registry::new();
+    let backend = Backend::start("v1").await;
+    registry.service("s", &[(backend.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let yaml = format!(
+        "{}control_max_bytes: 64\n",
+        control_proxy_yaml(&control.url(), None)
+    );
+    let small = TestProxy::start(&yaml).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        small.admin_get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    // A Consul answer bigger than the control plane's `max_body_bytes`:
+    // a failed query (counted), never a sync.
+    let consul = ConsulDouble::start().await;
+    for i in 0..3 {
+        let def = ServiceDef::new("web")
+            .id(&format!("web-{i}"))
+            .address("127.0.0.1")
+            .port(backend.addr.port())
+            .meta("version", "v1");
+        consul.register(def).unwrap();
+    }
+    let yaml = format!(
+        "{}max_body_bytes: 64\n",
+        consul_control_yaml(&consul.url(), "1s", "ALMOND_T_NO_CONSUL_TOKEN")
+    );
+    let control = TestControl::launch_unready(&yaml).await;
+    eventually("the oversized Consul answers are counted", || async {
+        let metrics = control.get("/metrics").await.text();
+        metric(&metrics, "almond_control_consul_errors_total", &[]) >= 1.0
+    })
+    .await;
+    assert_eq!(
+        control.get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+/// PEM files of one identity (and its CA) in a scratch directory.
+struct Files {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    ca: std::path::PathBuf,
+}
+
+fn files(
+    registry: &Registry,
+    tag: &str,
+    ca: &support::pki::Ca,
+    leaf: &support::pki::Leaf,
+) -> Files {
+    let at = |name: &str, text: &str| {
+        let path = registry.scratch(&format!("{tag}-{name}.pem"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    Files {
+        cert: at("cert", &leaf.cert),
+        key: at("key", &leaf.key),
+        ca: at("ca", &ca.pem),
+    }
+}
+
+/// A control plane serving TLS on `localhost`, with a proxy token.
+async fn tls_control(
+    registry: &Registry,
+    ca: &support::pki::Ca,
+    tag: &str,
+    expired: bool,
+) -> TestControl {
+    let backend = Backend::start("v1").await;
+    registry.service("s", &[(backend.addr, "v1")]);
+    let server = files(
+        registry,
+        &format!("{tag}-server"),
+        ca,
+        &ca.leaf_with("localhost", expired),
+    );
+    let yaml = format!(
+        "{}tls: {{ cert: \"{}\", key: \"{}\", ca: \"{}\" }}\n",
+        secured_yaml(registry, tag),
+        server.cert.display(),
+        server.key.display(),
+        server.ca.display()
+    );
+    std::mem::forget(backend);
+    TestControl::launch_unready(&yaml).await
+}
+
+/// A proxy following `https://localhost:PORT` of `control`, with `extra`
+/// config lines.
+async fn https_follower(control: &TestControl, extra: &str) -> TestProxy {
+    let url = format!("https://localhost:{}", control.addr.port());
+    TestProxy::start(&format!("{}{extra}", control_proxy_yaml(&url, None))).await
+}
+
+async fn becomes_ready(proxy: &TestProxy) -> bool {
+    for _ in 0..40 {
+        if proxy.admin_get("/ready").await.status == StatusCode::OK {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// TLS on the control listener: a proxy that trusts its CA follows it
+/// (with its token, or with a client certificate of that CA instead);
+/// a wrong CA, an expired server certificate, or no credential: no
+/// snapshot.
+#[tokio::test]
+async fn proxies_follow_a_tls_control_plane_and_refuse_a_wrong_one() {
+    let registry = Registry::new();
+    let ca = support::pki::Ca::new("almond test ca");
+    let control = tls_control(&registry, &ca, "E", false).await;
+    let ca_file = registry.scratch("E-trust.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+
+    // Trusted CA and the proxy token.
+    std::env::set_var("ALMOND_T_PROXY_TOKEN_E", PROXIES);
+    let with_token = https_follower(
+        &control,
+        &format!(
+            "control_ca: \"{}\"\ntoken_env: ALMOND_T_PROXY_TOKEN_E\n",
+            ca_file.display()
+        ),
+    )
+    .await;
+    assert!(
+        becomes_ready(&with_token).await,
+        "followed over https with the token"
+    );
+
+    // Trusted CA, no token, but a client certificate of the CA (the
+    // proxy's `tls` identity): authenticated by it.
+    let client = files(&registry, "E-client", &ca, &ca.leaf("web"));
+    let with_cert = https_follower(
+        &control,
+        &format!(
+            "tls: {{ cert: \"{}\", key: \"{}\", ca: \"{}\" }}\n",
+            client.cert.display(),
+            client.key.display(),
+            client.ca.display()
+        ),
+    )
+    .await;
+    assert!(
+        becomes_ready(&with_cert).await,
+        "authenticated by its client certificate"
+    );
+
+    // Trusted CA, no credential at all: refused.
+    let bare = https_follower(
+        &control,
+        &format!("control_ca: \"{}\"\n", ca_file.display()),
+    )
+    .await;
+    assert!(!becomes_ready(&bare).await, "no credential, no snapshot");
+
+    // A CA that did not sign the control plane's certificate.
+    let other = support::pki::Ca::new("someone else");
+    let wrong_ca = registry.scratch("E-wrong.pem");
+    std::fs::write(&wrong_ca, &other.pem).unwrap();
+    let wrong = https_follower(
+        &control,
+        &format!(
+            "control_ca: \"{}\"\ntoken_env: ALMOND_T_PROXY_TOKEN_E\n",
+            wrong_ca.display()
+        ),
+    )
+    .await;
+    assert!(
+        !becomes_ready(&wrong).await,
+        "a control plane of another CA is not followed"
+    );
+
+    // A client certificate of another CA: the handshake fails.
+    let stranger = files(&registry, "E-stranger", &other, &other.leaf("web"));
+    let foreign = https_follower(
+        &control,
+        &format!(
+            "control_ca: \"{}\"\ntls: {{ cert: \"{}\", key: \"{}\", ca: \"{}\" }}\n",
+            ca_file.display(),
+            stranger.cert.display(),
+            stranger.key.display(),
+            stranger.ca.display()
+        ),
+    )
+    .await;
+    assert!(
+        !becomes_ready(&foreign).await,
+        "a client certificate of another CA is refused"
+    );
+
+    // The operator CLI over https: with the CA it reads and changes; without
+    // it (the system's roots do not know this CA) it fails, exit 1.
+    let url = format!("https://localhost:{}", control.addr.port());
+    let ca_arg = ca_file.display().to_string();
+    let (code, out, err) =
+        run_ops(&["status", "s", "--control", &url, "--control-ca", &ca_arg]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = run_ops(&[
+        "shift",
+        "s",
+        "v1=100",
+        "--control",
+        &url,
+        "--control-ca",
+        &ca_arg,
+        "--token",
+        OPERATOR,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = run_ops(&["status", "s", "--control", &url]).await;
+    assert_eq!(code, Some(1), "{err}");
+
+    // An expired server certificate.
+    let registry2 = Registry::new();
+    let expired = tls_control(&registry2, &ca, "F", true).await;
+    std::env::set_var("ALMOND_T_PROXY_TOKEN_F", PROXIES);
+    let late = https_follower(
+        &expired,
+        &format!(
+            "control_ca: \"{}\"\ntoken_env: ALMOND_T_PROXY_TOKEN_F\n",
+            ca_file.display()
+        ),
+    )
+    .await;
+    assert!(
+        !becomes_ready(&late).await,
+        "an expired control plane certificate is refused"
+    );
+}
