@@ -84,6 +84,18 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
+    /// Allow a client identity to call a service on inbound mTLS
+    /// listeners, or no longer allow it (every proxy enforces the list).
+    Authz {
+        /// The service.
+        service: String,
+        /// `allow` or `deny`.
+        action: AuthzAction,
+        /// A typed identity: spiffe://TRUST-DOMAIN/PATH, dns:NAME or cn:NAME.
+        identity: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
     /// Subsets, weights, endpoints healthy/total and live rps, success
     /// rate and p99 (from the proxies' metrics) of one service or all.
     Status {
@@ -182,6 +194,12 @@ struct OpsArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum AuthzAction {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Output {
     Text,
     Json,
@@ -227,6 +245,17 @@ fn main() -> ExitCode {
             ops,
         } => block_on(ops::promote(&ops.target(), &service, &subset)),
         Command::Rollback { service, ops } => block_on(ops::rollback(&ops.target(), &service)),
+        Command::Authz {
+            service,
+            action,
+            identity,
+            ops,
+        } => block_on(ops::authz(
+            &ops.target(),
+            &service,
+            action == AuthzAction::Allow,
+            &identity,
+        )),
         Command::Rollout {
             service,
             canary,

@@ -233,6 +233,32 @@ pub async fn rollback(t: &Target, service: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `almond authz SERVICE allow|deny IDENTITY`: changes who may call the
+/// service; prints the allow-list in force.
+pub async fn authz(t: &Target, service: &str, allow: bool, identity: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/services/{service}/authz");
+    let action = if allow { "allow" } else { "deny" };
+    let body = json!({ "action": action, "identity": identity });
+    let out = t.call(http::Method::PUT, &path, Some(body)).await?;
+    t.print(&out, || {
+        let list = out["policy"]["authz"]["allow"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        if list.is_empty() {
+            format!("{service}: nobody may call it")
+        } else {
+            format!("{service}: may be called by {list}")
+        }
+    });
+    Ok(())
+}
+
 /// `almond status [SERVICE]`: per service and subset, the weight,
 /// endpoints healthy/total, and live rps / success rate / p99 measured by
 /// the control plane over `window` (all services at once).

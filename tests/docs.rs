@@ -175,8 +175,13 @@ fn fully_populated() -> ProxyConfig {
         retries,
         health_check,
         tls,
+        authz,
     } in services.values_mut()
     {
+        let almond_config::Authz { allow } = authz.get_or_insert_with(Default::default);
+        if allow.is_empty() {
+            allow.push("spiffe://example.org/service/web".to_owned());
+        }
         let almond_config::HealthCheck {
             interval: _,
             timeout: _,

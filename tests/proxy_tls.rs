@@ -305,7 +305,7 @@ async fn raw_exchange(addr: SocketAddr, head: &[u8]) -> Vec<u8> {
 async fn only_allowed_identities_reach_the_service() {
     let backend = Backend::start("b").await;
     let ca = Ca::new("mesh CA");
-    let allow = format!(", allow: [\"{TRUST_DOMAIN}/web\", billing]");
+    let allow = format!(", allow: [\"{TRUST_DOMAIN}/web\", \"dns:billing\"]");
     let b = inbound_proxy(&Files::new(&ca, &ca.leaf("orders")), backend.addr, &allow).await;
 
     // By URI SAN.
@@ -597,4 +597,131 @@ async fn figures_mtls_against_plaintext() {
         f64::from(n) / wall.as_secs_f64(),
         (cpu_time() - cpu) / n
     );
+}
+
+/// Central authorization: proxy B serves `orders` inbound over mTLS and
+/// follows a control plane; `almond authz` changes who may call it, and B
+/// enforces each change as its snapshot arrives. Typed identities; the
+/// last identity denied leaves nobody allowed, not everybody; changes need
+/// the token and are in the audit trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authz_from_the_control_plane_is_enforced_by_inbound_listeners() {
+    let backend = Backend::start("b").await;
+    let registry = Registry::new();
+    registry.service("orders", &[(backend.addr, "v1")]);
+    std::env::set_var("ALMOND_T_AUTHZ_TOKEN", "authz-t0ken");
+    let control = TestControl::start(&registry.control_yaml(Some("ALMOND_T_AUTHZ_TOKEN"))).await;
+    let url = control.url();
+
+    let ca = Ca::new("mesh CA");
+    let b_files = Files::new(&ca, &ca.leaf("orders"));
+    let yaml = format!(
+        "admin: 127.0.0.1:0\ncontrol: {url}\ntoken_env: ALMOND_T_AUTHZ_TOKEN\n{tls}listeners:\n  \
+         - {{ bind: 127.0.0.1:0, service: orders, direction: inbound, tls: true }}\n",
+        tls = b_files.yaml()
+    );
+    let b = TestProxy::start(&yaml).await;
+    eventually("B follows the control plane", || async {
+        b.admin_get("/ready").await.status == http::StatusCode::OK
+    })
+    .await;
+    let web = outbound_proxy(&Files::new(&ca, &ca.leaf("web")), b.listeners[0], "http1").await;
+    let billing = outbound_proxy(
+        &Files::new(&ca, &ca.leaf("billing")),
+        b.listeners[0],
+        "http1",
+    )
+    .await;
+    // No central policy yet: every verified client.
+    assert_eq!(through(&web).await.status, 200);
+    assert_eq!(through(&billing).await.status, 200);
+
+    let web_id = format!("{TRUST_DOMAIN}/web");
+    let authz = |action: &'static str, id: String, token: Option<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut args = vec!["authz".to_owned(), "orders".into(), action.into(), id];
+            args.extend(["--control".into(), url]);
+            if let Some(t) = token {
+                args.extend(["--token".into(), t.into()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_ops(&args).await
+        }
+    };
+    // Refused: no token; an untyped identity. Nothing changes.
+    let (code, _, err) = authz("allow", web_id.clone(), None).await;
+    assert_eq!(code, Some(1), "{err}");
+    let (code, _, err) = authz("allow", "web".into(), Some("authz-t0ken")).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not typed"), "{err}");
+    assert_eq!(through(&billing).await.status, 200);
+
+    // Only web.
+    let (code, out, err) = authz("allow", web_id.clone(), Some("authz-t0ken")).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&web_id), "{out}");
+    eventually("billing is refused", || async {
+        through(&billing).await.status == 403
+    })
+    .await;
+    assert_eq!(through(&web).await.status, 200);
+
+    // billing by its DNS name too; then web denied: billing alone.
+    let (code, _, err) = authz("allow", "dns:billing".into(), Some("authz-t0ken")).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = authz("deny", web_id.clone(), Some("authz-t0ken")).await;
+    assert_eq!(code, Some(0), "{err}");
+    eventually("web is refused, billing admitted", || async {
+        through(&web).await.status == 403 && through(&billing).await.status == 200
+    })
+    .await;
+
+    // The last one denied: nobody.
+    let (code, out, err) = authz("deny", "dns:billing".into(), Some("authz-t0ken")).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("nobody"), "{out}");
+    eventually("nobody is admitted", || async {
+        through(&billing).await.status == 403
+    })
+    .await;
+    assert_eq!(through(&web).await.status, 403);
+
+    // Audited like splits.
+    let history = control.service("orders").await["policy"]["history"].clone();
+    let actions: Vec<(String, String)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["action"].as_str().unwrap().to_owned(),
+                c["identity"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("authz allow".into(), web_id.clone()),
+            ("authz allow".into(), "dns:billing".into()),
+            ("authz deny".into(), web_id),
+            ("authz deny".into(), "dns:billing".into()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn untyped_allow_entries_are_refused_with_their_key() {
+    let yaml = "admin: 127.0.0.1:0\ntls: { cert: c.pem, key: k.pem, ca: ca.pem }\nlisteners:\n  \
+                - { bind: 127.0.0.1:0, service: orders, direction: inbound, tls: true, allow: [billing] }\n\
+                services:\n  orders:\n    authz: { allow: [\"dns:\"] }\n    endpoints: [{ addr: \"127.0.0.1:1\" }]\n";
+    let err = almond_config::load_proxy(yaml, "test")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("listeners[0].allow[0]") && err.contains("not typed"),
+        "{err}"
+    );
+    assert!(err.contains("services.orders.authz.allow[0]"), "{err}");
 }

@@ -26,8 +26,8 @@ pub use load::{
 pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing};
 pub use problem::{Problem, Problems};
 pub use proxy::{
-    CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits, Listener, Protocol,
-    ProxyConfig, Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
+    check_identity, Authz, CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits,
+    Listener, Protocol, ProxyConfig, Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
 };
 pub use secret::Secret;
 pub use snapshot::Snapshot;

@@ -320,6 +320,13 @@ pub enum Strictness {
 pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, String)> {
     let strict = strictness == Strictness::Static;
     let mut out = Vec::new();
+    if let Some(authz) = &svc.authz {
+        for (i, id) in authz.allow.iter().enumerate() {
+            if let Err(why) = crate::proxy::check_identity(id) {
+                out.push((format!(".authz.allow[{i}]"), why));
+            }
+        }
+    }
     if strict && svc.endpoints.is_empty() {
         out.push((
             ".endpoints".into(),

@@ -85,6 +85,33 @@ pub struct Tls {
     pub ca: PathBuf,
 }
 
+/// A service's callers: client certificate identities, typed
+/// (`spiffe://…` URI SAN, `dns:NAME` DNS SAN, `cn:NAME` subject CN).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authz {
+    /// Identities allowed; empty = nobody (the policy exists, and admits
+    /// no one).
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// Checks one typed identity of an `allow` list: `spiffe://…`,
+/// `dns:NAME` or `cn:NAME` (a bare name is refused: it used to match any
+/// kind of name).
+pub fn check_identity(id: &str) -> Result<(), String> {
+    let typed = ["spiffe://", "dns:", "cn:"]
+        .iter()
+        .find_map(|p| id.strip_prefix(p).map(|rest| (p, rest)));
+    match typed {
+        Some((_, rest)) if !rest.trim().is_empty() && rest.trim() == rest => Ok(()),
+        Some((p, _)) => Err(format!("{id:?}: nothing (or spaces) after {p}")),
+        None => Err(format!(
+            "{id:?} is not typed: write spiffe://TRUST-DOMAIN/PATH (a URI SAN), dns:NAME (a DNS SAN) or cn:NAME (the subject CN)"
+        )),
+    }
+}
+
 /// Upstream TLS of a service: `tls: true` or `tls: { server_name: NAME }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -290,6 +317,10 @@ pub struct Service {
     /// Active health checks of every endpoint (off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Who may call this service on an inbound listener (usually sent by
+    /// the control plane, `almond authz`); absent = the listener's `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz: Option<Authz>,
     /// Connect to the endpoints over mTLS with the proxy-level `tls`.
     #[serde(
         default,

@@ -25,11 +25,8 @@ pub fn check(config: &ProxyConfig) -> Vec<(String, String)> {
             ));
         }
         for (j, id) in l.allow.iter().enumerate() {
-            if id.trim().is_empty() {
-                out.push((
-                    format!("listeners[{i}].allow[{j}]"),
-                    "must not be empty".into(),
-                ));
+            if let Err(why) = crate::proxy::check_identity(id) {
+                out.push((format!("listeners[{i}].allow[{j}]"), why));
             }
         }
     }
@@ -98,13 +95,13 @@ mod tests {
 
     #[test]
     fn tls_listener_needs_the_proxy_identity() {
-        let text = "listeners:\n  - bind: 127.0.0.1:1\n    tls: true\n    allow: [a]\n";
+        let text = "listeners:\n  - bind: 127.0.0.1:1\n    tls: true\n    allow: [\"dns:a\"]\n";
         assert_eq!(paths(text), vec!["listeners[0].tls"]);
     }
 
     #[test]
     fn allow_needs_a_tls_listener() {
-        let text = "listeners:\n  - bind: 127.0.0.1:1\n    allow: [a]\n";
+        let text = "listeners:\n  - bind: 127.0.0.1:1\n    allow: [\"dns:a\"]\n";
         assert_eq!(paths(text), vec!["listeners[0].allow"]);
     }
 

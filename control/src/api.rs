@@ -212,6 +212,10 @@ async fn respond(
                 let name = (*name).to_owned();
                 mutate(&api, req, peer, &name, Mutation::Split).await
             }
+            (Method::PUT, ["v1", "services", name, "authz"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, peer, &name, Mutation::Authz).await
+            }
             (Method::POST, ["v1", "services", name, "rollback"]) => {
                 let name = (*name).to_owned();
                 mutate(&api, req, peer, &name, Mutation::Rollback).await
@@ -319,6 +323,17 @@ enum Mutation {
     StartRollout,
     Approve,
     Abort,
+    Authz,
+}
+
+/// Body of `PUT /v1/services/{svc}/authz`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthzRequest {
+    /// `allow` or `deny`.
+    action: String,
+    /// A typed identity: `spiffe://…`, `dns:NAME` or `cn:NAME`.
+    identity: String,
 }
 
 /// Body of `PUT /v1/services/{svc}/split`.
@@ -411,6 +426,28 @@ async fn mutate(
                 .with_sticky_header(request.sticky_header)
                 .with_split(request.weights, &by, action, now)
         }
+        Mutation::Authz => {
+            let request: AuthzRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                }
+            };
+            let allow = match request.action.as_str() {
+                "allow" => true,
+                "deny" => false,
+                other => {
+                    return refusal(Refusal::Invalid(format!(
+                        "action {other:?}: use allow or deny"
+                    )))
+                }
+            };
+            let source = service.authz.as_ref();
+            match current.with_authz(source, allow, &request.identity, &by, now) {
+                Ok(p) => p,
+                Err(r) => return refusal(r),
+            }
+        }
         Mutation::Rollback => match current.rolled_back(&by, now) {
             Ok(p) => p,
             Err(r) => return refusal(r),
@@ -460,7 +497,7 @@ async fn mutate(
             )
         }
     }
-    tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, sticky = ?next.sticky_header, version = next.version, "split changed");
+    tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, sticky = ?next.sticky_header, authz = ?next.authz, version = next.version, "policy changed");
     if let Some(r) = &next.rollout {
         api.state.metrics.rollout_step(name, r.canary_weight());
     }

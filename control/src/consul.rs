@@ -644,6 +644,7 @@ pub fn to_service_resolved(
         circuit_breaker: Default::default(),
         retries: Default::default(),
         health_check: None,
+        authz: None,
         tls: None,
     }
 }

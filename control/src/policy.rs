@@ -3,7 +3,7 @@
 //! `store`; merged into the services proxies receive.
 
 use crate::watcher::rollout::Rollout;
-use almond_config::{check_sticky_header, Service, Split};
+use almond_config::{check_identity, check_sticky_header, Authz, Service, Split};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -41,6 +41,11 @@ pub struct Policy {
     /// The staged rollout, running or finished (the last one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+    /// Who may call the service on inbound `tls` listeners (`almond
+    /// authz`); once set, it replaces the source's and is enforced by
+    /// every proxy serving the service inbound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz: Option<Authz>,
 }
 
 /// One change, for the audit trail.
@@ -59,6 +64,9 @@ pub struct Change {
     /// The sticky header in force after the change, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky_header: Option<String>,
+    /// `authz allow` / `authz deny`: the identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// A refused change, with the HTTP status it maps to.
@@ -162,6 +170,7 @@ impl Policy {
             to: self.split.clone(),
             action: action.to_owned(),
             sticky_header: self.sticky_header.clone(),
+            identity: None,
         });
         if self.history.len() > HISTORY {
             let cut = self.history.len() - HISTORY;
@@ -179,9 +188,44 @@ impl Policy {
         self
     }
 
+    /// The policy after allowing (`allow: true`) or no longer allowing
+    /// `identity` to call the service. The first change starts from the
+    /// source's allow-list (`source`); denying the last identity leaves an
+    /// empty list, which admits no one (never "everyone").
+    pub fn with_authz(
+        &self,
+        source: Option<&Authz>,
+        allow: bool,
+        identity: &str,
+        by: &str,
+        now: u64,
+    ) -> Result<Policy, Refusal> {
+        check_identity(identity).map_err(Refusal::Invalid)?;
+        let mut next = self.clone();
+        let list = next
+            .authz
+            .get_or_insert_with(|| source.cloned().unwrap_or_default());
+        let present = list.allow.iter().any(|i| i == identity);
+        match (allow, present) {
+            (true, false) => list.allow.push(identity.to_owned()),
+            (false, true) => list.allow.retain(|i| i != identity),
+            _ => {}
+        }
+        next.version += 1;
+        next.record(by, if allow { "authz allow" } else { "authz deny" }, now);
+        if let Some(change) = next.history.last_mut() {
+            change.from = self.split.clone();
+            change.identity = Some(identity.to_owned());
+        }
+        Ok(next)
+    }
+
     /// The service proxies get: the source's, with this policy's split
-    /// (and sticky header; else the source's own).
+    /// (and sticky header; else the source's own) and allow-list.
     pub fn apply(&self, mut service: Service) -> Service {
+        if let Some(authz) = &self.authz {
+            service.authz = Some(authz.clone());
+        }
         if let Some(weights) = &self.split {
             let source_sticky = service.split.take().and_then(|s| s.sticky_header);
             service.split = Some(Split {

@@ -280,11 +280,13 @@ async fn serve_tls(
         tracing::info!(%peer, identities = ?names, "client identity not allowed");
     }
     let identity: Arc<str> = Arc::from(names.first().map_or("client", String::as_str));
+    let identities = tls::Identities(names.into());
     let builder = shared.http.clone();
     let activity = Arc::new(Activity::new());
-    let svc = counted(activity.clone(), move |req| {
+    let svc = counted(activity.clone(), move |mut req: Request<Incoming>| {
         let shared = shared.clone();
         let identity = identity.clone();
+        req.extensions_mut().insert(identities.clone());
         async move {
             if !allowed {
                 shared.metrics.tls_denied.inc();

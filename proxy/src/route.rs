@@ -91,6 +91,8 @@ pub struct ServiceRoute {
     pub in_flight: [IntGauge; 2],
     /// Upstream mTLS (`tls` of the service), if on.
     pub tls: Option<Arc<Upstream>>,
+    /// Who may call it on inbound listeners (`authz.allow`), if set.
+    pub authz: Option<Arc<[String]>>,
 }
 
 /// One subset of a service.
@@ -360,6 +362,7 @@ impl ServiceRoute {
             pending,
             outlier: Outlier::new(cb, svc.timeouts.request),
             health_check: svc.health_check.clone(),
+            authz: svc.authz.as_ref().map(|a| a.allow.as_slice().into()),
             retry: RetryPolicy::new(&svc.retries),
             retries: metrics.retries(name),
             in_flight: [

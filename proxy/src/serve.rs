@@ -132,8 +132,21 @@ async fn serve(
         }
     };
     let body_idle = table.config.limits.body_idle;
+    let inbound = on.direction == Direction::Inbound;
     drop(table);
     seen.service = Some(svc.name.clone());
+
+    // Authorization: an inbound service with an allow-list (`authz`, from
+    // the control plane) admits only the client identities on it; no
+    // verified identity (a plain listener) is no admission.
+    if let (true, Some(allow)) = (inbound, &svc.authz) {
+        let who = req.extensions().get::<crate::tls::Identities>();
+        if !who.is_some_and(|w| w.any_in(allow)) {
+            shared.metrics.tls_denied.inc();
+            let name = who.and_then(|w| w.0.first().cloned());
+            return Ok(ErrorKind::Forbidden.response(name.as_deref().unwrap_or("client")));
+        }
+    }
 
     // Split: a pinned subset, the weighted split, or every endpoint.
     let pool = match svc.pool(&req) {

@@ -288,8 +288,21 @@ impl Inbound {
     }
 }
 
-/// The names of a (verified) certificate, for `allow`: its URI and DNS
-/// subject alternative names, then its subject CN.
+/// The verified client identities of a request's connection (on `tls`
+/// listeners), for a service's `authz`.
+#[derive(Debug, Clone)]
+pub struct Identities(pub Arc<[String]>);
+
+impl Identities {
+    /// Whether one of them is on `allow`.
+    pub fn any_in(&self, allow: &[String]) -> bool {
+        self.0.iter().any(|n| allow.contains(n))
+    }
+}
+
+/// The names of a (verified) certificate, typed as `allow` entries are:
+/// its URI SANs as they are (`spiffe://…`), its DNS SANs as `dns:NAME`,
+/// its subject CN as `cn:NAME`; URI SANs first.
 pub fn identities(cert: &[u8]) -> Vec<String> {
     der::names(cert).unwrap_or_default()
 }
@@ -334,7 +347,7 @@ mod der {
         let (_, certificate, _) = tlv(cert)?;
         let (_, tbs, _) = tlv(certificate)?;
         let fields = items(tbs);
-        let mut out = Vec::new();
+        let (mut uris, mut dns) = (Vec::new(), Vec::new());
         // Extensions: [3] EXPLICIT SEQUENCE OF Extension.
         if let Some((_, ext)) = fields.iter().find(|(tag, _)| *tag == 0xa3) {
             let (_, list, _) = tlv(ext)?;
@@ -347,8 +360,11 @@ mod der {
                 let (_, general_names, _) = tlv(value)?;
                 for (tag, name) in items(general_names) {
                     // [6] uniformResourceIdentifier, [2] dNSName (IA5).
-                    if tag == 0x86 || tag == 0x82 {
-                        out.push(String::from_utf8_lossy(name).into_owned());
+                    let name = String::from_utf8_lossy(name);
+                    match tag {
+                        0x86 => uris.push(name.into_owned()),
+                        0x82 => dns.push(format!("dns:{name}")),
+                        _ => {}
                     }
                 }
             }
@@ -362,12 +378,13 @@ mod der {
                     let parts = items(attr);
                     if let [(0x06, oid), (_, value), ..] = parts.as_slice() {
                         if *oid == CN {
-                            out.push(String::from_utf8_lossy(value).into_owned());
+                            dns.push(format!("cn:{}", String::from_utf8_lossy(value)));
                         }
                     }
                 }
             }
         }
-        Some(out)
+        uris.append(&mut dns);
+        Some(uris)
     }
 }
