@@ -534,3 +534,60 @@ async fn proxies_follow_a_tls_control_plane_and_refuse_a_wrong_one() {
         "an expired control plane certificate is refused"
     );
 }
+
+/// `source.consul.intentions`: Consul intentions are the allow-lists
+/// proxies get (as SPIFFE IDs of the trust domain), followed as they
+/// change; `almond authz` is refused then (Consul is the source).
+#[tokio::test]
+async fn consul_intentions_become_the_services_allow_lists() {
+    let backend = Backend::start("v1").await;
+    let consul = ConsulDouble::start().await;
+    let def = ServiceDef::new("orders")
+        .id("orders-1")
+        .address("127.0.0.1")
+        .port(backend.addr.port())
+        .meta("version", "v1");
+    consul.register(def).unwrap();
+    consul.set_intention("web", "orders", "allow");
+    consul.set_intention("ads", "orders", "deny");
+    let yaml = consul_control_yaml(&consul.url(), "1s", "ALMOND_T_NO_CONSUL_TOKEN_I").replace(
+        "token_env: ALMOND_T_NO_CONSUL_TOKEN_I }",
+        "token_env: ALMOND_T_NO_CONSUL_TOKEN_I, intentions: { trust_domain: almond.test } }",
+    );
+    let control = TestControl::start(&yaml).await;
+    let authz = || async {
+        let snapshot = control.get("/v1/snapshot?wait=0s").await.json();
+        snapshot["services"]["orders"]["authz"].clone()
+    };
+    let web = "spiffe://almond.test/service/web";
+    eventually("the intentions are the allow-list", || async {
+        authz().await == json!({ "allow": [web] })
+    })
+    .await;
+
+    // A change in Consul reaches the snapshot.
+    consul.set_intention("billing", "orders", "allow");
+    eventually("billing is added", || async {
+        authz().await == json!({ "allow": [web, "spiffe://almond.test/service/billing"] })
+    })
+    .await;
+    // `*` allow with no deny: every verified client, so no list.
+    consul.delete_intention("ads", "orders");
+    consul.set_intention("*", "orders", "allow");
+    eventually("a wildcard allow lifts the list", || async {
+        authz().await.is_null()
+    })
+    .await;
+
+    // The CLI path is refused: Consul is the source.
+    let reply = control
+        .send(
+            Method::PUT,
+            "/v1/services/orders/authz",
+            &json!({ "action": "allow", "identity": web }),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    assert!(reply.text().contains("intentions"), "{}", reply.text());
+}

@@ -336,6 +336,7 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         ca_file: _,
         cert_file: _,
         key_file: _,
+        intentions: _,
     } = consul;
     let mut full = config.clone();
     full.token_env
@@ -353,6 +354,9 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         c.ca_file = Some("/etc/consul/ca.pem".into());
         c.cert_file = Some("/etc/consul/client.pem".into());
         c.key_file = Some("/etc/consul/client-key.pem".into());
+        c.intentions = Some(almond_config::ConsulIntentions {
+            trust_domain: "example.org".to_owned(),
+        });
     }
     let mut file = config;
     file.source = almond_config::Source::File("/etc/almond/services".into());

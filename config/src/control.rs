@@ -110,6 +110,19 @@ pub struct ConsulSource {
     /// Read from any server (`?stale`), for scale and leader loss.
     #[serde(default)]
     pub stale: bool,
+    /// Take services' `authz` from Consul intentions: `{ trust_domain }`
+    /// names the SPIFFE trust domain of the mesh's certificates, so that
+    /// an intention's source `web` is `spiffe://TRUST_DOMAIN/service/web`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intentions: Option<ConsulIntentions>,
+}
+
+/// Reading Consul intentions as the services' allow-lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulIntentions {
+    /// The trust domain of the certificates' URI SANs (`example.org`).
+    pub trust_domain: String,
 }
 
 fn default_consul_addr() -> String {

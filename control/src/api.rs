@@ -39,6 +39,8 @@ pub struct Api {
     pub store: Arc<Store>,
     /// Who may do what: the operator and proxy tokens, TLS clients.
     pub auth: Auth,
+    /// Allow-lists come from Consul intentions (`almond authz` refused).
+    pub intentions: bool,
     /// Longest long-poll.
     pub max_wait: Duration,
     /// Where live golden metrics come from (the watcher's source).
@@ -425,6 +427,11 @@ async fn mutate(
                 .clone()
                 .with_sticky_header(request.sticky_header)
                 .with_split(request.weights, &by, action, now)
+        }
+        Mutation::Authz if api.intentions => {
+            return refusal(Refusal::Conflict(format!(
+                "who may call {name} comes from Consul intentions (source.consul.intentions): change them in Consul"
+            )))
         }
         Mutation::Authz => {
             let request: AuthzRequest = match serde_json::from_slice(&body) {

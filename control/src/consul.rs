@@ -383,13 +383,22 @@ pub async fn run(cfg: ConsulSource, client: ConsulClient, subset_key: String, st
             if let std::collections::hash_map::Entry::Vacant(slot) = watches.entry(name) {
                 let name = slot.key().clone();
                 state.expect_service(&name);
-                slot.insert(tokio::spawn(watch_service(
+                let health = watch_service(
                     client.clone(),
-                    name,
+                    name.clone(),
                     subset_key.clone(),
                     cfg.wait,
                     state.clone(),
-                )));
+                );
+                let intentions = cfg.intentions.as_ref().map(|i| {
+                    watch_intentions(client.clone(), name, i.trust_domain.clone(), state.clone())
+                });
+                slot.insert(tokio::spawn(async move {
+                    match intentions {
+                        Some(intentions) => drop(tokio::join!(health, intentions)),
+                        None => health.await,
+                    }
+                }));
             }
         }
         state.catalog_synced();
@@ -434,6 +443,101 @@ async fn watch_service(
             }
         }
     }
+}
+
+/// How often a service's intentions are read again (the match endpoint
+/// does not block).
+const INTENTIONS_EVERY: Duration = Duration::from_secs(2);
+
+/// One service's intentions, polled: the allow-list they give it.
+async fn watch_intentions(
+    client: ConsulClient,
+    name: String,
+    trust_domain: String,
+    state: Arc<State>,
+) {
+    let query = format!("by=destination&name={}", encode_segment(&name));
+    let path = "/v1/connect/intentions/match";
+    loop {
+        let answer = client
+            .call(
+                http::Method::GET,
+                path,
+                &query,
+                0,
+                Duration::ZERO,
+                Bytes::new(),
+            )
+            .await
+            .and_then(check);
+        match answer {
+            Ok(answer) => {
+                match serde_json::from_slice::<BTreeMap<String, Vec<Intention>>>(&answer.body) {
+                    Ok(mut all) => {
+                        let list = all.remove(&name).unwrap_or_default();
+                        state.set_intentions(&name, allow_list(&list, &trust_domain));
+                    }
+                    Err(e) => tracing::warn!(service = %name, error = %e, "intentions unreadable"),
+                }
+            }
+            Err(e) => {
+                state.metrics.consul_errors.inc();
+                tracing::warn!(service = %name, error = %e, "intentions query failed");
+            }
+        }
+        tokio::time::sleep(INTENTIONS_EVERY).await;
+    }
+}
+
+/// One element of `/v1/connect/intentions/match` (the fields we use).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Intention {
+    /// The calling service, or `*`.
+    pub source_name: String,
+    /// `allow` or `deny` (absent for L7 intentions with permissions).
+    #[serde(default)]
+    pub action: Option<String>,
+}
+
+/// The allow-list intentions give a destination, as Consul orders them
+/// (most precise first): each source with `allow` before any `deny` for
+/// it, as `spiffe://TRUST_DOMAIN/service/SOURCE`. No intentions at all: no
+/// list (the listeners' own `allow`). A `*` allow with no deny before it:
+/// every verified client (no list). A `*` allow after a deny cannot be
+/// said as an allow-list: only the explicit allows (fail closed), warned.
+/// L7 intentions (no `Action`) count as deny.
+pub fn allow_list(intentions: &[Intention], trust_domain: &str) -> Option<almond_config::Authz> {
+    if intentions.is_empty() {
+        return None;
+    }
+    let mut allow = Vec::new();
+    let mut denied = Vec::new();
+    for i in intentions {
+        let allows = i.action.as_deref() == Some("allow");
+        if i.source_name == "*" {
+            if allows && denied.is_empty() {
+                return None;
+            }
+            if allows {
+                tracing::warn!(
+                    denied = ?denied,
+                    "a * allow intention after denies: only the explicit allows are admitted"
+                );
+            }
+            break;
+        }
+        let id = format!("spiffe://{trust_domain}/service/{}", i.source_name);
+        if allow.contains(&id) || denied.contains(&id) {
+            continue;
+        }
+        if allows {
+            allow.push(id);
+        } else {
+            denied.push(id);
+        }
+    }
+    Some(almond_config::Authz { allow })
 }
 
 /// One element of `/v1/health/service/{name}` (the fields we use).
@@ -683,6 +787,36 @@ mod tests {
 
     fn instance(json: serde_json::Value) -> Instance {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn intentions_make_an_allow_list_most_precise_first() {
+        let i = |s: &str, a: Option<&str>| Intention {
+            source_name: s.to_owned(),
+            action: a.map(str::to_owned),
+        };
+        let id = |s: &str| format!("spiffe://td/service/{s}");
+        assert_eq!(allow_list(&[], "td"), None);
+        let list = allow_list(
+            &[
+                i("web", Some("allow")),
+                i("ads", Some("deny")),
+                i("*", Some("deny")),
+            ],
+            "td",
+        );
+        assert_eq!(list.unwrap().allow, vec![id("web")]);
+        // A wildcard allow with nothing denied before it: no list.
+        assert_eq!(
+            allow_list(&[i("web", Some("allow")), i("*", Some("allow"))], "td"),
+            None
+        );
+        // After a deny, it cannot be said: the explicit allows only.
+        let list = allow_list(&[i("ads", Some("deny")), i("*", Some("allow"))], "td").unwrap();
+        assert!(list.allow.is_empty());
+        // L7 intentions (permissions, no action) count as deny.
+        let list = allow_list(&[i("web", None)], "td").unwrap();
+        assert!(list.allow.is_empty());
     }
 
     #[test]

@@ -146,6 +146,7 @@ impl Control {
             state: self.state.clone(),
             store,
             auth: self.auth,
+            intentions: matches!(&self.config.source, Source::Consul(c) if c.intentions.is_some()),
             max_wait: self.config.max_wait,
             metrics_source,
             live_slots: tokio::sync::Semaphore::new(api::LIVE_AT_ONCE),

@@ -33,6 +33,24 @@ struct Inputs {
     /// not (only sources that drop unhealthy ones report it).
     registered: BTreeMap<String, BTreeMap<String, usize>>,
     policies: BTreeMap<String, Policy>,
+    /// Per service: the allow-list read from Consul intentions, which
+    /// replaces the policy's (`source.consul.intentions`).
+    intentions: BTreeMap<String, almond_config::Authz>,
+}
+
+impl Inputs {
+    /// What proxies get for `service`: the source's, with the policy
+    /// applied, and the intentions' allow-list over both.
+    fn served(&self, name: &str, service: Service) -> Service {
+        let mut served = match self.policies.get(name) {
+            Some(policy) => policy.apply(service),
+            None => service,
+        };
+        if let Some(authz) = self.intentions.get(name) {
+            served.authz = Some(authz.clone());
+        }
+        served
+    }
 }
 
 #[derive(Default)]
@@ -220,10 +238,7 @@ impl State {
     pub fn set_service(&self, name: &str, service: Service, source_index: u64) {
         let mut inputs = self.inputs();
         inputs.sources.insert(name.to_owned(), service.clone());
-        let served = match inputs.policies.get(name) {
-            Some(policy) => policy.apply(service),
-            None => service,
-        };
+        let served = inputs.served(name, service);
         let mut catalog = self.catalog();
         drop(inputs);
         if catalog.set(name, served, source_index) {
@@ -300,10 +315,7 @@ impl State {
         inputs.policies = policies;
         let mut catalog = self.catalog();
         for (name, service) in &inputs.sources {
-            let served = match inputs.policies.get(name) {
-                Some(policy) => policy.apply(service.clone()),
-                None => service.clone(),
-            };
+            let served = inputs.served(name, service.clone());
             if catalog.set(name, served, source_index) {
                 tracing::info!(service = %name, index = catalog.index(), "policy applied");
             }
@@ -325,6 +337,32 @@ impl State {
         let mut all = self.inputs().policies.clone();
         all.insert(name.to_owned(), policy);
         self.set_policies(all, source_index);
+    }
+
+    /// Sets (or, with `None`, clears) the allow-list Consul intentions give
+    /// `name`, and re-serves it when it changed.
+    pub fn set_intentions(&self, name: &str, authz: Option<almond_config::Authz>) {
+        let mut inputs = self.inputs();
+        let changed = match &authz {
+            Some(a) => {
+                inputs
+                    .intentions
+                    .insert(name.to_owned(), a.clone())
+                    .as_ref()
+                    != Some(a)
+            }
+            None => inputs.intentions.remove(name).is_some(),
+        };
+        let Some(service) = inputs.sources.get(name).cloned().filter(|_| changed) else {
+            return;
+        };
+        let served = inputs.served(name, service);
+        let mut catalog = self.catalog();
+        drop(inputs);
+        if catalog.set(name, served, 0) {
+            tracing::info!(service = name, index = catalog.index(), authz = ?authz, "intentions applied");
+        }
+        self.publish(&catalog);
     }
 
     /// Every policy as last seen.

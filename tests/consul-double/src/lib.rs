@@ -38,7 +38,9 @@
 //! `PUT /v1/agent/service/deregister/:id`,
 //! `PUT /v1/agent/service/maintenance/:id`, `PUT /v1/agent/maintenance`,
 //! `PUT /v1/agent/check/{pass,warn,fail,update}/:id`,
-//! `GET|PUT|DELETE /v1/kv/:key`, `GET /v1/status/leader`. Anything else is
+//! `GET|PUT|DELETE /v1/kv/:key`, `GET /v1/status/leader`,
+//! `GET /v1/connect/intentions/match` (`by=destination`; intentions are set
+//! with [`ConsulDouble::set_intention`]; no blocking). Anything else is
 //! 404; a wrong method is 405 with `Allow`.
 //!
 //! # Known simplifications
@@ -51,6 +53,8 @@
 //!   until [`ConsulDouble::set_check`]. Check output changes reach the
 //!   catalog immediately (no `check_update_interval`).
 //! - Sessions are not modelled: `?acquire=` accepts any session ID.
+//! - Intentions: only `GET /v1/connect/intentions/match`, without ACL
+//!   checks, in the default namespace; no L7 permissions.
 //! - Without a leader, agent endpoints keep working (agent-local); default
 //!   and consistent reads and KV writes fail at once instead of after
 //!   `rpc_hold_timeout`.
@@ -457,6 +461,8 @@ pub(crate) struct Shared {
     pub wake_gen: AtomicU64,
     pub blocked: AtomicUsize,
     pub requests: Mutex<Vec<RecordedRequest>>,
+    /// Service intentions (source, destination, action), in creation order.
+    pub intentions: Mutex<Vec<(String, String, String)>>,
     pub me: Weak<Shared>,
     /// The runtime the double was started on (timers are spawned there even
     /// when a hook is called from outside it).
@@ -682,6 +688,7 @@ impl ConsulDoubleBuilder {
             wake_gen: AtomicU64::new(0),
             blocked: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
+            intentions: Mutex::new(Vec::new()),
             me: me.clone(),
             runtime: tokio::runtime::Handle::current(),
         });
@@ -768,6 +775,20 @@ impl ConsulDouble {
     }
 
     // ---- catalog -------------------------------------------------------
+
+    /// Creates or replaces the intention from `source` (a service name or
+    /// `*`) to `destination`, with `action` `allow` or `deny`, as `consul
+    /// intention create -replace` would.
+    pub fn set_intention(&self, source: &str, destination: &str, action: &str) {
+        let mut all = lock(&self.shared().intentions);
+        all.retain(|(s, d, _)| !(s == source && d == destination));
+        all.push((source.to_owned(), destination.to_owned(), action.to_owned()));
+    }
+
+    /// Deletes the intention from `source` to `destination`.
+    pub fn delete_intention(&self, source: &str, destination: &str) {
+        lock(&self.shared().intentions).retain(|(s, d, _)| !(s == source && d == destination));
+    }
 
     /// Registers (upserts) a service instance like `PUT
     /// /v1/agent/service/register` would; returns its ID.

@@ -479,6 +479,7 @@ enum Route {
     CheckUpdate,
     Kv,
     StatusLeader,
+    IntentionsMatch,
 }
 
 const GET: &[Method] = &[Method::GET];
@@ -487,6 +488,12 @@ const KV: &[Method] = &[Method::GET, Method::PUT, Method::DELETE];
 
 /// (pattern, is-prefix, methods, route) — Go ServeMux style.
 const ROUTES: &[(&str, bool, &[Method], Route)] = &[
+    (
+        "/v1/connect/intentions/match",
+        false,
+        GET,
+        Route::IntentionsMatch,
+    ),
     ("/v1/health/service/", true, GET, Route::HealthService),
     ("/v1/health/checks/", true, GET, Route::HealthChecks),
     ("/v1/catalog/services", false, GET, Route::CatalogServices),
@@ -573,6 +580,7 @@ async fn route(ctx: &Ctx<'_>) -> Resp {
             Method::PUT => kv_put(ctx, &rest),
             _ => kv_delete(ctx, &rest),
         },
+        Route::IntentionsMatch => intentions_match(ctx),
         Route::StatusLeader => {
             let leader = if lock(&ctx.sh.rt).leader {
                 "127.0.0.1:8300"
@@ -583,6 +591,62 @@ async fn route(ctx: &Ctx<'_>) -> Resp {
         }
     };
     result.unwrap_or_else(Fail::into_resp)
+}
+
+/// `GET /v1/connect/intentions/match?by=destination&name=N`: for each
+/// `name`, the intentions that apply to it, most precise first (an exact
+/// source outranks `*`: Consul's precedence 9 and 8 in the default
+/// namespace).
+fn intentions_match(ctx: &Ctx<'_>) -> Result<Resp, Fail> {
+    if ctx.q("by") != Some("destination") {
+        return Ok(text(400, "Request decode failed: by must be destination"));
+    }
+    let names: Vec<&str> = ctx
+        .query
+        .iter()
+        .filter(|(k, _)| k == "name")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if names.is_empty() {
+        return Ok(text(400, "required query parameter 'name' not set"));
+    }
+    let all = lock(&ctx.sh.intentions).clone();
+    let mut out = Map::new();
+    for name in names {
+        let mut matched: Vec<(u32, usize, Value)> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, d, _))| d == name || d == "*")
+            .map(|(i, (s, d, a))| {
+                let precedence = match (s == "*", d == "*") {
+                    (false, false) => 9,
+                    (true, false) => 8,
+                    (false, true) => 6,
+                    (true, true) => 5,
+                };
+                let json = serde_json::json!({
+                    "ID": format!("00000000-0000-0000-0000-{:012}", i + 1),
+                    "Description": "",
+                    "SourceNS": "default",
+                    "SourceName": s,
+                    "DestinationNS": "default",
+                    "DestinationName": d,
+                    "SourceType": "consul",
+                    "Action": a,
+                    "Precedence": precedence,
+                    "CreateIndex": i + 10,
+                    "ModifyIndex": i + 10,
+                });
+                (precedence, i, json)
+            })
+            .collect();
+        matched.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        out.insert(
+            name.to_owned(),
+            Value::Array(matched.into_iter().map(|m| m.2).collect()),
+        );
+    }
+    Ok(json_resp(&Value::Object(out), ctx.pretty()))
 }
 
 // ---- JSON shapes (field names and order of the fixtures) ----------------
