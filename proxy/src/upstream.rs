@@ -149,7 +149,7 @@ impl EndpointState {
 
     /// Feeds one measured RTT: a peak is taken at once, a lower value
     /// blends in with weight growing with the time since the last update
-    /// (at least [`MIN_BLEND`]).
+    /// (at least `MIN_BLEND`).
     /// Racing updates may lose one sample; the estimate stays sound.
     pub fn observe_rtt(&self, now: Instant, rtt: Duration) {
         let sample = rtt.as_nanos() as f64;
