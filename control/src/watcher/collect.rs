@@ -74,39 +74,67 @@ pub fn sum(per_proxy: &BTreeMap<String, Totals>) -> Totals {
     out
 }
 
+/// Adds `w` into `into`; a window whose bucket bounds differ from those
+/// already summed (proxies of other versions) is refused, not zipped.
 fn add(into: &mut Window, w: &Window) {
-    into.requests += w.requests;
-    into.failures += w.failures;
     if into.buckets.is_empty() {
         into.buckets = w.buckets.clone();
+    } else if into.buckets.len() != w.buckets.len()
+        || into.buckets.iter().zip(&w.buckets).any(|(a, b)| a.0 != b.0)
+    {
+        tracing::warn!("a proxy's latency buckets differ from the others': left out of the sum");
+        return;
     } else {
         for (a, b) in into.buckets.iter_mut().zip(&w.buckets) {
             a.1 += b.1;
         }
     }
+    into.requests += w.requests;
+    into.failures += w.failures;
 }
 
-/// `now - then` per proxy and subset; a counter that went down (the proxy
-/// restarted) counts from zero.
+/// The window between two collections, summed over proxies. A proxy
+/// absent from `then` (it came up, or its scrape failed, at the step's
+/// start) is no data for this window, not its lifetime counters. A series
+/// that went down (requests, failures or any bucket: the proxy restarted)
+/// counts from zero, as Prometheus' `increase` does. A subset whose
+/// buckets have other bounds than before is left out, with a warning.
 pub fn delta(now: &BTreeMap<String, Totals>, then: &BTreeMap<String, Totals>) -> Totals {
     let mut per_proxy = BTreeMap::new();
     for (proxy, totals) in now {
+        let Some(before) = then.get(proxy) else {
+            tracing::debug!(%proxy, "not in the window's first scrape: no data this window");
+            continue;
+        };
         let mut d = Totals::new();
         for (subset, w) in totals {
-            let before = then.get(proxy).and_then(|t| t.get(subset));
-            let reset = before.is_some_and(|b| b.requests > w.requests);
-            let w = match before {
-                Some(b) if !reset => Window {
+            let Some(b) = before.get(subset) else {
+                // No requests yet when the window began: all of it is new.
+                d.insert(subset.clone(), w.clone());
+                continue;
+            };
+            let same_bounds = w.buckets.len() == b.buckets.len()
+                && w.buckets.iter().zip(&b.buckets).all(|(x, y)| x.0 == y.0);
+            if !same_bounds {
+                tracing::warn!(%proxy, %subset, "latency buckets changed within a window: left out");
+                continue;
+            }
+            let reset = b.requests > w.requests
+                || b.failures > w.failures
+                || w.buckets.iter().zip(&b.buckets).any(|(x, y)| y.1 > x.1);
+            let w = if reset {
+                w.clone()
+            } else {
+                Window {
                     requests: w.requests - b.requests,
-                    failures: w.failures.saturating_sub(b.failures),
+                    failures: w.failures - b.failures,
                     buckets: w
                         .buckets
                         .iter()
                         .zip(&b.buckets)
-                        .map(|(x, y)| (x.0, x.1.saturating_sub(y.1)))
+                        .map(|(x, y)| (x.0, x.1 - y.1))
                         .collect(),
-                },
-                _ => w.clone(),
+                }
             };
             d.insert(subset.clone(), w);
         }
@@ -339,5 +367,49 @@ almond_request_duration_seconds_bucket{direction="outbound",service="web",subset
         let d = delta(&now, &then);
         assert_eq!(d["v1"].requests, 10);
         assert_eq!(d["v2"].requests, 4);
+    }
+
+    #[test]
+    fn a_proxy_missing_from_the_baseline_is_no_data() {
+        let then = BTreeMap::from([("a".to_owned(), parse(TEXT, "web"))]);
+        let now = BTreeMap::from([
+            ("a".to_owned(), parse(TEXT, "web")),
+            // Came up during the window: its lifetime counters are not this
+            // window's traffic.
+            ("b".to_owned(), parse(TEXT, "web")),
+        ]);
+        let d = delta(&now, &then);
+        assert_eq!(d["v1"].requests, 0);
+        assert_eq!(d["v2"].requests, 0);
+    }
+
+    #[test]
+    fn a_reset_of_any_series_counts_from_zero() {
+        let then = BTreeMap::from([("p".to_owned(), parse(TEXT, "web"))]);
+        let mut later = parse(TEXT, "web");
+        // Requests went up, but failures and a bucket went down: a restart
+        // (and as many requests again since).
+        let v2 = later.get_mut("v2").unwrap();
+        v2.requests = 12;
+        v2.failures = 1;
+        v2.buckets = vec![(0.01, 2), (f64::INFINITY, 12)];
+        let now = BTreeMap::from([("p".to_owned(), later)]);
+        let d = delta(&now, &then);
+        assert_eq!((d["v2"].requests, d["v2"].failures), (12, 1));
+        assert_eq!(d["v2"].buckets, vec![(0.01, 2), (f64::INFINITY, 12)]);
+    }
+
+    #[test]
+    fn other_bucket_bounds_are_refused_not_zipped() {
+        let mut odd = parse(TEXT, "web");
+        odd.get_mut("v2").unwrap().buckets = vec![(0.05, 9), (f64::INFINITY, 10)];
+        let per_proxy =
+            BTreeMap::from([("a".to_owned(), parse(TEXT, "web")), ("b".to_owned(), odd)]);
+        let total = sum(&per_proxy);
+        assert_eq!(
+            total["v2"].requests, 10,
+            "only the first proxy's v2 is summed"
+        );
+        assert_eq!(total["v2"].buckets, vec![(0.01, 4), (f64::INFINITY, 10)]);
     }
 }

@@ -6,6 +6,7 @@
 //! itself makes the comparison inconclusive rather than blaming the canary.
 
 use serde::{Deserialize, Serialize};
+use statrs::distribution::{ContinuousCDF, DiscreteCDF};
 use std::time::Duration;
 
 /// Golden metrics of one subset over a window.
@@ -65,9 +66,24 @@ pub struct Thresholds {
     /// Fewest canary requests a verdict needs.
     #[serde(default = "default_min_requests")]
     pub min_requests: u64,
-    /// Highest canary error rate (0.01 = 1 %).
+    /// Highest canary error rate (0.01 = 1 %): the canary fails when its
+    /// rate is above it with confidence (a one-sided binomial test at
+    /// `significance`), not when one unlucky request tips it over.
     #[serde(default = "default_max_error_rate")]
     pub max_error_rate: f64,
+    /// Fewest canary failures an error verdict needs.
+    #[serde(default = "default_min_failures")]
+    pub min_failures: u64,
+    /// The chance a test may wrongly blame a canary as good as stable
+    /// (each of the error and latency tests; 0.005 = 0.5 %).
+    #[serde(default = "default_significance")]
+    pub significance: f64,
+    /// How much slower than stable a canary must be to fail on latency:
+    /// the probability that a canary request is slower than a stable one,
+    /// above one half (0.1: slower in 60 % of pairs). Tested with the
+    /// Mann-Whitney U test over the latency histograms, as Kayenta does.
+    #[serde(default = "default_latency_effect")]
+    pub latency_effect: f64,
     /// Highest canary p99, absolute.
     #[serde(default, with = "opt_secs", skip_serializing_if = "Option::is_none")]
     pub max_p99: Option<Duration>,
@@ -82,12 +98,24 @@ fn default_min_requests() -> u64 {
 fn default_max_error_rate() -> f64 {
     0.01
 }
+fn default_min_failures() -> u64 {
+    3
+}
+fn default_significance() -> f64 {
+    0.005
+}
+fn default_latency_effect() -> f64 {
+    0.1
+}
 
 impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
             min_requests: default_min_requests(),
             max_error_rate: default_max_error_rate(),
+            min_failures: default_min_failures(),
+            significance: default_significance(),
+            latency_effect: default_latency_effect(),
             max_p99: None,
             max_p99_ratio: None,
         }
@@ -104,7 +132,7 @@ const P99_FLOOR: Duration = Duration::from_millis(5);
 pub enum Verdict {
     /// The canary meets every threshold.
     Pass,
-    /// The canary breaks a threshold (why).
+    /// The canary breaks a threshold (why, with the figures).
     Fail(String),
     /// Cannot tell yet (why): too little traffic, no data, stable failing.
     Inconclusive(String),
@@ -121,7 +149,80 @@ impl Verdict {
     }
 }
 
-/// Judges `canary` against `stable` (same window).
+/// P(X >= k) for X ~ Binomial(n, p).
+fn binomial_at_least(k: u64, n: u64, p: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    match statrs::distribution::Binomial::new(p.clamp(0.0, 1.0), n) {
+        Ok(b) => b.sf(k - 1),
+        Err(_) => 1.0,
+    }
+}
+
+/// Fisher's exact test, one-sided: the chance of `f1` or more failures in
+/// the canary's `n1` requests if canary and stable (`f2` of `n2`) failed
+/// alike.
+pub fn fisher_worse(f1: u64, n1: u64, f2: u64, n2: u64) -> f64 {
+    if f1 == 0 {
+        return 1.0;
+    }
+    match statrs::distribution::Hypergeometric::new(n1 + n2, f1 + f2, n1) {
+        Ok(h) => h.sf(f1 - 1),
+        Err(_) => 1.0,
+    }
+}
+
+/// Mann-Whitney U over two latency histograms (same bucket bounds):
+/// (the probability that a canary request is slower than a stable one,
+/// ties counting half; the one-sided p-value of "the canary is slower",
+/// normal approximation with the tie correction). `None` when the
+/// buckets differ or a side is empty.
+pub fn mann_whitney_slower(canary: &[(f64, u64)], stable: &[(f64, u64)]) -> Option<(f64, f64)> {
+    if canary.len() != stable.len() || canary.iter().zip(stable).any(|(a, b)| a.0 != b.0) {
+        return None;
+    }
+    // Per-bucket counts from the cumulative ones.
+    let per = |h: &[(f64, u64)]| {
+        let mut prev = 0;
+        h.iter()
+            .map(|&(_, c)| {
+                let n = c.saturating_sub(prev) as f64;
+                prev = c.max(prev);
+                n
+            })
+            .collect::<Vec<f64>>()
+    };
+    let (a, b) = (per(canary), per(stable));
+    let (n1, n2): (f64, f64) = (a.iter().sum(), b.iter().sum());
+    if n1 == 0.0 || n2 == 0.0 {
+        return None;
+    }
+    let (mut u, mut below, mut ties) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(&b) {
+        u += x * (below + y / 2.0);
+        below += y;
+        let t = x + y;
+        ties += t * t * t - t;
+    }
+    let n = n1 + n2;
+    let mean = n1 * n2 / 2.0;
+    let var = n1 * n2 / 12.0 * ((n + 1.0) - ties / (n * (n - 1.0)));
+    let effect = u / (n1 * n2);
+    if var <= 0.0 {
+        return Some((effect, 1.0));
+    }
+    let z = (u - mean - 0.5) / var.sqrt();
+    let normal = statrs::distribution::Normal::standard();
+    Some((effect, 1.0 - normal.cdf(z)))
+}
+
+/// Judges `canary` against `stable` (same window). Errors fail the canary
+/// when it has at least `min_failures` and either fails more than stable
+/// (Fisher's exact test) or more than `max_error_rate` (binomial test),
+/// each at `significance`; latency fails it when it is slower than stable
+/// by `latency_effect` (Mann-Whitney U at `significance`), or over the
+/// absolute `max_p99` / relative `max_p99_ratio`.
 pub fn judge(canary: &Window, stable: &Window, t: &Thresholds) -> Verdict {
     if canary.requests == 0 {
         return Verdict::Inconclusive("no data from the canary".into());
@@ -132,23 +233,49 @@ pub fn judge(canary: &Window, stable: &Window, t: &Thresholds) -> Verdict {
             canary.requests, t.min_requests
         ));
     }
-    let stable_failing =
-        stable.requests >= t.min_requests && stable.error_rate() > t.max_error_rate;
-    let rate = canary.error_rate();
-    if rate > t.max_error_rate {
-        if stable_failing {
-            return Verdict::Inconclusive(format!(
-                "stable is failing too ({:.2}% errors): not the canary's fault alone",
-                stable.error_rate() * 100.0
+    let alpha = t.significance;
+    let figures = format!(
+        "errors {}/{} ({:.2}%) vs stable {}/{} ({:.2}%)",
+        canary.failures,
+        canary.requests,
+        canary.error_rate() * 100.0,
+        stable.failures,
+        stable.requests,
+        stable.error_rate() * 100.0
+    );
+    if canary.failures >= t.min_failures {
+        let p_rel = if stable.requests > 0 {
+            fisher_worse(
+                canary.failures,
+                canary.requests,
+                stable.failures,
+                stable.requests,
+            )
+        } else {
+            1.0
+        };
+        if p_rel < alpha {
+            return Verdict::Fail(format!(
+                "error rate {:.2}% above stable's: {figures}, p = {p_rel:.2e} < {alpha}",
+                canary.error_rate() * 100.0
             ));
         }
-        return Verdict::Fail(format!(
-            "error rate {:.2}% > {:.2}% ({} of {} requests)",
-            rate * 100.0,
-            t.max_error_rate * 100.0,
-            canary.failures,
-            canary.requests
-        ));
+        let p_abs = binomial_at_least(canary.failures, canary.requests, t.max_error_rate);
+        if p_abs < alpha {
+            let stable_failing = stable.requests >= t.min_requests
+                && binomial_at_least(stable.failures, stable.requests, t.max_error_rate) < alpha;
+            if stable_failing {
+                return Verdict::Inconclusive(format!(
+                    "stable is failing too ({:.2}% errors): not the canary's fault alone; {figures}",
+                    stable.error_rate() * 100.0
+                ));
+            }
+            return Verdict::Fail(format!(
+                "error rate {:.2}% > {:.2}%: {figures}, p = {p_abs:.2e} < {alpha}",
+                canary.error_rate() * 100.0,
+                t.max_error_rate * 100.0,
+            ));
+        }
     }
     let Some(p99) = canary.quantile(0.99) else {
         return Verdict::Inconclusive("no latency data from the canary".into());
@@ -160,13 +287,25 @@ pub fn judge(canary: &Window, stable: &Window, t: &Thresholds) -> Verdict {
     }
     // Relative checks need a baseline; at a 100 % step stable has no
     // traffic left, and only the absolute thresholds apply.
-    if let (Some(ratio), true) = (t.max_p99_ratio, stable.requests >= t.min_requests) {
-        let Some(stable_p99) = stable.quantile(0.99) else {
-            return Verdict::Inconclusive("no latency data from stable".into());
-        };
-        let base = stable_p99.max(P99_FLOOR);
-        if p99.as_secs_f64() > base.as_secs_f64() * ratio {
-            return Verdict::Fail(format!("p99 {p99:?} > {ratio} x stable p99 {stable_p99:?}"));
+    if stable.requests >= t.min_requests {
+        let stable_p99 = stable.quantile(0.99);
+        if let Some((effect, p)) = mann_whitney_slower(&canary.buckets, &stable.buckets) {
+            if p < alpha && effect - 0.5 >= t.latency_effect {
+                return Verdict::Fail(format!(
+                    "slower than stable: a canary request is slower in {:.0}% of pairs, p = {p:.2e} < {alpha} (p99 {p99:?} vs {:?})",
+                    effect * 100.0,
+                    stable_p99.unwrap_or_default()
+                ));
+            }
+        }
+        if let Some(ratio) = t.max_p99_ratio {
+            let Some(stable_p99) = stable_p99 else {
+                return Verdict::Inconclusive("no latency data from stable".into());
+            };
+            let base = stable_p99.max(P99_FLOOR);
+            if p99.as_secs_f64() > base.as_secs_f64() * ratio {
+                return Verdict::Fail(format!("p99 {p99:?} > {ratio} x stable p99 {stable_p99:?}"));
+            }
         }
     }
     Verdict::Pass
@@ -231,6 +370,7 @@ mod tests {
             max_error_rate: 0.01,
             max_p99: Some(Duration::from_millis(300)),
             max_p99_ratio: Some(1.5),
+            ..Thresholds::default()
         }
     }
 
@@ -246,7 +386,7 @@ mod tests {
     fn erroring_canary_fails() {
         let v = judge(&window(500, 50, 0.02), &window(5000, 0, 0.02), &t());
         assert!(
-            matches!(v, Verdict::Fail(ref r) if r.contains("error rate 10.00%")),
+            matches!(v, Verdict::Fail(ref r) if r.contains("error rate 10.00%") && r.contains("50/500")),
             "{v:?}"
         );
     }
@@ -260,6 +400,15 @@ mod tests {
         );
         // 80 ms vs 20 ms stable: under 300 ms but 4x stable.
         let v = judge(&window(500, 0, 0.08), &window(5000, 0, 0.02), &t());
+        assert!(
+            matches!(v, Verdict::Fail(ref r) if r.contains("slower than stable")),
+            "{v:?}"
+        );
+        // The ratio alone: Mann-Whitney needs an effect it cannot see when
+        // only a few canary requests are slow.
+        let mut t = t();
+        t.latency_effect = 1.0;
+        let v = judge(&window(500, 0, 0.08), &window(5000, 0, 0.02), &t);
         assert!(
             matches!(v, Verdict::Fail(ref r) if r.contains("x stable")),
             "{v:?}"
@@ -307,5 +456,127 @@ mod tests {
         assert_eq!(w.quantile(0.5), Some(Duration::from_secs_f64(0.1)));
         let p75 = w.quantile(0.75).unwrap().as_secs_f64();
         assert!((p75 - 0.15).abs() < 1e-9);
+    }
+
+    /// The proxy's latency bucket bounds (`+Inf` last).
+    const BOUNDS: &[f64] = &[
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+        f64::INFINITY,
+    ];
+
+    /// One subset's window: `n` requests, each failing with `error_rate`,
+    /// latencies log-normal around `median` seconds (sigma 0.5: p99 about
+    /// 3.2 x the median), bucketed like the proxy's histogram.
+    fn simulate(rng: &mut fastrand::Rng, n: u64, error_rate: f64, median: f64) -> Window {
+        let mut per = vec![0u64; BOUNDS.len()];
+        let mut failures = 0;
+        for _ in 0..n {
+            if rng.f64() < error_rate {
+                failures += 1;
+            }
+            // Box-Muller: one standard normal draw.
+            let (u1, u2) = (rng.f64().max(f64::MIN_POSITIVE), rng.f64());
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            let latency = median * (0.5 * z).exp();
+            let at = BOUNDS
+                .iter()
+                .position(|&b| latency <= b)
+                .unwrap_or(BOUNDS.len() - 1);
+            per[at] += 1;
+        }
+        let mut cumulative = 0;
+        let buckets = BOUNDS
+            .iter()
+            .zip(per)
+            .map(|(&b, c)| {
+                cumulative += c;
+                (b, cumulative)
+            })
+            .collect();
+        Window {
+            requests: n,
+            failures,
+            buckets,
+        }
+    }
+
+    /// Share of `steps` simulated steps with each verdict, for a canary at
+    /// 10 % of 200 rps over 10 s (200 requests; stable 1,800).
+    fn rates(seed: u64, steps: usize, canary: (f64, f64), stable: (f64, f64)) -> (f64, f64, f64) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let (mut pass, mut fail, mut unsure) = (0, 0, 0);
+        let t = Thresholds::default();
+        for _ in 0..steps {
+            let c = simulate(&mut rng, 200, canary.0, canary.1);
+            let s = simulate(&mut rng, 1800, stable.0, stable.1);
+            match judge(&c, &s, &t) {
+                Verdict::Pass => pass += 1,
+                Verdict::Fail(_) => fail += 1,
+                Verdict::Inconclusive(_) => unsure += 1,
+            }
+        }
+        let n = steps as f64;
+        (pass as f64 / n, fail as f64 / n, unsure as f64 / n)
+    }
+
+    /// The defaults, by simulation (10,000 steps each, seeded): the table
+    /// in docs/operations.md comes from `--nocapture` of this test.
+    #[test]
+    fn defaults_by_simulation() {
+        let steps = 10_000;
+        let healthy = rates(1, steps, (0.005, 0.005), (0.005, 0.005));
+        let erroring = rates(2, steps, (0.05, 0.005), (0.0, 0.005));
+        let slow = rates(3, steps, (0.005, 0.010), (0.005, 0.005));
+        let slightly = rates(4, steps / 5, (0.005, 0.0055), (0.005, 0.005));
+        let at_ceiling = rates(5, steps / 5, (0.02, 0.005), (0.005, 0.005));
+        for (name, (pass, fail, unsure)) in [
+            ("identical, 0.5 % errors", healthy),
+            ("5 % errors vs 0 %", erroring),
+            ("2x latency", slow),
+            ("1.1x latency", slightly),
+            ("2 % errors vs 0.5 %", at_ceiling),
+        ] {
+            eprintln!(
+                "{name:>24}: pass {:5.2}%  fail {:5.2}%  inconclusive {:5.2}%",
+                pass * 100.0,
+                fail * 100.0,
+                unsure * 100.0
+            );
+        }
+        assert!(healthy.0 >= 0.99, "healthy canaries pass: {healthy:?}");
+        assert!(erroring.1 >= 0.99, "erroring canaries fail: {erroring:?}");
+        assert!(slow.1 >= 0.99, "2x slower canaries fail: {slow:?}");
+    }
+
+    #[test]
+    fn the_tests_agree_with_known_values() {
+        // Fisher, one-sided: 3/10 vs 0/10 -> p = C(10,3)/C(20,3) = 120/1140.
+        assert!((fisher_worse(3, 10, 0, 10) - 120.0 / 1140.0).abs() < 1e-9);
+        assert_eq!(fisher_worse(0, 10, 5, 10), 1.0);
+        // Binomial: P(X >= 1 | n = 10, p = 0.1) = 1 - 0.9^10.
+        assert!((binomial_at_least(1, 10, 0.1) - (1.0 - 0.9f64.powi(10))).abs() < 1e-9);
+        // Mann-Whitney: every canary request slower -> effect 1.
+        let fast = [(0.01, 100), (0.1, 100), (f64::INFINITY, 100)];
+        let slow = [(0.01, 0), (0.1, 100), (f64::INFINITY, 100)];
+        let (effect, p) = mann_whitney_slower(&slow, &fast).unwrap();
+        assert_eq!(effect, 1.0);
+        assert!(p < 1e-6, "{p}");
+        let (effect, p) = mann_whitney_slower(&fast, &fast).unwrap();
+        assert_eq!(effect, 0.5);
+        assert!(p > 0.4, "{p}");
+        // Other bucket bounds: refused.
+        assert!(mann_whitney_slower(&fast, &[(0.02, 1), (f64::INFINITY, 1)]).is_none());
     }
 }
