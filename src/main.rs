@@ -84,6 +84,17 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
+    /// A service's rollout events (started, each step's verdict with its
+    /// figures, paused, approved, promoted, rolled back, aborted).
+    Events {
+        /// The service.
+        service: String,
+        /// Keep printing new events as they happen (until Ctrl-C).
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
     /// Allow a client identity to call a service on inbound mTLS
     /// listeners, or no longer allow it (every proxy enforces the list).
     Authz {
@@ -245,6 +256,11 @@ fn main() -> ExitCode {
             ops,
         } => block_on(ops::promote(&ops.target(), &service, &subset)),
         Command::Rollback { service, ops } => block_on(ops::rollback(&ops.target(), &service)),
+        Command::Events {
+            service,
+            follow,
+            ops,
+        } => block_on(ops::events(&ops.target(), &service, follow)),
         Command::Authz {
             service,
             action,

@@ -233,6 +233,36 @@ pub async fn rollback(t: &Target, service: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `almond events SERVICE [--follow]`: one line per rollout event (JSON
+/// lines with `-o json`); with `follow`, polls for new ones every second.
+pub async fn events(t: &Target, service: &str, follow: bool) -> anyhow::Result<()> {
+    let mut since = 0u64;
+    loop {
+        let path = format!("/v1/services/{service}/events?since={since}");
+        let out = t.get(&path).await?;
+        for e in out["events"].as_array().into_iter().flatten() {
+            since = since.max(e["seq"].as_u64().unwrap_or(since));
+            t.print(e, || {
+                let detail = e["detail"]
+                    .as_str()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default();
+                format!(
+                    "#{} {} {} at {}%{detail}",
+                    e["seq"],
+                    e["kind"].as_str().unwrap_or("?"),
+                    e["canary"].as_str().unwrap_or("?"),
+                    e["percent"],
+                )
+            });
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// `almond authz SERVICE allow|deny IDENTITY`: changes who may call the
 /// service; prints the allow-list in force.
 pub async fn authz(t: &Target, service: &str, allow: bool, identity: &str) -> anyhow::Result<()> {

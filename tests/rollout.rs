@@ -365,6 +365,18 @@ fn spec(steps: &[u32], interval_seconds: f64) -> Value {
 }
 
 /// Polls `f` every 10 ms until it gives a value; fails after `deadline`.
+/// The kinds of a `GET .../events` answer, inconclusive steps left out
+/// (how many there are depends on timing).
+fn event_kinds(events: &Value) -> Vec<String> {
+    events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .filter(|k| k != "step_inconclusive")
+        .collect()
+}
+
 async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -613,10 +625,12 @@ async fn a_bad_canary_is_rolled_back_at_the_first_step() {
     let v = verdicts(&r);
     assert_eq!(v.last().unwrap().1, "fail", "{r:#}");
     assert!(v.iter().all(|v| v.0 == 10 && v.1 != "pass"), "{r:#}");
-    assert_eq!(
-        control_metric(&rig.control, "almond_rollbacks_total", &[]).await,
-        1.0
-    );
+    // Counted once the watcher's write returns, which may be a moment after
+    // the store's file watcher has shown the new phase.
+    eventually("the rollback is counted", || async {
+        control_metric(&rig.control, "almond_rollbacks_total", &[]).await == 1.0
+    })
+    .await;
     assert_eq!(
         control_metric(
             &rig.control,
@@ -647,6 +661,23 @@ async fn a_bad_canary_is_rolled_back_at_the_first_step() {
     eprintln!(
         "bad canary: almond_rollout_step after the rollback = {}",
         control_metric(&rig.control, "almond_rollout_step", &[]).await
+    );
+
+    let events = rig.control.get("/v1/services/s/events").await.json();
+    assert_eq!(
+        event_kinds(&events),
+        vec!["started", "step_failed", "rolled_back"],
+        "{events:#}"
+    );
+    let failed = &events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "step_failed")
+        .unwrap()["detail"];
+    assert!(
+        failed.as_str().unwrap().contains("errors "),
+        "the figures: {failed}"
     );
 
     // Traffic at the canary stops (once requests already on their way
@@ -686,10 +717,10 @@ async fn a_slow_canary_fails_on_latency() {
     );
     assert_eq!(r["step"], 0, "{r:#}");
     wait_canary_percent(&rig.proxy, 0).await;
-    assert_eq!(
-        control_metric(&rig.control, "almond_rollbacks_total", &[]).await,
-        1.0
-    );
+    eventually("the rollback is counted", || async {
+        control_metric(&rig.control, "almond_rollbacks_total", &[]).await == 1.0
+    })
+    .await;
     // Slow, not failing: every answer was a success.
     assert_eq!(rig.v2.state.failures.load(Ordering::SeqCst), 0);
 }
@@ -761,10 +792,10 @@ async fn no_traffic_is_inconclusive_held_then_rolled_back() {
         .await,
         0.0
     );
-    assert_eq!(
-        control_metric(&rig.control, "almond_rollbacks_total", &[]).await,
-        1.0
-    );
+    eventually("the rollback is counted", || async {
+        control_metric(&rig.control, "almond_rollbacks_total", &[]).await == 1.0
+    })
+    .await;
     assert_eq!(rig.v2.count(), 0);
 }
 
@@ -1024,6 +1055,32 @@ async fn the_cli_starts_and_shows_a_rollout() {
 
     wait_phase(&rig.control, "succeeded").await;
     wait_canary_percent(&rig.proxy, 100).await;
+    // The events, numbered, through the API and the CLI.
+    let events = rig.control.get("/v1/services/s/events").await.json();
+    let kinds = event_kinds(&events);
+    assert_eq!(
+        kinds,
+        vec!["started", "step_passed", "step_passed", "promoted"],
+        "{events:#}"
+    );
+    let all = events["events"].as_array().unwrap();
+    let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=all.len() as u64).collect::<Vec<_>>());
+    let since = rig
+        .control
+        .get("/v1/services/s/events?since=1")
+        .await
+        .json();
+    assert_eq!(since["events"].as_array().unwrap().len(), all.len() - 1);
+    let (code, out, err) = run_ops(&["events", "s", "--control", &url]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("#1 started v2 at 10%"), "{out}");
+    assert!(
+        lines.last().unwrap().contains("promoted v2 at 100%"),
+        "{out}"
+    );
+    assert!(out.contains("step_passed v2 at 10%: canary "), "{out}");
     let (code, out, err) = run_ops(&["rollout", "s", "--control", &url, "-o", "json"]).await;
     assert_eq!(code, Some(0), "{err}");
     let shown: Value = serde_json::from_str(out.trim()).unwrap();

@@ -274,6 +274,22 @@ async fn respond(
             StatusCode::NOT_FOUND,
             &format!("unknown service {name:?}\n"),
         ),
+        ["v1", "services", name, "events"] => {
+            let since: u64 = query.get("since").and_then(|s| s.parse().ok()).unwrap_or(0);
+            match state.policy(name) {
+                Some(p) => json_ok(&json!({
+                    "service": name,
+                    "events": p.events.iter().filter(|e| e.seq > since).collect::<Vec<_>>(),
+                })),
+                None if state.has_service(name) => {
+                    json_ok(&json!({ "service": name, "events": [] }))
+                }
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    &format!("unknown service {name:?}\n"),
+                ),
+            }
+        }
         ["v1", "services", name, "rollouts"] => match state.policy(name).and_then(|p| p.rollout) {
             Some(r) => json_ok(&r),
             None => text(StatusCode::NOT_FOUND, &format!("no rollout for {name:?}\n")),
@@ -490,6 +506,7 @@ async fn mutate(
             }
         }
     };
+    next.record_events(&current, now_ms());
     match api.store.put(name, &mut next, token).await {
         Ok(true) => {}
         Ok(false) => {

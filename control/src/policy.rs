@@ -46,6 +46,32 @@ pub struct Policy {
     /// every proxy serving the service inbound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authz: Option<Authz>,
+    /// Rollout events, oldest first (the last `EVENTS`), numbered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<Event>,
+}
+
+/// Rollout events kept per service.
+pub const EVENTS: usize = 100;
+
+/// A rollout's change of state, for people and tools to follow
+/// (`GET /v1/services/{svc}/events`, `almond events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// 1, 2, 3, ... per service, never reused.
+    pub seq: u64,
+    /// Unix ms.
+    pub at: u64,
+    /// `started`, `step_passed`, `step_failed`, `step_inconclusive`,
+    /// `paused`, `approved`, `promoted`, `rolled_back`, `aborted`.
+    pub kind: String,
+    /// The canary and the step's canary percent.
+    pub canary: String,
+    /// Canary percent of the step it concerns.
+    pub percent: u32,
+    /// The figures or reason (a verdict's, or why it ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// One change, for the audit trail.
@@ -218,6 +244,72 @@ impl Policy {
             change.identity = Some(identity.to_owned());
         }
         Ok(next)
+    }
+
+    /// Appends the events that lead from `before`'s rollout to this one's:
+    /// a start, each new verdict, each change of phase.
+    pub fn record_events(&mut self, before: &Policy, now_ms: u64) {
+        use crate::watcher::rollout::Phase;
+        let Some(r) = &self.rollout else { return };
+        let old = before.rollout.as_ref();
+        let mut out: Vec<(&str, u32, Option<String>)> = Vec::new();
+        let fresh = old.is_none_or(|o| o.spec != r.spec || r.history.len() < o.history.len());
+        let seen = if fresh {
+            0
+        } else {
+            old.map_or(0, |o| o.history.len())
+        };
+        if fresh {
+            out.push(("started", r.spec.steps.first().copied().unwrap_or(0), None));
+        }
+        for j in r.history.iter().skip(seen) {
+            let (kind, detail) = match &j.verdict {
+                crate::watcher::judge::Verdict::Pass => ("step_passed", None),
+                crate::watcher::judge::Verdict::Fail(why) => ("step_failed", Some(why.clone())),
+                crate::watcher::judge::Verdict::Inconclusive(why) => {
+                    ("step_inconclusive", Some(why.clone()))
+                }
+            };
+            let counts = format!(
+                "canary {} requests, stable {}",
+                j.canary_requests, j.stable_requests
+            );
+            let detail = Some(match detail {
+                Some(d) => format!("{d} ({counts})"),
+                None => counts,
+            });
+            out.push((kind, j.percent, detail));
+        }
+        let was = if fresh { None } else { old.map(|o| &o.phase) };
+        if was != Some(&r.phase) {
+            let kind = match (&r.phase, was) {
+                (Phase::Paused, _) => Some("paused"),
+                (Phase::Running, Some(Phase::Paused)) => Some("approved"),
+                (Phase::Running, _) => None,
+                (Phase::Succeeded, _) => Some("promoted"),
+                (Phase::RolledBack, _) => Some("rolled_back"),
+                (Phase::Aborted, _) => Some("aborted"),
+            };
+            if let Some(kind) = kind {
+                out.push((kind, r.percent(), r.reason.clone()));
+            }
+        }
+        let canary = r.spec.canary.clone();
+        let first = self.events.last().map_or(0, |e| e.seq) + 1;
+        for (seq, (kind, percent, detail)) in (first..).zip(out) {
+            self.events.push(Event {
+                seq,
+                at: now_ms,
+                kind: kind.to_owned(),
+                canary: canary.clone(),
+                percent,
+                detail,
+            });
+        }
+        if self.events.len() > EVENTS {
+            let cut = self.events.len() - EVENTS;
+            self.events.drain(..cut);
+        }
     }
 
     /// The service proxies get: the source's, with this policy's split
