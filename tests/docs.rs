@@ -321,6 +321,7 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         proxy_token_env: _,
         tls: _,
         max_body_bytes: _,
+        notify: _,
         max_wait: _,
     } = &config;
     let almond_config::Source::Consul(consul) = source else {
@@ -343,6 +344,10 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         .get_or_insert_with(|| "ALMOND_TOKEN".to_owned());
     full.proxy_token_env
         .get_or_insert_with(|| "ALMOND_PROXY_TOKEN".to_owned());
+    full.notify = vec![almond_config::Notify {
+        url: "https://hooks.example.org/almond".to_owned(),
+        format: almond_config::NotifyFormat::Slack,
+    }];
     full.tls.get_or_insert_with(|| almond_config::Tls {
         cert: "/etc/almond/tls/control.pem".into(),
         key: "/etc/almond/tls/control-key.pem".into(),

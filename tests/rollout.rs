@@ -1246,3 +1246,92 @@ async fn a_prometheus_watcher_gives_the_same_verdicts() {
     assert!(v1["p99_ms"].as_f64().is_some(), "{live:#}");
     drop(traffic);
 }
+
+// ---------------------------------------------------------------------------
+// Webhooks
+// ---------------------------------------------------------------------------
+
+/// A webhook receiver: answers 500 to the first post (the notifier must
+/// try again), then 200; keeps every body it accepted.
+async fn webhook() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::new(AtomicU32::new(0));
+    let kept = got.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let kept = kept.clone();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let kept = kept.clone();
+                        let seen = seen.clone();
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let status = if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                                500
+                            } else {
+                                kept.lock()
+                                    .unwrap()
+                                    .push(serde_json::from_slice::<Value>(&body).unwrap());
+                                200
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_events_reach_the_webhooks() {
+    let (json_at, json_got) = webhook().await;
+    let (slack_at, slack_got) = webhook().await;
+    let rig = Rig::start_with(&format!(
+        "notify:\n  - {{ url: \"http://{json_at}/hook\" }}\n  - {{ url: \"http://{slack_at}/hook\", format: slack }}\n"
+    ))
+    .await;
+    rig.v2.fail_percent(30);
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    rig.start_rollout(&spec(&[10, 50, 100], 1.0)).await;
+    wait_phase(&rig.control, "rolled_back").await;
+
+    // Every event, in order, the first one after a retry.
+    let kinds = |got: &Arc<std::sync::Mutex<Vec<Value>>>| -> Vec<String> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .map(|b| b["event"]["kind"].as_str().unwrap_or("").to_owned())
+            .filter(|k| k != "step_inconclusive")
+            .collect()
+    };
+    eventually("the JSON webhook has every event", || async {
+        kinds(&json_got) == ["started", "step_failed", "rolled_back"]
+    })
+    .await;
+    let first = json_got.lock().unwrap()[0].clone();
+    assert_eq!(first["service"], "s");
+    assert_eq!(first["event"]["seq"], 1);
+    eventually("the Slack webhook has the rollback", || async {
+        slack_got.lock().unwrap().iter().any(|b| {
+            b["text"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("s: rolled_back v2 at ")
+        })
+    })
+    .await;
+}

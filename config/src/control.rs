@@ -40,6 +40,9 @@ pub struct ControlConfig {
     /// whose client certificate chains to `ca` is authenticated by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::Tls>,
+    /// Webhooks that get every rollout event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<Notify>,
     /// Largest body read from Consul, from a proxy's `/metrics` or from
     /// Prometheus.
     #[serde(default = "default_max_body_bytes")]
@@ -115,6 +118,28 @@ pub struct ConsulSource {
     /// an intention's source `web` is `spiffe://TRUST_DOMAIN/service/web`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intentions: Option<ConsulIntentions>,
+}
+
+/// A webhook for rollout events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// Where events are POSTed (`http://` or `https://`).
+    pub url: String,
+    /// The body: `json` (`{"service", "event"}`) or `slack` (`{"text"}`).
+    #[serde(default)]
+    pub format: NotifyFormat,
+}
+
+/// A webhook's body format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyFormat {
+    /// `{"service": NAME, "event": EVENT}`.
+    #[default]
+    Json,
+    /// `{"text": "NAME: KIND CANARY at P%: DETAIL"}` (Slack incoming webhooks).
+    Slack,
 }
 
 /// Reading Consul intentions as the services' allow-lists.

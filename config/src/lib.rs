@@ -18,7 +18,10 @@ mod split;
 mod tls;
 mod write;
 
-pub use control::{ConsulIntentions, ConsulSource, ControlConfig, Source, Store, WatcherSource};
+pub use control::{
+    ConsulIntentions, ConsulSource, ControlConfig, Notify, NotifyFormat, Source, Store,
+    WatcherSource,
+};
 pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
     load_services, validate_proxy, Strictness,

@@ -44,6 +44,16 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
             message,
         });
     }
+    for (i, n) in config.notify.iter().enumerate() {
+        if !n.url.starts_with("http://") && !n.url.starts_with("https://") {
+            let path = format!("notify[{i}].url");
+            problems.push(Problem {
+                line: index.line_of(&path),
+                path,
+                message: format!("{:?} is not an http:// or https:// URL", n.url),
+            });
+        }
+    }
     if let Source::Consul(c) = &config.source {
         let https = c.addr.starts_with("https://");
         if !c.addr.starts_with("http://") && !https {

@@ -506,9 +506,13 @@ async fn mutate(
             }
         }
     };
-    next.record_events(&current, now_ms());
+    let events = next.record_events(&current, now_ms());
     match api.store.put(name, &mut next, token).await {
-        Ok(true) => {}
+        Ok(true) => {
+            if let Some(notify) = &api.state.notify {
+                notify.send(name, &events);
+            }
+        }
         Ok(false) => {
             return refusal(Refusal::Conflict(
                 "another change was written first; read the split again".into(),

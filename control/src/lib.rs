@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod consul;
 pub mod file;
 pub mod live;
+pub mod notify;
 pub mod policy;
 pub mod state;
 pub mod store;
@@ -51,6 +52,8 @@ pub struct Control {
     auth: api::Auth,
     /// The API listener's TLS (`tls`), files read at start.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The webhook poster (`notify`), spawned by `run`.
+    notify: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 enum Endpoints {
@@ -88,6 +91,15 @@ impl Control {
         };
         let mut state = State::new()?;
         state.max_body = config.max_body_bytes;
+        let notify = (!config.notify.is_empty()).then(|| {
+            let (notifier, task) = notify::start(
+                config.notify.clone(),
+                state.metrics.notify_dropped.clone(),
+                state.metrics.notify_failed.clone(),
+            );
+            state.notify = Some(notifier);
+            Box::pin(task) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+        });
         let state = Arc::new(state);
         Ok(Control {
             config,
@@ -95,6 +107,7 @@ impl Control {
             source,
             auth,
             tls,
+            notify,
         })
     }
 
@@ -152,6 +165,7 @@ impl Control {
             live_slots: tokio::sync::Semaphore::new(api::LIVE_AT_ONCE),
         });
         let api = tokio::spawn(api::serve(api, listener, self.tls, stop_rx));
+        let notify = self.notify.map(tokio::spawn);
         tracing::info!("control plane serving");
         shutdown.await;
         tracing::info!("control plane stopping");
@@ -159,6 +173,9 @@ impl Control {
         source.abort();
         follower.abort();
         watcher.abort();
+        if let Some(notify) = notify {
+            notify.abort();
+        }
         let _ = api.await;
     }
 }

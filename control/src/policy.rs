@@ -247,10 +247,12 @@ impl Policy {
     }
 
     /// Appends the events that lead from `before`'s rollout to this one's:
-    /// a start, each new verdict, each change of phase.
-    pub fn record_events(&mut self, before: &Policy, now_ms: u64) {
+    /// a start, each new verdict, each change of phase; returns them.
+    pub fn record_events(&mut self, before: &Policy, now_ms: u64) -> Vec<Event> {
         use crate::watcher::rollout::Phase;
-        let Some(r) = &self.rollout else { return };
+        let Some(r) = &self.rollout else {
+            return Vec::new();
+        };
         let old = before.rollout.as_ref();
         let mut out: Vec<(&str, u32, Option<String>)> = Vec::new();
         let fresh = old.is_none_or(|o| o.spec != r.spec || r.history.len() < o.history.len());
@@ -296,6 +298,7 @@ impl Policy {
         }
         let canary = r.spec.canary.clone();
         let first = self.events.last().map_or(0, |e| e.seq) + 1;
+        let added = out.len();
         for (seq, (kind, percent, detail)) in (first..).zip(out) {
             self.events.push(Event {
                 seq,
@@ -306,10 +309,12 @@ impl Policy {
                 detail,
             });
         }
+        let new = self.events[self.events.len() - added..].to_vec();
         if self.events.len() > EVENTS {
             let cut = self.events.len() - EVENTS;
             self.events.drain(..cut);
         }
+        new
     }
 
     /// The service proxies get: the source's, with this policy's split

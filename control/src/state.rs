@@ -24,6 +24,8 @@ pub struct State {
     /// Largest body read from Consul, a proxy's `/metrics` or Prometheus
     /// (`max_body_bytes`).
     pub max_body: usize,
+    /// Where rollout events go (`notify`), when webhooks are configured.
+    pub notify: Option<crate::notify::Notifier>,
 }
 
 #[derive(Default)]
@@ -109,6 +111,10 @@ pub struct Metrics {
     /// `almond_control_refused_total{request}`: requests refused for their
     /// credentials (`change`, `snapshot`).
     pub refused: IntCounterVec,
+    /// `almond_control_notify_dropped_total`: events not queued (full).
+    pub notify_dropped: IntCounter,
+    /// `almond_control_notify_failed_total`: posts that failed every try.
+    pub notify_failed: IntCounter,
 }
 
 impl Metrics {
@@ -159,6 +165,14 @@ impl Metrics {
         }
         let m = Metrics {
             refused,
+            notify_dropped: counter(
+                "almond_control_notify_dropped_total",
+                "Rollout events not queued for the webhooks (queue full).",
+            )?,
+            notify_failed: counter(
+                "almond_control_notify_failed_total",
+                "Rollout event posts to a webhook that failed every try.",
+            )?,
             rollout_step,
             verdicts,
             rollbacks,
@@ -217,6 +231,7 @@ impl State {
             snapshots: Mutex::new(SnapshotCache::default()),
             metrics: Metrics::new()?,
             max_body: 64 * 1024 * 1024,
+            notify: None,
         })
     }
 

@@ -156,8 +156,11 @@ impl Watcher {
         let step_started = r.step_started;
         let reason = r.reason.clone();
         next_policy.rollout = Some(r);
-        next_policy.record_events(&policy, now);
+        let events = next_policy.record_events(&policy, now);
         if self.store.put(name, &mut next_policy, token).await? {
+            if let Some(notify) = &self.state.notify {
+                notify.send(name, &events);
+            }
             // Counted once the verdict is written: a lost check-and-set
             // (another replica's write) is judged again, not counted twice.
             self.state.metrics.verdict(name, verdict.label());

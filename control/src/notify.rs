@@ -1,0 +1,128 @@
+//! Notify: rollout events posted to webhooks (`notify` in the control
+//! config), from a queue of their own, so the watcher and the API never
+//! wait on a slow or dead receiver.
+
+use crate::policy::Event;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use prometheus::IntCounter;
+use serde_json::json;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Events waiting to be posted; more are dropped (and counted).
+const QUEUE: usize = 1024;
+/// Tries per event and webhook.
+const TRIES: u32 = 3;
+/// Time one post may take.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where events go: the sending half of the queue.
+#[derive(Clone)]
+pub struct Notifier {
+    tx: mpsc::Sender<(String, Event)>,
+    dropped: IntCounter,
+}
+
+impl Notifier {
+    /// Queues `events` of `service` for every webhook; never waits (a full
+    /// queue drops them, counted in `almond_control_notify_dropped_total`).
+    pub fn send(&self, service: &str, events: &[Event]) {
+        for e in events {
+            if self.tx.try_send((service.to_owned(), e.clone())).is_err() {
+                self.dropped.inc();
+            }
+        }
+    }
+}
+
+/// A queue and the task that drains it into `targets`; the task is
+/// returned to be spawned.
+pub fn start(
+    targets: Vec<almond_config::Notify>,
+    dropped: IntCounter,
+    failed: IntCounter,
+) -> (Notifier, impl std::future::Future<Output = ()>) {
+    let (tx, mut rx) = mpsc::channel::<(String, Event)>(QUEUE);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    let task = async move {
+        let tls = match tls {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::error!(error = %e, "notify: no TLS settings; webhooks off");
+                return;
+            }
+        };
+        let https: HttpsConnector<HttpConnector> = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+        while let Some((service, event)) = rx.recv().await {
+            for target in &targets {
+                let body = match target.format {
+                    almond_config::NotifyFormat::Json => {
+                        json!({ "service": service, "event": event }).to_string()
+                    }
+                    almond_config::NotifyFormat::Slack => {
+                        json!({ "text": text(&service, &event) }).to_string()
+                    }
+                };
+                if !post(&client, &target.url, body).await {
+                    failed.inc();
+                    tracing::warn!(url = %target.url, seq = event.seq, "notify: webhook failed {TRIES} times; event dropped for it");
+                }
+            }
+        }
+    };
+    (Notifier { tx, dropped }, task)
+}
+
+/// One event as a line for people.
+pub fn text(service: &str, e: &Event) -> String {
+    let detail = e
+        .detail
+        .as_deref()
+        .map(|d| format!(": {d}"))
+        .unwrap_or_default();
+    format!(
+        "{service}: {} {} at {}%{detail}",
+        e.kind, e.canary, e.percent
+    )
+}
+
+/// Posts `body`, up to `TRIES` times (1 s, then 2 s apart); whether a 2xx came.
+async fn post(
+    client: &Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    url: &str,
+    body: String,
+) -> bool {
+    for attempt in 0..TRIES {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+        }
+        let Ok(req) = hyper::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.clone())))
+        else {
+            return false;
+        };
+        match tokio::time::timeout(TIMEOUT, client.request(req)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => return true,
+            Ok(Ok(resp)) => tracing::debug!(%url, status = %resp.status(), "notify: refused"),
+            Ok(Err(e)) => tracing::debug!(%url, error = %e, "notify: not reached"),
+            Err(_) => tracing::debug!(%url, "notify: timed out"),
+        }
+    }
+    false
+}
