@@ -29,9 +29,11 @@ struct Tally {
 
 /// Runs the demo for `duration`, or until Ctrl-C.
 pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyhow::Result<()> {
-    // Two versions of a service: v1 on two instances, v2 (the canary) on one.
+    // Two versions of a service: v1 on two instances, v2 (the canary) on
+    // one, all as fast (the judge compares latency distributions: a canary
+    // slower in most request pairs fails, as it should).
     let mut endpoints = Vec::new();
-    for (subset, delay_ms) in [("v1", 2), ("v1", 3), ("v2", 4)] {
+    for (subset, delay_ms) in [("v1", 3), ("v1", 3), ("v2", 3)] {
         let addr = backend(subset, delay_ms, 0).await?;
         endpoints.push(format!("    - {{ addr: \"{addr}\", subset: {subset} }}"));
     }
@@ -284,16 +286,20 @@ async fn rollout_progress(ops: &crate::ops::Target) -> (String, String) {
     };
     let phase = r["phase"].as_str().unwrap_or("").to_owned();
     let line = match r["history"].as_array().and_then(|h| h.last()) {
+        // "v2 at 10%: pass — errors 0/120 vs 1/1080, p = 1.00; p99 5.7ms vs 4.9ms"
         Some(j) => format!(
-            "{} at {}%: {}{} (canary {} requests) -> {}",
+            "{} at {}%: {} — {}{} -> {}",
             r["spec"]["canary"].as_str().unwrap_or("?"),
             j["percent"],
             j["verdict"]["verdict"].as_str().unwrap_or("?"),
+            j["figures"].as_str().map_or_else(
+                || format!("canary {} requests", j["canary_requests"]),
+                str::to_owned
+            ),
             j["verdict"]["reason"]
                 .as_str()
-                .map(|r| format!(", {r}"))
+                .map(|r| format!("; {r}"))
                 .unwrap_or_default(),
-            j["canary_requests"],
             phase,
         ),
         None => String::new(),

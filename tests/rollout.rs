@@ -1080,7 +1080,10 @@ async fn the_cli_starts_and_shows_a_rollout() {
         lines.last().unwrap().contains("promoted v2 at 100%"),
         "{out}"
     );
-    assert!(out.contains("step_passed v2 at 10%: canary "), "{out}");
+    assert!(
+        out.contains("step_passed v2 at 10%: errors 0/"),
+        "the figures: {out}"
+    );
     let (code, out, err) = run_ops(&["rollout", "s", "--control", &url, "-o", "json"]).await;
     assert_eq!(code, Some(0), "{err}");
     let shown: Value = serde_json::from_str(out.trim()).unwrap();

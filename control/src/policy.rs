@@ -272,10 +272,12 @@ impl Policy {
                     ("step_inconclusive", Some(why.clone()))
                 }
             };
-            let counts = format!(
-                "canary {} requests, stable {}",
-                j.canary_requests, j.stable_requests
-            );
+            let counts = j.figures.clone().unwrap_or_else(|| {
+                format!(
+                    "canary {} requests, stable {}",
+                    j.canary_requests, j.stable_requests
+                )
+            });
             let detail = Some(match detail {
                 Some(d) => format!("{d} ({counts})"),
                 None => counts,

@@ -217,6 +217,32 @@ pub fn mann_whitney_slower(canary: &[(f64, u64)], stable: &[(f64, u64)]) -> Opti
     Some((effect, 1.0 - normal.cdf(z)))
 }
 
+/// The figures of a window, for people: the error counts and Fisher's
+/// p-value of the canary failing more, and both p99s, e.g.
+/// `errors 0/120 vs 1/1080, p = 1.00; p99 5.7ms vs 4.9ms`.
+pub fn figures(canary: &Window, stable: &Window) -> String {
+    let p = fisher_worse(
+        canary.failures,
+        canary.requests,
+        stable.failures,
+        stable.requests,
+    );
+    let ms = |w: &Window| {
+        w.quantile(0.99).map_or("-".to_owned(), |d| {
+            format!("{:.1}ms", d.as_secs_f64() * 1e3)
+        })
+    };
+    format!(
+        "errors {}/{} vs {}/{}, p = {p:.2}; p99 {} vs {}",
+        canary.failures,
+        canary.requests,
+        stable.failures,
+        stable.requests,
+        ms(canary),
+        ms(stable)
+    )
+}
+
 /// Judges `canary` against `stable` (same window). Errors fail the canary
 /// when it has at least `min_failures` and either fails more than stable
 /// (Fisher's exact test) or more than `max_error_rate` (binomial test),
@@ -558,6 +584,12 @@ mod tests {
         assert!(healthy.0 >= 0.99, "healthy canaries pass: {healthy:?}");
         assert!(erroring.1 >= 0.99, "erroring canaries fail: {erroring:?}");
         assert!(slow.1 >= 0.99, "2x slower canaries fail: {slow:?}");
+    }
+
+    #[test]
+    fn figures_read_like_the_demo_narration() {
+        let f = figures(&window(120, 0, 0.004), &window(1080, 1, 0.004));
+        assert_eq!(f, "errors 0/120 vs 1/1080, p = 1.00; p99 5.0ms vs 5.0ms");
     }
 
     #[test]

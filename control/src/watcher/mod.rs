@@ -135,6 +135,9 @@ impl Watcher {
         let verdict = judge::judge(&canary, &stable, &r.spec.thresholds);
         let percent = r.percent();
         let next = r.on_verdict(verdict.clone(), canary.requests, stable.requests, now);
+        if let Some(judged) = r.history.last_mut() {
+            judged.figures = Some(judge::figures(&canary, &stable));
+        }
         tracing::info!(
             service = name,
             step = percent,

@@ -73,6 +73,9 @@ pub struct Judged {
     pub canary_requests: u64,
     /// Stable requests in the window.
     pub stable_requests: u64,
+    /// The window's figures (`judge::figures`), for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figures: Option<String>,
 }
 
 /// A rollout in progress (or finished), as stored.
@@ -226,6 +229,7 @@ impl Rollout {
             at: now,
             canary_requests: canary,
             stable_requests: stable,
+            figures: None,
         });
         self.step_started = now;
         match verdict {
