@@ -116,7 +116,11 @@ struct Run {
 
 async fn one_run(v1_fail: u32, v2_fail: u32, interval: f64, rate: u64) -> Run {
     let registry = Registry::new();
-    let (a, b, c) = (backend(v1_fail).await, backend(v1_fail).await, backend(v2_fail).await);
+    let (a, b, c) = (
+        backend(v1_fail).await,
+        backend(v1_fail).await,
+        backend(v2_fail).await,
+    );
     registry.service("s", &[(a, "v1"), (b, "v1"), (c, "v2")]);
     let control = TestControl::start(&registry.control_yaml(None)).await;
     let reply = control
@@ -136,8 +140,12 @@ async fn one_run(v1_fail: u32, v2_fail: u32, interval: f64, rate: u64) -> Run {
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let in_flight = Arc::new(AtomicU32::new(0));
     let load = {
-        let (stop, sent, failed, in_flight) =
-            (stop.clone(), sent.clone(), failed.clone(), in_flight.clone());
+        let (stop, sent, failed, in_flight) = (
+            stop.clone(),
+            sent.clone(),
+            failed.clone(),
+            in_flight.clone(),
+        );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
             while !stop.load(Ordering::Relaxed) {
@@ -216,7 +224,10 @@ fn main() {
         println!("|---|---|---|---|---|");
         for i in 1..=opts.bad_runs {
             let r = one_run(0, 50, opts.interval, opts.rate).await;
-            eprintln!("bad run {i}: {} in {:?}, {} failed", r.phase, r.took, r.failed);
+            eprintln!(
+                "bad run {i}: {} in {:?}, {} failed",
+                r.phase, r.took, r.failed
+            );
             println!(
                 "| {i} | {} | {:.1} s | {} | {} |",
                 r.phase,
