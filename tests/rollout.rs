@@ -1338,3 +1338,29 @@ async fn rollout_events_reach_the_webhooks() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// A canary only a little worse than stable
+// ---------------------------------------------------------------------------
+
+/// 5 % errors against stable's 0 %, with a ceiling (`max_error_rate`) of
+/// 5 %: only the comparison with stable (Fisher's exact test) can catch
+/// it, and it does, with few failed requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_a_little_worse_than_stable_is_rolled_back() {
+    let rig = Rig::start().await;
+    rig.v2.fail_percent(5);
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let failed_before = traffic.failed.load(Ordering::SeqCst);
+    let posted = Instant::now();
+    rig.start_rollout(&spec(&[10, 50, 100], 6.0)).await;
+    let r = wait_phase(&rig.control, "rolled_back").await;
+    wait_canary_percent(&rig.proxy, 0).await;
+    let took = posted.elapsed();
+    let failed = traffic.failed.load(Ordering::SeqCst) - failed_before;
+    let reason = r["reason"].as_str().unwrap();
+    eprintln!("a little worse: rolled back after {took:?}, {failed} failed requests: {reason}");
+    assert!(reason.contains("above stable's"), "{reason}");
+    assert!(failed < 50, "{failed} failed requests");
+}
