@@ -535,6 +535,25 @@ mod tests {
     use super::*;
     use crate::catalog::tests::svc;
 
+    #[tokio::test(start_paused = true)]
+    async fn proxies_not_seen_for_proxy_stale_are_dropped() {
+        let state = State::new().unwrap();
+        state.saw_proxy("old", "127.0.0.1:4191", 1);
+        tokio::time::advance(crate::watcher::PROXY_STALE / 2).await;
+        state.saw_proxy("new", "127.0.0.2:4191", 1);
+        assert_eq!(state.proxies().len(), 2);
+        tokio::time::advance(crate::watcher::PROXY_STALE / 2 + std::time::Duration::from_secs(1))
+            .await;
+        // Any poll prunes: `old` was last seen PROXY_STALE + 1 s ago.
+        state.saw_proxy("new", "127.0.0.2:4191", 2);
+        let ids: Vec<String> = state.proxies().into_keys().collect();
+        assert_eq!(ids, vec!["new".to_owned()]);
+        assert_eq!(
+            state.proxy_admins(crate::watcher::PROXY_STALE),
+            vec!["127.0.0.2:4191"]
+        );
+    }
+
     #[tokio::test]
     async fn snapshots_are_serialized_once_per_index_and_since() {
         let state = State::new().unwrap();
