@@ -645,7 +645,7 @@ async fn stickiness_keeps_users_on_one_side_through_the_control_plane() {
     // Every proxy agrees: the side is a fixed hash of the value, which
     // this process computes the same way.
     for (user, subset) in at_10.iter().enumerate() {
-        let h = almond_proxy::split::hash(format!("user-{user}").as_bytes());
+        let h = almond_proxy::pipeline::split::hash(format!("user-{user}").as_bytes());
         let point = ((u128::from(h) * 100) >> 64) as u32;
         assert_eq!(subset, if point < 90 { "v1" } else { "v2" }, "user-{user}");
     }

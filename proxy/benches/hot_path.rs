@@ -5,9 +5,9 @@
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
-use almond_proxy::metrics::Metrics;
+use almond_proxy::observe::metrics::Metrics;
 use almond_proxy::outcome::CodeClass;
-use almond_proxy::route::Table;
+use almond_proxy::pipeline::route::Table;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::Request;
 use std::hint::black_box;

@@ -5,9 +5,9 @@
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
-use almond_proxy::access_log::{AccessLog, Entry, Observed};
-use almond_proxy::metrics::Metrics;
-use almond_proxy::trace::Context;
+use almond_proxy::observe::access_log::{AccessLog, Entry, Observed};
+use almond_proxy::observe::metrics::Metrics;
+use almond_proxy::observe::trace::Context;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use std::hint::black_box;
@@ -79,7 +79,7 @@ fn bench(c: &mut Criterion) {
             let now = tokio::time::Instant::now();
             if log.admits(now) {
                 log.record(Entry {
-                    time_ms: almond_proxy::access_log::now_ms(),
+                    time_ms: almond_proxy::observe::access_log::now_ms(),
                     request_id: String::from_utf8_lossy(id.as_bytes()).into(),
                     trace_id: 1,
                     sampled: false,

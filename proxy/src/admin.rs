@@ -3,6 +3,7 @@
 use crate::body::ResponseBody;
 use crate::Shared;
 use http::header::CONTENT_TYPE;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -44,7 +45,7 @@ async fn respond(
         return Ok(refused);
     }
     if req.uri().path() == "/log-level" {
-        return Ok(crate::observe::log_level(&shared, req).await);
+        return Ok(log_level(&shared, req).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
@@ -139,7 +140,7 @@ fn endpoints(shared: &Shared) -> serde_json::Value {
             .collect();
         services.insert(
             svc.name.to_string(),
-            json!({ "protocol": svc.protocol, "lb": svc.lb(), "subsets": subsets }),
+            json!({ "protocol": svc.target.protocol, "lb": svc.lb(), "subsets": subsets }),
         );
     }
     serde_json::Value::Object(services)
@@ -160,8 +161,8 @@ fn json_response<T: serde::Serialize>(value: &T) -> Response<ResponseBody> {
     }
 }
 
-fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
-    let mut resp = Response::new(ResponseBody::full(body.to_owned()));
+fn text(status: StatusCode, body: impl Into<String>) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(body.into()));
     *resp.status_mut() = status;
     resp
 }
@@ -178,6 +179,47 @@ fn redacted(config: &almond_config::ProxyConfig) -> serde_json::Value {
         *key = serde_json::Value::String(REDACTED.to_owned());
     }
     value
+}
+
+/// Largest `PUT /log-level` body read.
+const MAX_FILTER_BYTES: usize = 4096;
+
+/// `GET /log-level`: the filter in force; `PUT /log-level` with a filter
+/// as the body: replace it (400 when it does not parse).
+async fn log_level(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
+    let Some(level) = shared.observe.log_level.get() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "the log level cannot be changed in this process\n",
+        );
+    };
+    match *req.method() {
+        Method::GET | Method::HEAD => text(StatusCode::OK, format!("{}\n", (level.get)())),
+        Method::PUT => {
+            let body = match Limited::new(req.into_body(), MAX_FILTER_BYTES)
+                .collect()
+                .await
+            {
+                Ok(body) => body.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            };
+            let Ok(filter) = std::str::from_utf8(&body) else {
+                return text(StatusCode::BAD_REQUEST, "the filter is not UTF-8\n");
+            };
+            let filter = filter.trim();
+            if filter.is_empty() {
+                return text(StatusCode::BAD_REQUEST, "empty filter\n");
+            }
+            match (level.set)(filter) {
+                Ok(()) => {
+                    tracing::info!(filter, "log level changed");
+                    text(StatusCode::OK, format!("{}\n", (level.get)()))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid filter: {e}\n")),
+            }
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "use GET or PUT\n"),
+    }
 }
 
 #[cfg(test)]

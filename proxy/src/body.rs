@@ -1,9 +1,9 @@
 //! Bodies on both sides of the proxy; they stream, never buffer whole,
 //! and a side that stops sending for the idle timeout ends its stream.
 //!
-//! [`ResponseBody`] carries the request's [`Finish`](crate::send::Finish) guard to the end of the
-//! response stream: dropping it ends the in-flight accounting and, for
-//! HTTP/1.1, puts the upstream connection back in its pool.
+//! [`ResponseBody`] carries a [`Completion`] to the end of the response
+//! stream (the request path's: in-flight accounting ends and an HTTP/1.1
+//! connection goes back to its pool).
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -144,14 +144,23 @@ impl Body for RequestBody {
     }
 }
 
-/// What the proxy sends downstream.
-pub struct ResponseBody {
+/// What runs when a response body ends: `complete` when it ended cleanly
+/// (dropping it unfinished is the same as not complete).
+pub trait Completion: Send + Unpin + 'static {
+    /// The body ended.
+    fn done(self, complete: bool);
+}
+
+/// Nothing to do (bodies the proxy makes).
+impl Completion for () {
+    fn done(self, _complete: bool) {}
+}
+
+/// What the proxy sends downstream; `C` runs when it ends.
+pub struct ResponseBody<C: Completion = ()> {
     kind: Kind,
-    /// Runs when the body is done or dropped.
-    finish: Option<crate::send::Finish>,
-    /// Counts the request in progress on its downstream connection until
-    /// the body is dropped (`limits.idle_timeout`).
-    held: Option<crate::listen::InFlight>,
+    /// Runs when the body is done (or is dropped with it).
+    finish: Option<C>,
 }
 
 enum Kind {
@@ -163,23 +172,21 @@ enum Kind {
     Upstream(Incoming, IdleTimer, IntCounter),
 }
 
-impl ResponseBody {
+impl<C: Completion> ResponseBody<C> {
     /// A complete body made by the proxy.
-    pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>) -> ResponseBody<C> {
         let bytes = bytes.into();
         ResponseBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             finish: None,
-            held: None,
         }
     }
 
     /// An empty body.
-    pub fn empty() -> ResponseBody {
+    pub fn empty() -> ResponseBody<C> {
         ResponseBody {
             kind: Kind::Full(None),
             finish: None,
-            held: None,
         }
     }
 
@@ -188,24 +195,16 @@ impl ResponseBody {
     /// `timeouts`.
     pub fn upstream(
         body: Incoming,
-        finish: crate::send::Finish,
+        finish: C,
         idle: Duration,
         timeouts: IntCounter,
-    ) -> ResponseBody {
+    ) -> ResponseBody<C> {
         let mut body = ResponseBody {
             kind: Kind::Upstream(body, IdleTimer::new(idle), timeouts),
             finish: Some(finish),
-            held: None,
         };
         body.finish_if_done();
         body
-    }
-
-    /// This body, keeping its request counted on the downstream connection
-    /// until it is dropped.
-    pub fn holding(mut self, held: crate::listen::InFlight) -> ResponseBody {
-        self.held = Some(held);
-        self
     }
 
     fn finish_if_done(&mut self) {
@@ -217,7 +216,7 @@ impl ResponseBody {
     }
 }
 
-impl Body for ResponseBody {
+impl<C: Completion> Body for ResponseBody<C> {
     type Data = Bytes;
     type Error = BodyError;
 

@@ -6,7 +6,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
 
-use crate::route::SUBSET_HEADER;
+/// Header that pins a request to a subset (stripped before upstream).
+pub const SUBSET_HEADER: &str = "x-almond-subset";
 
 /// Hop-by-hop headers (RFC 9110 7.6.1 and the legacy ones still seen), and
 /// the routing header, which must not travel upstream either.

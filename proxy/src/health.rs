@@ -3,7 +3,9 @@
 //! the closing of HTTP/1.1 connections idle longer than `timeouts.idle`.
 
 use crate::body::RequestBody;
-use crate::route::ServiceRoute;
+use crate::pipeline::route::ServiceRoute;
+use crate::upstream::balance::Member;
+use crate::upstream::endpoint::EndpointState;
 use crate::Shared;
 use almond_config::{HealthCheck, Protocol};
 use http::{header, Request};
@@ -35,7 +37,7 @@ pub async fn maintain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let table = shared.table.load_full();
         let now = Instant::now();
-        let now_ns = crate::upstream::nanos_since_epoch(now);
+        let now_ns = crate::clock::nanos_since_epoch(now);
         for svc in table.services() {
             let Some(hc) = &svc.health_check else {
                 continue;
@@ -50,7 +52,7 @@ pub async fn maintain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             next_sweep = now + SWEEP;
             for svc in table.services() {
                 for m in svc.all.members() {
-                    m.state.close_idle(now, svc.idle_timeout);
+                    m.state.conns.close_idle(now, svc.target.idle_timeout);
                 }
             }
         }
@@ -65,7 +67,7 @@ async fn check(svc: Arc<ServiceRoute>, index: usize) {
         return;
     };
     let passed = probe(&svc, hc, m).await;
-    let state = &m.state;
+    let state: &EndpointState = &m.state;
     let in_row = state.health.count_check(passed);
     let Some(subset) = svc.subsets.get(m.subset) else {
         return;
@@ -100,14 +102,14 @@ async fn check(svc: Arc<ServiceRoute>, index: usize) {
 /// One check within `timeout`: a TCP connect, or `GET path` on a
 /// connection of its own (TLS and protocol as the service's requests)
 /// answered 2xx or 3xx.
-async fn probe(svc: &ServiceRoute, hc: &HealthCheck, m: &crate::balance::Member) -> bool {
+async fn probe(svc: &ServiceRoute, hc: &HealthCheck, m: &Member) -> bool {
     let attempt = async {
         let Some(path) = &hc.path else {
             return TcpStream::connect(m.state.addr).await.is_ok();
         };
         let mut req = Request::new(RequestBody::Replay(None));
         // HTTP/1.1: origin form and `Host`; HTTP/2: the `:authority`.
-        let target = match svc.protocol {
+        let target = match svc.target.protocol {
             Protocol::Http1 => path.parse(),
             Protocol::Http2 => format!("http://{}{path}", svc.name).parse(),
         };
@@ -116,7 +118,7 @@ async fn probe(svc: &ServiceRoute, hc: &HealthCheck, m: &crate::balance::Member)
         };
         *req.uri_mut() = target;
         let headers = req.headers_mut();
-        if svc.protocol == Protocol::Http1 {
+        if svc.target.protocol == Protocol::Http1 {
             if let Ok(host) = http::HeaderValue::from_str(&svc.name) {
                 headers.insert(header::HOST, host);
             }
@@ -125,16 +127,24 @@ async fn probe(svc: &ServiceRoute, hc: &HealthCheck, m: &crate::balance::Member)
             header::USER_AGENT,
             http::HeaderValue::from_static(USER_AGENT),
         );
-        let status = match svc.protocol {
+        let status = match svc.target.protocol {
             Protocol::Http1 => {
-                let Ok(mut sender) = m.state.connect_h1(hc.timeout, svc.tls.as_deref()).await
+                let Ok(mut sender) = m
+                    .state
+                    .conns
+                    .connect_h1(hc.timeout, svc.target.tls.as_deref())
+                    .await
                 else {
                     return false;
                 };
                 sender.send_request(req).await.map(|r| r.status())
             }
             Protocol::Http2 => {
-                let Ok(mut sender) = m.state.connect_h2(hc.timeout, svc.tls.as_deref()).await
+                let Ok(mut sender) = m
+                    .state
+                    .conns
+                    .connect_h2(hc.timeout, svc.target.tls.as_deref())
+                    .await
                 else {
                     return false;
                 };

@@ -1,39 +1,32 @@
 //! almond's data plane: the sidecar proxy.
 //!
-//! A request is accepted in [`listen`], served and walked through its
-//! stages in [`serve`]: [`route`] (service), [`split`] (subset), [`admit`]
-//! (concurrency), [`balance`] (endpoint), [`send`] over [`upstream`]
-//! connections, classified in [`outcome`], fed to [`eject`] (failure
-//! accrual) and [`retry`] (safe retries in a budget), and counted in
-//! [`metrics`].
-//! [`health`] runs active health checks and closes idle connections.
-//! [`admin`] serves the proxy's own endpoints.
-//! [`trace`] stamps request IDs and trace context; [`otlp`] exports a span
-//! per sampled request, [`access_log`] a line per request.
-//! [`tls`] holds the mTLS identity: `tls` listeners handshake with it in
-//! [`listen`], `tls` services' [`upstream`] connections present it.
+//! A request walks the folders in order (docs/architecture.md draws it):
+//! [`edge`] accepts it and serves it, [`pipeline`] decides where it goes
+//! (route, split, admit, retry), [`upstream`] reaches an endpoint
+//! (balance, eject, connect, send) and [`observe`] measures it; [`rescue`]
+//! is where every error becomes a response. Beside the request path:
+//! [`identity`] (mTLS and authorization), [`health`] (active checks, idle
+//! sweeps), [`follow`] (the control plane's snapshots), [`admin`] (the
+//! proxy's own endpoints).
+//!
+//! Dependencies point one way, down this list: `edge` -> `pipeline` ->
+//! `upstream` -> `identity`, `observe` -> the leaves ([`rescue`],
+//! [`headers`], [`body`], [`outcome`], [`limit`], [`clock`]); a check in
+//! CI refuses import circles.
 
-pub mod access_log;
 pub mod admin;
-pub mod admit;
-pub mod balance;
 pub mod body;
-pub mod control;
-pub mod eject;
+pub mod clock;
+pub mod edge;
+pub mod follow;
 pub mod headers;
 pub mod health;
-pub mod listen;
-pub mod metrics;
+pub mod identity;
+pub mod limit;
 pub mod observe;
-pub mod otlp;
 pub mod outcome;
-pub mod retry;
-pub mod route;
-pub mod send;
-pub mod serve;
-pub mod split;
-pub mod tls;
-pub mod trace;
+pub mod pipeline;
+pub mod rescue;
 pub mod upstream;
 
 #[cfg(test)]
@@ -43,8 +36,8 @@ use almond_config::{ProxyConfig, Secret};
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use metrics::Metrics;
-use route::Table;
+use observe::metrics::Metrics;
+use pipeline::route::Table;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -64,7 +57,7 @@ pub struct Shared {
     /// Downstream HTTP server settings.
     pub http: auto::Builder<TokioExecutor>,
     /// The mTLS identity (the config's `tls`), reloaded when its files change.
-    pub tls: Option<Arc<tls::Tls>>,
+    pub tls: Option<Arc<identity::tls::Tls>>,
     /// Trace sampling, the access log and the log level.
     pub observe: observe::Observe,
     /// The token of `admin_token_env`: what `/config`, `/endpoints` and
@@ -88,12 +81,12 @@ impl Bound {
             .listeners
             .iter()
             .map(|l| {
-                listen::bind(l.bind).map_err(|e| {
+                edge::listen::bind(l.bind).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot bind listener {}: {e}", l.bind))
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let admin = listen::bind(config.admin).map_err(|e| {
+        let admin = edge::listen::bind(config.admin).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot bind admin {}: {e}", config.admin))
         })?;
         Ok(Bound { listeners, admin })
@@ -121,10 +114,10 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     /// The `tls` files cannot be used.
     #[error("{0}")]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] identity::tls::TlsError),
     /// The control plane cannot be reached as configured (token, CA).
     #[error("{0}")]
-    Control(#[from] control::LinkError),
+    Control(#[from] follow::LinkError),
     /// `admin_token_env` names a variable that is unset or empty.
     #[error("{0}")]
     AdminToken(String),
@@ -135,9 +128,9 @@ pub enum Error {
 pub struct Proxy {
     shared: Arc<Shared>,
     /// Position of the snapshot cache loaded at start (default: none).
-    cached: control::Position,
+    cached: follow::Position,
     /// How to reach the control plane, when `control` is set.
-    link: Option<Arc<control::Link>>,
+    link: Option<Arc<follow::Link>>,
 }
 
 impl Proxy {
@@ -145,20 +138,20 @@ impl Proxy {
     /// the services of the snapshot cache (if any) are loaded first.
     pub fn new(mut config: ProxyConfig) -> Result<Proxy, Error> {
         let cached = match config.control {
-            Some(_) => control::load_cache(&mut config).unwrap_or_default(),
-            None => control::Position::default(),
+            Some(_) => follow::load_cache(&mut config).unwrap_or_default(),
+            None => follow::Position::default(),
         };
         let link = match config.control {
-            Some(_) => Some(Arc::new(control::Link::new(&config)?)),
+            Some(_) => Some(Arc::new(follow::Link::new(&config)?)),
             None => None,
         };
         let admin_token = Secret::from_config("admin_token_env", config.admin_token_env.as_deref())
             .map_err(Error::AdminToken)?;
         let metrics = Metrics::new()?;
-        let http = listen::http_builder(&config.limits);
+        let http = edge::listen::http_builder(&config.limits);
         let observe = observe::Observe::new(&config, &metrics);
         let tls = match &config.tls {
-            Some(files) => Some(Arc::new(tls::Tls::load(files)?)),
+            Some(files) => Some(Arc::new(identity::tls::Tls::load(files)?)),
             None => None,
         };
         let table = Table::build_tls(Arc::new(config), &metrics, None, tls.as_ref());
@@ -191,13 +184,13 @@ impl Proxy {
     }
 
     /// Per listener (config order): its mTLS settings, if it is `tls`.
-    fn inbound_tls(&self) -> Vec<Option<Arc<tls::Inbound>>> {
+    fn inbound_tls(&self) -> Vec<Option<Arc<identity::authz::Inbound>>> {
         let config = self.shared.table.load().config.clone();
         config
             .listeners
             .iter()
             .map(|l| match (&self.shared.tls, l.tls) {
-                (Some(tls), true) => Some(Arc::new(tls::Inbound {
+                (Some(tls), true) => Some(Arc::new(identity::authz::Inbound {
                     tls: tls.clone(),
                     allow: l.allow.clone(),
                 })),
@@ -221,7 +214,7 @@ impl Proxy {
         let mut tasks = Vec::new();
         let inbound = self.inbound_tls();
         for (index, listener) in bound.listeners.into_iter().enumerate() {
-            tasks.push(tokio::spawn(listen::accept_loop(
+            tasks.push(tokio::spawn(edge::listen::accept_loop(
                 self.shared.clone(),
                 index,
                 listener,
@@ -265,7 +258,7 @@ impl Proxy {
                 }
                 let id = config.proxy_id.clone().unwrap_or_else(hostname);
                 let admin = admin_addr.map(|a| a.to_string()).unwrap_or_default();
-                Some(tokio::spawn(control::follow(
+                Some(tokio::spawn(follow::follow(
                     self.clone(),
                     link,
                     url.clone(),

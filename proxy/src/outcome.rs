@@ -1,12 +1,10 @@
 //! Classify each request's outcome once, into closed enums.
 //!
 //! The same [`ErrorKind`] picks the response status, the `x-almond-error`
-//! header, the metric label and (later) the retry decision; [`CodeClass`]
-//! is the `code_class` label. [`ErrorKind::response`] is the one place that
-//! builds error responses.
+//! header, the metric label and the retry decision; [`CodeClass`] is the
+//! `code_class` label. `rescue` turns an [`ErrorKind`] into a response.
 
-use crate::body::ResponseBody;
-use http::{HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderName, StatusCode};
 
 /// The header naming why the proxy answered a request itself.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-almond-error");
@@ -168,38 +166,6 @@ impl ErrorKind {
             ErrorKind::BadRequest => "bad-request",
             ErrorKind::Forbidden => "forbidden",
         }
-    }
-
-    /// The rescue layer: the one place an error becomes a response.
-    /// `detail` names the service or subset concerned.
-    pub fn response(self, detail: &str) -> Response<ResponseBody> {
-        let text = match self {
-            ErrorKind::Connect => format!("almond: cannot connect to {detail}\n"),
-            ErrorKind::ConnectTimeout => format!("almond: connect to {detail} timed out\n"),
-            ErrorKind::Timeout => format!("almond: {detail} did not answer in time\n"),
-            ErrorKind::Reset => format!("almond: connection to {detail} was reset\n"),
-            ErrorKind::ClientTimeout => {
-                format!("almond: the request body for {detail} stopped arriving\n")
-            }
-            ErrorKind::Overloaded => format!("almond: {detail} is at its concurrency limit\n"),
-            ErrorKind::NoEndpoints => format!("almond: no endpoints available for {detail}\n"),
-            ErrorKind::UnknownService => format!("almond: unknown service {detail:?}\n"),
-            ErrorKind::UnknownSubset => format!("almond: unknown subset {detail:?}\n"),
-            ErrorKind::BadRequest => format!("almond: bad request: {detail}\n"),
-            ErrorKind::Forbidden => format!("almond: {detail} is not allowed here\n"),
-        };
-        let mut resp = Response::new(ResponseBody::full(text));
-        *resp.status_mut() = self.status();
-        let headers = resp.headers_mut();
-        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        if self == ErrorKind::Overloaded {
-            headers.insert("x-almond-overloaded", HeaderValue::from_static("true"));
-        }
-        resp
     }
 }
 

@@ -6,8 +6,8 @@
 //! runs them in bounded time.
 
 use crate::headers::{check_host, strip_almond_headers, to_upstream};
-use crate::split::Split;
-use crate::trace::Context;
+use crate::observe::trace::Context;
+use crate::pipeline::split::Split;
 use almond_config::Protocol;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Request;

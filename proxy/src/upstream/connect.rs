@@ -1,22 +1,19 @@
-//! Upstream: per-endpoint state and connections (HTTP/1.1 keep-alive pool,
-//! one multiplexed HTTP/2 connection), and the act of sending one request.
-//!
-//! [`EndpointState`] is keyed by address and carried from one route table
-//! to the next, so a config update keeps what the proxy has learnt.
+//! Connect: the connections to one endpoint -- a LIFO pool of idle
+//! HTTP/1.1 connections, one shared HTTP/2 connection -- opened (TCP, then
+//! TLS) within the connect timeout, and one request sent over them.
 
-use crate::admit::Admission;
-use crate::body::RequestBody;
-use crate::eject::Health;
+use crate::body::{BodyError, RequestBody};
+use crate::identity::tls::{Conn, Upstream};
+use crate::limit::Admission;
 use crate::outcome::ErrorKind;
-use crate::tls::{Conn, Upstream};
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -27,17 +24,6 @@ const MAX_IDLE_H1: usize = 512;
 /// accepts and closes at once must not keep a request connecting until
 /// its timeout.
 const MAX_FRESH_H1: u32 = 2;
-/// Peak-EWMA decay time constant (Linkerd's and Finagle's default).
-const DECAY: Duration = Duration::from_secs(10);
-/// The stored RTT of an endpoint not measured yet: the balancer gives it
-/// the estimate of the endpoint it is compared with, so a new endpoint (or
-/// one back from ejection) gets its share at once, neither shunned as
-/// Linkerd's pessimistic 30 ms default would nor flooded as 0 would.
-const UNMEASURED: f64 = 0.0;
-/// The least weight a sample below the estimate gets: a one-off peak is
-/// washed out by a few normal answers, not by ten seconds of them.
-const MIN_BLEND: f64 = 0.2;
-
 /// An idle HTTP/1.1 connection's sending half.
 pub type H1Sender = http1::SendRequest<RequestBody>;
 
@@ -47,19 +33,11 @@ struct Idle {
     since: Instant,
 }
 
-/// What the proxy knows about one endpoint address.
-pub struct EndpointState {
-    /// The endpoint's address.
-    pub addr: SocketAddr,
-    in_flight: AtomicU32,
-    /// Peak-EWMA RTT estimate, in nanoseconds (f64 bits).
-    rtt_ns: AtomicU64,
-    /// When `rtt_ns` was last updated, in ns since [`epoch`].
-    stamp_ns: AtomicU64,
-    /// Open upstream connections (for `/endpoints`).
-    connections: Arc<AtomicU32>,
-    /// Failure accrual and ejection.
-    pub health: Health,
+/// The connections to one endpoint address.
+pub struct Connections {
+    addr: SocketAddr,
+    /// Open connections (for `/endpoints`).
+    open: Arc<AtomicU32>,
     /// Idle HTTP/1.1 connections, most recently used last (a stack: the
     /// next request takes the warmest one, the coldest age out). The lock
     /// is per endpoint and held for one push or pop.
@@ -68,104 +46,21 @@ pub struct EndpointState {
     h2_connecting: tokio::sync::Mutex<()>,
 }
 
-/// The instant all stamps count from.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// `now` in nanoseconds since the process epoch (for atomics).
-pub fn nanos_since_epoch(now: Instant) -> u64 {
-    now.saturating_duration_since(epoch()).as_nanos() as u64
-}
-
-/// Decrements an endpoint's in-flight count when dropped.
-pub struct InFlight(Arc<EndpointState>);
-
-impl InFlight {
-    /// The endpoint counted.
-    pub fn state(&self) -> &Arc<EndpointState> {
-        &self.0
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl EndpointState {
-    /// Fresh state for an address never seen before.
-    pub fn new(addr: SocketAddr) -> EndpointState {
-        EndpointState {
+impl Connections {
+    /// No connection yet to `addr`.
+    pub fn new(addr: SocketAddr) -> Connections {
+        Connections {
             addr,
-            in_flight: AtomicU32::new(0),
-            rtt_ns: AtomicU64::new(UNMEASURED.to_bits()),
-            stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
-            connections: Arc::new(AtomicU32::new(0)),
-            health: Health::default(),
+            open: Arc::new(AtomicU32::new(0)),
             h1_idle: Mutex::new(Vec::new()),
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Counts a request in flight until the returned guard drops.
-    pub fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-
-    /// Requests in flight now.
-    pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Open upstream connections now.
-    pub fn connections(&self) -> u32 {
-        self.connections.load(Ordering::Relaxed)
-    }
-
-    /// Load for `least_request`.
-    pub fn in_flight_cost(&self) -> f64 {
-        f64::from(self.in_flight() + 1)
-    }
-
-    /// The RTT estimate, decayed to `now`, in nanoseconds; 0 when the
-    /// endpoint has not been measured yet.
-    pub fn rtt_estimate(&self, now: Instant) -> f64 {
-        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        let stamp = self.stamp_ns.load(Ordering::Relaxed);
-        let elapsed = nanos_since_epoch(now).saturating_sub(stamp) as f64;
-        rtt * (-elapsed / DECAY.as_nanos() as f64).exp()
-    }
-
-    /// Forgets the estimate: the endpoint counts as not measured yet (one
-    /// back from ejection: what it measured while failing says nothing now).
-    pub fn forget_rtt(&self) {
-        self.rtt_ns.store(UNMEASURED.to_bits(), Ordering::Relaxed);
-    }
-
-    /// Feeds one measured RTT: a peak is taken at once, a lower value
-    /// blends in with weight growing with the time since the last update
-    /// (at least `MIN_BLEND`).
-    /// Racing updates may lose one sample; the estimate stays sound.
-    pub fn observe_rtt(&self, now: Instant, rtt: Duration) {
-        let sample = rtt.as_nanos() as f64;
-        let now_ns = nanos_since_epoch(now);
-        let old = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        let stamp = self.stamp_ns.swap(now_ns, Ordering::Relaxed);
-        let next = if sample > old {
-            sample
-        } else {
-            let elapsed = now_ns.saturating_sub(stamp) as f64;
-            let decay = (-elapsed / DECAY.as_nanos() as f64)
-                .exp()
-                .min(1.0 - MIN_BLEND);
-            old * decay + sample * (1.0 - decay)
-        };
-        self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
+    /// Open connections now.
+    pub fn open(&self) -> u32 {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Sends over HTTP/1.1: the most recently used idle connection if one
@@ -174,7 +69,7 @@ impl EndpointState {
     /// a connection, if one was.
     #[allow(clippy::too_many_arguments)]
     pub async fn send_h1(
-        self: &Arc<Self>,
+        &self,
         mut req: Request<RequestBody>,
         connect_timeout: Duration,
         idle_timeout: Duration,
@@ -283,7 +178,7 @@ impl EndpointState {
     /// if there is none (one opener at a time; the others wait for it).
     /// `connected` gets the time spent opening the connection, if it was.
     pub async fn send_h2(
-        self: &Arc<Self>,
+        &self,
         req: Request<RequestBody>,
         connect_timeout: Duration,
         pending: &Arc<Admission>,
@@ -381,7 +276,7 @@ impl EndpointState {
             .await
             .map_err(|e| classify(&e))?;
         let addr = self.addr;
-        let open = ConnCount::new(&self.connections);
+        let open = ConnCount::new(&self.open);
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
@@ -392,7 +287,7 @@ impl EndpointState {
     }
 
     /// Opens an HTTP/2 connection of its own (the shared one is opened
-    /// through [`EndpointState::send_h2`]).
+    /// through [`Connections::send_h2`]).
     pub async fn connect_h2(
         &self,
         connect_timeout: Duration,
@@ -407,7 +302,7 @@ impl EndpointState {
             .await
             .map_err(|e| classify(&e))?;
         let addr = self.addr;
-        let open = ConnCount::new(&self.connections);
+        let open = ConnCount::new(&self.open);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(endpoint = %addr, error = %e, "upstream h2 connection ended");
@@ -485,7 +380,7 @@ fn closed_before_answer(e: &hyper::Error) -> bool {
 fn classify(e: &hyper::Error) -> ErrorKind {
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
-        if let Some(crate::body::BodyError::Idle(_)) = c.downcast_ref() {
+        if let Some(BodyError::Idle(_)) = c.downcast_ref() {
             return ErrorKind::ClientTimeout;
         }
         cause = c.source();

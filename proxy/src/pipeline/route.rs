@@ -5,25 +5,24 @@
 //! Per-endpoint state and per-service admission counters are carried over
 //! from the previous table by address and by name.
 
-use crate::admit::Admission;
-use crate::balance::{Member, Pool};
-use crate::eject::{EjectionMetrics, Outlier};
-use crate::metrics::{Metrics, SubsetMetrics};
+use crate::headers::SUBSET_HEADER;
+use crate::identity::tls::{Tls, Upstream};
+use crate::limit::Admission;
+use crate::observe::metrics::{EjectionMetrics, Metrics, SubsetMetrics};
 use crate::outcome::ErrorKind;
-use crate::retry::RetryPolicy;
-use crate::split::Split;
-use crate::tls::{Tls, Upstream};
-use crate::upstream::EndpointState;
-use almond_config::{Direction, Lb, Protocol, ProxyConfig, Service};
+use crate::pipeline::retry::RetryPolicy;
+use crate::pipeline::split::Split;
+use crate::upstream::balance::{Member, Pool};
+use crate::upstream::eject::{Outlier, Peers};
+use crate::upstream::endpoint::EndpointState;
+use crate::upstream::send::Target;
+use almond_config::{Direction, Lb, ProxyConfig, Service};
 use http::Request;
 use prometheus::{IntCounter, IntGauge};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Header that pins a request to a subset (stripped before upstream).
-pub const SUBSET_HEADER: &str = "x-almond-subset";
 
 /// Endpoint state by address and connection key (see
 /// [`ServiceRoute::conn_key`]).
@@ -55,14 +54,10 @@ pub struct ListenerRoute {
 pub struct ServiceRoute {
     /// The service's name.
     pub name: Arc<str>,
-    /// Upstream protocol.
-    pub protocol: Protocol,
-    /// TCP connect timeout.
-    pub connect_timeout: Duration,
+    /// How its endpoints are reached (protocol, connect, TLS).
+    pub target: Target,
     /// Time allowed until response headers.
     pub request_timeout: Duration,
-    /// Idle pooled HTTP/1.1 connections are closed after this long.
-    pub idle_timeout: Duration,
     /// A response body with no byte for this long is ended.
     pub body_idle: Duration,
     /// What, besides the address, makes a connection to an endpoint of this
@@ -77,8 +72,6 @@ pub struct ServiceRoute {
     pub split: Option<Split>,
     /// Concurrency limit (`circuit_breaker.max_requests`).
     pub admission: Arc<Admission>,
-    /// Requests waiting for a new connection (`circuit_breaker.max_pending`).
-    pub pending: Arc<Admission>,
     /// Failure accrual and ejection.
     pub outlier: Outlier,
     /// Active health checks, if configured.
@@ -89,8 +82,6 @@ pub struct ServiceRoute {
     pub retries: IntCounter,
     /// In-flight gauges, by direction (outbound, inbound).
     pub in_flight: [IntGauge; 2],
-    /// Upstream mTLS (`tls` of the service), if on.
-    pub tls: Option<Arc<Upstream>>,
     /// Who may call it on inbound listeners (`authz.allow`), if set.
     pub authz: Option<Arc<[String]>>,
 }
@@ -126,7 +117,10 @@ impl Table {
         let mut admissions: HashMap<&str, (Arc<Admission>, Arc<Admission>)> = HashMap::new();
         if let Some(prev) = previous {
             for svc in prev.services.values() {
-                admissions.insert(&svc.name, (svc.admission.clone(), svc.pending.clone()));
+                admissions.insert(
+                    &svc.name,
+                    (svc.admission.clone(), svc.target.pending.clone()),
+                );
                 for m in svc.all.members() {
                     states.insert((m.state.addr, svc.conn_key.clone()), m.state.clone());
                 }
@@ -138,7 +132,7 @@ impl Table {
             .map(|(name, svc)| {
                 let admission = admissions.get(name.as_str()).cloned();
                 let mut route = ServiceRoute::build(name, svc, metrics, &mut states, admission);
-                route.tls = svc.tls.as_ref().map(|t| upstream_tls(name, t, tls));
+                route.target.tls = svc.tls.as_ref().map(|t| upstream_tls(name, t, tls));
                 (Box::from(name.as_str()), Arc::new(route))
             })
             .collect();
@@ -260,6 +254,67 @@ fn host<B>(req: &Request<B>) -> Option<&str> {
     (!h.is_empty()).then_some(h)
 }
 
+/// A service's subset names, sorted. No endpoints (all unhealthy, say):
+/// one empty subset, so that requests get 503 `no-endpoints` and are
+/// counted somewhere.
+fn subset_names(svc: &Service) -> Vec<&str> {
+    let mut names: Vec<&str> = svc.endpoints.iter().map(|e| e.subset.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        names.push(almond_config::DEFAULT_SUBSET);
+    }
+    names
+}
+
+/// A service's concurrency limits (`max_requests`, `max_pending`): the
+/// previous table's, set to the new numbers (requests in flight stay
+/// counted), or new ones.
+fn limits(
+    previous: Option<(Arc<Admission>, Arc<Admission>)>,
+    cb: &almond_config::CircuitBreaker,
+) -> (Arc<Admission>, Arc<Admission>) {
+    match previous {
+        Some((admission, pending)) => {
+            admission.set_limit(cb.max_requests);
+            pending.set_limit(cb.max_pending);
+            (admission, pending)
+        }
+        None => (
+            Arc::new(Admission::new(cb.max_requests)),
+            Arc::new(Admission::new(cb.max_pending)),
+        ),
+    }
+}
+
+impl SubsetRoute {
+    /// Subset `subset` of service `name` over `pool`, its metric handles
+    /// resolved and its split weight and endpoint gauges set.
+    fn build(
+        name: &str,
+        svc: &Service,
+        subset: &str,
+        pool: Pool,
+        metrics: &Metrics,
+    ) -> SubsetRoute {
+        if let Some(split) = &svc.split {
+            let weight = split.weights.get(subset).copied().unwrap_or(0);
+            metrics.set_split_weight(name, subset, weight);
+        }
+        let ejection = metrics.ejection(name, subset);
+        ejection.update(pool.out_of());
+        SubsetRoute {
+            name: Arc::from(subset),
+            pool,
+            metrics: [
+                metrics.subset(Direction::Outbound, name, subset),
+                metrics.subset(Direction::Inbound, name, subset),
+            ],
+            ejection,
+        }
+    }
+}
+
 impl ServiceRoute {
     fn build(
         name: &str,
@@ -270,14 +325,7 @@ impl ServiceRoute {
     ) -> ServiceRoute {
         let cb = &svc.circuit_breaker;
         let health = |pool: Pool| pool.with_health(cb.panic_threshold, svc.timeouts.request);
-        let mut subset_names: Vec<&str> = svc.endpoints.iter().map(|e| e.subset.as_str()).collect();
-        subset_names.sort_unstable();
-        subset_names.dedup();
-        if subset_names.is_empty() {
-            // No endpoints (all unhealthy, say): one empty subset, so that
-            // requests get 503 `no-endpoints` and are counted somewhere.
-            subset_names.push(almond_config::DEFAULT_SUBSET);
-        }
+        let subset_names = subset_names(svc);
         // Endpoint state carries over from the previous table by address
         // and connection key: TLS on or off, or another server name, means
         // other connections.
@@ -305,30 +353,10 @@ impl ServiceRoute {
                 })
                 .collect()
         };
-        let subsets: Vec<SubsetRoute> = subset_names
-            .iter()
-            .enumerate()
+        let subsets: Vec<SubsetRoute> = (subset_names.iter().enumerate())
             .map(|(index, &subset)| {
-                let members = members_of(Some(subset), states);
-                let weight = match &svc.split {
-                    Some(split) => split.weights.get(subset).copied().unwrap_or(0),
-                    None => 0,
-                };
-                if svc.split.is_some() {
-                    metrics.set_split_weight(name, subset, weight);
-                }
-                let pool = health(Pool::new(members, svc.lb, index));
-                let ejection = metrics.ejection(name, subset);
-                ejection.update(&pool);
-                SubsetRoute {
-                    name: Arc::from(subset),
-                    pool,
-                    metrics: [
-                        metrics.subset(Direction::Outbound, name, subset),
-                        metrics.subset(Direction::Inbound, name, subset),
-                    ],
-                    ejection,
-                }
+                let pool = health(Pool::new(members_of(Some(subset), states), svc.lb, index));
+                SubsetRoute::build(name, svc, subset, pool, metrics)
             })
             .collect();
         let split = svc
@@ -336,30 +364,23 @@ impl ServiceRoute {
             .as_ref()
             .map(|s| Split::new(&s.weights, &subset_names).sticky_on(s.sticky_header.as_deref()));
         let all = health(Pool::new(members_of(None, states), svc.lb, 0));
-        let (admission, pending) = match admission {
-            Some((a, p)) => {
-                a.set_limit(cb.max_requests);
-                p.set_limit(cb.max_pending);
-                (a, p)
-            }
-            None => (
-                Arc::new(Admission::new(cb.max_requests)),
-                Arc::new(Admission::new(cb.max_pending)),
-            ),
-        };
+        let (admission, pending) = limits(admission, cb);
         ServiceRoute {
             name: Arc::from(name),
-            protocol: svc.protocol,
-            connect_timeout: svc.timeouts.connect,
+            target: Target {
+                protocol: svc.protocol,
+                connect_timeout: svc.timeouts.connect,
+                idle_timeout: svc.timeouts.idle,
+                pending,
+                tls: None,
+            },
             request_timeout: svc.timeouts.request,
-            idle_timeout: svc.timeouts.idle,
             body_idle: svc.timeouts.body_idle,
             conn_key,
             subsets,
             all,
             split,
             admission,
-            pending,
             outlier: Outlier::new(cb, svc.timeouts.request),
             health_check: svc.health_check.clone(),
             authz: svc.authz.as_ref().map(|a| a.allow.as_slice().into()),
@@ -369,7 +390,6 @@ impl ServiceRoute {
                 metrics.in_flight(Direction::Outbound, name),
                 metrics.in_flight(Direction::Inbound, name),
             ],
-            tls: None,
         }
     }
 

@@ -4,7 +4,6 @@
 //! service, subset) handles when it is built, so the request path only
 //! increments atomics (see [`SubsetMetrics`]).
 
-use crate::eject::EjectionMetrics;
 use crate::outcome::{CodeClass, ErrorKind};
 use almond_config::Direction;
 use prometheus::{
@@ -90,8 +89,11 @@ impl Metrics {
     /// Registers every family in a fresh registry, with process metrics.
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new("almond_requests_total", "Requests handled, by outcome."),
+        let r = &registry;
+        let requests = counter_vec(
+            r,
+            "almond_requests_total",
+            "Requests handled, by outcome.",
             &["direction", "service", "subset", "code_class", "outcome"],
         )?;
         let duration = HistogramVec::new(
@@ -102,32 +104,17 @@ impl Metrics {
             .buckets(DURATION_BUCKETS.to_vec()),
             &["direction", "service", "subset"],
         )?;
+        registry.register(Box::new(duration.clone()))?;
         let in_flight = IntGaugeVec::new(
             Opts::new("almond_requests_in_flight", "Requests not yet finished."),
             &["direction", "service"],
         )?;
-        let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "almond_upstream_errors_total",
-                "Requests that got no upstream response, by kind.",
-            ),
-            &["service", "subset", "kind"],
-        )?;
+        registry.register(Box::new(in_flight.clone()))?;
         let endpoints = IntGaugeVec::new(
             Opts::new("almond_endpoints", "Endpoints known, by state."),
             &["service", "subset", "state"],
         )?;
-        let ejections = IntCounterVec::new(
-            Opts::new(
-                "almond_endpoint_ejections_total",
-                "Endpoints taken out of balancing by failure accrual.",
-            ),
-            &["service", "subset"],
-        )?;
-        let retries = IntCounterVec::new(
-            Opts::new("almond_retries_total", "Retries sent (not first tries)."),
-            &["service"],
-        )?;
+        registry.register(Box::new(endpoints.clone()))?;
         let split_weight = IntGaugeVec::new(
             Opts::new(
                 "almond_split_weight",
@@ -135,98 +122,92 @@ impl Metrics {
             ),
             &["service", "subset"],
         )?;
-        let access_log_dropped = IntCounterVec::new(
-            Opts::new(
-                "almond_access_log_dropped_total",
-                "Access log lines not written: writer queue full, or over max_per_second.",
-            ),
-            &["reason"],
-        )?;
-        for reason in ["queue_full", "rate_limit"] {
-            access_log_dropped.with_label_values(&[reason]);
-        }
-        let trace_spans_dropped = IntCounterVec::new(
-            Opts::new(
-                "almond_trace_spans_dropped_total",
-                "Spans not exported: export queue full, or the export failed.",
-            ),
-            &["reason"],
-        )?;
-        for reason in ["queue_full", "export_failed"] {
-            trace_spans_dropped.with_label_values(&[reason]);
-        }
-        let trace_spans_exported = IntCounter::new(
-            "almond_trace_spans_exported_total",
-            "Spans sent to the OTLP collector and accepted.",
-        )?;
-        let trace_export_errors = IntCounter::new(
-            "almond_trace_export_errors_total",
-            "OTLP export requests that failed or timed out.",
-        )?;
-        let unroutable = IntCounter::new(
-            "almond_unroutable_requests_total",
-            "Requests that named no known service or subset, or no host.",
-        )?;
-        let config_index = IntGauge::new("almond_config_index", "Index of the active config.")?;
-        let control_connected = IntGauge::new(
-            "almond_control_connected",
-            "1 while the control plane answers.",
-        )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
-        registry.register(Box::new(in_flight.clone()))?;
-        registry.register(Box::new(upstream_errors.clone()))?;
-        registry.register(Box::new(endpoints.clone()))?;
-        registry.register(Box::new(ejections.clone()))?;
-        registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(split_weight.clone()))?;
-        registry.register(Box::new(unroutable.clone()))?;
-        let tls_denied = IntCounter::new(
-            "almond_tls_denied_requests_total",
-            "Requests on tls listeners refused with 403: client identity not allowed.",
-        )?;
-        let tls_handshake_failures = IntCounter::new(
-            "almond_tls_handshake_failures_total",
-            "Inbound TLS handshakes that failed or timed out.",
-        )?;
-        registry.register(Box::new(tls_denied.clone()))?;
-        registry.register(Box::new(tls_handshake_failures.clone()))?;
-        let connections_refused = IntCounter::new(
-            "almond_connections_refused_total",
-            "Client connections closed at accept: the listener was at limits.max_connections.",
-        )?;
-        registry.register(Box::new(connections_refused.clone()))?;
-        registry.register(Box::new(access_log_dropped.clone()))?;
-        registry.register(Box::new(trace_spans_dropped.clone()))?;
-        registry.register(Box::new(trace_spans_exported.clone()))?;
-        registry.register(Box::new(trace_export_errors.clone()))?;
-        registry.register(Box::new(config_index.clone()))?;
-        registry.register(Box::new(control_connected.clone()))?;
-        #[cfg(target_os = "linux")]
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
-        Ok(Metrics {
-            registry,
+        let metrics = Metrics {
             requests,
             duration,
             in_flight,
-            upstream_errors,
+            upstream_errors: counter_vec(
+                r,
+                "almond_upstream_errors_total",
+                "Requests that got no upstream response, by kind.",
+                &["service", "subset", "kind"],
+            )?,
             endpoints,
-            ejections,
-            retries,
+            ejections: counter_vec(
+                r,
+                "almond_endpoint_ejections_total",
+                "Endpoints taken out of balancing by failure accrual.",
+                &["service", "subset"],
+            )?,
+            retries: counter_vec(
+                r,
+                "almond_retries_total",
+                "Retries sent (not first tries).",
+                &["service"],
+            )?,
             split_weight,
-            access_log_dropped,
-            trace_spans_dropped,
-            trace_spans_exported,
-            trace_export_errors,
-            unroutable,
-            tls_denied,
-            tls_handshake_failures,
-            connections_refused,
-            config_index,
-            control_connected,
-        })
+            access_log_dropped: counter_vec(
+                r,
+                "almond_access_log_dropped_total",
+                "Access log lines not written: writer queue full, or over max_per_second.",
+                &["reason"],
+            )?,
+            trace_spans_dropped: counter_vec(
+                r,
+                "almond_trace_spans_dropped_total",
+                "Spans not exported: export queue full, or the export failed.",
+                &["reason"],
+            )?,
+            trace_spans_exported: counter(
+                r,
+                "almond_trace_spans_exported_total",
+                "Spans sent to the OTLP collector and accepted.",
+            )?,
+            trace_export_errors: counter(
+                r,
+                "almond_trace_export_errors_total",
+                "OTLP export requests that failed or timed out.",
+            )?,
+            unroutable: counter(
+                r,
+                "almond_unroutable_requests_total",
+                "Requests that named no known service or subset, or no host.",
+            )?,
+            tls_denied: counter(
+                r,
+                "almond_tls_denied_requests_total",
+                "Requests on tls listeners refused with 403: client identity not allowed.",
+            )?,
+            tls_handshake_failures: counter(
+                r,
+                "almond_tls_handshake_failures_total",
+                "Inbound TLS handshakes that failed or timed out.",
+            )?,
+            connections_refused: counter(
+                r,
+                "almond_connections_refused_total",
+                "Client connections closed at accept: the listener was at limits.max_connections.",
+            )?,
+            config_index: gauge(r, "almond_config_index", "Index of the active config.")?,
+            control_connected: gauge(
+                r,
+                "almond_control_connected",
+                "1 while the control plane answers.",
+            )?,
+            registry,
+        };
+        for reason in ["queue_full", "rate_limit"] {
+            metrics.access_log_dropped.with_label_values(&[reason]);
+        }
+        for reason in ["queue_full", "export_failed"] {
+            metrics.trace_spans_dropped.with_label_values(&[reason]);
+        }
+        #[cfg(target_os = "linux")]
+        metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(metrics)
     }
 
     /// Resolves the handles of one (direction, service, subset).
@@ -347,4 +328,49 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Ejection metrics of one subset.
+#[derive(Clone)]
+pub struct EjectionMetrics {
+    /// `almond_endpoint_ejections_total{service, subset}`.
+    pub ejections: IntCounter,
+    /// `almond_endpoints{service, subset, state="healthy"}`.
+    pub healthy: IntGauge,
+    /// `almond_endpoints{service, subset, state="ejected"}`.
+    pub ejected: IntGauge,
+}
+
+impl EjectionMetrics {
+    /// Sets the subset's endpoint counts by state from (members, out).
+    pub fn update(&self, (members, out): (usize, usize)) {
+        self.ejected.set(out as i64);
+        self.healthy.set(members.saturating_sub(out) as i64);
+    }
+}
+
+/// A counter family, registered.
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    let family = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(family.clone()))?;
+    Ok(family)
+}
+
+/// A counter, registered.
+fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+    let counter = IntCounter::new(name, help)?;
+    registry.register(Box::new(counter.clone()))?;
+    Ok(counter)
+}
+
+/// A gauge, registered.
+fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    let gauge = IntGauge::new(name, help)?;
+    registry.register(Box::new(gauge.clone()))?;
+    Ok(gauge)
 }

@@ -5,7 +5,7 @@
 //! channel; a writer task formats and writes lines in batches. When the
 //! channel is full the line is dropped and counted, never waited for.
 
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use almond_config::{AccessLogFormat, Direction};
 use http::Method;
 use prometheus::IntCounter;
@@ -204,7 +204,7 @@ fn fields(e: &Entry) -> [(&'static str, Option<String>); 15] {
         ("request_id", Some(e.request_id.to_string())),
         (
             "trace_id",
-            Some(String::from_utf8_lossy(&crate::trace::hex128(e.trace_id)).into_owned()),
+            Some(String::from_utf8_lossy(&crate::observe::trace::hex128(e.trace_id)).into_owned()),
         ),
         ("sampled", Some(e.sampled.to_string())),
         ("direction", Some(o.direction.as_str().to_owned())),

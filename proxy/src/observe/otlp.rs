@@ -11,12 +11,12 @@
 //! and overflow is dropped. On shutdown what is queued is flushed, within
 //! `timeout`.
 //!
-//! The span's IDs are those of [`trace::Context`](crate::trace::Context):
+//! The span's IDs are those of [`trace::Context`](crate::observe::trace::Context):
 //! its span ID is the parent the upstream sees in `traceparent`, its
 //! parent is the client's span, so the trace joins up across hops.
 
-use crate::access_log::Observed;
-use crate::metrics::Metrics;
+use crate::observe::access_log::Observed;
+use crate::observe::metrics::Metrics;
 use almond_config::{Direction, Otlp};
 use http::{HeaderValue, Method};
 use opentelemetry::trace::{

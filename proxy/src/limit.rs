@@ -1,18 +1,17 @@
-//! Admission: a per-service concurrency limit that sheds load at once.
-//!
-//! Over `circuit_breaker.max_requests` in flight, a request gets an
-//! immediate 503 (`x-almond-overloaded: true`) instead of joining a queue.
+//! Limit: a lock-free count of places that refuses at once when full
+//! instead of queueing (a service's `max_requests`, its `max_pending`
+//! connects).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-/// In-flight requests of one service and their limit.
+/// Places taken and their limit.
 pub struct Admission {
     in_flight: AtomicU32,
     limit: AtomicU32,
 }
 
-/// One admitted request; dropping it frees its place.
+/// One place; dropping it frees it.
 pub struct Permit(Arc<Admission>);
 
 impl Admission {

@@ -127,7 +127,7 @@ impl Budget {
     }
 
     fn second(now: Instant) -> u64 {
-        crate::upstream::nanos_since_epoch(now) / 1_000_000_000 + 1
+        crate::clock::nanos_since_epoch(now) / 1_000_000_000 + 1
     }
 
     /// The bucket of `now`'s second, emptied first if it held an old one.

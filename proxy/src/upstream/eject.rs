@@ -6,11 +6,10 @@
 //! a subset is out at once. When the time is up, one real request probes
 //! the endpoint: success brings it back, failure ejects it again, longer.
 
-use crate::balance::Pool;
+use crate::observe::metrics::EjectionMetrics;
 use crate::outcome::ErrorKind;
-use crate::upstream::EndpointState;
 use almond_config::{CircuitBreaker, Condition};
-use prometheus::{IntCounter, IntGauge};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -127,28 +126,21 @@ impl Health {
     }
 }
 
-/// Ejection metrics of one subset.
-#[derive(Clone)]
-pub struct EjectionMetrics {
-    /// `almond_endpoint_ejections_total{service, subset}`.
-    pub ejections: IntCounter,
-    /// `almond_endpoints{service, subset, state="healthy"}`.
-    pub healthy: IntGauge,
-    /// `almond_endpoints{service, subset, state="ejected"}`.
-    pub ejected: IntGauge,
+/// An endpoint as failure accrual sees it (implemented by the
+/// endpoint's state).
+pub trait Ejectable {
+    /// Its ejection state.
+    fn health(&self) -> &Health;
+    /// Its address (for logs).
+    fn addr(&self) -> SocketAddr;
+    /// Back in service: what it measured while failing says nothing now.
+    fn returned(&self);
 }
 
-impl EjectionMetrics {
-    /// Recounts a subset's endpoints by state.
-    pub fn update(&self, subset: &Pool) {
-        let out = subset
-            .members()
-            .iter()
-            .filter(|m| m.state.health.is_out())
-            .count();
-        self.ejected.set(out as i64);
-        self.healthy.set((subset.members().len() - out) as i64);
-    }
+/// The endpoints an ejection is counted against (a subset's pool).
+pub trait Peers {
+    /// How many there are, and how many of them are out of service.
+    fn out_of(&self) -> (usize, usize);
 }
 
 /// A service's ejection policy.
@@ -209,22 +201,22 @@ impl Outlier {
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
-        endpoint: &EndpointState,
+        endpoint: &impl Ejectable,
         failed: bool,
         at_once: bool,
         now: Instant,
-        subset: &Pool,
+        subset: &impl Peers,
         metrics: &EjectionMetrics,
         service: &str,
     ) -> Option<u64> {
-        let health = &endpoint.health;
+        let health = endpoint.health();
         if !failed {
             health.consecutive.store(0, Ordering::Relaxed);
             // Only the probe returns an endpoint (or any success once the
             // ejection is up: a pool of one never claims a probe). A request
             // sent before the ejection and answered after it says nothing
             // about the endpoint now, and must not cut the ejection short.
-            let now_ns = crate::upstream::nanos_since_epoch(now);
+            let now_ns = crate::clock::nanos_since_epoch(now);
             if health.is_out()
                 && (health.probing.swap(false, Ordering::AcqRel)
                     || health.availability(now_ns) == Availability::ProbeDue)
@@ -243,7 +235,7 @@ impl Outlier {
             return None;
         }
         if !was_probe && !self.room_to_eject(subset) {
-            tracing::debug!(service, endpoint = %endpoint.addr, "not ejected: max_ejection_percent reached");
+            tracing::debug!(service, endpoint = %endpoint.addr(), "not ejected: max_ejection_percent reached");
             return None;
         }
         Some(self.eject(endpoint, now, subset, metrics, service, failures))
@@ -253,26 +245,26 @@ impl Outlier {
     /// that ends (ns since the process epoch).
     pub fn eject(
         &self,
-        endpoint: &EndpointState,
+        endpoint: &impl Ejectable,
         now: Instant,
-        subset: &Pool,
+        subset: &impl Peers,
         metrics: &EjectionMetrics,
         service: &str,
         failures: u32,
     ) -> u64 {
-        let health = &endpoint.health;
+        let health = endpoint.health();
         let n = health.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let length = self.ejection_length(n);
-        let until = (crate::upstream::nanos_since_epoch(now) + length.as_nanos() as u64).max(1);
+        let until = (crate::clock::nanos_since_epoch(now) + length.as_nanos() as u64).max(1);
         health.ejected_until.store(until, Ordering::Release);
         health.consecutive.store(0, Ordering::Relaxed);
         // Only checks passed from now on may bring it back early.
         health.checks_passed.store(0, Ordering::Relaxed);
         metrics.ejections.inc();
-        metrics.update(subset);
+        metrics.update(subset.out_of());
         tracing::warn!(
             service,
-            endpoint = %endpoint.addr,
+            endpoint = %endpoint.addr(),
             failures,
             ejections = n,
             ejected_for = ?length,
@@ -285,38 +277,33 @@ impl Outlier {
     /// forgotten (its failures must not keep it shunned).
     pub fn restore(
         &self,
-        endpoint: &EndpointState,
-        subset: &Pool,
+        endpoint: &impl Ejectable,
+        subset: &impl Peers,
         metrics: &EjectionMetrics,
         service: &str,
         why: &str,
     ) {
-        let health = &endpoint.health;
+        let health = endpoint.health();
         health.ejected_until.store(0, Ordering::Release);
         health.ejections.store(0, Ordering::Relaxed);
         health.consecutive.store(0, Ordering::Relaxed);
         health.probing.store(false, Ordering::Release);
-        endpoint.forget_rtt();
-        metrics.update(subset);
-        tracing::info!(service, endpoint = %endpoint.addr, why, "endpoint returned to service");
+        endpoint.returned();
+        metrics.update(subset.out_of());
+        tracing::info!(service, endpoint = %endpoint.addr(), why, "endpoint returned to service");
     }
 
     /// May `endpoint` be ejected now (it is in, and `max_ejection_percent`
     /// leaves room)?
-    pub fn may_eject(&self, endpoint: &EndpointState, subset: &Pool) -> bool {
-        !endpoint.health.is_out() && self.room_to_eject(subset)
+    pub fn may_eject(&self, endpoint: &impl Ejectable, subset: &impl Peers) -> bool {
+        !endpoint.health().is_out() && self.room_to_eject(subset)
     }
 
     /// May one more endpoint of `subset` be ejected? At least one may,
     /// whatever the percent (as in Envoy); the panic threshold then keeps
     /// traffic flowing.
-    fn room_to_eject(&self, subset: &Pool) -> bool {
-        let n = subset.members().len();
-        let out = subset
-            .members()
-            .iter()
-            .filter(|m| m.state.health.is_out())
-            .count();
+    fn room_to_eject(&self, subset: &impl Peers) -> bool {
+        let (n, out) = subset.out_of();
         let allowed = (n * self.max_percent as usize / 100).max(1);
         out < allowed
     }
@@ -333,22 +320,42 @@ impl Outlier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::Member;
-    use almond_config::Lb;
-    use std::sync::Arc;
+    use prometheus::{IntCounter, IntGauge};
 
-    fn subset(n: u16) -> Pool {
-        let members = (0..n)
-            .map(|i| Member {
-                state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
-                    [127, 0, 0, 1],
-                    2000 + i,
-                )))),
-                weight: 1,
-                subset: 0,
-            })
-            .collect();
-        Pool::new(members, Lb::RoundRobin, 0)
+    /// An endpoint: its health and address, nothing else.
+    struct Endpoint(Health, SocketAddr);
+
+    impl Ejectable for Endpoint {
+        fn health(&self) -> &Health {
+            &self.0
+        }
+        fn addr(&self) -> SocketAddr {
+            self.1
+        }
+        fn returned(&self) {}
+    }
+
+    /// A subset of endpoints.
+    struct Subset(Vec<Endpoint>);
+
+    impl Peers for Subset {
+        fn out_of(&self) -> (usize, usize) {
+            let out = self.0.iter().filter(|e| e.0.is_out()).count();
+            (self.0.len(), out)
+        }
+    }
+
+    fn subset(n: u16) -> Subset {
+        Subset(
+            (0..n)
+                .map(|i| {
+                    Endpoint(
+                        Health::default(),
+                        SocketAddr::from(([127, 0, 0, 1], 2000 + i)),
+                    )
+                })
+                .collect(),
+        )
     }
 
     fn metrics() -> EjectionMetrics {
@@ -371,32 +378,32 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ejects_after_consecutive_failures_then_probes_back() {
         let (pool, m, p) = (subset(3), metrics(), policy());
-        let ep = &pool.members()[0].state;
+        let ep = &pool.0[0];
         let now = Instant::now();
         p.record(ep, true, false, now, &pool, &m, "s");
         p.record(ep, true, false, now, &pool, &m, "s");
-        assert!(!ep.health.is_out());
+        assert!(!ep.0.is_out());
         p.record(ep, true, false, now, &pool, &m, "s");
-        assert!(ep.health.is_out());
+        assert!(ep.0.is_out());
         assert_eq!(m.ejections.get(), 1);
         assert_eq!((m.healthy.get(), m.ejected.get()), (2, 1));
 
-        let ns = |t: Instant| crate::upstream::nanos_since_epoch(t);
-        assert_eq!(ep.health.availability(ns(now)), Availability::Ejected);
+        let ns = |t: Instant| crate::clock::nanos_since_epoch(t);
+        assert_eq!(ep.0.availability(ns(now)), Availability::Ejected);
         let later = now + Duration::from_secs(12);
-        assert_eq!(ep.health.availability(ns(later)), Availability::ProbeDue);
-        assert!(ep.health.claim_probe(ns(later), p.probe_grace));
+        assert_eq!(ep.0.availability(ns(later)), Availability::ProbeDue);
+        assert!(ep.0.claim_probe(ns(later), p.probe_grace));
         // Only one probe at a time.
-        assert!(!ep.health.claim_probe(ns(later), p.probe_grace));
+        assert!(!ep.0.claim_probe(ns(later), p.probe_grace));
         // A failed probe ejects again, for twice as long (+-10 %).
         p.record(ep, true, false, later, &pool, &m, "s");
         assert_eq!(m.ejections.get(), 2);
         let t = later + Duration::from_secs(17);
-        assert_eq!(ep.health.availability(ns(t)), Availability::Ejected);
+        assert_eq!(ep.0.availability(ns(t)), Availability::Ejected);
         let t = later + Duration::from_secs(23);
-        assert!(ep.health.claim_probe(ns(t), p.probe_grace));
+        assert!(ep.0.claim_probe(ns(t), p.probe_grace));
         p.record(ep, false, false, t, &pool, &m, "s");
-        assert!(!ep.health.is_out());
+        assert!(!ep.0.is_out());
         assert_eq!((m.healthy.get(), m.ejected.get()), (3, 0));
     }
 
@@ -405,9 +412,9 @@ mod tests {
         // 50 % of 3 endpoints = 1 may be out at once.
         let (pool, m, p) = (subset(3), metrics(), policy());
         let now = Instant::now();
-        for ep in pool.members() {
+        for ep in &pool.0 {
             for _ in 0..3 {
-                p.record(&ep.state, true, false, now, &pool, &m, "s");
+                p.record(ep, true, false, now, &pool, &m, "s");
             }
         }
         assert_eq!(m.ejected.get(), 1);

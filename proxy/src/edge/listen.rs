@@ -1,11 +1,13 @@
 //! Listen: the proxy listeners' accept loop (`almond_net`), the cap on open
 //! connections, and each connection's life: hyper, closed when idle or told to.
 
-use crate::body::ResponseBody;
+use crate::edge::serve::{self, Answer};
+use crate::identity::authz::{self, Identities, Inbound};
 use crate::outcome::ErrorKind;
-use crate::serve;
-use crate::tls;
+use crate::rescue::Rescue;
 use crate::Shared;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -17,6 +19,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -50,7 +53,7 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
     index: usize,
     listener: TcpListener,
-    tls: Option<Arc<tls::Inbound>>,
+    tls: Option<Arc<Inbound>>,
     mut stop: watch::Receiver<bool>,
     connections: TaskTracker,
 ) {
@@ -151,7 +154,7 @@ impl Activity {
 }
 
 /// Held by a response body: the request is in progress until it drops.
-pub struct InFlight(Arc<Activity>);
+struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -167,15 +170,15 @@ fn counted<F, Fut>(
     handle: F,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = Response<ResponseBody>,
+    Response = Response<Counted>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+    Future = impl Future<Output = Result<Response<Counted>, Infallible>> + Send + 'static,
 > + Clone
        + Send
        + 'static
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+    Fut: Future<Output = Result<Response<Answer>, Infallible>> + Send + 'static,
 {
     service_fn(move |req| {
         activity.open.fetch_add(1, Ordering::AcqRel);
@@ -184,9 +187,36 @@ where
         let answer = handle(req);
         async move {
             let resp = answer.await?;
-            Ok(resp.map(|body| body.holding(held)))
+            Ok(resp.map(|body| Counted { body, _held: held }))
         }
     })
+}
+
+/// A response body that keeps its request counted on its connection
+/// until it is dropped (`limits.idle_timeout`).
+pub struct Counted {
+    body: Answer,
+    _held: InFlight,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = <Answer as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A hyper connection that can be asked to finish what it has and close
@@ -247,7 +277,7 @@ async fn drive<C: Closable>(
 async fn serve_tls(
     shared: Arc<Shared>,
     index: usize,
-    inbound: Arc<tls::Inbound>,
+    inbound: Arc<Inbound>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
@@ -273,14 +303,14 @@ async fn serve_tls(
         .1
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .map(|leaf| tls::identities(leaf))
+        .map(|leaf| authz::identities(leaf))
         .unwrap_or_default();
     let allowed = inbound.allows(&names);
     if !allowed {
         tracing::info!(%peer, identities = ?names, "client identity not allowed");
     }
     let identity: Arc<str> = Arc::from(names.first().map_or("client", String::as_str));
-    let identities = tls::Identities(names.into());
+    let identities = Identities(names.into());
     let builder = shared.http.clone();
     let activity = Arc::new(Activity::new());
     let svc = counted(activity.clone(), move |mut req: Request<Incoming>| {

@@ -5,8 +5,8 @@
 //! `round_robin` (a weighted schedule); all honour endpoint weights and
 //! skip ejected endpoints (see `eject`), down to the panic threshold.
 
-use crate::eject::Availability;
-use crate::upstream::EndpointState;
+use crate::upstream::eject::{Availability, Peers};
+use crate::upstream::endpoint::EndpointState;
 use almond_config::Lb;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -45,6 +45,15 @@ pub struct Pool {
     /// ends, `u64::MAX` when none is out: the one load a pick pays to know
     /// that no probe is due, whatever its algorithm would have chosen.
     probe_at: AtomicU64,
+}
+
+impl Peers for Pool {
+    fn out_of(&self) -> (usize, usize) {
+        let out = (self.members.iter())
+            .filter(|m| m.state.health.is_out())
+            .count();
+        (self.members.len(), out)
+    }
 }
 
 impl Pool {
@@ -116,7 +125,7 @@ impl Pool {
     /// Below the panic threshold of available endpoints, it balances over
     /// all of them, ejected or not.
     pub fn pick(&self, now: Instant, exclude: Option<&EndpointState>) -> Option<&Member> {
-        let now_ns = crate::upstream::nanos_since_epoch(now);
+        let now_ns = crate::clock::nanos_since_epoch(now);
         if now_ns >= self.probe_at.load(Ordering::Relaxed) {
             if let Some(probe) = self.claim_due_probe(now_ns, exclude) {
                 return Some(probe);
@@ -478,7 +487,7 @@ mod tests {
 #[cfg(test)]
 mod health_tests {
     use super::*;
-    use crate::eject::Outlier;
+    use crate::upstream::eject::Outlier;
     use almond_config::CircuitBreaker;
     use std::time::Duration;
 
@@ -503,12 +512,12 @@ mod health_tests {
             ..CircuitBreaker::default()
         };
         let outlier = Outlier::new(&cb, Duration::from_secs(1));
-        let metrics = crate::eject::EjectionMetrics {
+        let metrics = crate::observe::metrics::EjectionMetrics {
             ejections: prometheus::IntCounter::new("e", "e").unwrap(),
             healthy: prometheus::IntGauge::new("h", "h").unwrap(),
             ejected: prometheus::IntGauge::new("x", "x").unwrap(),
         };
-        outlier.record(&p.members[i].state, true, false, now, p, &metrics, "s");
+        outlier.record(&*p.members[i].state, true, false, now, p, &metrics, "s");
     }
 
     #[tokio::test(start_paused = true)]

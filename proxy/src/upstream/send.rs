@@ -1,11 +1,12 @@
-//! Send: one request to one chosen endpoint, and the guard that follows
-//! its response to the end.
+//! Send: one request to one chosen endpoint, over the connection its
+//! service's protocol calls for (or a tunnel, for an upgrade).
 
-use crate::admit::Permit;
 use crate::body::RequestBody;
+use crate::identity::tls::Upstream;
+use crate::limit::Admission;
 use crate::outcome::ErrorKind;
-use crate::route::ServiceRoute;
-use crate::upstream::{EndpointState, H1Sender, InFlight, SendError};
+use crate::upstream::connect::{H1Sender, SendError};
+use crate::upstream::endpoint::EndpointState;
 use almond_config::Protocol;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -15,14 +16,28 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// How a service's endpoints are reached: what every try shares.
+pub struct Target {
+    /// Upstream protocol.
+    pub protocol: Protocol,
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle pooled HTTP/1.1 connections are closed after this long.
+    pub idle_timeout: Duration,
+    /// Requests waiting for a new connection (`circuit_breaker.max_pending`).
+    pub pending: Arc<Admission>,
+    /// Upstream TLS (`tls: true` services), with the server name to verify.
+    pub tls: Option<Arc<Upstream>>,
+}
+
 /// Sends `req` (already readied by `headers::to_upstream`) to `endpoint`.
 /// An upgrade request gets a connection of its own, then a tunnel; the
 /// downstream half stays in `upgrade` until that connection is open, so a
 /// retry after a connect failure is still an upgrade. `fresh`: open a new
 /// HTTP/1.1 connection rather than reuse one. `connected` gets the time
 /// spent opening a connection, if one was opened.
-pub async fn forward(
-    svc: &ServiceRoute,
+pub async fn send_to(
+    target: &Target,
     endpoint: &Arc<EndpointState>,
     req: Request<RequestBody>,
     upgrade: &mut Option<OnUpgrade>,
@@ -32,7 +47,12 @@ pub async fn forward(
     if upgrade.is_some() {
         // Boxed: upgrades are rare, and keep the common future small.
         let start = Instant::now();
-        let opened = Box::pin(endpoint.connect_h1(svc.connect_timeout, svc.tls.as_deref())).await;
+        let opened = Box::pin(
+            endpoint
+                .conns
+                .connect_h1(target.connect_timeout, target.tls.as_deref()),
+        )
+        .await;
         *connected = Some(start.elapsed());
         let mut sender = match opened {
             Ok(sender) => sender,
@@ -48,16 +68,17 @@ pub async fn forward(
         }
         return Ok((resp, None));
     }
-    match svc.protocol {
+    match target.protocol {
         Protocol::Http1 => {
             let (resp, sender) = endpoint
+                .conns
                 .send_h1(
                     req,
-                    svc.connect_timeout,
-                    svc.idle_timeout,
+                    target.connect_timeout,
+                    target.idle_timeout,
                     fresh,
-                    &svc.pending,
-                    svc.tls.as_deref(),
+                    &target.pending,
+                    target.tls.as_deref(),
                     connected,
                 )
                 .await?;
@@ -65,11 +86,12 @@ pub async fn forward(
         }
         Protocol::Http2 => Ok((
             endpoint
+                .conns
                 .send_h2(
                     req,
-                    svc.connect_timeout,
-                    &svc.pending,
-                    svc.tls.as_deref(),
+                    target.connect_timeout,
+                    &target.pending,
+                    target.tls.as_deref(),
                     connected,
                 )
                 .await?,
@@ -99,62 +121,4 @@ fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
             }
         }
     });
-}
-
-/// A request admitted to a service: counted in flight (the gauge and the
-/// concurrency limit) from admission until it is dropped.
-pub struct Admitted {
-    svc: Arc<ServiceRoute>,
-    direction: usize,
-    _permit: Permit,
-}
-
-impl Admitted {
-    /// Counts a request that got a place under the service's limit.
-    pub fn new(svc: Arc<ServiceRoute>, direction: usize, permit: Permit) -> Admitted {
-        svc.in_flight[direction].inc();
-        Admitted {
-            svc,
-            direction,
-            _permit: permit,
-        }
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.svc.in_flight[self.direction].dec();
-    }
-}
-
-/// Follows a response to its end: then the service's and the endpoint's
-/// in-flight counts drop and an HTTP/1.1 connection returns to its pool.
-pub struct Finish {
-    _admitted: Admitted,
-    endpoint: InFlight,
-    h1: Option<H1Sender>,
-}
-
-impl Finish {
-    /// Follows a response from `endpoint` for an admitted request.
-    pub fn new(admitted: Admitted, endpoint: InFlight) -> Finish {
-        Finish {
-            _admitted: admitted,
-            endpoint,
-            h1: None,
-        }
-    }
-
-    /// The HTTP/1.1 connection to pool when the response completes.
-    pub fn with_h1(mut self, h1: Option<H1Sender>) -> Finish {
-        self.h1 = h1;
-        self
-    }
-
-    /// The response ended; `complete` when it ended cleanly.
-    pub fn done(mut self, complete: bool) {
-        if let (true, Some(sender)) = (complete, self.h1.take()) {
-            self.endpoint.state().release_h1(sender);
-        }
-    }
 }

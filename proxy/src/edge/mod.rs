@@ -1,0 +1,5 @@
+//! The edge: where a request enters. Accepting connections and serving
+//! their requests; may import everything below it (`pipeline` and down).
+
+pub mod listen;
+pub mod serve;

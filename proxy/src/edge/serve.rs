@@ -1,0 +1,208 @@
+//! Serve: every downstream request, from its arrival to its answer.
+//!
+//! [`handle`] stamps the trace context and records the span and the access
+//! log line; `serve` walks the stages in order: check the host, route
+//! (service), authorize, split (subset), admit, then
+//! [`forward`](crate::pipeline::forward) (balance, send, classify, retry).
+
+use crate::body::ResponseBody;
+use crate::headers;
+use crate::identity::authz::Identities;
+use crate::observe::access_log::{self, Entry, Observed};
+use crate::observe::otlp::Finished;
+use crate::observe::trace;
+use crate::outcome::{self, ErrorKind};
+use crate::pipeline::admit::{Admitted, Finish};
+use crate::pipeline::forward::{self, Call};
+use crate::pipeline::route::ServiceRoute;
+use crate::rescue::Rescue;
+use crate::Shared;
+use almond_config::Direction;
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// What the proxy answers a request with: its body, which releases the
+/// request's admission (and pools its connection) when it ends.
+pub type Answer = ResponseBody<Finish>;
+
+/// Handles one request that arrived on listener `listener`: stamps its
+/// request ID and trace context, serves it, returns the ID, logs it.
+pub async fn handle(
+    shared: Arc<Shared>,
+    listener: usize,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<Answer>, Infallible> {
+    let start = Instant::now();
+    // Trace: request ID and trace context, before anything can answer.
+    let trace = trace::Context::stamp(req.headers_mut(), shared.observe.sample_rate);
+    // Access log: decided up front, so an unlogged request copies nothing.
+    let log = (shared.observe.access_log.as_ref()).filter(|log| log.admits(start));
+    let head = log.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
+    // Spans: only sampled requests, and only when export is configured.
+    let spans = (shared.observe.spans.as_ref()).filter(|_| trace.sampled);
+    let span_head = spans.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
+    let mut seen = Observed::default();
+    // Logs: the request's debug lines carry its ID (a disabled span is free).
+    let span = tracing::debug_span!("request", request_id = trace.request_id.to_str().ok());
+    let mut resp = serve(&shared, listener, peer, req, start, &mut seen)
+        .instrument(span)
+        .await;
+    trace.on_response(resp.headers_mut());
+    if let (Some(spans), Some((method, path))) = (spans, span_head) {
+        let end = SystemTime::now();
+        spans.record(Finished {
+            trace_id: trace.trace_id,
+            span_id: trace.span_id,
+            parent_id: trace.parent_id,
+            request_id: trace.request_id.clone(),
+            start: end.checked_sub(start.elapsed()).unwrap_or(end),
+            end,
+            method,
+            path,
+            status: resp.status().as_u16(),
+            error: resp.headers().get(outcome::ERROR_HEADER).cloned(),
+            // Shared with the access log only when it logs this request.
+            observed: match log {
+                Some(_) => seen.clone(),
+                None => std::mem::take(&mut seen),
+            },
+            response_bytes: resp.body().size_hint().exact(),
+        });
+    }
+    if let (Some(log), Some((method, path))) = (log, head) {
+        let bytes = resp.headers().get(http::header::CONTENT_LENGTH);
+        log.record(Entry {
+            time_ms: access_log::now_ms(),
+            request_id: String::from_utf8_lossy(trace.request_id.as_bytes()).into(),
+            trace_id: trace.trace_id,
+            sampled: trace.sampled,
+            method,
+            path,
+            status: resp.status().as_u16(),
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            bytes: bytes.and_then(|v| v.to_str().ok()?.parse().ok()),
+            observed: seen,
+        });
+    }
+    Ok(resp)
+}
+
+/// Serves one request that arrived at `start`: every stage, in order;
+/// `seen` is filled for the access log as the stages learn the route.
+async fn serve(
+    shared: &Shared,
+    listener: usize,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    start: Instant,
+    seen: &mut Observed,
+) -> Response<Answer> {
+    // One target host, or 400 (a request-smuggling and cache-poisoning
+    // vector otherwise: routing and the upstream could read two hosts).
+    if let Err(why) = headers::check_host(&req) {
+        shared.metrics.unroutable.inc();
+        return ErrorKind::BadRequest.response(why);
+    }
+    // Route: the listener's bound service, or Host / :authority.
+    let (svc, direction, body_idle) = match route(shared, listener, peer, &mut req, seen) {
+        Ok(routed) => routed,
+        Err(answer) => return answer,
+    };
+    // Authorization: an inbound service with an allow-list admits only
+    // the client identities on it.
+    if let Err(answer) = authorize(shared, &svc, direction, &req) {
+        return answer;
+    }
+    // Split: a pinned subset, the weighted split, or every endpoint.
+    let pool = match svc.pool(&req) {
+        Ok(pool) => pool,
+        Err((kind, detail)) => {
+            shared.metrics.unroutable.inc();
+            return kind.response(&detail);
+        }
+    };
+    let call = Call {
+        svc: &svc,
+        pool,
+        direction,
+        start,
+        body_idle,
+    };
+    // Admit: shed at once when the service is at its concurrency limit.
+    let Some(admitted) = Admitted::try_new(&svc.admission, &svc.in_flight[direction]) else {
+        let elapsed = start.elapsed().as_secs_f64();
+        return call.fail(ErrorKind::Overloaded, pool.home(), elapsed);
+    };
+    svc.retry.deposit(start);
+    // Ready the request for the upstream, then forward it.
+    let upgrade = headers::is_upgrade(&req);
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    headers::to_upstream(&mut req, svc.target.protocol, upgrade);
+    forward::forward(call, admitted, req, on_upgrade, seen).await
+}
+
+/// Finds the request's service: the listener's bound one, or the one its
+/// host names. Applies the listener's header rules on the way (untrusted
+/// `x-almond-*` removed, `X-Forwarded-*` on inbound listeners). Returns
+/// the service, the metric direction and `limits.body_idle`.
+fn route(
+    shared: &Shared,
+    listener: usize,
+    peer: SocketAddr,
+    req: &mut Request<Incoming>,
+    seen: &mut Observed,
+) -> Result<(Arc<ServiceRoute>, usize, Duration), Response<Answer>> {
+    let table = shared.table.load();
+    let Some(on) = table.listener(listener) else {
+        return Err(ErrorKind::BadRequest.response("listener gone"));
+    };
+    seen.direction = on.direction;
+    if !on.trust_routing_headers {
+        headers::strip_almond_headers(req.headers_mut());
+    }
+    if let Some(proto) = on.forwarded_proto {
+        headers::add_forwarded(req.headers_mut(), peer.ip(), proto);
+    }
+    let svc = match table.service(on, req) {
+        Ok(svc) => svc.clone(),
+        Err((kind, detail)) => {
+            shared.metrics.unroutable.inc();
+            return Err(kind.response(&detail));
+        }
+    };
+    seen.service = Some(svc.name.clone());
+    let direction = match on.direction {
+        Direction::Outbound => 0,
+        Direction::Inbound => 1,
+    };
+    Ok((svc, direction, table.config.limits.body_idle))
+}
+
+/// An inbound request to a service with an allow-list (`authz`, from the
+/// control plane) passes only with a verified client identity on it; no
+/// identity (a plain listener) is no admission.
+fn authorize<B>(
+    shared: &Shared,
+    svc: &ServiceRoute,
+    direction: usize,
+    req: &Request<B>,
+) -> Result<(), Response<Answer>> {
+    let (1, Some(allow)) = (direction, &svc.authz) else {
+        return Ok(());
+    };
+    let who = req.extensions().get::<Identities>();
+    if who.is_some_and(|w| w.any_in(allow)) {
+        return Ok(());
+    }
+    shared.metrics.tls_denied.inc();
+    let name = who.and_then(|w| w.0.first().cloned());
+    Err(ErrorKind::Forbidden.response(name.as_deref().unwrap_or("client")))
+}

@@ -1,0 +1,347 @@
+//! Forward: the tries of one admitted request -- balance (one endpoint of
+//! the pool), send, classify (failure accrual, the latency estimate),
+//! retry within the budget -- and the response they end with.
+
+use crate::body::ResponseBody;
+use crate::body::{BodyError, IdleTimer, RequestBody};
+use crate::headers;
+use crate::observe::access_log::Observed;
+use crate::outcome::{CodeClass, ErrorKind};
+use crate::pipeline::admit::{Admitted, Finish};
+use crate::pipeline::retry::RetryPolicy;
+use crate::pipeline::route::{ServiceRoute, SubsetRoute};
+use crate::rescue::Rescue;
+use crate::upstream::balance::Pool;
+use crate::upstream::connect::{H1Sender, SendError};
+use crate::upstream::endpoint::EndpointState;
+use crate::upstream::send;
+use bytes::Bytes;
+use http::request::Parts;
+use http::Method;
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Request, Response};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The answer to a forwarded request: its body releases the admission
+/// (and pools the connection) when it ends.
+type Answer = ResponseBody<Finish>;
+
+/// What one try came to: a response (and the HTTP/1.1 connection it came
+/// on), no response, or the per-try timeout.
+type Sent =
+    Result<Result<(Response<Incoming>, Option<H1Sender>), SendError>, tokio::time::error::Elapsed>;
+
+/// One routed request: what every try of it shares.
+pub struct Call<'a> {
+    /// Its service.
+    pub svc: &'a ServiceRoute,
+    /// The pool its split chose.
+    pub pool: &'a Pool,
+    /// The metric direction (0 outbound, 1 inbound).
+    pub direction: usize,
+    /// When it arrived.
+    pub start: Instant,
+    /// `limits.body_idle`: a request body stalled this long ends.
+    pub body_idle: Duration,
+}
+
+impl Call<'_> {
+    /// The upstream's response, counted for `subset`, on its way to the
+    /// client; `finish` runs when its body ends.
+    fn relay(
+        &self,
+        subset: &SubsetRoute,
+        mut resp: Response<Incoming>,
+        finish: Finish,
+        elapsed: f64,
+    ) -> Response<Answer> {
+        let metrics = &subset.metrics[self.direction];
+        metrics.record(CodeClass::of(resp.status()), elapsed);
+        headers::from_upstream(&mut resp);
+        let (idle, timeouts) = (self.svc.body_idle, metrics.timeouts());
+        resp.map(|body| ResponseBody::upstream(body, finish, idle, timeouts))
+    }
+
+    /// The proxy's own answer for `kind`, counted for subset `subset` as an
+    /// upstream error `elapsed` seconds after arrival.
+    pub fn fail(&self, kind: ErrorKind, subset: usize, elapsed: f64) -> Response<Answer> {
+        let metrics = &self.svc.subsets[subset].metrics[self.direction];
+        metrics.upstream_error(kind);
+        metrics.record(CodeClass::Error, elapsed);
+        kind.response(&self.svc.name)
+    }
+}
+
+/// The state of a request across its tries.
+struct Tries {
+    /// The request for the next try, if it is in hand (never sent).
+    next: Option<Request<RequestBody>>,
+    /// A copy to send again, when the body was small enough to keep.
+    replay: Option<Replay>,
+    /// The client's half of an upgrade, until the upstream accepts it.
+    upgrade: Option<OnUpgrade>,
+    /// `timeouts.request` from arrival.
+    deadline: Instant,
+    retries: u32,
+    /// Re-sending after a stale pooled connection (see `SendError::stale`).
+    fresh: bool,
+    /// The endpoint the last try failed on (a retry goes elsewhere).
+    failed_on: Option<Arc<EndpointState>>,
+}
+
+/// Sends `req` (readied by `headers::to_upstream`) to an endpoint of the
+/// call's pool, retrying as the service's policy allows; `upgrade` is the
+/// client's half of an upgrade request.
+pub async fn forward(
+    call: Call<'_>,
+    admitted: Admitted,
+    req: Request<Incoming>,
+    upgrade: Option<OnUpgrade>,
+    seen: &mut Observed,
+) -> Response<Answer> {
+    let svc = call.svc;
+    let deadline = call.start + svc.request_timeout;
+    let prepared = replayable(req, &svc.retry, upgrade.is_some(), deadline, call.body_idle).await;
+    let (next, replay) = match prepared {
+        Ok(prepared) => prepared,
+        Err(kind) => return kind.response(&svc.name),
+    };
+    let mut tries = Tries::new(next, replay, upgrade, deadline);
+    loop {
+        // Balance: one endpoint of the pool (another one on a retry). The
+        // clock is read once a try: balancing takes well under a microsecond.
+        let try_start = Instant::now();
+        let Some(member) = call.pool.pick(try_start, tries.failed_on.as_deref()) else {
+            let elapsed = call.start.elapsed().as_secs_f64();
+            return call.fail(ErrorKind::NoEndpoints, call.pool.home(), elapsed);
+        };
+        let subset = &svc.subsets[member.subset];
+        let endpoint = member.state.clone();
+        seen.subset = Some(subset.name.clone());
+        seen.endpoint = Some(endpoint.addr);
+        let in_flight = endpoint.start();
+        let Some(req) = tries.request() else {
+            // Unreachable: a retry is only allowed with a request in hand.
+            return ErrorKind::Reset.response(&svc.name);
+        };
+        let method = req.method().clone();
+        if tries.retries == 0 {
+            seen.queue = try_start.saturating_duration_since(call.start);
+        }
+        let mut sent = tries.send(svc, &endpoint, req, try_start, seen).await;
+        let now = Instant::now();
+        seen.upstream = now.saturating_duration_since(try_start);
+        if tries.resend_stale(&mut sent, now) {
+            tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, "stale pooled connection: sending again");
+            continue;
+        }
+
+        // Classify: feed failure accrual, then respond or retry.
+        let (result, unsent, response) = match sent {
+            Ok(Ok((resp, h1))) => (Ok(resp.status().as_u16()), None, Some((resp, h1))),
+            Ok(Err(e)) => (Err(e.kind), e.unsent, None),
+            Err(_elapsed) => (Err(ErrorKind::Timeout), None, None),
+        };
+        // Overloaded: shed here, before the endpoint saw anything.
+        let failed = result != Err(ErrorKind::Overloaded)
+            && svc.record_outcome(member.subset, &endpoint, result, now);
+        learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
+        if tries.retry(svc, &method, result, unsent.is_some(), now) {
+            tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
+            tries.next = unsent;
+            tries.failed_on = Some(endpoint);
+            drop(response);
+            tries.back_off(now).await;
+            continue;
+        }
+
+        // Measure, and answer.
+        seen.retries = tries.retries;
+        let elapsed = now.saturating_duration_since(call.start).as_secs_f64();
+        let Some((resp, h1)) = response else {
+            let kind = result.err().unwrap_or(ErrorKind::Reset);
+            tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, reason = kind.reason(), "request failed");
+            return call.fail(kind, member.subset, elapsed);
+        };
+        seen.upstream_answered = true;
+        let finish = Finish::new(admitted, in_flight).with_h1(h1);
+        return call.relay(subset, resp, finish, elapsed);
+    }
+}
+
+impl Tries {
+    fn new(
+        next: Option<Request<RequestBody>>,
+        replay: Option<Replay>,
+        upgrade: Option<OnUpgrade>,
+        deadline: Instant,
+    ) -> Tries {
+        Tries {
+            next,
+            replay,
+            upgrade,
+            deadline,
+            retries: 0,
+            fresh: false,
+            failed_on: None,
+        }
+    }
+
+    /// The request for this try: the one in hand, or a copy of the kept one.
+    fn request(&mut self) -> Option<Request<RequestBody>> {
+        self.next
+            .take()
+            .or_else(|| self.replay.as_ref().map(Replay::request))
+    }
+
+    /// Sends one try to `endpoint`, within the per-try and the request
+    /// timeouts.
+    async fn send(
+        &mut self,
+        svc: &ServiceRoute,
+        endpoint: &Arc<EndpointState>,
+        req: Request<RequestBody>,
+        try_start: Instant,
+        seen: &mut Observed,
+    ) -> Sent {
+        seen.request_bytes = req.body().size_hint().exact();
+        seen.connect = None;
+        let budget = self.deadline.saturating_duration_since(try_start);
+        let limit = svc.retry.per_try_timeout.map_or(budget, |t| t.min(budget));
+        let upgrade = &mut self.upgrade;
+        let sending = send::send_to(
+            &svc.target,
+            endpoint,
+            req,
+            upgrade,
+            self.fresh,
+            &mut seen.connect,
+        );
+        tokio::time::timeout(limit, sending).await
+    }
+
+    /// A pooled connection the upstream had closed idle: nothing was
+    /// processed, so any method goes again once, on a new connection, with
+    /// no retry counted and nothing held against the endpoint.
+    fn resend_stale(&mut self, sent: &mut Sent, now: Instant) -> bool {
+        if let Ok(Err(e)) = sent {
+            let again = e.unsent.is_some() || self.replay.is_some();
+            if e.stale && !self.fresh && again && now < self.deadline {
+                self.fresh = true;
+                self.next = e.unsent.take();
+                return true;
+            }
+        }
+        self.fresh = false;
+        false
+    }
+
+    /// May the request go again after `result`? Counts the retry if so.
+    fn retry(
+        &mut self,
+        svc: &ServiceRoute,
+        method: &Method,
+        result: Result<u16, ErrorKind>,
+        unsent: bool,
+        now: Instant,
+    ) -> bool {
+        let may_replay = unsent || self.replay.is_some();
+        let again = now < self.deadline
+            && (svc.retry).allows(self.retries, method, result, may_replay, now);
+        if again {
+            self.retries += 1;
+            svc.retries.inc();
+        }
+        again
+    }
+
+    /// The pause before the next retry, never past the deadline.
+    async fn back_off(&self, now: Instant) {
+        let left = self.deadline.saturating_duration_since(now);
+        tokio::time::sleep(RetryPolicy::backoff(self.retries).min(left)).await;
+    }
+}
+
+/// Feeds the try's round trip to the endpoint's latency estimate. A
+/// failure counts as a slow answer, so P2C steers away from it until it is
+/// ejected (its estimate is reset when it returns). Opening a connection
+/// is a one-off cost, not the endpoint's latency.
+fn learn_rtt(
+    svc: &ServiceRoute,
+    endpoint: &EndpointState,
+    try_start: Instant,
+    now: Instant,
+    failed: bool,
+    connect: Option<Duration>,
+) {
+    let rtt = now
+        .saturating_duration_since(try_start)
+        .saturating_sub(connect.unwrap_or_default());
+    let rtt = if failed {
+        rtt.max(svc.target.connect_timeout)
+    } else {
+        rtt
+    };
+    endpoint.observe_rtt(now, rtt);
+}
+
+/// A request kept whole so it can be sent again.
+struct Replay {
+    parts: Parts,
+    body: Bytes,
+}
+
+impl Replay {
+    fn request(&self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::Replay(
+            (!self.body.is_empty()).then(|| self.body.clone()),
+        ));
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = self.parts.uri.clone();
+        *req.version_mut() = self.parts.version;
+        *req.headers_mut() = self.parts.headers.clone();
+        req
+    }
+}
+
+/// Decides whether a request can be replayed: retries on, no upgrade, and
+/// a body known to fit `max_body_bytes` (read whole before the first try).
+/// Others stream, and are retried only if nothing of them was sent. Any
+/// method is kept: a non-idempotent one is sent again only when nothing was
+/// processed (a stale pooled connection), `RetryPolicy::allows` says when.
+async fn replayable(
+    req: Request<Incoming>,
+    policy: &RetryPolicy,
+    upgrade: bool,
+    deadline: Instant,
+    body_idle: std::time::Duration,
+) -> Result<(Option<Request<RequestBody>>, Option<Replay>), ErrorKind> {
+    let fits = req
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= policy.max_body_bytes as u64);
+    if !policy.enabled() || upgrade || !fits {
+        let stream = |body| RequestBody::Stream(body, IdleTimer::new(body_idle));
+        return Ok((Some(req.map(stream)), None));
+    }
+    let (parts, body) = req.into_parts();
+    let body = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        let body = RequestBody::Stream(body, IdleTimer::new(body_idle));
+        match tokio::time::timeout_at(deadline, body.collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(BodyError::Idle(_))) => return Err(ErrorKind::ClientTimeout),
+            Ok(Err(_)) => return Err(ErrorKind::BadRequest),
+            Err(_) => return Err(ErrorKind::Timeout),
+        }
+    };
+    let replay = Replay { parts, body };
+    Ok((Some(replay.request()), Some(replay)))
+}

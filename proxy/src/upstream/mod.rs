@@ -1,0 +1,10 @@
+//! Upstream: reaching endpoints -- which one (balance), which are out
+//! (eject), the connections to them (connect) and the act of sending
+//! (send). May import `identity`, `observe` and the leaves, never
+//! `pipeline` or `edge`.
+
+pub mod balance;
+pub mod connect;
+pub mod eject;
+pub mod endpoint;
+pub mod send;
