@@ -2,7 +2,7 @@
 //! operators read, `/metrics`, `/ready`, `/live`.
 
 use crate::policy::{check_split, check_sticky, Policy, Refusal, Weights};
-use crate::state::State;
+use crate::state::{State, PROXY_STALE};
 use crate::store::{now_ms, Store};
 use crate::watcher::apply_next;
 use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
@@ -708,7 +708,7 @@ async fn live(
     };
     let (source, proxies, subsets) = match source {
         WatcherSource::Direct => {
-            let admins = state.proxy_admins(crate::watcher::PROXY_STALE);
+            let admins = state.proxy_admins(PROXY_STALE);
             let subsets = crate::live::measure(&admins, name, window, state.max_body).await;
             ("direct", Some(admins.len()), subsets)
         }

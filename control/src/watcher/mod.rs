@@ -9,7 +9,7 @@ pub mod judge;
 pub mod rollout;
 
 use crate::policy::Policy;
-use crate::state::State;
+use crate::state::{State, PROXY_STALE};
 use crate::store::{now_ms, Store};
 use almond_config::WatcherSource;
 use collect::Totals;
@@ -22,8 +22,6 @@ use std::time::Duration;
 const TICK: Duration = Duration::from_millis(250);
 /// How long a lease lasts; renewed well before.
 const LEASE_MS: u64 = 15_000;
-/// Proxies not seen for this long are not scraped.
-pub const PROXY_STALE: Duration = Duration::from_secs(90);
 
 /// Where a step's window starts: the step it belongs to (its start, unix
 /// ms), when the baseline was taken, and every proxy's totals then.
