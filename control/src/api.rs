@@ -1,12 +1,12 @@
 //! API: the long-poll snapshots proxies follow, the service views
 //! operators read, `/metrics`, `/ready`, `/live`.
 
-use crate::policy::{check_split, check_sticky, Policy, Refusal, Weights};
+use crate::policy::{check_split, check_sticky, Policy, Refusal};
 use crate::state::{State, PROXY_STALE};
 use crate::store::{now_ms, Store};
 use crate::watcher::apply_next;
 use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
-use almond_config::{Secret, Service, WatcherSource};
+use almond_config::{Secret, Service, WatcherSource, Weights};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, StatusCode};
