@@ -3,10 +3,11 @@
 
 use crate::policy::{check_split, check_sticky, Policy, Refusal};
 use crate::state::{State, PROXY_STALE};
-use crate::store::{now_ms, Store};
+use crate::store::Store;
 use crate::watcher::apply_next;
 use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
 use almond_config::{Secret, Service, WatcherSource, Weights};
+use almond_net::now_ms;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, StatusCode};

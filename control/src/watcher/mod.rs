@@ -10,8 +10,9 @@ pub mod rollout;
 
 use crate::policy::Policy;
 use crate::state::{State, PROXY_STALE};
-use crate::store::{now_ms, Store};
+use crate::store::Store;
 use almond_config::WatcherSource;
+use almond_net::now_ms;
 use collect::Totals;
 use rollout::{Next, Rollout};
 use std::collections::{BTreeMap, HashMap};
@@ -46,7 +47,7 @@ pub struct Watcher {
 impl Watcher {
     /// A driver for this replica.
     pub fn new(state: Arc<State>, store: Arc<Store>, source: WatcherSource) -> Watcher {
-        let replica = format!("{}-{}", hostname(), std::process::id());
+        let replica = format!("{}-{}", almond_net::hostname("control"), std::process::id());
         Watcher {
             state,
             source,
@@ -222,10 +223,4 @@ pub fn apply_next(
     }
     out.rollout = Some(rollout);
     out
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "control".to_owned())
 }
