@@ -34,5 +34,5 @@ pub use proxy::{
 };
 pub use secret::Secret;
 pub use snapshot::Snapshot;
-pub use split::{check_sticky_header, Split};
+pub use split::{check_sticky_header, Split, Weights};
 pub use write::write_atomic;

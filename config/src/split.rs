@@ -18,12 +18,15 @@ use std::fmt;
 /// The key that is not a subset.
 pub const STICKY_KEY: &str = "sticky_header";
 
+/// Percent of traffic by subset name (a split's sum to 100).
+pub type Weights = BTreeMap<String, u32>;
+
 /// Percent of traffic per subset, and the header that keeps a user on one
 /// side of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Split {
     /// Percent by subset name (summing to 100).
-    pub weights: BTreeMap<String, u32>,
+    pub weights: Weights,
     /// When a request carries this header, its value (hashed) picks the
     /// subset, so one user stays on one side while the weights hold.
     /// Requests without it are split at random.
@@ -32,7 +35,7 @@ pub struct Split {
 
 impl Split {
     /// A split without stickiness.
-    pub fn new(weights: BTreeMap<String, u32>) -> Split {
+    pub fn new(weights: Weights) -> Split {
         Split {
             weights,
             sticky_header: None,

@@ -1,12 +1,13 @@
 //! API: the long-poll snapshots proxies follow, the service views
 //! operators read, `/metrics`, `/ready`, `/live`.
 
-use crate::policy::{check_split, check_sticky, Policy, Refusal, Weights};
-use crate::state::State;
-use crate::store::{now_ms, Store};
+use crate::policy::{check_split, check_sticky, Policy, Refusal};
+use crate::state::{State, PROXY_STALE};
+use crate::store::Store;
 use crate::watcher::apply_next;
 use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
-use almond_config::{Secret, Service, WatcherSource};
+use almond_config::{Secret, Service, WatcherSource, Weights};
+use almond_net::now_ms;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, StatusCode};
@@ -708,7 +709,7 @@ async fn live(
     };
     let (source, proxies, subsets) = match source {
         WatcherSource::Direct => {
-            let admins = state.proxy_admins(crate::watcher::PROXY_STALE);
+            let admins = state.proxy_admins(PROXY_STALE);
             let subsets = crate::live::measure(&admins, name, window, state.max_body).await;
             ("direct", Some(admins.len()), subsets)
         }

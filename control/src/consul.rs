@@ -8,6 +8,7 @@
 
 use crate::state::State;
 use almond_config::{ConsulSource, Endpoint, Protocol, Service, DEFAULT_SUBSET};
+use almond_net::{percent_encode, Backoff};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full, Limited};
@@ -26,8 +27,10 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Longest pause after repeated errors.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Pauses after failed queries (API.md 2.4 rule 6, as Consul's own watch
+/// loop: failures², here from 1 s to 60 s), with jitter of our own.
+const BACKOFF: Backoff =
+    Backoff::squared(Duration::from_secs(1), Duration::from_secs(60)).with_jitter(0.5);
 
 /// An HTTP client for one Consul agent.
 #[derive(Clone)]
@@ -324,8 +327,7 @@ impl Blocking {
         self.index = 0;
         state.metrics.consul_errors.inc();
         state.metrics.consul_up.set(0);
-        let base = Duration::from_secs(1).saturating_mul(self.failures * self.failures);
-        let pause = base.min(MAX_BACKOFF).mul_f64(0.5 + fastrand::f64() * 0.5);
+        let pause = BACKOFF.pause(self.failures);
         tracing::warn!(watch = what, %error, failures = self.failures, retry_in = ?pause, "consul query failed; keeping the last state");
         tokio::time::sleep(pause).await;
     }
@@ -413,7 +415,7 @@ async fn watch_service(
     wait: Duration,
     state: Arc<State>,
 ) {
-    let path = format!("/v1/health/service/{}", encode_segment(&name));
+    let path = format!("/v1/health/service/{}", percent_encode(&name));
     let mut blocking = Blocking::new();
     loop {
         blocking.pace().await;
@@ -456,7 +458,7 @@ async fn watch_intentions(
     trust_domain: String,
     state: Arc<State>,
 ) {
-    let query = format!("by=destination&name={}", encode_segment(&name));
+    let query = format!("by=destination&name={}", percent_encode(&name));
     let path = "/v1/connect/intentions/match";
     loop {
         let answer = client
@@ -767,18 +769,6 @@ pub fn registered(instances: &[Instance], subset_key: &str) -> BTreeMap<String, 
         *out.entry(subset.to_owned()).or_insert(0) += 1;
     }
     out
-}
-
-/// Percent-encodes a path segment.
-fn encode_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use crate::state::State;
 use almond_config::{load_services, Service};
+use almond_net::now_ms;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,6 +95,7 @@ fn reload(
             merged.insert(name.clone(), svc.clone());
         }
     }
+    // Wall-clock milliseconds: file-mode indexes outlive a restart this way.
     let now = now_ms();
     for name in state.services().keys() {
         if !merged.contains_key(name) {
@@ -104,12 +106,4 @@ fn reload(
         state.set_service(&name, svc, now);
     }
     tracing::debug!(dir = %dir.display(), "registry read");
-}
-
-/// Wall-clock milliseconds: file-mode indexes outlive a restart this way.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

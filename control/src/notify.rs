@@ -3,6 +3,7 @@
 //! wait on a slow or dead receiver.
 
 use crate::policy::Event;
+use almond_net::Backoff;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
@@ -18,6 +19,8 @@ use tokio::sync::mpsc;
 const QUEUE: usize = 1024;
 /// Tries per event and webhook.
 const TRIES: u32 = 3;
+/// Pauses between tries: 1 s, doubling (with three tries: 1 s, then 2 s).
+const RETRY: Backoff = Backoff::doubling(Duration::from_secs(1), Duration::from_secs(30));
 /// Time one post may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -109,7 +112,7 @@ async fn post(
 ) -> bool {
     for attempt in 0..TRIES {
         if attempt > 0 {
-            tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+            tokio::time::sleep(RETRY.pause(attempt)).await;
         }
         let Ok(req) = hyper::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")

@@ -3,12 +3,8 @@
 //! `store`; merged into the services proxies receive.
 
 use crate::watcher::rollout::Rollout;
-use almond_config::{check_identity, check_sticky_header, Authz, Service, Split};
+use almond_config::{check_identity, check_sticky_header, Authz, Service, Split, Weights};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-
-/// Percent by subset.
-pub type Weights = BTreeMap<String, u32>;
 
 /// Changes kept in a policy's audit trail.
 const HISTORY: usize = 50;

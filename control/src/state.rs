@@ -1,5 +1,6 @@
 //! State: the catalog behind a lock (the control plane is not a hot
-//! path), readiness, the proxies seen, and the control plane's metrics.
+//! path), readiness, the proxies seen (until [`PROXY_STALE`]), and the
+//! control plane's metrics.
 
 use crate::catalog::Catalog;
 use crate::policy::Policy;
@@ -85,6 +86,9 @@ pub struct ProxySeen {
 
 /// Most proxies recorded at once (each seen within `PROXY_STALE`).
 const MAX_PROXIES: usize = 10_000;
+
+/// Proxies not seen for this long are forgotten (and so not scraped).
+pub const PROXY_STALE: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// The control plane's own metrics.
 pub struct Metrics {
@@ -503,7 +507,7 @@ impl State {
     pub fn saw_proxy(&self, id: &str, admin: &str, index: u64) {
         let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
         // Proxies gone quiet are forgotten, so the map holds only live ones.
-        proxies.retain(|_, p| p.seen.elapsed() < crate::watcher::PROXY_STALE);
+        proxies.retain(|_, p| p.seen.elapsed() < PROXY_STALE);
         if proxies.len() >= MAX_PROXIES && !proxies.contains_key(id) {
             tracing::warn!(
                 proxy = id,
@@ -539,19 +543,15 @@ mod tests {
     async fn proxies_not_seen_for_proxy_stale_are_dropped() {
         let state = State::new().unwrap();
         state.saw_proxy("old", "127.0.0.1:4191", 1);
-        tokio::time::advance(crate::watcher::PROXY_STALE / 2).await;
+        tokio::time::advance(PROXY_STALE / 2).await;
         state.saw_proxy("new", "127.0.0.2:4191", 1);
         assert_eq!(state.proxies().len(), 2);
-        tokio::time::advance(crate::watcher::PROXY_STALE / 2 + std::time::Duration::from_secs(1))
-            .await;
+        tokio::time::advance(PROXY_STALE / 2 + std::time::Duration::from_secs(1)).await;
         // Any poll prunes: `old` was last seen PROXY_STALE + 1 s ago.
         state.saw_proxy("new", "127.0.0.2:4191", 2);
         let ids: Vec<String> = state.proxies().into_keys().collect();
         assert_eq!(ids, vec!["new".to_owned()]);
-        assert_eq!(
-            state.proxy_admins(crate::watcher::PROXY_STALE),
-            vec!["127.0.0.2:4191"]
-        );
+        assert_eq!(state.proxy_admins(PROXY_STALE), vec!["127.0.0.2:4191"]);
     }
 
     #[tokio::test]

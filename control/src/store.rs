@@ -6,6 +6,7 @@
 use crate::consul::{check, ConsulClient, ConsulError};
 use crate::policy::Policy;
 use crate::state::State;
+use almond_net::{now_ms, Backoff};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use std::collections::BTreeMap;
@@ -15,6 +16,10 @@ use std::time::{Duration, SystemTime};
 
 /// Consul KV prefix of policies.
 pub const KV_PREFIX: &str = "almond/policy/";
+
+/// Pauses between failed policy watches: 1 s more per failure in a row,
+/// to 30 s.
+const WATCH_BACKOFF: Backoff = Backoff::linear(Duration::from_secs(1), Duration::from_secs(30));
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +145,7 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                 tracing::warn!(error = ?e, "policy watch failed");
                 state.metrics.consul_errors.inc();
                 index = 0;
-                tokio::time::sleep(Duration::from_secs(u64::from(failures.min(30)))).await;
+                tokio::time::sleep(WATCH_BACKOFF.pause(failures)).await;
                 continue;
             }
             Err(e) => {
@@ -148,7 +153,7 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                 tracing::warn!(error = %e, "policy watch failed");
                 state.metrics.consul_errors.inc();
                 index = 0;
-                tokio::time::sleep(Duration::from_secs(u64::from(failures.min(30)))).await;
+                tokio::time::sleep(WATCH_BACKOFF.pause(failures)).await;
                 continue;
             }
         };
@@ -235,12 +240,4 @@ fn write_file(path: &std::path::Path, all: &BTreeMap<String, Policy>) -> Result<
     let bytes = serde_json::to_vec_pretty(all).map_err(|e| StoreError::Decode(e.to_string()))?;
     almond_config::write_atomic(path, &bytes)?;
     Ok(())
-}
-
-/// Wall-clock milliseconds (file-mode indexes).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -1,6 +1,16 @@
 //! Sockets every almond server shares: binding a listener the way a proxy
 //! should, and the one accept loop (with back-off on errors) behind the
-//! proxy listeners, the admin listener and the control API.
+//! proxy listeners, the admin listener and the control API. Also the small
+//! helpers both planes need once: [`Backoff`], [`percent_encode`],
+//! [`hostname`] and [`now_ms`].
+
+mod backoff;
+mod encode;
+mod host;
+
+pub use backoff::Backoff;
+pub use encode::percent_encode;
+pub use host::{hostname, now_ms};
 
 use socket2::{Domain, Socket, Type};
 use std::io;
@@ -12,11 +22,8 @@ use tokio::sync::watch;
 /// Pending connections the kernel may queue per listener.
 const BACKLOG: i32 = 1024;
 
-/// First pause after a failed accept; doubled per failure in a row.
-const BACKOFF_MIN: Duration = Duration::from_millis(5);
-
-/// Longest pause after failed accepts.
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Pauses after failed accepts: 5 ms, doubled per failure in a row, to 1 s.
+const ACCEPT_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(5), Duration::from_secs(1));
 
 /// Binds a listening socket: `SO_REUSEADDR`, `SO_REUSEPORT` (a new process
 /// can start beside the old one during an upgrade), `TCP_NODELAY`
@@ -45,22 +52,23 @@ pub async fn accept_until<F>(
 ) where
     F: FnMut(TcpStream, SocketAddr),
 {
-    let mut backoff = BACKOFF_MIN;
+    let mut failures = 0u32;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    backoff = BACKOFF_MIN;
+                    failures = 0;
                     let _ = stream.set_nodelay(true);
                     serve(stream, peer);
                 }
                 Err(e) => {
-                    tracing::warn!(listener = name, error = %e, pause = ?backoff, "accept failed");
+                    failures = failures.saturating_add(1);
+                    let pause = ACCEPT_BACKOFF.pause(failures);
+                    tracing::warn!(listener = name, error = %e, pause = ?pause, "accept failed");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(pause) => {}
                         _ = stop.changed() => return,
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             },
             _ = stop.changed() => return,

@@ -294,7 +294,10 @@ async fn prometheus_vector(
     query: &str,
     max_body: usize,
 ) -> Option<Vec<(BTreeMap<String, String>, f64)>> {
-    let uri = format!("{base}/api/v1/query?query={}", encode(query));
+    let uri = format!(
+        "{base}/api/v1/query?query={}",
+        almond_net::percent_encode(query)
+    );
     let req = hyper::Request::get(uri).body(Empty::new()).ok()?;
     let body = tokio::time::timeout(Duration::from_secs(5), async {
         let resp = client.request(req).await.ok()?;
@@ -322,17 +325,6 @@ async fn prometheus_vector(
             })
             .collect(),
     )
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]

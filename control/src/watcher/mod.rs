@@ -9,9 +9,10 @@ pub mod judge;
 pub mod rollout;
 
 use crate::policy::Policy;
-use crate::state::State;
-use crate::store::{now_ms, Store};
+use crate::state::{State, PROXY_STALE};
+use crate::store::Store;
 use almond_config::WatcherSource;
+use almond_net::now_ms;
 use collect::Totals;
 use rollout::{Next, Rollout};
 use std::collections::{BTreeMap, HashMap};
@@ -22,8 +23,6 @@ use std::time::Duration;
 const TICK: Duration = Duration::from_millis(250);
 /// How long a lease lasts; renewed well before.
 const LEASE_MS: u64 = 15_000;
-/// Proxies not seen for this long are not scraped.
-pub const PROXY_STALE: Duration = Duration::from_secs(90);
 
 /// Where a step's window starts: the step it belongs to (its start, unix
 /// ms), when the baseline was taken, and every proxy's totals then.
@@ -48,7 +47,7 @@ pub struct Watcher {
 impl Watcher {
     /// A driver for this replica.
     pub fn new(state: Arc<State>, store: Arc<Store>, source: WatcherSource) -> Watcher {
-        let replica = format!("{}-{}", hostname(), std::process::id());
+        let replica = format!("{}-{}", almond_net::hostname("control"), std::process::id());
         Watcher {
             state,
             source,
@@ -224,10 +223,4 @@ pub fn apply_next(
     }
     out.rollout = Some(rollout);
     out
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "control".to_owned())
 }

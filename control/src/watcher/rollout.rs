@@ -5,7 +5,7 @@
 //! resumes it.
 
 use super::judge::{Thresholds, Verdict};
-use crate::policy::Weights;
+use almond_config::Weights;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
