@@ -79,7 +79,7 @@ fn bench(c: &mut Criterion) {
             let now = tokio::time::Instant::now();
             if log.admits(now) {
                 log.record(Entry {
-                    time_ms: almond_proxy::observe::access_log::now_ms(),
+                    time_ms: almond_net::now_ms(),
                     request_id: String::from_utf8_lossy(id.as_bytes()).into(),
                     trace_id: 1,
                     sampled: false,

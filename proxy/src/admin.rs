@@ -157,7 +157,7 @@ fn json_response<T: serde::Serialize>(value: &T) -> Response<ResponseBody> {
             );
             resp
         }
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
 }
 

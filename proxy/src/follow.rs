@@ -4,6 +4,7 @@
 
 use crate::Proxy;
 use almond_config::{validate_proxy, ProxyConfig, Secret, Snapshot};
+use almond_net::{percent_encode, Backoff};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_rustls::HttpsConnector;
@@ -23,6 +24,10 @@ const WAIT: Duration = Duration::from_secs(30);
 const SLACK: Duration = Duration::from_secs(10);
 /// Longest pause between failed polls.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Pauses after failed polls: 500 ms doubling to `MAX_BACKOFF`, each
+/// keeping at least half its step.
+const BACKOFF: Backoff =
+    Backoff::doubling(Duration::from_millis(500), MAX_BACKOFF).with_jitter(0.5);
 
 /// Where a proxy is in the control plane's history: the epoch (numbering)
 /// and the index within it of the state it applied.
@@ -207,11 +212,11 @@ pub async fn follow(
         let uri = format!(
             "{}/v1/snapshot?proxy={}&epoch={}&index={}&wait={}s&admin={}",
             url.trim_end_matches('/'),
-            encode(&proxy_id),
+            percent_encode(&proxy_id),
             at.epoch,
             at.index,
             WAIT.as_secs(),
-            encode(&admin),
+            percent_encode(&admin),
         );
         let asked = tokio::time::Instant::now();
         match poll(&link, &uri).await {
@@ -261,7 +266,7 @@ pub async fn follow(
             Err(e) => {
                 failures += 1;
                 shared.metrics.control_connected.set(0);
-                let pause = backoff(failures);
+                let pause = BACKOFF.pause(failures);
                 if failures == 1 || failures % 10 == 0 {
                     tracing::warn!(control = %url, error = %e, failures, retry_in = ?pause, "control plane unreachable; serving the last config");
                 }
@@ -355,26 +360,6 @@ fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
 fn write_cache(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
     almond_config::write_atomic(path, &bytes)
-}
-
-/// 250 ms doubling to 10 s, with jitter.
-fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_millis(250).saturating_mul(1 << failures.min(6));
-    base.min(MAX_BACKOFF).mul_f64(0.5 + fastrand::f64() * 0.5)
-}
-
-/// Percent-encodes a query value (names and addresses are plain, but be
-/// safe).
-fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]

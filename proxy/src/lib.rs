@@ -41,7 +41,7 @@ use pipeline::route::Table;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -199,6 +199,26 @@ impl Proxy {
             .collect()
     }
 
+    /// Static mode: ready now. With `control`: follows the control plane
+    /// (the task returned), ready once a snapshot (or the cache) is in
+    /// force.
+    fn follow(&self, admin_addr: Option<SocketAddr>) -> Option<tokio::task::JoinHandle<()>> {
+        let config = self.shared.table.load().config.clone();
+        let (Some(url), Some(link)) = (&config.control, self.link.clone()) else {
+            self.shared.ready.store(true, Ordering::Release);
+            return None;
+        };
+        let cached = self.cached;
+        if cached.index > 0 {
+            self.shared.metrics.config_index.set(cached.index as i64);
+            self.shared.ready.store(true, Ordering::Release);
+        }
+        let id = config.proxy_id.clone().unwrap_or_else(proxy_hostname);
+        let admin = admin_addr.map(|a| a.to_string()).unwrap_or_default();
+        let following = follow::follow(self.clone(), link, url.clone(), id, admin, cached);
+        Some(tokio::spawn(following))
+    }
+
     /// The shared state (metrics, table).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
@@ -238,43 +258,12 @@ impl Proxy {
             bound.admin,
             admin_stop_rx,
         ));
-        let config = self.shared.table.load().config.clone();
-        let follower = match (&config.control, self.link.clone()) {
-            // Static mode: ready now.
-            (None, _) | (_, None) => {
-                self.shared
-                    .ready
-                    .store(true, std::sync::atomic::Ordering::Release);
-                None
-            }
-            // Dynamic: ready once a snapshot (or the cache) is in force.
-            (Some(url), Some(link)) => {
-                let cached = self.cached;
-                if cached.index > 0 {
-                    self.shared.metrics.config_index.set(cached.index as i64);
-                    self.shared
-                        .ready
-                        .store(true, std::sync::atomic::Ordering::Release);
-                }
-                let id = config.proxy_id.clone().unwrap_or_else(hostname);
-                let admin = admin_addr.map(|a| a.to_string()).unwrap_or_default();
-                Some(tokio::spawn(follow::follow(
-                    self.clone(),
-                    link,
-                    url.clone(),
-                    id,
-                    admin,
-                    cached,
-                )))
-            }
-        };
+        let follower = self.follow(admin_addr);
         tracing::info!("proxy serving");
 
         shutdown.await;
         tracing::info!(drain_timeout = ?drain, "shutting down: draining in-flight requests");
-        self.shared
-            .ready
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.shared.ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
         if let Some(follower) = follower {
             follower.abort();
@@ -297,12 +286,7 @@ impl Proxy {
     }
 }
 
-/// This host's name (the default proxy ID).
-pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "almond-proxy".to_owned())
+/// This host's name (the default proxy ID and span service name).
+pub(crate) fn proxy_hostname() -> String {
+    almond_net::hostname("almond-proxy")
 }

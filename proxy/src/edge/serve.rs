@@ -8,7 +8,7 @@
 use crate::body::ResponseBody;
 use crate::headers;
 use crate::identity::authz::Identities;
-use crate::observe::access_log::{self, Entry, Observed};
+use crate::observe::access_log::{Entry, Observed};
 use crate::observe::otlp::Finished;
 use crate::observe::trace;
 use crate::outcome::{self, ErrorKind};
@@ -80,7 +80,7 @@ pub async fn handle(
     if let (Some(log), Some((method, path))) = (log, head) {
         let bytes = resp.headers().get(http::header::CONTENT_LENGTH);
         log.record(Entry {
-            time_ms: access_log::now_ms(),
+            time_ms: almond_net::now_ms(),
             request_id: String::from_utf8_lossy(trace.request_id.as_bytes()).into(),
             trace_id: trace.trace_id,
             sampled: trace.sampled,
@@ -114,12 +114,12 @@ async fn serve(
     // Route: the listener's bound service, or Host / :authority.
     let (svc, direction, body_idle) = match route(shared, listener, peer, &mut req, seen) {
         Ok(routed) => routed,
-        Err(answer) => return answer,
+        Err((kind, detail)) => return kind.response(&detail),
     };
     // Authorization: an inbound service with an allow-list admits only
     // the client identities on it.
-    if let Err(answer) = authorize(shared, &svc, direction, &req) {
-        return answer;
+    if let Err(who) = authorize(shared, &svc, direction, &req) {
+        return ErrorKind::Forbidden.response(&who);
     }
     // Split: a pinned subset, the weighted split, or every endpoint.
     let pool = match svc.pool(&req) {
@@ -159,10 +159,10 @@ fn route(
     peer: SocketAddr,
     req: &mut Request<Incoming>,
     seen: &mut Observed,
-) -> Result<(Arc<ServiceRoute>, usize, Duration), Response<Answer>> {
+) -> Result<(Arc<ServiceRoute>, usize, Duration), (ErrorKind, String)> {
     let table = shared.table.load();
     let Some(on) = table.listener(listener) else {
-        return Err(ErrorKind::BadRequest.response("listener gone"));
+        return Err((ErrorKind::BadRequest, "listener gone".to_owned()));
     };
     seen.direction = on.direction;
     if !on.trust_routing_headers {
@@ -173,9 +173,9 @@ fn route(
     }
     let svc = match table.service(on, req) {
         Ok(svc) => svc.clone(),
-        Err((kind, detail)) => {
+        Err(unroutable) => {
             shared.metrics.unroutable.inc();
-            return Err(kind.response(&detail));
+            return Err(unroutable);
         }
     };
     seen.service = Some(svc.name.clone());
@@ -188,13 +188,13 @@ fn route(
 
 /// An inbound request to a service with an allow-list (`authz`, from the
 /// control plane) passes only with a verified client identity on it; no
-/// identity (a plain listener) is no admission.
+/// identity (a plain listener) is no admission. `Err` names the client.
 fn authorize<B>(
     shared: &Shared,
     svc: &ServiceRoute,
     direction: usize,
     req: &Request<B>,
-) -> Result<(), Response<Answer>> {
+) -> Result<(), String> {
     let (1, Some(allow)) = (direction, &svc.authz) else {
         return Ok(());
     };
@@ -204,5 +204,5 @@ fn authorize<B>(
     }
     shared.metrics.tls_denied.inc();
     let name = who.and_then(|w| w.0.first().cloned());
-    Err(ErrorKind::Forbidden.response(name.as_deref().unwrap_or("client")))
+    Err(name.unwrap_or_else(|| "client".to_owned()))
 }

@@ -52,7 +52,7 @@ impl Observe {
             spans: config.tracing.otlp.as_ref().and_then(|otlp| {
                 let name = (otlp.service_name.clone())
                     .or_else(|| config.proxy_id.clone())
-                    .unwrap_or_else(crate::hostname);
+                    .unwrap_or_else(crate::proxy_hostname);
                 Spans::start(otlp, name, metrics)
             }),
             log_level: OnceLock::new(),

@@ -9,6 +9,7 @@
 
 use crate::outcome::ErrorKind;
 use almond_config::{Condition, Retries};
+use almond_net::Backoff;
 use http::Method;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,10 +17,9 @@ use tokio::time::Instant;
 
 /// Seconds the budget remembers.
 const WINDOW_SECS: u64 = 10;
-/// First backoff step; doubled each retry, with full jitter.
-const BACKOFF_BASE: Duration = Duration::from_millis(10);
-/// Longest backoff.
-const BACKOFF_MAX: Duration = Duration::from_millis(250);
+/// Pauses before retries: 20 ms doubling to 250 ms, full jitter.
+const BACKOFF: Backoff =
+    Backoff::doubling(Duration::from_millis(20), Duration::from_millis(250)).with_jitter(1.0);
 
 /// A service's retry policy and budget.
 pub struct RetryPolicy {
@@ -87,8 +87,7 @@ impl RetryPolicy {
     /// The pause before retry number `n` (1-based): full jitter over an
     /// exponential step.
     pub fn backoff(n: u32) -> Duration {
-        let step = BACKOFF_BASE.saturating_mul(1 << n.min(8)).min(BACKOFF_MAX);
-        step.mul_f64(fastrand::f64())
+        BACKOFF.pause(n)
     }
 }
 
