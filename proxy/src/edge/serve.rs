@@ -3,7 +3,7 @@
 //! [`handle`] stamps the trace context and records the span and the access
 //! log line; `serve` walks the stages in order: check the host, route
 //! (service), authorize, split (subset), admit, then
-//! [`forward`](crate::pipeline::forward) (balance, send, classify, retry).
+//! `pipeline::forward` (balance, send, classify, retry).
 
 use crate::body::ResponseBody;
 use crate::headers;
