@@ -4,7 +4,7 @@
 //! a. `almond control` (the real release binary, so its CPU and memory are
 //!    its own) on the Consul double with 1,000 services x 10 endpoints.
 //!    N simulated proxies (N = 1, 100, 1,000, added in steps) long-poll it
-//!    as `proxy/src/control.rs` does (`GET /v1/snapshot?proxy=ID&index=N&
+//!    as `proxy/src/follow.rs` does (`GET /v1/snapshot?proxy=ID&index=N&
 //!    wait=30s`, same index rule and pause) and apply every answer with
 //!    `Snapshot::apply_to` (they skip validation and the table build). One
 //!    endpoint's check goes critical, then passing again, in the double;
@@ -55,7 +55,7 @@ const SERVICES: usize = 1000;
 const ENDPOINTS: usize = 10;
 /// Nodes the instances are spread over (100 instances per node).
 const NODES: usize = 100;
-/// The long-poll wait the proxies ask for (`proxy/src/control.rs`).
+/// The long-poll wait the proxies ask for (`proxy/src/follow.rs`).
 const WAIT: Duration = Duration::from_secs(30);
 /// Slack on top of `WAIT` before a poll counts as failed (ditto).
 const SLACK: Duration = Duration::from_secs(10);
@@ -408,7 +408,7 @@ fn has_endpoint(svc: Option<&Service>, addr: SocketAddr) -> Option<bool> {
 
 type PollClient = Client<HttpConnector, Empty<Bytes>>;
 
-/// One long-poll, as `proxy/src/control.rs` sends it; the body's bytes.
+/// One long-poll, as `proxy/src/follow.rs` sends it; the body's bytes.
 async fn poll(client: &PollClient, uri: &str) -> Result<Bytes, String> {
     let req = hyper::Request::get(uri)
         .body(Empty::new())
@@ -440,7 +440,7 @@ enum Mode {
     Light,
 }
 
-/// A simulated proxy: the follow loop of `proxy/src/control.rs`, reporting
+/// A simulated proxy: the follow loop of `proxy/src/follow.rs`, reporting
 /// to `hub`.
 async fn sim_proxy(id: usize, url: String, mode: Mode, hub: Arc<Hub>) {
     let client: PollClient = Client::builder(TokioExecutor::new())
@@ -930,7 +930,7 @@ async fn part_a(opts: &Opts, ticks: f64, out: &mut String) {
          `almond control` (release binary, its own process) on the Consul double (in the bench \
          process, on a runtime of its own with one thread) with **{SERVICES} services x {ENDPOINTS} endpoints** ({endpoints} endpoints \
          served; instances on {NODES} nodes), `source: consul` (`wait: {}`), `store: consul`. \
-         Each simulated proxy is one long-poll client doing what `proxy/src/control.rs` does \
+         Each simulated proxy is one long-poll client doing what `proxy/src/follow.rs` does \
          (`GET /v1/snapshot?proxy=ID&index=N&wait=30s`, skip an answer whose index is not \
          newer), in one of two modes: **apply** parses the answer and applies it with \
          `Snapshot::apply_to` onto its services, as a proxy does (it then skips \
@@ -1278,7 +1278,7 @@ async fn part_b(opts: &Opts, ticks: f64, out: &mut String) {
         "## b. Split shift -> {n} real proxies (issue 4)\n\n\
          {n} real `almond_proxy::Proxy` instances in the bench process (each with its own \
          listener, admin listener, metrics registry and follow loop, i.e. \
-         `proxy/src/control.rs` unchanged: validate, build the route table, swap), following \
+         `proxy/src/follow.rs` unchanged: validate, build the route table, swap), following \
          an in-process control plane in file mode (`source: {{ file: DIR }}`, `store: file`) \
          serving {} services of 10 endpoints (`web`: v1 x 5, v2 x 5). {} shifts \
          `PUT /v1/services/web/split`; the bench polls every proxy's route table \
