@@ -8,7 +8,7 @@
 
 use crate::state::State;
 use almond_config::{ConsulSource, Endpoint, Protocol, Service, DEFAULT_SUBSET};
-use almond_net::{percent_encode, Backoff};
+use almond_net::{error_chain, percent_encode, Backoff};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full, Limited};
@@ -164,7 +164,7 @@ impl ConsulClient {
                 .http
                 .request(req)
                 .await
-                .map_err(|e| ConsulError::Transport(causes(&e)))?;
+                .map_err(|e| ConsulError::Transport(error_chain(&e)))?;
             let status = resp.status();
             let index = resp
                 .headers()
@@ -191,19 +191,6 @@ impl ConsulClient {
             .await
             .map_err(|_| ConsulError::Transport("read timed out".into()))?
     }
-}
-
-/// An error and its sources, `: `-joined (hyper's own message alone says
-/// only "client error (Connect)", not which certificate was refused).
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The TLS settings for an `https://` Consul (unused for `http://`): the

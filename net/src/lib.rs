@@ -6,10 +6,12 @@
 
 mod backoff;
 mod encode;
+mod error;
 mod host;
 
 pub use backoff::Backoff;
 pub use encode::percent_encode;
+pub use error::error_chain;
 pub use host::{hostname, now_ms};
 
 use socket2::{Domain, Socket, Type};

@@ -4,7 +4,7 @@
 
 use crate::Proxy;
 use almond_config::{validate_proxy, ProxyConfig, Secret, Snapshot};
-use almond_net::{percent_encode, Backoff};
+use almond_net::{error_chain, percent_encode, Backoff};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_rustls::HttpsConnector;
@@ -290,7 +290,7 @@ async fn poll(link: &Link, uri: &str) -> Result<Snapshot, String> {
     let resp = tokio::time::timeout(WAIT + SLACK, link.client.request(req))
         .await
         .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| causes(&e))?;
+        .map_err(|e| error_chain(&e))?;
     let status = resp.status();
     let body = Limited::new(resp.into_body(), link.max_bytes);
     let body = tokio::time::timeout(SLACK, body.collect())
@@ -310,19 +310,6 @@ async fn poll(link: &Link, uri: &str) -> Result<Snapshot, String> {
         ));
     }
     serde_json::from_slice(&body).map_err(|e| format!("bad snapshot: {e}"))
-}
-
-/// An error and its sources, `: `-joined (the client's own message says
-/// only "client error (Connect)", not which certificate was refused).
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Validates a snapshot merged into the running config and swaps it in;
