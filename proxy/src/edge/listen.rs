@@ -184,7 +184,11 @@ where
         activity.open.fetch_add(1, Ordering::AcqRel);
         activity.touch();
         let held = InFlight(activity.clone());
-        let answer = handle(req);
+        // Boxed: the request's future is 6 KiB, and hyper keeps a slot of
+        // its size for every HTTP/1.1 connection, idle or not (and moves
+        // it into a task per HTTP/2 stream): a pointer costs 16 bytes
+        // (benches/results/2026-12-04-memory.md).
+        let answer = Box::pin(handle(req));
         async move {
             let resp = answer.await?;
             Ok(resp.map(|body| Counted { body, _held: held }))
