@@ -22,60 +22,6 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static(SUBSET_HEADER),
 ];
 
-/// Checks that a request names one target host (RFC 9112 3.2, RFC 9113
-/// 8.3.1): at most one `Host`, and one that agrees with the authority of an
-/// absolute-form target or `:authority`. `Err` says what is wrong.
-pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
-        return Err("more than one Host header");
-    }
-    match (req.uri().authority(), host) {
-        (Some(authority), Some(host))
-            if !authority
-                .as_str()
-                .as_bytes()
-                .eq_ignore_ascii_case(host.as_bytes()) =>
-        {
-            Err("Host disagrees with the request target's authority")
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Removes every client-sent `x-almond-*` header (a listener that does not
-/// trust them: a pin or a forged error header from the network).
-pub fn strip_almond_headers(headers: &mut HeaderMap) {
-    let forged: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| n.as_str().starts_with("x-almond-"))
-        .cloned()
-        .collect();
-    for name in forged {
-        headers.remove(name);
-    }
-}
-
-/// Appends the peer's address to `X-Forwarded-For` and sets
-/// `X-Forwarded-Proto` (inbound listeners: the service learns who called).
-pub fn add_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, proto: &'static str) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let peer = peer.to_string();
-    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {peer}"),
-        _ => peer,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        // One header line, whatever the client sent.
-        headers.insert(xff, v);
-    }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(proto),
-    );
-}
-
 /// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)?
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -323,24 +269,6 @@ mod tests {
         assert_eq!(req.uri(), "/x");
         assert_eq!(req.headers()["host"], "orders");
         assert_eq!(req.version(), Version::HTTP_11);
-    }
-
-    #[test]
-    fn one_host_that_agrees_with_the_target() {
-        let req = |uri: &str, hosts: &[&str]| {
-            let mut b = Request::builder().uri(uri);
-            for h in hosts {
-                b = b.header("host", *h);
-            }
-            b.body(()).unwrap_or_default()
-        };
-        assert!(check_host(&req("/", &["a"])).is_ok());
-        assert!(check_host(&req("/", &[])).is_ok());
-        assert!(check_host(&req("http://a:80/", &["A:80"])).is_ok());
-        assert!(check_host(&req("http://a/", &[])).is_ok());
-        assert!(check_host(&req("/", &["a", "a"])).is_err());
-        assert!(check_host(&req("http://a/", &["b"])).is_err());
-        assert!(check_host(&req("http://a:81/", &["a"])).is_err());
     }
 
     #[test]

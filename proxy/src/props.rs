@@ -5,7 +5,8 @@
 //! keeps its promise. 256 cases each (proptest's default), so `cargo test`
 //! runs them in bounded time.
 
-use crate::headers::{check_host, strip_almond_headers, to_upstream};
+use crate::edge::trust::{check_host, strip_almond_headers};
+use crate::headers::to_upstream;
 use crate::observe::trace::Context;
 use crate::pipeline::split::Split;
 use almond_config::Protocol;

@@ -1,5 +1,7 @@
 //! The edge: where a request enters. Accepting connections and serving
 //! their requests; may import everything below it (`pipeline` and down).
 
+pub mod conn;
 pub mod listen;
 pub mod serve;
+pub mod trust;

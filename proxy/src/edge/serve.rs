@@ -6,6 +6,7 @@
 //! `pipeline::forward` (balance, send, classify, retry).
 
 use crate::body::ResponseBody;
+use crate::edge::trust;
 use crate::headers;
 use crate::identity::authz::Identities;
 use crate::observe::access_log::{Entry, Observed};
@@ -107,7 +108,7 @@ async fn serve(
 ) -> Response<Answer> {
     // One target host, or 400 (a request-smuggling and cache-poisoning
     // vector otherwise: routing and the upstream could read two hosts).
-    if let Err(why) = headers::check_host(&req) {
+    if let Err(why) = trust::check_host(&req) {
         shared.metrics.unroutable.inc();
         return ErrorKind::BadRequest.response(why);
     }
@@ -166,10 +167,10 @@ fn route(
     };
     seen.direction = on.direction;
     if !on.trust_routing_headers {
-        headers::strip_almond_headers(req.headers_mut());
+        trust::strip_almond_headers(req.headers_mut());
     }
     if let Some(proto) = on.forwarded_proto {
-        headers::add_forwarded(req.headers_mut(), peer.ip(), proto);
+        trust::add_forwarded(req.headers_mut(), peer.ip(), proto);
     }
     let svc = match table.service(on, req) {
         Ok(svc) => svc.clone(),
