@@ -275,14 +275,7 @@ impl Connections {
             .handshake(io)
             .await
             .map_err(|e| classify(&e))?;
-        let addr = self.addr;
-        let open = ConnCount::new(&self.open);
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
-            }
-            drop(open);
-        });
+        self.run(conn.with_upgrades(), "h1");
         Ok(sender)
     }
 
@@ -301,15 +294,24 @@ impl Connections {
             .handshake(io)
             .await
             .map_err(|e| classify(&e))?;
+        self.run(conn, "h2");
+        Ok(sender)
+    }
+
+    /// Drives an opened connection in a task of its own, counted open
+    /// until it ends.
+    fn run<F>(&self, conn: F, protocol: &'static str)
+    where
+        F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
         let addr = self.addr;
         let open = ConnCount::new(&self.open);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %addr, error = %e, "upstream h2 connection ended");
+                tracing::debug!(endpoint = %addr, protocol, error = %e, "upstream connection ended");
             }
             drop(open);
         });
-        Ok(sender)
     }
 }
 
