@@ -15,6 +15,7 @@ mod proxy;
 mod secret;
 mod snapshot;
 mod split;
+pub mod tap;
 mod tls;
 mod write;
 
