@@ -5,15 +5,11 @@
 use almond_config::tap::Filter;
 use almond_net::percent_encode;
 use bytes::{Bytes, BytesMut};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -69,11 +65,7 @@ pub fn merge(admins: Vec<String>, query: String, token: Option<&[u8]>) -> TapStr
             }
         });
     }
-    TapStream {
-        rx,
-        heartbeat: tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT),
-        _tasks: tasks,
-    }
+    almond_net::Lines::new(rx, HEARTBEAT, tasks)
 }
 
 /// Sends each whole line of one proxy's stream (heartbeats left out).
@@ -119,37 +111,7 @@ async fn relay(
 
 /// The merged stream a tap client reads, one JSON object per line; its
 /// proxy streams are closed when it is dropped.
-pub struct TapStream {
-    rx: mpsc::Receiver<Bytes>,
-    heartbeat: tokio::time::Interval,
-    _tasks: JoinSet<()>,
-}
-
-impl Body for TapStream {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Poll::Ready(Some(line)) = self.rx.poll_recv(cx) {
-            self.heartbeat.reset();
-            return Poll::Ready(Some(Ok(Frame::data(line))));
-        }
-        // Every proxy stream ended (or none was open): the client gets
-        // heartbeats until it goes away, and can tell a quiet service from
-        // a closed tap by the status line it got.
-        match self.heartbeat.poll_tick(cx) {
-            Poll::Ready(_) => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"\n"))))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
+pub type TapStream = almond_net::Lines<JoinSet<()>>;
 
 #[cfg(test)]
 mod tests {

@@ -7,14 +7,10 @@ pub use almond_config::tap::{Filter, Status, MAX_PER_SECOND};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, Method};
-use http_body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
 use serde_json::{json, Map, Value};
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -187,14 +183,11 @@ impl Taps {
         if headers {
             self.headers.fetch_add(1, Ordering::Relaxed);
         }
-        TapBody {
-            rx,
-            heartbeat: tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT),
-            _leave: Leave {
-                taps: self.clone(),
-                watcher,
-            },
-        }
+        let leave = Leave {
+            taps: self.clone(),
+            watcher,
+        };
+        almond_net::Lines::new(rx, HEARTBEAT, leave)
     }
 
     fn render(&self, s: &Summary<'_>, headers: bool) -> Bytes {
@@ -235,7 +228,7 @@ fn redacted(headers: &HeaderMap) -> Value {
 }
 
 /// Removes its watcher when dropped.
-struct Leave {
+pub struct Leave {
     taps: Arc<Taps>,
     watcher: Arc<Watcher>,
 }
@@ -258,35 +251,8 @@ impl Drop for Leave {
 
 /// A watcher's stream of summaries, one JSON object per line (and an
 /// empty line after [`HEARTBEAT`] of silence), for as long as the admin
-/// client reads it.
-pub struct TapBody {
-    rx: mpsc::Receiver<Bytes>,
-    heartbeat: tokio::time::Interval,
-    _leave: Leave,
-}
-
-impl Body for TapBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Poll::Ready(line) = self.rx.poll_recv(cx) {
-            self.heartbeat.reset();
-            return Poll::Ready(line.map(|bytes| Ok(Frame::data(bytes))));
-        }
-        match self.heartbeat.poll_tick(cx) {
-            Poll::Ready(_) => Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"\n"))))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
+/// client reads it; the watcher leaves with it.
+pub type TapBody = almond_net::Lines<Leave>;
 
 #[cfg(test)]
 mod tests {
@@ -335,12 +301,14 @@ mod tests {
                 headers: Some(&headers),
             });
         }
-        let line = body.rx.recv().await.unwrap();
+        use http_body_util::BodyExt;
+        let line = body.frame().await.unwrap().unwrap().into_data().unwrap();
         let event: Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(event["status"], 503);
         assert_eq!(event["latency_ms"], 1.5);
         assert!(event.get("headers").is_none());
-        assert!(body.rx.try_recv().is_err(), "the 200 was filtered out");
+        let next = tokio::time::timeout(Duration::from_millis(50), body.frame()).await;
+        assert!(next.is_err(), "the 200 was filtered out");
         drop(body);
         assert!(!taps.active());
     }
