@@ -176,8 +176,12 @@ fn fully_populated() -> ProxyConfig {
         health_check,
         tls,
         authz,
+        grpc,
     } in services.values_mut()
     {
+        // Serialized only when not the default.
+        let almond_config::Grpc { failure_codes } = grpc;
+        failure_codes.push(almond_config::GrpcCode::Aborted);
         let almond_config::Authz { allow } = authz.get_or_insert_with(Default::default);
         if allow.is_empty() {
             allow.push("spiffe://example.org/service/web".to_owned());

@@ -328,6 +328,10 @@ pub struct Service {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls: Option<UpstreamTls>,
+    /// How gRPC calls (`content-type: application/grpc*`) are classified:
+    /// `failure_codes`. Left out of serialized snapshots when default.
+    #[serde(default, skip_serializing_if = "crate::Grpc::is_default")]
+    pub grpc: crate::Grpc,
 }
 
 /// Upstream protocol of a service.
@@ -614,7 +618,8 @@ fn default_min_per_second() -> u32 {
 }
 
 /// An outcome named in `retries.on` or `circuit_breaker.failure_on`:
-/// `connect`, `reset`, `timeout`, `5xx`, or one 5xx status like `"503"`.
+/// `connect`, `reset`, `timeout`, `5xx`, one 5xx status like `"503"`, or
+/// (`retries.on` only) a gRPC code like `grpc-unavailable`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Condition {
     /// The connection could not be made (the request was never sent).
@@ -627,6 +632,9 @@ pub enum Condition {
     ServerError,
     /// This one status.
     Status(u16),
+    /// A gRPC call answered with this `grpc-status` (`grpc-unavailable`);
+    /// `retries.on` only.
+    Grpc(crate::GrpcCode),
 }
 
 impl Condition {
@@ -648,6 +656,7 @@ impl Serialize for Condition {
             Condition::Timeout => s.serialize_str("timeout"),
             Condition::ServerError => s.serialize_str("5xx"),
             Condition::Status(code) => s.serialize_str(&code.to_string()),
+            Condition::Grpc(code) => s.serialize_str(&code.condition()),
         }
     }
 }
@@ -660,6 +669,13 @@ impl<'de> Deserialize<'de> for Condition {
             "reset" => Ok(Condition::Reset),
             "timeout" => Ok(Condition::Timeout),
             "5xx" => Ok(Condition::ServerError),
+            other if other.starts_with("grpc-") => crate::GrpcCode::from_condition(other)
+                .map(Condition::Grpc)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "invalid condition {other:?}; expected a gRPC code like grpc-unavailable or grpc-resource-exhausted"
+                    ))
+                }),
             other => match other.parse::<u16>() {
                 Ok(code) if (500..=599).contains(&code) => Ok(Condition::Status(code)),
                 _ => Err(serde::de::Error::custom(format!(

@@ -739,6 +739,7 @@ pub fn to_service_resolved(
         health_check: None,
         authz: None,
         tls: None,
+        grpc: Default::default(),
     }
 }
 

@@ -5,11 +5,12 @@
 //! increments atomics (see [`SubsetMetrics`]).
 
 use crate::outcome::{CodeClass, ErrorKind};
-use almond_config::Direction;
+use almond_config::{CodeSet, Direction, GrpcCode, Protocol, Service};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::sync::Arc;
 
 /// Latency buckets in seconds: fine below 100 ms where services live,
 /// coarse above (13 buckets; the watcher needs p50 and p99).
@@ -21,6 +22,7 @@ const DURATION_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
+    grpc_responses: IntCounterVec,
     duration: HistogramVec,
     in_flight: IntGaugeVec,
     upstream_errors: IntCounterVec,
@@ -60,6 +62,33 @@ pub struct SubsetMetrics {
     /// Time from the request's arrival to the response's headers.
     pub duration: Histogram,
     errors: [IntCounter; ErrorKind::UPSTREAM_KINDS.len()],
+    /// gRPC classification (HTTP/2 services only).
+    pub grpc: Option<Arc<GrpcMetrics>>,
+}
+
+/// gRPC handles of one (direction, service, subset): calls by
+/// `grpc-status`, and the `code_class="2xx"` request counters by outcome
+/// (a gRPC call answers 200 whether it failed or not).
+pub struct GrpcMetrics {
+    codes: [IntCounter; GrpcCode::COUNT],
+    success: IntCounter,
+    failure: IntCounter,
+    failure_codes: CodeSet,
+}
+
+impl GrpcMetrics {
+    /// Counts a finished gRPC call by its status: in
+    /// `almond_grpc_responses_total`, and in `almond_requests_total` as a
+    /// failure when the service's `grpc.failure_codes` name it.
+    #[inline]
+    pub fn record(&self, code: GrpcCode) {
+        self.codes[code as usize].inc();
+        if self.failure_codes.contains(code) {
+            self.failure.inc();
+        } else {
+            self.success.inc();
+        }
+    }
 }
 
 impl SubsetMetrics {
@@ -125,6 +154,12 @@ impl Metrics {
         registry.register(Box::new(split_weight.clone()))?;
         let metrics = Metrics {
             requests,
+            grpc_responses: counter_vec(
+                r,
+                "almond_grpc_responses_total",
+                "gRPC calls finished, by grpc-status (HTTP/2 services).",
+                &["direction", "service", "subset", "grpc_status"],
+            )?,
             duration,
             in_flight,
             upstream_errors: counter_vec(
@@ -210,9 +245,40 @@ impl Metrics {
         Ok(metrics)
     }
 
-    /// Resolves the handles of one (direction, service, subset).
-    pub fn subset(&self, direction: Direction, service: &str, subset: &str) -> SubsetMetrics {
+    /// Resolves the handles of one (direction, service, subset); `svc`
+    /// decides whether there are gRPC ones (HTTP/2 services).
+    pub fn subset(
+        &self,
+        direction: Direction,
+        service: &str,
+        subset: &str,
+        svc: &Service,
+    ) -> SubsetMetrics {
         let d = direction.as_str();
+        let grpc = (svc.protocol == Protocol::Http2).then(|| {
+            let success = CodeClass::Success;
+            Arc::new(GrpcMetrics {
+                codes: GrpcCode::ALL.map(|code| {
+                    self.grpc_responses
+                        .with_label_values(&[d, service, subset, code.name()])
+                }),
+                success: self.requests.with_label_values(&[
+                    d,
+                    service,
+                    subset,
+                    success.label(),
+                    "success",
+                ]),
+                failure: self.requests.with_label_values(&[
+                    d,
+                    service,
+                    subset,
+                    success.label(),
+                    "failure",
+                ]),
+                failure_codes: CodeSet::of(&svc.grpc.failure_codes),
+            })
+        });
         let requests = CodeClass::ALL.map(|class| {
             self.requests.with_label_values(&[
                 d,
@@ -233,6 +299,7 @@ impl Metrics {
             requests,
             duration: self.duration.with_label_values(&[d, service, subset]),
             errors,
+            grpc,
         }
     }
 
@@ -270,6 +337,12 @@ impl Metrics {
             for class in CodeClass::ALL {
                 let labels = [d, service, subset, class.label(), class.outcome_label()];
                 let _ = self.requests.remove_label_values(&labels);
+            }
+            let grpc_failure = [d, service, subset, CodeClass::Success.label(), "failure"];
+            let _ = self.requests.remove_label_values(&grpc_failure);
+            for code in GrpcCode::ALL {
+                let labels = [d, service, subset, code.name()];
+                let _ = self.grpc_responses.remove_label_values(&labels);
             }
             let _ = self.duration.remove_label_values(&[d, service, subset]);
         }

@@ -307,8 +307,8 @@ impl SubsetRoute {
             name: Arc::from(subset),
             pool,
             metrics: [
-                metrics.subset(Direction::Outbound, name, subset),
-                metrics.subset(Direction::Inbound, name, subset),
+                metrics.subset(Direction::Outbound, name, subset, svc),
+                metrics.subset(Direction::Inbound, name, subset, svc),
             ],
             ejection,
         }
