@@ -239,6 +239,15 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
     if config.listeners.is_empty() {
         add("listeners".into(), "at least one listener is needed".into());
     }
+    if config.zone_min_healthy > 100 {
+        add(
+            "zone_min_healthy".into(),
+            "must be between 0 and 100".into(),
+        );
+    }
+    if config.zone.as_deref().is_some_and(|z| z.trim().is_empty()) {
+        add("zone".into(), "must not be empty".into());
+    }
     let mut binds = HashSet::new();
     for (i, l) in config.listeners.iter().enumerate() {
         // Port 0 asks the OS for a free port each time: never a clash.

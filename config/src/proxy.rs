@@ -46,6 +46,17 @@ pub struct ProxyConfig {
     /// Where the last snapshot is cached for starts while control is away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<PathBuf>,
+    /// This proxy's zone (availability zone); omitted = the environment
+    /// variable `ALMOND_ZONE`, else none (no zone-aware balancing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Zone-aware balancing sends everything to endpoints of the local
+    /// zone while at least this percent of them are available.
+    #[serde(
+        default = "default_zone_min_healthy",
+        skip_serializing_if = "is_default_zone_min_healthy"
+    )]
+    pub zone_min_healthy: u32,
     /// Runtime worker threads (default: the CPUs this process may use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
@@ -143,6 +154,24 @@ fn flag_or_upstream_tls<'de, D: serde::Deserializer<'de>>(
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn default_zone_min_healthy() -> u32 {
+    70
+}
+fn is_default_zone_min_healthy(p: &u32) -> bool {
+    *p == default_zone_min_healthy()
+}
+
+impl ProxyConfig {
+    /// The zone of this proxy: `zone`, else `ALMOND_ZONE` (if not empty).
+    pub fn local_zone(&self) -> Option<String> {
+        self.zone.clone().or_else(|| {
+            std::env::var("ALMOND_ZONE")
+                .ok()
+                .filter(|z| !z.trim().is_empty())
+        })
+    }
 }
 
 fn default_control_max_bytes() -> usize {
@@ -370,6 +399,9 @@ pub struct Endpoint {
     /// Relative share of traffic within its subset (1 or more).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The instance's zone (availability zone), for zone-aware balancing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 fn default_subset() -> String {

@@ -29,6 +29,7 @@ pub struct Metrics {
     endpoints: IntGaugeVec,
     ejections: IntCounterVec,
     retries: IntCounterVec,
+    zone_requests: IntCounterVec,
     split_weight: IntGaugeVec,
     access_log_dropped: IntCounterVec,
     trace_spans_dropped: IntCounterVec,
@@ -180,6 +181,12 @@ impl Metrics {
                 "almond_retries_total",
                 "Retries sent (not first tries).",
                 &["service"],
+            )?,
+            zone_requests: counter_vec(
+                r,
+                "almond_zone_requests_total",
+                "First tries sent to the local zone's endpoints or to other zones (zone-aware balancing).",
+                &["service", "zone"],
             )?,
             split_weight,
             access_log_dropped: counter_vec(
@@ -363,6 +370,15 @@ impl Metrics {
                 .remove_label_values(&[direction.as_str(), service]);
         }
         let _ = self.retries.remove_label_values(&[service]);
+        for zone in ["local", "remote"] {
+            let _ = self.zone_requests.remove_label_values(&[service, zone]);
+        }
+    }
+
+    /// The zone-aware counters of a service: first tries sent to the
+    /// local zone, and to other zones.
+    pub fn zone_requests(&self, service: &str) -> [IntCounter; 2] {
+        ["local", "remote"].map(|zone| self.zone_requests.with_label_values(&[service, zone]))
     }
 
     /// Drops a subset's split weight gauge (the split is gone).
