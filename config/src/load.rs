@@ -493,6 +493,12 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
             }
         }
     }
+    if (svc.retries.on).contains(&Condition::Grpc(crate::GrpcCode::Ok)) {
+        out.push((
+            ".retries.on".into(),
+            "grpc-ok is not a failure: name failing codes like grpc-unavailable".into(),
+        ));
+    }
     for c in &svc.circuit_breaker.failure_on {
         if let Condition::Grpc(code) = c {
             out.push((
@@ -599,6 +605,8 @@ services:
         let json = serde_json::to_string(&cfg).expect("serializable");
         assert_eq!(load_proxy(&json, "t.json").expect("valid"), cfg);
 
+        let p = problems(&with("on: [grpc-ok]", ""));
+        assert_eq!(p[0].path, "services.orders.retries.on", "{p:?}");
         let p = problems(&with("on: [grpc-unavialable]", ""));
         assert_eq!(p[0].path, "services.orders.retries.on[0]", "{p:?}");
         assert!(
