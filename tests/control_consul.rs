@@ -17,7 +17,7 @@ use almond_config::{Endpoint, Protocol, DEFAULT_SUBSET};
 use almond_consul_double::{
     AclPolicy, CheckDef, ConsulDouble, RecordedRequest, ServiceDef, Status,
 };
-use almond_control::consul::{instance_weight, to_service, Instance};
+use almond_control::consul::{instance_weight, to_service, to_service_resolved, Instance};
 use http::StatusCode;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -956,6 +956,7 @@ fn endpoint(addr: &str, subset: &str, weight: u32) -> Endpoint {
             .unwrap_or_else(|e| panic!("address {addr}: {e}")),
         subset: subset.to_owned(),
         weight,
+        zone: None,
     }
 }
 
@@ -988,6 +989,39 @@ fn the_health_fixture_becomes_a_weighted_endpoint() {
     // The subset comes from the configured Meta key.
     let svc = to_service("redis", &parsed, "redis_version");
     assert_eq!(svc.endpoints, vec![endpoint("10.1.10.12:8000", "4.0", 10)]);
+}
+
+#[test]
+fn the_zone_comes_from_service_meta_else_node_meta() {
+    let zone = |edit: fn(&mut Value), key: &str| {
+        let svc = to_service_resolved("redis", &redis(edit), ("version", key), &Default::default());
+        svc.endpoints[0].zone.clone()
+    };
+    assert_eq!(zone(|_| {}, "zone"), None);
+    assert_eq!(
+        zone(|i| i["Node"]["Meta"] = json!({ "zone": "eu-1a" }), "zone"),
+        Some("eu-1a".to_owned())
+    );
+    assert_eq!(
+        zone(
+            |i| {
+                i["Node"]["Meta"] = json!({ "zone": "eu-1a" });
+                i["Service"]["Meta"]["zone"] = json!("eu-1b");
+            },
+            "zone"
+        ),
+        Some("eu-1b".to_owned()),
+        "the service's meta wins"
+    );
+    assert_eq!(
+        zone(|i| i["Node"]["Meta"] = json!({ "az": "eu-1c" }), "az"),
+        Some("eu-1c".to_owned()),
+        "zone_key names the key"
+    );
+    assert_eq!(
+        zone(|i| i["Node"]["Meta"] = json!({ "az": "eu-1c" }), "zone"),
+        None
+    );
 }
 
 #[test]

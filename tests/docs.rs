@@ -90,6 +90,8 @@ fn fully_populated() -> ProxyConfig {
         control_max_bytes: _,
         admin_token_env,
         proxy_id,
+        zone,
+        zone_min_healthy,
         cache,
         workers,
         drain_timeout: _,
@@ -137,6 +139,9 @@ fn fully_populated() -> ProxyConfig {
     control_ca.get_or_insert_with(|| "/etc/almond/tls/control-ca.pem".into());
     admin_token_env.get_or_insert_with(|| "ALMOND_ADMIN_TOKEN".to_owned());
     proxy_id.get_or_insert_with(|| "web-1".to_owned());
+    zone.get_or_insert_with(|| "us-east-1a".to_owned());
+    // Serialized only when not the default.
+    *zone_min_healthy = 60;
     cache.get_or_insert_with(|| "/var/lib/almond/snapshot.json".into());
     workers.get_or_insert(2);
     for Listener {
@@ -176,8 +181,12 @@ fn fully_populated() -> ProxyConfig {
         health_check,
         tls,
         authz,
+        grpc,
     } in services.values_mut()
     {
+        // Serialized only when not the default.
+        let almond_config::Grpc { failure_codes } = grpc;
+        failure_codes.push(almond_config::GrpcCode::Aborted);
         let almond_config::Authz { allow } = authz.get_or_insert_with(Default::default);
         if allow.is_empty() {
             allow.push("spiffe://example.org/service/web".to_owned());
@@ -196,8 +205,11 @@ fn fully_populated() -> ProxyConfig {
             addr: _,
             subset: _,
             weight: _,
-        } in endpoints.iter()
-        {}
+            zone,
+        } in endpoints.iter_mut()
+        {
+            zone.get_or_insert_with(|| "us-east-1a".to_owned());
+        }
         let almond_config::Split {
             weights,
             sticky_header,
@@ -314,6 +326,7 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         listen: _,
         source,
         subset_key: _,
+        zone_key: _,
         store: _,
         policy_file: _,
         watcher: _,
@@ -486,8 +499,16 @@ fn label_names(rest: &str) -> Vec<String> {
 #[cfg(target_os = "linux")]
 #[test]
 fn metrics_reference_names_every_family_and_nothing_else() {
-    let config = almond_config::load_proxy_file(&root().join("examples/proxy.yaml"))
+    let mut config = almond_config::load_proxy_file(&root().join("examples/proxy.yaml"))
         .expect("examples/proxy.yaml is valid");
+    // Zone-aware pools, whose counters appear with them, need a zone and
+    // endpoints both in it and outside it.
+    config.zone = Some("a".to_owned());
+    for svc in config.services.values_mut() {
+        for (i, e) in svc.endpoints.iter_mut().enumerate() {
+            e.zone = Some(if i == 0 { "a" } else { "b" }.to_owned());
+        }
+    }
     let proxy = almond_proxy::Proxy::new(config).expect("proxy");
     let exposition = String::from_utf8(proxy.shared().metrics.encode()).expect("UTF-8");
     let exposed = families(&exposition);

@@ -17,6 +17,10 @@ pub struct ControlConfig {
     /// `Service.Meta` key that names an endpoint's subset.
     #[serde(default = "default_subset_key")]
     pub subset_key: String,
+    /// `Service.Meta` key (else `Node.Meta` key) that names an endpoint's
+    /// zone, for zone-aware balancing.
+    #[serde(default = "default_zone_key")]
+    pub zone_key: String,
     /// Where splits and rollouts live.
     #[serde(default)]
     pub store: Store,
@@ -68,6 +72,9 @@ fn default_policy_file() -> PathBuf {
 }
 fn default_subset_key() -> String {
     "version".to_owned()
+}
+fn default_zone_key() -> String {
+    "zone".to_owned()
 }
 fn default_max_wait() -> Duration {
     Duration::from_secs(60)

@@ -4,7 +4,7 @@
 use crate::control::{ControlConfig, Source};
 use crate::lines::LineIndex;
 use crate::problem::{Problem, Problems};
-use crate::proxy::{ProxyConfig, Service};
+use crate::proxy::{Condition, ProxyConfig, Service};
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -238,6 +238,15 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
 
     if config.listeners.is_empty() {
         add("listeners".into(), "at least one listener is needed".into());
+    }
+    if config.zone_min_healthy > 100 {
+        add(
+            "zone_min_healthy".into(),
+            "must be between 0 and 100".into(),
+        );
+    }
+    if config.zone.as_deref().is_some_and(|z| z.trim().is_empty()) {
+        add("zone".into(), "must not be empty".into());
     }
     let mut binds = HashSet::new();
     for (i, l) in config.listeners.iter().enumerate() {
@@ -484,6 +493,23 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
             }
         }
     }
+    if (svc.retries.on).contains(&Condition::Grpc(crate::GrpcCode::Ok)) {
+        out.push((
+            ".retries.on".into(),
+            "grpc-ok is not a failure: name failing codes like grpc-unavailable".into(),
+        ));
+    }
+    for c in &svc.circuit_breaker.failure_on {
+        if let Condition::Grpc(code) = c {
+            out.push((
+                ".circuit_breaker.failure_on".into(),
+                format!(
+                    "{} is for retries.on only; gRPC failures count by grpc.failure_codes",
+                    code.condition()
+                ),
+            ));
+        }
+    }
     if svc.retries.attempts > 10 {
         out.push((".retries.attempts".into(), "must be 10 or less".into()));
     }
@@ -557,6 +583,50 @@ services:
             "{}",
             p[0].message
         );
+    }
+
+    #[test]
+    fn grpc_codes_and_conditions_are_checked() {
+        let with = |retries_on: &str, extra: &str| {
+            GOOD.replace("on: [connect, reset, \"503\"]", retries_on)
+                .replace("    split: {", &format!("{extra}    split: {{"))
+        };
+        let ok = with(
+            "on: [connect, grpc-unavailable, grpc-resource-exhausted]",
+            "    grpc: { failure_codes: [UNAVAILABLE, ABORTED] }\n",
+        );
+        let cfg = load_proxy(&ok, "t.yaml").expect("valid");
+        let orders = &cfg.services["orders"];
+        assert_eq!(
+            orders.retries.on[1],
+            Condition::Grpc(crate::GrpcCode::Unavailable)
+        );
+        assert_eq!(orders.grpc.failure_codes.len(), 2);
+        let json = serde_json::to_string(&cfg).expect("serializable");
+        assert_eq!(load_proxy(&json, "t.json").expect("valid"), cfg);
+
+        let p = problems(&with("on: [grpc-ok]", ""));
+        assert_eq!(p[0].path, "services.orders.retries.on", "{p:?}");
+        let p = problems(&with("on: [grpc-unavialable]", ""));
+        assert_eq!(p[0].path, "services.orders.retries.on[0]", "{p:?}");
+        assert!(
+            p[0].message.contains("grpc-unavailable"),
+            "{}",
+            p[0].message
+        );
+        let p = problems(&with(
+            "on: [connect]",
+            "    grpc: { failure_codes: [unavailable] }\n",
+        ));
+        assert_eq!(p[0].path, "services.orders.grpc.failure_codes[0]", "{p:?}");
+        assert_eq!(p[0].line, Some(13));
+        assert!(p[0].message.contains("UNAVAILABLE"), "{}", p[0].message);
+        let p = problems(&GOOD.replace(
+            "max_pending: 256 }",
+            "max_pending: 256, failure_on: [grpc-internal] }",
+        ));
+        assert_eq!(p[0].path, "services.orders.circuit_breaker.failure_on");
+        assert!(p[0].message.contains("retries.on only"), "{}", p[0].message);
     }
 
     #[test]

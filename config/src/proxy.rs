@@ -46,6 +46,17 @@ pub struct ProxyConfig {
     /// Where the last snapshot is cached for starts while control is away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<PathBuf>,
+    /// This proxy's zone (availability zone); omitted = the environment
+    /// variable `ALMOND_ZONE`, else none (no zone-aware balancing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Zone-aware balancing sends everything to endpoints of the local
+    /// zone while at least this percent of them are available.
+    #[serde(
+        default = "default_zone_min_healthy",
+        skip_serializing_if = "is_default_zone_min_healthy"
+    )]
+    pub zone_min_healthy: u32,
     /// Runtime worker threads (default: the CPUs this process may use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
@@ -143,6 +154,24 @@ fn flag_or_upstream_tls<'de, D: serde::Deserializer<'de>>(
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn default_zone_min_healthy() -> u32 {
+    70
+}
+fn is_default_zone_min_healthy(p: &u32) -> bool {
+    *p == default_zone_min_healthy()
+}
+
+impl ProxyConfig {
+    /// The zone of this proxy: `zone`, else `ALMOND_ZONE` (if not empty).
+    pub fn local_zone(&self) -> Option<String> {
+        self.zone.clone().or_else(|| {
+            std::env::var("ALMOND_ZONE")
+                .ok()
+                .filter(|z| !z.trim().is_empty())
+        })
+    }
 }
 
 fn default_control_max_bytes() -> usize {
@@ -328,6 +357,10 @@ pub struct Service {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls: Option<UpstreamTls>,
+    /// How gRPC calls (`content-type: application/grpc*`) are classified:
+    /// `failure_codes`. Left out of serialized snapshots when default.
+    #[serde(default, skip_serializing_if = "crate::Grpc::is_default")]
+    pub grpc: crate::Grpc,
 }
 
 /// Upstream protocol of a service.
@@ -366,6 +399,9 @@ pub struct Endpoint {
     /// Relative share of traffic within its subset (1 or more).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The instance's zone (availability zone), for zone-aware balancing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 fn default_subset() -> String {
@@ -614,7 +650,8 @@ fn default_min_per_second() -> u32 {
 }
 
 /// An outcome named in `retries.on` or `circuit_breaker.failure_on`:
-/// `connect`, `reset`, `timeout`, `5xx`, or one 5xx status like `"503"`.
+/// `connect`, `reset`, `timeout`, `5xx`, one 5xx status like `"503"`, or
+/// (`retries.on` only) a gRPC code like `grpc-unavailable`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Condition {
     /// The connection could not be made (the request was never sent).
@@ -627,6 +664,9 @@ pub enum Condition {
     ServerError,
     /// This one status.
     Status(u16),
+    /// A gRPC call answered with this `grpc-status` (`grpc-unavailable`);
+    /// `retries.on` only.
+    Grpc(crate::GrpcCode),
 }
 
 impl Condition {
@@ -648,6 +688,7 @@ impl Serialize for Condition {
             Condition::Timeout => s.serialize_str("timeout"),
             Condition::ServerError => s.serialize_str("5xx"),
             Condition::Status(code) => s.serialize_str(&code.to_string()),
+            Condition::Grpc(code) => s.serialize_str(&code.condition()),
         }
     }
 }
@@ -660,6 +701,13 @@ impl<'de> Deserialize<'de> for Condition {
             "reset" => Ok(Condition::Reset),
             "timeout" => Ok(Condition::Timeout),
             "5xx" => Ok(Condition::ServerError),
+            other if other.starts_with("grpc-") => crate::GrpcCode::from_condition(other)
+                .map(Condition::Grpc)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "invalid condition {other:?}; expected a gRPC code like grpc-unavailable or grpc-resource-exhausted"
+                    ))
+                }),
             other => match other.parse::<u16>() {
                 Ok(code) if (500..=599).contains(&code) => Ok(Condition::Status(code)),
                 _ => Err(serde::de::Error::custom(format!(

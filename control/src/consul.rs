@@ -321,7 +321,13 @@ impl Blocking {
 }
 
 /// Watches the catalog and every wanted service until the task is dropped.
-pub async fn run(cfg: ConsulSource, client: ConsulClient, subset_key: String, state: Arc<State>) {
+pub async fn run(
+    cfg: ConsulSource,
+    client: ConsulClient,
+    subset_key: String,
+    zone_key: String,
+    state: Arc<State>,
+) {
     let mut watches: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut blocking = Blocking::new();
     loop {
@@ -376,6 +382,7 @@ pub async fn run(cfg: ConsulSource, client: ConsulClient, subset_key: String, st
                     client.clone(),
                     name.clone(),
                     subset_key.clone(),
+                    zone_key.clone(),
                     cfg.wait,
                     state.clone(),
                 );
@@ -399,6 +406,7 @@ async fn watch_service(
     client: ConsulClient,
     name: String,
     subset_key: String,
+    zone_key: String,
     wait: Duration,
     state: Arc<State>,
 ) {
@@ -421,7 +429,8 @@ async fn watch_service(
         match serde_json::from_slice::<Vec<Instance>>(&answer.body) {
             Ok(instances) => {
                 let resolved = resolve_hosts(&name, &instances).await;
-                let service = to_service_resolved(&name, &instances, &subset_key, &resolved);
+                let keys = (subset_key.as_str(), zone_key.as_str());
+                let service = to_service_resolved(&name, &instances, keys, &resolved);
                 state.set_registered(&name, registered(&instances, &subset_key));
                 state.set_service(&name, service, index);
             }
@@ -549,6 +558,9 @@ pub struct Node {
     /// The node's address (used when the service has none).
     #[serde(default)]
     pub address: String,
+    /// Node metadata (the zone, by `zone_key`, when the service's has none).
+    #[serde(default)]
+    pub meta: Option<BTreeMap<String, String>>,
 }
 
 /// An instance's service record.
@@ -629,7 +641,7 @@ pub fn instance_weight(instance: &Instance) -> Option<u32> {
 /// `Meta.protocol`. Instances whose address is a host name are skipped:
 /// see [`to_service_resolved`].
 pub fn to_service(name: &str, instances: &[Instance], subset_key: &str) -> Service {
-    to_service_resolved(name, instances, subset_key, &HashMap::new())
+    to_service_resolved(name, instances, (subset_key, "zone"), &HashMap::new())
 }
 
 /// The address an instance is reached at: the service's, else its node's.
@@ -677,12 +689,13 @@ pub async fn resolve_hosts(name: &str, instances: &[Instance]) -> HashMap<String
     out
 }
 
-/// [`to_service`], with host names looked up in `resolved` (from
+/// [`to_service`] with the zone from `Service.Meta[zone_key]`, else
+/// `Node.Meta[zone_key]`, and host names looked up in `resolved` (from
 /// [`resolve_hosts`]).
 pub fn to_service_resolved(
     name: &str,
     instances: &[Instance],
-    subset_key: &str,
+    (subset_key, zone_key): (&str, &str),
     resolved: &HashMap<String, IpAddr>,
 ) -> Service {
     let mut endpoints = Vec::new();
@@ -723,6 +736,7 @@ pub fn to_service_resolved(
             addr: SocketAddr::new(ip, inst.service.port),
             subset,
             weight,
+            zone: zone_of(inst, zone_key),
         });
     }
     // Stable order, so an unchanged set compares equal.
@@ -739,7 +753,16 @@ pub fn to_service_resolved(
         health_check: None,
         authz: None,
         tls: None,
+        grpc: Default::default(),
     }
+}
+
+/// An instance's zone: `Service.Meta[zone_key]`, else `Node.Meta[zone_key]`.
+fn zone_of(inst: &Instance, zone_key: &str) -> Option<String> {
+    [inst.service.meta.as_ref(), inst.node.meta.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|m| m.get(zone_key).filter(|z| !z.is_empty()).cloned())
 }
 
 /// Instances per subset, healthy or not (for `almond status`'s total).

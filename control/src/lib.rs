@@ -157,6 +157,7 @@ impl Control {
                 consul.0.clone(),
                 consul.1.clone(),
                 self.config.subset_key.clone(),
+                self.config.zone_key.clone(),
                 self.state.clone(),
             )),
             Endpoints::File(dir) => tokio::spawn(file::run(dir.clone(), self.state.clone())),

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use prometheus::IntCounter;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -112,6 +113,85 @@ pub enum RequestBody {
     Stream(Incoming, IdleTimer),
     /// Held whole (small bodies, when retries are on); `None` once sent.
     Replay(Option<Bytes>),
+    /// Streamed from the client and kept as it goes (gRPC calls whose
+    /// length is not known up front, when `retries.on` names gRPC codes).
+    Tee(Incoming, IdleTimer, Arc<Kept>),
+}
+
+/// A streamed request body's copy, kept up to a size for a retry: whole
+/// once the client's stream has ended, spoiled if it went past the limit,
+/// carried trailers or failed. Locked once per frame by the one request
+/// that owns it (never shared between requests).
+pub struct Kept {
+    limit: usize,
+    state: Mutex<KeptState>,
+}
+
+#[derive(Default)]
+struct KeptState {
+    chunks: Vec<Bytes>,
+    len: usize,
+    complete: bool,
+    spoiled: bool,
+}
+
+impl Kept {
+    /// An empty copy that keeps up to `limit` bytes.
+    pub fn new(limit: usize) -> Arc<Kept> {
+        Arc::new(Kept {
+            limit,
+            state: Mutex::new(KeptState::default()),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, KeptState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn frame(&self, frame: &Frame<Bytes>, end: bool) {
+        let mut s = self.state();
+        match frame.data_ref() {
+            Some(data) if s.len + data.len() <= self.limit => {
+                s.len += data.len();
+                s.chunks.push(data.clone());
+            }
+            _ => {
+                s.spoiled = true;
+                s.chunks = Vec::new();
+            }
+        }
+        s.complete |= end;
+    }
+
+    fn end(&self, ok: bool) {
+        let mut s = self.state();
+        s.complete = true;
+        s.spoiled |= !ok;
+    }
+
+    /// The whole body, if the client's stream ended and all of it was kept.
+    pub fn whole(&self) -> Option<Bytes> {
+        let s = self.state();
+        if !s.complete || s.spoiled {
+            return None;
+        }
+        Some(match s.chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => many.concat().into(),
+        })
+    }
+}
+
+impl RequestBody {
+    /// A streamed body goes on kept in `kept` as it streams.
+    pub fn keep_in(&mut self, kept: &Arc<Kept>) {
+        let this = std::mem::replace(self, RequestBody::Replay(None));
+        *self = match this {
+            RequestBody::Stream(body, timer) => RequestBody::Tee(body, timer, kept.clone()),
+            other => other,
+        };
+    }
 }
 
 impl Body for RequestBody {
@@ -125,19 +205,29 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Stream(body, timer) => poll_timed(body, timer, cx),
             RequestBody::Replay(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Tee(body, timer, kept) => {
+                let polled = poll_timed(body, timer, cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => kept.frame(frame, body.is_end_stream()),
+                    Poll::Ready(Some(Err(_))) => kept.end(false),
+                    Poll::Ready(None) => kept.end(true),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream(body, _) => body.is_end_stream(),
+            RequestBody::Stream(body, _) | RequestBody::Tee(body, ..) => body.is_end_stream(),
             RequestBody::Replay(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Stream(body, _) => body.size_hint(),
+            RequestBody::Stream(body, _) | RequestBody::Tee(body, ..) => body.size_hint(),
             RequestBody::Replay(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             RequestBody::Replay(None) => SizeHint::with_exact(0),
         }
@@ -149,6 +239,9 @@ impl Body for RequestBody {
 pub trait Completion: Send + Unpin + 'static {
     /// The body ended.
     fn done(self, complete: bool);
+
+    /// The body's trailers went by (before [`Completion::done`]).
+    fn trailers(&mut self, _trailers: &http::HeaderMap) {}
 }
 
 /// Nothing to do (bodies the proxy makes).
@@ -247,7 +340,12 @@ impl<C: Completion> Body for ResponseBody<C> {
                     finish.done(false);
                 }
             }
-            Poll::Ready(Some(Ok(_))) => this.finish_if_done(),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trailers), Some(finish)) = (frame.trailers_ref(), &mut this.finish) {
+                    finish.trailers(trailers);
+                }
+                this.finish_if_done()
+            }
             Poll::Pending => {}
         }
         polled

@@ -4,10 +4,42 @@
 //! header, the metric label and the retry decision; [`CodeClass`] is the
 //! `code_class` label. `rescue` turns an [`ErrorKind`] into a response.
 
-use http::{HeaderName, StatusCode};
+use almond_config::GrpcCode;
+use http::{HeaderMap, HeaderName, StatusCode};
 
 /// The header naming why the proxy answered a request itself.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-almond-error");
+
+/// The header carrying a gRPC call's status (trailers, or the headers of
+/// a trailers-only response).
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// Is this request a gRPC call (`content-type: application/grpc`, or
+/// `application/grpc+proto` and the like)?
+#[inline]
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    const PREFIX: &[u8] = b"application/grpc";
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+        .is_some_and(|v| {
+            v.len() >= PREFIX.len()
+                && v[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+                && matches!(v.get(PREFIX.len()), None | Some(b'+' | b';'))
+        })
+}
+
+/// The `grpc-status` in `headers`, if any; a value that is not a code
+/// (0 to 16) reads as `UNKNOWN`, as gRPC clients read it.
+#[inline]
+pub fn grpc_status(headers: &HeaderMap) -> Option<GrpcCode> {
+    let value = headers.get(GRPC_STATUS)?;
+    let code = std::str::from_utf8(value.as_bytes())
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .and_then(GrpcCode::from_number);
+    Some(code.unwrap_or(GrpcCode::Unknown))
+}
 
 /// The `code_class` label: the upstream's status class, or `error` when no
 /// upstream response arrived.
@@ -184,6 +216,32 @@ mod tests {
                 ErrorKind::UPSTREAM_KINDS[kind.upstream_index().unwrap_or(99)],
                 kind
             );
+        }
+    }
+
+    #[test]
+    fn grpc_requests_and_statuses() {
+        let mut h = HeaderMap::new();
+        assert!(!is_grpc(&h));
+        for (ct, grpc) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("Application/GRPC", true),
+            ("application/grpc-web", false),
+            ("application/json", false),
+        ] {
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            assert_eq!(is_grpc(&h), grpc, "{ct}");
+        }
+        assert_eq!(grpc_status(&h), None);
+        for (v, code) in [
+            ("0", GrpcCode::Ok),
+            ("14", GrpcCode::Unavailable),
+            ("17", GrpcCode::Unknown),
+            ("x", GrpcCode::Unknown),
+        ] {
+            h.insert("grpc-status", v.parse().unwrap());
+            assert_eq!(grpc_status(&h), Some(code), "{v}");
         }
     }
 

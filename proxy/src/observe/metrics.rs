@@ -5,11 +5,12 @@
 //! increments atomics (see [`SubsetMetrics`]).
 
 use crate::outcome::{CodeClass, ErrorKind};
-use almond_config::Direction;
+use almond_config::{CodeSet, Direction, GrpcCode, Protocol, Service};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::sync::Arc;
 
 /// Latency buckets in seconds: fine below 100 ms where services live,
 /// coarse above (13 buckets; the watcher needs p50 and p99).
@@ -21,12 +22,14 @@ const DURATION_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
+    grpc_responses: IntCounterVec,
     duration: HistogramVec,
     in_flight: IntGaugeVec,
     upstream_errors: IntCounterVec,
     endpoints: IntGaugeVec,
     ejections: IntCounterVec,
     retries: IntCounterVec,
+    zone_requests: IntCounterVec,
     split_weight: IntGaugeVec,
     access_log_dropped: IntCounterVec,
     trace_spans_dropped: IntCounterVec,
@@ -65,6 +68,33 @@ pub struct SubsetMetrics {
     /// Time from the request's arrival to the response's headers.
     pub duration: Histogram,
     errors: [IntCounter; ErrorKind::UPSTREAM_KINDS.len()],
+    /// gRPC classification (HTTP/2 services only).
+    pub grpc: Option<Arc<GrpcMetrics>>,
+}
+
+/// gRPC handles of one (direction, service, subset): calls by
+/// `grpc-status`, and the `code_class="2xx"` request counters by outcome
+/// (a gRPC call answers 200 whether it failed or not).
+pub struct GrpcMetrics {
+    codes: [IntCounter; GrpcCode::COUNT],
+    success: IntCounter,
+    failure: IntCounter,
+    failure_codes: CodeSet,
+}
+
+impl GrpcMetrics {
+    /// Counts a finished gRPC call by its status: in
+    /// `almond_grpc_responses_total`, and in `almond_requests_total` as a
+    /// failure when the service's `grpc.failure_codes` name it.
+    #[inline]
+    pub fn record(&self, code: GrpcCode) {
+        self.codes[code as usize].inc();
+        if self.failure_codes.contains(code) {
+            self.failure.inc();
+        } else {
+            self.success.inc();
+        }
+    }
 }
 
 impl SubsetMetrics {
@@ -130,6 +160,12 @@ impl Metrics {
         registry.register(Box::new(split_weight.clone()))?;
         let metrics = Metrics {
             requests,
+            grpc_responses: counter_vec(
+                r,
+                "almond_grpc_responses_total",
+                "gRPC calls finished, by grpc-status (HTTP/2 services).",
+                &["direction", "service", "subset", "grpc_status"],
+            )?,
             duration,
             in_flight,
             upstream_errors: counter_vec(
@@ -150,6 +186,12 @@ impl Metrics {
                 "almond_retries_total",
                 "Retries sent (not first tries).",
                 &["service"],
+            )?,
+            zone_requests: counter_vec(
+                r,
+                "almond_zone_requests_total",
+                "First tries sent to the local zone's endpoints or to other zones (zone-aware balancing).",
+                &["service", "zone"],
             )?,
             split_weight,
             access_log_dropped: counter_vec(
@@ -225,9 +267,40 @@ impl Metrics {
         Ok(metrics)
     }
 
-    /// Resolves the handles of one (direction, service, subset).
-    pub fn subset(&self, direction: Direction, service: &str, subset: &str) -> SubsetMetrics {
+    /// Resolves the handles of one (direction, service, subset); `svc`
+    /// decides whether there are gRPC ones (HTTP/2 services).
+    pub fn subset(
+        &self,
+        direction: Direction,
+        service: &str,
+        subset: &str,
+        svc: &Service,
+    ) -> SubsetMetrics {
         let d = direction.as_str();
+        let grpc = (svc.protocol == Protocol::Http2).then(|| {
+            let success = CodeClass::Success;
+            Arc::new(GrpcMetrics {
+                codes: GrpcCode::ALL.map(|code| {
+                    self.grpc_responses
+                        .with_label_values(&[d, service, subset, code.name()])
+                }),
+                success: self.requests.with_label_values(&[
+                    d,
+                    service,
+                    subset,
+                    success.label(),
+                    "success",
+                ]),
+                failure: self.requests.with_label_values(&[
+                    d,
+                    service,
+                    subset,
+                    success.label(),
+                    "failure",
+                ]),
+                failure_codes: CodeSet::of(&svc.grpc.failure_codes),
+            })
+        });
         let requests = CodeClass::ALL.map(|class| {
             self.requests.with_label_values(&[
                 d,
@@ -248,6 +321,7 @@ impl Metrics {
             requests,
             duration: self.duration.with_label_values(&[d, service, subset]),
             errors,
+            grpc,
         }
     }
 
@@ -286,6 +360,12 @@ impl Metrics {
                 let labels = [d, service, subset, class.label(), class.outcome_label()];
                 let _ = self.requests.remove_label_values(&labels);
             }
+            let grpc_failure = [d, service, subset, CodeClass::Success.label(), "failure"];
+            let _ = self.requests.remove_label_values(&grpc_failure);
+            for code in GrpcCode::ALL {
+                let labels = [d, service, subset, code.name()];
+                let _ = self.grpc_responses.remove_label_values(&labels);
+            }
             let _ = self.duration.remove_label_values(&[d, service, subset]);
         }
         for kind in ErrorKind::UPSTREAM_KINDS {
@@ -305,6 +385,15 @@ impl Metrics {
                 .remove_label_values(&[direction.as_str(), service]);
         }
         let _ = self.retries.remove_label_values(&[service]);
+        for zone in ["local", "remote"] {
+            let _ = self.zone_requests.remove_label_values(&[service, zone]);
+        }
+    }
+
+    /// The zone-aware counters of a service: first tries sent to the
+    /// local zone, and to other zones.
+    pub fn zone_requests(&self, service: &str) -> [IntCounter; 2] {
+        ["local", "remote"].map(|zone| self.zone_requests.with_label_values(&[service, zone]))
     }
 
     /// Drops a subset's split weight gauge (the split is gone).

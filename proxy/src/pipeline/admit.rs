@@ -5,8 +5,11 @@
 
 use crate::body::Completion;
 use crate::limit::{Admission, Permit};
+use crate::observe::metrics::GrpcMetrics;
+use crate::outcome::grpc_status;
 use crate::upstream::connect::H1Sender;
 use crate::upstream::endpoint::InFlight;
+use almond_config::GrpcCode;
 use prometheus::IntGauge;
 use std::sync::Arc;
 
@@ -43,6 +46,30 @@ pub struct Finish {
     _admitted: Admitted,
     endpoint: InFlight,
     h1: Option<H1Sender>,
+    grpc: Option<GrpcCall>,
+}
+
+/// A gRPC call whose status comes in the response's trailers: counted
+/// when they arrive and the body ends, by the `grpc-status` they carry
+/// (none: `UNKNOWN`; the upstream's stream broke: `INTERNAL`; the client
+/// went away first: `CANCELLED`).
+struct GrpcCall {
+    metrics: Option<Arc<GrpcMetrics>>,
+    status: Option<GrpcCode>,
+}
+
+impl GrpcCall {
+    fn record(&mut self, code: GrpcCode) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.record(code);
+        }
+    }
+}
+
+impl Drop for GrpcCall {
+    fn drop(&mut self) {
+        self.record(GrpcCode::Cancelled);
+    }
 }
 
 impl Finish {
@@ -52,7 +79,18 @@ impl Finish {
             _admitted: admitted,
             endpoint,
             h1: None,
+            grpc: None,
         }
+    }
+
+    /// Counts the response as a gRPC call in `metrics` when its body ends,
+    /// by the `grpc-status` of its trailers.
+    pub fn with_grpc(mut self, metrics: Arc<GrpcMetrics>) -> Finish {
+        self.grpc = Some(GrpcCall {
+            metrics: Some(metrics),
+            status: None,
+        });
+        self
     }
 
     /// The HTTP/1.1 connection to pool when the response completes.
@@ -66,6 +104,21 @@ impl Completion for Finish {
     fn done(mut self, complete: bool) {
         if let (true, Some(sender)) = (complete, self.h1.take()) {
             self.endpoint.state().conns.release_h1(sender);
+        }
+        if let Some(call) = &mut self.grpc {
+            let ended = if complete {
+                GrpcCode::Unknown
+            } else {
+                GrpcCode::Internal
+            };
+            let code = call.status.unwrap_or(ended);
+            call.record(code);
+        }
+    }
+
+    fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if let Some(call) = &mut self.grpc {
+            call.status = grpc_status(trailers);
         }
     }
 }

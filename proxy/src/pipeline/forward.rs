@@ -3,10 +3,10 @@
 //! retry within the budget -- and the response they end with.
 
 use crate::body::ResponseBody;
-use crate::body::{BodyError, IdleTimer, RequestBody};
+use crate::body::{BodyError, IdleTimer, Kept, RequestBody};
 use crate::headers;
 use crate::observe::access_log::Observed;
-use crate::outcome::{CodeClass, ErrorKind};
+use crate::outcome::{grpc_status, is_grpc, CodeClass, ErrorKind};
 use crate::pipeline::admit::{Admitted, Finish};
 use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::route::{ServiceRoute, SubsetRoute};
@@ -15,6 +15,7 @@ use crate::upstream::balance::Pool;
 use crate::upstream::connect::{H1Sender, SendError};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::send;
+use almond_config::GrpcCode;
 use bytes::Bytes;
 use http::request::Parts;
 use http::Method;
@@ -52,16 +53,29 @@ pub struct Call<'a> {
 
 impl Call<'_> {
     /// The upstream's response, counted for `subset`, on its way to the
-    /// client; `finish` runs when its body ends.
+    /// client; `finish` runs when its body ends. A gRPC call's 2xx is
+    /// counted by its `grpc-status`: now for a trailers-only response,
+    /// else when the trailers end the body.
     fn relay(
         &self,
         subset: &SubsetRoute,
         mut resp: Response<Incoming>,
-        finish: Finish,
+        mut finish: Finish,
         elapsed: f64,
+        grpc: bool,
     ) -> Response<Answer> {
         let metrics = &subset.metrics[self.direction];
-        metrics.record(CodeClass::of(resp.status()), elapsed);
+        let class = CodeClass::of(resp.status());
+        match &metrics.grpc {
+            Some(calls) if grpc && class == CodeClass::Success => {
+                metrics.duration.observe(elapsed);
+                match grpc_status(resp.headers()) {
+                    Some(code) => calls.record(code),
+                    None => finish = finish.with_grpc(calls.clone()),
+                }
+            }
+            _ => metrics.record(class, elapsed),
+        }
         headers::from_upstream(&mut resp);
         let (idle, timeouts) = (self.svc.body_idle, metrics.timeouts());
         resp.map(|body| ResponseBody::upstream(body, finish, idle, timeouts))
@@ -83,6 +97,9 @@ struct Tries {
     next: Option<Request<RequestBody>>,
     /// A copy to send again, when the body was small enough to keep.
     replay: Option<Replay>,
+    /// A gRPC call's head and its body as it streams, for a retry on a
+    /// `grpc-*` condition.
+    kept: Option<(Parts, Arc<Kept>)>,
     /// The client's half of an upgrade, until the upstream accepts it.
     upgrade: Option<OnUpgrade>,
     /// `timeouts.request` from arrival.
@@ -106,12 +123,19 @@ pub async fn forward(
 ) -> Response<Answer> {
     let svc = call.svc;
     let deadline = call.start + svc.request_timeout;
+    let grpc = is_grpc(req.headers());
+    let keep = grpc && svc.retry.on_grpc() && upgrade.is_none();
+    let kept = if keep { tee(&req, &svc.retry) } else { None };
     let prepared = replayable(req, &svc.retry, upgrade.is_some(), deadline, call.body_idle).await;
-    let (next, replay) = match prepared {
+    let (mut next, replay) = match prepared {
         Ok(prepared) => prepared,
         Err(kind) => return kind.response(&svc.name),
     };
+    if let (Some(req), Some((_, kept))) = (&mut next, &kept) {
+        req.body_mut().keep_in(kept);
+    }
     let mut tries = Tries::new(next, replay, upgrade, deadline);
+    tries.kept = kept;
     loop {
         // Balance: one endpoint of the pool (another one on a retry). The
         // clock is read once a try: balancing takes well under a microsecond.
@@ -147,11 +171,15 @@ pub async fn forward(
             Ok(Err(e)) => (Err(e.kind), e.unsent, None),
             Err(_elapsed) => (Err(ErrorKind::Timeout), None, None),
         };
+        // A trailers-only gRPC answer: its status is known now.
+        let grpc_code = (response.as_ref())
+            .filter(|_| grpc)
+            .and_then(|(resp, _)| grpc_status(resp.headers()));
         // Overloaded: shed here, before the endpoint saw anything.
         let failed = result != Err(ErrorKind::Overloaded)
             && svc.record_outcome(member.subset, &endpoint, result, now);
         learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
-        if tries.retry(svc, &method, result, unsent.is_some(), now) {
+        if tries.retry(svc, &method, (result, grpc_code), unsent.is_some(), now) {
             tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
             tries.next = unsent;
             tries.failed_on = Some(endpoint);
@@ -170,7 +198,7 @@ pub async fn forward(
         };
         seen.upstream_answered = true;
         let finish = Finish::new(admitted, in_flight).with_h1(h1);
-        return call.relay(subset, resp, finish, elapsed);
+        return call.relay(subset, resp, finish, elapsed, grpc);
     }
 }
 
@@ -184,6 +212,7 @@ impl Tries {
         Tries {
             next,
             replay,
+            kept: None,
             upgrade,
             deadline,
             retries: 0,
@@ -241,18 +270,31 @@ impl Tries {
         false
     }
 
-    /// May the request go again after `result`? Counts the retry if so.
+    /// May the request go again after `result` (and a trailers-only gRPC
+    /// answer's status)? Counts the retry if so.
     fn retry(
         &mut self,
         svc: &ServiceRoute,
         method: &Method,
-        result: Result<u16, ErrorKind>,
+        (result, grpc): (Result<u16, ErrorKind>, Option<GrpcCode>),
         unsent: bool,
         now: Instant,
     ) -> bool {
+        if self.replay.is_none() && !unsent && grpc.is_some() {
+            // The streamed gRPC body, if the client had sent all of it.
+            self.replay = (self.kept.take()).and_then(|(parts, kept)| {
+                Some(Replay {
+                    parts,
+                    body: kept.whole()?,
+                })
+            });
+        }
         let may_replay = unsent || self.replay.is_some();
         let again = now < self.deadline
-            && (svc.retry).allows(self.retries, method, result, may_replay, now);
+            && match grpc {
+                Some(code) => (svc.retry).allows_grpc(self.retries, code, may_replay, now),
+                None => (svc.retry).allows(self.retries, method, result, may_replay, now),
+            };
         if again {
             self.retries += 1;
             svc.retries.inc();
@@ -307,6 +349,26 @@ impl Replay {
         *req.headers_mut() = self.parts.headers.clone();
         req
     }
+}
+
+/// A gRPC request whose body length is not known (the usual case) and
+/// fits no replay copy up front: streamed as it comes, and kept up to
+/// `max_body_bytes` on the way, with a copy of its head.
+fn tee(req: &Request<Incoming>, policy: &RetryPolicy) -> Option<(Parts, Arc<Kept>)> {
+    let fits = req
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= policy.max_body_bytes as u64);
+    if !policy.enabled() || fits {
+        return None;
+    }
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = req.method().clone();
+    head.uri = req.uri().clone();
+    head.version = req.version();
+    head.headers = req.headers().clone();
+    Some((head, Kept::new(policy.max_body_bytes)))
 }
 
 /// Decides whether a request can be replayed: retries on, no upgrade, and

@@ -8,7 +8,7 @@
 //! seeing a retry storm.
 
 use crate::outcome::ErrorKind;
-use almond_config::{Condition, Retries};
+use almond_config::{Condition, GrpcCode, Retries};
 use almond_net::Backoff;
 use http::Method;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,6 +82,30 @@ impl RetryPolicy {
             Err(_) => false,
         };
         wanted && self.budget.withdraw(now)
+    }
+
+    /// Does `on` name a gRPC code (so gRPC request bodies are kept as they
+    /// stream, for a retry)?
+    pub fn on_grpc(&self) -> bool {
+        self.on.iter().any(|c| matches!(c, Condition::Grpc(_)))
+    }
+
+    /// May a gRPC call answered with `code` in a trailers-only response be
+    /// retried? As in Envoy's and gRPC's own retry policies the method is
+    /// not asked (every gRPC call is a POST): naming a code in `on` says
+    /// that calls failing with it may go again. `replayable`: the request
+    /// body was kept whole. Takes from the budget when the answer is yes.
+    pub fn allows_grpc(
+        &self,
+        retries_done: u32,
+        code: GrpcCode,
+        replayable: bool,
+        now: Instant,
+    ) -> bool {
+        retries_done < self.attempts
+            && replayable
+            && self.on.contains(&Condition::Grpc(code))
+            && self.budget.withdraw(now)
     }
 
     /// The pause before retry number `n` (1-based): full jitter over an
@@ -214,5 +238,16 @@ mod tests {
         assert!(!p.allows(0, &Method::GET, Ok(500), true, now));
         assert!(!p.allows(0, &Method::GET, Ok(503), false, now));
         assert!(!p.allows(3, &Method::GET, Ok(503), true, now));
+        // gRPC codes: only those named, only with the body kept.
+        assert!(!p.on_grpc());
+        let p = RetryPolicy::new(&Retries {
+            on: vec![Condition::Grpc(GrpcCode::Unavailable)],
+            ..Retries::default()
+        });
+        assert!(p.on_grpc());
+        assert!(p.allows_grpc(0, GrpcCode::Unavailable, true, now));
+        assert!(!p.allows_grpc(0, GrpcCode::Unavailable, false, now));
+        assert!(!p.allows_grpc(0, GrpcCode::Internal, true, now));
+        assert!(!p.allows_grpc(2, GrpcCode::Unavailable, true, now));
     }
 }

@@ -126,12 +126,15 @@ impl Table {
                 }
             }
         }
+        let local_zone = config.local_zone();
         let services = config
             .services
             .iter()
             .map(|(name, svc)| {
                 let admission = admissions.get(name.as_str()).cloned();
-                let mut route = ServiceRoute::build(name, svc, metrics, &mut states, admission);
+                let zone = (local_zone.as_deref(), config.zone_min_healthy);
+                let mut route =
+                    ServiceRoute::build(name, svc, metrics, &mut states, admission, zone);
                 route.target.tls = svc.tls.as_ref().map(|t| upstream_tls(name, t, tls));
                 (Box::from(name.as_str()), Arc::new(route))
             })
@@ -307,8 +310,8 @@ impl SubsetRoute {
             name: Arc::from(subset),
             pool,
             metrics: [
-                metrics.subset(Direction::Outbound, name, subset),
-                metrics.subset(Direction::Inbound, name, subset),
+                metrics.subset(Direction::Outbound, name, subset, svc),
+                metrics.subset(Direction::Inbound, name, subset, svc),
             ],
             ejection,
         }
@@ -322,9 +325,15 @@ impl ServiceRoute {
         metrics: &Metrics,
         states: &mut States,
         admission: Option<(Arc<Admission>, Arc<Admission>)>,
+        (zone, zone_min_healthy): (Option<&str>, u32),
     ) -> ServiceRoute {
         let cb = &svc.circuit_breaker;
-        let health = |pool: Pool| pool.with_health(cb.panic_threshold, svc.timeouts.request);
+        // Zones split a pool after the split chose its subset, so a
+        // canary's share holds whatever the zones do.
+        let health = |pool: Pool| {
+            pool.with_health(cb.panic_threshold, svc.timeouts.request)
+                .with_zones(zone_min_healthy, || metrics.zone_requests(name))
+        };
         let subset_names = subset_names(svc);
         // Endpoint state carries over from the previous table by address
         // and connection key: TLS on or off, or another server name, means
@@ -346,6 +355,7 @@ impl ServiceRoute {
                 .map(|e| Member {
                     state: state_of(e.addr, states),
                     weight: e.weight,
+                    local: zone.is_some() && e.zone.as_deref() == zone,
                     subset: subset_names
                         .iter()
                         .position(|s| *s == e.subset)

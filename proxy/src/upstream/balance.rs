@@ -4,10 +4,13 @@
 //! in Finagle, tower and Linkerd), `least_request` (P2C over in-flight) and
 //! `round_robin` (a weighted schedule); all honour endpoint weights and
 //! skip ejected endpoints (see `eject`), down to the panic threshold.
+//! With zones, a pool first chooses the local or the remote zones
+//! ([`Zones`]), then balances within them.
 
 use crate::upstream::eject::{Availability, Peers};
 use crate::upstream::endpoint::EndpointState;
 use almond_config::Lb;
+use prometheus::IntCounter;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -23,6 +26,97 @@ pub struct Member {
     pub weight: u32,
     /// Index of the endpoint's subset in its service.
     pub subset: usize,
+    /// Is it in this proxy's zone?
+    pub local: bool,
+}
+
+impl Member {
+    fn copy(&self) -> Member {
+        Member {
+            state: self.state.clone(),
+            weight: self.weight,
+            subset: self.subset,
+            local: self.local,
+        }
+    }
+}
+
+/// How often (at most) the local zone's share is worked out again from
+/// its members' health; an ejection makes it due at once.
+const ZONE_REFRESH_MS: u64 = 100;
+
+/// Zone-aware routing (Envoy's, with the proxies taken to be spread over
+/// the zones as the endpoints are): everything goes to the local zone
+/// while at least `min_healthy` percent of its endpoints (by weight) are
+/// available; below that, the local zone keeps the share of the traffic it
+/// can carry -- its share of the available weight over its share of all
+/// the weight -- and the rest spills over to the other zones, in
+/// proportion to their available weight (the remote pool's balancer).
+struct Zones {
+    local: Pool,
+    remote: Pool,
+    /// Weight of the local members, and of all members.
+    local_weight: u64,
+    all_weight: u64,
+    min_healthy: u64,
+    /// When the local share was worked out (ms since the process epoch,
+    /// + 1) << 16 | the share in permille; 0 = due.
+    cached: AtomicU64,
+    /// `almond_zone_requests_total{zone="local"}`, `{zone="remote"}`.
+    counters: [IntCounter; 2],
+}
+
+impl Zones {
+    /// Picks in the local zone with the odds of its share (first tries).
+    fn pick(&self, now: Instant, now_ns: u64) -> Option<&Member> {
+        let permille = self.local_permille(now_ns);
+        let local = permille >= 1000 || (permille > 0 && fastrand::u64(..1000) < permille);
+        let (first, second, i) = if local {
+            (&self.local, &self.remote, 0)
+        } else {
+            (&self.remote, &self.local, 1)
+        };
+        match first.pick(now, None) {
+            Some(m) => {
+                self.counters[i].inc();
+                Some(m)
+            }
+            None => {
+                self.counters[1 - i].inc();
+                second.pick(now, None)
+            }
+        }
+    }
+
+    /// The local zone's share of first tries, in permille (cached).
+    fn local_permille(&self, now_ns: u64) -> u64 {
+        let now_ms = now_ns / 1_000_000 + 1;
+        let cached = self.cached.load(Ordering::Relaxed);
+        if cached != 0 && now_ms.saturating_sub(cached >> 16) < ZONE_REFRESH_MS {
+            return cached & 0xffff;
+        }
+        let permille = self.share();
+        self.cached
+            .store((now_ms << 16) | permille, Ordering::Relaxed);
+        permille
+    }
+
+    /// Works the local share out from the members' health.
+    fn share(&self) -> u64 {
+        let available = |pool: &Pool| -> u64 {
+            (pool.members.iter())
+                .filter(|m| !m.state.health.is_out())
+                .map(|m| u64::from(m.weight))
+                .sum()
+        };
+        let (local, remote) = (available(&self.local), available(&self.remote));
+        if local * 100 >= self.min_healthy * self.local_weight || remote == 0 {
+            return 1000;
+        }
+        // (local / (local + remote)) / (local_weight / all_weight)
+        let permille = 1000 * local * self.all_weight / ((local + remote) * self.local_weight);
+        permille.min(1000)
+    }
 }
 
 /// The endpoints a request may go to, and the balancer over them.
@@ -39,6 +133,8 @@ pub struct Pool {
     cursor: AtomicUsize,
     /// Percent of members that must be available, else ignore health.
     panic_threshold: u32,
+    /// The local and remote zones, when zone-aware routing is on.
+    zones: Option<Box<Zones>>,
     /// Time a probe of an ejected endpoint has before another is sent.
     probe_grace: std::time::Duration,
     /// The earliest time (ns since the process epoch) a member's ejection
@@ -93,7 +189,40 @@ impl Pool {
             schedule,
             panic_threshold: 50,
             probe_grace: std::time::Duration::from_secs(10),
+            zones: None,
         }
+    }
+
+    /// Turns zone-aware routing on (see [`Zones`]) when the pool has
+    /// members both in the local zone and outside it; `counters` count
+    /// first tries sent to the local and to the remote zones. Call after
+    /// [`Pool::with_health`].
+    pub fn with_zones(
+        mut self,
+        min_healthy: u32,
+        counters: impl FnOnce() -> [IntCounter; 2],
+    ) -> Pool {
+        let (local, remote): (Vec<Member>, Vec<Member>) =
+            self.members.iter().map(Member::copy).partition(|m| m.local);
+        if local.is_empty() || remote.is_empty() {
+            return self;
+        }
+        let weight = |ms: &[Member]| ms.iter().map(|m| u64::from(m.weight)).sum::<u64>();
+        let (local_weight, remote_weight) = (weight(&local), weight(&remote));
+        let sub = |members| {
+            Pool::new(members, self.lb, self.home)
+                .with_health(self.panic_threshold, self.probe_grace)
+        };
+        self.zones = Some(Box::new(Zones {
+            local: sub(local),
+            remote: sub(remote),
+            local_weight,
+            all_weight: local_weight + remote_weight,
+            min_healthy: u64::from(min_healthy),
+            cached: AtomicU64::new(0),
+            counters: counters(),
+        }));
+        self
     }
 
     /// Sets the panic threshold (percent) and the probe grace time.
@@ -126,6 +255,10 @@ impl Pool {
     /// all of them, ejected or not.
     pub fn pick(&self, now: Instant, exclude: Option<&EndpointState>) -> Option<&Member> {
         let now_ns = crate::clock::nanos_since_epoch(now);
+        // Zones choose first tries; a retry may go to any other endpoint.
+        if let (Some(zones), None) = (&self.zones, exclude) {
+            return zones.pick(now, now_ns);
+        }
         if now_ns >= self.probe_at.load(Ordering::Relaxed) {
             if let Some(probe) = self.claim_due_probe(now_ns, exclude) {
                 return Some(probe);
@@ -153,6 +286,11 @@ impl Pool {
     /// process epoch): probe it then.
     pub fn note_ejection(&self, until: u64) {
         self.probe_at.fetch_min(until, Ordering::AcqRel);
+        if let Some(zones) = &self.zones {
+            zones.local.note_ejection(until);
+            zones.remote.note_ejection(until);
+            zones.cached.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Some member's ejection is up: claims its probe for this request,
@@ -409,6 +547,7 @@ mod tests {
                 )))),
                 weight: *w,
                 subset: 0,
+                local: false,
             })
             .collect();
         Pool::new(members, lb, 0)
@@ -500,6 +639,7 @@ mod health_tests {
                 )))),
                 weight: 1,
                 subset: 0,
+                local: false,
             })
             .collect();
         Pool::new(members, lb, 0)
@@ -517,7 +657,12 @@ mod health_tests {
             healthy: prometheus::IntGauge::new("h", "h").unwrap(),
             ejected: prometheus::IntGauge::new("x", "x").unwrap(),
         };
-        outlier.record(&*p.members[i].state, true, false, now, p, &metrics, "s");
+        // As the route does: the pool hears of the ejection.
+        if let Some(until) =
+            outlier.record(&*p.members[i].state, true, false, now, p, &metrics, "s")
+        {
+            p.note_ejection(until);
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -545,6 +690,59 @@ mod health_tests {
             .map(|_| p.pick(now, None).unwrap().state.addr.port())
             .collect();
         assert_eq!(hit.len(), 4);
+    }
+
+    /// Six endpoints in three zones, the first two local, zone-aware.
+    fn zoned(lb: Lb) -> Pool {
+        let members = (0..6)
+            .map(|i| Member {
+                state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
+                    [127, 0, 0, 1],
+                    3000 + i,
+                )))),
+                weight: 1,
+                subset: 0,
+                local: i < 2,
+            })
+            .collect();
+        let counter = |name| prometheus::IntCounter::new(name, "z").unwrap();
+        Pool::new(members, lb, 0)
+            .with_health(50, Duration::from_secs(1))
+            .with_zones(70, || [counter("l"), counter("r")])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zones_keep_first_tries_local_then_spill_over() {
+        for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
+            let p = zoned(lb);
+            let now = Instant::now();
+            let local = |p: &Pool| {
+                (0..1000)
+                    .filter(|_| p.pick(now, None).unwrap().state.addr.port() < 3002)
+                    .count()
+            };
+            assert_eq!(local(&p), 1000, "{lb:?}");
+            // A retry may leave the zone.
+            let failed = p.members[0].state.clone();
+            let retried = (0..200)
+                .filter(|_| p.pick(now, Some(&failed)).unwrap().state.addr.port() >= 3002)
+                .count();
+            assert!(retried > 0, "{lb:?}");
+            // One local endpoint out: 50 % < 70 %; local keeps (1/5)/(2/6).
+            eject(&p, 0, now);
+            assert_eq!(
+                p.zones
+                    .as_ref()
+                    .unwrap()
+                    .local_permille(crate::clock::nanos_since_epoch(now)),
+                600
+            );
+            let k = local(&p);
+            assert!((540..=660).contains(&k), "{lb:?}: {k}");
+            // Both out: everything spills over.
+            eject(&p, 1, now);
+            assert_eq!(local(&p), 0, "{lb:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,164 @@
+//! Zone-aware balancing end to end: a proxy in zone `a` in front of
+//! endpoints in zones `a`, `b` and `c` sends everything to its own zone
+//! while it is healthy, spills over in proportion when the local zone
+//! loses endpoints, and a split's shares hold whatever the zones do.
+//! Shares are checked within 3.7 binomial standard deviations.
+
+mod support;
+
+use http::StatusCode;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use support::*;
+
+/// A proxy config with `zone: a` and service `s`: `endpoints` as
+/// (address, subset, zone), and more service lines in `extra`.
+fn zoned(endpoints: &[(SocketAddr, &str, &str)], extra: &str) -> String {
+    let mut yaml = String::from(
+        "admin: 127.0.0.1:0\nzone: a\nlisteners:\n  - bind: 127.0.0.1:0\n    service: s\nservices:\n  s:\n    lb: round_robin\n",
+    );
+    yaml.push_str(extra);
+    yaml.push_str("    endpoints:\n");
+    for (addr, subset, zone) in endpoints {
+        yaml.push_str(&format!(
+            "      - {{ addr: \"{addr}\", subset: {subset}, zone: {zone} }}\n"
+        ));
+    }
+    yaml
+}
+
+/// Sends `n` requests; answers by backend name.
+async fn spread(proxy: &TestProxy, n: usize) -> BTreeMap<String, u64> {
+    let mut client = H1::connect(proxy.addr()).await;
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let reply = client.get("s", "/").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        *out.entry(reply.backend().to_owned()).or_default() += 1;
+    }
+    out
+}
+
+/// Asserts `k` of `n` is `p` within 3.7 binomial standard deviations.
+fn share_within(what: &str, k: u64, n: u64, p: f64) {
+    let sigma = (n as f64 * p * (1.0 - p)).sqrt();
+    let expected = n as f64 * p;
+    let got = k as f64;
+    assert!(
+        (got - expected).abs() <= 3.7 * sigma,
+        "{what}: {k} of {n}, expected {expected:.0} +- {:.0} (3.7 sigma)",
+        3.7 * sigma
+    );
+    eprintln!(
+        "{what}: {k} of {n} = {:.3} (expected {p:.3}, {:+.2} sigma)",
+        got / n as f64,
+        (got - expected) / sigma
+    );
+}
+
+fn count(spread: &BTreeMap<String, u64>, names: &[&str]) -> u64 {
+    names
+        .iter()
+        .map(|n| spread.get(*n).copied().unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_zone_gets_everything_then_spills_over_in_proportion() {
+    let a1 = Backend::start("a1").await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    let c1 = Backend::start("c1").await;
+    let c2 = Backend::start("c2").await;
+    let a2 = Backend::start("a2").await;
+    let dead = closed_port().await;
+
+    // Three zones of two endpoints, all up: zone a only.
+    let all_up = [
+        (a1.addr, "v1", "a"),
+        (a2.addr, "v1", "a"),
+        (b1.addr, "v1", "b"),
+        (b2.addr, "v1", "b"),
+        (c1.addr, "v1", "c"),
+        (c2.addr, "v1", "c"),
+    ];
+    let proxy = TestProxy::start(&zoned(&all_up, "")).await;
+    let got = spread(&proxy, 300).await;
+    assert_eq!(count(&got, &["a1", "a2"]), 300, "{got:?}");
+    let zone = |z| zone_requests(&proxy, z);
+    assert_eq!(zone("local").await, 300.0);
+    assert_eq!(zone("remote").await, 0.0);
+
+    // Zone a's second endpoint is dead: once it is ejected, 1 of zone a's 2
+    // endpoints (50 % < zone_min_healthy 70 %) is available; zone a has 1
+    // of the 5 available (20 %) for its 2 of 6 (33 %): it keeps 60 % of the
+    // traffic and 40 % spills over to b and c alike.
+    let one_down = [
+        (a1.addr, "v1", "a"),
+        (dead, "v1", "a"),
+        (b1.addr, "v1", "b"),
+        (b2.addr, "v1", "b"),
+        (c1.addr, "v1", "c"),
+        (c2.addr, "v1", "c"),
+    ];
+    let extra = "    circuit_breaker: { consecutive_failures: 1, base_ejection: 60s, max_ejection_percent: 50 }\n    retries: { attempts: 2, on: [connect] }\n";
+    let proxy = TestProxy::start(&zoned(&one_down, extra)).await;
+    eventually("the dead endpoint is ejected", || async {
+        let _ = spread(&proxy, 5).await;
+        proxy_metric(
+            &proxy,
+            "almond_endpoint_ejections_total",
+            &[("service", "s")],
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    let n = 1500;
+    let got = spread(&proxy, n).await;
+    let local = count(&got, &["a1"]);
+    share_within("spill-over: local zone a", local, n as u64, 0.6);
+    let (b, c) = (count(&got, &["b1", "b2"]), count(&got, &["c1", "c2"]));
+    assert_eq!(local + b + c, n as u64);
+    share_within("spill-over: zone b of the remote", b, b + c, 0.5);
+}
+
+/// `almond_zone_requests_total{service="s", zone}`.
+async fn zone_requests(proxy: &TestProxy, zone: &str) -> f64 {
+    proxy_metric(
+        proxy,
+        "almond_zone_requests_total",
+        &[("service", "s"), ("zone", zone)],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_share_holds_across_zones() {
+    // Stable v1 in every zone, the canary v2 only in zones b and c: the
+    // split picks the subset first, then zones within it, so v2 keeps its
+    // 20 % and v1's 80 % stays in zone a.
+    let v1a = Backend::start("v1a").await;
+    let v1b = Backend::start("v1b").await;
+    let v1c = Backend::start("v1c").await;
+    let v2b = Backend::start("v2b").await;
+    let v2c = Backend::start("v2c").await;
+    let endpoints = [
+        (v1a.addr, "v1", "a"),
+        (v1b.addr, "v1", "b"),
+        (v1c.addr, "v1", "c"),
+        (v2b.addr, "v2", "b"),
+        (v2c.addr, "v2", "c"),
+    ];
+    let proxy = TestProxy::start(&zoned(&endpoints, "    split: { v1: 80, v2: 20 }\n")).await;
+    let n = 2000;
+    let got = spread(&proxy, n).await;
+    let canary = count(&got, &["v2b", "v2c"]);
+    share_within("split across zones: canary v2", canary, n as u64, 0.2);
+    assert_eq!(
+        count(&got, &["v1b", "v1c"]),
+        0,
+        "v1 is all in zone a: {got:?}"
+    );
+    assert_eq!(count(&got, &["v1a"]) + canary, n as u64);
+}
