@@ -18,15 +18,28 @@ pub type Totals = BTreeMap<String, Window>;
 /// metrics of `service` by subset. Unreachable proxies, and proxies whose
 /// answer is not 200 or is over `max_body` bytes, are skipped.
 pub async fn scrape(admins: &[String], service: &str, max_body: usize) -> BTreeMap<String, Totals> {
+    fetch(admins, max_body)
+        .await
+        .into_iter()
+        .map(|(admin, body)| {
+            let totals = parse(&body, service);
+            (admin, totals)
+        })
+        .collect()
+}
+
+/// Every proxy's `/metrics` text, by admin address (one scrape serves
+/// every service: the dashboard's history parses it once per service).
+/// Unreachable proxies, and answers that are not 200 or are over
+/// `max_body` bytes, are left out.
+pub async fn fetch(admins: &[String], max_body: usize) -> BTreeMap<String, String> {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     // Many proxies at once (a slow or gone one costs its timeout once, not
     // once per proxy behind it), but a bounded number of sockets.
-    let service: std::sync::Arc<str> = service.into();
     futures_util::stream::iter(admins.to_vec())
         .map(|admin| {
             let client = client.clone();
-            let service = service.clone();
             async move {
                 let req = hyper::Request::get(format!("http://{admin}/metrics"))
                     .body(Empty::new())
@@ -41,10 +54,7 @@ pub async fn scrape(admins: &[String], service: &str, max_body: usize) -> BTreeM
                 })
                 .await;
                 match fetched {
-                    Ok(Some(body)) => {
-                        let totals = parse(&String::from_utf8_lossy(&body), &service);
-                        Some((admin, totals))
-                    }
+                    Ok(Some(body)) => Some((admin, String::from_utf8_lossy(&body).into_owned())),
                     _ => {
                         tracing::debug!(proxy = %admin, "metrics scrape failed");
                         None
