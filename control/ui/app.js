@@ -252,7 +252,13 @@
       width,
       height: 260,
       cursor: { drag: { x: false, y: false } },
-      scales: { x: { time: true }, pct: { auto: true }, ms: { auto: true } },
+      scales: {
+        x: { time: true },
+        // Success rates near 100 % are what matter: from the lowest seen
+        // (at most 95 %) up to 100 %.
+        pct: { range: (u, min) => [Math.max(0, Math.floor(Math.min(min == null ? 95 : min, 95))), 100] },
+        ms: { range: (u, min, max) => [0, max == null ? 10 : max * 1.1] },
+      },
       axes: [
         {},
         { scale: 'pct', label: 'success %', values: (u, vals) => vals.map((x) => x.toFixed(1)) },
