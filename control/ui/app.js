@@ -239,7 +239,8 @@
       cp.push(c.p99_ms == null ? null : c.p99_ms);
       sp.push(t.p99_ms == null ? null : t.p99_ms);
     }
-    const data = [xs, cs, ss, cp, sp];
+    // Stable first, so the canary's lines are drawn on top of it.
+    const data = [xs, ss, cs, sp, cp];
     const key = canary + '/' + stable;
     if (v.plot && v.plotKey === key) {
       v.plot.setData(data);
@@ -266,10 +267,10 @@
       ],
       series: [
         {},
-        { label: canary + ' success %', scale: 'pct', stroke: CANARY, width: 2, spanGaps: false },
         { label: stable + ' success %', scale: 'pct', stroke: STABLE, width: 2 },
-        { label: canary + ' p99 ms', scale: 'ms', stroke: CANARY, dash: [6, 4] },
+        { label: canary + ' success %', scale: 'pct', stroke: CANARY, width: 2 },
         { label: stable + ' p99 ms', scale: 'ms', stroke: STABLE, dash: [6, 4] },
+        { label: canary + ' p99 ms', scale: 'ms', stroke: CANARY, dash: [6, 4] },
       ],
       plugins: [markers(v)],
     }, data, v.chart);
