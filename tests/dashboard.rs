@@ -415,6 +415,8 @@ async fn with_a_token_the_page_asks_for_it_and_a_wrong_one_is_refused() {
     // The dashboard's reads need the token like changes do.
     let path = "/v1/dashboard";
     assert_eq!(rig.control.get(path).await.status, StatusCode::UNAUTHORIZED);
+    let history = rig.control.get("/v1/services/s/history").await;
+    assert_eq!(history.status, StatusCode::UNAUTHORIZED);
     let bearer = |t: &str| format!("Bearer {t}");
     for (token, status) in [("wrong", StatusCode::FORBIDDEN), (OPERATOR, StatusCode::OK)] {
         let req = http::Request::get(path)

@@ -256,9 +256,9 @@ async fn respond(
         // The dashboard's reads need the operator token once one is
         // configured (the older reads above stay open, as documented).
         ["v1", "dashboard"] | ["v1", "services", _, "history"]
-            if operator_refused(&api, &req, peer).is_some() =>
+            if operator_refused(&api, &req).is_some() =>
         {
-            let (status, why) = operator_refused(&api, &req, peer)
+            let (status, why) = operator_refused(&api, &req)
                 .unwrap_or((StatusCode::UNAUTHORIZED, "token required\n"));
             let mut resp = refuse(&api, peer, "read", status, why);
             crate::ui::secure(resp.headers_mut());
@@ -420,7 +420,7 @@ async fn mutate(
     name: &str,
     what: Mutation,
 ) -> Response<Full<Bytes>> {
-    if let Some((status, why)) = operator_refused(api, &req, peer) {
+    if let Some((status, why)) = operator_refused(api, &req) {
         return refuse(api, peer, "change", status, why);
     }
     let by = req
@@ -563,11 +563,7 @@ async fn mutate(
 /// Why a request that needs the operator token is refused, if it is:
 /// none configured lets everyone through; 401 without a token, 403 with
 /// a wrong one.
-fn operator_refused<B>(
-    api: &Api,
-    req: &Request<B>,
-    _peer: Peer,
-) -> Option<(StatusCode, &'static str)> {
+fn operator_refused<B>(api: &Api, req: &Request<B>) -> Option<(StatusCode, &'static str)> {
     let expected = api.auth.operator.as_ref()?;
     let given = req.headers().get(http::header::AUTHORIZATION);
     if expected.matches_bearer(given.map(|v| v.as_bytes())) {

@@ -99,11 +99,24 @@ pub async fn run(state: Arc<State>, history: Arc<History>, source: WatcherSource
                 let seconds = (now_at - then_at).as_secs_f64();
                 then_at = now_at;
                 let at = now_ms();
+                // Each body parsed once, for every service in it.
+                let mut by_service: BTreeMap<String, BTreeMap<String, collect::Totals>> =
+                    BTreeMap::new();
+                for (admin, body) in &bodies {
+                    for (name, totals) in collect::parse_services(body, None) {
+                        by_service
+                            .entry(name)
+                            .or_default()
+                            .insert(admin.clone(), totals);
+                    }
+                }
                 for name in services.keys() {
-                    let now: BTreeMap<String, collect::Totals> = bodies
-                        .iter()
-                        .map(|(admin, body)| (admin.clone(), collect::parse(body, name)))
-                        .collect();
+                    // A proxy without traffic to the service is zero for
+                    // it, not missing (else its first requests are lost).
+                    let mut now = by_service.remove(name).unwrap_or_default();
+                    for admin in bodies.keys() {
+                        now.entry(admin.clone()).or_default();
+                    }
                     if let Some(before) = then.get(name) {
                         let subsets = summarize(&collect::delta(&now, before), seconds);
                         history.push(name, Sample { at, subsets });

@@ -1,6 +1,6 @@
 //! UI: the rollout dashboard's page and assets at `GET /ui`, embedded in
 //! the binary, served with a strict Content-Security-Policy; the page reads
-//! `GET /v1/dashboard` (in [`crate::api`]) once a second.
+//! `GET /v1/dashboard` (served by the API) once a second.
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
