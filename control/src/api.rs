@@ -603,6 +603,19 @@ fn dashboard_view(api: &Api, since: u64) -> serde_json::Value {
                 json!({ "weight": weight, "healthy": healthy, "total": total }),
             );
         }
+        // Subsets whose instances are all unhealthy (none served).
+        for (subset, (healthy, total)) in &counts {
+            if !subsets.contains_key(subset) {
+                let weight = svc
+                    .split
+                    .as_ref()
+                    .map(|w| w.weights.get(subset).copied().unwrap_or(0));
+                subsets.insert(
+                    subset.clone(),
+                    json!({ "weight": weight, "healthy": healthy, "total": total }),
+                );
+            }
+        }
         if let Some(split) = &svc.split {
             for (subset, weight) in &split.weights {
                 if !subsets.contains_key(subset) {

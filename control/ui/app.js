@@ -77,7 +77,7 @@
       message(service + ': ' + what + ' refused (' + r.status + '): ' + r.text.trim(), true);
       if (r.status === 401) showLogin('This action needs the operator token.');
     }
-    refresh();
+    refresh(true);
   }
 
   function promote(name, subsets, subset) {
@@ -298,8 +298,10 @@
       ' · ' + Object.keys(d.services).length + ' services · index ' + d.index;
   }
 
-  async function refresh() {
-    if (busy) return;
+  // `force`: also while the login prompt shows (a new token, an action);
+  // the timer does not poll a control plane that refused the token.
+  async function refresh(force) {
+    if (busy || (!force && !$('login').hidden)) return;
     busy = true;
     try {
       const r = await call('GET', '/v1/dashboard?since=' + since);
@@ -322,10 +324,10 @@
       sessionStorage.setItem(TOKEN_KEY, $('token').value);
       $('token').value = '';
       message('', false);
-      refresh();
+      refresh(true);
     });
     $('change-token').addEventListener('click', () => showLogin('Enter the operator token.'));
-    refresh();
-    setInterval(refresh, 1000);
+    refresh(true);
+    setInterval(() => refresh(false), 1000);
   });
 })();
