@@ -3,7 +3,8 @@
 //! one-line-per-second summary; a good release (v2) rolled out in steps the
 //! watcher judges, with the `almond status` table (live, from the proxy's
 //! metrics) printed at 10 % and after promotion, so the traffic move shows;
-//! then a bad release (v3) that the watcher rolls back.
+//! then a bad release (v3) that the watcher rolls back. The dashboard's
+//! URL (`/ui` on the control plane) is printed first.
 
 use almond_config::ProxyConfig;
 use bytes::Bytes;
@@ -55,6 +56,8 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
     let control_cfg = almond_config::load_control(&control_yaml, "demo control config")?;
     let control_listener = TcpListener::bind(control_cfg.listen).await?;
     let control_url = format!("http://{}", control_listener.local_addr()?);
+    // The dashboard first: the rest of the demo is easier watched there.
+    println!("almond demo: dashboard at {control_url}/ui (open it in a browser)");
     let control = almond_control::Control::new(control_cfg)?;
     let (control_stop, control_stopped) = tokio::sync::oneshot::channel::<()>();
     let control_task = tokio::spawn(control.run(control_listener, async {
@@ -90,6 +93,7 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
     println!("  proxy:   curl -H 'Host: demo' http://{proxy_addr}/");
     println!("  metrics: curl http://{admin_addr}/metrics");
     println!("  control: almond status --control {control_url}");
+    println!("  dashboard: {control_url}/ui");
     println!("  Ctrl-C to stop\n");
     let ops = crate::ops::Target {
         control: control_url.clone(),

@@ -257,7 +257,13 @@ impl OpsArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_level = init_logging(cli.log_format);
+    // The demo's narration is the point: its components log warnings only
+    // (unless ALMOND_LOG or RUST_LOG says otherwise).
+    let default_level = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    let log_level = init_logging(cli.log_format, default_level);
     let result = match cli.command {
         Command::Proxy { config } => run_proxy(&config, log_level),
         Command::Control { config } => run_control(&config),
@@ -394,12 +400,12 @@ fn usage(message: String) -> ! {
 /// Logs go to stderr; the level comes from `ALMOND_LOG` (or `RUST_LOG`),
 /// e.g. `ALMOND_LOG=debug` or `ALMOND_LOG=almond_proxy=debug`. The filter
 /// stays reloadable: the returned handle is what the proxy's admin
-/// `PUT /log-level` calls.
-fn init_logging(format: LogFormat) -> almond_proxy::observe::LogLevel {
+/// `PUT /log-level` calls. Without either variable, `default_level`.
+fn init_logging(format: LogFormat, default_level: &str) -> almond_proxy::observe::LogLevel {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("ALMOND_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -128,6 +128,13 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
 async fn demo_runs_and_reports_both_versions() {
     let (status, out, err) = run_almond(&["demo", "--duration", "3"]).await;
     assert_eq!(status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    // The dashboard's address first; the components log warnings only.
+    let first = out.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("almond demo: dashboard at http://") && first.contains("/ui"),
+        "{out}"
+    );
+    assert!(!err.contains(" INFO "), "{err}");
     assert!(out.lines().any(|l| l.contains("v1")), "{out}");
     assert!(out.lines().any(|l| l.contains("v2")), "{out}");
     // The per-second summaries show traffic reaching v1.

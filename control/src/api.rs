@@ -1,7 +1,8 @@
 //! API: the long-poll snapshots proxies follow, the service views
-//! operators read, the changes they make, the live tap, `/metrics`,
-//! `/ready`, `/live`.
+//! operators read, the changes they make, the live tap, the dashboard's
+//! data and page (`/ui`, in [`crate::ui`]), `/metrics`, `/ready`, `/live`.
 
+use crate::history::History;
 use crate::policy::{check_split, check_sticky, Policy, Refusal};
 use crate::state::{State, PROXY_STALE};
 use crate::store::Store;
@@ -51,6 +52,8 @@ pub struct Api {
     /// Live measurements that may run at once: each scrapes every proxy
     /// twice, and the endpoint needs no token.
     pub live_slots: tokio::sync::Semaphore,
+    /// The last minutes of live samples per service (the dashboard's chart).
+    pub history: Arc<History>,
 }
 
 /// The credentials the API checks, read when the control plane starts.
@@ -258,24 +261,13 @@ fn start_tap(api: &Api, req: &Request<Incoming>, peer: Peer, name: &str) -> Resp
 
 /// `None` when no operator token is configured or `req` carries it; else
 /// the refusal (401 without one, 403 with a wrong one), counted and logged.
-fn operator_refusal(
+fn operator_refusal<B>(
     api: &Api,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     peer: Peer,
     request: &'static str,
 ) -> Option<Response<Full<Bytes>>> {
-    let expected = api.auth.operator.as_ref()?;
-    let given = req.headers().get(http::header::AUTHORIZATION);
-    if expected.matches_bearer(given.map(|v| v.as_bytes())) {
-        return None;
-    }
-    let (status, why) = match given {
-        None => (
-            StatusCode::UNAUTHORIZED,
-            "a bearer token is required (--token or ALMOND_TOKEN)\n",
-        ),
-        Some(_) => (StatusCode::FORBIDDEN, "token refused\n"),
-    };
+    let (status, why) = operator_refused(api, req)?;
     Some(refuse(api, peer, request, status, why))
 }
 
@@ -329,6 +321,38 @@ async fn respond(
         ),
         ["v1", "snapshot"] => snapshot(state, &query, max_wait, stop, peer).await,
         ["v1", "services"] => json_ok(&services_view(state)),
+        // The dashboard's reads need the operator token once one is
+        // configured (the older reads above stay open, as documented).
+        ["v1", "dashboard"] | ["v1", "services", _, "history"]
+            if operator_refused(&api, &req).is_some() =>
+        {
+            let (status, why) = operator_refused(&api, &req)
+                .unwrap_or((StatusCode::UNAUTHORIZED, "token required\n"));
+            let mut resp = refuse(&api, peer, "read", status, why);
+            crate::ui::secure(resp.headers_mut());
+            resp
+        }
+        ["v1", "dashboard"] => {
+            let since = query.get("since").and_then(|s| s.parse().ok()).unwrap_or(0);
+            let mut resp = json_ok(&dashboard_view(&api, since));
+            crate::ui::secure(resp.headers_mut());
+            resp
+        }
+        ["v1", "services", name, "history"] if state.has_service(name) => {
+            let since: u64 = query.get("since").and_then(|s| s.parse().ok()).unwrap_or(0);
+            json_ok(&json!({
+                "service": name,
+                "interval_seconds": crate::history::INTERVAL.as_secs_f64(),
+                "capacity": crate::history::CAPACITY,
+                "samples": api.history.since(name, since),
+            }))
+        }
+        ["v1", "services", name, "history"] => text(
+            StatusCode::NOT_FOUND,
+            &format!("unknown service {name:?}\n"),
+        ),
+        ["ui"] => crate::ui::asset(""),
+        ["ui", rest @ ..] => crate::ui::asset(&rest.join("/")),
         ["v1", "services", name] => match state.service(name) {
             Some(svc) => json_ok(&json!({
                 "name": name,
@@ -602,6 +626,100 @@ async fn mutate(
     }
     api.state.set_policy(name, next.clone(), 0);
     json_ok(&json!({ "service": name, "policy": next, "index": api.state.index() }))
+}
+
+/// Why a request that needs the operator token is refused, if it is:
+/// none configured lets everyone through; 401 without a token, 403 with
+/// a wrong one.
+fn operator_refused<B>(api: &Api, req: &Request<B>) -> Option<(StatusCode, &'static str)> {
+    let expected = api.auth.operator.as_ref()?;
+    let given = req.headers().get(http::header::AUTHORIZATION);
+    if expected.matches_bearer(given.map(|v| v.as_bytes())) {
+        return None;
+    }
+    Some(match given {
+        None => (
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required (--token or ALMOND_TOKEN)\n",
+        ),
+        Some(_) => (StatusCode::FORBIDDEN, "token refused\n"),
+    })
+}
+
+/// Rollout events per service on the dashboard (the newest).
+const DASHBOARD_EVENTS: usize = 50;
+
+/// `GET /v1/dashboard?since=MS`: everything the dashboard shows, in one
+/// answer: per service its subsets (weight in force, endpoints
+/// healthy/total), the newest live sample, the rollout and its newest
+/// events, and the history samples taken after `since`.
+fn dashboard_view(api: &Api, since: u64) -> serde_json::Value {
+    let state = &api.state;
+    let mut out = serde_json::Map::new();
+    for (name, svc) in state.services() {
+        let policy = state.policy(&name).unwrap_or_default();
+        let counts = state.endpoint_counts(&name);
+        let mut subsets = serde_json::Map::new();
+        for e in &svc.endpoints {
+            let (healthy, total) = counts.get(&e.subset).copied().unwrap_or((0, 0));
+            let weight = svc
+                .split
+                .as_ref()
+                .map(|w| w.weights.get(&e.subset).copied().unwrap_or(0));
+            subsets.insert(
+                e.subset.clone(),
+                json!({ "weight": weight, "healthy": healthy, "total": total }),
+            );
+        }
+        // Subsets whose instances are all unhealthy (none served).
+        for (subset, (healthy, total)) in &counts {
+            if !subsets.contains_key(subset) {
+                let weight = svc
+                    .split
+                    .as_ref()
+                    .map(|w| w.weights.get(subset).copied().unwrap_or(0));
+                subsets.insert(
+                    subset.clone(),
+                    json!({ "weight": weight, "healthy": healthy, "total": total }),
+                );
+            }
+        }
+        if let Some(split) = &svc.split {
+            for (subset, weight) in &split.weights {
+                if !subsets.contains_key(subset) {
+                    subsets.insert(
+                        subset.clone(),
+                        json!({ "weight": weight, "healthy": 0, "total": 0 }),
+                    );
+                }
+            }
+        }
+        let skip = policy.events.len().saturating_sub(DASHBOARD_EVENTS);
+        let live = api
+            .history
+            .last(&name)
+            .map(|s| s.subsets)
+            .unwrap_or_default();
+        out.insert(
+            name.clone(),
+            json!({
+                "protocol": svc.protocol,
+                "version": policy.version,
+                "subsets": subsets,
+                "live": live,
+                "rollout": policy.rollout,
+                "events": &policy.events[skip..],
+                "samples": api.history.since(&name, since),
+            }),
+        );
+    }
+    json!({
+        "index": state.index(),
+        "now": now_ms(),
+        "token_required": api.auth.operator.is_some(),
+        "interval_seconds": crate::history::INTERVAL.as_secs_f64(),
+        "services": out,
+    })
 }
 
 /// A new rollout at its first step; refused while another is active.

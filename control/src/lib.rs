@@ -8,12 +8,14 @@ pub mod api;
 pub mod catalog;
 pub mod consul;
 pub mod file;
+pub mod history;
 pub mod live;
 pub mod notify;
 pub mod policy;
 pub mod state;
 pub mod store;
 pub mod tap;
+pub mod ui;
 pub mod watcher;
 
 use almond_config::{ControlConfig, Secret, Source, Store as StoreKind};
@@ -162,6 +164,13 @@ impl Control {
             )),
             Endpoints::File(dir) => tokio::spawn(file::run(dir.clone(), self.state.clone())),
         };
+        // The dashboard's history, sampled from the watcher's source.
+        let history = Arc::new(history::History::default());
+        let sampler = tokio::spawn(history::run(
+            self.state.clone(),
+            history.clone(),
+            metrics_source.clone(),
+        ));
         let api = Arc::new(api::Api {
             state: self.state.clone(),
             store,
@@ -170,6 +179,7 @@ impl Control {
             max_wait: self.config.max_wait,
             metrics_source,
             live_slots: tokio::sync::Semaphore::new(api::LIVE_AT_ONCE),
+            history,
         });
         let api = tokio::spawn(api::serve(api, listener, self.tls, stop_rx));
         let notify = self.notify.map(tokio::spawn);
@@ -180,6 +190,7 @@ impl Control {
         source.abort();
         follower.abort();
         watcher.abort();
+        sampler.abort();
         if let Some(notify) = notify {
             notify.abort();
         }

@@ -164,7 +164,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(refused.clone()))?;
         // Both series from the start, so a first refusal is an increase.
-        for request in ["change", "snapshot"] {
+        for request in ["change", "snapshot", "read"] {
             refused.with_label_values(&[request]);
         }
         let m = Metrics {

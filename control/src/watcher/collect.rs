@@ -18,15 +18,28 @@ pub type Totals = BTreeMap<String, Window>;
 /// metrics of `service` by subset. Unreachable proxies, and proxies whose
 /// answer is not 200 or is over `max_body` bytes, are skipped.
 pub async fn scrape(admins: &[String], service: &str, max_body: usize) -> BTreeMap<String, Totals> {
+    fetch(admins, max_body)
+        .await
+        .into_iter()
+        .map(|(admin, body)| {
+            let totals = parse(&body, service);
+            (admin, totals)
+        })
+        .collect()
+}
+
+/// Every proxy's `/metrics` text, by admin address (one scrape serves
+/// every service: the dashboard's history parses it once per service).
+/// Unreachable proxies, and answers that are not 200 or are over
+/// `max_body` bytes, are left out.
+pub async fn fetch(admins: &[String], max_body: usize) -> BTreeMap<String, String> {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     // Many proxies at once (a slow or gone one costs its timeout once, not
     // once per proxy behind it), but a bounded number of sockets.
-    let service: std::sync::Arc<str> = service.into();
     futures_util::stream::iter(admins.to_vec())
         .map(|admin| {
             let client = client.clone();
-            let service = service.clone();
             async move {
                 let req = hyper::Request::get(format!("http://{admin}/metrics"))
                     .body(Empty::new())
@@ -41,10 +54,7 @@ pub async fn scrape(admins: &[String], service: &str, max_body: usize) -> BTreeM
                 })
                 .await;
                 match fetched {
-                    Ok(Some(body)) => {
-                        let totals = parse(&String::from_utf8_lossy(&body), &service);
-                        Some((admin, totals))
-                    }
+                    Ok(Some(body)) => Some((admin, String::from_utf8_lossy(&body).into_owned())),
                     _ => {
                         tracing::debug!(proxy = %admin, "metrics scrape failed");
                         None
@@ -146,7 +156,15 @@ pub fn delta(now: &BTreeMap<String, Totals>, then: &BTreeMap<String, Totals>) ->
 /// Reads `almond_requests_total` and `almond_request_duration_seconds_bucket`
 /// of `service` (outbound) from a Prometheus text exposition.
 pub fn parse(text: &str, service: &str) -> Totals {
-    let mut out: Totals = BTreeMap::new();
+    parse_services(text, Some(service))
+        .remove(service)
+        .unwrap_or_default()
+}
+
+/// As [`parse`], for every service in one pass (or only `only`), by
+/// service name.
+pub fn parse_services(text: &str, only: Option<&str>) -> BTreeMap<String, Totals> {
+    let mut all: BTreeMap<String, Totals> = BTreeMap::new();
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
@@ -158,7 +176,10 @@ pub fn parse(text: &str, service: &str) -> Totals {
             continue;
         };
         let labels = parse_labels(labels);
-        if labels.get("service").map(String::as_str) != Some(service)
+        let Some(service) = labels.get("service") else {
+            continue;
+        };
+        if only.is_some_and(|o| o != service)
             || labels.get("direction").map(String::as_str) != Some("outbound")
         {
             continue;
@@ -169,7 +190,11 @@ pub fn parse(text: &str, service: &str) -> Totals {
         let Ok(value) = value.trim().parse::<f64>() else {
             continue;
         };
-        let w = out.entry(subset.clone()).or_default();
+        let w = all
+            .entry(service.clone())
+            .or_default()
+            .entry(subset.clone())
+            .or_default();
         match name {
             "almond_requests_total" => {
                 w.requests += value as u64;
@@ -191,10 +216,10 @@ pub fn parse(text: &str, service: &str) -> Totals {
             _ => {}
         }
     }
-    for w in out.values_mut() {
+    for w in all.values_mut().flat_map(|t| t.values_mut()) {
         w.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
-    out
+    all
 }
 
 fn parse_labels(text: &str) -> BTreeMap<String, String> {
@@ -347,6 +372,16 @@ almond_request_duration_seconds_bucket{direction="outbound",service="web",subset
         assert_eq!(t["v1"].requests, 90);
         assert_eq!((t["v2"].requests, t["v2"].failures), (10, 3));
         assert_eq!(t["v2"].buckets, vec![(0.01, 4), (f64::INFINITY, 10)]);
+    }
+
+    #[test]
+    fn one_pass_reads_every_service_as_each_alone() {
+        let all = parse_services(TEXT, None);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all["web"], parse(TEXT, "web"));
+        assert_eq!(all["other"], parse(TEXT, "other"));
+        assert_eq!(all["other"]["v2"].requests, 1000);
+        assert!(parse(TEXT, "nobody").is_empty());
     }
 
     #[test]

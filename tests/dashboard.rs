@@ -1,0 +1,485 @@
+//! The rollout dashboard (`/ui`) in a real headless Chromium: during a
+//! rollout held at a gate, the page shows the service, both subsets, their
+//! weights and a uPlot chart; with an operator token configured the page
+//! asks for it, refuses a wrong one, and an action sent with a wrong token
+//! is refused by the control plane and changes nothing, while the right one
+//! passes the gate.
+//!
+//! Needs the Debian package `chromium`. Without it these tests skip with a
+//! message, unless `ALMOND_REQUIRE_CHROMIUM` is set (CI sets it): then
+//! they fail.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long the page may take to show something (a loaded 2-core machine
+/// starting a browser).
+const PAGE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Whether Chromium can run here; `false` (skip) when it is missing,
+/// unless `ALMOND_REQUIRE_CHROMIUM` is set.
+fn have_chromium() -> bool {
+    let found = std::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("ALMOND_REQUIRE_CHROMIUM").is_none(),
+            "chromium must be on PATH (apt-get install -y --no-install-recommends chromium)"
+        );
+        eprintln!("skipped: install chromium (Debian package) to run the dashboard tests");
+    }
+    found
+}
+
+/// Chromium's flags for this machine, with a fresh profile in `profile`.
+fn chromium(profile: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// Service `s` (v1 on two backends, v2 the canary on one), the control
+/// plane on a file registry, a proxy following it, steady traffic, and a
+/// rollout of v2 held at its 50 % gate.
+struct Rig {
+    _backends: Vec<Backend>,
+    _registry: Registry,
+    control: TestControl,
+    _proxy: TestProxy,
+    stop: Arc<AtomicBool>,
+    traffic: JoinHandle<()>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.traffic.abort();
+    }
+}
+
+impl Rig {
+    async fn start(token: Option<(&str, &str)>) -> Rig {
+        let backends = vec![
+            Backend::start("v1a").await,
+            Backend::start("v1b").await,
+            Backend::start("v2").await,
+        ];
+        let registry = Registry::new();
+        registry.service(
+            "s",
+            &[
+                (backends[0].addr, "v1"),
+                (backends[1].addr, "v1"),
+                (backends[2].addr, "v2"),
+            ],
+        );
+        if let Some((var, value)) = token {
+            std::env::set_var(var, value);
+        }
+        let control = TestControl::start(&registry.control_yaml(token.map(|t| t.0))).await;
+        let proxy = match token {
+            // The proxy reads its snapshots with the operator's token.
+            Some((var, _)) => start_following_token(&control.url(), var).await,
+            None => start_following(&control.url(), None).await,
+        };
+        let token = token.map(|t| t.1);
+        let reply = control
+            .put_split("s", &json!({ "weights": { "v1": 100, "v2": 0 } }), token)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        eventually("the control plane knows the proxy", || async {
+            control.get("/v1/proxies").await.json()["test-proxy"]["admin"]
+                == proxy.admin.to_string().as_str()
+        })
+        .await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let traffic = {
+            let (stop, addr) = (stop.clone(), proxy.addr());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = get_h1(addr, "s", "/").await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let spec = json!({
+            "canary": "v2", "stable": "v1", "steps": [10, 50, 100], "pause_at": [50],
+            "interval_seconds": 1.0,
+            "thresholds": { "min_requests": 10, "max_error_rate": 0.05 },
+        });
+        let reply = control
+            .send(Method::POST, "/v1/services/s/rollouts", &spec, token)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let rig = Rig {
+            _backends: backends,
+            _registry: registry,
+            control,
+            _proxy: proxy,
+            stop,
+            traffic,
+        };
+        rig.wait_phase("paused").await;
+        rig
+    }
+
+    async fn rollout(&self) -> Value {
+        self.control.get("/v1/services/s/rollouts").await.json()
+    }
+
+    async fn wait_phase(&self, phase: &str) -> Value {
+        let until = tokio::time::Instant::now() + Duration::from_secs(150);
+        loop {
+            let r = self.rollout().await;
+            if r["phase"] == phase {
+                return r;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the rollout never became {phase}: {r:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The split in force at the control plane.
+    async fn split(&self) -> Value {
+        self.control.service("s").await["policy"]["split"].clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_a_rollouts_subsets_weights_and_chart() {
+    if !have_chromium() {
+        return;
+    }
+    let rig = Rig::start(None).await;
+    // The chart has something to draw: a few samples of the rollout.
+    eventually("the history has samples of both subsets", || async {
+        let h = rig.control.get("/v1/services/s/history").await.json();
+        h["samples"]
+            .as_array()
+            .is_some_and(|s| s.iter().filter(|x| x["subsets"]["v2"].is_object()).count() >= 2)
+    })
+    .await;
+
+    // The page and its assets: same origin, strict CSP, no sniffing.
+    let page = rig.control.get("/ui").await;
+    assert_eq!(page.status, StatusCode::OK);
+    let csp = page.header("content-security-policy").unwrap_or("");
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("default-src 'none'"),
+        "{csp}"
+    );
+    assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+    let script = rig.control.get("/ui/vendor/uplot/uPlot.iife.min.js").await;
+    assert_eq!(script.status, StatusCode::OK);
+    assert!(script
+        .header("content-type")
+        .unwrap_or("")
+        .starts_with("text/javascript"));
+    assert_eq!(
+        rig.control.get("/ui/nope.js").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("{}/ui", rig.control.url());
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = chromium(profile.path());
+        cmd.args([
+            "--virtual-time-budget=5000",
+            "--enable-logging=stderr",
+            "--dump-dom",
+            &url,
+        ]);
+        move || cmd.output().unwrap()
+    });
+    let out = tokio::time::timeout(PAGE_DEADLINE, out)
+        .await
+        .expect("chromium --dump-dom finished")
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The page ran under its CSP without a violation or a script error.
+    let log = String::from_utf8_lossy(&out.stderr);
+    for bad in ["Content Security Policy", "Uncaught", "Refused to"] {
+        assert!(!log.contains(bad), "{bad} in the browser's log:\n{log}");
+    }
+    // The service, its rollout held at the gate, both subsets at 50 %.
+    assert!(
+        dom.contains(r#"<section class="service" data-service="s">"#),
+        "{dom}"
+    );
+    assert!(dom.contains(r#"data-phase="paused""#), "{dom}");
+    for subset in ["v1", "v2"] {
+        let row = dom
+            .split(&format!(r#"<tr data-subset="{subset}">"#))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no row for {subset}: {dom}"));
+        let row = row.split("</tr>").next().unwrap_or("");
+        assert!(row.contains(r#"data-weight="50""#), "{subset}: {row}");
+        assert!(row.contains("50%"), "{subset}: {row}");
+    }
+    assert!(
+        dom.contains("v2 (canary)") && dom.contains("v1 (stable)"),
+        "{dom}"
+    );
+    // A uPlot chart, drawn on a canvas, with both subsets in its legend.
+    let chart = dom
+        .split(r#"<div class="chart" data-service="s">"#)
+        .nth(1)
+        .expect("a chart element");
+    assert!(chart.starts_with(r#"<div class="uplot"#), "{chart}");
+    assert!(chart.contains("<canvas"), "{chart}");
+    assert!(
+        chart.contains("v2 success %") && chart.contains("v1 p99 ms"),
+        "{chart}"
+    );
+    // The events: the start and the passed steps.
+    assert!(dom.contains(r#"<li class="started">"#), "{dom}");
+    assert!(dom.contains(r#"<li class="step_passed">"#), "{dom}");
+}
+
+/// A page driven over the DevTools protocol: one tab's WebSocket.
+struct Tab {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    next_id: u64,
+}
+
+impl Tab {
+    /// Evaluates `expr` in the page; its value (JSON).
+    async fn eval(&mut self, expr: &str) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let call = json!({ "id": id, "method": "Runtime.evaluate",
+            "params": { "expression": expr, "returnByValue": true } });
+        self.ws.send(Message::text(call.to_string())).await.unwrap();
+        loop {
+            let msg = within("a DevTools answer", self.ws.next())
+                .await
+                .expect("DevTools connection open")
+                .unwrap();
+            let Ok(text) = msg.to_text() else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(text) else {
+                continue;
+            };
+            if v["id"] == id {
+                assert!(v["result"]["exceptionDetails"].is_null(), "{expr}: {v:#}");
+                return v["result"]["result"]["value"].clone();
+            }
+        }
+    }
+
+    /// Waits until `expr` is true in the page.
+    async fn until(&mut self, what: &str, expr: &str) {
+        let until = tokio::time::Instant::now() + PAGE_DEADLINE;
+        loop {
+            // Before the page has loaded, its elements are not there yet.
+            let guarded =
+                format!("(() => {{ try {{ return ({expr}); }} catch (e) {{ return false; }} }})()");
+            if self.eval(&guarded).await == json!(true) {
+                return;
+            }
+            if tokio::time::Instant::now() > until {
+                let body = self.eval("document.body.innerText").await;
+                panic!("the page never showed: {what}; it shows:\n{body}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Chromium with the DevTools protocol on a free port, showing `url`.
+struct Browser {
+    child: std::process::Child,
+    port: u16,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Browser {
+    async fn open(url: &str) -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = chromium(profile.path())
+            .args(["--remote-debugging-port=0", url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID";
+        // the rest of stderr is drained so Chromium never blocks on it.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("DevTools listening on ws://").nth(1) {
+                    let port = rest
+                        .split('/')
+                        .next()
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                        .map(|a| a.port());
+                    if let (Some(tx), Some(port)) = (tx.take(), port) {
+                        let _ = tx.send(port);
+                    }
+                }
+            }
+        });
+        let port = tokio::time::timeout(PAGE_DEADLINE, rx)
+            .await
+            .expect("chromium printed its DevTools address")
+            .unwrap();
+        Browser {
+            child,
+            port,
+            _profile: profile,
+        }
+    }
+
+    /// The tab showing a URL that contains `part`.
+    async fn tab(&self, part: &str) -> Tab {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let until = tokio::time::Instant::now() + PAGE_DEADLINE;
+        let ws_url = loop {
+            let list = get_h1(addr, &format!("127.0.0.1:{}", self.port), "/json/list").await;
+            let found = list.json().as_array().and_then(|tabs| {
+                tabs.iter()
+                    .find(|t| t["type"] == "page" && t["url"].as_str().unwrap_or("").contains(part))
+                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_owned))
+            });
+            if let Some(url) = found {
+                break url;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "chromium never listed a tab at {part}: {}",
+                list.text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(ws_url.as_str(), stream)
+            .await
+            .unwrap();
+        Tab { ws, next_id: 0 }
+    }
+}
+
+const OPERATOR: &str = "dashboard-operator-secret";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_the_page_asks_for_it_and_a_wrong_one_is_refused() {
+    if !have_chromium() {
+        return;
+    }
+    let rig = Rig::start(Some(("ALMOND_T_DASHBOARD_TOKEN", OPERATOR))).await;
+    // The dashboard's reads need the token like changes do.
+    let path = "/v1/dashboard";
+    assert_eq!(rig.control.get(path).await.status, StatusCode::UNAUTHORIZED);
+    let history = rig.control.get("/v1/services/s/history").await;
+    assert_eq!(history.status, StatusCode::UNAUTHORIZED);
+    let bearer = |t: &str| format!("Bearer {t}");
+    for (token, status) in [("wrong", StatusCode::FORBIDDEN), (OPERATOR, StatusCode::OK)] {
+        let req = http::Request::get(path)
+            .header("host", "control")
+            .header("authorization", bearer(token))
+            .body(empty())
+            .unwrap();
+        let reply = H1::connect(rig.control.addr).await.request(req).await;
+        assert_eq!(reply.status, status, "{token}: {}", reply.text());
+    }
+    // The page itself holds no data: served without a token.
+    assert_eq!(rig.control.get("/ui").await.status, StatusCode::OK);
+
+    let browser = Browser::open(&format!("{}/ui", rig.control.url())).await;
+    let mut tab = browser.tab("/ui").await;
+    // No token yet: a login prompt, and no service data.
+    tab.until(
+        "the login prompt",
+        "!document.getElementById('login').hidden && document.querySelectorAll('section.service').length === 0",
+    )
+    .await;
+    // A wrong token: refused, still no data.
+    tab.eval("document.getElementById('token').value = 'wrong'; document.getElementById('login').requestSubmit(); true").await;
+    tab.until(
+        "the token refused",
+        "document.getElementById('login-why').textContent.includes('refused') && document.querySelectorAll('section.service').length === 0",
+    )
+    .await;
+    // The right one: the service, its subsets at 50 %, the gate.
+    tab.eval(&format!("document.getElementById('token').value = '{OPERATOR}'; document.getElementById('login').requestSubmit(); true")).await;
+    tab.until(
+        "the service at its gate",
+        "document.querySelector('section[data-service=\"s\"] [data-phase=\"paused\"]') !== null && document.querySelectorAll('tr[data-subset] td.weight[data-weight=\"50\"]').length === 2 && document.querySelector('.chart .uplot canvas') !== null",
+    )
+    .await;
+
+    // An action with a wrong token: refused like the CLI, nothing changes.
+    let before = rig.split().await;
+    tab.eval("sessionStorage.setItem('almond-token', 'wrong'); document.querySelector('button[data-action=\"rollback\"][data-service=\"s\"]').click(); true").await;
+    tab.until(
+        "the refusal",
+        "document.getElementById('message').textContent.includes('rollback refused (403): token refused')",
+    )
+    .await;
+    assert_eq!(rig.rollout().await["phase"], "paused");
+    assert_eq!(rig.split().await, before);
+    assert_eq!(before, json!({ "v1": 50, "v2": 50 }));
+    let refused = control_metric(
+        &rig.control,
+        "almond_control_refused_total",
+        &[("request", "change")],
+    )
+    .await;
+    assert_eq!(refused, 1.0);
+
+    // The same click path with the right token passes the gate.
+    tab.eval(&format!("sessionStorage.setItem('almond-token', '{OPERATOR}'); document.querySelector('button[data-action=\"approve\"][data-service=\"s\"]').click(); true")).await;
+    tab.until(
+        "the approval",
+        "document.getElementById('message').textContent.includes('approve done')",
+    )
+    .await;
+    let r = rig.wait_phase("succeeded").await;
+    assert_eq!(r["spec"]["canary"], "v2");
+    assert_eq!(rig.split().await, json!({ "v1": 0, "v2": 100 }));
+}
