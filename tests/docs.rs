@@ -170,6 +170,7 @@ fn fully_populated() -> ProxyConfig {
         lb: _,
         endpoints,
         split,
+        routes,
         timeouts,
         circuit_breaker,
         retries,
@@ -206,6 +207,37 @@ fn fully_populated() -> ProxyConfig {
             weights.insert(endpoints[0].subset.clone(), 100);
         }
         sticky_header.get_or_insert_with(|| "x-user-id".to_owned());
+        if routes.is_empty() {
+            let subset = endpoints[0].subset.clone();
+            let header = |v: &str| almond_config::HeaderMatch::Value(v.to_owned());
+            // Two rules: path_prefix and path_exact (and subset and
+            // service) exclude each other.
+            let first = almond_config::Match {
+                path_prefix: Some("/api".to_owned()),
+                path_exact: None,
+                method: Some("GET".to_owned()),
+                headers: [("x-beta".to_owned(), header("1"))].into(),
+                cookie: [("beta".to_owned(), "1".to_owned())].into(),
+            };
+            let second = almond_config::Match {
+                path_exact: Some("/healthz".to_owned()),
+                ..Default::default()
+            };
+            routes.push(almond_config::RouteRule {
+                when: first,
+                to: almond_config::RouteTo {
+                    subset: Some(subset),
+                    service: None,
+                },
+            });
+            routes.push(almond_config::RouteRule {
+                when: second,
+                to: almond_config::RouteTo {
+                    subset: None,
+                    service: Some("orders".to_owned()),
+                },
+            });
+        }
         let Timeouts {
             connect: _,
             request: _,
@@ -253,6 +285,10 @@ fn key_paths(value: &Value, path: &str, out: &mut BTreeSet<String>) {
                     "<name>"
                 } else if path.ends_with(".split") && key != "sticky_header" {
                     "<subset>"
+                } else if path.ends_with(".match.headers") {
+                    "<header>"
+                } else if path.ends_with(".match.cookie") {
+                    "<cookie>"
                 } else {
                     key.as_str()
                 };

@@ -12,6 +12,7 @@ mod load;
 mod observe;
 mod problem;
 mod proxy;
+mod rules;
 mod secret;
 mod snapshot;
 mod split;
@@ -32,6 +33,7 @@ pub use proxy::{
     check_identity, Authz, CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits,
     Listener, Protocol, ProxyConfig, Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
 };
+pub use rules::{check_match, check_rules, HeaderMatch, Match, RouteRule, RouteTo, MAX_RULES};
 pub use secret::Secret;
 pub use snapshot::Snapshot;
 pub use split::{check_sticky_header, Split, Weights};

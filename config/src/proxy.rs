@@ -305,6 +305,10 @@ pub struct Service {
     /// `sticky_header`; omitted = all subsets together, by endpoint weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<crate::Split>,
+    /// Route rules, in order: the first whose `match` holds sends the
+    /// request to its `to`; none matching = the split.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::RouteRule>,
     /// Connect and request timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,

@@ -733,6 +733,7 @@ pub fn to_service_resolved(
         lb: Default::default(),
         endpoints,
         split: None,
+        routes: Vec::new(),
         timeouts: Default::default(),
         circuit_breaker: Default::default(),
         retries: Default::default(),

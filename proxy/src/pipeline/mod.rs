@@ -1,5 +1,5 @@
 //! The pipeline: deciding what happens to a request -- which service
-//! (route), which subset (split), whether it may go (admit), its tries
+//! (route, its rules), which subset (split), whether it may go (admit), its tries
 //! (forward) and whether it goes again (retry). May import `upstream`, `observe`, `identity`
 //! and the leaves, never `edge`.
 
@@ -7,4 +7,5 @@ pub mod admit;
 pub mod forward;
 pub mod retry;
 pub mod route;
+pub mod rules;
 pub mod split;
