@@ -95,6 +95,34 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
+    /// Live requests to a service as every proxy sees them (time, proxy,
+    /// method, path, status, subset, endpoint, latency, request ID), until
+    /// Ctrl-C or `--count`. Each proxy sends at most 100 a second.
+    Tap {
+        /// The service.
+        service: String,
+        /// Only paths starting with this prefix.
+        #[arg(long)]
+        path: Option<String>,
+        /// Only requests answered by this subset.
+        #[arg(long)]
+        subset: Option<String>,
+        /// Only this status class (5xx) or code (503).
+        #[arg(long)]
+        status: Option<String>,
+        /// Show request headers too (authorization and cookie values are
+        /// never shown).
+        #[arg(long)]
+        headers: bool,
+        /// At most this many events per second from each proxy (1..=100).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
     /// Allow a client identity to call a service on inbound mTLS
     /// listeners, or no longer allow it (every proxy enforces the list).
     Authz {
@@ -261,6 +289,24 @@ fn main() -> ExitCode {
             follow,
             ops,
         } => block_on(ops::events(&ops.target(), &service, follow)),
+        Command::Tap {
+            service,
+            path,
+            subset,
+            status,
+            headers,
+            rate,
+            count,
+            ops,
+        } => {
+            let mut filter = Vec::new();
+            filter.extend(path.map(|v| ("path", v)));
+            filter.extend(subset.map(|v| ("subset", v)));
+            filter.extend(status.map(|v| ("status", v)));
+            filter.extend(headers.then(|| ("headers", "true".to_owned())));
+            filter.extend(rate.map(|v| ("rate", v.to_string())));
+            block_on(ops::tap(&ops.target(), &service, &filter, count))
+        }
         Command::Authz {
             service,
             action,

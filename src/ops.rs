@@ -1,5 +1,5 @@
-//! Operator commands: `shift`, `promote`, `rollback`, `status`; thin
-//! clients of the control plane's API. Exit 0 done, 1 refused or failed
+//! Operator commands: `shift`, `promote`, `rollback`, `status`, `tap`;
+//! thin clients of the control plane's API. Exit 0 done, 1 refused or failed
 //! (one line on stderr), 2 usage (clap).
 
 use anyhow::{anyhow, bail, Context};
@@ -73,6 +73,29 @@ impl Target {
             bail!("{} ({status})", String::from_utf8_lossy(&body).trim());
         }
         serde_json::from_slice(&body).context("the control plane sent something that is not JSON")
+    }
+
+    /// GET `path` and return the response once its head is in, its body
+    /// still streaming; an answer other than 200 is an error with its text.
+    async fn open(&self, path: &str) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        let client: Client<_, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(self.connector()?);
+        let url = format!("{}{path}", self.control.trim_end_matches('/'));
+        let mut req = hyper::Request::get(&url);
+        if let Some(token) = &self.token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req.body(Full::new(Bytes::new()))?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+            .await
+            .map_err(|_| anyhow!("control plane at {} did not answer in 10 s", self.control))?
+            .with_context(|| format!("cannot reach the control plane at {}", self.control))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            bail!("{} ({status})", String::from_utf8_lossy(&body).trim());
+        }
+        Ok(resp)
     }
 
     /// HTTP, or HTTPS trusting `control_ca` (else the system's roots).
@@ -261,6 +284,78 @@ pub async fn events(t: &Target, service: &str, follow: bool) -> anyhow::Result<(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// `almond tap SERVICE`: prints the live summaries the control plane
+/// merges from its proxies, one per line (JSON with `-o json`), until the
+/// stream ends, Ctrl-C, or `count` events.
+pub async fn tap(
+    t: &Target,
+    service: &str,
+    filter: &[(&str, String)],
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let query: Vec<String> = filter
+        .iter()
+        .map(|(k, v)| format!("{k}={}", almond_net::percent_encode(v)))
+        .collect();
+    let path = format!(
+        "/v1/services/{}/tap?{}",
+        almond_net::percent_encode(service),
+        query.join("&")
+    );
+    let resp = t.open(&path).await?;
+    let mut body = resp.into_body();
+    let mut pending = Vec::new();
+    let mut seen = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let Ok(event) = serde_json::from_slice::<Value>(&line) else {
+                continue; // heartbeats
+            };
+            t.print(&event, || tap_line(&event));
+            seen += 1;
+            if count.is_some_and(|n| seen >= n) {
+                return Ok(());
+            }
+        }
+    }
+    bail!("the tap stream ended")
+}
+
+/// One tap event as a line of text.
+fn tap_line(e: &Value) -> String {
+    let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+    let time_ms = e["time_ms"].as_u64().unwrap_or(0);
+    let (secs, ms) = (time_ms / 1000, time_ms % 1000);
+    let clock = format!(
+        "{:02}:{:02}:{:02}.{ms:03}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    );
+    let mut line = format!(
+        "{clock} {} {} {} {} {} {} {}ms {}",
+        s("proxy"),
+        s("method"),
+        s("path"),
+        e["status"],
+        s("subset"),
+        s("endpoint"),
+        e["latency_ms"],
+        s("request_id"),
+    );
+    if let Some(headers) = e["headers"].as_object() {
+        for (name, value) in headers {
+            line.push_str(&format!("\n    {name}: {}", value.as_str().unwrap_or("")));
+        }
+    }
+    line
 }
 
 /// `almond authz SERVICE allow|deny IDENTITY`: changes who may call the

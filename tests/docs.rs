@@ -355,6 +355,7 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         watcher: _,
         token_env: _,
         proxy_token_env: _,
+        proxy_admin_token_env: _,
         tls: _,
         max_body_bytes: _,
         notify: _,
@@ -378,6 +379,8 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
     let mut full = config.clone();
     full.token_env
         .get_or_insert_with(|| "ALMOND_TOKEN".to_owned());
+    full.proxy_admin_token_env
+        .get_or_insert_with(|| "ALMOND_PROXY_ADMIN_TOKEN".to_owned());
     full.proxy_token_env
         .get_or_insert_with(|| "ALMOND_PROXY_TOKEN".to_owned());
     full.notify = vec![almond_config::Notify {

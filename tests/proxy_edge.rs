@@ -354,3 +354,108 @@ async fn idle_http2_connections_are_closed_busy_ones_are_not() {
         "closed {after:?} after the last stream: too early"
     );
 }
+
+/// A client's stream with the first `skip` bytes it writes dropped: they
+/// were sent on the socket already, by hand.
+struct Skip {
+    inner: TcpStream,
+    skip: usize,
+}
+
+impl tokio::io::AsyncRead for Skip {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Skip {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.skip > 0 {
+            let n = self.skip.min(buf.len());
+            self.skip -= n;
+            return std::task::Poll::Ready(Ok(n));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A cleartext connection's protocol is told from its first bytes, read
+/// without consuming them: the HTTP/2 preface sent in two pieces is still
+/// HTTP/2; a POST whose first byte could begin the preface is HTTP/1.1; a
+/// client that says nothing, or stops inside the preface, is closed after
+/// `idle_timeout`.
+#[tokio::test]
+async fn the_protocol_is_told_from_the_first_bytes_however_they_arrive() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { idle_timeout: 500ms }")
+        .by_host()
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+
+    let head = b"PRI * HTTP/2.0\r\n";
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    stream.write_all(head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let io = Skip {
+        inner: stream,
+        skip: head.len(),
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("http://svc/h2")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+
+    let mut post = TcpStream::connect(proxy.addr()).await.unwrap();
+    post.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    post.write_all(
+        b"OST /h1 HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    )
+    .await
+    .unwrap();
+    let got = closed_within(&mut post, Duration::from_secs(5)).await;
+    let got = String::from_utf8_lossy(got.as_deref().expect("answered and closed"));
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    assert_eq!(backend.count(), 2);
+
+    let mut silent = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut stalled = TcpStream::connect(proxy.addr()).await.unwrap();
+    stalled.write_all(b"PRI * HTTP").await.unwrap();
+    for stream in [&mut silent, &mut stalled] {
+        let got = closed_within(stream, Duration::from_secs(5)).await;
+        assert_eq!(got.as_deref(), Some(&b""[..]), "closed without an answer");
+    }
+}

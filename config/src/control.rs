@@ -36,6 +36,11 @@ pub struct ControlConfig {
     /// snapshots (the operator token works too); same rule when missing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_token_env: Option<String>,
+    /// Environment variable holding the token the control plane presents
+    /// to proxies' admin `/tap` (their `admin_token_env`), needed for
+    /// proxies whose admin listener is off loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_admin_token_env: Option<String>,
     /// Serve the API over TLS: `{ cert, key, ca }` (PEM files); a proxy
     /// whose client certificate chains to `ca` is authenticated by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -16,6 +16,7 @@ mod rules;
 mod secret;
 mod snapshot;
 mod split;
+pub mod tap;
 mod tls;
 mod write;
 

@@ -1,17 +1,19 @@
 //! API: the long-poll snapshots proxies follow, the service views
-//! operators read, `/metrics`, `/ready`, `/live`.
+//! operators read, the changes they make, the live tap, `/metrics`,
+//! `/ready`, `/live`.
 
 use crate::policy::{check_split, check_sticky, Policy, Refusal};
 use crate::state::{State, PROXY_STALE};
 use crate::store::Store;
+use crate::tap::{self, TapStream};
 use crate::watcher::apply_next;
 use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
 use almond_config::{Secret, Service, WatcherSource, Weights};
-use almond_net::now_ms;
+use almond_net::{now_ms, parse_query};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -61,6 +63,9 @@ pub struct Auth {
     pub proxy: Option<Secret>,
     /// The listener verifies client certificates (`tls.ca`).
     pub tls_clients: bool,
+    /// What the control plane presents to proxies' admin `/tap`
+    /// (`proxy_admin_token_env`).
+    pub proxy_admin: Option<Secret>,
 }
 
 impl Auth {
@@ -177,7 +182,7 @@ async fn serve_conn<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| respond(api.clone(), req, stop.clone(), peer));
+    let svc = service_fn(move |req| route(api.clone(), req, stop.clone(), peer));
     // A client has HEADER_TIMEOUT to send a request head (and an idle
     // keep-alive connection is kept that long); a long-poll in progress is
     // not bounded by it.
@@ -197,6 +202,81 @@ async fn serve_conn<I>(
             let _ = conn.await;
         }
     }
+}
+
+/// An API answer: whole, or a live tap stream.
+type ApiBody = Either<Full<Bytes>, TapStream>;
+
+/// `GET /v1/services/{svc}/tap` streams; every other request is answered
+/// whole by `respond`.
+async fn route(
+    api: Arc<Api>,
+    req: Request<Incoming>,
+    stop: watch::Receiver<bool>,
+    peer: Peer,
+) -> Result<Response<ApiBody>, Infallible> {
+    let path = req.uri().path().trim_matches('/');
+    let segments: Vec<&str> = path.split('/').collect();
+    if let (&Method::GET, ["v1", "services", name, "tap"]) = (req.method(), segments.as_slice()) {
+        let name = (*name).to_owned();
+        return Ok(start_tap(&api, &req, peer, &name));
+    }
+    Ok(respond(api, req, stop, peer).await?.map(Either::Left))
+}
+
+/// Opens the proxies' tap streams for `name`, filtered as the query asks;
+/// needs the operator token when one is configured (summaries show paths).
+fn start_tap(api: &Api, req: &Request<Incoming>, peer: Peer, name: &str) -> Response<ApiBody> {
+    if let Some(refused) = operator_refusal(api, req, peer, "tap") {
+        return refused.map(Either::Left);
+    }
+    if !api.state.has_service(name) {
+        let why = format!("no service {name:?}\n");
+        return text(StatusCode::NOT_FOUND, &why).map(Either::Left);
+    }
+    let query = parse_query(req.uri().query().unwrap_or(""));
+    let query = match tap::proxy_query(name, &query) {
+        Ok(query) => query,
+        Err(why) => return text(StatusCode::BAD_REQUEST, &format!("{why}\n")).map(Either::Left),
+    };
+    let admins = api.state.proxy_admins(PROXY_STALE);
+    if admins.is_empty() {
+        let why = "no proxy has followed this control plane lately: nothing to tap\n";
+        return text(StatusCode::SERVICE_UNAVAILABLE, why).map(Either::Left);
+    }
+    let proxies = HeaderValue::from(admins.len());
+    let token = api.auth.proxy_admin.as_ref().map(Secret::expose);
+    let mut resp = Response::new(Either::Right(tap::merge(admins, query, token)));
+    let headers = resp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    headers.insert("x-almond-proxies", proxies);
+    resp
+}
+
+/// `None` when no operator token is configured or `req` carries it; else
+/// the refusal (401 without one, 403 with a wrong one), counted and logged.
+fn operator_refusal(
+    api: &Api,
+    req: &Request<Incoming>,
+    peer: Peer,
+    request: &'static str,
+) -> Option<Response<Full<Bytes>>> {
+    let expected = api.auth.operator.as_ref()?;
+    let given = req.headers().get(http::header::AUTHORIZATION);
+    if expected.matches_bearer(given.map(|v| v.as_bytes())) {
+        return None;
+    }
+    let (status, why) = match given {
+        None => (
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required (--token or ALMOND_TOKEN)\n",
+        ),
+        Some(_) => (StatusCode::FORBIDDEN, "token refused\n"),
+    };
+    Some(refuse(api, peer, request, status, why))
 }
 
 async fn respond(
@@ -384,18 +464,8 @@ async fn mutate(
     name: &str,
     what: Mutation,
 ) -> Response<Full<Bytes>> {
-    if let Some(expected) = &api.auth.operator {
-        let given = req.headers().get(http::header::AUTHORIZATION);
-        if !expected.matches_bearer(given.map(|v| v.as_bytes())) {
-            let (status, why) = match given {
-                None => (
-                    StatusCode::UNAUTHORIZED,
-                    "a bearer token is required (--token or ALMOND_TOKEN)\n",
-                ),
-                Some(_) => (StatusCode::FORBIDDEN, "token refused\n"),
-            };
-            return refuse(api, peer, "change", status, why);
-        }
+    if let Some(refused) = operator_refusal(api, &req, peer, "change") {
+        return refused;
     }
     let by = req
         .headers()
@@ -766,42 +836,6 @@ fn parse_wait(text: &str) -> Option<Duration> {
         "m" => Some(Duration::from_secs(n * 60)),
         _ => None,
     }
-}
-
-fn parse_query(q: &str) -> HashMap<String, String> {
-    q.split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (decode(k), decode(v)),
-            None => (decode(kv), String::new()),
-        })
-        .collect()
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h * 16 + l);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
 }
 
 fn json_ok<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {

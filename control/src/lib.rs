@@ -13,6 +13,7 @@ pub mod notify;
 pub mod policy;
 pub mod state;
 pub mod store;
+pub mod tap;
 pub mod watcher;
 
 use almond_config::{ControlConfig, Secret, Source, Store as StoreKind};
@@ -79,6 +80,11 @@ impl Control {
             proxy: Secret::from_config("proxy_token_env", config.proxy_token_env.as_deref())
                 .map_err(Error::Token)?,
             tls_clients: config.tls.is_some(),
+            proxy_admin: Secret::from_config(
+                "proxy_admin_token_env",
+                config.proxy_admin_token_env.as_deref(),
+            )
+            .map_err(Error::Token)?,
         };
         if auth.operator.is_none() {
             tracing::warn!(

@@ -2,17 +2,19 @@
 //! should, and the one accept loop (with back-off on errors) behind the
 //! proxy listeners, the admin listener and the control API. Also the small
 //! helpers both planes need once: [`Backoff`], [`percent_encode`],
-//! [`hostname`] and [`now_ms`].
+//! [`parse_query`], [`Lines`] (a streaming body), [`hostname`] and [`now_ms`].
 
 mod backoff;
 mod encode;
 mod error;
 mod host;
+mod lines;
 
 pub use backoff::Backoff;
-pub use encode::percent_encode;
+pub use encode::{parse_query, percent_decode, percent_encode};
 pub use error::error_chain;
 pub use host::{hostname, now_ms};
+pub use lines::Lines;
 
 use socket2::{Domain, Socket, Type};
 use std::io;

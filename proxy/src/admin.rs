@@ -1,9 +1,11 @@
-//! Admin listener: `/metrics`, `/ready`, `/live`, `/config`, `/endpoints`.
+//! Admin listener: `/metrics`, `/ready`, `/live`, `/config`, `/endpoints`,
+//! `/log-level` and the live `/tap`.
 
 use crate::body::ResponseBody;
+use crate::observe::tap::{Filter, TapBody};
 use crate::Shared;
 use http::header::CONTENT_TYPE;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -36,19 +38,47 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::
     .await;
 }
 
+/// An admin answer: whole, or the live `/tap` stream.
+type AdminBody = Either<ResponseBody, TapBody>;
+
 async fn respond(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, Infallible> {
+) -> Result<Response<AdminBody>, Infallible> {
     let authorization = req.headers().get(http::header::AUTHORIZATION);
     if let Some(refused) = guard(&shared, req.uri().path(), authorization) {
-        return Ok(refused);
+        return Ok(refused.map(Either::Left));
     }
+    if req.uri().path() == "/tap" && req.method() == Method::GET {
+        return Ok(tap(&shared, &req));
+    }
+    Ok(respond_whole(shared, req).await.map(Either::Left))
+}
+
+/// `GET /tap?service=&path=&subset=&status=&headers=&rate=`: one JSON line
+/// per finished request that passes the filter, for as long as the client
+/// reads (`observe::tap`).
+fn tap(shared: &Shared, req: &Request<Incoming>) -> Response<AdminBody> {
+    let query = almond_net::parse_query(req.uri().query().unwrap_or(""));
+    match Filter::from_query(&query) {
+        Ok(filter) => {
+            let mut resp = Response::new(Either::Right(shared.observe.taps.watch(filter)));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                http::HeaderValue::from_static("application/x-ndjson"),
+            );
+            resp
+        }
+        Err(why) => text(StatusCode::BAD_REQUEST, format!("{why}\n")).map(Either::Left),
+    }
+}
+
+async fn respond_whole(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
     if req.uri().path() == "/log-level" {
-        return Ok(log_level(&shared, req).await);
+        return log_level(&shared, req).await;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"));
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
     let resp = match req.uri().path() {
         "/metrics" => {
@@ -74,15 +104,15 @@ async fn respond(
         "/endpoints" => json_response(&endpoints(&shared)),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics, /ready, /live, /config, /endpoints\n",
+            "not found; try /metrics, /ready, /live, /config, /endpoints, /tap\n",
         ),
     };
-    Ok(resp)
+    resp
 }
 
 /// The admin listener's two halves: `/metrics`, `/ready` and `/live` are
-/// open (the watcher and Prometheus scrape them); `/config`, `/endpoints`
-/// and `/log-level` (the one change) show or alter more, so off loopback
+/// open (the watcher and Prometheus scrape them); `/config`, `/endpoints`,
+/// `/tap` and `/log-level` (the one change) show or alter more, so off loopback
 /// they need `Authorization: Bearer` with the `admin_token_env` token, and
 /// without one configured they are not served off loopback at all.
 fn guard(

@@ -34,8 +34,6 @@ mod props;
 
 use almond_config::{ProxyConfig, Secret};
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use observe::metrics::Metrics;
 use pipeline::route::Table;
 use std::future::Future;
@@ -55,7 +53,7 @@ pub struct Shared {
     /// Whether `/ready` says yes.
     pub ready: AtomicBool,
     /// Downstream HTTP server settings.
-    pub http: auto::Builder<TokioExecutor>,
+    pub http: edge::listen::HttpServer,
     /// The mTLS identity (the config's `tls`), reloaded when its files change.
     pub tls: Option<Arc<identity::tls::Tls>>,
     /// Trace sampling, the access log and the log level.

@@ -6,10 +6,10 @@ use crate::edge::serve::Answer;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -139,18 +139,31 @@ pub trait Closable: Future {
     fn close(self: Pin<&mut Self>);
 }
 
-impl<I, S, B> Closable for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
+impl<I, S, B> Closable for http1::UpgradeableConnection<I, S>
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn close(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> Closable for Pin<Box<http2::Connection<I, S, TokioExecutor>>>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
     fn close(self: Pin<&mut Self>) {
-        auto::UpgradeableConnection::graceful_shutdown(self);
+        self.get_mut().as_mut().graceful_shutdown();
     }
 }
 

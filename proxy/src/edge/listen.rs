@@ -1,6 +1,6 @@
 //! Listen: the proxy listeners' accept loop (`almond_net`), the cap on open
-//! connections, the mTLS handshake, and hyper serving each connection
-//! (whose life `conn` follows).
+//! connections, the mTLS handshake, the choice of HTTP/1.1 or HTTP/2 for
+//! each connection, and hyper serving it (whose life `conn` follows).
 
 use crate::edge::conn::{counted, drive, Activity};
 use crate::edge::serve;
@@ -9,36 +9,119 @@ use crate::outcome::ErrorKind;
 use crate::rescue::Rescue;
 use crate::Shared;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 pub use almond_net::bind;
 
-/// The HTTP server settings every downstream connection uses.
-pub fn http_builder(limits: &almond_config::Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+/// The HTTP server settings every downstream connection uses: one builder
+/// per protocol, since each connection's protocol is known before hyper
+/// sees it (`Protocol`).
+#[derive(Clone)]
+pub struct HttpServer {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// The HTTP server settings for `limits`.
+pub fn http_builder(limits: &almond_config::Limits) -> HttpServer {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        // The head's limit, exactly (431 over it), whatever the reads'
+        // sizes; the buffer's cap follows it.
+        .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_concurrent_streams(1024)
         .keep_alive_interval(limits.keep_alive_interval)
         .keep_alive_timeout(limits.keep_alive_timeout);
-    builder
+    HttpServer { h1, h2 }
+}
+
+/// What a downstream connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4), which a client with
+/// prior knowledge sends first.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads, without consuming, the first bytes of a cleartext connection:
+/// HTTP/2 if they are the connection preface, HTTP/1.1 otherwise; `None`
+/// when the client closes first. The caller bounds the wait.
+///
+/// Peeking, not reading, keeps hyper's buffers unallocated until the
+/// client speaks, and hands hyper the request whole: hyper-util's `auto`
+/// server reads the first 24 bytes into a buffer of its own and replays
+/// them, after which hyper's read buffer grows from 8 to 16 KiB for the
+/// connection's life (benches/results/2026-12-04-memory.md).
+async fn sniff(stream: &TcpStream) -> Option<Protocol> {
+    let mut first = [0u8; PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if first[..n] != PREFACE[..n] {
+            return Some(Protocol::Http1);
+        }
+        if n == PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // Part of the preface: peeking again at once would return the same
+        // bytes, so wait for the rest a little.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Serves one connection of a known protocol with `svc`, to its end.
+async fn serve_as<I, S>(
+    server: &HttpServer,
+    protocol: Protocol,
+    io: I,
+    svc: S,
+    stop: watch::Receiver<bool>,
+    activity: &Activity,
+    idle: Duration,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = hyper::Response<crate::edge::conn::Counted>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    match protocol {
+        Protocol::Http1 => {
+            let conn = server.h1.serve_connection(io, svc).with_upgrades();
+            drive(conn, stop, activity, idle).await
+        }
+        // Boxed: an HTTP/2 connection's state is larger than an HTTP/1.1
+        // one's, and every connection's task would be sized for it.
+        Protocol::Http2 => {
+            let conn = Box::pin(server.h2.serve_connection(io, svc));
+            drive(conn, stop, activity, idle).await
+        }
+    }
 }
 
 /// Accepts on `listener` until `stop` changes; each connection's task is
@@ -72,13 +155,23 @@ pub async fn accept_loop(
                 drop(slot);
             }),
             None => connections.spawn(async move {
+                // A client that says nothing is closed after `idle_timeout`,
+                // as one idle between requests is.
+                let mut stopping = closing.clone();
+                let protocol = tokio::select! {
+                    protocol = tokio::time::timeout(idle, sniff(&stream)) => protocol.ok().flatten(),
+                    _ = stopping.changed() => None,
+                };
+                let Some(protocol) = protocol else {
+                    return drop(slot);
+                };
                 let activity = Arc::new(Activity::new());
-                let builder = shared.http.clone();
+                let server = shared.http.clone();
                 let svc = counted(activity.clone(), move |req| {
                     serve::handle(shared.clone(), index, peer, req)
                 });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                if let Err(e) = drive(conn, closing, &activity, idle).await {
+                let io = TokioIo::new(stream);
+                if let Err(e) = serve_as(&server, protocol, io, svc, closing, &activity, idle).await {
                     tracing::debug!(%peer, error = %e, "downstream connection ended");
                 }
                 drop(slot);
@@ -120,7 +213,7 @@ async fn serve_tls(
     shared: Arc<Shared>,
     index: usize,
     inbound: Arc<Inbound>,
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
     idle: Duration,
@@ -151,9 +244,14 @@ async fn serve_tls(
     if !allowed {
         tracing::info!(%peer, identities = ?names, "client identity not allowed");
     }
+    // Over TLS, HTTP/2 is chosen by ALPN (RFC 9113 §3.2).
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
     let identity: Arc<str> = Arc::from(names.first().map_or("client", String::as_str));
     let identities = Identities(names.into());
-    let builder = shared.http.clone();
+    let server = shared.http.clone();
     let activity = Arc::new(Activity::new());
     let svc = counted(activity.clone(), move |mut req: Request<Incoming>| {
         let shared = shared.clone();
@@ -167,8 +265,8 @@ async fn serve_tls(
             serve::handle(shared, index, peer, req).await
         }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    if let Err(e) = drive(conn, stop, &activity, idle).await {
+    let io = TokioIo::new(stream);
+    if let Err(e) = serve_as(&server, protocol, io, svc, stop, &activity, idle).await {
         tracing::debug!(%peer, error = %e, "downstream tls connection ended");
     }
 }

@@ -11,6 +11,7 @@ use crate::headers;
 use crate::identity::authz::Identities;
 use crate::observe::access_log::{Entry, Observed};
 use crate::observe::otlp::Finished;
+use crate::observe::tap::Summary;
 use crate::observe::trace;
 use crate::outcome::{self, ErrorKind};
 use crate::pipeline::admit::{Admitted, Finish};
@@ -50,6 +51,16 @@ pub async fn handle(
     // Spans: only sampled requests, and only when export is configured.
     let spans = (shared.observe.spans.as_ref()).filter(|_| trace.sampled);
     let span_head = spans.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
+    // Tap: one atomic load while nobody watches.
+    let taps = &shared.observe.taps;
+    let tap_head = taps.active().then(|| {
+        let headers = taps.wants_headers().then(|| req.headers().clone());
+        (
+            req.method().clone(),
+            Box::<str>::from(req.uri().path()),
+            headers,
+        )
+    });
     let mut seen = Observed::default();
     // Logs: the request's debug lines carry its ID (a disabled span is free).
     let span = tracing::debug_span!("request", request_id = trace.request_id.to_str().ok());
@@ -57,6 +68,18 @@ pub async fn handle(
         .instrument(span)
         .await;
     trace.on_response(resp.headers_mut());
+    if let Some((method, path, headers)) = tap_head {
+        taps.offer(&Summary {
+            time_ms: almond_net::now_ms(),
+            method: &method,
+            path: &path,
+            status: resp.status().as_u16(),
+            observed: &seen,
+            latency: start.elapsed(),
+            request_id: trace.request_id.as_bytes(),
+            headers: headers.as_ref(),
+        });
+    }
     if let (Some(spans), Some((method, path))) = (spans, span_head) {
         let end = SystemTime::now();
         spans.record(Finished {

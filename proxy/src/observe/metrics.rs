@@ -51,6 +51,11 @@ pub struct Metrics {
     pub config_index: IntGauge,
     /// 1 while the control plane answers (static mode: 0).
     pub control_connected: IntGauge,
+    /// Request summaries sent to tap watchers (admin `/tap`).
+    pub tap_events: IntCounter,
+    /// Request summaries a tap filter passed but that were not sent: over
+    /// the per-second budget, or the watcher read too slowly.
+    pub tap_dropped: IntCounter,
 }
 
 /// Handles for one (direction, service, subset), resolved at table build.
@@ -194,6 +199,16 @@ impl Metrics {
                 r,
                 "almond_control_connected",
                 "1 while the control plane answers.",
+            )?,
+            tap_events: counter(
+                r,
+                "almond_tap_events_total",
+                "Request summaries sent to tap watchers.",
+            )?,
+            tap_dropped: counter(
+                r,
+                "almond_tap_events_dropped_total",
+                "Request summaries a tap filter passed but not sent: over the per-second cap, or a slow watcher.",
             )?,
             registry,
         };

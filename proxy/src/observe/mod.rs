@@ -1,18 +1,20 @@
 //! Observe: measuring every request -- golden metrics, trace context,
-//! span export and the access log -- and the settings they share
+//! span export, the access log and the live tap -- and the settings they share
 //! ([`Observe`], read by `serve`; the log filter, by `admin`). Imports
 //! only the leaves (`outcome`, `body`, `clock`).
 
 pub mod access_log;
 pub mod metrics;
 pub mod otlp;
+pub mod tap;
 pub mod trace;
 
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 use crate::observe::otlp::Spans;
+use crate::observe::tap::Taps;
 use almond_config::ProxyConfig;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// Observability state, fixed at start.
 pub struct Observe {
@@ -22,6 +24,8 @@ pub struct Observe {
     pub access_log: Option<AccessLog>,
     /// Span export (`tracing.otlp`), when configured.
     pub spans: Option<Spans>,
+    /// Live request summaries for admin `/tap` watchers.
+    pub taps: Arc<Taps>,
     /// The process's log filter, when the binary made it reloadable.
     pub log_level: OnceLock<LogLevel>,
 }
@@ -43,6 +47,7 @@ impl Observe {
     /// Reads `config`; starts the access log writer and the span exporter
     /// when they are configured.
     pub fn new(config: &ProxyConfig, metrics: &Metrics) -> Observe {
+        let name = || (config.proxy_id.clone()).unwrap_or_else(crate::proxy_hostname);
         Observe {
             sample_rate: config.tracing.sample_rate,
             access_log: config
@@ -50,11 +55,14 @@ impl Observe {
                 .as_ref()
                 .and_then(|c| AccessLog::start(c, metrics)),
             spans: config.tracing.otlp.as_ref().and_then(|otlp| {
-                let name = (otlp.service_name.clone())
-                    .or_else(|| config.proxy_id.clone())
-                    .unwrap_or_else(crate::proxy_hostname);
+                let name = (otlp.service_name.clone()).unwrap_or_else(name);
                 Spans::start(otlp, name, metrics)
             }),
+            taps: Arc::new(Taps::new(
+                name().into(),
+                metrics.tap_events.clone(),
+                metrics.tap_dropped.clone(),
+            )),
             log_level: OnceLock::new(),
         }
     }

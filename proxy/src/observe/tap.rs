@@ -1,0 +1,315 @@
+//! Tap: live request summaries for whoever watches (`GET /tap` on the admin
+//! listener), filtered and capped here; a request costs one atomic load
+//! while nobody watches.
+
+use crate::observe::access_log::Observed;
+pub use almond_config::tap::{Filter, Status, MAX_PER_SECOND};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use prometheus::IntCounter;
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Summaries waiting for a slow watcher, at most; more are dropped.
+const QUEUE: usize = 256;
+
+/// A watcher that sees no event gets an empty line this often: a client
+/// that went away is noticed (the write fails) and its watcher removed.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Request headers a tap shows by name only, never by value.
+const SECRET_HEADERS: [&str; 4] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+];
+
+/// Whether `s` passes `filter`.
+fn passes(filter: &Filter, s: &Summary<'_>) -> bool {
+    let service = s.observed.service.as_deref();
+    let subset = s.observed.subset.as_deref();
+    filter
+        .service
+        .as_deref()
+        .is_none_or(|want| service == Some(want))
+        && filter
+            .subset
+            .as_deref()
+            .is_none_or(|want| subset == Some(want))
+        && (filter.path_prefix.as_deref()).is_none_or(|p| s.path.starts_with(p))
+        && filter.status.is_none_or(|st| st.matches(s.status))
+}
+
+/// One finished request, as the request path hands it to [`Taps::offer`].
+pub struct Summary<'a> {
+    /// Wall-clock arrival, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// Request method.
+    pub method: &'a Method,
+    /// Request path (no query: it may carry secrets).
+    pub path: &'a str,
+    /// Response status (proxy-made answers included).
+    pub status: u16,
+    /// Route and endpoint.
+    pub observed: &'a Observed,
+    /// Time to the response's headers.
+    pub latency: Duration,
+    /// `x-request-id`.
+    pub request_id: &'a [u8],
+    /// The request's headers, when a watcher asked for them.
+    pub headers: Option<&'a HeaderMap>,
+}
+
+/// A per-second budget in one word: the second (high 32 bits) and the
+/// events spent in it (low 32 bits).
+struct Budget(AtomicU64);
+
+impl Budget {
+    fn take(&self, second: u32, limit: u32) -> bool {
+        let mut now = self.0.load(Ordering::Relaxed);
+        loop {
+            let (at, spent) = ((now >> 32) as u32, now as u32);
+            let spent = if at == second { spent } else { 0 };
+            if spent >= limit {
+                return false;
+            }
+            let next = (u64::from(second) << 32) | u64::from(spent + 1);
+            match self
+                .0
+                .compare_exchange_weak(now, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(seen) => now = seen,
+            }
+        }
+    }
+}
+
+struct Watcher {
+    filter: Filter,
+    budget: Budget,
+    tx: mpsc::Sender<Bytes>,
+}
+
+/// The proxy's watchers.
+pub struct Taps {
+    watchers: ArcSwap<Vec<Arc<Watcher>>>,
+    /// How many watch: what the request path reads first.
+    count: AtomicUsize,
+    /// Whether any watcher wants headers.
+    headers: AtomicUsize,
+    /// The proxy-wide budget ([`MAX_PER_SECOND`]).
+    budget: Budget,
+    proxy: Arc<str>,
+    dropped: IntCounter,
+    sent: IntCounter,
+}
+
+impl Taps {
+    /// No watchers yet; summaries name the proxy `proxy`.
+    pub fn new(proxy: Arc<str>, sent: IntCounter, dropped: IntCounter) -> Taps {
+        Taps {
+            watchers: ArcSwap::from_pointee(Vec::new()),
+            count: AtomicUsize::new(0),
+            headers: AtomicUsize::new(0),
+            budget: Budget(AtomicU64::new(0)),
+            proxy,
+            dropped,
+            sent,
+        }
+    }
+
+    /// Whether anyone watches: the one thing a request checks.
+    #[inline]
+    pub fn active(&self) -> bool {
+        self.count.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether a watcher wants request headers (kept only then).
+    pub fn wants_headers(&self) -> bool {
+        self.headers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Offers one finished request to every watcher whose filter it
+    /// passes, within the watcher's and the proxy's budgets; an event over
+    /// a budget, or for a watcher that reads too slowly, is dropped and
+    /// counted.
+    pub fn offer(&self, summary: &Summary<'_>) {
+        let second = (summary.time_ms / 1000) as u32;
+        let mut line = None;
+        for watcher in self.watchers.load().iter() {
+            if !passes(&watcher.filter, summary) {
+                continue;
+            }
+            if !watcher.budget.take(second, watcher.filter.per_second)
+                || !self.budget.take(second, MAX_PER_SECOND)
+            {
+                self.dropped.inc();
+                continue;
+            }
+            let bytes = match (&line, watcher.filter.headers) {
+                (Some(bytes), false) => Bytes::clone(bytes),
+                (_, false) => line.insert(self.render(summary, false)).clone(),
+                (_, true) => self.render(summary, true),
+            };
+            match watcher.tx.try_send(bytes) {
+                Ok(()) => self.sent.inc(),
+                Err(_) => self.dropped.inc(),
+            }
+        }
+    }
+
+    /// Starts a watcher; it is removed when the returned body is dropped
+    /// (the admin client went away).
+    pub fn watch(self: &Arc<Taps>, filter: Filter) -> TapBody {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let headers = filter.headers;
+        let watcher = Arc::new(Watcher {
+            filter,
+            budget: Budget(AtomicU64::new(0)),
+            tx,
+        });
+        self.watchers.rcu(|all| {
+            let mut all = Vec::clone(all);
+            all.push(watcher.clone());
+            all
+        });
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if headers {
+            self.headers.fetch_add(1, Ordering::Relaxed);
+        }
+        let leave = Leave {
+            taps: self.clone(),
+            watcher,
+        };
+        almond_net::Lines::new(rx, HEARTBEAT, leave)
+    }
+
+    fn render(&self, s: &Summary<'_>, headers: bool) -> Bytes {
+        let o = s.observed;
+        let mut event = json!({
+            "time_ms": s.time_ms,
+            "proxy": &*self.proxy,
+            "method": s.method.as_str(),
+            "path": s.path,
+            "status": s.status,
+            "service": o.service.as_deref(),
+            "subset": o.subset.as_deref(),
+            "endpoint": o.endpoint.map(|a| a.to_string()),
+            "latency_ms": (s.latency.as_secs_f64() * 1e6).round() / 1e3,
+            "request_id": String::from_utf8_lossy(s.request_id),
+        });
+        if let (true, Some(map), Some(all)) = (headers, event.as_object_mut(), s.headers) {
+            map.insert("headers".to_owned(), redacted(all));
+        }
+        let mut bytes = serde_json::to_vec(&event).unwrap_or_default();
+        bytes.push(b'\n');
+        Bytes::from(bytes)
+    }
+}
+
+/// The request's headers as a JSON object, secrets by name only.
+fn redacted(headers: &HeaderMap) -> Value {
+    let mut out = Map::new();
+    for (name, value) in headers {
+        let shown = if SECRET_HEADERS.contains(&name.as_str()) {
+            "<redacted>".to_owned()
+        } else {
+            String::from_utf8_lossy(value.as_bytes()).into_owned()
+        };
+        out.insert(name.as_str().to_owned(), Value::String(shown));
+    }
+    Value::Object(out)
+}
+
+/// Removes its watcher when dropped.
+pub struct Leave {
+    taps: Arc<Taps>,
+    watcher: Arc<Watcher>,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        let gone = &self.watcher;
+        self.taps.watchers.rcu(|all| {
+            all.iter()
+                .filter(|w| !Arc::ptr_eq(w, gone))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        self.taps.count.fetch_sub(1, Ordering::Relaxed);
+        if gone.filter.headers {
+            self.taps.headers.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A watcher's stream of summaries, one JSON object per line (and an
+/// empty line after [`HEARTBEAT`] of silence), for as long as the admin
+/// client reads it; the watcher leaves with it.
+pub type TapBody = almond_net::Lines<Leave>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_budget_spends_per_second() {
+        let b = Budget(AtomicU64::new(0));
+        assert!((0..3).all(|_| b.take(7, 3)));
+        assert!(!b.take(7, 3));
+        assert!(b.take(8, 3));
+    }
+
+    #[tokio::test]
+    async fn watchers_see_what_passes_their_filter_and_leave_when_dropped() {
+        let taps = Arc::new(Taps::new(
+            "p1".into(),
+            IntCounter::new("s", "s").unwrap(),
+            IntCounter::new("d", "d").unwrap(),
+        ));
+        assert!(!taps.active());
+        let mut body = taps.watch(Filter::from_query(&query(&[("status", "5xx")])).unwrap());
+        assert!(taps.active());
+        let observed = Observed {
+            service: Some("web".into()),
+            ..Observed::default()
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", "Bearer secret".parse().unwrap());
+        for status in [200, 503] {
+            taps.offer(&Summary {
+                time_ms: 1_000,
+                method: &Method::GET,
+                path: "/x",
+                status,
+                observed: &observed,
+                latency: Duration::from_micros(1500),
+                request_id: b"r1",
+                headers: Some(&headers),
+            });
+        }
+        use http_body_util::BodyExt;
+        let line = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let event: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(event["status"], 503);
+        assert_eq!(event["latency_ms"], 1.5);
+        assert!(event.get("headers").is_none());
+        let next = tokio::time::timeout(Duration::from_millis(50), body.frame()).await;
+        assert!(next.is_err(), "the 200 was filtered out");
+        drop(body);
+        assert!(!taps.active());
+    }
+}
