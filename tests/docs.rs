@@ -171,6 +171,7 @@ fn fully_populated() -> ProxyConfig {
         endpoints,
         split,
         routes,
+        guards,
         timeouts,
         circuit_breaker,
         retries,
@@ -236,6 +237,30 @@ fn fully_populated() -> ProxyConfig {
                     subset: None,
                     service: Some("orders".to_owned()),
                 },
+            });
+        }
+        if guards.is_empty() {
+            let block = almond_config::Match {
+                path_prefix: Some("/api/giveaway".to_owned()),
+                method: Some("POST".to_owned()),
+                ..Default::default()
+            };
+            guards.push(almond_config::Guard {
+                when: block,
+                deny: Some(almond_config::Deny {
+                    status: 503,
+                    body: Some("closed".to_owned()),
+                }),
+                limit: None,
+            });
+            guards.push(almond_config::Guard {
+                when: almond_config::Match::default(),
+                deny: None,
+                limit: Some(almond_config::Limit {
+                    rate: almond_config::Rate::parse("100/min").unwrap(),
+                    burst: Some(20),
+                    by: almond_config::LimitBy::Header("x-user-id".to_owned()),
+                }),
             });
         }
         let Timeouts {

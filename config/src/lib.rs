@@ -7,6 +7,7 @@
 
 mod control;
 mod duration;
+mod guards;
 mod lines;
 mod load;
 mod observe;
@@ -24,6 +25,7 @@ pub use control::{
     ConsulIntentions, ConsulSource, ControlConfig, Notify, NotifyFormat, Source, Store,
     WatcherSource,
 };
+pub use guards::{check_guards, Deny, Guard, Limit, LimitBy, Rate, MAX_GUARDS};
 pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
     load_services, validate_proxy, Strictness,

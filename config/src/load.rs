@@ -415,6 +415,7 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
         &svc.routes,
         strict.then_some(subsets.as_slice()),
     ));
+    out.extend(crate::guards::check_guards(&svc.guards));
     if svc.timeouts.connect.is_zero() {
         out.push((".timeouts.connect".into(), "must be more than 0".into()));
     }

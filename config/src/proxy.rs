@@ -309,6 +309,11 @@ pub struct Service {
     /// request to its `to`; none matching = the split.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<crate::RouteRule>,
+    /// Guards, in order: the first whose `match` holds denies the request
+    /// or holds it to a rate (`almond block`, `almond limit`); checked
+    /// before the route rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<crate::Guard>,
     /// Connect and request timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,

@@ -151,6 +151,12 @@ async fn serve(
     if let Err(who) = authorize(shared, &svc, direction, &req) {
         return ErrorKind::Forbidden.response(&who);
     }
+    // Guard: a deny or a rate limit on this route answers here.
+    if let Some(guards) = &svc.guards {
+        if let Some(answer) = guards.check(&req, peer.ip(), direction, start) {
+            return answer;
+        }
+    }
     // Split: a pinned subset, a rule's, the weighted split, or every endpoint.
     let pool = match svc.pool(&req, routed) {
         Ok(pool) => pool,

@@ -10,6 +10,7 @@ use crate::identity::tls::{Tls, Upstream};
 use crate::limit::Admission;
 use crate::observe::metrics::{EjectionMetrics, Metrics, SubsetMetrics};
 use crate::outcome::ErrorKind;
+use crate::pipeline::guard::Guards;
 use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::rules::Rules;
 use crate::pipeline::split::Split;
@@ -73,6 +74,8 @@ pub struct ServiceRoute {
     pub split: Option<Split>,
     /// Route rules (`routes`), compiled: where a matching request goes.
     pub rules: Rules<RouteTarget>,
+    /// Guards (`guards`), compiled; `None` when it has none.
+    pub guards: Option<Guards>,
     /// Concurrency limit (`circuit_breaker.max_requests`).
     pub admission: Arc<Admission>,
     /// Failure accrual and ejection.
@@ -133,8 +136,12 @@ impl Table {
     ) -> Table {
         let mut states: States = HashMap::new();
         let mut admissions: HashMap<&str, (Arc<Admission>, Arc<Admission>)> = HashMap::new();
+        let mut guards: HashMap<&str, &Guards> = HashMap::new();
         if let Some(prev) = previous {
             for svc in prev.services.values() {
+                if let Some(g) = &svc.guards {
+                    guards.insert(&svc.name, g);
+                }
                 admissions.insert(
                     &svc.name,
                     (svc.admission.clone(), svc.target.pending.clone()),
@@ -150,6 +157,8 @@ impl Table {
             .map(|(name, svc)| {
                 let admission = admissions.get(name.as_str()).cloned();
                 let mut route = ServiceRoute::build(name, svc, metrics, &mut states, admission);
+                let kept = guards.get(name.as_str()).copied();
+                route.guards = Guards::build(name, &svc.guards, metrics, kept);
                 route.target.tls = svc.tls.as_ref().map(|t| upstream_tls(name, t, tls));
                 (Box::from(name.as_str()), Arc::new(route))
             })
@@ -427,6 +436,7 @@ impl ServiceRoute {
             all,
             split,
             rules,
+            guards: None,
             admission,
             outlier: Outlier::new(cb, svc.timeouts.request),
             health_check: svc.health_check.clone(),
