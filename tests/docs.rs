@@ -239,7 +239,7 @@ fn fully_populated() -> ProxyConfig {
                 },
             });
         }
-        if guards.is_empty() {
+        {
             let block = almond_config::Match {
                 path_prefix: Some("/api/giveaway".to_owned()),
                 method: Some("POST".to_owned()),
