@@ -95,6 +95,62 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
+    /// Deny requests to a path of a service at once, on every proxy
+    /// (within a second): they get STATUS without reaching the service.
+    Block {
+        /// The service.
+        service: String,
+        /// Path prefix (whole segments: /api matches /api/x, not /apix).
+        #[arg(long)]
+        path: String,
+        /// Only this method (default: any).
+        #[arg(long)]
+        method: Option<String>,
+        /// The answer's status.
+        #[arg(long, default_value_t = 503)]
+        status: u16,
+        /// The answer's body.
+        #[arg(long)]
+        body: Option<String>,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Hold requests to a path of a service to a rate, on every proxy
+    /// (each proxy counts its own: a per-proxy limit); over it, 429.
+    Limit {
+        /// The service.
+        service: String,
+        /// Path prefix.
+        #[arg(long)]
+        path: String,
+        /// Only this method (default: any).
+        #[arg(long)]
+        method: Option<String>,
+        /// `10/s`, `100/min` or `5/h`.
+        #[arg(long)]
+        rate: String,
+        /// Requests allowed at once after a quiet spell.
+        #[arg(long)]
+        burst: Option<u32>,
+        /// `none`, `client_ip` or `header NAME`.
+        #[arg(long, default_value = "none")]
+        by: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Remove the block or limit set on a path (and method) of a service.
+    Unblock {
+        /// The service.
+        service: String,
+        /// Path prefix, as given to `block` or `limit`.
+        #[arg(long)]
+        path: String,
+        /// The method, as given to `block` or `limit`.
+        #[arg(long)]
+        method: Option<String>,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
     /// Live requests to a service as every proxy sees them (time, proxy,
     /// method, path, status, subset, endpoint, latency, request ID), until
     /// Ctrl-C or `--count`. Each proxy sends at most 100 a second.
@@ -295,6 +351,58 @@ fn main() -> ExitCode {
             follow,
             ops,
         } => block_on(ops::events(&ops.target(), &service, follow)),
+        Command::Block {
+            service,
+            path,
+            method,
+            status,
+            body,
+            ops,
+        } => {
+            let mut deny = serde_json::json!({ "status": status });
+            if let Some(body) = body {
+                deny["body"] = serde_json::Value::String(body);
+            }
+            let change = ops::GuardChange {
+                path,
+                method,
+                action: Some(deny),
+            };
+            block_on(ops::guard(&ops.target(), &service, change))
+        }
+        Command::Limit {
+            service,
+            path,
+            method,
+            rate,
+            burst,
+            by,
+            ops,
+        } => {
+            let mut limit = serde_json::json!({ "rate": rate, "by": by });
+            if let Some(burst) = burst {
+                limit["burst"] = serde_json::Value::from(burst);
+            }
+            let change = ops::GuardChange {
+                path,
+                method,
+                action: Some(limit),
+            };
+            block_on(ops::guard(&ops.target(), &service, change))
+        }
+        Command::Unblock {
+            service,
+            path,
+            method,
+            ops,
+        } => {
+            let change = ops::GuardChange {
+                path,
+                method,
+                action: None,
+            };
+            block_on(ops::guard(&ops.target(), &service, change))
+        }
         Command::Tap {
             service,
             path,

@@ -498,7 +498,84 @@ pub fn table(v: &Value) -> String {
     if v["live"]["proxies"].as_u64() == Some(0) {
         s.push_str("  (no proxy has polled the control plane lately: no live figures)\n");
     }
+    for guard in v["service"]["guards"].as_array().into_iter().flatten() {
+        s.push_str(&format!("  guard: {}\n", guard_line(guard)));
+    }
     s
+}
+
+/// One guard in words: `POST /api/giveaway* denied 503`.
+pub fn guard_line(g: &Value) -> String {
+    let m = &g["match"];
+    let method = m["method"].as_str().unwrap_or("any method");
+    let path = match (m["path_prefix"].as_str(), m["path_exact"].as_str()) {
+        (Some(p), _) => format!("{p}*"),
+        (None, Some(p)) => p.to_owned(),
+        (None, None) => "any path".to_owned(),
+    };
+    let what = if g["deny"].is_object() {
+        format!("denied {}", g["deny"]["status"].as_u64().unwrap_or(503))
+    } else {
+        let l = &g["limit"];
+        let by = match l["by"].as_str() {
+            Some("none") | None => String::new(),
+            Some(by) => format!(" per {by}"),
+        };
+        format!("limited to {}{by}", l["rate"].as_str().unwrap_or("?"))
+    };
+    format!("{method} {path} {what}")
+}
+
+/// What `almond block`, `almond limit` and `almond unblock` send.
+pub struct GuardChange {
+    /// The path prefix.
+    pub path: String,
+    /// Only this method (any when `None`).
+    pub method: Option<String>,
+    /// `deny` (block), `limit`, or `None` to remove (unblock).
+    pub action: Option<Value>,
+}
+
+/// `almond block|limit|unblock SERVICE --path P`: sets or removes a guard
+/// through the control plane; prints the guards in force.
+pub async fn guard(t: &Target, service: &str, change: GuardChange) -> anyhow::Result<()> {
+    let path = format!(
+        "/v1/services/{}/guards",
+        almond_net::percent_encode(service)
+    );
+    let mut when = json!({ "path_prefix": change.path });
+    if let Some(method) = change.method {
+        when["method"] = Value::String(method.to_ascii_uppercase());
+    }
+    let mut body = json!({ "match": when });
+    match change.action {
+        Some(action) => {
+            let key = if action.get("rate").is_some() {
+                "limit"
+            } else {
+                "deny"
+            };
+            body[key] = action;
+        }
+        None => body["remove"] = Value::Bool(true),
+    }
+    let out = t.call(http::Method::PUT, &path, Some(body)).await?;
+    t.print(&out, || {
+        let guards = out["policy"]["guards"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut text = format!(
+            "{service}: {} guard(s) in force (index {}); proxies apply it within a second",
+            guards.len(),
+            out["index"]
+        );
+        for g in &guards {
+            text.push_str(&format!("\n  {}", guard_line(g)));
+        }
+        text
+    });
+    Ok(())
 }
 
 fn show(split: &Value) -> String {

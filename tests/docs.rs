@@ -175,6 +175,8 @@ fn fully_populated() -> ProxyConfig {
         lb: _,
         endpoints,
         split,
+        routes,
+        guards,
         timeouts,
         circuit_breaker,
         retries,
@@ -218,6 +220,61 @@ fn fully_populated() -> ProxyConfig {
             weights.insert(endpoints[0].subset.clone(), 100);
         }
         sticky_header.get_or_insert_with(|| "x-user-id".to_owned());
+        if routes.is_empty() {
+            let subset = endpoints[0].subset.clone();
+            let header = |v: &str| almond_config::HeaderMatch::Value(v.to_owned());
+            // Two rules: path_prefix and path_exact (and subset and
+            // service) exclude each other.
+            let first = almond_config::Match {
+                path_prefix: Some("/api".to_owned()),
+                path_exact: None,
+                method: Some("GET".to_owned()),
+                headers: [("x-beta".to_owned(), header("1"))].into(),
+                cookie: [("beta".to_owned(), "1".to_owned())].into(),
+            };
+            let second = almond_config::Match {
+                path_exact: Some("/healthz".to_owned()),
+                ..Default::default()
+            };
+            routes.push(almond_config::RouteRule {
+                when: first,
+                to: almond_config::RouteTo {
+                    subset: Some(subset),
+                    service: None,
+                },
+            });
+            routes.push(almond_config::RouteRule {
+                when: second,
+                to: almond_config::RouteTo {
+                    subset: None,
+                    service: Some("orders".to_owned()),
+                },
+            });
+        }
+        {
+            let block = almond_config::Match {
+                path_prefix: Some("/api/giveaway".to_owned()),
+                method: Some("POST".to_owned()),
+                ..Default::default()
+            };
+            guards.push(almond_config::Guard {
+                when: block,
+                deny: Some(almond_config::Deny {
+                    status: 503,
+                    body: Some("closed".to_owned()),
+                }),
+                limit: None,
+            });
+            guards.push(almond_config::Guard {
+                when: almond_config::Match::default(),
+                deny: None,
+                limit: Some(almond_config::Limit {
+                    rate: almond_config::Rate::parse("100/min").unwrap(),
+                    burst: Some(20),
+                    by: almond_config::LimitBy::Header("x-user-id".to_owned()),
+                }),
+            });
+        }
         let Timeouts {
             connect: _,
             request: _,
@@ -265,6 +322,10 @@ fn key_paths(value: &Value, path: &str, out: &mut BTreeSet<String>) {
                     "<name>"
                 } else if path.ends_with(".split") && key != "sticky_header" {
                     "<subset>"
+                } else if path.ends_with(".match.headers") {
+                    "<header>"
+                } else if path.ends_with(".match.cookie") {
+                    "<cookie>"
                 } else {
                     key.as_str()
                 };

@@ -8,11 +8,13 @@
 mod control;
 mod duration;
 mod grpc;
+mod guards;
 mod lines;
 mod load;
 mod observe;
 mod problem;
 mod proxy;
+mod rules;
 mod secret;
 mod snapshot;
 mod split;
@@ -25,6 +27,7 @@ pub use control::{
     WatcherSource,
 };
 pub use grpc::{CodeSet, Grpc, GrpcCode};
+pub use guards::{check_guards, Deny, Guard, Limit, LimitBy, Rate, MAX_GUARDS};
 pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
     load_services, validate_proxy, Strictness,
@@ -35,6 +38,7 @@ pub use proxy::{
     check_identity, Authz, CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits,
     Listener, Protocol, ProxyConfig, Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
 };
+pub use rules::{check_match, check_rules, HeaderMatch, Match, RouteRule, RouteTo, MAX_RULES};
 pub use secret::Secret;
 pub use snapshot::Snapshot;
 pub use split::{check_sticky_header, Split, Weights};

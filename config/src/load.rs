@@ -319,6 +319,17 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
         for (path, message) in check_service(svc, strictness) {
             add(format!("services.{name}{path}"), message);
         }
+        if static_mode {
+            for (i, rule) in svc.routes.iter().enumerate() {
+                match &rule.to.service {
+                    Some(to) if !config.services.contains_key(to) => add(
+                        format!("services.{name}.routes[{i}].to.service"),
+                        format!("no service named {to:?} in services"),
+                    ),
+                    _ => {}
+                }
+            }
+        }
     }
     out
 }
@@ -408,6 +419,12 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
             }
         }
     }
+    let subsets: Vec<&str> = svc.endpoints.iter().map(|e| e.subset.as_str()).collect();
+    out.extend(crate::rules::check_rules(
+        &svc.routes,
+        strict.then_some(subsets.as_slice()),
+    ));
+    out.extend(crate::guards::check_guards(&svc.guards));
     if svc.timeouts.connect.is_zero() {
         out.push((".timeouts.connect".into(), "must be more than 0".into()));
     }

@@ -334,6 +334,15 @@ pub struct Service {
     /// `sticky_header`; omitted = all subsets together, by endpoint weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<crate::Split>,
+    /// Route rules, in order: the first whose `match` holds sends the
+    /// request to its `to`; none matching = the split.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::RouteRule>,
+    /// Guards, in order: the first whose `match` holds denies the request
+    /// or holds it to a rate (`almond block`, `almond limit`); checked
+    /// before the route rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<crate::Guard>,
     /// Connect and request timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,

@@ -287,6 +287,10 @@ async fn respond(
                 let name = (*name).to_owned();
                 mutate(&api, req, peer, &name, Mutation::Split).await
             }
+            (Method::PUT, ["v1", "services", name, "guards"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, peer, &name, Mutation::Guard).await
+            }
             (Method::PUT, ["v1", "services", name, "authz"]) => {
                 let name = (*name).to_owned();
                 mutate(&api, req, peer, &name, Mutation::Authz).await
@@ -447,6 +451,23 @@ enum Mutation {
     Approve,
     Abort,
     Authz,
+    Guard,
+}
+
+/// Body of `PUT /v1/services/{svc}/guards`: a guard to set (`almond
+/// block`: `deny`; `almond limit`: `limit`), or, with `remove`, the match
+/// whose guards go (`almond unblock`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuardRequest {
+    #[serde(rename = "match", default)]
+    when: almond_config::Match,
+    #[serde(default)]
+    deny: Option<almond_config::Deny>,
+    #[serde(default)]
+    limit: Option<almond_config::Limit>,
+    #[serde(default)]
+    remove: bool,
 }
 
 /// Body of `PUT /v1/services/{svc}/authz`.
@@ -562,6 +583,31 @@ async fn mutate(
             };
             let source = service.authz.as_ref();
             match current.with_authz(source, allow, &request.identity, &by, now) {
+                Ok(p) => p,
+                Err(r) => return refusal(r),
+            }
+        }
+        Mutation::Guard => {
+            let request: GuardRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                }
+            };
+            if request.remove && (request.deny.is_some() || request.limit.is_some()) {
+                return refusal(Refusal::Invalid(
+                    "remove takes a match only, no deny or limit".into(),
+                ));
+            }
+            let guard = almond_config::Guard {
+                when: request.when,
+                deny: request.deny,
+                limit: request.limit,
+            };
+            if !request.remove && guard.deny.is_none() && guard.limit.is_none() {
+                return refusal(Refusal::Invalid("give deny or limit (or remove)".into()));
+            }
+            match current.with_guard(&service.guards, guard, &by, now) {
                 Ok(p) => p,
                 Err(r) => return refusal(r),
             }

@@ -747,6 +747,8 @@ pub fn to_service_resolved(
         lb: Default::default(),
         endpoints,
         split: None,
+        routes: Vec::new(),
+        guards: Vec::new(),
         timeouts: Default::default(),
         circuit_breaker: Default::default(),
         retries: Default::default(),

@@ -3,7 +3,9 @@
 //! `store`; merged into the services proxies receive.
 
 use crate::watcher::rollout::Rollout;
-use almond_config::{check_identity, check_sticky_header, Authz, Service, Split, Weights};
+use almond_config::{
+    check_guards, check_identity, check_sticky_header, Authz, Guard, Match, Service, Split, Weights,
+};
 use serde::{Deserialize, Serialize};
 
 /// Changes kept in a policy's audit trail.
@@ -42,6 +44,10 @@ pub struct Policy {
     /// every proxy serving the service inbound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authz: Option<Authz>,
+    /// Guards set by `almond block` and `almond limit` (newest first);
+    /// once set, they replace the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guards: Option<Vec<Guard>>,
     /// Rollout events, oldest first (the last `EVENTS`), numbered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<Event>,
@@ -89,6 +95,9 @@ pub struct Change {
     /// `authz allow` / `authz deny`: the identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// `block`, `limit`, `unblock`: the guard concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<Guard>,
 }
 
 /// A refused change, with the HTTP status it maps to.
@@ -193,6 +202,7 @@ impl Policy {
             action: action.to_owned(),
             sticky_header: self.sticky_header.clone(),
             identity: None,
+            guard: None,
         });
         if self.history.len() > HISTORY {
             let cut = self.history.len() - HISTORY;
@@ -238,6 +248,63 @@ impl Policy {
         if let Some(change) = next.history.last_mut() {
             change.from = self.split.clone();
             change.identity = Some(identity.to_owned());
+        }
+        Ok(next)
+    }
+
+    /// The policy after `almond block` / `almond limit` (`guard` set: it
+    /// replaces any guard with the same match, else goes first, so the
+    /// newest decision wins) or `almond unblock` (`guard` with no deny or
+    /// limit: every guard with that match goes). The first change starts
+    /// from the source's guards.
+    pub fn with_guard(
+        &self,
+        source: &[Guard],
+        guard: Guard,
+        by: &str,
+        now: u64,
+    ) -> Result<Policy, Refusal> {
+        let removing = guard.deny.is_none() && guard.limit.is_none();
+        if !removing {
+            if let Some((path, why)) = check_guards(std::slice::from_ref(&guard))
+                .into_iter()
+                .next()
+            {
+                return Err(Refusal::Invalid(format!(
+                    "guard{}: {why}",
+                    path.trim_start_matches(".guards[0]")
+                )));
+            }
+        } else if let Some((path, why)) = almond_config::check_match(&guard.when).into_iter().next()
+        {
+            return Err(Refusal::Invalid(format!("match{path}: {why}")));
+        }
+        let mut next = self.clone();
+        let list = next.guards.get_or_insert_with(|| source.to_vec());
+        let same = |g: &Guard| g.when == guard.when;
+        let action = if removing {
+            if !list.iter().any(same) {
+                return Err(Refusal::Invalid(format!(
+                    "no guard matches exactly {}",
+                    describe(&guard.when)
+                )));
+            }
+            list.retain(|g| !same(g));
+            "unblock"
+        } else {
+            list.retain(|g| !same(g));
+            list.insert(0, guard.clone());
+            if guard.deny.is_some() {
+                "block"
+            } else {
+                "limit"
+            }
+        };
+        next.version += 1;
+        next.record(by, action, now);
+        if let Some(change) = next.history.last_mut() {
+            change.from = self.split.clone();
+            change.guard = Some(guard);
         }
         Ok(next)
     }
@@ -321,6 +388,9 @@ impl Policy {
         if let Some(authz) = &self.authz {
             service.authz = Some(authz.clone());
         }
+        if let Some(guards) = &self.guards {
+            service.guards = guards.clone();
+        }
         if let Some(weights) = &self.split {
             let source_sticky = service.split.take().and_then(|s| s.sticky_header);
             service.split = Some(Split {
@@ -329,6 +399,16 @@ impl Policy {
             });
         }
         service
+    }
+}
+
+/// A match in words: `POST /api/giveaway*`.
+pub fn describe(m: &Match) -> String {
+    let method = m.method.as_deref().unwrap_or("any method");
+    match (&m.path_prefix, &m.path_exact) {
+        (Some(p), _) => format!("{method} {p}*"),
+        (None, Some(p)) => format!("{method} {p}"),
+        (None, None) => format!("{method} any path"),
     }
 }
 

@@ -73,7 +73,9 @@ fn bench(c: &mut Criterion) {
                 let Ok(svc) = table.service(listener, black_box(&req)) else {
                     return;
                 };
-                let Ok(pool) = svc.pool(&req) else { return };
+                let Ok(pool) = svc.pool(&req, None) else {
+                    return;
+                };
                 let now = tokio::time::Instant::now();
                 if let Some(member) = pool.pick(now, None) {
                     let metrics = &svc.subsets[member.subset].metrics[0];
@@ -92,7 +94,7 @@ fn bench(c: &mut Criterion) {
         let Ok(svc) = table.service(listener, &req) else {
             return;
         };
-        b.iter(|| black_box(svc.pool(black_box(&req)).is_ok()))
+        b.iter(|| black_box(svc.pool(black_box(&req), None).is_ok()))
     });
 
     // Sticky: the subset from a hash of the user's header value.
@@ -112,7 +114,7 @@ fn bench(c: &mut Criterion) {
         let Ok(svc) = table.service(listener, &user) else {
             return;
         };
-        b.iter(|| black_box(svc.pool(black_box(&user)).is_ok()))
+        b.iter(|| black_box(svc.pool(black_box(&user), None).is_ok()))
     });
 }
 

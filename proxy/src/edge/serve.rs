@@ -135,8 +135,14 @@ async fn serve(
         shared.metrics.unroutable.inc();
         return ErrorKind::BadRequest.response(why);
     }
-    // Route: the listener's bound service, or Host / :authority.
-    let (svc, direction, body_idle) = match route(shared, listener, peer, &mut req, seen) {
+    // Route: the listener's bound service, or Host / :authority; then
+    // its route rules (another service, or a subset).
+    let Routed {
+        svc,
+        subset: routed,
+        direction,
+        body_idle,
+    } = match route(shared, listener, peer, &mut req, seen) {
         Ok(routed) => routed,
         Err((kind, detail)) => return kind.response(&detail),
     };
@@ -145,8 +151,14 @@ async fn serve(
     if let Err(who) = authorize(shared, &svc, direction, &req) {
         return ErrorKind::Forbidden.response(&who);
     }
-    // Split: a pinned subset, the weighted split, or every endpoint.
-    let pool = match svc.pool(&req) {
+    // Guard: a deny or a rate limit on this route answers here.
+    if let Some(guards) = &svc.guards {
+        if let Some(answer) = guards.check(&req, peer.ip(), direction, start) {
+            return answer;
+        }
+    }
+    // Split: a pinned subset, a rule's, the weighted split, or every endpoint.
+    let pool = match svc.pool(&req, routed) {
         Ok(pool) => pool,
         Err((kind, detail)) => {
             shared.metrics.unroutable.inc();
@@ -173,17 +185,30 @@ async fn serve(
     forward::forward(call, admitted, req, on_upgrade, seen).await
 }
 
+/// What routing decided.
+struct Routed {
+    /// The service (after its route rules).
+    svc: Arc<ServiceRoute>,
+    /// The subset a route rule picked, if one did.
+    subset: Option<usize>,
+    /// The metric direction index (0 outbound, 1 inbound).
+    direction: usize,
+    /// `limits.body_idle`.
+    body_idle: Duration,
+}
+
 /// Finds the request's service: the listener's bound one, or the one its
 /// host names. Applies the listener's header rules on the way (untrusted
-/// `x-almond-*` removed, `X-Forwarded-*` on inbound listeners). Returns
-/// the service, the metric direction and `limits.body_idle`.
+/// `x-almond-*` removed, `X-Forwarded-*` on inbound listeners), then the
+/// service's route rules. Returns the service, the subset a rule picked,
+/// the metric direction and `limits.body_idle`.
 fn route(
     shared: &Shared,
     listener: usize,
     peer: SocketAddr,
     req: &mut Request<Incoming>,
     seen: &mut Observed,
-) -> Result<(Arc<ServiceRoute>, usize, Duration), (ErrorKind, String)> {
+) -> Result<Routed, (ErrorKind, String)> {
     let table = shared.table.load();
     let Some(on) = table.listener(listener) else {
         return Err((ErrorKind::BadRequest, "listener gone".to_owned()));
@@ -195,8 +220,11 @@ fn route(
     if let Some(proto) = on.forwarded_proto {
         trust::add_forwarded(req.headers_mut(), peer.ip(), proto);
     }
-    let svc = match table.service(on, req) {
-        Ok(svc) => svc.clone(),
+    let routed = table
+        .service(on, req)
+        .and_then(|svc| table.apply_rules(svc, req));
+    let (svc, subset) = match routed {
+        Ok((svc, subset)) => (svc.clone(), subset),
         Err(unroutable) => {
             shared.metrics.unroutable.inc();
             return Err(unroutable);
@@ -207,7 +235,12 @@ fn route(
         Direction::Outbound => 0,
         Direction::Inbound => 1,
     };
-    Ok((svc, direction, table.config.limits.body_idle))
+    Ok(Routed {
+        svc,
+        subset,
+        direction,
+        body_idle: table.config.limits.body_idle,
+    })
 }
 
 /// An inbound request to a service with an allow-list (`authz`, from the

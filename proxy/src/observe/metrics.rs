@@ -32,6 +32,7 @@ pub struct Metrics {
     zone_requests: IntCounterVec,
     split_weight: IntGaugeVec,
     access_log_dropped: IntCounterVec,
+    guarded: IntCounterVec,
     trace_spans_dropped: IntCounterVec,
     /// Spans the collector accepted (`tracing.otlp`).
     pub trace_spans_exported: IntCounter,
@@ -194,6 +195,12 @@ impl Metrics {
                 &["service", "zone"],
             )?,
             split_weight,
+            guarded: counter_vec(
+                r,
+                "almond_guarded_requests_total",
+                "Requests a guard answered: denied (almond block), or over a rate limit (almond limit).",
+                &["service", "reason"],
+            )?,
             access_log_dropped: counter_vec(
                 r,
                 "almond_access_log_dropped_total",
@@ -399,6 +406,11 @@ impl Metrics {
     /// Drops a subset's split weight gauge (the split is gone).
     pub fn forget_split(&self, service: &str, subset: &str) {
         let _ = self.split_weight.remove_label_values(&[service, subset]);
+    }
+
+    /// `almond_guarded_requests_total{service, reason}`.
+    pub fn guarded(&self, service: &str, reason: &str) -> IntCounter {
+        self.guarded.with_label_values(&[service, reason])
     }
 
     /// The access log's drop counter for `reason` (`queue_full`, `rate_limit`).

@@ -10,7 +10,9 @@ use crate::identity::tls::{Tls, Upstream};
 use crate::limit::Admission;
 use crate::observe::metrics::{EjectionMetrics, Metrics, SubsetMetrics};
 use crate::outcome::ErrorKind;
+use crate::pipeline::guard::Guards;
 use crate::pipeline::retry::RetryPolicy;
+use crate::pipeline::rules::Rules;
 use crate::pipeline::split::Split;
 use crate::upstream::balance::{Member, Pool};
 use crate::upstream::eject::{Outlier, Peers};
@@ -70,6 +72,10 @@ pub struct ServiceRoute {
     pub all: Pool,
     /// The weighted split over subsets, if configured.
     pub split: Option<Split>,
+    /// Route rules (`routes`), compiled: where a matching request goes.
+    pub rules: Rules<RouteTarget>,
+    /// Guards (`guards`), compiled; `None` when it has none.
+    pub guards: Option<Guards>,
     /// Concurrency limit (`circuit_breaker.max_requests`).
     pub admission: Arc<Admission>,
     /// Failure accrual and ejection.
@@ -84,6 +90,21 @@ pub struct ServiceRoute {
     pub in_flight: [IntGauge; 2],
     /// Who may call it on inbound listeners (`authz.allow`), if set.
     pub authz: Option<Arc<[String]>>,
+}
+
+/// A request's service after its route rules, and the subset a rule
+/// picked, if any.
+pub type Destination<'a> = (&'a Arc<ServiceRoute>, Option<usize>);
+
+/// Where a route rule sends a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// This service's subset at this index.
+    Subset(usize),
+    /// Another service, by name (its split applies).
+    Service(Box<str>),
+    /// The split (a rule's subset that has no endpoints now).
+    Split,
 }
 
 /// One subset of a service.
@@ -115,8 +136,12 @@ impl Table {
     ) -> Table {
         let mut states: States = HashMap::new();
         let mut admissions: HashMap<&str, (Arc<Admission>, Arc<Admission>)> = HashMap::new();
+        let mut guards: HashMap<&str, &Guards> = HashMap::new();
         if let Some(prev) = previous {
             for svc in prev.services.values() {
+                if let Some(g) = &svc.guards {
+                    guards.insert(&svc.name, g);
+                }
                 admissions.insert(
                     &svc.name,
                     (svc.admission.clone(), svc.target.pending.clone()),
@@ -135,6 +160,8 @@ impl Table {
                 let zone = (local_zone.as_deref(), config.zone_min_healthy);
                 let mut route =
                     ServiceRoute::build(name, svc, metrics, &mut states, admission, zone);
+                let kept = guards.get(name.as_str()).copied();
+                route.guards = Guards::build(name, svc, metrics, kept);
                 route.target.tls = svc.tls.as_ref().map(|t| upstream_tls(name, t, tls));
                 (Box::from(name.as_str()), Arc::new(route))
             })
@@ -189,6 +216,23 @@ impl Table {
         self.services
             .get(lower.as_str())
             .ok_or((ErrorKind::UnknownService, lower))
+    }
+
+    /// Applies `svc`'s route rules to `req`: the service it goes to (`svc`
+    /// or the one a rule names) and the subset a rule picked, if any.
+    pub fn apply_rules<'a, B>(
+        &'a self,
+        svc: &'a Arc<ServiceRoute>,
+        req: &Request<B>,
+    ) -> Result<Destination<'a>, (ErrorKind, String)> {
+        match svc.rules.first_match(req) {
+            None | Some(RouteTarget::Split) => Ok((svc, None)),
+            Some(RouteTarget::Subset(i)) => Ok((svc, Some(*i))),
+            Some(RouteTarget::Service(name)) => match self.services.get(name) {
+                Some(other) => Ok((other, None)),
+                None => Err((ErrorKind::UnknownService, name.to_string())),
+            },
+        }
     }
 
     /// Every service, by name.
@@ -375,6 +419,17 @@ impl ServiceRoute {
             .map(|s| Split::new(&s.weights, &subset_names).sticky_on(s.sticky_header.as_deref()));
         let all = health(Pool::new(members_of(None, states), svc.lb, 0));
         let (admission, pending) = limits(admission, cb);
+        let rules = Rules::compile(svc.routes.iter().map(|r| {
+            let to = match (&r.to.subset, &r.to.service) {
+                (_, Some(service)) => RouteTarget::Service(service.as_str().into()),
+                (Some(subset), None) => match subset_names.iter().position(|s| s == subset) {
+                    Some(i) => RouteTarget::Subset(i),
+                    None => RouteTarget::Split,
+                },
+                (None, None) => RouteTarget::Split,
+            };
+            (&r.when, to)
+        }));
         ServiceRoute {
             name: Arc::from(name),
             target: Target {
@@ -390,6 +445,8 @@ impl ServiceRoute {
             subsets,
             all,
             split,
+            rules,
+            guards: None,
             admission,
             outlier: Outlier::new(cb, svc.timeouts.request),
             health_check: svc.health_check.clone(),
@@ -403,9 +460,14 @@ impl ServiceRoute {
         }
     }
 
-    /// The pool a request goes to: the pinned subset, the split's pick, or
-    /// every endpoint. `Err` names an unknown pinned subset.
-    pub fn pool<B>(&self, req: &Request<B>) -> Result<&Pool, (ErrorKind, String)> {
+    /// The pool a request goes to: the pinned subset, the subset a route
+    /// rule picked (`routed`), the split's pick, or every endpoint. `Err`
+    /// names an unknown pinned subset.
+    pub fn pool<B>(
+        &self,
+        req: &Request<B>,
+        routed: Option<usize>,
+    ) -> Result<&Pool, (ErrorKind, String)> {
         if let Some(pin) = req.headers().get(SUBSET_HEADER) {
             let pin = pin.to_str().unwrap_or("");
             return self
@@ -414,6 +476,9 @@ impl ServiceRoute {
                 .find(|s| &*s.name == pin)
                 .map(|s| &s.pool)
                 .ok_or_else(|| (ErrorKind::UnknownSubset, pin.to_owned()));
+        }
+        if let Some(s) = routed.and_then(|i| self.subsets.get(i)) {
+            return Ok(&s.pool);
         }
         match &self.split {
             Some(split) => {

@@ -1,0 +1,294 @@
+//! Guard: a service's `guards` (per-route deny and rate limits), compiled
+//! with the route rules' matcher; the first guard a request matches either
+//! answers it here (deny, or 429 over the rate) or lets it go on.
+//!
+//! Rate limits are GCRA token buckets, one atomic word each: one bucket per
+//! guard, or 4096 per guard keyed by client address or a header's value
+//! (keys that hash alike share one). A bucket survives config updates that
+//! leave its guard unchanged.
+
+use crate::body::{Completion, ResponseBody};
+use crate::observe::metrics::{Metrics, SubsetMetrics};
+use crate::outcome::{CodeClass, ERROR_HEADER};
+use crate::pipeline::rules::Rules;
+use almond_config::{Direction, Guard, LimitBy, Protocol, Service};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use prometheus::IntCounter;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Buckets per keyed limit.
+const KEYED_SLOTS: usize = 4096;
+
+/// The subset label guarded answers are counted under.
+pub const GUARD_SUBSET: &str = "guard";
+
+/// A service's compiled guards.
+pub struct Guards {
+    rules: Rules<Action>,
+    /// The guards as configured, with their limiters (reused by the next
+    /// table when a guard is unchanged).
+    kept: Vec<(Guard, Option<Arc<Limiter>>)>,
+    /// `almond_requests_total{subset="guard"}` and its duration, by
+    /// direction.
+    metrics: [SubsetMetrics; 2],
+    /// `almond_guarded_requests_total{reason="denied"}`.
+    denied: IntCounter,
+    /// `almond_guarded_requests_total{reason="rate_limited"}`.
+    limited: IntCounter,
+}
+
+enum Action {
+    Deny { status: StatusCode, body: Bytes },
+    Limit(Arc<Limiter>),
+}
+
+/// A GCRA rate limiter: each slot holds the theoretical arrival time of
+/// the next request, in nanoseconds since `epoch`.
+pub struct Limiter {
+    by: By,
+    interval: u64,
+    tolerance: u64,
+    epoch: Instant,
+    keys: std::hash::RandomState,
+    slots: Box<[AtomicU64]>,
+}
+
+enum By {
+    None,
+    ClientIp,
+    Header(HeaderName),
+}
+
+impl Limiter {
+    fn new(limit: &almond_config::Limit) -> Limiter {
+        let interval = (limit.rate.per.as_nanos() / u128::from(limit.rate.count)) as u64;
+        let tolerance = interval.saturating_mul(u64::from(limit.burst().saturating_sub(1)));
+        let (by, slots) = match &limit.by {
+            LimitBy::None => (By::None, 1),
+            LimitBy::ClientIp => (By::ClientIp, KEYED_SLOTS),
+            LimitBy::Header(name) => match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(name) => (By::Header(name), KEYED_SLOTS),
+                Err(_) => (By::None, 1),
+            },
+        };
+        Limiter {
+            by,
+            interval: interval.max(1),
+            tolerance,
+            epoch: Instant::now(),
+            keys: std::hash::RandomState::new(),
+            slots: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Takes one request from the bucket of `req`'s key at `now`, or says
+    /// how long until one is free.
+    fn take<B>(&self, req: &Request<B>, peer: IpAddr, now: Instant) -> Result<(), Duration> {
+        let slot = &self.slots[self.slot(req, peer)];
+        let t = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let mut tat = slot.load(Ordering::Relaxed);
+        loop {
+            let start = tat.max(t);
+            if start - t > self.tolerance {
+                return Err(Duration::from_nanos(start - t - self.tolerance));
+            }
+            match slot.compare_exchange_weak(
+                tat,
+                start + self.interval,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(seen) => tat = seen,
+            }
+        }
+    }
+}
+
+impl Limiter {
+    /// The bucket of `req`'s key.
+    fn slot<B>(&self, req: &Request<B>, peer: IpAddr) -> usize {
+        match &self.by {
+            By::None => 0,
+            By::ClientIp => self.keys.hash_one(peer) as usize % self.slots.len(),
+            By::Header(name) => {
+                let value = req.headers().get(name).map(HeaderValue::as_bytes);
+                self.keys.hash_one(value.unwrap_or_default()) as usize % self.slots.len()
+            }
+        }
+    }
+}
+
+impl Guards {
+    /// Compiles `guards` of service `name`; `None` when it has none (a
+    /// request then pays one branch). Limiters of guards unchanged since
+    /// `previous` are kept, buckets and all.
+    pub fn build(
+        name: &str,
+        svc: &Service,
+        metrics: &Metrics,
+        previous: Option<&Guards>,
+    ) -> Option<Guards> {
+        let guards = &svc.guards;
+        if guards.is_empty() {
+            return None;
+        }
+        // Guarded answers are the proxy's own, never gRPC ones.
+        let plain = Service {
+            protocol: Protocol::Http1,
+            ..svc.clone()
+        };
+        let kept: Vec<(Guard, Option<Arc<Limiter>>)> = guards
+            .iter()
+            .enumerate()
+            .map(|(i, guard)| {
+                let reused = previous
+                    .and_then(|p| p.kept.get(i))
+                    .filter(|(was, _)| was == guard)
+                    .and_then(|(_, limiter)| limiter.clone());
+                let limiter = guard
+                    .limit
+                    .as_ref()
+                    .map(|limit| reused.unwrap_or_else(|| Arc::new(Limiter::new(limit))));
+                (guard.clone(), limiter)
+            })
+            .collect();
+        let rules = Rules::compile(kept.iter().map(|(guard, limiter)| {
+            let action = match (limiter, &guard.deny) {
+                (Some(limiter), _) => Action::Limit(limiter.clone()),
+                (None, deny) => {
+                    let deny = deny.clone().unwrap_or_default();
+                    Action::Deny {
+                        status: StatusCode::from_u16(deny.status)
+                            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                        body: Bytes::from(
+                            deny.body
+                                .unwrap_or_else(|| "blocked by almond\n".to_owned()),
+                        ),
+                    }
+                }
+            };
+            (&guard.when, action)
+        }));
+        Some(Guards {
+            rules,
+            kept,
+            metrics: [
+                metrics.subset(Direction::Outbound, name, GUARD_SUBSET, &plain),
+                metrics.subset(Direction::Inbound, name, GUARD_SUBSET, &plain),
+            ],
+            denied: metrics.guarded(name, "denied"),
+            limited: metrics.guarded(name, "rate_limited"),
+        })
+    }
+
+    /// The answer for `req` when a guard stops it; `None` lets it go on.
+    pub fn check<B, C: Completion>(
+        &self,
+        req: &Request<B>,
+        peer: IpAddr,
+        direction: usize,
+        start: Instant,
+    ) -> Option<Response<ResponseBody<C>>> {
+        let resp = match self.rules.first_match(req)? {
+            Action::Deny { status, body } => {
+                self.denied.inc();
+                answer(*status, body.clone(), "denied")
+            }
+            Action::Limit(limiter) => {
+                let wait = limiter.take(req, peer, start).err()?;
+                self.limited.inc();
+                let mut resp = answer(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Bytes::from_static(b"almond: rate limited\n"),
+                    "rate-limited",
+                );
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                resp
+            }
+        };
+        let class = CodeClass::of(resp.status());
+        self.metrics[direction].record(class, start.elapsed().as_secs_f64());
+        Some(resp)
+    }
+}
+
+fn answer<C: Completion>(
+    status: StatusCode,
+    body: Bytes,
+    reason: &'static str,
+) -> Response<ResponseBody<C>> {
+    let mut resp = Response::new(ResponseBody::full(body));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(rate: &str, burst: u32, by: LimitBy) -> Limiter {
+        Limiter::new(&almond_config::Limit {
+            rate: almond_config::Rate::parse(rate).unwrap(),
+            burst: Some(burst),
+            by,
+        })
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let l = limiter("10/s", 3, LimitBy::None);
+        let req = Request::new(());
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let t0 = l.epoch + Duration::from_secs(1);
+        assert!((0..3).all(|_| l.take(&req, ip, t0).is_ok()));
+        let wait = l.take(&req, ip, t0).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(100));
+        assert!(l.take(&req, ip, t0 + Duration::from_millis(100)).is_ok());
+        assert!(l.take(&req, ip, t0 + Duration::from_millis(100)).is_err());
+        // After a quiet spell the burst is back, not more.
+        let later = t0 + Duration::from_secs(10);
+        assert!((0..3).all(|_| l.take(&req, ip, later).is_ok()));
+        assert!(l.take(&req, ip, later).is_err());
+    }
+
+    #[test]
+    fn keyed_buckets_are_separate() {
+        let l = limiter("1/min", 1, LimitBy::Header("x-user".into()));
+        let user = |u: &str| Request::builder().header("x-user", u).body(()).unwrap();
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let t = l.epoch + Duration::from_secs(1);
+        // Another key in another slot (keys that hash alike share one).
+        let a = user("a");
+        let b = (0..)
+            .map(|i| user(&format!("b{i}")))
+            .find(|b| l.slot(b, ip) != l.slot(&a, ip))
+            .unwrap();
+        assert!(l.take(&a, ip, t).is_ok());
+        assert!(l.take(&a, ip, t).is_err());
+        assert!(l.take(&b, ip, t).is_ok());
+        let by_ip = limiter("1/min", 1, LimitBy::ClientIp);
+        let any = Request::new(());
+        let other: IpAddr = (1..=255u8)
+            .map(|i| IpAddr::from([10, 0, 0, i]))
+            .find(|o| by_ip.slot(&any, *o) != by_ip.slot(&any, ip))
+            .unwrap();
+        assert!(by_ip.take(&any, ip, t).is_ok());
+        assert!(by_ip.take(&any, other, t).is_ok());
+        assert!(by_ip.take(&any, ip, t).is_err());
+    }
+}

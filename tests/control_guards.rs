@@ -1,0 +1,224 @@
+//! End to end: `almond block`, `almond limit`, `almond unblock` through the
+//! control plane (file registry) to a following proxy, under load: the
+//! blocked route is denied from some moment on and for good, other routes
+//! never notice, `unblock` gives it back; a limit holds its route to its
+//! rate; bad requests are refused with the reason and change nothing;
+//! `almond status` lists the guards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Request, StatusCode};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::*;
+use tokio::time::Instant;
+
+async fn mesh() -> (Backend, TestControl, TestProxy, Registry) {
+    let backend = Backend::start("b").await;
+    let registry = Registry::new();
+    registry.service("web", &[(backend.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), None).await;
+    (backend, control, proxy, registry)
+}
+
+async fn status_of(client: &mut H1, method: &str, path: &str) -> StatusCode {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "web")
+        .body(empty())
+        .unwrap();
+    client.request(req).await.status
+}
+
+/// What one client saw, in order: (when, path, status).
+type Seen = Arc<Mutex<Vec<(Instant, &'static str, StatusCode)>>>;
+
+/// Sends POST /api/giveaway and GET /other in turn until `stop`.
+fn load(proxy: &TestProxy, seen: Seen) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let addr = proxy.addr();
+    tokio::spawn(async move {
+        let mut client = H1::connect(addr).await;
+        loop {
+            for (method, path) in [("POST", "/api/giveaway"), ("GET", "/other")] {
+                let status = status_of(&mut client, method, path).await;
+                seen.lock().unwrap().push((Instant::now(), path, status));
+            }
+            if stopped.try_recv().is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    stop
+}
+
+#[tokio::test]
+async fn block_then_unblock_under_load() {
+    let (_backend, control, proxy, _registry) = mesh().await;
+    let seen: Seen = Arc::default();
+    let stop = load(&proxy, seen.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let url = control.url();
+    let (code, out, err) = run_ops(&[
+        "block",
+        "web",
+        "--path",
+        "/api/giveaway",
+        "--method",
+        "post",
+        "--status",
+        "503",
+        "--body",
+        "closed",
+        "--control",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("POST /api/giveaway* denied 503"), "{out}");
+    let blocked_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let (code, out, err) = run_ops(&[
+        "unblock",
+        "web",
+        "--path",
+        "/api/giveaway",
+        "--method",
+        "POST",
+        "--control",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("0 guard(s) in force"), "{out}");
+    let unblocked_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let seen = seen.lock().unwrap().clone();
+    // Other routes: always answered by the service.
+    assert!(seen
+        .iter()
+        .filter(|(_, path, _)| *path == "/other")
+        .all(|(_, _, status)| *status == StatusCode::OK));
+    let giveaway: Vec<_> = seen
+        .iter()
+        .filter(|(_, p, _)| *p == "/api/giveaway")
+        .collect();
+    // Before the block: served. After it: from the first denial on, every
+    // request denied until the unblock; after that, served again for good.
+    let first_denied = giveaway
+        .iter()
+        .position(|(_, _, s)| *s == StatusCode::SERVICE_UNAVAILABLE)
+        .expect("the block reached the proxy");
+    assert!(giveaway[..first_denied]
+        .iter()
+        .all(|(_, _, s)| *s == StatusCode::OK));
+    let (denied_at, _, _) = *giveaway[first_denied];
+    let first_served_again = first_denied
+        + giveaway[first_denied..]
+            .iter()
+            .position(|(_, _, s)| *s == StatusCode::OK)
+            .expect("the unblock reached the proxy");
+    assert!(giveaway[first_denied..first_served_again]
+        .iter()
+        .all(|(_, _, s)| *s == StatusCode::SERVICE_UNAVAILABLE));
+    assert!(giveaway[first_served_again..]
+        .iter()
+        .all(|(_, _, s)| *s == StatusCode::OK));
+    let (served_at, _, _) = *giveaway[first_served_again];
+    assert!(served_at > unblocked_at - Duration::from_millis(200));
+    eprintln!(
+        "block reached the proxy {:?} after the command returned; unblock {:?}",
+        denied_at.saturating_duration_since(blocked_at),
+        served_at.saturating_duration_since(unblocked_at)
+    );
+    let metrics = proxy.admin_get("/metrics").await.text();
+    let denied = [("service", "web"), ("reason", "denied")];
+    assert!(metric(&metrics, "almond_guarded_requests_total", &denied) >= 1.0);
+}
+
+#[tokio::test]
+async fn a_limit_holds_a_route_and_status_lists_it() {
+    let (_backend, control, proxy, _registry) = mesh().await;
+    let url = control.url();
+    let (code, out, err) = run_ops(&[
+        "limit",
+        "web",
+        "--path",
+        "/search",
+        "--rate",
+        "1/min",
+        "--burst",
+        "3",
+        "--control",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("any method /search* limited to 1/min"),
+        "{out}"
+    );
+    let mut client = H1::connect(proxy.addr()).await;
+    eventually("the limit reaches the proxy", || async {
+        let mut client = H1::connect(proxy.addr()).await;
+        status_of(&mut client, "GET", "/search").await == StatusCode::TOO_MANY_REQUESTS
+    })
+    .await;
+    assert_eq!(
+        status_of(&mut client, "GET", "/search/x").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        status_of(&mut client, "GET", "/other").await,
+        StatusCode::OK
+    );
+    let (code, out, _) = run_ops(&["status", "web", "--control", &url]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("guard: any method /search* limited to 1/min"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn bad_guard_changes_are_refused_and_change_nothing() {
+    let (_backend, control, _proxy, _registry) = mesh().await;
+    let url = control.url();
+    let before = control.service("web").await["policy"]["version"].clone();
+    for (args, why) in [
+        (
+            vec!["block", "web", "--path", "api"],
+            "not an absolute path",
+        ),
+        (
+            vec!["block", "web", "--path", "/a", "--status", "200"],
+            "not an error status",
+        ),
+        (
+            vec!["limit", "web", "--path", "/a", "--rate", "5/day"],
+            "5/day",
+        ),
+        (
+            vec!["unblock", "web", "--path", "/never-blocked"],
+            "no guard matches",
+        ),
+        (vec!["block", "nosuch", "--path", "/a"], "nosuch"),
+    ] {
+        let mut args = args.clone();
+        args.extend(["--control", &url]);
+        let (code, out, err) = run_ops(&args).await;
+        assert_eq!(code, Some(1), "{args:?}: {out}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    assert_eq!(control.service("web").await["policy"]["version"], before);
+}

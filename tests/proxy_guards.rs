@@ -1,0 +1,146 @@
+//! Guards end to end over real sockets (static config): a `deny` answers
+//! at once for its route only, a `limit` answers 429 with `Retry-After`
+//! over its rate (per key when `by` says so), both are counted, and a bad
+//! guard is refused naming its key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Request, StatusCode};
+use support::*;
+
+async fn guarded(guards: &str) -> (Backend, TestProxy) {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("web")
+                .at(backend.addr)
+                .set("guards", guards),
+        )
+        .start()
+        .await;
+    (backend, proxy)
+}
+
+async fn send(proxy: &TestProxy, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "web");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    H1::connect(proxy.addr())
+        .await
+        .request(req.body(empty()).unwrap())
+        .await
+}
+
+#[tokio::test]
+async fn a_deny_answers_its_route_at_once_and_nothing_else() {
+    let (backend, proxy) = guarded(
+        "[ { match: { path_prefix: /api/giveaway, method: POST },
+             deny: { status: 503, body: \"the giveaway is closed\" } } ]",
+    )
+    .await;
+    for path in ["/api/giveaway", "/api/giveaway/claim"] {
+        let reply = send(&proxy, "POST", path, &[]).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert_eq!(reply.text(), "the giveaway is closed");
+        assert_eq!(reply.header("x-almond-error"), Some("denied"));
+    }
+    assert_eq!(
+        backend.count(),
+        0,
+        "a denied request never reaches the service"
+    );
+    for (method, path) in [
+        ("GET", "/api/giveaway"),
+        ("POST", "/api/giveaways"),
+        ("POST", "/x"),
+    ] {
+        let reply = send(&proxy, method, path, &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{method} {path}");
+    }
+    assert_eq!(backend.count(), 3);
+    let metrics = proxy.admin_get("/metrics").await.text();
+    let denied = [("service", "web"), ("reason", "denied")];
+    assert_eq!(
+        metric(&metrics, "almond_guarded_requests_total", &denied),
+        2.0
+    );
+    let guard_5xx = [
+        ("service", "web"),
+        ("subset", "guard"),
+        ("code_class", "5xx"),
+        ("direction", "outbound"),
+    ];
+    assert_eq!(metric(&metrics, "almond_requests_total", &guard_5xx), 2.0);
+}
+
+#[tokio::test]
+async fn a_limit_answers_429_over_its_rate_per_key() {
+    let (backend, proxy) = guarded(
+        "[ { match: { path_prefix: /search },
+             limit: { rate: 1/min, burst: 2, by: header x-user } } ]",
+    )
+    .await;
+    let alice = [("x-user", "alice")];
+    for _ in 0..2 {
+        assert_eq!(
+            send(&proxy, "GET", "/search", &alice).await.status,
+            StatusCode::OK
+        );
+    }
+    let over = send(&proxy, "GET", "/search?q=1", &alice).await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(over.header("x-almond-error"), Some("rate-limited"));
+    let retry: u64 = over.header("retry-after").unwrap().parse().unwrap();
+    // 1/min with a burst of 2 spent: the next one is free in 60 s.
+    assert!((59..=60).contains(&retry), "Retry-After {retry}");
+    // Other routes are not limited.
+    assert_eq!(
+        send(&proxy, "GET", "/other", &alice).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(backend.count(), 3);
+    let metrics = proxy.admin_get("/metrics").await.text();
+    let limited = [("service", "web"), ("reason", "rate_limited")];
+    assert_eq!(
+        metric(&metrics, "almond_guarded_requests_total", &limited),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_bad_guard_is_refused_naming_its_key() {
+    let config = |guard: &str| {
+        format!(
+            "listeners: [ {{ bind: \"127.0.0.1:0\" }} ]\nservices:\n  web:\n    endpoints: [ {{ addr: \"127.0.0.1:9\" }} ]\n    guards:\n      - {guard}\n"
+        )
+    };
+    for (guard, key, why) in [
+        (
+            "{ match: { path_prefix: /a }, deny: { status: 200 } }",
+            "line 6: services.web.guards[0].deny.status",
+            "not an error status",
+        ),
+        (
+            "{ limit: { rate: 10/day } }",
+            "services.web.guards[0].limit.rate",
+            "10/day",
+        ),
+        (
+            "{ match: { path_prefix: /a } }",
+            "services.web.guards[0]",
+            "give deny or limit",
+        ),
+    ] {
+        let file = write_temp(".yaml", &config(guard));
+        let (status, _, err) = run_almond(&["check-config", file.path().to_str().unwrap()]).await;
+        assert!(!status.success(), "{guard}");
+        assert!(err.contains(key) && err.contains(why), "{guard}: {err}");
+    }
+}
