@@ -107,6 +107,12 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
+    /// A service's route rules, set through the control plane: `list`,
+    /// `set FILE` (a YAML or JSON list of rules), `clear`.
+    Route {
+        #[command(subcommand)]
+        action: RouteAction,
+    },
     /// Subsets, weights, endpoints healthy/total and live rps, success
     /// rate and p99 (from the proxies' metrics) of one service or all.
     Status {
@@ -204,6 +210,35 @@ struct OpsArgs {
     output: Output,
 }
 
+/// `almond route ...`.
+#[derive(Subcommand)]
+enum RouteAction {
+    /// The rules in force, in order.
+    List {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Replace the rules with those of FILE (`-`: standard input), e.g.
+    /// `- { match: { path_prefix: /api }, to: { subset: v2 } }`.
+    Set {
+        /// The service.
+        service: String,
+        /// A YAML (or JSON) list of rules.
+        file: PathBuf,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Remove the rules set here (the source's, if any, apply again).
+    Clear {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum AuthzAction {
     Allow,
@@ -272,6 +307,17 @@ fn main() -> ExitCode {
             action == AuthzAction::Allow,
             &identity,
         )),
+        Command::Route { action } => match action {
+            RouteAction::List { service, ops } => {
+                block_on(ops::routes_list(&ops.target(), &service))
+            }
+            RouteAction::Set { service, file, ops } => {
+                block_on(ops::routes_set(&ops.target(), &service, &file))
+            }
+            RouteAction::Clear { service, ops } => {
+                block_on(ops::routes_clear(&ops.target(), &service))
+            }
+        },
         Command::Rollout {
             service,
             canary,

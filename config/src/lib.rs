@@ -25,7 +25,7 @@ pub use control::{
 };
 pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
-    load_services, validate_proxy, Strictness,
+    load_rules, load_services, validate_proxy, Strictness,
 };
 pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing};
 pub use problem::{Problem, Problems};

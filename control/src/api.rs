@@ -1,7 +1,7 @@
 //! API: the long-poll snapshots proxies follow, the service views
 //! operators read, `/metrics`, `/ready`, `/live`.
 
-use crate::policy::{check_split, check_sticky, Policy, Refusal};
+use crate::policy::{check_routes, check_split, check_sticky, Policy, Refusal};
 use crate::state::{State, PROXY_STALE};
 use crate::store::Store;
 use crate::watcher::apply_next;
@@ -215,6 +215,14 @@ async fn respond(
                 let name = (*name).to_owned();
                 mutate(&api, req, peer, &name, Mutation::Split).await
             }
+            (Method::PUT, ["v1", "services", name, "routes"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, peer, &name, Mutation::Routes).await
+            }
+            (Method::DELETE, ["v1", "services", name, "routes"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, peer, &name, Mutation::ClearRoutes).await
+            }
             (Method::PUT, ["v1", "services", name, "authz"]) => {
                 let name = (*name).to_owned();
                 mutate(&api, req, peer, &name, Mutation::Authz).await
@@ -291,6 +299,21 @@ async fn respond(
                 ),
             }
         }
+        ["v1", "services", name, "routes"] => match state.service(name) {
+            Some(svc) => {
+                let policy = state.policy(name).unwrap_or_default();
+                json_ok(&json!({
+                    "service": name,
+                    "version": policy.version,
+                    "from": if policy.routes.is_some() { "policy" } else { "source" },
+                    "rules": svc.routes,
+                }))
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                &format!("unknown service {name:?}\n"),
+            ),
+        },
         ["v1", "services", name, "rollouts"] => match state.policy(name).and_then(|p| p.rollout) {
             Some(r) => json_ok(&r),
             None => text(StatusCode::NOT_FOUND, &format!("no rollout for {name:?}\n")),
@@ -343,6 +366,19 @@ enum Mutation {
     Approve,
     Abort,
     Authz,
+    Routes,
+    ClearRoutes,
+}
+
+/// Body of `PUT /v1/services/{svc}/routes`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesRequest {
+    /// The rules, in order (they replace those in force).
+    rules: Vec<almond_config::RouteRule>,
+    /// The policy version the caller based this on; stale -> 409.
+    #[serde(default)]
+    version: Option<u64>,
 }
 
 /// Body of `PUT /v1/services/{svc}/authz`.
@@ -472,6 +508,27 @@ async fn mutate(
                 Err(r) => return refusal(r),
             }
         }
+        Mutation::Routes => {
+            let request: RoutesRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                }
+            };
+            let counts = api.state.endpoint_counts(name);
+            let subsets: Vec<&str> = counts.keys().map(String::as_str).collect();
+            if let Err(r) = check_routes(&request.rules, &subsets, |s| api.state.has_service(s)) {
+                return refusal(r);
+            }
+            if let Some(v) = request.version.filter(|v| *v != current.version) {
+                return refusal(Refusal::Conflict(format!(
+                    "the policy changed since version {v} (now {}); read it again",
+                    current.version
+                )));
+            }
+            current.with_routes(Some(request.rules), &by, now)
+        }
+        Mutation::ClearRoutes => current.with_routes(None, &by, now),
         Mutation::Rollback => match current.rolled_back(&by, now) {
             Ok(p) => p,
             Err(r) => return refusal(r),

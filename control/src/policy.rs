@@ -3,7 +3,9 @@
 //! `store`; merged into the services proxies receive.
 
 use crate::watcher::rollout::Rollout;
-use almond_config::{check_identity, check_sticky_header, Authz, Service, Split, Weights};
+use almond_config::{
+    check_identity, check_rules, check_sticky_header, Authz, RouteRule, Service, Split, Weights,
+};
 use serde::{Deserialize, Serialize};
 
 /// Changes kept in a policy's audit trail.
@@ -45,6 +47,10 @@ pub struct Policy {
     /// Rollout events, oldest first (the last `EVENTS`), numbered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<Event>,
+    /// Route rules set with `almond route` (`PUT .../routes`); once set
+    /// they replace the source's; `None` (`DELETE`): the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<RouteRule>>,
 }
 
 /// Rollout events kept per service.
@@ -89,6 +95,9 @@ pub struct Change {
     /// `authz allow` / `authz deny`: the identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// `routes set` / `routes clear`: the rules in force after the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<RouteRule>>,
 }
 
 /// A refused change, with the HTTP status it maps to.
@@ -146,6 +155,36 @@ pub fn check_split(
     Ok(())
 }
 
+/// Checks route rules sent to the API: each `match`, a `to.subset` the
+/// source knows (`subsets`), a `to.service` that exists (`exists`).
+pub fn check_routes(
+    rules: &[RouteRule],
+    subsets: &[&str],
+    exists: impl Fn(&str) -> bool,
+) -> Result<(), Refusal> {
+    let known = subsets.join(", ");
+    let mut problems: Vec<String> = check_rules(rules, Some(subsets))
+        .into_iter()
+        .map(|(path, why)| {
+            let path = path.trim_start_matches(".routes");
+            if path.ends_with(".to.subset") {
+                format!("routes{path}: {why} (known subsets: {known})")
+            } else {
+                format!("routes{path}: {why}")
+            }
+        })
+        .collect();
+    for (i, rule) in rules.iter().enumerate() {
+        if let Some(to) = rule.to.service.as_deref().filter(|s| !exists(s)) {
+            problems.push(format!("routes[{i}].to.service: no service named {to:?}"));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Refusal::Invalid(problems.join("; ")))
+}
+
 /// Checks a sticky header sent to the API (`""` clears it).
 pub fn check_sticky(header: Option<&str>) -> Result<(), Refusal> {
     match header {
@@ -193,6 +232,7 @@ impl Policy {
             action: action.to_owned(),
             sticky_header: self.sticky_header.clone(),
             identity: None,
+            routes: None,
         });
         if self.history.len() > HISTORY {
             let cut = self.history.len() - HISTORY;
@@ -240,6 +280,25 @@ impl Policy {
             change.identity = Some(identity.to_owned());
         }
         Ok(next)
+    }
+
+    /// The policy after setting (`Some`) or clearing (`None`: back to the
+    /// source's) the route rules, recorded in the audit trail.
+    pub fn with_routes(&self, routes: Option<Vec<RouteRule>>, by: &str, now: u64) -> Policy {
+        let mut next = self.clone();
+        next.version += 1;
+        let action = if routes.is_some() {
+            "routes set"
+        } else {
+            "routes clear"
+        };
+        next.routes = routes;
+        next.record(by, action, now);
+        if let Some(change) = next.history.last_mut() {
+            change.from = self.split.clone();
+            change.routes = next.routes.clone();
+        }
+        next
     }
 
     /// Appends the events that lead from `before`'s rollout to this one's:
@@ -316,10 +375,14 @@ impl Policy {
     }
 
     /// The service proxies get: the source's, with this policy's split
-    /// (and sticky header; else the source's own) and allow-list.
+    /// (and sticky header; else the source's own), allow-list and route
+    /// rules.
     pub fn apply(&self, mut service: Service) -> Service {
         if let Some(authz) = &self.authz {
             service.authz = Some(authz.clone());
+        }
+        if let Some(routes) = &self.routes {
+            service.routes = routes.clone();
         }
         if let Some(weights) = &self.split {
             let source_sticky = service.split.take().and_then(|s| s.sticky_header);
