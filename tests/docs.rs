@@ -171,6 +171,7 @@ fn fully_populated() -> ProxyConfig {
         endpoints,
         split,
         routes,
+        mirror,
         timeouts,
         circuit_breaker,
         retries,
@@ -238,6 +239,17 @@ fn fully_populated() -> ProxyConfig {
                 },
             });
         }
+        let almond_config::Mirror {
+            subset: _,
+            service: _,
+            percent: _,
+            max_in_flight: _,
+        } = mirror.get_or_insert_with(|| almond_config::Mirror {
+            subset: None,
+            service: Some("orders".to_owned()),
+            percent: 1.0,
+            max_in_flight: 100,
+        });
         let Timeouts {
             connect: _,
             request: _,
@@ -267,6 +279,20 @@ fn fully_populated() -> ProxyConfig {
         } = retries;
         per_try_timeout.get_or_insert(Duration::from_secs(2));
     }
+    // A second service mirrors to the first by name (`mirror.service`),
+    // where the first mirrors to a subset of its own.
+    let first = services.keys().next().cloned().expect("a service");
+    if let Some(svc) = services.get_mut(&first) {
+        let subset = svc.endpoints[0].subset.clone();
+        if let Some(m) = svc.mirror.as_mut() {
+            (m.subset, m.service) = (Some(subset), None);
+        }
+    }
+    let mut second = services[&first].clone();
+    if let Some(m) = second.mirror.as_mut() {
+        (m.subset, m.service) = (None, Some(first.clone()));
+    }
+    services.insert(format!("{first}-shadow"), second);
     let problems = almond_config::validate_proxy(&config);
     assert!(
         problems.is_empty(),
@@ -519,8 +545,17 @@ fn label_names(rest: &str) -> Vec<String> {
 #[cfg(target_os = "linux")]
 #[test]
 fn metrics_reference_names_every_family_and_nothing_else() {
-    let config = almond_config::load_proxy_file(&root().join("examples/proxy.yaml"))
+    let mut config = almond_config::load_proxy_file(&root().join("examples/proxy.yaml"))
         .expect("examples/proxy.yaml is valid");
+    // Families with labels appear once they have a series: a mirror's.
+    if let Some(svc) = config.services.values_mut().next() {
+        svc.mirror = Some(almond_config::Mirror {
+            subset: Some(svc.endpoints[0].subset.clone()),
+            service: None,
+            percent: 1.0,
+            max_in_flight: 100,
+        });
+    }
     let proxy = almond_proxy::Proxy::new(config).expect("proxy");
     let exposition = String::from_utf8(proxy.shared().metrics.encode()).expect("UTF-8");
     let exposed = families(&exposition);

@@ -33,7 +33,10 @@ pub use proxy::{
     check_identity, Authz, CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits,
     Listener, Protocol, ProxyConfig, Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
 };
-pub use rules::{check_match, check_rules, HeaderMatch, Match, RouteRule, RouteTo, MAX_RULES};
+pub use rules::{
+    check_match, check_mirror, check_rules, HeaderMatch, Match, Mirror, RouteRule, RouteTo,
+    MAX_RULES,
+};
 pub use secret::Secret;
 pub use snapshot::Snapshot;
 pub use split::{check_sticky_header, Split, Weights};

@@ -350,6 +350,13 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
                     _ => {}
                 }
             }
+            let mirrored = svc.mirror.as_ref().and_then(|m| m.service.as_ref());
+            if let Some(to) = mirrored.filter(|to| !config.services.contains_key(*to)) {
+                add(
+                    format!("services.{name}.mirror.service"),
+                    format!("no service named {to:?} in services"),
+                );
+            }
         }
     }
     out
@@ -445,6 +452,12 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
         &svc.routes,
         strict.then_some(subsets.as_slice()),
     ));
+    if let Some(m) = &svc.mirror {
+        out.extend(crate::rules::check_mirror(
+            m,
+            strict.then_some(subsets.as_slice()),
+        ));
+    }
     if svc.timeouts.connect.is_zero() {
         out.push((".timeouts.connect".into(), "must be more than 0".into()));
     }

@@ -309,6 +309,10 @@ pub struct Service {
     /// request to its `to`; none matching = the split.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<crate::RouteRule>,
+    /// Copy a share of the requests to a subset or another service
+    /// (responses discarded); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<crate::Mirror>,
     /// Connect and request timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,

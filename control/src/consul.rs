@@ -734,6 +734,7 @@ pub fn to_service_resolved(
         endpoints,
         split: None,
         routes: Vec::new(),
+        mirror: None,
         timeouts: Default::default(),
         circuit_breaker: Default::default(),
         retries: Default::default(),

@@ -29,6 +29,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     split_weight: IntGaugeVec,
     access_log_dropped: IntCounterVec,
+    mirror_dropped: IntCounterVec,
     trace_spans_dropped: IntCounterVec,
     /// Spans the collector accepted (`tracing.otlp`).
     pub trace_spans_exported: IntCounter,
@@ -153,6 +154,12 @@ impl Metrics {
                 "Access log lines not written: writer queue full, or over max_per_second.",
                 &["reason"],
             )?,
+            mirror_dropped: counter_vec(
+                r,
+                "almond_mirror_dropped_total",
+                "Requests not copied to a mirror: max_in_flight copies out, or a body not kept.",
+                &["service", "reason"],
+            )?,
             trace_spans_dropped: counter_vec(
                 r,
                 "almond_trace_spans_dropped_total",
@@ -212,7 +219,12 @@ impl Metrics {
 
     /// Resolves the handles of one (direction, service, subset).
     pub fn subset(&self, direction: Direction, service: &str, subset: &str) -> SubsetMetrics {
-        let d = direction.as_str();
+        self.subset_labeled(direction.as_str(), service, subset)
+    }
+
+    /// [`Metrics::subset`] for a direction label of its own (`mirror`:
+    /// copies of requests, which no listener receives).
+    pub fn subset_labeled(&self, d: &str, service: &str, subset: &str) -> SubsetMetrics {
         let requests = CodeClass::ALL.map(|class| {
             self.requests.with_label_values(&[
                 d,
@@ -265,8 +277,7 @@ impl Metrics {
                 .endpoints
                 .remove_label_values(&[service, subset, state]);
         }
-        for direction in [Direction::Outbound, Direction::Inbound] {
-            let d = direction.as_str();
+        for d in ["outbound", "inbound", "mirror"] {
             for class in CodeClass::ALL {
                 let labels = [d, service, subset, class.label(), class.outcome_label()];
                 let _ = self.requests.remove_label_values(&labels);
@@ -290,6 +301,15 @@ impl Metrics {
                 .remove_label_values(&[direction.as_str(), service]);
         }
         let _ = self.retries.remove_label_values(&[service]);
+        for reason in ["full", "body"] {
+            let _ = self.mirror_dropped.remove_label_values(&[service, reason]);
+        }
+    }
+
+    /// Copies of `service`'s requests not mirrored, by `reason` (`full`:
+    /// `max_in_flight` copies were out; `body`: a body not kept for retry).
+    pub fn mirror_dropped(&self, service: &str, reason: &str) -> IntCounter {
+        self.mirror_dropped.with_label_values(&[service, reason])
     }
 
     /// Drops a subset's split weight gauge (the split is gone).

@@ -5,6 +5,7 @@
 
 pub mod admit;
 pub mod forward;
+pub mod mirror;
 pub mod retry;
 pub mod route;
 pub mod rules;
