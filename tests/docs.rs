@@ -667,3 +667,21 @@ fn architecture_map_names_every_source_file_and_nothing_else() {
         "docs/architecture.md does not say what these files own: {undocumented:?}"
     );
 }
+
+/// The converted example of docs/migration-from-nginx.md loads as written.
+#[test]
+fn the_nginx_migration_example_loads() {
+    let page = read("docs/migration-from-nginx.md");
+    let section = page
+        .split("### Converted end to end")
+        .nth(1)
+        .expect("the converted example");
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml block");
+    let config = almond_config::load_proxy(yaml, "migration-from-nginx.md")
+        .unwrap_or_else(|e| panic!("the example is refused:\n{e}"));
+    assert_eq!(config.services["shop"].routes.len(), 3);
+}
