@@ -113,6 +113,12 @@ enum Command {
         #[command(subcommand)]
         action: RouteAction,
     },
+    /// A service's traffic mirroring, set through the control plane:
+    /// `list`, `set` (`--subset` or `--service`, `--percent`), `clear`.
+    Mirror {
+        #[command(subcommand)]
+        action: MirrorAction,
+    },
     /// Subsets, weights, endpoints healthy/total and live rps, success
     /// rate and p99 (from the proxies' metrics) of one service or all.
     Status {
@@ -239,6 +245,48 @@ enum RouteAction {
     },
 }
 
+/// `almond mirror ...`.
+#[derive(Subcommand)]
+enum MirrorAction {
+    /// The mirror in force.
+    List {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Copy a share of the service's requests to a subset or a service.
+    Set {
+        /// The service whose requests are copied.
+        service: String,
+        /// Copy to this subset of the service.
+        #[arg(
+            long,
+            required_unless_present = "to_service",
+            conflicts_with = "to_service"
+        )]
+        subset: Option<String>,
+        /// Copy to this other service.
+        #[arg(long = "service", id = "to_service")]
+        to_service: Option<String>,
+        /// Percent of requests copied (0 to 100).
+        #[arg(long)]
+        percent: f64,
+        /// Copies in flight at once; more are dropped and counted.
+        #[arg(long)]
+        max_in_flight: Option<u32>,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Stop mirroring (the source's mirror, if any, applies again).
+    Clear {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum AuthzAction {
     Allow,
@@ -307,6 +355,28 @@ fn main() -> ExitCode {
             action == AuthzAction::Allow,
             &identity,
         )),
+        Command::Mirror { action } => match action {
+            MirrorAction::List { service, ops } => {
+                block_on(ops::mirror_list(&ops.target(), &service))
+            }
+            MirrorAction::Set {
+                service,
+                subset,
+                to_service,
+                percent,
+                max_in_flight,
+                ops,
+            } => {
+                let body = serde_json::json!({
+                    "subset": subset, "service": to_service,
+                    "percent": percent, "max_in_flight": max_in_flight,
+                });
+                block_on(ops::mirror_set(&ops.target(), &service, body))
+            }
+            MirrorAction::Clear { service, ops } => {
+                block_on(ops::mirror_clear(&ops.target(), &service))
+            }
+        },
         Command::Route { action } => match action {
             RouteAction::List { service, ops } => {
                 block_on(ops::routes_list(&ops.target(), &service))

@@ -321,6 +321,46 @@ pub async fn routes_clear(t: &Target, service: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `almond mirror list SERVICE`.
+pub async fn mirror_list(t: &Target, service: &str) -> anyhow::Result<()> {
+    let out = t.get(&format!("/v1/services/{service}/mirror")).await?;
+    t.print(&out, || describe_mirror(service, &out["mirror"]));
+    Ok(())
+}
+
+/// `almond mirror set SERVICE ...`: `body` is the API's.
+pub async fn mirror_set(t: &Target, service: &str, body: Value) -> anyhow::Result<()> {
+    let path = format!("/v1/services/{service}/mirror");
+    let out = t.call(http::Method::PUT, &path, Some(body)).await?;
+    t.print(&out, || describe_mirror(service, &out["policy"]["mirror"]));
+    Ok(())
+}
+
+/// `almond mirror clear SERVICE`.
+pub async fn mirror_clear(t: &Target, service: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/services/{service}/mirror");
+    let out = t.call(http::Method::DELETE, &path, None).await?;
+    t.print(&out, || format!("{service}: mirroring off"));
+    Ok(())
+}
+
+/// `orders: 10% of requests copied to subset v2 (at most 100 in flight)`.
+fn describe_mirror(service: &str, m: &Value) -> String {
+    if m.is_null() {
+        return format!("{service}: no mirroring");
+    }
+    let to = match (m["subset"].as_str(), m["service"].as_str()) {
+        (Some(s), _) => format!("subset {s}"),
+        (_, Some(s)) => format!("service {s}"),
+        _ => "?".to_owned(),
+    };
+    format!(
+        "{service}: {}% of requests copied to {to} (at most {} in flight)",
+        m["percent"].as_f64().unwrap_or(0.0),
+        m["max_in_flight"]
+    )
+}
+
 /// Rules as lines: `1. path_prefix=/api method=GET -> subset v2`.
 fn describe_routes(service: &str, rules: &Value) -> String {
     let Some(rules) = rules.as_array().filter(|r| !r.is_empty()) else {

@@ -201,3 +201,68 @@ async fn invalid_rules_and_stale_versions_are_refused_and_change_nothing() {
     );
     assert_eq!(c.policy().await, before);
 }
+
+#[tokio::test]
+async fn a_mirror_set_by_the_cli_copies_traffic_and_invalid_ones_change_nothing() {
+    let c = setup("ALMOND_TEST_TOKEN_MIRROR_CLI").await;
+    let url = c.control.url();
+    // Refused: unknown subset, unknown service, a percent out of range.
+    let before = c.policy().await;
+    for (args, says) in [
+        (
+            vec!["--subset", "v9", "--percent", "10"],
+            "known subsets: v1, v2",
+        ),
+        (
+            vec!["--service", "nope", "--percent", "10"],
+            "no service named \"nope\"",
+        ),
+        (
+            vec!["--subset", "v2", "--percent", "101"],
+            "between 0 and 100",
+        ),
+    ] {
+        let mut all = vec!["mirror", "set", "s"];
+        all.extend(args);
+        let (code, _, err) = run_ops(&c.ops(&url, &all)).await;
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert_eq!(c.policy().await, before);
+    }
+
+    let args = ["mirror", "set", "s", "--subset", "v2", "--percent", "100"];
+    let (code, out, err) = run_ops(&c.ops(&url, &args)).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("100% of requests copied to subset v2"),
+        "{out}"
+    );
+    let v2 = &c._backends[1];
+    eventually("copies reach v2", || async {
+        let before = v2.count();
+        let reply = get_h1(c.proxy.addr(), "s", "/x").await;
+        assert_eq!(reply.backend(), "v1");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        v2.count() > before
+    })
+    .await;
+    assert_eq!(v2.last().headers["x-almond-mirror"], "1");
+    let (code, out, _) = run_ops(&c.ops(&url, &["mirror", "list", "s"])).await;
+    assert_eq!(code, Some(0));
+    assert!(out.contains("subset v2"), "{out}");
+
+    let (code, _, err) = run_ops(&c.ops(&url, &["mirror", "clear", "s"])).await;
+    assert_eq!(code, Some(0), "{err}");
+    let history = c.policy().await["history"].clone();
+    let actions: Vec<&str> = (history.as_array().unwrap().iter())
+        .filter_map(|h| h["action"].as_str())
+        .collect();
+    assert_eq!(actions, ["shift", "mirror set", "mirror clear"]);
+    eventually("copies stop", || async {
+        let before = v2.count();
+        get_h1(c.proxy.addr(), "s", "/x").await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        v2.count() == before
+    })
+    .await;
+}

@@ -4,7 +4,8 @@
 
 use crate::watcher::rollout::Rollout;
 use almond_config::{
-    check_identity, check_rules, check_sticky_header, Authz, RouteRule, Service, Split, Weights,
+    check_identity, check_mirror, check_rules, check_sticky_header, Authz, Mirror, RouteRule,
+    Service, Split, Weights,
 };
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +52,10 @@ pub struct Policy {
     /// they replace the source's; `None` (`DELETE`): the source's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<RouteRule>>,
+    /// Mirroring set with `almond mirror` (`PUT .../mirror`); once set it
+    /// replaces the source's; `None` (`DELETE`): the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
 }
 
 /// Rollout events kept per service.
@@ -98,6 +103,9 @@ pub struct Change {
     /// `routes set` / `routes clear`: the rules in force after the change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<RouteRule>>,
+    /// `mirror set`: the mirror in force after the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
 }
 
 /// A refused change, with the HTTP status it maps to.
@@ -185,6 +193,35 @@ pub fn check_routes(
     Err(Refusal::Invalid(problems.join("; ")))
 }
 
+/// Checks a mirror sent to the API: a subset the source knows
+/// (`subsets`), a service that exists (`exists`), the numbers.
+pub fn check_mirror_request(
+    m: &Mirror,
+    subsets: &[&str],
+    exists: impl Fn(&str) -> bool,
+) -> Result<(), Refusal> {
+    let known = subsets.join(", ");
+    let mut problems: Vec<String> = check_mirror(m, Some(subsets))
+        .into_iter()
+        .map(|(path, why)| {
+            let path = path.trim_start_matches('.');
+            if path.ends_with(".subset") {
+                format!("{path}: {why} (known subsets: {known})")
+            } else {
+                format!("{path}: {why}")
+            }
+        })
+        .collect();
+    if let Some(to) = m.service.as_deref().filter(|s| !s.is_empty() && !exists(s)) {
+        problems.push(format!("mirror.service: no service named {to:?}"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Refusal::Invalid(problems.join("; ")))
+    }
+}
+
 /// Checks a sticky header sent to the API (`""` clears it).
 pub fn check_sticky(header: Option<&str>) -> Result<(), Refusal> {
     match header {
@@ -233,6 +270,7 @@ impl Policy {
             sticky_header: self.sticky_header.clone(),
             identity: None,
             routes: None,
+            mirror: None,
         });
         if self.history.len() > HISTORY {
             let cut = self.history.len() - HISTORY;
@@ -297,6 +335,25 @@ impl Policy {
         if let Some(change) = next.history.last_mut() {
             change.from = self.split.clone();
             change.routes = next.routes.clone();
+        }
+        next
+    }
+
+    /// The policy after setting (`Some`) or clearing (`None`) the mirror,
+    /// recorded in the audit trail.
+    pub fn with_mirror(&self, mirror: Option<Mirror>, by: &str, now: u64) -> Policy {
+        let mut next = self.clone();
+        next.version += 1;
+        let action = if mirror.is_some() {
+            "mirror set"
+        } else {
+            "mirror clear"
+        };
+        next.mirror = mirror;
+        next.record(by, action, now);
+        if let Some(change) = next.history.last_mut() {
+            change.from = self.split.clone();
+            change.mirror = next.mirror.clone();
         }
         next
     }
@@ -383,6 +440,9 @@ impl Policy {
         }
         if let Some(routes) = &self.routes {
             service.routes = routes.clone();
+        }
+        if let Some(mirror) = &self.mirror {
+            service.mirror = Some(mirror.clone());
         }
         if let Some(weights) = &self.split {
             let source_sticky = service.split.take().and_then(|s| s.sticky_header);
