@@ -163,6 +163,11 @@ enum Command {
         /// Steps after which to wait for `--approve`.
         #[arg(long, value_delimiter = ',')]
         pause_at: Vec<u32>,
+        /// A judged shadow stage first: mirror this percent of requests
+        /// to the canary (no real traffic) and judge the copies against
+        /// stable before the first step.
+        #[arg(long, value_name = "PERCENT")]
+        shadow: Option<f64>,
         /// Pass the manual gate.
         #[arg(long, conflicts_with_all = ["canary", "abort"])]
         approve: bool,
@@ -399,6 +404,7 @@ fn main() -> ExitCode {
             max_p99_ratio,
             min_requests,
             pause_at,
+            shadow,
             approve,
             abort,
             ops,
@@ -414,6 +420,7 @@ fn main() -> ExitCode {
                     "steps": steps,
                     "interval_seconds": interval,
                     "pause_at": pause_at,
+                    "shadow": shadow,
                     "thresholds": {
                         "min_requests": min_requests,
                         "max_error_rate": max_error_rate,
