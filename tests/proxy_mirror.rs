@@ -221,3 +221,35 @@ async fn a_mirror_naming_nothing_is_refused() {
     assert!(paths.contains(&"services.web.mirror.percent"), "{err}");
     assert!(paths.contains(&"services.web.mirror.service"), "{err}");
 }
+
+#[tokio::test]
+async fn copies_can_go_to_another_service_counted_there() {
+    let real = Backend::start("real").await;
+    let other = Backend::start("other").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("web")
+                .at(real.addr)
+                .set("mirror", "{ service: shadow-web, percent: 100 }"),
+        )
+        .service(ServiceYaml::new("shadow-web").endpoint(other.addr, "v9", 1))
+        .start()
+        .await;
+    real_traffic(&proxy, 5).await;
+    eventually("5 copies at the other service", || async {
+        other.count() == 5
+    })
+    .await;
+    assert_eq!(other.last().headers["x-almond-mirror"], "1");
+    eventually("counted under the other service", || async {
+        let text = proxy.admin_get("/metrics").await.text();
+        let labels = [
+            ("direction", "mirror"),
+            ("service", "shadow-web"),
+            ("subset", "v9"),
+        ];
+        metric(&text, "almond_requests_total", &labels) == 5.0
+    })
+    .await;
+}
