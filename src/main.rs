@@ -191,6 +191,18 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
+    /// A service's route rules, set through the control plane: `list`,
+    /// `set FILE` (a YAML or JSON list of rules), `clear`.
+    Route {
+        #[command(subcommand)]
+        action: RouteAction,
+    },
+    /// A service's traffic mirroring, set through the control plane:
+    /// `list`, `set` (`--subset` or `--service`, `--percent`), `clear`.
+    Mirror {
+        #[command(subcommand)]
+        action: MirrorAction,
+    },
     /// Subsets, weights, endpoints healthy/total and live rps, success
     /// rate and p99 (from the proxies' metrics) of one service or all.
     Status {
@@ -235,6 +247,11 @@ enum Command {
         /// Steps after which to wait for `--approve`.
         #[arg(long, value_delimiter = ',')]
         pause_at: Vec<u32>,
+        /// A judged shadow stage first: mirror this percent of requests
+        /// to the canary (no real traffic) and judge the copies against
+        /// stable before the first step.
+        #[arg(long, value_name = "PERCENT")]
+        shadow: Option<f64>,
         /// Pass the manual gate.
         #[arg(long, conflicts_with_all = ["canary", "abort"])]
         approve: bool,
@@ -286,6 +303,77 @@ struct OpsArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", default_value = "text")]
     output: Output,
+}
+
+/// `almond route ...`.
+#[derive(Subcommand)]
+enum RouteAction {
+    /// The rules in force, in order.
+    List {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Replace the rules with those of FILE (`-`: standard input), e.g.
+    /// `- { match: { path_prefix: /api }, to: { subset: v2 } }`.
+    Set {
+        /// The service.
+        service: String,
+        /// A YAML (or JSON) list of rules.
+        file: PathBuf,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Remove the rules set here (the source's, if any, apply again).
+    Clear {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+}
+
+/// `almond mirror ...`.
+#[derive(Subcommand)]
+enum MirrorAction {
+    /// The mirror in force.
+    List {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Copy a share of the service's requests to a subset or a service.
+    Set {
+        /// The service whose requests are copied.
+        service: String,
+        /// Copy to this subset of the service.
+        #[arg(
+            long,
+            required_unless_present = "to_service",
+            conflicts_with = "to_service"
+        )]
+        subset: Option<String>,
+        /// Copy to this other service.
+        #[arg(long = "service", id = "to_service")]
+        to_service: Option<String>,
+        /// Percent of requests copied (0 to 100).
+        #[arg(long)]
+        percent: f64,
+        /// Copies in flight at once; more are dropped and counted.
+        #[arg(long)]
+        max_in_flight: Option<u32>,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Stop mirroring (the source's mirror, if any, applies again).
+    Clear {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -432,6 +520,39 @@ fn main() -> ExitCode {
             action == AuthzAction::Allow,
             &identity,
         )),
+        Command::Mirror { action } => match action {
+            MirrorAction::List { service, ops } => {
+                block_on(ops::mirror_list(&ops.target(), &service))
+            }
+            MirrorAction::Set {
+                service,
+                subset,
+                to_service,
+                percent,
+                max_in_flight,
+                ops,
+            } => {
+                let body = serde_json::json!({
+                    "subset": subset, "service": to_service,
+                    "percent": percent, "max_in_flight": max_in_flight,
+                });
+                block_on(ops::mirror_set(&ops.target(), &service, body))
+            }
+            MirrorAction::Clear { service, ops } => {
+                block_on(ops::mirror_clear(&ops.target(), &service))
+            }
+        },
+        Command::Route { action } => match action {
+            RouteAction::List { service, ops } => {
+                block_on(ops::routes_list(&ops.target(), &service))
+            }
+            RouteAction::Set { service, file, ops } => {
+                block_on(ops::routes_set(&ops.target(), &service, &file))
+            }
+            RouteAction::Clear { service, ops } => {
+                block_on(ops::routes_clear(&ops.target(), &service))
+            }
+        },
         Command::Rollout {
             service,
             canary,
@@ -443,6 +564,7 @@ fn main() -> ExitCode {
             max_p99_ratio,
             min_requests,
             pause_at,
+            shadow,
             approve,
             abort,
             ops,
@@ -458,6 +580,7 @@ fn main() -> ExitCode {
                     "steps": steps,
                     "interval_seconds": interval,
                     "pause_at": pause_at,
+                    "shadow": shadow,
                     "thresholds": {
                         "min_requests": min_requests,
                         "max_error_rate": max_error_rate,

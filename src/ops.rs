@@ -384,6 +384,110 @@ pub async fn authz(t: &Target, service: &str, allow: bool, identity: &str) -> an
     Ok(())
 }
 
+/// `almond route list SERVICE`: the rules in force, one line each.
+pub async fn routes_list(t: &Target, service: &str) -> anyhow::Result<()> {
+    let out = t.get(&format!("/v1/services/{service}/routes")).await?;
+    t.print(&out, || describe_routes(service, &out["rules"]));
+    Ok(())
+}
+
+/// `almond route set SERVICE FILE`: replaces the rules with FILE's
+/// (checked here first, with lines; then by the control plane).
+pub async fn routes_set(t: &Target, service: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading rules from standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let rules = almond_config::load_rules(&text, &file.display().to_string())
+        .map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
+    let path = format!("/v1/services/{service}/routes");
+    let out = (t.call(http::Method::PUT, &path, Some(json!({ "rules": rules })))).await?;
+    t.print(&out, || describe_routes(service, &out["policy"]["routes"]));
+    Ok(())
+}
+
+/// `almond route clear SERVICE`: removes the rules set through the
+/// control plane.
+pub async fn routes_clear(t: &Target, service: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/services/{service}/routes");
+    let out = t.call(http::Method::DELETE, &path, None).await?;
+    t.print(&out, || format!("{service}: route rules cleared"));
+    Ok(())
+}
+
+/// `almond mirror list SERVICE`.
+pub async fn mirror_list(t: &Target, service: &str) -> anyhow::Result<()> {
+    let out = t.get(&format!("/v1/services/{service}/mirror")).await?;
+    t.print(&out, || describe_mirror(service, &out["mirror"]));
+    Ok(())
+}
+
+/// `almond mirror set SERVICE ...`: `body` is the API's.
+pub async fn mirror_set(t: &Target, service: &str, body: Value) -> anyhow::Result<()> {
+    let path = format!("/v1/services/{service}/mirror");
+    let out = t.call(http::Method::PUT, &path, Some(body)).await?;
+    t.print(&out, || describe_mirror(service, &out["policy"]["mirror"]));
+    Ok(())
+}
+
+/// `almond mirror clear SERVICE`.
+pub async fn mirror_clear(t: &Target, service: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/services/{service}/mirror");
+    let out = t.call(http::Method::DELETE, &path, None).await?;
+    t.print(&out, || format!("{service}: mirroring off"));
+    Ok(())
+}
+
+/// `orders: 10% of requests copied to subset v2 (at most 100 in flight)`.
+fn describe_mirror(service: &str, m: &Value) -> String {
+    if m.is_null() {
+        return format!("{service}: no mirroring");
+    }
+    let to = match (m["subset"].as_str(), m["service"].as_str()) {
+        (Some(s), _) => format!("subset {s}"),
+        (_, Some(s)) => format!("service {s}"),
+        _ => "?".to_owned(),
+    };
+    format!(
+        "{service}: {}% of requests copied to {to} (at most {} in flight)",
+        m["percent"].as_f64().unwrap_or(0.0),
+        m["max_in_flight"]
+    )
+}
+
+/// Rules as lines: `1. path_prefix=/api method=GET -> subset v2`.
+fn describe_routes(service: &str, rules: &Value) -> String {
+    let Some(rules) = rules.as_array().filter(|r| !r.is_empty()) else {
+        return format!("{service}: no route rules (every request to the split)");
+    };
+    let mut out = format!("{service}: {} route rule(s), first match wins", rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        let mut conds = Vec::new();
+        if let Some(m) = rule["match"].as_object() {
+            for (k, v) in m {
+                match v {
+                    Value::String(s) => conds.push(format!("{k}={s}")),
+                    other => conds.push(format!("{k}={other}")),
+                }
+            }
+        }
+        if conds.is_empty() {
+            conds.push("(every request)".to_owned());
+        }
+        let to = match (
+            rule["to"]["subset"].as_str(),
+            rule["to"]["service"].as_str(),
+        ) {
+            (Some(s), _) => format!("subset {s}"),
+            (_, Some(s)) => format!("service {s}"),
+            _ => "?".to_owned(),
+        };
+        out.push_str(&format!("\n  {}. {} -> {to}", i + 1, conds.join(" ")));
+    }
+    out
+}
+
 /// `almond status [SERVICE]`: per service and subset, the weight,
 /// endpoints healthy/total, and live rps / success rate / p99 measured by
 /// the control plane over `window` (all services at once).

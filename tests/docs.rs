@@ -177,6 +177,7 @@ fn fully_populated() -> ProxyConfig {
         split,
         routes,
         guards,
+        mirror,
         timeouts,
         circuit_breaker,
         retries,
@@ -275,6 +276,17 @@ fn fully_populated() -> ProxyConfig {
                 }),
             });
         }
+        let almond_config::Mirror {
+            subset: _,
+            service: _,
+            percent: _,
+            max_in_flight: _,
+        } = mirror.get_or_insert_with(|| almond_config::Mirror {
+            subset: None,
+            service: Some("orders".to_owned()),
+            percent: 1.0,
+            max_in_flight: 100,
+        });
         let Timeouts {
             connect: _,
             request: _,
@@ -304,6 +316,20 @@ fn fully_populated() -> ProxyConfig {
         } = retries;
         per_try_timeout.get_or_insert(Duration::from_secs(2));
     }
+    // A second service mirrors to the first by name (`mirror.service`),
+    // where the first mirrors to a subset of its own.
+    let first = services.keys().next().cloned().expect("a service");
+    if let Some(svc) = services.get_mut(&first) {
+        let subset = svc.endpoints[0].subset.clone();
+        if let Some(m) = svc.mirror.as_mut() {
+            (m.subset, m.service) = (Some(subset), None);
+        }
+    }
+    let mut second = services[&first].clone();
+    if let Some(m) = second.mirror.as_mut() {
+        (m.subset, m.service) = (None, Some(first.clone()));
+    }
+    services.insert(format!("{first}-shadow"), second);
     let problems = almond_config::validate_proxy(&config);
     assert!(
         problems.is_empty(),
@@ -570,6 +596,15 @@ fn metrics_reference_names_every_family_and_nothing_else() {
             e.zone = Some(if i == 0 { "a" } else { "b" }.to_owned());
         }
     }
+    // Families with labels appear once they have a series: a mirror's.
+    if let Some(svc) = config.services.values_mut().next() {
+        svc.mirror = Some(almond_config::Mirror {
+            subset: Some(svc.endpoints[0].subset.clone()),
+            service: None,
+            percent: 1.0,
+            max_in_flight: 100,
+        });
+    }
     let proxy = almond_proxy::Proxy::new(config).expect("proxy");
     let exposition = String::from_utf8(proxy.shared().metrics.encode()).expect("UTF-8");
     let exposed = families(&exposition);
@@ -680,4 +715,22 @@ fn architecture_map_names_every_source_file_and_nothing_else() {
         undocumented.is_empty(),
         "docs/architecture.md does not say what these files own: {undocumented:?}"
     );
+}
+
+/// The converted example of docs/migration-from-nginx.md loads as written.
+#[test]
+fn the_nginx_migration_example_loads() {
+    let page = read("docs/migration-from-nginx.md");
+    let section = page
+        .split("### Converted end to end")
+        .nth(1)
+        .expect("the converted example");
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml block");
+    let config = almond_config::load_proxy(yaml, "migration-from-nginx.md")
+        .unwrap_or_else(|e| panic!("the example is refused:\n{e}"));
+    assert_eq!(config.services["shop"].routes.len(), 3);
 }

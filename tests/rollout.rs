@@ -1364,3 +1364,88 @@ async fn a_canary_a_little_worse_than_stable_is_rolled_back() {
     assert!(reason.contains("above stable's"), "{reason}");
     assert!(failed < 50, "{failed} failed requests");
 }
+
+// ---------------------------------------------------------------------------
+// A shadow stage (`--shadow`): mirrored copies judged before real traffic
+// ---------------------------------------------------------------------------
+
+/// The rollout spec with a shadow stage mirroring `percent` to v2.
+fn shadow_spec(percent: f64) -> Value {
+    let mut s = spec(&[10, 100], 1.0);
+    s["shadow"] = json!(percent);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_stage_is_judged_on_copies_then_real_steps_follow() {
+    let rig = Rig::start().await;
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let started = rig.start_rollout(&shadow_spec(100.0)).await;
+    assert_eq!(started["policy"]["mirror"]["subset"], "v2", "{started:#}");
+    // The stage: copies reach the canary, real answers all come from v1.
+    let before = traffic.by_backend();
+    eventually("copies reach the canary", || async { rig.v2.count() > 20 }).await;
+    let r = wait_rollout(&rig.control, "the shadow stage is judged", |r| {
+        !verdicts(r).is_empty()
+    })
+    .await;
+    let first = verdicts(&r)[0].clone();
+    assert_eq!((first.0, first.1.as_str()), (0, "pass"), "{r:#}");
+    // Until the first real step, no real request was answered by v2.
+    let during = traffic.by_backend();
+    assert_eq!(
+        during.get("v2").copied().unwrap_or(0),
+        before.get("v2").copied().unwrap_or(0)
+    );
+    wait_canary_percent(&rig.proxy, 10).await;
+    assert!(
+        rig.control.service("s").await["policy"]
+            .get("mirror")
+            .is_none(),
+        "the mirror ends with the stage"
+    );
+    let r = wait_phase(&rig.control, "succeeded").await;
+    let steps: Vec<u64> = verdicts(&r)
+        .iter()
+        .filter(|v| v.1 == "pass")
+        .map(|v| v.0)
+        .collect();
+    assert_eq!(steps, [0, 10, 100], "{r:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_canary_fails_its_shadow_stage_without_real_traffic() {
+    let rig = Rig::start().await;
+    rig.v2.fail_percent(30);
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let before = traffic.by_backend();
+    rig.start_rollout(&shadow_spec(100.0)).await;
+    let r = wait_phase(&rig.control, "rolled_back").await;
+    let v = verdicts(&r);
+    assert_eq!(v.last().unwrap().0, 0, "failed in the shadow stage: {r:#}");
+    assert_eq!(v.last().unwrap().1, "fail", "{r:#}");
+    assert!(
+        r["reason"].as_str().unwrap().contains("error rate"),
+        "{r:#}"
+    );
+    assert!(rig.v2.count() > 0, "the canary got copies");
+    // No real request ever went to the canary, and the split never moved.
+    let after = traffic.by_backend();
+    assert_eq!(
+        after.get("v2").copied().unwrap_or(0),
+        before.get("v2").copied().unwrap_or(0)
+    );
+    assert_eq!(weight(&rig.proxy, "v2").await, 0.0);
+    assert!(rig.control.service("s").await["policy"]
+        .get("mirror")
+        .is_none());
+    let text = rig.proxy.admin_get("/metrics").await.text();
+    let mirrored_5xx = [
+        ("direction", "mirror"),
+        ("subset", "v2"),
+        ("code_class", "5xx"),
+    ];
+    assert!(metric(&text, "almond_requests_total", &mirrored_5xx) > 0.0);
+}

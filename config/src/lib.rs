@@ -30,7 +30,7 @@ pub use grpc::{CodeSet, Grpc, GrpcCode};
 pub use guards::{check_guards, Deny, Guard, Limit, LimitBy, Rate, MAX_GUARDS};
 pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
-    load_services, validate_proxy, Strictness,
+    load_rules, load_services, validate_proxy, Strictness,
 };
 pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing};
 pub use problem::{Problem, Problems};
@@ -38,7 +38,10 @@ pub use proxy::{
     check_identity, Authz, CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits,
     Listener, Protocol, ProxyConfig, Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
 };
-pub use rules::{check_match, check_rules, HeaderMatch, Match, RouteRule, RouteTo, MAX_RULES};
+pub use rules::{
+    check_match, check_mirror, check_rules, HeaderMatch, Match, Mirror, RouteRule, RouteTo,
+    MAX_RULES,
+};
 pub use secret::Secret;
 pub use snapshot::Snapshot;
 pub use split::{check_sticky_header, Split, Weights};

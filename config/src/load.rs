@@ -5,6 +5,7 @@ use crate::control::{ControlConfig, Source};
 use crate::lines::LineIndex;
 use crate::problem::{Problem, Problems};
 use crate::proxy::{Condition, ProxyConfig, Service};
+use crate::rules::RouteRule;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -133,6 +134,35 @@ pub fn load_services(text: &str, source_name: &str) -> Result<BTreeMap<String, S
     }
     problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
     Err(fail(problems))
+}
+
+/// Parses a list of route rules (`almond route set FILE`): each rule's
+/// `match` and `to` checked as far as they can be without the service
+/// (its subsets and the other services are the control plane's to check).
+pub fn load_rules(text: &str, source_name: &str) -> Result<Vec<RouteRule>, Problems> {
+    let index = LineIndex::build(text);
+    let fail = |problems| Problems {
+        source_name: source_name.to_owned(),
+        problems,
+    };
+    let rules: Vec<RouteRule> = parse(text, &index).map_err(|p| fail(vec![p]))?;
+    let problems: Vec<Problem> = crate::rules::check_rules(&rules, None)
+        .into_iter()
+        .map(|(path, message)| {
+            // `.routes[0].match.method` -> `[0].match.method`
+            let path = path.trim_start_matches(".routes").to_owned();
+            Problem {
+                line: index.line_of(&path),
+                path,
+                message,
+            }
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(rules)
+    } else {
+        Err(fail(problems))
+    }
 }
 
 fn read(path: &Path) -> Result<String, Problems> {
@@ -329,6 +359,13 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
                     _ => {}
                 }
             }
+            let mirrored = svc.mirror.as_ref().and_then(|m| m.service.as_ref());
+            if let Some(to) = mirrored.filter(|to| !config.services.contains_key(*to)) {
+                add(
+                    format!("services.{name}.mirror.service"),
+                    format!("no service named {to:?} in services"),
+                );
+            }
         }
     }
     out
@@ -425,6 +462,12 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
         strict.then_some(subsets.as_slice()),
     ));
     out.extend(crate::guards::check_guards(&svc.guards));
+    if let Some(m) = &svc.mirror {
+        out.extend(crate::rules::check_mirror(
+            m,
+            strict.then_some(subsets.as_slice()),
+        ));
+    }
     if svc.timeouts.connect.is_zero() {
         out.push((".timeouts.connect".into(), "must be more than 0".into()));
     }

@@ -343,6 +343,10 @@ pub struct Service {
     /// before the route rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guards: Vec<crate::Guard>,
+    /// Copy a share of the requests to a subset or another service
+    /// (responses discarded); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<crate::Mirror>,
     /// Connect and request timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,

@@ -110,6 +110,61 @@ pub struct RouteRule {
     pub to: RouteTo,
 }
 
+/// Traffic mirroring: a share of a service's requests copied to a subset
+/// or another service, responses discarded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// A subset of this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// Another service, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Percent of requests copied (0 to 100, fractions allowed).
+    pub percent: f64,
+    /// Copies in flight at once; more are dropped and counted.
+    #[serde(default = "default_mirror_in_flight")]
+    pub max_in_flight: u32,
+}
+
+fn default_mirror_in_flight() -> u32 {
+    100
+}
+
+/// Checks a mirror (`subsets`: `None` when subsets come and go); paths
+/// are relative (`.mirror.percent`). A `service` is the caller's to check.
+pub fn check_mirror(m: &Mirror, subsets: Option<&[&str]>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    match (&m.subset, &m.service) {
+        (Some(_), Some(_)) | (None, None) => {
+            out.push((
+                ".mirror".into(),
+                "give subset or service, exactly one".into(),
+            ));
+        }
+        (Some(subset), None) => {
+            if subsets.is_some_and(|known| !known.contains(&subset.as_str())) {
+                out.push((
+                    ".mirror.subset".into(),
+                    format!("no endpoint has subset {subset:?}"),
+                ));
+            }
+        }
+        (None, Some(service)) if service.is_empty() => {
+            out.push((".mirror.service".into(), "must not be empty".into()));
+        }
+        (None, Some(_)) => {}
+    }
+    if !(0.0..=100.0).contains(&m.percent) {
+        out.push((".mirror.percent".into(), "must be between 0 and 100".into()));
+    }
+    if m.max_in_flight == 0 {
+        out.push((".mirror.max_in_flight".into(), "must be 1 or more".into()));
+    }
+    out
+}
+
 /// An HTTP token (header names, cookie names, methods).
 fn is_token(s: &str) -> bool {
     let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);

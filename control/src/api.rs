@@ -3,7 +3,9 @@
 //! data and page (`/ui`, in [`crate::ui`]), `/metrics`, `/ready`, `/live`.
 
 use crate::history::History;
-use crate::policy::{check_split, check_sticky, Policy, Refusal};
+use crate::policy::{
+    check_mirror_request, check_routes, check_split, check_sticky, Policy, Refusal,
+};
 use crate::state::{State, PROXY_STALE};
 use crate::store::Store;
 use crate::tap::{self, TapStream};
@@ -291,6 +293,22 @@ async fn respond(
                 let name = (*name).to_owned();
                 mutate(&api, req, peer, &name, Mutation::Guard).await
             }
+            (Method::PUT, ["v1", "services", name, "routes"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, peer, &name, Mutation::Routes).await
+            }
+            (Method::DELETE, ["v1", "services", name, "routes"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, peer, &name, Mutation::ClearRoutes).await
+            }
+            (Method::PUT, ["v1", "services", name, "mirror"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, peer, &name, Mutation::Mirror).await
+            }
+            (Method::DELETE, ["v1", "services", name, "mirror"]) => {
+                let name = (*name).to_owned();
+                mutate(&api, req, peer, &name, Mutation::ClearMirror).await
+            }
             (Method::PUT, ["v1", "services", name, "authz"]) => {
                 let name = (*name).to_owned();
                 mutate(&api, req, peer, &name, Mutation::Authz).await
@@ -399,6 +417,36 @@ async fn respond(
                 ),
             }
         }
+        ["v1", "services", name, "routes"] => match state.service(name) {
+            Some(svc) => {
+                let policy = state.policy(name).unwrap_or_default();
+                json_ok(&json!({
+                    "service": name,
+                    "version": policy.version,
+                    "from": if policy.routes.is_some() { "policy" } else { "source" },
+                    "rules": svc.routes,
+                }))
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                &format!("unknown service {name:?}\n"),
+            ),
+        },
+        ["v1", "services", name, "mirror"] => match state.service(name) {
+            Some(svc) => {
+                let policy = state.policy(name).unwrap_or_default();
+                json_ok(&json!({
+                    "service": name,
+                    "version": policy.version,
+                    "from": if policy.mirror.is_some() { "policy" } else { "source" },
+                    "mirror": svc.mirror,
+                }))
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                &format!("unknown service {name:?}\n"),
+            ),
+        },
         ["v1", "services", name, "rollouts"] => match state.policy(name).and_then(|p| p.rollout) {
             Some(r) => json_ok(&r),
             None => text(StatusCode::NOT_FOUND, &format!("no rollout for {name:?}\n")),
@@ -452,6 +500,10 @@ enum Mutation {
     Abort,
     Authz,
     Guard,
+    Routes,
+    ClearRoutes,
+    Mirror,
+    ClearMirror,
 }
 
 /// Body of `PUT /v1/services/{svc}/guards`: a guard to set (`almond
@@ -468,6 +520,37 @@ struct GuardRequest {
     limit: Option<almond_config::Limit>,
     #[serde(default)]
     remove: bool,
+}
+
+/// Body of `PUT /v1/services/{svc}/mirror`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorRequest {
+    /// A subset of the service to copy to.
+    #[serde(default)]
+    subset: Option<String>,
+    /// Or another service.
+    #[serde(default)]
+    service: Option<String>,
+    /// Percent of requests copied.
+    percent: f64,
+    /// Copies in flight at once (default 100).
+    #[serde(default)]
+    max_in_flight: Option<u32>,
+    /// The policy version the caller based this on; stale -> 409.
+    #[serde(default)]
+    version: Option<u64>,
+}
+
+/// Body of `PUT /v1/services/{svc}/routes`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesRequest {
+    /// The rules, in order (they replace those in force).
+    rules: Vec<almond_config::RouteRule>,
+    /// The policy version the caller based this on; stale -> 409.
+    #[serde(default)]
+    version: Option<u64>,
 }
 
 /// Body of `PUT /v1/services/{svc}/authz`.
@@ -612,6 +695,55 @@ async fn mutate(
                 Err(r) => return refusal(r),
             }
         }
+        Mutation::Routes => {
+            let request: RoutesRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                }
+            };
+            let counts = api.state.endpoint_counts(name);
+            let subsets: Vec<&str> = counts.keys().map(String::as_str).collect();
+            if let Err(r) = check_routes(&request.rules, &subsets, |s| api.state.has_service(s)) {
+                return refusal(r);
+            }
+            if let Some(v) = request.version.filter(|v| *v != current.version) {
+                return refusal(Refusal::Conflict(format!(
+                    "the policy changed since version {v} (now {}); read it again",
+                    current.version
+                )));
+            }
+            current.with_routes(Some(request.rules), &by, now)
+        }
+        Mutation::ClearRoutes => current.with_routes(None, &by, now),
+        Mutation::Mirror => {
+            let request: MirrorRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                }
+            };
+            let mirror = almond_config::Mirror {
+                subset: request.subset,
+                service: request.service,
+                percent: request.percent,
+                max_in_flight: request.max_in_flight.unwrap_or(100),
+            };
+            let counts = api.state.endpoint_counts(name);
+            let subsets: Vec<&str> = counts.keys().map(String::as_str).collect();
+            let exists = |s: &str| api.state.has_service(s);
+            if let Err(r) = check_mirror_request(&mirror, &subsets, exists) {
+                return refusal(r);
+            }
+            if let Some(v) = request.version.filter(|v| *v != current.version) {
+                return refusal(Refusal::Conflict(format!(
+                    "the policy changed since version {v} (now {}); read it again",
+                    current.version
+                )));
+            }
+            current.with_mirror(Some(mirror), &by, now)
+        }
+        Mutation::ClearMirror => current.with_mirror(None, &by, now),
         Mutation::Rollback => match current.rolled_back(&by, now) {
             Ok(p) => p,
             Err(r) => return refusal(r),

@@ -749,6 +749,7 @@ pub fn to_service_resolved(
         split: None,
         routes: Vec::new(),
         guards: Vec::new(),
+        mirror: None,
         timeouts: Default::default(),
         circuit_breaker: Default::default(),
         retries: Default::default(),

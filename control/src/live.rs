@@ -52,7 +52,10 @@ pub async fn measure(
     let now = collect::scrape(admins, service, max_body).await;
     // The second scrape's own time is in the window too.
     let seconds = started.elapsed().as_secs_f64().max(window.as_secs_f64());
-    summarize(&collect::delta(&now, &then), seconds)
+    let mut window = collect::delta(&now, &then);
+    // Mirrored copies are not the service's traffic.
+    window.retain(|subset, _| !subset.starts_with(collect::MIRROR_PREFIX));
+    summarize(&window, seconds)
 }
 
 /// Per-subset figures from a window's totals.

@@ -4,7 +4,8 @@
 
 use crate::watcher::rollout::Rollout;
 use almond_config::{
-    check_guards, check_identity, check_sticky_header, Authz, Guard, Match, Service, Split, Weights,
+    check_guards, check_identity, check_mirror, check_rules, check_sticky_header, Authz, Guard,
+    Match, Mirror, RouteRule, Service, Split, Weights,
 };
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +52,14 @@ pub struct Policy {
     /// Rollout events, oldest first (the last `EVENTS`), numbered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<Event>,
+    /// Route rules set with `almond route` (`PUT .../routes`); once set
+    /// they replace the source's; `None` (`DELETE`): the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<RouteRule>>,
+    /// Mirroring set with `almond mirror` (`PUT .../mirror`); once set it
+    /// replaces the source's; `None` (`DELETE`): the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
 }
 
 /// Rollout events kept per service.
@@ -98,6 +107,12 @@ pub struct Change {
     /// `block`, `limit`, `unblock`: the guard concerned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<Guard>,
+    /// `routes set` / `routes clear`: the rules in force after the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<RouteRule>>,
+    /// `mirror set`: the mirror in force after the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
 }
 
 /// A refused change, with the HTTP status it maps to.
@@ -155,6 +170,65 @@ pub fn check_split(
     Ok(())
 }
 
+/// Checks route rules sent to the API: each `match`, a `to.subset` the
+/// source knows (`subsets`), a `to.service` that exists (`exists`).
+pub fn check_routes(
+    rules: &[RouteRule],
+    subsets: &[&str],
+    exists: impl Fn(&str) -> bool,
+) -> Result<(), Refusal> {
+    let known = subsets.join(", ");
+    let mut problems: Vec<String> = check_rules(rules, Some(subsets))
+        .into_iter()
+        .map(|(path, why)| {
+            let path = path.trim_start_matches(".routes");
+            if path.ends_with(".to.subset") {
+                format!("routes{path}: {why} (known subsets: {known})")
+            } else {
+                format!("routes{path}: {why}")
+            }
+        })
+        .collect();
+    for (i, rule) in rules.iter().enumerate() {
+        if let Some(to) = rule.to.service.as_deref().filter(|s| !exists(s)) {
+            problems.push(format!("routes[{i}].to.service: no service named {to:?}"));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Refusal::Invalid(problems.join("; ")))
+}
+
+/// Checks a mirror sent to the API: a subset the source knows
+/// (`subsets`), a service that exists (`exists`), the numbers.
+pub fn check_mirror_request(
+    m: &Mirror,
+    subsets: &[&str],
+    exists: impl Fn(&str) -> bool,
+) -> Result<(), Refusal> {
+    let known = subsets.join(", ");
+    let mut problems: Vec<String> = check_mirror(m, Some(subsets))
+        .into_iter()
+        .map(|(path, why)| {
+            let path = path.trim_start_matches('.');
+            if path.ends_with(".subset") {
+                format!("{path}: {why} (known subsets: {known})")
+            } else {
+                format!("{path}: {why}")
+            }
+        })
+        .collect();
+    if let Some(to) = m.service.as_deref().filter(|s| !s.is_empty() && !exists(s)) {
+        problems.push(format!("mirror.service: no service named {to:?}"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Refusal::Invalid(problems.join("; ")))
+    }
+}
+
 /// Checks a sticky header sent to the API (`""` clears it).
 pub fn check_sticky(header: Option<&str>) -> Result<(), Refusal> {
     match header {
@@ -203,6 +277,8 @@ impl Policy {
             sticky_header: self.sticky_header.clone(),
             identity: None,
             guard: None,
+            routes: None,
+            mirror: None,
         });
         if self.history.len() > HISTORY {
             let cut = self.history.len() - HISTORY;
@@ -309,6 +385,44 @@ impl Policy {
         Ok(next)
     }
 
+    /// The policy after setting (`Some`) or clearing (`None`: back to the
+    /// source's) the route rules, recorded in the audit trail.
+    pub fn with_routes(&self, routes: Option<Vec<RouteRule>>, by: &str, now: u64) -> Policy {
+        let mut next = self.clone();
+        next.version += 1;
+        let action = if routes.is_some() {
+            "routes set"
+        } else {
+            "routes clear"
+        };
+        next.routes = routes;
+        next.record(by, action, now);
+        if let Some(change) = next.history.last_mut() {
+            change.from = self.split.clone();
+            change.routes = next.routes.clone();
+        }
+        next
+    }
+
+    /// The policy after setting (`Some`) or clearing (`None`) the mirror,
+    /// recorded in the audit trail.
+    pub fn with_mirror(&self, mirror: Option<Mirror>, by: &str, now: u64) -> Policy {
+        let mut next = self.clone();
+        next.version += 1;
+        let action = if mirror.is_some() {
+            "mirror set"
+        } else {
+            "mirror clear"
+        };
+        next.mirror = mirror;
+        next.record(by, action, now);
+        if let Some(change) = next.history.last_mut() {
+            change.from = self.split.clone();
+            change.mirror = next.mirror.clone();
+        }
+        next
+    }
+
     /// Appends the events that lead from `before`'s rollout to this one's:
     /// a start, each new verdict, each change of phase; returns them.
     pub fn record_events(&mut self, before: &Policy, now_ms: u64) -> Vec<Event> {
@@ -383,13 +497,20 @@ impl Policy {
     }
 
     /// The service proxies get: the source's, with this policy's split
-    /// (and sticky header; else the source's own) and allow-list.
+    /// (and sticky header; else the source's own), allow-list and route
+    /// rules.
     pub fn apply(&self, mut service: Service) -> Service {
         if let Some(authz) = &self.authz {
             service.authz = Some(authz.clone());
         }
         if let Some(guards) = &self.guards {
             service.guards = guards.clone();
+        }
+        if let Some(routes) = &self.routes {
+            service.routes = routes.clone();
+        }
+        if let Some(mirror) = &self.mirror {
+            service.mirror = Some(mirror.clone());
         }
         if let Some(weights) = &self.split {
             let source_sticky = service.split.take().and_then(|s| s.sticky_header);

@@ -153,8 +153,13 @@ pub fn delta(now: &BTreeMap<String, Totals>, then: &BTreeMap<String, Totals>) ->
     sum(&per_proxy)
 }
 
+/// Key prefix of a subset's mirrored traffic (`direction="mirror"`) in
+/// [`Totals`]: `mirror:v2` beside `v2`'s outbound traffic.
+pub const MIRROR_PREFIX: &str = "mirror:";
+
 /// Reads `almond_requests_total` and `almond_request_duration_seconds_bucket`
-/// of `service` (outbound) from a Prometheus text exposition.
+/// of `service` (outbound, and mirrored copies under `mirror:SUBSET`) from
+/// a Prometheus text exposition.
 pub fn parse(text: &str, service: &str) -> Totals {
     parse_services(text, Some(service))
         .remove(service)
@@ -179,13 +184,21 @@ pub fn parse_services(text: &str, only: Option<&str>) -> BTreeMap<String, Totals
         let Some(service) = labels.get("service") else {
             continue;
         };
-        if only.is_some_and(|o| o != service)
-            || labels.get("direction").map(String::as_str) != Some("outbound")
-        {
+        let mirrored = match labels.get("direction").map(String::as_str) {
+            Some("outbound") => false,
+            Some("mirror") => true,
+            _ => continue,
+        };
+        if only.is_some_and(|o| o != service) {
             continue;
         }
         let Some(subset) = labels.get("subset") else {
             continue;
+        };
+        let subset = &if mirrored {
+            format!("{MIRROR_PREFIX}{subset}")
+        } else {
+            subset.clone()
         };
         let Ok(value) = value.trim().parse::<f64>() else {
             continue;

@@ -129,7 +129,13 @@ impl Watcher {
         }
         let current = self.collect(&admins, name).await;
         let window = collect::delta(&current, &base.totals);
-        let canary = window.get(&r.spec.canary).cloned().unwrap_or_default();
+        // The shadow stage judges the canary's mirrored copies.
+        let canary_key = if r.shadowing {
+            format!("{}{}", collect::MIRROR_PREFIX, r.spec.canary)
+        } else {
+            r.spec.canary.clone()
+        };
+        let canary = window.get(&canary_key).cloned().unwrap_or_default();
         let stable = window.get(&r.stable).cloned().unwrap_or_default();
         let verdict = judge::judge(&canary, &stable, &r.spec.thresholds);
         let percent = r.percent();
@@ -157,6 +163,9 @@ impl Watcher {
         };
         let step_started = r.step_started;
         let reason = r.reason.clone();
+        if r.spec.shadow.is_some() {
+            next_policy.mirror = r.mirror();
+        }
         next_policy.rollout = Some(r);
         let events = next_policy.record_events(&policy, now);
         if self.store.put(name, &mut next_policy, token).await? {
@@ -220,6 +229,10 @@ pub fn apply_next(
     };
     if out.version == policy.version {
         out.version += 1;
+    }
+    // A shadow stage's mirror follows the rollout.
+    if rollout.spec.shadow.is_some() {
+        out.mirror = rollout.mirror();
     }
     out.rollout = Some(rollout);
     out

@@ -38,6 +38,11 @@ pub struct RolloutSpec {
     /// Inconclusive verdicts in a row tolerated on one step.
     #[serde(default = "default_max_inconclusive")]
     pub max_inconclusive: u32,
+    /// A shadow stage first: this percent of the service's requests is
+    /// mirrored to the canary (0 % real traffic), and the copies are
+    /// judged against stable before the first real step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<f64>,
 }
 
 fn default_max_inconclusive() -> u32 {
@@ -103,6 +108,10 @@ pub struct Rollout {
     /// The control-plane replica driving it, and until when (unix ms).
     #[serde(default)]
     pub lease: Option<(String, u64)>,
+    /// In the shadow stage (before the first real step): the canary gets
+    /// mirrored copies only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadowing: bool,
 }
 
 /// What the driver must do after a verdict.
@@ -142,6 +151,9 @@ impl RolloutSpec {
         if !(0.0..=1.0).contains(&self.thresholds.max_error_rate) {
             return Err("max_error_rate: between 0% and 100%".into());
         }
+        if self.shadow.is_some_and(|p| !(p > 0.0 && p <= 100.0)) {
+            return Err("shadow: a percent above 0, up to 100".into());
+        }
         if let Some(p) = self.pause_at.iter().find(|p| !self.steps.contains(p)) {
             return Err(format!("pause_at: {p} is not one of the steps"));
         }
@@ -163,6 +175,7 @@ impl Rollout {
         now: u64,
     ) -> Rollout {
         Rollout {
+            shadowing: spec.shadow.is_some(),
             spec,
             stable,
             original,
@@ -181,9 +194,26 @@ impl Rollout {
         matches!(self.phase, Phase::Running | Phase::Paused)
     }
 
-    /// Canary percent of the current step.
+    /// Canary percent of the current step (0 in the shadow stage).
     pub fn percent(&self) -> u32 {
+        if self.shadowing {
+            return 0;
+        }
         self.spec.steps.get(self.step).copied().unwrap_or(0)
+    }
+
+    /// The mirror in force: the shadow stage's copies to the canary.
+    pub fn mirror(&self) -> Option<almond_config::Mirror> {
+        let percent = self
+            .spec
+            .shadow
+            .filter(|_| self.shadowing && self.active())?;
+        Some(almond_config::Mirror {
+            subset: Some(self.spec.canary.clone()),
+            service: None,
+            percent,
+            max_in_flight: 100,
+        })
     }
 
     /// Canary percent in force: the step's while it runs or after it
@@ -280,6 +310,11 @@ impl Rollout {
     }
 
     fn advance(&mut self) -> Next {
+        if self.shadowing {
+            // The shadow stage passed: the first real step.
+            self.shadowing = false;
+            return Next::Shift(self.split());
+        }
         if self.step + 1 >= self.spec.steps.len() {
             self.phase = Phase::Succeeded;
             self.reason = Some("every step passed".into());
@@ -290,6 +325,7 @@ impl Rollout {
     }
 
     fn roll_back(&mut self, phase: Phase, reason: String) -> Next {
+        self.shadowing = false;
         self.phase = phase;
         self.reason = Some(reason);
         Next::RollBack(self.rollback_split())
@@ -309,7 +345,38 @@ mod tests {
             thresholds: Thresholds::default(),
             pause_at: vec![50],
             max_inconclusive: 2,
+            shadow: None,
         }
+    }
+
+    #[test]
+    fn a_shadow_stage_mirrors_first_then_steps_or_rolls_back() {
+        let shadowed = RolloutSpec {
+            shadow: Some(10.0),
+            ..spec()
+        };
+        let mut r = Rollout::start(shadowed.clone(), "v1".into(), None, 0);
+        assert_eq!(r.split(), w(&[("v1", 100), ("v2", 0)]), "no real traffic");
+        let m = r.mirror().unwrap_or_else(|| panic!("a mirror"));
+        assert_eq!((m.subset.as_deref(), m.percent), (Some("v2"), 10.0));
+        assert_eq!(
+            r.on_verdict(Verdict::Pass, 100, 900, 1000),
+            Next::Shift(w(&[("v1", 90), ("v2", 10)])),
+            "passed: the first real step"
+        );
+        assert!(r.mirror().is_none(), "the mirror ends with the stage");
+
+        let original = w(&[("v1", 100)]);
+        let mut r = Rollout::start(shadowed, "v1".into(), Some(original.clone()), 0);
+        let next = r.on_verdict(Verdict::Fail("errors".into()), 100, 900, 1000);
+        assert_eq!(next, Next::RollBack(original));
+        assert_eq!(r.phase, Phase::RolledBack);
+        assert!(r.mirror().is_none());
+        let bad = RolloutSpec {
+            shadow: Some(0.0),
+            ..spec()
+        };
+        assert!(bad.check().is_err());
     }
 
     fn w(pairs: &[(&str, u32)]) -> Weights {

@@ -16,6 +16,7 @@ use crate::observe::trace;
 use crate::outcome::{self, ErrorKind};
 use crate::pipeline::admit::{Admitted, Finish};
 use crate::pipeline::forward::{self, Call};
+use crate::pipeline::mirror::Shadow;
 use crate::pipeline::route::ServiceRoute;
 use crate::rescue::Rescue;
 use crate::Shared;
@@ -142,6 +143,7 @@ async fn serve(
         subset: routed,
         direction,
         body_idle,
+        mirror,
     } = match route(shared, listener, peer, &mut req, seen) {
         Ok(routed) => routed,
         Err((kind, detail)) => return kind.response(&detail),
@@ -171,6 +173,7 @@ async fn serve(
         direction,
         start,
         body_idle,
+        mirror,
     };
     // Admit: shed at once when the service is at its concurrency limit.
     let Some(admitted) = Admitted::try_new(&svc.admission, &svc.in_flight[direction]) else {
@@ -195,6 +198,8 @@ struct Routed {
     direction: usize,
     /// `limits.body_idle`.
     body_idle: Duration,
+    /// A copy to mirror, if this request is drawn for one.
+    mirror: Option<Shadow>,
 }
 
 /// Finds the request's service: the listener's bound one, or the one its
@@ -235,11 +240,14 @@ fn route(
         Direction::Outbound => 0,
         Direction::Inbound => 1,
     };
+    // Mirror: drawn here, where the table is at hand; sent by forward.
+    let mirror = Shadow::decide(&table, &svc, headers::is_upgrade(req));
     Ok(Routed {
         svc,
         subset,
         direction,
         body_idle: table.config.limits.body_idle,
+        mirror,
     })
 }
 

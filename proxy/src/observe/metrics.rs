@@ -33,6 +33,7 @@ pub struct Metrics {
     split_weight: IntGaugeVec,
     access_log_dropped: IntCounterVec,
     guarded: IntCounterVec,
+    mirror_dropped: IntCounterVec,
     trace_spans_dropped: IntCounterVec,
     /// Spans the collector accepted (`tracing.otlp`).
     pub trace_spans_exported: IntCounter,
@@ -207,6 +208,12 @@ impl Metrics {
                 "Access log lines not written: writer queue full, or over max_per_second.",
                 &["reason"],
             )?,
+            mirror_dropped: counter_vec(
+                r,
+                "almond_mirror_dropped_total",
+                "Requests not copied to a mirror: max_in_flight copies out, or a body not kept.",
+                &["service", "reason"],
+            )?,
             trace_spans_dropped: counter_vec(
                 r,
                 "almond_trace_spans_dropped_total",
@@ -283,7 +290,18 @@ impl Metrics {
         subset: &str,
         svc: &Service,
     ) -> SubsetMetrics {
-        let d = direction.as_str();
+        self.subset_labeled(direction.as_str(), service, subset, svc)
+    }
+
+    /// [`Metrics::subset`] for a direction label of its own (`mirror`:
+    /// copies of requests, which no listener receives).
+    pub fn subset_labeled(
+        &self,
+        d: &str,
+        service: &str,
+        subset: &str,
+        svc: &Service,
+    ) -> SubsetMetrics {
         let grpc = (svc.protocol == Protocol::Http2).then(|| {
             let success = CodeClass::Success;
             Arc::new(GrpcMetrics {
@@ -361,8 +379,7 @@ impl Metrics {
                 .endpoints
                 .remove_label_values(&[service, subset, state]);
         }
-        for direction in [Direction::Outbound, Direction::Inbound] {
-            let d = direction.as_str();
+        for d in ["outbound", "inbound", "mirror"] {
             for class in CodeClass::ALL {
                 let labels = [d, service, subset, class.label(), class.outcome_label()];
                 let _ = self.requests.remove_label_values(&labels);
@@ -395,12 +412,21 @@ impl Metrics {
         for zone in ["local", "remote"] {
             let _ = self.zone_requests.remove_label_values(&[service, zone]);
         }
+        for reason in ["full", "body"] {
+            let _ = self.mirror_dropped.remove_label_values(&[service, reason]);
+        }
     }
 
     /// The zone-aware counters of a service: first tries sent to the
     /// local zone, and to other zones.
     pub fn zone_requests(&self, service: &str) -> [IntCounter; 2] {
         ["local", "remote"].map(|zone| self.zone_requests.with_label_values(&[service, zone]))
+    }
+
+    /// Copies of `service`'s requests not mirrored, by `reason` (`full`:
+    /// `max_in_flight` copies were out; `body`: a body not kept for retry).
+    pub fn mirror_dropped(&self, service: &str, reason: &str) -> IntCounter {
+        self.mirror_dropped.with_label_values(&[service, reason])
     }
 
     /// Drops a subset's split weight gauge (the split is gone).

@@ -8,6 +8,7 @@ use crate::headers;
 use crate::observe::access_log::Observed;
 use crate::outcome::{grpc_status, is_grpc, CodeClass, ErrorKind};
 use crate::pipeline::admit::{Admitted, Finish};
+use crate::pipeline::mirror::Shadow;
 use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::route::{ServiceRoute, SubsetRoute};
 use crate::rescue::Rescue;
@@ -49,6 +50,8 @@ pub struct Call<'a> {
     pub start: Instant,
     /// `limits.body_idle`: a request body stalled this long ends.
     pub body_idle: Duration,
+    /// A copy to mirror, once the body is known (see `pipeline/mirror.rs`).
+    pub mirror: Option<Shadow>,
 }
 
 impl Call<'_> {
@@ -115,7 +118,7 @@ struct Tries {
 /// call's pool, retrying as the service's policy allows; `upgrade` is the
 /// client's half of an upgrade request.
 pub async fn forward(
-    call: Call<'_>,
+    mut call: Call<'_>,
     admitted: Admitted,
     req: Request<Incoming>,
     upgrade: Option<OnUpgrade>,
@@ -133,6 +136,10 @@ pub async fn forward(
     };
     if let (Some(req), Some((_, kept))) = (&mut next, &kept) {
         req.body_mut().keep_in(kept);
+    }
+    // Mirror: the copy leaves now, in a task of its own.
+    if let (Some(shadow), Some(req)) = (call.mirror.take(), next.as_ref()) {
+        shadow.send(req, replay.as_ref().map(|r| &r.body));
     }
     let mut tries = Tries::new(next, replay, upgrade, deadline);
     tries.kept = kept;

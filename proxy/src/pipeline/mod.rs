@@ -6,6 +6,7 @@
 pub mod admit;
 pub mod forward;
 pub mod guard;
+pub mod mirror;
 pub mod retry;
 pub mod route;
 pub mod rules;

@@ -76,6 +76,8 @@ pub struct ServiceRoute {
     pub rules: Rules<RouteTarget>,
     /// Guards (`guards`), compiled; `None` when it has none.
     pub guards: Option<Guards>,
+    /// Traffic mirroring (`mirror`), if configured.
+    pub mirror: Option<MirrorPolicy>,
     /// Concurrency limit (`circuit_breaker.max_requests`).
     pub admission: Arc<Admission>,
     /// Failure accrual and ejection.
@@ -95,6 +97,26 @@ pub struct ServiceRoute {
 /// A request's service after its route rules, and the subset a rule
 /// picked, if any.
 pub type Destination<'a> = (&'a Arc<ServiceRoute>, Option<usize>);
+
+/// A service's `mirror`, resolved: where copies go, how many, and the
+/// handles they are counted with (see `pipeline/mirror.rs`).
+pub struct MirrorPolicy {
+    /// The target service (this one for a subset target).
+    pub service: Box<str>,
+    /// The target subset's index, or `None` for the target's split.
+    pub subset: Option<usize>,
+    /// A request is copied when a draw in `[0, 1)` is below this.
+    pub share: f64,
+    /// Copies in flight (`max_in_flight`).
+    pub in_flight: Arc<Admission>,
+    /// Golden metrics with `direction="mirror"`, by the target's subset
+    /// index.
+    pub metrics: Box<[SubsetMetrics]>,
+    /// `almond_mirror_dropped_total{reason="full"}` and `{reason="body"}`.
+    pub dropped_full: IntCounter,
+    /// See `dropped_full`.
+    pub dropped_body: IntCounter,
+}
 
 /// Where a route rule sends a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +185,12 @@ impl Table {
                 let kept = guards.get(name.as_str()).copied();
                 route.guards = Guards::build(name, svc, metrics, kept);
                 route.target.tls = svc.tls.as_ref().map(|t| upstream_tls(name, t, tls));
+                let carried = previous
+                    .and_then(|p| p.services.get(name.as_str()))
+                    .and_then(|s| s.mirror.as_ref())
+                    .map(|m| m.in_flight.clone());
+                route.mirror = (svc.mirror.as_ref())
+                    .map(|m| mirror_policy(name, m, &config, metrics, carried));
                 (Box::from(name.as_str()), Arc::new(route))
             })
             .collect();
@@ -235,6 +263,11 @@ impl Table {
         }
     }
 
+    /// A service by name.
+    pub fn service_named(&self, name: &str) -> Option<&Arc<ServiceRoute>> {
+        self.services.get(name)
+    }
+
     /// Every service, by name.
     pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceRoute>> {
         self.services.values()
@@ -263,6 +296,43 @@ fn upstream_tls(
         tls: tls.cloned(),
         server_name,
     })
+}
+
+/// Resolves service `name`'s `mirror` against the config: the target's
+/// subset index and its `direction="mirror"` handles. `carried`: the
+/// previous table's in-flight count, so copies in flight stay counted.
+fn mirror_policy(
+    name: &str,
+    m: &almond_config::Mirror,
+    config: &ProxyConfig,
+    metrics: &Metrics,
+    carried: Option<Arc<Admission>>,
+) -> MirrorPolicy {
+    let target = m.service.as_deref().unwrap_or(name);
+    let target_svc = config.services.get(target);
+    let subsets = target_svc.map(subset_names).unwrap_or_default();
+    let subset = (m.subset.as_ref()).and_then(|want| subsets.iter().position(|s| s == want));
+    let in_flight = match carried {
+        Some(a) => {
+            a.set_limit(m.max_in_flight);
+            a
+        }
+        None => Arc::new(Admission::new(m.max_in_flight)),
+    };
+    MirrorPolicy {
+        service: target.into(),
+        subset,
+        share: m.percent / 100.0,
+        in_flight,
+        metrics: match target_svc {
+            Some(t) => (subsets.iter())
+                .map(|s| metrics.subset_labeled("mirror", target, s, t))
+                .collect(),
+            None => Box::default(),
+        },
+        dropped_full: metrics.mirror_dropped(name, "full"),
+        dropped_body: metrics.mirror_dropped(name, "body"),
+    }
 }
 
 /// Drops the series of services, subsets and splits the new table no
@@ -447,6 +517,7 @@ impl ServiceRoute {
             split,
             rules,
             guards: None,
+            mirror: None,
             admission,
             outlier: Outlier::new(cb, svc.timeouts.request),
             health_check: svc.health_check.clone(),

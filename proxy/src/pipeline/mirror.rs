@@ -1,0 +1,134 @@
+//! Mirror: a copy of a share of a service's requests sent to a subset or
+//! another service, its response read and discarded. The copy goes out in
+//! a task of its own, so the real request never waits on it; at most
+//! `max_in_flight` copies are out per service (more are dropped and
+//! counted), a body is copied only when forward.rs kept it for retry, and
+//! the copy carries `x-almond-mirror: 1`. Counted in the golden metrics
+//! with `direction="mirror"`.
+
+use crate::body::RequestBody;
+use crate::headers;
+use crate::limit::Permit;
+use crate::outcome::{CodeClass, ErrorKind};
+use crate::pipeline::route::{MirrorPolicy, ServiceRoute, Table};
+use crate::upstream::send;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request};
+use http_body::Body;
+use http_body_util::BodyExt;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// The header every copy carries, so its receiver can tell.
+pub const MIRROR_HEADER: HeaderName = HeaderName::from_static("x-almond-mirror");
+
+/// A copy about to be made: its place under `max_in_flight` is taken.
+pub struct Shadow {
+    source: Arc<ServiceRoute>,
+    target: Arc<ServiceRoute>,
+    _permit: Permit,
+}
+
+impl Shadow {
+    /// Draws whether `source`'s request is copied (never an upgrade);
+    /// `None` when not, or when `max_in_flight` copies are out (counted).
+    pub fn decide(table: &Table, source: &Arc<ServiceRoute>, upgrade: bool) -> Option<Shadow> {
+        let m = source.mirror.as_ref()?;
+        if upgrade || m.share <= 0.0 || fastrand::f64() >= m.share {
+            return None;
+        }
+        let target = table.service_named(&m.service)?.clone();
+        let Some(permit) = m.in_flight.try_acquire() else {
+            m.dropped_full.inc();
+            return None;
+        };
+        Some(Shadow {
+            source: source.clone(),
+            target,
+            _permit: permit,
+        })
+    }
+
+    fn policy(&self) -> Option<&MirrorPolicy> {
+        self.source.mirror.as_ref()
+    }
+
+    /// Copies `req` (readied for the source's upstream) with `kept`, its
+    /// body as kept for retry, and sends the copy in a task of its own. A
+    /// request whose body was not kept is not copied (counted), unless it
+    /// has none.
+    pub fn send(self, req: &Request<RequestBody>, kept: Option<&Bytes>) {
+        let Some(m) = self.policy() else { return };
+        let body = match kept {
+            Some(b) => b.clone(),
+            None if req.body().size_hint().exact() == Some(0) => Bytes::new(),
+            None => {
+                m.dropped_body.inc();
+                return;
+            }
+        };
+        let mut copy = Request::new(RequestBody::Replay((!body.is_empty()).then_some(body)));
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        copy.headers_mut()
+            .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
+        headers::to_upstream(&mut copy, self.target.target.protocol, false);
+        tokio::spawn(self.run(copy));
+    }
+
+    /// Sends the copy to an endpoint of the target's pool, reads the
+    /// response to its end and counts it; the permit goes with `self`.
+    async fn run(self, req: Request<RequestBody>) {
+        let Some(m) = self.policy() else { return };
+        let target = &self.target;
+        let pool = match m.subset.and_then(|i| target.subsets.get(i)) {
+            Some(s) => &s.pool,
+            None => match target.pool(&req, None) {
+                Ok(pool) => pool,
+                Err(_) => return,
+            },
+        };
+        let start = Instant::now();
+        let Some(member) = pool.pick(start, None) else {
+            if let Some(metrics) = m.metrics.get(pool.home()) {
+                metrics.record(CodeClass::Error, 0.0);
+            }
+            return;
+        };
+        let (subset, endpoint) = (member.subset, member.state.clone());
+        let _in_flight = endpoint.start();
+        let (mut upgrade, mut connected) = (None, None);
+        let sending = send::send_to(
+            &target.target,
+            &endpoint,
+            req,
+            &mut upgrade,
+            false,
+            &mut connected,
+        );
+        let sent = tokio::time::timeout(target.request_timeout, sending).await;
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(start).as_secs_f64();
+        let (result, class) = match sent {
+            Ok(Ok((resp, h1))) => {
+                let status = resp.status();
+                // Read and discard the body, so an HTTP/1.1 connection can
+                // go back to its pool.
+                let drained =
+                    tokio::time::timeout(target.body_idle, resp.into_body().collect()).await;
+                if let (Ok(Ok(_)), Some(h1)) = (drained, h1) {
+                    endpoint.conns.release_h1(h1);
+                }
+                (Ok(status.as_u16()), CodeClass::of(status))
+            }
+            Ok(Err(e)) => (Err(e.kind), CodeClass::Error),
+            Err(_) => (Err(ErrorKind::Timeout), CodeClass::Error),
+        };
+        target.record_outcome(subset, &endpoint, result, now);
+        if let Some(metrics) = m.metrics.get(subset) {
+            metrics.record(class, elapsed);
+        }
+    }
+}

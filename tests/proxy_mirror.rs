@@ -1,0 +1,255 @@
+//! Traffic mirroring end to end over real sockets: copies reach the mirror
+//! target marked `x-almond-mirror: 1` (bodies kept for retry included) and
+//! are counted under `direction="mirror"`; a mirror target that is slow
+//! (2 s), failing (500) or down never changes the real responses or their
+//! latency, and copies beyond `max_in_flight` (or with a body not kept)
+//! are dropped and counted.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use http::{Request, StatusCode};
+use std::net::SocketAddr;
+use std::time::Duration;
+use support::*;
+use tokio::time::Instant;
+
+/// Service `web` on backend `real` (subset v1, split to it) with a
+/// subset `shadow` at `shadow`, mirrored with `mirror` (a flow map);
+/// `retries` a flow map for `retries`.
+async fn mirrored(real: &Backend, shadow: SocketAddr, mirror: &str, retries: &str) -> TestProxy {
+    ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("web")
+                .endpoint(real.addr, "v1", 1)
+                .endpoint(shadow, "shadow", 1)
+                .split(&[("v1", 100)])
+                .set("mirror", mirror)
+                .set("retries", retries)
+                // A down mirror endpoint must not be ejected into the
+                // real traffic's way: the split never sends there anyway.
+                .timeouts("200ms", "5s"),
+        )
+        .start()
+        .await
+}
+
+async fn mirror_metric(proxy: &TestProxy, labels: &[(&str, &str)]) -> f64 {
+    let text = proxy.admin_get("/metrics").await.text();
+    let mut all = vec![("direction", "mirror"), ("service", "web")];
+    all.extend_from_slice(labels);
+    metric(&text, "almond_requests_total", &all)
+}
+
+async fn dropped(proxy: &TestProxy, reason: &str) -> f64 {
+    let text = proxy.admin_get("/metrics").await.text();
+    metric(
+        &text,
+        "almond_mirror_dropped_total",
+        &[("service", "web"), ("reason", reason)],
+    )
+}
+
+/// Sends `n` requests one after another on one connection; returns the
+/// slowest real latency. Every real answer must be 200 from `real`.
+async fn real_traffic(proxy: &TestProxy, n: usize) -> Duration {
+    let mut client = H1::connect(proxy.addr()).await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..n {
+        let start = Instant::now();
+        let req = Request::post(format!("/orders/{i}"))
+            .header("host", "web")
+            .body(full(format!("order {i}")))
+            .unwrap();
+        let reply = client.request(req).await;
+        slowest = slowest.max(start.elapsed());
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.backend(), "real");
+    }
+    slowest
+}
+
+#[tokio::test]
+async fn copies_arrive_marked_with_their_bodies_and_are_counted_as_mirror() {
+    let real = Backend::start("real").await;
+    let shadow = Backend::builder("shadow").keep_bodies().start().await;
+    let proxy = mirrored(&real, shadow.addr, "{ subset: shadow, percent: 100 }", "{}").await;
+    real_traffic(&proxy, 20).await;
+    eventually("20 copies arrive", || async { shadow.bodies().len() == 20 }).await;
+    let seen = shadow.seen();
+    assert!(seen.iter().all(|s| s.headers["x-almond-mirror"] == "1"));
+    assert!(real
+        .seen()
+        .iter()
+        .all(|s| s.headers.get("x-almond-mirror").is_none()));
+    let mut bodies: Vec<String> = (shadow.bodies().iter())
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    bodies.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("order {i}")).collect();
+    want.sort();
+    assert_eq!(bodies, want);
+    assert!(seen
+        .iter()
+        .all(|s| s.method == "POST" && s.path.starts_with("/orders/")));
+    eventually("the copies are counted", || async {
+        mirror_metric(&proxy, &[("subset", "shadow"), ("code_class", "2xx")]).await == 20.0
+    })
+    .await;
+    // The real traffic is counted as before, under outbound, and only once.
+    let text = proxy.admin_get("/metrics").await.text();
+    let outbound = [("direction", "outbound"), ("service", "web")];
+    assert_eq!(metric(&text, "almond_requests_total", &outbound), 20.0);
+}
+
+#[tokio::test]
+async fn a_share_of_requests_is_copied() {
+    let real = Backend::start("real").await;
+    let shadow = Backend::start("shadow").await;
+    let proxy = mirrored(&real, shadow.addr, "{ subset: shadow, percent: 25 }", "{}").await;
+    const N: usize = 400;
+    real_traffic(&proxy, N).await;
+    // Binomial(400, 0.25): mean 100, sigma ~ 8.7; a 5-sigma band.
+    eventually("copies settle", || async {
+        mirror_metric(&proxy, &[]).await == shadow.count() as f64
+    })
+    .await;
+    let copies = shadow.count() as f64;
+    assert!(
+        (copies - 100.0).abs() <= 5.0 * 8.66,
+        "{copies} copies of {N}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_mirror_never_delays_real_requests_and_excess_copies_are_dropped() {
+    let real = Backend::start("real").await;
+    let shadow = Backend::builder("shadow")
+        .delay(Duration::from_secs(2))
+        .start()
+        .await;
+    let proxy = mirrored(
+        &real,
+        shadow.addr,
+        "{ subset: shadow, percent: 100, max_in_flight: 5 }",
+        "{}",
+    )
+    .await;
+    let slowest = real_traffic(&proxy, 30).await;
+    // The real backend answers at once; a copy's 2 s never shows.
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    // 5 copies out (each 2 s), the other 25 dropped and counted.
+    assert_eq!(dropped(&proxy, "full").await, 25.0);
+    eventually("the 5 copies arrive", || async { shadow.count() == 5 }).await;
+    eventually("and are counted", || async {
+        mirror_metric(&proxy, &[("code_class", "2xx")]).await == 5.0
+    })
+    .await;
+    // Once they are back, copies flow again.
+    real_traffic(&proxy, 1).await;
+    eventually("a new copy", || async { shadow.count() == 6 }).await;
+}
+
+#[tokio::test]
+async fn a_failing_or_down_mirror_changes_nothing_for_real_requests() {
+    // Failing: every copy answered 500.
+    let real = Backend::start("real").await;
+    let failing = Backend::builder("shadow").status(500).start().await;
+    let proxy = mirrored(
+        &real,
+        failing.addr,
+        "{ subset: shadow, percent: 100 }",
+        "{}",
+    )
+    .await;
+    let slowest = real_traffic(&proxy, 20).await;
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    eventually("20 failed copies counted", || async {
+        mirror_metric(&proxy, &[("code_class", "5xx")]).await == 20.0
+    })
+    .await;
+    let text = proxy.admin_get("/metrics").await.text();
+    let real_5xx = [("direction", "outbound"), ("code_class", "5xx")];
+    assert_eq!(metric(&text, "almond_requests_total", &real_5xx), 0.0);
+    drop(proxy);
+
+    // Down: nothing listens.
+    let down = closed_port().await;
+    let proxy = mirrored(&real, down, "{ subset: shadow, percent: 100 }", "{}").await;
+    let slowest = real_traffic(&proxy, 20).await;
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    eventually("20 copies counted as errors", || async {
+        mirror_metric(&proxy, &[("code_class", "error")]).await == 20.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bodies_not_kept_for_retry_are_not_copied_and_are_counted() {
+    let real = Backend::start("real").await;
+    let shadow = Backend::start("shadow").await;
+    let proxy = mirrored(
+        &real,
+        shadow.addr,
+        "{ subset: shadow, percent: 100 }",
+        "{ max_body_bytes: 4 }",
+    )
+    .await;
+    // "order N" is longer than 4 bytes: streamed, not kept, not copied.
+    real_traffic(&proxy, 3).await;
+    assert_eq!(dropped(&proxy, "body").await, 3.0);
+    // A GET without a body is copied.
+    let reply = get_h1(proxy.addr(), "web", "/").await;
+    assert_eq!(reply.backend(), "real");
+    eventually("the GET is copied", || async { shadow.count() == 1 }).await;
+}
+
+#[tokio::test]
+async fn a_mirror_naming_nothing_is_refused() {
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("web")
+                .endpoint("127.0.0.1:1".parse().unwrap(), "v1", 1)
+                .set("mirror", "{ service: nope, percent: 150 }"),
+        )
+        .build();
+    let err = almond_config::load_proxy(&yaml, "t.yaml").unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"services.web.mirror.percent"), "{err}");
+    assert!(paths.contains(&"services.web.mirror.service"), "{err}");
+}
+
+#[tokio::test]
+async fn copies_can_go_to_another_service_counted_there() {
+    let real = Backend::start("real").await;
+    let other = Backend::start("other").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("web")
+                .at(real.addr)
+                .set("mirror", "{ service: shadow-web, percent: 100 }"),
+        )
+        .service(ServiceYaml::new("shadow-web").endpoint(other.addr, "v9", 1))
+        .start()
+        .await;
+    real_traffic(&proxy, 5).await;
+    eventually("5 copies at the other service", || async {
+        other.count() == 5
+    })
+    .await;
+    assert_eq!(other.last().headers["x-almond-mirror"], "1");
+    eventually("counted under the other service", || async {
+        let text = proxy.admin_get("/metrics").await.text();
+        let labels = [
+            ("direction", "mirror"),
+            ("service", "shadow-web"),
+            ("subset", "v9"),
+        ];
+        metric(&text, "almond_requests_total", &labels) == 5.0
+    })
+    .await;
+}
