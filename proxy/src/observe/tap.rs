@@ -250,7 +250,7 @@ impl Drop for Leave {
 }
 
 /// A watcher's stream of summaries, one JSON object per line (and an
-/// empty line after [`HEARTBEAT`] of silence), for as long as the admin
+/// empty line after 5 s of silence), for as long as the admin
 /// client reads it; the watcher leaves with it.
 pub type TapBody = almond_net::Lines<Leave>;
 

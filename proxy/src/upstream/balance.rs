@@ -5,7 +5,7 @@
 //! `round_robin` (a weighted schedule); all honour endpoint weights and
 //! skip ejected endpoints (see `eject`), down to the panic threshold.
 //! With zones, a pool first chooses the local or the remote zones
-//! ([`Zones`]), then balances within them.
+//! (`Zones`), then balances within them.
 
 use crate::upstream::eject::{Availability, Peers};
 use crate::upstream::endpoint::EndpointState;
@@ -193,7 +193,7 @@ impl Pool {
         }
     }
 
-    /// Turns zone-aware routing on (see [`Zones`]) when the pool has
+    /// Turns zone-aware routing on (see `Zones`) when the pool has
     /// members both in the local zone and outside it; `counters` count
     /// first tries sent to the local and to the remote zones. Call after
     /// [`Pool::with_health`].
