@@ -13,7 +13,10 @@
 //! b. Shift propagation: real in-process `almond_proxy::Proxy` instances
 //!    following an in-process file-mode control plane; the time from
 //!    `PUT /v1/services/web/split` returning to each proxy's route table
-//!    carrying the new weights.
+//!    carrying the new weights. With `--change block` (issue 21), the
+//!    changes are `almond block web --path /api/giveaway` and `almond
+//!    unblock` in turn (`PUT /v1/services/web/guards`), timed to the route
+//!    table carrying (or no longer carrying) the guard.
 //!
 //! Figures are printed as Markdown on stdout (progress on stderr), never
 //! asserted. Run in release mode:
@@ -22,6 +25,7 @@
 //! cargo bench --bench propagation
 //! cargo bench --bench propagation -- --part a --ns 1,100,1000 --modes apply,light --changes 8
 //! cargo bench --bench propagation -- --part b --proxies 100 --shifts 10
+//! cargo bench --bench propagation -- --part b --proxies 100 --shifts 10 --change block
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -80,6 +84,8 @@ struct Opts {
     proxies: usize,
     shifts: usize,
     b_services: usize,
+    /// Part b's changes: splits (`false`) or block / unblock (`true`).
+    block: bool,
     args: Vec<String>,
 }
 
@@ -99,6 +105,7 @@ impl Opts {
             proxies: 100,
             shifts: 10,
             b_services: 50,
+            block: false,
             args: args.clone(),
         };
         let mut it = args.into_iter();
@@ -131,6 +138,11 @@ impl Opts {
                 "--proxies" => o.proxies = value().parse().expect("--proxies N"),
                 "--shifts" => o.shifts = value().parse().expect("--shifts N"),
                 "--services" => o.b_services = value().parse().expect("--services N"),
+                "--change" => match value().as_str() {
+                    "split" => o.block = false,
+                    "block" => o.block = true,
+                    other => panic!("--change split|block: not {other:?}"),
+                },
                 other => eprintln!("ignoring argument {other:?}"),
             }
         }
@@ -1132,6 +1144,24 @@ fn split_of(p: &almond_proxy::Proxy, svc: &str) -> Option<BTreeMap<String, u32>>
         .map(|s| s.weights)
 }
 
+/// The path `--change block` blocks and unblocks.
+const BLOCKED: &str = "/api/giveaway";
+
+/// Whether `p`'s route table carries a guard for [`BLOCKED`] on `svc`.
+fn blocked_in(p: &almond_proxy::Proxy, svc: &str) -> bool {
+    p.shared()
+        .table
+        .load()
+        .config
+        .services
+        .get(svc)
+        .is_some_and(|s| {
+            s.guards
+                .iter()
+                .any(|g| g.when.path_prefix.as_deref() == Some(BLOCKED))
+        })
+}
+
 fn services_of(p: &almond_proxy::Proxy) -> usize {
     p.shared().table.load().config.services.len()
 }
@@ -1210,10 +1240,30 @@ async fn part_b(opts: &Opts, ticks: f64, out: &mut String) {
     for k in 0..opts.shifts {
         let (v1, v2) = patterns[k % patterns.len()];
         let want: BTreeMap<String, u32> = [("v1".to_owned(), v1), ("v2".to_owned(), v2)].into();
+        // With `--change block`: block on even changes, unblock on odd.
+        let block = k % 2 == 0;
+        let applied = |p: &almond_proxy::Proxy| {
+            if opts.block {
+                blocked_in(p, "web") == block
+            } else {
+                split_of(p, "web").as_ref() == Some(&want)
+            }
+        };
         let sent = Instant::now();
-        let reply = control
-            .put_split("web", &json!({ "weights": { "v1": v1, "v2": v2 } }), None)
-            .await;
+        let reply = if opts.block {
+            let guard = if block {
+                json!({ "match": { "path_prefix": BLOCKED }, "deny": { "status": 503 } })
+            } else {
+                json!({ "match": { "path_prefix": BLOCKED }, "remove": true })
+            };
+            control
+                .send(http::Method::PUT, "/v1/services/web/guards", &guard, None)
+                .await
+        } else {
+            control
+                .put_split("web", &json!({ "weights": { "v1": v1, "v2": v2 } }), None)
+                .await
+        };
         let returned = Instant::now();
         assert_eq!(reply.status, http::StatusCode::OK, "{}", reply.text());
         put_times.push(returned - sent);
@@ -1222,7 +1272,7 @@ async fn part_b(opts: &Opts, ticks: f64, out: &mut String) {
         loop {
             let now = Instant::now();
             for (i, p) in proxies.iter().enumerate() {
-                if seen[i].is_none() && split_of(&p.proxy, "web").as_ref() == Some(&want) {
+                if seen[i].is_none() && applied(&p.proxy) {
                     // Already there at the first look: applied by the time
                     // the PUT returned.
                     seen[i] = Some(if first_look { returned } else { now });
@@ -1246,8 +1296,13 @@ async fn part_b(opts: &Opts, ticks: f64, out: &mut String) {
             }
         }
         this.sort_unstable();
+        let what = match (opts.block, block) {
+            (false, _) => format!("v1={v1} v2={v2}"),
+            (true, true) => format!("block {BLOCKED}"),
+            (true, false) => format!("unblock {BLOCKED}"),
+        };
         rows.push((
-            format!("v1={v1} v2={v2}"),
+            what,
             this.len(),
             returned - sent,
             pct(&this, 0.0),
@@ -1273,24 +1328,39 @@ async fn part_b(opts: &Opts, ticks: f64, out: &mut String) {
     }
     control.shutdown().await;
 
+    let (title, changes, watched) = if opts.block {
+        (
+            "Block / unblock -> {n} real proxies (issue 21)",
+            "`almond block web --path /api/giveaway` and `almond unblock` in turn \
+             (`PUT /v1/services/web/guards`)",
+            ".guards`) every 1 ms and stops a proxy's clock when it carries the guard (or no \
+             longer does)",
+        )
+    } else {
+        (
+            "Split shift -> {n} real proxies (issue 4)",
+            "shifts `PUT /v1/services/web/split`",
+            ".split`) every 1 ms and stops a proxy's clock when it carries the new weights",
+        )
+    };
+    let title = title.replace("{n}", &n.to_string());
     let _ = writeln!(
         out,
-        "## b. Split shift -> {n} real proxies (issue 4)\n\n\
+        "## b. {title}\n\n\
          {n} real `almond_proxy::Proxy` instances in the bench process (each with its own \
          listener, admin listener, metrics registry and follow loop, i.e. \
          `proxy/src/follow.rs` unchanged: validate, build the route table, swap), following \
          an in-process control plane in file mode (`source: {{ file: DIR }}`, `store: file`) \
-         serving {} services of 10 endpoints (`web`: v1 x 5, v2 x 5). {} shifts \
-         `PUT /v1/services/web/split`; the bench polls every proxy's route table \
-         (`proxy.shared().table.load().config.services[\"web\"].split`) every 1 ms and stops a \
-         proxy's clock when it carries the new weights. All {n} proxies synced in {:.2} s.\n",
+         serving {} services of 10 endpoints (`web`: v1 x 5, v2 x 5). {} {changes}; the bench \
+         polls every proxy's route table (`proxy.shared().table.load().config.services[\"web\"]\
+         {watched}. All {n} proxies synced in {:.2} s.\n",
         opts.b_services,
         opts.shifts,
         synced.as_secs_f64()
     );
     let _ = writeln!(
         out,
-        "| proxies | shifts | samples | PUT p50 ms | after PUT returned: p50 ms | p99 ms | max ms | \
+        "| proxies | changes | samples | PUT p50 ms | after PUT returned: p50 ms | p99 ms | max ms | \
          from PUT sent: p99 ms | already applied when the PUT returned | missed |\n\
          |---|---|---|---|---|---|---|---|---|---|\n\
          | {n} | {} | {} | {} | {} | **{}** | {} | {} | {before_return} | {missed} |\n",
@@ -1304,8 +1374,8 @@ async fn part_b(opts: &Opts, ticks: f64, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "Per shift (ms; proxies' times after the PUT returned):\n\n\
-         | shift | proxies | PUT | first | p50 | p99 | max |\n|---|---|---|---|---|---|---|"
+        "Per change (ms; proxies' times after the PUT returned):\n\n\
+         | change | proxies | PUT | first | p50 | p99 | max |\n|---|---|---|---|---|---|---|"
     );
     for (what, got, put, first, p50, p99, max) in rows {
         let _ = writeln!(
