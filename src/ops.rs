@@ -256,7 +256,7 @@ pub async fn rollback(t: &Target, service: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `almond events SERVICE [--follow]`: one line per rollout event (JSON
+/// `almond events SERVICE [--follow]`: one line per rollout or guard event (JSON
 /// lines with `-o json`); with `follow`, polls for new ones every second.
 pub async fn events(t: &Target, service: &str, follow: bool) -> anyhow::Result<()> {
     let mut since = 0u64;
@@ -270,13 +270,19 @@ pub async fn events(t: &Target, service: &str, follow: bool) -> anyhow::Result<(
                     .as_str()
                     .map(|d| format!(": {d}"))
                     .unwrap_or_default();
-                format!(
-                    "#{} {} {} at {}%{detail}",
-                    e["seq"],
-                    e["kind"].as_str().unwrap_or("?"),
-                    e["canary"].as_str().unwrap_or("?"),
-                    e["percent"],
-                )
+                let by = e["by"]
+                    .as_str()
+                    .map(|b| format!(" (by {b})"))
+                    .unwrap_or_default();
+                let kind = e["kind"].as_str().unwrap_or("?");
+                match e["percent"].as_u64() {
+                    Some(percent) => format!(
+                        "#{} {kind} {} at {percent}%{detail}{by}",
+                        e["seq"],
+                        e["canary"].as_str().unwrap_or("?"),
+                    ),
+                    None => format!("#{} {kind}{detail}{by}", e["seq"]),
+                }
             });
         }
         if !follow {

@@ -222,3 +222,93 @@ async fn bad_guard_changes_are_refused_and_change_nothing() {
     }
     assert_eq!(control.service("web").await["policy"]["version"], before);
 }
+
+#[tokio::test]
+async fn guard_changes_are_events() {
+    let (_backend, control, _proxy, _registry) = mesh().await;
+    let url = control.url();
+    let who = std::env::var("USER").unwrap_or_else(|_| "anonymous".into());
+    let ok = |(code, out, err): (Option<i32>, String, String)| {
+        assert_eq!(code, Some(0), "{out}{err}");
+    };
+    ok(run_ops(&[
+        "block",
+        "web",
+        "--path",
+        "/api/giveaway",
+        "--method",
+        "POST",
+        "--control",
+        &url,
+    ])
+    .await);
+    ok(run_ops(&[
+        "limit",
+        "web",
+        "--path",
+        "/search",
+        "--rate",
+        "10/s",
+        "--burst",
+        "20",
+        "--control",
+        &url,
+    ])
+    .await);
+    ok(run_ops(&[
+        "unblock",
+        "web",
+        "--path",
+        "/api/giveaway",
+        "--method",
+        "POST",
+        "--control",
+        &url,
+    ])
+    .await);
+
+    let events = control.get("/v1/services/web/events").await.json();
+    let all = events["events"].as_array().unwrap();
+    let got: Vec<(&str, &str)> = all
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap(),
+                e["detail"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("blocked", "POST /api/giveaway* denied 503"),
+            ("limited", "any method /search* limited to 10/s, burst 20"),
+            ("unblocked", "POST /api/giveaway*"),
+        ],
+        "{events:#}"
+    );
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e["seq"], i as u64 + 1, "{e}");
+        assert_eq!(e["by"], who.as_str(), "{e}");
+        // Rollout fields are left out, not null or empty.
+        assert!(
+            e.get("canary").is_none() && e.get("percent").is_none(),
+            "{e}"
+        );
+    }
+    let since = control.get("/v1/services/web/events?since=2").await.json();
+    assert_eq!(since["events"][0]["kind"], "unblocked", "{since:#}");
+
+    let (code, out, err) = run_ops(&["events", "web", "--control", &url]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("#1 blocked: POST /api/giveaway* denied 503 (by {who})"),
+            format!("#2 limited: any method /search* limited to 10/s, burst 20 (by {who})"),
+            format!("#3 unblocked: POST /api/giveaway* (by {who})"),
+        ],
+        "{out}"
+    );
+}

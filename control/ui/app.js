@@ -186,10 +186,16 @@
       el('span', { class: 'phase ' + r.phase, 'data-phase': r.phase, text: r.phase }),
       ' step ' + (r.step + 1) + ' of ' + steps.length + ' (' + percent + '% canary; steps ' +
         steps.join(' → ') + '%)');
-    v.events.replaceChildren(...svc.events.slice().reverse().map((e) => el('li', {
+  }
+
+  // Rollout events ("step_passed at 10%") and guard events ("blocked — POST
+  // /api/giveaway* denied 503 (by ops)"), newest first.
+  function renderEvents(v, svc) {
+    v.events.replaceChildren(...(svc.events || []).slice().reverse().map((e) => el('li', {
       class: e.kind,
-      text: new Date(e.at).toLocaleTimeString() + ' ' + e.kind + ' at ' + e.percent + '%' +
-        (e.detail ? ' — ' + e.detail : ''),
+      text: new Date(e.at).toLocaleTimeString() + ' ' + e.kind +
+        (e.percent == null ? '' : ' at ' + e.percent + '%') +
+        (e.detail ? ' — ' + e.detail : '') + (e.by ? ' (by ' + e.by + ')' : ''),
     })));
   }
 
@@ -286,6 +292,7 @@
       while (v.samples.length && v.samples[0].at < oldest) v.samples.shift();
       renderSubsets(name, v, svc);
       renderRollout(v, svc);
+      renderEvents(v, svc);
       renderChart(v, svc);
     }
     for (const [name, v] of views) {
