@@ -631,7 +631,20 @@ pub fn guard_line(g: &Value) -> String {
             Some("none") | None => String::new(),
             Some(by) => format!(" per {by}"),
         };
-        format!("limited to {}{by}", l["rate"].as_str().unwrap_or("?"))
+        let scope = match (l["scope"].as_str(), l["shared_by"].as_u64()) {
+            (Some("fleet"), Some(n)) => {
+                format!(
+                    " per proxy, burst {} (fleet-wide, shared by {n} proxies)",
+                    l["burst"]
+                )
+            }
+            (Some("fleet"), None) => " fleet-wide".to_owned(),
+            _ => String::new(),
+        };
+        format!(
+            "limited to {}{by}{scope}",
+            l["rate"].as_str().unwrap_or("?")
+        )
     };
     format!("{method} {path} {what}")
 }

@@ -570,7 +570,12 @@ pub fn describe_guard(g: &Guard) -> String {
                 almond_config::LimitBy::ClientIp => ", per client_ip".to_owned(),
                 almond_config::LimitBy::Header(h) => format!(", per header {h}"),
             };
-            format!("limited to {}, burst {}{by}", l.rate, l.burst())
+            let scope = if l.scope == almond_config::LimitScope::Fleet {
+                ", fleet-wide"
+            } else {
+                ""
+            };
+            format!("limited to {}, burst {}{by}{scope}", l.rate, l.burst())
         }
         (None, None) => "removed".to_owned(),
     };
