@@ -1,4 +1,4 @@
-//! Notify: rollout events posted to webhooks (`notify` in the control
+//! Notify: rollout and guard events posted to webhooks (`notify` in the control
 //! config), from a queue of their own, so the watcher and the API never
 //! wait on a slow or dead receiver.
 

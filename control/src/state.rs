@@ -25,7 +25,7 @@ pub struct State {
     /// Largest body read from Consul, a proxy's `/metrics` or Prometheus
     /// (`max_body_bytes`).
     pub max_body: usize,
-    /// Where rollout events go (`notify`), when webhooks are configured.
+    /// Where rollout and guard events go (`notify`), when webhooks are configured.
     pub notify: Option<crate::notify::Notifier>,
 }
 
