@@ -116,7 +116,8 @@ enum Command {
         ops: OpsArgs,
     },
     /// Hold requests to a path of a service to a rate, on every proxy
-    /// (each proxy counts its own: a per-proxy limit); over it, 429.
+    /// (each proxy counts its own: a per-proxy limit, unless `--fleet`);
+    /// over it, 429.
     Limit {
         /// The service.
         service: String,
@@ -135,6 +136,11 @@ enum Command {
         /// `none`, `client_ip` or `header NAME`.
         #[arg(long, default_value = "none")]
         by: String,
+        /// The rate (and burst) are for the whole fleet: the control plane
+        /// divides them by the number of proxies following it
+        /// (approximate).
+        #[arg(long)]
+        fleet: bool,
         #[command(flatten)]
         ops: OpsArgs,
     },
@@ -465,9 +471,13 @@ fn main() -> ExitCode {
             rate,
             burst,
             by,
+            fleet,
             ops,
         } => {
             let mut limit = serde_json::json!({ "rate": rate, "by": by });
+            if fleet {
+                limit["scope"] = serde_json::Value::from("fleet");
+            }
             if let Some(burst) = burst {
                 limit["burst"] = serde_json::Value::from(burst);
             }

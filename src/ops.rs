@@ -256,7 +256,7 @@ pub async fn rollback(t: &Target, service: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `almond events SERVICE [--follow]`: one line per rollout event (JSON
+/// `almond events SERVICE [--follow]`: one line per rollout or guard event (JSON
 /// lines with `-o json`); with `follow`, polls for new ones every second.
 pub async fn events(t: &Target, service: &str, follow: bool) -> anyhow::Result<()> {
     let mut since = 0u64;
@@ -270,13 +270,19 @@ pub async fn events(t: &Target, service: &str, follow: bool) -> anyhow::Result<(
                     .as_str()
                     .map(|d| format!(": {d}"))
                     .unwrap_or_default();
-                format!(
-                    "#{} {} {} at {}%{detail}",
-                    e["seq"],
-                    e["kind"].as_str().unwrap_or("?"),
-                    e["canary"].as_str().unwrap_or("?"),
-                    e["percent"],
-                )
+                let by = e["by"]
+                    .as_str()
+                    .map(|b| format!(" (by {b})"))
+                    .unwrap_or_default();
+                let kind = e["kind"].as_str().unwrap_or("?");
+                match e["percent"].as_u64() {
+                    Some(percent) => format!(
+                        "#{} {kind} {} at {percent}%{detail}{by}",
+                        e["seq"],
+                        e["canary"].as_str().unwrap_or("?"),
+                    ),
+                    None => format!("#{} {kind}{detail}{by}", e["seq"]),
+                }
             });
         }
         if !follow {
@@ -625,7 +631,20 @@ pub fn guard_line(g: &Value) -> String {
             Some("none") | None => String::new(),
             Some(by) => format!(" per {by}"),
         };
-        format!("limited to {}{by}", l["rate"].as_str().unwrap_or("?"))
+        let scope = match (l["scope"].as_str(), l["shared_by"].as_u64()) {
+            (Some("fleet"), Some(n)) => {
+                format!(
+                    " per proxy, burst {} (fleet-wide, shared by {n} proxies)",
+                    l["burst"]
+                )
+            }
+            (Some("fleet"), None) => " fleet-wide".to_owned(),
+            _ => String::new(),
+        };
+        format!(
+            "limited to {}{by}{scope}",
+            l["rate"].as_str().unwrap_or("?")
+        )
     };
     format!("{method} {path} {what}")
 }

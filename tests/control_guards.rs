@@ -222,3 +222,207 @@ async fn bad_guard_changes_are_refused_and_change_nothing() {
     }
     assert_eq!(control.service("web").await["policy"]["version"], before);
 }
+
+#[tokio::test]
+async fn guard_changes_are_events() {
+    let (_backend, control, _proxy, _registry) = mesh().await;
+    let url = control.url();
+    let who = std::env::var("USER").unwrap_or_else(|_| "anonymous".into());
+    let ok = |(code, out, err): (Option<i32>, String, String)| {
+        assert_eq!(code, Some(0), "{out}{err}");
+    };
+    ok(run_ops(&[
+        "block",
+        "web",
+        "--path",
+        "/api/giveaway",
+        "--method",
+        "POST",
+        "--control",
+        &url,
+    ])
+    .await);
+    ok(run_ops(&[
+        "limit",
+        "web",
+        "--path",
+        "/search",
+        "--rate",
+        "10/s",
+        "--burst",
+        "20",
+        "--control",
+        &url,
+    ])
+    .await);
+    ok(run_ops(&[
+        "unblock",
+        "web",
+        "--path",
+        "/api/giveaway",
+        "--method",
+        "POST",
+        "--control",
+        &url,
+    ])
+    .await);
+
+    let events = control.get("/v1/services/web/events").await.json();
+    let all = events["events"].as_array().unwrap();
+    let got: Vec<(&str, &str)> = all
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap(),
+                e["detail"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("blocked", "POST /api/giveaway* denied 503"),
+            ("limited", "any method /search* limited to 10/s, burst 20"),
+            ("unblocked", "POST /api/giveaway*"),
+        ],
+        "{events:#}"
+    );
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e["seq"], i as u64 + 1, "{e}");
+        assert_eq!(e["by"], who.as_str(), "{e}");
+        // Rollout fields are left out, not null or empty.
+        assert!(
+            e.get("canary").is_none() && e.get("percent").is_none(),
+            "{e}"
+        );
+    }
+    let since = control.get("/v1/services/web/events?since=2").await.json();
+    assert_eq!(since["events"][0]["kind"], "unblocked", "{since:#}");
+
+    let (code, out, err) = run_ops(&["events", "web", "--control", &url]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("#1 blocked: POST /api/giveaway* denied 503 (by {who})"),
+            format!("#2 limited: any method /search* limited to 10/s, burst 20 (by {who})"),
+            format!("#3 unblocked: POST /api/giveaway* (by {who})"),
+        ],
+        "{out}"
+    );
+}
+
+/// A proxy following `control` as `id`.
+async fn follower(control: &str, id: &str) -> TestProxy {
+    let yaml = control_proxy_yaml(control, None)
+        .replace("proxy_id: test-proxy", &format!("proxy_id: {id}"));
+    start_following_with(&yaml).await
+}
+
+/// Sends `n` GETs of `path` back to back; (200s, 429s).
+async fn burst_of(proxy: &TestProxy, path: &str, n: usize) -> (usize, usize) {
+    let mut client = H1::connect(proxy.addr()).await;
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..n {
+        match status_of(&mut client, "GET", path).await {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            other => panic!("{path}: {other}"),
+        }
+    }
+    (ok, limited)
+}
+
+#[tokio::test]
+async fn a_fleet_limit_is_shared_out_among_the_proxies() {
+    let backend = Backend::start("b").await;
+    let registry = Registry::new();
+    registry.service("web", &[(backend.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let url = control.url();
+    let proxies = [follower(&url, "p1").await, follower(&url, "p2").await];
+
+    let (code, out, err) = run_ops(&[
+        "limit",
+        "web",
+        "--path",
+        "/x",
+        "--rate",
+        "20/s",
+        "--burst",
+        "10",
+        "--fleet",
+        "--control",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("any method /x* limited to 20/s fleet-wide"),
+        "{out}"
+    );
+    // Each proxy gets half: 10/s, burst 5 (watched on /config, which
+    // spends no tokens).
+    for proxy in &proxies {
+        eventually("the share reaches the proxy", || async {
+            let config = proxy.admin_get("/config").await.json();
+            let limit = &config["services"]["web"]["guards"][0]["limit"];
+            limit["shared_by"] == 2 && limit["rate"] == "10/s" && limit["burst"] == 5
+        })
+        .await;
+    }
+    let mut total = 0;
+    for proxy in &proxies {
+        let (ok, limited) = burst_of(proxy, "/x", 20).await;
+        eprintln!("a burst of 20 on one proxy: {ok} served, {limited} limited");
+        // The burst (5), plus what 10/s refills while 20 requests go by.
+        assert!((5..=8).contains(&ok), "{ok} served, {limited} limited");
+        total += ok;
+        // Other paths are not limited.
+        assert_eq!(burst_of(proxy, "/other", 20).await, (20, 0));
+    }
+    // Fleet-wide, about the burst of 10 went through (per-proxy limits
+    // would have let 20 through).
+    assert!(total < 17, "{total}");
+
+    let (code, out, _) = run_ops(&["status", "web", "--control", &url]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains(
+            "guard: any method /x* limited to 10/s per proxy, burst 5 (fleet-wide, shared by 2 proxies)"
+        ),
+        "{out}"
+    );
+    let (code, out, _) = run_ops(&["events", "web", "--control", &url]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("limited: any method /x* limited to 20/s, burst 10, fleet-wide"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn shared_by_is_the_control_planes_to_set() {
+    let (_backend, control, _proxy, _registry) = mesh().await;
+    let before = control.service("web").await["policy"]["version"].clone();
+    let body = serde_json::json!({
+        "match": { "path_prefix": "/x" },
+        "limit": { "rate": "20/s", "scope": "fleet", "shared_by": 2 }
+    });
+    let resp = control
+        .send(http::Method::PUT, "/v1/services/web/guards", &body, None)
+        .await;
+    assert!(resp.status.is_client_error(), "{}", resp.text());
+    assert!(resp.text().contains("shared_by"), "{}", resp.text());
+    let body = serde_json::json!({
+        "match": { "path_prefix": "/x" },
+        "limit": { "rate": "20/s", "scope": "everywhere" }
+    });
+    let resp = control
+        .send(http::Method::PUT, "/v1/services/web/guards", &body, None)
+        .await;
+    assert!(resp.status.is_client_error(), "{}", resp.text());
+    assert!(resp.text().contains("fleet"), "{}", resp.text());
+    assert_eq!(control.service("web").await["policy"]["version"], before);
+}

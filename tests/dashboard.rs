@@ -3,7 +3,7 @@
 //! weights and a uPlot chart; with an operator token configured the page
 //! asks for it, refuses a wrong one, and an action sent with a wrong token
 //! is refused by the control plane and changes nothing, while the right one
-//! passes the gate.
+//! passes the gate; the "Live requests" panel shows the tap, filtered.
 //!
 //! Needs the Debian package `chromium`. Without it these tests skip with a
 //! message, unless `ALMOND_REQUIRE_CHROMIUM` is set (CI sets it): then
@@ -482,4 +482,134 @@ async fn with_a_token_the_page_asks_for_it_and_a_wrong_one_is_refused() {
     let r = rig.wait_phase("succeeded").await;
     assert_eq!(r["spec"]["canary"], "v2");
     assert_eq!(rig.split().await, json!({ "v1": 0, "v2": 100 }));
+}
+
+/// The "Live requests" panel: with the operator token configured (the
+/// page sends the one it holds), it streams the service's requests newest
+/// first, with the right path and status; a path or status filter hides
+/// the others; closing the panel ends the tap at the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_requests_panel_shows_the_tap_and_filters_it() {
+    if !have_chromium() {
+        return;
+    }
+    let ok = Backend::start("v1").await;
+    let missing = Backend::builder("v2").status(404).start().await;
+    let registry = Registry::new();
+    registry.service("s", &[(ok.addr, "v1"), (missing.addr, "v2")]);
+    let var = "ALMOND_T_DASHBOARD_TAP_TOKEN";
+    std::env::set_var(var, OPERATOR);
+    let control = TestControl::start(&registry.control_yaml(Some(var))).await;
+    let proxy = start_following_token(&control.url(), var).await;
+    eventually("the control plane knows the proxy", || async {
+        !control
+            .state
+            .proxy_admins(almond_control::state::PROXY_STALE)
+            .is_empty()
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (stop, addr) = (stop.clone(), proxy.addr());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                for path in ["/a", "/b/x"] {
+                    let _ = get_h1(addr, "s", path).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let browser = Browser::open(&format!("{}/ui", control.url())).await;
+    let mut tab = browser.tab("/ui").await;
+    tab.until(
+        "the login prompt",
+        "!document.getElementById('login').hidden",
+    )
+    .await;
+    tab.eval(&format!("document.getElementById('token').value = '{OPERATOR}'; document.getElementById('login').requestSubmit(); true")).await;
+    tab.until(
+        "the service",
+        "document.querySelector('button[data-action=\"tap\"][data-service=\"s\"]') !== null",
+    )
+    .await;
+    tab.eval(
+        "document.querySelector('button[data-action=\"tap\"][data-service=\"s\"]').click(); true",
+    )
+    .await;
+    let rows = "Array.from(document.querySelectorAll('.tap[data-service=\"s\"] tbody tr'))";
+    // Both paths, each with its status and subset; no headers column.
+    tab.until(
+        "rows of both paths, the newest 200 at most",
+        &format!(
+            "{rows}.some(r => r.dataset.path === '/a' && r.dataset.status === '200' && r.dataset.subset === 'v1') && \
+             {rows}.some(r => r.dataset.path === '/b/x' && r.dataset.status === '404' && r.dataset.subset === 'v2')"
+        ),
+    )
+    .await;
+    let cells = tab
+        .eval(&format!("{rows}.every(r => r.cells.length === 9 && {rows}.length <= 200 && r.cells[3].textContent === r.dataset.path && r.cells[4].textContent === r.dataset.status)"))
+        .await;
+    assert_eq!(cells, json!(true));
+    let state = tab
+        .eval("document.querySelector('.tap[data-service=\"s\"] .tap-state').textContent")
+        .await;
+    assert_eq!(state, json!("live from 1 proxies"));
+    // Newest first.
+    let newest_first = tab
+        .eval(&format!("(() => {{ const t = {rows}.map(r => r.cells[0].textContent); return t.length >= 2 && t[0] >= t[t.length - 1]; }})()"))
+        .await;
+    assert_eq!(newest_first, json!(true));
+
+    // A path filter: only /b rows.
+    let filter = |key: &str, value: &str| {
+        format!("(() => {{ const p = document.querySelector('.tap[data-service=\"s\"]'); p.querySelectorAll('input[type=text]').forEach(i => i.value = ''); p.querySelector('input[data-tap=\"{key}\"]').value = '{value}'; p.querySelector('form').requestSubmit(); return true; }})()")
+    };
+    tab.eval(&filter("path", "/b")).await;
+    tab.until(
+        "only /b rows",
+        &format!("{rows}.length >= 3 && {rows}.every(r => r.dataset.path === '/b/x')"),
+    )
+    .await;
+    // A status filter: only the 4xx.
+    tab.eval(&filter("status", "4xx")).await;
+    tab.until(
+        "only 404 rows",
+        &format!("{rows}.length >= 3 && {rows}.every(r => r.dataset.status === '404')"),
+    )
+    .await;
+    // A subset filter: only v1 (the paths go to either subset).
+    tab.eval(&filter("subset", "v1")).await;
+    tab.until(
+        "only v1 rows",
+        &format!("{rows}.length >= 3 && {rows}.every(r => r.dataset.subset === 'v1' && r.dataset.status === '200')"),
+    )
+    .await;
+
+    // Headers only when asked for.
+    tab.eval("(() => { const p = document.querySelector('.tap[data-service=\"s\"]'); p.querySelector('input[data-tap=\"headers\"]').checked = true; p.querySelector('form').requestSubmit(); return true; })()").await;
+    tab.until(
+        "rows with their headers",
+        &format!("{rows}.length >= 1 && {rows}.every(r => r.cells.length === 10 && r.cells[9].textContent.includes('host: s'))"),
+    )
+    .await;
+
+    // Closing the panel ends the tap: the proxy stops sending summaries.
+    tab.eval(
+        "document.querySelector('button[data-action=\"tap\"][data-service=\"s\"]').click(); true",
+    )
+    .await;
+    eventually("the proxy's tap goes quiet", || async {
+        let before = proxy_metric(&proxy, "almond_tap_events_total", &[]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy_metric(&proxy, "almond_tap_events_total", &[]).await == before
+    })
+    .await;
+    let hidden = tab
+        .eval("document.querySelector('.tap[data-service=\"s\"]').hidden")
+        .await;
+    assert_eq!(hidden, json!(true));
+    stop.store(true, Ordering::SeqCst);
+    traffic.abort();
 }

@@ -273,6 +273,8 @@ fn fully_populated() -> ProxyConfig {
                     rate: almond_config::Rate::parse("100/min").unwrap(),
                     burst: Some(20),
                     by: almond_config::LimitBy::Header("x-user-id".to_owned()),
+                    scope: almond_config::LimitScope::Fleet,
+                    shared_by: None,
                 }),
             });
         }

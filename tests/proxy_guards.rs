@@ -137,6 +137,16 @@ async fn a_bad_guard_is_refused_naming_its_key() {
             "services.web.guards[0]",
             "give deny or limit",
         ),
+        (
+            "{ limit: { rate: 10/s, scope: everywhere } }",
+            "services.web.guards[0].limit.scope",
+            "fleet",
+        ),
+        (
+            "{ limit: { rate: 10/s, scope: fleet, shared_by: 2 } }",
+            "line 6: services.web.guards[0].limit.shared_by",
+            "set by the control plane only",
+        ),
     ] {
         let file = write_temp(".yaml", &config(guard));
         let (status, _, err) = run_almond(&["check-config", file.path().to_str().unwrap()]).await;

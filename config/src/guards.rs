@@ -74,6 +74,35 @@ pub struct Limit {
     /// (`client_ip`), or per value of a header (`header NAME`).
     #[serde(default)]
     pub by: LimitBy,
+    /// `proxy` (the default): every proxy applies the rate as written;
+    /// `fleet`: the control plane divides the rate and burst by the
+    /// number of live proxies it knows (approximate; a proxy with static
+    /// config and no control plane treats it as `proxy`).
+    #[serde(default, skip_serializing_if = "LimitScope::is_proxy")]
+    pub scope: LimitScope,
+    /// Set by the control plane on a `fleet` limit it serves: the number
+    /// of proxies the written rate and burst were divided by. Never
+    /// written by people (refused in config and by the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_by: Option<u32>,
+}
+
+/// Who a limit's rate is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitScope {
+    /// Each proxy on its own.
+    #[default]
+    Proxy,
+    /// The whole fleet, shared out among the proxies.
+    Fleet,
+}
+
+impl LimitScope {
+    /// Is it the default (`proxy`)?
+    pub fn is_proxy(&self) -> bool {
+        *self == LimitScope::Proxy
+    }
 }
 
 impl Limit {
@@ -83,6 +112,23 @@ impl Limit {
             let per_second = f64::from(self.rate.count) / self.rate.per.as_secs_f64();
             (per_second.ceil() as u32).max(1)
         })
+    }
+
+    /// This limit's share for one of `proxies` proxies: rate and burst
+    /// divided (each at least 1; the rate in a finer unit when it does not
+    /// divide), `shared_by` set. Only a `fleet` limit is divided; `proxy`
+    /// limits and a count of 0 or 1 leave it as it is.
+    pub fn shared(&self, proxies: usize) -> Limit {
+        let n = u64::try_from(proxies).unwrap_or(u64::MAX);
+        if self.scope != LimitScope::Fleet || n <= 1 {
+            return self.clone();
+        }
+        let burst = (u64::from(self.burst()) / n).max(1);
+        let mut out = self.clone();
+        out.rate = self.rate.divided(n);
+        out.burst = Some(u32::try_from(burst).unwrap_or(u32::MAX));
+        out.shared_by = Some(u32::try_from(n).unwrap_or(u32::MAX));
+        out
     }
 }
 
@@ -112,6 +158,29 @@ impl Rate {
             _ => return Err(bad()),
         };
         Ok(Rate { count, per })
+    }
+}
+
+impl Rate {
+    /// This rate divided by `n` (at least 1 per hour), in the coarsest of
+    /// s, min, h that holds it exactly after rounding to whole requests
+    /// per hour: 20/s by 2 is 10/s, 10/s by 3 is 200/min, 1/min by 2 is
+    /// 30/h.
+    pub fn divided(&self, n: u64) -> Rate {
+        let secs = self.per.as_secs().max(1);
+        let per_hour = u64::from(self.count) * (3600 / secs);
+        let share = (per_hour / n.max(1)).max(1);
+        let (count, per) = if share % 3600 == 0 {
+            (share / 3600, 1)
+        } else if share % 60 == 0 {
+            (share / 60, 60)
+        } else {
+            (share, 3600)
+        };
+        Rate {
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+            per: Duration::from_secs(per),
+        }
     }
 }
 
@@ -179,8 +248,15 @@ impl<'de> Deserialize<'de> for LimitBy {
     }
 }
 
-/// Checks a service's guards; paths are relative (`.guards[0].deny.status`).
+/// Checks a service's guards as written by people (config, the API);
+/// paths are relative (`.guards[0].deny.status`).
 pub fn check_guards(guards: &[Guard]) -> Vec<(String, String)> {
+    check_guards_as(guards, false)
+}
+
+/// Checks guards; `served`: as the control plane serves them (a fleet
+/// limit's `shared_by` is the control plane's to set, so allowed).
+pub(crate) fn check_guards_as(guards: &[Guard], served: bool) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if guards.len() > MAX_GUARDS {
         out.push((".guards".into(), format!("at most {MAX_GUARDS} guards")));
@@ -211,6 +287,12 @@ pub fn check_guards(guards: &[Guard]) -> Vec<(String, String)> {
             (None, Some(limit)) => {
                 if limit.burst == Some(0) {
                     out.push((format!("{at}.limit.burst"), "must be 1 or more".into()));
+                }
+                if limit.shared_by.is_some() && !served {
+                    out.push((
+                        format!("{at}.limit.shared_by"),
+                        "set by the control plane only; use scope: fleet".into(),
+                    ));
                 }
                 if let LimitBy::Header(name) = &limit.by {
                     if http_token(name).is_err() {
@@ -260,10 +342,48 @@ mod tests {
             rate: Rate::parse(rate).unwrap(),
             burst: None,
             by: LimitBy::None,
+            scope: LimitScope::Proxy,
+            shared_by: None,
         };
         assert_eq!(limit("10/s").burst(), 10);
         assert_eq!(limit("1/min").burst(), 1);
         assert_eq!(limit("600/min").burst(), 10);
+    }
+
+    #[test]
+    fn fleet_limits_are_shared_out() {
+        let limit = |json: &str| -> Limit { serde_json::from_str(json).unwrap() };
+        let fleet = limit(r#"{"rate": "20/s", "burst": 10, "scope": "fleet"}"#);
+        let half = fleet.shared(2);
+        assert_eq!(
+            (half.rate.to_string(), half.burst, half.shared_by),
+            ("10/s".to_owned(), Some(5), Some(2))
+        );
+        assert_eq!(fleet.shared(1), fleet);
+        assert_eq!(fleet.shared(0), fleet);
+        let third = fleet.shared(3);
+        assert_eq!(
+            (third.rate.to_string(), third.burst),
+            ("400/min".into(), Some(3))
+        );
+        let many = fleet.shared(100);
+        assert_eq!(
+            (many.rate.to_string(), many.burst),
+            ("12/min".into(), Some(1))
+        );
+        // 72000/h over 7: rounded down to whole requests per hour.
+        assert_eq!(fleet.shared(7).rate.to_string(), "10285/h");
+        let slow = limit(r#"{"rate": "1/min", "scope": "fleet"}"#).shared(1000);
+        assert_eq!((slow.rate.to_string(), slow.burst), ("1/h".into(), Some(1)));
+        let local = limit(r#"{"rate": "20/s"}"#);
+        assert_eq!(local.shared(4), local);
+        assert_eq!(
+            serde_json::to_value(&fleet).unwrap()["scope"],
+            serde_json::json!("fleet")
+        );
+        assert!(serde_json::to_value(&local).unwrap().get("scope").is_none());
+        let bad: Result<Limit, _> = serde_json::from_str(r#"{"rate": "1/s", "scope": "all"}"#);
+        assert!(bad.unwrap_err().to_string().contains("fleet"));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub use control::{
     WatcherSource,
 };
 pub use grpc::{CodeSet, Grpc, GrpcCode};
-pub use guards::{check_guards, Deny, Guard, Limit, LimitBy, Rate, MAX_GUARDS};
+pub use guards::{check_guards, Deny, Guard, Limit, LimitBy, LimitScope, Rate, MAX_GUARDS};
 pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
     load_rules, load_services, validate_proxy, Strictness,

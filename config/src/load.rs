@@ -461,7 +461,7 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
         &svc.routes,
         strict.then_some(subsets.as_slice()),
     ));
-    out.extend(crate::guards::check_guards(&svc.guards));
+    out.extend(crate::guards::check_guards_as(&svc.guards, !strict));
     if let Some(m) = &svc.mirror {
         out.extend(crate::rules::check_mirror(
             m,

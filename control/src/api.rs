@@ -690,7 +690,7 @@ async fn mutate(
             if !request.remove && guard.deny.is_none() && guard.limit.is_none() {
                 return refusal(Refusal::Invalid("give deny or limit (or remove)".into()));
             }
-            match current.with_guard(&service.guards, guard, &by, now) {
+            match current.with_guard(&service.guards, guard, &by, now_ms()) {
                 Ok(p) => p,
                 Err(r) => return refusal(r),
             }
@@ -779,7 +779,8 @@ async fn mutate(
             }
         }
     };
-    let events = next.record_events(&current, now_ms());
+    next.record_events(&current, now_ms());
+    let events = next.events_after(current.events.last().map_or(0, |e| e.seq));
     match api.store.put(name, &mut next, token).await {
         Ok(true) => {
             if let Some(notify) = &api.state.notify {

@@ -1,4 +1,4 @@
-//! Notify: rollout events posted to webhooks (`notify` in the control
+//! Notify: rollout and guard events posted to webhooks (`notify` in the control
 //! config), from a queue of their own, so the watcher and the API never
 //! wait on a slow or dead receiver.
 
@@ -98,10 +98,17 @@ pub fn text(service: &str, e: &Event) -> String {
         .as_deref()
         .map(|d| format!(": {d}"))
         .unwrap_or_default();
-    format!(
-        "{service}: {} {} at {}%{detail}",
-        e.kind, e.canary, e.percent
-    )
+    let by =
+        e.by.as_deref()
+            .map(|b| format!(" (by {b})"))
+            .unwrap_or_default();
+    match e.percent {
+        Some(percent) => format!(
+            "{service}: {} {} at {percent}%{detail}{by}",
+            e.kind, e.canary
+        ),
+        None => format!("{service}: {}{detail}{by}", e.kind),
+    }
 }
 
 /// Posts `body`, up to `TRIES` times (1 s, then 2 s apart); whether a 2xx came.

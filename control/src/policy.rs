@@ -62,27 +62,34 @@ pub struct Policy {
     pub mirror: Option<Mirror>,
 }
 
-/// Rollout events kept per service.
+/// Events kept per service.
 pub const EVENTS: usize = 100;
 
-/// A rollout's change of state, for people and tools to follow
-/// (`GET /v1/services/{svc}/events`, `almond events`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A rollout's change of state, or a guard set or removed, for people and
+/// tools to follow (`GET /v1/services/{svc}/events`, `almond events`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// 1, 2, 3, ... per service, never reused.
     pub seq: u64,
     /// Unix ms.
     pub at: u64,
-    /// `started`, `step_passed`, `step_failed`, `step_inconclusive`,
-    /// `paused`, `approved`, `promoted`, `rolled_back`, `aborted`.
+    /// Rollouts: `started`, `step_passed`, `step_failed`,
+    /// `step_inconclusive`, `paused`, `approved`, `promoted`,
+    /// `rolled_back`, `aborted`. Guards: `blocked`, `limited`, `unblocked`.
     pub kind: String,
-    /// The canary and the step's canary percent.
+    /// The rollout's canary (empty for guard events).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub canary: String,
-    /// Canary percent of the step it concerns.
-    pub percent: u32,
-    /// The figures or reason (a verdict's, or why it ended).
+    /// Canary percent of the step it concerns (rollout events only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    /// The figures or reason (a verdict's, or why it ended); for guards,
+    /// the match and the deny status or the rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Who made the change (guard events: the token's owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// One change, for the audit trail.
@@ -333,12 +340,14 @@ impl Policy {
     /// newest decision wins) or `almond unblock` (`guard` with no deny or
     /// limit: every guard with that match goes). The first change starts
     /// from the source's guards.
+    /// Recorded in the audit trail and as a `blocked`, `limited` or
+    /// `unblocked` event (`now_ms`: unix ms).
     pub fn with_guard(
         &self,
         source: &[Guard],
         guard: Guard,
         by: &str,
-        now: u64,
+        now_ms: u64,
     ) -> Result<Policy, Refusal> {
         let removing = guard.deny.is_none() && guard.limit.is_none();
         if !removing {
@@ -377,7 +386,19 @@ impl Policy {
             }
         };
         next.version += 1;
-        next.record(by, action, now);
+        next.record(by, action, now_ms / 1000);
+        let (kind, detail) = match action {
+            "unblock" => ("unblocked", describe(&guard.when)),
+            "block" => ("blocked", describe_guard(&guard)),
+            _ => ("limited", describe_guard(&guard)),
+        };
+        next.push_event(Event {
+            at: now_ms,
+            kind: kind.to_owned(),
+            detail: Some(detail),
+            by: Some(by.to_owned()),
+            ..Event::default()
+        });
         if let Some(change) = next.history.last_mut() {
             change.from = self.split.clone();
             change.guard = Some(guard);
@@ -476,24 +497,39 @@ impl Policy {
             }
         }
         let canary = r.spec.canary.clone();
-        let first = self.events.last().map_or(0, |e| e.seq) + 1;
-        let added = out.len();
-        for (seq, (kind, percent, detail)) in (first..).zip(out) {
-            self.events.push(Event {
-                seq,
-                at: now_ms,
-                kind: kind.to_owned(),
-                canary: canary.clone(),
-                percent,
-                detail,
-            });
-        }
-        let new = self.events[self.events.len() - added..].to_vec();
+        out.into_iter()
+            .map(|(kind, percent, detail)| {
+                self.push_event(Event {
+                    at: now_ms,
+                    kind: kind.to_owned(),
+                    canary: canary.clone(),
+                    percent: Some(percent),
+                    detail,
+                    ..Event::default()
+                })
+            })
+            .collect()
+    }
+
+    /// Appends `e` with the next number (its `seq` is set here), keeping
+    /// the last `EVENTS`; returns it as stored.
+    fn push_event(&mut self, mut e: Event) -> Event {
+        e.seq = self.events.last().map_or(0, |e| e.seq) + 1;
+        self.events.push(e.clone());
         if self.events.len() > EVENTS {
             let cut = self.events.len() - EVENTS;
             self.events.drain(..cut);
         }
-        new
+        e
+    }
+
+    /// The events numbered after `seq`, oldest first.
+    pub fn events_after(&self, seq: u64) -> Vec<Event> {
+        self.events
+            .iter()
+            .filter(|e| e.seq > seq)
+            .cloned()
+            .collect()
     }
 
     /// The service proxies get: the source's, with this policy's split
@@ -521,6 +557,29 @@ impl Policy {
         }
         service
     }
+}
+
+/// A guard in words: `POST /api/giveaway* denied 503`, `any method
+/// /search* limited to 10/s, burst 20, per client_ip`.
+pub fn describe_guard(g: &Guard) -> String {
+    let what = match (&g.deny, &g.limit) {
+        (Some(d), _) => format!("denied {}", d.status),
+        (None, Some(l)) => {
+            let by = match &l.by {
+                almond_config::LimitBy::None => String::new(),
+                almond_config::LimitBy::ClientIp => ", per client_ip".to_owned(),
+                almond_config::LimitBy::Header(h) => format!(", per header {h}"),
+            };
+            let scope = if l.scope == almond_config::LimitScope::Fleet {
+                ", fleet-wide"
+            } else {
+                ""
+            };
+            format!("limited to {}, burst {}{by}{scope}", l.rate, l.burst())
+        }
+        (None, None) => "removed".to_owned(),
+    };
+    format!("{} {what}", describe(&g.when))
 }
 
 /// A match in words: `POST /api/giveaway*`.

@@ -25,7 +25,7 @@ pub struct State {
     /// Largest body read from Consul, a proxy's `/metrics` or Prometheus
     /// (`max_body_bytes`).
     pub max_body: usize,
-    /// Where rollout events go (`notify`), when webhooks are configured.
+    /// Where rollout and guard events go (`notify`), when webhooks are configured.
     pub notify: Option<crate::notify::Notifier>,
 }
 
@@ -39,6 +39,9 @@ struct Inputs {
     /// Per service: the allow-list read from Consul intentions, which
     /// replaces the policy's (`source.consul.intentions`).
     intentions: BTreeMap<String, almond_config::Authz>,
+    /// Proxies following (seen within `PROXY_STALE`; 0 before the first):
+    /// what `scope: fleet` limits are divided by.
+    fleet: usize,
 }
 
 impl Inputs {
@@ -52,7 +55,28 @@ impl Inputs {
         if let Some(authz) = self.intentions.get(name) {
             served.authz = Some(authz.clone());
         }
+        for guard in &mut served.guards {
+            if let Some(limit) = &mut guard.limit {
+                *limit = limit.shared(self.fleet);
+            }
+        }
         served
+    }
+
+    /// Does `name` (as served) have a `scope: fleet` limit?
+    fn has_fleet_limit(&self, name: &str) -> bool {
+        let guards = match self.policies.get(name).and_then(|p| p.guards.as_ref()) {
+            Some(g) => g,
+            None => match self.sources.get(name) {
+                Some(s) => &s.guards,
+                None => return false,
+            },
+        };
+        guards.iter().any(|g| {
+            g.limit
+                .as_ref()
+                .is_some_and(|l| l.scope == almond_config::LimitScope::Fleet)
+        })
     }
 }
 
@@ -523,6 +547,40 @@ impl State {
                 seen: Instant::now(),
             },
         );
+        let live = proxies.len();
+        drop(proxies);
+        self.set_fleet(live);
+    }
+
+    /// Notes how many proxies follow; when the number changed, re-serves
+    /// the services with `scope: fleet` limits (their share changed), so
+    /// the index moves and every proxy gets the new share.
+    fn set_fleet(&self, live: usize) {
+        let mut inputs = self.inputs();
+        if inputs.fleet == live {
+            return;
+        }
+        inputs.fleet = live;
+        let names: Vec<String> = inputs
+            .sources
+            .keys()
+            .filter(|n| inputs.has_fleet_limit(n))
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            return;
+        }
+        let mut catalog = self.catalog();
+        for name in names {
+            let Some(service) = inputs.sources.get(&name).cloned() else {
+                continue;
+            };
+            let served = inputs.served(&name, service);
+            if catalog.set(&name, served, 0) {
+                tracing::info!(service = %name, proxies = live, index = catalog.index(), "fleet-wide limits shared out anew");
+            }
+        }
+        self.publish(&catalog);
     }
 
     /// The proxies seen, by ID.
@@ -575,5 +633,46 @@ mod tests {
         let full3: Snapshot = serde_json::from_slice(&full3).unwrap();
         assert_eq!(full3.services["a"], svc(3));
         assert_eq!(full3.epoch, epoch);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fleet_limits_follow_the_number_of_proxies() {
+        let state = State::new().unwrap();
+        let mut limited = svc(1);
+        limited.guards = vec![serde_json::from_value(serde_json::json!({
+            "match": { "path_prefix": "/x" },
+            "limit": { "rate": "20/s", "burst": 10, "scope": "fleet" }
+        }))
+        .unwrap()];
+        state.set_service("a", limited, 10);
+        state.set_service("b", svc(2), 20);
+        let epoch = state.epoch();
+        let share = |state: &State| {
+            let l = state.service("a").unwrap().guards[0].limit.clone().unwrap();
+            (l.rate.to_string(), l.burst, l.shared_by)
+        };
+        state.saw_proxy("p1", "", 20);
+        assert_eq!(share(&state), ("20/s".into(), Some(10), None));
+        assert_eq!(state.index(), 20, "one proxy: nothing to share out");
+        let (_, before) = state.snapshot_json(epoch, 0).await.unwrap();
+        state.saw_proxy("p2", "", 20);
+        assert_eq!(share(&state), ("10/s".into(), Some(5), Some(2)));
+        assert_eq!(state.index(), 21);
+        // The cached snapshot is not served again: the share is in the new one.
+        let (i, after) = state.snapshot_json(epoch, 20).await.unwrap();
+        assert_eq!(i, 21);
+        assert_ne!(before, after);
+        let delta: Snapshot = serde_json::from_slice(&after).unwrap();
+        assert_eq!(delta.services.keys().collect::<Vec<_>>(), vec!["a"]);
+        // The same proxies polling again change nothing.
+        state.saw_proxy("p1", "", 21);
+        assert_eq!(state.index(), 21);
+        // One goes quiet: the other gets the whole rate back.
+        tokio::time::advance(PROXY_STALE / 2).await;
+        state.saw_proxy("p1", "", 21);
+        tokio::time::advance(PROXY_STALE / 2 + std::time::Duration::from_secs(1)).await;
+        state.saw_proxy("p1", "", 21);
+        assert_eq!(share(&state), ("20/s".into(), Some(10), None));
+        assert_eq!(state.index(), 22);
     }
 }

@@ -1,6 +1,7 @@
 //! UI: the rollout dashboard's page and assets at `GET /ui`, embedded in
 //! the binary, served with a strict Content-Security-Policy; the page reads
-//! `GET /v1/dashboard` (served by the API) once a second.
+//! `GET /v1/dashboard` (served by the API) once a second, and a service's
+//! tap stream while its "Live requests" panel is open.
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};

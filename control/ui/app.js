@@ -1,8 +1,9 @@
 // almond's rollout dashboard: reads GET /v1/dashboard once a second and
 // draws every service (subsets, weights, endpoints, live figures), and for a
 // service with a rollout a uPlot chart of canary vs stable with the steps
-// and verdicts marked. Actions call the same API as the CLI (src/ops.rs)
-// with the operator token kept in sessionStorage.
+// and verdicts marked, its events, and on demand a "Live requests" panel
+// (the tap `almond tap` reads). Actions call the same API as the CLI
+// (src/ops.rs) with the operator token kept in sessionStorage.
 'use strict';
 
 (function () {
@@ -39,10 +40,15 @@
   }
 
   // --- the API, with the operator token when there is one
-  async function call(method, path, body) {
+  function apiHeaders() {
     const headers = { 'x-almond-user': 'dashboard' };
     const token = sessionStorage.getItem(TOKEN_KEY);
     if (token) headers['Authorization'] = 'Bearer ' + token;
+    return headers;
+  }
+
+  async function call(method, path, body) {
+    const headers = apiHeaders();
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     const resp = await fetch(path, {
       method,
@@ -101,6 +107,129 @@
     act(name, 'shift', 'PUT', '/v1/services/' + encodeURIComponent(name) + '/split', { weights });
   }
 
+  // --- live requests: one tap at a time (GET /v1/services/{svc}/tap, the
+  // stream `almond tap` reads: one JSON summary per line, empty lines as
+  // heartbeats), for the service whose panel is open; stopped when the
+  // panel closes, another opens, or the service goes away.
+  const TAP_ROWS = 200;
+  let tap = null; // { name, v, ctrl }
+
+  function stopTap(why) {
+    if (!tap) return;
+    const t = tap;
+    tap = null;
+    t.ctrl.abort();
+    t.v.tapStart.hidden = false;
+    t.v.tapStop.hidden = true;
+    t.v.tapState.textContent = why || 'stopped';
+  }
+
+  function closeTap(v) {
+    if (tap && tap.v === v) stopTap();
+    v.tapPanel.hidden = true;
+    v.tapToggle.textContent = 'live requests';
+  }
+
+  function openTap(name, v) {
+    for (const other of views.values()) if (other !== v && !other.tapPanel.hidden) closeTap(other);
+    v.tapPanel.hidden = false;
+    v.tapToggle.textContent = 'close live requests';
+    startTap(name, v);
+  }
+
+  function tapRow(v, e) {
+    const time = new Date(e.time_ms).toLocaleTimeString() + '.' + String(e.time_ms % 1000).padStart(3, '0');
+    const cells = [time, e.proxy, e.method, e.path, String(e.status), e.subset || '—', e.endpoint || '—',
+      e.latency_ms + ' ms', e.request_id || '—'];
+    const row = el('tr', { 'data-path': e.path, 'data-status': String(e.status), 'data-subset': e.subset || '' },
+      ...cells.map((c) => el('td', { text: c == null ? '—' : String(c) })));
+    if (e.status >= 500) row.className = 'error';
+    if (v.tapHeaders.checked) {
+      const h = e.headers || {};
+      row.append(el('td', { class: 'headers', text: Object.keys(h).map((k) => k + ': ' + h[k]).join('\n') }));
+    }
+    // Newest first, at most TAP_ROWS kept.
+    v.tapBody.prepend(row);
+    while (v.tapBody.rows.length > TAP_ROWS) v.tapBody.lastElementChild.remove();
+  }
+
+  async function startTap(name, v) {
+    stopTap();
+    const q = new URLSearchParams();
+    const path = v.tapPath.value.trim(), subset = v.tapSubset.value.trim(), status = v.tapStatus.value.trim();
+    if (path) q.set('path', path);
+    if (subset) q.set('subset', subset);
+    if (status) q.set('status', status);
+    if (v.tapHeaders.checked) q.set('headers', 'true');
+    const ctrl = new AbortController();
+    const mine = { name, v, ctrl };
+    tap = mine;
+    v.tapBody.replaceChildren();
+    v.tapHead.replaceChildren(el('tr', {}, ...['time', 'proxy', 'method', 'path', 'status', 'subset', 'endpoint',
+      'latency', 'request id'].concat(v.tapHeaders.checked ? ['headers'] : []).map((h) => el('th', { text: h }))));
+    v.tapStart.hidden = true;
+    v.tapStop.hidden = false;
+    v.tapState.textContent = 'connecting…';
+    let resp;
+    try {
+      resp = await fetch('/v1/services/' + encodeURIComponent(name) + '/tap?' + q, {
+        headers: apiHeaders(), cache: 'no-store', signal: ctrl.signal,
+      });
+    } catch (e) {
+      if (tap === mine) stopTap('tap failed: ' + e);
+      return;
+    }
+    if (!resp.ok) {
+      const text = (await resp.text()).trim();
+      if (tap === mine) stopTap('tap refused (' + resp.status + '): ' + text);
+      if (resp.status === 401) showLogin('The live requests need the operator token.');
+      return;
+    }
+    v.tapState.textContent = 'live from ' + (resp.headers.get('x-almond-proxies') || '?') + ' proxies';
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let pending = '';
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || tap !== mine) break;
+        pending += decoder.decode(value, { stream: true });
+        let end;
+        while ((end = pending.indexOf('\n')) >= 0) {
+          const line = pending.slice(0, end).trim();
+          pending = pending.slice(end + 1);
+          if (!line) continue; // heartbeat
+          let e;
+          try { e = JSON.parse(line); } catch (_) { continue; }
+          tapRow(v, e);
+        }
+      }
+    } catch (e) {
+      if (tap === mine) stopTap('tap ended: ' + e);
+      return;
+    }
+    if (tap === mine) stopTap('the stream ended');
+  }
+
+  function tapPanel(name) {
+    const input = (placeholder, key) => el('input', { type: 'text', placeholder, 'data-tap': key, size: 12 });
+    const tapPath = input('/path prefix', 'path');
+    const tapSubset = input('subset', 'subset');
+    const tapStatus = input('status: 5xx, 404', 'status');
+    const tapHeaders = el('input', { type: 'checkbox', 'data-tap': 'headers' });
+    const tapStart = el('button', { type: 'submit', text: 'start', 'data-action': 'tap-start' });
+    const tapStop = el('button', { type: 'button', text: 'stop', 'data-action': 'tap-stop', hidden: true });
+    const tapState = el('span', { class: 'muted tap-state', text: 'stopped' });
+    const form = el('form', { class: 'tap-filters' }, tapPath, tapSubset, tapStatus,
+      el('label', {}, tapHeaders, ' headers'), tapStart, tapStop, tapState);
+    const tapHead = el('thead');
+    const tapBody = el('tbody');
+    const table = el('table', { class: 'tap-rows' }, tapHead, tapBody);
+    const tapPanel = el('div', { class: 'tap', 'data-service': name, hidden: true },
+      el('h3', { text: 'Live requests' }), form, el('div', { class: 'tap-scroll' }, table));
+    return { tapPanel, form, tapPath, tapSubset, tapStatus, tapHeaders, tapStart, tapStop, tapState, tapHead, tapBody };
+  }
+
   // --- one service's section, built once and updated every second
   function view(name) {
     let v = views.get(name);
@@ -118,14 +247,20 @@
       act(name, 'abort', 'DELETE', path + '/rollouts', {}));
     const rollback = button('roll back', 'rollback', () =>
       act(name, 'rollback', 'POST', path + '/rollback', {}));
-    const actions = el('div', { class: 'actions' }, rollback, approve, abort, shiftBox);
+    const tapToggle = button('live requests', 'tap', () => {
+      if (v.tapPanel.hidden) openTap(name, v); else closeTap(v);
+    });
+    const actions = el('div', { class: 'actions' }, rollback, approve, abort, shiftBox, tapToggle);
     const chart = el('div', { class: 'chart', 'data-service': name });
     const events = el('ol', { class: 'events' });
+    const live = tapPanel(name);
     const section = el('section', { class: 'service', 'data-service': name },
-      title, rollout, table, actions, chart, events);
+      title, rollout, table, actions, live.tapPanel, chart, events);
     $('services').append(section);
-    v = { section, rollout, table, shiftBox, approve, abort, chart, events,
-      samples: [], plot: null, plotKey: '', marks: [], subsetsKey: '' };
+    v = Object.assign({ section, rollout, table, shiftBox, approve, abort, chart, events, tapToggle,
+      samples: [], plot: null, plotKey: '', marks: [], subsetsKey: '' }, live);
+    live.form.addEventListener('submit', (ev) => { ev.preventDefault(); startTap(name, v); });
+    live.tapStop.addEventListener('click', () => { if (tap && tap.v === v) stopTap(); });
     views.set(name, v);
     return v;
   }
@@ -186,10 +321,16 @@
       el('span', { class: 'phase ' + r.phase, 'data-phase': r.phase, text: r.phase }),
       ' step ' + (r.step + 1) + ' of ' + steps.length + ' (' + percent + '% canary; steps ' +
         steps.join(' → ') + '%)');
-    v.events.replaceChildren(...svc.events.slice().reverse().map((e) => el('li', {
+  }
+
+  // Rollout events ("step_passed at 10%") and guard events ("blocked — POST
+  // /api/giveaway* denied 503 (by ops)"), newest first.
+  function renderEvents(v, svc) {
+    v.events.replaceChildren(...(svc.events || []).slice().reverse().map((e) => el('li', {
       class: e.kind,
-      text: new Date(e.at).toLocaleTimeString() + ' ' + e.kind + ' at ' + e.percent + '%' +
-        (e.detail ? ' — ' + e.detail : ''),
+      text: new Date(e.at).toLocaleTimeString() + ' ' + e.kind +
+        (e.percent == null ? '' : ' at ' + e.percent + '%') +
+        (e.detail ? ' — ' + e.detail : '') + (e.by ? ' (by ' + e.by + ')' : ''),
     })));
   }
 
@@ -286,10 +427,16 @@
       while (v.samples.length && v.samples[0].at < oldest) v.samples.shift();
       renderSubsets(name, v, svc);
       renderRollout(v, svc);
+      renderEvents(v, svc);
       renderChart(v, svc);
     }
     for (const [name, v] of views) {
-      if (!seen.has(name)) { if (v.plot) v.plot.destroy(); v.section.remove(); views.delete(name); }
+      if (!seen.has(name)) {
+        closeTap(v);
+        if (v.plot) v.plot.destroy();
+        v.section.remove();
+        views.delete(name);
+      }
     }
     for (const svc of Object.values(d.services)) {
       for (const s of svc.samples) since = Math.max(since, s.at);

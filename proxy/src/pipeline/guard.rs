@@ -246,6 +246,8 @@ mod tests {
             rate: almond_config::Rate::parse(rate).unwrap(),
             burst: Some(burst),
             by,
+            scope: almond_config::LimitScope::Proxy,
+            shared_by: None,
         })
     }
 
