@@ -1386,14 +1386,31 @@ async fn a_shadow_stage_is_judged_on_copies_then_real_steps_follow() {
     // The stage: copies reach the canary, real answers all come from v1.
     let before = traffic.by_backend();
     eventually("copies reach the canary", || async { rig.v2.count() > 20 }).await;
-    let r = wait_rollout(&rig.control, "the shadow stage is judged", |r| {
-        !verdicts(r).is_empty()
-    })
-    .await;
+    // Until the first real step, no real request is answered by v2. The
+    // step can follow the verdict at once, so the answers are sampled
+    // while the stage runs: answers counted, then the proxy's split read;
+    // the split's gauge is set before its table is swapped in, so a 0
+    // read after the count means every counted answer was routed at 0 %.
+    let mut at_zero = None;
+    let until = Instant::now() + ROLLOUT_DEADLINE;
+    let r = loop {
+        let answers = traffic.by_backend();
+        if weight(&rig.proxy, "v2").await == 0.0 {
+            at_zero = Some(answers);
+        }
+        let r = rig.control.get("/v1/services/s/rollouts").await.json();
+        if !verdicts(&r).is_empty() {
+            break r;
+        }
+        assert!(
+            Instant::now() < until,
+            "the shadow stage was never judged: {r:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let first = verdicts(&r)[0].clone();
     assert_eq!((first.0, first.1.as_str()), (0, "pass"), "{r:#}");
-    // Until the first real step, no real request was answered by v2.
-    let during = traffic.by_backend();
+    let during = at_zero.expect("the split was read at 0 % during the shadow stage");
     assert_eq!(
         during.get("v2").copied().unwrap_or(0),
         before.get("v2").copied().unwrap_or(0)
