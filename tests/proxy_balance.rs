@@ -25,6 +25,13 @@ use tokio::time::Instant;
 
 const LBS: [&str; 3] = ["p2c_ewma", "least_request", "round_robin"];
 
+/// Held by every test here, so that they run one at a time: another
+/// test's load (16 clients against a slow endpoint, 2,000 requests to a
+/// closing upstream) stalls the proxy's threads, and `p2c_ewma` rightly
+/// shuns an endpoint whose answer was late for a while after, which would
+/// skew the shares these tests measure.
+static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn scrape(proxy: &TestProxy) -> String {
     proxy.admin_get("/metrics").await.text()
 }
@@ -153,6 +160,7 @@ async fn three_equal(lb: &str, h2: bool) -> (TestProxy, [Backend; 3]) {
 
 #[tokio::test]
 async fn every_balancer_spreads_evenly_over_equal_endpoints() {
+    let _one_at_a_time = MEASURING.lock().await;
     for lb in LBS {
         for h2 in [false, true] {
             let what = format!("{lb} {}", if h2 { "http2" } else { "http1" });
@@ -177,6 +185,7 @@ async fn every_balancer_spreads_evenly_over_equal_endpoints() {
 
 #[tokio::test]
 async fn weights_are_honoured_by_every_balancer() {
+    let _one_at_a_time = MEASURING.lock().await;
     for lb in LBS {
         let heavy = Backend::start("heavy").await;
         let light = Backend::start("light").await;
@@ -205,6 +214,7 @@ async fn weights_are_honoured_by_every_balancer() {
 /// the latency-aware balancers send it little.
 #[tokio::test]
 async fn a_slower_endpoint_gets_little_under_load() {
+    let _one_at_a_time = MEASURING.lock().await;
     for lb in ["p2c_ewma", "least_request"] {
         let a = Backend::start("a").await;
         let b = Backend::start("b").await;
@@ -245,6 +255,7 @@ async fn a_slower_endpoint_gets_little_under_load() {
 /// every request succeeded (the bands are asserted above).
 #[tokio::test]
 async fn figures_balancer_table() {
+    let _one_at_a_time = MEASURING.lock().await;
     let mut rows = Vec::new();
     for lb in LBS {
         let (proxy, [a, b, c]) = three_equal(lb, false).await;
@@ -306,6 +317,7 @@ async fn figures_balancer_table() {
 /// not the failures').
 #[tokio::test]
 async fn a_dead_endpoint_is_ejected_by_every_balancer_and_comes_back() {
+    let _one_at_a_time = MEASURING.lock().await;
     for lb in LBS {
         let a = Backend::start("a").await;
         let b = Backend::start("b").await;
@@ -366,6 +378,7 @@ async fn a_dead_endpoint_is_ejected_by_every_balancer_and_comes_back() {
 /// and sees it recover and bring it back.
 #[tokio::test]
 async fn http_health_checks_eject_and_return_an_endpoint_without_traffic() {
+    let _one_at_a_time = MEASURING.lock().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let proxy = ProxyYaml::new()
@@ -422,6 +435,7 @@ async fn http_health_checks_eject_and_return_an_endpoint_without_traffic() {
 /// ejected, and a restarted one returns.
 #[tokio::test]
 async fn tcp_health_checks_follow_a_backend_that_stops_and_starts() {
+    let _one_at_a_time = MEASURING.lock().await;
     let a = Backend::start("a").await;
     let mut b = Backend::start("b").await;
     let proxy = ProxyYaml::new()
@@ -457,6 +471,7 @@ async fn tcp_health_checks_follow_a_backend_that_stops_and_starts() {
 
 #[tokio::test]
 async fn health_check_mistakes_name_the_key() {
+    let _one_at_a_time = MEASURING.lock().await;
     for (value, key) in [
         ("{ path: healthz }", "health_check.path"),
         ("{ interval: 1ms }", "health_check.interval"),
@@ -591,6 +606,7 @@ async fn serve_keep_alive(
 /// reaches its upstream once.
 #[tokio::test]
 async fn an_upstream_closing_idle_connections_fails_no_request() {
+    let _one_at_a_time = MEASURING.lock().await;
     let mut upstreams = Vec::new();
     let mut yaml = ProxyYaml::new().by_host();
     for i in 0..100 {
@@ -659,6 +675,7 @@ async fn an_upstream_closing_idle_connections_fails_no_request() {
 /// its idle connections first (the upstream never has to).
 #[tokio::test]
 async fn idle_pooled_connections_are_closed_after_timeouts_idle() {
+    let _one_at_a_time = MEASURING.lock().await;
     let upstream = ShortKeepAlive::start(Duration::from_secs(30), Duration::ZERO).await;
     let proxy = ProxyYaml::new()
         .by_host()
@@ -689,6 +706,7 @@ async fn idle_pooled_connections_are_closed_after_timeouts_idle() {
 /// (502) instead of reconnecting until its timeout.
 #[tokio::test]
 async fn an_endpoint_that_closes_every_connection_fails_fast() {
+    let _one_at_a_time = MEASURING.lock().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
