@@ -14,21 +14,25 @@ use crate::observe::otlp::Finished;
 use crate::observe::tap::Summary;
 use crate::observe::trace;
 use crate::outcome::{self, ErrorKind};
-use crate::pipeline::admit::{Admitted, Finish};
-use crate::pipeline::forward::{self, Call};
+use crate::pipeline::admit::Finish;
+use crate::pipeline::forward::{self, Call, Forwarding};
 use crate::pipeline::mirror::Shadow;
 use crate::pipeline::route::ServiceRoute;
+use crate::pipeline::shed::ShedLayer;
 use crate::rescue::Rescue;
+use crate::upstream::timeout::call_ready;
 use crate::Shared;
 use almond_config::Direction;
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+use tower::Layer;
 use tracing::Instrument;
 
 /// What the proxy answers a request with: its body, which releases the
@@ -175,17 +179,27 @@ async fn serve(
         body_idle,
         mirror,
     };
-    // Admit: shed at once when the service is at its concurrency limit.
-    let Some(admitted) = Admitted::try_new(&svc.admission, &svc.in_flight[direction]) else {
-        let elapsed = start.elapsed().as_secs_f64();
-        return call.fail(ErrorKind::Overloaded, pool.home(), elapsed);
-    };
-    svc.retry.deposit(start);
-    // Ready the request for the upstream, then forward it.
-    let upgrade = headers::is_upgrade(&req);
-    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    headers::to_upstream(&mut req, svc.target.protocol, upgrade);
-    forward::forward(call, admitted, req, on_upgrade, seen).await
+    // Admit (shed at once, 503, when the service is at its concurrency
+    // limit), then forward.
+    match admit_and_forward(&svc, direction, Forwarding { call, req, seen }).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
+
+/// The admission stack: [`ShedLayer`] over `forward::service()`, built in
+/// place (a few references), never boxed, and called at once
+/// (`call_ready`: admission never waits). Not an `async fn`: its future
+/// is declared `Send` here, where the lifetime is named, because the
+/// compiler cannot prove it for the erased lifetimes of the caller's
+/// future through the stack's associated types.
+fn admit_and_forward<'a>(
+    svc: &'a ServiceRoute,
+    direction: usize,
+    fwd: Forwarding<'a>,
+) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
+    let admit = ShedLayer::new(&svc.admission, &svc.in_flight[direction]);
+    call_ready(admit.layer(forward::service()), fwd)
 }
 
 /// What routing decided.

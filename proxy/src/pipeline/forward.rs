@@ -1,6 +1,11 @@
 //! Forward: the tries of one admitted request -- balance (one endpoint of
 //! the pool), send, classify (failure accrual, the latency estimate),
 //! retry within the budget -- and the response they end with.
+//!
+//! Each try goes through a `tower` stack, `send::try_once` (the per-try
+//! timeout layer over the send); admission (`pipeline/shed.rs`) wraps
+//! [`service`].
+//! The tries themselves stay a loop here (see docs/architecture.md).
 
 use crate::body::ResponseBody;
 use crate::body::{BodyError, IdleTimer, Kept, RequestBody};
@@ -11,11 +16,11 @@ use crate::pipeline::admit::{Admitted, Finish};
 use crate::pipeline::mirror::Shadow;
 use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::route::{ServiceRoute, SubsetRoute};
+use crate::pipeline::shed::Refuse;
 use crate::rescue::Rescue;
 use crate::upstream::balance::Pool;
-use crate::upstream::connect::{H1Sender, SendError};
 use crate::upstream::endpoint::EndpointState;
-use crate::upstream::send;
+use crate::upstream::send::{self, OneTry, Sent};
 use almond_config::GrpcCode;
 use bytes::Bytes;
 use http::request::Parts;
@@ -25,18 +30,16 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response};
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tower::{service_fn, Service};
 
 /// The answer to a forwarded request: its body releases the admission
 /// (and pools the connection) when it ends.
 type Answer = ResponseBody<Finish>;
-
-/// What one try came to: a response (and the HTTP/1.1 connection it came
-/// on), no response, or the per-try timeout.
-type Sent =
-    Result<Result<(Response<Incoming>, Option<H1Sender>), SendError>, tokio::time::error::Elapsed>;
 
 /// One routed request: what every try of it shares.
 pub struct Call<'a> {
@@ -94,6 +97,60 @@ impl Call<'_> {
     }
 }
 
+/// A routed request on its way to admission: the request of the
+/// admission layer (`pipeline/shed.rs`).
+pub struct Forwarding<'a> {
+    /// What every try shares.
+    pub call: Call<'a>,
+    /// The request, as the client sent it.
+    pub req: Request<Incoming>,
+    /// What the access log learns of the request.
+    pub seen: &'a mut Observed,
+}
+
+/// Shed: the service is at its concurrency limit, a fast 503.
+impl Refuse<Response<Answer>> for Forwarding<'_> {
+    fn refuse(self) -> Response<Answer> {
+        let elapsed = self.call.start.elapsed().as_secs_f64();
+        self.call
+            .fail(ErrorKind::Overloaded, self.call.pool.home(), elapsed)
+    }
+}
+
+/// Forwarding as a `tower::Service` (a `service_fn` over `admitted`; its
+/// future is `forward`'s own, not boxed): the service inside the
+/// admission layer. Its future's `Send` is stated here so that the
+/// handler's future can be proven `Send` for every lifetime.
+pub fn service<'a>() -> impl Service<
+    (Forwarding<'a>, Admitted),
+    Response = Response<Answer>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a,
+> + Send
+       + 'a {
+    service_fn(|(fwd, admitted): (Forwarding<'a>, Admitted)| self::admitted(fwd, admitted))
+}
+
+/// An admitted request, counted toward the retry budget and readied for
+/// the upstream, on its way to [`forward`]. A plain `fn` (not an `async`
+/// one wrapping `forward`): a second state machine would keep its own
+/// copy of the request's state beside `forward`'s.
+fn admitted<'a>(
+    fwd: Forwarding<'a>,
+    admitted: Admitted,
+) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
+    let Forwarding {
+        call,
+        mut req,
+        seen,
+    } = fwd;
+    call.svc.retry.deposit(call.start);
+    let upgrade = headers::is_upgrade(&req);
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    headers::to_upstream(&mut req, call.svc.target.protocol, upgrade);
+    forward(call, admitted, req, on_upgrade, seen)
+}
+
 /// The state of a request across its tries.
 struct Tries {
     /// The request for the next try, if it is in hand (never sent).
@@ -117,13 +174,13 @@ struct Tries {
 /// Sends `req` (readied by `headers::to_upstream`) to an endpoint of the
 /// call's pool, retrying as the service's policy allows; `upgrade` is the
 /// client's half of an upgrade request.
-pub async fn forward(
+async fn forward(
     mut call: Call<'_>,
     admitted: Admitted,
     req: Request<Incoming>,
     upgrade: Option<OnUpgrade>,
     seen: &mut Observed,
-) -> Response<Answer> {
+) -> Result<Response<Answer>, Infallible> {
     let svc = call.svc;
     let deadline = call.start + svc.request_timeout;
     let grpc = is_grpc(req.headers());
@@ -132,7 +189,7 @@ pub async fn forward(
     let prepared = replayable(req, &svc.retry, upgrade.is_some(), deadline, call.body_idle).await;
     let (mut next, replay) = match prepared {
         Ok(prepared) => prepared,
-        Err(kind) => return kind.response(&svc.name),
+        Err(kind) => return Ok(kind.response(&svc.name)),
     };
     if let (Some(req), Some((_, kept))) = (&mut next, &kept) {
         req.body_mut().keep_in(kept);
@@ -149,7 +206,7 @@ pub async fn forward(
         let try_start = Instant::now();
         let Some(member) = call.pool.pick(try_start, tries.failed_on.as_deref()) else {
             let elapsed = call.start.elapsed().as_secs_f64();
-            return call.fail(ErrorKind::NoEndpoints, call.pool.home(), elapsed);
+            return Ok(call.fail(ErrorKind::NoEndpoints, call.pool.home(), elapsed));
         };
         let subset = &svc.subsets[member.subset];
         let endpoint = member.state.clone();
@@ -158,7 +215,7 @@ pub async fn forward(
         let in_flight = endpoint.start();
         let Some(req) = tries.request() else {
             // Unreachable: a retry is only allowed with a request in hand.
-            return ErrorKind::Reset.response(&svc.name);
+            return Ok(ErrorKind::Reset.response(&svc.name));
         };
         let method = req.method().clone();
         if tries.retries == 0 {
@@ -174,9 +231,8 @@ pub async fn forward(
 
         // Classify: feed failure accrual, then respond or retry.
         let (result, unsent, response) = match sent {
-            Ok(Ok((resp, h1))) => (Ok(resp.status().as_u16()), None, Some((resp, h1))),
-            Ok(Err(e)) => (Err(e.kind), e.unsent, None),
-            Err(_elapsed) => (Err(ErrorKind::Timeout), None, None),
+            Ok((resp, h1)) => (Ok(resp.status().as_u16()), None, Some((resp, h1))),
+            Err(e) => (Err(e.kind), e.unsent, None),
         };
         // A trailers-only gRPC answer: its status is known now.
         let grpc_code = (response.as_ref())
@@ -201,11 +257,11 @@ pub async fn forward(
         let Some((resp, h1)) = response else {
             let kind = result.err().unwrap_or(ErrorKind::Reset);
             tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, reason = kind.reason(), "request failed");
-            return call.fail(kind, member.subset, elapsed);
+            return Ok(call.fail(kind, member.subset, elapsed));
         };
         seen.upstream_answered = true;
         let finish = Finish::new(admitted, in_flight).with_h1(h1);
-        return call.relay(subset, resp, finish, elapsed, grpc);
+        return Ok(call.relay(subset, resp, finish, elapsed, grpc));
     }
 }
 
@@ -235,8 +291,8 @@ impl Tries {
             .or_else(|| self.replay.as_ref().map(Replay::request))
     }
 
-    /// Sends one try to `endpoint`, within the per-try and the request
-    /// timeouts.
+    /// Sends one try to `endpoint` through the try's stack: the send
+    /// within the per-try and the request timeouts.
     async fn send(
         &mut self,
         svc: &ServiceRoute,
@@ -249,23 +305,20 @@ impl Tries {
         seen.connect = None;
         let budget = self.deadline.saturating_duration_since(try_start);
         let limit = svc.retry.per_try_timeout.map_or(budget, |t| t.min(budget));
-        let upgrade = &mut self.upgrade;
-        let sending = send::send_to(
-            &svc.target,
-            endpoint,
+        let one = OneTry {
             req,
-            upgrade,
-            self.fresh,
-            &mut seen.connect,
-        );
-        tokio::time::timeout(limit, sending).await
+            upgrade: &mut self.upgrade,
+            fresh: self.fresh,
+            connected: &mut seen.connect,
+        };
+        send::try_once(&svc.target, endpoint, limit, one).await
     }
 
     /// A pooled connection the upstream had closed idle: nothing was
     /// processed, so any method goes again once, on a new connection, with
     /// no retry counted and nothing held against the endpoint.
     fn resend_stale(&mut self, sent: &mut Sent, now: Instant) -> bool {
-        if let Ok(Err(e)) = sent {
+        if let Err(e) = sent {
             let again = e.unsent.is_some() || self.replay.is_some();
             if e.stale && !self.fresh && again && now < self.deadline {
                 self.fresh = true;

@@ -9,9 +9,9 @@
 use crate::body::RequestBody;
 use crate::headers;
 use crate::limit::Permit;
-use crate::outcome::{CodeClass, ErrorKind};
+use crate::outcome::CodeClass;
 use crate::pipeline::route::{MirrorPolicy, ServiceRoute, Table};
-use crate::upstream::send;
+use crate::upstream::send::{self, OneTry};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
 use http_body::Body;
@@ -100,19 +100,19 @@ impl Shadow {
         let (subset, endpoint) = (member.subset, member.state.clone());
         let _in_flight = endpoint.start();
         let (mut upgrade, mut connected) = (None, None);
-        let sending = send::send_to(
-            &target.target,
-            &endpoint,
+        let one = OneTry {
             req,
-            &mut upgrade,
-            false,
-            &mut connected,
-        );
-        let sent = tokio::time::timeout(target.request_timeout, sending).await;
+            upgrade: &mut upgrade,
+            fresh: false,
+            connected: &mut connected,
+        };
+        // The same try stack as the request's own, under the request timeout.
+        let limit = target.request_timeout;
+        let sent = send::try_once(&target.target, &endpoint, limit, one).await;
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start).as_secs_f64();
         let (result, class) = match sent {
-            Ok(Ok((resp, h1))) => {
+            Ok((resp, h1)) => {
                 let status = resp.status();
                 // Read and discard the body, so an HTTP/1.1 connection can
                 // go back to its pool.
@@ -123,8 +123,7 @@ impl Shadow {
                 }
                 (Ok(status.as_u16()), CodeClass::of(status))
             }
-            Ok(Err(e)) => (Err(e.kind), CodeClass::Error),
-            Err(_) => (Err(ErrorKind::Timeout), CodeClass::Error),
+            Err(e) => (Err(e.kind), CodeClass::Error),
         };
         target.record_outcome(subset, &endpoint, result, now);
         if let Some(metrics) = m.metrics.get(subset) {

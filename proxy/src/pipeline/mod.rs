@@ -1,5 +1,5 @@
 //! The pipeline: deciding what happens to a request -- which service
-//! (route, its rules), whether a guard stops it (guard), which subset (split), whether it may go (admit), its tries
+//! (route, its rules), whether a guard stops it (guard), which subset (split), whether it may go (admit, shed), its tries
 //! (forward) and whether it goes again (retry). May import `upstream`, `observe`, `identity`
 //! and the leaves, never `edge`.
 
@@ -10,4 +10,5 @@ pub mod mirror;
 pub mod retry;
 pub mod route;
 pub mod rules;
+pub mod shed;
 pub mod split;

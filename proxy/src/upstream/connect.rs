@@ -347,6 +347,13 @@ impl SendError {
     }
 }
 
+/// A try that ran out of time (`upstream/timeout.rs`): perhaps sent.
+impl From<tokio::time::error::Elapsed> for SendError {
+    fn from(_: tokio::time::error::Elapsed) -> SendError {
+        SendError::sent(ErrorKind::Timeout)
+    }
+}
+
 /// Counts an open connection for as long as it lives.
 struct ConnCount(Arc<AtomicU32>);
 

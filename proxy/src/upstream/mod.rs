@@ -1,6 +1,6 @@
 //! Upstream: reaching endpoints -- which one (balance), which are out
 //! (eject), the connections to them (connect) and the act of sending
-//! (send). May import `identity`, `observe` and the leaves, never
+//! (send, under its per-try timeout). May import `identity`, `observe` and the leaves, never
 //! `pipeline` or `edge`.
 
 pub mod balance;
@@ -8,3 +8,4 @@ pub mod connect;
 pub mod eject;
 pub mod endpoint;
 pub mod send;
+pub mod timeout;

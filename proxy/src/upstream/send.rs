@@ -7,14 +7,17 @@ use crate::limit::Admission;
 use crate::outcome::ErrorKind;
 use crate::upstream::connect::{H1Sender, SendError};
 use crate::upstream::endpoint::EndpointState;
+use crate::upstream::timeout::{call_ready, TryTimeoutLayer};
 use almond_config::Protocol;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tower::{service_fn, Layer, Service};
 
 /// How a service's endpoints are reached: what every try shares.
 pub struct Target {
@@ -30,20 +33,75 @@ pub struct Target {
     pub tls: Option<Arc<Upstream>>,
 }
 
-/// Sends `req` (already readied by `headers::to_upstream`) to `endpoint`.
-/// An upgrade request gets a connection of its own, then a tunnel; the
-/// downstream half stays in `upgrade` until that connection is open, so a
-/// retry after a connect failure is still an upgrade. `fresh`: open a new
-/// HTTP/1.1 connection rather than reuse one. `connected` gets the time
-/// spent opening a connection, if one was opened.
-pub async fn send_to(
+/// One try: the request and what the try reports back to its caller.
+pub struct OneTry<'a> {
+    /// The request, already readied by `headers::to_upstream`.
+    pub req: Request<RequestBody>,
+    /// The client's half of an upgrade: it stays here until the
+    /// upstream connection is open, so a retry after a connect failure is
+    /// still an upgrade.
+    pub upgrade: &'a mut Option<OnUpgrade>,
+    /// Open a new HTTP/1.1 connection rather than reuse one.
+    pub fresh: bool,
+    /// The time spent opening a connection, if one was opened.
+    pub connected: &'a mut Option<Duration>,
+}
+
+/// What a try comes to: the response and the HTTP/1.1 connection it came
+/// on, or why there is none.
+pub type Sent = Result<(Response<Incoming>, Option<H1Sender>), SendError>;
+
+/// Sending to `endpoint` of `target` as a `tower::Service` (a
+/// `service_fn` over `send_to`: its future is the `async fn`'s own, not
+/// boxed), for the per-try layers to wrap.
+pub fn sender<'a>(
+    target: &'a Target,
+    endpoint: &'a Arc<EndpointState>,
+) -> impl Service<
+    OneTry<'a>,
+    Response = (Response<Incoming>, Option<H1Sender>),
+    Error = SendError,
+    Future = impl Future<Output = Sent> + Send + 'a,
+> + Send
+       + 'a {
+    service_fn(move |one: OneTry<'a>| {
+        send_to(
+            target,
+            endpoint,
+            one.req,
+            one.upgrade,
+            one.fresh,
+            one.connected,
+        )
+    })
+}
+
+/// One try through the try stack: [`TryTimeoutLayer`] over [`sender`],
+/// built in place, never boxed. Not an `async fn`, so that its future's
+/// `Send` is proven here, where the lifetime is named: the compiler cannot
+/// prove it through the stack's associated types for the erased
+/// lifetimes of a caller's future.
+pub fn try_once<'a>(
+    target: &'a Target,
+    endpoint: &'a Arc<EndpointState>,
+    limit: Duration,
+    one: OneTry<'a>,
+) -> impl Future<Output = Sent> + Send + 'a {
+    let stack = TryTimeoutLayer::new(limit).layer(sender(target, endpoint));
+    call_ready(stack, one)
+}
+
+/// Sends one try's request to `endpoint` (the fields of [`OneTry`] as
+/// arguments: a struct argument would sit in the future beside its fields).
+/// An upgrade request gets a connection of its own, then a tunnel.
+async fn send_to(
     target: &Target,
     endpoint: &Arc<EndpointState>,
     req: Request<RequestBody>,
     upgrade: &mut Option<OnUpgrade>,
     fresh: bool,
     connected: &mut Option<Duration>,
-) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
+) -> Sent {
     if upgrade.is_some() {
         // Boxed: upgrades are rare, and keep the common future small.
         let start = Instant::now();

@@ -1,0 +1,46 @@
+#!/bin/bash
+# usage: benches/callgrind.sh BINARY LABEL PROTO(http1|http2) N
+# Instructions per request of the proxy under callgrind (the method of
+# docs/architecture.md's tower figures): one nginx worker with the bench
+# harness's backend config (../shared/bench/conf) on 127.0.0.1:2808x (h1) /
+# 2809x (h2c), the proxy on :28180 (admin :28190) under `taskset -c 1`,
+# lb round_robin; 2,000 warm-up requests uninstrumented, then N counted.
+# Clients: curl with 8 parallel HTTP/1.1 connections; nghttp -M 16 on one
+# HTTP/2 connection. Not a load benchmark: counts, not wall-clock time.
+set -u
+BIN=$1; LABEL=$2; PROTO=$3; N=$4
+D=${CALLGRIND_DIR:-/tmp/almond-callgrind}/$LABEL-$PROTO; rm -rf $D; mkdir -p $D
+sed -e "s#@RUN@#$D#" -e "s#@BODY@#hello from the backend, 48 bytes of body text.\\\\n#" \
+  -e "s#@H1_LISTEN@#listen 127.0.0.1:28081; listen 127.0.0.1:28082; listen 127.0.0.1:28083;#" \
+  -e "s#@H2_LISTEN@#listen 127.0.0.1:28091 http2; listen 127.0.0.1:28092 http2; listen 127.0.0.1:28093 http2;#" \
+  "$(dirname "$0")/../../shared/bench/conf/backend-nginx.conf" > $D/nginx.conf
+nginx -c $D/nginx.conf -p $D -e $D/ng.err &
+NG=$!
+if [ $PROTO = http1 ]; then EPS='[{ addr: "127.0.0.1:28081" }, { addr: "127.0.0.1:28082" }, { addr: "127.0.0.1:28083" }]'; CURLP=--http1.1; PAR=8; else EPS='[{ addr: "127.0.0.1:28091" }, { addr: "127.0.0.1:28092" }, { addr: "127.0.0.1:28093" }]'; CURLP=--http2-prior-knowledge; PAR=16; fi
+cat > $D/almond.yaml <<Y
+admin: 127.0.0.1:28190
+listeners:
+  - bind: 127.0.0.1:28180
+    service: bench
+services:
+  bench:
+    protocol: $PROTO
+    lb: round_robin
+    endpoints: $EPS
+Y
+taskset -c 1 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$D/cg.out $BIN proxy --config $D/almond.yaml > $D/proxy.log 2>&1 &
+PX=$!
+for i in $(seq 1 120); do curl -s -o /dev/null http://127.0.0.1:28190/ready && break; sleep 1; done
+load() { if [ $PROTO = http1 ]; then curl -s --no-progress-meter --http1.1 -Z --parallel-max 8 "http://127.0.0.1:28180/$1[1-$2]" > /dev/null; else nghttp -n -M 16 -m $2 "http://127.0.0.1:28180/$1"; fi; }
+load w 2000
+callgrind_control -i on $PX >/dev/null
+load r $N
+callgrind_control -i off $PX >/dev/null
+callgrind_control -d $PX >/dev/null
+curl -s http://127.0.0.1:28190/metrics | grep -v '^#' | grep 'requests_total\|errors_total' | grep -v ' 0$' > $D/codes.txt
+kill $PX; wait $PX 2>/dev/null
+kill $NG; wait $NG 2>/dev/null
+echo "codes: $(tr '\n' ' ' < $D/codes.txt)"
+F=$(ls -S $D/cg.out* | head -1)
+TOT=$(for f in $D/cg.out*; do grep -h "^totals:" $f | head -1 | awk '{print $2}'; done | paste -sd+ | bc)
+echo "$LABEL $PROTO total Ir $TOT over $N requests: $((TOT / N)) per request"

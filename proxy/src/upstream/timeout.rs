@@ -1,0 +1,153 @@
+//! Per-try timeout: a `tower` layer that ends one try after its limit, as
+//! the inner service's own error type (no boxing), so a retry still sees it.
+
+use pin_project_lite::pin_project;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+use tokio::time::error::Elapsed;
+use tower::{Layer, Service};
+
+/// Wraps a one-try service in [`TryTimeout`] with a limit set per try
+/// (the smaller of `retries.per_try_timeout` and what is left of
+/// `timeouts.request`), which is why it is not `tower::timeout`: that one
+/// fixes the limit per service and boxes every error into a `BoxError`,
+/// where a failed try's error carries the unsent request back for a retry.
+#[derive(Clone, Copy, Debug)]
+pub struct TryTimeoutLayer {
+    limit: Duration,
+}
+
+impl TryTimeoutLayer {
+    /// A try may take `limit`.
+    pub fn new(limit: Duration) -> TryTimeoutLayer {
+        TryTimeoutLayer { limit }
+    }
+}
+
+impl<S> Layer<S> for TryTimeoutLayer {
+    type Service = TryTimeout<S>;
+
+    fn layer(&self, inner: S) -> TryTimeout<S> {
+        TryTimeout {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// A service whose calls fail with `E::from(Elapsed)` after the limit.
+#[derive(Clone, Debug)]
+pub struct TryTimeout<S> {
+    inner: S,
+    limit: Duration,
+}
+
+impl<S, R> Service<R> for TryTimeout<S>
+where
+    S: Service<R>,
+    S::Error: From<Elapsed>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Timed<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: R) -> Timed<S::Future> {
+        Timed {
+            inner: tokio::time::timeout(self.limit, self.inner.call(req)),
+        }
+    }
+}
+
+pin_project! {
+    /// One try under its limit.
+    pub struct Timed<F> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+    }
+}
+
+impl<F, T, E> Future for Timed<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: From<Elapsed>,
+{
+    type Output = Result<T, E>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
+        Poll::Ready(match ready!(self.project().inner.poll(cx)) {
+            Ok(done) => done,
+            Err(elapsed) => Err(E::from(elapsed)),
+        })
+    }
+}
+
+/// Calls a stack of the request path, whose readiness never waits
+/// (`service_fn` is always ready, [`TryTimeout`] is as ready as what it
+/// wraps, admission sheds instead of queueing): readiness is polled once,
+/// here, with a waker that does nothing, and the call's future is handed
+/// back as it is. Not `ServiceExt::oneshot`: its state machine would move
+/// the inner future (kilobytes, for the tries) twice more per request.
+#[inline]
+pub fn call_ready<S: Service<R>, R>(mut svc: S, req: R) -> S::Future {
+    let ready = svc.poll_ready(&mut Context::from_waker(Waker::noop()));
+    debug_assert!(
+        matches!(ready, Poll::Ready(Ok(()))),
+        "a stack of the request path was not ready at once"
+    );
+    svc.call(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::ErrorKind;
+    use crate::upstream::connect::SendError;
+    use tower::{service_fn, ServiceExt};
+
+    /// A try that answers after `wait`.
+    async fn answer_after(wait: Duration) -> Result<u16, SendError> {
+        tokio::time::sleep(wait).await;
+        Ok(200)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_try_ends_as_a_timeout() {
+        let limit = Duration::from_millis(100);
+        let slow = TryTimeoutLayer::new(limit).layer(service_fn(answer_after));
+        let started = tokio::time::Instant::now();
+        let Err(e) = slow.oneshot(Duration::from_secs(5)).await else {
+            panic!("a 5 s try under a 100 ms limit answered");
+        };
+        assert_eq!(e.kind, ErrorKind::Timeout);
+        assert!(e.unsent.is_none(), "a timed-out try counts as sent");
+        let took = started.elapsed();
+        assert!(
+            took >= limit && took < limit + Duration::from_millis(5),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_within_its_limit_answers() {
+        let quick =
+            TryTimeoutLayer::new(Duration::from_millis(100)).layer(service_fn(answer_after));
+        let answer = quick.oneshot(Duration::from_millis(99)).await;
+        assert_eq!(answer.ok(), Some(200));
+        // Errors of the try pass through as they are.
+        let failing =
+            TryTimeoutLayer::new(Duration::from_secs(1)).layer(service_fn(|_: ()| async {
+                Err::<u16, _>(SendError::sent(ErrorKind::Reset))
+            }));
+        let e = failing.oneshot(()).await.err().map(|e| e.kind);
+        assert_eq!(e, Some(ErrorKind::Reset));
+    }
+}
