@@ -10,7 +10,7 @@ use crate::edge::trust;
 use crate::headers;
 use crate::identity::authz::Identities;
 use crate::observe::access_log::{Entry, Observed};
-use crate::observe::otlp::Finished;
+use crate::observe::otlp::{Finished, Spans};
 use crate::observe::tap::Summary;
 use crate::observe::trace;
 use crate::outcome::{self, ErrorKind};
@@ -85,26 +85,13 @@ pub async fn handle(
             headers: headers.as_ref(),
         });
     }
-    if let (Some(spans), Some((method, path))) = (spans, span_head) {
-        let end = SystemTime::now();
-        spans.record(Finished {
-            trace_id: trace.trace_id,
-            span_id: trace.span_id,
-            parent_id: trace.parent_id,
-            request_id: trace.request_id.clone(),
-            start: end.checked_sub(start.elapsed()).unwrap_or(end),
-            end,
-            method,
-            path,
-            status: resp.status().as_u16(),
-            error: resp.headers().get(outcome::ERROR_HEADER).cloned(),
-            // Shared with the access log only when it logs this request.
-            observed: match log {
-                Some(_) => seen.clone(),
-                None => std::mem::take(&mut seen),
-            },
-            response_bytes: resp.body().size_hint().exact(),
-        });
+    if let (Some(spans), Some(head)) = (spans, span_head) {
+        // Shared with the access log only when it logs this request.
+        let observed = match log {
+            Some(_) => seen.clone(),
+            None => std::mem::take(&mut seen),
+        };
+        export_span(spans, &trace, start, head, &resp, observed);
     }
     if let (Some(log), Some((method, path))) = (log, head) {
         let bytes = resp.headers().get(http::header::CONTENT_LENGTH);
@@ -122,6 +109,33 @@ pub async fn handle(
         });
     }
     Ok(resp)
+}
+
+/// Hands the span of a sampled request, `head` its method and path, to
+/// the OTLP exporter.
+fn export_span(
+    spans: &Spans,
+    trace: &trace::Context,
+    start: Instant,
+    (method, path): (http::Method, Box<str>),
+    resp: &Response<Answer>,
+    observed: Observed,
+) {
+    let end = SystemTime::now();
+    spans.record(Finished {
+        trace_id: trace.trace_id,
+        span_id: trace.span_id,
+        parent_id: trace.parent_id,
+        request_id: trace.request_id.clone(),
+        start: end.checked_sub(start.elapsed()).unwrap_or(end),
+        end,
+        method,
+        path,
+        status: resp.status().as_u16(),
+        error: resp.headers().get(outcome::ERROR_HEADER).cloned(),
+        observed,
+        response_bytes: resp.body().size_hint().exact(),
+    });
 }
 
 /// Serves one request that arrived at `start`: every stage, in order;

@@ -182,24 +182,11 @@ async fn forward(
     seen: &mut Observed,
 ) -> Result<Response<Answer>, Infallible> {
     let svc = call.svc;
-    let deadline = call.start + svc.request_timeout;
     let grpc = is_grpc(req.headers());
-    let keep = grpc && svc.retry.on_grpc() && upgrade.is_none();
-    let kept = if keep { tee(&req, &svc.retry) } else { None };
-    let prepared = replayable(req, &svc.retry, upgrade.is_some(), deadline, call.body_idle).await;
-    let (mut next, replay) = match prepared {
-        Ok(prepared) => prepared,
+    let mut tries = match Tries::prepare(&mut call, req, upgrade, grpc).await {
+        Ok(tries) => tries,
         Err(kind) => return Ok(kind.response(&svc.name)),
     };
-    if let (Some(req), Some((_, kept))) = (&mut next, &kept) {
-        req.body_mut().keep_in(kept);
-    }
-    // Mirror: the copy leaves now, in a task of its own.
-    if let (Some(shadow), Some(req)) = (call.mirror.take(), next.as_ref()) {
-        shadow.send(req, replay.as_ref().map(|r| &r.body));
-    }
-    let mut tries = Tries::new(next, replay, upgrade, deadline);
-    tries.kept = kept;
     loop {
         // Balance: one endpoint of the pool (another one on a retry). The
         // clock is read once a try: balancing takes well under a microsecond.
@@ -266,6 +253,33 @@ async fn forward(
 }
 
 impl Tries {
+    /// The tries of `req`: its body kept for a replay when the policy
+    /// allows, a gRPC call's body kept for a `grpc-*` retry, and the
+    /// mirror's copy sent off (in a task of its own).
+    async fn prepare(
+        call: &mut Call<'_>,
+        req: Request<Incoming>,
+        upgrade: Option<OnUpgrade>,
+        grpc: bool,
+    ) -> Result<Tries, ErrorKind> {
+        let svc = call.svc;
+        let deadline = call.start + svc.request_timeout;
+        let keep = grpc && svc.retry.on_grpc() && upgrade.is_none();
+        let kept = if keep { tee(&req, &svc.retry) } else { None };
+        let retry = &svc.retry;
+        let (mut next, replay) =
+            replayable(req, retry, upgrade.is_some(), deadline, call.body_idle).await?;
+        if let (Some(req), Some((_, kept))) = (&mut next, &kept) {
+            req.body_mut().keep_in(kept);
+        }
+        if let (Some(shadow), Some(req)) = (call.mirror.take(), next.as_ref()) {
+            shadow.send(req, replay.as_ref().map(|r| &r.body));
+        }
+        let mut tries = Tries::new(next, replay, upgrade, deadline);
+        tries.kept = kept;
+        Ok(tries)
+    }
+
     fn new(
         next: Option<Request<RequestBody>>,
         replay: Option<Replay>,

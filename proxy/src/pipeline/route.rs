@@ -371,6 +371,50 @@ fn host<B>(req: &Request<B>) -> Option<&str> {
     (!h.is_empty()).then_some(h)
 }
 
+/// The pool members of `svc` in subset `filter` (`None`: all), their
+/// state carried over from `states` by address and connection key, marked
+/// local when in `zone`.
+fn members(
+    svc: &Service,
+    subset_names: &[&str],
+    filter: Option<&str>,
+    (zone, conn_key): (Option<&str>, &Option<Arc<str>>),
+    states: &mut States,
+) -> Vec<Member> {
+    svc.endpoints
+        .iter()
+        .filter(|e| filter.is_none_or(|f| e.subset == f))
+        .map(|e| Member {
+            state: states
+                .entry((e.addr, conn_key.clone()))
+                .or_insert_with(|| Arc::new(EndpointState::new(e.addr)))
+                .clone(),
+            weight: e.weight,
+            local: zone.is_some() && e.zone.as_deref() == zone,
+            subset: subset_names
+                .iter()
+                .position(|s| *s == e.subset)
+                .unwrap_or(0),
+        })
+        .collect()
+}
+
+/// The service's route rules, compiled, their subsets resolved to
+/// indexes of `subset_names` (an unknown subset: the split decides).
+fn route_rules(svc: &Service, subset_names: &[&str]) -> Rules<RouteTarget> {
+    Rules::compile(svc.routes.iter().map(|r| {
+        let to = match (&r.to.subset, &r.to.service) {
+            (_, Some(service)) => RouteTarget::Service(service.as_str().into()),
+            (Some(subset), None) => match subset_names.iter().position(|s| s == subset) {
+                Some(i) => RouteTarget::Subset(i),
+                None => RouteTarget::Split,
+            },
+            (None, None) => RouteTarget::Split,
+        };
+        (&r.when, to)
+    }))
+}
+
 /// A service's subset names, sorted. No endpoints (all unhealthy, say):
 /// one empty subset, so that requests get 503 `no-endpoints` and are
 /// counted somewhere.
@@ -456,26 +500,8 @@ impl ServiceRoute {
             .tls
             .as_ref()
             .map(|t| Arc::from(t.server_name.as_deref().unwrap_or(name)));
-        let state_of = |addr: SocketAddr, states: &mut States| {
-            states
-                .entry((addr, conn_key.clone()))
-                .or_insert_with(|| Arc::new(EndpointState::new(addr)))
-                .clone()
-        };
-        let members_of = |filter: Option<&str>, states: &mut States| -> Vec<Member> {
-            svc.endpoints
-                .iter()
-                .filter(|e| filter.is_none_or(|f| e.subset == f))
-                .map(|e| Member {
-                    state: state_of(e.addr, states),
-                    weight: e.weight,
-                    local: zone.is_some() && e.zone.as_deref() == zone,
-                    subset: subset_names
-                        .iter()
-                        .position(|s| *s == e.subset)
-                        .unwrap_or(0),
-                })
-                .collect()
+        let members_of = |filter: Option<&str>, states: &mut States| {
+            members(svc, &subset_names, filter, (zone, &conn_key), states)
         };
         let subsets: Vec<SubsetRoute> = (subset_names.iter().enumerate())
             .map(|(index, &subset)| {
@@ -489,17 +515,7 @@ impl ServiceRoute {
             .map(|s| Split::new(&s.weights, &subset_names).sticky_on(s.sticky_header.as_deref()));
         let all = health(Pool::new(members_of(None, states), svc.lb, 0));
         let (admission, pending) = limits(admission, cb);
-        let rules = Rules::compile(svc.routes.iter().map(|r| {
-            let to = match (&r.to.subset, &r.to.service) {
-                (_, Some(service)) => RouteTarget::Service(service.as_str().into()),
-                (Some(subset), None) => match subset_names.iter().position(|s| s == subset) {
-                    Some(i) => RouteTarget::Subset(i),
-                    None => RouteTarget::Split,
-                },
-                (None, None) => RouteTarget::Split,
-            };
-            (&r.when, to)
-        }));
+        let rules = route_rules(svc, &subset_names);
         ServiceRoute {
             name: Arc::from(name),
             target: Target {
