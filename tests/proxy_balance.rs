@@ -4,6 +4,7 @@
 //! admin `/metrics` and `/endpoints`.
 //!
 //! Shares are asserted within wide bands (23-43 % of three for "even",
+//! 15-50 % for `p2c_ewma`, which follows noisy latencies;
 //! at most 10 % for a slow endpoint): each band is many standard
 //! deviations wide at these counts, so a pass is not luck and a broken
 //! balancer (2/3, 1/3, 0) fails. Waits are polled with `eventually`.
@@ -128,10 +129,21 @@ fn counts(backends: &[&Backend]) -> Vec<usize> {
     backends.iter().map(|b| b.count()).collect()
 }
 
+/// Each of three equal endpoints' share within the band for `what`'s
+/// balancer: 23-43 %, or 15-50 % for `p2c_ewma`, whose picks follow the
+/// endpoints' measured latency, so that noise in three equal latencies
+/// (a 20 % difference is common on a busy machine) moves their shares
+/// for as long as it lasts. A broken balancer (one endpoint starved or
+/// given two thirds) still fails every band.
 fn assert_even(share: &[f64], what: &str) {
+    let (low, high) = if what.starts_with("p2c_ewma") {
+        (15.0, 50.0)
+    } else {
+        (23.0, 43.0)
+    };
     assert!(
-        share.iter().all(|s| (23.0..=43.0).contains(s)),
-        "{what}: shares {share:.1?} %, each should be 23-43 %"
+        share.iter().all(|s| (low..=high).contains(s)),
+        "{what}: shares {share:.1?} %, each should be {low}-{high} %"
     );
 }
 
