@@ -544,3 +544,52 @@ async fn request_bodies_and_methods_pass_through() {
     }
     assert_eq!(backend.count(), 6);
 }
+
+/// Upstream HTTP/1.1 connections are pooled and reused (each one driven
+/// by the request that holds it, in that request's task): one client's
+/// sequential requests need one connection, eight concurrent clients no
+/// more than eight; a backend that closes its idle connections (its
+/// keep-alive timeout) costs no request.
+#[tokio::test]
+async fn upstream_h1_connections_are_pooled_and_reused() {
+    let backend = Backend::start("one").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("web").at(backend.addr))
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for i in 0..20 {
+        let path = format!("/bytes/{}", 1 + i * 7000);
+        let reply = client.get("web", &path).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body.len(), 1 + i * 7000);
+    }
+    assert_eq!(backend.connections(), 1, "20 sequential requests");
+
+    // The backend closes its idle connections; the next requests go on a
+    // new one, every one answered.
+    backend.close_connections().await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    for _ in 0..5 {
+        assert_eq!(client.get("web", "/").await.status, StatusCode::OK);
+    }
+    assert_eq!(backend.connections(), 2, "after the backend closed them");
+
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let addr = proxy.addr();
+        clients.push(tokio::spawn(async move {
+            let mut client = H1::connect(addr).await;
+            for _ in 0..25 {
+                assert_eq!(client.get("web", "/").await.status, StatusCode::OK);
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(backend.count(), 20 + 5 + 200);
+    let opened = backend.connections();
+    assert!(opened <= 2 + 8, "{opened} connections for 8 concurrent clients");
+}

@@ -124,6 +124,8 @@ pub struct Seen {
 
 #[derive(Default)]
 struct BackendState {
+    /// Connections accepted.
+    accepted: AtomicUsize,
     /// Requests whose head arrived.
     requests: AtomicUsize,
     /// Requests seen in full (body read), in order.
@@ -237,6 +239,7 @@ fn accept_loop(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            state.accepted.fetch_add(1, Ordering::Relaxed);
             let state = state.clone();
             let behaviour = behaviour.clone();
             let conn = tokio::spawn(async move {
@@ -327,6 +330,21 @@ impl Backend {
     /// Every request body it read, in order (built with `keep_bodies`).
     pub fn bodies(&self) -> Vec<Bytes> {
         self.state.bodies.lock().unwrap().clone()
+    }
+
+    /// Connections it has accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Closes every open connection (as a keep-alive timeout would), and
+    /// keeps listening.
+    pub async fn close_connections(&self) {
+        let conns = std::mem::take(&mut *self.conns.lock().unwrap());
+        for conn in conns {
+            conn.abort();
+            let _ = conn.await;
+        }
     }
 
     /// Kills it: the listener closes (connects are refused) and every open
