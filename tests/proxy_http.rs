@@ -545,8 +545,7 @@ async fn request_bodies_and_methods_pass_through() {
     assert_eq!(backend.count(), 6);
 }
 
-/// Upstream HTTP/1.1 connections are pooled and reused (each one driven
-/// by the request that holds it, in that request's task): one client's
+/// Upstream HTTP/1.1 connections are pooled and reused: one client's
 /// sequential requests need one connection, eight concurrent clients no
 /// more than eight; a backend that closes its idle connections (its
 /// keep-alive timeout) costs no request.

@@ -242,10 +242,6 @@ pub trait Completion: Send + Unpin + 'static {
 
     /// The body's trailers went by (before [`Completion::done`]).
     fn trailers(&mut self, _trailers: &http::HeaderMap) {}
-
-    /// Moves on whatever feeds the body (an HTTP/1.1 connection driven in
-    /// the reader's task), before each read of it.
-    fn drive(&mut self, _cx: &mut Context<'_>) {}
 }
 
 /// Nothing to do (bodies the proxy makes).
@@ -325,9 +321,6 @@ impl<C: Completion> Body for ResponseBody<C> {
         let polled = match &mut this.kind {
             Kind::Full(bytes) => return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(body, timer, timeouts) => {
-                if let Some(finish) = &mut this.finish {
-                    finish.drive(cx);
-                }
                 let polled = poll_timed(body, timer, cx);
                 if let Poll::Ready(Some(Err(BodyError::Idle(_)))) = &polled {
                     timeouts.inc();

@@ -69,13 +69,9 @@ pub async fn handle(
     let mut seen = Observed::default();
     // Logs: the request's debug lines carry its ID (a disabled span is free).
     let span = tracing::debug_span!("request", request_id = trace.request_id.to_str().ok());
-    let served = serve(&shared, listener, peer, req, start, &mut seen);
-    // Instrumented only when the span records: wrapping moves the future.
-    let mut resp = if span.is_disabled() {
-        served.await
-    } else {
-        served.instrument(span).await
-    };
+    let mut resp = serve(&shared, listener, peer, req, start, &mut seen)
+        .instrument(span)
+        .await;
     trace.on_response(resp.headers_mut());
     if let Some((method, path, headers)) = tap_head {
         taps.offer(&Summary {

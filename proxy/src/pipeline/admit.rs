@@ -7,12 +7,11 @@ use crate::body::Completion;
 use crate::limit::{Admission, Permit};
 use crate::observe::metrics::GrpcMetrics;
 use crate::outcome::grpc_status;
-use crate::upstream::connect::H1Conn;
+use crate::upstream::connect::H1Sender;
 use crate::upstream::endpoint::InFlight;
 use almond_config::GrpcCode;
 use prometheus::IntGauge;
 use std::sync::Arc;
-use std::task::Context;
 
 /// A request admitted to a service: counted in flight (the gauge and the
 /// concurrency limit) from admission until it is dropped.
@@ -46,7 +45,7 @@ impl Drop for Admitted {
 pub struct Finish {
     _admitted: Admitted,
     endpoint: InFlight,
-    h1: Option<H1Conn>,
+    h1: Option<H1Sender>,
     grpc: Option<GrpcCall>,
 }
 
@@ -94,9 +93,8 @@ impl Finish {
         self
     }
 
-    /// The HTTP/1.1 connection the response comes on: driven as its body
-    /// is read, pooled when the response completes.
-    pub fn with_h1(mut self, h1: Option<H1Conn>) -> Finish {
+    /// The HTTP/1.1 connection to pool when the response completes.
+    pub fn with_h1(mut self, h1: Option<H1Sender>) -> Finish {
         self.h1 = h1;
         self
     }
@@ -104,8 +102,8 @@ impl Finish {
 
 impl Completion for Finish {
     fn done(mut self, complete: bool) {
-        if let (true, Some(conn)) = (complete, self.h1.take()) {
-            self.endpoint.state().conns.release_h1(conn);
+        if let (true, Some(sender)) = (complete, self.h1.take()) {
+            self.endpoint.state().conns.release_h1(sender);
         }
         if let Some(call) = &mut self.grpc {
             let ended = if complete {
@@ -115,12 +113,6 @@ impl Completion for Finish {
             };
             let code = call.status.unwrap_or(ended);
             call.record(code);
-        }
-    }
-
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = &mut self.h1 {
-            conn.drive(cx);
         }
     }
 

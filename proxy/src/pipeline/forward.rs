@@ -148,10 +148,7 @@ fn admitted<'a>(
     let upgrade = headers::is_upgrade(&req);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     headers::to_upstream(&mut req, call.svc.target.protocol, upgrade);
-    // Boxed once, here: the tries' state is most of a request's future,
-    // and every layer above would otherwise copy all of it as it wraps
-    // and awaits it (docs/architecture.md, "Future sizes").
-    Box::pin(forward(call, admitted, req, on_upgrade, seen))
+    forward(call, admitted, req, on_upgrade, seen)
 }
 
 /// The state of a request across its tries.

@@ -114,19 +114,12 @@ impl Shadow {
         let (result, class) = match sent {
             Ok((resp, h1)) => {
                 let status = resp.status();
-                // Read and discard the body (driving an HTTP/1.1
-                // connection), so the connection can go back to its pool.
-                let body = resp.into_body().collect();
-                let idle = target.body_idle;
-                match h1 {
-                    Some(mut h1) => {
-                        if let Ok(Ok(_)) = tokio::time::timeout(idle, h1.driven(body)).await {
-                            endpoint.conns.release_h1(h1);
-                        }
-                    }
-                    None => {
-                        let _ = tokio::time::timeout(idle, body).await;
-                    }
+                // Read and discard the body, so an HTTP/1.1 connection can
+                // go back to its pool.
+                let drained =
+                    tokio::time::timeout(target.body_idle, resp.into_body().collect()).await;
+                if let (Ok(Ok(_)), Some(h1)) = (drained, h1) {
+                    endpoint.conns.release_h1(h1);
                 }
                 (Ok(status.as_u16()), CodeClass::of(status))
             }

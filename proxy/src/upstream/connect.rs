@@ -1,10 +1,6 @@
 //! Connect: the connections to one endpoint -- a LIFO pool of idle
 //! HTTP/1.1 connections, one shared HTTP/2 connection -- opened (TCP, then
 //! TLS) within the connect timeout, and one request sent over them.
-//!
-//! A pooled HTTP/1.1 connection has no task of its own: the request that
-//! holds it drives it ([`H1Conn`]), so its bytes are written and its
-//! answer read in the request's own task, with no hand-off between tasks.
 
 use crate::body::{BodyError, RequestBody};
 use crate::identity::tls::{Conn, Upstream};
@@ -15,12 +11,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -31,71 +24,12 @@ const MAX_IDLE_H1: usize = 512;
 /// accepts and closes at once must not keep a request connecting until
 /// its timeout.
 const MAX_FRESH_H1: u32 = 2;
-/// An HTTP/1.1 connection's sending half.
+/// An idle HTTP/1.1 connection's sending half.
 pub type H1Sender = http1::SendRequest<RequestBody>;
-/// hyper's state machine for one HTTP/1.1 connection.
-type H1Connection = http1::Connection<TokioIo<Conn>, RequestBody>;
-
-/// A pooled HTTP/1.1 connection: its sending half and hyper's state
-/// machine for it (reads, writes, framing), which runs only when polled --
-/// by the request that holds the connection ([`H1Conn::driven`], and its
-/// response body through `Finish`), or by the pool's reaper while idle.
-pub struct H1Conn {
-    sender: H1Sender,
-    /// `None` once the connection has ended.
-    conn: Option<Pin<Box<H1Connection>>>,
-    addr: SocketAddr,
-    _open: ConnCount,
-}
-
-impl H1Conn {
-    /// Moves the connection on as far as it can go now (the caller's
-    /// task is woken when it can go further); `false` once it has ended.
-    pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(conn) = &mut self.conn else {
-            return false;
-        };
-        match conn.as_mut().poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(ended) => {
-                if let Err(e) = ended {
-                    tracing::debug!(endpoint = %self.addr, error = %e, "upstream connection ended");
-                }
-                self.conn = None;
-                false
-            }
-        }
-    }
-
-    /// Waits for `fut` (an exchange on this connection) while driving the
-    /// connection.
-    pub async fn driven<F: Future>(&mut self, fut: F) -> F::Output {
-        let mut fut = pin!(fut);
-        poll_fn(|cx| {
-            self.drive(cx);
-            fut.as_mut().poll(cx)
-        })
-        .await
-    }
-
-    /// Waits until the connection can take a request; an error once it
-    /// has closed.
-    async fn ready(&mut self) -> hyper::Result<()> {
-        poll_fn(|cx| {
-            self.drive(cx);
-            self.sender.poll_ready(cx)
-        })
-        .await
-    }
-
-    fn is_closed(&self) -> bool {
-        self.conn.is_none() || self.sender.is_closed()
-    }
-}
 
 /// A pooled HTTP/1.1 connection and when it went idle.
 struct Idle {
-    conn: H1Conn,
+    sender: H1Sender,
     since: Instant,
 }
 
@@ -143,7 +77,7 @@ impl Connections {
         pending: &Arc<Admission>,
         tls: Option<&Upstream>,
         connected: &mut Option<Duration>,
-    ) -> Result<(Response<Incoming>, H1Conn), SendError> {
+    ) -> Result<(Response<Incoming>, H1Sender), SendError> {
         let mut opened = 0;
         loop {
             let pooled = if fresh {
@@ -152,7 +86,7 @@ impl Connections {
                 self.pop_idle(Instant::now(), idle_timeout)
             };
             let reused = pooled.is_some();
-            let mut conn = match pooled {
+            let mut sender = match pooled {
                 Some(s) => s,
                 None if opened == MAX_FRESH_H1 => {
                     return Err(SendError::unsent(ErrorKind::Reset, req));
@@ -170,12 +104,11 @@ impl Connections {
                     }
                 }
             };
-            if conn.ready().await.is_err() {
+            if sender.ready().await.is_err() {
                 continue;
             }
-            let answer = conn.sender.try_send_request(req);
-            match conn.driven(answer).await {
-                Ok(resp) => return Ok((resp, conn)),
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, sender)),
                 Err(mut e) => match e.take_message() {
                     // Never written: the pooled connection had closed
                     // under us, so try again on another.
@@ -192,11 +125,11 @@ impl Connections {
 
     /// The most recently used idle connection still open and idle for
     /// less than `idle_timeout`; older and closed ones are dropped.
-    fn pop_idle(&self, now: Instant, idle_timeout: Duration) -> Option<H1Conn> {
+    fn pop_idle(&self, now: Instant, idle_timeout: Duration) -> Option<H1Sender> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(c) = idle.pop() {
-            if !c.conn.is_closed() && now.saturating_duration_since(c.since) < idle_timeout {
-                return Some(c.conn);
+            if !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout {
+                return Some(c.sender);
             }
         }
         None
@@ -205,15 +138,10 @@ impl Connections {
     /// Closes the idle connections that have been idle `idle_timeout` or
     /// more (the oldest are at the bottom of the stack); returns how many
     /// are left.
-    /// Each idle connection is driven once first (no task waits on it),
-    /// so one its upstream closed is seen closed and dropped.
     pub fn close_idle(&self, now: Instant, idle_timeout: Duration) -> usize {
-        let mut cx = Context::from_waker(Waker::noop());
         let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain_mut(|c| {
-            c.conn.drive(&mut cx)
-                && !c.conn.is_closed()
-                && now.saturating_duration_since(c.since) < idle_timeout
+        idle.retain(|c| {
+            !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout
         });
         idle.len()
     }
@@ -224,33 +152,23 @@ impl Connections {
         pending: &Arc<Admission>,
         connect_timeout: Duration,
         tls: Option<&Upstream>,
-    ) -> Result<H1Conn, ErrorKind> {
+    ) -> Result<H1Sender, ErrorKind> {
         let Some(_place) = pending.try_acquire() else {
             return Err(ErrorKind::Overloaded);
         };
-        let io = self.connect(connect_timeout, tls, false).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| classify(&e))?;
-        Ok(H1Conn {
-            sender,
-            conn: Some(Box::pin(conn)),
-            addr: self.addr,
-            _open: ConnCount::new(&self.open),
-        })
+        self.connect_h1(connect_timeout, tls).await
     }
 
     /// Puts an HTTP/1.1 connection back once its response is complete.
-    pub fn release_h1(&self, conn: H1Conn) {
-        if conn.is_closed() {
+    pub fn release_h1(&self, sender: H1Sender) {
+        if sender.is_closed() {
             return;
         }
         let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
         // A full pool drops the connection, which closes it.
         if idle.len() < MAX_IDLE_H1 {
             idle.push(Idle {
-                conn,
+                sender,
                 since: Instant::now(),
             });
         }
@@ -346,8 +264,7 @@ impl Connections {
         }
     }
 
-    /// Opens an HTTP/1.1 connection of its own, driven by a task of its
-    /// own (upgrades allowed: WebSocket; health checks).
+    /// Opens an HTTP/1.1 connection (upgrades allowed: WebSocket).
     pub async fn connect_h1(
         &self,
         connect_timeout: Duration,

@@ -5,7 +5,7 @@ use crate::body::RequestBody;
 use crate::identity::tls::Upstream;
 use crate::limit::Admission;
 use crate::outcome::ErrorKind;
-use crate::upstream::connect::{H1Conn, SendError};
+use crate::upstream::connect::{H1Sender, SendError};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::timeout::{call_ready, TryTimeoutLayer};
 use almond_config::Protocol;
@@ -49,7 +49,7 @@ pub struct OneTry<'a> {
 
 /// What a try comes to: the response and the HTTP/1.1 connection it came
 /// on, or why there is none.
-pub type Sent = Result<(Response<Incoming>, Option<H1Conn>), SendError>;
+pub type Sent = Result<(Response<Incoming>, Option<H1Sender>), SendError>;
 
 /// Sending to `endpoint` of `target` as a `tower::Service` (a
 /// `service_fn` over `send_to`: its future is the `async fn`'s own, not
@@ -59,7 +59,7 @@ pub fn sender<'a>(
     endpoint: &'a Arc<EndpointState>,
 ) -> impl Service<
     OneTry<'a>,
-    Response = (Response<Incoming>, Option<H1Conn>),
+    Response = (Response<Incoming>, Option<H1Sender>),
     Error = SendError,
     Future = impl Future<Output = Sent> + Send + 'a,
 > + Send
