@@ -10,24 +10,8 @@
 set -u
 BIN=$1; LABEL=$2; PROTO=$3; N=$4
 D=${CALLGRIND_DIR:-/tmp/almond-callgrind}/$LABEL-$PROTO; rm -rf $D; mkdir -p $D
-sed -e "s#@RUN@#$D#" -e "s#@BODY@#hello from the backend, 48 bytes of body text.\\\\n#" \
-  -e "s#@H1_LISTEN@#listen 127.0.0.1:28081; listen 127.0.0.1:28082; listen 127.0.0.1:28083;#" \
-  -e "s#@H2_LISTEN@#listen 127.0.0.1:28091 http2; listen 127.0.0.1:28092 http2; listen 127.0.0.1:28093 http2;#" \
-  "$(dirname "$0")/../../shared/bench/conf/backend-nginx.conf" > $D/nginx.conf
-nginx -c $D/nginx.conf -p $D -e $D/ng.err &
-NG=$!
-if [ $PROTO = http1 ]; then EPS='[{ addr: "127.0.0.1:28081" }, { addr: "127.0.0.1:28082" }, { addr: "127.0.0.1:28083" }]'; CURLP=--http1.1; PAR=8; else EPS='[{ addr: "127.0.0.1:28091" }, { addr: "127.0.0.1:28092" }, { addr: "127.0.0.1:28093" }]'; CURLP=--http2-prior-knowledge; PAR=16; fi
-cat > $D/almond.yaml <<Y
-admin: 127.0.0.1:28190
-listeners:
-  - bind: 127.0.0.1:28180
-    service: bench
-services:
-  bench:
-    protocol: $PROTO
-    lb: round_robin
-    endpoints: $EPS
-Y
+. "$(dirname "$0")/backends.sh"
+backends $D $PROTO
 taskset -c 1 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$D/cg.out $BIN proxy --config $D/almond.yaml > $D/proxy.log 2>&1 &
 PX=$!
 for i in $(seq 1 120); do curl -s -o /dev/null http://127.0.0.1:28190/ready && break; sleep 1; done

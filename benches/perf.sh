@@ -10,24 +10,8 @@
 set -u
 BIN=$1; LABEL=$2; PROTO=$3; SECS=${4:-10}
 D=${PERF_DIR:-/tmp/almond-perf}/$LABEL-$PROTO; rm -rf $D; mkdir -p $D
-sed -e "s#@RUN@#$D#" -e "s#@BODY@#hello from the backend, 48 bytes of body text.\\\\n#" \
-  -e "s#@H1_LISTEN@#listen 127.0.0.1:28081; listen 127.0.0.1:28082; listen 127.0.0.1:28083;#" \
-  -e "s#@H2_LISTEN@#listen 127.0.0.1:28091 http2; listen 127.0.0.1:28092 http2; listen 127.0.0.1:28093 http2;#" \
-  "$(dirname "$0")/../../shared/bench/conf/backend-nginx.conf" > $D/nginx.conf
-taskset -c 0 nginx -c $D/nginx.conf -p $D -e $D/ng.err &
-NG=$!
-if [ $PROTO = http1 ]; then EPS='[{ addr: "127.0.0.1:28081" }, { addr: "127.0.0.1:28082" }, { addr: "127.0.0.1:28083" }]'; else EPS='[{ addr: "127.0.0.1:28091" }, { addr: "127.0.0.1:28092" }, { addr: "127.0.0.1:28093" }]'; fi
-cat > $D/almond.yaml <<Y
-admin: 127.0.0.1:28190
-listeners:
-  - bind: 127.0.0.1:28180
-    service: bench
-services:
-  bench:
-    protocol: $PROTO
-    lb: round_robin
-    endpoints: $EPS
-Y
+. "$(dirname "$0")/backends.sh"
+backends $D $PROTO 0
 taskset -c 1 $BIN proxy --config $D/almond.yaml > $D/proxy.log 2>&1 &
 PX=$!
 for i in $(seq 1 60); do curl -s -o /dev/null http://127.0.0.1:28190/ready && break; sleep 0.5; done

@@ -590,5 +590,8 @@ async fn upstream_h1_connections_are_pooled_and_reused() {
     }
     assert_eq!(backend.count(), 20 + 5 + 200);
     let opened = backend.connections();
-    assert!(opened <= 2 + 8, "{opened} connections for 8 concurrent clients");
+    assert!(
+        opened <= 2 + 8,
+        "{opened} connections for 8 concurrent clients"
+    );
 }
