@@ -140,64 +140,68 @@ fn export_span(
 
 /// Serves one request that arrived at `start`: every stage, in order;
 /// `seen` is filled for the access log as the stages learn the route.
-async fn serve(
-    shared: &Shared,
+// Not `async fn`: it would keep the request twice (docs/architecture.md).
+#[allow(clippy::manual_async_fn)]
+fn serve<'a>(
+    shared: &'a Shared,
     listener: usize,
     peer: SocketAddr,
     mut req: Request<Incoming>,
     start: Instant,
-    seen: &mut Observed,
-) -> Response<Answer> {
-    // One target host, or 400 (a request-smuggling and cache-poisoning
-    // vector otherwise: routing and the upstream could read two hosts).
-    if let Err(why) = trust::check_host(&req) {
-        shared.metrics.unroutable.inc();
-        return ErrorKind::BadRequest.response(why);
-    }
-    // Route: the listener's bound service, or Host / :authority; then
-    // its route rules (another service, or a subset).
-    let Routed {
-        svc,
-        subset: routed,
-        direction,
-        body_idle,
-        mirror,
-    } = match route(shared, listener, peer, &mut req, seen) {
-        Ok(routed) => routed,
-        Err((kind, detail)) => return kind.response(&detail),
-    };
-    // Authorization: an inbound service with an allow-list admits only
-    // the client identities on it.
-    if let Err(who) = authorize(shared, &svc, direction, &req) {
-        return ErrorKind::Forbidden.response(&who);
-    }
-    // Guard: a deny or a rate limit on this route answers here.
-    if let Some(guards) = &svc.guards {
-        if let Some(answer) = guards.check(&req, peer.ip(), direction, start) {
-            return answer;
-        }
-    }
-    // Split: a pinned subset, a rule's, the weighted split, or every endpoint.
-    let pool = match svc.pool(&req, routed) {
-        Ok(pool) => pool,
-        Err((kind, detail)) => {
+    seen: &'a mut Observed,
+) -> impl Future<Output = Response<Answer>> + Send + 'a {
+    async move {
+        // One target host, or 400 (a request-smuggling and cache-poisoning
+        // vector otherwise: routing and the upstream could read two hosts).
+        if let Err(why) = trust::check_host(&req) {
             shared.metrics.unroutable.inc();
-            return kind.response(&detail);
+            return ErrorKind::BadRequest.response(why);
         }
-    };
-    let call = Call {
-        svc: &svc,
-        pool,
-        direction,
-        start,
-        body_idle,
-        mirror,
-    };
-    // Admit (shed at once, 503, when the service is at its concurrency
-    // limit), then forward.
-    match admit_and_forward(&svc, direction, Forwarding { call, req, seen }).await {
-        Ok(resp) => resp,
-        Err(never) => match never {},
+        // Route: the listener's bound service, or Host / :authority; then
+        // its route rules (another service, or a subset).
+        let Routed {
+            svc,
+            subset: routed,
+            direction,
+            body_idle,
+            mirror,
+        } = match route(shared, listener, peer, &mut req, seen) {
+            Ok(routed) => routed,
+            Err((kind, detail)) => return kind.response(&detail),
+        };
+        // Authorization: an inbound service with an allow-list admits only
+        // the client identities on it.
+        if let Err(who) = authorize(shared, &svc, direction, &req) {
+            return ErrorKind::Forbidden.response(&who);
+        }
+        // Guard: a deny or a rate limit on this route answers here.
+        if let Some(guards) = &svc.guards {
+            if let Some(answer) = guards.check(&req, peer.ip(), direction, start) {
+                return answer;
+            }
+        }
+        // Split: a pinned subset, a rule's, the weighted split, or every endpoint.
+        let pool = match svc.pool(&req, routed) {
+            Ok(pool) => pool,
+            Err((kind, detail)) => {
+                shared.metrics.unroutable.inc();
+                return kind.response(&detail);
+            }
+        };
+        let call = Call {
+            svc: &svc,
+            pool,
+            direction,
+            start,
+            body_idle,
+            mirror,
+        };
+        // Admit (shed at once, 503, when the service is at its concurrency
+        // limit), then forward.
+        match admit_and_forward(&svc, direction, Forwarding { call, req, seen }).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
     }
 }
 

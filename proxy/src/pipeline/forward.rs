@@ -32,6 +32,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response};
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -158,8 +159,8 @@ struct Tries {
     /// A copy to send again, when the body was small enough to keep.
     replay: Option<Replay>,
     /// A gRPC call's head and its body as it streams, for a retry on a
-    /// `grpc-*` condition.
-    kept: Option<(Parts, Arc<Kept>)>,
+    /// `grpc-*` condition (boxed: rare, and large).
+    kept: Option<Box<(Parts, Arc<Kept>)>>,
     /// The client's half of an upgrade, until the upstream accepts it.
     upgrade: Option<OnUpgrade>,
     /// `timeouts.request` from arrival.
@@ -169,132 +170,168 @@ struct Tries {
     fresh: bool,
     /// The endpoint the last try failed on (a retry goes elsewhere).
     failed_on: Option<Arc<EndpointState>>,
+    /// A gRPC call (its status counts, and may call for a retry).
+    grpc: bool,
 }
+
+/// What [`Tries::read`] keeps of a request beside its replay copy.
+struct Tee {
+    /// A gRPC call's head and body as it streams (see [`tee`]).
+    kept: Option<Box<(Parts, Arc<Kept>)>>,
+    grpc: bool,
+}
+
+/// A request readied for its tries, and its replay copy if it has one.
+type Readied = Result<(Option<Request<RequestBody>>, Option<Replay>), ErrorKind>;
+
+/// A readied request now, or (`Err`) the reading of its body for a
+/// replay copy, boxed.
+type Readying = Result<Readied, Pin<Box<dyn Future<Output = Readied> + Send>>>;
 
 /// Sends `req` (readied by `headers::to_upstream`) to an endpoint of the
 /// call's pool, retrying as the service's policy allows; `upgrade` is the
-/// client's half of an upgrade request.
-async fn forward(
-    mut call: Call<'_>,
+/// client's half of an upgrade request. An `async` block, not an `async
+/// fn`, which would keep every argument twice in the request's future
+/// (see docs/architecture.md, "Future sizes").
+// Not `async fn`: it would keep the arguments twice (see above).
+#[allow(clippy::manual_async_fn)]
+fn forward<'a>(
+    mut call: Call<'a>,
     admitted: Admitted,
     req: Request<Incoming>,
     upgrade: Option<OnUpgrade>,
-    seen: &mut Observed,
-) -> Result<Response<Answer>, Infallible> {
-    let svc = call.svc;
-    let grpc = is_grpc(req.headers());
-    let mut tries = match Tries::prepare(&mut call, req, upgrade, grpc).await {
-        Ok(tries) => tries,
-        Err(kind) => return Ok(kind.response(&svc.name)),
-    };
-    loop {
-        // Balance: one endpoint of the pool (another one on a retry). The
-        // clock is read once a try: balancing takes well under a microsecond.
-        let try_start = Instant::now();
-        let Some(member) = call.pool.pick(try_start, tries.failed_on.as_deref()) else {
-            let elapsed = call.start.elapsed().as_secs_f64();
-            return Ok(call.fail(ErrorKind::NoEndpoints, call.pool.home(), elapsed));
+    seen: &'a mut Observed,
+) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
+    async move {
+        let svc = call.svc;
+        // Scoped, as every local below: a local still in scope at an
+        // `.await` keeps its room in the future even once moved from.
+        let mut tries = {
+            let (readying, tee) = Tries::read(&call, req, upgrade.is_some());
+            let readied = match readying {
+                Ok(now) => now,
+                Err(reading) => reading.await,
+            };
+            match readied {
+                Ok((next, replay)) => Tries::prepare(&mut call, next, replay, tee, upgrade),
+                Err(kind) => return Ok(kind.response(&svc.name)),
+            }
         };
-        let subset = &svc.subsets[member.subset];
-        let endpoint = member.state.clone();
-        seen.subset = Some(subset.name.clone());
-        seen.endpoint = Some(endpoint.addr);
-        let in_flight = endpoint.start();
-        let Some(req) = tries.request() else {
-            // Unreachable: a retry is only allowed with a request in hand.
-            return Ok(ErrorKind::Reset.response(&svc.name));
-        };
-        let method = req.method().clone();
-        if tries.retries == 0 {
-            seen.queue = try_start.saturating_duration_since(call.start);
-        }
-        let mut sent = tries.send(svc, &endpoint, req, try_start, seen).await;
-        let now = Instant::now();
-        seen.upstream = now.saturating_duration_since(try_start);
-        if tries.resend_stale(&mut sent, now) {
-            tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, "stale pooled connection: sending again");
-            continue;
-        }
+        let mut pause = None;
+        loop {
+            // The pause before a retry, here where only the tries' state
+            // is in scope.
+            if let Some(now) = pause.take() {
+                tries.back_off(now).await;
+            }
+            // Balance: one endpoint of the pool (another one on a retry). The
+            // clock is read once a try: balancing takes well under a microsecond.
+            let try_start = Instant::now();
+            let Some(member) = call.pool.pick(try_start, tries.failed_on.as_deref()) else {
+                let elapsed = call.start.elapsed().as_secs_f64();
+                return Ok(call.fail(ErrorKind::NoEndpoints, call.pool.home(), elapsed));
+            };
+            let endpoint = member.state.clone();
+            seen.subset = Some(svc.subsets[member.subset].name.clone());
+            seen.endpoint = Some(endpoint.addr);
+            let in_flight = endpoint.start();
+            if tries.retries == 0 {
+                seen.queue = try_start.saturating_duration_since(call.start);
+            }
+            let method;
+            let mut sent = {
+                let Some(req) = tries.request() else {
+                    // Unreachable: a retry is only allowed with a request in hand.
+                    return Ok(ErrorKind::Reset.response(&svc.name));
+                };
+                method = req.method().clone();
+                tries.send(svc, &endpoint, req, try_start, seen)
+            }
+            .await;
+            let now = Instant::now();
+            seen.upstream = now.saturating_duration_since(try_start);
+            if tries.resend_stale(&mut sent, now) {
+                tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, "stale pooled connection: sending again");
+                continue;
+            }
 
-        // Classify: feed failure accrual, then respond or retry.
-        let (result, unsent, response) = match sent {
-            Ok((resp, h1)) => (Ok(resp.status().as_u16()), None, Some((resp, h1))),
-            Err(e) => (Err(e.kind), e.unsent, None),
-        };
-        // A trailers-only gRPC answer: its status is known now.
-        let grpc_code = (response.as_ref())
-            .filter(|_| grpc)
-            .and_then(|(resp, _)| grpc_status(resp.headers()));
-        // Overloaded: shed here, before the endpoint saw anything.
-        let failed = result != Err(ErrorKind::Overloaded)
-            && svc.record_outcome(member.subset, &endpoint, result, now);
-        learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
-        if tries.retry(svc, &method, (result, grpc_code), unsent.is_some(), now) {
-            tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
-            tries.next = unsent;
-            tries.failed_on = Some(endpoint);
-            drop(response);
-            tries.back_off(now).await;
-            continue;
-        }
+            // Classify: feed failure accrual, then respond or retry.
+            let (result, unsent, response) = match sent {
+                Ok((resp, h1)) => (Ok(resp.status().as_u16()), None, Some((resp, h1))),
+                Err(e) => (Err(e.kind), e.unsent, None),
+            };
+            // A trailers-only gRPC answer: its status is known now.
+            let grpc_code = (response.as_ref())
+                .filter(|_| tries.grpc)
+                .and_then(|(resp, _)| grpc_status(resp.headers()));
+            // Overloaded: shed here, before the endpoint saw anything.
+            let failed = result != Err(ErrorKind::Overloaded)
+                && svc.record_outcome(member.subset, &endpoint, result, now);
+            learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
+            if tries.retry(svc, &method, (result, grpc_code), unsent.is_some(), now) {
+                tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
+                tries.next = unsent;
+                tries.failed_on = Some(endpoint);
+                pause = Some(now);
+                continue;
+            }
 
-        // Measure, and answer.
-        seen.retries = tries.retries;
-        let elapsed = now.saturating_duration_since(call.start).as_secs_f64();
-        let Some((resp, h1)) = response else {
-            let kind = result.err().unwrap_or(ErrorKind::Reset);
-            tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, reason = kind.reason(), "request failed");
-            return Ok(call.fail(kind, member.subset, elapsed));
-        };
-        seen.upstream_answered = true;
-        let finish = Finish::new(admitted, in_flight).with_h1(h1);
-        return Ok(call.relay(subset, resp, finish, elapsed, grpc));
+            // Measure, and answer.
+            seen.retries = tries.retries;
+            let elapsed = now.saturating_duration_since(call.start).as_secs_f64();
+            let Some((resp, h1)) = response else {
+                let kind = result.err().unwrap_or(ErrorKind::Reset);
+                tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, reason = kind.reason(), "request failed");
+                return Ok(call.fail(kind, member.subset, elapsed));
+            };
+            seen.upstream_answered = true;
+            let finish = Finish::new(admitted, in_flight).with_h1(h1);
+            let subset = &svc.subsets[member.subset];
+            return Ok(call.relay(subset, resp, finish, elapsed, tries.grpc));
+        }
     }
 }
 
 impl Tries {
-    /// The tries of `req`: its body kept for a replay when the policy
-    /// allows, a gRPC call's body kept for a `grpc-*` retry, and the
-    /// mirror's copy sent off (in a task of its own).
-    async fn prepare(
-        call: &mut Call<'_>,
-        req: Request<Incoming>,
-        upgrade: Option<OnUpgrade>,
-        grpc: bool,
-    ) -> Result<Tries, ErrorKind> {
+    /// Readies `req` for its tries: a copy kept for a replay when the
+    /// policy allows (its body read first: `Err` is the boxed reading,
+    /// which most requests, with no body, never need), and a gRPC call's
+    /// head kept for a `grpc-*` retry as its body streams.
+    fn read(call: &Call<'_>, req: Request<Incoming>, upgrade: bool) -> (Readying, Tee) {
         let svc = call.svc;
-        let deadline = call.start + svc.request_timeout;
-        let keep = grpc && svc.retry.on_grpc() && upgrade.is_none();
+        let grpc = is_grpc(req.headers());
+        let keep = grpc && svc.retry.on_grpc() && !upgrade;
         let kept = if keep { tee(&req, &svc.retry) } else { None };
-        let retry = &svc.retry;
-        let (mut next, replay) =
-            replayable(req, retry, upgrade.is_some(), deadline, call.body_idle).await?;
-        if let (Some(req), Some((_, kept))) = (&mut next, &kept) {
-            req.body_mut().keep_in(kept);
+        let deadline = call.start + svc.request_timeout;
+        let readying = replayable(req, &svc.retry, upgrade, deadline, call.body_idle);
+        (readying, Tee { kept, grpc })
+    }
+
+    /// The tries of a readied request: the gRPC body kept as it streams,
+    /// and the mirror's copy sent off (in a task of its own).
+    fn prepare(
+        call: &mut Call<'_>,
+        mut next: Option<Request<RequestBody>>,
+        replay: Option<Replay>,
+        Tee { kept, grpc }: Tee,
+        upgrade: Option<OnUpgrade>,
+    ) -> Tries {
+        if let (Some(req), Some(kept)) = (&mut next, &kept) {
+            req.body_mut().keep_in(&kept.1);
         }
         if let (Some(shadow), Some(req)) = (call.mirror.take(), next.as_ref()) {
             shadow.send(req, replay.as_ref().map(|r| &r.body));
         }
-        let mut tries = Tries::new(next, replay, upgrade, deadline);
-        tries.kept = kept;
-        Ok(tries)
-    }
-
-    fn new(
-        next: Option<Request<RequestBody>>,
-        replay: Option<Replay>,
-        upgrade: Option<OnUpgrade>,
-        deadline: Instant,
-    ) -> Tries {
         Tries {
             next,
             replay,
-            kept: None,
+            kept,
             upgrade,
-            deadline,
+            deadline: call.start + call.svc.request_timeout,
             retries: 0,
             fresh: false,
             failed_on: None,
+            grpc,
         }
     }
 
@@ -306,15 +343,17 @@ impl Tries {
     }
 
     /// Sends one try to `endpoint` through the try's stack: the send
-    /// within the per-try and the request timeouts.
-    async fn send(
-        &mut self,
-        svc: &ServiceRoute,
-        endpoint: &Arc<EndpointState>,
+    /// within the per-try and the request timeouts. A plain `fn`: the try
+    /// stack's future is all the state a try needs (an `async fn` would
+    /// keep its own copy of the request beside it).
+    fn send<'a>(
+        &'a mut self,
+        svc: &'a ServiceRoute,
+        endpoint: &'a Arc<EndpointState>,
         req: Request<RequestBody>,
         try_start: Instant,
-        seen: &mut Observed,
-    ) -> Sent {
+        seen: &'a mut Observed,
+    ) -> impl Future<Output = Sent> + Send + 'a {
         seen.request_bytes = req.body().size_hint().exact();
         seen.connect = None;
         let budget = self.deadline.saturating_duration_since(try_start);
@@ -325,7 +364,7 @@ impl Tries {
             fresh: self.fresh,
             connected: &mut seen.connect,
         };
-        send::try_once(&svc.target, endpoint, limit, one).await
+        send::try_once(&svc.target, endpoint, limit, one)
     }
 
     /// A pooled connection the upstream had closed idle: nothing was
@@ -356,7 +395,8 @@ impl Tries {
     ) -> bool {
         if self.replay.is_none() && !unsent && grpc.is_some() {
             // The streamed gRPC body, if the client had sent all of it.
-            self.replay = (self.kept.take()).and_then(|(parts, kept)| {
+            self.replay = (self.kept.take()).and_then(|kept| {
+                let (parts, kept) = *kept;
                 Some(Replay {
                     parts,
                     body: kept.whole()?,
@@ -413,6 +453,12 @@ struct Replay {
 }
 
 impl Replay {
+    /// The first try's request and the copy kept for the others.
+    fn whole(parts: Parts, body: Bytes) -> (Option<Request<RequestBody>>, Option<Replay>) {
+        let replay = Replay { parts, body };
+        (Some(replay.request()), Some(replay))
+    }
+
     fn request(&self) -> Request<RequestBody> {
         let mut req = Request::new(RequestBody::Replay(
             (!self.body.is_empty()).then(|| self.body.clone()),
@@ -428,7 +474,7 @@ impl Replay {
 /// A gRPC request whose body length is not known (the usual case) and
 /// fits no replay copy up front: streamed as it comes, and kept up to
 /// `max_body_bytes` on the way, with a copy of its head.
-fn tee(req: &Request<Incoming>, policy: &RetryPolicy) -> Option<(Parts, Arc<Kept>)> {
+fn tee(req: &Request<Incoming>, policy: &RetryPolicy) -> Option<Box<(Parts, Arc<Kept>)>> {
     let fits = req
         .body()
         .size_hint()
@@ -442,7 +488,7 @@ fn tee(req: &Request<Incoming>, policy: &RetryPolicy) -> Option<(Parts, Arc<Kept
     head.uri = req.uri().clone();
     head.version = req.version();
     head.headers = req.headers().clone();
-    Some((head, Kept::new(policy.max_body_bytes)))
+    Some(Box::new((head, Kept::new(policy.max_body_bytes))))
 }
 
 /// Decides whether a request can be replayed: retries on, no upgrade, and
@@ -450,13 +496,14 @@ fn tee(req: &Request<Incoming>, policy: &RetryPolicy) -> Option<(Parts, Arc<Kept
 /// Others stream, and are retried only if nothing of them was sent. Any
 /// method is kept: a non-idempotent one is sent again only when nothing was
 /// processed (a stale pooled connection), `RetryPolicy::allows` says when.
-async fn replayable(
+/// A body to read first is read by the boxed future returned as `Err`.
+fn replayable(
     req: Request<Incoming>,
     policy: &RetryPolicy,
     upgrade: bool,
     deadline: Instant,
     body_idle: std::time::Duration,
-) -> Result<(Option<Request<RequestBody>>, Option<Replay>), ErrorKind> {
+) -> Readying {
     let fits = req
         .body()
         .size_hint()
@@ -464,20 +511,20 @@ async fn replayable(
         .is_some_and(|n| n <= policy.max_body_bytes as u64);
     if !policy.enabled() || upgrade || !fits {
         let stream = |body| RequestBody::Stream(body, IdleTimer::new(body_idle));
-        return Ok((Some(req.map(stream)), None));
+        return Ok(Ok((Some(req.map(stream)), None)));
     }
     let (parts, body) = req.into_parts();
-    let body = if body.is_end_stream() {
-        Bytes::new()
-    } else {
+    if body.is_end_stream() {
+        return Ok(Ok(Replay::whole(parts, Bytes::new())));
+    }
+    Err(Box::pin(async move {
         let body = RequestBody::Stream(body, IdleTimer::new(body_idle));
-        match tokio::time::timeout_at(deadline, body.collect()).await {
+        let body = match tokio::time::timeout_at(deadline, body.collect()).await {
             Ok(Ok(collected)) => collected.to_bytes(),
             Ok(Err(BodyError::Idle(_))) => return Err(ErrorKind::ClientTimeout),
             Ok(Err(_)) => return Err(ErrorKind::BadRequest),
             Err(_) => return Err(ErrorKind::Timeout),
-        }
-    };
-    let replay = Replay { parts, body };
-    Ok((Some(replay.request()), Some(replay)))
+        };
+        Ok(Replay::whole(parts, body))
+    }))
 }

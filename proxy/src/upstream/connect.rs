@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,57 +69,61 @@ impl Connections {
     /// once the response body ends. `connected` gets the time spent opening
     /// a connection, if one was.
     #[allow(clippy::too_many_arguments)]
-    pub async fn send_h1(
-        &self,
+    // Not `async fn`: it would keep the request twice (docs/architecture.md).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send_h1<'a>(
+        &'a self,
         mut req: Request<RequestBody>,
         connect_timeout: Duration,
         idle_timeout: Duration,
         fresh: bool,
-        pending: &Arc<Admission>,
-        tls: Option<&Upstream>,
-        connected: &mut Option<Duration>,
-    ) -> Result<(Response<Incoming>, H1Sender), SendError> {
-        let mut opened = 0;
-        loop {
-            let pooled = if fresh {
-                None
-            } else {
-                self.pop_idle(Instant::now(), idle_timeout)
-            };
-            let reused = pooled.is_some();
-            let mut sender = match pooled {
-                Some(s) => s,
-                None if opened == MAX_FRESH_H1 => {
-                    return Err(SendError::unsent(ErrorKind::Reset, req));
-                }
-                // Boxed: connecting is rare, and keeps this future small.
-                None => {
-                    opened += 1;
-                    let start = Instant::now();
-                    let opened =
-                        Box::pin(self.connect_pending(pending, connect_timeout, tls)).await;
-                    *connected = Some(start.elapsed());
-                    match opened {
-                        Ok(s) => s,
-                        Err(kind) => return Err(SendError::unsent(kind, req)),
+        pending: &'a Arc<Admission>,
+        tls: Option<&'a Upstream>,
+        connected: &'a mut Option<Duration>,
+    ) -> impl Future<Output = Result<(Response<Incoming>, H1Sender), SendError>> + Send + 'a {
+        async move {
+            let mut opened = 0;
+            loop {
+                let pooled = if fresh {
+                    None
+                } else {
+                    self.pop_idle(Instant::now(), idle_timeout)
+                };
+                let reused = pooled.is_some();
+                let mut sender = match pooled {
+                    Some(s) => s,
+                    None if opened == MAX_FRESH_H1 => {
+                        return Err(SendError::unsent(ErrorKind::Reset, req));
                     }
-                }
-            };
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, sender)),
-                Err(mut e) => match e.take_message() {
-                    // Never written: the pooled connection had closed
-                    // under us, so try again on another.
-                    Some(r) => req = r,
+                    // Boxed: connecting is rare, and keeps this future small.
                     None => {
-                        let mut err = SendError::sent(classify(e.error()));
-                        err.stale = reused && closed_before_answer(e.error());
-                        return Err(err);
+                        opened += 1;
+                        let start = Instant::now();
+                        let opened =
+                            Box::pin(self.connect_pending(pending, connect_timeout, tls)).await;
+                        *connected = Some(start.elapsed());
+                        match opened {
+                            Ok(s) => s,
+                            Err(kind) => return Err(SendError::unsent(kind, req)),
+                        }
                     }
-                },
+                };
+                if sender.ready().await.is_err() {
+                    continue;
+                }
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, sender)),
+                    Err(mut e) => match e.take_message() {
+                        // Never written: the pooled connection had closed
+                        // under us, so try again on another.
+                        Some(r) => req = r,
+                        None => {
+                            let mut err = SendError::sent(classify(e.error()));
+                            err.stale = reused && closed_before_answer(e.error());
+                            return Err(err);
+                        }
+                    },
+                }
             }
         }
     }

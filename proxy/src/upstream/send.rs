@@ -93,68 +93,74 @@ pub fn try_once<'a>(
 
 /// Sends one try's request to `endpoint` (the fields of [`OneTry`] as
 /// arguments: a struct argument would sit in the future beside its fields).
-/// An upgrade request gets a connection of its own, then a tunnel.
-async fn send_to(
-    target: &Target,
-    endpoint: &Arc<EndpointState>,
+/// An upgrade request gets a connection of its own, then a tunnel. An
+/// `async` block, not an `async fn`: that would keep the request twice.
+// Not `async fn`: it would keep the arguments twice (see above).
+#[allow(clippy::manual_async_fn)]
+fn send_to<'a>(
+    target: &'a Target,
+    endpoint: &'a Arc<EndpointState>,
     req: Request<RequestBody>,
-    upgrade: &mut Option<OnUpgrade>,
+    upgrade: &'a mut Option<OnUpgrade>,
     fresh: bool,
-    connected: &mut Option<Duration>,
-) -> Sent {
-    if upgrade.is_some() {
-        // Boxed: upgrades are rare, and keep the common future small.
-        let start = Instant::now();
-        let opened = Box::pin(
-            endpoint
-                .conns
-                .connect_h1(target.connect_timeout, target.tls.as_deref()),
-        )
-        .await;
-        *connected = Some(start.elapsed());
-        let mut sender = match opened {
-            Ok(sender) => sender,
-            Err(kind) => return Err(SendError::unsent(kind, req)),
-        };
-        let downstream = upgrade.take();
-        let mut resp = sender
-            .send_request(req)
-            .await
-            .map_err(|_| SendError::sent(ErrorKind::Reset))?;
-        if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream) {
-            tunnel(downstream, hyper::upgrade::on(&mut resp));
+    connected: &'a mut Option<Duration>,
+) -> impl Future<Output = Sent> + Send + 'a {
+    async move {
+        if upgrade.is_some() {
+            // Boxed: upgrades are rare, and keep the common future small.
+            let start = Instant::now();
+            let opened = Box::pin(
+                endpoint
+                    .conns
+                    .connect_h1(target.connect_timeout, target.tls.as_deref()),
+            )
+            .await;
+            *connected = Some(start.elapsed());
+            let mut sender = match opened {
+                Ok(sender) => sender,
+                Err(kind) => return Err(SendError::unsent(kind, req)),
+            };
+            let downstream = upgrade.take();
+            let mut resp = sender
+                .send_request(req)
+                .await
+                .map_err(|_| SendError::sent(ErrorKind::Reset))?;
+            if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream)
+            {
+                tunnel(downstream, hyper::upgrade::on(&mut resp));
+            }
+            return Ok((resp, None));
         }
-        return Ok((resp, None));
-    }
-    match target.protocol {
-        Protocol::Http1 => {
-            let (resp, sender) = endpoint
-                .conns
-                .send_h1(
-                    req,
-                    target.connect_timeout,
-                    target.idle_timeout,
-                    fresh,
-                    &target.pending,
-                    target.tls.as_deref(),
-                    connected,
-                )
-                .await?;
-            Ok((resp, Some(sender)))
+        match target.protocol {
+            Protocol::Http1 => {
+                let (resp, sender) = endpoint
+                    .conns
+                    .send_h1(
+                        req,
+                        target.connect_timeout,
+                        target.idle_timeout,
+                        fresh,
+                        &target.pending,
+                        target.tls.as_deref(),
+                        connected,
+                    )
+                    .await?;
+                Ok((resp, Some(sender)))
+            }
+            Protocol::Http2 => Ok((
+                endpoint
+                    .conns
+                    .send_h2(
+                        req,
+                        target.connect_timeout,
+                        &target.pending,
+                        target.tls.as_deref(),
+                        connected,
+                    )
+                    .await?,
+                None,
+            )),
         }
-        Protocol::Http2 => Ok((
-            endpoint
-                .conns
-                .send_h2(
-                    req,
-                    target.connect_timeout,
-                    &target.pending,
-                    target.tls.as_deref(),
-                    connected,
-                )
-                .await?,
-            None,
-        )),
     }
 }
 
