@@ -41,74 +41,78 @@ pub type Answer = ResponseBody<Finish>;
 
 /// Handles one request that arrived on listener `listener`: stamps its
 /// request ID and trace context, serves it, returns the ID, logs it.
-pub async fn handle(
+// Not `async fn`: it would keep the request twice (docs/architecture.md).
+#[allow(clippy::manual_async_fn)]
+pub fn handle(
     shared: Arc<Shared>,
     listener: usize,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-) -> Result<Response<Answer>, Infallible> {
-    let start = Instant::now();
-    // Trace: request ID and trace context, before anything can answer.
-    let trace = trace::Context::stamp(req.headers_mut(), shared.observe.sample_rate);
-    // Access log: decided up front, so an unlogged request copies nothing.
-    let log = (shared.observe.access_log.as_ref()).filter(|log| log.admits(start));
-    let head = log.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
-    // Spans: only sampled requests, and only when export is configured.
-    let spans = (shared.observe.spans.as_ref()).filter(|_| trace.sampled);
-    let span_head = spans.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
-    // Tap: one atomic load while nobody watches.
-    let taps = &shared.observe.taps;
-    let tap_head = taps.active().then(|| {
-        let headers = taps.wants_headers().then(|| req.headers().clone());
-        (
-            req.method().clone(),
-            Box::<str>::from(req.uri().path()),
-            headers,
-        )
-    });
-    let mut seen = Observed::default();
-    // Logs: the request's debug lines carry its ID (a disabled span is free).
-    let span = tracing::debug_span!("request", request_id = trace.request_id.to_str().ok());
-    let mut resp = serve(&shared, listener, peer, req, start, &mut seen)
-        .instrument(span)
-        .await;
-    trace.on_response(resp.headers_mut());
-    if let Some((method, path, headers)) = tap_head {
-        taps.offer(&Summary {
-            time_ms: almond_net::now_ms(),
-            method: &method,
-            path: &path,
-            status: resp.status().as_u16(),
-            observed: &seen,
-            latency: start.elapsed(),
-            request_id: trace.request_id.as_bytes(),
-            headers: headers.as_ref(),
+) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send {
+    async move {
+        let start = Instant::now();
+        // Trace: request ID and trace context, before anything can answer.
+        let trace = trace::Context::stamp(req.headers_mut(), shared.observe.sample_rate);
+        // Access log: decided up front, so an unlogged request copies nothing.
+        let log = (shared.observe.access_log.as_ref()).filter(|log| log.admits(start));
+        let head = log.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
+        // Spans: only sampled requests, and only when export is configured.
+        let spans = (shared.observe.spans.as_ref()).filter(|_| trace.sampled);
+        let span_head = spans.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
+        // Tap: one atomic load while nobody watches.
+        let taps = &shared.observe.taps;
+        let tap_head = taps.active().then(|| {
+            let headers = taps.wants_headers().then(|| req.headers().clone());
+            (
+                req.method().clone(),
+                Box::<str>::from(req.uri().path()),
+                headers,
+            )
         });
+        let mut seen = Observed::default();
+        // Logs: the request's debug lines carry its ID (a disabled span is free).
+        let span = tracing::debug_span!("request", request_id = trace.request_id.to_str().ok());
+        let mut resp = serve(&shared, listener, peer, req, start, &mut seen)
+            .instrument(span)
+            .await;
+        trace.on_response(resp.headers_mut());
+        if let Some((method, path, headers)) = tap_head {
+            taps.offer(&Summary {
+                time_ms: almond_net::now_ms(),
+                method: &method,
+                path: &path,
+                status: resp.status().as_u16(),
+                observed: &seen,
+                latency: start.elapsed(),
+                request_id: trace.request_id.as_bytes(),
+                headers: headers.as_ref(),
+            });
+        }
+        if let (Some(spans), Some(head)) = (spans, span_head) {
+            // Shared with the access log only when it logs this request.
+            let observed = match log {
+                Some(_) => seen.clone(),
+                None => std::mem::take(&mut seen),
+            };
+            export_span(spans, &trace, start, head, &resp, observed);
+        }
+        if let (Some(log), Some((method, path))) = (log, head) {
+            let bytes = resp.headers().get(http::header::CONTENT_LENGTH);
+            log.record(Entry {
+                time_ms: almond_net::now_ms(),
+                request_id: String::from_utf8_lossy(trace.request_id.as_bytes()).into(),
+                trace_id: trace.trace_id,
+                sampled: trace.sampled,
+                method,
+                path,
+                status: resp.status().as_u16(),
+                duration_ms: start.elapsed().as_secs_f64() * 1e3,
+                bytes: bytes.and_then(|v| v.to_str().ok()?.parse().ok()),
+                observed: seen,
+            });
+        }
+        Ok(resp)
     }
-    if let (Some(spans), Some(head)) = (spans, span_head) {
-        // Shared with the access log only when it logs this request.
-        let observed = match log {
-            Some(_) => seen.clone(),
-            None => std::mem::take(&mut seen),
-        };
-        export_span(spans, &trace, start, head, &resp, observed);
-    }
-    if let (Some(log), Some((method, path))) = (log, head) {
-        let bytes = resp.headers().get(http::header::CONTENT_LENGTH);
-        log.record(Entry {
-            time_ms: almond_net::now_ms(),
-            request_id: String::from_utf8_lossy(trace.request_id.as_bytes()).into(),
-            trace_id: trace.trace_id,
-            sampled: trace.sampled,
-            method,
-            path,
-            status: resp.status().as_u16(),
-            duration_ms: start.elapsed().as_secs_f64() * 1e3,
-            bytes: bytes.and_then(|v| v.to_str().ok()?.parse().ok()),
-            observed: seen,
-        });
-    }
-    Ok(resp)
 }
 
 /// Hands the span of a sampled request, `head` its method and path, to

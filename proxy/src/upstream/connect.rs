@@ -182,46 +182,50 @@ impl Connections {
     /// Sends over the endpoint's shared HTTP/2 connection, opening it first
     /// if there is none (one opener at a time; the others wait for it).
     /// `connected` gets the time spent opening the connection, if it was.
-    pub async fn send_h2(
-        &self,
+    // Not `async fn`: it would keep the request twice (docs/architecture.md).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send_h2<'a>(
+        &'a self,
         req: Request<RequestBody>,
         connect_timeout: Duration,
-        pending: &Arc<Admission>,
-        tls: Option<&Upstream>,
-        connected: &mut Option<Duration>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let mut sender = match self.live_h2() {
-            Some(s) => s,
-            None => {
-                let Some(_place) = pending.try_acquire() else {
-                    return Err(SendError::unsent(ErrorKind::Overloaded, req));
-                };
-                let _guard = self.h2_connecting.lock().await;
-                match self.live_h2() {
-                    Some(s) => s,
-                    None => {
-                        let start = Instant::now();
-                        let opened = Box::pin(self.connect_h2(connect_timeout, tls)).await;
-                        *connected = Some(start.elapsed());
-                        match opened {
-                            Ok(s) => {
-                                self.h2.store(Some(Arc::new(s.clone())));
-                                s
+        pending: &'a Arc<Admission>,
+        tls: Option<&'a Upstream>,
+        connected: &'a mut Option<Duration>,
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
+        async move {
+            let mut sender = match self.live_h2() {
+                Some(s) => s,
+                None => {
+                    let Some(_place) = pending.try_acquire() else {
+                        return Err(SendError::unsent(ErrorKind::Overloaded, req));
+                    };
+                    let _guard = self.h2_connecting.lock().await;
+                    match self.live_h2() {
+                        Some(s) => s,
+                        None => {
+                            let start = Instant::now();
+                            let opened = Box::pin(self.connect_h2(connect_timeout, tls)).await;
+                            *connected = Some(start.elapsed());
+                            match opened {
+                                Ok(s) => {
+                                    self.h2.store(Some(Arc::new(s.clone())));
+                                    s
+                                }
+                                Err(kind) => return Err(SendError::unsent(kind, req)),
                             }
-                            Err(kind) => return Err(SendError::unsent(kind, req)),
                         }
                     }
                 }
+            };
+            if sender.ready().await.is_err() {
+                self.h2.store(None);
+                return Err(SendError::unsent(ErrorKind::Reset, req));
             }
-        };
-        if sender.ready().await.is_err() {
-            self.h2.store(None);
-            return Err(SendError::unsent(ErrorKind::Reset, req));
+            sender
+                .send_request(req)
+                .await
+                .map_err(|e| SendError::sent(classify(&e)))
         }
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| SendError::sent(classify(&e)))
     }
 
     fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
