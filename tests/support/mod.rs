@@ -92,10 +92,16 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     }
 }
 
-/// An address nothing listens on: bound, read, released.
+/// An address that refuses connections for the rest of the test
+/// process: a socket bound to it that never listens, kept open, so no
+/// other test can take the port in the meantime (a released port can
+/// be handed to the next socket that binds `:0`).
 pub async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
+    addr
 }
 
 // ---------------------------------------------------------------------------

@@ -193,7 +193,6 @@ type Readying = Result<Readied, Pin<Box<dyn Future<Output = Readied> + Send>>>;
 /// client's half of an upgrade request. An `async` block, not an `async
 /// fn`, which would keep every argument twice in the request's future
 /// (see docs/architecture.md, "Future sizes").
-// Not `async fn`: it would keep the arguments twice (see above).
 #[allow(clippy::manual_async_fn)]
 fn forward<'a>(
     mut call: Call<'a>,
