@@ -8,6 +8,8 @@ use http::{Request, Response, Version};
 
 /// Header that pins a request to a subset (stripped before upstream).
 pub const SUBSET_HEADER: &str = "x-almond-subset";
+/// The same, as a name: looked up without parsing the string each time.
+pub const SUBSET: HeaderName = HeaderName::from_static(SUBSET_HEADER);
 
 /// Hop-by-hop headers (RFC 9110 7.6.1 and the legacy ones still seen), and
 /// the routing header, which must not travel upstream either.
@@ -19,7 +21,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
-    HeaderName::from_static(SUBSET_HEADER),
+    SUBSET,
 ];
 
 /// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)?
@@ -110,10 +112,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<Heade
 /// gone, the target in the form the protocol wants (origin-form and `Host`
 /// for HTTP/1.1; absolute with `:authority` for HTTP/2).
 pub fn to_upstream<B>(req: &mut Request<B>, protocol: Protocol, upgrade: bool) {
-    let trailers = req
-        .headers()
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    // Only HTTP/2 passes `te: trailers` on (a lookup spared on HTTP/1.1).
+    let trailers = protocol == Protocol::Http2
+        && (req.headers().get(header::TE))
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let headers = req.headers_mut();
     let upgrade_value = strip_hop_by_hop(headers, upgrade);
     if let Some(value) = upgrade_value {

@@ -9,7 +9,10 @@
 //!   at `tracing.sample_rate`; an invalid parent's `tracestate` is dropped.
 //!
 //! Everything is formatted into stack buffers: the only allocations are
-//! the two `HeaderValue`s handed to the upstream.
+//! the two `HeaderValue`s handed to the upstream. Both are marked
+//! sensitive: unique to one request, so HTTP/2 sends them as never-indexed
+//! literals instead of churning each HPACK table with entries nothing will
+//! reuse (evicting the ones that repeat).
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -41,17 +44,28 @@ impl Context {
     /// Reads the client's request ID and trace context from `headers`,
     /// continues or starts them, and writes what the upstream should see.
     pub fn stamp(headers: &mut HeaderMap, sample_rate: f64) -> Context {
-        let request_id = match headers.get(&REQUEST_ID) {
-            Some(v) if !v.is_empty() && v.len() <= MAX_REQUEST_ID => v.clone(),
+        let [has_id, has_parent, has_state] = present(headers);
+        let client_id = if has_id {
+            headers.get_mut(&REQUEST_ID)
+        } else {
+            None
+        };
+        let request_id = match client_id {
+            Some(v) if !v.is_empty() && v.len() <= MAX_REQUEST_ID => {
+                v.set_sensitive(true);
+                v.clone()
+            }
             _ => {
                 let id = hex128(fastrand::u128(..));
-                let v = HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"));
+                let mut v = HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"));
+                v.set_sensitive(true);
                 headers.insert(REQUEST_ID, v.clone());
                 v
             }
         };
-        let parent = headers
-            .get(&TRACEPARENT)
+        let parent = has_parent
+            .then(|| headers.get(&TRACEPARENT))
+            .flatten()
             .and_then(|v| parse_traceparent(v.as_bytes()));
         let span_id = nonzero_u64();
         let ctx = match parent {
@@ -63,7 +77,9 @@ impl Context {
                 sampled: p.flags & 1 == 1,
             },
             None => {
-                headers.remove(&TRACESTATE);
+                if has_state {
+                    headers.remove(&TRACESTATE);
+                }
                 Context {
                     request_id,
                     trace_id: nonzero_u128(),
@@ -74,7 +90,8 @@ impl Context {
             }
         };
         let tp = ctx.traceparent();
-        if let Ok(v) = HeaderValue::from_bytes(&tp) {
+        if let Ok(mut v) = HeaderValue::from_bytes(&tp) {
+            v.set_sensitive(true);
             headers.insert(TRACEPARENT, v);
         }
         ctx
@@ -99,6 +116,23 @@ impl Context {
     pub fn on_response(&self, headers: &mut HeaderMap) {
         headers.insert(REQUEST_ID, self.request_id.clone());
     }
+}
+
+/// Which of `x-request-id`, `traceparent` and `tracestate` the request
+/// carries: one pass over its names, compared by length first, since most
+/// requests carry none and a lookup that misses still hashes the name.
+fn present(headers: &HeaderMap) -> [bool; 3] {
+    let mut seen = [false; 3];
+    for name in headers.keys() {
+        let s = name.as_str();
+        match s.len() {
+            12 if s == REQUEST_ID.as_str() => seen[0] = true,
+            11 if s == TRACEPARENT.as_str() => seen[1] = true,
+            10 if s == TRACESTATE.as_str() => seen[2] = true,
+            _ => {}
+        }
+    }
+    seen
 }
 
 /// A valid incoming `traceparent`.
@@ -194,6 +228,9 @@ mod tests {
         let ctx = Context::stamp(&mut h, 0.0);
         assert_eq!(h["x-request-id"], "abc");
         assert_eq!(h["tracestate"], "k=v");
+        // Unique per request: never indexed by HPACK.
+        assert!(h["x-request-id"].is_sensitive() && h["traceparent"].is_sensitive());
+        assert!(ctx.request_id.is_sensitive());
         let sent = h["traceparent"].to_str().unwrap_or_default().to_owned();
         assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(sent.ends_with("-01") && sent != TP);
@@ -223,6 +260,7 @@ mod tests {
         assert!(h.get("tracestate").is_none());
         assert!(ctx.sampled && ctx.parent_id.is_none());
         assert_eq!(h["x-request-id"].len(), 32);
+        assert!(h["x-request-id"].is_sensitive() && h["traceparent"].is_sensitive());
         let tp = ctx.traceparent();
         assert!(parse_traceparent(&tp).is_some());
     }

@@ -5,7 +5,7 @@
 //! Per-endpoint state and per-service admission counters are carried over
 //! from the previous table by address and by name.
 
-use crate::headers::SUBSET_HEADER;
+use crate::headers::SUBSET;
 use crate::identity::tls::{Tls, Upstream};
 use crate::limit::Admission;
 use crate::observe::metrics::{EjectionMetrics, Metrics, SubsetMetrics};
@@ -555,7 +555,7 @@ impl ServiceRoute {
         req: &Request<B>,
         routed: Option<usize>,
     ) -> Result<&Pool, (ErrorKind, String)> {
-        if let Some(pin) = req.headers().get(SUBSET_HEADER) {
+        if let Some(pin) = req.headers().get(&SUBSET) {
             let pin = pin.to_str().unwrap_or("");
             return self
                 .subsets
