@@ -5,6 +5,7 @@
 //! stream (the request path's: in-flight accounting ends and an HTTP/1.1
 //! connection goes back to its pool).
 
+use crate::upstream::h1::{self, LeanBody};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -21,6 +22,9 @@ use tokio::time::{Instant, Sleep};
 pub enum BodyError {
     /// The peer's connection or stream failed.
     Hyper(hyper::Error),
+    /// The upstream's connection failed, or its body was malformed (the
+    /// lean HTTP/1.1 client).
+    Lean(h1::Error),
     /// No byte arrived for this long.
     Idle(Duration),
 }
@@ -29,8 +33,15 @@ impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BodyError::Hyper(e) => e.fmt(f),
+            BodyError::Lean(e) => e.fmt(f),
             BodyError::Idle(d) => write!(f, "no body bytes for {d:?}"),
         }
+    }
+}
+
+impl From<hyper::Error> for BodyError {
+    fn from(e: hyper::Error) -> BodyError {
+        BodyError::Hyper(e)
     }
 }
 
@@ -38,6 +49,7 @@ impl std::error::Error for BodyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BodyError::Hyper(e) => Some(e),
+            BodyError::Lean(e) => Some(e),
             BodyError::Idle(_) => None,
         }
     }
@@ -86,19 +98,60 @@ impl IdleTimer {
     }
 }
 
+/// An upstream response's body: hyper's, or the lean HTTP/1.1 client's.
+pub enum UpstreamBody {
+    /// From hyper's client (HTTP/2, upgrades, streamed request bodies).
+    Hyper(Incoming),
+    /// From the lean HTTP/1.1 client (`upstream/h1.rs`).
+    Lean(LeanBody),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Hyper),
+            UpstreamBody::Lean(body) => body.poll_frame(cx).map_err(BodyError::Lean),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+            UpstreamBody::Lean(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(body) => body.size_hint(),
+            UpstreamBody::Lean(body) => body.size_hint(),
+        }
+    }
+}
+
 /// Polls `body` under `timer`: a frame pushes the timer on, and a pending
 /// stream past its idle limit ends with [`BodyError::Idle`].
-fn poll_timed(
-    body: &mut Incoming,
+fn poll_timed<B>(
+    body: &mut B,
     timer: &mut IdleTimer,
     cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
+{
     match Pin::new(body).poll_frame(cx) {
         Poll::Ready(Some(Ok(frame))) => {
             timer.progress();
             Poll::Ready(Some(Ok(frame)))
         }
-        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Hyper(e)))),
+        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
         Poll::Ready(None) => Poll::Ready(None),
         Poll::Pending if timer.expired(cx) => Poll::Ready(Some(Err(BodyError::Idle(timer.limit)))),
         Poll::Pending => Poll::Pending,
@@ -262,7 +315,7 @@ enum Kind {
     /// The upstream's body, streamed through; an upstream idle for
     /// `timeouts.body_idle` ends it, counted in `timeouts`
     /// (`almond_upstream_errors_total{kind="timeout"}`).
-    Upstream(Incoming, IdleTimer, IntCounter),
+    Upstream(UpstreamBody, IdleTimer, IntCounter),
 }
 
 impl<C: Completion> ResponseBody<C> {
@@ -287,7 +340,7 @@ impl<C: Completion> ResponseBody<C> {
     /// ends with an error after `idle` without a byte, counted in
     /// `timeouts`.
     pub fn upstream(
-        body: Incoming,
+        body: UpstreamBody,
         finish: C,
         idle: Duration,
         timeouts: IntCounter,

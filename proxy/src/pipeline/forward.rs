@@ -8,7 +8,7 @@
 //! The tries themselves stay a loop here (see docs/architecture.md).
 
 use crate::body::ResponseBody;
-use crate::body::{BodyError, IdleTimer, Kept, RequestBody};
+use crate::body::{BodyError, IdleTimer, Kept, RequestBody, UpstreamBody};
 use crate::headers;
 use crate::observe::access_log::Observed;
 use crate::outcome::{grpc_status, is_grpc, CodeClass, ErrorKind};
@@ -66,7 +66,7 @@ impl Call<'_> {
     fn relay(
         &self,
         subset: &SubsetRoute,
-        mut resp: Response<Incoming>,
+        mut resp: Response<UpstreamBody>,
         mut finish: Finish,
         elapsed: f64,
         grpc: bool,

@@ -1,11 +1,13 @@
-//! Connect: the connections to one endpoint -- a LIFO pool of idle
-//! HTTP/1.1 connections, one shared HTTP/2 connection -- opened (TCP, then
-//! TLS) within the connect timeout, and one request sent over them.
+//! Connect: the connections to one endpoint -- LIFO pools of idle
+//! HTTP/1.1 connections (hyper's, and the lean client's), one shared
+//! HTTP/2 connection -- opened (TCP, then TLS) within the connect timeout,
+//! and one request sent over them.
 
 use crate::body::{BodyError, RequestBody};
 use crate::identity::tls::{Conn, Upstream};
 use crate::limit::Admission;
 use crate::outcome::ErrorKind;
+use crate::upstream::h1::{self, LeanBody};
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -43,6 +45,8 @@ pub struct Connections {
     /// next request takes the warmest one, the coldest age out). The lock
     /// is per endpoint and held for one push or pop.
     h1_idle: Mutex<Vec<Idle>>,
+    /// Idle connections of the lean HTTP/1.1 client (`upstream/h1.rs`).
+    lean: Arc<h1::Pool<Conn>>,
     h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -54,6 +58,7 @@ impl Connections {
             addr,
             open: Arc::new(AtomicU32::new(0)),
             h1_idle: Mutex::new(Vec::new()),
+            lean: Arc::new(h1::Pool::new(MAX_IDLE_H1)),
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
         }
@@ -144,11 +149,76 @@ impl Connections {
     /// more (the oldest are at the bottom of the stack); returns how many
     /// are left.
     pub fn close_idle(&self, now: Instant, idle_timeout: Duration) -> usize {
+        let lean = self.lean.close_idle(now, idle_timeout);
         let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|c| {
             !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout
         });
-        idle.len()
+        idle.len() + lean
+    }
+
+    /// Sends a request whose body is known whole (`body`) with the lean
+    /// HTTP/1.1 client, in this task: the most recently used idle lean
+    /// connection (unless `fresh`), else a new one. A reused connection
+    /// that closes before any answer is stale (the upstream closed it
+    /// idle): the request comes back, to go again on a new one.
+    #[allow(clippy::too_many_arguments)]
+    // Not `async fn`: it would keep the request twice (docs/architecture.md).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send_lean<'a>(
+        &'a self,
+        req: Request<RequestBody>,
+        body: Option<bytes::Bytes>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        fresh: bool,
+        pending: &'a Arc<Admission>,
+        tls: Option<&'a Upstream>,
+        connected: &'a mut Option<Duration>,
+    ) -> impl Future<Output = Result<Response<LeanBody>, SendError>> + Send + 'a {
+        async move {
+            let pooled = if fresh {
+                None
+            } else {
+                self.lean.pop(Instant::now(), idle_timeout)
+            };
+            let reused = pooled.is_some();
+            let conn = match pooled {
+                Some(c) => c,
+                // Boxed: connecting is rare, and keeps this future small.
+                None => {
+                    let start = Instant::now();
+                    let opened = Box::pin(async {
+                        let Some(_place) = pending.try_acquire() else {
+                            return Err(ErrorKind::Overloaded);
+                        };
+                        self.connect(connect_timeout, tls, false).await
+                    })
+                    .await;
+                    *connected = Some(start.elapsed());
+                    match opened {
+                        Ok(io) => h1::Connection::new(io.into_inner(), Some(self.open.clone())),
+                        Err(kind) => return Err(SendError::unsent(kind, req)),
+                    }
+                }
+            };
+            let home = Some(self.lean.clone());
+            let sent = conn
+                .send(req.method(), req.uri(), req.headers(), body.as_ref(), home)
+                .await;
+            match sent {
+                Ok(resp) => Ok(resp),
+                Err(h1::Error::Closed) if reused => {
+                    let mut err = SendError::unsent(ErrorKind::Reset, req);
+                    err.stale = true;
+                    Err(err)
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %self.addr, error = %e, "upstream exchange failed");
+                    Err(SendError::sent(ErrorKind::Reset))
+                }
+            }
+        }
     }
 
     /// Opens an HTTP/1.1 connection while holding a `max_pending` place.

@@ -1,7 +1,7 @@
 //! Send: one request to one chosen endpoint, over the connection its
 //! service's protocol calls for (or a tunnel, for an upgrade).
 
-use crate::body::RequestBody;
+use crate::body::{RequestBody, UpstreamBody};
 use crate::identity::tls::Upstream;
 use crate::limit::Admission;
 use crate::outcome::ErrorKind;
@@ -9,7 +9,7 @@ use crate::upstream::connect::{H1Sender, SendError};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::timeout::{call_ready, TryTimeoutLayer};
 use almond_config::Protocol;
-use hyper::body::Incoming;
+use http_body::Body;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -49,7 +49,7 @@ pub struct OneTry<'a> {
 
 /// What a try comes to: the response and the HTTP/1.1 connection it came
 /// on, or why there is none.
-pub type Sent = Result<(Response<Incoming>, Option<H1Sender>), SendError>;
+pub type Sent = Result<(Response<UpstreamBody>, Option<H1Sender>), SendError>;
 
 /// Sending to `endpoint` of `target` as a `tower::Service` (a
 /// `service_fn` over `send_to`: its future is the `async fn`'s own, not
@@ -59,7 +59,7 @@ pub fn sender<'a>(
     endpoint: &'a Arc<EndpointState>,
 ) -> impl Service<
     OneTry<'a>,
-    Response = (Response<Incoming>, Option<H1Sender>),
+    Response = (Response<UpstreamBody>, Option<H1Sender>),
     Error = SendError,
     Future = impl Future<Output = Sent> + Send + 'a,
 > + Send
@@ -129,9 +129,29 @@ fn send_to<'a>(
             {
                 tunnel(downstream, hyper::upgrade::on(&mut resp));
             }
-            return Ok((resp, None));
+            return Ok((resp.map(UpstreamBody::Hyper), None));
         }
         match target.protocol {
+            Protocol::Http1 if lean(&req) => {
+                let body = match req.body() {
+                    RequestBody::Replay(body) => body.clone(),
+                    _ => None,
+                };
+                let resp = endpoint
+                    .conns
+                    .send_lean(
+                        req,
+                        body,
+                        target.connect_timeout,
+                        target.idle_timeout,
+                        fresh,
+                        &target.pending,
+                        target.tls.as_deref(),
+                        connected,
+                    )
+                    .await?;
+                Ok((resp.map(UpstreamBody::Lean), None))
+            }
             Protocol::Http1 => {
                 let (resp, sender) = endpoint
                     .conns
@@ -145,7 +165,7 @@ fn send_to<'a>(
                         connected,
                     )
                     .await?;
-                Ok((resp, Some(sender)))
+                Ok((resp.map(UpstreamBody::Hyper), Some(sender)))
             }
             Protocol::Http2 => Ok((
                 endpoint
@@ -157,11 +177,24 @@ fn send_to<'a>(
                         target.tls.as_deref(),
                         connected,
                     )
-                    .await?,
+                    .await?
+                    .map(UpstreamBody::Hyper),
                 None,
             )),
         }
     }
+}
+
+/// Does the lean HTTP/1.1 client take this request? Its body must be
+/// known whole (a replay copy, or none at all); a `CONNECT` goes through
+/// hyper. (Upgrades never come here.)
+fn lean(req: &Request<RequestBody>) -> bool {
+    let whole = match req.body() {
+        RequestBody::Replay(_) => true,
+        RequestBody::Stream(..) => req.body().is_end_stream(),
+        RequestBody::Tee(..) => false,
+    };
+    whole && req.method() != hyper::Method::CONNECT
 }
 
 /// Joins both upgraded halves and copies bytes both ways until either

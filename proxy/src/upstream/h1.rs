@@ -1,0 +1,1187 @@
+//! H1: a lean HTTP/1.1 client for the common request -- its body known
+//! whole (most have none), no upgrade -- run in the request's own task, no
+//! connection task and no channel: the head written straight from the
+//! request, the response head parsed by `httparse`, the body framed by its
+//! length or its chunks exactly as hyper's client frames it (the
+//! differential test below feeds both the same bytes). Anything else goes
+//! through hyper (`connect.rs`).
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+use http_body::{Frame, SizeHint};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// A lean response's body over an endpoint's connection (plain or TLS).
+pub type LeanBody = Body<crate::identity::tls::Conn>;
+
+/// Most header lines a response head may carry (hyper's limit).
+const MAX_HEADERS: usize = 100;
+/// Header lines whose offsets are kept on the stack while a head is split.
+const FEW_HEADERS: usize = 24;
+/// Largest response head buffered (hyper's read buffer limit).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// Chunk extension bytes allowed in one body (hyper's limit).
+const EXTENSIONS_LIMIT: u64 = 16 * 1024;
+/// Trailer bytes allowed (hyper's limit).
+const TRAILER_LIMIT: usize = 16 * 1024;
+/// Room made in the read buffer before each read.
+const READ_SIZE: usize = 8 * 1024;
+
+/// Why a lean exchange failed.
+#[derive(Debug)]
+pub enum Error {
+    /// The connection ended (EOF, reset, broken pipe) before a whole
+    /// response head: on a reused connection, the upstream closed it idle.
+    Closed,
+    /// Reading or writing failed otherwise.
+    Io(io::Error),
+    /// The response is not HTTP/1.1 that can be framed.
+    Invalid(&'static str),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Closed => f.write_str("connection closed before a response"),
+            Error::Io(e) => e.fmt(f),
+            Error::Invalid(why) => write!(f, "invalid response: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+fn io_error(e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionAborted => Error::Closed,
+        _ => Error::Io(e),
+    }
+}
+
+/// One upstream HTTP/1.1 connection and the bytes read from it not yet
+/// consumed.
+pub struct Connection<IO> {
+    io: IO,
+    buf: BytesMut,
+    /// Counted open (for `/endpoints`) while it lives.
+    open: Option<Arc<AtomicU32>>,
+}
+
+impl<IO> Drop for Connection<IO> {
+    fn drop(&mut self) {
+        if let Some(open) = &self.open {
+            open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An endpoint's idle lean connections, most recently used last (a stack:
+/// the next request takes the warmest one, the coldest age out). The lock
+/// is per endpoint and held for one push or pop.
+pub struct Pool<IO> {
+    idle: Mutex<Vec<(Connection<IO>, Instant)>>,
+    max: usize,
+}
+
+impl<IO> Pool<IO> {
+    /// A pool keeping at most `max` idle connections.
+    pub fn new(max: usize) -> Pool<IO> {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    /// The most recently used idle connection, if it has been idle less
+    /// than `idle_timeout` (older ones are closed).
+    pub fn pop(&self, now: Instant, idle_timeout: Duration) -> Option<Connection<IO>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((conn, since)) = idle.pop() {
+            if now.saturating_duration_since(since) < idle_timeout {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose response is complete (a full pool closes it).
+    fn push(&self, conn: Connection<IO>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.max {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// Closes the connections idle `idle_timeout` or more; returns how many
+    /// are left.
+    pub fn close_idle(&self, now: Instant, idle_timeout: Duration) -> usize {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|(_, since)| now.saturating_duration_since(*since) < idle_timeout);
+        idle.len()
+    }
+}
+
+/// How a response body is delimited (RFC 9112 6.3, as hyper reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Framing {
+    /// No body (HEAD, 1xx, 204, 304, or `Content-Length: 0`).
+    Empty,
+    /// This many bytes still to come.
+    Length(u64),
+    /// Chunked coding, in this state.
+    Chunked(Chunked),
+    /// Until the upstream closes.
+    Close,
+}
+
+/// Where a chunked body's decoder is (hyper's states, same names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chunked {
+    state: ChunkState,
+    /// The chunk's size, then what is left of it.
+    size: u64,
+    extensions: u64,
+    /// The trailer section's bytes, once one starts.
+    trailers: Option<BytesMut>,
+    trailer_lines: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Start,
+    Size,
+    SizeLws,
+    Extension,
+    SizeLf,
+    Body,
+    BodyCr,
+    BodyLf,
+    Trailer,
+    TrailerLf,
+    EndCr,
+    EndLf,
+    End,
+}
+
+/// A parsed response head and how its body is framed.
+struct Head {
+    parts: http::response::Parts,
+    framing: Framing,
+    /// The connection may carry another request after this response.
+    reuse: bool,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+    /// A connection over `io`, counted in `open` while it lives.
+    pub fn new(io: IO, open: Option<Arc<AtomicU32>>) -> Connection<IO> {
+        if let Some(open) = &open {
+            open.fetch_add(1, Ordering::Relaxed);
+        }
+        Connection {
+            io,
+            buf: BytesMut::new(),
+            open,
+        }
+    }
+
+    /// Sends a request (readied by `headers::to_upstream`: origin-form,
+    /// no hop-by-hop headers) with its whole `body`, and reads the
+    /// response's head; its body is read through the returned [`Body`],
+    /// which hands the connection back to `home` once it is complete.
+    pub async fn send(
+        mut self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Option<&Bytes>,
+        home: Option<Arc<Pool<IO>>>,
+    ) -> Result<http::Response<Body<IO>>, Error> {
+        let head = encode_request(method, uri, headers, body);
+        match body {
+            Some(body) if !body.is_empty() => {
+                let mut bufs = [io::IoSlice::new(&head), io::IoSlice::new(body)];
+                write_all_vectored(&mut self.io, &mut bufs).await
+            }
+            _ => self.io.write_all(&head).await,
+        }
+        .map_err(io_error)?;
+        let head = loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = parse_head(&mut self.buf, method)? {
+                    break head;
+                }
+                if self.buf.len() >= MAX_HEAD {
+                    return Err(Error::Invalid("head too large"));
+                }
+            }
+            self.buf.reserve(READ_SIZE);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(Error::Closed),
+                Ok(_) => {}
+                Err(e) => return Err(io_error(e)),
+            }
+        };
+        let mut body = Body {
+            conn: Some(self),
+            framing: head.framing,
+            reuse: head.reuse,
+            home,
+        };
+        // A bodiless response frees its connection at once.
+        body.release();
+        Ok(http::Response::from_parts(head.parts, body))
+    }
+}
+
+/// Writes every byte of `bufs` (the head and the body in one `writev`
+/// when the socket takes them).
+async fn write_all_vectored<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    mut bufs: &mut [io::IoSlice<'_>],
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let n = io.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// The request head as hyper's client writes it: the request line, every
+/// header as given, and `content-length` when the body has bytes and no
+/// length was given.
+fn encode_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Option<&Bytes>,
+) -> Vec<u8> {
+    use std::io::Write;
+    let mut size = method.as_str().len() + 64;
+    for (name, value) in headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    // The target as hyper writes it (`Uri`'s `Display`, without `fmt`).
+    if let Some(scheme) = uri.scheme() {
+        out.extend_from_slice(scheme.as_str().as_bytes());
+        out.extend_from_slice(b"://");
+    }
+    if let Some(authority) = uri.authority() {
+        out.extend_from_slice(authority.as_str().as_bytes());
+    }
+    out.extend_from_slice(uri.path().as_bytes());
+    if let Some(query) = uri.query() {
+        out.push(b'?');
+        out.extend_from_slice(query.as_bytes());
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(body) = body.filter(|b| !b.is_empty()) {
+        if !headers.contains_key(header::CONTENT_LENGTH) {
+            let _ = write!(out, "content-length: {}\r\n", body.len());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Parses a response head at the start of `buf` (skipping 1xx interim
+/// responses, as hyper does), consuming it. `None`: more bytes needed.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
+    loop {
+        // Uninitialized: 100 headers' worth of zeroes per response is
+        // more work than parsing a small head.
+        let mut lines = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut res, buf, &mut lines);
+        let len = match parsed {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(Error::Invalid("too many headers")),
+            Err(_) => return Err(Error::Invalid("malformed head")),
+        };
+        let code = res.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("status"))?;
+        let version = if res.version == Some(1) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        let reason = res.reason.unwrap_or("");
+        let custom_reason = (Some(reason) != status.canonical_reason())
+            .then(|| Bytes::copy_from_slice(reason.as_bytes()));
+        // Offsets, so the values can share the head's bytes once split off
+        // (a few on the stack; a long head's in a `Vec`).
+        let base = buf.as_ptr() as usize;
+        let span = |h: &httparse::Header<'_>| {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            (n, n + h.name.len(), v, v + h.value.len())
+        };
+        let count = res.headers.len();
+        let mut few = [(0usize, 0usize, 0usize, 0usize); FEW_HEADERS];
+        let many: Vec<_>;
+        let spans = if count <= FEW_HEADERS {
+            for (slot, h) in few.iter_mut().zip(res.headers.iter()) {
+                *slot = span(h);
+            }
+            &few[..count]
+        } else {
+            many = res.headers.iter().map(span).collect();
+            &many[..]
+        };
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        let mut keep_alive = version == Version::HTTP_11;
+        let mut saw_close = false;
+        for &(n0, n1, v0, v1) in spans {
+            let name =
+                HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Error::Invalid("header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+                .map_err(|_| Error::Invalid("header value"))?;
+            if name == header::CONNECTION {
+                if saw_close || has_token(&value, "close") {
+                    saw_close = true;
+                    keep_alive = false;
+                } else if !keep_alive {
+                    keep_alive = has_token(&value, "keep-alive");
+                }
+            }
+            headers.append(name, value);
+        }
+        let Some((framing, upgrade)) = framing(status, version, &headers, method)? else {
+            // 1xx: skipped; the real response follows.
+            continue;
+        };
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        if let Some(reason) = custom_reason {
+            if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason) {
+                parts.extensions.insert(reason);
+            }
+        }
+        let reuse = keep_alive && !upgrade && framing != Framing::Close;
+        return Ok(Some(Head {
+            parts,
+            framing,
+            reuse,
+        }));
+    }
+}
+
+/// A response body's framing and whether the response is an upgrade;
+/// `None` for an interim 1xx (RFC 9112 6.3, hyper's `Client::decoder`).
+fn framing(
+    status: StatusCode,
+    version: Version,
+    headers: &HeaderMap,
+    method: &Method,
+) -> Result<Option<(Framing, bool)>, Error> {
+    match status.as_u16() {
+        101 => return Ok(Some((Framing::Empty, true))),
+        100..=199 => return Ok(None),
+        204 | 304 => return Ok(Some((Framing::Empty, false))),
+        _ => {}
+    }
+    if method == Method::HEAD {
+        return Ok(Some((Framing::Empty, false)));
+    }
+    if method == Method::CONNECT && status.is_success() {
+        return Ok(Some((Framing::Empty, true)));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(Error::Invalid("transfer-encoding in HTTP/1.0"));
+        }
+        let chunked = (headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back())
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        return Ok(Some((
+            if chunked {
+                Framing::Chunked(Chunked::new())
+            } else {
+                Framing::Close
+            },
+            false,
+        )));
+    }
+    if !headers.contains_key(header::CONTENT_LENGTH) {
+        return Ok(Some((Framing::Close, false)));
+    }
+    match content_length(headers) {
+        Some(0) => Ok(Some((Framing::Empty, false))),
+        Some(n) if n < u64::MAX - 1 => Ok(Some((Framing::Length(n), false))),
+        _ => Err(Error::Invalid("content-length")),
+    }
+}
+
+/// Every `Content-Length` value, which must agree (hyper's
+/// `content_length_parse_all`).
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for v in value.to_str().ok()?.split(',') {
+            let n = digits(v.trim().as_bytes())?;
+            if *length.get_or_insert(n) != n {
+                return None;
+            }
+        }
+    }
+    length
+}
+
+fn digits(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() {
+        return None;
+    }
+    bytes.iter().try_fold(0u64, |n, &b| match b {
+        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
+        _ => None,
+    })
+}
+
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// A lean response's body: read from its connection as it is polled; the
+/// connection goes back to its pool as soon as the body is complete (and
+/// is closed if it is dropped before).
+pub struct Body<IO> {
+    conn: Option<Connection<IO>>,
+    framing: Framing,
+    reuse: bool,
+    home: Option<Arc<Pool<IO>>>,
+}
+
+impl<IO> Drop for Body<IO> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl<IO> Body<IO> {
+    /// Hands the connection back to its pool if the body has ended
+    /// cleanly and the connection may carry another request (nothing left
+    /// over in its buffer).
+    fn release(&mut self) {
+        let done = self.framing == Framing::Empty
+            || matches!(&self.framing, Framing::Chunked(c) if c.state == ChunkState::End);
+        if !(done && self.reuse) {
+            return;
+        }
+        if let (Some(conn), Some(home)) = (self.conn.take(), &self.home) {
+            if conn.buf.is_empty() {
+                home.push(conn);
+            }
+        }
+    }
+
+    /// Nothing more will come.
+    pub fn is_end_stream(&self) -> bool {
+        match &self.framing {
+            Framing::Empty => true,
+            Framing::Chunked(c) => c.state == ChunkState::End,
+            _ => false,
+        }
+    }
+
+    /// The body's length when it is known.
+    pub fn size_hint(&self) -> SizeHint {
+        match &self.framing {
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(*n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> Body<IO> {
+    /// The next frame: data, the trailers of a chunked body, or the end.
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                // Released (complete) or failed before.
+                return Poll::Ready(None);
+            };
+            match &mut self.framing {
+                Framing::Empty => return Poll::Ready(None),
+                Framing::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let n = conn
+                            .buf
+                            .len()
+                            .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                        *left -= n as u64;
+                        let data = conn.buf.split_to(n).freeze();
+                        if *left == 0 {
+                            self.framing = Framing::Empty;
+                            self.release();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Close => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(chunked) => {
+                    if chunked.state == ChunkState::End {
+                        return Poll::Ready(None);
+                    }
+                    match chunked.step(&mut conn.buf) {
+                        Err(e) => {
+                            self.conn = None;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        Ok(Some(frame)) => {
+                            if chunked.state == ChunkState::End {
+                                self.release();
+                            }
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        Ok(None) if chunked.state == ChunkState::End => {
+                            self.release();
+                            return Poll::Ready(None);
+                        }
+                        Ok(None) => {}
+                    }
+                }
+            }
+            // More bytes needed.
+            conn.buf.reserve(READ_SIZE);
+            let read = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.io),
+                cx,
+                &mut conn.buf
+            ));
+            match read {
+                Ok(0) if self.framing == Framing::Close => {
+                    self.conn = None;
+                    self.framing = Framing::Empty;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(Error::Invalid("body cut short"))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
+            }
+        }
+    }
+}
+
+impl Chunked {
+    fn new() -> Chunked {
+        Chunked {
+            state: ChunkState::Start,
+            size: 0,
+            extensions: 0,
+            trailers: None,
+            trailer_lines: 0,
+        }
+    }
+
+    /// Advances over `buf`: a data frame, the trailers, or `None` when
+    /// more bytes are needed (or the body has ended: `state` is `End`).
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, Error> {
+        use ChunkState::*;
+        while !buf.is_empty() {
+            if self.state == Body {
+                let n = buf
+                    .len()
+                    .min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                self.size -= n as u64;
+                if self.size == 0 {
+                    self.state = BodyCr;
+                }
+                return Ok(Some(Frame::data(buf.split_to(n).freeze())));
+            }
+            let b = buf[0];
+            buf.advance(1);
+            self.state = match (self.state, b) {
+                (Start, _) => {
+                    self.size = hex(b).ok_or(Error::Invalid("chunk size"))?;
+                    Size
+                }
+                (Size, b'\t' | b' ') => SizeLws,
+                (Size, b';') => Extension,
+                (Size, b'\r') => SizeLf,
+                (Size, _) => {
+                    let d = hex(b).ok_or(Error::Invalid("chunk size"))?;
+                    self.size = (self.size.checked_mul(16))
+                        .and_then(|s| s.checked_add(d))
+                        .ok_or(Error::Invalid("chunk size overflow"))?;
+                    Size
+                }
+                (SizeLws, b'\t' | b' ') => SizeLws,
+                (SizeLws, b';') => Extension,
+                (SizeLws, b'\r') => SizeLf,
+                (SizeLws, _) => return Err(Error::Invalid("chunk size whitespace")),
+                (Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err(Error::Invalid("newline in chunk extension")),
+                (Extension, _) => {
+                    self.extensions += 1;
+                    if self.extensions >= EXTENSIONS_LIMIT {
+                        return Err(Error::Invalid("chunk extensions too long"));
+                    }
+                    Extension
+                }
+                (SizeLf, b'\n') if self.size == 0 => EndCr,
+                (SizeLf, b'\n') => Body,
+                (SizeLf, _) => return Err(Error::Invalid("chunk size line end")),
+                (BodyCr, b'\r') => BodyLf,
+                (BodyCr, _) => return Err(Error::Invalid("chunk data end")),
+                (BodyLf, b'\n') => {
+                    self.size = 0;
+                    Start
+                }
+                (BodyLf, _) => return Err(Error::Invalid("chunk data end")),
+                (Trailer, _) => {
+                    self.push_trailer(b)?;
+                    if b == b'\r' {
+                        TrailerLf
+                    } else {
+                        Trailer
+                    }
+                }
+                (TrailerLf, b'\n') => {
+                    if self.trailer_lines >= MAX_HEADERS {
+                        return Err(Error::Invalid("too many trailers"));
+                    }
+                    self.trailer_lines += 1;
+                    self.push_trailer(b)?;
+                    EndCr
+                }
+                (TrailerLf, _) => return Err(Error::Invalid("trailer line end")),
+                (EndCr, b'\r') => {
+                    if self.trailers.is_some() {
+                        self.push_trailer(b)?;
+                    }
+                    EndLf
+                }
+                (EndCr, _) => {
+                    match &mut self.trailers {
+                        None => {
+                            let mut t = BytesMut::with_capacity(64);
+                            t.extend_from_slice(&[b]);
+                            self.trailers = Some(t);
+                        }
+                        Some(_) => self.push_trailer(b)?,
+                    }
+                    Trailer
+                }
+                (EndLf, b'\n') => {
+                    if self.trailers.is_some() {
+                        self.push_trailer(b)?;
+                    }
+                    self.state = End;
+                    return match self.trailers.take() {
+                        Some(t) => Ok(Some(Frame::trailers(trailers(&t, self.trailer_lines)?))),
+                        None => Ok(None),
+                    };
+                }
+                (EndLf, _) => return Err(Error::Invalid("chunked body end")),
+                (Body | End, _) => unreachable_state()?,
+            };
+        }
+        Ok(None)
+    }
+
+    fn push_trailer(&mut self, b: u8) -> Result<(), Error> {
+        let Some(t) = self.trailers.as_mut() else {
+            return Err(Error::Invalid("trailer"));
+        };
+        t.extend_from_slice(&[b]);
+        if t.len() >= TRAILER_LIMIT {
+            return Err(Error::Invalid("trailers too long"));
+        }
+        Ok(())
+    }
+}
+
+/// `Body` is handled before the byte match, and nothing follows `End`.
+fn unreachable_state() -> Result<ChunkState, Error> {
+    Err(Error::Invalid("chunked state"))
+}
+
+fn hex(b: u8) -> Option<u64> {
+    match b {
+        b'0'..=b'9' => Some(u64::from(b - b'0')),
+        b'a'..=b'f' => Some(u64::from(b - b'a' + 10)),
+        b'A'..=b'F' => Some(u64::from(b - b'A' + 10)),
+        _ => None,
+    }
+}
+
+/// The trailer section's fields (hyper's `decode_trailers`).
+fn trailers(bytes: &[u8], lines: usize) -> Result<HeaderMap, Error> {
+    let mut fields = vec![httparse::EMPTY_HEADER; lines];
+    match httparse::parse_headers(bytes, &mut fields) {
+        Ok(httparse::Status::Complete((_, fields))) => {
+            let mut map = HeaderMap::with_capacity(fields.len());
+            for f in fields {
+                let name = HeaderName::from_bytes(f.name.as_bytes())
+                    .map_err(|_| Error::Invalid("trailer name"))?;
+                let value = HeaderValue::from_bytes(f.value)
+                    .map_err(|_| Error::Invalid("trailer value"))?;
+                map.append(name, value);
+            }
+            Ok(map)
+        }
+        _ => Err(Error::Invalid("trailers")),
+    }
+}
+
+/// The differential harness: the same generated response bytes (valid,
+/// malformed, and smuggling shapes: conflicting lengths, chunked after
+/// another coding, bare LFs, bad chunk lines, trailers) read by hyper's
+/// client and by this one, which must agree on every outcome: error or
+/// not, status, version, header list, body bytes and trailers. The cases
+/// run in `cargo test` (CI) for a bounded count, `ALMOND_DIFF_CASES` more.
+#[cfg(test)]
+mod differential {
+    use super::*;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper_util::rt::TokioIo;
+    use proptest::prelude::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// What a client made of a response.
+    #[derive(Debug, PartialEq)]
+    enum Outcome {
+        /// No response (an error before or in the head).
+        Failed,
+        /// Waited past the test's limit.
+        Hung,
+        Answered {
+            status: u16,
+            version: Version,
+            reason: Option<Vec<u8>>,
+            headers: Vec<(String, Vec<u8>)>,
+            /// The body's bytes and trailers, or `Err` if it failed.
+            body: Result<(Vec<u8>, Vec<(String, Vec<u8>)>), ()>,
+        },
+    }
+
+    fn list(map: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+        map.iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn answered<B>(
+        resp: &http::Response<B>,
+    ) -> (u16, Version, Option<Vec<u8>>, Vec<(String, Vec<u8>)>) {
+        let reason =
+            (resp.extensions().get::<hyper::ext::ReasonPhrase>()).map(|r| r.as_bytes().to_vec());
+        (
+            resp.status().as_u16(),
+            resp.version(),
+            reason,
+            list(resp.headers()),
+        )
+    }
+
+    /// The upstream's side: reads the request head, answers `bytes`, and
+    /// closes its sending half (kept open otherwise, so the client's
+    /// writes still land).
+    async fn upstream(mut server: DuplexStream, bytes: Vec<u8>) -> DuplexStream {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.ends_with(b"\r\n\r\n") {
+            match server.read(&mut buf).await {
+                Ok(0) | Err(_) => return server,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = server.write_all(&bytes).await;
+        let _ = server.shutdown().await;
+        server
+    }
+
+    async fn via_hyper(bytes: Vec<u8>, method: Method) -> Outcome {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let upstream = tokio::spawn(upstream(server, bytes));
+        let Ok((mut send, conn)) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(client)).await
+        else {
+            return Outcome::Failed;
+        };
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri("/")
+            .header("host", "upstream")
+            .body(Empty::new())
+            .unwrap();
+        let outcome = match send.send_request(req).await {
+            Err(_) => Outcome::Failed,
+            Ok(resp) => {
+                let (status, version, reason, headers) = answered(&resp);
+                let mut body = resp.into_body();
+                let mut data = Vec::new();
+                let mut trailers = Vec::new();
+                let body = loop {
+                    match body.frame().await {
+                        None => break Ok((data, trailers)),
+                        Some(Err(_)) => break Err(()),
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(d) => data.extend_from_slice(&d),
+                            Err(frame) => {
+                                if let Some(t) = frame.trailers_ref() {
+                                    trailers = list(t);
+                                }
+                            }
+                        },
+                    }
+                };
+                Outcome::Answered {
+                    status,
+                    version,
+                    reason,
+                    headers,
+                    body,
+                }
+            }
+        };
+        drop(upstream.await);
+        outcome
+    }
+
+    async fn via_lean(bytes: Vec<u8>, method: Method) -> Outcome {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let upstream = tokio::spawn(upstream(server, bytes));
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("upstream"));
+        let uri = Uri::from_static("/");
+        let conn = Connection::new(client, None);
+        let outcome = match conn.send(&method, &uri, &headers, None, None).await {
+            Err(_) => Outcome::Failed,
+            Ok(resp) => {
+                let (status, version, reason, headers) = answered(&resp);
+                let mut body = resp.into_body();
+                let mut data = Vec::new();
+                let mut trailers = Vec::new();
+                let body = loop {
+                    match std::future::poll_fn(|cx| body.poll_frame(cx)).await {
+                        None => break Ok((data, trailers)),
+                        Some(Err(_)) => break Err(()),
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(d) => data.extend_from_slice(&d),
+                            Err(frame) => {
+                                if let Some(t) = frame.trailers_ref() {
+                                    trailers = list(t);
+                                }
+                            }
+                        },
+                    }
+                };
+                Outcome::Answered {
+                    status,
+                    version,
+                    reason,
+                    headers,
+                    body,
+                }
+            }
+        };
+        drop(upstream.await);
+        outcome
+    }
+
+    async fn bounded(f: impl std::future::Future<Output = Outcome>) -> Outcome {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .unwrap_or(Outcome::Hung)
+    }
+
+    fn both(bytes: &[u8], head: bool) -> (Outcome, Outcome) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let method = if head { Method::HEAD } else { Method::GET };
+        rt.block_on(async {
+            let hyper = bounded(via_hyper(bytes.to_vec(), method.clone())).await;
+            let lean = bounded(via_lean(bytes.to_vec(), method)).await;
+            (hyper, lean)
+        })
+    }
+
+    const STATUS: &[&str] = &[
+        "HTTP/1.1 200 OK",
+        "HTTP/1.1 200 Fine",
+        "HTTP/1.0 200 OK",
+        "HTTP/1.1 204 No Content",
+        "HTTP/1.1 304 Not Modified",
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK",
+        "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created",
+        "HTTP/1.1 101 Switching Protocols",
+        "HTTP/1.1 404 Not Found",
+        "HTTP/1.1 503 Service Unavailable",
+        "HTTP/1.1 999 Odd",
+        "HTTP/1.1 1000 Big",
+        "HTTP/1.1 20 Short",
+        "HTTP/2 200 OK",
+        "HTTP/1.1 200",
+        "HTTP/1.1 200 ",
+        "HTTP/1.1  200 OK",
+        "HTTP/1.1 200 caf\u{e9}",
+        "garbage",
+    ];
+
+    const HEADERS: &[&str] = &[
+        "content-length: 5",
+        "Content-Length: 5",
+        "content-length: 0",
+        "content-length: 12",
+        "content-length: 5, 5",
+        "content-length: 5, 6",
+        "content-length: 5\r\ncontent-length: 6",
+        "content-length: +5",
+        "content-length: 5 ",
+        "content-length: -1",
+        "content-length: 99999999999999999999",
+        "content-length: 18446744073709551615",
+        "content-length:",
+        "transfer-encoding: chunked",
+        "Transfer-Encoding: CHUNKED",
+        "transfer-encoding: gzip, chunked",
+        "transfer-encoding: chunked, gzip",
+        "transfer-encoding: identity",
+        "transfer-encoding: chunked\r\ntransfer-encoding: gzip",
+        "transfer-encoding: gzip\r\ntransfer-encoding: chunked",
+        "connection: close",
+        "connection: keep-alive",
+        "Connection: Keep-Alive, Upgrade",
+        "x-a: 1",
+        "x-a: 2",
+        "server: nginx",
+        "x-empty:",
+        "x-tab: a\tb",
+        "x-obs: a\r\n b",
+        "bad header",
+        " x-lead: 1",
+        "x-trail : 1",
+        "x-ctl: a\u{1}b",
+        "x-high: caf\u{e9}",
+        "x\u{7f}: 1",
+        "content-type: text/plain",
+    ];
+
+    const BODY: &[&str] = &[
+        "hello",
+        "hello world!",
+        "5\r\nhello\r\n",
+        "0\r\n\r\n",
+        "0\r\nx-t: 1\r\n\r\n",
+        "0\r\nx-t: 1\r\nx-u: 2\r\n\r\n",
+        "A\r\n0123456789\r\n",
+        "a;ext=1\r\n0123456789\r\n",
+        "5 \r\nhello\r\n",
+        "5\t;x\r\nhello\r\n",
+        "5\nhello\r\n",
+        "5\r\nhello\n",
+        "5\r\nhelloX\r\n",
+        "g\r\n",
+        "\r\n",
+        "0\r\n",
+        "0\r\n\r",
+        "ffffffffffffffffff\r\n",
+        "5;a\nb\r\nhello\r\n",
+        "3\r\nabc\r\n",
+        "0\r\nbad trailer\r\n\r\n",
+        "0\r\n: v\r\n\r\n",
+        "0 \r\n\r\n",
+        "00000000000000003\r\nabc\r\n",
+        "5 5\r\nhello\r\n",
+        "5x\r\nhello\r\n",
+        "5\r\r\nhello\r\n",
+    ];
+
+    /// A response from the pieces above: a status line, header lines,
+    /// body pieces, and the line ending of the head (CRLF or LF).
+    fn response() -> impl Strategy<Value = (Vec<u8>, bool)> {
+        (
+            prop::sample::select(STATUS),
+            prop::collection::vec(prop::sample::select(HEADERS), 0..5),
+            prop::collection::vec(prop::sample::select(BODY), 0..4),
+            prop::bool::weighted(0.9),
+            prop::bool::weighted(0.1),
+        )
+            .prop_map(|(status, headers, body, crlf, head)| {
+                let eol = if crlf { "\r\n" } else { "\n" };
+                let mut text = String::from(status);
+                text.push_str(eol);
+                for h in headers {
+                    text.push_str(h);
+                    text.push_str(eol);
+                }
+                text.push_str(eol);
+                for b in body {
+                    text.push_str(b);
+                }
+                (text.into_bytes(), head)
+            })
+    }
+
+    fn cases() -> u32 {
+        std::env::var("ALMOND_DIFF_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(3000)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+        #[test]
+        fn lean_frames_responses_as_hyper_does((bytes, head) in response()) {
+            let (hyper, lean) = both(&bytes, head);
+            prop_assert_ne!(&hyper, &Outcome::Hung);
+            prop_assert_eq!(hyper, lean, "bytes: {:?}", String::from_utf8_lossy(&bytes));
+        }
+    }
+
+    /// Hand-picked shapes, each checked once whatever the draw.
+    #[test]
+    fn smuggling_shapes_agree() {
+        for bytes in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 50\r\n\r\nhello",
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: xchunked\r\n\r\nhello",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\nhello",
+            "HTTP/1.1 200 OK\r\n\r\nuntil close",
+        ] {
+            let (hyper, lean) = both(bytes.as_bytes(), false);
+            assert_ne!(hyper, Outcome::Hung, "{bytes:?}");
+            assert_eq!(hyper, lean, "{bytes:?}");
+        }
+    }
+
+    /// What each client writes for a request: byte for byte the same.
+    #[test]
+    fn requests_are_written_as_hyper_writes_them() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cases: [(&str, &str, &[(&str, &str)], &str); 5] = [
+            ("GET", "/", &[("host", "a")], ""),
+            (
+                "GET",
+                "/p?q=1&r",
+                &[("host", "a"), ("x-a", "1"), ("x-a", "2")],
+                "",
+            ),
+            ("POST", "/submit", &[("host", "a")], "payload"),
+            (
+                "PUT",
+                "/x",
+                &[("host", "a"), ("content-length", "3")],
+                "abc",
+            ),
+            (
+                "DELETE",
+                "/x",
+                &[("host", "a"), ("content-length", "0")],
+                "",
+            ),
+        ];
+        for (method, uri, headers, body) in cases {
+            let build = || {
+                let mut b = http::Request::builder().method(method).uri(uri);
+                for (n, v) in headers {
+                    b = b.header(*n, *v);
+                }
+                b.body(Full::new(Bytes::from(body))).unwrap()
+            };
+            let by_hyper = rt.block_on(async {
+                let (client, mut server) = tokio::io::duplex(1 << 16);
+                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let req = build();
+                tokio::spawn(async move { send.send_request(req).await });
+                read_request(&mut server, body.len()).await
+            });
+            let by_lean = rt.block_on(async {
+                let (client, mut server) = tokio::io::duplex(1 << 16);
+                let req = build();
+                let sent = Bytes::from(body);
+                tokio::spawn(async move {
+                    let conn = Connection::new(client, None);
+                    let _ = conn
+                        .send(req.method(), req.uri(), req.headers(), Some(&sent), None)
+                        .await;
+                });
+                read_request(&mut server, body.len()).await
+            });
+            assert_eq!(
+                String::from_utf8_lossy(&by_hyper),
+                String::from_utf8_lossy(&by_lean)
+            );
+        }
+    }
+
+    async fn read_request(server: &mut DuplexStream, body: usize) -> Vec<u8> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                if seen.len() >= end + 4 + body {
+                    return seen;
+                }
+            }
+            match tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                _ => return seen,
+            }
+        }
+    }
+}
