@@ -20,7 +20,7 @@ use crate::pipeline::shed::Refuse;
 use crate::rescue::Rescue;
 use crate::upstream::balance::Pool;
 use crate::upstream::endpoint::EndpointState;
-use crate::upstream::send::{self, OneTry, Sent};
+use crate::upstream::send::{self, OneTry, Sent, TryRequest};
 use almond_config::GrpcCode;
 use bytes::Bytes;
 use http::request::Parts;
@@ -239,12 +239,12 @@ fn forward<'a>(
             }
             let method;
             let mut sent = {
-                let Some(req) = tries.request() else {
+                let Some((sending, req)) = tries.send(svc, &endpoint, try_start, seen) else {
                     // Unreachable: a retry is only allowed with a request in hand.
                     return Ok(ErrorKind::Reset.response(&svc.name));
                 };
-                method = req.method().clone();
-                tries.send(svc, &endpoint, req, try_start, seen)
+                method = req;
+                sending
             }
             .await;
             let now = Instant::now();
@@ -318,8 +318,12 @@ impl Tries {
         if let (Some(req), Some(kept)) = (&mut next, &kept) {
             req.body_mut().keep_in(&kept.1);
         }
-        if let (Some(shadow), Some(req)) = (call.mirror.take(), next.as_ref()) {
-            shadow.send(req, replay.as_ref().map(|r| &r.body));
+        if let Some(shadow) = call.mirror.take() {
+            match (next.as_ref(), replay.as_ref()) {
+                (Some(req), _) => shadow.send(req, replay.as_ref().map(|r| &r.body)),
+                (None, Some(r)) => shadow.send(&send::owned(&r.parts, &r.body), Some(&r.body)),
+                (None, None) => {}
+            }
         }
         Tries {
             next,
@@ -334,36 +338,53 @@ impl Tries {
         }
     }
 
-    /// The request for this try: the one in hand, or a copy of the kept one.
-    fn request(&mut self) -> Option<Request<RequestBody>> {
-        self.next
-            .take()
-            .or_else(|| self.replay.as_ref().map(Replay::request))
-    }
-
     /// Sends one try to `endpoint` through the try's stack: the send
-    /// within the per-try and the request timeouts. A plain `fn`: the try
-    /// stack's future is all the state a try needs (an `async fn` would
-    /// keep its own copy of the request beside it).
+    /// within the per-try and the request timeouts, and the request's
+    /// method; `None` with no request in hand. The request is the one in
+    /// hand, or the kept copy, lent (the lean HTTP/1.1 client writes it
+    /// without a clone). A plain `fn`: the try stack's future is all the
+    /// state a try needs (an `async fn` would keep its own copy of the
+    /// request beside it).
     fn send<'a>(
         &'a mut self,
         svc: &'a ServiceRoute,
         endpoint: &'a Arc<EndpointState>,
-        req: Request<RequestBody>,
         try_start: Instant,
         seen: &'a mut Observed,
-    ) -> impl Future<Output = Sent> + Send + 'a {
-        seen.request_bytes = req.body().size_hint().exact();
+    ) -> Option<(impl Future<Output = Sent> + Send + 'a, Method)> {
+        let Tries {
+            next,
+            replay,
+            upgrade,
+            fresh,
+            deadline,
+            ..
+        } = self;
+        let (req, method) = match next.take() {
+            Some(req) => {
+                seen.request_bytes = req.body().size_hint().exact();
+                let method = req.method().clone();
+                (TryRequest::Owned(req), method)
+            }
+            None => {
+                let kept = replay.as_ref()?;
+                seen.request_bytes = Some(kept.body.len() as u64);
+                (
+                    TryRequest::Kept(&kept.parts, &kept.body),
+                    kept.parts.method.clone(),
+                )
+            }
+        };
         seen.connect = None;
-        let budget = self.deadline.saturating_duration_since(try_start);
+        let budget = deadline.saturating_duration_since(try_start);
         let limit = svc.retry.per_try_timeout.map_or(budget, |t| t.min(budget));
         let one = OneTry {
             req,
-            upgrade: &mut self.upgrade,
-            fresh: self.fresh,
+            upgrade,
+            fresh: *fresh,
             connected: &mut seen.connect,
         };
-        send::try_once(&svc.target, endpoint, limit, one)
+        Some((send::try_once(&svc.target, endpoint, limit, one), method))
     }
 
     /// A pooled connection the upstream had closed idle: nothing was
@@ -452,21 +473,9 @@ struct Replay {
 }
 
 impl Replay {
-    /// The first try's request and the copy kept for the others.
+    /// A request kept whole: every try is sent from the copy (none in hand).
     fn whole(parts: Parts, body: Bytes) -> (Option<Request<RequestBody>>, Option<Replay>) {
-        let replay = Replay { parts, body };
-        (Some(replay.request()), Some(replay))
-    }
-
-    fn request(&self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::Replay(
-            (!self.body.is_empty()).then(|| self.body.clone()),
-        ));
-        *req.method_mut() = self.parts.method.clone();
-        *req.uri_mut() = self.parts.uri.clone();
-        *req.version_mut() = self.parts.version;
-        *req.headers_mut() = self.parts.headers.clone();
-        req
+        (None, Some(Replay { parts, body }))
     }
 }
 

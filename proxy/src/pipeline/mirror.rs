@@ -11,7 +11,7 @@ use crate::headers;
 use crate::limit::Permit;
 use crate::outcome::CodeClass;
 use crate::pipeline::route::{MirrorPolicy, ServiceRoute, Table};
-use crate::upstream::send::{self, OneTry};
+use crate::upstream::send::{self, OneTry, TryRequest};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
 use http_body::Body;
@@ -101,7 +101,7 @@ impl Shadow {
         let _in_flight = endpoint.start();
         let (mut upgrade, mut connected) = (None, None);
         let one = OneTry {
-            req,
+            req: TryRequest::Owned(req),
             upgrade: &mut upgrade,
             fresh: false,
             connected: &mut connected,

@@ -157,30 +157,24 @@ impl Connections {
         idle.len() + lean
     }
 
-    /// Sends a request whose body is known whole (`body`) with the lean
-    /// HTTP/1.1 client, in this task: the most recently used idle lean
-    /// connection (unless `fresh`), else a new one. A reused connection
-    /// that closes before any answer is stale (the upstream closed it
-    /// idle): the request comes back, to go again on a new one.
-    #[allow(clippy::too_many_arguments)]
-    // Not `async fn`: it would keep the request twice (docs/architecture.md).
+    /// Sends a request whose body is known whole with the lean HTTP/1.1
+    /// client, in this task: the most recently used idle lean connection
+    /// (unless `fresh`), else a new one. A reused connection that closes
+    /// before any answer is stale (the upstream closed it idle).
+    // Not `async fn`: it would keep its arguments twice (docs/architecture.md).
     #[allow(clippy::manual_async_fn)]
     pub fn send_lean<'a>(
         &'a self,
-        req: Request<RequestBody>,
-        body: Option<bytes::Bytes>,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
+        head: h1::Head<'a>,
+        target: LeanTarget<'a>,
         fresh: bool,
-        pending: &'a Arc<Admission>,
-        tls: Option<&'a Upstream>,
         connected: &'a mut Option<Duration>,
-    ) -> impl Future<Output = Result<Response<LeanBody>, SendError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Response<LeanBody>, LeanError>> + Send + 'a {
         async move {
             let pooled = if fresh {
                 None
             } else {
-                self.lean.pop(Instant::now(), idle_timeout)
+                self.lean.pop(Instant::now(), target.idle_timeout)
             };
             let reused = pooled.is_some();
             let conn = match pooled {
@@ -189,33 +183,26 @@ impl Connections {
                 None => {
                     let start = Instant::now();
                     let opened = Box::pin(async {
-                        let Some(_place) = pending.try_acquire() else {
+                        let Some(_place) = target.pending.try_acquire() else {
                             return Err(ErrorKind::Overloaded);
                         };
-                        self.connect(connect_timeout, tls, false).await
+                        self.connect(target.connect_timeout, target.tls, false)
+                            .await
                     })
                     .await;
                     *connected = Some(start.elapsed());
                     match opened {
                         Ok(io) => h1::Connection::new(io.into_inner(), Some(self.open.clone())),
-                        Err(kind) => return Err(SendError::unsent(kind, req)),
+                        Err(kind) => return Err(LeanError::Unsent(kind)),
                     }
                 }
             };
-            let home = Some(self.lean.clone());
-            let sent = conn
-                .send(req.method(), req.uri(), req.headers(), body.as_ref(), home)
-                .await;
-            match sent {
+            match conn.send(head, Some(self.lean.clone())).await {
                 Ok(resp) => Ok(resp),
-                Err(h1::Error::Closed) if reused => {
-                    let mut err = SendError::unsent(ErrorKind::Reset, req);
-                    err.stale = true;
-                    Err(err)
-                }
+                Err(h1::Error::Closed) if reused => Err(LeanError::Stale),
                 Err(e) => {
                     tracing::debug!(endpoint = %self.addr, error = %e, "upstream exchange failed");
-                    Err(SendError::sent(ErrorKind::Reset))
+                    Err(LeanError::Sent(ErrorKind::Reset))
                 }
             }
         }
@@ -391,6 +378,46 @@ impl Connections {
             }
             drop(open);
         });
+    }
+}
+
+/// What the lean client needs of a service's target.
+pub struct LeanTarget<'a> {
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle pooled connections older than this are not reused.
+    pub idle_timeout: Duration,
+    /// Requests waiting for a new connection (`circuit_breaker.max_pending`).
+    pub pending: &'a Arc<Admission>,
+    /// Upstream TLS, with the server name to verify.
+    pub tls: Option<&'a Upstream>,
+}
+
+/// Why the lean client got no response.
+#[derive(Debug)]
+pub enum LeanError {
+    /// Nothing was sent: no connection could be had.
+    Unsent(ErrorKind),
+    /// A reused connection closed before any answer: the upstream had
+    /// closed it idle, so nothing was processed.
+    Stale,
+    /// The request was (perhaps partly) sent.
+    Sent(ErrorKind),
+}
+
+impl LeanError {
+    /// The try's error; `req` makes the request to hand back when none of
+    /// it was processed.
+    pub fn into_send_error(self, req: impl FnOnce() -> Request<RequestBody>) -> SendError {
+        match self {
+            LeanError::Unsent(kind) => SendError::unsent(kind, req()),
+            LeanError::Stale => {
+                let mut e = SendError::unsent(ErrorKind::Reset, req());
+                e.stale = true;
+                e
+            }
+            LeanError::Sent(kind) => SendError::sent(kind),
+        }
     }
 }
 

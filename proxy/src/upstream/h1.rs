@@ -175,8 +175,21 @@ enum ChunkState {
     End,
 }
 
+/// A request to write: its head (readied by `headers::to_upstream`:
+/// origin-form, no hop-by-hop headers) and its whole body.
+pub struct Head<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The target.
+    pub uri: &'a Uri,
+    /// The header fields, written as they are.
+    pub headers: &'a HeaderMap,
+    /// The body, if it has bytes.
+    pub body: Option<&'a Bytes>,
+}
+
 /// A parsed response head and how its body is framed.
-struct Head {
+struct Parsed {
     parts: http::response::Parts,
     framing: Framing,
     /// The connection may carry another request after this response.
@@ -196,19 +209,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
     }
 
-    /// Sends a request (readied by `headers::to_upstream`: origin-form,
-    /// no hop-by-hop headers) with its whole `body`, and reads the
-    /// response's head; its body is read through the returned [`Body`],
-    /// which hands the connection back to `home` once it is complete.
+    /// Sends a request and reads the response's head; its body is read
+    /// through the returned [`Body`], which hands the connection back to
+    /// `home` once it is complete.
     pub async fn send(
         mut self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        body: Option<&Bytes>,
+        req: Head<'_>,
         home: Option<Arc<Pool<IO>>>,
     ) -> Result<http::Response<Body<IO>>, Error> {
-        let head = encode_request(method, uri, headers, body);
+        let (method, body) = (req.method, req.body);
+        let head = encode_request(req.method, req.uri, req.headers, body);
         match body {
             Some(body) if !body.is_empty() => {
                 let mut bufs = [io::IoSlice::new(&head), io::IoSlice::new(body)];
@@ -309,7 +319,7 @@ fn encode_request(
 
 /// Parses a response head at the start of `buf` (skipping 1xx interim
 /// responses, as hyper does), consuming it. `None`: more bytes needed.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Error> {
     loop {
         // Uninitialized: 100 headers' worth of zeroes per response is
         // more work than parsing a small head.
@@ -357,6 +367,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
         let mut headers = HeaderMap::with_capacity(count);
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
+        // The framing headers, read on the way (no lookups after).
+        let mut lengths = Lengths::default();
         for &(n0, n1, v0, v1) in spans {
             let name =
                 HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Error::Invalid("header name"))?;
@@ -369,10 +381,14 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
                 } else if !keep_alive {
                     keep_alive = has_token(&value, "keep-alive");
                 }
+            } else if name == header::CONTENT_LENGTH {
+                lengths.content_length(&value);
+            } else if name == header::TRANSFER_ENCODING {
+                lengths.chunked = Some(last_is_chunked(&value));
             }
             headers.append(name, value);
         }
-        let Some((framing, upgrade)) = framing(status, version, &headers, method)? else {
+        let Some((framing, upgrade)) = framing(status, version, &lengths, method)? else {
             // 1xx: skipped; the real response follows.
             continue;
         };
@@ -386,7 +402,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
             }
         }
         let reuse = keep_alive && !upgrade && framing != Framing::Close;
-        return Ok(Some(Head {
+        return Ok(Some(Parsed {
             parts,
             framing,
             reuse,
@@ -394,12 +410,49 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error
     }
 }
 
+/// What a head's framing headers said.
+#[derive(Default)]
+struct Lengths {
+    /// `Transfer-Encoding` was present: is `chunked` its last coding?
+    chunked: Option<bool>,
+    /// `Content-Length` was present: its value, if every value agreed
+    /// (hyper's `content_length_parse_all`).
+    length: Option<Option<u64>>,
+}
+
+impl Lengths {
+    fn content_length(&mut self, value: &HeaderValue) {
+        let mut length = match self.length {
+            None => None,
+            Some(None) => return,
+            Some(Some(n)) => Some(n),
+        };
+        let agreed = value.to_str().ok().and_then(|line| {
+            for v in line.split(',') {
+                let n = digits(v.trim().as_bytes())?;
+                if *length.get_or_insert(n) != n {
+                    return None;
+                }
+            }
+            length
+        });
+        self.length = Some(agreed);
+    }
+}
+
+/// Is `chunked` the last coding of a `Transfer-Encoding` line?
+fn last_is_chunked(value: &HeaderValue) -> bool {
+    (value.to_str().ok())
+        .and_then(|s| s.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+}
+
 /// A response body's framing and whether the response is an upgrade;
 /// `None` for an interim 1xx (RFC 9112 6.3, hyper's `Client::decoder`).
 fn framing(
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    lengths: &Lengths,
     method: &Method,
 ) -> Result<Option<(Framing, bool)>, Error> {
     match status.as_u16() {
@@ -414,17 +467,10 @@ fn framing(
     if method == Method::CONNECT && status.is_success() {
         return Ok(Some((Framing::Empty, true)));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if let Some(chunked) = lengths.chunked {
         if version == Version::HTTP_10 {
             return Err(Error::Invalid("transfer-encoding in HTTP/1.0"));
         }
-        let chunked = (headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back())
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.rsplit(',').next())
-        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         return Ok(Some((
             if chunked {
                 Framing::Chunked(Chunked::new())
@@ -434,29 +480,12 @@ fn framing(
             false,
         )));
     }
-    if !headers.contains_key(header::CONTENT_LENGTH) {
-        return Ok(Some((Framing::Close, false)));
+    match lengths.length {
+        None => Ok(Some((Framing::Close, false))),
+        Some(Some(0)) => Ok(Some((Framing::Empty, false))),
+        Some(Some(n)) if n < u64::MAX - 1 => Ok(Some((Framing::Length(n), false))),
+        Some(_) => Err(Error::Invalid("content-length")),
     }
-    match content_length(headers) {
-        Some(0) => Ok(Some((Framing::Empty, false))),
-        Some(n) if n < u64::MAX - 1 => Ok(Some((Framing::Length(n), false))),
-        _ => Err(Error::Invalid("content-length")),
-    }
-}
-
-/// Every `Content-Length` value, which must agree (hyper's
-/// `content_length_parse_all`).
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for v in value.to_str().ok()?.split(',') {
-            let n = digits(v.trim().as_bytes())?;
-            if *length.get_or_insert(n) != n {
-                return None;
-            }
-        }
-    }
-    length
 }
 
 fn digits(bytes: &[u8]) -> Option<u64> {
@@ -897,7 +926,13 @@ mod differential {
         headers.insert(header::HOST, HeaderValue::from_static("upstream"));
         let uri = Uri::from_static("/");
         let conn = Connection::new(client, None);
-        let outcome = match conn.send(&method, &uri, &headers, None, None).await {
+        let req = Head {
+            method: &method,
+            uri: &uri,
+            headers: &headers,
+            body: None,
+        };
+        let outcome = match conn.send(req, None).await {
             Err(_) => Outcome::Failed,
             Ok(resp) => {
                 let (status, version, reason, headers) = answered(&resp);
@@ -1156,9 +1191,13 @@ mod differential {
                 let sent = Bytes::from(body);
                 tokio::spawn(async move {
                     let conn = Connection::new(client, None);
-                    let _ = conn
-                        .send(req.method(), req.uri(), req.headers(), Some(&sent), None)
-                        .await;
+                    let head = Head {
+                        method: req.method(),
+                        uri: req.uri(),
+                        headers: req.headers(),
+                        body: Some(&sent),
+                    };
+                    let _ = conn.send(head, None).await;
                 });
                 read_request(&mut server, body.len()).await
             });

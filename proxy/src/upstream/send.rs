@@ -5,13 +5,16 @@ use crate::body::{RequestBody, UpstreamBody};
 use crate::identity::tls::Upstream;
 use crate::limit::Admission;
 use crate::outcome::ErrorKind;
-use crate::upstream::connect::{H1Sender, SendError};
+use crate::upstream::connect::{H1Sender, LeanTarget, SendError};
 use crate::upstream::endpoint::EndpointState;
+use crate::upstream::h1;
 use crate::upstream::timeout::{call_ready, TryTimeoutLayer};
 use almond_config::Protocol;
+use bytes::Bytes;
+use http::request::Parts;
 use http_body::Body;
 use hyper::upgrade::OnUpgrade;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::sync::Arc;
@@ -33,10 +36,34 @@ pub struct Target {
     pub tls: Option<Arc<Upstream>>,
 }
 
+/// The request of one try (readied by `headers::to_upstream`).
+// Not boxed: it lives in the try's future either way, and a box would be
+// an allocation per try.
+#[allow(clippy::large_enum_variant)]
+pub enum TryRequest<'a> {
+    /// In hand: it goes with the try.
+    Owned(Request<RequestBody>),
+    /// The kept copy of a replayable request, lent: the lean HTTP/1.1
+    /// client writes it as it is; another client gets a copy of it.
+    Kept(&'a Parts, &'a Bytes),
+}
+
+/// A request made from a kept copy (`parts`, `body`).
+pub fn owned(parts: &Parts, body: &Bytes) -> Request<RequestBody> {
+    let mut req = Request::new(RequestBody::Replay(
+        (!body.is_empty()).then(|| body.clone()),
+    ));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
 /// One try: the request and what the try reports back to its caller.
 pub struct OneTry<'a> {
-    /// The request, already readied by `headers::to_upstream`.
-    pub req: Request<RequestBody>,
+    /// The request.
+    pub req: TryRequest<'a>,
     /// The client's half of an upgrade: it stays here until the
     /// upstream connection is open, so a retry after a connect failure is
     /// still an upgrade.
@@ -100,12 +127,35 @@ pub fn try_once<'a>(
 fn send_to<'a>(
     target: &'a Target,
     endpoint: &'a Arc<EndpointState>,
-    req: Request<RequestBody>,
+    req: TryRequest<'a>,
     upgrade: &'a mut Option<OnUpgrade>,
     fresh: bool,
     connected: &'a mut Option<Duration>,
 ) -> impl Future<Output = Sent> + Send + 'a {
     async move {
+        let req = match req {
+            TryRequest::Kept(parts, body)
+                if target.protocol == Protocol::Http1
+                    && upgrade.is_none()
+                    && parts.method != Method::CONNECT =>
+            {
+                let head = h1::Head {
+                    method: &parts.method,
+                    uri: &parts.uri,
+                    headers: &parts.headers,
+                    body: (!body.is_empty()).then_some(body),
+                };
+                let sent = endpoint
+                    .conns
+                    .send_lean(head, lean_target(target), fresh, connected);
+                return match sent.await {
+                    Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None)),
+                    Err(e) => Err(e.into_send_error(|| owned(parts, body))),
+                };
+            }
+            TryRequest::Kept(parts, body) => owned(parts, body),
+            TryRequest::Owned(req) => req,
+        };
         if upgrade.is_some() {
             // Boxed: upgrades are rare, and keep the common future small.
             let start = Instant::now();
@@ -133,24 +183,26 @@ fn send_to<'a>(
         }
         match target.protocol {
             Protocol::Http1 if lean(&req) => {
-                let body = match req.body() {
-                    RequestBody::Replay(body) => body.clone(),
-                    _ => None,
-                };
-                let resp = endpoint
-                    .conns
-                    .send_lean(
-                        req,
+                let sent = {
+                    let body = match req.body() {
+                        RequestBody::Replay(body) => body.as_ref(),
+                        _ => None,
+                    };
+                    let head = h1::Head {
+                        method: req.method(),
+                        uri: req.uri(),
+                        headers: req.headers(),
                         body,
-                        target.connect_timeout,
-                        target.idle_timeout,
-                        fresh,
-                        &target.pending,
-                        target.tls.as_deref(),
-                        connected,
-                    )
-                    .await?;
-                Ok((resp.map(UpstreamBody::Lean), None))
+                    };
+                    endpoint
+                        .conns
+                        .send_lean(head, lean_target(target), fresh, connected)
+                        .await
+                };
+                match sent {
+                    Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None)),
+                    Err(e) => Err(e.into_send_error(|| req)),
+                }
             }
             Protocol::Http1 => {
                 let (resp, sender) = endpoint
@@ -182,6 +234,16 @@ fn send_to<'a>(
                 None,
             )),
         }
+    }
+}
+
+/// What the lean client needs of a service's target.
+fn lean_target(target: &Target) -> LeanTarget<'_> {
+    LeanTarget {
+        connect_timeout: target.connect_timeout,
+        idle_timeout: target.idle_timeout,
+        pending: &target.pending,
+        tls: target.tls.as_deref(),
     }
 }
 
