@@ -116,7 +116,7 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Hyper),
-            UpstreamBody::Lean(body) => body.poll_frame(cx).map_err(BodyError::Lean),
+            UpstreamBody::Lean(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Lean),
         }
     }
 

@@ -556,12 +556,29 @@ impl<IO> Body<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> Body<IO> {
-    /// The next frame: data, the trailers of a chunked body, or the end.
-    pub fn poll_frame(
-        &mut self,
+impl<IO: AsyncRead + Unpin> http_body::Body for Body<IO> {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.get_mut().next_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.size_hint()
+    }
+}
+
+impl<IO: AsyncRead + Unpin> Body<IO> {
+    /// The next frame: data, the trailers of a chunked body, or the end.
+    fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
             let Some(conn) = self.conn.as_mut() else {
                 // Released (complete) or failed before.
@@ -840,17 +857,39 @@ mod differential {
             .collect()
     }
 
-    fn answered<B>(
-        resp: &http::Response<B>,
-    ) -> (u16, Version, Option<Vec<u8>>, Vec<(String, Vec<u8>)>) {
+    /// A response as a client saw it: its head, and its body to the end.
+    async fn read<B>(resp: http::Response<B>) -> Outcome
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+    {
         let reason =
             (resp.extensions().get::<hyper::ext::ReasonPhrase>()).map(|r| r.as_bytes().to_vec());
-        (
-            resp.status().as_u16(),
-            resp.version(),
+        let (status, version, headers) =
+            (resp.status().as_u16(), resp.version(), list(resp.headers()));
+        let mut body = resp.into_body();
+        let mut data = Vec::new();
+        let mut trailers = Vec::new();
+        let body = loop {
+            match body.frame().await {
+                None => break Ok((data, trailers)),
+                Some(Err(_)) => break Err(()),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(frame) => {
+                        if let Some(t) = frame.trailers_ref() {
+                            trailers = list(t);
+                        }
+                    }
+                },
+            }
+        };
+        Outcome::Answered {
+            status,
+            version,
             reason,
-            list(resp.headers()),
-        )
+            headers,
+            body,
+        }
     }
 
     /// The upstream's side: reads the request head, answers `bytes`, and
@@ -887,33 +926,7 @@ mod differential {
             .unwrap();
         let outcome = match send.send_request(req).await {
             Err(_) => Outcome::Failed,
-            Ok(resp) => {
-                let (status, version, reason, headers) = answered(&resp);
-                let mut body = resp.into_body();
-                let mut data = Vec::new();
-                let mut trailers = Vec::new();
-                let body = loop {
-                    match body.frame().await {
-                        None => break Ok((data, trailers)),
-                        Some(Err(_)) => break Err(()),
-                        Some(Ok(frame)) => match frame.into_data() {
-                            Ok(d) => data.extend_from_slice(&d),
-                            Err(frame) => {
-                                if let Some(t) = frame.trailers_ref() {
-                                    trailers = list(t);
-                                }
-                            }
-                        },
-                    }
-                };
-                Outcome::Answered {
-                    status,
-                    version,
-                    reason,
-                    headers,
-                    body,
-                }
-            }
+            Ok(resp) => read(resp).await,
         };
         drop(upstream.await);
         outcome
@@ -934,33 +947,7 @@ mod differential {
         };
         let outcome = match conn.send(req, None).await {
             Err(_) => Outcome::Failed,
-            Ok(resp) => {
-                let (status, version, reason, headers) = answered(&resp);
-                let mut body = resp.into_body();
-                let mut data = Vec::new();
-                let mut trailers = Vec::new();
-                let body = loop {
-                    match std::future::poll_fn(|cx| body.poll_frame(cx)).await {
-                        None => break Ok((data, trailers)),
-                        Some(Err(_)) => break Err(()),
-                        Some(Ok(frame)) => match frame.into_data() {
-                            Ok(d) => data.extend_from_slice(&d),
-                            Err(frame) => {
-                                if let Some(t) = frame.trailers_ref() {
-                                    trailers = list(t);
-                                }
-                            }
-                        },
-                    }
-                };
-                Outcome::Answered {
-                    status,
-                    version,
-                    reason,
-                    headers,
-                    body,
-                }
-            }
+            Ok(resp) => read(resp).await,
         };
         drop(upstream.await);
         outcome
