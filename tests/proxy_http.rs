@@ -545,6 +545,55 @@ async fn request_bodies_and_methods_pass_through() {
     assert_eq!(backend.count(), 6);
 }
 
+/// An upstream that answers on its idle connections before closing them
+/// (an unsolicited `408`, as some servers send at their keep-alive
+/// timeout): that answer belongs to no request, and the proxy's next
+/// request goes on a new connection and gets its own answer.
+#[tokio::test]
+async fn an_unsolicited_answer_on_an_idle_upstream_connection_is_never_relayed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if conn.write_all(ok).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let late = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+                let _ = conn.write_all(late).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("web").at(addr))
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..3 {
+        let reply = client.get("web", "/").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, "ok");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
 /// Upstream HTTP/1.1 connections are pooled and reused: one client's
 /// sequential requests need one connection, eight concurrent clients no
 /// more than eight; a backend that closes its idle connections (its

@@ -95,7 +95,44 @@ pub struct Pool<IO> {
     max: usize,
 }
 
-impl<IO> Pool<IO> {
+/// A socket that can tell, without a system call, whether its peer has
+/// sent anything (bytes, or its close) since it was settled: an idle
+/// connection that stirred cannot carry a request (it holds an unsolicited
+/// answer, such as a 408, or the upstream's idle close). What hyper's
+/// connection task learns by reading an idle connection, learned from the
+/// readiness the runtime already has.
+pub trait Stir {
+    /// Forgets the readiness left by the last read (the response is all
+    /// read): anything that arrives after it is news.
+    fn settle(&self);
+    /// Has anything arrived since [`Stir::settle`]?
+    fn stirred(&self) -> bool;
+}
+
+impl Stir for crate::identity::tls::Conn {
+    fn settle(&self) {
+        // Clears the cached readiness (no system call): the closure
+        // reports "not ready" without reading.
+        let _ = tcp(self).try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
+
+    fn stirred(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        tcp(self).poll_read_ready(&mut cx).is_ready()
+    }
+}
+
+/// The TCP stream under a plain or TLS upstream connection.
+fn tcp(conn: &crate::identity::tls::Conn) -> &tokio::net::TcpStream {
+    match conn {
+        crate::identity::tls::Conn::Plain(s) => s,
+        crate::identity::tls::Conn::Tls(s) => s.get_ref().0,
+    }
+}
+
+impl<IO: Stir> Pool<IO> {
     /// A pool keeping at most `max` idle connections.
     pub fn new(max: usize) -> Pool<IO> {
         Pool {
@@ -109,7 +146,7 @@ impl<IO> Pool<IO> {
     pub fn pop(&self, now: Instant, idle_timeout: Duration) -> Option<Connection<IO>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some((conn, since)) = idle.pop() {
-            if now.saturating_duration_since(since) < idle_timeout {
+            if now.saturating_duration_since(since) < idle_timeout && !conn.io.stirred() {
                 return Some(conn);
             }
         }
@@ -118,6 +155,7 @@ impl<IO> Pool<IO> {
 
     /// Keeps a connection whose response is complete (a full pool closes it).
     fn push(&self, conn: Connection<IO>) {
+        conn.io.settle();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max {
             idle.push((conn, Instant::now()));
@@ -196,7 +234,7 @@ struct Parsed {
     reuse: bool,
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
     /// A connection over `io`, counted in `open` while it lives.
     pub fn new(io: IO, open: Option<Arc<AtomicU32>>) -> Connection<IO> {
         if let Some(open) = &open {
@@ -507,20 +545,20 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
 /// A lean response's body: read from its connection as it is polled; the
 /// connection goes back to its pool as soon as the body is complete (and
 /// is closed if it is dropped before).
-pub struct Body<IO> {
+pub struct Body<IO: Stir> {
     conn: Option<Connection<IO>>,
     framing: Framing,
     reuse: bool,
     home: Option<Arc<Pool<IO>>>,
 }
 
-impl<IO> Drop for Body<IO> {
+impl<IO: Stir> Drop for Body<IO> {
     fn drop(&mut self) {
         self.release();
     }
 }
 
-impl<IO> Body<IO> {
+impl<IO: Stir> Body<IO> {
     /// Hands the connection back to its pool if the body has ended
     /// cleanly and the connection may carry another request (nothing left
     /// over in its buffer).
@@ -556,7 +594,7 @@ impl<IO> Body<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> http_body::Body for Body<IO> {
+impl<IO: AsyncRead + Unpin + Stir> http_body::Body for Body<IO> {
     type Data = Bytes;
     type Error = Error;
 
@@ -576,7 +614,7 @@ impl<IO: AsyncRead + Unpin> http_body::Body for Body<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> Body<IO> {
+impl<IO: AsyncRead + Unpin + Stir> Body<IO> {
     /// The next frame: data, the trailers of a chunked body, or the end.
     fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
@@ -834,6 +872,20 @@ mod differential {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+    /// Header fields as (name, value) pairs, in order.
+    type Fields = Vec<(String, Vec<u8>)>;
+
+    /// A request to write: method, target, headers, body.
+    type RequestCase<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
+    /// In memory, nothing arrives unasked.
+    impl Stir for DuplexStream {
+        fn settle(&self) {}
+        fn stirred(&self) -> bool {
+            false
+        }
+    }
+
     /// What a client made of a response.
     #[derive(Debug, PartialEq)]
     enum Outcome {
@@ -845,13 +897,13 @@ mod differential {
             status: u16,
             version: Version,
             reason: Option<Vec<u8>>,
-            headers: Vec<(String, Vec<u8>)>,
+            headers: Fields,
             /// The body's bytes and trailers, or `Err` if it failed.
-            body: Result<(Vec<u8>, Vec<(String, Vec<u8>)>), ()>,
+            body: Result<(Vec<u8>, Fields), ()>,
         },
     }
 
-    fn list(map: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+    fn list(map: &HeaderMap) -> Fields {
         map.iter()
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect()
@@ -1132,7 +1184,7 @@ mod differential {
             .enable_all()
             .build()
             .unwrap();
-        let cases: [(&str, &str, &[(&str, &str)], &str); 5] = [
+        let cases: [RequestCase<'_>; 5] = [
             ("GET", "/", &[("host", "a")], ""),
             (
                 "GET",
