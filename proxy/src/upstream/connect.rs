@@ -8,6 +8,7 @@ use crate::identity::tls::{Conn, Upstream};
 use crate::limit::Admission;
 use crate::outcome::ErrorKind;
 use crate::upstream::h1::{self, LeanBody};
+use crate::upstream::pool::{Pool, Reusable};
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -16,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -30,10 +31,11 @@ const MAX_FRESH_H1: u32 = 2;
 /// An idle HTTP/1.1 connection's sending half.
 pub type H1Sender = http1::SendRequest<RequestBody>;
 
-/// A pooled HTTP/1.1 connection and when it went idle.
-struct Idle {
-    sender: H1Sender,
-    since: Instant,
+/// hyper's HTTP/1.1 connection waits in a [`Pool`] until it closes.
+impl Reusable for H1Sender {
+    fn usable(&self) -> bool {
+        !self.is_closed()
+    }
 }
 
 /// The connections to one endpoint address.
@@ -41,12 +43,10 @@ pub struct Connections {
     addr: SocketAddr,
     /// Open connections (for `/endpoints`).
     open: Arc<AtomicU32>,
-    /// Idle HTTP/1.1 connections, most recently used last (a stack: the
-    /// next request takes the warmest one, the coldest age out). The lock
-    /// is per endpoint and held for one push or pop.
-    h1_idle: Mutex<Vec<Idle>>,
+    /// Idle HTTP/1.1 connections of hyper's client.
+    h1_idle: Pool<H1Sender>,
     /// Idle connections of the lean HTTP/1.1 client (`upstream/h1.rs`).
-    lean: Arc<h1::Pool<Conn>>,
+    lean: Arc<Pool<h1::Connection<Conn>>>,
     h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -57,8 +57,8 @@ impl Connections {
         Connections {
             addr,
             open: Arc::new(AtomicU32::new(0)),
-            h1_idle: Mutex::new(Vec::new()),
-            lean: Arc::new(h1::Pool::new(MAX_IDLE_H1)),
+            h1_idle: Pool::new(MAX_IDLE_H1),
+            lean: Arc::new(Pool::new(MAX_IDLE_H1)),
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
         }
@@ -92,7 +92,7 @@ impl Connections {
                 let pooled = if fresh {
                     None
                 } else {
-                    self.pop_idle(Instant::now(), idle_timeout)
+                    self.h1_idle.pop(Instant::now(), idle_timeout)
                 };
                 let reused = pooled.is_some();
                 let mut sender = match pooled {
@@ -133,28 +133,11 @@ impl Connections {
         }
     }
 
-    /// The most recently used idle connection still open and idle for
-    /// less than `idle_timeout`; older and closed ones are dropped.
-    fn pop_idle(&self, now: Instant, idle_timeout: Duration) -> Option<H1Sender> {
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(c) = idle.pop() {
-            if !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout {
-                return Some(c.sender);
-            }
-        }
-        None
-    }
-
     /// Closes the idle connections that have been idle `idle_timeout` or
-    /// more (the oldest are at the bottom of the stack); returns how many
+    /// more (the oldest are at the bottom of the stacks); returns how many
     /// are left.
     pub fn close_idle(&self, now: Instant, idle_timeout: Duration) -> usize {
-        let lean = self.lean.close_idle(now, idle_timeout);
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|c| {
-            !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout
-        });
-        idle.len() + lean
+        self.h1_idle.close_idle(now, idle_timeout) + self.lean.close_idle(now, idle_timeout)
     }
 
     /// Sends a request whose body is known whole with the lean HTTP/1.1
@@ -223,17 +206,7 @@ impl Connections {
 
     /// Puts an HTTP/1.1 connection back once its response is complete.
     pub fn release_h1(&self, sender: H1Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        // A full pool drops the connection, which closes it.
-        if idle.len() < MAX_IDLE_H1 {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
-        }
+        self.h1_idle.push(sender);
     }
 
     /// Sends over the endpoint's shared HTTP/2 connection, opening it first

@@ -6,6 +6,7 @@
 //! differential test below feeds both the same bytes). Anything else goes
 //! through hyper (`connect.rs`).
 
+use crate::upstream::pool::{Pool, Reusable};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
@@ -14,11 +15,9 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
 
 /// A lean response's body over an endpoint's connection (plain or TLS).
 pub type LeanBody = Body<crate::identity::tls::Conn>;
@@ -87,14 +86,6 @@ impl<IO> Drop for Connection<IO> {
     }
 }
 
-/// An endpoint's idle lean connections, most recently used last (a stack:
-/// the next request takes the warmest one, the coldest age out). The lock
-/// is per endpoint and held for one push or pop.
-pub struct Pool<IO> {
-    idle: Mutex<Vec<(Connection<IO>, Instant)>>,
-    max: usize,
-}
-
 /// A socket that can tell, without a system call, whether its peer has
 /// sent anything (bytes, or its close) since it was settled: an idle
 /// connection that stirred cannot carry a request (it holds an unsolicited
@@ -132,42 +123,14 @@ fn tcp(conn: &crate::identity::tls::Conn) -> &tokio::net::TcpStream {
     }
 }
 
-impl<IO: Stir> Pool<IO> {
-    /// A pool keeping at most `max` idle connections.
-    pub fn new(max: usize) -> Pool<IO> {
-        Pool {
-            idle: Mutex::new(Vec::new()),
-            max,
-        }
+/// A lean connection waits in a [`Pool`] while its socket is quiet.
+impl<IO: Stir> Reusable for Connection<IO> {
+    fn usable(&self) -> bool {
+        !self.io.stirred()
     }
 
-    /// The most recently used idle connection, if it has been idle less
-    /// than `idle_timeout` (older ones are closed).
-    pub fn pop(&self, now: Instant, idle_timeout: Duration) -> Option<Connection<IO>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((conn, since)) = idle.pop() {
-            if now.saturating_duration_since(since) < idle_timeout && !conn.io.stirred() {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    /// Keeps a connection whose response is complete (a full pool closes it).
-    fn push(&self, conn: Connection<IO>) {
-        conn.io.settle();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.max {
-            idle.push((conn, Instant::now()));
-        }
-    }
-
-    /// Closes the connections idle `idle_timeout` or more; returns how many
-    /// are left.
-    pub fn close_idle(&self, now: Instant, idle_timeout: Duration) -> usize {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(_, since)| now.saturating_duration_since(*since) < idle_timeout);
-        idle.len()
+    fn parked(&self) {
+        self.io.settle();
     }
 }
 
@@ -253,7 +216,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
     pub async fn send(
         mut self,
         req: Head<'_>,
-        home: Option<Arc<Pool<IO>>>,
+        home: Option<Arc<Pool<Connection<IO>>>>,
     ) -> Result<http::Response<Body<IO>>, Error> {
         let (method, body) = (req.method, req.body);
         let head = encode_request(req.method, req.uri, req.headers, body);
@@ -549,7 +512,7 @@ pub struct Body<IO: Stir> {
     conn: Option<Connection<IO>>,
     framing: Framing,
     reuse: bool,
-    home: Option<Arc<Pool<IO>>>,
+    home: Option<Arc<Pool<Connection<IO>>>>,
 }
 
 impl<IO: Stir> Drop for Body<IO> {

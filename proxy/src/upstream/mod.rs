@@ -1,6 +1,6 @@
 //! Upstream: reaching endpoints -- which one (balance), which are out
-//! (eject), the connections to them (connect), the lean HTTP/1.1 client
-//! (h1) and the act of sending (send, under its per-try timeout). May import `identity`, `observe` and the leaves, never
+//! (eject), the connections to them (connect, their idle pools: pool), the
+//! lean HTTP/1.1 client (h1) and the act of sending (send, under its per-try timeout). May import `identity`, `observe` and the leaves, never
 //! `pipeline` or `edge`.
 
 pub mod balance;
@@ -8,5 +8,6 @@ pub mod connect;
 pub mod eject;
 pub mod endpoint;
 pub mod h1;
+pub mod pool;
 pub mod send;
 pub mod timeout;
