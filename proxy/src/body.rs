@@ -98,6 +98,45 @@ impl IdleTimer {
     }
 }
 
+/// A request's body as its client sends it: hyper's stream, or none (the
+/// lean HTTP/1.1 server, `edge/h1.rs`, takes only bodiless requests).
+#[derive(Debug)]
+pub enum ClientBody {
+    /// Read by hyper's server.
+    Hyper(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(body) => body.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(body) => body.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// An upstream response's body: hyper's, or the lean HTTP/1.1 client's.
 pub enum UpstreamBody {
     /// From hyper's client (HTTP/2, upgrades, streamed request bodies).
@@ -163,12 +202,12 @@ where
 pub enum RequestBody {
     /// Streamed from the client (ended if idle for `limits.body_idle`);
     /// cannot be sent twice.
-    Stream(Incoming, IdleTimer),
+    Stream(ClientBody, IdleTimer),
     /// Held whole (small bodies, when retries are on); `None` once sent.
     Replay(Option<Bytes>),
     /// Streamed from the client and kept as it goes (gRPC calls whose
     /// length is not known up front, when `retries.on` names gRPC codes).
-    Tee(Incoming, IdleTimer, Arc<Kept>),
+    Tee(ClientBody, IdleTimer, Arc<Kept>),
 }
 
 /// A streamed request body's copy, kept up to a size for a retry: whole

@@ -2,7 +2,9 @@
 //! connections, the mTLS handshake, the choice of HTTP/1.1 or HTTP/2 for
 //! each connection, and hyper serving it (whose life `conn` follows).
 
+use crate::body::ClientBody;
 use crate::edge::conn::{counted, drive, Activity};
+use crate::edge::h1;
 use crate::edge::serve;
 use crate::identity::authz::{self, Identities, Inbound};
 use crate::outcome::ErrorKind;
@@ -148,6 +150,7 @@ pub async fn accept_loop(
         let shared = shared.clone();
         let closing = closing.clone();
         let idle = limits.idle_timeout;
+        let lean_limits = lean_limits(&limits);
         match tls.clone() {
             // The handshake runs in the connection's own task.
             Some(inbound) => connections.spawn(async move {
@@ -165,13 +168,29 @@ pub async fn accept_loop(
                 let Some(protocol) = protocol else {
                     return drop(slot);
                 };
+                // HTTP/1.1: the lean server takes the simple requests; the
+                // first it does not hands the connection to hyper.
+                let stream = match protocol {
+                    Protocol::Http1 => {
+                        let lean = shared.clone();
+                        let handle = move |req| Box::pin(serve::handle(lean.clone(), index, peer, req));
+                        match h1::serve(stream, lean_limits, closing.clone(), handle).await {
+                            h1::Ended::Closed => return drop(slot),
+                            h1::Ended::Handoff(rewind) => Handoff::Rewound(rewind),
+                        }
+                    }
+                    Protocol::Http2 => Handoff::Fresh(stream),
+                };
                 let activity = Arc::new(Activity::new());
                 let server = shared.http.clone();
-                let svc = counted(activity.clone(), move |req| {
-                    serve::handle(shared.clone(), index, peer, req)
+                let svc = counted(activity.clone(), move |req: Request<Incoming>| {
+                    serve::handle(shared.clone(), index, peer, req.map(ClientBody::Hyper))
                 });
-                let io = TokioIo::new(stream);
-                if let Err(e) = serve_as(&server, protocol, io, svc, closing, &activity, idle).await {
+                let served = match stream {
+                    Handoff::Fresh(s) => serve_as(&server, protocol, TokioIo::new(s), svc, closing, &activity, idle).await,
+                    Handoff::Rewound(s) => serve_as(&server, protocol, TokioIo::new(s), svc, closing, &activity, idle).await,
+                };
+                if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "downstream connection ended");
                 }
                 drop(slot);
@@ -179,6 +198,22 @@ pub async fn accept_loop(
         };
     })
     .await;
+}
+
+/// A plain connection on its way to hyper: as accepted (HTTP/2), or
+/// after the lean server (HTTP/1.1), with the bytes it read.
+enum Handoff {
+    Fresh(TcpStream),
+    Rewound(h1::Rewind<TcpStream>),
+}
+
+/// The lean HTTP/1.1 server's share of `limits`.
+fn lean_limits(limits: &almond_config::Limits) -> h1::Limits {
+    h1::Limits {
+        header_timeout: limits.header_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_head: limits.max_header_bytes,
+    }
 }
 
 /// One of a listener's `max_connections` places, given back when dropped.
@@ -262,7 +297,7 @@ async fn serve_tls(
                 shared.metrics.tls_denied.inc();
                 return Ok(ErrorKind::Forbidden.response(&identity));
             }
-            serve::handle(shared, index, peer, req).await
+            serve::handle(shared, index, peer, req.map(ClientBody::Hyper)).await
         }
     });
     let io = TokioIo::new(stream);

@@ -2,6 +2,7 @@
 //! their requests; may import everything below it (`pipeline` and down).
 
 pub mod conn;
+pub mod h1;
 pub mod listen;
 pub mod serve;
 pub mod trust;

@@ -5,7 +5,7 @@
 //! (service), authorize, split (subset), admit, then
 //! `pipeline::forward` (balance, send, classify, retry).
 
-use crate::body::ResponseBody;
+use crate::body::{ClientBody, ResponseBody};
 use crate::edge::trust;
 use crate::headers;
 use crate::identity::authz::Identities;
@@ -24,7 +24,7 @@ use crate::upstream::timeout::call_ready;
 use crate::Shared;
 use almond_config::Direction;
 use http_body::Body;
-use hyper::body::Incoming;
+
 use hyper::{Request, Response};
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,7 +47,7 @@ pub fn handle(
     shared: Arc<Shared>,
     listener: usize,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send {
     async move {
         let start = Instant::now();
@@ -150,7 +150,7 @@ fn serve<'a>(
     shared: &'a Shared,
     listener: usize,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     start: Instant,
     seen: &'a mut Observed,
 ) -> impl Future<Output = Response<Answer>> + Send + 'a {
@@ -247,7 +247,7 @@ fn route(
     shared: &Shared,
     listener: usize,
     peer: SocketAddr,
-    req: &mut Request<Incoming>,
+    req: &mut Request<ClientBody>,
     seen: &mut Observed,
 ) -> Result<Routed, (ErrorKind, String)> {
     let table = shared.table.load();

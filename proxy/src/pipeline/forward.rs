@@ -8,7 +8,7 @@
 //! The tries themselves stay a loop here (see docs/architecture.md).
 
 use crate::body::ResponseBody;
-use crate::body::{BodyError, IdleTimer, Kept, RequestBody, UpstreamBody};
+use crate::body::{BodyError, ClientBody, IdleTimer, Kept, RequestBody, UpstreamBody};
 use crate::headers;
 use crate::observe::access_log::Observed;
 use crate::outcome::{grpc_status, is_grpc, CodeClass, ErrorKind};
@@ -27,7 +27,6 @@ use http::request::Parts;
 use http::Method;
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response};
 use std::convert::Infallible;
@@ -104,7 +103,7 @@ pub struct Forwarding<'a> {
     /// What every try shares.
     pub call: Call<'a>,
     /// The request, as the client sent it.
-    pub req: Request<Incoming>,
+    pub req: Request<ClientBody>,
     /// What the access log learns of the request.
     pub seen: &'a mut Observed,
 }
@@ -197,7 +196,7 @@ type Readying = Result<Readied, Pin<Box<dyn Future<Output = Readied> + Send>>>;
 fn forward<'a>(
     mut call: Call<'a>,
     admitted: Admitted,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     upgrade: Option<OnUpgrade>,
     seen: &'a mut Observed,
 ) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
@@ -296,7 +295,7 @@ impl Tries {
     /// policy allows (its body read first: `Err` is the boxed reading,
     /// which most requests, with no body, never need), and a gRPC call's
     /// head kept for a `grpc-*` retry as its body streams.
-    fn read(call: &Call<'_>, req: Request<Incoming>, upgrade: bool) -> (Readying, Tee) {
+    fn read(call: &Call<'_>, req: Request<ClientBody>, upgrade: bool) -> (Readying, Tee) {
         let svc = call.svc;
         let grpc = is_grpc(req.headers());
         let keep = grpc && svc.retry.on_grpc() && !upgrade;
@@ -482,7 +481,7 @@ impl Replay {
 /// A gRPC request whose body length is not known (the usual case) and
 /// fits no replay copy up front: streamed as it comes, and kept up to
 /// `max_body_bytes` on the way, with a copy of its head.
-fn tee(req: &Request<Incoming>, policy: &RetryPolicy) -> Option<Box<(Parts, Arc<Kept>)>> {
+fn tee(req: &Request<ClientBody>, policy: &RetryPolicy) -> Option<Box<(Parts, Arc<Kept>)>> {
     let fits = req
         .body()
         .size_hint()
@@ -506,7 +505,7 @@ fn tee(req: &Request<Incoming>, policy: &RetryPolicy) -> Option<Box<(Parts, Arc<
 /// processed (a stale pooled connection), `RetryPolicy::allows` says when.
 /// A body to read first is read by the boxed future returned as `Err`.
 fn replayable(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     policy: &RetryPolicy,
     upgrade: bool,
     deadline: Instant,

@@ -827,7 +827,7 @@ fn trailers(bytes: &[u8], lines: usize) -> Result<HeaderMap, Error> {
 /// not, status, version, header list, body bytes and trailers. The cases
 /// run in `cargo test` (CI) for a bounded count, `ALMOND_DIFF_CASES` more.
 #[cfg(test)]
-mod differential {
+pub(crate) mod differential {
     use super::*;
     use http_body_util::{BodyExt, Empty, Full};
     use hyper_util::rt::TokioIo;
@@ -1104,7 +1104,8 @@ mod differential {
             })
     }
 
-    fn cases() -> u32 {
+    /// Generated cases per differential test (`ALMOND_DIFF_CASES`).
+    pub(crate) fn cases() -> u32 {
         std::env::var("ALMOND_DIFF_CASES")
             .ok()
             .and_then(|n| n.parse().ok())
