@@ -28,6 +28,9 @@ use tokio::time::{Instant, Sleep};
 const MAX_HEADERS: usize = 100;
 /// Longest request target (hyper's limit: 414 over it, from hyper).
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+/// Header lines the proxy may add to a request on its way (trace
+/// context, `X-Forwarded-*`, the subset pin's removal aside).
+const ADDED: usize = 6;
 /// Room made in the read buffer before each read (hyper's first read).
 const READ_SIZE: usize = 8 * 1024;
 /// Body bytes copied behind the head into one write; a larger frame is
@@ -130,7 +133,9 @@ pub fn read_head(buf: &mut BytesMut, max_head: usize) -> Read {
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0..target.1)) else {
         return Read::Hyper;
     };
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what the proxy adds (the trace context, `X-Forwarded-*`)
+    // without growing the map.
+    let mut headers = HeaderMap::with_capacity(count + ADDED);
     for (name, v0, v1) in names {
         // httparse admits only what a `HeaderValue` admits.
         let Ok(value) = HeaderValue::from_maybe_shared(head.slice(v0..v1)) else {

@@ -46,7 +46,7 @@ pub struct Connections {
     /// Idle HTTP/1.1 connections of hyper's client.
     h1_idle: Pool<H1Sender>,
     /// Idle connections of the lean HTTP/1.1 client (`upstream/h1.rs`).
-    lean: Arc<Pool<h1::Connection<Conn>>>,
+    lean: Arc<Pool<Box<h1::Connection<Conn>>>>,
     h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -175,7 +175,10 @@ impl Connections {
                     .await;
                     *connected = Some(start.elapsed());
                     match opened {
-                        Ok(io) => h1::Connection::new(io.into_inner(), Some(self.open.clone())),
+                        Ok(io) => Box::new(h1::Connection::new(
+                            io.into_inner(),
+                            Some(self.open.clone()),
+                        )),
                         Err(kind) => return Err(LeanError::Unsent(kind)),
                     }
                 }

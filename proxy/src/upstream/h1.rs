@@ -214,9 +214,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
     /// through the returned [`Body`], which hands the connection back to
     /// `home` once it is complete.
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         req: Head<'_>,
-        home: Option<Arc<Pool<Connection<IO>>>>,
+        home: Option<Arc<Pool<Box<Connection<IO>>>>>,
     ) -> Result<http::Response<Body<IO>>, Error> {
         let (method, body) = (req.method, req.body);
         let head = encode_request(req.method, req.uri, req.headers, body);
@@ -365,7 +365,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
             &many[..]
         };
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for the request ID the proxy adds to the response.
+        let mut headers = HeaderMap::with_capacity(count + 2);
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
         // The framing headers, read on the way (no lookups after).
@@ -509,10 +510,11 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
 /// connection goes back to its pool as soon as the body is complete (and
 /// is closed if it is dropped before).
 pub struct Body<IO: Stir> {
-    conn: Option<Connection<IO>>,
+    /// Boxed once per connection: the body moves several times a request.
+    conn: Option<Box<Connection<IO>>>,
     framing: Framing,
     reuse: bool,
-    home: Option<Arc<Pool<Connection<IO>>>>,
+    home: Option<Arc<Pool<Box<Connection<IO>>>>>,
 }
 
 impl<IO: Stir> Drop for Body<IO> {
@@ -953,7 +955,7 @@ pub(crate) mod differential {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("upstream"));
         let uri = Uri::from_static("/");
-        let conn = Connection::new(client, None);
+        let conn = Box::new(Connection::new(client, None));
         let req = Head {
             method: &method,
             uri: &uri,
@@ -1193,7 +1195,7 @@ pub(crate) mod differential {
                 let req = build();
                 let sent = Bytes::from(body);
                 tokio::spawn(async move {
-                    let conn = Connection::new(client, None);
+                    let conn = Box::new(Connection::new(client, None));
                     let head = Head {
                         method: req.method(),
                         uri: req.uri(),

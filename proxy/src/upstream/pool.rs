@@ -17,6 +17,17 @@ pub trait Reusable {
     fn parked(&self) {}
 }
 
+/// A boxed connection is as reusable as what it holds.
+impl<T: Reusable> Reusable for Box<T> {
+    fn usable(&self) -> bool {
+        (**self).usable()
+    }
+
+    fn parked(&self) {
+        (**self).parked()
+    }
+}
+
 /// Idle connections of one kind to one endpoint.
 pub struct Pool<T> {
     idle: Mutex<Vec<(T, Instant)>>,
