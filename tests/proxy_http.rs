@@ -684,3 +684,49 @@ async fn a_connection_handed_from_the_lean_server_to_hyper_loses_nothing() {
     assert!(text.contains(r#""body_len":5"#), "{text}");
     assert_eq!(backend.count(), 4);
 }
+
+/// A client that closes its connection while its request is at the
+/// upstream cancels it: the proxy closes the upstream exchange at once
+/// (as hyper's server did for every HTTP/1.1 request), not when the
+/// upstream answers or the request times out.
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_upstream_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                // Read the head, never answer, and report when the proxy
+                // closes the connection.
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = closed_tx.send(seen.windows(4).any(|w| w == b"\r\n\r\n"));
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("web").at(addr))
+        .start()
+        .await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(client);
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(3), closed_rx.recv())
+        .await
+        .expect("the upstream exchange is closed soon after the client goes away");
+    assert_eq!(closed, Some(true), "the upstream had the request");
+}

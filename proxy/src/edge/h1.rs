@@ -501,7 +501,26 @@ where
             }
         };
         let method = req.method().clone();
-        let resp = match handle(req).await {
+        // While it is served, a client that closes (or resets) the
+        // connection cancels it, as hyper's server does: the request's
+        // future is dropped, and with it the upstream exchange. Bytes that
+        // arrive meanwhile (a pipelined request) are kept for later.
+        let answer = handle(req);
+        tokio::pin!(answer);
+        let answered = loop {
+            if !buf.is_empty() {
+                break answer.await;
+            }
+            tokio::select! {
+                biased;
+                answered = answer.as_mut() => break answered,
+                read = io.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return Ended::Closed,
+                    Ok(_) => {}
+                },
+            }
+        };
+        let resp = match answered {
             Ok(resp) => resp,
             Err(never) => match never {},
         };
