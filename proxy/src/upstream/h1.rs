@@ -383,6 +383,14 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
                 } else if !keep_alive {
                     keep_alive = has_token(&value, "keep-alive");
                 }
+                // Only `keep-alive` / `close` (nginx's `Connection:
+                // keep-alive` on every answer): read here, and left out of
+                // the map -- hop-by-hop, naming no other header, the
+                // relay would remove it (a removal re-hashes the entry it
+                // moves: 1,000 instructions a response).
+                if options_only(&value) {
+                    continue;
+                }
             } else if name == header::CONTENT_LENGTH {
                 lengths.content_length(&value);
             } else if name == header::TRANSFER_ENCODING {
@@ -497,6 +505,17 @@ fn digits(bytes: &[u8]) -> Option<u64> {
     bytes.iter().try_fold(0u64, |n, &b| match b {
         b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
         _ => None,
+    })
+}
+
+/// Is a `Connection` value nothing but the `keep-alive` and `close`
+/// options (no header names)?
+fn options_only(value: &HeaderValue) -> bool {
+    value.to_str().is_ok_and(|s| {
+        s.split(',').all(|t| {
+            let t = t.trim();
+            t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close")
+        })
     })
 }
 
@@ -874,6 +893,17 @@ pub(crate) mod differential {
             .collect()
     }
 
+    /// The head's fields as the proxy relays them: a `Connection` line of
+    /// only `keep-alive` / `close` is one the lean client reads and leaves
+    /// out (the relay drops it: `headers::strip_hop_by_hop`).
+    fn relayed(map: &HeaderMap) -> Fields {
+        let mut fields = list(map);
+        fields.retain(|(n, v)| {
+            n != "connection" || !HeaderValue::from_bytes(v).is_ok_and(|v| options_only(&v))
+        });
+        fields
+    }
+
     /// A response as a client saw it: its head, and its body to the end.
     async fn read<B>(resp: http::Response<B>) -> Outcome
     where
@@ -881,8 +911,11 @@ pub(crate) mod differential {
     {
         let reason =
             (resp.extensions().get::<hyper::ext::ReasonPhrase>()).map(|r| r.as_bytes().to_vec());
-        let (status, version, headers) =
-            (resp.status().as_u16(), resp.version(), list(resp.headers()));
+        let (status, version, headers) = (
+            resp.status().as_u16(),
+            resp.version(),
+            relayed(resp.headers()),
+        );
         let mut body = resp.into_body();
         let mut data = Vec::new();
         let mut trailers = Vec::new();
