@@ -7,6 +7,7 @@
 //! hyper's server reads and writes them (the differential tests below).
 
 use crate::body::ClientBody;
+use crate::upstream::h1::write_all_vectored;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -241,10 +242,8 @@ fn encode_head(
                     Some(Some(known)) => {
                         if !continuing {
                             encoder = Encoder::Length(known);
-                            dst.extend_from_slice(b"content-length: ");
-                            dst.extend_from_slice(value.as_bytes());
+                            join_line(dst, &mut open_line, name, value);
                             wrote_len = true;
-                            open_line = Some(name.clone());
                         }
                         continue;
                     }
@@ -257,10 +256,8 @@ fn encode_head(
                             Some(_) => continue,
                             None => {
                                 encoder = Encoder::Length(len);
-                                dst.extend_from_slice(b"content-length: ");
-                                dst.extend_from_slice(value.as_bytes());
+                                join_line(dst, &mut open_line, name, value);
                                 wrote_len = true;
-                                open_line = Some(name.clone());
                                 prev_len = Some(len);
                                 continue;
                             }
@@ -280,40 +277,24 @@ fn encode_head(
                 }
                 wrote_len = true;
                 must_chunk = !last_is_chunked(value.as_bytes());
-                if continuing {
-                    dst.extend_from_slice(b", ");
-                } else {
+                if !continuing {
                     encoder = Encoder::Chunked;
-                    dst.extend_from_slice(b"transfer-encoding: ");
-                    open_line = Some(name.clone());
                 }
-                dst.extend_from_slice(value.as_bytes());
+                join_line(dst, &mut open_line, name, value);
                 continue;
             }
             header::CONNECTION => {
                 if has_token(value.as_bytes(), "close") {
                     close = true;
                 }
-                if continuing {
-                    dst.extend_from_slice(b", ");
-                } else {
-                    dst.extend_from_slice(b"connection: ");
-                    open_line = Some(name.clone());
-                }
-                dst.extend_from_slice(value.as_bytes());
+                join_line(dst, &mut open_line, name, value);
                 continue;
             }
             header::TRAILER => {
                 if http10 || !can_chunk {
                     continue;
                 }
-                if continuing {
-                    dst.extend_from_slice(b", ");
-                } else {
-                    dst.extend_from_slice(b"trailer: ");
-                    open_line = Some(name.clone());
-                }
-                dst.extend_from_slice(value.as_bytes());
+                join_line(dst, &mut open_line, name, value);
                 continue;
             }
             header::DATE => wrote_date = true,
@@ -358,6 +339,25 @@ fn encode_head(
     }
     dst.extend_from_slice(b"\r\n");
     Ok((encoder, close))
+}
+
+/// Writes `value` on `name`'s line: a new one, left open for more values,
+/// or the open one after a comma (hyper writes a framing header's values
+/// as one line).
+fn join_line(
+    dst: &mut Vec<u8>,
+    open: &mut Option<HeaderName>,
+    name: &HeaderName,
+    value: &HeaderValue,
+) {
+    if open.is_some() {
+        dst.extend_from_slice(b", ");
+    } else {
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        *open = Some(name.clone());
+    }
+    dst.extend_from_slice(value.as_bytes());
 }
 
 /// A response head hyper's server refuses to write.
@@ -666,21 +666,6 @@ fn poll_once<B: Body<Data = Bytes> + Unpin>(
         Poll::Ready(frame) => Some(frame),
         Poll::Pending => None,
     }
-}
-
-/// Writes every byte of `bufs` (one `writev` when the socket takes them).
-async fn write_all_vectored<IO: AsyncWrite + Unpin>(
-    io: &mut IO,
-    mut bufs: &mut [io::IoSlice<'_>],
-) -> io::Result<()> {
-    while !bufs.is_empty() {
-        let n = io.write_vectored(bufs).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        io::IoSlice::advance_slices(&mut bufs, n);
-    }
-    Ok(())
 }
 
 /// The wait for a request head: one timer for the connection's life,

@@ -258,7 +258,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
 
 /// Writes every byte of `bufs` (the head and the body in one `writev`
 /// when the socket takes them).
-async fn write_all_vectored<IO: AsyncWrite + Unpin>(
+pub async fn write_all_vectored<IO: AsyncWrite + Unpin>(
     io: &mut IO,
     mut bufs: &mut [io::IoSlice<'_>],
 ) -> io::Result<()> {
@@ -893,14 +893,20 @@ pub(crate) mod differential {
             .collect()
     }
 
-    /// The head's fields as the proxy relays them: a `Connection` line of
-    /// only `keep-alive` / `close` is one the lean client reads and leaves
-    /// out (the relay drops it: `headers::strip_hop_by_hop`).
-    fn relayed(map: &HeaderMap) -> Fields {
-        let mut fields = list(map);
-        fields.retain(|(n, v)| {
-            n != "connection" || !HeaderValue::from_bytes(v).is_ok_and(|v| options_only(&v))
-        });
+    /// The head's fields as the proxy relays them (`headers::from_upstream`:
+    /// hop-by-hop fields dropped). The lean client leaves a `Connection`
+    /// line of only `keep-alive` / `close` out of its map (the relay would
+    /// remove it); what is relayed is the same.
+    fn relayed(resp: &http::Response<impl Sized>) -> Fields {
+        let mut relay = http::Response::new(());
+        *relay.status_mut() = resp.status();
+        *relay.headers_mut() = resp.headers().clone();
+        crate::headers::from_upstream(&mut relay);
+        // By name, each name's values in their order: a removal from a
+        // `HeaderMap` moves its last name into the gap, and the order of
+        // different names means nothing in HTTP.
+        let mut fields = list(relay.headers());
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
         fields
     }
 
@@ -911,11 +917,7 @@ pub(crate) mod differential {
     {
         let reason =
             (resp.extensions().get::<hyper::ext::ReasonPhrase>()).map(|r| r.as_bytes().to_vec());
-        let (status, version, headers) = (
-            resp.status().as_u16(),
-            resp.version(),
-            relayed(resp.headers()),
-        );
+        let (status, version, headers) = (resp.status().as_u16(), resp.version(), relayed(&resp));
         let mut body = resp.into_body();
         let mut data = Vec::new();
         let mut trailers = Vec::new();
