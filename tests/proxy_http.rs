@@ -645,9 +645,10 @@ async fn upstream_h1_connections_are_pooled_and_reused() {
     );
 }
 
-/// One keep-alive connection carrying simple requests (the lean server's)
-/// and then one with a body (handed to hyper mid-connection, with what
-/// was already read): every request answered, in order, bodies intact.
+/// One keep-alive connection carrying simple requests and a small body
+/// (the lean server's) and then a chunked one (handed to hyper
+/// mid-connection, with what was already read): every request answered,
+/// in order, bodies intact.
 #[tokio::test]
 async fn a_connection_handed_from_the_lean_server_to_hyper_loses_nothing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -658,11 +659,12 @@ async fn a_connection_handed_from_the_lean_server_to_hyper_loses_nothing() {
         .start()
         .await;
     let mut conn = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    // Pipelined in one write: the POST's head and body arrive with the
-    // GETs, in the lean server's buffer.
+    // Pipelined in one write: the chunked POST's head and body arrive
+    // with the others, in the lean server's buffer.
     let requests = "GET /a HTTP/1.1\r\nhost: web\r\n\r\n\
                     HEAD /b HTTP/1.1\r\nhost: web\r\n\r\n\
-                    POST /c HTTP/1.1\r\nhost: web\r\ncontent-length: 5\r\n\r\nhello\
+                    POST /p HTTP/1.1\r\nhost: web\r\ncontent-length: 3\r\n\r\nabc\
+                    POST /c HTTP/1.1\r\nhost: web\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
                     GET /d HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n";
     conn.write_all(requests.as_bytes()).await.unwrap();
     let mut got = Vec::new();
@@ -674,15 +676,20 @@ async fn a_connection_handed_from_the_lean_server_to_hyper_loses_nothing() {
     .expect("the proxy closes after the last request")
     .unwrap();
     let text = String::from_utf8_lossy(&got);
-    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 4, "{text}");
-    let (a, c, d) = (
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 5, "{text}");
+    let (a, p, c, d) = (
         text.find(r#""path":"/a""#),
+        text.find(r#""path":"/p""#),
         text.find(r#""path":"/c""#),
         text.find(r#""path":"/d""#),
     );
-    assert!(a < c && c < d && a.is_some(), "answers in order: {text}");
+    assert!(
+        a < p && p < c && c < d && a.is_some(),
+        "answers in order: {text}"
+    );
+    assert!(text.contains(r#""body_len":3"#), "{text}");
     assert!(text.contains(r#""body_len":5"#), "{text}");
-    assert_eq!(backend.count(), 4);
+    assert_eq!(backend.count(), 5);
 }
 
 /// A client that closes its connection while its request is at the

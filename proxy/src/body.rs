@@ -98,14 +98,16 @@ impl IdleTimer {
     }
 }
 
-/// A request's body as its client sends it: hyper's stream, or none (the
-/// lean HTTP/1.1 server, `edge/h1.rs`, takes only bodiless requests).
+/// A request's body as its client sends it: hyper's stream, or one the
+/// lean HTTP/1.1 server (`edge/h1.rs`) read whole with the head.
 #[derive(Debug)]
 pub enum ClientBody {
     /// Read by hyper's server.
     Hyper(Incoming),
     /// No body.
     Empty,
+    /// A small body that arrived with its head, whole (`None` once read).
+    Full(Option<Bytes>),
 }
 
 impl Body for ClientBody {
@@ -119,6 +121,7 @@ impl Body for ClientBody {
         match self.get_mut() {
             ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx),
             ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -126,6 +129,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Hyper(body) => body.is_end_stream(),
             ClientBody::Empty => true,
+            ClientBody::Full(bytes) => bytes.is_none(),
         }
     }
 
@@ -133,6 +137,9 @@ impl Body for ClientBody {
         match self {
             ClientBody::Hyper(body) => body.size_hint(),
             ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }

@@ -521,9 +521,12 @@ fn replayable(
         return Ok(Ok((Some(req.map(stream)), None)));
     }
     let (parts, body) = req.into_parts();
-    if body.is_end_stream() {
-        return Ok(Ok(Replay::whole(parts, Bytes::new())));
-    }
+    // A body read whole with its head (the lean server's) is kept as is.
+    let body = match body {
+        ClientBody::Full(bytes) => return Ok(Ok(Replay::whole(parts, bytes.unwrap_or_default()))),
+        body if body.is_end_stream() => return Ok(Ok(Replay::whole(parts, Bytes::new()))),
+        body => body,
+    };
     Err(Box::pin(async move {
         let body = RequestBody::Stream(body, IdleTimer::new(body_idle));
         let body = match tokio::time::timeout_at(deadline, body.collect()).await {
