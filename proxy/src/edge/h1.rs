@@ -42,6 +42,9 @@ const READ_SIZE: usize = 8 * 1024;
 /// Body bytes copied behind the head into one write; a larger frame is
 /// written from its own buffer.
 const COPY_LIMIT: usize = 16 * 1024;
+/// Body bytes gathered from frames that were ready at once before they are
+/// written: a body that is always ready is streamed, not buffered whole.
+const FLUSH_AT: usize = 64 * 1024;
 
 /// What a lean connection needs of `limits`.
 #[derive(Clone, Copy, Debug)]
@@ -663,6 +666,10 @@ where
         if encoder == Encoder::Chunked {
             out.extend_from_slice(b"\r\n");
         }
+        if out.len() >= FLUSH_AT {
+            io.write_all(out).await?;
+            out.clear();
+        }
         if body.is_end_stream() {
             break;
         }
@@ -1248,6 +1255,69 @@ mod differential {
             }
             io
         })
+    }
+
+    /// A socket that takes everything and remembers its largest write.
+    #[derive(Default)]
+    struct Writes {
+        largest: usize,
+        total: usize,
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.largest = self.largest.max(buf.len());
+            self.total += buf.len();
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A body whose frames are all ready at once (a fast upstream) is
+    /// written as it is read, not gathered whole first: CI's 100 MiB
+    /// download once peaked at 72 MiB of RSS that way.
+    #[test]
+    fn a_body_that_is_always_ready_is_streamed_not_gathered() {
+        for (frame, exact) in [(4096, true), (4096, false), (100, true)] {
+            let total = 8 << 20;
+            let case = Case {
+                status: 200,
+                version: Version::HTTP_11,
+                reason: false,
+                headers: Vec::new(),
+                data: vec![frame; total / frame],
+                trailers: false,
+                exact,
+            };
+            let mut io = Writes::default();
+            let mut out = Vec::new();
+            runtime()
+                .block_on(respond(
+                    &mut io,
+                    case.response(),
+                    &Method::GET,
+                    true,
+                    &mut out,
+                ))
+                .unwrap();
+            assert!(io.total > total / frame * frame, "{frame} {exact}");
+            assert!(
+                io.largest <= 128 * 1024,
+                "a {}-byte write of a body of {frame}-byte frames",
+                io.largest
+            );
+        }
     }
 
     proptest! {
