@@ -5,17 +5,22 @@
 # harness's backend config (../shared/bench/conf) on 127.0.0.1:2808x (h1) /
 # 2809x (h2c), the proxy on :28180 (admin :28190) under `taskset -c 1`,
 # lb round_robin; 2,000 warm-up requests uninstrumented, then N counted.
-# Clients: curl with 8 parallel HTTP/1.1 connections; nghttp -M 16 on one
-# HTTP/2 connection. Not a load benchmark: counts, not wall-clock time.
+# Clients: curl with 8 parallel HTTP/1.1 connections; h2load with 4
+# connections of 16 streams each, the bench's h2 shape (nghttp, used before
+# 2026-12-05, opened up to the proxy's 1,024 streams at once: the proxy
+# shed some, and jemalloc's caches overflowed as they never do in the
+# bench). jemalloc's decay is 50 times longer than the binary's, as the
+# program runs about 50 times slower under callgrind. Not a load
+# benchmark: counts, not wall-clock time.
 set -u
 BIN=$1; LABEL=$2; PROTO=$3; N=$4
 D=${CALLGRIND_DIR:-/tmp/almond-callgrind}/$LABEL-$PROTO; rm -rf $D; mkdir -p $D
 . "$(dirname "$0")/backends.sh"
 backends $D $PROTO
-taskset -c 1 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$D/cg.out $BIN proxy --config $D/almond.yaml > $D/proxy.log 2>&1 &
+taskset -c 1 env _RJEM_MALLOC_CONF=${CALLGRIND_MALLOC_CONF:-dirty_decay_ms:5000} valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$D/cg.out $BIN proxy --config $D/almond.yaml > $D/proxy.log 2>&1 &
 PX=$!
 for i in $(seq 1 120); do curl -s -o /dev/null http://127.0.0.1:28190/ready && break; sleep 1; done
-load() { if [ $PROTO = http1 ]; then curl -s --no-progress-meter --http1.1 -Z --parallel-max 8 "http://127.0.0.1:28180/$1[1-$2]" > /dev/null; else nghttp -n -M 16 -m $2 "http://127.0.0.1:28180/$1"; fi; }
+load() { if [ $PROTO = http1 ]; then curl -s --no-progress-meter --http1.1 -Z --parallel-max 8 "http://127.0.0.1:28180/$1[1-$2]" > /dev/null; else h2load -c 4 -m 16 -n $2 "http://127.0.0.1:28180/$1" > /dev/null; fi; }
 load w 2000
 callgrind_control -i on $PX >/dev/null
 load r $N

@@ -86,3 +86,88 @@ async fn hundred_mib_each_way_streams_with_bounded_memory() {
         "proxy peak RSS {peak} KiB; it must stream, not buffer"
     );
 }
+
+/// An HTTP/2 upstream on `listener` that answers at once with the
+/// request's own body: every chunk it gets comes straight back.
+async fn h2_echo(listener: tokio::net::TcpListener) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+            Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
+        });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+        );
+    }
+}
+
+/// Both ways at once through an HTTP/2 upstream (as gRPC streams do): the
+/// upstream answers before the request ends, and each chunk the client
+/// sends comes back through the proxy before the next is sent. Then a
+/// 10 MiB body, more than the upstream's windows, arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstream_streams_both_ways_while_the_request_is_still_coming() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo = listener.local_addr().unwrap();
+    tokio::spawn(h2_echo(listener));
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("echo").http2().at(echo))
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+    let mut h2 = H2::connect(proxy.addr()).await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+    });
+    let req = Request::post("http://echo/chat")
+        .version(http::Version::HTTP_2)
+        .body(http_body_util::StreamBody::new(chunks).boxed())
+        .unwrap();
+    let resp = h2.send(req).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "answered before the request ended"
+    );
+    let mut body = resp.into_body();
+    for i in 0..3 {
+        let sent = format!("chunk {i}");
+        tx.send(sent.clone().into()).await.unwrap();
+        let mut back = Vec::new();
+        while back.len() < sent.len() {
+            let frame = within("the echoed chunk", body.frame())
+                .await
+                .expect("the response goes on")
+                .expect("echo frame");
+            back.extend_from_slice(frame.data_ref().expect("data"));
+        }
+        assert_eq!(String::from_utf8_lossy(&back), sent);
+    }
+    drop(tx);
+    let rest = within("the response's end", body.collect()).await.unwrap();
+    assert!(rest.to_bytes().is_empty());
+
+    let big = vec![b'z'; 10 << 20];
+    let req = Request::post("http://echo/big")
+        .version(http::Version::HTTP_2)
+        .body(
+            http_body_util::StreamBody::new(futures_util::stream::iter(
+                big.chunks(64 * 1024)
+                    .map(|c| Ok(hyper::body::Frame::data(bytes::Bytes::copy_from_slice(c))))
+                    .collect::<Vec<_>>(),
+            ))
+            .boxed(),
+        )
+        .unwrap();
+    let resp = h2.send(req).await;
+    let back = within("10 MiB echoed", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(back.len(), big.len());
+    assert!(back.iter().all(|&b| b == b'z'));
+}

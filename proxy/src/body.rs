@@ -6,6 +6,7 @@
 //! connection goes back to its pool).
 
 use crate::upstream::h1::{self, LeanBody};
+use crate::upstream::h2::ResponseBody as H2Body;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -25,6 +26,8 @@ pub enum BodyError {
     /// The upstream's connection failed, or its body was malformed (the
     /// lean HTTP/1.1 client).
     Lean(h1::Error),
+    /// The upstream's HTTP/2 stream or connection failed.
+    H2(::h2::Error),
     /// No byte arrived for this long.
     Idle(Duration),
 }
@@ -34,6 +37,7 @@ impl std::fmt::Display for BodyError {
         match self {
             BodyError::Hyper(e) => e.fmt(f),
             BodyError::Lean(e) => e.fmt(f),
+            BodyError::H2(e) => e.fmt(f),
             BodyError::Idle(d) => write!(f, "no body bytes for {d:?}"),
         }
     }
@@ -50,6 +54,7 @@ impl std::error::Error for BodyError {
         match self {
             BodyError::Hyper(e) => Some(e),
             BodyError::Lean(e) => Some(e),
+            BodyError::H2(e) => Some(e),
             BodyError::Idle(_) => None,
         }
     }
@@ -146,10 +151,12 @@ impl Body for ClientBody {
 
 /// An upstream response's body: hyper's, or the lean HTTP/1.1 client's.
 pub enum UpstreamBody {
-    /// From hyper's client (HTTP/2, upgrades, streamed request bodies).
+    /// From hyper's HTTP/1.1 client (upgrades, streamed request bodies).
     Hyper(Incoming),
     /// From the lean HTTP/1.1 client (`upstream/h1.rs`).
     Lean(LeanBody),
+    /// From the HTTP/2 client (`upstream/h2.rs`).
+    H2(H2Body),
 }
 
 impl Body for UpstreamBody {
@@ -163,6 +170,7 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Hyper),
             UpstreamBody::Lean(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Lean),
+            UpstreamBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::H2),
         }
     }
 
@@ -170,6 +178,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Hyper(body) => body.is_end_stream(),
             UpstreamBody::Lean(body) => body.is_end_stream(),
+            UpstreamBody::H2(body) => body.is_end_stream(),
         }
     }
 
@@ -177,6 +186,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Hyper(body) => body.size_hint(),
             UpstreamBody::Lean(body) => body.size_hint(),
+            UpstreamBody::H2(body) => body.size_hint(),
         }
     }
 }

@@ -5,6 +5,7 @@
 use crate::body::RequestBody;
 use crate::pipeline::route::ServiceRoute;
 use crate::upstream::balance::Member;
+use crate::upstream::connect::send_on;
 use crate::upstream::endpoint::EndpointState;
 use crate::Shared;
 use almond_config::{HealthCheck, Protocol};
@@ -137,7 +138,7 @@ async fn probe(svc: &ServiceRoute, hc: &HealthCheck, m: &Member) -> bool {
                 else {
                     return false;
                 };
-                sender.send_request(req).await.map(|r| r.status())
+                sender.send_request(req).await.ok().map(|r| r.status())
             }
             Protocol::Http2 => {
                 let Ok(mut sender) = m
@@ -149,10 +150,13 @@ async fn probe(svc: &ServiceRoute, hc: &HealthCheck, m: &Member) -> bool {
                     return false;
                 };
                 *req.version_mut() = http::Version::HTTP_2;
-                sender.send_request(req).await.map(|r| r.status())
+                if !sender.ready().await {
+                    return false;
+                }
+                send_on(&mut sender, req).await.ok().map(|r| r.status())
             }
         };
-        status.is_ok_and(|s| s.is_success() || s.is_redirection())
+        status.is_some_and(|s| s.is_success() || s.is_redirection())
     };
     tokio::time::timeout(hc.timeout, attempt)
         .await

@@ -1,19 +1,21 @@
 //! Connect: the connections to one endpoint -- LIFO pools of idle
 //! HTTP/1.1 connections (hyper's, and the lean client's), one shared
-//! HTTP/2 connection -- opened (TCP, then TLS) within the connect timeout,
-//! and one request sent over them.
+//! HTTP/2 connection (`upstream/h2.rs`) -- opened (TCP, then TLS) within
+//! the connect timeout, and one request sent over them.
 
 use crate::body::{BodyError, RequestBody};
 use crate::identity::tls::{Conn, Upstream};
 use crate::limit::Admission;
 use crate::outcome::ErrorKind;
 use crate::upstream::h1::{self, LeanBody};
+use crate::upstream::h2::{self, Outgoing};
 use crate::upstream::pool::{Pool, Reusable};
 use arc_swap::ArcSwapOption;
+use http_body::Body;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -47,7 +49,7 @@ pub struct Connections {
     h1_idle: Pool<H1Sender>,
     /// Idle connections of the lean HTTP/1.1 client (`upstream/h1.rs`).
     lean: Arc<Pool<Box<h1::Connection<Conn>>>>,
-    h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    h2: ArcSwapOption<h2::Sender>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
 
@@ -224,7 +226,7 @@ impl Connections {
         pending: &'a Arc<Admission>,
         tls: Option<&'a Upstream>,
         connected: &'a mut Option<Duration>,
-    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Response<h2::ResponseBody>, SendError>> + Send + 'a {
         async move {
             let mut sender = match self.live_h2() {
                 Some(s) => s,
@@ -250,18 +252,15 @@ impl Connections {
                     }
                 }
             };
-            if sender.ready().await.is_err() {
+            if !sender.ready().await {
                 self.h2.store(None);
                 return Err(SendError::unsent(ErrorKind::Reset, req));
             }
-            sender
-                .send_request(req)
-                .await
-                .map_err(|e| SendError::sent(classify(&e)))
+            send_on(&mut sender, req).await.map_err(SendError::sent)
         }
     }
 
-    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+    fn live_h2(&self) -> Option<h2::Sender> {
         let guard = self.h2.load();
         match guard.as_deref() {
             Some(s) if !s.is_closed() => Some(s.clone()),
@@ -327,16 +326,17 @@ impl Connections {
         &self,
         connect_timeout: Duration,
         tls: Option<&Upstream>,
-    ) -> Result<http2::SendRequest<RequestBody>, ErrorKind> {
+    ) -> Result<h2::Sender, ErrorKind> {
         let io = self.connect(connect_timeout, tls, true).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(io)
-            .await
-            .map_err(|e| classify(&e))?;
-        self.run(conn, "h2");
+        let (sender, driver) = h2::handshake(io.into_inner()).await.map_err(|e| {
+            tracing::debug!(endpoint = %self.addr, error = %e, "h2 handshake failed");
+            ErrorKind::Reset
+        })?;
+        let open = ConnCount::new(&self.open);
+        tokio::spawn(async move {
+            driver.await;
+            drop(open);
+        });
         Ok(sender)
     }
 
@@ -434,6 +434,28 @@ impl From<tokio::time::error::Elapsed> for SendError {
     fn from(_: tokio::time::error::Elapsed) -> SendError {
         SendError::sent(ErrorKind::Timeout)
     }
+}
+
+/// Sends `req` over `sender`, once ready (`upstream/h2.rs`): a body known
+/// whole goes with the head, a streamed one as it comes.
+pub async fn send_on(
+    sender: &mut h2::Sender,
+    req: Request<RequestBody>,
+) -> Result<Response<h2::ResponseBody>, ErrorKind> {
+    let (parts, body) = req.into_parts();
+    let body = match body {
+        RequestBody::Replay(None) => Outgoing::Empty,
+        RequestBody::Replay(Some(bytes)) => Outgoing::Whole(bytes),
+        body if body.is_end_stream() => Outgoing::Empty,
+        body => Outgoing::Stream(body),
+    };
+    let failed = |e: &BodyError| match e {
+        BodyError::Idle(_) => ErrorKind::ClientTimeout,
+        _ => ErrorKind::Reset,
+    };
+    sender
+        .send(Request::from_parts(parts, ()), body, failed)
+        .await
 }
 
 /// Counts an open connection for as long as it lives.

@@ -230,7 +230,7 @@ fn send_to<'a>(
                         connected,
                     )
                     .await?
-                    .map(UpstreamBody::Hyper),
+                    .map(UpstreamBody::H2),
                 None,
             )),
         }

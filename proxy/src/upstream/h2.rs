@@ -1,0 +1,378 @@
+//! The HTTP/2 client, on the `h2` crate: a request is sent and its response
+//! awaited in the request's own task (hyper's client added a task, a
+//! channel and two one-shots per request); the connection runs in a task
+//! of its own, with keep-alive pings.
+
+use crate::outcome::ErrorKind;
+use bytes::Bytes;
+use h2::client::{Connection, ResponseFuture, SendRequest};
+use h2::{Ping, PingPong, RecvStream, SendStream};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The window hyper's client gave a stream (2 MiB) and a connection
+/// (5 MiB): the same flow control as before.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONN_WINDOW: u32 = 5 * 1024 * 1024;
+/// Bytes queued for sending on the connection, in all.
+const MAX_SEND_BUF: usize = 1024 * 1024;
+/// The largest response head taken.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Streams opened before the server's settings say how many it takes.
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+/// A ping every this long; no pong within `PONG_TIMEOUT` closes the
+/// connection (its streams fail, and the next request opens another).
+const PING_INTERVAL: Duration = Duration::from_secs(20);
+const PONG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The sending half of one HTTP/2 connection; clones share it.
+#[derive(Clone)]
+pub struct Sender {
+    send: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+/// Performs the HTTP/2 handshake over `io`; returns the sending half and
+/// the connection's driver, to be run in a task of its own.
+pub async fn handshake<T>(
+    io: T,
+) -> Result<(Sender, impl Future<Output = ()> + Send + 'static), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = h2::client::Builder::new()
+        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUF)
+        .enable_push(false)
+        .handshake::<T, Bytes>(io)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let driver = drive(conn, closed.clone());
+    Ok((Sender { send, closed }, driver))
+}
+
+/// Runs the connection until it ends (an error, a `GOAWAY`, every handle
+/// dropped, or a ping left unanswered), then marks it closed.
+async fn drive<T>(mut conn: Connection<T, Bytes>, closed: Arc<AtomicBool>)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let pinger = conn.ping_pong();
+    let mut conn = pin!(conn);
+    let ended = match pinger {
+        Some(mut pinger) => loop {
+            let ping = pin!(keep_alive(&mut pinger));
+            match futures_util::future::select(conn.as_mut(), ping).await {
+                futures_util::future::Either::Left((ended, _)) => break ended,
+                futures_util::future::Either::Right((alive, _)) => {
+                    if !alive {
+                        break Err(h2::Error::from(h2::Reason::NO_ERROR));
+                    }
+                }
+            }
+        },
+        None => conn.await,
+    };
+    closed.store(true, Ordering::Release);
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "upstream h2 connection ended");
+    }
+}
+
+/// Waits `PING_INTERVAL`, pings, and says whether the pong came in time.
+async fn keep_alive(pinger: &mut PingPong) -> bool {
+    tokio::time::sleep(PING_INTERVAL).await;
+    let pong = pinger.ping(Ping::opaque());
+    matches!(tokio::time::timeout(PONG_TIMEOUT, pong).await, Ok(Ok(_)))
+}
+
+/// A request's body as it goes up.
+pub enum Outgoing<B> {
+    /// None: the head ends the stream.
+    Empty,
+    /// Known whole: queued at once, sent as the window allows.
+    Whole(Bytes),
+    /// Still coming: copied as it comes and as the window allows.
+    Stream(B),
+}
+
+impl Sender {
+    /// Is the connection gone?
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Waits until the connection can take another stream; `false` if it
+    /// never will (it is then marked closed).
+    pub async fn ready(&mut self) -> bool {
+        let ready = poll_fn(|cx| self.send.poll_ready(cx)).await.is_ok();
+        if !ready {
+            self.closed.store(true, Ordering::Release);
+        }
+        ready
+    }
+
+    /// Sends `head` (readied by `headers::to_upstream`: absolute target,
+    /// no connection-specific fields) and `body`, once [`Sender::ready`],
+    /// and waits for the response head. A streamed body is copied from
+    /// this task until the head comes, then from a task of its own;
+    /// `failed` names the try's error when the body fails before that.
+    pub async fn send<B>(
+        &mut self,
+        mut head: Request<()>,
+        body: Outgoing<B>,
+        failed: fn(&B::Error) -> ErrorKind,
+    ) -> Result<Response<ResponseBody>, ErrorKind>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+    {
+        let length = match &body {
+            Outgoing::Empty => Some(0),
+            Outgoing::Whole(bytes) => Some(bytes.len() as u64),
+            Outgoing::Stream(body) => body.size_hint().exact(),
+        };
+        if let Some(len) = length {
+            // A length for a body known whole, as hyper's client gave it.
+            if (len != 0 || has_payload_semantics(head.method()))
+                && !head.headers().contains_key(header::CONTENT_LENGTH)
+            {
+                head.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
+        }
+        let end = matches!(body, Outgoing::Empty);
+        let (response, mut stream) = self.send.send_request(head, end).map_err(|e| {
+            tracing::debug!(error = %e, "upstream h2 stream refused");
+            ErrorKind::Reset
+        })?;
+        let resp = match body {
+            Outgoing::Empty => response.await,
+            Outgoing::Whole(bytes) => {
+                if stream.send_data(bytes, true).is_err() {
+                    return Err(ErrorKind::Reset);
+                }
+                response.await
+            }
+            Outgoing::Stream(body) => return stream_body(response, stream, body, failed).await,
+        };
+        resp.map(ResponseBody::head).map_err(|e| classify(&e))
+    }
+}
+
+/// Streams `body` up while the response head is awaited; once it comes,
+/// whatever is left of the body goes on in a task of its own.
+async fn stream_body<B>(
+    response: ResponseFuture,
+    stream: SendStream<Bytes>,
+    body: B,
+    failed: fn(&B::Error) -> ErrorKind,
+) -> Result<Response<ResponseBody>, ErrorKind>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    let mut pipe = Box::pin(pipe(body, stream, failed));
+    let mut response = pin!(response);
+    let resp = poll_fn(|cx| {
+        if let Poll::Ready(r) = response.as_mut().poll(cx) {
+            return Poll::Ready(Ok(r));
+        }
+        match pipe.as_mut().poll(cx) {
+            // Ended well: only the response is awaited now.
+            Poll::Ready(Ok(())) => Poll::Pending,
+            Poll::Ready(Err(kind)) => Poll::Ready(Err(kind)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await?;
+    // The body pipe keeps going: a server may answer before the request
+    // ends (gRPC streams both ways).
+    tokio::spawn(async move {
+        let _ = pipe.await;
+    });
+    resp.map(ResponseBody::head).map_err(|e| classify(&e))
+}
+
+/// Copies `body` into `stream` as the stream's window allows (hyper's
+/// `PipeToSendStream`): a body that fails resets the stream, and the
+/// error is what `failed` makes of it.
+async fn pipe<B>(
+    mut body: B,
+    mut stream: SendStream<Bytes>,
+    failed: fn(&B::Error) -> ErrorKind,
+) -> Result<(), ErrorKind>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut done = false;
+    poll_fn(|cx| loop {
+        if done {
+            return Poll::Ready(Ok(()));
+        }
+        // Room for at least a byte before the body is read.
+        stream.reserve_capacity(1);
+        if stream.capacity() == 0 {
+            loop {
+                match stream.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(0))) => continue,
+                    Poll::Ready(Some(Ok(_))) => break,
+                    Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
+                        return Poll::Ready(Err(ErrorKind::Reset));
+                    }
+                    Poll::Pending => {
+                        // The server may reset the stream meanwhile.
+                        if stream.poll_reset(cx).is_ready() {
+                            return Poll::Ready(Err(ErrorKind::Reset));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+        if stream.poll_reset(cx).is_ready() {
+            return Poll::Ready(Err(ErrorKind::Reset));
+        }
+        let frame = match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => return Poll::Pending,
+        };
+        match frame {
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                done = true;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let end = body.is_end_stream();
+                    if stream.send_data(data, end).is_err() {
+                        return Poll::Ready(Err(ErrorKind::Reset));
+                    }
+                    done = end;
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = stream.send_trailers(trailers);
+                        done = true;
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                return Poll::Ready(Err(failed(&e)));
+            }
+        }
+    })
+    .await
+}
+
+/// Methods whose empty body still gets `content-length: 0` (hyper's
+/// `method_has_defined_payload_semantics`).
+fn has_payload_semantics(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+    )
+}
+
+/// An HTTP/2 error on a stream or its connection: the peer reset or went
+/// away, or the connection broke.
+fn classify(e: &h2::Error) -> ErrorKind {
+    tracing::debug!(error = %e, "upstream h2 exchange failed");
+    ErrorKind::Reset
+}
+
+/// A response body from an HTTP/2 upstream: its data frames (their window
+/// released as they are taken), then its trailers.
+pub struct ResponseBody {
+    recv: RecvStream,
+    /// The data is over; trailers are next.
+    data_done: bool,
+    /// `content-length`, if the head gave one.
+    length: Option<u64>,
+}
+
+impl ResponseBody {
+    /// The response with its body's length from the head's
+    /// `content-length` (the `h2` crate holds the data to it), or none for
+    /// a stream already ended, as hyper's client gives it.
+    fn head(resp: Response<RecvStream>) -> Response<ResponseBody> {
+        let length = content_length(resp.headers());
+        resp.map(|recv| {
+            let length = match length {
+                None if recv.is_end_stream() => Some(0),
+                length => length,
+            };
+            ResponseBody {
+                recv,
+                data_done: false,
+                length,
+            }
+        })
+    }
+}
+
+/// The one `content-length` value, if it is a plain number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let digits = value.as_bytes();
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match this.recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(left) = this.length.as_mut() {
+                        *left = left.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => this.data_done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match this.recv.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
