@@ -376,3 +376,65 @@ impl Body for ResponseBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that says its settings, acknowledges the client's, then
+    /// reads everything and answers nothing (no pong).
+    async fn mute_server(mut io: tokio::io::DuplexStream) {
+        // SETTINGS (type 4), empty; then SETTINGS with ACK (flag 1).
+        let frames = [0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0];
+        if io.write_all(&frames).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+    }
+
+    /// An upstream that stops answering is dropped: no pong within 10 s of
+    /// a ping closes the connection, and the next request opens another.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_pings_go_unanswered_is_closed() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(mute_server(server));
+        let (sender, driver) = handshake(client).await.expect("handshake");
+        let driver = tokio::spawn(driver);
+        tokio::time::sleep(PING_INTERVAL + PONG_TIMEOUT / 2).await;
+        assert!(!sender.is_closed(), "closed before the pong was due");
+        tokio::time::sleep(PONG_TIMEOUT).await;
+        assert!(sender.is_closed(), "still open with its ping unanswered");
+        assert!(driver.is_finished());
+    }
+
+    /// A live upstream answers its pings and keeps its connection, idle or
+    /// not, and the connection still carries requests.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_answers_its_pings_stays_open() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server)
+                .await
+                .expect("server handshake");
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let _ = respond.send_response(Response::new(()), true);
+            }
+        });
+        let (mut sender, driver) = handshake(client).await.expect("handshake");
+        tokio::spawn(driver);
+        tokio::time::sleep(5 * PING_INTERVAL).await;
+        assert!(!sender.is_closed());
+        assert!(sender.ready().await);
+        let head = Request::get("http://up/").body(()).expect("request");
+        let resp = sender
+            .send(
+                head,
+                Outgoing::<http_body_util::Empty<Bytes>>::Empty,
+                |_| ErrorKind::Reset,
+            )
+            .await;
+        assert_eq!(resp.map(|r| r.status()).ok(), Some(http::StatusCode::OK));
+    }
+}
