@@ -171,3 +171,61 @@ async fn an_h2_upstream_streams_both_ways_while_the_request_is_still_coming() {
     assert_eq!(back.len(), big.len());
     assert!(back.iter().all(|&b| b == b'z'));
 }
+
+/// An HTTP/2 upstream that refuses a stream (`REFUSED_STREAM`: none of it
+/// processed) gets the request again, a POST included, and the client gets
+/// the answer instead of a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_an_h2_upstream_refused_is_sent_again() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let counted = counted.clone();
+                    tokio::spawn(async move {
+                        if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            return;
+                        }
+                        let mut body = req.into_body();
+                        let mut len = 0;
+                        while let Some(Ok(data)) = body.data().await {
+                            len += data.len();
+                            let _ = body.flow_control().release_capacity(data.len());
+                        }
+                        let mut send = respond
+                            .send_response(http::Response::new(()), false)
+                            .unwrap();
+                        let _ = send.send_data(bytes::Bytes::from(format!("got {len}")), true);
+                    });
+                }
+            });
+        }
+    });
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("refuser").http2().at(upstream))
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+    let mut client = H1::connect(proxy.addr()).await;
+    let req = Request::post("/orders")
+        .header("host", "refuser")
+        .body(full("hello"))
+        .unwrap();
+    let reply = client.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(&reply.body[..], b"got 5");
+    assert_eq!(
+        streams.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "refused once, then taken"
+    );
+}

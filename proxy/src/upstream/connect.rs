@@ -256,7 +256,12 @@ impl Connections {
                 self.h2.store(None);
                 return Err(SendError::unsent(ErrorKind::Reset, req));
             }
-            send_on(&mut sender, req).await.map_err(SendError::sent)
+            send_on(&mut sender, req).await.map_err(|failure| {
+                let mut e = SendError::sent(failure.kind);
+                // Refused: nothing was processed, as on a stale connection.
+                e.stale = failure.refused;
+                e
+            })
         }
     }
 
@@ -441,7 +446,7 @@ impl From<tokio::time::error::Elapsed> for SendError {
 pub async fn send_on(
     sender: &mut h2::Sender,
     req: Request<RequestBody>,
-) -> Result<Response<h2::ResponseBody>, ErrorKind> {
+) -> Result<Response<h2::ResponseBody>, h2::Failure> {
     let (parts, body) = req.into_parts();
     let body = match body {
         RequestBody::Replay(None) => Outgoing::Empty,

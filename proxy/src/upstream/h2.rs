@@ -132,7 +132,7 @@ impl Sender {
         mut head: Request<()>,
         body: Outgoing<B>,
         failed: fn(&B::Error) -> ErrorKind,
-    ) -> Result<Response<ResponseBody>, ErrorKind>
+    ) -> Result<Response<ResponseBody>, Failure>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
     {
@@ -159,7 +159,7 @@ impl Sender {
             Outgoing::Empty => response.await,
             Outgoing::Whole(bytes) => {
                 if stream.send_data(bytes, true).is_err() {
-                    return Err(ErrorKind::Reset);
+                    return Err(ErrorKind::Reset.into());
                 }
                 response.await
             }
@@ -176,7 +176,7 @@ async fn stream_body<B>(
     stream: SendStream<Bytes>,
     body: B,
     failed: fn(&B::Error) -> ErrorKind,
-) -> Result<Response<ResponseBody>, ErrorKind>
+) -> Result<Response<ResponseBody>, Failure>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
 {
@@ -283,11 +283,35 @@ fn has_payload_semantics(method: &Method) -> bool {
     )
 }
 
+/// Why a request sent over HTTP/2 got no response.
+#[derive(Debug, PartialEq)]
+pub struct Failure {
+    /// What the try failed with.
+    pub kind: ErrorKind,
+    /// The upstream refused the stream (`REFUSED_STREAM`): none of it was
+    /// processed (RFC 9113, 8.7), so it may go again whatever its method.
+    pub refused: bool,
+}
+
+impl From<ErrorKind> for Failure {
+    fn from(kind: ErrorKind) -> Failure {
+        Failure {
+            kind,
+            refused: false,
+        }
+    }
+}
+
 /// An HTTP/2 error on a stream or its connection: the peer reset or went
-/// away, or the connection broke.
-fn classify(e: &h2::Error) -> ErrorKind {
+/// away, or the connection broke. Only a `REFUSED_STREAM` reset says
+/// nothing was processed (a `GOAWAY` does too, for streams above its last
+/// id, but `h2` gives the streams it closes afterwards the same error).
+fn classify(e: &h2::Error) -> Failure {
     tracing::debug!(error = %e, "upstream h2 exchange failed");
-    ErrorKind::Reset
+    Failure {
+        kind: ErrorKind::Reset,
+        refused: e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM),
+    }
 }
 
 /// A response body from an HTTP/2 upstream: its data frames (their window
@@ -407,6 +431,44 @@ mod tests {
         tokio::time::sleep(PONG_TIMEOUT).await;
         assert!(sender.is_closed(), "still open with its ping unanswered");
         assert!(driver.is_finished());
+    }
+
+    /// A stream the upstream refused (`REFUSED_STREAM`: nothing processed)
+    /// is told apart from one it reset after taking it.
+    #[tokio::test]
+    async fn a_refused_stream_is_told_apart_from_a_reset_one() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server)
+                .await
+                .expect("server handshake");
+            let mut reasons = [h2::Reason::REFUSED_STREAM, h2::Reason::INTERNAL_ERROR].into_iter();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                match reasons.next() {
+                    Some(reason) => respond.send_reset(reason),
+                    None => {
+                        let _ = respond.send_response(Response::new(()), true);
+                    }
+                }
+            }
+        });
+        let (mut sender, driver) = handshake(client).await.expect("handshake");
+        tokio::spawn(driver);
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            assert!(sender.ready().await);
+            let head = Request::post("http://up/").body(()).expect("request");
+            let body = Outgoing::<http_body_util::Empty<Bytes>>::Whole(Bytes::from_static(b"x"));
+            let sent = sender.send(head, body, |_| ErrorKind::Reset).await;
+            outcomes.push(sent.map(|r| r.status().as_u16()));
+        }
+        let refused = Failure {
+            kind: ErrorKind::Reset,
+            refused: true,
+        };
+        assert_eq!(outcomes[0].as_ref().err(), Some(&refused));
+        assert_eq!(outcomes[1].as_ref().err(), Some(&ErrorKind::Reset.into()));
+        assert_eq!(outcomes[2].as_ref().ok(), Some(&200));
     }
 
     /// A live upstream answers its pings and keeps its connection, idle or
