@@ -76,7 +76,8 @@ where
                 futures_util::future::Either::Left((ended, _)) => break ended,
                 futures_util::future::Either::Right((alive, _)) => {
                     if !alive {
-                        break Err(h2::Error::from(h2::Reason::NO_ERROR));
+                        tracing::debug!(timeout = ?PONG_TIMEOUT, "upstream h2 ping unanswered: closing");
+                        break Ok(());
                     }
                 }
             }
@@ -180,25 +181,32 @@ async fn stream_body<B>(
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
 {
-    let mut pipe = Box::pin(pipe(body, stream, failed));
+    // `None` once the body is all sent: a finished future is not polled
+    // again.
+    let mut pipe = Some(Box::pin(pipe(body, stream, failed)));
     let mut response = pin!(response);
     let resp = poll_fn(|cx| {
         if let Poll::Ready(r) = response.as_mut().poll(cx) {
             return Poll::Ready(Ok(r));
         }
-        match pipe.as_mut().poll(cx) {
-            // Ended well: only the response is awaited now.
-            Poll::Ready(Ok(())) => Poll::Pending,
-            Poll::Ready(Err(kind)) => Poll::Ready(Err(kind)),
-            Poll::Pending => Poll::Pending,
+        if let Some(sending) = pipe.as_mut() {
+            match sending.as_mut().poll(cx) {
+                // Sent: only the response is awaited now.
+                Poll::Ready(Ok(())) => pipe = None,
+                Poll::Ready(Err(kind)) => return Poll::Ready(Err(kind)),
+                Poll::Pending => {}
+            }
         }
+        Poll::Pending
     })
     .await?;
     // The body pipe keeps going: a server may answer before the request
     // ends (gRPC streams both ways).
-    tokio::spawn(async move {
-        let _ = pipe.await;
-    });
+    if let Some(sending) = pipe {
+        tokio::spawn(async move {
+            let _ = sending.await;
+        });
+    }
     resp.map(ResponseBody::head).map_err(|e| classify(&e))
 }
 
@@ -469,6 +477,46 @@ mod tests {
         assert_eq!(outcomes[0].as_ref().err(), Some(&refused));
         assert_eq!(outcomes[1].as_ref().err(), Some(&ErrorKind::Reset.into()));
         assert_eq!(outcomes[2].as_ref().ok(), Some(&200));
+    }
+
+    /// A streamed body sent whole before the answer comes: the request's
+    /// future may be polled any number of times meanwhile (here, at once
+    /// after every poll), and the answer still arrives.
+    #[tokio::test]
+    async fn a_body_sent_before_its_answer_survives_any_number_of_polls() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server)
+                .await
+                .expect("server handshake");
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    while let Some(Ok(data)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(data.len());
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let _ = respond.send_response(Response::new(()), true);
+                });
+            }
+        });
+        let (mut sender, driver) = handshake(client).await.expect("handshake");
+        tokio::spawn(driver);
+        assert!(sender.ready().await);
+        let chunks =
+            ["a", "b", "c"].map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(c))));
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+        let head = Request::post("http://up/").body(()).expect("request");
+        let mut sending = pin!(sender.send(head, Outgoing::Stream(body), |_| ErrorKind::Reset));
+        let sent = poll_fn(|cx| {
+            let polled = sending.as_mut().poll(cx);
+            if polled.is_pending() {
+                cx.waker().wake_by_ref();
+            }
+            polled
+        })
+        .await;
+        assert_eq!(sent.map(|r| r.status().as_u16()).ok(), Some(200));
     }
 
     /// A live upstream answers its pings and keeps its connection, idle or
