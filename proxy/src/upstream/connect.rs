@@ -443,10 +443,7 @@ impl From<tokio::time::error::Elapsed> for SendError {
 
 /// Sends `req` over `sender`, once ready (`upstream/h2.rs`): a body known
 /// whole goes with the head, a streamed one as it comes.
-pub async fn send_on(
-    sender: &mut h2::Sender,
-    req: Request<RequestBody>,
-) -> Result<Response<h2::ResponseBody>, h2::Failure> {
+pub fn send_on(sender: &mut h2::Sender, req: Request<RequestBody>) -> h2::Sending {
     let (parts, body) = req.into_parts();
     let body = match body {
         RequestBody::Replay(None) => Outgoing::Empty,
@@ -458,9 +455,7 @@ pub async fn send_on(
         BodyError::Idle(_) => ErrorKind::ClientTimeout,
         _ => ErrorKind::Reset,
     };
-    sender
-        .send(Request::from_parts(parts, ()), body, failed)
-        .await
+    sender.send(Request::from_parts(parts, ()), body, failed)
 }
 
 /// Counts an open connection for as long as it lives.

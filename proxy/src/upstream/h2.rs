@@ -124,16 +124,20 @@ impl Sender {
     }
 
     /// Sends `head` (readied by `headers::to_upstream`: absolute target,
-    /// no connection-specific fields) and `body`, once [`Sender::ready`],
-    /// and waits for the response head. A streamed body is copied from
-    /// this task until the head comes, then from a task of its own;
-    /// `failed` names the try's error when the body fails before that.
-    pub async fn send<B>(
+    /// no connection-specific fields) and `body`, once [`Sender::ready`];
+    /// the future waits for the response head. A streamed body is copied
+    /// from the request's task until the head comes, then from a task of
+    /// its own; `failed` names the try's error when the body fails before
+    /// that. A plain `fn`: the head and a whole body go to the connection
+    /// now, and the future is only the wait (tens of bytes, not the
+    /// kilobyte an `async fn` keeping its arguments took in every try's
+    /// future).
+    pub fn send<B>(
         &mut self,
         mut head: Request<()>,
         body: Outgoing<B>,
         failed: fn(&B::Error) -> ErrorKind,
-    ) -> Result<Response<ResponseBody>, Failure>
+    ) -> Sending
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
     {
@@ -152,21 +156,51 @@ impl Sender {
             }
         }
         let end = matches!(body, Outgoing::Empty);
-        let (response, mut stream) = self.send.send_request(head, end).map_err(|e| {
-            tracing::debug!(error = %e, "upstream h2 stream refused");
-            ErrorKind::Reset
-        })?;
-        let resp = match body {
-            Outgoing::Empty => response.await,
-            Outgoing::Whole(bytes) => {
-                if stream.send_data(bytes, true).is_err() {
-                    return Err(ErrorKind::Reset.into());
-                }
-                response.await
+        let (response, mut stream) = match self.send.send_request(head, end) {
+            Ok(sent) => sent,
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream h2 stream refused");
+                return Sending::Failed(Some(ErrorKind::Reset.into()));
             }
-            Outgoing::Stream(body) => return stream_body(response, stream, body, failed).await,
         };
-        resp.map(ResponseBody::head).map_err(|e| classify(&e))
+        match body {
+            Outgoing::Empty => Sending::Head(response),
+            Outgoing::Whole(bytes) => match stream.send_data(bytes, true) {
+                Ok(()) => Sending::Head(response),
+                Err(_) => Sending::Failed(Some(ErrorKind::Reset.into())),
+            },
+            // Boxed: streamed bodies are the rarer case, and their state
+            // would size every request's future.
+            Outgoing::Stream(body) => {
+                Sending::Streaming(Box::pin(stream_body(response, stream, body, failed)))
+            }
+        }
+    }
+}
+
+/// A request sent on an HTTP/2 connection: its response head, awaited.
+pub enum Sending {
+    /// Nothing to wait for: the stream could not be opened or written.
+    Failed(Option<Failure>),
+    /// The head and any whole body are queued: the answer is awaited.
+    Head(ResponseFuture),
+    /// A streamed body goes up while the answer is awaited.
+    Streaming(Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Failure>> + Send>>),
+}
+
+impl Future for Sending {
+    type Output = Result<Response<ResponseBody>, Failure>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Sending::Failed(failure) => {
+                Poll::Ready(Err(failure.take().unwrap_or(ErrorKind::Reset.into())))
+            }
+            Sending::Head(response) => Pin::new(response)
+                .poll(cx)
+                .map(|r| r.map(ResponseBody::head).map_err(|e| classify(&e))),
+            Sending::Streaming(sending) => sending.as_mut().poll(cx),
+        }
     }
 }
 

@@ -205,18 +205,18 @@ fn send_to<'a>(
                 }
             }
             Protocol::Http1 => {
-                let (resp, sender) = endpoint
-                    .conns
-                    .send_h1(
-                        req,
-                        target.connect_timeout,
-                        target.idle_timeout,
-                        fresh,
-                        &target.pending,
-                        target.tls.as_deref(),
-                        connected,
-                    )
-                    .await?;
+                // Boxed: a streamed body through hyper's client is the rare
+                // case, and its state (770 bytes) would size every try.
+                let (resp, sender) = Box::pin(endpoint.conns.send_h1(
+                    req,
+                    target.connect_timeout,
+                    target.idle_timeout,
+                    fresh,
+                    &target.pending,
+                    target.tls.as_deref(),
+                    connected,
+                ))
+                .await?;
                 Ok((resp.map(UpstreamBody::Hyper), Some(sender)))
             }
             Protocol::Http2 => Ok((
