@@ -24,6 +24,59 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     SUBSET,
 ];
 
+/// The names most heads carry, by length, in the two spellings seen on
+/// the wire (lower case, and capitalized as nginx and most HTTP/1.1
+/// clients write them): found by comparing bytes, where
+/// `HeaderName::from_bytes` copies the name lower-cased and matches it
+/// against every standard name (160 instructions a name).
+#[allow(clippy::type_complexity)]
+static COMMON: [&[(&[u8], &[u8], HeaderName)]; 18] = [
+    &[],
+    &[],
+    &[],
+    &[],
+    &[
+        (b"host", b"Host", header::HOST),
+        (b"date", b"Date", header::DATE),
+    ],
+    &[],
+    &[
+        (b"server", b"Server", header::SERVER),
+        (b"accept", b"Accept", header::ACCEPT),
+    ],
+    &[],
+    &[],
+    &[],
+    &[
+        (b"connection", b"Connection", header::CONNECTION),
+        (b"user-agent", b"User-Agent", header::USER_AGENT),
+    ],
+    &[],
+    &[(b"content-type", b"Content-Type", header::CONTENT_TYPE)],
+    &[],
+    &[(b"content-length", b"Content-Length", header::CONTENT_LENGTH)],
+    &[],
+    &[],
+    &[(
+        b"transfer-encoding",
+        b"Transfer-Encoding",
+        header::TRANSFER_ENCODING,
+    )],
+];
+
+/// A header name read off the wire, as `HeaderName::from_bytes` reads it
+/// (the same name, the same refusals); the common ones without its parse.
+pub fn name(bytes: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
+    if let Some(common) = COMMON.get(bytes.len()) {
+        for (lower, capitalized, name) in common.iter() {
+            if bytes == *capitalized || bytes == *lower {
+                return Ok(name.clone());
+            }
+        }
+    }
+    HeaderName::from_bytes(bytes)
+}
+
 /// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)?
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -183,6 +236,42 @@ pub fn from_upstream<B>(resp: &mut Response<B>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The common names come out as `HeaderName::from_bytes` makes them,
+    /// whatever their case; every other name, valid or not, as it does.
+    #[test]
+    fn names_read_off_the_wire_are_http_s() {
+        for (len, common) in COMMON.iter().enumerate() {
+            for (lower, capitalized, name) in common.iter() {
+                assert_eq!((lower.len(), capitalized.len()), (len, len));
+                assert_eq!(name.as_str().as_bytes(), *lower);
+                assert!(capitalized.eq_ignore_ascii_case(lower));
+                let upper = lower.to_ascii_uppercase();
+                for spelled in [lower.to_vec(), capitalized.to_vec(), upper] {
+                    assert_eq!(
+                        super::name(&spelled).ok(),
+                        HeaderName::from_bytes(&spelled).ok()
+                    );
+                }
+            }
+        }
+        for other in [
+            &b"X-Request-Id"[..],
+            b"hOsT",
+            b"hos\xf4",
+            b"host ",
+            b"",
+            b"content-lengt",
+            b"x y",
+            b"Content-Length\0",
+        ] {
+            assert_eq!(
+                super::name(other).ok(),
+                HeaderName::from_bytes(other).ok(),
+                "{other:?}"
+            );
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_named_headers_are_dropped() {

@@ -8,6 +8,7 @@
 //! hyper's server reads and writes them (the differential tests below).
 
 use crate::body::ClientBody;
+use crate::headers;
 use crate::upstream::h1::write_all_vectored;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -119,7 +120,7 @@ pub fn read_head(buf: &mut BytesMut, max_head: usize) -> Read {
     let mut lengths = 0;
     let mut body = 0;
     for h in req.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+        let Ok(name) = headers::name(h.name.as_bytes()) else {
             return Read::Hyper;
         };
         match name {

@@ -6,6 +6,7 @@
 //! differential test below feeds both the same bytes). Anything else goes
 //! through hyper (`connect.rs`).
 
+use crate::headers;
 use crate::upstream::pool::{Pool, Reusable};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -372,23 +373,23 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
         // The framing headers, read on the way (no lookups after).
         let mut lengths = Lengths::default();
         for &(n0, n1, v0, v1) in spans {
-            let name =
-                HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Error::Invalid("header name"))?;
+            let name = headers::name(&head[n0..n1]).map_err(|_| Error::Invalid("header name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
                 .map_err(|_| Error::Invalid("header value"))?;
             if name == header::CONNECTION {
-                if saw_close || has_token(&value, "close") {
+                let options = Options::of(&value);
+                if saw_close || options.close {
                     saw_close = true;
                     keep_alive = false;
                 } else if !keep_alive {
-                    keep_alive = has_token(&value, "keep-alive");
+                    keep_alive = options.keep_alive;
                 }
                 // Only `keep-alive` / `close` (nginx's `Connection:
                 // keep-alive` on every answer): read here, and left out of
                 // the map -- hop-by-hop, naming no other header, the
                 // relay would remove it (a removal re-hashes the entry it
                 // moves: 1,000 instructions a response).
-                if options_only(&value) {
+                if options.only {
                     continue;
                 }
             } else if name == header::CONTENT_LENGTH {
@@ -508,21 +509,46 @@ fn digits(bytes: &[u8]) -> Option<u64> {
     })
 }
 
-/// Is a `Connection` value nothing but the `keep-alive` and `close`
-/// options (no header names)?
-fn options_only(value: &HeaderValue) -> bool {
-    value.to_str().is_ok_and(|s| {
-        s.split(',').all(|t| {
-            let t = t.trim();
-            t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close")
-        })
-    })
+/// What a `Connection` value says, read in one pass (nginx's
+/// `keep-alive`, on every answer, without splitting at all).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Options {
+    /// It has the `close` option.
+    close: bool,
+    /// It has the `keep-alive` option.
+    keep_alive: bool,
+    /// It is nothing but those options (no header names).
+    only: bool,
 }
 
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+impl Options {
+    /// A value that is not visible ASCII says nothing (as `to_str` fails).
+    fn of(value: &HeaderValue) -> Options {
+        let Ok(s) = value.to_str() else {
+            return Options::default();
+        };
+        if s.eq_ignore_ascii_case("keep-alive") {
+            return Options {
+                close: false,
+                keep_alive: true,
+                only: true,
+            };
+        }
+        let mut seen = Options {
+            only: true,
+            ..Options::default()
+        };
+        for t in s.split(',').map(str::trim) {
+            if t.eq_ignore_ascii_case("close") {
+                seen.close = true;
+            } else if t.eq_ignore_ascii_case("keep-alive") {
+                seen.keep_alive = true;
+            } else {
+                seen.only = false;
+            }
+        }
+        seen
+    }
 }
 
 /// A lean response's body: read from its connection as it is polled; the
@@ -1176,6 +1202,28 @@ pub(crate) mod differential {
             assert_ne!(hyper, Outcome::Hung, "{bytes:?}");
             assert_eq!(hyper, lean, "{bytes:?}");
         }
+    }
+
+    /// A `Connection` value's options, read in one pass.
+    #[test]
+    fn connection_options_are_read_in_one_pass() {
+        let of = |v: &'static str| Options::of(&HeaderValue::from_static(v));
+        let o = |close, keep_alive, only| Options {
+            close,
+            keep_alive,
+            only,
+        };
+        assert_eq!(of("keep-alive"), o(false, true, true));
+        assert_eq!(of("Keep-Alive"), o(false, true, true));
+        assert_eq!(of("close"), o(true, false, true));
+        assert_eq!(of("keep-alive, close"), o(true, true, true));
+        assert_eq!(of("close, x-secret"), o(true, false, false));
+        assert_eq!(of(" keep-alive ,x"), o(false, true, false));
+        assert_eq!(of("keep-alive, "), o(false, true, false));
+        assert_eq!(of(""), o(false, false, false));
+        // Not visible ASCII: nothing is read from it.
+        let odd = HeaderValue::from_bytes(b"close, \xff").unwrap();
+        assert_eq!(Options::of(&odd), Options::default());
     }
 
     /// What each client writes for a request: byte for byte the same.
