@@ -594,6 +594,103 @@ async fn an_unsolicited_answer_on_an_idle_upstream_connection_is_never_relayed()
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
+/// An upstream's response head reaches the client whole, less only what
+/// a proxy must drop: a Node.js server's `Connection: keep-alive` and
+/// `Keep-Alive` lines and the request ID it echoes (the proxy's own goes
+/// out instead), every other line as the upstream wrote it, repeated
+/// `Set-Cookie` lines included; a `Connection` line naming another
+/// header takes that header with it. (The lean client passes a simple
+/// head's lines through without reading them into a map: both ways
+/// here.)
+#[tokio::test]
+async fn an_upstream_head_reaches_the_client_less_its_hop_by_hop_lines() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                    seen.drain(..end);
+                    let answer: &[u8] = if head.starts_with("GET /hop ") {
+                        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n\
+                          X-Kept: yes\r\nContent-Length: 3\r\n\r\nhop"
+                    } else {
+                        b"HTTP/1.1 201 Created\r\nX-Powered-By: Express\r\nX-Request-Id: upstream-id\r\n\
+                          Set-Cookie: a=1; Path=/\r\nset-cookie: b=2\r\nETag: W/\"2-x\"\r\n\
+                          Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n\
+                          Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n{}"
+                    };
+                    if conn.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("web").at(addr))
+        .start()
+        .await;
+    let text = raw(
+        proxy.addr(),
+        b"GET /node HTTP/1.1\r\nhost: web\r\nx-request-id: client-id\r\n\r\n\
+          GET /hop HTTP/1.1\r\nhost: web\r\nx-request-id: second-id\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    // The two responses, at the second status line.
+    let second = text
+        .get(1..)
+        .and_then(|t| t.find("HTTP/1.1 "))
+        .map_or(text.len(), |i| i + 1);
+    let (node, hop) = text.split_at(second);
+    let lines =
+        |head: &str| -> Vec<String> { head.split("\r\n").map(str::to_ascii_lowercase).collect() };
+    let node = lines(node);
+    assert_eq!(node[0], "http/1.1 201 created", "{text}");
+    for want in [
+        "x-powered-by: express",
+        "set-cookie: a=1; path=/",
+        "set-cookie: b=2",
+        "etag: w/\"2-x\"",
+        "content-type: application/json; charset=utf-8",
+        "content-length: 2",
+        "x-request-id: client-id",
+    ] {
+        assert_eq!(
+            node.iter().filter(|l| *l == want).count(),
+            1,
+            "{want}: {text}"
+        );
+    }
+    assert!(node.iter().any(|l| l.starts_with("date: ")), "{text}");
+    for gone in [
+        "x-request-id: upstream-id",
+        "connection: keep-alive",
+        "keep-alive: timeout=5",
+    ] {
+        assert!(!node.iter().any(|l| l == gone), "{gone}: {text}");
+    }
+    assert!(node.last().is_some_and(|l| l == "{}"), "{text}");
+    let hop = lines(hop);
+    assert_eq!(hop[0], "http/1.1 200 ok", "{text}");
+    assert!(hop.iter().any(|l| l == "x-kept: yes"), "{text}");
+    assert!(hop.iter().any(|l| l == "x-request-id: second-id"), "{text}");
+    assert!(!hop.iter().any(|l| l.starts_with("x-hop")), "{text}");
+    assert!(text.ends_with("\r\n\r\nhop"), "{text}");
+}
+
 /// Upstream HTTP/1.1 connections are pooled and reused: one client's
 /// sequential requests need one connection, eight concurrent clients no
 /// more than eight; a backend that closes its idle connections (its

@@ -273,6 +273,9 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     assert_eq!(line["status"], 200);
     assert_eq!(line["code_class"], "2xx");
     assert_eq!(line["retries"], 0);
+    // The upstream's Content-Length, read also when its head was passed
+    // through to the client without a map.
+    assert_eq!(line["bytes"], ok.body.len());
     assert!(line["duration_ms"].as_f64().unwrap() >= 0.0);
     let time = line["time"].as_str().unwrap();
     assert!(time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T');

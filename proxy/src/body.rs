@@ -115,6 +115,14 @@ pub enum ClientBody {
     Full(Option<Bytes>),
 }
 
+impl ClientBody {
+    /// Read by the lean HTTP/1.1 server, which writes the response head
+    /// itself (and so can pass an upstream head through).
+    pub fn lean(&self) -> bool {
+        !matches!(self, ClientBody::Hyper(_))
+    }
+}
+
 impl Body for ClientBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -414,6 +422,24 @@ impl<C: Completion> ResponseBody<C> {
             if let Some(finish) = self.finish.take() {
                 finish.done(true);
             }
+        }
+    }
+}
+
+/// A response body that may carry its upstream head's lines, passed
+/// through for the lean HTTP/1.1 server to write as received.
+pub trait PassedHead {
+    /// The passed-through lines, if the head has them.
+    fn passed(&self) -> Option<&h1::Passed> {
+        None
+    }
+}
+
+impl<C: Completion> PassedHead for ResponseBody<C> {
+    fn passed(&self) -> Option<&h1::Passed> {
+        match &self.kind {
+            Kind::Upstream(UpstreamBody::Lean(body), ..) => body.passed(),
+            _ => None,
         }
     }
 }

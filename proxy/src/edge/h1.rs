@@ -7,9 +7,9 @@
 //! rest of its life. Requests are read and responses written exactly as
 //! hyper's server reads and writes them (the differential tests below).
 
-use crate::body::ClientBody;
+use crate::body::{ClientBody, PassedHead};
 use crate::headers;
-use crate::upstream::h1::write_all_vectored;
+use crate::upstream::h1::{write_all_vectored, Passed};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -210,10 +210,13 @@ fn body_length<B: Body>(body: &B) -> Option<Option<u64>> {
 /// (`Server::encode`, lower-case names, the date added when missing) for a
 /// request with method `method`; returns how its body is written, and
 /// whether the connection must close after it (besides `keep_alive`).
+/// An upstream head's `passed` lines go out as received, first (their
+/// one `Content-Length` frames the body); then the map's, the proxy's own.
 fn encode_head(
     parts: &http::response::Parts,
     length: Option<Option<u64>>,
     method: &Method,
+    passed: Option<&Passed>,
     dst: &mut Vec<u8>,
 ) -> Result<(Encoder, bool), Refused> {
     let status = parts.status;
@@ -222,7 +225,7 @@ fn encode_head(
         // connection closes.
         let mut error = Response::new(()).into_parts().0;
         error.status = StatusCode::INTERNAL_SERVER_ERROR;
-        encode_head(&error, None, method, dst)?;
+        encode_head(&error, None, method, None, dst)?;
         return Err(Refused::Informational);
     }
     let http10 = parts.version == Version::HTTP_10;
@@ -249,6 +252,17 @@ fn encode_head(
     let mut wrote_len = false;
     let mut wrote_date = false;
     let mut close = false;
+    if let Some(passed) = passed {
+        // Made only for a final status with a body of a known length, to
+        // a method other than HEAD (`upstream/h1.rs`).
+        let (Some(Some(known)), true) = (length, can_chunk) else {
+            return Err(Refused::Header);
+        };
+        passed.write(dst);
+        encoder = Encoder::Length(known);
+        wrote_len = true;
+        wrote_date = passed.has_date();
+    }
     let mut prev_len: Option<u64> = None;
     // A multi-valued framing header is written as one line, as hyper does.
     let mut open_line: Option<HeaderName> = None;
@@ -460,7 +474,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<ClientBody>) -> Fut,
     Fut: Future<Output = Result<Response<B>, Infallible>>,
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + PassedHead + Unpin,
 {
     let state = AtomicU8::new(READING);
     let conn = requests(io, limits, &state, handle);
@@ -487,7 +501,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<ClientBody>) -> Fut,
     Fut: Future<Output = Result<Response<B>, Infallible>>,
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + PassedHead + Unpin,
 {
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
@@ -578,7 +592,7 @@ async fn respond<IO, B>(
 ) -> io::Result<bool>
 where
     IO: AsyncWrite + Unpin,
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + PassedHead + Unpin,
 {
     let (mut parts, mut body) = resp.into_parts();
     if !keep_alive {
@@ -595,7 +609,7 @@ where
         }
     }
     let length = body_length(&body);
-    let (encoder, close) = match encode_head(&parts, length, method, out) {
+    let (encoder, close) = match encode_head(&parts, length, method, body.passed(), out) {
         Ok(done) => done,
         Err(refused) => {
             // hyper's user errors: the connection closes, after a 500 for
@@ -1082,6 +1096,8 @@ mod differential {
         exact: Option<u64>,
     }
 
+    impl PassedHead for Frames {}
+
     impl Body for Frames {
         type Data = Bytes;
         type Error = Infallible;
@@ -1318,6 +1334,177 @@ mod differential {
                 "a {}-byte write of a body of {frame}-byte frames",
                 io.largest
             );
+        }
+    }
+
+    /// An upstream response head, for the pass-through: a status line,
+    /// lines drawn from those the proxy must strip, replace or read and
+    /// plain ones, in any case and order, some not `name: value\r\n`.
+    fn upstream_head() -> impl Strategy<Value = (Vec<u8>, Method, bool)> {
+        let line = prop::sample::select(
+            &[
+                "Server: nginx",
+                "Date: Mon, 01 Jan 2024 00:00:00 GMT",
+                "Content-Type: application/json",
+                "Content-Length: 5",
+                "Content-Length: 5",
+                "Content-Length: 0",
+                "Content-Length: 7",
+                "Content-Length: 5, 5",
+                "Content-Length:5",
+                "Content-Length: +5",
+                "Transfer-Encoding: chunked",
+                "Connection: keep-alive",
+                "Connection: close",
+                "Connection: Keep-Alive, close",
+                "Connection: keep-alive, X-Hop",
+                "X-Hop: 1",
+                "Keep-Alive: timeout=5",
+                "X-Request-Id: from-upstream",
+                "X-Almond-Error: upstream",
+                "X-Almond-Subset: canary",
+                "Proxy-Connection: keep-alive",
+                "Proxy-Authorization: Basic x",
+                "Trailer: x-t",
+                "TE: trailers",
+                "Upgrade: h2c",
+                "Set-Cookie: a=1",
+                "Set-Cookie: b=2",
+                "X-Empty: ",
+                "X-Trailing: v  ",
+                "X-Tab:\tv",
+                "x-lower: 1",
+                "X-UTF8: caf\u{e9}",
+            ][..],
+        );
+        let lines = prop::collection::vec(
+            (line, prop::bool::weighted(0.2), prop::bool::weighted(0.05)),
+            0..9,
+        );
+        (
+            prop::sample::select(&[200u16, 200, 200, 201, 204, 304, 404, 503, 101][..]),
+            prop::bool::weighted(0.1),
+            prop::bool::weighted(0.1),
+            prop::bool::weighted(0.1),
+            lines,
+            prop::sample::select(&["GET", "GET", "POST", "HEAD"][..]),
+            prop::bool::weighted(0.2),
+        )
+            .prop_map(|(status, http10, reason, interim, lines, method, close)| {
+                let mut head = Vec::new();
+                if interim {
+                    head.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                }
+                let version = if http10 { "1.0" } else { "1.1" };
+                let reason = if reason { "Fine" } else { "Whatever" };
+                head.extend_from_slice(format!("HTTP/{version} {status} {reason}\r\n").as_bytes());
+                for (line, upper, bare_lf) in lines {
+                    let line = if upper {
+                        line.to_ascii_uppercase()
+                    } else {
+                        line.to_owned()
+                    };
+                    head.extend_from_slice(line.as_bytes());
+                    head.extend_from_slice(if bare_lf { b"\n" } else { b"\r\n" });
+                }
+                head.extend_from_slice(b"\r\n");
+                let method = Method::from_bytes(method.as_bytes()).unwrap();
+                (head, method, close)
+            })
+    }
+
+    /// What the lean server writes for an upstream head (read with or
+    /// without the pass-through), after the relay's and the handler's
+    /// changes (`from_upstream`, the request ID, `connection: close`):
+    /// its status line, its header lines in order (names lower-cased,
+    /// `date` values masked), how the body is framed, whether the
+    /// connection closes after it, and whether the head was passed.
+    #[allow(clippy::type_complexity)]
+    fn through(
+        head: &[u8],
+        method: &Method,
+        close: bool,
+        pass: bool,
+    ) -> Result<(String, Vec<String>, Encoder, bool, bool, bool), String> {
+        let parsed = crate::upstream::h1::parse_for_test(head, method, pass)
+            .map_err(|e| format!("parse: {e}"))?
+            .ok_or("partial")?;
+        let (parts, length, reuse, passed) = parsed;
+        let mut resp = Response::from_parts(parts, ());
+        crate::headers::from_upstream(&mut resp);
+        resp.headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("by-almond"));
+        if close {
+            resp.headers_mut()
+                .append(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let (parts, ()) = resp.into_parts();
+        let mut out = Vec::new();
+        let (encoder, closes) = encode_head(&parts, length, method, passed.as_ref(), &mut out)
+            .map_err(|e| format!("encode: {e:?}"))?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let mut lines = text.split("\r\n");
+        let status = lines.next().unwrap_or_default().to_owned();
+        let mut fields: Vec<String> = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (name, value) = l.split_once(": ").unwrap_or((l, ""));
+                let name = name.to_ascii_lowercase();
+                if name == "date" {
+                    return "date: <masked>".to_owned();
+                }
+                format!("{name}: {value}")
+            })
+            .collect();
+        // The map writes a name's values together; passed lines keep the
+        // upstream's order. Either is the same head.
+        fields.sort();
+        Ok((status, fields, encoder, closes, reuse, passed.is_some()))
+    }
+
+    /// A simple upstream head is passed through, and comes out as it
+    /// would from the map: nginx's, and a Node.js server's (its
+    /// `Keep-Alive` line, and a request ID echoed back).
+    #[test]
+    fn simple_upstream_heads_are_passed_through() {
+        let nginx = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n\
+            Content-Type: text/plain\r\nContent-Length: 47\r\nConnection: keep-alive\r\n\r\n";
+        let node = b"HTTP/1.1 201 Created\r\nX-Powered-By: Express\r\nX-Request-Id: up\r\n\
+            Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n\
+            ETag: W/\"2-vyGp6PvFo4RvsFtPoIWeCReyIC8\"\r\nConnection: keep-alive\r\n\
+            Keep-Alive: timeout=5\r\n\r\n";
+        for head in [&nginx[..], &node[..]] {
+            let passed = through(head, &Method::GET, false, true).unwrap();
+            let mapped = through(head, &Method::GET, false, false).unwrap();
+            assert!(passed.5 && !mapped.5);
+            assert_eq!(passed.0, mapped.0);
+            assert_eq!(passed.1, mapped.1);
+            assert_eq!(
+                (passed.2, passed.3, passed.4),
+                (mapped.2, mapped.3, mapped.4)
+            );
+        }
+        let (_, fields, encoder, ..) = through(&node[..], &Method::GET, false, true).unwrap();
+        assert_eq!(encoder, Encoder::Length(2));
+        assert!(fields.contains(&"x-request-id: by-almond".to_owned()));
+        assert!(!fields
+            .iter()
+            .any(|f| f.starts_with("keep-alive") || f.starts_with("connection")));
+        assert_eq!(fields.iter().filter(|f| f.starts_with("date")).count(), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+        /// The pass-through writes what the map would have: the same
+        /// status line, header lines, framing and connection handling,
+        /// and the same refusals.
+        #[test]
+        fn passed_heads_are_written_as_the_map_would_be((head, method, close) in upstream_head()) {
+            let passed = through(&head, &method, close, true);
+            let mapped = through(&head, &method, close, false);
+            let passed_one = passed.as_ref().map(|p| (p.0.clone(), p.1.clone(), p.2, p.3, p.4));
+            let mapped_one = mapped.as_ref().map(|m| (m.0.clone(), m.1.clone(), m.2, m.3, m.4));
+            prop_assert_eq!(passed_one, mapped_one, "head: {}", String::from_utf8_lossy(&head));
         }
     }
 

@@ -5,7 +5,7 @@
 //! (service), authorize, split (subset), admit, then
 //! `pipeline::forward` (balance, send, classify, retry).
 
-use crate::body::{ClientBody, ResponseBody};
+use crate::body::{ClientBody, PassedHead, ResponseBody};
 use crate::edge::trust;
 use crate::headers;
 use crate::identity::authz::Identities;
@@ -97,7 +97,11 @@ pub fn handle(
             export_span(spans, &trace, start, head, &resp, observed);
         }
         if let (Some(log), Some((method, path))) = (log, head) {
-            let bytes = resp.headers().get(http::header::CONTENT_LENGTH);
+            // A passed-through head's length is its body's.
+            let bytes = match resp.headers().get(http::header::CONTENT_LENGTH) {
+                Some(v) => v.to_str().ok().and_then(|v| v.parse().ok()),
+                None => (resp.body().passed()).and_then(|_| resp.body().size_hint().exact()),
+            };
             log.record(Entry {
                 time_ms: almond_net::now_ms(),
                 request_id: String::from_utf8_lossy(trace.request_id.as_bytes()).into(),
@@ -107,7 +111,7 @@ pub fn handle(
                 path,
                 status: resp.status().as_u16(),
                 duration_ms: start.elapsed().as_secs_f64() * 1e3,
-                bytes: bytes.and_then(|v| v.to_str().ok()?.parse().ok()),
+                bytes,
                 observed: seen,
             });
         }
@@ -199,6 +203,7 @@ fn serve<'a>(
             start,
             body_idle,
             mirror,
+            pass: req.body().lean(),
         };
         // Admit (shed at once, 503, when the service is at its concurrency
         // limit), then forward.

@@ -55,6 +55,9 @@ pub struct Call<'a> {
     pub body_idle: Duration,
     /// A copy to mirror, once the body is known (see `pipeline/mirror.rs`).
     pub mirror: Option<Shadow>,
+    /// The client's server (the lean HTTP/1.1 one) writes the response
+    /// head itself: a simple upstream head may be passed through.
+    pub pass: bool,
 }
 
 impl Call<'_> {
@@ -171,6 +174,9 @@ struct Tries {
     failed_on: Option<Arc<EndpointState>>,
     /// A gRPC call (its status counts, and may call for a retry).
     grpc: bool,
+    /// Responses may be passed through (see [`Call::pass`]): not a gRPC
+    /// call's, whose status is read from its head.
+    pass: bool,
 }
 
 /// What [`Tries::read`] keeps of a request beside its replay copy.
@@ -334,6 +340,7 @@ impl Tries {
             fresh: false,
             failed_on: None,
             grpc,
+            pass: call.pass && !grpc,
         }
     }
 
@@ -357,6 +364,7 @@ impl Tries {
             upgrade,
             fresh,
             deadline,
+            pass,
             ..
         } = self;
         let (req, method) = match next.take() {
@@ -381,6 +389,7 @@ impl Tries {
             req,
             upgrade,
             fresh: *fresh,
+            pass: *pass,
             connected: &mut seen.connect,
         };
         Some((send::try_once(&svc.target, endpoint, limit, one), method))

@@ -104,6 +104,8 @@ impl Shadow {
             req: TryRequest::Owned(req),
             upgrade: &mut upgrade,
             fresh: false,
+            // Nothing reads the copy's response headers.
+            pass: true,
             connected: &mut connected,
         };
         // The same try stack as the request's own, under the request timeout.

@@ -1,10 +1,11 @@
 //! H1: a lean HTTP/1.1 client for the common request -- its body known
 //! whole (most have none), no upgrade -- run in the request's own task, no
 //! connection task and no channel: the head written straight from the
-//! request, the response head parsed by `httparse`, the body framed by its
-//! length or its chunks exactly as hyper's client frames it (the
-//! differential test below feeds both the same bytes). Anything else goes
-//! through hyper (`connect.rs`).
+//! request, the response head parsed by `httparse` (a simple one's lines
+//! passed through as received for the lean server to write, with no
+//! `HeaderMap`: [`Passed`]), the body framed by its length or its chunks
+//! exactly as hyper's client frames it (the differential test below feeds
+//! both the same bytes). Anything else goes through hyper (`connect.rs`).
 
 use crate::headers;
 use crate::upstream::pool::{Pool, Reusable};
@@ -188,6 +189,10 @@ pub struct Head<'a> {
     pub headers: &'a HeaderMap,
     /// The body, if it has bytes.
     pub body: Option<&'a Bytes>,
+    /// The client's server writes the response head itself (the lean
+    /// HTTP/1.1 server): a simple response's header lines may be passed
+    /// through as received ([`Passed`]), with no `HeaderMap` built.
+    pub pass: bool,
 }
 
 /// A parsed response head and how its body is framed.
@@ -196,6 +201,158 @@ struct Parsed {
     framing: Framing,
     /// The connection may carry another request after this response.
     reuse: bool,
+    /// The header lines, passed through (`parts.headers` is then empty).
+    passed: Option<Passed>,
+}
+
+/// A response head's header lines as the upstream sent them, for the lean
+/// HTTP/1.1 server to write to its client as they are: the pass-through
+/// of a simple response (a final status with a body, one plain
+/// `Content-Length`, every line `name: value\r\n`). What the proxy would
+/// strip or replace is cut out already: `Connection` naming only
+/// `keep-alive` / `close`, `Keep-Alive`, and `x-request-id` (which
+/// `serve::handle` sets on every response). A head with anything else
+/// hop-by-hop, framing or proxy-owned is read into a `HeaderMap` instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Passed {
+    /// The header lines, from the first name to the last line's end.
+    lines: Bytes,
+    /// Lines cut out, as ranges of `lines`, in order.
+    cuts: [(u16, u16); MAX_CUTS],
+    /// How many of `cuts` are used.
+    cut: u8,
+    /// A `Date` line is among the lines.
+    date: bool,
+}
+
+/// Lines a passed head may have cut out (`Connection`, `Keep-Alive`,
+/// `x-request-id`).
+const MAX_CUTS: usize = 3;
+
+impl Passed {
+    /// Appends the lines, less the cut ones.
+    pub fn write(&self, dst: &mut Vec<u8>) {
+        let mut at = 0;
+        for &(from, to) in &self.cuts[..usize::from(self.cut)] {
+            dst.extend_from_slice(&self.lines[at..usize::from(from)]);
+            at = usize::from(to);
+        }
+        dst.extend_from_slice(&self.lines[at..]);
+    }
+
+    /// A `Date` line is among them (the server adds none).
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+}
+
+/// What reading a head for the pass-through learned besides its lines.
+struct PassRead {
+    passed: Passed,
+    /// The one `Content-Length`.
+    length: u64,
+    /// The `Connection` line's options, if it had one.
+    connection: Option<Options>,
+}
+
+/// A header name the pass-through must look at, by its length first (most
+/// names match no length here, or differ at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Special {
+    /// `Connection`: cut out if it names only options; else not passed.
+    Connection,
+    /// `Keep-Alive`, and `x-request-id` (the proxy sets its own): cut out.
+    Cut,
+    /// `Content-Length`: read.
+    ContentLength,
+    /// `Date`: noted (the server adds one otherwise).
+    Date,
+    /// Hop-by-hop, framing or the proxy's own: the head is not passed.
+    Refuse,
+}
+
+fn special(name: &[u8]) -> Option<Special> {
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    Some(match name.len() {
+        4 if is("date") => Special::Date,
+        10 if is("connection") => Special::Connection,
+        10 if is("keep-alive") => Special::Cut,
+        12 if is("x-request-id") => Special::Cut,
+        14 if is("content-length") => Special::ContentLength,
+        2 if is("te") => Special::Refuse,
+        7 if is("trailer") || is("upgrade") => Special::Refuse,
+        14 if is(crate::outcome::ERROR_HEADER.as_str()) => Special::Refuse,
+        15 if is(headers::SUBSET_HEADER) => Special::Refuse,
+        16 if is("proxy-connection") => Special::Refuse,
+        17 if is("transfer-encoding") => Special::Refuse,
+        19 if is("proxy-authorization") => Special::Refuse,
+        _ => return None,
+    })
+}
+
+/// Reads a head's header lines (`spans`: name and value offsets into
+/// `head`) for the pass-through; `None` if it cannot be passed.
+fn pass_through(head: &Bytes, spans: &[(usize, usize, usize, usize)]) -> Option<PassRead> {
+    let start = spans.first()?.0;
+    let mut at = start;
+    let mut cuts = [(0u16, 0u16); MAX_CUTS];
+    let mut cut = 0usize;
+    let mut length = None;
+    let mut connection = None;
+    let mut date = false;
+    for &(n0, n1, v0, v1) in spans {
+        // `name: value\r\n`, right after the line before.
+        if n0 != at || v0 != n1 + 2 || head.get(n1..v0)? != b": " {
+            return None;
+        }
+        if head.get(v1..v1 + 2)? != b"\r\n" {
+            return None;
+        }
+        let end = v1 + 2;
+        let mut drop_line = false;
+        match special(&head[n0..n1]) {
+            None => {}
+            Some(Special::Date) => date = true,
+            Some(Special::ContentLength) => {
+                if length.is_some() {
+                    return None;
+                }
+                length = Some(digits(&head[v0..v1])?);
+            }
+            Some(Special::Connection) => {
+                let options = Options::read(&head[v0..v1]);
+                if connection.is_some() || !options.only {
+                    return None;
+                }
+                connection = Some(options);
+                drop_line = true;
+            }
+            Some(Special::Cut) => drop_line = true,
+            Some(Special::Refuse) => return None,
+        }
+        if drop_line {
+            let slot = cuts.get_mut(cut)?;
+            *slot = (
+                u16::try_from(n0 - start).ok()?,
+                u16::try_from(end - start).ok()?,
+            );
+            cut += 1;
+        }
+        at = end;
+    }
+    let length = length.filter(|&n| n > 0 && n < u64::MAX - 1)?;
+    // Offsets fit a `u16`: the lines are shorter than 64 KiB.
+    u16::try_from(at - start).ok()?;
+    Some(PassRead {
+        passed: Passed {
+            lines: head.slice(start..at),
+            cuts,
+            cut: cut as u8,
+            date,
+        },
+        length,
+        connection,
+    })
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
@@ -219,7 +376,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
         req: Head<'_>,
         home: Option<Arc<Pool<Box<Connection<IO>>>>>,
     ) -> Result<http::Response<Body<IO>>, Error> {
-        let (method, body) = (req.method, req.body);
+        let (method, body, pass) = (req.method, req.body, req.pass);
         let head = encode_request(req.method, req.uri, req.headers, body);
         match body {
             Some(body) if !body.is_empty() => {
@@ -231,7 +388,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
         .map_err(io_error)?;
         let head = loop {
             if !self.buf.is_empty() {
-                if let Some(head) = parse_head(&mut self.buf, method)? {
+                if let Some(head) = parse_head(&mut self.buf, method, pass)? {
                     break head;
                 }
                 if self.buf.len() >= MAX_HEAD {
@@ -250,6 +407,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
             framing: head.framing,
             reuse: head.reuse,
             home,
+            passed: head.passed,
         };
         // A bodiless response frees its connection at once.
         body.release();
@@ -320,8 +478,10 @@ fn encode_request(
 }
 
 /// Parses a response head at the start of `buf` (skipping 1xx interim
-/// responses, as hyper does), consuming it. `None`: more bytes needed.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Error> {
+/// responses, as hyper does), consuming it; with `pass`, a simple one's
+/// header lines are passed through ([`Passed`]). `None`: more bytes
+/// needed.
+fn parse_head(buf: &mut BytesMut, method: &Method, pass: bool) -> Result<Option<Parsed>, Error> {
     loop {
         // Uninitialized: 100 headers' worth of zeroes per response is
         // more work than parsing a small head.
@@ -366,9 +526,38 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
             &many[..]
         };
         let head = buf.split_to(len).freeze();
+        let mut keep_alive = version == Version::HTTP_11;
+        // The pass-through: a final status with a body, nothing unusual.
+        let passable = pass
+            && status.as_u16() >= 200
+            && !matches!(status.as_u16(), 204 | 304)
+            && method != Method::HEAD
+            && method != Method::CONNECT;
+        if let Some(read) = passable.then(|| pass_through(&head, spans)).flatten() {
+            if let Some(options) = read.connection {
+                if options.close {
+                    keep_alive = false;
+                } else if !keep_alive {
+                    keep_alive = options.keep_alive;
+                }
+            }
+            let mut parts = http::Response::new(()).into_parts().0;
+            parts.status = status;
+            parts.version = version;
+            if let Some(reason) = custom_reason {
+                if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason) {
+                    parts.extensions.insert(reason);
+                }
+            }
+            return Ok(Some(Parsed {
+                parts,
+                framing: Framing::Length(read.length),
+                reuse: keep_alive,
+                passed: Some(read.passed),
+            }));
+        }
         // Room for the request ID the proxy adds to the response.
         let mut headers = HeaderMap::with_capacity(count + 2);
-        let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
         // The framing headers, read on the way (no lookups after).
         let mut lengths = Lengths::default();
@@ -417,6 +606,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
             parts,
             framing,
             reuse,
+            passed: None,
         }));
     }
 }
@@ -524,7 +714,16 @@ struct Options {
 impl Options {
     /// A value that is not visible ASCII says nothing (as `to_str` fails).
     fn of(value: &HeaderValue) -> Options {
-        let Ok(s) = value.to_str() else {
+        Options::read(value.as_bytes())
+    }
+
+    /// [`Options::of`] a value's bytes.
+    fn read(value: &[u8]) -> Options {
+        let visible = |&b: &u8| b == b'\t' || (32..127).contains(&b);
+        let Some(s) = (value.iter().all(visible))
+            .then(|| std::str::from_utf8(value).ok())
+            .flatten()
+        else {
             return Options::default();
         };
         if s.eq_ignore_ascii_case("keep-alive") {
@@ -560,6 +759,8 @@ pub struct Body<IO: Stir> {
     framing: Framing,
     reuse: bool,
     home: Option<Arc<Pool<Box<Connection<IO>>>>>,
+    /// The head's lines, passed through (see [`Passed`]).
+    passed: Option<Passed>,
 }
 
 impl<IO: Stir> Drop for Body<IO> {
@@ -592,6 +793,11 @@ impl<IO: Stir> Body<IO> {
             Framing::Chunked(c) => c.state == ChunkState::End,
             _ => false,
         }
+    }
+
+    /// The response head's lines, if they are passed through.
+    pub fn passed(&self) -> Option<&Passed> {
+        self.passed.as_ref()
     }
 
     /// The body's length when it is known.
@@ -873,6 +1079,38 @@ fn trailers(bytes: &[u8], lines: usize) -> Result<HeaderMap, Error> {
 /// client and by this one, which must agree on every outcome: error or
 /// not, status, version, header list, body bytes and trailers. The cases
 /// run in `cargo test` (CI) for a bounded count, `ALMOND_DIFF_CASES` more.
+/// Parses the response head at the front of `bytes` as a lean exchange
+/// to a `method` request does (`pass` as [`Head::pass`]): the head, the
+/// body length as the body reports it (none when it has ended), whether
+/// the connection is reused, and the passed lines; `Err` for a head the
+/// exchange fails on, `Ok(None)` for one still partial.
+#[cfg(test)]
+#[allow(clippy::type_complexity)]
+pub(crate) fn parse_for_test(
+    bytes: &[u8],
+    method: &Method,
+    pass: bool,
+) -> Result<
+    Option<(
+        http::response::Parts,
+        Option<Option<u64>>,
+        bool,
+        Option<Passed>,
+    )>,
+    Error,
+> {
+    let mut buf = BytesMut::from(bytes);
+    let Some(parsed) = parse_head(&mut buf, method, pass)? else {
+        return Ok(None);
+    };
+    let length = match parsed.framing {
+        Framing::Empty => None,
+        Framing::Length(n) => Some(Some(n)),
+        Framing::Chunked(_) | Framing::Close => Some(None),
+    };
+    Ok(Some((parsed.parts, length, parsed.reuse, parsed.passed)))
+}
+
 #[cfg(test)]
 pub(crate) mod differential {
     use super::*;
@@ -1022,6 +1260,7 @@ pub(crate) mod differential {
             uri: &uri,
             headers: &headers,
             body: None,
+            pass: false,
         };
         let outcome = match conn.send(req, None).await {
             Err(_) => Outcome::Failed,
@@ -1284,6 +1523,7 @@ pub(crate) mod differential {
                         uri: req.uri(),
                         headers: req.headers(),
                         body: Some(&sent),
+                        pass: false,
                     };
                     let _ = conn.send(head, None).await;
                 });

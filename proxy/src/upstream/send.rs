@@ -70,6 +70,9 @@ pub struct OneTry<'a> {
     pub upgrade: &'a mut Option<OnUpgrade>,
     /// Open a new HTTP/1.1 connection rather than reuse one.
     pub fresh: bool,
+    /// The client's server writes the response head itself: a lean
+    /// HTTP/1.1 response's lines may be passed through (`h1::Passed`).
+    pub pass: bool,
     /// The time spent opening a connection, if one was opened.
     pub connected: &'a mut Option<Duration>,
 }
@@ -98,6 +101,7 @@ pub fn sender<'a>(
             one.req,
             one.upgrade,
             one.fresh,
+            one.pass,
             one.connected,
         )
     })
@@ -130,6 +134,7 @@ fn send_to<'a>(
     req: TryRequest<'a>,
     upgrade: &'a mut Option<OnUpgrade>,
     fresh: bool,
+    pass: bool,
     connected: &'a mut Option<Duration>,
 ) -> impl Future<Output = Sent> + Send + 'a {
     async move {
@@ -144,6 +149,7 @@ fn send_to<'a>(
                     uri: &parts.uri,
                     headers: &parts.headers,
                     body: (!body.is_empty()).then_some(body),
+                    pass,
                 };
                 let sent = endpoint
                     .conns
@@ -193,6 +199,7 @@ fn send_to<'a>(
                         uri: req.uri(),
                         headers: req.headers(),
                         body,
+                        pass,
                     };
                     endpoint
                         .conns
