@@ -719,6 +719,13 @@ impl Options {
 
     /// [`Options::of`] a value's bytes.
     fn read(value: &[u8]) -> Options {
+        if value.eq_ignore_ascii_case(b"keep-alive") {
+            return Options {
+                close: false,
+                keep_alive: true,
+                only: true,
+            };
+        }
         let visible = |&b: &u8| b == b'\t' || (32..127).contains(&b);
         let Some(s) = (value.iter().all(visible))
             .then(|| std::str::from_utf8(value).ok())
@@ -726,13 +733,6 @@ impl Options {
         else {
             return Options::default();
         };
-        if s.eq_ignore_ascii_case("keep-alive") {
-            return Options {
-                close: false,
-                keep_alive: true,
-                only: true,
-            };
-        }
         let mut seen = Options {
             only: true,
             ..Options::default()
