@@ -433,12 +433,24 @@ pub trait PassedHead {
     fn passed(&self) -> Option<&h1::Passed> {
         None
     }
+
+    /// The same, to add to.
+    fn passed_mut(&mut self) -> Option<&mut h1::Passed> {
+        None
+    }
 }
 
 impl<C: Completion> PassedHead for ResponseBody<C> {
     fn passed(&self) -> Option<&h1::Passed> {
         match &self.kind {
             Kind::Upstream(UpstreamBody::Lean(body), ..) => body.passed(),
+            _ => None,
+        }
+    }
+
+    fn passed_mut(&mut self) -> Option<&mut h1::Passed> {
+        match &mut self.kind {
+            Kind::Upstream(UpstreamBody::Lean(body), ..) => body.passed_mut(),
             _ => None,
         }
     }

@@ -1429,11 +1429,15 @@ mod differential {
         let parsed = crate::upstream::h1::parse_for_test(head, method, pass)
             .map_err(|e| format!("parse: {e}"))?
             .ok_or("partial")?;
-        let (parts, length, reuse, passed) = parsed;
+        let (parts, length, reuse, mut passed) = parsed;
         let mut resp = Response::from_parts(parts, ());
         crate::headers::from_upstream(&mut resp);
-        resp.headers_mut()
-            .insert("x-request-id", HeaderValue::from_static("by-almond"));
+        // The request ID, as `serve::handle` sets it.
+        let id = HeaderValue::from_static("by-almond");
+        match passed.as_mut() {
+            Some(passed) => passed.set_request_id(id),
+            None => drop(resp.headers_mut().insert("x-request-id", id)),
+        }
         if close {
             resp.headers_mut()
                 .append(header::CONNECTION, HeaderValue::from_static("close"));

@@ -75,7 +75,12 @@ pub fn handle(
         let mut resp = serve(&shared, listener, peer, req, start, &mut seen)
             .instrument(span)
             .await;
-        trace.on_response(resp.headers_mut());
+        // The request ID back to the client: a passed-through head
+        // writes it after its lines, any other in the map.
+        match resp.body_mut().passed_mut() {
+            Some(passed) => passed.set_request_id(trace.request_id.clone()),
+            None => trace.on_response(resp.headers_mut()),
+        }
         if let Some((method, path, headers)) = tap_head {
             taps.offer(&Summary {
                 time_ms: almond_net::now_ms(),

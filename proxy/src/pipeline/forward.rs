@@ -357,7 +357,7 @@ impl Tries {
         endpoint: &'a Arc<EndpointState>,
         try_start: Instant,
         seen: &'a mut Observed,
-    ) -> Option<(impl Future<Output = Sent> + Send + 'a, Method)> {
+    ) -> Option<(Pin<Box<impl Future<Output = Sent> + Send + 'a>>, Method)> {
         let Tries {
             next,
             replay,
@@ -392,7 +392,10 @@ impl Tries {
             pass: *pass,
             connected: &mut seen.connect,
         };
-        Some((send::try_once(&svc.target, endpoint, limit, one), method))
+        Some((
+            Box::pin(send::try_once(&svc.target, endpoint, limit, one)),
+            method,
+        ))
     }
 
     /// A pooled connection the upstream had closed idle: nothing was

@@ -143,8 +143,9 @@ enum Framing {
     Empty,
     /// This many bytes still to come.
     Length(u64),
-    /// Chunked coding, in this state.
-    Chunked(Chunked),
+    /// Chunked coding, in this state (boxed: 48 bytes, which every
+    /// response's body would carry through each of its moves).
+    Chunked(Box<Chunked>),
     /// Until the upstream closes.
     Close,
 }
@@ -202,7 +203,7 @@ struct Parsed {
     /// The connection may carry another request after this response.
     reuse: bool,
     /// The header lines, passed through (`parts.headers` is then empty).
-    passed: Option<Passed>,
+    passed: Option<Box<Passed>>,
 }
 
 /// A response head's header lines as the upstream sent them, for the lean
@@ -223,6 +224,9 @@ pub struct Passed {
     cut: u8,
     /// A `Date` line is among the lines.
     date: bool,
+    /// The proxy's `x-request-id`, written after the lines (in place of
+    /// an entry in the response's map, which then stays unallocated).
+    request_id: Option<HeaderValue>,
 }
 
 /// Lines a passed head may have cut out (`Connection`, `Keep-Alive`,
@@ -238,6 +242,16 @@ impl Passed {
             at = usize::from(to);
         }
         dst.extend_from_slice(&self.lines[at..]);
+        if let Some(id) = &self.request_id {
+            dst.extend_from_slice(b"x-request-id: ");
+            dst.extend_from_slice(id.as_bytes());
+            dst.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Sets the `x-request-id` the client gets (`serve::handle`).
+    pub fn set_request_id(&mut self, id: HeaderValue) {
+        self.request_id = Some(id);
     }
 
     /// A `Date` line is among them (the server adds none).
@@ -349,6 +363,7 @@ fn pass_through(head: &Bytes, spans: &[(usize, usize, usize, usize)]) -> Option<
             cuts,
             cut: cut as u8,
             date,
+            request_id: None,
         },
         length,
         connection,
@@ -553,7 +568,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method, pass: bool) -> Result<Option<
                 parts,
                 framing: Framing::Length(read.length),
                 reuse: keep_alive,
-                passed: Some(read.passed),
+                passed: Some(Box::new(read.passed)),
             }));
         }
         // Room for the request ID the proxy adds to the response.
@@ -674,7 +689,7 @@ fn framing(
         }
         return Ok(Some((
             if chunked {
-                Framing::Chunked(Chunked::new())
+                Framing::Chunked(Box::new(Chunked::new()))
             } else {
                 Framing::Close
             },
@@ -759,8 +774,10 @@ pub struct Body<IO: Stir> {
     framing: Framing,
     reuse: bool,
     home: Option<Arc<Pool<Box<Connection<IO>>>>>,
-    /// The head's lines, passed through (see [`Passed`]).
-    passed: Option<Passed>,
+    /// The head's lines, passed through (see [`Passed`]). Boxed: the
+    /// body moves several times a request, and this would add 88 bytes
+    /// to each move (more than an allocation costs).
+    passed: Option<Box<Passed>>,
 }
 
 impl<IO: Stir> Drop for Body<IO> {
@@ -797,7 +814,12 @@ impl<IO: Stir> Body<IO> {
 
     /// The response head's lines, if they are passed through.
     pub fn passed(&self) -> Option<&Passed> {
-        self.passed.as_ref()
+        self.passed.as_deref()
+    }
+
+    /// The same, to add to.
+    pub fn passed_mut(&mut self) -> Option<&mut Passed> {
+        self.passed.as_deref_mut()
     }
 
     /// The body's length when it is known.
@@ -1108,7 +1130,12 @@ pub(crate) fn parse_for_test(
         Framing::Length(n) => Some(Some(n)),
         Framing::Chunked(_) | Framing::Close => Some(None),
     };
-    Ok(Some((parsed.parts, length, parsed.reuse, parsed.passed)))
+    Ok(Some((
+        parsed.parts,
+        length,
+        parsed.reuse,
+        parsed.passed.map(|p| *p),
+    )))
 }
 
 #[cfg(test)]
