@@ -156,6 +156,9 @@ fn admitted<'a>(
 
 /// The state of a request across its tries.
 struct Tries {
+    /// A retryable request's small body still on its way: read whole
+    /// before the first try (boxed: rare).
+    reading: Option<Reading>,
     /// The request for the next try, if it is in hand (never sent).
     next: Option<Request<RequestBody>>,
     /// A copy to send again, when the body was small enough to keep.
@@ -179,19 +182,11 @@ struct Tries {
     pass: bool,
 }
 
-/// What [`Tries::read`] keeps of a request beside its replay copy.
-struct Tee {
-    /// A gRPC call's head and body as it streams (see [`tee`]).
-    kept: Option<Box<(Parts, Arc<Kept>)>>,
-    grpc: bool,
-}
-
 /// A request readied for its tries, and its replay copy if it has one.
-type Readied = Result<(Option<Request<RequestBody>>, Option<Replay>), ErrorKind>;
+type Readied = (Option<Request<RequestBody>>, Option<Replay>);
 
-/// A readied request now, or (`Err`) the reading of its body for a
-/// replay copy, boxed.
-type Readying = Result<Readied, Pin<Box<dyn Future<Output = Readied> + Send>>>;
+/// The reading of a request's body for a replay copy, boxed.
+type Reading = Pin<Box<dyn Future<Output = Result<Readied, ErrorKind>> + Send>>;
 
 /// Sends `req` (readied by `headers::to_upstream`) to an endpoint of the
 /// call's pool, retrying as the service's policy allows; `upgrade` is the
@@ -206,21 +201,20 @@ fn forward<'a>(
     upgrade: Option<OnUpgrade>,
     seen: &'a mut Observed,
 ) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
+    // Readied before the block: the block keeps the tries' state, not
+    // the request it came from as well (an argument the block captures
+    // keeps its room in the future for good, even once moved from).
+    let mut tries = Tries::read(&mut call, req, upgrade);
     async move {
         let svc = call.svc;
-        // Scoped, as every local below: a local still in scope at an
-        // `.await` keeps its room in the future even once moved from.
-        let mut tries = {
-            let (readying, tee) = Tries::read(&call, req, upgrade.is_some());
-            let readied = match readying {
-                Ok(now) => now,
-                Err(reading) => reading.await,
-            };
-            match readied {
-                Ok((next, replay)) => Tries::prepare(&mut call, next, replay, tee, upgrade),
+        if let Some(reading) = tries.reading.take() {
+            match reading.await {
+                Ok((next, replay)) => tries.prepare(&mut call, next, replay),
                 Err(kind) => return Ok(kind.response(&svc.name)),
             }
-        };
+        }
+        // Scoped, as every local below: a local still in scope at an
+        // `.await` keeps its room in the future even once moved from.
         let mut pause = None;
         loop {
             // The pause before a retry, here where only the tries' state
@@ -298,29 +292,47 @@ fn forward<'a>(
 
 impl Tries {
     /// Readies `req` for its tries: a copy kept for a replay when the
-    /// policy allows (its body read first: `Err` is the boxed reading,
-    /// which most requests, with no body, never need), and a gRPC call's
-    /// head kept for a `grpc-*` retry as its body streams.
-    fn read(call: &Call<'_>, req: Request<ClientBody>, upgrade: bool) -> (Readying, Tee) {
+    /// policy allows (its body read first, in `reading`, which most
+    /// requests, with no body, never need), and a gRPC call's head kept
+    /// for a `grpc-*` retry as its body streams; `upgrade` is the
+    /// client's half of an upgrade request.
+    fn read(call: &mut Call<'_>, req: Request<ClientBody>, upgrade: Option<OnUpgrade>) -> Tries {
         let svc = call.svc;
         let grpc = is_grpc(req.headers());
-        let keep = grpc && svc.retry.on_grpc() && !upgrade;
+        let keep = grpc && svc.retry.on_grpc() && upgrade.is_none();
         let kept = if keep { tee(&req, &svc.retry) } else { None };
         let deadline = call.start + svc.request_timeout;
-        let readying = replayable(req, &svc.retry, upgrade, deadline, call.body_idle);
-        (readying, Tee { kept, grpc })
+        let readying = replayable(req, &svc.retry, upgrade.is_some(), deadline, call.body_idle);
+        let mut tries = Tries {
+            reading: None,
+            next: None,
+            replay: None,
+            kept,
+            upgrade,
+            deadline,
+            retries: 0,
+            fresh: false,
+            failed_on: None,
+            grpc,
+            pass: call.pass && !grpc,
+        };
+        match readying {
+            Ok((next, replay)) => tries.prepare(call, next, replay),
+            Err(reading) => tries.reading = Some(reading),
+        }
+        tries
     }
 
-    /// The tries of a readied request: the gRPC body kept as it streams,
-    /// and the mirror's copy sent off (in a task of its own).
+    /// The readied request and its replay copy in hand: the gRPC body
+    /// kept as it streams, and the mirror's copy sent off (in a task of
+    /// its own).
     fn prepare(
+        &mut self,
         call: &mut Call<'_>,
         mut next: Option<Request<RequestBody>>,
         replay: Option<Replay>,
-        Tee { kept, grpc }: Tee,
-        upgrade: Option<OnUpgrade>,
-    ) -> Tries {
-        if let (Some(req), Some(kept)) = (&mut next, &kept) {
+    ) {
+        if let (Some(req), Some(kept)) = (&mut next, &self.kept) {
             req.body_mut().keep_in(&kept.1);
         }
         if let Some(shadow) = call.mirror.take() {
@@ -330,18 +342,8 @@ impl Tries {
                 (None, None) => {}
             }
         }
-        Tries {
-            next,
-            replay,
-            kept,
-            upgrade,
-            deadline: call.start + call.svc.request_timeout,
-            retries: 0,
-            fresh: false,
-            failed_on: None,
-            grpc,
-            pass: call.pass && !grpc,
-        }
+        self.next = next;
+        self.replay = replay;
     }
 
     /// Sends one try to `endpoint` through the try's stack: the send
@@ -448,9 +450,9 @@ impl Tries {
     }
 
     /// The pause before the next retry, never past the deadline.
-    async fn back_off(&self, now: Instant) {
+    fn back_off(&self, now: Instant) -> tokio::time::Sleep {
         let left = self.deadline.saturating_duration_since(now);
-        tokio::time::sleep(RetryPolicy::backoff(self.retries).min(left)).await;
+        tokio::time::sleep(RetryPolicy::backoff(self.retries).min(left))
     }
 }
 
@@ -522,7 +524,7 @@ fn replayable(
     upgrade: bool,
     deadline: Instant,
     body_idle: std::time::Duration,
-) -> Readying {
+) -> Result<Readied, Reading> {
     let fits = req
         .body()
         .size_hint()
@@ -530,13 +532,13 @@ fn replayable(
         .is_some_and(|n| n <= policy.max_body_bytes as u64);
     if !policy.enabled() || upgrade || !fits {
         let stream = |body| RequestBody::Stream(body, IdleTimer::new(body_idle));
-        return Ok(Ok((Some(req.map(stream)), None)));
+        return Ok((Some(req.map(stream)), None));
     }
     let (parts, body) = req.into_parts();
     // A body read whole with its head (the lean server's) is kept as is.
     let body = match body {
-        ClientBody::Full(bytes) => return Ok(Ok(Replay::whole(parts, bytes.unwrap_or_default()))),
-        body if body.is_end_stream() => return Ok(Ok(Replay::whole(parts, Bytes::new()))),
+        ClientBody::Full(bytes) => return Ok(Replay::whole(parts, bytes.unwrap_or_default())),
+        body if body.is_end_stream() => return Ok(Replay::whole(parts, Bytes::new())),
         body => body,
     };
     Err(Box::pin(async move {
