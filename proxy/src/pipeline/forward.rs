@@ -209,7 +209,10 @@ fn forward<'a>(
         let svc = call.svc;
         if let Some(reading) = tries.reading.take() {
             match reading.await {
-                Ok((next, replay)) => tries.prepare(&mut call, next, replay),
+                Ok((next, replay)) => {
+                    (tries.next, tries.replay) = (next, replay);
+                    tries.prepare(&mut call);
+                }
                 Err(kind) => return Ok(kind.response(&svc.name)),
             }
         }
@@ -302,7 +305,6 @@ impl Tries {
         let keep = grpc && svc.retry.on_grpc() && upgrade.is_none();
         let kept = if keep { tee(&req, &svc.retry) } else { None };
         let deadline = call.start + svc.request_timeout;
-        let readying = replayable(req, &svc.retry, upgrade.is_some(), deadline, call.body_idle);
         let mut tries = Tries {
             reading: None,
             next: None,
@@ -316,34 +318,80 @@ impl Tries {
             grpc,
             pass: call.pass && !grpc,
         };
-        match readying {
-            Ok((next, replay)) => tries.prepare(call, next, replay),
-            Err(reading) => tries.reading = Some(reading),
+        // Filled in place (each move of a request copies it whole).
+        tries.reading = tries.ready(req, &svc.retry, call.body_idle);
+        if tries.reading.is_none() {
+            tries.prepare(call);
         }
         tries
+    }
+
+    /// Decides whether the request can be replayed: retries on, no
+    /// upgrade, and a body known to fit `max_body_bytes` (read whole
+    /// before the first try). Others stream, and are retried only if
+    /// nothing of them was sent. Any method is kept: a non-idempotent one
+    /// is sent again only when nothing was processed (a stale pooled
+    /// connection), `RetryPolicy::allows` says when. Fills `next` or
+    /// `replay`, or returns the boxed reading of a body to read first.
+    fn ready(
+        &mut self,
+        req: Request<ClientBody>,
+        policy: &RetryPolicy,
+        body_idle: std::time::Duration,
+    ) -> Option<Reading> {
+        let fits = req
+            .body()
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= policy.max_body_bytes as u64);
+        if !policy.enabled() || self.upgrade.is_some() || !fits {
+            self.next = Some(req.map(|body| RequestBody::Stream(body, IdleTimer::new(body_idle))));
+            return None;
+        }
+        let (parts, body) = req.into_parts();
+        // A body read whole with its head (the lean server's) is kept as is.
+        let body = match body {
+            ClientBody::Full(bytes) => {
+                let body = bytes.unwrap_or_default();
+                self.replay = Some(Replay { parts, body });
+                return None;
+            }
+            body if body.is_end_stream() => {
+                self.replay = Some(Replay {
+                    parts,
+                    body: Bytes::new(),
+                });
+                return None;
+            }
+            body => body,
+        };
+        let deadline = self.deadline;
+        Some(Box::pin(async move {
+            let body = RequestBody::Stream(body, IdleTimer::new(body_idle));
+            let body = match tokio::time::timeout_at(deadline, body.collect()).await {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                Ok(Err(BodyError::Idle(_))) => return Err(ErrorKind::ClientTimeout),
+                Ok(Err(_)) => return Err(ErrorKind::BadRequest),
+                Err(_) => return Err(ErrorKind::Timeout),
+            };
+            Ok(Replay::whole(parts, body))
+        }))
     }
 
     /// The readied request and its replay copy in hand: the gRPC body
     /// kept as it streams, and the mirror's copy sent off (in a task of
     /// its own).
-    fn prepare(
-        &mut self,
-        call: &mut Call<'_>,
-        mut next: Option<Request<RequestBody>>,
-        replay: Option<Replay>,
-    ) {
-        if let (Some(req), Some(kept)) = (&mut next, &self.kept) {
+    fn prepare(&mut self, call: &mut Call<'_>) {
+        if let (Some(req), Some(kept)) = (&mut self.next, &self.kept) {
             req.body_mut().keep_in(&kept.1);
         }
         if let Some(shadow) = call.mirror.take() {
-            match (next.as_ref(), replay.as_ref()) {
-                (Some(req), _) => shadow.send(req, replay.as_ref().map(|r| &r.body)),
+            match (self.next.as_ref(), self.replay.as_ref()) {
+                (Some(req), replay) => shadow.send(req, replay.map(|r| &r.body)),
                 (None, Some(r)) => shadow.send(&send::owned(&r.parts, &r.body), Some(&r.body)),
                 (None, None) => {}
             }
         }
-        self.next = next;
-        self.replay = replay;
     }
 
     /// Sends one try to `endpoint` through the try's stack: the send
@@ -510,45 +558,4 @@ fn tee(req: &Request<ClientBody>, policy: &RetryPolicy) -> Option<Box<(Parts, Ar
     head.version = req.version();
     head.headers = req.headers().clone();
     Some(Box::new((head, Kept::new(policy.max_body_bytes))))
-}
-
-/// Decides whether a request can be replayed: retries on, no upgrade, and
-/// a body known to fit `max_body_bytes` (read whole before the first try).
-/// Others stream, and are retried only if nothing of them was sent. Any
-/// method is kept: a non-idempotent one is sent again only when nothing was
-/// processed (a stale pooled connection), `RetryPolicy::allows` says when.
-/// A body to read first is read by the boxed future returned as `Err`.
-fn replayable(
-    req: Request<ClientBody>,
-    policy: &RetryPolicy,
-    upgrade: bool,
-    deadline: Instant,
-    body_idle: std::time::Duration,
-) -> Result<Readied, Reading> {
-    let fits = req
-        .body()
-        .size_hint()
-        .upper()
-        .is_some_and(|n| n <= policy.max_body_bytes as u64);
-    if !policy.enabled() || upgrade || !fits {
-        let stream = |body| RequestBody::Stream(body, IdleTimer::new(body_idle));
-        return Ok((Some(req.map(stream)), None));
-    }
-    let (parts, body) = req.into_parts();
-    // A body read whole with its head (the lean server's) is kept as is.
-    let body = match body {
-        ClientBody::Full(bytes) => return Ok(Replay::whole(parts, bytes.unwrap_or_default())),
-        body if body.is_end_stream() => return Ok(Replay::whole(parts, Bytes::new())),
-        body => body,
-    };
-    Err(Box::pin(async move {
-        let body = RequestBody::Stream(body, IdleTimer::new(body_idle));
-        let body = match tokio::time::timeout_at(deadline, body.collect()).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(BodyError::Idle(_))) => return Err(ErrorKind::ClientTimeout),
-            Ok(Err(_)) => return Err(ErrorKind::BadRequest),
-            Err(_) => return Err(ErrorKind::Timeout),
-        };
-        Ok(Replay::whole(parts, body))
-    }))
 }
