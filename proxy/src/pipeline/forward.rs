@@ -271,7 +271,7 @@ fn forward<'a>(
             learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
             if tries.retry(svc, &method, (result, grpc_code), unsent.is_some(), now) {
                 tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
-                tries.next = unsent;
+                tries.next = unsent.map(|req| *req);
                 tries.failed_on = Some(endpoint);
                 pause = Some(now);
                 continue;
@@ -456,7 +456,7 @@ impl Tries {
             let again = e.unsent.is_some() || self.replay.is_some();
             if e.stale && !self.fresh && again && now < self.deadline {
                 self.fresh = true;
-                self.next = e.unsent.take();
+                self.next = e.unsent.take().map(|req| *req);
                 return true;
             }
         }

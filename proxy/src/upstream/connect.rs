@@ -407,7 +407,9 @@ pub struct SendError {
     /// Why.
     pub kind: ErrorKind,
     /// The request, when none of it was sent (safe to send elsewhere).
-    pub unsent: Option<Request<RequestBody>>,
+    /// Boxed: rare, and it would size every try's result (`Sent`, which
+    /// each layer of the try moves) by a request's 312 bytes.
+    pub unsent: Option<Box<Request<RequestBody>>>,
     /// A reused connection closed before any answer: the upstream closed
     /// it idle as the request went out (its keep-alive timeout), so
     /// nothing was processed and any method may be sent again.
@@ -419,7 +421,7 @@ impl SendError {
     pub fn unsent(kind: ErrorKind, req: Request<RequestBody>) -> SendError {
         SendError {
             kind,
-            unsent: Some(req),
+            unsent: Some(Box::new(req)),
             stale: false,
         }
     }
