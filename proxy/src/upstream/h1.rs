@@ -285,6 +285,7 @@ enum Special {
     Refuse,
 }
 
+/// What the pass-through must do with a line named `name`, if anything.
 fn special(name: &[u8]) -> Option<Special> {
     let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
     Some(match name.len() {
