@@ -557,16 +557,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method, pass: bool) -> Result<Option<
                     keep_alive = options.keep_alive;
                 }
             }
-            let mut parts = http::Response::new(()).into_parts().0;
-            parts.status = status;
-            parts.version = version;
-            if let Some(reason) = custom_reason {
-                if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason) {
-                    parts.extensions.insert(reason);
-                }
-            }
             return Ok(Some(Parsed {
-                parts,
+                parts: response_parts(status, version, HeaderMap::new(), custom_reason),
                 framing: Framing::Length(read.length),
                 reuse: keep_alive,
                 passed: Some(Box::new(read.passed)),
@@ -608,15 +600,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method, pass: bool) -> Result<Option<
             // 1xx: skipped; the real response follows.
             continue;
         };
-        let mut parts = http::Response::new(()).into_parts().0;
-        parts.status = status;
-        parts.version = version;
-        parts.headers = headers;
-        if let Some(reason) = custom_reason {
-            if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason) {
-                parts.extensions.insert(reason);
-            }
-        }
+        let parts = response_parts(status, version, headers, custom_reason);
         let reuse = keep_alive && !upgrade && framing != Framing::Close;
         return Ok(Some(Parsed {
             parts,
@@ -625,6 +609,26 @@ fn parse_head(buf: &mut BytesMut, method: &Method, pass: bool) -> Result<Option<
             passed: None,
         }));
     }
+}
+
+/// A parsed head's parts: a reason phrase other than the status's own
+/// is kept (as hyper's client keeps it).
+fn response_parts(
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    custom_reason: Option<Bytes>,
+) -> http::response::Parts {
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    if let Some(reason) = custom_reason {
+        if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason) {
+            parts.extensions.insert(reason);
+        }
+    }
+    parts
 }
 
 /// What a head's framing headers said.
