@@ -789,22 +789,21 @@ async fn a_connection_handed_from_the_lean_server_to_hyper_loses_nothing() {
     assert_eq!(backend.count(), 5);
 }
 
-/// A client that closes its connection while its request is at the
-/// upstream cancels it: the proxy closes the upstream exchange at once
-/// (as hyper's server did for every HTTP/1.1 request), not when the
-/// upstream answers or the request times out.
-#[tokio::test]
-async fn a_client_that_goes_away_cancels_its_upstream_request() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// An upstream that reads a request's head and never answers; it says,
+/// for each connection the proxy closes, whether a whole head came first.
+#[allow(clippy::unwrap_used)]
+async fn never_answering() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<bool>,
+) {
+    use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let closed_tx = closed_tx.clone();
             tokio::spawn(async move {
-                // Read the head, never answer, and report when the proxy
-                // closes the connection.
                 let mut buf = [0u8; 4096];
                 let mut seen = Vec::new();
                 loop {
@@ -817,6 +816,17 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
             });
         }
     });
+    (addr, closed_rx)
+}
+
+/// A client that closes its connection while its request is at the
+/// upstream cancels it: the proxy closes the upstream exchange at once
+/// (as hyper's server did for every HTTP/1.1 request), not when the
+/// upstream answers or the request times out.
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_upstream_request() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, mut closed_rx) = never_answering().await;
     let proxy = ProxyYaml::new()
         .by_host()
         .service(ServiceYaml::new("web").at(addr))
@@ -833,4 +843,40 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
         .await
         .expect("the upstream exchange is closed soon after the client goes away");
     assert_eq!(closed, Some(true), "the upstream had the request");
+}
+
+/// An HTTP/2 client that resets its stream (its connection staying open)
+/// cancels that request at the upstream, as one that goes away does; the
+/// connection goes on serving.
+#[tokio::test]
+async fn an_h2_client_that_resets_its_stream_cancels_its_upstream_request() {
+    let (addr, mut closed_rx) = never_answering().await;
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("web").at(addr))
+        .service(ServiceYaml::new("other").at(backend.addr))
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let slow = Request::get("http://web/slow").body(()).unwrap();
+    let (answer, mut stream) = send.send_request(slow, true).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stream.send_reset(h2::Reason::CANCEL);
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(3), closed_rx.recv())
+        .await
+        .expect("the upstream exchange is closed soon after the client resets its stream");
+    assert_eq!(closed, Some(true), "the upstream had the request");
+    assert!(answer.await.is_err(), "no answer on a reset stream");
+    // The connection is still there for the next request.
+    let mut send = send.ready().await.unwrap();
+    let next = Request::get("http://other/next").body(()).unwrap();
+    let (answer, _) = send.send_request(next, true).unwrap();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(3), answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 }

@@ -6,7 +6,7 @@
 //! connection goes back to its pool).
 
 use crate::upstream::h1::{self, LeanBody};
-use crate::upstream::h2::ResponseBody as H2Body;
+use crate::upstream::h2::RecvBody as H2Body;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -26,7 +26,8 @@ pub enum BodyError {
     /// The upstream's connection failed, or its body was malformed (the
     /// lean HTTP/1.1 client).
     Lean(h1::Error),
-    /// The upstream's HTTP/2 stream or connection failed.
+    /// An HTTP/2 stream or its connection failed (a client's or an
+    /// upstream's).
     H2(::h2::Error),
     /// No byte arrived for this long.
     Idle(Duration),
@@ -103,12 +104,15 @@ impl IdleTimer {
     }
 }
 
-/// A request's body as its client sends it: hyper's stream, or one the
-/// lean HTTP/1.1 server (`edge/h1.rs`) read whole with the head.
+/// A request's body as its client sends it: hyper's stream (HTTP/1.1
+/// handed to hyper), an HTTP/2 stream's (`edge/h2.rs`), or one the lean
+/// HTTP/1.1 server (`edge/h1.rs`) read whole with the head.
 #[derive(Debug)]
 pub enum ClientBody {
     /// Read by hyper's server.
     Hyper(Incoming),
+    /// Read from an HTTP/2 stream.
+    H2(H2Body),
     /// No body.
     Empty,
     /// A small body that arrived with its head, whole (`None` once read).
@@ -119,20 +123,21 @@ impl ClientBody {
     /// Read by the lean HTTP/1.1 server, which writes the response head
     /// itself (and so can pass an upstream head through).
     pub fn lean(&self) -> bool {
-        !matches!(self, ClientBody::Hyper(_))
+        matches!(self, ClientBody::Empty | ClientBody::Full(_))
     }
 }
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Hyper),
+            ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::H2),
             ClientBody::Empty => Poll::Ready(None),
             ClientBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
@@ -141,6 +146,7 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Hyper(body) => body.is_end_stream(),
+            ClientBody::H2(body) => body.is_end_stream(),
             ClientBody::Empty => true,
             ClientBody::Full(bytes) => bytes.is_none(),
         }
@@ -149,6 +155,7 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Hyper(body) => body.size_hint(),
+            ClientBody::H2(body) => body.size_hint(),
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))

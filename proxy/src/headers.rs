@@ -221,6 +221,12 @@ pub fn to_upstream<B>(req: &mut Request<B>, protocol: Protocol, upgrade: bool) {
     }
 }
 
+/// Drops what HTTP/2 forbids in a message: connection-specific fields
+/// (RFC 9113 §8.2.2), and the fields `Connection` names.
+pub fn for_h2(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers, false);
+}
+
 /// Readies an upstream response for the client: hop-by-hop headers gone,
 /// except the `Upgrade` handshake of a 101.
 pub fn from_upstream<B>(resp: &mut Response<B>) {

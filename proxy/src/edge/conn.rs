@@ -1,15 +1,15 @@
-//! Connection: one downstream connection's life -- its requests in
-//! progress counted (each until its response body ends), and closed
-//! gracefully when idle (`limits.idle_timeout`) or when the proxy stops.
+//! Connection: the life of a downstream HTTP/1.1 connection hyper serves
+//! -- its requests in progress counted (each until its response body
+//! ends), and closed gracefully when idle (`limits.idle_timeout`) or when
+//! the proxy stops. (`h2` keeps its own streams.)
 
 use crate::edge::serve::Answer;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioExecutor;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -93,10 +93,9 @@ where
         activity.open.fetch_add(1, Ordering::AcqRel);
         activity.touch();
         let held = InFlight(activity.clone());
-        // Boxed: the request's future is 6 KiB, and hyper keeps a slot of
-        // its size for every HTTP/1.1 connection, idle or not (and moves
-        // it into a task per HTTP/2 stream): a pointer costs 16 bytes
-        // (benches/results/2026-12-04-memory.md).
+        // Boxed: the request's future is kilobytes, and hyper keeps a slot
+        // of its size for every connection, idle or not: a pointer costs
+        // 16 bytes (benches/results/2026-12-04-memory.md).
         let answer = Box::pin(handle(req));
         async move {
             let resp = answer.await?;
@@ -133,7 +132,7 @@ impl Body for Counted {
 }
 
 /// A hyper connection that can be asked to finish what it has and close
-/// (HTTP/2: GOAWAY; HTTP/1.1: after the response in progress).
+/// (after the response in progress).
 pub trait Closable: Future {
     /// Finish what is in progress, then close.
     fn close(self: Pin<&mut Self>);
@@ -152,26 +151,10 @@ where
     }
 }
 
-impl<I, S, B> Closable for Pin<Box<http2::Connection<I, S, TokioExecutor>>>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn close(self: Pin<&mut Self>) {
-        self.get_mut().as_mut().graceful_shutdown();
-    }
-}
-
 /// Runs `conn` to its end; it is closed gracefully when the proxy stops
 /// (`stop` changes) or when it has had no request in progress for `idle`
-/// (`limits.idle_timeout`: an HTTP/2 connection kept alive by PINGs alone,
-/// an HTTP/1.1 one between requests, though `header_timeout` usually ends
-/// those first).
+/// (`limits.idle_timeout`: between requests, though `header_timeout`
+/// usually ends those first).
 pub async fn drive<C: Closable>(
     conn: C,
     mut stop: watch::Receiver<bool>,

@@ -436,9 +436,18 @@ fn last_is_chunked(value: &[u8]) -> bool {
         .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-/// Appends `date: <now>\r\n`, formatted once a second per thread (as
-/// hyper caches its own).
+/// Appends `date: <now>\r\n`.
 fn write_date(dst: &mut Vec<u8>) {
+    with_date(|date| {
+        dst.extend_from_slice(b"date: ");
+        dst.extend_from_slice(date.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    });
+}
+
+/// Calls `f` with the `date` header's value for now, formatted once a
+/// second per thread (as hyper caches its own).
+pub fn with_date<R>(f: impl FnOnce(&str) -> R) -> R {
     thread_local! {
         static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
@@ -449,10 +458,8 @@ fn write_date(dst: &mut Vec<u8>) {
             *at = secs;
             *text = httpdate::fmt_http_date(now);
         }
-        dst.extend_from_slice(b"date: ");
-        dst.extend_from_slice(text.as_bytes());
-        dst.extend_from_slice(b"\r\n");
-    });
+        f(text)
+    })
 }
 
 /// A connection's state, as the task that stops it sees it.

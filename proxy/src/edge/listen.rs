@@ -1,19 +1,20 @@
 //! Listen: the proxy listeners' accept loop (`almond_net`), the cap on open
 //! connections, the mTLS handshake, the choice of HTTP/1.1 or HTTP/2 for
-//! each connection, and hyper serving it (whose life `conn` follows).
+//! each connection, and the server for it: `h2`, or `h1` then hyper (whose
+//! life `conn` follows).
 
 use crate::body::ClientBody;
 use crate::edge::conn::{counted, drive, Activity};
-use crate::edge::h1;
 use crate::edge::serve;
+use crate::edge::{h1, h2};
 use crate::identity::authz::{self, Identities, Inbound};
 use crate::outcome::ErrorKind;
 use crate::rescue::Rescue;
 use crate::Shared;
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -24,13 +25,11 @@ use tokio_util::task::TaskTracker;
 
 pub use almond_net::bind;
 
-/// The HTTP server settings every downstream connection uses: one builder
-/// per protocol, since each connection's protocol is known before hyper
-/// sees it (`Protocol`).
+/// The settings of hyper's HTTP/1.1 server, which serves a connection
+/// once the lean server hands it over.
 #[derive(Clone)]
 pub struct HttpServer {
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
 }
 
 /// The HTTP server settings for `limits`.
@@ -43,13 +42,7 @@ pub fn http_builder(limits: &almond_config::Limits) -> HttpServer {
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .max_concurrent_streams(1024)
-        .keep_alive_interval(limits.keep_alive_interval)
-        .keep_alive_timeout(limits.keep_alive_timeout);
-    HttpServer { h1, h2 }
+    HttpServer { h1 }
 }
 
 /// What a downstream connection speaks.
@@ -91,10 +84,9 @@ async fn sniff(stream: &TcpStream) -> Option<Protocol> {
     }
 }
 
-/// Serves one connection of a known protocol with `svc`, to its end.
-async fn serve_as<I, S>(
+/// Serves one HTTP/1.1 connection with hyper and `svc`, to its end.
+async fn serve_h1<I, S>(
     server: &HttpServer,
-    protocol: Protocol,
     io: I,
     svc: S,
     stop: watch::Receiver<bool>,
@@ -112,18 +104,8 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    match protocol {
-        Protocol::Http1 => {
-            let conn = server.h1.serve_connection(io, svc).with_upgrades();
-            drive(conn, stop, activity, idle).await
-        }
-        // Boxed: an HTTP/2 connection's state is larger than an HTTP/1.1
-        // one's, and every connection's task would be sized for it.
-        Protocol::Http2 => {
-            let conn = Box::pin(server.h2.serve_connection(io, svc));
-            drive(conn, stop, activity, idle).await
-        }
-    }
+    let conn = server.h1.serve_connection(io, svc).with_upgrades();
+    drive(conn, stop, activity, idle).await
 }
 
 /// Accepts on `listener` until `stop` changes; each connection's task is
@@ -151,10 +133,11 @@ pub async fn accept_loop(
         let closing = closing.clone();
         let idle = limits.idle_timeout;
         let lean_limits = lean_limits(&limits);
+        let h2_limits = h2_limits(&limits);
         match tls.clone() {
             // The handshake runs in the connection's own task.
             Some(inbound) => connections.spawn(async move {
-                serve_tls(shared, index, inbound, stream, peer, closing, idle).await;
+                serve_tls(shared, index, inbound, stream, peer, closing, (idle, h2_limits)).await;
                 drop(slot);
             }),
             None => connections.spawn(async move {
@@ -170,27 +153,26 @@ pub async fn accept_loop(
                 };
                 // HTTP/1.1: the lean server takes the simple requests; the
                 // first it does not hands the connection to hyper.
-                let stream = match protocol {
-                    Protocol::Http1 => {
-                        let lean = shared.clone();
-                        let handle = move |req| Box::pin(serve::handle(lean.clone(), index, peer, req));
-                        match h1::serve(stream, lean_limits, closing.clone(), handle).await {
-                            h1::Ended::Closed => return drop(slot),
-                            h1::Ended::Handoff(rewind) => Handoff::Rewound(rewind),
-                        }
+                let lean = shared.clone();
+                if protocol == Protocol::Http2 {
+                    let handle = move |req| serve::handle(lean.clone(), index, peer, req);
+                    if let Err(e) = h2::serve(stream, h2_limits, closing, handle).await {
+                        tracing::debug!(%peer, error = %e, "downstream h2 connection ended");
                     }
-                    Protocol::Http2 => Handoff::Fresh(stream),
+                    return drop(slot);
+                }
+                let handle = move |req| Box::pin(serve::handle(lean.clone(), index, peer, req));
+                let rewind = match h1::serve(stream, lean_limits, closing.clone(), handle).await {
+                    h1::Ended::Closed => return drop(slot),
+                    h1::Ended::Handoff(rewind) => rewind,
                 };
                 let activity = Arc::new(Activity::new());
                 let server = shared.http.clone();
                 let svc = counted(activity.clone(), move |req: Request<Incoming>| {
                     serve::handle(shared.clone(), index, peer, req.map(ClientBody::Hyper))
                 });
-                let served = match stream {
-                    Handoff::Fresh(s) => serve_as(&server, protocol, TokioIo::new(s), svc, closing, &activity, idle).await,
-                    Handoff::Rewound(s) => serve_as(&server, protocol, TokioIo::new(s), svc, closing, &activity, idle).await,
-                };
-                if let Err(e) = served {
+                let io = TokioIo::new(rewind);
+                if let Err(e) = serve_h1(&server, io, svc, closing, &activity, idle).await {
                     tracing::debug!(%peer, error = %e, "downstream connection ended");
                 }
                 drop(slot);
@@ -200,11 +182,14 @@ pub async fn accept_loop(
     .await;
 }
 
-/// A plain connection on its way to hyper: as accepted (HTTP/2), or
-/// after the lean server (HTTP/1.1), with the bytes it read.
-enum Handoff {
-    Fresh(TcpStream),
-    Rewound(h1::Rewind<TcpStream>),
+/// The HTTP/2 server's share of `limits`.
+fn h2_limits(limits: &almond_config::Limits) -> h2::Limits {
+    h2::Limits {
+        max_header_list: u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
+        keep_alive_interval: limits.keep_alive_interval,
+        keep_alive_timeout: limits.keep_alive_timeout,
+        idle_timeout: limits.idle_timeout,
+    }
 }
 
 /// The lean HTTP/1.1 server's share of `limits`.
@@ -251,9 +236,10 @@ async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
-    idle: Duration,
+    limits: (Duration, h2::Limits),
 ) {
     let timeout = shared.table.load().config.limits.header_timeout;
+    let shared_http = shared.http.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(inbound.tls.server());
     let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
@@ -286,9 +272,9 @@ async fn serve_tls(
     };
     let identity: Arc<str> = Arc::from(names.first().map_or("client", String::as_str));
     let identities = Identities(names.into());
-    let server = shared.http.clone();
-    let activity = Arc::new(Activity::new());
-    let svc = counted(activity.clone(), move |mut req: Request<Incoming>| {
+    // Every request carries the client's identities (for `authz`), and
+    // one not allowed here is answered 403.
+    let serve = move |mut req: Request<ClientBody>| {
         let shared = shared.clone();
         let identity = identity.clone();
         req.extensions_mut().insert(identities.clone());
@@ -297,11 +283,28 @@ async fn serve_tls(
                 shared.metrics.tls_denied.inc();
                 return Ok(ErrorKind::Forbidden.response(&identity));
             }
-            serve::handle(shared, index, peer, req.map(ClientBody::Hyper)).await
+            serve::handle(shared, index, peer, req).await
         }
-    });
-    let io = TokioIo::new(stream);
-    if let Err(e) = serve_as(&server, protocol, io, svc, stop, &activity, idle).await {
+    };
+    let (idle, h2_limits) = limits;
+    let ended = match protocol {
+        Protocol::Http2 => h2::serve(stream, h2_limits, stop, serve)
+            .await
+            .map_err(|e| e.to_string()),
+        Protocol::Http1 => {
+            let server = serve.clone();
+            let activity = Arc::new(Activity::new());
+            let svc = counted(activity.clone(), move |req: Request<Incoming>| {
+                server(req.map(ClientBody::Hyper))
+            });
+            let io = TokioIo::new(stream);
+            let http = shared_http;
+            serve_h1(&http, io, svc, stop, &activity, idle)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "downstream tls connection ended");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod conn;
 pub mod h1;
+pub mod h2;
 pub mod listen;
 pub mod serve;
 pub mod trust;

@@ -226,7 +226,7 @@ impl Connections {
         pending: &'a Arc<Admission>,
         tls: Option<&'a Upstream>,
         connected: &'a mut Option<Duration>,
-    ) -> impl Future<Output = Result<Response<h2::ResponseBody>, SendError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Response<h2::RecvBody>, SendError>> + Send + 'a {
         async move {
             let mut sender = match self.live_h2() {
                 Some(s) => s,

@@ -71,7 +71,7 @@ where
     let mut conn = pin!(conn);
     let ended = match pinger {
         Some(mut pinger) => loop {
-            let ping = pin!(keep_alive(&mut pinger));
+            let ping = pin!(keep_alive(&mut pinger, PING_INTERVAL, PONG_TIMEOUT));
             match futures_util::future::select(conn.as_mut(), ping).await {
                 futures_util::future::Either::Left((ended, _)) => break ended,
                 futures_util::future::Either::Right((alive, _)) => {
@@ -90,11 +90,16 @@ where
     }
 }
 
-/// Waits `PING_INTERVAL`, pings, and says whether the pong came in time.
-async fn keep_alive(pinger: &mut PingPong) -> bool {
-    tokio::time::sleep(PING_INTERVAL).await;
+/// Waits `interval`, pings, and says whether the pong came within
+/// `timeout` (both ends of the proxy keep their connections alive so).
+pub(crate) async fn keep_alive(
+    pinger: &mut PingPong,
+    interval: Duration,
+    timeout: Duration,
+) -> bool {
+    tokio::time::sleep(interval).await;
     let pong = pinger.ping(Ping::opaque());
-    matches!(tokio::time::timeout(PONG_TIMEOUT, pong).await, Ok(Ok(_)))
+    matches!(tokio::time::timeout(timeout, pong).await, Ok(Ok(_)))
 }
 
 /// A request's body as it goes up.
@@ -185,11 +190,11 @@ pub enum Sending {
     /// The head and any whole body are queued: the answer is awaited.
     Head(ResponseFuture),
     /// A streamed body goes up while the answer is awaited.
-    Streaming(Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Failure>> + Send>>),
+    Streaming(Pin<Box<dyn Future<Output = Result<Response<RecvBody>, Failure>> + Send>>),
 }
 
 impl Future for Sending {
-    type Output = Result<Response<ResponseBody>, Failure>;
+    type Output = Result<Response<RecvBody>, Failure>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
@@ -198,7 +203,7 @@ impl Future for Sending {
             }
             Sending::Head(response) => Pin::new(response)
                 .poll(cx)
-                .map(|r| r.map(ResponseBody::head).map_err(|e| classify(&e))),
+                .map(|r| r.map(RecvBody::head).map_err(|e| classify(&e))),
             Sending::Streaming(sending) => sending.as_mut().poll(cx),
         }
     }
@@ -211,7 +216,7 @@ async fn stream_body<B>(
     stream: SendStream<Bytes>,
     body: B,
     failed: fn(&B::Error) -> ErrorKind,
-) -> Result<Response<ResponseBody>, Failure>
+) -> Result<Response<RecvBody>, Failure>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
 {
@@ -241,13 +246,14 @@ where
             let _ = sending.await;
         });
     }
-    resp.map(ResponseBody::head).map_err(|e| classify(&e))
+    resp.map(RecvBody::head).map_err(|e| classify(&e))
 }
 
 /// Copies `body` into `stream` as the stream's window allows (hyper's
-/// `PipeToSendStream`): a body that fails resets the stream, and the
-/// error is what `failed` makes of it.
-async fn pipe<B>(
+/// `PipeToSendStream`; a request's body going up, or a response's going
+/// down): a body that fails resets the stream, and the error is what
+/// `failed` makes of it; a peer's reset ends it.
+pub(crate) async fn pipe<B>(
     mut body: B,
     mut stream: SendStream<Bytes>,
     failed: fn(&B::Error) -> ErrorKind,
@@ -356,9 +362,11 @@ fn classify(e: &h2::Error) -> Failure {
     }
 }
 
-/// A response body from an HTTP/2 upstream: its data frames (their window
-/// released as they are taken), then its trailers.
-pub struct ResponseBody {
+/// A body received on an HTTP/2 stream (an upstream's response, a
+/// client's request): its data frames (their window released as they are
+/// taken), then its trailers.
+#[derive(Debug)]
+pub struct RecvBody {
     recv: RecvStream,
     /// The data is over; trailers are next.
     data_done: bool,
@@ -366,23 +374,32 @@ pub struct ResponseBody {
     length: Option<u64>,
 }
 
-impl ResponseBody {
+impl RecvBody {
     /// The response with its body's length from the head's
     /// `content-length` (the `h2` crate holds the data to it), or none for
     /// a stream already ended, as hyper's client gives it.
-    fn head(resp: Response<RecvStream>) -> Response<ResponseBody> {
+    fn head(resp: Response<RecvStream>) -> Response<RecvBody> {
         let length = content_length(resp.headers());
-        resp.map(|recv| {
-            let length = match length {
-                None if recv.is_end_stream() => Some(0),
-                length => length,
-            };
-            ResponseBody {
-                recv,
-                data_done: false,
-                length,
-            }
-        })
+        resp.map(|recv| RecvBody::new(recv, length))
+    }
+
+    /// A request as the client sent it, its body's length known as a
+    /// response's is (hyper's server gives it so).
+    pub(crate) fn request(req: Request<RecvStream>) -> Request<RecvBody> {
+        let length = content_length(req.headers());
+        req.map(|recv| RecvBody::new(recv, length))
+    }
+
+    fn new(recv: RecvStream, length: Option<u64>) -> RecvBody {
+        let length = match length {
+            None if recv.is_end_stream() => Some(0),
+            length => length,
+        };
+        RecvBody {
+            recv,
+            data_done: false,
+            length,
+        }
     }
 }
 
@@ -400,7 +417,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-impl Body for ResponseBody {
+impl Body for RecvBody {
     type Data = Bytes;
     type Error = h2::Error;
 

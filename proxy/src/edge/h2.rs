@@ -1,0 +1,247 @@
+//! H2: the HTTP/2 server, on the `h2` crate. Every stream's request is
+//! served in the connection's own task (hyper's server spawned a task per
+//! stream and crossed into it and back for each answer); the connection
+//! pings its client, and closes gracefully when idle or when the proxy
+//! stops.
+
+use crate::body::ClientBody;
+use crate::edge::h1::with_date;
+use crate::edge::serve::Answer;
+use crate::headers;
+use crate::outcome::ErrorKind;
+use crate::upstream::h2::{keep_alive, pipe, RecvBody};
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::server::SendResponse;
+use http::{header, HeaderValue, Request, Response};
+use http_body::Body;
+use std::convert::Infallible;
+use std::future::{pending, poll_fn, Future};
+use std::pin::pin;
+use std::task::Poll;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The windows hyper's server gave a stream and a connection (1 MiB each):
+/// the same flow control as before.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONN_WINDOW: u32 = 1024 * 1024;
+/// Bytes queued for sending on the connection, in all (hyper's server's).
+const MAX_SEND_BUF: usize = 400 * 1024;
+/// Streams a client may have open at once.
+const MAX_STREAMS: u32 = 1024;
+/// Streams reset for a protocol error of the client's before the
+/// connection is closed (hyper's server's limit).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// What an HTTP/2 connection needs of `limits`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `limits.max_header_bytes`: the largest request head taken.
+    pub max_header_list: u32,
+    /// `limits.keep_alive_interval`: a PING this often.
+    pub keep_alive_interval: Duration,
+    /// `limits.keep_alive_timeout`: a PING unanswered for this long closes
+    /// the connection.
+    pub keep_alive_timeout: Duration,
+    /// `limits.idle_timeout`: a connection with no stream open for this
+    /// long is closed (GOAWAY).
+    pub idle_timeout: Duration,
+}
+
+/// Serves the HTTP/2 connection `io` with `handle` until it ends: the
+/// client closes it or goes silent, it is idle for `idle_timeout`, or
+/// `stop` changes (GOAWAY: the streams open finish, no new one starts).
+pub async fn serve<IO, F, Fut>(
+    io: IO,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    mut handle: F,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Request<ClientBody>) -> Fut,
+    Fut: Future<Output = Result<Response<Answer>, Infallible>>,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_header_list_size(limits.max_header_list)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_send_buffer_size(MAX_SEND_BUF)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    // Resolves when a PING goes unanswered.
+    let mut pinger = conn.ping_pong();
+    let mut silent = pin!(async {
+        match pinger.as_mut() {
+            Some(pinger) => {
+                let (every, wait) = (limits.keep_alive_interval, limits.keep_alive_timeout);
+                while keep_alive(pinger, every, wait).await {}
+            }
+            None => pending().await,
+        }
+    });
+    let mut idle = pin!(tokio::time::sleep(limits.idle_timeout));
+    let mut streams = FuturesUnordered::new();
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            // The streams first: an answer queues frames that the
+            // connection's next poll (below) writes.
+            biased;
+            Some(()) = streams.next(), if !streams.is_empty() => {
+                if streams.is_empty() {
+                    idle.as_mut().reset(Instant::now() + limits.idle_timeout);
+                }
+            }
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    let req = RecvBody::request(req).map(ClientBody::H2);
+                    streams.push(answer(handle(req), respond));
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+            _ = stop.changed(), if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            () = &mut idle, if streams.is_empty() && !closing => {
+                tracing::debug!(idle = ?limits.idle_timeout, "downstream h2 connection idle: closing");
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            () = &mut silent => {
+                tracing::debug!(timeout = ?limits.keep_alive_timeout, "downstream h2 ping unanswered: closing");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Answers one stream: awaits `served` (dropped, and so cancelled, if the
+/// client resets the stream first), then sends its head and streams its
+/// body as the client's window allows.
+async fn answer<Fut>(served: Fut, mut respond: SendResponse<Bytes>)
+where
+    Fut: Future<Output = Result<Response<Answer>, Infallible>>,
+{
+    let mut served = pin!(served);
+    let resp = poll_fn(|cx| {
+        if let Poll::Ready(Ok(resp)) = served.as_mut().poll(cx) {
+            return Poll::Ready(Some(resp));
+        }
+        respond.poll_reset(cx).map(|_| None)
+    })
+    .await;
+    let Some(resp) = resp else {
+        tracing::debug!("downstream h2 stream reset before its answer");
+        return;
+    };
+    let (mut parts, body) = resp.into_parts();
+    // What hyper's server added or removed: no connection-specific fields
+    // (RFC 9113 §8.2.2), a `date`, the length of a body known whole.
+    headers::for_h2(&mut parts.headers);
+    if !parts.headers.contains_key(header::DATE) {
+        if let Ok(date) = with_date(HeaderValue::from_str) {
+            parts.headers.insert(header::DATE, date);
+        }
+    }
+    let end = body.is_end_stream();
+    if !end && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        if let Some(len) = body.size_hint().exact() {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
+    let stream = match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(stream) => stream,
+        Err(e) => return tracing::debug!(error = %e, "downstream h2 answer not sent"),
+    };
+    if !end {
+        if let Err(kind) = pipe(body, stream, |_| ErrorKind::Reset).await {
+            tracing::debug!(?kind, "downstream h2 body ended early");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that sends the preface and its settings, acknowledges the
+    /// server's, then reads everything and answers nothing (no pong).
+    async fn mute_client(mut io: tokio::io::DuplexStream) {
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS (type 4), empty; then SETTINGS with ACK (flag 1).
+        hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0]);
+        if io.write_all(&hello).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_header_list: 16 * 1024,
+            keep_alive_interval: Duration::from_secs(20),
+            keep_alive_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    /// A client that stops answering is dropped: no pong within
+    /// `keep_alive_timeout` of a ping closes the connection, though it is
+    /// far from idle long enough to be closed for that.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_pings_go_unanswered_is_closed() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(mute_client(client));
+        let (_stop_tx, stop) = watch::channel(false);
+        let handle = |_: Request<ClientBody>| async {
+            Ok::<_, Infallible>(Response::new(Answer::full("never asked")))
+        };
+        let served = tokio::spawn(serve(server, limits(), stop, handle));
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert!(!served.is_finished(), "closed before the pong was due");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(served.is_finished(), "still open with its ping unanswered");
+    }
+
+    /// Told to stop, an idle connection says GOAWAY and ends.
+    #[tokio::test]
+    async fn a_connection_ends_when_the_proxy_stops() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (stop_tx, stop) = watch::channel(false);
+        let handle = |_: Request<ClientBody>| async {
+            Ok::<_, Infallible>(Response::new(Answer::full("hello")))
+        };
+        let served = tokio::spawn(serve(server, limits(), stop, handle));
+        let (send, conn) = h2::client::handshake(client).await.expect("handshake");
+        let conn = tokio::spawn(conn);
+        let mut send = send.ready().await.expect("ready");
+        let req = Request::get("http://web/").body(()).expect("request");
+        let (answer, _) = send.send_request(req, true).expect("sent");
+        let resp = answer.await.expect("answered");
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().contains_key(header::DATE));
+        assert_eq!(resp.headers()[header::CONTENT_LENGTH], "5");
+        let mut body = resp.into_body();
+        let data = body.data().await.expect("a frame").expect("data");
+        assert_eq!(&data[..], b"hello");
+        stop_tx.send(true).expect("stop");
+        // Ended (the client may close its side first: a broken pipe).
+        let ended = tokio::time::timeout(Duration::from_secs(5), served).await;
+        assert!(matches!(ended, Ok(Ok(_))), "{ended:?}");
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        assert!(closed.is_ok(), "the client's connection ended too");
+        assert!(send.ready().await.is_err(), "no new stream after GOAWAY");
+    }
+}
