@@ -13,11 +13,12 @@ use crate::upstream::h2::{keep_alive, pipe, RecvBody};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
+use h2::SendStream;
 use http::{header, HeaderValue, Request, Response};
 use http_body::Body;
 use std::convert::Infallible;
 use std::future::{pending, poll_fn, Future};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -101,7 +102,10 @@ where
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
                     let req = RecvBody::request(req).map(ClientBody::H2);
-                    streams.push(answer(handle(req), respond));
+                    // Boxed where it is made: the stream's own future,
+                    // small, is what moves into the set.
+                    let served = Box::pin(handle(req));
+                    streams.push(answer(served, respond));
                 }
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),
@@ -126,13 +130,30 @@ where
 /// Answers one stream: awaits `served` (dropped, and so cancelled, if the
 /// client resets the stream first), then sends its head and streams its
 /// body as the client's window allows.
-async fn answer<Fut>(served: Fut, mut respond: SendResponse<Bytes>)
+async fn answer<Fut>(served: Fut, respond: SendResponse<Bytes>)
 where
-    Fut: Future<Output = Result<Response<Answer>, Infallible>>,
+    Fut: Future<Output = Result<Response<Answer>, Infallible>> + Unpin,
 {
-    let mut served = pin!(served);
+    // Two awaits in turn: the head's state is gone before the body's.
+    let Some((stream, body)) = head(served, respond).await else {
+        return;
+    };
+    if let Err(kind) = pipe(body, stream, |_| ErrorKind::Reset).await {
+        tracing::debug!(?kind, "downstream h2 body ended early");
+    }
+}
+
+/// Awaits `served` unless the client resets the stream first, and sends
+/// its head; returns the body still to send, if any.
+async fn head<Fut>(
+    mut served: Fut,
+    mut respond: SendResponse<Bytes>,
+) -> Option<(SendStream<Bytes>, Answer)>
+where
+    Fut: Future<Output = Result<Response<Answer>, Infallible>> + Unpin,
+{
     let resp = poll_fn(|cx| {
-        if let Poll::Ready(Ok(resp)) = served.as_mut().poll(cx) {
+        if let Poll::Ready(Ok(resp)) = Pin::new(&mut served).poll(cx) {
             return Poll::Ready(Some(resp));
         }
         respond.poll_reset(cx).map(|_| None)
@@ -140,11 +161,20 @@ where
     .await;
     let Some(resp) = resp else {
         tracing::debug!("downstream h2 stream reset before its answer");
-        return;
+        return None;
     };
+    send_head(resp, &mut respond)
+}
+
+/// Sends `resp`'s head on the stream, with what hyper's server added or
+/// removed: no connection-specific fields (RFC 9113 §8.2.2), a `date`,
+/// the length of a body known whole. Returns the body still to send, if
+/// any.
+fn send_head(
+    resp: Response<Answer>,
+    respond: &mut SendResponse<Bytes>,
+) -> Option<(SendStream<Bytes>, Answer)> {
     let (mut parts, body) = resp.into_parts();
-    // What hyper's server added or removed: no connection-specific fields
-    // (RFC 9113 §8.2.2), a `date`, the length of a body known whole.
     headers::for_h2(&mut parts.headers);
     if !parts.headers.contains_key(header::DATE) {
         if let Ok(date) = with_date(HeaderValue::from_str) {
@@ -159,13 +189,11 @@ where
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
     }
-    let stream = match respond.send_response(Response::from_parts(parts, ()), end) {
-        Ok(stream) => stream,
-        Err(e) => return tracing::debug!(error = %e, "downstream h2 answer not sent"),
-    };
-    if !end {
-        if let Err(kind) = pipe(body, stream, |_| ErrorKind::Reset).await {
-            tracing::debug!(?kind, "downstream h2 body ended early");
+    match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(stream) => (!end).then_some((stream, body)),
+        Err(e) => {
+            tracing::debug!(error = %e, "downstream h2 answer not sent");
+            None
         }
     }
 }
