@@ -28,7 +28,7 @@ fn bench(c: &mut Criterion) {
         c.bench_function(&format!("trace/new_trace_sample_rate_{rate}"), |b| {
             b.iter_batched_ref(
                 || fresh.clone(),
-                |h| black_box(Context::stamp(h, rate)),
+                |h| black_box(Context::read(h, rate).stamp()),
                 criterion::BatchSize::SmallInput,
             )
         });
@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("trace/continue_client_trace", |b| {
         b.iter_batched_ref(
             || traced.clone(),
-            |h| black_box(Context::stamp(h, 0.01)),
+            |h| black_box(Context::read(h, 0.01).stamp()),
             criterion::BatchSize::SmallInput,
         )
     });

@@ -823,6 +823,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
 #[cfg(test)]
 mod differential {
     use super::*;
+    use crate::observe::trace::RequestId;
     use crate::upstream::h1::differential::cases;
     use http_body::{Frame, SizeHint};
     use http_body_util::{BodyExt, Empty};
@@ -1442,7 +1443,7 @@ mod differential {
         // The request ID, as `serve::handle` sets it.
         let id = HeaderValue::from_static("by-almond");
         match passed.as_mut() {
-            Some(passed) => passed.set_request_id(id),
+            Some(passed) => passed.set_request_id(RequestId::Client(id)),
             None => drop(resp.headers_mut().insert("x-request-id", id)),
         }
         if close {

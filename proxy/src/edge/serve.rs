@@ -51,8 +51,10 @@ pub fn handle(
 ) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send {
     async move {
         let start = Instant::now();
-        // Trace: request ID and trace context, before anything can answer.
-        let trace = trace::Context::stamp(req.headers_mut(), shared.observe.sample_rate);
+        // Trace: request ID and trace context, before anything can answer;
+        // what this hop adds to the request goes up with it as a stamp.
+        let trace = trace::Context::read(req.headers_mut(), shared.observe.sample_rate);
+        let stamp = trace.stamp();
         // Access log: decided up front, so an unlogged request copies nothing.
         let log = (shared.observe.access_log.as_ref()).filter(|log| log.admits(start));
         let head = log.map(|_| (req.method().clone(), Box::<str>::from(req.uri().path())));
@@ -71,8 +73,9 @@ pub fn handle(
         });
         let mut seen = Observed::default();
         // Logs: the request's debug lines carry its ID (a disabled span is free).
-        let span = tracing::debug_span!("request", request_id = trace.request_id.to_str().ok());
-        let mut resp = serve(&shared, listener, peer, req, start, &mut seen)
+        let id = std::str::from_utf8(trace.request_id.as_bytes()).ok();
+        let span = tracing::debug_span!("request", request_id = id);
+        let mut resp = serve(&shared, listener, peer, req, start, &mut seen, &stamp)
             .instrument(span)
             .await;
         // The request ID back to the client: a passed-through head
@@ -152,7 +155,8 @@ fn export_span(
 }
 
 /// Serves one request that arrived at `start`: every stage, in order;
-/// `seen` is filled for the access log as the stages learn the route.
+/// `seen` is filled for the access log as the stages learn the route;
+/// `stamp` goes up with the request.
 // Not `async fn`: it would keep the request twice (docs/architecture.md).
 #[allow(clippy::manual_async_fn)]
 fn serve<'a>(
@@ -162,6 +166,7 @@ fn serve<'a>(
     mut req: Request<ClientBody>,
     start: Instant,
     seen: &'a mut Observed,
+    stamp: &'a trace::Stamp,
 ) -> impl Future<Output = Response<Answer>> + Send + 'a {
     async move {
         // One target host, or 400 (a request-smuggling and cache-poisoning
@@ -209,6 +214,7 @@ fn serve<'a>(
             body_idle,
             mirror,
             pass: req.body().lean(),
+            stamp,
         };
         // Admit (shed at once, 503, when the service is at its concurrency
         // limit), then forward.

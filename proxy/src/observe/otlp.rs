@@ -17,6 +17,7 @@
 
 use crate::observe::access_log::Observed;
 use crate::observe::metrics::Metrics;
+use crate::observe::trace::RequestId;
 use almond_config::{Direction, Otlp};
 use http::{HeaderValue, Method};
 use opentelemetry::trace::{
@@ -43,7 +44,7 @@ pub struct Finished {
     /// The client's span, when it sent a valid `traceparent`.
     pub parent_id: Option<u64>,
     /// `x-request-id`.
-    pub request_id: HeaderValue,
+    pub request_id: RequestId,
     /// Wall-clock arrival.
     pub start: SystemTime,
     /// Wall-clock time of the response's headers.
@@ -266,7 +267,7 @@ fn attributes(f: &Finished) -> Vec<KeyValue> {
         "http.response.status_code",
         i64::from(f.status),
     ));
-    if let Ok(id) = f.request_id.to_str() {
+    if let Ok(id) = std::str::from_utf8(f.request_id.as_bytes()) {
         out.push(KeyValue::new("almond.request_id", id.to_owned()));
     }
     out.push(KeyValue::new("almond.direction", o.direction.as_str()));
@@ -325,7 +326,7 @@ mod tests {
             trace_id: 7,
             span_id: 9,
             parent_id: Some(3),
-            request_id: HeaderValue::from_static("r-1"),
+            request_id: RequestId::Client(HeaderValue::from_static("r-1")),
             start: SystemTime::UNIX_EPOCH,
             end: SystemTime::UNIX_EPOCH + Duration::from_millis(12),
             method: Method::GET,

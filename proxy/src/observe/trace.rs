@@ -8,11 +8,14 @@
 //!   the flags kept. When absent or invalid a trace is started and sampled
 //!   at `tracing.sample_rate`; an invalid parent's `tracestate` is dropped.
 //!
-//! Everything is formatted into stack buffers: the only allocations are
-//! the two `HeaderValue`s handed to the upstream. Both are marked
-//! sensitive: unique to one request, so HTTP/2 sends them as never-indexed
-//! literals instead of churning each HPACK table with entries nothing will
-//! reuse (evicting the ones that repeat).
+//! Everything is formatted into stack buffers. What this hop adds to the
+//! request (a request ID it made, its `traceparent`) is a [`Stamp`], not
+//! header values: the lean HTTP/1.1 client writes it after the request's
+//! lines, and only the paths that send a header map make values of it
+//! (`Stamp::insert`). Those values are marked sensitive: unique to one
+//! request, so HTTP/2 sends them as never-indexed literals instead of
+//! churning each HPACK table with entries nothing will reuse (evicting the
+//! ones that repeat).
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -25,11 +28,81 @@ const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// Longest client-sent request ID kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
+/// A request's ID: the client's (which stays in the request's headers), or
+/// one made here (which the request's [`Stamp`] carries up).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestId {
+    /// Sent by the client.
+    Client(HeaderValue),
+    /// Made here: 128 random bits as hex.
+    Made([u8; 32]),
+}
+
+impl RequestId {
+    /// The ID's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            RequestId::Client(v) => v.as_bytes(),
+            RequestId::Made(id) => id,
+        }
+    }
+
+    /// The ID as a (sensitive) header value: an allocation for a made one.
+    pub fn to_value(&self) -> HeaderValue {
+        match self {
+            RequestId::Client(v) => v.clone(),
+            RequestId::Made(id) => sensitive(id),
+        }
+    }
+}
+
+/// What this hop adds to a request on its way up: the request ID it made
+/// (a client's stays in the request's headers) and its `traceparent`.
+#[derive(Clone, Copy, Debug)]
+pub struct Stamp {
+    made_id: Option<[u8; 32]>,
+    traceparent: [u8; 55],
+}
+
+impl Stamp {
+    /// Puts the stamp in `headers` (the paths that send a header map:
+    /// hyper's client, HTTP/2, a mirror's copy); again is the same.
+    pub fn insert(&self, headers: &mut HeaderMap) {
+        if let Some(id) = &self.made_id {
+            headers.insert(REQUEST_ID, sensitive(id));
+        }
+        headers.insert(TRACEPARENT, sensitive(&self.traceparent));
+    }
+
+    /// Appends the stamp as header lines (the lean HTTP/1.1 client's
+    /// head, whose header map holds neither).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        if let Some(id) = &self.made_id {
+            out.extend_from_slice(b"x-request-id: ");
+            out.extend_from_slice(id);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"traceparent: ");
+        out.extend_from_slice(&self.traceparent);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// The bytes [`Stamp::write`] appends, at most.
+    pub const MAX_LEN: usize = 16 + 32 + 15 + 55;
+}
+
+/// A header value of bytes made here (hex and dashes), marked sensitive.
+fn sensitive(bytes: &[u8]) -> HeaderValue {
+    let mut v = HeaderValue::from_bytes(bytes).unwrap_or(HeaderValue::from_static("0"));
+    v.set_sensitive(true);
+    v
+}
+
 /// The trace context of one request, as sent upstream.
 #[derive(Clone, Debug)]
 pub struct Context {
     /// The request's ID (the client's or a new one).
-    pub request_id: HeaderValue,
+    pub request_id: RequestId,
     /// The trace ID (the client's or a new one).
     pub trace_id: u128,
     /// This hop's span ID: the upstream's parent.
@@ -42,8 +115,11 @@ pub struct Context {
 
 impl Context {
     /// Reads the client's request ID and trace context from `headers`,
-    /// continues or starts them, and writes what the upstream should see.
-    pub fn stamp(headers: &mut HeaderMap, sample_rate: f64) -> Context {
+    /// and continues or starts them. `headers` keeps a valid client ID
+    /// (marked sensitive), loses the client's `traceparent` (this hop's,
+    /// in [`Context::stamp`], replaces it) and, when that was invalid, its
+    /// `tracestate`.
+    pub fn read(headers: &mut HeaderMap, sample_rate: f64) -> Context {
         let [has_id, has_parent, has_state] = present(headers);
         let client_id = if has_id {
             headers.get_mut(&REQUEST_ID)
@@ -53,22 +129,24 @@ impl Context {
         let request_id = match client_id {
             Some(v) if !v.is_empty() && v.len() <= MAX_REQUEST_ID => {
                 v.set_sensitive(true);
-                v.clone()
+                RequestId::Client(v.clone())
             }
             _ => {
-                let id = hex128(fastrand::u128(..));
-                let mut v = HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"));
-                v.set_sensitive(true);
-                headers.insert(REQUEST_ID, v.clone());
-                v
+                if has_id {
+                    headers.remove(&REQUEST_ID);
+                }
+                RequestId::Made(hex128(fastrand::u128(..)))
             }
         };
-        let parent = has_parent
-            .then(|| headers.get(&TRACEPARENT))
-            .flatten()
-            .and_then(|v| parse_traceparent(v.as_bytes()));
+        let parent = if has_parent {
+            let parent = (headers.get(&TRACEPARENT)).and_then(|v| parse_traceparent(v.as_bytes()));
+            headers.remove(&TRACEPARENT);
+            parent
+        } else {
+            None
+        };
         let span_id = nonzero_u64();
-        let ctx = match parent {
+        match parent {
             Some(p) => Context {
                 request_id,
                 trace_id: p.trace_id,
@@ -88,13 +166,18 @@ impl Context {
                     sampled: sample_rate >= 1.0 || fastrand::f64() < sample_rate,
                 }
             }
-        };
-        let tp = ctx.traceparent();
-        if let Ok(mut v) = HeaderValue::from_bytes(&tp) {
-            v.set_sensitive(true);
-            headers.insert(TRACEPARENT, v);
         }
-        ctx
+    }
+
+    /// What this hop adds to the request on its way up.
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            made_id: match self.request_id {
+                RequestId::Made(id) => Some(id),
+                RequestId::Client(_) => None,
+            },
+            traceparent: self.traceparent(),
+        }
     }
 
     /// The `traceparent` this hop sends: `00-TRACE-SPAN-FLAGS`.
@@ -114,7 +197,7 @@ impl Context {
 
     /// Returns the request ID to the client.
     pub fn on_response(&self, headers: &mut HeaderMap) {
-        headers.insert(REQUEST_ID, self.request_id.clone());
+        headers.insert(REQUEST_ID, self.request_id.to_value());
     }
 }
 
@@ -225,12 +308,15 @@ mod tests {
         h.insert(TRACEPARENT, HeaderValue::from_static(TP));
         h.insert(TRACESTATE, HeaderValue::from_static("k=v"));
         h.insert(REQUEST_ID, HeaderValue::from_static("abc"));
-        let ctx = Context::stamp(&mut h, 0.0);
+        let ctx = Context::read(&mut h, 0.0);
         assert_eq!(h["x-request-id"], "abc");
         assert_eq!(h["tracestate"], "k=v");
+        assert!(h.get("traceparent").is_none(), "the stamp's replaces it");
+        ctx.stamp().insert(&mut h);
+        assert_eq!(h["x-request-id"], "abc");
         // Unique per request: never indexed by HPACK.
         assert!(h["x-request-id"].is_sensitive() && h["traceparent"].is_sensitive());
-        assert!(ctx.request_id.is_sensitive());
+        assert!(ctx.request_id.to_value().is_sensitive());
         let sent = h["traceparent"].to_str().unwrap_or_default().to_owned();
         assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(sent.ends_with("-01") && sent != TP);
@@ -256,13 +342,37 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static("garbage"));
         h.insert(TRACESTATE, HeaderValue::from_static("k=v"));
-        let ctx = Context::stamp(&mut h, 1.0);
-        assert!(h.get("tracestate").is_none());
+        let ctx = Context::read(&mut h, 1.0);
+        assert!(h.get("tracestate").is_none() && h.get("traceparent").is_none());
         assert!(ctx.sampled && ctx.parent_id.is_none());
+        let stamp = ctx.stamp();
+        stamp.insert(&mut h);
         assert_eq!(h["x-request-id"].len(), 32);
+        assert_eq!(h["x-request-id"].as_bytes(), ctx.request_id.as_bytes());
         assert!(h["x-request-id"].is_sensitive() && h["traceparent"].is_sensitive());
         let tp = ctx.traceparent();
         assert!(parse_traceparent(&tp).is_some());
+        // Written as lines, the stamp is what the map would hold.
+        let mut lines = Vec::new();
+        stamp.write(&mut lines);
+        let expected = format!(
+            "x-request-id: {}\r\ntraceparent: {}\r\n",
+            h["x-request-id"].to_str().unwrap_or_default(),
+            h["traceparent"].to_str().unwrap_or_default()
+        );
+        assert_eq!(String::from_utf8_lossy(&lines), expected);
+        assert!(lines.len() <= Stamp::MAX_LEN);
+    }
+
+    #[test]
+    fn a_client_id_too_long_is_replaced_by_a_made_one() {
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_bytes(&[b'a'; 200]).unwrap());
+        let ctx = Context::read(&mut h, 0.0);
+        assert!(h.get("x-request-id").is_none(), "the client's is gone");
+        assert!(matches!(ctx.request_id, RequestId::Made(_)));
+        ctx.stamp().insert(&mut h);
+        assert_eq!(h["x-request-id"].as_bytes(), ctx.request_id.as_bytes());
     }
 
     #[test]

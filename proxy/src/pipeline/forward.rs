@@ -11,6 +11,7 @@ use crate::body::ResponseBody;
 use crate::body::{BodyError, ClientBody, IdleTimer, Kept, RequestBody, UpstreamBody};
 use crate::headers;
 use crate::observe::access_log::Observed;
+use crate::observe::trace::Stamp;
 use crate::outcome::{grpc_status, is_grpc, CodeClass, ErrorKind};
 use crate::pipeline::admit::{Admitted, Finish};
 use crate::pipeline::mirror::Shadow;
@@ -58,6 +59,8 @@ pub struct Call<'a> {
     /// The client's server (the lean HTTP/1.1 one) writes the response
     /// head itself: a simple upstream head may be passed through.
     pub pass: bool,
+    /// What this hop adds to the request (request ID, `traceparent`).
+    pub stamp: &'a Stamp,
 }
 
 impl Call<'_> {
@@ -241,7 +244,8 @@ fn forward<'a>(
             }
             let method;
             let mut sent = {
-                let Some((sending, req)) = tries.send(svc, &endpoint, try_start, seen) else {
+                let Some((sending, req)) = tries.send(svc, &endpoint, try_start, seen, call.stamp)
+                else {
                     // Unreachable: a retry is only allowed with a request in hand.
                     return Ok(ErrorKind::Reset.response(&svc.name));
                 };
@@ -387,8 +391,10 @@ impl Tries {
         }
         if let Some(shadow) = call.mirror.take() {
             match (self.next.as_ref(), self.replay.as_ref()) {
-                (Some(req), replay) => shadow.send(req, replay.map(|r| &r.body)),
-                (None, Some(r)) => shadow.send(&send::owned(&r.parts, &r.body), Some(&r.body)),
+                (Some(req), replay) => shadow.send(req, replay.map(|r| &r.body), call.stamp),
+                (None, Some(r)) => {
+                    shadow.send(&send::owned(&r.parts, &r.body), Some(&r.body), call.stamp)
+                }
                 (None, None) => {}
             }
         }
@@ -407,6 +413,7 @@ impl Tries {
         endpoint: &'a Arc<EndpointState>,
         try_start: Instant,
         seen: &'a mut Observed,
+        stamp: &'a Stamp,
     ) -> Option<(Pin<Box<impl Future<Output = Sent> + Send + 'a>>, Method)> {
         let Tries {
             next,
@@ -440,6 +447,7 @@ impl Tries {
             upgrade,
             fresh: *fresh,
             pass: *pass,
+            stamp,
             connected: &mut seen.connect,
         };
         Some((

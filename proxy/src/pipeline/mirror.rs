@@ -9,6 +9,7 @@
 use crate::body::RequestBody;
 use crate::headers;
 use crate::limit::Permit;
+use crate::observe::trace::Stamp;
 use crate::outcome::CodeClass;
 use crate::pipeline::route::{MirrorPolicy, ServiceRoute, Table};
 use crate::upstream::send::{self, OneTry, TryRequest};
@@ -54,10 +55,10 @@ impl Shadow {
     }
 
     /// Copies `req` (readied for the source's upstream) with `kept`, its
-    /// body as kept for retry, and sends the copy in a task of its own. A
-    /// request whose body was not kept is not copied (counted), unless it
-    /// has none.
-    pub fn send(self, req: &Request<RequestBody>, kept: Option<&Bytes>) {
+    /// body as kept for retry, and this hop's `stamp`, and sends the copy
+    /// in a task of its own. A request whose body was not kept is not
+    /// copied (counted), unless it has none.
+    pub fn send(self, req: &Request<RequestBody>, kept: Option<&Bytes>, stamp: &Stamp) {
         let Some(m) = self.policy() else { return };
         let body = match kept {
             Some(b) => b.clone(),
@@ -75,12 +76,13 @@ impl Shadow {
         copy.headers_mut()
             .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
         headers::to_upstream(&mut copy, self.target.target.protocol, false);
-        tokio::spawn(self.run(copy));
+        tokio::spawn(self.run(copy, *stamp));
     }
 
-    /// Sends the copy to an endpoint of the target's pool, reads the
-    /// response to its end and counts it; the permit goes with `self`.
-    async fn run(self, req: Request<RequestBody>) {
+    /// Sends the copy, with the request's `stamp`, to an endpoint of the
+    /// target's pool, reads the response to its end and counts it; the
+    /// permit goes with `self`.
+    async fn run(self, req: Request<RequestBody>, stamp: Stamp) {
         let Some(m) = self.policy() else { return };
         let target = &self.target;
         let pool = match m.subset.and_then(|i| target.subsets.get(i)) {
@@ -106,6 +108,7 @@ impl Shadow {
             fresh: false,
             // Nothing reads the copy's response headers.
             pass: true,
+            stamp: &stamp,
             connected: &mut connected,
         };
         // The same try stack as the request's own, under the request timeout.

@@ -8,6 +8,7 @@
 //! both the same bytes). Anything else goes through hyper (`connect.rs`).
 
 use crate::headers;
+use crate::observe::trace::{RequestId, Stamp};
 use crate::upstream::pool::{Pool, Reusable};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -194,6 +195,8 @@ pub struct Head<'a> {
     /// HTTP/1.1 server): a simple response's header lines may be passed
     /// through as received ([`Passed`]), with no `HeaderMap` built.
     pub pass: bool,
+    /// What this hop adds, written after the map's lines.
+    pub stamp: &'a Stamp,
 }
 
 /// A parsed response head and how its body is framed.
@@ -226,7 +229,7 @@ pub struct Passed {
     date: bool,
     /// The proxy's `x-request-id`, written after the lines (in place of
     /// an entry in the response's map, which then stays unallocated).
-    request_id: Option<HeaderValue>,
+    request_id: Option<RequestId>,
 }
 
 /// Lines a passed head may have cut out (`Connection`, `Keep-Alive`,
@@ -250,7 +253,7 @@ impl Passed {
     }
 
     /// Sets the `x-request-id` the client gets (`serve::handle`).
-    pub fn set_request_id(&mut self, id: HeaderValue) {
+    pub fn set_request_id(&mut self, id: RequestId) {
         self.request_id = Some(id);
     }
 
@@ -393,7 +396,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
         home: Option<Arc<Pool<Box<Connection<IO>>>>>,
     ) -> Result<http::Response<Body<IO>>, Error> {
         let (method, body, pass) = (req.method, req.body, req.pass);
-        let head = encode_request(req.method, req.uri, req.headers, body);
+        let head = encode_request(req.method, req.uri, req.headers, req.stamp, body);
         match body {
             Some(body) if !body.is_empty() => {
                 let mut bufs = [io::IoSlice::new(&head), io::IoSlice::new(body)];
@@ -454,10 +457,11 @@ fn encode_request(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
+    stamp: &Stamp,
     body: Option<&Bytes>,
 ) -> Vec<u8> {
     use std::io::Write;
-    let mut size = method.as_str().len() + 64;
+    let mut size = method.as_str().len() + 64 + Stamp::MAX_LEN;
     for (name, value) in headers {
         size += name.as_str().len() + value.len() + 4;
     }
@@ -484,6 +488,7 @@ fn encode_request(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    stamp.write(&mut out);
     if let Some(body) = body.filter(|b| !b.is_empty()) {
         if !headers.contains_key(header::CONTENT_LENGTH) {
             let _ = write!(out, "content-length: {}\r\n", body.len());
@@ -1287,12 +1292,14 @@ pub(crate) mod differential {
         headers.insert(header::HOST, HeaderValue::from_static("upstream"));
         let uri = Uri::from_static("/");
         let conn = Box::new(Connection::new(client, None));
+        let stamp = crate::observe::trace::Context::read(&mut headers, 1.0).stamp();
         let req = Head {
             method: &method,
             uri: &uri,
             headers: &headers,
             body: None,
             pass: false,
+            stamp: &stamp,
         };
         let outcome = match conn.send(req, None).await {
             Err(_) => Outcome::Failed,
@@ -1504,7 +1511,7 @@ pub(crate) mod differential {
             .enable_all()
             .build()
             .unwrap();
-        let cases: [RequestCase<'_>; 5] = [
+        let cases: [RequestCase<'_>; 6] = [
             ("GET", "/", &[("host", "a")], ""),
             (
                 "GET",
@@ -1525,28 +1532,49 @@ pub(crate) mod differential {
                 &[("host", "a"), ("content-length", "0")],
                 "",
             ),
+            (
+                "GET",
+                "/traced",
+                &[
+                    ("host", "a"),
+                    ("x-request-id", "client-1"),
+                    (
+                        "traceparent",
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    ),
+                    ("accept", "*/*"),
+                ],
+                "",
+            ),
         ];
         for (method, uri, headers, body) in cases {
+            // As `serve::handle` leaves it: the client's trace context read
+            // (its `traceparent` gone), this hop's in a stamp, which hyper
+            // gets in the map and the lean client writes after its lines.
             let build = || {
                 let mut b = http::Request::builder().method(method).uri(uri);
                 for (n, v) in headers {
                     b = b.header(*n, *v);
                 }
-                b.body(Full::new(Bytes::from(body))).unwrap()
+                let mut req = b.body(Full::new(Bytes::from(body))).unwrap();
+                let ctx = crate::observe::trace::Context::read(req.headers_mut(), 1.0);
+                (req, ctx)
             };
+            let stamp = build().1.stamp();
             let by_hyper = rt.block_on(async {
                 let (client, mut server) = tokio::io::duplex(1 << 16);
                 let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
                     .await
                     .unwrap();
                 tokio::spawn(conn);
-                let req = build();
+                let mut req = build().0;
+                stamp.insert(req.headers_mut());
                 tokio::spawn(async move { send.send_request(req).await });
                 read_request(&mut server, body.len()).await
             });
             let by_lean = rt.block_on(async {
                 let (client, mut server) = tokio::io::duplex(1 << 16);
-                let req = build();
+                let req = build().0;
                 let sent = Bytes::from(body);
                 tokio::spawn(async move {
                     let conn = Box::new(Connection::new(client, None));
@@ -1556,6 +1584,7 @@ pub(crate) mod differential {
                         headers: req.headers(),
                         body: Some(&sent),
                         pass: false,
+                        stamp: &stamp,
                     };
                     let _ = conn.send(head, None).await;
                 });

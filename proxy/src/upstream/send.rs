@@ -4,6 +4,7 @@
 use crate::body::{RequestBody, UpstreamBody};
 use crate::identity::tls::Upstream;
 use crate::limit::Admission;
+use crate::observe::trace::Stamp;
 use crate::outcome::ErrorKind;
 use crate::upstream::connect::{H1Sender, LeanTarget, SendError};
 use crate::upstream::endpoint::EndpointState;
@@ -73,6 +74,9 @@ pub struct OneTry<'a> {
     /// The client's server writes the response head itself: a lean
     /// HTTP/1.1 response's lines may be passed through (`h1::Passed`).
     pub pass: bool,
+    /// What this hop adds to the request: written after its lines by the
+    /// lean client, put in its map for any other.
+    pub stamp: &'a Stamp,
     /// The time spent opening a connection, if one was opened.
     pub connected: &'a mut Option<Duration>,
 }
@@ -102,6 +106,7 @@ pub fn sender<'a>(
             one.upgrade,
             one.fresh,
             one.pass,
+            one.stamp,
             one.connected,
         )
     })
@@ -127,7 +132,7 @@ pub fn try_once<'a>(
 /// An upgrade request gets a connection of its own, then a tunnel. An
 /// `async` block, not an `async fn`: that would keep the request twice.
 // Not `async fn`: it would keep the arguments twice (see above).
-#[allow(clippy::manual_async_fn)]
+#[allow(clippy::manual_async_fn, clippy::too_many_arguments)]
 fn send_to<'a>(
     target: &'a Target,
     endpoint: &'a Arc<EndpointState>,
@@ -135,10 +140,11 @@ fn send_to<'a>(
     upgrade: &'a mut Option<OnUpgrade>,
     fresh: bool,
     pass: bool,
+    stamp: &'a Stamp,
     connected: &'a mut Option<Duration>,
 ) -> impl Future<Output = Sent> + Send + 'a {
     async move {
-        let req = match req {
+        let mut req = match req {
             TryRequest::Kept(parts, body)
                 if target.protocol == Protocol::Http1
                     && upgrade.is_none()
@@ -150,6 +156,7 @@ fn send_to<'a>(
                     headers: &parts.headers,
                     body: (!body.is_empty()).then_some(body),
                     pass,
+                    stamp,
                 };
                 let sent = endpoint
                     .conns
@@ -163,6 +170,7 @@ fn send_to<'a>(
             TryRequest::Owned(req) => req,
         };
         if upgrade.is_some() {
+            stamp.insert(req.headers_mut());
             // Boxed: upgrades are rare, and keep the common future small.
             let start = Instant::now();
             let opened = Box::pin(
@@ -200,6 +208,7 @@ fn send_to<'a>(
                         headers: req.headers(),
                         body,
                         pass,
+                        stamp,
                     };
                     endpoint
                         .conns
@@ -212,6 +221,7 @@ fn send_to<'a>(
                 }
             }
             Protocol::Http1 => {
+                stamp.insert(req.headers_mut());
                 // Boxed: a streamed body through hyper's client is the rare
                 // case, and its state (770 bytes) would size every try.
                 let (resp, sender) = Box::pin(endpoint.conns.send_h1(
@@ -226,8 +236,9 @@ fn send_to<'a>(
                 .await?;
                 Ok((resp.map(UpstreamBody::Hyper), Some(sender)))
             }
-            Protocol::Http2 => Ok((
-                endpoint
+            Protocol::Http2 => {
+                stamp.insert(req.headers_mut());
+                let resp = endpoint
                     .conns
                     .send_h2(
                         req,
@@ -236,10 +247,9 @@ fn send_to<'a>(
                         target.tls.as_deref(),
                         connected,
                     )
-                    .await?
-                    .map(UpstreamBody::H2),
-                None,
-            )),
+                    .await?;
+                Ok((resp.map(UpstreamBody::H2), None))
+            }
         }
     }
 }
