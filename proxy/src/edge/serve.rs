@@ -1,7 +1,7 @@
 //! Serve: every downstream request, from its arrival to its answer.
 //!
-//! [`handle`] stamps the trace context and records the span and the access
-//! log line; `serve` walks the stages in order: check the host, route
+//! [`handle`] reads the trace context (what this hop adds goes up with the
+//! request as a `Stamp`) and records the span and the access log line; `serve` walks the stages in order: check the host, route
 //! (service), authorize, split (subset), admit, then
 //! `pipeline::forward` (balance, send, classify, retry).
 
@@ -39,8 +39,9 @@ use tracing::Instrument;
 /// request's admission (and pools its connection) when it ends.
 pub type Answer = ResponseBody<Finish>;
 
-/// Handles one request that arrived on listener `listener`: stamps its
-/// request ID and trace context, serves it, returns the ID, logs it.
+/// Handles one request that arrived on listener `listener`: reads or
+/// makes its request ID and trace context, serves it, returns the ID,
+/// logs it.
 // Not `async fn`: it would keep the request twice (docs/architecture.md).
 #[allow(clippy::manual_async_fn)]
 pub fn handle(
