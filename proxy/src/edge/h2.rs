@@ -58,15 +58,15 @@ pub struct Limits {
 pub async fn serve<IO, F, Fut>(
     io: IO,
     limits: Limits,
-    mut stop: watch::Receiver<bool>,
-    mut handle: F,
+    stop: watch::Receiver<bool>,
+    handle: F,
 ) -> Result<(), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<ClientBody>) -> Fut,
     Fut: Future<Output = Result<Response<Answer>, Infallible>>,
 {
-    let mut conn = h2::server::Builder::new()
+    let conn = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_header_list_size(limits.max_header_list)
@@ -75,53 +75,76 @@ where
         .max_send_buffer_size(MAX_SEND_BUF)
         .handshake::<_, Bytes>(io)
         .await?;
-    // Resolves when a PING goes unanswered.
-    let mut pinger = conn.ping_pong();
-    let mut silent = pin!(async {
-        match pinger.as_mut() {
-            Some(pinger) => {
-                let (every, wait) = (limits.keep_alive_interval, limits.keep_alive_timeout);
-                while keep_alive(pinger, every, wait).await {}
-            }
-            None => pending().await,
-        }
-    });
-    let mut idle = pin!(tokio::time::sleep(limits.idle_timeout));
-    let mut streams = FuturesUnordered::new();
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            // The streams first: an answer queues frames that the
-            // connection's next poll (below) writes.
-            biased;
-            Some(()) = streams.next(), if !streams.is_empty() => {
-                if streams.is_empty() {
-                    idle.as_mut().reset(Instant::now() + limits.idle_timeout);
+    // Boxed once the handshake is done: an idle connection keeps only
+    // what serving needs (the handshake's state is as large), and a
+    // connection's task is not sized for HTTP/2.
+    Box::pin(run(conn, limits, stop, handle)).await
+}
+
+/// Serves a connection whose handshake is done (see [`serve`]). Not an
+/// `async fn`: it would keep the connection twice, as an argument and as a
+/// local.
+#[allow(clippy::manual_async_fn)]
+fn run<IO, F, Fut>(
+    mut conn: h2::server::Connection<IO, Bytes>,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    mut handle: F,
+) -> impl Future<Output = Result<(), h2::Error>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Request<ClientBody>) -> Fut,
+    Fut: Future<Output = Result<Response<Answer>, Infallible>>,
+{
+    async move {
+        // Resolves when a PING goes unanswered.
+        let mut pinger = conn.ping_pong();
+        let mut silent = pin!(async {
+            match pinger.as_mut() {
+                Some(pinger) => {
+                    let (every, wait) = (limits.keep_alive_interval, limits.keep_alive_timeout);
+                    while keep_alive(pinger, every, wait).await {}
                 }
+                None => pending().await,
             }
-            accepted = conn.accept() => match accepted {
-                Some(Ok((req, respond))) => {
-                    let req = RecvBody::request(req).map(ClientBody::H2);
-                    // Boxed where it is made: the stream's own future,
-                    // small, is what moves into the set.
-                    let served = Box::pin(handle(req));
-                    streams.push(answer(served, respond));
+        });
+        let mut idle = pin!(tokio::time::sleep(limits.idle_timeout));
+        let mut streams = FuturesUnordered::new();
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                // The streams first: an answer queues frames that the
+                // connection's next poll (below) writes.
+                biased;
+                Some(()) = streams.next(), if !streams.is_empty() => {
+                    if streams.is_empty() {
+                        idle.as_mut().reset(Instant::now() + limits.idle_timeout);
+                    }
                 }
-                Some(Err(e)) => return Err(e),
-                None => return Ok(()),
-            },
-            _ = stop.changed(), if !closing => {
-                closing = true;
-                conn.graceful_shutdown();
-            }
-            () = &mut idle, if streams.is_empty() && !closing => {
-                tracing::debug!(idle = ?limits.idle_timeout, "downstream h2 connection idle: closing");
-                closing = true;
-                conn.graceful_shutdown();
-            }
-            () = &mut silent => {
-                tracing::debug!(timeout = ?limits.keep_alive_timeout, "downstream h2 ping unanswered: closing");
-                return Ok(());
+                accepted = conn.accept() => match accepted {
+                    Some(Ok((req, respond))) => {
+                        let req = RecvBody::request(req).map(ClientBody::H2);
+                        // Boxed where it is made: the stream's own future,
+                        // small, is what moves into the set.
+                        let served = Box::pin(handle(req));
+                        streams.push(answer(served, respond));
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                },
+                _ = stop.changed(), if !closing => {
+                    closing = true;
+                    conn.graceful_shutdown();
+                }
+                () = &mut idle, if streams.is_empty() && !closing => {
+                    tracing::debug!(idle = ?limits.idle_timeout, "downstream h2 connection idle: closing");
+                    closing = true;
+                    conn.graceful_shutdown();
+                }
+                () = &mut silent => {
+                    tracing::debug!(timeout = ?limits.keep_alive_timeout, "downstream h2 ping unanswered: closing");
+                    return Ok(());
+                }
             }
         }
     }

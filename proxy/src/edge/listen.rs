@@ -156,11 +156,7 @@ pub async fn accept_loop(
                 let lean = shared.clone();
                 if protocol == Protocol::Http2 {
                     let handle = move |req| serve::handle(lean.clone(), index, peer, req);
-                    // Boxed: an HTTP/2 connection's state is larger than an
-                    // HTTP/1.1 one's, and every connection's task would be
-                    // sized for it.
-                    let served = Box::pin(h2::serve(stream, h2_limits, closing, handle));
-                    if let Err(e) = served.await {
+                    if let Err(e) = h2::serve(stream, h2_limits, closing, handle).await {
                         tracing::debug!(%peer, error = %e, "downstream h2 connection ended");
                     }
                     return drop(slot);
@@ -292,9 +288,8 @@ async fn serve_tls(
     };
     let (idle, h2_limits) = limits;
     let ended = match protocol {
-        // Boxed, as on a plain connection.
         Protocol::Http2 => {
-            (Box::pin(h2::serve(stream, h2_limits, stop, serve)).await).map_err(|e| e.to_string())
+            (h2::serve(stream, h2_limits, stop, serve).await).map_err(|e| e.to_string())
         }
         Protocol::Http1 => {
             let server = serve;
