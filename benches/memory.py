@@ -5,9 +5,11 @@ Starts `BINARY proxy` on a config with one host-routed listener, opens N
 HTTP/1.1 keep-alive connections to it, sends one request on each
 (`Host: nosuch`, answered 404 by the proxy itself: no backend needed),
 keeps them open, then closes them all; reads the proxy's VmRSS before, with
-the connections open, and 1 s and 10 s after they close.
+the connections open, and 1 s and 10 s after they close. With `h2`, the
+connections are HTTP/2 ones (the preface and the settings exchanged, no
+request).
 
-    python3 benches/memory.py target/release/almond [N]
+    python3 benches/memory.py target/release/almond [N] [h2]
 
 Reported, never asserted. Needs `ulimit -n` above N + 100.
 """
@@ -37,6 +39,7 @@ def free_port():
 def main():
     binary = sys.argv[1]
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 5000
+    h2 = len(sys.argv) > 3 and sys.argv[3] == "h2"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 1000)), hard))
     port, admin = free_port(), free_port()
@@ -64,11 +67,22 @@ def main():
         before = rss_kib(proxy.pid)
         conns = []
         request = b"GET / HTTP/1.1\r\nHost: nosuch\r\n\r\n"
+        if h2:
+            # The preface, an empty SETTINGS and the ACK of the server's.
+            request = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                       + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+                       + bytes([0, 0, 0, 4, 1, 0, 0, 0, 0]))
         for _ in range(n):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(request)
             conns.append(s)
         for s in conns:
+            if h2:
+                # The server's SETTINGS, and its ACK of the client's.
+                data = b""
+                while len(data) < 9:
+                    data += s.recv(4096)
+                continue
             data = b""
             while b"\r\n\r\n" not in data:
                 data += s.recv(4096)
@@ -89,7 +103,7 @@ def main():
         after10 = rss_kib(proxy.pid)
         per = (held - before) * 1024 / n
         print(f"{os.path.basename(binary)}: RSS before {before / 1024:.1f} MiB, "
-              f"with {n} idle connections {held / 1024:.1f} MiB "
+              f"with {n} idle {'HTTP/2' if h2 else 'HTTP/1.1'} connections {held / 1024:.1f} MiB "
               f"({per / 1000:.1f} KB per connection), "
               f"1 s after closing {after1 / 1024:.1f} MiB, 10 s after {after10 / 1024:.1f} MiB")
     finally:
