@@ -199,13 +199,20 @@ fn send_head(
 ) -> Option<(SendStream<Bytes>, Answer)> {
     let (mut parts, body) = resp.into_parts();
     headers::for_h2(&mut parts.headers);
-    if !parts.headers.contains_key(header::DATE) {
+    // One pass over the names (a standard name compares as a number), not
+    // two hashed lookups.
+    let (mut date, mut length) = (false, false);
+    for name in parts.headers.keys() {
+        date |= name == header::DATE;
+        length |= name == header::CONTENT_LENGTH;
+    }
+    if !date {
         if let Ok(date) = with_date(HeaderValue::from_str) {
             parts.headers.insert(header::DATE, date);
         }
     }
     let end = body.is_end_stream();
-    if !end && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    if !end && !length {
         if let Some(len) = body.size_hint().exact() {
             parts
                 .headers
