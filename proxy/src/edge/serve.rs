@@ -74,8 +74,11 @@ pub fn handle(
         });
         let mut seen = Observed::default();
         // Logs: the request's debug lines carry its ID (a disabled span is free).
-        let id = std::str::from_utf8(trace.request_id.as_bytes()).ok();
-        let span = tracing::debug_span!("request", request_id = id);
+        // (The ID's text is made only when the span is enabled.)
+        let span = tracing::debug_span!(
+            "request",
+            request_id = std::str::from_utf8(trace.request_id.as_bytes()).ok()
+        );
         let mut resp = serve(&shared, listener, peer, req, start, &mut seen, &stamp)
             .instrument(span)
             .await;
