@@ -125,6 +125,13 @@ async fn tap_shows_only_what_the_filter_passes_with_secrets_redacted() {
         assert_eq!(headers["authorization"], "<redacted>", "{e}");
         assert_eq!(headers["cookie"], "<redacted>", "{e}");
         assert_eq!(headers["x-shown"], "plain", "{e}");
+        // As the upstream gets them: with the proxy's request ID and trace.
+        assert_eq!(headers["x-request-id"], e["request_id"], "{e}");
+        assert_eq!(
+            headers["traceparent"].as_str().map(str::len),
+            Some(55),
+            "{e}"
+        );
     }
     assert!(!out.contains("s3cret"), "{out}");
     let sent = proxy_metric(&proxy, "almond_tap_events_total", &[]).await;

@@ -65,7 +65,12 @@ pub fn handle(
         // Tap: one atomic load while nobody watches.
         let taps = &shared.observe.taps;
         let tap_head = taps.active().then(|| {
-            let headers = taps.wants_headers().then(|| req.headers().clone());
+            // The headers as the upstream gets them: with this hop's stamp.
+            let headers = taps.wants_headers().then(|| {
+                let mut headers = req.headers().clone();
+                stamp.insert(&mut headers);
+                headers
+            });
             (
                 req.method().clone(),
                 Box::<str>::from(req.uri().path()),
