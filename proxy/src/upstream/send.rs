@@ -169,8 +169,12 @@ fn send_to<'a>(
             TryRequest::Kept(parts, body) => owned(parts, body),
             TryRequest::Owned(req) => req,
         };
-        if upgrade.is_some() {
+        // Every client but the lean one sends a map: the stamp goes in it.
+        let by_lean = upgrade.is_none() && target.protocol == Protocol::Http1 && lean(&req);
+        if !by_lean {
             stamp.insert(req.headers_mut());
+        }
+        if upgrade.is_some() {
             // Boxed: upgrades are rare, and keep the common future small.
             let start = Instant::now();
             let opened = Box::pin(
@@ -196,7 +200,7 @@ fn send_to<'a>(
             return Ok((resp.map(UpstreamBody::Hyper), None));
         }
         match target.protocol {
-            Protocol::Http1 if lean(&req) => {
+            Protocol::Http1 if by_lean => {
                 let sent = {
                     let body = match req.body() {
                         RequestBody::Replay(body) => body.as_ref(),
@@ -221,7 +225,6 @@ fn send_to<'a>(
                 }
             }
             Protocol::Http1 => {
-                stamp.insert(req.headers_mut());
                 // Boxed: a streamed body through hyper's client is the rare
                 // case, and its state (770 bytes) would size every try.
                 let (resp, sender) = Box::pin(endpoint.conns.send_h1(
@@ -237,7 +240,6 @@ fn send_to<'a>(
                 Ok((resp.map(UpstreamBody::Hyper), Some(sender)))
             }
             Protocol::Http2 => {
-                stamp.insert(req.headers_mut());
                 let resp = endpoint
                     .conns
                     .send_h2(
