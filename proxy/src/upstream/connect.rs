@@ -292,6 +292,7 @@ impl Connections {
                 Err(_) => return Err(ErrorKind::ConnectTimeout),
             };
         let _ = stream.set_nodelay(true);
+        almond_net::loopback_congestion(socket2::SockRef::from(&stream), self.addr.ip());
         let Some(upstream) = tls else {
             return Ok(TokioIo::new(Conn::Plain(stream)));
         };
@@ -504,5 +505,27 @@ fn classify(e: &hyper::Error) -> ErrorKind {
         ErrorKind::Timeout
     } else {
         ErrorKind::Reset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_loopback_upstream_gets_the_loopback_congestion_control() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let conns = Connections::new(listener.local_addr().unwrap());
+        let io = conns
+            .connect(Duration::from_secs(5), None, false)
+            .await
+            .unwrap();
+        let Conn::Plain(stream) = io.inner() else {
+            panic!("no TLS asked for");
+        };
+        let mut name = socket2::SockRef::from(stream).tcp_congestion().unwrap();
+        name.retain(|b| *b != 0);
+        assert_eq!(name, almond_net::LOOPBACK_CONGESTION);
     }
 }
