@@ -90,7 +90,7 @@ pub async fn accept_until<F>(
 {
     let mut failures = 0u32;
     // A loopback listener's connections inherit its congestion control.
-    let inherits = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    let inherits = (listener.local_addr()).is_ok_and(|a| a.ip().to_canonical().is_loopback());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
