@@ -4,6 +4,7 @@
 //! the proxy stops. (`h2` keeps its own streams.)
 
 use crate::edge::serve::Answer;
+use crate::edge::stop;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -157,16 +158,18 @@ where
 /// usually ends those first).
 pub async fn drive<C: Closable>(
     conn: C,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     activity: &Activity,
     idle: Duration,
 ) -> C::Output {
     tokio::pin!(conn);
+    let stopping = stop::stopping(stop);
+    tokio::pin!(stopping);
     let mut at = Instant::now() + idle;
     loop {
         tokio::select! {
             done = conn.as_mut() => return done,
-            _ = stop.changed() => break,
+            () = &mut stopping => break,
             _ = tokio::time::sleep_until(at) => match activity.idle_at(idle) {
                 Some(later) => at = later,
                 None => {

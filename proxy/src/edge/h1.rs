@@ -8,6 +8,7 @@
 //! hyper's server reads and writes them (the differential tests below).
 
 use crate::body::{ClientBody, PassedHead};
+use crate::edge::stop;
 use crate::headers;
 use crate::upstream::h1::{write_all_vectored, Passed};
 use bytes::{Buf, Bytes, BytesMut};
@@ -474,7 +475,7 @@ const CLOSING: u8 = 2;
 pub async fn serve<IO, F, Fut, B>(
     io: IO,
     limits: Limits,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     handle: F,
 ) -> Ended<IO>
 where
@@ -486,10 +487,12 @@ where
     let state = AtomicU8::new(READING);
     let conn = requests(io, limits, &state, handle);
     tokio::pin!(conn);
+    let stopping = stop::stopping(stop);
+    tokio::pin!(stopping);
     tokio::select! {
         biased;
         ended = conn.as_mut() => return ended,
-        _ = stop.changed() => {}
+        () = stopping => {}
     }
     if state.swap(CLOSING, Ordering::Relaxed) == IDLE {
         return Ended::Closed;

@@ -7,6 +7,7 @@
 use crate::body::ClientBody;
 use crate::edge::h1::with_date;
 use crate::edge::serve::Answer;
+use crate::edge::stop;
 use crate::headers;
 use crate::outcome::ErrorKind;
 use crate::upstream::h2::{keep_alive, pipe, RecvBody};
@@ -88,7 +89,7 @@ where
 fn run<IO, F, Fut>(
     mut conn: h2::server::Connection<IO, Bytes>,
     limits: Limits,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     mut handle: F,
 ) -> impl Future<Output = Result<(), h2::Error>>
 where
@@ -111,6 +112,7 @@ where
         let mut idle = pin!(tokio::time::sleep(limits.idle_timeout));
         let mut streams = FuturesUnordered::new();
         let mut closing = false;
+        let mut stopping = pin!(stop::stopping(stop));
         loop {
             tokio::select! {
                 // The streams first: an answer queues frames that the
@@ -132,7 +134,7 @@ where
                     Some(Err(e)) => return Err(e),
                     None => return Ok(()),
                 },
-                _ = stop.changed(), if !closing => {
+                () = &mut stopping, if !closing => {
                     closing = true;
                     conn.graceful_shutdown();
                 }

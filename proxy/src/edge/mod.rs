@@ -6,4 +6,5 @@ pub mod h1;
 pub mod h2;
 pub mod listen;
 pub mod serve;
+pub mod stop;
 pub mod trust;
