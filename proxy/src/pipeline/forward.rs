@@ -440,8 +440,10 @@ impl Tries {
             }
         };
         seen.connect = None;
+        // The try's deadline from the clock reading it started at.
         let budget = deadline.saturating_duration_since(try_start);
         let limit = svc.retry.per_try_timeout.map_or(budget, |t| t.min(budget));
+        let until = try_start + limit;
         let one = OneTry {
             req,
             upgrade,
@@ -451,7 +453,7 @@ impl Tries {
             connected: &mut seen.connect,
         };
         Some((
-            Box::pin(send::try_once(&svc.target, endpoint, limit, one)),
+            Box::pin(send::try_once(&svc.target, endpoint, until, one)),
             method,
         ))
     }

@@ -112,8 +112,8 @@ impl Shadow {
             connected: &mut connected,
         };
         // The same try stack as the request's own, under the request timeout.
-        let limit = target.request_timeout;
-        let sent = send::try_once(&target.target, &endpoint, limit, one).await;
+        let until = start + target.request_timeout;
+        let sent = send::try_once(&target.target, &endpoint, until, one).await;
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start).as_secs_f64();
         let (result, class) = match sent {

@@ -120,10 +120,10 @@ pub fn sender<'a>(
 pub fn try_once<'a>(
     target: &'a Target,
     endpoint: &'a Arc<EndpointState>,
-    limit: Duration,
+    deadline: Instant,
     one: OneTry<'a>,
 ) -> impl Future<Output = Sent> + Send + 'a {
-    let stack = TryTimeoutLayer::new(limit).layer(sender(target, endpoint));
+    let stack = TryTimeoutLayer::until(deadline).layer(sender(target, endpoint));
     call_ready(stack, one)
 }
 

@@ -1,28 +1,29 @@
-//! Per-try timeout: a `tower` layer that ends one try after its limit, as
+//! Per-try timeout: a `tower` layer that ends one try at its deadline, as
 //! the inner service's own error type (no boxing), so a retry still sees it.
 
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
-use std::time::Duration;
 use tokio::time::error::Elapsed;
+use tokio::time::Instant;
 use tower::{Layer, Service};
 
-/// Wraps a one-try service in [`TryTimeout`] with a limit set per try
-/// (the smaller of `retries.per_try_timeout` and what is left of
-/// `timeouts.request`), which is why it is not `tower::timeout`: that one
-/// fixes the limit per service and boxes every error into a `BoxError`,
-/// where a failed try's error carries the unsent request back for a retry.
+/// Wraps a one-try service in [`TryTimeout`] with a deadline set per try
+/// (its start plus the smaller of `retries.per_try_timeout` and what is
+/// left of `timeouts.request`: the try's own clock reading, not another),
+/// which is why it is not `tower::timeout`: that one fixes the limit per
+/// service and boxes every error into a `BoxError`, where a failed try's
+/// error carries the unsent request back for a retry.
 #[derive(Clone, Copy, Debug)]
 pub struct TryTimeoutLayer {
-    limit: Duration,
+    deadline: Instant,
 }
 
 impl TryTimeoutLayer {
-    /// A try may take `limit`.
-    pub fn new(limit: Duration) -> TryTimeoutLayer {
-        TryTimeoutLayer { limit }
+    /// A try must end by `deadline`.
+    pub fn until(deadline: Instant) -> TryTimeoutLayer {
+        TryTimeoutLayer { deadline }
     }
 }
 
@@ -32,16 +33,16 @@ impl<S> Layer<S> for TryTimeoutLayer {
     fn layer(&self, inner: S) -> TryTimeout<S> {
         TryTimeout {
             inner,
-            limit: self.limit,
+            deadline: self.deadline,
         }
     }
 }
 
-/// A service whose calls fail with `E::from(Elapsed)` after the limit.
+/// A service whose calls fail with `E::from(Elapsed)` at the deadline.
 #[derive(Clone, Debug)]
 pub struct TryTimeout<S> {
     inner: S,
-    limit: Duration,
+    deadline: Instant,
 }
 
 impl<S, R> Service<R> for TryTimeout<S>
@@ -61,13 +62,13 @@ where
     #[inline]
     fn call(&mut self, req: R) -> Timed<S::Future> {
         Timed {
-            inner: tokio::time::timeout(self.limit, self.inner.call(req)),
+            inner: tokio::time::timeout_at(self.deadline, self.inner.call(req)),
         }
     }
 }
 
 pin_project! {
-    /// One try under its limit.
+    /// One try under its deadline.
     pub struct Timed<F> {
         #[pin]
         inner: tokio::time::Timeout<F>,
@@ -111,6 +112,7 @@ mod tests {
     use super::*;
     use crate::outcome::ErrorKind;
     use crate::upstream::connect::SendError;
+    use std::time::Duration;
     use tower::{service_fn, ServiceExt};
 
     /// A try that answers after `wait`.
@@ -122,8 +124,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_try_ends_as_a_timeout() {
         let limit = Duration::from_millis(100);
-        let slow = TryTimeoutLayer::new(limit).layer(service_fn(answer_after));
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
+        let slow = TryTimeoutLayer::until(started + limit).layer(service_fn(answer_after));
         let Err(e) = slow.oneshot(Duration::from_secs(5)).await else {
             panic!("a 5 s try under a 100 ms limit answered");
         };
@@ -138,15 +140,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_try_within_its_limit_answers() {
-        let quick =
-            TryTimeoutLayer::new(Duration::from_millis(100)).layer(service_fn(answer_after));
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let quick = TryTimeoutLayer::until(deadline).layer(service_fn(answer_after));
         let answer = quick.oneshot(Duration::from_millis(99)).await;
         assert_eq!(answer.ok(), Some(200));
         // Errors of the try pass through as they are.
-        let failing =
-            TryTimeoutLayer::new(Duration::from_secs(1)).layer(service_fn(|_: ()| async {
-                Err::<u16, _>(SendError::sent(ErrorKind::Reset))
-            }));
+        let failing = TryTimeoutLayer::until(deadline).layer(service_fn(|_: ()| async {
+            Err::<u16, _>(SendError::sent(ErrorKind::Reset))
+        }));
         let e = failing.oneshot(()).await.err().map(|e| e.kind);
         assert_eq!(e, Some(ErrorKind::Reset));
     }
