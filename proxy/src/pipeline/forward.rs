@@ -440,10 +440,13 @@ impl Tries {
             }
         };
         seen.connect = None;
-        // The try's deadline from the clock reading it started at.
-        let budget = deadline.saturating_duration_since(try_start);
-        let limit = svc.retry.per_try_timeout.map_or(budget, |t| t.min(budget));
-        let until = try_start + limit;
+        // The try's deadline: the request's, or sooner by the per-try
+        // timeout from the clock reading the try started at.
+        let per_try = svc
+            .retry
+            .per_try_timeout
+            .and_then(|t| try_start.checked_add(t));
+        let until = per_try.map_or(*deadline, |at| at.min(*deadline));
         let one = OneTry {
             req,
             upgrade,
