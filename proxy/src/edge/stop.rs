@@ -77,18 +77,22 @@ mod tests {
         }
     }
 
+    /// A counting waker, and its count.
+    fn counting() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (count.clone(), Waker::from(count))
+    }
+
     #[test]
     fn resolves_when_the_signal_changes_and_wakes_the_last_waker() {
         let (tx, rx) = watch::channel(false);
         let mut stop = pin!(stopping(rx));
-        let first = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(first.clone());
+        let (first, waker) = counting();
         let mut cx = Context::from_waker(&waker);
         assert!(stop.as_mut().poll(&mut cx).is_pending());
         assert!(stop.as_mut().poll(&mut cx).is_pending());
         // Polled from another task now: that task's waker is the one woken.
-        let second = Arc::new(Count(AtomicUsize::new(0)));
-        let other = Waker::from(second.clone());
+        let (second, other) = counting();
         assert!(stop
             .as_mut()
             .poll(&mut Context::from_waker(&other))
@@ -103,8 +107,7 @@ mod tests {
     fn a_sender_gone_is_a_stop() {
         let (tx, rx) = watch::channel(false);
         let mut stop = pin!(stopping(rx));
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counting();
         let mut cx = Context::from_waker(&waker);
         assert!(stop.as_mut().poll(&mut cx).is_pending());
         drop(tx);
