@@ -845,6 +845,90 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
     assert_eq!(closed, Some(true), "the upstream had the request");
 }
 
+/// An upstream that answers a 200 with the first 1,000 bytes of a
+/// 1,000,000-byte body and then stalls; reports, when the proxy closes its
+/// connection, whether it had the request.
+#[allow(clippy::unwrap_used)]
+async fn stalling_mid_body() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                let mut answered = false;
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    if !answered && seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        answered = true;
+                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
+                        let _ = conn.write_all(head).await;
+                        let _ = conn.write_all(&[b'x'; 1000]).await;
+                    }
+                }
+                let _ = closed_tx.send(answered);
+            });
+        }
+    });
+    (addr, closed_rx)
+}
+
+/// An HTTP/2 client that resets its stream while the answer's body is on
+/// its way cancels the upstream exchange (the body stops being read and
+/// its connection is closed), and the connection goes on serving.
+#[tokio::test]
+async fn an_h2_client_that_resets_its_stream_mid_body_cancels_the_upstream_exchange() {
+    let (addr, mut closed_rx) = stalling_mid_body().await;
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("web").at(addr))
+        .service(ServiceYaml::new("other").at(backend.addr))
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let big = Request::get("http://web/big").body(()).unwrap();
+    let (answer, mut stream) = send.send_request(big, true).unwrap();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(3), answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(3), body.data())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!first.is_empty() && first.iter().all(|&b| b == b'x'));
+    stream.send_reset(h2::Reason::CANCEL);
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(3), closed_rx.recv())
+        .await
+        .expect("the upstream exchange is closed soon after the client resets its stream");
+    assert_eq!(closed, Some(true), "the upstream had answered");
+    // The connection is still there for the next request.
+    let mut send = send.ready().await.unwrap();
+    let next = Request::get("http://other/next").body(()).unwrap();
+    let (answer, _) = send.send_request(next, true).unwrap();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(3), answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 /// An HTTP/2 client that resets its stream (its connection staying open)
 /// cancels that request at the upstream, as one that goes away does; the
 /// connection goes on serving.

@@ -286,11 +286,13 @@ where
                 }
             }
         }
-        if stream.poll_reset(cx).is_ready() {
-            return Poll::Ready(Err(ErrorKind::Reset));
-        }
         let frame = match Pin::new(&mut body).poll_frame(cx) {
             Poll::Ready(frame) => frame,
+            // Waiting for the body: a reset meanwhile must wake the task
+            // (a frame ready is sent at once, and a reset stream refuses it).
+            Poll::Pending if stream.poll_reset(cx).is_ready() => {
+                return Poll::Ready(Err(ErrorKind::Reset))
+            }
             Poll::Pending => return Poll::Pending,
         };
         match frame {
