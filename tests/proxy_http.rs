@@ -791,32 +791,61 @@ async fn a_connection_handed_from_the_lean_server_to_hyper_loses_nothing() {
 
 /// An upstream that reads a request's head and never answers; it says,
 /// for each connection the proxy closes, whether a whole head came first.
-#[allow(clippy::unwrap_used)]
 async fn never_answering() -> (
     std::net::SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<bool>,
 ) {
-    use tokio::io::AsyncReadExt;
+    holding(Vec::new()).await
+}
+
+/// An upstream that reads a request's head, writes `answer` once the head
+/// is whole (nothing, for one that never answers) and then holds the
+/// connection; it says, for each connection the proxy closes, whether a
+/// whole head came first.
+#[allow(clippy::unwrap_used)]
+async fn holding(
+    answer: Vec<u8>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
-            let closed_tx = closed_tx.clone();
+            let (closed_tx, answer) = (closed_tx.clone(), answer.clone());
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let mut seen = Vec::new();
+                let mut whole = false;
                 loop {
                     match conn.read(&mut buf).await {
                         Ok(0) | Err(_) => break,
                         Ok(n) => seen.extend_from_slice(&buf[..n]),
                     }
+                    if !whole && seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        whole = true;
+                        let _ = conn.write_all(&answer).await;
+                    }
                 }
-                let _ = closed_tx.send(seen.windows(4).any(|w| w == b"\r\n\r\n"));
+                let _ = closed_tx.send(whole);
             });
         }
     });
     (addr, closed_rx)
+}
+
+/// An upstream that answers a 200 with the first 1,000 bytes of a
+/// 1,000,000-byte body and then stalls (see [`holding`]).
+async fn stalling_mid_body() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<bool>,
+) {
+    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n".to_vec();
+    answer.extend_from_slice(&[b'x'; 1000]);
+    holding(answer).await
 }
 
 /// A client that closes its connection while its request is at the
@@ -843,44 +872,6 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
         .await
         .expect("the upstream exchange is closed soon after the client goes away");
     assert_eq!(closed, Some(true), "the upstream had the request");
-}
-
-/// An upstream that answers a 200 with the first 1,000 bytes of a
-/// 1,000,000-byte body and then stalls; reports, when the proxy closes its
-/// connection, whether it had the request.
-#[allow(clippy::unwrap_used)]
-async fn stalling_mid_body() -> (
-    std::net::SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<bool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let closed_tx = closed_tx.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut seen = Vec::new();
-                let mut answered = false;
-                loop {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                    if !answered && seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        answered = true;
-                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
-                        let _ = conn.write_all(head).await;
-                        let _ = conn.write_all(&[b'x'; 1000]).await;
-                    }
-                }
-                let _ = closed_tx.send(answered);
-            });
-        }
-    });
-    (addr, closed_rx)
 }
 
 /// An HTTP/2 client that resets its stream while the answer's body is on
