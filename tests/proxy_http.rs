@@ -874,12 +874,12 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
     assert_eq!(closed, Some(true), "the upstream had the request");
 }
 
-/// An HTTP/2 client that resets its stream while the answer's body is on
-/// its way cancels the upstream exchange (the body stops being read and
-/// its connection is closed), and the connection goes on serving.
-#[tokio::test]
-async fn an_h2_client_that_resets_its_stream_mid_body_cancels_the_upstream_exchange() {
-    let (addr, mut closed_rx) = stalling_mid_body().await;
+/// A proxy that routes `web` to `addr` and `other` to a backend of its
+/// own, and an HTTP/2 connection to it.
+#[allow(clippy::unwrap_used)]
+async fn h2_client(
+    addr: std::net::SocketAddr,
+) -> (TestProxy, Backend, h2::client::SendRequest<bytes::Bytes>) {
     let backend = Backend::start("b").await;
     let proxy = ProxyYaml::new()
         .by_host()
@@ -888,8 +888,31 @@ async fn an_h2_client_that_resets_its_stream_mid_body_cancels_the_upstream_excha
         .start()
         .await;
     let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
+    (proxy, backend, send)
+}
+
+/// The HTTP/2 connection still serves: a request to `other` gets its 200.
+#[allow(clippy::unwrap_used)]
+async fn still_serves(send: h2::client::SendRequest<bytes::Bytes>) {
+    let mut send = send.ready().await.unwrap();
+    let next = Request::get("http://other/next").body(()).unwrap();
+    let (answer, _) = send.send_request(next, true).unwrap();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(3), answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+/// An HTTP/2 client that resets its stream while the answer's body is on
+/// its way cancels the upstream exchange (the body stops being read and
+/// its connection is closed), and the connection goes on serving.
+#[tokio::test]
+async fn an_h2_client_that_resets_its_stream_mid_body_cancels_the_upstream_exchange() {
+    let (addr, mut closed_rx) = stalling_mid_body().await;
+    let (_proxy, _backend, mut send) = h2_client(addr).await;
     let big = Request::get("http://web/big").body(()).unwrap();
     let (answer, mut stream) = send.send_request(big, true).unwrap();
     let resp = tokio::time::timeout(std::time::Duration::from_secs(3), answer)
@@ -909,15 +932,7 @@ async fn an_h2_client_that_resets_its_stream_mid_body_cancels_the_upstream_excha
         .await
         .expect("the upstream exchange is closed soon after the client resets its stream");
     assert_eq!(closed, Some(true), "the upstream had answered");
-    // The connection is still there for the next request.
-    let mut send = send.ready().await.unwrap();
-    let next = Request::get("http://other/next").body(()).unwrap();
-    let (answer, _) = send.send_request(next, true).unwrap();
-    let resp = tokio::time::timeout(std::time::Duration::from_secs(3), answer)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    still_serves(send).await;
 }
 
 /// An HTTP/2 client that resets its stream (its connection staying open)
@@ -926,16 +941,7 @@ async fn an_h2_client_that_resets_its_stream_mid_body_cancels_the_upstream_excha
 #[tokio::test]
 async fn an_h2_client_that_resets_its_stream_cancels_its_upstream_request() {
     let (addr, mut closed_rx) = never_answering().await;
-    let backend = Backend::start("b").await;
-    let proxy = ProxyYaml::new()
-        .by_host()
-        .service(ServiceYaml::new("web").at(addr))
-        .service(ServiceYaml::new("other").at(backend.addr))
-        .start()
-        .await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
+    let (_proxy, _backend, mut send) = h2_client(addr).await;
     let slow = Request::get("http://web/slow").body(()).unwrap();
     let (answer, mut stream) = send.send_request(slow, true).unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -945,13 +951,5 @@ async fn an_h2_client_that_resets_its_stream_cancels_its_upstream_request() {
         .expect("the upstream exchange is closed soon after the client resets its stream");
     assert_eq!(closed, Some(true), "the upstream had the request");
     assert!(answer.await.is_err(), "no answer on a reset stream");
-    // The connection is still there for the next request.
-    let mut send = send.ready().await.unwrap();
-    let next = Request::get("http://other/next").body(()).unwrap();
-    let (answer, _) = send.send_request(next, true).unwrap();
-    let resp = tokio::time::timeout(std::time::Duration::from_secs(3), answer)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    still_serves(send).await;
 }
