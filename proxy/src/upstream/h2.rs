@@ -262,17 +262,20 @@ where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut done = false;
+    // Nothing of the body is in `h2` before its first frame: that one goes
+    // at once (most bodies are one frame). Each later one waits for room
+    // for a byte, so at most one frame waits beyond the window either way.
+    let mut first = true;
     poll_fn(|cx| loop {
         if done {
             return Poll::Ready(Ok(()));
         }
-        // Room for at least a byte before the body is read.
-        stream.reserve_capacity(1);
-        if stream.capacity() == 0 {
-            loop {
+        // Room for at least a byte before a later frame is read.
+        if !first {
+            stream.reserve_capacity(1);
+            while stream.capacity() == 0 {
                 match stream.poll_capacity(cx) {
-                    Poll::Ready(Some(Ok(0))) => continue,
-                    Poll::Ready(Some(Ok(_))) => break,
+                    Poll::Ready(Some(Ok(_))) => continue,
                     Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
                         return Poll::Ready(Err(ErrorKind::Reset));
                     }
@@ -295,6 +298,7 @@ where
             }
             Poll::Pending => return Poll::Pending,
         };
+        first = false;
         match frame {
             None => {
                 let _ = stream.send_data(Bytes::new(), true);
