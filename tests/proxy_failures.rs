@@ -189,6 +189,26 @@ async fn bad_header_line_is_400() {
     still_serves(&proxy).await;
 }
 
+/// A target the request line admits and a URI does not (`<` in a path,
+/// `"` in a query, a byte that is not UTF-8) is answered 400 at once, and
+/// a request pipelined behind it is not taken for its answer.
+#[tokio::test]
+async fn a_target_that_is_no_uri_is_400() {
+    let (backend, proxy) = strict().await;
+    let targets: [&[u8]; 3] = [b"/<x>", b"/?q=\"a\"", b"/caf\xe9"];
+    for target in targets {
+        let mut req = b"GET ".to_vec();
+        req.extend_from_slice(target);
+        req.extend_from_slice(b" HTTP/1.1\r\nHost: m\r\n\r\nGET /next HTTP/1.1\r\nHost: m\r\n\r\n");
+        let answer = raw(proxy.addr(), &req).await;
+        let shown = String::from_utf8_lossy(target);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{shown}: {answer:?}");
+        assert!(!answer.contains("200 OK"), "{shown}: {answer:?}");
+    }
+    assert_eq!(backend.count(), 0);
+    still_serves(&proxy).await;
+}
+
 #[tokio::test]
 async fn headers_over_the_limit_are_431() {
     let (backend, proxy) = strict().await;

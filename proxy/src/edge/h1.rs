@@ -151,8 +151,10 @@ pub fn read_head(buf: &mut BytesMut, max_head: usize) -> Read {
     }
     let head = buf.split_to(len).freeze();
     let body = (body > 0).then(|| buf.split_to(body).freeze());
+    // A target httparse admits and `Uri` does not (`"` in a query, `<` in
+    // a path, a byte that is not UTF-8): hyper's to refuse, whole.
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0..target.1)) else {
-        return Read::Hyper;
+        return put_back(buf, &head, body.as_deref());
     };
     // Room for what the proxy adds (the trace context, `X-Forwarded-*`)
     // without growing the map.
@@ -160,7 +162,7 @@ pub fn read_head(buf: &mut BytesMut, max_head: usize) -> Read {
     for (name, v0, v1) in names {
         // httparse admits only what a `HeaderValue` admits.
         let Ok(value) = HeaderValue::from_maybe_shared(head.slice(v0..v1)) else {
-            return Read::Hyper;
+            return put_back(buf, &head, body.as_deref());
         };
         headers.append(name, value);
     }
@@ -169,6 +171,18 @@ pub fn read_head(buf: &mut BytesMut, max_head: usize) -> Read {
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     Read::Lean(req, keep_alive)
+}
+
+/// Puts a request split off the front of `buf` back (a copy: only a
+/// request refused after its split, which is rare), for hyper to read.
+fn put_back(buf: &mut BytesMut, head: &[u8], body: Option<&[u8]>) -> Read {
+    let body = body.unwrap_or_default();
+    let mut whole = BytesMut::with_capacity(head.len() + body.len() + buf.len());
+    whole.extend_from_slice(head);
+    whole.extend_from_slice(body);
+    whole.extend_from_slice(buf);
+    *buf = whole;
+    Read::Hyper
 }
 
 /// A request's `Content-Length` as hyper reads it: digits only.
@@ -917,7 +931,12 @@ mod differential {
             if buf.is_empty() {
                 return (seen, None);
             }
-            match read_head(&mut buf, 1 << 16) {
+            let before = buf.clone();
+            let read = read_head(&mut buf, 1 << 16);
+            if !matches!(read, Read::Lean(..)) {
+                assert_eq!(buf, before, "consumed, and left to hyper");
+            }
+            match read {
                 Read::Lean(req, keep_alive) => {
                     let body = match req.body() {
                         ClientBody::Full(Some(b)) => b.to_vec(),
@@ -950,6 +969,11 @@ mod differential {
         "h:443",
         "",
         "/a#f",
+        "/?q=\"a\"",
+        "/<x>",
+        "/a`b",
+        "http:///x",
+        "/\u{ff}",
     ];
     const VERSIONS: &[&str] = &[
         "HTTP/1.1",
@@ -1087,6 +1111,9 @@ mod differential {
             "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: +5\r\n\r\nhello",
             "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5, 5\r\n\r\nhello",
             "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 99999\r\n\r\nhello",
+            // Targets httparse admits and `Uri` refuses: left whole.
+            "GET /<x> HTTP/1.1\r\nhost: a\r\n\r\nGET /b HTTP/1.1\r\nhost: a\r\n\r\n",
+            "POST /?q=\"a\" HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhello",
         ];
         for bytes in taken.iter().chain(&refused) {
             agree(format!("{bytes}{LAST}").as_bytes()).unwrap();
@@ -1099,6 +1126,12 @@ mod differential {
             let (lean, stop) = by_lean(bytes.as_bytes());
             assert!(lean.is_empty() && stop == Some(true), "{bytes:?}");
         }
+        // A target byte that is not UTF-8 (no `&str` above can hold it).
+        let mut bytes = b"GET /\xff HTTP/1.1\r\nhost: a\r\n\r\n".to_vec();
+        let (lean, stop) = by_lean(&bytes);
+        assert!(lean.is_empty() && stop == Some(true));
+        bytes.extend_from_slice(LAST.as_bytes());
+        agree(&bytes).unwrap();
     }
 
     /// A response body made of given frames, its length known or not.
