@@ -789,6 +789,43 @@ async fn a_connection_handed_from_the_lean_server_to_hyper_loses_nothing() {
     assert_eq!(backend.count(), 5);
 }
 
+/// An upstream answer framed by `Transfer-Encoding: chunked` that also
+/// names a `Content-Length` (10, of its 30 bytes) reaches the client whole,
+/// over HTTP/1.1 and HTTP/2: the coding wins, the length is dropped (RFC
+/// 9112 §6.3), and nothing is cut at 10 bytes.
+#[tokio::test]
+async fn a_length_beside_a_transfer_coding_is_dropped_not_obeyed() {
+    let body = "thirty bytes of chunked body!!";
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 10\r\nconnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    // Once a connection (`holding` answers once on each).
+    let (addr, _closed) = holding(answer.into_bytes()).await;
+    let (proxy, _backend, send) = h2_client(addr).await;
+    let reply = get_h1(proxy.addr(), "web", "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, body.as_bytes());
+    assert!(
+        !reply.headers.contains_key("content-length"),
+        "{:?}",
+        reply.headers
+    );
+
+    let mut send = send.ready().await.unwrap();
+    let (answer, _) = send
+        .send_request(Request::get("http://web/").body(()).unwrap(), true)
+        .unwrap();
+    let resp = within("the h2 answer", answer).await.unwrap();
+    assert!(!resp.headers().contains_key("content-length"));
+    let mut got = Vec::new();
+    let mut recv = resp.into_body();
+    while let Some(data) = within("the h2 body", recv.data()).await {
+        got.extend_from_slice(&data.unwrap());
+    }
+    assert_eq!(got, body.as_bytes());
+}
+
 /// An upstream that reads a request's head and never answers; it says,
 /// for each connection the proxy closes, whether a whole head came first.
 async fn never_answering() -> (

@@ -158,6 +158,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<Heade
             headers.remove(name);
         }
     }
+    // A length beside a transfer coding is no length: an intermediary
+    // removes it before forwarding (RFC 9112 §6.3), as the message's next
+    // framing is the proxy's.
+    if found & (1 << 5) != 0 {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     upgrade
 }
 
