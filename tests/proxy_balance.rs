@@ -639,6 +639,68 @@ async fn serve_keep_alive(
     }
 }
 
+/// An upstream that answers the first request on each connection and, to
+/// the second, begins an answer and closes: the second had reached it, so
+/// a POST is not sent again (a pooled connection's close is an idle close
+/// only before any byte of an answer). The POST arrives once and the
+/// client gets a 502.
+#[tokio::test]
+async fn a_post_whose_answer_broke_off_is_not_sent_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let posts = Arc::new(AtomicUsize::new(0));
+    let seen = posts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let (mut buf, mut chunk, mut served) = (Vec::new(), [0u8; 4096], 0);
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    if buf.starts_with(b"POST ") {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                    }
+                    buf.drain(..end + 4);
+                    served += 1;
+                    if served == 2 {
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-").await;
+                        return;
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("pay")
+                .at(addr)
+                .set("retries", "{ attempts: 0 }"),
+        )
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    assert_eq!(client.get("pay", "/").await.status, StatusCode::OK);
+    let post = Request::post("/charge")
+        .header("host", "pay")
+        .header("content-length", "0")
+        .body(empty())
+        .unwrap();
+    let reply = client.request(post).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(posts.load(Ordering::SeqCst), 1, "the POST went up again");
+}
+
 /// Upstreams close connections idle for 1 s; requests (GET and POST) come
 /// at random gaps of 0.8-1.2 s, so about a quarter of them meet a pooled
 /// connection as its upstream closes it. 100 services, one upstream and

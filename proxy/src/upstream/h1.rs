@@ -405,6 +405,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
             _ => self.io.write_all(&head).await,
         }
         .map_err(io_error)?;
+        // Once any byte of an answer came, the upstream saw the request:
+        // its end is no longer `Error::Closed` (an idle close, safe to send
+        // again) but a broken exchange.
+        let mut answered = false;
         let head = loop {
             if !self.buf.is_empty() {
                 if let Some(head) = parse_head(&mut self.buf, method, pass)? {
@@ -416,8 +420,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
             }
             self.buf.reserve(READ_SIZE);
             match self.io.read_buf(&mut self.buf).await {
+                Ok(0) if answered => return Err(Error::Io(io::ErrorKind::UnexpectedEof.into())),
                 Ok(0) => return Err(Error::Closed),
-                Ok(_) => {}
+                Ok(_) => answered = true,
+                Err(e) if answered => return Err(Error::Io(e)),
                 Err(e) => return Err(io_error(e)),
             }
         };
