@@ -412,7 +412,7 @@ impl Metrics {
         for zone in ["local", "remote"] {
             let _ = self.zone_requests.remove_label_values(&[service, zone]);
         }
-        for reason in ["full", "body"] {
+        for reason in ["full", "body", "subset"] {
             let _ = self.mirror_dropped.remove_label_values(&[service, reason]);
         }
     }
@@ -424,7 +424,8 @@ impl Metrics {
     }
 
     /// Copies of `service`'s requests not mirrored, by `reason` (`full`:
-    /// `max_in_flight` copies were out; `body`: a body not kept for retry).
+    /// `max_in_flight` copies were out; `body`: a body not kept for retry;
+    /// `subset`: the mirror's subset has no endpoints).
     pub fn mirror_dropped(&self, service: &str, reason: &str) -> IntCounter {
         self.mirror_dropped.with_label_values(&[service, reason])
     }

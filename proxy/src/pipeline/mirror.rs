@@ -38,6 +38,10 @@ impl Shadow {
         if upgrade || m.share <= 0.0 || fastrand::f64() >= m.share {
             return None;
         }
+        if m.subset_missing {
+            m.dropped_subset.inc();
+            return None;
+        }
         let target = table.service_named(&m.service)?.clone();
         let Some(permit) = m.in_flight.try_acquire() else {
             m.dropped_full.inc();

@@ -112,10 +112,17 @@ pub struct MirrorPolicy {
     /// Golden metrics with `direction="mirror"`, by the target's subset
     /// index.
     pub metrics: Box<[SubsetMetrics]>,
-    /// `almond_mirror_dropped_total{reason="full"}` and `{reason="body"}`.
+    /// The mirror names a subset the target has no endpoints in (a
+    /// snapshot may deliver that): copies are dropped, never sent to the
+    /// target's split instead.
+    pub subset_missing: bool,
+    /// `almond_mirror_dropped_total{reason="full"}`, `{reason="body"}`
+    /// and `{reason="subset"}`.
     pub dropped_full: IntCounter,
     /// See `dropped_full`.
     pub dropped_body: IntCounter,
+    /// See `dropped_full`.
+    pub dropped_subset: IntCounter,
 }
 
 /// Where a route rule sends a request.
@@ -321,6 +328,7 @@ fn mirror_policy(
     };
     MirrorPolicy {
         service: target.into(),
+        subset_missing: m.subset.is_some() && subset.is_none(),
         subset,
         share: m.percent / 100.0,
         in_flight,
@@ -332,6 +340,7 @@ fn mirror_policy(
         },
         dropped_full: metrics.mirror_dropped(name, "full"),
         dropped_body: metrics.mirror_dropped(name, "body"),
+        dropped_subset: metrics.mirror_dropped(name, "subset"),
     }
 }
 
@@ -638,6 +647,34 @@ mod tests {
             .header("host", host)
             .body(())
             .unwrap_or_default()
+    }
+
+    /// A mirror whose subset has no endpoints (a snapshot may say so; a
+    /// static file may not) copies nothing, and counts it: the copies do
+    /// not go to the target's split, which serves production.
+    #[test]
+    fn a_mirror_to_a_subset_with_no_endpoints_copies_nothing() {
+        let text = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
+                    endpoints: [{ addr: 127.0.0.1:1, subset: v1 }, { addr: 127.0.0.1:2, subset: v3 }]\n    \
+                    split: { v1: 100 }\n    mirror: { subset: v3, percent: 100 }\n";
+        let mut config = almond_config::load_proxy(text, "t").unwrap();
+        let metrics = Metrics::new().unwrap();
+        let table = Table::build(Arc::new(config.clone()), &metrics, None);
+        assert!(
+            crate::pipeline::mirror::Shadow::decide(&table, &table.services["web"], false)
+                .is_some()
+        );
+        // v3's endpoints leave (deregistered).
+        if let Some(web) = config.services.get_mut("web") {
+            web.endpoints.retain(|e| e.subset == "v1");
+        }
+        let table = Table::build(Arc::new(config), &metrics, Some(&table));
+        let web = &table.services["web"];
+        for _ in 0..3 {
+            assert!(crate::pipeline::mirror::Shadow::decide(&table, web, false).is_none());
+        }
+        let dropped = web.mirror.as_ref().map(|m| m.dropped_subset.get());
+        assert_eq!(dropped, Some(3));
     }
 
     #[test]
