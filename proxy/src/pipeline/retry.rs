@@ -12,6 +12,7 @@ use almond_config::{Condition, GrpcCode, Retries};
 use almond_net::Backoff;
 use http::Method;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -43,6 +44,14 @@ impl RetryPolicy {
             max_body_bytes: cfg.max_body_bytes,
             budget: Budget::new(cfg.budget_percent, cfg.min_per_second),
         }
+    }
+
+    /// Keeps `previous`'s budget account (its deposits and withdrawals of
+    /// the last 10 s) under this policy's numbers: a new route table, made
+    /// for any change to any service, must not grant a fresh budget in the
+    /// middle of an incident.
+    pub fn carry_budget(&mut self, previous: &RetryPolicy) {
+        self.budget.buckets = previous.budget.buckets.clone();
     }
 
     /// Are retries on at all?
@@ -128,7 +137,9 @@ pub fn idempotent(method: &Method) -> bool {
 struct Budget {
     percent: u64,
     reserve: u64,
-    buckets: [Bucket; WINDOW_SECS as usize],
+    /// Shared with the next route table's policy for the service (see
+    /// [`RetryPolicy::carry_budget`]).
+    buckets: Arc<[Bucket; WINDOW_SECS as usize]>,
 }
 
 #[derive(Default)]
@@ -178,7 +189,7 @@ impl Budget {
     fn withdraw(&self, now: Instant) -> bool {
         let second = Self::second(now);
         let (mut deposits, mut withdrawals) = (0, 0);
-        for b in &self.buckets {
+        for b in self.buckets.iter() {
             let s = b.second.load(Ordering::Relaxed);
             if s != 0 && second - s.min(second) < WINDOW_SECS {
                 deposits += b.deposits.load(Ordering::Relaxed);

@@ -191,11 +191,12 @@ impl Table {
                     ServiceRoute::build(name, svc, metrics, &mut states, admission, zone);
                 let kept = guards.get(name.as_str()).copied();
                 route.guards = Guards::build(name, svc, metrics, kept);
+                let before = previous.and_then(|p| p.services.get(name.as_str()));
+                if let Some(before) = before {
+                    route.retry.carry_budget(&before.retry);
+                }
                 route.target.tls = svc.tls.as_ref().map(|t| upstream_tls(name, t, tls));
-                let carried = previous
-                    .and_then(|p| p.services.get(name.as_str()))
-                    .and_then(|s| s.mirror.as_ref())
-                    .map(|m| m.in_flight.clone());
+                let carried = (before.and_then(|s| s.mirror.as_ref())).map(|m| m.in_flight.clone());
                 route.mirror = (svc.mirror.as_ref())
                     .map(|m| mirror_policy(name, m, &config, metrics, carried));
                 (Box::from(name.as_str()), Arc::new(route))
@@ -647,6 +648,28 @@ mod tests {
             .header("host", host)
             .body(())
             .unwrap_or_default()
+    }
+
+    /// A new table keeps a service's retry budget account: a budget spent
+    /// stays spent when any service's endpoints change.
+    #[test]
+    fn the_retry_budget_is_carried_over_to_a_new_table() {
+        let text = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
+                    endpoints: [{ addr: 127.0.0.1:1 }]\n    \
+                    retries: { attempts: 3, budget_percent: 0, min_per_second: 1 }\n";
+        let config = Arc::new(almond_config::load_proxy(text, "t").unwrap());
+        let metrics = Metrics::new().unwrap();
+        let now = tokio::time::Instant::now();
+        let retry = |t: &Table| {
+            t.services["web"]
+                .retry
+                .allows(0, &http::Method::GET, Err(ErrorKind::Reset), true, now)
+        };
+        let first = Table::build(config.clone(), &metrics, None);
+        // The floor: 1 a second over 10 s.
+        assert_eq!((0..12).filter(|_| retry(&first)).count(), 10);
+        let next = Table::build(config, &metrics, Some(&first));
+        assert!(!retry(&next), "a new table granted a fresh budget");
     }
 
     /// A mirror whose subset has no endpoints (a snapshot may say so; a
