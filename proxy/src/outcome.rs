@@ -135,6 +135,22 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Does a try's outcome say something of the endpoint it went to? Its
+    /// answer, or its connection's failure, does; a local limit that shed
+    /// the try, or a client that stalled its own upload, says nothing, and
+    /// counts neither as a failure nor as a success (which would end a run
+    /// of failures, or return an ejected endpoint that never answered).
+    pub fn about_endpoint(result: Result<u16, ErrorKind>) -> bool {
+        matches!(
+            result,
+            Ok(_)
+                | Err(ErrorKind::Connect
+                    | ErrorKind::ConnectTimeout
+                    | ErrorKind::Timeout
+                    | ErrorKind::Reset)
+        )
+    }
+
     /// The kinds counted in `almond_upstream_errors_total`, in index order.
     pub const UPSTREAM_KINDS: [ErrorKind; 5] = [
         ErrorKind::Connect,

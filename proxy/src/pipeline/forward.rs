@@ -269,10 +269,12 @@ fn forward<'a>(
             let grpc_code = (response.as_ref())
                 .filter(|_| tries.grpc)
                 .and_then(|(resp, _)| grpc_status(resp.headers()));
-            // Overloaded: shed here, before the endpoint saw anything.
-            let failed = result != Err(ErrorKind::Overloaded)
-                && svc.record_outcome(member.subset, &endpoint, result, now);
-            learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
+            // Only what the endpoint did counts for it: not a try shed here
+            // (`Overloaded`), nor one a client's stalled upload ended.
+            let failed = svc.record_outcome(member.subset, &endpoint, result, now);
+            if ErrorKind::about_endpoint(result) {
+                learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
+            }
             if tries.retry(svc, &method, (result, grpc_code), unsent.is_some(), now) {
                 tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
                 tries.next = unsent.map(|req| *req);

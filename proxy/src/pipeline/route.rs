@@ -595,8 +595,10 @@ impl ServiceRoute {
     }
 
     /// Feeds one try's outcome at `endpoint` (of subset `subset`) to
-    /// failure accrual; a new ejection is noted in both pools it is in, so
-    /// its probe goes out when the ejection ends whatever the balancer.
+    /// failure accrual (one that says nothing of the endpoint, see
+    /// [`ErrorKind::about_endpoint`], is left out); a new ejection is noted
+    /// in both pools it is in, so its probe goes out when the ejection ends
+    /// whatever the balancer. Returns whether it counts as a failure.
     pub fn record_outcome(
         &self,
         subset: usize,
@@ -604,6 +606,9 @@ impl ServiceRoute {
         result: Result<u16, ErrorKind>,
         now: tokio::time::Instant,
     ) -> bool {
+        if !ErrorKind::about_endpoint(result) {
+            return false;
+        }
         let failed = self.outlier.is_failure(result);
         let Some(s) = self.subsets.get(subset) else {
             return failed;
@@ -648,6 +653,28 @@ mod tests {
             .header("host", host)
             .body(())
             .unwrap_or_default()
+    }
+
+    /// A try shed by a local limit, or ended by the client's stalled
+    /// upload, says nothing of the endpoint: it does not break a run of
+    /// failures (nor, were the endpoint out, bring it back).
+    #[test]
+    fn outcomes_that_are_not_the_endpoint_s_do_not_count_for_it() {
+        let text = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
+                    endpoints: [{ addr: 127.0.0.1:1 }, { addr: 127.0.0.1:2 }, { addr: 127.0.0.1:3 }]\n    \
+                    circuit_breaker: { consecutive_failures: 2, max_ejection_percent: 100 }\n";
+        let config = Arc::new(almond_config::load_proxy(text, "t").unwrap());
+        let metrics = Metrics::new().unwrap();
+        let table = Table::build(config, &metrics, None);
+        let web = &table.services["web"];
+        let endpoint = web.all.members()[0].state.clone();
+        let now = tokio::time::Instant::now();
+        assert!(web.record_outcome(0, &endpoint, Err(ErrorKind::Reset), now));
+        for kind in [ErrorKind::ClientTimeout, ErrorKind::Overloaded] {
+            assert!(!web.record_outcome(0, &endpoint, Err(kind), now));
+        }
+        assert!(web.record_outcome(0, &endpoint, Err(ErrorKind::Reset), now));
+        assert!(endpoint.health.is_out(), "two failures in a row eject");
     }
 
     /// A new table keeps a service's retry budget account: a budget spent
