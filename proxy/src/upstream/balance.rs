@@ -59,24 +59,38 @@ struct Zones {
     local_weight: u64,
     all_weight: u64,
     min_healthy: u64,
+    /// The whole pool's `panic_threshold` and member count: panic is
+    /// judged over every zone (the zones' own pools never panic), or a
+    /// zone with few endpoints would ignore its members' health while the
+    /// pool has plenty available.
+    panic_threshold: u64,
+    members: u64,
     /// When the local share was worked out (ms since the process epoch,
-    /// + 1) << 16 | the share in permille; 0 = due.
+    /// + 1) << 16 | the share in permille, or [`PANIC`]; 0 = due.
     cached: AtomicU64,
     /// `almond_zone_requests_total{zone="local"}`, `{zone="remote"}`.
     counters: [IntCounter; 2],
 }
 
+/// The cached share's mark for a pool in panic (a permille is at most 1000).
+const PANIC: u64 = 0xffff;
+
 impl Zones {
-    /// Picks in the local zone with the odds of its share (first tries).
-    fn pick(&self, now: Instant, now_ns: u64) -> Option<&Member> {
+    /// Picks in the local zone with the odds of its share (first tries);
+    /// `None` when the whole pool is in panic (the pool's own pick then
+    /// ignores zones and health alike).
+    fn pick(&self, now: Instant, now_ns: u64) -> Option<Option<&Member>> {
         let permille = self.local_permille(now_ns);
+        if permille == PANIC {
+            return None;
+        }
         let local = permille >= 1000 || (permille > 0 && fastrand::u64(..1000) < permille);
         let (first, second, i) = if local {
             (&self.local, &self.remote, 0)
         } else {
             (&self.remote, &self.local, 1)
         };
-        match first.pick(now, None) {
+        Some(match first.pick(now, None) {
             Some(m) => {
                 self.counters[i].inc();
                 Some(m)
@@ -85,7 +99,7 @@ impl Zones {
                 self.counters[1 - i].inc();
                 second.pick(now, None)
             }
-        }
+        })
     }
 
     /// The local zone's share of first tries, in permille (cached).
@@ -101,15 +115,19 @@ impl Zones {
         permille
     }
 
-    /// Works the local share out from the members' health.
+    /// Works the local share out from the members' health, or [`PANIC`].
     fn share(&self) -> u64 {
-        let available = |pool: &Pool| -> u64 {
+        // Available members: their weight, and how many.
+        let available = |pool: &Pool| -> (u64, u64) {
             (pool.members.iter())
                 .filter(|m| !m.state.health.is_out())
-                .map(|m| u64::from(m.weight))
-                .sum()
+                .fold((0, 0), |(w, n), m| (w + u64::from(m.weight), n + 1))
         };
-        let (local, remote) = (available(&self.local), available(&self.remote));
+        let ((local, in_local), (remote, in_remote)) =
+            (available(&self.local), available(&self.remote));
+        if (in_local + in_remote) * 100 < self.panic_threshold * self.members {
+            return PANIC;
+        }
         if local * 100 >= self.min_healthy * self.local_weight || remote == 0 {
             return 1000;
         }
@@ -209,16 +227,16 @@ impl Pool {
         }
         let weight = |ms: &[Member]| ms.iter().map(|m| u64::from(m.weight)).sum::<u64>();
         let (local_weight, remote_weight) = (weight(&local), weight(&remote));
-        let sub = |members| {
-            Pool::new(members, self.lb, self.home)
-                .with_health(self.panic_threshold, self.probe_grace)
-        };
+        let members = (local.len() + remote.len()) as u64;
+        let sub = |members| Pool::new(members, self.lb, self.home).with_health(0, self.probe_grace);
         self.zones = Some(Box::new(Zones {
             local: sub(local),
             remote: sub(remote),
             local_weight,
             all_weight: local_weight + remote_weight,
             min_healthy: u64::from(min_healthy),
+            panic_threshold: u64::from(self.panic_threshold),
+            members,
             cached: AtomicU64::new(0),
             counters: counters(),
         }));
@@ -257,7 +275,9 @@ impl Pool {
         let now_ns = crate::clock::nanos_since_epoch(now);
         // Zones choose first tries; a retry may go to any other endpoint.
         if let (Some(zones), None) = (&self.zones, exclude) {
-            return zones.pick(now, now_ns);
+            if let Some(picked) = zones.pick(now, now_ns) {
+                return picked;
+            }
         }
         if now_ns >= self.probe_at.load(Ordering::Relaxed) {
             if let Some(probe) = self.claim_due_probe(now_ns, exclude) {
@@ -742,6 +762,50 @@ mod health_tests {
             // Both out: everything spills over.
             eject(&p, 1, now);
             assert_eq!(local(&p), 0, "{lb:?}");
+        }
+    }
+
+    /// Panic is judged over the whole pool, not a zone: with three local
+    /// endpoints of nine and two of them out, the pool has 78 % available
+    /// (over `panic_threshold` 50), so no first try goes to an ejected
+    /// endpoint, though the local zone alone has 33 %. With five of nine
+    /// out (44 %) the pool panics: health is ignored, zones too.
+    #[tokio::test(start_paused = true)]
+    async fn zones_judge_panic_over_the_whole_pool() {
+        for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
+            let members = (0..9)
+                .map(|i| Member {
+                    state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
+                        [127, 0, 0, 1],
+                        4000 + i,
+                    )))),
+                    weight: 1,
+                    subset: 0,
+                    local: i < 3,
+                })
+                .collect();
+            let counter = |name| prometheus::IntCounter::new(name, "z").unwrap();
+            let p = Pool::new(members, lb, 0)
+                .with_health(50, Duration::from_secs(3600))
+                .with_zones(70, || [counter("l"), counter("r")]);
+            let now = Instant::now();
+            eject(&p, 0, now);
+            eject(&p, 1, now);
+            let picks: Vec<u16> = (0..2000)
+                .map(|_| p.pick(now, None).unwrap().state.addr.port())
+                .collect();
+            assert!(
+                picks.iter().all(|&port| port >= 4002),
+                "{lb:?}: an ejected one picked"
+            );
+            assert!(picks.contains(&4002), "{lb:?}: the local zone still serves");
+            for i in 3..6 {
+                eject(&p, i, now);
+            }
+            let out = (0..2000)
+                .filter(|_| p.pick(now, None).unwrap().state.health.is_out())
+                .count();
+            assert!(out > 0, "{lb:?}: in panic, health is ignored");
         }
     }
 
