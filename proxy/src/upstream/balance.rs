@@ -353,27 +353,30 @@ impl Pool {
                 &self.members[self.schedule[slot] as usize]
             }
             Lb::LeastRequest | Lb::P2cEwma => {
-                let (a, b) = self.two_distinct(n);
+                let (a, b) = self.two(n);
                 self.cheaper(a, b, now)
             }
         }
     }
 
-    /// Power of two choices between `a` and `b`.
+    /// Power of two choices between `a` and `b`, drawn by weight (see
+    /// [`Pool::two`]; they may be the same member).
     ///
-    /// `least_request` (Envoy's): of two endpoints of equal weight, the one
-    /// with fewer requests in flight (`a`, drawn at random, wins ties);
-    /// of unequal weights, odds `weight / (in flight + 1)` each, so weights
-    /// hold when both are idle. `p2c_ewma` draws between the two with odds
-    /// `weight / cost`: two endpoints that behave the same split the
-    /// traffic evenly whatever the noise in their latency estimates, while
-    /// one 10x costlier gets about a tenth of what its peer gets (a strict
-    /// "cheaper wins" would give the slowest of three identical endpoints
-    /// nothing for as long as the order holds).
+    /// `least_request` (Envoy's): the one with fewer requests in flight
+    /// (`a`, drawn at random, wins ties). `p2c_ewma` draws between the two
+    /// with odds inverse to their cost: two endpoints that behave the same
+    /// split the traffic evenly whatever the noise in their latency
+    /// estimates, while one 10x costlier gets about a tenth of what its
+    /// peer gets (a strict "cheaper wins" would give the slowest of three
+    /// identical endpoints nothing for as long as the order holds). Weights
+    /// are in the draw only: between equals, each endpoint's share is its
+    /// weight's.
     fn cheaper(&self, a: usize, b: usize, now: Instant) -> &Member {
         let (ma, mb) = (&self.members[a], &self.members[b]);
-        let (wa, wb) = (f64::from(ma.weight), f64::from(mb.weight));
-        let (ca, cb) = match self.lb {
+        if a == b {
+            return ma;
+        }
+        match self.lb {
             Lb::P2cEwma => {
                 // An endpoint not measured yet is taken to be as fast as
                 // the one it is compared with.
@@ -383,25 +386,24 @@ impl Pool {
                     (ra, 0.0) => (ra, ra),
                     known => known,
                 };
-                (
+                let (ca, cb) = (
                     ra * ma.state.in_flight_cost(),
                     rb * mb.state.in_flight_cost(),
-                )
+                );
+                // P(a) = (1 / ca) / (1 / ca + 1 / cb) = cb / (ca + cb)
+                if fastrand::f64() * (ca + cb) < cb {
+                    ma
+                } else {
+                    mb
+                }
             }
             _ => {
-                let (ca, cb) = (ma.state.in_flight_cost(), mb.state.in_flight_cost());
-                if ma.weight == mb.weight {
-                    return if ca <= cb { ma } else { mb };
+                if ma.state.in_flight_cost() <= mb.state.in_flight_cost() {
+                    ma
+                } else {
+                    mb
                 }
-                (ca, cb)
             }
-        };
-        // P(a) = (wa / ca) / (wa / ca + wb / cb) = wa cb / (wa cb + wb ca)
-        let (sa, sb) = (wa * cb, wb * ca);
-        if fastrand::f64() * (sa + sb) < sa {
-            ma
-        } else {
-            mb
         }
     }
 
@@ -486,33 +488,41 @@ impl Pool {
                         .and_then(|i| self.members.get(i))
                 }
                 _ => {
-                    let a = fastrand::usize(..k);
-                    let b = (a + 1 + fastrand::usize(..k - 1)) % k;
+                    let (a, b) = match self.cumulative {
+                        None => {
+                            let a = fastrand::usize(..k);
+                            (a, (a + 1 + fastrand::usize(..k - 1)) % k)
+                        }
+                        // The slow path (ejections, retries): running totals
+                        // of these members' weights, made here.
+                        Some(_) => {
+                            let cum: Vec<u64> = (indices.iter())
+                                .scan(0, |sum, &i| {
+                                    *sum += u64::from(self.members[i].weight);
+                                    Some(*sum)
+                                })
+                                .collect();
+                            (weighted(&cum), weighted(&cum))
+                        }
+                    };
                     Some(self.cheaper(indices[a], indices[b], now))
                 }
             },
         }
     }
 
-    fn two_distinct(&self, n: usize) -> (usize, usize) {
+    /// The two members a power-of-two choice is between: two distinct ones
+    /// drawn uniformly when every weight is equal; else two drawn by weight,
+    /// independently (the same one twice is that one), which keeps each
+    /// endpoint's share at its weight's between equals.
+    fn two(&self, n: usize) -> (usize, usize) {
         match &self.cumulative {
             None => {
                 let a = fastrand::usize(..n);
                 let b = (a + 1 + fastrand::usize(..n - 1)) % n;
                 (a, b)
             }
-            Some(cum) => {
-                let a = weighted(cum);
-                // A few weighted redraws, then any other member uniformly, so
-                // one very heavy endpoint cannot make this loop long.
-                for _ in 0..4 {
-                    let b = weighted(cum);
-                    if b != a {
-                        return (a, b);
-                    }
-                }
-                (a, (a + 1 + fastrand::usize(..n - 1)) % n)
-            }
+            Some(cum) => (weighted(cum), weighted(cum)),
         }
     }
 }
@@ -592,24 +602,46 @@ mod tests {
     }
 
     #[test]
-    fn p2c_never_picks_the_same_endpoint_twice() {
+    fn p2c_never_picks_the_same_endpoint_twice_among_equals() {
         for _ in 0..1000 {
             let p = pool(&[1, 1], Lb::P2cEwma);
-            let (a, b) = p.two_distinct(2);
-            assert_ne!(a, b);
-            let p = pool(&[100, 1], Lb::P2cEwma);
-            let (a, b) = p.two_distinct(2);
+            let (a, b) = p.two(2);
             assert_ne!(a, b);
         }
     }
 
+    /// Each endpoint's share is within five standard deviations of its
+    /// weight's share.
+    fn assert_weighted(c: &HashMap<u16, usize>, weights: &[u32], n: usize, what: &str) {
+        let total: u32 = weights.iter().sum();
+        for (i, &w) in weights.iter().enumerate() {
+            let p = f64::from(w) / f64::from(total);
+            let want = p * n as f64;
+            let band = 5.0 * (n as f64 * p * (1.0 - p)).sqrt();
+            let got = c.get(&(1000 + i as u16)).copied().unwrap_or(0) as f64;
+            assert!(
+                (got - want).abs() <= band,
+                "{what} {weights:?}: endpoint {i} got {got}, want {want:.0} +- {band:.0}: {c:?}"
+            );
+        }
+    }
+
+    /// Idle endpoints of equal cost share by weight, exactly: the weight is
+    /// in the draw of the two, not counted again in the choice between them.
     #[tokio::test(start_paused = true)]
     async fn p2c_honours_weights_when_loads_are_equal() {
-        // Idle endpoints with equal cost: the heavier endpoint is drawn
-        // more often and wins every tie per unit of weight.
-        let p = pool(&[3, 1, 1, 1], Lb::LeastRequest);
-        let c = counts(&p, 6000);
-        assert!(c[&1000] > 3000, "{c:?}");
+        for lb in [Lb::LeastRequest, Lb::P2cEwma] {
+            for weights in [
+                &[3, 1, 1, 1][..],
+                &[1, 10, 10],
+                &[9, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                &[3, 1],
+            ] {
+                let p = pool(weights, lb);
+                let c = counts(&p, 20_000);
+                assert_weighted(&c, weights, 20_000, &format!("{lb:?}"));
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -806,6 +838,36 @@ mod health_tests {
                 .filter(|_| p.pick(now, None).unwrap().state.health.is_out())
                 .count();
             assert!(out > 0, "{lb:?}: in panic, health is ignored");
+        }
+    }
+
+    /// With an endpoint ejected, the others still share by weight (the
+    /// draw among the usable ones is weighted too).
+    #[tokio::test(start_paused = true)]
+    async fn weights_hold_among_the_endpoints_left() {
+        for lb in [Lb::LeastRequest, Lb::P2cEwma] {
+            let members = [3, 1, 1, 1, 1]
+                .iter()
+                .enumerate()
+                .map(|(i, &weight)| Member {
+                    state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
+                        [127, 0, 0, 1],
+                        5000 + i as u16,
+                    )))),
+                    weight,
+                    subset: 0,
+                    local: false,
+                })
+                .collect();
+            let p = Pool::new(members, lb, 0).with_health(50, Duration::from_secs(3600));
+            let now = Instant::now();
+            eject(&p, 4, now);
+            let n = 12_000;
+            let heavy = (0..n)
+                .filter(|_| p.pick(now, None).unwrap().state.addr.port() == 5000)
+                .count() as f64;
+            // 3 of the 6 weight left: 6,000 +- 5 sigma (274).
+            assert!((heavy - 6000.0).abs() < 274.0, "{lb:?}: {heavy}");
         }
     }
 
