@@ -38,6 +38,43 @@ async fn send(proxy: &TestProxy, method: &str, path: &str, headers: &[(&str, &st
         .await
 }
 
+/// A service's guards are tried before its route rules: a deny on `web`
+/// for `/admin` holds though a rule sends `/admin` to service `admin`; the
+/// guards of the service a rule chose apply as well.
+#[tokio::test]
+async fn guards_hold_before_the_route_rules_and_after() {
+    let (web, admin) = (Backend::start("web").await, Backend::start("admin").await);
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("web")
+                .at(web.addr)
+                .set(
+                    "routes",
+                    "[ { match: { path_prefix: / }, to: { service: admin } } ]",
+                )
+                .set(
+                    "guards",
+                    "[ { match: { path_prefix: /admin }, deny: { status: 403 } } ]",
+                ),
+        )
+        .service(ServiceYaml::new("admin").at(admin.addr).set(
+            "guards",
+            "[ { match: { path_prefix: /secret }, deny: { status: 404 } } ]",
+        ))
+        .start()
+        .await;
+    let reply = send(&proxy, "GET", "/admin/users", &[]).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let reply = send(&proxy, "GET", "/secret", &[]).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+    assert_eq!(reply.header("x-almond-error"), Some("denied"));
+    let reply = send(&proxy, "GET", "/else", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.backend(), "admin");
+    assert_eq!((web.count(), admin.count()), (0, 1));
+}
+
 #[tokio::test]
 async fn a_deny_answers_its_route_at_once_and_nothing_else() {
     let (backend, proxy) = guarded(

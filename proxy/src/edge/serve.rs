@@ -189,6 +189,7 @@ fn serve<'a>(
         let Routed {
             svc,
             subset: routed,
+            addressed,
             direction,
             body_idle,
             mirror,
@@ -201,10 +202,14 @@ fn serve<'a>(
         if let Err(who) = authorize(shared, &svc, direction, &req) {
             return ErrorKind::Forbidden.response(&who);
         }
-        // Guard: a deny or a rate limit on this route answers here.
-        if let Some(guards) = &svc.guards {
-            if let Some(answer) = guards.check(&req, peer.ip(), direction, start) {
-                return answer;
+        // Guard: a deny or a rate limit on this route answers here: the
+        // guards of the service the request was addressed to (tried before
+        // its route rules), then those of the service its rules chose.
+        for guarded in addressed.as_ref().into_iter().chain([&svc]) {
+            if let Some(guards) = &guarded.guards {
+                if let Some(answer) = guards.check(&req, peer.ip(), direction, start) {
+                    return answer;
+                }
             }
         }
         // Split: a pinned subset, a rule's, the weighted split, or every endpoint.
@@ -255,6 +260,9 @@ struct Routed {
     svc: Arc<ServiceRoute>,
     /// The subset a route rule picked, if one did.
     subset: Option<usize>,
+    /// The service the request was addressed to, when its route rules
+    /// sent it to another (`svc`): its guards apply too.
+    addressed: Option<Arc<ServiceRoute>>,
     /// The metric direction index (0 outbound, 1 inbound).
     direction: usize,
     /// `limits.body_idle`.
@@ -286,11 +294,14 @@ fn route(
     if let Some(proto) = on.forwarded_proto {
         trust::add_forwarded(req.headers_mut(), peer.ip(), proto);
     }
-    let routed = table
-        .service(on, req)
-        .and_then(|svc| table.apply_rules(svc, req));
-    let (svc, subset) = match routed {
-        Ok((svc, subset)) => (svc.clone(), subset),
+    let routed = table.service(on, req).and_then(|addressed| {
+        let (svc, subset) = table.apply_rules(addressed, req)?;
+        // Its guards, when rules moved the request to another service.
+        let moved = (!Arc::ptr_eq(addressed, svc)).then(|| addressed.clone());
+        Ok((svc, subset, moved))
+    });
+    let (svc, subset, addressed) = match routed {
+        Ok((svc, subset, addressed)) => (svc.clone(), subset, addressed),
         Err(unroutable) => {
             shared.metrics.unroutable.inc();
             return Err(unroutable);
@@ -306,6 +317,7 @@ fn route(
     Ok(Routed {
         svc,
         subset,
+        addressed,
         direction,
         body_idle: table.config.limits.body_idle,
         mirror,
