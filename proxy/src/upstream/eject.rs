@@ -172,14 +172,16 @@ impl Outlier {
         match result {
             Ok(status) => self.failure_on.iter().any(|c| c.matches_status(status)),
             Err(kind) => {
-                let wanted = match kind {
-                    ErrorKind::Connect => Condition::Connect,
-                    ErrorKind::ConnectTimeout | ErrorKind::Timeout => Condition::Timeout,
-                    ErrorKind::Reset => Condition::Reset,
+                let on = |c| self.failure_on.contains(&c);
+                match kind {
+                    ErrorKind::Connect => on(Condition::Connect),
+                    // Unreachable: a connect failure, and a timeout.
+                    ErrorKind::ConnectTimeout => on(Condition::Connect) || on(Condition::Timeout),
+                    ErrorKind::Timeout => on(Condition::Timeout),
+                    ErrorKind::Reset => on(Condition::Reset),
                     // Shed or unroutable: not the endpoint's fault.
-                    _ => return false,
-                };
-                self.failure_on.contains(&wanted)
+                    _ => false,
+                }
             }
         }
     }
@@ -191,7 +193,8 @@ impl Outlier {
     /// notice, and a latency-aware one stops sending before the count is
     /// reached, so the endpoint would never be ejected nor probed back.
     pub fn ejects_at_once(&self, result: Result<u16, ErrorKind>) -> bool {
-        result == Err(ErrorKind::Connect) && self.failure_on.contains(&Condition::Connect)
+        matches!(result, Err(ErrorKind::Connect | ErrorKind::ConnectTimeout))
+            && self.failure_on.contains(&Condition::Connect)
     }
 
     /// Records one try's outcome for `endpoint`, a member of `subset`;
@@ -373,6 +376,22 @@ mod tests {
             ..CircuitBreaker::default()
         };
         Outlier::new(&cb, Duration::from_secs(1))
+    }
+
+    /// A refused connection, and one that never completes (unreachable),
+    /// eject at once when `failure_on` has `connect`; a timeout waiting
+    /// for an answer counts toward the run.
+    #[test]
+    fn a_refused_or_unreachable_endpoint_is_ejected_at_once() {
+        let p = policy();
+        for kind in [ErrorKind::Connect, ErrorKind::ConnectTimeout] {
+            assert!(
+                p.is_failure(Err(kind)) && p.ejects_at_once(Err(kind)),
+                "{kind:?}"
+            );
+        }
+        assert!(p.is_failure(Err(ErrorKind::Timeout)));
+        assert!(!p.ejects_at_once(Err(ErrorKind::Timeout)));
     }
 
     #[tokio::test(start_paused = true)]
