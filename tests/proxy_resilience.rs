@@ -955,3 +955,50 @@ async fn a_small_body_retried_after_503_arrives_whole() {
     replayed_bodies_arrive_whole(false).await;
     replayed_bodies_arrive_whole(true).await;
 }
+
+/// An address whose connections never complete: a listener with a full
+/// accept queue (backlog 0, its one place taken by a connection never
+/// accepted), so the kernel drops further SYNs. Keep what it returns.
+async fn unreachable() -> (SocketAddr, Vec<TcpStream>, tokio::net::TcpListener) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    // Connect until one does not complete: the queue is full.
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await
+    {
+        queued.push(s);
+        assert!(queued.len() < 16, "the accept queue never filled");
+    }
+    (addr, queued, listener)
+}
+
+/// An HTTP/2 service with an unreachable endpoint beside a good one: a
+/// burst of requests that all find no connection to it fail over together
+/// after one connect timeout (each waiting for the one opener does not
+/// try again in turn, a connect timeout each), and every request is
+/// answered by the good endpoint within the request timeout.
+#[tokio::test]
+async fn requests_waiting_on_an_unreachable_h2_endpoint_fail_over_together() {
+    let (dead, _queued, _listener) = unreachable().await;
+    let good = Backend::start("good").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("web")
+                .http2()
+                .lb("round_robin")
+                .endpoint(dead, "default", 1)
+                .endpoint(good.addr, "default", 1)
+                .timeouts("300ms", "2s"),
+        )
+        .start()
+        .await;
+    // In turn, the twelve first tries at the unreachable endpoint would
+    // end one connect timeout apart: the last ones past the request's 2 s.
+    let got = load(&proxy, "web", 24, 1).await;
+    all_ok(&got, "a burst beside an unreachable endpoint");
+    assert_eq!(good.count(), 24);
+}

@@ -50,7 +50,10 @@ pub struct Connections {
     /// Idle connections of the lean HTTP/1.1 client (`upstream/h1.rs`).
     lean: Arc<Pool<Box<h1::Connection<Conn>>>>,
     h2: ArcSwapOption<h2::Sender>,
-    h2_connecting: tokio::sync::Mutex<()>,
+    /// One opener of the HTTP/2 connection at a time; it holds when the
+    /// last attempt failed and how, so that those who waited for it fail
+    /// at once with it rather than each try in turn.
+    h2_connecting: tokio::sync::Mutex<Option<(Instant, ErrorKind)>>,
 }
 
 impl Connections {
@@ -62,7 +65,7 @@ impl Connections {
             h1_idle: Pool::new(MAX_IDLE_H1),
             lean: Arc::new(Pool::new(MAX_IDLE_H1)),
             h2: ArcSwapOption::empty(),
-            h2_connecting: tokio::sync::Mutex::new(()),
+            h2_connecting: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -234,9 +237,16 @@ impl Connections {
                     let Some(_place) = pending.try_acquire() else {
                         return Err(SendError::unsent(ErrorKind::Overloaded, req));
                     };
-                    let _guard = self.h2_connecting.lock().await;
+                    let waited_from = Instant::now();
+                    let mut last_failure = self.h2_connecting.lock().await;
                     match self.live_h2() {
                         Some(s) => s,
+                        // The attempt this one waited for failed: so does
+                        // this one (its request goes elsewhere, unsent).
+                        None if last_failure.is_some_and(|(at, _)| at >= waited_from) => {
+                            let kind = last_failure.map_or(ErrorKind::Connect, |(_, k)| k);
+                            return Err(SendError::unsent(kind, req));
+                        }
                         None => {
                             let start = Instant::now();
                             let opened = Box::pin(self.connect_h2(connect_timeout, tls)).await;
@@ -244,9 +254,13 @@ impl Connections {
                             match opened {
                                 Ok(s) => {
                                     self.h2.store(Some(Arc::new(s.clone())));
+                                    *last_failure = None;
                                     s
                                 }
-                                Err(kind) => return Err(SendError::unsent(kind, req)),
+                                Err(kind) => {
+                                    *last_failure = Some((Instant::now(), kind));
+                                    return Err(SendError::unsent(kind, req));
+                                }
                             }
                         }
                     }
