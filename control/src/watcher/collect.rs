@@ -216,13 +216,8 @@ pub fn parse_services(text: &str, only: Option<&str>) -> BTreeMap<String, Totals
                 }
             }
             "almond_request_duration_seconds_bucket" => {
-                let le = match labels.get("le").map(String::as_str) {
-                    Some("+Inf") => f64::INFINITY,
-                    Some(v) => match v.parse() {
-                        Ok(v) => v,
-                        Err(_) => continue,
-                    },
-                    None => continue,
+                let Some(le) = bucket_bound(labels.get("le")) else {
+                    continue;
                 };
                 w.buckets.push((le, value as u64));
             }
@@ -306,13 +301,8 @@ pub async fn query_prometheus_over(
                 0 => w.requests = value as u64,
                 1 => w.failures = value as u64,
                 _ => {
-                    let le = match labels.get("le").map(String::as_str) {
-                        Some("+Inf") => f64::INFINITY,
-                        Some(v) => match v.parse() {
-                            Ok(v) => v,
-                            Err(_) => continue,
-                        },
-                        None => continue,
+                    let Some(le) = bucket_bound(labels.get("le")) else {
+                        continue;
                     };
                     w.buckets.push((le, value as u64));
                 }
@@ -365,6 +355,17 @@ async fn prometheus_vector(
     )
 }
 
+/// A latency bucket's upper bound (`le`): a number of seconds, not
+/// negative, or `+Inf`; anything else leaves the bucket out (a proxy's
+/// exposition is read, not trusted).
+fn bucket_bound(le: Option<&String>) -> Option<f64> {
+    let le: f64 = match le.map(String::as_str)? {
+        "+Inf" => f64::INFINITY,
+        v => v.parse().ok()?,
+    };
+    (le >= 0.0).then_some(le)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +386,16 @@ almond_request_duration_seconds_bucket{direction="outbound",service="web",subset
         assert_eq!(t["v1"].requests, 90);
         assert_eq!((t["v2"].requests, t["v2"].failures), (10, 3));
         assert_eq!(t["v2"].buckets, vec![(0.01, 4), (f64::INFINITY, 10)]);
+    }
+
+    /// A bucket bound that is no number of seconds (negative, not a
+    /// number) is left out: a proxy's exposition is read, not trusted.
+    #[test]
+    fn bucket_bounds_that_are_no_duration_are_left_out() {
+        let text = TEXT.replace(r#"le="0.01"} 4"#, r#"le="-1"} 4"#);
+        assert_eq!(parse(&text, "web")["v2"].buckets, vec![(f64::INFINITY, 10)]);
+        let text = TEXT.replace(r#"le="0.01"} 4"#, r#"le="NaN"} 4"#);
+        assert_eq!(parse(&text, "web")["v2"].buckets, vec![(f64::INFINITY, 10)]);
     }
 
     #[test]

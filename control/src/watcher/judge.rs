@@ -44,7 +44,7 @@ impl Window {
             if count as f64 >= rank {
                 if bound.is_infinite() {
                     // Beyond the last finite bound: report that bound.
-                    return Some(Duration::from_secs_f64(prev.0));
+                    return Duration::try_from_secs_f64(prev.0).ok();
                 }
                 let in_bucket = (count - prev.1) as f64;
                 let frac = if in_bucket > 0.0 {
@@ -52,7 +52,9 @@ impl Window {
                 } else {
                     1.0
                 };
-                return Some(Duration::from_secs_f64(prev.0 + (bound - prev.0) * frac));
+                // A bound no duration can hold (a proxy's exposition is
+                // read, not trusted): no quantile, rather than a panic.
+                return Duration::try_from_secs_f64(prev.0 + (bound - prev.0) * frac).ok();
             }
             prev = (bound, count);
         }
@@ -363,6 +365,18 @@ mod opt_secs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bound no duration can hold gives no quantile, not a panic (the
+    /// watcher's task would die with it, and every rollout freeze).
+    #[test]
+    fn a_bound_no_duration_holds_gives_no_quantile() {
+        let w = Window {
+            requests: 10,
+            failures: 0,
+            buckets: vec![(1e300, 10), (f64::INFINITY, 10)],
+        };
+        assert_eq!(w.quantile(0.99), None);
+    }
 
     /// `n` requests, `failed` failures, all at `latency` seconds (bucketed
     /// like the proxy's histogram).
