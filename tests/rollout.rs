@@ -869,6 +869,48 @@ async fn the_cli_aborts_a_rollout_back_to_stable() {
     assert!(err.contains("already"), "{err}");
 }
 
+/// During a rollout, `almond shift` is refused (the watcher would undo it
+/// at its next verdict) and `almond rollback` ends the rollout, back to the
+/// split before its canary, for good. After a rollout that succeeded,
+/// `rollback` goes back to the split before the canary, not to the step
+/// before the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_during_a_rollout_ends_it_and_a_shift_waits_for_it() {
+    let rig = Rig::start().await;
+    let url = rig.control.url();
+    rig.start_rollout(&spec(&[10, 50, 100], 60.0)).await;
+    wait_canary_percent(&rig.proxy, 10).await;
+
+    let (code, _, err) = run_ops(&["shift", "s", "v1=50", "v2=50", "--control", &url]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("rollout") && err.contains("--abort"), "{err}");
+    assert_eq!(rollout(&rig.control).await["phase"], "running");
+
+    let (code, out, err) = run_ops(&["rollback", "s", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    wait_canary_percent(&rig.proxy, 0).await;
+    let r = rollout(&rig.control).await;
+    assert_eq!(r["phase"], "aborted", "{r:#}");
+    assert_eq!(
+        rig.control.service("s").await["policy"]["split"],
+        json!({ "v1": 100, "v2": 0 })
+    );
+
+    // A rollout that goes all the way: `rollback` then restores 100/0.
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    rig.start_rollout(&spec(&[50, 100], 1.0)).await;
+    wait_phase(&rig.control, "succeeded").await;
+    wait_canary_percent(&rig.proxy, 100).await;
+    let (code, out, err) = run_ops(&["rollback", "s", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert_eq!(
+        rig.control.service("s").await["policy"]["split"],
+        json!({ "v1": 100, "v2": 0 })
+    );
+    wait_canary_percent(&rig.proxy, 0).await;
+}
+
 // ---------------------------------------------------------------------------
 // 6. Conflicts and invalid specs
 // ---------------------------------------------------------------------------

@@ -638,6 +638,14 @@ async fn mutate(
                 )));
             }
             let action = request.action.as_deref().unwrap_or("shift");
+            // The watcher would overwrite it at its next verdict.
+            if let Some(r) = current.rollout.as_ref().filter(|r| r.active()) {
+                return refusal(Refusal::Conflict(format!(
+                    "a rollout of {name} is running (canary {} at {} %): `almond rollout {name} --abort` or `almond rollback {name}` first",
+                    r.spec.canary,
+                    r.percent()
+                )));
+            }
             current
                 .clone()
                 .with_sticky_header(request.sticky_header)
@@ -744,9 +752,17 @@ async fn mutate(
             current.with_mirror(Some(mirror), &by, now)
         }
         Mutation::ClearMirror => current.with_mirror(None, &by, now),
-        Mutation::Rollback => match current.rolled_back(&by, now) {
-            Ok(p) => p,
-            Err(r) => return refusal(r),
+        // A rollback during a rollout ends it, back to the split before
+        // its canary (the watcher would otherwise go on with its steps).
+        Mutation::Rollback => match current.rollout.clone().filter(Rollout::active) {
+            Some(mut rollout) => match rollout.abort(&by) {
+                Ok(next) => apply_next(&current, rollout, next, &by, "rollback", now_ms()),
+                Err(e) => return refusal(Refusal::Conflict(e)),
+            },
+            None => match current.rolled_back(&by, now) {
+                Ok(p) => p,
+                Err(r) => return refusal(r),
+            },
         },
         Mutation::StartRollout => {
             let spec: RolloutSpec = match serde_json::from_slice(&body) {

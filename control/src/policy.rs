@@ -258,6 +258,23 @@ impl Policy {
         next
     }
 
+    /// The policy after a rollout set `split` (a step, its end, its
+    /// rollback): `previous` is the split in force before the canary
+    /// (`restores`), so that `rollback` goes back there, not to the step
+    /// before.
+    pub fn with_rollout_split(
+        &self,
+        split: Weights,
+        restores: Weights,
+        by: &str,
+        action: &str,
+        now: u64,
+    ) -> Policy {
+        let mut next = self.with_split(split, by, action, now);
+        next.previous = Some(restores);
+        next
+    }
+
     /// The policy after going back to the previous split.
     pub fn rolled_back(&self, by: &str, now: u64) -> Result<Policy, Refusal> {
         let Some(previous) = self.previous.clone() else {

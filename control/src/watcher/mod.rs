@@ -152,13 +152,22 @@ impl Watcher {
             stable_requests = stable.requests,
             "rollout step judged"
         );
+        let restores = r.rollback_split();
         let mut next_policy = match &next {
-            Next::Shift(split) => {
-                policy.with_split(split.clone(), "watcher", "rollout step", now / 1000)
-            }
-            Next::RollBack(split) => {
-                policy.with_split(split.clone(), "watcher", "rollout rollback", now / 1000)
-            }
+            Next::Shift(split) => policy.with_rollout_split(
+                split.clone(),
+                restores,
+                "watcher",
+                "rollout step",
+                now / 1000,
+            ),
+            Next::RollBack(split) => policy.with_rollout_split(
+                split.clone(),
+                restores,
+                "watcher",
+                "rollout rollback",
+                now / 1000,
+            ),
             Next::Hold => policy.clone(),
         };
         let step_started = r.step_started;
@@ -223,7 +232,7 @@ pub fn apply_next(
 ) -> Policy {
     let mut out = match next {
         Next::Shift(split) | Next::RollBack(split) => {
-            policy.with_split(split, by, action, now / 1000)
+            policy.with_rollout_split(split, rollout.rollback_split(), by, action, now / 1000)
         }
         Next::Hold => policy.clone(),
     };
