@@ -869,6 +869,17 @@ async fn not_ready_while_consul_fails_before_the_first_sync() {
         proxy.admin_get("/ready").await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
+    // A long-poll that runs out before the first sync gets no snapshot: an
+    // empty catalog would take every service from a proxy that had them.
+    let reply = control
+        .get("/v1/snapshot?proxy=p&epoch=0&index=0&wait=200ms")
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
 
     consul.set_leader(true);
     eventually("the proxy becomes ready", || async {

@@ -1045,6 +1045,15 @@ async fn snapshot(
         }
     }
     state.metrics.long_polls.dec();
+    if !state.is_ready() {
+        // Nothing whole to give (Consul not read yet, or the policy store
+        // not): a partial catalog would drop the proxy's services or its
+        // splits. It keeps its last config and asks again.
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first sync with the catalog and the policy store is not done\n",
+        );
+    }
     let (index, json) = match state.snapshot_json(epoch, since).await {
         Ok(snap) => snap,
         Err(e) => {
