@@ -103,12 +103,18 @@ fn add(into: &mut Window, w: &Window) {
     into.failures += w.failures;
 }
 
+/// The key of the Prometheus source's totals: every proxy's, summed.
+pub const SUMMED: &str = "prometheus";
+
 /// The window between two collections, summed over proxies. A proxy
 /// absent from `then` (it came up, or its scrape failed, at the step's
 /// start) is no data for this window, not its lifetime counters. A series
 /// that went down (requests, failures or any bucket: the proxy restarted)
-/// counts from zero, as Prometheus' `increase` does. A subset whose
-/// buckets have other bounds than before is left out, with a warning.
+/// counts from zero, as Prometheus' `increase` does; but a sum over
+/// proxies ([`SUMMED`]) that went down lost one proxy's series, and the
+/// rest of it is every other proxy's lifetime, so that subset is no data
+/// for this window. A subset whose buckets have other bounds than before
+/// is left out, with a warning.
 pub fn delta(now: &BTreeMap<String, Totals>, then: &BTreeMap<String, Totals>) -> Totals {
     let mut per_proxy = BTreeMap::new();
     for (proxy, totals) in now {
@@ -132,6 +138,10 @@ pub fn delta(now: &BTreeMap<String, Totals>, then: &BTreeMap<String, Totals>) ->
             let reset = b.requests > w.requests
                 || b.failures > w.failures
                 || w.buckets.iter().zip(&b.buckets).any(|(x, y)| y.1 > x.1);
+            if reset && proxy == SUMMED {
+                tracing::debug!(%subset, "a proxy's series left the sum: no data this window");
+                continue;
+            }
             let w = if reset {
                 w.clone()
             } else {
@@ -312,7 +322,7 @@ pub async fn query_prometheus_over(
     for w in totals.values_mut() {
         w.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
-    BTreeMap::from([("prometheus".to_owned(), totals)])
+    BTreeMap::from([(SUMMED.to_owned(), totals)])
 }
 
 /// One instant query: (labels, value) per series, or `None` on any error.
@@ -418,6 +428,20 @@ almond_request_duration_seconds_bucket{direction="outbound",service="web",subset
         let d = delta(&now, &then);
         assert_eq!(d["v1"].requests, 10);
         assert_eq!(d["v2"].requests, 4);
+    }
+
+    /// The Prometheus source's sum going down is one proxy's series gone:
+    /// no data for the subset, not every proxy's lifetime counts.
+    #[test]
+    fn a_sum_over_proxies_that_went_down_is_no_data() {
+        let then = BTreeMap::from([(SUMMED.to_owned(), parse(TEXT, "web"))]);
+        let mut later = parse(TEXT, "web");
+        later.get_mut("v1").unwrap().requests = 100;
+        later.get_mut("v2").unwrap().requests = 4;
+        let now = BTreeMap::from([(SUMMED.to_owned(), later)]);
+        let d = delta(&now, &then);
+        assert_eq!(d["v1"].requests, 10);
+        assert!(!d.contains_key("v2"), "{d:?}");
     }
 
     #[test]
