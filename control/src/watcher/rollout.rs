@@ -148,8 +148,21 @@ impl RolloutSpec {
         if self.interval_seconds > MAX_INTERVAL_SECONDS {
             return Err("interval: at most 30 days".into());
         }
-        if !(0.0..=1.0).contains(&self.thresholds.max_error_rate) {
+        let t = &self.thresholds;
+        if !(0.0..=1.0).contains(&t.max_error_rate) {
             return Err("max_error_rate: between 0% and 100%".into());
+        }
+        // 0 would let no test ever blame the canary; 1 would blame any.
+        if !(t.significance > 0.0 && t.significance < 1.0) {
+            return Err("significance: above 0 and below 1 (0.005 = 0.5 %)".into());
+        }
+        if !(0.0..0.5).contains(&t.latency_effect) {
+            return Err(
+                "latency_effect: from 0 to below 0.5 (0.1: slower in 60 % of pairs)".into(),
+            );
+        }
+        if t.max_p99_ratio.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return Err("max_p99_ratio: a number above 0 (1.5: 50 % over stable's p99)".into());
         }
         if self.shadow.is_some_and(|p| !(p > 0.0 && p <= 100.0)) {
             return Err("shadow: a percent above 0, up to 100".into());
@@ -434,5 +447,18 @@ mod tests {
         s.pause_at = vec![20];
         assert!(s.check().is_err());
         assert!(spec().check().is_ok());
+        // Thresholds that would make a test blind or blame everything.
+        for bad in [0.0, 1.0, f64::NAN] {
+            let mut s = spec();
+            s.thresholds.significance = bad;
+            let why = s.check().unwrap_err();
+            assert!(why.starts_with("significance"), "{why}");
+        }
+        let mut s = spec();
+        s.thresholds.latency_effect = 0.5;
+        assert!(s.check().unwrap_err().starts_with("latency_effect"));
+        let mut s = spec();
+        s.thresholds.max_p99_ratio = Some(0.0);
+        assert!(s.check().unwrap_err().starts_with("max_p99_ratio"));
     }
 }
