@@ -804,6 +804,20 @@ async fn splits_live_in_consul_kv() {
         control.service("web").await["policy"]["version"],
         next["version"]
     );
+
+    // A value it cannot read (a newer replica's fields, a hand edit): the
+    // last policy read stays, split and all, and so does the traffic.
+    let index = consul.kv_put(WEB_POLICY, b"{\"split\": {\"v1\": ".to_vec());
+    eventually("the control plane has read the bad value", || async {
+        consul.kv_prefix_index("almond/policy/") >= index
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        control.service("web").await["policy"]["split"],
+        json!({ "v1": 100, "v2": 0 })
+    );
+    only(&proxy, &["b1"]).await;
 }
 
 // ---------------------------------------------------------------------------

@@ -176,13 +176,25 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                             Some(p) => {
                                 policies.insert(name.to_owned(), p);
                             }
-                            None => {
-                                tracing::warn!(key = %e.key, "stored policy unreadable; ignored")
-                            }
+                            // Written by a newer replica, or by hand: the
+                            // service keeps the policy it had, rather than
+                            // lose its split.
+                            None => match state.policy(name) {
+                                Some(kept) => {
+                                    tracing::warn!(key = %e.key, "stored policy unreadable; the last one read stays");
+                                    policies.insert(name.to_owned(), kept);
+                                }
+                                None => {
+                                    tracing::warn!(key = %e.key, "stored policy unreadable; ignored")
+                                }
+                            },
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "policy list unreadable"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "policy list unreadable; the policies read before stay");
+                    continue;
+                }
             }
         }
         state.set_policies(policies, returned);
