@@ -67,6 +67,7 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// connection's life (benches/results/2026-12-04-memory.md).
 async fn sniff(stream: &TcpStream) -> Option<Protocol> {
     let mut first = [0u8; PREFACE.len()];
+    let mut pause = Duration::from_millis(2);
     loop {
         let n = stream.peek(&mut first).await.ok()?;
         if n == 0 {
@@ -79,8 +80,10 @@ async fn sniff(stream: &TcpStream) -> Option<Protocol> {
             return Some(Protocol::Http2);
         }
         // Part of the preface: peeking again at once would return the same
-        // bytes, so wait for the rest a little.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // bytes, so wait for the rest a little, and longer each time (a
+        // client that stops there costs a few wakeups, not 500 a second).
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -141,11 +144,13 @@ pub async fn accept_loop(
                 drop(slot);
             }),
             None => connections.spawn(async move {
-                // A client that says nothing is closed after `idle_timeout`,
-                // as one idle between requests is.
+                // A client that says nothing (or only part of the HTTP/2
+                // preface) is closed after `header_timeout`, the time a
+                // request head has.
                 let mut stopping = closing.clone();
+                let first_bytes = limits.header_timeout;
                 let protocol = tokio::select! {
-                    protocol = tokio::time::timeout(idle, sniff(&stream)) => protocol.ok().flatten(),
+                    protocol = tokio::time::timeout(first_bytes, sniff(&stream)) => protocol.ok().flatten(),
                     _ = stopping.changed() => None,
                 };
                 let Some(protocol) = protocol else {
