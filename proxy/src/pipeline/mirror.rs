@@ -140,3 +140,35 @@ impl Shadow {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::metrics::Metrics;
+    use crate::pipeline::route::Table;
+
+    /// A mirror whose subset has no endpoints (a snapshot may say so; a
+    /// static file may not) copies nothing, and counts it: the copies do
+    /// not go to the target's split, which serves production.
+    #[test]
+    fn a_mirror_to_a_subset_with_no_endpoints_copies_nothing() {
+        let text = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
+                    endpoints: [{ addr: 127.0.0.1:1, subset: v1 }, { addr: 127.0.0.1:2, subset: v3 }]\n    \
+                    split: { v1: 100 }\n    mirror: { subset: v3, percent: 100 }\n";
+        let mut config = almond_config::load_proxy(text, "t").unwrap();
+        let metrics = Metrics::new().unwrap();
+        let table = Table::build(Arc::new(config.clone()), &metrics, None);
+        assert!(Shadow::decide(&table, table.service_named("web").unwrap(), false).is_some());
+        // v3's endpoints leave (deregistered).
+        if let Some(web) = config.services.get_mut("web") {
+            web.endpoints.retain(|e| e.subset == "v1");
+        }
+        let table = Table::build(Arc::new(config), &metrics, Some(&table));
+        let web = table.service_named("web").unwrap();
+        for _ in 0..3 {
+            assert!(Shadow::decide(&table, web, false).is_none());
+        }
+        let dropped = web.mirror.as_ref().map(|m| m.dropped_subset.get());
+        assert_eq!(dropped, Some(3));
+    }
+}
