@@ -334,6 +334,39 @@ async fn only_allowed_identities_reach_the_service() {
     );
 }
 
+/// A route rule does not carry a request past the allow-list of the
+/// service it was addressed to: `orders` admits only `web`, and its rule
+/// sends `/admin` to `orders-admin` (no list of its own); `ads` is refused
+/// there too, `web` is let through.
+#[tokio::test]
+async fn a_route_rule_does_not_bypass_the_addressed_service_s_allow_list() {
+    let (orders, admin) = (
+        Backend::start("orders").await,
+        Backend::start("admin").await,
+    );
+    let ca = Ca::new("mesh CA");
+    let files = Files::new(&ca, &ca.leaf("orders"));
+    let yaml = format!(
+        "admin: 127.0.0.1:0\n{tls}listeners:\n  \
+         - {{ bind: 127.0.0.1:0, service: orders, direction: inbound, tls: true }}\n\
+         services:\n  orders:\n    authz: {{ allow: [\"{TRUST_DOMAIN}/web\"] }}\n    \
+         endpoints: [{{ addr: \"{o}\" }}]\n    \
+         routes: [ {{ match: {{ path_prefix: /admin }}, to: {{ service: orders-admin }} }} ]\n  \
+         orders-admin:\n    endpoints: [{{ addr: \"{a}\" }}]\n",
+        tls = files.yaml(),
+        o = orders.addr,
+        a = admin.addr,
+    );
+    let b = TestProxy::start(&yaml).await;
+    let ads = outbound_proxy(&Files::new(&ca, &ca.leaf("ads")), b.listeners[0], "http1").await;
+    let reply = get_h1(ads.addr(), "orders", "/admin/users").await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    let web = outbound_proxy(&Files::new(&ca, &ca.leaf("web")), b.listeners[0], "http1").await;
+    let reply = get_h1(web.addr(), "orders", "/admin/users").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!((orders.count(), admin.count()), (0, 1));
+}
+
 #[tokio::test]
 async fn certificates_rotate_under_load_without_failed_requests() {
     let backend = Backend::start("b").await;

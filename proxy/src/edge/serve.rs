@@ -198,9 +198,12 @@ fn serve<'a>(
             Err((kind, detail)) => return kind.response(&detail),
         };
         // Authorization: an inbound service with an allow-list admits only
-        // the client identities on it.
-        if let Err(who) = authorize(shared, &svc, direction, &req) {
-            return ErrorKind::Forbidden.response(&who);
+        // the client identities on it; a request its route rules send on
+        // must pass the list of the service it was addressed to as well.
+        for asked in addressed.as_ref().into_iter().chain([&svc]) {
+            if let Err(who) = authorize(shared, asked, direction, &req) {
+                return ErrorKind::Forbidden.response(&who);
+            }
         }
         // Guard: a deny or a rate limit on this route answers here: the
         // guards of the service the request was addressed to (tried before
@@ -261,7 +264,7 @@ struct Routed {
     /// The subset a route rule picked, if one did.
     subset: Option<usize>,
     /// The service the request was addressed to, when its route rules
-    /// sent it to another (`svc`): its guards apply too.
+    /// sent it to another (`svc`): its allow-list and guards apply too.
     addressed: Option<Arc<ServiceRoute>>,
     /// The metric direction index (0 outbound, 1 inbound).
     direction: usize,
