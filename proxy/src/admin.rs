@@ -46,7 +46,8 @@ async fn respond(
     req: Request<Incoming>,
 ) -> Result<Response<AdminBody>, Infallible> {
     let authorization = req.headers().get(http::header::AUTHORIZATION);
-    if let Some(refused) = guard(&shared, req.uri().path(), authorization) {
+    let host = req.headers().get(http::header::HOST);
+    if let Some(refused) = guard(&shared, req.uri().path(), authorization, host) {
         return Ok(refused.map(Either::Left));
     }
     if req.uri().path() == "/tap" && req.method() == Method::GET {
@@ -119,12 +120,22 @@ fn guard(
     shared: &Shared,
     path: &str,
     given: Option<&http::HeaderValue>,
+    host: Option<&http::HeaderValue>,
 ) -> Option<Response<ResponseBody>> {
     if matches!(path, "/metrics" | "/ready" | "/live") {
         return None;
     }
     if shared.table.load().config.admin.ip().is_loopback() {
-        return None;
+        // Local, so trusted; but only when asked by a local name: a page in
+        // a browser on this host whose own name was rebound to 127.0.0.1
+        // (DNS rebinding) sends that name.
+        return match host {
+            Some(h) if !local_host(h.as_bytes()) => Some(text(
+                StatusCode::FORBIDDEN,
+                "the loopback admin answers requests for localhost or a loopback address only\n",
+            )),
+            _ => None,
+        };
     }
     match &shared.admin_token {
         Some(token) if token.matches_bearer(given.map(|v| v.as_bytes())) => None,
@@ -138,6 +149,23 @@ fn guard(
             "not served off loopback without admin_token_env; use /metrics, /ready, /live\n",
         )),
     }
+}
+
+/// Is `host` (a `Host` header) this machine by a local name: `localhost`
+/// or a loopback address, with or without a port?
+fn local_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        // `[::1]:4191`
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Every service's subsets and endpoints with what the balancer sees.
@@ -272,7 +300,43 @@ mod tests {
 
     fn status(shared: &Shared, path: &str, auth: Option<&str>) -> Option<StatusCode> {
         let value = auth.map(|a| http::HeaderValue::from_str(a).unwrap());
-        guard(shared, path, value.as_ref()).map(|r| r.status())
+        guard(shared, path, value.as_ref(), None).map(|r| r.status())
+    }
+
+    /// On loopback, the admin answers local names only: a browser page
+    /// whose name was rebound to 127.0.0.1 sends its own.
+    #[test]
+    fn the_loopback_admin_answers_local_names_only() {
+        let local = shared("127.0.0.1:4191", None);
+        let asked = |host: Option<&str>| {
+            let host = host.map(|h| http::HeaderValue::from_str(h).unwrap());
+            guard(&local, "/tap", None, host.as_ref()).map(|r| r.status())
+        };
+        for host in [
+            None,
+            Some("127.0.0.1:4191"),
+            Some("localhost"),
+            Some("LOCALHOST:4191"),
+            Some("[::1]:4191"),
+        ] {
+            assert_eq!(asked(host), None, "{host:?}");
+        }
+        for host in [
+            "evil.example:4191",
+            "evil.example",
+            "10.0.0.1:4191",
+            "[::ffff:10.0.0.1]:1",
+        ] {
+            assert_eq!(asked(Some(host)), Some(StatusCode::FORBIDDEN), "{host}");
+        }
+        // The open half stays open.
+        let metrics = guard(
+            &local,
+            "/metrics",
+            None,
+            Some(&http::HeaderValue::from_static("evil.example")),
+        );
+        assert!(metrics.is_none());
     }
 
     #[test]
