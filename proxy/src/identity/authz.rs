@@ -32,8 +32,10 @@ impl Identities {
 }
 
 /// The names of a (verified) certificate, typed as `allow` entries are:
-/// its URI SANs as they are (`spiffe://…`), its DNS SANs as `dns:NAME`,
-/// its subject CN as `cn:NAME`; URI SANs first.
+/// its `spiffe://` URI SANs as they are (another URI, such as one that
+/// reads `dns:NAME`, is no identity here: it must not pass for a DNS
+/// name), its DNS SANs as `dns:NAME`, its subject CN as `cn:NAME`; URI
+/// SANs first.
 pub fn identities(cert: &[u8]) -> Vec<String> {
     der::names(cert).unwrap_or_default()
 }
@@ -93,7 +95,7 @@ mod der {
                     // [6] uniformResourceIdentifier, [2] dNSName (IA5).
                     let name = String::from_utf8_lossy(name);
                     match tag {
-                        0x86 => uris.push(name.into_owned()),
+                        0x86 if name.starts_with("spiffe://") => uris.push(name.into_owned()),
                         0x82 => dns.push(format!("dns:{name}")),
                         _ => {}
                     }
@@ -117,5 +119,36 @@ mod der {
         }
         uris.append(&mut dns);
         Some(uris)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identities;
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    /// A self-signed certificate with these URI SANs, DNS SAN `web` and CN `web`.
+    fn cert(uris: &[&str]) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["web".to_owned()]).unwrap();
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into().unwrap()));
+        }
+        params.distinguished_name.push(DnType::CommonName, "web");
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    /// Only `spiffe://` URI SANs are identities: a URI SAN that reads
+    /// `dns:…` or `cn:…` must not pass for a DNS name or a CN.
+    #[test]
+    fn a_uri_san_cannot_pose_as_a_dns_name_or_a_cn() {
+        let names = identities(&cert(&[
+            "spiffe://almond.test/web",
+            "dns:orders.internal",
+            "cn:admin",
+        ]));
+        assert_eq!(names, ["spiffe://almond.test/web", "dns:web", "cn:web"]);
     }
 }
