@@ -3,14 +3,24 @@
 use serde::{Deserialize, Deserializer, Serializer};
 use std::time::Duration;
 
-/// Deserializes `"1s"`, `"250ms"`, `"1m 30s"`.
+/// The longest duration any key takes: beyond it, deadlines (`now +
+/// duration`) overflow the clock and nanosecond counts overflow `u64`.
+const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Deserializes `"1s"`, `"250ms"`, `"1m 30s"` (at most 10 years).
 pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_duration(&text).map_err(|e| {
+    let value = humantime::parse_duration(&text).map_err(|e| {
         serde::de::Error::custom(format!(
             "invalid duration {text:?} ({e}); use a number and a unit, like 250ms, 10s or 1m"
         ))
-    })
+    })?;
+    if value > LONGEST {
+        return Err(serde::de::Error::custom(format!(
+            "invalid duration {text:?}: at most 10 years"
+        )));
+    }
+    Ok(value)
 }
 
 /// Serializes back to the same human form, so `/config` round-trips.

@@ -699,6 +699,14 @@ services:
             "{}",
             p[0].message
         );
+        // One no deadline can be set from (it panicked connection tasks).
+        let p = problems(&GOOD.replace("connect: 1s", "connect: 300000000000y"));
+        assert_eq!(p[0].path, "services.orders.timeouts.connect");
+        assert!(
+            p[0].message.contains("at most 10 years"),
+            "{}",
+            p[0].message
+        );
     }
 
     #[test]
