@@ -8,6 +8,7 @@ use crate::proxy::{Condition, ProxyConfig, Service};
 use crate::rules::RouteRule;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::path::Path;
 
 /// Reads and checks a proxy config file (YAML; JSON is YAML too).
@@ -278,20 +279,23 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
     if config.zone.as_deref().is_some_and(|z| z.trim().is_empty()) {
         add("zone".into(), "must not be empty".into());
     }
-    let mut binds = HashSet::new();
     for (i, l) in config.listeners.iter().enumerate() {
-        // Port 0 asks the OS for a free port each time: never a clash.
-        let any_port = l.bind.port() == 0;
-        if !any_port && !binds.insert(l.bind) {
+        if let Some(other) = config.listeners[..i]
+            .iter()
+            .find(|o| overlap(o.bind, l.bind))
+        {
             add(
                 format!("listeners[{i}].bind"),
-                format!("{} is bound by another listener", l.bind),
+                format!("{} is bound by another listener ({})", l.bind, other.bind),
             );
         }
-        if !any_port && l.bind == config.admin {
+        if overlap(l.bind, config.admin) {
             add(
                 format!("listeners[{i}].bind"),
-                format!("{} is the admin address", l.bind),
+                format!(
+                    "{} takes the admin address's port ({})",
+                    l.bind, config.admin
+                ),
             );
         }
         if let Some(svc) = &l.service {
@@ -582,6 +586,17 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
     out
 }
 
+/// Do two listening addresses take the same connections? The same port
+/// on the same address, or on every address (`0.0.0.0`, `::`) beside
+/// another: every socket sets `SO_REUSEPORT`, so both would bind and the
+/// kernel would divide the connections between them. Port 0 asks the OS
+/// for a free port each time: never a clash.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,6 +739,23 @@ services:
                 ("services.orders.split.v3", Some(13)),
             ]
         );
+    }
+
+    /// A listener on every address beside one on a specific address (or
+    /// the admin's) with the same port would share its connections.
+    #[test]
+    fn a_wildcard_bind_beside_a_specific_one_on_its_port_is_refused() {
+        let p = problems(&GOOD.replace("bind: 127.0.0.1:9001", "bind: 0.0.0.0:4140"));
+        assert_eq!(p[0].path, "listeners[1].bind", "{p:?}");
+        assert!(
+            p[0].message.contains("another listener"),
+            "{}",
+            p[0].message
+        );
+        let p = problems(&GOOD.replace("bind: 127.0.0.1:9001", "bind: \"[::]:4191\""));
+        assert_eq!(p[0].path, "listeners[1].bind", "{p:?}");
+        assert!(p[0].message.contains("admin"), "{}", p[0].message);
+        assert!(problems(&GOOD.replace("bind: 127.0.0.1:9001", "bind: 0.0.0.0:9001")).is_empty());
     }
 
     #[test]
