@@ -424,6 +424,68 @@ async fn websocket_echo() -> std::net::SocketAddr {
     ws_addr
 }
 
+/// An upgraded connection keeps its `max_connections` place while its
+/// tunnel is open (hyper hands the socket over and is done with it): with
+/// one place, a second client is refused until the WebSocket closes.
+#[tokio::test]
+async fn a_websocket_tunnel_keeps_its_connection_place() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let ws_addr = websocket_echo().await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { max_connections: 1 }")
+        .by_host()
+        .service(ServiceYaml::new("chat").at(ws_addr))
+        .start()
+        .await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut ws, _) = within(
+        "websocket handshake",
+        tokio_tungstenite::client_async("ws://chat/socket", stream),
+    )
+    .await
+    .expect("handshake through the proxy");
+    ws.send(Message::text("hi")).await.unwrap();
+    let got = within("websocket echo", ws.next()).await;
+    assert_eq!(
+        got.and_then(Result::ok),
+        Some(Message::text("chat says: hi"))
+    );
+    // The tunnel holds the one place: another client is closed unanswered.
+    let mut second = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let _ = second
+        .write_all(b"GET / HTTP/1.1\r\nHost: chat\r\n\r\n")
+        .await;
+    let answer = raw_after_write(&mut second).await;
+    assert!(answer.is_empty(), "answered: {answer:?}");
+    // The tunnel closes: the place is free again.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    eventually("a place is free again", || async {
+        let answer = raw(
+            proxy.addr(),
+            b"GET / HTTP/1.1\r\nHost: chat\r\nConnection: close\r\n\r\n",
+        );
+        !answer.await.is_empty()
+    })
+    .await;
+}
+
+/// What a connection gets until it closes (at most 5 s), lossily as text.
+#[allow(clippy::unwrap_used)]
+async fn raw_after_write(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut got),
+    )
+    .await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// An upgrade whose first try meets a refused connection is retried on
 /// the other endpoint and still becomes a tunnel (not a 101 that closes).
 #[tokio::test]

@@ -16,9 +16,12 @@ use hyper::server::conn::http1;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -140,8 +143,8 @@ pub async fn accept_loop(
         match tls.clone() {
             // The handshake runs in the connection's own task.
             Some(inbound) => connections.spawn(async move {
-                serve_tls(shared, index, inbound, stream, peer, closing, (idle, h2_limits)).await;
-                drop(slot);
+                let limits = (idle, h2_limits);
+                serve_tls(shared, index, inbound, stream, slot, peer, closing, limits).await;
             }),
             None => connections.spawn(async move {
                 // A client that says nothing (or only part of the HTTP/2
@@ -176,11 +179,12 @@ pub async fn accept_loop(
                 let svc = counted(activity.clone(), move |req: Request<Incoming>| {
                     serve::handle(shared.clone(), index, peer, req.map(ClientBody::Hyper))
                 });
-                let io = TokioIo::new(rewind);
+                // The place goes with the socket: into an upgrade's tunnel
+                // too, which outlives hyper's connection.
+                let io = TokioIo::new(Held { io: rewind, _slot: slot });
                 if let Err(e) = serve_h1(&server, io, svc, closing, &activity, idle).await {
                     tracing::debug!(%peer, error = %e, "downstream connection ended");
                 }
-                drop(slot);
             }),
         };
     })
@@ -230,15 +234,65 @@ impl Drop for ConnSlot {
     }
 }
 
+/// A connection's socket with its `max_connections` place: whoever holds
+/// the socket holds the place, an upgrade's tunnel included (it outlives
+/// hyper's connection, which hands the socket over).
+struct Held<IO> {
+    io: IO,
+    _slot: ConnSlot,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Held<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Held<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Serves one connection on a `tls` listener: the mTLS handshake (bounded
 /// by `limits.header_timeout`, against clients that stall in it), then
 /// HTTP/1.1 or HTTP/2 (ALPN); a client whose certificate names no identity
 /// of the listener's `allow` list gets 403 on every request.
+#[allow(clippy::too_many_arguments)]
 async fn serve_tls(
     shared: Arc<Shared>,
     index: usize,
     inbound: Arc<Inbound>,
     stream: TcpStream,
+    slot: ConnSlot,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
     limits: (Duration, h2::Limits),
@@ -302,7 +356,10 @@ async fn serve_tls(
             let svc = counted(activity.clone(), move |req: Request<Incoming>| {
                 server(req.map(ClientBody::Hyper))
             });
-            let io = TokioIo::new(stream);
+            let io = TokioIo::new(Held {
+                io: stream,
+                _slot: slot,
+            });
             let http = shared_http;
             serve_h1(&http, io, svc, stop, &activity, idle)
                 .await
