@@ -379,7 +379,7 @@ async fn the_log_level_changes_at_runtime_through_the_admin_listener() {
     let proxy = ProxyProcess::start(&yaml).await;
     let put = |body: &'static str| async move {
         let req = Request::put("/log-level")
-            .header("host", "admin")
+            .header("host", proxy.admin.to_string())
             .body(full(body))
             .unwrap();
         H1::connect(proxy.admin).await.request(req).await

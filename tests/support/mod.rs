@@ -786,7 +786,8 @@ impl Drop for TestProxy {
 /// `GET path` on an admin listener.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
     let mut c = H1::connect(admin).await;
-    c.get("admin", path).await
+    // Asked by its address, as `curl http://127.0.0.1:4191/...` asks it.
+    c.get(&admin.to_string(), path).await
 }
 
 /// The sum of the samples of metric `name` whose labels include every
