@@ -189,31 +189,18 @@ fn serve<'a>(
         let Routed {
             svc,
             subset: routed,
-            addressed,
             direction,
             body_idle,
             mirror,
-        } = match route(shared, listener, peer, &mut req, seen) {
+        } = match route(shared, listener, peer, &mut req, seen, start) {
             Ok(routed) => routed,
-            Err((kind, detail)) => return kind.response(&detail),
+            // Boxed: rare, and the result is moved on every request.
+            Err(answer) => return *answer,
         };
-        // Authorization: an inbound service with an allow-list admits only
-        // the client identities on it; a request its route rules send on
-        // must pass the list of the service it was addressed to as well.
-        for asked in addressed.as_ref().into_iter().chain([&svc]) {
-            if let Err(who) = authorize(shared, asked, direction, &req) {
-                return ErrorKind::Forbidden.response(&who);
-            }
-        }
-        // Guard: a deny or a rate limit on this route answers here: the
-        // guards of the service the request was addressed to (tried before
-        // its route rules), then those of the service its rules chose.
-        for guarded in addressed.as_ref().into_iter().chain([&svc]) {
-            if let Some(guards) = &guarded.guards {
-                if let Some(answer) = guards.check(&req, peer.ip(), direction, start) {
-                    return answer;
-                }
-            }
+        // Authorize, then guard (as `route` did for the service the request
+        // was addressed to, when its rules chose another).
+        if let Some(answer) = check(shared, &svc, direction, &req, peer, start) {
+            return answer;
         }
         // Split: a pinned subset, a rule's, the weighted split, or every endpoint.
         let pool = match svc.pool(&req, routed) {
@@ -263,9 +250,6 @@ struct Routed {
     svc: Arc<ServiceRoute>,
     /// The subset a route rule picked, if one did.
     subset: Option<usize>,
-    /// The service the request was addressed to, when its route rules
-    /// sent it to another (`svc`): its allow-list and guards apply too.
-    addressed: Option<Arc<ServiceRoute>>,
     /// The metric direction index (0 outbound, 1 inbound).
     direction: usize,
     /// `limits.body_idle`.
@@ -285,10 +269,11 @@ fn route(
     peer: SocketAddr,
     req: &mut Request<ClientBody>,
     seen: &mut Observed,
-) -> Result<Routed, (ErrorKind, String)> {
+    start: Instant,
+) -> Result<Routed, Box<Response<Answer>>> {
     let table = shared.table.load();
     let Some(on) = table.listener(listener) else {
-        return Err((ErrorKind::BadRequest, "listener gone".to_owned()));
+        return Err(Box::new(ErrorKind::BadRequest.response("listener gone")));
     };
     seen.direction = on.direction;
     if !on.trust_routing_headers {
@@ -297,34 +282,57 @@ fn route(
     if let Some(proto) = on.forwarded_proto {
         trust::add_forwarded(req.headers_mut(), peer.ip(), proto);
     }
-    let routed = table.service(on, req).and_then(|addressed| {
-        let (svc, subset) = table.apply_rules(addressed, req)?;
-        // Its guards, when rules moved the request to another service.
-        let moved = (!Arc::ptr_eq(addressed, svc)).then(|| addressed.clone());
-        Ok((svc, subset, moved))
-    });
-    let (svc, subset, addressed) = match routed {
-        Ok((svc, subset, addressed)) => (svc.clone(), subset, addressed),
-        Err(unroutable) => {
-            shared.metrics.unroutable.inc();
-            return Err(unroutable);
-        }
-    };
-    seen.service = Some(svc.name.clone());
     let direction = match on.direction {
         Direction::Outbound => 0,
         Direction::Inbound => 1,
     };
+    let routed = table.service(on, req).and_then(|addressed| {
+        let (svc, subset) = table.apply_rules(addressed, req)?;
+        Ok((addressed, svc, subset))
+    });
+    let (svc, subset) = match routed {
+        Ok((addressed, svc, subset)) => {
+            // Rules sent it to another service: the one it was addressed
+            // to is asked first (its allow-list and guards hold before its
+            // rules).
+            if !Arc::ptr_eq(addressed, svc) {
+                if let Some(answer) = check(shared, addressed, direction, req, peer, start) {
+                    return Err(Box::new(answer));
+                }
+            }
+            (svc.clone(), subset)
+        }
+        Err((kind, detail)) => {
+            shared.metrics.unroutable.inc();
+            return Err(Box::new(kind.response(&detail)));
+        }
+    };
+    seen.service = Some(svc.name.clone());
     // Mirror: drawn here, where the table is at hand; sent by forward.
     let mirror = Shadow::decide(&table, &svc, headers::is_upgrade(req));
     Ok(Routed {
         svc,
         subset,
-        addressed,
         direction,
         body_idle: table.config.limits.body_idle,
         mirror,
     })
+}
+
+/// Asks `svc` whether the request may go on: its allow-list (inbound),
+/// then its guards (a deny, or a rate limit); the answer if not.
+fn check<B>(
+    shared: &Shared,
+    svc: &ServiceRoute,
+    direction: usize,
+    req: &Request<B>,
+    peer: SocketAddr,
+    start: Instant,
+) -> Option<Response<Answer>> {
+    if let Err(who) = authorize(shared, svc, direction, req) {
+        return Some(ErrorKind::Forbidden.response(&who));
+    }
+    (svc.guards.as_ref()).and_then(|guards| guards.check(req, peer.ip(), direction, start))
 }
 
 /// An inbound request to a service with an allow-list (`authz`, from the
