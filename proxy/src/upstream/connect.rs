@@ -233,36 +233,12 @@ impl Connections {
         async move {
             let mut sender = match self.live_h2() {
                 Some(s) => s,
+                // Boxed: rare, and its state (the lock's wait, the
+                // connect) would size every request's future.
                 None => {
-                    let Some(_place) = pending.try_acquire() else {
-                        return Err(SendError::unsent(ErrorKind::Overloaded, req));
-                    };
-                    let waited_from = Instant::now();
-                    let mut last_failure = self.h2_connecting.lock().await;
-                    match self.live_h2() {
-                        Some(s) => s,
-                        // The attempt this one waited for failed: so does
-                        // this one (its request goes elsewhere, unsent).
-                        None if last_failure.is_some_and(|(at, _)| at >= waited_from) => {
-                            let kind = last_failure.map_or(ErrorKind::Connect, |(_, k)| k);
-                            return Err(SendError::unsent(kind, req));
-                        }
-                        None => {
-                            let start = Instant::now();
-                            let opened = Box::pin(self.connect_h2(connect_timeout, tls)).await;
-                            *connected = Some(start.elapsed());
-                            match opened {
-                                Ok(s) => {
-                                    self.h2.store(Some(Arc::new(s.clone())));
-                                    *last_failure = None;
-                                    s
-                                }
-                                Err(kind) => {
-                                    *last_failure = Some((Instant::now(), kind));
-                                    return Err(SendError::unsent(kind, req));
-                                }
-                            }
-                        }
+                    match Box::pin(self.open_h2(connect_timeout, pending, tls, connected)).await {
+                        Ok(s) => s,
+                        Err(kind) => return Err(SendError::unsent(kind, req)),
                     }
                 }
             };
@@ -276,6 +252,46 @@ impl Connections {
                 e.stale = failure.refused;
                 e
             })
+        }
+    }
+
+    /// Opens the endpoint's HTTP/2 connection for a request that found
+    /// none, holding a `max_pending` place meanwhile; one opener at a
+    /// time, and those who waited for an attempt that failed fail with it
+    /// (each trying again in turn would take a connect timeout each).
+    async fn open_h2(
+        &self,
+        connect_timeout: Duration,
+        pending: &Arc<Admission>,
+        tls: Option<&Upstream>,
+        connected: &mut Option<Duration>,
+    ) -> Result<h2::Sender, ErrorKind> {
+        let Some(_place) = pending.try_acquire() else {
+            return Err(ErrorKind::Overloaded);
+        };
+        let waited_from = Instant::now();
+        let mut last_failure = self.h2_connecting.lock().await;
+        if let Some(s) = self.live_h2() {
+            return Ok(s);
+        }
+        if let Some((at, kind)) = *last_failure {
+            if at >= waited_from {
+                return Err(kind);
+            }
+        }
+        let start = Instant::now();
+        let opened = self.connect_h2(connect_timeout, tls).await;
+        *connected = Some(start.elapsed());
+        match opened {
+            Ok(s) => {
+                self.h2.store(Some(Arc::new(s.clone())));
+                *last_failure = None;
+                Ok(s)
+            }
+            Err(kind) => {
+                *last_failure = Some((Instant::now(), kind));
+                Err(kind)
+            }
         }
     }
 
