@@ -535,6 +535,43 @@ async fn proxies_follow_a_tls_control_plane_and_refuse_a_wrong_one() {
     );
 }
 
+/// The proxy presents its identity as rotated, towards the control plane
+/// too: one that starts with a certificate the control plane refuses (of
+/// another CA) follows it once its files hold one of the control plane's
+/// CA, without a restart (it kept the certificate it started with: an
+/// expired one, after a routine rotation, cut it off for good).
+#[tokio::test]
+async fn a_rotated_certificate_is_presented_to_the_control_plane() {
+    let registry = Registry::new();
+    let ca = support::pki::Ca::new("almond test ca");
+    let control = tls_control(&registry, &ca, "R", false).await;
+    let ca_file = registry.scratch("R-trust.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let other = support::pki::Ca::new("someone else");
+    let mine = files(&registry, "R-client", &ca, &other.leaf("web"));
+    let proxy = https_follower(
+        &control,
+        &format!(
+            "control_ca: \"{}\"\ntls: {{ cert: \"{}\", key: \"{}\", ca: \"{}\" }}\n",
+            ca_file.display(),
+            mine.cert.display(),
+            mine.key.display(),
+            mine.ca.display()
+        ),
+    )
+    .await;
+    assert!(!becomes_ready(&proxy).await, "a certificate of another CA");
+
+    // Rotated: a certificate of the control plane's CA.
+    let renewed = ca.leaf("web");
+    std::fs::write(&mine.key, &renewed.key).unwrap();
+    std::fs::write(&mine.cert, &renewed.cert).unwrap();
+    eventually("the proxy follows with its new certificate", || async {
+        proxy.admin_get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+}
+
 /// `source.consul.intentions`: Consul intentions are the allow-lists
 /// proxies get (as SPIFFE IDs of the trust domain), followed as they
 /// change; `almond authz` is refused then (Consul is the source).

@@ -2,6 +2,7 @@
 //! through the one table swap, and keep a cache file for starts while the
 //! control plane is away.
 
+use crate::identity::tls::{CurrentIdentity, Tls};
 use crate::Proxy;
 use almond_config::{validate_proxy, ProxyConfig, Secret, Snapshot};
 use almond_net::{error_chain, percent_encode, Backoff};
@@ -12,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -105,10 +106,11 @@ pub struct LinkError {
 }
 
 impl Link {
-    /// Builds the link for `config` (which has `control` set). A
+    /// Builds the link for `config` (which has `control` set), presenting
+    /// `identity` (the proxy's `tls`, as reloaded) when it has one. A
     /// configured token missing from the environment is an error, as is a
-    /// CA or certificate file that cannot be used.
-    pub fn new(config: &ProxyConfig) -> Result<Link, LinkError> {
+    /// CA file that cannot be used.
+    pub fn new(config: &ProxyConfig, identity: Option<&Arc<Tls>>) -> Result<Link, LinkError> {
         let token =
             Secret::from_config("token_env", config.token_env.as_deref()).map_err(|reason| {
                 LinkError {
@@ -117,7 +119,7 @@ impl Link {
                     reason,
                 }
             })?;
-        let tls = client_tls(config)?;
+        let tls = client_tls(config, identity)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -135,7 +137,10 @@ impl Link {
 }
 
 /// The TLS client settings towards an `https://` control plane.
-fn client_tls(config: &ProxyConfig) -> Result<rustls::ClientConfig, LinkError> {
+fn client_tls(
+    config: &ProxyConfig,
+    identity: Option<&Arc<Tls>>,
+) -> Result<rustls::ClientConfig, LinkError> {
     let fail = |key: &'static str, path: &Path, reason: String| LinkError {
         key,
         path: path.display().to_string(),
@@ -179,19 +184,11 @@ fn client_tls(config: &ProxyConfig) -> Result<rustls::ClientConfig, LinkError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| fail("control", Path::new(""), e.to_string()))?
         .with_root_certificates(roots);
-    match &config.tls {
+    match identity {
         // The proxy's identity doubles as its credential towards a control
-        // plane that verifies client certificates.
-        Some(tls) => {
-            let chain = CertificateDer::pem_file_iter(&tls.cert)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| fail("tls.cert", &tls.cert, e.to_string()))?;
-            let key = PrivateKeyDer::from_pem_file(&tls.key)
-                .map_err(|e| fail("tls.key", &tls.key, e.to_string()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| fail("tls.key", &tls.key, e.to_string()))
-        }
+        // plane that verifies client certificates: the one in force at
+        // each handshake, as its files are rotated.
+        Some(tls) => Ok(builder.with_client_cert_resolver(Arc::new(CurrentIdentity(tls.clone())))),
         None => Ok(builder.with_no_client_auth()),
     }
 }

@@ -139,10 +139,7 @@ impl Proxy {
             Some(_) => follow::load_cache(&mut config).unwrap_or_default(),
             None => follow::Position::default(),
         };
-        let link = match config.control {
-            Some(_) => Some(Arc::new(follow::Link::new(&config)?)),
-            None => None,
-        };
+
         let admin_token = Secret::from_config("admin_token_env", config.admin_token_env.as_deref())
             .map_err(Error::AdminToken)?;
         let metrics = Metrics::new()?;
@@ -150,6 +147,10 @@ impl Proxy {
         let observe = observe::Observe::new(&config, &metrics);
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(identity::tls::Tls::load(files)?)),
+            None => None,
+        };
+        let link = match config.control {
+            Some(_) => Some(Arc::new(follow::Link::new(&config, tls.as_ref())?)),
             None => None,
         };
         let table = Table::build_tls(Arc::new(config), &metrics, None, tls.as_ref());

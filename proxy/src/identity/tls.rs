@@ -9,10 +9,12 @@
 //! old configs.
 
 use arc_swap::ArcSwap;
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -59,6 +61,9 @@ struct Configs {
     client_h1: Arc<ClientConfig>,
     /// Offering `h2` by ALPN.
     client_h2: Arc<ClientConfig>,
+    /// The certificate and key, for clients that present the current
+    /// identity themselves ([`CurrentIdentity`]).
+    identity: Arc<CertifiedKey>,
 }
 
 /// The proxy's identity and trust bundle, reloadable.
@@ -187,7 +192,36 @@ fn build(files: &almond_config::Tls) -> Result<Configs, TlsError> {
         server: Arc::new(server),
         client_h1: client(HTTP11)?,
         client_h2: client(H2)?,
+        identity: Arc::new(CertifiedKey::from_der(
+            chain,
+            key(&files.key)?,
+            &provider(),
+        )?),
     })
+}
+
+/// Presents the proxy's identity as it is now (the files as last
+/// reloaded) in every handshake: for a client built once and kept, like
+/// the control plane's, which would otherwise present the certificate it
+/// started with long after it was rotated and expired.
+pub struct CurrentIdentity(pub Arc<Tls>);
+
+impl std::fmt::Debug for CurrentIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CurrentIdentity")
+            .field(&self.0.files.cert)
+            .finish()
+    }
+}
+
+impl ResolvesClientCert for CurrentIdentity {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.configs.load().identity.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 fn file_error(key: &'static str, path: &Path, reason: impl ToString) -> TlsError {
