@@ -744,23 +744,33 @@ mod health_tests {
         assert_eq!(hit.len(), 4);
     }
 
-    /// Six endpoints in three zones, the first two local, zone-aware.
-    fn zoned(lb: Lb) -> Pool {
-        let members = (0..6)
-            .map(|i| Member {
+    /// Endpoints of these weights on ports `base`, `base + 1`, ...; the
+    /// first `local` in the local zone.
+    fn members(weights: &[u32], local: usize, base: u16) -> Vec<Member> {
+        (weights.iter().enumerate())
+            .map(|(i, &weight)| Member {
                 state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
                     [127, 0, 0, 1],
-                    3000 + i,
+                    base + i as u16,
                 )))),
-                weight: 1,
+                weight,
                 subset: 0,
-                local: i < 2,
+                local: i < local,
             })
-            .collect();
+            .collect()
+    }
+
+    /// `members` zone-aware, `panic_threshold` 50, `zone_min_healthy` 70.
+    fn zoned_pool(members: Vec<Member>, lb: Lb, probe_grace: Duration) -> Pool {
         let counter = |name| prometheus::IntCounter::new(name, "z").unwrap();
         Pool::new(members, lb, 0)
-            .with_health(50, Duration::from_secs(1))
+            .with_health(50, probe_grace)
             .with_zones(70, || [counter("l"), counter("r")])
+    }
+
+    /// Six endpoints in three zones, the first two local, zone-aware.
+    fn zoned(lb: Lb) -> Pool {
+        zoned_pool(members(&[1; 6], 2, 3000), lb, Duration::from_secs(1))
     }
 
     #[tokio::test(start_paused = true)]
@@ -805,21 +815,7 @@ mod health_tests {
     #[tokio::test(start_paused = true)]
     async fn zones_judge_panic_over_the_whole_pool() {
         for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
-            let members = (0..9)
-                .map(|i| Member {
-                    state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
-                        [127, 0, 0, 1],
-                        4000 + i,
-                    )))),
-                    weight: 1,
-                    subset: 0,
-                    local: i < 3,
-                })
-                .collect();
-            let counter = |name| prometheus::IntCounter::new(name, "z").unwrap();
-            let p = Pool::new(members, lb, 0)
-                .with_health(50, Duration::from_secs(3600))
-                .with_zones(70, || [counter("l"), counter("r")]);
+            let p = zoned_pool(members(&[1; 9], 3, 4000), lb, Duration::from_secs(3600));
             let now = Instant::now();
             eject(&p, 0, now);
             eject(&p, 1, now);
@@ -846,19 +842,7 @@ mod health_tests {
     #[tokio::test(start_paused = true)]
     async fn weights_hold_among_the_endpoints_left() {
         for lb in [Lb::LeastRequest, Lb::P2cEwma] {
-            let members = [3, 1, 1, 1, 1]
-                .iter()
-                .enumerate()
-                .map(|(i, &weight)| Member {
-                    state: Arc::new(EndpointState::new(std::net::SocketAddr::from((
-                        [127, 0, 0, 1],
-                        5000 + i as u16,
-                    )))),
-                    weight,
-                    subset: 0,
-                    local: false,
-                })
-                .collect();
+            let members = members(&[3, 1, 1, 1, 1], 0, 5000);
             let p = Pool::new(members, lb, 0).with_health(50, Duration::from_secs(3600));
             let now = Instant::now();
             eject(&p, 4, now);
