@@ -231,6 +231,10 @@ async fn a_stalled_request_body_gets_408() {
         assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
         assert!(answer.contains("x-almond-error: client-timeout"), "{answer}");
     }
+    // Both answers are counted for the service, the kept body's too.
+    let metrics = proxy.admin_get("/metrics").await.text();
+    let counted = metric(&metrics, "almond_requests_total", &[("service", "svc")]);
+    assert_eq!(counted, 2.0, "{metrics}");
 }
 
 /// An upstream that sends headers and part of a body, then nothing: the

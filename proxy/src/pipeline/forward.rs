@@ -216,7 +216,11 @@ fn forward<'a>(
                     (tries.next, tries.replay) = (next, replay);
                     tries.prepare(&mut call);
                 }
-                Err(kind) => return Ok(kind.response(&svc.name)),
+                // Counted as any answer the proxy gives for the service.
+                Err(kind) => {
+                    let elapsed = call.start.elapsed().as_secs_f64();
+                    return Ok(call.fail(kind, call.pool.home(), elapsed));
+                }
             }
         }
         // Scoped, as every local below: a local still in scope at an
