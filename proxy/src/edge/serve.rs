@@ -297,6 +297,8 @@ fn route(
             // rules).
             if !Arc::ptr_eq(addressed, svc) {
                 if let Some(answer) = check(shared, addressed, direction, req, peer, start) {
+                    // The access log names the service that answered.
+                    seen.service = Some(addressed.name.clone());
                     return Err(Box::new(answer));
                 }
             }
