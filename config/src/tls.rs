@@ -38,10 +38,22 @@ pub fn check(config: &ProxyConfig) -> Vec<(String, String)> {
                 "needs the proxy-level `tls` (cert, key, ca)".into(),
             ));
         }
-        if tls.server_name.as_deref().is_some_and(str::is_empty) {
+        // The name the upstream's certificate is checked against (and
+        // sent as SNI): one rustls accepts, or every connection would fail.
+        let (key, server_name) = match tls.server_name.as_deref() {
+            Some(given) => (format!("services.{name}.tls.server_name"), given),
+            None => (format!("services.{name}.tls"), name.as_str()),
+        };
+        if server_name.is_empty() {
+            out.push((key, "must not be empty".into()));
+        } else if rustls_pki_types::ServerName::try_from(server_name).is_err() {
+            let whose = match tls.server_name {
+                Some(_) => "",
+                None => " (the service's name, the default server_name; set tls.server_name)",
+            };
             out.push((
-                format!("services.{name}.tls.server_name"),
-                "must not be empty".into(),
+                key,
+                format!("{server_name:?} is not a DNS name or IP address{whose}"),
             ));
         }
     }
@@ -115,6 +127,35 @@ mod tests {
             vec!["services.a.tls"]
         );
         assert_eq!(paths(&format!("{base}7\n")), vec!["services.a.tls"]);
+    }
+
+    #[test]
+    fn the_upstream_server_name_must_be_one_tls_accepts() {
+        let with = |name: &str, tls: &str| {
+            let text = format!(
+                "tls: {{ cert: c.pem, key: k.pem, ca: ca.pem }}\nservices:\n  {name}:\n    endpoints: [{{ addr: 127.0.0.1:1 }}]\n    tls: {tls}\n"
+            );
+            match load_proxy(&text, "t.yaml") {
+                Ok(_) => Vec::new(),
+                Err(e) => (e.problems.into_iter())
+                    .filter(|p| p.path.starts_with("services."))
+                    .map(|p| (p.path, p.message))
+                    .collect(),
+            }
+        };
+        let bad = with("a", "{ server_name: \"api .internal\" }");
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].0, "services.a.tls.server_name");
+        assert!(bad[0].1.contains("not a DNS name"), "{}", bad[0].1);
+        // The default is the service's name: one that is no DNS name says so.
+        let bad = with("\"a b\"", "true");
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].0, "services.a b.tls");
+        assert!(bad[0].1.contains("set tls.server_name"), "{}", bad[0].1);
+        // Names and addresses rustls takes pass.
+        assert_eq!(with("a", "{ server_name: api.internal }"), vec![]);
+        assert_eq!(with("a", "{ server_name: 10.0.0.7 }"), vec![]);
+        assert_eq!(with("my_svc", "true"), vec![]);
     }
 
     #[test]
