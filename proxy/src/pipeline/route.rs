@@ -26,9 +26,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Endpoint state by address and connection key (see
+/// Endpoint state by service, address and connection key (see
 /// [`ServiceRoute::conn_key`]).
-type States = HashMap<(SocketAddr, Option<Arc<str>>), Arc<EndpointState>>;
+type States = HashMap<(Box<str>, SocketAddr, Option<Arc<str>>), Arc<EndpointState>>;
 
 /// Everything routing needs, for one config.
 pub struct Table {
@@ -62,9 +62,10 @@ pub struct ServiceRoute {
     pub request_timeout: Duration,
     /// A response body with no byte for this long is ended.
     pub body_idle: Duration,
-    /// What, besides the address, makes a connection to an endpoint of this
-    /// service: the TLS server name, `None` for plaintext. Endpoint state
-    /// (and so its pooled connections) is shared only under the same key.
+    /// What, besides the service and the address, makes a connection to an
+    /// endpoint of this service: the TLS server name, `None` for plaintext.
+    /// Endpoint state (health, latency, pooled connections) is the
+    /// service's own, carried to the next table only under the same key.
     pub conn_key: Option<Arc<str>>,
     /// The service's subsets, in name order.
     pub subsets: Vec<SubsetRoute>,
@@ -176,7 +177,8 @@ impl Table {
                     (svc.admission.clone(), svc.target.pending.clone()),
                 );
                 for m in svc.all.members() {
-                    states.insert((m.state.addr, svc.conn_key.clone()), m.state.clone());
+                    let key = (Box::from(&*svc.name), m.state.addr, svc.conn_key.clone());
+                    states.insert(key, m.state.clone());
                 }
             }
         }
@@ -381,10 +383,11 @@ fn host<B>(req: &Request<B>) -> Option<&str> {
     (!h.is_empty()).then_some(h)
 }
 
-/// The pool members of `svc` in subset `filter` (`None`: all), their
-/// state carried over from `states` by address and connection key, marked
-/// local when in `zone`.
+/// The pool members of service `name` in subset `filter` (`None`: all),
+/// their state carried over from `states` by service, address and
+/// connection key, marked local when in `zone`.
 fn members(
+    name: &str,
     svc: &Service,
     subset_names: &[&str],
     filter: Option<&str>,
@@ -396,7 +399,7 @@ fn members(
         .filter(|e| filter.is_none_or(|f| e.subset == f))
         .map(|e| Member {
             state: states
-                .entry((e.addr, conn_key.clone()))
+                .entry((Box::from(name), e.addr, conn_key.clone()))
                 .or_insert_with(|| Arc::new(EndpointState::new(e.addr)))
                 .clone(),
             weight: e.weight,
@@ -503,15 +506,17 @@ impl ServiceRoute {
                 .with_zones(zone_min_healthy, || metrics.zone_requests(name))
         };
         let subset_names = subset_names(svc);
-        // Endpoint state carries over from the previous table by address
-        // and connection key: TLS on or off, or another server name, means
-        // other connections.
+        // Endpoint state carries over from the previous table by service,
+        // address and connection key: TLS on or off, or another server
+        // name, means other connections. Two services at one address (two
+        // sites behind one server) do not share it: one's failures do not
+        // eject the other's endpoint (as Envoy's clusters).
         let conn_key: Option<Arc<str>> = svc
             .tls
             .as_ref()
             .map(|t| Arc::from(t.server_name.as_deref().unwrap_or(name)));
         let members_of = |filter: Option<&str>, states: &mut States| {
-            members(svc, &subset_names, filter, (zone, &conn_key), states)
+            members(name, svc, &subset_names, filter, (zone, &conn_key), states)
         };
         let subsets: Vec<SubsetRoute> = (subset_names.iter().enumerate())
             .map(|(index, &subset)| {
@@ -675,6 +680,38 @@ mod tests {
         }
         assert!(web.record_outcome(0, &endpoint, Err(ErrorKind::Reset), now));
         assert!(endpoint.health.is_out(), "two failures in a row eject");
+    }
+
+    /// Two services at one address (two sites behind one server): one's
+    /// failures eject the endpoint for it alone, in this table and the next.
+    #[test]
+    fn services_at_one_address_do_not_share_health() {
+        let text = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  a:\n    \
+                    endpoints: [{ addr: 127.0.0.1:1 }, { addr: 127.0.0.1:2 }]\n    \
+                    circuit_breaker: { consecutive_failures: 1, max_ejection_percent: 100 }\n  b:\n    \
+                    endpoints: [{ addr: 127.0.0.1:1 }, { addr: 127.0.0.1:2 }]\n";
+        let config = Arc::new(almond_config::load_proxy(text, "t").unwrap());
+        let metrics = Metrics::new().unwrap();
+        let table = Table::build(config.clone(), &metrics, None);
+        let a = &table.services["a"];
+        let in_a = a.all.members()[0].state.clone();
+        assert!(a.record_outcome(0, &in_a, Err(ErrorKind::Reset), tokio::time::Instant::now()));
+        assert!(in_a.health.is_out(), "a's endpoint ejected");
+        let out = |t: &Table, svc: &str| {
+            let members = t.services[svc].all.members();
+            members.iter().filter(|m| m.state.health.is_out()).count()
+        };
+        assert_eq!(
+            out(&table, "b"),
+            0,
+            "b's endpoint at the same address stays in"
+        );
+        let next = Table::build(config, &metrics, Some(&table));
+        assert_eq!(
+            (out(&next, "a"), out(&next, "b")),
+            (1, 0),
+            "carried per service"
+        );
     }
 
     /// A new table keeps a service's retry budget account: a budget spent
