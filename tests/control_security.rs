@@ -572,6 +572,39 @@ async fn a_rotated_certificate_is_presented_to_the_control_plane() {
     .await;
 }
 
+/// `control_ca` is read again when it changes: a proxy whose file holds
+/// another CA than the control plane's follows it once the file is
+/// rotated to the right one, without a restart.
+#[tokio::test]
+async fn a_rotated_control_ca_is_trusted_without_a_restart() {
+    let registry = Registry::new();
+    let ca = support::pki::Ca::new("almond test ca");
+    let control = tls_control(&registry, &ca, "C", false).await;
+    let ca_file = registry.scratch("C-trust.pem");
+    let other = support::pki::Ca::new("someone else");
+    std::fs::write(&ca_file, &other.pem).unwrap();
+    std::env::set_var("ALMOND_T_PROXY_TOKEN_C", PROXIES);
+    let proxy = https_follower(
+        &control,
+        &format!(
+            "control_ca: \"{}\"\ntoken_env: ALMOND_T_PROXY_TOKEN_C\n",
+            ca_file.display()
+        ),
+    )
+    .await;
+    assert!(
+        !becomes_ready(&proxy).await,
+        "the control plane's CA is not trusted yet"
+    );
+
+    // Rotated: the file now holds the control plane's CA.
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    eventually("the proxy follows with the new CA", || async {
+        proxy.admin_get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+}
+
 /// `source.consul.intentions`: Consul intentions are the allow-lists
 /// proxies get (as SPIFFE IDs of the trust domain), followed as they
 /// change; `almond authz` is refused then (Consul is the source).

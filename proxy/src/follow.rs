@@ -2,7 +2,7 @@
 //! through the one table swap, and keep a cache file for starts while the
 //! control plane is away.
 
-use crate::identity::tls::{CurrentIdentity, Tls};
+use crate::identity::tls::{CurrentIdentity, CurrentRoots, Tls, TlsError};
 use crate::Proxy;
 use almond_config::{validate_proxy, ProxyConfig, Secret, Snapshot};
 use almond_net::{error_chain, percent_encode, Backoff};
@@ -12,8 +12,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -146,27 +144,26 @@ fn client_tls(
         path: path.display().to_string(),
         reason,
     };
-    let mut roots = rustls::RootCertStore::empty();
     let ca = match (&config.control_ca, &config.tls) {
         (Some(ca), _) => Some(("control_ca", ca)),
         (None, Some(tls)) => Some(("tls.ca", &tls.ca)),
         (None, None) => None,
     };
-    match ca {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail("control", Path::new(""), e.to_string()))?;
+    let builder = match ca {
+        // The CA file as it is at each handshake: rotated without a restart.
         Some((key, path)) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| fail(key, path, e.to_string()))?;
-            if certs.is_empty() {
-                return Err(fail(key, path, "no certificate in the file".into()));
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| fail(key, path, e.to_string()))?;
-            }
+            let roots = CurrentRoots::load(key, path).map_err(|e| match e {
+                TlsError::File { reason, .. } => fail(key, path, reason),
+                other => fail(key, path, other.to_string()),
+            })?;
+            (builder.dangerous()).with_custom_certificate_verifier(Arc::new(roots))
         }
         None => {
+            let mut roots = rustls::RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0
@@ -177,13 +174,9 @@ fn client_tls(
             {
                 tracing::warn!("no trusted roots found on this system: set control_ca");
             }
+            builder.with_root_certificates(roots)
         }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fail("control", Path::new(""), e.to_string()))?
-        .with_root_certificates(roots);
+    };
     match identity {
         // The proxy's identity doubles as its credential towards a control
         // plane that verifies client certificates: the one in force at

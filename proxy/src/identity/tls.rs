@@ -6,16 +6,18 @@
 //! proxy-level `tls` key and swapped whole through `ArcSwap` when the files
 //! change ([`Tls::watch`]): new handshakes use the new certificate, open
 //! connections keep the one they started with. A failed reload keeps the
-//! old configs.
+//! old configs. [`CurrentRoots`] follows a CA file the same way for the
+//! control plane's client.
 
 use arc_swap::ArcSwap;
-use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -222,6 +224,111 @@ impl ResolvesClientCert for CurrentIdentity {
     fn has_certs(&self) -> bool {
         true
     }
+}
+
+/// Verifies a server's certificate against a CA file as it is now: the
+/// file is read again when its modification time changes, so a rotated
+/// CA is trusted without a restart (for a client built once and kept, like
+/// the control plane's). A change that cannot be read keeps the last CAs.
+pub struct CurrentRoots {
+    key: &'static str,
+    path: PathBuf,
+    /// The file's modification time when last read, and its verifier.
+    loaded: Mutex<(Option<SystemTime>, Arc<WebPkiServerVerifier>)>,
+}
+
+impl CurrentRoots {
+    /// Reads the CA file named by config key `key`.
+    pub fn load(key: &'static str, path: &Path) -> Result<CurrentRoots, TlsError> {
+        let stamp = modified(path);
+        Ok(CurrentRoots {
+            key,
+            path: path.to_owned(),
+            loaded: Mutex::new((stamp, server_verifier(key, path)?)),
+        })
+    }
+
+    /// The verifier of the file as last read, read again first if it changed.
+    fn current(&self) -> Arc<WebPkiServerVerifier> {
+        let mut loaded = match self.loaded.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let stamp = modified(&self.path);
+        if stamp != loaded.0 {
+            match server_verifier(self.key, &self.path) {
+                Ok(verifier) => {
+                    *loaded = (stamp, verifier);
+                    tracing::info!(file = %self.path.display(), "{}: CAs reloaded", self.key);
+                }
+                // Written one file at a time: the next handshake tries again.
+                Err(e) => tracing::warn!(error = %e, "CA reload failed; keeping the previous CAs"),
+            }
+        }
+        loaded.1.clone()
+    }
+}
+
+impl std::fmt::Debug for CurrentRoots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CurrentRoots").field(&self.path).finish()
+    }
+}
+
+impl ServerCertVerifier for CurrentRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.current().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// A server certificate verifier trusting the CAs in `path`.
+fn server_verifier(key: &'static str, path: &Path) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in certs(key, path)? {
+        roots.add(ca).map_err(|e| file_error(key, path, e))?;
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| file_error(key, path, e))
 }
 
 fn file_error(key: &'static str, path: &Path, reason: impl ToString) -> TlsError {
