@@ -15,7 +15,7 @@ mod support;
 
 use almond_config::{Endpoint, Protocol, DEFAULT_SUBSET};
 use almond_consul_double::{
-    AclPolicy, CheckDef, ConsulDouble, RecordedRequest, ServiceDef, Status,
+    Access, AclPolicy, CheckDef, ConsulDouble, RecordedRequest, ServiceDef, Status,
 };
 use almond_control::consul::{instance_weight, to_service, to_service_resolved, Instance};
 use http::StatusCode;
@@ -687,6 +687,95 @@ async fn an_acl_refusal_is_reported_without_a_hot_loop() {
 // ---------------------------------------------------------------------------
 // 5. Splits in Consul KV
 // ---------------------------------------------------------------------------
+
+/// A token that loses `key:read` on a service's policy gets a list with
+/// that key left out (`X-Consul-Results-Filtered-By-ACLs`): that is not a
+/// deleted policy. The split stays, the error is counted.
+#[tokio::test]
+async fn policies_hidden_by_acls_are_kept_not_dropped() {
+    const ENV: &str = "ALMOND_TEST_CC_TOKEN_HIDDEN";
+    const TOKEN: &str = "5f1c3a7e-hidden-policies";
+    std::env::set_var(ENV, TOKEN);
+    let consul = ConsulDouble::builder()
+        .acl_token(Some("management-token-not-ours"))
+        .start()
+        .await;
+    let writer = AclPolicy::read_all().key_prefix("almond/", Access::Write);
+    consul.add_acl_token(TOKEN, writer);
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    let control = TestControl::start(&yaml(&consul, ENV)).await;
+    let all_v2 = json!({ "weights": { "v1": 0, "v2": 100 } });
+    let reply = control.put_split("web", &all_v2, None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let split = || async { control.service("web").await["policy"]["split"].clone() };
+    let want = json!({ "v1": 0, "v2": 100 });
+    eventually("the split is followed", || async { split().await == want }).await;
+
+    // The token loses the read of web's policy; another policy changes,
+    // so the watch reads the list again, without web's.
+    let hidden = AclPolicy::read_all().key(WEB_POLICY, Access::Deny);
+    consul.add_acl_token(TOKEN, hidden);
+    let errors = consul_errors(&control).await;
+    consul.kv_put("almond/policy/other", "{}");
+    eventually("the hidden list is counted as an error", || async {
+        consul_errors(&control).await > errors
+    })
+    .await;
+    assert_eq!(split().await, want, "the split a hidden key held stays");
+}
+
+/// `consul.stale` spreads the watches over the servers, but the read a
+/// check-and-set write presents goes to the leader: a lagging follower's
+/// `ModifyIndex` would fail the write for no other writer.
+#[tokio::test]
+async fn check_and_set_reads_are_never_stale() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let config = yaml(&consul, "ALMOND_TEST_CC_TOKEN_STALE").replace(
+        "token_env: ALMOND_TEST_CC_TOKEN_STALE }",
+        "token_env: ALMOND_TEST_CC_TOKEN_STALE, stale: true }",
+    );
+    let control = TestControl::start(&config).await;
+    let reply = (control.put_split("web", &json!({ "weights": { "v1": 100 } }), None)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let watches = requests_to(&consul, "/v1/health/service/web");
+    assert!(
+        watches.iter().any(|r| r.query.contains("stale")),
+        "the watches are stale reads"
+    );
+    let reads: Vec<_> = requests_to(&consul, &format!("/v1/kv/{WEB_POLICY}"))
+        .into_iter()
+        .filter(|r| r.method == http::Method::GET)
+        .collect();
+    assert!(!reads.is_empty(), "the write read the policy first");
+    for r in reads {
+        assert!(!r.query.contains("stale"), "a stale CAS read: ?{}", r.query);
+    }
+}
+
+/// The policy watch is rate-limited like the health watches: an index of
+/// 0 from Consul does not turn it into a busy loop (API.md 2.4).
+#[tokio::test]
+async fn the_policy_watch_is_rate_limited_on_a_zero_index() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.kv_put("almond/policy/other", "{}");
+    let _control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_ZERO")).await;
+    consul.set_zero_index(true);
+    // A change wakes the blocked watch: its answer says index 0.
+    consul.kv_put("almond/policy/other", "{ }");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kv = |consul: &ConsulDouble| requests_to(consul, "/v1/kv/almond/policy/").len();
+    let before = kv(&consul);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = kv(&consul) - before;
+    assert!(during <= 6, "{during} policy reads in 2 s on a zero index");
+}
 
 /// The policy stored in the double's KV.
 fn stored_policy(consul: &ConsulDouble) -> Value {

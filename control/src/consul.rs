@@ -68,6 +68,10 @@ pub enum ConsulError {
     /// A body that is not what the API documents.
     #[error("consul sent an unexpected body: {0}")]
     Decode(String),
+    /// ACLs hid part of a list (`X-Consul-Results-Filtered-By-ACLs`): not
+    /// the real state; the token needs the rights named.
+    #[error("consul's ACLs hid part of the answer: the token needs {0}")]
+    Filtered(&'static str),
 }
 
 /// An answer: status, body and `X-Consul-Index` (absent on some paths).
@@ -78,6 +82,9 @@ pub struct Answer {
     pub body: Bytes,
     /// `X-Consul-Index`, if sent.
     pub index: Option<u64>,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not read
+    /// everything the list holds, and Consul left that out.
+    pub filtered: bool,
 }
 
 impl ConsulClient {
@@ -118,6 +125,7 @@ impl ConsulClient {
 
     /// One call. `query`: extra parameters (`recurse`, `cas=3`, ...).
     /// Returns every status; transport failures and time-outs are errors.
+    /// A GET may be answered by any server when `consul.stale` is on.
     pub async fn call(
         &self,
         method: http::Method,
@@ -125,6 +133,28 @@ impl ConsulClient {
         query: &str,
         index: u64,
         wait: Duration,
+        body: Bytes,
+    ) -> Result<Answer, ConsulError> {
+        let stale = self.stale && method == http::Method::GET;
+        self.send(method, path, query, (index, wait), stale, body)
+            .await
+    }
+
+    /// GET `path` from the leader, whatever `consul.stale` says: a read
+    /// whose `ModifyIndex` a check-and-set write presents must not come
+    /// from a follower that lags (the write would fail for no writer).
+    pub async fn read_for_write(&self, path: &str, query: &str) -> Result<Answer, ConsulError> {
+        let (get, zero) = (http::Method::GET, (0, Duration::ZERO));
+        self.send(get, path, query, zero, false, Bytes::new()).await
+    }
+
+    async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        query: &str,
+        (index, wait): (u64, Duration),
+        stale: bool,
         body: Bytes,
     ) -> Result<Answer, ConsulError> {
         let mut params: Vec<String> = Vec::new();
@@ -138,7 +168,7 @@ impl ConsulClient {
         if let Some(dc) = &self.datacenter {
             params.push(format!("dc={dc}"));
         }
-        if self.stale && method == http::Method::GET {
+        if stale {
             params.push("stale".into());
         }
         let mut uri = format!("{}{path}", self.base);
@@ -171,6 +201,10 @@ impl ConsulClient {
                 .get("x-consul-index")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
+            let filtered = resp
+                .headers()
+                .get("x-consul-results-filtered-by-acls")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
             let body = Limited::new(resp.into_body(), self.max_body)
                 .collect()
                 .await
@@ -185,6 +219,7 @@ impl ConsulClient {
                 status,
                 body,
                 index,
+                filtered,
             })
         };
         tokio::time::timeout(limit, work)
@@ -258,9 +293,10 @@ pub fn check(answer: Answer) -> Result<Answer, ConsulError> {
     }
 }
 
-/// One blocking-query loop's bookkeeping (API.md 2.4).
-struct Blocking {
-    index: u64,
+/// One blocking-query loop's bookkeeping (API.md 2.4): the index to
+/// block on, a rate limit, and the back-off after errors.
+pub(crate) struct Blocking {
+    pub(crate) index: u64,
     failures: u32,
     /// Token bucket: a couple of quick deliveries, then at most one a second.
     tokens: f64,
@@ -268,7 +304,7 @@ struct Blocking {
 }
 
 impl Blocking {
-    fn new() -> Blocking {
+    pub(crate) fn new() -> Blocking {
         Blocking {
             index: 0,
             failures: 0,
@@ -278,7 +314,7 @@ impl Blocking {
     }
 
     /// Waits for a token before the next request.
-    async fn pace(&mut self) {
+    pub(crate) async fn pace(&mut self) {
         let now = Instant::now();
         self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64()).min(2.0);
         self.refilled = now;
@@ -293,7 +329,7 @@ impl Blocking {
 
     /// Takes the index of a successful answer; `true` when it moved
     /// forward (content may have changed).
-    fn advance(&mut self, returned: Option<u64>) -> bool {
+    pub(crate) fn advance(&mut self, returned: Option<u64>) -> bool {
         self.failures = 0;
         let returned = returned.unwrap_or(0);
         let moved = returned != self.index;
@@ -309,7 +345,7 @@ impl Blocking {
     }
 
     /// After an error: forget the index and wait, longer each time.
-    async fn back_off(&mut self, what: &str, error: &ConsulError, state: &State) {
+    pub(crate) async fn back_off(&mut self, what: &str, error: &ConsulError, state: &State) {
         self.failures += 1;
         self.index = 0;
         state.metrics.consul_errors.inc();
@@ -422,6 +458,13 @@ async fn watch_service(
             }
         };
         state.metrics.consul_up.set(1);
+        // Instances the token may not see are not gone: keep the last
+        // state rather than serve the service without them.
+        if answer.filtered {
+            let hidden = ConsulError::Filtered("node:read and service:read on every instance");
+            blocking.back_off(&name, &hidden, &state).await;
+            continue;
+        }
         let index = answer.index.unwrap_or(0);
         if !blocking.advance(answer.index) && state.has_service(&name) {
             continue;

@@ -3,10 +3,10 @@
 //! (`almond/policy/<service>`, one JSON document per service), or a local
 //! JSON file in file mode.
 
-use crate::consul::{check, ConsulClient, ConsulError};
+use crate::consul::{check, Blocking, ConsulClient, ConsulError};
 use crate::policy::Policy;
 use crate::state::State;
-use almond_net::{now_ms, Backoff};
+use almond_net::now_ms;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use std::collections::BTreeMap;
@@ -16,10 +16,6 @@ use std::time::{Duration, SystemTime};
 
 /// Consul KV prefix of policies.
 pub const KV_PREFIX: &str = "almond/policy/";
-
-/// Pauses between failed policy watches: 1 s more per failure in a row,
-/// to 30 s.
-const WATCH_BACKOFF: Backoff = Backoff::linear(Duration::from_secs(1), Duration::from_secs(30));
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +51,7 @@ impl Store {
         match self {
             Store::Consul(client) => {
                 let key = format!("/v1/kv/{KV_PREFIX}{service}");
-                let answer = client
-                    .call(Method::GET, &key, "raw", 0, Duration::ZERO, Bytes::new())
-                    .await?;
+                let answer = client.read_for_write(&key, "raw").await?;
                 if answer.status == StatusCode::NOT_FOUND {
                     return Ok((Policy::default(), 0));
                 }
@@ -131,37 +125,40 @@ impl Store {
 async fn follow_consul(client: &ConsulClient, state: &State) {
     let path = format!("/v1/kv/{KV_PREFIX}");
     let wait = Duration::from_secs(60);
-    let mut index = 0u64;
-    let mut failures = 0u32;
+    let mut blocking = Blocking::new();
     loop {
-        let answer = match client
-            .call(Method::GET, &path, "recurse", index, wait, Bytes::new())
+        // Rate-limited as the health watches are: an index of 0 (or none)
+        // must not turn the loop into a busy one (API.md 2.4).
+        blocking.pace().await;
+        let answer = client
+            .call(
+                Method::GET,
+                &path,
+                "recurse",
+                blocking.index,
+                wait,
+                Bytes::new(),
+            )
             .await
-        {
-            Ok(a) if a.status == StatusCode::NOT_FOUND || a.status.is_success() => a,
-            Ok(a) => {
-                failures += 1;
-                let e = check(a).err();
-                tracing::warn!(error = ?e, "policy watch failed");
-                state.metrics.consul_errors.inc();
-                index = 0;
-                tokio::time::sleep(WATCH_BACKOFF.pause(failures)).await;
-                continue;
-            }
+            .and_then(|a| match a.status {
+                StatusCode::NOT_FOUND => Ok(a),
+                _ => check(a),
+            })
+            .and_then(|a| match a.filtered {
+                // Policies the token may not read are not deleted ones:
+                // keep them rather than drop their splits.
+                true => Err(ConsulError::Filtered("key:read on almond/policy/")),
+                false => Ok(a),
+            });
+        let answer = match answer {
+            Ok(a) => a,
             Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %e, "policy watch failed");
-                state.metrics.consul_errors.inc();
-                index = 0;
-                tokio::time::sleep(WATCH_BACKOFF.pause(failures)).await;
+                blocking.back_off("policies", &e, state).await;
                 continue;
             }
         };
-        failures = 0;
         let returned = answer.index.unwrap_or(0);
-        let changed = returned != index;
-        index = if returned < index { 0 } else { returned.max(1) };
-        if !changed {
+        if !blocking.advance(answer.index) {
             continue;
         }
         let mut policies = BTreeMap::new();
