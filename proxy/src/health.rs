@@ -86,8 +86,8 @@ async fn check(svc: Arc<ServiceRoute>, index: usize) {
         }
     } else {
         tracing::debug!(service = %svc.name, endpoint = %state.addr, in_row, "health check failed");
-        if in_row >= hc.unhealthy && svc.outlier.may_eject(state, &subset.pool) {
-            let until = svc.outlier.eject(
+        if in_row >= hc.unhealthy {
+            let ejected = svc.outlier.eject_if_room(
                 state,
                 now,
                 &subset.pool,
@@ -95,7 +95,9 @@ async fn check(svc: Arc<ServiceRoute>, index: usize) {
                 &svc.name,
                 in_row,
             );
-            svc.note_ejection(m.subset, until);
+            if let Some(until) = ejected {
+                svc.note_ejection(m.subset, until);
+            }
         }
     }
 }

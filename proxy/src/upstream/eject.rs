@@ -5,14 +5,29 @@
 //! (capped by `max_ejection`, jittered); at most `max_ejection_percent` of
 //! a subset is out at once. When the time is up, one real request probes
 //! the endpoint: success brings it back, failure ejects it again, longer.
+//!
+//! Whether there is room and the ejection itself happen under one lock
+//! ([`EJECTING`]): failures at the same moment on two endpoints of a
+//! subset would otherwise both see room and both eject. Only a failure
+//! about to eject takes it; a success never does.
 
 use crate::observe::metrics::EjectionMetrics;
 use crate::outcome::ErrorKind;
 use almond_config::{CircuitBreaker, Condition};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Held from the count of a subset's endpoints out to the ejection of one
+/// more. One for the process rather than one per subset: a subset's
+/// endpoints outlive the route table (a request on the table being
+/// replaced and one on the new table count the same endpoints), and
+/// services listing the same address share its state. Ejections are rare
+/// and the lock is held for a few atomic operations, so nothing waits on
+/// it for long.
+static EJECTING: Mutex<()> = Mutex::new(());
 
 /// An endpoint's health as failure accrual sees it.
 pub struct Health {
@@ -234,19 +249,23 @@ impl Outlier {
         if health.is_out() && !was_probe {
             return None;
         }
-        if !was_probe && !at_once && failures < self.threshold {
+        if was_probe {
+            // Out already: ejecting it again, longer, takes no more room.
+            let (n, length, until) = self.take_out(health, now);
+            self.ejected(endpoint, (n, length), subset, metrics, service, failures);
+            return Some(until);
+        }
+        if !at_once && failures < self.threshold {
             return None;
         }
-        if !was_probe && !self.room_to_eject(subset) {
-            tracing::debug!(service, endpoint = %endpoint.addr(), "not ejected: max_ejection_percent reached");
-            return None;
-        }
-        Some(self.eject(endpoint, now, subset, metrics, service, failures))
+        self.eject_if_room(endpoint, now, subset, metrics, service, failures)
     }
 
-    /// Takes `endpoint` out for the next ejection length; returns when
-    /// that ends (ns since the process epoch).
-    pub fn eject(
+    /// Takes `endpoint` out for the next ejection length if it is in and
+    /// `max_ejection_percent` leaves room in `subset`, both decided under
+    /// [`EJECTING`]; returns when the ejection ends (ns since the process
+    /// epoch), `None` when it was not ejected.
+    pub fn eject_if_room(
         &self,
         endpoint: &impl Ejectable,
         now: Instant,
@@ -254,8 +273,31 @@ impl Outlier {
         metrics: &EjectionMetrics,
         service: &str,
         failures: u32,
-    ) -> u64 {
+    ) -> Option<u64> {
         let health = endpoint.health();
+        let room = || !health.is_out() && self.room_to_eject(subset);
+        // First without the lock: a subset at its cap, whose endpoints keep
+        // failing, never takes it.
+        let taken = if room() {
+            let _held = EJECTING.lock().unwrap_or_else(PoisonError::into_inner);
+            // Again under it: another ejection may just have taken the
+            // room, or this endpoint.
+            room().then(|| self.take_out(health, now))
+        } else {
+            None
+        };
+        let Some((n, length, until)) = taken else {
+            tracing::debug!(service, endpoint = %endpoint.addr(), "not ejected: out already, or max_ejection_percent reached");
+            return None;
+        };
+        self.ejected(endpoint, (n, length), subset, metrics, service, failures);
+        Some(until)
+    }
+
+    /// Marks `health` out for its next ejection length; returns the
+    /// ejections in a row, the length and when it ends (ns since the
+    /// process epoch).
+    fn take_out(&self, health: &Health, now: Instant) -> (u32, Duration, u64) {
         let n = health.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let length = self.ejection_length(n);
         let until = (crate::clock::nanos_since_epoch(now) + length.as_nanos() as u64).max(1);
@@ -263,6 +305,20 @@ impl Outlier {
         health.consecutive.store(0, Ordering::Relaxed);
         // Only checks passed from now on may bring it back early.
         health.checks_passed.store(0, Ordering::Relaxed);
+        (n, length, until)
+    }
+
+    /// Counts and logs the ejection of `endpoint`, the `n`th in a row, for
+    /// `length`.
+    fn ejected(
+        &self,
+        endpoint: &impl Ejectable,
+        (n, length): (u32, Duration),
+        subset: &impl Peers,
+        metrics: &EjectionMetrics,
+        service: &str,
+        failures: u32,
+    ) {
         metrics.ejections.inc();
         metrics.update(subset.out_of());
         tracing::warn!(
@@ -273,7 +329,6 @@ impl Outlier {
             ejected_for = ?length,
             "endpoint ejected"
         );
-        until
     }
 
     /// Puts an ejected `endpoint` back in service, its latency estimate
@@ -294,12 +349,6 @@ impl Outlier {
         endpoint.returned();
         metrics.update(subset.out_of());
         tracing::info!(service, endpoint = %endpoint.addr(), why, "endpoint returned to service");
-    }
-
-    /// May `endpoint` be ejected now (it is in, and `max_ejection_percent`
-    /// leaves room)?
-    pub fn may_eject(&self, endpoint: &impl Ejectable, subset: &impl Peers) -> bool {
-        !endpoint.health().is_out() && self.room_to_eject(subset)
     }
 
     /// May one more endpoint of `subset` be ejected? At least one may,
@@ -437,6 +486,80 @@ mod tests {
             }
         }
         assert_eq!(m.ejected.get(), 1);
+    }
+
+    /// A subset whose first two counts wait for each other (a second at
+    /// most): two failures deciding at the same moment, on two threads.
+    struct Gated {
+        subset: Subset,
+        counts: std::sync::Mutex<u32>,
+        met: std::sync::Condvar,
+    }
+
+    impl Peers for Gated {
+        fn out_of(&self) -> (usize, usize) {
+            let counted = self.subset.out_of();
+            let mut counts = self.counts.lock().unwrap();
+            *counts += 1;
+            if *counts <= 2 {
+                self.met.notify_all();
+                let wait = Duration::from_secs(1);
+                drop(
+                    self.met
+                        .wait_timeout_while(counts, wait, |n| *n < 2)
+                        .unwrap(),
+                );
+            }
+            counted
+        }
+    }
+
+    /// Two endpoints of a subset refusing connections at the same moment:
+    /// both saw room before either was out, and both were ejected, past
+    /// `max_ejection_percent` (34 % of 3 = 1).
+    #[test]
+    fn simultaneous_failures_do_not_pass_max_ejection_percent() {
+        let cb = CircuitBreaker {
+            max_ejection_percent: 34,
+            ..CircuitBreaker::default()
+        };
+        let p = Outlier::new(&cb, Duration::from_secs(1));
+        for _ in 0..10 {
+            let (m, now) = (metrics(), Instant::now());
+            let pool = Gated {
+                subset: subset(3),
+                counts: std::sync::Mutex::new(0),
+                met: std::sync::Condvar::new(),
+            };
+            std::thread::scope(|s| {
+                for ep in &pool.subset.0[..2] {
+                    let (p, pool, m) = (&p, &pool, &m);
+                    s.spawn(move || p.record(ep, true, true, now, pool, m, "s"));
+                }
+            });
+            assert_eq!(pool.subset.out_of(), (3, 1));
+            assert_eq!(m.ejections.get(), 1);
+        }
+    }
+
+    /// Two failures of one endpoint at the same moment eject it once.
+    #[test]
+    fn simultaneous_failures_of_one_endpoint_eject_it_once() {
+        let (p, m, now) = (policy(), metrics(), Instant::now());
+        let pool = Gated {
+            subset: subset(3),
+            counts: std::sync::Mutex::new(0),
+            met: std::sync::Condvar::new(),
+        };
+        let ep = &pool.subset.0[0];
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let (p, pool, m) = (&p, &pool, &m);
+                s.spawn(move || p.record(ep, true, true, now, pool, m, "s"));
+            }
+        });
+        assert_eq!(m.ejections.get(), 1);
+        assert_eq!(ep.0.ejections.load(Ordering::Relaxed), 1);
     }
 
     #[test]
