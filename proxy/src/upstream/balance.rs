@@ -2,7 +2,7 @@
 //!
 //! `p2c_ewma` (power of two choices over peak-EWMA latency x in-flight, as
 //! in Finagle, tower and Linkerd), `least_request` (P2C over in-flight) and
-//! `round_robin` (a weighted schedule); all honour endpoint weights and
+//! `round_robin` (a weighted rotation); all honour endpoint weights and
 //! skip ejected endpoints (see `eject`), down to the panic threshold.
 //! With zones, a pool first chooses the local or the remote zones
 //! (`Zones`), then balances within them.
@@ -11,12 +11,13 @@ use crate::upstream::eject::{Availability, Peers};
 use crate::upstream::endpoint::EndpointState;
 use almond_config::Lb;
 use prometheus::IntCounter;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 
-/// Most slots a weighted round-robin schedule may have.
-const MAX_SCHEDULE: usize = 4096;
+/// Most slots a weighted round-robin schedule may have; beyond, the
+/// rotation is a [`Rotation::Stride`].
+const MAX_SCHEDULE: u64 = 4096;
 
 /// One endpoint as a pool sees it.
 pub struct Member {
@@ -146,9 +147,10 @@ pub struct Pool {
     /// Running total of weights, for weighted random draws; `None` when
     /// every weight is equal (a uniform draw is then enough).
     cumulative: Option<Vec<u64>>,
-    /// Round robin: member indices interleaved by weight.
-    schedule: Vec<u32>,
-    cursor: AtomicUsize,
+    /// Round robin: the order of the rotation.
+    rotation: Rotation,
+    /// Round robin: the rotation's next position.
+    cursor: AtomicU64,
     /// Percent of members that must be available, else ignore health.
     panic_threshold: u32,
     /// The local and remote zones, when zone-aware routing is on.
@@ -183,10 +185,10 @@ impl Pool {
                 })
                 .collect()
         });
-        let schedule = if lb == Lb::RoundRobin {
-            schedule(&members)
+        let rotation = if lb == Lb::RoundRobin {
+            Rotation::new(&members, cumulative.as_deref())
         } else {
-            Vec::new()
+            Rotation::Schedule(Vec::new())
         };
         // Endpoints carried over from the last table may be out already.
         let probe_at = members
@@ -199,12 +201,12 @@ impl Pool {
             probe_at: AtomicU64::new(probe_at),
             // Start round robin at a random place so that many proxies
             // do not all hit the first endpoint together.
-            cursor: AtomicUsize::new(fastrand::usize(..schedule.len().max(1))),
+            cursor: AtomicU64::new(fastrand::u64(..rotation.len().max(1))),
             members,
             home,
             lb,
             cumulative,
-            schedule,
+            rotation,
             panic_threshold: 50,
             probe_grace: std::time::Duration::from_secs(10),
             zones: None,
@@ -291,8 +293,8 @@ impl Pool {
             // A retry must not move round robin's rotation on, or the
             // endpoint after a failing one would get every first try.
             _ if exclude.is_some() && self.lb == Lb::RoundRobin => {
-                let start = fastrand::usize(..self.schedule.len());
-                &self.members[self.schedule[start] as usize]
+                let start = fastrand::u64(..self.rotation.len().max(1));
+                &self.members[self.rotation.at(start, self.cumulative.as_deref())]
             }
             _ => self.pick_among_all(n, now),
         };
@@ -349,8 +351,8 @@ impl Pool {
     fn pick_among_all(&self, n: usize, now: Instant) -> &Member {
         match self.lb {
             Lb::RoundRobin => {
-                let slot = self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
-                &self.members[self.schedule[slot] as usize]
+                let position = self.cursor.fetch_add(1, Ordering::Relaxed);
+                &self.members[self.rotation.at(position, self.cumulative.as_deref())]
             }
             Lb::LeastRequest | Lb::P2cEwma => {
                 let (a, b) = self.two(n);
@@ -473,18 +475,26 @@ impl Pool {
             1 => self.members.get(indices[0]),
             k => match self.lb {
                 Lb::RoundRobin => {
-                    // Walk the schedule to the next allowed member: from the
-                    // cursor for first tries, from a random slot for retries
-                    // (which must not move the rotation on).
-                    let len = self.schedule.len();
+                    // Walk the rotation to the next allowed member: from the
+                    // cursor for first tries, from a random place for
+                    // retries (which must not move the rotation on). A
+                    // schedule is walked whole; a long stride rotation as
+                    // far, then a draw by weight among the allowed.
+                    let len = self.rotation.len();
                     let start = if exclude_retry {
-                        fastrand::usize(..len)
+                        fastrand::u64(..len.max(1))
                     } else {
                         self.cursor.fetch_add(1, Ordering::Relaxed)
                     };
-                    (0..len)
-                        .map(|i| self.schedule[(start + i) % len] as usize)
+                    let cumulative = self.cumulative.as_deref();
+                    (0..len.min(MAX_SCHEDULE))
+                        .map(|i| self.rotation.at(start.wrapping_add(i), cumulative))
                         .find(|i| indices.contains(i))
+                        .or_else(|| {
+                            indices
+                                .get(weighted(&self.running_totals(indices)))
+                                .copied()
+                        })
                         .and_then(|i| self.members.get(i))
                 }
                 _ => {
@@ -493,15 +503,8 @@ impl Pool {
                             let a = fastrand::usize(..k);
                             (a, (a + 1 + fastrand::usize(..k - 1)) % k)
                         }
-                        // The slow path (ejections, retries): running totals
-                        // of these members' weights, made here.
                         Some(_) => {
-                            let cum: Vec<u64> = (indices.iter())
-                                .scan(0, |sum, &i| {
-                                    *sum += u64::from(self.members[i].weight);
-                                    Some(*sum)
-                                })
-                                .collect();
+                            let cum = self.running_totals(indices);
                             (weighted(&cum), weighted(&cum))
                         }
                     };
@@ -509,6 +512,17 @@ impl Pool {
                 }
             },
         }
+    }
+
+    /// Running totals of the weights of the members at `indices`, for a
+    /// draw among them: the slow path (ejections, retries) makes them.
+    fn running_totals(&self, indices: &[usize]) -> Vec<u64> {
+        (indices.iter())
+            .scan(0, |sum, &i| {
+                *sum += u64::from(self.members[i].weight);
+                Some(*sum)
+            })
+            .collect()
     }
 
     /// The two members a power-of-two choice is between: two distinct ones
@@ -534,19 +548,102 @@ fn weighted(cumulative: &[u64]) -> usize {
     cumulative.partition_point(|&c| c <= x)
 }
 
-/// A smooth weighted round-robin order (Nginx's algorithm), computed once:
-/// weights 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
-fn schedule(members: &[Member]) -> Vec<u32> {
-    let total: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
-    // Scale weights down if the schedule would be too long.
-    let scale = (total as f64 / MAX_SCHEDULE as f64).max(1.0);
-    let weights: Vec<i64> = members
-        .iter()
-        .map(|m| ((f64::from(m.weight) / scale).round() as i64).max(1))
+/// Round robin's order: which member each position of the rotation
+/// gives, every member as many positions a round as its weight.
+enum Rotation {
+    /// A smooth weighted round-robin order (Nginx's algorithm), computed
+    /// once: weights 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
+    /// One slot per unit of weight, the weights first divided by their
+    /// greatest common divisor.
+    Schedule(Vec<u32>),
+    /// Weights too heavy for a schedule of [`MAX_SCHEDULE`] slots (which
+    /// would have to round the light ones, and did: 1 and 10,000 gave the
+    /// light one 1 slot in 4,097): position `p` is the unit of weight
+    /// `p * stride % total`, and its member is the one whose run of the
+    /// running totals holds it. `stride` and `total` have no common
+    /// divisor, so a round of `total` positions takes every unit once:
+    /// each member gets exactly its weight. `stride` is near `total / phi`,
+    /// so the units a member holds come round evenly spaced (the three-gap
+    /// theorem: at most three distinct gaps between them).
+    Stride {
+        /// Total weight.
+        total: u64,
+        /// Units of weight from one position to the next.
+        stride: u64,
+    },
+}
+
+impl Rotation {
+    /// The rotation of `members`; `cumulative`: their running totals of
+    /// weight, `None` when all weigh the same.
+    fn new(members: &[Member], cumulative: Option<&[u64]>) -> Rotation {
+        let divisor = members
+            .iter()
+            .fold(0, |g, m| gcd(g, u64::from(m.weight)))
+            .max(1);
+        let units: u64 = members.iter().map(|m| u64::from(m.weight) / divisor).sum();
+        if units <= MAX_SCHEDULE {
+            return Rotation::Schedule(schedule(members, divisor, units));
+        }
+        // Equal weights: one unit per member.
+        let total = cumulative
+            .and_then(|c| c.last().copied())
+            .unwrap_or(members.len() as u64);
+        // 1 / phi = 0.618...; the first stride from there with no divisor
+        // in common with the total (a few steps at most).
+        let mut stride = ((total as f64 * 0.618_033_988_749_895) as u64).max(1);
+        while gcd(stride, total) != 1 {
+            stride += 1;
+        }
+        Rotation::Stride { total, stride }
+    }
+
+    /// Positions in a round.
+    fn len(&self) -> u64 {
+        match self {
+            Rotation::Schedule(slots) => slots.len() as u64,
+            Rotation::Stride { total, .. } => *total,
+        }
+    }
+
+    /// The member at `position` (taken modulo a round); `cumulative` as
+    /// in [`Rotation::new`]. No allocation, no lock: a load, a division
+    /// and, for a stride, a binary search over the running totals.
+    #[inline]
+    fn at(&self, position: u64, cumulative: Option<&[u64]>) -> usize {
+        match self {
+            Rotation::Schedule(slots) => (position.checked_rem(slots.len() as u64))
+                .and_then(|slot| slots.get(slot as usize))
+                .map_or(0, |&m| m as usize),
+            Rotation::Stride { total, stride } => {
+                let round = u128::from(position % total);
+                let unit = (round * u128::from(*stride) % u128::from(*total)) as u64;
+                match cumulative {
+                    Some(c) => c.partition_point(|&sum| sum <= unit),
+                    None => unit as usize,
+                }
+            }
+        }
+    }
+}
+
+/// The greatest common divisor of `a` and `b` (`b` when `a` is 0).
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while a != 0 {
+        (a, b) = (b % a, a);
+    }
+    b
+}
+
+/// The smooth weighted round-robin order of `members`, their weights
+/// divided by `divisor` (`units` in all).
+fn schedule(members: &[Member], divisor: u64, units: u64) -> Vec<u32> {
+    let weights: Vec<i64> = (members.iter())
+        .map(|m| (u64::from(m.weight) / divisor) as i64)
         .collect();
-    let total: i64 = weights.iter().sum();
+    let total = units as i64;
     let mut current = vec![0i64; members.len()];
-    let mut out = Vec::with_capacity(total as usize);
+    let mut out = Vec::with_capacity(units as usize);
     for _ in 0..total {
         let mut best = 0;
         for i in 0..members.len() {
@@ -596,9 +693,60 @@ mod tests {
     #[test]
     fn round_robin_is_smooth_and_weighted() {
         let p = pool(&[5, 1, 1], Lb::RoundRobin);
-        assert_eq!(p.schedule, vec![0, 0, 1, 0, 2, 0, 0]);
+        assert!(matches!(&p.rotation, Rotation::Schedule(s) if s == &[0, 0, 1, 0, 2, 0, 0]));
         let c = counts(&p, 700);
         assert_eq!((c[&1000], c[&1001], c[&1002]), (500, 100, 100));
+    }
+
+    /// Weights beyond the schedule's 4,096 slots keep their shares: every
+    /// endpoint gets exactly its weight in each round of the total weight
+    /// (1 and 10,000 had the light one at 1 in 4,097, 2.4x its share; 3
+    /// and 7 got the same), its turns spread over the round.
+    #[test]
+    fn round_robin_keeps_shares_beyond_the_schedule() {
+        for weights in [&[1, 10_000][..], &[1, 3, 7, 5_000, 10_000], &[2, 4_095]] {
+            let p = pool(weights, Lb::RoundRobin);
+            let total: u32 = weights.iter().sum();
+            let rounds = 10;
+            let now = Instant::now();
+            let picks: Vec<usize> = (0..total * rounds)
+                .map(|_| usize::from(p.pick(now, None).unwrap().state.addr.port() - 1000))
+                .collect();
+            for (i, &w) in weights.iter().enumerate() {
+                let turns: Vec<usize> = (0..picks.len()).filter(|&k| picks[k] == i).collect();
+                assert_eq!(
+                    turns.len(),
+                    (w * rounds) as usize,
+                    "{weights:?}: endpoint {i}"
+                );
+                // No gap between turns over three times the mean one.
+                let mean = f64::from(total) / f64::from(w);
+                let gap = turns.windows(2).map(|t| t[1] - t[0]).max().unwrap_or(0);
+                assert!(
+                    gap as f64 <= 3.0 * mean,
+                    "{weights:?}: endpoint {i}: gap {gap}, mean {mean:.0}"
+                );
+            }
+        }
+        // A share of 1 in 10,001 over picks that are not whole rounds.
+        let c = counts(&pool(&[1, 10_000], Lb::RoundRobin), 1_000_000);
+        let light = c.get(&1000).copied().unwrap_or(0);
+        assert!((99..=101).contains(&light), "{c:?}");
+    }
+
+    /// Weights over 4,096 in total with a common divisor keep the smooth
+    /// schedule of their quotients: 5,000, 1,000, 1,000 go round as 5, 1, 1.
+    #[test]
+    fn round_robin_divides_weights_by_their_common_divisor() {
+        let p = pool(&[5_000, 1_000, 1_000], Lb::RoundRobin);
+        let now = Instant::now();
+        let picks: Vec<u16> = (0..700)
+            .map(|_| p.pick(now, None).unwrap().state.addr.port())
+            .collect();
+        for seven in picks.windows(7) {
+            let n = |port| seven.iter().filter(|&&p| p == port).count();
+            assert_eq!((n(1000), n(1001), n(1002)), (5, 1, 1), "{seven:?}");
+        }
     }
 
     #[test]
@@ -853,6 +1001,28 @@ mod health_tests {
             // 3 of the 6 weight left: 6,000 +- 5 sigma (274).
             assert!((heavy - 6000.0).abs() < 274.0, "{lb:?}: {heavy}");
         }
+    }
+
+    /// A rotation too long for a schedule skips an ejected endpoint too,
+    /// and the others keep their shares.
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_beyond_the_schedule_skips_ejected_endpoints() {
+        let members = members(&[1, 10_000, 10_000], 0, 6000);
+        let p = Pool::new(members, Lb::RoundRobin, 0).with_health(50, Duration::from_secs(3600));
+        let now = Instant::now();
+        eject(&p, 2, now);
+        let n = 200_000;
+        let mut light = 0;
+        for _ in 0..n {
+            match p.pick(now, None).unwrap().state.addr.port() {
+                6000 => light += 1,
+                6001 => {}
+                port => panic!("{port} is ejected"),
+            }
+        }
+        // 1 in 10,001 of what is left would be 20; a little less, as the
+        // ejected one's turns move the rotation on when walked past.
+        assert!((10..=30).contains(&light), "{light}");
     }
 
     #[tokio::test(start_paused = true)]
