@@ -354,8 +354,30 @@ impl State {
     /// Replaces every policy (from the store) and re-serves the services
     /// whose policy changed.
     pub fn set_policies(&self, policies: BTreeMap<String, Policy>, source_index: u64) {
+        self.change_policies(|all| *all = policies, source_index);
+    }
+
+    /// Sets one service's policy (after a successful store write).
+    pub fn set_policy(&self, name: &str, policy: Policy, source_index: u64) {
+        self.change_policies(
+            |all| {
+                all.insert(name.to_owned(), policy);
+            },
+            source_index,
+        );
+    }
+
+    /// Changes the policies with `change` and re-serves the services whose
+    /// policy changed. The change is made under the lock the services are
+    /// served from: two writers that each read the policies, changed their
+    /// own and put them back would lose the first one's change.
+    fn change_policies(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, Policy>),
+        source_index: u64,
+    ) {
         let mut inputs = self.inputs();
-        inputs.policies = policies;
+        change(&mut inputs.policies);
         let mut catalog = self.catalog();
         for (name, service) in &inputs.sources {
             let served = inputs.served(name, service.clone());
@@ -373,13 +395,6 @@ impl State {
             drop(sync);
             self.catalog().wake();
         }
-    }
-
-    /// Sets one service's policy (after a successful store write).
-    pub fn set_policy(&self, name: &str, policy: Policy, source_index: u64) {
-        let mut all = self.inputs().policies.clone();
-        all.insert(name.to_owned(), policy);
-        self.set_policies(all, source_index);
     }
 
     /// Sets (or, with `None`, clears) the allow-list Consul intentions give
@@ -633,6 +648,43 @@ mod tests {
         let full3: Snapshot = serde_json::from_slice(&full3).unwrap();
         assert_eq!(full3.services["a"], svc(3));
         assert_eq!(full3.epoch, epoch);
+    }
+
+    /// Policies set at the same moment for different services (an
+    /// operator's shift beside the watcher's rollout step) are all kept:
+    /// each writer copied the policies, added its own and put the copy
+    /// back, so the last one put back lost the others'.
+    #[test]
+    fn policies_set_at_once_are_all_kept() {
+        let state = State::new().unwrap();
+        let names: Vec<String> = (0..4).map(|i| format!("s{i}")).collect();
+        for (port, name) in (1..).zip(&names) {
+            state.set_service(name, svc(port), 1);
+        }
+        let start = std::sync::Barrier::new(names.len());
+        for round in 1..=200 {
+            std::thread::scope(|scope| {
+                for name in &names {
+                    let (state, start) = (&state, &start);
+                    scope.spawn(move || {
+                        let policy = Policy {
+                            version: round,
+                            ..Policy::default()
+                        };
+                        start.wait();
+                        state.set_policy(name, policy, 0);
+                    });
+                }
+            });
+            for name in &names {
+                let version = state.policy(name).map(|p| p.version);
+                assert_eq!(
+                    version,
+                    Some(round),
+                    "{name}'s policy of round {round} lost"
+                );
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
