@@ -569,6 +569,199 @@ async fn websocket_upgrade_tunnels_through() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
 }
 
+/// A backend that answers every request `101` (`upgrade: echo`) and then
+/// echoes bytes until the proxy closes its side; the number of tunnels it
+/// saw closed.
+#[allow(clippy::unwrap_used)]
+async fn upgrade_echo() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                if read_head(&mut conn).await.is_empty() {
+                    return;
+                }
+                let head = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+                if conn.write_all(head).await.is_err() {
+                    return;
+                }
+                let (mut from, mut to) = conn.split();
+                let _ = tokio::io::copy(&mut from, &mut to).await;
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, closed)
+}
+
+/// A head read byte by byte (nothing after it taken), as text; empty if
+/// the connection ends first.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read_u8().await {
+            Ok(b) => head.push(b),
+            Err(_) => return String::new(),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A client connection upgraded through `proxy` to service `echo`.
+#[allow(clippy::unwrap_used)]
+async fn upgraded(proxy: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let req = b"GET /tunnel HTTP/1.1\r\nhost: echo\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+    conn.write_all(req).await.unwrap();
+    let head = within("the 101", read_head(&mut conn)).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "answered: {head:?}");
+    conn
+}
+
+/// `bytes` sent through the tunnel and echoed back.
+#[allow(clippy::unwrap_used)]
+async fn echoed(conn: &mut tokio::net::TcpStream, bytes: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(bytes).await.unwrap();
+    let mut back = vec![0; bytes.len()];
+    within("the echo", conn.read_exact(&mut back))
+        .await
+        .unwrap();
+    assert_eq!(back, bytes);
+}
+
+/// How long until the proxy closes `conn` (nothing more arriving first);
+/// fails after 5 s.
+#[allow(clippy::expect_used)]
+async fn closed_after(conn: &mut tokio::net::TcpStream) -> std::time::Duration {
+    use tokio::io::AsyncReadExt;
+    let start = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        conn.read_to_end(&mut rest),
+    );
+    // A reset is a close too.
+    let _ = read.await.expect("the proxy closed the tunnel within 5 s");
+    assert!(rest.is_empty(), "more arrived: {rest:?}");
+    start.elapsed()
+}
+
+/// A tunnel on which no byte moves either way for `limits.idle_timeout`
+/// is closed, both sides (as Nginx's `proxy_read_timeout` closes a
+/// WebSocket).
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let (echo, closed) = upgrade_echo().await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { idle_timeout: 300ms }")
+        .by_host()
+        .service(ServiceYaml::new("echo").at(echo))
+        .start()
+        .await;
+    let mut conn = upgraded(proxy.addr()).await;
+    echoed(&mut conn, b"ping").await;
+    let quiet = closed_after(&mut conn).await;
+    assert!(
+        quiet >= Duration::from_millis(250),
+        "closed {quiet:?} after the last byte"
+    );
+    eventually("the upstream side closed too", || async {
+        closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+/// A tunnel that moves bytes more often than `limits.idle_timeout` stays
+/// open past it, however long it lives.
+#[tokio::test]
+async fn a_busy_tunnel_outlives_the_idle_timeout() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let (echo, closed) = upgrade_echo().await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { idle_timeout: 500ms }")
+        .by_host()
+        .service(ServiceYaml::new("echo").at(echo))
+        .start()
+        .await;
+    let mut conn = upgraded(proxy.addr()).await;
+    let start = tokio::time::Instant::now();
+    // A byte each way every 100 ms, for three times the idle limit.
+    while start.elapsed() < Duration::from_millis(1500) {
+        echoed(&mut conn, b"tick").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    echoed(&mut conn, b"still open").await;
+    assert_eq!(closed.load(Ordering::SeqCst), 0);
+    // Quiet from now on: closed.
+    closed_after(&mut conn).await;
+}
+
+/// A tunnel still open when the drain's time is up is closed, both
+/// sides, and the proxy stops: the drain waited for it until then.
+#[tokio::test]
+async fn a_tunnel_is_closed_when_the_drain_ends() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let (echo, closed) = upgrade_echo().await;
+    let proxy = ProxyYaml::new()
+        .top("drain_timeout: 300ms")
+        .by_host()
+        .service(ServiceYaml::new("echo").at(echo))
+        .start()
+        .await;
+    let mut conn = upgraded(proxy.addr()).await;
+    echoed(&mut conn, b"ping").await;
+    let start = tokio::time::Instant::now();
+    proxy.shutdown().await;
+    let stopped = start.elapsed();
+    assert!(
+        stopped >= Duration::from_millis(250),
+        "stopped after {stopped:?}, without waiting for the tunnel"
+    );
+    closed_after(&mut conn).await;
+    eventually("the upstream side closed too", || async {
+        closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+/// A tunnel that ends by itself during the drain lets the proxy stop then,
+/// not at the drain's end.
+#[tokio::test]
+async fn a_tunnel_that_ends_in_the_drain_lets_the_proxy_stop() {
+    use std::time::Duration;
+    let (echo, _) = upgrade_echo().await;
+    let proxy = ProxyYaml::new()
+        .top("drain_timeout: 20s")
+        .by_host()
+        .service(ServiceYaml::new("echo").at(echo))
+        .start()
+        .await;
+    let mut conn = upgraded(proxy.addr()).await;
+    echoed(&mut conn, b"ping").await;
+    let start = tokio::time::Instant::now();
+    let stopping = tokio::spawn(proxy.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!stopping.is_finished(), "stopped with a tunnel open");
+    drop(conn);
+    within("the proxy stopping", stopping).await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
 #[tokio::test]
 async fn request_bodies_and_methods_pass_through() {
     let backend = Backend::start("b").await;

@@ -61,6 +61,8 @@ pub struct Shared {
     /// The token of `admin_token_env`: what `/config`, `/endpoints` and
     /// `/log-level` need when the admin listener is not on loopback.
     pub admin_token: Option<Secret>,
+    /// Upgraded connections' tunnels, which outlive their connections.
+    pub tunnels: Arc<upstream::tunnel::Tunnels>,
 }
 
 /// Sockets bound for a config, before serving starts: tests bind port 0
@@ -153,6 +155,7 @@ impl Proxy {
             Some(_) => Some(Arc::new(follow::Link::new(&config, tls.as_ref())?)),
             None => None,
         };
+        let tunnels = Arc::new(upstream::tunnel::Tunnels::new(config.limits.idle_timeout));
         let table = Table::build_tls(Arc::new(config), &metrics, None, tls.as_ref());
         Ok(Proxy {
             shared: Arc::new(Shared {
@@ -163,6 +166,7 @@ impl Proxy {
                 tls,
                 observe,
                 admin_token,
+                tunnels,
             }),
             cached,
             link,
@@ -224,8 +228,8 @@ impl Proxy {
     }
 
     /// Serves on `bound` until `shutdown` resolves, then stops accepting
-    /// and lets in-flight requests finish for up to the config's
-    /// `drain_timeout`.
+    /// and lets in-flight requests and open tunnels finish for up to the
+    /// config's `drain_timeout`; the tunnels left then are closed.
     pub async fn run(self, bound: Bound, shutdown: impl Future<Output = ()>) {
         let drain = self.shared.table.load().config.drain_timeout;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -272,9 +276,18 @@ impl Proxy {
         }
         // Every connection was told to close after its request in progress.
         connections.close();
-        match tokio::time::timeout(drain, connections.wait()).await {
+        let tunnels = &self.shared.tunnels;
+        let drained = async {
+            connections.wait().await;
+            // Tunnels open on connections: none opens once they are done.
+            tunnels.ended().await;
+        };
+        match tokio::time::timeout(drain, drained).await {
             Ok(()) => tracing::info!("drained"),
-            Err(_) => tracing::warn!("drain timeout: closing remaining connections"),
+            Err(_) => {
+                tracing::warn!("drain timeout: closing remaining connections");
+                tunnels.close().await;
+            }
         }
         // Spans of the drained requests: flushed, within the export timeout.
         if let Some(spans) = &self.shared.observe.spans {

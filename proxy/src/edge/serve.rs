@@ -219,6 +219,7 @@ fn serve<'a>(
             mirror,
             pass: req.body().lean(),
             stamp,
+            tunnels: &shared.tunnels,
         };
         // Admit (shed at once, 503, when the service is at its concurrency
         // limit), then forward.

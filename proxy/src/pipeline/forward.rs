@@ -22,13 +22,13 @@ use crate::rescue::Rescue;
 use crate::upstream::balance::Pool;
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::send::{self, OneTry, Sent, TryRequest};
+use crate::upstream::tunnel::{Tunnels, Upgrade};
 use almond_config::GrpcCode;
 use bytes::Bytes;
 use http::request::Parts;
 use http::Method;
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response};
 use std::convert::Infallible;
 use std::future::Future;
@@ -61,6 +61,8 @@ pub struct Call<'a> {
     pub pass: bool,
     /// What this hop adds to the request (request ID, `traceparent`).
     pub stamp: &'a Stamp,
+    /// Where an upgrade's tunnel goes.
+    pub tunnels: &'a Arc<Tunnels>,
 }
 
 impl Call<'_> {
@@ -152,7 +154,10 @@ fn admitted<'a>(
     } = fwd;
     call.svc.retry.deposit(call.start);
     let upgrade = headers::is_upgrade(&req);
-    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let on_upgrade = upgrade.then(|| Upgrade {
+        client: hyper::upgrade::on(&mut req),
+        tunnels: call.tunnels.clone(),
+    });
     headers::to_upstream(&mut req, call.svc.target.protocol, upgrade);
     forward(call, admitted, req, on_upgrade, seen)
 }
@@ -170,7 +175,7 @@ struct Tries {
     /// `grpc-*` condition (boxed: rare, and large).
     kept: Option<Box<(Parts, Arc<Kept>)>>,
     /// The client's half of an upgrade, until the upstream accepts it.
-    upgrade: Option<OnUpgrade>,
+    upgrade: Option<Upgrade>,
     /// `timeouts.request` from arrival.
     deadline: Instant,
     retries: u32,
@@ -201,7 +206,7 @@ fn forward<'a>(
     mut call: Call<'a>,
     admitted: Admitted,
     req: Request<ClientBody>,
-    upgrade: Option<OnUpgrade>,
+    upgrade: Option<Upgrade>,
     seen: &'a mut Observed,
 ) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
     // Readied before the block: the block keeps the tries' state, not
@@ -309,7 +314,7 @@ impl Tries {
     /// requests, with no body, never need), and a gRPC call's head kept
     /// for a `grpc-*` retry as its body streams; `upgrade` is the
     /// client's half of an upgrade request.
-    fn read(call: &mut Call<'_>, req: Request<ClientBody>, upgrade: Option<OnUpgrade>) -> Tries {
+    fn read(call: &mut Call<'_>, req: Request<ClientBody>, upgrade: Option<Upgrade>) -> Tries {
         let svc = call.svc;
         let grpc = is_grpc(req.headers());
         let keep = grpc && svc.retry.on_grpc() && upgrade.is_none();

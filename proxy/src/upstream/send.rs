@@ -10,13 +10,12 @@ use crate::upstream::connect::{H1Sender, LeanTarget, SendError};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::h1;
 use crate::upstream::timeout::{call_ready, TryTimeoutLayer};
+use crate::upstream::tunnel::Upgrade;
 use almond_config::Protocol;
 use bytes::Bytes;
 use http::request::Parts;
 use http_body::Body;
-use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,7 +67,7 @@ pub struct OneTry<'a> {
     /// The client's half of an upgrade: it stays here until the
     /// upstream connection is open, so a retry after a connect failure is
     /// still an upgrade.
-    pub upgrade: &'a mut Option<OnUpgrade>,
+    pub upgrade: &'a mut Option<Upgrade>,
     /// Open a new HTTP/1.1 connection rather than reuse one.
     pub fresh: bool,
     /// The client's server writes the response head itself: a lean
@@ -137,7 +136,7 @@ fn send_to<'a>(
     target: &'a Target,
     endpoint: &'a Arc<EndpointState>,
     req: TryRequest<'a>,
-    upgrade: &'a mut Option<OnUpgrade>,
+    upgrade: &'a mut Option<Upgrade>,
     fresh: bool,
     pass: bool,
     stamp: &'a Stamp,
@@ -195,7 +194,8 @@ fn send_to<'a>(
                 .map_err(|_| SendError::sent(ErrorKind::Reset))?;
             if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream)
             {
-                tunnel(downstream, hyper::upgrade::on(&mut resp));
+                let upstream = hyper::upgrade::on(&mut resp);
+                downstream.tunnels.open(downstream.client, upstream);
             }
             return Ok((resp.map(UpstreamBody::Hyper), None));
         }
@@ -276,27 +276,4 @@ fn lean(req: &Request<RequestBody>) -> bool {
         RequestBody::Tee(..) => false,
     };
     whole && req.method() != hyper::Method::CONNECT
-}
-
-/// Joins both upgraded halves and copies bytes both ways until either
-/// side closes.
-fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
-    tokio::spawn(async move {
-        let (down, up) = tokio::join!(downstream, upstream);
-        match (down, up) {
-            (Ok(down), Ok(up)) => {
-                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                    tracing::debug!(error = %e, "upgraded tunnel ended");
-                }
-            }
-            (down, up) => {
-                tracing::debug!(
-                    downstream = down.is_ok(),
-                    upstream = up.is_ok(),
-                    "upgrade failed"
-                );
-            }
-        }
-    });
 }
