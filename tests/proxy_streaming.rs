@@ -6,6 +6,7 @@ mod support;
 
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
+use std::time::Duration;
 use support::*;
 
 const HUNDRED_MIB: u64 = 100 * 1024 * 1024;
@@ -170,6 +171,141 @@ async fn an_h2_upstream_streams_both_ways_while_the_request_is_still_coming() {
         .to_bytes();
     assert_eq!(back.len(), big.len());
     assert!(back.iter().all(|&b| b == b'z'));
+}
+
+/// An answer the upstream breaks off (it closes after 3 of the 100 bytes
+/// it announced) reaches an HTTP/2 client as a reset with
+/// `INTERNAL_ERROR`: a server's error (gRPC `INTERNAL`), not `CANCEL`,
+/// which says the caller gave up.
+#[tokio::test]
+async fn an_answer_broken_off_reaches_an_h2_client_as_internal_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc";
+                let _ = tcp.write_all(answer).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            });
+        }
+    });
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("cut").at(upstream))
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = Request::get("http://cut/").body(()).unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let error = loop {
+        match body.data().await {
+            Some(Ok(data)) => got.extend_from_slice(&data),
+            Some(Err(e)) => break e,
+            None => panic!("the body ended cleanly after {got:?}"),
+        }
+    };
+    assert_eq!(error.reason(), Some(h2::Reason::INTERNAL_ERROR), "{error}");
+}
+
+/// An HTTP/2 upstream going away gracefully (`GOAWAY`: Go's and gRPC's
+/// connection age, nginx's `keepalive_requests`) while a stream is still
+/// open: a POST that comes meanwhile was never sent on that connection,
+/// so it goes on a new one and is answered, not failed with a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_meeting_an_h2_goaway_goes_on_a_new_connection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let hold = req.uri().path() == "/hold";
+                    if hold {
+                        // Going away: this stream is served, no new one.
+                        conn.graceful_shutdown();
+                    }
+                    tokio::spawn(async move {
+                        if hold {
+                            tokio::time::sleep(Duration::from_millis(800)).await;
+                        }
+                        let mut body = req.into_body();
+                        let mut len = 0;
+                        while let Some(Ok(data)) = body.data().await {
+                            len += data.len();
+                            let _ = body.flow_control().release_capacity(data.len());
+                        }
+                        let Ok(mut send) = respond.send_response(http::Response::new(()), false)
+                        else {
+                            return;
+                        };
+                        let _ = send.send_data(bytes::Bytes::from(format!("got {len}")), true);
+                    });
+                }
+            });
+        }
+    });
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("leaving").http2().at(upstream))
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+    let addr = proxy.addr();
+    let held = tokio::spawn(async move {
+        let mut client = H1::connect(addr).await;
+        let req = Request::get("/hold")
+            .header("host", "leaving")
+            .body(full(""))
+            .unwrap();
+        client.request(req).await
+    });
+    // The GOAWAY reaches the proxy while /hold is being served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = H1::connect(proxy.addr()).await;
+    let req = Request::post("/orders")
+        .header("host", "leaving")
+        .body(full("hello"))
+        .unwrap();
+    let reply = client.request(req).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{:?} {:?}",
+        reply.headers,
+        reply.body
+    );
+    assert_eq!(&reply.body[..], b"got 5");
+    let held = held.await.unwrap();
+    assert_eq!(held.status, StatusCode::OK, "the open stream was served");
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let text = admin_get(proxy.admin, "/metrics").await.text();
+    let retries = metric(&text, "almond_retries_total", &[("service", "leaving")]);
+    assert_eq!(
+        retries, 0.0,
+        "sending again on a new connection is not a retry"
+    );
 }
 
 /// An HTTP/2 upstream that refuses a stream (`REFUSED_STREAM`: none of it

@@ -51,6 +51,9 @@ pub struct Limits {
     /// `limits.idle_timeout`: a connection with no stream open for this
     /// long is closed (GOAWAY).
     pub idle_timeout: Duration,
+    /// `limits.header_timeout`: the client's preface must have come within
+    /// this (after TLS, nothing else bounds a silent client).
+    pub preface_timeout: Duration,
 }
 
 /// Serves the HTTP/2 connection `io` with `handle` until it ends: the
@@ -67,15 +70,23 @@ where
     F: FnMut(Request<ClientBody>) -> Fut,
     Fut: Future<Output = Result<Response<Answer>, Infallible>>,
 {
-    let conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_header_list_size(limits.max_header_list)
         .max_concurrent_streams(MAX_STREAMS)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .max_send_buffer_size(MAX_SEND_BUF)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .handshake::<_, Bytes>(io);
+    // A client that sends no preface is dropped, as one that sends no
+    // head is on HTTP/1.1 (it holds a `max_connections` place).
+    let conn = match tokio::time::timeout(limits.preface_timeout, handshake).await {
+        Ok(conn) => conn?,
+        Err(_) => {
+            tracing::debug!(timeout = ?limits.preface_timeout, "downstream h2 preface not sent in time: closing");
+            return Ok(());
+        }
+    };
     // Boxed once the handshake is done: an idle connection keeps only
     // what serving needs (the handshake's state is as large), and a
     // connection's task is not sized for HTTP/2.
@@ -125,11 +136,12 @@ where
                 }
                 accepted = conn.accept() => match accepted {
                     Some(Ok((req, respond))) => {
+                        let bodiless = req.method() == http::Method::HEAD;
                         let req = RecvBody::request(req).map(ClientBody::H2);
                         // Boxed where it is made: the stream's own future,
                         // small, is what moves into the set.
                         let served = Box::pin(handle(req));
-                        streams.push(answer(served, respond));
+                        streams.push(answer(served, respond, bodiless));
                     }
                     Some(Err(e)) => return Err(e),
                     None => return Ok(()),
@@ -154,16 +166,25 @@ where
 
 /// Answers one stream: awaits `served` (dropped, and so cancelled, if the
 /// client resets the stream first), then sends its head and streams its
-/// body as the client's window allows.
-async fn answer<Fut>(served: Fut, respond: SendResponse<Bytes>)
+/// body as the client's window allows; `bodiless`: the answer to a HEAD,
+/// whose head ends the stream.
+async fn answer<Fut>(served: Fut, respond: SendResponse<Bytes>, bodiless: bool)
 where
     Fut: Future<Output = Result<Response<Answer>, Infallible>> + Unpin,
 {
     // Two awaits in turn: the head's state is gone before the body's.
-    let Some((stream, body)) = head(served, respond).await else {
+    let Some((stream, body)) = head(served, respond, bodiless).await else {
         return;
     };
-    if let Err(kind) = pipe(body, stream, |_| ErrorKind::Reset).await {
+    // An answer broken off (the upstream reset, or went silent) is an
+    // error of the server's, not a cancel: gRPC reads `INTERNAL`.
+    if let Err(kind) = pipe(
+        body,
+        stream,
+        (|_| ErrorKind::Reset, h2::Reason::INTERNAL_ERROR),
+    )
+    .await
+    {
         tracing::debug!(?kind, "downstream h2 body ended early");
     }
 }
@@ -173,6 +194,7 @@ where
 async fn head<Fut>(
     mut served: Fut,
     mut respond: SendResponse<Bytes>,
+    bodiless: bool,
 ) -> Option<(SendStream<Bytes>, Answer)>
 where
     Fut: Future<Output = Result<Response<Answer>, Infallible>> + Unpin,
@@ -188,16 +210,18 @@ where
         tracing::debug!("downstream h2 stream reset before its answer");
         return None;
     };
-    send_head(resp, &mut respond)
+    send_head(resp, &mut respond, bodiless)
 }
 
 /// Sends `resp`'s head on the stream, with what hyper's server added or
 /// removed: no connection-specific fields (RFC 9113 §8.2.2), a `date`,
 /// the length of a body known whole. Returns the body still to send, if
-/// any.
+/// any: none for a HEAD (`bodiless`), a 204 or a 304 (RFC 9110 §6.4.1),
+/// whatever the answer holds (the proxy's own answers carry text).
 fn send_head(
     resp: Response<Answer>,
     respond: &mut SendResponse<Bytes>,
+    bodiless: bool,
 ) -> Option<(SendStream<Bytes>, Answer)> {
     let (mut parts, body) = resp.into_parts();
     headers::for_h2(&mut parts.headers);
@@ -213,8 +237,12 @@ fn send_head(
             parts.headers.insert(header::DATE, date);
         }
     }
-    let end = body.is_end_stream();
-    if !end && !length {
+    let status = parts.status;
+    let bodiless = bodiless
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED;
+    let end = bodiless || body.is_end_stream();
+    if !body.is_end_stream() && !length && status != http::StatusCode::NO_CONTENT {
         if let Some(len) = body.size_hint().exact() {
             parts
                 .headers
@@ -254,6 +282,7 @@ mod tests {
             keep_alive_interval: Duration::from_secs(20),
             keep_alive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
+            preface_timeout: Duration::from_secs(10),
         }
     }
 
@@ -273,6 +302,50 @@ mod tests {
         assert!(!served.is_finished(), "closed before the pong was due");
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(served.is_finished(), "still open with its ping unanswered");
+    }
+
+    /// A client that opens the connection (after TLS, say) and sends no
+    /// preface is dropped after `header_timeout`, not held forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_no_preface_is_dropped() {
+        let (_client, server) = tokio::io::duplex(64 * 1024);
+        let (_stop_tx, stop) = watch::channel(false);
+        let handle = |_: Request<ClientBody>| async {
+            Ok::<_, Infallible>(Response::new(Answer::full("never asked")))
+        };
+        let served = tokio::spawn(serve(server, limits(), stop, handle));
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(!served.is_finished(), "dropped before its time");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(served.is_finished(), "still held with no preface");
+    }
+
+    /// A HEAD is answered with a head that ends the stream, even when the
+    /// answer holds a body (the proxy's own answers carry text): DATA on
+    /// a HEAD is a protocol error to the client.
+    #[tokio::test]
+    async fn a_head_is_answered_without_data() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (_stop_tx, stop) = watch::channel(false);
+        let handle = |_: Request<ClientBody>| async {
+            Ok::<_, Infallible>(Response::new(Answer::full("no such service")))
+        };
+        tokio::spawn(serve(server, limits(), stop, handle));
+        let (send, conn) = h2::client::handshake(client).await.expect("handshake");
+        tokio::spawn(conn);
+        let mut send = send.ready().await.expect("ready");
+        let req = Request::head("http://web/").body(()).expect("request");
+        let (answer, _) = send.send_request(req, true).expect("sent");
+        let resp = answer.await.expect("answered");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()[header::CONTENT_LENGTH],
+            "15",
+            "a GET's length"
+        );
+        let mut body = resp.into_body();
+        let data = body.data().await;
+        assert!(data.is_none(), "{data:?}");
     }
 
     /// Told to stop, an idle connection says GOAWAY and ends.

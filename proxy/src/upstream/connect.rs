@@ -243,8 +243,13 @@ impl Connections {
                 }
             };
             if !sender.ready().await {
-                self.h2.store(None);
-                return Err(SendError::unsent(ErrorKind::Reset, req));
+                // Going away (a GOAWAY came) or gone: the request was never
+                // sent, so it goes again on a new connection, as a stale
+                // HTTP/1.1 one does. (`ready` marked this one closed: the
+                // next opener replaces it, and a newer one is left alone.)
+                let mut e = SendError::unsent(ErrorKind::Reset, req);
+                e.stale = true;
+                return Err(e);
             }
             send_on(&mut sender, req).await.map_err(|failure| {
                 let mut e = SendError::sent(failure.kind);

@@ -163,9 +163,14 @@ impl Sender {
         let end = matches!(body, Outgoing::Empty);
         let (response, mut stream) = match self.send.send_request(head, end) {
             Ok(sent) => sent,
+            // No stream was opened (the connection is going away or
+            // gone): nothing was sent, so nothing was processed.
             Err(e) => {
                 tracing::debug!(error = %e, "upstream h2 stream refused");
-                return Sending::Failed(Some(ErrorKind::Reset.into()));
+                return Sending::Failed(Some(Failure {
+                    kind: ErrorKind::Reset,
+                    refused: true,
+                }));
             }
         };
         match body {
@@ -222,7 +227,7 @@ where
 {
     // `None` once the body is all sent: a finished future is not polled
     // again.
-    let mut pipe = Some(Box::pin(pipe(body, stream, failed)));
+    let mut pipe = Some(Box::pin(pipe(body, stream, (failed, h2::Reason::CANCEL))));
     let mut response = pin!(response);
     let resp = poll_fn(|cx| {
         if let Poll::Ready(r) = response.as_mut().poll(cx) {
@@ -251,12 +256,14 @@ where
 
 /// Copies `body` into `stream` as the stream's window allows (hyper's
 /// `PipeToSendStream`; a request's body going up, or a response's going
-/// down): a body that fails resets the stream, and the error is what
-/// `failed` makes of it; a peer's reset ends it.
+/// down): a body that fails resets the stream with `reset` (`CANCEL` for
+/// a request whose client gave up, `INTERNAL_ERROR` for an answer the
+/// upstream broke off), and the error is what `failed` makes of it; a
+/// peer's reset ends it.
 pub(crate) async fn pipe<B>(
     mut body: B,
     mut stream: SendStream<Bytes>,
-    failed: fn(&B::Error) -> ErrorKind,
+    (failed, reset): (fn(&B::Error) -> ErrorKind, h2::Reason),
 ) -> Result<(), ErrorKind>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -320,7 +327,7 @@ where
                 }
             },
             Some(Err(e)) => {
-                stream.send_reset(h2::Reason::CANCEL);
+                stream.send_reset(reset);
                 return Poll::Ready(Err(failed(&e)));
             }
         }
