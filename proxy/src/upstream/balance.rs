@@ -475,27 +475,22 @@ impl Pool {
             1 => self.members.get(indices[0]),
             k => match self.lb {
                 Lb::RoundRobin => {
-                    // Walk the rotation to the next allowed member: from the
-                    // cursor for first tries, from a random place for
-                    // retries (which must not move the rotation on). A
-                    // schedule is walked whole; a long stride rotation as
-                    // far, then a draw by weight among the allowed.
-                    let len = self.rotation.len();
-                    let start = if exclude_retry {
-                        fastrand::u64(..len.max(1))
-                    } else {
-                        self.cursor.fetch_add(1, Ordering::Relaxed)
-                    };
-                    let cumulative = self.cumulative.as_deref();
-                    (0..len.min(MAX_SCHEDULE))
-                        .map(|i| self.rotation.at(start.wrapping_add(i), cumulative))
-                        .find(|i| indices.contains(i))
-                        .or_else(|| {
-                            indices
-                                .get(weighted(&self.running_totals(indices)))
-                                .copied()
-                        })
-                        .and_then(|i| self.members.get(i))
+                    // A first try takes the cursor's member if it is
+                    // allowed. A turn of one that is not goes to an allowed
+                    // one drawn by weight, so its share spreads over the
+                    // others by their weights (walking on to the next
+                    // allowed one would hand it all to its successor: 1:1:1
+                    // with one out went 1/3 and 2/3). Retries draw so too:
+                    // they must not move the rotation on.
+                    if !exclude_retry {
+                        let position = self.cursor.fetch_add(1, Ordering::Relaxed);
+                        let at = self.rotation.at(position, self.cumulative.as_deref());
+                        if indices.contains(&at) {
+                            return self.members.get(at);
+                        }
+                    }
+                    let drawn = weighted(&self.running_totals(indices));
+                    indices.get(drawn).and_then(|&i| self.members.get(i))
                 }
                 _ => {
                     let (a, b) = match self.cumulative {
@@ -989,7 +984,7 @@ mod health_tests {
     /// draw among the usable ones is weighted too).
     #[tokio::test(start_paused = true)]
     async fn weights_hold_among_the_endpoints_left() {
-        for lb in [Lb::LeastRequest, Lb::P2cEwma] {
+        for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
             let members = members(&[3, 1, 1, 1, 1], 0, 5000);
             let p = Pool::new(members, lb, 0).with_health(50, Duration::from_secs(3600));
             let now = Instant::now();
@@ -1001,6 +996,22 @@ mod health_tests {
             // 3 of the 6 weight left: 6,000 +- 5 sigma (274).
             assert!((heavy - 6000.0).abs() < 274.0, "{lb:?}: {heavy}");
         }
+    }
+
+    /// Round robin with one of three equal endpoints ejected: the two left
+    /// share evenly (its turns went all to the one after it: 1/3, 2/3).
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_spreads_an_ejected_endpoint_s_turns_evenly() {
+        let members = members(&[1, 1, 1], 0, 7000);
+        let p = Pool::new(members, Lb::RoundRobin, 0).with_health(50, Duration::from_secs(3600));
+        let now = Instant::now();
+        eject(&p, 1, now);
+        let n = 30_000;
+        let first = (0..n)
+            .filter(|_| p.pick(now, None).unwrap().state.addr.port() == 7000)
+            .count() as f64;
+        // 15,000 +- 5 sigma (the ejected one's 10,000 turns, drawn: 250).
+        assert!((first - 15_000.0).abs() < 250.0, "{first} of {n}");
     }
 
     /// A rotation too long for a schedule skips an ejected endpoint too,
@@ -1020,8 +1031,8 @@ mod health_tests {
                 port => panic!("{port} is ejected"),
             }
         }
-        // 1 in 10,001 of what is left would be 20; a little less, as the
-        // ejected one's turns move the rotation on when walked past.
+        // 1 in 10,001 of what is left: 20 (the ejected one's turns are
+        // drawn by weight among the two left).
         assert!((10..=30).contains(&light), "{light}");
     }
 
