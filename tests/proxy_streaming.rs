@@ -173,6 +173,74 @@ async fn an_h2_upstream_streams_both_ways_while_the_request_is_still_coming() {
     assert!(back.iter().all(|&b| b == b'z'));
 }
 
+/// Clients that stop reading big answers from an HTTP/2 upstream hold
+/// their streams' windows, not the whole shared connection's: a small
+/// answer from the same upstream still arrives. (Three streams of 2 MiB
+/// each held more than the connection's window of 5 MiB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_do_not_stall_a_shared_h2_upstream() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let big = req.uri().path() == "/big";
+                    let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+                        continue;
+                    };
+                    let body = match big {
+                        true => bytes::Bytes::from(vec![b'b'; 4 << 20]),
+                        false => bytes::Bytes::from_static(b"small"),
+                    };
+                    let _ = send.send_data(body, true);
+                }
+            });
+        }
+    });
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("shared").http2().at(upstream))
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+    // Clients whose window is the least HTTP/2 allows, never opened.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(65_535)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let req = Request::get("http://shared/big").body(()).unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        stalled.push((send, resp.into_body()));
+    }
+    // The upstream has filled what the streams may hold.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let small = async {
+        let mut client = H1::connect(proxy.addr()).await;
+        let req = Request::get("/small")
+            .header("host", "shared")
+            .body(full(""))
+            .unwrap();
+        client.request(req).await
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(5), small)
+        .await
+        .expect("the small answer was stuck behind the stalled streams");
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(&reply.body[..], b"small");
+    drop(stalled);
+}
+
 /// An answer the upstream breaks off (it closes after 3 of the 100 bytes
 /// it announced) reaches an HTTP/2 client as a reset with
 /// `INTERNAL_ERROR`: a server's error (gRPC `INTERNAL`), not `CANCEL`,

@@ -17,10 +17,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// The window hyper's client gave a stream (2 MiB) and a connection
-/// (5 MiB): the same flow control as before.
+/// The window hyper's client gave a stream (2 MiB). The connection's is
+/// sixteen streams' worth: it is shared by every client's request to the
+/// endpoint, and a stream whose client stops reading holds its window
+/// until that client reads (with hyper's 5 MiB, three such clients
+/// stalled every other stream on the connection). Memory stays bounded
+/// by the streams' windows.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONN_WINDOW: u32 = 5 * 1024 * 1024;
+const CONN_WINDOW: u32 = 16 * STREAM_WINDOW;
 /// Bytes queued for sending on the connection, in all.
 const MAX_SEND_BUF: usize = 1024 * 1024;
 /// The largest response head taken.
