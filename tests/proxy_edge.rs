@@ -237,6 +237,63 @@ async fn a_stalled_request_body_gets_408() {
     assert_eq!(counted, 2.0, "{metrics}");
 }
 
+/// A client that stops reading its answer (64 MiB here) is not waited
+/// for past `limits.body_idle` (Nginx's `send_timeout`): its connection
+/// is closed, and the request ends (no longer in flight).
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_body_idle() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    const BIG: usize = 64 << 20;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                let chunk = vec![b'z'; 1 << 20];
+                for _ in 0..64 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .top("limits: { body_idle: 500ms }")
+        .by_host()
+        .service(ServiceYaml::new("big").at(addr))
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: big\r\n\r\n")
+        .await
+        .unwrap();
+    // Reads nothing for a while: the proxy's writes to it wait.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let in_flight = |text: &str| metric(text, "almond_requests_in_flight", &[("service", "big")]);
+    let metrics = proxy.admin_get("/metrics").await.text();
+    assert_eq!(in_flight(&metrics), 0.0, "the request is over");
+    // What was sent before the close arrives, then the end: far short of it all.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let read_all = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read_all)
+        .await
+        .expect("the connection was closed");
+    assert!(got < BIG, "the whole answer arrived: {got} bytes");
+}
+
 /// An upstream that sends headers and part of a body, then nothing: the
 /// response is ended after `timeouts.body_idle` and counted as a timeout.
 #[tokio::test]

@@ -5,6 +5,7 @@
 
 use crate::body::ClientBody;
 use crate::edge::conn::{counted, drive, Activity};
+use crate::edge::send_timeout::SendTimeout;
 use crate::edge::serve;
 use crate::edge::{h1, h2};
 use crate::identity::authz::{self, Identities, Inbound};
@@ -138,6 +139,7 @@ pub async fn accept_loop(
         let shared = shared.clone();
         let closing = closing.clone();
         let idle = limits.idle_timeout;
+        let send_limit = limits.body_idle;
         let lean_limits = lean_limits(&limits);
         let h2_limits = h2_limits(&limits);
         match tls.clone() {
@@ -159,6 +161,9 @@ pub async fn accept_loop(
                 let Some(protocol) = protocol else {
                     return drop(slot);
                 };
+                // A client that takes nothing of what is written to it is
+                // not waited for past `body_idle`.
+                let stream = SendTimeout::new(stream, send_limit);
                 // HTTP/1.1: the lean server takes the simple requests; the
                 // first it does not hands the connection to hyper.
                 let lean = shared.clone();
@@ -298,9 +303,18 @@ async fn serve_tls(
     stop: watch::Receiver<bool>,
     limits: (Duration, h2::Limits),
 ) {
-    let timeout = shared.table.load().config.limits.header_timeout;
+    let (timeout, send_limit) = {
+        let table = shared.table.load();
+        (
+            table.config.limits.header_timeout,
+            table.config.limits.body_idle,
+        )
+    };
     let shared_http = shared.http.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(inbound.tls.server());
+    // A client that takes nothing of what is written to it is not waited
+    // for past `body_idle`.
+    let stream = SendTimeout::new(stream, send_limit);
     let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {

@@ -5,6 +5,7 @@ pub mod conn;
 pub mod h1;
 pub mod h2;
 pub mod listen;
+pub mod send_timeout;
 pub mod serve;
 pub mod stop;
 pub mod trust;
