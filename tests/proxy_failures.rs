@@ -325,3 +325,48 @@ async fn h2_host_against_authority_is_400() {
     let reply = client.get("m", "/x").await;
     assert_eq!(reply.status, StatusCode::OK);
 }
+
+/// A client that gives up while it streams its request body (it resets
+/// its HTTP/2 stream) is the client's doing: the endpoint is not charged a
+/// failure (one would eject it here), and no upstream reset is counted.
+#[tokio::test]
+async fn a_client_cancelling_its_upload_is_not_the_endpoint_s_failure() {
+    let backend = Backend::builder("slow").hang().start().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("up")
+                .at(backend.addr)
+                .set("circuit_breaker", "{ consecutive_failures: 1 }")
+                .set("retries", "{ attempts: 0 }"),
+        )
+        .start()
+        .await;
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let req = Request::post("http://up/upload").body(()).unwrap();
+        let (_answer, mut body) = send.send_request(req, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"first part"), false)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        body.send_reset(h2::Reason::CANCEL);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = proxy.admin_get("/metrics").await.text();
+    let resets = metric(
+        &text,
+        "almond_upstream_errors_total",
+        &[("service", "up"), ("kind", "reset")],
+    );
+    assert_eq!(resets, 0.0, "{text}");
+    let ejected = metric(
+        &text,
+        "almond_endpoints",
+        &[("service", "up"), ("state", "ejected")],
+    );
+    assert_eq!(ejected, 0.0, "a healthy endpoint was ejected");
+    assert_eq!(backend.count(), 3, "every upload reached the endpoint");
+}

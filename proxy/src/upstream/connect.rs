@@ -489,9 +489,11 @@ pub fn send_on(sender: &mut h2::Sender, req: Request<RequestBody>) -> h2::Sendin
         body if body.is_end_stream() => Outgoing::Empty,
         body => Outgoing::Stream(body),
     };
+    // The request's body is the client's: its failure (a reset stream, a
+    // closed connection, a malformed body) says nothing of the endpoint.
     let failed = |e: &BodyError| match e {
         BodyError::Idle(_) => ErrorKind::ClientTimeout,
-        _ => ErrorKind::Reset,
+        _ => ErrorKind::BadRequest,
     };
     sender.send(Request::from_parts(parts, ()), body, failed)
 }
@@ -527,12 +529,16 @@ fn closed_before_answer(e: &hyper::Error) -> bool {
 }
 
 /// A hyper error on an established connection: it broke before a response,
-/// or the client's request body stalled (`limits.body_idle`).
+/// or the client's request body stalled (`limits.body_idle`) or failed (a
+/// client that went away, or sent a malformed body: the client's doing,
+/// not the endpoint's, as for a body kept whole).
 fn classify(e: &hyper::Error) -> ErrorKind {
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
-        if let Some(BodyError::Idle(_)) = c.downcast_ref() {
-            return ErrorKind::ClientTimeout;
+        match c.downcast_ref::<BodyError>() {
+            Some(BodyError::Idle(_)) => return ErrorKind::ClientTimeout,
+            Some(_) => return ErrorKind::BadRequest,
+            None => {}
         }
         cause = c.source();
     }
