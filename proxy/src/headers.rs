@@ -4,7 +4,7 @@
 use almond_config::Protocol;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response, Version};
+use http::{Method, Request, Response, Version};
 
 /// Header that pins a request to a subset (stripped before upstream).
 pub const SUBSET_HEADER: &str = "x-almond-subset";
@@ -75,6 +75,15 @@ pub fn name(bytes: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
         }
     }
     HeaderName::from_bytes(bytes)
+}
+
+/// Methods RFC 9110 calls idempotent: those a request may be sent again
+/// with when it may have been processed.
+pub fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)?

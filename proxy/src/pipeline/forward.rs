@@ -472,9 +472,10 @@ impl Tries {
         ))
     }
 
-    /// A pooled connection the upstream had closed idle: nothing was
-    /// processed, so any method goes again once, on a new connection, with
-    /// no retry counted and nothing held against the endpoint.
+    /// A pooled connection the upstream had closed idle (the client judged
+    /// that nothing was processed: an idempotent request, or one never
+    /// sent): it goes again once, on a new connection, with no retry
+    /// counted and nothing held against the endpoint.
     fn resend_stale(&mut self, sent: &mut Sent, now: Instant) -> bool {
         if let Err(e) = sent {
             let again = e.unsent.is_some() || self.replay.is_some();

@@ -7,6 +7,7 @@
 //! floor per second, over a 10 s window) keeps a failing service from
 //! seeing a retry storm.
 
+use crate::headers::idempotent;
 use crate::outcome::ErrorKind;
 use almond_config::{Condition, GrpcCode, Retries};
 use almond_net::Backoff;
@@ -122,14 +123,6 @@ impl RetryPolicy {
     pub fn backoff(n: u32) -> Duration {
         BACKOFF.pause(n)
     }
-}
-
-/// Methods RFC 9110 calls idempotent.
-pub fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
 }
 
 /// Retries allowed over the last 10 s: `percent` of requests, plus

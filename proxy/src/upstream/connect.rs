@@ -4,6 +4,7 @@
 //! the connect timeout, and one request sent over them.
 
 use crate::body::{BodyError, RequestBody};
+use crate::headers;
 use crate::identity::tls::{Conn, Upstream};
 use crate::limit::Admission;
 use crate::outcome::ErrorKind;
@@ -188,9 +189,15 @@ impl Connections {
                     }
                 }
             };
+            // A pooled connection the upstream closed before it was taken is
+            // never taken (`Stir`). One that closes after the request went,
+            // before any answer, was most likely closed idle as it went, but
+            // the upstream may have done the work and died: only a request
+            // that may be sent twice goes again (Go's `http.Transport`).
+            let again = reused && headers::idempotent(head.method);
             match conn.send(head, Some(self.lean.clone())).await {
                 Ok(resp) => Ok(resp),
-                Err(h1::Error::Closed) if reused => Err(LeanError::Stale),
+                Err(h1::Error::Closed) if again => Err(LeanError::Stale),
                 Err(e) => {
                     tracing::debug!(endpoint = %self.addr, error = %e, "upstream exchange failed");
                     Err(LeanError::Sent(ErrorKind::Reset))
