@@ -370,3 +370,46 @@ async fn a_client_cancelling_its_upload_is_not_the_endpoint_s_failure() {
     assert_eq!(ejected, 0.0, "a healthy endpoint was ejected");
     assert_eq!(backend.count(), 3, "every upload reached the endpoint");
 }
+
+/// A retry that would not have the time a try takes before the request's
+/// deadline is not made: the client gets the upstream's 503 (and its
+/// `Retry-After`), not a proxy 504, and the next endpoint is not sent a
+/// request it cannot answer in time.
+#[tokio::test]
+async fn a_retry_without_time_for_a_try_is_not_made() {
+    let slow = || {
+        Backend::builder("busy")
+            .status(503)
+            .delay(Duration::from_millis(600))
+            .start()
+    };
+    let (a, b) = (slow().await, slow().await);
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("busy")
+                .endpoint(a.addr, "default", 1)
+                .endpoint(b.addr, "default", 1)
+                .timeouts("1s", "1s"),
+        )
+        .start()
+        .await;
+    let reply = H1::connect(proxy.addr()).await.get("busy", "/").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        reply.headers
+    );
+    assert_eq!(
+        reply.header("x-almond-error"),
+        None,
+        "the upstream's own answer"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        a.count() + b.count(),
+        1,
+        "a retry went out with no time for it"
+    );
+}

@@ -179,6 +179,8 @@ struct Tries {
     /// `timeouts.request` from arrival.
     deadline: Instant,
     retries: u32,
+    /// The pause before the next retry, drawn when it was decided on.
+    pause: Duration,
     /// Re-sending after a stale pooled connection (see `SendError::stale`).
     fresh: bool,
     /// The endpoint the last try failed on (a retry goes elsewhere).
@@ -284,7 +286,14 @@ fn forward<'a>(
             if ErrorKind::about_endpoint(result) {
                 learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
             }
-            if tries.retry(svc, &method, (result, grpc_code), unsent.is_some(), now) {
+            let took = now.saturating_duration_since(try_start);
+            if tries.retry(
+                svc,
+                &method,
+                (result, grpc_code),
+                unsent.is_some(),
+                (now, took),
+            ) {
                 tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
                 tries.next = unsent.map(|req| *req);
                 tries.failed_on = Some(endpoint);
@@ -328,6 +337,7 @@ impl Tries {
             upgrade,
             deadline,
             retries: 0,
+            pause: Duration::ZERO,
             fresh: false,
             failed_on: None,
             grpc,
@@ -490,14 +500,15 @@ impl Tries {
     }
 
     /// May the request go again after `result` (and a trailers-only gRPC
-    /// answer's status)? Counts the retry if so.
+    /// answer's status), with time left for its pause and a try as long
+    /// as the one that failed `took`? Counts the retry if so.
     fn retry(
         &mut self,
         svc: &ServiceRoute,
         method: &Method,
         (result, grpc): (Result<u16, ErrorKind>, Option<GrpcCode>),
         unsent: bool,
-        now: Instant,
+        (now, took): (Instant, Duration),
     ) -> bool {
         if self.replay.is_none() && !unsent && grpc.is_some() {
             // The streamed gRPC body, if the client had sent all of it.
@@ -510,22 +521,29 @@ impl Tries {
             });
         }
         let may_replay = unsent || self.replay.is_some();
-        let again = now < self.deadline
+        // Time for the pause and a try as long as the one that failed
+        // took (at least `MIN_TRY`), or the answer in hand (the
+        // upstream's 503, its `Retry-After`) is worth more than a try cut
+        // off at the deadline (a 504, held against the next endpoint).
+        let pause = RetryPolicy::backoff(self.retries + 1);
+        let again = now + pause + took.max(MIN_TRY) < self.deadline
             && match grpc {
                 Some(code) => (svc.retry).allows_grpc(self.retries, code, may_replay, now),
                 None => (svc.retry).allows(self.retries, method, result, may_replay, now),
             };
         if again {
             self.retries += 1;
+            self.pause = pause;
             svc.retries.inc();
         }
         again
     }
 
-    /// The pause before the next retry, never past the deadline.
+    /// The pause before the next retry (drawn when it was decided on),
+    /// never past the deadline.
     fn back_off(&self, now: Instant) -> tokio::time::Sleep {
         let left = self.deadline.saturating_duration_since(now);
-        tokio::time::sleep(RetryPolicy::backoff(self.retries).min(left))
+        tokio::time::sleep(self.pause.min(left))
     }
 }
 
@@ -551,6 +569,10 @@ fn learn_rtt(
     };
     endpoint.observe_rtt(now, rtt);
 }
+
+/// The least time a retry is given after its pause: a retry that would
+/// have less is not made, and the answer in hand is the client's.
+const MIN_TRY: Duration = Duration::from_millis(10);
 
 /// A request kept whole so it can be sent again.
 struct Replay {
