@@ -286,13 +286,12 @@ fn forward<'a>(
             if ErrorKind::about_endpoint(result) {
                 learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
             }
-            let took = now.saturating_duration_since(try_start);
             if tries.retry(
                 svc,
                 &method,
                 (result, grpc_code),
                 unsent.is_some(),
-                (now, took),
+                (now, try_start),
             ) {
                 tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
                 tries.next = unsent.map(|req| *req);
@@ -501,14 +500,15 @@ impl Tries {
 
     /// May the request go again after `result` (and a trailers-only gRPC
     /// answer's status), with time left for its pause and a try as long
-    /// as the one that failed `took`? Counts the retry if so.
+    /// as the one that failed took (from `try_start`)? Counts the retry if
+    /// so.
     fn retry(
         &mut self,
         svc: &ServiceRoute,
         method: &Method,
         (result, grpc): (Result<u16, ErrorKind>, Option<GrpcCode>),
         unsent: bool,
-        (now, took): (Instant, Duration),
+        (now, try_start): (Instant, Instant),
     ) -> bool {
         if self.replay.is_none() && !unsent && grpc.is_some() {
             // The streamed gRPC body, if the client had sent all of it.
@@ -525,12 +525,16 @@ impl Tries {
         // took (at least `MIN_TRY`), or the answer in hand (the
         // upstream's 503, its `Retry-After`) is worth more than a try cut
         // off at the deadline (a 504, held against the next endpoint).
-        let pause = RetryPolicy::backoff(self.retries + 1);
-        let again = now + pause + took.max(MIN_TRY) < self.deadline
-            && match grpc {
-                Some(code) => (svc.retry).allows_grpc(self.retries, code, may_replay, now),
-                None => (svc.retry).allows(self.retries, method, result, may_replay, now),
-            };
+        let (deadline, done, mut pause) = (self.deadline, self.retries, Duration::ZERO);
+        let room = || {
+            pause = RetryPolicy::backoff(done + 1);
+            let took = now.saturating_duration_since(try_start);
+            now + pause + took.max(MIN_TRY) < deadline
+        };
+        let again = match grpc {
+            Some(code) => (svc.retry).allows_grpc(done, code, (may_replay, room), now),
+            None => (svc.retry).allows(done, method, result, (may_replay, room), now),
+        };
         if again {
             self.retries += 1;
             self.pause = pause;

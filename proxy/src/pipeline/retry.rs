@@ -69,14 +69,15 @@ impl RetryPolicy {
     }
 
     /// May this failed try be retried? `replayable`: the request can be
-    /// sent again (its body was kept, or nothing was sent). Takes from the
-    /// budget when the answer is yes.
+    /// sent again (its body was kept, or nothing was sent); `room`: there
+    /// is time for it (asked only of a try the policy would retry). Takes
+    /// from the budget when the answer is yes.
     pub fn allows(
         &self,
         retries_done: u32,
         method: &Method,
         result: Result<u16, ErrorKind>,
-        replayable: bool,
+        (replayable, room): (bool, impl FnOnce() -> bool),
         now: Instant,
     ) -> bool {
         if retries_done >= self.attempts || !replayable {
@@ -91,7 +92,7 @@ impl RetryPolicy {
             Err(ErrorKind::Timeout) => idempotent(method) && self.on.contains(&Condition::Timeout),
             Err(_) => false,
         };
-        wanted && self.budget.withdraw(now)
+        wanted && room() && self.budget.withdraw(now)
     }
 
     /// Does `on` name a gRPC code (so gRPC request bodies are kept as they
@@ -109,12 +110,13 @@ impl RetryPolicy {
         &self,
         retries_done: u32,
         code: GrpcCode,
-        replayable: bool,
+        (replayable, room): (bool, impl FnOnce() -> bool),
         now: Instant,
     ) -> bool {
         retries_done < self.attempts
             && replayable
             && self.on.contains(&Condition::Grpc(code))
+            && room()
             && self.budget.withdraw(now)
     }
 
@@ -219,13 +221,29 @@ mod tests {
         }
         // 20 % of 1000 + 1/s x 10 s = 210 retries.
         let allowed = (0..1000)
-            .filter(|_| p.allows(0, &Method::GET, Err(ErrorKind::Connect), true, now))
+            .filter(|_| {
+                p.allows(
+                    0,
+                    &Method::GET,
+                    Err(ErrorKind::Connect),
+                    (true, || true),
+                    now,
+                )
+            })
             .count();
         assert_eq!(allowed, 210);
         // The window moves on: after 10 s the budget is fresh (floor only).
         let later = now + Duration::from_secs(11);
         let allowed = (0..100)
-            .filter(|_| p.allows(0, &Method::GET, Err(ErrorKind::Connect), true, later))
+            .filter(|_| {
+                p.allows(
+                    0,
+                    &Method::GET,
+                    Err(ErrorKind::Connect),
+                    (true, || true),
+                    later,
+                )
+            })
             .count();
         assert_eq!(allowed, 10);
     }
@@ -235,13 +253,27 @@ mod tests {
         let p = policy(100, 100);
         let now = Instant::now();
         // A POST may be retried only when nothing was sent.
-        assert!(p.allows(0, &Method::POST, Err(ErrorKind::Connect), true, now));
-        assert!(!p.allows(0, &Method::POST, Err(ErrorKind::Reset), true, now));
-        assert!(!p.allows(0, &Method::POST, Ok(503), true, now));
-        assert!(p.allows(0, &Method::GET, Ok(503), true, now));
-        assert!(!p.allows(0, &Method::GET, Ok(500), true, now));
-        assert!(!p.allows(0, &Method::GET, Ok(503), false, now));
-        assert!(!p.allows(3, &Method::GET, Ok(503), true, now));
+        assert!(p.allows(
+            0,
+            &Method::POST,
+            Err(ErrorKind::Connect),
+            (true, || true),
+            now
+        ));
+        assert!(!p.allows(
+            0,
+            &Method::POST,
+            Err(ErrorKind::Reset),
+            (true, || true),
+            now
+        ));
+        assert!(!p.allows(0, &Method::POST, Ok(503), (true, || true), now));
+        assert!(p.allows(0, &Method::GET, Ok(503), (true, || true), now));
+        assert!(!p.allows(0, &Method::GET, Ok(500), (true, || true), now));
+        assert!(!p.allows(0, &Method::GET, Ok(503), (false, || true), now));
+        // No time left for a try: no retry (and nothing taken from the budget).
+        assert!(!p.allows(0, &Method::GET, Ok(503), (true, || false), now));
+        assert!(!p.allows(3, &Method::GET, Ok(503), (true, || true), now));
         // gRPC codes: only those named, only with the body kept.
         assert!(!p.on_grpc());
         let p = RetryPolicy::new(&Retries {
@@ -249,9 +281,9 @@ mod tests {
             ..Retries::default()
         });
         assert!(p.on_grpc());
-        assert!(p.allows_grpc(0, GrpcCode::Unavailable, true, now));
-        assert!(!p.allows_grpc(0, GrpcCode::Unavailable, false, now));
-        assert!(!p.allows_grpc(0, GrpcCode::Internal, true, now));
-        assert!(!p.allows_grpc(2, GrpcCode::Unavailable, true, now));
+        assert!(p.allows_grpc(0, GrpcCode::Unavailable, (true, || true), now));
+        assert!(!p.allows_grpc(0, GrpcCode::Unavailable, (false, || true), now));
+        assert!(!p.allows_grpc(0, GrpcCode::Internal, (true, || true), now));
+        assert!(!p.allows_grpc(2, GrpcCode::Unavailable, (true, || true), now));
     }
 }

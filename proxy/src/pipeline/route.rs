@@ -725,9 +725,13 @@ mod tests {
         let metrics = Metrics::new().unwrap();
         let now = tokio::time::Instant::now();
         let retry = |t: &Table| {
-            t.services["web"]
-                .retry
-                .allows(0, &http::Method::GET, Err(ErrorKind::Reset), true, now)
+            t.services["web"].retry.allows(
+                0,
+                &http::Method::GET,
+                Err(ErrorKind::Reset),
+                (true, || true),
+                now,
+            )
         };
         let first = Table::build(config.clone(), &metrics, None);
         // The floor: 1 a second over 10 s.
