@@ -4,6 +4,7 @@
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -70,7 +71,8 @@ impl Target {
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {
-            bail!("{} ({status})", String::from_utf8_lossy(&body).trim());
+            let text = String::from_utf8_lossy(&body).trim().to_owned();
+            return Err(Refused { status, text }.into());
         }
         serde_json::from_slice(&body).context("the control plane sent something that is not JSON")
     }
@@ -146,6 +148,22 @@ impl Target {
         }
     }
 }
+
+/// An answer of the control plane other than 2xx: its status and its
+/// one-line reason (shown as `REASON (STATUS)`).
+#[derive(Debug)]
+struct Refused {
+    status: http::StatusCode,
+    text: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.text, self.status)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// Parses one `v1=90` (a clap value parser: a bad pair is a usage error).
 pub fn parse_pair(p: &str) -> Result<(String, u32), String> {
@@ -496,7 +514,7 @@ fn describe_routes(service: &str, rules: &Value) -> String {
 
 /// `almond status [SERVICE]`: per service and subset, the weight,
 /// endpoints healthy/total, and live rps / success rate / p99 measured by
-/// the control plane over `window` (all services at once).
+/// the control plane over `window` (four services at a time).
 pub async fn status(t: &Target, service: Option<&str>, window: Duration) -> anyhow::Result<()> {
     let names: Vec<String> = match service {
         Some(s) => vec![s.to_owned()],
@@ -522,29 +540,56 @@ pub async fn status(t: &Target, service: Option<&str>, window: Duration) -> anyh
     Ok(())
 }
 
+/// `GET .../live` calls in flight at once: the control plane runs at most
+/// this many measurements (`LIVE_AT_ONCE` in its API) and refuses more
+/// with 429.
+const LIVE_AT_ONCE: usize = 4;
+
 /// `GET /v1/services/{name}` for each name, each with a `live` field: its
-/// `GET .../live` answer. The live windows of all services run at once; a
-/// refused or failed live call fails the whole (exit 1, with its reason).
+/// `GET .../live` answer. The live windows run [`LIVE_AT_ONCE`] at a time.
+/// A service whose measurement the control plane refused as busy (429:
+/// another client's measurements fill its slots) gets `live:
+/// {"unavailable": REASON}` and is shown without live figures; any other
+/// failed call fails the whole (exit 1, with its reason).
 pub async fn views(t: &Target, names: &[String], window: Duration) -> anyhow::Result<Vec<Value>> {
-    let mut live = tokio::task::JoinSet::new();
-    for (i, name) in names.iter().enumerate() {
-        let t = t.clone();
+    // The control plane answers after the window (and its scrapes).
+    let limit = window + Duration::from_secs(10);
+    let calls = names.iter().enumerate().map(|(i, name)| {
         let path = format!("/v1/services/{name}/live?window={}ms", window.as_millis());
-        // The control plane answers after the window (and its scrapes).
-        let limit = window + Duration::from_secs(10);
-        live.spawn(async move {
+        async move {
             let answer = t.call_within(http::Method::GET, &path, None, limit).await;
             (i, answer)
-        });
-    }
-    let mut views = Vec::new();
-    for name in names {
-        views.push(t.get(&format!("/v1/services/{name}")).await?);
-    }
-    while let Some(joined) = live.join_next().await {
-        let (i, answer) = joined.context("a live-figures task failed")?;
+        }
+    });
+    let live = async {
+        let mut answers = Vec::new();
+        let mut calls = futures_util::stream::iter(calls).buffer_unordered(LIVE_AT_ONCE);
+        while let Some((i, answer)) = calls.next().await {
+            let answer = match answer {
+                Err(e) => match e.downcast_ref::<Refused>() {
+                    Some(r) if r.status == http::StatusCode::TOO_MANY_REQUESTS => {
+                        json!({ "unavailable": r.text })
+                    }
+                    _ => return Err(e),
+                },
+                Ok(v) => v,
+            };
+            answers.push((i, answer));
+        }
+        anyhow::Ok(answers)
+    };
+    let read = async {
+        let mut views = Vec::new();
+        for name in names {
+            views.push(t.get(&format!("/v1/services/{name}")).await?);
+        }
+        anyhow::Ok(views)
+    };
+    let (views, live) = tokio::join!(read, live);
+    let (mut views, live) = (views?, live?);
+    for (i, answer) in live {
         if let Some(v) = views.get_mut(i) {
-            v["live"] = answer?;
+            v["live"] = answer;
         }
     }
     Ok(views)
@@ -605,7 +650,9 @@ pub fn table(v: &Value) -> String {
             "  {subset:<12} {weight:>7} {endpoints:>10} {rps:>9} {success:>8} {p99:>9}\n"
         ));
     }
-    if v["live"]["proxies"].as_u64() == Some(0) {
+    if let Some(why) = v["live"]["unavailable"].as_str() {
+        s.push_str(&format!("  (no live figures: {why})\n"));
+    } else if v["live"]["proxies"].as_u64() == Some(0) {
         s.push_str("  (no proxy has polled the control plane lately: no live figures)\n");
     }
     for guard in v["service"]["guards"].as_array().into_iter().flatten() {

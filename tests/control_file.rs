@@ -373,3 +373,59 @@ async fn snapshot_long_polls_and_deltas() {
     let (_, _, delta) = snapshot(&control, &format!("index={current}&wait=1s")).await;
     assert_eq!(keys(&delta["services"]), ["a"], "{delta}");
 }
+
+/// `almond status` with no service argument measures every service, but
+/// the control plane runs at most four live measurements at once (429
+/// beyond): the CLI keeps to four at a time, so five services all show.
+#[tokio::test]
+async fn status_of_every_service_keeps_to_the_live_limit() {
+    let registry = Registry::new();
+    let names = ["s1", "s2", "s3", "s4", "s5"];
+    let backend = closed_port().await;
+    for name in names {
+        registry.service(name, &[(backend, "v1")]);
+    }
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    for name in names {
+        eventually(&format!("control serves {name}"), || async {
+            control.state.has_service(name)
+        })
+        .await;
+    }
+    let (code, out, err) = run_ops(&["status", "--control", &control.url()]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    for name in names {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("{name} (index"))),
+            "{name} missing:\n{out}"
+        );
+    }
+    assert!(!out.contains("(no live figures:"), "{out}");
+
+    // Another client's measurements hold the four places: a service is
+    // shown without live figures, with the reason, and the command works.
+    let mut busy = Vec::new();
+    for name in &names[1..] {
+        let addr = control.addr;
+        let path = format!("/v1/services/{name}/live?window=5s");
+        busy.push(tokio::spawn(
+            async move { get_h1(addr, "control", &path).await },
+        ));
+    }
+    eventually("the four live places are taken", || async {
+        let reply = control.get("/v1/services/s1/live?window=1ms").await;
+        reply.status == StatusCode::TOO_MANY_REQUESTS
+    })
+    .await;
+    let (code, out, err) = run_ops(&["status", "s1", "--control", &control.url()]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.starts_with("s1 (index"), "{out}");
+    assert!(
+        out.contains("(no live figures: too many live measurements at once"),
+        "{out}"
+    );
+    for call in busy {
+        assert_eq!(call.await.unwrap().status, StatusCode::OK);
+    }
+}
