@@ -341,12 +341,8 @@ async fn snapshot_long_polls_and_deltas() {
     let waiting = {
         let addr = control.addr;
         tokio::spawn(async move {
-            get_h1(
-                addr,
-                "control",
-                &format!("/v1/snapshot?index={current}&wait=25s"),
-            )
-            .await
+            let path = format!("/v1/snapshot?index={current}&wait=25s");
+            get_h1(addr, &addr.to_string(), &path).await
         })
     };
     registry.service("a", &[(a2.addr, "v1")]);
@@ -409,9 +405,9 @@ async fn status_of_every_service_keeps_to_the_live_limit() {
     for name in &names[1..] {
         let addr = control.addr;
         let path = format!("/v1/services/{name}/live?window=5s");
-        busy.push(tokio::spawn(
-            async move { get_h1(addr, "control", &path).await },
-        ));
+        busy.push(tokio::spawn(async move {
+            get_h1(addr, &addr.to_string(), &path).await
+        }));
     }
     eventually("the four live places are taken", || async {
         let reply = control.get("/v1/services/s1/live?window=1ms").await;

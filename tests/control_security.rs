@@ -34,7 +34,9 @@ fn secured_yaml(registry: &Registry, tag: &str) -> String {
 
 /// `GET path` on `addr` with an optional bearer token.
 async fn get_with(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Reply {
-    let mut req = Request::builder().uri(path).header("host", "control");
+    let mut req = Request::builder()
+        .uri(path)
+        .header("host", addr.to_string());
     if let Some(token) = token {
         req = req.header("authorization", format!("Bearer {token}"));
     }
@@ -146,6 +148,106 @@ async fn changes_and_snapshots_need_their_credentials_and_refusals_are_counted()
     };
     assert_eq!(refused("change"), 4.0);
     assert_eq!(refused("snapshot"), 2.0);
+}
+
+/// `METHOD path` on `control` with `headers` (a `Host` of the control
+/// plane's address unless given) and `body`.
+async fn send_with(
+    control: &TestControl,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("host", control.addr.to_string());
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(full(body.to_owned())).unwrap();
+    H1::connect(control.addr).await.request(req).await
+}
+
+/// With no operator token (as `almond demo` runs), a page in a browser is
+/// the attacker: a form post from another site, a fetch with its Origin,
+/// or a page whose name was rebound to 127.0.0.1. None changes anything;
+/// the CLI and the dashboard's own page still do.
+#[tokio::test]
+async fn without_a_token_browsers_cannot_change_traffic() {
+    let (v1, v2) = (closed_port().await, closed_port().await);
+    let registry = Registry::new();
+    registry.service("web", &[(v1, "v1"), (v2, "v2")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let url = control.url();
+    // Two splits, so a rollback has something to go back to.
+    for pairs in [["v1=50", "v2=50"], ["v1=100", "v2=0"]] {
+        let args = ["shift", "web", pairs[0], pairs[1], "--control", &url];
+        let (code, out, err) = run_ops(&args).await;
+        assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    }
+    let version = || async { control.service("web").await["policy"]["version"].clone() };
+    let before = version().await;
+    let split = r#"{"weights": {"v1": 0, "v2": 100}}"#;
+    let json_type = ("content-type", "application/json");
+    let (rollback, split_path) = ("/v1/services/web/rollback", "/v1/services/web/split");
+
+    // A form posted from another site: no preflight, so refused by type.
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let reply = send_with(&control, Method::POST, rollback, &[form], "").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        reply.text()
+    );
+    let plain = ("content-type", "text/plain");
+    let reply = send_with(&control, Method::PUT, split_path, &[plain], split).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        reply.text()
+    );
+    let reply = send_with(&control, Method::POST, rollback, &[], "").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        reply.text()
+    );
+
+    // DNS rebinding: the right address, another site's name.
+    let evil = ("host", "evil.example:4180");
+    let reply = send_with(&control, Method::PUT, split_path, &[evil, json_type], split).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let reply = send_with(&control, Method::GET, "/v1/services/web", &[evil], "").await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    // Health checks and scrapes stay open.
+    let reply = send_with(&control, Method::GET, "/ready", &[evil], "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    // Another site's page, by its Origin.
+    let origin = ("origin", "http://evil.example");
+    let reply = send_with(&control, Method::POST, rollback, &[origin, json_type], "{}").await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(
+        version().await,
+        before,
+        "a refused request changed the policy"
+    );
+
+    // The dashboard's own page: its Origin is the control plane's.
+    let own = format!("http://{}", control.addr);
+    let headers = [("origin", own.as_str()), json_type];
+    let reply = send_with(&control, Method::PUT, split_path, &headers, split).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // And the CLI, a body-less POST included.
+    let (code, out, err) = run_ops(&["rollback", "web", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let (code, out, err) = run_ops(&["status", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
 }
 
 /// The SSRF of the issue: with a token configured and a rollout running,

@@ -420,7 +420,7 @@ async fn with_a_token_the_page_asks_for_it_and_a_wrong_one_is_refused() {
     let bearer = |t: &str| format!("Bearer {t}");
     for (token, status) in [("wrong", StatusCode::FORBIDDEN), (OPERATOR, StatusCode::OK)] {
         let req = http::Request::get(path)
-            .header("host", "control")
+            .header("host", rig.control.addr.to_string())
             .header("authorization", bearer(token))
             .body(empty())
             .unwrap();

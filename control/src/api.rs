@@ -88,6 +88,9 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Its TLS client certificate chained to `tls.ca`.
     pub verified: bool,
+    /// It reached a listener on a loopback address (local `Host` names
+    /// only: see `browser_refusal`).
+    pub loopback: bool,
 }
 
 /// Time a client has to send a request head.
@@ -142,6 +145,10 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let closing = stop.clone();
+    // A loopback API answers local Host names only (`browser_refusal`).
+    let loopback = listener
+        .local_addr()
+        .is_ok_and(|a| a.ip().to_canonical().is_loopback());
     almond_net::accept_until("control", &listener, &mut stop, |stream, addr| {
         let api = api.clone();
         let stop = closing.clone();
@@ -153,6 +160,7 @@ pub async fn serve(
                     let peer = Peer {
                         addr,
                         verified: false,
+                        loopback,
                     };
                     serve_conn(api, TokioIo::new(stream), peer, stop, closing).await;
                 }
@@ -168,7 +176,11 @@ pub async fn serve(
                     };
                     // A certificate was presented, so it chained to `tls.ca`.
                     let verified = stream.get_ref().1.peer_certificates().is_some();
-                    let peer = Peer { addr, verified };
+                    let peer = Peer {
+                        addr,
+                        verified,
+                        loopback,
+                    };
                     serve_conn(api, TokioIo::new(stream), peer, stop, closing).await;
                 }
             }
@@ -220,6 +232,9 @@ async fn route(
     stop: watch::Receiver<bool>,
     peer: Peer,
 ) -> Result<Response<ApiBody>, Infallible> {
+    if let Some(refused) = browser_refusal(&req, peer) {
+        return Ok(refused.map(Either::Left));
+    }
     let path = req.uri().path().trim_matches('/');
     let segments: Vec<&str> = path.split('/').collect();
     if let (&Method::GET, ["v1", "services", name, "tap"]) = (req.method(), segments.as_slice()) {
@@ -259,6 +274,64 @@ fn start_tap(api: &Api, req: &Request<Incoming>, peer: Peer, name: &str) -> Resp
     );
     headers.insert("x-almond-proxies", proxies);
     resp
+}
+
+/// What a browser could be made to send, refused with 403: a request from
+/// another site's page (an `Origin` that is not this `Host`), and, on a
+/// loopback listener, one for a `Host` that is not local (a page whose own
+/// name was rebound to 127.0.0.1: DNS rebinding). Without an operator token
+/// nothing else would stop them. `/metrics`, `/ready` and `/live` stay
+/// open (read only, for scrapers and health checks).
+fn browser_refusal<B>(req: &Request<B>, peer: Peer) -> Option<Response<Full<Bytes>>> {
+    if matches!(req.uri().path(), "/metrics" | "/ready" | "/live") {
+        return None;
+    }
+    let host = req.headers().get(http::header::HOST);
+    let why = match req.headers().get(http::header::ORIGIN) {
+        Some(origin) if !same_origin(origin.as_bytes(), host.map(HeaderValue::as_bytes)) => {
+            "cross-origin requests are refused: Origin does not match Host\n"
+        }
+        _ => match host {
+            Some(h) if peer.loopback && !almond_net::local_host(h.as_bytes()) => {
+                "the loopback control API answers requests for localhost or a loopback address only\n"
+            }
+            _ => return None,
+        },
+    };
+    tracing::warn!(peer = %peer.addr, host = ?host, origin = ?req.headers().get(http::header::ORIGIN), "refused: {}", why.trim());
+    Some(text(StatusCode::FORBIDDEN, why))
+}
+
+/// Does `origin` (`scheme://host[:port]`) name `host` (a `Host` header)?
+/// Case aside, and with the scheme's default port written or not.
+fn same_origin(origin: &[u8], host: Option<&[u8]>) -> bool {
+    let (Ok(origin), Some(Ok(host))) = (std::str::from_utf8(origin), host.map(std::str::from_utf8))
+    else {
+        return false;
+    };
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let default = if scheme.eq_ignore_ascii_case("http") {
+        ":80"
+    } else if scheme.eq_ignore_ascii_case("https") {
+        ":443"
+    } else {
+        return false;
+    };
+    let bare = |a: &str| a.strip_suffix(default).unwrap_or(a).to_ascii_lowercase();
+    !authority.is_empty() && bare(authority) == bare(host)
+}
+
+/// Does a change carry a JSON body type? Anything else (a form, plain
+/// text) is what a page on another site may send without asking first
+/// (no CORS preflight), so changes must say `application/json`.
+fn json_content<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// `None` when no operator token is configured or `req` carries it; else
@@ -594,6 +667,12 @@ async fn mutate(
 ) -> Response<Full<Bytes>> {
     if let Some(refused) = operator_refusal(api, &req, peer, "change") {
         return refused;
+    }
+    if !json_content(&req) {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "changes need Content-Type: application/json\n",
+        );
     }
     let by = req
         .headers()
@@ -1240,5 +1319,39 @@ mod tests {
         let q = parse_query("proxy=web%2D1&index=7&admin=127.0.0.1%3A4191");
         assert_eq!(q["proxy"], "web-1");
         assert_eq!(q["admin"], "127.0.0.1:4191");
+    }
+
+    #[test]
+    fn origins_match_their_host_only() {
+        let same = |o: &str, h: &str| same_origin(o.as_bytes(), Some(h.as_bytes()));
+        assert!(same("http://127.0.0.1:4180", "127.0.0.1:4180"));
+        assert!(same("http://LocalHost:4180", "localhost:4180"));
+        assert!(same("http://control.example", "control.example:80"));
+        assert!(same("https://control.example:443", "control.example"));
+        assert!(same("http://[::1]:4180", "[::1]:4180"));
+        assert!(!same("http://evil.example", "127.0.0.1:4180"));
+        assert!(!same("http://127.0.0.1:4181", "127.0.0.1:4180"));
+        assert!(!same("https://control.example", "control.example:80"));
+        assert!(!same("null", "127.0.0.1:4180"));
+        assert!(!same("file://", ""));
+        assert!(!same_origin(b"http://127.0.0.1:4180", None));
+    }
+
+    #[test]
+    fn changes_need_a_json_content_type() {
+        let with = |ct: Option<&str>| {
+            let mut req = Request::post("/v1/services/web/rollback");
+            if let Some(ct) = ct {
+                req = req.header(CONTENT_TYPE, ct);
+            }
+            json_content(&req.body(()).unwrap())
+        };
+        assert!(with(Some("application/json")));
+        assert!(with(Some("Application/JSON; charset=utf-8")));
+        assert!(!with(None));
+        assert!(!with(Some("application/x-www-form-urlencoded")));
+        assert!(!with(Some("text/plain")));
+        assert!(!with(Some("multipart/form-data; boundary=x")));
+        assert!(!with(Some("application/jsonx")));
     }
 }

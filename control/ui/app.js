@@ -49,7 +49,9 @@
 
   async function call(method, path, body) {
     const headers = apiHeaders();
-    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    // Changes must say JSON, body or not: the control plane refuses other
+    // types (what another site's page could send without a preflight).
+    if (body !== undefined || method !== 'GET') headers['Content-Type'] = 'application/json';
     const resp = await fetch(path, {
       method,
       headers,

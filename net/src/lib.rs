@@ -3,7 +3,8 @@
 //! proxy listeners, the admin listener and the control API, with the
 //! congestion control of loopback connections. Also the small
 //! helpers both planes need once: [`Backoff`], [`percent_encode`],
-//! [`parse_query`], [`Lines`] (a streaming body), [`hostname`] and [`now_ms`].
+//! [`parse_query`], [`Lines`] (a streaming body), [`hostname`], [`now_ms`]
+//! and [`local_host`].
 
 mod backoff;
 mod encode;
@@ -14,7 +15,7 @@ mod lines;
 pub use backoff::Backoff;
 pub use encode::{parse_query, percent_decode, percent_encode};
 pub use error::error_chain;
-pub use host::{hostname, now_ms};
+pub use host::{hostname, local_host, now_ms};
 pub use lines::Lines;
 
 use socket2::{Domain, SockRef, Socket, Type};

@@ -130,7 +130,7 @@ fn guard(
         // a browser on this host whose own name was rebound to 127.0.0.1
         // (DNS rebinding) sends that name.
         return match host {
-            Some(h) if !local_host(h.as_bytes()) => Some(text(
+            Some(h) if !almond_net::local_host(h.as_bytes()) => Some(text(
                 StatusCode::FORBIDDEN,
                 "the loopback admin answers requests for localhost or a loopback address only\n",
             )),
@@ -149,23 +149,6 @@ fn guard(
             "not served off loopback without admin_token_env; use /metrics, /ready, /live\n",
         )),
     }
-}
-
-/// Is `host` (a `Host` header) this machine by a local name: `localhost`
-/// or a loopback address, with or without a port?
-fn local_host(host: &[u8]) -> bool {
-    let Ok(host) = std::str::from_utf8(host) else {
-        return false;
-    };
-    let name = match host.strip_prefix('[') {
-        // `[::1]:4191`
-        Some(rest) => rest.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Every service's subsets and endpoints with what the balancer sees.

@@ -1311,7 +1311,7 @@ impl TestControl {
 
     /// `GET path` on the API (fresh connection).
     pub async fn get(&self, path: &str) -> Reply {
-        get_h1(self.addr, "control", path).await
+        get_h1(self.addr, &self.addr.to_string(), path).await
     }
 
     /// `GET /v1/services/{svc}` as JSON (it must answer 200).
@@ -1332,7 +1332,7 @@ impl TestControl {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "control")
+            .header("host", self.addr.to_string())
             .header("content-type", "application/json");
         if let Some(token) = token {
             req = req.header("authorization", format!("Bearer {token}"));
