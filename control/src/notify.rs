@@ -72,7 +72,7 @@ pub fn start(
             .build();
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
         while let Some((service, event)) = rx.recv().await {
-            for target in &targets {
+            for (index, target) in targets.iter().enumerate() {
                 let body = match target.format {
                     almond_config::NotifyFormat::Json => {
                         json!({ "service": service, "event": event }).to_string()
@@ -81,9 +81,9 @@ pub fn start(
                         json!({ "text": text(&service, &event) }).to_string()
                     }
                 };
-                if !post(&client, &target.url, body).await {
+                if !post(&client, index, &target.url, body).await {
                     failed.inc();
-                    tracing::warn!(url = %target.url, seq = event.seq, "notify: webhook failed {TRIES} times; event dropped for it");
+                    tracing::warn!(notify = index, to = %shown(&target.url), seq = event.seq, "notify: webhook failed {TRIES} times; event dropped for it");
                 }
             }
         }
@@ -111,12 +111,32 @@ pub fn text(service: &str, e: &Event) -> String {
     }
 }
 
-/// Posts `body`, up to `TRIES` times (1 s, then 2 s apart); whether a 2xx came.
+/// A webhook's URL as logs show it: its scheme and host (and port) only.
+/// The rest often is the secret (Slack's `/services/T…/B…/SECRET`, a
+/// `?token=`), and so may a `user:password@`.
+pub fn shown(url: &str) -> String {
+    match url.parse::<http::Uri>() {
+        Ok(uri) => {
+            let scheme = uri.scheme_str().unwrap_or("?");
+            let host = uri.host().unwrap_or("?");
+            match uri.port_u16() {
+                Some(port) => format!("{scheme}://{host}:{port}"),
+                None => format!("{scheme}://{host}"),
+            }
+        }
+        Err(_) => "(an unreadable URL)".to_owned(),
+    }
+}
+
+/// Posts `body` to webhook number `index` (at `url`), up to `TRIES` times
+/// (1 s, then 2 s apart); whether a 2xx came.
 async fn post(
     client: &Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    index: usize,
     url: &str,
     body: String,
 ) -> bool {
+    let to = shown(url);
     for attempt in 0..TRIES {
         if attempt > 0 {
             tokio::time::sleep(RETRY.pause(attempt)).await;
@@ -129,10 +149,80 @@ async fn post(
         };
         match tokio::time::timeout(TIMEOUT, client.request(req)).await {
             Ok(Ok(resp)) if resp.status().is_success() => return true,
-            Ok(Ok(resp)) => tracing::debug!(%url, status = %resp.status(), "notify: refused"),
-            Ok(Err(e)) => tracing::debug!(%url, error = %e, "notify: not reached"),
-            Err(_) => tracing::debug!(%url, "notify: timed out"),
+            Ok(Ok(resp)) => {
+                tracing::debug!(notify = index, %to, status = %resp.status(), "notify: refused")
+            }
+            Ok(Err(e)) => tracing::debug!(notify = index, %to, error = %e, "notify: not reached"),
+            Err(_) => tracing::debug!(notify = index, %to, "notify: timed out"),
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A tracing writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    #[allow(clippy::unwrap_used)]
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn logs_show_a_webhook_by_scheme_and_host_only() {
+        let url = "https://hooks.example/services/T0/B0/SECRET";
+        assert_eq!(shown(url), "https://hooks.example");
+        assert_eq!(
+            shown("http://user:SECRET@hooks.example:8080/x?token=SECRET"),
+            "http://hooks.example:8080"
+        );
+        assert!(!shown("not a url SECRET").contains("SECRET"));
+    }
+
+    /// A webhook that cannot be reached: every line logged about it, at
+    /// any level, leaves out its path (the secret).
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_webhook_is_logged_without_its_secret() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        // Nothing listens on port 9 (discard) here: refused, or timed out.
+        let target = almond_config::Notify {
+            url: "http://127.0.0.1:9/services/T0/B0/SECRET".to_owned(),
+            format: almond_config::NotifyFormat::Slack,
+        };
+        let (dropped, failed) = (
+            IntCounter::new("d", "d").unwrap(),
+            IntCounter::new("f", "f").unwrap(),
+        );
+        let (notifier, task) = start(vec![target], dropped, failed.clone());
+        let event: Event = serde_json::from_value(json!({
+            "seq": 1, "at": 0, "kind": "blocked", "detail": "GET /x denied 503"
+        }))
+        .unwrap();
+        notifier.send("web", &[event]);
+        drop(notifier);
+        task.await;
+        assert_eq!(failed.get(), 1);
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("webhook failed"), "{logs}");
+        assert!(logs.contains("http://127.0.0.1:9"), "{logs}");
+        assert!(!logs.contains("SECRET"), "{logs}");
+    }
 }
