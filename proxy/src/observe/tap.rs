@@ -21,13 +21,20 @@ const QUEUE: usize = 256;
 /// that went away is noticed (the write fails) and its watcher removed.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// Request headers a tap shows by name only, never by value.
-const SECRET_HEADERS: [&str; 4] = [
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "x-api-key",
+/// A tap shows a header by name only, never by value, when its name
+/// (lower case, as `HeaderName` keeps it) contains one of these: the
+/// credentials of `authorization`, `proxy-authorization`, `cookie`,
+/// `set-cookie`, `x-api-key`, and of the ones an application names itself
+/// (`x-auth-token`, `x-amz-security-token`, `x-csrf-token`,
+/// `x-vault-token`, `x-session-id`, ...). A few harmless ones go too.
+const SECRET_WORDS: [&str; 7] = [
+    "auth", "cookie", "key", "password", "secret", "session", "token",
 ];
+
+/// Whether a tap hides the value of header `name` (lower case).
+fn secret(name: &str) -> bool {
+    SECRET_WORDS.iter().any(|word| name.contains(word))
+}
 
 /// Whether `s` passes `filter`.
 fn passes(filter: &Filter, s: &Summary<'_>) -> bool {
@@ -217,7 +224,7 @@ impl Taps {
 fn redacted(headers: &HeaderMap) -> Value {
     let mut out = Map::new();
     for (name, value) in headers {
-        let shown = if SECRET_HEADERS.contains(&name.as_str()) {
+        let shown = if secret(name.as_str()) {
             "<redacted>".to_owned()
         } else {
             String::from_utf8_lossy(value.as_bytes()).into_owned()
@@ -311,5 +318,59 @@ mod tests {
         assert!(next.is_err(), "the 200 was filtered out");
         drop(body);
         assert!(!taps.active());
+    }
+
+    #[tokio::test]
+    async fn credential_headers_are_shown_by_name_only() {
+        let taps = Arc::new(Taps::new(
+            "p1".into(),
+            IntCounter::new("s", "s").unwrap(),
+            IntCounter::new("d", "d").unwrap(),
+        ));
+        let mut body = taps.watch(Filter::from_query(&query(&[("headers", "true")])).unwrap());
+        let observed = Observed::default();
+        let mut headers = HeaderMap::new();
+        let secrets = [
+            "authorization",
+            "proxy-authorization",
+            "cookie",
+            "set-cookie",
+            "x-api-key",
+            "x-auth-token",
+            "X-Amz-Security-Token",
+            "x-csrf-token",
+            "x-vault-token",
+            "x-session-id",
+            "x-client-secret",
+            "x-db-password",
+            "x-authz",
+        ];
+        for name in secrets {
+            let name: http::HeaderName = name.parse().unwrap();
+            headers.insert(name, "s3cr3t".parse().unwrap());
+        }
+        headers.insert("accept", "text/html".parse().unwrap());
+        headers.insert("user-agent", "curl/8".parse().unwrap());
+        taps.offer(&Summary {
+            time_ms: 1_000,
+            method: &Method::GET,
+            path: "/x",
+            status: 200,
+            observed: &observed,
+            latency: Duration::from_micros(1500),
+            request_id: b"r1",
+            headers: Some(&headers),
+        });
+        use http_body_util::BodyExt;
+        let line = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let text = String::from_utf8_lossy(&line);
+        assert!(!text.contains("s3cr3t"), "{text}");
+        let event: Value = serde_json::from_slice(&line).unwrap();
+        for name in secrets {
+            let name = name.to_ascii_lowercase();
+            assert_eq!(event["headers"][&name], "<redacted>", "{name}: {text}");
+        }
+        assert_eq!(event["headers"]["accept"], "text/html", "{text}");
+        assert_eq!(event["headers"]["user-agent"], "curl/8", "{text}");
     }
 }
