@@ -24,10 +24,11 @@ const RETRY: Backoff = Backoff::doubling(Duration::from_secs(1), Duration::from_
 /// Time one post may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where events go: the sending half of the queue.
+/// Where events go: the sending halves of the webhooks' queues.
 #[derive(Clone)]
 pub struct Notifier {
-    tx: mpsc::Sender<(String, Event)>,
+    /// One queue per webhook: a slow or dead one delays only its own.
+    txs: Vec<mpsc::Sender<(String, Event)>>,
     dropped: IntCounter,
 }
 
@@ -36,21 +37,26 @@ impl Notifier {
     /// queue drops them, counted in `almond_control_notify_dropped_total`).
     pub fn send(&self, service: &str, events: &[Event]) {
         for e in events {
-            if self.tx.try_send((service.to_owned(), e.clone())).is_err() {
-                self.dropped.inc();
+            for tx in &self.txs {
+                if tx.try_send((service.to_owned(), e.clone())).is_err() {
+                    self.dropped.inc();
+                }
             }
         }
     }
 }
 
-/// A queue and the task that drains it into `targets`; the task is
-/// returned to be spawned.
+/// A queue per webhook and the task that drains each into its webhook
+/// (all of them at once: one that does not answer holds up only its own
+/// events); the task is returned to be spawned.
 pub fn start(
     targets: Vec<almond_config::Notify>,
     dropped: IntCounter,
     failed: IntCounter,
 ) -> (Notifier, impl std::future::Future<Output = ()>) {
-    let (tx, mut rx) = mpsc::channel::<(String, Event)>(QUEUE);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..targets.len())
+        .map(|_| mpsc::channel::<(String, Event)>(QUEUE))
+        .unzip();
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -71,24 +77,28 @@ pub fn start(
             .enable_http1()
             .build();
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
-        while let Some((service, event)) = rx.recv().await {
-            for (index, target) in targets.iter().enumerate() {
-                let body = match target.format {
-                    almond_config::NotifyFormat::Json => {
-                        json!({ "service": service, "event": event }).to_string()
+        let each = (targets.into_iter().zip(rxs).enumerate()).map(|(index, (target, mut rx))| {
+            let (client, failed) = (client.clone(), failed.clone());
+            async move {
+                while let Some((service, event)) = rx.recv().await {
+                    let body = match target.format {
+                        almond_config::NotifyFormat::Json => {
+                            json!({ "service": service, "event": event }).to_string()
+                        }
+                        almond_config::NotifyFormat::Slack => {
+                            json!({ "text": text(&service, &event) }).to_string()
+                        }
+                    };
+                    if !post(&client, index, &target.url, body).await {
+                        failed.inc();
+                        tracing::warn!(notify = index, to = %shown(&target.url), seq = event.seq, "notify: webhook failed {TRIES} times; event dropped for it");
                     }
-                    almond_config::NotifyFormat::Slack => {
-                        json!({ "text": text(&service, &event) }).to_string()
-                    }
-                };
-                if !post(&client, index, &target.url, body).await {
-                    failed.inc();
-                    tracing::warn!(notify = index, to = %shown(&target.url), seq = event.seq, "notify: webhook failed {TRIES} times; event dropped for it");
                 }
             }
-        }
+        });
+        futures_util::future::join_all(each).await;
     };
-    (Notifier { tx, dropped }, task)
+    (Notifier { txs, dropped }, task)
 }
 
 /// One event as a line for people.
@@ -224,5 +234,90 @@ mod tests {
         assert!(logs.contains("webhook failed"), "{logs}");
         assert!(logs.contains("http://127.0.0.1:9"), "{logs}");
         assert!(!logs.contains("SECRET"), "{logs}");
+    }
+
+    /// A webhook that takes the connection and never answers holds up only
+    /// its own events: another one gets every event at once (they went
+    /// one webhook after the other, 18 s each behind the dead one).
+    #[tokio::test]
+    async fn a_dead_webhook_does_not_delay_the_others() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = dead.accept().await {
+                held.push(conn);
+            }
+        });
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let posts = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = posts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = live.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length: usize = (head.lines())
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < end + 4 + length {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..end + 4 + length);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if conn.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let target = |addr: std::net::SocketAddr| almond_config::Notify {
+            url: format!("http://{addr}/hook"),
+            format: almond_config::NotifyFormat::Json,
+        };
+        let (dropped, failed) = (
+            IntCounter::new("d", "d").unwrap(),
+            IntCounter::new("f", "f").unwrap(),
+        );
+        let (notifier, task) = start(vec![target(dead_addr), target(live_addr)], dropped, failed);
+        let task = tokio::spawn(task);
+        for seq in 1..=3 {
+            let event: Event = serde_json::from_value(json!({
+                "seq": seq, "at": 0, "kind": "blocked", "detail": "GET /x denied 503"
+            }))
+            .unwrap();
+            notifier.send("web", &[event]);
+        }
+        let all = async {
+            while posts.load(Ordering::SeqCst) < 3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let got = tokio::time::timeout(Duration::from_secs(3), all).await;
+        assert!(
+            got.is_ok(),
+            "{} of 3 events reached the live webhook",
+            posts.load(Ordering::SeqCst)
+        );
+        task.abort();
     }
 }
