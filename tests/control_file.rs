@@ -9,7 +9,7 @@
 
 mod support;
 
-use http::StatusCode;
+use http::{Method, Request, StatusCode};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -424,4 +424,41 @@ async fn status_of_every_service_keeps_to_the_live_limit() {
     for call in busy {
         assert_eq!(call.await.unwrap().status, StatusCode::OK);
     }
+}
+
+/// Methods: HEAD is answered as GET (health checks send it); a path the
+/// API has, asked with a method it does not take, is 405 with `Allow`; a
+/// path it does not have is 404, whatever the method.
+#[tokio::test]
+async fn methods_are_answered_as_http_says() {
+    let registry = Registry::new();
+    let backend = Backend::start("v1").await;
+    registry.service("s", &[(backend.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let mut client = H1::connect(control.addr).await;
+    let host = control.addr.to_string();
+    let ask = |method: Method, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &host)
+            .header("content-type", "application/json")
+            .body(empty())
+            .unwrap()
+    };
+    let head = client.request(ask(Method::HEAD, "/ready")).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    let reply = client
+        .request(ask(Method::GET, "/v1/services/s/split"))
+        .await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.header("allow"), Some("PUT"));
+    let reply = client.request(ask(Method::POST, "/ready")).await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.header("allow"), Some("GET, HEAD"));
+    let reply = client.request(ask(Method::POST, "/nothing/here")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let reply = client.request(ask(Method::GET, "/nothing/here")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
 }

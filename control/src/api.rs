@@ -356,7 +356,8 @@ async fn respond(
     let query = parse_query(req.uri().query().unwrap_or(""));
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if req.method() != Method::GET {
+    // HEAD is answered as GET (hyper leaves the body out).
+    if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(match (req.method().clone(), segments.as_slice()) {
             (Method::PUT, ["v1", "services", name, "split"]) => {
                 let name = (*name).to_owned();
@@ -402,7 +403,7 @@ async fn respond(
                 let name = (*name).to_owned();
                 mutate(&api, req, peer, &name, Mutation::Abort).await
             }
-            _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here\n"),
+            (_, path) => not_here(path),
         });
     }
     let max_wait = api.max_wait;
@@ -559,8 +560,38 @@ async fn respond(
             "not ready: first sync not done\n",
         ),
         ["live"] => text(StatusCode::OK, "live\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        path => not_here(path),
     })
+}
+
+/// The methods a path of the API takes, if it is one.
+fn allowed(path: &[&str]) -> Option<&'static str> {
+    Some(match path {
+        ["v1", "services", _, "split" | "guards" | "authz"] => "PUT",
+        ["v1", "services", _, "routes" | "mirror"] => "GET, HEAD, PUT, DELETE",
+        ["v1", "services", _, "rollback"] | ["v1", "services", _, "rollouts", "approve"] => "POST",
+        ["v1", "services", _, "rollouts"] => "GET, HEAD, POST, DELETE",
+        ["v1", "services", _, "tap" | "history" | "live" | "events"]
+        | ["v1", "services", _]
+        | ["v1", "snapshot" | "services" | "dashboard" | "proxies"]
+        | ["metrics" | "ready" | "live" | "ui"]
+        | ["ui", ..] => "GET, HEAD",
+        _ => return None,
+    })
+}
+
+/// A path the API has, asked with a method it does not take: 405 with
+/// `Allow`; any other path: 404.
+fn not_here(path: &[&str]) -> Response<Full<Bytes>> {
+    match allowed(path) {
+        Some(methods) => {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here\n");
+            resp.headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static(methods));
+            resp
+        }
+        None => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
 }
 
 /// An operator change to a service's policy.

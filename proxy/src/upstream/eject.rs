@@ -7,7 +7,7 @@
 //! the endpoint: success brings it back, failure ejects it again, longer.
 //!
 //! Whether there is room and the ejection itself happen under one lock
-//! ([`EJECTING`]): failures at the same moment on two endpoints of a
+//! (`EJECTING`): failures at the same moment on two endpoints of a
 //! subset would otherwise both see room and both eject. Only a failure
 //! about to eject takes it; a success never does.
 
@@ -263,7 +263,7 @@ impl Outlier {
 
     /// Takes `endpoint` out for the next ejection length if it is in and
     /// `max_ejection_percent` leaves room in `subset`, both decided under
-    /// [`EJECTING`]; returns when the ejection ends (ns since the process
+    /// `EJECTING`; returns when the ejection ends (ns since the process
     /// epoch), `None` when it was not ejected.
     pub fn eject_if_room(
         &self,
