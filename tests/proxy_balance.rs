@@ -639,17 +639,18 @@ async fn serve_keep_alive(
     }
 }
 
-/// An upstream that answers the first request on each connection and, to
-/// the second, begins an answer and closes: the second had reached it, so
-/// a POST is not sent again (a pooled connection's close is an idle close
-/// only before any byte of an answer). The POST arrives once and the
-/// client gets a 502.
-#[tokio::test]
-async fn a_post_whose_answer_broke_off_is_not_sent_again() {
+/// An HTTP/1.1 upstream that answers `200 ok` to the first request on each
+/// connection and, to the second, writes `second` (part of an answer, or
+/// nothing) and closes 100 ms later. Counts the request heads `counted`
+/// picks.
+async fn second_breaks(
+    second: &'static [u8],
+    counted: fn(&[u8]) -> bool,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let posts = Arc::new(AtomicUsize::new(0));
-    let seen = posts.clone();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             let seen = seen.clone();
@@ -663,13 +664,14 @@ async fn a_post_whose_answer_broke_off_is_not_sent_again() {
                         }
                         continue;
                     };
-                    if buf.starts_with(b"POST ") {
+                    if counted(&buf[..end]) {
                         seen.fetch_add(1, Ordering::SeqCst);
                     }
                     buf.drain(..end + 4);
                     served += 1;
                     if served == 2 {
-                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-").await;
+                        let _ = stream.write_all(second).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         return;
                     }
                     let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -680,6 +682,21 @@ async fn a_post_whose_answer_broke_off_is_not_sent_again() {
             });
         }
     });
+    (addr, count)
+}
+
+/// An upstream that answers the first request on each connection and, to
+/// the second, begins an answer and closes: the second had reached it, so
+/// a POST is not sent again (a pooled connection's close is an idle close
+/// only before any byte of an answer). The POST arrives once and the
+/// client gets a 502.
+#[tokio::test]
+async fn a_post_whose_answer_broke_off_is_not_sent_again() {
+    // The second request on each connection: half a head, then the close.
+    let (addr, posts) = second_breaks(b"HTTP/1.1 200 OK\r\ncontent-", |head| {
+        head.starts_with(b"POST ")
+    })
+    .await;
     let proxy = ProxyYaml::new()
         .by_host()
         .service(
@@ -853,39 +870,8 @@ async fn an_endpoint_that_closes_every_connection_fails_fast() {
 /// connection (it may go twice).
 #[tokio::test]
 async fn a_post_the_upstream_died_on_is_not_sent_twice() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let processed = Arc::new(AtomicUsize::new(0));
-    let seen = processed.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let (mut buf, mut chunk, mut served) = (Vec::new(), [0u8; 4096], 0);
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    buf.drain(..end + 4);
-                    served += 1;
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    if served == 2 {
-                        // The work is done; the answer never comes.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        return;
-                    }
-                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    // The second request on each connection: taken, then no answer.
+    let (addr, processed) = second_breaks(b"", |_| true).await;
     let proxy = ProxyYaml::new()
         .by_host()
         .service(

@@ -569,6 +569,19 @@ async fn websocket_upgrade_tunnels_through() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
 }
 
+/// A proxy (with `top` in its config) in front of an [`upgrade_echo`];
+/// the count of the upstream side's closes.
+async fn echo_proxy(top: &str) -> (TestProxy, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let (echo, closed) = upgrade_echo().await;
+    let proxy = ProxyYaml::new()
+        .top(top)
+        .by_host()
+        .service(ServiceYaml::new("echo").at(echo))
+        .start()
+        .await;
+    (proxy, closed)
+}
+
 /// A backend that answers every request `101` (`upgrade: echo`) and then
 /// echoes bytes until the proxy closes its side; the number of tunnels it
 /// saw closed.
@@ -664,13 +677,7 @@ async fn closed_after(conn: &mut tokio::net::TcpStream) -> std::time::Duration {
 async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
-    let (echo, closed) = upgrade_echo().await;
-    let proxy = ProxyYaml::new()
-        .top("limits: { idle_timeout: 300ms }")
-        .by_host()
-        .service(ServiceYaml::new("echo").at(echo))
-        .start()
-        .await;
+    let (proxy, closed) = echo_proxy("limits: { idle_timeout: 300ms }").await;
     let mut conn = upgraded(proxy.addr()).await;
     echoed(&mut conn, b"ping").await;
     let quiet = closed_after(&mut conn).await;
@@ -690,13 +697,7 @@ async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
 async fn a_busy_tunnel_outlives_the_idle_timeout() {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
-    let (echo, closed) = upgrade_echo().await;
-    let proxy = ProxyYaml::new()
-        .top("limits: { idle_timeout: 500ms }")
-        .by_host()
-        .service(ServiceYaml::new("echo").at(echo))
-        .start()
-        .await;
+    let (proxy, closed) = echo_proxy("limits: { idle_timeout: 500ms }").await;
     let mut conn = upgraded(proxy.addr()).await;
     let start = tokio::time::Instant::now();
     // A byte each way every 100 ms, for three times the idle limit.
@@ -716,13 +717,7 @@ async fn a_busy_tunnel_outlives_the_idle_timeout() {
 async fn a_tunnel_is_closed_when_the_drain_ends() {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
-    let (echo, closed) = upgrade_echo().await;
-    let proxy = ProxyYaml::new()
-        .top("drain_timeout: 300ms")
-        .by_host()
-        .service(ServiceYaml::new("echo").at(echo))
-        .start()
-        .await;
+    let (proxy, closed) = echo_proxy("drain_timeout: 300ms").await;
     let mut conn = upgraded(proxy.addr()).await;
     echoed(&mut conn, b"ping").await;
     let start = tokio::time::Instant::now();
@@ -744,13 +739,7 @@ async fn a_tunnel_is_closed_when_the_drain_ends() {
 #[tokio::test]
 async fn a_tunnel_that_ends_in_the_drain_lets_the_proxy_stop() {
     use std::time::Duration;
-    let (echo, _) = upgrade_echo().await;
-    let proxy = ProxyYaml::new()
-        .top("drain_timeout: 20s")
-        .by_host()
-        .service(ServiceYaml::new("echo").at(echo))
-        .start()
-        .await;
+    let (proxy, _) = echo_proxy("drain_timeout: 20s").await;
     let mut conn = upgraded(proxy.addr()).await;
     echoed(&mut conn, b"ping").await;
     let start = tokio::time::Instant::now();
