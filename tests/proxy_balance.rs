@@ -685,18 +685,9 @@ async fn second_breaks(
     (addr, count)
 }
 
-/// An upstream that answers the first request on each connection and, to
-/// the second, begins an answer and closes: the second had reached it, so
-/// a POST is not sent again (a pooled connection's close is an idle close
-/// only before any byte of an answer). The POST arrives once and the
-/// client gets a 502.
-#[tokio::test]
-async fn a_post_whose_answer_broke_off_is_not_sent_again() {
-    // The second request on each connection: half a head, then the close.
-    let (addr, posts) = second_breaks(b"HTTP/1.1 200 OK\r\ncontent-", |head| {
-        head.starts_with(b"POST ")
-    })
-    .await;
+/// A proxy (no retries) in front of `addr`; a client's GET, then a POST on
+/// the connection that GET left in the pool: the POST's answer.
+async fn post_on_a_pooled_connection(addr: SocketAddr) -> (TestProxy, H1, Reply) {
     let proxy = ProxyYaml::new()
         .by_host()
         .service(
@@ -714,6 +705,22 @@ async fn a_post_whose_answer_broke_off_is_not_sent_again() {
         .body(empty())
         .unwrap();
     let reply = client.request(post).await;
+    (proxy, client, reply)
+}
+
+/// An upstream that answers the first request on each connection and, to
+/// the second, begins an answer and closes: the second had reached it, so
+/// a POST is not sent again (a pooled connection's close is an idle close
+/// only before any byte of an answer). The POST arrives once and the
+/// client gets a 502.
+#[tokio::test]
+async fn a_post_whose_answer_broke_off_is_not_sent_again() {
+    // The second request on each connection: half a head, then the close.
+    let (addr, posts) = second_breaks(b"HTTP/1.1 200 OK\r\ncontent-", |head| {
+        head.starts_with(b"POST ")
+    })
+    .await;
+    let (_proxy, _client, reply) = post_on_a_pooled_connection(addr).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(posts.load(Ordering::SeqCst), 1, "the POST went up again");
 }
@@ -872,23 +879,7 @@ async fn an_endpoint_that_closes_every_connection_fails_fast() {
 async fn a_post_the_upstream_died_on_is_not_sent_twice() {
     // The second request on each connection: taken, then no answer.
     let (addr, processed) = second_breaks(b"", |_| true).await;
-    let proxy = ProxyYaml::new()
-        .by_host()
-        .service(
-            ServiceYaml::new("pay")
-                .at(addr)
-                .set("retries", "{ attempts: 0 }"),
-        )
-        .start()
-        .await;
-    let mut client = H1::connect(proxy.addr()).await;
-    assert_eq!(client.get("pay", "/").await.status, StatusCode::OK);
-    let post = Request::post("/charge")
-        .header("host", "pay")
-        .header("content-length", "0")
-        .body(empty())
-        .unwrap();
-    let reply = client.request(post).await;
+    let (_proxy, mut client, reply) = post_on_a_pooled_connection(addr).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(
         processed.load(Ordering::SeqCst),
