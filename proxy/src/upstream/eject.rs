@@ -23,8 +23,8 @@ use tokio::time::Instant;
 /// Held from the count of a subset's endpoints out to the ejection of one
 /// more. One for the process rather than one per subset: a subset's
 /// endpoints outlive the route table (a request on the table being
-/// replaced and one on the new table count the same endpoints), and
-/// services listing the same address share its state. Ejections are rare
+/// replaced and one on the new table count the same endpoints), so no
+/// per-table lock would do. Ejections are rare
 /// and the lock is held for a few atomic operations, so nothing waits on
 /// it for long.
 static EJECTING: Mutex<()> = Mutex::new(());
