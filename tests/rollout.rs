@@ -1218,14 +1218,15 @@ fn start_prometheus(addr: SocketAddr, target: &str) -> Option<Prometheus> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prometheus_watcher_gives_the_same_verdicts() {
     // Reserve Prometheus' address first: the control plane needs its URL.
-    let prom_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // Held while the rig binds its sockets (port 0), or one of them could
+    // be given the same port and Prometheus could not listen on it.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let prom_addr = reserved.local_addr().unwrap();
     let rig = Rig::start_with(&format!(
         "watcher: {{ prometheus: \"http://{prom_addr}\" }}\n"
     ))
     .await;
+    drop(reserved);
     let Some(_prometheus) = start_prometheus(prom_addr, &rig.proxy.admin.to_string()) else {
         return;
     };
