@@ -342,6 +342,11 @@ pub async fn tap(
             let Ok(event) = serde_json::from_slice::<Value>(&line) else {
                 continue; // heartbeats
             };
+            if let Some(why) = event["error"].as_str() {
+                let proxy = event["proxy"].as_str().unwrap_or("?");
+                eprintln!("almond tap: proxy {proxy}: {why}");
+                continue;
+            }
             t.print(&event, || tap_line(&event));
             seen += 1;
             if count.is_some_and(|n| seen >= n) {
@@ -349,7 +354,7 @@ pub async fn tap(
             }
         }
     }
-    bail!("the tap stream ended")
+    bail!("the tap stream ended: no proxy's tap stream is open")
 }
 
 /// One tap event as a line of text.

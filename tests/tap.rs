@@ -201,3 +201,23 @@ async fn bad_taps_are_refused_with_the_reason() {
         reply.text()
     );
 }
+
+#[tokio::test]
+async fn a_tap_with_no_proxy_left_says_why_and_exits() {
+    let (_v1, _v2, control, proxy, _registry) = mesh().await;
+    let admin = proxy.admin;
+    drop(proxy);
+    eventually("the proxy's admin is closed", || async {
+        tokio::net::TcpStream::connect(admin).await.is_err()
+    })
+    .await;
+    // The control plane still lists the proxy (seen in the last 90 s): the
+    // tap is opened, the proxy's stream cannot be, and the user is told.
+    let (code, _, err) = run_ops(&["tap", "web", "--control", &control.url()]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("proxy {admin}:")) && err.contains("onnect"),
+        "{err}"
+    );
+    assert!(err.contains("no proxy's tap stream is open"), "{err}");
+}

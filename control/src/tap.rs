@@ -1,6 +1,7 @@
 //! Tap: `GET /v1/services/{svc}/tap`, one live stream of request summaries
 //! for a service, merged line by line from every proxy's admin `/tap` (each
-//! proxy filters and caps its own).
+//! proxy filters and caps its own). A proxy whose stream fails or ends is
+//! named in an `error` line; the merged stream ends when every one has.
 
 use almond_config::tap::Filter;
 use almond_net::percent_encode;
@@ -43,7 +44,8 @@ pub fn proxy_query(service: &str, query: &HashMap<String, String>) -> Result<Str
 }
 
 /// Opens `/tap?{query}` on every proxy in `admins`, presenting `token`
-/// when given, and merges their lines.
+/// when given, and merges their lines; a proxy's stream that fails or ends
+/// adds `{"proxy": ADMIN, "error": WHY}`.
 pub fn merge(admins: Vec<String>, query: String, token: Option<&[u8]>) -> TapStream {
     let authorization = token.and_then(|t| {
         let mut value = b"Bearer ".to_vec();
@@ -60,12 +62,27 @@ pub fn merge(admins: Vec<String>, query: String, token: Option<&[u8]>) -> TapStr
         let (client, tx, authorization) = (client.clone(), tx.clone(), authorization.clone());
         let url = format!("http://{admin}/tap?{query}");
         tasks.spawn(async move {
-            if let Err(why) = relay(&client, &url, authorization, &tx).await {
-                tracing::debug!(proxy = %admin, %why, "tap stream ended");
-            }
+            let why = match relay(&client, &url, authorization, &tx).await {
+                Ok(Ended::ByClient) => return,
+                Ok(Ended::ByProxy) => "the proxy ended its tap stream".to_owned(),
+                Err(why) => why,
+            };
+            tracing::debug!(proxy = %admin, %why, "tap stream ended");
+            let mut line = serde_json::to_vec(&serde_json::json!({"proxy": admin, "error": why}))
+                .unwrap_or_default();
+            line.push(b'\n');
+            let _ = tx.send(Bytes::from(line)).await;
         });
     }
     almond_net::Lines::new(rx, HEARTBEAT, tasks)
+}
+
+/// Who ended a proxy's stream that did not fail.
+enum Ended {
+    /// The tap's client left: nobody reads the merged stream.
+    ByClient,
+    /// The proxy's body ended (it is shutting down).
+    ByProxy,
 }
 
 /// Sends each whole line of one proxy's stream (heartbeats left out).
@@ -74,7 +91,7 @@ async fn relay(
     url: &str,
     authorization: Option<http::HeaderValue>,
     tx: &mpsc::Sender<Bytes>,
-) -> Result<(), String> {
+) -> Result<Ended, String> {
     let mut req = hyper::Request::get(url)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
@@ -83,8 +100,11 @@ async fn relay(
     }
     let resp = tokio::time::timeout(CONNECT_TIMEOUT, client.request(req))
         .await
-        .map_err(|_| "no answer".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| format!("no answer in {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        })?;
     if !resp.status().is_success() {
         return Err(format!("answered {}", resp.status()));
     }
@@ -99,14 +119,14 @@ async fn relay(
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line = pending.split_to(end + 1).freeze();
             if line.len() > 1 && tx.send(line).await.is_err() {
-                return Ok(());
+                return Ok(Ended::ByClient);
             }
         }
         if pending.len() > MAX_LINE {
             return Err("line too long".to_owned());
         }
     }
-    Ok(())
+    Ok(Ended::ByProxy)
 }
 
 /// The merged stream a tap client reads, one JSON object per line; its

@@ -191,6 +191,7 @@
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
     let pending = '';
+    const failed = []; // proxies whose stream failed or ended
     try {
       for (;;) {
         const { value, done } = await reader.read();
@@ -203,6 +204,7 @@
           if (!line) continue; // heartbeat
           let e;
           try { e = JSON.parse(line); } catch (_) { continue; }
+          if (e.error) { failed.push(e.proxy + ': ' + e.error); v.tapState.textContent = 'proxy ' + failed[failed.length - 1]; continue; }
           tapRow(v, e);
         }
       }
@@ -210,7 +212,7 @@
       if (tap === mine) stopTap('tap ended: ' + e);
       return;
     }
-    if (tap === mine) stopTap('the stream ended');
+    if (tap === mine) stopTap('the stream ended' + (failed.length ? ': ' + failed.join('; ') : ''));
   }
 
   function tapPanel(name) {
