@@ -433,3 +433,39 @@ async fn a_stream_an_h2_upstream_refused_is_sent_again() {
         "refused once, then taken"
     );
 }
+
+/// An HTTP/2 client that never opens its stream's window (it answers
+/// pings, so the connection looks alive) has the stream reset after
+/// `limits.body_idle`, as an HTTP/1.1 client that stops reading has its
+/// connection closed: the request no longer holds its places.
+#[tokio::test]
+async fn an_h2_client_that_never_opens_its_window_is_reset_after_body_idle() {
+    let backend = Backend::start("big").await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { body_idle: 500ms }")
+        .by_host()
+        .service(ServiceYaml::new("big").at(backend.addr))
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = Request::get("http://big/bytes/1000000").body(()).unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let ended = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .expect("the stream was held past body_idle");
+    let error = ended.expect("an end").expect_err("no byte could be sent");
+    assert_eq!(error.reason(), Some(h2::Reason::CANCEL), "{error}");
+    let metrics = proxy.admin_get("/metrics").await.text();
+    let in_flight = metric(&metrics, "almond_requests_in_flight", &[("service", "big")]);
+    assert_eq!(in_flight, 0.0, "the request is over");
+}

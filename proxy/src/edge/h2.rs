@@ -54,6 +54,10 @@ pub struct Limits {
     /// `limits.header_timeout`: the client's preface must have come within
     /// this (after TLS, nothing else bounds a silent client).
     pub preface_timeout: Duration,
+    /// `limits.body_idle`: a stream whose client gives no room for a byte
+    /// of its answer for this long is reset (it holds the request's
+    /// places, and its upstream stream, while it waits).
+    pub body_idle: Duration,
 }
 
 /// Serves the HTTP/2 connection `io` with `handle` until it ends: the
@@ -141,7 +145,7 @@ where
                         // Boxed where it is made: the stream's own future,
                         // small, is what moves into the set.
                         let served = Box::pin(handle(req));
-                        streams.push(answer(served, respond, bodiless));
+                        streams.push(answer(served, respond, bodiless, limits.body_idle));
                     }
                     Some(Err(e)) => return Err(e),
                     None => return Ok(()),
@@ -166,10 +170,15 @@ where
 
 /// Answers one stream: awaits `served` (dropped, and so cancelled, if the
 /// client resets the stream first), then sends its head and streams its
-/// body as the client's window allows; `bodiless`: the answer to a HEAD,
-/// whose head ends the stream.
-async fn answer<Fut>(served: Fut, respond: SendResponse<Bytes>, bodiless: bool)
-where
+/// body as the client's window allows (reset when it gives no room for
+/// `send_limit`); `bodiless`: the answer to a HEAD, whose head ends the
+/// stream.
+async fn answer<Fut>(
+    served: Fut,
+    respond: SendResponse<Bytes>,
+    bodiless: bool,
+    send_limit: Duration,
+) where
     Fut: Future<Output = Result<Response<Answer>, Infallible>> + Unpin,
 {
     // Two awaits in turn: the head's state is gone before the body's.
@@ -182,6 +191,7 @@ where
         body,
         stream,
         (|_| ErrorKind::Reset, h2::Reason::INTERNAL_ERROR),
+        Some(send_limit),
     )
     .await
     {
@@ -283,6 +293,7 @@ mod tests {
             keep_alive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
             preface_timeout: Duration::from_secs(10),
+            body_idle: Duration::from_secs(60),
         }
     }
 

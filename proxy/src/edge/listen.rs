@@ -204,6 +204,7 @@ fn h2_limits(limits: &almond_config::Limits) -> h2::Limits {
         keep_alive_timeout: limits.keep_alive_timeout,
         idle_timeout: limits.idle_timeout,
         preface_timeout: limits.header_timeout,
+        body_idle: limits.body_idle,
     }
 }
 

@@ -231,7 +231,14 @@ where
 {
     // `None` once the body is all sent: a finished future is not polled
     // again.
-    let mut pipe = Some(Box::pin(pipe(body, stream, (failed, h2::Reason::CANCEL))));
+    // An upstream that takes no more of the body is bounded by the
+    // request's timeout until it answers, and by its answer after.
+    let mut pipe = Some(Box::pin(pipe(
+        body,
+        stream,
+        (failed, h2::Reason::CANCEL),
+        None,
+    )));
     let mut response = pin!(response);
     let resp = poll_fn(|cx| {
         if let Poll::Ready(r) = response.as_mut().poll(cx) {
@@ -263,16 +270,22 @@ where
 /// down): a body that fails resets the stream with `reset` (`CANCEL` for
 /// a request whose client gave up, `INTERNAL_ERROR` for an answer the
 /// upstream broke off), and the error is what `failed` makes of it; a
-/// peer's reset ends it.
+/// peer's reset ends it. A peer that gives no room for a byte for `stall`
+/// has the stream reset (`CANCEL`; [`ErrorKind::ClientTimeout`]): it
+/// stopped reading, and the stream must not hold its places forever.
 pub(crate) async fn pipe<B>(
     mut body: B,
     mut stream: SendStream<Bytes>,
     (failed, reset): (fn(&B::Error) -> ErrorKind, h2::Reason),
+    stall: Option<Duration>,
 ) -> Result<(), ErrorKind>
 where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut done = false;
+    // Armed only while the peer gives no room (a timer a frame would cost
+    // every body that flows).
+    let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // Nothing of the body is in `h2` before its first frame: that one goes
     // at once (most bodies are one frame). Each later one waits for room
     // for a byte, so at most one frame waits beyond the window either way.
@@ -295,9 +308,20 @@ where
                         if stream.poll_reset(cx).is_ready() {
                             return Poll::Ready(Err(ErrorKind::Reset));
                         }
+                        if let Some(limit) = stall {
+                            let timer =
+                                stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                            if timer.as_mut().poll(cx).is_ready() {
+                                stream.send_reset(h2::Reason::CANCEL);
+                                return Poll::Ready(Err(ErrorKind::ClientTimeout));
+                            }
+                        }
                         return Poll::Pending;
                     }
                 }
+            }
+            if stalled.is_some() {
+                stalled = None;
             }
         }
         let frame = match Pin::new(&mut body).poll_frame(cx) {
