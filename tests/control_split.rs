@@ -255,7 +255,16 @@ async fn invalid_shifts_are_refused_and_change_nothing() {
     let index = proxy_index().await;
 
     let valid = json!({ "weights": split(50, 50) });
-    let cases: [(&str, Value, Option<&str>, StatusCode, &str); 5] = [
+    let cases: [(&str, Value, Option<&str>, StatusCode, &str); 6] = [
+        (
+            // The flat shape would read it back as the sticky header, and
+            // every proxy would refuse the snapshot.
+            "a subset named sticky_header",
+            json!({ "weights": { "v1": 100, "sticky_header": 0 }, "allow_empty": ["sticky_header"] }),
+            Some(TOKEN),
+            StatusCode::BAD_REQUEST,
+            "rename the subset",
+        ),
         (
             "bad sum",
             json!({ "weights": split(90, 20) }),

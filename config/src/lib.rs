@@ -44,5 +44,5 @@ pub use rules::{
 };
 pub use secret::Secret;
 pub use snapshot::Snapshot;
-pub use split::{check_sticky_header, Split, Weights};
+pub use split::{check_split_subset, check_sticky_header, Split, Weights};
 pub use write::write_atomic;

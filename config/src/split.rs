@@ -86,6 +86,18 @@ impl<'de> Deserialize<'de> for Split {
     }
 }
 
+/// Checks that a split may name `subset`: not [`STICKY_KEY`], which the
+/// flat shape reads as the sticky header (a split to it would be read
+/// back as a header name, and every proxy would refuse the snapshot).
+pub fn check_split_subset(subset: &str) -> Result<(), String> {
+    if subset == STICKY_KEY {
+        return Err(format!(
+            "a subset named {STICKY_KEY:?} cannot be in a split: a split's {STICKY_KEY:?} key is its sticky header; rename the subset"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a sticky header name: an HTTP header token, not one of almond's
 /// own routing headers (those are removed before upstream).
 pub fn check_sticky_header(name: &str) -> Result<(), String> {

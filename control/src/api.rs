@@ -1057,6 +1057,9 @@ fn start_rollout(
         None => pick_stable(current, service, &spec.canary)
             .ok_or_else(|| Refusal::Invalid("no stable subset besides the canary".into()))?,
     };
+    for subset in [&spec.canary, &stable] {
+        almond_config::check_split_subset(subset).map_err(Refusal::Invalid)?;
+    }
     let now = now_ms();
     let rollout = Rollout::start(spec, stable, current.split.clone(), now);
     let first = rollout.split();

@@ -147,6 +147,7 @@ pub fn check_split(
         return Err(Refusal::Invalid("a split needs at least one subset".into()));
     }
     for (subset, w) in weights {
+        almond_config::check_split_subset(subset).map_err(Refusal::Invalid)?;
         if *w > 100 {
             return Err(Refusal::Invalid(format!(
                 "weight of {subset} is {w}; weights are percent, 0 to 100"
