@@ -426,3 +426,51 @@ async fn shared_by_is_the_control_planes_to_set() {
     assert!(resp.text().contains("fleet"), "{}", resp.text());
     assert_eq!(control.service("web").await["policy"]["version"], before);
 }
+
+/// One registry entry this proxy cannot take (`tls` on a proxy with no
+/// identity) stays out, and every other change still reaches the proxy:
+/// a block set afterwards is applied. (The whole snapshot was refused,
+/// every 10 s, for good.)
+#[tokio::test]
+async fn a_service_the_proxy_cannot_take_does_not_stop_the_others() {
+    let (_backend, control, proxy, registry) = mesh().await;
+    let other = Backend::start("other").await;
+    registry.write(
+        "other.yaml",
+        &format!(
+            "other:\n  tls: true\n  endpoints:\n    - {{ addr: \"{}\", subset: v1 }}\n",
+            other.addr
+        ),
+    );
+    eventually("the control plane serves other", || async {
+        control.state.has_service("other")
+    })
+    .await;
+    let (code, out, err) = run_ops(&[
+        "block",
+        "web",
+        "--path",
+        "/kill",
+        "--status",
+        "503",
+        "--control",
+        &control.url(),
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let addr = proxy.addr();
+    eventually("the block is applied", || async move {
+        let mut client = H1::connect(addr).await;
+        status_of(&mut client, "GET", "/kill").await == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let mut client = H1::connect(addr).await;
+    assert_eq!(
+        status_of(&mut client, "GET", "/other").await,
+        StatusCode::OK
+    );
+    // The proxy is at the control plane's index: nothing is held back.
+    let text = proxy.admin_get("/metrics").await.text();
+    let index = metric(&text, "almond_config_index", &[]);
+    assert_eq!(index, control.state.index() as f64);
+}

@@ -784,7 +784,17 @@ pub fn to_service_resolved(
     }
     // Stable order, so an unchanged set compares equal.
     endpoints.sort_by(|a, b| (&a.subset, a.addr).cmp(&(&b.subset, b.addr)));
-    endpoints.dedup_by(|a, b| a.addr == b.addr);
+    // One endpoint an address, whichever subsets list it (an instance
+    // registered again with a new version before the old one is gone):
+    // proxies refuse a service listing an address twice.
+    let mut seen = std::collections::HashSet::new();
+    endpoints.retain(|e| {
+        let first = seen.insert(e.addr);
+        if !first {
+            tracing::debug!(service = name, addr = %e.addr, subset = %e.subset, "address registered twice: kept once");
+        }
+        first
+    });
     Service {
         protocol,
         lb: Default::default(),
@@ -889,6 +899,23 @@ mod tests {
         let drain = serde_json::json!([{"CheckID": "a", "Status": "warning"}]);
         let w0 = serde_json::json!({"Passing": 1, "Warning": 0});
         assert_eq!(instance_weight(&base(drain, w0)), None);
+    }
+
+    #[test]
+    fn an_address_registered_twice_is_one_endpoint() {
+        let at = |id: &str, port: u16, version: &str| {
+            instance(serde_json::json!({
+                "Node": {"Address": "10.0.0.1"},
+                "Service": {"ID": id, "Address": "", "Port": port, "Meta": {"version": version}},
+                "Checks": [],
+            }))
+        };
+        // 10.0.0.1:80 in v1 and in v2, with another address between them
+        // in the sorted order.
+        let all = [at("a", 80, "v1"), at("b", 81, "v1"), at("c", 80, "v2")];
+        let svc = to_service("web", &all, "version");
+        let addrs: Vec<String> = svc.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.1:80", "10.0.0.1:81"]);
     }
 
     #[test]

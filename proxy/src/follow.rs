@@ -12,6 +12,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -303,13 +304,28 @@ async fn poll(link: &Link, uri: &str) -> Result<Snapshot, String> {
 }
 
 /// Validates a snapshot merged into the running config and swaps it in;
-/// writes the cache. Returns the applied index.
+/// writes the cache. Returns the applied index. A service this proxy
+/// cannot take (a `tls` it has no identity for, say) keeps its previous
+/// config, or stays out if it is new; the rest is applied, so one bad
+/// registry entry does not stop every other change (a block, a shift).
 fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
     let current = proxy.shared().table.load().config.clone();
     let index = snapshot.index;
     let snapshot_epoch = snapshot.epoch;
     let mut next = (*current).clone();
     next.services = snapshot.apply_to(&current.services);
+    for problem in validate_proxy(&next) {
+        let Some(name) = service_of(&problem.path, &next.services) else {
+            return Err(problem.to_string());
+        };
+        let kept = current.services.get(&name).cloned();
+        tracing::error!(service = %name, %problem, kept_previous = kept.is_some(), "service from the control plane refused; the rest of the snapshot is applied");
+        match kept {
+            Some(previous) => next.services.insert(name, previous),
+            None => next.services.remove(&name),
+        };
+    }
+    // What was kept was valid with the rest once; anything left is refused whole.
     if let Some(problem) = validate_proxy(&next).into_iter().next() {
         return Err(problem.to_string());
     }
@@ -331,6 +347,19 @@ fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
         }
     }
     Ok(index)
+}
+
+/// The service a problem's key path (`services.NAME...`) is in.
+fn service_of<V>(path: &str, services: &BTreeMap<String, V>) -> Option<String> {
+    let rest = path.strip_prefix("services.")?;
+    services
+        .keys()
+        .filter(|name| {
+            rest.strip_prefix(name.as_str())
+                .is_some_and(|after| after.is_empty() || after.starts_with(['.', '[']))
+        })
+        .max_by_key(|name| name.len())
+        .cloned()
 }
 
 /// Writes the cache atomically and durably (`write_atomic`).
