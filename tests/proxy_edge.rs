@@ -231,10 +231,141 @@ async fn a_stalled_request_body_gets_408() {
         assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
         assert!(answer.contains("x-almond-error: client-timeout"), "{answer}");
     }
-    // Both answers are counted for the service, the kept body's too.
+    // Both answers are counted for the service, the kept body's too, as
+    // the client's doing: a 4xx, not a failure of the service's.
     let metrics = proxy.admin_get("/metrics").await.text();
     let counted = metric(&metrics, "almond_requests_total", &[("service", "svc")]);
     assert_eq!(counted, 2.0, "{metrics}");
+    let client = [
+        ("service", "svc"),
+        ("code_class", "4xx"),
+        ("outcome", "success"),
+    ];
+    assert_eq!(
+        metric(&metrics, "almond_requests_total", &client),
+        2.0,
+        "{metrics}"
+    );
+    let errors = metric(
+        &metrics,
+        "almond_upstream_errors_total",
+        &[("service", "svc")],
+    );
+    assert_eq!(errors, 0.0, "{metrics}");
+}
+
+/// A kept upload still trickling in when `timeouts.request` is over: the
+/// upstream never got a byte, so it is the client's 408, not the
+/// service's 504 and upstream timeout.
+#[tokio::test]
+async fn an_upload_that_outlasts_the_request_timeout_is_the_clients_408() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("svc")
+                .at(backend.addr)
+                .timeouts("1s", "1s"),
+        )
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    stream
+        .write_all(b"POST /kept HTTP/1.1\r\nHost: svc\r\nContent-Length: 100\r\n\r\n")
+        .await
+        .unwrap();
+    // A byte every 400 ms: never idle for body_idle, never done in time.
+    let trickle = async {
+        for _ in 0..10 {
+            if stream.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_millis(1500), trickle)
+        .await
+        .ok();
+    let mut got = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut got))
+        .await
+        .expect("answered before 5 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&got[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert_eq!(backend.count(), 0, "nothing reached the upstream");
+    let metrics = proxy.admin_get("/metrics").await.text();
+    let errors = metric(
+        &metrics,
+        "almond_upstream_errors_total",
+        &[("service", "svc")],
+    );
+    assert_eq!(errors, 0.0, "{metrics}");
+    let failures = [("service", "svc"), ("outcome", "failure")];
+    assert_eq!(
+        metric(&metrics, "almond_requests_total", &failures),
+        0.0,
+        "{metrics}"
+    );
+}
+
+/// Clients that give up before the answer (a deadline shorter than the
+/// proxy's), over HTTP/1.1 and HTTP/2: each request is still counted, as
+/// Nginx's 499 (a 4xx), with its time in the latency histogram; a hanging
+/// upstream shows in p99 instead of in no metric at all.
+#[tokio::test]
+async fn requests_whose_clients_leave_are_counted() {
+    let backend = Backend::builder("slow")
+        .delay(Duration::from_secs(3))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .top(&format!(
+            "access_log: {{ format: json, path: \"{}\" }}",
+            log.display()
+        ))
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    for _ in 0..3 {
+        let mut client = H1::connect(proxy.addr()).await;
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(300), client.get("svc", "/")).await;
+        assert!(gave_up.is_err(), "answered before the client's deadline");
+    }
+    let mut client = H2::connect(proxy.addr()).await;
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), client.get("svc", "/")).await;
+    assert!(gave_up.is_err(), "answered before the client's deadline");
+    drop(client);
+    let left = [("service", "svc"), ("code_class", "4xx")];
+    eventually("the four requests are counted", || async {
+        let metrics = proxy.admin_get("/metrics").await.text();
+        metric(&metrics, "almond_requests_total", &left) == 4.0
+    })
+    .await;
+    let metrics = proxy.admin_get("/metrics").await.text();
+    let timed = [("service", "svc")];
+    let count = metric(&metrics, "almond_request_duration_seconds_count", &timed);
+    let sum = metric(&metrics, "almond_request_duration_seconds_sum", &timed);
+    assert_eq!(count, 4.0, "{metrics}");
+    assert!(sum >= 4.0 * 0.25, "each waited about 300 ms: {sum}");
+    // The access log has them, as Nginx logs them: 499.
+    eventually("four access log lines", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 4
+    })
+    .await;
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(entry["status"], 499, "{line}");
+        assert_eq!(entry["service"], "svc", "{line}");
+    }
 }
 
 /// A client that stops reading its answer (64 MiB here) is not waited

@@ -184,6 +184,15 @@ impl ErrorKind {
         }
     }
 
+    /// The `code_class` the proxy's own answer counts as: `4xx` when the
+    /// client caused it (a stalled or broken upload), else `error`.
+    pub fn code_class(self) -> CodeClass {
+        match self {
+            ErrorKind::ClientTimeout | ErrorKind::BadRequest => CodeClass::ClientError,
+            _ => CodeClass::Error,
+        }
+    }
+
     /// The status the client gets.
     pub fn status(self) -> StatusCode {
         match self {

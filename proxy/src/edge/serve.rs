@@ -77,16 +77,25 @@ pub fn handle(
                 headers,
             )
         });
-        let mut seen = Observed::default();
+        // The access log's line if the client leaves before its answer.
+        let mut left = LeftLog {
+            log,
+            head,
+            trace: &trace,
+            start,
+            seen: Observed::default(),
+        };
         // Logs: the request's debug lines carry its ID (a disabled span is free).
         // (The ID's text is made only when the span is enabled.)
         let span = tracing::debug_span!(
             "request",
             request_id = std::str::from_utf8(trace.request_id.as_bytes()).ok()
         );
-        let mut resp = serve(&shared, listener, peer, req, start, &mut seen, &stamp)
+        let mut resp = serve(&shared, listener, peer, req, start, &mut left.seen, &stamp)
             .instrument(span)
             .await;
+        // Answered: the line below is the request's.
+        let (head, mut seen) = (left.head.take(), std::mem::take(&mut left.seen));
         // The request ID back to the client: a passed-through head
         // writes it after its lines, any other in the map.
         match resp.body_mut().passed_mut() {
@@ -135,6 +144,41 @@ pub fn handle(
         Ok(resp)
     }
 }
+
+/// The access log line of a request whose client left before its answer
+/// (it closed the connection or reset the stream): status 499, as Nginx
+/// logs it, written when the request's future is dropped unanswered.
+struct LeftLog<'a> {
+    log: Option<&'a crate::observe::access_log::AccessLog>,
+    /// Method and path, taken out once the request is answered.
+    head: Option<(http::Method, Box<str>)>,
+    trace: &'a trace::Context,
+    start: Instant,
+    seen: Observed,
+}
+
+impl Drop for LeftLog<'_> {
+    fn drop(&mut self) {
+        let (Some(log), Some((method, path))) = (self.log, self.head.take()) else {
+            return;
+        };
+        log.record(Entry {
+            time_ms: almond_net::now_ms(),
+            request_id: String::from_utf8_lossy(self.trace.request_id.as_bytes()).into(),
+            trace_id: self.trace.trace_id,
+            sampled: self.trace.sampled,
+            method,
+            path,
+            status: CLIENT_LEFT,
+            duration_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            bytes: None,
+            observed: std::mem::take(&mut self.seen),
+        });
+    }
+}
+
+/// The status logged for a request whose client left first (Nginx's).
+const CLIENT_LEFT: u16 = 499;
 
 /// Hands the span of a sampled request, `head` its method and path, to
 /// the OTLP exporter.

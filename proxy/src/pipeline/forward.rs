@@ -100,8 +100,40 @@ impl Call<'_> {
     pub fn fail(&self, kind: ErrorKind, subset: usize, elapsed: f64) -> Response<Answer> {
         let metrics = &self.svc.subsets[subset].metrics[self.direction];
         metrics.upstream_error(kind);
-        metrics.record(CodeClass::Error, elapsed);
+        metrics.record(kind.code_class(), elapsed);
         kind.response(&self.svc.name)
+    }
+}
+
+/// A request whose client leaves before its answer (it closed the
+/// connection or reset the stream: a deadline shorter than the proxy's,
+/// say) is counted when its future is dropped: as a 4xx (Nginx's 499: the
+/// client's doing), with its time so far in the latency histogram, so an
+/// upstream that hangs past its clients' patience shows in p99 rather
+/// than in no metric at all. Disarmed by every answer.
+struct Unanswered<'a> {
+    svc: &'a ServiceRoute,
+    direction: usize,
+    start: Instant,
+    /// The subset of the try in progress.
+    subset: usize,
+    armed: bool,
+}
+
+impl Unanswered<'_> {
+    /// The request is answered (and counted by whoever answered it).
+    fn answer(mut self, resp: Response<Answer>) -> Result<Response<Answer>, Infallible> {
+        self.armed = false;
+        Ok(resp)
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let metrics = &self.svc.subsets[self.subset].metrics[self.direction];
+            metrics.record(CodeClass::ClientError, self.start.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -217,6 +249,13 @@ fn forward<'a>(
     let mut tries = Tries::read(&mut call, req, upgrade);
     async move {
         let svc = call.svc;
+        let mut left = Unanswered {
+            svc,
+            direction: call.direction,
+            start: call.start,
+            subset: call.pool.home(),
+            armed: true,
+        };
         if let Some(reading) = tries.reading.take() {
             match reading.await {
                 Ok((next, replay)) => {
@@ -226,7 +265,7 @@ fn forward<'a>(
                 // Counted as any answer the proxy gives for the service.
                 Err(kind) => {
                     let elapsed = call.start.elapsed().as_secs_f64();
-                    return Ok(call.fail(kind, call.pool.home(), elapsed));
+                    return left.answer(call.fail(kind, call.pool.home(), elapsed));
                 }
             }
         }
@@ -244,8 +283,9 @@ fn forward<'a>(
             let try_start = Instant::now();
             let Some(member) = call.pool.pick(try_start, tries.failed_on.as_deref()) else {
                 let elapsed = call.start.elapsed().as_secs_f64();
-                return Ok(call.fail(ErrorKind::NoEndpoints, call.pool.home(), elapsed));
+                return left.answer(call.fail(ErrorKind::NoEndpoints, call.pool.home(), elapsed));
             };
+            left.subset = member.subset;
             let endpoint = member.state.clone();
             seen.subset = Some(svc.subsets[member.subset].name.clone());
             seen.endpoint = Some(endpoint.addr);
@@ -258,7 +298,7 @@ fn forward<'a>(
                 let Some((sending, req)) = tries.send(svc, &endpoint, try_start, seen, call.stamp)
                 else {
                     // Unreachable: a retry is only allowed with a request in hand.
-                    return Ok(ErrorKind::Reset.response(&svc.name));
+                    return left.answer(ErrorKind::Reset.response(&svc.name));
                 };
                 method = req;
                 sending
@@ -306,12 +346,12 @@ fn forward<'a>(
             let Some((resp, h1)) = response else {
                 let kind = result.err().unwrap_or(ErrorKind::Reset);
                 tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, reason = kind.reason(), "request failed");
-                return Ok(call.fail(kind, member.subset, elapsed));
+                return left.answer(call.fail(kind, member.subset, elapsed));
             };
             seen.upstream_answered = true;
             let finish = Finish::new(admitted, in_flight).with_h1(h1);
             let subset = &svc.subsets[member.subset];
-            return Ok(call.relay(subset, resp, finish, elapsed, tries.grpc));
+            return left.answer(call.relay(subset, resp, finish, elapsed, tries.grpc));
         }
     }
 }
@@ -396,7 +436,9 @@ impl Tries {
                 Ok(Ok(collected)) => collected.to_bytes(),
                 Ok(Err(BodyError::Idle(_))) => return Err(ErrorKind::ClientTimeout),
                 Ok(Err(_)) => return Err(ErrorKind::BadRequest),
-                Err(_) => return Err(ErrorKind::Timeout),
+                // Nothing went up yet: the client's upload outlasted the
+                // request's time (Envoy's `request_timeout` answers 408).
+                Err(_) => return Err(ErrorKind::ClientTimeout),
             };
             Ok(Replay::whole(parts, body))
         }))
