@@ -185,7 +185,9 @@ async fn write_lines(
 fn fields(e: &Entry) -> [(&'static str, Option<String>); 15] {
     let o = &e.observed;
     let class = match e.status {
-        _ if !o.upstream_answered => "error",
+        // The proxy's own 4xx (400, 403, 404, 408, 429, 499) is the
+        // client's doing, as in the metrics.
+        500.. if !o.upstream_answered => "error",
         100..=199 => "1xx",
         200..=299 => "2xx",
         300..=399 => "3xx",
@@ -222,19 +224,25 @@ fn is_number(name: &str) -> bool {
     )
 }
 
+/// One JSON object, its fields in the documented order (a
+/// `serde_json::Map` would sort them).
 fn json_line(e: &Entry, out: &mut String) {
-    let mut map = serde_json::Map::new();
+    out.push('{');
+    let mut first = true;
     for (name, value) in fields(e) {
         let Some(value) = value else { continue };
+        if !first {
+            out.push(',');
+        }
+        first = false;
         let v = if is_number(name) {
             serde_json::from_str(&value).unwrap_or(serde_json::Value::String(value))
         } else {
             serde_json::Value::String(value)
         };
-        map.insert(name.to_owned(), v);
+        let _ = write!(out, "\"{name}\":{v}");
     }
-    out.push_str(&serde_json::Value::Object(map).to_string());
-    out.push('\n');
+    out.push_str("}\n");
 }
 
 fn text_line(e: &Entry, out: &mut String) {

@@ -111,6 +111,10 @@ pub struct Context {
     pub parent_id: Option<u64>,
     /// Whether the trace is sampled.
     pub sampled: bool,
+    /// The trace flags sent on: the client's sampled and random-trace-ID
+    /// bits (W3C levels 1 and 2; undefined bits are sent as 0, as the
+    /// specification asks), else `sampled` alone.
+    pub flags: u8,
 }
 
 impl Context {
@@ -153,17 +157,20 @@ impl Context {
                 span_id,
                 parent_id: Some(p.parent_id),
                 sampled: p.flags & 1 == 1,
+                flags: p.flags & KNOWN_FLAGS,
             },
             None => {
                 if has_state {
                     headers.remove(&TRACESTATE);
                 }
+                let sampled = sample_rate >= 1.0 || fastrand::f64() < sample_rate;
                 Context {
                     request_id,
                     trace_id: nonzero_u128(),
                     span_id,
                     parent_id: None,
-                    sampled: sample_rate >= 1.0 || fastrand::f64() < sample_rate,
+                    sampled,
+                    flags: u8::from(sampled),
                 }
             }
         }
@@ -186,7 +193,7 @@ impl Context {
         out[..2].copy_from_slice(b"00");
         out[3..35].copy_from_slice(&hex128(self.trace_id));
         out[36..52].copy_from_slice(&hex64(self.span_id));
-        out[53..55].copy_from_slice(if self.sampled { b"01" } else { b"00" });
+        out[53..55].copy_from_slice(&hex8(self.flags));
         out
     }
 
@@ -288,6 +295,14 @@ fn hex64(n: u64) -> [u8; 16] {
     hex_bytes(n.to_be_bytes())
 }
 
+fn hex8(n: u8) -> [u8; 2] {
+    hex_bytes([n])
+}
+
+/// The trace flags W3C defines: sampled (level 1), random trace ID
+/// (level 2).
+const KNOWN_FLAGS: u8 = 0x03;
+
 fn nonzero_u64() -> u64 {
     fastrand::u64(1..)
 }
@@ -301,6 +316,24 @@ mod tests {
     use super::*;
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn the_clients_trace_flags_go_on() {
+        for (sent, kept) in [
+            ("01", "01"),
+            ("03", "03"),
+            ("02", "02"),
+            ("00", "00"),
+            ("ff", "03"),
+        ] {
+            let mut h = HeaderMap::new();
+            let tp = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{sent}");
+            h.insert(TRACEPARENT, HeaderValue::from_str(&tp).unwrap());
+            let ctx = Context::read(&mut h, 0.0);
+            let up = ctx.traceparent();
+            assert_eq!(&up[53..], kept.as_bytes(), "{sent}");
+        }
+    }
 
     #[test]
     fn a_valid_parent_is_continued_with_a_new_span() {
