@@ -253,3 +253,44 @@ async fn copies_can_go_to_another_service_counted_there() {
     })
     .await;
 }
+
+/// Copies waiting for a connection to a mirror that cannot be reached
+/// hold the mirror's own places, not the service's `max_pending`: real
+/// requests beside them, which need new connections too, are all
+/// answered (5 of 6 got a 503 when the copies took the service's places).
+#[tokio::test]
+async fn copies_waiting_on_an_unreachable_mirror_take_no_place_of_real_requests() {
+    let (dead, _queued, _listener) = unreachable().await;
+    let real = Backend::start("v1").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("web")
+                .endpoint(real.addr, "v1", 1)
+                .endpoint(dead, "shadow", 1)
+                .split(&[("v1", 100)])
+                .set("mirror", "{ subset: shadow, percent: 100 }")
+                .set("circuit_breaker", "{ max_pending: 3 }")
+                .timeouts("3s", "5s"),
+        )
+        .start()
+        .await;
+    // Four copies now wait on the unreachable mirror for 3 s.
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..4 {
+        assert_eq!(client.get("web", "/").await.status, StatusCode::OK);
+    }
+    // Real requests two at a time: one of each pair needs a new
+    // connection to v1, and a place to wait for it.
+    let addr = proxy.addr();
+    for _ in 0..3 {
+        let replies = futures_util::future::join_all(
+            (0..2).map(|_| async move { H1::connect(addr).await.get("web", "/").await }),
+        )
+        .await;
+        for reply in replies {
+            let why = reply.header("x-almond-error").map(str::to_owned);
+            assert_eq!(reply.status, StatusCode::OK, "{why:?}");
+        }
+    }
+}

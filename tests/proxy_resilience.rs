@@ -956,25 +956,6 @@ async fn a_small_body_retried_after_503_arrives_whole() {
     replayed_bodies_arrive_whole(true).await;
 }
 
-/// An address whose connections never complete: a listener with a full
-/// accept queue (backlog 0, its one place taken by a connection never
-/// accepted), so the kernel drops further SYNs. Keep what it returns.
-async fn unreachable() -> (SocketAddr, Vec<TcpStream>, tokio::net::TcpListener) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut queued = Vec::new();
-    // Connect until one does not complete: the queue is full.
-    while let Ok(Ok(s)) =
-        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await
-    {
-        queued.push(s);
-        assert!(queued.len() < 16, "the accept queue never filled");
-    }
-    (addr, queued, listener)
-}
-
 /// An HTTP/2 service with an unreachable endpoint beside a good one: a
 /// burst of requests that all find no connection to it fail over together
 /// after one connect timeout (each waiting for the one opener does not

@@ -162,3 +162,29 @@ async fn a_split_share_holds_across_zones() {
     );
     assert_eq!(count(&got, &["v1a"]) + canary, n as u64);
 }
+
+/// A mirror's copies are not the service's requests: with a zone-aware
+/// mirrored subset, `almond_zone_requests_total` still counts each real
+/// request once (it counted 28 for 14).
+#[tokio::test]
+async fn mirror_copies_are_not_counted_as_zone_requests() {
+    let v1a = Backend::start("v1a").await;
+    let v1b = Backend::start("v1b").await;
+    let v2a = Backend::start("v2a").await;
+    let v2b = Backend::start("v2b").await;
+    let endpoints = [
+        (v1a.addr, "v1", "a"),
+        (v1b.addr, "v1", "b"),
+        (v2a.addr, "v2", "a"),
+        (v2b.addr, "v2", "b"),
+    ];
+    let extra = "    split: { v1: 100 }\n    mirror: { subset: v2, percent: 100 }\n";
+    let proxy = TestProxy::start(&zoned(&endpoints, extra)).await;
+    spread(&proxy, 14).await;
+    eventually("the 14 copies arrived", || async {
+        v2a.count() + v2b.count() == 14
+    })
+    .await;
+    let counted = zone_requests(&proxy, "local").await + zone_requests(&proxy, "remote").await;
+    assert_eq!(counted, 14.0);
+}

@@ -65,6 +65,25 @@ pub fn stream_of(total: u64) -> Body {
     BodyExt::boxed(StreamBody::new(chunks))
 }
 
+/// An address whose connections never complete: a listener with a full
+/// accept queue (backlog 0, its one place taken by a connection never
+/// accepted), so the kernel drops further SYNs. Keep what it returns.
+pub async fn unreachable() -> (SocketAddr, Vec<TcpStream>, TcpListener) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    // Connect until one does not complete: the queue is full.
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await
+    {
+        queued.push(s);
+        assert!(queued.len() < 16, "the accept queue never filled");
+    }
+    (addr, queued, listener)
+}
+
 /// Polls `cond` until it holds, failing the test after [`DEADLINE`].
 pub async fn eventually<F, Fut>(what: &str, mut cond: F)
 where

@@ -281,7 +281,13 @@ fn forward<'a>(
             // Balance: one endpoint of the pool (another one on a retry). The
             // clock is read once a try: balancing takes well under a microsecond.
             let try_start = Instant::now();
-            let Some(member) = call.pool.pick(try_start, tries.failed_on.as_deref()) else {
+            let exclude = tries.failed_on.as_deref();
+            let picked = match tries.fresh {
+                // A re-send is not another first try in the zone counts.
+                true => call.pool.pick_uncounted(try_start, exclude),
+                false => call.pool.pick(try_start, exclude),
+            };
+            let Some(member) = picked else {
                 let elapsed = call.start.elapsed().as_secs_f64();
                 return left.answer(call.fail(ErrorKind::NoEndpoints, call.pool.home(), elapsed));
             };

@@ -97,7 +97,8 @@ impl Shadow {
             },
         };
         let start = Instant::now();
-        let Some(member) = pool.pick(start, None) else {
+        // Not one of the service's requests: not in its zone counts.
+        let Some(member) = pool.pick_uncounted(start, None) else {
             if let Some(metrics) = m.metrics.get(pool.home()) {
                 metrics.record(CodeClass::Error, 0.0);
             }
@@ -115,9 +116,16 @@ impl Shadow {
             stamp: &stamp,
             connected: &mut connected,
         };
-        // The same try stack as the request's own, under the request timeout.
+        // The same try stack as the request's own, under the request
+        // timeout; copies waiting for a connection hold the mirror's own
+        // places, never the service's `max_pending` (real requests would
+        // get 503s for them).
         let until = start + target.request_timeout;
-        let sent = send::try_once(&target.target, &endpoint, until, one).await;
+        let own = send::Target {
+            pending: m.pending.clone(),
+            ..target.target.clone()
+        };
+        let sent = send::try_once(&own, &endpoint, until, one).await;
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start).as_secs_f64();
         let (result, class) = match sent {

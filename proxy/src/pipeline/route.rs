@@ -110,6 +110,9 @@ pub struct MirrorPolicy {
     pub share: f64,
     /// Copies in flight (`max_in_flight`).
     pub in_flight: Arc<Admission>,
+    /// Copies waiting for a new upstream connection: the mirror's own
+    /// `max_pending` (as many as may be in flight).
+    pub pending: Arc<Admission>,
     /// Golden metrics with `direction="mirror"`, by the target's subset
     /// index.
     pub metrics: Box<[SubsetMetrics]>,
@@ -334,6 +337,7 @@ fn mirror_policy(
         subset_missing: m.subset.is_some() && subset.is_none(),
         subset,
         share: m.percent / 100.0,
+        pending: Arc::new(Admission::new(m.max_in_flight)),
         in_flight,
         metrics: match target_svc {
             Some(t) => (subsets.iter())

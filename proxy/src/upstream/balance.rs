@@ -80,7 +80,7 @@ impl Zones {
     /// Picks in the local zone with the odds of its share (first tries);
     /// `None` when the whole pool is in panic (the pool's own pick then
     /// ignores zones and health alike).
-    fn pick(&self, now: Instant, now_ns: u64) -> Option<Option<&Member>> {
+    fn pick(&self, now: Instant, now_ns: u64, counted: bool) -> Option<Option<&Member>> {
         let permille = self.local_permille(now_ns);
         if permille == PANIC {
             return None;
@@ -93,11 +93,15 @@ impl Zones {
         };
         Some(match first.pick(now, None) {
             Some(m) => {
-                self.counters[i].inc();
+                if counted {
+                    self.counters[i].inc();
+                }
                 Some(m)
             }
             None => {
-                self.counters[1 - i].inc();
+                if counted {
+                    self.counters[1 - i].inc();
+                }
                 second.pick(now, None)
             }
         })
@@ -274,10 +278,26 @@ impl Pool {
     /// Below the panic threshold of available endpoints, it balances over
     /// all of them, ejected or not.
     pub fn pick(&self, now: Instant, exclude: Option<&EndpointState>) -> Option<&Member> {
+        self.pick_counted(now, exclude, true)
+    }
+
+    /// [`Pool::pick`] for what is not a request's first try although it
+    /// is balanced as one (a re-send after a stale pooled connection, a
+    /// mirror's copy): not counted in `almond_zone_requests_total`.
+    pub fn pick_uncounted(&self, now: Instant, exclude: Option<&EndpointState>) -> Option<&Member> {
+        self.pick_counted(now, exclude, false)
+    }
+
+    fn pick_counted(
+        &self,
+        now: Instant,
+        exclude: Option<&EndpointState>,
+        counted: bool,
+    ) -> Option<&Member> {
         let now_ns = crate::clock::nanos_since_epoch(now);
         // Zones choose first tries; a retry may go to any other endpoint.
         if let (Some(zones), None) = (&self.zones, exclude) {
-            if let Some(picked) = zones.pick(now, now_ns) {
+            if let Some(picked) = zones.pick(now, now_ns, counted) {
                 return picked;
             }
         }

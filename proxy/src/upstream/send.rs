@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tower::{service_fn, Layer, Service};
 
 /// How a service's endpoints are reached: what every try shares.
+#[derive(Clone)]
 pub struct Target {
     /// Upstream protocol.
     pub protocol: Protocol,
