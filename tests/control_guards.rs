@@ -190,6 +190,60 @@ async fn a_limit_holds_a_route_and_status_lists_it() {
     );
 }
 
+/// Runs an operator command against `url`; it must succeed.
+async fn ok_ops(url: &str, args: &[&str]) {
+    let mut args = args.to_vec();
+    args.extend(["--control", url]);
+    let (code, out, err) = run_ops(&args).await;
+    assert_eq!(code, Some(0), "{args:?}: {out}{err}");
+}
+
+/// A limit's buckets are its own: blocking and unblocking another route
+/// (a new guard goes first in the list, moving the limit) does not hand
+/// the limited route a fresh burst; changing the limit's own rate does.
+#[tokio::test]
+async fn other_guards_coming_and_going_leave_a_limit_spent() {
+    let (_backend, control, proxy, _registry) = mesh().await;
+    let url = control.url();
+    let search = "/api/search";
+    ok_ops(&url, &["limit", "web", "--path", search, "--rate", "1/min"]).await;
+    let mut client = H1::connect(proxy.addr()).await;
+    eventually("the limit reaches the proxy and is spent", || async {
+        let mut client = H1::connect(proxy.addr()).await;
+        status_of(&mut client, "GET", search).await == StatusCode::TOO_MANY_REQUESTS
+    })
+    .await;
+    for (args, other) in [
+        (["block", "web"], StatusCode::SERVICE_UNAVAILABLE),
+        (["unblock", "web"], StatusCode::OK),
+    ] {
+        ok_ops(&url, &[args[0], args[1], "--path", "/other"]).await;
+        eventually("the change reaches the proxy", || async {
+            let mut client = H1::connect(proxy.addr()).await;
+            status_of(&mut client, "GET", "/other").await == other
+        })
+        .await;
+        assert_eq!(
+            status_of(&mut client, "GET", search).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "after {}: the spent limit on {search} was reset",
+            args[0]
+        );
+    }
+    // A new rate is a new limit: it starts with its burst.
+    ok_ops(&url, &["limit", "web", "--path", search, "--rate", "2/min"]).await;
+    eventually("the new rate reaches the proxy", || async {
+        let config = proxy.admin_get("/config").await.json();
+        config["services"]["web"]["guards"][0]["limit"]["rate"] == "2/min"
+    })
+    .await;
+    assert_eq!(status_of(&mut client, "GET", search).await, StatusCode::OK);
+    assert_eq!(
+        status_of(&mut client, "GET", search).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
 #[tokio::test]
 async fn bad_guard_changes_are_refused_and_change_nothing() {
     let (_backend, control, _proxy, _registry) = mesh().await;

@@ -133,7 +133,7 @@ impl Limit {
 }
 
 /// Requests per period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rate {
     /// Requests...
     pub count: u32,
@@ -209,7 +209,7 @@ impl<'de> Deserialize<'de> for Rate {
 }
 
 /// What a limit's buckets are kept per.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub enum LimitBy {
     /// One bucket for every request.
     #[default]

@@ -19,7 +19,7 @@ pub const MAX_RULES: usize = 10_000;
 
 /// What a request must look like; every condition given must hold, an
 /// empty match matches every request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Match {
     /// The path starts with these whole segments (`/api` matches `/api`,
@@ -41,7 +41,7 @@ pub struct Match {
 }
 
 /// One header condition: `name: value` or `name: { present: BOOL }`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HeaderMatch {
     /// One of the header's values is exactly this.
     Value(String),

@@ -4,17 +4,20 @@
 //!
 //! Rate limits are GCRA token buckets, one atomic word each: one bucket per
 //! guard, or 4096 per guard keyed by client address or a header's value
-//! (keys that hash alike share one). A bucket survives config updates that
-//! leave its guard unchanged.
+//! (keys that hash alike share one). A guard's buckets survive config
+//! updates that keep its match and its limit's settings, wherever the
+//! guard moves in the list: `almond block` puts the new guard first, and
+//! that must not hand every limited route a fresh burst.
 
 use crate::body::{Completion, ResponseBody};
 use crate::observe::metrics::{Metrics, SubsetMetrics};
 use crate::outcome::{CodeClass, ERROR_HEADER};
 use crate::pipeline::rules::Rules;
-use almond_config::{Direction, Guard, LimitBy, Protocol, Service};
+use almond_config::{Direction, LimitBy, Match, Protocol, Rate, Service};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use prometheus::IntCounter;
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,9 +34,9 @@ pub const GUARD_SUBSET: &str = "guard";
 /// A service's compiled guards.
 pub struct Guards {
     rules: Rules<Action>,
-    /// The guards as configured, with their limiters (reused by the next
-    /// table when a guard is unchanged).
-    kept: Vec<(Guard, Option<Arc<Limiter>>)>,
+    /// The limiters, by the guard they belong to (reused by the next
+    /// table for the same guard, wherever it is in the list).
+    limiters: HashMap<Identity, Arc<Limiter>>,
     /// `almond_requests_total{subset="guard"}` and its duration, by
     /// direction.
     metrics: [SubsetMetrics; 2],
@@ -41,6 +44,29 @@ pub struct Guards {
     denied: IntCounter,
     /// `almond_guarded_requests_total{reason="rate_limited"}`.
     limited: IntCounter,
+}
+
+/// What a limiter belongs to: its guard's match and the settings it was
+/// built from. Not the guard's place in the list, which shifts whenever
+/// another guard comes or goes; a change of rate, burst or key starts a
+/// fresh limiter.
+#[derive(PartialEq, Eq, Hash)]
+struct Identity {
+    when: Match,
+    rate: Rate,
+    burst: u32,
+    by: LimitBy,
+}
+
+impl Identity {
+    fn of(when: &Match, limit: &almond_config::Limit) -> Identity {
+        Identity {
+            when: when.clone(),
+            rate: limit.rate,
+            burst: limit.burst(),
+            by: limit.by.clone(),
+        }
+    }
 }
 
 enum Action {
@@ -127,8 +153,8 @@ impl Limiter {
 
 impl Guards {
     /// Compiles `guards` of service `name`; `None` when it has none (a
-    /// request then pays one branch). Limiters of guards unchanged since
-    /// `previous` are kept, buckets and all.
+    /// request then pays one branch). Limiters of guards that `previous`
+    /// had too (same match, same limit settings) are kept, buckets and all.
     pub fn build(
         name: &str,
         svc: &Service,
@@ -144,24 +170,23 @@ impl Guards {
             protocol: Protocol::Http1,
             ..svc.clone()
         };
-        let kept: Vec<(Guard, Option<Arc<Limiter>>)> = guards
+        let mut limiters: HashMap<Identity, Arc<Limiter>> = HashMap::new();
+        let actions: Vec<Action> = guards
             .iter()
-            .enumerate()
-            .map(|(i, guard)| {
-                let reused = previous
-                    .and_then(|p| p.kept.get(i))
-                    .filter(|(was, _)| was == guard)
-                    .and_then(|(_, limiter)| limiter.clone());
-                let limiter = guard
-                    .limit
-                    .as_ref()
-                    .map(|limit| reused.unwrap_or_else(|| Arc::new(Limiter::new(limit))));
-                (guard.clone(), limiter)
-            })
-            .collect();
-        let rules = Rules::compile(kept.iter().map(|(guard, limiter)| {
-            let action = match (limiter, &guard.deny) {
-                (Some(limiter), _) => Action::Limit(limiter.clone()),
+            .map(|guard| match (&guard.limit, &guard.deny) {
+                (Some(limit), _) => {
+                    // Two guards alike share one limiter: only the first
+                    // of them is ever matched.
+                    let limiter = limiters
+                        .entry(Identity::of(&guard.when, limit))
+                        .or_insert_with_key(|id| {
+                            previous
+                                .and_then(|p| p.limiters.get(id))
+                                .cloned()
+                                .unwrap_or_else(|| Arc::new(Limiter::new(limit)))
+                        });
+                    Action::Limit(limiter.clone())
+                }
                 (None, deny) => {
                     let deny = deny.clone().unwrap_or_default();
                     Action::Deny {
@@ -173,12 +198,12 @@ impl Guards {
                         ),
                     }
                 }
-            };
-            (&guard.when, action)
-        }));
+            })
+            .collect();
+        let rules = Rules::compile(guards.iter().map(|g| &g.when).zip(actions));
         Some(Guards {
             rules,
-            kept,
+            limiters,
             metrics: [
                 metrics.subset(Direction::Outbound, name, GUARD_SUBSET, &plain),
                 metrics.subset(Direction::Inbound, name, GUARD_SUBSET, &plain),
