@@ -117,6 +117,67 @@ async fn a_deny_answers_its_route_at_once_and_nothing_else() {
     assert_eq!(metric(&metrics, "almond_requests_total", &guard_5xx), 2.0);
 }
 
+/// Sends `method path` exactly as written (no client library tidying
+/// the path); the answer's status code.
+async fn send_verbatim(proxy: &TestProxy, method: &str, path: &str) -> u16 {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: web\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    let answer = raw(proxy.addr(), req.as_bytes()).await;
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok());
+    status.unwrap_or_else(|| panic!("{method} {path}: no status in {answer:?}"))
+}
+
+/// A block holds for every spelling of its path that many services read
+/// as that path: escaped letters, doubled slashes, `.` and `..` segments
+/// (as Envoy's `normalize_path` and `merge_slashes`); a limit too, and a
+/// guard whose own path is spelled oddly matches the path it stands for.
+/// What passes goes upstream as the client wrote it.
+#[tokio::test]
+async fn a_guard_holds_for_other_spellings_of_its_path() {
+    let (backend, proxy) = guarded(
+        "[ { match: { path_prefix: /api/giveaway, method: POST }, deny: { status: 503 } },
+           { match: { path_prefix: \"/api//s%65arch/./\" }, limit: { rate: 1/min } } ]",
+    )
+    .await;
+    for path in [
+        "/api/giveaway",
+        "/api/%67iveaway",
+        "/%61pi/giveaway/claim",
+        "//api/giveaway",
+        "/api//giveaway",
+        "/api/./giveaway",
+        "/api/x/../giveaway",
+        "/api/x/%2E%2e/giveaway",
+        "/../api/giveaway",
+    ] {
+        assert_eq!(
+            send_verbatim(&proxy, "POST", path).await,
+            503,
+            "POST {path}"
+        );
+    }
+    assert_eq!(backend.count(), 0, "a blocked request reached the service");
+    // Other paths are other paths.
+    for path in ["/api/giveaways", "/api/%2e%2e/x"] {
+        assert_eq!(
+            send_verbatim(&proxy, "POST", path).await,
+            200,
+            "POST {path}"
+        );
+    }
+    assert_eq!(send_verbatim(&proxy, "GET", "/api/%67iveaway").await, 200);
+    assert_eq!(
+        backend.last().path,
+        "/api/%67iveaway",
+        "forwarded as the client wrote it"
+    );
+    assert_eq!(send_verbatim(&proxy, "GET", "/api/search?q=1").await, 200);
+    for path in ["/api/search", "/api/%73earch", "/api//search/x"] {
+        assert_eq!(send_verbatim(&proxy, "GET", path).await, 429, "GET {path}");
+    }
+}
+
 #[tokio::test]
 async fn a_limit_answers_429_over_its_rate_per_key() {
     let (backend, proxy) = guarded(

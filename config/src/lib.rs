@@ -12,6 +12,7 @@ mod guards;
 mod lines;
 mod load;
 mod observe;
+mod path;
 mod problem;
 mod proxy;
 mod rules;
@@ -33,6 +34,7 @@ pub use load::{
     load_rules, load_services, validate_proxy, Strictness,
 };
 pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing};
+pub use path::{canonical_match, normalize_path};
 pub use problem::{Problem, Problems};
 pub use proxy::{
     check_identity, Authz, CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits,

@@ -2,6 +2,12 @@
 //! with the route rules' matcher; the first guard a request matches either
 //! answers it here (deny, or 429 over the rate) or lets it go on.
 //!
+//! Guards compare the request's path in normal form (`normalize_path`:
+//! `%67` is `g`, `//` is `/`, `.` and `..` segments resolved), and their
+//! own paths in the same form: a block must not be walked around by
+//! spelling the path another way that the service reads as the blocked
+//! one. What is forwarded is the path as the client sent it.
+//!
 //! Rate limits are GCRA token buckets, one atomic word each: one bucket per
 //! guard, or 4096 per guard keyed by client address or a header's value
 //! (keys that hash alike share one). A guard's buckets survive config
@@ -13,10 +19,13 @@ use crate::body::{Completion, ResponseBody};
 use crate::observe::metrics::{Metrics, SubsetMetrics};
 use crate::outcome::{CodeClass, ERROR_HEADER};
 use crate::pipeline::rules::Rules;
-use almond_config::{Direction, LimitBy, Match, Protocol, Rate, Service};
+use almond_config::{
+    canonical_match, normalize_path, Direction, LimitBy, Match, Protocol, Rate, Service,
+};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use prometheus::IntCounter;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
@@ -170,15 +179,19 @@ impl Guards {
             protocol: Protocol::Http1,
             ..svc.clone()
         };
+        // Paths in the form requests are compared in (config or a control
+        // plane of before may have written them otherwise).
+        let whens: Vec<Cow<'_, Match>> = guards.iter().map(|g| canonical_match(&g.when)).collect();
         let mut limiters: HashMap<Identity, Arc<Limiter>> = HashMap::new();
         let actions: Vec<Action> = guards
             .iter()
-            .map(|guard| match (&guard.limit, &guard.deny) {
+            .zip(&whens)
+            .map(|(guard, when)| match (&guard.limit, &guard.deny) {
                 (Some(limit), _) => {
                     // Two guards alike share one limiter: only the first
                     // of them is ever matched.
                     let limiter = limiters
-                        .entry(Identity::of(&guard.when, limit))
+                        .entry(Identity::of(when, limit))
                         .or_insert_with_key(|id| {
                             previous
                                 .and_then(|p| p.limiters.get(id))
@@ -200,7 +213,7 @@ impl Guards {
                 }
             })
             .collect();
-        let rules = Rules::compile(guards.iter().map(|g| &g.when).zip(actions));
+        let rules = Rules::compile(whens.iter().map(|w| &**w).zip(actions));
         Some(Guards {
             rules,
             limiters,
@@ -221,7 +234,9 @@ impl Guards {
         direction: usize,
         start: Instant,
     ) -> Option<Response<ResponseBody<C>>> {
-        let resp = match self.rules.first_match(req)? {
+        // Borrowed, not copied, unless the path is spelled oddly.
+        let path = normalize_path(req.uri().path());
+        let resp = match self.rules.first_match_at(req, &path)? {
             Action::Deny { status, body } => {
                 self.denied.inc();
                 answer(*status, body.clone(), "denied")

@@ -144,10 +144,17 @@ impl<T> Rules<T> {
     /// The outcome of the first rule `req` satisfies, if any.
     #[inline]
     pub fn first_match<B>(&self, req: &Request<B>) -> Option<&T> {
+        self.first_match_at(req, req.uri().path())
+    }
+
+    /// As [`Rules::first_match`], with `path` taken for `req`'s path (the
+    /// guards give its normal form, so that another spelling of a path
+    /// matches as the path).
+    #[inline]
+    pub fn first_match_at<B>(&self, req: &Request<B>, path: &str) -> Option<&T> {
         if self.rules.is_empty() {
             return None;
         }
-        let path = req.uri().path();
         let mut best = u32::MAX;
         self.scan(&self.any_path, req, &mut best);
         if let Some(list) = self.exact.get(path) {
