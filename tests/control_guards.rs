@@ -190,12 +190,13 @@ async fn a_limit_holds_a_route_and_status_lists_it() {
     );
 }
 
-/// Runs an operator command against `url`; it must succeed.
-async fn ok_ops(url: &str, args: &[&str]) {
+/// Runs an operator command against `url`; it must succeed. Its output.
+async fn ops_out(url: &str, args: &[&str]) -> String {
     let mut args = args.to_vec();
     args.extend(["--control", url]);
     let (code, out, err) = run_ops(&args).await;
     assert_eq!(code, Some(0), "{args:?}: {out}{err}");
+    out
 }
 
 /// A limit's buckets are its own: blocking and unblocking another route
@@ -206,7 +207,7 @@ async fn other_guards_coming_and_going_leave_a_limit_spent() {
     let (_backend, control, proxy, _registry) = mesh().await;
     let url = control.url();
     let search = "/api/search";
-    ok_ops(&url, &["limit", "web", "--path", search, "--rate", "1/min"]).await;
+    ops_out(&url, &["limit", "web", "--path", search, "--rate", "1/min"]).await;
     let mut client = H1::connect(proxy.addr()).await;
     eventually("the limit reaches the proxy and is spent", || async {
         let mut client = H1::connect(proxy.addr()).await;
@@ -217,7 +218,7 @@ async fn other_guards_coming_and_going_leave_a_limit_spent() {
         (["block", "web"], StatusCode::SERVICE_UNAVAILABLE),
         (["unblock", "web"], StatusCode::OK),
     ] {
-        ok_ops(&url, &[args[0], args[1], "--path", "/other"]).await;
+        ops_out(&url, &[args[0], args[1], "--path", "/other"]).await;
         eventually("the change reaches the proxy", || async {
             let mut client = H1::connect(proxy.addr()).await;
             status_of(&mut client, "GET", "/other").await == other
@@ -231,7 +232,7 @@ async fn other_guards_coming_and_going_leave_a_limit_spent() {
         );
     }
     // A new rate is a new limit: it starts with its burst.
-    ok_ops(&url, &["limit", "web", "--path", search, "--rate", "2/min"]).await;
+    ops_out(&url, &["limit", "web", "--path", search, "--rate", "2/min"]).await;
     eventually("the new rate reaches the proxy", || async {
         let config = proxy.admin_get("/config").await.json();
         config["services"]["web"]["guards"][0]["limit"]["rate"] == "2/min"
@@ -241,6 +242,50 @@ async fn other_guards_coming_and_going_leave_a_limit_spent() {
     assert_eq!(
         status_of(&mut client, "GET", search).await,
         StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+/// `/api/giveaway/`, `/api/%67iveaway` and `/api/giveaway` are one path to
+/// a guard: a `limit` replaces a `block` spelled otherwise, and one
+/// `unblock` gives the route back.
+#[tokio::test]
+async fn a_path_spelled_otherwise_is_the_same_guard() {
+    let (_backend, control, proxy, _registry) = mesh().await;
+    let url = control.url();
+    let out = ops_out(&url, &["block", "web", "--path", "/api/giveaway/"]).await;
+    assert!(out.contains("1 guard(s) in force"), "{out}");
+    assert!(
+        out.contains("any method /api/giveaway* denied 503"),
+        "{out}"
+    );
+    let mut client = H1::connect(proxy.addr()).await;
+    eventually("the block reaches the proxy", || async {
+        let mut client = H1::connect(proxy.addr()).await;
+        status_of(&mut client, "POST", "/api/giveaway").await == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let out = ops_out(
+        &url,
+        &["limit", "web", "--path", "/api/giveaway", "--rate", "1/min"],
+    )
+    .await;
+    assert!(out.contains("1 guard(s) in force"), "{out}");
+    assert!(
+        out.contains("any method /api/giveaway* limited to 1/min"),
+        "{out}"
+    );
+    let out = ops_out(&url, &["block", "web", "--path", "/api/%67iveaway"]).await;
+    assert!(out.contains("1 guard(s) in force"), "{out}");
+    let out = ops_out(&url, &["unblock", "web", "--path", "/api/giveaway"]).await;
+    assert!(out.contains("0 guard(s) in force"), "{out}");
+    eventually("the route is given back", || async {
+        let mut client = H1::connect(proxy.addr()).await;
+        status_of(&mut client, "POST", "/api/giveaway/x").await == StatusCode::OK
+    })
+    .await;
+    assert_eq!(
+        status_of(&mut client, "POST", "/api/giveaway").await,
+        StatusCode::OK
     );
 }
 

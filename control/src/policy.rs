@@ -4,8 +4,8 @@
 
 use crate::watcher::rollout::Rollout;
 use almond_config::{
-    check_guards, check_identity, check_mirror, check_rules, check_sticky_header, Authz, Guard,
-    Match, Mirror, RouteRule, Service, Split, Weights,
+    canonical_match, check_guards, check_identity, check_mirror, check_rules, check_sticky_header,
+    Authz, Guard, Match, Mirror, RouteRule, Service, Split, Weights,
 };
 use serde::{Deserialize, Serialize};
 
@@ -357,7 +357,9 @@ impl Policy {
     /// replaces any guard with the same match, else goes first, so the
     /// newest decision wins) or `almond unblock` (`guard` with no deny or
     /// limit: every guard with that match goes). The first change starts
-    /// from the source's guards.
+    /// from the source's guards. Paths are compared, and kept, in the form
+    /// proxies match them in (`canonical_match`): `/api/giveaway/` and
+    /// `/api/%67iveaway` are `/api/giveaway`, one guard, not two.
     /// Recorded in the audit trail and as a `blocked`, `limited` or
     /// `unblocked` event (`now_ms`: unix ms).
     pub fn with_guard(
@@ -382,9 +384,15 @@ impl Policy {
         {
             return Err(Refusal::Invalid(format!("match{path}: {why}")));
         }
+        let guard = Guard {
+            when: canonical_match(&guard.when).into_owned(),
+            ..guard
+        };
         let mut next = self.clone();
         let list = next.guards.get_or_insert_with(|| source.to_vec());
-        let same = |g: &Guard| g.when == guard.when;
+        // Guards stored before paths were canonical, or written in the
+        // source, are compared in the same form.
+        let same = |g: &Guard| *canonical_match(&g.when) == guard.when;
         let action = if removing {
             if !list.iter().any(same) {
                 return Err(Refusal::Invalid(format!(
