@@ -144,6 +144,9 @@ impl<T> Rules<T> {
     /// The outcome of the first rule `req` satisfies, if any.
     #[inline]
     pub fn first_match<B>(&self, req: &Request<B>) -> Option<&T> {
+        if self.rules.is_empty() {
+            return None;
+        }
         self.first_match_at(req, req.uri().path())
     }
 
