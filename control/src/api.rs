@@ -929,7 +929,7 @@ async fn mutate(
     if let Some(r) = &next.rollout {
         api.state.metrics.rollout_step(name, r.canary_weight());
     }
-    api.state.set_policy(name, next.clone(), 0);
+    api.state.set_written_policy(name, next.clone(), token);
     json_ok(&json!({ "service": name, "policy": next, "index": api.state.index() }))
 }
 

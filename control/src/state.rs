@@ -36,6 +36,11 @@ struct Inputs {
     /// not (only sources that drop unhealthy ones report it).
     registered: BTreeMap<String, BTreeMap<String, usize>>,
     policies: BTreeMap<String, Policy>,
+    /// Per service: the store stamp (Consul `ModifyIndex`, file
+    /// `revision`) this replica's last write replaced. A read of the store
+    /// that shows the service at that stamp or older began before the
+    /// write landed: the written policy stays until a read shows it.
+    written_over: BTreeMap<String, u64>,
     /// Per service: the allow-list read from Consul intentions, which
     /// replaces the policy's (`source.consul.intentions`).
     intentions: BTreeMap<String, almond_config::Authz>,
@@ -354,13 +359,61 @@ impl State {
     /// Replaces every policy (from the store) and re-serves the services
     /// whose policy changed.
     pub fn set_policies(&self, policies: BTreeMap<String, Policy>, source_index: u64) {
-        self.change_policies(|all| *all = policies, source_index);
+        self.change_policies(|all, _| *all = policies, source_index);
+    }
+
+    /// Sets every policy from a read of the store, each with its stamp
+    /// (Consul `ModifyIndex`, file `revision`): a service this replica
+    /// wrote after the read began (its stamp no newer than the one the
+    /// write replaced) keeps the written policy, so a slow read does not
+    /// put an older split back, even briefly.
+    pub fn set_read_policies(&self, read: BTreeMap<String, (Policy, u64)>, source_index: u64) {
+        self.change_policies(
+            |all, written_over| {
+                let mut next = BTreeMap::new();
+                for (name, (policy, stamp)) in read {
+                    match written_over.get(&name) {
+                        Some(&over) if stamp <= over => {
+                            if let Some(kept) = all.remove(&name) {
+                                next.insert(name, kept);
+                            }
+                        }
+                        _ => {
+                            written_over.remove(&name);
+                            next.insert(name, policy);
+                        }
+                    }
+                }
+                // Written here, not in the read at all: a new key the
+                // read began before.
+                for name in written_over.keys() {
+                    if let Some(kept) = all.remove(name) {
+                        next.entry(name.clone()).or_insert(kept);
+                    }
+                }
+                *all = next;
+            },
+            source_index,
+        );
+    }
+
+    /// Sets one service's policy after this replica wrote it to the store
+    /// over `stamp` (the check-and-set token it was read with).
+    pub fn set_written_policy(&self, name: &str, policy: Policy, stamp: u64) {
+        self.change_policies(
+            |all, written_over| {
+                let over = written_over.entry(name.to_owned()).or_insert(stamp);
+                *over = (*over).max(stamp);
+                all.insert(name.to_owned(), policy);
+            },
+            0,
+        );
     }
 
     /// Sets one service's policy (after a successful store write).
     pub fn set_policy(&self, name: &str, policy: Policy, source_index: u64) {
         self.change_policies(
-            |all| {
+            |all, _| {
                 all.insert(name.to_owned(), policy);
             },
             source_index,
@@ -373,11 +426,12 @@ impl State {
     /// own and put them back would lose the first one's change.
     fn change_policies(
         &self,
-        change: impl FnOnce(&mut BTreeMap<String, Policy>),
+        change: impl FnOnce(&mut BTreeMap<String, Policy>, &mut BTreeMap<String, u64>),
         source_index: u64,
     ) {
         let mut inputs = self.inputs();
-        change(&mut inputs.policies);
+        let inputs_ref = &mut *inputs;
+        change(&mut inputs_ref.policies, &mut inputs_ref.written_over);
         let mut catalog = self.catalog();
         for (name, service) in &inputs.sources {
             let served = inputs.served(name, service.clone());
@@ -685,6 +739,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A read of the store that began before this replica's write (it
+    /// shows the service at the stamp the write replaced) does not put
+    /// the older policy back; a read that shows the write, or a later
+    /// one, is taken.
+    #[test]
+    fn a_read_older_than_a_write_does_not_revert_it() {
+        let state = State::new().unwrap();
+        state.set_service("web", svc(1), 1);
+        state.set_service("new", svc(2), 1);
+        let v = |version| Policy {
+            version,
+            ..Policy::default()
+        };
+        let version = |name| state.policy(name).map(|p| p.version);
+        state.set_read_policies([("web".to_owned(), (v(1), 10))].into(), 2);
+        // Written over stamp 10; `new`'s key written for the first time.
+        state.set_written_policy("web", v(2), 10);
+        state.set_written_policy("new", v(1), 0);
+        // A slow read, begun before both writes.
+        state.set_read_policies([("web".to_owned(), (v(1), 10))].into(), 3);
+        assert_eq!(version("web"), Some(2), "the older split came back");
+        assert_eq!(version("new"), Some(1), "the new policy was dropped");
+        // The reads that show the writes, then another replica's change.
+        let read = [
+            ("web".to_owned(), (v(2), 11)),
+            ("new".to_owned(), (v(1), 12)),
+        ];
+        state.set_read_policies(read.into(), 4);
+        state.set_read_policies([("web".to_owned(), (v(3), 13))].into(), 5);
+        assert_eq!(version("web"), Some(3));
+        assert_eq!(version("new"), None, "deleted elsewhere: gone");
     }
 
     #[tokio::test(start_paused = true)]

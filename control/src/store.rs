@@ -171,7 +171,7 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                         };
                         match e.decode() {
                             Some(p) => {
-                                policies.insert(name.to_owned(), p);
+                                policies.insert(name.to_owned(), (p, e.modify_index));
                             }
                             // Written by a newer replica, or by hand: the
                             // service keeps the policy it had, rather than
@@ -179,7 +179,7 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                             None => match state.policy(name) {
                                 Some(kept) => {
                                     tracing::warn!(key = %e.key, "stored policy unreadable; the last one read stays");
-                                    policies.insert(name.to_owned(), kept);
+                                    policies.insert(name.to_owned(), (kept, e.modify_index));
                                 }
                                 None => {
                                     tracing::warn!(key = %e.key, "stored policy unreadable; ignored")
@@ -194,7 +194,7 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                 }
             }
         }
-        state.set_policies(policies, returned);
+        state.set_read_policies(policies, returned);
     }
 }
 
@@ -206,7 +206,13 @@ async fn follow_file(path: &PathBuf, state: &State) {
             .and_then(|m| Some((m.modified().ok()?, m.len())));
         if stamp != seen || seen.is_none() {
             match read_file(path) {
-                Ok(all) => state.set_policies(all, now_ms()),
+                Ok(all) => {
+                    let read = all.into_iter().map(|(name, p)| {
+                        let revision = p.revision;
+                        (name, (p, revision))
+                    });
+                    state.set_read_policies(read.collect(), now_ms())
+                }
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e, "policy file unreadable; previous policies stay")
                 }
@@ -223,6 +229,8 @@ async fn follow_file(path: &PathBuf, state: &State) {
 struct KvEntry {
     key: String,
     value: Option<String>,
+    #[serde(default)]
+    modify_index: u64,
 }
 
 impl KvEntry {

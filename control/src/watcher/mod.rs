@@ -97,7 +97,7 @@ impl Watcher {
                 if !self.store.put(name, &mut next, token).await? {
                     return Ok(()); // another replica won the lease
                 }
-                self.state.set_policy(name, next, 0);
+                self.state.set_written_policy(name, next, token);
                 return Ok(());
             }
         }
@@ -191,7 +191,7 @@ impl Watcher {
             if let Some(r) = &next_policy.rollout {
                 self.state.metrics.rollout_step(name, r.canary_weight());
             }
-            self.state.set_policy(name, next_policy, 0);
+            self.state.set_written_policy(name, next_policy, token);
             // The next window starts where this one ended.
             baselines.insert(
                 name.to_owned(),
