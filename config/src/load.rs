@@ -782,6 +782,75 @@ services:
         assert!(bad_header[0].message.contains("not an HTTP header name"));
     }
 
+    /// A YAML alias or merge key stands for a whole value: the keys after
+    /// it, and those it brings in, are named at their own lines.
+    #[test]
+    fn problems_after_aliases_and_merge_keys_name_their_lines() {
+        let text = "\
+services:
+  a:
+    timeouts: &t { connect: 1s, request: 5s }
+    endpoints: [{ addr: 127.0.0.1:1 }]
+  b:
+    timeouts: *t
+    endpoints:
+      - addr: 127.0.0.1:2
+      - addr: 127.0.0.1:3
+        weight: 0
+";
+        let p = problems(text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "services.b.endpoints[1].weight");
+        assert_eq!(
+            p[0].to_string(),
+            "line 10: services.b.endpoints[1].weight: must be 1 or more"
+        );
+
+        let text = "\
+services:
+  a: &base
+    timeouts: { connect: 1s }
+    endpoints:
+      - addr: 127.0.0.1:1
+  b:
+    <<: *base
+    lb: round_robin
+    endpoints:
+      - addr: 127.0.0.1:2
+        weight: 0
+  c:
+    <<: *base
+    timeouts: { connect: 0s }
+";
+        let got: Vec<String> = problems(text).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "line 11: services.b.endpoints[0].weight: must be 1 or more",
+                "line 14: services.c.timeouts.connect: must be more than 0",
+            ]
+        );
+
+        // A problem a merge key brings in is named at the `<<`.
+        let text = "\
+services:
+  a: &base
+    timeouts: { connect: 0s }
+    endpoints: [{ addr: 127.0.0.1:1 }]
+  b:
+    <<: *base
+    endpoints: [{ addr: 127.0.0.1:2 }]
+";
+        let got: Vec<String> = problems(text).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "line 3: services.a.timeouts.connect: must be more than 0",
+                "line 6: services.b.timeouts.connect: must be more than 0",
+            ]
+        );
+    }
+
     #[test]
     fn empty_endpoints_are_refused() {
         let text = "services:\n  a:\n    endpoints: []\n";
