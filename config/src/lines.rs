@@ -10,6 +10,9 @@
 //! `<<: [*a, *b]`) copies into its own mapping the same way, but weaker:
 //! a key written in that mapping keeps its own line, before or after the
 //! `<<`, as YAML lets it override the merged one.
+//!
+//! The same walk finds what the deserializer would refuse without a key
+//! path to name: a key given twice in one mapping, and a second document.
 
 use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle};
 use std::collections::HashMap;
@@ -20,6 +23,23 @@ pub(crate) struct LineIndex {
     lines: HashMap<String, usize>,
     /// Paths that only a merge key brought in; looked at after `lines`.
     merged: HashMap<String, usize>,
+    /// Keys given twice in one mapping, in file order.
+    duplicates: Vec<Duplicate>,
+    /// The line of each document's start (`---`, or its first node).
+    documents: Vec<usize>,
+}
+
+/// A key given a second time in the same mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Duplicate {
+    /// The mapping's path (`services.web.timeouts`; empty at the top).
+    pub(crate) parent: String,
+    /// The key, as written.
+    pub(crate) key: String,
+    /// The line of the second key.
+    pub(crate) line: usize,
+    /// The line of the first.
+    pub(crate) first: usize,
 }
 
 /// Most paths recorded by copying anchors: a chain of aliases can stand
@@ -30,8 +50,13 @@ const COPY_BUDGET: usize = 100_000;
 
 enum Frame {
     /// A mapping; `key` is set between a key and its value, and `merge`
-    /// says that key is `<<`.
-    Map { key: Option<String>, merge: bool },
+    /// says that key is `<<`; `seen` holds the keys written so far, with
+    /// their lines.
+    Map {
+        key: Option<String>,
+        merge: bool,
+        seen: HashMap<String, usize>,
+    },
     /// A sequence and the index of its next item; `merge_into` is the
     /// mapping whose `<<` this sequence is the value of.
     Seq {
@@ -103,6 +128,7 @@ impl LineIndex {
                         Frame::Map {
                             key: None,
                             merge: false,
+                            seen: HashMap::new(),
                         },
                     );
                 }
@@ -126,10 +152,22 @@ impl LineIndex {
                 Event::MappingEnd | Event::SequenceEnd => {
                     b.stack.pop();
                 }
+                Event::DocumentStart(..) => b.index.documents.push(line),
                 _ => {}
             }
         }
         b.index
+    }
+
+    /// Keys given twice in one mapping, in file order.
+    pub(crate) fn duplicates(&self) -> &[Duplicate] {
+        &self.duplicates
+    }
+
+    /// The line where each document starts; more than one: the file is a
+    /// stream of documents, not one config.
+    pub(crate) fn documents(&self) -> &[usize] {
+        &self.documents
     }
 
     /// The line of `path`, or of its nearest ancestor that has one.
@@ -146,7 +184,9 @@ impl LineIndex {
 }
 
 impl Builder {
-    /// Takes `name` as the next key if a mapping waits for one.
+    /// Takes `name` as the next key if a mapping waits for one. A key
+    /// seen before in the same mapping is a duplicate (merge keys aside:
+    /// `<<` may be given more than once).
     fn key(&mut self, name: &str, merge: bool, line: usize) -> bool {
         let Some(Node {
             path,
@@ -154,6 +194,7 @@ impl Builder {
                 Frame::Map {
                     key: key @ None,
                     merge: m,
+                    seen,
                 },
             weak,
             ..
@@ -161,6 +202,19 @@ impl Builder {
         else {
             return false;
         };
+        if !merge {
+            match seen.get(name) {
+                Some(first) => self.index.duplicates.push(Duplicate {
+                    parent: path.clone(),
+                    key: name.to_owned(),
+                    line,
+                    first: *first,
+                }),
+                None => {
+                    seen.insert(name.to_owned(), line);
+                }
+            }
+        }
         let full = join_key(path, name);
         *key = Some(full.clone());
         *m = merge;
@@ -180,7 +234,7 @@ impl Builder {
         };
         let weak = node.weak;
         match &mut node.frame {
-            Frame::Map { key, merge } => {
+            Frame::Map { key, merge, .. } => {
                 let path = key.take().unwrap_or_default();
                 if std::mem::take(merge) {
                     // The value of `<<` fills the mapping itself.

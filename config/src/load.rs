@@ -37,7 +37,7 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
         source_name: source_name.to_owned(),
         problems,
     };
-    let config: ControlConfig = parse(text, &index).map_err(|p| fail(vec![p]))?;
+    let config: ControlConfig = parse(text, &index).map_err(fail)?;
     let mut problems = Vec::new();
     if let Err(message) = config.watcher_source() {
         problems.push(Problem {
@@ -116,7 +116,7 @@ pub fn load_services(text: &str, source_name: &str) -> Result<BTreeMap<String, S
         source_name: source_name.to_owned(),
         problems,
     };
-    let services: BTreeMap<String, Service> = parse(text, &index).map_err(|p| fail(vec![p]))?;
+    let services: BTreeMap<String, Service> = parse(text, &index).map_err(fail)?;
     let mut problems: Vec<Problem> = services
         .iter()
         .flat_map(|(name, svc)| {
@@ -146,7 +146,7 @@ pub fn load_rules(text: &str, source_name: &str) -> Result<Vec<RouteRule>, Probl
         source_name: source_name.to_owned(),
         problems,
     };
-    let rules: Vec<RouteRule> = parse(text, &index).map_err(|p| fail(vec![p]))?;
+    let rules: Vec<RouteRule> = parse(text, &index).map_err(fail)?;
     let problems: Vec<Problem> = crate::rules::check_rules(&rules, None)
         .into_iter()
         .map(|(path, message)| {
@@ -188,7 +188,7 @@ pub fn load_proxy(text: &str, source_name: &str) -> Result<ProxyConfig, Problems
         problems,
     };
     let index = LineIndex::build(text);
-    let config = parse(text, &index).map_err(|p| fail(vec![p]))?;
+    let config = parse(text, &index).map_err(fail)?;
     let mut problems = validate_proxy(&config);
     problems.extend(crate::tls::check_files(&config));
     if problems.is_empty() {
@@ -201,32 +201,72 @@ pub fn load_proxy(text: &str, source_name: &str) -> Result<ProxyConfig, Problems
     Err(fail(problems))
 }
 
-/// Deserializes, reporting the key path and line of the first error.
-fn parse<T: DeserializeOwned>(text: &str, index: &LineIndex) -> Result<T, Problem> {
+/// Deserializes, reporting the key path and line of the first error; a
+/// key given twice, which YAML does not allow, is reported first, each
+/// with the mapping's path and the key (serde-saphyr knows neither path).
+fn parse<T: DeserializeOwned>(text: &str, index: &LineIndex) -> Result<T, Vec<Problem>> {
+    if !index.duplicates().is_empty() {
+        return Err(index.duplicates().iter().map(duplicate).collect());
+    }
     let mut path = None;
     let result = serde_saphyr::with_deserializer_from_str(text, |de| {
         serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
-            path = Some(e.path().to_string());
-            let message = e.into_inner().to_string();
+            let at = e.path().to_string();
+            // A duplicate the walk did not see (a key that is not a plain
+            // string): the path ends at the unknown key, `?`.
+            let message = match e.inner().without_snippet() {
+                serde_saphyr::Error::DuplicateMappingKey { key, .. } => {
+                    let key = key.as_deref().unwrap_or("?");
+                    format!("key {key:?} given twice")
+                }
+                _ => e.into_inner().to_string(),
+            };
+            path = Some(at);
             <serde_saphyr::Error as serde::de::Error>::custom(message)
         })
     });
     result.map_err(|e| {
         let full = e.without_snippet().to_string();
         let path = path
-            .filter(|p| p != ".")
+            .map(|p| p.trim_end_matches('?').trim_end_matches('.').to_owned())
+            .filter(|p| !p.is_empty() && p != ".")
             .unwrap_or_else(|| "(document)".into());
         let line = e
             .location()
             .map(|l| l.line() as usize)
             .or_else(|| line_in_message(&full))
             .or_else(|| index.line_of(&path));
-        Problem {
+        if let serde_saphyr::Error::MultipleDocuments { .. } = e.without_snippet() {
+            // serde-saphyr's hint names its own API; say what is wrong.
+            let starts = index.documents();
+            return vec![Problem {
+                path: "(document)".into(),
+                line: starts.get(1).copied().or(line),
+                message: format!(
+                    "a config is one YAML document; found {}",
+                    starts.len().max(2)
+                ),
+            }];
+        }
+        vec![Problem {
             path,
             line,
             message: first_line(&full),
-        }
+        }]
     })
+}
+
+/// A key given twice, named by its mapping and the key.
+fn duplicate(d: &crate::lines::Duplicate) -> Problem {
+    Problem {
+        path: if d.parent.is_empty() {
+            "(top level)".into()
+        } else {
+            d.parent.clone()
+        },
+        line: Some(d.line),
+        message: format!("key {:?} given twice (first on line {})", d.key, d.first),
+    }
 }
 
 /// serde-saphyr puts `line L` in its messages when it knows it.
@@ -848,6 +888,47 @@ services:
                 "line 3: services.a.timeouts.connect: must be more than 0",
                 "line 6: services.b.timeouts.connect: must be more than 0",
             ]
+        );
+    }
+
+    /// A key given twice is named by its mapping's path, the key and both
+    /// lines; a second document is named as such (not as Rust API advice).
+    #[test]
+    fn duplicate_keys_and_extra_documents_are_named() {
+        let text = "\
+admin: 127.0.0.1:4191
+services:
+  web:
+    endpoints: [{ addr: 127.0.0.1:1 }]
+    timeouts:
+      request: 5s
+      connect: 1s
+      request: 10s
+admin: 127.0.0.1:4192
+";
+        let got: Vec<String> = problems(text).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "line 8: services.web.timeouts: key \"request\" given twice (first on line 6)",
+                "line 9: (top level): key \"admin\" given twice (first on line 1)",
+            ]
+        );
+        let json = "{\"services\": {\"a\": {\"endpoints\": []}, \"a\": {}}}";
+        let got: Vec<String> = problems(json).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            ["line 1: services: key \"a\" given twice (first on line 1)"]
+        );
+        // The same key in two mappings, and `<<` twice, are no duplicates.
+        let text = "services:\n  a: &a\n    endpoints: [{ addr: 127.0.0.1:1 }]\n  b:\n    <<: *a\n    <<: *a\n    endpoints: [{ addr: 127.0.0.1:2 }]\n";
+        assert_eq!(problems(text), []);
+
+        let two = "admin: 127.0.0.1:4191\n---\nadmin: 127.0.0.1:4192\n";
+        let got: Vec<String> = problems(two).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            ["line 2: (document): a config is one YAML document; found 2"]
         );
     }
 
