@@ -75,6 +75,34 @@ async fn check_config_refuses_a_duplicate_listener() {
     assert!(err.contains("127.0.0.1:4140"), "{err}");
 }
 
+/// A control config with a mistake is still checked as a control config:
+/// the message names its real problem and line, not `listen: unknown field
+/// ... expected one of admin, control ...`.
+#[tokio::test]
+async fn check_config_names_a_control_config_mistake_and_its_line() {
+    let twice = "\
+listen: 127.0.0.1:4180
+source:
+  file: ./registry
+watcher:
+  source: direct
+  source: direct
+";
+    let (code, _, err) = check(twice).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("line 6: watcher: key \"source\" given twice (first on line 5)"),
+        "{err}"
+    );
+    let (code, _, err) = check("listen: 127.0.0.1:4180\nsourse:\n  file: ./registry\n").await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("line 2: sourse: unknown field"), "{err}");
+    assert!(err.contains("expected one of listen, source"), "{err}");
+    let (code, out, err) = check("listen: 127.0.0.1:4180\nsource: { file: ./registry }\n").await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ok (control config)"), "{out}");
+}
+
 #[tokio::test]
 async fn proxy_refuses_to_start_on_a_bad_config() {
     let file = write_temp(".yaml", "services:\n  orders:\n    endpoints: []\n");

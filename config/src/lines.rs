@@ -27,6 +27,8 @@ pub(crate) struct LineIndex {
     duplicates: Vec<Duplicate>,
     /// The line of each document's start (`---`, or its first node).
     documents: Vec<usize>,
+    /// The keys of the top-level mapping, as written.
+    top: Vec<String>,
 }
 
 /// A key given a second time in the same mapping.
@@ -159,6 +161,12 @@ impl LineIndex {
         b.index
     }
 
+    /// The keys of the top-level mapping, as written (up to a syntax
+    /// error, if the file has one).
+    pub(crate) fn top_level_keys(&self) -> &[String] {
+        &self.top
+    }
+
     /// Keys given twice in one mapping, in file order.
     pub(crate) fn duplicates(&self) -> &[Duplicate] {
         &self.duplicates
@@ -188,6 +196,7 @@ impl Builder {
     /// seen before in the same mapping is a duplicate (merge keys aside:
     /// `<<` may be given more than once).
     fn key(&mut self, name: &str, merge: bool, line: usize) -> bool {
+        let top = self.stack.len() == 1;
         let Some(Node {
             path,
             frame:
@@ -202,6 +211,9 @@ impl Builder {
         else {
             return false;
         };
+        if top {
+            self.index.top.push(name.to_owned());
+        }
         if !merge {
             match seen.get(name) {
                 Some(first) => self.index.duplicates.push(Duplicate {

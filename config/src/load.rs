@@ -16,13 +16,54 @@ pub fn load_proxy_file(path: &Path) -> Result<ProxyConfig, Problems> {
     read(path).and_then(|text| load_proxy(&text, &path.display().to_string()))
 }
 
-/// Is this config text a control config (it has a top-level `source`)?
-/// Text that does not parse is taken as a proxy config, whose loader then
-/// reports the syntax error.
+/// Is this config text a control config? Told by its top-level keys:
+/// those that only a control config has (`source`, `listen`, `watcher`,
+/// ...) against those that only a proxy config has (`admin`, `services`,
+/// ...), with `source` deciding a tie. The keys are read as written, so a
+/// file whose YAML has errors further on (a key given twice, a misspelled
+/// key) is still checked as what it is, and its real problem named.
 pub fn is_control_config(text: &str) -> bool {
-    serde_saphyr::from_str::<BTreeMap<String, serde::de::IgnoredAny>>(text)
-        .map(|keys| keys.contains_key("source"))
-        .unwrap_or(false)
+    let keys = LineIndex::build(text);
+    let keys = keys.top_level_keys();
+    let control = field_names::<ControlConfig>();
+    let proxy = field_names::<ProxyConfig>();
+    let only = |mine: &[&str], other: &[&str]| {
+        let only = |k: &&String| mine.contains(&k.as_str()) && !other.contains(&k.as_str());
+        keys.iter().filter(only).count()
+    };
+    let (c, p) = (only(control, proxy), only(proxy, control));
+    c > p || (c == p && keys.iter().any(|k| k == "source"))
+}
+
+/// The keys of a config struct: serde hands its derived field list to
+/// `deserialize_struct`, which this deserializer records and refuses.
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error, Visitor};
+    type Refused = serde::de::value::Error;
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Fields<'_> {
+        type Error = Refused;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Refused> {
+            Err(Refused::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Refused> {
+            *self.0 = fields;
+            Err(Refused::custom("fields recorded"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
 }
 
 /// Reads and checks a control config file.
@@ -930,6 +971,58 @@ admin: 127.0.0.1:4192
             got,
             ["line 2: (document): a config is one YAML document; found 2"]
         );
+    }
+
+    /// `check-config` tells a control config from a proxy config by the
+    /// keys only one of them has, even in a file with errors, so that the
+    /// real problem is named.
+    #[test]
+    fn control_configs_are_told_by_their_keys_even_when_broken() {
+        assert!(field_names::<ProxyConfig>().contains(&"services"));
+        assert!(field_names::<ControlConfig>().contains(&"source"));
+        assert!(is_control_config(
+            "source: { file: ./registry }
+"
+        ));
+        assert!(!is_control_config(GOOD));
+        assert!(!is_control_config("{}"));
+        assert!(!is_control_config(""));
+
+        let twice = "\
+listen: 127.0.0.1:4180
+source:
+  file: ./registry
+watcher:
+  source: direct
+  source: direct
+";
+        assert!(is_control_config(twice));
+        let got = load_control(twice, "c.yaml")
+            .map(drop)
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            got,
+            Err("c.yaml: line 6: watcher: key \"source\" given twice (first on line 5)".into())
+        );
+
+        let misspelled = "listen: 127.0.0.1:4180\nsourse:\n  file: ./registry\n";
+        assert!(is_control_config(misspelled));
+        let p = load_control(misspelled, "c.yaml")
+            .map(drop)
+            .unwrap_err()
+            .problems;
+        assert_eq!((p[0].path.as_str(), p[0].line), ("sourse", Some(2)));
+        assert!(
+            p[0].message.contains("expected one of listen, source"),
+            "{p:?}"
+        );
+
+        // Keys before a syntax error still count; JSON is read the same.
+        assert!(is_control_config("watcher: { source: direct }\nstore: [\n"));
+        assert!(is_control_config(
+            "{\"listen\": \"127.0.0.1:1\", \"sourc\": {}}"
+        ));
+        assert!(!is_control_config("admin: 127.0.0.1:1\nservices: [\n"));
     }
 
     #[test]
