@@ -103,6 +103,36 @@ watcher:
     assert!(out.contains("ok (control config)"), "{out}");
 }
 
+/// What a control plane would ignore or cannot do is refused by the
+/// check, with the key and line: a misspelled watcher key, `store: consul`
+/// beside a file source (whose policies live in `policy_file`).
+#[tokio::test]
+async fn check_config_refuses_control_keys_that_would_be_ignored() {
+    let text = "\
+listen: 127.0.0.1:4180
+source: { file: ./registry }
+watcher: { source: direct, promethues: \"http://127.0.0.1:9090\" }
+store: consul
+max_wait: 0s
+";
+    let (code, _, err) = check(text).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("line 3: watcher.promethues: unknown field `promethues`"),
+        "{err}"
+    );
+    let (code, _, err) = check(&text.replace(", promethues: \"http://127.0.0.1:9090\"", "")).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("line 4: store: consul needs a consul source"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 5: max_wait: must be more than 0"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn proxy_refuses_to_start_on_a_bad_config() {
     let file = write_temp(".yaml", "services:\n  orders:\n    endpoints: []\n");

@@ -30,7 +30,7 @@ pub struct ControlConfig {
     /// How the watcher reads golden metrics: `{ source: direct }` (scrape
     /// the proxies, the default) or `{ prometheus: http://HOST:9090 }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub watcher: Option<serde_json::Value>,
+    pub watcher: Option<Watcher>,
     /// Environment variable holding the operator bearer token (changes
     /// need it); set but unset or empty in the environment = the control
     /// plane refuses to start.
@@ -183,6 +183,30 @@ pub enum Store {
     File,
 }
 
+/// The `watcher` key as written: one of its two keys. Typed (not any
+/// map) so that a misspelled key is refused with its line rather than
+/// ignored; [`ControlConfig::watcher_source`] checks that exactly one is
+/// given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watcher {
+    /// `direct`: scrape every proxy's admin `/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<WatcherScrape>,
+    /// A Prometheus server's base URL (`http://HOST:9090`), asked with
+    /// PromQL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<String>,
+}
+
+/// The value of `watcher.source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatcherScrape {
+    /// Scrape every proxy's admin `/metrics`.
+    Direct,
+}
+
 /// Where the watcher reads golden metrics from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatcherSource {
@@ -193,22 +217,28 @@ pub enum WatcherSource {
 }
 
 impl ControlConfig {
-    /// The watcher's source, or why the `watcher` key is wrong.
-    pub fn watcher_source(&self) -> Result<WatcherSource, String> {
+    /// The watcher's source, or the key of `watcher` that is wrong and why.
+    pub fn watcher_source(&self) -> Result<WatcherSource, (&'static str, String)> {
         let Some(w) = &self.watcher else {
             return Ok(WatcherSource::Direct);
         };
-        if let Some(url) = w.get("prometheus") {
-            return match url.as_str() {
-                Some(u) if u.starts_with("http://") => Ok(WatcherSource::Prometheus(
-                    u.trim_end_matches('/').to_owned(),
-                )),
-                _ => Err("prometheus: an http:// URL, e.g. http://127.0.0.1:9090".into()),
-            };
-        }
-        match w.get("source").and_then(|s| s.as_str()) {
-            Some("direct") => Ok(WatcherSource::Direct),
-            _ => Err("expected { source: direct } or { prometheus: URL }".into()),
+        match (&w.source, &w.prometheus) {
+            (Some(WatcherScrape::Direct), None) => Ok(WatcherSource::Direct),
+            (None, Some(url)) if url.starts_with("http://") && url.len() > "http://".len() => Ok(
+                WatcherSource::Prometheus(url.trim_end_matches('/').to_owned()),
+            ),
+            (None, Some(_)) => Err((
+                "prometheus",
+                "an http:// URL, e.g. http://127.0.0.1:9090".into(),
+            )),
+            (Some(_), Some(_)) => Err((
+                "prometheus",
+                "give either source: direct or prometheus: URL, not both".into(),
+            )),
+            (None, None) => Err((
+                "",
+                "expected { source: direct } or { prometheus: URL }".into(),
+            )),
         }
     }
 }

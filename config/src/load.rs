@@ -1,7 +1,7 @@
 //! Parse and check a proxy config: text in, a checked [`ProxyConfig`] or
 //! every [`Problem`] out. Used by `check-config`, start-up and reload alike.
 
-use crate::control::{ControlConfig, Source};
+use crate::control::{ControlConfig, Source, Store};
 use crate::lines::LineIndex;
 use crate::problem::{Problem, Problems};
 use crate::proxy::{Condition, ProxyConfig, Service};
@@ -80,12 +80,43 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
     };
     let config: ControlConfig = parse(text, &index).map_err(fail)?;
     let mut problems = Vec::new();
-    if let Err(message) = config.watcher_source() {
+    let mut add = |path: String, message: String| {
         problems.push(Problem {
-            path: "watcher".into(),
-            line: index.line_of("watcher"),
+            line: index.line_of(&path),
+            path,
             message,
-        });
+        })
+    };
+    if let Err((key, message)) = config.watcher_source() {
+        add(join_path("watcher", key), message);
+    }
+    // Keys whose values would quietly mean "never": no subset or zone is
+    // ever found under an empty Meta key, a 0-byte body limit fails every
+    // read, and a 0s long-poll answers at once, forever.
+    for (key, value) in [
+        ("subset_key", &config.subset_key),
+        ("zone_key", &config.zone_key),
+    ] {
+        if let Err(why) = check_meta_key(value) {
+            add(key.into(), why);
+        }
+    }
+    if config.max_body_bytes == 0 {
+        add("max_body_bytes".into(), "must be 1 or more".into());
+    }
+    if config.max_wait.is_zero() {
+        add("max_wait".into(), "must be more than 0".into());
+    }
+    // Policies live in Consul KV only when endpoints come from Consul:
+    // the file source keeps them in `policy_file` (the control plane
+    // used that file, with a warning, when given both).
+    if config.store == Store::Consul && !matches!(config.source, Source::Consul(_)) {
+        add(
+            "store".into(),
+            "consul needs a consul source; with a file source, policies are kept in \
+             policy_file (store: file, the default)"
+                .into(),
+        );
     }
     for (i, n) in config.notify.iter().enumerate() {
         if !n.url.starts_with("http://") && !n.url.starts_with("https://") {
@@ -141,12 +172,59 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
                 message: "must be more than 0".into(),
             });
         }
+        if let Some(i) = &c.intentions {
+            if let Err(why) = check_trust_domain(&i.trust_domain) {
+                let path = "source.consul.intentions.trust_domain";
+                problems.push(Problem {
+                    path: path.into(),
+                    line: index.line_of(path),
+                    message: why,
+                });
+            }
+        }
     }
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
     if problems.is_empty() {
         Ok(config)
     } else {
         Err(fail(problems))
     }
+}
+
+fn join_path(parent: &str, key: &str) -> String {
+    if key.is_empty() {
+        parent.to_owned()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+/// A Consul `Meta` key, as Consul allows them: 1 to 128 letters, digits,
+/// `_` or `-`; another would never be found on an instance.
+fn check_meta_key(key: &str) -> Result<(), String> {
+    let ok = key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if key.is_empty() || key.len() > 128 || !ok {
+        return Err(format!(
+            "{key:?} is not a Consul Meta key: 1 to 128 letters, digits, '_' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// A SPIFFE trust domain (`example.org`): lower-case letters, digits,
+/// `.`, `-` and `_`, as the SPIFFE ID standard has it; another would never
+/// match a certificate's `spiffe://` URI.
+fn check_trust_domain(domain: &str) -> Result<(), String> {
+    let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b);
+    if domain.is_empty() || !domain.bytes().all(ok) {
+        return Err(format!(
+            "{domain:?} is not a SPIFFE trust domain: lower-case letters, digits, '.', '-' \
+             and '_', e.g. example.org"
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a registry file: a map of service name to service, checked as
@@ -681,6 +759,7 @@ fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::WatcherSource;
 
     fn problems(text: &str) -> Vec<Problem> {
         match load_proxy(text, "t.yaml") {
@@ -1023,6 +1102,97 @@ watcher:
             "{\"listen\": \"127.0.0.1:1\", \"sourc\": {}}"
         ));
         assert!(!is_control_config("admin: 127.0.0.1:1\nservices: [\n"));
+    }
+
+    fn control_problems(text: &str) -> Vec<String> {
+        match load_control(text, "c.yaml") {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// A control config's mistakes are refused with the key and line,
+    /// rather than ignored (a misspelled watcher key) or taken to mean
+    /// "never" (an empty Meta key, a 0s long-poll).
+    #[test]
+    fn control_config_mistakes_are_named_with_their_lines() {
+        let base =
+            "listen: 127.0.0.1:4180\nsource:\n  consul: { addr: \"http://127.0.0.1:8500\" }\n";
+        let with = |extra: &str| control_problems(&format!("{base}{extra}\n"));
+        let one = |extra: &str| {
+            let got = with(extra);
+            assert_eq!(got.len(), 1, "{extra}: {got:?}");
+            got[0].clone()
+        };
+        let typo = one("watcher: { source: direct, promethues: \"http://127.0.0.1:9090\" }");
+        assert!(
+            typo.starts_with("line 4: watcher.promethues: unknown field `promethues`"),
+            "{typo}"
+        );
+        let extra = one("watcher:\n  prometheus: \"http://127.0.0.1:9090\"\n  scrape_timeout: 5s");
+        assert!(
+            extra.starts_with("line 6: watcher.scrape_timeout: unknown field"),
+            "{extra}"
+        );
+        let kind = one("watcher: { source: prometheus }");
+        assert!(
+            kind.starts_with("line 4: watcher.source: unknown variant"),
+            "{kind}"
+        );
+        assert_eq!(
+            one("watcher:\n  source: direct\n  prometheus: \"http://127.0.0.1:9090\""),
+            "line 6: watcher.prometheus: give either source: direct or prometheus: URL, not both"
+        );
+        assert_eq!(
+            one("watcher: {}"),
+            "line 4: watcher: expected { source: direct } or { prometheus: URL }"
+        );
+        assert_eq!(
+            one("watcher: { prometheus: \"https://prom\" }"),
+            "line 4: watcher.prometheus: an http:// URL, e.g. http://127.0.0.1:9090"
+        );
+        assert_eq!(one("max_wait: 0s"), "line 4: max_wait: must be more than 0");
+        assert_eq!(
+            one("max_body_bytes: 0"),
+            "line 4: max_body_bytes: must be 1 or more"
+        );
+        assert_eq!(
+            one("subset_key: \"\""),
+            "line 4: subset_key: \"\" is not a Consul Meta key: 1 to 128 letters, digits, '_' or '-'"
+        );
+        assert!(one("zone_key: \"az \"").starts_with("line 4: zone_key: \"az \" is not"));
+        let text = base.replace(" }", ",\n    intentions: { trust_domain: \"\" } }");
+        assert_eq!(
+            control_problems(&text),
+            ["line 4: source.consul.intentions.trust_domain: \"\" is not a SPIFFE trust domain: \
+              lower-case letters, digits, '.', '-' and '_', e.g. example.org"]
+        );
+        assert_eq!(
+            control_problems("source: { file: ./registry }\nstore: consul\n"),
+            [
+                "line 2: store: consul needs a consul source; with a file source, policies are \
+              kept in policy_file (store: file, the default)"
+            ]
+        );
+
+        // Valid input reads as before.
+        let direct = load_control(&format!("{base}watcher: {{ source: direct }}\n"), "c.yaml");
+        assert_eq!(
+            direct.map(|c| c.watcher_source()),
+            Ok(Ok(WatcherSource::Direct))
+        );
+        let prom = format!("{base}watcher: {{ prometheus: \"http://127.0.0.1:9090/\" }}\n");
+        let prom = load_control(&prom, "c.yaml").map(|c| c.watcher_source());
+        let url = "http://127.0.0.1:9090".to_owned();
+        assert_eq!(prom, Ok(Ok(WatcherSource::Prometheus(url))));
+        let text = base.replace(
+            " }",
+            ",\n    intentions: { trust_domain: 11aa-22bb.consul } }",
+        );
+        assert_eq!(
+            control_problems(&format!("{text}store: consul\nmax_wait: 1s\n")),
+            [""; 0]
+        );
     }
 
     #[test]

@@ -138,6 +138,8 @@ impl Control {
             (StoreKind::Consul, Endpoints::Consul(consul)) => {
                 Store::Consul(Box::new(consul.1.clone()))
             }
+            // Refused by `load_control`; a config built in code that has
+            // both still runs, on the policy file.
             (StoreKind::Consul, Endpoints::File(_)) => {
                 tracing::warn!("store: consul needs a consul source; using the policy file");
                 self.file_store()
