@@ -204,6 +204,34 @@ async fn consul_health_reaches_traffic() {
     reaches(&proxy, "b2", "v2").await;
 }
 
+/// A Consul service whose name no `Host` can reach (`Orders`, `my orders`:
+/// the proxy looks `Host` up in lower case) is left out of what proxies
+/// get; the others are served, and `Host` is matched in any case.
+#[tokio::test]
+async fn consul_services_no_host_reaches_are_left_out() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    for (id, name) in [("orders-1", "Orders"), ("mine-1", "my orders")] {
+        let def = ServiceDef::new(name)
+            .id(id)
+            .address("127.0.0.1")
+            .port(b1.addr.port())
+            .check(passing());
+        consul.register(def).unwrap();
+    }
+    // Ready: the catalog and every service it lists have been read.
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_NAMES")).await;
+    let served: Vec<String> = control.state.services().into_keys().collect();
+    assert_eq!(served, ["web"]);
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    for host in ["WEB", "Web:4140"] {
+        let reply = get_h1(proxy.addr(), host, "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "{host}: {}", reply.text());
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 1b. `almond status`: endpoints healthy/total and live golden metrics
 // ---------------------------------------------------------------------------

@@ -151,6 +151,48 @@ async fn an_invalid_registry_file_leaves_the_last_good_state() {
     assert!(seen.iter().all(|b| b == "a2"), "{seen:?}");
 }
 
+/// A registry file naming a service no `Host` can reach (`Orders`: the
+/// proxy looks `Host` up in lower case) is refused like any invalid file,
+/// so proxies never get it; the other files are served, and proxies keep
+/// taking snapshots.
+#[tokio::test]
+async fn a_service_name_no_host_reaches_is_refused_with_its_file() {
+    let a1 = Backend::start("a1").await;
+    let marker = Backend::start("marker").await;
+    let registry = Registry::new();
+    registry.service("web", &[(a1.addr, "v1")]);
+    registry.service("Orders", &[(a1.addr, "v1")]);
+    registry.service("marker", &[(marker.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), None).await;
+    synced(&control, &proxy, "web", &[&a1]).await;
+    assert!(
+        !control.state.has_service("Orders"),
+        "{:?}",
+        control.state.services().keys()
+    );
+
+    // Host is case-insensitive: any spelling of `web` reaches it.
+    for host in ["web", "WEB", "Web:4140"] {
+        let reply = get_h1(proxy.addr(), host, "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "{host}: {}", reply.text());
+        assert_eq!(reply.backend(), "a1");
+    }
+    // The refused file stays refused; later edits elsewhere still apply.
+    registry.service("marker", &[(marker.addr, "v2")]);
+    eventually("the control plane reads the marker edit", || async {
+        control
+            .state
+            .service("marker")
+            .is_some_and(|s| s.endpoints[0].subset == "v2")
+    })
+    .await;
+    proxy_caught_up(&control, &proxy).await;
+    assert!(!control.state.has_service("Orders"));
+    let reply = get_h1(proxy.addr(), "orders", "/").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+}
+
 #[tokio::test]
 async fn the_proxy_rides_out_a_control_plane_that_is_down() {
     let a1 = Backend::start("a1").await;

@@ -133,6 +133,26 @@ max_wait: 0s
     );
 }
 
+/// A service named so that no `Host` reaches it (the proxy looks `Host`
+/// up in lower case) is refused with its line and the name to use.
+#[tokio::test]
+async fn check_config_refuses_a_service_name_no_host_reaches() {
+    let (code, _, err) = check(&GOOD.replace("orders", "Orders")).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("line 5: listeners[1].service: \"Orders\""),
+        "{err}"
+    );
+    assert!(err.contains("line 7: services.Orders: \"Orders\""), "{err}");
+    assert!(err.contains("so name it \"orders\""), "{err}");
+    let (code, _, err) = check(&GOOD.replace("  orders:", "  \"my orders\":")).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("line 7: services.my orders: \"my orders\" is not a host name"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn proxy_refuses_to_start_on_a_bad_config() {
     let file = write_temp(".yaml", "services:\n  orders:\n    endpoints: []\n");

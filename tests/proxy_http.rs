@@ -197,6 +197,26 @@ async fn unknown_service_is_404_naming_it() {
     assert_eq!(a.count(), 0);
 }
 
+/// Host names are case-insensitive: `Host: ORDERS` and `:authority:
+/// Orders` reach service `orders` (service names are lower case; the
+/// config check refuses others).
+#[tokio::test]
+async fn host_is_matched_in_any_case() {
+    let a = Backend::start("a").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("orders").at(a.addr))
+        .start()
+        .await;
+    for host in ["orders", "ORDERS", "Orders:4140"] {
+        let reply = get_h1(proxy.addr(), host, "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "{host}: {}", reply.text());
+    }
+    let reply = H2::connect(proxy.addr()).await.get("Orders", "/").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(a.count(), 4);
+}
+
 /// Service `s` split 90/10 over subsets v1 (two endpoints) and v2.
 async fn canary() -> (Backend, Backend, Backend, TestProxy) {
     let v1a = Backend::start("v1a").await;

@@ -37,8 +37,9 @@ pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing};
 pub use path::{canonical_match, normalize_path};
 pub use problem::{Problem, Problems};
 pub use proxy::{
-    check_identity, Authz, CircuitBreaker, Condition, Direction, Endpoint, HealthCheck, Lb, Limits,
-    Listener, Protocol, ProxyConfig, Retries, Service, Timeouts, Tls, UpstreamTls, DEFAULT_SUBSET,
+    check_identity, check_service_name, Authz, CircuitBreaker, Condition, Direction, Endpoint,
+    HealthCheck, Lb, Limits, Listener, Protocol, ProxyConfig, Retries, Service, Timeouts, Tls,
+    UpstreamTls, DEFAULT_SUBSET,
 };
 pub use rules::{
     check_match, check_mirror, check_rules, HeaderMatch, Match, Mirror, RouteRule, RouteTo,

@@ -331,7 +331,18 @@ impl Builder {
     }
 }
 
+/// A key as a path segment: `""` for the empty key, which would
+/// otherwise leave a bare `services.` (what `check-config` shows).
+pub(crate) fn segment(key: &str) -> &str {
+    if key.is_empty() {
+        "\"\""
+    } else {
+        key
+    }
+}
+
 fn join_key(parent: &str, key: &str) -> String {
+    let key = segment(key);
     if parent.is_empty() {
         key.to_owned()
     } else {

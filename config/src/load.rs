@@ -2,7 +2,7 @@
 //! every [`Problem`] out. Used by `check-config`, start-up and reload alike.
 
 use crate::control::{ControlConfig, Source, Store};
-use crate::lines::LineIndex;
+use crate::lines::{segment, LineIndex};
 use crate::problem::{Problem, Problems};
 use crate::proxy::{Condition, ProxyConfig, Service};
 use crate::rules::RouteRule;
@@ -165,6 +165,16 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
                 message: "cert_file and key_file go together".into(),
             });
         }
+        for (i, name) in c.services.iter().enumerate() {
+            if let Err(why) = crate::proxy::check_service_name(name) {
+                let path = format!("source.consul.services[{i}]");
+                problems.push(Problem {
+                    line: index.line_of(&path),
+                    path,
+                    message: why,
+                });
+            }
+        }
         if c.wait.is_zero() {
             problems.push(Problem {
                 path: "source.consul.wait".into(),
@@ -239,9 +249,12 @@ pub fn load_services(text: &str, source_name: &str) -> Result<BTreeMap<String, S
     let mut problems: Vec<Problem> = services
         .iter()
         .flat_map(|(name, svc)| {
+            let bad_name = crate::proxy::check_service_name(name).err();
+            let bad_name = bad_name.map(|why| (segment(name).to_owned(), why));
             check_service(svc, Strictness::Static)
                 .into_iter()
                 .map(move |(path, message)| (format!("{name}{path}"), message))
+                .chain(bad_name)
         })
         .map(|(path, message)| Problem {
             line: index.line_of(&path),
@@ -458,7 +471,9 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
             );
         }
         if let Some(svc) = &l.service {
-            if static_mode && !config.services.contains_key(svc) {
+            if let Err(why) = crate::proxy::check_service_name(svc) {
+                add(format!("listeners[{i}].service"), why);
+            } else if static_mode && !config.services.contains_key(svc) {
                 add(
                     format!("listeners[{i}].service"),
                     format!("no service named {svc:?} in services"),
@@ -509,6 +524,13 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
         Strictness::Snapshot
     };
     for (name, svc) in &config.services {
+        // Names written here; a snapshot's come checked by the control
+        // plane (a proxy must not refuse a whole snapshot for one name).
+        if static_mode {
+            if let Err(why) = crate::proxy::check_service_name(name) {
+                add(format!("services.{}", segment(name)), why);
+            }
+        }
         for (path, message) in check_service(svc, strictness) {
             add(format!("services.{name}{path}"), message);
         }
@@ -1192,6 +1214,60 @@ watcher:
         assert_eq!(
             control_problems(&format!("{text}store: consul\nmax_wait: 1s\n")),
             [""; 0]
+        );
+    }
+
+    /// A service is reached by `Host`, looked up in lower case: a name no
+    /// `Host` can reach is refused where it is written, with its line.
+    #[test]
+    fn service_names_that_no_host_reaches_are_refused() {
+        let text = "\
+listeners:
+  - bind: 127.0.0.1:4140
+  - bind: 127.0.0.1:9001
+    service: Orders
+services:
+  Orders:
+    endpoints: [{ addr: 127.0.0.1:1 }]
+  \"my orders\":
+    endpoints: [{ addr: 127.0.0.1:2 }]
+  \"\":
+    endpoints: [{ addr: 127.0.0.1:3 }]
+  orders-v2.internal_1:
+    endpoints: [{ addr: 127.0.0.1:4 }]
+";
+        let got: Vec<String> = problems(text).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "line 4: listeners[1].service: \"Orders\": clients' Host is matched in lower case \
+                 (host names are case-insensitive), so name it \"orders\"",
+                "line 6: services.Orders: \"Orders\": clients' Host is matched in lower case \
+                 (host names are case-insensitive), so name it \"orders\"",
+                "line 8: services.my orders: \"my orders\" is not a host name: a service name is \
+                 lower-case letters, digits, '-', '_' and '.', as clients send it in Host",
+                "line 10: services.\"\": a service name must not be empty",
+            ]
+        );
+        // With a control plane, the listener's name is still this file's.
+        let text =
+            "control: http://127.0.0.1:4180\nlisteners:\n  - bind: 127.0.0.1:1\n    service: Web\n";
+        let p = problems(text);
+        assert_eq!(
+            (p[0].path.as_str(), p[0].line),
+            ("listeners[0].service", Some(4))
+        );
+
+        // The file registry and the Consul source's list too.
+        let registry = "web:\n  endpoints: [{ addr: 127.0.0.1:1 }]\nWeb:\n  endpoints: [{ addr: 127.0.0.1:2 }]\n";
+        let p = load_services(registry, "r.yaml").unwrap_err().problems;
+        assert_eq!((p[0].path.as_str(), p[0].line), ("Web", Some(3)), "{p:?}");
+        let control = "source:\n  consul:\n    services: [web, Orders]\n";
+        let got = control_problems(control);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("line 3: source.consul.services[1]: \"Orders\""),
+            "{got:?}"
         );
     }
 

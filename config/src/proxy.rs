@@ -123,6 +123,33 @@ pub fn check_identity(id: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a service name: what clients send in `Host` (or `:authority`)
+/// to reach it, so a host name as clients write it: lower-case letters,
+/// digits, `-`, `_` and `.` (Consul's DNS-compatible names, with the `_`
+/// and `.` that real ones carry). Host names are case-insensitive and the
+/// proxy looks a request's `Host` up in lower case, so an upper-case name
+/// could never be reached by it.
+pub fn check_service_name(name: &str) -> Result<(), String> {
+    let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b);
+    if name.is_empty() {
+        return Err("a service name must not be empty".into());
+    }
+    if name.bytes().all(ok) {
+        return Ok(());
+    }
+    let lower = name.to_ascii_lowercase();
+    if lower.bytes().all(ok) {
+        return Err(format!(
+            "{name:?}: clients' Host is matched in lower case (host names are \
+             case-insensitive), so name it {lower:?}"
+        ));
+    }
+    Err(format!(
+        "{name:?} is not a host name: a service name is lower-case letters, digits, \
+         '-', '_' and '.', as clients send it in Host"
+    ))
+}
+
 /// Upstream TLS of a service: `tls: true` or `tls: { server_name: NAME }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -147,11 +147,13 @@ mod tests {
         assert_eq!(bad.len(), 1, "{bad:?}");
         assert_eq!(bad[0].0, "services.a.tls.server_name");
         assert!(bad[0].1.contains("not a DNS name"), "{}", bad[0].1);
-        // The default is the service's name: one that is no DNS name says so.
+        // The default is the service's name: one that is no DNS name says
+        // so (beside the name's own problem, in a static config).
         let bad = with("\"a b\"", "true");
-        assert_eq!(bad.len(), 1, "{bad:?}");
-        assert_eq!(bad[0].0, "services.a b.tls");
-        assert!(bad[0].1.contains("set tls.server_name"), "{}", bad[0].1);
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert_eq!(bad[0].0, "services.a b");
+        assert_eq!(bad[1].0, "services.a b.tls");
+        assert!(bad[1].1.contains("set tls.server_name"), "{}", bad[1].1);
         // Names and addresses rustls takes pass.
         assert_eq!(with("a", "{ server_name: api.internal }"), vec![]);
         assert_eq!(with("a", "{ server_name: 10.0.0.7 }"), vec![]);

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
@@ -365,6 +365,8 @@ pub async fn run(
     state: Arc<State>,
 ) {
     let mut watches: HashMap<String, JoinHandle<()>> = HashMap::new();
+    // Names left out, each logged once.
+    let mut refused: HashSet<String> = HashSet::new();
     let mut blocking = Blocking::new();
     loop {
         blocking.pace().await;
@@ -399,6 +401,7 @@ pub async fn run(
             .into_keys()
             .filter(|n| n != "consul")
             .filter(|n| cfg.services.is_empty() || cfg.services.contains(n))
+            .filter(|n| servable(n, &mut refused))
             .collect();
         // Stop watching services that are gone, and drop them.
         watches.retain(|name, task| {
@@ -435,6 +438,20 @@ pub async fn run(
         }
         state.catalog_synced();
     }
+}
+
+/// Can this Consul service be served? Its name is what clients send in
+/// `Host`, and proxies look that up in lower case: a name no `Host` can
+/// reach (`Orders`, `my orders`) is left out, with the reason logged once,
+/// rather than sent to every proxy as a service no request finds.
+fn servable(name: &str, refused: &mut HashSet<String>) -> bool {
+    let Err(why) = almond_config::check_service_name(name) else {
+        return true;
+    };
+    if refused.insert(name.to_owned()) {
+        tracing::warn!(service = %name, reason = %why, "Consul service not served");
+    }
+    false
 }
 
 /// One service's health watch.

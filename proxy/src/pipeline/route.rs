@@ -237,7 +237,10 @@ impl Table {
     }
 
     /// Finds the service of a request on a listener: the listener's bound
-    /// service, else the `Host` / `:authority` without its port.
+    /// service, else the `Host` / `:authority` without its port. Host names
+    /// are case-insensitive and service names are lower case (the config
+    /// check refuses others, the control plane leaves them out), so the
+    /// host is looked up as sent, then in lower case.
     pub fn service<B>(
         &self,
         listener: &ListenerRoute,
