@@ -504,3 +504,83 @@ async fn methods_are_answered_as_http_says() {
     let reply = client.request(ask(Method::GET, "/nothing/here")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
 }
+
+/// A proxy restarted from a cache that lacks a service the control plane
+/// serves (one it could not take last time: a `tls` it had no identity
+/// for) gets it: its first ask is for the whole state, not for what
+/// changed since the cache's index (nothing, so never that service).
+#[tokio::test]
+async fn a_proxy_restarted_from_its_cache_takes_the_whole_state() {
+    let a1 = Backend::start("a1").await;
+    let b1 = Backend::start("b1").await;
+    let registry = Registry::new();
+    registry.service("web", &[(a1.addr, "v1")]);
+    registry.service("api", &[(b1.addr, "v1")]);
+    let cache = registry.scratch("snapshot-cache.json");
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), Some(&cache)).await;
+    proxy_caught_up(&control, &proxy).await;
+    let index = control.state.index();
+    eventually("the proxy writes its snapshot cache", || async {
+        std::fs::read(&cache)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["index"].as_u64() == Some(index))
+    })
+    .await;
+    proxy.shutdown().await;
+    // The cache as a proxy that could not take `api` wrote it.
+    let mut cached: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    cached["services"].as_object_mut().unwrap().remove("api");
+    cached["names"] = serde_json::json!(["web"]);
+    std::fs::write(&cache, serde_json::to_vec(&cached).unwrap()).unwrap();
+
+    let restarted = start_following(&control.url(), Some(&cache)).await;
+    assert_eq!(control.state.index(), index, "nothing changed meanwhile");
+    eventually("the restarted proxy serves api", || async {
+        get_h1(restarted.addr(), "api", "/").await.status == StatusCode::OK
+    })
+    .await;
+    let seen = backends_seen(&restarted, "web", 4).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+}
+
+/// A registry directory that cannot be read is not an empty registry: a
+/// control plane started on one is not ready, and one whose directory goes
+/// away (unmounted, swapped) keeps serving what it read, so its proxies
+/// keep their routes. (It served nothing, ready, and every proxy dropped
+/// every route.)
+#[tokio::test]
+async fn an_unreadable_registry_directory_empties_nothing() {
+    let a1 = Backend::start("a1").await;
+    let registry = Registry::new();
+    let moved = registry.scratch("services-moved");
+    std::fs::rename(&registry.services, &moved).unwrap();
+    let control = TestControl::launch_unready(&registry.control_yaml(None)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let ready = control.get("/ready").await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.text()
+    );
+    // The directory appears: ready, serving it.
+    std::fs::rename(&moved, &registry.services).unwrap();
+    registry.service("web", &[(a1.addr, "v1")]);
+    eventually("the control plane is ready", || async {
+        control.get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    let proxy = start_following(&control.url(), None).await;
+    synced(&control, &proxy, "web", &[&a1]).await;
+    proxy_caught_up(&control, &proxy).await;
+    // The directory goes away while running: nothing is removed.
+    std::fs::rename(&registry.services, &moved).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    assert!(control.state.has_service("web"));
+    let seen = backends_seen(&proxy, "web", 4).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+    std::fs::rename(&moved, &registry.services).unwrap();
+}

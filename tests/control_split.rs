@@ -752,3 +752,28 @@ async fn stickiness_from_a_static_config() {
     let again = sticky_round(proxy.addr(), "s", 1).await;
     assert_eq!(sides, again);
 }
+
+/// Promoting off a subset that is gone (retired, or all of it unhealthy):
+/// the dashboard and `almond promote` send 0 for every subset they knew,
+/// and the gone one at 0 is no reason to refuse (it was a 400, so traffic
+/// could not be moved off a dead subset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoting_off_a_gone_subset_is_taken() {
+    let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_GONE").await;
+    c.shift(split(50, 50)).await;
+    // v1 leaves the registry.
+    c.registry
+        .service_lb("s", "round_robin", &[(c.v2.addr, "v2")]);
+    eventually("v1 is gone from the control plane", || async {
+        c.control
+            .state
+            .service("s")
+            .is_some_and(|s| s.endpoints.iter().all(|e| e.subset == "v2"))
+    })
+    .await;
+    let body = json!({ "weights": { "v1": 0, "v2": 100 }, "action": "promote" });
+    let reply = c.control.put_split("s", &body, Some(TOKEN)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    c.proxy_split(&[("v2", 100.0)]).await;
+    assert_eq!(c.v2_share(40).await, 40);
+}

@@ -21,8 +21,26 @@ pub async fn run(dir: PathBuf, state: Arc<State>) {
     let mut stamps: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
     let mut good: BTreeMap<PathBuf, BTreeMap<String, Service>> = BTreeMap::new();
     let mut first = true;
+    let mut unreadable = false;
     loop {
-        let listing = list(&dir);
+        // A directory that cannot be read (a typo, not mounted yet, being
+        // swapped) is not an empty registry: the services read before
+        // stay, and until a first read the control plane is not ready.
+        let listing = match list(&dir) {
+            Ok(listing) => listing,
+            Err(e) => {
+                if !unreadable {
+                    tracing::error!(dir = %dir.display(), error = %e, "registry directory unreadable; the services read before stay");
+                    unreadable = true;
+                }
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+        };
+        if unreadable {
+            tracing::info!(dir = %dir.display(), "registry directory readable again");
+            unreadable = false;
+        }
         if listing != stamps || first {
             reload(&dir, &listing, &stamps, &mut good, &state);
             stamps = listing;
@@ -36,11 +54,9 @@ pub async fn run(dir: PathBuf, state: Arc<State>) {
 }
 
 /// Every `*.yaml` / `*.yml` / `*.json` file with its modification stamp.
-fn list(dir: &Path) -> BTreeMap<PathBuf, Stamp> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return BTreeMap::new();
-    };
-    entries
+fn list(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
+    let entries = std::fs::read_dir(dir)?;
+    Ok(entries
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
@@ -53,7 +69,7 @@ fn list(dir: &Path) -> BTreeMap<PathBuf, Stamp> {
             let meta = std::fs::metadata(&p).ok()?;
             Some((p, (meta.modified().ok()?, meta.len())))
         })
-        .collect()
+        .collect())
 }
 
 fn reload(

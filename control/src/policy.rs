@@ -153,7 +153,9 @@ pub fn check_split(
                 "weight of {subset} is {w}; weights are percent, 0 to 100"
             )));
         }
-        let exists = service.endpoints.iter().any(|e| &e.subset == subset);
+        // A subset at 0 may be gone (retired, or all of it unhealthy):
+        // promoting off a dead subset must not need it.
+        let exists = *w == 0 || service.endpoints.iter().any(|e| &e.subset == subset);
         if !exists && !allow_empty.contains(subset) {
             let known: Vec<&str> = {
                 let mut k: Vec<&str> = service

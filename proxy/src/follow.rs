@@ -199,13 +199,18 @@ pub async fn follow(
 ) {
     let shared = proxy.shared().clone();
     let mut failures = 0u32;
+    // The first answer is the whole state, taken whatever its index: the
+    // cache holds what this proxy took last time, which leaves out any
+    // service it could not take then (a `tls` it had no identity for), and
+    // a delta from the cache's index would never bring that back.
+    let mut whole = true;
     loop {
         let uri = format!(
             "{}/v1/snapshot?proxy={}&epoch={}&index={}&wait={}s&admin={}",
             url.trim_end_matches('/'),
             percent_encode(&proxy_id),
-            at.epoch,
-            at.index,
+            if whole { 0 } else { at.epoch },
+            if whole { 0 } else { at.index },
             WAIT.as_secs(),
             percent_encode(&admin),
         );
@@ -214,7 +219,7 @@ pub async fn follow(
             Ok(snapshot) => {
                 failures = 0;
                 shared.metrics.control_connected.set(1);
-                if !at.takes(&snapshot) {
+                if !(whole && snapshot.full) && !at.takes(&snapshot) {
                     // Wait timed out, or an older replica answered: keep ours.
                     // A replica that answers at once with nothing new (one
                     // still starting, say) must not make this loop spin.
@@ -227,6 +232,7 @@ pub async fn follow(
                 let new_epoch = epoch != at.epoch && at.index != 0;
                 match apply(&proxy, snapshot) {
                     Ok(applied) => {
+                        whole = false;
                         if new_epoch {
                             tracing::info!(
                                 from = at.epoch,
