@@ -219,7 +219,8 @@ pub async fn follow(
             Ok(snapshot) => {
                 failures = 0;
                 shared.metrics.control_connected.set(1);
-                if !(whole && snapshot.full) && !at.takes(&snapshot) {
+                let taken = (whole && snapshot.full) || at.takes(&snapshot);
+                if !taken {
                     // Wait timed out, or an older replica answered: keep ours.
                     // A replica that answers at once with nothing new (one
                     // still starting, say) must not make this loop spin.
