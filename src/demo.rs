@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 /// Per-subset tallies for the current second (the demo's own client side).
@@ -41,8 +42,14 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
 
     // The control plane on its file registry (no Consul).
     let dir = std::env::temp_dir().join(format!("almond-demo-{}", std::process::id()));
+    // Ctrl-C and SIGTERM are listened for from here on, so one that comes
+    // while a table prints is not lost (it ends the demo at the next tick).
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let registry = dir.join("registry");
     std::fs::create_dir_all(&registry)?;
+    // Removed however the demo ends: a stop, an error, a signal.
+    let _scratch = Scratch(dir.clone());
     std::fs::write(
         registry.join("demo.yaml"),
         format!("demo:\n  endpoints:\n{}\n", endpoints.join("\n")),
@@ -136,7 +143,8 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
                 print_summary(started.elapsed(), last_summary.elapsed(), &tallies);
                 last_summary = Instant::now();
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
         }
         // Follow the rollout; print each verdict as it lands.
         let (phase, seen) = rollout_progress(&ops).await;
@@ -178,9 +186,17 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
     let _ = proxy_task.await;
     let _ = control_stop.send(());
     let _ = control_task.await;
-    let _ = std::fs::remove_dir_all(&dir);
     println!("demo stopped");
     Ok(())
+}
+
+/// The demo's scratch directory, removed when the demo ends.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 async fn one_request(

@@ -234,3 +234,47 @@ async fn demo_runs_and_reports_both_versions() {
         "{out}"
     );
 }
+
+/// The demo stops on SIGTERM and on Ctrl-C (SIGINT), whenever it comes
+/// (one during a status table was lost), and removes its scratch
+/// directory (SIGTERM left it behind).
+#[tokio::test]
+async fn demo_stops_on_a_signal_and_cleans_up() {
+    use tokio::io::AsyncBufReadExt;
+    for sig in ["-TERM", "-INT"] {
+        let mut child = almond()
+            .args(["demo", "--duration", "60"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let dir = std::env::temp_dir().join(format!("almond-demo-{pid}"));
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // Until the control plane's table is being printed.
+        within("the demo's first status table", async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("almond status demo") {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(dir.exists(), "no scratch directory at {}", dir.display());
+        let sent = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        // Drain what it prints while it stops.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("still running 10 s after kill {sig}"))
+            .unwrap();
+        assert!(status.success(), "{sig}: {status}");
+        assert!(!dir.exists(), "{sig}: {} left behind", dir.display());
+    }
+}
