@@ -86,7 +86,7 @@ impl<'de> Deserialize<'de> for Split {
     }
 }
 
-/// Checks that a split may name `subset`: not [`STICKY_KEY`], which the
+/// Checks that a split may name `subset`: not `sticky_header`, which the
 /// flat shape reads as the sticky header (a split to it would be read
 /// back as a header name, and every proxy would refuse the snapshot).
 pub fn check_split_subset(subset: &str) -> Result<(), String> {
