@@ -247,7 +247,8 @@ enum Command {
         /// Highest canary p99 as a multiple of stable's.
         #[arg(long)]
         max_p99_ratio: Option<f64>,
-        /// Fewest canary requests per verdict.
+        /// Fewest canary requests a pass needs (quiet windows add up until
+        /// they have them; failures may fail the canary sooner).
         #[arg(long, default_value_t = 50)]
         min_requests: u64,
         /// Steps after which to wait for `--approve`.

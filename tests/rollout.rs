@@ -800,6 +800,86 @@ async fn no_traffic_is_inconclusive_held_then_rolled_back() {
 }
 
 // ---------------------------------------------------------------------------
+// 4b. Little traffic: windows add up; a broken canary fails at once
+// ---------------------------------------------------------------------------
+
+/// A quiet service: no window alone has the `min_requests` the canary
+/// needs (200 at 10 % of at most ~300 rps over windows of under a second),
+/// but the windows add up to a verdict, and the healthy canary is
+/// promoted instead of rolled back as "inconclusive N times in a row".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_too_small_alone_add_up_to_a_pass() {
+    let rig = Rig::start().await;
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let mut s = spec(&[10, 100], 0.5);
+    s["thresholds"]["min_requests"] = json!(200);
+    s["max_inconclusive"] = json!(200);
+    rig.start_rollout(&s).await;
+
+    let r = wait_phase(&rig.control, "succeeded").await;
+    assert_eq!(passes(&r), vec![10, 100], "{r:#}");
+    let judged: Vec<(u64, String, u64)> = r["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            (
+                j["percent"].as_u64().unwrap(),
+                j["verdict"]["verdict"].as_str().unwrap().to_owned(),
+                j["canary_requests"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let at_10: Vec<&(u64, String, u64)> = judged.iter().filter(|j| j.0 == 10).collect();
+    let (pass, waited) = at_10.split_last().unwrap();
+    assert!(
+        pass.2 >= 200,
+        "the pass judged 200 requests or more: {judged:?}"
+    );
+    assert!(
+        !waited.is_empty(),
+        "one window alone was too small: {judged:?}"
+    );
+    // Each inconclusive window was carried into the next judgement.
+    assert!(
+        at_10.windows(2).all(|w| w[0].2 <= w[1].2),
+        "the judged window grows: {judged:?}"
+    );
+    let reasons = verdicts(&r);
+    assert!(
+        reasons
+            .iter()
+            .filter(|v| v.1 == "inconclusive")
+            .all(|v| v.2.contains("too little canary traffic")),
+        "{r:#}"
+    );
+    assert_eq!(weight(&rig.proxy, "v2").await, 100.0);
+}
+
+/// A canary failing every request fails its first window, long before
+/// it has `min_requests` requests: its failures alone are conclusive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_every_request_fails_before_min_requests() {
+    let rig = Rig::start().await;
+    rig.v2.fail_percent(100);
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let mut s = spec(&[10, 50, 100], 1.0);
+    s["thresholds"]["min_requests"] = json!(100_000);
+    s["max_inconclusive"] = json!(3);
+    rig.start_rollout(&s).await;
+
+    let r = wait_phase(&rig.control, "rolled_back").await;
+    let reason = r["reason"].as_str().unwrap();
+    assert!(reason.contains("error rate"), "{reason}");
+    let v = verdicts(&r);
+    assert_eq!(v.last().unwrap().1, "fail", "{r:#}");
+    assert!(v.iter().all(|v| v.0 == 10 && v.1 != "pass"), "{r:#}");
+    wait_canary_percent(&rig.proxy, 0).await;
+}
+
+// ---------------------------------------------------------------------------
 // 5. Manual gates: approve and abort through the CLI
 // ---------------------------------------------------------------------------
 

@@ -87,20 +87,9 @@ pub fn sum(per_proxy: &BTreeMap<String, Totals>) -> Totals {
 /// Adds `w` into `into`; a window whose bucket bounds differ from those
 /// already summed (proxies of other versions) is refused, not zipped.
 fn add(into: &mut Window, w: &Window) {
-    if into.buckets.is_empty() {
-        into.buckets = w.buckets.clone();
-    } else if into.buckets.len() != w.buckets.len()
-        || into.buckets.iter().zip(&w.buckets).any(|(a, b)| a.0 != b.0)
-    {
+    if !into.add(w) {
         tracing::warn!("a proxy's latency buckets differ from the others': left out of the sum");
-        return;
-    } else {
-        for (a, b) in into.buckets.iter_mut().zip(&w.buckets) {
-            a.1 += b.1;
-        }
     }
-    into.requests += w.requests;
-    into.failures += w.failures;
 }
 
 /// The key of the Prometheus source's totals: every proxy's, summed.

@@ -18,6 +18,7 @@ pub struct Window {
     pub failures: u64,
     /// Cumulative histogram: (upper bound in seconds, count <= bound),
     /// ascending, as Prometheus exposes it (`+Inf` last).
+    #[serde(with = "bounds")]
     pub buckets: Vec<(f64, u64)>,
 }
 
@@ -29,6 +30,28 @@ impl Window {
         } else {
             self.failures as f64 / self.requests as f64
         }
+    }
+
+    /// Adds `w` into this window (counts and buckets); `false`, and
+    /// nothing added, when `w`'s bucket bounds differ from this window's
+    /// (a proxy of another version): they cannot be zipped.
+    pub fn add(&mut self, w: &Window) -> bool {
+        if self.buckets.is_empty() {
+            self.buckets = w.buckets.clone();
+        } else if w.buckets.is_empty() && w.requests == 0 {
+            // Nothing to add (a subset without traffic).
+        } else if self.buckets.len() != w.buckets.len()
+            || self.buckets.iter().zip(&w.buckets).any(|(a, b)| a.0 != b.0)
+        {
+            return false;
+        } else {
+            for (a, b) in self.buckets.iter_mut().zip(&w.buckets) {
+                a.1 += b.1;
+            }
+        }
+        self.requests += w.requests;
+        self.failures += w.failures;
+        true
     }
 
     /// The `q` quantile (0..1), interpolated within its bucket as
@@ -251,60 +274,29 @@ pub fn figures(canary: &Window, stable: &Window) -> String {
 /// each at `significance`; latency fails it when it is slower than stable
 /// by `latency_effect` (Mann-Whitney U at `significance`), or over the
 /// absolute `max_p99` / relative `max_p99_ratio`.
+///
+/// Fewer than `min_requests` canary requests are too few for a pass, but
+/// not for a failure: failures that are conclusive by the same error tests
+/// fail the canary at once (30 failures in 30 requests need no more
+/// traffic to tell); otherwise the verdict is inconclusive.
 pub fn judge(canary: &Window, stable: &Window, t: &Thresholds) -> Verdict {
     if canary.requests == 0 {
         return Verdict::Inconclusive("no data from the canary".into());
     }
+    let errors = judge_errors(canary, stable, t);
     if canary.requests < t.min_requests {
+        if let Some(failed @ Verdict::Fail(_)) = errors {
+            return failed;
+        }
         return Verdict::Inconclusive(format!(
             "too little canary traffic: {} requests, {} needed",
             canary.requests, t.min_requests
         ));
     }
-    let alpha = t.significance;
-    let figures = format!(
-        "errors {}/{} ({:.2}%) vs stable {}/{} ({:.2}%)",
-        canary.failures,
-        canary.requests,
-        canary.error_rate() * 100.0,
-        stable.failures,
-        stable.requests,
-        stable.error_rate() * 100.0
-    );
-    if canary.failures >= t.min_failures {
-        let p_rel = if stable.requests > 0 {
-            fisher_worse(
-                canary.failures,
-                canary.requests,
-                stable.failures,
-                stable.requests,
-            )
-        } else {
-            1.0
-        };
-        if p_rel < alpha {
-            return Verdict::Fail(format!(
-                "error rate {:.2}% above stable's: {figures}, p = {p_rel:.2e} < {alpha}",
-                canary.error_rate() * 100.0
-            ));
-        }
-        let p_abs = binomial_at_least(canary.failures, canary.requests, t.max_error_rate);
-        if p_abs < alpha {
-            let stable_failing = stable.requests >= t.min_requests
-                && binomial_at_least(stable.failures, stable.requests, t.max_error_rate) < alpha;
-            if stable_failing {
-                return Verdict::Inconclusive(format!(
-                    "stable is failing too ({:.2}% errors): not the canary's fault alone; {figures}",
-                    stable.error_rate() * 100.0
-                ));
-            }
-            return Verdict::Fail(format!(
-                "error rate {:.2}% > {:.2}%: {figures}, p = {p_abs:.2e} < {alpha}",
-                canary.error_rate() * 100.0,
-                t.max_error_rate * 100.0,
-            ));
-        }
+    if let Some(verdict) = errors {
+        return verdict;
     }
+    let alpha = t.significance;
     let Some(p99) = canary.quantile(0.99) else {
         return Verdict::Inconclusive("no latency data from the canary".into());
     };
@@ -337,6 +329,97 @@ pub fn judge(canary: &Window, stable: &Window, t: &Thresholds) -> Verdict {
         }
     }
     Verdict::Pass
+}
+
+/// The error tests of [`judge`]: a failure, an inconclusive verdict (stable
+/// failing too), or `None` when the errors do not decide.
+fn judge_errors(canary: &Window, stable: &Window, t: &Thresholds) -> Option<Verdict> {
+    if canary.failures < t.min_failures {
+        return None;
+    }
+    let alpha = t.significance;
+    let figures = format!(
+        "errors {}/{} ({:.2}%) vs stable {}/{} ({:.2}%)",
+        canary.failures,
+        canary.requests,
+        canary.error_rate() * 100.0,
+        stable.failures,
+        stable.requests,
+        stable.error_rate() * 100.0
+    );
+    let p_rel = if stable.requests > 0 {
+        fisher_worse(
+            canary.failures,
+            canary.requests,
+            stable.failures,
+            stable.requests,
+        )
+    } else {
+        1.0
+    };
+    if p_rel < alpha {
+        return Some(Verdict::Fail(format!(
+            "error rate {:.2}% above stable's: {figures}, p = {p_rel:.2e} < {alpha}",
+            canary.error_rate() * 100.0
+        )));
+    }
+    let p_abs = binomial_at_least(canary.failures, canary.requests, t.max_error_rate);
+    if p_abs >= alpha {
+        return None;
+    }
+    let stable_failing = stable.requests >= t.min_requests
+        && binomial_at_least(stable.failures, stable.requests, t.max_error_rate) < alpha;
+    if stable_failing {
+        return Some(Verdict::Inconclusive(format!(
+            "stable is failing too ({:.2}% errors): not the canary's fault alone; {figures}",
+            stable.error_rate() * 100.0
+        )));
+    }
+    Some(Verdict::Fail(format!(
+        "error rate {:.2}% > {:.2}%: {figures}, p = {p_abs:.2e} < {alpha}",
+        canary.error_rate() * 100.0,
+        t.max_error_rate * 100.0,
+    )))
+}
+
+/// Buckets in JSON (a rollout keeps the windows it carries in the policy
+/// store): `[[0.005, 12], ["+Inf", 15]]`. JSON has no infinity, and
+/// serde would write the `+Inf` bound as `null` and refuse to read it
+/// back, leaving the whole policy unreadable.
+mod bounds {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Bound {
+        Number(f64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(v: &[(f64, u64)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|&(bound, count)| {
+            let bound = if bound.is_finite() {
+                Bound::Number(bound)
+            } else {
+                Bound::Text(format!("{bound:+}").replace("inf", "Inf"))
+            };
+            (bound, count)
+        }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(f64, u64)>, D::Error> {
+        Vec::<(Bound, u64)>::deserialize(d)?
+            .into_iter()
+            .map(|(bound, count)| match bound {
+                Bound::Number(b) => Ok((b, count)),
+                // `+Inf`, `-Inf`, `NaN`: Rust reads them, in any case.
+                Bound::Text(t) => t
+                    .parse()
+                    .map(|b| (b, count))
+                    .map_err(|_| serde::de::Error::custom(format!("{t:?} is not a bucket bound"))),
+            })
+            .collect()
+    }
 }
 
 mod opt_secs {
@@ -465,6 +548,47 @@ mod tests {
             judge(&window(10, 0, 0.02), &window(5000, 0, 0.02), &t()),
             Verdict::Inconclusive(_)
         ));
+    }
+
+    /// Too few requests for a pass are not too few for a failure: a canary
+    /// failing all its requests fails at once, not "inconclusive" until
+    /// `min_requests` have failed.
+    #[test]
+    fn conclusive_failures_fail_below_min_requests() {
+        let v = judge(&window(30, 30, 0.02), &window(3000, 0, 0.02), &t());
+        assert!(
+            matches!(v, Verdict::Fail(ref r) if r.contains("30/30")),
+            "{v:?}"
+        );
+        // Against no stable traffic, the ceiling alone decides.
+        let v = judge(&window(10, 5, 0.02), &Window::default(), &t());
+        assert!(
+            matches!(v, Verdict::Fail(ref r) if r.contains("> 1.00%")),
+            "{v:?}"
+        );
+        // Failures that may be bad luck still wait for more traffic: one
+        // in 30 is below `min_failures`, and 2 in 40 is no proof of a rate
+        // above 5 %.
+        let v = judge(&window(30, 1, 0.02), &window(3000, 0, 0.02), &t());
+        assert!(
+            matches!(v, Verdict::Inconclusive(ref r) if r.contains("too little canary traffic")),
+            "{v:?}"
+        );
+        let lenient = Thresholds {
+            max_error_rate: 0.05,
+            ..t()
+        };
+        let v = judge(&window(40, 3, 0.02), &window(3000, 90, 0.02), &lenient);
+        assert!(matches!(v, Verdict::Inconclusive(_)), "{v:?}");
+    }
+
+    /// A window's buckets survive the policy store: JSON has no infinity.
+    #[test]
+    fn windows_read_back_from_json() {
+        let w = window(10, 1, 0.02);
+        let text = serde_json::to_string(&w).unwrap();
+        assert!(text.contains(r#"["+Inf",10]"#), "{text}");
+        assert_eq!(serde_json::from_str::<Window>(&text).unwrap(), w);
     }
 
     #[test]

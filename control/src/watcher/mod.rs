@@ -1,8 +1,9 @@
 //! Watcher: drives staged rollouts. Every tick it reads each service's
 //! policy from the store; for an active rollout whose lease it holds, it
 //! collects the golden metrics of canary and stable over the step's
-//! window ([`collect`]), judges them ([`judge`]) and moves the rollout on
-//! ([`rollout`]), writing the result back with check-and-set.
+//! window ([`collect`]), judges them ([`judge`]; with the windows a
+//! low-traffic step carried) and moves the rollout on ([`rollout`]),
+//! writing the result back with check-and-set.
 
 pub mod collect;
 pub mod judge;
@@ -137,19 +138,20 @@ impl Watcher {
         };
         let canary = window.get(&canary_key).cloned().unwrap_or_default();
         let stable = window.get(&r.stable).cloned().unwrap_or_default();
-        let verdict = judge::judge(&canary, &stable, &r.spec.thresholds);
         let percent = r.percent();
-        let next = r.on_verdict(verdict.clone(), canary.requests, stable.requests, now);
-        if let Some(judged) = r.history.last_mut() {
-            judged.figures = Some(judge::figures(&canary, &stable));
-        }
+        let (verdict, next) = r.judge_window(&canary, &stable, now);
+        // The counts judged: this window's, plus any carried.
+        let (canary_requests, stable_requests) = r
+            .history
+            .last()
+            .map_or((0, 0), |j| (j.canary_requests, j.stable_requests));
         tracing::info!(
             service = name,
             step = percent,
             verdict = verdict.label(),
             detail = ?verdict,
-            canary_requests = canary.requests,
-            stable_requests = stable.requests,
+            canary_requests,
+            stable_requests,
             "rollout step judged"
         );
         let restores = r.rollback_split();

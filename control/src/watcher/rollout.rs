@@ -1,10 +1,12 @@
 //! Rollout: a staged canary release. For each step: shift, wait, judge;
 //! pass -> next step (or pause at a manual gate), fail -> back to 0 %
 //! canary at once, inconclusive -> hold and judge again, up to a limit.
-//! The state lives in the service's policy, so a restarted control plane
-//! resumes it.
+//! A window with too few canary requests is carried: the next verdict
+//! judges it together with the windows after it, so low traffic adds up
+//! to a verdict. The state lives in the service's policy, so a restarted
+//! control plane resumes it.
 
-use super::judge::{Thresholds, Verdict};
+use super::judge::{self, Thresholds, Verdict, Window};
 use almond_config::Weights;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -74,9 +76,10 @@ pub struct Judged {
     pub verdict: Verdict,
     /// Unix ms.
     pub at: u64,
-    /// Canary and stable requests in the window.
+    /// Canary requests in the window judged (since the last conclusive
+    /// verdict of the step: windows with too few are carried).
     pub canary_requests: u64,
-    /// Stable requests in the window.
+    /// Stable requests in the window judged.
     pub stable_requests: u64,
     /// The window's figures (`judge::figures`), for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,6 +115,19 @@ pub struct Rollout {
     /// mirrored copies only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadowing: bool,
+    /// The windows judged inconclusive for too little canary traffic since
+    /// the step's last conclusive verdict; the next verdict covers them too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<Carried>,
+}
+
+/// Golden metrics carried from one window to the next (both subsets).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Carried {
+    /// The canary's (or, in the shadow stage, its mirrored copies').
+    pub canary: Window,
+    /// Stable's.
+    pub stable: Window,
 }
 
 /// What the driver must do after a verdict.
@@ -199,6 +215,7 @@ impl Rollout {
             history: Vec::new(),
             reason: None,
             lease: None,
+            carried: None,
         }
     }
 
@@ -262,6 +279,42 @@ impl Rollout {
     pub fn due(&self, now: u64) -> bool {
         self.phase == Phase::Running
             && now.saturating_sub(self.step_started) >= self.spec.interval().as_millis() as u64
+    }
+
+    /// Judges the window that just ended (`canary`, `stable`: golden
+    /// metrics over it) together with the windows carried since the step's
+    /// last conclusive verdict, and takes the verdict ([`Self::on_verdict`])
+    /// with its figures. A verdict inconclusive for too little canary
+    /// traffic carries the whole window on to the next one, so a
+    /// low-traffic canary is judged once its requests add up, rather than
+    /// never (each window too small alone); `max_inconclusive` still bounds
+    /// the wait.
+    pub fn judge_window(&mut self, canary: &Window, stable: &Window, now: u64) -> (Verdict, Next) {
+        let mut window = self.carried.take().unwrap_or_default();
+        if !(window.canary.add(canary) && window.stable.add(stable)) {
+            // Other bucket bounds than the carried window's (the proxies
+            // were upgraded meanwhile): this window is judged alone.
+            window = Carried {
+                canary: canary.clone(),
+                stable: stable.clone(),
+            };
+        }
+        let verdict = judge::judge(&window.canary, &window.stable, &self.spec.thresholds);
+        let next = self.on_verdict(
+            verdict.clone(),
+            window.canary.requests,
+            window.stable.requests,
+            now,
+        );
+        if let Some(judged) = self.history.last_mut() {
+            judged.figures = Some(judge::figures(&window.canary, &window.stable));
+        }
+        let too_little = window.canary.requests < self.spec.thresholds.min_requests;
+        if self.phase == Phase::Running && matches!(verdict, Verdict::Inconclusive(_)) && too_little
+        {
+            self.carried = Some(window);
+        }
+        (verdict, next)
     }
 
     /// Takes a verdict on the current step.
@@ -339,6 +392,7 @@ impl Rollout {
 
     fn roll_back(&mut self, phase: Phase, reason: String) -> Next {
         self.shadowing = false;
+        self.carried = None;
         self.phase = phase;
         self.reason = Some(reason);
         Next::RollBack(self.rollback_split())
@@ -436,6 +490,92 @@ mod tests {
             r.on_verdict(inc(), 0, 0, 3),
             Next::RollBack(w(&[("v1", 100), ("v2", 0)]))
         );
+    }
+
+    /// `n` canary requests (`failed` of them failing) and 20 x as many on
+    /// stable, all at 20 ms.
+    fn windows(n: u64, failed: u64) -> (Window, Window) {
+        let w = |n: u64, failed: u64| Window {
+            requests: n,
+            failures: failed,
+            buckets: vec![(0.025, n), (f64::INFINITY, n)],
+        };
+        (w(n, failed), w(20 * n, 0))
+    }
+
+    /// A healthy canary on a quiet service (the CLI's defaults: at most 10
+    /// inconclusive verdicts, 50 requests needed; 10 per window here): its
+    /// windows add up to a verdict instead of each being too small alone.
+    #[test]
+    fn low_traffic_windows_add_up_to_a_pass() {
+        let quiet = RolloutSpec {
+            steps: vec![1, 10, 50, 100],
+            pause_at: vec![],
+            max_inconclusive: DEFAULT_MAX_INCONCLUSIVE,
+            ..spec()
+        };
+        let mut r = Rollout::start(quiet, "v1".into(), None, 0);
+        let (canary, stable) = windows(10, 0);
+        for i in 1..=11 {
+            r.judge_window(&canary, &stable, i * 1000);
+        }
+        assert_ne!(r.phase, Phase::RolledBack, "{:?}", r.reason);
+        let seen: Vec<(u32, &str, u64)> = r
+            .history
+            .iter()
+            .map(|j| (j.percent, j.verdict.label(), j.canary_requests))
+            .collect();
+        assert_eq!(
+            &seen[..5],
+            [
+                (1, "inconclusive", 10),
+                (1, "inconclusive", 20),
+                (1, "inconclusive", 30),
+                (1, "inconclusive", 40),
+                (1, "pass", 50)
+            ],
+            "{seen:?}"
+        );
+        assert_eq!(
+            seen[5],
+            (10, "inconclusive", 10),
+            "a new step, a new window"
+        );
+        assert_eq!(seen[9], (10, "pass", 50), "{seen:?}");
+        assert_eq!((r.phase.clone(), r.percent()), (Phase::Running, 50));
+        assert_eq!(
+            r.history[4].figures.as_deref(),
+            Some("errors 0/50 vs 0/1000, p = 1.00; p99 24.8ms vs 24.8ms")
+        );
+
+        // Still bounded: a canary that never gets enough traffic is given up.
+        let mut r = Rollout::start(spec(), "v1".into(), None, 0);
+        let (canary, stable) = windows(1, 0);
+        for i in 1..=3 {
+            r.judge_window(&canary, &stable, i * 1000);
+        }
+        assert_eq!(r.phase, Phase::RolledBack);
+        assert_eq!(
+            r.reason.as_deref(),
+            Some("inconclusive 3 times in a row: too little canary traffic: 3 requests, 50 needed")
+        );
+        assert_eq!(r.carried, None);
+    }
+
+    /// Carried windows fail as a whole: failures spread over quiet windows
+    /// add up too.
+    #[test]
+    fn carried_failures_fail() {
+        let mut r = Rollout::start(spec(), "v1".into(), None, 0);
+        let (canary, stable) = windows(10, 2);
+        let (v, _) = r.judge_window(&canary, &stable, 1000);
+        assert_eq!(v.label(), "inconclusive", "{v:?}");
+        let (v, next) = r.judge_window(&canary, &stable, 2000);
+        assert!(
+            matches!(v, Verdict::Fail(ref why) if why.contains("4/20")),
+            "{v:?}"
+        );
+        assert_eq!(next, Next::RollBack(w(&[("v1", 100), ("v2", 0)])));
     }
 
     #[test]
