@@ -232,7 +232,8 @@ enum Command {
         /// The current version's subset (default: the other busiest one).
         #[arg(long)]
         stable: Option<String>,
-        /// Canary percent per step.
+        /// Canary percent per step; once the last passes, the canary gets
+        /// 100 %.
         #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
         steps: Vec<u32>,
         /// Time per step before it is judged.

@@ -600,6 +600,58 @@ async fn a_good_canary_goes_10_50_100_and_succeeds() {
 }
 
 // ---------------------------------------------------------------------------
+// 1b. Steps that stop short of 100 %
+// ---------------------------------------------------------------------------
+
+/// `--steps 10,50`: once the 50 % step passes, the canary is promoted to
+/// 100 % (as Flagger and Argo Rollouts end), not left at 50/50 with the
+/// rollout "succeeded".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_that_stop_short_end_promoted_to_100() {
+    let rig = Rig::start().await;
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    rig.start_rollout(&spec(&[10, 50], 1.0)).await;
+
+    let r = wait_phase(&rig.control, "succeeded").await;
+    assert_eq!(passes(&r), vec![10, 50], "{r:#}");
+    wait_canary_percent(&rig.proxy, 100).await;
+    assert_eq!(
+        rig.control.service("s").await["policy"]["split"],
+        json!({ "v1": 0, "v2": 100 })
+    );
+    let before = traffic.by_backend();
+    traffic.after(100).await;
+    let (total, share) = canary_share(&before, &traffic.by_backend());
+    assert!(total > 0);
+    assert_eq!(share, 1.0, "all traffic on the canary");
+
+    let events = rig.control.get("/v1/services/s/events").await.json();
+    assert_eq!(
+        event_kinds(&events),
+        vec!["started", "step_passed", "step_passed", "promoted"],
+        "{events:#}"
+    );
+    let promoted = events["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(promoted["percent"], 100, "{promoted}");
+    let policy = rig.control.service("s").await["policy"].clone();
+    let actions: Vec<&str> = policy["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.ends_with(&["rollout start", "rollout step", "rollout promote"]),
+        "{actions:?}"
+    );
+    eventually("the rollout step metric shows 100 %", || async {
+        control_metric(&rig.control, "almond_rollout_step", &[]).await == 100.0
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
 // 2. A bad canary
 // ---------------------------------------------------------------------------
 

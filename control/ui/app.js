@@ -319,7 +319,8 @@
       return;
     }
     const steps = r.spec.steps || [];
-    const percent = steps[Math.min(r.step, steps.length - 1)];
+    // A succeeded rollout has promoted the canary, whatever its last step.
+    const percent = r.phase === 'succeeded' ? 100 : steps[Math.min(r.step, steps.length - 1)];
     v.rollout.replaceChildren(
       'rollout of ', el('b', { text: r.spec.canary }), ' over ', el('b', { text: r.stable }), ': ',
       el('span', { class: 'phase ' + r.phase, 'data-phase': r.phase, text: r.phase }),

@@ -160,7 +160,11 @@ impl Watcher {
                 split.clone(),
                 restores,
                 "watcher",
-                "rollout step",
+                if r.phase == rollout::Phase::Succeeded {
+                    "rollout promote"
+                } else {
+                    "rollout step"
+                },
                 now / 1000,
             ),
             Next::RollBack(split) => policy.with_rollout_split(

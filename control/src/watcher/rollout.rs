@@ -27,7 +27,8 @@ pub struct RolloutSpec {
     /// most weight now).
     #[serde(default)]
     pub stable: Option<String>,
-    /// Canary percent per step, ascending, e.g. `[1, 10, 50, 100]`.
+    /// Canary percent per step, ascending, e.g. `[1, 10, 50, 100]`. Once
+    /// the last passes the canary gets 100 %, whatever the last step.
     pub steps: Vec<u32>,
     /// Time each step runs before it is judged, in seconds.
     pub interval_seconds: f64,
@@ -59,7 +60,7 @@ pub enum Phase {
     Running,
     /// Passed a gate step; waiting for `approve`.
     Paused,
-    /// Reached its last step.
+    /// Passed its last step: all traffic on the canary.
     Succeeded,
     /// Judged bad and sent back to 0 %.
     RolledBack,
@@ -224,10 +225,14 @@ impl Rollout {
         matches!(self.phase, Phase::Running | Phase::Paused)
     }
 
-    /// Canary percent of the current step (0 in the shadow stage).
+    /// Canary percent of the current step (0 in the shadow stage; 100
+    /// once succeeded, whatever the last step).
     pub fn percent(&self) -> u32 {
         if self.shadowing {
             return 0;
+        }
+        if self.phase == Phase::Succeeded {
+            return 100;
         }
         self.spec.steps.get(self.step).copied().unwrap_or(0)
     }
@@ -382,8 +387,15 @@ impl Rollout {
             return Next::Shift(self.split());
         }
         if self.step + 1 >= self.spec.steps.len() {
+            let last = self.percent();
             self.phase = Phase::Succeeded;
             self.reason = Some("every step passed".into());
+            // A release ends with all traffic on the new version, as
+            // Flagger's and Argo Rollouts' do: steps that stop short
+            // (10,50) are promoted too, not left split with "succeeded".
+            if last < 100 {
+                return Next::Shift(self.split());
+            }
             return Next::Hold;
         }
         self.step += 1;
@@ -467,6 +479,44 @@ mod tests {
             Ok(Next::Shift(w(&[("v1", 0), ("v2", 100)])))
         );
         assert_eq!(r.on_verdict(Verdict::Pass, 100, 0, 4000), Next::Hold);
+        assert_eq!(r.phase, Phase::Succeeded);
+    }
+
+    /// Steps that stop short of 100 % end with the canary promoted, not
+    /// with the split left partway and the rollout "succeeded".
+    #[test]
+    fn the_last_pass_promotes_to_100_percent() {
+        let short = RolloutSpec {
+            steps: vec![10, 50],
+            pause_at: vec![],
+            ..spec()
+        };
+        let mut r = Rollout::start(short.clone(), "v1".into(), None, 0);
+        assert_eq!(
+            r.on_verdict(Verdict::Pass, 100, 900, 1000),
+            Next::Shift(w(&[("v1", 50), ("v2", 50)]))
+        );
+        assert_eq!(
+            r.on_verdict(Verdict::Pass, 100, 100, 2000),
+            Next::Shift(w(&[("v1", 0), ("v2", 100)]))
+        );
+        assert_eq!(r.phase, Phase::Succeeded);
+        assert_eq!((r.percent(), r.canary_weight()), (100, 100));
+        assert_eq!(r.history[1].percent, 50, "the verdict was on the 50 % step");
+
+        // Through a gate on the last step: the approval promotes.
+        let gated = RolloutSpec {
+            pause_at: vec![50],
+            ..short
+        };
+        let mut r = Rollout::start(gated, "v1".into(), None, 0);
+        r.on_verdict(Verdict::Pass, 100, 900, 1000);
+        assert_eq!(r.on_verdict(Verdict::Pass, 100, 100, 2000), Next::Hold);
+        assert_eq!(r.phase, Phase::Paused);
+        assert_eq!(
+            r.approve(3000),
+            Ok(Next::Shift(w(&[("v1", 0), ("v2", 100)])))
+        );
         assert_eq!(r.phase, Phase::Succeeded);
     }
 
