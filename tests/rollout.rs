@@ -999,6 +999,18 @@ async fn the_cli_aborts_a_rollout_back_to_stable() {
     let (code, _, err) = run_ops(&["rollout", "s", "--abort", "--control", &url]).await;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("already"), "{err}");
+
+    // Started again with the same arguments: a new rollout, with its own
+    // `started` event (it was taken for the aborted one).
+    rig.start_rollout(&spec(&[10, 50, 100], 60.0)).await;
+    wait_canary_percent(&rig.proxy, 10).await;
+    let (code, out, err) = run_ops(&["events", "s", "--control", &url]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let kinds: Vec<&str> = out
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["started", "aborted", "started"], "{out}");
 }
 
 /// During a rollout, `almond shift` is refused (the watcher would undo it

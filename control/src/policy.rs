@@ -481,7 +481,12 @@ impl Policy {
         };
         let old = before.rollout.as_ref();
         let mut out: Vec<(&str, u32, Option<String>)> = Vec::new();
-        let fresh = old.is_none_or(|o| o.spec != r.spec || r.history.len() < o.history.len());
+        // A new rollout: another start time (the same spec may be started
+        // again after an abort), else another spec or a shorter history
+        // (rollouts stored without a start time).
+        let fresh = old.is_none_or(|o| {
+            o.started != r.started || o.spec != r.spec || r.history.len() < o.history.len()
+        });
         let seen = if fresh {
             0
         } else {
@@ -663,6 +668,54 @@ mod tests {
         assert_eq!(back.history.len(), 3);
         assert_eq!(back.history[2].action, "rollback");
         assert!(Policy::default().rolled_back("ops", 1).is_err());
+    }
+
+    fn rollout_spec(steps: &[u32], pause_at: &[u32]) -> crate::watcher::rollout::RolloutSpec {
+        crate::watcher::rollout::RolloutSpec {
+            canary: "v2".into(),
+            stable: Some("v1".into()),
+            steps: steps.to_vec(),
+            interval_seconds: 1.0,
+            thresholds: Default::default(),
+            pause_at: pause_at.to_vec(),
+            max_inconclusive: 10,
+            shadow: None,
+        }
+    }
+
+    /// The policy once `r` (a step of the rollout in `p`) is stored, with
+    /// the events recorded.
+    fn step(p: &Policy, r: Rollout, now: u64) -> Policy {
+        let mut out = p.clone();
+        out.rollout = Some(r);
+        out.record_events(p, now);
+        out
+    }
+
+    fn kinds(p: &Policy) -> Vec<String> {
+        p.events
+            .iter()
+            .map(|e| format!("{} {}", e.kind, e.percent.unwrap_or(0)))
+            .collect()
+    }
+
+    /// `almond rollout web --canary v2`, `--abort`, the same again: the
+    /// second rollout is started too (it has the same spec, and no
+    /// verdicts either).
+    #[test]
+    fn a_rollout_started_again_with_the_same_spec_is_started() {
+        let mut p = Policy::default();
+        for now in [1000, 5000] {
+            let r = Rollout::start(rollout_spec(&[10, 100], &[]), "v1".into(), None, now);
+            p = step(&p, r, now);
+            let mut r = p.rollout.clone().unwrap();
+            r.abort("ops").unwrap();
+            p = step(&p, r, now + 1);
+        }
+        assert_eq!(
+            kinds(&p),
+            ["started 10", "aborted 10", "started 10", "aborted 10"]
+        );
     }
 
     #[test]

@@ -92,6 +92,11 @@ pub struct Judged {
 pub struct Rollout {
     /// What was asked.
     pub spec: RolloutSpec,
+    /// Unix ms when it was started: tells a rollout started again with
+    /// the same spec from the one before (0 in rollouts stored before it
+    /// was kept).
+    #[serde(default)]
+    pub started: u64,
     /// The stable subset actually used.
     pub stable: String,
     /// The split before the rollout (restored on rollback).
@@ -207,6 +212,7 @@ impl Rollout {
         Rollout {
             shadowing: spec.shadow.is_some(),
             spec,
+            started: now,
             stable,
             original,
             step: 0,
