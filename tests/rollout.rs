@@ -969,6 +969,45 @@ async fn a_gate_pauses_at_50_and_the_cli_approves_it() {
     assert!(err.contains("not paused"), "{err}");
 }
 
+/// A gate on the last step (`--steps 10,50 --pause-at 50`): the approval
+/// is an event of its own, and promotes the canary to 100 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approving_a_gate_on_the_last_step_is_recorded_and_promotes() {
+    let rig = Rig::start().await;
+    let url = rig.control.url();
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let mut s = spec(&[10, 50], 1.0);
+    s["pause_at"] = json!([50]);
+    rig.start_rollout(&s).await;
+    wait_phase(&rig.control, "paused").await;
+
+    let (code, out, err) = run_ops(&["rollout", "s", "--approve", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let r = wait_phase(&rig.control, "succeeded").await;
+    assert_eq!(passes(&r), vec![10, 50], "{r:#}");
+    wait_canary_percent(&rig.proxy, 100).await;
+    let (code, out, err) = run_ops(&["events", "s", "--control", &url]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let kinds: Vec<&str> = out
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+        .filter(|k| *k != "step_inconclusive")
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "started",
+            "step_passed",
+            "step_passed",
+            "paused",
+            "approved",
+            "promoted"
+        ],
+        "{out}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_aborts_a_rollout_back_to_stable() {
     let rig = Rig::start().await;

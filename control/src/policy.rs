@@ -517,16 +517,20 @@ impl Policy {
         }
         let was = if fresh { None } else { old.map(|o| &o.phase) };
         if was != Some(&r.phase) {
-            let kind = match (&r.phase, was) {
-                (Phase::Paused, _) => Some("paused"),
-                (Phase::Running, Some(Phase::Paused)) => Some("approved"),
-                (Phase::Running, _) => None,
-                (Phase::Succeeded, _) => Some("promoted"),
-                (Phase::RolledBack, _) => Some("rolled_back"),
-                (Phase::Aborted, _) => Some("aborted"),
+            let kinds: &[&str] = match (&r.phase, was) {
+                (Phase::Paused, _) => &["paused"],
+                (Phase::Running, Some(Phase::Paused)) => &["approved"],
+                (Phase::Running, _) => &[],
+                // The gate was on the last step: the approval promotes.
+                (Phase::Succeeded, Some(Phase::Paused)) => &["approved", "promoted"],
+                (Phase::Succeeded, _) => &["promoted"],
+                (Phase::RolledBack, _) => &["rolled_back"],
+                (Phase::Aborted, _) => &["aborted"],
             };
-            if let Some(kind) = kind {
-                out.push((kind, r.percent(), r.reason.clone()));
+            for &kind in kinds {
+                // Why it ended goes with the end, not with the approval.
+                let reason = r.reason.clone().filter(|_| kind != "approved");
+                out.push((kind, r.percent(), reason));
             }
         }
         let canary = r.spec.canary.clone();
@@ -716,6 +720,37 @@ mod tests {
             kinds(&p),
             ["started 10", "aborted 10", "started 10", "aborted 10"]
         );
+    }
+
+    /// Steps 10,100 with a gate at 100: pass, pass, approve. The approval
+    /// is recorded, then the promotion.
+    #[test]
+    fn approving_a_gate_on_the_last_step_is_an_event() {
+        use crate::watcher::judge::Verdict;
+        let r = Rollout::start(rollout_spec(&[10, 100], &[100]), "v1".into(), None, 1000);
+        let mut p = step(&Policy::default(), r, 1000);
+        for now in [2000, 3000] {
+            let mut r = p.rollout.clone().unwrap();
+            r.on_verdict(Verdict::Pass, 100, 900, now);
+            p = step(&p, r, now);
+        }
+        let mut r = p.rollout.clone().unwrap();
+        r.approve(4000).unwrap();
+        p = step(&p, r, 4000);
+        assert_eq!(
+            kinds(&p),
+            [
+                "started 10",
+                "step_passed 10",
+                "step_passed 100",
+                "paused 100",
+                "approved 100",
+                "promoted 100"
+            ]
+        );
+        let approved = &p.events[4];
+        assert_eq!((approved.seq, approved.detail.as_deref()), (5, None));
+        assert_eq!(p.events[5].detail.as_deref(), Some("every step passed"));
     }
 
     #[test]
