@@ -820,6 +820,12 @@ fn describe_rollout(service: &str, r: &Value) -> String {
     if let Some(reason) = r["reason"].as_str() {
         s.push_str(&format!(": {reason}"));
     }
+    // The record keeps the newest verdicts only; say how many went.
+    let kept = r["history"].as_array().map_or(0, Vec::len) as u64;
+    let dropped = r["verdicts"].as_u64().unwrap_or(0).saturating_sub(kept);
+    if dropped > 0 {
+        s.push_str(&format!("\n  ({dropped} earlier verdicts not kept)"));
+    }
     for j in r["history"].as_array().into_iter().flatten() {
         s.push_str(&format!(
             "\n  {:>3}%  {:<12} canary {} req, stable {} req  {}",

@@ -851,6 +851,49 @@ async fn no_traffic_is_inconclusive_held_then_rolled_back() {
     assert_eq!(rig.v2.count(), 0);
 }
 
+/// A step held far longer than the record keeps (no traffic, a large
+/// `max_inconclusive`): the rollout keeps its newest verdicts and counts
+/// them all, every verdict is still an event, and the CLI shows it and
+/// aborts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_held_step_keeps_its_newest_verdicts() {
+    let rig = Rig::start().await;
+    let url = rig.control.url();
+    let mut s = spec(&[10, 100], 0.1);
+    s["max_inconclusive"] = json!(10_000);
+    rig.start_rollout(&s).await;
+
+    wait_rollout(&rig.control, "more verdicts than are kept", |r| {
+        r["verdicts"].as_u64().unwrap_or(0) > 55
+    })
+    .await;
+    // The rollout and its events as stored together (the watcher goes on).
+    let policy = rig.control.service("s").await["policy"].clone();
+    let r = &policy["rollout"];
+    let kept = verdicts(r);
+    assert_eq!(kept.len(), 50, "{r:#}");
+    assert!(kept.iter().all(|v| v.1 == "inconclusive"), "{r:#}");
+    let events = policy["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert!(
+        kinds[1..].iter().all(|k| *k == "step_inconclusive"),
+        "one start, then verdicts: {kinds:?}"
+    );
+    // One event per verdict, up to the newest: `started` was #1.
+    assert_eq!(
+        events.last().unwrap()["seq"].as_u64().unwrap(),
+        r["verdicts"].as_u64().unwrap() + 1,
+        "{kinds:?}"
+    );
+
+    let (code, out, err) = run_ops(&["rollout", "s", "--control", &url]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("earlier verdicts not kept"), "{out}");
+    let (code, out, err) = run_ops(&["rollout", "s", "--abort", "--control", &url]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    wait_phase(&rig.control, "aborted").await;
+}
+
 // ---------------------------------------------------------------------------
 // 4b. Little traffic: windows add up; a broken canary fails at once
 // ---------------------------------------------------------------------------

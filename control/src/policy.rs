@@ -482,20 +482,22 @@ impl Policy {
         let old = before.rollout.as_ref();
         let mut out: Vec<(&str, u32, Option<String>)> = Vec::new();
         // A new rollout: another start time (the same spec may be started
-        // again after an abort), else another spec or a shorter history
+        // again after an abort), else another spec or fewer verdicts
         // (rollouts stored without a start time).
         let fresh = old.is_none_or(|o| {
-            o.started != r.started || o.spec != r.spec || r.history.len() < o.history.len()
+            o.started != r.started || o.spec != r.spec || r.verdict_count() < o.verdict_count()
         });
-        let seen = if fresh {
-            0
-        } else {
-            old.map_or(0, |o| o.history.len())
+        // The new verdicts are the newest in the history; counted, not
+        // found by position (the history keeps only the newest).
+        let new = match old {
+            Some(o) if !fresh => r.verdict_count() - o.verdict_count(),
+            _ => r.verdict_count(),
         };
+        let new = usize::try_from(new).unwrap_or(usize::MAX);
         if fresh {
             out.push(("started", r.spec.steps.first().copied().unwrap_or(0), None));
         }
-        for j in r.history.iter().skip(seen) {
+        for j in r.history.iter().skip(r.history.len().saturating_sub(new)) {
             let (kind, detail) = match &j.verdict {
                 crate::watcher::judge::Verdict::Pass => ("step_passed", None),
                 crate::watcher::judge::Verdict::Fail(why) => ("step_failed", Some(why.clone())),
@@ -720,6 +722,33 @@ mod tests {
             kinds(&p),
             ["started 10", "aborted 10", "started 10", "aborted 10"]
         );
+    }
+
+    /// A step judged inconclusive far more often than the history keeps:
+    /// each verdict is still an event (found by count, not by position in
+    /// a history that no longer grows), and the rollout is started once.
+    #[test]
+    fn every_verdict_is_an_event_once_the_history_is_full() {
+        use crate::watcher::judge::Verdict;
+        let mut spec = rollout_spec(&[10, 100], &[]);
+        spec.max_inconclusive = 1000;
+        let r = Rollout::start(spec, "v1".into(), None, 1);
+        let mut p = step(&Policy::default(), r, 1);
+        for now in 2..=301 {
+            let mut r = p.rollout.clone().unwrap();
+            r.on_verdict(Verdict::Inconclusive("no data".into()), 0, 0, now);
+            p = step(&p, r, now);
+        }
+        let r = p.rollout.clone().unwrap();
+        assert_eq!(r.verdicts, 300);
+        assert!(r.history.len() < 300);
+        let last = p.events.last().unwrap();
+        assert_eq!(
+            (last.seq, last.kind.as_str(), last.at),
+            (301, "step_inconclusive", 301)
+        );
+        assert!(p.events.iter().all(|e| e.kind == "step_inconclusive"));
+        assert_eq!(p.events.len(), EVENTS);
     }
 
     /// Steps 10,100 with a gate at 100: pass, pass, approve. The approval

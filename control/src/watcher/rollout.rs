@@ -14,6 +14,13 @@ use std::time::Duration;
 /// Inconclusive verdicts in a row before the rollout gives up and rolls back.
 pub const DEFAULT_MAX_INCONCLUSIVE: u32 = 10;
 
+/// Verdicts kept in a rollout's `history` (the newest). Every verdict is
+/// an event as well (`policy::EVENTS` of those are kept); the bound keeps
+/// the stored policy small whatever `max_inconclusive` and the steps are
+/// (Consul refuses values over 512 KiB, and a rollout that cannot be
+/// written can neither go on nor be aborted).
+pub const VERDICTS_KEPT: usize = 50;
+
 /// The longest step interval a spec may ask for.
 const MAX_INTERVAL_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
 
@@ -109,8 +116,13 @@ pub struct Rollout {
     pub step_started: u64,
     /// Inconclusive verdicts in a row on this step.
     pub inconclusive: u32,
-    /// Every verdict, oldest first.
+    /// The newest verdicts ([`VERDICTS_KEPT`] at most), oldest first.
     pub history: Vec<Judged>,
+    /// Verdicts given in all, including those no longer in `history` (0
+    /// in rollouts stored before it was kept: see
+    /// [`Rollout::verdict_count`]).
+    #[serde(default)]
+    pub verdicts: u64,
     /// Why it ended, if it did.
     #[serde(default)]
     pub reason: Option<String>,
@@ -220,6 +232,7 @@ impl Rollout {
             step_started: now,
             inconclusive: 0,
             history: Vec::new(),
+            verdicts: 0,
             reason: None,
             lease: None,
             carried: None,
@@ -328,8 +341,15 @@ impl Rollout {
         (verdict, next)
     }
 
+    /// Verdicts given in all (a rollout stored before they were counted
+    /// kept them all in `history`).
+    pub fn verdict_count(&self) -> u64 {
+        self.verdicts.max(self.history.len() as u64)
+    }
+
     /// Takes a verdict on the current step.
     pub fn on_verdict(&mut self, verdict: Verdict, canary: u64, stable: u64, now: u64) -> Next {
+        self.verdicts = self.verdict_count() + 1;
         self.history.push(Judged {
             percent: self.percent(),
             verdict: verdict.clone(),
@@ -338,6 +358,10 @@ impl Rollout {
             stable_requests: stable,
             figures: None,
         });
+        if self.history.len() > VERDICTS_KEPT {
+            let cut = self.history.len() - VERDICTS_KEPT;
+            self.history.drain(..cut);
+        }
         self.step_started = now;
         match verdict {
             Verdict::Pass => {
@@ -632,6 +656,38 @@ mod tests {
             "{v:?}"
         );
         assert_eq!(next, Next::RollBack(w(&[("v1", 100), ("v2", 0)])));
+    }
+
+    /// A step held for thousands of windows keeps the newest verdicts and
+    /// counts them all: its record stays small enough to be written.
+    #[test]
+    fn the_history_keeps_the_newest_verdicts() {
+        let patient = RolloutSpec {
+            max_inconclusive: 100_000,
+            ..spec()
+        };
+        let mut r = Rollout::start(patient, "v1".into(), None, 0);
+        let (canary, stable) = windows(0, 0);
+        for i in 1..=5000 {
+            r.judge_window(&canary, &stable, i);
+        }
+        assert_eq!(r.phase, Phase::Running);
+        assert_eq!((r.history.len(), r.verdicts), (VERDICTS_KEPT, 5000));
+        assert_eq!(r.history.last().map(|j| j.at), Some(5000), "the newest");
+        assert_eq!(r.history[0].at, 5000 - VERDICTS_KEPT as u64 + 1);
+        let stored = serde_json::to_vec(&r).unwrap();
+        assert!(stored.len() < 64 * 1024, "{} bytes", stored.len());
+
+        // Stored before verdicts were counted: the history was all of them.
+        let mut old: Rollout = serde_json::from_value({
+            let mut v = serde_json::to_value(&r).unwrap();
+            v.as_object_mut().unwrap().remove("verdicts");
+            v
+        })
+        .unwrap();
+        assert_eq!(old.verdict_count(), VERDICTS_KEPT as u64);
+        old.on_verdict(Verdict::Pass, 100, 900, 6000);
+        assert_eq!(old.verdicts, VERDICTS_KEPT as u64 + 1);
     }
 
     #[test]
