@@ -613,3 +613,39 @@ async fn the_live_requests_panel_shows_the_tap_and_filters_it() {
     stop.store(true, Ordering::SeqCst);
     traffic.abort();
 }
+
+/// The shift inputs follow the weights in force when the operator is not
+/// typing in them: after the rollout moves on (approved at its gate,
+/// promoted), they show the new weights, not the 50/50 they were filled
+/// with (a "shift weights" click would have sent those back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shift_inputs_follow_the_weights_in_force() {
+    if !have_chromium() {
+        return;
+    }
+    let rig = Rig::start(None).await;
+    let browser = Browser::open(&format!("{}/ui", rig.control.url())).await;
+    let mut tab = browser.tab("/ui").await;
+    let inputs = "[...document.querySelectorAll('section[data-service=\"s\"] input[data-subset]')].map(i => i.dataset.subset + '=' + i.value).join(',')";
+    tab.until(
+        "the shift inputs at 50/50",
+        &format!("{inputs} === 'v1=50,v2=50'"),
+    )
+    .await;
+    let reply = rig
+        .control
+        .send(
+            Method::POST,
+            "/v1/services/s/rollouts/approve",
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    rig.wait_phase("succeeded").await;
+    tab.until(
+        "the shift inputs at the promoted weights",
+        &format!("{inputs} === 'v1=0,v2=100'"),
+    )
+    .await;
+}

@@ -96,7 +96,9 @@
       { weights, action: 'promote' });
   }
 
-  function shift(name, inputs) {
+  // `version`: the policy the inputs were filled from; a change made
+  // since by someone else is refused (409), not silently overwritten.
+  function shift(name, inputs, version) {
     const weights = {};
     for (const input of inputs) {
       const n = Number(input.value);
@@ -106,7 +108,7 @@
       }
       weights[input.dataset.subset] = n;
     }
-    act(name, 'shift', 'PUT', '/v1/services/' + encodeURIComponent(name) + '/split', { weights });
+    act(name, 'shift', 'PUT', '/v1/services/' + encodeURIComponent(name) + '/split', { weights, version });
   }
 
   // --- live requests: one tap at a time (GET /v1/services/{svc}/tap, the
@@ -294,19 +296,29 @@
         })));
     });
     v.table.replaceChildren(head, ...rows);
-    // The shift inputs are rebuilt only when the subsets change (so typing
-    // is not lost to the next refresh).
+    // The shift inputs are rebuilt only when the subsets change, and
+    // follow the weights in force (a rollout's steps, another operator's
+    // shift) unless the operator is typing in them: typing is not lost to
+    // the next refresh, and weights left untouched are never stale.
     const key = subsets.join(',');
     if (key !== v.subsetsKey) {
       v.subsetsKey = key;
-      const inputs = subsets.map((s) => el('input', {
-        type: 'number', min: 0, max: 100, value: svc.subsets[s].weight || 0, 'data-subset': s,
+      v.weightsKey = null;
+      v.inputs = subsets.map((s) => el('input', {
+        type: 'number', min: 0, max: 100, 'data-subset': s,
       }));
+      const inputs = v.inputs;
       const labelled = subsets.flatMap((s, i) => [el('label', { text: ' ' + s + ' ' }), inputs[i]]);
       v.shiftBox.replaceChildren(...labelled, ' ', el('button', {
         type: 'button', text: 'shift weights', 'data-action': 'shift', 'data-service': name,
-        onclick: () => shift(name, inputs),
+        onclick: () => shift(name, inputs, v.shownVersion),
       }));
+    }
+    const weightsKey = subsets.map((s) => svc.subsets[s].weight).join(',');
+    if (weightsKey !== v.weightsKey && !v.shiftBox.contains(document.activeElement)) {
+      v.weightsKey = weightsKey;
+      v.shownVersion = svc.version;
+      v.inputs.forEach((input, i) => { input.value = svc.subsets[subsets[i]].weight || 0; });
     }
   }
 
@@ -452,6 +464,7 @@
 
   // `force`: also while the login prompt shows (a new token, an action);
   // the timer does not poll a control plane that refused the token.
+  let refreshFailed = false;
   async function refresh(force) {
     if (busy || (!force && !$('login').hidden)) return;
     busy = true;
@@ -459,7 +472,15 @@
       const r = await call('GET', '/v1/dashboard?since=' + since);
       if (r.status === 401) return showLogin('This control plane needs its operator token.');
       if (r.status === 403) return showLogin('Token refused: try again.');
-      if (!r.ok) return message('the control plane answered ' + r.status + ': ' + r.text.trim(), true);
+      if (!r.ok) {
+        refreshFailed = true;
+        return message('the control plane answered ' + r.status + ': ' + r.text.trim(), true);
+      }
+      // The refresh's own error is over (an action's message stays).
+      if (refreshFailed) {
+        refreshFailed = false;
+        message('');
+      }
       $('login').hidden = true;
       $('services').hidden = false;
       render(JSON.parse(r.text));
