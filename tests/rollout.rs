@@ -1735,3 +1735,33 @@ async fn a_bad_canary_fails_its_shadow_stage_without_real_traffic() {
     ];
     assert!(metric(&text, "almond_requests_total", &mirrored_5xx) > 0.0);
 }
+
+/// An operator's mirror is the operator's again when a shadow stage is
+/// over (the stage's own copies took its place and then cleared it), and
+/// it cannot be changed while the stage owns the mirror (it was accepted
+/// and overwritten at the watcher's next write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_stage_gives_the_operators_mirror_back() {
+    let rig = Rig::start().await;
+    let traffic = rig.traffic();
+    traffic.after(30).await;
+    let mine = json!({ "subset": "v2", "percent": 5.0 });
+    let reply = rig
+        .control
+        .send(Method::PUT, "/v1/services/s/mirror", &mine, None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let started = rig.start_rollout(&shadow_spec(100.0)).await;
+    assert_eq!(started["policy"]["mirror"]["percent"], 100.0, "{started:#}");
+    let during = json!({ "subset": "v2", "percent": 50.0 });
+    let reply = rig
+        .control
+        .send(Method::PUT, "/v1/services/s/mirror", &during, None)
+        .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    assert!(reply.text().contains("shadow stage"), "{}", reply.text());
+    wait_canary_percent(&rig.proxy, 10).await;
+    let policy = rig.control.service("s").await["policy"].clone();
+    assert_eq!(policy["mirror"]["percent"], 5.0, "{policy:#}");
+    assert_eq!(policy["mirror"]["subset"], "v2", "{policy:#}");
+}

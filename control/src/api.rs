@@ -841,6 +841,11 @@ async fn mutate(
                     return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
                 }
             };
+            if current.rollout.as_ref().is_some_and(Rollout::shadowing_now) {
+                return refusal(Refusal::Conflict(
+                    "a rollout's shadow stage mirrors to its canary now; set the mirror after the stage, or abort the rollout".into(),
+                ));
+            }
             let mirror = almond_config::Mirror {
                 subset: request.subset,
                 service: request.service,
@@ -860,6 +865,11 @@ async fn mutate(
                 )));
             }
             current.with_mirror(Some(mirror), &by, now)
+        }
+        Mutation::ClearMirror if current.rollout.as_ref().is_some_and(Rollout::shadowing_now) => {
+            return refusal(Refusal::Conflict(
+                "a rollout's shadow stage mirrors to its canary now; clear the mirror after the stage, or abort the rollout".into(),
+            ));
         }
         Mutation::ClearMirror => current.with_mirror(None, &by, now),
         // A rollback during a rollout ends it, back to the split before
@@ -1061,7 +1071,12 @@ fn start_rollout(
         almond_config::check_split_subset(subset).map_err(Refusal::Invalid)?;
     }
     let now = now_ms();
-    let rollout = Rollout::start(spec, stable, current.split.clone(), now);
+    let mut rollout = Rollout::start(spec, stable, current.split.clone(), now);
+    // A shadow stage takes the mirror for its copies; the operator's comes
+    // back when the stage is over.
+    if rollout.spec.shadow.is_some() {
+        rollout.kept_mirror = current.mirror.clone();
+    }
     let first = rollout.split();
     Ok(apply_next(
         current,

@@ -137,6 +137,10 @@ pub struct Rollout {
     /// the step's last conclusive verdict; the next verdict covers them too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carried: Option<Carried>,
+    /// A shadow stage's rollout: the mirror an operator had set when it
+    /// started, in force again once the stage is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_mirror: Option<almond_config::Mirror>,
 }
 
 /// Golden metrics carried from one window to the next (both subsets).
@@ -236,6 +240,7 @@ impl Rollout {
             reason: None,
             lease: None,
             carried: None,
+            kept_mirror: None,
         }
     }
 
@@ -256,18 +261,23 @@ impl Rollout {
         self.spec.steps.get(self.step).copied().unwrap_or(0)
     }
 
-    /// The mirror in force: the shadow stage's copies to the canary.
+    /// The mirror in force: the shadow stage's copies to the canary, and
+    /// before and after the stage the operator's ([`Rollout::kept_mirror`]).
     pub fn mirror(&self) -> Option<almond_config::Mirror> {
-        let percent = self
-            .spec
-            .shadow
-            .filter(|_| self.shadowing && self.active())?;
+        let Some(percent) = (self.spec.shadow).filter(|_| self.shadowing && self.active()) else {
+            return self.kept_mirror.clone();
+        };
         Some(almond_config::Mirror {
             subset: Some(self.spec.canary.clone()),
             service: None,
             percent,
             max_in_flight: 100,
         })
+    }
+
+    /// In its shadow stage: the mirror is the rollout's.
+    pub fn shadowing_now(&self) -> bool {
+        self.spec.shadow.is_some() && self.shadowing && self.active()
     }
 
     /// Canary percent in force: the step's while it runs or after it
