@@ -92,7 +92,8 @@ fn add(into: &mut Window, w: &Window) {
     }
 }
 
-/// The key of the Prometheus source's totals: every proxy's, summed.
+/// The key prefix of the Prometheus source's totals, one per scrape
+/// target (`prometheus:JOB/INSTANCE`): each proxy's series, summed.
 pub const SUMMED: &str = "prometheus";
 
 /// The window between two collections, summed over proxies. A proxy
@@ -127,7 +128,7 @@ pub fn delta(now: &BTreeMap<String, Totals>, then: &BTreeMap<String, Totals>) ->
             let reset = b.requests > w.requests
                 || b.failures > w.failures
                 || w.buckets.iter().zip(&b.buckets).any(|(x, y)| y.1 > x.1);
-            if reset && proxy == SUMMED {
+            if reset && proxy.starts_with(SUMMED) {
                 tracing::debug!(%subset, "a proxy's series left the sum: no data this window");
                 continue;
             }
@@ -267,23 +268,27 @@ pub async fn query_prometheus_over(
         Some(r) => format!("increase({series}[{}ms])", r.as_millis()),
         None => series,
     };
+    // By scrape target too: each proxy is then one "proxy" to `delta`, as
+    // the direct source's are, so a proxy whose series were missing from
+    // the window's first answer (a failed scrape, a new proxy) is no data
+    // rather than its lifetime counts added to the window.
     let requests = format!(
-        "sum by (subset) ({})",
+        "sum by (subset, instance, job) ({})",
         over(format!("almond_requests_total{{{sel}}}"))
     );
     let failures = format!(
-        "sum by (subset) ({})",
+        "sum by (subset, instance, job) ({})",
         over(format!(
             "almond_requests_total{{{sel},outcome=\"failure\"}}"
         ))
     );
     let buckets = format!(
-        "sum by (subset, le) ({})",
+        "sum by (subset, le, instance, job) ({})",
         over(format!("almond_request_duration_seconds_bucket{{{sel}}}"))
     );
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let mut totals: Totals = BTreeMap::new();
+    let mut per_target: BTreeMap<String, Totals> = BTreeMap::new();
     for (i, q) in [requests, failures, buckets].iter().enumerate() {
         let Some(result) = prometheus_vector(&client, base, q, max_body).await else {
             tracing::debug!(prometheus = base, query = %q, "prometheus query failed");
@@ -293,6 +298,9 @@ pub async fn query_prometheus_over(
             let Some(subset) = labels.get("subset") else {
                 continue;
             };
+            let label = |k: &str| labels.get(k).map(String::as_str).unwrap_or("");
+            let target = format!("{SUMMED}:{}/{}", label("job"), label("instance"));
+            let totals = per_target.entry(target).or_default();
             let w = totals.entry(subset.clone()).or_default();
             // `increase` extrapolates: round to whole requests.
             let value = value.round();
@@ -308,10 +316,10 @@ pub async fn query_prometheus_over(
             }
         }
     }
-    for w in totals.values_mut() {
+    for w in per_target.values_mut().flat_map(|t| t.values_mut()) {
         w.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
-    BTreeMap::from([(SUMMED.to_owned(), totals)])
+    per_target
 }
 
 /// One instant query: (labels, value) per series, or `None` on any error.
@@ -431,6 +439,110 @@ almond_request_duration_seconds_bucket{direction="outbound",service="web",subset
         let d = delta(&now, &then);
         assert_eq!(d["v1"].requests, 10);
         assert!(!d.contains_key("v2"), "{d:?}");
+    }
+
+    /// A Prometheus that sums `series` (metric, labels, value) as the
+    /// watcher's queries ask: the metric, `outcome="failure"` if asked,
+    /// `sum by (LABELS)`. Its series can be changed between queries.
+    type Series = Vec<(&'static str, Vec<(&'static str, &'static str)>, f64)>;
+
+    async fn fake_prometheus(series: std::sync::Arc<std::sync::Mutex<Series>>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let target = head.split(' ').nth(1).unwrap_or("");
+                let q = almond_net::parse_query(target.split_once('?').map_or("", |x| x.1));
+                let q = q.get("query").cloned().unwrap_or_default();
+                let metric = match q.contains("_bucket") {
+                    true => "almond_request_duration_seconds_bucket",
+                    false => "almond_requests_total",
+                };
+                let by: Vec<&str> = q
+                    .split_once("by (")
+                    .and_then(|(_, r)| r.split_once(')'))
+                    .map(|(l, _)| l.split(", ").collect())
+                    .unwrap_or_default();
+                let mut sums: BTreeMap<Vec<(String, String)>, f64> = BTreeMap::new();
+                for (m, labels, v) in series.lock().unwrap().iter() {
+                    let failed = labels.contains(&("outcome", "failure"));
+                    if *m != metric || (q.contains("failure") && !failed) {
+                        continue;
+                    }
+                    let key = (by.iter())
+                        .filter_map(|b| labels.iter().find(|l| l.0 == *b))
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect();
+                    *sums.entry(key).or_default() += v;
+                }
+                let result: Vec<serde_json::Value> = (sums.into_iter())
+                    .map(|(k, v)| {
+                        let metric: serde_json::Map<String, serde_json::Value> =
+                            k.into_iter().map(|(k, v)| (k, v.into())).collect();
+                        serde_json::json!({ "metric": metric, "value": [0, v.to_string()] })
+                    })
+                    .collect();
+                let body = serde_json::json!({ "status": "success", "data": { "resultType": "vector", "result": result } }).to_string();
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// A proxy whose series Prometheus did not have when the window began
+    /// (a failed scrape, a new proxy) is no data for it, not its lifetime
+    /// counts (5,000 requests and 100 failures here) added to the window.
+    #[tokio::test]
+    async fn prometheus_a_target_missing_from_the_baseline_is_no_data() {
+        let of = |proxy: &'static str, outcome: &'static str| {
+            vec![
+                ("subset", "v2"),
+                ("instance", proxy),
+                ("job", "almond"),
+                ("outcome", outcome),
+            ]
+        };
+        let bucket = |proxy: &'static str| {
+            vec![
+                ("subset", "v2"),
+                ("instance", proxy),
+                ("job", "almond"),
+                ("le", "+Inf"),
+            ]
+        };
+        let series = std::sync::Arc::new(std::sync::Mutex::new(vec![
+            ("almond_requests_total", of("a:4191", "success"), 100.0),
+            (
+                "almond_request_duration_seconds_bucket",
+                bucket("a:4191"),
+                100.0,
+            ),
+        ]));
+        let base = fake_prometheus(series.clone()).await;
+        let then = query_prometheus(&base, "web", 1 << 20).await;
+        *series.lock().unwrap() = vec![
+            ("almond_requests_total", of("a:4191", "success"), 110.0),
+            (
+                "almond_request_duration_seconds_bucket",
+                bucket("a:4191"),
+                110.0,
+            ),
+            ("almond_requests_total", of("b:4191", "success"), 4900.0),
+            ("almond_requests_total", of("b:4191", "failure"), 100.0),
+            (
+                "almond_request_duration_seconds_bucket",
+                bucket("b:4191"),
+                5000.0,
+            ),
+        ];
+        let now = query_prometheus(&base, "web", 1 << 20).await;
+        let d = delta(&now, &then);
+        assert_eq!((d["v2"].requests, d["v2"].failures), (10, 0), "{d:?}");
     }
 
     #[test]
