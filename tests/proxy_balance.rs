@@ -472,6 +472,77 @@ async fn http_health_checks_eject_and_return_an_endpoint_without_traffic() {
     assert_eq!(endpoints_in(&proxy, "svc", "healthy").await, 2.0);
 }
 
+/// Draining by health check: b's `/health` answers 503 while its other
+/// paths still answer 200. Once its checks take it out, b gets no real
+/// request however many ejection lengths go by (a real request used to
+/// probe it back each time its ejection was up, and its 200 returned it:
+/// b served 14 % of the traffic), and it returns once its checks pass.
+#[tokio::test]
+async fn an_endpoint_failing_its_health_check_gets_no_traffic_until_it_passes() {
+    let _one_at_a_time = MEASURING.lock().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    b.set_health(503);
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("svc")
+                .at(a.addr)
+                .at(b.addr)
+                .set(
+                    "health_check",
+                    "{ interval: 200ms, timeout: 1s, path: /health, healthy: 1, unhealthy: 1 }",
+                )
+                .set(
+                    "circuit_breaker",
+                    "{ base_ejection: 300ms, max_ejection: 300ms }",
+                ),
+        )
+        .start()
+        .await;
+    eventually("b taken out by its checks", || async {
+        endpoint_state(&proxy, "svc", b.addr).await == "ejected"
+    })
+    .await;
+    // Ten ejection lengths of traffic: every request goes to a.
+    let before = b.seen().len();
+    let mut client = H1::connect(proxy.addr()).await;
+    let (start, mut sent) = (Instant::now(), 0);
+    while start.elapsed() < Duration::from_secs(3) {
+        let reply = client.get("svc", "/work").await;
+        assert_eq!(reply.status, 200);
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let real: Vec<String> = b.seen()[before..]
+        .iter()
+        .filter(|s| s.path != "/health")
+        .map(|s| s.path.clone())
+        .collect();
+    assert!(
+        real.is_empty(),
+        "b failed its health checks throughout, yet served {} of {sent} requests",
+        real.len()
+    );
+    assert_eq!(endpoint_state(&proxy, "svc", b.addr).await, "ejected");
+
+    // Its check passes: it is back, and gets real requests again.
+    b.set_health(0);
+    eventually("b back by its checks", || async {
+        endpoint_state(&proxy, "svc", b.addr).await == "healthy"
+    })
+    .await;
+    let before = b.seen().len();
+    let serves = |b: &Backend| b.seen()[before..].iter().any(|s| s.path == "/work");
+    for _ in 0..200 {
+        assert_eq!(client.get("svc", "/work").await.status, 200);
+        if serves(&b) {
+            break;
+        }
+    }
+    assert!(serves(&b), "b got none of 200 requests once back");
+}
+
 /// Without a path the check is a TCP connect: a stopped backend is
 /// ejected, and a restarted one returns.
 #[tokio::test]

@@ -61,8 +61,10 @@ pub async fn maintain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 }
 
 /// Checks member `index` of `svc` once and feeds the result to its
-/// ejection state: `unhealthy` failures in a row eject it (as far as
-/// `max_ejection_percent` allows), `healthy` passes in a row return it.
+/// ejection state: `unhealthy` failures in a row take it out (as far as
+/// `max_ejection_percent` allows) until `healthy` passes in a row return
+/// it; meanwhile no real request probes it back, however long its
+/// ejection was.
 async fn check(svc: Arc<ServiceRoute>, index: usize) {
     let (Some(hc), Some(m)) = (&svc.health_check, svc.all.members().get(index)) else {
         return;
@@ -75,19 +77,22 @@ async fn check(svc: Arc<ServiceRoute>, index: usize) {
     };
     let now = Instant::now();
     if passed {
-        if state.health.is_out() && in_row >= hc.healthy {
-            svc.outlier.restore(
-                state,
-                &subset.pool,
-                &subset.ejection,
-                &svc.name,
-                "health check passed",
-            );
+        if in_row >= hc.healthy {
+            state.health.checks_recovered();
+            if state.health.is_out() {
+                svc.outlier.restore(
+                    state,
+                    &subset.pool,
+                    &subset.ejection,
+                    &svc.name,
+                    "health check passed",
+                );
+            }
         }
     } else {
         tracing::debug!(service = %svc.name, endpoint = %state.addr, in_row, "health check failed");
         if in_row >= hc.unhealthy {
-            let ejected = svc.outlier.eject_if_room(
+            let ejected = svc.outlier.check_failed(
                 state,
                 now,
                 &subset.pool,

@@ -157,6 +157,8 @@ struct BackendState {
     seen: Mutex<Vec<Seen>>,
     /// A status every answer carries; 0: answer as usual.
     forced_status: AtomicU16,
+    /// The status of answers to `/health`; 0: as any other path.
+    health_status: AtomicU16,
     /// Requests being answered now, and the most there ever were.
     in_flight: AtomicUsize,
     peak_in_flight: AtomicUsize,
@@ -347,6 +349,13 @@ impl Backend {
         self.state.forced_status.store(status, Ordering::SeqCst);
     }
 
+    /// From now on answers `/health` with `status`, its other paths as
+    /// before (0: `/health` as any other path): a backend draining by its
+    /// health check.
+    pub fn set_health(&self, status: u16) {
+        self.state.health_status.store(status, Ordering::SeqCst);
+    }
+
     /// The most requests it was ever answering at once.
     pub fn peak_in_flight(&self) -> usize {
         self.state.peak_in_flight.load(Ordering::SeqCst)
@@ -492,6 +501,10 @@ async fn answer(
     let forced = state.forced_status.load(Ordering::SeqCst);
     if forced != 0 {
         status = StatusCode::from_u16(forced).unwrap();
+    }
+    let health = state.health_status.load(Ordering::SeqCst);
+    if health != 0 && path == "/health" {
+        status = StatusCode::from_u16(health).unwrap();
     }
     let data = if behaviour.trailers.is_empty() {
         data

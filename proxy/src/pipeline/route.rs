@@ -405,10 +405,17 @@ fn members(
         .iter()
         .filter(|e| filter.is_none_or(|f| e.subset == f))
         .map(|e| Member {
-            state: states
-                .entry((Box::from(name), e.addr, conn_key.clone()))
-                .or_insert_with(|| Arc::new(EndpointState::new(e.addr)))
-                .clone(),
+            state: {
+                let state = states
+                    .entry((Box::from(name), e.addr, conn_key.clone()))
+                    .or_insert_with(|| Arc::new(EndpointState::new(e.addr)));
+                // Checks turned off: none is left to return an endpoint
+                // their failures hold out.
+                if svc.health_check.is_none() {
+                    state.health.checks_stopped();
+                }
+                state.clone()
+            },
             weight: e.weight,
             local: zone.is_some() && e.zone.as_deref() == zone,
             subset: subset_names
@@ -719,6 +726,37 @@ mod tests {
             (1, 0),
             "carried per service"
         );
+    }
+
+    /// An endpoint held out by its failing health checks is due its probe
+    /// once the service's checks are turned off: nothing else would ever
+    /// return it.
+    #[tokio::test(start_paused = true)]
+    async fn turning_health_checks_off_releases_what_they_held_out() {
+        let text = |checks: &str| {
+            format!(
+                "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
+                 endpoints: [{{ addr: 127.0.0.1:1 }}, {{ addr: 127.0.0.1:2 }}]\n{checks}"
+            )
+        };
+        let checked = text("    health_check: { path: /health }\n");
+        let config = Arc::new(almond_config::load_proxy(&checked, "t").unwrap());
+        let metrics = Metrics::new().unwrap();
+        let table = Table::build(config, &metrics, None);
+        let web = &table.services["web"];
+        let s = &web.subsets[0];
+        let held = web.all.members()[0].state.clone();
+        let now = tokio::time::Instant::now();
+        let ejected = (web.outlier).check_failed(&*held, now, &s.pool, &s.ejection, "web", 3);
+        assert!(ejected.is_some() && held.health.check_failing());
+        let unchecked = Arc::new(almond_config::load_proxy(&text(""), "t").unwrap());
+        let next = Table::build(unchecked, &metrics, Some(&table));
+        let later = now + Duration::from_millis(1);
+        let picked = next.services["web"]
+            .all
+            .pick(later, None)
+            .map(|m| m.state.addr);
+        assert_eq!(picked, Some(held.addr), "its probe is due at once");
     }
 
     /// A new table keeps a service's retry budget account: a budget spent

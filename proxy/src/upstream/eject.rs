@@ -6,6 +6,12 @@
 //! a subset is out at once. When the time is up, one real request probes
 //! the endpoint: success brings it back, failure ejects it again, longer.
 //!
+//! Active health checks are kept apart (as Envoy's active health status
+//! and outlier status): an endpoint whose checks fail is out until they
+//! pass again, whatever the length of an ejection, and no real request
+//! probes it meanwhile (it answered them well while draining by its health
+//! check, and was probed back as each ejection ended).
+//!
 //! Whether there is room and the ejection itself happen under one lock
 //! (`EJECTING`): failures at the same moment on two endpoints of a
 //! subset would otherwise both see room and both eject. Only a failure
@@ -44,7 +50,14 @@ pub struct Health {
     check_due: AtomicU64,
     checks_passed: AtomicU32,
     checks_failed: AtomicU32,
+    /// The active checks failed `unhealthy` times in a row and have not
+    /// passed `healthy` times since: any ejection lasts until they do.
+    check_failing: AtomicBool,
 }
+
+/// The `ejected_until` of an endpoint whose active checks fail: never due
+/// a probe, out until a check returns it.
+const UNTIL_CHECK_PASSES: u64 = u64::MAX;
 
 /// What a picker may do with an endpoint now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +80,7 @@ impl Default for Health {
             check_due: AtomicU64::new(0),
             checks_passed: AtomicU32::new(0),
             checks_failed: AtomicU32::new(0),
+            check_failing: AtomicBool::new(false),
         }
     }
 }
@@ -135,9 +149,34 @@ impl Health {
     }
 
     /// When the ejection (or the probe's grace) ends, in ns since the
-    /// process epoch; 0 when in service.
+    /// process epoch; 0 when in service, `u64::MAX` while its active
+    /// checks fail.
     pub fn ejected_until(&self) -> u64 {
         self.ejected_until.load(Ordering::Acquire)
+    }
+
+    /// Do its active checks fail (out until they pass)?
+    pub fn check_failing(&self) -> bool {
+        self.check_failing.load(Ordering::Acquire)
+    }
+
+    /// Its active checks passed `healthy` times in a row: their hold ends.
+    pub fn checks_recovered(&self) {
+        self.check_failing.store(false, Ordering::Release);
+    }
+
+    /// The service no longer checks it: a failing check's hold ends, and
+    /// an ejection held by it is due its probe at once (its length was
+    /// the check's, not one of failure accrual's).
+    pub fn checks_stopped(&self) {
+        if self.check_failing.swap(false, Ordering::AcqRel) {
+            let _ = self.ejected_until.compare_exchange(
+                UNTIL_CHECK_PASSES,
+                1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
     }
 }
 
@@ -234,10 +273,13 @@ impl Outlier {
             // ejection is up: a pool of one never claims a probe). A request
             // sent before the ejection and answered after it says nothing
             // about the endpoint now, and must not cut the ejection short.
+            // Nor does any request while its active checks fail: they
+            // answered well while it drained by its health check.
             let now_ns = crate::clock::nanos_since_epoch(now);
             if health.is_out()
                 && (health.probing.swap(false, Ordering::AcqRel)
                     || health.availability(now_ns) == Availability::ProbeDue)
+                && !health.check_failing()
             {
                 self.restore(endpoint, subset, metrics, service, "probe succeeded");
             }
@@ -259,6 +301,50 @@ impl Outlier {
             return None;
         }
         self.eject_if_room(endpoint, now, subset, metrics, service, failures)
+    }
+
+    /// The active checks of `endpoint` failed `failures` times in a row,
+    /// enough to take it out: it stays out until they pass (see
+    /// [`Health::check_failing`]). One in service is ejected as far as
+    /// `max_ejection_percent` allows; one ejected already has its ejection
+    /// held until then. Returns when a new ejection ends (`u64::MAX`).
+    pub fn check_failed(
+        &self,
+        endpoint: &impl Ejectable,
+        now: Instant,
+        subset: &impl Peers,
+        metrics: &EjectionMetrics,
+        service: &str,
+        failures: u32,
+    ) -> Option<u64> {
+        let health = endpoint.health();
+        let newly = !health.check_failing.swap(true, Ordering::AcqRel);
+        loop {
+            let until = health.ejected_until.load(Ordering::Acquire);
+            if until == 0 {
+                // In service (or just returned: the next check ejects it).
+                return self.eject_if_room(endpoint, now, subset, metrics, service, failures);
+            }
+            if until == UNTIL_CHECK_PASSES {
+                return None;
+            }
+            // Ejected or probed by failure accrual: held until a check
+            // passes, and a probe out now no longer returns it.
+            if (health.ejected_until)
+                .compare_exchange(
+                    until,
+                    UNTIL_CHECK_PASSES,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+            {
+                if newly {
+                    tracing::warn!(service, endpoint = %endpoint.addr(), failures, "endpoint kept out until its health check passes");
+                }
+                return None;
+            }
+        }
     }
 
     /// Takes `endpoint` out for the next ejection length if it is in and
@@ -300,7 +386,11 @@ impl Outlier {
     fn take_out(&self, health: &Health, now: Instant) -> (u32, Duration, u64) {
         let n = health.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let length = self.ejection_length(n);
-        let until = (crate::clock::nanos_since_epoch(now) + length.as_nanos() as u64).max(1);
+        let until = if health.check_failing() {
+            UNTIL_CHECK_PASSES
+        } else {
+            (crate::clock::nanos_since_epoch(now) + length.as_nanos() as u64).max(1)
+        };
         health.ejected_until.store(until, Ordering::Release);
         health.consecutive.store(0, Ordering::Relaxed);
         // Only checks passed from now on may bring it back early.
@@ -321,6 +411,17 @@ impl Outlier {
     ) {
         metrics.ejections.inc();
         metrics.update(subset.out_of());
+        if endpoint.health().check_failing() {
+            tracing::warn!(
+                service,
+                endpoint = %endpoint.addr(),
+                failures,
+                ejections = n,
+                ejected_for = "until its health check passes",
+                "endpoint ejected"
+            );
+            return;
+        }
         tracing::warn!(
             service,
             endpoint = %endpoint.addr(),
@@ -473,6 +574,56 @@ mod tests {
         p.record(ep, false, false, t, &pool, &m, "s");
         assert!(!ep.0.is_out());
         assert_eq!((m.healthy.get(), m.ejected.get()), (3, 0));
+    }
+
+    /// Active checks and failure accrual are apart: an endpoint whose
+    /// checks fail is out until they pass. No probe is due however long it
+    /// has been out, and a request's success does not return it.
+    #[tokio::test(start_paused = true)]
+    async fn failing_checks_hold_an_endpoint_out_until_they_pass() {
+        let (pool, m, p) = (subset(3), metrics(), policy());
+        let ns = |t: Instant| crate::clock::nanos_since_epoch(t);
+        let ep = &pool.0[0];
+        let now = Instant::now();
+        assert!(p.check_failed(ep, now, &pool, &m, "s", 3).is_some());
+        assert!(ep.0.is_out());
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(ep.0.availability(ns(later)), Availability::Ejected);
+        assert!(!ep.0.claim_probe(ns(later), p.probe_grace));
+        // A success of a request sent before the ejection.
+        p.record(ep, false, false, later, &pool, &m, "s");
+        assert!(ep.0.is_out());
+        // Checks passing again: back.
+        ep.0.checks_recovered();
+        p.restore(ep, &pool, &m, "s", "health check passed");
+        assert!(!ep.0.is_out());
+        assert_eq!(m.ejections.get(), 1);
+    }
+
+    /// An endpoint ejected by failure accrual whose checks then fail: its
+    /// probe, out already, does not return it, nor does a later one.
+    #[tokio::test(start_paused = true)]
+    async fn failing_checks_hold_an_ejection_and_its_probe() {
+        let (pool, m, p) = (subset(3), metrics(), policy());
+        let ns = |t: Instant| crate::clock::nanos_since_epoch(t);
+        let ep = &pool.0[0];
+        let now = Instant::now();
+        for _ in 0..3 {
+            p.record(ep, true, false, now, &pool, &m, "s");
+        }
+        assert!(ep.0.is_out());
+        let due = now + Duration::from_secs(12);
+        assert!(ep.0.claim_probe(ns(due), p.probe_grace));
+        assert_eq!(p.check_failed(ep, due, &pool, &m, "s", 3), None);
+        p.record(ep, false, false, due, &pool, &m, "s");
+        assert!(ep.0.is_out(), "a probe's success returned it");
+        let later = due + Duration::from_secs(3600);
+        assert_eq!(ep.0.availability(ns(later)), Availability::Ejected);
+        // The service stops checking it: its probe is due at once.
+        ep.0.checks_stopped();
+        assert!(ep.0.claim_probe(ns(later), p.probe_grace));
+        p.record(ep, false, false, later, &pool, &m, "s");
+        assert!(!ep.0.is_out());
     }
 
     #[tokio::test(start_paused = true)]
