@@ -290,6 +290,59 @@ async fn a_slower_endpoint_gets_little_under_load() {
     }
 }
 
+/// One fast 500 costs `p2c_ewma` a few answers of an endpoint's share, not
+/// the next minute: a failure counted as a second of latency (1,000x its
+/// peers' millisecond) left a with about 1 % of the next 300 requests,
+/// though it showed healthy. Failure accrual, not the balancer, takes a
+/// failing endpoint out. Its share of 300 sequential requests after its
+/// 500 is at least 15 % (a third is fair; a share of 28 % is 5 sigma
+/// above the bound); `p2c_ewma` follows noisy latencies, so a second
+/// sample decides when the first falls short.
+#[tokio::test]
+async fn one_failure_does_not_take_an_endpoint_out_of_p2c_ewma() {
+    let _one_at_a_time = MEASURING.lock().await;
+    for chance in 1..=2 {
+        let (proxy, [a, b, c]) = three_equal("p2c_ewma", false).await;
+        let all = [&a, &b, &c];
+        // Every endpoint measured.
+        all_ok(&sequential(&proxy, false, 60).await, "warm-up");
+        let mut client = H1::connect(proxy.addr()).await;
+        // One request answered 500 by a (500 is not retried by default).
+        a.set_status(500);
+        let mut answered = false;
+        for _ in 0..100 {
+            let before = a.count();
+            let reply = client.get("svc", "/").await;
+            if a.count() > before {
+                assert_eq!(reply.status, 500);
+                answered = true;
+                break;
+            }
+        }
+        a.set_status(0);
+        assert!(answered, "a got none of 100 requests");
+        let before = counts(&all);
+        let start = Instant::now();
+        all_ok(&sequential(&proxy, false, 300).await, "after a's 500");
+        let share = shares(&all, &before);
+        eprintln!(
+            "shares after a's 500: {share:.1?} % in {:?}",
+            start.elapsed()
+        );
+        proxy.shutdown().await;
+        if share[0] >= 15.0 {
+            return;
+        }
+        assert!(
+            chance < 2,
+            "one 500 took a out: {:.1} % of 300 requests (b {:.1} %, c {:.1} %)",
+            share[0],
+            share[1],
+            share[2]
+        );
+    }
+}
+
 /// The table of docs/load-balancing.md: what each balancer does with
 /// three equal endpoints (sequential, then 16 clients) and with one of
 /// three 20 ms slower (16 clients). Prints the rows; asserts only that

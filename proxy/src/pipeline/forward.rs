@@ -330,7 +330,8 @@ fn forward<'a>(
             // (`Overloaded`), nor one a client's stalled upload ended.
             let failed = svc.record_outcome(member.subset, &endpoint, result, now);
             if ErrorKind::about_endpoint(result) {
-                learn_rtt(svc, &endpoint, try_start, now, failed, seen.connect);
+                let times = (try_start, now);
+                learn_rtt((svc, call.pool), &endpoint, times, failed, seen.connect);
             }
             if tries.retry(
                 svc,
@@ -600,14 +601,16 @@ impl Tries {
 }
 
 /// Feeds the try's round trip to the endpoint's latency estimate. A
-/// failure counts as a slow answer, so P2C steers away from it until it is
-/// ejected (its estimate is reset when it returns). Opening a connection
+/// failure counts as a few times its peers' latency in `pool` (see
+/// [`Pool::failure_rtt`]), so P2C steers away from it softly until
+/// failure accrual ejects it; one failure is washed out by a few answers
+/// (counted as `timeouts.connect`, a fast 500 cost 1,000x its peers, and
+/// the endpoint got no traffic for about a minute). Opening a connection
 /// is a one-off cost, not the endpoint's latency.
 fn learn_rtt(
-    svc: &ServiceRoute,
+    (svc, pool): (&ServiceRoute, &Pool),
     endpoint: &EndpointState,
-    try_start: Instant,
-    now: Instant,
+    (try_start, now): (Instant, Instant),
     failed: bool,
     connect: Option<Duration>,
 ) {
@@ -615,7 +618,7 @@ fn learn_rtt(
         .saturating_duration_since(try_start)
         .saturating_sub(connect.unwrap_or_default());
     let rtt = if failed {
-        rtt.max(svc.target.connect_timeout)
+        pool.failure_rtt(endpoint, rtt, svc.target.connect_timeout, now)
     } else {
         rtt
     };
