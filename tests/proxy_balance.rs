@@ -452,16 +452,53 @@ async fn a_dead_endpoint_is_ejected_by_every_balancer_and_comes_back() {
         eventually(&format!("{lb}: c back"), || async {
             all_ok(&sequential(&proxy, false, 1).await, lb);
             tokio::time::sleep(Duration::from_millis(20)).await;
-            endpoints_in(&proxy, "svc", "healthy").await == 3.0
+            // Probed back (not only due its probe, which counts healthy).
+            endpoint_state(&proxy, "svc", c.addr).await == "healthy"
         })
         .await;
-        assert_eq!(endpoint_state(&proxy, "svc", c.addr).await, "healthy");
+        assert_eq!(endpoints_in(&proxy, "svc", "healthy").await, 3.0, "{lb}");
         let all = [&a, &b, &c];
         let before = counts(&all);
         all_ok(&sequential(&proxy, false, 600).await, lb);
         assert_even(&shares(&all, &before), &format!("{lb}: after c came back"));
         proxy.shutdown().await;
     }
+}
+
+/// An ejection that has run its time stops counting as one, traffic or
+/// none: a quiet service's endpoint read `ejected` in `/endpoints` and
+/// `almond_endpoints` for good (and counted against
+/// `max_ejection_percent` and the panic threshold). It reads `probing`,
+/// counted `healthy`, until a request probes it back.
+#[tokio::test]
+async fn an_ejection_that_ran_its_time_stops_counting_without_traffic() {
+    let _one_at_a_time = MEASURING.lock().await;
+    let a = Backend::start("a").await;
+    let mut c = Backend::start("c").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("svc").at(a.addr).at(c.addr).set(
+            "circuit_breaker",
+            "{ base_ejection: 500ms, max_ejection: 500ms }",
+        ))
+        .start()
+        .await;
+    c.stop().await;
+    eventually("c ejected", || async {
+        all_ok(&sequential(&proxy, false, 1).await, "c down");
+        ejections(&proxy, "svc").await >= 1.0
+    })
+    .await;
+    c.restart().await;
+    // No traffic for three times the ejection.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(endpoints_in(&proxy, "svc", "ejected").await, 0.0);
+    assert_eq!(endpoints_in(&proxy, "svc", "healthy").await, 2.0);
+    assert_eq!(endpoint_state(&proxy, "svc", c.addr).await, "probing");
+    // The next request is its probe.
+    all_ok(&sequential(&proxy, false, 1).await, "probe");
+    assert_eq!(c.count(), 1);
+    assert_eq!(endpoint_state(&proxy, "svc", c.addr).await, "healthy");
 }
 
 // ---------------------------------------------------------------------------

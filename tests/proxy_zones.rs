@@ -9,6 +9,7 @@ mod support;
 use http::StatusCode;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 use support::*;
 
 /// A proxy config with `zone: a` and service `s`: `endpoints` as
@@ -187,4 +188,57 @@ async fn mirror_copies_are_not_counted_as_zone_requests() {
     .await;
     let counted = zone_requests(&proxy, "local").await + zone_requests(&proxy, "remote").await;
     assert_eq!(counted, 14.0);
+}
+
+/// A remote endpoint's ejection ends while every first try stays in the
+/// local zone: the next first try is its probe, wherever it is. R (zone
+/// b) was ejected by a retry while down, then restarted; its ejection
+/// stayed in force for good (first tries only looked in zone a), filling
+/// `max_ejection_percent`, so when L (zone a) then answered 500 to
+/// everything, L was never ejected and 64 of 64 requests got 500. Now R
+/// is probed back by the first request after its ejection, L is ejected
+/// by its failures, and the requests after that get 200 from R.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_endpoint_is_probed_back_when_its_ejection_ends() {
+    let l = Backend::start("l").await;
+    let mut r = Backend::start("r").await;
+    r.stop().await;
+    let endpoints = [(l.addr, "v1", "a"), (r.addr, "v1", "b")];
+    let extra = "    circuit_breaker: { consecutive_failures: 3, base_ejection: 1s, max_ejection: 1s }\n    retries: { attempts: 1, on: [connect, \"503\"] }\n";
+    let proxy = TestProxy::start(&zoned(&endpoints, extra)).await;
+    let ejections = || {
+        proxy_metric(
+            &proxy,
+            "almond_endpoint_ejections_total",
+            &[("service", "s")],
+        )
+    };
+    // L answers a 503; its retry goes to R, down: R is ejected.
+    l.set_status(503);
+    let mut client = H1::connect(proxy.addr()).await;
+    let _ = client.get("s", "/").await;
+    l.set_status(0);
+    assert_eq!(ejections().await, 1.0, "R ejected by the retry");
+    r.restart().await;
+    // R's ejection (1 s at most) ends with no request on the way.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = spread(&proxy, 20).await;
+    assert_eq!(r.count(), 1, "R probed once, then local again: {got:?}");
+    assert_eq!(count(&got, &["l"]), 19, "{got:?}");
+
+    // L fails everything: ejected within its 3 failures (R back leaves
+    // room), and R answers from then on.
+    l.set_status(500);
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        let reply = client.get("s", "/").await;
+        codes.push((reply.status.as_u16(), reply.backend().to_owned()));
+    }
+    let failed = codes.iter().filter(|(s, _)| *s == 500).count();
+    assert!(failed <= 3, "L never ejected: {codes:?}");
+    assert!(
+        codes[3..].iter().all(|(s, b)| *s == 200 && b == "r"),
+        "{codes:?}"
+    );
+    assert_eq!(ejections().await, 2.0);
 }

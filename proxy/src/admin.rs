@@ -3,6 +3,7 @@
 
 use crate::body::ResponseBody;
 use crate::observe::tap::{Filter, TapBody};
+use crate::upstream::eject::Health;
 use crate::Shared;
 use http::header::CONTENT_TYPE;
 use http_body_util::{BodyExt, Either, Limited};
@@ -83,6 +84,8 @@ async fn respond_whole(shared: Arc<Shared>, req: Request<Incoming>) -> Response<
     }
     let resp = match req.uri().path() {
         "/metrics" => {
+            let now_ns = crate::clock::nanos_since_epoch(Instant::now());
+            shared.table.load().refresh_endpoint_gauges(now_ns);
             let mut resp = Response::new(ResponseBody::full(shared.metrics.encode()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -151,10 +154,24 @@ fn guard(
     }
 }
 
+/// An endpoint's `state` in `/endpoints`: `ejected`; `probing` once its
+/// ejection is up, until a request probes it back (counted `healthy` in
+/// `almond_endpoints`); else `healthy`.
+fn endpoint_state(health: &Health, now_ns: u64) -> &'static str {
+    if health.counts_out(now_ns) {
+        "ejected"
+    } else if health.is_out() {
+        "probing"
+    } else {
+        "healthy"
+    }
+}
+
 /// Every service's subsets and endpoints with what the balancer sees.
 fn endpoints(shared: &Shared) -> serde_json::Value {
     let table = shared.table.load();
     let now = Instant::now();
+    let now_ns = crate::clock::nanos_since_epoch(now);
     let mut services = serde_json::Map::new();
     for svc in table.services() {
         let subsets: Vec<_> = svc
@@ -169,7 +186,7 @@ fn endpoints(shared: &Shared) -> serde_json::Value {
                         json!({
                             "addr": m.state.addr.to_string(),
                             "weight": m.weight,
-                            "state": if m.state.health.is_out() { "ejected" } else { "healthy" },
+                            "state": endpoint_state(&m.state.health, now_ns),
                             "in_flight": m.state.in_flight(),
                             "connections": m.state.connections(),
                             "rtt_ewma_ms": m.state.rtt_estimate(now) / 1e6,

@@ -288,6 +288,18 @@ impl Table {
     pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceRoute>> {
         self.services.values()
     }
+
+    /// Sets every subset's `almond_endpoints` gauges from its endpoints'
+    /// state at `now_ns` (for a scrape): an ejection whose time ran out
+    /// stops counting then, not when a request probes the endpoint, which
+    /// a quiet service may never send.
+    pub fn refresh_endpoint_gauges(&self, now_ns: u64) {
+        for svc in self.services.values() {
+            for s in &svc.subsets {
+                s.ejection.update(s.pool.out_of(now_ns));
+            }
+        }
+    }
 }
 
 /// A service's upstream TLS: its `server_name` (default: the service's
@@ -490,7 +502,8 @@ impl SubsetRoute {
             metrics.set_split_weight(name, subset, weight);
         }
         let ejection = metrics.ejection(name, subset);
-        ejection.update(pool.out_of());
+        let now_ns = crate::clock::nanos_since_epoch(tokio::time::Instant::now());
+        ejection.update(pool.out_of(now_ns));
         SubsetRoute {
             name: Arc::from(subset),
             pool,

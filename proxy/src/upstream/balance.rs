@@ -93,9 +93,10 @@ const PANIC: u64 = 0xffff;
 
 impl Zones {
     /// Picks in the local zone with the odds of its share (first tries);
-    /// `None` when the whole pool is in panic (the pool's own pick then
-    /// ignores zones and health alike).
-    fn pick(&self, now: Instant, now_ns: u64, counted: bool) -> Option<Option<&Member>> {
+    /// `None` when the whole pool is in panic, or neither zone has an
+    /// endpoint to give (the pool's own pick then decides, over every
+    /// zone: in panic it ignores zones and health alike).
+    fn pick(&self, now: Instant, now_ns: u64, counted: bool) -> Option<&Member> {
         let permille = self.local_permille(now_ns);
         if permille == PANIC {
             return None;
@@ -106,7 +107,9 @@ impl Zones {
         } else {
             (&self.remote, &self.local, 1)
         };
-        Some(match first.pick(now, None) {
+        // The zones' pools claim no due probe of their own: the whole
+        // pool's pick did before (see `Pool::pick_counted`).
+        match first.pick_here(now, now_ns, None) {
             Some(m) => {
                 if counted {
                     self.counters[i].inc();
@@ -117,9 +120,14 @@ impl Zones {
                 if counted {
                     self.counters[1 - i].inc();
                 }
-                second.pick(now, None)
+                second.pick_here(now, now_ns, None)
             }
-        })
+        }
+    }
+
+    /// Counts a first try sent to a local (`true`) or a remote endpoint.
+    fn count(&self, local: bool) {
+        self.counters[usize::from(!local)].inc();
     }
 
     /// The local zone's share of first tries, in permille (cached).
@@ -129,18 +137,20 @@ impl Zones {
         if cached != 0 && now_ms.saturating_sub(cached >> 16) < ZONE_REFRESH_MS {
             return cached & 0xffff;
         }
-        let permille = self.share();
+        let permille = self.share(now_ns);
         self.cached
             .store((now_ms << 16) | permille, Ordering::Relaxed);
         permille
     }
 
-    /// Works the local share out from the members' health, or [`PANIC`].
-    fn share(&self) -> u64 {
+    /// Works the local share out from the members' health at `now_ns`, or
+    /// [`PANIC`]. A member whose ejection is up counts as available: its
+    /// next pick is its probe.
+    fn share(&self, now_ns: u64) -> u64 {
         // Available members: their weight, and how many.
         let available = |pool: &Pool| -> (u64, u64) {
             (pool.members.iter())
-                .filter(|m| !m.state.health.is_out())
+                .filter(|m| !m.state.health.counts_out(now_ns))
                 .fold((0, 0), |(w, n), m| (w + u64::from(m.weight), n + 1))
         };
         let ((local, in_local), (remote, in_remote)) =
@@ -183,9 +193,9 @@ pub struct Pool {
 }
 
 impl Peers for Pool {
-    fn out_of(&self) -> (usize, usize) {
+    fn out_of(&self, now_ns: u64) -> (usize, usize) {
         let out = (self.members.iter())
-            .filter(|m| m.state.health.is_out())
+            .filter(|m| m.state.health.counts_out(now_ns))
             .count();
         (self.members.len(), out)
     }
@@ -310,17 +320,34 @@ impl Pool {
         counted: bool,
     ) -> Option<&Member> {
         let now_ns = crate::clock::nanos_since_epoch(now);
-        // Zones choose first tries; a retry may go to any other endpoint.
-        if let (Some(zones), None) = (&self.zones, exclude) {
-            if let Some(picked) = zones.pick(now, now_ns, counted) {
-                return picked;
-            }
-        }
+        // A due probe goes first, whichever zone its endpoint is in: the
+        // zones' picks look in one zone only, and never probed a remote
+        // endpoint back while the local zone carried every first try.
         if now_ns >= self.probe_at.load(Ordering::Relaxed) {
             if let Some(probe) = self.claim_due_probe(now_ns, exclude) {
+                if let (Some(zones), true, None) = (&self.zones, counted, exclude) {
+                    zones.count(probe.local);
+                }
                 return Some(probe);
             }
         }
+        // Zones choose first tries; a retry may go to any other endpoint.
+        if let (Some(zones), None) = (&self.zones, exclude) {
+            if let Some(picked) = zones.pick(now, now_ns, counted) {
+                return Some(picked);
+            }
+        }
+        self.pick_here(now, now_ns, exclude)
+    }
+
+    /// The balancer's pick among this pool's members, zones and due
+    /// probes aside.
+    fn pick_here(
+        &self,
+        now: Instant,
+        now_ns: u64,
+        exclude: Option<&EndpointState>,
+    ) -> Option<&Member> {
         let n = self.members.len();
         let first = match n {
             0 => return None,
@@ -378,8 +405,6 @@ impl Pool {
     pub fn note_ejection(&self, until: u64) {
         self.probe_at.fetch_min(until, Ordering::AcqRel);
         if let Some(zones) = &self.zones {
-            zones.local.note_ejection(until);
-            zones.remote.note_ejection(until);
             zones.cached.store(0, Ordering::Relaxed);
         }
     }
@@ -509,7 +534,7 @@ impl Pool {
                     return Some(m);
                 }
                 usable.push(i);
-            } else if m.state.health.is_out() {
+            } else if m.state.health.counts_out(now_ns) {
                 ejected += 1;
             }
         }
@@ -1085,6 +1110,35 @@ mod health_tests {
                 .count();
             assert!(out > 0, "{lb:?}: in panic, health is ignored");
         }
+    }
+
+    /// A remote endpoint's ejection ends while the local zone takes every
+    /// first try: the next first try is its probe (it was never probed,
+    /// and stayed ejected for good). The ejection counts no more once it
+    /// is up, for zone shares as for panic.
+    #[tokio::test(start_paused = true)]
+    async fn zones_probe_a_remote_endpoint_when_its_ejection_ends() {
+        for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
+            let p = zoned_pool(members(&[1, 1], 1, 8000), lb, Duration::from_secs(1));
+            let now = Instant::now();
+            eject(&p, 1, now);
+            assert!((0..100).all(|_| p.pick(now, None).unwrap().state.addr.port() == 8000));
+            let later = now + Duration::from_secs(60);
+            let first = p.pick(later, None).unwrap();
+            assert_eq!(first.state.addr.port(), 8001, "{lb:?}: the probe");
+            let zones = p.zones.as_ref().unwrap();
+            assert_eq!(zones.counters[1].get(), 1, "{lb:?}: counted remote");
+            // Its probe out, the others stay local.
+            assert!((0..100).all(|_| p.pick(later, None).unwrap().state.addr.port() == 8000));
+        }
+        // An ejection that is up is not counted against the zone's share.
+        let p = zoned(Lb::RoundRobin);
+        let now = Instant::now();
+        eject(&p, 0, now);
+        let zones = p.zones.as_ref().unwrap();
+        assert_eq!(zones.share(crate::clock::nanos_since_epoch(now)), 600);
+        let later = now + Duration::from_secs(60);
+        assert_eq!(zones.share(crate::clock::nanos_since_epoch(later)), 1000);
     }
 
     /// With an endpoint ejected, the others still share by weight (the

@@ -4,7 +4,12 @@
 //! balancing for `base_ejection` x the number of ejections in a row
 //! (capped by `max_ejection`, jittered); at most `max_ejection_percent` of
 //! a subset is out at once. When the time is up, one real request probes
-//! the endpoint: success brings it back, failure ejects it again, longer.
+//! the endpoint: success brings it back, failure ejects it again, longer
+//! (as far as `max_ejection_percent` allows). An ejection whose time is up
+//! no longer counts as one (for `max_ejection_percent`, the panic
+//! threshold, zone shares and the gauges), probed or not: a quiet
+//! service's endpoint was counted ejected for good, and filled the room
+//! another endpoint needed to be ejected (Envoy un-ejects on a timer).
 //!
 //! Active health checks are kept apart (as Envoy's active health status
 //! and outlier status): an endpoint whose checks fail is out until they
@@ -114,9 +119,19 @@ impl Health {
         won
     }
 
-    /// Is the endpoint out of service (ejected or probing)?
+    /// Is the endpoint out of service (ejected, due its probe or
+    /// probing)?
     pub fn is_out(&self) -> bool {
         self.ejected_until.load(Ordering::Relaxed) != 0
+    }
+
+    /// Does it count as ejected at `now_ns` (for `max_ejection_percent`,
+    /// the panic threshold, zone shares and `almond_endpoints`)? Out, and
+    /// its ejection (or the grace of the probe it is being sent) not up: an
+    /// endpoint waiting for its probe does not, however long it waits.
+    pub fn counts_out(&self, now_ns: u64) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ns < until
     }
 
     /// Claims the active check due at `now_ns`, and sets the next one
@@ -193,8 +208,9 @@ pub trait Ejectable {
 
 /// The endpoints an ejection is counted against (a subset's pool).
 pub trait Peers {
-    /// How many there are, and how many of them are out of service.
-    fn out_of(&self) -> (usize, usize);
+    /// How many there are, and how many of them count as ejected at
+    /// `now_ns` (see [`Health::counts_out`]).
+    fn out_of(&self, now_ns: u64) -> (usize, usize);
 }
 
 /// A service's ejection policy.
@@ -292,10 +308,7 @@ impl Outlier {
             return None;
         }
         if was_probe {
-            // Out already: ejecting it again, longer, takes no more room.
-            let (n, length, until) = self.take_out(health, now);
-            self.ejected(endpoint, (n, length), subset, metrics, service, failures);
-            return Some(until);
+            return self.eject_again_if_room(endpoint, now, subset, metrics, service, failures);
         }
         if !at_once && failures < self.threshold {
             return None;
@@ -319,6 +332,7 @@ impl Outlier {
     ) -> Option<u64> {
         let health = endpoint.health();
         let newly = !health.check_failing.swap(true, Ordering::AcqRel);
+        let now_ns = crate::clock::nanos_since_epoch(now);
         loop {
             let until = health.ejected_until.load(Ordering::Acquire);
             if until == 0 {
@@ -328,17 +342,23 @@ impl Outlier {
             if until == UNTIL_CHECK_PASSES {
                 return None;
             }
-            // Ejected or probed by failure accrual: held until a check
-            // passes, and a probe out now no longer returns it.
-            if (health.ejected_until)
-                .compare_exchange(
-                    until,
-                    UNTIL_CHECK_PASSES,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-            {
+            // Its ejection is up, so it no longer counts as one: in service
+            // as far as room goes, taken out again only if there is room
+            // (the loop's next turn). Still ejected, or probed, by failure
+            // accrual: held until a check passes, and a probe out now no
+            // longer returns it.
+            let held = if now_ns >= until {
+                0
+            } else {
+                UNTIL_CHECK_PASSES
+            };
+            let swapped = (health.ejected_until)
+                .compare_exchange(until, held, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if swapped {
+                health.probing.store(false, Ordering::Release);
+            }
+            if swapped && held != 0 {
                 if newly {
                     tracing::warn!(service, endpoint = %endpoint.addr(), failures, "endpoint kept out until its health check passes");
                 }
@@ -361,7 +381,8 @@ impl Outlier {
         failures: u32,
     ) -> Option<u64> {
         let health = endpoint.health();
-        let room = || !health.is_out() && self.room_to_eject(subset);
+        let now_ns = crate::clock::nanos_since_epoch(now);
+        let room = || !health.is_out() && self.room_to_eject(subset, now_ns);
         // First without the lock: a subset at its cap, whose endpoints keep
         // failing, never takes it.
         let taken = if room() {
@@ -374,6 +395,42 @@ impl Outlier {
         };
         let Some((n, length, until)) = taken else {
             tracing::debug!(service, endpoint = %endpoint.addr(), "not ejected: out already, or max_ejection_percent reached");
+            return None;
+        };
+        self.ejected(endpoint, (n, length), subset, metrics, service, failures);
+        Some(until)
+    }
+
+    /// A probe of `endpoint` failed: ejected again, longer, if
+    /// `max_ejection_percent` leaves room for it among the others (its
+    /// ejection was up, so others may have taken its room meanwhile); else
+    /// it is back in service, as when Envoy's ejection timer ends, and
+    /// failure accrual counts its failures from there.
+    fn eject_again_if_room(
+        &self,
+        endpoint: &impl Ejectable,
+        now: Instant,
+        subset: &impl Peers,
+        metrics: &EjectionMetrics,
+        service: &str,
+        failures: u32,
+    ) -> Option<u64> {
+        let health = endpoint.health();
+        let now_ns = crate::clock::nanos_since_epoch(now);
+        let taken = {
+            let _held = EJECTING.lock().unwrap_or_else(PoisonError::into_inner);
+            let (n, out) = subset.out_of(now_ns);
+            let others = out.saturating_sub(usize::from(health.counts_out(now_ns)));
+            if others < self.allowed(n) {
+                Some(self.take_out(health, now))
+            } else {
+                health.ejected_until.store(0, Ordering::Release);
+                None
+            }
+        };
+        let Some((n, length, until)) = taken else {
+            metrics.update(subset.out_of(now_ns));
+            tracing::info!(service, endpoint = %endpoint.addr(), failures, "probe failed, endpoint back in service: max_ejection_percent reached");
             return None;
         };
         self.ejected(endpoint, (n, length), subset, metrics, service, failures);
@@ -410,7 +467,8 @@ impl Outlier {
         failures: u32,
     ) {
         metrics.ejections.inc();
-        metrics.update(subset.out_of());
+        let now_ns = crate::clock::nanos_since_epoch(Instant::now());
+        metrics.update(subset.out_of(now_ns));
         if endpoint.health().check_failing() {
             tracing::warn!(
                 service,
@@ -448,17 +506,22 @@ impl Outlier {
         health.consecutive.store(0, Ordering::Relaxed);
         health.probing.store(false, Ordering::Release);
         endpoint.returned();
-        metrics.update(subset.out_of());
+        let now_ns = crate::clock::nanos_since_epoch(Instant::now());
+        metrics.update(subset.out_of(now_ns));
         tracing::info!(service, endpoint = %endpoint.addr(), why, "endpoint returned to service");
     }
 
     /// May one more endpoint of `subset` be ejected? At least one may,
     /// whatever the percent (as in Envoy); the panic threshold then keeps
     /// traffic flowing.
-    fn room_to_eject(&self, subset: &impl Peers) -> bool {
-        let (n, out) = subset.out_of();
-        let allowed = (n * self.max_percent as usize / 100).max(1);
-        out < allowed
+    fn room_to_eject(&self, subset: &impl Peers, now_ns: u64) -> bool {
+        let (n, out) = subset.out_of(now_ns);
+        out < self.allowed(n)
+    }
+
+    /// How many of `n` endpoints may be ejected at once.
+    fn allowed(&self, n: usize) -> usize {
+        (n * self.max_percent as usize / 100).max(1)
     }
 
     /// `base` x `n`, capped at `max`, with +-10 % jitter so endpoints that
@@ -492,8 +555,8 @@ mod tests {
     struct Subset(Vec<Endpoint>);
 
     impl Peers for Subset {
-        fn out_of(&self) -> (usize, usize) {
-            let out = self.0.iter().filter(|e| e.0.is_out()).count();
+        fn out_of(&self, now_ns: u64) -> (usize, usize) {
+            let out = self.0.iter().filter(|e| e.0.counts_out(now_ns)).count();
             (self.0.len(), out)
         }
     }
@@ -639,6 +702,35 @@ mod tests {
         assert_eq!(m.ejected.get(), 1);
     }
 
+    /// An ejection whose time is up leaves its room, probe or none: of two
+    /// endpoints (one may be out), the second is ejected by its failures
+    /// though the first was never probed back (it used to fill the room
+    /// for good). The first's probe then fails with no room left: it is
+    /// back in service rather than past `max_ejection_percent`.
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_that_is_up_leaves_its_room() {
+        let (pool, m, p) = (subset(2), metrics(), policy());
+        let ns = |t: Instant| crate::clock::nanos_since_epoch(t);
+        let (first, second) = (&pool.0[0], &pool.0[1]);
+        let now = Instant::now();
+        for _ in 0..3 {
+            p.record(first, true, false, now, &pool, &m, "s");
+        }
+        assert_eq!(pool.out_of(ns(now)), (2, 1));
+        let later = now + Duration::from_secs(12);
+        assert!(first.0.is_out() && !first.0.counts_out(ns(later)));
+        assert_eq!(pool.out_of(ns(later)), (2, 0));
+        for _ in 0..3 {
+            p.record(second, true, false, later, &pool, &m, "s");
+        }
+        assert!(second.0.counts_out(ns(later)), "no room for the second");
+        assert!(first.0.claim_probe(ns(later), p.probe_grace));
+        p.record(first, true, false, later, &pool, &m, "s");
+        assert!(!first.0.is_out(), "the first's failed probe passed the cap");
+        assert_eq!(pool.out_of(ns(later)), (2, 1));
+        assert_eq!(m.ejections.get(), 2);
+    }
+
     /// A subset whose first two counts wait for each other (a second at
     /// most): two failures deciding at the same moment, on two threads.
     struct Gated {
@@ -648,8 +740,8 @@ mod tests {
     }
 
     impl Peers for Gated {
-        fn out_of(&self) -> (usize, usize) {
-            let counted = self.subset.out_of();
+        fn out_of(&self, now_ns: u64) -> (usize, usize) {
+            let counted = self.subset.out_of(now_ns);
             let mut counts = self.counts.lock().unwrap();
             *counts += 1;
             if *counts <= 2 {
@@ -688,7 +780,10 @@ mod tests {
                     s.spawn(move || p.record(ep, true, true, now, pool, m, "s"));
                 }
             });
-            assert_eq!(pool.subset.out_of(), (3, 1));
+            assert_eq!(
+                pool.subset.out_of(crate::clock::nanos_since_epoch(now)),
+                (3, 1)
+            );
             assert_eq!(m.ejections.get(), 1);
         }
     }
