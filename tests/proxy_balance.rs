@@ -633,6 +633,32 @@ async fn an_endpoint_failing_its_health_check_gets_no_traffic_until_it_passes() 
     assert!(serves(&b), "b got none of 200 requests once back");
 }
 
+/// A hung endpoint's checks do not pile up: with a timeout four times
+/// the interval, the next check starts an interval after the one before
+/// timed out, so at most one check connection is open at a time (the next
+/// check used to be due an interval after the last one started: with
+/// interval 200ms and timeout 3s, 15 were open at once).
+#[tokio::test]
+async fn health_checks_of_a_hung_endpoint_never_overlap() {
+    let _one_at_a_time = MEASURING.lock().await;
+    let a = Backend::start("a").await;
+    let hung = Backend::builder("hung").hang().start().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("svc").at(a.addr).at(hung.addr).set(
+            "health_check",
+            "{ interval: 500ms, timeout: 2s, path: /health, unhealthy: 1 }",
+        ))
+        .start()
+        .await;
+    eventually("a second check after the first timed out", || async {
+        hung.connections() >= 2
+    })
+    .await;
+    assert_eq!(hung.peak_connections(), 1, "checks overlapped");
+    assert_eq!(endpoint_state(&proxy, "svc", hung.addr).await, "ejected");
+}
+
 /// Without a path the check is a TCP connect: a stopped backend is
 /// ejected, and a restarted one returns.
 #[tokio::test]

@@ -44,8 +44,16 @@ pub async fn maintain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 continue;
             };
             for (index, m) in svc.all.members().iter().enumerate() {
-                if m.state.health.claim_check(now_ns, hc.interval) {
-                    tokio::spawn(check(svc.clone(), index));
+                if m.state.health.claim_check(now_ns) {
+                    let next = NextCheck {
+                        state: m.state.clone(),
+                        interval: hc.interval,
+                    };
+                    let svc = svc.clone();
+                    tokio::spawn(async move {
+                        check(svc, index).await;
+                        drop(next);
+                    });
                 }
             }
         }
@@ -57,6 +65,21 @@ pub async fn maintain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
             }
         }
+    }
+}
+
+/// Makes an endpoint's next check due `interval` after its check ends,
+/// however the check ends (done, or its task dropped): one check at a
+/// time per endpoint.
+struct NextCheck {
+    state: Arc<EndpointState>,
+    interval: Duration,
+}
+
+impl Drop for NextCheck {
+    fn drop(&mut self) {
+        let now_ns = crate::clock::nanos_since_epoch(Instant::now());
+        self.state.health.check_done(now_ns, self.interval);
     }
 }
 

@@ -151,6 +151,9 @@ pub struct Seen {
 struct BackendState {
     /// Connections accepted.
     accepted: AtomicUsize,
+    /// Connections open now, and the most there ever were at once.
+    open: AtomicUsize,
+    peak_open: AtomicUsize,
     /// Requests whose head arrived.
     requests: AtomicUsize,
     /// Requests seen in full (body read), in order.
@@ -267,14 +270,18 @@ fn accept_loop(
                 continue;
             };
             state.accepted.fetch_add(1, Ordering::Relaxed);
+            let open = state.open.fetch_add(1, Ordering::SeqCst) + 1;
+            state.peak_open.fetch_max(open, Ordering::SeqCst);
             let state = state.clone();
             let behaviour = behaviour.clone();
             let conn = tokio::spawn(async move {
+                let counted = state.clone();
                 match mode {
                     Mode::Http => serve_http(stream, state, behaviour).await,
                     Mode::Reset => reset_after_head(stream, &state).await,
                     Mode::Hang => hang(stream, &state).await,
                 }
+                counted.open.fetch_sub(1, Ordering::SeqCst);
             });
             let mut conns = conns.lock().unwrap();
             conns.retain(|c| !c.is_finished());
@@ -369,6 +376,12 @@ impl Backend {
     /// Connections it has accepted so far.
     pub fn connections(&self) -> usize {
         self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    /// The most connections it ever had open at once (until the peer
+    /// closed them; connections a [`Backend::stop`] ended stay counted).
+    pub fn peak_connections(&self) -> usize {
+        self.state.peak_open.load(Ordering::SeqCst)
     }
 
     /// Closes every open connection (as a keep-alive timeout would), and

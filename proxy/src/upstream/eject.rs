@@ -64,6 +64,9 @@ pub struct Health {
 /// a probe, out until a check returns it.
 const UNTIL_CHECK_PASSES: u64 = u64::MAX;
 
+/// The `check_due` of an endpoint whose check is out: never due.
+const CHECKING: u64 = u64::MAX;
+
 /// What a picker may do with an endpoint now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Availability {
@@ -134,21 +137,24 @@ impl Health {
         until != 0 && now_ns < until
     }
 
-    /// Claims the active check due at `now_ns`, and sets the next one
-    /// `interval` later: one checker per endpoint and interval, however
-    /// many services list it.
-    pub fn claim_check(&self, now_ns: u64, interval: Duration) -> bool {
+    /// Claims the active check due at `now_ns`: none is due again until
+    /// this one ends ([`Health::check_done`]), so checks never overlap
+    /// (due an interval after the last one started, the checks of a hung
+    /// endpoint piled up, one an interval, until each timed out).
+    pub fn claim_check(&self, now_ns: u64) -> bool {
         let due = self.check_due.load(Ordering::Relaxed);
         now_ns >= due
             && self
                 .check_due
-                .compare_exchange(
-                    due,
-                    now_ns + interval.as_nanos() as u64,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
+                .compare_exchange(due, CHECKING, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
+    }
+
+    /// The claimed check ended at `now_ns`: the next is due `interval`
+    /// later.
+    pub fn check_done(&self, now_ns: u64, interval: Duration) {
+        let next = now_ns.saturating_add(interval.as_nanos() as u64);
+        self.check_due.store(next, Ordering::Release);
     }
 
     /// Counts an active check's result; returns the results of its kind
@@ -687,6 +693,19 @@ mod tests {
         assert!(ep.0.claim_probe(ns(later), p.probe_grace));
         p.record(ep, false, false, later, &pool, &m, "s");
         assert!(!ep.0.is_out());
+    }
+
+    /// A check is not due again until the one out ends, then `interval`
+    /// after its end, however long it took.
+    #[test]
+    fn one_check_at_a_time() {
+        let h = Health::default();
+        let s = 1_000_000_000;
+        assert!(h.claim_check(s));
+        assert!(!h.claim_check(100 * s), "due while the last is out");
+        h.check_done(3 * s, Duration::from_millis(200));
+        assert!(!h.claim_check(3 * s + s / 10));
+        assert!(h.claim_check(3 * s + s / 5));
     }
 
     #[tokio::test(start_paused = true)]
