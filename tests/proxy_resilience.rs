@@ -730,6 +730,38 @@ async fn panic_threshold_keeps_both_failing_endpoints_in_traffic() {
     both_failing_stay_in_traffic("p2c_ewma").await;
 }
 
+/// `panic_threshold: 0` turns panic off for a pool of one too: its
+/// ejected endpoint gets no request (a lone endpoint got every request,
+/// ejected or not, while pools of two or more answered `no-endpoints`, as
+/// Envoy does with panic off). Restarted, the endpoint is not even
+/// connected to until its ejection is up.
+#[tokio::test]
+async fn panic_off_keeps_requests_from_a_lone_ejected_endpoint() {
+    let mut solo = Backend::start("solo").await;
+    solo.stop().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("svc").at(solo.addr).set(
+            "circuit_breaker",
+            "{ panic_threshold: 0, base_ejection: 60s, max_ejection: 60s }",
+        ))
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    // Its refused connection ejects it.
+    assert_ne!(client.get("svc", "/").await.status, StatusCode::OK);
+    assert_eq!(endpoints_in(&proxy, "svc", "ejected").await, 1.0);
+    solo.restart().await;
+    let before = solo.connections();
+    for _ in 0..5 {
+        let reply = client.get("svc", "/").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.header("x-almond-error"), Some("no-endpoints"));
+    }
+    assert_eq!(solo.connections(), before, "the ejected endpoint was tried");
+    assert_eq!(upstream_errors(&proxy, "svc", "no_endpoints").await, 5.0);
+}
+
 // ---------------------------------------------------------------------------
 // 7. Bodies that cannot be replayed
 // ---------------------------------------------------------------------------

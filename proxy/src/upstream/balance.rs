@@ -351,6 +351,9 @@ impl Pool {
         let n = self.members.len();
         let first = match n {
             0 => return None,
+            // Panic off (`panic_threshold: 0`, rare) holds for one endpoint
+            // too: one compare here, the health load only then.
+            1 if self.panic_threshold == 0 => return self.lone(now_ns, exclude),
             1 => return self.members.first(),
             // A retry must not move round robin's rotation on, or the
             // endpoint after a failing one would get every first try.
@@ -398,6 +401,19 @@ impl Pool {
         let penalty = sum / f64::from(measured) * FAILURE_PENALTY;
         let penalty = Duration::from_nanos(penalty as u64).min(cap);
         took.max(penalty)
+    }
+
+    /// The pick of a pool of one with panic off: its endpoint when it is
+    /// in service or due its probe (claimed), or a retry of it (as
+    /// [`Pool::pick`] retries the excluded endpoint when no other is
+    /// left); else nothing, as for any pool with every endpoint ejected
+    /// and panic off (Envoy's "no healthy upstream").
+    fn lone(&self, now_ns: u64, exclude: Option<&EndpointState>) -> Option<&Member> {
+        let only = self.members.first()?;
+        if exclude.is_some_and(|e| std::ptr::eq(e, &*only.state)) {
+            return Some(only);
+        }
+        self.usable(only, now_ns, None).then_some(only)
     }
 
     /// A member of this pool was ejected until `until` (ns since the
@@ -1195,6 +1211,29 @@ mod health_tests {
         // 1 in 10,001 of what is left: 20 (the ejected one's turns are
         // drawn by weight among the two left).
         assert!((10..=30).contains(&light), "{light}");
+    }
+
+    /// Panic off holds for a pool of one: its ejected endpoint is not
+    /// picked but for its probe when the ejection is up (it was picked
+    /// whatever its health); with panic on, it gets everything.
+    #[tokio::test(start_paused = true)]
+    async fn panic_off_leaves_a_lone_ejected_endpoint_out() {
+        for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
+            let p = pool(1, lb).with_health(0, Duration::from_secs(1));
+            let now = Instant::now();
+            assert!(p.pick(now, None).is_some(), "{lb:?}");
+            eject(&p, 0, now);
+            assert!(p.pick(now, None).is_none(), "{lb:?}: picked while ejected");
+            let only = p.members[0].state.clone();
+            assert!(p.pick(now, Some(&only)).is_some(), "{lb:?}: its retry");
+            let later = now + Duration::from_secs(60);
+            assert!(p.pick(later, None).is_some(), "{lb:?}: its probe");
+            assert!(p.pick(later, None).is_none(), "{lb:?}: its probe is out");
+
+            let p = pool(1, lb).with_health(50, Duration::from_secs(1));
+            eject(&p, 0, now);
+            assert!(p.pick(now, None).is_some(), "{lb:?}: panic on");
+        }
     }
 
     #[tokio::test(start_paused = true)]
