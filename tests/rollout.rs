@@ -1751,7 +1751,10 @@ async fn a_shadow_stage_gives_the_operators_mirror_back() {
         .send(Method::PUT, "/v1/services/s/mirror", &mine, None)
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    let started = rig.start_rollout(&shadow_spec(100.0)).await;
+    // Windows of 3 s: the stage lasts long enough for the change below.
+    let mut spec = spec(&[10, 100], 3.0);
+    spec["shadow"] = json!(100.0);
+    let started = rig.start_rollout(&spec).await;
     assert_eq!(started["policy"]["mirror"]["percent"], 100.0, "{started:#}");
     let during = json!({ "subset": "v2", "percent": 50.0 });
     let reply = rig
@@ -1764,4 +1767,14 @@ async fn a_shadow_stage_gives_the_operators_mirror_back() {
     let policy = rig.control.service("s").await["policy"].clone();
     assert_eq!(policy["mirror"]["percent"], 5.0, "{policy:#}");
     assert_eq!(policy["mirror"]["subset"], "v2", "{policy:#}");
+    // A mirror changed after the stage stays through the later steps.
+    let after = json!({ "subset": "v2", "percent": 7.0 });
+    let reply = rig
+        .control
+        .send(Method::PUT, "/v1/services/s/mirror", &after, None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    wait_phase(&rig.control, "succeeded").await;
+    let policy = rig.control.service("s").await["policy"].clone();
+    assert_eq!(policy["mirror"]["percent"], 7.0, "{policy:#}");
 }

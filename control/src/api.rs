@@ -736,7 +736,8 @@ async fn mutate(
                     return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
                 }
             };
-            if let Err(r) = check_split(&request.weights, &service, &request.allow_empty)
+            let in_force = current.split.as_ref();
+            if let Err(r) = check_split(&request.weights, &service, &request.allow_empty, in_force)
                 .and_then(|()| check_sticky(request.sticky_header.as_deref()))
             {
                 return refusal(r);
@@ -1125,7 +1126,7 @@ fn refusal(r: Refusal) -> Response<Full<Bytes>> {
 /// (when ready) with a full snapshot when E is not this control plane's
 /// epoch. Without `epoch`, N is taken to be of this epoch.
 async fn snapshot(
-    state: &State,
+    state: &Arc<State>,
     query: &HashMap<String, String>,
     max_wait: Duration,
     mut stop: watch::Receiver<bool>,

@@ -137,11 +137,13 @@ pub enum Refusal {
 }
 
 /// Checks a split against the service's subsets. `allow_empty` names
-/// subsets that may have no endpoints yet (a canary about to deploy).
+/// subsets that may have no endpoints yet (a canary about to deploy);
+/// `current` is the split in force, whose subsets may be set to 0 gone.
 pub fn check_split(
     weights: &Weights,
     service: &Service,
     allow_empty: &[String],
+    current: Option<&Weights>,
 ) -> Result<(), Refusal> {
     if weights.is_empty() {
         return Err(Refusal::Invalid("a split needs at least one subset".into()));
@@ -153,9 +155,11 @@ pub fn check_split(
                 "weight of {subset} is {w}; weights are percent, 0 to 100"
             )));
         }
-        // A subset at 0 may be gone (retired, or all of it unhealthy):
-        // promoting off a dead subset must not need it.
-        let exists = *w == 0 || service.endpoints.iter().any(|e| &e.subset == subset);
+        // A subset at 0 that the split in force names may be gone
+        // (retired, or all of it unhealthy): promoting off a dead subset
+        // must not need it. Any other unknown name is a typo.
+        let was_split = *w == 0 && current.is_some_and(|c| c.contains_key(subset));
+        let exists = was_split || service.endpoints.iter().any(|e| &e.subset == subset);
         if !exists && !allow_empty.contains(subset) {
             let known: Vec<&str> = {
                 let mut k: Vec<&str> = service
@@ -464,6 +468,12 @@ impl Policy {
             "mirror clear"
         };
         next.mirror = mirror;
+        // A rollout with a shadow stage gives its kept mirror back when the
+        // stage ends (and keeps its choice on every later write): the
+        // operator's newest one is what it keeps.
+        if let Some(r) = next.rollout.as_mut().filter(|r| r.spec.shadow.is_some()) {
+            r.kept_mirror = next.mirror.clone();
+        }
         next.record(by, action, now);
         if let Some(change) = next.history.last_mut() {
             change.from = self.split.clone();
@@ -652,15 +662,21 @@ mod tests {
     #[test]
     fn splits_are_checked() {
         let s = service();
-        assert!(check_split(&w(&[("v1", 90), ("v2", 10)]), &s, &[]).is_ok());
-        let bad_sum = check_split(&w(&[("v1", 90), ("v2", 20)]), &s, &[]);
+        assert!(check_split(&w(&[("v1", 90), ("v2", 10)]), &s, &[], None).is_ok());
+        let bad_sum = check_split(&w(&[("v1", 90), ("v2", 20)]), &s, &[], None);
         assert_eq!(
             bad_sum,
             Err(Refusal::Invalid("weights sum to 110, not 100".into()))
         );
-        assert!(check_split(&w(&[("v1", 90), ("v3", 10)]), &s, &[]).is_err());
-        assert!(check_split(&w(&[("v1", 90), ("v3", 10)]), &s, &["v3".into()]).is_ok());
-        assert!(check_split(&w(&[("v1", 101)]), &s, &[]).is_err());
+        assert!(check_split(&w(&[("v1", 90), ("v3", 10)]), &s, &[], None).is_err());
+        assert!(check_split(&w(&[("v1", 90), ("v3", 10)]), &s, &["v3".into()], None).is_ok());
+        assert!(check_split(&w(&[("v1", 101)]), &s, &[], None).is_err());
+        // At 0, a subset the split in force names may be gone; a typo is
+        // still refused.
+        let typo = w(&[("v1", 100), ("v9", 0)]);
+        assert!(check_split(&typo, &s, &[], None).is_err());
+        let in_force = w(&[("v1", 50), ("v9", 50)]);
+        assert!(check_split(&typo, &s, &[], Some(&in_force)).is_ok());
     }
 
     #[test]

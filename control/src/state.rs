@@ -49,6 +49,8 @@ struct Inputs {
     fleet: usize,
     /// When services were last re-served for a new `fleet` count.
     fleet_served_at: Option<Instant>,
+    /// A count that came within [`FLEET_SETTLE`] of the last is due then.
+    fleet_due: bool,
 }
 
 impl Inputs {
@@ -606,7 +608,7 @@ impl State {
     }
 
     /// Notes a proxy's long-poll.
-    pub fn saw_proxy(&self, id: &str, admin: &str, index: u64) {
+    pub fn saw_proxy(self: &Arc<Self>, id: &str, admin: &str, index: u64) {
         let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
         // Proxies gone quiet are forgotten, so the map holds only live ones.
         proxies.retain(|_, p| p.seen.elapsed() < PROXY_STALE);
@@ -633,7 +635,7 @@ impl State {
     /// Notes how many proxies follow; when the number changed, re-serves
     /// the services with `scope: fleet` limits (their share changed), so
     /// the index moves and every proxy gets the new share.
-    fn set_fleet(&self, live: usize) {
+    fn set_fleet(self: &Arc<Self>, live: usize) {
         let mut inputs = self.inputs();
         if inputs.fleet == live {
             return;
@@ -648,7 +650,20 @@ impl State {
             inputs.fleet = live;
             return;
         }
-        if (inputs.fleet_served_at).is_some_and(|at| at.elapsed() < FLEET_SETTLE) {
+        if let Some(at) = (inputs.fleet_served_at).filter(|at| at.elapsed() < FLEET_SETTLE) {
+            // Shared out once the spell is over, with the count then (the
+            // proxies may all have polled already, and the next poll be a
+            // long-poll's wait away).
+            if !inputs.fleet_due {
+                inputs.fleet_due = true;
+                let state = Arc::clone(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at + FLEET_SETTLE).await;
+                    state.inputs().fleet_due = false;
+                    let live = state.live_proxies();
+                    state.set_fleet(live);
+                });
+            }
             return;
         }
         inputs.fleet = live;
@@ -671,6 +686,13 @@ impl State {
         self.publish(&catalog);
     }
 
+    /// Proxies seen within `PROXY_STALE`.
+    fn live_proxies(&self) -> usize {
+        let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        proxies.retain(|_, p| p.seen.elapsed() < PROXY_STALE);
+        proxies.len()
+    }
+
     /// The proxies seen, by ID.
     pub fn proxies(&self) -> BTreeMap<String, ProxySeen> {
         self.proxies
@@ -687,7 +709,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn proxies_not_seen_for_proxy_stale_are_dropped() {
-        let state = State::new().unwrap();
+        let state = Arc::new(State::new().unwrap());
         state.saw_proxy("old", "127.0.0.1:4191", 1);
         tokio::time::advance(PROXY_STALE / 2).await;
         state.saw_proxy("new", "127.0.0.2:4191", 1);
@@ -795,7 +817,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn fleet_limits_follow_the_number_of_proxies() {
-        let state = State::new().unwrap();
+        let state = Arc::new(State::new().unwrap());
         let mut limited = svc(1);
         limited.guards = vec![serde_json::from_value(serde_json::json!({
             "match": { "path_prefix": "/x" },
@@ -840,7 +862,7 @@ mod tests {
     /// fleet limit). The share still ends right.
     #[tokio::test(start_paused = true)]
     async fn a_fleet_coming_back_at_once_moves_the_index_a_few_times() {
-        let state = State::new().unwrap();
+        let state = Arc::new(State::new().unwrap());
         let mut limited = svc(1);
         limited.guards = vec![serde_json::from_value(serde_json::json!({
             "match": { "path_prefix": "/x" },
@@ -854,8 +876,8 @@ mod tests {
         }
         let moves = state.index() - 10;
         assert!(moves <= 3, "the index moved {moves} times for 100 proxies");
-        tokio::time::advance(FLEET_SETTLE).await;
-        state.saw_proxy("p0", "", state.index());
+        // No proxy polls again: the last count is shared out all the same.
+        tokio::time::sleep(FLEET_SETTLE).await;
         let l = state.service("a").unwrap().guards[0].limit.clone().unwrap();
         assert_eq!(l.shared_by, Some(100));
     }

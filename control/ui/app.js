@@ -315,10 +315,13 @@
       }));
     }
     const weightsKey = subsets.map((s) => svc.subsets[s].weight).join(',');
-    if (weightsKey !== v.weightsKey && !v.shiftBox.contains(document.activeElement)) {
-      v.weightsKey = weightsKey;
+    if (!v.shiftBox.contains(document.activeElement)) {
+      // Other changes (a guard, a mirror) move the version too.
       v.shownVersion = svc.version;
-      v.inputs.forEach((input, i) => { input.value = svc.subsets[subsets[i]].weight || 0; });
+      if (weightsKey !== v.weightsKey) {
+        v.weightsKey = weightsKey;
+        v.inputs.forEach((input, i) => { input.value = svc.subsets[subsets[i]].weight || 0; });
+      }
     }
   }
 

@@ -234,9 +234,26 @@ impl Guards {
         direction: usize,
         start: Instant,
     ) -> Option<Response<ResponseBody<C>>> {
-        // Borrowed, not copied, unless the path is spelled oddly.
-        let path = normalize_path(req.uri().path());
-        let resp = match self.rules.first_match_at(req, &path)? {
+        // Borrowed, not copied, unless the path is spelled oddly. An odd
+        // one is also matched as written: the upstream gets it so, and may
+        // route it so (`/api/giveaway/..` is `/api/` normalised, but a
+        // handler of `/api/giveaway/:id` takes it). The stricter answer
+        // of the two spellings holds.
+        let raw = req.uri().path();
+        let path = normalize_path(raw);
+        let mut action = self.rules.first_match_at(req, &path);
+        if let std::borrow::Cow::Owned(_) = path {
+            if let Some(as_written) = self.rules.first_match_at(req, raw) {
+                action = match action {
+                    None | Some(Action::Limit(_)) if matches!(as_written, Action::Deny { .. }) => {
+                        Some(as_written)
+                    }
+                    None => Some(as_written),
+                    kept => kept,
+                };
+            }
+        }
+        let resp = match action? {
             Action::Deny { status, body } => {
                 self.denied.inc();
                 answer(*status, body.clone(), "denied")
