@@ -54,14 +54,20 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
         registry.join("demo.yaml"),
         format!("demo:\n  endpoints:\n{}\n", endpoints.join("\n")),
     )?;
-    let control_addr = free_or_any("127.0.0.1:4180").await;
+    // The usual ports when they are free, else any: bound at once, kept
+    // (a port seen free and bound later may be taken meanwhile, by a
+    // second demo say).
+    let control_listener = match TcpListener::bind("127.0.0.1:4180").await {
+        Ok(l) => l,
+        Err(_) => TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let control_addr = control_listener.local_addr()?;
     let control_yaml = format!(
         "listen: \"{control_addr}\"\nsource:\n  file: \"{}\"\npolicy_file: \"{}\"\n",
         registry.display(),
         dir.join("policy.json").display()
     );
     let control_cfg = almond_config::load_control(&control_yaml, "demo control config")?;
-    let control_listener = TcpListener::bind(control_cfg.listen).await?;
     let control_url = format!("http://{}", control_listener.local_addr()?);
     // The dashboard first: the rest of the demo is easier watched there.
     println!("almond demo: dashboard at {control_url}/ui (open it in a browser)");
@@ -72,16 +78,25 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
     }));
 
     // The proxy, following the control plane.
-    let listen = free_or_any("127.0.0.1:4140").await;
-    let admin = free_or_any("127.0.0.1:4191").await;
-    let yaml = format!(
-        "admin: \"{admin}\"\ncontrol: {control_url}\nproxy_id: demo\ncache: \"{}\"\nlisteners:\n  - bind: \"{listen}\"\n",
-        dir.join("snapshot.json").display()
-    );
-    let config: ProxyConfig = almond_config::load_proxy(&yaml, "demo proxy config")?;
-    let bound = almond_proxy::Bound::bind(&config)?;
-    let proxy_addr = bound.listener_addrs().first().copied().unwrap_or(listen);
-    let admin_addr = bound.admin_addr().unwrap_or(admin);
+    let proxy_config = |listen: &str, admin: &str| {
+        let yaml = format!(
+            "admin: \"{admin}\"\ncontrol: {control_url}\nproxy_id: demo\ncache: \"{}\"\nlisteners:\n  - bind: \"{listen}\"\n",
+            dir.join("snapshot.json").display()
+        );
+        almond_config::load_proxy(&yaml, "demo proxy config")
+    };
+    let config: ProxyConfig = proxy_config("127.0.0.1:4140", "127.0.0.1:4191")?;
+    let (config, bound) = match almond_proxy::Bound::bind(&config) {
+        Ok(bound) => (config, bound),
+        Err(_) => {
+            let config = proxy_config("127.0.0.1:0", "127.0.0.1:0")?;
+            let bound = almond_proxy::Bound::bind(&config)?;
+            (config, bound)
+        }
+    };
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let proxy_addr = bound.listener_addrs().first().copied().unwrap_or(any);
+    let admin_addr = bound.admin_addr().unwrap_or(any);
     let proxy = almond_proxy::Proxy::new(config)?;
     let shared = proxy.shared().clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -362,13 +377,4 @@ async fn backend(
         }
     });
     Ok(addr)
-}
-
-/// `preferred` if it is free, else any free port on 127.0.0.1.
-async fn free_or_any(preferred: &str) -> SocketAddr {
-    let fallback = SocketAddr::from(([127, 0, 0, 1], 0));
-    match TcpListener::bind(preferred).await {
-        Ok(l) => l.local_addr().unwrap_or(fallback),
-        Err(_) => fallback,
-    }
 }

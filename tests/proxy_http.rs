@@ -109,6 +109,58 @@ async fn round_robin_balances_each_request_of_one_h1_connection() {
     assert_eq!(counts, vec![10, 10, 10]);
 }
 
+/// An HTTP/2 upstream that takes two streams at a time on a connection
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS`) gets another connection when more
+/// requests are in flight, as Envoy opens one: they are not queued unseen
+/// behind the first connection's two.
+#[tokio::test]
+async fn an_h2_upstream_at_its_stream_limit_gets_another_connection() {
+    let backend = Backend::builder("api")
+        .max_streams(2)
+        .delay(std::time::Duration::from_millis(400))
+        .start()
+        .await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("api").http2().at(backend.addr))
+        .start()
+        .await;
+    // The first connection, and its settings, are known.
+    let reply = H1::connect(proxy.addr()).await.get("api", "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    let replies = futures_util::future::join_all((0..6).map(|i| {
+        let addr = proxy.addr();
+        async move {
+            H1::connect(addr)
+                .await
+                .get("api", &format!("/r{i}"))
+                .await
+                .status
+        }
+    }))
+    .await;
+    assert!(replies.iter().all(|s| *s == StatusCode::OK), "{replies:?}");
+    assert!(
+        backend.peak_in_flight() > 2,
+        "the backend answered {} at once: the requests waited behind one connection's two streams",
+        backend.peak_in_flight()
+    );
+    assert!(
+        backend.connections() >= 2,
+        "{} connections",
+        backend.connections()
+    );
+    // Each answer gave its stream back: more requests, one at a time,
+    // fit on the connections open and open no more.
+    let opened = backend.connections();
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..8 {
+        assert_eq!(client.get("api", "/").await.status, StatusCode::OK);
+    }
+    assert_eq!(backend.connections(), opened);
+}
+
 #[tokio::test]
 async fn p2c_ewma_spreads_the_requests_of_one_h2_connection() {
     let (backends, proxy) = three_behind("p2c_ewma", true).await;

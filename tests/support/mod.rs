@@ -187,6 +187,7 @@ pub struct BackendBuilder {
     mode: Mode,
     status: Option<StatusCode>,
     keep_bodies: bool,
+    max_streams: Option<u32>,
 }
 
 impl BackendBuilder {
@@ -226,6 +227,13 @@ impl BackendBuilder {
         self
     }
 
+    /// Takes at most `n` HTTP/2 streams at once on a connection
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub fn max_streams(mut self, n: u32) -> Self {
+        self.max_streams = Some(n);
+        self
+    }
+
     /// Binds `127.0.0.1:0` and serves until the [`Backend`] is dropped.
     pub async fn start(self) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -239,6 +247,7 @@ impl BackendBuilder {
             delay: self.delay,
             trailers: self.trailers,
             keep_bodies: self.keep_bodies,
+            max_streams: self.max_streams,
         });
         let conns = Arc::new(Mutex::new(Vec::new()));
         let task = accept_loop(listener, &state, &behaviour, self.mode, &conns);
@@ -296,6 +305,7 @@ struct Behaviour {
     delay: Duration,
     trailers: Vec<(String, String)>,
     keep_bodies: bool,
+    max_streams: Option<u32>,
 }
 
 /// A test backend on `127.0.0.1:0` that says who it is: every response
@@ -325,6 +335,7 @@ impl Backend {
             mode: Mode::Http,
             status: None,
             keep_bodies: false,
+            max_streams: None,
         }
     }
 
@@ -435,10 +446,13 @@ impl Drop for Backend {
 }
 
 async fn serve_http(stream: TcpStream, state: Arc<BackendState>, behaviour: Arc<Behaviour>) {
+    let max_streams = behaviour.max_streams;
     let svc = service_fn(move |req| answer(req, state.clone(), behaviour.clone()));
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Some(n) = max_streams {
+        builder.http2().max_concurrent_streams(n);
+    }
+    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
 }
 
 async fn answer(

@@ -1,7 +1,8 @@
 //! Connect: the connections to one endpoint -- LIFO pools of idle
-//! HTTP/1.1 connections (hyper's, and the lean client's), one shared
-//! HTTP/2 connection (`upstream/h2.rs`) -- opened (TCP, then TLS) within
-//! the connect timeout, and one request sent over them.
+//! HTTP/1.1 connections (hyper's, and the lean client's), shared HTTP/2
+//! connections (`upstream/h2.rs`; another opens when those open have no
+//! room for a stream) -- opened (TCP, then TLS) within the connect
+//! timeout, and one request sent over them.
 
 use crate::body::{BodyError, RequestBody};
 use crate::headers;
@@ -11,7 +12,7 @@ use crate::outcome::ErrorKind;
 use crate::upstream::h1::{self, LeanBody};
 use crate::upstream::h2::{self, Outgoing};
 use crate::upstream::pool::{Pool, Reusable};
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -31,6 +32,10 @@ const MAX_IDLE_H1: usize = 512;
 /// accepts and closes at once must not keep a request connecting until
 /// its timeout.
 const MAX_FRESH_H1: u32 = 2;
+/// HTTP/2 connections kept open to one endpoint: past them, a request
+/// waits for a stream on the least busy one (a server that takes no
+/// streams at all must not get a new connection for every request).
+const MAX_H2_CONNECTIONS: usize = 16;
 /// An idle HTTP/1.1 connection's sending half.
 pub type H1Sender = http1::SendRequest<RequestBody>;
 
@@ -50,8 +55,11 @@ pub struct Connections {
     h1_idle: Pool<H1Sender>,
     /// Idle connections of the lean HTTP/1.1 client (`upstream/h1.rs`).
     lean: Arc<Pool<Box<h1::Connection<Conn>>>>,
-    h2: ArcSwapOption<h2::Sender>,
-    /// One opener of the HTTP/2 connection at a time; it holds when the
+    /// HTTP/2 connections, oldest first: a request takes the first with
+    /// room for a stream, and opens another when none has (as Envoy does
+    /// at a server's `SETTINGS_MAX_CONCURRENT_STREAMS`).
+    h2: ArcSwap<Vec<h2::Sender>>,
+    /// One opener of an HTTP/2 connection at a time; it holds when the
     /// last attempt failed and how, so that those who waited for it fail
     /// at once with it rather than each try in turn.
     h2_connecting: tokio::sync::Mutex<Option<(Instant, ErrorKind)>>,
@@ -65,7 +73,7 @@ impl Connections {
             open: Arc::new(AtomicU32::new(0)),
             h1_idle: Pool::new(MAX_IDLE_H1),
             lean: Arc::new(Pool::new(MAX_IDLE_H1)),
-            h2: ArcSwapOption::empty(),
+            h2: ArcSwap::from_pointee(Vec::new()),
             h2_connecting: tokio::sync::Mutex::new(None),
         }
     }
@@ -224,8 +232,9 @@ impl Connections {
         self.h1_idle.push(sender);
     }
 
-    /// Sends over the endpoint's shared HTTP/2 connection, opening it first
-    /// if there is none (one opener at a time; the others wait for it).
+    /// Sends over the endpoint's first HTTP/2 connection with room for a
+    /// stream, opening one first if none has (one opener at a time; the
+    /// others wait for it).
     /// `connected` gets the time spent opening the connection, if it was.
     // Not `async fn`: it would keep the request twice (docs/architecture.md).
     #[allow(clippy::manual_async_fn)]
@@ -267,10 +276,11 @@ impl Connections {
         }
     }
 
-    /// Opens the endpoint's HTTP/2 connection for a request that found
-    /// none, holding a `max_pending` place meanwhile; one opener at a
-    /// time, and those who waited for an attempt that failed fail with it
-    /// (each trying again in turn would take a connect timeout each).
+    /// Opens an HTTP/2 connection to the endpoint for a request that found
+    /// none with room, holding a `max_pending` place meanwhile; one opener
+    /// at a time, and those who waited for an attempt that failed fail
+    /// with it (each trying again in turn would take a connect timeout
+    /// each). Connections that closed are let go.
     async fn open_h2(
         &self,
         connect_timeout: Duration,
@@ -286,6 +296,13 @@ impl Connections {
         if let Some(s) = self.live_h2() {
             return Ok(s);
         }
+        let open = self.h2.load();
+        let open = open.iter().filter(|s| !s.is_closed());
+        if open.clone().count() >= MAX_H2_CONNECTIONS {
+            if let Some(s) = open.min_by_key(|s| s.streams()) {
+                return Ok(s.clone());
+            }
+        }
         if let Some((at, kind)) = *last_failure {
             if at >= waited_from {
                 return Err(kind);
@@ -296,7 +313,12 @@ impl Connections {
         *connected = Some(start.elapsed());
         match opened {
             Ok(s) => {
-                self.h2.store(Some(Arc::new(s.clone())));
+                let mut open: Vec<h2::Sender> = (self.h2.load().iter())
+                    .filter(|s| !s.is_closed())
+                    .cloned()
+                    .collect();
+                open.push(s.clone());
+                self.h2.store(Arc::new(open));
                 *last_failure = None;
                 Ok(s)
             }
@@ -307,12 +329,12 @@ impl Connections {
         }
     }
 
+    /// The first open HTTP/2 connection with room for a stream.
     fn live_h2(&self) -> Option<h2::Sender> {
-        let guard = self.h2.load();
-        match guard.as_deref() {
-            Some(s) if !s.is_closed() => Some(s.clone()),
-            _ => None,
-        }
+        let open = self.h2.load();
+        open.iter()
+            .find(|s| !s.is_closed() && s.has_room())
+            .cloned()
     }
 
     /// Opens TCP, then TLS for a `tls` service (offering `h2` or
@@ -368,7 +390,7 @@ impl Connections {
         Ok(sender)
     }
 
-    /// Opens an HTTP/2 connection of its own (the shared one is opened
+    /// Opens an HTTP/2 connection of its own (the shared ones are opened
     /// through [`Connections::send_h2`]).
     pub async fn connect_h2(
         &self,

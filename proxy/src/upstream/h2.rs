@@ -11,7 +11,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -41,6 +41,26 @@ const PONG_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Sender {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Streams sent whose answer is not over (each counted by a [`Slot`]).
+    streams: Arc<AtomicUsize>,
+}
+
+/// One stream's place on its connection, given back when its answer ends
+/// (or fails, or is dropped).
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn new(streams: &Arc<AtomicUsize>) -> Slot {
+        streams.fetch_add(1, Ordering::Relaxed);
+        Slot(streams.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Performs the HTTP/2 handshake over `io`; returns the sending half and
@@ -62,7 +82,15 @@ where
         .await?;
     let closed = Arc::new(AtomicBool::new(false));
     let driver = drive(conn, closed.clone());
-    Ok((Sender { send, closed }, driver))
+    let streams = Arc::new(AtomicUsize::new(0));
+    Ok((
+        Sender {
+            send,
+            closed,
+            streams,
+        },
+        driver,
+    ))
 }
 
 /// Runs the connection until it ends (an error, a `GOAWAY`, every handle
@@ -122,6 +150,19 @@ impl Sender {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Has the connection room for another stream: fewer answers awaited
+    /// on it than the server takes at once (its
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`)? `h2` queues a stream beyond
+    /// that, unseen, until one ends.
+    pub fn has_room(&self) -> bool {
+        self.streams.load(Ordering::Relaxed) < self.send.current_max_send_streams()
+    }
+
+    /// Answers awaited on the connection now.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+
     /// Waits until the connection can take another stream; `false` if it
     /// never will (it is then marked closed).
     pub async fn ready(&mut self) -> bool {
@@ -177,16 +218,17 @@ impl Sender {
                 }));
             }
         };
+        let slot = Slot::new(&self.streams);
         match body {
-            Outgoing::Empty => Sending::Head(response),
+            Outgoing::Empty => Sending::Head(response, Some(slot)),
             Outgoing::Whole(bytes) => match stream.send_data(bytes, true) {
-                Ok(()) => Sending::Head(response),
+                Ok(()) => Sending::Head(response, Some(slot)),
                 Err(_) => Sending::Failed(Some(ErrorKind::Reset.into())),
             },
             // Boxed: streamed bodies are the rarer case, and their state
             // would size every request's future.
             Outgoing::Stream(body) => {
-                Sending::Streaming(Box::pin(stream_body(response, stream, body, failed)))
+                Sending::Streaming(Box::pin(stream_body(response, stream, body, failed, slot)))
             }
         }
     }
@@ -196,8 +238,9 @@ impl Sender {
 pub enum Sending {
     /// Nothing to wait for: the stream could not be opened or written.
     Failed(Option<Failure>),
-    /// The head and any whole body are queued: the answer is awaited.
-    Head(ResponseFuture),
+    /// The head and any whole body are queued: the answer is awaited,
+    /// holding the stream's place on its connection.
+    Head(ResponseFuture, Option<Slot>),
     /// A streamed body goes up while the answer is awaited.
     Streaming(Pin<Box<dyn Future<Output = Result<Response<RecvBody>, Failure>> + Send>>),
 }
@@ -210,9 +253,11 @@ impl Future for Sending {
             Sending::Failed(failure) => {
                 Poll::Ready(Err(failure.take().unwrap_or(ErrorKind::Reset.into())))
             }
-            Sending::Head(response) => Pin::new(response)
-                .poll(cx)
-                .map(|r| r.map(RecvBody::head).map_err(|e| classify(&e))),
+            Sending::Head(response, slot) => Pin::new(response).poll(cx).map(|r| {
+                let slot = slot.take();
+                r.map(|resp| RecvBody::head(resp, slot))
+                    .map_err(|e| classify(&e))
+            }),
             Sending::Streaming(sending) => sending.as_mut().poll(cx),
         }
     }
@@ -225,6 +270,7 @@ async fn stream_body<B>(
     stream: SendStream<Bytes>,
     body: B,
     failed: fn(&B::Error) -> ErrorKind,
+    slot: Slot,
 ) -> Result<Response<RecvBody>, Failure>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
@@ -262,7 +308,8 @@ where
             let _ = sending.await;
         });
     }
-    resp.map(RecvBody::head).map_err(|e| classify(&e))
+    resp.map(|resp| RecvBody::head(resp, Some(slot)))
+        .map_err(|e| classify(&e))
 }
 
 /// Copies `body` into `stream` as the stream's window allows (hyper's
@@ -413,15 +460,24 @@ pub struct RecvBody {
     data_done: bool,
     /// `content-length`, if the head gave one.
     length: Option<u64>,
+    /// An answer's place on its connection, until it is over.
+    slot: Option<Slot>,
 }
 
 impl RecvBody {
     /// The response with its body's length from the head's
     /// `content-length` (the `h2` crate holds the data to it), or none for
-    /// a stream already ended, as hyper's client gives it.
-    fn head(resp: Response<RecvStream>) -> Response<RecvBody> {
+    /// a stream already ended, as hyper's client gives it. The stream's
+    /// `slot` is held until the body is over.
+    fn head(resp: Response<RecvStream>, slot: Option<Slot>) -> Response<RecvBody> {
         let length = content_length(resp.headers());
-        resp.map(|recv| RecvBody::new(recv, length))
+        resp.map(|recv| {
+            let mut body = RecvBody::new(recv, length);
+            if !body.recv.is_end_stream() {
+                body.slot = slot;
+            }
+            body
+        })
     }
 
     /// A request as the client sent it, its body's length known as a
@@ -440,6 +496,7 @@ impl RecvBody {
             recv,
             data_done: false,
             length,
+            slot: None,
         }
     }
 }
@@ -476,17 +533,22 @@ impl Body for RecvBody {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Err(e))) => {
+                    this.slot = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
                 Poll::Ready(None) => this.data_done = true,
                 Poll::Pending => return Poll::Pending,
             }
         }
-        match this.recv.poll_trailers(cx) {
-            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Poll::Ready(Ok(None)) => Poll::Ready(None),
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-            Poll::Pending => Poll::Pending,
-        }
+        let over = match this.recv.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(trailers))) => Some(Ok(Frame::trailers(trailers))),
+            Poll::Ready(Ok(None)) => None,
+            Poll::Ready(Err(e)) => Some(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
+        this.slot = None;
+        Poll::Ready(over)
     }
 
     fn is_end_stream(&self) -> bool {
