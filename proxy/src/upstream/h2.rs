@@ -40,26 +40,33 @@ const PONG_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Sender {
     send: SendRequest<Bytes>,
-    closed: Arc<AtomicBool>,
+    state: Arc<ConnState>,
+}
+
+/// What the proxy knows of one connection beyond `h2`.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// The connection is gone, or going away.
+    closed: AtomicBool,
     /// Streams sent whose answer is not over (each counted by a [`Slot`]).
-    streams: Arc<AtomicUsize>,
+    streams: AtomicUsize,
 }
 
 /// One stream's place on its connection, given back when its answer ends
 /// (or fails, or is dropped).
 #[derive(Debug)]
-pub struct Slot(Arc<AtomicUsize>);
+pub struct Slot(Arc<ConnState>);
 
 impl Slot {
-    fn new(streams: &Arc<AtomicUsize>) -> Slot {
-        streams.fetch_add(1, Ordering::Relaxed);
-        Slot(streams.clone())
+    fn new(state: &Arc<ConnState>) -> Slot {
+        state.streams.fetch_add(1, Ordering::Relaxed);
+        Slot(state.clone())
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -80,22 +87,14 @@ where
         .enable_push(false)
         .handshake::<T, Bytes>(io)
         .await?;
-    let closed = Arc::new(AtomicBool::new(false));
-    let driver = drive(conn, closed.clone());
-    let streams = Arc::new(AtomicUsize::new(0));
-    Ok((
-        Sender {
-            send,
-            closed,
-            streams,
-        },
-        driver,
-    ))
+    let state = Arc::new(ConnState::default());
+    let driver = drive(conn, state.clone());
+    Ok((Sender { send, state }, driver))
 }
 
 /// Runs the connection until it ends (an error, a `GOAWAY`, every handle
 /// dropped, or a ping left unanswered), then marks it closed.
-async fn drive<T>(mut conn: Connection<T, Bytes>, closed: Arc<AtomicBool>)
+async fn drive<T>(mut conn: Connection<T, Bytes>, state: Arc<ConnState>)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -116,7 +115,7 @@ where
         },
         None => conn.await,
     };
-    closed.store(true, Ordering::Release);
+    state.closed.store(true, Ordering::Release);
     if let Err(e) = ended {
         tracing::debug!(error = %e, "upstream h2 connection ended");
     }
@@ -147,7 +146,7 @@ pub enum Outgoing<B> {
 impl Sender {
     /// Is the connection gone?
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.state.closed.load(Ordering::Acquire)
     }
 
     /// Has the connection room for another stream: fewer answers awaited
@@ -155,12 +154,12 @@ impl Sender {
     /// `SETTINGS_MAX_CONCURRENT_STREAMS`)? `h2` queues a stream beyond
     /// that, unseen, until one ends.
     pub fn has_room(&self) -> bool {
-        self.streams.load(Ordering::Relaxed) < self.send.current_max_send_streams()
+        self.streams() < self.send.current_max_send_streams()
     }
 
     /// Answers awaited on the connection now.
     pub fn streams(&self) -> usize {
-        self.streams.load(Ordering::Relaxed)
+        self.state.streams.load(Ordering::Relaxed)
     }
 
     /// Waits until the connection can take another stream; `false` if it
@@ -168,7 +167,7 @@ impl Sender {
     pub async fn ready(&mut self) -> bool {
         let ready = poll_fn(|cx| self.send.poll_ready(cx)).await.is_ok();
         if !ready {
-            self.closed.store(true, Ordering::Release);
+            self.state.closed.store(true, Ordering::Release);
         }
         ready
     }
@@ -218,7 +217,7 @@ impl Sender {
                 }));
             }
         };
-        let slot = Slot::new(&self.streams);
+        let slot = Slot::new(&self.state);
         match body {
             Outgoing::Empty => Sending::Head(response, Some(slot)),
             Outgoing::Whole(bytes) => match stream.send_data(bytes, true) {
@@ -473,9 +472,7 @@ impl RecvBody {
         let length = content_length(resp.headers());
         resp.map(|recv| {
             let mut body = RecvBody::new(recv, length);
-            if !body.recv.is_end_stream() {
-                body.slot = slot;
-            }
+            body.slot = slot;
             body
         })
     }
