@@ -161,6 +161,41 @@ async fn an_h2_upstream_at_its_stream_limit_gets_another_connection() {
     assert_eq!(backend.connections(), opened);
 }
 
+/// An HTTP/2 connection to an upstream that carries no stream for
+/// `timeouts.idle` is closed, as an idle HTTP/1.1 one is (the extra ones a
+/// burst opened would otherwise stay, pinged, for good); the next request
+/// opens another. One busy all along stays open.
+#[tokio::test]
+async fn an_idle_h2_upstream_connection_is_closed_after_timeouts_idle() {
+    let backend = Backend::start("api").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("api")
+                .http2()
+                .at(backend.addr)
+                .set("timeouts", "{ idle: 600ms }"),
+        )
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    // A request every 100 ms for twice the idle limit: one
+    // connection, kept.
+    for _ in 0..12 {
+        assert_eq!(client.get("api", "/").await.status, StatusCode::OK);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(backend.connections(), 1);
+    assert_eq!(backend.open_connections(), 1);
+    // Quiet: closed.
+    eventually("the idle h2 connection closed", || async {
+        backend.open_connections() == 0
+    })
+    .await;
+    assert_eq!(client.get("api", "/").await.status, StatusCode::OK);
+    assert_eq!(backend.connections(), 2);
+}
+
 #[tokio::test]
 async fn p2c_ewma_spreads_the_requests_of_one_h2_connection() {
     let (backends, proxy) = three_behind("p2c_ewma", true).await;

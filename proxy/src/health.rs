@@ -174,7 +174,7 @@ async fn probe(svc: &ServiceRoute, hc: &HealthCheck, m: &Member) -> bool {
                 let Ok(mut sender) = m
                     .state
                     .conns
-                    .connect_h2(hc.timeout, svc.target.tls.as_deref())
+                    .connect_h2(hc.timeout, svc.target.tls.as_deref(), None)
                     .await
                 else {
                     return false;

@@ -389,6 +389,11 @@ impl Backend {
         self.state.accepted.load(Ordering::Relaxed)
     }
 
+    /// Connections open now (until the peer closes them).
+    pub fn open_connections(&self) -> usize {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
     /// The most connections it ever had open at once (until the peer
     /// closed them; connections a [`Backend::stop`] ended stay counted).
     pub fn peak_connections(&self) -> usize {

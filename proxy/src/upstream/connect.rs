@@ -242,6 +242,7 @@ impl Connections {
         &'a self,
         req: Request<RequestBody>,
         connect_timeout: Duration,
+        idle_timeout: Duration,
         pending: &'a Arc<Admission>,
         tls: Option<&'a Upstream>,
         connected: &'a mut Option<Duration>,
@@ -252,7 +253,15 @@ impl Connections {
                 // Boxed: rare, and its state (the lock's wait, the
                 // connect) would size every request's future.
                 None => {
-                    match Box::pin(self.open_h2(connect_timeout, pending, tls, connected)).await {
+                    match Box::pin(self.open_h2(
+                        connect_timeout,
+                        idle_timeout,
+                        pending,
+                        tls,
+                        connected,
+                    ))
+                    .await
+                    {
                         Ok(s) => s,
                         Err(kind) => return Err(SendError::unsent(kind, req)),
                     }
@@ -284,6 +293,7 @@ impl Connections {
     async fn open_h2(
         &self,
         connect_timeout: Duration,
+        idle_timeout: Duration,
         pending: &Arc<Admission>,
         tls: Option<&Upstream>,
         connected: &mut Option<Duration>,
@@ -309,7 +319,9 @@ impl Connections {
             }
         }
         let start = Instant::now();
-        let opened = self.connect_h2(connect_timeout, tls).await;
+        let opened = self
+            .connect_h2(connect_timeout, tls, Some(idle_timeout))
+            .await;
         *connected = Some(start.elapsed());
         match opened {
             Ok(s) => {
@@ -391,14 +403,16 @@ impl Connections {
     }
 
     /// Opens an HTTP/2 connection of its own (the shared ones are opened
-    /// through [`Connections::send_h2`]).
+    /// through [`Connections::send_h2`]), closed when it has carried no
+    /// stream for `idle`.
     pub async fn connect_h2(
         &self,
         connect_timeout: Duration,
         tls: Option<&Upstream>,
+        idle: Option<Duration>,
     ) -> Result<h2::Sender, ErrorKind> {
         let io = self.connect(connect_timeout, tls, true).await?;
-        let (sender, driver) = h2::handshake(io.into_inner()).await.map_err(|e| {
+        let (sender, driver) = h2::handshake(io.into_inner(), idle).await.map_err(|e| {
             tracing::debug!(endpoint = %self.addr, error = %e, "h2 handshake failed");
             ErrorKind::Reset
         })?;

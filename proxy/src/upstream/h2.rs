@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
 /// The window hyper's client gave a stream (2 MiB). The connection's is
 /// sixteen streams' worth: it is shared by every client's request to the
@@ -50,6 +51,8 @@ struct ConnState {
     closed: AtomicBool,
     /// Streams sent whose answer is not over (each counted by a [`Slot`]).
     streams: AtomicUsize,
+    /// Streams sent, ever.
+    started: AtomicUsize,
 }
 
 /// One stream's place on its connection, given back when its answer ends
@@ -60,6 +63,7 @@ pub struct Slot(Arc<ConnState>);
 impl Slot {
     fn new(state: &Arc<ConnState>) -> Slot {
         state.streams.fetch_add(1, Ordering::Relaxed);
+        state.started.fetch_add(1, Ordering::Relaxed);
         Slot(state.clone())
     }
 }
@@ -71,9 +75,11 @@ impl Drop for Slot {
 }
 
 /// Performs the HTTP/2 handshake over `io`; returns the sending half and
-/// the connection's driver, to be run in a task of its own.
+/// the connection's driver, to be run in a task of its own. The
+/// connection closes when it has carried no stream for `idle`.
 pub async fn handshake<T>(
     io: T,
+    idle: Option<Duration>,
 ) -> Result<(Sender, impl Future<Output = ()> + Send + 'static), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -88,36 +94,99 @@ where
         .handshake::<T, Bytes>(io)
         .await?;
     let state = Arc::new(ConnState::default());
-    let driver = drive(conn, state.clone());
+    let driver = drive(conn, state.clone(), idle);
     Ok((Sender { send, state }, driver))
 }
 
 /// Runs the connection until it ends (an error, a `GOAWAY`, every handle
-/// dropped, or a ping left unanswered), then marks it closed.
-async fn drive<T>(mut conn: Connection<T, Bytes>, state: Arc<ConnState>)
+/// dropped, a ping left unanswered, or no stream for `idle`), then marks
+/// it closed.
+async fn drive<T>(mut conn: Connection<T, Bytes>, state: Arc<ConnState>, idle: Option<Duration>)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let pinger = conn.ping_pong();
+    let mut pinger = conn.ping_pong();
     let mut conn = pin!(conn);
-    let ended = match pinger {
-        Some(mut pinger) => loop {
-            let ping = pin!(keep_alive(&mut pinger, PING_INTERVAL, PONG_TIMEOUT));
-            match futures_util::future::select(conn.as_mut(), ping).await {
-                futures_util::future::Either::Left((ended, _)) => break ended,
-                futures_util::future::Either::Right((alive, _)) => {
-                    if !alive {
-                        tracing::debug!(timeout = ?PONG_TIMEOUT, "upstream h2 ping unanswered: closing");
-                        break Ok(());
-                    }
-                }
+    let mut watch = Watch::new(idle, &state);
+    let ended = loop {
+        let due = pin!(watch.next(pinger.as_mut(), &state));
+        match futures_util::future::select(conn.as_mut(), due).await {
+            futures_util::future::Either::Left((ended, _)) => break ended,
+            futures_util::future::Either::Right((Some(why), _)) => {
+                tracing::debug!(why, "upstream h2 connection closing");
+                break Ok(());
             }
-        },
-        None => conn.await,
+            futures_util::future::Either::Right((None, _)) => {}
+        }
     };
     state.closed.store(true, Ordering::Release);
     if let Err(e) = ended {
         tracing::debug!(error = %e, "upstream h2 connection ended");
+    }
+}
+
+/// What a connection's driver watches besides the connection: its
+/// keep-alive pings, and how long it has carried no stream.
+struct Watch {
+    next_ping: Instant,
+    /// Closed after this long with no stream (`timeouts.idle`).
+    idle: Option<Duration>,
+    next_check: Instant,
+    /// Streams started by the last check.
+    started: usize,
+    /// The first check that found the connection quiet since.
+    quiet_since: Option<Instant>,
+}
+
+impl Watch {
+    fn new(idle: Option<Duration>, state: &ConnState) -> Watch {
+        let now = Instant::now();
+        Watch {
+            next_ping: now + PING_INTERVAL,
+            idle,
+            next_check: now + idle.map_or(Duration::ZERO, |d| d / 4),
+            started: state.started.load(Ordering::Relaxed),
+            quiet_since: None,
+        }
+    }
+
+    /// Waits for the next ping or idle check and does it: `Some` says why
+    /// the connection is to close (its ping went unanswered, or it carried
+    /// no stream for `idle`).
+    async fn next(
+        &mut self,
+        pinger: Option<&mut PingPong>,
+        state: &ConnState,
+    ) -> Option<&'static str> {
+        let at = match (pinger.is_some(), self.idle) {
+            (true, Some(_)) => self.next_ping.min(self.next_check),
+            (true, None) => self.next_ping,
+            (false, Some(_)) => self.next_check,
+            (false, None) => return std::future::pending().await,
+        };
+        tokio::time::sleep_until(at).await;
+        let now = Instant::now();
+        if let Some(pinger) = pinger.filter(|_| now >= self.next_ping) {
+            let pong = pinger.ping(Ping::opaque());
+            if !matches!(tokio::time::timeout(PONG_TIMEOUT, pong).await, Ok(Ok(_))) {
+                return Some("ping unanswered");
+            }
+            self.next_ping = Instant::now() + PING_INTERVAL;
+        }
+        if let Some(idle) = self.idle.filter(|_| now >= self.next_check) {
+            self.next_check = now + idle / 4;
+            let started = state.started.load(Ordering::Relaxed);
+            if started == self.started && state.streams.load(Ordering::Relaxed) == 0 {
+                let since = *self.quiet_since.get_or_insert(now);
+                if now.duration_since(since) >= idle {
+                    return Some("idle");
+                }
+            } else {
+                self.quiet_since = None;
+            }
+            self.started = started;
+        }
+        None
     }
 }
 
@@ -583,7 +652,7 @@ mod tests {
     async fn a_connection_whose_pings_go_unanswered_is_closed() {
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(mute_server(server));
-        let (sender, driver) = handshake(client).await.expect("handshake");
+        let (sender, driver) = handshake(client, None).await.expect("handshake");
         let driver = tokio::spawn(driver);
         tokio::time::sleep(PING_INTERVAL + PONG_TIMEOUT / 2).await;
         assert!(!sender.is_closed(), "closed before the pong was due");
@@ -611,7 +680,7 @@ mod tests {
                 }
             }
         });
-        let (mut sender, driver) = handshake(client).await.expect("handshake");
+        let (mut sender, driver) = handshake(client, None).await.expect("handshake");
         tokio::spawn(driver);
         let mut outcomes = Vec::new();
         for _ in 0..3 {
@@ -651,7 +720,7 @@ mod tests {
                 });
             }
         });
-        let (mut sender, driver) = handshake(client).await.expect("handshake");
+        let (mut sender, driver) = handshake(client, None).await.expect("handshake");
         tokio::spawn(driver);
         assert!(sender.ready().await);
         let chunks =
@@ -683,7 +752,7 @@ mod tests {
                 let _ = respond.send_response(Response::new(()), true);
             }
         });
-        let (mut sender, driver) = handshake(client).await.expect("handshake");
+        let (mut sender, driver) = handshake(client, None).await.expect("handshake");
         tokio::spawn(driver);
         tokio::time::sleep(5 * PING_INTERVAL).await;
         assert!(!sender.is_closed());

@@ -246,6 +246,7 @@ fn send_to<'a>(
                     .send_h2(
                         req,
                         target.connect_timeout,
+                        target.idle_timeout,
                         &target.pending,
                         target.tls.as_deref(),
                         connected,
