@@ -85,7 +85,13 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
         );
         almond_config::load_proxy(&yaml, "demo proxy config")
     };
-    let config: ProxyConfig = proxy_config("127.0.0.1:4140", "127.0.0.1:4191")?;
+    // The proxy's listeners take a port another socket shares
+    // (`SO_REUSEPORT`): its usual ports only if no one holds them, which a
+    // plain bind tells (a second demo's proxy would get half of the
+    // traffic); any if taken even so.
+    let listen = free_or_any("127.0.0.1:4140").await;
+    let admin = free_or_any("127.0.0.1:4191").await;
+    let config: ProxyConfig = proxy_config(&listen, &admin)?;
     let (config, bound) = match almond_proxy::Bound::bind(&config) {
         Ok(bound) => (config, bound),
         Err(_) => {
@@ -377,4 +383,12 @@ async fn backend(
         }
     });
     Ok(addr)
+}
+
+/// `preferred` if no socket holds it now, else `127.0.0.1:0` (any).
+async fn free_or_any(preferred: &str) -> String {
+    match TcpListener::bind(preferred).await {
+        Ok(_) => preferred.to_owned(),
+        Err(_) => "127.0.0.1:0".to_owned(),
+    }
 }

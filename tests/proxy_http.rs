@@ -161,6 +161,46 @@ async fn an_h2_upstream_at_its_stream_limit_gets_another_connection() {
     assert_eq!(backend.connections(), opened);
 }
 
+/// An HTTP/2 upstream at its stream limit that takes no second
+/// connection (its listener gone, as at a per-client connection cap)
+/// still answers: the request waits for a stream on the connection open,
+/// as it did before another was ever opened, and the endpoint is not
+/// ejected for the refused connect.
+#[tokio::test]
+async fn an_h2_upstream_that_takes_no_second_connection_answers_on_its_first() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        // Later connects are refused.
+        drop(listener);
+        let svc = hyper::service::service_fn(|_req| async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(full("ok")))
+        });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_concurrent_streams(1)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await;
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("api").http2().at(addr))
+        .start()
+        .await;
+    // The connection, and its settings, are known.
+    let reply = H1::connect(proxy.addr()).await.get("api", "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let replies = futures_util::future::join_all((0..3).map(|_| {
+        let addr = proxy.addr();
+        async move { H1::connect(addr).await.get("api", "/").await.status }
+    }))
+    .await;
+    assert!(replies.iter().all(|s| *s == StatusCode::OK), "{replies:?}");
+    let reply = H1::connect(proxy.addr()).await.get("api", "/").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
 /// An HTTP/2 connection to an upstream that carries no stream for
 /// `timeouts.idle` is closed, as an idle HTTP/1.1 one is (the extra ones a
 /// burst opened would otherwise stay, pinged, for good); the next request

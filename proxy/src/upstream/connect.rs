@@ -289,7 +289,9 @@ impl Connections {
     /// none with room, holding a `max_pending` place meanwhile; one opener
     /// at a time, and those who waited for an attempt that failed fail
     /// with it (each trying again in turn would take a connect timeout
-    /// each). Connections that closed are let go.
+    /// each), unless a connection is open: then the request waits for a
+    /// stream on the least busy one, as it would have before. Connections
+    /// that closed are let go.
     async fn open_h2(
         &self,
         connect_timeout: Duration,
@@ -306,16 +308,9 @@ impl Connections {
         if let Some(s) = self.live_h2() {
             return Ok(s);
         }
-        let open = self.h2.load();
-        let open = open.iter().filter(|s| !s.is_closed());
-        if open.clone().count() >= MAX_H2_CONNECTIONS {
-            if let Some(s) = open.min_by_key(|s| s.streams()) {
-                return Ok(s.clone());
-            }
-        }
         if let Some((at, kind)) = *last_failure {
             if at >= waited_from {
-                return Err(kind);
+                return self.pick_h2(1).ok_or(kind);
             }
         }
         let start = Instant::now();
@@ -336,17 +331,33 @@ impl Connections {
             }
             Err(kind) => {
                 *last_failure = Some((Instant::now(), kind));
-                Err(kind)
+                self.pick_h2(1).ok_or(kind)
             }
         }
     }
 
-    /// The first open HTTP/2 connection with room for a stream.
+    /// The first open HTTP/2 connection with room for a stream; with as
+    /// many open as an endpoint keeps, the least busy.
     fn live_h2(&self) -> Option<h2::Sender> {
+        self.pick_h2(MAX_H2_CONNECTIONS)
+    }
+
+    /// The first open HTTP/2 connection with room for a stream; else, with
+    /// `full_at` or more open, the least busy.
+    fn pick_h2(&self, full_at: usize) -> Option<h2::Sender> {
         let open = self.h2.load();
-        open.iter()
-            .find(|s| !s.is_closed() && s.has_room())
-            .cloned()
+        let mut least: Option<&h2::Sender> = None;
+        let mut count = 0;
+        for s in open.iter().filter(|s| !s.is_closed()) {
+            if s.has_room() {
+                return Some(s.clone());
+            }
+            count += 1;
+            if least.is_none_or(|l| s.streams() < l.streams()) {
+                least = Some(s);
+            }
+        }
+        least.filter(|_| count >= full_at).cloned()
     }
 
     /// Opens TCP, then TLS for a `tls` service (offering `h2` or

@@ -56,21 +56,39 @@ struct ConnState {
 }
 
 /// One stream's place on its connection, given back when its answer ends
-/// (or fails, or is dropped).
+/// (or fails, or is dropped) and, for a request body still going up after
+/// the answer came, when that ends too.
 #[derive(Debug)]
-pub struct Slot(Arc<ConnState>);
+pub struct Slot(Held);
+
+#[derive(Debug)]
+enum Held {
+    Alone(Arc<ConnState>),
+    /// Kept by the answer and by the body still going up.
+    Shared(#[allow(dead_code)] Arc<Slot>),
+}
 
 impl Slot {
+    /// Takes a place (`SeqCst`: the driver closing an idle connection
+    /// sees it, or this sees the connection closed; see `Watch::next`).
     fn new(state: &Arc<ConnState>) -> Slot {
         state.streams.fetch_add(1, Ordering::Relaxed);
-        state.started.fetch_add(1, Ordering::Relaxed);
-        Slot(state.clone())
+        state.started.fetch_add(1, Ordering::SeqCst);
+        Slot(Held::Alone(state.clone()))
+    }
+
+    /// The same place, held twice: given back when both are dropped.
+    fn share(self) -> (Slot, Slot) {
+        let one = Arc::new(self);
+        (Slot(Held::Shared(one.clone())), Slot(Held::Shared(one)))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        if let Held::Alone(state) = &self.0 {
+            state.streams.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -176,10 +194,22 @@ impl Watch {
         if let Some(idle) = self.idle.filter(|_| now >= self.next_check) {
             self.next_check = now + idle / 4;
             let started = state.started.load(Ordering::Relaxed);
-            if started == self.started && state.streams.load(Ordering::Relaxed) == 0 {
+            let quiet = state.streams.load(Ordering::Relaxed) == 0;
+            if quiet && state.closed.load(Ordering::Relaxed) {
+                // Closed below with a request slipping in: it is over.
+                return Some("idle");
+            }
+            if started == self.started && quiet {
                 let since = *self.quiet_since.get_or_insert(now);
                 if now.duration_since(since) >= idle {
-                    return Some("idle");
+                    // Closed first, then a last look: a request that took
+                    // a place before this is let finish (no other takes
+                    // the connection now), one after it sees it closed.
+                    state.closed.store(true, Ordering::SeqCst);
+                    if state.started.load(Ordering::SeqCst) == started {
+                        return Some("idle");
+                    }
+                    self.quiet_since = None;
                 }
             } else {
                 self.quiet_since = None;
@@ -274,6 +304,16 @@ impl Sender {
             }
         }
         let end = matches!(body, Outgoing::Empty);
+        // The place first, then a look at whether the connection closed
+        // idle meanwhile: a stream is never sent on a connection being
+        // dropped (it would fail as sent, not as refused).
+        let slot = Slot::new(&self.state);
+        if self.state.closed.load(Ordering::SeqCst) {
+            return Sending::Failed(Some(Failure {
+                kind: ErrorKind::Reset,
+                refused: true,
+            }));
+        }
         let (response, mut stream) = match self.send.send_request(head, end) {
             Ok(sent) => sent,
             // No stream was opened (the connection is going away or
@@ -286,7 +326,6 @@ impl Sender {
                 }));
             }
         };
-        let slot = Slot::new(&self.state);
         match body {
             Outgoing::Empty => Sending::Head(response, Some(slot)),
             Outgoing::Whole(bytes) => match stream.send_data(bytes, true) {
@@ -371,11 +410,18 @@ where
     .await?;
     // The body pipe keeps going: a server may answer before the request
     // ends (gRPC streams both ways).
-    if let Some(sending) = pipe {
-        tokio::spawn(async move {
-            let _ = sending.await;
-        });
-    }
+    // The stream is the connection's until both are over.
+    let slot = match pipe {
+        Some(sending) => {
+            let (answer, upload) = slot.share();
+            tokio::spawn(async move {
+                let _ = sending.await;
+                drop(upload);
+            });
+            answer
+        }
+        None => slot,
+    };
     resp.map(|resp| RecvBody::head(resp, Some(slot)))
         .map_err(|e| classify(&e))
 }
