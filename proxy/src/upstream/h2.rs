@@ -53,20 +53,25 @@ struct ConnState {
     streams: AtomicUsize,
     /// Streams sent, ever.
     started: AtomicUsize,
+    /// For one stream's place held twice (see [`Slot`]): the connection
+    /// it is a place on, given back when the last holder goes.
+    owner: Option<Arc<ConnState>>,
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        if let Some(owner) = &self.owner {
+            owner.streams.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One stream's place on its connection, given back when its answer ends
 /// (or fails, or is dropped) and, for a request body still going up after
-/// the answer came, when that ends too.
+/// the answer came, when that ends too. One pointer: it is in every
+/// HTTP/2 body, which requests and responses move around.
 #[derive(Debug)]
-pub struct Slot(Held);
-
-#[derive(Debug)]
-enum Held {
-    Alone(Arc<ConnState>),
-    /// Kept by the answer and by the body still going up.
-    Shared(#[allow(dead_code)] Arc<Slot>),
-}
+pub struct Slot(Arc<ConnState>);
 
 impl Slot {
     /// Takes a place (`SeqCst`: the driver closing an idle connection
@@ -74,21 +79,28 @@ impl Slot {
     fn new(state: &Arc<ConnState>) -> Slot {
         state.streams.fetch_add(1, Ordering::Relaxed);
         state.started.fetch_add(1, Ordering::SeqCst);
-        Slot(Held::Alone(state.clone()))
+        Slot(state.clone())
     }
 
-    /// The same place, held twice: given back when both are dropped.
+    /// The same place, held twice: it moves to a node of its own (which
+    /// counts its two holders), given back when both are dropped.
     fn share(self) -> (Slot, Slot) {
-        let one = Arc::new(self);
-        (Slot(Held::Shared(one.clone())), Slot(Held::Shared(one)))
+        self.0.streams.fetch_add(1, Ordering::Relaxed);
+        let node = Arc::new(ConnState {
+            closed: AtomicBool::new(false),
+            streams: AtomicUsize::new(2),
+            started: AtomicUsize::new(0),
+            owner: Some(self.0.clone()),
+        });
+        // `self` gives its own place back as it goes.
+        drop(self);
+        (Slot(node.clone()), Slot(node))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Held::Alone(state) = &self.0 {
-            state.streams.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -572,8 +584,10 @@ pub struct RecvBody {
     recv: RecvStream,
     /// The data is over; trailers are next.
     data_done: bool,
-    /// `content-length`, if the head gave one.
-    length: Option<u64>,
+    /// What is left of the `content-length` the head gave, or
+    /// [`NO_LENGTH`] (a plain `Option` would make every body 8 bytes
+    /// bigger).
+    length: u64,
     /// An answer's place on its connection, until it is over.
     slot: Option<Slot>,
 }
@@ -601,8 +615,9 @@ impl RecvBody {
 
     fn new(recv: RecvStream, length: Option<u64>) -> RecvBody {
         let length = match length {
-            None if recv.is_end_stream() => Some(0),
-            length => length,
+            Some(n) => n,
+            None if recv.is_end_stream() => 0,
+            None => NO_LENGTH,
         };
         RecvBody {
             recv,
@@ -612,6 +627,10 @@ impl RecvBody {
         }
     }
 }
+
+/// A body's length not known (`content-length` has at most 19 digits,
+/// under this).
+const NO_LENGTH: u64 = u64::MAX;
 
 /// The one `content-length` value, if it is a plain number.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -640,8 +659,8 @@ impl Body for RecvBody {
             match this.recv.poll_data(cx) {
                 Poll::Ready(Some(Ok(data))) => {
                     let _ = this.recv.flow_control().release_capacity(data.len());
-                    if let Some(left) = this.length.as_mut() {
-                        *left = left.saturating_sub(data.len() as u64);
+                    if this.length != NO_LENGTH {
+                        this.length = this.length.saturating_sub(data.len() as u64);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -669,8 +688,8 @@ impl Body for RecvBody {
 
     fn size_hint(&self) -> SizeHint {
         match self.length {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
+            NO_LENGTH => SizeHint::default(),
+            n => SizeHint::with_exact(n),
         }
     }
 }
@@ -679,6 +698,27 @@ impl Body for RecvBody {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A place held by an answer and an upload still going counts once,
+    /// until both are over, whichever ends first.
+    #[test]
+    fn a_shared_place_counts_once_until_both_holders_go() {
+        for answer_first in [true, false] {
+            let state = Arc::new(ConnState::default());
+            let (answer, upload) = Slot::new(&state).share();
+            assert_eq!(state.streams.load(Ordering::Relaxed), 1);
+            let (first, second) = if answer_first {
+                (answer, upload)
+            } else {
+                (upload, answer)
+            };
+            drop(first);
+            assert_eq!(state.streams.load(Ordering::Relaxed), 1);
+            drop(second);
+            assert_eq!(state.streams.load(Ordering::Relaxed), 0);
+            assert_eq!(state.started.load(Ordering::Relaxed), 1);
+        }
+    }
 
     /// A server that says its settings, acknowledges the client's, then
     /// reads everything and answers nothing (no pong).
