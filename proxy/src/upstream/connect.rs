@@ -12,6 +12,7 @@ use crate::outcome::ErrorKind;
 use crate::upstream::h1::{self, LeanBody};
 use crate::upstream::h2::{self, Outgoing};
 use crate::upstream::pool::{Pool, Reusable};
+use almond_config::Protocol;
 use arc_swap::ArcSwap;
 use http_body::Body;
 use hyper::body::Incoming;
@@ -44,6 +45,22 @@ impl Reusable for H1Sender {
     fn usable(&self) -> bool {
         !self.is_closed()
     }
+}
+
+/// How a service's endpoints are reached: what every try shares.
+#[derive(Clone)]
+pub struct Target {
+    /// Upstream protocol.
+    pub protocol: Protocol,
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle pooled HTTP/1.1 connections, and HTTP/2 ones with no stream,
+    /// are closed after this long.
+    pub idle_timeout: Duration,
+    /// Requests waiting for a new connection (`circuit_breaker.max_pending`).
+    pub pending: Arc<Admission>,
+    /// Upstream TLS (`tls: true` services), with the server name to verify.
+    pub tls: Option<Arc<Upstream>>,
 }
 
 /// The connections to one endpoint address.
@@ -241,10 +258,7 @@ impl Connections {
     pub fn send_h2<'a>(
         &'a self,
         req: Request<RequestBody>,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        pending: &'a Arc<Admission>,
-        tls: Option<&'a Upstream>,
+        target: &'a Target,
         connected: &'a mut Option<Duration>,
     ) -> impl Future<Output = Result<Response<h2::RecvBody>, SendError>> + Send + 'a {
         async move {
@@ -252,20 +266,10 @@ impl Connections {
                 Some(s) => s,
                 // Boxed: rare, and its state (the lock's wait, the
                 // connect) would size every request's future.
-                None => {
-                    match Box::pin(self.open_h2(
-                        connect_timeout,
-                        idle_timeout,
-                        pending,
-                        tls,
-                        connected,
-                    ))
-                    .await
-                    {
-                        Ok(s) => s,
-                        Err(kind) => return Err(SendError::unsent(kind, req)),
-                    }
-                }
+                None => match Box::pin(self.open_h2(target, connected)).await {
+                    Ok(s) => s,
+                    Err(kind) => return Err(SendError::unsent(kind, req)),
+                },
             };
             if !sender.ready().await {
                 // Going away (a GOAWAY came) or gone: the request was never
@@ -294,13 +298,10 @@ impl Connections {
     /// that closed are let go.
     async fn open_h2(
         &self,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        pending: &Arc<Admission>,
-        tls: Option<&Upstream>,
+        target: &Target,
         connected: &mut Option<Duration>,
     ) -> Result<h2::Sender, ErrorKind> {
-        let Some(_place) = pending.try_acquire() else {
+        let Some(_place) = target.pending.try_acquire() else {
             return Err(ErrorKind::Overloaded);
         };
         let waited_from = Instant::now();
@@ -315,7 +316,11 @@ impl Connections {
         }
         let start = Instant::now();
         let opened = self
-            .connect_h2(connect_timeout, tls, Some(idle_timeout))
+            .connect_h2(
+                target.connect_timeout,
+                target.tls.as_deref(),
+                Some(target.idle_timeout),
+            )
             .await;
         *connected = Some(start.elapsed());
         match opened {

@@ -2,10 +2,9 @@
 //! service's protocol calls for (or a tunnel, for an upgrade).
 
 use crate::body::{RequestBody, UpstreamBody};
-use crate::identity::tls::Upstream;
-use crate::limit::Admission;
 use crate::observe::trace::Stamp;
 use crate::outcome::ErrorKind;
+pub use crate::upstream::connect::Target;
 use crate::upstream::connect::{H1Sender, LeanTarget, SendError};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::h1;
@@ -21,21 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tower::{service_fn, Layer, Service};
-
-/// How a service's endpoints are reached: what every try shares.
-#[derive(Clone)]
-pub struct Target {
-    /// Upstream protocol.
-    pub protocol: Protocol,
-    /// TCP (and TLS) connect timeout.
-    pub connect_timeout: Duration,
-    /// Idle pooled HTTP/1.1 connections are closed after this long.
-    pub idle_timeout: Duration,
-    /// Requests waiting for a new connection (`circuit_breaker.max_pending`).
-    pub pending: Arc<Admission>,
-    /// Upstream TLS (`tls: true` services), with the server name to verify.
-    pub tls: Option<Arc<Upstream>>,
-}
 
 /// The request of one try (readied by `headers::to_upstream`).
 // Not boxed: it lives in the try's future either way, and a box would be
@@ -241,17 +225,7 @@ fn send_to<'a>(
                 Ok((resp.map(UpstreamBody::Hyper), Some(sender)))
             }
             Protocol::Http2 => {
-                let resp = endpoint
-                    .conns
-                    .send_h2(
-                        req,
-                        target.connect_timeout,
-                        target.idle_timeout,
-                        &target.pending,
-                        target.tls.as_deref(),
-                        connected,
-                    )
-                    .await?;
+                let resp = endpoint.conns.send_h2(req, target, connected).await?;
                 Ok((resp.map(UpstreamBody::H2), None))
             }
         }
