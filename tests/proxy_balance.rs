@@ -158,9 +158,10 @@ fn is_even(share: &[f64], what: &str) -> bool {
 
 /// 300 sequential requests, and what went before them since `since`
 /// (default: nothing), spread evenly over `all`. `p2c_ewma`'s picks
-/// follow measured latency, so a burst of noise on one endpoint (another
-/// test binary's load) can skew one sample: it gets a second sample of
-/// 300 sequential requests, which decides. A broken balancer fails both.
+/// follow measured latency and `least_request`'s the requests in flight,
+/// so a burst of noise on one endpoint (another test binary's load) can
+/// skew one sample: they get a second sample of 300 sequential requests,
+/// which decides. A broken balancer fails both.
 async fn assert_sequential_even(
     proxy: &TestProxy,
     h2: bool,
@@ -168,7 +169,8 @@ async fn assert_sequential_even(
     mut since: Option<Vec<usize>>,
     what: &str,
 ) {
-    let chances = if what.starts_with("p2c_ewma") { 2 } else { 1 };
+    let load_aware = what.starts_with("p2c_ewma") || what.starts_with("least_request");
+    let chances = if load_aware { 2 } else { 1 };
     for chance in 1..=chances {
         let before = since.take().unwrap_or_else(|| counts(all));
         all_ok(&sequential(proxy, h2, 300).await, what);
