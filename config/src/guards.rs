@@ -170,9 +170,9 @@ impl Rate {
         let secs = self.per.as_secs().max(1);
         let per_hour = u64::from(self.count) * (3600 / secs);
         let share = (per_hour / n.max(1)).max(1);
-        let (count, per) = if share % 3600 == 0 {
+        let (count, per) = if share.is_multiple_of(3600) {
             (share / 3600, 1)
-        } else if share % 60 == 0 {
+        } else if share.is_multiple_of(60) {
             (share / 60, 60)
         } else {
             (share, 3600)

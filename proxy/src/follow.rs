@@ -265,7 +265,7 @@ pub async fn follow(
                 failures += 1;
                 shared.metrics.control_connected.set(0);
                 let pause = BACKOFF.pause(failures);
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(control = %url, error = %e, failures, retry_in = ?pause, "control plane unreachable; serving the last config");
                 }
                 tokio::time::sleep(pause).await;

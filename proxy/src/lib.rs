@@ -302,3 +302,12 @@ impl Proxy {
 pub(crate) fn proxy_hostname() -> String {
     almond_net::hostname("almond-proxy")
 }
+
+/// `make()`'s future in a box, built in the box: allocated first, so
+/// that the compiler can write the future where it will live instead of
+/// copying it in whole (a future is sized for its largest state, most of
+/// which is not yet set when it is made).
+#[inline(always)]
+pub(crate) fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}

@@ -97,7 +97,7 @@ where
         // Boxed: the request's future is kilobytes, and hyper keeps a slot
         // of its size for every connection, idle or not: a pointer costs
         // 16 bytes (benches/results/2026-12-04-memory.md).
-        let answer = Box::pin(handle(req));
+        let answer = crate::boxed(|| handle(req));
         async move {
             let resp = answer.await?;
             Ok(resp.map(|body| Counted { body, _held: held }))

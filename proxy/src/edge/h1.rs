@@ -7,7 +7,7 @@
 //! rest of its life. Requests are read and responses written exactly as
 //! hyper's server reads and writes them (the differential tests below).
 
-use crate::body::{ClientBody, PassedHead};
+use crate::body::{ClientBody, ClientRequest, PassedHead};
 use crate::edge::stop;
 use crate::headers;
 use crate::upstream::h1::{write_all_vectored, Passed};
@@ -77,7 +77,7 @@ pub enum Ended<IO> {
 pub enum Read {
     /// A request the lean server takes (its head and body consumed), and
     /// whether the connection stays open after its response.
-    Lean(Request<ClientBody>, bool),
+    Lean(ClientRequest, bool),
     /// The head is not whole yet.
     Partial,
     /// Anything else (a body that is large, chunked or not all here, an
@@ -166,7 +166,9 @@ pub fn read_head(buf: &mut BytesMut, max_head: usize) -> Read {
         };
         headers.append(name, value);
     }
-    let mut req = Request::new(body.map_or(ClientBody::Empty, |b| ClientBody::Full(Some(b))));
+    let mut req = Box::new(Request::new(
+        body.map_or(ClientBody::Empty, |b| ClientBody::Full(Some(b))),
+    ));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
@@ -494,7 +496,7 @@ pub async fn serve<IO, F, Fut, B>(
 ) -> Ended<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(Request<ClientBody>) -> Fut,
+    F: FnMut(ClientRequest) -> Fut,
     Fut: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes> + PassedHead + Unpin,
 {
@@ -523,7 +525,7 @@ async fn requests<IO, F, Fut, B>(
 ) -> Ended<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(Request<ClientBody>) -> Fut,
+    F: FnMut(ClientRequest) -> Fut,
     Fut: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes> + PassedHead + Unpin,
 {

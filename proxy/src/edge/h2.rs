@@ -144,7 +144,7 @@ where
                         let req = RecvBody::request(req).map(ClientBody::H2);
                         // Boxed where it is made: the stream's own future,
                         // small, is what moves into the set.
-                        let served = Box::pin(handle(req));
+                        let served = crate::boxed(|| handle(req));
                         streams.push(answer(served, respond, bodiless, limits.body_idle));
                     }
                     Some(Err(e)) => return Err(e),

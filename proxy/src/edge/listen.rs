@@ -168,13 +168,13 @@ pub async fn accept_loop(
                 // first it does not hands the connection to hyper.
                 let lean = shared.clone();
                 if protocol == Protocol::Http2 {
-                    let handle = move |req| serve::handle(lean.clone(), index, peer, req);
+                    let handle = move |req| serve::handle(lean.clone(), index, peer, Box::new(req));
                     if let Err(e) = h2::serve(stream, h2_limits, closing, handle).await {
                         tracing::debug!(%peer, error = %e, "downstream h2 connection ended");
                     }
                     return drop(slot);
                 }
-                let handle = move |req| Box::pin(serve::handle(lean.clone(), index, peer, req));
+                let handle = move |req| crate::boxed(|| serve::handle(lean.clone(), index, peer, req));
                 let rewind = match h1::serve(stream, lean_limits, closing.clone(), handle).await {
                     h1::Ended::Closed => return drop(slot),
                     h1::Ended::Handoff(rewind) => rewind,
@@ -182,7 +182,7 @@ pub async fn accept_loop(
                 let activity = Arc::new(Activity::new());
                 let server = shared.http.clone();
                 let svc = counted(activity.clone(), move |req: Request<Incoming>| {
-                    serve::handle(shared.clone(), index, peer, req.map(ClientBody::Hyper))
+                    serve::handle(shared.clone(), index, peer, Box::new(req.map(ClientBody::Hyper)))
                 });
                 // The place goes with the socket: into an upgrade's tunnel
                 // too, which outlives hyper's connection.
@@ -358,7 +358,7 @@ async fn serve_tls(
                 shared.metrics.tls_denied.inc();
                 return Ok(ErrorKind::Forbidden.response(&identity));
             }
-            serve::handle(shared, index, peer, req).await
+            serve::handle(shared, index, peer, Box::new(req)).await
         }
     };
     let (idle, h2_limits) = limits;

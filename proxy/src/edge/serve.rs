@@ -5,7 +5,7 @@
 //! (service), authorize, split (subset), admit, then
 //! `pipeline::forward` (balance, send, classify, retry).
 
-use crate::body::{ClientBody, PassedHead, ResponseBody};
+use crate::body::{ClientBody, ClientRequest, PassedHead, ResponseBody};
 use crate::edge::trust;
 use crate::headers;
 use crate::identity::authz::Identities;
@@ -48,7 +48,7 @@ pub fn handle(
     shared: Arc<Shared>,
     listener: usize,
     peer: SocketAddr,
-    mut req: Request<ClientBody>,
+    mut req: ClientRequest,
 ) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send {
     async move {
         let start = Instant::now();
@@ -230,7 +230,7 @@ fn serve<'a>(
     shared: &'a Shared,
     listener: usize,
     peer: SocketAddr,
-    mut req: Request<ClientBody>,
+    mut req: ClientRequest,
     start: Instant,
     seen: &'a mut Observed,
     stamp: &'a trace::Stamp,

@@ -8,7 +8,9 @@
 //! The tries themselves stay a loop here (see docs/architecture.md).
 
 use crate::body::ResponseBody;
-use crate::body::{BodyError, ClientBody, IdleTimer, Kept, RequestBody, UpstreamBody};
+use crate::body::{
+    BodyError, ClientBody, ClientRequest, IdleTimer, Kept, RequestBody, UpstreamBody,
+};
 use crate::headers;
 use crate::observe::access_log::Observed;
 use crate::observe::trace::Stamp;
@@ -143,7 +145,7 @@ pub struct Forwarding<'a> {
     /// What every try shares.
     pub call: Call<'a>,
     /// The request, as the client sent it.
-    pub req: Request<ClientBody>,
+    pub req: ClientRequest,
     /// What the access log learns of the request.
     pub seen: &'a mut Observed,
 }
@@ -187,7 +189,7 @@ fn admitted<'a>(
     call.svc.retry.deposit(call.start);
     let upgrade = headers::is_upgrade(&req);
     let on_upgrade = upgrade.then(|| Upgrade {
-        client: hyper::upgrade::on(&mut req),
+        client: hyper::upgrade::on(&mut *req),
         tunnels: call.tunnels.clone(),
     });
     headers::to_upstream(&mut req, call.svc.target.protocol, upgrade);
@@ -239,7 +241,7 @@ type Reading = Pin<Box<dyn Future<Output = Result<Readied, ErrorKind>> + Send>>;
 fn forward<'a>(
     mut call: Call<'a>,
     admitted: Admitted,
-    req: Request<ClientBody>,
+    req: ClientRequest,
     upgrade: Option<Upgrade>,
     seen: &'a mut Observed,
 ) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
@@ -369,7 +371,7 @@ impl Tries {
     /// requests, with no body, never need), and a gRPC call's head kept
     /// for a `grpc-*` retry as its body streams; `upgrade` is the
     /// client's half of an upgrade request.
-    fn read(call: &mut Call<'_>, req: Request<ClientBody>, upgrade: Option<Upgrade>) -> Tries {
+    fn read(call: &mut Call<'_>, req: ClientRequest, upgrade: Option<Upgrade>) -> Tries {
         let svc = call.svc;
         let grpc = is_grpc(req.headers());
         let keep = grpc && svc.retry.on_grpc() && upgrade.is_none();
@@ -406,7 +408,7 @@ impl Tries {
     /// `replay`, or returns the boxed reading of a body to read first.
     fn ready(
         &mut self,
-        req: Request<ClientBody>,
+        req: ClientRequest,
         policy: &RetryPolicy,
         body_idle: std::time::Duration,
     ) -> Option<Reading> {
@@ -416,10 +418,11 @@ impl Tries {
             .upper()
             .is_some_and(|n| n <= policy.max_body_bytes as u64);
         if !policy.enabled() || self.upgrade.is_some() || !fits {
-            self.next = Some(req.map(|body| RequestBody::Stream(body, IdleTimer::new(body_idle))));
+            self.next =
+                Some((*req).map(|body| RequestBody::Stream(body, IdleTimer::new(body_idle))));
             return None;
         }
-        let (parts, body) = req.into_parts();
+        let (parts, body) = (*req).into_parts();
         // A body read whole with its head (the lean server's) is kept as is.
         let body = match body {
             ClientBody::Full(bytes) => {
@@ -525,7 +528,7 @@ impl Tries {
             connected: &mut seen.connect,
         };
         Some((
-            Box::pin(send::try_once(&svc.target, endpoint, until, one)),
+            crate::boxed(|| send::try_once(&svc.target, endpoint, until, one)),
             method,
         ))
     }
