@@ -526,6 +526,7 @@ impl Tries {
             pass: *pass,
             stamp,
             connected: &mut seen.connect,
+            at: try_start,
         };
         Some((
             crate::boxed(|| send::try_once(&svc.target, endpoint, until, one)),

@@ -115,6 +115,7 @@ impl Shadow {
             pass: true,
             stamp: &stamp,
             connected: &mut connected,
+            at: start,
         };
         // The same try stack as the request's own, under the request
         // timeout; copies waiting for a connection hold the mirror's own

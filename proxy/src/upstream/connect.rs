@@ -188,7 +188,7 @@ impl Connections {
             let pooled = if fresh {
                 None
             } else {
-                self.lean.pop(Instant::now(), target.idle_timeout)
+                self.lean.pop(target.at, target.idle_timeout)
             };
             let reused = pooled.is_some();
             let conn = match pooled {
@@ -220,7 +220,7 @@ impl Connections {
             // the upstream may have done the work and died: only a request
             // that may be sent twice goes again (Go's `http.Transport`).
             let again = reused && headers::idempotent(head.method);
-            match conn.send(head, Some(self.lean.clone())).await {
+            match conn.send(head, Some(self.lean.clone()), target.at).await {
                 Ok(resp) => Ok(resp),
                 Err(h1::Error::Closed) if again => Err(LeanError::Stale),
                 Err(e) => {
@@ -246,7 +246,7 @@ impl Connections {
 
     /// Puts an HTTP/1.1 connection back once its response is complete.
     pub fn release_h1(&self, sender: H1Sender) {
-        self.h1_idle.push(sender);
+        self.h1_idle.push(sender, Instant::now());
     }
 
     /// Sends over the endpoint's first HTTP/2 connection with room for a
@@ -459,6 +459,10 @@ impl Connections {
 
 /// What the lean client needs of a service's target.
 pub struct LeanTarget<'a> {
+    /// When the try started: idle connections are judged by it, and the
+    /// one used is idle from it once its answer is read (a little early,
+    /// never late, for `idle_timeout`).
+    pub at: Instant,
     /// TCP (and TLS) connect timeout.
     pub connect_timeout: Duration,
     /// Idle pooled connections older than this are not reused.

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 /// A lean response's body over an endpoint's connection (plain or TLS).
 pub type LeanBody = Body<crate::identity::tls::Conn>;
@@ -79,6 +80,8 @@ pub struct Connection<IO> {
     buf: BytesMut,
     /// Counted open (for `/endpoints`) while it lives.
     open: Option<Arc<AtomicU32>>,
+    /// When its last request was sent (idle from then, once answered).
+    used: Instant,
 }
 
 impl<IO> Drop for Connection<IO> {
@@ -384,17 +387,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
             io,
             buf: BytesMut::new(),
             open,
+            used: Instant::now(),
         }
     }
 
-    /// Sends a request and reads the response's head; its body is read
-    /// through the returned [`Body`], which hands the connection back to
-    /// `home` once it is complete.
+    /// Sends a request at `at` and reads the response's head; its body is
+    /// read through the returned [`Body`], which hands the connection back
+    /// to `home` once it is complete (idle since `at`).
     pub async fn send(
         mut self: Box<Self>,
         req: Head<'_>,
         home: Option<Arc<Pool<Box<Connection<IO>>>>>,
+        at: Instant,
     ) -> Result<http::Response<Body<IO>>, Error> {
+        self.used = at;
         let (method, body, pass) = (req.method, req.body, req.pass);
         let head = encode_request(req.method, req.uri, req.headers, req.stamp, body);
         match body {
@@ -814,7 +820,8 @@ impl<IO: Stir> Body<IO> {
         }
         if let (Some(conn), Some(home)) = (self.conn.take(), &self.home) {
             if conn.buf.is_empty() {
-                home.push(conn);
+                let since = conn.used;
+                home.push(conn, since);
             }
         }
     }
@@ -1307,7 +1314,7 @@ pub(crate) mod differential {
             pass: false,
             stamp: &stamp,
         };
-        let outcome = match conn.send(req, None).await {
+        let outcome = match conn.send(req, None, Instant::now()).await {
             Err(_) => Outcome::Failed,
             Ok(resp) => read(resp).await,
         };
@@ -1592,7 +1599,7 @@ pub(crate) mod differential {
                         pass: false,
                         stamp: &stamp,
                     };
-                    let _ = conn.send(head, None).await;
+                    let _ = conn.send(head, None, Instant::now()).await;
                 });
                 read_request(&mut server, body.len()).await
             });

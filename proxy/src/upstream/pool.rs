@@ -55,16 +55,16 @@ impl<T: Reusable> Pool<T> {
         None
     }
 
-    /// Keeps a connection whose response is complete (an unusable one, or
-    /// one over `max`, is closed).
-    pub fn push(&self, conn: T) {
+    /// Keeps a connection whose response is complete, idle `since` (an
+    /// unusable one, or one over `max`, is closed).
+    pub fn push(&self, conn: T, since: Instant) {
         conn.parked();
         if !conn.usable() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, since));
         }
     }
 

@@ -63,6 +63,9 @@ pub struct OneTry<'a> {
     pub stamp: &'a Stamp,
     /// The time spent opening a connection, if one was opened.
     pub connected: &'a mut Option<Duration>,
+    /// When the try started: the clock reading a pooled connection is
+    /// judged and stamped by (no reading of its own).
+    pub at: Instant,
 }
 
 /// What a try comes to: the response and the HTTP/1.1 connection it came
@@ -92,6 +95,7 @@ pub fn sender<'a>(
             one.pass,
             one.stamp,
             one.connected,
+            one.at,
         )
     })
 }
@@ -126,6 +130,7 @@ fn send_to<'a>(
     pass: bool,
     stamp: &'a Stamp,
     connected: &'a mut Option<Duration>,
+    at: Instant,
 ) -> impl Future<Output = Sent> + Send + 'a {
     async move {
         let mut req = match req {
@@ -142,9 +147,10 @@ fn send_to<'a>(
                     pass,
                     stamp,
                 };
-                let sent = endpoint
-                    .conns
-                    .send_lean(head, lean_target(target), fresh, connected);
+                let sent =
+                    endpoint
+                        .conns
+                        .send_lean(head, lean_target(target, at), fresh, connected);
                 return match sent.await {
                     Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None)),
                     Err(e) => Err(e.into_send_error(|| owned(parts, body))),
@@ -201,7 +207,7 @@ fn send_to<'a>(
                     };
                     endpoint
                         .conns
-                        .send_lean(head, lean_target(target), fresh, connected)
+                        .send_lean(head, lean_target(target, at), fresh, connected)
                         .await
                 };
                 match sent {
@@ -232,9 +238,11 @@ fn send_to<'a>(
     }
 }
 
-/// What the lean client needs of a service's target.
-fn lean_target(target: &Target) -> LeanTarget<'_> {
+/// What the lean client needs of a service's target, for a try started
+/// `at`.
+fn lean_target(target: &Target, at: Instant) -> LeanTarget<'_> {
     LeanTarget {
+        at,
         connect_timeout: target.connect_timeout,
         idle_timeout: target.idle_timeout,
         pending: &target.pending,
