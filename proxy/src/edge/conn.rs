@@ -5,6 +5,7 @@
 
 use crate::edge::serve::Answer;
 use crate::edge::stop;
+use crate::pipeline::forward::Reply;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -88,7 +89,7 @@ pub fn counted<F, Fut>(
        + 'static
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<Answer>, Infallible>> + Send + 'static,
+    Fut: Future<Output = Result<Reply, Infallible>> + Send + 'static,
 {
     service_fn(move |req| {
         activity.open.fetch_add(1, Ordering::AcqRel);
@@ -100,7 +101,7 @@ where
         let answer = crate::boxed(|| handle(req));
         async move {
             let resp = answer.await?;
-            Ok(resp.map(|body| Counted { body, _held: held }))
+            Ok((*resp).map(|body| Counted { body, _held: held }))
         }
     })
 }

@@ -497,7 +497,7 @@ pub async fn serve<IO, F, Fut, B>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(ClientRequest) -> Fut,
-    Fut: Future<Output = Result<Response<B>, Infallible>>,
+    Fut: Future<Output = Result<Box<Response<B>>, Infallible>>,
     B: Body<Data = Bytes> + PassedHead + Unpin,
 {
     let state = AtomicU8::new(READING);
@@ -526,7 +526,7 @@ async fn requests<IO, F, Fut, B>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(ClientRequest) -> Fut,
-    Fut: Future<Output = Result<Response<B>, Infallible>>,
+    Fut: Future<Output = Result<Box<Response<B>>, Infallible>>,
     B: Body<Data = Bytes> + PassedHead + Unpin,
 {
     let mut buf = BytesMut::new();
@@ -611,7 +611,7 @@ where
 /// connection can carry another request after it.
 async fn respond<IO, B>(
     io: &mut IO,
-    resp: Response<B>,
+    resp: Box<Response<B>>,
     method: &Method,
     keep_alive: bool,
     out: &mut Vec<u8>,
@@ -620,7 +620,7 @@ where
     IO: AsyncWrite + Unpin,
     B: Body<Data = Bytes> + PassedHead + Unpin,
 {
-    let (mut parts, mut body) = resp.into_parts();
+    let (mut parts, mut body) = (*resp).into_parts();
     if !keep_alive {
         let close = HeaderValue::from_static("close");
         match parts.headers.entry(header::CONNECTION) {
@@ -1311,7 +1311,14 @@ mod differential {
             let mut out = Vec::new();
             for keep_alive in [true, false] {
                 out.clear();
-                let again = respond(&mut io, case.response(), &method, keep_alive, &mut out).await;
+                let again = respond(
+                    &mut io,
+                    Box::new(case.response()),
+                    &method,
+                    keep_alive,
+                    &mut out,
+                )
+                .await;
                 if !again.unwrap() {
                     break;
                 }
@@ -1368,7 +1375,7 @@ mod differential {
             runtime()
                 .block_on(respond(
                     &mut io,
-                    case.response(),
+                    Box::new(case.response()),
                     &Method::GET,
                     true,
                     &mut out,

@@ -10,6 +10,7 @@ use crate::edge::serve::Answer;
 use crate::edge::stop;
 use crate::headers;
 use crate::outcome::ErrorKind;
+use crate::pipeline::forward::Reply;
 use crate::upstream::h2::{keep_alive, pipe, RecvBody};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -72,7 +73,7 @@ pub async fn serve<IO, F, Fut>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<ClientBody>) -> Fut,
-    Fut: Future<Output = Result<Response<Answer>, Infallible>>,
+    Fut: Future<Output = Result<Reply, Infallible>>,
 {
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -110,7 +111,7 @@ fn run<IO, F, Fut>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<ClientBody>) -> Fut,
-    Fut: Future<Output = Result<Response<Answer>, Infallible>>,
+    Fut: Future<Output = Result<Reply, Infallible>>,
 {
     async move {
         // Resolves when a PING goes unanswered.
@@ -179,7 +180,7 @@ async fn answer<Fut>(
     bodiless: bool,
     send_limit: Duration,
 ) where
-    Fut: Future<Output = Result<Response<Answer>, Infallible>> + Unpin,
+    Fut: Future<Output = Result<Reply, Infallible>> + Unpin,
 {
     // Two awaits in turn: the head's state is gone before the body's.
     let Some((stream, body)) = head(served, respond, bodiless).await else {
@@ -207,7 +208,7 @@ async fn head<Fut>(
     bodiless: bool,
 ) -> Option<(SendStream<Bytes>, Answer)>
 where
-    Fut: Future<Output = Result<Response<Answer>, Infallible>> + Unpin,
+    Fut: Future<Output = Result<Reply, Infallible>> + Unpin,
 {
     let resp = poll_fn(|cx| {
         if let Poll::Ready(Ok(resp)) = Pin::new(&mut served).poll(cx) {
@@ -229,11 +230,11 @@ where
 /// any: none for a HEAD (`bodiless`), a 204 or a 304 (RFC 9110 §6.4.1),
 /// whatever the answer holds (the proxy's own answers carry text).
 fn send_head(
-    resp: Response<Answer>,
+    resp: Reply,
     respond: &mut SendResponse<Bytes>,
     bodiless: bool,
 ) -> Option<(SendStream<Bytes>, Answer)> {
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, body) = (*resp).into_parts();
     headers::for_h2(&mut parts.headers);
     // One pass over the names (a standard name compares as a number), not
     // two hashed lookups.
@@ -306,7 +307,7 @@ mod tests {
         tokio::spawn(mute_client(client));
         let (_stop_tx, stop) = watch::channel(false);
         let handle = |_: Request<ClientBody>| async {
-            Ok::<_, Infallible>(Response::new(Answer::full("never asked")))
+            Ok::<_, Infallible>(Box::new(Response::new(Answer::full("never asked"))))
         };
         let served = tokio::spawn(serve(server, limits(), stop, handle));
         tokio::time::sleep(Duration::from_secs(25)).await;
@@ -322,7 +323,7 @@ mod tests {
         let (_client, server) = tokio::io::duplex(64 * 1024);
         let (_stop_tx, stop) = watch::channel(false);
         let handle = |_: Request<ClientBody>| async {
-            Ok::<_, Infallible>(Response::new(Answer::full("never asked")))
+            Ok::<_, Infallible>(Box::new(Response::new(Answer::full("never asked"))))
         };
         let served = tokio::spawn(serve(server, limits(), stop, handle));
         tokio::time::sleep(Duration::from_secs(9)).await;
@@ -339,7 +340,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (_stop_tx, stop) = watch::channel(false);
         let handle = |_: Request<ClientBody>| async {
-            Ok::<_, Infallible>(Response::new(Answer::full("no such service")))
+            Ok::<_, Infallible>(Box::new(Response::new(Answer::full("no such service"))))
         };
         tokio::spawn(serve(server, limits(), stop, handle));
         let (send, conn) = h2::client::handshake(client).await.expect("handshake");
@@ -365,7 +366,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (stop_tx, stop) = watch::channel(false);
         let handle = |_: Request<ClientBody>| async {
-            Ok::<_, Infallible>(Response::new(Answer::full("hello")))
+            Ok::<_, Infallible>(Box::new(Response::new(Answer::full("hello"))))
         };
         let served = tokio::spawn(serve(server, limits(), stop, handle));
         let (send, conn) = h2::client::handshake(client).await.expect("handshake");

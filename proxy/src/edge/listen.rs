@@ -356,7 +356,7 @@ async fn serve_tls(
         async move {
             if !allowed {
                 shared.metrics.tls_denied.inc();
-                return Ok(ErrorKind::Forbidden.response(&identity));
+                return Ok(Box::new(ErrorKind::Forbidden.response(&identity)));
             }
             serve::handle(shared, index, peer, Box::new(req)).await
         }

@@ -15,7 +15,7 @@ use crate::observe::tap::Summary;
 use crate::observe::trace;
 use crate::outcome::{self, ErrorKind};
 use crate::pipeline::admit::Finish;
-use crate::pipeline::forward::{self, Call, Forwarding};
+use crate::pipeline::forward::{self, Call, Forwarding, Reply};
 use crate::pipeline::mirror::Shadow;
 use crate::pipeline::route::ServiceRoute;
 use crate::pipeline::shed::ShedLayer;
@@ -49,7 +49,7 @@ pub fn handle(
     listener: usize,
     peer: SocketAddr,
     mut req: ClientRequest,
-) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send {
+) -> impl Future<Output = Result<Reply, Infallible>> + Send {
     async move {
         let start = Instant::now();
         // Trace: request ID and trace context, before anything can answer;
@@ -234,13 +234,13 @@ fn serve<'a>(
     start: Instant,
     seen: &'a mut Observed,
     stamp: &'a trace::Stamp,
-) -> impl Future<Output = Response<Answer>> + Send + 'a {
+) -> impl Future<Output = Reply> + Send + 'a {
     async move {
         // One target host, or 400 (a request-smuggling and cache-poisoning
         // vector otherwise: routing and the upstream could read two hosts).
         if let Err(why) = trust::check_host(&req) {
             shared.metrics.unroutable.inc();
-            return ErrorKind::BadRequest.response(why);
+            return Box::new(ErrorKind::BadRequest.response(why));
         }
         // Route: the listener's bound service, or Host / :authority; then
         // its route rules (another service, or a subset).
@@ -253,7 +253,7 @@ fn serve<'a>(
         } = match route(shared, listener, peer, &mut req, seen, start) {
             Ok(routed) => routed,
             // Boxed: rare, and the result is moved on every request.
-            Err(answer) => return *answer,
+            Err(answer) => return answer,
         };
         // Authorize, then guard (as `route` did for the service the request
         // was addressed to, when its rules chose another).
@@ -265,7 +265,7 @@ fn serve<'a>(
             Ok(pool) => pool,
             Err((kind, detail)) => {
                 shared.metrics.unroutable.inc();
-                return kind.response(&detail);
+                return Box::new(kind.response(&detail));
             }
         };
         let call = Call {
@@ -298,7 +298,7 @@ fn admit_and_forward<'a>(
     svc: &'a ServiceRoute,
     direction: usize,
     fwd: Forwarding<'a>,
-) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
+) -> impl Future<Output = Result<Reply, Infallible>> + Send + 'a {
     let admit = ShedLayer::new(&svc.admission, &svc.in_flight[direction]);
     call_ready(admit.layer(forward::service()), fwd)
 }
@@ -329,7 +329,7 @@ fn route(
     req: &mut Request<ClientBody>,
     seen: &mut Observed,
     start: Instant,
-) -> Result<Routed, Box<Response<Answer>>> {
+) -> Result<Routed, Reply> {
     let table = shared.table.load();
     let Some(on) = table.listener(listener) else {
         return Err(Box::new(ErrorKind::BadRequest.response("listener gone")));
@@ -358,7 +358,7 @@ fn route(
                 if let Some(answer) = check(shared, addressed, direction, req, peer, start) {
                     // The access log names the service that answered.
                     seen.service = Some(addressed.name.clone());
-                    return Err(Box::new(answer));
+                    return Err(answer);
                 }
             }
             (svc.clone(), subset)
@@ -389,11 +389,13 @@ fn check<B>(
     req: &Request<B>,
     peer: SocketAddr,
     start: Instant,
-) -> Option<Response<Answer>> {
+) -> Option<Reply> {
     if let Err(who) = authorize(shared, svc, direction, req) {
-        return Some(ErrorKind::Forbidden.response(&who));
+        return Some(Box::new(ErrorKind::Forbidden.response(&who)));
     }
-    (svc.guards.as_ref()).and_then(|guards| guards.check(req, peer.ip(), direction, start))
+    (svc.guards.as_ref())
+        .and_then(|guards| guards.check(req, peer.ip(), direction, start))
+        .map(Box::new)
 }
 
 /// An inbound request to a service with an allow-list (`authz`, from the

@@ -44,6 +44,11 @@ use tower::{service_fn, Service};
 /// (and pools the connection) when it ends.
 type Answer = ResponseBody<Finish>;
 
+/// An answer as it goes back to the client, boxed once where it is made:
+/// every stage passes it back by pointer (a move of the response itself
+/// copies its 264 bytes, and it crosses about ten stages).
+pub type Reply = Box<Response<Answer>>;
+
 /// One routed request: what every try of it shares.
 pub struct Call<'a> {
     /// Its service.
@@ -79,7 +84,7 @@ impl Call<'_> {
         mut finish: Finish,
         elapsed: f64,
         grpc: bool,
-    ) -> Response<Answer> {
+    ) -> Reply {
         let metrics = &subset.metrics[self.direction];
         let class = CodeClass::of(resp.status());
         match &metrics.grpc {
@@ -94,16 +99,16 @@ impl Call<'_> {
         }
         headers::from_upstream(&mut resp);
         let (idle, timeouts) = (self.svc.body_idle, metrics.timeouts());
-        resp.map(|body| ResponseBody::upstream(body, finish, idle, timeouts))
+        Box::new(resp.map(|body| ResponseBody::upstream(body, finish, idle, timeouts)))
     }
 
     /// The proxy's own answer for `kind`, counted for subset `subset` as an
     /// upstream error `elapsed` seconds after arrival.
-    pub fn fail(&self, kind: ErrorKind, subset: usize, elapsed: f64) -> Response<Answer> {
+    pub fn fail(&self, kind: ErrorKind, subset: usize, elapsed: f64) -> Reply {
         let metrics = &self.svc.subsets[subset].metrics[self.direction];
         metrics.upstream_error(kind);
         metrics.record(kind.code_class(), elapsed);
-        kind.response(&self.svc.name)
+        Box::new(kind.response(&self.svc.name))
     }
 }
 
@@ -124,7 +129,7 @@ struct Unanswered<'a> {
 
 impl Unanswered<'_> {
     /// The request is answered (and counted by whoever answered it).
-    fn answer(mut self, resp: Response<Answer>) -> Result<Response<Answer>, Infallible> {
+    fn answer(mut self, resp: Reply) -> Result<Reply, Infallible> {
         self.armed = false;
         Ok(resp)
     }
@@ -151,8 +156,8 @@ pub struct Forwarding<'a> {
 }
 
 /// Shed: the service is at its concurrency limit, a fast 503.
-impl Refuse<Response<Answer>> for Forwarding<'_> {
-    fn refuse(self) -> Response<Answer> {
+impl Refuse<Reply> for Forwarding<'_> {
+    fn refuse(self) -> Reply {
         let elapsed = self.call.start.elapsed().as_secs_f64();
         self.call
             .fail(ErrorKind::Overloaded, self.call.pool.home(), elapsed)
@@ -165,9 +170,9 @@ impl Refuse<Response<Answer>> for Forwarding<'_> {
 /// handler's future can be proven `Send` for every lifetime.
 pub fn service<'a>() -> impl Service<
     (Forwarding<'a>, Admitted),
-    Response = Response<Answer>,
+    Response = Reply,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a,
+    Future = impl Future<Output = Result<Reply, Infallible>> + Send + 'a,
 > + Send
        + 'a {
     service_fn(|(fwd, admitted): (Forwarding<'a>, Admitted)| self::admitted(fwd, admitted))
@@ -180,7 +185,7 @@ pub fn service<'a>() -> impl Service<
 fn admitted<'a>(
     fwd: Forwarding<'a>,
     admitted: Admitted,
-) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
+) -> impl Future<Output = Result<Reply, Infallible>> + Send + 'a {
     let Forwarding {
         call,
         mut req,
@@ -244,7 +249,7 @@ fn forward<'a>(
     req: ClientRequest,
     upgrade: Option<Upgrade>,
     seen: &'a mut Observed,
-) -> impl Future<Output = Result<Response<Answer>, Infallible>> + Send + 'a {
+) -> impl Future<Output = Result<Reply, Infallible>> + Send + 'a {
     // Readied before the block: the block keeps the tries' state, not
     // the request it came from as well (an argument the block captures
     // keeps its room in the future for good, even once moved from).
@@ -306,7 +311,7 @@ fn forward<'a>(
                 let Some((sending, req)) = tries.send(svc, &endpoint, try_start, seen, call.stamp)
                 else {
                     // Unreachable: a retry is only allowed with a request in hand.
-                    return left.answer(ErrorKind::Reset.response(&svc.name));
+                    return left.answer(Box::new(ErrorKind::Reset.response(&svc.name)));
                 };
                 method = req;
                 sending
