@@ -12,6 +12,10 @@
 # bench). jemalloc's decay is 50 times longer than the binary's, as the
 # program runs about 50 times slower under callgrind. Not a load
 # benchmark: counts, not wall-clock time.
+# CALLGRIND_LOAD=wrk (HTTP/1.1 only): the counted load is the bench's own
+# client instead, `wrk -t1 -c8` for CALLGRIND_SECS (default 20) seconds,
+# whose requests carry only `Host` (curl's carry three headers); the count
+# is divided by the requests wrk completed, and N is ignored.
 set -u
 BIN=$1; LABEL=$2; PROTO=$3; N=$4
 D=${CALLGRIND_DIR:-/tmp/almond-callgrind}/$LABEL-$PROTO; rm -rf $D; mkdir -p $D
@@ -23,7 +27,12 @@ for i in $(seq 1 120); do curl -s -o /dev/null http://127.0.0.1:28190/ready && b
 load() { if [ $PROTO = http1 ]; then curl -s --no-progress-meter --http1.1 -Z --parallel-max 8 "http://127.0.0.1:28180/$1[1-$2]" > /dev/null; else h2load -c 4 -m 16 -n $2 "http://127.0.0.1:28180/$1" > /dev/null; fi; }
 load w 2000
 callgrind_control -i on $PX >/dev/null
-load r $N
+if [ "${CALLGRIND_LOAD:-curl}" = wrk ]; then
+  taskset -c 0 wrk -t1 -c8 -d${CALLGRIND_SECS:-20}s http://127.0.0.1:28180/ > $D/wrk.txt
+  N=$(grep -o "[0-9]* requests in" $D/wrk.txt | cut -d" " -f1)
+else
+  load r $N
+fi
 callgrind_control -i off $PX >/dev/null
 callgrind_control -d $PX >/dev/null
 curl -s http://127.0.0.1:28190/metrics | grep -v '^#' | grep 'requests_total\|errors_total' | grep -v ' 0$' > $D/codes.txt
