@@ -45,6 +45,9 @@ pub struct ListenerRoute {
     pub direction: Direction,
     /// `Some`: everything goes to this service; `None`: route by host.
     pub service: Option<Box<str>>,
+    /// That service, found once when the table is built rather than by
+    /// name on every request (`None` if this table has no such service).
+    pub bound: Option<Arc<ServiceRoute>>,
     /// Client-sent `x-almond-*` headers are acted on (else removed).
     pub trust_routing_headers: bool,
     /// Inbound listeners: the `X-Forwarded-Proto` they set (`http`,
@@ -216,6 +219,12 @@ impl Table {
             .map(|l| ListenerRoute {
                 direction: l.direction,
                 service: l.service.as_deref().map(Box::from),
+                bound: (l.service.as_deref()).and_then(|name| {
+                    let found = services.get(name);
+                    found
+                        .or_else(|| services.get(name.to_ascii_lowercase().as_str()))
+                        .cloned()
+                }),
                 trust_routing_headers: l.trusts_routing_headers(),
                 forwarded_proto: (l.direction == Direction::Inbound).then_some(if l.tls {
                     "https"
@@ -241,14 +250,15 @@ impl Table {
     /// are case-insensitive and service names are lower case (the config
     /// check refuses others, the control plane leaves them out), so the
     /// host is looked up as sent, then in lower case.
-    pub fn service<B>(
-        &self,
-        listener: &ListenerRoute,
+    pub fn service<'a, B>(
+        &'a self,
+        listener: &'a ListenerRoute,
         req: &Request<B>,
-    ) -> Result<&Arc<ServiceRoute>, (ErrorKind, String)> {
-        let name: &str = match &listener.service {
-            Some(name) => name,
-            None => match host(req) {
+    ) -> Result<&'a Arc<ServiceRoute>, (ErrorKind, String)> {
+        let name: &str = match (&listener.bound, &listener.service) {
+            (Some(svc), _) => return Ok(svc),
+            (None, Some(name)) => name,
+            (None, None) => match host(req) {
                 Some(h) => h,
                 None => return Err((ErrorKind::BadRequest, "no Host header or :authority".into())),
             },
