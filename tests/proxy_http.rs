@@ -129,17 +129,7 @@ async fn an_h2_upstream_at_its_stream_limit_gets_another_connection() {
     let reply = H1::connect(proxy.addr()).await.get("api", "/").await;
     assert_eq!(reply.status, StatusCode::OK);
 
-    let replies = futures_util::future::join_all((0..6).map(|i| {
-        let addr = proxy.addr();
-        async move {
-            H1::connect(addr)
-                .await
-                .get("api", &format!("/r{i}"))
-                .await
-                .status
-        }
-    }))
-    .await;
+    let replies = at_once(proxy.addr(), 6).await;
     assert!(replies.iter().all(|s| *s == StatusCode::OK), "{replies:?}");
     assert!(
         backend.peak_in_flight() > 2,
@@ -191,11 +181,7 @@ async fn an_h2_upstream_that_takes_no_second_connection_answers_on_its_first() {
     // The connection, and its settings, are known.
     let reply = H1::connect(proxy.addr()).await.get("api", "/").await;
     assert_eq!(reply.status, StatusCode::OK);
-    let replies = futures_util::future::join_all((0..3).map(|_| {
-        let addr = proxy.addr();
-        async move { H1::connect(addr).await.get("api", "/").await.status }
-    }))
-    .await;
+    let replies = at_once(proxy.addr(), 3).await;
     assert!(replies.iter().all(|s| *s == StatusCode::OK), "{replies:?}");
     let reply = H1::connect(proxy.addr()).await.get("api", "/").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -1380,4 +1366,17 @@ async fn an_h2_client_that_resets_its_stream_cancels_its_upstream_request() {
     assert_eq!(closed, Some(true), "the upstream had the request");
     assert!(answer.await.is_err(), "no answer on a reset stream");
     still_serves(send).await;
+}
+
+/// `n` GETs to service `api` through the proxy at `addr`, each on a
+/// connection of its own, all at once: their statuses.
+async fn at_once(addr: std::net::SocketAddr, n: usize) -> Vec<StatusCode> {
+    futures_util::future::join_all((0..n).map(|i| async move {
+        H1::connect(addr)
+            .await
+            .get("api", &format!("/r{i}"))
+            .await
+            .status
+    }))
+    .await
 }
