@@ -18,7 +18,7 @@ use almond_consul_double::{
     Access, AclPolicy, CheckDef, ConsulDouble, RecordedRequest, ServiceDef, Status,
 };
 use almond_control::consul::{instance_weight, to_service, to_service_resolved, Instance};
-use http::StatusCode;
+use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -204,32 +204,107 @@ async fn consul_health_reaches_traffic() {
     reaches(&proxy, "b2", "v2").await;
 }
 
-/// A Consul service whose name no `Host` can reach (`Orders`, `my orders`:
-/// the proxy looks `Host` up in lower case) is left out of what proxies
-/// get; the others are served, and `Host` is matched in any case.
+/// Consul services are served by their names in lower case, as clients'
+/// `Host` is matched (`Orders` is reached as `orders`, `ORDERS` or
+/// `Orders:4140`); of two that differ only in case, the one already in
+/// lower case is served (`billing`, not `Billing`); a name no `Host` can
+/// be (`my orders`) is left out; the others are served.
 #[tokio::test]
-async fn consul_services_no_host_reaches_are_left_out() {
+async fn consul_services_are_served_by_their_names_in_lower_case() {
     let consul = ConsulDouble::start().await;
     let b1 = Backend::start("b1").await;
+    let orders = Backend::start("orders-backend").await;
+    let billing = Backend::start("billing-backend").await;
+    let upper_billing = Backend::start("upper-billing-backend").await;
     consul.register(web("web-1", &b1, "v1")).unwrap();
-    for (id, name) in [("orders-1", "Orders"), ("mine-1", "my orders")] {
+    for (id, name, backend) in [
+        ("orders-1", "Orders", &orders),
+        ("mine-1", "my orders", &b1),
+        ("billing-1", "Billing", &upper_billing),
+        ("billing-2", "billing", &billing),
+    ] {
         let def = ServiceDef::new(name)
             .id(id)
             .address("127.0.0.1")
-            .port(b1.addr.port())
+            .port(backend.addr.port())
             .check(passing());
         consul.register(def).unwrap();
     }
     // Ready: the catalog and every service it lists have been read.
     let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_NAMES")).await;
     let served: Vec<String> = control.state.services().into_keys().collect();
-    assert_eq!(served, ["web"]);
+    assert_eq!(served, ["billing", "orders", "web"]);
     let proxy = start_following(&control.url(), None).await;
     reaches(&proxy, "b1", "v1").await;
-    for host in ["WEB", "Web:4140"] {
+    for (host, backend) in [
+        ("WEB", "b1"),
+        ("Web:4140", "b1"),
+        ("orders", "orders-backend"),
+        ("ORDERS", "orders-backend"),
+        ("Orders:4140", "orders-backend"),
+        ("billing", "billing-backend"),
+        ("Billing", "billing-backend"),
+    ] {
         let reply = get_h1(proxy.addr(), host, "/").await;
         assert_eq!(reply.status, StatusCode::OK, "{host}: {}", reply.text());
+        assert_eq!(reply.backend(), backend, "{host}");
     }
+    // `billing` gone, `Billing` is served in its place.
+    assert!(consul.deregister("billing-2"));
+    eventually("Billing is served as billing", || async {
+        get_h1(proxy.addr(), "billing", "/").await.backend() == "upper-billing-backend"
+    })
+    .await;
+}
+
+/// A change that would make a service's policy larger than Consul takes in
+/// one KV value (`kv_max_value_size`) is refused 413 with the reason; the
+/// policy in force stays, in Consul and in what proxies get.
+#[tokio::test]
+async fn a_policy_larger_than_consul_takes_is_refused_and_the_old_stays() {
+    let consul = ConsulDouble::builder()
+        .kv_max_value_size(4096)
+        .start()
+        .await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_KV_SIZE")).await;
+    let split = json!({ "weights": { "v1": 90, "v2": 10 } });
+    let reply = control.put_split("web", &split, None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let before = consul
+        .kv_get(WEB_POLICY)
+        .expect("the split is stored")
+        .value;
+    // A guard whose deny body alone is nearly Consul's limit here.
+    let guard = json!({
+        "match": { "path_prefix": "/giveaway" },
+        "deny": { "status": 503, "body": "x".repeat(4000) },
+    });
+    let reply = control
+        .send(Method::PUT, "/v1/services/web/guards", &guard, None)
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text()
+    );
+    let reason = reply.text();
+    assert!(reason.contains("kv_max_value_size"), "{reason}");
+    assert!(reason.contains("nothing changed"), "{reason}");
+    assert_eq!(
+        consul.kv_get(WEB_POLICY).expect("still stored").value,
+        before
+    );
+    // A small guard still goes in.
+    let guard = json!({ "match": { "path_prefix": "/giveaway" }, "deny": { "status": 503 } });
+    let reply = control
+        .send(Method::PUT, "/v1/services/web/guards", &guard, None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
 
 // ---------------------------------------------------------------------------

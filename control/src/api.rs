@@ -7,7 +7,7 @@ use crate::policy::{
     check_mirror_request, check_routes, check_split, check_sticky, Policy, Refusal,
 };
 use crate::state::{State, PROXY_STALE};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::tap::{self, TapStream};
 use crate::watcher::apply_next;
 use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
@@ -928,6 +928,12 @@ async fn mutate(
             return refusal(Refusal::Conflict(
                 "another change was written first; read the split again".into(),
             ))
+        }
+        Err(e @ StoreError::TooLarge { .. }) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("{e}: remove guards, route rules or a mirror first; nothing changed\n"),
+            )
         }
         Err(e) => {
             return text(

@@ -364,7 +364,8 @@ pub async fn run(
     zone_key: String,
     state: Arc<State>,
 ) {
-    let mut watches: HashMap<String, JoinHandle<()>> = HashMap::new();
+    // Served name -> (its Consul name, its watch).
+    let mut watches: HashMap<String, (String, JoinHandle<()>)> = HashMap::new();
     // Names left out, each logged once.
     let mut refused: HashSet<String> = HashSet::new();
     let mut blocking = Blocking::new();
@@ -397,15 +398,11 @@ pub async fn run(
                 continue;
             }
         };
-        let wanted: Vec<String> = names
-            .into_keys()
-            .filter(|n| n != "consul")
-            .filter(|n| cfg.services.is_empty() || cfg.services.contains(n))
-            .filter(|n| servable(n, &mut refused))
-            .collect();
-        // Stop watching services that are gone, and drop them.
-        watches.retain(|name, task| {
-            let keep = wanted.contains(name);
+        let wanted = served(names.into_keys(), &cfg.services, &mut refused);
+        // Stop watching services that are gone (or now come from another
+        // Consul name), and drop them.
+        watches.retain(|name, (consul, task)| {
+            let keep = wanted.get(name) == Some(consul);
             if !keep {
                 task.abort();
                 state.remove_service(name, index);
@@ -413,57 +410,106 @@ pub async fn run(
             keep
         });
         // Start watching new ones.
-        for name in wanted {
+        for (name, consul) in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = watches.entry(name) {
                 let name = slot.key().clone();
                 state.expect_service(&name);
                 let health = watch_service(
                     client.clone(),
-                    name.clone(),
+                    Names {
+                        served: name.clone(),
+                        consul: consul.clone(),
+                    },
                     subset_key.clone(),
                     zone_key.clone(),
                     cfg.wait,
                     state.clone(),
                 );
                 let intentions = cfg.intentions.as_ref().map(|i| {
-                    watch_intentions(client.clone(), name, i.trust_domain.clone(), state.clone())
+                    let names = Names {
+                        served: name,
+                        consul: consul.clone(),
+                    };
+                    watch_intentions(client.clone(), names, i.trust_domain.clone(), state.clone())
                 });
-                slot.insert(tokio::spawn(async move {
+                let task = tokio::spawn(async move {
                     match intentions {
                         Some(intentions) => drop(tokio::join!(health, intentions)),
                         None => health.await,
                     }
-                }));
+                });
+                slot.insert((consul, task));
             }
         }
         state.catalog_synced();
     }
 }
 
-/// Can this Consul service be served? Its name is what clients send in
-/// `Host`, and proxies look that up in lower case: a name no `Host` can
-/// reach (`Orders`, `my orders`) is left out, with the reason logged once,
-/// rather than sent to every proxy as a service no request finds.
-fn servable(name: &str, refused: &mut HashSet<String>) -> bool {
-    let Err(why) = almond_config::check_service_name(name) else {
-        return true;
+/// A served service's two names: the one proxies know it by (what
+/// clients send in `Host`, in lower case) and the one Consul has.
+struct Names {
+    served: String,
+    consul: String,
+}
+
+/// The Consul services to serve (those `only` lists, when it lists any),
+/// by the name proxies know them by: Consul's name in lower case, as
+/// clients' `Host` is matched (host names are case-insensitive, and so is
+/// Consul's DNS interface: `Orders` is served as `orders`). Left out, each
+/// with its reason logged once: a name no `Host` can be (`my orders`),
+/// and one that differs from another only in case (`Orders` when `orders`
+/// exists too: the name already in lower case wins, else the first in
+/// Consul's order).
+fn served(
+    names: impl Iterator<Item = String>,
+    only: &[String],
+    refused: &mut HashSet<String>,
+) -> BTreeMap<String, String> {
+    let mut refuse = |name: &str, why: &str| {
+        if refused.insert(name.to_owned()) {
+            tracing::warn!(service = %name, reason = %why, "Consul service not served");
+        }
     };
-    if refused.insert(name.to_owned()) {
-        tracing::warn!(service = %name, reason = %why, "Consul service not served");
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for consul in names.filter(|n| n != "consul") {
+        let served = consul.to_ascii_lowercase();
+        if !only.is_empty() && !only.contains(&served) {
+            continue;
+        }
+        if let Err(why) = almond_config::check_service_name(&served) {
+            refuse(&consul, &why);
+            continue;
+        }
+        match out.get(&served) {
+            Some(other) if *other == served || consul != served => {
+                let why = format!("{other:?} is served as {served:?} already");
+                refuse(&consul, &why);
+                continue;
+            }
+            Some(other) => {
+                let why = format!("{consul:?} is served as {served:?} instead");
+                refuse(&other.clone(), &why);
+            }
+            None => {}
+        }
+        out.insert(served, consul);
     }
-    false
+    out
 }
 
 /// One service's health watch.
 async fn watch_service(
     client: ConsulClient,
-    name: String,
+    Names {
+        served: name,
+        consul,
+    }: Names,
     subset_key: String,
     zone_key: String,
     wait: Duration,
     state: Arc<State>,
 ) {
-    let path = format!("/v1/health/service/{}", percent_encode(&name));
+    let path = format!("/v1/health/service/{}", percent_encode(&consul));
     let mut blocking = Blocking::new();
     loop {
         blocking.pace().await;
@@ -510,11 +556,14 @@ const INTENTIONS_EVERY: Duration = Duration::from_secs(2);
 /// One service's intentions, polled: the allow-list they give it.
 async fn watch_intentions(
     client: ConsulClient,
-    name: String,
+    Names {
+        served: name,
+        consul,
+    }: Names,
     trust_domain: String,
     state: Arc<State>,
 ) {
-    let query = format!("by=destination&name={}", percent_encode(&name));
+    let query = format!("by=destination&name={}", percent_encode(&consul));
     let path = "/v1/connect/intentions/match";
     loop {
         let answer = client
@@ -532,7 +581,7 @@ async fn watch_intentions(
             Ok(answer) => {
                 match serde_json::from_slice::<BTreeMap<String, Vec<Intention>>>(&answer.body) {
                     Ok(mut all) => {
-                        let list = all.remove(&name).unwrap_or_default();
+                        let list = all.remove(&consul).unwrap_or_default();
                         state.set_intentions(&name, allow_list(&list, &trust_domain));
                     }
                     Err(e) => tracing::warn!(service = %name, error = %e, "intentions unreadable"),

@@ -29,6 +29,18 @@ pub enum StoreError {
     /// Stored data that does not parse.
     #[error("stored policy unreadable: {0}")]
     Decode(String),
+    /// Consul refused the policy as larger than a KV value may be
+    /// (`kv_max_value_size`, 512 KiB by default): nothing was written.
+    #[error(
+        "the policy would be {bytes} bytes, more than Consul takes in one KV value \
+         (kv_max_value_size; Consul said: {consul})"
+    )]
+    TooLarge {
+        /// The policy's size as written.
+        bytes: usize,
+        /// Consul's answer.
+        consul: String,
+    },
 }
 
 /// A policy store.
@@ -82,6 +94,7 @@ impl Store {
             policy.revision = token + 1;
         }
         let body = serde_json::to_vec(policy).map_err(|e| StoreError::Decode(e.to_string()))?;
+        let bytes = body.len();
         match self {
             Store::Consul(client) => {
                 let key = format!("/v1/kv/{KV_PREFIX}{service}");
@@ -95,6 +108,10 @@ impl Store {
                         Bytes::from(body),
                     )
                     .await?;
+                if answer.status == StatusCode::PAYLOAD_TOO_LARGE {
+                    let consul = String::from_utf8_lossy(&answer.body).trim().to_owned();
+                    return Err(StoreError::TooLarge { bytes, consul });
+                }
                 let answer = check(answer)?;
                 Ok(answer.body.as_ref().trim_ascii() == b"true")
             }
