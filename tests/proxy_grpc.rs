@@ -12,6 +12,7 @@
 mod support;
 
 use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -225,6 +226,109 @@ async fn grpc_unavailable_is_retried_on_another_endpoint() {
     )
     .await;
     assert_eq!(failures, 5.0);
+}
+
+/// A mirrored gRPC call is counted by its `grpc-status`, as the calls
+/// themselves are: a shadow subset that answers every copy `UNAVAILABLE`
+/// (HTTP 200) shows as failures under `direction="mirror"`, while the
+/// clients only ever see the stable subset's answers. (The calls carry a
+/// `content-length`, so their bodies are kept and can be copied; grpcio's
+/// client streams them without one, and such calls are not copied.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_grpc_calls_are_counted_by_their_status() {
+    if !grpc_available().await {
+        return;
+    }
+    let stable = GrpcServer::start("stable", None).await;
+    let shadow = GrpcServer::start("shadow", Some("UNAVAILABLE")).await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("g")
+                .http2()
+                // Bodies are kept for retry, so copies can carry them.
+                .set("retries", "{ attempts: 2, on: [grpc-unavailable] }")
+                .set("split", "{ v1: 100 }")
+                .set("mirror", "{ subset: v2, percent: 100 }")
+                .endpoint(stable.addr, "v1", 1)
+                .endpoint(shadow.addr, "v2", 1),
+        )
+        .start()
+        .await;
+    let mut h2 = H2::connect(proxy.addr()).await;
+    for i in 0..10 {
+        // One length-prefixed message, b"OK": the status asked for.
+        let message = [0u8, 0, 0, 0, 2, b'O', b'K'];
+        let req = http::Request::post("http://g/almond.Test/Unary")
+            .version(http::Version::HTTP_2)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("content-length", message.len())
+            .body(full(message.to_vec()))
+            .unwrap();
+        let resp = h2.send(req).await;
+        assert_eq!(resp.status(), StatusCode::OK, "call {i}");
+        let body = within("the call's answer", resp.into_body().collect())
+            .await
+            .unwrap();
+        let trailers = body.trailers().cloned().unwrap_or_default();
+        let field = |name: &str| {
+            trailers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        assert_eq!(field("grpc-status").as_deref(), Some("0"), "call {i}");
+        assert_eq!(field("x-backend").as_deref(), Some("stable"), "call {i}");
+    }
+    let mirrored = |text: &str, name: &str, labels: &[(&str, &str)]| {
+        let mut all = vec![("direction", "mirror"), ("service", "g"), ("subset", "v2")];
+        all.extend_from_slice(labels);
+        metric(text, name, &all)
+    };
+    // The copies finish in tasks of their own.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!(
+        "{}",
+        proxy
+            .admin_get("/metrics")
+            .await
+            .text()
+            .lines()
+            .filter(|l| l.contains("mirror") || l.contains("grpc"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eventually("the ten copies are counted", || async {
+        let text = proxy.admin_get("/metrics").await.text();
+        mirrored(&text, "almond_grpc_responses_total", &[]) == 10.0
+    })
+    .await;
+    let text = proxy.admin_get("/metrics").await.text();
+    let code = |c: &str| mirrored(&text, "almond_grpc_responses_total", &[("grpc_status", c)]);
+    assert_eq!(code("UNAVAILABLE"), 10.0);
+    assert_eq!(code("OK"), 0.0);
+    let outcome = |o: &str| {
+        mirrored(
+            &text,
+            "almond_requests_total",
+            &[("code_class", "2xx"), ("outcome", o)],
+        )
+    };
+    assert_eq!(outcome("failure"), 10.0, "UNAVAILABLE is a failure code");
+    assert_eq!(outcome("success"), 0.0);
+    // The calls themselves: ten successes on v1.
+    let real = metric(
+        &text,
+        "almond_requests_total",
+        &[
+            ("direction", "outbound"),
+            ("service", "g"),
+            ("subset", "v1"),
+            ("outcome", "success"),
+        ],
+    );
+    assert_eq!(real, 10.0);
 }
 
 /// Waits until the rollout of service `s` satisfies `cond`.

@@ -4,15 +4,16 @@
 //! `max_in_flight` copies are out per service (more are dropped and
 //! counted), a body is copied only when forward.rs kept it for retry, and
 //! the copy carries `x-almond-mirror: 1`. Counted in the golden metrics
-//! with `direction="mirror"`.
+//! with `direction="mirror"` (a gRPC call by its `grpc-status`).
 
 use crate::body::RequestBody;
 use crate::headers;
 use crate::limit::Permit;
 use crate::observe::trace::Stamp;
-use crate::outcome::CodeClass;
+use crate::outcome::{grpc_status, is_grpc, CodeClass};
 use crate::pipeline::route::{MirrorPolicy, ServiceRoute, Table};
 use crate::upstream::send::{self, OneTry, TryRequest};
+use almond_config::GrpcCode;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
 use http_body::Body;
@@ -97,6 +98,7 @@ impl Shadow {
             },
         };
         let start = Instant::now();
+        let grpc = is_grpc(req.headers());
         // Not one of the service's requests: not in its zone counts.
         let Some(member) = pool.pick_uncounted(start, None) else {
             if let Some(metrics) = m.metrics.get(pool.home()) {
@@ -129,23 +131,42 @@ impl Shadow {
         let sent = send::try_once(&own, &endpoint, until, one).await;
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start).as_secs_f64();
-        let (result, class) = match sent {
+        let (result, class, code) = match sent {
             Ok((resp, h1)) => {
                 let status = resp.status();
+                let head = grpc.then(|| grpc_status(resp.headers())).flatten();
                 // Read and discard the body, so an HTTP/1.1 connection can
                 // go back to its pool.
                 let drained =
                     tokio::time::timeout(target.body_idle, resp.into_body().collect()).await;
+                // A gRPC call's status: in the head (trailers-only), else
+                // in the trailers; as the request's own are counted.
+                let code = match &drained {
+                    _ if !grpc => None,
+                    _ if head.is_some() => head,
+                    Ok(Ok(body)) => Some(
+                        body.trailers()
+                            .and_then(grpc_status)
+                            .unwrap_or(GrpcCode::Unknown),
+                    ),
+                    _ => Some(GrpcCode::Internal),
+                };
                 if let (Ok(Ok(_)), Some(h1)) = (drained, h1) {
                     endpoint.conns.release_h1(h1);
                 }
-                (Ok(status.as_u16()), CodeClass::of(status))
+                (Ok(status.as_u16()), CodeClass::of(status), code)
             }
-            Err(e) => (Err(e.kind), CodeClass::Error),
+            Err(e) => (Err(e.kind), CodeClass::Error, None),
         };
         target.record_outcome(subset, &endpoint, result, now);
         if let Some(metrics) = m.metrics.get(subset) {
-            metrics.record(class, elapsed);
+            match (&metrics.grpc, code) {
+                (Some(calls), Some(code)) if class == CodeClass::Success => {
+                    metrics.duration.observe(elapsed);
+                    calls.record(code);
+                }
+                _ => metrics.record(class, elapsed),
+            }
         }
     }
 }

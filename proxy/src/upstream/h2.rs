@@ -340,10 +340,13 @@ impl Sender {
         };
         match body {
             Outgoing::Empty => Sending::Head(response, Some(slot)),
-            Outgoing::Whole(bytes) => match stream.send_data(bytes, true) {
-                Ok(()) => Sending::Head(response, Some(slot)),
-                Err(_) => Sending::Failed(Some(ErrorKind::Reset.into())),
-            },
+            // A body the stream no longer takes (the connection's task
+            // may have seen the server answer and reset the stream
+            // meanwhile): the answer decides, as below.
+            Outgoing::Whole(bytes) => {
+                let _ = stream.send_data(bytes, true);
+                Sending::Head(response, Some(slot))
+            }
             // Boxed: streamed bodies are the rarer case, and their state
             // would size every request's future.
             Outgoing::Stream(body) => {
@@ -405,19 +408,32 @@ where
         None,
     )));
     let mut response = pin!(response);
-    let resp = poll_fn(|cx| {
+    // Why the body stopped going up, if it did. The answer decides even
+    // then: a server may answer in full and reset the stream with
+    // NO_ERROR, "send no more" (RFC 9113 §8.1), and that answer stands;
+    // any other reset (or the stream's own, for a body that failed)
+    // fails the answer too, and the try fails for the body's reason.
+    let mut broke = None;
+    let resp = poll_fn(|cx| loop {
         if let Poll::Ready(r) = response.as_mut().poll(cx) {
-            return Poll::Ready(Ok(r));
+            return Poll::Ready(match (r, broke) {
+                (Err(_), Some(kind)) => Err(kind),
+                (r, _) => Ok(r),
+            });
         }
-        if let Some(sending) = pipe.as_mut() {
-            match sending.as_mut().poll(cx) {
-                // Sent: only the response is awaited now.
-                Poll::Ready(Ok(())) => pipe = None,
-                Poll::Ready(Err(kind)) => return Poll::Ready(Err(kind)),
-                Poll::Pending => {}
+        let Some(sending) = pipe.as_mut() else {
+            return Poll::Pending;
+        };
+        match sending.as_mut().poll(cx) {
+            // Sent: only the response is awaited now.
+            Poll::Ready(Ok(())) => pipe = None,
+            // The stream is reset: the answer is ready, or will be.
+            Poll::Ready(Err(kind)) => {
+                pipe = None;
+                broke = Some(kind);
             }
+            Poll::Pending => return Poll::Pending,
         }
-        Poll::Pending
     })
     .await?;
     // The body pipe keeps going: a server may answer before the request
