@@ -13,7 +13,11 @@
 //!   the proxy configs agree on addresses, and every file compose mounts
 //!   exists;
 //! - the systemd units check the config they run, stop after the drain,
-//!   and pass `systemd-analyze verify` where that tool is installed.
+//!   and pass `systemd-analyze verify` where that tool is installed;
+//! - the PGO build's training run (`deploy/build-pgo.sh`, step 2) passes
+//!   against the test build: every answer a 2xx, HTTP/1.1 and HTTP/2,
+//!   GET and POST (needs nginx, wrk and h2load; skipped without them
+//!   unless `ALMOND_REQUIRE_LOAD_TOOLS` or `CI` is set).
 //!
 //! Self-contained on purpose: it shares no helpers with the other tests.
 
@@ -750,6 +754,51 @@ fn dashboard_is_well_formed_and_uses_the_provisioned_datasource() {
         compose.contains(&format!("./grafana/dashboards:{path}")),
         "compose mounts docker/grafana/dashboards at the provider's path {path}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// deploy/build-pgo.sh
+
+/// The PGO build's training run, with this build's binary for a second a
+/// load: the script's nginx backends, proxy configs and loads work, and
+/// the proxy answers every request of them 2xx (the script fails on any
+/// other answer). Its two builds are not run here.
+#[test]
+fn the_pgo_training_run_passes_with_the_test_build() {
+    let missing: Vec<&str> = ["nginx", "wrk", "h2load", "curl"]
+        .into_iter()
+        .filter(|tool| on_path(tool).is_none())
+        .collect();
+    if !missing.is_empty() {
+        let required = ["ALMOND_REQUIRE_LOAD_TOOLS", "CI"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+        assert!(
+            !required,
+            "{missing:?} must be on PATH (ALMOND_REQUIRE_LOAD_TOOLS or CI is set); on Debian: \
+             apt-get install nginx-light wrk nghttp2-client curl"
+        );
+        eprintln!("skipped: {missing:?} not on PATH");
+        return;
+    }
+    let out = Command::new("bash")
+        .arg(root().join("deploy/build-pgo.sh"))
+        .env("PGO_TRAIN_ONLY", env!("CARGO_BIN_EXE_almond"))
+        .env("PGO_SECONDS", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "build-pgo.sh failed:\n{text}");
+    for proto in ["http1", "http2"] {
+        assert!(
+            text.contains(&format!("{proto} upstream: trained")),
+            "{proto} not trained:\n{text}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
