@@ -88,6 +88,39 @@ async fn hundred_mib_each_way_streams_with_bounded_memory() {
     );
 }
 
+/// An HTTP/2 upstream on 127.0.0.1 (the `h2` crate's server, for what
+/// hyper's does not let a test do: resets, answers before the body) that
+/// hands each stream to `serve`, in a task of its own; its address.
+async fn h2_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local_addr: {e}"));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    tokio::spawn(serve(req, respond));
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// An HTTP/2 upstream on `listener` that answers at once with the
 /// request's own body: every chunk it gets comes straight back.
 async fn h2_echo(listener: tokio::net::TcpListener) {
@@ -179,28 +212,19 @@ async fn an_h2_upstream_streams_both_ways_while_the_request_is_still_coming() {
 /// each held more than the connection's window of 5 MiB.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_do_not_stall_a_shared_h2_upstream() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let big = req.uri().path() == "/big";
-                    let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
-                        continue;
-                    };
-                    let body = match big {
-                        true => bytes::Bytes::from(vec![b'b'; 4 << 20]),
-                        false => bytes::Bytes::from_static(b"small"),
-                    };
-                    let _ = send.send_data(body, true);
-                }
-            });
-        }
-    });
+    let upstream = h2_upstream(|req, mut respond| async move {
+        let big = req.uri().path() == "/big";
+        let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+            return;
+        };
+        let body = match big {
+            true => bytes::Bytes::from(vec![b'b'; 4 << 20]),
+            false => bytes::Bytes::from_static(b"small"),
+        };
+        let _ = send.send_data(body, true);
+        // The stream's answer is queued: it lives on in the connection.
+    })
+    .await;
     let yaml = ProxyYaml::new()
         .by_host()
         .service(ServiceYaml::new("shared").http2().at(upstream))
@@ -381,39 +405,28 @@ async fn a_request_meeting_an_h2_goaway_goes_on_a_new_connection() {
 /// the answer instead of a 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_an_h2_upstream_refused_is_sent_again() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
     let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = streams.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let counted = counted.clone();
-                    tokio::spawn(async move {
-                        if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                            respond.send_reset(h2::Reason::REFUSED_STREAM);
-                            return;
-                        }
-                        let mut body = req.into_body();
-                        let mut len = 0;
-                        while let Some(Ok(data)) = body.data().await {
-                            len += data.len();
-                            let _ = body.flow_control().release_capacity(data.len());
-                        }
-                        let mut send = respond
-                            .send_response(http::Response::new(()), false)
-                            .unwrap();
-                        let _ = send.send_data(bytes::Bytes::from(format!("got {len}")), true);
-                    });
-                }
-            });
+    let upstream = h2_upstream(move |req, mut respond| {
+        let counted = counted.clone();
+        async move {
+            if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                return;
+            }
+            let mut body = req.into_body();
+            let mut len = 0;
+            while let Some(Ok(data)) = body.data().await {
+                len += data.len();
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            let _ = send.send_data(bytes::Bytes::from(format!("got {len}")), true);
         }
-    });
+    })
+    .await;
     let yaml = ProxyYaml::new()
         .by_host()
         .service(ServiceYaml::new("refuser").http2().at(upstream))
@@ -444,30 +457,18 @@ async fn a_stream_an_h2_upstream_refused_is_sent_again() {
 /// and at the body; that interleaving cannot be forced from here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_followed_by_a_no_error_reset_is_the_answer() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    // Answered whole, the body unread, then "no more"
-                    // (once the answer is out: `h2` drops what a stream
-                    // still has queued when it is reset).
-                    let mut send = respond
-                        .send_response(http::Response::new(()), false)
-                        .unwrap();
-                    let _ = send.send_data(bytes::Bytes::from_static(b"early"), true);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        respond.send_reset(h2::Reason::NO_ERROR);
-                    });
-                }
-            });
-        }
-    });
+    let upstream = h2_upstream(|_req, mut respond| async move {
+        // Answered whole, the body unread, then "no more" (once the
+        // answer is out: `h2` drops what a stream still has queued when
+        // it is reset).
+        let mut send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        let _ = send.send_data(bytes::Bytes::from_static(b"early"), true);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        respond.send_reset(h2::Reason::NO_ERROR);
+    })
+    .await;
     let yaml = ProxyYaml::new()
         .by_host()
         .service(ServiceYaml::new("early").http2().at(upstream))
