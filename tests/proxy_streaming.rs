@@ -88,6 +88,18 @@ async fn hundred_mib_each_way_streams_with_bounded_memory() {
     );
 }
 
+/// A request body streamed from a channel: each chunk sent goes out as
+/// it comes; the body ends when the sender is dropped.
+fn channel_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+    });
+    (tx, http_body_util::StreamBody::new(chunks).boxed())
+}
+
 /// An HTTP/2 upstream on 127.0.0.1 (the `h2` crate's server, for what
 /// hyper's does not let a test do: resets, answers before the body) that
 /// hands each stream to `serve`, in a task of its own; its address.
@@ -151,15 +163,10 @@ async fn an_h2_upstream_streams_both_ways_while_the_request_is_still_coming() {
     let proxy = ProxyProcess::start(&yaml).await;
     let mut h2 = H2::connect(proxy.addr()).await;
 
-    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
-    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok(hyper::body::Frame::data(b)), rx))
-    });
+    let (tx, body) = channel_body();
     let req = Request::post("http://echo/chat")
         .version(http::Version::HTTP_2)
-        .body(http_body_util::StreamBody::new(chunks).boxed())
+        .body(body)
         .unwrap();
     let resp = h2.send(req).await;
     assert_eq!(
@@ -476,15 +483,10 @@ async fn an_answer_followed_by_a_no_error_reset_is_the_answer() {
     let proxy = ProxyProcess::start(&yaml).await;
     for i in 0..40 {
         let mut client = H1::connect(proxy.addr()).await;
-        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
-        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|b| (Ok(hyper::body::Frame::data(b)), rx))
-        });
+        let (tx, body) = channel_body();
         let req = Request::post("/upload")
             .header("host", "early")
-            .body(http_body_util::StreamBody::new(chunks).boxed())
+            .body(body)
             .unwrap();
         // The first chunk goes with the head; the rest never comes
         // before the answer.
