@@ -278,3 +278,82 @@ async fn demo_stops_on_a_signal_and_cleans_up() {
         assert!(!dir.exists(), "{sig}: {} left behind", dir.display());
     }
 }
+
+/// The access log of a proxy told to stop: the line of every request it
+/// answered during the drain, and of every request the drain's end cut
+/// off (status 503, the proxy's), is in the file when the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_keeps_every_line_through_a_stop() {
+    let quick = Backend::builder("quick")
+        .delay(Duration::from_millis(400))
+        .start()
+        .await;
+    let stuck = Backend::builder("stuck")
+        .delay(Duration::from_secs(30))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .top("drain_timeout: 1500ms")
+        .top(&format!(
+            "access_log: {{ format: json, path: \"{}\" }}",
+            log.display()
+        ))
+        .service(ServiceYaml::new("quick").at(quick.addr))
+        .service(ServiceYaml::new("stuck").at(stuck.addr))
+        .build();
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let addr = proxy.addr();
+
+    // Requests in flight when SIGTERM comes: twenty answered during the
+    // drain, one that outlasts it.
+    let answered: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { get_h1(addr, "quick", &format!("/q/{i}")).await }))
+        .collect();
+    let cut = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /stuck HTTP/1.1\r\nhost: stuck\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = conn.read_to_end(&mut got).await;
+        got
+    });
+    eventually("every request reaches its backend", || async {
+        quick.count() == 20 && stuck.count() == 1
+    })
+    .await;
+    proxy.terminate().await;
+    for reply in answered {
+        assert_eq!(
+            within("an answer", reply).await.unwrap().status,
+            StatusCode::OK
+        );
+    }
+    let got = within("the cut request", cut).await.unwrap();
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    let status = proxy.wait().await;
+    assert_eq!(status.code(), Some(0), "logs:\n{}", proxy.logs());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let quick_lines = lines.iter().filter(|l| l["service"] == "quick").count();
+    assert_eq!(quick_lines, 20, "{text}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["service"] != "quick" || l["status"] == 200),
+        "{text}"
+    );
+    let stuck_lines: Vec<_> = lines.iter().filter(|l| l["service"] == "stuck").collect();
+    assert_eq!(stuck_lines.len(), 1, "{text}");
+    assert_eq!(stuck_lines[0]["status"], 503, "{text}");
+    assert_eq!(stuck_lines[0]["code_class"], "error", "{text}");
+    assert_eq!(stuck_lines[0]["path"], "/stuck", "{text}");
+}

@@ -233,6 +233,7 @@ impl Proxy {
     pub async fn run(self, bound: Bound, shutdown: impl Future<Output = ()>) {
         let drain = self.shared.table.load().config.drain_timeout;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (cut_tx, cut_rx) = watch::channel(false);
         let connections = tokio_util::task::TaskTracker::new();
         let mut tasks = Vec::new();
         let inbound = self.inbound_tls();
@@ -242,7 +243,7 @@ impl Proxy {
                 index,
                 listener,
                 inbound.get(index).cloned().flatten(),
-                stop_rx.clone(),
+                (stop_rx.clone(), cut_rx.clone()),
                 connections.clone(),
             )));
         }
@@ -282,11 +283,28 @@ impl Proxy {
             // Tunnels open on connections: none opens once they are done.
             tunnels.ended().await;
         };
+        let access_log = self.shared.observe.access_log.as_ref();
         match tokio::time::timeout(drain, drained).await {
             Ok(()) => tracing::info!("drained"),
             Err(_) => {
                 tracing::warn!("drain timeout: closing remaining connections");
+                // Their requests are dropped now, not with the runtime: each
+                // logged as the proxy's cut (503).
+                if let Some(log) = access_log {
+                    log.cut();
+                }
+                let _ = cut_tx.send(true);
                 tunnels.close().await;
+                let _ = tokio::time::timeout(LAST_WRITES, connections.wait()).await;
+            }
+        }
+        // The access log's last lines, written before the runtime goes.
+        if let Some(log) = access_log {
+            if tokio::time::timeout(LAST_WRITES, log.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("access log not flushed in time: its last lines are lost");
             }
         }
         // Spans of the drained requests: flushed, within the export timeout.
@@ -297,6 +315,10 @@ impl Proxy {
         let _ = admin.await;
     }
 }
+
+/// How long a stopping proxy waits for the connections it cut to end, and
+/// then for its access log's last lines to be written.
+const LAST_WRITES: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// This host's name (the default proxy ID and span service name).
 pub(crate) fn proxy_hostname() -> String {

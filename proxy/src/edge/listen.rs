@@ -7,6 +7,7 @@ use crate::body::ClientBody;
 use crate::edge::conn::{counted, drive, Activity};
 use crate::edge::send_timeout::SendTimeout;
 use crate::edge::serve;
+use crate::edge::stop::unless_cut;
 use crate::edge::{h1, h2};
 use crate::identity::authz::{self, Identities, Inbound};
 use crate::outcome::ErrorKind;
@@ -116,13 +117,14 @@ where
 }
 
 /// Accepts on `listener` until `stop` changes; each connection's task is
-/// spawned on `connections`, which the drain waits for.
+/// spawned on `connections`, which the drain waits for, and ends when
+/// `cut` changes (the drain's time is up).
 pub async fn accept_loop(
     shared: Arc<Shared>,
     index: usize,
     listener: TcpListener,
     tls: Option<Arc<Inbound>>,
-    mut stop: watch::Receiver<bool>,
+    (mut stop, cut): (watch::Receiver<bool>, watch::Receiver<bool>),
     connections: TaskTracker,
 ) {
     let limits = shared.table.load().config.limits.clone();
@@ -144,11 +146,11 @@ pub async fn accept_loop(
         let h2_limits = h2_limits(&limits);
         match tls.clone() {
             // The handshake runs in the connection's own task.
-            Some(inbound) => connections.spawn(async move {
+            Some(inbound) => connections.spawn(unless_cut(cut.clone(), async move {
                 let limits = (idle, h2_limits);
                 serve_tls(shared, index, inbound, stream, slot, peer, closing, limits).await;
-            }),
-            None => connections.spawn(async move {
+            })),
+            None => connections.spawn(unless_cut(cut.clone(), async move {
                 // A client that says nothing (or only part of the HTTP/2
                 // preface) is closed after `header_timeout`, the time a
                 // request head has.
@@ -190,7 +192,7 @@ pub async fn accept_loop(
                 if let Err(e) = serve_h1(&server, io, svc, closing, &activity, idle).await {
                     tracing::debug!(%peer, error = %e, "downstream connection ended");
                 }
-            }),
+            })),
         };
     })
     .await;

@@ -149,7 +149,8 @@ pub fn handle(
 
 /// The access log line of a request whose client left before its answer
 /// (it closed the connection or reset the stream): status 499, as Nginx
-/// logs it, written when the request's future is dropped unanswered.
+/// logs it, written when the request's future is dropped unanswered; 503
+/// when the proxy cut it (its drain's time was up).
 struct LeftLog<'a> {
     log: Option<&'a crate::observe::access_log::AccessLog>,
     /// Method and path, taken out once the request is answered.
@@ -183,7 +184,11 @@ impl LeftLog<'_> {
             sampled: self.trace.sampled,
             method,
             path,
-            status: CLIENT_LEFT,
+            status: if log.cutting() {
+                PROXY_CUT
+            } else {
+                CLIENT_LEFT
+            },
             duration_ms: self.start.elapsed().as_secs_f64() * 1e3,
             bytes: None,
             observed: std::mem::take(self.seen),
@@ -193,6 +198,10 @@ impl LeftLog<'_> {
 
 /// The status logged for a request whose client left first (Nginx's).
 const CLIENT_LEFT: u16 = 499;
+
+/// The status logged for a request the proxy cut unanswered, closing the
+/// connections its drain left: the proxy's failure (code class `error`).
+const PROXY_CUT: u16 = 503;
 
 /// Hands the span of a sampled request, `head` its method and path, to
 /// the OTLP exporter.

@@ -1,5 +1,6 @@
 //! Stop: the proxy's stop signal as a connection watches it, polled on
-//! every wake of the connection's task without taking a shared lock.
+//! every wake of the connection's task without taking a shared lock; and
+//! the cut that ends the connections a drain left.
 
 use pin_project_lite::pin_project;
 use std::future::Future;
@@ -58,6 +59,16 @@ impl<F: Future<Output = ()>> Future for Stopping<F> {
             }
         }
     }
+}
+
+/// Runs the connection `conn` until it ends, or until `cut` changes (the
+/// drain's time is up): then `conn` is dropped, with the requests still in
+/// it, while the runtime runs (their access log lines are written).
+pub async fn unless_cut<F: Future<Output = ()>>(cut: watch::Receiver<bool>, conn: F) {
+    let conn = std::pin::pin!(conn);
+    let cut = std::pin::pin!(stopping(cut));
+    // The connection first: the cut is one atomic read a wake.
+    futures_util::future::select(conn, cut).await;
 }
 
 #[cfg(test)]

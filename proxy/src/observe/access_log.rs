@@ -3,7 +3,8 @@
 //! hands a finished [`Entry`] to [`AccessLog::record`], which samples,
 //! rate-limits (one atomic word per second) and `try_send`s it to a bounded
 //! channel; a writer task formats and writes lines in batches. When the
-//! channel is full the line is dropped and counted, never waited for.
+//! channel is full the line is dropped and counted, never waited for. A
+//! stopping proxy flushes it ([`AccessLog::flush`]) before it exits.
 
 use crate::observe::metrics::Metrics;
 use almond_config::{AccessLogFormat, Direction};
@@ -11,11 +12,11 @@ use http::Method;
 use prometheus::IntCounter;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 /// Lines the writer formats and writes per system call, at most.
@@ -74,9 +75,21 @@ pub struct Entry {
     pub bytes: Option<u64>,
 }
 
+/// What the writer task is sent. Lines unboxed (an allocation a line
+/// to spare the one flush of a stopping proxy would be the wrong trade).
+#[allow(clippy::large_enum_variant)]
+enum Message {
+    Line(Entry),
+    /// Answered once every line sent before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
 /// The request path's handle on the access log.
 pub struct AccessLog {
-    tx: mpsc::Sender<Entry>,
+    tx: mpsc::Sender<Message>,
+    /// The proxy is closing the connections its drain left: a request
+    /// dropped unanswered now was cut by the proxy, not left by its client.
+    cutting: AtomicBool,
     sample_rate: f64,
     max_per_second: u32,
     /// Second (since `base`) in the high 32 bits, lines in it in the low.
@@ -111,6 +124,7 @@ impl AccessLog {
         runtime.spawn(write_lines(rx, out, config.format));
         Some(AccessLog {
             tx,
+            cutting: AtomicBool::new(false),
             sample_rate: config.sample_rate,
             max_per_second: config.max_per_second,
             window: AtomicU64::new(0),
@@ -152,32 +166,60 @@ impl AccessLog {
 
     /// Queues a line for the writer, or drops and counts it.
     pub fn record(&self, entry: Entry) {
-        if self.tx.try_send(entry).is_err() {
+        if self.tx.try_send(Message::Line(entry)).is_err() {
             self.queue_full.inc();
+        }
+    }
+
+    /// Marks the requests dropped unanswered from now on as cut by the
+    /// proxy (its drain's time is up), not left by their clients.
+    pub fn cut(&self) {
+        self.cutting.store(true, Ordering::Relaxed);
+    }
+
+    /// Was a request dropped unanswered now cut by the proxy?
+    pub fn cutting(&self) -> bool {
+        self.cutting.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once every line queued before the call is written (or
+    /// the writer is gone): the last lines of a stopping proxy are not
+    /// lost with its runtime.
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = written.await;
         }
     }
 }
 
 /// The writer task: lines in batches, one write and flush per batch.
 async fn write_lines(
-    mut rx: mpsc::Receiver<Entry>,
+    mut rx: mpsc::Receiver<Message>,
     mut out: Box<dyn AsyncWrite + Unpin + Send>,
     format: AccessLogFormat,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut text = String::with_capacity(64 * 1024);
+    let mut flushed = Vec::new();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         text.clear();
-        for entry in batch.drain(..) {
-            match format {
-                AccessLogFormat::Json => json_line(&entry, &mut text),
-                AccessLogFormat::Text => text_line(&entry, &mut text),
+        for message in batch.drain(..) {
+            match message {
+                Message::Line(entry) => match format {
+                    AccessLogFormat::Json => json_line(&entry, &mut text),
+                    AccessLogFormat::Text => text_line(&entry, &mut text),
+                },
+                Message::Flush(done) => flushed.push(done),
             }
         }
         if let Err(e) = out.write_all(text.as_bytes()).await {
             tracing::warn!(error = %e, "access log write failed");
         }
         let _ = out.flush().await;
+        for done in flushed.drain(..) {
+            let _ = done.send(());
+        }
     }
 }
 
