@@ -231,9 +231,10 @@ async fn grpc_unavailable_is_retried_on_another_endpoint() {
 /// A mirrored gRPC call is counted by its `grpc-status`, as the calls
 /// themselves are: a shadow subset that answers every copy `UNAVAILABLE`
 /// (HTTP 200) shows as failures under `direction="mirror"`, while the
-/// clients only ever see the stable subset's answers. (The calls carry a
-/// `content-length`, so their bodies are kept and can be copied; grpcio's
-/// client streams them without one, and such calls are not copied.)
+/// clients only ever see the stable subset's answers. Copied whether the
+/// call's body comes with a `content-length` (kept whole before the try)
+/// or streams without one, as grpcio's client sends it (kept as it goes,
+/// and copied once the client has sent it all).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrored_grpc_calls_are_counted_by_their_status() {
     if !grpc_available().await {
@@ -286,28 +287,22 @@ async fn mirrored_grpc_calls_are_counted_by_their_status() {
         all.extend_from_slice(labels);
         metric(text, name, &all)
     };
+    // Ten more from grpcio, bodies streamed without a length.
+    let tally = calls(proxy.addr(), "g", &["Unary:OK:10"]).await;
+    assert_eq!(n(&tally, "OK"), 10, "{tally}");
+    assert_eq!(tally["backends"]["stable"], 10, "{tally}");
     // The copies finish in tasks of their own.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    eprintln!(
-        "{}",
-        proxy
-            .admin_get("/metrics")
-            .await
-            .text()
-            .lines()
-            .filter(|l| l.contains("mirror") || l.contains("grpc"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    eventually("the ten copies are counted", || async {
+    eventually("the twenty copies are counted", || async {
         let text = proxy.admin_get("/metrics").await.text();
-        mirrored(&text, "almond_grpc_responses_total", &[]) == 10.0
+        mirrored(&text, "almond_grpc_responses_total", &[]) == 20.0
     })
     .await;
     let text = proxy.admin_get("/metrics").await.text();
     let code = |c: &str| mirrored(&text, "almond_grpc_responses_total", &[("grpc_status", c)]);
-    assert_eq!(code("UNAVAILABLE"), 10.0);
+    assert_eq!(code("UNAVAILABLE"), 20.0);
     assert_eq!(code("OK"), 0.0);
+    let dropped = metric(&text, "almond_mirror_dropped_total", &[("reason", "body")]);
+    assert_eq!(dropped, 0.0, "no copy dropped for its body");
     let outcome = |o: &str| {
         mirrored(
             &text,
@@ -315,9 +310,9 @@ async fn mirrored_grpc_calls_are_counted_by_their_status() {
             &[("code_class", "2xx"), ("outcome", o)],
         )
     };
-    assert_eq!(outcome("failure"), 10.0, "UNAVAILABLE is a failure code");
+    assert_eq!(outcome("failure"), 20.0, "UNAVAILABLE is a failure code");
     assert_eq!(outcome("success"), 0.0);
-    // The calls themselves: ten successes on v1.
+    // The calls themselves: twenty successes on v1.
     let real = metric(
         &text,
         "almond_requests_total",
@@ -328,7 +323,7 @@ async fn mirrored_grpc_calls_are_counted_by_their_status() {
             ("outcome", "success"),
         ],
     );
-    assert_eq!(real, 10.0);
+    assert_eq!(real, 20.0);
 }
 
 /// Waits until the rollout of service `s` satisfies `cond`.

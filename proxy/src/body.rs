@@ -244,7 +244,19 @@ pub enum RequestBody {
     Replay(Option<Bytes>),
     /// Streamed from the client and kept as it goes (gRPC calls whose
     /// length is not known up front, when `retries.on` names gRPC codes).
-    Tee(ClientBody, IdleTimer, Arc<Kept>),
+    Tee(ClientBody, IdleTimer, Feed),
+}
+
+/// What feeds a [`Kept`] copy: a body dropped before its end gives the
+/// copy up, so that nothing waits on it (a mirror's copy of the call).
+pub struct Feed(Arc<Kept>);
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if !self.0.state().complete {
+            self.0.end(false);
+        }
+    }
 }
 
 /// A streamed request body's copy, kept up to a size for a retry: whole
@@ -254,6 +266,8 @@ pub enum RequestBody {
 pub struct Kept {
     limit: usize,
     state: Mutex<KeptState>,
+    /// Woken when the copy is complete, whole or given up.
+    done: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -270,6 +284,7 @@ impl Kept {
         Arc::new(Kept {
             limit,
             state: Mutex::new(KeptState::default()),
+            done: tokio::sync::Notify::new(),
         })
     }
 
@@ -290,12 +305,34 @@ impl Kept {
             }
         }
         s.complete |= end;
+        let complete = s.complete;
+        drop(s);
+        if complete {
+            self.done.notify_waiters();
+        }
     }
 
     fn end(&self, ok: bool) {
         let mut s = self.state();
         s.complete = true;
         s.spoiled |= !ok;
+        drop(s);
+        self.done.notify_waiters();
+    }
+
+    /// Waits for the client's stream to end (or the copy to be given up),
+    /// then returns the whole body, if all of it was kept.
+    pub async fn finished(&self) -> Option<Bytes> {
+        loop {
+            let notified = self.done.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the look: an end between the two wakes it.
+            notified.as_mut().enable();
+            if self.state().complete {
+                return self.whole();
+            }
+            notified.await;
+        }
     }
 
     /// The whole body, if the client's stream ended and all of it was kept.
@@ -317,7 +354,7 @@ impl RequestBody {
     pub fn keep_in(&mut self, kept: &Arc<Kept>) {
         let this = std::mem::replace(self, RequestBody::Replay(None));
         *self = match this {
-            RequestBody::Stream(body, timer) => RequestBody::Tee(body, timer, kept.clone()),
+            RequestBody::Stream(body, timer) => RequestBody::Tee(body, timer, Feed(kept.clone())),
             other => other,
         };
     }
@@ -337,9 +374,9 @@ impl Body for RequestBody {
             RequestBody::Tee(body, timer, kept) => {
                 let polled = poll_timed(body, timer, cx);
                 match &polled {
-                    Poll::Ready(Some(Ok(frame))) => kept.frame(frame, body.is_end_stream()),
-                    Poll::Ready(Some(Err(_))) => kept.end(false),
-                    Poll::Ready(None) => kept.end(true),
+                    Poll::Ready(Some(Ok(frame))) => kept.0.frame(frame, body.is_end_stream()),
+                    Poll::Ready(Some(Err(_))) => kept.0.end(false),
+                    Poll::Ready(None) => kept.0.end(true),
                     Poll::Pending => {}
                 }
                 polled
@@ -523,5 +560,48 @@ impl<C: Completion> Body for ResponseBody<C> {
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(body, ..) => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn streamed(text: &'static str) -> RequestBody {
+        let body = ClientBody::Full(Some(Bytes::from_static(text.as_bytes())));
+        RequestBody::Stream(body, IdleTimer::new(Duration::from_secs(5)))
+    }
+
+    /// A kept copy is there for whoever waits on it once the body has
+    /// gone by whole.
+    #[tokio::test]
+    async fn a_kept_body_is_handed_over_once_it_has_all_gone_by() {
+        let kept = Kept::new(1024);
+        let mut body = streamed("the call");
+        body.keep_in(&kept);
+        let waiting = tokio::spawn({
+            let kept = kept.clone();
+            async move { kept.finished().await }
+        });
+        let sent = body.collect().await.map(|c| c.to_bytes());
+        assert_eq!(sent.ok().as_deref(), Some(&b"the call"[..]));
+        let copy = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(
+            copy.ok().and_then(Result::ok).flatten().as_deref(),
+            Some(&b"the call"[..])
+        );
+    }
+
+    /// A body dropped before its end (its try given up) gives its copy
+    /// up: nothing waits on it for the request's whole timeout.
+    #[tokio::test]
+    async fn a_body_dropped_midway_gives_its_copy_up() {
+        let kept = Kept::new(1024);
+        let mut body = streamed("never sent");
+        body.keep_in(&kept);
+        drop(body);
+        let copy = tokio::time::timeout(Duration::from_secs(5), kept.finished()).await;
+        assert_eq!(copy, Ok(None));
     }
 }

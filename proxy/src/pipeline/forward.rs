@@ -467,12 +467,16 @@ impl Tries {
             req.body_mut().keep_in(&kept.1);
         }
         if let Some(shadow) = call.mirror.take() {
-            match (self.next.as_ref(), self.replay.as_ref()) {
-                (Some(req), replay) => shadow.send(req, replay.map(|r| &r.body), call.stamp),
-                (None, Some(r)) => {
+            match (self.next.as_ref(), self.replay.as_ref(), self.kept.as_ref()) {
+                // A gRPC call's body, kept as it streams: copied once sent.
+                (Some(req), None, Some(kept)) => {
+                    shadow.send_when_kept(req, kept.1.clone(), call.stamp)
+                }
+                (Some(req), replay, _) => shadow.send(req, replay.map(|r| &r.body), call.stamp),
+                (None, Some(r), _) => {
                     shadow.send(&send::owned(&r.parts, &r.body), Some(&r.body), call.stamp)
                 }
-                (None, None) => {}
+                (None, None, _) => {}
             }
         }
     }

@@ -2,11 +2,12 @@
 //! another service, its response read and discarded. The copy goes out in
 //! a task of its own, so the real request never waits on it; at most
 //! `max_in_flight` copies are out per service (more are dropped and
-//! counted), a body is copied only when forward.rs kept it for retry, and
-//! the copy carries `x-almond-mirror: 1`. Counted in the golden metrics
+//! counted), a body is copied only when forward.rs kept it for retry (a
+//! gRPC call's, kept as it streams, goes once the client has sent it all),
+//! and the copy carries `x-almond-mirror: 1`. Counted in the golden metrics
 //! with `direction="mirror"` (a gRPC call by its `grpc-status`).
 
-use crate::body::RequestBody;
+use crate::body::{Kept, RequestBody};
 use crate::headers;
 use crate::limit::Permit;
 use crate::observe::trace::Stamp;
@@ -73,7 +74,34 @@ impl Shadow {
                 return;
             }
         };
-        let mut copy = Request::new(RequestBody::Replay((!body.is_empty()).then_some(body)));
+        let copy = self.copy(req, Some(body));
+        tokio::spawn(self.run(copy, *stamp));
+    }
+
+    /// As [`Shadow::send`], for a body still streaming and kept as it goes
+    /// (a gRPC call's): the copy goes once the client has sent all of it,
+    /// within the request's timeout; not at all if it did not fit the copy
+    /// (counted as a body not kept).
+    pub fn send_when_kept(self, req: &Request<RequestBody>, kept: Arc<Kept>, stamp: &Stamp) {
+        let mut copy = self.copy(req, None);
+        let wait = self.source.request_timeout;
+        let stamp = *stamp;
+        tokio::spawn(async move {
+            let Some(m) = self.policy() else { return };
+            match tokio::time::timeout(wait, kept.finished()).await {
+                Ok(Some(body)) => {
+                    *copy.body_mut() = RequestBody::Replay((!body.is_empty()).then_some(body));
+                    self.run(copy, stamp).await;
+                }
+                _ => m.dropped_body.inc(),
+            }
+        });
+    }
+
+    /// The copy of `req`, with `body`, readied for the target.
+    fn copy(&self, req: &Request<RequestBody>, body: Option<Bytes>) -> Request<RequestBody> {
+        let body = body.filter(|b| !b.is_empty());
+        let mut copy = Request::new(RequestBody::Replay(body));
         *copy.method_mut() = req.method().clone();
         *copy.uri_mut() = req.uri().clone();
         *copy.version_mut() = req.version();
@@ -81,7 +109,7 @@ impl Shadow {
         copy.headers_mut()
             .insert(MIRROR_HEADER, HeaderValue::from_static("1"));
         headers::to_upstream(&mut copy, self.target.target.protocol, false);
-        tokio::spawn(self.run(copy, *stamp));
+        copy
     }
 
     /// Sends the copy, with the request's `stamp`, to an endpoint of the
