@@ -869,4 +869,62 @@ mod tests {
             .await;
         assert_eq!(resp.map(|r| r.status()).ok(), Some(http::StatusCode::OK));
     }
+
+    /// An answer complete before the request's body (END_STREAM on its
+    /// data or its trailers), then RST_STREAM(NO_ERROR), "send no more"
+    /// (RFC 9113 §8.1): its body reads to its end however far it is read
+    /// (as hyper's client reads it); the reset is no error of the answer.
+    #[tokio::test]
+    async fn an_answer_read_past_its_end_after_a_no_error_reset_is_whole() {
+        use http_body_util::BodyExt;
+        for with_trailers in [false, true] {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(server)
+                    .await
+                    .expect("server handshake");
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = Response::builder()
+                        .header("content-length", "5")
+                        .body(())
+                        .expect("response");
+                    let Ok(mut stream) = respond.send_response(resp, false) else {
+                        return;
+                    };
+                    let _ = stream.send_data(Bytes::from_static(b"hello"), !with_trailers);
+                    if with_trailers {
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        let _ = stream.send_trailers(trailers);
+                    }
+                    // Once the answer is out (a reset drops what is queued).
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        stream.send_reset(h2::Reason::NO_ERROR);
+                    });
+                }
+            });
+            let (mut sender, driver) = handshake(client, None).await.expect("handshake");
+            tokio::spawn(driver);
+            assert!(sender.ready().await);
+            // A body that never ends: the answer comes before it would.
+            let body = http_body_util::StreamBody::new(futures_util::stream::pending::<
+                Result<Frame<Bytes>, std::convert::Infallible>,
+            >());
+            let head = Request::post("http://up/").body(()).expect("request");
+            let resp = sender
+                .send(head, Outgoing::Stream(body), |_| ErrorKind::Reset)
+                .await;
+            let resp = resp.expect("the answer");
+            // The reset is in by the time the body is read.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let collected = resp.into_body().collect().await;
+            let collected = collected.unwrap_or_else(|e| panic!("trailers {with_trailers}: {e}"));
+            let status = collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status").cloned());
+            assert_eq!(&collected.to_bytes()[..], b"hello");
+            assert_eq!(status.is_some(), with_trailers);
+        }
+    }
 }
