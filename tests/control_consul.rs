@@ -1624,3 +1624,83 @@ async fn instance_host_names_are_resolved() {
         .collect();
     assert_eq!(addrs, vec![format!("127.0.0.1:{}", b1.addr.port())]);
 }
+
+/// The proxies `control`'s live view of `web` scraped.
+async fn counted(control: &TestControl) -> Value {
+    let live = control.get("/v1/services/web/live?window=1ms").await;
+    live.json()["proxies"].clone()
+}
+
+/// Control-plane replicas on one Consul share the proxies they see
+/// (`almond/proxies/<replica>` in KV): each one's live view, which is what
+/// its watcher scrapes, counts the proxies following the other, and a
+/// fleet-wide limit is divided by the whole fleet. A replica that stops
+/// takes its roster with it.
+#[tokio::test]
+async fn replicas_count_each_others_proxies() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let config = yaml(&consul, "ALMOND_TEST_CC_TOKEN_ROSTER");
+    let a = TestControl::start(&config).await;
+    let b = TestControl::start(&config).await;
+    let follower = |control: &TestControl, id: &str| {
+        control_proxy_yaml(&control.url(), None)
+            .replace("proxy_id: test-proxy", &format!("proxy_id: {id}"))
+    };
+    let pa = start_following_with(&follower(&a, "pa")).await;
+    let pb = start_following_with(&follower(&b, "pb")).await;
+    reaches(&pa, "b1", "v1").await;
+    reaches(&pb, "b1", "v1").await;
+
+    for control in [&a, &b] {
+        eventually("each replica counts both proxies", || async {
+            counted(control).await == 2
+        })
+        .await;
+    }
+    let roster = consul.requests();
+    assert!(
+        roster
+            .iter()
+            .any(|r| r.method == Method::PUT && r.path.starts_with("/v1/kv/almond/proxies/")),
+        "no roster written"
+    );
+
+    // A fleet-wide limit set through one replica: each proxy gets half.
+    let (code, out, err) = run_ops(&[
+        "limit",
+        "web",
+        "--path",
+        "/x",
+        "--rate",
+        "20/s",
+        "--fleet",
+        "--control",
+        &a.url(),
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    for proxy in [&pa, &pb] {
+        eventually("the half share reaches the proxy", || async {
+            let config = proxy.admin_get("/config").await.json();
+            let limit = &config["services"]["web"]["guards"][0]["limit"];
+            limit["shared_by"] == 2 && limit["rate"] == "10/s"
+        })
+        .await;
+    }
+
+    // b stops: a counts its own proxy alone, and gives it the whole rate.
+    b.shutdown().await;
+    eventually(
+        "the stopped replica's proxies are no longer counted",
+        || async { counted(&a).await == 1 },
+    )
+    .await;
+    eventually("the whole rate goes back to the one proxy", || async {
+        let config = pa.admin_get("/config").await.json();
+        let limit = &config["services"]["web"]["guards"][0]["limit"];
+        limit["shared_by"].is_null() && limit["rate"] == "20/s"
+    })
+    .await;
+}

@@ -12,6 +12,7 @@ pub mod history;
 pub mod live;
 pub mod notify;
 pub mod policy;
+pub mod roster;
 pub mod state;
 pub mod store;
 pub mod tap;
@@ -154,8 +155,29 @@ impl Control {
             .unwrap_or(almond_config::WatcherSource::Direct);
         tracing::info!(watcher = ?source, "watcher source");
         let metrics_source = source.clone();
+        // Unique among replicas, however many share a host or a process.
+        let replica = format!(
+            "{}-{}-{:04x}",
+            almond_net::hostname("control"),
+            std::process::id(),
+            fastrand::u16(..)
+        );
         let watcher =
-            tokio::spawn(watcher::Watcher::new(self.state.clone(), store.clone(), source).run());
+            watcher::Watcher::new(self.state.clone(), store.clone(), source, replica.clone());
+        let watcher = tokio::spawn(watcher.run());
+        // With the Consul store, replicas share their proxies.
+        let roster = match &*store {
+            Store::Consul(client) => {
+                let client = (**client).clone();
+                let task = tokio::spawn(roster::run(
+                    client.clone(),
+                    self.state.clone(),
+                    replica.clone(),
+                ));
+                Some((task, client))
+            }
+            Store::File { .. } => None,
+        };
         let source = match &self.source {
             Endpoints::Consul(consul) => tokio::spawn(consul::run(
                 consul.0.clone(),
@@ -192,6 +214,10 @@ impl Control {
         source.abort();
         follower.abort();
         watcher.abort();
+        if let Some((task, client)) = roster {
+            task.abort();
+            roster::leave(&client, &replica).await;
+        }
         sampler.abort();
         if let Some(notify) = notify {
             notify.abort();

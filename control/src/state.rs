@@ -19,6 +19,9 @@ pub struct State {
     catalog: Mutex<Catalog>,
     sync: Mutex<Sync>,
     proxies: Mutex<BTreeMap<String, ProxySeen>>,
+    /// The other replicas' proxies (their rosters, see `roster`): ID to
+    /// admin address.
+    peers: Mutex<BTreeMap<String, String>>,
     snapshots: Mutex<SnapshotCache>,
     /// Metrics.
     pub metrics: Metrics,
@@ -272,6 +275,7 @@ impl State {
             catalog: Mutex::new(Catalog::new()),
             sync: Mutex::new(Sync::default()),
             proxies: Mutex::new(BTreeMap::new()),
+            peers: Mutex::new(BTreeMap::new()),
             snapshots: Mutex::new(SnapshotCache::default()),
             metrics: Metrics::new()?,
             max_body: 64 * 1024 * 1024,
@@ -343,13 +347,49 @@ impl State {
     }
 
     /// Admin addresses of the proxies seen within `fresh` (the ones worth
-    /// scraping).
+    /// scraping), this replica's and the other replicas' (a proxy in
+    /// both, as it moves, once).
     pub fn proxy_admins(&self, fresh: std::time::Duration) -> Vec<String> {
-        self.proxies()
-            .into_values()
+        let own = self.proxies();
+        let peers = self.peers();
+        let mut admins: Vec<String> = own
+            .values()
             .filter(|p| !p.admin.is_empty() && p.seen.elapsed() < fresh)
-            .map(|p| p.admin)
+            .map(|p| p.admin.clone())
+            .collect();
+        admins.extend(
+            (peers.into_iter())
+                .filter(|(id, admin)| !admin.is_empty() && !own.contains_key(id))
+                .map(|(_, admin)| admin),
+        );
+        admins
+    }
+
+    fn peers(&self) -> BTreeMap<String, String> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// This replica's live proxies, ID to admin address (its roster).
+    pub fn own_roster(&self) -> BTreeMap<String, String> {
+        let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        proxies.retain(|_, p| p.seen.elapsed() < PROXY_STALE);
+        (proxies.iter())
+            .map(|(id, p)| (id.clone(), p.admin.clone()))
             .collect()
+    }
+
+    /// Takes the other replicas' live proxies (their rosters); the fleet
+    /// they make with this replica's is what `scope: fleet` limits are
+    /// divided by.
+    pub fn set_peer_proxies(self: &Arc<Self>, peers: BTreeMap<String, String>) {
+        let mut held = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if *held == peers {
+            return;
+        }
+        *held = peers;
+        drop(held);
+        let live = self.live_proxies();
+        self.set_fleet(live);
     }
 
     /// Removes a service.
@@ -627,8 +667,8 @@ impl State {
                 seen: Instant::now(),
             },
         );
-        let live = proxies.len();
         drop(proxies);
+        let live = self.live_proxies();
         self.set_fleet(live);
     }
 
@@ -686,11 +726,14 @@ impl State {
         self.publish(&catalog);
     }
 
-    /// Proxies seen within `PROXY_STALE`.
+    /// Proxies seen within `PROXY_STALE`, by this replica or (their
+    /// rosters) by the others.
     fn live_proxies(&self) -> usize {
         let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
         proxies.retain(|_, p| p.seen.elapsed() < PROXY_STALE);
-        proxies.len()
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let elsewhere = peers.keys().filter(|id| !proxies.contains_key(*id)).count();
+        proxies.len() + elsewhere
     }
 
     /// The proxies seen, by ID.
@@ -720,6 +763,31 @@ mod tests {
         let ids: Vec<String> = state.proxies().into_keys().collect();
         assert_eq!(ids, vec!["new".to_owned()]);
         assert_eq!(state.proxy_admins(PROXY_STALE), vec!["127.0.0.2:4191"]);
+    }
+
+    /// The other replicas' proxies are scraped and counted with this
+    /// one's; a proxy on both lists (moving between replicas) once, at the
+    /// address this replica saw it poll from.
+    #[tokio::test]
+    async fn other_replicas_proxies_count_once() {
+        let state = Arc::new(State::new().unwrap());
+        state.saw_proxy("a", "127.0.0.1:4191", 1);
+        state.set_peer_proxies(BTreeMap::from([
+            ("a".to_owned(), "10.0.0.1:4191".to_owned()),
+            ("b".to_owned(), "10.0.0.2:4191".to_owned()),
+        ]));
+        let mut admins = state.proxy_admins(PROXY_STALE);
+        admins.sort();
+        assert_eq!(admins, vec!["10.0.0.2:4191", "127.0.0.1:4191"]);
+        assert_eq!(state.live_proxies(), 2);
+        assert_eq!(
+            state.own_roster().len(),
+            1,
+            "the roster is this replica's own"
+        );
+        state.set_peer_proxies(BTreeMap::new());
+        assert_eq!(state.proxy_admins(PROXY_STALE), vec!["127.0.0.1:4191"]);
+        assert_eq!(state.live_proxies(), 1);
     }
 
     #[tokio::test]

@@ -243,20 +243,24 @@ async fn follow_file(path: &PathBuf, state: &State) {
 /// One entry of a recursive KV read.
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct KvEntry {
-    key: String,
+pub(crate) struct KvEntry {
+    pub(crate) key: String,
     value: Option<String>,
     #[serde(default)]
-    modify_index: u64,
+    pub(crate) modify_index: u64,
 }
 
 impl KvEntry {
-    fn decode(&self) -> Option<Policy> {
+    /// The value's bytes (Consul sends them in base64).
+    pub(crate) fn raw(&self) -> Option<Vec<u8>> {
         use base64::Engine;
-        let raw = base64::engine::general_purpose::STANDARD
+        base64::engine::general_purpose::STANDARD
             .decode(self.value.as_deref()?)
-            .ok()?;
-        serde_json::from_slice(&raw).ok()
+            .ok()
+    }
+
+    fn decode(&self) -> Option<Policy> {
+        serde_json::from_slice(&self.raw()?).ok()
     }
 }
 

@@ -46,9 +46,13 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// A driver for this replica.
-    pub fn new(state: Arc<State>, store: Arc<Store>, source: WatcherSource) -> Watcher {
-        let replica = format!("{}-{}", almond_net::hostname("control"), std::process::id());
+    /// A driver for the replica named `replica` (its leases say so).
+    pub fn new(
+        state: Arc<State>,
+        store: Arc<Store>,
+        source: WatcherSource,
+        replica: String,
+    ) -> Watcher {
         Watcher {
             state,
             source,
