@@ -763,27 +763,38 @@ mod tests {
         assert!(driver.is_finished());
     }
 
-    /// A stream the upstream refused (`REFUSED_STREAM`: nothing processed)
-    /// is told apart from one it reset after taking it.
-    #[tokio::test]
-    async fn a_refused_stream_is_told_apart_from_a_reset_one() {
+    /// A client on an in-memory connection to an `h2` server that hands
+    /// each stream it accepts to `answer`; the connection runs in a task.
+    async fn served_by<F>(mut answer: F) -> Sender
+    where
+        F: FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>) + Send + 'static,
+    {
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
             let mut conn = h2::server::handshake(server)
                 .await
                 .expect("server handshake");
-            let mut reasons = [h2::Reason::REFUSED_STREAM, h2::Reason::INTERNAL_ERROR].into_iter();
-            while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                match reasons.next() {
-                    Some(reason) => respond.send_reset(reason),
-                    None => {
-                        let _ = respond.send_response(Response::new(()), true);
-                    }
-                }
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                answer(req, respond);
             }
         });
-        let (mut sender, driver) = handshake(client, None).await.expect("handshake");
+        let (sender, driver) = handshake(client, None).await.expect("handshake");
         tokio::spawn(driver);
+        sender
+    }
+
+    /// A stream the upstream refused (`REFUSED_STREAM`: nothing processed)
+    /// is told apart from one it reset after taking it.
+    #[tokio::test]
+    async fn a_refused_stream_is_told_apart_from_a_reset_one() {
+        let mut reasons = [h2::Reason::REFUSED_STREAM, h2::Reason::INTERNAL_ERROR].into_iter();
+        let mut sender = served_by(move |_req, mut respond| match reasons.next() {
+            Some(reason) => respond.send_reset(reason),
+            None => {
+                let _ = respond.send_response(Response::new(()), true);
+            }
+        })
+        .await;
         let mut outcomes = Vec::new();
         for _ in 0..3 {
             assert!(sender.ready().await);
@@ -806,24 +817,17 @@ mod tests {
     /// after every poll), and the answer still arrives.
     #[tokio::test]
     async fn a_body_sent_before_its_answer_survives_any_number_of_polls() {
-        let (client, server) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(async move {
-            let mut conn = h2::server::handshake(server)
-                .await
-                .expect("server handshake");
-            while let Some(Ok((req, mut respond))) = conn.accept().await {
-                tokio::spawn(async move {
-                    let mut body = req.into_body();
-                    while let Some(Ok(data)) = body.data().await {
-                        let _ = body.flow_control().release_capacity(data.len());
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    let _ = respond.send_response(Response::new(()), true);
-                });
-            }
-        });
-        let (mut sender, driver) = handshake(client, None).await.expect("handshake");
-        tokio::spawn(driver);
+        let mut sender = served_by(|req, mut respond| {
+            tokio::spawn(async move {
+                let mut body = req.into_body();
+                while let Some(Ok(data)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(data.len());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = respond.send_response(Response::new(()), true);
+            });
+        })
+        .await;
         assert!(sender.ready().await);
         let chunks =
             ["a", "b", "c"].map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(c))));
@@ -845,17 +849,10 @@ mod tests {
     /// not, and the connection still carries requests.
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_answers_its_pings_stays_open() {
-        let (client, server) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(async move {
-            let mut conn = h2::server::handshake(server)
-                .await
-                .expect("server handshake");
-            while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                let _ = respond.send_response(Response::new(()), true);
-            }
-        });
-        let (mut sender, driver) = handshake(client, None).await.expect("handshake");
-        tokio::spawn(driver);
+        let mut sender = served_by(|_req, mut respond| {
+            let _ = respond.send_response(Response::new(()), true);
+        })
+        .await;
         tokio::time::sleep(5 * PING_INTERVAL).await;
         assert!(!sender.is_closed());
         assert!(sender.ready().await);
@@ -878,34 +875,27 @@ mod tests {
     async fn an_answer_read_past_its_end_after_a_no_error_reset_is_whole() {
         use http_body_util::BodyExt;
         for with_trailers in [false, true] {
-            let (client, server) = tokio::io::duplex(64 * 1024);
-            tokio::spawn(async move {
-                let mut conn = h2::server::handshake(server)
-                    .await
-                    .expect("server handshake");
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    let resp = Response::builder()
-                        .header("content-length", "5")
-                        .body(())
-                        .expect("response");
-                    let Ok(mut stream) = respond.send_response(resp, false) else {
-                        return;
-                    };
-                    let _ = stream.send_data(Bytes::from_static(b"hello"), !with_trailers);
-                    if with_trailers {
-                        let mut trailers = HeaderMap::new();
-                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
-                        let _ = stream.send_trailers(trailers);
-                    }
-                    // Once the answer is out (a reset drops what is queued).
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        stream.send_reset(h2::Reason::NO_ERROR);
-                    });
+            let mut sender = served_by(move |_req, mut respond| {
+                let resp = Response::builder()
+                    .header("content-length", "5")
+                    .body(())
+                    .expect("response");
+                let Ok(mut stream) = respond.send_response(resp, false) else {
+                    return;
+                };
+                let _ = stream.send_data(Bytes::from_static(b"hello"), !with_trailers);
+                if with_trailers {
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                    let _ = stream.send_trailers(trailers);
                 }
-            });
-            let (mut sender, driver) = handshake(client, None).await.expect("handshake");
-            tokio::spawn(driver);
+                // Once the answer is out (a reset drops what is queued).
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    stream.send_reset(h2::Reason::NO_ERROR);
+                });
+            })
+            .await;
             assert!(sender.ready().await);
             // A body that never ends: the answer comes before it would.
             let body = http_body_util::StreamBody::new(futures_util::stream::pending::<
