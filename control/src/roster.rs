@@ -55,33 +55,41 @@ pub async fn run(client: ConsulClient, state: Arc<State>, replica: String) {
         let due = written
             .as_ref()
             .is_none_or(|(w, at)| w.proxies != roster.proxies || at.elapsed() >= HEARTBEAT);
-        let result = async {
-            if due {
-                write(&client, &own, &roster).await?;
+        // Written and read apart: a replica that may not write its own
+        // roster still counts the others'.
+        let wrote = match due {
+            true => write(&client, &own, &roster).await.map(|()| {
                 written = Some((roster, Instant::now()));
-            }
-            read(&client, &own, &mut moved).await
-        }
-        .await;
-        match result {
+            }),
+            false => Ok(()),
+        };
+        let read = match read(&client, &own, &mut moved).await {
             Ok(peers) => {
-                if failing {
-                    tracing::info!("proxy rosters shared again");
-                    failing = false;
-                }
                 state.set_peer_proxies(peers);
+                Ok(())
             }
-            // A token without `key:write` on `almond/proxies/`, or Consul
-            // down: the rosters read last stay until they go stale.
+            // Consul down, or no `key:read`: the rosters read last stay
+            // until they go stale.
             Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, prefix = ROSTER_PREFIX, "proxy rosters not shared: the watcher counts this replica's proxies and the last read");
-                    failing = true;
-                }
                 if moved.all_quiet(Instant::now()) {
                     state.set_peer_proxies(BTreeMap::new());
                 }
+                Err(e)
             }
+        };
+        match wrote.and(read) {
+            Ok(()) if failing => {
+                tracing::info!("proxy rosters shared again");
+                failing = false;
+            }
+            Ok(()) => {}
+            // A token without `key:write` on `almond/proxies/`, or Consul
+            // down.
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, prefix = ROSTER_PREFIX, "proxy rosters not shared: each replica counts the proxies whose rosters it can read");
+                failing = true;
+            }
+            Err(_) => {}
         }
         tokio::time::sleep(EVERY).await;
     }
