@@ -324,10 +324,13 @@ async fn endpoint_answering_500_is_ejected_then_probed_back_in() {
     assert_eq!(total(&[&good1, &good2]) - good_before, sent);
 
     // It recovers: once its ejection is up, a real request probes it back.
+    // (Until one does, its ejection may be up, counted healthy in the
+    // gauge, while `/endpoints` says `probing`.)
     bad.set_status(200);
     eventually("bad back in service", || async {
         all_ok(&load(&proxy, "svc", 1, 1).await, "while probing");
         endpoints_in(&proxy, "svc", "ejected").await == 0.0
+            && endpoint_state(&proxy, "svc", bad.addr).await == "healthy"
     })
     .await;
     assert_eq!(endpoints_in(&proxy, "svc", "healthy").await, 3.0);
