@@ -1659,6 +1659,16 @@ async fn replicas_count_each_others_proxies() {
         })
         .await;
     }
+    // Either replica lists the whole fleet: its own follower as it saw
+    // it, the other's with the replica it follows.
+    for (control, own, other) in [(&a, "pa", "pb"), (&b, "pb", "pa")] {
+        let proxies = control.get("/v1/proxies").await.json();
+        assert!(proxies[own]["index"].is_u64(), "{proxies:#}");
+        assert!(proxies[own].get("replica").is_none(), "{proxies:#}");
+        let replica = proxies[other]["replica"].as_str().unwrap_or_default();
+        assert!(!replica.is_empty(), "{proxies:#}");
+        assert!(proxies[other]["admin"].is_string(), "{proxies:#}");
+    }
     let roster = consul.requests();
     assert!(
         roster

@@ -526,7 +526,7 @@ async fn respond(
             None => text(StatusCode::NOT_FOUND, &format!("no rollout for {name:?}\n")),
         },
         ["v1", "proxies"] => {
-            let proxies: serde_json::Map<String, serde_json::Value> = state
+            let mut proxies: serde_json::Map<String, serde_json::Value> = state
                 .proxies()
                 .into_iter()
                 .map(|(id, p)| {
@@ -537,6 +537,13 @@ async fn respond(
                     )
                 })
                 .collect();
+            // The proxies following other replicas (their rosters): the
+            // same fleet from whichever replica is asked.
+            for (id, p) in state.peer_proxies() {
+                if !proxies.contains_key(&id) {
+                    proxies.insert(id, json!({ "admin": p.admin, "replica": p.replica }));
+                }
+            }
             json_ok(&proxies)
         }
         ["metrics"] => {

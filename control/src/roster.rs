@@ -11,7 +11,7 @@
 //! keeps its own).
 
 use crate::consul::{check, ConsulClient, ConsulError};
-use crate::state::{State, PROXY_STALE};
+use crate::state::{PeerProxy, State, PROXY_STALE};
 use almond_net::now_ms;
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -122,7 +122,7 @@ async fn read(
     client: &ConsulClient,
     own: &str,
     moved: &mut Moves,
-) -> Result<BTreeMap<String, String>, ConsulError> {
+) -> Result<BTreeMap<String, PeerProxy>, ConsulError> {
     let path = format!("/v1/kv/{ROSTER_PREFIX}");
     let answer = client
         .call(
@@ -162,7 +162,14 @@ async fn read(
             .raw()
             .and_then(|raw| serde_json::from_slice(&raw).ok());
         match roster {
-            Some(roster) => peers.extend(roster.proxies),
+            Some(roster) => {
+                let replica = entry.key.strip_prefix(ROSTER_PREFIX).unwrap_or(&entry.key);
+                let replica = replica.to_owned();
+                peers.extend(roster.proxies.into_iter().map(|(id, admin)| {
+                    let replica = replica.clone();
+                    (id, PeerProxy { admin, replica })
+                }));
+            }
             None => tracing::debug!(key = %entry.key, "proxy roster unreadable: skipped"),
         }
     }

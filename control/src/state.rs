@@ -19,9 +19,8 @@ pub struct State {
     catalog: Mutex<Catalog>,
     sync: Mutex<Sync>,
     proxies: Mutex<BTreeMap<String, ProxySeen>>,
-    /// The other replicas' proxies (their rosters, see `roster`): ID to
-    /// admin address.
-    peers: Mutex<BTreeMap<String, String>>,
+    /// The other replicas' proxies (their rosters, see `roster`), by ID.
+    peers: Mutex<BTreeMap<String, PeerProxy>>,
     snapshots: Mutex<SnapshotCache>,
     /// Metrics.
     pub metrics: Metrics,
@@ -118,6 +117,15 @@ pub struct ProxySeen {
     pub index: u64,
     /// When it last asked.
     pub seen: Instant,
+}
+
+/// A proxy another replica sees (its roster, see `roster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerProxy {
+    /// Its admin address, as that replica scrapes it.
+    pub admin: String,
+    /// The replica it follows.
+    pub replica: String,
 }
 
 /// Most proxies recorded at once (each seen within `PROXY_STALE`).
@@ -351,7 +359,7 @@ impl State {
     /// both, as it moves, once).
     pub fn proxy_admins(&self, fresh: std::time::Duration) -> Vec<String> {
         let own = self.proxies();
-        let peers = self.peers();
+        let peers = self.peer_proxies();
         let mut admins: Vec<String> = own
             .values()
             .filter(|p| !p.admin.is_empty() && p.seen.elapsed() < fresh)
@@ -359,13 +367,15 @@ impl State {
             .collect();
         admins.extend(
             (peers.into_iter())
-                .filter(|(id, admin)| !admin.is_empty() && !own.contains_key(id))
-                .map(|(_, admin)| admin),
+                .filter(|(id, p)| !p.admin.is_empty() && !own.contains_key(id))
+                .map(|(_, p)| p.admin),
         );
         admins
     }
 
-    fn peers(&self) -> BTreeMap<String, String> {
+    /// The proxies the other replicas see, by ID (a proxy that follows
+    /// this replica too may be among them, as it moves).
+    pub fn peer_proxies(&self) -> BTreeMap<String, PeerProxy> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -381,7 +391,7 @@ impl State {
     /// Takes the other replicas' live proxies (their rosters); the fleet
     /// they make with this replica's is what `scope: fleet` limits are
     /// divided by.
-    pub fn set_peer_proxies(self: &Arc<Self>, peers: BTreeMap<String, String>) {
+    pub fn set_peer_proxies(self: &Arc<Self>, peers: BTreeMap<String, PeerProxy>) {
         let mut held = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if *held == peers {
             return;
@@ -772,9 +782,13 @@ mod tests {
     async fn other_replicas_proxies_count_once() {
         let state = Arc::new(State::new().unwrap());
         state.saw_proxy("a", "127.0.0.1:4191", 1);
+        let peer = |admin: &str| PeerProxy {
+            admin: admin.to_owned(),
+            replica: "other".to_owned(),
+        };
         state.set_peer_proxies(BTreeMap::from([
-            ("a".to_owned(), "10.0.0.1:4191".to_owned()),
-            ("b".to_owned(), "10.0.0.2:4191".to_owned()),
+            ("a".to_owned(), peer("10.0.0.1:4191")),
+            ("b".to_owned(), peer("10.0.0.2:4191")),
         ]));
         let mut admins = state.proxy_admins(PROXY_STALE);
         admins.sort();
