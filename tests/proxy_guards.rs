@@ -130,7 +130,8 @@ async fn send_verbatim(proxy: &TestProxy, method: &str, path: &str) -> u16 {
 
 /// A block holds for every spelling of its path that many services read
 /// as that path: escaped letters, doubled slashes, `.` and `..` segments
-/// (as Envoy's `normalize_path` and `merge_slashes`); a limit too, and a
+/// (as Envoy's `normalize_path` and `merge_slashes`), escaped slashes (as
+/// nginx's `location` matching); a limit too, and a
 /// guard whose own path is spelled oddly matches the path it stands for.
 /// What passes goes upstream as the client wrote it.
 #[tokio::test]
@@ -154,6 +155,12 @@ async fn a_guard_holds_for_other_spellings_of_its_path() {
         // routes the raw path reaches the blocked handler).
         "/api/giveaway/..",
         "/api/giveaway/%2e%2e/x",
+        // An escaped slash, as nginx and services that decode the path
+        // read it (a backslash, as Tomcat and IIS do).
+        "/api%2Fgiveaway",
+        "/api%2fgiveaway/claim",
+        "/api%5Cgiveaway",
+        "/x/..%2Fapi/giveaway",
     ] {
         assert_eq!(
             send_verbatim(&proxy, "POST", path).await,
@@ -163,7 +170,12 @@ async fn a_guard_holds_for_other_spellings_of_its_path() {
     }
     assert_eq!(backend.count(), 0, "a blocked request reached the service");
     // Other paths are other paths.
-    for path in ["/api/giveaways", "/api/%2e%2e/x"] {
+    for path in [
+        "/api/giveaways",
+        "/api/%2e%2e/x",
+        "/api/giveaways%2Fx",
+        "/api%252Fgiveaway",
+    ] {
         assert_eq!(
             send_verbatim(&proxy, "POST", path).await,
             200,

@@ -34,7 +34,7 @@ pub use load::{
     load_rules, load_services, validate_proxy, Strictness,
 };
 pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing};
-pub use path::{canonical_match, normalize_path};
+pub use path::{canonical_match, normalize_path, slashes_unescaped};
 pub use problem::{Problem, Problems};
 pub use proxy::{
     check_identity, check_service_name, Authz, CircuitBreaker, Condition, Direction, Endpoint,

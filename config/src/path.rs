@@ -11,7 +11,9 @@
 //! (RFC 3986 §5.2.4, after the merge). Normalising twice changes nothing
 //! more. It runs on every guarded request, so a path that is already
 //! normal (nearly all) is only scanned, never copied. [`canonical_match`]
-//! puts a guard's own paths in the same form.
+//! puts a guard's own paths in the same form. [`slashes_unescaped`] is the
+//! spelling of a path that services which decode `%2F` (or read `\` as
+//! `/`) see.
 
 use crate::rules::Match;
 use std::borrow::Cow;
@@ -25,6 +27,21 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     } else {
         Cow::Owned(normalize_slow(path))
     }
+}
+
+/// `normal` (a path in normal form) with its escaped slashes (`%2F`) and
+/// backslashes (`%5C`) read as `/`, in normal form again; `None` when it
+/// has neither. nginx decodes `%2F` before it matches a `location`, and
+/// many services read one as a separator (those that decode the path
+/// before routing it; Tomcat and IIS take a backslash for a slash), so a
+/// guard matches this spelling too. In normal form every `%` starts an
+/// escape, so a `%2F` found is one.
+pub fn slashes_unescaped(normal: &str) -> Option<String> {
+    if !normal.contains("%2F") && !normal.contains("%5C") {
+        return None;
+    }
+    let slashed = normal.replace("%2F", "/").replace("%5C", "/");
+    Some(normalize_path(&slashed).into_owned())
 }
 
 /// A guard's match with its path in the form requests are compared in:
@@ -163,6 +180,22 @@ fn normalize_slow(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_slashes_read_as_slashes() {
+        for (path, slashed) in [
+            ("/api%2Fgiveaway", Some("/api/giveaway")),
+            ("/api%5Cgiveaway/claim", Some("/api/giveaway/claim")),
+            ("/x/..%2Fapi/giveaway", Some("/api/giveaway")),
+            ("/api%2F%2Fgiveaway%2F", Some("/api/giveaway/")),
+            // `%25` is a `%`, not the start of an escaped slash.
+            ("/api%252Fgiveaway", None),
+            ("/api/giveaway", None),
+        ] {
+            let normal = normalize_path(path);
+            assert_eq!(slashes_unescaped(&normal).as_deref(), slashed, "{path}");
+        }
+    }
 
     #[test]
     fn other_spellings_of_a_path_are_one() {

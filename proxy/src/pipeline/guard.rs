@@ -3,10 +3,11 @@
 //! answers it here (deny, or 429 over the rate) or lets it go on.
 //!
 //! Guards compare the request's path in normal form (`normalize_path`:
-//! `%67` is `g`, `//` is `/`, `.` and `..` segments resolved), and their
-//! own paths in the same form: a block must not be walked around by
-//! spelling the path another way that the service reads as the blocked
-//! one. What is forwarded is the path as the client sent it.
+//! `%67` is `g`, `//` is `/`, `.` and `..` segments resolved), as
+//! written, and with an escaped slash read as `/` (`slashes_unescaped`);
+//! their own paths are in normal form: a block must not be walked around
+//! by spelling the path another way that the service reads as the
+//! blocked one. What is forwarded is the path as the client sent it.
 //!
 //! Rate limits are GCRA token buckets, one atomic word each: one bucket per
 //! guard, or 4096 per guard keyed by client address or a header's value
@@ -20,7 +21,8 @@ use crate::observe::metrics::{Metrics, SubsetMetrics};
 use crate::outcome::{CodeClass, ERROR_HEADER};
 use crate::pipeline::rules::Rules;
 use almond_config::{
-    canonical_match, normalize_path, Direction, LimitBy, Match, Protocol, Rate, Service,
+    canonical_match, normalize_path, slashes_unescaped, Direction, LimitBy, Match, Protocol, Rate,
+    Service,
 };
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
@@ -237,21 +239,17 @@ impl Guards {
         // Borrowed, not copied, unless the path is spelled oddly. An odd
         // one is also matched as written: the upstream gets it so, and may
         // route it so (`/api/giveaway/..` is `/api/` normalised, but a
-        // handler of `/api/giveaway/:id` takes it). The stricter answer
-        // of the two spellings holds.
+        // handler of `/api/giveaway/:id` takes it). One with an escaped
+        // slash is also matched with it read as `/`, as nginx and many
+        // services read it. The strictest answer of the spellings holds.
         let raw = req.uri().path();
         let path = normalize_path(raw);
         let mut action = self.rules.first_match_at(req, &path);
-        if let std::borrow::Cow::Owned(_) = path {
-            if let Some(as_written) = self.rules.first_match_at(req, raw) {
-                action = match action {
-                    None | Some(Action::Limit(_)) if matches!(as_written, Action::Deny { .. }) => {
-                        Some(as_written)
-                    }
-                    None => Some(as_written),
-                    kept => kept,
-                };
-            }
+        if let Cow::Owned(_) = path {
+            action = stricter(action, self.rules.first_match_at(req, raw));
+        }
+        if let Some(slashed) = slashes_unescaped(&path) {
+            action = stricter(action, self.rules.first_match_at(req, &slashed));
         }
         let resp = match action? {
             Action::Deny { status, body } => {
@@ -275,6 +273,16 @@ impl Guards {
         let class = CodeClass::of(resp.status());
         self.metrics[direction].record(class, start.elapsed().as_secs_f64());
         Some(resp)
+    }
+}
+
+/// The stricter of two guards' answers: a deny over a limit over none;
+/// `first` when they are alike.
+fn stricter<'a>(first: Option<&'a Action>, other: Option<&'a Action>) -> Option<&'a Action> {
+    match (first, other) {
+        (None | Some(Action::Limit(_)), Some(deny @ Action::Deny { .. })) => Some(deny),
+        (None, other) => other,
+        (kept, _) => kept,
     }
 }
 
