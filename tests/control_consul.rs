@@ -787,6 +787,64 @@ async fn an_acl_refusal_is_reported_without_a_hot_loop() {
     reaches(&proxy, "b1", "v1").await;
 }
 
+/// A token that loses `service:read` on a service gets a catalog list
+/// without it (`X-Consul-Results-Filtered-By-ACLs`): the service is hidden,
+/// not deregistered. It stays served, from its last state; a service
+/// really deregistered meanwhile still leaves.
+#[tokio::test]
+async fn services_hidden_from_the_catalog_by_acls_stay_served() {
+    const ENV: &str = "ALMOND_TEST_CC_TOKEN_HIDDEN_CATALOG";
+    const TOKEN: &str = "7a0c9d2e-hidden-catalog";
+    std::env::set_var(ENV, TOKEN);
+    let consul = ConsulDouble::builder()
+        .acl_token(Some("management-token-not-ours"))
+        .start()
+        .await;
+    let writer = AclPolicy::read_all().key_prefix("almond/", Access::Write);
+    consul.add_acl_token(TOKEN, writer.clone());
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let other = |id: &str, name: &str| {
+        ServiceDef::new(name)
+            .id(id)
+            .address("127.0.0.1")
+            .port(b1.addr.port())
+            .check(passing())
+    };
+    consul.register(other("gone-1", "gone")).unwrap();
+    let control = TestControl::start(&yaml(&consul, ENV)).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    assert!(control.get("/v1/services/gone").await.status == StatusCode::OK);
+
+    // The token loses the read of web. The catalog's watch is blocked
+    // with the old rights: the next change answers it, and the list after
+    // that is read with the new ones, without web, and without the one
+    // deregistered meanwhile.
+    consul.add_acl_token(TOKEN, writer.service("web", Access::Deny));
+    let served = |name: &'static str| {
+        let control = &control;
+        async move { control.get(&format!("/v1/services/{name}")).await.status == StatusCode::OK }
+    };
+    consul.register(other("new-1", "new")).unwrap();
+    eventually("new is served", || served("new")).await;
+    assert!(consul.deregister("gone-1"));
+    consul.register(other("newer-1", "newer")).unwrap();
+    eventually("newer is served", || served("newer")).await;
+    eventually("the deregistered one has no endpoint left", || async {
+        let reply = control.get("/v1/services/gone").await;
+        reply.status == StatusCode::NOT_FOUND
+            || reply.json()["subsets"]
+                .as_object()
+                .is_none_or(|s| s.values().all(|v| v["healthy"] == 0))
+    })
+    .await;
+    assert_eq!(control.get("/v1/services/web").await.status, StatusCode::OK);
+    for _ in 0..5 {
+        reaches(&proxy, "b1", "v1").await;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 5. Splits in Consul KV
 // ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 
 mod support;
 
-use almond_consul_double::{ConsulDouble, ServiceDef};
+use almond_consul_double::{Access, AclPolicy, ConsulDouble, ServiceDef};
 use http::{Method, Request, StatusCode};
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -762,4 +762,84 @@ async fn consul_intentions_become_the_services_allow_lists() {
         .await;
     assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
     assert!(reply.text().contains("intentions"), "{}", reply.text());
+}
+
+/// Intentions that cannot be read are not an open door: until a
+/// service's intentions are first read the control plane is not ready,
+/// and a service whose intentions it may not read is served admitting
+/// nobody, not everyone. A failing read backs off (no hot loop on 403).
+#[tokio::test]
+async fn unreadable_intentions_admit_nobody() {
+    const ENV: &str = "ALMOND_T_CONSUL_TOKEN_INTENTIONS";
+    const TOKEN: &str = "3e6b1f0a-no-intentions";
+    std::env::set_var(ENV, TOKEN);
+    let backend = Backend::start("v1").await;
+    let consul = ConsulDouble::builder()
+        .acl_token(Some("management-token-not-ours"))
+        .start()
+        .await;
+    let rights = AclPolicy::read_all().key_prefix("almond/", Access::Write);
+    consul.add_acl_token(TOKEN, rights.clone().intentions("orders", Access::Deny));
+    let def = |id: &str, name: &str| {
+        ServiceDef::new(name)
+            .id(id)
+            .address("127.0.0.1")
+            .port(backend.addr.port())
+            .meta("version", "v1")
+    };
+    consul.register(def("orders-1", "orders")).unwrap();
+    consul.set_intention("web", "orders", "allow");
+    consul.set_intention("web", "billing", "allow");
+    consul.set_intention("ads", "orders", "deny");
+    let yaml = consul_control_yaml(&consul.url(), "1s", ENV).replace(
+        &format!("token_env: {ENV} }}"),
+        &format!("token_env: {ENV}, intentions: {{ trust_domain: almond.test }} }}"),
+    );
+    let control = TestControl::launch_unready(&yaml).await;
+    let reads = || {
+        consul
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/v1/connect/intentions/match")
+            .count()
+    };
+    eventually("the intentions are read", || async { reads() >= 1 }).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(reads() <= 3, "{} intention reads in 3 s of 403s", reads());
+    assert_eq!(
+        control.get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ready without the intentions"
+    );
+
+    // Granted: ready, with the list the intentions give.
+    consul.add_acl_token(TOKEN, rights.clone().intentions("billing", Access::Deny));
+    eventually("ready once the intentions are read", || async {
+        control.get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    let authz = |name: &'static str| {
+        let control = &control;
+        async move {
+            let snapshot = control.get("/v1/snapshot?wait=0s").await.json();
+            snapshot["services"][name]["authz"].clone()
+        }
+    };
+    let web = "spiffe://almond.test/service/web";
+    assert_eq!(authz("orders").await, json!({ "allow": [web] }));
+
+    // A service that comes later, whose intentions may not be read: it
+    // is served, admitting nobody.
+    consul.register(def("billing-1", "billing")).unwrap();
+    eventually("billing is served", || async {
+        !authz("billing").await.is_null()
+    })
+    .await;
+    assert_eq!(authz("billing").await, json!({ "allow": [] }));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        authz("billing").await,
+        json!({ "allow": [] }),
+        "still nobody"
+    );
 }

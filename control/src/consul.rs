@@ -369,6 +369,8 @@ pub async fn run(
     // Names left out, each logged once.
     let mut refused: HashSet<String> = HashSet::new();
     let mut blocking = Blocking::new();
+    // Whether the last list was filtered by ACLs.
+    let mut hidden = false;
     loop {
         blocking.pace().await;
         let answer = match client
@@ -399,10 +401,22 @@ pub async fn run(
             }
         };
         let wanted = served(names.into_keys(), &cfg.services, &mut refused);
+        // A list the token's ACLs filtered leaves out what it may not read,
+        // not what is gone: then a service missing from it stays, its own
+        // health watch keeping its last state (API.md 9).
+        if answer.filtered != hidden {
+            hidden = answer.filtered;
+            if hidden {
+                tracing::warn!("the catalog's list is filtered by the token's ACLs (service:read); services missing from it are kept");
+            }
+        }
         // Stop watching services that are gone (or now come from another
         // Consul name), and drop them.
         watches.retain(|name, (consul, task)| {
-            let keep = wanted.get(name) == Some(consul);
+            let keep = match wanted.get(name) {
+                Some(c) => c == consul,
+                None => hidden,
+            };
             if !keep {
                 task.abort();
                 state.remove_service(name, index);
@@ -426,6 +440,7 @@ pub async fn run(
                     state.clone(),
                 );
                 let intentions = cfg.intentions.as_ref().map(|i| {
+                    state.expect_intentions(&name);
                     let names = Names {
                         served: name,
                         consul: consul.clone(),
@@ -565,6 +580,7 @@ async fn watch_intentions(
 ) {
     let query = format!("by=destination&name={}", percent_encode(&consul));
     let path = "/v1/connect/intentions/match";
+    let mut failures = 0;
     loop {
         let answer = client
             .call(
@@ -577,22 +593,30 @@ async fn watch_intentions(
             )
             .await
             .and_then(check);
-        match answer {
-            Ok(answer) => {
-                match serde_json::from_slice::<BTreeMap<String, Vec<Intention>>>(&answer.body) {
-                    Ok(mut all) => {
-                        let list = all.remove(&consul).unwrap_or_default();
-                        state.set_intentions(&name, allow_list(&list, &trust_domain));
-                    }
-                    Err(e) => tracing::warn!(service = %name, error = %e, "intentions unreadable"),
-                }
+        let read = answer.and_then(|a| {
+            serde_json::from_slice::<BTreeMap<String, Vec<Intention>>>(&a.body)
+                .map_err(|e| ConsulError::Decode(e.to_string()))
+        });
+        // A failed read keeps the last list (before the first: nobody), and
+        // the next waits longer each time (API.md 2.4: no hot loop on 403,
+        // back off on 429 and 5xx).
+        let pause = match read {
+            Ok(mut all) => {
+                failures = 0;
+                let list = all.remove(&consul).unwrap_or_default();
+                state.set_intentions(&name, allow_list(&list, &trust_domain));
+                INTENTIONS_EVERY
             }
             Err(e) => {
+                failures += 1;
                 state.metrics.consul_errors.inc();
-                tracing::warn!(service = %name, error = %e, "intentions query failed");
+                state.metrics.consul_up.set(0);
+                let pause = BACKOFF.pause(failures).max(INTENTIONS_EVERY);
+                tracing::warn!(service = %name, error = %e, failures, retry_in = ?pause, "intentions query failed; keeping the last allow-list");
+                pause
             }
-        }
-        tokio::time::sleep(INTENTIONS_EVERY).await;
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -55,6 +55,12 @@ struct Inputs {
     fleet_due: bool,
 }
 
+/// The first-sync mark of a service's intentions (no service name has a
+/// `:`).
+fn intentions_key(name: &str) -> String {
+    format!("intentions:{name}")
+}
+
 impl Inputs {
     /// What proxies get for `service`: the source's, with the policy
     /// applied, and the intentions' allow-list over both.
@@ -414,7 +420,9 @@ impl State {
         }
         self.publish(&catalog);
         drop(catalog);
-        self.sync().pending.remove(name);
+        let mut sync = self.sync();
+        sync.pending.remove(name);
+        sync.pending.remove(&intentions_key(name));
     }
 
     /// Replaces every policy (from the store) and re-serves the services
@@ -512,9 +520,28 @@ impl State {
         }
     }
 
+    /// Consul intentions will give `name` its allow-list: until they are
+    /// first read it admits nobody (a list that failed to load is not an
+    /// open door), and the first full sync waits for them.
+    pub fn expect_intentions(&self, name: &str) {
+        self.inputs()
+            .intentions
+            .insert(name.to_owned(), almond_config::Authz::default());
+        self.sync().pending.insert(intentions_key(name));
+    }
+
     /// Sets (or, with `None`, clears) the allow-list Consul intentions give
     /// `name`, and re-serves it when it changed.
     pub fn set_intentions(&self, name: &str, authz: Option<almond_config::Authz>) {
+        self.apply_intentions(name, authz);
+        let mut sync = self.sync();
+        if sync.pending.remove(&intentions_key(name)) && Self::check_ready(&mut sync) {
+            drop(sync);
+            self.catalog().wake();
+        }
+    }
+
+    fn apply_intentions(&self, name: &str, authz: Option<almond_config::Authz>) {
         let mut inputs = self.inputs();
         let changed = match &authz {
             Some(a) => {

@@ -1,6 +1,8 @@
 //! A small model of Consul's ACL system: tokens with service/node/key
-//! rules (exact rules beat prefix rules, the longest prefix wins), an
-//! anonymous policy, `ACL not found` for unknown tokens.
+//! rules (exact rules beat prefix rules, the longest prefix wins), a
+//! service's `intentions` (read implied by `service:read` unless a rule
+//! says otherwise), an anonymous policy, `ACL not found` for unknown
+//! tokens.
 
 use std::collections::HashMap;
 
@@ -31,6 +33,8 @@ pub(crate) enum Resource {
     Service,
     Node,
     Key,
+    /// A destination service's intentions (`service "x" { intentions = ... }`).
+    Intention,
 }
 
 impl Resource {
@@ -39,6 +43,7 @@ impl Resource {
             Resource::Service => "service",
             Resource::Node => "node",
             Resource::Key => "key",
+            Resource::Intention => "intention",
         }
     }
 }
@@ -124,9 +129,27 @@ impl AclPolicy {
         self.rule(Resource::Key, prefix, true, access)
     }
 
+    /// `service "<name>" { intentions = ... }`
+    pub fn intentions(self, name: &str, access: Access) -> Self {
+        self.rule(Resource::Intention, name, false, access)
+    }
+
     pub(crate) fn access(&self, resource: Resource, name: &str) -> Access {
         if self.management {
             return Access::Write;
+        }
+        // Consul grants a destination's intentions:read to whoever may
+        // read the service, unless an intentions rule says otherwise.
+        let ruled = |r: &Rule| {
+            r.resource == Resource::Intention
+                && if r.prefix {
+                    name.starts_with(&r.name)
+                } else {
+                    r.name == name
+                }
+        };
+        if resource == Resource::Intention && !self.rules.iter().any(ruled) {
+            return self.access(Resource::Service, name).min(Access::Read);
         }
         if let Some(r) = self
             .rules

@@ -610,6 +610,12 @@ fn intentions_match(ctx: &Ctx<'_>) -> Result<Resp, Fail> {
     if names.is_empty() {
         return Ok(text(400, "required query parameter 'name' not set"));
     }
+    let opts = read_opts(ctx)?;
+    for name in &names {
+        if let Err(denied) = opts.authz.require(Resource::Intention, name, Access::Read) {
+            return Ok(text(403, &denied));
+        }
+    }
     let all = lock(&ctx.sh.intentions).clone();
     let mut out = Map::new();
     for name in names {
