@@ -65,6 +65,27 @@ async fn inbound_listeners_forward_the_peer_and_ignore_routing_headers() {
         "{seen:?}"
     );
 
+    // A client's `Connection` cannot name away what the proxy adds (the
+    // peer an app may trust) nor the target's `Host`.
+    let req = Request::builder()
+        .uri("/named-away")
+        .header("host", "svc")
+        .header(
+            "connection",
+            "keep-alive, X-Forwarded-For, x-forwarded-proto, host, x-extra",
+        )
+        .header("x-extra", "hop")
+        .body(empty())
+        .unwrap();
+    let reply = client.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let seen = backend.last();
+    assert_eq!(seen.path, "/named-away");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1", "{seen:?}");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http", "{seen:?}");
+    assert_eq!(seen.headers["host"], "svc", "{seen:?}");
+    assert!(seen.headers.get("x-extra").is_none(), "{seen:?}");
+
     // Outbound on loopback (the local app): the pin is acted on, and
     // nothing is added.
     let mut client = H1::connect(outbound).await;
@@ -651,4 +672,51 @@ async fn the_protocol_is_told_from_the_first_bytes_however_they_arrive() {
         let got = closed_within(stream, Duration::from_secs(5)).await;
         assert_eq!(got.as_deref(), Some(&b""[..]), "closed without an answer");
     }
+}
+
+/// An HTTP/1.1 request must name its host (RFC 9112 §3.2): without one it
+/// is a 400, even on a listener bound to a service. An HTTP/1.0 request
+/// may name none: its upstream request, HTTP/1.1, gets the service's name.
+#[tokio::test]
+async fn a_request_without_host_is_400_on_http11_and_named_on_http10() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .listener("{ bind: 127.0.0.1:0, service: svc }")
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let bound = proxy.listeners[0];
+    let answer = raw(bound, b"GET /no-host HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(backend.count(), 0);
+
+    let answer = raw(bound, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    let seen = backend.last();
+    assert_eq!(seen.path, "/old");
+    assert_eq!(seen.headers["host"], "svc", "{seen:?}");
+}
+
+/// `CONNECT` asks for a tunnel to a host:port, a forward proxy's work:
+/// almond answers 501 itself and sends nothing upstream (it used to send
+/// the service an invalid `CONNECT /`).
+#[tokio::test]
+async fn connect_is_answered_501_and_never_forwarded() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let answer = raw(
+        proxy.addr(),
+        b"CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(answer.contains("x-almond-error: unsupported"), "{answer}");
+    assert_eq!(backend.count(), 0);
 }

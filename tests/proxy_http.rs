@@ -424,6 +424,40 @@ async fn unknown_pinned_subset_is_503() {
     assert_eq!(v1a.count() + v1b.count() + v2.count(), 0);
 }
 
+/// An HTTP/2 client may split `Cookie` into fields; an HTTP/1.1 service
+/// gets them as one line, joined by `; ` (RFC 9113 §8.2.3): a server that
+/// reads only the first line would lose the session.
+#[tokio::test]
+async fn split_cookies_from_h2_reach_an_h1_service_as_one() {
+    let backend = Backend::start("c").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("c").at(backend.addr))
+        .start()
+        .await;
+    let req = Request::get("http://c/cookies")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(empty())
+        .unwrap();
+    let reply = H2::connect(proxy.addr()).await.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let seen = backend.last();
+    let cookies: Vec<_> = seen.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"], "{seen:?}");
+
+    // HTTP/1.1 to HTTP/1.1: as the client sent it.
+    let req = Request::get("/one")
+        .header("host", "c")
+        .header("cookie", "a=1; b=2")
+        .body(empty())
+        .unwrap();
+    let reply = H1::connect(proxy.addr()).await.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(backend.last().headers["cookie"], "a=1; b=2");
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_stop_at_the_proxy() {
     let backend = Backend::start("h").await;
@@ -524,6 +558,45 @@ async fn trailers_also_reach_an_h1_client_that_asks_for_them() {
     assert_eq!(reply.status, StatusCode::OK);
     let trailers = reply.trailers.as_ref().expect("trailers arrived");
     assert_eq!(trailers["grpc-status"], "0");
+}
+
+/// An HTTP/1.0 service's answer reaches an HTTP/1.1 client as the
+/// proxy's own HTTP/1.1 (RFC 9110 §2.5): framed, even when the service
+/// gave no length and closed, and the client's connection stays open.
+#[tokio::test]
+async fn an_http10_service_is_answered_as_http11() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello from 1.0")
+                    .await;
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("old").at(addr))
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..2 {
+        let reply = client.get("old", "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.version, http::Version::HTTP_11);
+        assert_eq!(reply.text(), "hello from 1.0");
+    }
 }
 
 /// A WebSocket backend that echoes each message (text with its name).

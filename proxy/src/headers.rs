@@ -120,6 +120,20 @@ fn hop_by_hop(name: &HeaderName) -> Option<usize> {
     Some(at)
 }
 
+/// Fields a client's `Connection` cannot name away: `Host` and
+/// `Content-Length` (the target and the framing), and what the proxy adds
+/// for the service (`X-Forwarded-*`, whose appended peer an app may trust;
+/// the request's trace context). RFC 9110 §7.6.1 has a proxy remove the
+/// fields it received so named, not the ones it sends.
+const KEPT: [&str; 6] = [
+    "host",
+    "content-length",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+    "traceparent",
+];
+
 /// Drops hop-by-hop headers, including those that `Connection` names.
 /// Returns the `Upgrade` value when `keep_upgrade` and one was present.
 /// Most messages carry none, or only `connection: keep-alive`: one pass
@@ -152,6 +166,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<Heade
                     if t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close") {
                         continue;
                     }
+                    // What frames the message, names its target, or is this
+                    // hop's own word (the peer's address) is not the
+                    // client's to take away.
+                    if KEPT.iter().any(|k| t.eq_ignore_ascii_case(k)) {
+                        continue;
+                    }
                     if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
                         named.push(name);
                     }
@@ -174,6 +194,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<Heade
         headers.remove(header::CONTENT_LENGTH);
     }
     upgrade
+}
+
+/// HTTP/2 lets a client split `Cookie` into several fields; HTTP/1.1 has
+/// one line, its pairs joined by `; ` (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// Readies a request for the upstream: hop-by-hop and routing headers
@@ -207,6 +246,9 @@ pub fn to_upstream<B>(req: &mut Request<B>, protocol: Protocol, upgrade: bool) {
                     .cloned()
                     .unwrap_or_else(|| PathAndQuery::from_static("/"));
                 *req.uri_mut() = Uri::from(path);
+            }
+            if req.version() == Version::HTTP_2 {
+                join_cookies(req.headers_mut());
             }
             *req.version_mut() = Version::HTTP_11;
         }
@@ -245,6 +287,13 @@ pub fn for_h2(headers: &mut HeaderMap) {
 /// Readies an upstream response for the client: hop-by-hop headers gone,
 /// except the `Upgrade` handshake of a 101.
 pub fn from_upstream<B>(resp: &mut Response<B>) {
+    // A proxy sends its own version (RFC 9110 §2.5): an HTTP/1.0 service's
+    // answer reaches an HTTP/1.1 client as HTTP/1.1, kept alive and framed
+    // (chunked when the service gave no length); the edge still answers an
+    // HTTP/1.0 client as HTTP/1.0.
+    if resp.version() == Version::HTTP_10 {
+        *resp.version_mut() = Version::HTTP_11;
+    }
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let upgrade = strip_hop_by_hop(resp.headers_mut(), switching);
     if let Some(value) = upgrade {

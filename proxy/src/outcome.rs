@@ -132,6 +132,9 @@ pub enum ErrorKind {
     BadRequest,
     /// The client's certificate identity is not in the listener's `allow`.
     Forbidden,
+    /// A method the proxy does not forward (`CONNECT`: almond routes by
+    /// service, it is no forward proxy).
+    Unsupported,
 }
 
 impl ErrorKind {
@@ -188,7 +191,9 @@ impl ErrorKind {
     /// client caused it (a stalled or broken upload), else `error`.
     pub fn code_class(self) -> CodeClass {
         match self {
-            ErrorKind::ClientTimeout | ErrorKind::BadRequest => CodeClass::ClientError,
+            ErrorKind::ClientTimeout | ErrorKind::BadRequest | ErrorKind::Unsupported => {
+                CodeClass::ClientError
+            }
             _ => CodeClass::Error,
         }
     }
@@ -205,6 +210,7 @@ impl ErrorKind {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -222,6 +228,7 @@ impl ErrorKind {
             ErrorKind::UnknownSubset => "unknown-subset",
             ErrorKind::BadRequest => "bad-request",
             ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Unsupported => "unsupported",
         }
     }
 }

@@ -28,6 +28,7 @@ impl Rescue for ErrorKind {
             ErrorKind::UnknownSubset => format!("almond: unknown subset {detail:?}\n"),
             ErrorKind::BadRequest => format!("almond: bad request: {detail}\n"),
             ErrorKind::Forbidden => format!("almond: {detail} is not allowed here\n"),
+            ErrorKind::Unsupported => format!("almond: {detail} is not forwarded\n"),
         };
         let mut resp = Response::new(ResponseBody::full(text));
         *resp.status_mut() = self.status();

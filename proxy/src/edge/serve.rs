@@ -251,6 +251,12 @@ fn serve<'a>(
             shared.metrics.unroutable.inc();
             return Box::new(ErrorKind::BadRequest.response(why));
         }
+        // A tunnel to a host:port is a forward proxy's work, not a
+        // service's: said at once (RFC 9110 §9.3.6), never sent upstream.
+        if req.method() == http::Method::CONNECT {
+            shared.metrics.unroutable.inc();
+            return Box::new(ErrorKind::Unsupported.response("CONNECT"));
+        }
         // Route: the listener's bound service, or Host / :authority; then
         // its route rules (another service, or a subset).
         let Routed {
@@ -268,6 +274,15 @@ fn serve<'a>(
         // was addressed to, when its rules chose another).
         if let Some(answer) = check(shared, &svc, direction, &req, peer, start) {
             return answer;
+        }
+        // An HTTP/1.0 client may name no host; its upstream request is
+        // HTTP/1.1, which must: the service's name, as routing used it.
+        if req.version() == http::Version::HTTP_10
+            && !req.headers().contains_key(http::header::HOST)
+        {
+            if let Ok(name) = http::HeaderValue::from_str(&svc.name) {
+                req.headers_mut().insert(http::header::HOST, name);
+            }
         }
         // Split: a pinned subset, a rule's, the weighted split, or every endpoint.
         let pool = match svc.pool(&req, routed) {

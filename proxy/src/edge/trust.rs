@@ -3,11 +3,12 @@
 //! them, and (inbound) its address appended to `X-Forwarded-For`.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::Request;
+use http::{Request, Version};
 
 /// Checks that a request names one target host (RFC 9112 3.2, RFC 9113
 /// 8.3.1): at most one `Host`, and one that agrees with the authority of an
-/// absolute-form target or `:authority`. `Err` says what is wrong.
+/// absolute-form target or `:authority`; an HTTP/1.1 request names one
+/// (`Host` or an absolute-form target). `Err` says what is wrong.
 pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
@@ -15,6 +16,9 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
         return Err("more than one Host header");
     }
     match (req.uri().authority(), host) {
+        (None, None) if req.version() == Version::HTTP_11 => {
+            Err("an HTTP/1.1 request without Host")
+        }
         (Some(authority), Some(host))
             if !authority
                 .as_str()
@@ -73,7 +77,9 @@ mod tests {
             b.body(()).unwrap_or_default()
         };
         assert!(check_host(&req("/", &["a"])).is_ok());
-        assert!(check_host(&req("/", &[])).is_ok());
+        assert!(check_host(&req("/", &[])).is_err());
+        let http10 = Request::get("/").version(Version::HTTP_10).body(());
+        assert!(check_host(&http10.unwrap_or_default()).is_ok());
         assert!(check_host(&req("http://a:80/", &["A:80"])).is_ok());
         assert!(check_host(&req("http://a/", &[])).is_ok());
         assert!(check_host(&req("/", &["a", "a"])).is_err());
