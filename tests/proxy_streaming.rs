@@ -323,6 +323,188 @@ async fn an_answer_broken_off_reaches_an_h2_client_as_internal_error() {
     assert_eq!(error.reason(), Some(h2::Reason::INTERNAL_ERROR), "{error}");
 }
 
+/// One HTTP/2 client connection carries a large upload to a service that
+/// takes none of it, and a small one to a healthy service: the stalled
+/// stream holds its own window, not the whole connection's, and the small
+/// upload is answered at once (RFC 9113 §5.2: streams must not block each
+/// other).
+#[tokio::test]
+async fn a_stalled_upload_leaves_room_for_the_connection_s_other_streams() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stuck = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut held = Vec::new();
+                // Takes each request, reads none of its body, never answers.
+                while let Some(Ok(exchange)) = conn.accept().await {
+                    held.push(exchange);
+                }
+            });
+        }
+    });
+    let fine = Backend::start("fine").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("stuck").http2().at(stuck))
+        .service(ServiceYaml::new("fine").at(fine.addr))
+        .start()
+        .await;
+    let client = H2::connect(proxy.addr()).await;
+    let mut big = client.clone();
+    let upload = tokio::spawn(async move {
+        let req = Request::post("http://stuck/upload")
+            .version(http::Version::HTTP_2)
+            .body(full(vec![7u8; 8 << 20]))
+            .unwrap();
+        big.send(req).await
+    });
+    // The big upload has filled what the proxy lets it send.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let req = Request::post("http://fine/small")
+        .version(http::Version::HTTP_2)
+        .body(full(vec![1u8; 1024 * 1024]))
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), client.clone().request(req))
+        .await
+        .expect("the small upload waited behind the stalled one");
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(fine.last().body_len, 1024 * 1024);
+    assert!(!upload.is_finished(), "the big upload is still held");
+    upload.abort();
+}
+
+/// An HTTP/2 client that answers pings but never opens its window: its
+/// small answer's one frame waits in the proxy past the window, so the
+/// stream never ends. Once idle the connection is closed within
+/// `body_idle` of its GOAWAY, not kept forever (a slow-loris).
+#[tokio::test]
+async fn an_h2_client_that_never_opens_its_window_is_let_go() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .top("limits: { idle_timeout: 500ms, body_idle: 500ms, keep_alive_interval: 200ms }")
+        .by_host()
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = Request::get("http://svc/").body(()).unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = within("the head", resp).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let _body = resp.into_body();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(closed.is_ok(), "the connection is still open after 5 s");
+}
+
+/// One HTTP/2 frame off `s`: (type, flags, stream, payload).
+async fn read_frame(s: &mut tokio::net::TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0; len];
+    s.read_exact(&mut payload).await.ok()?;
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Some((head[3], head[4], id, payload))
+}
+
+fn frame(kind: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HTTP/2 upstream that sends a single `GOAWAY` and ignores what came
+/// after it (nginx at `keepalive_requests`, a server shutting down fast):
+/// streams above its last stream ID were never processed (RFC 9113 §6.8),
+/// so a POST on one goes again on a new connection, as a refused stream
+/// does, and its endpoint is not blamed.
+#[tokio::test]
+async fn a_stream_a_goaway_left_unprocessed_goes_again() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let nth = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut preface)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = tcp.write_all(&frame(4, 0, 0, &[])).await;
+                let mut first = None;
+                while let Some((kind, flags, id, _)) = read_frame(&mut tcp).await {
+                    match kind {
+                        4 if flags & 1 == 0 => {
+                            let _ = tcp.write_all(&frame(4, 1, 0, &[])).await;
+                        }
+                        // The first connection's second request: GOAWAY,
+                        // naming the first as the last processed.
+                        1 if nth == 0 && first.is_some_and(|f| f != id) => {
+                            let last = first.unwrap_or(0);
+                            let mut goaway = last.to_be_bytes().to_vec();
+                            goaway.extend_from_slice(&0u32.to_be_bytes());
+                            let _ = tcp.write_all(&frame(7, 0, 0, &goaway)).await;
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            return;
+                        }
+                        1 | 0 => {
+                            first.get_or_insert(id);
+                            if flags & 1 != 0 {
+                                // :status 200 (static index 8), then "ok".
+                                let mut answer = frame(1, 4, id, &[0x88]);
+                                answer.extend_from_slice(&frame(0, 1, id, b"ok"));
+                                let _ = tcp.write_all(&answer).await;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("leaving").http2().at(upstream))
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for n in 0..3 {
+        let req = Request::post("/orders")
+            .header("host", "leaving")
+            .body(full("hello"))
+            .unwrap();
+        let reply = client.request(req).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "request {n}: {}",
+            reply.text()
+        );
+        assert_eq!(reply.text(), "ok");
+    }
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 /// An HTTP/2 upstream going away gracefully (`GOAWAY`: Go's and gRPC's
 /// connection age, nginx's `keepalive_requests`) while a stream is still
 /// open: a POST that comes meanwhile was never sent on that connection,

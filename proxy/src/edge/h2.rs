@@ -136,7 +136,8 @@ where
                 biased;
                 Some(()) = streams.next(), if !streams.is_empty() => {
                     if streams.is_empty() {
-                        idle.as_mut().reset(Instant::now() + limits.idle_timeout);
+                        let wait = if closing { limits.body_idle } else { limits.idle_timeout };
+                        idle.as_mut().reset(Instant::now() + wait);
                     }
                 }
                 accepted = conn.accept() => match accepted {
@@ -154,11 +155,22 @@ where
                 () = &mut stopping, if !closing => {
                     closing = true;
                     conn.graceful_shutdown();
+                    idle.as_mut().reset(Instant::now() + limits.body_idle);
                 }
-                () = &mut idle, if streams.is_empty() && !closing => {
+                // Idle: GOAWAY. Closing, with every answer queued: what
+                // `h2` still holds is the last frames past a client's
+                // window, and a client that answers pings but gives no
+                // room for them for `body_idle` is let go (it would hold
+                // its connection forever).
+                () = &mut idle, if streams.is_empty() => {
+                    if closing {
+                        tracing::debug!(timeout = ?limits.body_idle, "downstream h2 answers not taken after GOAWAY: closing");
+                        return Ok(());
+                    }
                     tracing::debug!(idle = ?limits.idle_timeout, "downstream h2 connection idle: closing");
                     closing = true;
                     conn.graceful_shutdown();
+                    idle.as_mut().reset(Instant::now() + limits.body_idle);
                 }
                 () = &mut silent => {
                     tracing::debug!(timeout = ?limits.keep_alive_timeout, "downstream h2 ping unanswered: closing");

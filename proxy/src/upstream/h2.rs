@@ -413,11 +413,16 @@ where
     // NO_ERROR, "send no more" (RFC 9113 §8.1), and that answer stands;
     // any other reset (or the stream's own, for a body that failed)
     // fails the answer too, and the try fails for the body's reason.
-    let mut broke = None;
+    let mut broke: Option<ErrorKind> = None;
     let resp = poll_fn(|cx| loop {
         if let Poll::Ready(r) = response.as_mut().poll(cx) {
             return Poll::Ready(match (r, broke) {
-                (Err(_), Some(kind)) => Err(kind),
+                // The stream was never processed: that decides, whatever
+                // stopped the body.
+                (Err(e), Some(kind)) => match classify(&e) {
+                    unprocessed @ Failure { refused: true, .. } => Err(unprocessed),
+                    _ => Err(kind.into()),
+                },
                 (r, _) => Ok(r),
             });
         }
@@ -581,14 +586,16 @@ impl From<ErrorKind> for Failure {
 }
 
 /// An HTTP/2 error on a stream or its connection: the peer reset or went
-/// away, or the connection broke. Only a `REFUSED_STREAM` reset says
-/// nothing was processed (a `GOAWAY` does too, for streams above its last
-/// id, but `h2` gives the streams it closes afterwards the same error).
+/// away, or the connection broke. Two say nothing was processed (RFC 9113
+/// §8.7): a `REFUSED_STREAM` reset, and the peer's `GOAWAY` for a stream
+/// above its last stream ID (`h2` gives exactly those streams the remote
+/// `GOAWAY` error; the ones it let finish and then lost get an I/O error).
 fn classify(e: &h2::Error) -> Failure {
     tracing::debug!(error = %e, "upstream h2 exchange failed");
+    let refused_stream = e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM);
     Failure {
         kind: ErrorKind::Reset,
-        refused: e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM),
+        refused: e.is_remote() && (refused_stream || e.is_go_away()),
     }
 }
 
