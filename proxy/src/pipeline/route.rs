@@ -23,7 +23,7 @@ use http::Request;
 use prometheus::{IntCounter, IntGauge};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 /// Endpoint state by service, address and connection key (see
@@ -96,6 +96,10 @@ pub struct ServiceRoute {
     pub in_flight: [IntGauge; 2],
     /// Who may call it on inbound listeners (`authz.allow`), if set.
     pub authz: Option<Arc<[String]>>,
+    /// The same service in the table that replaced this one: an ejection
+    /// a request of this table records is noted there too, or no request
+    /// of the new table would claim the endpoint's probe when it is due.
+    successor: OnceLock<Weak<ServiceRoute>>,
 }
 
 /// A request's service after its route rules, and the subset a rule
@@ -207,7 +211,11 @@ impl Table {
                 let carried = (before.and_then(|s| s.mirror.as_ref())).map(|m| m.in_flight.clone());
                 route.mirror = (svc.mirror.as_ref())
                     .map(|m| mirror_policy(name, m, &config, metrics, carried));
-                (Box::from(name.as_str()), Arc::new(route))
+                let route = Arc::new(route);
+                if let Some(before) = before {
+                    let _ = before.successor.set(Arc::downgrade(&route));
+                }
+                (Box::from(name.as_str()), route)
             })
             .collect();
         if let Some(prev) = previous {
@@ -596,6 +604,7 @@ impl ServiceRoute {
                 metrics.in_flight(Direction::Outbound, name),
                 metrics.in_flight(Direction::Inbound, name),
             ],
+            successor: OnceLock::new(),
         }
     }
 
@@ -671,9 +680,23 @@ impl ServiceRoute {
         failed
     }
 
-    /// `subset`'s endpoint is out until `until`: both pools probe it then.
+    /// `subset`'s endpoint is out until `until`: both pools probe it then,
+    /// in this table and in those that replaced it (a request outlives its
+    /// table).
     pub fn note_ejection(&self, subset: usize, until: u64) {
-        if let Some(s) = self.subsets.get(subset) {
+        self.note_here(Some(subset), until);
+        // The subset by name: a later table may number them otherwise.
+        let name = self.subsets.get(subset).map(|s| &s.name);
+        let mut next = self.successor.get().and_then(Weak::upgrade);
+        while let Some(route) = next {
+            let index = name.and_then(|n| route.subsets.iter().position(|s| &s.name == n));
+            route.note_here(index, until);
+            next = route.successor.get().and_then(Weak::upgrade);
+        }
+    }
+
+    fn note_here(&self, subset: Option<usize>, until: u64) {
+        if let Some(s) = subset.and_then(|i| self.subsets.get(i)) {
             s.pool.note_ejection(until);
         }
         self.all.note_ejection(until);
@@ -780,6 +803,34 @@ mod tests {
             .pick(later, None)
             .map(|m| m.state.addr);
         assert_eq!(picked, Some(held.addr), "its probe is due at once");
+    }
+
+    /// A request outlives its table: an ejection it records after a new
+    /// table came is noted in the new one too, whose next request then
+    /// probes the endpoint when its ejection is up (a new table's pools
+    /// learn of ejections only when built).
+    #[test]
+    fn an_ejection_recorded_on_a_replaced_table_is_probed_in_the_new_one() {
+        let text = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
+                    endpoints: [{ addr: 127.0.0.1:1 }, { addr: 127.0.0.1:2 }, { addr: 127.0.0.1:3 }]\n    \
+                    circuit_breaker: { consecutive_failures: 1, max_ejection_percent: 100 }\n";
+        let config = Arc::new(almond_config::load_proxy(text, "t").unwrap());
+        let metrics = Metrics::new().unwrap();
+        for _ in 0..8 {
+            let old = Table::build(config.clone(), &metrics, None);
+            let new = Table::build(config.clone(), &metrics, Some(&old));
+            let web = &old.services["web"];
+            let failing = web.all.members()[0].state.clone();
+            let now = tokio::time::Instant::now();
+            assert!(web.record_outcome(0, &failing, Err(ErrorKind::Reset), now));
+            assert!(failing.health.is_out());
+            let later = now + Duration::from_secs(60);
+            let picked = new.services["web"]
+                .all
+                .pick(later, None)
+                .map(|m| m.state.addr);
+            assert_eq!(picked, Some(failing.addr), "the probe is claimed first");
+        }
     }
 
     /// A new table keeps a service's retry budget account: a budget spent

@@ -291,6 +291,12 @@ impl Outlier {
         let health = endpoint.health();
         if !failed {
             health.consecutive.store(0, Ordering::Relaxed);
+            // In service and answering: its next ejection is not one "in
+            // a row" (it came back for want of room, its last probe
+            // failing; a plain load on every success else).
+            if !health.is_out() && health.ejections.load(Ordering::Relaxed) != 0 {
+                health.ejections.store(0, Ordering::Relaxed);
+            }
             // Only the probe returns an endpoint (or any success once the
             // ejection is up: a pool of one never claims a probe). A request
             // sent before the ejection and answered after it says nothing
@@ -643,6 +649,44 @@ mod tests {
         p.record(ep, false, false, t, &pool, &m, "s");
         assert!(!ep.0.is_out());
         assert_eq!((m.healthy.get(), m.ejected.get()), (3, 0));
+    }
+
+    /// An endpoint whose probe failed with no room to eject it again goes
+    /// back in service; once it answers well, its next run of failures
+    /// ejects it for `base_ejection`, not longer (the multiplier is for
+    /// ejections in a row).
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_back_for_want_of_room_starts_again_at_base() {
+        let (pool, m, p) = (subset(2), metrics(), policy());
+        let ns = |t: Instant| crate::clock::nanos_since_epoch(t);
+        let (a, b) = (&pool.0[0], &pool.0[1]);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            p.record(a, true, false, t0, &pool, &m, "s");
+        }
+        assert!(a.0.is_out());
+        // A's ejection is up: B may go out in its place.
+        let t1 = t0 + Duration::from_secs(12);
+        for _ in 0..3 {
+            p.record(b, true, false, t1, &pool, &m, "s");
+        }
+        assert!(b.0.is_out());
+        // A's probe fails, with no room: A is back in service.
+        assert!(a.0.claim_probe(ns(t1), p.probe_grace));
+        p.record(a, true, false, t1, &pool, &m, "s");
+        assert!(!a.0.is_out());
+        // B returns; A answers well, then fails a run again.
+        let t2 = t1 + Duration::from_secs(25);
+        assert!(b.0.claim_probe(ns(t2), p.probe_grace));
+        p.record(b, false, false, t2, &pool, &m, "s");
+        assert!(!b.0.is_out());
+        p.record(a, false, false, t2, &pool, &m, "s");
+        for _ in 0..3 {
+            p.record(a, true, false, t2, &pool, &m, "s");
+        }
+        assert!(a.0.is_out());
+        let t3 = t2 + Duration::from_secs(12);
+        assert_eq!(a.0.availability(ns(t3)), Availability::ProbeDue);
     }
 
     /// Active checks and failure accrual are apart: an endpoint whose
