@@ -1645,6 +1645,21 @@ fn shadow_spec(percent: f64) -> Value {
     s
 }
 
+/// The watcher's Prometheus source does not read the mirror's copies: a
+/// shadow stage would only be inconclusive, then rolled back, minutes
+/// later. It is refused at once, with the reason, and nothing changes.
+#[tokio::test]
+async fn a_shadow_stage_is_refused_with_the_prometheus_source() {
+    let rig = Rig::start_with("watcher: { prometheus: \"http://127.0.0.1:9\" }\n").await;
+    let before = rig.control.service("s").await["policy"].clone();
+    let reply = rig.post_rollout(&shadow_spec(50.0)).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert!(reply.text().contains("direct"), "{}", reply.text());
+    assert_eq!(rig.control.service("s").await["policy"], before);
+    // Without a shadow stage the same source takes the rollout.
+    rig.start_rollout(&spec(&[10, 100], 1.0)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_stage_is_judged_on_copies_then_real_steps_follow() {
     let rig = Rig::start().await;

@@ -897,6 +897,14 @@ async fn mutate(
                 Ok(s) => s,
                 Err(e) => return text(StatusCode::BAD_REQUEST, &format!("bad rollout: {e}\n")),
             };
+            // The Prometheus source does not query the copies yet: a
+            // shadow stage would only ever be inconclusive, then rolled
+            // back, minutes later. Said now.
+            if spec.shadow.is_some() && matches!(api.metrics_source, WatcherSource::Prometheus(_)) {
+                return refusal(Refusal::Invalid(
+                    "a shadow stage needs the watcher's direct source (watcher: { source: direct }): the prometheus source does not read the mirror's copies".into(),
+                ));
+            }
             match start_rollout(&current, &service, spec, &by) {
                 Ok(p) => p,
                 Err(r) => return refusal(r),

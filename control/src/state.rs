@@ -134,6 +134,10 @@ pub struct PeerProxy {
     pub replica: String,
 }
 
+/// Most serialized snapshots kept for one index (by the index a proxy
+/// asks from).
+const MAX_CACHED_SNAPSHOTS: usize = 64;
+
 /// Most proxies recorded at once (each seen within `PROXY_STALE`).
 const MAX_PROXIES: usize = 10_000;
 
@@ -644,7 +648,14 @@ impl State {
                 cache.index = catalog.index();
                 cache.by_since.clear();
             }
-            cache.by_since.entry(key).or_default().clone()
+            // Proxies hold a few indexes; any number a client names is
+            // answered, but only so many are kept (each may be a whole
+            // copy of the catalog until the next change).
+            match cache.by_since.get(&key) {
+                Some(cell) => cell.clone(),
+                None if cache.by_since.len() >= MAX_CACHED_SNAPSHOTS => Arc::default(),
+                None => cache.by_since.entry(key).or_default().clone(),
+            }
         };
         // A change between the lookup and the cut makes the snapshot newer
         // than its key's index; it is still exactly right from `since`.
@@ -852,6 +863,26 @@ mod tests {
         let full3: Snapshot = serde_json::from_slice(&full3).unwrap();
         assert_eq!(full3.services["a"], svc(3));
         assert_eq!(full3.epoch, epoch);
+    }
+
+    /// A client asking from every index it can name gets each answered,
+    /// but the cache keeps only so many (each may be a whole catalog).
+    #[tokio::test]
+    async fn the_snapshot_cache_is_bounded() {
+        let state = State::new().unwrap();
+        state.set_service("a", svc(1), 10);
+        state.set_service("b", svc(2), 2_000);
+        let epoch = state.epoch();
+        for since in 1..1_000 {
+            let (index, _) = state.snapshot_json(epoch, since).await.unwrap();
+            assert_eq!(index, 2_000);
+        }
+        let kept = state.snapshots.lock().unwrap().by_since.len();
+        assert_eq!(kept, MAX_CACHED_SNAPSHOTS);
+        // What is kept is shared still.
+        let (_, one) = state.snapshot_json(epoch, 1).await.unwrap();
+        let (_, again) = state.snapshot_json(epoch, 1).await.unwrap();
+        assert_eq!(one.as_ptr(), again.as_ptr());
     }
 
     /// Policies set at the same moment for different services (an
