@@ -918,6 +918,43 @@ async fn check_and_set_reads_are_never_stale() {
     }
 }
 
+/// `consul.stale` reads are bounded: they ask with `max_stale`, so a
+/// server out of touch with the leader for longer does not answer from
+/// its frozen state. With no leader and the last contact long gone, the
+/// watches fail (counted) and the last state stays.
+#[tokio::test]
+async fn stale_reads_are_bounded_by_max_stale() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let config = yaml(&consul, "ALMOND_TEST_CC_TOKEN_MAXSTALE").replace(
+        "token_env: ALMOND_TEST_CC_TOKEN_MAXSTALE }",
+        "token_env: ALMOND_TEST_CC_TOKEN_MAXSTALE, stale: true }",
+    );
+    let control = TestControl::start(&config).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    let watches = requests_to(&consul, "/v1/health/service/web");
+    assert!(
+        watches.iter().all(|r| r.query.contains("max_stale=10s")),
+        "{:?}",
+        watches.iter().map(|r| &r.query).collect::<Vec<_>>()
+    );
+    // The servers lose the leader; the one answering last heard from it a
+    // minute ago.
+    let errors = consul_errors(&control).await;
+    consul.set_leader(false);
+    consul.set_last_contact(Duration::from_secs(60));
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    eventually("the stale answers are refused, and counted", || async {
+        consul_errors(&control).await > errors
+    })
+    .await;
+    assert_eq!(consul_up(&control).await, 0.0);
+    reaches(&proxy, "b1", "v1").await;
+}
+
 /// The policy watch is rate-limited like the health watches: an index of
 /// 0 from Consul does not turn it into a busy loop (API.md 2.4).
 #[tokio::test]

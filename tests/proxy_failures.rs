@@ -371,6 +371,68 @@ async fn a_client_cancelling_its_upload_is_not_the_endpoint_s_failure() {
     assert_eq!(backend.count(), 3, "every upload reached the endpoint");
 }
 
+/// A client uploading slowly, never idle for `body_idle` but still
+/// sending when `timeouts.request` runs out, gets a 408: the time went to
+/// its upload (Envoy's request timeout starts once the request is whole).
+/// The endpoint waiting for the body is not blamed: no timeout counted
+/// against it, no ejection.
+#[tokio::test]
+async fn a_slow_upload_past_the_request_timeout_is_the_client_s() {
+    let backend = Backend::start("reads").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("up")
+                .at(backend.addr)
+                .set("timeouts", "{ request: 600ms }")
+                .set("circuit_breaker", "{ consecutive_failures: 1 }")
+                .set("retries", "{ attempts: 0 }"),
+        )
+        .start()
+        .await;
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let req = Request::post("http://up/upload").body(()).unwrap();
+        let (answer, mut body) = send.send_request(req, false).unwrap();
+        // A part every 150 ms, for 1.5 s.
+        let upload = tokio::spawn(async move {
+            for _ in 0..10 {
+                if body
+                    .send_data(bytes::Bytes::from(vec![b'u'; 1024]), false)
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            let _ = body.send_data(bytes::Bytes::new(), true);
+        });
+        let answer = within("the answer", answer).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(answer.headers()["x-almond-error"], "client-timeout");
+        upload.abort();
+    }
+    let text = proxy.admin_get("/metrics").await.text();
+    let timeouts = metric(
+        &text,
+        "almond_upstream_errors_total",
+        &[("service", "up"), ("kind", "timeout")],
+    );
+    assert_eq!(timeouts, 0.0, "{text}");
+    let ejected = metric(
+        &text,
+        "almond_endpoints",
+        &[("service", "up"), ("state", "ejected")],
+    );
+    assert_eq!(ejected, 0.0, "a healthy endpoint was ejected");
+    // A whole request in time is answered as ever.
+    let reply = H1::connect(proxy.addr()).await.get("up", "/after").await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
 /// A retry that would not have the time a try takes before the request's
 /// deadline is not made: the client gets the upstream's 503 (and its
 /// `Retry-After`), not a proxy 504, and the next endpoint is not sent a

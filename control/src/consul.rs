@@ -32,6 +32,10 @@ use tokio::time::Instant;
 const BACKOFF: Backoff =
     Backoff::squared(Duration::from_secs(1), Duration::from_secs(60)).with_jitter(0.5);
 
+/// The oldest a stale read may be (`source.consul.stale`): how long its
+/// answering server may have been out of touch with the leader.
+const MAX_STALE: Duration = Duration::from_secs(10);
+
 /// An HTTP client for one Consul agent.
 #[derive(Clone)]
 pub struct ConsulClient {
@@ -169,7 +173,10 @@ impl ConsulClient {
             params.push(format!("dc={dc}"));
         }
         if stale {
-            params.push("stale".into());
+            // Any server may answer, unless it has not heard from the
+            // leader for `MAX_STALE`: then Consul asks the leader (a
+            // follower cut off would serve its frozen state forever).
+            params.push(format!("max_stale={}s", MAX_STALE.as_secs()));
         }
         let mut uri = format!("{}{path}", self.base);
         if !params.is_empty() {

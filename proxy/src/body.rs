@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use prometheus::IntCounter;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -234,12 +235,48 @@ where
     }
 }
 
+/// Whether a streamed upload has ended, as the request's tries see it: a
+/// try that runs out of time while the client is still uploading was
+/// held up by the client, not by the endpoint. Nothing (no allocation)
+/// for a body that was over before it started.
+#[derive(Default)]
+pub struct Upload(Option<Arc<AtomicBool>>);
+
+impl Upload {
+    /// Watches `body`'s end: the upload, and the handle the tries keep.
+    pub fn watch(body: &ClientBody) -> (Upload, Uploading) {
+        if body.is_end_stream() {
+            return (Upload(None), Uploading(None));
+        }
+        let ended = Arc::new(AtomicBool::new(false));
+        (Upload(Some(ended.clone())), Uploading(Some(ended)))
+    }
+
+    #[inline]
+    fn ended(&self) {
+        if let Some(ended) = &self.0 {
+            ended.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The tries' side of an [`Upload`].
+#[derive(Default)]
+pub struct Uploading(Option<Arc<AtomicBool>>);
+
+impl Uploading {
+    /// Is the client still sending the body?
+    pub fn unfinished(&self) -> bool {
+        self.0.as_ref().is_some_and(|e| !e.load(Ordering::Relaxed))
+    }
+}
+
 /// What the proxy sends upstream: the client's body as it arrives, or a
 /// copy kept for replay (retries).
 pub enum RequestBody {
     /// Streamed from the client (ended if idle for `limits.body_idle`);
     /// cannot be sent twice.
-    Stream(ClientBody, IdleTimer),
+    Stream(ClientBody, IdleTimer, Upload),
     /// Held whole (small bodies, when retries are on); `None` once sent.
     Replay(Option<Bytes>),
     /// Streamed from the client and kept as it goes (gRPC calls whose
@@ -354,7 +391,9 @@ impl RequestBody {
     pub fn keep_in(&mut self, kept: &Arc<Kept>) {
         let this = std::mem::replace(self, RequestBody::Replay(None));
         *self = match this {
-            RequestBody::Stream(body, timer) => RequestBody::Tee(body, timer, Feed(kept.clone())),
+            RequestBody::Stream(body, timer, _) => {
+                RequestBody::Tee(body, timer, Feed(kept.clone()))
+            }
             other => other,
         };
     }
@@ -369,7 +408,15 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            RequestBody::Stream(body, timer) => poll_timed(body, timer, cx),
+            RequestBody::Stream(body, timer, upload) => {
+                let polled = poll_timed(body, timer, cx);
+                match &polled {
+                    Poll::Ready(None) => upload.ended(),
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => upload.ended(),
+                    _ => {}
+                }
+                polled
+            }
             RequestBody::Replay(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Tee(body, timer, kept) => {
                 let polled = poll_timed(body, timer, cx);
@@ -386,14 +433,14 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream(body, _) | RequestBody::Tee(body, ..) => body.is_end_stream(),
+            RequestBody::Stream(body, ..) | RequestBody::Tee(body, ..) => body.is_end_stream(),
             RequestBody::Replay(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Stream(body, _) | RequestBody::Tee(body, ..) => body.size_hint(),
+            RequestBody::Stream(body, ..) | RequestBody::Tee(body, ..) => body.size_hint(),
             RequestBody::Replay(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             RequestBody::Replay(None) => SizeHint::with_exact(0),
         }
@@ -570,7 +617,11 @@ mod tests {
 
     fn streamed(text: &'static str) -> RequestBody {
         let body = ClientBody::Full(Some(Bytes::from_static(text.as_bytes())));
-        RequestBody::Stream(body, IdleTimer::new(Duration::from_secs(5)))
+        RequestBody::Stream(
+            body,
+            IdleTimer::new(Duration::from_secs(5)),
+            Upload::default(),
+        )
     }
 
     /// A kept copy is there for whoever waits on it once the body has

@@ -9,7 +9,8 @@
 
 use crate::body::ResponseBody;
 use crate::body::{
-    BodyError, ClientBody, ClientRequest, IdleTimer, Kept, RequestBody, UpstreamBody,
+    BodyError, ClientBody, ClientRequest, IdleTimer, Kept, RequestBody, Upload, Uploading,
+    UpstreamBody,
 };
 use crate::headers;
 use crate::observe::access_log::Observed;
@@ -229,6 +230,8 @@ struct Tries {
     /// Responses may be passed through (see [`Call::pass`]): not a gRPC
     /// call's, whose status is read from its head.
     pass: bool,
+    /// A streamed body's end, as its tries see it.
+    uploading: Uploading,
 }
 
 /// A request readied for its tries, and its replay copy if it has one.
@@ -324,9 +327,15 @@ fn forward<'a>(
                 continue;
             }
 
-            // Classify: feed failure accrual, then respond or retry.
+            // Classify: feed failure accrual, then respond or retry. Time
+            // ran out while the client was still sending its body: the
+            // client's doing (Envoy's request timeout starts once the
+            // request is whole), a 408 not held against the endpoint.
             let (result, unsent, response) = match sent {
                 Ok((resp, h1)) => (Ok(resp.status().as_u16()), None, Some((resp, h1))),
+                Err(e) if e.kind == ErrorKind::Timeout && tries.uploading.unfinished() => {
+                    (Err(ErrorKind::ClientTimeout), e.unsent, None)
+                }
                 Err(e) => (Err(e.kind), e.unsent, None),
             };
             // A trailers-only gRPC answer: its status is known now.
@@ -395,6 +404,7 @@ impl Tries {
             failed_on: None,
             grpc,
             pass: call.pass && !grpc,
+            uploading: Uploading::default(),
         };
         // Filled in place (each move of a request copies it whole).
         tries.reading = tries.ready(req, &svc.retry, call.body_idle);
@@ -423,8 +433,10 @@ impl Tries {
             .upper()
             .is_some_and(|n| n <= policy.max_body_bytes as u64);
         if !policy.enabled() || self.upgrade.is_some() || !fits {
-            self.next =
-                Some((*req).map(|body| RequestBody::Stream(body, IdleTimer::new(body_idle))));
+            let (upload, uploading) = Upload::watch(req.body());
+            self.uploading = uploading;
+            let timer = IdleTimer::new(body_idle);
+            self.next = Some((*req).map(|body| RequestBody::Stream(body, timer, upload)));
             return None;
         }
         let (parts, body) = (*req).into_parts();
@@ -446,7 +458,7 @@ impl Tries {
         };
         let deadline = self.deadline;
         Some(Box::pin(async move {
-            let body = RequestBody::Stream(body, IdleTimer::new(body_idle));
+            let body = RequestBody::Stream(body, IdleTimer::new(body_idle), Upload::default());
             let body = match tokio::time::timeout_at(deadline, body.collect()).await {
                 Ok(Ok(collected)) => collected.to_bytes(),
                 Ok(Err(BodyError::Idle(_))) => return Err(ErrorKind::ClientTimeout),

@@ -7,7 +7,7 @@
 //! and the copy carries `x-almond-mirror: 1`. Counted in the golden metrics
 //! with `direction="mirror"` (a gRPC call by its `grpc-status`).
 
-use crate::body::{Kept, RequestBody};
+use crate::body::{BodyError, Kept, RequestBody};
 use crate::headers;
 use crate::limit::Permit;
 use crate::observe::trace::Stamp;
@@ -164,16 +164,27 @@ impl Shadow {
                 let status = resp.status();
                 let head = grpc.then(|| grpc_status(resp.headers())).flatten();
                 // Read and discard the body, so an HTTP/1.1 connection can
-                // go back to its pool.
-                let drained =
-                    tokio::time::timeout(target.body_idle, resp.into_body().collect()).await;
+                // go back to its pool: frame by frame, keeping only the
+                // trailers (a mirrored download is not held in memory).
+                let drain = async {
+                    let mut body = resp.into_body();
+                    let mut trailers = None;
+                    while let Some(frame) = body.frame().await {
+                        if let Ok(t) = frame?.into_trailers() {
+                            trailers = Some(t);
+                        }
+                    }
+                    Ok::<_, BodyError>(trailers)
+                };
+                let drained = tokio::time::timeout(target.body_idle, drain).await;
                 // A gRPC call's status: in the head (trailers-only), else
                 // in the trailers; as the request's own are counted.
                 let code = match &drained {
                     _ if !grpc => None,
                     _ if head.is_some() => head,
-                    Ok(Ok(body)) => Some(
-                        body.trailers()
+                    Ok(Ok(trailers)) => Some(
+                        trailers
+                            .as_ref()
                             .and_then(grpc_status)
                             .unwrap_or(GrpcCode::Unknown),
                     ),

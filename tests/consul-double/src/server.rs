@@ -253,8 +253,22 @@ fn read_opts(ctx: &Ctx<'_>) -> Result<ReadOpts, Fail> {
         }
     }
     ctx.dc_ok()?;
+    let mut consistency = consistency;
     {
         let rt = lock(&ctx.sh.rt);
+        // `max_stale`: a server whose last contact with the leader is
+        // older retries once in default mode (API.md 4).
+        if let Some(bound) = ctx.q("max_stale").filter(|b| !b.is_empty()) {
+            let bound = parse_go_duration(bound)
+                .map_err(|()| fail(400, "Invalid max_stale"))?
+                .unwrap_or_default();
+            let lost = (rt.leader_lost_at)
+                .filter(|_| !rt.leader)
+                .map_or(Duration::ZERO, |t| t.elapsed());
+            if rt.last_contact + lost > bound {
+                consistency = Consistency::Leader;
+            }
+        }
         if !rt.leader && consistency != Consistency::Stale {
             return Err(fail(500, "No cluster leader"));
         }
