@@ -260,7 +260,7 @@ async fn one_request(
 /// Prints `almond status demo` as measured over the next second.
 async fn print_status(ops: &crate::ops::Target, when: &str) {
     let names = ["demo".to_owned()];
-    match crate::ops::views(ops, &names, Duration::from_secs(1)).await {
+    match crate::ops::views(ops, &names, Some(Duration::from_secs(1))).await {
         Ok(views) => {
             let tables: Vec<String> = views.iter().map(crate::ops::table).collect();
             println!(

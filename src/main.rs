@@ -215,9 +215,10 @@ enum Command {
         /// The service (default: all).
         service: Option<String>,
         /// How long the live figures are measured over: up to 10s when
-        /// the control plane scrapes the proxies, 1h with Prometheus.
-        #[arg(long, default_value = "1s", value_parser = ops::parse_window)]
-        window: std::time::Duration,
+        /// the control plane scrapes the proxies (default 1s), 1h with
+        /// Prometheus (default 1m: two scrapes at least).
+        #[arg(long, value_parser = ops::parse_window)]
+        window: Option<std::time::Duration>,
         #[command(flatten)]
         ops: OpsArgs,
     },
@@ -401,7 +402,9 @@ impl OpsArgs {
         ops::Target {
             control: self.control,
             control_ca: self.control_ca,
-            token: self.token,
+            // As the control plane reads its own: without surrounding
+            // spaces and line ends.
+            token: self.token.map(|t| t.trim().to_owned()),
             json: self.output == Output::Json,
         }
     }

@@ -142,9 +142,22 @@ impl Target {
 
     fn print(&self, value: &Value, text: impl FnOnce() -> String) {
         if self.json {
-            println!("{value}");
+            print_line(&value.to_string());
         } else {
-            println!("{}", text());
+            print_line(&text());
+        }
+    }
+}
+
+/// Writes `line` to standard output. A reader that went away (`almond tap
+/// | head -1`) ends the command quietly, exit 0, as Unix tools do (Rust
+/// ignores `SIGPIPE`: `println!` would panic).
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
         }
     }
 }
@@ -519,8 +532,13 @@ fn describe_routes(service: &str, rules: &Value) -> String {
 
 /// `almond status [SERVICE]`: per service and subset, the weight,
 /// endpoints healthy/total, and live rps / success rate / p99 measured by
-/// the control plane over `window` (four services at a time).
-pub async fn status(t: &Target, service: Option<&str>, window: Duration) -> anyhow::Result<()> {
+/// the control plane over `window` (four services at a time; `None`: the
+/// control plane's default for its watcher source).
+pub async fn status(
+    t: &Target,
+    service: Option<&str>,
+    window: Option<Duration>,
+) -> anyhow::Result<()> {
     let names: Vec<String> = match service {
         Some(s) => vec![s.to_owned()],
         None => {
@@ -556,11 +574,19 @@ const LIVE_AT_ONCE: usize = 4;
 /// another client's measurements fill its slots) gets `live:
 /// {"unavailable": REASON}` and is shown without live figures; any other
 /// failed call fails the whole (exit 1, with its reason).
-pub async fn views(t: &Target, names: &[String], window: Duration) -> anyhow::Result<Vec<Value>> {
-    // The control plane answers after the window (and its scrapes).
-    let limit = window + Duration::from_secs(10);
+pub async fn views(
+    t: &Target,
+    names: &[String],
+    window: Option<Duration>,
+) -> anyhow::Result<Vec<Value>> {
+    // The control plane answers after the window (and its scrapes); its
+    // own default is 1 s when it waits (Prometheus is asked at once).
+    let limit = window.unwrap_or(Duration::from_secs(1)) + Duration::from_secs(10);
     let calls = names.iter().enumerate().map(|(i, name)| {
-        let path = format!("/v1/services/{name}/live?window={}ms", window.as_millis());
+        let path = match window {
+            Some(w) => format!("/v1/services/{name}/live?window={}ms", w.as_millis()),
+            None => format!("/v1/services/{name}/live"),
+        };
         async move {
             let answer = t.call_within(http::Method::GET, &path, None, limit).await;
             (i, answer)

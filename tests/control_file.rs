@@ -149,6 +149,22 @@ async fn an_invalid_registry_file_leaves_the_last_good_state() {
     synced(&control, &proxy, "web", &[&a2]).await;
     let seen = backends_seen(&proxy, "web", 20).await;
     assert!(seen.iter().all(|b| b == "a2"), "{seen:?}");
+
+    // A file emptied (truncated, about to be written again) is no request
+    // to remove web: web stays, and is served.
+    registry.write("web.yaml", "");
+    registry.service("marker", &[(marker.addr, "v1")]);
+    eventually("the control plane reads the next marker edit", || async {
+        control
+            .state
+            .service("marker")
+            .is_some_and(|s| s.endpoints[0].subset == "v1")
+    })
+    .await;
+    proxy_caught_up(&control, &proxy).await;
+    assert!(control.state.service("web").is_some(), "web was removed");
+    let seen = backends_seen(&proxy, "web", 20).await;
+    assert!(seen.iter().all(|b| b == "a2"), "{seen:?}");
 }
 
 /// A registry file naming a service no `Host` can reach (`Orders`: the

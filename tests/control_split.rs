@@ -390,6 +390,34 @@ async fn the_split_survives_a_control_restart() {
     assert_eq!(reply.json()["policy"]["split"], split(80, 20));
 }
 
+/// A reader that goes away (`almond status | head -1`, a tap piped to a
+/// pager that quits) ends the command quietly: exit 0, no panic.
+#[tokio::test]
+async fn cli_output_to_a_closed_pipe_ends_quietly() {
+    let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_PIPE").await;
+    let url = c.control.url();
+    for args in [vec!["status", "s"], vec!["status", "s", "-o", "json"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = within(
+            "almond to exit",
+            almond()
+                .args(c.ops(&url, &args))
+                .env_remove("ALMOND_TOKEN")
+                .env_remove("ALMOND_CONTROL")
+                .stdin(std::process::Stdio::null())
+                .stdout(writer)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn cli_rollback_promote_exit_codes_and_json() {
     let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_OPS").await;

@@ -134,7 +134,7 @@ fn fully_populated() -> ProxyConfig {
         max_per_second: 1000,
         queue: 4096,
     });
-    control.get_or_insert_with(|| "http://127.0.0.1:4180".to_owned());
+    control.get_or_insert_with(|| "https://127.0.0.1:4180".to_owned());
     token_env.get_or_insert_with(|| "ALMOND_PROXY_TOKEN".to_owned());
     control_ca.get_or_insert_with(|| "/etc/almond/tls/control-ca.pem".into());
     admin_token_env.get_or_insert_with(|| "ALMOND_ADMIN_TOKEN".to_owned());

@@ -223,6 +223,48 @@ async fn limit_mistakes_name_the_key() {
             .to_string();
         assert!(err.contains(key), "{limits}: {err}");
     }
+    // Limits whose 0 would quietly mean "never", and keys of a control
+    // plane link with none to follow: refused, named.
+    for (top, key) in [
+        ("cache: /tmp/almond-snapshot.json", "cache"),
+        ("token_env: ALMOND_T_UNUSED", "token_env"),
+        (
+            "control: http://127.0.0.1:4180\ncontrol_ca: /etc/ca.pem",
+            "control_ca",
+        ),
+        ("control_max_bytes: 0", "control_max_bytes"),
+        (
+            "access_log: { max_per_second: 0 }",
+            "access_log.max_per_second",
+        ),
+    ] {
+        let yaml = ProxyYaml::new()
+            .top(top)
+            .by_host()
+            .service(ServiceYaml::new("svc").at(closed_port().await))
+            .build();
+        let err = almond_config::load_proxy(&yaml, "test")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{top}: {err}");
+    }
+    // The key the user wrote is the one named (max_ejection is left at
+    // its default here).
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("svc")
+                .at(closed_port().await)
+                .set("circuit_breaker", "{ base_ejection: 10m }"),
+        )
+        .build();
+    let err = almond_config::load_proxy(&yaml, "test")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("services.svc.circuit_breaker.base_ejection") && err.contains("max_ejection"),
+        "{err}"
+    );
 }
 
 /// A client that stops sending its request body: 408 after

@@ -367,6 +367,33 @@ async fn a_route_rule_does_not_bypass_the_addressed_service_s_allow_list() {
     assert_eq!((orders.count(), admin.count()), (0, 1));
 }
 
+/// A `tls` listener left at the default `direction` (outbound) still
+/// takes calls from other hosts' proxies: the service's allow-list holds
+/// there too (it was enforced on `direction: inbound` alone, so `ads` got
+/// through).
+#[tokio::test]
+async fn an_allow_list_holds_on_a_tls_listener_whatever_its_direction() {
+    let orders = Backend::start("orders").await;
+    let ca = Ca::new("mesh CA");
+    let files = Files::new(&ca, &ca.leaf("orders"));
+    let yaml = format!(
+        "admin: 127.0.0.1:0\n{tls}listeners:\n  \
+         - {{ bind: 127.0.0.1:0, service: orders, tls: true }}\n\
+         services:\n  orders:\n    authz: {{ allow: [\"{TRUST_DOMAIN}/web\"] }}\n    \
+         endpoints: [{{ addr: \"{o}\" }}]\n",
+        tls = files.yaml(),
+        o = orders.addr,
+    );
+    let b = TestProxy::start(&yaml).await;
+    let ads = outbound_proxy(&Files::new(&ca, &ca.leaf("ads")), b.listeners[0], "http1").await;
+    let reply = get_h1(ads.addr(), "orders", "/").await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    let web = outbound_proxy(&Files::new(&ca, &ca.leaf("web")), b.listeners[0], "http1").await;
+    let reply = get_h1(web.addr(), "orders", "/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(orders.count(), 1);
+}
+
 #[tokio::test]
 async fn certificates_rotate_under_load_without_failed_requests() {
     let backend = Backend::start("b").await;

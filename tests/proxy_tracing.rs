@@ -478,6 +478,37 @@ async fn unsampled_requests_export_nothing() {
     assert_eq!(spans[0].trace_id(), sampled_trace);
 }
 
+/// A sampled request whose client leaves before the answer still makes
+/// its span: the upstream already has it as its parent. Its status is
+/// 499 and its error says why.
+#[tokio::test]
+async fn a_request_whose_client_left_still_makes_its_span() {
+    let collector = Collector::start().await;
+    let backend = Backend::builder("slow").hang().start().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .top(&tracing_yaml(1.0, &collector.endpoint(), ""))
+        .service(ServiceYaml::new("slow").at(backend.addr))
+        .start()
+        .await;
+    let mut c = H1::connect(proxy.addr()).await;
+    let gone = tokio::time::timeout(
+        Duration::from_millis(300),
+        c.request(request("GET", "slow", "/wait", &[], "")),
+    )
+    .await;
+    assert!(gone.is_err(), "the backend answered");
+    drop(c);
+    let spans = collector.wait_for(1).await;
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(
+        spans[0].attr("http.response.status_code").as_deref(),
+        Some("499")
+    );
+    assert_eq!(spans[0].attr("error.type").as_deref(), Some("client-left"));
+    assert_eq!(backend.count(), 1);
+}
+
 #[tokio::test]
 async fn queued_spans_are_flushed_on_shutdown() {
     let collector = Collector::start().await;

@@ -1658,6 +1658,10 @@ async fn a_shadow_stage_is_refused_with_the_prometheus_source() {
     assert_eq!(rig.control.service("s").await["policy"], before);
     // Without a shadow stage the same source takes the rollout.
     rig.start_rollout(&spec(&[10, 100], 1.0)).await;
+    // The live view asks Prometheus over a minute unless told (a second
+    // holds no two scrapes: `almond status` showed only dashes).
+    let live = rig.control.get("/v1/services/s/live").await;
+    assert_eq!(live.json()["window_seconds"], 60.0, "{}", live.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,6 +107,18 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
     if config.max_wait.is_zero() {
         add("max_wait".into(), "must be more than 0".into());
     }
+    // The admin token goes to every proxy that long-polled; with no
+    // credential on snapshot reads, any host can poll as a proxy.
+    let credential =
+        config.token_env.is_some() || config.proxy_token_env.is_some() || config.tls.is_some();
+    if config.proxy_admin_token_env.is_some() && !credential {
+        add(
+            "proxy_admin_token_env".into(),
+            "needs proxy_token_env (or token_env, or tls): without a credential on snapshot \
+             reads any host that long-polls counts as a proxy and would be sent this token"
+                .into(),
+        );
+    }
     // Policies live in Consul KV only when endpoints come from Consul:
     // the file source keeps them in `policy_file` (the control plane
     // used that file, with a warning, when given both).
@@ -253,6 +265,7 @@ pub fn load_services(text: &str, source_name: &str) -> Result<BTreeMap<String, S
             let bad_name = bad_name.map(|why| (segment(name).to_owned(), why));
             check_service(svc, Strictness::Static)
                 .into_iter()
+                .chain(crate::tls::check_server_name(name, svc))
                 .map(move |(path, message)| (format!("{name}{path}"), message))
                 .chain(bad_name)
         })
@@ -441,6 +454,36 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
 
     if config.listeners.is_empty() {
         add("listeners".into(), "at least one listener is needed".into());
+    }
+    // Keys of the link to a control plane do nothing without one: said,
+    // as the control config says of its Consul TLS files without https.
+    if static_mode {
+        for (key, set) in [
+            ("token_env", config.token_env.is_some()),
+            ("control_ca", config.control_ca.is_some()),
+            ("cache", config.cache.is_some()),
+        ] {
+            if set {
+                add(
+                    key.into(),
+                    "only used with `control` (a control plane to follow)".into(),
+                );
+            }
+        }
+    } else if config.control_ca.is_some()
+        && !config
+            .control
+            .as_deref()
+            .is_some_and(|c| c.starts_with("https://"))
+    {
+        add(
+            "control_ca".into(),
+            "only used with an https:// control".into(),
+        );
+    }
+    // A 0-byte snapshot limit fails every poll: the proxy never ready.
+    if config.control_max_bytes == 0 {
+        add("control_max_bytes".into(), "must be 1 or more".into());
     }
     if config.zone_min_healthy > 100 {
         add(
@@ -697,10 +740,23 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
         ));
     }
     if cb.max_ejection < cb.base_ejection {
-        out.push((
-            ".circuit_breaker.max_ejection".into(),
-            "must be at least base_ejection".into(),
-        ));
+        // Named where the user wrote: an unwritten max_ejection is its
+        // default, which a long base_ejection passes.
+        let default = crate::proxy::CircuitBreaker::default().max_ejection;
+        out.push(if cb.max_ejection == default {
+            (
+                ".circuit_breaker.base_ejection".into(),
+                format!(
+                    "must be at most max_ejection ({}s by default): raise max_ejection too",
+                    default.as_secs()
+                ),
+            )
+        } else {
+            (
+                ".circuit_breaker.max_ejection".into(),
+                "must be at least base_ejection".into(),
+            )
+        });
     }
     if svc.retries.per_try_timeout.is_some_and(|t| t.is_zero()) {
         out.push((
@@ -1262,6 +1318,21 @@ services:
         let registry = "web:\n  endpoints: [{ addr: 127.0.0.1:1 }]\nWeb:\n  endpoints: [{ addr: 127.0.0.1:2 }]\n";
         let p = load_services(registry, "r.yaml").unwrap_err().problems;
         assert_eq!((p[0].path.as_str(), p[0].line), ("Web", Some(3)), "{p:?}");
+        // A registry entry's upstream server name is checked there too:
+        // no proxy could connect with it.
+        let registry = "other:\n  tls: { server_name: \"other internal\" }\n  endpoints: [{ addr: 127.0.0.1:9 }]\n";
+        let p = load_services(registry, "r.yaml").unwrap_err().problems;
+        assert_eq!(
+            (p[0].path.as_str(), p[0].line),
+            ("other.tls.server_name", Some(2)),
+            "{p:?}"
+        );
+        let open = "source:\n  file: /tmp/r\nproxy_admin_token_env: ALMOND_ADMIN_TOKEN\n";
+        let got = control_problems(open);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("proxy_admin_token_env"), "{got:?}");
+        let closed = format!("{open}proxy_token_env: ALMOND_PROXY_TOKEN\n");
+        assert!(control_problems(&closed).is_empty());
         let control = "source:\n  consul:\n    services: [web, Orders]\n";
         let got = control_problems(control);
         assert_eq!(got.len(), 1, "{got:?}");

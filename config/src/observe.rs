@@ -127,6 +127,13 @@ pub fn check(tracing: &Tracing, access_log: Option<&AccessLog>) -> Vec<(String, 
         if log.queue == 0 {
             out.push(("access_log.queue".into(), "must be 1 or more".into()));
         }
+        // 0 would drop every line: `sample_rate: 0` says that.
+        if log.max_per_second == 0 {
+            out.push((
+                "access_log.max_per_second".into(),
+                "must be 1 or more (to log nothing, remove access_log)".into(),
+            ));
+        }
     }
     out
 }

@@ -15,12 +15,18 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
-    /// The token in environment variable `var`, named by config key `key`;
-    /// unset, empty or not UTF-8 is an error naming both (a configured
-    /// token that is missing must not mean "no token").
+    /// The token in environment variable `var`, named by config key `key`,
+    /// without the spaces and line ends around it (a file made with `echo`
+    /// or a secret store ends in a newline, which no header can carry);
+    /// unset, empty, not UTF-8 or holding a control byte is an error naming
+    /// both (a configured token that is missing must not mean "no token",
+    /// nor one that can never match).
     pub fn from_env(key: &str, var: &str) -> Result<Secret, String> {
         match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Ok(Secret(v.into_bytes().into_boxed_slice())),
+            Ok(v) if v.trim().bytes().any(|b| b.is_ascii_control()) => Err(format!(
+                "{key}: environment variable {var} holds a control character (a tab or a line end inside the token); set it to the token alone"
+            )),
+            Ok(v) if !v.trim().is_empty() => Ok(Secret(v.trim().as_bytes().into())),
             Ok(_) => Err(format!(
                 "{key}: environment variable {var} is empty; set it to the token, or remove {key}"
             )),
@@ -73,6 +79,19 @@ mod tests {
         std::env::set_var("ALMOND_TEST_EMPTY_TOKEN_VAR", "  ");
         let err = Secret::from_env("token_env", "ALMOND_TEST_EMPTY_TOKEN_VAR").unwrap_err();
         assert!(err.contains("is empty"), "{err}");
+    }
+
+    /// A token file made with `echo` ends in a newline: the token is what
+    /// is around it, and it matches; a control byte inside is refused.
+    #[test]
+    fn spaces_around_a_token_are_not_part_of_it() {
+        std::env::set_var("ALMOND_TEST_NEWLINE_TOKEN_VAR", " s3cret\n");
+        let s = Secret::from_env("token_env", "ALMOND_TEST_NEWLINE_TOKEN_VAR").unwrap();
+        assert!(s.matches_bearer(Some(b"Bearer s3cret")));
+        assert_eq!(s.expose(), b"s3cret");
+        std::env::set_var("ALMOND_TEST_TAB_TOKEN_VAR", "s3\tcret");
+        let err = Secret::from_env("token_env", "ALMOND_TEST_TAB_TOKEN_VAR").unwrap_err();
+        assert!(err.contains("ALMOND_TEST_TAB_TOKEN_VAR"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,32 @@ use crate::problem::Problem;
 use crate::proxy::ProxyConfig;
 use std::path::Path;
 
+/// The name a `tls` service's upstream certificate is checked against
+/// (and sent as SNI) must be one rustls accepts, or every connection would
+/// fail: `(path under the service, message)` if not. Also checked in
+/// registry files, which have no proxy identity to check against.
+pub fn check_server_name(name: &str, svc: &crate::proxy::Service) -> Option<(String, String)> {
+    let tls = svc.tls.as_ref()?;
+    let (key, server_name) = match tls.server_name.as_deref() {
+        Some(given) => (".tls.server_name", given),
+        None => (".tls", name),
+    };
+    if server_name.is_empty() {
+        return Some((key.into(), "must not be empty".into()));
+    }
+    if rustls_pki_types::ServerName::try_from(server_name).is_err() {
+        let whose = match tls.server_name {
+            Some(_) => "",
+            None => " (the service's name, the default server_name; set tls.server_name)",
+        };
+        return Some((
+            key.into(),
+            format!("{server_name:?} is not a DNS name or IP address{whose}"),
+        ));
+    }
+    None
+}
+
 /// Problems of the `tls` keys that need no file system: `(path, message)`.
 pub fn check(config: &ProxyConfig) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -31,31 +57,15 @@ pub fn check(config: &ProxyConfig) -> Vec<(String, String)> {
         }
     }
     for (name, svc) in &config.services {
-        let Some(tls) = &svc.tls else { continue };
-        if !has_identity {
+        if svc.tls.is_some() && !has_identity {
             out.push((
                 format!("services.{name}.tls"),
                 "needs the proxy-level `tls` (cert, key, ca)".into(),
             ));
         }
-        // The name the upstream's certificate is checked against (and
-        // sent as SNI): one rustls accepts, or every connection would fail.
-        let (key, server_name) = match tls.server_name.as_deref() {
-            Some(given) => (format!("services.{name}.tls.server_name"), given),
-            None => (format!("services.{name}.tls"), name.as_str()),
-        };
-        if server_name.is_empty() {
-            out.push((key, "must not be empty".into()));
-        } else if rustls_pki_types::ServerName::try_from(server_name).is_err() {
-            let whose = match tls.server_name {
-                Some(_) => "",
-                None => " (the service's name, the default server_name; set tls.server_name)",
-            };
-            out.push((
-                key,
-                format!("{server_name:?} is not a DNS name or IP address{whose}"),
-            ));
-        }
+        out.extend(
+            check_server_name(name, svc).map(|(key, why)| (format!("services.{name}{key}"), why)),
+        );
     }
     out
 }

@@ -36,6 +36,9 @@ const MAX_BODY: usize = 64 * 1024;
 const MAX_LIVE_WINDOW: Duration = Duration::from_secs(10);
 /// Longest window it asks Prometheus about (answered at once).
 const MAX_PROMETHEUS_WINDOW: Duration = Duration::from_secs(3600);
+/// The live window asked of Prometheus when none is given: two scrapes
+/// at the usual 15-30 s interval.
+const PROMETHEUS_WINDOW: Duration = Duration::from_secs(60);
 
 /// What the API handlers share.
 pub struct Api {
@@ -1232,12 +1235,13 @@ async fn live(
     name: &str,
     query: &HashMap<String, String>,
 ) -> Response<Full<Bytes>> {
-    let max = match source {
-        WatcherSource::Direct => MAX_LIVE_WINDOW,
-        WatcherSource::Prometheus(_) => MAX_PROMETHEUS_WINDOW,
+    // Prometheus needs two scrapes in the window for an `increase`.
+    let (max, default) = match source {
+        WatcherSource::Direct => (MAX_LIVE_WINDOW, Duration::from_secs(1)),
+        WatcherSource::Prometheus(_) => (MAX_PROMETHEUS_WINDOW, PROMETHEUS_WINDOW),
     };
     let window = match query.get("window").map(|w| parse_wait(w)) {
-        None => Duration::from_secs(1),
+        None => default,
         Some(Some(w)) if !w.is_zero() && w <= max => w,
         Some(_) => {
             return text(

@@ -1,6 +1,7 @@
 //! File source: a directory of YAML service definitions (the proxy's
-//! `services` shape), watched by polling. An invalid file is reported with
-//! its path and line, and that file's last good content stays in force.
+//! `services` shape), watched by polling. A change is read once it has
+//! held for a poll; an invalid or empty file is reported with its path
+//! (and line), and that file's last good content stays in force.
 
 use crate::state::State;
 use almond_config::{load_services, Service};
@@ -22,6 +23,9 @@ pub async fn run(dir: PathBuf, state: Arc<State>) {
     let mut good: BTreeMap<PathBuf, BTreeMap<String, Service>> = BTreeMap::new();
     let mut first = true;
     let mut unreadable = false;
+    // The listing one poll ago: a change is read once it has held for a
+    // poll (a file still being written changes again meanwhile).
+    let mut seen: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
     loop {
         // A directory that cannot be read (a typo, not mounted yet, being
         // swapped) is not an empty registry: the services read before
@@ -41,7 +45,9 @@ pub async fn run(dir: PathBuf, state: Arc<State>) {
             tracing::info!(dir = %dir.display(), "registry directory readable again");
             unreadable = false;
         }
-        if listing != stamps || first {
+        let settled = listing == seen;
+        seen.clone_from(&listing);
+        if (listing != stamps && settled) || first {
             reload(&dir, &listing, &stamps, &mut good, &state);
             stamps = listing;
             if first {
@@ -91,6 +97,12 @@ fn reload(
                 continue;
             }
         };
+        // An empty file is one being written (truncated, then filled),
+        // not a request to remove its services: deleting the file does.
+        if text.trim().is_empty() {
+            tracing::error!(file = %path.display(), "registry file empty; its previous content stays (delete the file to remove its services)");
+            continue;
+        }
         match load_services(&text, &path.display().to_string()) {
             Ok(services) => {
                 good.insert(path.clone(), services);

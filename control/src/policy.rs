@@ -340,6 +340,13 @@ impl Policy {
         now: u64,
     ) -> Result<Policy, Refusal> {
         check_identity(identity).map_err(Refusal::Invalid)?;
+        // With no list in force every verified client may call: taking
+        // one off would start a list of nobody (every caller refused).
+        if !allow && self.authz.is_none() && source.is_none() {
+            return Err(Refusal::Conflict(format!(
+                "no allow-list: every verified client may call; allow the callers first, then {identity} is refused"
+            )));
+        }
         let mut next = self.clone();
         let list = next
             .authz
@@ -677,6 +684,28 @@ mod tests {
         assert!(check_split(&typo, &s, &[], None).is_err());
         let in_force = w(&[("v1", 50), ("v9", 50)]);
         assert!(check_split(&typo, &s, &[], Some(&in_force)).is_ok());
+    }
+
+    /// Denying an identity while no list is in force would leave a list
+    /// of nobody: refused, and nothing changes. With a list, it is taken
+    /// off.
+    #[test]
+    fn a_deny_with_no_allow_list_is_refused() {
+        let web = "spiffe://example.org/service/web";
+        let p = Policy::default();
+        let refused = p.with_authz(None, false, web, "ops", 1);
+        assert!(matches!(refused, Err(Refusal::Conflict(_))), "{refused:?}");
+        let listed = p.with_authz(None, true, web, "ops", 1).unwrap();
+        let billing = "spiffe://example.org/service/billing";
+        let listed = listed.with_authz(None, true, billing, "ops", 2).unwrap();
+        let denied = listed.with_authz(None, false, web, "ops", 3).unwrap();
+        assert_eq!(denied.authz.unwrap().allow, vec![billing.to_owned()]);
+        // A list from the service's own config counts as one in force.
+        let source = almond_config::Authz {
+            allow: vec![web.to_owned()],
+        };
+        let denied = p.with_authz(Some(&source), false, web, "ops", 1).unwrap();
+        assert!(denied.authz.unwrap().allow.is_empty());
     }
 
     #[test]

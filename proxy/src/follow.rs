@@ -4,7 +4,7 @@
 
 use crate::identity::tls::{CurrentIdentity, CurrentRoots, Tls, TlsError};
 use crate::Proxy;
-use almond_config::{validate_proxy, ProxyConfig, Secret, Snapshot};
+use almond_config::{validate_proxy, Problem, ProxyConfig, Secret, Snapshot};
 use almond_net::{error_chain, percent_encode, Backoff};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -321,17 +321,8 @@ fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
     let snapshot_epoch = snapshot.epoch;
     let mut next = (*current).clone();
     next.services = snapshot.apply_to(&current.services);
-    for problem in validate_proxy(&next) {
-        let Some(name) = service_of(&problem.path, &next.services) else {
-            return Err(problem.to_string());
-        };
-        let kept = current.services.get(&name).cloned();
-        tracing::error!(service = %name, %problem, kept_previous = kept.is_some(), "service from the control plane refused; the rest of the snapshot is applied");
-        match kept {
-            Some(previous) => next.services.insert(name, previous),
-            None => next.services.remove(&name),
-        };
-    }
+    let problems = validate_proxy(&next);
+    keep_previous(&current.services, &mut next.services, problems)?;
     // What was kept was valid with the rest once; anything left is refused whole.
     if let Some(problem) = validate_proxy(&next).into_iter().next() {
         return Err(problem.to_string());
@@ -356,6 +347,36 @@ fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
     Ok(index)
 }
 
+/// Puts back (or leaves out, if new) each service of `next` that a
+/// problem names, as `current` has it. The services are all named first,
+/// in `next` as the control plane sent it: a service with two problems is
+/// one refusal, and a name is never looked up in a map already changed.
+/// `Err`: a problem outside any service (the snapshot is refused whole).
+fn keep_previous<V: Clone>(
+    current: &BTreeMap<String, V>,
+    next: &mut BTreeMap<String, V>,
+    problems: Vec<Problem>,
+) -> Result<(), String> {
+    let mut refused: BTreeMap<String, Vec<Problem>> = BTreeMap::new();
+    for problem in problems {
+        let Some(name) = service_of(&problem.path, next) else {
+            return Err(problem.to_string());
+        };
+        refused.entry(name).or_default().push(problem);
+    }
+    for (name, problems) in refused {
+        let kept = current.get(&name).cloned();
+        for problem in &problems {
+            tracing::error!(service = %name, %problem, kept_previous = kept.is_some(), "service from the control plane refused; the rest of the snapshot is applied");
+        }
+        match kept {
+            Some(previous) => next.insert(name, previous),
+            None => next.remove(&name),
+        };
+    }
+    Ok(())
+}
+
 /// The service a problem's key path (`services.NAME...`) is in.
 fn service_of<V>(path: &str, services: &BTreeMap<String, V>) -> Option<String> {
     let rest = path.strip_prefix("services.")?;
@@ -378,6 +399,41 @@ fn write_cache(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn problem(path: &str) -> Problem {
+        Problem {
+            path: path.to_owned(),
+            line: None,
+            message: "refused".to_owned(),
+        }
+    }
+
+    /// A new service with two problems is left out once, and the rest
+    /// applies (the second problem's lookup found nothing in the map the
+    /// first had changed: the whole snapshot was refused, every poll); a
+    /// service whose name another's starts with keeps its own change.
+    #[test]
+    fn a_service_with_several_problems_is_refused_once() {
+        let current: BTreeMap<String, u32> = [("a".to_owned(), 1)].into();
+        let mut next: BTreeMap<String, u32> = [
+            ("a".to_owned(), 2),
+            ("a.b".to_owned(), 3),
+            ("new".to_owned(), 4),
+        ]
+        .into();
+        let problems = vec![
+            problem("services.new.tls"),
+            problem("services.new.tls.server_name"),
+            problem("services.a.b.tls"),
+            problem("services.a.b.endpoints[0].addr"),
+        ];
+        assert_eq!(keep_previous(&current, &mut next, problems), Ok(()));
+        assert_eq!(next, [("a".to_owned(), 2)].into());
+        // A problem outside any service refuses the snapshot.
+        let mut next = current.clone();
+        let outside = keep_previous(&current, &mut next, vec![problem("listeners[0].bind")]);
+        assert!(outside.is_err());
+    }
 
     fn snap(epoch: u64, index: u64) -> Snapshot {
         Snapshot {

@@ -82,6 +82,8 @@ pub fn handle(
         let mut left = LeftLog {
             log,
             head,
+            spans,
+            span_head,
             trace: &trace,
             start,
             seen: &mut seen,
@@ -95,8 +97,9 @@ pub fn handle(
         let mut resp = serve(&shared, listener, peer, req, start, left.seen, &stamp)
             .instrument(span)
             .await;
-        // Answered: the line below is the request's.
+        // Answered: the line and the span below are the request's.
         let head = left.head.take();
+        let span_head = left.span_head.take();
         drop(left);
         // The request ID back to the client: a passed-through head
         // writes it after its lines, any other in the map.
@@ -147,14 +150,19 @@ pub fn handle(
     }
 }
 
-/// The access log line of a request whose client left before its answer
-/// (it closed the connection or reset the stream): status 499, as Nginx
-/// logs it, written when the request's future is dropped unanswered; 503
-/// when the proxy cut it (its drain's time was up).
+/// The access log line and the span of a request whose client left
+/// before its answer (it closed the connection or reset the stream):
+/// status 499, as Nginx logs it, written when the request's future is
+/// dropped unanswered; 503 when the proxy cut it (its drain's time was
+/// up). The span is exported too: the upstream already has this hop's
+/// span as its parent, and a trace must not lose the hop.
 struct LeftLog<'a> {
     log: Option<&'a crate::observe::access_log::AccessLog>,
     /// Method and path, taken out once the request is answered.
     head: Option<(http::Method, Box<str>)>,
+    spans: Option<&'a Spans>,
+    /// Method and path for the span of a sampled request, likewise.
+    span_head: Option<(http::Method, Box<str>)>,
     trace: &'a trace::Context,
     start: Instant,
     seen: &'a mut Observed,
@@ -164,7 +172,7 @@ impl Drop for LeftLog<'_> {
     #[inline]
     fn drop(&mut self) {
         // Small, so that an answered request's drop is inlined to a test.
-        if self.head.is_some() {
+        if self.head.is_some() || self.span_head.is_some() {
             self.write();
         }
     }
@@ -174,6 +182,26 @@ impl LeftLog<'_> {
     #[cold]
     #[inline(never)]
     fn write(&mut self) {
+        let cut = self.log.is_some_and(|log| log.cutting());
+        let status = if cut { PROXY_CUT } else { CLIENT_LEFT };
+        if let (Some(spans), Some((method, path))) = (self.spans, self.span_head.take()) {
+            let end = SystemTime::now();
+            let why = if cut { "proxy-cut" } else { "client-left" };
+            spans.record(Finished {
+                trace_id: self.trace.trace_id,
+                span_id: self.trace.span_id,
+                parent_id: self.trace.parent_id,
+                request_id: self.trace.request_id.clone(),
+                start: end.checked_sub(self.start.elapsed()).unwrap_or(end),
+                end,
+                method,
+                path,
+                status,
+                error: Some(http::HeaderValue::from_static(why)),
+                observed: self.seen.clone(),
+                response_bytes: None,
+            });
+        }
         let (Some(log), Some((method, path))) = (self.log, self.head.take()) else {
             return;
         };
@@ -184,11 +212,7 @@ impl LeftLog<'_> {
             sampled: self.trace.sampled,
             method,
             path,
-            status: if log.cutting() {
-                PROXY_CUT
-            } else {
-                CLIENT_LEFT
-            },
+            status,
             duration_ms: self.start.elapsed().as_secs_f64() * 1e3,
             bytes: None,
             observed: std::mem::take(self.seen),
@@ -422,19 +446,24 @@ fn check<B>(
         .map(Box::new)
 }
 
-/// An inbound request to a service with an allow-list (`authz`, from the
-/// control plane) passes only with a verified client identity on it; no
-/// identity (a plain listener) is no admission. `Err` names the client.
+/// A request to a service with an allow-list (`authz`, from the control
+/// plane) that comes inbound, or over mTLS whatever its listener's
+/// `direction` (a verified peer is another host's proxy), passes only
+/// with a verified client identity on it; no identity (a plain inbound
+/// listener) is no admission. `Err` names the client.
 fn authorize<B>(
     shared: &Shared,
     svc: &ServiceRoute,
     direction: usize,
     req: &Request<B>,
 ) -> Result<(), String> {
-    let (1, Some(allow)) = (direction, &svc.authz) else {
+    let Some(allow) = &svc.authz else {
         return Ok(());
     };
     let who = req.extensions().get::<Identities>();
+    if direction != 1 && who.is_none() {
+        return Ok(());
+    }
     if who.is_some_and(|w| w.any_in(allow)) {
         return Ok(());
     }

@@ -98,6 +98,18 @@ fn sensitive(bytes: &[u8]) -> HeaderValue {
     v
 }
 
+/// A client's request ID is kept when it is at most [`MAX_REQUEST_ID`]
+/// visible ASCII characters, none of them a quote, a backslash or a comma
+/// (a UUID, hex, base64 or a ULID pass): one that could split a log field
+/// or read as a list is replaced.
+fn valid_request_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID
+        && id
+            .iter()
+            .all(|&b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b','))
+}
+
 /// The trace context of one request, as sent upstream.
 #[derive(Clone, Debug)]
 pub struct Context {
@@ -125,13 +137,15 @@ impl Context {
     /// `tracestate`.
     pub fn read(headers: &mut HeaderMap, sample_rate: f64) -> Context {
         let [has_id, has_parent, has_state] = present(headers);
-        let client_id = if has_id {
+        // The client's ID only if it sent one (two would reach the app
+        // unchecked, and its logs would disagree with ours).
+        let client_id = if has_id && headers.get_all(&REQUEST_ID).iter().nth(1).is_none() {
             headers.get_mut(&REQUEST_ID)
         } else {
             None
         };
         let request_id = match client_id {
-            Some(v) if !v.is_empty() && v.len() <= MAX_REQUEST_ID => {
+            Some(v) if valid_request_id(v.as_bytes()) => {
                 v.set_sensitive(true);
                 RequestId::Client(v.clone())
             }
@@ -143,7 +157,13 @@ impl Context {
             }
         };
         let parent = if has_parent {
-            let parent = (headers.get(&TRACEPARENT)).and_then(|v| parse_traceparent(v.as_bytes()));
+            // Two `traceparent` fields are no valid one (W3C Trace
+            // Context: it is not a list): a new trace starts.
+            let mut all = headers.get_all(&TRACEPARENT).iter();
+            let parent = match (all.next(), all.next()) {
+                (Some(v), None) => parse_traceparent(v.as_bytes()),
+                _ => None,
+            };
             headers.remove(&TRACEPARENT);
             parent
         } else {
@@ -406,6 +426,46 @@ mod tests {
         assert!(matches!(ctx.request_id, RequestId::Made(_)));
         ctx.stamp().insert(&mut h);
         assert_eq!(h["x-request-id"].as_bytes(), ctx.request_id.as_bytes());
+    }
+
+    /// Two IDs, or one that could split a log field or read as a list:
+    /// every one the client sent is replaced. A UUID is kept.
+    #[test]
+    fn a_client_id_must_be_one_plain_token() {
+        let read = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(REQUEST_ID, HeaderValue::from_bytes(v).unwrap());
+            }
+            let ctx = Context::read(&mut h, 0.0);
+            (ctx, h.get_all("x-request-id").iter().count())
+        };
+        let (ctx, kept) = read(&[b"0d6f1a5e-8f43-4a7c-9d0b-5f2e1c3a4b6d"]);
+        assert!(matches!(ctx.request_id, RequestId::Client(_)));
+        assert_eq!(kept, 1);
+        for bad in [
+            &[&b"a"[..], b"b"][..],
+            &[b"a\tforged"],
+            &[b"a, b"],
+            &[b"say \"hi\""],
+        ] {
+            let (ctx, kept) = read(bad);
+            assert!(matches!(ctx.request_id, RequestId::Made(_)), "{bad:?}");
+            assert_eq!(kept, 0, "{bad:?}");
+        }
+    }
+
+    /// Two `traceparent` fields are no valid one: a new trace.
+    #[test]
+    fn two_traceparents_start_a_new_trace() {
+        let parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = HeaderMap::new();
+        h.append(TRACEPARENT, HeaderValue::from_bytes(parent).unwrap());
+        h.append(TRACEPARENT, HeaderValue::from_bytes(parent).unwrap());
+        let ctx = Context::read(&mut h, 0.0);
+        assert_ne!(ctx.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
+        assert!(ctx.parent_id.is_none());
+        assert!(h.get("traceparent").is_none());
     }
 
     #[test]
