@@ -891,7 +891,12 @@ pub fn parse_seconds(text: &str) -> Result<f64, String> {
         "" | "s" => n,
         "ms" => n / 1000.0,
         "m" => n * 60.0,
-        _ => return Err(format!("{text:?} is not a duration like 30s, 500ms or 2m")),
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration like 30s, 500ms, 2m or 1h"
+            ))
+        }
     })
 }
 

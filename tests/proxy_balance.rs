@@ -704,6 +704,7 @@ async fn health_check_mistakes_name_the_key() {
     let _one_at_a_time = MEASURING.lock().await;
     for (value, key) in [
         ("{ path: healthz }", "health_check.path"),
+        ("{ path: \"/health?x=<1>\" }", "health_check.path"),
         ("{ interval: 1ms }", "health_check.interval"),
         ("{ unhealthy: 0 }", "health_check.unhealthy"),
         ("{ every: 1s }", "every"),

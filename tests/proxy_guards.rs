@@ -131,7 +131,8 @@ async fn send_verbatim(proxy: &TestProxy, method: &str, path: &str) -> u16 {
 /// A block holds for every spelling of its path that many services read
 /// as that path: escaped letters, doubled slashes, `.` and `..` segments
 /// (as Envoy's `normalize_path` and `merge_slashes`), escaped slashes (as
-/// nginx's `location` matching); a limit too, and a
+/// nginx's `location` matching), a backslash and `;` path parameters (as
+/// Tomcat reads them); a limit too, and a
 /// guard whose own path is spelled oddly matches the path it stands for.
 /// What passes goes upstream as the client wrote it.
 #[tokio::test]
@@ -161,6 +162,11 @@ async fn a_guard_holds_for_other_spellings_of_its_path() {
         "/api%2fgiveaway/claim",
         "/api%5Cgiveaway",
         "/x/..%2Fapi/giveaway",
+        // A raw backslash (Tomcat, IIS), and path parameters (Tomcat,
+        // Jetty and Spring route without them).
+        "/api\\giveaway",
+        "/api/giveaway;jsessionid=1",
+        "/api;x/giveaway/claim",
     ] {
         assert_eq!(
             send_verbatim(&proxy, "POST", path).await,
@@ -175,6 +181,7 @@ async fn a_guard_holds_for_other_spellings_of_its_path() {
         "/api/%2e%2e/x",
         "/api/giveaways%2Fx",
         "/api%252Fgiveaway",
+        "/api/giveaways;x",
     ] {
         assert_eq!(
             send_verbatim(&proxy, "POST", path).await,

@@ -781,7 +781,11 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
             out.push((".health_check.timeout".into(), "must be more than 0".into()));
         }
         if let Some(path) = &hc.path {
-            if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
+            // Also none of what a request target cannot hold (`http`'s
+            // rule; a `#` would end it): such a check would fail on every
+            // endpoint, with nothing said.
+            let unsendable = path.contains(['"', '<', '>', '`', '#']);
+            if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) || unsendable {
                 out.push((
                     ".health_check.path".into(),
                     format!("{path:?} is not an absolute path like /healthz"),

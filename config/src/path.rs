@@ -12,8 +12,8 @@
 //! more. It runs on every guarded request, so a path that is already
 //! normal (nearly all) is only scanned, never copied. [`canonical_match`]
 //! puts a guard's own paths in the same form. [`slashes_unescaped`] is the
-//! spelling of a path that services which decode `%2F` (or read `\` as
-//! `/`) see.
+//! spelling of a path that services which decode `%2F`, read `\` as `/`
+//! or drop `;` path parameters see.
 
 use crate::rules::Match;
 use std::borrow::Cow;
@@ -29,19 +29,34 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     }
 }
 
-/// `normal` (a path in normal form) with its escaped slashes (`%2F`) and
-/// backslashes (`%5C`) read as `/`, in normal form again; `None` when it
-/// has neither. nginx decodes `%2F` before it matches a `location`, and
-/// many services read one as a separator (those that decode the path
-/// before routing it; Tomcat and IIS take a backslash for a slash), so a
-/// guard matches this spelling too. In normal form every `%` starts an
-/// escape, so a `%2F` found is one.
+/// `normal` (a path in normal form) as many services read it, in normal
+/// form again; `None` when that is the same. Escaped slashes (`%2F`) and
+/// backslashes (`%5C`, or a raw `\\`) are read as `/`, and each
+/// segment's parameters (`;jsessionid=...`) are dropped: nginx decodes
+/// `%2F` before it matches a `location`, services that decode the path
+/// before routing it read one as a separator, Tomcat and IIS take a
+/// backslash for a slash, and Tomcat, Jetty and Spring route without path
+/// parameters. A guard matches this spelling too. In normal form every `%`
+/// starts an escape, so a `%2F` found is one.
 pub fn slashes_unescaped(normal: &str) -> Option<String> {
-    if !normal.contains("%2F") && !normal.contains("%5C") {
+    let escaped = normal.contains("%2F") || normal.contains("%5C");
+    if !escaped && !normal.contains(['\\', ';']) {
         return None;
     }
-    let slashed = normal.replace("%2F", "/").replace("%5C", "/");
-    Some(normalize_path(&slashed).into_owned())
+    let slashed = normal
+        .replace("%2F", "/")
+        .replace("%5C", "/")
+        .replace('\\', "/");
+    // Each segment's `;...` dropped.
+    let mut read = String::with_capacity(slashed.len());
+    for (i, segment) in slashed.split('/').enumerate() {
+        if i > 0 {
+            read.push('/');
+        }
+        read.push_str(segment.split(';').next().unwrap_or(""));
+    }
+    let read = normalize_path(&read).into_owned();
+    (read != normal).then_some(read)
 }
 
 /// A guard's match with its path in the form requests are compared in:
@@ -191,6 +206,14 @@ mod tests {
             // `%25` is a `%`, not the start of an escaped slash.
             ("/api%252Fgiveaway", None),
             ("/api/giveaway", None),
+            // A raw backslash, and path parameters.
+            ("/api\\giveaway", Some("/api/giveaway")),
+            ("/api/giveaway;a=1", Some("/api/giveaway")),
+            (
+                "/api;x/giveaway;jsessionid=2/claim",
+                Some("/api/giveaway/claim"),
+            ),
+            ("/api/;x", Some("/api/")),
         ] {
             let normal = normalize_path(path);
             assert_eq!(slashes_unescaped(&normal).as_deref(), slashed, "{path}");

@@ -4,7 +4,8 @@
 //!
 //! Guards compare the request's path in normal form (`normalize_path`:
 //! `%67` is `g`, `//` is `/`, `.` and `..` segments resolved), as
-//! written, and with an escaped slash read as `/` (`slashes_unescaped`);
+//! written, and as many services read it (`slashes_unescaped`: an escaped
+//! slash or a backslash read as `/`, `;` parameters dropped);
 //! their own paths are in normal form: a block must not be walked around
 //! by spelling the path another way that the service reads as the
 //! blocked one. What is forwarded is the path as the client sent it.

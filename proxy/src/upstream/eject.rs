@@ -151,9 +151,13 @@ impl Health {
     }
 
     /// The claimed check ended at `now_ns`: the next is due `interval`
-    /// later.
+    /// later, give or take 10 % (Envoy's `interval_jitter`), so that the
+    /// checks of endpoints that came together, and of the proxies that
+    /// learnt of them together, drift apart instead of landing on each
+    /// endpoint at once, every interval.
     pub fn check_done(&self, now_ns: u64, interval: Duration) {
-        let next = now_ns.saturating_add(interval.as_nanos() as u64);
+        let jittered = interval.mul_f64(0.9 + 0.2 * fastrand::f64());
+        let next = now_ns.saturating_add(jittered.as_nanos() as u64);
         self.check_due.store(next, Ordering::Release);
     }
 
@@ -689,6 +693,23 @@ mod tests {
         assert_eq!(a.0.availability(ns(t3)), Availability::ProbeDue);
     }
 
+    /// Checks are spread: the next is due within 10 % of the interval
+    /// after the last, not exactly on it.
+    #[test]
+    fn the_next_check_is_jittered() {
+        let health = Health::default();
+        let interval = Duration::from_secs(10);
+        let dues: Vec<u64> = (0..20)
+            .map(|_| {
+                health.check_done(0, interval);
+                health.check_due.load(Ordering::Relaxed)
+            })
+            .collect();
+        let (lo, hi) = (9_000_000_000, 11_000_000_000);
+        assert!(dues.iter().all(|d| (lo..=hi).contains(d)), "{dues:?}");
+        assert!(dues.iter().any(|&d| d != dues[0]), "no jitter: {dues:?}");
+    }
+
     /// Active checks and failure accrual are apart: an endpoint whose
     /// checks fail is out until they pass. No probe is due however long it
     /// has been out, and a request's success does not return it.
@@ -740,7 +761,7 @@ mod tests {
     }
 
     /// A check is not due again until the one out ends, then `interval`
-    /// after its end, however long it took.
+    /// (+-10 %) after its end, however long it took.
     #[test]
     fn one_check_at_a_time() {
         let h = Health::default();
@@ -749,7 +770,7 @@ mod tests {
         assert!(!h.claim_check(100 * s), "due while the last is out");
         h.check_done(3 * s, Duration::from_millis(200));
         assert!(!h.claim_check(3 * s + s / 10));
-        assert!(h.claim_check(3 * s + s / 5));
+        assert!(h.claim_check(3 * s + s / 5 + s / 50));
     }
 
     #[tokio::test(start_paused = true)]
