@@ -61,13 +61,14 @@ pub struct Guards {
 /// What a limiter belongs to: its guard's match and the settings it was
 /// built from. Not the guard's place in the list, which shifts whenever
 /// another guard comes or goes; a change of rate, burst or key starts a
-/// fresh limiter.
+/// fresh limiter, except a `fleet` limit's share (see [`Identity::shared`]).
 #[derive(PartialEq, Eq, Hash)]
 struct Identity {
     when: Match,
     rate: Rate,
     burst: u32,
     by: LimitBy,
+    fleet: bool,
 }
 
 impl Identity {
@@ -77,7 +78,15 @@ impl Identity {
             rate: limit.rate,
             burst: limit.burst(),
             by: limit.by.clone(),
+            fleet: limit.scope == almond_config::LimitScope::Fleet,
         }
+    }
+
+    /// The same `fleet` limit with another share: the control plane
+    /// shares its rate out again whenever proxies come or go, and that
+    /// must not hand every client a fresh burst.
+    fn shared(&self, other: &Identity) -> bool {
+        self.fleet && other.fleet && self.when == other.when && self.by == other.by
     }
 }
 
@@ -123,6 +132,28 @@ impl Limiter {
             keys: std::hash::RandomState::new(),
             slots: (0..slots).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// A limiter for `limit` that goes on from `old` (the same fleet
+    /// limit at another share): the same keys in the same buckets, each
+    /// bucket's debt kept, but no more than the new burst allows.
+    fn carried(limit: &almond_config::Limit, old: &Limiter) -> Limiter {
+        let mut new = Limiter::new(limit);
+        if new.slots.len() != old.slots.len() {
+            return new;
+        }
+        new.epoch = old.epoch;
+        new.keys = old.keys.clone();
+        let now = Instant::now()
+            .saturating_duration_since(old.epoch)
+            .as_nanos() as u64;
+        let most = now
+            .saturating_add(new.tolerance)
+            .saturating_add(new.interval);
+        for (to, from) in new.slots.iter().zip(old.slots.iter()) {
+            to.store(from.load(Ordering::Relaxed).min(most), Ordering::Relaxed);
+        }
+        new
     }
 
     /// Takes one request from the bucket of `req`'s key at `now`, or says
@@ -196,10 +227,16 @@ impl Guards {
                     let limiter = limiters
                         .entry(Identity::of(when, limit))
                         .or_insert_with_key(|id| {
-                            previous
-                                .and_then(|p| p.limiters.get(id))
-                                .cloned()
-                                .unwrap_or_else(|| Arc::new(Limiter::new(limit)))
+                            let before = previous.map(|p| &p.limiters);
+                            if let Some(same) = before.and_then(|l| l.get(id)) {
+                                return same.clone();
+                            }
+                            let reshared = (before.into_iter().flatten())
+                                .find_map(|(old, limiter)| old.shared(id).then_some(limiter));
+                            Arc::new(match reshared {
+                                Some(old) => Limiter::carried(limit, old),
+                                None => Limiter::new(limit),
+                            })
                         });
                     Action::Limit(limiter.clone())
                 }
@@ -332,6 +369,51 @@ mod tests {
         let later = t0 + Duration::from_secs(10);
         assert!((0..3).all(|_| l.take(&req, ip, later).is_ok()));
         assert!(l.take(&req, ip, later).is_err());
+    }
+
+    /// A fleet limit shared out again (a proxy came: 2 shares become 3)
+    /// keeps its buckets: a client at its limit stays limited, rather than
+    /// getting a fresh burst each time the fleet changes.
+    #[test]
+    fn a_fleet_limit_shared_out_again_keeps_its_buckets() {
+        let fleet: almond_config::Limit =
+            serde_json::from_str(r#"{"rate": "2/min", "by": "client_ip", "scope": "fleet"}"#)
+                .unwrap();
+        let guards = |limit: almond_config::Limit, previous: Option<&Guards>| {
+            let svc: Service = serde_json::from_value(serde_json::json!({
+                "endpoints": [{ "addr": "127.0.0.1:1" }],
+                "guards": [{ "match": { "path_prefix": "/x" }, "limit": limit }],
+            }))
+            .unwrap();
+            Guards::build("web", &svc, &Metrics::new().unwrap(), previous).unwrap()
+        };
+        let limiter = |g: &Guards| match &g
+            .rules
+            .first_match_at(&Request::get("/x").body(()).unwrap(), "/x")
+        {
+            Some(Action::Limit(l)) => l.clone(),
+            _ => panic!("no limit"),
+        };
+        let two = guards(fleet.shared(2), None);
+        let req = Request::new(());
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let l = limiter(&two);
+        let now = Instant::now();
+        assert!(l.take(&req, ip, now).is_ok());
+        assert!(l.take(&req, ip, now).is_err(), "1/min, burst 1");
+        let three = guards(fleet.shared(3), Some(&two));
+        assert!(
+            limiter(&three).take(&req, ip, now).is_err(),
+            "a fresh burst"
+        );
+        // A limit of another kind is another limiter.
+        let own = guards(fleet.shared(1), Some(&three));
+        assert!(limiter(&own).take(&req, ip, now).is_err());
+        let mut proxy = fleet.clone();
+        proxy.scope = almond_config::LimitScope::Proxy;
+        assert!(limiter(&guards(proxy, Some(&own)))
+            .take(&req, ip, now)
+            .is_ok());
     }
 
     #[test]
