@@ -440,6 +440,14 @@ impl Metrics {
         self.guarded.with_label_values(&[service, reason])
     }
 
+    /// A service's guards are gone (or the service is): its guarded-answer
+    /// counters too (the guard subset's series go with `forget_subset`).
+    pub fn forget_guarded(&self, service: &str) {
+        for reason in ["denied", "rate_limited"] {
+            let _ = self.guarded.remove_label_values(&[service, reason]);
+        }
+    }
+
     /// The access log's drop counter for `reason` (`queue_full`, `rate_limit`).
     pub fn access_log_dropped(&self, reason: &str) -> IntCounter {
         self.access_log_dropped.with_label_values(&[reason])

@@ -392,6 +392,12 @@ fn forget_stale(prev: &Table, next: &HashMap<Box<str>, Arc<ServiceRoute>>, metri
         if new.is_none() {
             metrics.forget_service(name);
         }
+        // Its guards gone: their answers' series too (requests, duration
+        // and errors under `subset="guard"`, and the guarded counters).
+        if old.guards.is_some() && new.is_none_or(|n| n.guards.is_none()) {
+            metrics.forget_subset(name, crate::pipeline::guard::GUARD_SUBSET);
+            metrics.forget_guarded(name);
+        }
         for subset in &old.subsets {
             let kept = new.and_then(|n| n.subsets.iter().find(|s| s.name == subset.name));
             match (kept, new) {
@@ -831,6 +837,30 @@ mod tests {
                 .map(|m| m.state.addr);
             assert_eq!(picked, Some(failing.addr), "the probe is claimed first");
         }
+    }
+
+    /// A service whose guards go (or that goes) leaves no guard series
+    /// behind in `/metrics`.
+    #[test]
+    fn guard_series_go_with_the_guards() {
+        let with = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
+                    endpoints: [{ addr: 127.0.0.1:1 }]\n    \
+                    guards: [{ match: { path_prefix: /x }, deny: { status: 503 } }]\n";
+        let without = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
+                       endpoints: [{ addr: 127.0.0.1:1 }]\n";
+        let load = |t: &str| Arc::new(almond_config::load_proxy(t, "t").unwrap());
+        let metrics = Metrics::new().unwrap();
+        let text = |m: &Metrics| String::from_utf8(m.encode()).unwrap();
+        let first = Table::build(load(with), &metrics, None);
+        assert!(text(&metrics).contains("subset=\"guard\""));
+        assert!(text(&metrics).contains("almond_guarded_requests_total"));
+        let _next = Table::build(load(without), &metrics, Some(&first));
+        assert!(
+            !text(&metrics).contains("subset=\"guard\""),
+            "{}",
+            text(&metrics)
+        );
+        assert!(!text(&metrics).contains("almond_guarded_requests_total{"));
     }
 
     /// A new table keeps a service's retry budget account: a budget spent
