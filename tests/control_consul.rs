@@ -787,6 +787,20 @@ async fn an_acl_refusal_is_reported_without_a_hot_loop() {
     reaches(&proxy, "b1", "v1").await;
 }
 
+/// A Consul with ACLs on, and `token` (in environment variable `env`)
+/// allowed to read everything and write under `almond/`: the rights the
+/// control plane needs; returns them too, to take some away.
+async fn consul_with_writer(env: &str, token: &str) -> (ConsulDouble, AclPolicy) {
+    std::env::set_var(env, token);
+    let consul = ConsulDouble::builder()
+        .acl_token(Some("management-token-not-ours"))
+        .start()
+        .await;
+    let writer = AclPolicy::read_all().key_prefix("almond/", Access::Write);
+    consul.add_acl_token(token, writer.clone());
+    (consul, writer)
+}
+
 /// A token that loses `service:read` on a service gets a catalog list
 /// without it (`X-Consul-Results-Filtered-By-ACLs`): the service is hidden,
 /// not deregistered. It stays served, from its last state; a service
@@ -795,13 +809,7 @@ async fn an_acl_refusal_is_reported_without_a_hot_loop() {
 async fn services_hidden_from_the_catalog_by_acls_stay_served() {
     const ENV: &str = "ALMOND_TEST_CC_TOKEN_HIDDEN_CATALOG";
     const TOKEN: &str = "7a0c9d2e-hidden-catalog";
-    std::env::set_var(ENV, TOKEN);
-    let consul = ConsulDouble::builder()
-        .acl_token(Some("management-token-not-ours"))
-        .start()
-        .await;
-    let writer = AclPolicy::read_all().key_prefix("almond/", Access::Write);
-    consul.add_acl_token(TOKEN, writer.clone());
+    let (consul, writer) = consul_with_writer(ENV, TOKEN).await;
     let b1 = Backend::start("b1").await;
     consul.register(web("web-1", &b1, "v1")).unwrap();
     let other = |id: &str, name: &str| {
@@ -856,13 +864,7 @@ async fn services_hidden_from_the_catalog_by_acls_stay_served() {
 async fn policies_hidden_by_acls_are_kept_not_dropped() {
     const ENV: &str = "ALMOND_TEST_CC_TOKEN_HIDDEN";
     const TOKEN: &str = "5f1c3a7e-hidden-policies";
-    std::env::set_var(ENV, TOKEN);
-    let consul = ConsulDouble::builder()
-        .acl_token(Some("management-token-not-ours"))
-        .start()
-        .await;
-    let writer = AclPolicy::read_all().key_prefix("almond/", Access::Write);
-    consul.add_acl_token(TOKEN, writer);
+    let (consul, _) = consul_with_writer(ENV, TOKEN).await;
     let b1 = Backend::start("b1").await;
     let b2 = Backend::start("b2").await;
     consul.register(web("web-1", &b1, "v1")).unwrap();

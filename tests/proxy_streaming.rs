@@ -377,6 +377,23 @@ async fn a_stalled_upload_leaves_room_for_the_connection_s_other_streams() {
     upload.abort();
 }
 
+/// An HTTP/2 connection to `addr` whose client gives no stream any window
+/// (it still answers pings); the task driving it ends when it closes.
+async fn h2_client_with_no_window(
+    addr: std::net::SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    (send, tokio::spawn(conn))
+}
+
 /// An HTTP/2 client that answers pings but never opens its window: its
 /// small answer's one frame waits in the proxy past the window, so the
 /// stream never ends. Once idle the connection is closed within
@@ -390,13 +407,7 @@ async fn an_h2_client_that_never_opens_its_window_is_let_go() {
         .service(ServiceYaml::new("svc").at(backend.addr))
         .start()
         .await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    let (send, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (send, conn) = h2_client_with_no_window(proxy.addr()).await;
     let mut send = send.ready().await.unwrap();
     let req = Request::get("http://svc/").body(()).unwrap();
     let (resp, _) = send.send_request(req, true).unwrap();
@@ -695,13 +706,7 @@ async fn an_h2_client_that_never_opens_its_window_is_reset_after_body_idle() {
         .service(ServiceYaml::new("big").at(backend.addr))
         .start()
         .await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    let (send, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (send, _conn) = h2_client_with_no_window(proxy.addr()).await;
     let mut send = send.ready().await.unwrap();
     let req = Request::get("http://big/bytes/1000000").body(()).unwrap();
     let (resp, _) = send.send_request(req, true).unwrap();
