@@ -379,6 +379,7 @@ async fn a_stalled_upload_leaves_room_for_the_connection_s_other_streams() {
 
 /// An HTTP/2 connection to `addr` whose client gives no stream any window
 /// (it still answers pings); the task driving it ends when it closes.
+#[allow(clippy::unwrap_used)]
 async fn h2_client_with_no_window(
     addr: std::net::SocketAddr,
 ) -> (
