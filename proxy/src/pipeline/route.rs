@@ -392,9 +392,11 @@ fn forget_stale(prev: &Table, next: &HashMap<Box<str>, Arc<ServiceRoute>>, metri
         if new.is_none() {
             metrics.forget_service(name);
         }
-        // Its guards gone: their answers' series too (requests, duration
+        // The service gone: its guards' series too (requests, duration
         // and errors under `subset="guard"`, and the guarded counters).
-        if old.guards.is_some() && new.is_none_or(|n| n.guards.is_none()) {
+        // A service that stays keeps them, as its other counters (a
+        // counter that vanished would read as a reset).
+        if old.guards.is_some() && new.is_none() {
             metrics.forget_subset(name, crate::pipeline::guard::GUARD_SUBSET);
             metrics.forget_guarded(name);
         }
@@ -839,14 +841,14 @@ mod tests {
         }
     }
 
-    /// A service whose guards go (or that goes) leaves no guard series
-    /// behind in `/metrics`.
+    /// A service with guards that goes leaves no guard series behind in
+    /// `/metrics`.
     #[test]
-    fn guard_series_go_with_the_guards() {
+    fn guard_series_go_with_the_service() {
         let with = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
                     endpoints: [{ addr: 127.0.0.1:1 }]\n    \
                     guards: [{ match: { path_prefix: /x }, deny: { status: 503 } }]\n";
-        let without = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  web:\n    \
+        let without = "listeners:\n  - bind: 127.0.0.1:0\nservices:\n  api:\n    \
                        endpoints: [{ addr: 127.0.0.1:1 }]\n";
         let load = |t: &str| Arc::new(almond_config::load_proxy(t, "t").unwrap());
         let metrics = Metrics::new().unwrap();
