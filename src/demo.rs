@@ -189,7 +189,9 @@ pub async fn run(duration: Option<Duration>, rate: u32, step_secs: u64) -> anyho
                 registry.join("demo.yaml"),
                 format!("demo:\n  endpoints:\n{}\n", endpoints.join("\n")),
             )?;
-            tokio::time::sleep(Duration::from_millis(600)).await;
+            // The control plane reads the file once it has held still for
+            // a poll: wait until it serves v3, on a slow machine too.
+            wait_for_subset(&ops, "demo", "v3").await?;
             println!(
                 "demo: rolling out v3, a bad build; the watcher should roll it back by itself"
             );
@@ -312,6 +314,29 @@ fn rollout_spec(canary: &str, stable: &str, step_secs: u64) -> crate::ops::Rollo
         "interval_seconds": step_secs,
         "thresholds": { "min_requests": 20, "max_error_rate": 0.05, "max_p99_ratio": 3.0 },
     }))
+}
+
+/// Waits until the control plane serves `subset` of `service` (at most
+/// 10 s: the file source reads a change once it has held still for a
+/// poll); a rollout to a subset it does not know yet would be refused.
+async fn wait_for_subset(
+    ops: &crate::ops::Target,
+    service: &str,
+    subset: &str,
+) -> anyhow::Result<()> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let path = format!("/v1/services/{service}");
+    loop {
+        let known = (ops.get(&path).await)
+            .is_ok_and(|v| v["subsets"][subset]["healthy"].as_u64().unwrap_or(0) > 0);
+        if known {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= until {
+            anyhow::bail!("the control plane did not pick up subset {subset} of {service} in 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The rollout's phase, and a line about its latest verdict.

@@ -381,8 +381,13 @@ fn tap_line(e: &Value) -> String {
         secs / 60 % 60,
         secs % 60
     );
+    let direction = match e["direction"].as_str() {
+        Some("outbound") => "out",
+        Some("inbound") => "in",
+        _ => "-",
+    };
     let mut line = format!(
-        "{clock} {} {} {} {} {} {} {}ms {}",
+        "{clock} {} {direction} {} {} {} {} {} {}ms {}",
         s("proxy"),
         s("method"),
         s("path"),

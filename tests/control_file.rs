@@ -515,6 +515,12 @@ async fn methods_are_answered_as_http_says() {
     let reply = client.request(ask(Method::POST, "/ready")).await;
     assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(reply.header("allow"), Some("GET, HEAD"));
+    // The live tap is a stream: GET only, and `Allow` says so.
+    let reply = client
+        .request(ask(Method::HEAD, "/v1/services/s/tap"))
+        .await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.header("allow"), Some("GET"));
     let reply = client.request(ask(Method::POST, "/nothing/here")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     let reply = client.request(ask(Method::GET, "/nothing/here")).await;

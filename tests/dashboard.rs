@@ -648,4 +648,45 @@ async fn the_shift_inputs_follow_the_weights_in_force() {
         &format!("{inputs} === 'v1=0,v2=100'"),
     )
     .await;
+    tab.until(
+        "the rollout line says where the canary is",
+        "document.querySelector('section[data-service=\"s\"]').textContent.includes('(100% canary;')",
+    )
+    .await;
+
+    // The rollout's end may write the policy once more: the page shows
+    // the last version once it stays put over a refresh (1 s).
+    let version = || async { rig.control.service("s").await["policy"]["version"].clone() };
+    let mut last = version().await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = version().await;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    // Two shifts in a row from the button, which keeps the focus after a
+    // click as in a real browser: the second is sent with the version the
+    // first made, not refused as stale.
+    let shift_to = |v1: u32, v2: u32| {
+        format!(
+            "(() => {{ for (const i of document.querySelectorAll('section[data-service=\"s\"] input[data-subset]')) \
+               i.value = i.dataset.subset === 'v1' ? '{v1}' : '{v2}'; \
+             const b = document.querySelector('button[data-action=\"shift\"][data-service=\"s\"]'); \
+             b.focus(); b.click(); return document.activeElement === b; }})()"
+        )
+    };
+    for (v1, v2) in [(70, 30), (40, 60)] {
+        assert_eq!(tab.eval(&shift_to(v1, v2)).await, json!(true));
+        eventually("the shift is in force", || async {
+            rig.split().await == json!({ "v1": v1, "v2": v2 })
+        })
+        .await;
+        tab.until(
+            "the page says the shift was done",
+            "document.getElementById('message').textContent.endsWith(' done')",
+        )
+        .await;
+    }
 }

@@ -183,3 +183,73 @@ async fn ready_live_config_and_endpoints() {
     })
     .await;
 }
+
+/// The admin listener serves at most `MAX_CONNECTIONS_PER_PEER`
+/// connections from one client address: past it a new connection is
+/// closed unanswered (idle clients cannot take every file descriptor),
+/// another address's health check still answers, and a place comes back
+/// when a connection ends.
+#[tokio::test]
+async fn admin_connections_past_the_cap_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("cap").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("cap").endpoint(backend.addr, "v1", 1))
+        .start()
+        .await;
+    let admin = proxy.admin;
+    // `GET /ready` from source address `from`: the status line's start,
+    // or what came back (nothing, for a connection closed unanswered).
+    let ready_from = |from: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut c = socket.connect(admin).await.unwrap();
+        let _ = c
+            .write_all(b"GET /ready HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            .await;
+        let mut got = vec![0u8; 12];
+        let mut n = 0;
+        while n < got.len() {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut got[n..]))
+                .await
+                .expect("answered or closed at once, not left waiting")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+        got.truncate(n);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+
+    let mut held = Vec::new();
+    for _ in 0..almond_proxy::admin::MAX_CONNECTIONS_PER_PEER {
+        held.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    // The held connections are served: the last one answers.
+    let last = held.last_mut().unwrap();
+    last.write_all(b"GET /live HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    last.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+
+    assert_eq!(
+        ready_from("127.0.0.1").await,
+        "",
+        "over this address's cap: closed unanswered"
+    );
+    assert_eq!(
+        ready_from("127.0.0.2").await,
+        "HTTP/1.1 200",
+        "another address has room"
+    );
+
+    drop(held.pop());
+    eventually("a place comes back when a connection ends", || async {
+        ready_from("127.0.0.1").await == "HTTP/1.1 200"
+    })
+    .await;
+}

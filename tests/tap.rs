@@ -42,6 +42,11 @@ fn request(path: &str, subset: &str) -> Request<Body> {
         .header("authorization", "Bearer s3cret-token")
         .header("cookie", "session=s3cret-cookie")
         .header("x-shown", "plain")
+        .header("cf-access-jwt-assertion", "eyJs3cret-jwt")
+        .header("x-multi", "a")
+        .header("x-multi", "b")
+        // Its quotes double in JSON: a 100 KB line, were it shown whole.
+        .header("x-pad", "\"".repeat(50_000))
         .body(empty())
         .unwrap()
 }
@@ -125,6 +130,11 @@ async fn tap_shows_only_what_the_filter_passes_with_secrets_redacted() {
         assert_eq!(headers["authorization"], "<redacted>", "{e}");
         assert_eq!(headers["cookie"], "<redacted>", "{e}");
         assert_eq!(headers["x-shown"], "plain", "{e}");
+        assert_eq!(headers["cf-access-jwt-assertion"], "<redacted>", "{e}");
+        assert_eq!(headers["x-multi"], "a, b", "{e}");
+        let pad = headers["x-pad"].as_str().unwrap();
+        assert!(pad.len() < 2048 && pad.ends_with("..."), "{pad}");
+        assert_eq!(e["direction"], "outbound", "{e}");
         // As the upstream gets them: with the proxy's request ID and trace.
         assert_eq!(headers["x-request-id"], e["request_id"], "{e}");
         assert_eq!(

@@ -53,10 +53,21 @@ impl Secret {
     }
 
     /// Whether an `Authorization` header value is `Bearer <this token>`.
+    /// The scheme's name is matched without regard to case and may be
+    /// followed by several spaces (RFC 9110 section 11.1: `bearer` and
+    /// `BEARER` are the same scheme, as Envoy and nginx take them).
     pub fn matches_bearer(&self, authorization: Option<&[u8]>) -> bool {
-        authorization
-            .and_then(|v| v.strip_prefix(b"Bearer "))
-            .is_some_and(|t| self.matches(t))
+        let Some(value) = authorization else {
+            return false;
+        };
+        let Some((scheme, token)) = value.split_at_checked(6) else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case(b"Bearer") || token.first() != Some(&b' ') {
+            return false;
+        }
+        let start = token.iter().position(|&b| b != b' ').unwrap_or(token.len());
+        self.matches(&token[start..])
     }
 
     /// The token, for sending it.
@@ -100,9 +111,22 @@ mod tests {
         assert!(s.matches_bearer(Some(b"Bearer s3cret")));
         assert!(!s.matches_bearer(Some(b"Bearer s3cre")));
         assert!(!s.matches_bearer(Some(b"Bearer s3cret2")));
-        assert!(!s.matches_bearer(Some(b"bearer s3cret")));
+        assert!(!s.matches_bearer(Some(b"Bearers3cret")));
+        assert!(!s.matches_bearer(Some(b"Bearer ")));
+        assert!(!s.matches_bearer(Some(b"Basic s3cret")));
         assert!(!s.matches_bearer(Some(b"s3cret")));
         assert!(!s.matches_bearer(None));
         assert_eq!(format!("{s:?}"), "Secret(..)");
+    }
+
+    /// The scheme is a case-insensitive name (RFC 9110 section 11.1), and
+    /// one or more spaces part it from the token.
+    #[test]
+    fn the_scheme_is_matched_without_regard_to_case() {
+        let s = Secret::new("s3cret");
+        assert!(s.matches_bearer(Some(b"bearer s3cret")));
+        assert!(s.matches_bearer(Some(b"BEARER s3cret")));
+        assert!(s.matches_bearer(Some(b"Bearer   s3cret")));
+        assert!(!s.matches_bearer(Some(b"bearer S3CRET")));
     }
 }

@@ -30,6 +30,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Connections the API serves at once: every proxy holds one for its
+/// snapshot long-poll, plus operators and dashboards; past it a new one is
+/// closed at once.
+pub const MAX_CONNECTIONS: usize = 8192;
+
+/// Of those, from one client address (a host's proxies share one).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 512;
+
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
 /// Longest window `GET /v1/services/{svc}/live` waits for (direct source).
@@ -152,12 +160,17 @@ pub async fn serve(
     let loopback = listener
         .local_addr()
         .is_ok_and(|a| a.ip().to_canonical().is_loopback());
+    let slots = almond_net::Slots::new("control", MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
     almond_net::accept_until("control", &listener, &mut stop, |stream, addr| {
+        let Some(slot) = slots.take(addr.ip()) else {
+            return;
+        };
         let api = api.clone();
         let stop = closing.clone();
         let closing = closing.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             match tls {
                 None => {
                     let peer = Peer {
@@ -581,7 +594,8 @@ fn allowed(path: &[&str]) -> Option<&'static str> {
         ["v1", "services", _, "routes" | "mirror"] => "GET, HEAD, PUT, DELETE",
         ["v1", "services", _, "rollback"] | ["v1", "services", _, "rollouts", "approve"] => "POST",
         ["v1", "services", _, "rollouts"] => "GET, HEAD, POST, DELETE",
-        ["v1", "services", _, "tap" | "history" | "live" | "events"]
+        ["v1", "services", _, "tap"] => "GET",
+        ["v1", "services", _, "history" | "live" | "events"]
         | ["v1", "services", _]
         | ["v1", "snapshot" | "services" | "dashboard" | "proxies"]
         | ["metrics" | "ready" | "live" | "ui"]

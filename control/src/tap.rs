@@ -110,6 +110,9 @@ async fn relay(
     }
     let mut body = resp.into_body();
     let mut pending = BytesMut::new();
+    // In a line over MAX_LINE: its bytes are dropped up to its end, and
+    // the stream goes on with the next line.
+    let mut skipping = false;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
         let Ok(data) = frame.into_data() else {
@@ -118,12 +121,23 @@ async fn relay(
         pending.extend_from_slice(&data);
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line = pending.split_to(end + 1).freeze();
+            if std::mem::take(&mut skipping) {
+                continue;
+            }
             if line.len() > 1 && tx.send(line).await.is_err() {
                 return Ok(Ended::ByClient);
             }
         }
         if pending.len() > MAX_LINE {
-            return Err("line too long".to_owned());
+            if !skipping {
+                tracing::warn!(
+                    url,
+                    max = MAX_LINE,
+                    "tap: a proxy's line over the limit left out"
+                );
+            }
+            skipping = true;
+            pending.clear();
         }
     }
     Ok(Ended::ByProxy)

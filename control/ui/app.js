@@ -88,17 +88,28 @@
     refresh(true);
   }
 
-  function promote(name, subsets, subset) {
+  // A subset at 0 with no healthy instance is left out of a split sent:
+  // the control plane knows only subsets it has endpoints for (or that
+  // the split in force names), and leaving one out gives it no traffic,
+  // as 0 does.
+  function sendable(svc, weights) {
+    for (const s of Object.keys(weights)) {
+      if (weights[s] === 0 && svc && svc.subsets[s] && svc.subsets[s].healthy === 0) delete weights[s];
+    }
+    return weights;
+  }
+
+  function promote(name, subsets, subset, svc) {
     const weights = {};
     for (const s of subsets) weights[s] = 0;
     weights[subset] = 100;
     act(name, 'promote ' + subset, 'PUT', '/v1/services/' + encodeURIComponent(name) + '/split',
-      { weights, action: 'promote' });
+      { weights: sendable(svc, weights), action: 'promote' });
   }
 
   // `version`: the policy the inputs were filled from; a change made
   // since by someone else is refused (409), not silently overwritten.
-  function shift(name, inputs, version) {
+  function shift(name, inputs, version, svc) {
     const weights = {};
     for (const input of inputs) {
       const n = Number(input.value);
@@ -108,7 +119,8 @@
       }
       weights[input.dataset.subset] = n;
     }
-    act(name, 'shift', 'PUT', '/v1/services/' + encodeURIComponent(name) + '/split', { weights, version });
+    act(name, 'shift', 'PUT', '/v1/services/' + encodeURIComponent(name) + '/split',
+      { weights: sendable(svc, weights), version });
   }
 
   // --- live requests: one tap at a time (GET /v1/services/{svc}/tap, the
@@ -292,7 +304,7 @@
         el('td', { text: fmt(live.p99_ms, 1, ' ms') }),
         el('td', {}, el('button', {
           type: 'button', text: 'promote', 'data-action': 'promote', 'data-service': name,
-          'data-subset': s, onclick: () => promote(name, subsets, s),
+          'data-subset': s, onclick: () => promote(name, subsets, s, v.svc),
         })));
     });
     v.table.replaceChildren(head, ...rows);
@@ -311,11 +323,14 @@
       const labelled = subsets.flatMap((s, i) => [el('label', { text: ' ' + s + ' ' }), inputs[i]]);
       v.shiftBox.replaceChildren(...labelled, ' ', el('button', {
         type: 'button', text: 'shift weights', 'data-action': 'shift', 'data-service': name,
-        onclick: () => shift(name, inputs, v.shownVersion),
+        onclick: () => shift(name, inputs, v.shownVersion, v.svc),
       }));
     }
     const weightsKey = subsets.map((s) => svc.subsets[s].weight).join(',');
-    if (!v.shiftBox.contains(document.activeElement)) {
+    // Typing is focus in an input: a clicked button keeps the focus too
+    // (Chrome, Firefox), and must not freeze the version the next shift
+    // sends (it would be refused as stale).
+    if (!v.inputs.includes(document.activeElement)) {
       // Other changes (a guard, a mirror) move the version too.
       v.shownVersion = svc.version;
       if (weightsKey !== v.weightsKey) {
@@ -334,12 +349,19 @@
       return;
     }
     const steps = r.spec.steps || [];
-    // A succeeded rollout has promoted the canary, whatever its last step.
-    const percent = r.phase === 'succeeded' ? 100 : steps[Math.min(r.step, steps.length - 1)];
+    // The canary's share in force, as the control plane reckons it
+    // (Rollout::canary_weight): none in the shadow stage (mirrored copies
+    // only) or once rolled back or aborted, all once succeeded, else the
+    // step's.
+    let share;
+    if (r.phase === 'rolled_back' || r.phase === 'aborted') share = '0% canary';
+    else if (r.shadowing) share = 'shadow: ' + (r.spec.shadow || 0) + '% mirrored, 0% canary';
+    else if (r.phase === 'succeeded') share = '100% canary';
+    else share = (steps[Math.min(r.step, steps.length - 1)] || 0) + '% canary';
     v.rollout.replaceChildren(
       'rollout of ', el('b', { text: r.spec.canary }), ' over ', el('b', { text: r.stable }), ': ',
       el('span', { class: 'phase ' + r.phase, 'data-phase': r.phase, text: r.phase }),
-      ' step ' + (r.step + 1) + ' of ' + steps.length + ' (' + percent + '% canary; steps ' +
+      ' step ' + (r.step + 1) + ' of ' + steps.length + ' (' + share + '; steps ' +
         steps.join(' → ') + '%)');
   }
 

@@ -19,8 +19,11 @@ pub use host::{hostname, local_host, now_ms};
 pub use lines::Lines;
 
 use socket2::{Domain, SockRef, Socket, Type};
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -118,9 +121,129 @@ pub async fn accept_until<F>(
     }
 }
 
+/// A cap on the connections an operators' listener (the proxy's admin
+/// listener, the control plane's API) serves at once, in all and from one
+/// client address. Past either a new connection is closed as soon as it
+/// is accepted, so a flood of idle or slow clients cannot take every file
+/// descriptor the process needs for its real work, and one host's flood
+/// leaves room for the others (a health check, Prometheus); a warning says
+/// so once for each time a cap is reached.
+#[derive(Clone)]
+pub struct Slots(Arc<SlotsInner>);
+
+struct SlotsInner {
+    listener: &'static str,
+    max: usize,
+    per_peer: usize,
+    /// Connections open, in all and by client address.
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    full: AtomicBool,
+}
+
+/// One connection's place in its [`Slots`], given back when dropped.
+pub struct Slot {
+    slots: Arc<SlotsInner>,
+    peer: IpAddr,
+}
+
+impl Slots {
+    /// `max` connections at once on `listener` (named in the warning), at
+    /// most `per_peer` of them from one client address.
+    pub fn new(listener: &'static str, max: usize, per_peer: usize) -> Slots {
+        Slots(Arc::new(SlotsInner {
+            listener,
+            max,
+            per_peer,
+            open: Mutex::new((0, HashMap::new())),
+            full: AtomicBool::new(false),
+        }))
+    }
+
+    /// A place for one more connection from `peer`; `None` when the
+    /// listener's or the address's places are all taken (the caller closes
+    /// the connection).
+    pub fn take(&self, peer: IpAddr) -> Option<Slot> {
+        let inner = &self.0;
+        let peer = peer.to_canonical();
+        let refused = {
+            let mut open = inner.open.lock().unwrap_or_else(|e| e.into_inner());
+            let (total, by_peer) = &mut *open;
+            let from_peer = by_peer.get(&peer).copied().unwrap_or(0);
+            if *total >= inner.max {
+                Some("the listener's")
+            } else if from_peer >= inner.per_peer {
+                Some("one client address's")
+            } else {
+                *total += 1;
+                by_peer.insert(peer, from_peer + 1);
+                None
+            }
+        };
+        match refused {
+            None => {
+                inner.full.store(false, Ordering::Relaxed);
+                Some(Slot {
+                    slots: self.0.clone(),
+                    peer,
+                })
+            }
+            Some(cap) => {
+                if !inner.full.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        listener = inner.listener,
+                        %peer,
+                        max = inner.max,
+                        per_peer = inner.per_peer,
+                        "{cap} connection cap reached: new connections are closed until some end"
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = (self.slots.open.lock()).unwrap_or_else(|e| e.into_inner());
+        let (total, by_peer) = &mut *open;
+        *total = total.saturating_sub(1);
+        if let Some(n) = by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                by_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_cap_connections_in_all_and_per_address_and_free_on_drop() {
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+        );
+        let slots = Slots::new("test", 3, 2);
+        let a1 = slots.take(a).expect("first from a");
+        let _a2 = slots.take(a).expect("second from a");
+        assert!(slots.take(a).is_none(), "a third from one address");
+        let _b1 = slots.take(b).expect("another address has room");
+        assert!(slots.take(c).is_none(), "the listener's cap");
+        drop(a1);
+        let c1 = slots.take(c);
+        assert!(c1.is_some(), "a place comes back when a connection ends");
+        assert!(slots.take(a).is_none(), "c took it");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert!(
+            slots.take(mapped).is_none(),
+            "an IPv4-mapped address is the same client"
+        );
+    }
 
     #[tokio::test]
     async fn serves_each_connection_and_stops_when_told() {

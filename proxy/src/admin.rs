@@ -23,11 +23,24 @@ use tokio::time::Instant;
 /// keep-alive connection is kept).
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Connections the admin listener serves at once (scrapers, health checks,
+/// operators and their live `/tap`s); past it a new one is closed at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Of those, from one client address: a flood from one host leaves room
+/// for the health checks and scrapes of the others.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+
 /// Serves admin requests until `stop` changes.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    almond_net::accept_until("admin", &listener, &mut stop, |stream, _| {
+    let slots = almond_net::Slots::new("admin", MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
+    almond_net::accept_until("admin", &listener, &mut stop, |stream, peer| {
+        let Some(slot) = slots.take(peer.ip()) else {
+            return;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| respond(shared.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -51,7 +64,15 @@ async fn respond(
     if let Some(refused) = guard(&shared, req.uri().path(), authorization, host) {
         return Ok(refused.map(Either::Left));
     }
-    if req.uri().path() == "/tap" && req.method() == Method::GET {
+    if req.uri().path() == "/tap" {
+        if req.method() != Method::GET {
+            // A stream: nothing to say to HEAD but its headers, and the
+            // watcher those would start.
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+            resp.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("GET"));
+            return Ok(resp.map(Either::Left));
+        }
         return Ok(tap(&shared, &req));
     }
     Ok(respond_whole(shared, req).await.map(Either::Left))

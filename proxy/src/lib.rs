@@ -267,11 +267,14 @@ impl Proxy {
 
         shutdown.await;
         tracing::info!(drain_timeout = ?drain, "shutting down: draining in-flight requests");
-        self.shared.ready.store(false, Ordering::Release);
-        let _ = stop_tx.send(true);
+        // The follower first, and waited for: one applying a snapshot on
+        // another thread would mark the proxy ready again after this.
         if let Some(follower) = follower {
             follower.abort();
+            let _ = follower.await;
         }
+        self.shared.ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
         for task in tasks {
             let _ = task.await;
         }

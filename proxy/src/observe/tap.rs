@@ -24,12 +24,39 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A tap shows a header by name only, never by value, when its name
 /// (lower case, as `HeaderName` keeps it) contains one of these: the
 /// credentials of `authorization`, `proxy-authorization`, `cookie`,
-/// `set-cookie`, `x-api-key`, and of the ones an application names itself
-/// (`x-auth-token`, `x-amz-security-token`, `x-csrf-token`,
-/// `x-vault-token`, `x-session-id`, ...). A few harmless ones go too.
-const SECRET_WORDS: [&str; 7] = [
-    "auth", "cookie", "key", "password", "secret", "session", "token",
+/// `set-cookie`, `x-api-key`, `dpop`, the identity assertions of
+/// access proxies (`cf-access-jwt-assertion`, `x-goog-iap-jwt-assertion`,
+/// `x-amzn-oidc-data`), webhook signatures (`x-hub-signature-256`), and
+/// the ones an application names itself (`x-auth-token`,
+/// `x-amz-security-token`, `x-csrf-token`, `x-vault-token`,
+/// `x-session-id`, `x-passwd`, ...). A few harmless ones go too.
+const SECRET_WORDS: [&str; 17] = [
+    "assertion",
+    "auth",
+    "cookie",
+    "credential",
+    "csrf",
+    "dpop",
+    "jwt",
+    "key",
+    "oidc",
+    "pass",
+    "private",
+    "saml",
+    "secret",
+    "session",
+    "sign",
+    "token",
+    "xsrf",
 ];
+
+/// Bytes of header names and values one event shows, at most, and of one
+/// value: an event stays a few KiB (well under the control plane's
+/// 64 KiB line) however large the request's head; what is left out is
+/// counted in the event's `headers_left_out`, and a cut value ends in
+/// `...`.
+const SHOWN_BYTES: usize = 8 * 1024;
+const SHOWN_VALUE: usize = 1024;
 
 /// Whether a tap hides the value of header `name` (lower case).
 fn secret(name: &str) -> bool {
@@ -153,6 +180,12 @@ impl Taps {
             if !passes(&watcher.filter, summary) {
                 continue;
             }
+            // Room in the watcher's queue first: a watcher that reads too
+            // slowly must not spend the proxy-wide budget the others share.
+            let Ok(room) = watcher.tx.try_reserve() else {
+                self.dropped.inc();
+                continue;
+            };
             if !watcher.budget.take(second, watcher.filter.per_second)
                 || !self.budget.take(second, MAX_PER_SECOND)
             {
@@ -164,10 +197,8 @@ impl Taps {
                 (_, false) => line.insert(self.render(summary, false)).clone(),
                 (_, true) => self.render(summary, true),
             };
-            match watcher.tx.try_send(bytes) {
-                Ok(()) => self.sent.inc(),
-                Err(_) => self.dropped.inc(),
-            }
+            room.send(bytes);
+            self.sent.inc();
         }
     }
 
@@ -202,6 +233,7 @@ impl Taps {
         let mut event = json!({
             "time_ms": s.time_ms,
             "proxy": &*self.proxy,
+            "direction": o.direction.as_str(),
             "method": s.method.as_str(),
             "path": s.path,
             "status": s.status,
@@ -212,7 +244,11 @@ impl Taps {
             "request_id": String::from_utf8_lossy(s.request_id),
         });
         if let (true, Some(map), Some(all)) = (headers, event.as_object_mut(), s.headers) {
-            map.insert("headers".to_owned(), redacted(all));
+            let (shown, left_out) = redacted(all);
+            map.insert("headers".to_owned(), shown);
+            if left_out > 0 {
+                map.insert("headers_left_out".to_owned(), Value::from(left_out));
+            }
         }
         let mut bytes = serde_json::to_vec(&event).unwrap_or_default();
         bytes.push(b'\n');
@@ -220,18 +256,41 @@ impl Taps {
     }
 }
 
-/// The request's headers as a JSON object, secrets by name only.
-fn redacted(headers: &HeaderMap) -> Value {
+/// The request's headers as a JSON object, secrets by name only, a
+/// repeated field's values joined with `, `; within [`SHOWN_BYTES`], and
+/// how many fields did not fit.
+fn redacted(headers: &HeaderMap) -> (Value, usize) {
     let mut out = Map::new();
-    for (name, value) in headers {
-        let shown = if secret(name.as_str()) {
+    let mut budget = SHOWN_BYTES;
+    let mut left_out = 0;
+    for name in headers.keys() {
+        let name = name.as_str();
+        if name.len() >= budget {
+            left_out += 1;
+            continue;
+        }
+        budget -= name.len();
+        let shown = if secret(name) {
             "<redacted>".to_owned()
         } else {
-            String::from_utf8_lossy(value.as_bytes()).into_owned()
+            let mut joined = Vec::new();
+            for (i, value) in headers.get_all(name).iter().enumerate() {
+                if i > 0 {
+                    joined.extend_from_slice(b", ");
+                }
+                joined.extend_from_slice(value.as_bytes());
+            }
+            let keep = joined.len().min(SHOWN_VALUE).min(budget);
+            budget -= keep;
+            let mut text = String::from_utf8_lossy(&joined[..keep]).into_owned();
+            if keep < joined.len() {
+                text.push_str("...");
+            }
+            text
         };
-        out.insert(name.as_str().to_owned(), Value::String(shown));
+        out.insert(name.to_owned(), Value::String(shown));
     }
-    Value::Object(out)
+    (Value::Object(out), left_out)
 }
 
 /// Removes its watcher when dropped.
@@ -344,6 +403,13 @@ mod tests {
             "x-client-secret",
             "x-db-password",
             "x-authz",
+            "cf-access-jwt-assertion",
+            "x-goog-iap-jwt-assertion",
+            "x-amzn-oidc-data",
+            "dpop",
+            "x-hub-signature-256",
+            "x-passwd",
+            "x-xsrf",
         ];
         for name in secrets {
             let name: http::HeaderName = name.parse().unwrap();
@@ -372,5 +438,99 @@ mod tests {
         }
         assert_eq!(event["headers"]["accept"], "text/html", "{text}");
         assert_eq!(event["headers"]["user-agent"], "curl/8", "{text}");
+    }
+
+    fn summary<'a>(observed: &'a Observed, headers: Option<&'a HeaderMap>) -> Summary<'a> {
+        Summary {
+            time_ms: 1_000,
+            method: &Method::GET,
+            path: "/x",
+            status: 200,
+            observed,
+            latency: Duration::from_micros(1500),
+            request_id: b"r1",
+            headers,
+        }
+    }
+
+    /// A repeated field shows every value; a head far larger than a line
+    /// may carry is cut to a few KiB, saying how much was left out.
+    #[tokio::test]
+    async fn repeated_fields_show_every_value_and_large_heads_are_cut() {
+        let taps = Arc::new(Taps::new(
+            "p1".into(),
+            IntCounter::new("s", "s").unwrap(),
+            IntCounter::new("d", "d").unwrap(),
+        ));
+        let mut body = taps.watch(Filter::from_query(&query(&[("headers", "true")])).unwrap());
+        let observed = Observed::default();
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        headers.append("x-forwarded-for", "10.0.0.2".parse().unwrap());
+        // Quotes double in JSON: 60,000 of them would be a 120 KB line.
+        headers.insert("x-pad", "\"".repeat(60_000).parse().unwrap());
+        for i in 0..2_000 {
+            let name: http::HeaderName = format!("x-field-{i}").parse().unwrap();
+            headers.insert(name, "v".parse().unwrap());
+        }
+        taps.offer(&summary(&observed, Some(&headers)));
+        use http_body_util::BodyExt;
+        let line = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(line.len() < 32 * 1024, "a line of {} bytes", line.len());
+        let event: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(event["headers"]["x-forwarded-for"], "10.0.0.1, 10.0.0.2");
+        let pad = event["headers"]["x-pad"].as_str().unwrap();
+        assert_eq!(pad.len(), SHOWN_VALUE + 3, "cut, and says so");
+        assert!(pad.ends_with("..."));
+        let left_out = event["headers_left_out"].as_u64().unwrap();
+        let shown = event["headers"].as_object().unwrap().len() as u64;
+        assert_eq!(shown + left_out, 2_002, "every field shown or counted");
+        assert!(left_out > 0);
+    }
+
+    /// A watcher whose queue is full drops its own events without
+    /// spending the proxy-wide budget: another watcher still sees its own.
+    #[tokio::test]
+    async fn a_watcher_that_does_not_read_leaves_the_budget_to_others() {
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let taps = Arc::new(Taps::new(
+            "p1".into(),
+            IntCounter::new("s", "s").unwrap(),
+            dropped.clone(),
+        ));
+        let all = || Filter::from_query(&query(&[("rate", "100")])).unwrap();
+        let _stalled = taps.watch(all());
+        let observed = Observed::default();
+        // Fill the stalled watcher's queue, a second at a time.
+        for second in 0..(QUEUE as u64).div_ceil(u64::from(MAX_PER_SECOND)) {
+            for _ in 0..MAX_PER_SECOND {
+                let mut s = summary(&observed, None);
+                s.time_ms = second * 1000;
+                taps.offer(&s);
+            }
+        }
+        let mut reader = taps.watch(all());
+        let later = 3_600_000;
+        for _ in 0..MAX_PER_SECOND {
+            let mut s = summary(&observed, None);
+            s.time_ms = later;
+            taps.offer(&s);
+        }
+        use http_body_util::BodyExt;
+        for _ in 0..MAX_PER_SECOND {
+            let line = tokio::time::timeout(Duration::from_secs(1), reader.frame())
+                .await
+                .expect("the reading watcher gets its events")
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap();
+            let event: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(event["time_ms"], later);
+        }
+        assert!(
+            dropped.get() >= u64::from(MAX_PER_SECOND),
+            "the stalled watcher's events are counted dropped"
+        );
     }
 }

@@ -411,6 +411,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Stir> Connection<IO> {
             _ => self.io.write_all(&head).await,
         }
         .map_err(io_error)?;
+        // TLS keeps the records it could not write yet (the socket was
+        // full) until flushed, and reading never writes them: without this
+        // the end of a large body stays here while both sides wait (a
+        // no-op on plain TCP).
+        self.io.flush().await.map_err(io_error)?;
         // Once any byte of an answer came, the upstream saw the request:
         // its end is no longer `Error::Closed` (an idle close, safe to send
         // again) but a broken exchange.
@@ -1624,5 +1629,101 @@ pub(crate) mod differential {
                 _ => return seen,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tls {
+    use super::*;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    impl Stir for tokio_rustls::client::TlsStream<DuplexStream> {
+        fn settle(&self) {}
+        fn stirred(&self) -> bool {
+            false
+        }
+    }
+
+    /// A request body whose last TLS records could not be written yet (the
+    /// upstream was not reading) reaches the upstream in full: the lean
+    /// client flushes before it waits for the answer, or both sides wait
+    /// for each other.
+    #[tokio::test]
+    async fn a_body_held_in_tls_records_is_flushed_before_the_answer_is_awaited() {
+        const BODY: usize = 40 * 1024;
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let cert = (rcgen::CertificateParams::new(vec!["upstream".to_owned()]).unwrap())
+            .self_signed(&key_pair)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // A pipe of 4 KiB: most of the body must wait in rustls.
+        let (near, far) = tokio::io::duplex(4096);
+        let upstream = tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+            let mut tls = acceptor.accept(far).await.unwrap();
+            // Not reading for a while: the client's writes fill the pipe.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 8192];
+            loop {
+                let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
+                if head_end.is_some_and(|end| got.len() >= end + 4 + BODY) {
+                    break;
+                }
+                match tls.read(&mut buf).await.unwrap() {
+                    0 => break,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            tls.flush().await.unwrap();
+            got
+        });
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = ServerName::try_from("upstream").unwrap();
+        let tls = connector.connect(name, near).await.unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("upstream"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(BODY));
+        let stamp = crate::observe::trace::Context::read(&mut headers, 1.0).stamp();
+        let body = Bytes::from(vec![b'x'; BODY]);
+        let head = Head {
+            method: &Method::PUT,
+            uri: &Uri::from_static("/up"),
+            headers: &headers,
+            body: Some(&body),
+            pass: false,
+            stamp: &stamp,
+        };
+        let conn = Box::new(Connection::new(tls, None));
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.send(head, None, Instant::now()),
+        )
+        .await
+        .expect("answered, not both sides waiting")
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        let got = upstream.await.unwrap();
+        assert!(got.ends_with(&body), "the whole body arrived");
     }
 }
