@@ -1811,3 +1811,55 @@ async fn replicas_count_each_others_proxies() {
     })
     .await;
 }
+
+/// Every replica exports where a rollout is (`almond_rollout_step`), not
+/// only the one that drives it: here another replica holds the rollout's
+/// lease (in KV), and its writes (a step, then a rollback) reach this one
+/// through the store.
+#[tokio::test]
+async fn a_replica_that_does_not_drive_a_rollout_exports_its_step() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_STEP")).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let policy = |version: u64, phase: &str, split: Value| {
+        json!({
+            "version": version,
+            "split": split,
+            "rollout": {
+                "spec": {
+                    "canary": "v2", "stable": "v1", "steps": [10, 50, 100],
+                    "interval_seconds": 3600.0
+                },
+                "stable": "v1",
+                "step": 0,
+                "phase": phase,
+                "step_started": now,
+                "inconclusive": 0,
+                "history": [],
+                "lease": ["another-replica", now + 3_600_000]
+            }
+        })
+    };
+    let step = || control_metric(&control, "almond_rollout_step", &[("service", "web")]);
+    let running = policy(1, "running", json!({ "v1": 90, "v2": 10 }));
+    consul.kv_put(WEB_POLICY, serde_json::to_vec(&running).unwrap());
+    eventually("the step another replica drives is exported", || async {
+        step().await == 10.0
+    })
+    .await;
+    let rolled_back = policy(2, "rolled_back", json!({ "v1": 100, "v2": 0 }));
+    consul.kv_put(WEB_POLICY, serde_json::to_vec(&rolled_back).unwrap());
+    eventually("its rollback is exported", || async { step().await == 0.0 }).await;
+    assert_eq!(
+        stored_policy(&consul)["rollout"]["lease"][0],
+        "another-replica",
+        "this replica did not take the lease"
+    );
+}

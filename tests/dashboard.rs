@@ -654,21 +654,9 @@ async fn the_shift_inputs_follow_the_weights_in_force() {
     )
     .await;
 
-    // The rollout's end may write the policy once more: the page shows
-    // the last version once it stays put over a refresh (1 s).
-    let version = || async { rig.control.service("s").await["policy"]["version"].clone() };
-    let mut last = version().await;
-    loop {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let now = version().await;
-        if now == last {
-            break;
-        }
-        last = now;
-    }
     // Two shifts in a row from the button, which keeps the focus after a
-    // click as in a real browser: the second is sent with the version the
-    // first made, not refused as stale.
+    // click as in a real browser: the page takes up the version the first
+    // made, and the second is sent with it, not refused as stale.
     let shift_to = |v1: u32, v2: u32| {
         format!(
             "(() => {{ for (const i of document.querySelectorAll('section[data-service=\"s\"] input[data-subset]')) \
@@ -678,6 +666,25 @@ async fn the_shift_inputs_follow_the_weights_in_force() {
         )
     };
     for (v1, v2) in [(70, 30), (40, 60)] {
+        // The version the page will send is the one in force (the
+        // rollout's end may have written the policy once more).
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let version = rig.control.service("s").await["policy"]["version"].to_string();
+            let shown = tab
+                .eval(
+                    "document.querySelector('section[data-service=\"s\"] .shift').dataset.version",
+                )
+                .await;
+            if shown == json!(version) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the page shows version {shown}, the policy is at {version}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(tab.eval(&shift_to(v1, v2)).await, json!(true));
         eventually("the shift is in force", || async {
             rig.split().await == json!({ "v1": v1, "v2": v2 })

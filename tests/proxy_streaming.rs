@@ -723,3 +723,202 @@ async fn an_h2_client_that_never_opens_its_window_is_reset_after_body_idle() {
     let in_flight = metric(&metrics, "almond_requests_in_flight", &[("service", "big")]);
     assert_eq!(in_flight, 0.0, "the request is over");
 }
+
+/// An HTTP/1.1 upstream that answers each request as soon as its head has
+/// come (`200`, body `ok`), then reads the request's body to its end
+/// (`content-length`) before the next request on the connection.
+#[allow(clippy::unwrap_used)]
+async fn early_answering_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let end = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    buf.drain(..end);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if conn.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    while buf.len() < length {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..length);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upload still going up on a connection whose response is complete
+/// (the upstream answered early) does not hold the next request up: that
+/// connection is not handed to it until the upload is over.
+#[tokio::test]
+async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = early_answering_upstream().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("up")
+                .at(upstream)
+                .set("retries", "{ attempts: 0 }"),
+        )
+        .start()
+        .await;
+    // Reads a whole `content-length: 2` answer, within 3 s.
+    async fn answer(conn: &mut tokio::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let read = async {
+            while !got.ends_with(b"\r\n\r\nok") {
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), read).await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    // A: 100,000 bytes announced, 1,000 sent; its answer comes at once.
+    let mut a = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    a.write_all(b"POST /a HTTP/1.1\r\nhost: up\r\ncontent-length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    a.write_all(&[b'a'; 1000]).await.unwrap();
+    let got = answer(&mut a).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+
+    // B, while A's upload is still open: a body that comes after its head.
+    let mut b = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    b.write_all(b"POST /b HTTP/1.1\r\nhost: up\r\ncontent-length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.write_all(b"hello").await.unwrap();
+    let got = answer(&mut b).await;
+    assert!(
+        got.starts_with("HTTP/1.1 200"),
+        "B waited behind A's upload: {got:?}"
+    );
+
+    // A's upload ends; its connection serves again.
+    a.write_all(&[b'a'; 99_000]).await.unwrap();
+    b.write_all(b"POST /c HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let got = answer(&mut b).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+}
+
+/// A client that resets its HTTP/2 stream while its upload waits for the
+/// upstream's window (the upstream answered at once and reads none of the
+/// body) has that stream reset upstream too: the upstream does not go on
+/// working for nobody, and the stream's place is given back.
+#[tokio::test]
+async fn a_client_reset_reaches_an_upstream_that_reads_no_body() {
+    let (reset_tx, mut reset_rx) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = h2_upstream(move |req, mut respond| {
+        let reset_tx = reset_tx.clone();
+        async move {
+            let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+                return;
+            };
+            // Holds the request's body, reads none of it (its window stays
+            // shut), until the stream is reset.
+            let reason = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+            let _ = reset_tx.send(reason.ok());
+            drop(req);
+        }
+    })
+    .await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("up").http2().at(upstream))
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("http://up/upload").body(()).unwrap();
+    let (answer, mut body) = send.send_request(req, false).unwrap();
+    // More than the upstream's 64 KiB stream window.
+    body.send_data(bytes::Bytes::from(vec![7u8; 128 * 1024]), false)
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    body.send_reset(h2::Reason::CANCEL);
+    let reason = tokio::time::timeout(Duration::from_secs(3), reset_rx.recv())
+        .await
+        .expect("the upstream's stream is reset once the client's is");
+    assert_eq!(reason.flatten(), Some(h2::Reason::CANCEL));
+}
+
+/// An HTTP/2 client that sends `Expect: 100-continue` and waits for the
+/// `100 Continue` before its body gets it at once, and then its answer;
+/// the upstream gets the body, without the expectation.
+#[tokio::test]
+async fn an_h2_client_expecting_100_continue_gets_it() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("b").at(backend.addr))
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("http://b/upload")
+        .header("expect", "100-continue")
+        .header("content-length", "5")
+        .body(())
+        .unwrap();
+    let (mut answer, mut body) = send.send_request(req, false).unwrap();
+    let interim = tokio::time::timeout(
+        Duration::from_secs(2),
+        std::future::poll_fn(|cx| answer.poll_informational(cx)),
+    )
+    .await
+    .expect("a 100 Continue, before any byte of the body")
+    .expect("an informational answer")
+    .unwrap();
+    assert_eq!(interim.status(), StatusCode::CONTINUE);
+    body.send_data(bytes::Bytes::from_static(b"hello"), true)
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let seen = backend.last();
+    assert_eq!(seen.body_len, 5);
+    assert!(!seen.headers.contains_key("expect"), "{:?}", seen.headers);
+}

@@ -33,7 +33,7 @@ pub use load::{
     check_service, is_control_config, load_control, load_control_file, load_proxy, load_proxy_file,
     load_rules, load_services, validate_proxy, Strictness,
 };
-pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing};
+pub use observe::{AccessLog, AccessLogFormat, Otlp, Tracing, LATENCY_BUCKETS};
 pub use path::{canonical_match, normalize_path, slashes_unescaped};
 pub use problem::{Problem, Problems};
 pub use proxy::{

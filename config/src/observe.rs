@@ -6,6 +6,14 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The bounds of the proxies' latency histogram
+/// (`almond_request_duration_seconds`), in seconds: fine below 100 ms
+/// where services live, coarse above (13 buckets; the watcher needs p50
+/// and p99). A quantile beyond the last reads as that bound.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Trace context: how traces the proxy starts are sampled, and where the
 /// spans of sampled requests go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

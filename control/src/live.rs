@@ -52,16 +52,15 @@ pub async fn measure(
     let now = collect::scrape(admins, service, max_body).await;
     // The second scrape's own time is in the window too.
     let seconds = started.elapsed().as_secs_f64().max(window.as_secs_f64());
-    let mut window = collect::delta(&now, &then);
-    // Mirrored copies are not the service's traffic.
-    window.retain(|subset, _| !subset.starts_with(collect::MIRROR_PREFIX));
-    summarize(&window, seconds)
+    summarize(&collect::delta(&now, &then), seconds)
 }
 
-/// Per-subset figures from a window's totals.
+/// Per-subset figures from a window's totals; mirrored copies
+/// (`mirror:` subsets) are not the service's traffic and are left out.
 pub fn summarize(window: &collect::Totals, seconds: f64) -> BTreeMap<String, SubsetLive> {
     window
         .iter()
+        .filter(|(subset, _)| !subset.starts_with(collect::MIRROR_PREFIX))
         .map(|(subset, w)| {
             let has = w.requests > 0;
             let live = SubsetLive {
@@ -99,8 +98,21 @@ mod tests {
                 },
             ),
             ("v2".to_owned(), Window::default()),
+            (
+                format!("{}v2", collect::MIRROR_PREFIX),
+                Window {
+                    requests: 50,
+                    failures: 50,
+                    buckets: vec![],
+                },
+            ),
         ]);
         let live = summarize(&totals, 2.0);
+        assert_eq!(
+            live.keys().collect::<Vec<_>>(),
+            ["v1", "v2"],
+            "mirrored copies are not a subset"
+        );
         assert_eq!(live["v1"].rps, 100.0);
         assert_eq!(live["v1"].success_rate, Some(0.95));
         assert!(live["v1"].p99_ms.is_some_and(|p| p > 10.0 && p <= 100.0));

@@ -512,7 +512,8 @@ impl Policy {
         };
         let new = usize::try_from(new).unwrap_or(usize::MAX);
         if fresh {
-            out.push(("started", r.spec.steps.first().copied().unwrap_or(0), None));
+            // At the first step, or 0 in a shadow stage (copies only).
+            out.push(("started", r.percent(), None));
         }
         for j in r.history.iter().skip(r.history.len().saturating_sub(new)) {
             let (kind, detail) = match &j.verdict {
@@ -794,6 +795,30 @@ mod tests {
         );
         assert!(p.events.iter().all(|e| e.kind == "step_inconclusive"));
         assert_eq!(p.events.len(), EVENTS);
+    }
+
+    /// A rollout with a shadow stage starts at 0 % (mirrored copies
+    /// only), and one that fails or is aborted there ends at 0 %: no user
+    /// request went to the canary.
+    #[test]
+    fn a_shadow_stage_starts_and_ends_at_zero_percent() {
+        use crate::watcher::judge::Verdict;
+        let mut spec = rollout_spec(&[10, 100], &[]);
+        spec.shadow = Some(20.0);
+        let r = Rollout::start(spec.clone(), "v1".into(), None, 1000);
+        let mut p = step(&Policy::default(), r, 1000);
+        let mut r = p.rollout.clone().unwrap();
+        r.on_verdict(Verdict::Fail("errors".into()), 100, 900, 2000);
+        p = step(&p, r, 2000);
+        assert_eq!(kinds(&p), ["started 0", "step_failed 0", "rolled_back 0"]);
+        assert_eq!(p.rollout.as_ref().unwrap().canary_weight(), 0);
+
+        let r = Rollout::start(spec, "v1".into(), None, 5000);
+        let mut p = step(&Policy::default(), r, 5000);
+        let mut r = p.rollout.clone().unwrap();
+        r.abort("ops").unwrap();
+        p = step(&p, r, 5001);
+        assert_eq!(kinds(&p), ["started 0", "aborted 0"]);
     }
 
     /// Steps 10,100 with a gate at 100: pass, pass, approve. The approval

@@ -333,6 +333,7 @@
     if (!v.inputs.includes(document.activeElement)) {
       // Other changes (a guard, a mirror) move the version too.
       v.shownVersion = svc.version;
+      v.shiftBox.dataset.version = String(svc.version);
       if (weightsKey !== v.weightsKey) {
         v.weightsKey = weightsKey;
         v.inputs.forEach((input, i) => { input.value = svc.subsets[subsets[i]].weight || 0; });

@@ -65,13 +65,17 @@ impl Watcher {
     /// Ticks until the task is dropped.
     pub async fn run(self) {
         loop {
-            let names: Vec<String> = self
-                .state
-                .policies()
-                .into_iter()
-                .filter(|(_, p)| p.rollout.as_ref().is_some_and(Rollout::active))
-                .map(|(n, _)| n)
-                .collect();
+            let mut names = Vec::new();
+            for (name, policy) in self.state.policies() {
+                let Some(r) = &policy.rollout else { continue };
+                // Every replica says where each rollout is, whichever one
+                // drives it: the driver's writes reach the others through
+                // the store, and a scrape of any replica must agree.
+                self.state.metrics.rollout_step(&name, r.canary_weight());
+                if r.active() {
+                    names.push(name);
+                }
+            }
             for name in names {
                 if let Err(e) = self.drive(&name).await {
                     tracing::warn!(service = %name, error = %e, "rollout tick failed");

@@ -199,6 +199,17 @@ impl RolloutSpec {
                 "latency_effect: from 0 to below 0.5 (0.1: slower in 60 % of pairs)".into(),
             );
         }
+        // A p99 beyond the histogram's last bound reads as that bound, so
+        // a `max_p99` at or over it could never fail a canary.
+        let last = almond_config::LATENCY_BUCKETS
+            .last()
+            .copied()
+            .unwrap_or(f64::INFINITY);
+        if t.max_p99.is_some_and(|m| m.as_secs_f64() >= last) {
+            return Err(format!(
+                "max_p99: below {last}s, the largest bound of the proxies' latency histogram (a p99 beyond it reads as {last}s, so the limit could never fail a canary)"
+            ));
+        }
         if t.max_p99_ratio.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
             return Err("max_p99_ratio: a number above 0 (1.5: 50 % over stable's p99)".into());
         }
@@ -443,7 +454,9 @@ impl Rollout {
     }
 
     fn roll_back(&mut self, phase: Phase, reason: String) -> Next {
-        self.shadowing = false;
+        // `shadowing` stays as it was: an ended rollout's mirror is the
+        // operator's again whatever it says (`mirror` asks `active`), and
+        // it tells where the rollout ended (0 % in a shadow stage).
         self.carried = None;
         self.phase = phase;
         self.reason = Some(reason);
@@ -722,5 +735,10 @@ mod tests {
         let mut s = spec();
         s.thresholds.max_p99_ratio = Some(0.0);
         assert!(s.check().unwrap_err().starts_with("max_p99_ratio"));
+        s.thresholds.max_p99_ratio = None;
+        s.thresholds.max_p99 = Some(Duration::from_secs(15));
+        assert!(s.check().unwrap_err().starts_with("max_p99: below 10s"));
+        s.thresholds.max_p99 = Some(Duration::from_secs(9));
+        assert!(s.check().is_ok());
     }
 }

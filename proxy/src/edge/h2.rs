@@ -141,8 +141,9 @@ where
                     }
                 }
                 accepted = conn.accept() => match accepted {
-                    Some(Ok((req, respond))) => {
+                    Some(Ok((mut req, mut respond))) => {
                         let bodiless = req.method() == http::Method::HEAD;
+                        continue_if_expected(&mut req, &mut respond);
                         let req = RecvBody::request(req).map(ClientBody::H2);
                         // Boxed where it is made: the stream's own future,
                         // small, is what moves into the set.
@@ -278,6 +279,28 @@ fn send_head(
             tracing::debug!(error = %e, "downstream h2 answer not sent");
             None
         }
+    }
+}
+
+/// `Expect: 100-continue` on a stream with a body still to come: the
+/// proxy wants that body (it reads it to send it on), so it says so with a
+/// `100 Continue` at once, as hyper's HTTP/1.1 server and nginx do, and the
+/// expectation, met, goes no further (Envoy's default too). A client that
+/// waits for the 100 would otherwise wait for its own timeout, or for good.
+fn continue_if_expected(
+    req: &mut Request<h2::RecvStream>,
+    respond: &mut h2::server::SendResponse<Bytes>,
+) {
+    let expects = (req.headers().get(http::header::EXPECT))
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !expects {
+        return;
+    }
+    req.headers_mut().remove(http::header::EXPECT);
+    if !req.body().is_end_stream() {
+        let mut next = http::Response::new(());
+        *next.status_mut() = http::StatusCode::CONTINUE;
+        let _ = respond.send_informational(next);
     }
 }
 

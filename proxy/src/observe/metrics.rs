@@ -12,11 +12,8 @@ use prometheus::{
 };
 use std::sync::Arc;
 
-/// Latency buckets in seconds: fine below 100 ms where services live,
-/// coarse above (13 buckets; the watcher needs p50 and p99).
-const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+/// Latency buckets in seconds (shared with the watcher, which reads them).
+const DURATION_BUCKETS: &[f64] = almond_config::LATENCY_BUCKETS;
 
 /// The metric families of one proxy, in their own registry.
 pub struct Metrics {

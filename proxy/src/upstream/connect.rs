@@ -69,7 +69,7 @@ pub struct Connections {
     /// Open connections (for `/endpoints`).
     open: Arc<AtomicU32>,
     /// Idle HTTP/1.1 connections of hyper's client.
-    h1_idle: Pool<H1Sender>,
+    h1_idle: Arc<Pool<H1Sender>>,
     /// Idle connections of the lean HTTP/1.1 client (`upstream/h1.rs`).
     lean: Arc<Pool<Box<h1::Connection<Conn>>>>,
     /// HTTP/2 connections, oldest first: a request takes the first with
@@ -88,7 +88,7 @@ impl Connections {
         Connections {
             addr,
             open: Arc::new(AtomicU32::new(0)),
-            h1_idle: Pool::new(MAX_IDLE_H1),
+            h1_idle: Arc::new(Pool::new(MAX_IDLE_H1)),
             lean: Arc::new(Pool::new(MAX_IDLE_H1)),
             h2: ArcSwap::from_pointee(Vec::new()),
             h2_connecting: tokio::sync::Mutex::new(None),
@@ -246,7 +246,21 @@ impl Connections {
 
     /// Puts an HTTP/1.1 connection back once its response is complete.
     pub fn release_h1(&self, sender: H1Sender) {
-        self.h1_idle.push(sender, Instant::now());
+        if sender.is_ready() {
+            self.h1_idle.push(sender, Instant::now());
+            return;
+        }
+        // Not ready for another request: the upstream answered before the
+        // request's body was all sent, and it is still going up. Pooled
+        // now, the next request would take it and wait behind the upload;
+        // it is pooled once the upload is over (or closed with it).
+        let pool = self.h1_idle.clone();
+        let mut sender = sender;
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool.push(sender, Instant::now());
+            }
+        });
     }
 
     /// Sends over the endpoint's first HTTP/2 connection with room for a

@@ -444,19 +444,23 @@ where
     // The body pipe keeps going: a server may answer before the request
     // ends (gRPC streams both ways).
     // The stream is the connection's until both are over.
-    let slot = match pipe {
+    let (slot, upload) = match pipe {
         Some(sending) => {
             let (answer, upload) = slot.share();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let _ = sending.await;
                 drop(upload);
             });
-            answer
+            (answer, Some(task.abort_handle()))
         }
-        None => slot,
+        None => (slot, None),
     };
-    resp.map(|resp| RecvBody::head(resp, Some(slot)))
-        .map_err(|e| classify(&e))
+    resp.map(|resp| {
+        let mut resp = RecvBody::head(resp, Some(slot));
+        resp.body_mut().upload = upload;
+        resp
+    })
+    .map_err(|e| classify(&e))
 }
 
 /// Copies `body` into `stream` as the stream's window allows (hyper's
@@ -613,6 +617,21 @@ pub struct RecvBody {
     length: u64,
     /// An answer's place on its connection, until it is over.
     slot: Option<Slot>,
+    /// The request's body still going up, in a task of its own: stopped
+    /// when this answer is dropped before its end (its client left), so
+    /// that the stream is reset upstream. Waiting for the upstream's
+    /// window, that task would see nothing of the client's going.
+    upload: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for RecvBody {
+    fn drop(&mut self) {
+        if let Some(upload) = self.upload.take() {
+            if !self.recv.is_end_stream() {
+                upload.abort();
+            }
+        }
+    }
 }
 
 impl RecvBody {
@@ -647,6 +666,7 @@ impl RecvBody {
             data_done: false,
             length,
             slot: None,
+            upload: None,
         }
     }
 }
