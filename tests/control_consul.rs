@@ -853,6 +853,31 @@ async fn services_hidden_from_the_catalog_by_acls_stay_served() {
     }
 }
 
+/// A token without `node:read` on the node of one of a service's
+/// instances gets that service's health answers filtered
+/// (`X-Consul-Results-Filtered-By-ACLs`). At start, with no last state to
+/// keep, the instances it can see are served: the control plane gets
+/// ready, and serves every service.
+#[tokio::test]
+async fn a_filtered_health_answer_at_start_does_not_keep_the_control_plane_unready() {
+    const ENV: &str = "ALMOND_TEST_CC_TOKEN_FILTERED_HEALTH";
+    const TOKEN: &str = "5d1e7f3a-filtered-health";
+    let (consul, writer) = consul_with_writer(ENV, TOKEN).await;
+    consul.add_acl_token(TOKEN, writer.node("hidden-node", Access::Deny));
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul
+        .register(web("web-2", &b2, "v1").node("hidden-node"))
+        .unwrap();
+    let control = TestControl::start(&yaml(&consul, ENV)).await;
+    let proxy = start_following(&control.url(), None).await;
+    reaches(&proxy, "b1", "v1").await;
+    assert_eq!(control.get("/ready").await.status, StatusCode::OK);
+    let seen = spread(&proxy, "web", 20).await;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["b1"], "{seen:?}");
+}
+
 // ---------------------------------------------------------------------------
 // 5. Splits in Consul KV
 // ---------------------------------------------------------------------------

@@ -152,6 +152,42 @@ async fn a_90_10_split_set_by_the_cli_shapes_real_traffic() {
     assert!(c.v1a.count() > 0 && c.v1b.count() > 0);
 }
 
+/// A split of v1=100, v2=0 whose v1 has lost every endpoint (all its
+/// instances gone): the requests have nowhere to go (503 `no-endpoints`),
+/// and v2, at 0 %, gets none of them. Once v1 is back, it gets them all.
+#[tokio::test]
+async fn a_subset_at_zero_gets_nothing_when_the_split_s_subsets_are_empty() {
+    let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_EMPTY").await;
+    c.shift(split(100, 0)).await;
+    c.proxy_split(&[("v1", 100.0), ("v2", 0.0)]).await;
+    c.registry
+        .service_lb("s", "round_robin", &[(c.v2.addr, "v2")]);
+    eventually("the proxy has no v1 endpoint left", || async {
+        get_h1(c.proxy.addr(), "s", "/").await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let v2_before = c.v2.count();
+    let mut client = H1::connect(c.proxy.addr()).await;
+    for _ in 0..20 {
+        let reply = client.get("s", "/").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.text()
+        );
+        assert_eq!(reply.header("x-almond-error"), Some("no-endpoints"));
+    }
+    assert_eq!(c.v2.count(), v2_before, "v2, at 0 %, got requests");
+    c.registry
+        .service_lb("s", "round_robin", &[(c.v1a.addr, "v1"), (c.v2.addr, "v2")]);
+    eventually("v1 is back", || async {
+        get_h1(c.proxy.addr(), "s", "/").await.status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(c.v2.count(), v2_before);
+}
+
 #[tokio::test]
 async fn a_pinned_subset_overrides_the_split() {
     let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_PIN").await;

@@ -371,6 +371,23 @@ async fn a_client_cancelling_its_upload_is_not_the_endpoint_s_failure() {
     assert_eq!(backend.count(), 3, "every upload reached the endpoint");
 }
 
+/// Service `up`'s endpoint was charged no timeout, and is not ejected.
+async fn endpoint_not_blamed(proxy: &TestProxy) {
+    let text = proxy.admin_get("/metrics").await.text();
+    let timeouts = metric(
+        &text,
+        "almond_upstream_errors_total",
+        &[("service", "up"), ("kind", "timeout")],
+    );
+    assert_eq!(timeouts, 0.0, "{text}");
+    let ejected = metric(
+        &text,
+        "almond_endpoints",
+        &[("service", "up"), ("state", "ejected")],
+    );
+    assert_eq!(ejected, 0.0, "a healthy endpoint was ejected");
+}
+
 /// A client uploading slowly, never idle for `body_idle` but still
 /// sending when `timeouts.request` runs out, gets a 408: the time went to
 /// its upload (Envoy's request timeout starts once the request is whole).
@@ -415,22 +432,51 @@ async fn a_slow_upload_past_the_request_timeout_is_the_client_s() {
         assert_eq!(answer.headers()["x-almond-error"], "client-timeout");
         upload.abort();
     }
-    let text = proxy.admin_get("/metrics").await.text();
-    let timeouts = metric(
-        &text,
-        "almond_upstream_errors_total",
-        &[("service", "up"), ("kind", "timeout")],
-    );
-    assert_eq!(timeouts, 0.0, "{text}");
-    let ejected = metric(
-        &text,
-        "almond_endpoints",
-        &[("service", "up"), ("state", "ejected")],
-    );
-    assert_eq!(ejected, 0.0, "a healthy endpoint was ejected");
+    endpoint_not_blamed(&proxy).await;
     // A whole request in time is answered as ever.
     let reply = H1::connect(proxy.addr()).await.get("up", "/after").await;
     assert_eq!(reply.status, StatusCode::OK);
+}
+
+/// The same with a small body kept for retries (read whole before the
+/// first try): its last byte comes just before `timeouts.request`, the try
+/// then has too little time left for an endpoint that answers in 100 ms.
+/// The client's doing: a 408, the endpoint not blamed.
+#[tokio::test]
+async fn a_kept_body_that_came_late_is_the_client_s_timeout() {
+    let backend = Backend::builder("slowish")
+        .delay(Duration::from_millis(100))
+        .start()
+        .await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("up")
+                .at(backend.addr)
+                .set("timeouts", "{ request: 600ms }")
+                .set("circuit_breaker", "{ consecutive_failures: 1 }"),
+        )
+        .start()
+        .await;
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let req = Request::put("http://up/upload")
+            .header("content-length", "10")
+            .body(())
+            .unwrap();
+        let (answer, mut body) = send.send_request(req, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"12345"), false)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(560)).await;
+        body.send_data(bytes::Bytes::from_static(b"67890"), true)
+            .unwrap();
+        let answer = within("the answer", answer).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT);
+    }
+    endpoint_not_blamed(&proxy).await;
 }
 
 /// A retry that would not have the time a try takes before the request's

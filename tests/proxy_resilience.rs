@@ -493,12 +493,15 @@ async fn a_lone_endpoint_comes_back_after_its_ejection() {
     }
     assert_eq!(endpoints_in(&proxy, "svc", "ejected").await, 1.0);
     solo.set_status(200);
+    // A success during the ejection does not end it; one after it does
+    // (until then the endpoint is "probing", counted healthy).
     eventually("solo back in service", || async {
         get_h1(proxy.addr(), "svc", "/").await.status == StatusCode::OK
-            && endpoints_in(&proxy, "svc", "healthy").await == 1.0
+            && endpoint_state(&proxy, "svc", solo.addr).await == "healthy"
     })
     .await;
-    assert_eq!(endpoint_state(&proxy, "svc", solo.addr).await, "healthy");
+    assert_eq!(endpoints_in(&proxy, "svc", "healthy").await, 1.0);
+    assert_eq!(endpoints_in(&proxy, "svc", "ejected").await, 0.0);
 }
 
 // ---------------------------------------------------------------------------

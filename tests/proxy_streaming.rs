@@ -724,11 +724,12 @@ async fn an_h2_client_that_never_opens_its_window_is_reset_after_body_idle() {
     assert_eq!(in_flight, 0.0, "the request is over");
 }
 
-/// An HTTP/1.1 upstream that answers each request as soon as its head has
-/// come (`200`, body `ok`), then reads the request's body to its end
-/// (`content-length`) before the next request on the connection.
+/// An HTTP/1.1 upstream that answers each request with `answer` as soon
+/// as its head has come; then, if `reads_body`, reads the request's body
+/// (`content-length`) to its end before the next request on the
+/// connection, else reads nothing more and keeps the connection open.
 #[allow(clippy::unwrap_used)]
-async fn early_answering_upstream() -> std::net::SocketAddr {
+async fn early_answering_upstream(answer: &'static [u8], reads_body: bool) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -754,8 +755,11 @@ async fn early_answering_upstream() -> std::net::SocketAddr {
                         .and_then(|v| v.trim().parse().ok())
                         .unwrap_or(0);
                     buf.drain(..end);
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                     if conn.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    if !reads_body {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
                         return;
                     }
                     while buf.len() < length {
@@ -778,7 +782,8 @@ async fn early_answering_upstream() -> std::net::SocketAddr {
 #[tokio::test]
 async fn a_connection_still_uploading_is_not_handed_to_the_next_request() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream = early_answering_upstream().await;
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let upstream = early_answering_upstream(ok, true).await;
     let proxy = ProxyYaml::new()
         .by_host()
         .service(
@@ -921,4 +926,36 @@ async fn an_h2_client_expecting_100_continue_gets_it() {
     let seen = backend.last();
     assert_eq!(seen.body_len, 5);
     assert!(!seen.headers.contains_key("expect"), "{:?}", seen.headers);
+}
+
+/// A large body kept for retries (a raised `retries.max_body_bytes`) to an
+/// upstream that answers early and stops reading: the client gets the
+/// upstream's answer, not a timeout once the socket's buffers are full.
+#[tokio::test]
+async fn an_early_answer_to_a_large_kept_body_reaches_the_client() {
+    let too_large = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+    let upstream = early_answering_upstream(too_large, false).await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("up")
+                .at(upstream)
+                .set("retries", "{ max_body_bytes: 33554432 }"),
+        )
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    let req = Request::put("/big")
+        .header("host", "up")
+        .body(full(vec![7u8; 16 << 20]))
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .expect("the upstream's early answer, not a wait for the try's timeout");
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text()
+    );
 }

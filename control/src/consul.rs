@@ -419,17 +419,24 @@ pub async fn run(
         }
         // Stop watching services that are gone (or now come from another
         // Consul name), and drop them.
-        watches.retain(|name, (consul, task)| {
-            let keep = match wanted.get(name) {
-                Some(c) => c == consul,
-                None => hidden,
-            };
-            if !keep {
+        let stopped: Vec<String> = watches
+            .iter()
+            .filter(|(name, (consul, _))| match wanted.get(*name) {
+                Some(c) => c != consul,
+                None => !hidden,
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stopped {
+            if let Some((_, task)) = watches.remove(&name) {
                 task.abort();
-                state.remove_service(name, index);
+                // Removed once the watch has stopped: one answering on
+                // another thread as it was aborted would set the service
+                // again after its removal, for good.
+                let _ = task.await;
+                state.remove_service(&name, index);
             }
-            keep
-        });
+        }
         // Start watching new ones.
         for (name, consul) in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = watches.entry(name) {
@@ -544,11 +551,16 @@ async fn watch_service(
         };
         state.metrics.consul_up.set(1);
         // Instances the token may not see are not gone: keep the last
-        // state rather than serve the service without them.
+        // state rather than serve the service without them. With no state
+        // yet (a start), the instances it can see are served: the control
+        // plane must get ready, and serve every other service, meanwhile.
         if answer.filtered {
             let hidden = ConsulError::Filtered("node:read and service:read on every instance");
-            blocking.back_off(&name, &hidden, &state).await;
-            continue;
+            if state.has_service(&name) {
+                blocking.back_off(&name, &hidden, &state).await;
+                continue;
+            }
+            tracing::warn!(service = %name, error = %hidden, "serving the instances the token can see, until it sees them all");
         }
         let index = answer.index.unwrap_or(0);
         if !blocking.advance(answer.index) && state.has_service(&name) {

@@ -432,7 +432,7 @@ impl State {
     /// Replaces every policy (from the store) and re-serves the services
     /// whose policy changed.
     pub fn set_policies(&self, policies: BTreeMap<String, Policy>, source_index: u64) {
-        self.change_policies(|all, _| *all = policies, source_index);
+        self.change_policies(|all, _| *all = policies, source_index, true);
     }
 
     /// Sets every policy from a read of the store, each with its stamp
@@ -467,6 +467,7 @@ impl State {
                 *all = next;
             },
             source_index,
+            true,
         );
     }
 
@@ -480,6 +481,7 @@ impl State {
                 all.insert(name.to_owned(), policy);
             },
             0,
+            false,
         );
     }
 
@@ -490,17 +492,21 @@ impl State {
                 all.insert(name.to_owned(), policy);
             },
             source_index,
+            false,
         );
     }
 
     /// Changes the policies with `change` and re-serves the services whose
     /// policy changed. The change is made under the lock the services are
     /// served from: two writers that each read the policies, changed their
-    /// own and put them back would lose the first one's change.
+    /// own and put them back would lose the first one's change. `read`:
+    /// the change is a read of the whole store (the first one is part of
+    /// the first full sync; one service's policy written here is not).
     fn change_policies(
         &self,
         change: impl FnOnce(&mut BTreeMap<String, Policy>, &mut BTreeMap<String, u64>),
         source_index: u64,
+        read: bool,
     ) {
         let mut inputs = self.inputs();
         let inputs_ref = &mut *inputs;
@@ -515,6 +521,9 @@ impl State {
         self.publish(&catalog);
         drop(catalog);
         drop(inputs);
+        if !read {
+            return;
+        }
         // Ready only once the policies are in the catalog.
         let mut sync = self.sync();
         sync.policies = true;
@@ -920,6 +929,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// One service's policy written by this replica before the store was
+    /// first read (an operator's shift while the read fails) does not make
+    /// the control plane ready: the other services' policies are not in
+    /// yet, and proxies would get their services without their splits.
+    #[test]
+    fn a_policy_written_before_the_store_is_read_does_not_make_it_ready() {
+        let state = State::new().unwrap();
+        state.set_service("web", svc(1), 1);
+        state.catalog_synced();
+        state.set_written_policy("web", Policy::default(), 0);
+        assert!(!state.is_ready(), "the store was never read");
+        state.set_read_policies(BTreeMap::new(), 2);
+        assert!(state.is_ready());
     }
 
     /// A read of the store that began before this replica's write (it

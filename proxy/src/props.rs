@@ -174,11 +174,11 @@ proptest! {
         weights.insert("v2".to_owned(), canary);
         let split = Split::new(&weights, &["v1", "v2"]);
         let first = split.pick(Some(&value));
-        prop_assert!(first < 2);
+        prop_assert!(first.is_some_and(|i| i < 2));
         if !value.is_empty() {
             prop_assert_eq!(split.pick(Some(&value)), first);
-            if canary == 0 { prop_assert_eq!(first, 0); }
-            if canary == 100 { prop_assert_eq!(first, 1); }
+            if canary == 0 { prop_assert_eq!(first, Some(0)); }
+            if canary == 100 { prop_assert_eq!(first, Some(1)); }
         }
     }
 }

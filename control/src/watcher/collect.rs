@@ -289,9 +289,17 @@ pub async fn query_prometheus_over(
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let mut per_target: BTreeMap<String, Totals> = BTreeMap::new();
-    for (i, q) in [requests, failures, buckets].iter().enumerate() {
-        let Some(result) = prometheus_vector(&client, base, q, max_body).await else {
-            tracing::debug!(prometheus = base, query = %q, "prometheus query failed");
+    // The three at once: a slow server costs its timeout once, not thrice
+    // (the watcher bounds a window's collection).
+    let answers = tokio::join!(
+        prometheus_vector(&client, base, &requests, max_body),
+        prometheus_vector(&client, base, &failures, max_body),
+        prometheus_vector(&client, base, &buckets, max_body),
+    );
+    let queries = [&requests, &failures, &buckets];
+    for (i, answer) in [answers.0, answers.1, answers.2].into_iter().enumerate() {
+        let Some(result) = answer else {
+            tracing::debug!(prometheus = base, query = %queries[i], "prometheus query failed");
             return BTreeMap::new();
         };
         for (labels, value) in result {

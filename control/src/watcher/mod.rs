@@ -24,6 +24,43 @@ use std::time::Duration;
 const TICK: Duration = Duration::from_millis(250);
 /// How long a lease lasts; renewed well before.
 const LEASE_MS: u64 = 15_000;
+/// Longest a window's collection may take (a Prometheus server's queries
+/// run at once, 5 s each at most; the direct source scrapes 64 proxies at
+/// a time, 2 s each at most). A slower one gives the window no new data.
+const COLLECT_LIMIT: Duration = Duration::from_secs(8);
+/// Lease a judgment needs left before its collection starts: the
+/// collection, then the write. With less, the lease is renewed first, so
+/// that no other replica can take it while this one collects (its
+/// verdict's write would then be refused, and a slow source would lose
+/// every verdict).
+const JUDGE_LEASE_MS: u64 = COLLECT_LIMIT.as_millis() as u64 + 2_000;
+
+/// What a replica does with a rollout this tick, by its lease.
+#[derive(Debug, PartialEq, Eq)]
+enum LeaseStep {
+    /// Another replica holds it.
+    Leave,
+    /// Ours, with enough of it left for what is due.
+    Drive,
+    /// Missing, expired, or ours with too little left: (re)take it first.
+    Take,
+}
+
+/// The step for a rollout whose lease is `lease`, for replica `me` at
+/// `now`; `judging`: a window's judgment is due (it needs
+/// [`JUDGE_LEASE_MS`] of lease, not just half of one).
+fn lease_step(lease: Option<&(String, u64)>, me: &str, now: u64, judging: bool) -> LeaseStep {
+    let needed = if judging {
+        JUDGE_LEASE_MS
+    } else {
+        LEASE_MS / 2
+    };
+    match lease {
+        Some((owner, until)) if owner != me && *until > now => LeaseStep::Leave,
+        Some((owner, until)) if owner == me && *until > now + needed => LeaseStep::Drive,
+        _ => LeaseStep::Take,
+    }
+}
 
 /// Where a step's window starts: the step it belongs to (its start, unix
 /// ms), when the baseline was taken, and every proxy's totals then.
@@ -94,12 +131,18 @@ impl Watcher {
             return Ok(());
         }
         let now = now_ms();
-        // Only the lease holder drives; take an expired or missing lease.
-        let holder = r.lease.clone();
-        match &holder {
-            Some((owner, until)) if owner != &self.replica && *until > now => return Ok(()),
-            Some((owner, until)) if owner == &self.replica && *until > now + LEASE_MS / 2 => {}
-            _ => {
+        let mut baselines = self.baselines.lock().await;
+        let interval = r.spec.interval().as_millis() as u64;
+        let judging = r.due(now)
+            && baselines.get(name).is_some_and(|b| {
+                b.step_started == r.step_started && now.saturating_sub(b.taken) >= interval
+            });
+        // Only the lease holder drives; take an expired or missing lease,
+        // and renew ours before a judgment that could outlast it.
+        match lease_step(r.lease.as_ref(), &self.replica, now, judging) {
+            LeaseStep::Leave => return Ok(()),
+            LeaseStep::Drive => {}
+            LeaseStep::Take => {
                 r.lease = Some((self.replica.clone(), now + LEASE_MS));
                 let mut next = policy.clone();
                 next.rollout = Some(r.clone());
@@ -115,7 +158,6 @@ impl Watcher {
             return Ok(());
         }
         let admins = self.proxy_admins();
-        let mut baselines = self.baselines.lock().await;
         let Some(base) = baselines
             .get(name)
             .filter(|b| b.step_started == r.step_started)
@@ -132,11 +174,19 @@ impl Watcher {
             );
             return Ok(());
         };
-        let interval = r.spec.interval().as_millis() as u64;
-        if !r.due(now) || now.saturating_sub(base.taken) < interval {
+        if !judging {
             return Ok(());
         }
-        let current = self.collect(&admins, name).await;
+        let current = match tokio::time::timeout(COLLECT_LIMIT, self.collect(&admins, name)).await {
+            Ok(current) => current,
+            // Too slow: no new data for this window (judged inconclusive,
+            // which a source that stays slow turns into a rollback), and
+            // the next window starts from the same baseline.
+            Err(_) => {
+                tracing::warn!(service = name, limit = ?COLLECT_LIMIT, "collecting the golden metrics took too long: the window has no new data");
+                base.totals.clone()
+            }
+        };
         let window = collect::delta(&current, &base.totals);
         // The shadow stage judges the canary's mirrored copies.
         let canary_key = if r.shadowing {
@@ -259,4 +309,46 @@ pub fn apply_next(
     }
     out.rollout = Some(rollout);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_judgment_is_driven_only_with_lease_enough_for_it() {
+        let me = "a";
+        let now = 1_000_000;
+        let ours = |left: u64| Some(("a".to_owned(), now + left));
+        // Another replica's live lease: left alone; expired: taken.
+        let theirs = Some(("b".to_owned(), now + 1));
+        assert_eq!(lease_step(theirs.as_ref(), me, now, true), LeaseStep::Leave);
+        let expired = Some(("b".to_owned(), now));
+        assert_eq!(
+            lease_step(expired.as_ref(), me, now, false),
+            LeaseStep::Take
+        );
+        assert_eq!(lease_step(None, me, now, false), LeaseStep::Take);
+        // Ours with 9 s left: enough to keep going, not to collect and
+        // write a verdict (8 s of collection, then the write): renewed
+        // first, so that nobody takes it meanwhile.
+        assert_eq!(
+            lease_step(ours(9_000).as_ref(), me, now, false),
+            LeaseStep::Drive
+        );
+        assert_eq!(
+            lease_step(ours(9_000).as_ref(), me, now, true),
+            LeaseStep::Take
+        );
+        // Just renewed: judged.
+        assert_eq!(
+            lease_step(ours(LEASE_MS - 250).as_ref(), me, now, true),
+            LeaseStep::Drive
+        );
+        // Under half left: renewed even between judgments.
+        assert_eq!(
+            lease_step(ours(7_000).as_ref(), me, now, false),
+            LeaseStep::Take
+        );
+    }
 }

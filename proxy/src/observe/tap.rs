@@ -331,6 +331,14 @@ mod tests {
             .collect()
     }
 
+    fn taps() -> Arc<Taps> {
+        Arc::new(Taps::new(
+            "p1".into(),
+            IntCounter::new("s", "s").unwrap(),
+            IntCounter::new("d", "d").unwrap(),
+        ))
+    }
+
     #[test]
     fn a_budget_spends_per_second() {
         let b = Budget(AtomicU64::new(0));
@@ -341,11 +349,7 @@ mod tests {
 
     #[tokio::test]
     async fn watchers_see_what_passes_their_filter_and_leave_when_dropped() {
-        let taps = Arc::new(Taps::new(
-            "p1".into(),
-            IntCounter::new("s", "s").unwrap(),
-            IntCounter::new("d", "d").unwrap(),
-        ));
+        let taps = taps();
         assert!(!taps.active());
         let mut body = taps.watch(Filter::from_query(&query(&[("status", "5xx")])).unwrap());
         assert!(taps.active());
@@ -381,11 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn credential_headers_are_shown_by_name_only() {
-        let taps = Arc::new(Taps::new(
-            "p1".into(),
-            IntCounter::new("s", "s").unwrap(),
-            IntCounter::new("d", "d").unwrap(),
-        ));
+        let taps = taps();
         let mut body = taps.watch(Filter::from_query(&query(&[("headers", "true")])).unwrap());
         let observed = Observed::default();
         let mut headers = HeaderMap::new();
@@ -457,11 +457,7 @@ mod tests {
     /// may carry is cut to a few KiB, saying how much was left out.
     #[tokio::test]
     async fn repeated_fields_show_every_value_and_large_heads_are_cut() {
-        let taps = Arc::new(Taps::new(
-            "p1".into(),
-            IntCounter::new("s", "s").unwrap(),
-            IntCounter::new("d", "d").unwrap(),
-        ));
+        let taps = taps();
         let mut body = taps.watch(Filter::from_query(&query(&[("headers", "true")])).unwrap());
         let observed = Observed::default();
         let mut headers = HeaderMap::new();

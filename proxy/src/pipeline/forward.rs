@@ -232,6 +232,11 @@ struct Tries {
     pass: bool,
     /// A streamed body's end, as its tries see it.
     uploading: Uploading,
+    /// The body kept for a replay took the client half the request's time
+    /// or more to send: a try that then runs out of time is the client's
+    /// doing, not the endpoint's (Envoy's request timeout starts once the
+    /// request is whole).
+    late_body: bool,
 }
 
 /// A request readied for its tries, and its replay copy if it has one.
@@ -270,6 +275,7 @@ fn forward<'a>(
             match reading.await {
                 Ok((next, replay)) => {
                     (tries.next, tries.replay) = (next, replay);
+                    tries.late_body = call.start.elapsed() >= svc.request_timeout / 2;
                     tries.prepare(&mut call);
                 }
                 // Counted as any answer the proxy gives for the service.
@@ -333,7 +339,10 @@ fn forward<'a>(
             // request is whole), a 408 not held against the endpoint.
             let (result, unsent, response) = match sent {
                 Ok((resp, h1)) => (Ok(resp.status().as_u16()), None, Some((resp, h1))),
-                Err(e) if e.kind == ErrorKind::Timeout && tries.uploading.unfinished() => {
+                Err(e)
+                    if e.kind == ErrorKind::Timeout
+                        && (tries.uploading.unfinished() || tries.late_body) =>
+                {
                     (Err(ErrorKind::ClientTimeout), e.unsent, None)
                 }
                 Err(e) => (Err(e.kind), e.unsent, None),
@@ -405,6 +414,7 @@ impl Tries {
             grpc,
             pass: call.pass && !grpc,
             uploading: Uploading::default(),
+            late_body: false,
         };
         // Filled in place (each move of a request copies it whole).
         tries.reading = tries.ready(req, &svc.retry, call.body_idle);

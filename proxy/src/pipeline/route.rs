@@ -644,10 +644,16 @@ impl ServiceRoute {
                     .sticky_header()
                     .and_then(|h| req.headers().get(h))
                     .map(http::HeaderValue::as_bytes);
-                Ok(self
-                    .subsets
-                    .get(split.pick(sticky))
-                    .map_or(&self.all, |s| &s.pool))
+                // No subset the split gives traffic to has endpoints: none
+                // goes to one it gives none (Envoy's weighted clusters
+                // answer "no healthy upstream" too).
+                match split.pick(sticky).and_then(|i| self.subsets.get(i)) {
+                    Some(s) => Ok(&s.pool),
+                    None => Err((
+                        ErrorKind::NoEndpoints,
+                        format!("{} (in the subsets its split gives traffic to)", self.name),
+                    )),
+                }
             }
             None => Ok(&self.all),
         }

@@ -27,7 +27,8 @@ pub struct Split {
 
 impl Split {
     /// `weights` by subset name; `subsets` the service's subset names in
-    /// index order. Names without endpoints were refused by validation.
+    /// index order (those with endpoints: a snapshot's split may name
+    /// others, which get nothing).
     pub fn new(weights: &BTreeMap<String, u32>, subsets: &[&str]) -> Split {
         let mut total = 0;
         let mut cumulative = Vec::new();
@@ -58,18 +59,20 @@ impl Split {
     }
 
     /// The subset index for one request: by `sticky` (the sticky header's
-    /// value, when the request has one), else at random.
+    /// value, when the request has one), else at random; `None` when no
+    /// subset above 0 % has endpoints (a subset at 0 % or not named gets
+    /// nothing, even then: the request has nowhere to go).
     #[inline]
-    pub fn pick(&self, sticky: Option<&[u8]>) -> usize {
+    pub fn pick(&self, sticky: Option<&[u8]>) -> Option<usize> {
         if self.cumulative.len() <= 1 {
-            return self.cumulative.first().map_or(0, |c| c.1);
+            return self.cumulative.first().map(|c| c.1);
         }
         let x = match sticky {
             Some(value) if !value.is_empty() => point(hash(value), self.total),
             _ => fastrand::u32(..self.total),
         };
         let at = self.cumulative.partition_point(|&(c, _)| c <= x);
-        self.cumulative.get(at).map_or(0, |c| c.1)
+        self.cumulative.get(at).map(|c| c.1)
     }
 }
 
@@ -110,7 +113,7 @@ mod tests {
         let weights = BTreeMap::from([("v1".to_owned(), 90), ("v2".to_owned(), 10)]);
         let split = Split::new(&weights, &["v1", "v2"]);
         let n = 100_000;
-        let v2 = (0..n).filter(|_| split.pick(None) == 1).count() as f64;
+        let v2 = (0..n).filter(|_| split.pick(None) == Some(1)).count() as f64;
         // Binomial: mean n*p = 10000, sigma = sqrt(n*p*(1-p)) ~ 95; a 5-sigma
         // bound fails by chance about once in 1.7 million runs.
         assert!((v2 - 10_000.0).abs() < 5.0 * 95.0, "v2 got {v2}");
@@ -120,7 +123,12 @@ mod tests {
     fn zero_weight_subsets_get_nothing() {
         let weights = BTreeMap::from([("v1".to_owned(), 100), ("v2".to_owned(), 0)]);
         let split = Split::new(&weights, &["v1", "v2"]);
-        assert!((0..1000).all(|_| split.pick(None) == 0));
+        assert!((0..1000).all(|_| split.pick(None) == Some(0)));
+        // v1 has no endpoints (its instances all went critical): v2, at
+        // 0 %, still gets nothing.
+        let split = Split::new(&weights, &["v2"]);
+        assert_eq!(split.pick(None), None);
+        assert_eq!(split.pick(Some(b"user-1")), None);
     }
 
     #[test]
@@ -139,7 +147,7 @@ mod tests {
         for u in &users {
             let first = s.pick(Some(u.as_bytes()));
             assert!((0..5).all(|_| s.pick(Some(u.as_bytes())) == first));
-            on_v2 += first;
+            on_v2 += first.unwrap_or(0);
         }
         // 10 % of 10000 users: sigma = 30; a 5-sigma bound.
         assert!((on_v2 as f64 - 1000.0).abs() < 150.0, "{on_v2} users on v2");
@@ -159,7 +167,7 @@ mod tests {
                 let s = split(&[(stable, 100 - w), (canary, w)], &names);
                 let mut count = 0;
                 for (i, u) in users.iter().enumerate() {
-                    let now = s.pick(Some(u.as_bytes())) == canary_index;
+                    let now = s.pick(Some(u.as_bytes())) == Some(canary_index);
                     assert!(now || !was_canary[i], "{u} left {canary} at {w}%");
                     was_canary[i] = now;
                     count += usize::from(now);
@@ -177,7 +185,7 @@ mod tests {
     #[test]
     fn an_empty_header_value_is_random() {
         let s = split(&[("v1", 50), ("v2", 50)], &["v1", "v2"]);
-        let picks: usize = (0..1000).map(|_| s.pick(Some(b""))).sum();
+        let picks: usize = (0..1000).filter_map(|_| s.pick(Some(b""))).sum();
         assert!(picks > 0 && picks < 1000, "{picks}");
     }
 }

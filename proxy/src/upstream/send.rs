@@ -100,6 +100,14 @@ pub fn sender<'a>(
     })
 }
 
+/// The largest kept body the lean HTTP/1.1 client sends. It writes a
+/// request whole before it reads: a body that could fill the socket's
+/// buffers would hide an upstream's early answer (a 413, then no more
+/// reading) until the try timed out. Larger ones go through hyper, which
+/// reads while it writes (the default `retries.max_body_bytes` is this
+/// size: only a raised limit sends any through hyper).
+const LEAN_MAX_BODY: usize = 64 * 1024;
+
 /// One try through the try stack: [`TryTimeoutLayer`] over [`sender`],
 /// built in place, never boxed. Not an `async fn`, so that its future's
 /// `Send` is proven here, where the lifetime is named: the compiler cannot
@@ -137,7 +145,8 @@ fn send_to<'a>(
             TryRequest::Kept(parts, body)
                 if target.protocol == Protocol::Http1
                     && upgrade.is_none()
-                    && parts.method != Method::CONNECT =>
+                    && parts.method != Method::CONNECT
+                    && body.len() <= LEAN_MAX_BODY =>
             {
                 let head = h1::Head {
                     method: &parts.method,
@@ -251,11 +260,12 @@ fn lean_target(target: &Target, at: Instant) -> LeanTarget<'_> {
 }
 
 /// Does the lean HTTP/1.1 client take this request? Its body must be
-/// known whole (a replay copy, or none at all); a `CONNECT` goes through
-/// hyper. (Upgrades never come here.)
+/// known whole (a replay copy, or none at all) and at most
+/// [`LEAN_MAX_BODY`]; a `CONNECT` goes through hyper. (Upgrades never
+/// come here.)
 fn lean(req: &Request<RequestBody>) -> bool {
     let whole = match req.body() {
-        RequestBody::Replay(_) => true,
+        RequestBody::Replay(body) => body.as_ref().is_none_or(|b| b.len() <= LEAN_MAX_BODY),
         RequestBody::Stream(..) => req.body().is_end_stream(),
         RequestBody::Tee(..) => false,
     };
