@@ -107,6 +107,18 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
     if config.max_wait.is_zero() {
         add("max_wait".into(), "must be more than 0".into());
     }
+    for (key, value) in [
+        ("token_env", config.token_env.as_deref()),
+        ("proxy_token_env", config.proxy_token_env.as_deref()),
+        (
+            "proxy_admin_token_env",
+            config.proxy_admin_token_env.as_deref(),
+        ),
+    ] {
+        if value.is_some_and(|v| v.trim().is_empty()) {
+            add(key.into(), "must name an environment variable".into());
+        }
+    }
     // The admin token goes to every proxy that long-polled; with no
     // credential on snapshot reads, any host can poll as a proxy.
     let credential =
@@ -335,6 +347,16 @@ pub fn load_proxy(text: &str, source_name: &str) -> Result<ProxyConfig, Problems
     let index = LineIndex::build(text);
     let config = parse(text, &index).map_err(fail)?;
     let mut problems = validate_proxy(&config);
+    // A file's services with a control plane would serve until the first
+    // snapshot, then vanish (a snapshot's, checked by `validate_proxy`
+    // when applied, are the control plane's).
+    if config.control.is_some() && !config.services.is_empty() {
+        problems.push(Problem {
+            path: "services".into(),
+            line: None,
+            message: "only used in static mode: with `control`, the control plane's snapshots give the services (the first would replace these)".into(),
+        });
+    }
     problems.extend(crate::tls::check_files(&config));
     if problems.is_empty() {
         return Ok(config);
@@ -346,6 +368,26 @@ pub fn load_proxy(text: &str, source_name: &str) -> Result<ProxyConfig, Problems
     Err(fail(problems))
 }
 
+/// Most runtime threads a proxy may ask for (`workers`): far past any
+/// machine's cores, and far short of what makes the runtime fail to start.
+const MAX_WORKERS: usize = 1024;
+
+/// The YAML parser's limits, for a config as large as the documented
+/// limits allow (10,000 route rules a service, a `<<: *base` shared by
+/// hundreds of services): its defaults refused a file with 3 anchors used
+/// 34 times each (an alias-to-anchor ratio meant for untrusted input) and
+/// one of 250,000 nodes. A file whose anchors blow up (a billion laughs)
+/// is still stopped, by the caps on aliases and on the events they copy.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            enforce_alias_anchor_ratio: false,
+            max_nodes: 20_000_000,
+            max_events: 40_000_000,
+        },
+    }
+}
+
 /// Deserializes, reporting the key path and line of the first error; a
 /// key given twice, which YAML does not allow, is reported first, each
 /// with the mapping's path and the key (serde-saphyr knows neither path).
@@ -354,22 +396,23 @@ fn parse<T: DeserializeOwned>(text: &str, index: &LineIndex) -> Result<T, Vec<Pr
         return Err(index.duplicates().iter().map(duplicate).collect());
     }
     let mut path = None;
-    let result = serde_saphyr::with_deserializer_from_str(text, |de| {
-        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
-            let at = e.path().to_string();
-            // A duplicate the walk did not see (a key that is not a plain
-            // string): the path ends at the unknown key, `?`.
-            let message = match e.inner().without_snippet() {
-                serde_saphyr::Error::DuplicateMappingKey { key, .. } => {
-                    let key = key.as_deref().unwrap_or("?");
-                    format!("key {key:?} given twice")
-                }
-                _ => e.into_inner().to_string(),
-            };
-            path = Some(at);
-            <serde_saphyr::Error as serde::de::Error>::custom(message)
-        })
-    });
+    let result =
+        serde_saphyr::with_deserializer_from_str_with_options(text, yaml_options(), |de| {
+            serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
+                let at = e.path().to_string();
+                // A duplicate the walk did not see (a key that is not a plain
+                // string): the path ends at the unknown key, `?`.
+                let message = match e.inner().without_snippet() {
+                    serde_saphyr::Error::DuplicateMappingKey { key, .. } => {
+                        let key = key.as_deref().unwrap_or("?");
+                        format!("key {key:?} given twice")
+                    }
+                    _ => e.into_inner().to_string(),
+                };
+                path = Some(at);
+                <serde_saphyr::Error as serde::de::Error>::custom(message)
+            })
+        });
     result.map_err(|e| {
         let full = e.without_snippet().to_string();
         let path = path
@@ -508,7 +551,7 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
             add(
                 format!("listeners[{i}].bind"),
                 format!(
-                    "{} takes the admin address's port ({})",
+                    "{} takes the admin address's port ({}); change `admin` or this listener (with no `listeners`, one listens on 127.0.0.1:4140)",
                     l.bind, config.admin
                 ),
             );
@@ -532,6 +575,19 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
     }
     if config.workers == Some(0) {
         add("workers".into(), "must be 1 or more".into());
+    } else if config.workers.is_some_and(|w| w > MAX_WORKERS) {
+        add(
+            "workers".into(),
+            format!("must be {MAX_WORKERS} or less (one runtime thread per core is the norm)"),
+        );
+    }
+    for (key, value) in [
+        ("token_env", config.token_env.as_deref()),
+        ("admin_token_env", config.admin_token_env.as_deref()),
+    ] {
+        if value.is_some_and(|v| v.trim().is_empty()) {
+            add(key.into(), "must name an environment variable".into());
+        }
     }
     if config.limits.max_connections == 0 {
         add("limits.max_connections".into(), "must be 1 or more".into());
@@ -652,6 +708,18 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
             out.push((
                 format!(".endpoints[{i}].addr"),
                 format!("{} is listed twice", ep.addr),
+            ));
+        }
+        // A config's own endpoints (a snapshot's come from a registry,
+        // whose instances the control plane has checked).
+        let ip = ep.addr.ip();
+        if strict && (ep.addr.port() == 0 || ip.is_unspecified() || ip.is_multicast()) {
+            out.push((
+                format!(".endpoints[{i}].addr"),
+                format!(
+                    "{} cannot be connected to (port 0, or an any or multicast address)",
+                    ep.addr
+                ),
             ));
         }
     }
@@ -1367,6 +1435,77 @@ services:
         let p = problems("services: [\n  a: b\n");
         assert_eq!(p.len(), 1);
         assert!(p[0].line.is_some(), "{:?}", p[0]);
+    }
+
+    /// Limits a file may reach but the YAML parser's defaults refused:
+    /// anchors shared by many services (an alias-to-anchor ratio over 10),
+    /// and more than 250,000 nodes.
+    #[test]
+    fn anchors_shared_by_many_services_and_large_files_load() {
+        let mut text = String::from("services:\n");
+        for i in 0..40 {
+            let anchors = if i == 0 {
+                "timeouts: &t { request: 5s }\n    retries: &r { attempts: 1 }\n    lb: &lb round_robin"
+            } else {
+                "timeouts: *t\n    retries: *r\n    lb: *lb"
+            };
+            text.push_str(&format!(
+                "  s{i}:\n    {anchors}\n    endpoints: [{{ addr: 127.0.0.1:{} }}]\n",
+                1000 + i
+            ));
+        }
+        let cfg = load_proxy(&text, "t.yaml").expect("anchors used 117 times");
+        assert_eq!(cfg.services.len(), 40);
+        assert_eq!(cfg.services["s39"].retries.attempts, 1);
+
+        let mut big = String::from("services:\n");
+        for i in 0..70_000 {
+            big.push_str(&format!(
+                "  s{i}: {{ endpoints: [{{ addr: 127.0.0.1:{} }}] }}\n",
+                1 + i % 60_000
+            ));
+        }
+        let cfg = load_proxy(&big, "t.yaml").expect("280,000 nodes");
+        assert_eq!(cfg.services.len(), 70_000);
+    }
+
+    /// Values that would make the proxy fail to start (a runtime of more
+    /// threads than any machine, a queue too large to allocate), an
+    /// endpoint no connection can reach, and an empty variable name are
+    /// refused, each naming its key.
+    #[test]
+    fn values_the_proxy_cannot_start_with_are_refused() {
+        let paths =
+            |text: &str| -> Vec<String> { problems(text).into_iter().map(|p| p.path).collect() };
+        assert_eq!(paths("workers: 18446744073709551615\n"), ["workers"]);
+        assert!(paths("workers: 1024\n").is_empty());
+        assert_eq!(
+            paths("access_log: { queue: 2305843009213693952 }\n"),
+            ["access_log.queue"]
+        );
+        assert_eq!(
+            paths("tracing: { otlp: { endpoint: \"http://127.0.0.1:4318/v1/traces\", queue: 1000000000000 } }\n"),
+            ["tracing.otlp.queue"]
+        );
+        for addr in [
+            "127.0.0.1:0",
+            "0.0.0.0:8080",
+            "224.0.0.1:8080",
+            "\"[::]:8080\"",
+        ] {
+            let text = format!("services:\n  a:\n    endpoints: [{{ addr: {addr} }}]\n");
+            assert_eq!(paths(&text), ["services.a.endpoints[0].addr"], "{addr}");
+        }
+        assert_eq!(
+            paths("control: http://127.0.0.1:4180\nadmin_token_env: \"\"\n"),
+            ["admin_token_env"]
+        );
+        assert_eq!(
+            paths("control: http://127.0.0.1:4180\nservices:\n  legacy: { endpoints: [] }\n"),
+            ["services"]
+        );
+        let got = control_problems("source:\n  file: /tmp/r\ntoken_env: \" \"\n");
+        assert!(got.iter().any(|p| p.contains("token_env")), "{got:?}");
     }
 
     #[test]

@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Largest queue (`access_log.queue`, `tracing.otlp.queue`): a million
+/// entries is minutes of a busy proxy's lines; far more would not even be
+/// allocated (the proxy would fail to start).
+const MAX_QUEUE: usize = 1 << 20;
+
 /// The bounds of the proxies' latency histogram
 /// (`almond_request_duration_seconds`), in seconds: fine below 100 ms
 /// where services live, coarse above (13 buckets; the watcher needs p50
@@ -134,6 +139,11 @@ pub fn check(tracing: &Tracing, access_log: Option<&AccessLog>) -> Vec<(String, 
         }
         if log.queue == 0 {
             out.push(("access_log.queue".into(), "must be 1 or more".into()));
+        } else if log.queue > MAX_QUEUE {
+            out.push((
+                "access_log.queue".into(),
+                format!("must be {MAX_QUEUE} or less"),
+            ));
         }
         // 0 would drop every line: `sample_rate: 0` says that.
         if log.max_per_second == 0 {
@@ -162,11 +172,22 @@ fn check_otlp(otlp: &Otlp) -> Vec<(String, String)> {
     }
     if otlp.queue == 0 {
         add("queue", "must be 1 or more");
+    } else if otlp.queue > MAX_QUEUE {
+        add("queue", &format!("must be {MAX_QUEUE} or less"));
     }
     if otlp.batch == 0 {
         add("batch", "must be 1 or more");
     } else if otlp.batch > otlp.queue {
-        add("batch", "must not exceed queue");
+        add(
+            "batch",
+            &format!(
+                "{} must not exceed queue, {} (batch defaults to {}, queue to {})",
+                otlp.batch,
+                otlp.queue,
+                default_otlp_batch(),
+                default_otlp_queue()
+            ),
+        );
     }
     if otlp.flush_interval.is_zero() {
         add("flush_interval", "must be more than 0");
