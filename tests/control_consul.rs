@@ -876,6 +876,14 @@ async fn a_filtered_health_answer_at_start_does_not_keep_the_control_plane_unrea
     assert_eq!(control.get("/ready").await.status, StatusCode::OK);
     let seen = spread(&proxy, "web", 20).await;
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["b1"], "{seen:?}");
+    // Served from filtered answers, it follows them: an instance the
+    // token can see, added later, is served too.
+    let b3 = Backend::start("b3").await;
+    consul.register(web("web-3", &b3, "v1")).unwrap();
+    eventually("a visible instance added later is served", || async {
+        spread(&proxy, "web", 20).await.contains_key("b3")
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------

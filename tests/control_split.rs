@@ -179,6 +179,8 @@ async fn a_subset_at_zero_gets_nothing_when_the_split_s_subsets_are_empty() {
         assert_eq!(reply.header("x-almond-error"), Some("no-endpoints"));
     }
     assert_eq!(c.v2.count(), v2_before, "v2, at 0 %, got requests");
+    let unroutable = proxy_metric(&c.proxy, "almond_unroutable_requests_total", &[]).await;
+    assert!(unroutable >= 20.0, "counted: {unroutable}");
     c.registry
         .service_lb("s", "round_robin", &[(c.v1a.addr, "v1"), (c.v2.addr, "v2")]);
     eventually("v1 is back", || async {

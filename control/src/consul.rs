@@ -540,6 +540,8 @@ async fn watch_service(
 ) {
     let path = format!("/v1/health/service/{}", percent_encode(&consul));
     let mut blocking = Blocking::new();
+    // The state served came from an answer filtered by ACLs.
+    let mut partial = false;
     loop {
         blocking.pace().await;
         let answer = match client.get(&path, blocking.index, wait).await {
@@ -554,13 +556,17 @@ async fn watch_service(
         // state rather than serve the service without them. With no state
         // yet (a start), the instances it can see are served: the control
         // plane must get ready, and serve every other service, meanwhile.
+        // Served from a filtered answer already (the token never saw them
+        // all), later filtered answers keep the visible instances current.
         if answer.filtered {
             let hidden = ConsulError::Filtered("node:read and service:read on every instance");
-            if state.has_service(&name) {
+            if state.has_service(&name) && !partial {
                 blocking.back_off(&name, &hidden, &state).await;
                 continue;
             }
-            tracing::warn!(service = %name, error = %hidden, "serving the instances the token can see, until it sees them all");
+            if !partial {
+                tracing::warn!(service = %name, error = %hidden, "serving the instances the token can see, until it sees them all");
+            }
         }
         let index = answer.index.unwrap_or(0);
         if !blocking.advance(answer.index) && state.has_service(&name) {
@@ -573,6 +579,7 @@ async fn watch_service(
                 let service = to_service_resolved(&name, &instances, keys, &resolved);
                 state.set_registered(&name, registered(&instances, &subset_key));
                 state.set_service(&name, service, index);
+                partial = answer.filtered;
             }
             Err(e) => {
                 blocking

@@ -284,6 +284,8 @@
   }
 
   function renderSubsets(name, v, svc) {
+    // What the buttons send is read from the newest data (`sendable`).
+    v.svc = svc;
     const r = svc.rollout;
     const subsets = Object.keys(svc.subsets).sort();
     const head = el('tr', {}, ...['subset', 'weight', 'endpoints', 'rps', 'success', 'p99', ''].map(

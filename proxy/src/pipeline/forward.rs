@@ -233,9 +233,10 @@ struct Tries {
     /// A streamed body's end, as its tries see it.
     uploading: Uploading,
     /// The body kept for a replay took the client half the request's time
-    /// or more to send: a try that then runs out of time is the client's
-    /// doing, not the endpoint's (Envoy's request timeout starts once the
-    /// request is whole).
+    /// or more to send: a try cut short by the request's deadline is then
+    /// the client's doing, not the endpoint's (Envoy's request timeout
+    /// starts once the request is whole); a per-try timeout still is the
+    /// endpoint's.
     late_body: bool,
 }
 
@@ -341,7 +342,8 @@ fn forward<'a>(
                 Ok((resp, h1)) => (Ok(resp.status().as_u16()), None, Some((resp, h1))),
                 Err(e)
                     if e.kind == ErrorKind::Timeout
-                        && (tries.uploading.unfinished() || tries.late_body) =>
+                        && (tries.uploading.unfinished()
+                            || (tries.late_body && now >= tries.deadline)) =>
                 {
                     (Err(ErrorKind::ClientTimeout), e.unsent, None)
                 }

@@ -37,6 +37,9 @@ const MAX_FRESH_H1: u32 = 2;
 /// waits for a stream on the least busy one (a server that takes no
 /// streams at all must not get a new connection for every request).
 const MAX_H2_CONNECTIONS: usize = 16;
+/// Longest a connection whose upload outlived its answer is waited for,
+/// to be pooled once the upload is over.
+const UPLOAD_WAIT: Duration = Duration::from_secs(60);
 /// An idle HTTP/1.1 connection's sending half.
 pub type H1Sender = http1::SendRequest<RequestBody>;
 
@@ -257,7 +260,11 @@ impl Connections {
         let pool = self.h1_idle.clone();
         let mut sender = sender;
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
+            // Bounded: an upload the upstream never takes does not keep
+            // this task (the connection ends with the upload, or when the
+            // upstream closes it).
+            let ready = tokio::time::timeout(UPLOAD_WAIT, sender.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
                 pool.push(sender, Instant::now());
             }
         });

@@ -627,7 +627,11 @@ pub struct RecvBody {
 impl Drop for RecvBody {
     fn drop(&mut self) {
         if let Some(upload) = self.upload.take() {
-            if !self.recv.is_end_stream() {
+            // Read to its end (its length all read, or its data over): an
+            // answer delivered whole, whose upload may go on (an upstream
+            // that answered early and still reads).
+            let whole = self.data_done || self.length == 0 || self.recv.is_end_stream();
+            if !whole {
                 upload.abort();
             }
         }
