@@ -105,6 +105,7 @@ async fn check(svc: Arc<ServiceRoute>, index: usize) {
             if state.health.is_out() {
                 svc.outlier.restore(
                     state,
+                    now,
                     &subset.pool,
                     &subset.ejection,
                     &svc.name,

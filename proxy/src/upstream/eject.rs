@@ -1,8 +1,10 @@
 //! Eject: failure accrual per endpoint (outlier detection).
 //!
 //! `consecutive_failures` failures in a row take an endpoint out of
-//! balancing for `base_ejection` x the number of ejections in a row
-//! (capped by `max_ejection`, jittered); at most `max_ejection_percent` of
+//! balancing for `base_ejection` x its ejection count (capped by
+//! `max_ejection`, jittered); the count goes down by one for each
+//! `base_ejection` the endpoint stays in service (Envoy's multiplier
+//! decay), so an endpoint that flaps is kept out longer each time; at most `max_ejection_percent` of
 //! a subset is out at once. When the time is up, one real request probes
 //! the endpoint: success brings it back, failure ejects it again, longer
 //! (as far as `max_ejection_percent` allows). An ejection whose time is up
@@ -46,8 +48,12 @@ pub struct Health {
     /// 0: in service; else ns (since the process epoch) until it may be
     /// probed.
     ejected_until: AtomicU64,
-    /// Ejections in a row, the multiplier of the next ejection's length.
+    /// Ejections not yet forgiven: the multiplier of the next ejection's
+    /// length, less one for each `base_ejection` in service since `back_at`.
     ejections: AtomicU32,
+    /// When it last came back to service (ns since the process epoch); 0
+    /// while out, or never ejected.
+    back_at: AtomicU64,
     /// A probe request is out.
     probing: AtomicBool,
     /// Active checks: when the next is due (ns since the process epoch),
@@ -84,6 +90,7 @@ impl Default for Health {
             consecutive: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            back_at: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             check_due: AtomicU64::new(0),
             checks_passed: AtomicU32::new(0),
@@ -295,12 +302,6 @@ impl Outlier {
         let health = endpoint.health();
         if !failed {
             health.consecutive.store(0, Ordering::Relaxed);
-            // In service and answering: its next ejection is not one "in
-            // a row" (it came back for want of room, its last probe
-            // failing; a plain load on every success else).
-            if !health.is_out() && health.ejections.load(Ordering::Relaxed) != 0 {
-                health.ejections.store(0, Ordering::Relaxed);
-            }
             // Only the probe returns an endpoint (or any success once the
             // ejection is up: a pool of one never claims a probe). A request
             // sent before the ejection and answered after it says nothing
@@ -313,7 +314,7 @@ impl Outlier {
                     || health.availability(now_ns) == Availability::ProbeDue)
                 && !health.check_failing()
             {
-                self.restore(endpoint, subset, metrics, service, "probe succeeded");
+                self.restore(endpoint, now, subset, metrics, service, "probe succeeded");
             }
             return None;
         }
@@ -441,6 +442,7 @@ impl Outlier {
                 Some(self.take_out(health, now))
             } else {
                 health.ejected_until.store(0, Ordering::Release);
+                health.back_at.store(now_ns.max(1), Ordering::Relaxed);
                 None
             }
         };
@@ -457,12 +459,14 @@ impl Outlier {
     /// ejections in a row, the length and when it ends (ns since the
     /// process epoch).
     fn take_out(&self, health: &Health, now: Instant) -> (u32, Duration, u64) {
-        let n = health.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let now_ns = crate::clock::nanos_since_epoch(now);
+        let n = self.unforgiven(health, now_ns) + 1;
+        health.ejections.store(n, Ordering::Relaxed);
         let length = self.ejection_length(n);
         let until = if health.check_failing() {
             UNTIL_CHECK_PASSES
         } else {
-            (crate::clock::nanos_since_epoch(now) + length.as_nanos() as u64).max(1)
+            (now_ns + length.as_nanos() as u64).max(1)
         };
         health.ejected_until.store(until, Ordering::Release);
         health.consecutive.store(0, Ordering::Relaxed);
@@ -471,7 +475,23 @@ impl Outlier {
         (n, length, until)
     }
 
-    /// Counts and logs the ejection of `endpoint`, the `n`th in a row, for
+    /// The ejections of `health` not yet forgiven at `now_ns`: one is for
+    /// each `base_ejection` it has been in service since it came back
+    /// (none while it is out: a failed probe ejects it longer). Clears
+    /// `back_at`: it is going out.
+    fn unforgiven(&self, health: &Health, now_ns: u64) -> u32 {
+        let ejections = health.ejections.load(Ordering::Relaxed);
+        match health.back_at.swap(0, Ordering::Relaxed) {
+            0 => ejections,
+            back => {
+                let base = self.base.as_nanos().max(1) as u64;
+                let forgiven = now_ns.saturating_sub(back) / base;
+                ejections.saturating_sub(u32::try_from(forgiven).unwrap_or(u32::MAX))
+            }
+        }
+    }
+
+    /// Counts and logs the ejection of `endpoint`, its `n`th unforgiven, for
     /// `length`.
     fn ejected(
         &self,
@@ -507,22 +527,25 @@ impl Outlier {
     }
 
     /// Puts an ejected `endpoint` back in service, its latency estimate
-    /// forgotten (its failures must not keep it shunned).
+    /// forgotten (its failures must not keep it shunned). Its ejection
+    /// count is forgiven with time in service, not at once: an endpoint
+    /// that fails again soon after is out longer.
     pub fn restore(
         &self,
         endpoint: &impl Ejectable,
+        now: Instant,
         subset: &impl Peers,
         metrics: &EjectionMetrics,
         service: &str,
         why: &str,
     ) {
         let health = endpoint.health();
+        let now_ns = crate::clock::nanos_since_epoch(now);
         health.ejected_until.store(0, Ordering::Release);
-        health.ejections.store(0, Ordering::Relaxed);
+        health.back_at.store(now_ns.max(1), Ordering::Relaxed);
         health.consecutive.store(0, Ordering::Relaxed);
         health.probing.store(false, Ordering::Release);
         endpoint.returned();
-        let now_ns = crate::clock::nanos_since_epoch(Instant::now());
         metrics.update(subset.out_of(now_ns));
         tracing::info!(service, endpoint = %endpoint.addr(), why, "endpoint returned to service");
     }
@@ -693,6 +716,47 @@ mod tests {
         assert_eq!(a.0.availability(ns(t3)), Availability::ProbeDue);
     }
 
+    /// An endpoint that fails again soon after its probe brought it back
+    /// is out longer each time (a flapping endpoint); one that stayed in
+    /// service `base_ejection` per ejection starts again at base (Envoy's
+    /// multiplier decay).
+    #[tokio::test(start_paused = true)]
+    async fn a_flapping_endpoint_is_out_longer_each_time() {
+        let (pool, m, p) = (subset(3), metrics(), policy());
+        let ns = |t: Instant| crate::clock::nanos_since_epoch(t);
+        let ep = &pool.0[0];
+        // Ejected at `at`, probed back when its ejection is up; returns
+        // when it was back.
+        let eject_then_return = |at: Instant, out_for_at_least: u64| {
+            for _ in 0..3 {
+                p.record(ep, true, false, at, &pool, &m, "s");
+            }
+            assert!(ep.0.is_out());
+            let still_out = at + Duration::from_secs(out_for_at_least);
+            assert_eq!(ep.0.availability(ns(still_out)), Availability::Ejected);
+            let back = at + Duration::from_secs(out_for_at_least * 12 / 9 + 1);
+            assert!(ep.0.claim_probe(ns(back), p.probe_grace));
+            p.record(ep, false, false, back, &pool, &m, "s");
+            assert!(!ep.0.is_out());
+            back
+        };
+        // 10 s, then (failing 1 s after each return) 20 s, then 30 s.
+        let t = eject_then_return(Instant::now(), 8);
+        let t = eject_then_return(t + Duration::from_secs(1), 17);
+        let t = eject_then_return(t + Duration::from_secs(1), 26);
+        // 25 s in service forgive two of its three ejections: 20 s next.
+        let t = eject_then_return(t + Duration::from_secs(25), 17);
+        assert_eq!(ep.0.ejections.load(Ordering::Relaxed), 2);
+        // An hour in service forgives them all: 10 s, as the first.
+        let t = t + Duration::from_secs(3600);
+        for _ in 0..3 {
+            p.record(ep, true, false, t, &pool, &m, "s");
+        }
+        let t = t + Duration::from_secs(12);
+        assert_eq!(ep.0.availability(ns(t)), Availability::ProbeDue);
+        assert_eq!(m.ejections.get(), 5);
+    }
+
     /// Checks are spread: the next is due within 10 % of the interval
     /// after the last, not exactly on it.
     #[test]
@@ -729,7 +793,7 @@ mod tests {
         assert!(ep.0.is_out());
         // Checks passing again: back.
         ep.0.checks_recovered();
-        p.restore(ep, &pool, &m, "s", "health check passed");
+        p.restore(ep, Instant::now(), &pool, &m, "s", "health check passed");
         assert!(!ep.0.is_out());
         assert_eq!(m.ejections.get(), 1);
     }
