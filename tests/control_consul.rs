@@ -204,6 +204,79 @@ async fn consul_health_reaches_traffic() {
     reaches(&proxy, "b2", "v2").await;
 }
 
+/// Consul's catalog carries no policy: `source.consul.service_defaults`
+/// gives it, by served name, with `"*"` for the others. web's 300 ms
+/// request timeout answers a 2 s backend with a 504 well before it
+/// answers; api, under `"*"`, waits for its backend.
+#[tokio::test]
+async fn service_defaults_give_consul_services_their_policy() {
+    let consul = ConsulDouble::start().await;
+    let slow = Backend::builder("slow")
+        .delay(Duration::from_millis(1500))
+        .start()
+        .await;
+    consul.register(web("web-1", &slow, "v1")).unwrap();
+    consul
+        .register(
+            ServiceDef::new("api")
+                .id("api-1")
+                .address("127.0.0.1")
+                .port(slow.addr.port())
+                .check(passing()),
+        )
+        .unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nstore: consul\nsource:\n  consul:\n    addr: \"{}\"\n    wait: 1s\n    \
+         token_env: ALMOND_TEST_CC_TOKEN_DEFAULTS\n    service_defaults:\n      \
+         web: {{ lb: least_request, timeouts: {{ request: 300ms }}, retries: {{ attempts: 0 }} }}\n      \
+         \"*\": {{ timeouts: {{ request: 5s }} }}\n",
+        consul.url()
+    );
+    let control = TestControl::start(&yaml).await;
+    let web_policy = control.service("web").await["service"].clone();
+    assert_eq!(web_policy["lb"], "least_request", "{web_policy}");
+    assert_eq!(web_policy["timeouts"]["request"], "300ms", "{web_policy}");
+    assert_eq!(web_policy["retries"]["attempts"], 0, "{web_policy}");
+    let api_policy = control.service("api").await["service"].clone();
+    assert_eq!(api_policy["timeouts"]["request"], "5s", "{api_policy}");
+
+    let proxy = start_following(&control.url(), None).await;
+    eventually("the proxy has web and api", || async {
+        proxy.admin_get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let answer = get_h1(proxy.addr(), "web", "/").await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "web's 300 ms timeout did not apply: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        get_h1(proxy.addr(), "api", "/").await.status,
+        StatusCode::OK
+    );
+}
+
+/// A `service_defaults` entry the proxies would refuse is refused when
+/// the control plane's config is read, with its key and line.
+#[test]
+fn invalid_service_defaults_are_named_with_their_lines() {
+    let yaml = "source:\n  consul:\n    service_defaults:\n      Web: {}\n      api:\n        circuit_breaker: { base_ejection: 10m }\n";
+    let err = almond_config::load_control(yaml, "control.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("line 4: source.consul.service_defaults.Web:"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 6: source.consul.service_defaults.api.circuit_breaker"),
+        "{err}"
+    );
+}
+
 /// Consul services are served by their names in lower case, as clients'
 /// `Host` is matched (`Orders` is reached as `orders`, `ORDERS` or
 /// `Orders:4140`); of two that differ only in case, the one already in

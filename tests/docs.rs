@@ -346,6 +346,12 @@ fn key_paths(value: &Value, path: &str, out: &mut BTreeSet<String>) {
     match value {
         Value::Object(map) => {
             for (key, child) in map {
+                // A service's policy under the control plane's Consul
+                // source: the proxy's service keys, documented there.
+                if path == "source.consul.service_defaults" {
+                    out.insert(format!("{path}.<name>"));
+                    continue;
+                }
                 let key = if path == "services" {
                     "<name>"
                 } else if path.ends_with(".split") && key != "sticky_header" {
@@ -441,6 +447,7 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         cert_file: _,
         key_file: _,
         intentions: _,
+        service_defaults: _,
     } = consul;
     let mut full = config.clone();
     full.token_env
@@ -467,6 +474,8 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         c.intentions = Some(almond_config::ConsulIntentions {
             trust_domain: "example.org".to_owned(),
         });
+        c.service_defaults
+            .insert("*".to_owned(), almond_config::ServiceDefaults::default());
     }
     // The two shapes of `watcher`, one in each.
     full.watcher = Some(almond_config::Watcher {

@@ -1,6 +1,7 @@
 //! The control-plane config model (`almond control --config FILE`).
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -83,6 +84,8 @@ fn default_max_wait() -> Duration {
 /// Where endpoint sets come from: Consul, or a watched directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
+// Read once at start: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Source {
     /// Consul's catalog and health (blocking queries).
     Consul(ConsulSource),
@@ -130,6 +133,73 @@ pub struct ConsulSource {
     /// an intention's source `web` is `spiffe://TRUST_DOMAIN/service/web`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intentions: Option<ConsulIntentions>,
+    /// Per-service policy for the services read from Consul, by served
+    /// name; `"*"` is for every service without an entry of its own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_defaults: BTreeMap<String, ServiceDefaults>,
+}
+
+/// The policy of services read from Consul, which Consul's catalog does
+/// not carry (Consul's own `service-defaults`): the proxy's service keys
+/// but those that come from Consul (`endpoints`) or from the policy store
+/// (`split`, `routes`, `guards`, `mirror`, `authz`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceDefaults {
+    /// The upstream protocol; absent = the instances' `Meta.protocol`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<crate::Protocol>,
+    /// Load-balancing algorithm within a subset.
+    #[serde(default)]
+    pub lb: crate::Lb,
+    /// Connect and request timeouts.
+    #[serde(default)]
+    pub timeouts: crate::Timeouts,
+    /// Admission limits and outlier ejection.
+    #[serde(default)]
+    pub circuit_breaker: crate::CircuitBreaker,
+    /// Retry policy.
+    #[serde(default)]
+    pub retries: crate::Retries,
+    /// Active health checks of every endpoint (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::HealthCheck>,
+    /// Connect to the endpoints over mTLS with each proxy's `tls`.
+    #[serde(
+        default,
+        deserialize_with = "crate::proxy::flag_or_upstream_tls",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls: Option<crate::UpstreamTls>,
+    /// How gRPC calls are classified.
+    #[serde(default, skip_serializing_if = "crate::Grpc::is_default")]
+    pub grpc: crate::Grpc,
+}
+
+impl ServiceDefaults {
+    /// Writes this policy into `svc` (its endpoints and the policy
+    /// store's keys untouched).
+    pub fn apply(&self, svc: &mut crate::Service) {
+        if let Some(protocol) = self.protocol {
+            svc.protocol = protocol;
+        }
+        svc.lb = self.lb;
+        svc.timeouts = self.timeouts.clone();
+        svc.circuit_breaker = self.circuit_breaker.clone();
+        svc.retries = self.retries.clone();
+        svc.health_check = self.health_check.clone();
+        svc.tls = self.tls.clone();
+        svc.grpc = self.grpc.clone();
+    }
+}
+
+impl ConsulSource {
+    /// The policy for the service served as `name`: its own entry in
+    /// `service_defaults`, else `"*"`'s.
+    pub fn defaults_for(&self, name: &str) -> Option<&ServiceDefaults> {
+        let d = &self.service_defaults;
+        d.get(name).or_else(|| d.get("*"))
+    }
 }
 
 /// A webhook for rollout events.

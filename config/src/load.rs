@@ -206,6 +206,30 @@ pub fn load_control(text: &str, source_name: &str) -> Result<ControlConfig, Prob
                 message: "must be more than 0".into(),
             });
         }
+        // The same checks as a service of the proxy's config: a snapshot
+        // the proxies would refuse must not be sent.
+        for (name, defaults) in &c.service_defaults {
+            let at = format!("source.consul.service_defaults.{name}");
+            if name != "*" {
+                if let Err(why) = crate::proxy::check_service_name(name) {
+                    problems.push(Problem {
+                        line: index.line_of(&at),
+                        path: at.clone(),
+                        message: format!("{why} (or \"*\", for every service)"),
+                    });
+                }
+            }
+            let mut svc = Service::default();
+            defaults.apply(&mut svc);
+            for (rel, message) in check_service(&svc, Strictness::Snapshot) {
+                let path = format!("{at}{rel}");
+                problems.push(Problem {
+                    line: index.line_of(&path),
+                    path,
+                    message,
+                });
+            }
+        }
         if let Some(i) = &c.intentions {
             if let Err(why) = check_trust_domain(&i.trust_domain) {
                 let path = "source.consul.intentions.trust_domain";

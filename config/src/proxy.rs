@@ -161,7 +161,7 @@ pub struct UpstreamTls {
 }
 
 /// `tls: true`, `tls: false` or `tls: { server_name: NAME }`.
-fn flag_or_upstream_tls<'de, D: serde::Deserializer<'de>>(
+pub(crate) fn flag_or_upstream_tls<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<UpstreamTls>, D::Error> {
     #[derive(Deserialize)]
@@ -346,7 +346,7 @@ fn default_header_timeout() -> Duration {
 }
 
 /// A service: its endpoints and how traffic reaches them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     /// Upstream protocol.

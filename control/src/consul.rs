@@ -7,7 +7,7 @@
 //! certificate for a Consul that verifies clients).
 
 use crate::state::State;
-use almond_config::{ConsulSource, Endpoint, Protocol, Service, DEFAULT_SUBSET};
+use almond_config::{ConsulSource, Endpoint, Protocol, Service, ServiceDefaults, DEFAULT_SUBSET};
 use almond_net::{error_chain, percent_encode, Backoff};
 use bytes::Bytes;
 use http::StatusCode;
@@ -448,8 +448,8 @@ pub async fn run(
                         served: name.clone(),
                         consul: consul.clone(),
                     },
-                    subset_key.clone(),
-                    zone_key.clone(),
+                    (subset_key.clone(), zone_key.clone()),
+                    cfg.defaults_for(&name).cloned(),
                     cfg.wait,
                     state.clone(),
                 );
@@ -526,15 +526,15 @@ fn served(
     out
 }
 
-/// One service's health watch.
+/// One service's health watch; `defaults`: its `service_defaults`.
 async fn watch_service(
     client: ConsulClient,
     Names {
         served: name,
         consul,
     }: Names,
-    subset_key: String,
-    zone_key: String,
+    (subset_key, zone_key): (String, String),
+    defaults: Option<ServiceDefaults>,
     wait: Duration,
     state: Arc<State>,
 ) {
@@ -576,7 +576,10 @@ async fn watch_service(
             Ok(instances) => {
                 let resolved = resolve_hosts(&name, &instances).await;
                 let keys = (subset_key.as_str(), zone_key.as_str());
-                let service = to_service_resolved(&name, &instances, keys, &resolved);
+                let mut service = to_service_resolved(&name, &instances, keys, &resolved);
+                if let Some(defaults) = &defaults {
+                    defaults.apply(&mut service);
+                }
                 state.set_registered(&name, registered(&instances, &subset_key));
                 state.set_service(&name, service, index);
                 partial = answer.filtered;
