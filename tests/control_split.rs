@@ -456,6 +456,33 @@ async fn cli_output_to_a_closed_pipe_ends_quietly() {
     }
 }
 
+/// The first shift of a service rolls back to no split at all: every
+/// subset by endpoint weight again, as before the shift (it was refused:
+/// "no previous split").
+#[tokio::test]
+async fn the_first_shift_of_a_service_can_be_rolled_back() {
+    let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_FIRST").await;
+    let url = c.control.url();
+    let (code, _, err) = run_ops(&c.ops(&url, &["shift", "s", "v1=0", "v2=100"])).await;
+    assert_eq!(code, Some(0), "{err}");
+    c.proxy_split(&[("v1", 0.0), ("v2", 100.0)]).await;
+
+    let (code, out, err) = run_ops(&c.ops(&url, &["rollback", "s"])).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("all subsets by endpoint weight"), "{out}");
+    assert_eq!(c.policy().await["split"], Value::Null);
+    let v1 = || c.v1a.count() + c.v1b.count();
+    let before = v1();
+    eventually("v1 gets traffic again", || async {
+        let mut client = H1::connect(c.proxy.addr()).await;
+        for _ in 0..10 {
+            assert_eq!(client.get("s", "/").await.status, StatusCode::OK);
+        }
+        v1() > before
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn cli_rollback_promote_exit_codes_and_json() {
     let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_OPS").await;

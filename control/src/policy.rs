@@ -34,6 +34,12 @@ pub struct Policy {
     /// The split before the current one, for `rollback`.
     #[serde(default)]
     pub previous: Option<Weights>,
+    /// There was no split before the current one (the source's split, or
+    /// all subsets by endpoint weight): `rollback` clears the split. Apart
+    /// from `previous`, whose `None` also means "nothing to roll back to",
+    /// and stays so for policies stored before this field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub previous_none: bool,
     /// Newest last.
     #[serde(default)]
     pub history: Vec<Change>,
@@ -260,6 +266,7 @@ impl Policy {
         let mut next = self.clone();
         next.version += 1;
         next.previous = self.split.clone();
+        next.previous_none = self.split.is_none();
         next.split = Some(split);
         next.record(by, action, now);
         next
@@ -279,20 +286,29 @@ impl Policy {
     ) -> Policy {
         let mut next = self.with_split(split, by, action, now);
         next.previous = Some(restores);
+        next.previous_none = false;
         next
     }
 
-    /// The policy after going back to the previous split.
+    /// The policy after going back to the previous split: the one in
+    /// force before the last shift, promotion or rollout, or none at all
+    /// when there was none (the first shift of a service is rolled back
+    /// to the source's split, or to all subsets by endpoint weight).
     pub fn rolled_back(&self, by: &str, now: u64) -> Result<Policy, Refusal> {
-        let Some(previous) = self.previous.clone() else {
-            return Err(Refusal::Conflict(
-                "no previous split to roll back to".into(),
-            ));
+        let previous = match (&self.previous, self.previous_none) {
+            (Some(previous), _) => Some(previous.clone()),
+            (None, true) => None,
+            (None, false) => {
+                return Err(Refusal::Conflict(
+                    "no previous split to roll back to".into(),
+                ))
+            }
         };
         let mut next = self.clone();
         next.version += 1;
         next.previous = self.split.clone();
-        next.split = Some(previous);
+        next.previous_none = self.split.is_none();
+        next.split = previous;
         next.record(by, "rollback", now);
         Ok(next)
     }
@@ -720,6 +736,24 @@ mod tests {
         assert_eq!(back.history.len(), 3);
         assert_eq!(back.history[2].action, "rollback");
         assert!(Policy::default().rolled_back("ops", 1).is_err());
+    }
+
+    /// The first shift of a service had no split before it: rollback
+    /// clears the split (the source's, or endpoint weights, again), and a
+    /// second rollback puts the shift back.
+    #[test]
+    fn the_first_shift_rolls_back_to_no_split() {
+        let canary = w(&[("v1", 90), ("v2", 10)]);
+        let p = Policy::default().with_split(canary.clone(), "ops", "shift", 1);
+        let back = p.rolled_back("ops", 2).unwrap();
+        assert_eq!(back.split, None);
+        assert_eq!(back.history[1].action, "rollback");
+        let again = back.rolled_back("ops", 3).unwrap();
+        assert_eq!(again.split, Some(canary));
+        // Stored by a release before `previous_none`: nothing to go to.
+        let json = r#"{"version": 1, "split": {"v1": 100}, "previous": null}"#;
+        let old: Policy = serde_json::from_str(json).unwrap();
+        assert!(old.rolled_back("ops", 2).is_err());
     }
 
     fn rollout_spec(steps: &[u32], pause_at: &[u32]) -> crate::watcher::rollout::RolloutSpec {
