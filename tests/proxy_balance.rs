@@ -903,6 +903,36 @@ async fn post_on_a_pooled_connection(addr: SocketAddr) -> (TestProxy, H1, Reply)
     (proxy, client, reply)
 }
 
+/// The same with a POST kept for retries but too large for the lean
+/// client (over 64 KiB: it goes through hyper's): not sent again either.
+#[tokio::test]
+async fn a_large_kept_post_the_upstream_died_on_is_not_sent_twice() {
+    // A head's bytes follow the last body's in the upstream's buffer.
+    let (addr, posts) = second_breaks(b"", |head| head.windows(5).any(|w| w == b"POST ")).await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("pay")
+                .at(addr)
+                .set("retries", "{ attempts: 2, max_body_bytes: 1048576 }"),
+        )
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    let post = || {
+        Request::post("/charge")
+            .header("host", "pay")
+            .header("content-length", "100000")
+            .body(full(vec![b'x'; 100_000]))
+            .unwrap()
+    };
+    // The first opens the connection the second is sent on.
+    assert_eq!(client.request(post()).await.status, StatusCode::OK);
+    let reply = client.request(post()).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(posts.load(Ordering::SeqCst), 2, "the POST was sent twice");
+}
+
 /// An upstream that answers the first request on each connection and, to
 /// the second, begins an answer and closes: the second had reached it, so
 /// a POST is not sent again (a pooled connection's close is an idle close

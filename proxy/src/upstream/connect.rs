@@ -122,6 +122,9 @@ impl Connections {
     ) -> impl Future<Output = Result<(Response<Incoming>, H1Sender), SendError>> + Send + 'a {
         async move {
             let mut opened = 0;
+            // Only a request that may be sent twice goes again after a
+            // reused connection closed on it (see `send_lean`).
+            let idempotent = headers::idempotent(req.method());
             loop {
                 let pooled = if fresh {
                     None
@@ -158,7 +161,7 @@ impl Connections {
                         Some(r) => req = r,
                         None => {
                             let mut err = SendError::sent(classify(e.error()));
-                            err.stale = reused && closed_before_answer(e.error());
+                            err.stale = reused && idempotent && closed_before_answer(e.error());
                             return Err(err);
                         }
                     },
