@@ -326,6 +326,50 @@ async fn bad_guard_changes_are_refused_and_change_nothing() {
     assert_eq!(control.service("web").await["policy"]["version"], before);
 }
 
+/// A change that leaves the service as proxies would refuse it (here a
+/// guard past the 1,000 a service may have, on a service whose registry
+/// entry has 1,000) is refused with the reason, and nothing changes:
+/// proxies would have kept their last copy of the service, this change
+/// and every later one unseen, while the command said it was applied.
+#[tokio::test]
+async fn a_change_proxies_would_refuse_is_refused() {
+    let backend = Backend::start("b").await;
+    let registry = Registry::new();
+    let mut file = service_file("web", &[(backend.addr, "v1")]);
+    file.push_str("  guards:\n");
+    for i in 0..1000 {
+        file.push_str(&format!(
+            "    - {{ match: {{ path_prefix: /p{i} }}, deny: {{}} }}\n"
+        ));
+    }
+    registry.write("web.yaml", &file);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), None).await;
+    let addr = proxy.addr();
+    let status = |path: &'static str| async move {
+        status_of(&mut H1::connect(addr).await, "GET", path).await
+    };
+    eventually("the proxy has web's guards", || async {
+        status("/p999").await == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let before = control.service("web").await["policy"]["version"].clone();
+    let url = control.url();
+    let (code, out, err) =
+        run_ops(&["block", "web", "--path", "/one-more", "--control", &url]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("at most 1000 guards"), "{err}");
+    assert_eq!(control.service("web").await["policy"]["version"], before);
+    // The service is still served, and can still be changed.
+    assert_eq!(status("/one-more").await, StatusCode::OK);
+    let (code, out, err) = run_ops(&["unblock", "web", "--path", "/p0", "--control", &url]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    eventually("/p0 is unblocked", || async {
+        status("/p0").await == StatusCode::OK
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn guard_changes_are_events() {
     let (_backend, control, _proxy, _registry) = mesh().await;

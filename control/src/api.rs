@@ -11,7 +11,7 @@ use crate::store::{Store, StoreError};
 use crate::tap::{self, TapStream};
 use crate::watcher::apply_next;
 use crate::watcher::rollout::{Next, Rollout, RolloutSpec};
-use almond_config::{Secret, Service, WatcherSource, Weights};
+use almond_config::{check_service, Secret, Service, Strictness, WatcherSource, Weights};
 use almond_net::{now_ms, parse_query};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -948,6 +948,21 @@ async fn mutate(
             }
         }
     };
+    // The service as every proxy will check it: one they would refuse
+    // (keeping their last copy, this change and every later one unseen)
+    // is refused here, with the reason, and nothing is written.
+    let served = next.apply(service);
+    let problems = check_service(&served, Strictness::Snapshot);
+    if !problems.is_empty() {
+        let why: Vec<String> = problems
+            .iter()
+            .map(|(path, why)| format!("{}: {why}", path.trim_start_matches('.')))
+            .collect();
+        return refusal(Refusal::Invalid(format!(
+            "proxies would refuse {name} with this change ({}); nothing changed",
+            why.join("; ")
+        )));
+    }
     next.record_events(&current, now_ms());
     let events = next.events_after(current.events.last().map_or(0, |e| e.seq));
     match api.store.put(name, &mut next, token).await {
