@@ -1083,6 +1083,37 @@ async fn the_policy_watch_is_rate_limited_on_a_zero_index() {
     assert!(during <= 6, "{during} policy reads in 2 s on a zero index");
 }
 
+/// A control plane starting on a policy it cannot read (written by hand,
+/// or by a newer release) stays unready rather than serve the service
+/// without it (proxies would drop its split, guards and allow-list);
+/// once the key is fixed it gets ready, with the policy.
+#[tokio::test]
+async fn an_unreadable_policy_at_start_keeps_the_control_plane_unready() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    consul.kv_put(WEB_POLICY, r#"{"split": {"v1": "#);
+    let control = TestControl::launch_unready(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_BADKV")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        control.get("/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ready on an unreadable policy"
+    );
+    consul.kv_put(
+        WEB_POLICY,
+        r#"{"version": 1, "split": {"v1": 0, "v2": 100}}"#,
+    );
+    eventually("the control plane becomes ready", || async {
+        control.get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    let policy = control.service("web").await["policy"].clone();
+    assert_eq!(policy["split"], json!({ "v1": 0, "v2": 100 }), "{policy}");
+}
+
 /// The policy stored in the double's KV.
 fn stored_policy(consul: &ConsulDouble) -> Value {
     let entry = consul

@@ -179,6 +179,8 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
             continue;
         }
         let mut policies = BTreeMap::new();
+        // A policy none was read of before, that cannot be read now.
+        let mut unreadable = None;
         if answer.status.is_success() {
             match serde_json::from_slice::<Vec<KvEntry>>(&answer.body) {
                 Ok(entries) => {
@@ -199,7 +201,8 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                                     policies.insert(name.to_owned(), (kept, e.modify_index));
                                 }
                                 None => {
-                                    tracing::warn!(key = %e.key, "stored policy unreadable; ignored")
+                                    tracing::warn!(key = %e.key, "stored policy unreadable; ignored");
+                                    unreadable = Some(e.key);
                                 }
                             },
                         }
@@ -210,6 +213,16 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                     continue;
                 }
             }
+        }
+        // Before the first full sync, serving the service without its
+        // policy would drop its guards, allow-list and split on every
+        // proxy (each takes a starting control plane's snapshot whole):
+        // not ready until the key is readable (or deleted), as with an
+        // unreadable policy file. Proxies keep their last state meanwhile.
+        if let Some(key) = unreadable.filter(|_| !state.is_ready()) {
+            state.metrics.consul_errors.inc();
+            tracing::error!(%key, "stored policy unreadable: not ready until it is fixed or deleted (consul kv put / delete)");
+            continue;
         }
         state.set_read_policies(policies, returned);
     }
