@@ -288,9 +288,17 @@ async fn two_hosts_or_a_host_against_the_target_are_400() {
         &b"GET / HTTP/1.1\r\nHost: m\r\nHost: m\r\n\r\n"[..],
         // Absolute form routed to `m`, Host naming another service.
         &b"GET http://m/ HTTP/1.1\r\nHost: other\r\n\r\n"[..],
+        // Not a host and port (RFC 9112 3.2: MUST answer 400): routing
+        // would read `m`, an app building links `evil.example`.
+        &b"GET / HTTP/1.1\r\nHost: m:80@evil.example\r\n\r\n"[..],
+        &b"GET / HTTP/1.1\r\nHost: m:abc\r\n\r\n"[..],
+        &b"GET http://u@m/ HTTP/1.1\r\nHost: u@m\r\n\r\n"[..],
     ] {
         let answer = raw(proxy.addr(), attack).await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+        // Closed at once (`raw` reads to the close): not after the idle
+        // timeout.
+        assert!(answer.contains("connection: close"), "{answer:?}");
         assert!(answer.contains("x-almond-error: bad-request"), "{answer:?}");
     }
     assert_eq!(backend.count(), 0);

@@ -129,7 +129,12 @@ proptest! {
             _ => true,
         };
         let named = n == 1 || req.uri().authority().is_some();
-        prop_assert_eq!(check_host(&req).is_ok(), n <= 1 && agrees && named);
+        // A host (no `:` in these) and at most one `:` before digits.
+        let valid = hosts.first().is_none_or(|h| match h.split_once(':') {
+            None => true,
+            Some((_, port)) => port.bytes().all(|b| b.is_ascii_digit()),
+        });
+        prop_assert_eq!(check_host(&req).is_ok(), n <= 1 && agrees && named && valid);
     }
 
     #[test]

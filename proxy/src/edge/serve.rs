@@ -273,7 +273,16 @@ fn serve<'a>(
         // vector otherwise: routing and the upstream could read two hosts).
         if let Err(why) = trust::check_host(&req) {
             shared.metrics.unroutable.inc();
-            return Box::new(ErrorKind::BadRequest.response(why));
+            let mut answer = ErrorKind::BadRequest.response(why);
+            // A client this confused about its own request is not sent
+            // another on the connection (as nginx closes after a 400).
+            if req.version() < http::Version::HTTP_2 {
+                answer.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            return Box::new(answer);
         }
         // A tunnel to a host:port is a forward proxy's work, not a
         // service's: said at once (RFC 9110 §9.3.6), never sent upstream.

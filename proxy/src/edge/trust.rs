@@ -6,14 +6,28 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
 /// Checks that a request names one target host (RFC 9112 3.2, RFC 9113
-/// 8.3.1): at most one `Host`, and one that agrees with the authority of an
-/// absolute-form target or `:authority`; an HTTP/1.1 request names one
-/// (`Host` or an absolute-form target). `Err` says what is wrong.
+/// 8.3.1): at most one `Host`, a host and port and nothing else (a server
+/// MUST answer 400 to an invalid one), and one that agrees with the
+/// authority of an absolute-form target or `:authority`, which carries no
+/// user info; an HTTP/1.1 request names one (`Host` or an absolute-form
+/// target). `Err` says what is wrong.
 pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err("more than one Host header");
+    }
+    // Routing reads the host before the last `:`; an upstream (or an
+    // app building links) would read `orders:80@evil.example` otherwise.
+    if host.is_some_and(|h| !is_host_and_port(h.as_bytes())) {
+        return Err("Host is not a host and port");
+    }
+    if req
+        .uri()
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err("user info in the request target's authority");
     }
     match (req.uri().authority(), host) {
         (None, None) if req.version() == Version::HTTP_11 => {
@@ -29,6 +43,36 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
         }
         _ => Ok(()),
     }
+}
+
+/// Is `value` a `Host` as RFC 9110 §7.2 has it: `uri-host [":" port]`,
+/// where the host is a reg-name or IPv4 address (RFC 3986 §3.2.2: letters,
+/// digits, `-._~`, `%`-escapes and sub-delims) or an IP literal in
+/// brackets, and the port is digits? (Empty is a host: an empty reg-name.)
+fn is_host_and_port(value: &[u8]) -> bool {
+    let reg_name = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
+    let (host_ok, rest) = match value.strip_prefix(b"[") {
+        Some(literal) => match literal.iter().position(|&b| b == b']') {
+            Some(end) => (
+                end > 0
+                    && literal[..end]
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b":.".contains(&b)),
+                &literal[end + 1..],
+            ),
+            None => return false,
+        },
+        None => {
+            let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            (value[..end].iter().all(|&b| reg_name(b)), &value[end..])
+        }
+    };
+    let port_ok = match rest.split_first() {
+        None => true,
+        Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    host_ok && port_ok
 }
 
 /// Removes every client-sent `x-almond-*` header (a listener that does not
@@ -48,12 +92,18 @@ pub fn strip_almond_headers(headers: &mut HeaderMap) {
 /// `X-Forwarded-Proto` (inbound listeners: the service learns who called).
 pub fn add_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, proto: &'static str) {
     let xff = HeaderName::from_static("x-forwarded-for");
-    let peer = peer.to_string();
-    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {peer}"),
-        _ => peer,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    // Every line the client sent, in order (one list, RFC 9110 §5.3: a
+    // balancer in front may have added its own line), then the peer.
+    let mut value = Vec::new();
+    for line in headers.get_all(&xff) {
+        let line = line.as_bytes().trim_ascii();
+        if !line.is_empty() {
+            value.extend_from_slice(line);
+            value.extend_from_slice(b", ");
+        }
+    }
+    value.extend_from_slice(peer.to_string().as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&value) {
         // One header line, whatever the client sent.
         headers.insert(xff, v);
     }
@@ -85,10 +135,43 @@ mod tests {
         assert!(check_host(&req("/", &["a", "a"])).is_err());
         assert!(check_host(&req("http://a/", &["b"])).is_err());
         assert!(check_host(&req("http://a:81/", &["a"])).is_err());
+        // Only a host and a port.
+        for good in [
+            "orders",
+            "orders:8080",
+            "10.0.0.1:80",
+            "[::1]:80",
+            "[::1]",
+            "a_b.c~",
+            "",
+        ] {
+            assert!(check_host(&req("/", &[good])).is_ok(), "{good}");
+        }
+        for bad in [
+            "orders:80@evil.example",
+            "orders:abc",
+            "user@orders",
+            "orders/x",
+            "orders:80:81",
+            "[::1",
+            "[]:80",
+            "[::1]x",
+            "a b",
+        ] {
+            assert!(check_host(&req("/", &[bad])).is_err(), "{bad}");
+        }
+        assert!(check_host(&req("http://user@a/", &[])).is_err());
     }
 
     #[test]
     fn forwarded_for_is_appended_on_one_line() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        headers.append("x-forwarded-for", HeaderValue::from_static(" 203.0.113.7 "));
+        add_forwarded(&mut headers, [10, 0, 0, 9].into(), "http");
+        let all: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["6.6.6.6, 203.0.113.7, 10.0.0.9"]);
+
         let mut headers = HeaderMap::new();
         headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         headers.insert("x-almond-subset", HeaderValue::from_static("v2"));
