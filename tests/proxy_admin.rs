@@ -139,6 +139,17 @@ async fn ready_live_config_and_endpoints() {
         assert_eq!(reply.status, StatusCode::OK, "{path}");
     }
     assert_eq!(proxy.admin_get("/nope").await.status, StatusCode::NOT_FOUND);
+    // Other methods: 405 naming the ones the path takes (RFC 9110: MUST).
+    let mut admin = H1::connect(proxy.admin).await;
+    for (path, allow) in [("/metrics", "GET, HEAD"), ("/tap", "GET")] {
+        let post = http::Request::post(path)
+            .header("host", proxy.admin.to_string())
+            .body(empty())
+            .unwrap();
+        let reply = admin.request(post).await;
+        assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(reply.header("allow"), Some(allow), "{path}");
+    }
 
     let config = proxy.admin_get("/config").await;
     assert_eq!(config.status, StatusCode::OK);

@@ -1328,7 +1328,8 @@ fn services_view(state: &State) -> serde_json::Value {
     json!({ "index": state.index(), "services": out })
 }
 
-/// `30s`, `500ms`, `1m`; a bare number is seconds.
+/// `30s`, `500ms`, `1m`, `1h` (as config durations are written); a bare
+/// number is seconds.
 fn parse_wait(text: &str) -> Option<Duration> {
     let (num, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
@@ -1338,7 +1339,8 @@ fn parse_wait(text: &str) -> Option<Duration> {
     match unit {
         "" | "s" => Some(Duration::from_secs(n)),
         "ms" => Some(Duration::from_millis(n)),
-        "m" => Some(Duration::from_secs(n * 60)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
         _ => None,
     }
 }
@@ -1420,6 +1422,9 @@ mod tests {
         assert_eq!(parse_wait("30s"), Some(Duration::from_secs(30)));
         assert_eq!(parse_wait("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_wait("x"), None);
+        assert_eq!(parse_wait("1h"), Some(Duration::from_secs(3600)));
+        // Too large to be a duration: refused, not a panic.
+        assert_eq!(parse_wait("18446744073709551615m"), None);
         let q = parse_query("proxy=web%2D1&index=7&admin=127.0.0.1%3A4191");
         assert_eq!(q["proxy"], "web-1");
         assert_eq!(q["admin"], "127.0.0.1:4191");

@@ -68,10 +68,7 @@ async fn respond(
         if req.method() != Method::GET {
             // A stream: nothing to say to HEAD but its headers, and the
             // watcher those would start.
-            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
-            resp.headers_mut()
-                .insert(http::header::ALLOW, http::HeaderValue::from_static("GET"));
-            return Ok(resp.map(Either::Left));
+            return Ok(not_allowed("GET").map(Either::Left));
         }
         return Ok(tap(&shared, &req));
     }
@@ -101,7 +98,7 @@ async fn respond_whole(shared: Arc<Shared>, req: Request<Incoming>) -> Response<
         return log_level(&shared, req).await;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        return not_allowed("GET, HEAD");
     }
     let resp = match req.uri().path() {
         "/metrics" => {
@@ -297,8 +294,17 @@ async fn log_level(shared: &Shared, req: Request<Incoming>) -> Response<Response
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid filter: {e}\n")),
             }
         }
-        _ => text(StatusCode::METHOD_NOT_ALLOWED, "use GET or PUT\n"),
+        _ => not_allowed("GET, HEAD, PUT"),
     }
+}
+
+/// 405 with the methods the path takes in `Allow` (RFC 9110 §15.5.6: a
+/// server MUST send it).
+fn not_allowed(allow: &'static str) -> Response<ResponseBody> {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, format!("use {allow}\n"));
+    resp.headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    resp
 }
 
 #[cfg(test)]
