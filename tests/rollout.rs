@@ -1135,6 +1135,15 @@ async fn a_rollback_during_a_rollout_ends_it_and_a_shift_waits_for_it() {
         json!({ "v1": 100, "v2": 0 })
     );
     wait_canary_percent(&rig.proxy, 0).await;
+    // The rollout's gauge says the canary's percent in force: 0, not the
+    // succeeded rollout's 100 (at once, and at the watcher's next ticks).
+    for _ in 0..3 {
+        assert_eq!(
+            control_metric(&rig.control, "almond_rollout_step", &[]).await,
+            0.0
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------

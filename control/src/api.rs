@@ -990,8 +990,8 @@ async fn mutate(
         }
     }
     tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, sticky = ?next.sticky_header, authz = ?next.authz, version = next.version, "policy changed");
-    if let Some(r) = &next.rollout {
-        api.state.metrics.rollout_step(name, r.canary_weight());
+    if let Some(step) = next.rollout_step() {
+        api.state.metrics.rollout_step(name, step);
     }
     api.state.set_written_policy(name, next.clone(), token);
     json_ok(&json!({ "service": name, "policy": next, "index": api.state.index() }))

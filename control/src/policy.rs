@@ -290,6 +290,19 @@ impl Policy {
         next
     }
 
+    /// `almond_rollout_step`: the canary's percent, the step's while its
+    /// rollout runs, else the canary's weight in the split in force (a
+    /// succeeded rollout's 100 until a rollback or shift moves it; 0 once
+    /// rolled back). `None` without a rollout.
+    pub fn rollout_step(&self) -> Option<u32> {
+        let r = self.rollout.as_ref()?;
+        if r.active() {
+            return Some(r.canary_weight());
+        }
+        let in_force = self.split.as_ref().and_then(|s| s.get(&r.spec.canary));
+        Some(in_force.copied().unwrap_or(0))
+    }
+
     /// The policy after going back to the previous split: the one in
     /// force before the last shift, promotion or rollout, or none at all
     /// when there was none (the first shift of a service is rolled back

@@ -108,7 +108,9 @@ impl Watcher {
                 // Every replica says where each rollout is, whichever one
                 // drives it: the driver's writes reach the others through
                 // the store, and a scrape of any replica must agree.
-                self.state.metrics.rollout_step(&name, r.canary_weight());
+                if let Some(step) = policy.rollout_step() {
+                    self.state.metrics.rollout_step(&name, step);
+                }
                 if r.active() {
                     names.push(name);
                 }
@@ -252,8 +254,8 @@ impl Watcher {
                 tracing::warn!(service = name, ?reason, "rollout rolled back");
                 self.state.metrics.rollback(name);
             }
-            if let Some(r) = &next_policy.rollout {
-                self.state.metrics.rollout_step(name, r.canary_weight());
+            if let Some(step) = next_policy.rollout_step() {
+                self.state.metrics.rollout_step(name, step);
             }
             self.state.set_written_policy(name, next_policy, token);
             // The next window starts where this one ended.
