@@ -707,6 +707,42 @@ async fn a_rotated_control_ca_is_trusted_without_a_restart() {
     .await;
 }
 
+/// The control plane's own certificate is read again when its files
+/// change: one that expired is replaced under the running control plane,
+/// and proxies follow it again without a restart of either.
+#[tokio::test]
+async fn a_renewed_control_certificate_is_served_without_a_restart() {
+    let registry = Registry::new();
+    let ca = support::pki::Ca::new("almond test ca");
+    let control = tls_control(&registry, &ca, "R", true).await;
+    let ca_file = registry.scratch("R-trust.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    std::env::set_var("ALMOND_T_PROXY_TOKEN_R", PROXIES);
+    let proxy = https_follower(
+        &control,
+        &format!(
+            "control_ca: \"{}\"\ntoken_env: ALMOND_T_PROXY_TOKEN_R\n",
+            ca_file.display()
+        ),
+    )
+    .await;
+    assert!(
+        !becomes_ready(&proxy).await,
+        "followed a control plane whose certificate expired"
+    );
+
+    // Renewed in place: the key first, then the certificate, as a tool
+    // writing them one at a time would (the key alone does not match).
+    let renewed = ca.leaf("localhost");
+    std::fs::write(registry.scratch("R-server-key.pem"), &renewed.key).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::write(registry.scratch("R-server-cert.pem"), &renewed.cert).unwrap();
+    eventually("the proxy follows the renewed certificate", || async {
+        proxy.admin_get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+}
+
 /// `source.consul.intentions`: Consul intentions are the allow-lists
 /// proxies get (as SPIFFE IDs of the trust domain), followed as they
 /// change; `almond authz` is refused then (Consul is the source).

@@ -110,49 +110,11 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Live measurements at once (`Api::live_slots`).
 pub const LIVE_AT_ONCE: usize = 4;
 
-/// The TLS side of the API listener (`tls` in the control config): its
-/// certificate, and client certificates verified against `tls.ca` when
-/// presented (operators may connect without one and use the token).
-pub fn tls_acceptor(tls: &almond_config::Tls) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let fail = |key: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
-        format!("{key}: {}: {e}", path.display())
-    };
-    let chain = CertificateDer::pem_file_iter(&tls.cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| fail("tls.cert", &tls.cert, &e))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| fail("tls.key", &tls.key, &e))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let cas = CertificateDer::pem_file_iter(&tls.ca)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| fail("tls.ca", &tls.ca, &e))?;
-    for ca in cas {
-        roots.add(ca).map_err(|e| fail("tls.ca", &tls.ca, &e))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| fail("tls.ca", &tls.ca, &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fail("tls", &tls.cert, &e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| fail("tls.key", &tls.key, &e))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
 /// Serves the API until `stop` changes; over TLS when `tls` is given.
 pub async fn serve(
     api: Arc<Api>,
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<crate::tls::ApiTls>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let closing = stop.clone();
@@ -180,8 +142,8 @@ pub async fn serve(
                     };
                     serve_conn(api, TokioIo::new(stream), peer, stop, closing).await;
                 }
-                Some(acceptor) => {
-                    let handshake = acceptor.accept(stream);
+                Some(tls) => {
+                    let handshake = tls.acceptor().accept(stream);
                     let stream = match tokio::time::timeout(HEADER_TIMEOUT, handshake).await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {

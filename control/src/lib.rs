@@ -16,6 +16,7 @@ pub mod roster;
 pub mod state;
 pub mod store;
 pub mod tap;
+pub mod tls;
 pub mod ui;
 pub mod watcher;
 
@@ -55,7 +56,7 @@ pub struct Control {
     /// The credentials the API checks.
     auth: api::Auth,
     /// The API listener's TLS (`tls`), files read at start.
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<tls::ApiTls>>,
     /// The webhook poster (`notify`), spawned by `run`.
     notify: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
@@ -95,7 +96,7 @@ impl Control {
             );
         }
         let tls = match &config.tls {
-            Some(files) => Some(api::tls_acceptor(files).map_err(Error::Tls)?),
+            Some(files) => Some(Arc::new(tls::ApiTls::load(files).map_err(Error::Tls)?)),
             None => None,
         };
         let mut state = State::new()?;
@@ -205,6 +206,7 @@ impl Control {
             live_slots: tokio::sync::Semaphore::new(api::LIVE_AT_ONCE),
             history,
         });
+        let tls_watch = (self.tls.clone()).map(|tls| tokio::spawn(tls.watch(stop_rx.clone())));
         let api = tokio::spawn(api::serve(api, listener, self.tls, stop_rx));
         let notify = self.notify.map(tokio::spawn);
         tracing::info!("control plane serving");
@@ -223,5 +225,8 @@ impl Control {
             notify.abort();
         }
         let _ = api.await;
+        if let Some(task) = tls_watch {
+            task.abort();
+        }
     }
 }
