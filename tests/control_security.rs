@@ -787,6 +787,16 @@ async fn consul_intentions_become_the_services_allow_lists() {
     })
     .await;
 
+    // Every intention deleted (the last one revoked): nobody, not the
+    // whole mesh.
+    consul.delete_intention("*", "orders");
+    consul.delete_intention("web", "orders");
+    consul.delete_intention("billing", "orders");
+    eventually("no intention admits nobody", || async {
+        authz().await == json!({ "allow": [] })
+    })
+    .await;
+
     // The CLI path is refused: Consul is the source.
     let reply = control
         .send(

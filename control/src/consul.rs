@@ -662,15 +662,15 @@ pub struct Intention {
 
 /// The allow-list intentions give a destination, as Consul orders them
 /// (most precise first): each source with `allow` before any `deny` for
-/// it, as `spiffe://TRUST_DOMAIN/service/SOURCE`. No intentions at all: no
-/// list (the listeners' own `allow`). A `*` allow with no deny before it:
-/// every verified client (no list). A `*` allow after a deny cannot be
-/// said as an allow-list: only the explicit allows (fail closed), warned.
-/// L7 intentions (no `Action`) count as deny.
+/// it, as `spiffe://TRUST_DOMAIN/service/SOURCE`; a source no intention
+/// names is denied, as in a Consul whose ACL default policy is deny (its
+/// production setting), so no intentions at all admit nobody: deleting a
+/// service's last intention revokes, it does not open the service to the
+/// mesh. A `*` allow with no deny before it: every verified client (no
+/// list). A `*` allow after a deny cannot be said as an allow-list: only
+/// the explicit allows (fail closed), warned. L7 intentions (no `Action`)
+/// count as deny.
 pub fn allow_list(intentions: &[Intention], trust_domain: &str) -> Option<almond_config::Authz> {
-    if intentions.is_empty() {
-        return None;
-    }
     let mut allow = Vec::new();
     let mut denied = Vec::new();
     for i in intentions {
@@ -971,7 +971,8 @@ mod tests {
             action: a.map(str::to_owned),
         };
         let id = |s: &str| format!("spiffe://td/service/{s}");
-        assert_eq!(allow_list(&[], "td"), None);
+        // None at all: nobody (Consul with its ACL default policy deny).
+        assert_eq!(allow_list(&[], "td").map(|a| a.allow), Some(Vec::new()));
         let list = allow_list(
             &[
                 i("web", Some("allow")),
