@@ -775,6 +775,42 @@ async fn websocket_upgrade_tunnels_through() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
 }
 
+/// An upgrade always goes up over HTTP/1.1, so it goes in HTTP/1.1's
+/// form, whatever the service's protocol: an origin-form target and a
+/// `Host` (it went absolute-form with no `Host` to a `protocol: http2`
+/// service, which Go's net/http and nginx answer 400).
+#[tokio::test]
+#[allow(clippy::unwrap_used)]
+async fn an_upgrade_to_an_http2_service_goes_up_in_http1_form() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut conn).await;
+        let _ = seen_tx.send(head);
+        let answer =
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+        let _ = conn.write_all(answer).await;
+        let (mut from, mut to) = conn.split();
+        let _ = tokio::io::copy(&mut from, &mut to).await;
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("echo").http2().at(addr))
+        .start()
+        .await;
+    let _conn = upgraded(proxy.addr()).await;
+    let head = within("the upstream's head", seen_rx).await.unwrap();
+    let mut lines = head.lines();
+    assert_eq!(lines.next(), Some("GET /tunnel HTTP/1.1"), "{head}");
+    assert!(
+        lines.any(|l| l.eq_ignore_ascii_case("host: echo")),
+        "{head}"
+    );
+}
+
 /// A proxy (with `top` in its config) in front of an [`upgrade_echo`];
 /// the count of the upstream side's closes.
 async fn echo_proxy(top: &str) -> (TestProxy, std::sync::Arc<std::sync::atomic::AtomicUsize>) {

@@ -198,7 +198,13 @@ fn admitted<'a>(
         client: hyper::upgrade::on(&mut *req),
         tunnels: call.tunnels.clone(),
     });
-    headers::to_upstream(&mut req, call.svc.target.protocol, upgrade);
+    // An upgrade goes up on an HTTP/1.1 connection of its own, whatever
+    // the service's protocol: in HTTP/1.1's form (origin form, `Host`).
+    let protocol = match upgrade {
+        true => almond_config::Protocol::Http1,
+        false => call.svc.target.protocol,
+    };
+    headers::to_upstream(&mut req, protocol, upgrade);
     forward(call, admitted, req, on_upgrade, seen)
 }
 
