@@ -117,6 +117,24 @@ async fn a_deny_answers_its_route_at_once_and_nothing_else() {
     assert_eq!(metric(&metrics, "almond_requests_total", &guard_5xx), 2.0);
 }
 
+/// A guard on GET stops HEAD too (a server answers HEAD with its GET
+/// handler, so the guarded work would run), and nothing else.
+#[tokio::test]
+async fn a_guard_on_get_stops_head_too() {
+    let (backend, proxy) =
+        guarded("[ { match: { path_prefix: /export, method: GET }, deny: { status: 403 } } ]")
+            .await;
+    for method in ["GET", "HEAD"] {
+        let reply = send(&proxy, method, "/export", &[]).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{method}");
+    }
+    for method in ["POST", "OPTIONS"] {
+        let reply = send(&proxy, method, "/export", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{method}");
+    }
+    assert_eq!(backend.count(), 2);
+}
+
 /// Sends `method path` exactly as written (no client library tidying
 /// the path); the answer's status code.
 async fn send_verbatim(proxy: &TestProxy, method: &str, path: &str) -> u16 {

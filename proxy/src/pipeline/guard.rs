@@ -253,7 +253,7 @@ impl Guards {
                 }
             })
             .collect();
-        let rules = Rules::compile(whens.iter().map(|w| &**w).zip(actions));
+        let rules = Rules::compile(whens.iter().map(|w| &**w).zip(actions)).heads_as_gets();
         Some(Guards {
             rules,
             limiters,

@@ -28,6 +28,8 @@ pub struct Rules<T> {
 /// One rule's conditions besides the path, and its outcome.
 struct Rule<T> {
     method: Option<Method>,
+    /// `method: GET` also holds for `HEAD` (see [`Rules::heads_as_gets`]).
+    head_as_get: bool,
     headers: Box<[(HeaderName, Header)]>,
     cookies: Box<[Cookie]>,
     then: T,
@@ -68,6 +70,16 @@ fn segments(path: &str) -> impl Iterator<Item = &str> {
 }
 
 impl<T> Rules<T> {
+    /// These rules' `method: GET` holds for `HEAD` requests too: a server
+    /// answers a HEAD with its GET handler (RFC 9110 §9.3.2; as nginx's
+    /// `limit_except GET` covers HEAD), so a guard on GET must stop it.
+    pub fn heads_as_gets(mut self) -> Self {
+        for rule in &mut self.rules {
+            rule.head_as_get = true;
+        }
+        self
+    }
+
     /// Compiles `rules` in order. Conditions that cannot be compiled
     /// (refused by config validation before this) make the rule never
     /// match, rather than match too much.
@@ -106,6 +118,7 @@ impl<T> Rules<T> {
                 .collect();
             out.rules.push(Rule {
                 method,
+                head_as_get: false,
                 headers: headers.into(),
                 cookies,
                 then,
@@ -194,8 +207,11 @@ impl<T> Rules<T> {
 impl<T> Rule<T> {
     /// Method, headers and cookies (the path was matched by the index).
     fn holds<B>(&self, req: &Request<B>) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != req.method()) {
-            return false;
+        if let Some(m) = &self.method {
+            let head = self.head_as_get && m == Method::GET && req.method() == Method::HEAD;
+            if m != req.method() && !head {
+                return false;
+            }
         }
         let headers = req.headers();
         let headers_hold = self.headers.iter().all(|(name, cond)| match cond {
