@@ -293,6 +293,8 @@ async fn two_hosts_or_a_host_against_the_target_are_400() {
         &b"GET / HTTP/1.1\r\nHost: m:80@evil.example\r\n\r\n"[..],
         &b"GET / HTTP/1.1\r\nHost: m:abc\r\n\r\n"[..],
         &b"GET http://u@m/ HTTP/1.1\r\nHost: u@m\r\n\r\n"[..],
+        // `*` is for OPTIONS alone: no path for a guard or route to meet.
+        &b"GET * HTTP/1.1\r\nHost: m\r\n\r\n"[..],
     ] {
         let answer = raw(proxy.addr(), attack).await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");

@@ -271,7 +271,7 @@ fn serve<'a>(
     async move {
         // One target host, or 400 (a request-smuggling and cache-poisoning
         // vector otherwise: routing and the upstream could read two hosts).
-        if let Err(why) = trust::check_host(&req) {
+        if let Err(why) = trust::check_host(&req).and_then(|()| trust::check_path(&req)) {
             shared.metrics.unroutable.inc();
             let mut answer = ErrorKind::BadRequest.response(why);
             // A client this confused about its own request is not sent

@@ -45,6 +45,21 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
     }
 }
 
+/// Checks that the target's path is absolute (`/...`), or `*` for
+/// `OPTIONS` only (RFC 9112 §3.2.4, RFC 9113 §8.3.1): a `GET *` (an HTTP/2
+/// `:path` of `*` is taken by the `http` crate, as is an HTTP/1.1 target
+/// of `*`) would meet no guard or route on a path and be sent upstream as
+/// it came.
+pub fn check_path<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let path = req.uri().path();
+    let asterisk = path == "*" && req.method() == http::Method::OPTIONS;
+    if path.starts_with('/') || asterisk {
+        Ok(())
+    } else {
+        Err("the request target's path is not absolute")
+    }
+}
+
 /// Is `value` a `Host` as RFC 9110 §7.2 has it: `uri-host [":" port]`,
 /// where the host is a reg-name or IPv4 address (RFC 3986 §3.2.2: letters,
 /// digits, `-._~`, `%`-escapes and sub-delims) or an IP literal in
@@ -161,6 +176,22 @@ mod tests {
             assert!(check_host(&req("/", &[bad])).is_err(), "{bad}");
         }
         assert!(check_host(&req("http://user@a/", &[])).is_err());
+    }
+
+    #[test]
+    fn only_absolute_paths() {
+        let req = |method: &str, uri: &str| {
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(())
+                .unwrap_or_default()
+        };
+        assert!(check_path(&req("GET", "/a/b?q")).is_ok());
+        assert!(check_path(&req("GET", "http://h/a")).is_ok());
+        assert!(check_path(&req("OPTIONS", "*")).is_ok());
+        assert!(check_path(&req("GET", "*")).is_err());
+        assert!(check_path(&req("DELETE", "*")).is_err());
     }
 
     #[test]
