@@ -762,3 +762,54 @@ async fn connect_is_answered_501_and_never_forwarded() {
     assert!(answer.contains("x-almond-error: unsupported"), "{answer}");
     assert_eq!(backend.count(), 0);
 }
+
+/// A request whose head is not whole when the drain starts, and whose body
+/// is still on its way when it is (so the lean server hands the
+/// connection to hyper's with the drain already under way), is answered,
+/// with `connection: close`: it was not dropped unanswered, as it was when
+/// the drain closed the handed-off connection before hyper had read it.
+#[tokio::test]
+async fn a_request_half_read_when_the_drain_starts_is_answered() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let addr = proxy.addr();
+    let mut conns = Vec::new();
+    for _ in 0..16 {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n")
+            .await
+            .unwrap();
+        conns.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = tokio::spawn(proxy.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for conn in &mut conns {
+        conn.write_all(b"\r\n").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for conn in &mut conns {
+        conn.write_all(b"0123456789").await.unwrap();
+    }
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let mut answer = Vec::new();
+        within("the answer, then the close", conn.read_to_end(&mut answer))
+            .await
+            .unwrap_or_default();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200 "),
+            "connection {i}: {answer:?}"
+        );
+        assert!(
+            answer.contains("connection: close"),
+            "connection {i}: {answer:?}"
+        );
+    }
+    within("the drain to end", stopped).await.unwrap();
+    assert_eq!(backend.count(), 16);
+}

@@ -169,6 +169,11 @@ pub async fn drive<C: Closable>(
     let mut at = Instant::now() + idle;
     loop {
         tokio::select! {
+            // The connection first: one handed off by the lean server with
+            // a request's bytes already read must read them before a drain
+            // that started meanwhile closes it (hyper's graceful shutdown
+            // closes a connection with no request in progress at once).
+            biased;
             done = conn.as_mut() => return done,
             () = &mut stopping => break,
             _ = tokio::time::sleep_until(at) => match activity.idle_at(idle) {
