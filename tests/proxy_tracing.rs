@@ -509,6 +509,44 @@ async fn a_request_whose_client_left_still_makes_its_span() {
     assert_eq!(backend.count(), 1);
 }
 
+/// A sampled request the proxy cuts when its drain's time is up is the
+/// proxy's doing, whether an access log is kept or not: its span says 503
+/// `proxy-cut` (it said 499 `client-left` without an access log).
+#[tokio::test]
+async fn a_request_cut_by_the_drain_says_so_in_its_span() {
+    let collector = Collector::start().await;
+    let backend = Backend::builder("slow").hang().start().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .top("drain_timeout: 300ms")
+        .top(&tracing_yaml(1.0, &collector.endpoint(), ""))
+        .service(ServiceYaml::new("slow").at(backend.addr))
+        .start()
+        .await;
+    let addr = proxy.addr();
+    let pending = tokio::spawn(async move {
+        let mut c = H1::connect(addr).await;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            c.request(request("GET", "slow", "/wait", &[], "")),
+        )
+        .await
+    });
+    eventually("the request reaches the backend", || async {
+        backend.count() == 1
+    })
+    .await;
+    within("the drain", proxy.shutdown()).await;
+    let spans = collector.wait_for(1).await;
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(
+        spans[0].attr("http.response.status_code").as_deref(),
+        Some("503")
+    );
+    assert_eq!(spans[0].attr("error.type").as_deref(), Some("proxy-cut"));
+    pending.abort();
+}
+
 #[tokio::test]
 async fn queued_spans_are_flushed_on_shutdown() {
     let collector = Collector::start().await;

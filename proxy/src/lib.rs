@@ -293,9 +293,7 @@ impl Proxy {
                 tracing::warn!("drain timeout: closing remaining connections");
                 // Their requests are dropped now, not with the runtime: each
                 // logged as the proxy's cut (503).
-                if let Some(log) = access_log {
-                    log.cut();
-                }
+                self.shared.observe.cut();
                 let _ = cut_tx.send(true);
                 tunnels.close().await;
                 let _ = tokio::time::timeout(LAST_WRITES, connections.wait()).await;

@@ -87,6 +87,7 @@ pub fn handle(
             trace: &trace,
             start,
             seen: &mut seen,
+            observe: &shared.observe,
         };
         // Logs: the request's debug lines carry its ID (a disabled span is free).
         // (The ID's text is made only when the span is enabled.)
@@ -166,6 +167,8 @@ struct LeftLog<'a> {
     trace: &'a trace::Context,
     start: Instant,
     seen: &'a mut Observed,
+    /// Where the proxy says it is cutting what its drain left.
+    observe: &'a crate::observe::Observe,
 }
 
 impl Drop for LeftLog<'_> {
@@ -182,7 +185,8 @@ impl LeftLog<'_> {
     #[cold]
     #[inline(never)]
     fn write(&mut self) {
-        let cut = self.log.is_some_and(|log| log.cutting());
+        // Whether or not this request is logged: its span says it too.
+        let cut = self.observe.cutting();
         let status = if cut { PROXY_CUT } else { CLIENT_LEFT };
         if let (Some(spans), Some((method, path))) = (self.spans, self.span_head.take()) {
             let end = SystemTime::now();

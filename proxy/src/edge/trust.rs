@@ -53,7 +53,8 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
 pub fn check_path<B>(req: &Request<B>) -> Result<(), &'static str> {
     let path = req.uri().path();
     let asterisk = path == "*" && req.method() == http::Method::OPTIONS;
-    if path.starts_with('/') || asterisk {
+    // A CONNECT's target is a host and port (answered 501 after this).
+    if path.starts_with('/') || asterisk || req.method() == http::Method::CONNECT {
         Ok(())
     } else {
         Err("the request target's path is not absolute")

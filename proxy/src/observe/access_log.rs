@@ -12,7 +12,7 @@ use http::Method;
 use prometheus::IntCounter;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -87,9 +87,6 @@ enum Message {
 /// The request path's handle on the access log.
 pub struct AccessLog {
     tx: mpsc::Sender<Message>,
-    /// The proxy is closing the connections its drain left: a request
-    /// dropped unanswered now was cut by the proxy, not left by its client.
-    cutting: AtomicBool,
     sample_rate: f64,
     max_per_second: u32,
     /// Second (since `base`) in the high 32 bits, lines in it in the low.
@@ -124,7 +121,6 @@ impl AccessLog {
         runtime.spawn(write_lines(rx, out, config.format));
         Some(AccessLog {
             tx,
-            cutting: AtomicBool::new(false),
             sample_rate: config.sample_rate,
             max_per_second: config.max_per_second,
             window: AtomicU64::new(0),
@@ -169,17 +165,6 @@ impl AccessLog {
         if self.tx.try_send(Message::Line(entry)).is_err() {
             self.queue_full.inc();
         }
-    }
-
-    /// Marks the requests dropped unanswered from now on as cut by the
-    /// proxy (its drain's time is up), not left by their clients.
-    pub fn cut(&self) {
-        self.cutting.store(true, Ordering::Relaxed);
-    }
-
-    /// Was a request dropped unanswered now cut by the proxy?
-    pub fn cutting(&self) -> bool {
-        self.cutting.load(Ordering::Relaxed)
     }
 
     /// Resolves once every line queued before the call is written (or

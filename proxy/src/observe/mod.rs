@@ -14,6 +14,7 @@ use crate::observe::metrics::Metrics;
 use crate::observe::otlp::Spans;
 use crate::observe::tap::Taps;
 use almond_config::ProxyConfig;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Observability state, fixed at start.
@@ -28,6 +29,10 @@ pub struct Observe {
     pub taps: Arc<Taps>,
     /// The process's log filter, when the binary made it reloadable.
     pub log_level: OnceLock<LogLevel>,
+    /// The proxy is closing the connections its drain left: a request
+    /// dropped unanswered now was cut by the proxy, not left by its
+    /// client (its access log line and its span say so).
+    cutting: AtomicBool,
 }
 
 /// Installs a log filter, or says why the text is not one.
@@ -64,6 +69,18 @@ impl Observe {
                 metrics.tap_dropped.clone(),
             )),
             log_level: OnceLock::new(),
+            cutting: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the requests dropped unanswered from now on as cut by the
+    /// proxy (its drain's time is up), not left by their clients.
+    pub fn cut(&self) {
+        self.cutting.store(true, Ordering::Relaxed);
+    }
+
+    /// Was a request dropped unanswered now cut by the proxy?
+    pub fn cutting(&self) -> bool {
+        self.cutting.load(Ordering::Relaxed)
     }
 }
