@@ -330,20 +330,30 @@ async fn consul_services_are_served_by_their_names_in_lower_case() {
     .await;
 }
 
-/// A change that would make a service's policy larger than Consul takes in
-/// one KV value (`kv_max_value_size`) is refused 413 with the reason; the
-/// policy in force stays, in Consul and in what proxies get.
-#[tokio::test]
-async fn a_policy_larger_than_consul_takes_is_refused_and_the_old_stays() {
+/// web's two instances (v1, v2) on a Consul that takes KV values of
+/// `max_value` bytes at most, and a control plane on it.
+async fn kv_limited(
+    max_value: usize,
+    token_env: &str,
+) -> (ConsulDouble, TestControl, [Backend; 2]) {
     let consul = ConsulDouble::builder()
-        .kv_max_value_size(4096)
+        .kv_max_value_size(max_value)
         .start()
         .await;
     let b1 = Backend::start("b1").await;
     let b2 = Backend::start("b2").await;
     consul.register(web("web-1", &b1, "v1")).unwrap();
     consul.register(web("web-2", &b2, "v2")).unwrap();
-    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_KV_SIZE")).await;
+    let control = TestControl::start(&yaml(&consul, token_env)).await;
+    (consul, control, [b1, b2])
+}
+
+/// A change that would make a service's policy larger than Consul takes in
+/// one KV value (`kv_max_value_size`) is refused 413 with the reason; the
+/// policy in force stays, in Consul and in what proxies get.
+#[tokio::test]
+async fn a_policy_larger_than_consul_takes_is_refused_and_the_old_stays() {
+    let (consul, control, _backends) = kv_limited(4096, "ALMOND_TEST_CC_TOKEN_KV_SIZE").await;
     let split = json!({ "weights": { "v1": 90, "v2": 10 } });
     let reply = control.put_split("web", &split, None).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -378,6 +388,48 @@ async fn a_policy_larger_than_consul_takes_is_refused_and_the_old_stays() {
         .send(Method::PUT, "/v1/services/web/guards", &guard, None)
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+/// The audit trail gives way before a change does: route sets whose
+/// copies in the policy's history would pass Consul's value limit drop
+/// the oldest history entries, and a shift after them is written (it got
+/// 413 once the trail's copies of the rules had filled the value, so a
+/// failing canary could no longer be rolled back).
+#[tokio::test]
+async fn the_history_gives_way_before_a_change_does() {
+    let (consul, control, _backends) = kv_limited(16384, "ALMOND_TEST_CC_TOKEN_KV_TRAIL").await;
+    // About 4.5 KiB of rules: the policy holds them once, and the trail
+    // once for each set.
+    let rules: Vec<Value> = (0..60)
+        .map(|i| json!({ "match": { "path_prefix": format!("/section-{i:03}/page") }, "to": { "subset": "v2" } }))
+        .collect();
+    for round in 0..5 {
+        let reply = control
+            .send(
+                Method::PUT,
+                "/v1/services/web/routes",
+                &json!({ "rules": rules }),
+                None,
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "round {round}: {}",
+            reply.text()
+        );
+    }
+    let stored = stored_policy(&consul);
+    let kept = stored["history"].as_array().map_or(0, Vec::len);
+    assert!((1..5).contains(&kept), "{kept} history entries kept");
+    let reply = control
+        .put_split("web", &json!({ "weights": { "v1": 100, "v2": 0 } }), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        stored_policy(&consul)["split"],
+        json!({ "v1": 100, "v2": 0 })
+    );
 }
 
 // ---------------------------------------------------------------------------

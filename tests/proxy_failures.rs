@@ -320,6 +320,27 @@ async fn two_hosts_or_a_host_against_the_target_are_400() {
     still_serves(&proxy).await;
 }
 
+/// A transfer coding other than chunked (`gzip, chunked`): hyper undoes
+/// the chunking only and the header is hop-by-hop, so the upstream would
+/// get gzip bytes that nothing says are gzip. 501, as nginx answers, and
+/// nothing goes up; `chunked` alone still goes through.
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_501() {
+    let (backend, proxy) = strict().await;
+    for codings in ["gzip, chunked", "gzip\r\nTransfer-Encoding: chunked"] {
+        let req = format!(
+            "POST /up HTTP/1.1\r\nHost: m\r\nTransfer-Encoding: {codings}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let answer = raw(proxy.addr(), req.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 501 "), "{codings}: {answer:?}");
+    }
+    assert_eq!(backend.count(), 0);
+    let chunked = b"POST /up HTTP/1.1\r\nHost: m\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let answer = raw(proxy.addr(), chunked).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert_eq!(backend.last().body_len, 5);
+}
+
 #[tokio::test]
 async fn h2_host_against_authority_is_400() {
     let (backend, proxy) = strict().await;

@@ -302,6 +302,37 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     assert!(other.get("service").is_none());
 }
 
+/// A request answered before routing (here a `CONNECT`, 501) is logged
+/// with its listener's direction: an inbound listener's said `outbound`.
+#[tokio::test]
+async fn answers_before_routing_carry_their_listener_s_direction() {
+    let backend = Backend::start("api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let proxy = ProxyYaml::new()
+        .listener("{ bind: 127.0.0.1:0, service: api, direction: inbound }")
+        .top(&format!(
+            "access_log: {{ format: json, path: \"{}\" }}",
+            path.display()
+        ))
+        .service(ServiceYaml::new("api").at(backend.addr))
+        .start()
+        .await;
+    let answer = raw(
+        proxy.listeners[0],
+        b"CONNECT api:443 HTTP/1.1\r\nHost: api:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    eventually("one access log line", || async {
+        log_lines(&path).len() == 1
+    })
+    .await;
+    let line = &log_lines(&path)[0];
+    assert_eq!(line["status"], 501, "{line}");
+    assert_eq!(line["direction"], "inbound", "{line}");
+}
+
 #[tokio::test]
 async fn access_log_text_format_is_key_value() {
     let backend = Backend::start("api").await;

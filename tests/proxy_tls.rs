@@ -327,10 +327,22 @@ async fn only_allowed_identities_reach_the_service() {
     assert_eq!(reply.status, 403, "{}", reply.text());
     assert_eq!(reply.header("x-almond-error"), Some("forbidden"));
     assert_eq!(backend.count(), 2, "a denied request reached the backend");
+    // Straight to the inbound listener: the 403 is an answer as any other,
+    // with its request ID (and its access log line, span, tap summary).
+    let raw = raw_tls_exchange(
+        b.listeners[0],
+        client_config(&ca, Some(&ca.leaf("ads"))),
+        b"GET / HTTP/1.1\r\nhost: orders\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
+    assert!(raw.contains("x-request-id: "), "{raw}");
+    assert_eq!(backend.count(), 2, "a denied request reached the backend");
     let metrics = b.admin_get("/metrics").await.text();
     assert_eq!(
         metric(&metrics, "almond_tls_denied_requests_total", &[]),
-        1.0
+        2.0
     );
 }
 

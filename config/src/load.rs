@@ -580,6 +580,18 @@ pub fn validate_proxy(config: &ProxyConfig) -> Vec<Problem> {
                 ),
             );
         }
+        // Inbound is other hosts calling this host's service: one routed
+        // by `Host` would relay any caller to any service (another host's
+        // too) under this proxy's identity, past the allow-lists that
+        // trust it. Linkerd's and Envoy's inbound reach the local app only.
+        if l.direction == crate::Direction::Inbound && l.service.is_none() {
+            add(
+                format!("listeners[{i}].service"),
+                "an inbound listener serves this host's service: name it (without one, any \
+                 caller could reach any service through it, under this proxy's identity)"
+                    .into(),
+            );
+        }
         if let Some(svc) = &l.service {
             if let Err(why) = crate::proxy::check_service_name(svc) {
                 add(format!("listeners[{i}].service"), why);
@@ -1435,6 +1447,17 @@ services:
         assert!(
             got[0].starts_with("line 3: source.consul.services[1]: \"Orders\""),
             "{got:?}"
+        );
+    }
+
+    #[test]
+    fn an_inbound_listener_names_its_service() {
+        let text = "listeners:\n  - { bind: 127.0.0.1:4143, direction: inbound }\nservices:\n  a: { endpoints: [{ addr: \"127.0.0.1:1\" }] }\n";
+        let err = problems(text);
+        assert!(
+            err.iter()
+                .any(|p| p.path == "listeners[0].service" && p.line == Some(2)),
+            "{err:?}"
         );
     }
 

@@ -93,27 +93,48 @@ impl Store {
         if matches!(self, Store::File { .. }) {
             policy.revision = token + 1;
         }
-        let body = serde_json::to_vec(policy).map_err(|e| StoreError::Decode(e.to_string()))?;
-        let bytes = body.len();
+        let encode =
+            |p: &Policy| serde_json::to_vec(p).map_err(|e| StoreError::Decode(e.to_string()));
+        let body = encode(policy)?;
         match self {
             Store::Consul(client) => {
                 let key = format!("/v1/kv/{KV_PREFIX}{service}");
-                let answer = client
-                    .call(
-                        Method::PUT,
-                        &key,
-                        &format!("cas={token}"),
-                        0,
-                        Duration::ZERO,
-                        Bytes::from(body),
-                    )
-                    .await?;
-                if answer.status == StatusCode::PAYLOAD_TOO_LARGE {
-                    let consul = String::from_utf8_lossy(&answer.body).trim().to_owned();
-                    return Err(StoreError::TooLarge { bytes, consul });
+                let mut body = body;
+                loop {
+                    let bytes = body.len();
+                    let answer = client
+                        .call(
+                            Method::PUT,
+                            &key,
+                            &format!("cas={token}"),
+                            0,
+                            Duration::ZERO,
+                            Bytes::from(body),
+                        )
+                        .await?;
+                    if answer.status != StatusCode::PAYLOAD_TOO_LARGE {
+                        let answer = check(answer)?;
+                        return Ok(answer.body.as_ref().trim_ascii() == b"true");
+                    }
+                    // The audit trail gives way before the change does (a
+                    // rollback must always be written: the trail's copies
+                    // of route rules grew the value to Consul's limit): its
+                    // older half goes, the newest entry stays. Too large
+                    // with the trail at one entry: the change is.
+                    let kept = policy.history.len();
+                    if kept <= 1 {
+                        let consul = String::from_utf8_lossy(&answer.body).trim().to_owned();
+                        return Err(StoreError::TooLarge { bytes, consul });
+                    }
+                    policy.history.drain(..kept / 2);
+                    tracing::warn!(
+                        service,
+                        bytes,
+                        dropped = kept / 2,
+                        "policy over Consul's value limit: its oldest history entries dropped"
+                    );
+                    body = encode(policy)?;
                 }
-                let answer = check(answer)?;
-                Ok(answer.body.as_ref().trim_ascii() == b"true")
             }
             Store::File { path, lock } => {
                 let _guard = lock.lock().await;

@@ -1,38 +1,35 @@
 //! TLS: the API's certificate and client CAs, followed as their files
 //! change (certificates are rotated under a running control plane).
 
+use almond_net::Followed;
 use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-
-/// How often the files are checked for changes.
-const POLL: Duration = Duration::from_secs(1);
 
 /// The API's TLS config, rebuilt when a file of `tls` changes: new
 /// handshakes get the new certificate (and trust the new CAs), open
 /// connections keep theirs. A rebuild that fails (a key written before
 /// its certificate) keeps the last config and is tried again at the next
-/// poll. Without this, a rotated certificate was served only after a
+/// check. Without this, a rotated certificate was served only after a
 /// restart, and every proxy's poll failed once the old one expired.
 pub struct ApiTls {
     files: almond_config::Tls,
     config: ArcSwap<rustls::ServerConfig>,
-    /// Modification times of (cert, key, ca) at the last build.
-    stamps: Mutex<[Option<SystemTime>; 3]>,
+    followed: Followed,
 }
 
 impl ApiTls {
     /// Reads the files; `Err` names the key and file that cannot be used.
     pub fn load(files: &almond_config::Tls) -> Result<ApiTls, String> {
-        let stamps = stamps(files);
+        let paths = vec![files.cert.clone(), files.key.clone(), files.ca.clone()];
+        let followed = Followed::new(paths);
         Ok(ApiTls {
             config: ArcSwap::from_pointee(build(files)?),
             files: files.clone(),
-            stamps: Mutex::new(stamps),
+            followed,
         })
     }
 
@@ -41,21 +38,16 @@ impl ApiTls {
         TlsAcceptor::from(self.config.load_full())
     }
 
-    /// Rebuilds the config if a file's modification time changed; returns
-    /// whether a new one is in force.
+    /// Rebuilds the config if a file changed; returns whether a new one
+    /// is in force.
     pub fn reload_if_changed(&self) -> bool {
-        let now = stamps(&self.files);
-        let mut seen = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
-        if *seen == now {
-            return false;
-        }
-        match build(&self.files) {
-            Ok(config) => {
-                *seen = now;
+        match self.followed.rebuild(|| build(&self.files)) {
+            Ok(Some(config)) => {
                 self.config.store(Arc::new(config));
                 tracing::info!("control API: TLS certificates reloaded");
                 true
             }
+            Ok(None) => false,
             Err(e) => {
                 tracing::warn!(error = %e, "control API: TLS reload failed; keeping the previous certificates");
                 false
@@ -63,25 +55,13 @@ impl ApiTls {
         }
     }
 
-    /// Polls the files every second until `stop` changes.
-    pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
-            }
-            let me = self.clone();
-            // File reads and key checks: off the async workers.
-            let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
-        }
+    /// Checks the files every second until `stop` changes.
+    pub async fn watch(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        almond_net::check_until(stop, move || {
+            self.reload_if_changed();
+        })
+        .await;
     }
-}
-
-fn stamps(files: &almond_config::Tls) -> [Option<SystemTime>; 3] {
-    [&files.cert, &files.key, &files.ca]
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
 }
 
 /// The server config of `tls`: its certificate, and client certificates

@@ -3,18 +3,20 @@
 //! proxy listeners, the admin listener and the control API, with the
 //! congestion control of loopback connections. Also the small
 //! helpers both planes need once: [`Backoff`], [`percent_encode`],
-//! [`parse_query`], [`Lines`] (a streaming body), [`hostname`], [`now_ms`]
-//! and [`local_host`].
+//! [`parse_query`], [`Lines`] (a streaming body), [`hostname`], [`now_ms`],
+//! [`local_host`] and [`Followed`] (files read again when they change).
 
 mod backoff;
 mod encode;
 mod error;
+mod follow;
 mod host;
 mod lines;
 
 pub use backoff::Backoff;
 pub use encode::{parse_query, percent_decode, percent_encode};
 pub use error::error_chain;
+pub use follow::{check_until, Followed, FOLLOW_EVERY};
 pub use host::{hostname, local_host, now_ms};
 pub use lines::Lines;
 

@@ -9,9 +9,7 @@ use crate::edge::send_timeout::SendTimeout;
 use crate::edge::serve;
 use crate::edge::stop::unless_cut;
 use crate::edge::{h1, h2};
-use crate::identity::authz::{self, Identities, Inbound};
-use crate::outcome::ErrorKind;
-use crate::rescue::Rescue;
+use crate::identity::authz::{self, Identities, Inbound, NotAllowed};
 use crate::Shared;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -350,18 +348,15 @@ async fn serve_tls(
     let identity: Arc<str> = Arc::from(names.first().map_or("client", String::as_str));
     let identities = Identities(names.into());
     // Every request carries the client's identities (for `authz`), and
-    // one not allowed here is answered 403.
+    // one not allowed here is marked, to be answered 403 by the pipeline
+    // (with its request ID, access log line, span and tap summary).
     let serve = move |mut req: Request<ClientBody>| {
         let shared = shared.clone();
-        let identity = identity.clone();
         req.extensions_mut().insert(identities.clone());
-        async move {
-            if !allowed {
-                shared.metrics.tls_denied.inc();
-                return Ok(Box::new(ErrorKind::Forbidden.response(&identity)));
-            }
-            serve::handle(shared, index, peer, Box::new(req)).await
+        if !allowed {
+            req.extensions_mut().insert(NotAllowed(identity.clone()));
         }
+        serve::handle(shared, index, peer, Box::new(req))
     };
     let (idle, h2_limits) = limits;
     let ended = match protocol {

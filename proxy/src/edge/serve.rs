@@ -8,7 +8,7 @@
 use crate::body::{ClientBody, ClientRequest, PassedHead, ResponseBody};
 use crate::edge::trust;
 use crate::headers;
-use crate::identity::authz::Identities;
+use crate::identity::authz::{Identities, NotAllowed};
 use crate::observe::access_log::{Entry, Observed};
 use crate::observe::otlp::{Finished, Spans};
 use crate::observe::tap::Summary;
@@ -273,10 +273,17 @@ fn serve<'a>(
     stamp: &'a trace::Stamp,
 ) -> impl Future<Output = Reply> + Send + 'a {
     async move {
+        // A client a `tls` listener does not allow: 403, nothing more.
+        if let Some(NotAllowed(who)) = req.extensions().get::<NotAllowed>() {
+            shared.metrics.tls_denied.inc();
+            seen.direction = listener_direction(shared, listener);
+            return Box::new(ErrorKind::Forbidden.response(who));
+        }
         // One target host, or 400 (a request-smuggling and cache-poisoning
         // vector otherwise: routing and the upstream could read two hosts).
         if let Err(why) = trust::check_host(&req).and_then(|()| trust::check_path(&req)) {
             shared.metrics.unroutable.inc();
+            seen.direction = listener_direction(shared, listener);
             let mut answer = ErrorKind::BadRequest.response(why);
             // A client this confused about its own request is not sent
             // another on the connection (as nginx closes after a 400).
@@ -288,10 +295,19 @@ fn serve<'a>(
             }
             return Box::new(answer);
         }
+        // Codings: only chunked (the lean server takes no coding at all).
+        if !req.body().lean() {
+            if let Err(why) = trust::check_codings(&req) {
+                shared.metrics.unroutable.inc();
+                seen.direction = listener_direction(shared, listener);
+                return Box::new(ErrorKind::Unsupported.response(why));
+            }
+        }
         // A tunnel to a host:port is a forward proxy's work, not a
         // service's: said at once (RFC 9110 §9.3.6), never sent upstream.
         if req.method() == http::Method::CONNECT {
             shared.metrics.unroutable.inc();
+            seen.direction = listener_direction(shared, listener);
             return Box::new(ErrorKind::Unsupported.response("CONNECT"));
         }
         // Route: the listener's bound service, or Host / :authority; then
@@ -376,6 +392,17 @@ struct Routed {
     body_idle: Duration,
     /// A copy to mirror, if this request is drawn for one.
     mirror: Option<Shadow>,
+}
+
+/// The direction of listener `listener`, for a request answered before
+/// routing (which sets it for every other): its log line, tap summary and
+/// span say which side of the host it came in on.
+#[cold]
+fn listener_direction(shared: &Shared, listener: usize) -> Direction {
+    let table = shared.table.load();
+    table
+        .listener(listener)
+        .map_or(Direction::Outbound, |on| on.direction)
 }
 
 /// Finds the request's service: the listener's bound one, or the one its

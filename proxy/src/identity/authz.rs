@@ -19,6 +19,12 @@ impl Inbound {
     }
 }
 
+/// A request on a `tls` listener whose client identity is not on the
+/// listener's `allow`: answered 403 by the pipeline, which logs, taps and
+/// stamps it as any other answer. The identity shown.
+#[derive(Debug, Clone)]
+pub struct NotAllowed(pub Arc<str>);
+
 /// The verified client identities of a request's connection (on `tls`
 /// listeners), for a service's `authz`.
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@
 //! old configs. [`CurrentRoots`] follows a CA file the same way for the
 //! control plane's client.
 
+use almond_net::Followed;
 use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
@@ -21,15 +22,11 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-
-/// How often the certificate files are checked for changes.
-const POLL: Duration = Duration::from_secs(1);
 
 /// ALPN protocol ids.
 const H2: &[u8] = b"h2";
@@ -72,19 +69,23 @@ struct Configs {
 pub struct Tls {
     files: almond_config::Tls,
     configs: ArcSwap<Configs>,
-    /// Modification times of (cert, key, ca) at the last load.
-    stamps: Mutex<[Option<SystemTime>; 3]>,
+    /// The files, as of the configs in force.
+    followed: Followed,
 }
 
 impl Tls {
     /// Reads the files and builds the configs.
     pub fn load(files: &almond_config::Tls) -> Result<Tls, TlsError> {
-        let stamps = stamps(files);
+        let followed = Followed::new(vec![
+            files.cert.clone(),
+            files.key.clone(),
+            files.ca.clone(),
+        ]);
         let configs = build(files)?;
         Ok(Tls {
             files: files.clone(),
             configs: ArcSwap::from_pointee(configs),
-            stamps: Mutex::new(stamps),
+            followed,
         })
     }
 
@@ -115,49 +116,29 @@ impl Tls {
     /// Rebuilds the configs if a file's modification time changed.
     /// Returns whether new configs are in force.
     pub fn reload_if_changed(&self) -> bool {
-        let now = stamps(&self.files);
-        let mut seen = match self.stamps.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if *seen == now {
-            return false;
-        }
-        match build(&self.files) {
-            Ok(configs) => {
-                *seen = now;
+        match self.followed.rebuild(|| build(&self.files)) {
+            Ok(Some(configs)) => {
                 self.configs.store(Arc::new(configs));
                 tracing::info!("tls: certificates reloaded");
                 true
             }
+            Ok(None) => false,
+            // Files are often written one at a time: the next check
+            // tries again.
             Err(e) => {
-                // Files are often written one at a time: the next poll
-                // retries, since the stamps were not taken.
                 tracing::warn!(error = %e, "tls: reload failed; keeping the previous certificates");
                 false
             }
         }
     }
 
-    /// Polls the files every second until `stop` changes.
-    pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
-            }
-            let me = self.clone();
-            // File reads and signature checks: off the async workers.
-            let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
-        }
+    /// Checks the files every second until `stop` changes.
+    pub async fn watch(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        almond_net::check_until(stop, move || {
+            self.reload_if_changed();
+        })
+        .await;
     }
-}
-
-fn stamps(files: &almond_config::Tls) -> [Option<SystemTime>; 3] {
-    [&files.cert, &files.key, &files.ca]
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -233,39 +214,40 @@ impl ResolvesClientCert for CurrentIdentity {
 pub struct CurrentRoots {
     key: &'static str,
     path: PathBuf,
-    /// The file's modification time when last read, and its verifier.
-    loaded: Mutex<(Option<SystemTime>, Arc<WebPkiServerVerifier>)>,
+    /// The file, as of `verifier`.
+    followed: Followed,
+    /// The verifier of the file as last read.
+    verifier: Mutex<Arc<WebPkiServerVerifier>>,
 }
 
 impl CurrentRoots {
     /// Reads the CA file named by config key `key`.
     pub fn load(key: &'static str, path: &Path) -> Result<CurrentRoots, TlsError> {
-        let stamp = modified(path);
+        let followed = Followed::new(vec![path.to_owned()]);
         Ok(CurrentRoots {
             key,
             path: path.to_owned(),
-            loaded: Mutex::new((stamp, server_verifier(key, path)?)),
+            followed,
+            verifier: Mutex::new(server_verifier(key, path)?),
         })
     }
 
     /// The verifier of the file as last read, read again first if it changed.
     fn current(&self) -> Arc<WebPkiServerVerifier> {
-        let mut loaded = match self.loaded.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let stamp = modified(&self.path);
-        if stamp != loaded.0 {
-            match server_verifier(self.key, &self.path) {
-                Ok(verifier) => {
-                    *loaded = (stamp, verifier);
-                    tracing::info!(file = %self.path.display(), "{}: CAs reloaded", self.key);
-                }
-                // Written one file at a time: the next handshake tries again.
-                Err(e) => tracing::warn!(error = %e, "CA reload failed; keeping the previous CAs"),
+        let mut verifier = self.verifier.lock().unwrap_or_else(PoisonError::into_inner);
+        match self
+            .followed
+            .rebuild(|| server_verifier(self.key, &self.path))
+        {
+            Ok(Some(read)) => {
+                *verifier = read;
+                tracing::info!(file = %self.path.display(), "{}: CAs reloaded", self.key);
             }
+            Ok(None) => {}
+            // Written one file at a time: the next handshake tries again.
+            Err(e) => tracing::warn!(error = %e, "CA reload failed; keeping the previous CAs"),
         }
-        loaded.1.clone()
+        verifier.clone()
     }
 }
 
@@ -314,10 +296,6 @@ impl ServerCertVerifier for CurrentRoots {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.current().supported_verify_schemes()
     }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// A server certificate verifier trusting the CAs in `path`.

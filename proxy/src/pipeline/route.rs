@@ -646,9 +646,6 @@ impl ServiceRoute {
                     .map(http::HeaderValue::as_bytes);
                 // No subset the split gives traffic to has endpoints: none
                 // goes to one it gives none (Envoy's weighted clusters
-                // answer "no healthy upstream" too).
-                // No subset the split gives traffic to has endpoints: none
-                // goes to one it gives none (Envoy's weighted clusters
                 // answer "no healthy upstream" too). Counted as unroutable:
                 // the subsets meant have no metrics of their own here.
                 match split.pick(sticky).and_then(|i| self.subsets.get(i)) {
