@@ -179,8 +179,14 @@ async fn a_subset_at_zero_gets_nothing_when_the_split_s_subsets_are_empty() {
         assert_eq!(reply.header("x-almond-error"), Some("no-endpoints"));
     }
     assert_eq!(c.v2.count(), v2_before, "v2, at 0 %, got requests");
-    let unroutable = proxy_metric(&c.proxy, "almond_unroutable_requests_total", &[]).await;
-    assert!(unroutable >= 20.0, "counted: {unroutable}");
+    // Counted under the subset they were meant for, where the service's
+    // error rate sees them (they were counted as unroutable alone).
+    let no_endpoints = [("service", "s"), ("subset", "v1"), ("kind", "no_endpoints")];
+    let counted = proxy_metric(&c.proxy, "almond_upstream_errors_total", &no_endpoints).await;
+    assert!(counted >= 20.0, "counted: {counted}");
+    let failed = [("service", "s"), ("subset", "v1"), ("outcome", "failure")];
+    let failed = proxy_metric(&c.proxy, "almond_requests_total", &failed).await;
+    assert!(failed >= 20.0, "counted: {failed}");
     c.registry
         .service_lb("s", "round_robin", &[(c.v1a.addr, "v1"), (c.v2.addr, "v2")]);
     eventually("v1 is back", || async {

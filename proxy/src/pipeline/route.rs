@@ -480,13 +480,25 @@ fn route_rules(svc: &Service, subset_names: &[&str]) -> Rules<RouteTarget> {
     }))
 }
 
-/// A service's subset names, sorted. No endpoints (all unhealthy, say):
-/// one empty subset, so that requests get 503 `no-endpoints` and are
-/// counted somewhere.
+/// A service's subset names, sorted: those of its endpoints. A split none
+/// of whose subsets above 0 % has an endpoint (every v1 instance critical
+/// under `v1=100 v2=0`) adds them, empty: its requests get 503
+/// `no-endpoints` counted under the subsets they were meant for, where
+/// the service's error rate (and its alert) can see them. (While one of
+/// them has endpoints, the split's others are left out: their share goes
+/// to it.) No endpoints and no split: one empty subset, likewise.
 fn subset_names(svc: &Service) -> Vec<&str> {
     let mut names: Vec<&str> = svc.endpoints.iter().map(|e| e.subset.as_str()).collect();
     names.sort_unstable();
     names.dedup();
+    if let Some(split) = &svc.split {
+        let mut weighted = (split.weights.iter()).filter(|(_, w)| **w > 0);
+        if !weighted.any(|(s, _)| names.binary_search(&s.as_str()).is_ok()) {
+            let meant = (split.weights.iter()).filter(|(_, w)| **w > 0);
+            names.extend(meant.map(|(s, _)| s.as_str()));
+            names.sort_unstable();
+        }
+    }
     if names.is_empty() {
         names.push(almond_config::DEFAULT_SUBSET);
     }
@@ -644,10 +656,10 @@ impl ServiceRoute {
                     .sticky_header()
                     .and_then(|h| req.headers().get(h))
                     .map(http::HeaderValue::as_bytes);
-                // No subset the split gives traffic to has endpoints: none
-                // goes to one it gives none (Envoy's weighted clusters
-                // answer "no healthy upstream" too). Counted as unroutable:
-                // the subsets meant have no metrics of their own here.
+                // No subset the split gives traffic to is here (weights
+                // all 0): none goes to one it gives none. (Subsets meant
+                // but without endpoints are here, empty: see
+                // `subset_names`.)
                 match split.pick(sticky).and_then(|i| self.subsets.get(i)) {
                     Some(s) => Ok(&s.pool),
                     None => Err((
