@@ -1147,6 +1147,10 @@ async fn an_unreadable_policy_at_start_keeps_the_control_plane_unready() {
     consul.register(web("web-1", &b1, "v1")).unwrap();
     consul.register(web("web-2", &b2, "v2")).unwrap();
     consul.kv_put(WEB_POLICY, r#"{"split": {"v1": "#);
+    // A folder and an empty value (Consul's `null`): no policy, not an
+    // unreadable one.
+    consul.kv_put("almond/policy/", "");
+    consul.kv_put("almond/policy/other", "");
     let control = TestControl::launch_unready(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_BADKV")).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(

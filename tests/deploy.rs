@@ -195,14 +195,37 @@ services:
         let _ = control_stopped.await;
     }));
 
+    // A proxy following the control plane: the families of a link to one
+    // (a static proxy serves none: nothing to connect to).
+    let yaml =
+        format!("admin: 127.0.0.1:0\ncontrol: http://{api}\nlisteners:\n  - bind: 127.0.0.1:0\n");
+    let config = almond_config::load_proxy(&yaml, "deploy test").expect("valid proxy config");
+    let bound = almond_proxy::Bound::bind(&config).expect("bind port 0");
+    let follower_admin = bound.admin_addr().expect("admin address");
+    let follower = almond_proxy::Proxy::new(config).expect("proxy");
+    let (stop_follower, follower_stopped) = tokio::sync::oneshot::channel::<()>();
+    let follower = tokio::spawn(follower.run(bound, async {
+        let _ = follower_stopped.await;
+    }));
+
     let mut all = families(&get(&format!("http://{admin}/metrics")).await);
-    for (name, labels) in families(&get(&format!("http://{api}/metrics")).await) {
-        all.entry(name).or_default().extend(labels);
+    assert!(
+        !all.contains_key("almond_control_connected"),
+        "a static proxy serves almond_control_connected"
+    );
+    for url in [
+        format!("http://{api}/metrics"),
+        format!("http://{follower_admin}/metrics"),
+    ] {
+        for (name, labels) in families(&get(&url).await) {
+            all.entry(name).or_default().extend(labels);
+        }
     }
 
     let _ = stop_proxy.send(());
+    let _ = stop_follower.send(());
     let _ = stop_control.send(());
-    for task in [proxy, control] {
+    for task in [proxy, follower, control] {
         tokio::time::timeout(Duration::from_secs(10), task)
             .await
             .expect("stops within 10 s")

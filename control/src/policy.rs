@@ -308,7 +308,14 @@ impl Policy {
     /// when there was none (the first shift of a service is rolled back
     /// to the source's split, or to all subsets by endpoint weight).
     pub fn rolled_back(&self, by: &str, now: u64) -> Result<Policy, Refusal> {
-        let previous = match (&self.previous, self.previous_none) {
+        // A replica of an older release writes the policy back without
+        // `previous_none`: the trail says it too (the last change went
+        // from no split to the one in force).
+        let from_none = self
+            .history
+            .last()
+            .is_some_and(|c| c.from.is_none() && c.to.is_some() && c.to == self.split);
+        let previous = match (&self.previous, self.previous_none || from_none) {
             (Some(previous), _) => Some(previous.clone()),
             (None, true) => None,
             (None, false) => {
@@ -767,6 +774,12 @@ mod tests {
         let json = r#"{"version": 1, "split": {"v1": 100}, "previous": null}"#;
         let old: Policy = serde_json::from_str(json).unwrap();
         assert!(old.rolled_back("ops", 2).is_err());
+        // Written back by such a release after a first shift: the trail
+        // says the split before was none.
+        let mut rewritten = p.clone();
+        rewritten.previous_none = false;
+        let back = rewritten.rolled_back("ops", 2).unwrap();
+        assert_eq!(back.split, None);
     }
 
     fn rollout_spec(steps: &[u32], pause_at: &[u32]) -> crate::watcher::rollout::RolloutSpec {

@@ -209,6 +209,12 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
                         let Some(name) = e.key.strip_prefix(KV_PREFIX) else {
                             continue;
                         };
+                        // A folder (`almond/policy/`, one made in Consul's
+                        // UI) or an empty value (Consul answers `null`):
+                        // no policy, not an unreadable one.
+                        if name.is_empty() || name.ends_with('/') || e.value.is_none() {
+                            continue;
+                        }
                         match e.decode() {
                             Some(p) => {
                                 policies.insert(name.to_owned(), (p, e.modify_index));

@@ -10,11 +10,14 @@ use tokio::sync::watch;
 /// How often followed files are checked.
 pub const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
-/// The modification times of some files when what is made of them was
-/// last built.
+/// A file's modification time and length: a rewrite within the clock's
+/// granularity that changes the length is seen.
+type Stamp = Option<(SystemTime, u64)>;
+
+/// The stamps of some files when what is made of them was last built.
 pub struct Followed {
     paths: Vec<PathBuf>,
-    seen: Mutex<Vec<Option<SystemTime>>>,
+    seen: Mutex<Vec<Stamp>>,
 }
 
 impl Followed {
@@ -43,10 +46,12 @@ impl Followed {
     }
 }
 
-fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
-    (paths.iter())
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .collect()
+fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
+    let stamp = |p: &PathBuf| {
+        let meta = std::fs::metadata(p).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    };
+    paths.iter().map(stamp).collect()
 }
 
 /// Runs `check` on a blocking thread (file reads, key checks) every

@@ -144,7 +144,10 @@ impl Proxy {
 
         let admin_token = Secret::from_config("admin_token_env", config.admin_token_env.as_deref())
             .map_err(Error::AdminToken)?;
-        let metrics = Metrics::new()?;
+        let metrics = match config.control {
+            Some(_) => Metrics::new()?,
+            None => Metrics::new()?.without_control(),
+        };
         let http = edge::listen::http_builder(&config.limits);
         let observe = observe::Observe::new(&config, &metrics);
         let tls = match &config.tls {

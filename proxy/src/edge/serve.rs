@@ -295,8 +295,9 @@ fn serve<'a>(
             }
             return Box::new(answer);
         }
-        // Codings: only chunked (the lean server takes no coding at all).
-        if !req.body().lean() {
+        // Codings: only chunked (the lean server takes no coding at all,
+        // and HTTP/2 none: the h2 crate refuses the header).
+        if !req.body().lean() && req.version() < http::Version::HTTP_2 {
             if let Err(why) = trust::check_codings(&req) {
                 shared.metrics.unroutable.inc();
                 seen.direction = listener_direction(shared, listener);

@@ -467,6 +467,14 @@ impl Metrics {
             .set(i64::from(percent));
     }
 
+    /// Static mode: `almond_control_connected` is not served (nothing to
+    /// connect to), so that a rule on it (`AlmondProxyDisconnected`) sees
+    /// following proxies alone, the one that never connected included.
+    pub fn without_control(self) -> Metrics {
+        let _ = (self.registry).unregister(Box::new(self.control_connected.clone()));
+        self
+    }
+
     /// The Prometheus text exposition of every family.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

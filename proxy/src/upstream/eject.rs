@@ -374,6 +374,11 @@ impl Outlier {
                 .is_ok();
             if swapped {
                 health.probing.store(false, Ordering::Release);
+                if held == 0 {
+                    // Back in service unless the next turn finds room:
+                    // its ejections start to be forgiven from now.
+                    health.back_at.store(now_ns.max(1), Ordering::Relaxed);
+                }
             }
             if swapped && held != 0 {
                 if newly {
@@ -460,7 +465,11 @@ impl Outlier {
     /// process epoch).
     fn take_out(&self, health: &Health, now: Instant) -> (u32, Duration, u64) {
         let now_ns = crate::clock::nanos_since_epoch(now);
-        let n = self.unforgiven(health, now_ns) + 1;
+        // Counted no higher than the ejections `max_ejection` takes: more
+        // would lengthen nothing, only the time to forgive them (a day's
+        // outage would keep a recovered endpoint on long ejections for
+        // hours; Envoy stops raising its multiplier there too).
+        let n = (self.unforgiven(health, now_ns) + 1).min(self.most_counted());
         health.ejections.store(n, Ordering::Relaxed);
         let length = self.ejection_length(n);
         let until = if health.check_failing() {
@@ -561,6 +570,14 @@ impl Outlier {
     /// How many of `n` endpoints may be ejected at once.
     fn allowed(&self, n: usize) -> usize {
         (n * self.max_percent as usize / 100).max(1)
+    }
+
+    /// The ejections it takes to reach `max`: `max / base`, rounded up.
+    fn most_counted(&self) -> u32 {
+        let base = self.base.as_nanos().max(1);
+        u32::try_from(self.max.as_nanos().div_ceil(base))
+            .unwrap_or(u32::MAX)
+            .max(1)
     }
 
     /// `base` x `n`, capped at `max`, with +-10 % jitter so endpoints that
@@ -755,6 +772,40 @@ mod tests {
         let t = t + Duration::from_secs(12);
         assert_eq!(ep.0.availability(ns(t)), Availability::ProbeDue);
         assert_eq!(m.ejections.get(), 5);
+    }
+
+    /// However long an endpoint stays down, its count stops where
+    /// `max_ejection` is reached (here 60 s / 10 s = 6): once it is back,
+    /// a minute in service forgives it all, not one base per probe it
+    /// failed.
+    #[tokio::test(start_paused = true)]
+    async fn the_count_stops_at_max_ejection() {
+        let cb = CircuitBreaker {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(60),
+            ..CircuitBreaker::default()
+        };
+        let p = Outlier::new(&cb, Duration::from_secs(1));
+        let (pool, m) = (subset(3), metrics());
+        let ns = |t: Instant| crate::clock::nanos_since_epoch(t);
+        let ep = &pool.0[0];
+        let mut t = Instant::now();
+        p.record(ep, true, false, t, &pool, &m, "s");
+        // A hundred failed probes: still 6.
+        for _ in 0..100 {
+            t += Duration::from_secs(70);
+            assert!(ep.0.claim_probe(ns(t), p.probe_grace));
+            p.record(ep, true, false, t, &pool, &m, "s");
+        }
+        assert_eq!(ep.0.ejections.load(Ordering::Relaxed), 6);
+        t += Duration::from_secs(70);
+        assert!(ep.0.claim_probe(ns(t), p.probe_grace));
+        p.record(ep, false, false, t, &pool, &m, "s");
+        // 61 s in service: its next ejection is the first's length.
+        t += Duration::from_secs(61);
+        p.record(ep, true, false, t, &pool, &m, "s");
+        assert_eq!(ep.0.ejections.load(Ordering::Relaxed), 1);
     }
 
     /// Checks are spread: the next is due within 10 % of the interval
