@@ -624,7 +624,14 @@ fn metrics_reference_names_every_family_and_nothing_else() {
     }
     let proxy = almond_proxy::Proxy::new(config).expect("proxy");
     let exposition = String::from_utf8(proxy.shared().metrics.encode()).expect("UTF-8");
-    let exposed = families(&exposition);
+    let mut exposed = families(&exposition);
+    // A proxy that follows a control plane serves its link's families too
+    // (a static one has nothing to connect to).
+    let yaml = "control: http://127.0.0.1:9\nlisteners:\n  - bind: 127.0.0.1:0\n";
+    let following = almond_config::load_proxy(yaml, "following").expect("valid proxy config");
+    let following = almond_proxy::Proxy::new(following).expect("proxy");
+    let exposition = String::from_utf8(following.shared().metrics.encode()).expect("UTF-8");
+    exposed.extend(families(&exposition));
 
     check_families(&exposed, "name");
 }
