@@ -30,6 +30,17 @@ async fn closed_within(stream: &mut TcpStream, wait: Duration) -> Option<Vec<u8>
     tokio::time::timeout(wait, read).await.ok().map(|()| got)
 }
 
+/// A backend `b`, and a proxy routing by host to it as service `svc`.
+async fn svc_proxy() -> (Backend, TestProxy) {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    (backend, proxy)
+}
+
 #[tokio::test]
 async fn inbound_listeners_forward_the_peer_and_ignore_routing_headers() {
     let backend = Backend::start("b").await;
@@ -186,12 +197,7 @@ async fn idle_keep_alive_connections_are_closed_after_header_timeout() {
 
 #[tokio::test]
 async fn the_admin_listener_closes_a_slow_request_head() {
-    let backend = Backend::start("b").await;
-    let proxy = ProxyYaml::new()
-        .by_host()
-        .service(ServiceYaml::new("svc").at(backend.addr))
-        .start()
-        .await;
+    let (_backend, proxy) = svc_proxy().await;
     let mut stream = TcpStream::connect(proxy.admin).await.unwrap();
     // Half a head, never finished (slowloris): closed after 10 s.
     stream
@@ -747,12 +753,7 @@ async fn a_request_without_host_is_400_on_http11_and_named_on_http10() {
 /// the service an invalid `CONNECT /`).
 #[tokio::test]
 async fn connect_is_answered_501_and_never_forwarded() {
-    let backend = Backend::start("b").await;
-    let proxy = ProxyYaml::new()
-        .by_host()
-        .service(ServiceYaml::new("svc").at(backend.addr))
-        .start()
-        .await;
+    let (backend, proxy) = svc_proxy().await;
     let answer = raw(
         proxy.addr(),
         b"CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\nConnection: close\r\n\r\n",
@@ -770,12 +771,7 @@ async fn connect_is_answered_501_and_never_forwarded() {
 /// the drain closed the handed-off connection before hyper had read it.
 #[tokio::test]
 async fn a_request_half_read_when_the_drain_starts_is_answered() {
-    let backend = Backend::start("b").await;
-    let proxy = ProxyYaml::new()
-        .by_host()
-        .service(ServiceYaml::new("svc").at(backend.addr))
-        .start()
-        .await;
+    let (backend, proxy) = svc_proxy().await;
     let addr = proxy.addr();
     let mut conns = Vec::new();
     for _ in 0..16 {
