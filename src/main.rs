@@ -778,15 +778,22 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     };
     let name = path.display().to_string();
     let (kind, result) = if almond_config::is_control_config(&text) {
+        let loaded = almond_config::load_control(&text, &name);
         (
             "control",
-            almond_config::load_control(&text, &name).map(drop),
+            loaded.map(|c| almond_config::control_warnings(&c)),
         )
     } else {
-        ("proxy", almond_config::load_proxy(&text, &name).map(drop))
+        let loaded = almond_config::load_proxy(&text, &name);
+        ("proxy", loaded.map(|c| almond_config::proxy_warnings(&c)))
     };
     match result {
-        Ok(()) => {
+        Ok(mut warnings) => {
+            // Allowed, so still ok (exit 0); said on stderr, with lines.
+            almond_config::locate(&text, &mut warnings);
+            for w in &warnings {
+                eprintln!("{name}: warning: {w}");
+            }
             println!("{name}: ok ({kind} config)");
             ExitCode::SUCCESS
         }

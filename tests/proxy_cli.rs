@@ -103,6 +103,74 @@ watcher:
     assert!(out.contains("ok (control config)"), "{out}");
 }
 
+/// Settings that expose the mesh pass the check (exit 0) but are named,
+/// with their lines: an outbound listener off loopback (an open relay),
+/// tokens sent over `http://` to another host. A config without them has
+/// no warning.
+#[tokio::test]
+async fn check_config_warns_about_open_relays_and_cleartext_tokens() {
+    let (code, out, err) = check(GOOD).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    assert!(out.contains("ok (proxy config)"), "{out}");
+
+    let proxy = "\
+admin: 127.0.0.1:4191
+control: http://10.0.0.10:4180
+token_env: ALMOND_PROXY_TOKEN
+listeners:
+  - bind: 127.0.0.1:4140
+  - bind: 0.0.0.0:4141
+    service: orders
+  - bind: 0.0.0.0:4143
+    service: orders
+    direction: inbound
+";
+    let (code, out, err) = check(proxy).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ok (proxy config)"), "{out}");
+    assert!(
+        err.contains(
+            "warning: line 6: listeners[1].bind: an outbound listener on 0.0.0.0 without `tls`"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("call `orders` through this proxy"), "{err}");
+    assert!(
+        err.contains("warning: line 2: control: http:// to 10.0.0.10"),
+        "{err}"
+    );
+    assert!(err.contains("its token (token_env)"), "{err}");
+    assert_eq!(err.matches("warning").count(), 2, "{err}");
+    let (_, _, err) = check(&proxy.replace("http://10.0.0.10", "https://10.0.0.10")).await;
+    assert!(!err.contains("control"), "{err}");
+
+    let control = "\
+listen: 0.0.0.0:4180
+token_env: ALMOND_TOKEN
+source:
+  consul: { addr: http://consul.internal:8500 }
+";
+    let (code, out, err) = check(control).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ok (control config)"), "{out}");
+    assert!(
+        err.contains(
+            "warning: line 1: listen: 0.0.0.0 without `tls`: operators' and proxies' tokens"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: line 4: source.consul.addr: http:// to consul.internal"),
+        "{err}"
+    );
+    let (_, _, err) = check(&control.replace("token_env: ALMOND_TOKEN\n", "")).await;
+    assert!(
+        err.contains("warning: token_env: not set: anyone who reaches the API"),
+        "{err}"
+    );
+}
+
 /// What a control plane would ignore or cannot do is refused by the
 /// check, with the key and line: a misspelled watcher key, `store: consul`
 /// beside a file source (whose policies live in `policy_file`).

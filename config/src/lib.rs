@@ -21,6 +21,7 @@ mod snapshot;
 mod split;
 pub mod tap;
 mod tls;
+mod warnings;
 mod write;
 
 pub use control::{
@@ -48,4 +49,5 @@ pub use rules::{
 pub use secret::Secret;
 pub use snapshot::Snapshot;
 pub use split::{check_split_subset, check_sticky_header, Split, Weights};
+pub use warnings::{control_warnings, locate, proxy_warnings};
 pub use write::write_atomic;

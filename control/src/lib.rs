@@ -90,10 +90,8 @@ impl Control {
             )
             .map_err(Error::Token)?,
         };
-        if auth.operator.is_none() {
-            tracing::warn!(
-                "no token_env: anyone who reaches the API can change splits and rollouts"
-            );
+        for w in almond_config::control_warnings(&config) {
+            tracing::warn!(key = %w.path, "{}", w.message);
         }
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(tls::ApiTls::load(files).map_err(Error::Tls)?)),

@@ -137,6 +137,9 @@ impl Proxy {
     /// Builds the proxy's state for a checked config. With `control` set,
     /// the services of the snapshot cache (if any) are loaded first.
     pub fn new(mut config: ProxyConfig) -> Result<Proxy, Error> {
+        for w in almond_config::proxy_warnings(&config) {
+            tracing::warn!(key = %w.path, "{}", w.message);
+        }
         let cached = match config.control {
             Some(_) => follow::load_cache(&mut config).unwrap_or_default(),
             None => follow::Position::default(),
