@@ -745,11 +745,17 @@ async fn a_renewed_control_certificate_is_served_without_a_restart() {
 
 /// `source.consul.intentions`: Consul intentions are the allow-lists
 /// proxies get (as SPIFFE IDs of the trust domain), followed as they
-/// change; `almond authz` is refused then (Consul is the source).
+/// change; `almond authz` is refused then (Consul is the source). With
+/// ACLs on (default policy deny), no intention admits nobody. An
+/// intention for a cluster peer's source admits none of this cluster's
+/// callers (a peer's `web` is not our `web`, a peer's `*` not everyone).
 #[tokio::test]
 async fn consul_intentions_become_the_services_allow_lists() {
+    const ENV: &str = "ALMOND_T_CONSUL_TOKEN_INTENTIONS_LIST";
+    const TOKEN: &str = "5d1c7a2e-intentions-management";
+    std::env::set_var(ENV, TOKEN);
     let backend = Backend::start("v1").await;
-    let consul = ConsulDouble::start().await;
+    let consul = ConsulDouble::builder().acl_token(Some(TOKEN)).start().await;
     let def = ServiceDef::new("orders")
         .id("orders-1")
         .address("127.0.0.1")
@@ -758,9 +764,11 @@ async fn consul_intentions_become_the_services_allow_lists() {
     consul.register(def).unwrap();
     consul.set_intention("web", "orders", "allow");
     consul.set_intention("ads", "orders", "deny");
-    let yaml = consul_control_yaml(&consul.url(), "1s", "ALMOND_T_NO_CONSUL_TOKEN_I").replace(
-        "token_env: ALMOND_T_NO_CONSUL_TOKEN_I }",
-        "token_env: ALMOND_T_NO_CONSUL_TOKEN_I, intentions: { trust_domain: almond.test } }",
+    consul.set_peer_intention("dc2", "api", "orders", "allow");
+    consul.set_peer_intention("dc2", "*", "orders", "allow");
+    let yaml = consul_control_yaml(&consul.url(), "1s", ENV).replace(
+        &format!("token_env: {ENV} }}"),
+        &format!("token_env: {ENV}, intentions: {{ trust_domain: almond.test }} }}"),
     );
     let control = TestControl::start(&yaml).await;
     let authz = || async {
@@ -779,6 +787,13 @@ async fn consul_intentions_become_the_services_allow_lists() {
         authz().await == json!({ "allow": [web, "spiffe://almond.test/service/billing"] })
     })
     .await;
+    // A peer's deny of `web` does not shadow the local `web`'s allow.
+    consul.set_peer_intention("dc2", "web", "orders", "deny");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        authz().await,
+        json!({ "allow": [web, "spiffe://almond.test/service/billing"] })
+    );
     // `*` allow with no deny: every verified client, so no list.
     consul.delete_intention("ads", "orders");
     consul.set_intention("*", "orders", "allow");
@@ -787,8 +802,8 @@ async fn consul_intentions_become_the_services_allow_lists() {
     })
     .await;
 
-    // Every intention deleted (the last one revoked): nobody, not the
-    // whole mesh.
+    // Every local intention deleted (the last one revoked; the peer's
+    // stay): nobody, not the whole mesh.
     consul.delete_intention("*", "orders");
     consul.delete_intention("web", "orders");
     consul.delete_intention("billing", "orders");
@@ -808,6 +823,49 @@ async fn consul_intentions_become_the_services_allow_lists() {
         .await;
     assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
     assert!(reply.text().contains("intentions"), "{}", reply.text());
+}
+
+/// Under a Consul whose default ACL policy is `allow` (ACLs off), a
+/// service no intention names is open to every verified client, as
+/// Consul decides (no list; its match answer is `null`); a deny among
+/// them cannot be said as an allow-list, so only the explicit allows
+/// are admitted (fail closed).
+#[tokio::test]
+async fn intentions_follow_consul_s_default_allow() {
+    let backend = Backend::start("v1").await;
+    let consul = ConsulDouble::start().await;
+    let def = ServiceDef::new("orders")
+        .id("orders-1")
+        .address("127.0.0.1")
+        .port(backend.addr.port())
+        .meta("version", "v1");
+    consul.register(def).unwrap();
+    let yaml = consul_control_yaml(&consul.url(), "1s", "ALMOND_T_NO_CONSUL_TOKEN_I").replace(
+        "token_env: ALMOND_T_NO_CONSUL_TOKEN_I }",
+        "token_env: ALMOND_T_NO_CONSUL_TOKEN_I, intentions: { trust_domain: almond.test } }",
+    );
+    let control = TestControl::start(&yaml).await;
+    let authz = || async {
+        let snapshot = control.get("/v1/snapshot?wait=0s").await.json();
+        snapshot["services"]["orders"]["authz"].clone()
+    };
+    let snapshot = control.get("/v1/snapshot?wait=0s").await.json();
+    assert!(
+        snapshot["services"]["orders"].is_object(),
+        "orders is served: {snapshot}"
+    );
+    assert!(authz().await.is_null(), "{}", authz().await);
+    consul.set_intention("web", "orders", "allow");
+    consul.set_intention("ads", "orders", "deny");
+    eventually("a deny closes to the explicit allows", || async {
+        authz().await == json!({ "allow": ["spiffe://almond.test/service/web"] })
+    })
+    .await;
+    consul.delete_intention("ads", "orders");
+    eventually("allows alone leave the default", || async {
+        authz().await.is_null()
+    })
+    .await;
 }
 
 /// Intentions that cannot be read are not an open door: until a

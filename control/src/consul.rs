@@ -89,6 +89,10 @@ pub struct Answer {
     /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not read
     /// everything the list holds, and Consul left that out.
     pub filtered: bool,
+    /// `X-Consul-Default-ACL-Policy: allow` (sent on every answer since
+    /// Consul 1.10, ACLs on or off): what intentions decide for a source
+    /// none of them names. Absent (older Consul) counts as deny.
+    pub default_allow: bool,
 }
 
 impl ConsulClient {
@@ -212,6 +216,10 @@ impl ConsulClient {
                 .headers()
                 .get("x-consul-results-filtered-by-acls")
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+            let default_allow = resp
+                .headers()
+                .get("x-consul-default-acl-policy")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"allow"));
             let body = Limited::new(resp.into_body(), self.max_body)
                 .collect()
                 .await
@@ -227,6 +235,7 @@ impl ConsulClient {
                 body,
                 index,
                 filtered,
+                default_allow,
             })
         };
         tokio::time::timeout(limit, work)
@@ -622,18 +631,22 @@ async fn watch_intentions(
             )
             .await
             .and_then(check);
+        // A name no intention applies to may come as `null` (a Go nil
+        // slice), not `[]`: none, not an error.
         let read = answer.and_then(|a| {
-            serde_json::from_slice::<BTreeMap<String, Vec<Intention>>>(&a.body)
+            serde_json::from_slice::<BTreeMap<String, Option<Vec<Intention>>>>(&a.body)
+                .map(|all| (all, a.default_allow))
                 .map_err(|e| ConsulError::Decode(e.to_string()))
         });
         // A failed read keeps the last list (before the first: nobody), and
         // the next waits longer each time (API.md 2.4: no hot loop on 403,
         // back off on 429 and 5xx).
         let pause = match read {
-            Ok(mut all) => {
+            Ok((mut all, default_allow)) => {
                 failures = 0;
-                let list = all.remove(&consul).unwrap_or_default();
-                state.set_intentions(&name, allow_list(&list, &trust_domain));
+                let list = all.remove(&consul).flatten().unwrap_or_default();
+                let allow = allow_list(&list, &trust_domain, default_allow);
+                state.set_intentions(&name, allow);
                 INTENTIONS_EVERY
             }
             Err(e) => {
@@ -650,7 +663,7 @@ async fn watch_intentions(
 }
 
 /// One element of `/v1/connect/intentions/match` (the fields we use).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Intention {
     /// The calling service, or `*`.
@@ -658,23 +671,79 @@ pub struct Intention {
     /// `allow` or `deny` (absent for L7 intentions with permissions).
     #[serde(default)]
     pub action: Option<String>,
+    /// The cluster peer the source is in; empty = this cluster.
+    #[serde(default)]
+    pub source_peer: Option<String>,
+    /// The source's namespace (Enterprise): `default`, `*` or empty here.
+    #[serde(default, rename = "SourceNS")]
+    pub source_ns: Option<String>,
+    /// The source's admin partition (Enterprise): `default` or empty here.
+    #[serde(default)]
+    pub source_partition: Option<String>,
+    /// A sameness group of sources (Enterprise), which may span peers.
+    #[serde(default)]
+    pub source_sameness_group: Option<String>,
+}
+
+/// Which of this cluster's callers an intention's source names, as
+/// Consul's `IntentionMatch` decides it for a caller of the default
+/// namespace and partition (the only ones mesh certificates name).
+enum Reach {
+    /// Callers of this cluster (named, or every one for `*`).
+    Local,
+    /// A peer's, another namespace's or partition's: none of ours.
+    Foreign,
+    /// A sameness group: which clusters it spans is not in the answer.
+    Unknown,
+}
+
+impl Intention {
+    fn reach(&self) -> Reach {
+        let empty_or = |v: &Option<String>, ok: &[&str]| {
+            v.as_deref().is_none_or(|v| v.is_empty() || ok.contains(&v))
+        };
+        if !empty_or(&self.source_sameness_group, &[]) {
+            Reach::Unknown
+        } else if empty_or(&self.source_peer, &[])
+            && empty_or(&self.source_ns, &["default", "*"])
+            && empty_or(&self.source_partition, &["default"])
+        {
+            Reach::Local
+        } else {
+            Reach::Foreign
+        }
+    }
 }
 
 /// The allow-list intentions give a destination, as Consul orders them
 /// (most precise first): each source with `allow` before any `deny` for
-/// it, as `spiffe://TRUST_DOMAIN/service/SOURCE`; a source no intention
-/// names is denied, as in a Consul whose ACL default policy is deny (its
-/// production setting), so no intentions at all admit nobody: deleting a
-/// service's last intention revokes, it does not open the service to the
-/// mesh. A `*` allow with no deny before it: every verified client (no
-/// list). A `*` allow after a deny cannot be said as an allow-list: only
-/// the explicit allows (fail closed), warned. L7 intentions (no `Action`)
-/// count as deny.
-pub fn allow_list(intentions: &[Intention], trust_domain: &str) -> Option<almond_config::Authz> {
+/// it, as `spiffe://TRUST_DOMAIN/service/SOURCE`. Intentions for sources
+/// in a cluster peer, another namespace or partition name none of this
+/// cluster's callers and are skipped (a peer's `web` is not our `web`); a
+/// sameness group's deny counts as a deny of its name, its allow is
+/// skipped (fail closed). A source no intention names gets Consul's
+/// default (`default_allow`, its `X-Consul-Default-ACL-Policy`): with
+/// `deny` (ACLs' production setting) no intentions at all admit nobody,
+/// so deleting the last intention revokes; with `allow` (ACLs off), no
+/// deny means every verified client (no list), as Consul decides. A `*`
+/// allow with no deny before it: every verified client. A `*` allow after
+/// a deny, or a default allow beside denies, cannot be said as an
+/// allow-list: only the explicit allows (fail closed), warned. L7
+/// intentions (no `Action`) count as deny.
+pub fn allow_list(
+    intentions: &[Intention],
+    trust_domain: &str,
+    default_allow: bool,
+) -> Option<almond_config::Authz> {
     let mut allow = Vec::new();
     let mut denied = Vec::new();
+    let mut wildcard = false;
     for i in intentions {
-        let allows = i.action.as_deref() == Some("allow");
+        let allows = match i.reach() {
+            Reach::Local => i.action.as_deref() == Some("allow"),
+            Reach::Unknown => false,
+            Reach::Foreign => continue,
+        };
         if i.source_name == "*" {
             if allows && denied.is_empty() {
                 return None;
@@ -685,6 +754,7 @@ pub fn allow_list(intentions: &[Intention], trust_domain: &str) -> Option<almond
                     "a * allow intention after denies: only the explicit allows are admitted"
                 );
             }
+            wildcard = true;
             break;
         }
         let id = format!("spiffe://{trust_domain}/service/{}", i.source_name);
@@ -696,6 +766,15 @@ pub fn allow_list(intentions: &[Intention], trust_domain: &str) -> Option<almond
         } else {
             denied.push(id);
         }
+    }
+    if default_allow && !wildcard {
+        if denied.is_empty() {
+            return None;
+        }
+        tracing::warn!(
+            denied = ?denied,
+            "deny intentions under Consul's default allow: only the explicit allows are admitted"
+        );
     }
     Some(almond_config::Authz { allow })
 }
@@ -969,10 +1048,14 @@ mod tests {
         let i = |s: &str, a: Option<&str>| Intention {
             source_name: s.to_owned(),
             action: a.map(str::to_owned),
+            ..Intention::default()
         };
         let id = |s: &str| format!("spiffe://td/service/{s}");
         // None at all: nobody (Consul with its ACL default policy deny).
-        assert_eq!(allow_list(&[], "td").map(|a| a.allow), Some(Vec::new()));
+        assert_eq!(
+            allow_list(&[], "td", false).map(|a| a.allow),
+            Some(Vec::new())
+        );
         let list = allow_list(
             &[
                 i("web", Some("allow")),
@@ -980,19 +1063,100 @@ mod tests {
                 i("*", Some("deny")),
             ],
             "td",
+            false,
         );
         assert_eq!(list.unwrap().allow, vec![id("web")]);
         // A wildcard allow with nothing denied before it: no list.
         assert_eq!(
-            allow_list(&[i("web", Some("allow")), i("*", Some("allow"))], "td"),
+            allow_list(
+                &[i("web", Some("allow")), i("*", Some("allow"))],
+                "td",
+                false
+            ),
             None
         );
         // After a deny, it cannot be said: the explicit allows only.
-        let list = allow_list(&[i("ads", Some("deny")), i("*", Some("allow"))], "td").unwrap();
+        let list = allow_list(
+            &[i("ads", Some("deny")), i("*", Some("allow"))],
+            "td",
+            false,
+        )
+        .unwrap();
         assert!(list.allow.is_empty());
         // L7 intentions (permissions, no action) count as deny.
-        let list = allow_list(&[i("web", None)], "td").unwrap();
+        let list = allow_list(&[i("web", None)], "td", false).unwrap();
         assert!(list.allow.is_empty());
+    }
+
+    /// Consul's default decides for sources no intention names: under
+    /// `allow` (ACLs off), no intention or only allows admit everyone; a
+    /// `*` deny still closes; denies beside the default allow cannot be
+    /// said as an allow-list, so only the explicit allows (fail closed).
+    #[test]
+    fn intentions_under_a_default_allow() {
+        let i = |s: &str, a: &str| Intention {
+            source_name: s.to_owned(),
+            action: Some(a.to_owned()),
+            ..Intention::default()
+        };
+        let id = |s: &str| format!("spiffe://td/service/{s}");
+        assert_eq!(allow_list(&[], "td", true), None);
+        assert_eq!(allow_list(&[i("web", "allow")], "td", true), None);
+        let list = allow_list(&[i("web", "allow"), i("*", "deny")], "td", true);
+        assert_eq!(list.unwrap().allow, vec![id("web")]);
+        let list = allow_list(&[i("web", "allow"), i("ads", "deny")], "td", true);
+        assert_eq!(list.unwrap().allow, vec![id("web")]);
+    }
+
+    /// An intention for a cluster peer's, another namespace's or another
+    /// partition's source names none of this cluster's callers: a peer's
+    /// `web` (or a peer's `*`) admits neither the local `web` nor everyone,
+    /// and a peer's deny does not shadow the local `web`'s allow. A
+    /// sameness group's allow is skipped, its deny kept (fail closed).
+    #[test]
+    fn intentions_for_other_clusters_name_no_local_caller() {
+        let decode =
+            |json: serde_json::Value| -> Vec<Intention> { serde_json::from_value(json).unwrap() };
+        let id = |s: &str| format!("spiffe://td/service/{s}");
+        let peer_web = decode(serde_json::json!([
+            {"SourcePeer": "dc2", "SourceName": "web", "SourceNS": "default", "Action": "allow"},
+        ]));
+        assert_eq!(
+            allow_list(&peer_web, "td", false).unwrap().allow,
+            Vec::<String>::new()
+        );
+        let peer_any = decode(serde_json::json!([
+            {"SourcePeer": "dc2", "SourceName": "*", "Action": "allow"},
+        ]));
+        assert_eq!(
+            allow_list(&peer_any, "td", false).unwrap().allow,
+            Vec::<String>::new()
+        );
+        let shadowed = decode(serde_json::json!([
+            {"SourcePeer": "dc2", "SourceName": "web", "Action": "deny"},
+            {"SourceName": "web", "SourceNS": "default", "SourcePartition": "default", "Action": "allow"},
+            {"SourceName": "ads", "SourceNS": "team-a", "Action": "allow"},
+            {"SourceName": "pay", "SourcePartition": "eu", "Action": "allow"},
+            {"SourceName": "api", "SourceNS": "*", "Action": "allow"},
+        ]));
+        let list = allow_list(&shadowed, "td", false).unwrap().allow;
+        assert_eq!(list, vec![id("web"), id("api")]);
+        let group = decode(serde_json::json!([
+            {"SourceSamenessGroup": "g", "SourceName": "web", "Action": "allow"},
+            {"SourceSamenessGroup": "g", "SourceName": "ads", "Action": "deny"},
+            {"SourceName": "ads", "Action": "allow"},
+        ]));
+        let list = allow_list(&group, "td", false).unwrap().allow;
+        assert!(list.is_empty(), "{list:?}");
+    }
+
+    /// A destination with no intention may be answered `null` (Go's nil
+    /// slice): no intentions, not a decoding error.
+    #[test]
+    fn a_null_intention_list_is_none() {
+        let all: BTreeMap<String, Option<Vec<Intention>>> =
+            serde_json::from_str(r#"{"orders": null}"#).unwrap();
+        assert!(all["orders"].is_none());
     }
 
     #[test]

@@ -53,8 +53,10 @@
 //!   until [`ConsulDouble::set_check`]. Check output changes reach the
 //!   catalog immediately (no `check_update_interval`).
 //! - Sessions are not modelled: `?acquire=` accepts any session ID.
-//! - Intentions: only `GET /v1/connect/intentions/match`, without ACL
-//!   checks, in the default namespace; no L7 permissions.
+//! - Intentions: only `GET /v1/connect/intentions/match`, in the default
+//!   namespace, sources local or of a cluster peer; no L7 permissions. A
+//!   name no intention applies to is answered `null`, as Consul's handler
+//!   passes its state's nil slice on.
 //! - Without a leader, agent endpoints keep working (agent-local); default
 //!   and consistent reads and KV writes fail at once instead of after
 //!   `rpc_hold_timeout`.
@@ -461,8 +463,9 @@ pub(crate) struct Shared {
     pub wake_gen: AtomicU64,
     pub blocked: AtomicUsize,
     pub requests: Mutex<Vec<RecordedRequest>>,
-    /// Service intentions (source, destination, action), in creation order.
-    pub intentions: Mutex<Vec<(String, String, String)>>,
+    /// Service intentions (source peer, source, destination, action), in
+    /// creation order; the peer is empty for this cluster's sources.
+    pub intentions: Mutex<Vec<(String, String, String, String)>>,
     pub me: Weak<Shared>,
     /// The runtime the double was started on (timers are spawned there even
     /// when a hook is called from outside it).
@@ -780,14 +783,27 @@ impl ConsulDouble {
     /// `*`) to `destination`, with `action` `allow` or `deny`, as `consul
     /// intention create -replace` would.
     pub fn set_intention(&self, source: &str, destination: &str, action: &str) {
-        let mut all = lock(&self.shared().intentions);
-        all.retain(|(s, d, _)| !(s == source && d == destination));
-        all.push((source.to_owned(), destination.to_owned(), action.to_owned()));
+        self.set_peer_intention("", source, destination, action);
     }
 
-    /// Deletes the intention from `source` to `destination`.
+    /// As [`set_intention`](Self::set_intention), for a source in the
+    /// cluster peer `peer` (`consul intention create peer:PEER/SOURCE`);
+    /// an empty `peer` is this cluster.
+    pub fn set_peer_intention(&self, peer: &str, source: &str, destination: &str, action: &str) {
+        let mut all = lock(&self.shared().intentions);
+        all.retain(|(p, s, d, _)| !(p == peer && s == source && d == destination));
+        all.push((
+            peer.to_owned(),
+            source.to_owned(),
+            destination.to_owned(),
+            action.to_owned(),
+        ));
+    }
+
+    /// Deletes the intention from this cluster's `source` to `destination`.
     pub fn delete_intention(&self, source: &str, destination: &str) {
-        lock(&self.shared().intentions).retain(|(s, d, _)| !(s == source && d == destination));
+        lock(&self.shared().intentions)
+            .retain(|(p, s, d, _)| !(p.is_empty() && s == source && d == destination));
     }
 
     /// Registers (upserts) a service instance like `PUT

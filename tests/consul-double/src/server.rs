@@ -636,15 +636,16 @@ fn intentions_match(ctx: &Ctx<'_>) -> Result<Resp, Fail> {
         let mut matched: Vec<(u32, usize, Value)> = all
             .iter()
             .enumerate()
-            .filter(|(_, (_, d, _))| d == name || d == "*")
-            .map(|(i, (s, d, a))| {
+            .filter(|(_, (_, _, d, _))| d == name || d == "*")
+            .map(|(i, (p, s, d, a))| {
+                // Consul's precedence does not look at the peer.
                 let precedence = match (s == "*", d == "*") {
                     (false, false) => 9,
                     (true, false) => 8,
                     (false, true) => 6,
                     (true, true) => 5,
                 };
-                let json = serde_json::json!({
+                let mut json = serde_json::json!({
                     "ID": format!("00000000-0000-0000-0000-{:012}", i + 1),
                     "Description": "",
                     "SourceNS": "default",
@@ -657,14 +658,20 @@ fn intentions_match(ctx: &Ctx<'_>) -> Result<Resp, Fail> {
                     "CreateIndex": i + 10,
                     "ModifyIndex": i + 10,
                 });
+                if !p.is_empty() {
+                    json["SourcePeer"] = Value::String(p.clone());
+                }
                 (precedence, i, json)
             })
             .collect();
         matched.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        out.insert(
-            name.to_owned(),
-            Value::Array(matched.into_iter().map(|m| m.2).collect()),
-        );
+        // No match: the state's nil slice, which Go writes as `null`.
+        let list = if matched.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(matched.into_iter().map(|m| m.2).collect())
+        };
+        out.insert(name.to_owned(), list);
     }
     Ok(json_resp(&Value::Object(out), ctx.pretty()))
 }
