@@ -469,6 +469,102 @@ async fn a_slow_upload_past_the_request_timeout_is_the_client_s() {
     assert_eq!(reply.status, StatusCode::OK);
 }
 
+/// A gRPC call kept for a gRPC-code retry (streamed without a length,
+/// kept as it goes) whose endpoint does not answer in time is the
+/// endpoint's 504 `timeout`, counted against it, once the client has sent
+/// its whole call: not the client's 408 (the kept copy used to hide the
+/// upload's end).
+#[tokio::test]
+async fn a_kept_grpc_call_that_times_out_is_the_endpoint_s_504() {
+    let backend = Backend::builder("slow")
+        .delay(Duration::from_secs(2))
+        .start()
+        .await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("up")
+                .http2()
+                .at(backend.addr)
+                .set("timeouts", "{ request: 400ms }")
+                .set("retries", "{ on: [grpc-unavailable] }"),
+        )
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = Request::post("http://up/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (answer, mut body) = send.send_request(req, false).unwrap();
+    body.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"), true)
+        .unwrap();
+    let answer = within("the answer", answer).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.headers()["x-almond-error"], "timeout");
+    let text = proxy.admin_get("/metrics").await.text();
+    let timeouts = metric(
+        &text,
+        "almond_upstream_errors_total",
+        &[("service", "up"), ("kind", "timeout")],
+    );
+    assert_eq!(timeouts, 1.0, "{text}");
+}
+
+/// An upstream that stops reading a large upload (the client has sent it,
+/// the proxy cannot pass it on) is the upstream's 504 `timeout` when
+/// `timeouts.request` runs out, as nginx and Envoy answer: the proxy was
+/// not waiting on the client.
+#[tokio::test]
+async fn an_upstream_that_stops_reading_an_upload_is_the_upstream_s_504() {
+    // Accepts, and never reads a byte.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("up")
+                .at(addr)
+                .set("timeouts", "{ request: 1s }"),
+        )
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = Request::post("http://up/upload").body(()).unwrap();
+    let (answer, mut body) = send.send_request(req, false).unwrap();
+    // 32 MiB, far past what loopback buffers hold; sent as the windows
+    // allow, and given up when the answer comes.
+    let upload = tokio::spawn(async move {
+        for _ in 0..512 {
+            body.reserve_capacity(64 * 1024);
+            if body
+                .send_data(bytes::Bytes::from(vec![b'u'; 64 * 1024]), false)
+                .is_err()
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    let answer = within("the answer", answer).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.headers()["x-almond-error"], "timeout");
+    upload.abort();
+}
+
 /// The same with a small body kept for retries (read whole before the
 /// first try): its last byte comes just before `timeouts.request`, the try
 /// then has too little time left for an endpoint that answers in 100 ms.

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use prometheus::IntCounter;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -235,12 +235,20 @@ where
     }
 }
 
-/// Whether a streamed upload has ended, as the request's tries see it: a
-/// try that runs out of time while the client is still uploading was
-/// held up by the client, not by the endpoint. Nothing (no allocation)
-/// for a body that was over before it started.
+/// Whether a streamed upload is waiting on its client, as the request's
+/// tries see it: a try that runs out of time while the proxy waits for
+/// the client's next bytes was held up by the client, not by the
+/// endpoint. One that runs out while the upstream is not taking the
+/// bytes the client already sent (the proxy stopped reading them) is the
+/// upstream's. Nothing (no allocation) for a body that was over before
+/// it started.
 #[derive(Default)]
-pub struct Upload(Option<Arc<AtomicBool>>);
+pub struct Upload(Option<Arc<AtomicU8>>);
+
+/// [`Upload`] states.
+const UPLOAD_MOVING: u8 = 0;
+const UPLOAD_WAITING: u8 = 1;
+const UPLOAD_ENDED: u8 = 2;
 
 impl Upload {
     /// Watches `body`'s end: the upload, and the handle the tries keep.
@@ -248,26 +256,37 @@ impl Upload {
         if body.is_end_stream() {
             return (Upload(None), Uploading(None));
         }
-        let ended = Arc::new(AtomicBool::new(false));
-        (Upload(Some(ended.clone())), Uploading(Some(ended)))
+        let state = Arc::new(AtomicU8::new(UPLOAD_MOVING));
+        (Upload(Some(state.clone())), Uploading(Some(state)))
     }
 
+    /// Notes what a poll of the client's body gave.
     #[inline]
-    fn ended(&self) {
-        if let Some(ended) = &self.0 {
-            ended.store(true, Ordering::Relaxed);
+    fn polled<T>(&self, polled: &Poll<Option<T>>, end: bool) {
+        if let Some(state) = &self.0 {
+            let now = match polled {
+                Poll::Ready(None) => UPLOAD_ENDED,
+                Poll::Ready(Some(_)) if end => UPLOAD_ENDED,
+                Poll::Ready(Some(_)) => UPLOAD_MOVING,
+                Poll::Pending => UPLOAD_WAITING,
+            };
+            if state.load(Ordering::Relaxed) != now {
+                state.store(now, Ordering::Relaxed);
+            }
         }
     }
 }
 
 /// The tries' side of an [`Upload`].
 #[derive(Default)]
-pub struct Uploading(Option<Arc<AtomicBool>>);
+pub struct Uploading(Option<Arc<AtomicU8>>);
 
 impl Uploading {
-    /// Is the client still sending the body?
+    /// Is the proxy waiting for the client to send more of the body?
     pub fn unfinished(&self) -> bool {
-        self.0.as_ref().is_some_and(|e| !e.load(Ordering::Relaxed))
+        self.0
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed) == UPLOAD_WAITING)
     }
 }
 
@@ -281,7 +300,7 @@ pub enum RequestBody {
     Replay(Option<Bytes>),
     /// Streamed from the client and kept as it goes (gRPC calls whose
     /// length is not known up front, when `retries.on` names gRPC codes).
-    Tee(ClientBody, IdleTimer, Feed),
+    Tee(ClientBody, IdleTimer, Feed, Upload),
 }
 
 /// What feeds a [`Kept`] copy: a body dropped before its end gives the
@@ -391,8 +410,8 @@ impl RequestBody {
     pub fn keep_in(&mut self, kept: &Arc<Kept>) {
         let this = std::mem::replace(self, RequestBody::Replay(None));
         *self = match this {
-            RequestBody::Stream(body, timer, _) => {
-                RequestBody::Tee(body, timer, Feed(kept.clone()))
+            RequestBody::Stream(body, timer, upload) => {
+                RequestBody::Tee(body, timer, Feed(kept.clone()), upload)
             }
             other => other,
         };
@@ -410,16 +429,13 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Stream(body, timer, upload) => {
                 let polled = poll_timed(body, timer, cx);
-                match &polled {
-                    Poll::Ready(None) => upload.ended(),
-                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => upload.ended(),
-                    _ => {}
-                }
+                upload.polled(&polled, body.is_end_stream());
                 polled
             }
             RequestBody::Replay(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            RequestBody::Tee(body, timer, kept) => {
+            RequestBody::Tee(body, timer, kept, upload) => {
                 let polled = poll_timed(body, timer, cx);
+                upload.polled(&polled, body.is_end_stream());
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => kept.0.frame(frame, body.is_end_stream()),
                     Poll::Ready(Some(Err(_))) => kept.0.end(false),
