@@ -1312,6 +1312,50 @@ async fn a_length_beside_a_transfer_coding_is_dropped_not_obeyed() {
     assert_eq!(got, body.as_bytes());
 }
 
+/// A response body in a transfer coding other than `chunked` alone
+/// (`gzip, chunked`, `gzip`, two lines) is refused with a 502, as nginx's
+/// "upstream sent unknown Transfer-Encoding": the proxy would undo the
+/// chunking and drop the header, handing the client gzip bytes labelled
+/// as none. Through the lean client (a GET) and hyper's (a streamed POST),
+/// to HTTP/1.1 and HTTP/2 clients.
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_refused() {
+    for coding in [
+        "transfer-encoding: gzip, chunked",
+        "transfer-encoding: gzip",
+        "transfer-encoding: chunked\r\ntransfer-encoding: chunked",
+    ] {
+        let answer = format!("HTTP/1.1 200 OK\r\n{coding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+        let (addr, _closed) = holding(answer.into_bytes()).await;
+        let (proxy, _backend, send) = h2_client(addr).await;
+        let reply = get_h1(proxy.addr(), "web", "/").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{coding}");
+        assert_ne!(reply.body, &b"hello"[..]);
+
+        let mut h1 = H1::connect(proxy.addr()).await;
+        let post = Request::post("/upload")
+            .header("host", "web")
+            .body(stream_of(100))
+            .unwrap();
+        let reply = h1.request(post).await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{coding} (streamed)");
+
+        let mut send = send.ready().await.unwrap();
+        let (answer, _) = send
+            .send_request(Request::get("http://web/").body(()).unwrap(), true)
+            .unwrap();
+        let resp = within("the h2 answer", answer).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{coding} (h2)");
+    }
+    // `chunked` alone, in any case, is relayed.
+    let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let (addr, _closed) = holding(answer.as_bytes().to_vec()).await;
+    let (proxy, _backend, _send) = h2_client(addr).await;
+    let reply = get_h1(proxy.addr(), "web", "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, &b"hello"[..]);
+}
+
 /// An upstream that reads a request's head and never answers; it says,
 /// for each connection the proxy closes, whether a whole head came first.
 async fn never_answering() -> (

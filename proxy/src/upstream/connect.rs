@@ -125,6 +125,7 @@ impl Connections {
             // Only a request that may be sent twice goes again after a
             // reused connection closed on it (see `send_lean`).
             let idempotent = headers::idempotent(req.method());
+            let method = req.method().clone();
             loop {
                 let pooled = if fresh {
                     None
@@ -154,6 +155,11 @@ impl Connections {
                     continue;
                 }
                 match sender.try_send_request(req).await {
+                    // A coding the proxy would undo without saying so: a
+                    // 502, and the connection (mid-body) not kept.
+                    Ok(resp) if h1::coding_refused(&method, resp.status(), resp.headers()) => {
+                        return Err(SendError::sent(ErrorKind::Reset));
+                    }
                     Ok(resp) => return Ok((resp, sender)),
                     Err(mut e) => match e.take_message() {
                         // Never written: the pooled connection had closed

@@ -614,7 +614,10 @@ fn parse_head(buf: &mut BytesMut, method: &Method, pass: bool) -> Result<Option<
             } else if name == header::CONTENT_LENGTH {
                 lengths.content_length(&value);
             } else if name == header::TRANSFER_ENCODING {
-                lengths.chunked = Some(last_is_chunked(&value));
+                // Only one `chunked`, on its own, in all the lines: a
+                // second line (or coding) is a coding the proxy cannot
+                // pass on (`chunked, chunked` included).
+                lengths.chunked = Some(lengths.chunked.is_none() && only_chunked(&value));
             }
             headers.append(name, value);
         }
@@ -656,7 +659,7 @@ fn response_parts(
 /// What a head's framing headers said.
 #[derive(Default)]
 struct Lengths {
-    /// `Transfer-Encoding` was present: is `chunked` its last coding?
+    /// `Transfer-Encoding` was present: is it `chunked` alone?
     chunked: Option<bool>,
     /// `Content-Length` was present: its value, if every value agreed
     /// (hyper's `content_length_parse_all`).
@@ -683,11 +686,39 @@ impl Lengths {
     }
 }
 
-/// Is `chunked` the last coding of a `Transfer-Encoding` line?
-fn last_is_chunked(value: &HeaderValue) -> bool {
-    (value.to_str().ok())
-        .and_then(|s| s.rsplit(',').next())
-        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+/// Is a `Transfer-Encoding` line `chunked` alone (empty list elements
+/// aside)? Anything else (`gzip, chunked`, `gzip`) is a coding the proxy
+/// would undo without saying so: its response is refused (502), as
+/// nginx's "upstream sent unknown Transfer-Encoding".
+pub(crate) fn only_chunked(value: &HeaderValue) -> bool {
+    let Ok(line) = value.to_str() else {
+        return false;
+    };
+    let mut codings = line.split(',').map(str::trim).filter(|c| !c.is_empty());
+    codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+        && codings.next().is_none()
+}
+
+/// Does a response hyper's client read (framed by its own rules) carry a
+/// body in a transfer coding other than `chunked` alone, which the lean
+/// client refuses (see [`only_chunked`])? The same verdict on both paths.
+pub(crate) fn coding_refused(method: &Method, status: StatusCode, headers: &HeaderMap) -> bool {
+    let no_body = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || method == Method::HEAD
+        || (method == Method::CONNECT && status.is_success());
+    if no_body {
+        return false;
+    }
+    let mut lines = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (lines.next(), lines.next()) {
+        (None, _) => false,
+        (Some(line), None) => !only_chunked(line),
+        _ => true,
+    }
 }
 
 /// A response body's framing and whether the response is an upgrade;
@@ -714,14 +745,10 @@ fn framing(
         if version == Version::HTTP_10 {
             return Err(Error::Invalid("transfer-encoding in HTTP/1.0"));
         }
-        return Ok(Some((
-            if chunked {
-                Framing::Chunked(Box::new(Chunked::new()))
-            } else {
-                Framing::Close
-            },
-            false,
-        )));
+        if !chunked {
+            return Err(Error::Invalid("transfer-encoding other than chunked"));
+        }
+        return Ok(Some((Framing::Chunked(Box::new(Chunked::new())), false)));
     }
     match lengths.length {
         None => Ok(Some((Framing::Close, false))),
@@ -1290,13 +1317,17 @@ pub(crate) mod differential {
         };
         tokio::spawn(conn);
         let req = http::Request::builder()
-            .method(method)
+            .method(method.clone())
             .uri("/")
             .header("host", "upstream")
             .body(Empty::new())
             .unwrap();
         let outcome = match send.send_request(req).await {
             Err(_) => Outcome::Failed,
+            // As `connect.rs` refuses what hyper's client read.
+            Ok(resp) if super::coding_refused(&method, resp.status(), resp.headers()) => {
+                Outcome::Failed
+            }
             Ok(resp) => read(resp).await,
         };
         drop(upstream.await);
