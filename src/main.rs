@@ -652,9 +652,14 @@ fn init_logging(format: LogFormat, default_level: &str) -> almond_proxy::observe
     let filter = EnvFilter::try_from_env("ALMOND_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Colours only for a terminal: a file, a pipe or journald gets plain
+    // lines (and `NO_COLOR` turns them off anywhere).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => {
             let builder = builder.with_filter_reloading();

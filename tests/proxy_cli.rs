@@ -171,6 +171,38 @@ source:
     );
 }
 
+/// Text logs written to a pipe (a file, journald) carry no terminal
+/// colour codes: one plain event per line.
+#[tokio::test]
+async fn text_logs_to_a_pipe_are_plain() {
+    use tokio::io::AsyncBufReadExt;
+    let config = write_temp(
+        ".yaml",
+        "admin: 127.0.0.1:0\nlisteners:\n  - bind: 127.0.0.1:0\n",
+    );
+    let mut child = almond()
+        .args(["proxy", "--config"])
+        .arg(config.path())
+        .env_remove("ALMOND_LOG_FORMAT")
+        .env_remove("NO_COLOR")
+        .env("ALMOND_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = within("a log line", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("listening"), "{line:?}");
+    assert!(!line.contains('\x1b'), "colour codes in {line:?}");
+    assert!(line.contains(" INFO "), "{line:?}");
+    child.kill().await.unwrap();
+}
+
 /// What a control plane would ignore or cannot do is refused by the
 /// check, with the key and line: a misspelled watcher key, `store: consul`
 /// beside a file source (whose policies live in `policy_file`).
