@@ -98,9 +98,19 @@ watcher:
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("line 2: sourse: unknown field"), "{err}");
     assert!(err.contains("expected one of listen, source"), "{err}");
-    let (code, out, err) = check("listen: 127.0.0.1:4180\nsource: { file: ./registry }\n").await;
+    let (code, out, err) = check("listen: 127.0.0.1:4180\nsource: { file: /tmp }\n").await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("ok (control config)"), "{out}");
+    // A registry directory that is not there (yet: a mount may come
+    // later) is named, with its line.
+    let (code, _, err) =
+        check("listen: 127.0.0.1:4180\nsource: { file: /nonexistent/registry }\n").await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("warning: line 2: source.file: /nonexistent/registry: No such file"),
+        "{err}"
+    );
+    assert!(err.contains("the control plane stays unready"), "{err}");
 }
 
 /// Settings that expose the mesh pass the check (exit 0) but are named,
@@ -210,7 +220,7 @@ async fn text_logs_to_a_pipe_are_plain() {
 async fn check_config_refuses_control_keys_that_would_be_ignored() {
     let text = "\
 listen: 127.0.0.1:4180
-source: { file: ./registry }
+source: { file: /tmp }
 watcher: { source: direct, promethues: \"http://127.0.0.1:9090\" }
 store: consul
 max_wait: 0s

@@ -60,6 +60,23 @@ pub fn control_warnings(config: &ControlConfig) -> Vec<Problem> {
             ),
         ));
     }
+    // Allowed (a mount may come later), but nothing is served until then.
+    if let Source::File(dir) = &config.source {
+        if !dir.is_dir() {
+            let why = match std::fs::metadata(dir) {
+                Ok(_) => "not a directory".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            out.push(warning(
+                "source.file".into(),
+                format!(
+                    "{}: {why}: the control plane stays unready, serving nothing, until it is \
+                     a readable directory",
+                    dir.display()
+                ),
+            ));
+        }
+    }
     if let Source::Consul(c) = &config.source {
         if let Some(host) = cleartext_remote(&c.addr) {
             out.push(warning(
