@@ -128,13 +128,13 @@ enum Command {
         #[arg(long)]
         method: Option<String>,
         /// `10/s`, `100/min` or `5/h`.
-        #[arg(long)]
+        #[arg(long, value_parser = ops::parse_guard_rate)]
         rate: String,
         /// Requests allowed at once after a quiet spell.
         #[arg(long)]
         burst: Option<u32>,
         /// `none`, `client_ip` or `header NAME`.
-        #[arg(long, default_value = "none")]
+        #[arg(long, default_value = "none", value_parser = ops::parse_guard_by)]
         by: String,
         /// The rate (and burst) are for the whole fleet: the control plane
         /// divides them by the number of proxies following it
@@ -270,8 +270,8 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
-    /// Validate a proxy or control config file: exit 0, or 1 naming every
-    /// problem.
+    /// Validate a proxy or control config file: exit 0 (warnings on
+    /// stderr), or 1 naming the problems with their lines.
     CheckConfig {
         /// The config file.
         file: PathBuf,

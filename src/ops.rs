@@ -870,6 +870,21 @@ fn describe_rollout(service: &str, r: &Value) -> String {
     s
 }
 
+/// Checks a guard's `--rate` (`10/s`, `100/min`, `5/h`) as the control
+/// plane will, so a bad one is a usage error, not a refusal quoting the
+/// request body (a clap value parser; the text goes on as written).
+pub fn parse_guard_rate(text: &str) -> Result<String, String> {
+    almond_config::Rate::parse(text).map(|_| text.to_owned())
+}
+
+/// Checks a guard's `--by` (`none`, `client_ip`, `header NAME`) as the
+/// control plane will (a clap value parser).
+pub fn parse_guard_by(text: &str) -> Result<String, String> {
+    serde_json::from_value::<almond_config::LimitBy>(serde_json::Value::from(text))
+        .map(|_| text.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 /// Parses `1%`, `0.5%` or `0.01` into a fraction (a clap value parser).
 pub fn parse_rate(text: &str) -> Result<f64, String> {
     let v = match text.strip_suffix('%') {

@@ -213,6 +213,39 @@ async fn text_logs_to_a_pipe_are_plain() {
     child.kill().await.unwrap();
 }
 
+/// A guard's `--rate` and `--by` are checked by the CLI as the control
+/// plane checks them: a usage error (exit 2) naming the flag, before any
+/// request (the control plane here is not even reachable).
+#[tokio::test]
+async fn limit_flags_are_checked_before_any_request() {
+    let base = [
+        "limit",
+        "orders",
+        "--path",
+        "/api",
+        "--control",
+        "http://127.0.0.1:1",
+    ];
+    for (extra, says) in [
+        (&["--rate", "10"][..], "'10' for '--rate <RATE>'"),
+        (&["--rate", "0/s"][..], "the count must be 1 or more"),
+        (
+            &["--rate", "10/s", "--by", "cookie"][..],
+            "'cookie' for '--by <BY>'",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let (status, _, err) = run_almond(&args).await;
+        assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // Good flags get as far as the (unreachable) control plane.
+    let args: Vec<&str> = base.iter().chain(&["--rate", "10/s"]).copied().collect();
+    let (status, _, err) = run_almond(&args).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach the control plane"), "{err}");
+}
+
 /// What a control plane would ignore or cannot do is refused by the
 /// check, with the key and line: a misspelled watcher key, `store: consul`
 /// beside a file source (whose policies live in `policy_file`).
