@@ -1356,6 +1356,51 @@ async fn a_transfer_coding_other_than_chunked_is_refused() {
     assert_eq!(reply.body, &b"hello"[..]);
 }
 
+/// A `Content-Length` sent as a list or on two lines with one value
+/// (`2, 2`) is relayed as that one value, which HTTP/2 clients (h2,
+/// nghttp2) accept and refuse as sent (a reset stream); a 204's length,
+/// which a 204 must not have, is not relayed.
+#[tokio::test]
+async fn repeated_lengths_are_relayed_as_one() {
+    for answer in [
+        "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2, 2\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok",
+    ] {
+        let (addr, _closed) = holding(answer.as_bytes().to_vec()).await;
+        let (proxy, _backend, send) = h2_client(addr).await;
+        let reply = get_h1(proxy.addr(), "web", "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "{answer:?}");
+        let lengths: Vec<_> = reply.headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["2"], "{answer:?}");
+        assert_eq!(reply.body, &b"ok"[..]);
+
+        let mut send = send.ready().await.unwrap();
+        let (answer, _) = send
+            .send_request(Request::get("http://web/").body(()).unwrap(), true)
+            .unwrap();
+        let resp = within("the h2 answer", answer).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-length"], "2");
+        let mut recv = resp.into_body();
+        let data = within("the h2 body", recv.data()).await.unwrap().unwrap();
+        assert_eq!(&data[..], b"ok");
+    }
+    let (addr, _closed) = holding(
+        b"HTTP/1.1 204 No Content\r\nconnection: close\r\ncontent-length: 5\r\n\r\n".to_vec(),
+    )
+    .await;
+    let (_proxy, _backend, send) = h2_client(addr).await;
+    let mut send = send.ready().await.unwrap();
+    let (answer, _) = send
+        .send_request(Request::get("http://web/").body(()).unwrap(), true)
+        .unwrap();
+    let resp = within("the h2 answer", answer).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(!resp.headers().contains_key("content-length"));
+    let mut recv = resp.into_body();
+    assert!(within("the h2 end", recv.data()).await.is_none());
+}
+
 /// An upstream that reads a request's head and never answers; it says,
 /// for each connection the proxy closes, whether a whole head came first.
 async fn never_answering() -> (

@@ -160,7 +160,11 @@ impl Connections {
                     Ok(resp) if h1::coding_refused(&method, resp.status(), resp.headers()) => {
                         return Err(SendError::sent(ErrorKind::Reset));
                     }
-                    Ok(resp) => return Ok((resp, sender)),
+                    Ok(mut resp) => {
+                        let status = resp.status();
+                        h1::tidy_length(status, resp.headers_mut());
+                        return Ok((resp, sender));
+                    }
                     Err(mut e) => match e.take_message() {
                         // Never written: the pooled connection had closed
                         // under us, so try again on another.

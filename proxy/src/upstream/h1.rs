@@ -612,6 +612,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method, pass: bool) -> Result<Option<
                     continue;
                 }
             } else if name == header::CONTENT_LENGTH {
+                lengths.odd |= lengths.length.is_some() || value.as_bytes().contains(&b',');
                 lengths.content_length(&value);
             } else if name == header::TRANSFER_ENCODING {
                 // Only one `chunked`, on its own, in all the lines: a
@@ -625,6 +626,9 @@ fn parse_head(buf: &mut BytesMut, method: &Method, pass: bool) -> Result<Option<
             // 1xx: skipped; the real response follows.
             continue;
         };
+        if lengths.odd || status == StatusCode::NO_CONTENT {
+            tidy_length(status, &mut headers);
+        }
         let parts = response_parts(status, version, headers, custom_reason);
         let reuse = keep_alive && !upgrade && framing != Framing::Close;
         return Ok(Some(Parsed {
@@ -664,6 +668,33 @@ struct Lengths {
     /// `Content-Length` was present: its value, if every value agreed
     /// (hyper's `content_length_parse_all`).
     length: Option<Option<u64>>,
+    /// `Content-Length` came as a list (`2, 2`) or on several lines.
+    odd: bool,
+}
+
+/// The one `Content-Length` a response may be relayed with: the agreed
+/// value of a list or of repeated lines (`2, 2`), which HTTP/2 clients
+/// (h2, nghttp2) and Go's refuse as sent, as RFC 9110 8.6 lets a
+/// recipient collapse them; none on a 204, which must not have one (an
+/// HTTP/2 client resets such a stream). Conflicting values never get
+/// here (the response is refused).
+pub(crate) fn tidy_length(status: StatusCode, headers: &mut HeaderMap) {
+    if status == StatusCode::NO_CONTENT {
+        headers.remove(header::CONTENT_LENGTH);
+        return;
+    }
+    let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
+    let agreed = match (lines.next(), lines.next()) {
+        (Some(one), None) if !one.as_bytes().contains(&b',') => return,
+        (Some(first), _) => first.to_str().ok().and_then(|v| {
+            let v = v.split(',').next()?.trim();
+            v.parse::<u64>().ok()
+        }),
+        (None, _) => return,
+    };
+    if let Some(n) = agreed {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
 }
 
 impl Lengths {
@@ -1328,7 +1359,11 @@ pub(crate) mod differential {
             Ok(resp) if super::coding_refused(&method, resp.status(), resp.headers()) => {
                 Outcome::Failed
             }
-            Ok(resp) => read(resp).await,
+            Ok(mut resp) => {
+                let status = resp.status();
+                super::tidy_length(status, resp.headers_mut());
+                read(resp).await
+            }
         };
         drop(upstream.await);
         outcome
