@@ -1356,6 +1356,38 @@ async fn a_transfer_coding_other_than_chunked_is_refused() {
     assert_eq!(reply.body, &b"hello"[..]);
 }
 
+/// A 101 answering a request that asked for no upgrade is a 502, as
+/// nginx answers: relayed, it broke HTTP/1.1 connections (the lean
+/// server wrote a 500 and closed, counted as a 1xx success) and HTTP/2
+/// streams (HTTP/2 has no 101). Through the lean client (a GET) and
+/// hyper's (a streamed POST), to HTTP/1.1 and HTTP/2 clients; the next
+/// request on the client's connection is served.
+#[tokio::test]
+async fn a_101_to_a_request_without_upgrade_is_502() {
+    let answer = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n";
+    let (addr, _closed) = holding(answer.to_vec()).await;
+    let (proxy, _backend, send) = h2_client(addr).await;
+    let mut h1 = H1::connect(proxy.addr()).await;
+    let reply = h1.get("web", "/").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.header("x-almond-error"), Some("reset"));
+    let post = Request::post("/upload")
+        .header("host", "web")
+        .body(stream_of(100))
+        .unwrap();
+    let reply = h1.request(post).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "streamed");
+    assert_eq!(h1.get("other", "/").await.status, StatusCode::OK);
+
+    let mut send = send.ready().await.unwrap();
+    let (answer, _) = send
+        .send_request(Request::get("http://web/").body(()).unwrap(), true)
+        .unwrap();
+    let resp = within("the h2 answer", answer).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    still_serves(send).await;
+}
+
 /// A `Content-Length` sent as a list or on two lines with one value
 /// (`2, 2`) is relayed as that one value, which HTTP/2 clients (h2,
 /// nghttp2) accept and refuse as sent (a reset stream); a 204's length,

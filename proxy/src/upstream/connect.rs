@@ -155,9 +155,10 @@ impl Connections {
                     continue;
                 }
                 match sender.try_send_request(req).await {
-                    // A coding the proxy would undo without saying so: a
-                    // 502, and the connection (mid-body) not kept.
-                    Ok(resp) if h1::coding_refused(&method, resp.status(), resp.headers()) => {
+                    // A 101 to a request that asked for no upgrade, or a
+                    // coding the proxy would undo without saying so: a
+                    // 502, and the connection not kept.
+                    Ok(resp) if h1::unrelayable(&method, resp.status(), resp.headers()) => {
                         return Err(SendError::sent(ErrorKind::Reset));
                     }
                     Ok(mut resp) => {

@@ -732,10 +732,15 @@ pub(crate) fn only_chunked(value: &HeaderValue) -> bool {
         && codings.next().is_none()
 }
 
-/// Does a response hyper's client read (framed by its own rules) carry a
-/// body in a transfer coding other than `chunked` alone, which the lean
-/// client refuses (see [`only_chunked`])? The same verdict on both paths.
-pub(crate) fn coding_refused(method: &Method, status: StatusCode, headers: &HeaderMap) -> bool {
+/// Is a response hyper's client read (framed by its own rules) one the
+/// lean client refuses: a 101 (neither client carries upgrades: a 101
+/// answers a request that asked for none, nginx's 502), or a body in a
+/// transfer coding other than `chunked` alone (see [`only_chunked`])? The
+/// same verdict on both paths.
+pub(crate) fn unrelayable(method: &Method, status: StatusCode, headers: &HeaderMap) -> bool {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return true;
+    }
     let no_body = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -761,7 +766,8 @@ fn framing(
     method: &Method,
 ) -> Result<Option<(Framing, bool)>, Error> {
     match status.as_u16() {
-        101 => return Ok(Some((Framing::Empty, true))),
+        // Upgrades go through hyper's client, never this one.
+        101 => return Err(Error::Invalid("101 to a request that asked for no upgrade")),
         100..=199 => return Ok(None),
         204 | 304 => return Ok(Some((Framing::Empty, false))),
         _ => {}
@@ -1356,7 +1362,7 @@ pub(crate) mod differential {
         let outcome = match send.send_request(req).await {
             Err(_) => Outcome::Failed,
             // As `connect.rs` refuses what hyper's client read.
-            Ok(resp) if super::coding_refused(&method, resp.status(), resp.headers()) => {
+            Ok(resp) if super::unrelayable(&method, resp.status(), resp.headers()) => {
                 Outcome::Failed
             }
             Ok(mut resp) => {
