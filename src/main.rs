@@ -282,11 +282,12 @@ enum Command {
         /// Stop after this many seconds (default: run until Ctrl-C).
         #[arg(long)]
         duration: Option<u64>,
-        /// Requests per second the demo client sends.
-        #[arg(long, default_value_t = 100)]
+        /// Requests per second the demo client sends (1 to 5000: the
+        /// watcher needs traffic to judge, and one machine runs it all).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=5000))]
         rate: u32,
         /// Seconds each rollout step runs before the watcher judges it.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3600))]
         step: u64,
     },
 }
@@ -719,13 +720,18 @@ fn run_proxy(
     let rt = runtime(config.workers)?;
     rt.block_on(async move {
         let bound = almond_proxy::Bound::bind(&config)?;
-        for (l, addr) in config.listeners.iter().zip(bound.listener_addrs()) {
-            tracing::info!(%addr, service = l.service.as_deref().unwrap_or("(by host)"), "listening");
+        let services: Vec<String> = (config.listeners.iter())
+            .map(|l| l.service.clone().unwrap_or_else(|| "(by host)".into()))
+            .collect();
+        // Built before "listening" is said: a start it refuses (a token
+        // variable unset) logs only its reason.
+        let proxy = almond_proxy::Proxy::new(config)?;
+        for (service, addr) in services.iter().zip(bound.listener_addrs()) {
+            tracing::info!(%addr, service = %service, "listening");
         }
         if let Some(admin) = bound.admin_addr() {
             tracing::info!(%admin, "admin listening");
         }
-        let proxy = almond_proxy::Proxy::new(config)?;
         let _ = proxy.shared().observe.log_level.set(log_level);
         proxy.run(bound, shutdown_signal()).await;
         Ok(())
@@ -741,11 +747,14 @@ fn run_control(path: &std::path::Path) -> anyhow::Result<()> {
     let config = almond_config::load_control_file(path)?;
     let rt = runtime(None)?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot bind {}", config.listen))?;
-        tracing::info!(addr = %config.listen, "control API listening");
+        // Built first: a start it refuses (a token variable unset) logs
+        // no "listening" before its reason.
+        let listen = config.listen;
         let control = almond_control::Control::new(config)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot bind {listen}"))?;
+        tracing::info!(addr = %listen, "control API listening");
         control.run(listener, shutdown_signal()).await;
         Ok(())
     })

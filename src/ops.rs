@@ -72,7 +72,13 @@ impl Target {
         let body = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body).trim().to_owned();
-            return Err(Refused { status, text }.into());
+            let control = self.control.clone();
+            return Err(Refused {
+                status,
+                text,
+                control,
+            }
+            .into());
         }
         serde_json::from_slice(&body).context("the control plane sent something that is not JSON")
     }
@@ -95,7 +101,14 @@ impl Target {
         if !resp.status().is_success() {
             let status = resp.status();
             let body = resp.into_body().collect().await?.to_bytes();
-            bail!("{} ({status})", String::from_utf8_lossy(&body).trim());
+            let text = String::from_utf8_lossy(&body).trim().to_owned();
+            let control = self.control.clone();
+            return Err(Refused {
+                status,
+                text,
+                control,
+            }
+            .into());
         }
         Ok(resp)
     }
@@ -168,10 +181,21 @@ pub fn print_line(line: &str) {
 struct Refused {
     status: http::StatusCode,
     text: String,
+    /// The `--control` URL, named when the answer gives no reason.
+    control: String,
 }
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // An almond control plane always says why; an empty answer is
+        // something else at that address (a proxy, a wrong port or path).
+        if self.text.is_empty() {
+            return write!(
+                f,
+                "{} answered {} with no reason: is it an almond control plane (--control, ALMOND_CONTROL)?",
+                self.control, self.status
+            );
+        }
         write!(f, "{} ({})", self.text, self.status)
     }
 }

@@ -1170,6 +1170,55 @@ async fn an_unreadable_policy_at_start_keeps_the_control_plane_unready() {
     assert_eq!(policy["split"], json!({ "v1": 0, "v2": 100 }), "{policy}");
 }
 
+/// Consul Connect's sidecar proxies (services of their own, kind
+/// `connect-proxy`, mTLS on their ports) are no endpoints: almond served
+/// `web-sidecar-proxy` as a plain HTTP service, and its requests failed
+/// on the TLS port.
+#[tokio::test]
+async fn connect_sidecar_proxies_are_no_endpoints() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let sidecar = ServiceDef::new("web-sidecar-proxy")
+        .id("web-1-sidecar-proxy")
+        .kind("connect-proxy")
+        .address("127.0.0.1")
+        .port(21000)
+        .check(passing());
+    consul.register(sidecar).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_SIDECAR")).await;
+    let snapshot = control.get("/v1/snapshot?wait=0s").await.json();
+    let web = &snapshot["services"]["web"]["endpoints"];
+    assert_eq!(web.as_array().map(Vec::len), Some(1), "{snapshot}");
+    let proxies = &snapshot["services"]["web-sidecar-proxy"]["endpoints"];
+    assert!(
+        proxies.as_array().is_none_or(|e| e.is_empty()),
+        "{snapshot}"
+    );
+}
+
+/// A service whose policy key holds an empty value (made by hand, in
+/// Consul's UI) has no policy, and a change writes one over it: it used
+/// to fail every split, rollback and rollout write (the empty value was
+/// read as broken JSON) until the key was deleted.
+#[tokio::test]
+async fn an_empty_policy_value_is_written_over() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    consul.kv_put(WEB_POLICY, "");
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_EMPTYKV")).await;
+    let all_v2 = json!({ "weights": { "v1": 0, "v2": 100 } });
+    let reply = control.put_split("web", &all_v2, None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        stored_policy(&consul)["split"],
+        json!({ "v1": 0, "v2": 100 })
+    );
+}
+
 /// The policy stored in the double's KV.
 fn stored_policy(consul: &ConsulDouble) -> Value {
     let entry = consul

@@ -298,29 +298,34 @@ async fn bad_guard_changes_are_refused_and_change_nothing() {
     let (_backend, control, _proxy, _registry) = mesh().await;
     let url = control.url();
     let before = control.service("web").await["policy"]["version"].clone();
-    for (args, why) in [
+    // Refused by the control plane (1), or by the CLI before it asks (2).
+    for (args, why, exit) in [
         (
             vec!["block", "web", "--path", "api"],
             "not an absolute path",
+            1,
         ),
         (
             vec!["block", "web", "--path", "/a", "--status", "200"],
             "not an error status",
+            1,
         ),
         (
             vec!["limit", "web", "--path", "/a", "--rate", "5/day"],
             "5/day",
+            2,
         ),
         (
             vec!["unblock", "web", "--path", "/never-blocked"],
             "no guard matches",
+            1,
         ),
-        (vec!["block", "nosuch", "--path", "/a"], "nosuch"),
+        (vec!["block", "nosuch", "--path", "/a"], "nosuch", 1),
     ] {
         let mut args = args.clone();
         args.extend(["--control", &url]);
         let (code, out, err) = run_ops(&args).await;
-        assert_eq!(code, Some(1), "{args:?}: {out}");
+        assert_eq!(code, Some(exit), "{args:?}: {out}");
         assert!(err.contains(why), "{args:?}: {err}");
     }
     assert_eq!(control.service("web").await["policy"]["version"], before);

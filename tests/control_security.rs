@@ -787,13 +787,16 @@ async fn consul_intentions_become_the_services_allow_lists() {
         authz().await == json!({ "allow": [web, "spiffe://almond.test/service/billing"] })
     })
     .await;
-    // A peer's deny of `web` does not shadow the local `web`'s allow.
+    // A peer's deny of `web` does not shadow the local `web`'s allow
+    // (the list read after it names the `api` allowed with it).
     consul.set_peer_intention("dc2", "web", "orders", "deny");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(
-        authz().await,
-        json!({ "allow": [web, "spiffe://almond.test/service/billing"] })
-    );
+    consul.set_intention("api", "orders", "allow");
+    let api = "spiffe://almond.test/service/api";
+    eventually("api is added, web kept", || async {
+        authz().await == json!({ "allow": [web, "spiffe://almond.test/service/billing", api] })
+    })
+    .await;
+    consul.delete_intention("api", "orders");
     // `*` allow with no deny: every verified client, so no list.
     consul.delete_intention("ads", "orders");
     consul.set_intention("*", "orders", "allow");
@@ -825,13 +828,16 @@ async fn consul_intentions_become_the_services_allow_lists() {
     assert!(reply.text().contains("intentions"), "{}", reply.text());
 }
 
-/// Under a Consul whose default ACL policy is `allow` (ACLs off), a
-/// service no intention names is open to every verified client, as
-/// Consul decides (no list; its match answer is `null`); a deny among
-/// them cannot be said as an allow-list, so only the explicit allows
-/// are admitted (fail closed).
+/// `intentions.default: allow` (a Consul that admits sources no
+/// intention names): a service with no intention, or allows only, is open
+/// to every verified client (no list; Consul's match answer is `null`);
+/// a deny among them cannot be said as an allow-list, so only the
+/// explicit allows are admitted (fail closed). Without it, a Consul whose
+/// ACLs are off (it sends `X-Consul-Default-ACL-Policy: allow`) still
+/// gets nobody: its `default_intention_policy` may deny, and the header
+/// does not say it.
 #[tokio::test]
-async fn intentions_follow_consul_s_default_allow() {
+async fn intentions_default_allow_is_said_in_the_config() {
     let backend = Backend::start("v1").await;
     let consul = ConsulDouble::start().await;
     let def = ServiceDef::new("orders")
@@ -840,30 +846,31 @@ async fn intentions_follow_consul_s_default_allow() {
         .port(backend.addr.port())
         .meta("version", "v1");
     consul.register(def).unwrap();
-    let yaml = consul_control_yaml(&consul.url(), "1s", "ALMOND_T_NO_CONSUL_TOKEN_I").replace(
-        "token_env: ALMOND_T_NO_CONSUL_TOKEN_I }",
-        "token_env: ALMOND_T_NO_CONSUL_TOKEN_I, intentions: { trust_domain: almond.test } }",
-    );
-    let control = TestControl::start(&yaml).await;
-    let authz = || async {
+    let yaml = |default: &str| {
+        consul_control_yaml(&consul.url(), "1s", "ALMOND_T_NO_CONSUL_TOKEN_I").replace(
+            "token_env: ALMOND_T_NO_CONSUL_TOKEN_I }",
+            &format!(
+                "token_env: ALMOND_T_NO_CONSUL_TOKEN_I, intentions: {{ trust_domain: almond.test{default} }} }}"
+            ),
+        )
+    };
+    async fn authz(control: &TestControl) -> serde_json::Value {
         let snapshot = control.get("/v1/snapshot?wait=0s").await.json();
         snapshot["services"]["orders"]["authz"].clone()
-    };
-    let snapshot = control.get("/v1/snapshot?wait=0s").await.json();
-    assert!(
-        snapshot["services"]["orders"].is_object(),
-        "orders is served: {snapshot}"
-    );
-    assert!(authz().await.is_null(), "{}", authz().await);
+    }
+    let closed = TestControl::start(&yaml("")).await;
+    assert_eq!(authz(&closed).await, json!({ "allow": [] }));
+    let control = TestControl::start(&yaml(", default: allow")).await;
+    assert!(authz(&control).await.is_null(), "{}", authz(&control).await);
     consul.set_intention("web", "orders", "allow");
     consul.set_intention("ads", "orders", "deny");
     eventually("a deny closes to the explicit allows", || async {
-        authz().await == json!({ "allow": ["spiffe://almond.test/service/web"] })
+        authz(&control).await == json!({ "allow": ["spiffe://almond.test/service/web"] })
     })
     .await;
     consul.delete_intention("ads", "orders");
     eventually("allows alone leave the default", || async {
-        authz().await.is_null()
+        authz(&control).await.is_null()
     })
     .await;
 }

@@ -473,6 +473,7 @@ fn control_configs() -> Vec<almond_config::ControlConfig> {
         c.key_file = Some("/etc/consul/client-key.pem".into());
         c.intentions = Some(almond_config::ConsulIntentions {
             trust_domain: "example.org".to_owned(),
+            default: almond_config::IntentionDefault::Allow,
         });
         c.service_defaults
             .insert("*".to_owned(), almond_config::ServiceDefaults::default());

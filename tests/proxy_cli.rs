@@ -154,6 +154,14 @@ listeners:
     assert_eq!(err.matches("warning").count(), 2, "{err}");
     let (_, _, err) = check(&proxy.replace("http://10.0.0.10", "https://10.0.0.10")).await;
     assert!(!err.contains("control"), "{err}");
+    // An empty file is a proxy that answers 404 to everything.
+    let (code, out, err) = check("").await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ok (proxy config)"), "{out}");
+    assert!(
+        err.contains("warning: services: none, and no `control` to send any"),
+        "{err}"
+    );
 
     let control = "\
 listen: 0.0.0.0:4180
@@ -203,13 +211,17 @@ async fn text_logs_to_a_pipe_are_plain() {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = within("a log line", lines.next_line())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(line.contains("listening"), "{line:?}");
-    assert!(!line.contains('\x1b'), "colour codes in {line:?}");
-    assert!(line.contains(" INFO "), "{line:?}");
+    loop {
+        let line = within("a log line", lines.next_line())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!line.contains('\x1b'), "colour codes in {line:?}");
+        if line.contains("listening") {
+            assert!(line.contains(" INFO "), "{line:?}");
+            break;
+        }
+    }
     child.kill().await.unwrap();
 }
 
@@ -244,6 +256,65 @@ async fn limit_flags_are_checked_before_any_request() {
     let (status, _, err) = run_almond(&args).await;
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("cannot reach the control plane"), "{err}");
+}
+
+/// A `--control` address where something other than an almond control
+/// plane answers (an empty 404) is named, with what to check: the
+/// message was `almond:  (404 Not Found)`.
+#[tokio::test]
+async fn an_answer_from_something_else_names_the_address() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let (status, _, err) = run_almond(&["status", "--control", &url]).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{url} answered 404 Not Found with no reason")),
+        "{err}"
+    );
+    assert!(err.contains("is it an almond control plane"), "{err}");
+}
+
+/// The demo's rate and step are bounded: `--rate 0` ran at about one
+/// request a second (the watcher never had enough to judge), and a rate
+/// of a million ran the machine out of file descriptors.
+#[tokio::test]
+async fn the_demo_refuses_rates_it_cannot_run() {
+    for args in [
+        &["demo", "--rate", "0"][..],
+        &["demo", "--rate", "1000000"][..],
+        &["demo", "--step", "0"][..],
+    ] {
+        let (status, _, err) = run_almond(args).await;
+        assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("not in 1.."), "{args:?}: {err}");
+    }
+}
+
+/// A control plane that refuses to start (a token variable that is not
+/// set) says why, without first logging that it listens.
+#[tokio::test]
+async fn a_refused_control_start_logs_no_listening() {
+    let config = write_temp(
+        ".yaml",
+        "listen: 127.0.0.1:0\nsource: { file: /tmp }\ntoken_env: ALMOND_T_UNSET_TOKEN_CLI\n",
+    );
+    let path = config.path().display().to_string();
+    let (status, _, err) = run_almond(&["control", "--config", &path]).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("ALMOND_T_UNSET_TOKEN_CLI"), "{err}");
+    assert!(!err.contains("listening"), "{err}");
 }
 
 /// What a control plane would ignore or cannot do is refused by the

@@ -1388,6 +1388,37 @@ async fn a_101_to_a_request_without_upgrade_is_502() {
     still_serves(send).await;
 }
 
+/// An HTTP/1.1 upstream's trailer section naming a field HTTP/2 forbids
+/// (`keep-alive`) reaches an HTTP/2 client without it, its other
+/// trailers intact and the stream ended cleanly (`h2` refused the whole
+/// section, and the stream was reset after its body).
+#[tokio::test]
+async fn an_h1_trailer_http2_forbids_is_left_out_for_h2_clients() {
+    let answer = b"HTTP/1.1 200 OK\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nkeep-alive: timeout=5\r\nx-checksum: 42\r\n\r\n";
+    let (addr, _closed) = holding(answer.to_vec()).await;
+    let (_proxy, _backend, send) = h2_client(addr).await;
+    let mut send = send.ready().await.unwrap();
+    let req = Request::get("http://web/")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (answer, _) = send.send_request(req, true).unwrap();
+    let resp = within("the h2 answer", answer).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut recv = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(data) = within("the h2 body", recv.data()).await {
+        got.extend_from_slice(&data.expect("the body, not a reset"));
+    }
+    assert_eq!(got, b"hello");
+    let trailers = within("the trailers", recv.trailers())
+        .await
+        .expect("trailers, not a reset")
+        .expect("trailers");
+    assert_eq!(trailers["x-checksum"], "42");
+    assert!(!trailers.contains_key("keep-alive"), "{trailers:?}");
+}
+
 /// A `Content-Length` sent as a list or on two lines with one value
 /// (`2, 2`) is relayed as that one value, which HTTP/2 clients (h2,
 /// nghttp2) accept and refuse as sent (a reset stream); a 204's length,

@@ -547,6 +547,53 @@ async fn a_request_cut_by_the_drain_says_so_in_its_span() {
     pending.abort();
 }
 
+/// A request the drain cuts is counted in the golden metrics as the
+/// proxy's 5xx, as its span and log line say 503: it was counted as the
+/// client's 4xx (a client that left), hiding what a restart cost.
+#[tokio::test]
+async fn a_request_cut_by_the_drain_is_a_5xx_in_the_metrics() {
+    let backend = Backend::builder("slow").hang().start().await;
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .top("drain_timeout: 300ms")
+        .service(ServiceYaml::new("slow").at(backend.addr))
+        .build();
+    let config = almond_config::load_proxy(&yaml, "test").unwrap();
+    let bound = almond_proxy::Bound::bind(&config).unwrap();
+    let addr = bound.listener_addrs()[0];
+    let proxy = almond_proxy::Proxy::new(config).unwrap();
+    let shared = proxy.shared().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(proxy.run(bound, async {
+        let _ = stopped.await;
+    }));
+    let pending = tokio::spawn(async move {
+        let mut c = H1::connect(addr).await;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            c.request(request("GET", "slow", "/wait", &[], "")),
+        )
+        .await
+    });
+    eventually("the request reaches the backend", || async {
+        backend.count() == 1
+    })
+    .await;
+    let _ = stop.send(());
+    within("the drain", running).await.unwrap();
+    let text = String::from_utf8(shared.metrics.encode()).unwrap();
+    let count = |class: &str| {
+        metric(
+            &text,
+            "almond_requests_total",
+            &[("service", "slow"), ("code_class", class)],
+        )
+    };
+    assert_eq!(count("5xx"), 1.0, "{text}");
+    assert_eq!(count("4xx"), 0.0, "{text}");
+    pending.abort();
+}
+
 #[tokio::test]
 async fn queued_spans_are_flushed_on_shutdown() {
     let collector = Collector::start().await;

@@ -230,6 +230,24 @@ pub enum NotifyFormat {
 pub struct ConsulIntentions {
     /// The trust domain of the certificates' URI SANs (`example.org`).
     pub trust_domain: String,
+    /// What a source no intention names gets: `deny` (the default, as
+    /// a Consul with ACLs' `default_policy` or `default_intention_policy`
+    /// `deny`), or `allow` (a Consul that admits them). Said here, not
+    /// read from Consul: its `X-Consul-Default-ACL-Policy` does not say
+    /// `default_intention_policy`, which can deny where ACLs allow.
+    #[serde(default)]
+    pub default: IntentionDefault,
+}
+
+/// [`ConsulIntentions::default`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentionDefault {
+    /// Nobody: no intention at all admits no one.
+    #[default]
+    Deny,
+    /// Every verified client, but those a deny names.
+    Allow,
 }
 
 fn default_consul_addr() -> String {

@@ -25,8 +25,8 @@ mod warnings;
 mod write;
 
 pub use control::{
-    ConsulIntentions, ConsulSource, ControlConfig, Notify, NotifyFormat, ServiceDefaults, Source,
-    Store, Watcher, WatcherScrape, WatcherSource,
+    ConsulIntentions, ConsulSource, ControlConfig, IntentionDefault, Notify, NotifyFormat,
+    ServiceDefaults, Source, Store, Watcher, WatcherScrape, WatcherSource,
 };
 pub use grpc::{CodeSet, Grpc, GrpcCode};
 pub use guards::{check_guards, Deny, Guard, Limit, LimitBy, LimitScope, Rate, MAX_GUARDS};

@@ -25,6 +25,14 @@ pub fn proxy_warnings(config: &ProxyConfig) -> Vec<Problem> {
             ));
         }
     }
+    if config.control.is_none() && config.services.is_empty() {
+        out.push(warning(
+            "services".into(),
+            "none, and no `control` to send any: every request is answered 404 \
+             (an empty or truncated file?)"
+                .into(),
+        ));
+    }
     if let Some(url) = &config.control {
         if let Some(host) = cleartext_remote(url) {
             let what = if config.token_env.is_some() {

@@ -89,10 +89,6 @@ pub struct Answer {
     /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not read
     /// everything the list holds, and Consul left that out.
     pub filtered: bool,
-    /// `X-Consul-Default-ACL-Policy: allow` (sent on every answer since
-    /// Consul 1.10, ACLs on or off): what intentions decide for a source
-    /// none of them names. Absent (older Consul) counts as deny.
-    pub default_allow: bool,
 }
 
 impl ConsulClient {
@@ -216,10 +212,6 @@ impl ConsulClient {
                 .headers()
                 .get("x-consul-results-filtered-by-acls")
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-            let default_allow = resp
-                .headers()
-                .get("x-consul-default-acl-policy")
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"allow"));
             let body = Limited::new(resp.into_body(), self.max_body)
                 .collect()
                 .await
@@ -235,7 +227,6 @@ impl ConsulClient {
                 body,
                 index,
                 filtered,
-                default_allow,
             })
         };
         tokio::time::timeout(limit, work)
@@ -468,7 +459,14 @@ pub async fn run(
                         served: name,
                         consul: consul.clone(),
                     };
-                    watch_intentions(client.clone(), names, i.trust_domain.clone(), state.clone())
+                    let default_allow = i.default == almond_config::IntentionDefault::Allow;
+                    let domain = i.trust_domain.clone();
+                    watch_intentions(
+                        client.clone(),
+                        names,
+                        (domain, default_allow),
+                        state.clone(),
+                    )
                 });
                 let task = tokio::spawn(async move {
                     match intentions {
@@ -582,7 +580,18 @@ async fn watch_service(
             continue;
         }
         match serde_json::from_slice::<Vec<Instance>>(&answer.body) {
-            Ok(instances) => {
+            Ok(mut instances) => {
+                // Connect's sidecar proxies and mesh-side gateways
+                // (registered as services of their own, such as
+                // `web-sidecar-proxy`) speak mTLS on their ports: no
+                // endpoint of a plain HTTP service. Ingress and API
+                // gateways serve plain HTTP, and stay.
+                instances.retain(|i| {
+                    !matches!(
+                        i.service.kind.as_deref(),
+                        Some("connect-proxy" | "mesh-gateway" | "terminating-gateway")
+                    )
+                });
                 let resolved = resolve_hosts(&name, &instances).await;
                 let keys = (subset_key.as_str(), zone_key.as_str());
                 let mut service = to_service_resolved(&name, &instances, keys, &resolved);
@@ -613,7 +622,7 @@ async fn watch_intentions(
         served: name,
         consul,
     }: Names,
-    trust_domain: String,
+    (trust_domain, default_allow): (String, bool),
     state: Arc<State>,
 ) {
     let query = format!("by=destination&name={}", percent_encode(&consul));
@@ -635,14 +644,13 @@ async fn watch_intentions(
         // slice), not `[]`: none, not an error.
         let read = answer.and_then(|a| {
             serde_json::from_slice::<BTreeMap<String, Option<Vec<Intention>>>>(&a.body)
-                .map(|all| (all, a.default_allow))
                 .map_err(|e| ConsulError::Decode(e.to_string()))
         });
         // A failed read keeps the last list (before the first: nobody), and
         // the next waits longer each time (API.md 2.4: no hot loop on 403,
         // back off on 429 and 5xx).
         let pause = match read {
-            Ok((mut all, default_allow)) => {
+            Ok(mut all) => {
                 failures = 0;
                 let list = all.remove(&consul).flatten().unwrap_or_default();
                 let allow = allow_list(&list, &trust_domain, default_allow);
@@ -721,11 +729,11 @@ impl Intention {
 /// in a cluster peer, another namespace or partition name none of this
 /// cluster's callers and are skipped (a peer's `web` is not our `web`); a
 /// sameness group's deny counts as a deny of its name, its allow is
-/// skipped (fail closed). A source no intention names gets Consul's
-/// default (`default_allow`, its `X-Consul-Default-ACL-Policy`): with
-/// `deny` (ACLs' production setting) no intentions at all admit nobody,
-/// so deleting the last intention revokes; with `allow` (ACLs off), no
-/// deny means every verified client (no list), as Consul decides. A `*`
+/// skipped (fail closed). A source no intention names gets the
+/// configured default (`default_allow`, `intentions.default`, as the
+/// Consul's own is): with `deny` (its production setting) no intentions
+/// at all admit nobody, so deleting the last intention revokes; with
+/// `allow`, no deny means every verified client (no list). A `*`
 /// allow with no deny before it: every verified client. A `*` allow after
 /// a deny, or a default allow beside denies, cannot be said as an
 /// allow-list: only the explicit allows (fail closed), warned. L7
@@ -741,6 +749,9 @@ pub fn allow_list(
     for i in intentions {
         let allows = match i.reach() {
             Reach::Local => i.action.as_deref() == Some("allow"),
+            // A group's allow may name no caller of ours: skipped; its
+            // deny may: kept (fail closed).
+            Reach::Unknown if i.action.as_deref() == Some("allow") => continue,
             Reach::Unknown => false,
             Reach::Foreign => continue,
         };
@@ -773,7 +784,7 @@ pub fn allow_list(
         }
         tracing::warn!(
             denied = ?denied,
-            "deny intentions under Consul's default allow: only the explicit allows are admitted"
+            "deny intentions under intentions.default allow: only the explicit allows are admitted"
         );
     }
     Some(almond_config::Authz { allow })
@@ -811,6 +822,10 @@ pub struct InstanceService {
     /// Instance ID.
     #[serde(default, rename = "ID")]
     pub id: String,
+    /// `connect-proxy`, `mesh-gateway`, ...: Consul Connect's proxies
+    /// and gateways; empty (or absent) for the service itself.
+    #[serde(default)]
+    pub kind: Option<String>,
     /// Address; empty means the node's.
     #[serde(default)]
     pub address: String,
@@ -1144,10 +1159,12 @@ mod tests {
         let group = decode(serde_json::json!([
             {"SourceSamenessGroup": "g", "SourceName": "web", "Action": "allow"},
             {"SourceSamenessGroup": "g", "SourceName": "ads", "Action": "deny"},
+            {"SourceSamenessGroup": "g", "SourceName": "*", "Action": "allow"},
+            {"SourceName": "web", "Action": "allow"},
             {"SourceName": "ads", "Action": "allow"},
         ]));
         let list = allow_list(&group, "td", false).unwrap().allow;
-        assert!(list.is_empty(), "{list:?}");
+        assert_eq!(list, vec![id("web")]);
     }
 
     /// A destination with no intention may be answered `null` (Go's nil

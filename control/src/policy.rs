@@ -178,7 +178,7 @@ pub fn check_split(
                 k
             };
             return Err(Refusal::Invalid(format!(
-                "subset {subset:?} has no endpoints (known: {}); pass allow_empty to split to it anyway",
+                "subset {subset:?} has no endpoints (known: {}); to split to it anyway: `almond shift ... --allow-empty {subset}` (API: \"allow_empty\": [{subset:?}])",
                 known.join(", ")
             )));
         }

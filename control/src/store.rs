@@ -68,6 +68,12 @@ impl Store {
                     return Ok((Policy::default(), 0));
                 }
                 let answer = check(answer)?;
+                // An empty value (a key made by hand, in Consul's UI) is no
+                // policy, as the follower reads it: written over, with the
+                // key's index, rather than blocking every change.
+                if answer.body.iter().all(u8::is_ascii_whitespace) {
+                    return Ok((Policy::default(), answer.index.unwrap_or(0)));
+                }
                 let policy = serde_json::from_slice(&answer.body)
                     .map_err(|e| StoreError::Decode(e.to_string()))?;
                 Ok((policy, answer.index.unwrap_or(0)))

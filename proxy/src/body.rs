@@ -14,7 +14,7 @@ use prometheus::IntCounter;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -300,7 +300,7 @@ pub enum RequestBody {
     Replay(Option<Bytes>),
     /// Streamed from the client and kept as it goes (gRPC calls whose
     /// length is not known up front, when `retries.on` names gRPC codes).
-    Tee(ClientBody, IdleTimer, Feed, Upload),
+    Tee(ClientBody, IdleTimer, Feed),
 }
 
 /// What feeds a [`Kept`] copy: a body dropped before its end gives the
@@ -320,6 +320,9 @@ impl Drop for Feed {
 /// carried trailers or failed. Locked once per frame by the one request
 /// that owns it (never shared between requests).
 pub struct Kept {
+    /// The upload the copy is fed from, watched as [`Upload`] is on a
+    /// plain stream (held here, so a tee is no larger than a stream).
+    upload: OnceLock<Upload>,
     limit: usize,
     state: Mutex<KeptState>,
     /// Woken when the copy is complete, whole or given up.
@@ -338,6 +341,7 @@ impl Kept {
     /// An empty copy that keeps up to `limit` bytes.
     pub fn new(limit: usize) -> Arc<Kept> {
         Arc::new(Kept {
+            upload: OnceLock::new(),
             limit,
             state: Mutex::new(KeptState::default()),
             done: tokio::sync::Notify::new(),
@@ -411,7 +415,8 @@ impl RequestBody {
         let this = std::mem::replace(self, RequestBody::Replay(None));
         *self = match this {
             RequestBody::Stream(body, timer, upload) => {
-                RequestBody::Tee(body, timer, Feed(kept.clone()), upload)
+                let _ = kept.upload.set(upload);
+                RequestBody::Tee(body, timer, Feed(kept.clone()))
             }
             other => other,
         };
@@ -433,9 +438,11 @@ impl Body for RequestBody {
                 polled
             }
             RequestBody::Replay(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            RequestBody::Tee(body, timer, kept, upload) => {
+            RequestBody::Tee(body, timer, kept) => {
                 let polled = poll_timed(body, timer, cx);
-                upload.polled(&polled, body.is_end_stream());
+                if let Some(upload) = kept.0.upload.get() {
+                    upload.polled(&polled, body.is_end_stream());
+                }
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => kept.0.frame(frame, body.is_end_stream()),
                     Poll::Ready(Some(Err(_))) => kept.0.end(false),

@@ -356,6 +356,7 @@ fn serve<'a>(
             pass: req.body().lean(),
             stamp,
             tunnels: &shared.tunnels,
+            observe: &shared.observe,
         };
         // Admit (shed at once, 503, when the service is at its concurrency
         // limit), then forward.

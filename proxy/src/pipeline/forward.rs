@@ -15,6 +15,7 @@ use crate::body::{
 use crate::headers;
 use crate::observe::access_log::Observed;
 use crate::observe::trace::Stamp;
+use crate::observe::Observe;
 use crate::outcome::{grpc_status, is_grpc, CodeClass, ErrorKind};
 use crate::pipeline::admit::{Admitted, Finish};
 use crate::pipeline::mirror::Shadow;
@@ -71,6 +72,8 @@ pub struct Call<'a> {
     pub stamp: &'a Stamp,
     /// Where an upgrade's tunnel goes.
     pub tunnels: &'a Arc<Tunnels>,
+    /// Whether the proxy's drain is cutting what is left (see [`Unanswered`]).
+    pub observe: &'a Observe,
 }
 
 impl Call<'_> {
@@ -118,8 +121,11 @@ impl Call<'_> {
 /// say) is counted when its future is dropped: as a 4xx (Nginx's 499: the
 /// client's doing), with its time so far in the latency histogram, so an
 /// upstream that hangs past its clients' patience shows in p99 rather
-/// than in no metric at all. Disarmed by every answer.
+/// than in no metric at all. One the proxy's drain cut (its connection
+/// closed at `drain_timeout`) is the proxy's: a 5xx, as its log line and
+/// span say (503 `proxy-cut`). Disarmed by every answer.
 struct Unanswered<'a> {
+    observe: &'a Observe,
     svc: &'a ServiceRoute,
     direction: usize,
     start: Instant,
@@ -140,7 +146,12 @@ impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if self.armed {
             let metrics = &self.svc.subsets[self.subset].metrics[self.direction];
-            metrics.record(CodeClass::ClientError, self.start.elapsed().as_secs_f64());
+            let class = if self.observe.cutting() {
+                CodeClass::ServerError
+            } else {
+                CodeClass::ClientError
+            };
+            metrics.record(class, self.start.elapsed().as_secs_f64());
         }
     }
 }
@@ -272,6 +283,7 @@ fn forward<'a>(
     async move {
         let svc = call.svc;
         let mut left = Unanswered {
+            observe: call.observe,
             svc,
             direction: call.direction,
             start: call.start,

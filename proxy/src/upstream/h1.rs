@@ -676,24 +676,31 @@ struct Lengths {
 /// value of a list or of repeated lines (`2, 2`), which HTTP/2 clients
 /// (h2, nghttp2) and Go's refuse as sent, as RFC 9110 8.6 lets a
 /// recipient collapse them; none on a 204, which must not have one (an
-/// HTTP/2 client resets such a stream). Conflicting values never get
-/// here (the response is refused).
+/// HTTP/2 client resets such a stream). Values that disagree, which
+/// framed no body (a HEAD's or a 304's answer; a chunked one's), are not
+/// relayed at all.
 pub(crate) fn tidy_length(status: StatusCode, headers: &mut HeaderMap) {
     if status == StatusCode::NO_CONTENT {
         headers.remove(header::CONTENT_LENGTH);
         return;
     }
     let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
-    let agreed = match (lines.next(), lines.next()) {
+    match (lines.next(), lines.next()) {
         (Some(one), None) if !one.as_bytes().contains(&b',') => return,
-        (Some(first), _) => first.to_str().ok().and_then(|v| {
-            let v = v.split(',').next()?.trim();
-            v.parse::<u64>().ok()
-        }),
         (None, _) => return,
-    };
-    if let Some(n) = agreed {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        _ => {}
+    }
+    let mut lengths = Lengths::default();
+    for line in headers.get_all(header::CONTENT_LENGTH) {
+        lengths.content_length(line);
+    }
+    match lengths.length {
+        Some(Some(n)) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        _ => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
     }
 }
 

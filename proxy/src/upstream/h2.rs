@@ -3,6 +3,7 @@
 //! channel and two one-shots per request); the connection runs in a task
 //! of its own, with keep-alive pings.
 
+use crate::headers;
 use crate::outcome::ErrorKind;
 use bytes::Bytes;
 use h2::client::{Connection, ResponseFuture, SendRequest};
@@ -546,8 +547,16 @@ where
                     done = end;
                 }
                 Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        let _ = stream.send_trailers(trailers);
+                    if let Ok(mut trailers) = frame.into_trailers() {
+                        // An HTTP/1.1 peer's trailer section may name
+                        // fields HTTP/2 forbids (`keep-alive`): `h2`
+                        // refuses those, and the stream would be reset
+                        // after its whole body.
+                        headers::for_h2(&mut trailers);
+                        if stream.send_trailers(trailers).is_err() {
+                            stream.send_reset(reset);
+                            return Poll::Ready(Err(ErrorKind::Reset));
+                        }
                         done = true;
                     }
                 }
