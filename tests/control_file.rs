@@ -606,3 +606,56 @@ async fn an_unreadable_registry_directory_empties_nothing() {
     assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
     std::fs::rename(&moved, &registry.services).unwrap();
 }
+
+/// A long poll whose client goes away mid-wait (a proxy restarted, its
+/// connection cut) is no longer counted in `almond_control_long_polls`:
+/// the gauge only grew with every such disconnect.
+#[tokio::test]
+async fn a_long_poll_whose_client_left_is_no_longer_counted() {
+    use tokio::io::AsyncWriteExt;
+    let a1 = Backend::start("a1").await;
+    let registry = Registry::new();
+    registry.service("web", &[(a1.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let now = control.get("/v1/snapshot?wait=0s").await.json();
+    let plain = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let (epoch, index) = (plain(&now["epoch"]), plain(&now["index"]));
+    let waiting = || async { control_metric(&control, "almond_control_long_polls", &[]).await };
+    for _ in 0..3 {
+        let mut conn = tokio::net::TcpStream::connect(control.addr).await.unwrap();
+        let req = format!(
+            "GET /v1/snapshot?proxy=gone&epoch={epoch}&index={index}&wait=30s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        eventually("the poll waits", || async { waiting().await == 1.0 }).await;
+        drop(conn);
+        eventually("the poll is no longer counted", || async {
+            waiting().await == 0.0
+        })
+        .await;
+    }
+}
+
+/// A following proxy before its first configuration (the control plane
+/// not reached yet, no cache) answers 503 `not-ready` with `Retry-After`,
+/// on a routed listener and on one bound to a service: a wait, where it
+/// answered 404 `unknown-service` (a client would not try again).
+#[tokio::test]
+async fn a_proxy_without_its_first_config_answers_503_not_404() {
+    let control = closed_port().await;
+    let yaml = format!(
+        "admin: 127.0.0.1:0\ncontrol: http://{control}\nlisteners:\n  - bind: 127.0.0.1:0\n  - bind: 127.0.0.1:0\n    service: web\n"
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    for addr in &proxy.listeners {
+        let reply = get_h1(*addr, "web", "/").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.text()
+        );
+        assert_eq!(reply.header("x-almond-error"), Some("not-ready"));
+        assert_eq!(reply.header("retry-after"), Some("1"));
+    }
+}

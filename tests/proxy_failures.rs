@@ -327,7 +327,12 @@ async fn two_hosts_or_a_host_against_the_target_are_400() {
 #[tokio::test]
 async fn transfer_codings_other_than_chunked_are_501() {
     let (backend, proxy) = strict().await;
-    for codings in ["gzip, chunked", "gzip\r\nTransfer-Encoding: chunked"] {
+    for codings in [
+        "gzip, chunked",
+        "gzip\r\nTransfer-Encoding: chunked",
+        "chunked, chunked",
+        "chunked\r\nTransfer-Encoding: chunked",
+    ] {
         let req = format!(
             "POST /up HTTP/1.1\r\nHost: m\r\nTransfer-Encoding: {codings}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
         );

@@ -294,3 +294,109 @@ async fn copies_waiting_on_an_unreachable_mirror_take_no_place_of_real_requests(
         }
     }
 }
+
+/// A copy's mark reaches a shadow service behind its own almond sidecar
+/// (an inbound listener, which removes client-sent `x-almond-*` headers):
+/// the service can tell a copy from a real request there too. The real
+/// request carries none.
+#[tokio::test]
+async fn the_mark_reaches_a_shadow_behind_an_inbound_listener() {
+    let real = Backend::start("real").await;
+    let shadow = Backend::start("shadow").await;
+    let sidecar = ProxyYaml::new()
+        .listener("{ bind: \"127.0.0.1:0\", service: web, direction: inbound }")
+        .service(ServiceYaml::new("web").at(shadow.addr))
+        .start()
+        .await;
+    let proxy = mirrored(
+        &real,
+        sidecar.addr(),
+        "{ subset: shadow, percent: 100 }",
+        "{}",
+    )
+    .await;
+    real_traffic(&proxy, 3).await;
+    eventually("3 copies arrive", || async { shadow.count() == 3 }).await;
+    assert!(shadow
+        .seen()
+        .iter()
+        .all(|s| s.headers.get("x-almond-mirror").is_some_and(|v| v == "1")));
+    assert!(real
+        .seen()
+        .iter()
+        .all(|s| s.headers.get("x-almond-mirror").is_none()));
+}
+
+/// A mirrored server-streaming gRPC call whose answer keeps flowing for
+/// longer than `body_idle` (a message every 200 ms for 1.6 s, idle 1 s)
+/// is drained to its end and counted by its status, OK: `body_idle` is
+/// the most a copy's answer may stay idle, as for the real call, not its
+/// whole length (it was counted `grpc_status="INTERNAL"`, a failed shadow).
+#[tokio::test]
+async fn a_long_streaming_copy_is_judged_by_its_status() {
+    let stream = |_req: http::Request<h2::RecvStream>,
+                  mut respond: h2::server::SendResponse<bytes::Bytes>| async move {
+        let head = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let Ok(mut send) = respond.send_response(head, false) else {
+            return;
+        };
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if send
+                .send_data(bytes::Bytes::from_static(b"\0\0\0\0\x01m"), false)
+                .is_err()
+            {
+                return;
+            }
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let _ = send.send_trailers(trailers);
+    };
+    let real = h2_upstream(stream).await;
+    let shadow = h2_upstream(stream).await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("web")
+                .http2()
+                .set("timeouts", "{ body_idle: 1s }")
+                .endpoint(real, "v1", 1)
+                .endpoint(shadow, "shadow", 1)
+                .split(&[("v1", 100)])
+                .set("mirror", "{ subset: shadow, percent: 100 }"),
+        )
+        .start()
+        .await;
+    let mut client = H2::connect(proxy.addr()).await;
+    let req = Request::post("http://web/pkg.Svc/Watch")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(&b"\0\0\0\0\0"[..]))
+        .unwrap();
+    let reply = client.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let grpc = |status: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let text = proxy.admin_get("/metrics").await.text();
+            metric(
+                &text,
+                "almond_grpc_responses_total",
+                &[
+                    ("direction", "mirror"),
+                    ("service", "web"),
+                    ("grpc_status", status),
+                ],
+            )
+        }
+    };
+    eventually("the copy is counted OK", || async {
+        grpc("OK").await == 1.0
+    })
+    .await;
+    assert_eq!(grpc("INTERNAL").await, 0.0);
+}

@@ -100,39 +100,6 @@ fn channel_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, Body) {
     (tx, http_body_util::StreamBody::new(chunks).boxed())
 }
 
-/// An HTTP/2 upstream on 127.0.0.1 (the `h2` crate's server, for what
-/// hyper's does not let a test do: resets, answers before the body) that
-/// hands each stream to `serve`, in a task of its own; its address.
-async fn h2_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
-where
-    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>) -> Fut
-        + Clone
-        + Send
-        + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("local_addr: {e}"));
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let serve = serve.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                while let Some(Ok((req, respond))) = conn.accept().await {
-                    tokio::spawn(serve(req, respond));
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// An HTTP/2 upstream on `listener` that answers at once with the
 /// request's own body: every chunk it gets comes straight back.
 async fn h2_echo(listener: tokio::net::TcpListener) {

@@ -104,6 +104,22 @@ pub struct Peer {
     pub loopback: bool,
 }
 
+/// One long poll in `almond_control_long_polls`, for as long as it lives.
+struct Waiting<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Waiting<'a> {
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Time a client has to send a request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1176,7 +1192,9 @@ async fn snapshot(
     }
     let mut changes = state.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
-    state.metrics.long_polls.inc();
+    // Counted while it waits, and uncounted however it ends: a client
+    // that goes away mid-wait drops this future here.
+    let waiting = Waiting::new(&state.metrics.long_polls);
     // Wait only while not ready (nothing to give) or nothing is new.
     while !(state.is_ready() && *changes.borrow_and_update() > since) {
         tokio::select! {
@@ -1188,7 +1206,7 @@ async fn snapshot(
             break;
         }
     }
-    state.metrics.long_polls.dec();
+    drop(waiting);
     if !state.is_ready() {
         // Nothing whole to give (Consul not read yet, or the policy store
         // not): a partial catalog would drop the proxy's services or its

@@ -126,6 +126,9 @@ pub enum ErrorKind {
     NoEndpoints,
     /// `Host` / `:authority` names no known service.
     UnknownService,
+    /// No configuration yet: a following proxy before its first snapshot
+    /// (or its cache), which knows no service at all.
+    NotReady,
     /// `x-almond-subset` names no subset of the service.
     UnknownSubset,
     /// The request cannot be proxied (no host, bad upgrade).
@@ -203,9 +206,10 @@ impl ErrorKind {
         match self {
             ErrorKind::Connect | ErrorKind::Reset => StatusCode::BAD_GATEWAY,
             ErrorKind::ConnectTimeout | ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::Overloaded | ErrorKind::NoEndpoints | ErrorKind::UnknownSubset => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorKind::Overloaded
+            | ErrorKind::NoEndpoints
+            | ErrorKind::UnknownSubset
+            | ErrorKind::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UnknownService => StatusCode::NOT_FOUND,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -225,6 +229,7 @@ impl ErrorKind {
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::NoEndpoints => "no-endpoints",
             ErrorKind::UnknownService => "unknown-service",
+            ErrorKind::NotReady => "not-ready",
             ErrorKind::UnknownSubset => "unknown-subset",
             ErrorKind::BadRequest => "bad-request",
             ErrorKind::Forbidden => "forbidden",

@@ -25,6 +25,11 @@ impl Rescue for ErrorKind {
             ErrorKind::Overloaded => format!("almond: {detail} is at its concurrency limit\n"),
             ErrorKind::NoEndpoints => format!("almond: no endpoints available for {detail}\n"),
             ErrorKind::UnknownService => format!("almond: unknown service {detail:?}\n"),
+            ErrorKind::NotReady => {
+                format!(
+                    "almond: no configuration from the control plane yet (asked for {detail:?})\n"
+                )
+            }
             ErrorKind::UnknownSubset => format!("almond: unknown subset {detail:?}\n"),
             ErrorKind::BadRequest => format!("almond: bad request: {detail}\n"),
             ErrorKind::Forbidden => format!("almond: {detail} is not allowed here\n"),
@@ -40,6 +45,9 @@ impl Rescue for ErrorKind {
         );
         if self == ErrorKind::Overloaded {
             headers.insert("x-almond-overloaded", HeaderValue::from_static("true"));
+        }
+        if self == ErrorKind::NotReady {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }

@@ -1075,6 +1075,39 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 // The proxy as the real binary
 // ---------------------------------------------------------------------------
 
+/// An HTTP/2 upstream on 127.0.0.1 (the `h2` crate's server, for what
+/// hyper's does not let a test do: resets, answers before the body) that
+/// hands each stream to `serve`, in a task of its own; its address.
+pub async fn h2_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local_addr: {e}"));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    tokio::spawn(serve(req, respond));
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// Writes `text` to a scratch file (removed when the handle drops) in
 /// cargo's per-target temp directory.
 pub fn write_temp(suffix: &str, text: &str) -> tempfile::NamedTempFile {

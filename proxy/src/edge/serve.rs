@@ -455,6 +455,15 @@ fn route(
         }
         Err((kind, detail)) => {
             shared.metrics.unroutable.inc();
+            // Before its first configuration (no snapshot, no cache) a
+            // following proxy knows no service: that is a wait (503, try
+            // again), not a 404.
+            let unconfigured =
+                || table.config.control.is_some() && shared.metrics.config_index.get() == 0;
+            let kind = match kind {
+                ErrorKind::UnknownService if unconfigured() => ErrorKind::NotReady,
+                other => other,
+            };
             return Err(Box::new(kind.response(&detail)));
         }
     };

@@ -2,6 +2,7 @@
 //! host or a 400, its `x-almond-*` headers only on listeners that trust
 //! them, and (inbound) its address appended to `X-Forwarded-For`.
 
+use crate::pipeline::mirror::MIRROR_HEADER;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
@@ -69,10 +70,18 @@ pub fn check_path<B>(req: &Request<B>) -> Result<(), &'static str> {
 /// does).
 pub fn check_codings<B>(req: &Request<B>) -> Result<(), &'static str> {
     let codings = req.headers().get_all(header::TRANSFER_ENCODING);
+    // One `chunked` in all the lines (`chunked, chunked` is chunked twice,
+    // which a sender must not do: hyper would undo it once).
+    let mut chunked = 0;
     let only_chunked = codings.iter().all(|line| {
         (line.as_bytes().split(|&b| b == b','))
-            .all(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-    });
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty())
+            .all(|c| {
+                chunked += 1;
+                c.eq_ignore_ascii_case(b"chunked")
+            })
+    }) && chunked <= 1;
     if only_chunked {
         Ok(())
     } else {
@@ -111,11 +120,14 @@ fn is_host_and_port(value: &[u8]) -> bool {
 }
 
 /// Removes every client-sent `x-almond-*` header (a listener that does not
-/// trust them: a pin or a forged error header from the network).
+/// trust them: a pin or a forged error header from the network), but the
+/// mirror's mark (`x-almond-mirror`): it routes nothing, and tells the
+/// service behind an inbound listener that a request is a copy (to skip
+/// its side effects), as it tells one reached directly.
 pub fn strip_almond_headers(headers: &mut HeaderMap) {
     let forged: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| n.as_str().starts_with("x-almond-"))
+        .filter(|n| n.as_str().starts_with("x-almond-") && *n != MIRROR_HEADER)
         .cloned()
         .collect();
     for name in forged {

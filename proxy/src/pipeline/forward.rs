@@ -72,7 +72,7 @@ pub struct Call<'a> {
     pub stamp: &'a Stamp,
     /// Where an upgrade's tunnel goes.
     pub tunnels: &'a Arc<Tunnels>,
-    /// Whether the proxy's drain is cutting what is left (see [`Unanswered`]).
+    /// Whether the proxy's drain is cutting what is left (see `Unanswered`).
     pub observe: &'a Observe,
 }
 

@@ -166,17 +166,27 @@ impl Shadow {
                 // Read and discard the body, so an HTTP/1.1 connection can
                 // go back to its pool: frame by frame, keeping only the
                 // trailers (a mirrored download is not held in memory).
-                let drain = async {
+                // Idle for `body_idle` between frames ends it, as it ends
+                // the request's own: a long stream that keeps flowing (a
+                // server-streaming gRPC call) is drained to its end.
+                let idle = target.body_idle;
+                let drained = async {
                     let mut body = resp.into_body();
                     let mut trailers = None;
-                    while let Some(frame) = body.frame().await {
-                        if let Ok(t) = frame?.into_trailers() {
-                            trailers = Some(t);
+                    loop {
+                        match tokio::time::timeout(idle, body.frame()).await {
+                            Err(elapsed) => return Err(elapsed),
+                            Ok(None) => return Ok(Ok::<_, BodyError>(trailers)),
+                            Ok(Some(Err(e))) => return Ok(Err(e)),
+                            Ok(Some(Ok(frame))) => {
+                                if let Ok(t) = frame.into_trailers() {
+                                    trailers = Some(t);
+                                }
+                            }
                         }
                     }
-                    Ok::<_, BodyError>(trailers)
-                };
-                let drained = tokio::time::timeout(target.body_idle, drain).await;
+                }
+                .await;
                 // A gRPC call's status: in the head (trailers-only), else
                 // in the trailers; as the request's own are counted.
                 let code = match &drained {
