@@ -659,3 +659,87 @@ async fn a_proxy_without_its_first_config_answers_503_not_404() {
         assert_eq!(reply.header("retry-after"), Some("1"));
     }
 }
+
+/// A cache holding one service this start cannot take (a `tls` service,
+/// the proxy's identity since removed from its config) still gives the
+/// others: a proxy restarted while the control plane is down serves
+/// them, where it threw the whole cache away (no service, not ready).
+#[tokio::test]
+async fn a_cache_with_one_bad_service_still_serves_the_others() {
+    let a1 = Backend::start("a1").await;
+    let registry = Registry::new();
+    registry.service("web", &[(a1.addr, "v1")]);
+    let cache = registry.scratch("snapshot-cache.json");
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), Some(&cache)).await;
+    synced(&control, &proxy, "web", &[&a1]).await;
+    let read = || {
+        std::fs::read(&cache)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    };
+    eventually("the proxy writes its snapshot cache", || async {
+        read().is_some_and(|v| v["services"]["web"].is_object())
+    })
+    .await;
+    proxy.shutdown().await;
+    control.shutdown().await;
+    let mut snapshot = read().unwrap();
+    let mut secure = snapshot["services"]["web"].clone();
+    secure["tls"] = serde_json::json!({});
+    snapshot["services"]["secure"] = secure;
+    if let Some(names) = snapshot["names"].as_array_mut() {
+        names.push(serde_json::json!("secure"));
+    }
+    std::fs::write(&cache, serde_json::to_vec(&snapshot).unwrap()).unwrap();
+
+    let nowhere = format!("http://{}", closed_port().await);
+    let restarted = start_following(&nowhere, Some(&cache)).await;
+    let seen = backends_seen(&restarted, "web", 5).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+    let reply = get_h1(restarted.addr(), "secure", "/").await;
+    assert_ne!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+/// A snapshot with one service this proxy cannot read (a field of a newer
+/// control plane) is applied for every other service: the whole snapshot
+/// was refused, as if the control plane were unreachable, and no change
+/// reached the proxy until that service changed back.
+#[tokio::test]
+async fn a_service_a_proxy_cannot_read_does_not_stop_the_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a1 = Backend::start("a1").await;
+    let snapshot = serde_json::json!({
+        "epoch": 7,
+        "index": 3,
+        "full": true,
+        "names": ["newer", "web"],
+        "services": {
+            "web": { "endpoints": [{ "addr": a1.addr.to_string() }] },
+            "newer": { "endpoints": [{ "addr": a1.addr.to_string() }], "future_knob": 1 },
+        },
+    })
+    .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body = snapshot.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    let proxy = start_following(&control, None).await;
+    let seen = backends_seen(&proxy, "web", 3).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+    let reply = get_h1(proxy.addr(), "newer", "/").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+}

@@ -46,3 +46,45 @@ impl Snapshot {
         next
     }
 }
+
+/// A snapshot as it comes over the wire: each service decoded on its own,
+/// so that one a proxy cannot read (a field or value of a newer control
+/// plane) is refused alone, as a service that fails validation is, not
+/// with every other change.
+#[derive(Deserialize)]
+struct Wire {
+    #[serde(default)]
+    epoch: u64,
+    index: u64,
+    full: bool,
+    services: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    names: Vec<String>,
+}
+
+impl Snapshot {
+    /// Decodes a snapshot from JSON; the services that could not be read
+    /// are left out of it and returned with why (the caller keeps the
+    /// copy it had). `Err` when the snapshot itself cannot be read.
+    pub fn decode(bytes: &[u8]) -> Result<(Snapshot, Vec<(String, String)>), serde_json::Error> {
+        let wire: Wire = serde_json::from_slice(bytes)?;
+        let mut services = BTreeMap::new();
+        let mut unread = Vec::new();
+        for (name, value) in wire.services {
+            match serde_json::from_value::<Service>(value) {
+                Ok(svc) => {
+                    services.insert(name, svc);
+                }
+                Err(e) => unread.push((name, e.to_string())),
+            }
+        }
+        let snapshot = Snapshot {
+            epoch: wire.epoch,
+            index: wire.index,
+            full: wire.full,
+            services,
+            names: wire.names,
+        };
+        Ok((snapshot, unread))
+    }
+}

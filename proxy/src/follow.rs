@@ -75,9 +75,19 @@ pub fn load_cache(config: &mut ProxyConfig) -> Option<Position> {
         index,
     };
     candidate.services = snapshot.apply_to(&config.services);
+    // As a snapshot is applied: a service this start cannot take (a `tls`
+    // one, the proxy's identity since removed) stays out, and the rest
+    // is served, rather than no service at all until the control plane
+    // is back.
     let problems = validate_proxy(&candidate);
-    if !problems.is_empty() {
-        tracing::warn!(cache = %path.display(), problem = %problems[0], "snapshot cache invalid; ignored");
+    let kept = keep_previous(&config.services, &mut candidate.services, problems).and_then(|()| {
+        match validate_proxy(&candidate).into_iter().next() {
+            Some(problem) => Err(problem.to_string()),
+            None => Ok(()),
+        }
+    });
+    if let Err(problem) = kept {
+        tracing::warn!(cache = %path.display(), %problem, "snapshot cache invalid; ignored");
         return None;
     }
     *config = candidate;
@@ -216,7 +226,7 @@ pub async fn follow(
         );
         let asked = tokio::time::Instant::now();
         match poll(&link, &uri).await {
-            Ok(snapshot) => {
+            Ok((snapshot, unread)) => {
                 failures = 0;
                 shared.metrics.control_connected.set(1);
                 let taken = (whole && snapshot.full) || at.takes(&snapshot);
@@ -231,7 +241,7 @@ pub async fn follow(
                 }
                 let epoch = snapshot.epoch;
                 let new_epoch = epoch != at.epoch && at.index != 0;
-                match apply(&proxy, snapshot) {
+                match apply(&proxy, snapshot, unread) {
                     Ok(applied) => {
                         whole = false;
                         if new_epoch {
@@ -275,7 +285,7 @@ pub async fn follow(
 }
 
 /// One long-poll; a body over `control_max_bytes` fails it.
-async fn poll(link: &Link, uri: &str) -> Result<Snapshot, String> {
+async fn poll(link: &Link, uri: &str) -> Result<(Snapshot, Unread), String> {
     let mut req = hyper::Request::get(uri);
     if let Some(token) = &link.token {
         let mut value = b"Bearer ".to_vec();
@@ -307,7 +317,7 @@ async fn poll(link: &Link, uri: &str) -> Result<Snapshot, String> {
             String::from_utf8_lossy(&body).trim()
         ));
     }
-    serde_json::from_slice(&body).map_err(|e| format!("bad snapshot: {e}"))
+    Snapshot::decode(&body).map_err(|e| format!("bad snapshot: {e}"))
 }
 
 /// Validates a snapshot merged into the running config and swaps it in;
@@ -315,10 +325,19 @@ async fn poll(link: &Link, uri: &str) -> Result<Snapshot, String> {
 /// cannot take (a `tls` it has no identity for, say) keeps its previous
 /// config, or stays out if it is new; the rest is applied, so one bad
 /// registry entry does not stop every other change (a block, a shift).
-fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
+fn apply(proxy: &Proxy, mut snapshot: Snapshot, unread: Unread) -> Result<u64, String> {
     let current = proxy.shared().table.load().config.clone();
     let index = snapshot.index;
     let snapshot_epoch = snapshot.epoch;
+    // A service this proxy could not read keeps the copy it has (or
+    // stays out, if new), as one that fails validation does.
+    for (name, why) in unread {
+        let kept = current.services.get(&name).cloned();
+        tracing::error!(service = %name, problem = %why, kept_previous = kept.is_some(), "service from the control plane unreadable; the rest of the snapshot is applied");
+        if let Some(previous) = kept {
+            snapshot.services.insert(name, previous);
+        }
+    }
     let mut next = (*current).clone();
     next.services = snapshot.apply_to(&current.services);
     let problems = validate_proxy(&next);
@@ -346,6 +365,9 @@ fn apply(proxy: &Proxy, snapshot: Snapshot) -> Result<u64, String> {
     }
     Ok(index)
 }
+
+/// Services of a snapshot that could not be decoded, with why.
+type Unread = Vec<(String, String)>;
 
 /// Puts back (or leaves out, if new) each service of `next` that a
 /// problem names, as `current` has it. The services are all named first,
