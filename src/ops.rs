@@ -318,7 +318,11 @@ pub async fn events(t: &Target, service: &str, follow: bool) -> anyhow::Result<(
     loop {
         let path = format!("/v1/services/{service}/events?since={since}");
         let out = t.get(&path).await?;
-        for e in out["events"].as_array().into_iter().flatten() {
+        let events = out["events"].as_array().map_or(&[][..], Vec::as_slice);
+        if events.is_empty() && since == 0 && !follow && !t.json {
+            print_line(&format!("no events for {service}"));
+        }
+        for e in events {
             since = since.max(e["seq"].as_u64().unwrap_or(since));
             t.print(e, || {
                 let detail = e["detail"]
@@ -581,6 +585,12 @@ pub async fn status(
     let views = views(t, &names, window).await?;
     let out = Value::Array(views.clone());
     t.print(&out, || {
+        if views.is_empty() {
+            return format!(
+                "no services: the control plane at {} serves none",
+                t.control
+            );
+        }
         views
             .iter()
             .map(table)

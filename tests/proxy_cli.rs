@@ -317,6 +317,34 @@ async fn a_refused_control_start_logs_no_listening() {
     assert!(!err.contains("listening"), "{err}");
 }
 
+/// Nothing to show is said, not printed as nothing: `status` against a
+/// control plane with no services, `events` of a service with none.
+#[tokio::test]
+async fn empty_answers_say_so() {
+    let a1 = Backend::start("a1").await;
+    let registry = Registry::new();
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let url = control.url();
+    let (status, out, err) = run_almond(&["status", "--control", &url]).await;
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(
+        out.contains(&format!(
+            "no services: the control plane at {url} serves none"
+        )),
+        "{out}"
+    );
+    let (_, out, _) = run_almond(&["status", "--control", &url, "-o", "json"]).await;
+    assert_eq!(out.trim(), "[]");
+    registry.service("web", &[(a1.addr, "v1")]);
+    eventually("web is served", || async {
+        control.get("/v1/services").await.json()["services"]["web"].is_object()
+    })
+    .await;
+    let (status, out, err) = run_almond(&["events", "web", "--control", &url]).await;
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_eq!(out.trim(), "no events for web");
+}
+
 /// What a control plane would ignore or cannot do is refused by the
 /// check, with the key and line: a misspelled watcher key, `store: consul`
 /// beside a file source (whose policies live in `policy_file`).

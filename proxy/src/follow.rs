@@ -241,7 +241,7 @@ pub async fn follow(
                 }
                 let epoch = snapshot.epoch;
                 let new_epoch = epoch != at.epoch && at.index != 0;
-                match apply(&proxy, snapshot, unread) {
+                match apply(&proxy, snapshot, unread).await {
                     Ok(applied) => {
                         whole = false;
                         if new_epoch {
@@ -325,7 +325,7 @@ async fn poll(link: &Link, uri: &str) -> Result<(Snapshot, Unread), String> {
 /// cannot take (a `tls` it has no identity for, say) keeps its previous
 /// config, or stays out if it is new; the rest is applied, so one bad
 /// registry entry does not stop every other change (a block, a shift).
-fn apply(proxy: &Proxy, mut snapshot: Snapshot, unread: Unread) -> Result<u64, String> {
+async fn apply(proxy: &Proxy, mut snapshot: Snapshot, unread: Unread) -> Result<u64, String> {
     let current = proxy.shared().table.load().config.clone();
     let index = snapshot.index;
     let snapshot_epoch = snapshot.epoch;
@@ -359,7 +359,16 @@ fn apply(proxy: &Proxy, mut snapshot: Snapshot, unread: Unread) -> Result<u64, S
             names: services.keys().cloned().collect(),
             services,
         };
-        if let Err(e) = write_cache(&path, &full) {
+        // Serialized and fsynced off the runtime's threads (a proxy with
+        // one worker would hold every request meanwhile); the next
+        // snapshot waits for it, so the cache is never older than one
+        // written before.
+        let written = tokio::task::spawn_blocking(move || {
+            let result = write_cache(&path, &full);
+            (path, result)
+        })
+        .await;
+        if let Ok((path, Err(e))) = written {
             tracing::warn!(cache = %path.display(), error = %e, "cannot write the snapshot cache");
         }
     }
