@@ -345,6 +345,46 @@ async fn empty_answers_say_so() {
     assert_eq!(out.trim(), "no events for web");
 }
 
+/// The proxy says its zone at start, `ALMOND_ZONE` read without the
+/// white space around it (a trailing newline made a zone no endpoint's
+/// matched, and zone-aware balancing went off without a sign).
+#[tokio::test]
+async fn the_zone_is_trimmed_and_said_at_start() {
+    use tokio::io::AsyncBufReadExt;
+    let config = write_temp(
+        ".yaml",
+        "admin: 127.0.0.1:0\nlisteners:\n  - bind: 127.0.0.1:0\n",
+    );
+    let mut child = almond()
+        .args(["proxy", "--config"])
+        .arg(config.path())
+        .env("ALMOND_ZONE", " eu-west-1a\n")
+        .env("ALMOND_LOG_FORMAT", "json")
+        .env("ALMOND_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = within("the zone line", lines.next_line())
+            .await
+            .unwrap()
+            .expect("the proxy said no zone");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("this proxy's zone"))
+        {
+            assert_eq!(v["zone"], "eu-west-1a", "{line}");
+            break;
+        }
+    }
+    child.kill().await.unwrap();
+}
+
 /// What a control plane would ignore or cannot do is refused by the
 /// check, with the key and line: a misspelled watcher key, `store: consul`
 /// beside a file source (whose policies live in `policy_file`).

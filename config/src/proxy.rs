@@ -191,12 +191,15 @@ fn is_default_zone_min_healthy(p: &u32) -> bool {
 }
 
 impl ProxyConfig {
-    /// The zone of this proxy: `zone`, else `ALMOND_ZONE` (if not empty).
+    /// The zone of this proxy: `zone`, else `ALMOND_ZONE` (if not empty),
+    /// without surrounding white space (`echo "eu-west-1a" >` a file the
+    /// variable is read from leaves a newline, and zones match exactly).
     pub fn local_zone(&self) -> Option<String> {
         self.zone.clone().or_else(|| {
             std::env::var("ALMOND_ZONE")
                 .ok()
-                .filter(|z| !z.trim().is_empty())
+                .map(|z| z.trim().to_owned())
+                .filter(|z| !z.is_empty())
         })
     }
 }

@@ -140,6 +140,14 @@ impl Proxy {
         for w in almond_config::proxy_warnings(&config) {
             tracing::warn!(key = %w.path, "{}", w.message);
         }
+        // Said once: a zone that matches no endpoint's turns zone-aware
+        // balancing off without any other sign.
+        match config.local_zone() {
+            Some(zone) => {
+                tracing::info!(%zone, "this proxy's zone: pools with endpoints in it balance zone-aware")
+            }
+            None => tracing::info!("no zone (zone, ALMOND_ZONE): zones are ignored"),
+        }
         let cached = match config.control {
             Some(_) => follow::load_cache(&mut config).unwrap_or_default(),
             None => follow::Position::default(),
