@@ -71,14 +71,7 @@ impl Target {
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&body).trim().to_owned();
-            let control = self.control.clone();
-            return Err(Refused {
-                status,
-                text,
-                control,
-            }
-            .into());
+            return Err(self.refused(status, &body).into());
         }
         serde_json::from_slice(&body).context("the control plane sent something that is not JSON")
     }
@@ -101,16 +94,18 @@ impl Target {
         if !resp.status().is_success() {
             let status = resp.status();
             let body = resp.into_body().collect().await?.to_bytes();
-            let text = String::from_utf8_lossy(&body).trim().to_owned();
-            let control = self.control.clone();
-            return Err(Refused {
-                status,
-                text,
-                control,
-            }
-            .into());
+            return Err(self.refused(status, &body).into());
         }
         Ok(resp)
+    }
+
+    /// A refusal (`status`, with `body` as its reason) from this target.
+    fn refused(&self, status: http::StatusCode, body: &[u8]) -> Refused {
+        Refused {
+            status,
+            text: String::from_utf8_lossy(body).trim().to_owned(),
+            control: self.control.clone(),
+        }
     }
 
     /// HTTP, or HTTPS trusting `control_ca` (else the system's roots).

@@ -189,20 +189,32 @@ source:
     );
 }
 
-/// Text logs written to a pipe (a file, journald) carry no terminal
-/// colour codes: one plain event per line.
-#[tokio::test]
-async fn text_logs_to_a_pipe_are_plain() {
+/// Stderr lines of a running `almond proxy`.
+type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// Starts `almond proxy` on a config of one listener and the admin (both
+/// on port 0, no services), logging at `info` with `env` set and `unset`
+/// removed; its stderr, line by line (the config file lives as long as
+/// the returned handle).
+#[allow(clippy::unwrap_used)]
+fn bare_proxy(
+    env: &[(&str, &str)],
+    unset: &[&str],
+) -> (tokio::process::Child, LogLines, tempfile::NamedTempFile) {
     use tokio::io::AsyncBufReadExt;
     let config = write_temp(
         ".yaml",
         "admin: 127.0.0.1:0\nlisteners:\n  - bind: 127.0.0.1:0\n",
     );
-    let mut child = almond()
-        .args(["proxy", "--config"])
-        .arg(config.path())
-        .env_remove("ALMOND_LOG_FORMAT")
-        .env_remove("NO_COLOR")
+    let mut cmd = almond();
+    cmd.args(["proxy", "--config"]).arg(config.path());
+    for name in unset {
+        cmd.env_remove(name);
+    }
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    let mut child = cmd
         .env("ALMOND_LOG", "info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -210,7 +222,15 @@ async fn text_logs_to_a_pipe_are_plain() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines, config)
+}
+
+/// Text logs written to a pipe (a file, journald) carry no terminal
+/// colour codes: one plain event per line.
+#[tokio::test]
+async fn text_logs_to_a_pipe_are_plain() {
+    let (mut child, mut lines, _config) = bare_proxy(&[], &["ALMOND_LOG_FORMAT", "NO_COLOR"]);
     loop {
         let line = within("a log line", lines.next_line())
             .await
@@ -350,24 +370,11 @@ async fn empty_answers_say_so() {
 /// matched, and zone-aware balancing went off without a sign).
 #[tokio::test]
 async fn the_zone_is_trimmed_and_said_at_start() {
-    use tokio::io::AsyncBufReadExt;
-    let config = write_temp(
-        ".yaml",
-        "admin: 127.0.0.1:0\nlisteners:\n  - bind: 127.0.0.1:0\n",
-    );
-    let mut child = almond()
-        .args(["proxy", "--config"])
-        .arg(config.path())
-        .env("ALMOND_ZONE", " eu-west-1a\n")
-        .env("ALMOND_LOG_FORMAT", "json")
-        .env("ALMOND_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let env = [
+        ("ALMOND_ZONE", " eu-west-1a\n"),
+        ("ALMOND_LOG_FORMAT", "json"),
+    ];
+    let (mut child, mut lines, _config) = bare_proxy(&env, &[]);
     loop {
         let line = within("the zone line", lines.next_line())
             .await

@@ -407,14 +407,20 @@ async fn a_client_cancelling_its_upload_is_not_the_endpoint_s_failure() {
     assert_eq!(backend.count(), 3, "every upload reached the endpoint");
 }
 
-/// Service `up`'s endpoint was charged no timeout, and is not ejected.
-async fn endpoint_not_blamed(proxy: &TestProxy) {
+/// Timeouts charged to service `up`'s endpoints, with the metrics text.
+async fn timeouts_charged(proxy: &TestProxy) -> (f64, String) {
     let text = proxy.admin_get("/metrics").await.text();
     let timeouts = metric(
         &text,
         "almond_upstream_errors_total",
         &[("service", "up"), ("kind", "timeout")],
     );
+    (timeouts, text)
+}
+
+/// Service `up`'s endpoint was charged no timeout, and is not ejected.
+async fn endpoint_not_blamed(proxy: &TestProxy) {
+    let (timeouts, text) = timeouts_charged(proxy).await;
     assert_eq!(timeouts, 0.0, "{text}");
     let ejected = metric(
         &text,
@@ -511,12 +517,7 @@ async fn a_kept_grpc_call_that_times_out_is_the_endpoint_s_504() {
     let answer = within("the answer", answer).await.unwrap();
     assert_eq!(answer.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(answer.headers()["x-almond-error"], "timeout");
-    let text = proxy.admin_get("/metrics").await.text();
-    let timeouts = metric(
-        &text,
-        "almond_upstream_errors_total",
-        &[("service", "up"), ("kind", "timeout")],
-    );
+    let (timeouts, text) = timeouts_charged(&proxy).await;
     assert_eq!(timeouts, 1.0, "{text}");
 }
 
