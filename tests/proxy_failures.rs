@@ -379,12 +379,8 @@ async fn a_client_cancelling_its_upload_is_not_the_endpoint_s_failure() {
         .start()
         .await;
     for _ in 0..3 {
-        let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
-        let mut send = send.ready().await.unwrap();
         let req = Request::post("http://up/upload").body(()).unwrap();
-        let (_answer, mut body) = send.send_request(req, false).unwrap();
+        let (_conn, _answer, mut body) = h2_open(&proxy, req).await;
         body.send_data(bytes::Bytes::from_static(b"first part"), false)
             .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -416,6 +412,26 @@ async fn timeouts_charged(proxy: &TestProxy) -> (f64, String) {
         &[("service", "up"), ("kind", "timeout")],
     );
     (timeouts, text)
+}
+
+/// Opens an HTTP/2 connection to `proxy` and sends `req`'s head, its body
+/// left open: the connection's handle (keep it for as long as the
+/// stream), the answer to come and the body's sending half.
+#[allow(clippy::unwrap_used)]
+async fn h2_open(
+    proxy: &TestProxy,
+    req: Request<()>,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::client::ResponseFuture,
+    h2::SendStream<bytes::Bytes>,
+) {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let (answer, body) = send.send_request(req, false).unwrap();
+    (send, answer, body)
 }
 
 /// Service `up`'s endpoint was charged no timeout, and is not ejected.
@@ -450,12 +466,8 @@ async fn a_slow_upload_past_the_request_timeout_is_the_client_s() {
         .start()
         .await;
     for _ in 0..2 {
-        let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
-        let mut send = send.ready().await.unwrap();
         let req = Request::post("http://up/upload").body(()).unwrap();
-        let (answer, mut body) = send.send_request(req, false).unwrap();
+        let (_conn, answer, mut body) = h2_open(&proxy, req).await;
         // A part every 150 ms, for 1.5 s.
         let upload = tokio::spawn(async move {
             for _ in 0..10 {
@@ -502,16 +514,12 @@ async fn a_kept_grpc_call_that_times_out_is_the_endpoint_s_504() {
         )
         .start()
         .await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
     let req = Request::post("http://up/pkg.Svc/Call")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
         .unwrap();
-    let (answer, mut body) = send.send_request(req, false).unwrap();
+    let (_conn, answer, mut body) = h2_open(&proxy, req).await;
     body.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"), true)
         .unwrap();
     let answer = within("the answer", answer).await.unwrap();
@@ -545,12 +553,8 @@ async fn an_upstream_that_stops_reading_an_upload_is_the_upstream_s_504() {
         )
         .start()
         .await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
     let req = Request::post("http://up/upload").body(()).unwrap();
-    let (answer, mut body) = send.send_request(req, false).unwrap();
+    let (_conn, answer, mut body) = h2_open(&proxy, req).await;
     // 32 MiB, far past what loopback buffers hold; sent as the windows
     // allow, and given up when the answer comes.
     let upload = tokio::spawn(async move {
@@ -592,15 +596,11 @@ async fn a_kept_body_that_came_late_is_the_client_s_timeout() {
         .start()
         .await;
     for _ in 0..2 {
-        let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
-        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
-        let mut send = send.ready().await.unwrap();
         let req = Request::put("http://up/upload")
             .header("content-length", "10")
             .body(())
             .unwrap();
-        let (answer, mut body) = send.send_request(req, false).unwrap();
+        let (_conn, answer, mut body) = h2_open(&proxy, req).await;
         body.send_data(bytes::Bytes::from_static(b"12345"), false)
             .unwrap();
         tokio::time::sleep(Duration::from_millis(560)).await;
