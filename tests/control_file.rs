@@ -209,6 +209,13 @@ async fn a_service_name_no_host_reaches_is_refused_with_its_file() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
 }
 
+/// The snapshot cache at `path`, if it is there and reads as JSON.
+fn read_cache(path: &std::path::Path) -> Option<serde_json::Value> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
 #[tokio::test]
 async fn the_proxy_rides_out_a_control_plane_that_is_down() {
     let a1 = Backend::start("a1").await;
@@ -224,10 +231,7 @@ async fn the_proxy_rides_out_a_control_plane_that_is_down() {
         1.0
     );
     eventually("the proxy writes its snapshot cache", || async {
-        std::fs::read(&cache)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v["index"].as_u64() == Some(index))
+        read_cache(&cache).is_some_and(|v| v["index"].as_u64() == Some(index))
     })
     .await;
 
@@ -544,10 +548,7 @@ async fn a_proxy_restarted_from_its_cache_takes_the_whole_state() {
     proxy_caught_up(&control, &proxy).await;
     let index = control.state.index();
     eventually("the proxy writes its snapshot cache", || async {
-        std::fs::read(&cache)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v["index"].as_u64() == Some(index))
+        read_cache(&cache).is_some_and(|v| v["index"].as_u64() == Some(index))
     })
     .await;
     proxy.shutdown().await;
@@ -673,11 +674,7 @@ async fn a_cache_with_one_bad_service_still_serves_the_others() {
     let control = TestControl::start(&registry.control_yaml(None)).await;
     let proxy = start_following(&control.url(), Some(&cache)).await;
     synced(&control, &proxy, "web", &[&a1]).await;
-    let read = || {
-        std::fs::read(&cache)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-    };
+    let read = || read_cache(&cache);
     eventually("the proxy writes its snapshot cache", || async {
         read().is_some_and(|v| v["services"]["web"].is_object())
     })

@@ -509,6 +509,27 @@ async fn a_request_whose_client_left_still_makes_its_span() {
     assert_eq!(backend.count(), 1);
 }
 
+/// A GET to service `slow` on `addr`, sent in a task of its own and
+/// returned once `backend` (one that never answers) has it.
+async fn hung_request(
+    addr: std::net::SocketAddr,
+    backend: &Backend,
+) -> tokio::task::JoinHandle<Result<Reply, tokio::time::error::Elapsed>> {
+    let pending = tokio::spawn(async move {
+        let mut c = H1::connect(addr).await;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            c.request(request("GET", "slow", "/wait", &[], "")),
+        )
+        .await
+    });
+    eventually("the request reaches the backend", || async {
+        backend.count() == 1
+    })
+    .await;
+    pending
+}
+
 /// A sampled request the proxy cuts when its drain's time is up is the
 /// proxy's doing, whether an access log is kept or not: its span says 503
 /// `proxy-cut` (it said 499 `client-left` without an access log).
@@ -524,18 +545,7 @@ async fn a_request_cut_by_the_drain_says_so_in_its_span() {
         .start()
         .await;
     let addr = proxy.addr();
-    let pending = tokio::spawn(async move {
-        let mut c = H1::connect(addr).await;
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            c.request(request("GET", "slow", "/wait", &[], "")),
-        )
-        .await
-    });
-    eventually("the request reaches the backend", || async {
-        backend.count() == 1
-    })
-    .await;
+    let pending = hung_request(addr, &backend).await;
     within("the drain", proxy.shutdown()).await;
     let spans = collector.wait_for(1).await;
     assert_eq!(spans.len(), 1, "{spans:#?}");
@@ -567,18 +577,7 @@ async fn a_request_cut_by_the_drain_is_a_5xx_in_the_metrics() {
     let running = tokio::spawn(proxy.run(bound, async {
         let _ = stopped.await;
     }));
-    let pending = tokio::spawn(async move {
-        let mut c = H1::connect(addr).await;
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            c.request(request("GET", "slow", "/wait", &[], "")),
-        )
-        .await
-    });
-    eventually("the request reaches the backend", || async {
-        backend.count() == 1
-    })
-    .await;
+    let pending = hung_request(addr, &backend).await;
     let _ = stop.send(());
     within("the drain", running).await.unwrap();
     let text = String::from_utf8(shared.metrics.encode()).unwrap();
