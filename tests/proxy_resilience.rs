@@ -1021,3 +1021,36 @@ async fn requests_waiting_on_an_unreachable_h2_endpoint_fail_over_together() {
     all_ok(&got, "a burst beside an unreachable endpoint");
     assert_eq!(good.count(), 24);
 }
+
+/// A retry avoids every endpoint the request failed on, not just the
+/// last (Envoy's `previous_hosts`): with two of three endpoints failing
+/// and two retries, every request reaches the third.
+#[tokio::test]
+async fn a_second_retry_avoids_both_endpoints_that_failed() {
+    let bad1 = Backend::builder("bad1").status(503).start().await;
+    let bad2 = Backend::builder("bad2").status(503).start().await;
+    let good = Backend::start("good").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("svc")
+                .lb("round_robin")
+                .at(bad1.addr)
+                .at(bad2.addr)
+                .at(good.addr)
+                .set("circuit_breaker", "{ consecutive_failures: 1000 }")
+                .set(
+                    "retries",
+                    "{ attempts: 2, on: [\"503\"], budget_percent: 100, min_per_second: 1000 }",
+                ),
+        )
+        .start()
+        .await;
+    // Avoiding only the last failure, a request whose first two tries
+    // failed went back to the first endpoint half the time: 1 in 6 of
+    // these 40 would fail.
+    let got = load(&proxy, "svc", 1, 40).await;
+    all_ok(&got, "two of three endpoints answering 503");
+    assert!(got.iter().all(|g| g.backend == "good"));
+    assert_eq!(good.count(), 40);
+}

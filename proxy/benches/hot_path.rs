@@ -8,6 +8,7 @@
 use almond_proxy::observe::metrics::Metrics;
 use almond_proxy::outcome::CodeClass;
 use almond_proxy::pipeline::route::Table;
+use almond_proxy::upstream::balance::Tried;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::Request;
 use std::hint::black_box;
@@ -77,7 +78,7 @@ fn bench(c: &mut Criterion) {
                     return;
                 };
                 let now = tokio::time::Instant::now();
-                if let Some(member) = pool.pick(now, None) {
+                if let Some(member) = pool.pick(now, Tried::NONE) {
                     let metrics = &svc.subsets[member.subset].metrics[0];
                     metrics.record(CodeClass::Success, 0.0012);
                     black_box(member.state.addr);

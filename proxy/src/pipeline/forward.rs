@@ -23,7 +23,7 @@ use crate::pipeline::retry::RetryPolicy;
 use crate::pipeline::route::{ServiceRoute, SubsetRoute};
 use crate::pipeline::shed::Refuse;
 use crate::rescue::Rescue;
-use crate::upstream::balance::Pool;
+use crate::upstream::balance::{Pool, Tried};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::send::{self, OneTry, Sent, TryRequest};
 use crate::upstream::tunnel::{Tunnels, Upgrade};
@@ -240,8 +240,9 @@ struct Tries {
     pause: Duration,
     /// Re-sending after a stale pooled connection (see `SendError::stale`).
     fresh: bool,
-    /// The endpoint the last try failed on (a retry goes elsewhere).
-    failed_on: Option<Arc<EndpointState>>,
+    /// The endpoints earlier tries failed on, oldest first (a retry goes
+    /// elsewhere while it can).
+    failed_on: Vec<Arc<EndpointState>>,
     /// A gRPC call (its status counts, and may call for a retry).
     grpc: bool,
     /// Responses may be passed through (see [`Call::pass`]): not a gRPC
@@ -316,7 +317,7 @@ fn forward<'a>(
             // Balance: one endpoint of the pool (another one on a retry). The
             // clock is read once a try: balancing takes well under a microsecond.
             let try_start = Instant::now();
-            let exclude = tries.failed_on.as_deref();
+            let exclude = Tried(&tries.failed_on);
             let picked = match tries.fresh {
                 // A re-send is not another first try in the zone counts.
                 true => call.pool.pick_uncounted(try_start, exclude),
@@ -387,7 +388,7 @@ fn forward<'a>(
             ) {
                 tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
                 tries.next = unsent.map(|req| *req);
-                tries.failed_on = Some(endpoint);
+                tries.failed_on.push(endpoint);
                 pause = Some(now);
                 continue;
             }
@@ -430,7 +431,7 @@ impl Tries {
             retries: 0,
             pause: Duration::ZERO,
             fresh: false,
-            failed_on: None,
+            failed_on: Vec::new(),
             grpc,
             pass: call.pass && !grpc,
             uploading: Uploading::default(),

@@ -13,6 +13,7 @@ use crate::limit::Permit;
 use crate::observe::trace::Stamp;
 use crate::outcome::{grpc_status, is_grpc, CodeClass};
 use crate::pipeline::route::{MirrorPolicy, ServiceRoute, Table};
+use crate::upstream::balance::Tried;
 use crate::upstream::send::{self, OneTry, TryRequest};
 use almond_config::GrpcCode;
 use bytes::Bytes;
@@ -128,7 +129,7 @@ impl Shadow {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         // Not one of the service's requests: not in its zone counts.
-        let Some(member) = pool.pick_uncounted(start, None) else {
+        let Some(member) = pool.pick_uncounted(start, Tried::NONE) else {
             if let Some(metrics) = m.metrics.get(pool.home()) {
                 metrics.record(CodeClass::Error, 0.0);
             }

@@ -827,7 +827,7 @@ mod tests {
         let later = now + Duration::from_millis(1);
         let picked = next.services["web"]
             .all
-            .pick(later, None)
+            .pick(later, crate::upstream::balance::Tried::NONE)
             .map(|m| m.state.addr);
         assert_eq!(picked, Some(held.addr), "its probe is due at once");
     }
@@ -854,7 +854,7 @@ mod tests {
             let later = now + Duration::from_secs(60);
             let picked = new.services["web"]
                 .all
-                .pick(later, None)
+                .pick(later, crate::upstream::balance::Tried::NONE)
                 .map(|m| m.state.addr);
             assert_eq!(picked, Some(failing.addr), "the probe is claimed first");
         }

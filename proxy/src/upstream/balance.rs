@@ -32,6 +32,26 @@ pub struct Member {
     pub local: bool,
 }
 
+/// The endpoints a request's earlier tries failed on, oldest first. A
+/// retry avoids all of them while another endpoint is usable (Envoy's
+/// `previous_hosts` retry predicate), not just the last one: with three
+/// endpoints and two retries, the third try goes to the third endpoint.
+#[derive(Clone, Copy, Default)]
+pub struct Tried<'a>(pub &'a [Arc<EndpointState>]);
+
+impl Tried<'_> {
+    /// A first try: nothing to avoid.
+    pub const NONE: Tried<'static> = Tried(&[]);
+
+    fn is_retry(self) -> bool {
+        !self.0.is_empty()
+    }
+
+    fn has(self, state: &EndpointState) -> bool {
+        self.0.iter().any(|t| std::ptr::eq(&**t, state))
+    }
+}
+
 impl Member {
     fn copy(&self) -> Member {
         Member {
@@ -109,7 +129,7 @@ impl Zones {
         };
         // The zones' pools claim no due probe of their own: the whole
         // pool's pick did before (see `Pool::pick_counted`).
-        match first.pick_here(now, now_ns, None) {
+        match first.pick_here(now, now_ns, Tried::NONE) {
             Some(m) => {
                 if counted {
                     self.counters[i].inc();
@@ -120,7 +140,7 @@ impl Zones {
                 if counted {
                     self.counters[1 - i].inc();
                 }
-                second.pick_here(now, now_ns, None)
+                second.pick_here(now, now_ns, Tried::NONE)
             }
         }
     }
@@ -298,41 +318,37 @@ impl Pool {
     }
 
     /// Picks an endpoint for one request, skipping ejected endpoints and
-    /// `exclude` (the endpoint a retry failed on) when there is another.
+    /// those in `exclude` (the endpoints the request's earlier tries failed
+    /// on) while there is another.
     /// An endpoint whose ejection is up gets the request as its probe.
     /// Below the panic threshold of available endpoints, it balances over
     /// all of them, ejected or not.
-    pub fn pick(&self, now: Instant, exclude: Option<&EndpointState>) -> Option<&Member> {
+    pub fn pick(&self, now: Instant, exclude: Tried<'_>) -> Option<&Member> {
         self.pick_counted(now, exclude, true)
     }
 
     /// [`Pool::pick`] for what is not a request's first try although it
     /// is balanced as one (a re-send after a stale pooled connection, a
     /// mirror's copy): not counted in `almond_zone_requests_total`.
-    pub fn pick_uncounted(&self, now: Instant, exclude: Option<&EndpointState>) -> Option<&Member> {
+    pub fn pick_uncounted(&self, now: Instant, exclude: Tried<'_>) -> Option<&Member> {
         self.pick_counted(now, exclude, false)
     }
 
-    fn pick_counted(
-        &self,
-        now: Instant,
-        exclude: Option<&EndpointState>,
-        counted: bool,
-    ) -> Option<&Member> {
+    fn pick_counted(&self, now: Instant, exclude: Tried<'_>, counted: bool) -> Option<&Member> {
         let now_ns = crate::clock::nanos_since_epoch(now);
         // A due probe goes first, whichever zone its endpoint is in: the
         // zones' picks look in one zone only, and never probed a remote
         // endpoint back while the local zone carried every first try.
         if now_ns >= self.probe_at.load(Ordering::Relaxed) {
             if let Some(probe) = self.claim_due_probe(now_ns, exclude) {
-                if let (Some(zones), true, None) = (&self.zones, counted, exclude) {
+                if let (Some(zones), true, false) = (&self.zones, counted, exclude.is_retry()) {
                     zones.count(probe.local);
                 }
                 return Some(probe);
             }
         }
         // Zones choose first tries; a retry may go to any other endpoint.
-        if let (Some(zones), None) = (&self.zones, exclude) {
+        if let (Some(zones), false) = (&self.zones, exclude.is_retry()) {
             if let Some(picked) = zones.pick(now, now_ns, counted) {
                 return Some(picked);
             }
@@ -342,12 +358,7 @@ impl Pool {
 
     /// The balancer's pick among this pool's members, zones and due
     /// probes aside.
-    fn pick_here(
-        &self,
-        now: Instant,
-        now_ns: u64,
-        exclude: Option<&EndpointState>,
-    ) -> Option<&Member> {
+    fn pick_here(&self, now: Instant, now_ns: u64, exclude: Tried<'_>) -> Option<&Member> {
         let n = self.members.len();
         let first = match n {
             0 => return None,
@@ -357,7 +368,7 @@ impl Pool {
             1 => return self.members.first(),
             // A retry must not move round robin's rotation on, or the
             // endpoint after a failing one would get every first try.
-            _ if exclude.is_some() && self.lb == Lb::RoundRobin => {
+            _ if exclude.is_retry() && self.lb == Lb::RoundRobin => {
                 let start = fastrand::u64(..self.rotation.len().max(1));
                 &self.members[self.rotation.at(start, self.cumulative.as_deref())]
             }
@@ -408,12 +419,12 @@ impl Pool {
     /// [`Pool::pick`] retries the excluded endpoint when no other is
     /// left); else nothing, as for any pool with every endpoint ejected
     /// and panic off (Envoy's "no healthy upstream").
-    fn lone(&self, now_ns: u64, exclude: Option<&EndpointState>) -> Option<&Member> {
+    fn lone(&self, now_ns: u64, exclude: Tried<'_>) -> Option<&Member> {
         let only = self.members.first()?;
-        if exclude.is_some_and(|e| std::ptr::eq(e, &*only.state)) {
+        if exclude.has(&only.state) {
             return Some(only);
         }
-        self.usable(only, now_ns, None).then_some(only)
+        self.usable(only, now_ns, Tried::NONE).then_some(only)
     }
 
     /// A member of this pool was ejected until `until` (ns since the
@@ -427,7 +438,7 @@ impl Pool {
 
     /// Some member's ejection is up: claims its probe for this request,
     /// and sets when the next one is due. One picker scans at a time.
-    fn claim_due_probe(&self, now_ns: u64, exclude: Option<&EndpointState>) -> Option<&Member> {
+    fn claim_due_probe(&self, now_ns: u64, exclude: Tried<'_>) -> Option<&Member> {
         let seen = self.probe_at.swap(u64::MAX, Ordering::AcqRel);
         if seen > now_ns {
             // Another picker is scanning, or an ejection moved it: keep it.
@@ -441,7 +452,7 @@ impl Pool {
             if until == 0 {
                 continue;
             }
-            let excluded = exclude.is_some_and(|e| std::ptr::eq(e, &*m.state));
+            let excluded = exclude.has(&m.state);
             if claimed.is_none()
                 && !excluded
                 && until <= now_ns
@@ -521,8 +532,8 @@ impl Pool {
 
     /// Is `m` fine to send to now? Claims the probe of an endpoint whose
     /// ejection is up.
-    fn usable(&self, m: &Member, now_ns: u64, exclude: Option<&EndpointState>) -> bool {
-        if exclude.is_some_and(|e| std::ptr::eq(e, &*m.state)) {
+    fn usable(&self, m: &Member, now_ns: u64, exclude: Tried<'_>) -> bool {
+        if exclude.has(&m.state) {
             return false;
         }
         match m.state.health.availability(now_ns) {
@@ -538,7 +549,7 @@ impl Pool {
         first: &'a Member,
         now: Instant,
         now_ns: u64,
-        exclude: Option<&EndpointState>,
+        exclude: Tried<'_>,
     ) -> Option<&'a Member> {
         let mut usable = Vec::with_capacity(self.members.len());
         let mut ejected = 0;
@@ -558,24 +569,27 @@ impl Pool {
         if (n - ejected) * 100 < self.panic_threshold as usize * n {
             // Panic: too few left to carry the load; ignore health. The
             // algorithm's first choice stands unless a retry excludes it.
-            if !exclude.is_some_and(|e| std::ptr::eq(e, &*first.state)) {
+            if !exclude.has(&first.state) {
                 return Some(first);
             }
             let others: Vec<usize> = (0..n)
-                .filter(|&i| !exclude.is_some_and(|e| std::ptr::eq(e, &*self.members[i].state)))
+                .filter(|&i| !exclude.has(&self.members[i].state))
                 .collect();
-            return self
-                .pick_from(&others, now, true)
+            return (self.pick_from(&others, now, true))
+                .or_else(|| self.oldest_tried(exclude))
                 .or_else(|| self.members.first());
         }
         if usable.is_empty() {
-            // Only the excluded endpoint is left: retry it rather than fail.
-            return self
-                .members
-                .iter()
-                .find(|m| exclude.is_some_and(|e| std::ptr::eq(e, &*m.state)));
+            // Only endpoints a try failed on are left: retry one rather
+            // than fail, the one that failed longest ago.
+            return self.oldest_tried(exclude);
         }
-        self.pick_from(&usable, now, exclude.is_some())
+        self.pick_from(&usable, now, exclude.is_retry())
+    }
+
+    /// The member a try of `tried` failed on longest ago.
+    fn oldest_tried(&self, tried: Tried<'_>) -> Option<&Member> {
+        (tried.0.iter()).find_map(|t| (self.members.iter()).find(|m| std::ptr::eq(&*m.state, &**t)))
     }
 
     /// The algorithm restricted to the members at `indices`.
@@ -789,7 +803,7 @@ mod tests {
         let now = Instant::now();
         let mut out = HashMap::new();
         for _ in 0..n {
-            let m = pool.pick(now, None).expect("non-empty pool");
+            let m = pool.pick(now, Tried::NONE).expect("non-empty pool");
             *out.entry(m.state.addr.port()).or_default() += 1;
         }
         out
@@ -815,7 +829,7 @@ mod tests {
             let rounds = 10;
             let now = Instant::now();
             let picks: Vec<usize> = (0..total * rounds)
-                .map(|_| usize::from(p.pick(now, None).unwrap().state.addr.port() - 1000))
+                .map(|_| usize::from(p.pick(now, Tried::NONE).unwrap().state.addr.port() - 1000))
                 .collect();
             for (i, &w) in weights.iter().enumerate() {
                 let turns: Vec<usize> = (0..picks.len()).filter(|&k| picks[k] == i).collect();
@@ -846,7 +860,7 @@ mod tests {
         let p = pool(&[5_000, 1_000, 1_000], Lb::RoundRobin);
         let now = Instant::now();
         let picks: Vec<u16> = (0..700)
-            .map(|_| p.pick(now, None).unwrap().state.addr.port())
+            .map(|_| p.pick(now, Tried::NONE).unwrap().state.addr.port())
             .collect();
         for seven in picks.windows(7) {
             let n = |port| seven.iter().filter(|&&p| p == port).count();
@@ -1015,7 +1029,7 @@ mod health_tests {
             let now = Instant::now();
             eject(&p, 2, now);
             for _ in 0..500 {
-                let m = p.pick(now, None).unwrap();
+                let m = p.pick(now, Tried::NONE).unwrap();
                 assert_ne!(m.state.addr.port(), 3002, "{lb:?}");
             }
         }
@@ -1030,7 +1044,7 @@ mod health_tests {
             eject(&p, i, now);
         }
         let hit: std::collections::HashSet<u16> = (0..100)
-            .map(|_| p.pick(now, None).unwrap().state.addr.port())
+            .map(|_| p.pick(now, Tried::NONE).unwrap().state.addr.port())
             .collect();
         assert_eq!(hit.len(), 4);
     }
@@ -1071,14 +1085,21 @@ mod health_tests {
             let now = Instant::now();
             let local = |p: &Pool| {
                 (0..1000)
-                    .filter(|_| p.pick(now, None).unwrap().state.addr.port() < 3002)
+                    .filter(|_| p.pick(now, Tried::NONE).unwrap().state.addr.port() < 3002)
                     .count()
             };
             assert_eq!(local(&p), 1000, "{lb:?}");
             // A retry may leave the zone.
             let failed = p.members[0].state.clone();
             let retried = (0..200)
-                .filter(|_| p.pick(now, Some(&failed)).unwrap().state.addr.port() >= 3002)
+                .filter(|_| {
+                    p.pick(now, Tried(std::slice::from_ref(&failed)))
+                        .unwrap()
+                        .state
+                        .addr
+                        .port()
+                        >= 3002
+                })
                 .count();
             assert!(retried > 0, "{lb:?}");
             // One local endpoint out: 50 % < 70 %; local keeps (1/5)/(2/6).
@@ -1111,7 +1132,7 @@ mod health_tests {
             eject(&p, 0, now);
             eject(&p, 1, now);
             let picks: Vec<u16> = (0..2000)
-                .map(|_| p.pick(now, None).unwrap().state.addr.port())
+                .map(|_| p.pick(now, Tried::NONE).unwrap().state.addr.port())
                 .collect();
             assert!(
                 picks.iter().all(|&port| port >= 4002),
@@ -1122,7 +1143,7 @@ mod health_tests {
                 eject(&p, i, now);
             }
             let out = (0..2000)
-                .filter(|_| p.pick(now, None).unwrap().state.health.is_out())
+                .filter(|_| p.pick(now, Tried::NONE).unwrap().state.health.is_out())
                 .count();
             assert!(out > 0, "{lb:?}: in panic, health is ignored");
         }
@@ -1138,14 +1159,14 @@ mod health_tests {
             let p = zoned_pool(members(&[1, 1], 1, 8000), lb, Duration::from_secs(1));
             let now = Instant::now();
             eject(&p, 1, now);
-            assert!((0..100).all(|_| p.pick(now, None).unwrap().state.addr.port() == 8000));
+            assert!((0..100).all(|_| p.pick(now, Tried::NONE).unwrap().state.addr.port() == 8000));
             let later = now + Duration::from_secs(60);
-            let first = p.pick(later, None).unwrap();
+            let first = p.pick(later, Tried::NONE).unwrap();
             assert_eq!(first.state.addr.port(), 8001, "{lb:?}: the probe");
             let zones = p.zones.as_ref().unwrap();
             assert_eq!(zones.counters[1].get(), 1, "{lb:?}: counted remote");
             // Its probe out, the others stay local.
-            assert!((0..100).all(|_| p.pick(later, None).unwrap().state.addr.port() == 8000));
+            assert!((0..100).all(|_| p.pick(later, Tried::NONE).unwrap().state.addr.port() == 8000));
         }
         // An ejection that is up is not counted against the zone's share.
         let p = zoned(Lb::RoundRobin);
@@ -1168,7 +1189,7 @@ mod health_tests {
             eject(&p, 4, now);
             let n = 12_000;
             let heavy = (0..n)
-                .filter(|_| p.pick(now, None).unwrap().state.addr.port() == 5000)
+                .filter(|_| p.pick(now, Tried::NONE).unwrap().state.addr.port() == 5000)
                 .count() as f64;
             // 3 of the 6 weight left: 6,000 +- 5 sigma (274).
             assert!((heavy - 6000.0).abs() < 274.0, "{lb:?}: {heavy}");
@@ -1185,7 +1206,7 @@ mod health_tests {
         eject(&p, 1, now);
         let n = 30_000;
         let first = (0..n)
-            .filter(|_| p.pick(now, None).unwrap().state.addr.port() == 7000)
+            .filter(|_| p.pick(now, Tried::NONE).unwrap().state.addr.port() == 7000)
             .count() as f64;
         // 15,000 +- 5 sigma (the ejected one's 10,000 turns, drawn: 250).
         assert!((first - 15_000.0).abs() < 250.0, "{first} of {n}");
@@ -1202,7 +1223,7 @@ mod health_tests {
         let n = 200_000;
         let mut light = 0;
         for _ in 0..n {
-            match p.pick(now, None).unwrap().state.addr.port() {
+            match p.pick(now, Tried::NONE).unwrap().state.addr.port() {
                 6000 => light += 1,
                 6001 => {}
                 port => panic!("{port} is ejected"),
@@ -1221,18 +1242,47 @@ mod health_tests {
         for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
             let p = pool(1, lb).with_health(0, Duration::from_secs(1));
             let now = Instant::now();
-            assert!(p.pick(now, None).is_some(), "{lb:?}");
+            assert!(p.pick(now, Tried::NONE).is_some(), "{lb:?}");
             eject(&p, 0, now);
-            assert!(p.pick(now, None).is_none(), "{lb:?}: picked while ejected");
+            assert!(
+                p.pick(now, Tried::NONE).is_none(),
+                "{lb:?}: picked while ejected"
+            );
             let only = p.members[0].state.clone();
-            assert!(p.pick(now, Some(&only)).is_some(), "{lb:?}: its retry");
+            assert!(
+                p.pick(now, Tried(std::slice::from_ref(&only))).is_some(),
+                "{lb:?}: its retry"
+            );
             let later = now + Duration::from_secs(60);
-            assert!(p.pick(later, None).is_some(), "{lb:?}: its probe");
-            assert!(p.pick(later, None).is_none(), "{lb:?}: its probe is out");
+            assert!(p.pick(later, Tried::NONE).is_some(), "{lb:?}: its probe");
+            assert!(
+                p.pick(later, Tried::NONE).is_none(),
+                "{lb:?}: its probe is out"
+            );
 
             let p = pool(1, lb).with_health(50, Duration::from_secs(1));
             eject(&p, 0, now);
-            assert!(p.pick(now, None).is_some(), "{lb:?}: panic on");
+            assert!(p.pick(now, Tried::NONE).is_some(), "{lb:?}: panic on");
+        }
+    }
+
+    /// Two tries failed: the third avoids both; with every endpoint
+    /// tried, the one that failed longest ago is tried again.
+    #[tokio::test(start_paused = true)]
+    async fn retries_avoid_every_endpoint_tried() {
+        for lb in [Lb::RoundRobin, Lb::LeastRequest, Lb::P2cEwma] {
+            let p = pool(3, lb);
+            let now = Instant::now();
+            let two = [p.members[0].state.clone(), p.members[2].state.clone()];
+            for _ in 0..300 {
+                let m = p.pick(now, Tried(&two)).unwrap();
+                assert_eq!(m.state.addr.port(), 3001, "{lb:?}");
+            }
+            let all = [2, 0, 1].map(|i| p.members[i].state.clone());
+            for _ in 0..30 {
+                let m = p.pick(now, Tried(&all)).unwrap();
+                assert_eq!(m.state.addr.port(), 3002, "{lb:?}");
+            }
         }
     }
 
@@ -1243,7 +1293,7 @@ mod health_tests {
             let now = Instant::now();
             let failed = p.members[1].state.clone();
             for _ in 0..300 {
-                let m = p.pick(now, Some(&failed)).unwrap();
+                let m = p.pick(now, Tried(std::slice::from_ref(&failed))).unwrap();
                 assert_ne!(m.state.addr.port(), 3001, "{lb:?}");
             }
         }
