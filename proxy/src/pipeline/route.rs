@@ -650,17 +650,14 @@ impl ServiceRoute {
         }
         match &self.split {
             Some(split) => {
-                // The sticky header's value, if the split has one and the
-                // request carries it (borrowed: no allocation).
-                let sticky = split
-                    .sticky_header()
-                    .and_then(|h| req.headers().get(h))
-                    .map(http::HeaderValue::as_bytes);
                 // No subset the split gives traffic to is here (weights
                 // all 0): none goes to one it gives none. (Subsets meant
                 // but without endpoints are here, empty: see
                 // `subset_names`.)
-                match split.pick(sticky).and_then(|i| self.subsets.get(i)) {
+                match split
+                    .pick_for(req.headers())
+                    .and_then(|i| self.subsets.get(i))
+                {
                     Some(s) => Ok(&s.pool),
                     None => Err((
                         ErrorKind::NoEndpoints,

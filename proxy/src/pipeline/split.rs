@@ -13,7 +13,7 @@
 //! whichever name sorts first. (With three or more, a boundary between two
 //! unchanged subsets can still shift when an earlier one changes.)
 
-use http::HeaderName;
+use http::{header, HeaderMap, HeaderName};
 use std::collections::BTreeMap;
 
 /// A weighted choice among a service's subsets.
@@ -64,12 +64,43 @@ impl Split {
     /// nothing, even then: the request has nowhere to go).
     #[inline]
     pub fn pick(&self, sticky: Option<&[u8]>) -> Option<usize> {
+        self.pick_hashed(sticky.filter(|v| !v.is_empty()).map(hash))
+    }
+
+    /// [`Split::pick`] for a request with `headers`: the sticky header's
+    /// value, or its values as one (an HTTP/2 client may send a `cookie`
+    /// in several fields where HTTP/1.1 sends one, RFC 9113 section
+    /// 8.2.3: joined with `"; "`, any other header's with `", "`, so a
+    /// user lands on the same subset either way).
+    #[inline]
+    pub fn pick_for(&self, headers: &HeaderMap) -> Option<usize> {
+        let Some(name) = &self.sticky else {
+            return self.pick_hashed(None);
+        };
+        let mut values = headers.get_all(name).iter();
+        let hashed = match (values.next(), values.next()) {
+            (Some(one), None) => Some(one.as_bytes()).filter(|v| !v.is_empty()).map(hash),
+            (Some(_), Some(_)) => {
+                let sep: &[u8] = if name == header::COOKIE { b"; " } else { b", " };
+                Some(hash_joined(
+                    headers.get_all(name).iter().map(|v| v.as_bytes()),
+                    sep,
+                ))
+            }
+            (None, _) => None,
+        };
+        self.pick_hashed(hashed)
+    }
+
+    /// The subset for a sticky value's hash, or at random.
+    #[inline]
+    fn pick_hashed(&self, hashed: Option<u64>) -> Option<usize> {
         if self.cumulative.len() <= 1 {
             return self.cumulative.first().map(|c| c.1);
         }
-        let x = match sticky {
-            Some(value) if !value.is_empty() => point(hash(value), self.total),
-            _ => fastrand::u32(..self.total),
+        let x = match hashed {
+            Some(h) => point(h, self.total),
+            None => fastrand::u32(..self.total),
         };
         let at = self.cumulative.partition_point(|&(c, _)| c <= x);
         self.cumulative.get(at).map(|c| c.1)
@@ -80,10 +111,19 @@ impl Split {
 /// `user-2`) spread over the high bits that `point` uses. No allocation.
 #[inline]
 pub fn hash(bytes: &[u8]) -> u64 {
+    hash_joined(std::iter::once(bytes), b"")
+}
+
+/// [`hash`] of `parts` joined with `sep`, without joining them.
+#[inline]
+fn hash_joined<'a>(parts: impl Iterator<Item = &'a [u8]>, sep: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    for (i, part) in parts.enumerate() {
+        let bytes = if i == 0 { &[][..] } else { sep }.iter().chain(part);
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -178,6 +218,29 @@ mod tests {
                     (count as f64 - want).abs() <= 5.0 * sigma + 1.0,
                     "{count} on {canary} at {w}%"
                 );
+            }
+        }
+    }
+
+    /// A cookie an HTTP/2 client splits into crumbs, and any header sent
+    /// twice, is hashed as its one-field form.
+    #[test]
+    fn a_value_in_several_fields_is_hashed_as_one() {
+        let weights = BTreeMap::from([("v1".to_owned(), 50), ("v2".to_owned(), 50)]);
+        for name in ["cookie", "x-user-id"] {
+            let s = Split::new(&weights, &["v1", "v2"]).sticky_on(Some(name));
+            let sep = if name == "cookie" { "; " } else { ", " };
+            for u in 0..200 {
+                let (a, b) = (format!("user={u}"), format!("theme=dark{u}"));
+                let mut one = HeaderMap::new();
+                let joined = format!("{a}{sep}{b}");
+                one.insert(name, joined.parse().unwrap());
+                let mut crumbs = HeaderMap::new();
+                crumbs.append(name, a.parse().unwrap());
+                crumbs.append(name, b.parse().unwrap());
+                let want = s.pick(Some(joined.as_bytes()));
+                assert_eq!(s.pick_for(&one), want, "{name} {u}");
+                assert_eq!(s.pick_for(&crumbs), want, "{name} {u}");
             }
         }
     }
