@@ -53,11 +53,6 @@ impl Split {
         self
     }
 
-    /// The sticky header, if any.
-    pub fn sticky_header(&self) -> Option<&HeaderName> {
-        self.sticky.as_ref()
-    }
-
     /// The subset index for one request: by `sticky` (the sticky header's
     /// value, when the request has one), else at random; `None` when no
     /// subset above 0 % has endpoints (a subset at 0 % or not named gets
