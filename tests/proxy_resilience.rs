@@ -927,7 +927,17 @@ fn payload(n: u8) -> Bytes {
         .into()
 }
 
-async fn replayed_bodies_arrive_whole(http2: bool) {
+/// `body` as a stream of two frames: no length up front (chunked over
+/// HTTP/1.1, no `content-length` over HTTP/2).
+fn streamed(body: &Bytes) -> Body {
+    let (a, b) = (body.slice(..body.len() / 2), body.slice(body.len() / 2..));
+    let frames = [a, b].map(|d| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(d)));
+    BodyExt::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+        frames,
+    )))
+}
+
+async fn replayed_bodies_arrive_whole(http2: bool, chunked: bool) {
     let bad = Backend::builder("bad")
         .status(503)
         .keep_bodies()
@@ -943,7 +953,12 @@ async fn replayed_bodies_arrive_whole(http2: bool) {
         svc = svc.http2();
     }
     let proxy = ProxyYaml::new().by_host().service(svc).start().await;
-    let proto = if http2 { "h2" } else { "h1" };
+    let proto = match (http2, chunked) {
+        (false, false) => "h1",
+        (false, true) => "h1 chunked",
+        (true, false) => "h2",
+        (true, true) => "h2 without a length",
+    };
 
     let mut h1 = H1::connect(proxy.addr()).await;
     let mut h2 = H2::connect(proxy.addr()).await;
@@ -951,21 +966,32 @@ async fn replayed_bodies_arrive_whole(http2: bool) {
     for n in 0..8u8 {
         let body = payload(n);
         let method = if n % 4 == 3 { Method::GET } else { Method::PUT };
+        let sent_body = if chunked {
+            streamed(&body)
+        } else {
+            full(body.clone())
+        };
         let reply = if http2 {
             let req = Request::builder()
                 .method(method)
                 .uri("http://svc/put")
                 .version(Version::HTTP_2)
-                .body(full(body.clone()))
+                .body(sent_body)
                 .unwrap();
             h2.request(req).await
         } else {
-            let req = Request::builder()
+            let mut req = Request::builder()
                 .method(method)
                 .uri("/put")
                 .header("host", "svc")
-                .body(full(body.clone()))
+                .body(sent_body)
                 .unwrap();
+            if chunked {
+                // hyper's client sends a GET's body of unknown length only
+                // when asked for chunks.
+                let chunks = http::HeaderValue::from_static("chunked");
+                req.headers_mut().insert("transfer-encoding", chunks);
+            }
             h1.request(req).await
         };
         assert_eq!(reply.status, StatusCode::OK, "{proto}: {}", reply.text());
@@ -975,6 +1001,12 @@ async fn replayed_bodies_arrive_whole(http2: bool) {
 
     // good got every body once, byte for byte; bad got some first, and
     // each of those reached good after it, unchanged.
+    let lens = |v: &[Bytes]| {
+        v.iter()
+            .map(|b| (b.len(), b.first().copied()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lens(&good.bodies()), lens(&sent), "{proto}");
     assert_eq!(good.bodies(), sent, "{proto}");
     let at_bad = bad.bodies();
     assert!(!at_bad.is_empty(), "{proto}: round robin sent some to bad");
@@ -990,8 +1022,16 @@ async fn replayed_bodies_arrive_whole(http2: bool) {
 
 #[tokio::test]
 async fn a_small_body_retried_after_503_arrives_whole() {
-    replayed_bodies_arrive_whole(false).await;
-    replayed_bodies_arrive_whole(true).await;
+    replayed_bodies_arrive_whole(false, false).await;
+    replayed_bodies_arrive_whole(true, false).await;
+}
+
+/// A small body of unknown length (chunked, or HTTP/2 without
+/// `content-length`) is kept as it streams and retried as a known one is.
+#[tokio::test]
+async fn a_small_body_of_unknown_length_retried_after_503_arrives_whole() {
+    replayed_bodies_arrive_whole(false, true).await;
+    replayed_bodies_arrive_whole(true, true).await;
 }
 
 /// An HTTP/2 service with an unreachable endpoint beside a good one: a

@@ -298,8 +298,9 @@ pub enum RequestBody {
     Stream(ClientBody, IdleTimer, Upload),
     /// Held whole (small bodies, when retries are on); `None` once sent.
     Replay(Option<Bytes>),
-    /// Streamed from the client and kept as it goes (gRPC calls whose
-    /// length is not known up front, when `retries.on` names gRPC codes).
+    /// Streamed from the client and kept as it goes: a body whose length
+    /// is not known up front, of an idempotent request, or of a gRPC call
+    /// when `retries.on` names gRPC codes.
     Tee(ClientBody, IdleTimer, Feed),
 }
 
@@ -393,6 +394,12 @@ impl Kept {
             }
             notified.await;
         }
+    }
+
+    /// Did the client's stream end with all of it kept?
+    pub fn is_whole(&self) -> bool {
+        let s = self.state();
+        s.complete && !s.spoiled
     }
 
     /// The whole body, if the client's stream ended and all of it was kept.

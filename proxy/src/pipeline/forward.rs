@@ -228,8 +228,9 @@ struct Tries {
     next: Option<Request<RequestBody>>,
     /// A copy to send again, when the body was small enough to keep.
     replay: Option<Replay>,
-    /// A gRPC call's head and its body as it streams, for a retry on a
-    /// `grpc-*` condition (boxed: rare, and large).
+    /// The head of a request whose body's length is not known, and its
+    /// body as it streams, for a retry once the client has sent all of it
+    /// (boxed: rare, and large).
     kept: Option<Box<(Parts, Arc<Kept>)>>,
     /// The client's half of an upgrade, until the upstream accepts it.
     upgrade: Option<Upgrade>,
@@ -418,7 +419,14 @@ impl Tries {
     fn read(call: &mut Call<'_>, req: ClientRequest, upgrade: Option<Upgrade>) -> Tries {
         let svc = call.svc;
         let grpc = is_grpc(req.headers());
-        let keep = grpc && svc.retry.on_grpc() && upgrade.is_none();
+        // A body of unknown length is kept as it streams when a retry
+        // could send it again: a gRPC call's for a `grpc-*` condition, an
+        // idempotent request's for any (a POST's is never sent twice).
+        let keep = upgrade.is_none()
+            && match grpc {
+                true => svc.retry.on_grpc(),
+                false => headers::idempotent(req.method()),
+            };
         let kept = if keep { tee(&req, &svc.retry) } else { None };
         let deadline = call.start + svc.request_timeout;
         let mut tries = Tries {
@@ -448,7 +456,8 @@ impl Tries {
     /// Decides whether the request can be replayed: retries on, no
     /// upgrade, and a body known to fit `max_body_bytes` (read whole
     /// before the first try). Others stream, and are retried only if
-    /// nothing of them was sent. Any method is kept: a non-idempotent one
+    /// nothing of them was sent, or if one of unknown length was kept
+    /// whole as it streamed (see `tee`). Any method is kept: a non-idempotent one
     /// is sent again only when nothing was processed (a stale pooled
     /// connection), `RetryPolicy::allows` says when. Fills `next` or
     /// `replay`, or returns the boxed reading of a body to read first.
@@ -615,17 +624,12 @@ impl Tries {
         unsent: bool,
         (now, try_start): (Instant, Instant),
     ) -> bool {
-        if self.replay.is_none() && !unsent && grpc.is_some() {
-            // The streamed gRPC body, if the client had sent all of it.
-            self.replay = (self.kept.take()).and_then(|kept| {
-                let (parts, kept) = *kept;
-                Some(Replay {
-                    parts,
-                    body: kept.whole()?,
-                })
-            });
-        }
-        let may_replay = unsent || self.replay.is_some();
+        // The body kept as it streamed, if the client had sent all of it
+        // (made one only for a retry: most tries succeed).
+        let kept_whole = !unsent
+            && self.replay.is_none()
+            && (self.kept.as_ref()).is_some_and(|kept| kept.1.is_whole());
+        let may_replay = unsent || self.replay.is_some() || kept_whole;
         // Time for the pause and a try as long as the one that failed
         // took (at least `MIN_TRY`), or the answer in hand (the
         // upstream's 503, its `Retry-After`) is worth more than a try cut
@@ -641,6 +645,15 @@ impl Tries {
             None => (svc.retry).allows(done, method, result, (may_replay, room), now),
         };
         if again {
+            if kept_whole {
+                self.replay = (self.kept.take()).and_then(|kept| {
+                    let (parts, kept) = *kept;
+                    Some(Replay {
+                        parts,
+                        body: kept.whole()?,
+                    })
+                });
+            }
             self.retries += 1;
             self.pause = pause;
             svc.retries.inc();
@@ -698,16 +711,14 @@ impl Replay {
     }
 }
 
-/// A gRPC request whose body length is not known (the usual case) and
-/// fits no replay copy up front: streamed as it comes, and kept up to
-/// `max_body_bytes` on the way, with a copy of its head.
+/// A request whose body's length is not known (a gRPC call's, a chunked
+/// upload): streamed as it comes, and kept up to `max_body_bytes` on the
+/// way, with a copy of its head.
 fn tee(req: &Request<ClientBody>, policy: &RetryPolicy) -> Option<Box<(Parts, Arc<Kept>)>> {
-    let fits = req
-        .body()
-        .size_hint()
-        .upper()
-        .is_some_and(|n| n <= policy.max_body_bytes as u64);
-    if !policy.enabled() || fits {
+    // Of unknown length only: one known to fit is read whole before the
+    // first try, one known not to would be copied for nothing.
+    let unknown = req.body().size_hint().upper().is_none();
+    if !policy.enabled() || !unknown {
         return None;
     }
     let (mut head, ()) = Request::new(()).into_parts();

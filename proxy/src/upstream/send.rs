@@ -14,6 +14,7 @@ use almond_config::Protocol;
 use bytes::Bytes;
 use http::request::Parts;
 use http_body::Body;
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use std::future::Future;
 use std::sync::Arc;
@@ -225,6 +226,17 @@ fn send_to<'a>(
                 }
             }
             Protocol::Http1 => {
+                // hyper's client sends a GET's or HEAD's body of unknown
+                // length as no body at all, unless asked for chunks.
+                if matches!(*req.method(), Method::GET | Method::HEAD)
+                    && req.body().size_hint().exact().is_none()
+                    && !req.body().is_end_stream()
+                {
+                    (req.headers_mut()).insert(
+                        header::TRANSFER_ENCODING,
+                        HeaderValue::from_static("chunked"),
+                    );
+                }
                 // Boxed: a streamed body through hyper's client is the rare
                 // case, and its state (770 bytes) would size every try.
                 let (resp, sender) = Box::pin(endpoint.conns.send_h1(
