@@ -228,6 +228,46 @@ async fn grpc_unavailable_is_retried_on_another_endpoint() {
     assert_eq!(failures, 5.0);
 }
 
+/// An endpoint answering every call with a trailers-only `UNAVAILABLE`
+/// is ejected as one answering 503 would be (gRPC's status table, as
+/// Envoy's outlier detection reads it): it was a fast "success" that ended
+/// no run of failures and drew latency-aware traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_every_call_with_unavailable_is_ejected() {
+    if !grpc_available().await {
+        return;
+    }
+    let down = GrpcServer::start("down", Some("UNAVAILABLE")).await;
+    let up = GrpcServer::start("up", None).await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("g")
+                .http2()
+                .lb("round_robin")
+                .set("retries", "{ attempts: 0 }")
+                .set(
+                    "circuit_breaker",
+                    "{ consecutive_failures: 3, base_ejection: 1m }",
+                )
+                .endpoint(down.addr, "v1", 1)
+                .endpoint(up.addr, "v1", 1),
+        )
+        .start()
+        .await;
+    let tally = calls(proxy.addr(), "g", &["Unary:OK:30"]).await;
+    // Round robin: `down` fails three times in a row and is out.
+    assert_eq!(n(&tally, "UNAVAILABLE"), 3, "{tally}");
+    assert_eq!(n(&tally, "OK"), 27, "{tally}");
+    let ejections = proxy_metric(
+        &proxy,
+        "almond_endpoint_ejections_total",
+        &[("service", "g")],
+    )
+    .await;
+    assert_eq!(ejections, 1.0);
+}
+
 /// A mirrored gRPC call is counted by its `grpc-status`, as the calls
 /// themselves are: a shadow subset that answers every copy `UNAVAILABLE`
 /// (HTTP 200) shows as failures under `direction="mirror"`, while the

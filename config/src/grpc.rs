@@ -96,6 +96,26 @@ impl GrpcCode {
         }
     }
 
+    /// The HTTP status gRPC's own table gives this code (Envoy's
+    /// `grpcToHttpStatus`): what failure accrual judges a gRPC answer by,
+    /// as Envoy's outlier detection does.
+    pub fn http_status(self) -> u16 {
+        match self {
+            GrpcCode::Ok => 200,
+            GrpcCode::Cancelled => 499,
+            GrpcCode::Unknown | GrpcCode::Internal | GrpcCode::DataLoss => 500,
+            GrpcCode::InvalidArgument | GrpcCode::FailedPrecondition | GrpcCode::OutOfRange => 400,
+            GrpcCode::DeadlineExceeded => 504,
+            GrpcCode::NotFound => 404,
+            GrpcCode::AlreadyExists | GrpcCode::Aborted => 409,
+            GrpcCode::PermissionDenied => 403,
+            GrpcCode::ResourceExhausted => 429,
+            GrpcCode::Unimplemented => 501,
+            GrpcCode::Unavailable => 503,
+            GrpcCode::Unauthenticated => 401,
+        }
+    }
+
     /// The code named `name` (`UNAVAILABLE`).
     pub fn from_name(name: &str) -> Option<GrpcCode> {
         GrpcCode::ALL.into_iter().find(|c| c.name() == name)

@@ -374,9 +374,13 @@ fn forward<'a>(
                 .filter(|_| tries.grpc)
                 .and_then(|(resp, _)| grpc_status(resp.headers()));
             // Only what the endpoint did counts for it: not a try shed here
-            // (`Overloaded`), nor one a client's stalled upload ended.
-            let failed = svc.record_outcome(member.subset, &endpoint, result, now);
-            if ErrorKind::about_endpoint(result) {
+            // (`Overloaded`), nor one a client's stalled upload ended. A
+            // trailers-only gRPC answer is judged by its status's HTTP
+            // equivalent (`UNAVAILABLE` as a 503), as Envoy's outlier
+            // detection does: a fast failure is no success.
+            let judged = grpc_code.map_or(result, |code| Ok(code.http_status()));
+            let failed = svc.record_outcome(member.subset, &endpoint, judged, now);
+            if ErrorKind::about_endpoint(judged) {
                 let times = (try_start, now);
                 learn_rtt((svc, call.pool), &endpoint, times, failed, seen.connect);
             }
