@@ -926,3 +926,99 @@ async fn an_early_answer_to_a_large_kept_body_reaches_the_client() {
         reply.text()
     );
 }
+
+/// A stream whose one side is quiet while the other streams (a gRPC
+/// bidirectional or client-streaming call) is not cut by either side's
+/// idle limit: each side's frames count as the stream's progress, as
+/// Envoy's stream idle timeout counts them. Both limits here are 400 ms;
+/// each quiet side stays quiet for 1.2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_side_of_a_busy_stream_is_not_cut_off() {
+    // The server streams twelve ticks, 100 ms apart, while its client
+    // sends nothing after its first message.
+    let talker = h2_upstream(|_req, mut respond| async move {
+        let mut send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if send
+                .send_data(bytes::Bytes::from_static(b"tick"), false)
+                .is_err()
+            {
+                return;
+            }
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let _ = send.send_trailers(trailers);
+    })
+    .await;
+    // The server answers its head at once, then says nothing until its
+    // client, sending a message every 100 ms, has ended.
+    let listener = h2_upstream(|req, mut respond| async move {
+        let mut send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        let mut body = req.into_body();
+        let mut got = 0;
+        while let Some(Ok(data)) = body.data().await {
+            got += data.len();
+            let _ = body.flow_control().release_capacity(data.len());
+        }
+        let _ = send.send_data(bytes::Bytes::from(format!("got {got}")), true);
+    })
+    .await;
+    let yaml = ProxyYaml::new()
+        .top("limits: { body_idle: 400ms }")
+        .by_host()
+        .service(ServiceYaml::new("talker").http2().at(talker))
+        .service(
+            ServiceYaml::new("listener")
+                .http2()
+                .set("timeouts", "{ body_idle: 400ms }")
+                .at(listener),
+        )
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+    let mut h2 = H2::connect(proxy.addr()).await;
+
+    let (tx, body) = channel_body();
+    tx.send(bytes::Bytes::from_static(b"subscribe"))
+        .await
+        .unwrap();
+    let req = Request::post("http://talker/watch")
+        .version(http::Version::HTTP_2)
+        .body(body)
+        .unwrap();
+    let resp = h2.send(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let got = within("twelve ticks", resp.into_body().collect())
+        .await
+        .expect("the stream ran to its end");
+    let trailers = got.trailers().cloned();
+    assert_eq!(got.to_bytes().len(), 12 * 4);
+    assert_eq!(
+        trailers.and_then(|t| t.get("grpc-status").cloned()),
+        Some(http::HeaderValue::from_static("0"))
+    );
+    drop(tx);
+
+    let (tx, body) = channel_body();
+    let req = Request::post("http://listener/upload")
+        .version(http::Version::HTTP_2)
+        .body(body)
+        .unwrap();
+    tx.send(bytes::Bytes::from_static(b"m")).await.unwrap();
+    let resp = h2.send(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    for _ in 0..11 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(bytes::Bytes::from_static(b"m")).await.unwrap();
+    }
+    drop(tx);
+    let got = within("the answer after the upload", resp.into_body().collect())
+        .await
+        .expect("the stream ran to its end");
+    assert_eq!(&got.to_bytes()[..], b"got 12");
+}

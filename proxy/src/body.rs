@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use prometheus::IntCounter;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -69,18 +69,53 @@ pub struct IdleTimer {
     limit: Duration,
     /// The timer, and when the last frame came (set when armed).
     sleep: Option<(Pin<Box<Sleep>>, Instant)>,
+    /// The last frame either way, when the request's body and its
+    /// response's both stream (see [`Liveness`]).
+    shared: Option<Liveness>,
 }
+
+/// When a frame last moved either way on a request whose body streams
+/// while its response streams back (a gRPC bidirectional or
+/// client-streaming call): each side's idle timer counts the other's
+/// frames as progress, as Envoy's stream idle timeout does, so a client
+/// quiet while its server streams (or the reverse) is not cut off.
+/// Nanoseconds since the process epoch; made only for a streamed
+/// request body.
+#[derive(Clone, Default)]
+pub struct Liveness(Arc<AtomicU64>);
 
 impl IdleTimer {
     /// A timer that fires after `limit` without a frame.
     pub fn new(limit: Duration) -> IdleTimer {
-        IdleTimer { limit, sleep: None }
+        IdleTimer {
+            limit,
+            sleep: None,
+            shared: None,
+        }
+    }
+
+    /// A timer that fires after `limit` without a frame of this body or
+    /// of the other body sharing `shared`.
+    pub fn sharing(limit: Duration, shared: Option<Liveness>) -> IdleTimer {
+        IdleTimer {
+            limit,
+            sleep: None,
+            shared,
+        }
     }
 
     /// A frame arrived.
     #[inline]
     fn progress(&mut self) {
-        if let Some((_, last)) = &mut self.sleep {
+        if let Some(shared) = &self.shared {
+            let now = Instant::now();
+            shared
+                .0
+                .store(crate::clock::nanos_since_epoch(now), Ordering::Relaxed);
+            if let Some((_, last)) = &mut self.sleep {
+                *last = now;
+            }
+        } else if let Some((_, last)) = &mut self.sleep {
             *last = Instant::now();
         }
     }
@@ -96,7 +131,11 @@ impl IdleTimer {
             if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            let due = *last + limit;
+            let mut due = *last + limit;
+            if let Some(shared) = &self.shared {
+                let other = crate::clock::instant_at(shared.0.load(Ordering::Relaxed));
+                due = due.max(other + limit);
+            }
             if Instant::now() >= due {
                 return true;
             }
@@ -527,16 +566,17 @@ impl<C: Completion> ResponseBody<C> {
     }
 
     /// The upstream's body; `finish` runs when it ends or is dropped. It
-    /// ends with an error after `idle` without a byte, counted in
+    /// ends with an error after `idle` without a byte (of it, or of the
+    /// request's body still streaming, when `shared`), counted in
     /// `timeouts`.
     pub fn upstream(
         body: UpstreamBody,
         finish: C,
-        idle: Duration,
+        (idle, shared): (Duration, Option<Liveness>),
         timeouts: IntCounter,
     ) -> ResponseBody<C> {
         let mut body = ResponseBody {
-            kind: Kind::Upstream(body, IdleTimer::new(idle), timeouts),
+            kind: Kind::Upstream(body, IdleTimer::sharing(idle, shared), timeouts),
             finish: Some(finish),
         };
         body.finish_if_done();

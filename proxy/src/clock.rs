@@ -2,6 +2,7 @@
 //! nanoseconds.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// The instant all stamps count from.
@@ -14,4 +15,10 @@ fn epoch() -> Instant {
 #[inline]
 pub fn nanos_since_epoch(now: Instant) -> u64 {
     now.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
+/// The instant `nanos` after the process epoch (a stamp read back).
+#[inline]
+pub fn instant_at(nanos: u64) -> Instant {
+    epoch() + Duration::from_nanos(nanos)
 }

@@ -9,8 +9,8 @@
 
 use crate::body::ResponseBody;
 use crate::body::{
-    BodyError, ClientBody, ClientRequest, IdleTimer, Kept, RequestBody, Upload, Uploading,
-    UpstreamBody,
+    BodyError, ClientBody, ClientRequest, IdleTimer, Kept, Liveness, RequestBody, Upload,
+    Uploading, UpstreamBody,
 };
 use crate::headers;
 use crate::observe::access_log::Observed;
@@ -88,6 +88,7 @@ impl Call<'_> {
         mut finish: Finish,
         elapsed: f64,
         grpc: bool,
+        shared: Option<Liveness>,
     ) -> Reply {
         let metrics = &subset.metrics[self.direction];
         let class = CodeClass::of(resp.status());
@@ -102,7 +103,7 @@ impl Call<'_> {
             _ => metrics.record(class, elapsed),
         }
         headers::from_upstream(&mut resp);
-        let (idle, timeouts) = (self.svc.body_idle, metrics.timeouts());
+        let (idle, timeouts) = ((self.svc.body_idle, shared), metrics.timeouts());
         Box::new(resp.map(|body| ResponseBody::upstream(body, finish, idle, timeouts)))
     }
 
@@ -251,6 +252,8 @@ struct Tries {
     pass: bool,
     /// A streamed body's end, as its tries see it.
     uploading: Uploading,
+    /// A streamed body's last frame, shared with its answer's idle timer.
+    liveness: Option<Liveness>,
     /// The body kept for a replay took the client half the request's time
     /// or more to send: a try cut short by the request's deadline is then
     /// the client's doing, not the endpoint's (Envoy's request timeout
@@ -409,7 +412,8 @@ fn forward<'a>(
             seen.upstream_answered = true;
             let finish = Finish::new(admitted, in_flight).with_h1(h1);
             let subset = &svc.subsets[member.subset];
-            return left.answer(call.relay(subset, resp, finish, elapsed, tries.grpc));
+            let shared = tries.liveness.take();
+            return left.answer(call.relay(subset, resp, finish, elapsed, tries.grpc, shared));
         }
     }
 }
@@ -447,6 +451,7 @@ impl Tries {
             grpc,
             pass: call.pass && !grpc,
             uploading: Uploading::default(),
+            liveness: None,
             late_body: false,
         };
         // Filled in place (each move of a request copies it whole).
@@ -479,7 +484,12 @@ impl Tries {
         if !policy.enabled() || self.upgrade.is_some() || !fits {
             let (upload, uploading) = Upload::watch(req.body());
             self.uploading = uploading;
-            let timer = IdleTimer::new(body_idle);
+            // A body still to come may stream beside its answer: each
+            // side's frames keep the other's idle timer from firing.
+            if !req.body().is_end_stream() {
+                self.liveness = Some(Liveness::default());
+            }
+            let timer = IdleTimer::sharing(body_idle, self.liveness.clone());
             self.next = Some((*req).map(|body| RequestBody::Stream(body, timer, upload)));
             return None;
         }
