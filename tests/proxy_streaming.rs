@@ -1022,3 +1022,86 @@ async fn a_quiet_side_of_a_busy_stream_is_not_cut_off() {
         .expect("the stream ran to its end");
     assert_eq!(&got.to_bytes()[..], b"got 12");
 }
+
+/// A request's time counts from the end of its body, as Envoy's route
+/// timeout does: an upload that takes 1.2 s through a service whose
+/// `timeouts.request` is 400 ms arrives whole (it was a 408 at 400 ms),
+/// over HTTP/1.1 and HTTP/2 alike; an upstream that says nothing once the
+/// upload is over still gets its 504 in `timeouts.request`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_upload_is_not_cut_by_the_request_timeout() {
+    let backend = Backend::start("slow-upload").await;
+    let silent = h2_upstream(|req, _respond| async move {
+        let mut body = req.into_body();
+        while let Some(Ok(data)) = body.data().await {
+            let _ = body.flow_control().release_capacity(data.len());
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("up")
+                .set("timeouts", "{ request: 400ms }")
+                .at(backend.addr),
+        )
+        .service(
+            ServiceYaml::new("silent")
+                .http2()
+                .set("timeouts", "{ request: 400ms }")
+                .at(silent),
+        )
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+
+    /// Sends 12 chunks of 1 KiB, 100 ms apart, as `req`'s body.
+    async fn feed(tx: tokio::sync::mpsc::Sender<bytes::Bytes>) {
+        for _ in 0..12 {
+            // Sent to a request already answered: the status tells.
+            if tx.send(bytes::Bytes::from(vec![b'u'; 1024])).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for http2 in [false, true] {
+        let (tx, body) = channel_body();
+        let req = match http2 {
+            true => Request::post("http://up/upload").version(http::Version::HTTP_2),
+            false => Request::post("/upload").header("host", "up"),
+        };
+        let req = req.body(body).unwrap();
+        let feeding = tokio::spawn(feed(tx));
+        let reply = if http2 {
+            H2::connect(proxy.addr()).await.request(req).await
+        } else {
+            H1::connect(proxy.addr()).await.request(req).await
+        };
+        feeding.await.unwrap();
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "http2 {http2}: {}",
+            reply.text()
+        );
+        assert_eq!(backend.last().body_len, 12 * 1024, "http2 {http2}");
+    }
+
+    let (tx, body) = channel_body();
+    let req = Request::post("http://silent/upload")
+        .version(http::Version::HTTP_2)
+        .body(body)
+        .unwrap();
+    let feeding = tokio::spawn(feed(tx));
+    let mut h2 = H2::connect(proxy.addr()).await;
+    let reply = h2.request(req).await;
+    feeding.await.unwrap();
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.header("x-almond-error"), Some("timeout"));
+}

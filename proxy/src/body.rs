@@ -282,7 +282,14 @@ where
 /// upstream's. Nothing (no allocation) for a body that was over before
 /// it started.
 #[derive(Default)]
-pub struct Upload(Option<Arc<AtomicU8>>);
+pub struct Upload(Option<Arc<UploadState>>);
+
+/// An upload's state, and when it ended.
+struct UploadState {
+    state: AtomicU8,
+    /// Nanoseconds since the process epoch (0: not ended).
+    ended_at: AtomicU64,
+}
 
 /// [`Upload`] states.
 const UPLOAD_MOVING: u8 = 0;
@@ -295,7 +302,10 @@ impl Upload {
         if body.is_end_stream() {
             return (Upload(None), Uploading(None));
         }
-        let state = Arc::new(AtomicU8::new(UPLOAD_MOVING));
+        let state = Arc::new(UploadState {
+            state: AtomicU8::new(UPLOAD_MOVING),
+            ended_at: AtomicU64::new(0),
+        });
         (Upload(Some(state.clone())), Uploading(Some(state)))
     }
 
@@ -309,8 +319,12 @@ impl Upload {
                 Poll::Ready(Some(_)) => UPLOAD_MOVING,
                 Poll::Pending => UPLOAD_WAITING,
             };
-            if state.load(Ordering::Relaxed) != now {
-                state.store(now, Ordering::Relaxed);
+            if state.state.load(Ordering::Relaxed) != now {
+                if now == UPLOAD_ENDED {
+                    let at = crate::clock::nanos_since_epoch(Instant::now()).max(1);
+                    state.ended_at.store(at, Ordering::Relaxed);
+                }
+                state.state.store(now, Ordering::Relaxed);
             }
         }
     }
@@ -318,14 +332,71 @@ impl Upload {
 
 /// The tries' side of an [`Upload`].
 #[derive(Default)]
-pub struct Uploading(Option<Arc<AtomicU8>>);
+pub struct Uploading(Option<Arc<UploadState>>);
 
 impl Uploading {
     /// Is the proxy waiting for the client to send more of the body?
     pub fn unfinished(&self) -> bool {
         self.0
             .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed) == UPLOAD_WAITING)
+            .is_some_and(|s| s.state.load(Ordering::Relaxed) == UPLOAD_WAITING)
+    }
+
+    /// The clock a try's request deadline keeps for this upload (none
+    /// for a body that was over before it started).
+    pub fn clock(
+        &self,
+        limits: (Duration, Duration),
+        liveness: &Option<Liveness>,
+    ) -> Option<UploadClock> {
+        let (state, liveness) = (self.0.as_ref()?, liveness.as_ref()?);
+        Some(UploadClock {
+            state: state.clone(),
+            liveness: liveness.clone(),
+            timeout: limits.0,
+            idle: limits.1,
+        })
+    }
+}
+
+/// A request's deadline while its client still uploads: the request's
+/// time counts from the end of its body (Envoy's route timeout starts at
+/// the request's end), so a long upload (a file, a gRPC client stream)
+/// is not cut at `timeouts.request` after its arrival. The deadline
+/// moves on while the body still comes: the proxy is waiting on the
+/// client (a client that stalls is ended by `limits.body_idle`), or a
+/// frame moved either way within `timeouts.request` (or `body_idle`, if
+/// shorter). An upstream that stopped taking the body gets no more time:
+/// its 504 comes within twice `timeouts.request`.
+#[derive(Clone)]
+pub struct UploadClock {
+    state: Arc<UploadState>,
+    liveness: Liveness,
+    /// `timeouts.request`.
+    timeout: Duration,
+    /// `limits.body_idle`.
+    idle: Duration,
+}
+
+impl std::fmt::Debug for UploadClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UploadClock").finish_non_exhaustive()
+    }
+}
+
+impl UploadClock {
+    /// The request deadline passed at `now`: the later one it moves to,
+    /// or `None` (the try has run out of time).
+    pub fn moved_deadline(&self, now: Instant) -> Option<Instant> {
+        match self.state.ended_at.load(Ordering::Relaxed) {
+            0 => {
+                let waiting = self.state.state.load(Ordering::Relaxed) == UPLOAD_WAITING;
+                let last = crate::clock::instant_at(self.liveness.0.load(Ordering::Relaxed));
+                let window = self.timeout.min(self.idle);
+                (waiting || last + window > now).then(|| now + window)
+            }
+            ended => Some(crate::clock::instant_at(ended) + self.timeout).filter(|at| *at > now),
+        }
     }
 }
 

@@ -254,6 +254,8 @@ struct Tries {
     uploading: Uploading,
     /// A streamed body's last frame, shared with its answer's idle timer.
     liveness: Option<Liveness>,
+    /// `limits.body_idle`.
+    body_idle: Duration,
     /// The body kept for a replay took the client half the request's time
     /// or more to send: a try cut short by the request's deadline is then
     /// the client's doing, not the endpoint's (Envoy's request timeout
@@ -452,6 +454,7 @@ impl Tries {
             pass: call.pass && !grpc,
             uploading: Uploading::default(),
             liveness: None,
+            body_idle: call.body_idle,
             late_body: false,
         };
         // Filled in place (each move of a request copies it whole).
@@ -569,6 +572,9 @@ impl Tries {
             fresh,
             deadline,
             pass,
+            uploading,
+            liveness,
+            body_idle,
             ..
         } = self;
         let (req, method) = match next.take() {
@@ -594,6 +600,11 @@ impl Tries {
             .per_try_timeout
             .and_then(|t| try_start.checked_add(t));
         let until = per_try.map_or(*deadline, |at| at.min(*deadline));
+        // The request's deadline moves on while its body still comes.
+        let upload = match per_try {
+            Some(at) if at < *deadline => None,
+            _ => uploading.clock((svc.request_timeout, *body_idle), liveness),
+        };
         let one = OneTry {
             req,
             upgrade,
@@ -604,7 +615,7 @@ impl Tries {
             at: try_start,
         };
         Some((
-            crate::boxed(|| send::try_once(&svc.target, endpoint, until, one)),
+            crate::boxed(|| send::try_once(&svc.target, endpoint, (until, upload), one)),
             method,
         ))
     }

@@ -157,7 +157,7 @@ impl Shadow {
             pending: m.pending.clone(),
             ..target.target.clone()
         };
-        let sent = send::try_once(&own, &endpoint, until, one).await;
+        let sent = send::try_once(&own, &endpoint, (until, None), one).await;
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start).as_secs_f64();
         let (result, class, code) = match sent {

@@ -571,8 +571,8 @@ impl SendError {
 }
 
 /// A try that ran out of time (`upstream/timeout.rs`): perhaps sent.
-impl From<tokio::time::error::Elapsed> for SendError {
-    fn from(_: tokio::time::error::Elapsed) -> SendError {
+impl From<crate::upstream::timeout::TimedOut> for SendError {
+    fn from(_: crate::upstream::timeout::TimedOut) -> SendError {
         SendError::sent(ErrorKind::Timeout)
     }
 }

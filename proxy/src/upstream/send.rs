@@ -1,7 +1,7 @@
 //! Send: one request to one chosen endpoint, over the connection its
 //! service's protocol calls for (or a tunnel, for an upgrade).
 
-use crate::body::{RequestBody, UpstreamBody};
+use crate::body::{RequestBody, UploadClock, UpstreamBody};
 use crate::observe::trace::Stamp;
 use crate::outcome::ErrorKind;
 pub use crate::upstream::connect::Target;
@@ -110,17 +110,19 @@ pub fn sender<'a>(
 const LEAN_MAX_BODY: usize = 64 * 1024;
 
 /// One try through the try stack: [`TryTimeoutLayer`] over [`sender`],
-/// built in place, never boxed. Not an `async fn`, so that its future's
+/// built in place, never boxed; `upload` when `deadline` is the
+/// request's and its body still streams. Not an `async fn`, so that its future's
 /// `Send` is proven here, where the lifetime is named: the compiler cannot
 /// prove it through the stack's associated types for the erased
 /// lifetimes of a caller's future.
 pub fn try_once<'a>(
     target: &'a Target,
     endpoint: &'a Arc<EndpointState>,
-    deadline: Instant,
+    (deadline, upload): (Instant, Option<UploadClock>),
     one: OneTry<'a>,
 ) -> impl Future<Output = Sent> + Send + 'a {
-    let stack = TryTimeoutLayer::until(deadline).layer(sender(target, endpoint));
+    let timeout = TryTimeoutLayer::until(deadline).with_upload(upload);
+    let stack = timeout.layer(sender(target, endpoint));
     call_ready(stack, one)
 }
 

@@ -1,13 +1,19 @@
 //! Per-try timeout: a `tower` layer that ends one try at its deadline, as
 //! the inner service's own error type (no boxing), so a retry still sees it.
+//! A request deadline reached while the client is still uploading moves
+//! on (see [`UploadClock`]).
 
+use crate::body::UploadClock;
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
-use tokio::time::error::Elapsed;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
+
+/// A try ran out of time (it may have been sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimedOut;
 
 /// Wraps a one-try service in [`TryTimeout`] with a deadline set per try
 /// (its start plus the smaller of `retries.per_try_timeout` and what is
@@ -15,15 +21,27 @@ use tower::{Layer, Service};
 /// which is why it is not `tower::timeout`: that one fixes the limit per
 /// service and boxes every error into a `BoxError`, where a failed try's
 /// error carries the unsent request back for a retry.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TryTimeoutLayer {
     deadline: Instant,
+    upload: Option<UploadClock>,
 }
 
 impl TryTimeoutLayer {
     /// A try must end by `deadline`.
     pub fn until(deadline: Instant) -> TryTimeoutLayer {
-        TryTimeoutLayer { deadline }
+        TryTimeoutLayer {
+            deadline,
+            upload: None,
+        }
+    }
+
+    /// The same, where `deadline` is the request's: it moves on while the
+    /// upload `upload` watches is still coming (the request's time counts
+    /// from the end of its body, as Envoy's route timeout does).
+    pub fn with_upload(mut self, upload: Option<UploadClock>) -> TryTimeoutLayer {
+        self.upload = upload;
+        self
     }
 }
 
@@ -34,21 +52,23 @@ impl<S> Layer<S> for TryTimeoutLayer {
         TryTimeout {
             inner,
             deadline: self.deadline,
+            upload: self.upload.clone(),
         }
     }
 }
 
-/// A service whose calls fail with `E::from(Elapsed)` at the deadline.
+/// A service whose calls fail with `E::from(TimedOut)` at the deadline.
 #[derive(Clone, Debug)]
 pub struct TryTimeout<S> {
     inner: S,
     deadline: Instant,
+    upload: Option<UploadClock>,
 }
 
 impl<S, R> Service<R> for TryTimeout<S>
 where
     S: Service<R>,
-    S::Error: From<Elapsed>,
+    S::Error: From<TimedOut>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -62,7 +82,9 @@ where
     #[inline]
     fn call(&mut self, req: R) -> Timed<S::Future> {
         Timed {
-            inner: tokio::time::timeout_at(self.deadline, self.inner.call(req)),
+            inner: self.inner.call(req),
+            sleep: tokio::time::sleep_until(self.deadline),
+            upload: self.upload.take(),
         }
     }
 }
@@ -71,23 +93,34 @@ pin_project! {
     /// One try under its deadline.
     pub struct Timed<F> {
         #[pin]
-        inner: tokio::time::Timeout<F>,
+        inner: F,
+        #[pin]
+        sleep: Sleep,
+        upload: Option<UploadClock>,
     }
 }
 
 impl<F, T, E> Future for Timed<F>
 where
     F: Future<Output = Result<T, E>>,
-    E: From<Elapsed>,
+    E: From<TimedOut>,
 {
     type Output = Result<T, E>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
-        Poll::Ready(match ready!(self.project().inner.poll(cx)) {
-            Ok(done) => done,
-            Err(elapsed) => Err(E::from(elapsed)),
-        })
+        let mut this = self.project();
+        if let Poll::Ready(done) = this.inner.poll(cx) {
+            return Poll::Ready(done);
+        }
+        loop {
+            ready!(this.sleep.as_mut().poll(cx));
+            let later = (this.upload.as_ref()).and_then(|u| u.moved_deadline(Instant::now()));
+            match later {
+                Some(at) => this.sleep.as_mut().reset(at),
+                None => return Poll::Ready(Err(E::from(TimedOut))),
+            }
+        }
     }
 }
 
