@@ -55,11 +55,16 @@ struct GrpcServer {
 impl GrpcServer {
     /// Server `name`; `fail`: the status of every call (`UNAVAILABLE`).
     async fn start(name: &str, fail: Option<&str>) -> GrpcServer {
-        let mut cmd = Command::new("python3");
-        cmd.arg(scripts().join("server.py")).arg(name);
-        if let Some(code) = fail {
-            cmd.args(["--fail", code]);
+        match fail {
+            Some(code) => GrpcServer::spawn(name, &["--fail", code]).await,
+            None => GrpcServer::spawn(name, &[]).await,
         }
+    }
+
+    /// Server `name` with more of server.py's options.
+    async fn spawn(name: &str, options: &[&str]) -> GrpcServer {
+        let mut cmd = Command::new("python3");
+        cmd.arg(scripts().join("server.py")).arg(name).args(options);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -266,6 +271,67 @@ async fn an_endpoint_failing_every_call_with_unavailable_is_ejected() {
     )
     .await;
     assert_eq!(ejections, 1.0);
+}
+
+/// The proxy's own answers to a gRPC call are gRPC answers (trailers-only,
+/// `grpc-status` and `grpc-message`), as Envoy's and Linkerd's are: a
+/// call that ran out of time is `DEADLINE_EXCEEDED` with the reason (a
+/// bare 504 read as `UNAVAILABLE`, which a client's retry policy sends
+/// again), one with nowhere to go `UNAVAILABLE`; and they are counted in
+/// `almond_grpc_responses_total` by that status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_s_own_answers_to_grpc_calls_carry_a_grpc_status() {
+    if !grpc_available().await {
+        return;
+    }
+    let slow = GrpcServer::spawn("slow", &["--delay", "2"]).await;
+    let dead = closed_port().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("slow")
+                .http2()
+                .set("timeouts", "{ request: 300ms }")
+                .set("retries", "{ attempts: 0 }")
+                .at(slow.addr),
+        )
+        .service(ServiceYaml::new("gone").http2().at(dead))
+        .start()
+        .await;
+    let tally = calls(proxy.addr(), "slow", &["Unary:OK:2"]).await;
+    assert_eq!(tally["codes"], json!({ "DEADLINE_EXCEEDED": 2 }), "{tally}");
+    let details = tally["details"]["DEADLINE_EXCEEDED"].as_str().unwrap_or("");
+    assert_eq!(details, "almond: slow did not answer in time", "{tally}");
+    let counted = proxy_metric(
+        &proxy,
+        "almond_grpc_responses_total",
+        &[("service", "slow"), ("grpc_status", "DEADLINE_EXCEEDED")],
+    )
+    .await;
+    assert_eq!(counted, 2.0);
+
+    let tally = calls(proxy.addr(), "gone", &["Unary:OK:1"]).await;
+    assert_eq!(tally["codes"], json!({ "UNAVAILABLE": 1 }), "{tally}");
+    let details = tally["details"]["UNAVAILABLE"].as_str().unwrap_or("");
+    assert!(
+        details.starts_with("almond: cannot connect to gone"),
+        "{tally}"
+    );
+
+    // Over HTTP/2 by hand: a trailers-only answer, the reason kept in
+    // `x-almond-error`.
+    let req = http::Request::post("http://gone/almond.Test/Unary")
+        .version(http::Version::HTTP_2)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(&b"\0\0\0\0\0"[..]))
+        .unwrap();
+    let reply = H2::connect(proxy.addr()).await.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("grpc-status"), Some("14"));
+    assert_eq!(reply.header("content-type"), Some("application/grpc"));
+    assert_eq!(reply.header("x-almond-error"), Some("connect"));
+    assert!(reply.body.is_empty());
 }
 
 /// A mirrored gRPC call is counted by its `grpc-status`, as the calls

@@ -116,6 +116,19 @@ impl GrpcCode {
         }
     }
 
+    /// The code gRPC's own table gives an HTTP status that came without
+    /// a `grpc-status` (doc/http-grpc-status-mapping.md in grpc/grpc).
+    pub fn of_http_status(status: u16) -> GrpcCode {
+        match status {
+            400 => GrpcCode::Internal,
+            401 => GrpcCode::Unauthenticated,
+            403 => GrpcCode::PermissionDenied,
+            404 => GrpcCode::Unimplemented,
+            429 | 502 | 503 | 504 => GrpcCode::Unavailable,
+            _ => GrpcCode::Unknown,
+        }
+    }
+
     /// The code named `name` (`UNAVAILABLE`).
     pub fn from_name(name: &str) -> Option<GrpcCode> {
         GrpcCode::ALL.into_iter().find(|c| c.name() == name)

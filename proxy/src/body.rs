@@ -654,6 +654,15 @@ impl<C: Completion> ResponseBody<C> {
         body
     }
 
+    /// The text of a body the proxy made, taken out (the body is then
+    /// empty); `None` for an upstream's.
+    pub fn take_local(&mut self) -> Option<Bytes> {
+        match &mut self.kind {
+            Kind::Full(bytes) => Some(bytes.take().unwrap_or_default()),
+            Kind::Upstream(..) => None,
+        }
+    }
+
     fn finish_if_done(&mut self) {
         if self.is_end_stream() {
             if let Some(finish) = self.finish.take() {

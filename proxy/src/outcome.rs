@@ -218,6 +218,49 @@ impl ErrorKind {
         }
     }
 
+    /// The `grpc-status` a gRPC client gets with the proxy's own answer
+    /// (as Envoy's and Linkerd's local replies carry one): what was not
+    /// processed is `UNAVAILABLE`, a call that ran out of time
+    /// `DEADLINE_EXCEEDED` (not the `UNAVAILABLE` gRPC's table gives a
+    /// 504, which a client's retry policy would send again), others by
+    /// gRPC's table of HTTP statuses.
+    pub fn grpc_code(self) -> GrpcCode {
+        match self {
+            ErrorKind::Timeout => GrpcCode::DeadlineExceeded,
+            ErrorKind::Connect
+            | ErrorKind::ConnectTimeout
+            | ErrorKind::Reset
+            | ErrorKind::Overloaded
+            | ErrorKind::NoEndpoints
+            | ErrorKind::NotReady
+            | ErrorKind::UnknownSubset => GrpcCode::Unavailable,
+            ErrorKind::UnknownService | ErrorKind::Unsupported => GrpcCode::Unimplemented,
+            ErrorKind::Forbidden => GrpcCode::PermissionDenied,
+            ErrorKind::BadRequest => GrpcCode::Internal,
+            ErrorKind::ClientTimeout => GrpcCode::Unknown,
+        }
+    }
+
+    /// The kind an `x-almond-error` value names.
+    pub fn of_reason(reason: &[u8]) -> Option<ErrorKind> {
+        const ALL: [ErrorKind; 13] = [
+            ErrorKind::Connect,
+            ErrorKind::ConnectTimeout,
+            ErrorKind::Timeout,
+            ErrorKind::Reset,
+            ErrorKind::ClientTimeout,
+            ErrorKind::Overloaded,
+            ErrorKind::NoEndpoints,
+            ErrorKind::UnknownService,
+            ErrorKind::NotReady,
+            ErrorKind::UnknownSubset,
+            ErrorKind::BadRequest,
+            ErrorKind::Forbidden,
+            ErrorKind::Unsupported,
+        ];
+        ALL.into_iter().find(|k| k.reason().as_bytes() == reason)
+    }
+
     /// The `x-almond-error` header value.
     pub fn reason(self) -> &'static str {
         match self {

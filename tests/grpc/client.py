@@ -7,8 +7,9 @@ TARGET is the proxy's host:port (h2c, prior knowledge); AUTHORITY the
 :authority sent (the service name the proxy routes by). A CALL is
 METHOD:STATUS:COUNT, e.g. Unary:OK:20 or Stream:UNAVAILABLE:5: COUNT calls
 of almond.Test/METHOD asking for STATUS, one after another. Prints one JSON
-line: {"codes": {CODE: n}, "backends": {NAME: n}} (a backend counts when
-its answer's trailers name it). --forever repeats its CALL until killed,
+line: {"codes": {CODE: n}, "backends": {NAME: n}, "details": {CODE: text}}
+(a backend counts when its answer's trailers name it; details: the last
+message a failed call came with, by its code). --forever repeats its CALL until killed,
 printing nothing.
 """
 
@@ -18,7 +19,7 @@ import sys
 import grpc
 
 
-def one(channel, method, status, codes, backends):
+def one(channel, method, status, codes, backends, details):
     path = f"/almond.Test/{method}"
     request = status.encode()
     try:
@@ -33,6 +34,7 @@ def one(channel, method, status, codes, backends):
     except grpc.RpcError as e:
         code = e.code()
         trailers = e.trailing_metadata() or ()
+        details[code.name] = e.details()
     codes[code.name] = codes.get(code.name, 0) + 1
     for key, value in trailers:
         if key == "x-backend":
@@ -45,16 +47,16 @@ def main():
     args = [a for a in args if a != "--forever"]
     target, authority, calls = args[0], args[1], args[2:]
     options = [("grpc.default_authority", authority), ("grpc.enable_retries", 0)]
-    codes, backends = {}, {}
+    codes, backends, details = {}, {}, {}
     with grpc.insecure_channel(target, options=options) as channel:
         while True:
             for spec in calls:
                 method, status, count = spec.split(":")
                 for _ in range(int(count)):
-                    one(channel, method, status, codes, backends)
+                    one(channel, method, status, codes, backends, details)
             if not forever:
                 break
-    print(json.dumps({"codes": codes, "backends": backends}), flush=True)
+    print(json.dumps({"codes": codes, "backends": backends, "details": details}), flush=True)
 
 
 if __name__ == "__main__":

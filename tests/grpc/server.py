@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A gRPC server for almond's tests (grpcio, no protobuf: bytes in, bytes out).
 
-  server.py NAME [--fail CODE]
+  server.py NAME [--fail CODE] [--delay SECONDS]
 
 Binds 127.0.0.1:0 (h2c), prints "PORT <n>" and serves until stdin closes.
 Methods of service almond.Test:
@@ -10,11 +10,13 @@ Methods of service almond.Test:
   Stream  sends one message b"NAME", then ends with the status the request
           names (so the status comes in trailers after a body).
 --fail CODE answers every call with CODE (Stream: after its message).
+--delay SECONDS waits that long before answering each call.
 """
 
 import argparse
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -24,6 +26,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("name")
     p.add_argument("--fail", default=None)
+    p.add_argument("--delay", type=float, default=0.0)
     args = p.parse_args()
     name = args.name.encode()
 
@@ -32,6 +35,7 @@ def main():
         return grpc.StatusCode[text]
 
     def unary(request, context):
+        time.sleep(args.delay)
         context.set_trailing_metadata((("x-backend", args.name),))
         code = status_of(request)
         if code != grpc.StatusCode.OK:
@@ -39,6 +43,7 @@ def main():
         return name
 
     def stream(request, context):
+        time.sleep(args.delay)
         context.set_trailing_metadata((("x-backend", args.name),))
         code = status_of(request)
         yield name

@@ -13,7 +13,7 @@ use crate::observe::access_log::{Entry, Observed};
 use crate::observe::otlp::{Finished, Spans};
 use crate::observe::tap::Summary;
 use crate::observe::trace;
-use crate::outcome::{self, ErrorKind};
+use crate::outcome::{self, is_grpc, ErrorKind};
 use crate::pipeline::admit::Finish;
 use crate::pipeline::forward::{self, Call, Forwarding, Reply};
 use crate::pipeline::mirror::Shadow;
@@ -95,6 +95,8 @@ pub fn handle(
             "request",
             request_id = std::str::from_utf8(trace.request_id.as_bytes()).ok()
         );
+        // A gRPC call gets the proxy's own answers in gRPC's form.
+        let grpc = req.version() == http::Version::HTTP_2 && is_grpc(req.headers());
         let mut resp = serve(&shared, listener, peer, req, start, left.seen, &stamp)
             .instrument(span)
             .await;
@@ -146,6 +148,11 @@ pub fn handle(
                 bytes,
                 observed: seen,
             });
+        }
+        // After the log, the tap and the span, which keep the HTTP status
+        // (a 503 or a 504 says more there than a 200).
+        if grpc {
+            crate::rescue::for_grpc(&mut resp);
         }
         Ok(resp)
     }
@@ -354,6 +361,7 @@ fn serve<'a>(
             body_idle,
             mirror,
             pass: req.body().lean(),
+            grpc: is_grpc(req.headers()),
             stamp,
             tunnels: &shared.tunnels,
             observe: &shared.observe,

@@ -96,6 +96,16 @@ impl GrpcMetrics {
     }
 }
 
+impl GrpcMetrics {
+    /// Counts a call the proxy answered itself (no endpoint, timed out):
+    /// in `almond_grpc_responses_total` only, by the status its client
+    /// got (`almond_requests_total` has it as an error already).
+    #[inline]
+    pub fn record_local(&self, code: GrpcCode) {
+        self.codes[code as usize].inc();
+    }
+}
+
 impl SubsetMetrics {
     /// Counts a finished request by its class (the class fixes the outcome).
     #[inline]

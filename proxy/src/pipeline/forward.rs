@@ -68,6 +68,9 @@ pub struct Call<'a> {
     /// The client's server (the lean HTTP/1.1 one) writes the response
     /// head itself: a simple upstream head may be passed through.
     pub pass: bool,
+    /// A gRPC call (`content-type: application/grpc`): the proxy's own
+    /// answers are counted by the status its client gets for them.
+    pub grpc: bool,
     /// What this hop adds to the request (request ID, `traceparent`).
     pub stamp: &'a Stamp,
     /// Where an upgrade's tunnel goes.
@@ -113,6 +116,9 @@ impl Call<'_> {
         let metrics = &self.svc.subsets[subset].metrics[self.direction];
         metrics.upstream_error(kind);
         metrics.record(kind.code_class(), elapsed);
+        if let (true, Some(calls)) = (self.grpc, &metrics.grpc) {
+            calls.record_local(kind.grpc_code());
+        }
         Box::new(kind.response(&self.svc.name))
     }
 }
