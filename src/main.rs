@@ -733,6 +733,8 @@ fn run_proxy(
             tracing::info!(%admin, "admin listening");
         }
         let _ = proxy.shared().observe.log_level.set(log_level);
+        #[cfg(unix)]
+        tokio::spawn(proxy_signals(proxy.clone(), path.to_owned()));
         proxy.run(bound, shutdown_signal()).await;
         Ok(())
     })
@@ -755,31 +757,122 @@ fn run_control(path: &std::path::Path) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot bind {listen}"))?;
         tracing::info!(addr = %listen, "control API listening");
+        #[cfg(unix)]
+        tokio::spawn(control_signals());
         control.run(listener, shutdown_signal()).await;
         Ok(())
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT; a second one, during the drain that
+/// follows, ends the process at once (exit 1), as an operator who pressed
+/// Ctrl-C twice means.
 async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
-                    _ = ctrl_c => {},
+                    _ = int.recv() => {},
                     _ = term.recv() => {},
                 }
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = int.recv() => {},
+                        _ = term.recv() => {},
+                    }
+                    tracing::warn!(
+                        "second stop signal: exiting now, without the rest of the drain"
+                    );
+                    std::process::exit(1);
+                });
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The proxy's other signals: SIGHUP reads the config file again (see
+/// `almond_proxy::reload`), SIGUSR1 reopens the access log's file (after
+/// logrotate), as Nginx's do. Either used to end the process.
+#[cfg(unix)]
+async fn proxy_signals(proxy: almond_proxy::Proxy, path: std::path::PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut usr1)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
+    ) else {
+        tracing::warn!("cannot watch SIGHUP and SIGUSR1: reload and log reopening are off");
+        return;
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hup.recv() => reload(&proxy, &path).await,
+            Some(()) = usr1.recv() => match &proxy.shared().observe.access_log {
+                Some(log) => log.reopen().await,
+                None => tracing::info!("SIGUSR1: no access log file to reopen"),
+            },
+            else => return,
+        }
+    }
+}
+
+/// SIGHUP: the config file read and checked again; its services applied,
+/// or why not logged (the running configuration stays).
+#[cfg(unix)]
+async fn reload(proxy: &almond_proxy::Proxy, path: &std::path::Path) {
+    let owned = path.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || almond_config::load_proxy_file(&owned)).await;
+    let new = match loaded {
+        Ok(Ok(new)) => new,
+        Ok(Err(e)) => {
+            tracing::error!(config = %path.display(), "reload refused, the running configuration stays: {e:#}");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed");
+            return;
+        }
+    };
+    match proxy.reload(new) {
+        Ok(done) => {
+            if !done.restart.is_empty() {
+                tracing::warn!(keys = %done.restart.join(", "), "reload: these keys changed and take effect on a restart");
+            }
+            tracing::info!(config = %path.display(), services_changed = done.services, "reloaded");
+        }
+        Err(problem) => {
+            tracing::error!(config = %path.display(), %problem, "reload refused, the running configuration stays");
+        }
+    }
+}
+
+/// The control plane has no reload: SIGHUP says so instead of ending the
+/// process (its default), and SIGUSR1 is ignored.
+#[cfg(unix)]
+async fn control_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut usr1)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
+    ) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hup.recv() => tracing::warn!("SIGHUP: the control plane has no reload; restart it to apply a changed config file"),
+            Some(()) = usr1.recv() => {},
+            else => return,
+        }
+    }
 }
 
 fn check_config(path: &std::path::Path) -> ExitCode {

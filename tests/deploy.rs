@@ -1096,6 +1096,14 @@ fn systemd_units_check_their_config_and_outlast_the_drain() {
         assert_eq!(unit_values(&unit, "StateDirectory").len(), 1, "{file}");
         if file.ends_with("almond-proxy.service") {
             assert_eq!(unit_values(&unit, "StateDirectory"), ["almond"]);
+            assert_eq!(
+                unit_values(&unit, "ExecReload"),
+                [
+                    format!("/usr/local/bin/almond check-config {config}"),
+                    "/bin/kill -HUP $MAINPID".to_owned()
+                ],
+                "{file}: a reload checks the file, then sends SIGHUP"
+            );
             let proxy =
                 almond_config::load_proxy_file(&sample).expect("deploy/proxy.yaml is valid");
             let cache = proxy.cache.expect("deploy/proxy.yaml sets cache");

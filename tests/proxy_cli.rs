@@ -646,3 +646,204 @@ async fn the_access_log_keeps_every_line_through_a_stop() {
     assert_eq!(stuck_lines[0]["code_class"], "error", "{text}");
     assert_eq!(stuck_lines[0]["path"], "/stuck", "{text}");
 }
+
+/// SIGHUP reads the config file again, as `nginx -s reload` does: changed
+/// services are in force without a restart (the process and its
+/// connections stay); a file with a problem is refused, named by key and
+/// line, and the running configuration stays; a change that needs a
+/// restart is named. SIGHUP used to end the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_services_and_refuses_a_broken_file() {
+    let one = Backend::start("one").await;
+    let two = Backend::start("two").await;
+    let file = |backend: std::net::SocketAddr, top: &str| {
+        ProxyYaml::new()
+            .by_host()
+            .top(top)
+            .service(ServiceYaml::new("web").at(backend))
+            .build()
+    };
+    let proxy = ProxyProcess::start(&file(one.addr, "drain_timeout: 30s")).await;
+    let mut client = H1::connect(proxy.addr()).await;
+    assert_eq!(client.get("web", "/").await.backend(), "one");
+
+    std::fs::write(proxy.config_path(), file(two.addr, "drain_timeout: 30s")).unwrap();
+    proxy.signal("HUP").await;
+    eventually("the reloaded service answers", || async {
+        H1::connect(proxy.addr())
+            .await
+            .get("web", "/")
+            .await
+            .backend()
+            == "two"
+    })
+    .await;
+    // The same connection goes on, to the new endpoint.
+    assert_eq!(client.get("web", "/").await.backend(), "two");
+
+    // A broken file: refused, named, nothing changed.
+    let broken = file(one.addr, "workers: many");
+    std::fs::write(proxy.config_path(), broken).unwrap();
+    proxy.signal("HUP").await;
+    eventually("the refusal is logged", || async {
+        proxy.logs().contains("reload refused")
+    })
+    .await;
+    let logs = proxy.logs();
+    let refusal = logs
+        .lines()
+        .find(|l| l.contains("reload refused"))
+        .unwrap_or("");
+    assert!(refusal.contains("workers"), "{refusal}");
+    assert!(refusal.contains("line"), "{refusal}");
+    assert_eq!(client.get("web", "/").await.backend(), "two");
+
+    // A key that needs a restart is named; the services still apply.
+    std::fs::write(proxy.config_path(), file(one.addr, "drain_timeout: 5s")).unwrap();
+    proxy.signal("HUP").await;
+    eventually("the restart key is named", || async {
+        proxy.logs().contains("take effect on a restart")
+    })
+    .await;
+    let logs = proxy.logs();
+    let named = logs
+        .lines()
+        .find(|l| l.contains("take effect on a restart"))
+        .unwrap_or("");
+    assert!(named.contains("drain_timeout"), "{named}");
+    eventually("the services of that file apply", || async {
+        H1::connect(proxy.addr())
+            .await
+            .get("web", "/")
+            .await
+            .backend()
+            == "one"
+    })
+    .await;
+    assert_eq!(admin_get(proxy.admin, "/live").await.status, StatusCode::OK);
+}
+
+/// SIGUSR1 reopens the access log's file, as Nginx's does: after
+/// logrotate renamed it away, new lines go to a new file at the path, and
+/// none is lost. SIGUSR1 used to end the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log_after_rotation() {
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let rotated = dir.path().join("access.log.1");
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .top(&format!(
+            "access_log: {{ format: json, path: \"{}\" }}",
+            log.display()
+        ))
+        .service(ServiceYaml::new("web").at(backend.addr))
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+    let lines = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        get_h1(proxy.addr(), "web", "/before").await.status,
+        StatusCode::OK
+    );
+    eventually("the first line", || async { lines(&log).len() == 1 }).await;
+    std::fs::rename(&log, &rotated).unwrap();
+    proxy.signal("USR1").await;
+    eventually("the log is reopened", || async {
+        proxy.logs().contains("access log reopened")
+    })
+    .await;
+    assert_eq!(
+        get_h1(proxy.addr(), "web", "/after").await.status,
+        StatusCode::OK
+    );
+    eventually("the new file's line", || async { lines(&log).len() == 1 }).await;
+    assert!(lines(&rotated)[0].contains("/before"));
+    assert!(lines(&log)[0].contains("/after"));
+    assert_eq!(admin_get(proxy.admin, "/live").await.status, StatusCode::OK);
+}
+
+/// A second SIGTERM during the drain ends the process at once (exit 1),
+/// as a second Ctrl-C means: the operator does not want to wait out
+/// `drain_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let stuck = Backend::builder("stuck")
+        .delay(Duration::from_secs(60))
+        .start()
+        .await;
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .top("drain_timeout: 60s")
+        .service(ServiceYaml::new("stuck").at(stuck.addr))
+        .build();
+    let mut proxy = ProxyProcess::start(&yaml).await;
+    let addr = proxy.addr();
+    let _in_flight = tokio::spawn(async move { get_h1(addr, "stuck", "/").await });
+    eventually("the request reaches its backend", || async {
+        stuck.count() == 1
+    })
+    .await;
+    proxy.terminate().await;
+    eventually("the drain starts", || async {
+        proxy.logs().contains("shutting down")
+    })
+    .await;
+    proxy.terminate().await;
+    let status = proxy.wait().await;
+    assert_eq!(status.code(), Some(1), "logs:\n{}", proxy.logs());
+    assert!(
+        proxy.logs().contains("second stop signal"),
+        "{}",
+        proxy.logs()
+    );
+}
+
+/// The control plane has no reload: SIGHUP says so and the process goes
+/// on (it used to end it, as the signal's default does).
+#[tokio::test]
+async fn sighup_leaves_the_control_plane_running() {
+    use tokio::io::AsyncBufReadExt;
+    let registry = Registry::new();
+    let config = write_temp(".yaml", &registry.control_yaml(None));
+    let mut child = almond()
+        .arg("control")
+        .arg("--config")
+        .arg(config.path())
+        .env("ALMOND_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut wait_for = async |text: &str| {
+        within(text, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(text) {
+                    return;
+                }
+            }
+            panic!("almond control ended before logging {text:?}");
+        })
+        .await;
+    };
+    wait_for("control API listening").await;
+    let pid = child.id().unwrap().to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    wait_for("has no reload").await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the control plane ended"
+    );
+}

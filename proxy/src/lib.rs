@@ -26,6 +26,7 @@ pub mod limit;
 pub mod observe;
 pub mod outcome;
 pub mod pipeline;
+pub mod reload;
 pub mod rescue;
 pub mod upstream;
 

@@ -41,6 +41,11 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<GrpcCode> {
     Some(code.unwrap_or(GrpcCode::Unknown))
 }
 
+/// A try ran out of time (it may have been sent): what the per-try
+/// timeout (`upstream/timeout.rs`) ends a try with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimedOut;
+
 /// The `code_class` label: the upstream's status class, or `error` when no
 /// upstream response arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1156,7 +1156,7 @@ pub struct ProxyProcess {
     /// Admin address.
     pub admin: SocketAddr,
     logs: Arc<Mutex<String>>,
-    _config: tempfile::NamedTempFile,
+    config: tempfile::NamedTempFile,
 }
 
 impl ProxyProcess {
@@ -1222,7 +1222,7 @@ impl ProxyProcess {
             listeners,
             admin,
             logs,
-            _config: config,
+            config,
         };
         eventually("the proxy binary's /ready answers 200", || async {
             match TcpStream::connect(admin).await {
@@ -1251,13 +1251,23 @@ impl ProxyProcess {
 
     /// Sends SIGTERM (through `kill`, to this child's own pid).
     pub async fn terminate(&self) {
+        self.signal("TERM").await;
+    }
+
+    /// Sends signal `name` (`HUP`, `USR1`, ...) through `kill`.
+    pub async fn signal(&self, name: &str) {
         let status = tokio::process::Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.pid.to_string())
             .status()
             .await
             .unwrap();
-        assert!(status.success(), "kill -TERM {} failed", self.pid);
+        assert!(status.success(), "kill -{name} {} failed", self.pid);
+    }
+
+    /// The config file it was started on (rewrite it, then send `HUP`).
+    pub fn config_path(&self) -> &std::path::Path {
+        self.config.path()
     }
 
     /// Waits for the process to exit.

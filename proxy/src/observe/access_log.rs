@@ -12,6 +12,7 @@ use http::Method;
 use prometheus::IntCounter;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +83,9 @@ enum Message {
     Line(Entry),
     /// Answered once every line sent before it is written.
     Flush(oneshot::Sender<()>),
+    /// Open the file again (it was rotated away): lines after go to the
+    /// file now at the path.
+    Reopen,
 }
 
 /// The request path's handle on the access log.
@@ -103,22 +107,16 @@ impl AccessLog {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let out: Box<dyn AsyncWrite + Unpin + Send> = match &config.path {
             None => Box::new(tokio::io::stdout()),
-            Some(path) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path);
-                match file {
-                    Ok(file) => Box::new(tokio::fs::File::from_std(file)),
-                    Err(e) => {
-                        tracing::error!(path = %path.display(), error = %e, "access log disabled: cannot open its file");
-                        return None;
-                    }
+            Some(path) => match open(path) {
+                Ok(file) => file,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "access log disabled: cannot open its file");
+                    return None;
                 }
-            }
+            },
         };
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        runtime.spawn(write_lines(rx, out, config.format));
+        runtime.spawn(write_lines(rx, (out, config.path.clone()), config.format));
         Some(AccessLog {
             tx,
             sample_rate: config.sample_rate,
@@ -167,6 +165,13 @@ impl AccessLog {
         }
     }
 
+    /// Opens the log's file again, after the lines queued before the
+    /// call (SIGUSR1, as Nginx's: logrotate renamed it away, and the lines
+    /// after go to a new file at the path). Nothing for stdout.
+    pub async fn reopen(&self) {
+        let _ = self.tx.send(Message::Reopen).await;
+    }
+
     /// Resolves once every line queued before the call is written (or
     /// the writer is gone): the last lines of a stopping proxy are not
     /// lost with its runtime.
@@ -178,10 +183,20 @@ impl AccessLog {
     }
 }
 
-/// The writer task: lines in batches, one write and flush per batch.
+/// The log's file at `path`, opened to append (made if missing).
+fn open(path: &Path) -> std::io::Result<Box<dyn AsyncWrite + Unpin + Send>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    Ok(Box::new(tokio::fs::File::from_std(file)))
+}
+
+/// The writer task: lines in batches, one write and flush per batch, to
+/// `out` (the file at `path`, if it is one).
 async fn write_lines(
     mut rx: mpsc::Receiver<Message>,
-    mut out: Box<dyn AsyncWrite + Unpin + Send>,
+    (mut out, path): (Box<dyn AsyncWrite + Unpin + Send>, Option<PathBuf>),
     format: AccessLogFormat,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -196,15 +211,37 @@ async fn write_lines(
                     AccessLogFormat::Text => text_line(&entry, &mut text),
                 },
                 Message::Flush(done) => flushed.push(done),
+                Message::Reopen => {
+                    let Some(path) = &path else { continue };
+                    // What came before goes to the old file.
+                    write_out(&mut out, &mut text).await;
+                    match open(path) {
+                        Ok(file) => {
+                            out = file;
+                            tracing::info!(path = %path.display(), "access log reopened");
+                        }
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), error = %e, "access log not reopened: lines go on to the file open before");
+                        }
+                    }
+                }
             }
         }
+        write_out(&mut out, &mut text).await;
+        for done in flushed.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Writes and flushes `text` to `out`, and empties it.
+async fn write_out(out: &mut Box<dyn AsyncWrite + Unpin + Send>, text: &mut String) {
+    if !text.is_empty() {
         if let Err(e) = out.write_all(text.as_bytes()).await {
             tracing::warn!(error = %e, "access log write failed");
         }
         let _ = out.flush().await;
-        for done in flushed.drain(..) {
-            let _ = done.send(());
-        }
+        text.clear();
     }
 }
 

@@ -571,8 +571,8 @@ impl SendError {
 }
 
 /// A try that ran out of time (`upstream/timeout.rs`): perhaps sent.
-impl From<crate::upstream::timeout::TimedOut> for SendError {
-    fn from(_: crate::upstream::timeout::TimedOut) -> SendError {
+impl From<crate::outcome::TimedOut> for SendError {
+    fn from(_: crate::outcome::TimedOut) -> SendError {
         SendError::sent(ErrorKind::Timeout)
     }
 }

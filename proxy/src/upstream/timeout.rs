@@ -4,16 +4,13 @@
 //! on (see [`UploadClock`]).
 
 use crate::body::UploadClock;
+use crate::outcome::TimedOut;
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
-
-/// A try ran out of time (it may have been sent).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TimedOut;
 
 /// Wraps a one-try service in [`TryTimeout`] with a deadline set per try
 /// (its start plus the smaller of `retries.per_try_timeout` and what is
