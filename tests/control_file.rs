@@ -177,11 +177,21 @@ async fn a_service_name_no_host_reaches_is_refused_with_its_file() {
     let marker = Backend::start("marker").await;
     let registry = Registry::new();
     registry.service("web", &[(a1.addr, "v1")]);
-    registry.service("Orders", &[(a1.addr, "v1")]);
     registry.service("marker", &[(marker.addr, "v1")]);
     let control = TestControl::start(&registry.control_yaml(None)).await;
     let proxy = start_following(&control.url(), None).await;
     synced(&control, &proxy, "web", &[&a1]).await;
+    // Added while running (a control plane started with a refused file
+    // is not ready: see below).
+    registry.service("Orders", &[(a1.addr, "v1")]);
+    registry.service("marker", &[(marker.addr, "v3")]);
+    eventually("the control plane reads the new files", || async {
+        control
+            .state
+            .service("marker")
+            .is_some_and(|s| s.endpoints[0].subset == "v3")
+    })
+    .await;
     assert!(
         !control.state.has_service("Orders"),
         "{:?}",
@@ -739,4 +749,36 @@ async fn a_service_a_proxy_cannot_read_does_not_stop_the_others() {
     assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
     let reply = get_h1(proxy.addr(), "newer", "/").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+}
+
+/// A control plane started while a registry file is refused (a typo the
+/// running one tolerated, keeping its last good content) is not ready,
+/// and tells no proxy anything: it has no last good content of that file,
+/// and becoming ready without it would remove its services from every
+/// proxy. Once the file reads, it is ready with all of them.
+#[tokio::test]
+async fn a_control_plane_started_with_a_refused_file_is_not_ready() {
+    let a1 = Backend::start("a1").await;
+    let b1 = Backend::start("b1").await;
+    let registry = Registry::new();
+    registry.service("web", &[(a1.addr, "v1")]);
+    let bad = registry.services.join("api.yaml");
+    std::fs::write(&bad, "api:\n  endpoints: [{ addr: nowhere }]\n").unwrap();
+    let control = TestControl::launch_unready(&registry.control_yaml(None)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let ready = control.get("/ready").await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.text()
+    );
+    // Fixed: ready, with both files' services.
+    registry.service("api", &[(b1.addr, "v1")]);
+    eventually("the control plane is ready", || async {
+        control.get("/ready").await.status == StatusCode::OK
+    })
+    .await;
+    assert!(control.state.has_service("web"));
+    assert!(control.state.has_service("api"));
 }

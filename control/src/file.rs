@@ -1,7 +1,8 @@
 //! File source: a directory of YAML service definitions (the proxy's
 //! `services` shape), watched by polling. A change is read once it has
 //! held for a poll; an invalid or empty file is reported with its path
-//! (and line), and that file's last good content stays in force.
+//! (and line), and that file's last good content stays in force; until
+//! every file has read once, the control plane is not ready.
 
 use crate::state::State;
 use almond_config::{load_services, Service};
@@ -22,6 +23,11 @@ pub async fn run(dir: PathBuf, state: Arc<State>) {
     let mut stamps: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
     let mut good: BTreeMap<PathBuf, BTreeMap<String, Service>> = BTreeMap::new();
     let mut first = true;
+    // Ready once every file listed has been read: a control plane started
+    // with one file refused (a typo left from days before) must not tell
+    // every proxy its services are gone; until then it is not ready and
+    // proxies keep what they have.
+    let mut synced = false;
     let mut unreadable = false;
     // The listing one poll ago: a change is read once it has held for a
     // poll (a file still being written changes again meanwhile).
@@ -49,11 +55,15 @@ pub async fn run(dir: PathBuf, state: Arc<State>) {
         seen.clone_from(&listing);
         if (listing != stamps && settled) || first {
             reload(&dir, &listing, &stamps, &mut good, &state);
+            let all_read = listing.keys().all(|path| good.contains_key(path));
             stamps = listing;
-            if first {
+            if !synced && all_read {
                 state.catalog_synced();
-                first = false;
+                synced = true;
+            } else if !synced && first {
+                tracing::error!(dir = %dir.display(), "not ready until every registry file reads (see the files refused above): proxies keep the services they have");
             }
+            first = false;
         }
         tokio::time::sleep(POLL).await;
     }
