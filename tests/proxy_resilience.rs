@@ -1094,3 +1094,30 @@ async fn a_second_retry_avoids_both_endpoints_that_failed() {
     assert!(got.iter().all(|g| g.backend == "good"));
     assert_eq!(good.count(), 40);
 }
+
+/// With every endpoint failing, retries go round them in turn: two
+/// endpoints and three retries make A, B, A, B (the endpoint that failed
+/// longest ago is tried again, not the first one to fail).
+#[tokio::test]
+async fn retries_over_failing_endpoints_take_turns() {
+    let a = Backend::builder("a").status(503).start().await;
+    let b = Backend::builder("b").status(503).start().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(
+            ServiceYaml::new("svc")
+                .lb("round_robin")
+                .at(a.addr)
+                .at(b.addr)
+                .set("circuit_breaker", "{ consecutive_failures: 1000 }")
+                .set(
+                    "retries",
+                    "{ attempts: 3, budget_percent: 100, min_per_second: 1000 }",
+                ),
+        )
+        .start()
+        .await;
+    let got = load(&proxy, "svc", 1, 1).await;
+    assert_eq!(got[0].status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(counts(&[&a, &b]), [2, 2]);
+}

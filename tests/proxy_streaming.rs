@@ -1105,3 +1105,57 @@ async fn a_long_upload_is_not_cut_by_the_request_timeout() {
     );
     assert_eq!(reply.header("x-almond-error"), Some("timeout"));
 }
+
+/// A streamed upload longer than `timeouts.request` that meets a 503 is
+/// retried: the request's time counts from the end of its body for the
+/// retry's room too, and for a per-try timeout (as Envoy starts its
+/// per-try timer once the request is whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_upload_that_meets_a_503_is_retried() {
+    let bad = Backend::builder("bad")
+        .status(503)
+        .keep_bodies()
+        .start()
+        .await;
+    let good = Backend::builder("good").keep_bodies().start().await;
+    let service = |name: &str, retries: &str| {
+        ServiceYaml::new(name)
+            .lb("round_robin")
+            .set("timeouts", "{ request: 400ms }")
+            .set("retries", retries)
+            .set("circuit_breaker", "{ consecutive_failures: 1000 }")
+            .at(bad.addr)
+            .at(good.addr)
+    };
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(service("up", "{ attempts: 2 }"))
+        .service(service(
+            "per-try",
+            "{ attempts: 2, per_try_timeout: 300ms }",
+        ))
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+    for host in ["up", "per-try"] {
+        for _ in 0..2 {
+            let (tx, body) = channel_body();
+            let req = Request::put("/upload")
+                .header("host", host)
+                .body(body)
+                .unwrap();
+            let feeding = tokio::spawn(async move {
+                for _ in 0..8 {
+                    if tx.send(bytes::Bytes::from(vec![b'u'; 256])).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+            let reply = H1::connect(proxy.addr()).await.request(req).await;
+            feeding.await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "{host}: {}", reply.text());
+            assert_eq!(reply.backend(), "good", "{host}");
+        }
+    }
+    assert!(bad.count() >= 2, "round robin sent some to bad first");
+}

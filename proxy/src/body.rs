@@ -79,10 +79,10 @@ pub struct IdleTimer {
 /// client-streaming call): each side's idle timer counts the other's
 /// frames as progress, as Envoy's stream idle timeout does, so a client
 /// quiet while its server streams (or the reverse) is not cut off.
-/// Nanoseconds since the process epoch; made only for a streamed
-/// request body.
-#[derive(Clone, Default)]
-pub struct Liveness(Arc<AtomicU64>);
+/// Kept with the upload's state ([`Upload`]): only a streamed request
+/// body has one.
+#[derive(Clone)]
+pub struct Liveness(Arc<UploadState>);
 
 impl IdleTimer {
     /// A timer that fires after `limit` without a frame.
@@ -107,11 +107,13 @@ impl IdleTimer {
     /// A frame arrived.
     #[inline]
     fn progress(&mut self) {
-        if let Some(shared) = &self.shared {
+        // Shared while the upload goes on: after, the other side has
+        // nothing left to keep alive.
+        let shared = (self.shared.as_ref()).filter(|s| s.0.ended_at.load(Ordering::Relaxed) == 0);
+        if let Some(shared) = shared {
             let now = Instant::now();
-            shared
-                .0
-                .store(crate::clock::nanos_since_epoch(now), Ordering::Relaxed);
+            let at = crate::clock::nanos_since_epoch(now);
+            shared.0.last_frame.store(at, Ordering::Relaxed);
             if let Some((_, last)) = &mut self.sleep {
                 *last = now;
             }
@@ -133,7 +135,7 @@ impl IdleTimer {
             }
             let mut due = *last + limit;
             if let Some(shared) = &self.shared {
-                let other = crate::clock::instant_at(shared.0.load(Ordering::Relaxed));
+                let other = crate::clock::instant_at(shared.0.last_frame.load(Ordering::Relaxed));
                 due = due.max(other + limit);
             }
             if Instant::now() >= due {
@@ -284,11 +286,14 @@ where
 #[derive(Default)]
 pub struct Upload(Option<Arc<UploadState>>);
 
-/// An upload's state, and when it ended.
+/// An upload's state, when it ended, and when a frame last moved either
+/// way (see [`Liveness`]).
 struct UploadState {
     state: AtomicU8,
     /// Nanoseconds since the process epoch (0: not ended).
     ended_at: AtomicU64,
+    /// Nanoseconds since the process epoch.
+    last_frame: AtomicU64,
 }
 
 /// [`Upload`] states.
@@ -299,12 +304,15 @@ const UPLOAD_ENDED: u8 = 2;
 impl Upload {
     /// Watches `body`'s end: the upload, and the handle the tries keep.
     pub fn watch(body: &ClientBody) -> (Upload, Uploading) {
-        if body.is_end_stream() {
+        // One that came whole with its head never waits on its client.
+        if body.is_end_stream() || matches!(body, ClientBody::Full(_)) {
             return (Upload(None), Uploading(None));
         }
+        let now = crate::clock::nanos_since_epoch(Instant::now());
         let state = Arc::new(UploadState {
             state: AtomicU8::new(UPLOAD_MOVING),
             ended_at: AtomicU64::new(0),
+            last_frame: AtomicU64::new(now),
         });
         (Upload(Some(state.clone())), Uploading(Some(state)))
     }
@@ -342,17 +350,37 @@ impl Uploading {
             .is_some_and(|s| s.state.load(Ordering::Relaxed) == UPLOAD_WAITING)
     }
 
-    /// The clock a try's request deadline keeps for this upload (none
-    /// for a body that was over before it started).
-    pub fn clock(
-        &self,
-        limits: (Duration, Duration),
-        liveness: &Option<Liveness>,
-    ) -> Option<UploadClock> {
-        let (state, liveness) = (self.0.as_ref()?, liveness.as_ref()?);
+    /// When a frame last moved either way, shared by the request's and
+    /// its answer's idle timers (none for a body that was over before it
+    /// started).
+    pub fn liveness(&self) -> Option<Liveness> {
+        self.0.clone().map(Liveness)
+    }
+
+    /// When the upload ended, if it has.
+    pub fn ended_at(&self) -> Option<Instant> {
+        let ended = self.0.as_ref()?.ended_at.load(Ordering::Relaxed);
+        (ended > 0).then(|| crate::clock::instant_at(ended))
+    }
+
+    /// The request's `deadline` (its arrival plus `timeout`) as it stands
+    /// at `now`: counted from the end of a streamed body, and at least
+    /// `timeout` ahead while the body still comes.
+    pub fn deadline(&self, deadline: Instant, timeout: Duration, now: Instant) -> Instant {
+        match (&self.0, self.ended_at()) {
+            (None, _) => deadline,
+            (Some(_), Some(ended)) => deadline.max(ended + timeout),
+            (Some(_), None) => deadline.max(now + timeout),
+        }
+    }
+
+    /// The clock a try's deadline keeps for this upload, with `limits`
+    /// (`timeouts.request` or `retries.per_try_timeout`, and
+    /// `limits.body_idle`); none for a body that was over before it
+    /// started.
+    pub fn clock(&self, limits: (Duration, Duration)) -> Option<UploadClock> {
         Some(UploadClock {
-            state: state.clone(),
-            liveness: liveness.clone(),
+            state: self.0.as_ref()?.clone(),
             timeout: limits.0,
             idle: limits.1,
         })
@@ -367,12 +395,11 @@ impl Uploading {
 /// client (a client that stalls is ended by `limits.body_idle`), or a
 /// frame moved either way within `timeouts.request` (or `body_idle`, if
 /// shorter). An upstream that stopped taking the body gets no more time:
-/// its 504 comes within twice `timeouts.request`.
+/// its 504 comes that long after the last frame moved.
 #[derive(Clone)]
 pub struct UploadClock {
     state: Arc<UploadState>,
-    liveness: Liveness,
-    /// `timeouts.request`.
+    /// `timeouts.request` (or the per-try timeout, when shorter).
     timeout: Duration,
     /// `limits.body_idle`.
     idle: Duration,
@@ -390,10 +417,12 @@ impl UploadClock {
     pub fn moved_deadline(&self, now: Instant) -> Option<Instant> {
         match self.state.ended_at.load(Ordering::Relaxed) {
             0 => {
-                let waiting = self.state.state.load(Ordering::Relaxed) == UPLOAD_WAITING;
-                let last = crate::clock::instant_at(self.liveness.0.load(Ordering::Relaxed));
                 let window = self.timeout.min(self.idle);
-                (waiting || last + window > now).then(|| now + window)
+                if self.state.state.load(Ordering::Relaxed) == UPLOAD_WAITING {
+                    return Some(now + window);
+                }
+                let last = self.state.last_frame.load(Ordering::Relaxed);
+                Some(crate::clock::instant_at(last) + window).filter(|at| *at > now)
             }
             ended => Some(crate::clock::instant_at(ended) + self.timeout).filter(|at| *at > now),
         }

@@ -39,6 +39,9 @@ impl Proxy {
             }
             match key.as_str() {
                 "services" if old.control.is_none() => done.services = true,
+                // Following: the running services are the control plane's,
+                // and the file's are not used.
+                "services" => {}
                 _ => done.restart.push(key.clone()),
             }
         }

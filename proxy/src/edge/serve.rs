@@ -97,9 +97,17 @@ pub fn handle(
         );
         // A gRPC call gets the proxy's own answers in gRPC's form.
         let grpc = req.version() == http::Version::HTTP_2 && is_grpc(req.headers());
-        let mut resp = serve(&shared, listener, peer, req, start, left.seen, &stamp)
-            .instrument(span)
-            .await;
+        let mut resp = serve(
+            &shared,
+            (listener, grpc),
+            peer,
+            req,
+            start,
+            left.seen,
+            &stamp,
+        )
+        .instrument(span)
+        .await;
         // Answered: the line and the span below are the request's.
         let head = left.head.take();
         let span_head = left.span_head.take();
@@ -272,7 +280,7 @@ fn export_span(
 #[allow(clippy::manual_async_fn)]
 fn serve<'a>(
     shared: &'a Shared,
-    listener: usize,
+    (listener, grpc): (usize, bool),
     peer: SocketAddr,
     mut req: ClientRequest,
     start: Instant,
@@ -361,7 +369,7 @@ fn serve<'a>(
             body_idle,
             mirror,
             pass: req.body().lean(),
-            grpc: is_grpc(req.headers()),
+            grpc,
             stamp,
             tunnels: &shared.tunnels,
             observe: &shared.observe,

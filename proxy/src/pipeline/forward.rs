@@ -16,7 +16,7 @@ use crate::headers;
 use crate::observe::access_log::Observed;
 use crate::observe::trace::Stamp;
 use crate::observe::Observe;
-use crate::outcome::{grpc_status, is_grpc, CodeClass, ErrorKind};
+use crate::outcome::{grpc_status, CodeClass, ErrorKind};
 use crate::pipeline::admit::{Admitted, Finish};
 use crate::pipeline::mirror::Shadow;
 use crate::pipeline::retry::RetryPolicy;
@@ -68,8 +68,9 @@ pub struct Call<'a> {
     /// The client's server (the lean HTTP/1.1 one) writes the response
     /// head itself: a simple upstream head may be passed through.
     pub pass: bool,
-    /// A gRPC call (`content-type: application/grpc`): the proxy's own
-    /// answers are counted by the status its client gets for them.
+    /// A gRPC call (HTTP/2, `content-type: application/grpc`): counted by
+    /// its `grpc-status`, the proxy's own answers by the status its client
+    /// gets for them.
     pub grpc: bool,
     /// What this hop adds to the request (request ID, `traceparent`).
     pub stamp: &'a Stamp,
@@ -258,10 +259,10 @@ struct Tries {
     pass: bool,
     /// A streamed body's end, as its tries see it.
     uploading: Uploading,
-    /// A streamed body's last frame, shared with its answer's idle timer.
-    liveness: Option<Liveness>,
     /// `limits.body_idle`.
     body_idle: Duration,
+    /// `timeouts.request`.
+    timeout: Duration,
     /// The body kept for a replay took the client half the request's time
     /// or more to send: a try cut short by the request's deadline is then
     /// the client's doing, not the endpoint's (Envoy's request timeout
@@ -392,7 +393,12 @@ fn forward<'a>(
             let judged = grpc_code.map_or(result, |code| Ok(code.http_status()));
             let failed = svc.record_outcome(member.subset, &endpoint, judged, now);
             if ErrorKind::about_endpoint(judged) {
-                let times = (try_start, now);
+                // Not the upload's time: a long client stream is not the
+                // endpoint's latency.
+                let times = (
+                    try_start.max(tries.uploading.ended_at().unwrap_or(try_start)),
+                    now,
+                );
                 learn_rtt((svc, call.pool), &endpoint, times, failed, seen.connect);
             }
             if tries.retry(
@@ -404,6 +410,9 @@ fn forward<'a>(
             ) {
                 tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, retries = tries.retries, "retrying");
                 tries.next = unsent.map(|req| *req);
+                // Ordered by last failure: the one that failed longest
+                // ago is the one tried again when all have failed.
+                tries.failed_on.retain(|e| !Arc::ptr_eq(e, &endpoint));
                 tries.failed_on.push(endpoint);
                 pause = Some(now);
                 continue;
@@ -420,7 +429,7 @@ fn forward<'a>(
             seen.upstream_answered = true;
             let finish = Finish::new(admitted, in_flight).with_h1(h1);
             let subset = &svc.subsets[member.subset];
-            let shared = tries.liveness.take();
+            let shared = tries.uploading.liveness();
             return left.answer(call.relay(subset, resp, finish, elapsed, tries.grpc, shared));
         }
     }
@@ -434,7 +443,7 @@ impl Tries {
     /// client's half of an upgrade request.
     fn read(call: &mut Call<'_>, req: ClientRequest, upgrade: Option<Upgrade>) -> Tries {
         let svc = call.svc;
-        let grpc = is_grpc(req.headers());
+        let grpc = call.grpc;
         // A body of unknown length is kept as it streams when a retry
         // could send it again: a gRPC call's for a `grpc-*` condition, an
         // idempotent request's for any (a POST's is never sent twice).
@@ -459,8 +468,8 @@ impl Tries {
             grpc,
             pass: call.pass && !grpc,
             uploading: Uploading::default(),
-            liveness: None,
             body_idle: call.body_idle,
+            timeout: svc.request_timeout,
             late_body: false,
         };
         // Filled in place (each move of a request copies it whole).
@@ -495,10 +504,7 @@ impl Tries {
             self.uploading = uploading;
             // A body still to come may stream beside its answer: each
             // side's frames keep the other's idle timer from firing.
-            if !req.body().is_end_stream() {
-                self.liveness = Some(Liveness::default());
-            }
-            let timer = IdleTimer::sharing(body_idle, self.liveness.clone());
+            let timer = IdleTimer::sharing(body_idle, self.uploading.liveness());
             self.next = Some((*req).map(|body| RequestBody::Stream(body, timer, upload)));
             return None;
         }
@@ -579,7 +585,6 @@ impl Tries {
             deadline,
             pass,
             uploading,
-            liveness,
             body_idle,
             ..
         } = self;
@@ -599,18 +604,16 @@ impl Tries {
             }
         };
         seen.connect = None;
-        // The try's deadline: the request's, or sooner by the per-try
-        // timeout from the clock reading the try started at.
-        let per_try = svc
-            .retry
-            .per_try_timeout
-            .and_then(|t| try_start.checked_add(t));
-        let until = per_try.map_or(*deadline, |at| at.min(*deadline));
-        // The request's deadline moves on while its body still comes.
-        let upload = match per_try {
-            Some(at) if at < *deadline => None,
-            _ => uploading.clock((svc.request_timeout, *body_idle), liveness),
-        };
+        // The try's deadline: the request's (counted from the end of a
+        // streamed body), or sooner by the per-try timeout from the clock
+        // reading the try started at. Either moves on while the body
+        // still comes, as Envoy's timers start once the request is whole.
+        let deadline = uploading.deadline(*deadline, svc.request_timeout, try_start);
+        let per_try = (svc.retry.per_try_timeout)
+            .and_then(|t| Some((try_start.checked_add(t)?, t)))
+            .filter(|(at, _)| *at < deadline);
+        let (until, limit) = per_try.unwrap_or((deadline, svc.request_timeout));
+        let upload = uploading.clock((limit, *body_idle));
         let one = OneTry {
             req,
             upgrade,
@@ -633,7 +636,7 @@ impl Tries {
     fn resend_stale(&mut self, sent: &mut Sent, now: Instant) -> bool {
         if let Err(e) = sent {
             let again = e.unsent.is_some() || self.replay.is_some();
-            if e.stale && !self.fresh && again && now < self.deadline {
+            if e.stale && !self.fresh && again && now < self.deadline_at(now) {
                 self.fresh = true;
                 self.next = e.unsent.take().map(|req| *req);
                 return true;
@@ -665,7 +668,9 @@ impl Tries {
         // took (at least `MIN_TRY`), or the answer in hand (the
         // upstream's 503, its `Retry-After`) is worth more than a try cut
         // off at the deadline (a 504, held against the next endpoint).
-        let (deadline, done, mut pause) = (self.deadline, self.retries, Duration::ZERO);
+        let (deadline, done, mut pause) = (self.deadline_at(now), self.retries, Duration::ZERO);
+        // A try's own time, not its upload's.
+        let try_start = try_start.max(self.uploading.ended_at().unwrap_or(try_start));
         let room = || {
             pause = RetryPolicy::backoff(done + 1);
             let took = now.saturating_duration_since(try_start);
@@ -692,10 +697,16 @@ impl Tries {
         again
     }
 
+    /// The request's deadline as it stands at `now`: moved on while its
+    /// body streams, and counted from the body's end once it is over.
+    fn deadline_at(&self, now: Instant) -> Instant {
+        self.uploading.deadline(self.deadline, self.timeout, now)
+    }
+
     /// The pause before the next retry (drawn when it was decided on),
     /// never past the deadline.
     fn back_off(&self, now: Instant) -> tokio::time::Sleep {
-        let left = self.deadline.saturating_duration_since(now);
+        let left = self.deadline_at(now).saturating_duration_since(now);
         tokio::time::sleep(self.pause.min(left))
     }
 }
