@@ -834,6 +834,7 @@ async fn reload(proxy: &almond_proxy::Proxy, path: &std::path::Path) {
     let new = match loaded {
         Ok(Ok(new)) => new,
         Ok(Err(e)) => {
+            proxy.shared().metrics.config_refused("reload");
             tracing::error!(config = %path.display(), "reload refused, the running configuration stays: {e:#}");
             return;
         }
@@ -850,6 +851,7 @@ async fn reload(proxy: &almond_proxy::Proxy, path: &std::path::Path) {
             tracing::info!(config = %path.display(), services_changed = done.services, "reloaded");
         }
         Err(problem) => {
+            proxy.shared().metrics.config_refused("reload");
             tracing::error!(config = %path.display(), %problem, "reload refused, the running configuration stays");
         }
     }

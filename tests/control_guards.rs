@@ -625,4 +625,19 @@ async fn a_service_the_proxy_cannot_take_does_not_stop_the_others() {
     let text = proxy.admin_get("/metrics").await.text();
     let index = metric(&text, "almond_config_index", &[]);
     assert_eq!(index, control.state.index() as f64);
+    // The refusal shows in the metrics, not only in the log.
+    let refused = metric(
+        &text,
+        "almond_config_refused_total",
+        &[("reason", "service")],
+    );
+    assert!(refused >= 1.0, "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "almond_config_refused_total",
+            &[("reason", "snapshot")]
+        ),
+        0.0
+    );
 }

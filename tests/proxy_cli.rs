@@ -666,6 +666,14 @@ async fn sighup_reloads_the_services_and_refuses_a_broken_file() {
     let proxy = ProxyProcess::start(&file(one.addr, "drain_timeout: 30s")).await;
     let mut client = H1::connect(proxy.addr()).await;
     assert_eq!(client.get("web", "/").await.backend(), "one");
+    let metrics = || async { admin_get(proxy.admin, "/metrics").await.text() };
+    let applied = |text: &str| metric(text, "almond_config_applied_timestamp_seconds", &[]);
+    let started = applied(&metrics().await);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    assert!((now.as_secs_f64() - started).abs() < 60.0, "{started}");
+    tokio::time::sleep(Duration::from_millis(20)).await;
 
     std::fs::write(proxy.config_path(), file(two.addr, "drain_timeout: 30s")).unwrap();
     proxy.signal("HUP").await;
@@ -680,6 +688,8 @@ async fn sighup_reloads_the_services_and_refuses_a_broken_file() {
     .await;
     // The same connection goes on, to the new endpoint.
     assert_eq!(client.get("web", "/").await.backend(), "two");
+    let reloaded = applied(&metrics().await);
+    assert!(reloaded > started, "{reloaded} after {started}");
 
     // A broken file: refused, named, nothing changed.
     let broken = file(one.addr, "workers: many");
@@ -697,6 +707,16 @@ async fn sighup_reloads_the_services_and_refuses_a_broken_file() {
     assert!(refusal.contains("workers"), "{refusal}");
     assert!(refusal.contains("line"), "{refusal}");
     assert_eq!(client.get("web", "/").await.backend(), "two");
+    let text = metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "almond_config_refused_total",
+            &[("reason", "reload")]
+        ),
+        1.0
+    );
+    assert_eq!(applied(&text), reloaded, "a refused reload applied nothing");
 
     // A key that needs a restart is named; the services still apply.
     std::fs::write(proxy.config_path(), file(one.addr, "drain_timeout: 5s")).unwrap();

@@ -80,7 +80,7 @@ pub fn load_cache(config: &mut ProxyConfig) -> Option<Position> {
     // is served, rather than no service at all until the control plane
     // is back.
     let problems = validate_proxy(&candidate);
-    let kept = keep_previous(&config.services, &mut candidate.services, problems).and_then(|()| {
+    let kept = keep_previous(&config.services, &mut candidate.services, problems).and_then(|_| {
         match validate_proxy(&candidate).into_iter().next() {
             Some(problem) => Err(problem.to_string()),
             None => Ok(()),
@@ -266,6 +266,7 @@ pub async fn follow(
                         }
                     }
                     Err(problem) => {
+                        shared.metrics.config_refused("snapshot");
                         tracing::error!(%problem, "snapshot refused; the previous config stays");
                         tokio::time::sleep(MAX_BACKOFF).await;
                     }
@@ -332,6 +333,7 @@ async fn apply(proxy: &Proxy, mut snapshot: Snapshot, unread: Unread) -> Result<
     // A service this proxy could not read keeps the copy it has (or
     // stays out, if new), as one that fails validation does.
     for (name, why) in unread {
+        proxy.shared().metrics.config_refused("service");
         let kept = current.services.get(&name).cloned();
         tracing::error!(service = %name, problem = %why, kept_previous = kept.is_some(), "service from the control plane unreadable; the rest of the snapshot is applied");
         if let Some(previous) = kept {
@@ -341,7 +343,10 @@ async fn apply(proxy: &Proxy, mut snapshot: Snapshot, unread: Unread) -> Result<
     let mut next = (*current).clone();
     next.services = snapshot.apply_to(&current.services);
     let problems = validate_proxy(&next);
-    keep_previous(&current.services, &mut next.services, problems)?;
+    let refused = keep_previous(&current.services, &mut next.services, problems)?;
+    for _ in 0..refused {
+        proxy.shared().metrics.config_refused("service");
+    }
     // What was kept was valid with the rest once; anything left is refused whole.
     if let Some(problem) = validate_proxy(&next).into_iter().next() {
         return Err(problem.to_string());
@@ -382,12 +387,13 @@ type Unread = Vec<(String, String)>;
 /// problem names, as `current` has it. The services are all named first,
 /// in `next` as the control plane sent it: a service with two problems is
 /// one refusal, and a name is never looked up in a map already changed.
-/// `Err`: a problem outside any service (the snapshot is refused whole).
+/// `Err`: a problem outside any service (the snapshot is refused whole);
+/// else how many services were refused.
 fn keep_previous<V: Clone>(
     current: &BTreeMap<String, V>,
     next: &mut BTreeMap<String, V>,
     problems: Vec<Problem>,
-) -> Result<(), String> {
+) -> Result<usize, String> {
     let mut refused: BTreeMap<String, Vec<Problem>> = BTreeMap::new();
     for problem in problems {
         let Some(name) = service_of(&problem.path, next) else {
@@ -395,6 +401,7 @@ fn keep_previous<V: Clone>(
         };
         refused.entry(name).or_default().push(problem);
     }
+    let count = refused.len();
     for (name, problems) in refused {
         let kept = current.get(&name).cloned();
         for problem in &problems {
@@ -405,7 +412,7 @@ fn keep_previous<V: Clone>(
             None => next.remove(&name),
         };
     }
-    Ok(())
+    Ok(count)
 }
 
 /// The service a problem's key path (`services.NAME...`) is in.
@@ -458,7 +465,7 @@ mod tests {
             problem("services.a.b.tls"),
             problem("services.a.b.endpoints[0].addr"),
         ];
-        assert_eq!(keep_previous(&current, &mut next, problems), Ok(()));
+        assert_eq!(keep_previous(&current, &mut next, problems), Ok(2));
         assert_eq!(next, [("a".to_owned(), 2)].into());
         // A problem outside any service refuses the snapshot.
         let mut next = current.clone();

@@ -171,6 +171,11 @@ impl Proxy {
             None => None,
         };
         let tunnels = Arc::new(upstream::tunnel::Tunnels::new(config.limits.idle_timeout));
+        // Applied now, or when the cache it starts from was written.
+        let applied = (config.cache.as_ref().filter(|_| cached.index > 0))
+            .and_then(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+            .unwrap_or_else(std::time::SystemTime::now);
+        metrics.config_applied_at(applied);
         let table = Table::build_tls(Arc::new(config), &metrics, None, tls.as_ref());
         Ok(Proxy {
             shared: Arc::new(Shared {
@@ -199,6 +204,7 @@ impl Proxy {
             self.shared.tls.as_ref(),
         );
         self.shared.table.store(Arc::new(table));
+        (self.shared.metrics).config_applied_at(std::time::SystemTime::now());
     }
 
     /// Per listener (config order): its mTLS settings, if it is `tls`.

@@ -7,7 +7,7 @@
 use crate::outcome::{CodeClass, ErrorKind};
 use almond_config::{CodeSet, Direction, GrpcCode, Protocol, Service};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::Arc;
@@ -53,6 +53,10 @@ pub struct Metrics {
     pub config_index: IntGauge,
     /// 1 while the control plane answers (static mode: 0).
     pub control_connected: IntGauge,
+    config_refused: IntCounterVec,
+    /// When the config in force was applied (Unix seconds): at start, a
+    /// snapshot, a reload; a cache's write time when started from it.
+    pub config_applied: Gauge,
     /// Request summaries sent to tap watchers (admin `/tap`).
     pub tap_events: IntCounter,
     /// Request summaries a tap filter passed but that were not sent: over
@@ -258,6 +262,20 @@ impl Metrics {
                 "Client connections closed at accept: the listener was at limits.max_connections.",
             )?,
             config_index: gauge(r, "almond_config_index", "Index of the active config.")?,
+            config_refused: counter_vec(
+                r,
+                "almond_config_refused_total",
+                "Configuration not applied: a snapshot refused whole, one service of a snapshot refused, a reload refused.",
+                &["reason"],
+            )?,
+            config_applied: {
+                let g = Gauge::new(
+                    "almond_config_applied_timestamp_seconds",
+                    "When the config in force was applied (Unix time).",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             control_connected: gauge(
                 r,
                 "almond_control_connected",
@@ -280,6 +298,9 @@ impl Metrics {
         }
         for reason in ["queue_full", "export_failed"] {
             metrics.trace_spans_dropped.with_label_values(&[reason]);
+        }
+        for reason in ["snapshot", "service", "reload"] {
+            metrics.config_refused.with_label_values(&[reason]);
         }
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(
@@ -458,6 +479,19 @@ impl Metrics {
     /// The access log's drop counter for `reason` (`queue_full`, `rate_limit`).
     pub fn access_log_dropped(&self, reason: &str) -> IntCounter {
         self.access_log_dropped.with_label_values(&[reason])
+    }
+
+    /// Counts configuration not applied, for `reason` (`snapshot`: a
+    /// snapshot refused whole; `service`: one service of a snapshot;
+    /// `reload`: a SIGHUP reload).
+    pub fn config_refused(&self, reason: &str) {
+        self.config_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Notes that the config in force was applied at `at`.
+    pub fn config_applied_at(&self, at: std::time::SystemTime) {
+        let seconds = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.config_applied.set(seconds.as_secs_f64());
     }
 
     /// The span drop counter for `reason` (`queue_full`, `export_failed`).
