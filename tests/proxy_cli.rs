@@ -867,3 +867,38 @@ async fn sighup_leaves_the_control_plane_running() {
         "the control plane ended"
     );
 }
+
+/// A second proxy started on the same ports (by mistake, or an old one
+/// left running) binds them too (`SO_REUSEPORT`, for overlapping
+/// upgrades), and the kernel divides the connections: it says so at
+/// start.
+#[tokio::test]
+async fn a_second_proxy_on_the_same_ports_says_it_shares_them() {
+    let backend = Backend::start("web").await;
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (listen, admin) = (free(), free());
+    let yaml = format!(
+        "admin: {admin}\nlisteners:\n  - bind: {listen}\nservices:\n  web:\n    endpoints:\n      - {{ addr: \"{}\" }}\n",
+        backend.addr
+    );
+    let first = ProxyProcess::start(&yaml).await;
+    assert!(!first.logs().contains("another process already listens"));
+    let second = ProxyProcess::start(&yaml).await;
+    let logs = second.logs();
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("another process already listens"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{logs}");
+    assert!(
+        warnings.iter().any(|l| l.contains(&listen.to_string())),
+        "{logs}"
+    );
+    assert!(
+        warnings.iter().any(|l| l.contains(&admin.to_string())),
+        "{logs}"
+    );
+}

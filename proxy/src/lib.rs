@@ -82,11 +82,13 @@ impl Bound {
             .listeners
             .iter()
             .map(|l| {
+                warn_if_shared(l.bind);
                 edge::listen::bind(l.bind).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot bind listener {}: {e}", l.bind))
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
+        warn_if_shared(config.admin);
         let admin = edge::listen::bind(config.admin).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot bind admin {}: {e}", config.admin))
         })?;
@@ -104,6 +106,29 @@ impl Bound {
     /// The bound admin address.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.local_addr().ok()
+    }
+}
+
+/// Warns when another process already listens on `addr`: every socket
+/// sets `SO_REUSEPORT` (a new proxy can start beside the old one during an
+/// upgrade), so the kernel would divide the connections between the two
+/// without a word: a second proxy started by mistake, or an old one left
+/// running, would serve part of the traffic (and of the `/metrics`
+/// scrapes) on a config of its own.
+fn warn_if_shared(addr: SocketAddr) {
+    if addr.port() == 0 {
+        return;
+    }
+    let probe = match addr.ip() {
+        ip if ip.is_unspecified() && addr.is_ipv4() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        ip if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        _ => addr,
+    };
+    let timeout = std::time::Duration::from_millis(100);
+    if std::net::TcpStream::connect_timeout(&probe, timeout).is_ok() {
+        tracing::warn!(%addr, "another process already listens here: it and this proxy will share its connections (SO_REUSEPORT) until one stops; expected only while an upgrade overlaps");
     }
 }
 
