@@ -782,3 +782,33 @@ async fn a_control_plane_started_with_a_refused_file_is_not_ready() {
     assert!(control.state.has_service("web"));
     assert!(control.state.has_service("api"));
 }
+
+/// Two proxies following under one `proxy_id` (a copied config) take turns
+/// in the control plane's roster: only one at a time is counted and
+/// scraped by the watcher. The control plane notices the ID going back
+/// and forth between two admin addresses and says so in `/v1/proxies`
+/// (and its log); a proxy restarted on a new admin port is not flagged.
+#[tokio::test]
+async fn two_proxies_under_one_id_are_flagged() {
+    let registry = Registry::new();
+    let a1 = Backend::start("a1").await;
+    registry.service("web", &[(a1.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let ask = |id: &str, admin: &str| format!("proxy={id}&admin={admin}&wait=0s");
+    // The control plane takes the host from the connection: ports differ.
+    for admin in ["4191", "4192"] {
+        snapshot(&control, &ask("restarted", admin)).await;
+    }
+    for admin in ["4191", "4192", "4191"] {
+        snapshot(&control, &ask("copied", admin)).await;
+    }
+    let proxies = control.get("/v1/proxies").await.json();
+    assert_eq!(
+        proxies["copied"]["shared_with"], "127.0.0.1:4192",
+        "{proxies}"
+    );
+    assert!(
+        proxies["restarted"].get("shared_with").is_none(),
+        "{proxies}"
+    );
+}

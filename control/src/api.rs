@@ -526,8 +526,13 @@ async fn respond(
                 .map(|(id, p)| {
                     (
                         id,
-                        json!({ "admin": p.admin, "index": p.index,
-                                "seen_seconds_ago": p.seen.elapsed().as_secs() }),
+                        match &p.shared_with {
+                            None => json!({ "admin": p.admin, "index": p.index,
+                                            "seen_seconds_ago": p.seen.elapsed().as_secs() }),
+                            Some(other) => json!({ "admin": p.admin, "index": p.index,
+                                            "seen_seconds_ago": p.seen.elapsed().as_secs(),
+                                            "shared_with": other }),
+                        },
                     )
                 })
                 .collect();

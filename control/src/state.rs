@@ -123,6 +123,12 @@ pub struct ProxySeen {
     pub index: u64,
     /// When it last asked.
     pub seen: Instant,
+    /// Another admin address this ID asked from, when it went back and
+    /// forth between the two: two proxies share the ID (`proxy_id`), one
+    /// of them is counted and scraped at a time.
+    pub shared_with: Option<String>,
+    /// The admin address it asked from before its last change of address.
+    before: Option<String>,
 }
 
 /// A proxy another replica sees (its roster, see `roster`).
@@ -716,12 +722,27 @@ impl State {
             );
             return;
         }
+        let (mut before, mut shared_with) = (None, None);
+        if let Some(was) = proxies.get(id) {
+            (before, shared_with) = (was.before.clone(), was.shared_with.clone());
+            if was.admin != admin {
+                // Back to the address it left: two proxies, one ID (a
+                // proxy restarted on a new port goes one way only).
+                if before.as_deref() == Some(admin) && shared_with.is_none() {
+                    tracing::warn!(proxy = id, admins = %format!("{admin}, {}", was.admin), "two proxies follow under one proxy ID: only one at a time is counted and scraped (set proxy_id apart)");
+                    shared_with = Some(was.admin.clone());
+                }
+                before = Some(was.admin.clone());
+            }
+        }
         proxies.insert(
             id.to_owned(),
             ProxySeen {
                 admin: admin.to_owned(),
                 index,
                 seen: Instant::now(),
+                shared_with,
+                before,
             },
         );
         drop(proxies);
