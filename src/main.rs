@@ -756,7 +756,8 @@ fn run_control(path: &std::path::Path) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot bind {listen}"))?;
-        tracing::info!(addr = %listen, "control API listening");
+        let bound = listener.local_addr().unwrap_or(listen);
+        tracing::info!(addr = %bound, "control API listening");
         #[cfg(unix)]
         tokio::spawn(control_signals());
         control.run(listener, shutdown_signal()).await;

@@ -2105,3 +2105,78 @@ async fn a_replica_that_does_not_drive_a_rollout_exports_its_step() {
         "this replica did not take the lease"
     );
 }
+
+/// A control plane told to stop while a traffic change is in hand (its
+/// write to Consul under way) answers it before it exits: the operator
+/// sees the change it made, not a connection cut for a change that was
+/// nevertheless written. (The API's connections are waited for, up to
+/// 5 s; before, only the roster's delete on the same Consul connection
+/// happened to hold the process until the write came back.) And the
+/// control plane logs the address it bound, not the `:0` it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_in_hand_is_answered_through_a_stop() {
+    use tokio::io::AsyncBufReadExt;
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let token_env = "ALMOND_TEST_CC_TOKEN_STOP";
+    let config = write_temp(".yaml", &yaml(&consul, token_env));
+    let mut child = almond()
+        .arg("control")
+        .arg("--config")
+        .arg(config.path())
+        .env(token_env, "root")
+        .env("ALMOND_LOG", "info")
+        .env("ALMOND_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: std::net::SocketAddr = within("the control API's address", async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "control API listening" {
+                return v["addr"].as_str().unwrap().parse().unwrap();
+            }
+        }
+        panic!("almond control ended before listening");
+    })
+    .await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    eventually("the control plane is ready", || async {
+        admin_get(addr, "/ready").await.status == StatusCode::OK
+    })
+    .await;
+    // Every Consul answer now takes a second: the change is in hand when
+    // the stop comes.
+    consul.set_delay(Duration::from_secs(1));
+    let change = tokio::spawn(async move {
+        let body = serde_json::json!({ "weights": { "v1": 100 } });
+        let req = http::Request::put("/v1/services/web/split")
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .body(full(body.to_string()))
+            .unwrap();
+        H1::connect(addr).await.request(req).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The change's write waits in the double; the stop's own calls to
+    // Consul (the roster's delete) are quick: only the change can keep
+    // the process.
+    consul.set_delay(Duration::ZERO);
+    let pid = child.id().unwrap().to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    let reply = within("the change's answer", change).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    within("almond control to exit", child.wait())
+        .await
+        .unwrap();
+    consul.set_delay(Duration::ZERO);
+    assert!(consul.kv_get("almond/policy/web").is_some());
+}

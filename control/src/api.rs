@@ -126,12 +126,39 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Live measurements at once (`Api::live_slots`).
 pub const LIVE_AT_ONCE: usize = 4;
 
+/// How long a stopping control plane waits for the requests in hand to be
+/// answered (a traffic change whose write is under way; long-polls return
+/// at once).
+const LAST_ANSWERS: Duration = Duration::from_secs(5);
+
 /// Serves the API until `stop` changes; over TLS when `tls` is given.
+/// Then answers the requests in hand, for up to [`LAST_ANSWERS`]: an
+/// `almond shift` whose write had reached the store is answered, not cut
+/// (the operator would see a failure for a change that was made).
 pub async fn serve(
     api: Arc<Api>,
     listener: TcpListener,
     tls: Option<Arc<crate::tls::ApiTls>>,
     mut stop: watch::Receiver<bool>,
+) {
+    let connections = tokio_util::task::TaskTracker::new();
+    accept(api, listener, tls, &mut stop, &connections).await;
+    connections.close();
+    if tokio::time::timeout(LAST_ANSWERS, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("control API: requests still in hand after {LAST_ANSWERS:?} are cut");
+    }
+}
+
+/// The accept loop of [`serve`]; connections are tracked in `connections`.
+async fn accept(
+    api: Arc<Api>,
+    listener: TcpListener,
+    tls: Option<Arc<crate::tls::ApiTls>>,
+    stop: &mut watch::Receiver<bool>,
+    connections: &tokio_util::task::TaskTracker,
 ) {
     let closing = stop.clone();
     // A loopback API answers local Host names only (`browser_refusal`).
@@ -139,7 +166,7 @@ pub async fn serve(
         .local_addr()
         .is_ok_and(|a| a.ip().to_canonical().is_loopback());
     let slots = almond_net::Slots::new("control", MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
-    almond_net::accept_until("control", &listener, &mut stop, |stream, addr| {
+    almond_net::accept_until("control", &listener, stop, |stream, addr| {
         let Some(slot) = slots.take(addr.ip()) else {
             return;
         };
@@ -147,7 +174,7 @@ pub async fn serve(
         let stop = closing.clone();
         let closing = closing.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _slot = slot;
             match tls {
                 None => {
