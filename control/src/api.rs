@@ -31,9 +31,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// Connections the API serves at once: every proxy holds one for its
-/// snapshot long-poll, plus operators and dashboards; past it a new one is
-/// closed at once.
-pub const MAX_CONNECTIONS: usize = 8192;
+/// snapshot long-poll (up to `state::MAX_PROXIES`), plus operators,
+/// dashboards, Prometheus and health probes (2,048 more); past it a new
+/// one is closed at once.
+pub const MAX_CONNECTIONS: usize = crate::state::MAX_PROXIES + 2048;
 
 /// Of those, from one client address (a host's proxies share one).
 pub const MAX_CONNECTIONS_PER_PEER: usize = 512;

@@ -19,6 +19,12 @@ pub struct State {
     catalog: Mutex<Catalog>,
     sync: Mutex<Sync>,
     proxies: Mutex<BTreeMap<String, ProxySeen>>,
+    /// When the proxies seen were last pruned and counted (ns since
+    /// `created`): once a second at most, not on every long-poll (each
+    /// index change wakes every proxy: pruning on each poll was work
+    /// growing with the square of the fleet, under one lock).
+    proxies_pruned: std::sync::atomic::AtomicU64,
+    created: Instant,
     /// The other replicas' proxies (their rosters, see `roster`), by ID.
     peers: Mutex<BTreeMap<String, PeerProxy>>,
     snapshots: Mutex<SnapshotCache>,
@@ -145,7 +151,10 @@ pub struct PeerProxy {
 const MAX_CACHED_SNAPSHOTS: usize = 64;
 
 /// Most proxies recorded at once (each seen within `PROXY_STALE`).
-const MAX_PROXIES: usize = 10_000;
+pub const MAX_PROXIES: usize = 10_000;
+
+/// How often the proxies seen are pruned and counted, at most.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Proxies not seen for this long are forgotten (and so not scraped).
 pub const PROXY_STALE: std::time::Duration = std::time::Duration::from_secs(90);
@@ -299,6 +308,8 @@ impl State {
             catalog: Mutex::new(Catalog::new()),
             sync: Mutex::new(Sync::default()),
             proxies: Mutex::new(BTreeMap::new()),
+            proxies_pruned: std::sync::atomic::AtomicU64::new(0),
+            created: Instant::now(),
             peers: Mutex::new(BTreeMap::new()),
             snapshots: Mutex::new(SnapshotCache::default()),
             metrics: Metrics::new()?,
@@ -713,8 +724,18 @@ impl State {
     /// Notes a proxy's long-poll.
     pub fn saw_proxy(self: &Arc<Self>, id: &str, admin: &str, index: u64) {
         let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
-        // Proxies gone quiet are forgotten, so the map holds only live ones.
-        proxies.retain(|_, p| p.seen.elapsed() < PROXY_STALE);
+        // Proxies gone quiet are forgotten, so the map holds only live
+        // ones: pruned (and the fleet counted) once a second at most, or
+        // when the map is full.
+        let now_ns = self.created.elapsed().as_nanos() as u64;
+        let pruned = self
+            .proxies_pruned
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let due = now_ns.saturating_sub(pruned) >= PRUNE_EVERY.as_nanos() as u64 || pruned == 0;
+        if due || proxies.len() >= MAX_PROXIES {
+            proxies.retain(|_, p| p.seen.elapsed() < PROXY_STALE);
+            (self.proxies_pruned).store(now_ns.max(1), std::sync::atomic::Ordering::Relaxed);
+        }
         if proxies.len() >= MAX_PROXIES && !proxies.contains_key(id) {
             tracing::warn!(
                 proxy = id,
@@ -735,19 +756,25 @@ impl State {
                 before = Some(was.admin.clone());
             }
         }
-        proxies.insert(
-            id.to_owned(),
-            ProxySeen {
-                admin: admin.to_owned(),
-                index,
-                seen: Instant::now(),
-                shared_with,
-                before,
-            },
-        );
+        let new = proxies
+            .insert(
+                id.to_owned(),
+                ProxySeen {
+                    admin: admin.to_owned(),
+                    index,
+                    seen: Instant::now(),
+                    shared_with,
+                    before,
+                },
+            )
+            .is_none();
         drop(proxies);
-        let live = self.live_proxies();
-        self.set_fleet(live);
+        // The fleet is counted when it may have changed: a new proxy, or
+        // a prune.
+        if new || due {
+            let live = self.live_proxies();
+            self.set_fleet(live);
+        }
     }
 
     /// Notes how many proxies follow; when the number changed, re-serves
