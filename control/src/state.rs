@@ -298,6 +298,17 @@ impl Metrics {
     pub fn rollback(&self, service: &str) {
         self.rollbacks.with_label_values(&[service]).inc();
     }
+
+    /// Drops the rollout series of a service gone from the catalog: the
+    /// services of a preview deploy per pull request would otherwise keep
+    /// theirs for the life of the process.
+    pub fn forget_service(&self, service: &str) {
+        let _ = self.rollout_step.remove_label_values(&[service]);
+        let _ = self.rollbacks.remove_label_values(&[service]);
+        for verdict in ["pass", "fail", "inconclusive"] {
+            let _ = self.verdicts.remove_label_values(&[service, verdict]);
+        }
+    }
 }
 
 impl State {
@@ -438,6 +449,7 @@ impl State {
         drop(inputs);
         if catalog.remove(name, source_index) {
             tracing::info!(service = name, index = catalog.index(), "service removed");
+            self.metrics.forget_service(name);
         }
         self.publish(&catalog);
         drop(catalog);
@@ -897,6 +909,27 @@ mod tests {
         state.set_peer_proxies(BTreeMap::new());
         assert_eq!(state.proxy_admins(PROXY_STALE), vec!["127.0.0.1:4191"]);
         assert_eq!(state.live_proxies(), 1);
+    }
+
+    /// A service gone from the catalog takes its rollout series with it
+    /// (preview services per pull request kept theirs for good).
+    #[test]
+    fn a_removed_service_s_rollout_series_go() {
+        let state = State::new().unwrap();
+        state.set_service("pr-1234", svc(1), 10);
+        state.metrics.rollout_step("pr-1234", 10);
+        state.metrics.verdict("pr-1234", "pass");
+        state.metrics.rollback("pr-1234");
+        let text = || {
+            let mut out = Vec::new();
+            let families = state.metrics.registry.gather();
+            prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut out)
+                .unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert!(text().contains("service=\"pr-1234\""));
+        state.remove_service("pr-1234", 11);
+        assert!(!text().contains("service=\"pr-1234\""), "{}", text());
     }
 
     #[tokio::test]

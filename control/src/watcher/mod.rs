@@ -115,6 +115,9 @@ impl Watcher {
                     names.push(name);
                 }
             }
+            // A rollout over (or gone with its service) keeps no baseline:
+            // each holds every proxy's figures for its service.
+            (self.baselines.lock().await).retain(|name, _| names.contains(name));
             for name in names {
                 if let Err(e) = self.drive(&name).await {
                     tracing::warn!(service = %name, error = %e, "rollout tick failed");
