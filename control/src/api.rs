@@ -66,6 +66,8 @@ pub struct Api {
     /// Live measurements that may run at once: each scrapes every proxy
     /// twice, and the endpoint needs no token.
     pub live_slots: tokio::sync::Semaphore,
+    /// Taps open at once (`tap::TAPS_AT_ONCE`).
+    pub tap_slots: Arc<tokio::sync::Semaphore>,
     /// The last minutes of live samples per service (the dashboard's chart).
     pub history: Arc<History>,
 }
@@ -133,7 +135,7 @@ pub const LIVE_AT_ONCE: usize = 4;
 const LAST_ANSWERS: Duration = Duration::from_secs(5);
 
 /// Serves the API until `stop` changes; over TLS when `tls` is given.
-/// Then answers the requests in hand, for up to [`LAST_ANSWERS`]: an
+/// Then answers the requests in hand, for up to `LAST_ANSWERS` (5 s): an
 /// `almond shift` whose write had reached the store is answered, not cut
 /// (the operator would see a failure for a change that was made).
 pub async fn serve(
@@ -286,9 +288,16 @@ fn start_tap(api: &Api, req: &Request<Incoming>, peer: Peer, name: &str) -> Resp
         let why = "no proxy has followed this control plane lately: nothing to tap\n";
         return text(StatusCode::SERVICE_UNAVAILABLE, why).map(Either::Left);
     }
+    let Ok(slot) = api.tap_slots.clone().try_acquire_owned() else {
+        let why = format!(
+            "{} taps are open on this control plane (each holds a connection to every proxy): try again when one ends\n",
+            tap::TAPS_AT_ONCE
+        );
+        return text(StatusCode::TOO_MANY_REQUESTS, &why).map(Either::Left);
+    };
     let proxies = HeaderValue::from(admins.len());
     let token = api.auth.proxy_admin.as_ref().map(Secret::expose);
-    let mut resp = Response::new(Either::Right(tap::merge(admins, query, token)));
+    let mut resp = Response::new(Either::Right(tap::merge(admins, query, token, slot)));
     let headers = resp.headers_mut();
     headers.insert(
         CONTENT_TYPE,

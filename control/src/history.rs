@@ -9,7 +9,7 @@ use crate::watcher::collect;
 use almond_config::WatcherSource;
 use almond_net::now_ms;
 use serde::Serialize;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,8 +83,10 @@ impl History {
 pub async fn run(state: Arc<State>, history: Arc<History>, source: WatcherSource) {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The previous tick's counters, per service then per proxy.
+    // The previous tick's counters, per service then per proxy, and the
+    // proxies it read (one without a service's series had none of it).
     let mut then: BTreeMap<String, BTreeMap<String, collect::Totals>> = BTreeMap::new();
+    let mut then_read: BTreeSet<String> = BTreeSet::new();
     let mut then_at = tokio::time::Instant::now();
     loop {
         tick.tick().await;
@@ -94,16 +96,19 @@ pub async fn run(state: Arc<State>, history: Arc<History>, source: WatcherSource
         match &source {
             WatcherSource::Direct => {
                 let admins = state.proxy_admins(PROXY_STALE);
-                let bodies = collect::fetch(&admins, state.max_body).await;
+                // Each body parsed once as it comes in, for every service
+                // in it, and let go.
+                let read = |body: &str| collect::parse_services(body, None);
+                let parsed = collect::fetch_with(&admins, state.max_body, read).await;
                 let now_at = tokio::time::Instant::now();
                 let seconds = (now_at - then_at).as_secs_f64();
                 then_at = now_at;
                 let at = now_ms();
-                // Each body parsed once, for every service in it.
+                let read_now: BTreeSet<String> = parsed.keys().cloned().collect();
                 let mut by_service: BTreeMap<String, BTreeMap<String, collect::Totals>> =
                     BTreeMap::new();
-                for (admin, body) in &bodies {
-                    for (name, totals) in collect::parse_services(body, None) {
+                for (admin, per_service) in parsed {
+                    for (name, totals) in per_service {
                         by_service
                             .entry(name)
                             .or_default()
@@ -111,18 +116,24 @@ pub async fn run(state: Arc<State>, history: Arc<History>, source: WatcherSource
                     }
                 }
                 for name in services.keys() {
-                    // A proxy without traffic to the service is zero for
-                    // it, not missing (else its first requests are lost).
-                    let mut now = by_service.remove(name).unwrap_or_default();
-                    for admin in bodies.keys() {
-                        now.entry(admin.clone()).or_default();
-                    }
+                    // A proxy read last tick without the service's series
+                    // had none of its traffic: zero then, not missing (else
+                    // its first requests are lost). Not one empty entry
+                    // per proxy and service, each tick.
+                    let now = by_service.remove(name).unwrap_or_default();
                     if let Some(before) = then.get(name) {
-                        let subsets = summarize(&collect::delta(&now, before), seconds);
-                        history.push(name, Sample { at, subsets });
+                        let window = collect::delta_known(&now, before, Some(&then_read));
+                        history.push(
+                            name,
+                            Sample {
+                                at,
+                                subsets: summarize(&window, seconds),
+                            },
+                        );
                     }
                     then.insert(name.clone(), now);
                 }
+                then_read = read_now;
             }
             WatcherSource::Prometheus(url) => {
                 for name in services.keys() {

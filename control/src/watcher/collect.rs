@@ -33,6 +33,17 @@ pub async fn scrape(admins: &[String], service: &str, max_body: usize) -> BTreeM
 /// Unreachable proxies, and answers that are not 200 or are over
 /// `max_body` bytes, are left out.
 pub async fn fetch(admins: &[String], max_body: usize) -> BTreeMap<String, String> {
+    fetch_with(admins, max_body, str::to_owned).await
+}
+
+/// As [`fetch`], each body read by `read` as soon as it is in, and let go:
+/// with many proxies, holding every body until all are in (megabytes
+/// each for a large catalog) was the most memory the control plane used.
+pub async fn fetch_with<T: Send + 'static>(
+    admins: &[String],
+    max_body: usize,
+    read: fn(&str) -> T,
+) -> BTreeMap<String, T> {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     // Many proxies at once (a slow or gone one costs its timeout once, not
@@ -54,7 +65,7 @@ pub async fn fetch(admins: &[String], max_body: usize) -> BTreeMap<String, Strin
                 })
                 .await;
                 match fetched {
-                    Ok(Some(body)) => Some((admin, String::from_utf8_lossy(&body).into_owned())),
+                    Ok(Some(body)) => Some((admin, read(&String::from_utf8_lossy(&body)))),
                     _ => {
                         tracing::debug!(proxy = %admin, "metrics scrape failed");
                         None
@@ -106,11 +117,26 @@ pub const SUMMED: &str = "prometheus";
 /// for this window. A subset whose buckets have other bounds than before
 /// is left out, with a warning.
 pub fn delta(now: &BTreeMap<String, Totals>, then: &BTreeMap<String, Totals>) -> Totals {
+    delta_known(now, then, None)
+}
+
+/// As [`delta`], where a proxy in `scraped` (read at the window's start)
+/// but absent from `then` had no series yet: zero then, not no data.
+pub fn delta_known(
+    now: &BTreeMap<String, Totals>,
+    then: &BTreeMap<String, Totals>,
+    scraped: Option<&std::collections::BTreeSet<String>>,
+) -> Totals {
+    let zero = Totals::new();
     let mut per_proxy = BTreeMap::new();
     for (proxy, totals) in now {
-        let Some(before) = then.get(proxy) else {
-            tracing::debug!(%proxy, "not in the window's first scrape: no data this window");
-            continue;
+        let before = match then.get(proxy) {
+            Some(before) => before,
+            None if scraped.is_some_and(|s| s.contains(proxy)) => &zero,
+            None => {
+                tracing::debug!(%proxy, "not in the window's first scrape: no data this window");
+                continue;
+            }
         };
         let mut d = Totals::new();
         for (subset, w) in totals {
@@ -394,6 +420,19 @@ almond_requests_total{code_class="2xx",direction="outbound",outcome="success",se
 almond_request_duration_seconds_bucket{direction="outbound",service="web",subset="v2",le="0.01"} 4
 almond_request_duration_seconds_bucket{direction="outbound",service="web",subset="v2",le="+Inf"} 10
 "#;
+
+    /// A proxy read at the window's start without the service's series
+    /// had none of its traffic: what it has now is all the window's. One
+    /// not read then (new, or its scrape failed) is no data.
+    #[test]
+    fn a_proxy_read_before_without_the_service_counts_from_zero() {
+        let now = BTreeMap::from([("p".to_owned(), parse(TEXT, "web"))]);
+        let then = BTreeMap::new();
+        let read = std::collections::BTreeSet::from(["p".to_owned()]);
+        let window = delta_known(&now, &then, Some(&read));
+        assert_eq!(window["v1"].requests, 90);
+        assert!(delta(&now, &then).is_empty());
+    }
 
     #[test]
     fn parses_one_service_by_subset() {
