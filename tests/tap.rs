@@ -8,6 +8,7 @@
 mod support;
 
 use http::{Request, StatusCode};
+use http_body_util::BodyExt;
 use std::process::Stdio;
 use std::time::Duration;
 use support::*;
@@ -230,4 +231,35 @@ async fn a_tap_with_no_proxy_left_says_why_and_exits() {
         "{err}"
     );
     assert!(err.contains("no proxy's tap stream is open"), "{err}");
+}
+
+/// Taps open at once on one control plane are capped (each holds a
+/// connection to every proxy: twenty taps on a large fleet would use up
+/// the control plane's file descriptors): past the cap a new one gets 429
+/// with the reason, and one that ends gives its place back.
+#[tokio::test]
+async fn taps_at_once_are_capped() {
+    let (_v1, _v2, control, _proxy, _registry) = mesh().await;
+    let open = || async {
+        let req = Request::get("/v1/services/web/tap")
+            .header("host", control.addr.to_string())
+            .body(empty())
+            .unwrap();
+        H1::connect(control.addr).await.send(req).await
+    };
+    let mut taps = Vec::new();
+    for _ in 0..8 {
+        let tap = open().await;
+        assert_eq!(tap.status(), StatusCode::OK);
+        taps.push(tap);
+    }
+    let refused = open().await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let why = refused.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&why).contains("8 taps are open"));
+    drop(taps.pop());
+    eventually("an ended tap gives its place back", || async {
+        open().await.status() == StatusCode::OK
+    })
+    .await;
 }

@@ -202,6 +202,7 @@ impl Control {
             max_wait: self.config.max_wait,
             metrics_source,
             live_slots: tokio::sync::Semaphore::new(api::LIVE_AT_ONCE),
+            tap_slots: Arc::new(tokio::sync::Semaphore::new(tap::TAPS_AT_ONCE)),
             history,
         });
         let tls_watch = (self.tls.clone()).map(|tls| tokio::spawn(tls.watch(stop_rx.clone())));

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::collections::HashMap;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 
 /// Lines waiting for a slow client, at most; a proxy's stream waits
@@ -46,7 +46,12 @@ pub fn proxy_query(service: &str, query: &HashMap<String, String>) -> Result<Str
 /// Opens `/tap?{query}` on every proxy in `admins`, presenting `token`
 /// when given, and merges their lines; a proxy's stream that fails or ends
 /// adds `{"proxy": ADMIN, "error": WHY}`.
-pub fn merge(admins: Vec<String>, query: String, token: Option<&[u8]>) -> TapStream {
+pub fn merge(
+    admins: Vec<String>,
+    query: String,
+    token: Option<&[u8]>,
+    slot: OwnedSemaphorePermit,
+) -> TapStream {
     let authorization = token.and_then(|t| {
         let mut value = b"Bearer ".to_vec();
         value.extend_from_slice(t);
@@ -74,7 +79,7 @@ pub fn merge(admins: Vec<String>, query: String, token: Option<&[u8]>) -> TapStr
             let _ = tx.send(Bytes::from(line)).await;
         });
     }
-    almond_net::Lines::new(rx, HEARTBEAT, tasks)
+    almond_net::Lines::new(rx, HEARTBEAT, (tasks, slot))
 }
 
 /// Who ended a proxy's stream that did not fail.
@@ -144,8 +149,14 @@ async fn relay(
 }
 
 /// The merged stream a tap client reads, one JSON object per line; its
-/// proxy streams are closed when it is dropped.
-pub type TapStream = almond_net::Lines<JoinSet<()>>;
+/// proxy streams are closed, and its place among the taps at once given
+/// back, when it is dropped.
+pub type TapStream = almond_net::Lines<(JoinSet<()>, OwnedSemaphorePermit)>;
+
+/// Taps open at once on one control plane: each holds a connection to
+/// every proxy (3,000 proxies and 20 taps were 60,000 sockets, near the
+/// unit's `LimitNOFILE`); past it a new one is refused with 429.
+pub const TAPS_AT_ONCE: usize = 8;
 
 #[cfg(test)]
 mod tests {
