@@ -290,6 +290,8 @@ pub struct Upload(Option<Arc<UploadState>>);
 /// way (see [`Liveness`]).
 struct UploadState {
     state: AtomicU8,
+    /// `timeouts.request` and `limits.body_idle`, for [`UploadClock`].
+    limits: (Duration, Duration),
     /// Nanoseconds since the process epoch (0: not ended).
     ended_at: AtomicU64,
     /// Nanoseconds since the process epoch.
@@ -303,7 +305,7 @@ const UPLOAD_ENDED: u8 = 2;
 
 impl Upload {
     /// Watches `body`'s end: the upload, and the handle the tries keep.
-    pub fn watch(body: &ClientBody) -> (Upload, Uploading) {
+    pub fn watch(body: &ClientBody, limits: (Duration, Duration)) -> (Upload, Uploading) {
         // One that came whole with its head never waits on its client.
         if body.is_end_stream() || matches!(body, ClientBody::Full(_)) {
             return (Upload(None), Uploading(None));
@@ -311,6 +313,7 @@ impl Upload {
         let now = crate::clock::nanos_since_epoch(Instant::now());
         let state = Arc::new(UploadState {
             state: AtomicU8::new(UPLOAD_MOVING),
+            limits,
             ended_at: AtomicU64::new(0),
             last_frame: AtomicU64::new(now),
         });
@@ -363,27 +366,29 @@ impl Uploading {
         (ended > 0).then(|| crate::clock::instant_at(ended))
     }
 
-    /// The request's `deadline` (its arrival plus `timeout`) as it stands
-    /// at `now`: counted from the end of a streamed body, and at least
-    /// `timeout` ahead while the body still comes.
-    pub fn deadline(&self, deadline: Instant, timeout: Duration, now: Instant) -> Instant {
-        match (&self.0, self.ended_at()) {
-            (None, _) => deadline,
-            (Some(_), Some(ended)) => deadline.max(ended + timeout),
-            (Some(_), None) => deadline.max(now + timeout),
+    /// The request's `deadline` (its arrival plus `timeouts.request`) as
+    /// it stands at `now`: counted from the end of a streamed body, and at
+    /// least `timeouts.request` ahead while the body still comes.
+    pub fn deadline(&self, deadline: Instant, now: Instant) -> Instant {
+        let Some(state) = &self.0 else {
+            return deadline;
+        };
+        let timeout = state.limits.0;
+        match self.ended_at() {
+            Some(ended) => deadline.max(ended + timeout),
+            None => deadline.max(now + timeout),
         }
     }
 
-    /// The clock a try's deadline keeps for this upload, with `limits`
-    /// (`timeouts.request` or `retries.per_try_timeout`, and
-    /// `limits.body_idle`); none for a body that was over before it
-    /// started.
-    pub fn clock(&self, limits: (Duration, Duration)) -> Option<UploadClock> {
-        Some(UploadClock {
+    /// The clock a try's deadline keeps for this upload, with `limit`
+    /// (`timeouts.request` or `retries.per_try_timeout`); none for a body
+    /// that was over before it started. Boxed: a try's future carries it
+    /// whatever the request, and most have none.
+    pub fn clock(&self, limit: Duration) -> Option<Box<UploadClock>> {
+        Some(Box::new(UploadClock {
             state: self.0.as_ref()?.clone(),
-            timeout: limits.0,
-            idle: limits.1,
-        })
+            timeout: limit,
+        }))
     }
 }
 
@@ -401,8 +406,6 @@ pub struct UploadClock {
     state: Arc<UploadState>,
     /// `timeouts.request` (or the per-try timeout, when shorter).
     timeout: Duration,
-    /// `limits.body_idle`.
-    idle: Duration,
 }
 
 impl std::fmt::Debug for UploadClock {
@@ -417,7 +420,7 @@ impl UploadClock {
     pub fn moved_deadline(&self, now: Instant) -> Option<Instant> {
         match self.state.ended_at.load(Ordering::Relaxed) {
             0 => {
-                let window = self.timeout.min(self.idle);
+                let window = self.timeout.min(self.state.limits.1);
                 if self.state.state.load(Ordering::Relaxed) == UPLOAD_WAITING {
                     return Some(now + window);
                 }

@@ -259,10 +259,6 @@ struct Tries {
     pass: bool,
     /// A streamed body's end, as its tries see it.
     uploading: Uploading,
-    /// `limits.body_idle`.
-    body_idle: Duration,
-    /// `timeouts.request`.
-    timeout: Duration,
     /// The body kept for a replay took the client half the request's time
     /// or more to send: a try cut short by the request's deadline is then
     /// the client's doing, not the endpoint's (Envoy's request timeout
@@ -468,12 +464,11 @@ impl Tries {
             grpc,
             pass: call.pass && !grpc,
             uploading: Uploading::default(),
-            body_idle: call.body_idle,
-            timeout: svc.request_timeout,
             late_body: false,
         };
         // Filled in place (each move of a request copies it whole).
-        tries.reading = tries.ready(req, &svc.retry, call.body_idle);
+        let limits = (svc.request_timeout, call.body_idle);
+        tries.reading = tries.ready(req, &svc.retry, limits);
         if tries.reading.is_none() {
             tries.prepare(call);
         }
@@ -492,7 +487,7 @@ impl Tries {
         &mut self,
         req: ClientRequest,
         policy: &RetryPolicy,
-        body_idle: std::time::Duration,
+        (timeout, body_idle): (Duration, Duration),
     ) -> Option<Reading> {
         let fits = req
             .body()
@@ -500,7 +495,7 @@ impl Tries {
             .upper()
             .is_some_and(|n| n <= policy.max_body_bytes as u64);
         if !policy.enabled() || self.upgrade.is_some() || !fits {
-            let (upload, uploading) = Upload::watch(req.body());
+            let (upload, uploading) = Upload::watch(req.body(), (timeout, body_idle));
             self.uploading = uploading;
             // A body still to come may stream beside its answer: each
             // side's frames keep the other's idle timer from firing.
@@ -585,7 +580,6 @@ impl Tries {
             deadline,
             pass,
             uploading,
-            body_idle,
             ..
         } = self;
         let (req, method) = match next.take() {
@@ -608,12 +602,12 @@ impl Tries {
         // streamed body), or sooner by the per-try timeout from the clock
         // reading the try started at. Either moves on while the body
         // still comes, as Envoy's timers start once the request is whole.
-        let deadline = uploading.deadline(*deadline, svc.request_timeout, try_start);
+        let deadline = uploading.deadline(*deadline, try_start);
         let per_try = (svc.retry.per_try_timeout)
             .and_then(|t| Some((try_start.checked_add(t)?, t)))
             .filter(|(at, _)| *at < deadline);
         let (until, limit) = per_try.unwrap_or((deadline, svc.request_timeout));
-        let upload = uploading.clock((limit, *body_idle));
+        let upload = uploading.clock(limit);
         let one = OneTry {
             req,
             upgrade,
@@ -700,7 +694,7 @@ impl Tries {
     /// The request's deadline as it stands at `now`: moved on while its
     /// body streams, and counted from the body's end once it is over.
     fn deadline_at(&self, now: Instant) -> Instant {
-        self.uploading.deadline(self.deadline, self.timeout, now)
+        self.uploading.deadline(self.deadline, now)
     }
 
     /// The pause before the next retry (drawn when it was decided on),

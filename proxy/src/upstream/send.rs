@@ -118,7 +118,7 @@ const LEAN_MAX_BODY: usize = 64 * 1024;
 pub fn try_once<'a>(
     target: &'a Target,
     endpoint: &'a Arc<EndpointState>,
-    (deadline, upload): (Instant, Option<UploadClock>),
+    (deadline, upload): (Instant, Option<Box<UploadClock>>),
     one: OneTry<'a>,
 ) -> impl Future<Output = Sent> + Send + 'a {
     let timeout = TryTimeoutLayer::until(deadline).with_upload(upload);

@@ -21,7 +21,7 @@ use tower::{Layer, Service};
 #[derive(Clone, Debug)]
 pub struct TryTimeoutLayer {
     deadline: Instant,
-    upload: Option<UploadClock>,
+    upload: Option<Box<UploadClock>>,
 }
 
 impl TryTimeoutLayer {
@@ -36,7 +36,7 @@ impl TryTimeoutLayer {
     /// The same, where `deadline` is the request's: it moves on while the
     /// upload `upload` watches is still coming (the request's time counts
     /// from the end of its body, as Envoy's route timeout does).
-    pub fn with_upload(mut self, upload: Option<UploadClock>) -> TryTimeoutLayer {
+    pub fn with_upload(mut self, upload: Option<Box<UploadClock>>) -> TryTimeoutLayer {
         self.upload = upload;
         self
     }
@@ -59,7 +59,7 @@ impl<S> Layer<S> for TryTimeoutLayer {
 pub struct TryTimeout<S> {
     inner: S,
     deadline: Instant,
-    upload: Option<UploadClock>,
+    upload: Option<Box<UploadClock>>,
 }
 
 impl<S, R> Service<R> for TryTimeout<S>
@@ -78,10 +78,13 @@ where
 
     #[inline]
     fn call(&mut self, req: R) -> Timed<S::Future> {
+        // The timer first: the try's future (kilobytes) is then built
+        // where it is returned, not moved after a call.
+        let sleep = tokio::time::sleep_until(self.deadline);
         Timed {
-            inner: self.inner.call(req),
-            sleep: tokio::time::sleep_until(self.deadline),
+            sleep,
             upload: self.upload.take(),
+            inner: self.inner.call(req),
         }
     }
 }
@@ -93,7 +96,7 @@ pin_project! {
         inner: F,
         #[pin]
         sleep: Sleep,
-        upload: Option<UploadClock>,
+        upload: Option<Box<UploadClock>>,
     }
 }
 
