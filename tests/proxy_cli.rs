@@ -647,6 +647,20 @@ async fn the_access_log_keeps_every_line_through_a_stop() {
     assert_eq!(stuck_lines[0]["path"], "/stuck", "{text}");
 }
 
+/// Writes `yaml` as `proxy`'s config file and sends SIGHUP; returns the
+/// log line that says `said`, once it is logged.
+#[allow(clippy::unwrap_used)]
+async fn reload(proxy: &ProxyProcess, yaml: &str, said: &str) -> String {
+    std::fs::write(proxy.config_path(), yaml).unwrap();
+    proxy.signal("HUP").await;
+    eventually(said, || async { proxy.logs().contains(said) }).await;
+    let logs = proxy.logs();
+    logs.lines()
+        .find(|l| l.contains(said))
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// SIGHUP reads the config file again, as `nginx -s reload` does: changed
 /// services are in force without a restart (the process and its
 /// connections stay); a file with a problem is refused, named by key and
@@ -692,18 +706,7 @@ async fn sighup_reloads_the_services_and_refuses_a_broken_file() {
     assert!(reloaded > started, "{reloaded} after {started}");
 
     // A broken file: refused, named, nothing changed.
-    let broken = file(one.addr, "workers: many");
-    std::fs::write(proxy.config_path(), broken).unwrap();
-    proxy.signal("HUP").await;
-    eventually("the refusal is logged", || async {
-        proxy.logs().contains("reload refused")
-    })
-    .await;
-    let logs = proxy.logs();
-    let refusal = logs
-        .lines()
-        .find(|l| l.contains("reload refused"))
-        .unwrap_or("");
+    let refusal = reload(&proxy, &file(one.addr, "workers: many"), "reload refused").await;
     assert!(refusal.contains("workers"), "{refusal}");
     assert!(refusal.contains("line"), "{refusal}");
     assert_eq!(client.get("web", "/").await.backend(), "two");
@@ -719,17 +722,8 @@ async fn sighup_reloads_the_services_and_refuses_a_broken_file() {
     assert_eq!(applied(&text), reloaded, "a refused reload applied nothing");
 
     // A key that needs a restart is named; the services still apply.
-    std::fs::write(proxy.config_path(), file(one.addr, "drain_timeout: 5s")).unwrap();
-    proxy.signal("HUP").await;
-    eventually("the restart key is named", || async {
-        proxy.logs().contains("take effect on a restart")
-    })
-    .await;
-    let logs = proxy.logs();
-    let named = logs
-        .lines()
-        .find(|l| l.contains("take effect on a restart"))
-        .unwrap_or("");
+    let file_text = file(one.addr, "drain_timeout: 5s");
+    let named = reload(&proxy, &file_text, "take effect on a restart").await;
     assert!(named.contains("drain_timeout"), "{named}");
     eventually("the services of that file apply", || async {
         H1::connect(proxy.addr())
