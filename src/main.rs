@@ -726,6 +726,11 @@ fn run_proxy(
         // Built before "listening" is said: a start it refuses (a token
         // variable unset) logs only its reason.
         let proxy = almond_proxy::Proxy::new(config)?;
+        // Signals are watched before "listening" is said: one sent just
+        // after would otherwise take its default action (end the process).
+        let shutdown = shutdown_signal();
+        #[cfg(unix)]
+        let others = hup_and_usr1();
         for (service, addr) in services.iter().zip(bound.listener_addrs()) {
             tracing::info!(%addr, service = %service, "listening");
         }
@@ -734,8 +739,8 @@ fn run_proxy(
         }
         let _ = proxy.shared().observe.log_level.set(log_level);
         #[cfg(unix)]
-        tokio::spawn(proxy_signals(proxy.clone(), path.to_owned()));
-        proxy.run(bound, shutdown_signal()).await;
+        tokio::spawn(proxy_signals(proxy.clone(), path.to_owned(), others));
+        proxy.run(bound, shutdown).await;
         Ok(())
     })
 }
@@ -757,25 +762,33 @@ fn run_control(path: &std::path::Path) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot bind {listen}"))?;
         let bound = listener.local_addr().unwrap_or(listen);
+        let shutdown = shutdown_signal();
+        #[cfg(unix)]
+        let others = hup_and_usr1();
         tracing::info!(addr = %bound, "control API listening");
         #[cfg(unix)]
-        tokio::spawn(control_signals());
-        control.run(listener, shutdown_signal()).await;
+        tokio::spawn(control_signals(others));
+        control.run(listener, shutdown).await;
         Ok(())
     })
 }
 
-/// Resolves on SIGTERM or SIGINT; a second one, during the drain that
-/// follows, ends the process at once (exit 1), as an operator who pressed
-/// Ctrl-C twice means.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT, watched from the call on (not from the
+/// future's first poll: a signal before it would end the process); a
+/// second one, during the drain that follows, ends the process at once
+/// (exit 1), as an operator who pressed Ctrl-C twice means.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let watched = {
         use tokio::signal::unix::{signal, SignalKind};
-        match (
+        (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        match watched {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = int.recv() => {},
@@ -796,21 +809,36 @@ async fn shutdown_signal() {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// SIGHUP and SIGUSR1, watched from now on.
+#[cfg(unix)]
+type OtherSignals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+/// Starts watching SIGHUP and SIGUSR1 (their default action ends the
+/// process); `None` if the runtime cannot.
+#[cfg(unix)]
+fn hup_and_usr1() -> Option<OtherSignals> {
+    use tokio::signal::unix::{signal, SignalKind};
+    Some((
+        signal(SignalKind::hangup()).ok()?,
+        signal(SignalKind::user_defined1()).ok()?,
+    ))
 }
 
 /// The proxy's other signals: SIGHUP reads the config file again (see
 /// `almond_proxy::reload`), SIGUSR1 reopens the access log's file (after
 /// logrotate), as Nginx's do. Either used to end the process.
 #[cfg(unix)]
-async fn proxy_signals(proxy: almond_proxy::Proxy, path: std::path::PathBuf) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut usr1)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined1()),
-    ) else {
+async fn proxy_signals(
+    proxy: almond_proxy::Proxy,
+    path: std::path::PathBuf,
+    signals: Option<OtherSignals>,
+) {
+    let Some((mut hup, mut usr1)) = signals else {
         tracing::warn!("cannot watch SIGHUP and SIGUSR1: reload and log reopening are off");
         return;
     };
@@ -861,12 +889,8 @@ async fn reload(proxy: &almond_proxy::Proxy, path: &std::path::Path) {
 /// The control plane has no reload: SIGHUP says so instead of ending the
 /// process (its default), and SIGUSR1 is ignored.
 #[cfg(unix)]
-async fn control_signals() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut usr1)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined1()),
-    ) else {
+async fn control_signals(signals: Option<OtherSignals>) {
+    let Some((mut hup, mut usr1)) = signals else {
         return;
     };
     loop {
