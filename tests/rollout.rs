@@ -1806,3 +1806,25 @@ async fn a_shadow_stage_gives_the_operators_mirror_back() {
     let policy = rig.control.service("s").await["policy"].clone();
     assert_eq!(policy["mirror"]["percent"], 7.0, "{policy:#}");
 }
+
+/// A control plane that stops gives back the leases of the rollouts it
+/// drives: the one started in its place (under a new replica name) drives
+/// them at once, not once the lease has run out (15 s).
+#[tokio::test]
+async fn a_stopping_control_plane_gives_its_rollout_leases_back() {
+    let rig = Rig::start().await;
+    rig.start_rollout(&spec(&[10, 50], 60.0)).await;
+    let policy_file = rig.registry.policy_file.clone();
+    let lease = || {
+        let text = std::fs::read(&policy_file).unwrap_or_default();
+        let file: Value = serde_json::from_slice(&text).unwrap_or_default();
+        file["s"]["rollout"]["lease"].clone()
+    };
+    eventually("the rollout's lease is taken", || async {
+        lease().is_array()
+    })
+    .await;
+    let Rig { control, .. } = rig;
+    control.shutdown().await;
+    assert!(lease().is_null(), "{}", lease());
+}

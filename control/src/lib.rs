@@ -164,6 +164,7 @@ impl Control {
         let watcher =
             watcher::Watcher::new(self.state.clone(), store.clone(), source, replica.clone());
         let watcher = tokio::spawn(watcher.run());
+        let store_for_release = store.clone();
         // With the Consul store, replicas share their proxies.
         let roster = match &*store {
             Store::Consul(client) => {
@@ -215,6 +216,10 @@ impl Control {
         source.abort();
         follower.abort();
         watcher.abort();
+        // Waited for: one writing its lease as it was aborted would put
+        // it back after the release.
+        let _ = watcher.await;
+        watcher::release_leases(&self.state, &store_for_release, &replica).await;
         if let Some((task, client)) = roster {
             task.abort();
             roster::leave(&client, &replica).await;

@@ -62,6 +62,32 @@ fn lease_step(lease: Option<&(String, u64)>, me: &str, now: u64, judging: bool) 
     }
 }
 
+/// Gives back the rollout leases replica `me` holds (a control plane
+/// stopping): another replica, or this one started again under a new
+/// name, drives those rollouts at once rather than once the lease has run
+/// out (`LEASE_MS`, 15 s). A lease that changed meanwhile is left alone.
+pub async fn release_leases(state: &State, store: &Store, me: &str) {
+    let ours = |lease: Option<&(String, u64)>| lease.is_some_and(|(owner, _)| owner == me);
+    for (name, policy) in state.policies() {
+        if !ours(policy.rollout.as_ref().and_then(|r| r.lease.as_ref())) {
+            continue;
+        }
+        let Ok((mut current, token)) = store.get(&name).await else {
+            continue;
+        };
+        let Some(r) = current.rollout.as_mut().filter(|r| ours(r.lease.as_ref())) else {
+            continue;
+        };
+        r.lease = None;
+        match store.put(&name, &mut current, token).await {
+            Ok(true) => tracing::info!(service = %name, "rollout lease given back"),
+            _ => {
+                tracing::debug!(service = %name, "rollout lease not given back: it changed meanwhile")
+            }
+        }
+    }
+}
+
 /// Where a step's window starts: the step it belongs to (its start, unix
 /// ms), when the baseline was taken, and every proxy's totals then.
 struct Baseline {
