@@ -2180,3 +2180,25 @@ async fn a_change_in_hand_is_answered_through_a_stop() {
     consul.set_delay(Duration::ZERO);
     assert!(consul.kv_get("almond/policy/web").is_some());
 }
+
+/// The control plane counts its health watches (one blocking query, and
+/// so one connection to the agent, per followed service): Consul's agent
+/// allows 200 connections per client address by default, and a large
+/// catalog runs into it.
+#[tokio::test]
+async fn the_consul_watches_are_counted() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let api = ServiceDef::new("api")
+        .id("api-1")
+        .address("127.0.0.1")
+        .port(b1.addr.port())
+        .check(passing());
+    consul.register(api).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_WATCHES")).await;
+    let watches = || async { control_metric(&control, "almond_control_consul_watches", &[]).await };
+    eventually("two watches", || async { watches().await == 2.0 }).await;
+    assert!(consul.deregister("api-1"));
+    eventually("one watch", || async { watches().await == 1.0 }).await;
+}

@@ -378,6 +378,8 @@ pub async fn run(
     let mut blocking = Blocking::new();
     // Whether the last list was filtered by ACLs.
     let mut hidden = false;
+    // Whether the connection warning was given.
+    let mut warned = false;
     loop {
         blocking.pace().await;
         let answer = match client
@@ -477,9 +479,23 @@ pub async fn run(
                 slot.insert((consul, task));
             }
         }
+        state.metrics.consul_watches.set(watches.len() as i64);
+        if watches.len() > WATCHES_WARNED && !warned {
+            warned = true;
+            tracing::warn!(
+                watches = watches.len(),
+                "one blocking query (one connection) per followed service: Consul's agent allows {CONSUL_DEFAULT_CONNS} connections per client address by default (limits.http_max_conns_per_client); raise it, or list the services to follow in source.consul.services"
+            );
+        }
         state.catalog_synced();
     }
 }
+
+/// Followed services past which the agent's connection limit is near:
+/// a warning says so, once.
+const WATCHES_WARNED: usize = 150;
+/// Consul's default `limits.http_max_conns_per_client`.
+const CONSUL_DEFAULT_CONNS: usize = 200;
 
 /// A served service's two names: the one proxies know it by (what
 /// clients send in `Host`, in lower case) and the one Consul has.

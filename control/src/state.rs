@@ -178,6 +178,9 @@ pub struct Metrics {
     pub consul_up: IntGauge,
     /// `almond_control_consul_errors_total`.
     pub consul_errors: IntCounter,
+    /// `almond_control_consul_watches`: blocking queries held open, one
+    /// per followed service (each one connection to the agent).
+    pub consul_watches: IntGauge,
     /// `almond_control_long_polls` (waiting now).
     pub long_polls: IntGauge,
     /// `almond_control_snapshots_sent_total`.
@@ -262,6 +265,10 @@ impl Metrics {
             )?,
             services: gauge("almond_control_services", "Services served.")?,
             consul_up: gauge("almond_control_consul_up", "1 while Consul answers.")?,
+            consul_watches: gauge(
+                "almond_control_consul_watches",
+                "Consul health watches (blocking queries, one connection each) of the services followed.",
+            )?,
             consul_errors: counter(
                 "almond_control_consul_errors_total",
                 "Failed Consul queries.",
