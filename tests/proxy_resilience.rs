@@ -938,12 +938,7 @@ fn streamed(body: &Bytes) -> Body {
 }
 
 async fn replayed_bodies_arrive_whole(http2: bool, chunked: bool) {
-    let bad = Backend::builder("bad")
-        .status(503)
-        .keep_bodies()
-        .start()
-        .await;
-    let good = Backend::builder("good").keep_bodies().start().await;
+    let (bad, good) = bad_and_good().await;
     let mut svc = ServiceYaml::new("svc")
         .lb("round_robin")
         .at(bad.addr)

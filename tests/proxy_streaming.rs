@@ -1112,12 +1112,7 @@ async fn a_long_upload_is_not_cut_by_the_request_timeout() {
 /// per-try timer once the request is whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_upload_that_meets_a_503_is_retried() {
-    let bad = Backend::builder("bad")
-        .status(503)
-        .keep_bodies()
-        .start()
-        .await;
-    let good = Backend::builder("good").keep_bodies().start().await;
+    let (bad, good) = bad_and_good().await;
     let service = |name: &str, retries: &str| {
         ServiceYaml::new(name)
             .lb("round_robin")

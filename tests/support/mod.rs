@@ -127,6 +127,18 @@ pub async fn closed_port() -> SocketAddr {
 // Backends
 // ---------------------------------------------------------------------------
 
+/// Two backends that read and keep request bodies: `bad` answers every
+/// request 503, `good` answers 200 (a retry's way from one to the other).
+pub async fn bad_and_good() -> (Backend, Backend) {
+    let bad = Backend::builder("bad")
+        .status(503)
+        .keep_bodies()
+        .start()
+        .await;
+    let good = Backend::builder("good").keep_bodies().start().await;
+    (bad, good)
+}
+
 /// What a backend saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {
