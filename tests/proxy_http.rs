@@ -912,6 +912,50 @@ async fn closed_after(conn: &mut tokio::net::TcpStream) -> std::time::Duration {
     start.elapsed()
 }
 
+/// An open tunnel is a request in flight until it closes, as Envoy counts
+/// an upgraded stream active: in `almond_requests_in_flight` and under
+/// `circuit_breaker.max_requests`. A service's WebSockets cannot pile up
+/// past its limit unseen (its 101 used to end the request's count).
+#[tokio::test]
+async fn an_open_tunnel_counts_in_flight_until_it_closes() {
+    let (echo, _) = upgrade_echo().await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("echo").at(echo).max_requests(1))
+        .start()
+        .await;
+    let in_flight = || async {
+        let text = proxy.admin_get("/metrics").await.text();
+        metric(&text, "almond_requests_in_flight", &[("service", "echo")])
+    };
+    let mut conn = upgraded(proxy.addr()).await;
+    echoed(&mut conn, b"ping").await;
+    assert_eq!(in_flight().await, 1.0);
+    // The service's one place is the tunnel's: another upgrade is shed.
+    let mut other = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let req = b"GET /tunnel HTTP/1.1\r\nhost: echo\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut other, req)
+        .await
+        .unwrap();
+    let second = within("the shed answer", read_head(&mut other)).await;
+    assert!(second.starts_with("HTTP/1.1 503"), "answered: {second:?}");
+    assert!(
+        second
+            .to_ascii_lowercase()
+            .contains("x-almond-overloaded: true"),
+        "answered: {second:?}"
+    );
+    // Still open meanwhile.
+    echoed(&mut conn, b"still here").await;
+    drop(conn);
+    eventually("the tunnel's place given back", || async {
+        in_flight().await == 0.0
+    })
+    .await;
+    let mut again = upgraded(proxy.addr()).await;
+    echoed(&mut again, b"ping").await;
+}
+
 /// A tunnel on which no byte moves either way for `limits.idle_timeout`
 /// is closed, both sides (as Nginx's `proxy_read_timeout` closes a
 /// WebSocket).

@@ -674,13 +674,13 @@ impl<C: Completion> ResponseBody<C> {
     /// `timeouts`.
     pub fn upstream(
         body: UpstreamBody,
-        finish: C,
+        finish: Option<C>,
         (idle, shared): (Duration, Option<Liveness>),
         timeouts: IntCounter,
     ) -> ResponseBody<C> {
         let mut body = ResponseBody {
             kind: Kind::Upstream(body, IdleTimer::sharing(idle, shared), timeouts),
-            finish: Some(finish),
+            finish,
         };
         body.finish_if_done();
         body

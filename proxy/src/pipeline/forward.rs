@@ -33,7 +33,7 @@ use http::request::Parts;
 use http::Method;
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -82,14 +82,15 @@ pub struct Call<'a> {
 
 impl Call<'_> {
     /// The upstream's response, counted for `subset`, on its way to the
-    /// client; `finish` runs when its body ends. A gRPC call's 2xx is
+    /// client; `finish` runs when its body ends (none: an upgrade's
+    /// tunnel holds it). A gRPC call's 2xx is
     /// counted by its `grpc-status`: now for a trailers-only response,
     /// else when the trailers end the body.
     fn relay(
         &self,
         subset: &SubsetRoute,
         mut resp: Response<UpstreamBody>,
-        mut finish: Finish,
+        mut finish: Option<Finish>,
         elapsed: f64,
         grpc: bool,
         shared: Option<Liveness>,
@@ -101,7 +102,7 @@ impl Call<'_> {
                 metrics.duration.observe(elapsed);
                 match grpc_status(resp.headers()) {
                     Some(code) => calls.record(code),
-                    None => finish = finish.with_grpc(calls.clone()),
+                    None => finish = finish.map(|f| f.with_grpc(calls.clone())),
                 }
             }
             _ => metrics.record(class, elapsed),
@@ -417,13 +418,22 @@ fn forward<'a>(
             // Measure, and answer.
             seen.retries = tries.retries;
             let elapsed = now.saturating_duration_since(call.start).as_secs_f64();
-            let Some((resp, h1)) = response else {
+            let Some((mut resp, h1)) = response else {
                 let kind = result.err().unwrap_or(ErrorKind::Reset);
                 tracing::debug!(service = %svc.name, endpoint = %endpoint.addr, reason = kind.reason(), "request failed");
                 return left.answer(call.fail(kind, member.subset, elapsed));
             };
             seen.upstream_answered = true;
-            let finish = Finish::new(admitted, in_flight).with_h1(h1);
+            let mut finish = Some(Finish::new(admitted, in_flight).with_h1(h1));
+            // An upgrade the upstream took: its tunnel holds the request's
+            // places (in flight, under `max_requests`, and on its endpoint)
+            // until it closes, as Envoy counts an upgraded stream active.
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(up) = tries.upgrade.take() {
+                    let upstream = hyper::upgrade::on(&mut resp);
+                    up.tunnels.open(up.client, upstream, finish.take());
+                }
+            }
             let subset = &svc.subsets[member.subset];
             let shared = tries.uploading.liveness();
             return left.answer(call.relay(subset, resp, finish, elapsed, tries.grpc, shared));
@@ -610,7 +620,7 @@ impl Tries {
         let upload = uploading.clock(limit);
         let one = OneTry {
             req,
-            upgrade,
+            upgrade: upgrade.is_some(),
             fresh: *fresh,
             pass: *pass,
             stamp,

@@ -137,10 +137,10 @@ impl Shadow {
         };
         let (subset, endpoint) = (member.subset, member.state.clone());
         let _in_flight = endpoint.start();
-        let (mut upgrade, mut connected) = (None, None);
+        let mut connected = None;
         let one = OneTry {
             req: TryRequest::Owned(req),
-            upgrade: &mut upgrade,
+            upgrade: false,
             fresh: false,
             // Nothing reads the copy's response headers.
             pass: true,

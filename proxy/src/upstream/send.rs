@@ -9,13 +9,12 @@ use crate::upstream::connect::{H1Sender, LeanTarget, SendError};
 use crate::upstream::endpoint::EndpointState;
 use crate::upstream::h1;
 use crate::upstream::timeout::{call_ready, TryTimeoutLayer};
-use crate::upstream::tunnel::Upgrade;
 use almond_config::Protocol;
 use bytes::Bytes;
 use http::request::Parts;
 use http_body::Body;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,10 +49,9 @@ pub fn owned(parts: &Parts, body: &Bytes) -> Request<RequestBody> {
 pub struct OneTry<'a> {
     /// The request.
     pub req: TryRequest<'a>,
-    /// The client's half of an upgrade: it stays here until the
-    /// upstream connection is open, so a retry after a connect failure is
-    /// still an upgrade.
-    pub upgrade: &'a mut Option<Upgrade>,
+    /// An upgrade request: sent on an HTTP/1.1 connection of its own
+    /// (its tunnel is the caller's to open, on a `101`).
+    pub upgrade: bool,
     /// Open a new HTTP/1.1 connection rather than reuse one.
     pub fresh: bool,
     /// The client's server writes the response head itself: a lean
@@ -128,15 +126,15 @@ pub fn try_once<'a>(
 
 /// Sends one try's request to `endpoint` (the fields of [`OneTry`] as
 /// arguments: a struct argument would sit in the future beside its fields).
-/// An upgrade request gets a connection of its own, then a tunnel. An
-/// `async` block, not an `async fn`: that would keep the request twice.
+/// An upgrade request gets a connection of its own (the caller opens its
+/// tunnel on a `101`: `hyper::upgrade::on` the response). An `async` block, not an `async fn`: that would keep the request twice.
 // Not `async fn`: it would keep the arguments twice (see above).
 #[allow(clippy::manual_async_fn, clippy::too_many_arguments)]
 fn send_to<'a>(
     target: &'a Target,
     endpoint: &'a Arc<EndpointState>,
     req: TryRequest<'a>,
-    upgrade: &'a mut Option<Upgrade>,
+    upgrade: bool,
     fresh: bool,
     pass: bool,
     stamp: &'a Stamp,
@@ -147,7 +145,7 @@ fn send_to<'a>(
         let mut req = match req {
             TryRequest::Kept(parts, body)
                 if target.protocol == Protocol::Http1
-                    && upgrade.is_none()
+                    && !upgrade
                     && parts.method != Method::CONNECT
                     && body.len() <= LEAN_MAX_BODY =>
             {
@@ -172,11 +170,11 @@ fn send_to<'a>(
             TryRequest::Owned(req) => req,
         };
         // Every client but the lean one sends a map: the stamp goes in it.
-        let by_lean = upgrade.is_none() && target.protocol == Protocol::Http1 && lean(&req);
+        let by_lean = !upgrade && target.protocol == Protocol::Http1 && lean(&req);
         if !by_lean {
             stamp.insert(req.headers_mut());
         }
-        if upgrade.is_some() {
+        if upgrade {
             // Boxed: upgrades are rare, and keep the common future small.
             let start = Instant::now();
             let opened = Box::pin(
@@ -190,16 +188,10 @@ fn send_to<'a>(
                 Ok(sender) => sender,
                 Err(kind) => return Err(SendError::unsent(kind, req)),
             };
-            let downstream = upgrade.take();
-            let mut resp = sender
+            let resp = sender
                 .send_request(req)
                 .await
                 .map_err(|_| SendError::sent(ErrorKind::Reset))?;
-            if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) = (resp.status(), downstream)
-            {
-                let upstream = hyper::upgrade::on(&mut resp);
-                downstream.tunnels.open(downstream.client, upstream);
-            }
             return Ok((resp.map(UpstreamBody::Hyper), None));
         }
         match target.protocol {

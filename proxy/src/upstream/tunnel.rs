@@ -47,13 +47,15 @@ impl Tunnels {
 
     /// Joins both upgraded halves and copies bytes both ways, in a task
     /// of its own, until either side closes, neither sends a byte for the
-    /// idle time, or [`close`](Tunnels::close).
-    pub fn open(&self, downstream: OnUpgrade, upstream: OnUpgrade) {
+    /// idle time, or [`close`](Tunnels::close); `hold` (the request's
+    /// places in flight) is dropped then.
+    pub fn open<H: Send + 'static>(&self, downstream: OnUpgrade, upstream: OnUpgrade, hold: H) {
         // A child token of its own: the task polls it at every wake, and
         // each poll locks the token's node (a shared one would be one lock
         // for every tunnel of every worker).
         let (idle, closing) = (self.idle, self.closing.child_token());
         self.tasks.spawn(async move {
+            let _hold = hold;
             tokio::select! {
                 () = copy(downstream, upstream, idle) => {}
                 () = closing.cancelled() => tracing::debug!("proxy stopped: tunnel closed"),
