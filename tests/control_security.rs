@@ -383,10 +383,8 @@ async fn a_proxy_with_its_token_follows_a_secured_control_plane_and_one_without_
     assert_eq!(client.get("s", "/").await.status, StatusCode::OK);
 
     let without = TestProxy::start(&control_proxy_yaml(&control.url(), None)).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(
-        without.admin_get("/ready").await.status,
-        StatusCode::SERVICE_UNAVAILABLE,
+    assert!(
+        !becomes_ready(&without).await,
         "a proxy without the token got no snapshot"
     );
     assert_eq!(
@@ -407,11 +405,7 @@ async fn oversized_answers_are_refused_not_read_whole() {
         control_proxy_yaml(&control.url(), None)
     );
     let small = TestProxy::start(&yaml).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(
-        small.admin_get("/ready").await.status,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert!(!becomes_ready(&small).await, "a snapshot over the limit");
 
     // A Consul answer bigger than the control plane's `max_body_bytes`:
     // a failed query (counted), never a sync.
@@ -498,14 +492,23 @@ async fn https_follower(control: &TestControl, extra: &str) -> TestProxy {
     TestProxy::start(&format!("{}{extra}", control_proxy_yaml(&url, None))).await
 }
 
+/// Whether `proxy` follows the control plane: true once it is ready;
+/// false once a snapshot read has failed (`almond_control_failures_total`)
+/// with the proxy still unready, so a refusal is told from a slow start.
 async fn becomes_ready(proxy: &TestProxy) -> bool {
-    for _ in 0..40 {
+    let answer = std::cell::Cell::new(None);
+    eventually("the proxy ready, or a snapshot read failed", || async {
         if proxy.admin_get("/ready").await.status == StatusCode::OK {
-            return true;
+            answer.set(Some(true));
+        } else if proxy_metric(proxy, "almond_control_failures_total", &[]).await >= 1.0 {
+            answer.set(Some(
+                proxy.admin_get("/ready").await.status == StatusCode::OK,
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+        answer.get().is_some()
+    })
+    .await;
+    answer.get() == Some(true)
 }
 
 /// TLS on the control listener: a proxy that trusts its CA follows it

@@ -239,12 +239,18 @@ async fn a_limit_answers_429_over_its_rate_per_key() {
     let retry: u64 = over.header("retry-after").unwrap().parse().unwrap();
     // 1/min with a burst of 2 spent: the next one is free in 60 s.
     assert!((59..=60).contains(&retry), "Retry-After {retry}");
+    // Another key has a bucket of its own.
+    let bob = [("x-user", "bob")];
+    assert_eq!(
+        send(&proxy, "GET", "/search", &bob).await.status,
+        StatusCode::OK
+    );
     // Other routes are not limited.
     assert_eq!(
         send(&proxy, "GET", "/other", &alice).await.status,
         StatusCode::OK
     );
-    assert_eq!(backend.count(), 3);
+    assert_eq!(backend.count(), 4);
     let metrics = proxy.admin_get("/metrics").await.text();
     let limited = [("service", "web"), ("reason", "rate_limited")];
     assert_eq!(

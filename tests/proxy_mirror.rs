@@ -1,9 +1,9 @@
 //! Traffic mirroring end to end over real sockets: copies reach the mirror
 //! target marked `x-almond-mirror: 1` (bodies kept for retry included) and
-//! are counted under `direction="mirror"`; a mirror target that is slow
-//! (2 s), failing (500) or down never changes the real responses or their
-//! latency, and copies beyond `max_in_flight` (or with a body not kept)
-//! are dropped and counted.
+//! are counted under `direction="mirror"`; a mirror target that hangs,
+//! fails (500) or is down never changes the real responses nor holds them
+//! up, and copies beyond `max_in_flight` (or with a body not kept) are
+//! dropped and counted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +13,6 @@ use http::{Request, StatusCode};
 use std::net::SocketAddr;
 use std::time::Duration;
 use support::*;
-use tokio::time::Instant;
 
 /// Service `web` on backend `real` (subset v1, split to it) with a
 /// subset `shadow` at `shadow`, mirrored with `mirror` (a flow map);
@@ -52,23 +51,23 @@ async fn dropped(proxy: &TestProxy, reason: &str) -> f64 {
     )
 }
 
-/// Sends `n` requests one after another on one connection; returns the
-/// slowest real latency. Every real answer must be 200 from `real`.
-async fn real_traffic(proxy: &TestProxy, n: usize) -> Duration {
+/// Sends `n` requests one after another on one connection, all answered
+/// within `within`'s limit (30 s). Every real answer must be 200 from
+/// `real`.
+async fn real_traffic(proxy: &TestProxy, n: usize) {
     let mut client = H1::connect(proxy.addr()).await;
-    let mut slowest = Duration::ZERO;
-    for i in 0..n {
-        let start = Instant::now();
-        let req = Request::post(format!("/orders/{i}"))
-            .header("host", "web")
-            .body(full(format!("order {i}")))
-            .unwrap();
-        let reply = client.request(req).await;
-        slowest = slowest.max(start.elapsed());
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-        assert_eq!(reply.backend(), "real");
-    }
-    slowest
+    within("the real requests answered", async {
+        for i in 0..n {
+            let req = Request::post(format!("/orders/{i}"))
+                .header("host", "web")
+                .body(full(format!("order {i}")))
+                .unwrap();
+            let reply = client.request(req).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            assert_eq!(reply.backend(), "real");
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -124,10 +123,12 @@ async fn a_share_of_requests_is_copied() {
 }
 
 #[tokio::test]
-async fn a_slow_mirror_never_delays_real_requests_and_excess_copies_are_dropped() {
+async fn a_hanging_mirror_never_holds_real_requests_and_excess_copies_are_dropped() {
     let real = Backend::start("real").await;
+    // Answers after ten minutes: each copy ends at the service's request
+    // timeout (5 s) instead.
     let shadow = Backend::builder("shadow")
-        .delay(Duration::from_secs(2))
+        .delay(Duration::from_secs(600))
         .start()
         .await;
     let proxy = mirrored(
@@ -137,17 +138,16 @@ async fn a_slow_mirror_never_delays_real_requests_and_excess_copies_are_dropped(
         "{}",
     )
     .await;
-    let slowest = real_traffic(&proxy, 30).await;
-    // The real backend answers at once; a copy's 2 s never shows.
-    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
-    // 5 copies out (each 2 s), the other 25 dropped and counted.
+    // Real requests waiting on their copies (5 s each) would take 150 s.
+    real_traffic(&proxy, 30).await;
+    // 5 copies out, still waiting, the other 25 dropped and counted.
     assert_eq!(dropped(&proxy, "full").await, 25.0);
     eventually("the 5 copies arrive", || async { shadow.count() == 5 }).await;
-    eventually("and are counted", || async {
-        mirror_metric(&proxy, &[("code_class", "2xx")]).await == 5.0
+    eventually("and are counted once timed out", || async {
+        mirror_metric(&proxy, &[]).await == 5.0
     })
     .await;
-    // Once they are back, copies flow again.
+    // Once they are over, copies flow again.
     real_traffic(&proxy, 1).await;
     eventually("a new copy", || async { shadow.count() == 6 }).await;
 }
@@ -164,8 +164,7 @@ async fn a_failing_or_down_mirror_changes_nothing_for_real_requests() {
         "{}",
     )
     .await;
-    let slowest = real_traffic(&proxy, 20).await;
-    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    real_traffic(&proxy, 20).await;
     eventually("20 failed copies counted", || async {
         mirror_metric(&proxy, &[("code_class", "5xx")]).await == 20.0
     })
@@ -178,8 +177,7 @@ async fn a_failing_or_down_mirror_changes_nothing_for_real_requests() {
     // Down: nothing listens.
     let down = closed_port().await;
     let proxy = mirrored(&real, down, "{ subset: shadow, percent: 100 }", "{}").await;
-    let slowest = real_traffic(&proxy, 20).await;
-    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    real_traffic(&proxy, 20).await;
     eventually("20 copies counted as errors", || async {
         mirror_metric(&proxy, &[("code_class", "error")]).await == 20.0
     })

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::*;
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -357,17 +356,17 @@ async fn sampled_requests_become_spans_at_a_real_otlp_receiver() {
     .await;
 }
 
-/// Sends `n` requests one after another; returns the slowest.
-async fn timed_requests(proxy: SocketAddr, n: usize) -> Duration {
+/// Sends `n` requests one after another, each answered 200 (the test
+/// fails if they take longer than `within`'s limit all together).
+async fn answered_requests(proxy: SocketAddr, n: usize) {
     let mut c = H1::connect(proxy).await;
-    let mut slowest = Duration::ZERO;
-    for _ in 0..n {
-        let t = Instant::now();
-        let reply = c.get("api", "/").await;
-        slowest = slowest.max(t.elapsed());
-        assert_eq!(reply.status, StatusCode::OK);
-    }
-    slowest
+    within("the requests answered", async {
+        for _ in 0..n {
+            let reply = c.get("api", "/").await;
+            assert_eq!(reply.status, StatusCode::OK);
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -381,18 +380,19 @@ async fn a_hanging_collector_never_slows_requests_and_drops_are_counted() {
         .top(&tracing_yaml(
             1.0,
             &endpoint,
-            ", queue: 8, batch: 4, timeout: 30s",
+            ", queue: 8, batch: 4, timeout: 10m",
         ))
         .service(ServiceYaml::new("api").at(backend.addr))
         .start()
         .await;
 
-    let slowest = timed_requests(proxy.addr(), 60).await;
-    assert!(
-        slowest < Duration::from_secs(1),
-        "slowest request {slowest:?}"
-    );
-    assert!(collector.count() >= 1, "an export was attempted");
+    // An export hangs for ten minutes: a request that waited on one would
+    // not be answered within `within`'s limit.
+    answered_requests(proxy.addr(), 60).await;
+    eventually("an export was attempted", || async {
+        collector.count() >= 1
+    })
+    .await;
 
     // At most one batch in flight and a full queue: the rest are dropped.
     let metrics = proxy.admin_get("/metrics").await.text();
@@ -409,7 +409,7 @@ async fn a_hanging_collector_never_slows_requests_and_drops_are_counted() {
 }
 
 #[tokio::test]
-async fn a_collector_that_is_down_costs_requests_nothing_and_every_span_is_counted() {
+async fn a_collector_that_is_down_gets_every_span_counted_as_dropped() {
     let down = closed_port().await;
     let backend = Backend::start("api").await;
     let endpoint = format!("http://{down}/v1/traces");
@@ -424,11 +424,7 @@ async fn a_collector_that_is_down_costs_requests_nothing_and_every_span_is_count
         .start()
         .await;
 
-    let slowest = timed_requests(proxy.addr(), 60).await;
-    assert!(
-        slowest < Duration::from_secs(1),
-        "slowest request {slowest:?}"
-    );
+    answered_requests(proxy.addr(), 60).await;
 
     // Every span ends up dropped: queue full, or its export failed.
     eventually("every span counted as dropped", || async {

@@ -40,15 +40,16 @@ async fn spread(proxy: &TestProxy, n: usize) -> BTreeMap<String, u64> {
     out
 }
 
-/// Asserts `k` of `n` is `p` within 3.7 binomial standard deviations.
+/// Asserts `k` of `n` is `p` within 5 binomial standard deviations (a
+/// false failure about once in 1.7 million runs).
 fn share_within(what: &str, k: u64, n: u64, p: f64) {
     let sigma = (n as f64 * p * (1.0 - p)).sqrt();
     let expected = n as f64 * p;
     let got = k as f64;
     assert!(
-        (got - expected).abs() <= 3.7 * sigma,
-        "{what}: {k} of {n}, expected {expected:.0} +- {:.0} (3.7 sigma)",
-        3.7 * sigma
+        (got - expected).abs() <= 5.0 * sigma,
+        "{what}: {k} of {n}, expected {expected:.0} +- {:.0} (5 sigma)",
+        5.0 * sigma
     );
     eprintln!(
         "{what}: {k} of {n} = {:.3} (expected {p:.3}, {:+.2} sigma)",

@@ -275,6 +275,7 @@ pub async fn follow(
             Err(e) => {
                 failures += 1;
                 shared.metrics.control_connected.set(0);
+                shared.metrics.control_failures.inc();
                 let pause = BACKOFF.pause(failures);
                 if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(control = %url, error = %e, failures, retry_in = ?pause, "control plane unreachable; serving the last config");

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub config_index: IntGauge,
     /// 1 while the control plane answers (static mode: 0).
     pub control_connected: IntGauge,
+    /// Snapshot reads from the control plane that failed (Envoy's xDS
+    /// `update_failure`).
+    pub control_failures: IntCounter,
     config_refused: IntCounterVec,
     /// When the config in force was applied (Unix seconds): at start, a
     /// snapshot, a reload; a cache's write time when started from it.
@@ -280,6 +283,11 @@ impl Metrics {
                 r,
                 "almond_control_connected",
                 "1 while the control plane answers.",
+            )?,
+            control_failures: counter(
+                r,
+                "almond_control_failures_total",
+                "Snapshot reads from the control plane that failed: unreachable, TLS or a credential refused, an answer too large or unreadable.",
             )?,
             tap_events: counter(
                 r,
@@ -511,11 +519,13 @@ impl Metrics {
             .set(i64::from(percent));
     }
 
-    /// Static mode: `almond_control_connected` is not served (nothing to
-    /// connect to), so that a rule on it (`AlmondProxyDisconnected`) sees
+    /// Static mode: `almond_control_connected` and
+    /// `almond_control_failures_total` are not served (nothing to connect
+    /// to), so that a rule on them (`AlmondProxyDisconnected`) sees
     /// following proxies alone, the one that never connected included.
     pub fn without_control(self) -> Metrics {
         let _ = (self.registry).unregister(Box::new(self.control_connected.clone()));
+        let _ = (self.registry).unregister(Box::new(self.control_failures.clone()));
         self
     }
 

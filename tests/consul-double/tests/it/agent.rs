@@ -326,7 +326,10 @@ async fn maintenance_mode() {
 #[tokio::test]
 async fn anti_entropy_delay() {
     let consul = ConsulDouble::start().await;
-    consul.set_sync_delay(Duration::from_millis(250));
+    // Long enough that the read right after the register comes first on
+    // any machine.
+    consul.set_sync_delay(Duration::from_secs(2));
+    let registered = tokio::time::Instant::now();
     let r = put(
         &format!("{}/v1/agent/service/register", consul.url()),
         br#"{"Name":"late"}"#,
@@ -334,8 +337,18 @@ async fn anti_entropy_delay() {
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(health(&consul, "late").await, json!([]));
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(health(&consul, "late").await.as_array().unwrap().len(), 1);
+    // Then it shows, once synced (polled: no fixed sleep to race).
+    loop {
+        if health(&consul, "late").await.as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(
+            registered.elapsed() < Duration::from_secs(30),
+            "never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(registered.elapsed() >= Duration::from_millis(1900));
 }
 
 #[tokio::test]
