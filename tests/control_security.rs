@@ -925,6 +925,11 @@ async fn unreadable_intentions_admit_nobody() {
         StatusCode::SERVICE_UNAVAILABLE,
         "ready without the intentions"
     );
+    // Consul answers the catalog and health (only the intentions are
+    // refused): up, the refusals counted.
+    let text = control.get("/metrics").await.text();
+    assert_eq!(metric(&text, "almond_control_consul_up", &[]), 1.0);
+    assert!(metric(&text, "almond_control_consul_errors_total", &[]) >= 1.0);
 
     // Granted: ready, with the list the intentions give.
     consul.add_acl_token(TOKEN, rights.clone().intentions("billing", Access::Deny));

@@ -123,6 +123,19 @@ fn families(text: &str) -> Families {
     out
 }
 
+/// The families of a control plane with a Consul source (built, not run:
+/// its Consul families are registered from the start).
+fn consul_control_metrics() -> String {
+    let yaml = "source: { consul: { addr: \"http://127.0.0.1:9\" } }\nstore: consul\n";
+    let config = almond_config::load_control(yaml, "deploy test").expect("valid control config");
+    let control = almond_control::Control::new(config).expect("control plane");
+    let families = control.state().metrics.registry.gather();
+    let mut out = Vec::new();
+    prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut out)
+        .expect("encoded");
+    String::from_utf8(out).expect("utf-8")
+}
+
 async fn get(url: &str) -> String {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let req = hyper::Request::get(url)
@@ -213,13 +226,19 @@ services:
         !all.contains_key("almond_control_connected"),
         "a static proxy serves almond_control_connected"
     );
-    for url in [
-        format!("http://{api}/metrics"),
-        format!("http://{follower_admin}/metrics"),
-    ] {
-        for (name, labels) in families(&get(&url).await) {
-            all.entry(name).or_default().extend(labels);
-        }
+    let file_control = families(&get(&format!("http://{api}/metrics")).await);
+    assert!(
+        !file_control.contains_key("almond_control_consul_up"),
+        "a control plane with a file source serves almond_control_consul_up"
+    );
+    for (name, labels) in file_control
+        .into_iter()
+        .chain(families(
+            &get(&format!("http://{follower_admin}/metrics")).await,
+        ))
+        .chain(families(&consul_control_metrics()))
+    {
+        all.entry(name).or_default().extend(labels);
     }
 
     let _ = stop_proxy.send(());

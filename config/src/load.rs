@@ -740,6 +740,15 @@ pub fn check_service(svc: &Service, strictness: Strictness) -> Vec<(String, Stri
                 "must not be empty".into(),
             ));
         }
+        // The proxy counts its guards' answers under `subset="guard"`: a
+        // real subset of that name would share their series, and hide from
+        // the alerts that leave guards out.
+        if strict && ep.subset == "guard" {
+            out.push((
+                format!(".endpoints[{i}].subset"),
+                "\"guard\" is reserved: the proxy counts its guards' answers under subset=\"guard\"".into(),
+            ));
+        }
         if !seen.insert(ep.addr) {
             out.push((
                 format!(".endpoints[{i}].addr"),
@@ -1553,6 +1562,19 @@ services:
         );
         let got = control_problems("source:\n  file: /tmp/r\ntoken_env: \" \"\n");
         assert!(got.iter().any(|p| p.contains("token_env")), "{got:?}");
+    }
+
+    /// A subset named `guard` would share the series of the guards'
+    /// answers (and hide from the alerts that leave them out).
+    #[test]
+    fn the_guard_subset_name_is_reserved() {
+        let text =
+            "services:\n  a:\n    endpoints: [{ addr: \"127.0.0.1:8080\", subset: guard }]\n";
+        let got = problems(text);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].path, "services.a.endpoints[0].subset");
+        assert!(got[0].message.contains("reserved"), "{got:?}");
+        assert!(problems(&text.replace("guard", "v2")).is_empty());
     }
 
     #[test]

@@ -78,6 +78,22 @@ pub enum ConsulError {
     Filtered(&'static str),
 }
 
+impl ConsulError {
+    /// Consul could not be reached, could not serve the query (no leader,
+    /// overloaded), or refuses the token: the control plane gets nothing
+    /// from it, `almond_control_consul_up` 0. An answer filtered by ACLs
+    /// (part of the state) or unreadable came from a Consul that is up.
+    fn cuts_off(&self) -> bool {
+        match self {
+            ConsulError::Transport(_) | ConsulError::Forbidden(_) => true,
+            ConsulError::Status(status, _) => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            ConsulError::Decode(_) | ConsulError::Filtered(_) => false,
+        }
+    }
+}
+
 /// An answer: status, body and `X-Consul-Index` (absent on some paths).
 pub struct Answer {
     /// The status (always 2xx from [`ConsulClient::get`]).
@@ -356,7 +372,7 @@ impl Blocking {
         self.failures += 1;
         self.index = 0;
         state.metrics.consul_errors.inc();
-        state.metrics.consul_up.set(0);
+        state.metrics.consul_up.set(i64::from(!error.cuts_off()));
         let pause = BACKOFF.pause(self.failures);
         tracing::warn!(watch = what, %error, failures = self.failures, retry_in = ?pause, "consul query failed; keeping the last state");
         tokio::time::sleep(pause).await;
@@ -668,15 +684,18 @@ async fn watch_intentions(
         let pause = match read {
             Ok(mut all) => {
                 failures = 0;
+                state.metrics.consul_up.set(1);
                 let list = all.remove(&consul).flatten().unwrap_or_default();
                 let allow = allow_list(&list, &trust_domain, default_allow);
                 state.set_intentions(&name, allow);
                 INTENTIONS_EVERY
             }
             Err(e) => {
+                // Counted, but `consul_up` is the blocking queries' to
+                // set: a token without `intentions:read` whose catalog
+                // and health reads work is not cut off from Consul.
                 failures += 1;
                 state.metrics.consul_errors.inc();
-                state.metrics.consul_up.set(0);
                 let pause = BACKOFF.pause(failures).max(INTENTIONS_EVERY);
                 tracing::warn!(service = %name, error = %e, failures, retry_in = ?pause, "intentions query failed; keeping the last allow-list");
                 pause
@@ -1069,6 +1088,26 @@ pub fn registered(instances: &[Instance], subset_key: &str) -> BTreeMap<String, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `almond_control_consul_up` drops for a Consul that cannot be
+    /// reached, cannot serve or refuses the token, not for one whose
+    /// answer is partial or unreadable.
+    #[test]
+    fn only_a_consul_that_gives_nothing_is_down() {
+        let down = [
+            ConsulError::Transport("connection refused".into()),
+            ConsulError::Status(StatusCode::INTERNAL_SERVER_ERROR, "No leader".into()),
+            ConsulError::Status(StatusCode::TOO_MANY_REQUESTS, String::new()),
+            ConsulError::Forbidden("ACL not found".into()),
+        ];
+        assert!(down.iter().all(ConsulError::cuts_off));
+        let up = [
+            ConsulError::Status(StatusCode::NOT_FOUND, String::new()),
+            ConsulError::Decode("expected a list".into()),
+            ConsulError::Filtered("service:read"),
+        ];
+        assert!(!up.iter().any(ConsulError::cuts_off));
+    }
 
     fn instance(json: serde_json::Value) -> Instance {
         serde_json::from_value(json).unwrap()

@@ -99,6 +99,9 @@ impl Control {
         };
         let mut state = State::new()?;
         state.max_body = config.max_body_bytes;
+        if let Endpoints::File(_) = source {
+            state.metrics.without_consul();
+        }
         let notify = (!config.notify.is_empty()).then(|| {
             let (notifier, task) = notify::start(
                 config.notify.clone(),

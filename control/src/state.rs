@@ -306,6 +306,23 @@ impl Metrics {
         self.rollbacks.with_label_values(&[service]).inc();
     }
 
+    /// A `file` source: the Consul families are not served (nothing
+    /// queries Consul), so that `almond_control_consul_up`'s alert
+    /// (`AlmondConsulUnreachable`) sees control planes that follow Consul
+    /// alone, as the proxy's `almond_control_connected` is not served in
+    /// static mode.
+    pub fn without_consul(&self) {
+        let _ = (self.registry).unregister(Box::new(self.consul_up.clone()));
+        let _ = (self.registry).unregister(Box::new(self.consul_watches.clone()));
+        let _ = (self.registry).unregister(Box::new(self.consul_errors.clone()));
+    }
+
+    /// A service in the catalog: its rollback counter is served from now
+    /// on, at 0, so a first rollback is an increase (`AlmondRollback`).
+    pub fn know_service(&self, service: &str) {
+        self.rollbacks.with_label_values(&[service]);
+    }
+
     /// Drops the rollout series of a service gone from the catalog: the
     /// services of a preview deploy per pull request would otherwise keep
     /// theirs for the life of the process.
@@ -352,6 +369,7 @@ impl State {
 
     /// Sets a service from a source.
     pub fn set_service(&self, name: &str, service: Service, source_index: u64) {
+        self.metrics.know_service(name);
         let mut inputs = self.inputs();
         inputs.sources.insert(name.to_owned(), service.clone());
         let served = inputs.served(name, service);
@@ -935,6 +953,14 @@ mod tests {
             String::from_utf8(out).unwrap()
         };
         assert!(text().contains("service=\"pr-1234\""));
+        // A service newly in the catalog: its rollback counter at 0 at
+        // once, so a first rollback is an increase.
+        state.set_service("pr-5678", svc(1), 10);
+        assert!(
+            text().contains("almond_rollbacks_total{service=\"pr-5678\"} 0"),
+            "{}",
+            text()
+        );
         state.remove_service("pr-1234", 11);
         assert!(!text().contains("service=\"pr-1234\""), "{}", text());
     }
