@@ -273,46 +273,6 @@ async fn an_endpoint_failing_every_call_with_unavailable_is_ejected() {
     assert_eq!(ejections, 1.0);
 }
 
-/// An endpoint whose calls send a message and then end `UNAVAILABLE` in
-/// their trailers is ejected too: a gRPC call's endpoint is judged by the
-/// status its trailers carry, not by its 200 head (which counted as a
-/// success, so the endpoint never failed three times in a row).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endpoint_failing_calls_in_their_trailers_is_ejected() {
-    if !grpc_available().await {
-        return;
-    }
-    let down = GrpcServer::start("down", Some("UNAVAILABLE")).await;
-    let up = GrpcServer::start("up", None).await;
-    let proxy = ProxyYaml::new()
-        .by_host()
-        .service(
-            ServiceYaml::new("g")
-                .http2()
-                .lb("round_robin")
-                .set("retries", "{ attempts: 0 }")
-                .set(
-                    "circuit_breaker",
-                    "{ consecutive_failures: 3, base_ejection: 1m }",
-                )
-                .endpoint(down.addr, "v1", 1)
-                .endpoint(up.addr, "v1", 1),
-        )
-        .start()
-        .await;
-    let tally = calls(proxy.addr(), "g", &["Stream:OK:30"]).await;
-    // Round robin: `down` fails three times in a row and is out.
-    assert_eq!(n(&tally, "UNAVAILABLE"), 3, "{tally}");
-    assert_eq!(n(&tally, "OK"), 27, "{tally}");
-    let ejections = proxy_metric(
-        &proxy,
-        "almond_endpoint_ejections_total",
-        &[("service", "g")],
-    )
-    .await;
-    assert_eq!(ejections, 1.0);
-}
-
 /// The proxy's own answers to a gRPC call are gRPC answers (trailers-only,
 /// `grpc-status` and `grpc-message`), as Envoy's and Linkerd's are: a
 /// call that ran out of time is `DEADLINE_EXCEEDED` with the reason (a

@@ -7,7 +7,6 @@ use crate::body::Completion;
 use crate::limit::{Admission, Permit};
 use crate::observe::metrics::GrpcMetrics;
 use crate::outcome::grpc_status;
-use crate::pipeline::route::ServiceRoute;
 use crate::upstream::connect::H1Sender;
 use crate::upstream::endpoint::InFlight;
 use almond_config::GrpcCode;
@@ -48,9 +47,6 @@ pub struct Finish {
     endpoint: InFlight,
     h1: Option<H1Sender>,
     grpc: Option<GrpcCall>,
-    /// A gRPC call's service and subset, when its endpoint is judged by
-    /// the status of its trailers (see [`Finish::judged_by_trailers`]).
-    judge: Option<(Arc<ServiceRoute>, usize)>,
 }
 
 /// A gRPC call whose status comes in the response's trailers: counted
@@ -84,18 +80,7 @@ impl Finish {
             endpoint,
             h1: None,
             grpc: None,
-            judge: None,
         }
-    }
-
-    /// Feeds the `grpc-status` of the response's trailers to failure
-    /// accrual for its endpoint (of `subset` of `svc`), as Envoy's outlier
-    /// detection reads a gRPC call's: its 2xx head said nothing of how the
-    /// call went. A call whose trailers never come (the client left, the
-    /// stream broke) is not judged.
-    pub fn judged_by_trailers(mut self, svc: Arc<ServiceRoute>, subset: usize) -> Finish {
-        self.judge = Some((svc, subset));
-        self
     }
 
     /// Counts the response as a gRPC call in `metrics` when its body ends,
@@ -132,14 +117,8 @@ impl Completion for Finish {
     }
 
     fn trailers(&mut self, trailers: &http::HeaderMap) {
-        let status = grpc_status(trailers);
         if let Some(call) = &mut self.grpc {
-            call.status = status;
-        }
-        if let (Some((svc, subset)), Some(code)) = (self.judge.take(), status) {
-            let now = tokio::time::Instant::now();
-            let endpoint = self.endpoint.state();
-            svc.record_outcome(subset, endpoint, Ok(code.http_status()), now);
+            call.status = grpc_status(trailers);
         }
     }
 }

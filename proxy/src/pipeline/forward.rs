@@ -54,7 +54,7 @@ pub type Reply = Box<Response<Answer>>;
 /// One routed request: what every try of it shares.
 pub struct Call<'a> {
     /// Its service.
-    pub svc: &'a Arc<ServiceRoute>,
+    pub svc: &'a ServiceRoute,
     /// The pool its split chose.
     pub pool: &'a Pool,
     /// The metric direction (0 outbound, 1 inbound).
@@ -388,10 +388,7 @@ fn forward<'a>(
             // equivalent (`UNAVAILABLE` as a 503), as Envoy's outlier
             // detection does: a fast failure is no success.
             let judged = grpc_code.map_or(result, |code| Ok(code.http_status()));
-            // A gRPC call's 2xx head without a status: judged by its
-            // trailers' when they come (`Finish::judged_by_trailers`).
-            let later = tries.grpc && grpc_code.is_none() && matches!(result, Ok(200..=299));
-            let failed = !later && svc.record_outcome(member.subset, &endpoint, judged, now);
+            let failed = svc.record_outcome(member.subset, &endpoint, judged, now);
             if ErrorKind::about_endpoint(judged) {
                 // Not the upload's time: a long client stream is not the
                 // endpoint's latency.
@@ -427,11 +424,7 @@ fn forward<'a>(
                 return left.answer(call.fail(kind, member.subset, elapsed));
             };
             seen.upstream_answered = true;
-            let mut finish = Finish::new(admitted, in_flight).with_h1(h1);
-            if later {
-                finish = finish.judged_by_trailers(call.svc.clone(), member.subset);
-            }
-            let mut finish = Some(finish);
+            let mut finish = Some(Finish::new(admitted, in_flight).with_h1(h1));
             // An upgrade the upstream took: its tunnel holds the request's
             // places (in flight, under `max_requests`, and on its endpoint)
             // until it closes, as Envoy counts an upgraded stream active.
