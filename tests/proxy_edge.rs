@@ -461,8 +461,10 @@ async fn a_client_that_stops_reading_is_closed_after_body_idle() {
             });
         }
     });
+    // Two seconds: long enough for the test to see the request in flight
+    // (polled every 20 ms) before the proxy gives up on its client.
     let proxy = ProxyYaml::new()
-        .top("limits: { body_idle: 500ms }")
+        .top("limits: { body_idle: 2s }")
         .by_host()
         .service(ServiceYaml::new("big").at(addr))
         .start()

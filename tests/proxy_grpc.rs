@@ -418,6 +418,14 @@ async fn mirrored_grpc_calls_are_counted_by_their_status() {
     };
     assert_eq!(outcome("failure"), 20.0, "UNAVAILABLE is a failure code");
     assert_eq!(outcome("success"), 0.0);
+    // The shadow's endpoint is judged by the copies' status too: five
+    // trailers-only UNAVAILABLEs in a row eject it.
+    let ejected = metric(
+        &text,
+        "almond_endpoint_ejections_total",
+        &[("service", "g"), ("subset", "v2")],
+    );
+    assert!(ejected >= 1.0, "the failing shadow was never ejected");
     // The calls themselves: twenty successes on v1.
     let real = metric(
         &text,

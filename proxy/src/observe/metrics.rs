@@ -157,7 +157,10 @@ impl Metrics {
         )?;
         registry.register(Box::new(duration.clone()))?;
         let in_flight = IntGaugeVec::new(
-            Opts::new("almond_requests_in_flight", "Requests not yet finished."),
+            Opts::new(
+                "almond_requests_in_flight",
+                "Requests not yet finished, open tunnels included.",
+            ),
             &["direction", "service"],
         )?;
         registry.register(Box::new(in_flight.clone()))?;

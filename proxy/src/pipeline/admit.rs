@@ -1,7 +1,8 @@
 //! Admit: a request's place under its service's concurrency limit
 //! (`circuit_breaker.max_requests`; over it, shed at once with 503), held
-//! until its response has ended -- then its endpoint is free again and an
-//! HTTP/1.1 connection goes back to its pool.
+//! until its response has ended (an upgrade's: until its tunnel closes)
+//! -- then its endpoint is free again and an HTTP/1.1 connection goes
+//! back to its pool.
 
 use crate::body::Completion;
 use crate::limit::{Admission, Permit};

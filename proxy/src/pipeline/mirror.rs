@@ -164,6 +164,9 @@ impl Shadow {
             Ok((resp, h1)) => {
                 let status = resp.status();
                 let head = grpc.then(|| grpc_status(resp.headers())).flatten();
+                // A trailers-only answer is judged by its status, as the
+                // request's own are (`UNAVAILABLE` as a 503).
+                let judged = head.map_or(status.as_u16(), GrpcCode::http_status);
                 // Read and discard the body, so an HTTP/1.1 connection can
                 // go back to its pool: frame by frame, keeping only the
                 // trailers (a mirrored download is not held in memory).
@@ -204,7 +207,7 @@ impl Shadow {
                 if let (Ok(Ok(_)), Some(h1)) = (drained, h1) {
                     endpoint.conns.release_h1(h1);
                 }
-                (Ok(status.as_u16()), CodeClass::of(status), code)
+                (Ok(judged), CodeClass::of(status), code)
             }
             Err(e) => (Err(e.kind), CodeClass::Error, None),
         };

@@ -1,5 +1,6 @@
 //! Send: one request to one chosen endpoint, over the connection its
-//! service's protocol calls for (or a tunnel, for an upgrade).
+//! service's protocol calls for (an upgrade on an HTTP/1.1 connection of
+//! its own).
 
 use crate::body::{RequestBody, UploadClock, UpstreamBody};
 use crate::observe::trace::Stamp;
@@ -127,7 +128,8 @@ pub fn try_once<'a>(
 /// Sends one try's request to `endpoint` (the fields of [`OneTry`] as
 /// arguments: a struct argument would sit in the future beside its fields).
 /// An upgrade request gets a connection of its own (the caller opens its
-/// tunnel on a `101`: `hyper::upgrade::on` the response). An `async` block, not an `async fn`: that would keep the request twice.
+/// tunnel on a `101`: `hyper::upgrade::on` the response). An `async`
+/// block, not an `async fn`: that would keep the request twice.
 // Not `async fn`: it would keep the arguments twice (see above).
 #[allow(clippy::manual_async_fn, clippy::too_many_arguments)]
 fn send_to<'a>(

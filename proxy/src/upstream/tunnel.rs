@@ -1,6 +1,7 @@
 //! Tunnel: an upgraded connection (WebSocket) after its 101, bytes copied
 //! both ways until a side closes, it idles `limits.idle_timeout`, or the
-//! proxy's drain ends; `send` opens them, `Proxy::run` waits for them.
+//! proxy's drain ends; `forward` opens them on a 101 (each holding its
+//! request's places in flight), `Proxy::run` waits for them.
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
