@@ -685,7 +685,13 @@ fn log_level<S: 'static>(
     almond_proxy::observe::LogLevel {
         get: Box::new(move || current.with_current(|f| f.to_string()).unwrap_or_default()),
         set: Box::new(move |text| {
-            let filter = tracing_subscriber::EnvFilter::try_new(text).map_err(|e| e.to_string())?;
+            // Field values matched literally, never as regular
+            // expressions: a pattern from the admin API would be compiled
+            // into an automaton of unbounded size on a runtime worker.
+            let filter = tracing_subscriber::EnvFilter::builder()
+                .with_regex(false)
+                .parse(text)
+                .map_err(|e| e.to_string())?;
             handle.reload(filter).map_err(|e| e.to_string())
         }),
     }

@@ -50,6 +50,14 @@ pub(crate) struct Duplicate {
 /// copied and their problems are named at the nearest recorded ancestor.
 const COPY_BUDGET: usize = 100_000;
 
+/// Most bytes of paths kept under open anchors, for aliases to copy:
+/// anchors nested hundreds deep over one large mapping kept each path
+/// once per anchor above it (gigabytes from a file of 200 KB) before the
+/// deserializer could refuse the file. Past this, paths are not kept for
+/// anchors (an alias then names its problems at the nearest recorded
+/// ancestor, as past [`COPY_BUDGET`]).
+const ANCHORED_BYTES: usize = 16 << 20;
+
 enum Frame {
     /// A mapping; `key` is set between a key and its value, and `merge`
     /// says that key is `<<`; `seen` holds the keys written so far, with
@@ -93,6 +101,8 @@ struct Builder {
     /// Anchored scalars' values, for an alias used as a mapping key.
     scalars: HashMap<usize, String>,
     copied: usize,
+    /// Bytes of the paths in `anchors` (see [`ANCHORED_BYTES`]).
+    anchored: usize,
 }
 
 impl LineIndex {
@@ -100,6 +110,13 @@ impl LineIndex {
     /// what comes before its error (the deserializer reports the syntax
     /// error with its own position).
     pub(crate) fn build(text: &str) -> LineIndex {
+        Builder::walk(text).index
+    }
+}
+
+impl Builder {
+    /// The walk over `text`'s events (see [`LineIndex::build`]).
+    fn walk(text: &str) -> Builder {
         let mut b = Builder::default();
         for item in Parser::new_from_str(text) {
             let Ok((event, span)) = item else { break };
@@ -158,9 +175,11 @@ impl LineIndex {
                 _ => {}
             }
         }
-        b.index
+        b
     }
+}
 
+impl LineIndex {
     /// The keys of the top-level mapping, as written (up to a syntax
     /// error, if the file has one).
     pub(crate) fn top_level_keys(&self) -> &[String] {
@@ -318,7 +337,11 @@ impl Builder {
                     _ => continue,
                 }
             };
+            if self.anchored + rel.len() > ANCHORED_BYTES {
+                continue;
+            }
             if let Some(list) = self.anchors.get_mut(&node.anchor) {
+                self.anchored += rel.len();
                 list.push(rel);
             }
         }
@@ -446,5 +469,29 @@ services:
         }
         let index = LineIndex::build(&bomb);
         assert!(index.lines.len() + index.merged.len() <= COPY_BUDGET + 1_000);
+    }
+
+    /// Anchors nested deep over one large mapping keep each of its paths
+    /// once per anchor above it: within a budget of bytes, not the
+    /// gigabytes a 200 KB file used to take.
+    #[test]
+    fn paths_kept_for_nested_anchors_are_bounded() {
+        let depth = 100;
+        let mut text = String::new();
+        for i in 0..depth {
+            text += &format!("{{a: &x{i} ");
+        }
+        text += "{";
+        for k in 0..20_000 {
+            text += &format!("k{k}: 1, ");
+        }
+        text += "z: 1}";
+        text += &"}".repeat(depth);
+        let b = Builder::walk(&text);
+        let kept: usize = b.anchors.values().flatten().map(String::len).sum();
+        assert!(kept <= ANCHORED_BYTES, "{kept} bytes kept");
+        // The paths themselves are all indexed.
+        let deepest = format!("{}k19999", "a.".repeat(depth));
+        assert!(b.index.line_of(&deepest).is_some(), "{deepest}");
     }
 }

@@ -188,14 +188,43 @@ fn binomial_at_least(k: u64, n: u64, p: f64) -> f64 {
 /// Fisher's exact test, one-sided: the chance of `f1` or more failures in
 /// the canary's `n1` requests if canary and stable (`f2` of `n2`) failed
 /// alike.
+///
+/// The exact sum takes one term per possible count above `f1`: past
+/// [`EXACT_TERMS`] of them (millions of requests in a window, or counts
+/// a broken or hostile `/metrics` made up), the two-proportion z-test
+/// stands in, which at such counts agrees with it. Failures above their
+/// requests are taken as all of them.
 pub fn fisher_worse(f1: u64, n1: u64, f2: u64, n2: u64) -> f64 {
+    let (f1, f2) = (f1.min(n1), f2.min(n2));
     if f1 == 0 {
         return 1.0;
     }
-    match statrs::distribution::Hypergeometric::new(n1 + n2, f1 + f2, n1) {
+    let (Some(n), Some(f)) = (n1.checked_add(n2), f1.checked_add(f2)) else {
+        return z_worse(f1, n1, f2, n2);
+    };
+    if f.min(n1) - f1 > EXACT_TERMS {
+        return z_worse(f1, n1, f2, n2);
+    }
+    match statrs::distribution::Hypergeometric::new(n, f, n1) {
         Ok(h) => h.sf(f1 - 1),
         Err(_) => 1.0,
     }
+}
+
+/// Terms the exact Fisher sum may take (well under a millisecond).
+const EXACT_TERMS: u64 = 100_000;
+
+/// The one-sided two-proportion z-test of the canary (`f1` of `n1`)
+/// failing more than the stable subset (`f2` of `n2`), pooled.
+fn z_worse(f1: u64, n1: u64, f2: u64, n2: u64) -> f64 {
+    let (f1, n1, f2, n2) = (f1 as f64, n1 as f64, f2 as f64, n2 as f64);
+    let pooled = (f1 + f2) / (n1 + n2);
+    let se = (pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2)).sqrt();
+    if se.is_nan() || se <= 0.0 {
+        return if f1 / n1 > f2 / n2 { 0.0 } else { 1.0 };
+    }
+    let z = (f1 / n1 - f2 / n2) / se;
+    1.0 - statrs::distribution::Normal::standard().cdf(z)
 }
 
 /// Mann-Whitney U over two latency histograms (same bucket bounds):
@@ -728,6 +757,32 @@ mod tests {
     fn figures_read_like_the_demo_narration() {
         let f = figures(&window(120, 0, 0.004), &window(1080, 1, 0.004));
         assert_eq!(f, "errors 0/120 vs 1/1080, p = 1.00; p99 5.0ms vs 5.0ms");
+    }
+
+    /// Counts no window of real traffic reaches (made up by a broken or
+    /// hostile `/metrics`) are judged at once, not by a sum of 10^17
+    /// terms that froze the watcher; at counts the exact test can still
+    /// take, the z-test stand-in agrees with it.
+    #[test]
+    fn huge_counts_are_judged_at_once() {
+        // The exact sum here would take 10^17 terms: the test would hang.
+        let p = fisher_worse(
+            1,
+            1_000_000_000_000_000_000,
+            500_000_000_000_000_000,
+            u64::MAX,
+        );
+        assert!((0.0..=1.0).contains(&p), "{p}");
+        assert_eq!(fisher_worse(u64::MAX, u64::MAX, 0, u64::MAX), 0.0);
+        assert_eq!(fisher_worse(10, 5, 0, 10), fisher_worse(5, 5, 0, 10));
+        // 2 % against 1 % of 50,000 each: both say the canary is worse.
+        let exact = fisher_worse(1_000, 50_000, 500, 50_000);
+        let z = z_worse(1_000, 50_000, 500, 50_000);
+        assert!(exact < 1e-6 && z < 1e-6, "{exact} {z}");
+        // Alike: both far from it.
+        let exact = fisher_worse(500, 50_000, 500, 50_000);
+        let z = z_worse(500, 50_000, 500, 50_000);
+        assert!((exact - z).abs() < 0.05, "{exact} {z}");
     }
 
     #[test]

@@ -193,8 +193,14 @@ impl Watcher {
             .get(name)
             .filter(|b| b.step_started == r.step_started)
         else {
-            // A new step (or a restarted control plane): the window starts now.
-            let totals = self.collect(&admins, name).await;
+            // A new step (or a restarted control plane): the window starts
+            // now. Bounded as the judge's collection is: proxies that never
+            // answer would hold every other service's rollout meanwhile.
+            let collected = tokio::time::timeout(COLLECT_LIMIT, self.collect(&admins, name));
+            let Ok(totals) = collected.await else {
+                tracing::warn!(service = name, limit = ?COLLECT_LIMIT, "collecting the step's baseline took too long: taken again next time");
+                return Ok(());
+            };
             baselines.insert(
                 name.to_owned(),
                 Baseline {

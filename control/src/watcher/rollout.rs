@@ -23,6 +23,8 @@ pub const VERDICTS_KEPT: usize = 50;
 
 /// The longest step interval a spec may ask for.
 const MAX_INTERVAL_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
+/// The shortest interval (100 ms).
+const MIN_INTERVAL_SECONDS: f64 = 0.1;
 
 /// What an operator asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,7 +180,7 @@ impl RolloutSpec {
         if self.steps.windows(2).any(|w| w[0] >= w[1]) {
             return Err("steps: must go up, e.g. 1,10,50,100".into());
         }
-        if self.interval_seconds.is_nan() || self.interval_seconds < 0.1 {
+        if self.interval_seconds.is_nan() || self.interval_seconds < MIN_INTERVAL_SECONDS {
             return Err("interval: at least 100ms".into());
         }
         // Bounded: a larger value does not fit a `Duration` (the watcher
@@ -222,9 +224,16 @@ impl RolloutSpec {
         Ok(())
     }
 
-    /// The interval as a duration.
+    /// The interval as a duration. A rollout started through the API was
+    /// checked; one read from the store (written by hand, or by a release
+    /// before the upper bound) is held to the same bounds here, rather
+    /// than panic the watcher on a negative or huge value.
     pub fn interval(&self) -> Duration {
-        Duration::from_secs_f64(self.interval_seconds)
+        let seconds = match self.interval_seconds {
+            s if s.is_nan() => MIN_INTERVAL_SECONDS,
+            s => s.clamp(MIN_INTERVAL_SECONDS, MAX_INTERVAL_SECONDS),
+        };
+        Duration::from_secs_f64(seconds)
     }
 }
 
@@ -307,7 +316,8 @@ impl Rollout {
 
     fn split_at(&self, percent: u32) -> Weights {
         let mut w = Weights::new();
-        w.insert(self.stable.clone(), 100 - percent);
+        // A stored step above 100 (written by hand) is all on the canary.
+        w.insert(self.stable.clone(), 100u32.saturating_sub(percent));
         w.insert(self.spec.canary.clone(), percent);
         w
     }
@@ -370,7 +380,7 @@ impl Rollout {
 
     /// Takes a verdict on the current step.
     pub fn on_verdict(&mut self, verdict: Verdict, canary: u64, stable: u64, now: u64) -> Next {
-        self.verdicts = self.verdict_count() + 1;
+        self.verdicts = self.verdict_count().saturating_add(1);
         self.history.push(Judged {
             percent: self.percent(),
             verdict: verdict.clone(),
@@ -395,7 +405,7 @@ impl Rollout {
             }
             Verdict::Fail(reason) => self.roll_back(Phase::RolledBack, reason),
             Verdict::Inconclusive(reason) => {
-                self.inconclusive += 1;
+                self.inconclusive = self.inconclusive.saturating_add(1);
                 if self.inconclusive > self.spec.max_inconclusive {
                     return self.roll_back(
                         Phase::RolledBack,
@@ -479,6 +489,29 @@ mod tests {
             max_inconclusive: 2,
             shadow: None,
         }
+    }
+
+    /// A stored rollout is not checked as one started through the API is:
+    /// an interval written by hand (negative, NaN, huge) used to panic
+    /// the watcher, and a step above 100 to wrap the stable weight.
+    #[test]
+    fn a_stored_rollout_out_of_bounds_is_held_to_them() {
+        for (seconds, want) in [
+            (-1.0, 0.1),
+            (f64::NAN, 0.1),
+            (1e20, MAX_INTERVAL_SECONDS),
+            (2.0, 2.0),
+        ] {
+            let s = RolloutSpec {
+                interval_seconds: seconds,
+                ..spec()
+            };
+            assert_eq!(s.interval(), Duration::from_secs_f64(want), "{seconds}");
+        }
+        let r = Rollout::start(spec(), "v1".into(), None, 0);
+        let w = r.split_at(150);
+        assert_eq!(w.get("v1"), Some(&0));
+        assert_eq!(w.get("v2"), Some(&150));
     }
 
     #[test]

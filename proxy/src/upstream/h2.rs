@@ -169,13 +169,20 @@ struct Watch {
     quiet_since: Option<Instant>,
 }
 
+/// How often a connection is checked for having been idle `idle`: a
+/// quarter of it, at least a millisecond (a `timeouts.idle` of a few
+/// nanoseconds made the check a busy loop).
+fn check_every(idle: Duration) -> Duration {
+    (idle / 4).max(Duration::from_millis(1))
+}
+
 impl Watch {
     fn new(idle: Option<Duration>, state: &ConnState) -> Watch {
         let now = Instant::now();
         Watch {
             next_ping: now + PING_INTERVAL,
             idle,
-            next_check: now + idle.map_or(Duration::ZERO, |d| d / 4),
+            next_check: now + idle.map_or(Duration::ZERO, check_every),
             started: state.started.load(Ordering::Relaxed),
             quiet_since: None,
         }
@@ -205,7 +212,7 @@ impl Watch {
             self.next_ping = Instant::now() + PING_INTERVAL;
         }
         if let Some(idle) = self.idle.filter(|_| now >= self.next_check) {
-            self.next_check = now + idle / 4;
+            self.next_check = now + check_every(idle);
             let started = state.started.load(Ordering::Relaxed);
             let quiet = state.streams.load(Ordering::Relaxed) == 0;
             if quiet && state.closed.load(Ordering::Relaxed) {
