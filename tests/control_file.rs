@@ -103,6 +103,23 @@ async fn registry_edits_reach_traffic() {
     assert_eq!(view.status, StatusCode::NOT_FOUND, "{}", view.text());
 }
 
+/// A FIFO (or any file that is not a regular one) named like a registry
+/// file is passed over: reading it blocked the file source for good, and
+/// the control plane never got ready.
+#[tokio::test]
+async fn a_fifo_in_the_registry_is_passed_over() {
+    let a1 = Backend::start("a1").await;
+    let registry = Registry::new();
+    let fifo = registry.services.join("stuck.yaml");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
+    registry.service("web", &[(a1.addr, "v1")]);
+    let control = TestControl::start(&registry.control_yaml(None)).await;
+    let proxy = start_following(&control.url(), None).await;
+    let seen = backends_seen(&proxy, "web", 3).await;
+    assert!(seen.iter().all(|b| b == "a1"), "{seen:?}");
+}
+
 #[tokio::test]
 async fn an_invalid_registry_file_leaves_the_last_good_state() {
     let a1 = Backend::start("a1").await;

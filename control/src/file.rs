@@ -69,7 +69,9 @@ pub async fn run(dir: PathBuf, state: Arc<State>) {
     }
 }
 
-/// Every `*.yaml` / `*.yml` / `*.json` file with its modification stamp.
+/// Every `*.yaml` / `*.yml` / `*.json` file with its modification stamp:
+/// regular files (or links to them) only, as a FIFO or a device would
+/// block the read that follows for good.
 fn list(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
     let entries = std::fs::read_dir(dir)?;
     Ok(entries
@@ -82,7 +84,7 @@ fn list(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
             )
         })
         .filter_map(|p| {
-            let meta = std::fs::metadata(&p).ok()?;
+            let meta = std::fs::metadata(&p).ok().filter(|m| m.is_file())?;
             Some((p, (meta.modified().ok()?, meta.len())))
         })
         .collect())

@@ -190,7 +190,7 @@ fn binomial_at_least(k: u64, n: u64, p: f64) -> f64 {
 /// alike.
 ///
 /// The exact sum takes one term per possible count above `f1`: past
-/// [`EXACT_TERMS`] of them (millions of requests in a window, or counts
+/// 100,000 of them (millions of requests in a window, or counts
 /// a broken or hostile `/metrics` made up), the two-proportion z-test
 /// stands in, which at such counts agrees with it. Failures above their
 /// requests are taken as all of them.
