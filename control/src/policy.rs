@@ -15,7 +15,9 @@ const HISTORY: usize = 50;
 /// A service's traffic policy, as stored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
-    /// Bumped by every change; a shift may name the version it saw.
+    /// Bumped by every change; a shift may name the version it saw. Only
+    /// compared for equality, so past `u64::MAX` (a value edited into the
+    /// store by hand) it wraps to 0 rather than failing every change.
     #[serde(default)]
     pub version: u64,
     /// Bumped by every write to the file store (its check-and-set token:
@@ -264,7 +266,7 @@ impl Policy {
     /// `previous`.
     pub fn with_split(&self, split: Weights, by: &str, action: &str, now: u64) -> Policy {
         let mut next = self.clone();
-        next.version += 1;
+        next.version = next.version.wrapping_add(1);
         next.previous = self.split.clone();
         next.previous_none = self.split.is_none();
         next.split = Some(split);
@@ -325,7 +327,7 @@ impl Policy {
             }
         };
         let mut next = self.clone();
-        next.version += 1;
+        next.version = next.version.wrapping_add(1);
         next.previous = self.split.clone();
         next.previous_none = self.split.is_none();
         next.split = previous;
@@ -393,7 +395,7 @@ impl Policy {
             (false, true) => list.allow.retain(|i| i != identity),
             _ => {}
         }
-        next.version += 1;
+        next.version = next.version.wrapping_add(1);
         next.record(by, if allow { "authz allow" } else { "authz deny" }, now);
         if let Some(change) = next.history.last_mut() {
             change.from = self.split.clone();
@@ -460,7 +462,7 @@ impl Policy {
                 "limit"
             }
         };
-        next.version += 1;
+        next.version = next.version.wrapping_add(1);
         next.record(by, action, now_ms / 1000);
         let (kind, detail) = match action {
             "unblock" => ("unblocked", describe(&guard.when)),
@@ -485,7 +487,7 @@ impl Policy {
     /// source's) the route rules, recorded in the audit trail.
     pub fn with_routes(&self, routes: Option<Vec<RouteRule>>, by: &str, now: u64) -> Policy {
         let mut next = self.clone();
-        next.version += 1;
+        next.version = next.version.wrapping_add(1);
         let action = if routes.is_some() {
             "routes set"
         } else {
@@ -504,7 +506,7 @@ impl Policy {
     /// recorded in the audit trail.
     pub fn with_mirror(&self, mirror: Option<Mirror>, by: &str, now: u64) -> Policy {
         let mut next = self.clone();
-        next.version += 1;
+        next.version = next.version.wrapping_add(1);
         let action = if mirror.is_some() {
             "mirror set"
         } else {
@@ -743,6 +745,20 @@ mod tests {
         };
         let denied = p.with_authz(Some(&source), false, web, "ops", 1).unwrap();
         assert!(denied.authz.unwrap().allow.is_empty());
+    }
+
+    #[test]
+    fn a_version_at_its_end_wraps_instead_of_overflowing() {
+        let stored = Policy {
+            version: u64::MAX,
+            ..Policy::default()
+        };
+        let next = stored.with_split(w(&[("v1", 100)]), "ops", "shift", 1);
+        assert_eq!(next.version, 0);
+        assert_ne!(
+            next.version, stored.version,
+            "the change is still seen as one"
+        );
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl Store {
         token: u64,
     ) -> Result<bool, StoreError> {
         if matches!(self, Store::File { .. }) {
-            policy.revision = token + 1;
+            policy.revision = token.wrapping_add(1);
         }
         let encode =
             |p: &Policy| serde_json::to_vec(p).map_err(|e| StoreError::Decode(e.to_string()));
@@ -324,4 +324,39 @@ fn write_file(path: &std::path::Path, all: &BTreeMap<String, Policy>) -> Result<
     let bytes = serde_json::to_vec_pretty(all).map_err(|e| StoreError::Decode(e.to_string()))?;
     almond_config::write_atomic(path, &bytes)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_file_store_revision_at_its_end_wraps_and_still_guards_writes() {
+        let dir = std::env::temp_dir().join(format!("almond-store-wrap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("policies.json");
+        let at_end = Policy {
+            revision: u64::MAX,
+            ..Policy::default()
+        };
+        write_file(&path, &BTreeMap::from([("web".to_owned(), at_end)])).unwrap();
+        let store = Store::File {
+            path: path.clone(),
+            lock: tokio::sync::Mutex::new(()),
+        };
+
+        let (mut policy, token) = store.get("web").await.unwrap();
+        assert_eq!(token, u64::MAX);
+        assert!(store.put("web", &mut policy, token).await.unwrap());
+        let (mut again, token) = store.get("web").await.unwrap();
+        assert_eq!(token, 0, "the revision wrapped");
+        // The old token no longer writes; the new one does.
+        assert!(!store
+            .put("web", &mut again.clone(), u64::MAX)
+            .await
+            .unwrap());
+        assert!(store.put("web", &mut again, token).await.unwrap());
+        assert_eq!(store.get("web").await.unwrap().1, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

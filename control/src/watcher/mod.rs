@@ -338,7 +338,7 @@ pub fn apply_next(
         Next::Hold => policy.clone(),
     };
     if out.version == policy.version {
-        out.version += 1;
+        out.version = out.version.wrapping_add(1);
     }
     // A shadow stage's mirror follows the rollout.
     if rollout.spec.shadow.is_some() {
