@@ -790,8 +790,12 @@ async fn a_request_half_read_when_the_drain_starts_is_answered() {
         conns.push(conn);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let admin = proxy.admin;
     let stopped = tokio::spawn(proxy.shutdown());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the drain to start (/ready 503)", || async {
+        admin_get(admin, "/ready").await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
     for conn in &mut conns {
         conn.write_all(b"\r\n").await.unwrap();
     }

@@ -18,6 +18,8 @@ use http::{Method, Request, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 use tokio::net::TcpStream;
@@ -357,16 +359,53 @@ async fn get_pinned(addr: SocketAddr, subset: &str, path: &str) -> Reply {
     H1::connect(addr).await.request(req).await
 }
 
+/// An HTTP/1.1 upstream that answers `/status/500` with a 500 at once
+/// and holds every other request until `release` gets a permit; it counts
+/// the requests that reach it.
+async fn gated_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<tokio::sync::Semaphore>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (count, gate) = (arrived.clone(), release.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let (count, gate) = (count.clone(), gate.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let answer: &[u8] = if head.starts_with(b"GET /status/500 ") {
+                    b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                } else {
+                    let Ok(permit) = gate.acquire().await else {
+                        return;
+                    };
+                    permit.forget();
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                };
+                let _ = tcp.write_all(answer).await;
+            });
+        }
+    });
+    (addr, arrived, release)
+}
+
 #[tokio::test]
 async fn a_success_sent_before_the_ejection_does_not_end_it() {
-    // Every answer of `flaky` takes 500 ms; `/status/500` fails. It is alone
-    // in subset v2, so a pinned request always goes to it.
+    // `flaky` answers `/status/500` with a 500 at once and holds every
+    // other request until released. It is alone in subset v2, so a pinned
+    // request always goes to it.
     let good1 = Backend::start("good1").await;
     let good2 = Backend::start("good2").await;
-    let flaky = Backend::builder("flaky")
-        .delay(Duration::from_millis(500))
-        .start()
-        .await;
+    let (flaky, arrived, release) = gated_upstream().await;
     let proxy = ProxyYaml::new()
         .by_host()
         .service(
@@ -374,7 +413,7 @@ async fn a_success_sent_before_the_ejection_does_not_end_it() {
                 .lb("round_robin")
                 .at(good1.addr)
                 .at(good2.addr)
-                .endpoint(flaky.addr, "v2", 1)
+                .endpoint(flaky, "v2", 1)
                 .set(
                     "circuit_breaker",
                     "{ consecutive_failures: 3, base_ejection: 60s, max_ejection: 60s }",
@@ -384,19 +423,15 @@ async fn a_success_sent_before_the_ejection_does_not_end_it() {
         .start()
         .await;
     let addr = proxy.addr();
-    let failing: Vec<_> = (0..3)
-        .map(|_| tokio::spawn(async move { get_pinned(addr, "v2", "/status/500").await }))
-        .collect();
-    eventually("three failing requests at flaky", || async {
-        flaky.count() == 3
+    // A request sent before the ejection, held at flaky: it will succeed
+    // after it.
+    let straggler = tokio::spawn(async move { get_pinned(addr, "v2", "/").await });
+    eventually("the straggler at flaky", || async {
+        arrived.load(Ordering::SeqCst) == 1
     })
     .await;
-    // A fourth request, sent before the ejection, that will succeed after
-    // it. Spaced so that it ends well after the three failures.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let straggler = tokio::spawn(async move { get_pinned(addr, "v2", "/").await });
-    for f in failing {
-        assert_eq!(within("failure", f).await.unwrap().status, 500);
+    for _ in 0..3 {
+        assert_eq!(get_pinned(addr, "v2", "/status/500").await.status, 500);
     }
     let ejected_v2 = metric(
         &scrape(&proxy).await,
@@ -404,15 +439,20 @@ async fn a_success_sent_before_the_ejection_does_not_end_it() {
         &[("service", "svc"), ("subset", "v2"), ("state", "ejected")],
     );
     assert_eq!(ejected_v2, 1.0, "three failures in a row eject flaky");
+    release.add_permits(1);
     assert_eq!(within("straggler", straggler).await.unwrap().status, 200);
 
     // The straggler proves nothing about flaky now: it stays ejected for
     // its base_ejection, and unpinned traffic keeps away from it.
-    assert_eq!(endpoint_state(&proxy, "svc", flaky.addr).await, "ejected");
-    let before = flaky.count();
+    assert_eq!(endpoint_state(&proxy, "svc", flaky).await, "ejected");
+    let before = arrived.load(Ordering::SeqCst);
     let got = load(&proxy, "svc", 1, 30).await;
     all_ok(&got, "flaky ejected");
-    assert_eq!(flaky.count(), before, "flaky got traffic while ejected");
+    assert_eq!(
+        arrived.load(Ordering::SeqCst),
+        before,
+        "flaky got traffic while ejected"
+    );
 }
 
 #[tokio::test]

@@ -183,20 +183,50 @@ async fn an_h2_upstream_streams_both_ways_while_the_request_is_still_coming() {
 /// Clients that stop reading big answers from an HTTP/2 upstream hold
 /// their streams' windows, not the whole shared connection's: a small
 /// answer from the same upstream still arrives. (Three streams of 2 MiB
-/// each held more than the connection's window of 5 MiB.)
+/// each held more than the connection's window of 5 MiB, hyper's default,
+/// before the connection's window was raised to sixteen streams'.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_do_not_stall_a_shared_h2_upstream() {
-    let upstream = h2_upstream(|req, mut respond| async move {
-        let big = req.uri().path() == "/big";
-        let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
-            return;
-        };
-        let body = match big {
-            true => bytes::Bytes::from(vec![b'b'; 4 << 20]),
-            false => bytes::Bytes::from_static(b"small"),
-        };
-        let _ = send.send_data(body, true);
-        // The stream's answer is queued: it lives on in the connection.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    /// The window the proxy gives each upstream stream.
+    const STREAM_WINDOW: usize = 2 << 20;
+    // Bytes of the big answers the proxy's windows have let the upstream
+    // send, over all streams.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counted = taken.clone();
+    let upstream = h2_upstream(move |req, mut respond| {
+        let taken = counted.clone();
+        async move {
+            let big = req.uri().path() == "/big";
+            let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+                return;
+            };
+            if !big {
+                let _ = send.send_data(bytes::Bytes::from_static(b"small"), true);
+                return;
+            }
+            // 4 MiB, sent only as the proxy's windows allow, counted.
+            let mut left = 4usize << 20;
+            while left > 0 {
+                send.reserve_capacity(left);
+                let room = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(n)) => n.min(left),
+                    _ => return,
+                };
+                if room == 0 {
+                    continue;
+                }
+                left -= room;
+                taken.fetch_add(room, Ordering::SeqCst);
+                if send
+                    .send_data(bytes::Bytes::from(vec![b'b'; room]), left == 0)
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
     })
     .await;
     let yaml = ProxyYaml::new()
@@ -221,8 +251,11 @@ async fn clients_that_stop_reading_do_not_stall_a_shared_h2_upstream() {
         assert_eq!(resp.status(), StatusCode::OK);
         stalled.push((send, resp.into_body()));
     }
-    // The upstream has filled what the streams may hold.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The upstream has filled every window the stalled streams hold.
+    eventually("the stalled streams' windows filled", || async {
+        taken.load(Ordering::SeqCst) >= 3 * STREAM_WINDOW
+    })
+    .await;
     let small = async {
         let mut client = H1::connect(proxy.addr()).await;
         let req = Request::get("/small")
@@ -236,6 +269,10 @@ async fn clients_that_stop_reading_do_not_stall_a_shared_h2_upstream() {
         .expect("the small answer was stuck behind the stalled streams");
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(&reply.body[..], b"small");
+    assert!(
+        taken.load(Ordering::SeqCst) < 3 * (4 << 20),
+        "the stalled clients took their answers whole: nothing was held"
+    );
     drop(stalled);
 }
 
@@ -320,28 +357,43 @@ async fn a_stalled_upload_leaves_room_for_the_connection_s_other_streams() {
         .service(ServiceYaml::new("fine").at(fine.addr))
         .start()
         .await;
-    let client = H2::connect(proxy.addr()).await;
-    let mut big = client.clone();
-    let upload = tokio::spawn(async move {
-        let req = Request::post("http://stuck/upload")
-            .version(http::Version::HTTP_2)
-            .body(full(vec![7u8; 8 << 20]))
-            .unwrap();
-        big.send(req).await
-    });
-    // The big upload has filled what the proxy lets it send.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let req = Request::post("http://fine/small")
-        .version(http::Version::HTTP_2)
-        .body(full(vec![1u8; 1024 * 1024]))
-        .unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), client.clone().request(req))
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = Request::post("http://stuck/upload").body(()).unwrap();
+    let (_held, mut big) = send.send_request(req, false).unwrap();
+    /// The window the proxy gives a client's stream, and its connection.
+    const EDGE_STREAM_WINDOW: usize = 1 << 20;
+    // The big upload sends what the proxy's windows let it, up to 8 MiB.
+    let mut sent = 0usize;
+    while sent < EDGE_STREAM_WINDOW {
+        big.reserve_capacity((8 << 20) - sent);
+        let room = within(
+            "the proxy to open the big upload's window",
+            std::future::poll_fn(|cx| big.poll_capacity(cx)),
+        )
         .await
-        .expect("the small upload waited behind the stalled one");
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        .expect("the big upload's stream ended")
+        .unwrap();
+        big.send_data(bytes::Bytes::from(vec![7u8; room]), false)
+            .unwrap();
+        sent += room;
+    }
+    // It has filled its stream's window, as much as the connection's
+    // whole window: the small upload goes on the same connection.
+    let mut send = send.ready().await.unwrap();
+    let req = Request::post("http://fine/small").body(()).unwrap();
+    let (resp, mut small) = send.send_request(req, false).unwrap();
+    small
+        .send_data(bytes::Bytes::from(vec![1u8; 1024 * 1024]), true)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("the small upload waited behind the stalled one")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(fine.last().body_len, 1024 * 1024);
-    assert!(!upload.is_finished(), "the big upload is still held");
-    upload.abort();
 }
 
 /// An HTTP/2 connection to `addr` whose client gives no stream any window
