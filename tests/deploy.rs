@@ -9,6 +9,9 @@
 //! - `promtool` accepts the Prometheus config, the rules and their unit
 //!   tests, and parses every dashboard query (needs `promtool` on `PATH`;
 //!   skipped without it unless `ALMOND_REQUIRE_PROMETHEUS` or `CI` is set);
+//! - `amtool` accepts the Alertmanager config, and a real Alertmanager on
+//!   it holds back proxies' disconnects while the control plane is down
+//!   (skipped likewise without `prometheus-alertmanager` and `amtool`);
 //! - the compose file, the Prometheus targets, the Consul registrations and
 //!   the proxy configs agree on addresses, and every file compose mounts
 //!   exists;
@@ -849,7 +852,13 @@ fn the_pgo_training_run_passes_with_the_test_build() {
 /// `promtool` on `PATH`, or `None` (skip) when missing and neither
 /// `ALMOND_REQUIRE_PROMETHEUS` nor `CI` asks for it.
 fn promtool() -> Option<PathBuf> {
-    if let Some(path) = on_path("promtool") {
+    prometheus_tool("promtool", "prometheus")
+}
+
+/// `name` (from Debian's `package`) on `PATH`, or `None` (skip) when
+/// missing and neither `ALMOND_REQUIRE_PROMETHEUS` nor `CI` asks for it.
+fn prometheus_tool(name: &str, package: &str) -> Option<PathBuf> {
+    if let Some(path) = on_path(name) {
         return Some(path);
     }
     let required = ["ALMOND_REQUIRE_PROMETHEUS", "CI"]
@@ -857,10 +866,10 @@ fn promtool() -> Option<PathBuf> {
         .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
     assert!(
         !required,
-        "promtool must be on PATH (ALMOND_REQUIRE_PROMETHEUS or CI is set); on Debian: \
-         apt-get install prometheus"
+        "{name} must be on PATH (ALMOND_REQUIRE_PROMETHEUS or CI is set); on Debian: \
+         apt-get install {package}"
     );
-    eprintln!("skipped: install promtool (Debian: apt-get install prometheus) to run it");
+    eprintln!("skipped: install {name} (Debian: apt-get install {package}) to run it");
     None
 }
 
@@ -917,6 +926,164 @@ fn promtool_accepts_the_prometheus_files_and_every_dashboard_query() {
     let mut cmd = Command::new(&promtool);
     cmd.args(["check", "rules"]).arg(&file);
     run(cmd);
+}
+
+// ---------------------------------------------------------------------------
+// Alertmanager
+
+/// `POST url` with a JSON body; the status.
+async fn post_json(url: &str, body: &Value) -> hyper::StatusCode {
+    let client: Client<_, http_body_util::Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .unwrap_or_else(|_| panic!("{url}: no answer within 10 s"))
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+        .status()
+}
+
+/// A real Alertmanager on `docker/prometheus/alertmanager.yml`: with the
+/// control plane down, every proxy's `AlmondProxyDisconnected` is held
+/// back (one page for the cause), other alerts are not, and the proxies'
+/// alerts come back once the control plane's has ended.
+#[tokio::test]
+async fn alertmanager_holds_proxy_disconnects_while_the_control_plane_is_down() {
+    let Some(amtool) = prometheus_tool("amtool", "prometheus-alertmanager") else {
+        return;
+    };
+    let Some(alertmanager) = prometheus_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    else {
+        return;
+    };
+    let config = root().join("docker/prometheus/alertmanager.yml");
+    let mut cmd = Command::new(&amtool);
+    cmd.arg("check-config").arg(&config);
+    run(cmd);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let storage = tempfile::tempdir().expect("temporary directory");
+    let mut child = tokio::process::Command::new(&alertmanager)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.path={}", storage.path().display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        // No cluster: it would listen on every address.
+        .arg("--cluster.listen-address=")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start alertmanager");
+    let base = format!("http://127.0.0.1:{port}");
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let ready = async {
+        loop {
+            let req = hyper::Request::get(format!("{base}/-/ready"))
+                .body(Empty::new())
+                .expect("request");
+            if let Ok(resp) = client.request(req).await {
+                if resp.status() == hyper::StatusCode::OK {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .expect("alertmanager ready within 30 s");
+
+    let alert = |name: &str, instance: &str, ends: Option<&str>| {
+        let mut a = serde_json::json!({
+            "labels": {"alertname": name, "instance": instance, "severity": "warning"}
+        });
+        if let Some(ends) = ends {
+            a["endsAt"] = Value::from(ends);
+        }
+        a
+    };
+    let post = |alerts: Vec<Value>| {
+        let url = format!("{base}/api/v2/alerts");
+        async move {
+            let status = post_json(&url, &Value::Array(alerts)).await;
+            assert_eq!(status, hyper::StatusCode::OK, "POST {url}");
+        }
+    };
+    // The states of the alerts Alertmanager holds, by alert name and instance.
+    let states = || async {
+        let text = get(&format!("{base}/api/v2/alerts")).await;
+        let all: Value = serde_json::from_str(&text).expect("JSON");
+        all.as_array()
+            .expect("a list")
+            .iter()
+            .map(|a| {
+                let key = format!(
+                    "{} {}",
+                    a["labels"]["alertname"].as_str().unwrap_or(""),
+                    a["labels"]["instance"].as_str().unwrap_or("")
+                );
+                (key, a["status"]["state"].as_str().unwrap_or("").to_owned())
+            })
+            .collect::<BTreeMap<String, String>>()
+    };
+    let wait_for = |want: BTreeMap<String, String>| async move {
+        let mut last = BTreeMap::new();
+        for _ in 0..200 {
+            last = states().await;
+            if last == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("alertmanager's alerts: {last:?}, wanted {want:?}");
+    };
+    let want = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>()
+    };
+
+    // A proxy cut off on its own is reported.
+    post(vec![alert("AlmondProxyDisconnected", "host1:4191", None)]).await;
+    wait_for(want(&[("AlmondProxyDisconnected host1:4191", "active")])).await;
+
+    // The control plane goes down: every proxy's disconnect is held back,
+    // the control plane's own alert and unrelated ones are not.
+    post(vec![
+        alert("AlmondControlPlaneDown", "control:9190", None),
+        alert("AlmondProxyDisconnected", "host2:4191", None),
+        alert("AlmondEndpointEjections", "host2:4191", None),
+    ])
+    .await;
+    wait_for(want(&[
+        ("AlmondControlPlaneDown control:9190", "active"),
+        ("AlmondEndpointEjections host2:4191", "active"),
+        ("AlmondProxyDisconnected host1:4191", "suppressed"),
+        ("AlmondProxyDisconnected host2:4191", "suppressed"),
+    ]))
+    .await;
+
+    // The control plane is back; a proxy still cut off is reported again.
+    post(vec![alert(
+        "AlmondControlPlaneDown",
+        "control:9190",
+        Some("2000-01-01T00:00:00Z"),
+    )])
+    .await;
+    wait_for(want(&[
+        ("AlmondEndpointEjections host2:4191", "active"),
+        ("AlmondProxyDisconnected host1:4191", "active"),
+        ("AlmondProxyDisconnected host2:4191", "active"),
+    ]))
+    .await;
+    child.kill().await.expect("stop alertmanager");
 }
 
 // ---------------------------------------------------------------------------
