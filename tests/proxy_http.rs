@@ -1124,6 +1124,79 @@ async fn an_unsolicited_answer_on_an_idle_upstream_connection_is_never_relayed()
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
+/// An upstream that sends bytes past its answer's framing (here a body on
+/// its answer to `HEAD`, written with the head in one piece, the head
+/// exactly filling the proxy's first read): those bytes are no answer to
+/// the next request, which goes on a new connection and gets its own.
+/// (The connection was pooled with them unread in the kernel, so the next
+/// request on it got the smuggled answer.)
+#[tokio::test]
+async fn bytes_past_an_answer_s_end_are_never_taken_for_the_next_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// The lean client's first read of a new connection.
+    const FIRST_READ: usize = 8192;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                    seen.drain(..end);
+                    let answer = if head.starts_with("HEAD ") {
+                        let smuggled = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil";
+                        let start = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-pad: ",
+                            smuggled.len()
+                        );
+                        let pad = FIRST_READ - start.len() - 4;
+                        let mut answer = start.into_bytes();
+                        answer.extend(std::iter::repeat_n(b'a', pad));
+                        answer.extend_from_slice(b"\r\n\r\n");
+                        assert_eq!(answer.len(), FIRST_READ);
+                        answer.extend_from_slice(smuggled);
+                        answer
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood".to_vec()
+                    };
+                    if conn.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("web").at(addr))
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    let head = Request::head("/")
+        .header("host", "web")
+        .body(empty())
+        .unwrap();
+    let reply = client.request(head).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body.is_empty());
+    let reply = client.get("web", "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, "good");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 /// An upstream's response head reaches the client whole, less only what
 /// a proxy must drop: a Node.js server's `Connection: keep-alive` and
 /// `Keep-Alive` lines and the request ID it echoes (the proxy's own goes

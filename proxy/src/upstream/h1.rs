@@ -99,20 +99,32 @@ impl<IO> Drop for Connection<IO> {
 /// connection task learns by reading an idle connection, learned from the
 /// readiness the runtime already has.
 pub trait Stir {
-    /// Forgets the readiness left by the last read (the response is all
-    /// read): anything that arrives after it is news.
-    fn settle(&self);
+    /// Reads, without waiting, what the peer sent past the response just
+    /// read whole: `true` when nothing was there (the runtime's read
+    /// readiness is then clear, so anything that arrives after is news).
+    /// `false` when bytes, or the close, were: left unread, they would be
+    /// taken for the next request's answer. A read that filled its buffer
+    /// leaves the readiness set, so bytes the upstream sent past its
+    /// framing (a body on a `HEAD` answer) may still be in the kernel, or,
+    /// with TLS, already decrypted by rustls.
+    fn settle(&mut self) -> bool;
     /// Has anything arrived since [`Stir::settle`]?
     fn stirred(&self) -> bool;
 }
 
+/// [`Stir::settle`] for any reader: one poll, which reads only when the
+/// runtime's readiness says something may be there, and clears it when
+/// nothing is (a TLS stream also gives up what rustls holds decrypted).
+fn settle_reader(io: &mut (impl AsyncRead + Unpin)) -> bool {
+    let mut scratch = [MaybeUninit::<u8>::uninit(); 64];
+    let mut buf = tokio::io::ReadBuf::uninit(&mut scratch);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    Pin::new(io).poll_read(&mut cx, &mut buf).is_pending()
+}
+
 impl Stir for crate::identity::tls::Conn {
-    fn settle(&self) {
-        // Clears the cached readiness (no system call): the closure
-        // reports "not ready" without reading.
-        let _ = tcp(self).try_io(tokio::io::Interest::READABLE, || {
-            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-        });
+    fn settle(&mut self) -> bool {
+        settle_reader(self)
     }
 
     fn stirred(&self) -> bool {
@@ -135,8 +147,8 @@ impl<IO: Stir> Reusable for Connection<IO> {
         !self.io.stirred()
     }
 
-    fn parked(&self) {
-        self.io.settle();
+    fn parked(&mut self) -> bool {
+        self.io.settle()
     }
 }
 
@@ -1252,9 +1264,11 @@ pub(crate) mod differential {
     /// A request to write: method, target, headers, body.
     type RequestCase<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
 
-    /// In memory, nothing arrives unasked.
+    /// In memory, readiness is not cached: only what is there counts.
     impl Stir for DuplexStream {
-        fn settle(&self) {}
+        fn settle(&mut self) -> bool {
+            settle_reader(self)
+        }
         fn stirred(&self) -> bool {
             false
         }
@@ -1720,7 +1734,9 @@ mod tls {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     impl Stir for tokio_rustls::client::TlsStream<DuplexStream> {
-        fn settle(&self) {}
+        fn settle(&mut self) -> bool {
+            settle_reader(self)
+        }
         fn stirred(&self) -> bool {
             false
         }
@@ -1730,9 +1746,9 @@ mod tls {
     /// upstream was not reading) reaches the upstream in full: the lean
     /// client flushes before it waits for the answer, or both sides wait
     /// for each other.
-    #[tokio::test]
-    async fn a_body_held_in_tls_records_is_flushed_before_the_answer_is_awaited() {
-        const BODY: usize = 40 * 1024;
+    /// A server config for `upstream` (self-signed) and a client config
+    /// that trusts it.
+    fn configs() -> (rustls::ServerConfig, rustls::ClientConfig) {
         let key_pair = rcgen::KeyPair::generate().unwrap();
         let cert = (rcgen::CertificateParams::new(vec!["upstream".to_owned()]).unwrap())
             .self_signed(&key_pair)
@@ -1752,6 +1768,83 @@ mod tls {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        (server, client)
+    }
+
+    /// Bytes a TLS upstream sends past its answer to `HEAD` (in the same
+    /// record, the head filling the client's read: rustls decrypts them
+    /// with the answer and holds them) keep
+    /// the connection out of the pool; the same answer without them
+    /// leaves it pooled.
+    #[tokio::test]
+    async fn bytes_held_decrypted_past_an_answer_keep_the_connection_out_of_the_pool() {
+        for extra in [
+            &b""[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil",
+        ] {
+            let (server, client) = configs();
+            let (near, far) = tokio::io::duplex(64 * 1024);
+            let upstream = tokio::spawn(async move {
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+                let mut tls = acceptor.accept(far).await.unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await.unwrap() {
+                        0 => return tls,
+                        n => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // A head of exactly the client's first read (8 KiB): what
+                // follows stays with rustls, past the read.
+                let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nx-pad: ".to_vec();
+                answer.resize(8192 - 4, b'a');
+                answer.extend_from_slice(b"\r\n\r\n");
+                answer.extend_from_slice(extra);
+                tls.write_all(&answer).await.unwrap();
+                tls.flush().await.unwrap();
+                tls
+            });
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+            let name = ServerName::try_from("upstream").unwrap();
+            let tls = connector.connect(name, near).await.unwrap();
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, HeaderValue::from_static("upstream"));
+            let stamp = crate::observe::trace::Context::read(&mut headers, 1.0).stamp();
+            let head = Head {
+                method: &Method::HEAD,
+                uri: &Uri::from_static("/"),
+                headers: &headers,
+                body: None,
+                pass: false,
+                stamp: &stamp,
+            };
+            let pool = Arc::new(Pool::new(4));
+            let conn = Box::new(Connection::new(tls, None));
+            let resp = conn
+                .send(head, Some(pool.clone()), Instant::now())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            assert!(resp.body().is_end_stream());
+            // Everything the upstream wrote is at the client (the pipe
+            // holds it all) before the connection is judged.
+            let _upstream = upstream.await.unwrap();
+            drop(resp);
+            let pooled = pool.pop(Instant::now(), Duration::from_secs(60)).is_some();
+            assert_eq!(
+                pooled,
+                extra.is_empty(),
+                "{:?}",
+                String::from_utf8_lossy(extra)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_held_in_tls_records_is_flushed_before_the_answer_is_awaited() {
+        const BODY: usize = 40 * 1024;
+        let (server, client) = configs();
         // A pipe of 4 KiB: most of the body must wait in rustls.
         let (near, far) = tokio::io::duplex(4096);
         let upstream = tokio::spawn(async move {

@@ -13,8 +13,11 @@ pub trait Reusable {
     /// unasked while it was idle)?
     fn usable(&self) -> bool;
 
-    /// It goes idle now, its response all read.
-    fn parked(&self) {}
+    /// It goes idle now, its response all read: is it still fit
+    /// (nothing came past the response)?
+    fn parked(&mut self) -> bool {
+        true
+    }
 }
 
 /// A boxed connection is as reusable as what it holds.
@@ -23,7 +26,7 @@ impl<T: Reusable> Reusable for Box<T> {
         (**self).usable()
     }
 
-    fn parked(&self) {
+    fn parked(&mut self) -> bool {
         (**self).parked()
     }
 }
@@ -57,9 +60,8 @@ impl<T: Reusable> Pool<T> {
 
     /// Keeps a connection whose response is complete, idle `since` (an
     /// unusable one, or one over `max`, is closed).
-    pub fn push(&self, conn: T, since: Instant) {
-        conn.parked();
-        if !conn.usable() {
+    pub fn push(&self, mut conn: T, since: Instant) {
+        if !conn.parked() || !conn.usable() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
