@@ -1124,6 +1124,54 @@ async fn an_unsolicited_answer_on_an_idle_upstream_connection_is_never_relayed()
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
+/// curl's `--http2` and Java's `HttpClient` offer a cleartext HTTP/2
+/// upgrade (`Upgrade: h2c`) on `http://` URLs. The proxy declines it, as
+/// Envoy does: the request goes on as a plain one, in the service's
+/// protocol (here HTTP/2) on a pooled connection, without the upgrade's
+/// fields. (It was tunnelled: forced to HTTP/1.1 on a new connection,
+/// never pooled, retried or mirrored, with `Upgrade: h2c` sent on
+/// without its `HTTP2-Settings`.)
+#[tokio::test]
+async fn an_h2c_upgrade_offer_is_declined_and_the_request_goes_on_plain() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("grpcish").http2().at(backend.addr))
+        .start()
+        .await;
+    let mut client = H1::connect(proxy.addr()).await;
+    for _ in 0..2 {
+        let req = Request::get("/offer")
+            .header("host", "grpcish")
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", "h2c")
+            .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+            .body(empty())
+            .unwrap();
+        let reply = client.request(req).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let seen = backend.last();
+        assert_eq!(
+            seen.version,
+            http::Version::HTTP_2,
+            "the service's protocol"
+        );
+        for name in ["upgrade", "http2-settings", "connection"] {
+            assert!(
+                !seen.headers.contains_key(name),
+                "{name}: {:?}",
+                seen.headers
+            );
+        }
+    }
+    assert_eq!(backend.count(), 2);
+    assert_eq!(
+        backend.connections(),
+        1,
+        "the upstream connection was pooled"
+    );
+}
+
 /// An upstream that sends bytes past its answer's framing (here a body on
 /// its answer to `HEAD`, written with the head in one piece, the head
 /// exactly filling the proxy's first read): those bytes are no answer to

@@ -86,10 +86,19 @@ pub fn idempotent(method: &Method) -> bool {
     )
 }
 
-/// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)?
+/// Is this an HTTP/1.1 `Upgrade` request (WebSocket and the like)? Not
+/// when it offers only `h2c`, the cleartext HTTP/2 upgrade that curl's
+/// `--http2` and Java's `HttpClient` offer on `http://` URLs: a server
+/// may decline an upgrade (RFC 9110 §7.8), and the proxy declines this
+/// one as Envoy does; the request goes on as a plain one, its `Upgrade`
+/// and the `HTTP2-Settings` its `Connection` names dropped as hop-by-hop.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::UPGRADE).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|p| !p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+        })
         && connection_has(req.headers(), "upgrade")
 }
 
@@ -430,6 +439,22 @@ mod tests {
         assert_eq!(req.uri(), "/x");
         assert_eq!(req.headers()["host"], "orders");
         assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn an_offer_of_h2c_alone_is_no_upgrade() {
+        let offer = |upgrade: &str| {
+            Request::builder()
+                .uri("/")
+                .header("connection", "Upgrade, HTTP2-Settings")
+                .header("upgrade", upgrade)
+                .body(())
+                .unwrap_or_default()
+        };
+        assert!(!is_upgrade(&offer("h2c")));
+        assert!(!is_upgrade(&offer("H2C")));
+        assert!(is_upgrade(&offer("h2c, websocket")));
+        assert!(is_upgrade(&offer("websocket")));
     }
 
     #[test]
