@@ -756,6 +756,58 @@ async fn a_request_without_host_is_400_on_http11_and_named_on_http10() {
     assert_eq!(seen.headers["host"], "svc", "{seen:?}");
 }
 
+/// An HTTP/2 request may carry no `:authority` (nor `host`): on a
+/// listener bound to a service, its upstream request names the service,
+/// as an HTTP/1.0 one's does; an HTTP/1.1 upstream must get a `Host`
+/// (RFC 9112 §3.2). (It got none.) The request is written frame by frame:
+/// client libraries always send `:authority`.
+#[tokio::test]
+async fn an_h2_request_without_authority_names_the_service_upstream() {
+    let backend = Backend::start("b").await;
+    let proxy = ProxyYaml::new()
+        .listener("{ bind: 127.0.0.1:0, service: svc }")
+        .service(ServiceYaml::new("svc").at(backend.addr))
+        .start()
+        .await;
+    let mut conn = TcpStream::connect(proxy.listeners[0]).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // An empty SETTINGS frame.
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: `:method GET`,
+    // `:scheme http`, `:path /` from HPACK's static table, nothing else.
+    out.extend_from_slice(&[0, 0, 3, 1, 0x5, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
+    conn.write_all(&out).await.unwrap();
+    // Frames back until the response's HEADERS on stream 1.
+    let status = within("the answer's HEADERS", async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            while got.len() >= 9 {
+                let len =
+                    usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
+                if got.len() < 9 + len {
+                    break;
+                }
+                let (kind, stream) = (got[3], u32::from_be_bytes([got[5], got[6], got[7], got[8]]));
+                if kind == 1 && stream == 1 {
+                    // The first field: `:status 200` is static index 8.
+                    return got[9..9 + len].first().copied();
+                }
+                got.drain(..9 + len);
+            }
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert_eq!(status, Some(0x88), "`:status 200`");
+    let seen = backend.last();
+    assert_eq!(seen.path, "/");
+    assert_eq!(seen.headers["host"], "svc", "{seen:?}");
+}
+
 /// `CONNECT` asks for a tunnel to a host:port, a forward proxy's work:
 /// almond answers 501 itself and sends nothing upstream (it used to send
 /// the service an invalid `CONNECT /`).

@@ -344,9 +344,12 @@ fn serve<'a>(
         if let Some(answer) = check(shared, &svc, direction, &req, peer, start) {
             return answer;
         }
-        // An HTTP/1.0 client may name no host; its upstream request is
-        // HTTP/1.1, which must: the service's name, as routing used it.
-        if req.version() == http::Version::HTTP_10
+        // An HTTP/1.0 client may name no host, and an HTTP/2 client no
+        // `:authority` (nor `host`); an HTTP/1.1 upstream request must
+        // (RFC 9112 §3.2), and an HTTP/2 one should: the service's name,
+        // as routing used it. (HTTP/1.1 without one was refused.)
+        if (req.version() == http::Version::HTTP_10
+            || (req.version() == http::Version::HTTP_2 && req.uri().authority().is_none()))
             && !req.headers().contains_key(http::header::HOST)
         {
             if let Ok(name) = http::HeaderValue::from_str(&svc.name) {
