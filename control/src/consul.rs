@@ -618,11 +618,15 @@ async fn watch_service(
                 // `web-sidecar-proxy`) speak mTLS on their ports: no
                 // endpoint of a plain HTTP service. Ingress and API
                 // gateways serve plain HTTP, and stay.
+                //
+                // Consul looks service names up regardless of case: the
+                // answer for `billing` holds `Billing`'s instances too,
+                // and those are another service (`served` chose one).
                 instances.retain(|i| {
                     !matches!(
                         i.service.kind.as_deref(),
                         Some("connect-proxy" | "mesh-gateway" | "terminating-gateway")
-                    )
+                    ) && (i.service.service.is_empty() || i.service.service == consul)
                 });
                 let resolved = resolve_hosts(&name, &instances).await;
                 let keys = (subset_key.as_str(), zone_key.as_str());
@@ -857,6 +861,9 @@ pub struct InstanceService {
     /// Instance ID.
     #[serde(default, rename = "ID")]
     pub id: String,
+    /// The service's name, as registered.
+    #[serde(default)]
+    pub service: String,
     /// `connect-proxy`, `mesh-gateway`, ...: Consul Connect's proxies
     /// and gateways; empty (or absent) for the service itself.
     #[serde(default)]

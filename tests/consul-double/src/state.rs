@@ -823,7 +823,9 @@ impl State {
         node_meta: &'a [(String, String)],
     ) -> impl Iterator<Item = &'a Instance> + 'a {
         self.instances.values().filter(move |i| {
-            i.name == name
+            // Consul indexes service names in lower case: `billing` finds
+            // `Billing`'s instances too.
+            i.name.to_lowercase() == name.to_lowercase()
                 && tags.iter().all(|t| {
                     let t = t.to_lowercase();
                     i.tags.iter().any(|x| x.to_lowercase() == t)
