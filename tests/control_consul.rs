@@ -1108,6 +1108,16 @@ async fn stale_reads_are_bounded_by_max_stale() {
     // The servers lose the leader; the one answering last heard from it a
     // minute ago.
     let errors = consul_errors(&control).await;
+    let kv_reads = |consul: &ConsulDouble| {
+        consul
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/v1/kv/") && r.method == http::Method::GET)
+            .collect::<Vec<_>>()
+    };
+    let kv_before = kv_reads(&consul).len();
+    // The policy watch's blocking reads come back within a second.
+    consul.set_max_wait(Some(Duration::from_secs(1)));
     consul.set_leader(false);
     consul.set_last_contact(Duration::from_secs(60));
     let b2 = Backend::start("b2").await;
@@ -1118,6 +1128,15 @@ async fn stale_reads_are_bounded_by_max_stale() {
     .await;
     assert_eq!(consul_up(&control).await, 0.0);
     reaches(&proxy, "b1", "v1").await;
+    // Consul does not ask the leader again for KV reads, whatever
+    // `max_stale` says: their answers come from the server as it is, and
+    // their headers say how old. The policy watch asks the leader itself.
+    eventually("a stale KV answer asked again of the leader", || async {
+        kv_reads(&consul)[kv_before..]
+            .iter()
+            .any(|r| !r.query.contains("stale"))
+    })
+    .await;
 }
 
 /// The policy watch is rate-limited like the health watches: an index of

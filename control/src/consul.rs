@@ -105,6 +105,11 @@ pub struct Answer {
     /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not read
     /// everything the list holds, and Consul left that out.
     pub filtered: bool,
+    /// A stale read's answer older than `MAX_STALE` (its server knew of
+    /// no leader, or had not heard from it for longer): judged from
+    /// `X-Consul-KnownLeader` and `X-Consul-LastContact`, which streaming
+    /// answers leave out (taken as fresh).
+    pub too_old: bool,
 }
 
 impl ConsulClient {
@@ -156,7 +161,24 @@ impl ConsulClient {
         body: Bytes,
     ) -> Result<Answer, ConsulError> {
         let stale = self.stale && method == http::Method::GET;
-        self.send(method, path, query, (index, wait), stale, body)
+        let answer = (self.send(
+            method.clone(),
+            path,
+            query,
+            (index, wait),
+            stale,
+            body.clone(),
+        ))
+        .await?;
+        if !answer.too_old {
+            return Ok(answer);
+        }
+        // `max_stale` has Consul ask the leader again for catalog and
+        // health reads only (API.md 4: `RETRY_ONCE`); a KV read comes
+        // back from a server cut off from the leader as it is, frozen.
+        // Its headers tell: asked again of the leader, once, as Consul
+        // would.
+        self.send(method, path, query, (index, wait), false, body)
             .await
     }
 
@@ -191,7 +213,8 @@ impl ConsulClient {
         if stale {
             // Any server may answer, unless it has not heard from the
             // leader for `MAX_STALE`: then Consul asks the leader (a
-            // follower cut off would serve its frozen state forever).
+            // follower cut off would serve its frozen state forever) for
+            // catalog and health reads, and `call` does for the rest.
             params.push(format!("max_stale={}s", MAX_STALE.as_secs()));
         }
         let mut uri = format!("{}{path}", self.base);
@@ -228,6 +251,16 @@ impl ConsulClient {
                 .headers()
                 .get("x-consul-results-filtered-by-acls")
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+            let too_old = stale && {
+                let header = |name| resp.headers().get(name).map(|v| v.as_bytes());
+                let no_leader = header("x-consul-knownleader")
+                    .is_some_and(|v| v.eq_ignore_ascii_case(b"false"));
+                let last_contact_ms = header("x-consul-lastcontact")
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                no_leader
+                    || last_contact_ms.is_some_and(|ms| u128::from(ms) > MAX_STALE.as_millis())
+            };
             let body = Limited::new(resp.into_body(), self.max_body)
                 .collect()
                 .await
@@ -243,6 +276,7 @@ impl ConsulClient {
                 body,
                 index,
                 filtered,
+                too_old,
             })
         };
         tokio::time::timeout(limit, work)

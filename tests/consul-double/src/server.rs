@@ -257,7 +257,11 @@ fn read_opts(ctx: &Ctx<'_>) -> Result<ReadOpts, Fail> {
     {
         let rt = lock(&ctx.sh.rt);
         // `max_stale`: a server whose last contact with the leader is
-        // older retries once in default mode (API.md 4).
+        // older retries once in default mode (API.md 4): the catalog's
+        // and health's endpoints do (`RETRY_ONCE`); KV reads do not, and
+        // answer from the server as it is (their headers say how old).
+        let retries_once =
+            ctx.path.starts_with("/v1/catalog") || ctx.path.starts_with("/v1/health");
         if let Some(bound) = ctx.q("max_stale").filter(|b| !b.is_empty()) {
             let bound = parse_go_duration(bound)
                 .map_err(|()| fail(400, "Invalid max_stale"))?
@@ -265,7 +269,7 @@ fn read_opts(ctx: &Ctx<'_>) -> Result<ReadOpts, Fail> {
             let lost = (rt.leader_lost_at)
                 .filter(|_| !rt.leader)
                 .map_or(Duration::ZERO, |t| t.elapsed());
-            if rt.last_contact + lost > bound {
+            if rt.last_contact + lost > bound && retries_once {
                 consistency = Consistency::Leader;
             }
         }
