@@ -298,8 +298,12 @@ pub async fn rollback(t: &Target, service: &str) -> anyhow::Result<()> {
     let path = format!("/v1/services/{service}/rollback");
     let out = t.call(http::Method::POST, &path, Some(json!({}))).await?;
     t.print(&out, || {
+        let done = match out["unchanged"].as_bool() {
+            Some(true) => "already rolled back, nothing changed",
+            _ => "rolled back",
+        };
         format!(
-            "{service}: rolled back; split is now {}",
+            "{service}: {done}; split is now {}",
             show(&out["policy"]["split"])
         )
     });

@@ -489,6 +489,36 @@ async fn the_first_shift_of_a_service_can_be_rolled_back() {
     .await;
 }
 
+/// A rollback run twice (a double click, two on-call engineers, a command
+/// run again after a timeout) is one rollback: the second changes
+/// nothing. (It undid the first: after a promotion, it put the release
+/// just rolled back in force again.)
+#[tokio::test]
+async fn a_second_rollback_changes_nothing() {
+    let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_TWICE").await;
+    let url = c.control.url();
+    let (code, _, err) = run_ops(&c.ops(&url, &["shift", "s", "v1=90", "v2=10"])).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = run_ops(&c.ops(&url, &["promote", "s", "v2"])).await;
+    assert_eq!(code, Some(0), "{err}");
+    c.proxy_split(&[("v1", 0.0), ("v2", 100.0)]).await;
+
+    let (code, out, err) = run_ops(&c.ops(&url, &["rollback", "s"])).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("s: rolled back"), "{out}");
+    assert_eq!(c.policy().await["split"], split(90, 10));
+    let version = c.policy().await["version"].clone();
+
+    let (code, out, err) = run_ops(&c.ops(&url, &["rollback", "s"])).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("already rolled back"), "{out}");
+    assert!(out.contains("v1=90") && out.contains("v2=10"), "{out}");
+    let policy = c.policy().await;
+    assert_eq!(policy["split"], split(90, 10));
+    assert_eq!(policy["version"], version, "nothing was written");
+    c.proxy_split(&[("v1", 90.0), ("v2", 10.0)]).await;
+}
+
 #[tokio::test]
 async fn cli_rollback_promote_exit_codes_and_json() {
     let c = Canary::start("ALMOND_TEST_TOKEN_SPLIT_OPS").await;

@@ -924,6 +924,19 @@ async fn mutate(
                 Ok(next) => apply_next(&current, rollout, next, &by, "rollback", now_ms()),
                 Err(e) => return refusal(Refusal::Conflict(e)),
             },
+            // Already rolled back (a double click, a second on-call, a
+            // command run again after a timeout): a second rollback would
+            // undo the first, and put the release just rolled back in
+            // force again. It changes nothing.
+            None if current.just_rolled_back() => {
+                tracing::info!(service = name, by = %by, split = ?current.split, "rollback: already rolled back, nothing changed");
+                return json_ok(&json!({
+                    "service": name,
+                    "policy": current,
+                    "index": api.state.index(),
+                    "unchanged": true,
+                }));
+            }
             None => match current.rolled_back(&by, now) {
                 Ok(p) => p,
                 Err(r) => return refusal(r),

@@ -305,6 +305,14 @@ impl Policy {
         Some(in_force.copied().unwrap_or(0))
     }
 
+    /// Was the last change a rollback, with nothing changed since (its
+    /// split still in force)?
+    pub fn just_rolled_back(&self) -> bool {
+        self.history
+            .last()
+            .is_some_and(|c| c.action == "rollback" && c.to == self.split)
+    }
+
     /// The policy after going back to the previous split: the one in
     /// force before the last shift, promotion or rollout, or none at all
     /// when there was none (the first shift of a service is rolled back
@@ -775,17 +783,19 @@ mod tests {
     }
 
     /// The first shift of a service had no split before it: rollback
-    /// clears the split (the source's, or endpoint weights, again), and a
-    /// second rollback puts the shift back.
+    /// clears the split (the source's, or endpoint weights, again).
     #[test]
     fn the_first_shift_rolls_back_to_no_split() {
         let canary = w(&[("v1", 90), ("v2", 10)]);
         let p = Policy::default().with_split(canary.clone(), "ops", "shift", 1);
+        assert!(!p.just_rolled_back());
         let back = p.rolled_back("ops", 2).unwrap();
         assert_eq!(back.split, None);
         assert_eq!(back.history[1].action, "rollback");
-        let again = back.rolled_back("ops", 3).unwrap();
-        assert_eq!(again.split, Some(canary));
+        // The API changes nothing on a second rollback.
+        assert!(back.just_rolled_back());
+        let shifted = back.with_split(canary, "ops", "shift", 3);
+        assert!(!shifted.just_rolled_back());
         // Stored by a release before `previous_none`: nothing to go to.
         let json = r#"{"version": 1, "split": {"v1": 100}, "previous": null}"#;
         let old: Policy = serde_json::from_str(json).unwrap();
