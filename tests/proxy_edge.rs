@@ -808,6 +808,41 @@ async fn an_h2_request_without_authority_names_the_service_upstream() {
     assert_eq!(seen.headers["host"], "svc", "{seen:?}");
 }
 
+/// A client that writes its whole upload before it reads (as curl and
+/// most HTTP libraries do) gets the answer the proxy made before taking
+/// the upload (here a 404: no such service): the connection reads and
+/// drops the rest before it closes, as nginx's lingering close does. (It
+/// closed with the upload unread, so the rest of it was answered with a
+/// reset: the client's write failed, and the answer could be lost.)
+#[tokio::test]
+async fn an_answer_made_before_the_upload_is_read_reaches_a_client_still_uploading() {
+    /// More than the sockets' buffers hold between them on loopback.
+    const UPLOAD: usize = 32 << 20;
+    let (_backend, proxy) = svc_proxy().await;
+    let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
+    let head = format!("POST /up HTTP/1.1\r\nHost: nosuch\r\nContent-Length: {UPLOAD}\r\n\r\n");
+    let written = within("the whole upload written", async {
+        conn.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'u'; 64 * 1024];
+        for _ in 0..UPLOAD / chunk.len() {
+            conn.write_all(&chunk).await?;
+        }
+        std::io::Result::Ok(())
+    })
+    .await;
+    assert!(written.is_ok(), "the upload was cut off: {written:?}");
+    let mut answer = Vec::new();
+    within("the answer, then the close", conn.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer:?}");
+    assert!(
+        answer.contains("x-almond-error: unknown-service"),
+        "{answer:?}"
+    );
+}
+
 /// `CONNECT` asks for a tunnel to a host:port, a forward proxy's work:
 /// almond answers 501 itself and sends nothing upstream (it used to send
 /// the service an invalid `CONNECT /`).

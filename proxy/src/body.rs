@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use prometheus::IntCounter;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -157,13 +157,41 @@ pub type ClientRequest = Box<http::Request<ClientBody>>;
 #[derive(Debug)]
 pub enum ClientBody {
     /// Read by hyper's server.
-    Hyper(Incoming),
+    Hyper(HyperBody),
     /// Read from an HTTP/2 stream.
     H2(H2Body),
     /// No body.
     Empty,
     /// A small body that arrived with its head, whole (`None` once read).
     Full(Option<Bytes>),
+}
+
+/// hyper's request body, which marks its connection when it is dropped
+/// before its end: hyper then closes the connection with the rest of the
+/// upload unread, and the connection lingers (`edge::listen`) so that
+/// the close does not reset the answer away.
+#[derive(Debug)]
+pub struct HyperBody {
+    body: Incoming,
+    unread: Arc<AtomicBool>,
+}
+
+impl HyperBody {
+    /// `body`, marking `unread` if it is dropped before its end.
+    pub fn new(body: Incoming, unread: &Arc<AtomicBool>) -> HyperBody {
+        HyperBody {
+            body,
+            unread: unread.clone(),
+        }
+    }
+}
+
+impl Drop for HyperBody {
+    fn drop(&mut self) {
+        if !self.body.is_end_stream() {
+            self.unread.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl ClientBody {
@@ -183,7 +211,9 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Hyper),
+            ClientBody::Hyper(body) => Pin::new(&mut body.body)
+                .poll_frame(cx)
+                .map_err(BodyError::Hyper),
             ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::H2),
             ClientBody::Empty => Poll::Ready(None),
             ClientBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -192,7 +222,7 @@ impl Body for ClientBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ClientBody::Hyper(body) => body.is_end_stream(),
+            ClientBody::Hyper(body) => body.body.is_end_stream(),
             ClientBody::H2(body) => body.is_end_stream(),
             ClientBody::Empty => true,
             ClientBody::Full(bytes) => bytes.is_none(),
@@ -201,7 +231,7 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ClientBody::Hyper(body) => body.size_hint(),
+            ClientBody::Hyper(body) => body.body.size_hint(),
             ClientBody::H2(body) => body.size_hint(),
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::Full(bytes) => {

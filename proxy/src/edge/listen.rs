@@ -3,7 +3,7 @@
 //! each connection, and the server for it: `h2`, or `h1` then hyper (whose
 //! life `conn` follows).
 
-use crate::body::ClientBody;
+use crate::body::{ClientBody, HyperBody};
 use crate::edge::conn::{counted, drive, Activity};
 use crate::edge::send_timeout::SendTimeout;
 use crate::edge::serve;
@@ -17,7 +17,7 @@ use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -181,12 +181,15 @@ pub async fn accept_loop(
                 };
                 let activity = Arc::new(Activity::new());
                 let server = shared.http.clone();
+                let unread = Arc::new(AtomicBool::new(false));
+                let marks = unread.clone();
                 let svc = counted(activity.clone(), move |req: Request<Incoming>| {
-                    serve::handle(shared.clone(), index, peer, Box::new(req.map(ClientBody::Hyper)))
+                    let req = req.map(|body| ClientBody::Hyper(HyperBody::new(body, &marks)));
+                    serve::handle(shared.clone(), index, peer, Box::new(req))
                 });
                 // The place goes with the socket: into an upgrade's tunnel
                 // too, which outlives hyper's connection.
-                let io = TokioIo::new(Held { io: rewind, _slot: slot });
+                let io = TokioIo::new(Held::new(rewind, slot, unread));
                 if let Err(e) = serve_h1(&server, io, svc, closing, &activity, idle).await {
                     tracing::debug!(%peer, error = %e, "downstream connection ended");
                 }
@@ -243,29 +246,101 @@ impl Drop for ConnSlot {
 
 /// A connection's socket with its `max_connections` place: whoever holds
 /// the socket holds the place, an upgrade's tunnel included (it outlives
-/// hyper's connection, which hands the socket over).
-struct Held<IO> {
-    io: IO,
-    _slot: ConnSlot,
+/// hyper's connection, which hands the socket over). When a request's
+/// upload was left unread (`unread`, set by its body: the proxy answered
+/// before taking it all), the socket lingers as it closes.
+struct Held<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+    /// `None` only once dropped.
+    io: Option<IO>,
+    slot: Option<ConnSlot>,
+    unread: Arc<AtomicBool>,
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Held<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Held<IO> {
+    fn new(io: IO, slot: ConnSlot, unread: Arc<AtomicBool>) -> Held<IO> {
+        Held {
+            io: Some(io),
+            slot: Some(slot),
+            unread,
+        }
+    }
+
+    fn io(&mut self) -> std::io::Result<Pin<&mut IO>> {
+        match &mut self.io {
+            Some(io) => Ok(Pin::new(io)),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Held<IO> {
+    fn drop(&mut self) {
+        if !self.unread.load(Ordering::Relaxed) {
+            return;
+        }
+        if let (Some(io), Some(slot), Ok(rt)) = (
+            self.io.take(),
+            self.slot.take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(linger(io, slot));
+        }
+    }
+}
+
+/// Longest a closing connection reads its client's unread upload, and
+/// longest it waits for the next byte of it (nginx's `lingering_time` and
+/// `lingering_timeout`).
+const LINGER_TIME: Duration = Duration::from_secs(30);
+const LINGER_QUIET: Duration = Duration::from_secs(5);
+
+/// nginx's lingering close: a connection closed with its client's upload
+/// unread (the proxy answered first: a 404, 403, 413, 429, 503...) reads
+/// and drops the rest until the client stops sending (quiet for
+/// `LINGER_QUIET`), closes, or `LINGER_TIME` passes, its place still
+/// held. Closed at once, the socket would answer the rest of the upload
+/// with a reset, which can destroy the answer before the client reads it
+/// (RFC 9112 §9.6): a client that writes its whole upload before it reads
+/// saw "connection reset", not the 429 and its `Retry-After`.
+async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, slot: ConnSlot) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let end = tokio::time::Instant::now() + LINGER_TIME;
+    // The answer is written; this says no more comes (hyper may have).
+    let _ = tokio::time::timeout_at(end, io.shutdown()).await;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let quiet = (tokio::time::Instant::now() + LINGER_QUIET).min(end);
+        match tokio::time::timeout_at(quiet, io.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
+    drop(slot);
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Held<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        match self.io() {
+            Ok(io) => io.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Held<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Held<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        match self.io() {
+            Ok(io) => io.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_write_vectored(
@@ -273,19 +348,28 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Held<IO> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        match self.io() {
+            Ok(io) => io.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.io.as_ref().is_some_and(AsyncWrite::is_write_vectored)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        match self.io() {
+            Ok(io) => io.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        match self.io() {
+            Ok(io) => io.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -366,13 +450,12 @@ async fn serve_tls(
         Protocol::Http1 => {
             let server = serve;
             let activity = Arc::new(Activity::new());
+            let unread = Arc::new(AtomicBool::new(false));
+            let marks = unread.clone();
             let svc = counted(activity.clone(), move |req: Request<Incoming>| {
-                server(req.map(ClientBody::Hyper))
+                server(req.map(|body| ClientBody::Hyper(HyperBody::new(body, &marks))))
             });
-            let io = TokioIo::new(Held {
-                io: stream,
-                _slot: slot,
-            });
+            let io = TokioIo::new(Held::new(stream, slot, unread));
             let http = shared_http;
             serve_h1(&http, io, svc, stop, &activity, idle)
                 .await
