@@ -186,6 +186,11 @@ async fn bad_header_line_is_400() {
     let answer = raw(proxy.addr(), b"GET / HTTP/1.1\r\nHo st: m\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
     assert_eq!(backend.count(), 0);
+    // hyper answered them: counted, though they never reached the pipeline.
+    eventually("both counted", || async {
+        proxy_metric(&proxy, "almond_malformed_requests_total", &[]).await == 2.0
+    })
+    .await;
     still_serves(&proxy).await;
 }
 
@@ -218,6 +223,10 @@ async fn headers_over_the_limit_are_431() {
     let answer = raw(proxy.addr(), &req).await;
     assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
     assert_eq!(backend.count(), 0);
+    eventually("the 431 counted", || async {
+        proxy_metric(&proxy, "almond_malformed_requests_total", &[]).await == 1.0
+    })
+    .await;
     // Just under the limit is fine.
     let mut req = b"GET / HTTP/1.1\r\nHost: m\r\nConnection: close\r\nX-Big: ".to_vec();
     req.extend(std::iter::repeat_n(b'a', 12 * 1024));

@@ -300,6 +300,9 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
         "the proxy's 404: the client's doing"
     );
     assert!(other.get("service").is_none());
+    // The proxy's own answer has its length logged, as it went out.
+    assert_eq!(other["bytes"], missing.body.len(), "{other}");
+    assert!(!missing.body.is_empty());
 }
 
 /// A request answered before routing (here a `CONNECT`, 501) is logged
@@ -422,7 +425,7 @@ async fn the_log_level_changes_at_runtime_through_the_admin_listener() {
         .service(ServiceYaml::new("dead").at(dead))
         .build();
     let proxy = ProxyProcess::start(&yaml).await;
-    let put = |body: &'static str| async move {
+    let put = |body: String| async move {
         let req = Request::put("/log-level")
             .header("host", proxy.admin.to_string())
             .body(full(body))
@@ -438,14 +441,31 @@ async fn the_log_level_changes_at_runtime_through_the_admin_listener() {
     get_h1(proxy.addr(), "dead", "/").await;
     assert!(!proxy.logs().contains("request failed"));
 
-    let bad = put("almond_proxy=verbose").await;
+    let bad = put("almond_proxy=verbose".into()).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.text());
     assert_eq!(
         admin_get(proxy.admin, "/log-level").await.text().trim(),
         "info"
     );
 
-    let ok = put("info,almond_proxy=debug").await;
+    // Over the body's limit: 413, said as text, nothing changed.
+    let huge = put(format!("info,{}=debug", "a".repeat(5000))).await;
+    assert_eq!(
+        huge.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        huge.text()
+    );
+    assert_eq!(
+        huge.header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
+    assert_eq!(
+        admin_get(proxy.admin, "/log-level").await.text().trim(),
+        "info"
+    );
+
+    let ok = put("info,almond_proxy=debug".into()).await;
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
     let now = admin_get(proxy.admin, "/log-level").await.text();
     assert!(now.contains("almond_proxy=debug"), "{now}");

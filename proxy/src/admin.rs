@@ -160,10 +160,18 @@ fn guard(
     }
     match &shared.admin_token {
         Some(token) if token.matches_bearer(given.map(|v| v.as_bytes())) => None,
-        Some(_) if given.is_none() => Some(text(
-            StatusCode::UNAUTHORIZED,
-            "this admin endpoint needs Authorization: Bearer <admin token>\n",
-        )),
+        Some(_) if given.is_none() => {
+            let mut refused = text(
+                StatusCode::UNAUTHORIZED,
+                "this admin endpoint needs Authorization: Bearer <admin token>\n",
+            );
+            // A 401 names its scheme (RFC 9110 §11.6.1).
+            refused.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            Some(refused)
+        }
         Some(_) => Some(text(StatusCode::FORBIDDEN, "admin token refused\n")),
         None => Some(text(
             StatusCode::FORBIDDEN,
@@ -240,6 +248,10 @@ fn json_response<T: serde::Serialize>(value: &T) -> Response<ResponseBody> {
 fn text(status: StatusCode, body: impl Into<String>) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(body.into()));
     *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
@@ -277,6 +289,12 @@ async fn log_level(shared: &Shared, req: Request<Incoming>) -> Response<Response
                 .await
             {
                 Ok(body) => body.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("a filter is at most {MAX_FILTER_BYTES} bytes\n"),
+                    )
+                }
                 Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             };
             let Ok(filter) = std::str::from_utf8(&body) else {
@@ -382,6 +400,8 @@ mod tests {
         let guarded = shared("10.0.0.2:4191", Some("adm1n"));
         for path in ["/config", "/endpoints", "/log-level"] {
             assert_eq!(status(&guarded, path, None), Some(StatusCode::UNAUTHORIZED));
+            let refused = guard(&guarded, path, None, None).unwrap();
+            assert_eq!(refused.headers()["www-authenticate"], "Bearer");
             assert_eq!(
                 status(&guarded, path, Some("Bearer wrong")),
                 Some(StatusCode::FORBIDDEN)

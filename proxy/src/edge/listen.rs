@@ -90,6 +90,15 @@ async fn sniff(stream: &TcpStream) -> Option<Protocol> {
     }
 }
 
+/// Counts a request head hyper's server refused (it answered 400, 414 or
+/// 431 itself: the request never reached the pipeline, its metrics or
+/// its access log).
+fn count_malformed(shared: &Shared, e: &hyper::Error) {
+    if e.is_parse() {
+        shared.metrics.malformed.inc();
+    }
+}
+
 /// Serves one HTTP/1.1 connection with hyper and `svc`, to its end.
 async fn serve_h1<I, S>(
     server: &HttpServer,
@@ -181,6 +190,7 @@ pub async fn accept_loop(
                 };
                 let activity = Arc::new(Activity::new());
                 let server = shared.http.clone();
+                let metrics = shared.clone();
                 let unread = Arc::new(AtomicBool::new(false));
                 let marks = unread.clone();
                 let svc = counted(activity.clone(), move |req: Request<Incoming>| {
@@ -191,6 +201,7 @@ pub async fn accept_loop(
                 // too, which outlives hyper's connection.
                 let io = TokioIo::new(Held::new(rewind, slot, unread));
                 if let Err(e) = serve_h1(&server, io, svc, closing, &activity, idle).await {
+                    count_malformed(&metrics, &e);
                     tracing::debug!(%peer, error = %e, "downstream connection ended");
                 }
             })),
@@ -396,6 +407,7 @@ async fn serve_tls(
         )
     };
     let shared_http = shared.http.clone();
+    let metrics = shared.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(inbound.tls.server());
     // A client that takes nothing of what is written to it is not waited
     // for past `body_idle`.
@@ -457,9 +469,11 @@ async fn serve_tls(
             });
             let io = TokioIo::new(Held::new(stream, slot, unread));
             let http = shared_http;
-            serve_h1(&http, io, svc, stop, &activity, idle)
-                .await
-                .map_err(|e| e.to_string())
+            let ended = serve_h1(&http, io, svc, stop, &activity, idle).await;
+            if let Err(e) = &ended {
+                count_malformed(&metrics, e);
+            }
+            ended.map_err(|e| e.to_string())
         }
     };
     if let Err(e) = ended {

@@ -139,10 +139,11 @@ pub fn handle(
             export_span(spans, &trace, start, head, &resp, observed);
         }
         if let (Some(log), Some((method, path))) = (log, head) {
-            // A passed-through head's length is its body's.
+            // A passed-through head's length is its body's, and so is one
+            // the proxy made (its length goes on the wire from the body).
             let bytes = match resp.headers().get(http::header::CONTENT_LENGTH) {
                 Some(v) => v.to_str().ok().and_then(|v| v.parse().ok()),
-                None => (resp.body().passed()).and_then(|_| resp.body().size_hint().exact()),
+                None => resp.body().size_hint().exact(),
             };
             log.record(Entry {
                 time_ms: almond_net::now_ms(),

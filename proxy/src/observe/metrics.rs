@@ -40,6 +40,9 @@ pub struct Metrics {
     /// an unknown pinned subset (no labels: their values would come from the
     /// request).
     pub unroutable: IntCounter,
+    /// HTTP/1.1 request heads hyper's server refused before they reached
+    /// the pipeline (400 malformed, 414, 431 too large).
+    pub malformed: IntCounter,
     /// Requests on `tls` listeners answered 403: the client's identity is
     /// not in `allow` (no labels: identities are not bounded).
     pub tls_denied: IntCounter,
@@ -251,6 +254,11 @@ impl Metrics {
                 r,
                 "almond_unroutable_requests_total",
                 "Requests that named no known service or subset, or no host.",
+            )?,
+            malformed: counter(
+                r,
+                "almond_malformed_requests_total",
+                "HTTP/1.1 request heads refused before routing: malformed (400) or too large (414, 431).",
             )?,
             tls_denied: counter(
                 r,
