@@ -1053,6 +1053,47 @@ async fn policies_hidden_by_acls_are_kept_not_dropped() {
     assert_eq!(split().await, want, "the split a hidden key held stays");
 }
 
+/// A change whose check-and-set write loses to another writer (here a
+/// rewrite of the stored policy that changes nothing, as the rollout
+/// watcher's lease renewals are) is made again on what is stored now,
+/// not refused: an operator's `abort` or `block` in an incident is not
+/// answered 409 for a write they could not see. (It was.)
+#[tokio::test]
+async fn a_change_that_loses_its_write_to_a_renewal_is_made_again() {
+    let consul = ConsulDouble::start().await;
+    let b1 = Backend::start("b1").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    let control = TestControl::start(&yaml(&consul, "ALMOND_TEST_CC_TOKEN_CAS")).await;
+    let reply = (control.put_split("web", &json!({ "weights": { "v1": 100 } }), None)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let writes = || {
+        requests_to(&consul, &format!("/v1/kv/{WEB_POLICY}"))
+            .into_iter()
+            .filter(|r| r.method == http::Method::PUT)
+            .count()
+    };
+    let before = writes();
+    // Every Consul answer now comes 300 ms late: the change's write is
+    // seen arriving before Consul acts on it.
+    consul.set_delay(Duration::from_millis(300));
+    let body = json!({ "weights": { "v1": 100 }, "sticky_header": "x-user" });
+    let change = control.put_split("web", &body, None);
+    let renewal = async {
+        eventually("the change's write on its way", || async {
+            writes() > before
+        })
+        .await;
+        assert!(consul.kv_bump_without_change(WEB_POLICY).is_some());
+    };
+    let (reply, ()) = within("the change", async { tokio::join!(change, renewal) }).await;
+    consul.set_delay(Duration::ZERO);
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(writes(), before + 2, "written again after the lost write");
+    let stored = consul.kv_get(WEB_POLICY).unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
+    assert_eq!(stored["sticky_header"], "x-user", "{stored}");
+}
+
 /// `consul.stale` spreads the watches over the servers, but the read a
 /// check-and-set write presents goes to the leader: a lagging follower's
 /// `ModifyIndex` would fail the write for no other writer.

@@ -638,6 +638,10 @@ fn not_here(path: &[&str]) -> Response<Full<Bytes>> {
     }
 }
 
+/// Times a change is made again after losing its check-and-set write to
+/// another writer.
+const CAS_RETRIES: u32 = 3;
+
 /// An operator change to a service's policy.
 #[derive(Clone, Copy)]
 enum Mutation {
@@ -762,266 +766,281 @@ async fn mutate(
     let Some(service) = api.state.source_service(name) else {
         return refusal(Refusal::UnknownService(name.to_owned()));
     };
-    let (current, token) = match api.store.get(name).await {
-        Ok(p) => p,
-        Err(e) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("store unavailable: {e}\n"),
-            )
-        }
-    };
-    let now = now_ms() / 1000;
-    let mut next = match what {
-        Mutation::Split => {
-            let request: SplitRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
-                }
-            };
-            let in_force = current.split.as_ref();
-            if let Err(r) = check_split(&request.weights, &service, &request.allow_empty, in_force)
-                .and_then(|()| check_sticky(request.sticky_header.as_deref()))
-            {
-                return refusal(r);
+    // Written with check-and-set; when another write came between the
+    // read and this one (most often the rollout watcher renewing its
+    // lease, which changes nothing an operator sees), the change is made
+    // again on what is stored now, checked again, a few times: an
+    // emergency `abort` or `block` is not refused for it.
+    let mut lost = 0;
+    let (current, next, token) = loop {
+        let (current, token) = match api.store.get(name).await {
+            Ok(p) => p,
+            Err(e) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("store unavailable: {e}\n"),
+                )
             }
-            if let Some(v) = request.version.filter(|v| *v != current.version) {
+        };
+        let now = now_ms() / 1000;
+        let mut next = match what {
+            Mutation::Split => {
+                let request: SplitRequest = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                    }
+                };
+                let in_force = current.split.as_ref();
+                if let Err(r) = check_split(&request.weights, &service, &request.allow_empty, in_force)
+                    .and_then(|()| check_sticky(request.sticky_header.as_deref()))
+                {
+                    return refusal(r);
+                }
+                if let Some(v) = request.version.filter(|v| *v != current.version) {
+                    return refusal(Refusal::Conflict(format!(
+                        "the split changed since version {v} (now {}); read it again",
+                        current.version
+                    )));
+                }
+                let action = request.action.as_deref().unwrap_or("shift");
+                // The watcher would overwrite it at its next verdict.
+                if let Some(r) = current.rollout.as_ref().filter(|r| r.active()) {
+                    return refusal(Refusal::Conflict(format!(
+                        "a rollout of {name} is running (canary {} at {} %): `almond rollout {name} --abort` or `almond rollback {name}` first",
+                        r.spec.canary,
+                        r.percent()
+                    )));
+                }
+                current
+                    .clone()
+                    .with_sticky_header(request.sticky_header)
+                    .with_split(request.weights, &by, action, now)
+            }
+            Mutation::Authz if api.intentions => {
                 return refusal(Refusal::Conflict(format!(
-                    "the split changed since version {v} (now {}); read it again",
-                    current.version
-                )));
+                    "who may call {name} comes from Consul intentions (source.consul.intentions): change them in Consul"
+                )))
             }
-            let action = request.action.as_deref().unwrap_or("shift");
-            // The watcher would overwrite it at its next verdict.
-            if let Some(r) = current.rollout.as_ref().filter(|r| r.active()) {
-                return refusal(Refusal::Conflict(format!(
-                    "a rollout of {name} is running (canary {} at {} %): `almond rollout {name} --abort` or `almond rollback {name}` first",
-                    r.spec.canary,
-                    r.percent()
-                )));
-            }
-            current
-                .clone()
-                .with_sticky_header(request.sticky_header)
-                .with_split(request.weights, &by, action, now)
-        }
-        Mutation::Authz if api.intentions => {
-            return refusal(Refusal::Conflict(format!(
-                "who may call {name} comes from Consul intentions (source.consul.intentions): change them in Consul"
-            )))
-        }
-        Mutation::Authz => {
-            let request: AuthzRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+            Mutation::Authz => {
+                let request: AuthzRequest = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                    }
+                };
+                let allow = match request.action.as_str() {
+                    "allow" => true,
+                    "deny" => false,
+                    other => {
+                        return refusal(Refusal::Invalid(format!(
+                            "action {other:?}: use allow or deny"
+                        )))
+                    }
+                };
+                let source = service.authz.as_ref();
+                match current.with_authz(source, allow, &request.identity, &by, now) {
+                    Ok(p) => p,
+                    Err(r) => return refusal(r),
                 }
-            };
-            let allow = match request.action.as_str() {
-                "allow" => true,
-                "deny" => false,
-                other => {
-                    return refusal(Refusal::Invalid(format!(
-                        "action {other:?}: use allow or deny"
-                    )))
+            }
+            Mutation::Guard => {
+                let request: GuardRequest = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                    }
+                };
+                if request.remove && (request.deny.is_some() || request.limit.is_some()) {
+                    return refusal(Refusal::Invalid(
+                        "remove takes a match only, no deny or limit".into(),
+                    ));
                 }
-            };
-            let source = service.authz.as_ref();
-            match current.with_authz(source, allow, &request.identity, &by, now) {
-                Ok(p) => p,
-                Err(r) => return refusal(r),
-            }
-        }
-        Mutation::Guard => {
-            let request: GuardRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                let guard = almond_config::Guard {
+                    when: request.when,
+                    deny: request.deny,
+                    limit: request.limit,
+                };
+                if !request.remove && guard.deny.is_none() && guard.limit.is_none() {
+                    return refusal(Refusal::Invalid("give deny or limit (or remove)".into()));
                 }
-            };
-            if request.remove && (request.deny.is_some() || request.limit.is_some()) {
-                return refusal(Refusal::Invalid(
-                    "remove takes a match only, no deny or limit".into(),
-                ));
-            }
-            let guard = almond_config::Guard {
-                when: request.when,
-                deny: request.deny,
-                limit: request.limit,
-            };
-            if !request.remove && guard.deny.is_none() && guard.limit.is_none() {
-                return refusal(Refusal::Invalid("give deny or limit (or remove)".into()));
-            }
-            match current.with_guard(&service.guards, guard, &by, now_ms()) {
-                Ok(p) => p,
-                Err(r) => return refusal(r),
-            }
-        }
-        Mutation::Routes => {
-            let request: RoutesRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                match current.with_guard(&service.guards, guard, &by, now_ms()) {
+                    Ok(p) => p,
+                    Err(r) => return refusal(r),
                 }
-            };
-            let counts = api.state.endpoint_counts(name);
-            let subsets: Vec<&str> = counts.keys().map(String::as_str).collect();
-            if let Err(r) = check_routes(&request.rules, &subsets, |s| api.state.has_service(s)) {
-                return refusal(r);
             }
-            if let Some(v) = request.version.filter(|v| *v != current.version) {
-                return refusal(Refusal::Conflict(format!(
-                    "the policy changed since version {v} (now {}); read it again",
-                    current.version
-                )));
-            }
-            current.with_routes(Some(request.rules), &by, now)
-        }
-        Mutation::ClearRoutes => current.with_routes(None, &by, now),
-        Mutation::Mirror => {
-            let request: MirrorRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+            Mutation::Routes => {
+                let request: RoutesRequest = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                    }
+                };
+                let counts = api.state.endpoint_counts(name);
+                let subsets: Vec<&str> = counts.keys().map(String::as_str).collect();
+                if let Err(r) = check_routes(&request.rules, &subsets, |s| api.state.has_service(s)) {
+                    return refusal(r);
                 }
-            };
-            if current.rollout.as_ref().is_some_and(Rollout::shadowing_now) {
+                if let Some(v) = request.version.filter(|v| *v != current.version) {
+                    return refusal(Refusal::Conflict(format!(
+                        "the policy changed since version {v} (now {}); read it again",
+                        current.version
+                    )));
+                }
+                current.with_routes(Some(request.rules), &by, now)
+            }
+            Mutation::ClearRoutes => current.with_routes(None, &by, now),
+            Mutation::Mirror => {
+                let request: MirrorRequest = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
+                    }
+                };
+                if current.rollout.as_ref().is_some_and(Rollout::shadowing_now) {
+                    return refusal(Refusal::Conflict(
+                        "a rollout's shadow stage mirrors to its canary now; set the mirror after the stage, or abort the rollout".into(),
+                    ));
+                }
+                let mirror = almond_config::Mirror {
+                    subset: request.subset,
+                    service: request.service,
+                    percent: request.percent,
+                    max_in_flight: request.max_in_flight.unwrap_or(100),
+                };
+                let counts = api.state.endpoint_counts(name);
+                let subsets: Vec<&str> = counts.keys().map(String::as_str).collect();
+                let exists = |s: &str| api.state.has_service(s);
+                if let Err(r) = check_mirror_request(&mirror, &subsets, exists) {
+                    return refusal(r);
+                }
+                if let Some(v) = request.version.filter(|v| *v != current.version) {
+                    return refusal(Refusal::Conflict(format!(
+                        "the policy changed since version {v} (now {}); read it again",
+                        current.version
+                    )));
+                }
+                current.with_mirror(Some(mirror), &by, now)
+            }
+            Mutation::ClearMirror if current.rollout.as_ref().is_some_and(Rollout::shadowing_now) => {
                 return refusal(Refusal::Conflict(
-                    "a rollout's shadow stage mirrors to its canary now; set the mirror after the stage, or abort the rollout".into(),
+                    "a rollout's shadow stage mirrors to its canary now; clear the mirror after the stage, or abort the rollout".into(),
                 ));
             }
-            let mirror = almond_config::Mirror {
-                subset: request.subset,
-                service: request.service,
-                percent: request.percent,
-                max_in_flight: request.max_in_flight.unwrap_or(100),
-            };
-            let counts = api.state.endpoint_counts(name);
-            let subsets: Vec<&str> = counts.keys().map(String::as_str).collect();
-            let exists = |s: &str| api.state.has_service(s);
-            if let Err(r) = check_mirror_request(&mirror, &subsets, exists) {
-                return refusal(r);
-            }
-            if let Some(v) = request.version.filter(|v| *v != current.version) {
-                return refusal(Refusal::Conflict(format!(
-                    "the policy changed since version {v} (now {}); read it again",
-                    current.version
-                )));
-            }
-            current.with_mirror(Some(mirror), &by, now)
-        }
-        Mutation::ClearMirror if current.rollout.as_ref().is_some_and(Rollout::shadowing_now) => {
-            return refusal(Refusal::Conflict(
-                "a rollout's shadow stage mirrors to its canary now; clear the mirror after the stage, or abort the rollout".into(),
-            ));
-        }
-        Mutation::ClearMirror => current.with_mirror(None, &by, now),
-        // A rollback during a rollout ends it, back to the split before
-        // its canary (the watcher would otherwise go on with its steps).
-        Mutation::Rollback => match current.rollout.clone().filter(Rollout::active) {
-            Some(mut rollout) => match rollout.abort(&by) {
-                Ok(next) => apply_next(&current, rollout, next, &by, "rollback", now_ms()),
-                Err(e) => return refusal(Refusal::Conflict(e)),
-            },
-            // Already rolled back (a double click, a second on-call, a
-            // command run again after a timeout): a second rollback would
-            // undo the first, and put the release just rolled back in
-            // force again. It changes nothing.
-            None if current.just_rolled_back() => {
-                tracing::info!(service = name, by = %by, split = ?current.split, "rollback: already rolled back, nothing changed");
-                return json_ok(&json!({
-                    "service": name,
-                    "policy": current,
-                    "index": api.state.index(),
-                    "unchanged": true,
-                }));
-            }
-            None => match current.rolled_back(&by, now) {
-                Ok(p) => p,
-                Err(r) => return refusal(r),
-            },
-        },
-        Mutation::StartRollout => {
-            let spec: RolloutSpec = match serde_json::from_slice(&body) {
-                Ok(s) => s,
-                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("bad rollout: {e}\n")),
-            };
-            // The Prometheus source does not query the copies yet: a
-            // shadow stage would only ever be inconclusive, then rolled
-            // back, minutes later. Said now.
-            if spec.shadow.is_some() && matches!(api.metrics_source, WatcherSource::Prometheus(_)) {
-                return refusal(Refusal::Invalid(
-                    "a shadow stage needs the watcher's direct source (watcher: { source: direct }): the prometheus source does not read the mirror's copies".into(),
-                ));
-            }
-            match start_rollout(&current, &service, spec, &by) {
-                Ok(p) => p,
-                Err(r) => return refusal(r),
-            }
-        }
-        Mutation::Approve | Mutation::Abort => {
-            let Some(mut rollout) = current.rollout.clone() else {
-                return refusal(Refusal::Conflict(format!("{name} has no rollout")));
-            };
-            let step = match what {
-                Mutation::Approve => rollout.approve(now_ms()),
-                _ => rollout.abort(&by),
-            };
-            match step {
-                Ok(next) => {
-                    let action = if matches!(what, Mutation::Approve) {
-                        "rollout approve"
-                    } else {
-                        "rollout abort"
-                    };
-                    apply_next(&current, rollout, next, &by, action, now_ms())
+            Mutation::ClearMirror => current.with_mirror(None, &by, now),
+            // A rollback during a rollout ends it, back to the split before
+            // its canary (the watcher would otherwise go on with its steps).
+            Mutation::Rollback => match current.rollout.clone().filter(Rollout::active) {
+                Some(mut rollout) => match rollout.abort(&by) {
+                    Ok(next) => apply_next(&current, rollout, next, &by, "rollback", now_ms()),
+                    Err(e) => return refusal(Refusal::Conflict(e)),
+                },
+                // Already rolled back (a double click, a second on-call, a
+                // command run again after a timeout): a second rollback would
+                // undo the first, and put the release just rolled back in
+                // force again. It changes nothing.
+                None if current.just_rolled_back() => {
+                    tracing::info!(service = name, by = %by, split = ?current.split, "rollback: already rolled back, nothing changed");
+                    return json_ok(&json!({
+                        "service": name,
+                        "policy": current,
+                        "index": api.state.index(),
+                        "unchanged": true,
+                    }));
                 }
-                Err(e) => return refusal(Refusal::Conflict(e)),
+                None => match current.rolled_back(&by, now) {
+                    Ok(p) => p,
+                    Err(r) => return refusal(r),
+                },
+            },
+            Mutation::StartRollout => {
+                let spec: RolloutSpec = match serde_json::from_slice(&body) {
+                    Ok(s) => s,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, &format!("bad rollout: {e}\n")),
+                };
+                // The Prometheus source does not query the copies yet: a
+                // shadow stage would only ever be inconclusive, then rolled
+                // back, minutes later. Said now.
+                if spec.shadow.is_some() && matches!(api.metrics_source, WatcherSource::Prometheus(_)) {
+                    return refusal(Refusal::Invalid(
+                        "a shadow stage needs the watcher's direct source (watcher: { source: direct }): the prometheus source does not read the mirror's copies".into(),
+                    ));
+                }
+                match start_rollout(&current, &service, spec, &by) {
+                    Ok(p) => p,
+                    Err(r) => return refusal(r),
+                }
+            }
+            Mutation::Approve | Mutation::Abort => {
+                let Some(mut rollout) = current.rollout.clone() else {
+                    return refusal(Refusal::Conflict(format!("{name} has no rollout")));
+                };
+                let step = match what {
+                    Mutation::Approve => rollout.approve(now_ms()),
+                    _ => rollout.abort(&by),
+                };
+                match step {
+                    Ok(next) => {
+                        let action = if matches!(what, Mutation::Approve) {
+                            "rollout approve"
+                        } else {
+                            "rollout abort"
+                        };
+                        apply_next(&current, rollout, next, &by, action, now_ms())
+                    }
+                    Err(e) => return refusal(Refusal::Conflict(e)),
+                }
+            }
+        };
+        // The service as every proxy will check it: one they would refuse
+        // (keeping their last copy, this change and every later one unseen)
+        // is refused here, with the reason, and nothing is written.
+        let served = next.apply(service.clone());
+        let problems = check_service(&served, Strictness::Snapshot);
+        if !problems.is_empty() {
+            let why: Vec<String> = problems
+                .iter()
+                .map(|(path, why)| format!("{}: {why}", path.trim_start_matches('.')))
+                .collect();
+            return refusal(Refusal::Invalid(format!(
+                "proxies would refuse {name} with this change ({}); nothing changed",
+                why.join("; ")
+            )));
+        }
+        next.record_events(&current, now_ms());
+        let events = next.events_after(current.events.last().map_or(0, |e| e.seq));
+        match api.store.put(name, &mut next, token).await {
+            Ok(true) => {
+                if let Some(notify) = &api.state.notify {
+                    notify.send(name, &events);
+                }
+                break (current, next, token);
+            }
+            Ok(false) if lost < CAS_RETRIES => {
+                lost += 1;
+                continue;
+            }
+            Ok(false) => {
+                return refusal(Refusal::Conflict(
+                    "another change was written first; read the split again".into(),
+                ))
+            }
+            Err(e @ StoreError::TooLarge { .. }) => {
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
+                        "{e}: remove guards, route rules or a mirror first; nothing changed\n"
+                    ),
+                )
+            }
+            Err(e) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("store unavailable: {e}\n"),
+                )
             }
         }
     };
-    // The service as every proxy will check it: one they would refuse
-    // (keeping their last copy, this change and every later one unseen)
-    // is refused here, with the reason, and nothing is written.
-    let served = next.apply(service);
-    let problems = check_service(&served, Strictness::Snapshot);
-    if !problems.is_empty() {
-        let why: Vec<String> = problems
-            .iter()
-            .map(|(path, why)| format!("{}: {why}", path.trim_start_matches('.')))
-            .collect();
-        return refusal(Refusal::Invalid(format!(
-            "proxies would refuse {name} with this change ({}); nothing changed",
-            why.join("; ")
-        )));
-    }
-    next.record_events(&current, now_ms());
-    let events = next.events_after(current.events.last().map_or(0, |e| e.seq));
-    match api.store.put(name, &mut next, token).await {
-        Ok(true) => {
-            if let Some(notify) = &api.state.notify {
-                notify.send(name, &events);
-            }
-        }
-        Ok(false) => {
-            return refusal(Refusal::Conflict(
-                "another change was written first; read the split again".into(),
-            ))
-        }
-        Err(e @ StoreError::TooLarge { .. }) => {
-            return text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("{e}: remove guards, route rules or a mirror first; nothing changed\n"),
-            )
-        }
-        Err(e) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("store unavailable: {e}\n"),
-            )
-        }
-    }
     tracing::info!(service = name, by = %by, from = ?current.split, to = ?next.split, sticky = ?next.sticky_header, authz = ?next.authz, version = next.version, "policy changed");
     if let Some(step) = next.rollout_step() {
         api.state.metrics.rollout_step(name, step);
