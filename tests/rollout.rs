@@ -1579,6 +1579,26 @@ async fn webhook() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Value>>>) 
     (addr, got)
 }
 
+/// A control plane that stops posts the events still queued first, a
+/// post to try again included (the receiver fails the first): the
+/// rollout's `started`, written just before the stop, reaches the
+/// webhook. (The notifier was aborted, its queue dropped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_control_plane_posts_the_events_still_queued() {
+    let (at, got) = webhook().await;
+    let rig = Rig::start_with(&format!("notify:\n  - {{ url: \"http://{at}/hook\" }}\n")).await;
+    rig.start_rollout(&spec(&[10, 50, 100], 60.0)).await;
+    let Rig { control, .. } = rig;
+    control.shutdown().await;
+    let kinds: Vec<String> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| b["event"]["kind"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(kinds, ["started"], "posted before the stop ended");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_events_reach_the_webhooks() {
     let (json_at, json_got) = webhook().await;

@@ -228,10 +228,20 @@ impl Control {
             roster::leave(&client, &replica).await;
         }
         sampler.abort();
-        if let Some(notify) = notify {
-            notify.abort();
-        }
         let _ = api.await;
+        // Events queued (a rollback's, a change's made just before the
+        // stop, one waiting to be tried again) are posted, within `DRAIN`.
+        if let Some(mut notify) = notify {
+            if let Some(notifier) = &self.state.notify {
+                notifier.close();
+            }
+            if tokio::time::timeout(notify::DRAIN, &mut notify)
+                .await
+                .is_err()
+            {
+                notify.abort();
+            }
+        }
         if let Some(task) = tls_watch {
             task.abort();
         }

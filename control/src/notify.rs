@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use prometheus::IntCounter;
 use serde_json::json;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Events waiting to be posted; more are dropped (and counted).
 const QUEUE: usize = 1024;
@@ -23,6 +23,9 @@ const TRIES: u32 = 3;
 const RETRY: Backoff = Backoff::doubling(Duration::from_secs(1), Duration::from_secs(30));
 /// Time one post may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a stopping control plane waits for the queued events to be
+/// posted (a retry of a failed post included).
+pub const DRAIN: Duration = Duration::from_secs(5);
 
 /// Where events go: the sending halves of the webhooks' queues.
 #[derive(Clone)]
@@ -30,9 +33,18 @@ pub struct Notifier {
     /// One queue per webhook: a slow or dead one delays only its own.
     txs: Vec<mpsc::Sender<(String, Event)>>,
     dropped: IntCounter,
+    /// `true` once the control plane stops: the queues are emptied, and
+    /// the task ends.
+    closing: std::sync::Arc<watch::Sender<bool>>,
 }
 
 impl Notifier {
+    /// The control plane is stopping: the task posts what is queued, then
+    /// ends (the caller bounds the wait: [`DRAIN`]).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
     /// Queues `events` of `service` for every webhook; never waits (a full
     /// queue drops them, counted in `almond_control_notify_dropped_total`).
     pub fn send(&self, service: &str, events: &[Event]) {
@@ -57,6 +69,7 @@ pub fn start(
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..targets.len())
         .map(|_| mpsc::channel::<(String, Event)>(QUEUE))
         .unzip();
+    let (closing, closed) = watch::channel(false);
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -79,8 +92,18 @@ pub fn start(
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
         let each = (targets.into_iter().zip(rxs).enumerate()).map(|(index, (target, mut rx))| {
             let (client, failed) = (client.clone(), failed.clone());
+            let mut closed = closed.clone();
             async move {
-                while let Some((service, event)) = rx.recv().await {
+                loop {
+                    // Once closing, what is queued still goes, then no more.
+                    let next = tokio::select! {
+                        biased;
+                        next = rx.recv() => next,
+                        _ = closed.wait_for(|c| *c) => rx.try_recv().ok(),
+                    };
+                    let Some((service, event)) = next else {
+                        break;
+                    };
                     let body = match target.format {
                         almond_config::NotifyFormat::Json => {
                             json!({ "service": service, "event": event }).to_string()
@@ -98,7 +121,15 @@ pub fn start(
         });
         futures_util::future::join_all(each).await;
     };
-    (Notifier { txs, dropped }, task)
+    let closing = std::sync::Arc::new(closing);
+    (
+        Notifier {
+            txs,
+            dropped,
+            closing,
+        },
+        task,
+    )
 }
 
 /// One event as a line for people.
