@@ -1094,6 +1094,125 @@ async fn a_change_that_loses_its_write_to_a_renewal_is_made_again() {
     assert_eq!(stored["sticky_header"], "x-user", "{stored}");
 }
 
+/// A TCP balancer on 127.0.0.1 in front of control plane replicas: it
+/// forwards each connection to the target of the moment; a switch closes
+/// the connections open to the old one (as a balancer that drains a
+/// backend).
+async fn balancer(first: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sender<SocketAddr>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (switch, target) = tokio::sync::watch::channel(first);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut target = target.clone();
+            tokio::spawn(async move {
+                let to = *target.borrow_and_update();
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                    _ = target.changed() => {}
+                }
+            });
+        }
+    });
+    (addr, switch)
+}
+
+/// A proxy behind a balancer that moves it from one replica to another
+/// whose read of the policy store is behind (here its token lost the read
+/// of the service's policy; a replica cut off from Consul, or one a
+/// second late, is the same) keeps the newer state it has rather than go
+/// back in time, until the replica catches up. (It took the replica's
+/// state at once: the canary its split had taken out got traffic again.)
+#[tokio::test]
+async fn a_proxy_moved_to_a_replica_behind_keeps_the_newer_state() {
+    const A_ENV: &str = "ALMOND_TEST_CC_TOKEN_REPLICA_A";
+    const A_TOKEN: &str = "0b7e41d2-replica-a";
+    const B_ENV: &str = "ALMOND_TEST_CC_TOKEN_REPLICA_B";
+    const B_TOKEN: &str = "0b7e41d2-replica-b";
+    let (consul, writer) = consul_with_writer(A_ENV, A_TOKEN).await;
+    std::env::set_var(B_ENV, B_TOKEN);
+    consul.add_acl_token(B_TOKEN, writer.clone());
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    consul.register(web("web-1", &b1, "v1")).unwrap();
+    consul.register(web("web-2", &b2, "v2")).unwrap();
+    let a = TestControl::start(&yaml(&consul, A_ENV)).await;
+    let b = TestControl::start(&yaml(&consul, B_ENV)).await;
+    let canary = json!({ "weights": { "v1": 50, "v2": 50 } });
+    let reply = a.put_split("web", &canary, None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let split = |c: &TestControl| {
+        let c = c.addr;
+        async move {
+            let reply = get_h1(c, &c.to_string(), "/v1/services/web").await;
+            reply.json()["policy"]["split"].clone()
+        }
+    };
+    eventually("B follows the canary split", || async {
+        split(&b).await == canary["weights"]
+    })
+    .await;
+    let (lb, switch) = balancer(a.addr).await;
+    let proxy = ProxyProcess::start(&control_proxy_yaml(&format!("http://{lb}"), None)).await;
+    let backends = |n: usize| {
+        let addr = proxy.addr();
+        async move {
+            let mut seen = BTreeMap::new();
+            for _ in 0..n {
+                let reply = get_h1(addr, "web", "/").await;
+                assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+                *seen.entry(reply.backend().to_owned()).or_insert(0) += 1;
+            }
+            seen
+        }
+    };
+    eventually("the proxy has the canary", || async {
+        backends(20).await.contains_key("b2")
+    })
+    .await;
+
+    // B stops reading web's policy; A takes the canary out.
+    let errors = consul_errors(&b).await;
+    consul.add_acl_token(B_TOKEN, writer.clone().key(WEB_POLICY, Access::Deny));
+    let stable = json!({ "weights": { "v1": 100, "v2": 0 } });
+    let reply = a.put_split("web", &stable, None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    eventually("B's read of the store fails", || async {
+        consul_errors(&b).await > errors
+    })
+    .await;
+    assert_eq!(split(&b).await, canary["weights"], "B is behind");
+    eventually("the proxy takes the canary out", || async {
+        backends(20).await.keys().collect::<Vec<_>>() == ["b1"]
+    })
+    .await;
+
+    // The balancer moves the proxy to B: it keeps the state it has.
+    switch.send(b.addr).unwrap();
+    eventually("the proxy sees B behind", || async {
+        proxy.logs().contains("control plane replica behind")
+    })
+    .await;
+    let seen = backends(40).await;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["b1"], "{seen:?}");
+
+    // B reads the store again and catches up: the proxy takes its state.
+    consul.add_acl_token(B_TOKEN, writer);
+    eventually("B catches up", || async {
+        split(&b).await == stable["weights"]
+    })
+    .await;
+    eventually("the proxy takes B's state", || async {
+        proxy.logs().contains("took its full state")
+    })
+    .await;
+    let seen = backends(40).await;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["b1"], "{seen:?}");
+}
+
 /// `consul.stale` spreads the watches over the servers, but the read a
 /// check-and-set write presents goes to the leader: a lagging follower's
 /// `ModifyIndex` would fail the write for no other writer.

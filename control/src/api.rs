@@ -1045,6 +1045,7 @@ async fn mutate(
     if let Some(step) = next.rollout_step() {
         api.state.metrics.rollout_step(name, step);
     }
+    api.store.stamp_write(name, &api.state).await;
     api.state.set_written_policy(name, next.clone(), token);
     json_ok(&json!({ "service": name, "policy": next, "index": api.state.index() }))
 }
@@ -1307,8 +1308,21 @@ async fn snapshot(
     if let Ok(v) = HeaderValue::from_str(&index.to_string()) {
         resp.headers_mut().insert("x-almond-index", v);
     }
+    // How far this replica has read the policy store: a proxy that comes
+    // from a replica further on does not take this one's state until it
+    // catches up (see `almond_proxy::follow`). Sent, not cached with the
+    // snapshot: it moves without the catalog (a lease renewal).
+    let stamp = state.policy_stamp();
+    if stamp > 0 {
+        resp.headers_mut()
+            .insert(POLICY_STAMP_HEADER, HeaderValue::from(stamp));
+    }
     resp
 }
+
+/// The header of a snapshot answer that carries the replica's
+/// [`State::policy_stamp`].
+pub const POLICY_STAMP_HEADER: &str = "x-almond-policy-index";
 
 /// `GET /v1/services/{svc}/live?window=1s`: per subset, requests, rps,
 /// success rate and p99 over the window, from the watcher's source.

@@ -28,6 +28,11 @@ pub struct State {
     /// The other replicas' proxies (their rosters, see `roster`), by ID.
     peers: Mutex<BTreeMap<String, PeerProxy>>,
     snapshots: Mutex<SnapshotCache>,
+    /// How far this replica has read the policy store: the Consul index of
+    /// its last read of every policy (0 with a file store, or before the
+    /// first). Sent with each snapshot, so that a proxy that moves to a
+    /// replica behind the one it left does not go back in time.
+    policy_stamp: std::sync::atomic::AtomicU64,
     /// Metrics.
     pub metrics: Metrics,
     /// Largest body read from Consul, a proxy's `/metrics` or Prometheus
@@ -347,6 +352,7 @@ impl State {
             created: Instant::now(),
             peers: Mutex::new(BTreeMap::new()),
             snapshots: Mutex::new(SnapshotCache::default()),
+            policy_stamp: std::sync::atomic::AtomicU64::new(0),
             metrics: Metrics::new()?,
             max_body: 64 * 1024 * 1024,
             notify: None,
@@ -728,6 +734,23 @@ impl State {
         })
         .await
         .cloned()
+    }
+
+    /// How far this replica has read the policy store (see `policy_stamp`).
+    pub fn policy_stamp(&self) -> u64 {
+        self.policy_stamp.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records a read of every policy at the store's `index`.
+    pub fn set_policy_stamp(&self, index: u64) {
+        self.policy_stamp
+            .store(index, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Raises the policy stamp to `index` (a write of this replica's).
+    pub fn raise_policy_stamp(&self, index: u64) {
+        self.policy_stamp
+            .fetch_max(index, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// This control plane's epoch.

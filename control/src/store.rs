@@ -156,6 +156,25 @@ impl Store {
         }
     }
 
+    /// After this replica wrote `service`'s policy: raises the replica's
+    /// policy stamp to the write's `ModifyIndex` (one read of the key, from
+    /// the leader), so the snapshots that carry the write say so. Without
+    /// it they would carry the stamp of the last read, older than the
+    /// write, and a proxy could not tell this replica's state from one of a
+    /// replica that never saw the write. Nothing with a file store, or
+    /// when the read fails (the follow raises it soon).
+    pub async fn stamp_write(&self, service: &str, state: &State) {
+        let Store::Consul(client) = self else {
+            return;
+        };
+        let key = format!("/v1/kv/{KV_PREFIX}{service}");
+        if let Ok(answer) = client.read_for_write(&key, "").await {
+            if let (true, Some(index)) = (answer.status.is_success(), answer.index) {
+                state.raise_policy_stamp(index);
+            }
+        }
+    }
+
     /// Follows the store and feeds every policy to `state`, so changes made
     /// through another replica (or by hand in the file) take effect.
     pub async fn follow(self: Arc<Self>, state: Arc<State>) {
@@ -258,6 +277,7 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
             continue;
         }
         state.set_read_policies(policies, returned);
+        state.set_policy_stamp(returned);
     }
 }
 

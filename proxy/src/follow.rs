@@ -22,6 +22,13 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(30);
 /// Slack on top of `WAIT` before the poll counts as failed.
 const SLACK: Duration = Duration::from_secs(10);
+/// The header with which a control plane says how far it has read its
+/// policy store (the Consul index of its last read of every policy).
+const POLICY_STAMP: &str = "x-almond-policy-index";
+/// Longest a proxy keeps its state rather than take a replica's that is
+/// behind the one it followed; past it the replica's is taken all the
+/// same (after a Consul snapshot restore, every index is lower).
+const BEHIND_LIMIT: Duration = Duration::from_secs(30);
 /// Longest pause between failed polls.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Pauses after failed polls: 500 ms doubling to `MAX_BACKOFF`, each
@@ -214,6 +221,10 @@ pub async fn follow(
     // service it could not take then (a `tls` it had no identity for), and
     // a delta from the cache's index would never bring that back.
     let mut whole = true;
+    // The policy stamp of the state taken last, and since when the
+    // replica answering has been behind it.
+    let mut stamp = 0u64;
+    let mut behind_since: Option<tokio::time::Instant> = None;
     loop {
         let uri = format!(
             "{}/v1/snapshot?proxy={}&epoch={}&index={}&wait={}s&admin={}",
@@ -226,10 +237,33 @@ pub async fn follow(
         );
         let asked = tokio::time::Instant::now();
         match poll(&link, &uri).await {
-            Ok((snapshot, unread)) => {
+            Ok((snapshot, unread, theirs)) => {
                 failures = 0;
                 shared.metrics.control_connected.set(1);
-                let taken = (whole && snapshot.full) || at.takes(&snapshot);
+                let mut taken = (whole && snapshot.full) || at.takes(&snapshot);
+                // Another replica (or this one restarted) whose read of
+                // the policy store is older than the state this proxy
+                // has: taken, it would put back a split or a guard that
+                // a newer write replaced (a rollback undone). Not taken
+                // until it catches up, for `BEHIND_LIMIT` at most.
+                let other = snapshot.epoch != at.epoch && at.index != 0;
+                if taken
+                    && !whole
+                    && other
+                    && theirs > 0
+                    && theirs < stamp
+                    && policies_differ(&shared.table.load().config.services, &snapshot)
+                {
+                    let since = *behind_since.get_or_insert_with(|| {
+                        tracing::warn!(ours = stamp, theirs, "control plane replica behind the state this proxy has (its policy store read is older): keeping ours until it catches up");
+                        asked
+                    });
+                    if since.elapsed() < BEHIND_LIMIT {
+                        taken = false;
+                    } else {
+                        tracing::warn!(ours = stamp, theirs, waited = ?BEHIND_LIMIT, "control plane replica still behind: taking its state");
+                    }
+                }
                 if !taken {
                     // Wait timed out, or an older replica answered: keep ours.
                     // A replica that answers at once with nothing new (one
@@ -244,6 +278,8 @@ pub async fn follow(
                 match apply(&proxy, snapshot, unread).await {
                     Ok(applied) => {
                         whole = false;
+                        stamp = theirs;
+                        behind_since = None;
                         if new_epoch {
                             tracing::info!(
                                 from = at.epoch,
@@ -286,8 +322,25 @@ pub async fn follow(
     }
 }
 
-/// One long-poll; a body over `control_max_bytes` fails it.
-async fn poll(link: &Link, uri: &str) -> Result<(Snapshot, Unread), String> {
+/// Would `snapshot` (a full one) change what the policy store decides of
+/// a service both have (its split, routes, guards, mirror, allow-list,
+/// ...), not only endpoints or which services exist? Taking a replica's
+/// state that is behind is harmless otherwise (after a Consul snapshot
+/// restore every index is lower, and nothing is behind).
+fn policies_differ(ours: &BTreeMap<String, almond_config::Service>, snapshot: &Snapshot) -> bool {
+    let without_endpoints = |s: &almond_config::Service| almond_config::Service {
+        endpoints: Vec::new(),
+        ..s.clone()
+    };
+    snapshot.services.iter().any(|(name, theirs)| {
+        ours.get(name)
+            .is_some_and(|mine| without_endpoints(mine) != without_endpoints(theirs))
+    })
+}
+
+/// One long-poll; a body over `control_max_bytes` fails it. Also returns
+/// the replica's policy stamp (0 when it sends none).
+async fn poll(link: &Link, uri: &str) -> Result<(Snapshot, Unread, u64), String> {
     let mut req = hyper::Request::get(uri);
     if let Some(token) = &link.token {
         let mut value = b"Bearer ".to_vec();
@@ -302,6 +355,10 @@ async fn poll(link: &Link, uri: &str) -> Result<(Snapshot, Unread), String> {
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| error_chain(&e))?;
     let status = resp.status();
+    let stamp = (resp.headers().get(POLICY_STAMP))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     let body = Limited::new(resp.into_body(), link.max_bytes);
     let body = tokio::time::timeout(SLACK, body.collect())
         .await
@@ -319,7 +376,8 @@ async fn poll(link: &Link, uri: &str) -> Result<(Snapshot, Unread), String> {
             String::from_utf8_lossy(&body).trim()
         ));
     }
-    Snapshot::decode(&body).map_err(|e| format!("bad snapshot: {e}"))
+    let (snapshot, unread) = Snapshot::decode(&body).map_err(|e| format!("bad snapshot: {e}"))?;
+    Ok((snapshot, unread, stamp))
 }
 
 /// Validates a snapshot merged into the running config and swaps it in;

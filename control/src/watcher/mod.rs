@@ -180,6 +180,7 @@ impl Watcher {
                 if !self.store.put(name, &mut next, token).await? {
                     return Ok(()); // another replica won the lease
                 }
+                self.store.stamp_write(name, &self.state).await;
                 self.state.set_written_policy(name, next, token);
                 return Ok(());
             }
@@ -292,6 +293,7 @@ impl Watcher {
             if let Some(step) = next_policy.rollout_step() {
                 self.state.metrics.rollout_step(name, step);
             }
+            self.store.stamp_write(name, &self.state).await;
             self.state.set_written_policy(name, next_policy, token);
             // The next window starts where this one ended.
             baselines.insert(
