@@ -1073,9 +1073,9 @@ async fn a_change_that_loses_its_write_to_a_renewal_is_made_again() {
             .count()
     };
     let before = writes();
-    // Every Consul answer now comes 300 ms late: the change's write is
+    // Every Consul answer now comes 1 s late: the change's write is
     // seen arriving before Consul acts on it.
-    consul.set_delay(Duration::from_millis(300));
+    consul.set_delay(Duration::from_secs(1));
     let body = json!({ "weights": { "v1": 100 }, "sticky_header": "x-user" });
     let change = control.put_split("web", &body, None);
     let renewal = async {
@@ -1265,6 +1265,16 @@ async fn stale_reads_are_bounded_by_max_stale() {
         "{:?}",
         watches.iter().map(|r| &r.query).collect::<Vec<_>>()
     );
+    // An election: no server knows a leader, the one answering heard
+    // from it a moment ago. Stale reads go on (what `stale` is for).
+    let errors = consul_errors(&control).await;
+    consul.set_leader(false);
+    let b3 = Backend::start("b3").await;
+    consul.register(web("web-3", &b3, "v3")).unwrap();
+    reaches(&proxy, "b3", "v3").await;
+    assert_eq!(consul_errors(&control).await, errors, "no read failed");
+    consul.set_leader(true);
+
     // The servers lose the leader; the one answering last heard from it a
     // minute ago.
     let errors = consul_errors(&control).await;

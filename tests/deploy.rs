@@ -946,12 +946,13 @@ async fn post_json(url: &str, body: &Value) -> hyper::StatusCode {
         .status()
 }
 
-/// A real Alertmanager on `docker/prometheus/alertmanager.yml`: with the
-/// control plane down, every proxy's `AlmondProxyDisconnected` is held
-/// back (one page for the cause), other alerts are not, and the proxies'
-/// alerts come back once the control plane's has ended.
+/// A real Alertmanager on `docker/prometheus/alertmanager.yml`: with no
+/// control plane replica answering, every proxy's
+/// `AlmondProxyDisconnected` is held back (one page for the cause), other
+/// alerts are not, and the proxies' alerts come back once a replica is;
+/// one replica down of several holds nothing back.
 #[tokio::test]
-async fn alertmanager_holds_proxy_disconnects_while_the_control_plane_is_down() {
+async fn alertmanager_holds_proxy_disconnects_while_no_control_plane_answers() {
     let Some(amtool) = prometheus_tool("amtool", "prometheus-alertmanager") else {
         return;
     };
@@ -1054,28 +1055,43 @@ async fn alertmanager_holds_proxy_disconnects_while_the_control_plane_is_down() 
     post(vec![alert("AlmondProxyDisconnected", "host1:4191", None)]).await;
     wait_for(want(&[("AlmondProxyDisconnected host1:4191", "active")])).await;
 
-    // The control plane goes down: every proxy's disconnect is held back,
-    // the control plane's own alert and unrelated ones are not.
+    // One replica of several goes down: nothing is held back (its proxies
+    // move to the others; one that cannot is reported).
+    post(vec![alert(
+        "AlmondControlPlaneDown",
+        "control-a:9190",
+        None,
+    )])
+    .await;
+    wait_for(want(&[
+        ("AlmondControlPlaneDown control-a:9190", "active"),
+        ("AlmondProxyDisconnected host1:4191", "active"),
+    ]))
+    .await;
+
+    // No replica answers: every proxy's disconnect is held back, the
+    // control plane's own alerts and unrelated ones are not.
     post(vec![
-        alert("AlmondControlPlaneDown", "control:9190", None),
+        alert("AlmondControlPlaneUnavailable", "", None),
         alert("AlmondProxyDisconnected", "host2:4191", None),
         alert("AlmondEndpointEjections", "host2:4191", None),
     ])
     .await;
     wait_for(want(&[
-        ("AlmondControlPlaneDown control:9190", "active"),
+        ("AlmondControlPlaneDown control-a:9190", "active"),
+        ("AlmondControlPlaneUnavailable ", "active"),
         ("AlmondEndpointEjections host2:4191", "active"),
         ("AlmondProxyDisconnected host1:4191", "suppressed"),
         ("AlmondProxyDisconnected host2:4191", "suppressed"),
     ]))
     .await;
 
-    // The control plane is back; a proxy still cut off is reported again.
-    post(vec![alert(
-        "AlmondControlPlaneDown",
-        "control:9190",
-        Some("2000-01-01T00:00:00Z"),
-    )])
+    // A replica is back; a proxy still cut off is reported again.
+    let ended = Some("2000-01-01T00:00:00Z");
+    post(vec![
+        alert("AlmondControlPlaneUnavailable", "", ended),
+        alert("AlmondControlPlaneDown", "control-a:9190", ended),
+    ])
     .await;
     wait_for(want(&[
         ("AlmondEndpointEjections host2:4191", "active"),

@@ -841,6 +841,8 @@ async fn an_answer_made_before_the_upload_is_read_reaches_a_client_still_uploadi
         answer.contains("x-almond-error: unknown-service"),
         "{answer:?}"
     );
+    // It says the connection ends with it.
+    assert!(answer.contains("connection: close"), "{answer:?}");
 }
 
 /// `CONNECT` asks for a tunnel to a host:port, a forward proxy's work:

@@ -105,10 +105,10 @@ pub struct Answer {
     /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not read
     /// everything the list holds, and Consul left that out.
     pub filtered: bool,
-    /// A stale read's answer older than `MAX_STALE` (its server knew of
-    /// no leader, or had not heard from it for longer): judged from
-    /// `X-Consul-KnownLeader` and `X-Consul-LastContact`, which streaming
-    /// answers leave out (taken as fresh).
+    /// A stale read's answer older than `MAX_STALE` (its server had not
+    /// heard from the leader for longer): judged from
+    /// `X-Consul-LastContact`, which streaming answers leave out (taken as
+    /// fresh).
     pub too_old: bool,
 }
 
@@ -251,16 +251,15 @@ impl ConsulClient {
                 .headers()
                 .get("x-consul-results-filtered-by-acls")
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-            let too_old = stale && {
-                let header = |name| resp.headers().get(name).map(|v| v.as_bytes());
-                let no_leader = header("x-consul-knownleader")
-                    .is_some_and(|v| v.eq_ignore_ascii_case(b"false"));
-                let last_contact_ms = header("x-consul-lastcontact")
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                no_leader
-                    || last_contact_ms.is_some_and(|ms| u128::from(ms) > MAX_STALE.as_millis())
-            };
+            // As Consul's own `max_stale` judges: by the time since the
+            // answering server heard from the leader, not by whether it
+            // knows one now (during an election none does, and asking the
+            // leader would fail every read that `stale` is there to keep).
+            let too_old = stale
+                && (resp.headers().get("x-consul-lastcontact"))
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|ms| u128::from(ms) > MAX_STALE.as_millis());
             let body = Limited::new(resp.into_body(), self.max_body)
                 .collect()
                 .await

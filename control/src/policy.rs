@@ -305,11 +305,25 @@ impl Policy {
         Some(in_force.copied().unwrap_or(0))
     }
 
-    /// Was the last change a rollback, with nothing changed since (its
-    /// split still in force)?
+    /// Was the last change of the split a rollback (its split still in
+    /// force)? Changes that leave the split alone since (a guard, routes,
+    /// a mirror, the allow-list) do not count.
     pub fn just_rolled_back(&self) -> bool {
+        const LEAVE_THE_SPLIT: [&str; 9] = [
+            "block",
+            "limit",
+            "unblock",
+            "routes set",
+            "routes clear",
+            "mirror set",
+            "mirror clear",
+            "authz allow",
+            "authz deny",
+        ];
         self.history
-            .last()
+            .iter()
+            .rev()
+            .find(|c| !LEAVE_THE_SPLIT.contains(&c.action.as_str()))
             .is_some_and(|c| c.action == "rollback" && c.to == self.split)
     }
 
@@ -792,8 +806,11 @@ mod tests {
         let back = p.rolled_back("ops", 2).unwrap();
         assert_eq!(back.split, None);
         assert_eq!(back.history[1].action, "rollback");
-        // The API changes nothing on a second rollback.
+        // The API changes nothing on a second rollback, even after a change
+        // that leaves the split alone.
         assert!(back.just_rolled_back());
+        let routed = back.with_routes(None, "ops", 3);
+        assert!(routed.just_rolled_back());
         let shifted = back.with_split(canary, "ops", "shift", 3);
         assert!(!shifted.just_rolled_back());
         // Stored by a release before `previous_none`: nothing to go to.

@@ -741,13 +741,10 @@ impl State {
         self.policy_stamp.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Records a read of every policy at the store's `index`.
-    pub fn set_policy_stamp(&self, index: u64) {
-        self.policy_stamp
-            .store(index, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Raises the policy stamp to `index` (a write of this replica's).
+    /// Raises the policy stamp to `index`: a read of every policy, or a
+    /// write of this replica's. Never lowered: a read that answers below a
+    /// write of this replica's began before it (and the written policy
+    /// stays, see `written_over`).
     pub fn raise_policy_stamp(&self, index: u64) {
         self.policy_stamp
             .fetch_max(index, std::sync::atomic::Ordering::AcqRel);

@@ -276,8 +276,10 @@ async fn follow_consul(client: &ConsulClient, state: &State) {
             tracing::error!(%key, "stored policy unreadable: not ready until it is fixed or deleted (consul kv put / delete)");
             continue;
         }
+        // Before the state is published: a snapshot never carries a stamp
+        // older than its content.
+        state.raise_policy_stamp(returned);
         state.set_read_policies(policies, returned);
-        state.set_policy_stamp(returned);
     }
 }
 

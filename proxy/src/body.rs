@@ -174,6 +174,9 @@ pub enum ClientBody {
 pub struct HyperBody {
     body: Incoming,
     unread: Arc<AtomicBool>,
+    /// Read to its end (hyper's `is_end_stream` says so of a known
+    /// length only, never of a chunked body).
+    ended: bool,
 }
 
 impl HyperBody {
@@ -182,13 +185,29 @@ impl HyperBody {
         HyperBody {
             body,
             unread: unread.clone(),
+            ended: false,
         }
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
     }
 }
 
 impl Drop for HyperBody {
     fn drop(&mut self) {
-        if !self.body.is_end_stream() {
+        if !self.is_end_stream() {
             self.unread.store(true, Ordering::Relaxed);
         }
     }
@@ -211,9 +230,7 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ClientBody::Hyper(body) => Pin::new(&mut body.body)
-                .poll_frame(cx)
-                .map_err(BodyError::Hyper),
+            ClientBody::Hyper(body) => body.poll_frame(cx).map_err(BodyError::Hyper),
             ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::H2),
             ClientBody::Empty => Poll::Ready(None),
             ClientBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -222,7 +239,7 @@ impl Body for ClientBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ClientBody::Hyper(body) => body.body.is_end_stream(),
+            ClientBody::Hyper(body) => body.is_end_stream(),
             ClientBody::H2(body) => body.is_end_stream(),
             ClientBody::Empty => true,
             ClientBody::Full(bytes) => bytes.is_none(),

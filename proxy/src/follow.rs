@@ -240,29 +240,33 @@ pub async fn follow(
             Ok((snapshot, unread, theirs)) => {
                 failures = 0;
                 shared.metrics.control_connected.set(1);
-                let mut taken = (whole && snapshot.full) || at.takes(&snapshot);
+                let taken = (whole && snapshot.full) || at.takes(&snapshot);
                 // Another replica (or this one restarted) whose read of
                 // the policy store is older than the state this proxy
                 // has: taken, it would put back a split or a guard that
                 // a newer write replaced (a rollback undone). Not taken
                 // until it catches up, for `BEHIND_LIMIT` at most.
                 let other = snapshot.epoch != at.epoch && at.index != 0;
-                if taken
+                let behind = taken
                     && !whole
                     && other
                     && theirs > 0
                     && theirs < stamp
-                    && policies_differ(&shared.table.load().config.services, &snapshot)
-                {
+                    && policies_differ(&shared.table.load().config.services, &snapshot);
+                if !behind {
+                    behind_since = None;
+                } else {
                     let since = *behind_since.get_or_insert_with(|| {
                         tracing::warn!(ours = stamp, theirs, "control plane replica behind the state this proxy has (its policy store read is older): keeping ours until it catches up");
                         asked
                     });
                     if since.elapsed() < BEHIND_LIMIT {
-                        taken = false;
-                    } else {
-                        tracing::warn!(ours = stamp, theirs, waited = ?BEHIND_LIMIT, "control plane replica still behind: taking its state");
+                        // Asked again in a second, however long the
+                        // answer took (its full snapshot comes at once).
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
                     }
+                    tracing::warn!(ours = stamp, theirs, waited = ?BEHIND_LIMIT, "control plane replica still behind: taking its state");
                 }
                 if !taken {
                     // Wait timed out, or an older replica answered: keep ours.

@@ -93,13 +93,15 @@ pub fn idempotent(method: &Method) -> bool {
 /// one as Envoy does; the request goes on as a plain one, its `Upgrade`
 /// and the `HTTP2-Settings` its `Connection` names dropped as hop-by-hop.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().get_all(header::UPGRADE).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|p| !p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
-        })
-        && connection_has(req.headers(), "upgrade")
+    // Most requests have no `Upgrade`: one lookup says so.
+    if req.version() != Version::HTTP_11 || !req.headers().contains_key(header::UPGRADE) {
+        return false;
+    }
+    req.headers().get_all(header::UPGRADE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|p| !p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+    }) && connection_has(req.headers(), "upgrade")
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {

@@ -195,7 +195,7 @@ pub async fn accept_loop(
                 let marks = unread.clone();
                 let svc = counted(activity.clone(), move |req: Request<Incoming>| {
                     let req = req.map(|body| ClientBody::Hyper(HyperBody::new(body, &marks)));
-                    serve::handle(shared.clone(), index, peer, Box::new(req))
+                    closing_if_unread(marks.clone(), serve::handle(shared.clone(), index, peer, Box::new(req)))
                 });
                 // The place goes with the socket: into an upgrade's tunnel
                 // too, which outlives hyper's connection.
@@ -297,6 +297,26 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Held<IO> {
             rt.spawn(linger(io, slot));
         }
     }
+}
+
+/// An answer made with its request's upload left unread (the proxy
+/// answered first) ends its connection: it says so (`Connection: close`,
+/// RFC 9110 §9.6), as nginx and Envoy do, rather than have the client
+/// send its next request on a connection about to close.
+async fn closing_if_unread(
+    unread: Arc<AtomicBool>,
+    answer: impl std::future::Future<
+        Output = Result<crate::pipeline::forward::Reply, std::convert::Infallible>,
+    >,
+) -> Result<crate::pipeline::forward::Reply, std::convert::Infallible> {
+    let mut resp = answer.await?;
+    if unread.load(Ordering::Relaxed) {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(resp)
 }
 
 /// Longest a closing connection reads its client's unread upload, and
@@ -465,7 +485,8 @@ async fn serve_tls(
             let unread = Arc::new(AtomicBool::new(false));
             let marks = unread.clone();
             let svc = counted(activity.clone(), move |req: Request<Incoming>| {
-                server(req.map(|body| ClientBody::Hyper(HyperBody::new(body, &marks))))
+                let req = req.map(|body| ClientBody::Hyper(HyperBody::new(body, &marks)));
+                closing_if_unread(marks.clone(), server(req))
             });
             let io = TokioIo::new(Held::new(stream, slot, unread));
             let http = shared_http;

@@ -119,17 +119,33 @@ fn settle_reader(io: &mut (impl AsyncRead + Unpin)) -> bool {
     let mut scratch = [MaybeUninit::<u8>::uninit(); 64];
     let mut buf = tokio::io::ReadBuf::uninit(&mut scratch);
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    Pin::new(io).poll_read(&mut cx, &mut buf).is_pending()
+    // Outside the task's cooperative budget: spent, it would make the
+    // read say "pending" without looking.
+    let read = std::future::poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, &mut buf));
+    let mut read = std::pin::pin!(tokio::task::unconstrained(read));
+    std::future::Future::poll(read.as_mut(), &mut cx).is_pending()
 }
 
 impl Stir for crate::identity::tls::Conn {
     fn settle(&mut self) -> bool {
-        settle_reader(self)
+        match self {
+            // A read only when the readiness the runtime has says bytes
+            // may be there; else an atomic load, and no waker registered.
+            crate::identity::tls::Conn::Plain(tcp) => {
+                let mut scratch = [0u8; 64];
+                matches!(tcp.try_read(&mut scratch), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            // What rustls holds decrypted counts too.
+            tls => settle_reader(tls),
+        }
     }
 
     fn stirred(&self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        tcp(self).poll_read_ready(&mut cx).is_ready()
+        // Outside the cooperative budget, as in `settle_reader`.
+        let ready = std::future::poll_fn(|cx| tcp(self).poll_read_ready(cx));
+        let mut ready = std::pin::pin!(tokio::task::unconstrained(ready));
+        std::future::Future::poll(ready.as_mut(), &mut cx).is_ready()
     }
 }
 
