@@ -1172,17 +1172,18 @@ async fn an_h2c_upgrade_offer_is_declined_and_the_request_goes_on_plain() {
     );
 }
 
-/// An upstream that sends bytes past its answer's framing (here a body on
-/// its answer to `HEAD`, written with the head in one piece, the head
-/// exactly filling the proxy's first read): those bytes are no answer to
-/// the next request, which goes on a new connection and gets its own.
-/// (The connection was pooled with them unread in the kernel, so the next
-/// request on it got the smuggled answer.)
-#[tokio::test]
-async fn bytes_past_an_answer_s_end_are_never_taken_for_the_next_answer() {
+/// A raw HTTP/1.1 upstream on 127.0.0.1: each request head on a keep-alive
+/// connection is answered with `answer(head)`, written in one piece
+/// (bodies are not read: the requests have none). Its address, and the
+/// connections it accepted.
+#[allow(clippy::unwrap_used)]
+async fn raw_upstream(
+    answer: fn(&str) -> Vec<u8>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    /// The lean client's first read of a new connection.
-    const FIRST_READ: usize = 8192;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1203,29 +1204,44 @@ async fn bytes_past_an_answer_s_end_are_never_taken_for_the_next_answer() {
                     let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                     let head = String::from_utf8_lossy(&seen[..end]).into_owned();
                     seen.drain(..end);
-                    let answer = if head.starts_with("HEAD ") {
-                        let smuggled = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil";
-                        let start = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-pad: ",
-                            smuggled.len()
-                        );
-                        let pad = FIRST_READ - start.len() - 4;
-                        let mut answer = start.into_bytes();
-                        answer.extend(std::iter::repeat_n(b'a', pad));
-                        answer.extend_from_slice(b"\r\n\r\n");
-                        assert_eq!(answer.len(), FIRST_READ);
-                        answer.extend_from_slice(smuggled);
-                        answer
-                    } else {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood".to_vec()
-                    };
-                    if conn.write_all(&answer).await.is_err() {
+                    if conn.write_all(&answer(&head)).await.is_err() {
                         return;
                     }
                 }
             });
         }
     });
+    (addr, accepted)
+}
+
+/// An upstream that sends bytes past its answer's framing (here a body on
+/// its answer to `HEAD`, written with the head in one piece, the head
+/// exactly filling the proxy's first read): those bytes are no answer to
+/// the next request, which goes on a new connection and gets its own.
+/// (The connection was pooled with them unread in the kernel, so the next
+/// request on it got the smuggled answer.)
+#[tokio::test]
+async fn bytes_past_an_answer_s_end_are_never_taken_for_the_next_answer() {
+    let (addr, accepted) = raw_upstream(|head| {
+        if !head.starts_with("HEAD ") {
+            return b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood".to_vec();
+        }
+        /// The lean client's first read of a new connection.
+        const FIRST_READ: usize = 8192;
+        let smuggled = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil";
+        let start = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-pad: ",
+            smuggled.len()
+        );
+        let pad = FIRST_READ - start.len() - 4;
+        let mut answer = start.into_bytes();
+        answer.extend(std::iter::repeat_n(b'a', pad));
+        answer.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(answer.len(), FIRST_READ);
+        answer.extend_from_slice(smuggled);
+        answer
+    })
+    .await;
     let proxy = ProxyYaml::new()
         .by_host()
         .service(ServiceYaml::new("web").at(addr))
@@ -1255,40 +1271,19 @@ async fn bytes_past_an_answer_s_end_are_never_taken_for_the_next_answer() {
 /// here.)
 #[tokio::test]
 async fn an_upstream_head_reaches_the_client_less_its_hop_by_hop_lines() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
-                    seen.drain(..end);
-                    let answer: &[u8] = if head.starts_with("GET /hop ") {
-                        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n\
-                          X-Kept: yes\r\nContent-Length: 3\r\n\r\nhop"
-                    } else {
-                        b"HTTP/1.1 201 Created\r\nX-Powered-By: Express\r\nX-Request-Id: upstream-id\r\n\
-                          Set-Cookie: a=1; Path=/\r\nset-cookie: b=2\r\nETag: W/\"2-x\"\r\n\
-                          Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n\
-                          Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n{}"
-                    };
-                    if conn.write_all(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let (addr, _) = raw_upstream(|head| {
+        let answer: &[u8] = if head.starts_with("GET /hop ") {
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n\
+              X-Kept: yes\r\nContent-Length: 3\r\n\r\nhop"
+        } else {
+            b"HTTP/1.1 201 Created\r\nX-Powered-By: Express\r\nX-Request-Id: upstream-id\r\n\
+              Set-Cookie: a=1; Path=/\r\nset-cookie: b=2\r\nETag: W/\"2-x\"\r\n\
+              Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n\
+              Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n{}"
+        };
+        answer.to_vec()
+    })
+    .await;
     let proxy = ProxyYaml::new()
         .by_host()
         .service(ServiceYaml::new("web").at(addr))

@@ -92,16 +92,23 @@ pub fn idempotent(method: &Method) -> bool {
 /// may decline an upgrade (RFC 9110 §7.8), and the proxy declines this
 /// one as Envoy does; the request goes on as a plain one, its `Upgrade`
 /// and the `HTTP2-Settings` its `Connection` names dropped as hop-by-hop.
+#[inline]
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     // Most requests have no `Upgrade`: one lookup says so.
-    if req.version() != Version::HTTP_11 || !req.headers().contains_key(header::UPGRADE) {
-        return false;
-    }
-    req.headers().get_all(header::UPGRADE).iter().any(|v| {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && upgrade_offered(req.headers())
+}
+
+/// Does a request with `Upgrade` offer more than `h2c`, and name it in
+/// `Connection`?
+#[cold]
+fn upgrade_offered(headers: &HeaderMap) -> bool {
+    headers.get_all(header::UPGRADE).iter().any(|v| {
         v.as_bytes()
             .split(|&b| b == b',')
             .any(|p| !p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
-    }) && connection_has(req.headers(), "upgrade")
+    }) && connection_has(headers, "upgrade")
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {

@@ -92,12 +92,13 @@ impl<IO> Drop for Connection<IO> {
     }
 }
 
-/// A socket that can tell, without a system call, whether its peer has
-/// sent anything (bytes, or its close) since it was settled: an idle
-/// connection that stirred cannot carry a request (it holds an unsolicited
-/// answer, such as a 408, or the upstream's idle close). What hyper's
-/// connection task learns by reading an idle connection, learned from the
-/// readiness the runtime already has.
+/// A socket that can tell, with no system call while its peer is quiet,
+/// whether the peer has sent anything (bytes, or its close) since it was
+/// settled: an idle connection that stirred cannot carry a request (it
+/// holds an unsolicited answer, such as a 408, or the upstream's idle
+/// close). What hyper's connection task learns by reading an idle
+/// connection, learned from the readiness the runtime already has (a
+/// read only when it says something may be there).
 pub trait Stir {
     /// Reads, without waiting, what the peer sent past the response just
     /// read whole: `true` when nothing was there (the runtime's read
@@ -141,11 +142,13 @@ impl Stir for crate::identity::tls::Conn {
     }
 
     fn stirred(&self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        // Outside the cooperative budget, as in `settle_reader`.
-        let ready = std::future::poll_fn(|cx| tcp(self).poll_read_ready(cx));
-        let mut ready = std::pin::pin!(tokio::task::unconstrained(ready));
-        std::future::Future::poll(ready.as_mut(), &mut cx).is_ready()
+        // A read only when the runtime's readiness says bytes (or the
+        // close) may be there: else an atomic load, no waker registered,
+        // and no cooperative budget taken (spent, a poll would say
+        // "quiet" without looking). What it reads, it was going to
+        // throw away with the connection.
+        let mut scratch = [0u8; 1];
+        !matches!(tcp(self).try_read(&mut scratch), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
