@@ -735,6 +735,16 @@ struct SplitRequest {
     sticky_header: Option<String>,
 }
 
+/// A change's JSON body as `T`, or the 400 that says why it is not one.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response<Full<Bytes>>>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(text(
+            StatusCode::BAD_REQUEST,
+            &format!("bad request body: {e}\n"),
+        ))
+    })
+}
+
 /// Checks the token, validates, writes the store with check-and-set, and
 /// serves the result at once. Nothing changes unless everything passes.
 async fn mutate(
@@ -785,11 +795,9 @@ async fn mutate(
         let now = now_ms() / 1000;
         let mut next = match what {
             Mutation::Split => {
-                let request: SplitRequest = match serde_json::from_slice(&body) {
+                let request: SplitRequest = match json_body(&body) {
                     Ok(r) => r,
-                    Err(e) => {
-                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
-                    }
+                    Err(refused) => return *refused,
                 };
                 let in_force = current.split.as_ref();
                 if let Err(r) = check_split(&request.weights, &service, &request.allow_empty, in_force)
@@ -823,11 +831,9 @@ async fn mutate(
                 )))
             }
             Mutation::Authz => {
-                let request: AuthzRequest = match serde_json::from_slice(&body) {
+                let request: AuthzRequest = match json_body(&body) {
                     Ok(r) => r,
-                    Err(e) => {
-                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
-                    }
+                    Err(refused) => return *refused,
                 };
                 let allow = match request.action.as_str() {
                     "allow" => true,
@@ -845,11 +851,9 @@ async fn mutate(
                 }
             }
             Mutation::Guard => {
-                let request: GuardRequest = match serde_json::from_slice(&body) {
+                let request: GuardRequest = match json_body(&body) {
                     Ok(r) => r,
-                    Err(e) => {
-                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
-                    }
+                    Err(refused) => return *refused,
                 };
                 if request.remove && (request.deny.is_some() || request.limit.is_some()) {
                     return refusal(Refusal::Invalid(
@@ -870,11 +874,9 @@ async fn mutate(
                 }
             }
             Mutation::Routes => {
-                let request: RoutesRequest = match serde_json::from_slice(&body) {
+                let request: RoutesRequest = match json_body(&body) {
                     Ok(r) => r,
-                    Err(e) => {
-                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
-                    }
+                    Err(refused) => return *refused,
                 };
                 let counts = api.state.endpoint_counts(name);
                 let subsets: Vec<&str> = counts.keys().map(String::as_str).collect();
@@ -891,11 +893,9 @@ async fn mutate(
             }
             Mutation::ClearRoutes => current.with_routes(None, &by, now),
             Mutation::Mirror => {
-                let request: MirrorRequest = match serde_json::from_slice(&body) {
+                let request: MirrorRequest = match json_body(&body) {
                     Ok(r) => r,
-                    Err(e) => {
-                        return text(StatusCode::BAD_REQUEST, &format!("bad request body: {e}\n"))
-                    }
+                    Err(refused) => return *refused,
                 };
                 if current.rollout.as_ref().is_some_and(Rollout::shadowing_now) {
                     return refusal(Refusal::Conflict(
