@@ -21,6 +21,7 @@ pub mod edge;
 pub mod follow;
 pub mod headers;
 pub mod health;
+pub mod http2;
 pub mod identity;
 pub mod limit;
 pub mod observe;

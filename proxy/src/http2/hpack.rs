@@ -1,0 +1,870 @@
+//! HPACK (RFC 7541): the header block's compression. The decoder hands
+//! out each field as `Bytes` (a literal not Huffman-coded is a slice of the
+//! block, the Huffman-coded ones of a block share one allocation); the
+//! encoder writes straight into the frame's buffer, indexing the fields a
+//! peer sees again and again and never the ones unique to a request.
+
+use super::huffman::{self, HuffmanError};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::VecDeque;
+
+/// The table size both ends start with (RFC 9113 §6.5.2).
+pub const DEFAULT_TABLE_SIZE: usize = 4096;
+
+/// What a field costs in a table and in a header list: its name, its value
+/// and 32 (RFC 7541 §4.1; RFC 9113 §6.5.2).
+pub fn field_size(name: &[u8], value: &[u8]) -> usize {
+    name.len() + value.len() + 32
+}
+
+/// A header block that cannot be decoded: a `COMPRESSION_ERROR` for the
+/// whole connection (RFC 9113 §4.3), since the two tables no longer agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The block ends inside a field.
+    #[error("header block truncated")]
+    Truncated,
+    /// An integer past what fits in 32 bits.
+    #[error("integer overflow in header block")]
+    Overflow,
+    /// An index of no entry (0, or past the table's end).
+    #[error("header block names no such table entry")]
+    BadIndex,
+    /// A table size update past the size allowed, or after a field.
+    #[error("invalid dynamic table size update")]
+    BadSizeUpdate,
+    /// A Huffman-coded string that does not decode.
+    #[error(transparent)]
+    Huffman(#[from] HuffmanError),
+}
+
+/// One decoded field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    /// The name, as sent (RFC 9113 §8.2.1 wants it lowercase: the
+    /// connection checks).
+    pub name: Bytes,
+    /// The value, as sent.
+    pub value: Bytes,
+    /// Sent as never indexed: to be sent on the same way (RFC 7541 §7.1.3).
+    pub sensitive: bool,
+}
+
+/// An HPACK dynamic table: newest entry first, its size in RFC 7541's
+/// terms (each entry's bytes plus 32).
+#[derive(Debug)]
+struct Table {
+    entries: VecDeque<(Bytes, Bytes)>,
+    size: usize,
+    max_size: usize,
+}
+
+impl Table {
+    fn new(max_size: usize) -> Table {
+        Table {
+            entries: VecDeque::new(),
+            size: 0,
+            max_size,
+        }
+    }
+
+    /// Adds an entry, evicting the oldest ones to make room; one larger
+    /// than the whole table empties it and is not kept (RFC 7541 §4.4).
+    fn insert(&mut self, name: Bytes, value: Bytes) {
+        let size = field_size(&name, &value);
+        self.evict_to(self.max_size.saturating_sub(size));
+        if size <= self.max_size {
+            self.size += size;
+            self.entries.push_front((name, value));
+        }
+    }
+
+    fn resize(&mut self, max_size: usize) {
+        self.max_size = max_size;
+        self.evict_to(max_size);
+    }
+
+    fn evict_to(&mut self, room: usize) {
+        while self.size > room {
+            match self.entries.pop_back() {
+                Some((name, value)) => self.size -= field_size(&name, &value),
+                None => break,
+            }
+        }
+    }
+}
+
+/// Decodes header blocks; one per connection and direction.
+#[derive(Debug)]
+pub struct Decoder {
+    table: Table,
+    /// The most the peer's encoder may use: the `SETTINGS_HEADER_TABLE_SIZE`
+    /// this end sent.
+    limit: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Decoder {
+        Decoder::new(DEFAULT_TABLE_SIZE)
+    }
+}
+
+impl Decoder {
+    /// A decoder whose end advertised `limit` as its table size.
+    pub fn new(limit: usize) -> Decoder {
+        Decoder {
+            table: Table::new(limit),
+            limit,
+        }
+    }
+
+    /// Takes `limit` as this end's `SETTINGS_HEADER_TABLE_SIZE` from now
+    /// on (once the peer acknowledged it): a table over it shrinks at once.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+        if self.table.max_size > limit {
+            self.table.resize(limit);
+        }
+    }
+
+    /// Decodes one whole header block (a `HEADERS` frame's fragment and
+    /// its `CONTINUATION`s), handing each field to `emit` in order. Fields
+    /// past `max_list` (RFC 9113 §6.5.2's size) are decoded, so that the
+    /// table stays in step, but not handed out: the result says whether
+    /// the list fit.
+    pub fn decode(
+        &mut self,
+        block: &Bytes,
+        max_list: usize,
+        mut emit: impl FnMut(Field),
+    ) -> Result<bool, DecodeError> {
+        let mut src = Cursor { block, at: 0 };
+        // Huffman-coded strings, decoded into one buffer for the block.
+        let mut scratch = BytesMut::new();
+        let mut list = 0usize;
+        let mut fields = false;
+        while let Some(&first) = block.get(src.at) {
+            let (name, value, sensitive, index) = match first {
+                // Indexed field (§6.1).
+                0x80..=0xff => {
+                    let (name, value) = self.entry(src.int(7)?)?;
+                    (name, value, false, false)
+                }
+                // Literal, with incremental indexing (§6.2.1).
+                0x40..=0x7f => {
+                    let (name, value) = self.literal(&mut src, 6, &mut scratch)?;
+                    (name, value, false, true)
+                }
+                // Table size update (§6.3): only before the block's fields.
+                0x20..=0x3f => {
+                    let size = src.int(5)?;
+                    if fields || size > self.limit {
+                        return Err(DecodeError::BadSizeUpdate);
+                    }
+                    self.table.resize(size);
+                    continue;
+                }
+                // Literal never indexed (§6.2.3), or not indexed (§6.2.2).
+                _ => {
+                    let sensitive = first & 0x10 != 0;
+                    let (name, value) = self.literal(&mut src, 4, &mut scratch)?;
+                    (name, value, sensitive, false)
+                }
+            };
+            fields = true;
+            if index {
+                // A copy of its own: an entry kept as a slice of the block
+                // would keep the whole block's buffer alive.
+                let mut both = BytesMut::with_capacity(name.len() + value.len());
+                both.extend_from_slice(&name);
+                both.extend_from_slice(&value);
+                let mut both = both.freeze();
+                let kept_name = both.split_to(name.len());
+                self.table.insert(kept_name, both);
+            }
+            list = list.saturating_add(field_size(&name, &value));
+            if list <= max_list {
+                emit(Field {
+                    name,
+                    value,
+                    sensitive,
+                });
+            }
+        }
+        Ok(list <= max_list)
+    }
+
+    /// The entry at `index` of the static then the dynamic table.
+    fn entry(&self, index: usize) -> Result<(Bytes, Bytes), DecodeError> {
+        match index {
+            0 => Err(DecodeError::BadIndex),
+            1..=STATIC_LEN => {
+                let (name, value) = STATIC[index - 1];
+                Ok((Bytes::from_static(name), Bytes::from_static(value)))
+            }
+            _ => (self.table.entries.get(index - STATIC_LEN - 1))
+                .cloned()
+                .ok_or(DecodeError::BadIndex),
+        }
+    }
+
+    /// A literal field: an indexed name (a `prefix`-bit index, not 0) or a
+    /// literal one, then its value.
+    fn literal(
+        &self,
+        src: &mut Cursor<'_>,
+        prefix: u8,
+        scratch: &mut BytesMut,
+    ) -> Result<(Bytes, Bytes), DecodeError> {
+        let name = match src.int(prefix)? {
+            0 => src.string(scratch)?,
+            index => self.entry(index)?.0,
+        };
+        Ok((name, src.string(scratch)?))
+    }
+}
+
+/// A place in a header block being read.
+struct Cursor<'a> {
+    block: &'a Bytes,
+    at: usize,
+}
+
+impl Cursor<'_> {
+    /// An integer with a `prefix`-bit prefix (RFC 7541 §5.1), at most
+    /// `u32::MAX`.
+    fn int(&mut self, prefix: u8) -> Result<usize, DecodeError> {
+        let mask = (1u8 << prefix) - 1;
+        let first = *self.block.get(self.at).ok_or(DecodeError::Truncated)? & mask;
+        self.at += 1;
+        if first < mask {
+            return Ok(usize::from(first));
+        }
+        let mut value = u64::from(mask);
+        let mut shift = 0;
+        loop {
+            let byte = *self.block.get(self.at).ok_or(DecodeError::Truncated)?;
+            self.at += 1;
+            value += u64::from(byte & 0x7f) << shift;
+            if value > u64::from(u32::MAX) {
+                return Err(DecodeError::Overflow);
+            }
+            if byte & 0x80 == 0 {
+                return usize::try_from(value).map_err(|_| DecodeError::Overflow);
+            }
+            shift += 7;
+            // Five bytes carry 32 bits: more are padding or overflow.
+            if shift > 28 {
+                return Err(DecodeError::Overflow);
+            }
+        }
+    }
+
+    /// A string (RFC 7541 §5.2): a slice of the block, or its Huffman
+    /// decoding split off `scratch`.
+    fn string(&mut self, scratch: &mut BytesMut) -> Result<Bytes, DecodeError> {
+        let huffman = *self.block.get(self.at).ok_or(DecodeError::Truncated)? & 0x80 != 0;
+        let len = self.int(7)?;
+        let end = self.at.checked_add(len).ok_or(DecodeError::Truncated)?;
+        if end > self.block.len() {
+            return Err(DecodeError::Truncated);
+        }
+        let start = std::mem::replace(&mut self.at, end);
+        if !huffman {
+            return Ok(self.block.slice(start..end));
+        }
+        if scratch.capacity() == 0 {
+            // Room for every string left in the block at once.
+            scratch.reserve((self.block.len() - start) * 8 / 5 + 2);
+        }
+        huffman::decode(&self.block[start..end], scratch)?;
+        Ok(scratch.split().freeze())
+    }
+}
+
+/// How a field is to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Indexing {
+    /// Added to the table: a field the peer will see again.
+    Index,
+    /// Not added: a field of one request (a request ID, a path).
+    Skip,
+    /// Never indexed by anyone on the way (RFC 7541 §7.1.3): a secret.
+    Never,
+}
+
+/// Whether a field of `name` is worth a place in the table: not the ones
+/// that differ on nearly every request or answer.
+pub fn indexing_for(name: &[u8]) -> Indexing {
+    match name {
+        b":path" | b"content-length" | b"x-request-id" | b"traceparent" | b"tracestate"
+        | b"date" | b"etag" | b"last-modified" | b"age" | b"expires" => Indexing::Skip,
+        b"authorization" | b"proxy-authorization" | b"cookie" | b"set-cookie" => Indexing::Never,
+        _ => Indexing::Index,
+    }
+}
+
+/// Encodes header blocks; one per connection and direction.
+#[derive(Debug)]
+pub struct Encoder {
+    table: Table,
+    /// Size updates to send at the start of the next block: the smallest
+    /// since the last block, then the last (RFC 7541 §4.2).
+    pending: Option<(usize, usize)>,
+    /// Which strings are Huffman-coded.
+    huffman: Huffman,
+}
+
+/// Which strings an [`Encoder`] Huffman-codes (each only if it comes out
+/// shorter so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Huffman {
+    /// None: fewer instructions on both ends, a few more bytes.
+    Never,
+    /// The fields added to the table, sent whole once and as an index
+    /// after: the ones unique to a request (a request ID, a trace ID, a
+    /// date, a path) go as they are, and cost neither end any coding.
+    Indexed,
+    /// All, as `nghttp2` and the `h2` crate do.
+    Always,
+}
+
+impl Default for Encoder {
+    fn default() -> Encoder {
+        Encoder::new(DEFAULT_TABLE_SIZE)
+    }
+}
+
+impl Encoder {
+    /// An encoder using a table of `size` (at most the peer's
+    /// `SETTINGS_HEADER_TABLE_SIZE`; the initial 4,096 needs no update).
+    pub fn new(size: usize) -> Encoder {
+        let mut encoder = Encoder {
+            table: Table::new(DEFAULT_TABLE_SIZE),
+            pending: None,
+            huffman: Huffman::Indexed,
+        };
+        if size != DEFAULT_TABLE_SIZE {
+            encoder.resize(size);
+        }
+        encoder
+    }
+
+    /// Huffman-codes the strings `huffman` says (by default the fields
+    /// added to the table).
+    pub fn huffman(mut self, huffman: Huffman) -> Encoder {
+        self.huffman = huffman;
+        self
+    }
+
+    /// Uses a table of `size` from the next block on (the peer's
+    /// `SETTINGS_HEADER_TABLE_SIZE` changed, or this end chose less).
+    pub fn resize(&mut self, size: usize) {
+        self.pending = Some(match self.pending {
+            Some((least, _)) => (least.min(size), size),
+            None => (size, size),
+        });
+        self.table.resize(size);
+    }
+
+    /// Starts a block in `dst`: the table size updates owed.
+    pub fn begin(&mut self, dst: &mut BytesMut) {
+        if let Some((least, last)) = self.pending.take() {
+            if least != last {
+                put_int(least, 5, 0x20, dst);
+            }
+            put_int(last, 5, 0x20, dst);
+        }
+    }
+
+    /// Appends one field to the block begun with [`Encoder::begin`].
+    pub fn field(&mut self, name: &[u8], value: &[u8], indexing: Indexing, dst: &mut BytesMut) {
+        let (static_name, static_full) = static_index(name, value);
+        if indexing != Indexing::Never {
+            if let Some(index) = static_full {
+                return put_int(index, 7, 0x80, dst);
+            }
+        }
+        // The table, newest first: the whole field, or its name.
+        let mut name_index = static_name;
+        for (i, (n, v)) in self.table.entries.iter().enumerate() {
+            if n.len() == name.len() && &n[..] == name {
+                if indexing != Indexing::Never && &v[..] == value {
+                    return put_int(STATIC_LEN + 1 + i, 7, 0x80, dst);
+                }
+                name_index = name_index.or(Some(STATIC_LEN + 1 + i));
+            }
+        }
+        let indexing = match indexing {
+            // A field over half the table would empty most of it.
+            Indexing::Index if field_size(name, value) * 2 > self.table.max_size => Indexing::Skip,
+            other => other,
+        };
+        let (prefix, pattern) = match indexing {
+            Indexing::Index => (6, 0x40),
+            Indexing::Skip => (4, 0x00),
+            Indexing::Never => (4, 0x10),
+        };
+        let huffman = match self.huffman {
+            Huffman::Never => false,
+            Huffman::Indexed => indexing == Indexing::Index,
+            Huffman::Always => true,
+        };
+        match name_index {
+            Some(index) => put_int(index, prefix, pattern, dst),
+            None => {
+                dst.put_u8(pattern);
+                string(name, huffman, dst);
+            }
+        }
+        string(value, huffman, dst);
+        if indexing == Indexing::Index {
+            self.table
+                .insert(Bytes::copy_from_slice(name), Bytes::copy_from_slice(value));
+        }
+    }
+}
+
+/// Appends a string (RFC 7541 §5.2), Huffman-coded if `huffman` and it
+/// comes out shorter so.
+fn string(s: &[u8], huffman: bool, dst: &mut BytesMut) {
+    if huffman {
+        let coded = huffman::encoded_len(s);
+        if coded < s.len() {
+            put_int(coded, 7, 0x80, dst);
+            return huffman::encode(s, coded, dst);
+        }
+    }
+    put_int(s.len(), 7, 0, dst);
+    dst.extend_from_slice(s);
+}
+
+/// Appends `value` as an integer with a `prefix`-bit prefix, the bits above
+/// the prefix in the first byte set from `pattern` (RFC 7541 §5.1).
+fn put_int(value: usize, prefix: u8, pattern: u8, dst: &mut BytesMut) {
+    let mask = (1usize << prefix) - 1;
+    if value < mask {
+        return dst.put_u8(pattern | value as u8);
+    }
+    dst.put_u8(pattern | mask as u8);
+    let mut rest = value - mask;
+    while rest >= 0x80 {
+        dst.put_u8(0x80 | (rest & 0x7f) as u8);
+        rest >>= 7;
+    }
+    dst.put_u8(rest as u8);
+}
+
+const STATIC_LEN: usize = 61;
+
+/// The static table (RFC 7541 Appendix A), index 1 first.
+const STATIC: [(&[u8], &[u8]); STATIC_LEN] = [
+    (b":authority", b""),
+    (b":method", b"GET"),
+    (b":method", b"POST"),
+    (b":path", b"/"),
+    (b":path", b"/index.html"),
+    (b":scheme", b"http"),
+    (b":scheme", b"https"),
+    (b":status", b"200"),
+    (b":status", b"204"),
+    (b":status", b"206"),
+    (b":status", b"304"),
+    (b":status", b"400"),
+    (b":status", b"404"),
+    (b":status", b"500"),
+    (b"accept-charset", b""),
+    (b"accept-encoding", b"gzip, deflate"),
+    (b"accept-language", b""),
+    (b"accept-ranges", b""),
+    (b"accept", b""),
+    (b"access-control-allow-origin", b""),
+    (b"age", b""),
+    (b"allow", b""),
+    (b"authorization", b""),
+    (b"cache-control", b""),
+    (b"content-disposition", b""),
+    (b"content-encoding", b""),
+    (b"content-language", b""),
+    (b"content-length", b""),
+    (b"content-location", b""),
+    (b"content-range", b""),
+    (b"content-type", b""),
+    (b"cookie", b""),
+    (b"date", b""),
+    (b"etag", b""),
+    (b"expect", b""),
+    (b"expires", b""),
+    (b"from", b""),
+    (b"host", b""),
+    (b"if-match", b""),
+    (b"if-modified-since", b""),
+    (b"if-none-match", b""),
+    (b"if-range", b""),
+    (b"if-unmodified-since", b""),
+    (b"last-modified", b""),
+    (b"link", b""),
+    (b"location", b""),
+    (b"max-forwards", b""),
+    (b"proxy-authenticate", b""),
+    (b"proxy-authorization", b""),
+    (b"range", b""),
+    (b"referer", b""),
+    (b"refresh", b""),
+    (b"retry-after", b""),
+    (b"server", b""),
+    (b"set-cookie", b""),
+    (b"strict-transport-security", b""),
+    (b"transfer-encoding", b""),
+    (b"user-agent", b""),
+    (b"vary", b""),
+    (b"via", b""),
+    (b"www-authenticate", b""),
+];
+
+/// Where the static table has `name` (its first entry), and the whole
+/// field if it has that too.
+pub(super) fn static_index(name: &[u8], value: &[u8]) -> (Option<usize>, Option<usize>) {
+    let name_only = |i| (Some(i), None);
+    let full = |i, v: &[u8]| (Some(i), (value == v).then_some(i));
+    match name {
+        b":authority" => name_only(1),
+        b":method" => match value {
+            b"GET" => (Some(2), Some(2)),
+            b"POST" => (Some(2), Some(3)),
+            _ => name_only(2),
+        },
+        b":path" => match value {
+            b"/" => (Some(4), Some(4)),
+            b"/index.html" => (Some(4), Some(5)),
+            _ => name_only(4),
+        },
+        b":scheme" => match value {
+            b"http" => (Some(6), Some(6)),
+            b"https" => (Some(6), Some(7)),
+            _ => name_only(6),
+        },
+        b":status" => match value {
+            b"200" => (Some(8), Some(8)),
+            b"204" => (Some(8), Some(9)),
+            b"206" => (Some(8), Some(10)),
+            b"304" => (Some(8), Some(11)),
+            b"400" => (Some(8), Some(12)),
+            b"404" => (Some(8), Some(13)),
+            b"500" => (Some(8), Some(14)),
+            _ => name_only(8),
+        },
+        b"accept-charset" => name_only(15),
+        b"accept-encoding" => full(16, b"gzip, deflate"),
+        b"accept-language" => name_only(17),
+        b"accept-ranges" => name_only(18),
+        b"accept" => name_only(19),
+        b"access-control-allow-origin" => name_only(20),
+        b"age" => name_only(21),
+        b"allow" => name_only(22),
+        b"authorization" => name_only(23),
+        b"cache-control" => name_only(24),
+        b"content-disposition" => name_only(25),
+        b"content-encoding" => name_only(26),
+        b"content-language" => name_only(27),
+        b"content-length" => name_only(28),
+        b"content-location" => name_only(29),
+        b"content-range" => name_only(30),
+        b"content-type" => name_only(31),
+        b"cookie" => name_only(32),
+        b"date" => name_only(33),
+        b"etag" => name_only(34),
+        b"expect" => name_only(35),
+        b"expires" => name_only(36),
+        b"from" => name_only(37),
+        b"host" => name_only(38),
+        b"if-match" => name_only(39),
+        b"if-modified-since" => name_only(40),
+        b"if-none-match" => name_only(41),
+        b"if-range" => name_only(42),
+        b"if-unmodified-since" => name_only(43),
+        b"last-modified" => name_only(44),
+        b"link" => name_only(45),
+        b"location" => name_only(46),
+        b"max-forwards" => name_only(47),
+        b"proxy-authenticate" => name_only(48),
+        b"proxy-authorization" => name_only(49),
+        b"range" => name_only(50),
+        b"referer" => name_only(51),
+        b"refresh" => name_only(52),
+        b"retry-after" => name_only(53),
+        b"server" => name_only(54),
+        b"set-cookie" => name_only(55),
+        b"strict-transport-security" => name_only(56),
+        b"transfer-encoding" => name_only(57),
+        b"user-agent" => name_only(58),
+        b"vary" => name_only(59),
+        b"via" => name_only(60),
+        b"www-authenticate" => name_only(61),
+        _ => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Bytes {
+        let digits: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();
+        let byte = |pair: &[u8]| {
+            let text = std::str::from_utf8(pair).unwrap_or_default();
+            u8::from_str_radix(text, 16).unwrap_or_default()
+        };
+        digits.chunks(2).map(byte).collect::<Vec<u8>>().into()
+    }
+
+    fn decode_all(decoder: &mut Decoder, block: &Bytes) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let fit = decoder.decode(block, usize::MAX, |f| {
+            out.push((
+                String::from_utf8_lossy(&f.name).into_owned(),
+                String::from_utf8_lossy(&f.value).into_owned(),
+            ))
+        });
+        assert_eq!(fit, Ok(true));
+        out
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// RFC 7541 C.3 (plain) and C.4 (Huffman): three requests on one
+    /// connection, each way. The encoder, indexing as the RFC's examples
+    /// do, writes the RFC's bytes.
+    #[test]
+    fn the_rfc_request_examples() {
+        let heads: [&[(&str, &str)]; 3] = [
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com"),
+                ("cache-control", "no-cache"),
+            ],
+            &[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/index.html"),
+                (":authority", "www.example.com"),
+                ("custom-key", "custom-value"),
+            ],
+        ];
+        let plain = [
+            "8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+            "8286 84be 5808 6e6f 2d63 6163 6865",
+            "8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
+        ];
+        let huffman = [
+            "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+            "8286 84be 5886 a8eb 1064 9cbf",
+            "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+        ];
+        for (blocks, huffman_on) in [(plain, false), (huffman, true)] {
+            let mut decoder = Decoder::default();
+            let huffman = if huffman_on {
+                Huffman::Always
+            } else {
+                Huffman::Never
+            };
+            let mut encoder = Encoder::default().huffman(huffman);
+            for (head, block) in heads.iter().zip(blocks) {
+                let block = hex(block);
+                assert_eq!(decode_all(&mut decoder, &block), pairs(head));
+                let mut out = BytesMut::new();
+                encoder.begin(&mut out);
+                for (n, v) in head.iter() {
+                    encoder.field(n.as_bytes(), v.as_bytes(), Indexing::Index, &mut out);
+                }
+                assert_eq!(out.freeze(), block, "huffman {huffman_on}");
+            }
+            // The table as C.3.3 / C.4.3 leave it: 164 bytes, 3 entries.
+            assert_eq!(decoder.table.size, 164);
+            assert_eq!(encoder.table.size, 164);
+        }
+    }
+
+    /// RFC 7541 C.5: three responses through a 256-byte table, entries
+    /// evicted as the RFC shows.
+    #[test]
+    fn the_rfc_response_examples_evict() {
+        let blocks = [
+            "4803 3330 3258 0770 7269 7661 7465 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 \
+             2032 303a 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70 \
+             6c65 2e63 6f6d",
+            "4803 3330 37c1 c0bf",
+            "88c1 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 2032 303a 3133 3a32 3220 474d \
+             54c0 5a04 677a 6970 7738 666f 6f3d 4153 444a 4b48 514b 425a 584f 5157 454f 5049 \
+             5541 5851 5745 4f49 553b 206d 6178 2d61 6765 3d33 3630 303b 2076 6572 7369 6f6e \
+             3d31",
+        ];
+        let heads: [&[(&str, &str)]; 3] = [
+            &[
+                (":status", "302"),
+                ("cache-control", "private"),
+                ("date", "Mon, 21 Oct 2013 20:13:21 GMT"),
+                ("location", "https://www.example.com"),
+            ],
+            &[
+                (":status", "307"),
+                ("cache-control", "private"),
+                ("date", "Mon, 21 Oct 2013 20:13:21 GMT"),
+                ("location", "https://www.example.com"),
+            ],
+            &[
+                (":status", "200"),
+                ("cache-control", "private"),
+                ("date", "Mon, 21 Oct 2013 20:13:22 GMT"),
+                ("location", "https://www.example.com"),
+                ("content-encoding", "gzip"),
+                (
+                    "set-cookie",
+                    "foo=ASDJKHQKBZXOQWEOPIUAXQWEOIU; max-age=3600; version=1",
+                ),
+            ],
+        ];
+        let mut decoder = Decoder::new(256);
+        let mut encoder = Encoder::new(256).huffman(Huffman::Never);
+        // The RFC's table starts at 256 with no update sent.
+        encoder.pending = None;
+        let sizes = [222, 222, 215];
+        for ((head, block), size) in heads.iter().zip(blocks).zip(sizes) {
+            let block = hex(block);
+            assert_eq!(decode_all(&mut decoder, &block), pairs(head));
+            assert_eq!(decoder.table.size, size);
+            let mut out = BytesMut::new();
+            encoder.begin(&mut out);
+            for (n, v) in head.iter() {
+                encoder.field(n.as_bytes(), v.as_bytes(), Indexing::Index, &mut out);
+            }
+            assert_eq!(out.freeze(), block);
+        }
+        assert_eq!(decoder.table.entries.len(), 3);
+    }
+
+    /// RFC 7541 C.2: a literal not indexed and a never-indexed one are
+    /// not added to the table; the never-indexed one says so.
+    #[test]
+    fn literals_not_indexed_stay_out_of_the_table() {
+        let mut decoder = Decoder::default();
+        let mut sensitive = Vec::new();
+        let block =
+            hex("040c 2f73 616d 706c 652f 7061 7468 1008 7061 7373 776f 7264 0673 6563 7265 74");
+        let fit = decoder.decode(&block, usize::MAX, |f| {
+            sensitive.push((f.value, f.sensitive))
+        });
+        assert_eq!(fit, Ok(true));
+        assert_eq!(
+            sensitive,
+            [
+                (Bytes::from_static(b"/sample/path"), false),
+                (Bytes::from_static(b"secret"), true)
+            ]
+        );
+        assert!(decoder.table.entries.is_empty());
+    }
+
+    /// Size updates: only before the block's fields, never past the
+    /// limit; the encoder sends the least size since its last block, then
+    /// the last (RFC 7541 §4.2).
+    #[test]
+    fn size_updates_are_checked_and_sent() {
+        let mut decoder = Decoder::default();
+        assert_eq!(decoder.decode(&hex("3fe1 1f"), 0, |_| {}), Ok(true)); // 4096
+        assert_eq!(
+            decoder.decode(&hex("3fe2 1f"), 0, |_| {}), // 4097
+            Err(DecodeError::BadSizeUpdate)
+        );
+        assert_eq!(
+            decoder.decode(&hex("8220"), usize::MAX, |_| {}),
+            Err(DecodeError::BadSizeUpdate)
+        );
+        let mut encoder = Encoder::default();
+        encoder.resize(0);
+        encoder.resize(300);
+        let mut out = BytesMut::new();
+        encoder.begin(&mut out);
+        assert_eq!(out.freeze(), hex("20 3f8d 02"));
+        let mut out = BytesMut::new();
+        encoder.begin(&mut out);
+        assert!(out.is_empty());
+    }
+
+    /// Fields past the list's limit are decoded (the table stays in step)
+    /// but not handed out.
+    #[test]
+    fn a_list_over_its_limit_keeps_the_table_in_step() {
+        let mut encoder = Encoder::default();
+        let mut block = BytesMut::new();
+        encoder.field(b"x-a", &[b'a'; 100], Indexing::Index, &mut block);
+        encoder.field(b"x-b", &[b'b'; 100], Indexing::Index, &mut block);
+        let block = block.freeze();
+        let mut decoder = Decoder::default();
+        let mut seen = 0;
+        assert_eq!(decoder.decode(&block, 150, |_| seen += 1), Ok(false));
+        assert_eq!(seen, 1);
+        assert_eq!(decoder.table.entries.len(), 2);
+        // The next block refers to both by index.
+        let mut next = BytesMut::new();
+        encoder.field(b"x-b", &[b'b'; 100], Indexing::Index, &mut next);
+        let mut values = Vec::new();
+        let ok = decoder.decode(&next.freeze(), usize::MAX, |f| values.push(f.value));
+        assert_eq!(ok, Ok(true));
+        assert_eq!(values, [Bytes::from(vec![b'b'; 100])]);
+    }
+
+    /// Integers past 32 bits, and runs of continuation bytes, are refused
+    /// without overflowing.
+    #[test]
+    fn oversized_integers_are_refused() {
+        let mut decoder = Decoder::default();
+        assert_eq!(
+            decoder.decode(&hex("ff ff ff ff ff 0f"), usize::MAX, |_| {}),
+            Err(DecodeError::Overflow)
+        );
+        let zeros = hex("ff 80 80 80 80 80 80 80 80 80 80 80 00");
+        assert_eq!(
+            decoder.decode(&zeros, usize::MAX, |_| {}),
+            Err(DecodeError::Overflow)
+        );
+        assert_eq!(
+            decoder.decode(&hex("ff"), usize::MAX, |_| {}),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            decoder.decode(&hex("80"), usize::MAX, |_| {}),
+            Err(DecodeError::BadIndex)
+        );
+        assert_eq!(
+            decoder.decode(&hex("be"), usize::MAX, |_| {}),
+            Err(DecodeError::BadIndex)
+        );
+    }
+
+    /// The encoder's static lookup agrees with the table it stands for.
+    #[test]
+    fn the_static_lookup_matches_the_table() {
+        for (i, (name, value)) in STATIC.iter().enumerate() {
+            let first = STATIC.iter().position(|(n, _)| n == name).map(|p| p + 1);
+            let (by_name, full) = static_index(name, value);
+            assert_eq!(by_name, first, "{}", String::from_utf8_lossy(name));
+            if !value.is_empty() {
+                assert_eq!(full, Some(i + 1));
+            }
+        }
+        assert_eq!(static_index(b"x-other", b""), (None, None));
+    }
+}
