@@ -181,19 +181,35 @@ pub fn headers(head: &Head, payload: Bytes) -> Result<Bytes, Error> {
     }
     let mut fragment = unpad(head, payload)?;
     if head.has(flag::PRIORITY) {
+        let Some(dependency) = fragment.first_chunk::<4>() else {
+            return Err(Error::connection(Reason::FRAME_SIZE_ERROR));
+        };
         if fragment.len() < 5 {
             return Err(Error::connection(Reason::FRAME_SIZE_ERROR));
+        }
+        // A stream depending on itself (§5.3.1): a stream error, taken as
+        // the connection's (§5.4.1 allows it), since the block it carries
+        // would go undecoded and the header tables out of step.
+        if u32::from_be_bytes(*dependency) & MAX_WINDOW == head.stream {
+            return Err(Error::connection(Reason::PROTOCOL_ERROR));
         }
         fragment.advance(5);
     }
     Ok(fragment)
 }
 
-/// Checks a `PRIORITY` frame, which is otherwise ignored (§6.3).
-pub fn priority(head: &Head) -> Result<(), Error> {
-    match (head.stream, head.len) {
+/// Checks a `PRIORITY` frame, which is otherwise ignored (§6.3): a stream
+/// depending on itself is a stream error (§5.3.1).
+pub fn priority(head: &Head, payload: &[u8]) -> Result<(), Error> {
+    match (head.stream, payload.first_chunk::<4>()) {
         (0, _) => Err(Error::connection(Reason::PROTOCOL_ERROR)),
-        (stream, len) if len != 5 => Err(Error::stream(Reason::FRAME_SIZE_ERROR, stream)),
+        (stream, Some(_)) if payload.len() != 5 => {
+            Err(Error::stream(Reason::FRAME_SIZE_ERROR, stream))
+        }
+        (stream, None) => Err(Error::stream(Reason::FRAME_SIZE_ERROR, stream)),
+        (stream, Some(dependency)) if u32::from_be_bytes(*dependency) & MAX_WINDOW == stream => {
+            Err(Error::stream(Reason::PROTOCOL_ERROR, stream))
+        }
         _ => Ok(()),
     }
 }
@@ -480,6 +496,9 @@ pub struct Block {
     pub end_stream: bool,
     fragments: BytesMut,
     max: usize,
+    /// `CONTINUATION`s still taken: empty ones would pass the size check
+    /// forever (the 2024 `CONTINUATION` floods).
+    frames_left: usize,
 }
 
 /// What a header frame gives: a whole block, or a part of one.
@@ -504,6 +523,9 @@ impl Block {
     pub fn start(head: &Head, payload: Bytes, max: usize) -> Result<Assembled, Error> {
         let fragment = headers(head, payload)?;
         let end_stream = head.has(flag::END_STREAM);
+        if fragment.len() > max {
+            return Err(Error::connection(Reason::ENHANCE_YOUR_CALM));
+        }
         if head.has(flag::END_HEADERS) {
             return Ok(Assembled::Whole {
                 stream: head.stream,
@@ -511,14 +533,14 @@ impl Block {
                 block: fragment,
             });
         }
-        if fragment.len() > max {
-            return Err(Error::connection(Reason::ENHANCE_YOUR_CALM));
-        }
         Ok(Assembled::Partial(Block {
             stream: head.stream,
             end_stream,
             fragments: BytesMut::from(&fragment[..]),
             max,
+            // As `h2` counts: the frames a block of `max` takes in frames
+            // of the default size, and a quarter more; at least 5.
+            frames_left: (max.div_ceil(DEFAULT_MAX_FRAME as usize) * 5 / 4).max(5),
         }))
     }
 
@@ -528,9 +550,10 @@ impl Block {
         if head.kind != kind::CONTINUATION || head.stream != self.stream {
             return Err(Error::connection(Reason::PROTOCOL_ERROR));
         }
-        if self.fragments.len() + payload.len() > self.max {
+        if self.fragments.len() + payload.len() > self.max || self.frames_left == 0 {
             return Err(Error::connection(Reason::ENHANCE_YOUR_CALM));
         }
+        self.frames_left -= 1;
         self.fragments.extend_from_slice(payload);
         if !head.has(flag::END_HEADERS) {
             return Ok(Assembled::Partial(self));
@@ -540,5 +563,120 @@ impl Block {
             end_stream: self.end_stream,
             block: self.fragments.freeze(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> (Head, Bytes) {
+        let head = Head {
+            len: payload.len() as u32,
+            kind,
+            flags,
+            stream,
+        };
+        (head, Bytes::copy_from_slice(payload))
+    }
+
+    /// A block of empty `CONTINUATION`s is refused after a few (a flood
+    /// never grows the block, so its size alone would never stop it).
+    #[test]
+    fn a_flood_of_empty_continuations_is_refused() {
+        let (head, payload) = frame(kind::HEADERS, 0, 1, b"");
+        let Ok(Assembled::Partial(mut block)) = Block::start(&head, payload, 32 * 1024) else {
+            panic!("not partial");
+        };
+        let (cont, _) = frame(kind::CONTINUATION, 0, 1, b"");
+        for i in 0.. {
+            match block.push(&cont, b"") {
+                Ok(Assembled::Partial(next)) => block = next,
+                Ok(Assembled::Whole { .. }) => panic!("whole without END_HEADERS"),
+                Err(e) => {
+                    assert_eq!(e, Error::connection(Reason::ENHANCE_YOUR_CALM));
+                    assert!((2..=10).contains(&i), "refused after {i}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A block over its size is refused whether it comes in one frame or
+    /// several; a frame of another stream inside a block is a protocol
+    /// error.
+    #[test]
+    fn blocks_are_held_to_their_size_and_their_stream() {
+        let (head, payload) = frame(kind::HEADERS, flag::END_HEADERS, 1, &[0x82; 100]);
+        assert_eq!(
+            Block::start(&head, payload, 50).err(),
+            Some(Error::connection(Reason::ENHANCE_YOUR_CALM))
+        );
+        let (head, payload) = frame(kind::HEADERS, 0, 1, &[0x82; 40]);
+        let Ok(Assembled::Partial(block)) = Block::start(&head, payload, 50) else {
+            panic!("not partial");
+        };
+        let (other, _) = frame(kind::CONTINUATION, flag::END_HEADERS, 3, b"");
+        assert_eq!(
+            block.push(&other, b"").err(),
+            Some(Error::connection(Reason::PROTOCOL_ERROR))
+        );
+        let (head, payload) = frame(kind::HEADERS, 0, 1, &[0x82; 40]);
+        let Ok(Assembled::Partial(block)) = Block::start(&head, payload, 50) else {
+            panic!("not partial");
+        };
+        let (cont, _) = frame(kind::CONTINUATION, flag::END_HEADERS, 1, b"");
+        assert_eq!(
+            block.push(&cont, &[0x82; 20]).err(),
+            Some(Error::connection(Reason::ENHANCE_YOUR_CALM))
+        );
+    }
+
+    /// A padded `HEADERS` with priority fields gives its fragment alone; a
+    /// stream depending on itself is refused (as the connection's error,
+    /// its block undecoded), in `HEADERS` and in `PRIORITY`.
+    #[test]
+    fn padding_and_priority_are_taken_off_and_checked() {
+        // Pad length 2, dependency on stream 0, weight 16, fragment 0x82,
+        // then 2 bytes of padding.
+        let payload = [2, 0, 0, 0, 0, 16, 0x82, 0, 0];
+        let (head, payload) = frame(kind::HEADERS, flag::PADDED | flag::PRIORITY, 1, &payload);
+        assert_eq!(
+            headers(&head, payload).ok(),
+            Some(Bytes::from_static(&[0x82]))
+        );
+        let (head, payload) = frame(kind::HEADERS, flag::PRIORITY, 3, &[0, 0, 0, 3, 16, 0x82]);
+        assert_eq!(
+            headers(&head, payload).err(),
+            Some(Error::connection(Reason::PROTOCOL_ERROR))
+        );
+        let (head, payload) = frame(kind::PRIORITY, 0, 5, &[0, 0, 0, 5, 16]);
+        assert_eq!(
+            priority(&head, &payload),
+            Err(Error::stream(Reason::PROTOCOL_ERROR, 5))
+        );
+        let (head, payload) = frame(kind::PRIORITY, 0, 5, &[0, 0, 0, 1, 16]);
+        assert_eq!(priority(&head, &payload), Ok(()));
+    }
+
+    /// A frame's head reads back as written; a payload over the frame
+    /// size is refused before it is buffered.
+    #[test]
+    fn heads_round_trip_and_oversized_frames_are_refused() {
+        let head = Head {
+            len: 12_345,
+            kind: kind::DATA,
+            flags: flag::END_STREAM | flag::PADDED,
+            stream: 7,
+        };
+        let mut out = BytesMut::new();
+        head.write(&mut out);
+        let raw: [u8; HEAD_LEN] = out[..].try_into().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(Head::parse(&raw), head);
+        assert_eq!(next(&mut out, DEFAULT_MAX_FRAME), Ok(None));
+        assert_eq!(
+            next(&mut out, 1000).err(),
+            Some(Error::connection(Reason::FRAME_SIZE_ERROR))
+        );
     }
 }

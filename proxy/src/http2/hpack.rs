@@ -110,16 +110,20 @@ impl Default for Decoder {
 }
 
 impl Decoder {
-    /// A decoder whose end advertised `limit` as its table size.
+    /// A decoder whose end advertises `limit` as its table size. Until the
+    /// peer acknowledges it ([`Decoder::set_limit`]), the peer's encoder
+    /// may still use the initial 4,096 (RFC 9113 §3.4: its first blocks
+    /// may leave before it sees this end's settings).
     pub fn new(limit: usize) -> Decoder {
         Decoder {
-            table: Table::new(limit),
-            limit,
+            table: Table::new(DEFAULT_TABLE_SIZE),
+            limit: limit.max(DEFAULT_TABLE_SIZE),
         }
     }
 
     /// Takes `limit` as this end's `SETTINGS_HEADER_TABLE_SIZE` from now
-    /// on (once the peer acknowledged it): a table over it shrinks at once.
+    /// on (the peer acknowledged it): a table over it shrinks at once (the
+    /// peer's next block starts with the same shrinking).
     pub fn set_limit(&mut self, limit: usize) {
         self.limit = limit;
         if self.table.max_size > limit {
@@ -273,10 +277,9 @@ impl Cursor<'_> {
         if !huffman {
             return Ok(self.block.slice(start..end));
         }
-        if scratch.capacity() == 0 {
-            // Room for every string left in the block at once.
-            scratch.reserve((self.block.len() - start) * 8 / 5 + 2);
-        }
+        // Room for this string: the block's strings share the buffer while
+        // it lasts, and a field kept holds no more than its neighbours'.
+        scratch.reserve(len * 8 / 5 + 2);
         huffman::decode(&self.block[start..end], scratch)?;
         Ok(scratch.split().freeze())
     }
@@ -358,8 +361,14 @@ impl Encoder {
     }
 
     /// Uses a table of `size` from the next block on (the peer's
-    /// `SETTINGS_HEADER_TABLE_SIZE` changed, or this end chose less).
+    /// `SETTINGS_HEADER_TABLE_SIZE` changed, or this end chose less), at
+    /// most 4,096 bytes whatever the peer allows: the table is searched
+    /// field by field, and a peer must not make that search long.
     pub fn resize(&mut self, size: usize) {
+        let size = size.min(DEFAULT_TABLE_SIZE);
+        if self.pending.is_none() && size == self.table.max_size {
+            return;
+        }
         self.pending = Some(match self.pending {
             Some((least, _)) => (least.min(size), size),
             None => (size, size),
@@ -737,6 +746,7 @@ mod tests {
             ],
         ];
         let mut decoder = Decoder::new(256);
+        decoder.set_limit(256);
         let mut encoder = Encoder::new(256).huffman(Huffman::Never);
         // The RFC's table starts at 256 with no update sent.
         encoder.pending = None;
@@ -852,6 +862,75 @@ mod tests {
             decoder.decode(&hex("be"), usize::MAX, |_| {}),
             Err(DecodeError::BadIndex)
         );
+    }
+
+    /// An entry larger than the whole table empties it and is not kept
+    /// (RFC 7541 §4.4); the field itself is still handed out.
+    #[test]
+    fn an_entry_larger_than_the_table_empties_it() {
+        let mut decoder = Decoder::new(DEFAULT_TABLE_SIZE);
+        decoder.set_limit(100);
+        let mut block = BytesMut::new();
+        let mut encoder = Encoder::new(4096).huffman(Huffman::Never);
+        encoder.pending = None;
+        encoder.field(b"x-a", b"1", Indexing::Index, &mut block);
+        encoder.field(b"x-b", &[b'b'; 80], Indexing::Index, &mut block);
+        let mut values = Vec::new();
+        let fit = decoder.decode(&block.freeze(), usize::MAX, |f| values.push(f.value.len()));
+        assert_eq!(fit, Ok(true));
+        assert_eq!(values, [1, 80]);
+        assert!(decoder.table.entries.is_empty());
+        assert_eq!(decoder.table.size, 0);
+    }
+
+    /// Before its settings are acknowledged, a decoder takes the peer's
+    /// blocks as the peer's initial 4,096-byte table makes them; after,
+    /// its own smaller limit holds.
+    #[test]
+    fn the_table_follows_the_settings_once_acknowledged() {
+        let mut decoder = Decoder::new(1024);
+        let mut encoder = Encoder::default().huffman(Huffman::Never);
+        let mut block = BytesMut::new();
+        encoder.field(b"x-a", &[b'a'; 1000], Indexing::Index, &mut block);
+        encoder.field(b"x-b", &[b'b'; 1000], Indexing::Index, &mut block);
+        assert_eq!(
+            decoder.decode(&block.freeze(), usize::MAX, |_| {}),
+            Ok(true)
+        );
+        let mut block = BytesMut::new();
+        encoder.field(b"x-a", &[b'a'; 1000], Indexing::Index, &mut block);
+        assert_eq!(&block[..], &[0xbf][..], "x-a by its index, 63");
+        let mut values = Vec::new();
+        let ok = decoder.decode(&block.freeze(), usize::MAX, |f| values.push(f.value.len()));
+        assert_eq!((ok, values), (Ok(true), vec![1000]));
+        // Acknowledged: the peer's encoder shrinks to 1,024, this end too.
+        decoder.set_limit(1024);
+        encoder.resize(1024);
+        let mut block = BytesMut::new();
+        encoder.begin(&mut block);
+        encoder.field(b"x-c", b"c", Indexing::Index, &mut block);
+        assert_eq!(
+            decoder.decode(&block.freeze(), usize::MAX, |_| {}),
+            Ok(true)
+        );
+        assert_eq!(decoder.table.size, encoder.table.size);
+        // Past the limit, refused.
+        assert_eq!(
+            decoder.decode(&hex("3fe1 0f"), 0, |_| {}), // 2048
+            Err(DecodeError::BadSizeUpdate)
+        );
+    }
+
+    /// An encoder never uses more than 4,096 bytes of table, whatever the
+    /// peer allows.
+    #[test]
+    fn the_encoder_keeps_its_table_small() {
+        let mut encoder = Encoder::new(1 << 30);
+        let mut block = BytesMut::new();
+        encoder.begin(&mut block);
+        assert!(block.is_empty(), "no update: 4,096 is where it starts");
+        encoder.resize(u32::MAX as usize);
+        assert_eq!(encoder.table.max_size, DEFAULT_TABLE_SIZE);
     }
 
     /// The encoder's static lookup agrees with the table it stands for.

@@ -373,6 +373,11 @@ mod tests {
     fn bad_padding_and_eos_are_refused() {
         // EOS (30 ones) then ones: an EOS symbol.
         assert_eq!(decoded(&[0xff, 0xff, 0xff, 0xff]), Err(HuffmanError));
+        // 'a' (00011), then EOS (30 ones), then padding: EOS after symbols.
+        assert_eq!(
+            decoded(&[0b0001_1111, 0xff, 0xff, 0xff, 0xff]),
+            Err(HuffmanError)
+        );
         // 'a' (00011) then 3 bits of padding "111": fine.
         assert_eq!(decoded(&[0b0001_1111]).as_deref(), Ok(&b"a"[..]));
         // ...then padding "110": not all ones.

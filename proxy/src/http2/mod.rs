@@ -3,6 +3,7 @@
 //! generated streams. Not yet on the request path, which still runs on
 //! `h2`: issue 17's plan (benches/results/2026-12-07-data-path-24.md).
 
+pub mod client;
 pub mod frame;
 pub mod hpack;
 pub mod huffman;
