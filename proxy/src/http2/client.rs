@@ -139,9 +139,16 @@ struct Inner {
     closed: Option<Error>,
     /// A header block being put together.
     partial: Option<Block>,
-    /// The user's ping: sent, and whether its pong came.
+    /// The user's ping: sent, and whether its pong came (one at a time).
     ping: Option<(bool, Option<Waker>)>,
+    /// Bodies waiting for `out` to drain below [`MAX_OUT`].
+    out_waiters: Vec<Waker>,
 }
+
+/// Bytes written by the streams and not yet taken by the socket, past which
+/// a request body's next chunk waits and the driver reads no more frames
+/// (whose answers, pings and settings acknowledgements, would pile up).
+const MAX_OUT: usize = 1024 * 1024;
 
 #[derive(Default)]
 struct Stream {
@@ -149,6 +156,9 @@ struct Stream {
     head: Option<Response<()>>,
     /// The response head came (an interim one does not count).
     answered: bool,
+    /// The answer has no content whatever its `content-length` says (the
+    /// request was a `HEAD`; RFC 9110 §8.6).
+    no_content: bool,
     data: VecDeque<Bytes>,
     trailers: Option<HeaderMap>,
     /// `END_STREAM` received.
@@ -234,6 +244,7 @@ where
         closed: None,
         partial: None,
         ping: None,
+        out_waiters: Vec::new(),
     };
     let shared = Arc::new(Shared {
         inner: Mutex::new(inner),
@@ -289,6 +300,9 @@ impl Inner {
                 w.wake();
             }
         }
+        for w in self.out_waiters.drain(..) {
+            w.wake();
+        }
         self.wake_driver();
     }
 
@@ -302,10 +316,54 @@ impl Inner {
                 reason,
                 remote: false,
             });
-            stream.queued.clear();
             stream.wake();
             frame::write_rst_stream(id, reason, &mut self.out);
+            self.discard(id);
             self.settle(id);
+            self.wake_driver();
+        }
+    }
+
+    /// Drops what stream `id` will no longer send or deliver: its queued
+    /// data and trailers, and the data received and not taken, whose
+    /// connection window goes back to the peer.
+    fn discard(&mut self, id: u32) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        stream.queued.clear();
+        stream.queued_trailers = None;
+        let unread: usize = stream.data.drain(..).map(|d| d.len()).sum();
+        self.blocked.retain(|&b| b != id);
+        self.release(None, unread as i64);
+    }
+
+    /// Counts `n` bytes taken (or thrown away) on stream `id` (`None`: on
+    /// the connection only), and gives window back once what was taken is
+    /// half the window or more than what is left of it (as `h2` does: a
+    /// window held by unread data never stalls the rest).
+    fn release(&mut self, id: Option<u32>, n: i64) {
+        self.recv_taken += n;
+        let conn = i64::from(self.config.conn_window.max(frame::DEFAULT_WINDOW));
+        if self.recv_taken > 0
+            && (self.recv_taken * 2 >= conn || self.recv_taken >= self.recv_window)
+        {
+            frame::write_window_update(0, self.recv_taken as u32, &mut self.out);
+            self.recv_window += self.recv_taken;
+            self.recv_taken = 0;
+            self.wake_driver();
+        }
+        let Some((id, stream)) = id.and_then(|id| self.streams.get_mut(&id).map(|s| (id, s)))
+        else {
+            return;
+        };
+        stream.recv_taken += n;
+        let window = i64::from(self.config.stream_window);
+        let due = stream.recv_taken * 2 >= window || stream.recv_taken >= stream.recv_window;
+        if !stream.recv_done && stream.error.is_none() && stream.recv_taken > 0 && due {
+            frame::write_window_update(id, stream.recv_taken as u32, &mut self.out);
+            stream.recv_window += stream.recv_taken;
+            stream.recv_taken = 0;
             self.wake_driver();
         }
     }
@@ -327,6 +385,11 @@ impl Inner {
 
     /// Moves queued data of blocked streams into `out` as the windows allow.
     fn flush_blocked(&mut self) {
+        // The first in line goes last next time: no stream starves the rest
+        // of a small connection window.
+        if let Some(first) = self.blocked.pop_front() {
+            self.blocked.push_back(first);
+        }
         let mut still = VecDeque::new();
         while let Some(id) = self.blocked.pop_front() {
             if self.send_window <= 0 {
@@ -350,6 +413,12 @@ impl Inner {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
+        if stream.error.is_some() {
+            // Reset or refused: nothing more goes on it (RFC 9113 §5.1).
+            stream.queued.clear();
+            stream.queued_trailers = None;
+            return;
+        }
         while let Some((mut data, end)) = stream.queued.pop_front() {
             let room = stream.send_window.min(self.send_window).max(0) as usize;
             if room == 0 && !data.is_empty() {
@@ -408,7 +477,10 @@ impl Client {
     /// Has the connection room for another stream now?
     pub fn has_room(&self) -> bool {
         let inner = self.shared.lock();
-        inner.closed.is_none() && inner.goaway.is_none() && inner.active < inner.max_streams
+        inner.closed.is_none()
+            && inner.goaway.is_none()
+            && inner.active < inner.max_streams
+            && inner.next_id <= frame::MAX_WINDOW
     }
 
     /// Is the connection gone, or going away?
@@ -460,12 +532,14 @@ impl Client {
         let enc = &mut inner.encoder;
         enc.field(b":method", method.as_bytes(), Indexing::Index, &mut block);
         enc.field(b":scheme", scheme.as_bytes(), Indexing::Index, &mut block);
-        enc.field(
-            b":authority",
-            authority.as_bytes(),
-            Indexing::Index,
-            &mut block,
-        );
+        if !authority.is_empty() {
+            enc.field(
+                b":authority",
+                authority.as_bytes(),
+                Indexing::Index,
+                &mut block,
+            );
+        }
         enc.field(b":path", path.as_bytes(), Indexing::Skip, &mut block);
         for (name, value) in req.headers() {
             let name = name.as_str().as_bytes();
@@ -476,6 +550,7 @@ impl Client {
             recv_window: i64::from(inner.config.stream_window),
             send_window: inner.initial_send_window,
             send_done: end,
+            no_content: req.method() == http::Method::HEAD,
             recv_held: true,
             send_held: true,
             counted: true,
@@ -623,24 +698,7 @@ impl RecvStream {
             return Poll::Ready(None);
         };
         if let Some(data) = stream.data.pop_front() {
-            let n = data.len() as i64;
-            stream.recv_taken += n;
-            // A window update once half the window is taken.
-            let window = i64::from(inner.config.stream_window);
-            if !stream.recv_done && stream.recv_taken >= window / 2 {
-                frame::write_window_update(self.id, stream.recv_taken as u32, &mut inner.out);
-                stream.recv_window += stream.recv_taken;
-                stream.recv_taken = 0;
-                inner.wake_driver();
-            }
-            inner.recv_taken += n;
-            let conn = i64::from(inner.config.conn_window.max(frame::DEFAULT_WINDOW));
-            if inner.recv_taken >= conn / 2 {
-                frame::write_window_update(0, inner.recv_taken as u32, &mut inner.out);
-                inner.recv_window += inner.recv_taken;
-                inner.recv_taken = 0;
-                inner.wake_driver();
-            }
+            inner.release(Some(self.id), data.len() as i64);
             return Poll::Ready(Some(Ok(data)));
         }
         if let Some(error) = &stream.error {
@@ -692,7 +750,10 @@ impl Drop for RecvStream {
             return;
         };
         stream.recv_held = false;
-        if !stream.recv_done {
+        if stream.recv_done {
+            // Whole, perhaps not all read: what was not goes back.
+            inner.discard(self.id);
+        } else {
             // Left before its end: the rest is not wanted.
             inner.reset(self.id, Reason::CANCEL);
         }
@@ -746,6 +807,9 @@ impl SendStream {
         if let Some(error) = &stream.error {
             return Err(error.clone());
         }
+        if stream.send_done || stream.queued.back().is_some_and(|(_, end)| *end) {
+            return Err(Error::Io("stream already ended".to_owned()));
+        }
         stream.queued_trailers = Some(trailers);
         if stream.queued.is_empty() {
             inner.send_queued(self.id);
@@ -764,11 +828,17 @@ impl SendStream {
         if let Some(error) = &stream.error {
             return Poll::Ready(Err(error.clone()));
         }
-        if stream.queued.is_empty() {
-            return Poll::Ready(Ok(()));
+        if !stream.queued.is_empty() {
+            stream.send_waker = Some(cx.waker().clone());
+            return Poll::Pending;
         }
-        stream.send_waker = Some(cx.waker().clone());
-        Poll::Pending
+        if inner.out.len() > MAX_OUT {
+            // Out of the window, not yet out of the process: the socket
+            // takes it first.
+            inner.out_waiters.push(cx.waker().clone());
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Resets the stream.
@@ -784,7 +854,10 @@ impl Drop for SendStream {
             return;
         };
         stream.send_held = false;
-        if !stream.send_done && stream.queued.is_empty() && stream.queued_trailers.is_none() {
+        let ending = stream.send_done
+            || stream.queued.back().is_some_and(|(_, end)| *end)
+            || stream.queued_trailers.is_some();
+        if !ending {
             // Dropped before the body ended: the request is cut short.
             inner.reset(self.id, Reason::CANCEL);
         }
@@ -811,9 +884,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             return Poll::Ready(Ok(()));
         }
         loop {
-            // Read and handle what came.
             let mut progress = false;
-            let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.read);
+            // Read and handle what came, unless the writes are backed up
+            // (a peer that sends and does not read) or the connection is
+            // over.
+            let can_read = {
+                let inner = this.shared.lock();
+                inner.closed.is_none() && this.write.len() + inner.out.len() <= MAX_OUT
+            };
+            let read = match can_read {
+                true => tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.read),
+                false => Poll::Pending,
+            };
             let mut inner = this.shared.lock();
             match read {
                 Poll::Ready(Ok(0)) => {
@@ -823,17 +905,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                     progress = true;
                     if let Err(e) = handle_frames(&mut inner, &mut this.read) {
                         let reason = e.reason;
-                        inner.fail(
-                            Error::GoAway {
-                                reason,
-                                refused: false,
-                            },
-                            Some(reason),
-                        );
+                        let error = Error::GoAway {
+                            reason,
+                            refused: false,
+                        };
+                        inner.fail(error, Some(reason));
                     }
                 }
                 Poll::Ready(Err(e)) => inner.fail(Error::Io(e.to_string()), None),
                 Poll::Pending => {}
+            }
+            // Gone away, and every stream over: nothing more will use it.
+            if let (Some((_, reason)), true) = (inner.goaway, inner.streams.is_empty()) {
+                let error = Error::GoAway {
+                    reason,
+                    refused: true,
+                };
+                inner.fail(error, None);
             }
             if this.read.capacity() - this.read.len() < 4096 {
                 this.read.reserve(16 * 1024);
@@ -841,37 +929,43 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             // Write what the streams and the handling wrote.
             if this.write.is_empty() && !inner.out.is_empty() {
                 std::mem::swap(&mut this.write, &mut inner.out);
+                for w in inner.out_waiters.drain(..) {
+                    w.wake();
+                }
             }
             let closed = inner.closed.is_some();
-            inner.driver = Some(cx.waker().clone());
+            if !inner
+                .driver
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                inner.driver = Some(cx.waker().clone());
+            }
             drop(inner);
             while !this.write.is_empty() {
                 match Pin::new(&mut this.io).poll_write(cx, &this.write) {
-                    Poll::Ready(Ok(0)) => {
-                        this.done = true;
-                        return Poll::Ready(Err(Error::Io("write zero".to_owned())));
-                    }
+                    Poll::Ready(Ok(0)) => return this.end(Error::Io("write zero".to_owned())),
                     Poll::Ready(Ok(n)) => {
                         this.write.advance(n);
                         progress = true;
                     }
-                    Poll::Ready(Err(e)) => {
-                        let error = Error::Io(e.to_string());
-                        this.shared.lock().fail(error.clone(), None);
-                        this.done = true;
-                        return Poll::Ready(Err(error));
-                    }
+                    Poll::Ready(Err(e)) => return this.end(Error::Io(e.to_string())),
                     Poll::Pending => break,
                 }
             }
             if this.write.is_empty() {
-                if let Poll::Ready(Err(e)) = Pin::new(&mut this.io).poll_flush(cx) {
-                    this.done = true;
-                    return Poll::Ready(Err(Error::Io(e.to_string())));
+                match Pin::new(&mut this.io).poll_flush(cx) {
+                    Poll::Ready(Err(e)) => return this.end(Error::Io(e.to_string())),
+                    Poll::Pending if closed => return Poll::Pending,
+                    _ => {}
                 }
                 if closed {
+                    // The last frames (a `GOAWAY`) out, then the close
+                    // (TLS's `close_notify`).
+                    if Pin::new(&mut this.io).poll_shutdown(cx).is_pending() {
+                        return Poll::Pending;
+                    }
                     this.done = true;
-                    let _ = Pin::new(&mut this.io).poll_shutdown(cx);
                     return Poll::Ready(Ok(()));
                 }
             }
@@ -879,6 +973,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                 return Poll::Pending;
             }
         }
+    }
+}
+
+impl<T> Driver<T> {
+    /// Ends the connection on a broken socket: every stream fails.
+    fn end(&mut self, error: Error) -> Poll<Result<(), Error>> {
+        self.shared.lock().fail(error.clone(), None);
+        self.done = true;
+        Poll::Ready(Err(error))
+    }
+}
+
+impl<T> Drop for Driver<T> {
+    /// A driver dropped (its task aborted, its connection let go) fails
+    /// whatever still waits on the connection.
+    fn drop(&mut self) {
+        self.shared
+            .lock()
+            .fail(Error::Io("connection dropped".to_owned()), None);
     }
 }
 
@@ -1003,6 +1116,9 @@ fn idle_check(inner: &Inner, id: u32) -> Result<(), FrameError> {
 }
 
 fn on_settings(inner: &mut Inner, settings: Settings) -> Result<(), FrameError> {
+    if let Some(size) = settings.max_frame_size {
+        inner.max_frame = size;
+    }
     if let Some(n) = settings.max_concurrent_streams {
         inner.max_streams = n as usize;
     }
@@ -1020,9 +1136,6 @@ fn on_settings(inner: &mut Inner, settings: Settings) -> Result<(), FrameError> 
         }
         inner.flush_blocked();
     }
-    if let Some(size) = settings.max_frame_size {
-        inner.max_frame = size;
-    }
     if let Some(size) = settings.header_table_size {
         // Never more than the 4,096 this end's encoder keeps.
         inner
@@ -1039,47 +1152,46 @@ fn on_data(inner: &mut Inner, head: &Head, payload: Bytes) -> Result<(), FrameEr
         return Err(FrameError::connection(Reason::FLOW_CONTROL_ERROR));
     }
     let data = frame::data(head, payload)?;
-    let Some(stream) = inner.streams.get_mut(&head.stream) else {
-        idle_check(inner, head.stream)?;
+    let id = head.stream;
+    let Some(stream) = inner.streams.get_mut(&id) else {
+        idle_check(inner, id)?;
         // A stream already gone: its window goes back at once.
-        give_back(inner, len);
+        inner.release(None, len);
         return Ok(());
     };
-    if !stream.answered || stream.recv_done {
-        // Data before the head, or after the end.
-        give_back(inner, len);
-        inner.reset(head.stream, Reason::PROTOCOL_ERROR);
+    if stream.error.is_some() {
+        inner.release(None, len);
         return Ok(());
     }
-    if stream.error.is_some() {
-        give_back(inner, len);
-        return Ok(());
+    // After the end (§5.1), before the head (§8.1): stream errors, the
+    // stream reset by the caller and the window given back.
+    if stream.recv_done {
+        inner.release(None, len);
+        return Err(FrameError::stream(Reason::STREAM_CLOSED, id));
+    }
+    if !stream.answered {
+        inner.release(None, len);
+        return Err(FrameError::stream(Reason::PROTOCOL_ERROR, id));
     }
     stream.recv_window -= len;
     if stream.recv_window < 0 {
-        give_back(inner, len);
-        inner.reset(head.stream, Reason::FLOW_CONTROL_ERROR);
-        return Ok(());
+        inner.release(None, len);
+        return Err(FrameError::stream(Reason::FLOW_CONTROL_ERROR, id));
     }
-    // Padding counts against the window but is never taken.
-    let padding = len - data.len() as i64;
-    stream.recv_taken += padding;
-    inner.recv_taken += padding;
-    if let Some(remaining) = &mut stream.remaining {
-        match remaining.checked_sub(data.len() as u64) {
-            Some(left) => *remaining = left,
-            None => {
-                inner.reset(head.stream, Reason::PROTOCOL_ERROR);
-                return Ok(());
-            }
-        }
-    }
+    let n = data.len() as u64;
     let end = head.has(flag::END_STREAM);
-    if end && stream.remaining.is_some_and(|left| left != 0) {
-        inner.reset(head.stream, Reason::PROTOCOL_ERROR);
-        return Ok(());
+    // More data than `content-length`, or less by the end (§8.1.1).
+    if stream
+        .remaining
+        .is_some_and(|left| n > left || (end && left != n))
+    {
+        inner.release(None, len);
+        return Err(FrameError::stream(Reason::PROTOCOL_ERROR, id));
     }
-    if !data.is_empty() {
+    if let Some(left) = &mut stream.remaining {
+        *left -= n;
+    }
+    if n > 0 {
         stream.data.push_back(data);
     }
     if end {
@@ -1088,19 +1200,10 @@ fn on_data(inner: &mut Inner, head: &Head, payload: Bytes) -> Result<(), FrameEr
     if let Some(w) = stream.recv_waker.take() {
         w.wake();
     }
-    inner.settle(head.stream);
+    // Padding counts against the windows but is never taken: back now.
+    inner.release(Some(id), len - n as i64);
+    inner.settle(id);
     Ok(())
-}
-
-/// Gives `len` bytes of connection window back at once.
-fn give_back(inner: &mut Inner, len: i64) {
-    inner.recv_taken += len;
-    let conn = i64::from(inner.config.conn_window.max(frame::DEFAULT_WINDOW));
-    if inner.recv_taken >= conn / 2 {
-        frame::write_window_update(0, inner.recv_taken as u32, &mut inner.out);
-        inner.recv_window += inner.recv_taken;
-        inner.recv_taken = 0;
-    }
 }
 
 fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), FrameError> {
@@ -1128,9 +1231,11 @@ fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), FrameError> {
     if stream.error.is_some() {
         return Ok(());
     }
+    if stream.recv_done {
+        return Err(FrameError::stream(Reason::STREAM_CLOSED, id));
+    }
     if !fit {
-        inner.reset(id, Reason::PROTOCOL_ERROR);
-        return Ok(());
+        return Err(FrameError::stream(Reason::PROTOCOL_ERROR, id));
     }
     let parsed = match stream.answered {
         false => response_head(&fields),
@@ -1140,24 +1245,29 @@ fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), FrameError> {
         // An interim answer (100 Continue, 103 Early Hints): not passed on.
         Some(Parsed::Informational) if !end => {}
         Some(Parsed::Head(head, length)) => {
+            // No content for a `HEAD` or a 204 or 304, whatever the length
+            // says (RFC 9110 §8.6).
+            let no_content = stream.no_content
+                || head.status() == StatusCode::NO_CONTENT
+                || head.status() == StatusCode::NOT_MODIFIED;
+            let length = length.filter(|_| !no_content);
+            // A head that ends the stream with content promised (§8.1.1).
+            if end && length.is_some_and(|n| n != 0) {
+                return Err(FrameError::stream(Reason::PROTOCOL_ERROR, id));
+            }
             stream.remaining = length;
             stream.head = Some(head);
-            stream.recv_done = end;
-            if end && length.is_some_and(|n| n != 0) {
-                inner.reset(id, Reason::PROTOCOL_ERROR);
-                return Ok(());
-            }
             stream.answered = true;
+            stream.recv_done = end;
         }
-        Some(Parsed::Trailers(map)) if end => {
+        // Trailers end the stream, and the data `content-length` promised
+        // came whole.
+        Some(Parsed::Trailers(map)) if end && stream.remaining.is_none_or(|left| left == 0) => {
             stream.trailers = Some(map);
             stream.recv_done = true;
         }
         // Malformed (RFC 9113 §8.1.1): a stream error.
-        _ => {
-            inner.reset(id, Reason::PROTOCOL_ERROR);
-            return Ok(());
-        }
+        _ => return Err(FrameError::stream(Reason::PROTOCOL_ERROR, id)),
     }
     if let Some(stream) = inner.streams.get_mut(&id) {
         if let Some(w) = stream.recv_waker.take() {
@@ -1186,9 +1296,19 @@ fn response_head(fields: &[Field]) -> Option<Parsed> {
         return (status != StatusCode::SWITCHING_PROTOCOLS).then_some(Parsed::Informational);
     }
     let headers = field_map(rest)?;
-    let length = match headers.get(http::header::CONTENT_LENGTH) {
-        Some(value) => Some(std::str::from_utf8(value.as_bytes()).ok()?.parse().ok()?),
-        None => None,
+    // One plain number, or none (RFC 9110 §8.6): anything else is
+    // malformed.
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let length = match (lengths.next(), lengths.next()) {
+        (None, _) => None,
+        (Some(value), None) => {
+            let digits = value.as_bytes();
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            Some(std::str::from_utf8(digits).ok()?.parse().ok()?)
+        }
+        (Some(_), Some(_)) => return None,
     };
     let mut resp = Response::new(());
     *resp.status_mut() = status;
@@ -1557,5 +1677,151 @@ mod tests {
         let second = second.await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(second.status(), 200);
         assert!(!client.is_closed());
+    }
+
+    /// A `HEAD`'s answer may give the length of what a `GET` would get and
+    /// end its stream at once (RFC 9110 §8.6): it is whole, not malformed.
+    #[tokio::test]
+    async fn a_head_answer_with_a_length_and_no_data_is_whole() {
+        let (io, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(raw_server(server, 1, |out| {
+            let mut encoder = Encoder::default();
+            let mut block = BytesMut::new();
+            encoder.field(b":status", b"200", Indexing::Index, &mut block);
+            encoder.field(b"content-length", b"1234", Indexing::Skip, &mut block);
+            frame::write_headers(1, &block, true, frame::DEFAULT_MAX_FRAME, out);
+        }));
+        let (client, driver) = handshake(io, Config::default());
+        tokio::spawn(driver);
+        let head = Request::head("http://up/")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (response, _b) = client
+            .send_request(&head, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = response.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.headers()["content-length"], "1234");
+        let mut body = resp.into_body();
+        assert_eq!(read_all(&mut body).await, Ok(Vec::new()));
+        drop(body);
+        assert_eq!(client.active(), 0);
+    }
+
+    /// Answers left half read (their clients gone) give their connection
+    /// window back: with a connection window of two answers, the tenth
+    /// answer still comes whole.
+    #[tokio::test(start_paused = true)]
+    async fn answers_left_unread_give_their_window_back() {
+        let (io, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let Ok(mut conn) = h2::server::handshake(server).await else {
+                return;
+            };
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut stream) = respond.send_response(Response::new(()), false) else {
+                        return;
+                    };
+                    let _ = stream.send_data(Bytes::from(vec![3u8; 100_000]), true);
+                    let _ = poll_fn(|cx| stream.poll_reset(cx)).await;
+                });
+            }
+        });
+        let config = Config {
+            stream_window: 120_000,
+            conn_window: 200_000,
+            ..Config::default()
+        };
+        let (client, driver) = handshake(io, config);
+        tokio::spawn(driver);
+        for i in 0..10 {
+            let (response, _b) = client
+                .send_request(&get("/"), true)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let resp = tokio::time::timeout(std::time::Duration::from_secs(60), response).await;
+            let resp = resp
+                .unwrap_or_else(|_| panic!("answer {i} stalled"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut body = resp.into_body();
+            if i < 9 {
+                // One frame read, then let go with the rest unread.
+                let first = poll_fn(|cx| body.poll_data(cx));
+                let first = tokio::time::timeout(std::time::Duration::from_secs(60), first).await;
+                let first = first.unwrap_or_else(|_| panic!("answer {i}'s data stalled"));
+                assert!(matches!(first, Some(Ok(_))));
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+            let all =
+                tokio::time::timeout(std::time::Duration::from_secs(60), read_all(&mut body)).await;
+            let all = all.unwrap_or_else(|_| panic!("the last answer stalled"));
+            assert_eq!(all.map(|b| b.len()), Ok(100_000));
+        }
+    }
+
+    /// A request body dropped before its end resets the stream (`CANCEL`)
+    /// even with data still queued for window; the stream's place is
+    /// given back.
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_cancels_the_stream() {
+        let (seen_tx, seen) = tokio::sync::oneshot::channel::<bool>();
+        let seen_tx = std::sync::Mutex::new(Some(seen_tx));
+        let client = served_by(h2::server::Builder::new(), move |req, _respond| {
+            let tx = seen_tx.lock().ok().and_then(|mut t| t.take());
+            tokio::spawn(async move {
+                // Reads nothing at first: the upload waits for window.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let mut body = req.into_body();
+                let mut failed = false;
+                while let Some(chunk) = body.data().await {
+                    match chunk {
+                        Ok(data) => {
+                            let _ = body.flow_control().release_capacity(data.len());
+                        }
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                if let Some(tx) = tx {
+                    let _ = tx.send(failed);
+                }
+            });
+        })
+        .await;
+        let req = Request::post("http://up/")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (response, mut body) = client
+            .send_request(&req, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        body.send_data(Bytes::from(vec![0u8; 200_000]), false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(body);
+        assert_eq!(
+            seen.await.ok(),
+            Some(true),
+            "the server saw the upload end cleanly"
+        );
+        drop(response);
+        assert_eq!(client.active(), 0);
+    }
+
+    /// A driver dropped (its task aborted) fails every request waiting on
+    /// its connection, and the connection takes no more.
+    #[tokio::test]
+    async fn a_dropped_driver_fails_what_waits_on_it() {
+        let (io, _server) = tokio::io::duplex(64 * 1024);
+        let (client, driver) = handshake(io, Config::default());
+        let task = tokio::spawn(driver);
+        let (response, _b) = client
+            .send_request(&get("/"), true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        task.abort();
+        let failed = response.await;
+        assert!(matches!(failed, Err(Error::Io(_))), "{:?}", failed.err());
+        assert!(client.is_closed());
+        assert!(client.send_request(&get("/"), true).is_err());
     }
 }
