@@ -182,6 +182,9 @@ struct Stream {
     recv_waker: Option<Waker>,
     /// The body's task, waiting for window.
     send_waker: Option<Waker>,
+    /// The peer asked for no more of the body, its answer whole
+    /// (`RST_STREAM(NO_ERROR)`): what `poll_reset` says.
+    stopped: Option<Reason>,
     /// The handles still held: the response side, the body side.
     recv_held: bool,
     send_held: bool,
@@ -207,10 +210,13 @@ impl Stream {
 
 /// Starts a connection over `io`: the client, and the driver to run in a
 /// task of its own (it ends with the connection).
-pub fn handshake<T>(io: T, config: Config) -> (Client, Driver<T>)
+pub fn handshake<T>(io: T, mut config: Config) -> (Client, Driver<T>)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    // Windows past 2^31-1 are not windows (RFC 9113 §6.9.1).
+    config.stream_window = config.stream_window.min(frame::MAX_WINDOW);
+    config.conn_window = config.conn_window.min(frame::MAX_WINDOW);
     let mut out = BytesMut::with_capacity(16 * 1024);
     out.extend_from_slice(frame::PREFACE);
     Settings {
@@ -328,13 +334,30 @@ impl Inner {
     /// data and trailers, and the data received and not taken, whose
     /// connection window goes back to the peer.
     fn discard(&mut self, id: u32) {
+        self.discard_send(id);
+        self.discard_recv(id);
+    }
+
+    /// Drops what stream `id` still had to send; its body learns so.
+    fn discard_send(&mut self, id: u32) {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
         stream.queued.clear();
         stream.queued_trailers = None;
-        let unread: usize = stream.data.drain(..).map(|d| d.len()).sum();
+        if let Some(w) = stream.send_waker.take() {
+            w.wake();
+        }
         self.blocked.retain(|&b| b != id);
+    }
+
+    /// Drops the data stream `id` received and nobody took: its connection
+    /// window goes back to the peer.
+    fn discard_recv(&mut self, id: u32) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let unread: usize = stream.data.drain(..).map(|d| d.len()).sum();
         self.release(None, unread as i64);
     }
 
@@ -343,6 +366,9 @@ impl Inner {
     /// half the window or more than what is left of it (as `h2` does: a
     /// window held by unread data never stalls the rest).
     fn release(&mut self, id: Option<u32>, n: i64) {
+        if self.closed.is_some() {
+            return;
+        }
         self.recv_taken += n;
         let conn = i64::from(self.config.conn_window.max(frame::DEFAULT_WINDOW));
         if self.recv_taken > 0
@@ -379,7 +405,12 @@ impl Inner {
             self.active -= 1;
         }
         if stream.is_closed() && !stream.recv_held && !stream.send_held {
+            self.discard_recv(id);
             self.streams.remove(&id);
+            if self.goaway.is_some() && self.streams.is_empty() {
+                // The last stream after a `GOAWAY`: the driver closes.
+                self.wake_driver();
+            }
         }
     }
 
@@ -521,31 +552,38 @@ impl Client {
         }
         let id = inner.next_id;
         inner.next_id += 2;
-        let mut block = BytesMut::with_capacity(256);
         let inner = &mut *inner;
-        inner.encoder.begin(&mut block);
+        // The block is encoded in place, after room for its frame's head.
+        let start = inner.out.len();
+        inner.out.extend_from_slice(&[0; frame::HEAD_LEN]);
+        let block = &mut inner.out;
+        inner.encoder.begin(block);
         let uri = req.uri();
         let method = req.method().as_str();
         let scheme = uri.scheme_str().unwrap_or("http");
         let authority = uri.authority().map_or("", |a| a.as_str());
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let enc = &mut inner.encoder;
-        enc.field(b":method", method.as_bytes(), Indexing::Index, &mut block);
-        enc.field(b":scheme", scheme.as_bytes(), Indexing::Index, &mut block);
+        enc.field(b":method", method.as_bytes(), Indexing::Index, block);
+        enc.field(b":scheme", scheme.as_bytes(), Indexing::Index, block);
         if !authority.is_empty() {
-            enc.field(
-                b":authority",
-                authority.as_bytes(),
-                Indexing::Index,
-                &mut block,
-            );
+            enc.field(b":authority", authority.as_bytes(), Indexing::Index, block);
         }
-        enc.field(b":path", path.as_bytes(), Indexing::Skip, &mut block);
+        enc.field(b":path", path.as_bytes(), Indexing::Skip, block);
         for (name, value) in req.headers() {
+            // Connection-specific fields make a request malformed in
+            // HTTP/2 (RFC 9113 §8.2.2): `te` but for `trailers`, and the
+            // rest, are not sent.
+            match name.as_str() {
+                "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding"
+                | "upgrade" | "host" => continue,
+                "te" if !value.as_bytes().eq_ignore_ascii_case(b"trailers") => continue,
+                _ => {}
+            }
             let name = name.as_str().as_bytes();
-            enc.field(name, value.as_bytes(), indexing(name, value), &mut block);
+            enc.field(name, value.as_bytes(), indexing(name, value), block);
         }
-        frame::write_headers(id, &block, end, inner.max_frame, &mut inner.out);
+        frame::finish_headers(&mut inner.out, start, id, end, inner.max_frame);
         let stream = Stream {
             recv_window: i64::from(inner.config.stream_window),
             send_window: inner.initial_send_window,
@@ -570,7 +608,8 @@ impl Client {
     }
 
     /// Sends a ping; the future ends with its pong (`false` if the
-    /// connection ended first).
+    /// connection ended first). One at a time, from one task: a second
+    /// ping replaces the first.
     pub fn ping(&self) -> Pong {
         let mut inner = self.shared.lock();
         if inner.closed.is_none() {
@@ -751,8 +790,9 @@ impl Drop for RecvStream {
         };
         stream.recv_held = false;
         if stream.recv_done {
-            // Whole, perhaps not all read: what was not goes back.
-            inner.discard(self.id);
+            // Whole, perhaps not all read: what was not goes back (the
+            // request's body may still be going up).
+            inner.discard_recv(self.id);
         } else {
             // Left before its end: the rest is not wanted.
             inner.reset(self.id, Reason::CANCEL);
@@ -832,13 +872,44 @@ impl SendStream {
             stream.send_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        if inner.out.len() > MAX_OUT {
+        if inner.out.len() > MAX_OUT && inner.closed.is_none() {
             // Out of the window, not yet out of the process: the socket
             // takes it first.
-            inner.out_waiters.push(cx.waker().clone());
+            if !inner.out_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                inner.out_waiters.push(cx.waker().clone());
+            }
             return Poll::Pending;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Waits for the stream to be reset, by the peer or with its
+    /// connection: the reason (a body waiting on its source learns so that
+    /// nothing more will go).
+    pub fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<Reason> {
+        let mut inner = self.shared.lock();
+        let Some(stream) = inner.streams.get_mut(&self.id) else {
+            return Poll::Ready(Reason::STREAM_CLOSED);
+        };
+        match &stream.error {
+            Some(Error::Reset { reason, .. } | Error::GoAway { reason, .. }) => {
+                Poll::Ready(*reason)
+            }
+            Some(Error::Io(_)) => Poll::Ready(Reason::INTERNAL_ERROR),
+            None if stream.stopped.is_some() => {
+                Poll::Ready(stream.stopped.unwrap_or(Reason::NO_ERROR))
+            }
+            None => {
+                if !stream
+                    .send_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    stream.send_waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
     }
 
     /// Resets the stream.
@@ -933,7 +1004,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                     w.wake();
                 }
             }
-            let closed = inner.closed.is_some();
+            // Over once everything written is out (a `GOAWAY`, resets).
+            let closed = inner.closed.is_some() && inner.out.is_empty();
             if !inner
                 .driver
                 .as_ref()
@@ -1030,14 +1102,16 @@ fn handle_frame(inner: &mut Inner, head: Head, payload: Bytes) -> Result<(), Fra
                             reason,
                             remote: true,
                         });
-                        // An answer already whole stands (RFC 9113 §8.1).
+                        // An answer already whole stands (RFC 9113 §8.1):
+                        // only the sending stops.
                         if stream.recv_done && reason == Reason::NO_ERROR {
                             stream.error = None;
                             stream.send_done = true;
-                            stream.queued.clear();
+                            stream.stopped = Some(reason);
                         }
                     }
                     stream.wake();
+                    inner.discard_send(head.stream);
                     inner.settle(head.stream);
                 }
             }
@@ -1250,7 +1324,7 @@ fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), FrameError> {
             let no_content = stream.no_content
                 || head.status() == StatusCode::NO_CONTENT
                 || head.status() == StatusCode::NOT_MODIFIED;
-            let length = length.filter(|_| !no_content);
+            let length = if no_content { Some(0) } else { length };
             // A head that ends the stream with content promised (§8.1.1).
             if end && length.is_some_and(|n| n != 0) {
                 return Err(FrameError::stream(Reason::PROTOCOL_ERROR, id));
@@ -1823,5 +1897,58 @@ mod tests {
         assert!(matches!(failed, Err(Error::Io(_))), "{:?}", failed.err());
         assert!(client.is_closed());
         assert!(client.send_request(&get("/"), true).is_err());
+    }
+
+    /// A body waiting on its source learns of its stream's reset.
+    #[tokio::test]
+    async fn a_waiting_body_learns_of_a_reset() {
+        let client = served_by(h2::server::Builder::new(), |_req, mut respond| {
+            respond.send_reset(h2::Reason::ENHANCE_YOUR_CALM);
+        })
+        .await;
+        let req = Request::post("http://up/")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (_response, mut body) = client
+            .send_request(&req, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let reason = poll_fn(|cx| body.poll_reset(cx)).await;
+        assert_eq!(reason, Reason::ENHANCE_YOUR_CALM);
+        assert!(body.send_data(Bytes::from_static(b"late"), true).is_err());
+    }
+
+    /// An answer whole before its request's body (the server answered
+    /// early and still reads): letting the answer go leaves the upload to
+    /// finish, every byte of it.
+    #[tokio::test]
+    async fn an_early_answer_let_go_leaves_the_upload_whole() {
+        let (got_tx, got) = tokio::sync::oneshot::channel::<usize>();
+        let got_tx = std::sync::Mutex::new(Some(got_tx));
+        let client = served_by(h2::server::Builder::new(), move |req, mut respond| {
+            let tx = got_tx.lock().ok().and_then(|mut t| t.take());
+            let _ = respond.send_response(Response::new(()), true);
+            tokio::spawn(async move {
+                // The answer is let go before any window is given back:
+                // most of the upload is still queued then.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let (body, _) = read_body(req.into_body()).await;
+                if let Some(tx) = tx {
+                    let _ = tx.send(body.len());
+                }
+            });
+        })
+        .await;
+        let req = Request::post("http://up/")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (response, mut body) = client
+            .send_request(&req, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        body.send_data(Bytes::from(vec![5u8; 300_000]), true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = response.await.unwrap_or_else(|e| panic!("{e}"));
+        drop(resp);
+        drop(body);
+        assert_eq!(got.await.ok(), Some(300_000));
     }
 }

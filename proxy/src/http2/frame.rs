@@ -114,7 +114,7 @@ impl Head {
     }
 
     /// Appends the head's nine bytes.
-    pub fn write(self, dst: &mut BytesMut) {
+    pub fn write(self, dst: &mut impl BufMut) {
         let len = self.len.to_be_bytes();
         dst.put_slice(&[len[1], len[2], len[3], self.kind, self.flags]);
         dst.put_u32(self.stream);
@@ -421,6 +421,38 @@ pub fn write_headers(
             None => return,
         }
     }
+}
+
+/// Finishes a header block encoded in place: `buf[start..]` is nine bytes
+/// of room for a frame head, then the block. One frame's worth gets its
+/// `HEADERS` head written into the room; a longer block is split into
+/// `CONTINUATION`s as [`write_headers`] does.
+pub fn finish_headers(
+    buf: &mut BytesMut,
+    start: usize,
+    stream: u32,
+    end_stream: bool,
+    max_frame: u32,
+) {
+    let len = buf.len() - start - HEAD_LEN;
+    if len <= max_frame as usize {
+        let mut flags = flag::END_HEADERS;
+        if end_stream {
+            flags |= flag::END_STREAM;
+        }
+        let head = Head {
+            len: len as u32,
+            kind: kind::HEADERS,
+            flags,
+            stream,
+        };
+        let mut room = &mut buf[start..start + HEAD_LEN];
+        head.write(&mut room);
+        return;
+    }
+    let block = buf.split_off(start + HEAD_LEN);
+    buf.truncate(start);
+    write_headers(stream, &block, end_stream, max_frame, buf);
 }
 
 /// Appends a `DATA` frame's head; its `len` bytes of data are the caller's
