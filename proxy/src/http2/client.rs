@@ -1951,4 +1951,59 @@ mod tests {
         drop(body);
         assert_eq!(got.await.ok(), Some(300_000));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+        /// Any frames a server sends (any kind, flags, stream and payload),
+        /// then its close: no panic, and every request gets its answer or
+        /// an error.
+        #[test]
+        fn any_frames_from_a_server_end_in_answers_or_errors(
+            frames in proptest::collection::vec(
+                (
+                    0u8..11,
+                    proptest::prelude::any::<u8>(),
+                    proptest::sample::select(vec![0u32, 1, 2, 3, 5, 7, 99]),
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+                ),
+                0..12,
+            ),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            runtime.block_on(async move {
+                let (io, server) = tokio::io::duplex(64 * 1024);
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = tokio::io::split(server);
+                    let mut out = BytesMut::new();
+                    Settings::default().write(&mut out);
+                    for (kind, flags, stream, payload) in frames {
+                        let head = Head { len: payload.len() as u32, kind, flags, stream };
+                        head.write(&mut out);
+                        out.extend_from_slice(&payload);
+                    }
+                    let _ = wr.write_all(&out).await;
+                    // Read a little, then close.
+                    let mut sink = [0u8; 256];
+                    let _ = rd.read(&mut sink).await;
+                });
+                let (client, driver) = handshake(io, Config::default());
+                tokio::spawn(driver);
+                let mut waiting = Vec::new();
+                for path in ["/1", "/3", "/5"] {
+                    if let Ok((response, body)) = client.send_request(&get(path), false) {
+                        waiting.push((response, body));
+                    }
+                }
+                for (response, _body) in waiting {
+                    if let Ok(resp) = response.await {
+                        let mut body = resp.into_body();
+                        let _ = read_all(&mut body).await;
+                    }
+                }
+            });
+        }
+    }
 }
