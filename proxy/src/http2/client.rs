@@ -394,6 +394,22 @@ impl Inner {
         }
     }
 
+    /// The answer of stream `id` is let go (its last handle dropped): if
+    /// it was whole, what was not read goes back (the request's body may
+    /// still be going up); if not, the rest is not wanted (`CANCEL`).
+    fn let_go(&mut self, id: u32) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        stream.recv_held = false;
+        if stream.recv_done {
+            self.discard_recv(id);
+        } else {
+            self.reset(id, Reason::CANCEL);
+        }
+        self.settle(id);
+    }
+
     /// Counts a closed stream out of `active`, and drops it once no handle
     /// holds it.
     fn settle(&mut self, id: u32) {
@@ -707,17 +723,10 @@ impl Drop for ResponseFuture {
             return;
         };
         // The head handed to a `RecvStream`: the response side lives on
-        // there.
-        if stream.answered && stream.head.is_none() {
-            return;
+        // there. Else it came and was not taken, or never came.
+        if !(stream.answered && stream.head.is_none()) {
+            inner.let_go(self.id);
         }
-        // Dropped before its head came, or with it not taken: the answer
-        // is not wanted.
-        stream.recv_held = false;
-        if !stream.recv_done {
-            inner.reset(self.id, Reason::CANCEL);
-        }
-        inner.settle(self.id);
     }
 }
 
@@ -785,19 +794,7 @@ impl RecvStream {
 impl Drop for RecvStream {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
-        let Some(stream) = inner.streams.get_mut(&self.id) else {
-            return;
-        };
-        stream.recv_held = false;
-        if stream.recv_done {
-            // Whole, perhaps not all read: what was not goes back (the
-            // request's body may still be going up).
-            inner.discard_recv(self.id);
-        } else {
-            // Left before its end: the rest is not wanted.
-            inner.reset(self.id, Reason::CANCEL);
-        }
-        inner.settle(self.id);
+        inner.let_go(self.id);
     }
 }
 
