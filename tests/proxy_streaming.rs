@@ -1206,3 +1206,55 @@ async fn a_long_upload_that_meets_a_503_is_retried() {
     }
     assert!(bad.count() >= 2, "round robin sent some to bad first");
 }
+
+/// An HTTP/2 request with a `content-length` and trailers (small enough to
+/// be read whole for a retry copy): its trailers reach the HTTP/2
+/// upstream. The copy keeps no trailers, so such a request goes once, as
+/// it came; before, it went from the copy, and the trailers were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_of_a_request_with_a_length_reach_the_upstream() {
+    let upstream = h2_upstream(|req, mut respond| async move {
+        let mut body = req.into_body();
+        let mut len = 0;
+        while let Some(Ok(data)) = body.data().await {
+            len += data.len();
+            let _ = body.flow_control().release_capacity(data.len());
+        }
+        let trailers = body.trailers().await.ok().flatten();
+        let check = trailers
+            .and_then(|t| t.get("x-check").cloned())
+            .map_or("none".to_owned(), |v| {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            });
+        let mut send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        let _ = send.send_data(
+            bytes::Bytes::from(format!("got {len}, x-check {check}")),
+            true,
+        );
+    })
+    .await;
+    let yaml = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("trailed").http2().at(upstream))
+        .build();
+    let proxy = ProxyProcess::start(&yaml).await;
+    let mut h2 = H2::connect(proxy.addr()).await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-check", http::HeaderValue::from_static("42"));
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"hello",
+        ))),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ];
+    let req = Request::post("http://trailed/rpc")
+        .version(http::Version::HTTP_2)
+        .header("content-length", "5")
+        .body(http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    let reply = h2.request(req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(&reply.body[..], b"got 5, x-check 42");
+}

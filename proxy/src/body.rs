@@ -164,6 +164,9 @@ pub enum ClientBody {
     Empty,
     /// A small body that arrived with its head, whole (`None` once read).
     Full(Option<Bytes>),
+    /// A body read whole for a replay copy that came with trailers: sent
+    /// once, as it came (a copy keeps no trailers), data then trailers.
+    Collected(Option<Bytes>, Option<Box<http::HeaderMap>>),
 }
 
 /// hyper's request body, which marks its connection when it is dropped
@@ -234,6 +237,10 @@ impl Body for ClientBody {
             ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::H2),
             ClientBody::Empty => Poll::Ready(None),
             ClientBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ClientBody::Collected(bytes, trailers) => Poll::Ready(match bytes.take() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
+            }),
         }
     }
 
@@ -243,6 +250,7 @@ impl Body for ClientBody {
             ClientBody::H2(body) => body.is_end_stream(),
             ClientBody::Empty => true,
             ClientBody::Full(bytes) => bytes.is_none(),
+            ClientBody::Collected(bytes, trailers) => bytes.is_none() && trailers.is_none(),
         }
     }
 
@@ -251,7 +259,7 @@ impl Body for ClientBody {
             ClientBody::Hyper(body) => body.body.size_hint(),
             ClientBody::H2(body) => body.size_hint(),
             ClientBody::Empty => SizeHint::with_exact(0),
-            ClientBody::Full(bytes) => {
+            ClientBody::Full(bytes) | ClientBody::Collected(bytes, _) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
         }

@@ -533,15 +533,28 @@ impl Tries {
         let deadline = self.deadline;
         Some(Box::pin(async move {
             let body = RequestBody::Stream(body, IdleTimer::new(body_idle), Upload::default());
-            let body = match tokio::time::timeout_at(deadline, body.collect()).await {
-                Ok(Ok(collected)) => collected.to_bytes(),
+            let collected = match tokio::time::timeout_at(deadline, body.collect()).await {
+                Ok(Ok(collected)) => collected,
                 Ok(Err(BodyError::Idle(_))) => return Err(ErrorKind::ClientTimeout),
                 Ok(Err(_)) => return Err(ErrorKind::BadRequest),
                 // Nothing went up yet: the client's upload outlasted the
                 // request's time (Envoy's `request_timeout` answers 408).
                 Err(_) => return Err(ErrorKind::ClientTimeout),
             };
-            Ok(Replay::whole(parts, body))
+            // Trailers (an HTTP/2 request's, with a length): a copy keeps
+            // none, so the request goes once, as it came, not replayed.
+            if let Some(trailers) = collected.trailers().cloned() {
+                let data = collected.to_bytes();
+                let body = ClientBody::Collected(
+                    (!data.is_empty()).then_some(data),
+                    Some(Box::new(trailers)),
+                );
+                let timer = IdleTimer::new(body_idle);
+                let req =
+                    Request::from_parts(parts, RequestBody::Stream(body, timer, Upload::default()));
+                return Ok((Some(req), None));
+            }
+            Ok(Replay::whole(parts, collected.to_bytes()))
         }))
     }
 
