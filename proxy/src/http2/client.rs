@@ -1452,6 +1452,16 @@ mod tests {
         (all, body.trailers().await.ok().flatten())
     }
 
+    /// Opens a `POST` to `uri` whose body is still to come.
+    fn upload(client: &Client, uri: &str) -> (ResponseFuture, SendStream) {
+        let req = Request::post(uri)
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        client
+            .send_request(&req, false)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     fn get(path: &str) -> Request<()> {
         let uri = format!("http://up{path}");
         Request::get(uri).body(()).unwrap_or_else(|e| panic!("{e}"))
@@ -1483,12 +1493,7 @@ mod tests {
             });
         })
         .await;
-        let req = Request::post("http://up/upload")
-            .body(())
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (response, mut body) = client
-            .send_request(&req, false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (response, mut body) = upload(&client, "http://up/upload");
         body.send_data(Bytes::from(vec![1u8; 300_000]), false)
             .unwrap_or_else(|e| panic!("{e}"));
         let mut trailers = HeaderMap::new();
@@ -1861,12 +1866,7 @@ mod tests {
             });
         })
         .await;
-        let req = Request::post("http://up/")
-            .body(())
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (response, mut body) = client
-            .send_request(&req, false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (response, mut body) = upload(&client, "http://up/");
         body.send_data(Bytes::from(vec![0u8; 200_000]), false)
             .unwrap_or_else(|e| panic!("{e}"));
         drop(body);
@@ -1903,12 +1903,7 @@ mod tests {
             respond.send_reset(h2::Reason::ENHANCE_YOUR_CALM);
         })
         .await;
-        let req = Request::post("http://up/")
-            .body(())
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (_response, mut body) = client
-            .send_request(&req, false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (_response, mut body) = upload(&client, "http://up/");
         let reason = poll_fn(|cx| body.poll_reset(cx)).await;
         assert_eq!(reason, Reason::ENHANCE_YOUR_CALM);
         assert!(body.send_data(Bytes::from_static(b"late"), true).is_err());
@@ -1935,12 +1930,7 @@ mod tests {
             });
         })
         .await;
-        let req = Request::post("http://up/")
-            .body(())
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (response, mut body) = client
-            .send_request(&req, false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (response, mut body) = upload(&client, "http://up/");
         body.send_data(Bytes::from(vec![5u8; 300_000]), true)
             .unwrap_or_else(|e| panic!("{e}"));
         let resp = response.await.unwrap_or_else(|e| panic!("{e}"));
