@@ -464,10 +464,12 @@ async fn a_dead_endpoint_is_ejected_by_every_balancer_and_comes_back() {
         })
         .await;
         assert_eq!(endpoints_in(&proxy, "svc", "healthy").await, 3.0, "{lb}");
+        // Sampled as every other even spread is: `p2c_ewma`'s estimate of
+        // c still carries its failures for a few seconds after it is back
+        // (one sample, taken at once, gave c 13 % once in CI).
         let all = [&a, &b, &c];
-        let before = counts(&all);
-        all_ok(&sequential(&proxy, false, 600).await, lb);
-        assert_even(&shares(&all, &before), &format!("{lb}: after c came back"));
+        let what = format!("{lb}: after c came back");
+        assert_sequential_even(&proxy, false, &all, None, &what).await;
         proxy.shutdown().await;
     }
 }
