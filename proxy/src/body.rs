@@ -5,8 +5,9 @@
 //! stream (the request path's: in-flight accounting ends and an HTTP/1.1
 //! connection goes back to its pool).
 
+use crate::http2::client;
 use crate::upstream::h1::{self, LeanBody};
-use crate::upstream::h2::RecvBody as H2Body;
+use crate::upstream::h2::RecvBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -27,9 +28,10 @@ pub enum BodyError {
     /// The upstream's connection failed, or its body was malformed (the
     /// lean HTTP/1.1 client).
     Lean(h1::Error),
-    /// An HTTP/2 stream or its connection failed (a client's or an
-    /// upstream's).
+    /// A client's HTTP/2 stream or its connection failed.
     H2(::h2::Error),
+    /// An upstream's HTTP/2 stream or its connection failed.
+    UpstreamH2(client::Error),
     /// No byte arrived for this long.
     Idle(Duration),
 }
@@ -40,6 +42,7 @@ impl std::fmt::Display for BodyError {
             BodyError::Hyper(e) => e.fmt(f),
             BodyError::Lean(e) => e.fmt(f),
             BodyError::H2(e) => e.fmt(f),
+            BodyError::UpstreamH2(e) => e.fmt(f),
             BodyError::Idle(d) => write!(f, "no body bytes for {d:?}"),
         }
     }
@@ -57,6 +60,7 @@ impl std::error::Error for BodyError {
             BodyError::Hyper(e) => Some(e),
             BodyError::Lean(e) => Some(e),
             BodyError::H2(e) => Some(e),
+            BodyError::UpstreamH2(e) => Some(e),
             BodyError::Idle(_) => None,
         }
     }
@@ -159,7 +163,7 @@ pub enum ClientBody {
     /// Read by hyper's server.
     Hyper(HyperBody),
     /// Read from an HTTP/2 stream.
-    H2(H2Body),
+    H2(RecvBody<::h2::RecvStream>),
     /// No body.
     Empty,
     /// A small body that arrived with its head, whole (`None` once read).
@@ -273,7 +277,7 @@ pub enum UpstreamBody {
     /// From the lean HTTP/1.1 client (`upstream/h1.rs`).
     Lean(LeanBody),
     /// From the HTTP/2 client (`upstream/h2.rs`).
-    H2(H2Body),
+    H2(RecvBody),
 }
 
 impl Body for UpstreamBody {
@@ -287,7 +291,7 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Hyper),
             UpstreamBody::Lean(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Lean),
-            UpstreamBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::H2),
+            UpstreamBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::UpstreamH2),
         }
     }
 

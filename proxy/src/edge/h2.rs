@@ -9,19 +9,20 @@ use crate::edge::h1::with_date;
 use crate::edge::serve::Answer;
 use crate::edge::stop;
 use crate::headers;
+use crate::http2::frame::Reason;
 use crate::outcome::ErrorKind;
 use crate::pipeline::forward::Reply;
-use crate::upstream::h2::{keep_alive, pipe, RecvBody};
+use crate::upstream::h2::{pipe, Closed, RecvBody, RecvHalf, SendHalf};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
-use h2::SendStream;
-use http::{header, HeaderValue, Request, Response};
+use h2::{Ping, PingPong, RecvStream, SendStream};
+use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body::Body;
 use std::convert::Infallible;
 use std::future::{pending, poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -204,7 +205,7 @@ async fn answer<Fut>(
     if let Err(kind) = pipe(
         body,
         stream,
-        (|_| ErrorKind::Reset, h2::Reason::INTERNAL_ERROR),
+        (|_| ErrorKind::Reset, Reason::INTERNAL_ERROR),
         Some(send_limit),
     )
     .await
@@ -301,6 +302,71 @@ fn continue_if_expected(
         let mut next = http::Response::new(());
         *next.status_mut() = http::StatusCode::CONTINUE;
         let _ = respond.send_informational(next);
+    }
+}
+
+/// Waits `interval`, pings, and says whether the pong came within
+/// `timeout`.
+async fn keep_alive(pinger: &mut PingPong, interval: Duration, timeout: Duration) -> bool {
+    tokio::time::sleep(interval).await;
+    let pong = pinger.ping(Ping::opaque());
+    matches!(tokio::time::timeout(timeout, pong).await, Ok(Ok(_)))
+}
+
+/// An answer going down: `h2`'s stream as `pipe` drives it.
+impl SendHalf for SendStream<Bytes> {
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Closed>> {
+        // Room for at least a byte.
+        self.reserve_capacity(1);
+        while self.capacity() == 0 {
+            match self.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(Err(Closed)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        SendStream::poll_reset(self, cx).map(drop)
+    }
+
+    fn send_data(&mut self, data: Bytes, end: bool) -> Result<(), Closed> {
+        SendStream::send_data(self, data, end).map_err(|_| Closed)
+    }
+
+    fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), Closed> {
+        SendStream::send_trailers(self, trailers).map_err(|_| Closed)
+    }
+
+    fn send_reset(&mut self, reason: Reason) {
+        SendStream::send_reset(self, h2::Reason::from(reason.0));
+    }
+}
+
+/// A client's request body: `h2`'s stream as [`RecvBody`] reads it, its
+/// window given back as the data is taken.
+impl RecvHalf for RecvStream {
+    type Error = h2::Error;
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, h2::Error>>> {
+        let polled = RecvStream::poll_data(self, cx);
+        if let Poll::Ready(Some(Ok(data))) = &polled {
+            let _ = self.flow_control().release_capacity(data.len());
+        }
+        polled
+    }
+
+    fn poll_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<HeaderMap>, h2::Error>> {
+        RecvStream::poll_trailers(self, cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        RecvStream::is_end_stream(self)
     }
 }
 

@@ -3,7 +3,7 @@
 //! connection's frames read and written by one driver task, streams in a
 //! table keyed by stream ID. Flow control both ways, `SETTINGS`, pings,
 //! `GOAWAY` (streams above its last ID told apart as never processed) and
-//! trailers, as RFC 9113 says. Not yet on the request path (issue 17).
+//! trailers, as RFC 9113 says. `upstream/h2.rs` runs on it.
 
 use super::frame::{
     self, flag, kind, Assembled, Block, Error as FrameError, Head, Reason, Settings,
@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -79,14 +80,35 @@ impl Error {
     }
 }
 
-/// The sending half of a connection; clones share it.
-#[derive(Clone)]
+/// The sending half of a connection; clones share it. Once every clone is
+/// dropped and no stream is left, the connection closes (`GOAWAY`).
 pub struct Client {
     shared: Arc<Shared>,
 }
 
+impl Clone for Client {
+    fn clone(&self) -> Client {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
+        Client {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut inner = self.shared.lock();
+            inner.released = true;
+            inner.wake_driver();
+        }
+    }
+}
+
 struct Shared {
     inner: Mutex<Inner>,
+    /// The [`Client`]s alive (a [`Pinger`] is not one).
+    handles: AtomicUsize,
 }
 
 /// A stream ID as its own hash: the IDs are distinct integers.
@@ -143,6 +165,11 @@ struct Inner {
     ping: Option<(bool, Option<Waker>)>,
     /// Bodies waiting for `out` to drain below [`MAX_OUT`].
     out_waiters: Vec<Waker>,
+    /// Requests waiting for room for a stream ([`Client::poll_ready`]).
+    room_waiters: Vec<Waker>,
+    /// Every [`Client`] is dropped: the connection closes once its last
+    /// stream is over.
+    released: bool,
 }
 
 /// Bytes written by the streams and not yet taken by the socket, past which
@@ -251,9 +278,12 @@ where
         partial: None,
         ping: None,
         out_waiters: Vec::new(),
+        room_waiters: Vec::new(),
+        released: false,
     };
     let shared = Arc::new(Shared {
         inner: Mutex::new(inner),
+        handles: AtomicUsize::new(1),
     });
     let driver = Driver {
         io,
@@ -276,6 +306,14 @@ impl Shared {
 impl Inner {
     fn wake_driver(&mut self) {
         if let Some(w) = self.driver.take() {
+            w.wake();
+        }
+    }
+
+    /// Wakes the requests waiting for room for a stream (a stream ended,
+    /// the peer's limit changed, or the connection is going).
+    fn wake_room(&mut self) {
+        for w in self.room_waiters.drain(..) {
             w.wake();
         }
     }
@@ -309,6 +347,7 @@ impl Inner {
         for w in self.out_waiters.drain(..) {
             w.wake();
         }
+        self.wake_room();
         self.wake_driver();
     }
 
@@ -419,12 +458,18 @@ impl Inner {
         if stream.is_closed() && stream.counted {
             stream.counted = false;
             self.active -= 1;
+            // All of them: one woken that no longer wants the room (its
+            // request dropped) must not leave the rest waiting.
+            for w in self.room_waiters.drain(..) {
+                w.wake();
+            }
         }
         if stream.is_closed() && !stream.recv_held && !stream.send_held {
             self.discard_recv(id);
             self.streams.remove(&id);
-            if self.goaway.is_some() && self.streams.is_empty() {
-                // The last stream after a `GOAWAY`: the driver closes.
+            if (self.goaway.is_some() || self.released) && self.streams.is_empty() {
+                // The last stream after a `GOAWAY`, or after the last
+                // handle went: the driver closes.
                 self.wake_driver();
             }
         }
@@ -541,6 +586,41 @@ impl Client {
         self.shared.lock().active
     }
 
+    /// Waits for room for another stream under the peer's limit; `Err` if
+    /// the connection is going away or gone (no stream will go on it).
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let mut inner = self.shared.lock();
+        if let Some(error) = &inner.closed {
+            return Poll::Ready(Err(refused(error)));
+        }
+        if let Some((_, reason)) = inner.goaway {
+            return Poll::Ready(Err(Error::GoAway {
+                reason,
+                refused: true,
+            }));
+        }
+        if inner.next_id > frame::MAX_WINDOW {
+            return Poll::Ready(Err(Error::GoAway {
+                reason: Reason::NO_ERROR,
+                refused: true,
+            }));
+        }
+        if inner.active < inner.max_streams {
+            return Poll::Ready(Ok(()));
+        }
+        if !inner.room_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            inner.room_waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// A handle that pings the connection and does not keep it open.
+    pub fn pinger(&self) -> Pinger {
+        Pinger {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Opens a stream and writes `req`'s head (its URI absolute: scheme
     /// and authority become the pseudo-fields), ending the stream if
     /// `end`. Over the peer's stream limit, or on a connection going away,
@@ -627,15 +707,31 @@ impl Client {
     /// connection ended first). One at a time, from one task: a second
     /// ping replaces the first.
     pub fn ping(&self) -> Pong {
-        let mut inner = self.shared.lock();
-        if inner.closed.is_none() {
-            frame::write_ping(false, PING_DATA, &mut inner.out);
-            inner.ping = Some((false, None));
-            inner.wake_driver();
-        }
-        Pong {
-            shared: self.shared.clone(),
-        }
+        ping(&self.shared)
+    }
+}
+
+/// Pings a connection without holding it open (its keep-alive's handle).
+pub struct Pinger {
+    shared: Arc<Shared>,
+}
+
+impl Pinger {
+    /// As [`Client::ping`].
+    pub fn ping(&self) -> Pong {
+        ping(&self.shared)
+    }
+}
+
+fn ping(shared: &Arc<Shared>) -> Pong {
+    let mut inner = shared.lock();
+    if inner.closed.is_none() {
+        frame::write_ping(false, PING_DATA, &mut inner.out);
+        inner.ping = Some((false, None));
+        inner.wake_driver();
+    }
+    Pong {
+        shared: shared.clone(),
     }
 }
 
@@ -991,6 +1087,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                 };
                 inner.fail(error, None);
             }
+            // Every handle dropped, and every stream over: closed with a
+            // `GOAWAY` of this end's.
+            if inner.released && inner.streams.is_empty() && inner.closed.is_none() {
+                let error = Error::GoAway {
+                    reason: Reason::NO_ERROR,
+                    refused: true,
+                };
+                inner.fail(error, Some(Reason::NO_ERROR));
+            }
             if this.read.capacity() - this.read.len() < 4096 {
                 this.read.reserve(16 * 1024);
             }
@@ -1148,6 +1253,7 @@ fn handle_frame(inner: &mut Inner, head: Head, payload: Bytes) -> Result<(), Fra
                 for id in ids {
                     inner.settle(id);
                 }
+                inner.wake_room();
             }
             kind::WINDOW_UPDATE => {
                 let increment = i64::from(frame::window_update(&head, &payload)?);
@@ -1192,6 +1298,7 @@ fn on_settings(inner: &mut Inner, settings: Settings) -> Result<(), FrameError> 
     }
     if let Some(n) = settings.max_concurrent_streams {
         inner.max_streams = n as usize;
+        inner.wake_room();
     }
     if let Some(window) = settings.initial_window_size {
         let delta = i64::from(window) - inner.initial_send_window;
@@ -1992,5 +2099,83 @@ mod tests {
                 }
             });
         }
+    }
+
+    /// A request over the server's stream limit waits for room, and gets
+    /// it as a stream ends.
+    #[tokio::test]
+    async fn a_request_waits_for_room_and_gets_it_as_a_stream_ends() {
+        let mut builder = h2::server::Builder::new();
+        builder.max_concurrent_streams(1);
+        let (go_tx, go) = tokio::sync::watch::channel(false);
+        let client = served_by(builder, move |_req, mut respond| {
+            let mut go = go.clone();
+            tokio::spawn(async move {
+                let _ = go.wait_for(|go| *go).await;
+                let _ = respond.send_response(Response::new(()), true);
+            });
+        })
+        .await;
+        // The server's settings first (its limit).
+        assert!(client.ping().await);
+        let (first, _body) = client
+            .send_request(&get("/1"), true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Waiting in a task of its own: only the stream's end wakes it.
+        let other = client.clone();
+        let mut waiter = tokio::spawn(async move { poll_fn(|cx| other.poll_ready(cx)).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "room over the server's limit");
+        let _ = go_tx.send(true);
+        let ready = tokio::time::timeout(std::time::Duration::from_secs(10), &mut waiter).await;
+        assert!(
+            matches!(ready, Ok(Ok(Ok(())))),
+            "no room after the stream ended: {ready:?}"
+        );
+        let answered = first.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answered.status(), StatusCode::OK);
+    }
+
+    /// Once every handle is dropped the connection closes (`GOAWAY`, and
+    /// the socket), but not before its last stream is over.
+    #[tokio::test]
+    async fn the_connection_closes_once_every_handle_is_dropped_and_its_streams_end() {
+        let (io, server_io) = tokio::io::duplex(64 * 1024);
+        let (go_tx, go) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let mut go = go.clone();
+                tokio::spawn(async move {
+                    let _ = go.wait_for(|go| *go).await;
+                    let _ = respond.send_response(Response::new(()), true);
+                });
+            }
+        });
+        let (client, driver) = handshake(io, Config::default());
+        let mut driver = tokio::spawn(driver);
+        let (response, body) = client
+            .send_request(&get("/"), true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(body);
+        let pinger = client.pinger();
+        let other = client.clone();
+        drop(client);
+        drop(other);
+        // A stream is open: the connection stays (its pings answered).
+        assert!(pinger.ping().await, "closed with a stream open");
+        assert!(!driver.is_finished());
+        let _ = go_tx.send(true);
+        let answered = response.await.unwrap_or_else(|e| panic!("{e}"));
+        drop(answered);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), &mut driver).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ok(())))),
+            "the driver did not end cleanly: {ended:?}"
+        );
+        let served = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
+        assert!(served.is_ok(), "the server saw no end of the connection");
     }
 }

@@ -1,7 +1,7 @@
-//! almond's own HTTP/2 codec, below any connection: frames (RFC 9113) and
-//! header compression (RFC 7541), tested against the `h2` crate on
-//! generated streams. Not yet on the request path, which still runs on
-//! `h2`: issue 17's plan (benches/results/2026-12-07-data-path-24.md).
+//! almond's own HTTP/2 codec: frames (RFC 9113), header compression (RFC
+//! 7541) and the client connection every upstream HTTP/2 request goes on,
+//! tested against the `h2` crate. The edge's server still runs on `h2`
+//! (issue 17's plan, benches/results/2026-12-07-data-path-25.md).
 
 pub mod client;
 pub mod frame;

@@ -463,10 +463,7 @@ impl Connections {
         idle: Option<Duration>,
     ) -> Result<h2::Sender, ErrorKind> {
         let io = self.connect(connect_timeout, tls, true).await?;
-        let (sender, driver) = h2::handshake(io.into_inner(), idle).await.map_err(|e| {
-            tracing::debug!(endpoint = %self.addr, error = %e, "h2 handshake failed");
-            ErrorKind::Reset
-        })?;
+        let (sender, driver) = h2::handshake(io.into_inner(), idle);
         let open = ConnCount::new(&self.open);
         tokio::spawn(async move {
             driver.await;

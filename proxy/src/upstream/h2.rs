@@ -1,13 +1,14 @@
-//! The HTTP/2 client, on the `h2` crate: a request is sent and its response
-//! awaited in the request's own task (hyper's client added a task, a
-//! channel and two one-shots per request); the connection runs in a task
-//! of its own, with keep-alive pings.
+//! The HTTP/2 client, on almond's codec (`http2/client.rs`): a request is
+//! sent and its response awaited in the request's own task; the
+//! connection's driver runs in a task of its own, with keep-alive pings and
+//! an idle close. Also the stream plumbing the edge shares: a body piped
+//! onto a stream (`pipe`), a body received from one ([`RecvBody`]).
 
 use crate::headers;
+use crate::http2::client::{self, Client, Pinger, RecvStream, ResponseFuture, SendStream};
+use crate::http2::frame::Reason;
 use crate::outcome::ErrorKind;
 use bytes::Bytes;
-use h2::client::{Connection, ResponseFuture, SendRequest};
-use h2::{Ping, PingPong, RecvStream, SendStream};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use std::future::{poll_fn, Future};
@@ -27,25 +28,23 @@ use tokio::time::Instant;
 /// by the streams' windows.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONN_WINDOW: u32 = 16 * STREAM_WINDOW;
-/// Bytes queued for sending on the connection, in all.
-const MAX_SEND_BUF: usize = 1024 * 1024;
 /// The largest response head taken.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// Streams opened before the server's settings say how many it takes.
-const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// A ping every this long; no pong within `PONG_TIMEOUT` closes the
 /// connection (its streams fail, and the next request opens another).
 const PING_INTERVAL: Duration = Duration::from_secs(20);
 const PONG_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The sending half of one HTTP/2 connection; clones share it.
+/// The sending half of one HTTP/2 connection; clones share it. The
+/// connection closes (`GOAWAY`) once every clone is dropped and its last
+/// stream is over.
 #[derive(Clone)]
 pub struct Sender {
-    send: SendRequest<Bytes>,
+    client: Client,
     state: Arc<ConnState>,
 }
 
-/// What the proxy knows of one connection beyond `h2`.
+/// What the proxy knows of one connection beyond its codec.
 #[derive(Debug, Default)]
 struct ConnState {
     /// The connection is gone, or going away.
@@ -105,42 +104,40 @@ impl Drop for Slot {
     }
 }
 
-/// Performs the HTTP/2 handshake over `io`; returns the sending half and
-/// the connection's driver, to be run in a task of its own. The
-/// connection closes when it has carried no stream for `idle`.
-pub async fn handshake<T>(
-    io: T,
-    idle: Option<Duration>,
-) -> Result<(Sender, impl Future<Output = ()> + Send + 'static), h2::Error>
+/// Starts an HTTP/2 connection over `io` (the preface and settings go
+/// first; nothing is awaited): returns the sending half and the
+/// connection's driver, to be run in a task of its own. The connection
+/// closes when it has carried no stream for `idle`.
+pub fn handshake<T>(io: T, idle: Option<Duration>) -> (Sender, impl Future<Output = ()> + Send)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (send, conn) = h2::client::Builder::new()
-        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .max_send_buffer_size(MAX_SEND_BUF)
-        .enable_push(false)
-        .handshake::<T, Bytes>(io)
-        .await?;
+    let config = client::Config {
+        stream_window: STREAM_WINDOW,
+        conn_window: CONN_WINDOW,
+        max_header_list: MAX_HEADER_LIST,
+    };
+    let (client, driver) = client::handshake(io, config);
     let state = Arc::new(ConnState::default());
-    let driver = drive(conn, state.clone(), idle);
-    Ok((Sender { send, state }, driver))
+    let driver = drive(driver, client.pinger(), state.clone(), idle);
+    (Sender { client, state }, driver)
 }
 
 /// Runs the connection until it ends (an error, a `GOAWAY`, every handle
 /// dropped, a ping left unanswered, or no stream for `idle`), then marks
 /// it closed.
-async fn drive<T>(mut conn: Connection<T, Bytes>, state: Arc<ConnState>, idle: Option<Duration>)
-where
+async fn drive<T>(
+    conn: client::Driver<T>,
+    pinger: Pinger,
+    state: Arc<ConnState>,
+    idle: Option<Duration>,
+) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut pinger = conn.ping_pong();
     let mut conn = pin!(conn);
     let mut watch = Watch::new(idle, &state);
     let ended = loop {
-        let due = pin!(watch.next(pinger.as_mut(), &state));
+        let due = pin!(watch.next(&pinger, &state));
         match futures_util::future::select(conn.as_mut(), due).await {
             futures_util::future::Either::Left((ended, _)) => break ended,
             futures_util::future::Either::Right((Some(why), _)) => {
@@ -191,22 +188,16 @@ impl Watch {
     /// Waits for the next ping or idle check and does it: `Some` says why
     /// the connection is to close (its ping went unanswered, or it carried
     /// no stream for `idle`).
-    async fn next(
-        &mut self,
-        pinger: Option<&mut PingPong>,
-        state: &ConnState,
-    ) -> Option<&'static str> {
-        let at = match (pinger.is_some(), self.idle) {
-            (true, Some(_)) => self.next_ping.min(self.next_check),
-            (true, None) => self.next_ping,
-            (false, Some(_)) => self.next_check,
-            (false, None) => return std::future::pending().await,
+    async fn next(&mut self, pinger: &Pinger, state: &ConnState) -> Option<&'static str> {
+        let at = match self.idle {
+            Some(_) => self.next_ping.min(self.next_check),
+            None => self.next_ping,
         };
         tokio::time::sleep_until(at).await;
         let now = Instant::now();
-        if let Some(pinger) = pinger.filter(|_| now >= self.next_ping) {
-            let pong = pinger.ping(Ping::opaque());
-            if !matches!(tokio::time::timeout(PONG_TIMEOUT, pong).await, Ok(Ok(_))) {
+        if now >= self.next_ping {
+            let pong = pinger.ping();
+            if !matches!(tokio::time::timeout(PONG_TIMEOUT, pong).await, Ok(true)) {
                 return Some("ping unanswered");
             }
             self.next_ping = Instant::now() + PING_INTERVAL;
@@ -240,18 +231,6 @@ impl Watch {
     }
 }
 
-/// Waits `interval`, pings, and says whether the pong came within
-/// `timeout` (both ends of the proxy keep their connections alive so).
-pub(crate) async fn keep_alive(
-    pinger: &mut PingPong,
-    interval: Duration,
-    timeout: Duration,
-) -> bool {
-    tokio::time::sleep(interval).await;
-    let pong = pinger.ping(Ping::opaque());
-    matches!(tokio::time::timeout(timeout, pong).await, Ok(Ok(_)))
-}
-
 /// A request's body as it goes up.
 pub enum Outgoing<B> {
     /// None: the head ends the stream.
@@ -268,12 +247,11 @@ impl Sender {
         self.state.closed.load(Ordering::Acquire)
     }
 
-    /// Has the connection room for another stream: fewer answers awaited
-    /// on it than the server takes at once (its
-    /// `SETTINGS_MAX_CONCURRENT_STREAMS`)? `h2` queues a stream beyond
-    /// that, unseen, until one ends.
+    /// Has the connection room for another stream: fewer streams open on
+    /// it than the server takes at once (its
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`)?
     pub fn has_room(&self) -> bool {
-        self.streams() < self.send.current_max_send_streams()
+        self.client.has_room()
     }
 
     /// Answers awaited on the connection now.
@@ -284,7 +262,7 @@ impl Sender {
     /// Waits until the connection can take another stream; `false` if it
     /// never will (it is then marked closed).
     pub async fn ready(&mut self) -> bool {
-        let ready = poll_fn(|cx| self.send.poll_ready(cx)).await.is_ok();
+        let ready = poll_fn(|cx| self.client.poll_ready(cx)).await.is_ok();
         if !ready {
             self.state.closed.store(true, Ordering::Release);
         }
@@ -334,23 +312,17 @@ impl Sender {
                 refused: true,
             }));
         }
-        let (response, mut stream) = match self.send.send_request(head, end) {
+        // No stream opened (the connection is going away or gone, or full):
+        // nothing was sent, so nothing was processed.
+        let (response, mut stream) = match self.client.send_request(&head, end) {
             Ok(sent) => sent,
-            // No stream was opened (the connection is going away or
-            // gone): nothing was sent, so nothing was processed.
-            Err(e) => {
-                tracing::debug!(error = %e, "upstream h2 stream refused");
-                return Sending::Failed(Some(Failure {
-                    kind: ErrorKind::Reset,
-                    refused: true,
-                }));
-            }
+            Err(e) => return Sending::Failed(Some(classify(&e))),
         };
         match body {
             Outgoing::Empty => Sending::Head(response, Some(slot)),
-            // A body the stream no longer takes (the connection's task
-            // may have seen the server answer and reset the stream
-            // meanwhile): the answer decides, as below.
+            // A body the stream no longer takes (the driver may have seen
+            // the server answer and reset the stream meanwhile): the
+            // answer decides, as below.
             Outgoing::Whole(bytes) => {
                 let _ = stream.send_data(bytes, true);
                 Sending::Head(response, Some(slot))
@@ -397,7 +369,7 @@ impl Future for Sending {
 /// whatever is left of the body goes on in a task of its own.
 async fn stream_body<B>(
     response: ResponseFuture,
-    stream: SendStream<Bytes>,
+    stream: SendStream,
     body: B,
     failed: fn(&B::Error) -> ErrorKind,
     slot: Slot,
@@ -409,12 +381,7 @@ where
     // again.
     // An upstream that takes no more of the body is bounded by the
     // request's timeout until it answers, and by its answer after.
-    let mut pipe = Some(Box::pin(pipe(
-        body,
-        stream,
-        (failed, h2::Reason::CANCEL),
-        None,
-    )));
+    let mut pipe = Some(Box::pin(pipe(body, stream, (failed, Reason::CANCEL), None)));
     let mut response = pin!(response);
     // Why the body stopped going up, if it did. The answer decides even
     // then: a server may answer in full and reset the stream with
@@ -471,6 +438,50 @@ where
     .map_err(|e| classify(&e))
 }
 
+/// A stream that takes nothing more: reset, or gone with its connection.
+#[derive(Debug)]
+pub struct Closed;
+
+/// The sending half of an HTTP/2 stream as `pipe` drives it: almond's
+/// client's (a request going up), or `h2`'s server's (an answer going
+/// down, `edge/h2.rs`).
+pub trait SendHalf {
+    /// Ready once the next frame may be sent (what went before is within
+    /// the peer's window); `Err` if the stream is reset or gone.
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Closed>>;
+    /// Ready once the stream is reset (by the peer, or with its
+    /// connection).
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+    /// Queues data, ending the stream if `end`; `Err` if it is reset.
+    fn send_data(&mut self, data: Bytes, end: bool) -> Result<(), Closed>;
+    /// Ends the stream with trailers; `Err` if it is reset.
+    fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), Closed>;
+    /// Resets the stream.
+    fn send_reset(&mut self, reason: Reason);
+}
+
+impl SendHalf for SendStream {
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Closed>> {
+        self.poll_sent(cx).map_err(|_| Closed)
+    }
+
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        SendStream::poll_reset(self, cx).map(drop)
+    }
+
+    fn send_data(&mut self, data: Bytes, end: bool) -> Result<(), Closed> {
+        SendStream::send_data(self, data, end).map_err(|_| Closed)
+    }
+
+    fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), Closed> {
+        SendStream::send_trailers(self, trailers).map_err(|_| Closed)
+    }
+
+    fn send_reset(&mut self, reason: Reason) {
+        SendStream::send_reset(self, reason);
+    }
+}
+
 /// Copies `body` into `stream` as the stream's window allows (hyper's
 /// `PipeToSendStream`; a request's body going up, or a response's going
 /// down): a body that fails resets the stream with `reset` (`CANCEL` for
@@ -479,55 +490,48 @@ where
 /// peer's reset ends it. A peer that gives no room for a byte for `stall`
 /// has the stream reset (`CANCEL`; [`ErrorKind::ClientTimeout`]): it
 /// stopped reading, and the stream must not hold its places forever.
-pub(crate) async fn pipe<B>(
+pub(crate) async fn pipe<B, S>(
     mut body: B,
-    mut stream: SendStream<Bytes>,
-    (failed, reset): (fn(&B::Error) -> ErrorKind, h2::Reason),
+    mut stream: S,
+    (failed, reset): (fn(&B::Error) -> ErrorKind, Reason),
     stall: Option<Duration>,
 ) -> Result<(), ErrorKind>
 where
     B: Body<Data = Bytes> + Unpin,
+    S: SendHalf,
 {
     let mut done = false;
     // Armed only while the peer gives no room (a timer a frame would cost
     // every body that flows).
     let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    // Nothing of the body is in `h2` before its first frame: that one goes
-    // at once (most bodies are one frame). Each later one waits for room
-    // for a byte, so at most one frame waits beyond the window either way.
+    // Nothing of the body is on the stream before its first frame: that
+    // one goes at once (most bodies are one frame). Each later one waits
+    // for room, so at most one frame waits beyond the window either way.
     let mut first = true;
     poll_fn(|cx| loop {
         if done {
             return Poll::Ready(Ok(()));
         }
-        // Room for at least a byte before a later frame is read.
+        // Room before a later frame is read.
         if !first {
-            stream.reserve_capacity(1);
-            while stream.capacity() == 0 {
-                match stream.poll_capacity(cx) {
-                    Poll::Ready(Some(Ok(_))) => continue,
-                    Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
+            match stream.poll_room(cx) {
+                Poll::Ready(Ok(())) => stalled = None,
+                Poll::Ready(Err(Closed)) => return Poll::Ready(Err(ErrorKind::Reset)),
+                Poll::Pending => {
+                    // The peer may reset the stream meanwhile.
+                    if stream.poll_reset(cx).is_ready() {
                         return Poll::Ready(Err(ErrorKind::Reset));
                     }
-                    Poll::Pending => {
-                        // The server may reset the stream meanwhile.
-                        if stream.poll_reset(cx).is_ready() {
-                            return Poll::Ready(Err(ErrorKind::Reset));
+                    if let Some(limit) = stall {
+                        let timer =
+                            stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                        if timer.as_mut().poll(cx).is_ready() {
+                            stream.send_reset(Reason::CANCEL);
+                            return Poll::Ready(Err(ErrorKind::ClientTimeout));
                         }
-                        if let Some(limit) = stall {
-                            let timer =
-                                stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                            if timer.as_mut().poll(cx).is_ready() {
-                                stream.send_reset(h2::Reason::CANCEL);
-                                return Poll::Ready(Err(ErrorKind::ClientTimeout));
-                            }
-                        }
-                        return Poll::Pending;
                     }
+                    return Poll::Pending;
                 }
-            }
-            if stalled.is_some() {
-                stalled = None;
             }
         }
         let frame = match Pin::new(&mut body).poll_frame(cx) {
@@ -556,7 +560,7 @@ where
                 Err(frame) => {
                     if let Ok(mut trailers) = frame.into_trailers() {
                         // An HTTP/1.1 peer's trailer section may name
-                        // fields HTTP/2 forbids (`keep-alive`): `h2`
+                        // fields HTTP/2 forbids (`keep-alive`): a peer
                         // refuses those, and the stream would be reset
                         // after its whole body.
                         headers::for_h2(&mut trailers);
@@ -606,25 +610,58 @@ impl From<ErrorKind> for Failure {
 }
 
 /// An HTTP/2 error on a stream or its connection: the peer reset or went
-/// away, or the connection broke. Two say nothing was processed (RFC 9113
-/// §8.7): a `REFUSED_STREAM` reset, and the peer's `GOAWAY` for a stream
-/// above its last stream ID (`h2` gives exactly those streams the remote
-/// `GOAWAY` error; the ones it let finish and then lost get an I/O error).
-fn classify(e: &h2::Error) -> Failure {
+/// away, or the connection broke. Some say nothing was processed (RFC
+/// 9113 §8.7): a `REFUSED_STREAM` reset, the peer's `GOAWAY` for a stream
+/// above its last stream ID, a stream never opened.
+fn classify(e: &client::Error) -> Failure {
     tracing::debug!(error = %e, "upstream h2 exchange failed");
-    let refused_stream = e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM);
     Failure {
         kind: ErrorKind::Reset,
-        refused: e.is_remote() && (refused_stream || e.is_go_away()),
+        refused: e.is_refused(),
+    }
+}
+
+/// The receiving half of an HTTP/2 stream as [`RecvBody`] reads it:
+/// almond's client's (an upstream's answer), or `h2`'s server's (a
+/// client's request, `edge/h2.rs`). Data taken goes back to the peer's
+/// window.
+pub trait RecvHalf {
+    /// What a failed stream says.
+    type Error;
+    /// The next data, `None` at the end of the data.
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Self::Error>>>;
+    /// The trailers, once the data is over.
+    fn poll_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<HeaderMap>, Self::Error>>;
+    /// All of it received and taken.
+    fn is_end_stream(&self) -> bool;
+}
+
+impl RecvHalf for RecvStream {
+    type Error = client::Error;
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, client::Error>>> {
+        RecvStream::poll_data(self, cx)
+    }
+
+    fn poll_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<HeaderMap>, client::Error>> {
+        RecvStream::poll_trailers(self, cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        RecvStream::is_end_stream(self)
     }
 }
 
 /// A body received on an HTTP/2 stream (an upstream's response, a
-/// client's request): its data frames (their window released as they are
-/// taken), then its trailers.
-#[derive(Debug)]
-pub struct RecvBody {
-    recv: RecvStream,
+/// client's request): its data frames, then its trailers.
+pub struct RecvBody<R: RecvHalf = RecvStream> {
+    recv: R,
     /// The data is over; trailers are next.
     data_done: bool,
     /// What is left of the `content-length` the head gave, or
@@ -640,7 +677,16 @@ pub struct RecvBody {
     upload: Option<tokio::task::AbortHandle>,
 }
 
-impl Drop for RecvBody {
+impl<R: RecvHalf> std::fmt::Debug for RecvBody<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBody")
+            .field("data_done", &self.data_done)
+            .field("length", &self.length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: RecvHalf> Drop for RecvBody<R> {
     fn drop(&mut self) {
         if let Some(upload) = self.upload.take() {
             // Read to its end (its length all read, or its data over): an
@@ -656,8 +702,8 @@ impl Drop for RecvBody {
 
 impl RecvBody {
     /// The response with its body's length from the head's
-    /// `content-length` (the `h2` crate holds the data to it), or none for
-    /// a stream already ended, as hyper's client gives it. The stream's
+    /// `content-length` (the codec holds the data to it), or none for a
+    /// stream already ended, as hyper's client gives it. The stream's
     /// `slot` is held until the body is over.
     fn head(resp: Response<RecvStream>, slot: Option<Slot>) -> Response<RecvBody> {
         let length = content_length(resp.headers());
@@ -667,15 +713,17 @@ impl RecvBody {
             body
         })
     }
+}
 
+impl<R: RecvHalf> RecvBody<R> {
     /// A request as the client sent it, its body's length known as a
     /// response's is (hyper's server gives it so).
-    pub(crate) fn request(req: Request<RecvStream>) -> Request<RecvBody> {
+    pub(crate) fn request(req: Request<R>) -> Request<RecvBody<R>> {
         let length = content_length(req.headers());
         req.map(|recv| RecvBody::new(recv, length))
     }
 
-    fn new(recv: RecvStream, length: Option<u64>) -> RecvBody {
+    fn new(recv: R, length: Option<u64>) -> RecvBody<R> {
         let length = match length {
             Some(n) => n,
             None if recv.is_end_stream() => 0,
@@ -709,19 +757,18 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-impl Body for RecvBody {
+impl<R: RecvHalf + Unpin> Body for RecvBody<R> {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = R::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, R::Error>>> {
         let this = &mut *self;
         if !this.data_done {
             match this.recv.poll_data(cx) {
                 Poll::Ready(Some(Ok(data))) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
                     if this.length != NO_LENGTH {
                         this.length = this.length.saturating_sub(data.len() as u64);
                     }
@@ -760,6 +807,7 @@ impl Body for RecvBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use h2::RecvStream;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A place held by an answer and an upload still going counts once,
@@ -801,7 +849,7 @@ mod tests {
     async fn a_connection_whose_pings_go_unanswered_is_closed() {
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(mute_server(server));
-        let (sender, driver) = handshake(client, None).await.expect("handshake");
+        let (sender, driver) = handshake(client, None);
         let driver = tokio::spawn(driver);
         tokio::time::sleep(PING_INTERVAL + PONG_TIMEOUT / 2).await;
         assert!(!sender.is_closed(), "closed before the pong was due");
@@ -825,7 +873,7 @@ mod tests {
                 answer(req, respond);
             }
         });
-        let (sender, driver) = handshake(client, None).await.expect("handshake");
+        let (sender, driver) = handshake(client, None);
         tokio::spawn(driver);
         sender
     }
