@@ -107,7 +107,7 @@ impl Drop for Client {
 
 struct Shared {
     inner: Mutex<Inner>,
-    /// The [`Client`]s alive (a [`Pinger`] is not one).
+    /// The [`Client`]s alive (a [`Control`] is not one).
     handles: AtomicUsize,
 }
 
@@ -143,6 +143,9 @@ struct Inner {
     next_id: u32,
     /// Streams open or half-closed: counted against the peer's limit.
     active: usize,
+    /// Places held by [`Reservation`]s for streams about to open: counted
+    /// against the limit too.
+    reserved: usize,
     // The peer's settings.
     max_streams: usize,
     initial_send_window: i64,
@@ -266,6 +269,7 @@ where
         streams: Streams::default(),
         next_id: 1,
         active: 0,
+        reserved: 0,
         max_streams: 100,
         initial_send_window: i64::from(frame::DEFAULT_WINDOW),
         max_frame: frame::DEFAULT_MAX_FRAME,
@@ -571,7 +575,7 @@ impl Client {
         let inner = self.shared.lock();
         inner.closed.is_none()
             && inner.goaway.is_none()
-            && inner.active < inner.max_streams
+            && inner.active + inner.reserved < inner.max_streams
             && inner.next_id <= frame::MAX_WINDOW
     }
 
@@ -586,9 +590,11 @@ impl Client {
         self.shared.lock().active
     }
 
-    /// Waits for room for another stream under the peer's limit; `Err` if
-    /// the connection is going away or gone (no stream will go on it).
-    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    /// Waits for room for another stream under the peer's limit and holds
+    /// it: the [`Reservation`] opens the stream, and no other request takes
+    /// the place meanwhile. `Err` if the connection is going away or gone
+    /// (no stream will go on it).
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Result<Reservation, Error>> {
         let mut inner = self.shared.lock();
         if let Some(error) = &inner.closed {
             return Poll::Ready(Err(refused(error)));
@@ -605,8 +611,11 @@ impl Client {
                 refused: true,
             }));
         }
-        if inner.active < inner.max_streams {
-            return Poll::Ready(Ok(()));
+        if inner.active + inner.reserved < inner.max_streams {
+            inner.reserved += 1;
+            return Poll::Ready(Ok(Reservation {
+                shared: Some(self.shared.clone()),
+            }));
         }
         if !inner.room_waiters.iter().any(|w| w.will_wake(cx.waker())) {
             inner.room_waiters.push(cx.waker().clone());
@@ -614,9 +623,10 @@ impl Client {
         Poll::Pending
     }
 
-    /// A handle that pings the connection and does not keep it open.
-    pub fn pinger(&self) -> Pinger {
-        Pinger {
+    /// A handle that pings and closes the connection and does not keep it
+    /// open.
+    pub fn control(&self) -> Control {
+        Control {
             shared: self.shared.clone(),
         }
     }
@@ -630,7 +640,67 @@ impl Client {
         req: &Request<()>,
         end: bool,
     ) -> Result<(ResponseFuture, SendStream), Error> {
-        let mut inner = self.shared.lock();
+        open(&self.shared, req, end, false)
+    }
+
+    /// Sends a ping; the future ends with its pong (`false` if the
+    /// connection ended first). One at a time, from one task: a second
+    /// ping replaces the first.
+    pub fn ping(&self) -> Pong {
+        ping(&self.shared)
+    }
+}
+
+/// A place for one stream under the peer's limit, held from
+/// [`Client::poll_ready`] until the stream opens (or this is dropped).
+pub struct Reservation {
+    /// `None` once used.
+    shared: Option<Arc<Shared>>,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reservation")
+    }
+}
+
+impl Reservation {
+    /// As [`Client::send_request`], in the place held.
+    pub fn send_request(
+        mut self,
+        req: &Request<()>,
+        end: bool,
+    ) -> Result<(ResponseFuture, SendStream), Error> {
+        match self.shared.take() {
+            Some(shared) => open(&shared, req, end, true),
+            None => Err(Error::Io("reservation used".to_owned())),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            let mut inner = shared.lock();
+            inner.reserved -= 1;
+            inner.wake_room();
+        }
+    }
+}
+
+/// Opens a stream (see [`Client::send_request`]); `reserved`: in a place a
+/// [`Reservation`] held, given up whatever happens.
+fn open(
+    shared: &Arc<Shared>,
+    req: &Request<()>,
+    end: bool,
+    reserved: bool,
+) -> Result<(ResponseFuture, SendStream), Error> {
+    let id = {
+        let mut inner = shared.lock();
+        if reserved {
+            inner.reserved -= 1;
+        }
         if let Some(error) = &inner.closed {
             return Err(refused(error));
         }
@@ -640,7 +710,8 @@ impl Client {
                 refused: true,
             });
         }
-        if inner.active >= inner.max_streams || inner.next_id > frame::MAX_WINDOW {
+        let full = !reserved && inner.active + inner.reserved >= inner.max_streams;
+        if full || inner.next_id > frame::MAX_WINDOW {
             return Err(Error::GoAway {
                 reason: Reason::REFUSED_STREAM,
                 refused: true,
@@ -693,33 +764,41 @@ impl Client {
         inner.streams.insert(id, stream);
         inner.active += 1;
         inner.wake_driver();
-        let shared = self.shared.clone();
-        Ok((
-            ResponseFuture {
-                shared: shared.clone(),
-                id,
-            },
-            SendStream { shared, id },
-        ))
-    }
-
-    /// Sends a ping; the future ends with its pong (`false` if the
-    /// connection ended first). One at a time, from one task: a second
-    /// ping replaces the first.
-    pub fn ping(&self) -> Pong {
-        ping(&self.shared)
-    }
+        id
+    };
+    Ok((
+        ResponseFuture {
+            shared: shared.clone(),
+            id,
+        },
+        SendStream {
+            shared: shared.clone(),
+            id,
+        },
+    ))
 }
 
-/// Pings a connection without holding it open (its keep-alive's handle).
-pub struct Pinger {
+/// Pings and closes a connection without holding it open (its keep-alive's
+/// handle).
+pub struct Control {
     shared: Arc<Shared>,
 }
 
-impl Pinger {
+impl Control {
     /// As [`Client::ping`].
     pub fn ping(&self) -> Pong {
         ping(&self.shared)
+    }
+
+    /// Closes the connection now: a `GOAWAY` (`NO_ERROR`) goes out, then
+    /// the socket closes; streams still open fail (not as refused: they
+    /// may have been processed).
+    pub fn close(&self) {
+        let error = Error::GoAway {
+            reason: Reason::NO_ERROR,
+            refused: false,
+        };
+        self.shared.lock().fail(error, Some(Reason::NO_ERROR));
     }
 }
 
@@ -736,6 +815,13 @@ fn ping(shared: &Arc<Shared>) -> Pong {
 }
 
 const PING_DATA: [u8; 8] = *b"almond\0\0";
+
+/// Keeps `cx`'s waker in `slot` (no clone if it is there already).
+fn park(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        *slot = Some(cx.waker().clone());
+    }
+}
 
 /// The error a stream not yet opened gets on a closed connection.
 fn refused(error: &Error) -> Error {
@@ -807,7 +893,7 @@ impl Future for ResponseFuture {
         if let Some(error) = &stream.error {
             return Poll::Ready(Err(error.clone()));
         }
-        stream.recv_waker = Some(cx.waker().clone());
+        park(&mut stream.recv_waker, cx);
         Poll::Pending
     }
 }
@@ -851,7 +937,7 @@ impl RecvStream {
         if stream.recv_done {
             return Poll::Ready(None);
         }
-        stream.recv_waker = Some(cx.waker().clone());
+        park(&mut stream.recv_waker, cx);
         Poll::Pending
     }
 
@@ -873,7 +959,7 @@ impl RecvStream {
         if stream.recv_done {
             return Poll::Ready(Ok(None));
         }
-        stream.recv_waker = Some(cx.waker().clone());
+        park(&mut stream.recv_waker, cx);
         Poll::Pending
     }
 
@@ -962,7 +1048,7 @@ impl SendStream {
             return Poll::Ready(Err(error.clone()));
         }
         if !stream.queued.is_empty() {
-            stream.send_waker = Some(cx.waker().clone());
+            park(&mut stream.send_waker, cx);
             return Poll::Pending;
         }
         if inner.out.len() > MAX_OUT && inner.closed.is_none() {
@@ -1474,25 +1560,31 @@ fn response_head(fields: &[Field]) -> Option<Parsed> {
         return (status != StatusCode::SWITCHING_PROTOCOLS).then_some(Parsed::Informational);
     }
     let headers = field_map(rest)?;
-    // One plain number, or none (RFC 9110 §8.6): anything else is
-    // malformed.
-    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
-    let length = match (lengths.next(), lengths.next()) {
-        (None, _) => None,
-        (Some(value), None) => {
-            let digits = value.as_bytes();
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            Some(std::str::from_utf8(digits).ok()?.parse().ok()?)
-        }
-        (Some(_), Some(_)) => return None,
-    };
+    let length = content_length(&headers)?;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.version_mut() = http::Version::HTTP_2;
     *resp.headers_mut() = headers;
     Some(Parsed::Head(resp, length))
+}
+
+/// The `content-length` of a head: `Some(None)` for none, `None` for a
+/// malformed one. One plain number (RFC 9110 §8.6), or the same number
+/// repeated (a list of equal values, as `h2` takes it).
+pub fn content_length(headers: &HeaderMap) -> Option<Option<u64>> {
+    let mut length = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        let digits = value.as_bytes();
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+        if length.is_some_and(|m| m != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    Some(length)
 }
 
 /// Regular fields into a map; `None` for a malformed list.
@@ -2129,7 +2221,7 @@ mod tests {
         let _ = go_tx.send(true);
         let ready = tokio::time::timeout(std::time::Duration::from_secs(10), &mut waiter).await;
         assert!(
-            matches!(ready, Ok(Ok(Ok(())))),
+            matches!(ready, Ok(Ok(Ok(_)))),
             "no room after the stream ended: {ready:?}"
         );
         let answered = first.await.unwrap_or_else(|e| panic!("{e}"));
@@ -2160,12 +2252,12 @@ mod tests {
             .send_request(&get("/"), true)
             .unwrap_or_else(|e| panic!("{e}"));
         drop(body);
-        let pinger = client.pinger();
+        let control = client.control();
         let other = client.clone();
         drop(client);
         drop(other);
         // A stream is open: the connection stays (its pings answered).
-        assert!(pinger.ping().await, "closed with a stream open");
+        assert!(control.ping().await, "closed with a stream open");
         assert!(!driver.is_finished());
         let _ = go_tx.send(true);
         let answered = response.await.unwrap_or_else(|e| panic!("{e}"));
@@ -2177,5 +2269,45 @@ mod tests {
         );
         let served = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
         assert!(served.is_ok(), "the server saw no end of the connection");
+    }
+
+    /// An answer whose `content-length` is repeated with the same value is
+    /// whole (RFC 9110 §8.6, as `h2` takes it); different values are
+    /// malformed.
+    #[tokio::test]
+    async fn a_repeated_equal_content_length_is_taken() {
+        let client = served_by(h2::server::Builder::new(), |req, mut respond| {
+            let second = match req.uri().path() {
+                "/same" => "5",
+                _ => "6",
+            };
+            let resp = Response::builder()
+                .header("content-length", "5")
+                .header("content-length", second)
+                .body(())
+                .unwrap_or_else(|e| panic!("{e}"));
+            if let Ok(mut stream) = respond.send_response(resp, false) {
+                let _ = stream.send_data(Bytes::from_static(b"hello"), true);
+            }
+        })
+        .await;
+        let (same, _b1) = client
+            .send_request(&get("/same"), true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = same.await.unwrap_or_else(|e| panic!("{e}"));
+        let mut body = resp.into_body();
+        let got = read_all(&mut body).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got, b"hello");
+        let (other, _b2) = client
+            .send_request(&get("/other"), true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let failed = other.await.err();
+        assert_eq!(
+            failed,
+            Some(Error::Reset {
+                reason: Reason::PROTOCOL_ERROR,
+                remote: false
+            })
+        );
     }
 }

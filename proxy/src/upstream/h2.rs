@@ -5,7 +5,9 @@
 //! onto a stream (`pipe`), a body received from one ([`RecvBody`]).
 
 use crate::headers;
-use crate::http2::client::{self, Client, Pinger, RecvStream, ResponseFuture, SendStream};
+use crate::http2::client::{
+    self, Client, Control, RecvStream, Reservation, ResponseFuture, SendStream,
+};
 use crate::http2::frame::Reason;
 use crate::outcome::ErrorKind;
 use bytes::Bytes;
@@ -38,10 +40,25 @@ const PONG_TIMEOUT: Duration = Duration::from_secs(10);
 /// The sending half of one HTTP/2 connection; clones share it. The
 /// connection closes (`GOAWAY`) once every clone is dropped and its last
 /// stream is over.
-#[derive(Clone)]
 pub struct Sender {
     client: Client,
     state: Arc<ConnState>,
+    /// The place of the request this clone is readied for
+    /// ([`Sender::ready`]), and its room under the server's limit.
+    slot: Option<Slot>,
+    room: Option<Reservation>,
+}
+
+impl Clone for Sender {
+    /// Another handle, readied for nothing yet.
+    fn clone(&self) -> Sender {
+        Sender {
+            client: self.client.clone(),
+            state: self.state.clone(),
+            slot: None,
+            room: None,
+        }
+    }
 }
 
 /// What the proxy knows of one connection beyond its codec.
@@ -119,8 +136,14 @@ where
     };
     let (client, driver) = client::handshake(io, config);
     let state = Arc::new(ConnState::default());
-    let driver = drive(driver, client.pinger(), state.clone(), idle);
-    (Sender { client, state }, driver)
+    let driver = drive(driver, client.control(), state.clone(), idle);
+    let sender = Sender {
+        client,
+        state,
+        slot: None,
+        room: None,
+    };
+    (sender, driver)
 }
 
 /// Runs the connection until it ends (an error, a `GOAWAY`, every handle
@@ -128,7 +151,7 @@ where
 /// it closed.
 async fn drive<T>(
     conn: client::Driver<T>,
-    pinger: Pinger,
+    control: Control,
     state: Arc<ConnState>,
     idle: Option<Duration>,
 ) where
@@ -137,11 +160,21 @@ async fn drive<T>(
     let mut conn = pin!(conn);
     let mut watch = Watch::new(idle, &state);
     let ended = loop {
-        let due = pin!(watch.next(&pinger, &state));
+        let due = pin!(watch.next(&control, &state));
         match futures_util::future::select(conn.as_mut(), due).await {
             futures_util::future::Either::Left((ended, _)) => break ended,
-            futures_util::future::Either::Right((Some(why), _)) => {
-                tracing::debug!(why, "upstream h2 connection closing");
+            futures_util::future::Either::Right((Some(Close::Idle), _)) => {
+                tracing::debug!("upstream h2 connection idle: closing");
+                // A `GOAWAY` first, and the socket's close (TLS's
+                // `close_notify`), as long as the peer takes them.
+                state.closed.store(true, Ordering::Release);
+                control.close();
+                let _ = tokio::time::timeout(PONG_TIMEOUT, conn.as_mut()).await;
+                break Ok(());
+            }
+            futures_util::future::Either::Right((Some(Close::Silent), _)) => {
+                // Nothing more is sent to a peer that answers nothing.
+                tracing::debug!("upstream h2 ping unanswered: closing");
                 break Ok(());
             }
             futures_util::future::Either::Right((None, _)) => {}
@@ -151,6 +184,14 @@ async fn drive<T>(
     if let Err(e) = ended {
         tracing::debug!(error = %e, "upstream h2 connection ended");
     }
+}
+
+/// Why a connection is closed.
+enum Close {
+    /// It carried no stream for `timeouts.idle`.
+    Idle,
+    /// Its ping went unanswered.
+    Silent,
 }
 
 /// What a connection's driver watches besides the connection: its
@@ -186,9 +227,8 @@ impl Watch {
     }
 
     /// Waits for the next ping or idle check and does it: `Some` says why
-    /// the connection is to close (its ping went unanswered, or it carried
-    /// no stream for `idle`).
-    async fn next(&mut self, pinger: &Pinger, state: &ConnState) -> Option<&'static str> {
+    /// the connection is to close.
+    async fn next(&mut self, control: &Control, state: &ConnState) -> Option<Close> {
         let at = match self.idle {
             Some(_) => self.next_ping.min(self.next_check),
             None => self.next_ping,
@@ -196,9 +236,9 @@ impl Watch {
         tokio::time::sleep_until(at).await;
         let now = Instant::now();
         if now >= self.next_ping {
-            let pong = pinger.ping();
+            let pong = control.ping();
             if !matches!(tokio::time::timeout(PONG_TIMEOUT, pong).await, Ok(true)) {
-                return Some("ping unanswered");
+                return Some(Close::Silent);
             }
             self.next_ping = Instant::now() + PING_INTERVAL;
         }
@@ -208,7 +248,7 @@ impl Watch {
             let quiet = state.streams.load(Ordering::Relaxed) == 0;
             if quiet && state.closed.load(Ordering::Relaxed) {
                 // Closed below with a request slipping in: it is over.
-                return Some("idle");
+                return Some(Close::Idle);
             }
             if started == self.started && quiet {
                 let since = *self.quiet_since.get_or_insert(now);
@@ -218,7 +258,7 @@ impl Watch {
                     // the connection now), one after it sees it closed.
                     state.closed.store(true, Ordering::SeqCst);
                     if state.started.load(Ordering::SeqCst) == started {
-                        return Some("idle");
+                        return Some(Close::Idle);
                     }
                     self.quiet_since = None;
                 }
@@ -259,14 +299,26 @@ impl Sender {
         self.state.streams.load(Ordering::Relaxed)
     }
 
-    /// Waits until the connection can take another stream; `false` if it
-    /// never will (it is then marked closed).
+    /// Waits until the connection can take another stream, and holds that
+    /// room for this handle's next [`Sender::send`]; `false` if it never
+    /// will (it is then marked closed). The request counts on the
+    /// connection while it waits (the least busy is picked by that count,
+    /// and the connection is not idle).
     pub async fn ready(&mut self) -> bool {
-        let ready = poll_fn(|cx| self.client.poll_ready(cx)).await.is_ok();
-        if !ready {
-            self.state.closed.store(true, Ordering::Release);
+        if self.slot.is_none() {
+            self.slot = Some(Slot::new(&self.state));
         }
-        ready
+        match poll_fn(|cx| self.client.poll_ready(cx)).await {
+            Ok(room) => {
+                self.room = Some(room);
+                true
+            }
+            Err(_) => {
+                self.state.closed.store(true, Ordering::Release);
+                self.slot = None;
+                false
+            }
+        }
     }
 
     /// Sends `head` (readied by `headers::to_upstream`: absolute target,
@@ -305,7 +357,7 @@ impl Sender {
         // The place first, then a look at whether the connection closed
         // idle meanwhile: a stream is never sent on a connection being
         // dropped (it would fail as sent, not as refused).
-        let slot = Slot::new(&self.state);
+        let slot = (self.slot.take()).unwrap_or_else(|| Slot::new(&self.state));
         if self.state.closed.load(Ordering::SeqCst) {
             return Sending::Failed(Some(Failure {
                 kind: ErrorKind::Reset,
@@ -314,7 +366,11 @@ impl Sender {
         }
         // No stream opened (the connection is going away or gone, or full):
         // nothing was sent, so nothing was processed.
-        let (response, mut stream) = match self.client.send_request(&head, end) {
+        let opened = match self.room.take() {
+            Some(room) => room.send_request(&head, end),
+            None => self.client.send_request(&head, end),
+        };
+        let (response, mut stream) = match opened {
             Ok(sent) => sent,
             Err(e) => return Sending::Failed(Some(classify(&e))),
         };
@@ -743,18 +799,10 @@ impl<R: RecvHalf> RecvBody<R> {
 /// under this).
 const NO_LENGTH: u64 = u64::MAX;
 
-/// The one `content-length` value, if it is a plain number.
+/// The `content-length` value, if it is a plain number (or the same one
+/// repeated).
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    let digits = value.as_bytes();
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    client::content_length(headers).flatten()
 }
 
 impl<R: RecvHalf + Unpin> Body for RecvBody<R> {
@@ -1011,5 +1059,79 @@ mod tests {
             assert_eq!(&collected.to_bytes()[..], b"hello");
             assert_eq!(status.is_some(), with_trailers);
         }
+    }
+
+    /// Room readied for one request is kept for it: another handle waits
+    /// (with one place under the server's limit, it would have taken the
+    /// place, and the first request been refused), and gets the place once
+    /// the first is over.
+    #[tokio::test]
+    async fn room_readied_for_a_request_is_kept_for_it() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut builder = h2::server::Builder::new();
+            builder.max_concurrent_streams(1);
+            let Ok(mut conn) = builder.handshake::<_, Bytes>(server).await else {
+                return;
+            };
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let _ = respond.send_response(Response::new(()), true);
+            }
+        });
+        let (sender, driver) = handshake(client, None);
+        tokio::spawn(driver);
+        // The server's settings first (its limit).
+        assert!(sender.client.ping().await);
+        let (mut first, mut second) = (sender.clone(), sender.clone());
+        assert!(first.ready().await);
+        let get = || Request::get("http://up/").body(()).expect("request");
+        {
+            let mut waiting = pin!(second.ready());
+            assert!(
+                futures_util::poll!(waiting.as_mut()).is_pending(),
+                "the place held for the first request was taken"
+            );
+            assert_eq!(sender.streams(), 2, "a waiting request counts");
+            let no_body = Outgoing::<http_body_util::Empty<Bytes>>::Empty;
+            let answered = first.send(get(), no_body, |_| ErrorKind::Reset).await;
+            assert_eq!(answered.map(|r| r.status().as_u16()).ok(), Some(200));
+            let ready = tokio::time::timeout(Duration::from_secs(10), waiting).await;
+            assert_eq!(ready.ok(), Some(true), "no room once the first was over");
+        }
+        let no_body = Outgoing::<http_body_util::Empty<Bytes>>::Empty;
+        let answered = second.send(get(), no_body, |_| ErrorKind::Reset).await;
+        assert_eq!(answered.map(|r| r.status().as_u16()).ok(), Some(200));
+    }
+
+    /// A connection closed for being idle says so (`GOAWAY`) before its
+    /// socket closes.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_sends_goaway_before_it_closes() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let read = tokio::spawn(async move {
+            let frames = [0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0];
+            let _ = server.write_all(&frames).await;
+            let mut all = Vec::new();
+            let _ = server.read_to_end(&mut all).await;
+            all
+        });
+        let (sender, driver) = handshake(client, Some(Duration::from_secs(1)));
+        let driver = tokio::spawn(driver);
+        let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+        assert!(ended.is_ok(), "not closed after 5 s idle");
+        assert!(sender.is_closed());
+        let all = tokio::time::timeout(Duration::from_secs(5), read).await;
+        let all = all.ok().and_then(Result::ok).unwrap_or_default();
+        // The preface, then frames: their types.
+        let mut kinds = Vec::new();
+        let mut at = 24;
+        while at + 9 <= all.len() {
+            let len = usize::from(all[at]) << 16
+                | usize::from(all[at + 1]) << 8
+                | usize::from(all[at + 2]);
+            kinds.push(all[at + 3]);
+            at += 9 + len;
+        }
+        assert_eq!(kinds.last(), Some(&7), "frames sent: {kinds:?}");
     }
 }
