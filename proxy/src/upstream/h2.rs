@@ -305,6 +305,9 @@ impl Sender {
     /// connection while it waits (the least busy is picked by that count,
     /// and the connection is not idle).
     pub async fn ready(&mut self) -> bool {
+        if self.room.is_some() && self.slot.is_some() {
+            return true;
+        }
         if self.slot.is_none() {
             self.slot = Some(Slot::new(&self.state));
         }
@@ -358,6 +361,7 @@ impl Sender {
         // idle meanwhile: a stream is never sent on a connection being
         // dropped (it would fail as sent, not as refused).
         let slot = (self.slot.take()).unwrap_or_else(|| Slot::new(&self.state));
+        let room = self.room.take();
         if self.state.closed.load(Ordering::SeqCst) {
             return Sending::Failed(Some(Failure {
                 kind: ErrorKind::Reset,
@@ -366,7 +370,7 @@ impl Sender {
         }
         // No stream opened (the connection is going away or gone, or full):
         // nothing was sent, so nothing was processed.
-        let opened = match self.room.take() {
+        let opened = match room {
             Some(room) => room.send_request(&head, end),
             None => self.client.send_request(&head, end),
         };
@@ -1101,6 +1105,20 @@ mod tests {
         let no_body = Outgoing::<http_body_util::Empty<Bytes>>::Empty;
         let answered = second.send(get(), no_body, |_| ErrorKind::Reset).await;
         assert_eq!(answered.map(|r| r.status().as_u16()).ok(), Some(200));
+        // Room readied and never used goes to the next who waits.
+        let (mut third, mut fourth) = (sender.clone(), sender.clone());
+        assert!(third.ready().await);
+        {
+            let mut waiting = pin!(fourth.ready());
+            assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+            drop(third);
+            let ready = tokio::time::timeout(Duration::from_secs(10), waiting).await;
+            assert_eq!(ready.ok(), Some(true), "room let go was not handed on");
+        }
+        drop(fourth);
+        // Nothing held: every place and room given back.
+        assert_eq!(sender.streams(), 0);
+        assert!(sender.has_room());
     }
 
     /// A connection closed for being idle says so (`GOAWAY`) before its

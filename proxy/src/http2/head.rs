@@ -1,0 +1,122 @@
+//! Heads read from HPACK fields, a request's and a response's, with their
+//! `content-length`, checked as RFC 9113 §8 says.
+
+use super::hpack::Field;
+use http::header::{HeaderName, HeaderValue};
+use http::{uri, HeaderMap, Method, Request, Response, StatusCode, Uri};
+
+pub(super) enum Parsed {
+    Informational,
+    Head(Response<()>, Option<u64>),
+    Trailers(HeaderMap),
+}
+
+/// A response head: `:status` first and alone among pseudo-fields, the
+/// rest valid lowercase fields with no connection-specific ones.
+pub(super) fn response_head(fields: &[Field]) -> Option<Parsed> {
+    let (first, rest) = fields.split_first()?;
+    if first.name != ":status" {
+        return None;
+    }
+    let status = StatusCode::from_bytes(&first.value).ok()?;
+    if status.is_informational() {
+        return (status != StatusCode::SWITCHING_PROTOCOLS).then_some(Parsed::Informational);
+    }
+    let headers = field_map(rest)?;
+    let length = content_length(&headers)?;
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = http::Version::HTTP_2;
+    *resp.headers_mut() = headers;
+    Some(Parsed::Head(resp, length))
+}
+
+/// The `content-length` of a head: `Some(None)` for none, `None` for a
+/// malformed one. One plain number (RFC 9110 §8.6), or the same number
+/// repeated (a list of equal values, as `h2` takes it).
+pub fn content_length(headers: &HeaderMap) -> Option<Option<u64>> {
+    let mut length = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        let digits = value.as_bytes();
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+        if length.is_some_and(|m| m != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    Some(length)
+}
+
+/// Regular fields into a map; `None` for a malformed list.
+pub(super) fn field_map(fields: &[Field]) -> Option<HeaderMap> {
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        if field.name.starts_with(b":") || field.name.iter().any(u8::is_ascii_uppercase) {
+            return None;
+        }
+        let name = HeaderName::from_bytes(&field.name).ok()?;
+        if matches!(
+            name.as_str(),
+            "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
+        ) {
+            return None;
+        }
+        let mut value = HeaderValue::from_maybe_shared(field.value.clone()).ok()?;
+        value.set_sensitive(field.sensitive);
+        map.append(name, value);
+    }
+    Some(map)
+}
+
+/// A request head (RFC 9113 §8.3.1): the pseudo-fields first, each at most
+/// once and no other: `:method`, `:scheme` and a `:path` not empty, with
+/// `:authority` if there is one (a `CONNECT` has `:authority` alone); then
+/// valid lowercase fields, none connection-specific, a `te` only
+/// `trailers`. With its `content-length`; `None` if malformed.
+pub(super) fn request_head(fields: &[Field]) -> Option<(Request<()>, Option<u64>)> {
+    let (mut method, mut scheme, mut authority, mut path) = (None, None, None, None);
+    let regular = fields
+        .iter()
+        .position(|f| !f.name.starts_with(b":"))
+        .unwrap_or(fields.len());
+    for field in &fields[..regular] {
+        let slot = match &field.name[..] {
+            b":method" => &mut method,
+            b":scheme" => &mut scheme,
+            b":authority" => &mut authority,
+            b":path" => &mut path,
+            _ => return None,
+        };
+        if slot.replace(&field.value).is_some() {
+            return None;
+        }
+    }
+    let method = Method::from_bytes(method?).ok()?;
+    let headers = field_map(&fields[regular..])?;
+    if (headers.get_all(http::header::TE).iter()).any(|v| v != "trailers") {
+        return None;
+    }
+    let length = content_length(&headers)?;
+    let mut parts = uri::Parts::default();
+    if let Some(authority) = authority {
+        parts.authority = Some(uri::Authority::from_maybe_shared(authority.clone()).ok()?);
+    }
+    if method == Method::CONNECT {
+        if scheme.is_some() || path.is_some() || parts.authority.is_none() {
+            return None;
+        }
+    } else {
+        let path = path.filter(|p| !p.is_empty())?;
+        parts.scheme = Some(uri::Scheme::try_from(&scheme?[..]).ok()?);
+        parts.path_and_query = Some(uri::PathAndQuery::from_maybe_shared(path.clone()).ok()?);
+    }
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = Uri::from_parts(parts).ok()?;
+    *req.version_mut() = http::Version::HTTP_2;
+    *req.headers_mut() = headers;
+    Some((req, length))
+}

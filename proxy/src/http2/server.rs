@@ -1,0 +1,663 @@
+//! An HTTP/2 server connection on almond's codec (`conn.rs`): the streams
+//! a client opens handed out as requests in turn, each answered from its
+//! own task; the limits a server keeps against its client (streams at
+//! once, the head's size, streams reset before they are taken, streams
+//! reset for the client's errors). Not yet on the request path: the edge
+//! runs on `h2` (issue 17).
+
+use super::conn::{self, poll_reset, start, write_response, Accepting, Shared};
+pub use super::conn::{Config, Control, Driver, Error, Pong, RecvStream, SendStream, ServerLimits};
+use super::frame::{self, Reason, Settings};
+use http::{Request, Response};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+impl Default for ServerLimits {
+    /// `h2`'s server's: 20 pending resets; hyper's 1,024 streams reset for
+    /// the client's errors, and the proxy's 1,024 streams at once.
+    fn default() -> ServerLimits {
+        ServerLimits {
+            max_streams: 1024,
+            max_pending_resets: 20,
+            max_local_resets: 1024,
+        }
+    }
+}
+
+/// The accepting half of a server's connection. Once it is dropped and no
+/// stream is left, the connection closes (`GOAWAY`).
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Server {
+    /// The streams not taken are refused (nothing of them was processed).
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        let queued: Vec<u32> = (inner.server.as_mut())
+            .map(|s| s.queue.drain(..).map(|(id, _)| id).collect())
+            .unwrap_or_default();
+        for id in queued {
+            inner.reset(id, Reason::REFUSED_STREAM);
+            if let Some(stream) = inner.streams.get_mut(&id) {
+                stream.recv_held = false;
+                stream.send_held = false;
+            }
+            inner.settle(id);
+        }
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            inner.released = true;
+            inner.wake_driver();
+        }
+    }
+}
+
+/// Starts serving a connection over `io` (the client's preface is read
+/// first, by the driver): the server, and the driver to run in a task of
+/// its own (it ends with the connection).
+pub fn handshake<T>(io: T, config: Config, limits: ServerLimits) -> (Server, Driver<T>)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let settings = Settings {
+        max_concurrent_streams: Some(limits.max_streams),
+        ..Settings::default()
+    };
+    let accepting = Accepting {
+        limits,
+        queue: VecDeque::new(),
+        waker: None,
+        last_peer: 0,
+        pending_resets: 0,
+        local_resets: 0,
+        going_away: false,
+        preface: false,
+    };
+    let (shared, driver) = start(io, config, settings, Some(Box::new(accepting)));
+    (Server { shared }, driver)
+}
+
+impl Server {
+    /// The next request a client opened: its head and body, and the
+    /// handle its answer goes out by. `None` once the connection is over,
+    /// or going away with nothing left to take.
+    pub fn poll_accept(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<(Request<RecvStream>, Respond)>> {
+        let mut inner = self.shared.lock();
+        let inner = &mut *inner;
+        loop {
+            let Some(server) = inner.server.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let Some((id, req)) = server.queue.pop_front() else {
+                if inner.closed.is_some() || server.going_away || inner.goaway.is_some() {
+                    return Poll::Ready(None);
+                }
+                conn::park(&mut server.waker, cx);
+                return Poll::Pending;
+            };
+            let reset = inner.streams.get(&id).is_none_or(|s| s.error.is_some());
+            if reset {
+                // Reset by the client before it was taken: let go.
+                server.pending_resets = server.pending_resets.saturating_sub(1);
+                if let Some(stream) = inner.streams.get_mut(&id) {
+                    stream.recv_held = false;
+                    stream.send_held = false;
+                }
+                inner.settle(id);
+                continue;
+            }
+            let shared = self.shared.clone();
+            let body = RecvStream {
+                shared: shared.clone(),
+                id,
+            };
+            let respond = Respond {
+                shared,
+                id,
+                sent: false,
+            };
+            return Poll::Ready(Some((req.map(|()| body), respond)));
+        }
+    }
+
+    /// Takes no new stream: a `GOAWAY` names the last one taken, and the
+    /// connection closes once the streams open are over.
+    pub fn graceful_shutdown(&self) {
+        let mut inner = self.shared.lock();
+        let inner = &mut *inner;
+        let Some(server) = inner.server.as_mut() else {
+            return;
+        };
+        if server.going_away || inner.closed.is_some() {
+            return;
+        }
+        server.going_away = true;
+        frame::write_goaway(server.last_peer, Reason::NO_ERROR, &mut inner.out);
+        if let Some(waker) = server.waker.take() {
+            waker.wake();
+        }
+        inner.wake_driver();
+    }
+
+    /// Streams open now.
+    pub fn active(&self) -> usize {
+        self.shared.lock().active
+    }
+
+    /// A handle that pings and closes the connection.
+    pub fn control(&self) -> Control {
+        Control {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The sending side of a request's stream until its answer's head goes.
+pub struct Respond {
+    shared: Arc<Shared>,
+    id: u32,
+    /// The head went: the [`SendStream`] holds the stream's sending side.
+    sent: bool,
+}
+
+impl Respond {
+    /// Sends the answer's head (ending the stream if `end`); its body goes
+    /// by the [`SendStream`]. `Err` if the stream is reset.
+    pub fn send_response(&mut self, resp: Response<()>, end: bool) -> Result<SendStream, Error> {
+        let mut inner = self.shared.lock();
+        let inner = &mut *inner;
+        let Some(stream) = inner.streams.get_mut(&self.id) else {
+            return Err(Error::Io("stream gone".to_owned()));
+        };
+        if let Some(error) = &stream.error {
+            return Err(error.clone());
+        }
+        if self.sent || stream.send_done {
+            return Err(Error::Io("answer already sent".to_owned()));
+        }
+        stream.send_done = end;
+        self.sent = true;
+        write_response(inner, self.id, &resp, end);
+        inner.settle(self.id);
+        Ok(SendStream {
+            shared: self.shared.clone(),
+            id: self.id,
+        })
+    }
+
+    /// Sends an interim answer (`100 Continue`).
+    pub fn send_informational(&mut self, resp: Response<()>) -> Result<(), Error> {
+        let mut inner = self.shared.lock();
+        let Some(stream) = inner.streams.get(&self.id) else {
+            return Err(Error::Io("stream gone".to_owned()));
+        };
+        if let Some(error) = &stream.error {
+            return Err(error.clone());
+        }
+        if self.sent || !resp.status().is_informational() {
+            return Err(Error::Io("not an interim answer".to_owned()));
+        }
+        write_response(&mut inner, self.id, &resp, false);
+        Ok(())
+    }
+
+    /// Waits for the client to reset the stream (it gave up on the
+    /// answer): the reason.
+    pub fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<Reason> {
+        poll_reset(&mut self.shared.lock(), self.id, cx)
+    }
+
+    /// Resets the stream.
+    pub fn send_reset(&mut self, reason: Reason) {
+        self.sent = true;
+        let mut inner = self.shared.lock();
+        inner.reset(self.id, reason);
+        if let Some(stream) = inner.streams.get_mut(&self.id) {
+            stream.send_held = false;
+        }
+        inner.settle(self.id);
+    }
+}
+
+impl Drop for Respond {
+    /// No answer sent: the stream is reset (`INTERNAL_ERROR`: the server
+    /// gave none).
+    fn drop(&mut self) {
+        if self.sent {
+            return;
+        }
+        let mut inner = self.shared.lock();
+        inner.reset(self.id, Reason::INTERNAL_ERROR);
+        if let Some(stream) = inner.streams.get_mut(&self.id) {
+            stream.send_held = false;
+        }
+        inner.settle(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http2::frame::{kind, Head};
+    use crate::http2::hpack::{Encoder, Indexing};
+    use bytes::{Bytes, BytesMut};
+    use futures_util::future::poll_fn;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A server on an in-memory connection that hands each request to
+    /// `answer` in a task of its own; an `h2` client on the other end.
+    async fn serving<F, Fut>(
+        config: Config,
+        limits: ServerLimits,
+        answer: F,
+    ) -> h2::client::SendRequest<Bytes>
+    where
+        F: Fn(Request<RecvStream>, Respond) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (client, io) = tokio::io::duplex(256 * 1024);
+        let (mut server, driver) = handshake(io, config, limits);
+        tokio::spawn(driver);
+        tokio::spawn(async move {
+            while let Some((req, respond)) = poll_fn(|cx| server.poll_accept(cx)).await {
+                tokio::spawn(answer(req, respond));
+            }
+        });
+        let (send, conn) = h2::client::handshake(client)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(conn);
+        send
+    }
+
+    async fn read_all(body: &mut RecvStream) -> (Vec<u8>, Option<http::HeaderMap>) {
+        let mut all = Vec::new();
+        while let Some(Ok(data)) = poll_fn(|cx| body.poll_data(cx)).await {
+            all.extend_from_slice(&data);
+        }
+        let trailers = poll_fn(|cx| body.poll_trailers(cx)).await.ok().flatten();
+        (all, trailers)
+    }
+
+    async fn read_h2(mut body: h2::RecvStream) -> (Vec<u8>, Option<http::HeaderMap>) {
+        let mut all = Vec::new();
+        while let Some(Ok(data)) = body.data().await {
+            let _ = body.flow_control().release_capacity(data.len());
+            all.extend_from_slice(&data);
+        }
+        (all, body.trailers().await.ok().flatten())
+    }
+
+    /// Sends `data` on `stream` as its window allows, then ends it.
+    async fn send_all(stream: &mut SendStream, data: Bytes, trailers: http::HeaderMap) {
+        for chunk in data.chunks(16 * 1024) {
+            let sent = stream.send_data(Bytes::copy_from_slice(chunk), false);
+            assert!(sent.is_ok());
+            let room = poll_fn(|cx| stream.poll_sent(cx)).await;
+            assert!(room.is_ok());
+        }
+        assert!(stream.send_trailers(trailers).is_ok());
+    }
+
+    /// A request whose body is far past the windows, with trailers, and an
+    /// answer as large with trailers, on one stream, arrive whole; the
+    /// request's head arrives as sent.
+    #[tokio::test]
+    async fn bodies_past_the_windows_and_trailers_arrive_whole_both_ways() {
+        let send = serving(
+            Config::default(),
+            ServerLimits::default(),
+            |req, mut respond| async move {
+                let (parts, mut body) = req.into_parts();
+                let (got, trailers) = read_all(&mut body).await;
+                let mut resp = Response::new(());
+                let head = format!(
+                    "{} {} {} {:?}",
+                    parts.method,
+                    parts.uri,
+                    got.len(),
+                    trailers.as_ref().and_then(|t| t.get("x-sum"))
+                );
+                resp.headers_mut()
+                    .insert("x-saw", head.parse().unwrap_or_else(|e| panic!("{e}")));
+                let mut stream = respond
+                    .send_response(resp, false)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                send_all(&mut stream, Bytes::from(vec![7u8; 3_000_000]), trailers).await;
+            },
+        )
+        .await;
+        let req = Request::post("http://svc.local/up?x=1")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+        let (response, mut upload) = send
+            .send_request(req, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            let body = Bytes::from(vec![1u8; 300_000]);
+            upload.reserve_capacity(body.len());
+            let _ = upload.send_data(body, false);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-sum", http::HeaderValue::from_static("300000"));
+            let _ = upload.send_trailers(trailers);
+            // Kept until the end: dropping it would not reset, but keep the
+            // stream's sending side alive as a real client does.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let resp = tokio::time::timeout(Duration::from_secs(20), response).await;
+        let resp = resp
+            .unwrap_or_else(|_| panic!("no answer"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let saw = resp.headers().get("x-saw").cloned();
+        assert_eq!(
+            saw.as_ref().and_then(|v| v.to_str().ok()),
+            Some(r#"POST http://svc.local/up?x=1 300000 Some("300000")"#)
+        );
+        let (body, trailers) = read_h2(resp.into_body()).await;
+        assert_eq!(body.len(), 3_000_000);
+        assert!(body.iter().all(|&b| b == 7));
+        assert_eq!(
+            trailers.and_then(|t| t.get("grpc-status").cloned()),
+            Some(http::HeaderValue::from_static("0"))
+        );
+    }
+
+    /// A raw client: the preface and empty settings written, the server's
+    /// frames read back.
+    struct Raw {
+        io: DuplexStream,
+        read: BytesMut,
+        encoder: Encoder,
+    }
+
+    impl Raw {
+        async fn start(config: Config, limits: ServerLimits) -> (Raw, Server) {
+            let (client, io) = tokio::io::duplex(256 * 1024);
+            let (server, driver) = handshake(io, config, limits);
+            tokio::spawn(driver);
+            let mut raw = Raw {
+                io: client,
+                read: BytesMut::new(),
+                encoder: Encoder::default(),
+            };
+            let mut out = BytesMut::new();
+            out.extend_from_slice(frame::PREFACE);
+            Settings::default().write(&mut out);
+            raw.write(&out).await;
+            (raw, server)
+        }
+
+        async fn write(&mut self, bytes: &[u8]) {
+            self.io
+                .write_all(bytes)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+
+        /// A request head on stream `id` with these fields (pseudo ones
+        /// included, as given).
+        fn head(&mut self, id: u32, fields: &[(&str, &str)], end: bool, out: &mut BytesMut) {
+            let mut block = BytesMut::new();
+            self.encoder.begin(&mut block);
+            for (name, value) in fields {
+                self.encoder.field(
+                    name.as_bytes(),
+                    value.as_bytes(),
+                    Indexing::Index,
+                    &mut block,
+                );
+            }
+            frame::write_headers(id, &block, end, frame::DEFAULT_MAX_FRAME, out);
+        }
+
+        /// The server's next frame (within 10 s).
+        async fn next(&mut self) -> Option<(Head, Bytes)> {
+            loop {
+                if let Ok(Some(frame)) = frame::next(&mut self.read, frame::MAX_FRAME_LIMIT) {
+                    return Some(frame);
+                }
+                let read =
+                    tokio::time::timeout(Duration::from_secs(10), self.io.read_buf(&mut self.read));
+                match read.await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+        }
+
+        /// The server's frames until one of `kind` (for `stream`): it.
+        async fn until(&mut self, kind: u8, stream: u32) -> Option<(Head, Bytes)> {
+            while let Some((head, payload)) = self.next().await {
+                if head.kind == kind && head.stream == stream {
+                    return Some((head, payload));
+                }
+            }
+            None
+        }
+    }
+
+    const GET: [(&str, &str); 4] = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "svc"),
+        (":path", "/"),
+    ];
+
+    /// A stream over the limit of streams at once is refused
+    /// (`REFUSED_STREAM`: nothing processed); those within are taken.
+    #[tokio::test]
+    async fn a_stream_over_the_limit_is_refused() {
+        let limits = ServerLimits {
+            max_streams: 2,
+            ..ServerLimits::default()
+        };
+        let (mut raw, mut server) = Raw::start(Config::default(), limits).await;
+        let mut out = BytesMut::new();
+        for id in [1, 3, 5] {
+            raw.head(id, &GET, true, &mut out);
+        }
+        raw.write(&out).await;
+        let refused = raw.until(kind::RST_STREAM, 5).await;
+        let reason = refused.and_then(|(head, payload)| frame::rst_stream(&head, &payload).ok());
+        assert_eq!(reason, Some(Reason::REFUSED_STREAM));
+        let mut taken = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            let accepted = tokio::time::timeout(
+                Duration::from_secs(10),
+                poll_fn(|cx| server.poll_accept(cx)),
+            )
+            .await;
+            let (req, respond) = accepted
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("not taken"));
+            taken.push(req.uri().path().to_owned());
+            answers.push(respond);
+        }
+        assert_eq!(taken, ["/", "/"]);
+        assert_eq!(server.active(), 2);
+    }
+
+    /// Streams opened and reset before they are taken, past the limit:
+    /// the connection is closed (`GOAWAY` with `ENHANCE_YOUR_CALM`), as the
+    /// 2023 rapid-reset floods call for.
+    #[tokio::test]
+    async fn a_rapid_reset_flood_closes_the_connection() {
+        let (mut raw, _server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        let mut out = BytesMut::new();
+        for i in 0..30 {
+            let id = 1 + 2 * i;
+            raw.head(id, &GET, false, &mut out);
+            frame::write_rst_stream(id, Reason::CANCEL, &mut out);
+        }
+        raw.write(&out).await;
+        let goaway = raw.until(kind::GOAWAY, 0).await;
+        let reason = goaway.and_then(|(head, payload)| frame::goaway(&head, payload).ok());
+        assert_eq!(reason.map(|g| g.reason), Some(Reason::ENHANCE_YOUR_CALM));
+    }
+
+    /// A malformed request (no `:path`; a connection-specific field) is
+    /// reset alone (`PROTOCOL_ERROR`); the connection serves the next.
+    #[tokio::test]
+    async fn a_malformed_request_is_reset_alone() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        let mut out = BytesMut::new();
+        raw.head(1, &GET[..3], true, &mut out);
+        let mut with_connection = GET.to_vec();
+        with_connection.push(("connection", "close"));
+        raw.head(3, &with_connection, true, &mut out);
+        raw.head(5, &GET, true, &mut out);
+        raw.write(&out).await;
+        for id in [1, 3] {
+            let reset = raw.until(kind::RST_STREAM, id).await;
+            let reason = reset.and_then(|(head, payload)| frame::rst_stream(&head, &payload).ok());
+            assert_eq!(reason, Some(Reason::PROTOCOL_ERROR), "stream {id}");
+        }
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| server.poll_accept(cx)),
+        )
+        .await;
+        let (_req, mut respond) = accepted
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("not taken"));
+        assert!(respond.send_response(Response::new(()), true).is_ok());
+        let answer = raw.until(kind::HEADERS, 5).await;
+        assert!(answer.is_some_and(|(head, _)| head.has(frame::flag::END_STREAM)));
+    }
+
+    /// A head over the header list limit gets `431`, as `h2` answers it.
+    #[tokio::test]
+    async fn a_head_over_the_limit_gets_431() {
+        let config = Config {
+            max_header_list: 1024,
+            ..Config::default()
+        };
+        let send = serving(
+            config,
+            ServerLimits::default(),
+            |_req, mut respond| async move {
+                let _ = respond.send_response(Response::new(()), true);
+            },
+        )
+        .await;
+        let big = "x".repeat(2000);
+        let req = Request::get("http://svc/")
+            .header("x-big", big)
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+        let (response, _) = send
+            .send_request(req, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = tokio::time::timeout(Duration::from_secs(10), response).await;
+        let status = resp.ok().and_then(Result::ok).map(|r| r.status().as_u16());
+        assert_eq!(status, Some(431));
+        // The connection still serves.
+        let req = Request::get("http://svc/")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+        let (response, _) = send
+            .send_request(req, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let status = response.await.ok().map(|r| r.status().as_u16());
+        assert_eq!(status, Some(200));
+    }
+
+    /// A graceful shutdown lets the stream open finish, takes no new one,
+    /// and closes the connection once it is over.
+    #[tokio::test]
+    async fn a_graceful_shutdown_finishes_the_open_streams() {
+        let (client, io) = tokio::io::duplex(64 * 1024);
+        let (mut server, driver) = handshake(io, Config::default(), ServerLimits::default());
+        let driver = tokio::spawn(driver);
+        let (send, conn) = h2::client::handshake(client)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let conn = tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+        let req = Request::get("http://svc/first")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (response, _) = send
+            .send_request(req, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| server.poll_accept(cx)),
+        )
+        .await;
+        let (_req, mut respond) = accepted
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("not taken"));
+        server.graceful_shutdown();
+        assert!(poll_fn(|cx| server.poll_accept(cx)).await.is_none());
+        let mut stream = respond
+            .send_response(Response::new(()), false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(stream.send_data(Bytes::from_static(b"last"), true).is_ok());
+        let resp = response.await.unwrap_or_else(|e| panic!("{e}"));
+        let (body, _) = read_h2(resp.into_body()).await;
+        assert_eq!(body, b"last");
+        drop(stream);
+        let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ok(())))),
+            "the connection did not close: {ended:?}"
+        );
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        assert!(closed.is_ok(), "the client saw no close");
+    }
+
+    /// An answer sent whole before the request's body ended (its body let
+    /// go) goes out whole; the rest of the upload is stopped with
+    /// `RST_STREAM(NO_ERROR)` (RFC 9113 §8.1), not cut with an error.
+    #[tokio::test]
+    async fn an_early_answer_stops_the_upload_with_no_error() {
+        let send = serving(
+            Config::default(),
+            ServerLimits::default(),
+            |req, mut respond| async move {
+                drop(req);
+                let resp = Response::new(());
+                if let Ok(mut stream) = respond.send_response(resp, false) {
+                    let _ = stream.send_data(Bytes::from_static(b"early"), true);
+                }
+            },
+        )
+        .await;
+        let req = Request::post("http://svc/")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut send = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+        let (response, mut upload) = send
+            .send_request(req, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = upload.send_data(Bytes::from_static(b"never ends"), false);
+        let resp = tokio::time::timeout(Duration::from_secs(10), response).await;
+        let resp = resp
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("no answer"));
+        let (body, _) = read_h2(resp.into_body()).await;
+        assert_eq!(body, b"early");
+        let reset =
+            tokio::time::timeout(Duration::from_secs(10), poll_fn(|cx| upload.poll_reset(cx)))
+                .await;
+        assert_eq!(reset.ok().and_then(Result::ok), Some(h2::Reason::NO_ERROR));
+    }
+}
