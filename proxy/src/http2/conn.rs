@@ -185,6 +185,8 @@ pub(super) struct Accepting {
     pub(super) going_away: bool,
     /// The client's preface was read.
     pub(super) preface: bool,
+    /// Its first `SETTINGS` came.
+    pub(super) settled: bool,
 }
 
 /// Bytes written by the streams and not yet taken by the socket, past which
@@ -232,6 +234,8 @@ pub(super) struct Stream {
     pub(super) send_held: bool,
     /// Counted in `active`.
     pub(super) counted: bool,
+    /// In `Inner::blocked` (a flag: no walk of the list to find it).
+    pub(super) in_blocked: bool,
 }
 
 impl Stream {
@@ -281,7 +285,10 @@ impl Inner {
             return;
         }
         if let Some(reason) = goaway {
-            frame::write_goaway(0, reason, &mut self.out);
+            // A server names the last stream of its client's it took (0
+            // would say none was processed, and invite replays).
+            let last = self.server.as_ref().map_or(0, |s| s.last_peer);
+            frame::write_goaway(last, reason, &mut self.out);
         }
         self.closed = Some(error.clone());
         for stream in self.streams.values_mut() {
@@ -345,7 +352,9 @@ impl Inner {
         if let Some(w) = stream.send_waker.take() {
             w.wake();
         }
-        self.blocked.retain(|&b| b != id);
+        if std::mem::take(&mut stream.in_blocked) {
+            self.blocked.retain(|&b| b != id);
+        }
     }
 
     /// Drops the data stream `id` received and nobody took: its connection
@@ -466,13 +475,24 @@ impl Inner {
                 continue;
             }
             self.send_queued(id);
-            if let Some(stream) = self.streams.get(&id) {
-                if !stream.queued.is_empty() && stream.error.is_none() {
+            if let Some(stream) = self.streams.get_mut(&id) {
+                stream.in_blocked = !stream.queued.is_empty() && stream.error.is_none();
+                if stream.in_blocked {
                     still.push_back(id);
                 }
             }
         }
         self.blocked = still;
+    }
+
+    /// Puts stream `id` in line for window, unless it is already.
+    pub(super) fn block(&mut self, id: u32) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            if !stream.in_blocked && !stream.queued.is_empty() {
+                stream.in_blocked = true;
+                self.blocked.push_back(id);
+            }
+        }
     }
 
     /// Writes what the windows allow of stream `id`'s queued data (and its
@@ -726,13 +746,7 @@ impl SendStream {
             return Ok(());
         }
         inner.send_queued(self.id);
-        if inner
-            .streams
-            .get(&self.id)
-            .is_some_and(|s| !s.queued.is_empty())
-        {
-            inner.blocked.push_back(self.id);
-        }
+        inner.block(self.id);
         inner.wake_driver();
         Ok(())
     }
@@ -978,12 +992,23 @@ pub(super) fn handle_frames(inner: &mut Inner, read: &mut BytesMut) -> Result<()
         server.preface = true;
     }
     while let Some((head, payload)) = frame::next(read, frame::DEFAULT_MAX_FRAME)? {
+        if let Some(server) = inner.server.as_mut().filter(|s| !s.settled) {
+            // The preface's second part is a `SETTINGS` frame (§3.4).
+            if head.kind != kind::SETTINGS {
+                return Err(FrameError::connection(Reason::PROTOCOL_ERROR));
+            }
+            server.settled = true;
+        }
         match handle_frame(inner, head, payload) {
             Err(e) if e.stream != 0 => {
                 if let Some(server) = &mut inner.server {
                     server.local_resets += 1;
                     if server.local_resets > server.limits.max_local_resets {
                         return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
+                    }
+                    if e.stream > server.last_peer {
+                        // No reset for a stream never opened (§6.4).
+                        return Err(FrameError::connection(Reason::PROTOCOL_ERROR));
                     }
                     if !inner.streams.contains_key(&e.stream) {
                         // A request refused as it opened: it has no
@@ -1099,22 +1124,30 @@ pub(super) fn handle_frame(
             kind::WINDOW_UPDATE => {
                 let increment = i64::from(frame::window_update(&head, &payload)?);
                 if head.stream == 0 {
+                    let was_shut = inner.send_window <= 0;
                     inner.send_window += increment;
                     if inner.send_window > i64::from(frame::MAX_WINDOW) {
                         return Err(FrameError::connection(Reason::FLOW_CONTROL_ERROR));
+                    }
+                    // Only a window that opens helps the streams in line:
+                    // a stream waits there with the connection's window
+                    // spent, or its own (an update a frame walking them
+                    // all would be a peer's lever on this end's CPU).
+                    if was_shut && inner.send_window > 0 {
+                        inner.flush_blocked();
                     }
                 } else if let Some(stream) = inner.streams.get_mut(&head.stream) {
                     stream.send_window += increment;
                     if stream.send_window > i64::from(frame::MAX_WINDOW) {
                         return Err(FrameError::stream(Reason::FLOW_CONTROL_ERROR, head.stream));
                     }
-                    if !stream.queued.is_empty() && !inner.blocked.contains(&head.stream) {
-                        inner.blocked.push_back(head.stream);
+                    if !stream.queued.is_empty() && inner.send_window > 0 {
+                        inner.send_queued(head.stream);
                     }
+                    inner.block(head.stream);
                 } else {
                     idle_check(inner, head.stream)?;
                 }
-                inner.flush_blocked();
             }
             kind::CONTINUATION => return Err(FrameError::connection(Reason::PROTOCOL_ERROR)),
             // Unknown frame types are ignored (§4.1).
@@ -1153,11 +1186,14 @@ pub(super) fn on_settings(inner: &mut Inner, settings: Settings) -> Result<(), F
             if stream.send_window > i64::from(frame::MAX_WINDOW) {
                 return Err(FrameError::connection(Reason::FLOW_CONTROL_ERROR));
             }
-            if delta > 0 && !stream.queued.is_empty() && !inner.blocked.contains(&id) {
+            if delta > 0 && !stream.queued.is_empty() && !stream.in_blocked {
+                stream.in_blocked = true;
                 inner.blocked.push_back(id);
             }
         }
-        inner.flush_blocked();
+        if delta > 0 {
+            inner.flush_blocked();
+        }
     }
     if let Some(size) = settings.header_table_size {
         // Never more than the 4,096 this end's encoder keeps.
@@ -1227,7 +1263,12 @@ pub(super) fn on_data(inner: &mut Inner, head: &Head, payload: Bytes) -> Result<
         w.wake();
     }
     // Padding counts against the windows but is never taken: back now.
-    inner.release(Some(id), if kept { len - n as i64 } else { len });
+    // A body let go gives back the connection's window only: its stream's
+    // stalls, as `h2` does (the client may not upload without end).
+    match kept {
+        true => inner.release(Some(id), len - n as i64),
+        false => inner.release(None, len),
+    }
     inner.settle(id);
     Ok(())
 }
@@ -1391,13 +1432,23 @@ fn on_request(
         return Err(FrameError::connection(Reason::PROTOCOL_ERROR));
     }
     if id <= server.last_peer {
-        // A stream closed already (§5.1).
-        return Err(FrameError::stream(Reason::STREAM_CLOSED, id));
+        // A stream closed already (§5.1), by a reset of this end's or a
+        // refusal perhaps: ignored.
+        return Ok(());
     }
     server.last_peer = id;
-    // After this end's `GOAWAY`, or over the limit: refused, nothing
-    // processed (the client may send it again).
-    if server.going_away || active >= server.limits.max_streams as usize {
+    // After this end's `GOAWAY` or the client's, with nobody taking
+    // streams, or over the limit: refused, nothing processed (the client
+    // may send it again). Counted, as `h2` counts refusals: a client that
+    // goes on opening them is let go.
+    let closing = server.going_away || inner.goaway.is_some() || inner.released;
+    if closing || active >= server.limits.max_streams as usize || !fit {
+        server.local_resets += 1;
+        if server.local_resets > server.limits.max_local_resets {
+            return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
+        }
+    }
+    if closing || active >= server.limits.max_streams as usize {
         frame::write_rst_stream(id, Reason::REFUSED_STREAM, &mut inner.out);
         inner.wake_driver();
         return Ok(());

@@ -110,7 +110,13 @@ pub(super) fn request_head(fields: &[Field]) -> Option<(Request<()>, Option<u64>
         }
     } else {
         let path = path.filter(|p| !p.is_empty())?;
-        parts.scheme = Some(uri::Scheme::try_from(&scheme?[..]).ok()?);
+        let scheme = uri::Scheme::try_from(&scheme?[..]).ok()?;
+        // No `:authority` (a request made from an HTTP/1.1 one names its
+        // host in `host`, RFC 9113 §8.3.1): the target is the path alone,
+        // as `h2` makes it.
+        if parts.authority.is_some() {
+            parts.scheme = Some(scheme);
+        }
         parts.path_and_query = Some(uri::PathAndQuery::from_maybe_shared(path.clone()).ok()?);
     }
     let mut req = Request::new(());

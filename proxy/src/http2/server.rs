@@ -48,6 +48,16 @@ impl Drop for Server {
             }
             inner.settle(id);
         }
+        // Nobody takes streams now: the client is told, and the
+        // connection closes once those taken are over.
+        let inner = &mut *inner;
+        if let Some(server) = inner.server.as_mut() {
+            if !server.going_away && inner.closed.is_none() {
+                server.going_away = true;
+                frame::write_goaway(server.last_peer, Reason::NO_ERROR, &mut inner.out);
+                inner.wake_driver();
+            }
+        }
         if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
             inner.released = true;
             inner.wake_driver();
@@ -75,6 +85,7 @@ where
         local_resets: 0,
         going_away: false,
         preface: false,
+        settled: false,
     };
     let (shared, driver) = start(io, config, settings, Some(Box::new(accepting)));
     (Server { shared }, driver)
@@ -101,10 +112,15 @@ impl Server {
                 conn::park(&mut server.waker, cx);
                 return Poll::Pending;
             };
-            let reset = inner.streams.get(&id).is_none_or(|s| s.error.is_some());
-            if reset {
-                // Reset by the client before it was taken: let go.
-                server.pending_resets = server.pending_resets.saturating_sub(1);
+            let stream = inner.streams.get(&id);
+            if stream.is_none_or(|s| s.error.is_some()) {
+                // Reset before it was taken: let go (counted if the client
+                // reset it).
+                if stream
+                    .is_some_and(|s| matches!(s.error, Some(Error::Reset { remote: true, .. })))
+                {
+                    server.pending_resets = server.pending_resets.saturating_sub(1);
+                }
                 if let Some(stream) = inner.streams.get_mut(&id) {
                     stream.recv_held = false;
                     stream.send_held = false;
@@ -148,6 +164,16 @@ impl Server {
     /// Streams open now.
     pub fn active(&self) -> usize {
         self.shared.lock().active
+    }
+
+    /// The client's preface and first `SETTINGS` came (a server bounds
+    /// the wait for them).
+    pub fn has_preface(&self) -> bool {
+        self.shared
+            .lock()
+            .server
+            .as_ref()
+            .is_some_and(|s| s.settled)
     }
 
     /// A handle that pings and closes the connection.
@@ -435,6 +461,20 @@ mod tests {
             }
         }
 
+        /// Whether the server closes the connection (after any frames)
+        /// within 10 s.
+        async fn closes(&mut self) -> bool {
+            loop {
+                let read =
+                    tokio::time::timeout(Duration::from_secs(10), self.io.read_buf(&mut self.read));
+                match read.await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    Ok(Ok(_)) => self.read.clear(),
+                    Err(_) => return false,
+                }
+            }
+        }
+
         /// The server's frames until one of `kind` (for `stream`): it.
         async fn until(&mut self, kind: u8, stream: u32) -> Option<(Head, Bytes)> {
             while let Some((head, payload)) = self.next().await {
@@ -659,5 +699,179 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), poll_fn(|cx| upload.poll_reset(cx)))
                 .await;
         assert_eq!(reset.ok().and_then(Result::ok), Some(h2::Reason::NO_ERROR));
+    }
+
+    /// Takes the next request, within 10 s.
+    async fn take(server: &mut Server) -> (Request<RecvStream>, Respond) {
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| server.poll_accept(cx)),
+        );
+        accepted
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("not taken"))
+    }
+
+    /// A `GOAWAY`'s last stream and reason, the next to come.
+    async fn goaway(raw: &mut Raw) -> Option<(u32, Reason)> {
+        let (head, payload) = raw.until(kind::GOAWAY, 0).await?;
+        frame::goaway(&head, payload)
+            .ok()
+            .map(|g| (g.last_stream, g.reason))
+    }
+
+    const POST: [(&str, &str); 4] = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "svc"),
+        (":path", "/up"),
+    ];
+
+    /// A request's body let go while its answer goes on: what the client
+    /// still sends gives back the connection's window, never the
+    /// stream's (a client could upload without end).
+    #[tokio::test]
+    async fn a_body_let_go_gets_no_more_stream_window() {
+        let config = Config {
+            stream_window: 65_535,
+            ..Config::default()
+        };
+        let (mut raw, mut server) = Raw::start(config, ServerLimits::default()).await;
+        let mut out = BytesMut::new();
+        raw.head(1, &POST, false, &mut out);
+        raw.write(&out).await;
+        let (req, mut respond) = take(&mut server).await;
+        drop(req);
+        let _answer = respond.send_response(Response::new(()), false);
+        let mut out = BytesMut::new();
+        for _ in 0..4 {
+            frame::write_data_head(1, 16_000, false, &mut out);
+            out.extend_from_slice(&[0u8; 16_000]);
+        }
+        frame::write_ping(false, *b"afterall", &mut out);
+        raw.write(&out).await;
+        let mut stream_updates = 0;
+        while let Some((head, _)) = raw.next().await {
+            if head.kind == kind::WINDOW_UPDATE && head.stream == 1 {
+                stream_updates += 1;
+            }
+            if head.kind == kind::PING {
+                break;
+            }
+        }
+        assert_eq!(stream_updates, 0, "the stream's window was given back");
+    }
+
+    /// The server dropped with a stream open: the client is told which
+    /// streams were taken (`GOAWAY` naming the last), a new one is
+    /// refused, and the connection closes once the open one is answered.
+    #[tokio::test]
+    async fn a_server_dropped_says_goaway_and_refuses_new_streams() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        let mut out = BytesMut::new();
+        raw.head(1, &GET, true, &mut out);
+        raw.write(&out).await;
+        let (req, mut respond) = take(&mut server).await;
+        drop(req);
+        drop(server);
+        assert_eq!(goaway(&mut raw).await, Some((1, Reason::NO_ERROR)));
+        let mut out = BytesMut::new();
+        raw.head(3, &GET, true, &mut out);
+        raw.write(&out).await;
+        let refused = raw.until(kind::RST_STREAM, 3).await;
+        let reason = refused.and_then(|(head, payload)| frame::rst_stream(&head, &payload).ok());
+        assert_eq!(reason, Some(Reason::REFUSED_STREAM));
+        assert!(respond.send_response(Response::new(()), true).is_ok());
+        assert!(raw.until(kind::HEADERS, 1).await.is_some());
+        // Then the close: the end of the stream, well within 10 s.
+        assert!(raw.closes().await, "the connection stayed open");
+    }
+
+    /// A connection error names the last stream taken in its `GOAWAY`
+    /// (0 would tell the client that nothing was processed).
+    #[tokio::test]
+    async fn a_connection_error_names_the_last_stream_taken() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        let mut out = BytesMut::new();
+        raw.head(1, &GET, true, &mut out);
+        raw.write(&out).await;
+        let _taken = take(&mut server).await;
+        // DATA on stream 0: a connection error (§6.1).
+        let mut out = BytesMut::new();
+        frame::write_data_head(0, 1, false, &mut out);
+        out.extend_from_slice(b"x");
+        raw.write(&out).await;
+        assert_eq!(goaway(&mut raw).await, Some((1, Reason::PROTOCOL_ERROR)));
+    }
+
+    /// Streams refused over the limit count against the streams reset for
+    /// the client's doing: past that, the connection is closed.
+    #[tokio::test]
+    async fn refusals_without_end_close_the_connection() {
+        let limits = ServerLimits {
+            max_streams: 1,
+            max_local_resets: 2,
+            ..ServerLimits::default()
+        };
+        let (mut raw, _server) = Raw::start(Config::default(), limits).await;
+        let mut out = BytesMut::new();
+        for id in [1, 3, 5, 7] {
+            raw.head(id, &GET, true, &mut out);
+        }
+        raw.write(&out).await;
+        let closed = goaway(&mut raw).await;
+        assert_eq!(closed.map(|(_, r)| r), Some(Reason::ENHANCE_YOUR_CALM));
+    }
+
+    /// A request with no `:authority` (made from an HTTP/1.1 one, its host
+    /// in `host`) is taken, its target the path alone, as `h2` takes it.
+    #[tokio::test]
+    async fn a_request_without_authority_is_taken() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        let mut out = BytesMut::new();
+        let fields = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/p?q=1"),
+            ("host", "svc.local"),
+        ];
+        raw.head(1, &fields, true, &mut out);
+        raw.write(&out).await;
+        let (req, _respond) = take(&mut server).await;
+        assert_eq!(req.uri(), "/p?q=1");
+        assert_eq!(
+            req.headers().get("host").map(|h| h.as_bytes()),
+            Some(&b"svc.local"[..])
+        );
+    }
+
+    /// The preface must be followed by `SETTINGS` (§3.4); a stream error on
+    /// a stream never opened is a connection error (no reset of an idle
+    /// stream, §6.4).
+    #[tokio::test]
+    async fn a_client_that_breaks_the_opening_or_resets_idle_streams_is_let_go() {
+        for case in ["no settings", "idle stream"] {
+            let (client, io) = tokio::io::duplex(64 * 1024);
+            let (_server, driver) = handshake(io, Config::default(), ServerLimits::default());
+            tokio::spawn(driver);
+            let mut raw = Raw {
+                io: client,
+                read: BytesMut::new(),
+                encoder: Encoder::default(),
+            };
+            let mut out = BytesMut::new();
+            out.extend_from_slice(frame::PREFACE);
+            if case == "idle stream" {
+                Settings::default().write(&mut out);
+            }
+            // A window update of 0 on stream 99: a stream error, on a
+            // stream never opened.
+            frame::write_window_update(99, 0, &mut out);
+            raw.write(&out).await;
+            let closed = goaway(&mut raw).await;
+            assert_eq!(closed, Some((0, Reason::PROTOCOL_ERROR)), "{case}");
+        }
     }
 }
