@@ -177,6 +177,13 @@ pub(super) struct Accepting {
     pub(super) waker: Option<Waker>,
     /// The highest stream ID the client opened.
     pub(super) last_peer: u32,
+    /// The highest stream ID taken (queued, or answered `431`): what a
+    /// `GOAWAY` of this end's names, never higher than one sent before.
+    pub(super) last_taken: u32,
+    /// Streams of the client's this end reset or refused lately: a
+    /// `HEADERS` still coming on one is ignored (RFC 9113 §5.4.2), on any
+    /// other closed stream it is a connection error (§5.1.1).
+    pub(super) reset_ids: VecDeque<u32>,
     /// Streams in `queue` the client reset.
     pub(super) pending_resets: usize,
     /// Streams reset for the client's errors, in all.
@@ -287,7 +294,7 @@ impl Inner {
         if let Some(reason) = goaway {
             // A server names the last stream of its client's it took (0
             // would say none was processed, and invite replays).
-            let last = self.server.as_ref().map_or(0, |s| s.last_peer);
+            let last = self.server.as_ref().map_or(0, |s| s.last_taken);
             frame::write_goaway(last, reason, &mut self.out);
         }
         self.closed = Some(error.clone());
@@ -321,6 +328,9 @@ impl Inner {
         if let Some(stream) = self.streams.get_mut(&id) {
             if stream.is_closed() {
                 return;
+            }
+            if let Some(server) = &mut self.server {
+                server.note_reset(id);
             }
             stream.error = Some(Error::Reset {
                 reason,
@@ -436,6 +446,9 @@ impl Inner {
                 remote: false,
             });
             frame::write_rst_stream(id, Reason::NO_ERROR, &mut self.out);
+            if let Some(server) = &mut self.server {
+                server.note_reset(id);
+            }
             if let Some(w) = self.driver.take() {
                 w.wake();
             }
@@ -465,24 +478,23 @@ impl Inner {
     pub(super) fn flush_blocked(&mut self) {
         // The first in line goes last next time: no stream starves the rest
         // of a small connection window.
-        if let Some(first) = self.blocked.pop_front() {
-            self.blocked.push_back(first);
-        }
-        let mut still = VecDeque::new();
-        while let Some(id) = self.blocked.pop_front() {
+        // (Each stream served goes to the back of the line; the walk ends
+        // with the connection's window, not with the line.)
+        for _ in 0..self.blocked.len() {
             if self.send_window <= 0 {
-                still.push_back(id);
-                continue;
+                break;
             }
+            let Some(id) = self.blocked.pop_front() else {
+                break;
+            };
             self.send_queued(id);
             if let Some(stream) = self.streams.get_mut(&id) {
                 stream.in_blocked = !stream.queued.is_empty() && stream.error.is_none();
                 if stream.in_blocked {
-                    still.push_back(id);
+                    self.blocked.push_back(id);
                 }
             }
         }
-        self.blocked = still;
     }
 
     /// Puts stream `id` in line for window, unless it is already.
@@ -993,8 +1005,9 @@ pub(super) fn handle_frames(inner: &mut Inner, read: &mut BytesMut) -> Result<()
     }
     while let Some((head, payload)) = frame::next(read, frame::DEFAULT_MAX_FRAME)? {
         if let Some(server) = inner.server.as_mut().filter(|s| !s.settled) {
-            // The preface's second part is a `SETTINGS` frame (§3.4).
-            if head.kind != kind::SETTINGS {
+            // The preface's second part is a `SETTINGS` frame (§3.4), the
+            // client's own (not an acknowledgement).
+            if head.kind != kind::SETTINGS || head.has(flag::ACK) {
                 return Err(FrameError::connection(Reason::PROTOCOL_ERROR));
             }
             server.settled = true;
@@ -1006,13 +1019,14 @@ pub(super) fn handle_frames(inner: &mut Inner, read: &mut BytesMut) -> Result<()
                     if server.local_resets > server.limits.max_local_resets {
                         return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
                     }
-                    if e.stream > server.last_peer {
+                    if e.stream > server.last_peer || e.stream.is_multiple_of(2) {
                         // No reset for a stream never opened (§6.4).
                         return Err(FrameError::connection(Reason::PROTOCOL_ERROR));
                     }
                     if !inner.streams.contains_key(&e.stream) {
                         // A request refused as it opened: it has no
                         // stream of its own to reset.
+                        server.note_reset(e.stream);
                         frame::write_rst_stream(e.stream, e.reason, &mut inner.out);
                         inner.wake_driver();
                     }
@@ -1432,28 +1446,36 @@ fn on_request(
         return Err(FrameError::connection(Reason::PROTOCOL_ERROR));
     }
     if id <= server.last_peer {
-        // A stream closed already (§5.1), by a reset of this end's or a
-        // refusal perhaps: ignored.
-        return Ok(());
+        // A stream this end reset or refused lately: what was on its way
+        // is ignored (§5.4.2). Any other closed stream: §5.1.1.
+        if server.reset_ids.contains(&id) {
+            return Ok(());
+        }
+        return Err(FrameError::connection(Reason::PROTOCOL_ERROR));
     }
     server.last_peer = id;
-    // After this end's `GOAWAY` or the client's, with nobody taking
-    // streams, or over the limit: refused, nothing processed (the client
-    // may send it again). Counted, as `h2` counts refusals: a client that
-    // goes on opening them is let go.
-    let closing = server.going_away || inner.goaway.is_some() || inner.released;
-    if closing || active >= server.limits.max_streams as usize || !fit {
+    // Over the limit, or a head too large: counted, as `h2` counts
+    // refusals (a client that goes on sending them is let go).
+    let over = active >= server.limits.max_streams as usize;
+    if over || !fit {
         server.local_resets += 1;
         if server.local_resets > server.limits.max_local_resets {
             return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
         }
     }
-    if closing || active >= server.limits.max_streams as usize {
+    // After this end's `GOAWAY` or the client's, with nobody taking
+    // streams, or over the limit: refused, nothing processed (the client
+    // may send it again).
+    let closing = server.going_away || inner.goaway.is_some() || inner.released;
+    if closing || over {
+        server.note_reset(id);
         frame::write_rst_stream(id, Reason::REFUSED_STREAM, &mut inner.out);
         inner.wake_driver();
         return Ok(());
     }
     if !fit {
+        server.last_taken = id;
+        server.note_reset(id);
         // A head over the limit this end set: `431`, as `h2` answers it,
         // and no more of the request.
         let mut resp = Response::new(());
@@ -1471,6 +1493,7 @@ fn on_request(
     if end && length.is_some_and(|n| n != 0) {
         return Err(FrameError::stream(Reason::PROTOCOL_ERROR, id));
     }
+    server.last_taken = id;
     server.queue.push_back((id, req));
     if let Some(waker) = server.waker.take() {
         waker.wake();
@@ -1536,5 +1559,16 @@ pub(super) fn poll_reset(inner: &mut Inner, id: u32, cx: &Context<'_>) -> Poll<R
                 Poll::Pending
             }
         },
+    }
+}
+
+impl Accepting {
+    /// Keeps `id` among the streams reset or refused lately (the last
+    /// 256).
+    pub(super) fn note_reset(&mut self, id: u32) {
+        if self.reset_ids.len() == 256 {
+            self.reset_ids.pop_front();
+        }
+        self.reset_ids.push_back(id);
     }
 }

@@ -54,7 +54,7 @@ impl Drop for Server {
         if let Some(server) = inner.server.as_mut() {
             if !server.going_away && inner.closed.is_none() {
                 server.going_away = true;
-                frame::write_goaway(server.last_peer, Reason::NO_ERROR, &mut inner.out);
+                frame::write_goaway(server.last_taken, Reason::NO_ERROR, &mut inner.out);
                 inner.wake_driver();
             }
         }
@@ -81,6 +81,8 @@ where
         queue: VecDeque::new(),
         waker: None,
         last_peer: 0,
+        last_taken: 0,
+        reset_ids: VecDeque::new(),
         pending_resets: 0,
         local_resets: 0,
         going_away: false,
@@ -154,7 +156,7 @@ impl Server {
             return;
         }
         server.going_away = true;
-        frame::write_goaway(server.last_peer, Reason::NO_ERROR, &mut inner.out);
+        frame::write_goaway(server.last_taken, Reason::NO_ERROR, &mut inner.out);
         if let Some(waker) = server.waker.take() {
             waker.wake();
         }
@@ -852,7 +854,7 @@ mod tests {
     /// stream, §6.4).
     #[tokio::test]
     async fn a_client_that_breaks_the_opening_or_resets_idle_streams_is_let_go() {
-        for case in ["no settings", "idle stream"] {
+        for case in ["no settings", "settings ack", "idle stream"] {
             let (client, io) = tokio::io::duplex(64 * 1024);
             let (_server, driver) = handshake(io, Config::default(), ServerLimits::default());
             tokio::spawn(driver);
@@ -863,15 +865,163 @@ mod tests {
             };
             let mut out = BytesMut::new();
             out.extend_from_slice(frame::PREFACE);
-            if case == "idle stream" {
-                Settings::default().write(&mut out);
+            match case {
+                "idle stream" => Settings::default().write(&mut out),
+                "settings ack" => frame::write_settings_ack(&mut out),
+                _ => {}
             }
-            // A window update of 0 on stream 99: a stream error, on a
-            // stream never opened.
-            frame::write_window_update(99, 0, &mut out);
+            match case {
+                // A window update of 0 on stream 99: a stream error, on a
+                // stream never opened.
+                "idle stream" => frame::write_window_update(99, 0, &mut out),
+                // A frame that would be answered, were the opening right.
+                _ => frame::write_ping(false, *b"answer?!", &mut out),
+            }
             raw.write(&out).await;
             let closed = goaway(&mut raw).await;
             assert_eq!(closed, Some((0, Reason::PROTOCOL_ERROR)), "{case}");
+        }
+    }
+
+    /// A `GOAWAY` after the first never names a higher stream (RFC 9113
+    /// §6.8), whatever was refused between; refusals after it do not count
+    /// against the client.
+    #[tokio::test]
+    async fn a_later_goaway_never_names_a_higher_stream() {
+        let limits = ServerLimits {
+            max_local_resets: 1,
+            ..ServerLimits::default()
+        };
+        let (mut raw, mut server) = Raw::start(Config::default(), limits).await;
+        let mut out = BytesMut::new();
+        raw.head(1, &GET, true, &mut out);
+        raw.write(&out).await;
+        let (req, mut respond) = take(&mut server).await;
+        drop(req);
+        server.graceful_shutdown();
+        assert_eq!(goaway(&mut raw).await, Some((1, Reason::NO_ERROR)));
+        let mut out = BytesMut::new();
+        for id in [3, 5, 7] {
+            raw.head(id, &GET, true, &mut out);
+        }
+        raw.write(&out).await;
+        let refused = raw.until(kind::RST_STREAM, 7).await;
+        let reason = refused.and_then(|(head, payload)| frame::rst_stream(&head, &payload).ok());
+        assert_eq!(reason, Some(Reason::REFUSED_STREAM));
+        // Three refusals over a limit of one: not the client's doing.
+        let answer = respond.send_response(Response::new(()), false);
+        assert!(answer.is_ok());
+        assert!(raw.until(kind::HEADERS, 1).await.is_some());
+        // A connection error now names stream 1 still, not 7.
+        let mut out = BytesMut::new();
+        frame::write_data_head(0, 1, false, &mut out);
+        out.extend_from_slice(b"x");
+        raw.write(&out).await;
+        assert_eq!(goaway(&mut raw).await, Some((1, Reason::PROTOCOL_ERROR)));
+    }
+
+    /// `HEADERS` on a stream this end refused is ignored (it may have been
+    /// on its way); on a lower stream never used, it is a connection error
+    /// (§5.1.1).
+    #[tokio::test]
+    async fn headers_on_a_closed_stream_are_ignored_only_if_this_end_closed_it() {
+        let limits = ServerLimits {
+            max_streams: 1,
+            ..ServerLimits::default()
+        };
+        let (mut raw, mut server) = Raw::start(Config::default(), limits).await;
+        let mut out = BytesMut::new();
+        raw.head(1, &GET, true, &mut out);
+        raw.head(5, &GET, true, &mut out);
+        raw.write(&out).await;
+        let _taken = take(&mut server).await;
+        assert!(raw.until(kind::RST_STREAM, 5).await.is_some());
+        // Trailers on the refused stream 5: ignored; a ping still answered.
+        let mut out = BytesMut::new();
+        raw.head(5, &[("x-t", "1")], true, &mut out);
+        frame::write_ping(false, *b"stillok!", &mut out);
+        raw.write(&out).await;
+        let pong = raw.until(kind::PING, 0).await;
+        assert!(pong.is_some_and(|(head, _)| head.has(frame::flag::ACK)));
+        // Stream 3, skipped: closed, never used.
+        let mut out = BytesMut::new();
+        raw.head(3, &GET, true, &mut out);
+        raw.write(&out).await;
+        assert_eq!(goaway(&mut raw).await, Some((1, Reason::PROTOCOL_ERROR)));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+        /// Any frames a client sends (any kind, flags, stream and payload)
+        /// among well-formed requests, then its close: no panic, every
+        /// request taken gets its answer or an error, and the connection
+        /// ends (within 10 s: never a hang).
+        #[test]
+        fn any_frames_from_a_client_end_in_answers_or_errors(
+            frames in proptest::collection::vec(
+                (
+                    0u8..11,
+                    proptest::prelude::any::<u8>(),
+                    proptest::sample::select(vec![0u32, 1, 2, 3, 5, 7, 99]),
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+                ),
+                0..12,
+            ),
+            requests in proptest::collection::vec(proptest::prelude::any::<bool>(), 0..4),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            let ended = runtime.block_on(async move {
+                let (client, io) = tokio::io::duplex(64 * 1024);
+                let (mut server, driver) = handshake(io, Config::default(), ServerLimits::default());
+                let driver = tokio::spawn(driver);
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = tokio::io::split(client);
+                    let mut out = BytesMut::new();
+                    out.extend_from_slice(frame::PREFACE);
+                    Settings::default().write(&mut out);
+                    let mut encoder = Encoder::default();
+                    let mut id = 1;
+                    for (i, (kind, flags, stream, payload)) in frames.into_iter().enumerate() {
+                        if let Some(&end) = requests.get(i) {
+                            let mut block = BytesMut::new();
+                            encoder.begin(&mut block);
+                            for (name, value) in GET {
+                                encoder.field(name.as_bytes(), value.as_bytes(), Indexing::Index, &mut block);
+                            }
+                            frame::write_headers(id, &block, end, frame::DEFAULT_MAX_FRAME, &mut out);
+                            id += 2;
+                        }
+                        let head = Head { len: payload.len() as u32, kind, flags, stream };
+                        head.write(&mut out);
+                        out.extend_from_slice(&payload);
+                    }
+                    let _ = wr.write_all(&out).await;
+                    // Read a little, then close.
+                    let mut sink = [0u8; 256];
+                    let _ = rd.read(&mut sink).await;
+                });
+                let serving = async move {
+                    while let Some((req, mut respond)) = poll_fn(|cx| server.poll_accept(cx)).await {
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            let _ = read_all(&mut body).await;
+                            if let Ok(mut stream) = respond.send_response(Response::new(()), false) {
+                                let _ = stream.send_data(Bytes::from_static(b"ok"), true);
+                            }
+                        });
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(10), async move {
+                    serving.await;
+                    let _ = driver.await;
+                })
+                .await
+                .is_ok()
+            });
+            proptest::prop_assert!(ended, "the connection did not end");
         }
     }
 }
