@@ -4,7 +4,7 @@
 //! readied), `GOAWAY` telling apart the streams never processed.
 //! `upstream/h2.rs` runs on it.
 
-use super::conn::{indexing, park, ping, refused, start, Shared, Stream};
+use super::conn::{indexing, park, ping, refused, start, Shared};
 pub use super::conn::{Config, Control, Driver, Error, Pong, RecvStream, SendStream};
 use super::frame::{self, Reason, Settings};
 pub use super::head::content_length;
@@ -229,18 +229,10 @@ fn open(
             enc.field(name, value.as_bytes(), indexing(name, value), block);
         }
         frame::finish_headers(&mut inner.out, start, id, end, inner.max_frame);
-        let stream = Stream {
-            recv_window: i64::from(inner.config.stream_window),
-            send_window: inner.initial_send_window,
-            send_done: end,
-            no_content: req.method() == http::Method::HEAD,
-            recv_held: true,
-            send_held: true,
-            counted: true,
-            ..Stream::default()
-        };
-        inner.streams.insert(id, stream);
-        inner.active += 1;
+        inner.add_stream(id, |stream| {
+            stream.send_done = end;
+            stream.no_content = req.method() == http::Method::HEAD;
+        });
         inner.wake_driver();
         id
     };

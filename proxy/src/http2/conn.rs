@@ -497,6 +497,22 @@ impl Inner {
         }
     }
 
+    /// Opens stream `id` with the windows in force, both its sides held
+    /// and counted in `active`; `set` fills in what is its own.
+    pub(super) fn add_stream(&mut self, id: u32, set: impl FnOnce(&mut Stream)) {
+        let mut stream = Stream {
+            recv_window: i64::from(self.config.stream_window),
+            send_window: self.initial_send_window,
+            recv_held: true,
+            send_held: true,
+            counted: true,
+            ..Stream::default()
+        };
+        set(&mut stream);
+        self.streams.insert(id, stream);
+        self.active += 1;
+    }
+
     /// Puts stream `id` in line for window, unless it is already.
     pub(super) fn block(&mut self, id: u32) {
         if let Some(stream) = self.streams.get_mut(&id) {
@@ -1498,19 +1514,12 @@ fn on_request(
     if let Some(waker) = server.waker.take() {
         waker.wake();
     }
-    let stream = Stream {
-        recv_window: i64::from(inner.config.stream_window),
-        send_window: inner.initial_send_window,
-        answered: true,
-        recv_done: end,
-        remaining: length,
-        recv_held: true,
-        send_held: true,
-        counted: true,
-        ..Stream::default()
-    };
-    inner.streams.insert(id, stream);
-    inner.active += 1;
+    inner.add_stream(id, |stream| {
+        // The head of what this end receives came.
+        stream.answered = true;
+        stream.recv_done = end;
+        stream.remaining = length;
+    });
     Ok(())
 }
 

@@ -448,6 +448,23 @@ mod tests {
             frame::write_headers(id, &block, end, frame::DEFAULT_MAX_FRAME, out);
         }
 
+        /// Writes a request head on each of `ids` (fields as given).
+        async fn send_heads(&mut self, ids: &[u32], fields: &[(&str, &str)], end: bool) {
+            let mut out = BytesMut::new();
+            for &id in ids {
+                self.head(id, fields, end, &mut out);
+            }
+            self.write(&out).await;
+        }
+
+        /// DATA on stream 0: a connection error (§6.1).
+        async fn break_connection(&mut self) {
+            let mut out = BytesMut::new();
+            frame::write_data_head(0, 1, false, &mut out);
+            out.extend_from_slice(b"x");
+            self.write(&out).await;
+        }
+
         /// The server's next frame (within 10 s).
         async fn next(&mut self) -> Option<(Head, Bytes)> {
             loop {
@@ -504,11 +521,7 @@ mod tests {
             ..ServerLimits::default()
         };
         let (mut raw, mut server) = Raw::start(Config::default(), limits).await;
-        let mut out = BytesMut::new();
-        for id in [1, 3, 5] {
-            raw.head(id, &GET, true, &mut out);
-        }
-        raw.write(&out).await;
+        raw.send_heads(&[1, 3, 5], &GET, true).await;
         let refused = raw.until(kind::RST_STREAM, 5).await;
         let reason = refused.and_then(|(head, payload)| frame::rst_stream(&head, &payload).ok());
         assert_eq!(reason, Some(Reason::REFUSED_STREAM));
@@ -741,9 +754,7 @@ mod tests {
             ..Config::default()
         };
         let (mut raw, mut server) = Raw::start(config, ServerLimits::default()).await;
-        let mut out = BytesMut::new();
-        raw.head(1, &POST, false, &mut out);
-        raw.write(&out).await;
+        raw.send_heads(&[1], &POST, false).await;
         let (req, mut respond) = take(&mut server).await;
         drop(req);
         let _answer = respond.send_response(Response::new(()), false);
@@ -772,16 +783,12 @@ mod tests {
     #[tokio::test]
     async fn a_server_dropped_says_goaway_and_refuses_new_streams() {
         let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
-        let mut out = BytesMut::new();
-        raw.head(1, &GET, true, &mut out);
-        raw.write(&out).await;
+        raw.send_heads(&[1], &GET, true).await;
         let (req, mut respond) = take(&mut server).await;
         drop(req);
         drop(server);
         assert_eq!(goaway(&mut raw).await, Some((1, Reason::NO_ERROR)));
-        let mut out = BytesMut::new();
-        raw.head(3, &GET, true, &mut out);
-        raw.write(&out).await;
+        raw.send_heads(&[3], &GET, true).await;
         let refused = raw.until(kind::RST_STREAM, 3).await;
         let reason = refused.and_then(|(head, payload)| frame::rst_stream(&head, &payload).ok());
         assert_eq!(reason, Some(Reason::REFUSED_STREAM));
@@ -796,15 +803,9 @@ mod tests {
     #[tokio::test]
     async fn a_connection_error_names_the_last_stream_taken() {
         let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
-        let mut out = BytesMut::new();
-        raw.head(1, &GET, true, &mut out);
-        raw.write(&out).await;
+        raw.send_heads(&[1], &GET, true).await;
         let _taken = take(&mut server).await;
-        // DATA on stream 0: a connection error (§6.1).
-        let mut out = BytesMut::new();
-        frame::write_data_head(0, 1, false, &mut out);
-        out.extend_from_slice(b"x");
-        raw.write(&out).await;
+        raw.break_connection().await;
         assert_eq!(goaway(&mut raw).await, Some((1, Reason::PROTOCOL_ERROR)));
     }
 
@@ -818,11 +819,7 @@ mod tests {
             ..ServerLimits::default()
         };
         let (mut raw, _server) = Raw::start(Config::default(), limits).await;
-        let mut out = BytesMut::new();
-        for id in [1, 3, 5, 7] {
-            raw.head(id, &GET, true, &mut out);
-        }
-        raw.write(&out).await;
+        raw.send_heads(&[1, 3, 5, 7], &GET, true).await;
         let closed = goaway(&mut raw).await;
         assert_eq!(closed.map(|(_, r)| r), Some(Reason::ENHANCE_YOUR_CALM));
     }
@@ -893,18 +890,12 @@ mod tests {
             ..ServerLimits::default()
         };
         let (mut raw, mut server) = Raw::start(Config::default(), limits).await;
-        let mut out = BytesMut::new();
-        raw.head(1, &GET, true, &mut out);
-        raw.write(&out).await;
+        raw.send_heads(&[1], &GET, true).await;
         let (req, mut respond) = take(&mut server).await;
         drop(req);
         server.graceful_shutdown();
         assert_eq!(goaway(&mut raw).await, Some((1, Reason::NO_ERROR)));
-        let mut out = BytesMut::new();
-        for id in [3, 5, 7] {
-            raw.head(id, &GET, true, &mut out);
-        }
-        raw.write(&out).await;
+        raw.send_heads(&[3, 5, 7], &GET, true).await;
         let refused = raw.until(kind::RST_STREAM, 7).await;
         let reason = refused.and_then(|(head, payload)| frame::rst_stream(&head, &payload).ok());
         assert_eq!(reason, Some(Reason::REFUSED_STREAM));
@@ -912,11 +903,7 @@ mod tests {
         let answer = respond.send_response(Response::new(()), false);
         assert!(answer.is_ok());
         assert!(raw.until(kind::HEADERS, 1).await.is_some());
-        // A connection error now names stream 1 still, not 7.
-        let mut out = BytesMut::new();
-        frame::write_data_head(0, 1, false, &mut out);
-        out.extend_from_slice(b"x");
-        raw.write(&out).await;
+        raw.break_connection().await;
         assert_eq!(goaway(&mut raw).await, Some((1, Reason::PROTOCOL_ERROR)));
     }
 
@@ -930,10 +917,7 @@ mod tests {
             ..ServerLimits::default()
         };
         let (mut raw, mut server) = Raw::start(Config::default(), limits).await;
-        let mut out = BytesMut::new();
-        raw.head(1, &GET, true, &mut out);
-        raw.head(5, &GET, true, &mut out);
-        raw.write(&out).await;
+        raw.send_heads(&[1, 5], &GET, true).await;
         let _taken = take(&mut server).await;
         assert!(raw.until(kind::RST_STREAM, 5).await.is_some());
         // Trailers on the refused stream 5: ignored; a ping still answered.
@@ -944,9 +928,7 @@ mod tests {
         let pong = raw.until(kind::PING, 0).await;
         assert!(pong.is_some_and(|(head, _)| head.has(frame::flag::ACK)));
         // Stream 3, skipped: closed, never used.
-        let mut out = BytesMut::new();
-        raw.head(3, &GET, true, &mut out);
-        raw.write(&out).await;
+        raw.send_heads(&[3], &GET, true).await;
         assert_eq!(goaway(&mut raw).await, Some((1, Reason::PROTOCOL_ERROR)));
     }
 
