@@ -847,15 +847,7 @@ mod tests {
         /// an error.
         #[test]
         fn any_frames_from_a_server_end_in_answers_or_errors(
-            frames in proptest::collection::vec(
-                (
-                    0u8..11,
-                    proptest::prelude::any::<u8>(),
-                    proptest::sample::select(vec![0u32, 1, 2, 3, 5, 7, 99]),
-                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
-                ),
-                0..12,
-            ),
+            frames in frame::any_frames(),
         ) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

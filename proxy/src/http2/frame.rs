@@ -598,6 +598,24 @@ impl Block {
     }
 }
 
+/// Tests only: up to 12 frames of any kind (and unknown ones), flags,
+/// stream (0, client's, server's, never opened) and payload, as
+/// `(kind, flags, stream, payload)`, for the connections' "any frames
+/// from the peer" properties.
+#[cfg(test)]
+pub fn any_frames() -> impl proptest::strategy::Strategy<Value = Vec<(u8, u8, u32, Vec<u8>)>> {
+    use proptest::prelude::any;
+    proptest::collection::vec(
+        (
+            0u8..11,
+            any::<u8>(),
+            proptest::sample::select(vec![0u32, 1, 2, 3, 5, 7, 99]),
+            proptest::collection::vec(any::<u8>(), 0..24),
+        ),
+        0..12,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -940,15 +940,7 @@ mod tests {
         /// ends (within 10 s: never a hang).
         #[test]
         fn any_frames_from_a_client_end_in_answers_or_errors(
-            frames in proptest::collection::vec(
-                (
-                    0u8..11,
-                    proptest::prelude::any::<u8>(),
-                    proptest::sample::select(vec![0u32, 1, 2, 3, 5, 7, 99]),
-                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
-                ),
-                0..12,
-            ),
+            frames in frame::any_frames(),
             requests in proptest::collection::vec(proptest::prelude::any::<bool>(), 0..4),
         ) {
             let runtime = tokio::runtime::Builder::new_current_thread()
