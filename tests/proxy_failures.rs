@@ -236,6 +236,43 @@ async fn headers_over_the_limit_are_431() {
     still_serves(&proxy).await;
 }
 
+/// Over HTTP/2, a request head over `limits.max_header_bytes` gets 431
+/// on its own stream, never reaches the upstream, and the connection
+/// goes on serving the client's other requests.
+#[tokio::test]
+async fn an_h2_head_over_the_limit_is_431_and_the_connection_goes_on() {
+    let (backend, proxy) = strict().await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let big = "a".repeat(20 * 1024);
+    let req = Request::get("http://m/big")
+        .header("x-big", big.as_str())
+        .body(())
+        .unwrap();
+    let (answer, _) = send.send_request(req, true).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(backend.count(), 0);
+    // Just under the limit, on the same connection, is served.
+    let mut send = send.ready().await.unwrap();
+    let req = Request::get("http://m/fits")
+        .header("x-big", &big[..12 * 1024])
+        .body(())
+        .unwrap();
+    let (answer, _) = send.send_request(req, true).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(backend.count(), 1);
+}
+
 #[tokio::test]
 async fn conflicting_lengths_are_400() {
     let (backend, proxy) = strict().await;

@@ -363,8 +363,9 @@ async fn a_stalled_upload_leaves_room_for_the_connection_s_other_streams() {
     let mut send = send.ready().await.unwrap();
     let req = Request::post("http://stuck/upload").body(()).unwrap();
     let (_held, mut big) = send.send_request(req, false).unwrap();
-    /// The window the proxy gives a client's stream, and its connection.
-    const EDGE_STREAM_WINDOW: usize = 1 << 20;
+    /// The window the proxy gives a client's stream (a quarter of its
+    /// connection's).
+    const EDGE_STREAM_WINDOW: usize = 256 << 10;
     // The big upload sends what the proxy's windows let it, up to 8 MiB.
     let mut sent = 0usize;
     while sent < EDGE_STREAM_WINDOW {
@@ -380,8 +381,8 @@ async fn a_stalled_upload_leaves_room_for_the_connection_s_other_streams() {
             .unwrap();
         sent += room;
     }
-    // It has filled its stream's window, as much as the connection's
-    // whole window: the small upload goes on the same connection.
+    // It has filled its stream's window, and keeps asking for more: the
+    // small upload goes on the same connection.
     let mut send = send.ready().await.unwrap();
     let req = Request::post("http://fine/small").body(()).unwrap();
     let (resp, mut small) = send.send_request(req, false).unwrap();

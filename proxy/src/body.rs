@@ -28,10 +28,9 @@ pub enum BodyError {
     /// The upstream's connection failed, or its body was malformed (the
     /// lean HTTP/1.1 client).
     Lean(h1::Error),
-    /// A client's HTTP/2 stream or its connection failed.
-    H2(::h2::Error),
-    /// An upstream's HTTP/2 stream or its connection failed.
-    UpstreamH2(client::Error),
+    /// An HTTP/2 stream (a client's or an upstream's) or its connection
+    /// failed.
+    H2(client::Error),
     /// No byte arrived for this long.
     Idle(Duration),
 }
@@ -42,7 +41,6 @@ impl std::fmt::Display for BodyError {
             BodyError::Hyper(e) => e.fmt(f),
             BodyError::Lean(e) => e.fmt(f),
             BodyError::H2(e) => e.fmt(f),
-            BodyError::UpstreamH2(e) => e.fmt(f),
             BodyError::Idle(d) => write!(f, "no body bytes for {d:?}"),
         }
     }
@@ -60,7 +58,6 @@ impl std::error::Error for BodyError {
             BodyError::Hyper(e) => Some(e),
             BodyError::Lean(e) => Some(e),
             BodyError::H2(e) => Some(e),
-            BodyError::UpstreamH2(e) => Some(e),
             BodyError::Idle(_) => None,
         }
     }
@@ -163,7 +160,7 @@ pub enum ClientBody {
     /// Read by hyper's server.
     Hyper(HyperBody),
     /// Read from an HTTP/2 stream.
-    H2(RecvBody<::h2::RecvStream>),
+    H2(RecvBody),
     /// No body.
     Empty,
     /// A small body that arrived with its head, whole (`None` once read).
@@ -291,7 +288,7 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Hyper),
             UpstreamBody::Lean(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Lean),
-            UpstreamBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::UpstreamH2),
+            UpstreamBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::H2),
         }
     }
 

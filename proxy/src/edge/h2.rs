@@ -1,8 +1,8 @@
-//! H2: the HTTP/2 server, on the `h2` crate. Every stream's request is
-//! served in the connection's own task (hyper's server spawned a task per
-//! stream and crossed into it and back for each answer); the connection
-//! pings its client, and closes gracefully when idle or when the proxy
-//! stops.
+//! H2: the HTTP/2 server, on almond's codec (`http2/server.rs`). Every
+//! stream's request is served in the connection's own task, beside the
+//! connection's driver (one task reads, writes and answers); the
+//! connection pings its client, and closes gracefully when idle or when
+//! the proxy stops.
 
 use crate::body::ClientBody;
 use crate::edge::h1::with_date;
@@ -10,35 +10,31 @@ use crate::edge::serve::Answer;
 use crate::edge::stop;
 use crate::headers;
 use crate::http2::frame::Reason;
+use crate::http2::server::{self, Config, Control, Error, Respond, SendStream, ServerLimits};
 use crate::outcome::ErrorKind;
 use crate::pipeline::forward::Reply;
-use crate::upstream::h2::{pipe, Closed, RecvBody, RecvHalf, SendHalf};
-use bytes::Bytes;
+use crate::upstream::h2::{pipe, RecvBody};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use h2::server::SendResponse;
-use h2::{Ping, PingPong, RecvStream, SendStream};
-use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use http_body::Body;
 use std::convert::Infallible;
-use std::future::{pending, poll_fn, Future};
+use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// The windows hyper's server gave a stream and a connection (1 MiB each):
-/// the same flow control as before.
-const STREAM_WINDOW: u32 = 1024 * 1024;
+/// The window a client's stream gets (a quarter of the connection's, as
+/// linkerd's is a sixteenth): a stream whose upstream takes nothing holds
+/// its own window of unread data, never the whole connection's, and the
+/// other streams go on (hyper's server gave both 1 MiB: one stalled upload
+/// could stop the connection).
+const STREAM_WINDOW: u32 = 256 * 1024;
+/// The connection's window: what a client may have sent and the proxy not
+/// yet passed on, in all its streams.
 const CONN_WINDOW: u32 = 1024 * 1024;
-/// Bytes queued for sending on the connection, in all (hyper's server's).
-const MAX_SEND_BUF: usize = 400 * 1024;
-/// Streams a client may have open at once.
-const MAX_STREAMS: u32 = 1024;
-/// Streams reset for a protocol error of the client's before the
-/// connection is closed (hyper's server's limit).
-const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// What an HTTP/2 connection needs of `limits`.
 #[derive(Clone, Copy, Debug)]
@@ -70,114 +66,110 @@ pub async fn serve<IO, F, Fut>(
     limits: Limits,
     stop: watch::Receiver<bool>,
     handle: F,
-) -> Result<(), h2::Error>
+) -> Result<(), Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<ClientBody>) -> Fut,
     Fut: Future<Output = Result<Reply, Infallible>>,
 {
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_header_list_size(limits.max_header_list)
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-        .max_send_buffer_size(MAX_SEND_BUF)
-        .handshake::<_, Bytes>(io);
-    // A client that sends no preface is dropped, as one that sends no
-    // head is on HTTP/1.1 (it holds a `max_connections` place).
-    let conn = match tokio::time::timeout(limits.preface_timeout, handshake).await {
-        Ok(conn) => conn?,
-        Err(_) => {
-            tracing::debug!(timeout = ?limits.preface_timeout, "downstream h2 preface not sent in time: closing");
-            return Ok(());
-        }
+    let config = Config {
+        stream_window: STREAM_WINDOW,
+        conn_window: CONN_WINDOW,
+        max_header_list: limits.max_header_list,
     };
-    // Boxed once the handshake is done: an idle connection keeps only
-    // what serving needs (the handshake's state is as large), and a
-    // connection's task is not sized for HTTP/2.
-    Box::pin(run(conn, limits, stop, handle)).await
+    // The limits `h2`'s server kept, and the proxy's 1,024 streams at once.
+    let (server, driver) = server::handshake(io, config, ServerLimits::default());
+    // Boxed: a connection's task is not sized for HTTP/2's buffers.
+    Box::pin(run(server, driver, limits, stop, handle)).await
 }
 
-/// Serves a connection whose handshake is done (see [`serve`]). Not an
-/// `async fn`: it would keep the connection twice, as an argument and as a
-/// local.
-#[allow(clippy::manual_async_fn)]
-fn run<IO, F, Fut>(
-    mut conn: h2::server::Connection<IO, Bytes>,
+/// Serves a connection (see [`serve`]): the driver, the requests taken in
+/// turn and their answers, the timers, all polled in this one task.
+async fn run<IO, F, Fut>(
+    mut server: server::Server,
+    mut driver: server::Driver<IO>,
     limits: Limits,
     stop: watch::Receiver<bool>,
     mut handle: F,
-) -> impl Future<Output = Result<(), h2::Error>>
+) -> Result<(), Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<ClientBody>) -> Fut,
     Fut: Future<Output = Result<Reply, Infallible>>,
 {
-    async move {
-        // Resolves when a PING goes unanswered.
-        let mut pinger = conn.ping_pong();
-        let mut silent = pin!(async {
-            match pinger.as_mut() {
-                Some(pinger) => {
-                    let (every, wait) = (limits.keep_alive_interval, limits.keep_alive_timeout);
-                    while keep_alive(pinger, every, wait).await {}
+    // Resolves when a PING goes unanswered.
+    let control = server.control();
+    let mut silent = pin!(keep_alive(
+        &control,
+        limits.keep_alive_interval,
+        limits.keep_alive_timeout
+    ));
+    // A client that sends no preface is dropped, as one that sends no
+    // head is on HTTP/1.1 (it holds a `max_connections` place).
+    let mut preface = pin!(tokio::time::sleep(limits.preface_timeout));
+    let mut prefaced = false;
+    let mut idle = pin!(tokio::time::sleep(limits.idle_timeout));
+    let mut streams = FuturesUnordered::new();
+    let mut closing = false;
+    // The server hands out requests until the connection goes away.
+    let mut taking = true;
+    let mut stopping = pin!(stop::stopping(stop));
+    loop {
+        tokio::select! {
+            // The streams first, then the driver: an answer queues frames
+            // that the driver writes in the same turn.
+            biased;
+            Some(()) = streams.next(), if !streams.is_empty() => {
+                if streams.is_empty() {
+                    let wait = if closing { limits.body_idle } else { limits.idle_timeout };
+                    idle.as_mut().reset(Instant::now() + wait);
                 }
-                None => pending().await,
             }
-        });
-        let mut idle = pin!(tokio::time::sleep(limits.idle_timeout));
-        let mut streams = FuturesUnordered::new();
-        let mut closing = false;
-        let mut stopping = pin!(stop::stopping(stop));
-        loop {
-            tokio::select! {
-                // The streams first: an answer queues frames that the
-                // connection's next poll (below) writes.
-                biased;
-                Some(()) = streams.next(), if !streams.is_empty() => {
-                    if streams.is_empty() {
-                        let wait = if closing { limits.body_idle } else { limits.idle_timeout };
-                        idle.as_mut().reset(Instant::now() + wait);
-                    }
+            accepted = poll_fn(|cx| server.poll_accept(cx)), if taking => match accepted {
+                Some((req, mut respond)) => {
+                    let bodiless = req.method() == http::Method::HEAD;
+                    let mut req = RecvBody::request(req);
+                    continue_if_expected(&mut req, &mut respond);
+                    let req = req.map(ClientBody::H2);
+                    // Boxed where it is made: the stream's own future,
+                    // small, is what moves into the set.
+                    let served = crate::boxed(|| handle(req));
+                    streams.push(answer(served, respond, bodiless, limits.body_idle));
                 }
-                accepted = conn.accept() => match accepted {
-                    Some(Ok((mut req, mut respond))) => {
-                        let bodiless = req.method() == http::Method::HEAD;
-                        continue_if_expected(&mut req, &mut respond);
-                        let req = RecvBody::request(req).map(ClientBody::H2);
-                        // Boxed where it is made: the stream's own future,
-                        // small, is what moves into the set.
-                        let served = crate::boxed(|| handle(req));
-                        streams.push(answer(served, respond, bodiless, limits.body_idle));
-                    }
-                    Some(Err(e)) => return Err(e),
-                    None => return Ok(()),
-                },
-                () = &mut stopping, if !closing => {
-                    closing = true;
-                    conn.graceful_shutdown();
-                    idle.as_mut().reset(Instant::now() + limits.body_idle);
-                }
-                // Idle: GOAWAY. Closing, with every answer queued: what
-                // `h2` still holds is the last frames past a client's
-                // window, and a client that answers pings but gives no
-                // room for them for `body_idle` is let go (it would hold
-                // its connection forever).
-                () = &mut idle, if streams.is_empty() => {
-                    if closing {
-                        tracing::debug!(timeout = ?limits.body_idle, "downstream h2 answers not taken after GOAWAY: closing");
-                        return Ok(());
-                    }
-                    tracing::debug!(idle = ?limits.idle_timeout, "downstream h2 connection idle: closing");
-                    closing = true;
-                    conn.graceful_shutdown();
-                    idle.as_mut().reset(Instant::now() + limits.body_idle);
-                }
-                () = &mut silent => {
-                    tracing::debug!(timeout = ?limits.keep_alive_timeout, "downstream h2 ping unanswered: closing");
+                // Going away: the driver ends once the streams are over.
+                None => taking = false,
+            },
+            ended = &mut driver => return ended,
+            () = &mut preface, if !prefaced => {
+                if !server.has_preface() {
+                    tracing::debug!(timeout = ?limits.preface_timeout, "downstream h2 preface not sent in time: closing");
                     return Ok(());
                 }
+                prefaced = true;
+            }
+            () = &mut stopping, if !closing => {
+                closing = true;
+                server.graceful_shutdown();
+                idle.as_mut().reset(Instant::now() + limits.body_idle);
+            }
+            // Idle: GOAWAY. Closing, with every answer queued: what the
+            // codec still holds is the last frames past a client's
+            // window, and a client that answers pings but gives no room
+            // for them for `body_idle` is let go (it would hold its
+            // connection forever).
+            () = &mut idle, if streams.is_empty() => {
+                if closing {
+                    tracing::debug!(timeout = ?limits.body_idle, "downstream h2 answers not taken after GOAWAY: closing");
+                    return Ok(());
+                }
+                tracing::debug!(idle = ?limits.idle_timeout, "downstream h2 connection idle: closing");
+                closing = true;
+                server.graceful_shutdown();
+                idle.as_mut().reset(Instant::now() + limits.body_idle);
+            }
+            () = &mut silent => {
+                tracing::debug!(timeout = ?limits.keep_alive_timeout, "downstream h2 ping unanswered: closing");
+                return Ok(());
             }
         }
     }
@@ -188,12 +180,8 @@ where
 /// body as the client's window allows (reset when it gives no room for
 /// `send_limit`); `bodiless`: the answer to a HEAD, whose head ends the
 /// stream.
-async fn answer<Fut>(
-    served: Fut,
-    respond: SendResponse<Bytes>,
-    bodiless: bool,
-    send_limit: Duration,
-) where
+async fn answer<Fut>(served: Fut, respond: Respond, bodiless: bool, send_limit: Duration)
+where
     Fut: Future<Output = Result<Reply, Infallible>> + Unpin,
 {
     // Two awaits in turn: the head's state is gone before the body's.
@@ -218,9 +206,9 @@ async fn answer<Fut>(
 /// its head; returns the body still to send, if any.
 async fn head<Fut>(
     mut served: Fut,
-    mut respond: SendResponse<Bytes>,
+    mut respond: Respond,
     bodiless: bool,
-) -> Option<(SendStream<Bytes>, Answer)>
+) -> Option<(SendStream, Answer)>
 where
     Fut: Future<Output = Result<Reply, Infallible>> + Unpin,
 {
@@ -243,11 +231,7 @@ where
 /// the length of a body known whole. Returns the body still to send, if
 /// any: none for a HEAD (`bodiless`), a 204 or a 304 (RFC 9110 §6.4.1),
 /// whatever the answer holds (the proxy's own answers carry text).
-fn send_head(
-    resp: Reply,
-    respond: &mut SendResponse<Bytes>,
-    bodiless: bool,
-) -> Option<(SendStream<Bytes>, Answer)> {
+fn send_head(resp: Reply, respond: &mut Respond, bodiless: bool) -> Option<(SendStream, Answer)> {
     let (mut parts, body) = (*resp).into_parts();
     headers::for_h2(&mut parts.headers);
     // One pass over the names (a standard name compares as a number), not
@@ -288,10 +272,7 @@ fn send_head(
 /// `100 Continue` at once, as hyper's HTTP/1.1 server and nginx do, and the
 /// expectation, met, goes no further (Envoy's default too). A client that
 /// waits for the 100 would otherwise wait for its own timeout, or for good.
-fn continue_if_expected(
-    req: &mut Request<h2::RecvStream>,
-    respond: &mut h2::server::SendResponse<Bytes>,
-) {
+fn continue_if_expected<B: Body>(req: &mut Request<B>, respond: &mut Respond) {
     let expects = (req.headers().get(http::header::EXPECT))
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if !expects {
@@ -305,68 +286,15 @@ fn continue_if_expected(
     }
 }
 
-/// Waits `interval`, pings, and says whether the pong came within
+/// Pings every `interval`; resolves once a pong does not come within
 /// `timeout`.
-async fn keep_alive(pinger: &mut PingPong, interval: Duration, timeout: Duration) -> bool {
-    tokio::time::sleep(interval).await;
-    let pong = pinger.ping(Ping::opaque());
-    matches!(tokio::time::timeout(timeout, pong).await, Ok(Ok(_)))
-}
-
-/// An answer going down: `h2`'s stream as `pipe` drives it.
-impl SendHalf for SendStream<Bytes> {
-    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Closed>> {
-        // Room for at least a byte.
-        self.reserve_capacity(1);
-        while self.capacity() == 0 {
-            match self.poll_capacity(cx) {
-                Poll::Ready(Some(Ok(_))) => {}
-                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(Err(Closed)),
-                Poll::Pending => return Poll::Pending,
-            }
+async fn keep_alive(control: &Control, interval: Duration, timeout: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let pong = control.ping();
+        if !matches!(tokio::time::timeout(timeout, pong).await, Ok(true)) {
+            return;
         }
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        SendStream::poll_reset(self, cx).map(drop)
-    }
-
-    fn send_data(&mut self, data: Bytes, end: bool) -> Result<(), Closed> {
-        SendStream::send_data(self, data, end).map_err(|_| Closed)
-    }
-
-    fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), Closed> {
-        SendStream::send_trailers(self, trailers).map_err(|_| Closed)
-    }
-
-    fn send_reset(&mut self, reason: Reason) {
-        SendStream::send_reset(self, h2::Reason::from(reason.0));
-    }
-}
-
-/// A client's request body: `h2`'s stream as [`RecvBody`] reads it, its
-/// window given back as the data is taken.
-impl RecvHalf for RecvStream {
-    type Error = h2::Error;
-
-    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, h2::Error>>> {
-        let polled = RecvStream::poll_data(self, cx);
-        if let Poll::Ready(Some(Ok(data))) = &polled {
-            let _ = self.flow_control().release_capacity(data.len());
-        }
-        polled
-    }
-
-    fn poll_trailers(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<HeaderMap>, h2::Error>> {
-        RecvStream::poll_trailers(self, cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        RecvStream::is_end_stream(self)
     }
 }
 

@@ -1,8 +1,7 @@
 //! almond's own HTTP/2 codec: frames (RFC 9113), header compression (RFC
 //! 7541), heads, and connections on them: the client every upstream
-//! HTTP/2 request goes on, and a server (tested, not yet used: the edge
-//! still runs on `h2`; issue 17's plan,
-//! benches/results/2026-12-07-data-path-25.md). Tested against `h2`.
+//! HTTP/2 request goes on, and the server every client's HTTP/2
+//! connection is served by (`edge/h2.rs`). Tested against `h2`.
 
 pub mod client;
 pub mod conn;

@@ -2,8 +2,8 @@
 //! a client opens handed out as requests in turn, each answered from its
 //! own task; the limits a server keeps against its client (streams at
 //! once, the head's size, streams reset before they are taken, streams
-//! reset for the client's errors). Not yet on the request path: the edge
-//! runs on `h2` (issue 17).
+//! reset for the client's errors). The edge's HTTP/2 server (`edge/h2.rs`)
+//! runs on it.
 
 use super::conn::{self, poll_reset, start, write_response, Accepting, Shared};
 pub use super::conn::{Config, Control, Driver, Error, Pong, RecvStream, SendStream, ServerLimits};

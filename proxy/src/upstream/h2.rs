@@ -498,50 +498,6 @@ where
     .map_err(|e| classify(&e))
 }
 
-/// A stream that takes nothing more: reset, or gone with its connection.
-#[derive(Debug)]
-pub struct Closed;
-
-/// The sending half of an HTTP/2 stream as `pipe` drives it: almond's
-/// client's (a request going up), or `h2`'s server's (an answer going
-/// down, `edge/h2.rs`).
-pub trait SendHalf {
-    /// Ready once the next frame may be sent (what went before is within
-    /// the peer's window); `Err` if the stream is reset or gone.
-    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Closed>>;
-    /// Ready once the stream is reset (by the peer, or with its
-    /// connection).
-    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()>;
-    /// Queues data, ending the stream if `end`; `Err` if it is reset.
-    fn send_data(&mut self, data: Bytes, end: bool) -> Result<(), Closed>;
-    /// Ends the stream with trailers; `Err` if it is reset.
-    fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), Closed>;
-    /// Resets the stream.
-    fn send_reset(&mut self, reason: Reason);
-}
-
-impl SendHalf for SendStream {
-    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Closed>> {
-        self.poll_sent(cx).map_err(|_| Closed)
-    }
-
-    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        SendStream::poll_reset(self, cx).map(drop)
-    }
-
-    fn send_data(&mut self, data: Bytes, end: bool) -> Result<(), Closed> {
-        SendStream::send_data(self, data, end).map_err(|_| Closed)
-    }
-
-    fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), Closed> {
-        SendStream::send_trailers(self, trailers).map_err(|_| Closed)
-    }
-
-    fn send_reset(&mut self, reason: Reason) {
-        SendStream::send_reset(self, reason);
-    }
-}
-
 /// Copies `body` into `stream` as the stream's window allows (hyper's
 /// `PipeToSendStream`; a request's body going up, or a response's going
 /// down): a body that fails resets the stream with `reset` (`CANCEL` for
@@ -550,15 +506,14 @@ impl SendHalf for SendStream {
 /// peer's reset ends it. A peer that gives no room for a byte for `stall`
 /// has the stream reset (`CANCEL`; [`ErrorKind::ClientTimeout`]): it
 /// stopped reading, and the stream must not hold its places forever.
-pub(crate) async fn pipe<B, S>(
+pub(crate) async fn pipe<B>(
     mut body: B,
-    mut stream: S,
+    mut stream: SendStream,
     (failed, reset): (fn(&B::Error) -> ErrorKind, Reason),
     stall: Option<Duration>,
 ) -> Result<(), ErrorKind>
 where
     B: Body<Data = Bytes> + Unpin,
-    S: SendHalf,
 {
     let mut done = false;
     // Armed only while the peer gives no room (a timer a frame would cost
@@ -574,9 +529,9 @@ where
         }
         // Room before a later frame is read.
         if !first {
-            match stream.poll_room(cx) {
+            match stream.poll_sent(cx) {
                 Poll::Ready(Ok(())) => stalled = None,
-                Poll::Ready(Err(Closed)) => return Poll::Ready(Err(ErrorKind::Reset)),
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(ErrorKind::Reset)),
                 Poll::Pending => {
                     // The peer may reset the stream meanwhile.
                     if stream.poll_reset(cx).is_ready() {
@@ -681,47 +636,10 @@ fn classify(e: &client::Error) -> Failure {
     }
 }
 
-/// The receiving half of an HTTP/2 stream as [`RecvBody`] reads it:
-/// almond's client's (an upstream's answer), or `h2`'s server's (a
-/// client's request, `edge/h2.rs`). Data taken goes back to the peer's
-/// window.
-pub trait RecvHalf {
-    /// What a failed stream says.
-    type Error;
-    /// The next data, `None` at the end of the data.
-    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Self::Error>>>;
-    /// The trailers, once the data is over.
-    fn poll_trailers(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<HeaderMap>, Self::Error>>;
-    /// All of it received and taken.
-    fn is_end_stream(&self) -> bool;
-}
-
-impl RecvHalf for RecvStream {
-    type Error = client::Error;
-
-    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, client::Error>>> {
-        RecvStream::poll_data(self, cx)
-    }
-
-    fn poll_trailers(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<HeaderMap>, client::Error>> {
-        RecvStream::poll_trailers(self, cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        RecvStream::is_end_stream(self)
-    }
-}
-
 /// A body received on an HTTP/2 stream (an upstream's response, a
 /// client's request): its data frames, then its trailers.
-pub struct RecvBody<R: RecvHalf = RecvStream> {
-    recv: R,
+pub struct RecvBody {
+    recv: RecvStream,
     /// The data is over; trailers are next.
     data_done: bool,
     /// What is left of the `content-length` the head gave, or
@@ -737,7 +655,7 @@ pub struct RecvBody<R: RecvHalf = RecvStream> {
     upload: Option<tokio::task::AbortHandle>,
 }
 
-impl<R: RecvHalf> std::fmt::Debug for RecvBody<R> {
+impl std::fmt::Debug for RecvBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecvBody")
             .field("data_done", &self.data_done)
@@ -746,7 +664,7 @@ impl<R: RecvHalf> std::fmt::Debug for RecvBody<R> {
     }
 }
 
-impl<R: RecvHalf> Drop for RecvBody<R> {
+impl Drop for RecvBody {
     fn drop(&mut self) {
         if let Some(upload) = self.upload.take() {
             // Read to its end (its length all read, or its data over): an
@@ -773,17 +691,15 @@ impl RecvBody {
             body
         })
     }
-}
 
-impl<R: RecvHalf> RecvBody<R> {
     /// A request as the client sent it, its body's length known as a
     /// response's is (hyper's server gives it so).
-    pub(crate) fn request(req: Request<R>) -> Request<RecvBody<R>> {
+    pub(crate) fn request(req: Request<RecvStream>) -> Request<RecvBody> {
         let length = content_length(req.headers());
         req.map(|recv| RecvBody::new(recv, length))
     }
 
-    fn new(recv: R, length: Option<u64>) -> RecvBody<R> {
+    fn new(recv: RecvStream, length: Option<u64>) -> RecvBody {
         let length = match length {
             Some(n) => n,
             None if recv.is_end_stream() => 0,
@@ -809,14 +725,14 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     client::content_length(headers).flatten()
 }
 
-impl<R: RecvHalf + Unpin> Body for RecvBody<R> {
+impl Body for RecvBody {
     type Data = Bytes;
-    type Error = R::Error;
+    type Error = client::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, R::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, client::Error>>> {
         let this = &mut *self;
         if !this.data_done {
             match this.recv.poll_data(cx) {
