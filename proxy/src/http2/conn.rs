@@ -1,8 +1,9 @@
 //! An HTTP/2 connection on almond's codec, either end's: streams in a
 //! table keyed by stream ID, flow control both ways, `SETTINGS`, pings,
-//! `GOAWAY`, trailers, and the driver task that reads and writes the
-//! socket. Streams write their frames into the connection's buffer from
-//! their own tasks (no frame queue). `client.rs` opens streams on it.
+//! `GOAWAY`, trailers, and the driver that reads and writes the socket.
+//! Streams write their frames into the connection's buffer from wherever
+//! they are polled (no frame queue). `client.rs` and `server.rs` are its
+//! two ends.
 
 use super::frame::{
     self, flag, kind, Assembled, Block, Error as FrameError, Head, Reason, Settings,
@@ -190,6 +191,11 @@ pub(super) struct Accepting {
     pub(super) local_resets: usize,
     /// This end sent its `GOAWAY`: no new stream is taken.
     pub(super) going_away: bool,
+    /// A graceful shutdown's first `GOAWAY` (the highest stream ID) and its
+    /// `PING` are out; the last `GOAWAY`, naming the last stream taken,
+    /// goes with the pong (by then the client opens no new stream: one
+    /// on its way is served, not refused).
+    pub(super) draining: bool,
     /// The client's preface was read.
     pub(super) preface: bool,
     /// Its first `SETTINGS` came.
@@ -463,6 +469,11 @@ impl Inner {
             }
         }
         if stream.is_closed() && !stream.recv_held && !stream.send_held {
+            // Out of the line for window too (a stream whose own window
+            // update let it send everything is still in it).
+            if std::mem::take(&mut stream.in_blocked) {
+                self.blocked.retain(|&b| b != id);
+            }
             self.discard_recv(id);
             self.streams.remove(&id);
             let going = self.server.as_ref().is_some_and(|s| s.going_away);
@@ -627,6 +638,8 @@ pub(super) fn ping(shared: &Arc<Shared>) -> Pong {
 }
 
 pub(super) const PING_DATA: [u8; 8] = *b"almond\0\0";
+/// The `PING` of a graceful shutdown (see [`Accepting::draining`]).
+pub(super) const SHUTDOWN_PING: [u8; 8] = *b"almond\0\x01";
 
 /// Keeps `cx`'s waker in `slot` (no clone if it is there already).
 pub(super) fn park(slot: &mut Option<Waker>, cx: &Context<'_>) {
@@ -1125,6 +1138,11 @@ pub(super) fn handle_frame(
                             w.wake();
                         }
                     }
+                } else if data == SHUTDOWN_PING {
+                    if let Some(server) = inner.server.as_mut().filter(|s| s.draining) {
+                        server.draining = false;
+                        server.go_away(&mut inner.out);
+                    }
                 }
             }
             kind::GOAWAY => {
@@ -1150,6 +1168,10 @@ pub(super) fn handle_frame(
                     inner.settle(id);
                 }
                 inner.wake_room();
+                // The server's taker learns that no more will come.
+                if let Some(w) = inner.server.as_mut().and_then(|s| s.waker.take()) {
+                    w.wake();
+                }
             }
             kind::WINDOW_UPDATE => {
                 let increment = i64::from(frame::window_update(&head, &payload)?);
@@ -1377,8 +1399,8 @@ pub(super) fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), Fr
 
 /// Starts a connection over `io` with this end's `settings` (its windows
 /// and header list limit come from `config`, clamped to what a window may
-/// be): the shared state, and the driver to run in a task of its own (it
-/// ends with the connection). A client (no `server` side) writes the
+/// be): the shared state, and the driver to poll (in a task of its own, or
+/// beside the streams; it ends with the connection). A client (no `server` side) writes the
 /// preface first.
 pub(super) fn start<T>(
     io: T,
@@ -1572,6 +1594,18 @@ pub(super) fn poll_reset(inner: &mut Inner, id: u32, cx: &Context<'_>) -> Poll<R
 }
 
 impl Accepting {
+    /// Sends this end's (last) `GOAWAY`, naming the last stream taken, if
+    /// it has not gone: no new stream is taken after it.
+    pub(super) fn go_away(&mut self, out: &mut BytesMut) {
+        if !self.going_away {
+            self.going_away = true;
+            frame::write_goaway(self.last_taken, Reason::NO_ERROR, out);
+            if let Some(waker) = self.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
     /// Keeps `id` among the streams reset or refused lately (the last
     /// 256).
     pub(super) fn note_reset(&mut self, id: u32) {

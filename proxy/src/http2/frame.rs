@@ -14,6 +14,8 @@ pub const DEFAULT_MAX_FRAME: u32 = 16_384;
 pub const MAX_FRAME_LIMIT: u32 = (1 << 24) - 1;
 /// The largest flow-control window (RFC 9113 §6.9.1).
 pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+/// The highest stream ID (31 bits, as a window).
+pub const MAX_STREAM_ID: u32 = MAX_WINDOW;
 /// The window every stream and the connection start with.
 pub const DEFAULT_WINDOW: u32 = 65_535;
 

@@ -53,8 +53,7 @@ impl Drop for Server {
         let inner = &mut *inner;
         if let Some(server) = inner.server.as_mut() {
             if !server.going_away && inner.closed.is_none() {
-                server.going_away = true;
-                frame::write_goaway(server.last_taken, Reason::NO_ERROR, &mut inner.out);
+                server.go_away(&mut inner.out);
                 inner.wake_driver();
             }
         }
@@ -66,8 +65,9 @@ impl Drop for Server {
 }
 
 /// Starts serving a connection over `io` (the client's preface is read
-/// first, by the driver): the server, and the driver to run in a task of
-/// its own (it ends with the connection).
+/// first, by the driver): the server, and the driver to poll, in a task of
+/// its own or in the one taking the requests (`edge/h2.rs` polls it beside
+/// the streams); it ends with the connection.
 pub fn handshake<T>(io: T, config: Config, limits: ServerLimits) -> (Server, Driver<T>)
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -86,6 +86,7 @@ where
         pending_resets: 0,
         local_resets: 0,
         going_away: false,
+        draining: false,
         preface: false,
         settled: false,
     };
@@ -144,22 +145,23 @@ impl Server {
         }
     }
 
-    /// Takes no new stream: a `GOAWAY` names the last one taken, and the
-    /// connection closes once the streams open are over.
+    /// Takes no new stream once the client knows: a `GOAWAY` naming the
+    /// highest stream ID and a `PING` go first, and with the pong a
+    /// `GOAWAY` naming the last stream taken (as `h2` and nghttp2 do: a
+    /// request the client sent before it saw the first is served, not
+    /// refused); the connection closes once the streams open are over.
     pub fn graceful_shutdown(&self) {
         let mut inner = self.shared.lock();
         let inner = &mut *inner;
         let Some(server) = inner.server.as_mut() else {
             return;
         };
-        if server.going_away || inner.closed.is_some() {
+        if server.going_away || server.draining || inner.closed.is_some() {
             return;
         }
-        server.going_away = true;
-        frame::write_goaway(server.last_taken, Reason::NO_ERROR, &mut inner.out);
-        if let Some(waker) = server.waker.take() {
-            waker.wake();
-        }
+        server.draining = true;
+        frame::write_goaway(frame::MAX_STREAM_ID, Reason::NO_ERROR, &mut inner.out);
+        frame::write_ping(false, conn::SHUTDOWN_PING, &mut inner.out);
         inner.wake_driver();
     }
 
@@ -457,6 +459,26 @@ mod tests {
             self.write(&out).await;
         }
 
+        /// The server's next `PING`'s data (frames before it are skipped).
+        async fn ping(&mut self) -> [u8; 8] {
+            let ping = self.until(kind::PING, 0).await;
+            let data = ping.and_then(|(head, payload)| frame::ping(&head, &payload).ok());
+            data.unwrap_or_else(|| panic!("no PING"))
+        }
+
+        /// Answers a `PING` with this data.
+        async fn ack(&mut self, data: [u8; 8]) {
+            let mut out = BytesMut::new();
+            frame::write_ping(true, data, &mut out);
+            self.write(&out).await;
+        }
+
+        /// Answers the server's next `PING`.
+        async fn pong(&mut self) {
+            let data = self.ping().await;
+            self.ack(data).await;
+        }
+
         /// DATA on stream 0: a connection error (§6.1).
         async fn break_connection(&mut self) {
             let mut out = BytesMut::new();
@@ -678,6 +700,99 @@ mod tests {
         assert!(closed.is_ok(), "the client saw no close");
     }
 
+    /// A graceful shutdown says `GOAWAY` with the highest stream ID and
+    /// pings; a request the client sends before the pong is taken and
+    /// answered; the last `GOAWAY`, after the pong, names it, and a later
+    /// stream is refused.
+    #[tokio::test]
+    async fn a_graceful_shutdown_serves_what_came_before_the_client_knew() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        raw.send_heads(&[1], &GET, true).await;
+        let first = take(&mut server).await;
+        server.graceful_shutdown();
+        assert_eq!(
+            goaway(&mut raw).await,
+            Some((frame::MAX_STREAM_ID, Reason::NO_ERROR))
+        );
+        let ping = raw.ping().await;
+        // On its way before the client saw the `GOAWAY`.
+        raw.send_heads(&[3], &GET, true).await;
+        let (req, mut respond) = take(&mut server).await;
+        assert_eq!(req.uri().path(), "/");
+        let answer = respond.send_response(Response::new(()), true);
+        assert!(answer.is_ok());
+        assert!(raw.until(kind::HEADERS, 3).await.is_some());
+        raw.ack(ping).await;
+        assert_eq!(goaway(&mut raw).await, Some((3, Reason::NO_ERROR)));
+        assert!(poll_fn(|cx| server.poll_accept(cx)).await.is_none());
+        raw.send_heads(&[5], &GET, true).await;
+        let refused = raw.until(kind::RST_STREAM, 5).await;
+        let reason = refused.and_then(|(head, payload)| frame::rst_stream(&head, &payload).ok());
+        assert_eq!(reason, Some(Reason::REFUSED_STREAM));
+        drop((first, req, answer));
+        assert!(raw.closes().await, "open after its last stream");
+    }
+
+    /// Answers larger than the client's stream windows, sent as its window
+    /// updates come on a connection window that never runs out: no stream
+    /// is left in the line for window once it is over (a long-lived
+    /// connection grew the line by a stream each).
+    #[tokio::test]
+    async fn streams_over_leave_the_line_for_window() {
+        let (client, io) = tokio::io::duplex(256 * 1024);
+        let (mut server, driver) = handshake(io, Config::default(), ServerLimits::default());
+        tokio::spawn(driver);
+        let control = server.control();
+        tokio::spawn(async move {
+            while let Some((_req, mut respond)) = poll_fn(|cx| server.poll_accept(cx)).await {
+                tokio::spawn(async move {
+                    let Ok(mut stream) = respond.send_response(Response::new(()), false) else {
+                        return;
+                    };
+                    send_all(
+                        &mut stream,
+                        Bytes::from(vec![3u8; 40_000]),
+                        http::HeaderMap::new(),
+                    )
+                    .await;
+                });
+            }
+        });
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(16 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .handshake::<_, Bytes>(client)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(conn);
+        for _ in 0..20 {
+            let mut send = send.clone().ready().await.unwrap_or_else(|e| panic!("{e}"));
+            let req = Request::get("http://svc/")
+                .body(())
+                .unwrap_or_else(|e| panic!("{e}"));
+            let (response, _) = send
+                .send_request(req, true)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let resp = tokio::time::timeout(Duration::from_secs(10), response).await;
+            let resp = resp
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_else(|| panic!("no answer"));
+            let (body, _) = read_h2(resp.into_body()).await;
+            assert_eq!(body.len(), 40_000);
+        }
+        // The last stream's end may still be settling.
+        let mut left = usize::MAX;
+        for _ in 0..100 {
+            left = control.shared.lock().blocked.len();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(left, 0, "streams over still in the line");
+    }
+
     /// An answer sent whole before the request's body ended (its body let
     /// go) goes out whole; the rest of the upload is stopped with
     /// `RST_STREAM(NO_ERROR)` (RFC 9113 §8.1), not cut with an error.
@@ -894,6 +1009,11 @@ mod tests {
         let (req, mut respond) = take(&mut server).await;
         drop(req);
         server.graceful_shutdown();
+        assert_eq!(
+            goaway(&mut raw).await,
+            Some((frame::MAX_STREAM_ID, Reason::NO_ERROR))
+        );
+        raw.pong().await;
         assert_eq!(goaway(&mut raw).await, Some((1, Reason::NO_ERROR)));
         raw.send_heads(&[3, 5, 7], &GET, true).await;
         let refused = raw.until(kind::RST_STREAM, 7).await;
