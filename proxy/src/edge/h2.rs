@@ -109,6 +109,10 @@ where
     let mut preface = pin!(tokio::time::sleep(limits.preface_timeout));
     let mut prefaced = false;
     let mut idle = pin!(tokio::time::sleep(limits.idle_timeout));
+    // Closing: a client that has not answered the shutdown's ping within
+    // `keep_alive_timeout` takes no new stream all the same.
+    let mut drain = pin!(tokio::time::sleep(limits.keep_alive_timeout));
+    let mut drained = false;
     let mut streams = FuturesUnordered::new();
     let mut closing = false;
     // The server hands out requests until the connection goes away.
@@ -151,6 +155,11 @@ where
                 closing = true;
                 server.graceful_shutdown();
                 idle.as_mut().reset(Instant::now() + limits.body_idle);
+                drain.as_mut().reset(Instant::now() + limits.keep_alive_timeout);
+            }
+            () = &mut drain, if closing && !drained => {
+                drained = true;
+                server.go_away();
             }
             // Idle: GOAWAY. Closing, with every answer queued: what the
             // codec still holds is the last frames past a client's
@@ -166,6 +175,7 @@ where
                 closing = true;
                 server.graceful_shutdown();
                 idle.as_mut().reset(Instant::now() + limits.body_idle);
+                drain.as_mut().reset(Instant::now() + limits.keep_alive_timeout);
             }
             () = &mut silent => {
                 tracing::debug!(timeout = ?limits.keep_alive_timeout, "downstream h2 ping unanswered: closing");
@@ -387,6 +397,95 @@ mod tests {
         let mut body = resp.into_body();
         let data = body.data().await;
         assert!(data.is_none(), "{data:?}");
+    }
+
+    /// Told to stop, a connection says GOAWAY with the highest stream ID
+    /// and pings; a client that never answers that ping gets the last
+    /// GOAWAY, naming the stream taken, after `keep_alive_timeout` all the
+    /// same, and a stream it opens after is refused (it could otherwise
+    /// go on opening streams until the proxy's drain ends).
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_answers_the_shutdown_ping_is_told_all_the_same() {
+        use crate::http2::frame::{self, kind, Settings};
+        use crate::http2::hpack::{Encoder, Indexing};
+        use bytes::{Bytes, BytesMut};
+        /// The server's next frame; `None` once it closes.
+        async fn next(
+            read: &mut BytesMut,
+            client: &mut tokio::io::DuplexStream,
+        ) -> Option<(frame::Head, Bytes)> {
+            loop {
+                if let Ok(Some(frame)) = frame::next(read, frame::MAX_FRAME_LIMIT) {
+                    return Some(frame);
+                }
+                match client.read_buf(read).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+        }
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (stop_tx, stop) = watch::channel(false);
+        // Never answered: the stream stays open.
+        let handle = |_: Request<ClientBody>| std::future::pending::<Result<Reply, Infallible>>();
+        tokio::spawn(serve(server, limits(), stop, handle));
+        let mut encoder = Encoder::default();
+        let mut get = |id: u32, out: &mut BytesMut| {
+            let mut block = BytesMut::new();
+            encoder.begin(&mut block);
+            for (name, value) in [
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":authority", "web"),
+                (":path", "/"),
+            ] {
+                encoder.field(
+                    name.as_bytes(),
+                    value.as_bytes(),
+                    Indexing::Index,
+                    &mut block,
+                );
+            }
+            frame::write_headers(id, &block, true, frame::DEFAULT_MAX_FRAME, out);
+        };
+        let mut out = BytesMut::new();
+        out.extend_from_slice(frame::PREFACE);
+        Settings::default().write(&mut out);
+        get(1, &mut out);
+        assert!(client.write_all(&out).await.is_ok());
+        let mut read = BytesMut::new();
+        // The server's opening frames, then told to stop.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(stop_tx.send(true).is_ok());
+        let started = Instant::now();
+        let mut goaways = Vec::new();
+        while goaways.len() < 2 {
+            let Some((head, payload)) = next(&mut read, &mut client).await else {
+                panic!("closed after GOAWAYs {goaways:?}");
+            };
+            if head.kind == kind::GOAWAY {
+                let goaway = frame::goaway(&head, payload).map(|g| g.last_stream);
+                goaways.push((goaway.ok(), started.elapsed()));
+            }
+        }
+        assert_eq!(goaways[0].0, Some(frame::MAX_STREAM_ID));
+        assert_eq!(goaways[1].0, Some(1), "{goaways:?}");
+        assert!(goaways[1].1 >= Duration::from_secs(10), "{goaways:?}");
+        let mut out = BytesMut::new();
+        get(3, &mut out);
+        assert!(client.write_all(&out).await.is_ok());
+        loop {
+            let Some((head, payload)) = next(&mut read, &mut client).await else {
+                panic!("closed before refusing stream 3");
+            };
+            if head.kind == kind::RST_STREAM && head.stream == 3 {
+                assert_eq!(
+                    frame::rst_stream(&head, &payload).ok(),
+                    Some(Reason::REFUSED_STREAM)
+                );
+                break;
+            }
+        }
     }
 
     /// Told to stop, an idle connection says GOAWAY and ends.

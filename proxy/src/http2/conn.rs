@@ -498,6 +498,11 @@ impl Inner {
             let Some(id) = self.blocked.pop_front() else {
                 break;
             };
+            // Out of the line while it sends (its end, settled, need not
+            // look for it there); back in below if it still waits.
+            if let Some(stream) = self.streams.get_mut(&id) {
+                stream.in_blocked = false;
+            }
             self.send_queued(id);
             if let Some(stream) = self.streams.get_mut(&id) {
                 stream.in_blocked = !stream.queued.is_empty() && stream.error.is_none();

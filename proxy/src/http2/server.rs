@@ -165,6 +165,19 @@ impl Server {
         inner.wake_driver();
     }
 
+    /// Takes no new stream from now: the last `GOAWAY` goes at once (a
+    /// graceful shutdown whose pong is slow to come).
+    pub fn go_away(&self) {
+        let mut inner = self.shared.lock();
+        let inner = &mut *inner;
+        if let Some(server) = inner.server.as_mut() {
+            if inner.closed.is_none() {
+                server.go_away(&mut inner.out);
+                inner.wake_driver();
+            }
+        }
+    }
+
     /// Streams open now.
     pub fn active(&self) -> usize {
         self.shared.lock().active
@@ -724,7 +737,11 @@ mod tests {
         assert!(raw.until(kind::HEADERS, 3).await.is_some());
         raw.ack(ping).await;
         assert_eq!(goaway(&mut raw).await, Some((3, Reason::NO_ERROR)));
-        assert!(poll_fn(|cx| server.poll_accept(cx)).await.is_none());
+        let taken = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| server.poll_accept(cx)),
+        );
+        assert!(matches!(taken.await, Ok(None)), "still taking streams");
         raw.send_heads(&[5], &GET, true).await;
         let refused = raw.until(kind::RST_STREAM, 5).await;
         let reason = refused.and_then(|(head, payload)| frame::rst_stream(&head, &payload).ok());
@@ -765,6 +782,8 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         tokio::spawn(conn);
+        // Streams seen waiting in the line (else this tests nothing).
+        let mut waited = 0;
         for _ in 0..20 {
             let mut send = send.clone().ready().await.unwrap_or_else(|e| panic!("{e}"));
             let req = Request::get("http://svc/")
@@ -778,9 +797,11 @@ mod tests {
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_else(|| panic!("no answer"));
+            waited = waited.max(control.shared.lock().blocked.len());
             let (body, _) = read_h2(resp.into_body()).await;
             assert_eq!(body.len(), 40_000);
         }
+        assert!(waited > 0, "no answer waited for window");
         // The last stream's end may still be settling.
         let mut left = usize::MAX;
         for _ in 0..100 {
