@@ -167,6 +167,50 @@ pub struct ServerLimits {
     /// `max_local_error_reset_streams`): one more and the connection is
     /// closed (`ENHANCE_YOUR_CALM`).
     pub max_local_resets: usize,
+    /// Streams the client may reset at once, whether taken or not, and
+    /// how many more a second after that (nghttp2's
+    /// `stream_reset_rate_limit`, 1,000 and 33): a client that resets
+    /// streams as fast as they are taken (the paced "rapid reset": each
+    /// costs the proxy a request started upstream) is let go
+    /// (`ENHANCE_YOUR_CALM`).
+    pub reset_burst: u32,
+    /// The allowance's refill, a second (see `reset_burst`).
+    pub resets_per_sec: u32,
+}
+
+/// What is left of a client's allowance of resets (see
+/// [`ServerLimits::reset_burst`]).
+pub(super) struct ResetBudget {
+    left: u64,
+    /// When `left` last grew.
+    since: tokio::time::Instant,
+}
+
+impl ResetBudget {
+    pub(super) fn new(limits: &ServerLimits) -> ResetBudget {
+        ResetBudget {
+            left: u64::from(limits.reset_burst),
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one reset from the allowance: `false` once it is spent.
+    fn take(&mut self, limits: &ServerLimits) -> bool {
+        let now = tokio::time::Instant::now();
+        let ms = u64::try_from(now.duration_since(self.since).as_millis()).unwrap_or(u64::MAX);
+        let earned = ms.saturating_mul(u64::from(limits.resets_per_sec)) / 1000;
+        if earned > 0 {
+            self.left = (self.left.saturating_add(earned)).min(u64::from(limits.reset_burst));
+            self.since = now;
+        }
+        match self.left.checked_sub(1) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// What a server's connection keeps of the streams its client opens.
@@ -189,6 +233,8 @@ pub(super) struct Accepting {
     pub(super) pending_resets: usize,
     /// Streams reset for the client's errors, in all.
     pub(super) local_resets: usize,
+    /// The client's resets of live streams.
+    pub(super) resets: ResetBudget,
     /// This end sent its `GOAWAY`: no new stream is taken.
     pub(super) going_away: bool,
     /// A graceful shutdown's first `GOAWAY` (the highest stream ID) and its
@@ -206,6 +252,10 @@ pub(super) struct Accepting {
 /// a request body's next chunk waits and the driver reads no more frames
 /// (whose answers, pings and settings acknowledgements, would pile up).
 pub(super) const MAX_OUT: usize = 1024 * 1024;
+
+/// DATA payloads under this are copied out of the read buffer (see
+/// `on_data`).
+const COPY_BELOW: usize = 8 * 1024;
 
 #[derive(Default)]
 pub(super) struct Stream {
@@ -1096,10 +1146,14 @@ pub(super) fn handle_frame(
                 idle_check(inner, head.stream)?;
                 let client = inner.server.is_none();
                 if let Some(server) = &mut inner.server {
-                    // Reset before it was taken: counted, as `h2` does.
-                    let queued = server.queue.iter().any(|(id, _)| *id == head.stream);
                     let live = (inner.streams.get(&head.stream)).is_some_and(|s| s.error.is_none());
-                    if queued && live {
+                    // Within the client's allowance of resets.
+                    if live && !server.resets.take(&server.limits) {
+                        return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
+                    }
+                    // Reset before it was taken: counted, as `h2` does.
+                    let queued = live && server.queue.iter().any(|(id, _)| *id == head.stream);
+                    if queued {
                         server.pending_resets += 1;
                         if server.pending_resets > server.limits.max_pending_resets {
                             return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
@@ -1154,11 +1208,18 @@ pub(super) fn handle_frame(
                 let goaway = frame::goaway(&head, payload)?;
                 inner.goaway = Some((goaway.last_stream, goaway.reason));
                 // A client's `GOAWAY` names the last of this end's streams
-                // (pushes, none): its own streams go on.
-                let last = match inner.server {
-                    Some(_) => u32::MAX,
-                    None => goaway.last_stream,
-                };
+                // (pushes, none): its own streams go on, and only the
+                // taker learns that no more will come (no walk of the
+                // streams: a flood of them costs nothing more).
+                if let Some(server) = inner.server.as_mut() {
+                    if let Some(w) = server.waker.take() {
+                        w.wake();
+                    }
+                    return Ok(());
+                }
+                // The streams above the server's last one were never
+                // processed: refused.
+                let last = goaway.last_stream;
                 for (&id, stream) in inner.streams.iter_mut() {
                     if id > last && stream.error.is_none() {
                         stream.error = Some(Error::GoAway {
@@ -1173,10 +1234,6 @@ pub(super) fn handle_frame(
                     inner.settle(id);
                 }
                 inner.wake_room();
-                // The server's taker learns that no more will come.
-                if let Some(w) = inner.server.as_mut().and_then(|s| s.waker.take()) {
-                    w.wake();
-                }
             }
             kind::WINDOW_UPDATE => {
                 let increment = i64::from(frame::window_update(&head, &payload)?);
@@ -1238,7 +1295,9 @@ pub(super) fn on_settings(inner: &mut Inner, settings: Settings) -> Result<(), F
     if let Some(window) = settings.initial_window_size {
         let delta = i64::from(window) - inner.initial_send_window;
         inner.initial_send_window = i64::from(window);
-        for (&id, stream) in inner.streams.iter_mut() {
+        // The same again: no walk of the streams.
+        let streams = inner.streams.iter_mut().filter(|_| delta != 0);
+        for (&id, stream) in streams {
             stream.send_window += delta;
             if stream.send_window > i64::from(frame::MAX_WINDOW) {
                 return Err(FrameError::connection(Reason::FLOW_CONTROL_ERROR));
@@ -1311,13 +1370,24 @@ pub(super) fn on_data(inner: &mut Inner, head: &Head, payload: Bytes) -> Result<
     // it comes, its window given back.
     let kept = stream.recv_held;
     if n > 0 && kept {
+        // A small payload copied out of the buffer it was read into: kept
+        // as a slice, it would hold that whole buffer (16 KiB and more)
+        // for as long as the body waits to be read, and a client sending
+        // a byte of data a read could pin far more than its window.
+        let data = match data.len() < COPY_BELOW {
+            true => Bytes::copy_from_slice(&data),
+            false => data,
+        };
         stream.data.push_back(data);
     }
     if end {
         stream.recv_done = true;
     }
-    if let Some(w) = stream.recv_waker.take() {
-        w.wake();
+    // Nothing to take from an empty frame that does not end the stream.
+    if n > 0 || end {
+        if let Some(w) = stream.recv_waker.take() {
+            w.wake();
+        }
     }
     // Padding counts against the windows but is never taken: back now.
     // A body let go gives back the connection's window only: its stream's
@@ -1492,6 +1562,12 @@ fn on_request(
         // A stream this end reset or refused lately: what was on its way
         // is ignored (§5.4.2). Any other closed stream: §5.1.1.
         if server.reset_ids.contains(&id) {
+            // Counted as a reset of the client's doing: a head decoded for
+            // nothing, and a client could send them without end.
+            server.local_resets += 1;
+            if server.local_resets > server.limits.max_local_resets {
+                return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
+            }
             return Ok(());
         }
         return Err(FrameError::connection(Reason::PROTOCOL_ERROR));

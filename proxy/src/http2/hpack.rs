@@ -152,12 +152,13 @@ impl Decoder {
                 // Indexed field (§6.1).
                 0x80..=0xff => {
                     let (name, value) = self.entry(src.int(7)?)?;
-                    (name, value, false, false)
+                    (name, value, false, None)
                 }
                 // Literal, with incremental indexing (§6.2.1).
                 0x40..=0x7f => {
                     let (name, value) = self.literal(&mut src, 6, &mut scratch)?;
-                    (name, value, false, true)
+                    let named = first & 0x3f != 0;
+                    (name, value, false, Some(named))
                 }
                 // Table size update (§6.3): only before the block's fields.
                 0x20..=0x3f => {
@@ -172,19 +173,25 @@ impl Decoder {
                 _ => {
                     let sensitive = first & 0x10 != 0;
                     let (name, value) = self.literal(&mut src, 4, &mut scratch)?;
-                    (name, value, sensitive, false)
+                    (name, value, sensitive, None)
                 }
             };
             fields = true;
-            if index {
-                // A copy of its own: an entry kept as a slice of the block
-                // would keep the whole block's buffer alive.
-                let mut both = BytesMut::with_capacity(name.len() + value.len());
-                both.extend_from_slice(&name);
-                both.extend_from_slice(&value);
-                let mut both = both.freeze();
-                let kept_name = both.split_to(name.len());
-                self.table.insert(kept_name, both);
+            // `Some(named)`: to be added to the table, its name an entry's
+            // (`named`) or a literal.
+            if let Some(named) = index {
+                // A copy of its own of what came in the block: an entry
+                // kept as a slice of the block would keep the whole
+                // block's buffer alive. A name from the table is shared,
+                // not copied (a block of two-byte fields naming a long
+                // entry's name would cost a copy of it each): so each
+                // name is an allocation of its own, never a slice of a
+                // value's (shared, it would keep that value alive).
+                let kept_name = match named {
+                    true => name.clone(),
+                    false => Bytes::copy_from_slice(&name),
+                };
+                self.table.insert(kept_name, Bytes::copy_from_slice(&value));
             }
             list = list.saturating_add(field_size(&name, &value));
             if list <= max_list {
@@ -617,6 +624,43 @@ pub(super) fn static_index(name: &[u8], value: &[u8]) -> (Option<usize>, Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fields that name the newest entry's name and are added to the table
+    /// share that name: a block of such two-byte fields costs no copy of
+    /// a long name each (it cost a copy of 3,000 bytes a field).
+    #[test]
+    fn an_entry_named_by_an_entry_shares_its_name() {
+        let mut block = BytesMut::new();
+        // A literal name of 3,000 bytes, an empty value, indexed.
+        block.put_u8(0x40);
+        put_int(3000, 7, 0, &mut block);
+        block.extend_from_slice(&[b'n'; 3000]);
+        block.put_u8(0);
+        // Then ten fields naming the newest entry (62), indexed.
+        for _ in 0..10 {
+            block.extend_from_slice(&[0x7e, 0x00]);
+        }
+        let mut decoder = Decoder::default();
+        let mut seen = 0;
+        let fit = decoder.decode(&block.freeze(), 64 * 1024, |_| seen += 1);
+        assert_eq!(fit, Ok(true));
+        assert_eq!(seen, 11);
+        assert_eq!(decoder.table.entries.len(), 1, "each evicts the one before");
+        // An entry named by the one before it shares its name: the same
+        // bytes in memory, never copied.
+        let mut again = Decoder::default();
+        let mut first = BytesMut::new();
+        first.put_u8(0x40);
+        put_int(3000, 7, 0, &mut first);
+        first.extend_from_slice(&[b'n'; 3000]);
+        first.put_u8(0);
+        let _ = again.decode(&first.freeze(), 64 * 1024, |_| {});
+        let before = again.table.entries.front().map(|(name, _)| name.as_ptr());
+        let _ = again.decode(&Bytes::from(vec![0x7e, 0x00]), 64 * 1024, |_| {});
+        let after = again.table.entries.front().map(|(name, _)| name.as_ptr());
+        assert!(before.is_some());
+        assert_eq!(before, after, "the name was copied");
+    }
 
     fn hex(s: &str) -> Bytes {
         let digits: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();

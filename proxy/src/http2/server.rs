@@ -23,6 +23,8 @@ impl Default for ServerLimits {
             max_streams: 1024,
             max_pending_resets: 20,
             max_local_resets: 1024,
+            reset_burst: 1000,
+            resets_per_sec: 33,
         }
     }
 }
@@ -85,6 +87,7 @@ where
         reset_ids: VecDeque::new(),
         pending_resets: 0,
         local_resets: 0,
+        resets: conn::ResetBudget::new(&limits),
         going_away: false,
         draining: false,
         preface: false,
@@ -595,6 +598,99 @@ mod tests {
         let goaway = raw.until(kind::GOAWAY, 0).await;
         let reason = goaway.and_then(|(head, payload)| frame::goaway(&head, payload).ok());
         assert_eq!(reason.map(|g| g.reason), Some(Reason::ENHANCE_YOUR_CALM));
+    }
+
+    /// Resets of streams already taken (each a request started) count
+    /// against the client's allowance, not only those still queued: past
+    /// it, `GOAWAY(ENHANCE_YOUR_CALM)` (the paced "rapid reset").
+    #[tokio::test]
+    async fn resets_of_taken_streams_past_the_allowance_close_the_connection() {
+        let limits = ServerLimits {
+            reset_burst: 5,
+            resets_per_sec: 0,
+            ..ServerLimits::default()
+        };
+        let (mut raw, mut server) = Raw::start(Config::default(), limits).await;
+        let mut taken = Vec::new();
+        for i in 0..6 {
+            let id = 1 + 2 * i;
+            raw.send_heads(&[id], &GET, false).await;
+            taken.push(take(&mut server).await);
+            let mut out = BytesMut::new();
+            frame::write_rst_stream(id, Reason::CANCEL, &mut out);
+            raw.write(&out).await;
+        }
+        assert_eq!(
+            goaway(&mut raw).await,
+            Some((11, Reason::ENHANCE_YOUR_CALM)),
+            "six resets over an allowance of five"
+        );
+    }
+
+    /// `HEADERS` on a stream this end refused, ignored, still counts
+    /// against the client's resets: a client could send them without end,
+    /// each a header block decoded for nothing.
+    #[tokio::test]
+    async fn headers_on_a_refused_stream_count_against_the_client() {
+        let limits = ServerLimits {
+            max_streams: 1,
+            max_local_resets: 2,
+            ..ServerLimits::default()
+        };
+        let (mut raw, mut server) = Raw::start(Config::default(), limits).await;
+        raw.send_heads(&[1], &GET, false).await;
+        let _first = take(&mut server).await;
+        // Over the limit: refused (one).
+        raw.send_heads(&[3], &GET, true).await;
+        assert!(raw.until(kind::RST_STREAM, 3).await.is_some());
+        // Ignored twice: two more, over the limit of two.
+        raw.send_heads(&[3, 3], &GET, true).await;
+        assert_eq!(goaway(&mut raw).await, Some((1, Reason::ENHANCE_YOUR_CALM)));
+    }
+
+    /// A small DATA payload is kept in a buffer of its own, not as a slice
+    /// of the buffer the connection read it into (which a client could
+    /// pin a read at a time with a byte of data each).
+    #[tokio::test]
+    async fn a_small_payload_does_not_hold_the_read_buffer() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        raw.send_heads(&[1], &POST, false).await;
+        let (req, _respond) = take(&mut server).await;
+        let mut body = req.into_body();
+        let mut out = BytesMut::new();
+        frame::write_data_head(1, 1, false, &mut out);
+        out.extend_from_slice(b"x");
+        // An unknown frame type after it, in the same read.
+        out.extend_from_slice(&[0, 0, 100, 0xfa, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&[0; 100]);
+        raw.write(&out).await;
+        let data = tokio::time::timeout(Duration::from_secs(10), poll_fn(|cx| body.poll_data(cx)));
+        let Ok(Some(Ok(data))) = data.await else {
+            panic!("no data");
+        };
+        assert_eq!(&data[..], b"x");
+        assert!(data.try_into_mut().is_ok(), "a slice of a shared buffer");
+    }
+
+    /// A client's `GOAWAY` ends the taking (no more streams come) while the
+    /// stream taken is still answered.
+    #[tokio::test]
+    async fn a_client_goaway_ends_the_taking_not_the_streams() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        raw.send_heads(&[1], &GET, true).await;
+        let (_req, mut respond) = take(&mut server).await;
+        // Waiting for the next request, in a task of its own (woken, or
+        // never done).
+        let taking =
+            tokio::spawn(async move { poll_fn(|cx| server.poll_accept(cx)).await.is_none() });
+        tokio::task::yield_now().await;
+        let mut out = BytesMut::new();
+        frame::write_goaway(0, Reason::NO_ERROR, &mut out);
+        raw.write(&out).await;
+        let ended = tokio::time::timeout(Duration::from_secs(10), taking).await;
+        assert!(matches!(ended, Ok(Ok(true))), "still taking: {ended:?}");
+        assert!(respond.send_response(Response::new(()), true).is_ok());
+        assert!(raw.until(kind::HEADERS, 1).await.is_some());
     }
 
     /// A malformed request (no `:path`; a connection-specific field) is
