@@ -197,10 +197,17 @@ impl ResetBudget {
     /// Takes one reset from the allowance: `false` once it is spent.
     fn take(&mut self, limits: &ServerLimits) -> bool {
         let now = tokio::time::Instant::now();
+        let rate = u64::from(limits.resets_per_sec);
         let ms = u64::try_from(now.duration_since(self.since).as_millis()).unwrap_or(u64::MAX);
-        let earned = ms.saturating_mul(u64::from(limits.resets_per_sec)) / 1000;
+        let earned = ms.saturating_mul(rate) / 1000;
         if earned > 0 {
-            self.left = (self.left.saturating_add(earned)).min(u64::from(limits.reset_burst));
+            self.left = self.left.saturating_add(earned);
+            // The time of the tokens earned, not all of it: what is
+            // earned of the next one is kept.
+            self.since += std::time::Duration::from_millis(earned.saturating_mul(1000) / rate);
+        }
+        if self.left >= u64::from(limits.reset_burst) {
+            self.left = u64::from(limits.reset_burst);
             self.since = now;
         }
         match self.left.checked_sub(1) {
@@ -210,6 +217,13 @@ impl ResetBudget {
             }
             None => false,
         }
+    }
+
+    /// Gives one back for a stream that ended whole: the allowance grows
+    /// with the client's traffic (a busy gRPC channel cancels a share of
+    /// its calls).
+    fn credit(&mut self, limits: &ServerLimits) {
+        self.left = (self.left + 1).min(u64::from(limits.reset_burst));
     }
 }
 
@@ -228,13 +242,17 @@ pub(super) struct Accepting {
     /// Streams of the client's this end reset or refused lately: a
     /// `HEADERS` still coming on one is ignored (RFC 9113 §5.4.2), on any
     /// other closed stream it is a connection error (§5.1.1).
-    pub(super) reset_ids: VecDeque<u32>,
+    /// With whether a `HEADERS` came on it since (one may have been on its
+    /// way, its trailers: free; more are the client's doing).
+    pub(super) reset_ids: VecDeque<(u32, bool)>,
     /// Streams in `queue` the client reset.
     pub(super) pending_resets: usize,
     /// Streams reset for the client's errors, in all.
     pub(super) local_resets: usize,
     /// The client's resets of live streams.
     pub(super) resets: ResetBudget,
+    /// Times the client changed its streams' initial window.
+    pub(super) window_changes: u32,
     /// This end sent its `GOAWAY`: no new stream is taken.
     pub(super) going_away: bool,
     /// A graceful shutdown's first `GOAWAY` (the highest stream ID) and its
@@ -256,6 +274,10 @@ pub(super) const MAX_OUT: usize = 1024 * 1024;
 /// DATA payloads under this are copied out of the read buffer (see
 /// `on_data`).
 const COPY_BELOW: usize = 8 * 1024;
+
+/// Changes of the initial window a client may make on a connection: one
+/// more is `ENHANCE_YOUR_CALM` (see `on_settings`).
+const MAX_WINDOW_CHANGES: u32 = 100;
 
 #[derive(Default)]
 pub(super) struct Stream {
@@ -519,6 +541,9 @@ impl Inner {
             }
         }
         if stream.is_closed() && !stream.recv_held && !stream.send_held {
+            if let Some(server) = self.server.as_mut().filter(|_| stream.error.is_none()) {
+                server.resets.credit(&server.limits);
+            }
             // Out of the line for window too (a stream whose own window
             // update let it send everything is still in it).
             if std::mem::take(&mut stream.in_blocked) {
@@ -1147,8 +1172,11 @@ pub(super) fn handle_frame(
                 let client = inner.server.is_none();
                 if let Some(server) = &mut inner.server {
                     let live = (inner.streams.get(&head.stream)).is_some_and(|s| s.error.is_none());
-                    // Within the client's allowance of resets.
-                    if live && !server.resets.take(&server.limits) {
+                    // Within the client's allowance of resets: of streams
+                    // still being answered (one whose answer is out costs
+                    // nothing more: gRPC clients reset those, `NO_ERROR`).
+                    let answering = (inner.streams.get(&head.stream)).is_some_and(|s| !s.send_done);
+                    if live && answering && !server.resets.take(&server.limits) {
                         return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
                     }
                     // Reset before it was taken: counted, as `h2` does.
@@ -1294,17 +1322,27 @@ pub(super) fn on_settings(inner: &mut Inner, settings: Settings) -> Result<(), F
     }
     if let Some(window) = settings.initial_window_size {
         let delta = i64::from(window) - inner.initial_send_window;
+        // Each change walks the streams (and may send a frame on each
+        // waiting for window): a client gets `MAX_WINDOW_CHANGES` of them
+        // (a window tuned as the connection goes, gRPC's, takes a few).
+        if let Some(server) = inner.server.as_mut().filter(|_| delta != 0) {
+            server.window_changes += 1;
+            if server.window_changes > MAX_WINDOW_CHANGES {
+                return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
+            }
+        }
         inner.initial_send_window = i64::from(window);
         // The same again: no walk of the streams.
-        let streams = inner.streams.iter_mut().filter(|_| delta != 0);
-        for (&id, stream) in streams {
-            stream.send_window += delta;
-            if stream.send_window > i64::from(frame::MAX_WINDOW) {
-                return Err(FrameError::connection(Reason::FLOW_CONTROL_ERROR));
-            }
-            if delta > 0 && !stream.queued.is_empty() && !stream.in_blocked {
-                stream.in_blocked = true;
-                inner.blocked.push_back(id);
+        if delta != 0 {
+            for (&id, stream) in inner.streams.iter_mut() {
+                stream.send_window += delta;
+                if stream.send_window > i64::from(frame::MAX_WINDOW) {
+                    return Err(FrameError::connection(Reason::FLOW_CONTROL_ERROR));
+                }
+                if delta > 0 && !stream.queued.is_empty() && !stream.in_blocked {
+                    stream.in_blocked = true;
+                    inner.blocked.push_back(id);
+                }
             }
         }
         if delta > 0 {
@@ -1561,12 +1599,18 @@ fn on_request(
     if id <= server.last_peer {
         // A stream this end reset or refused lately: what was on its way
         // is ignored (§5.4.2). Any other closed stream: §5.1.1.
-        if server.reset_ids.contains(&id) {
-            // Counted as a reset of the client's doing: a head decoded for
-            // nothing, and a client could send them without end.
-            server.local_resets += 1;
-            if server.local_resets > server.limits.max_local_resets {
-                return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
+        if let Some(seen) = (server.reset_ids.iter_mut())
+            .find(|(reset, _)| *reset == id)
+            .map(|(_, seen)| seen)
+        {
+            // The first may have crossed the reset (trailers on their way);
+            // another is counted as a reset of the client's doing: a head
+            // decoded for nothing, and a client could send them without end.
+            if std::mem::replace(seen, true) {
+                server.local_resets += 1;
+                if server.local_resets > server.limits.max_local_resets {
+                    return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
+                }
             }
             return Ok(());
         }
@@ -1693,6 +1737,38 @@ impl Accepting {
         if self.reset_ids.len() == 256 {
             self.reset_ids.pop_front();
         }
-        self.reset_ids.push_back(id);
+        self.reset_ids.push_back((id, false));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The allowance refills at its rate whatever the gaps between resets:
+    /// what is earned of a token is kept, not lost with each reset (at 33
+    /// a second, a reset every 40 ms earns 1.32 tokens: 1 was kept, and a
+    /// client spending one a gap never got the rest back).
+    #[tokio::test(start_paused = true)]
+    async fn the_reset_allowance_keeps_what_is_earned_of_a_token() {
+        let limits = ServerLimits {
+            reset_burst: 20,
+            resets_per_sec: 33,
+            ..ServerLimits::default()
+        };
+        let mut budget = ResetBudget::new(&limits);
+        for _ in 0..20 {
+            assert!(budget.take(&limits));
+        }
+        assert!(!budget.take(&limits), "the burst is spent");
+        // 50 resets 40 ms apart (25 a second, under 33): 66 earned, 50
+        // spent.
+        for _ in 0..50 {
+            tokio::time::advance(std::time::Duration::from_millis(40)).await;
+            assert!(budget.take(&limits));
+        }
+        for i in 0..10 {
+            assert!(budget.take(&limits), "reset {i} of what was earned");
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! An HTTP/2 server connection on almond's codec (`conn.rs`): the streams
 //! a client opens handed out as requests in turn, each answered from its
 //! own task; the limits a server keeps against its client (streams at
-//! once, the head's size, streams reset before they are taken, streams
-//! reset for the client's errors). The edge's HTTP/2 server (`edge/h2.rs`)
-//! runs on it.
+//! once, the head's size, streams reset before they are taken, the
+//! client's resets a second, streams reset for the client's errors). The
+//! edge's HTTP/2 server (`edge/h2.rs`) runs on it.
 
 use super::conn::{self, poll_reset, start, write_response, Accepting, Shared};
 pub use super::conn::{Config, Control, Driver, Error, Pong, RecvStream, SendStream, ServerLimits};
@@ -88,6 +88,7 @@ where
         pending_resets: 0,
         local_resets: 0,
         resets: conn::ResetBudget::new(&limits),
+        window_changes: 0,
         going_away: false,
         draining: false,
         preface: false,
@@ -627,6 +628,56 @@ mod tests {
         );
     }
 
+    /// Streams that end whole give back what resets took (the allowance
+    /// grows with the client's traffic), and a reset of a stream whose
+    /// answer is out takes nothing: a client that answers its calls and
+    /// cancels some, or resets answered ones (`NO_ERROR`, as gRPC
+    /// clients do), is not let go.
+    #[tokio::test]
+    async fn resets_within_the_traffic_are_allowed() {
+        let limits = ServerLimits {
+            reset_burst: 2,
+            resets_per_sec: 0,
+            ..ServerLimits::default()
+        };
+        let (mut raw, mut server) = Raw::start(Config::default(), limits).await;
+        let mut id = 1;
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            // One answered whole and let go: a reset given back.
+            raw.send_heads(&[id], &GET, true).await;
+            let (req, mut respond) = take(&mut server).await;
+            drop(req);
+            assert!(respond.send_response(Response::new(()), true).is_ok());
+            drop(respond);
+            assert!(raw.until(kind::HEADERS, id).await.is_some());
+            // One cancelled while it is being answered.
+            raw.send_heads(&[id + 2], &GET, true).await;
+            held.push(take(&mut server).await);
+            let mut out = BytesMut::new();
+            frame::write_rst_stream(id + 2, Reason::CANCEL, &mut out);
+            // One answered, its handles held, reset `NO_ERROR`.
+            raw.write(&out).await;
+            raw.send_heads(&[id + 4], &GET, true).await;
+            let (req, mut respond) = take(&mut server).await;
+            let sent = respond.send_response(Response::new(()), true);
+            assert!(raw.until(kind::HEADERS, id + 4).await.is_some());
+            let mut out = BytesMut::new();
+            frame::write_rst_stream(id + 4, Reason::NO_ERROR, &mut out);
+            raw.write(&out).await;
+            held.push((req, respond));
+            drop(sent);
+            id += 6;
+        }
+        // Still up: a ping's answer after all of them.
+        let mut out = BytesMut::new();
+        frame::write_ping(false, *b"still up", &mut out);
+        raw.write(&out).await;
+        let pong = raw.until(kind::PING, 0).await;
+        let data = pong.and_then(|(head, payload)| frame::ping(&head, &payload).ok());
+        assert_eq!(data, Some(*b"still up"), "let go");
+    }
+
     /// `HEADERS` on a stream this end refused, ignored, still counts
     /// against the client's resets: a client could send them without end,
     /// each a header block decoded for nothing.
@@ -643,8 +694,9 @@ mod tests {
         // Over the limit: refused (one).
         raw.send_heads(&[3], &GET, true).await;
         assert!(raw.until(kind::RST_STREAM, 3).await.is_some());
-        // Ignored twice: two more, over the limit of two.
-        raw.send_heads(&[3, 3], &GET, true).await;
+        // Ignored: the first free (it may have crossed the refusal), the
+        // next two counted, over the limit of two.
+        raw.send_heads(&[3, 3, 3], &GET, true).await;
         assert_eq!(goaway(&mut raw).await, Some((1, Reason::ENHANCE_YOUR_CALM)));
     }
 
@@ -670,6 +722,41 @@ mod tests {
         };
         assert_eq!(&data[..], b"x");
         assert!(data.try_into_mut().is_ok(), "a slice of a shared buffer");
+    }
+
+    /// A client that changes its streams' initial window without end (each
+    /// change walks the streams, and may send a frame on each waiting for
+    /// window) is let go after 100 changes; the same value again is no
+    /// change.
+    #[tokio::test]
+    async fn a_client_changing_its_window_without_end_is_let_go() {
+        let (mut raw, _server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        let mut out = BytesMut::new();
+        // The same value many times: no change, nothing said.
+        for _ in 0..150 {
+            Settings {
+                initial_window_size: Some(65_535),
+                ..Settings::default()
+            }
+            .write(&mut out);
+        }
+        // A ping's answer after them: the connection took them all.
+        frame::write_ping(false, *b"still up", &mut out);
+        raw.write(&out).await;
+        let pong = raw.until(kind::PING, 0).await;
+        let data = pong.and_then(|(head, payload)| frame::ping(&head, &payload).ok());
+        assert_eq!(data, Some(*b"still up"));
+        let mut out = BytesMut::new();
+        for i in 0..101 {
+            Settings {
+                initial_window_size: Some(70_000 + i),
+                ..Settings::default()
+            }
+            .write(&mut out);
+        }
+        raw.write(&out).await;
+        let reason = goaway(&mut raw).await.map(|(_, reason)| reason);
+        assert_eq!(reason, Some(Reason::ENHANCE_YOUR_CALM));
     }
 
     /// A client's `GOAWAY` ends the taking (no more streams come) while the
