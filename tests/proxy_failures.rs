@@ -245,31 +245,30 @@ async fn an_h2_head_over_the_limit_is_431_and_the_connection_goes_on() {
     let tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
     let (send, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
     let big = "a".repeat(20 * 1024);
-    let req = Request::get("http://m/big")
-        .header("x-big", big.as_str())
-        .body(())
-        .unwrap();
-    let (answer, _) = send.send_request(req, true).unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
-        .await
-        .expect("answered")
-        .unwrap();
-    assert_eq!(answer.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // A GET on the connection with an `x-big` field: its status.
+    let get = |path: &'static str, value: String| {
+        let send = send.clone();
+        async move {
+            let mut send = send.ready().await.unwrap();
+            let req = Request::get(format!("http://m{path}"))
+                .header("x-big", value)
+                .body(())
+                .unwrap();
+            let (answer, _) = send.send_request(req, true).unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+                .await
+                .expect("answered")
+                .unwrap();
+            answer.status()
+        }
+    };
+    let status = get("/big", big.clone()).await;
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert_eq!(backend.count(), 0);
     // Just under the limit, on the same connection, is served.
-    let mut send = send.ready().await.unwrap();
-    let req = Request::get("http://m/fits")
-        .header("x-big", &big[..12 * 1024])
-        .body(())
-        .unwrap();
-    let (answer, _) = send.send_request(req, true).unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
-        .await
-        .expect("answered")
-        .unwrap();
-    assert_eq!(answer.status(), StatusCode::OK);
+    let status = get("/fits", big[..12 * 1024].to_owned()).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(backend.count(), 1);
 }
 

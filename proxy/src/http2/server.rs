@@ -496,6 +496,24 @@ mod tests {
             self.ack(data).await;
         }
 
+        /// Resets stream `id`.
+        async fn reset(&mut self, id: u32, reason: Reason) {
+            let mut out = BytesMut::new();
+            frame::write_rst_stream(id, reason, &mut out);
+            self.write(&out).await;
+        }
+
+        /// Whether the connection still answers a ping (frames before the
+        /// answer are skipped): it took everything sent before.
+        async fn still_up(&mut self) -> bool {
+            let mut out = BytesMut::new();
+            frame::write_ping(false, *b"still up", &mut out);
+            self.write(&out).await;
+            let pong = self.until(kind::PING, 0).await;
+            let data = pong.and_then(|(head, payload)| frame::ping(&head, &payload).ok());
+            data == Some(*b"still up")
+        }
+
         /// DATA on stream 0: a connection error (§6.1).
         async fn break_connection(&mut self) {
             let mut out = BytesMut::new();
@@ -617,9 +635,7 @@ mod tests {
             let id = 1 + 2 * i;
             raw.send_heads(&[id], &GET, false).await;
             taken.push(take(&mut server).await);
-            let mut out = BytesMut::new();
-            frame::write_rst_stream(id, Reason::CANCEL, &mut out);
-            raw.write(&out).await;
+            raw.reset(id, Reason::CANCEL).await;
         }
         assert_eq!(
             goaway(&mut raw).await,
@@ -654,28 +670,18 @@ mod tests {
             // One cancelled while it is being answered.
             raw.send_heads(&[id + 2], &GET, true).await;
             held.push(take(&mut server).await);
-            let mut out = BytesMut::new();
-            frame::write_rst_stream(id + 2, Reason::CANCEL, &mut out);
+            raw.reset(id + 2, Reason::CANCEL).await;
             // One answered, its handles held, reset `NO_ERROR`.
-            raw.write(&out).await;
             raw.send_heads(&[id + 4], &GET, true).await;
             let (req, mut respond) = take(&mut server).await;
             let sent = respond.send_response(Response::new(()), true);
             assert!(raw.until(kind::HEADERS, id + 4).await.is_some());
-            let mut out = BytesMut::new();
-            frame::write_rst_stream(id + 4, Reason::NO_ERROR, &mut out);
-            raw.write(&out).await;
+            raw.reset(id + 4, Reason::NO_ERROR).await;
             held.push((req, respond));
             drop(sent);
             id += 6;
         }
-        // Still up: a ping's answer after all of them.
-        let mut out = BytesMut::new();
-        frame::write_ping(false, *b"still up", &mut out);
-        raw.write(&out).await;
-        let pong = raw.until(kind::PING, 0).await;
-        let data = pong.and_then(|(head, payload)| frame::ping(&head, &payload).ok());
-        assert_eq!(data, Some(*b"still up"), "let go");
+        assert!(raw.still_up().await, "let go");
     }
 
     /// `HEADERS` on a stream this end refused, ignored, still counts
@@ -740,12 +746,9 @@ mod tests {
             }
             .write(&mut out);
         }
-        // A ping's answer after them: the connection took them all.
-        frame::write_ping(false, *b"still up", &mut out);
         raw.write(&out).await;
-        let pong = raw.until(kind::PING, 0).await;
-        let data = pong.and_then(|(head, payload)| frame::ping(&head, &payload).ok());
-        assert_eq!(data, Some(*b"still up"));
+        // A ping's answer after them: the connection took them all.
+        assert!(raw.still_up().await);
         let mut out = BytesMut::new();
         for i in 0..101 {
             Settings {
