@@ -266,6 +266,7 @@ impl Future for ResponseFuture {
             let body = RecvStream {
                 shared: self.shared.clone(),
                 id: self.id,
+                length: stream.declared,
             };
             // The handle moves to the body.
             return Poll::Ready(Ok(head.map(|()| body)));

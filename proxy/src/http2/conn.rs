@@ -307,6 +307,8 @@ pub(super) struct Stream {
     pub(super) queued_trailers: Option<HeaderMap>,
     /// What is left of the response's `content-length`.
     pub(super) remaining: Option<u64>,
+    /// The head's `content-length`, as it said (for the body's handle).
+    pub(super) declared: Option<u64>,
     /// The request's task, waiting for the head, data or trailers.
     pub(super) recv_waker: Option<Waker>,
     /// The body's task, waiting for window.
@@ -778,9 +780,16 @@ impl Future for Pong {
 pub struct RecvStream {
     pub(super) shared: Arc<Shared>,
     pub(super) id: u32,
+    /// The head's `content-length`.
+    pub(super) length: Option<u64>,
 }
 
 impl RecvStream {
+    /// The `content-length` the head said (read once, with the head).
+    pub fn content_length(&self) -> Option<u64> {
+        self.length
+    }
+
     /// The next data, `None` at the end of the data.
     pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Error>>> {
         let mut inner = self.shared.lock();
@@ -1482,6 +1491,7 @@ pub(super) fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), Fr
             let no_content = stream.no_content
                 || head.status() == StatusCode::NO_CONTENT
                 || head.status() == StatusCode::NOT_MODIFIED;
+            stream.declared = length;
             let length = if no_content { Some(0) } else { length };
             // A head that ends the stream with content promised (§8.1.1).
             if end && length.is_some_and(|n| n != 0) {
@@ -1666,6 +1676,7 @@ fn on_request(
         stream.answered = true;
         stream.recv_done = end;
         stream.remaining = length;
+        stream.declared = length;
     });
     Ok(())
 }

@@ -139,6 +139,7 @@ impl Server {
             let body = RecvStream {
                 shared: shared.clone(),
                 id,
+                length: stream.and_then(|s| s.declared),
             };
             let respond = Respond {
                 shared,

@@ -11,7 +11,7 @@ use crate::http2::client::{
 use crate::http2::frame::Reason;
 use crate::outcome::ErrorKind;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
+use http::{header, HeaderValue, Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
@@ -680,11 +680,12 @@ impl Drop for RecvBody {
 
 impl RecvBody {
     /// The response with its body's length from the head's
-    /// `content-length` (the codec holds the data to it), or none for a
+    /// `content-length` (the codec read it with the head, and holds the
+    /// data to it), or none for a
     /// stream already ended, as hyper's client gives it. The stream's
     /// `slot` is held until the body is over.
     fn head(resp: Response<RecvStream>, slot: Option<Slot>) -> Response<RecvBody> {
-        let length = content_length(resp.headers());
+        let length = resp.body().content_length();
         resp.map(|recv| {
             let mut body = RecvBody::new(recv, length);
             body.slot = slot;
@@ -695,7 +696,7 @@ impl RecvBody {
     /// A request as the client sent it, its body's length known as a
     /// response's is (hyper's server gives it so).
     pub(crate) fn request(req: Request<RecvStream>) -> Request<RecvBody> {
-        let length = content_length(req.headers());
+        let length = req.body().content_length();
         req.map(|recv| RecvBody::new(recv, length))
     }
 
@@ -718,12 +719,6 @@ impl RecvBody {
 /// A body's length not known (`content-length` has at most 19 digits,
 /// under this).
 const NO_LENGTH: u64 = u64::MAX;
-
-/// The `content-length` value, if it is a plain number (or the same one
-/// repeated).
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    client::content_length(headers).flatten()
-}
 
 impl Body for RecvBody {
     type Data = Bytes;
@@ -948,7 +943,7 @@ mod tests {
                 };
                 let _ = stream.send_data(Bytes::from_static(b"hello"), !with_trailers);
                 if with_trailers {
-                    let mut trailers = HeaderMap::new();
+                    let mut trailers = http::HeaderMap::new();
                     trailers.insert("grpc-status", HeaderValue::from_static("0"));
                     let _ = stream.send_trailers(trailers);
                 }
