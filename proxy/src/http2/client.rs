@@ -310,7 +310,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http2::frame::{kind, Head};
+    use crate::http2::frame::kind;
     use crate::http2::hpack::Encoder;
     use bytes::{Buf, Bytes, BytesMut};
     use futures_util::future::poll_fn;
@@ -856,20 +856,12 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
             runtime.block_on(async move {
                 let (io, server) = tokio::io::duplex(64 * 1024);
-                tokio::spawn(async move {
-                    let (mut rd, mut wr) = tokio::io::split(server);
-                    let mut out = BytesMut::new();
-                    Settings::default().write(&mut out);
-                    for (kind, flags, stream, payload) in frames {
-                        let head = Head { len: payload.len() as u32, kind, flags, stream };
-                        head.write(&mut out);
-                        out.extend_from_slice(&payload);
-                    }
-                    let _ = wr.write_all(&out).await;
-                    // Read a little, then close.
-                    let mut sink = [0u8; 256];
-                    let _ = rd.read(&mut sink).await;
-                });
+                let mut out = BytesMut::new();
+                Settings::default().write(&mut out);
+                for any in frames {
+                    frame::put_any(&mut out, any);
+                }
+                tokio::spawn(frame::write_then_close(server, out));
                 let (client, driver) = handshake(io, Config::default());
                 tokio::spawn(driver);
                 let mut waiting = Vec::new();

@@ -600,6 +600,31 @@ impl Block {
     }
 }
 
+/// Tests only: appends one of [`any_frames`]'s frames to `out`.
+#[cfg(test)]
+pub fn put_any(out: &mut BytesMut, (kind, flags, stream, payload): (u8, u8, u32, Vec<u8>)) {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    Head {
+        len,
+        kind,
+        flags,
+        stream,
+    }
+    .write(out);
+    out.extend_from_slice(&payload);
+}
+
+/// Tests only: a peer that writes `out` on `io`, reads a little, then
+/// closes (the "any frames" properties' other end).
+#[cfg(test)]
+pub async fn write_then_close(io: tokio::io::DuplexStream, out: BytesMut) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let _ = wr.write_all(&out).await;
+    let mut sink = [0u8; 256];
+    let _ = rd.read(&mut sink).await;
+}
+
 /// Tests only: up to 12 frames of any kind (and unknown ones), flags,
 /// stream (0, client's, server's, never opened) and payload, as
 /// `(kind, flags, stream, payload)`, for the connections' "any frames

@@ -1280,13 +1280,12 @@ mod tests {
                 let (mut server, driver) = handshake(io, Config::default(), ServerLimits::default());
                 let driver = tokio::spawn(driver);
                 tokio::spawn(async move {
-                    let (mut rd, mut wr) = tokio::io::split(client);
                     let mut out = BytesMut::new();
                     out.extend_from_slice(frame::PREFACE);
                     Settings::default().write(&mut out);
                     let mut encoder = Encoder::default();
                     let mut id = 1;
-                    for (i, (kind, flags, stream, payload)) in frames.into_iter().enumerate() {
+                    for (i, any) in frames.into_iter().enumerate() {
                         if let Some(&end) = requests.get(i) {
                             let mut block = BytesMut::new();
                             encoder.begin(&mut block);
@@ -1296,14 +1295,9 @@ mod tests {
                             frame::write_headers(id, &block, end, frame::DEFAULT_MAX_FRAME, &mut out);
                             id += 2;
                         }
-                        let head = Head { len: payload.len() as u32, kind, flags, stream };
-                        head.write(&mut out);
-                        out.extend_from_slice(&payload);
+                        frame::put_any(&mut out, any);
                     }
-                    let _ = wr.write_all(&out).await;
-                    // Read a little, then close.
-                    let mut sink = [0u8; 256];
-                    let _ = rd.read(&mut sink).await;
+                    frame::write_then_close(client, out).await;
                 });
                 let serving = async move {
                     while let Some((req, mut respond)) = poll_fn(|cx| server.poll_accept(cx)).await {
