@@ -526,3 +526,49 @@ async fn a_stuck_access_log_drops_lines_and_never_slows_requests() {
     let _ = stop_tx.send(());
     reader.join().unwrap();
 }
+
+#[tokio::test]
+async fn an_http2_upstream_gets_the_request_id_and_trace_context_once() {
+    let backend = Backend::start("api").await;
+    let proxy = ProxyYaml::new()
+        .bound_to("api")
+        .service(ServiceYaml::new("api").at(backend.addr).http2())
+        .start()
+        .await;
+    let mut c = H1::connect(proxy.addr()).await;
+
+    // Made here: the ID and a new trace, in the HTTP/2 head, once each.
+    let made = c.get("api", "/").await;
+    assert_eq!(made.status, StatusCode::OK);
+    let id = made.header("x-request-id").unwrap().to_owned();
+    assert!(is_hex(&id, 32), "generated id {id:?}");
+    let seen = backend.last();
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    let ids: Vec<_> = seen.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids, [id.as_str()]);
+    let parents: Vec<_> = seen.headers.get_all("traceparent").iter().collect();
+    assert_eq!(parents.len(), 1, "{parents:?}");
+    let (version, trace, parent, _) = traceparent(parents[0].to_str().unwrap());
+    assert_eq!(version, "00");
+    assert!(is_hex(&trace, 32) && is_hex(&parent, 16));
+
+    // The client's: its ID kept, its trace continued, neither twice.
+    let sent = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01");
+    let kept = c
+        .request(get_with(
+            "api",
+            "/",
+            &[("x-request-id", "client-chosen-7"), ("traceparent", &sent)],
+        ))
+        .await;
+    assert_eq!(kept.header("x-request-id"), Some("client-chosen-7"));
+    let seen = backend.last();
+    let ids: Vec<_> = seen.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids, ["client-chosen-7"]);
+    let parents: Vec<_> = seen.headers.get_all("traceparent").iter().collect();
+    assert_eq!(parents.len(), 1, "{parents:?}");
+    let (_, trace, parent, flags) = traceparent(parents[0].to_str().unwrap());
+    assert_eq!(trace, TRACE_ID);
+    assert!(parent != CLIENT_SPAN);
+    assert_eq!(flags, "01");
+}

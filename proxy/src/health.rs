@@ -184,7 +184,10 @@ async fn probe(svc: &ServiceRoute, hc: &HealthCheck, m: &Member) -> bool {
                 if !sender.ready().await {
                     return false;
                 }
-                send_on(&mut sender, req).await.ok().map(|r| r.status())
+                send_on(&mut sender, req, &[])
+                    .await
+                    .ok()
+                    .map(|r| r.status())
             }
         };
         status.is_some_and(|s| s.is_success() || s.is_redirection())

@@ -113,7 +113,18 @@ impl Client {
         req: &Request<()>,
         end: bool,
     ) -> Result<(ResponseFuture, SendStream), Error> {
-        open(&self.shared, req, end, false)
+        open(&self.shared, req, end, false, &[])
+    }
+
+    /// As [`Client::send_request`], with `extra` fields after the head's
+    /// (never indexed: see [`Encoder::never`](super::hpack::Encoder::never)).
+    pub fn send_request_with(
+        &self,
+        req: &Request<()>,
+        end: bool,
+        extra: &[(&[u8], &[u8])],
+    ) -> Result<(ResponseFuture, SendStream), Error> {
+        open(&self.shared, req, end, false, extra)
     }
 
     /// Sends a ping; the future ends with its pong (`false` if the
@@ -140,12 +151,22 @@ impl std::fmt::Debug for Reservation {
 impl Reservation {
     /// As [`Client::send_request`], in the place held.
     pub fn send_request(
-        mut self,
+        self,
         req: &Request<()>,
         end: bool,
     ) -> Result<(ResponseFuture, SendStream), Error> {
+        self.send_request_with(req, end, &[])
+    }
+
+    /// As [`Client::send_request_with`], in the place held.
+    pub fn send_request_with(
+        mut self,
+        req: &Request<()>,
+        end: bool,
+        extra: &[(&[u8], &[u8])],
+    ) -> Result<(ResponseFuture, SendStream), Error> {
         match self.shared.take() {
-            Some(shared) => open(&shared, req, end, true),
+            Some(shared) => open(&shared, req, end, true, extra),
             None => Err(Error::Io("reservation used".to_owned())),
         }
     }
@@ -161,13 +182,14 @@ impl Drop for Reservation {
     }
 }
 
-/// Opens a stream (see [`Client::send_request`]); `reserved`: in a place a
-/// [`Reservation`] held, given up whatever happens.
+/// Opens a stream (see [`Client::send_request_with`]); `reserved`: in a
+/// place a [`Reservation`] held, given up whatever happens.
 fn open(
     shared: &Arc<Shared>,
     req: &Request<()>,
     end: bool,
     reserved: bool,
+    extra: &[(&[u8], &[u8])],
 ) -> Result<(ResponseFuture, SendStream), Error> {
     let id = {
         let mut inner = shared.lock();
@@ -227,6 +249,9 @@ fn open(
             }
             let name = name.as_str().as_bytes();
             enc.field(name, value.as_bytes(), indexing(name, value), block);
+        }
+        for (name, value) in extra {
+            enc.never(name, value, block);
         }
         frame::finish_headers(&mut inner.out, start, id, end, inner.max_frame);
         inner.add_stream(id, |stream| {

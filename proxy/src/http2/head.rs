@@ -50,25 +50,40 @@ pub fn content_length(headers: &HeaderMap) -> Option<Option<u64>> {
     Some(length)
 }
 
+/// Room in a head's map for the fields the proxy adds (a response's
+/// `x-request-id` and `date`; a request's `host` or `content-length`
+/// going to an HTTP/1.1 upstream), so that adding them does not grow the
+/// map, which would move every entry.
+const ADDED: usize = 3;
+
 /// Regular fields into a map; `None` for a malformed list.
 pub(super) fn field_map(fields: &[Field]) -> Option<HeaderMap> {
-    let mut map = HeaderMap::with_capacity(fields.len());
+    let mut map = HeaderMap::with_capacity(fields.len() + ADDED);
     for field in fields {
-        if field.name.starts_with(b":") || field.name.iter().any(u8::is_ascii_uppercase) {
-            return None;
-        }
-        let name = HeaderName::from_bytes(&field.name).ok()?;
-        if matches!(
-            name.as_str(),
-            "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
-        ) {
-            return None;
-        }
+        let name = match &field.known {
+            // A name of the static table's: valid, and allowed.
+            Some(name) => name.clone(),
+            None => literal_name(&field.name)?,
+        };
         let mut value = HeaderValue::from_maybe_shared(field.value.clone()).ok()?;
         value.set_sensitive(field.sensitive);
         map.append(name, value);
     }
     Some(map)
+}
+
+/// A name not from the static table: lowercase, valid, no pseudo-field's,
+/// and not connection-specific (RFC 9113 §8.2).
+fn literal_name(name: &[u8]) -> Option<HeaderName> {
+    if name.starts_with(b":") || name.iter().any(u8::is_ascii_uppercase) {
+        return None;
+    }
+    let name = HeaderName::from_bytes(name).ok()?;
+    let specific = matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
+    );
+    (!specific).then_some(name)
 }
 
 /// A request head (RFC 9113 §8.3.1): the pseudo-fields first, each at most

@@ -6,6 +6,7 @@
 
 use super::huffman::{self, HuffmanError};
 use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderName};
 use std::collections::VecDeque;
 
 /// The table size both ends start with (RFC 9113 §6.5.2).
@@ -48,6 +49,9 @@ pub struct Field {
     pub value: Bytes,
     /// Sent as never indexed: to be sent on the same way (RFC 7541 §7.1.3).
     pub sensitive: bool,
+    /// The static table's name, when the name came from it: a
+    /// [`HeaderName`] with no parsing (see [`static_header`]).
+    pub known: Option<HeaderName>,
 }
 
 /// An HPACK dynamic table: newest entry first, its size in RFC 7541's
@@ -148,17 +152,18 @@ impl Decoder {
         let mut list = 0usize;
         let mut fields = false;
         while let Some(&first) = block.get(src.at) {
-            let (name, value, sensitive, index) = match first {
+            // `named`: the index the name came from (0: a literal).
+            let (name, value, sensitive, index, named) = match first {
                 // Indexed field (§6.1).
                 0x80..=0xff => {
-                    let (name, value) = self.entry(src.int(7)?)?;
-                    (name, value, false, None)
+                    let named = src.int(7)?;
+                    let (name, value) = self.entry(named)?;
+                    (name, value, false, None, named)
                 }
                 // Literal, with incremental indexing (§6.2.1).
                 0x40..=0x7f => {
-                    let (name, value) = self.literal(&mut src, 6, &mut scratch)?;
-                    let named = first & 0x3f != 0;
-                    (name, value, false, Some(named))
+                    let (name, value, named) = self.literal(&mut src, 6, &mut scratch)?;
+                    (name, value, false, Some(named != 0), named)
                 }
                 // Table size update (§6.3): only before the block's fields.
                 0x20..=0x3f => {
@@ -172,8 +177,8 @@ impl Decoder {
                 // Literal never indexed (§6.2.3), or not indexed (§6.2.2).
                 _ => {
                     let sensitive = first & 0x10 != 0;
-                    let (name, value) = self.literal(&mut src, 4, &mut scratch)?;
-                    (name, value, sensitive, None)
+                    let (name, value, named) = self.literal(&mut src, 4, &mut scratch)?;
+                    (name, value, sensitive, None, named)
                 }
             };
             fields = true;
@@ -199,6 +204,7 @@ impl Decoder {
                     name,
                     value,
                     sensitive,
+                    known: static_header(named),
                 });
             }
         }
@@ -220,18 +226,19 @@ impl Decoder {
     }
 
     /// A literal field: an indexed name (a `prefix`-bit index, not 0) or a
-    /// literal one, then its value.
+    /// literal one, then its value; with the name's index (0: a literal).
     fn literal(
         &self,
         src: &mut Cursor<'_>,
         prefix: u8,
         scratch: &mut BytesMut,
-    ) -> Result<(Bytes, Bytes), DecodeError> {
-        let name = match src.int(prefix)? {
+    ) -> Result<(Bytes, Bytes, usize), DecodeError> {
+        let index = src.int(prefix)?;
+        let name = match index {
             0 => src.string(scratch)?,
             index => self.entry(index)?.0,
         };
-        Ok((name, src.string(scratch)?))
+        Ok((name, src.string(scratch)?, index))
     }
 }
 
@@ -304,11 +311,13 @@ pub enum Indexing {
 }
 
 /// Whether a field of `name` is worth a place in the table: not the ones
-/// that differ on nearly every request or answer.
+/// that differ on nearly every request or answer. A `date` is: it changes
+/// once a second, and every other answer of that second sends it as one
+/// byte (29 unindexed).
 pub fn indexing_for(name: &[u8]) -> Indexing {
     match name {
         b":path" | b"content-length" | b"x-request-id" | b"traceparent" | b"tracestate"
-        | b"date" | b"etag" | b"last-modified" | b"age" | b"expires" => Indexing::Skip,
+        | b"etag" | b"last-modified" | b"age" | b"expires" => Indexing::Skip,
         b"authorization" | b"proxy-authorization" | b"cookie" | b"set-cookie" => Indexing::Never,
         _ => Indexing::Index,
     }
@@ -441,6 +450,17 @@ impl Encoder {
     }
 }
 
+impl Encoder {
+    /// Appends a field never indexed (RFC 7541 §6.2.3), its name and value
+    /// literal and not looked up in either table: a field of this end's
+    /// own, unique to its block and in neither table.
+    pub fn never(&mut self, name: &[u8], value: &[u8], dst: &mut BytesMut) {
+        dst.put_u8(0x10);
+        string(name, false, dst);
+        string(value, false, dst);
+    }
+}
+
 /// Appends a string (RFC 7541 §5.2), Huffman-coded if `huffman` and it
 /// comes out shorter so.
 fn string(s: &[u8], huffman: bool, dst: &mut BytesMut) {
@@ -538,87 +558,152 @@ const STATIC: [(&[u8], &[u8]); STATIC_LEN] = [
     (b"www-authenticate", b""),
 ];
 
-/// Where the static table has `name` (its first entry), and the whole
-/// field if it has that too.
+/// The [`HeaderName`] of the static table's entry `index`, for the
+/// regular names a head may carry: not the pseudo-fields, and not
+/// `transfer-encoding`, which no HTTP/2 head may (RFC 9113 §8.2.2): those
+/// go through the checks a literal name does.
+pub fn static_header(index: usize) -> Option<HeaderName> {
+    use header::*;
+    Some(match index {
+        15 => ACCEPT_CHARSET,
+        16 => ACCEPT_ENCODING,
+        17 => ACCEPT_LANGUAGE,
+        18 => ACCEPT_RANGES,
+        19 => ACCEPT,
+        20 => ACCESS_CONTROL_ALLOW_ORIGIN,
+        21 => AGE,
+        22 => ALLOW,
+        23 => AUTHORIZATION,
+        24 => CACHE_CONTROL,
+        25 => CONTENT_DISPOSITION,
+        26 => CONTENT_ENCODING,
+        27 => CONTENT_LANGUAGE,
+        28 => CONTENT_LENGTH,
+        29 => CONTENT_LOCATION,
+        30 => CONTENT_RANGE,
+        31 => CONTENT_TYPE,
+        32 => COOKIE,
+        33 => DATE,
+        34 => ETAG,
+        35 => EXPECT,
+        36 => EXPIRES,
+        37 => FROM,
+        38 => HOST,
+        39 => IF_MATCH,
+        40 => IF_MODIFIED_SINCE,
+        41 => IF_NONE_MATCH,
+        42 => IF_RANGE,
+        43 => IF_UNMODIFIED_SINCE,
+        44 => LAST_MODIFIED,
+        45 => LINK,
+        46 => LOCATION,
+        47 => MAX_FORWARDS,
+        48 => PROXY_AUTHENTICATE,
+        49 => PROXY_AUTHORIZATION,
+        50 => RANGE,
+        51 => REFERER,
+        52 => REFRESH,
+        53 => RETRY_AFTER,
+        54 => SERVER,
+        55 => SET_COOKIE,
+        56 => STRICT_TRANSPORT_SECURITY,
+        58 => USER_AGENT,
+        59 => VARY,
+        60 => VIA,
+        61 => WWW_AUTHENTICATE,
+        _ => return None,
+    })
+}
+
+/// The static table's index of the first entry named `name`: a name is
+/// told apart from the table's other 52 by its length, first and last
+/// byte (one jump, not a comparison with each), then compared once.
+fn static_name(name: &[u8]) -> Option<usize> {
+    let (&first, &last) = (name.first()?, name.last()?);
+    let (index, known): (usize, &[u8]) = match (name.len(), first, last) {
+        (10, b':', b'y') => (1, b":authority"),
+        (7, b':', b'd') => (2, b":method"),
+        (5, b':', b'h') => (4, b":path"),
+        (7, b':', b'e') => (6, b":scheme"),
+        (7, b':', b's') => (8, b":status"),
+        (14, b'a', b't') => (15, b"accept-charset"),
+        (15, b'a', b'g') => (16, b"accept-encoding"),
+        (15, b'a', b'e') => (17, b"accept-language"),
+        (13, b'a', b's') => (18, b"accept-ranges"),
+        (6, b'a', b't') => (19, b"accept"),
+        (27, b'a', b'n') => (20, b"access-control-allow-origin"),
+        (3, b'a', b'e') => (21, b"age"),
+        (5, b'a', b'w') => (22, b"allow"),
+        (13, b'a', b'n') => (23, b"authorization"),
+        (13, b'c', b'l') => (24, b"cache-control"),
+        (19, b'c', b'n') => (25, b"content-disposition"),
+        (16, b'c', b'g') => (26, b"content-encoding"),
+        (16, b'c', b'e') => (27, b"content-language"),
+        (14, b'c', b'h') => (28, b"content-length"),
+        (16, b'c', b'n') => (29, b"content-location"),
+        (13, b'c', b'e') => (30, b"content-range"),
+        (12, b'c', b'e') => (31, b"content-type"),
+        (6, b'c', b'e') => (32, b"cookie"),
+        (4, b'd', b'e') => (33, b"date"),
+        (4, b'e', b'g') => (34, b"etag"),
+        (6, b'e', b't') => (35, b"expect"),
+        (7, b'e', b's') => (36, b"expires"),
+        (4, b'f', b'm') => (37, b"from"),
+        (4, b'h', b't') => (38, b"host"),
+        (8, b'i', b'h') => (39, b"if-match"),
+        (17, b'i', b'e') => (40, b"if-modified-since"),
+        (13, b'i', b'h') => (41, b"if-none-match"),
+        (8, b'i', b'e') => (42, b"if-range"),
+        (19, b'i', b'e') => (43, b"if-unmodified-since"),
+        (13, b'l', b'd') => (44, b"last-modified"),
+        (4, b'l', b'k') => (45, b"link"),
+        (8, b'l', b'n') => (46, b"location"),
+        (12, b'm', b's') => (47, b"max-forwards"),
+        (18, b'p', b'e') => (48, b"proxy-authenticate"),
+        (19, b'p', b'n') => (49, b"proxy-authorization"),
+        (5, b'r', b'e') => (50, b"range"),
+        (7, b'r', b'r') => (51, b"referer"),
+        (7, b'r', b'h') => (52, b"refresh"),
+        (11, b'r', b'r') => (53, b"retry-after"),
+        (6, b's', b'r') => (54, b"server"),
+        (10, b's', b'e') => (55, b"set-cookie"),
+        (25, b's', b'y') => (56, b"strict-transport-security"),
+        (17, b't', b'g') => (57, b"transfer-encoding"),
+        (10, b'u', b't') => (58, b"user-agent"),
+        (4, b'v', b'y') => (59, b"vary"),
+        (3, b'v', b'a') => (60, b"via"),
+        (16, b'w', b'e') => (61, b"www-authenticate"),
+        _ => return None,
+    };
+    (name == known).then_some(index)
+}
+
+/// The static table's index of `name`'s first entry, and of the entry
+/// naming both `name` and `value`, if any (RFC 7541 Appendix A).
 pub(super) fn static_index(name: &[u8], value: &[u8]) -> (Option<usize>, Option<usize>) {
-    let name_only = |i| (Some(i), None);
-    let full = |i, v: &[u8]| (Some(i), (value == v).then_some(i));
-    match name {
-        b":authority" => name_only(1),
-        b":method" => match value {
-            b"GET" => (Some(2), Some(2)),
-            b"POST" => (Some(2), Some(3)),
-            _ => name_only(2),
-        },
-        b":path" => match value {
-            b"/" => (Some(4), Some(4)),
-            b"/index.html" => (Some(4), Some(5)),
-            _ => name_only(4),
-        },
-        b":scheme" => match value {
-            b"http" => (Some(6), Some(6)),
-            b"https" => (Some(6), Some(7)),
-            _ => name_only(6),
-        },
-        b":status" => match value {
-            b"200" => (Some(8), Some(8)),
-            b"204" => (Some(8), Some(9)),
-            b"206" => (Some(8), Some(10)),
-            b"304" => (Some(8), Some(11)),
-            b"400" => (Some(8), Some(12)),
-            b"404" => (Some(8), Some(13)),
-            b"500" => (Some(8), Some(14)),
-            _ => name_only(8),
-        },
-        b"accept-charset" => name_only(15),
-        b"accept-encoding" => full(16, b"gzip, deflate"),
-        b"accept-language" => name_only(17),
-        b"accept-ranges" => name_only(18),
-        b"accept" => name_only(19),
-        b"access-control-allow-origin" => name_only(20),
-        b"age" => name_only(21),
-        b"allow" => name_only(22),
-        b"authorization" => name_only(23),
-        b"cache-control" => name_only(24),
-        b"content-disposition" => name_only(25),
-        b"content-encoding" => name_only(26),
-        b"content-language" => name_only(27),
-        b"content-length" => name_only(28),
-        b"content-location" => name_only(29),
-        b"content-range" => name_only(30),
-        b"content-type" => name_only(31),
-        b"cookie" => name_only(32),
-        b"date" => name_only(33),
-        b"etag" => name_only(34),
-        b"expect" => name_only(35),
-        b"expires" => name_only(36),
-        b"from" => name_only(37),
-        b"host" => name_only(38),
-        b"if-match" => name_only(39),
-        b"if-modified-since" => name_only(40),
-        b"if-none-match" => name_only(41),
-        b"if-range" => name_only(42),
-        b"if-unmodified-since" => name_only(43),
-        b"last-modified" => name_only(44),
-        b"link" => name_only(45),
-        b"location" => name_only(46),
-        b"max-forwards" => name_only(47),
-        b"proxy-authenticate" => name_only(48),
-        b"proxy-authorization" => name_only(49),
-        b"range" => name_only(50),
-        b"referer" => name_only(51),
-        b"refresh" => name_only(52),
-        b"retry-after" => name_only(53),
-        b"server" => name_only(54),
-        b"set-cookie" => name_only(55),
-        b"strict-transport-security" => name_only(56),
-        b"transfer-encoding" => name_only(57),
-        b"user-agent" => name_only(58),
-        b"vary" => name_only(59),
-        b"via" => name_only(60),
-        b"www-authenticate" => name_only(61),
-        _ => (None, None),
-    }
+    let Some(index) = static_name(name) else {
+        return (None, None);
+    };
+    // The entries with a value: `:method`, `:path`, `:scheme`, `:status`
+    // and `accept-encoding`.
+    let full = match (index, value) {
+        (2, b"GET") => Some(2),
+        (2, b"POST") => Some(3),
+        (4, b"/") => Some(4),
+        (4, b"/index.html") => Some(5),
+        (6, b"http") => Some(6),
+        (6, b"https") => Some(7),
+        (8, b"200") => Some(8),
+        (8, b"204") => Some(9),
+        (8, b"206") => Some(10),
+        (8, b"304") => Some(11),
+        (8, b"400") => Some(12),
+        (8, b"404") => Some(13),
+        (8, b"500") => Some(14),
+        (16, b"gzip, deflate") => Some(16),
+        _ => None,
+    };
+    (Some(index), full)
 }
 
 #[cfg(test)]
@@ -811,6 +896,40 @@ mod tests {
 
     /// RFC 7541 C.2: a literal not indexed and a never-indexed one are
     /// not added to the table; the never-indexed one says so.
+    /// Answers of one second send their `date` as an index after the
+    /// first; a request ID never goes into the table.
+    #[test]
+    fn a_date_is_indexed_and_a_request_id_is_not() {
+        let mut encoder = Encoder::default();
+        let mut decoder = Decoder::default();
+        let date = b"Mon, 07 Dec 2026 12:00:00 GMT";
+        let mut sizes = Vec::new();
+        for id in [b"0123456789abcdef", b"fedcba9876543210"] {
+            let mut block = BytesMut::new();
+            encoder.begin(&mut block);
+            encoder.field(b"date", date, indexing_for(b"date"), &mut block);
+            let at = block.len();
+            let id_indexing = indexing_for(b"x-request-id");
+            encoder.field(b"x-request-id", id, id_indexing, &mut block);
+            sizes.push((at, block.len() - at));
+            let fields = decode_all(&mut decoder, &block.freeze());
+            let id = String::from_utf8_lossy(id);
+            assert_eq!(
+                fields,
+                pairs(&[
+                    ("date", std::str::from_utf8(date).unwrap()),
+                    ("x-request-id", &id)
+                ])
+            );
+        }
+        // The second date is one byte; each ID is its literal (1 + 1 + 12
+        // + 1 + 16 bytes: not in the table, its name not either).
+        assert_eq!(sizes[1], (1, 31));
+        assert!(sizes[0].0 > 20);
+        assert_eq!(encoder.table.entries.len(), 1);
+        assert_eq!(decoder.table.entries.len(), 1);
+    }
+
     #[test]
     fn literals_not_indexed_stay_out_of_the_table() {
         let mut decoder = Decoder::default();
@@ -989,5 +1108,23 @@ mod tests {
             }
         }
         assert_eq!(static_index(b"x-other", b""), (None, None));
+        // Each regular name's `HeaderName`, but `transfer-encoding`'s.
+        for (i, (name, _)) in STATIC.iter().enumerate() {
+            let known = static_header(i + 1);
+            match name.starts_with(b":") || &name[..] == b"transfer-encoding" {
+                true => assert_eq!(known, None),
+                false => assert_eq!(
+                    known.as_ref().map(|n| n.as_str().as_bytes()),
+                    Some(&name[..])
+                ),
+            }
+        }
+        assert_eq!((static_header(0), static_header(62)), (None, None));
+        assert_eq!(static_index(b"", b""), (None, None));
+        // The length, first and last byte of a name in the table.
+        assert_eq!(static_index(b"uxxx-xxent", b""), (None, None));
+        assert_eq!(static_index(b":mxxxxd", b"GET"), (None, None));
+        assert_eq!(static_index(b":method", b"PUT"), (Some(2), None));
+        assert_eq!(static_index(b"server", b"200"), (Some(54), None));
     }
 }

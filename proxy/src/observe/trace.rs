@@ -87,8 +87,36 @@ impl Stamp {
         out.extend_from_slice(b"\r\n");
     }
 
+    /// The stamp's fields, names and values, in the order of
+    /// [`Stamp::write`] (the HTTP/2 client's head encodes them straight
+    /// in, never indexed, as [`Stamp::insert`]'s sensitive values are).
+    pub fn fields(&self) -> Fields<'_> {
+        let id = self.made_id.as_ref().map_or(&[][..], |id| &id[..]);
+        Fields {
+            pairs: [
+                (b"x-request-id", id),
+                (b"traceparent", &self.traceparent[..]),
+            ],
+            skip: usize::from(self.made_id.is_none()),
+        }
+    }
+
     /// The bytes [`Stamp::write`] appends, at most.
     pub const MAX_LEN: usize = 16 + 32 + 15 + 55;
+}
+
+/// A [`Stamp`]'s fields (see [`Stamp::fields`]).
+pub struct Fields<'a> {
+    pairs: [(&'static [u8], &'a [u8]); 2],
+    /// 1 when the client's own request ID went up in its head.
+    skip: usize,
+}
+
+impl<'a> Fields<'a> {
+    /// The fields, names and values.
+    pub fn as_slice(&self) -> &[(&'static [u8], &'a [u8])] {
+        &self.pairs[self.skip..]
+    }
 }
 
 /// A header value of bytes made here (hex and dashes), marked sensitive.

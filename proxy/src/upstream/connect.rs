@@ -8,6 +8,7 @@ use crate::body::{BodyError, RequestBody};
 use crate::headers;
 use crate::identity::tls::{Conn, Upstream};
 use crate::limit::Admission;
+use crate::observe::trace::Stamp;
 use crate::outcome::ErrorKind;
 use crate::upstream::h1::{self, LeanBody};
 use crate::upstream::h2::{self, Outgoing};
@@ -286,7 +287,7 @@ impl Connections {
 
     /// Sends over the endpoint's first HTTP/2 connection with room for a
     /// stream, opening one first if none has (one opener at a time; the
-    /// others wait for it).
+    /// others wait for it), `stamp`'s fields after the head's.
     /// `connected` gets the time spent opening the connection, if it was.
     // Not `async fn`: it would keep the request twice (docs/architecture.md).
     #[allow(clippy::manual_async_fn)]
@@ -295,6 +296,7 @@ impl Connections {
         req: Request<RequestBody>,
         target: &'a Target,
         connected: &'a mut Option<Duration>,
+        stamp: &'a Stamp,
     ) -> impl Future<Output = Result<Response<h2::RecvBody>, SendError>> + Send + 'a {
         async move {
             let mut sender = match self.live_h2() {
@@ -315,12 +317,14 @@ impl Connections {
                 e.stale = true;
                 return Err(e);
             }
-            send_on(&mut sender, req).await.map_err(|failure| {
-                let mut e = SendError::sent(failure.kind);
-                // Refused: nothing was processed, as on a stale connection.
-                e.stale = failure.refused;
-                e
-            })
+            send_on(&mut sender, req, stamp.fields().as_slice())
+                .await
+                .map_err(|failure| {
+                    let mut e = SendError::sent(failure.kind);
+                    // Refused: nothing was processed, as on a stale connection.
+                    e.stale = failure.refused;
+                    e
+                })
         }
     }
 
@@ -574,9 +578,14 @@ impl From<crate::outcome::TimedOut> for SendError {
     }
 }
 
-/// Sends `req` over `sender`, once ready (`upstream/h2.rs`): a body known
-/// whole goes with the head, a streamed one as it comes.
-pub fn send_on(sender: &mut h2::Sender, req: Request<RequestBody>) -> h2::Sending {
+/// Sends `req` over `sender`, once ready (`upstream/h2.rs`), with the
+/// `extra` fields after its head's: a body known whole goes with the
+/// head, a streamed one as it comes.
+pub fn send_on(
+    sender: &mut h2::Sender,
+    req: Request<RequestBody>,
+    extra: &[(&[u8], &[u8])],
+) -> h2::Sending {
     let (parts, body) = req.into_parts();
     let body = match body {
         RequestBody::Replay(None) => Outgoing::Empty,
@@ -590,7 +599,7 @@ pub fn send_on(sender: &mut h2::Sender, req: Request<RequestBody>) -> h2::Sendin
         BodyError::Idle(_) => ErrorKind::ClientTimeout,
         _ => ErrorKind::BadRequest,
     };
-    sender.send(Request::from_parts(parts, ()), body, failed)
+    sender.send(Request::from_parts(parts, ()), body, failed, extra)
 }
 
 /// Counts an open connection for as long as it lives.

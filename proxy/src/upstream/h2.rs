@@ -325,7 +325,8 @@ impl Sender {
     }
 
     /// Sends `head` (readied by `headers::to_upstream`: absolute target,
-    /// no connection-specific fields) and `body`, once [`Sender::ready`];
+    /// no connection-specific fields), then the `extra` fields (the trace
+    /// stamp's), and `body`, once [`Sender::ready`];
     /// the future waits for the response head. A streamed body is copied
     /// from the request's task until the head comes, then from a task of
     /// its own; `failed` names the try's error when the body fails before
@@ -338,6 +339,7 @@ impl Sender {
         mut head: Request<()>,
         body: Outgoing<B>,
         failed: fn(&B::Error) -> ErrorKind,
+        extra: &[(&[u8], &[u8])],
     ) -> Sending
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
@@ -371,8 +373,8 @@ impl Sender {
         // No stream opened (the connection is going away or gone, or full):
         // nothing was sent, so nothing was processed.
         let opened = match room {
-            Some(room) => room.send_request(&head, end),
-            None => self.client.send_request(&head, end),
+            Some(room) => room.send_request_with(&head, end, extra),
+            None => self.client.send_request_with(&head, end, extra),
         };
         let (response, mut stream) = match opened {
             Ok(sent) => sent,
@@ -858,7 +860,7 @@ mod tests {
             assert!(sender.ready().await);
             let head = Request::post("http://up/").body(()).expect("request");
             let body = Outgoing::<http_body_util::Empty<Bytes>>::Whole(Bytes::from_static(b"x"));
-            let sent = sender.send(head, body, |_| ErrorKind::Reset).await;
+            let sent = sender.send(head, body, |_| ErrorKind::Reset, &[]).await;
             outcomes.push(sent.map(|r| r.status().as_u16()));
         }
         let refused = Failure {
@@ -891,7 +893,8 @@ mod tests {
             ["a", "b", "c"].map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(c))));
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
         let head = Request::post("http://up/").body(()).expect("request");
-        let mut sending = pin!(sender.send(head, Outgoing::Stream(body), |_| ErrorKind::Reset));
+        let mut sending =
+            pin!(sender.send(head, Outgoing::Stream(body), |_| ErrorKind::Reset, &[]));
         let sent = poll_fn(|cx| {
             let polled = sending.as_mut().poll(cx);
             if polled.is_pending() {
@@ -920,6 +923,7 @@ mod tests {
                 head,
                 Outgoing::<http_body_util::Empty<Bytes>>::Empty,
                 |_| ErrorKind::Reset,
+                &[],
             )
             .await;
         assert_eq!(resp.map(|r| r.status()).ok(), Some(http::StatusCode::OK));
@@ -961,7 +965,7 @@ mod tests {
             >());
             let head = Request::post("http://up/").body(()).expect("request");
             let resp = sender
-                .send(head, Outgoing::Stream(body), |_| ErrorKind::Reset)
+                .send(head, Outgoing::Stream(body), |_| ErrorKind::Reset, &[])
                 .await;
             let resp = resp.expect("the answer");
             // The reset is in by the time the body is read.
@@ -1008,13 +1012,13 @@ mod tests {
             );
             assert_eq!(sender.streams(), 2, "a waiting request counts");
             let no_body = Outgoing::<http_body_util::Empty<Bytes>>::Empty;
-            let answered = first.send(get(), no_body, |_| ErrorKind::Reset).await;
+            let answered = first.send(get(), no_body, |_| ErrorKind::Reset, &[]).await;
             assert_eq!(answered.map(|r| r.status().as_u16()).ok(), Some(200));
             let ready = tokio::time::timeout(Duration::from_secs(10), waiting).await;
             assert_eq!(ready.ok(), Some(true), "no room once the first was over");
         }
         let no_body = Outgoing::<http_body_util::Empty<Bytes>>::Empty;
-        let answered = second.send(get(), no_body, |_| ErrorKind::Reset).await;
+        let answered = second.send(get(), no_body, |_| ErrorKind::Reset, &[]).await;
         assert_eq!(answered.map(|r| r.status().as_u16()).ok(), Some(200));
         // Room readied and never used goes to the next who waits.
         let (mut third, mut fourth) = (sender.clone(), sender.clone());

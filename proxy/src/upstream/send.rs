@@ -171,9 +171,10 @@ fn send_to<'a>(
             TryRequest::Kept(parts, body) => owned(parts, body),
             TryRequest::Owned(req) => req,
         };
-        // Every client but the lean one sends a map: the stamp goes in it.
+        // hyper's client sends a map: the stamp goes in it. (The lean
+        // client and the HTTP/2 one write it into the head they encode.)
         let by_lean = !upgrade && target.protocol == Protocol::Http1 && lean(&req);
-        if !by_lean {
+        if !by_lean && (upgrade || target.protocol == Protocol::Http1) {
             stamp.insert(req.headers_mut());
         }
         if upgrade {
@@ -248,7 +249,10 @@ fn send_to<'a>(
                 Ok((resp.map(UpstreamBody::Hyper), Some(sender)))
             }
             Protocol::Http2 => {
-                let resp = endpoint.conns.send_h2(req, target, connected).await?;
+                let resp = endpoint
+                    .conns
+                    .send_h2(req, target, connected, stamp)
+                    .await?;
                 Ok((resp.map(UpstreamBody::H2), None))
             }
         }
