@@ -313,7 +313,9 @@ pub enum Indexing {
 /// Whether a field of `name` is worth a place in the table: not the ones
 /// that differ on nearly every request or answer. A `date` is: it changes
 /// once a second, and every other answer of that second sends it as one
-/// byte (29 unindexed).
+/// byte (32 unindexed). A connection answering less than once a second
+/// gains nothing, and each second's entry (65 of the table's 4,096) ages
+/// out as any other.
 pub fn indexing_for(name: &[u8]) -> Indexing {
     match name {
         b":path" | b"content-length" | b"x-request-id" | b"traceparent" | b"tracestate"
@@ -342,7 +344,7 @@ pub enum Huffman {
     Never,
     /// The fields added to the table, sent whole once and as an index
     /// after: the ones unique to a request (a request ID, a trace ID, a
-    /// date, a path) go as they are, and cost neither end any coding.
+    /// path) go as they are, and cost neither end any coding.
     Indexed,
     /// All, as `nghttp2` and the `h2` crate do.
     Always,
@@ -616,7 +618,7 @@ pub fn static_header(index: usize) -> Option<HeaderName> {
 }
 
 /// The static table's index of the first entry named `name`: a name is
-/// told apart from the table's other 52 by its length, first and last
+/// told apart from the table's 51 others by its length, first and last
 /// byte (one jump, not a comparison with each), then compared once.
 fn static_name(name: &[u8]) -> Option<usize> {
     let (&first, &last) = (name.first()?, name.last()?);
@@ -894,8 +896,6 @@ mod tests {
         assert_eq!(decoder.table.entries.len(), 3);
     }
 
-    /// RFC 7541 C.2: a literal not indexed and a never-indexed one are
-    /// not added to the table; the never-indexed one says so.
     /// Answers of one second send their `date` as an index after the
     /// first; a request ID never goes into the table.
     #[test]
@@ -930,6 +930,8 @@ mod tests {
         assert_eq!(decoder.table.entries.len(), 1);
     }
 
+    /// RFC 7541 C.2: a literal not indexed and a never-indexed one are
+    /// not added to the table; the never-indexed one says so.
     #[test]
     fn literals_not_indexed_stay_out_of_the_table() {
         let mut decoder = Decoder::default();

@@ -11,9 +11,11 @@
 //! Everything is formatted into stack buffers. What this hop adds to the
 //! request (a request ID it made, its `traceparent`) is a [`Stamp`], not
 //! header values: the lean HTTP/1.1 client writes it after the request's
-//! lines, and only the paths that send a header map make values of it
-//! (`Stamp::insert`). Those values are marked sensitive: unique to one
-//! request, so HTTP/2 sends them as never-indexed literals instead of
+//! lines, the HTTP/2 client encodes its fields (`Stamp::fields`) into the
+//! head, and only the paths that send a header map make values of it
+//! (`Stamp::insert`). Both of HTTP/2's are never-indexed literals (the
+//! values are marked sensitive): unique to one request, they are sent so
+//! instead of
 //! churning each HPACK table with entries nothing will reuse (evicting the
 //! ones that repeat).
 
@@ -66,7 +68,8 @@ pub struct Stamp {
 
 impl Stamp {
     /// Puts the stamp in `headers` (the paths that send a header map:
-    /// hyper's client, HTTP/2, a mirror's copy); again is the same.
+    /// hyper's client, for upgrades and HTTP/1.1 requests the lean client
+    /// does not take, and a tap's copy); again is the same.
     pub fn insert(&self, headers: &mut HeaderMap) {
         if let Some(id) = &self.made_id {
             headers.insert(REQUEST_ID, sensitive(id));

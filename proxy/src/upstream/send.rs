@@ -59,7 +59,8 @@ pub struct OneTry<'a> {
     /// HTTP/1.1 response's lines may be passed through (`h1::Passed`).
     pub pass: bool,
     /// What this hop adds to the request: written after its lines by the
-    /// lean client, put in its map for any other.
+    /// lean client, encoded into its head by the HTTP/2 client, put in
+    /// its map for hyper's.
     pub stamp: &'a Stamp,
     /// The time spent opening a connection, if one was opened.
     pub connected: &'a mut Option<Duration>,
