@@ -1337,6 +1337,42 @@ async fn an_upstream_head_reaches_the_client_less_its_hop_by_hop_lines() {
     assert!(text.ends_with("\r\n\r\nhop"), "{text}");
 }
 
+/// An HTTP/2 client gets one `x-request-id`, the request's, whatever the
+/// upstream's answer carried: its own kept, or one made here.
+#[tokio::test]
+async fn an_http2_client_gets_one_request_id_in_place_of_the_upstream_s() {
+    let (addr, _) = raw_upstream(|_| {
+        b"HTTP/1.1 200 OK\r\nX-Request-Id: upstream-id\r\nContent-Length: 2\r\n\r\nok".to_vec()
+    })
+    .await;
+    let proxy = ProxyYaml::new()
+        .by_host()
+        .service(ServiceYaml::new("web").at(addr))
+        .start()
+        .await;
+    let mut c = H2::connect(proxy.addr()).await;
+    let ids = |reply: &Reply| -> Vec<String> {
+        (reply.headers.get_all("x-request-id").iter())
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut req = h2_get("web", "/");
+    req.headers_mut()
+        .insert("x-request-id", "client-id".parse().unwrap());
+    let kept = c.request(req).await;
+    assert_eq!(kept.status, StatusCode::OK);
+    assert_eq!(kept.body, "ok");
+    assert_eq!(ids(&kept), ["client-id"]);
+    let made = c.get("web", "/").await;
+    let made = ids(&made);
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert!(made[0].len() == 32 && made[0] != "upstream-id", "{made:?}");
+    // A proxy's own answer (no such service) carries it too.
+    let own = c.get("nosuch", "/").await;
+    assert!(own.status.is_client_error() || own.status.is_server_error());
+    assert_eq!(ids(&own).len(), 1);
+}
+
 /// Upstream HTTP/1.1 connections are pooled and reused: one client's
 /// sequential requests need one connection, eight concurrent clients no
 /// more than eight; a backend that closes its idle connections (its

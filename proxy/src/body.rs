@@ -6,6 +6,7 @@
 //! connection goes back to its pool).
 
 use crate::http2::client;
+use crate::observe::trace::RequestId;
 use crate::upstream::h1::{self, LeanBody};
 use crate::upstream::h2::RecvBody;
 use bytes::Bytes;
@@ -695,6 +696,9 @@ pub struct ResponseBody<C: Completion = ()> {
     kind: Kind,
     /// Runs when the body is done (or is dropped with it).
     finish: Option<C>,
+    /// The request's ID, for an edge that writes it into the head it
+    /// encodes (HTTP/2's) rather than into the head's map.
+    request_id: Option<RequestId>,
 }
 
 enum Kind {
@@ -713,6 +717,7 @@ impl<C: Completion> ResponseBody<C> {
         ResponseBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             finish: None,
+            request_id: None,
         }
     }
 
@@ -721,6 +726,7 @@ impl<C: Completion> ResponseBody<C> {
         ResponseBody {
             kind: Kind::Full(None),
             finish: None,
+            request_id: None,
         }
     }
 
@@ -737,9 +743,23 @@ impl<C: Completion> ResponseBody<C> {
         let mut body = ResponseBody {
             kind: Kind::Upstream(body, IdleTimer::sharing(idle, shared), timeouts),
             finish,
+            request_id: None,
         };
         body.finish_if_done();
         body
+    }
+
+    /// Gives the request's ID to the edge that writes the head (see
+    /// [`ResponseBody::take_request_id`]).
+    pub fn set_request_id(&mut self, id: RequestId) {
+        self.request_id = Some(id);
+    }
+
+    /// The request's ID, for the head: HTTP/2's edge encodes it straight
+    /// into the answer's head, never indexed, as the map's sensitive value
+    /// would be (no value made and put in the map, looked up again).
+    pub fn take_request_id(&mut self) -> Option<RequestId> {
+        self.request_id.take()
     }
 
     /// The text of a body the proxy made, taken out (the body is then

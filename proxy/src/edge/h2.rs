@@ -26,6 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// The request ID's field, which the answer's head carries back.
+const REQUEST_ID: &str = "x-request-id";
+
 /// The window a client's stream gets (a quarter of the connection's, as
 /// linkerd's is a sixteenth): a stream whose upstream takes nothing holds
 /// its own window of unread data, never the whole connection's, and the
@@ -242,14 +245,21 @@ where
 /// any: none for a HEAD (`bodiless`), a 204 or a 304 (RFC 9110 §6.4.1),
 /// whatever the answer holds (the proxy's own answers carry text).
 fn send_head(resp: Reply, respond: &mut Respond, bodiless: bool) -> Option<(SendStream, Answer)> {
-    let (mut parts, body) = (*resp).into_parts();
+    let (mut parts, mut body) = (*resp).into_parts();
     headers::for_h2(&mut parts.headers);
+    // The request's ID goes into the head as it is encoded, in place of
+    // any the upstream's answer had.
+    let request_id = body.take_request_id();
     // One pass over the names (a standard name compares as a number), not
     // two hashed lookups.
-    let (mut date, mut length) = (false, false);
+    let (mut date, mut length, mut id) = (false, false, false);
     for name in parts.headers.keys() {
         date |= name == header::DATE;
         length |= name == header::CONTENT_LENGTH;
+        id |= name.as_str().len() == REQUEST_ID.len() && name == REQUEST_ID;
+    }
+    if id && request_id.is_some() {
+        parts.headers.remove(REQUEST_ID);
     }
     if !date {
         if let Ok(date) = with_date(HeaderValue::from_str) {
@@ -268,7 +278,15 @@ fn send_head(resp: Reply, respond: &mut Respond, bodiless: bool) -> Option<(Send
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
     }
-    match respond.send_response(Response::from_parts(parts, ()), end) {
+    let stamp;
+    let extra: &[(&[u8], &[u8])] = match &request_id {
+        Some(request_id) => {
+            stamp = [(REQUEST_ID.as_bytes(), request_id.as_bytes())];
+            &stamp
+        }
+        None => &[],
+    };
+    match respond.send_response_with(Response::from_parts(parts, ()), end, extra) {
         Ok(stream) => (!end).then_some((stream, body)),
         Err(e) => {
             tracing::debug!(error = %e, "downstream h2 answer not sent");

@@ -96,7 +96,8 @@ pub fn handle(
             request_id = std::str::from_utf8(trace.request_id.as_bytes()).ok()
         );
         // A gRPC call gets the proxy's own answers in gRPC's form.
-        let grpc = req.version() == http::Version::HTTP_2 && is_grpc(req.headers());
+        let h2 = req.version() == http::Version::HTTP_2;
+        let grpc = h2 && is_grpc(req.headers());
         let mut resp = serve(
             &shared,
             (listener, grpc),
@@ -113,9 +114,11 @@ pub fn handle(
         let span_head = left.span_head.take();
         drop(left);
         // The request ID back to the client: a passed-through head
-        // writes it after its lines, any other in the map.
+        // writes it after its lines, HTTP/2's edge into the head it
+        // encodes, any other in the map.
         match resp.body_mut().passed_mut() {
             Some(passed) => passed.set_request_id(trace.request_id.clone()),
+            None if h2 => resp.body_mut().set_request_id(trace.request_id.clone()),
             None => trace.on_response(resp.headers_mut()),
         }
         if let Some((method, path, headers)) = tap_head {

@@ -140,6 +140,9 @@ pub(super) struct Inner {
     pub(super) closed: Option<Error>,
     /// A header block being put together.
     pub(super) partial: Option<Block>,
+    /// A block's fields as they are decoded: kept, cleared, between blocks
+    /// (not a vector allocated for each).
+    pub(super) fields: Vec<Field>,
     /// The user's ping: sent, and whether its pong came (one at a time).
     pub(super) ping: Option<(bool, Option<Waker>)>,
     /// Bodies waiting for `out` to drain below [`MAX_OUT`].
@@ -289,7 +292,9 @@ pub(super) struct Stream {
     /// request was a `HEAD`; RFC 9110 §8.6).
     pub(super) no_content: bool,
     pub(super) data: VecDeque<Bytes>,
-    pub(super) trailers: Option<HeaderMap>,
+    /// Boxed, as `queued_trailers`: rare, and a stream entry moves in and
+    /// out of the table whole (each map inline is 96 bytes more a move).
+    pub(super) trailers: Option<Box<HeaderMap>>,
     /// `END_STREAM` received.
     pub(super) recv_done: bool,
     /// `END_STREAM` sent.
@@ -304,7 +309,7 @@ pub(super) struct Stream {
     /// Data queued beyond the window, with whether it ends the stream; then
     /// trailers to send once it is out.
     pub(super) queued: VecDeque<(Bytes, bool)>,
-    pub(super) queued_trailers: Option<HeaderMap>,
+    pub(super) queued_trailers: Option<Box<HeaderMap>>,
     /// What is left of the response's `content-length`.
     pub(super) remaining: Option<u64>,
     /// The head's `content-length`, as it said (for the body's handle).
@@ -654,7 +659,7 @@ impl Inner {
             if let Some(trailers) = stream.queued_trailers.take() {
                 let mut block = BytesMut::new();
                 self.encoder.begin(&mut block);
-                for (name, value) in &trailers {
+                for (name, value) in trailers.iter() {
                     let indexing = indexing(name.as_str().as_bytes(), value);
                     self.encoder.field(
                         name.as_str().as_bytes(),
@@ -821,7 +826,7 @@ impl RecvStream {
             return Poll::Ready(Ok(None));
         };
         if let Some(trailers) = stream.trailers.take() {
-            return Poll::Ready(Ok(Some(trailers)));
+            return Poll::Ready(Ok(Some(*trailers)));
         }
         if let Some(error) = &stream.error {
             return Poll::Ready(Err(error.clone()));
@@ -893,7 +898,7 @@ impl SendStream {
         if stream.send_done || stream.queued.back().is_some_and(|(_, end)| *end) {
             return Err(Error::Io("stream already ended".to_owned()));
         }
-        stream.queued_trailers = Some(trailers);
+        stream.queued_trailers = Some(Box::new(trailers));
         if stream.queued.is_empty() {
             inner.send_queued(self.id);
         }
@@ -1460,14 +1465,30 @@ pub(super) fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), Fr
         } => (stream, end_stream, block),
     };
     // Decoded whatever the stream's state: the table must stay in step.
-    let mut fields: Vec<Field> = Vec::with_capacity(16);
+    let mut fields = std::mem::take(&mut inner.fields);
     let limit = inner.config.max_header_list as usize;
-    let fit = inner
-        .decoder
-        .decode(&block, limit, |f| fields.push(f))
-        .map_err(|_| FrameError::connection(Reason::COMPRESSION_ERROR))?;
+    let decoded = inner.decoder.decode(&block, limit, |f| fields.push(f));
+    let handled = match decoded {
+        Ok(fit) => on_head(inner, id, end, &fields, fit),
+        Err(_) => Err(FrameError::connection(Reason::COMPRESSION_ERROR)),
+    };
+    // The fields' bytes let go (they hold the block), the room kept.
+    fields.clear();
+    inner.fields = fields;
+    handled
+}
+
+/// A head decoded on stream `id` (`fit`: within the list's size): a
+/// request taken, or a response or its trailers.
+fn on_head(
+    inner: &mut Inner,
+    id: u32,
+    end: bool,
+    fields: &[Field],
+    fit: bool,
+) -> Result<(), FrameError> {
     let Some(stream) = inner.streams.get_mut(&id) else {
-        return on_request(inner, id, end, &fields, fit);
+        return on_request(inner, id, end, fields, fit);
     };
     if stream.error.is_some() {
         return Ok(());
@@ -1479,8 +1500,8 @@ pub(super) fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), Fr
         return Err(FrameError::stream(Reason::PROTOCOL_ERROR, id));
     }
     let parsed = match stream.answered {
-        false => response_head(&fields),
-        true => field_map(&fields).map(Parsed::Trailers),
+        false => response_head(fields),
+        true => field_map(fields).map(Parsed::Trailers),
     };
     match parsed {
         // An interim answer (100 Continue, 103 Early Hints): not passed on.
@@ -1505,7 +1526,7 @@ pub(super) fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), Fr
         // Trailers end the stream, and the data `content-length` promised
         // came whole.
         Some(Parsed::Trailers(map)) if end && stream.remaining.is_none_or(|left| left == 0) => {
-            stream.trailers = Some(map);
+            stream.trailers = Some(Box::new(map));
             stream.recv_done = true;
         }
         // Malformed (RFC 9113 §8.1.1): a stream error.
@@ -1568,6 +1589,7 @@ where
         goaway: None,
         closed: None,
         partial: None,
+        fields: Vec::new(),
         ping: None,
         out_waiters: Vec::new(),
         room_waiters: Vec::new(),
@@ -1653,7 +1675,7 @@ fn on_request(
         // and no more of the request.
         let mut resp = Response::new(());
         *resp.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-        write_response(inner, id, &resp, true);
+        write_response(inner, id, &resp, true, &[]);
         if !end {
             frame::write_rst_stream(id, Reason::NO_ERROR, &mut inner.out);
         }
@@ -1683,7 +1705,13 @@ fn on_request(
 
 /// Writes a response head on stream `id` (ending it if `end`): `:status`,
 /// then the fields, none connection-specific (RFC 9113 §8.2.2).
-pub(super) fn write_response(inner: &mut Inner, id: u32, resp: &Response<()>, end: bool) {
+pub(super) fn write_response(
+    inner: &mut Inner,
+    id: u32,
+    resp: &Response<()>,
+    end: bool,
+    extra: &[(&[u8], &[u8])],
+) {
     let start = inner.out.len();
     inner.out.extend_from_slice(&[0; frame::HEAD_LEN]);
     let block = &mut inner.out;
@@ -1705,6 +1733,9 @@ pub(super) fn write_response(inner: &mut Inner, id: u32, resp: &Response<()>, en
         }
         let name = name.as_str().as_bytes();
         enc.field(name, value.as_bytes(), indexing(name, value), block);
+    }
+    for (name, value) in extra {
+        enc.never(name, value, block);
     }
     frame::finish_headers(&mut inner.out, start, id, end, inner.max_frame);
     inner.wake_driver();

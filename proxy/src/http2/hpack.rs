@@ -105,7 +105,16 @@ pub struct Decoder {
     /// The most the peer's encoder may use: the `SETTINGS_HEADER_TABLE_SIZE`
     /// this end sent.
     limit: usize,
+    /// Huffman-coded strings are decoded into this, [`SCRATCH`] at a time,
+    /// and split off: the strings of many blocks share an allocation (one
+    /// a block, and a second for its first split, before).
+    scratch: BytesMut,
 }
+
+/// The room a [`Decoder`]'s Huffman strings are decoded into at a time
+/// (a string that needs more gets what it needs): a field kept holds at
+/// most this much alive with it.
+const SCRATCH: usize = 1024;
 
 impl Default for Decoder {
     fn default() -> Decoder {
@@ -122,6 +131,7 @@ impl Decoder {
         Decoder {
             table: Table::new(DEFAULT_TABLE_SIZE),
             limit: limit.max(DEFAULT_TABLE_SIZE),
+            scratch: BytesMut::new(),
         }
     }
 
@@ -147,8 +157,21 @@ impl Decoder {
         mut emit: impl FnMut(Field),
     ) -> Result<bool, DecodeError> {
         let mut src = Cursor { block, at: 0 };
-        // Huffman-coded strings, decoded into one buffer for the block.
-        let mut scratch = BytesMut::new();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let decoded = self.decode_with(&mut src, max_list, &mut scratch, &mut emit);
+        self.scratch = scratch;
+        decoded
+    }
+
+    /// [`Decoder::decode`], its Huffman strings into `scratch`.
+    fn decode_with(
+        &mut self,
+        src: &mut Cursor<'_>,
+        max_list: usize,
+        scratch: &mut BytesMut,
+        emit: &mut impl FnMut(Field),
+    ) -> Result<bool, DecodeError> {
+        let block = src.block;
         let mut list = 0usize;
         let mut fields = false;
         while let Some(&first) = block.get(src.at) {
@@ -162,7 +185,7 @@ impl Decoder {
                 }
                 // Literal, with incremental indexing (§6.2.1).
                 0x40..=0x7f => {
-                    let (name, value, named) = self.literal(&mut src, 6, &mut scratch)?;
+                    let (name, value, named) = self.literal(src, 6, scratch)?;
                     (name, value, false, Some(named != 0), named)
                 }
                 // Table size update (§6.3): only before the block's fields.
@@ -177,7 +200,7 @@ impl Decoder {
                 // Literal never indexed (§6.2.3), or not indexed (§6.2.2).
                 _ => {
                     let sensitive = first & 0x10 != 0;
-                    let (name, value, named) = self.literal(&mut src, 4, &mut scratch)?;
+                    let (name, value, named) = self.literal(src, 4, scratch)?;
                     (name, value, sensitive, None, named)
                 }
             };
@@ -291,9 +314,13 @@ impl Cursor<'_> {
         if !huffman {
             return Ok(self.block.slice(start..end));
         }
-        // Room for this string: the block's strings share the buffer while
-        // it lasts, and a field kept holds no more than its neighbours'.
-        scratch.reserve(len * 8 / 5 + 2);
+        // Room for this string: strings share the buffer while it lasts,
+        // and a field kept holds no more than its neighbours' (at most
+        // `SCRATCH` in all, or its own length).
+        let room = len * 8 / 5 + 2;
+        if scratch.capacity() < room {
+            scratch.reserve(room.max(SCRATCH));
+        }
         huffman::decode(&self.block[start..end], scratch)?;
         Ok(scratch.split().freeze())
     }

@@ -218,6 +218,17 @@ impl Respond {
     /// Sends the answer's head (ending the stream if `end`); its body goes
     /// by the [`SendStream`]. `Err` if the stream is reset.
     pub fn send_response(&mut self, resp: Response<()>, end: bool) -> Result<SendStream, Error> {
+        self.send_response_with(resp, end, &[])
+    }
+
+    /// As [`Respond::send_response`], with `extra` fields after the
+    /// head's (never indexed: this end's own, unique to the answer).
+    pub fn send_response_with(
+        &mut self,
+        resp: Response<()>,
+        end: bool,
+        extra: &[(&[u8], &[u8])],
+    ) -> Result<SendStream, Error> {
         let mut inner = self.shared.lock();
         let inner = &mut *inner;
         let Some(stream) = inner.streams.get_mut(&self.id) else {
@@ -231,7 +242,7 @@ impl Respond {
         }
         stream.send_done = end;
         self.sent = true;
-        write_response(inner, self.id, &resp, end);
+        write_response(inner, self.id, &resp, end, extra);
         inner.settle(self.id);
         Ok(SendStream {
             shared: self.shared.clone(),
@@ -251,7 +262,7 @@ impl Respond {
         if self.sent || !resp.status().is_informational() {
             return Err(Error::Io("not an interim answer".to_owned()));
         }
-        write_response(&mut inner, self.id, &resp, false);
+        write_response(&mut inner, self.id, &resp, false, &[]);
         Ok(())
     }
 
