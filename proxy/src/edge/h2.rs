@@ -241,7 +241,9 @@ where
 
 /// Sends `resp`'s head on the stream, with what hyper's server added or
 /// removed: no connection-specific fields (RFC 9113 §8.2.2), a `date`,
-/// the length of a body known whole. Returns the body still to send, if
+/// the length of a body known whole; and the request's `x-request-id`
+/// (the body carries it), in place of any the upstream's answer had.
+/// Returns the body still to send, if
 /// any: none for a HEAD (`bodiless`), a 204 or a 304 (RFC 9110 §6.4.1),
 /// whatever the answer holds (the proxy's own answers carry text).
 fn send_head(resp: Reply, respond: &mut Respond, bodiless: bool) -> Option<(SendStream, Answer)> {

@@ -1472,11 +1472,19 @@ pub(super) fn on_block(inner: &mut Inner, assembled: Assembled) -> Result<(), Fr
         Ok(fit) => on_head(inner, id, end, &fields, fit),
         Err(_) => Err(FrameError::connection(Reason::COMPRESSION_ERROR)),
     };
-    // The fields' bytes let go (they hold the block), the room kept.
+    // The fields' bytes let go (they hold the block), the room kept
+    // unless a block of many fields made it large (it would stay so for
+    // as long as the connection).
     fields.clear();
+    if fields.capacity() > MAX_KEPT_FIELDS {
+        fields = Vec::new();
+    }
     inner.fields = fields;
     handled
 }
+
+/// The most fields [`Inner::fields`] keeps room for between blocks.
+const MAX_KEPT_FIELDS: usize = 64;
 
 /// A head decoded on stream `id` (`fit`: within the list's size): a
 /// request taken, or a response or its trailers.

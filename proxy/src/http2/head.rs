@@ -51,7 +51,8 @@ pub fn content_length(headers: &HeaderMap) -> Option<Option<u64>> {
 }
 
 /// Room in a head's map for the fields the proxy adds (a response's
-/// `x-request-id` and `date`; a request's `host` or `content-length`
+/// `date`, and its `x-request-id` for an HTTP/1.1 client; a request's
+/// `host` or `content-length`
 /// going to an HTTP/1.1 upstream), so that adding them does not usually
 /// grow the map, which would move every entry.
 const ADDED: usize = 3;

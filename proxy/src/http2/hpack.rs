@@ -105,15 +105,17 @@ pub struct Decoder {
     /// The most the peer's encoder may use: the `SETTINGS_HEADER_TABLE_SIZE`
     /// this end sent.
     limit: usize,
-    /// Huffman-coded strings are decoded into this, [`SCRATCH`] at a time,
-    /// and split off: the strings of many blocks share an allocation (one
-    /// a block, and a second for its first split, before).
+    /// Where Huffman-coded strings are decoded, each split off as it is
+    /// done: the strings of many blocks share one allocation of
+    /// [`SCRATCH`] (a fresh buffer for each block allocated twice: once
+    /// for the buffer, once more at its first split).
     scratch: BytesMut,
 }
 
-/// The room a [`Decoder`]'s Huffman strings are decoded into at a time
-/// (a string that needs more gets what it needs): a field kept holds at
-/// most this much alive with it.
+/// The buffer a [`Decoder`]'s Huffman strings share: a field kept holds
+/// at most this much alive with it. A string that decodes to more gets a
+/// buffer of its own (shared, the decoder would keep it for good, and
+/// the fields after it would share its tail).
 const SCRATCH: usize = 1024;
 
 impl Default for Decoder {
@@ -159,6 +161,11 @@ impl Decoder {
         let mut src = Cursor { block, at: 0 };
         let mut scratch = std::mem::take(&mut self.scratch);
         let decoded = self.decode_with(&mut src, max_list, &mut scratch, &mut emit);
+        if decoded.is_err() {
+            // A string broken off leaves its bytes: none may start the
+            // next one.
+            scratch.clear();
+        }
         self.scratch = scratch;
         decoded
     }
@@ -314,12 +321,16 @@ impl Cursor<'_> {
         if !huffman {
             return Ok(self.block.slice(start..end));
         }
-        // Room for this string: strings share the buffer while it lasts,
-        // and a field kept holds no more than its neighbours' (at most
-        // `SCRATCH` in all, or its own length).
+        // Room for this string (see `SCRATCH`): strings share the buffer
+        // while it lasts; a long one gets a buffer of its own.
         let room = len * 8 / 5 + 2;
-        if scratch.capacity() < room {
-            scratch.reserve(room.max(SCRATCH));
+        if room > SCRATCH {
+            let mut own = BytesMut::with_capacity(room);
+            huffman::decode(&self.block[start..end], &mut own)?;
+            return Ok(own.freeze());
+        }
+        if scratch.capacity() - scratch.len() < room {
+            scratch.reserve(SCRATCH);
         }
         huffman::decode(&self.block[start..end], scratch)?;
         Ok(scratch.split().freeze())
@@ -959,6 +970,46 @@ mod tests {
 
     /// RFC 7541 C.2: a literal not indexed and a never-indexed one are
     /// not added to the table; the never-indexed one says so.
+    /// A Huffman string that decodes to more than `SCRATCH` gets a buffer
+    /// of its own: the decoder does not take that buffer up afterwards
+    /// (it would keep it, and the next fields would share it).
+    #[test]
+    fn a_long_huffman_string_is_not_kept_by_the_decoder() {
+        let mut encoder = Encoder::default().huffman(Huffman::Always);
+        let mut decoder = Decoder::default();
+        let long = "a".repeat(3 * SCRATCH);
+        for value in [long.as_str(), "short", "short"] {
+            let mut block = BytesMut::new();
+            encoder.begin(&mut block);
+            encoder.field(b"x-long", value.as_bytes(), Indexing::Skip, &mut block);
+            // Decoded and let go: the buffer is the decoder's to reuse.
+            let fields = decode_all(&mut decoder, &block.freeze());
+            assert_eq!(fields, pairs(&[("x-long", value)]));
+            let kept = decoder.scratch.capacity();
+            assert!(
+                kept <= SCRATCH,
+                "{kept} bytes kept after {} bytes",
+                value.len()
+            );
+        }
+    }
+
+    /// A Huffman string broken off leaves nothing in front of the next.
+    #[test]
+    fn a_broken_huffman_string_leaves_nothing_behind() {
+        let mut decoder = Decoder::default();
+        // A literal of 3 Huffman bytes ending in a full byte of padding
+        // (more than 7 bits: RFC 7541 §5.2), after one good symbol.
+        let bad = Bytes::from_static(&[0x00, 0x01, b'x', 0x83, 0x1f, 0xff, 0xff]);
+        assert!(decoder.decode(&bad, usize::MAX, |_| {}).is_err());
+        let mut encoder = Encoder::default().huffman(Huffman::Always);
+        let mut block = BytesMut::new();
+        encoder.begin(&mut block);
+        encoder.field(b"x", b"www.example.com", Indexing::Skip, &mut block);
+        let fields = decode_all(&mut decoder, &block.freeze());
+        assert_eq!(fields, pairs(&[("x", "www.example.com")]));
+    }
+
     #[test]
     fn literals_not_indexed_stay_out_of_the_table() {
         let mut decoder = Decoder::default();

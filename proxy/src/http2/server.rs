@@ -742,6 +742,21 @@ mod tests {
         assert!(data.try_into_mut().is_ok(), "a slice of a shared buffer");
     }
 
+    /// A head of many fields leaves no room for them kept with the
+    /// connection: the vector the blocks' fields are decoded into is let
+    /// go past 64, not kept at its largest for the connection's life.
+    #[tokio::test]
+    async fn a_head_of_many_fields_leaves_no_room_held() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        let mut fields = POST.to_vec();
+        fields.extend(std::iter::repeat_n(("x-many", "1"), 300));
+        raw.send_heads(&[1], &fields, true).await;
+        let (req, _respond) = take(&mut server).await;
+        assert_eq!(req.headers().get_all("x-many").iter().count(), 300);
+        let kept = server.shared.lock().fields.capacity();
+        assert!(kept <= 64, "room for {kept} fields kept");
+    }
+
     /// A client that changes its streams' initial window without end (each
     /// change walks the streams, and may send a frame on each waiting for
     /// window) is let go after 100 changes; the same value again is no
