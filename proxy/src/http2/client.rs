@@ -7,7 +7,6 @@
 use super::conn::{indexing, park, ping, refused, start, Shared};
 pub use super::conn::{Config, Control, Driver, Error, Pong, RecvStream, SendStream};
 use super::frame::{self, Reason, Settings};
-pub use super::head::content_length;
 use super::hpack::Indexing;
 use http::{Request, Response};
 use std::future::Future;

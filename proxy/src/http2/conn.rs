@@ -8,7 +8,7 @@
 use super::frame::{
     self, flag, kind, Assembled, Block, Error as FrameError, Head, Reason, Settings,
 };
-use super::head::{field_map, request_head, response_head, Parsed};
+use super::head::{field_map, request_head, response_head, Parsed, Part};
 use super::hpack::{self, Decoder, Encoder, Field, Indexing};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::HeaderValue;
@@ -1509,7 +1509,7 @@ fn on_head(
     }
     let parsed = match stream.answered {
         false => response_head(fields),
-        true => field_map(fields).map(Parsed::Trailers),
+        true => field_map(fields, Part::Trailers).map(|(map, _)| Parsed::Trailers(map)),
     };
     match parsed {
         // An interim answer (100 Continue, 103 Early Hints): not passed on.
