@@ -1341,8 +1341,15 @@ async fn an_upstream_head_reaches_the_client_less_its_hop_by_hop_lines() {
 /// upstream's answer carried: its own kept, or one made here.
 #[tokio::test]
 async fn an_http2_client_gets_one_request_id_in_place_of_the_upstream_s() {
-    let (addr, _) = raw_upstream(|_| {
-        b"HTTP/1.1 200 OK\r\nX-Request-Id: upstream-id\r\nContent-Length: 2\r\n\r\nok".to_vec()
+    let (addr, _) = raw_upstream(|head| {
+        let answer: &[u8] = match head.split(' ').next() {
+            Some("HEAD") => {
+                b"HTTP/1.1 200 OK\r\nX-Request-Id: upstream-id\r\nContent-Length: 2\r\n\r\n"
+            }
+            Some("DELETE") => b"HTTP/1.1 204 No Content\r\nX-Request-Id: upstream-id\r\n\r\n",
+            _ => b"HTTP/1.1 200 OK\r\nX-Request-Id: upstream-id\r\nContent-Length: 2\r\n\r\nok",
+        };
+        answer.to_vec()
     })
     .await;
     let proxy = ProxyYaml::new()
@@ -1367,6 +1374,19 @@ async fn an_http2_client_gets_one_request_id_in_place_of_the_upstream_s() {
     let made = ids(&made);
     assert_eq!(made.len(), 1, "{made:?}");
     assert!(made[0].len() == 32 && made[0] != "upstream-id", "{made:?}");
+    // Answers that end with their head: a HEAD's, a 204.
+    for method in [http::Method::HEAD, http::Method::DELETE] {
+        let mut req = h2_get("web", "/");
+        *req.method_mut() = method.clone();
+        req.headers_mut()
+            .insert("x-request-id", "bodiless-id".parse().unwrap());
+        let reply = c.request(req).await;
+        assert!(
+            reply.status.is_success() && reply.body.is_empty(),
+            "{method}"
+        );
+        assert_eq!(ids(&reply), ["bodiless-id"], "{method}");
+    }
     // A proxy's own answer (no such service) carries it too.
     let own = c.get("nosuch", "/").await;
     assert!(own.status.is_client_error() || own.status.is_server_error());
