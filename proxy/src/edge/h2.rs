@@ -11,6 +11,7 @@ use crate::edge::stop;
 use crate::headers;
 use crate::http2::frame::Reason;
 use crate::http2::server::{self, Config, Control, Error, Respond, SendStream, ServerLimits};
+use crate::observe::trace::REQUEST_ID_NAME as REQUEST_ID;
 use crate::outcome::ErrorKind;
 use crate::pipeline::forward::Reply;
 use crate::upstream::h2::{pipe, RecvBody};
@@ -25,9 +26,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
-
-/// The request ID's field, which the answer's head carries back.
-const REQUEST_ID: &str = "x-request-id";
 
 /// The window a client's stream gets (a quarter of the connection's, as
 /// linkerd's is a sixteenth): a stream whose upstream takes nothing holds

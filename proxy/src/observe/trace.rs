@@ -13,18 +13,21 @@
 //! header values: the lean HTTP/1.1 client writes it after the request's
 //! lines, the HTTP/2 client encodes its fields (`Stamp::fields`) into the
 //! head, and only the paths that send a header map make values of it
-//! (`Stamp::insert`). Both of HTTP/2's are never-indexed literals (the
-//! values are marked sensitive): unique to one request, they are sent so
-//! instead of
-//! churning each HPACK table with entries nothing will reuse (evicting the
-//! ones that repeat).
+//! (`Stamp::insert`). HTTP/2 sends both fields as never-indexed literals
+//! (the map's values are marked sensitive): unique to one request, they
+//! would churn each HPACK table with entries nothing will reuse (evicting
+//! the ones that repeat).
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
+/// The request ID header's name, for heads written field by field.
+pub const REQUEST_ID_NAME: &str = "x-request-id";
 /// The request ID header.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_NAME);
+/// The W3C trace context header's name, as [`REQUEST_ID_NAME`].
+const TRACEPARENT_NAME: &str = "traceparent";
 /// The W3C trace context headers.
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT_NAME);
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Longest client-sent request ID kept; longer ones are replaced.
@@ -97,8 +100,8 @@ impl Stamp {
         let id = self.made_id.as_ref().map_or(&[][..], |id| &id[..]);
         Fields {
             pairs: [
-                (b"x-request-id", id),
-                (b"traceparent", &self.traceparent[..]),
+                (REQUEST_ID_NAME.as_bytes(), id),
+                (TRACEPARENT_NAME.as_bytes(), &self.traceparent[..]),
             ],
             skip: usize::from(self.made_id.is_none()),
         }
