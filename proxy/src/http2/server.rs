@@ -307,6 +307,9 @@ mod tests {
     use crate::http2::hpack::{Encoder, Indexing};
     use bytes::{Bytes, BytesMut};
     use futures_util::future::poll_fn;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -437,17 +440,66 @@ mod tests {
         io: DuplexStream,
         read: BytesMut,
         encoder: Encoder,
+        /// The writes the server made.
+        writes: Arc<AtomicUsize>,
+    }
+
+    /// The server's end of the connection, counting its writes.
+    struct Counted {
+        io: DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl tokio::io::AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let written = Pin::new(&mut self.io).poll_write(cx, buf);
+            if let Poll::Ready(Ok(1..)) = written {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            written
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
     }
 
     impl Raw {
         async fn start(config: Config, limits: ServerLimits) -> (Raw, Server) {
             let (client, io) = tokio::io::duplex(256 * 1024);
+            let writes = Arc::new(AtomicUsize::new(0));
+            let io = Counted {
+                io,
+                writes: writes.clone(),
+            };
             let (server, driver) = handshake(io, config, limits);
             tokio::spawn(driver);
             let mut raw = Raw {
                 io: client,
                 read: BytesMut::new(),
                 encoder: Encoder::default(),
+                writes,
             };
             let mut out = BytesMut::new();
             out.extend_from_slice(frame::PREFACE);
@@ -563,6 +615,11 @@ mod tests {
             }
         }
 
+        /// The writes the server has made so far.
+        fn writes(&self) -> usize {
+            self.writes.load(Ordering::Relaxed)
+        }
+
         /// The server's frames until one of `kind` (for `stream`): it.
         async fn until(&mut self, kind: u8, stream: u32) -> Option<(Head, Bytes)> {
             while let Some((head, payload)) = self.next().await {
@@ -580,6 +637,47 @@ mod tests {
         (":authority", "svc"),
         (":path", "/"),
     ];
+
+    /// Answers to two of a client's streams, made one after the other in
+    /// one turn of the runtime while other streams are open, go out in one
+    /// write: the driver, polled between them, holds the first a turn
+    /// (fewer writes, fewer wake-ups of the client; data-path-28).
+    #[tokio::test]
+    async fn answers_made_in_one_turn_go_out_in_one_write() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        raw.send_heads(&[1, 3, 5], &GET, true).await;
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            answers.push(take(&mut server).await.1);
+        }
+        assert!(raw.still_up().await);
+        let before = raw.writes();
+        for (i, answer) in answers.iter_mut().take(2).enumerate() {
+            let sent = answer.send_response(Response::new(()), true);
+            assert!(sent.is_ok(), "answer {i}");
+            // The driver, woken, is polled before this task goes on.
+            tokio::task::yield_now().await;
+        }
+        assert!(raw.until(kind::HEADERS, 1).await.is_some());
+        assert!(raw.until(kind::HEADERS, 3).await.is_some());
+        assert_eq!(raw.writes() - before, 1);
+    }
+
+    /// A client's only open stream gets its answer written at once, not a
+    /// turn later (nothing to share the write with: no latency added).
+    #[tokio::test]
+    async fn a_lone_stream_s_answer_is_written_at_once() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        raw.send_heads(&[1], &GET, true).await;
+        let (_req, mut answer) = take(&mut server).await;
+        assert!(raw.still_up().await);
+        let before = raw.writes();
+        assert!(answer.send_response(Response::new(()), true).is_ok());
+        // The driver is polled once before this task goes on: written.
+        tokio::task::yield_now().await;
+        assert_eq!(raw.writes() - before, 1);
+        assert!(raw.until(kind::HEADERS, 1).await.is_some());
+    }
 
     /// A stream over the limit of streams at once is refused
     /// (`REFUSED_STREAM`: nothing processed); those within are taken.
@@ -1208,6 +1306,7 @@ mod tests {
                 io: client,
                 read: BytesMut::new(),
                 encoder: Encoder::default(),
+                writes: Arc::default(),
             };
             let mut out = BytesMut::new();
             out.extend_from_slice(frame::PREFACE);
