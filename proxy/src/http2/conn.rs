@@ -969,28 +969,22 @@ pub struct Driver<T> {
     shared: Arc<Shared>,
     read: BytesMut,
     write: BytesMut,
-    /// A server's fresh answers were held back one turn (see [`hold`]).
+    /// A server's fresh answers were held back (see [`hold`]): the next
+    /// poll writes them.
     waited: bool,
     done: bool,
 }
 
-/// Should a server's fresh output wait for the runtime's next turn? Only
-/// while two streams or more are open: then answers to other streams,
-/// coming in from other upstream connections in that turn, go out in the
-/// same write, as nghttpx writes a loop's output on the next loop (fewer
-/// writes, fewer wake-ups of the client). A client's one stream is
-/// written at once, as is a client end's output (requests held back
-/// batched no better: measured, data-path-28).
+/// Should a server's fresh output wait until the tasks already queued
+/// have run? Only while two streams or more are open: then answers to
+/// other streams, which the upstream connections' tasks queued in the same
+/// turn bring in, go out in the same write (nghttpx writes a loop's output
+/// on the next loop): fewer writes, fewer wake-ups of the client. A
+/// client's lone stream gets its answer at once, as does a client end's
+/// output (requests held back batched no better: measured,
+/// data-path-28).
 fn hold(inner: &Inner) -> bool {
-    inner.server.is_some() && inner.closed.is_none() && inner.streams.len() > 1
-}
-
-/// Has the task polled again after the runtime next polls its sockets
-/// (`tokio::task::yield_now`'s deferred wake; outside a runtime, at once).
-fn write_later(cx: &mut Context<'_>) {
-    let later = std::pin::pin!(tokio::task::yield_now());
-    // Its first poll defers the wake and is always pending.
-    let _ = later.poll(cx);
+    inner.server.is_some() && inner.closed.is_none() && inner.active > 1
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
@@ -1065,12 +1059,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                 this.read.reserve(16 * 1024);
             }
             // Write what the streams and the handling wrote (a server's
-            // fresh answers a turn later, while other streams are open).
+            // fresh answers once the tasks already queued have run, while
+            // other streams are open: polled again from the back of the
+            // queue, where a task woken while it runs goes on both of
+            // tokio's schedulers).
             let fresh = this.write.is_empty() && !inner.out.is_empty();
             if fresh && !this.waited && hold(&inner) {
                 this.waited = true;
                 held = true;
-                write_later(cx);
+                cx.waker().wake_by_ref();
             } else if fresh && !held {
                 this.waited = false;
                 std::mem::swap(&mut this.write, &mut inner.out);
