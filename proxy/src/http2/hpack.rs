@@ -105,11 +105,92 @@ pub struct Decoder {
     /// The most the peer's encoder may use: the `SETTINGS_HEADER_TABLE_SIZE`
     /// this end sent.
     limit: usize,
-    /// Where Huffman-coded strings are decoded, each split off as it is
-    /// done: the strings of many blocks share one allocation of
-    /// [`SCRATCH`] (a fresh buffer for each block allocated twice: once
-    /// for the buffer, once more at its first split).
+    /// Where Huffman-coded strings are decoded, and the last few decoded.
+    strings: Strings,
+}
+
+/// Where a [`Decoder`]'s Huffman-coded strings are decoded, each split off
+/// `scratch` as it is done: the strings of many blocks share one
+/// allocation of [`SCRATCH`] (a fresh buffer for each block allocated
+/// twice: once for the buffer, once more at its first split).
+#[derive(Debug, Default)]
+struct Strings {
     scratch: BytesMut,
+    /// The last short strings decoded (made at the first one).
+    recent: Option<Box<Recent>>,
+}
+
+/// The last [`RECENT`] short Huffman-coded strings a decoder decoded, as
+/// sent and as decoded: a peer that sends the same values as literals in
+/// every block (nginx sends `server`, `date` and `content-type` so in each
+/// answer, added to the table and never referred to) has each one decoded
+/// once, then copied. Replaced oldest first; about 850 bytes a decoder.
+#[derive(Debug)]
+struct Recent {
+    slots: [Slot; RECENT],
+    next: usize,
+}
+
+/// One of [`Recent`]'s strings: its coded and decoded bytes, in place.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    coded_len: u8,
+    decoded_len: u8,
+    coded: [u8; RECENT_CODED],
+    decoded: [u8; RECENT_DECODED],
+}
+
+/// How many strings [`Recent`] keeps.
+const RECENT: usize = 8;
+/// The longest coded string [`Recent`] keeps.
+const RECENT_CODED: usize = 40;
+/// The most a string of [`RECENT_CODED`] bytes decodes to: the shortest
+/// code is 5 bits.
+const RECENT_DECODED: usize = RECENT_CODED * 8 / 5;
+
+impl Recent {
+    fn new() -> Box<Recent> {
+        let empty = Slot {
+            coded_len: 0,
+            decoded_len: 0,
+            coded: [0; RECENT_CODED],
+            decoded: [0; RECENT_DECODED],
+        };
+        Box::new(Recent {
+            slots: [empty; RECENT],
+            next: 0,
+        })
+    }
+
+    /// What `coded` decoded to, if it is one of the strings kept.
+    fn find(&self, coded: &[u8]) -> Option<&[u8]> {
+        self.slots
+            .iter()
+            .find(|slot| slot.coded.get(..usize::from(slot.coded_len)) == Some(coded))
+            .and_then(|slot| slot.decoded.get(..usize::from(slot.decoded_len)))
+    }
+
+    /// Keeps `coded` and what it `decoded` to, in place of the oldest
+    /// string kept; a string too long for a slot is not kept.
+    fn keep(&mut self, coded: &[u8], decoded: &[u8]) {
+        let (Ok(coded_len), Ok(decoded_len)) =
+            (u8::try_from(coded.len()), u8::try_from(decoded.len()))
+        else {
+            return;
+        };
+        let slot = &mut self.slots[self.next];
+        let (Some(c), Some(d)) = (
+            slot.coded.get_mut(..coded.len()),
+            slot.decoded.get_mut(..decoded.len()),
+        ) else {
+            return;
+        };
+        c.copy_from_slice(coded);
+        d.copy_from_slice(decoded);
+        slot.coded_len = coded_len;
+        slot.decoded_len = decoded_len;
+        self.next = (self.next + 1) % RECENT;
+    }
 }
 
 /// The buffer a [`Decoder`]'s Huffman strings share: a field kept holds
@@ -133,7 +214,7 @@ impl Decoder {
         Decoder {
             table: Table::new(DEFAULT_TABLE_SIZE),
             limit: limit.max(DEFAULT_TABLE_SIZE),
-            scratch: BytesMut::new(),
+            strings: Strings::default(),
         }
     }
 
@@ -159,23 +240,23 @@ impl Decoder {
         mut emit: impl FnMut(Field),
     ) -> Result<bool, DecodeError> {
         let mut src = Cursor { block, at: 0 };
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let decoded = self.decode_with(&mut src, max_list, &mut scratch, &mut emit);
+        let mut strings = std::mem::take(&mut self.strings);
+        let decoded = self.decode_with(&mut src, max_list, &mut strings, &mut emit);
         if decoded.is_err() {
             // A string broken off leaves its bytes: none may start the
             // next one.
-            scratch.clear();
+            strings.scratch.clear();
         }
-        self.scratch = scratch;
+        self.strings = strings;
         decoded
     }
 
-    /// [`Decoder::decode`], its Huffman strings into `scratch`.
+    /// [`Decoder::decode`], its Huffman strings into `strings`.
     fn decode_with(
         &mut self,
         src: &mut Cursor<'_>,
         max_list: usize,
-        scratch: &mut BytesMut,
+        strings: &mut Strings,
         emit: &mut impl FnMut(Field),
     ) -> Result<bool, DecodeError> {
         let block = src.block;
@@ -192,7 +273,7 @@ impl Decoder {
                 }
                 // Literal, with incremental indexing (§6.2.1).
                 0x40..=0x7f => {
-                    let (name, value, named) = self.literal(src, 6, scratch)?;
+                    let (name, value, named) = self.literal(src, 6, strings)?;
                     (name, value, false, Some(named != 0), named)
                 }
                 // Table size update (§6.3): only before the block's fields.
@@ -207,7 +288,7 @@ impl Decoder {
                 // Literal never indexed (§6.2.3), or not indexed (§6.2.2).
                 _ => {
                     let sensitive = first & 0x10 != 0;
-                    let (name, value, named) = self.literal(src, 4, scratch)?;
+                    let (name, value, named) = self.literal(src, 4, strings)?;
                     (name, value, sensitive, None, named)
                 }
             };
@@ -261,14 +342,14 @@ impl Decoder {
         &self,
         src: &mut Cursor<'_>,
         prefix: u8,
-        scratch: &mut BytesMut,
+        strings: &mut Strings,
     ) -> Result<(Bytes, Bytes, usize), DecodeError> {
         let index = src.int(prefix)?;
         let name = match index {
-            0 => src.string(scratch)?,
+            0 => src.string(strings)?,
             index => self.entry(index)?.0,
         };
-        Ok((name, src.string(scratch)?, index))
+        Ok((name, src.string(strings)?, index))
     }
 }
 
@@ -309,8 +390,9 @@ impl Cursor<'_> {
     }
 
     /// A string (RFC 7541 §5.2): a slice of the block, or its Huffman
-    /// decoding split off `scratch`.
-    fn string(&mut self, scratch: &mut BytesMut) -> Result<Bytes, DecodeError> {
+    /// decoding (or a copy of it, from the recent strings) split off the
+    /// scratch buffer.
+    fn string(&mut self, strings: &mut Strings) -> Result<Bytes, DecodeError> {
         let huffman = *self.block.get(self.at).ok_or(DecodeError::Truncated)? & 0x80 != 0;
         let len = self.int(7)?;
         let end = self.at.checked_add(len).ok_or(DecodeError::Truncated)?;
@@ -321,18 +403,32 @@ impl Cursor<'_> {
         if !huffman {
             return Ok(self.block.slice(start..end));
         }
+        let coded = &self.block[start..end];
         // Room for this string (see `SCRATCH`): strings share the buffer
         // while it lasts; a long one gets a buffer of its own.
         let room = len * 8 / 5 + 2;
         if room > SCRATCH {
             let mut own = BytesMut::with_capacity(room);
-            huffman::decode(&self.block[start..end], &mut own)?;
+            huffman::decode(coded, &mut own)?;
             return Ok(own.freeze());
         }
+        let scratch = &mut strings.scratch;
         if scratch.capacity() - scratch.len() < room {
             scratch.reserve(SCRATCH);
         }
-        huffman::decode(&self.block[start..end], scratch)?;
+        if len > RECENT_CODED {
+            huffman::decode(coded, scratch)?;
+            return Ok(scratch.split().freeze());
+        }
+        let recent = strings.recent.get_or_insert_with(Recent::new);
+        match recent.find(coded) {
+            Some(decoded) => scratch.extend_from_slice(decoded),
+            None => {
+                let from = scratch.len();
+                huffman::decode(coded, scratch)?;
+                recent.keep(coded, &scratch[from..]);
+            }
+        }
         Ok(scratch.split().freeze())
     }
 }
@@ -985,13 +1081,58 @@ mod tests {
             // Decoded and let go: the buffer is the decoder's to reuse.
             let fields = decode_all(&mut decoder, &block.freeze());
             assert_eq!(fields, pairs(&[("x-long", value)]));
-            let kept = decoder.scratch.capacity();
+            let kept = decoder.strings.scratch.capacity();
             assert!(
                 kept <= SCRATCH,
                 "{kept} bytes kept after {} bytes",
                 value.len()
             );
         }
+    }
+
+    /// Values sent again and again as literals, as nginx sends its
+    /// answers' `server` and `date`, are decoded alike from the recent ones:
+    /// more of them than are kept, of equal lengths, in rounds.
+    #[test]
+    fn huffman_strings_sent_again_decode_alike_from_the_recent_ones() {
+        let mut encoder = Encoder::default().huffman(Huffman::Always);
+        let mut decoder = Decoder::default();
+        let values: Vec<String> = (0..RECENT + 3).map(|i| format!("nginx/1.{i:02}")).collect();
+        for round in 0..3 {
+            for (i, value) in values.iter().enumerate() {
+                let long = format!("{value}-{}", "z".repeat(RECENT_CODED * 2));
+                let mut block = BytesMut::new();
+                encoder.begin(&mut block);
+                encoder.field(b"server", value.as_bytes(), Indexing::Skip, &mut block);
+                encoder.field(b"x-long", long.as_bytes(), Indexing::Skip, &mut block);
+                let block = block.freeze();
+                let fields = decode_all(&mut decoder, &block);
+                assert_eq!(
+                    fields,
+                    pairs(&[("server", value), ("x-long", &long)]),
+                    "round {round}, value {i}"
+                );
+            }
+        }
+        // The last ones are kept, as coded; the long one is not.
+        let recent = decoder
+            .strings
+            .recent
+            .as_ref()
+            .expect("made at the first string");
+        let mut coded = BytesMut::new();
+        string(values[RECENT + 2].as_bytes(), true, &mut coded);
+        assert_eq!(
+            recent.find(&coded[1..]),
+            Some(values[RECENT + 2].as_bytes())
+        );
+        let mut first = BytesMut::new();
+        string(values[0].as_bytes(), true, &mut first);
+        assert_eq!(recent.find(&first[1..]), None, "replaced, oldest first");
+        assert!(recent
+            .slots
+            .iter()
+            .all(|slot| usize::from(slot.coded_len) <= RECENT_CODED));
     }
 
     /// A Huffman string broken off leaves nothing in front of the next.
