@@ -1168,6 +1168,9 @@ pub struct ProxyProcess {
     /// Admin address.
     pub admin: SocketAddr,
     logs: Arc<Mutex<String>>,
+    /// The task reading stderr into `logs`: done at the process's exit,
+    /// once the pipe is drained.
+    reader: Option<tokio::task::JoinHandle<()>>,
     config: tempfile::NamedTempFile,
 }
 
@@ -1192,11 +1195,12 @@ impl ProxyProcess {
         let stderr = child.stderr.take().unwrap();
         let logs = Arc::new(Mutex::new(String::new()));
         let (addr_tx, mut addr_rx) = tokio::sync::mpsc::unbounded_channel();
+        let reader;
         {
             // Keep reading stderr for the process's whole life, so it never
             // blocks on a full pipe; pass on the addresses it logs.
             let logs = logs.clone();
-            tokio::spawn(async move {
+            reader = tokio::spawn(async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
@@ -1234,6 +1238,7 @@ impl ProxyProcess {
             listeners,
             admin,
             logs,
+            reader: Some(reader),
             config,
         };
         eventually("the proxy binary's /ready answers 200", || async {
@@ -1282,11 +1287,16 @@ impl ProxyProcess {
         self.config.path()
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit, and for everything it logged to be
+    /// read (its last lines can still be in the pipe when it exits).
     pub async fn wait(&mut self) -> ExitStatus {
-        within("almond proxy to exit", self.child.wait())
+        let status = within("almond proxy to exit", self.child.wait())
             .await
-            .unwrap()
+            .unwrap();
+        if let Some(reader) = self.reader.take() {
+            let _ = within("almond proxy's stderr to be read", reader).await;
+        }
+        status
     }
 
     /// Everything it logged so far.
