@@ -1,6 +1,7 @@
 //! HPACK (RFC 7541): the header block's compression. The decoder hands
 //! out each field as `Bytes` (a literal not Huffman-coded is a slice of the
-//! block, the Huffman-coded ones of a block share one allocation); the
+//! block, the Huffman-coded ones of a block share one allocation, and the
+//! last few short ones are kept to be copied when they come again); the
 //! encoder writes straight into the frame's buffer, indexing the fields a
 //! peer sees again and again and never the ones unique to a request.
 
