@@ -179,6 +179,13 @@ pub struct ServerLimits {
     pub reset_burst: u32,
     /// The allowance's refill, a second (see `reset_burst`).
     pub resets_per_sec: u32,
+    /// Frames in a row with nothing in them that end nothing (`DATA`
+    /// without `END_STREAM`, `HEADERS` or `CONTINUATION` without
+    /// `END_HEADERS`, each of length 0) a client may send: one more and the
+    /// connection is closed (`ENHANCE_YOUR_CALM`; the 2019 "empty frames"
+    /// flood, CVE-2019-9518). Envoy's
+    /// `max_consecutive_inbound_frames_with_empty_payload`, 1.
+    pub max_empty_frames: u32,
 }
 
 /// What is left of a client's allowance of resets (see
@@ -267,6 +274,8 @@ pub(super) struct Accepting {
     pub(super) preface: bool,
     /// Its first `SETTINGS` came.
     pub(super) settled: bool,
+    /// Empty frames in a row (see [`ServerLimits::max_empty_frames`]).
+    pub(super) empty_run: u32,
 }
 
 /// Bytes written by the streams and not yet taken by the socket, past which
@@ -1162,6 +1171,9 @@ pub(super) fn handle_frames(inner: &mut Inner, read: &mut BytesMut) -> Result<()
             }
             server.settled = true;
         }
+        if let Some(server) = inner.server.as_mut() {
+            server.count_empty(&head)?;
+        }
         match handle_frame(inner, head, payload) {
             Err(e) if e.stream != 0 => {
                 if let Some(server) = &mut inner.server {
@@ -1797,6 +1809,27 @@ pub(super) fn poll_reset(inner: &mut Inner, id: u32, cx: &Context<'_>) -> Poll<R
 }
 
 impl Accepting {
+    /// Counts a client's frame that carries nothing and ends nothing, and
+    /// lets go of a client that sends more in a row than its limit; a frame
+    /// of a stream's with something in it, or ending something, starts
+    /// the count again (other kinds of frame leave it as it is).
+    fn count_empty(&mut self, head: &Head) -> Result<(), FrameError> {
+        let ends = match head.kind {
+            kind::DATA => flag::END_STREAM,
+            kind::HEADERS | kind::CONTINUATION => flag::END_HEADERS,
+            _ => return Ok(()),
+        };
+        if head.len > 0 || head.has(ends) {
+            self.empty_run = 0;
+            return Ok(());
+        }
+        self.empty_run += 1;
+        if self.empty_run > self.limits.max_empty_frames {
+            return Err(FrameError::connection(Reason::ENHANCE_YOUR_CALM));
+        }
+        Ok(())
+    }
+
     /// Sends this end's (last) `GOAWAY`, naming the last stream taken, if
     /// it has not gone: no new stream is taken after it.
     pub(super) fn go_away(&mut self, out: &mut BytesMut) {
