@@ -183,8 +183,9 @@ pub struct ServerLimits {
     /// without `END_STREAM`, `HEADERS` or `CONTINUATION` without
     /// `END_HEADERS`, each of length 0) a client may send: one more and the
     /// connection is closed (`ENHANCE_YOUR_CALM`; the 2019 "empty frames"
-    /// flood, CVE-2019-9518). Envoy's
-    /// `max_consecutive_inbound_frames_with_empty_payload`, 1.
+    /// flood, CVE-2019-9518). Netty's limit, 10 (Envoy's
+    /// `max_consecutive_inbound_frames_with_empty_payload` is 1: a client
+    /// whose streamed body flushes empty chunks would be let go).
     pub max_empty_frames: u32,
 }
 

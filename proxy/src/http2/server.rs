@@ -17,8 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 impl Default for ServerLimits {
     /// `h2`'s server's: 20 pending resets; hyper's 1,024 streams reset for
-    /// the client's errors, and the proxy's 1,024 streams at once; Envoy's
-    /// one empty frame in a row.
+    /// the client's errors, and the proxy's 1,024 streams at once; Netty's
+    /// ten empty frames in a row.
     fn default() -> ServerLimits {
         ServerLimits {
             max_streams: 1024,
@@ -26,7 +26,7 @@ impl Default for ServerLimits {
             max_local_resets: 1024,
             reset_burst: 1000,
             resets_per_sec: 33,
-            max_empty_frames: 1,
+            max_empty_frames: 10,
         }
     }
 }
@@ -735,30 +735,37 @@ mod tests {
         assert_eq!(reason.map(|g| g.reason), Some(Reason::ENHANCE_YOUR_CALM));
     }
 
-    /// Empty `DATA` frames that end nothing, two in a row, close the
-    /// connection (`ENHANCE_YOUR_CALM`: the 2019 empty-frames flood); one
-    /// at a time between frames with data, or one ending the stream, is
-    /// taken, and the body arrives whole.
+    /// Empty `DATA` frames that end nothing, more in a row than the limit
+    /// (10), close the connection (`ENHANCE_YOUR_CALM`: the 2019
+    /// empty-frames flood); up to the limit between frames with data, or
+    /// with one ending the stream, they are taken, and the body arrives
+    /// whole.
     #[tokio::test]
     async fn empty_frames_in_a_row_close_the_connection() {
         let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
         raw.send_heads(&[1], &POST, false).await;
         let (mut req, _answer) = take(&mut server).await;
         let mut out = BytesMut::new();
-        for chunk in [&b""[..], b"ab", b"", b"cd"] {
+        for chunk in [&b"ab"[..], b"cd"] {
+            for _ in 0..10 {
+                frame::write_data_head(1, 0, false, &mut out);
+            }
             frame::write_data_head(1, chunk.len() as u32, false, &mut out);
             out.extend_from_slice(chunk);
+        }
+        for _ in 0..10 {
+            frame::write_data_head(1, 0, false, &mut out);
         }
         frame::write_data_head(1, 0, true, &mut out);
         raw.write(&out).await;
         let (body, _) = read_all(req.body_mut()).await;
         assert_eq!(body, b"abcd");
-        assert!(raw.still_up().await, "let go for one empty frame at a time");
+        assert!(raw.still_up().await, "let go for ten empty frames in a row");
 
         raw.send_heads(&[3], &POST, false).await;
         let _taken = take(&mut server).await;
         let mut out = BytesMut::new();
-        for _ in 0..2 {
+        for _ in 0..11 {
             frame::write_data_head(3, 0, false, &mut out);
             // Frames of other kinds between them do not start the count
             // again.
@@ -768,7 +775,7 @@ mod tests {
         assert_eq!(
             goaway(&mut raw).await,
             Some((3, Reason::ENHANCE_YOUR_CALM)),
-            "two empty frames in a row"
+            "eleven empty frames in a row"
         );
     }
 
