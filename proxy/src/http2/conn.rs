@@ -645,6 +645,12 @@ impl Inner {
             return;
         }
         while let Some((mut data, end)) = stream.queued.pop_front() {
+            if data.is_empty() && !end {
+                // A frame with nothing in it that ends nothing: never
+                // sent (a peer counts those in a row as a flood; Envoy
+                // lets go of one that sends two).
+                continue;
+            }
             let room = stream.send_window.min(self.send_window).max(0) as usize;
             if room == 0 && !data.is_empty() {
                 stream.queued.push_front((data, end));

@@ -306,7 +306,7 @@ impl Drop for Respond {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http2::frame::{kind, Head};
+    use crate::http2::frame::{flag, kind, Head};
     use crate::http2::hpack::{Encoder, Indexing};
     use bytes::{Bytes, BytesMut};
     use futures_util::future::poll_fn;
@@ -777,6 +777,27 @@ mod tests {
             Some((3, Reason::ENHANCE_YOUR_CALM)),
             "eleven empty frames in a row"
         );
+    }
+
+    /// Empty chunks of a body (a streamed one's flushes) are not sent as
+    /// empty `DATA` frames: the client gets the data, in one frame, and
+    /// nothing a peer's empty-frames limit counts.
+    #[tokio::test]
+    async fn empty_chunks_send_no_empty_frames() {
+        let (mut raw, mut server) = Raw::start(Config::default(), ServerLimits::default()).await;
+        raw.send_heads(&[1], &GET, true).await;
+        let (_req, mut respond) = take(&mut server).await;
+        let mut body = respond
+            .send_response(Response::new(()), false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..3 {
+            assert!(body.send_data(Bytes::new(), false).is_ok());
+        }
+        assert!(body.send_data(Bytes::from_static(b"ab"), true).is_ok());
+        let data = raw.until(kind::DATA, 1).await;
+        let (head, payload) = data.unwrap_or_else(|| panic!("no DATA"));
+        assert_eq!(&payload[..], b"ab");
+        assert!(head.has(flag::END_STREAM));
     }
 
     /// Resets of streams already taken (each a request started) count
